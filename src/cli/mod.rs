@@ -1,0 +1,210 @@
+//! The command line: `mcp-guard --config FILE` runs the gateway; subcommands validate a config,
+//! write a starter one, make and hash API keys, check upstreams, and print the version.
+
+mod check;
+
+use crate::config::Settings;
+use base64::Engine as _;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// mcp-guard: a security gateway for MCP servers.
+#[derive(Parser, Debug)]
+#[command(
+    name = "mcp-guard",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    /// Configuration file (runs the gateway when no subcommand is given).
+    #[arg(short, long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the gateway.
+    Run {
+        /// Configuration file.
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Check a configuration file and exit (0 = valid).
+    Validate {
+        /// Configuration file.
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Write a commented starter configuration.
+    Init {
+        /// Where to write it ("-" for stdout).
+        #[arg(short, long, default_value = "guard.toml")]
+        output: String,
+        /// Overwrite an existing file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Generate a new API key and print its [[auth.api_keys]] entry.
+    Keygen {
+        /// The identity the key stands for.
+        #[arg(long, value_name = "ID")]
+        user_id: String,
+    },
+    /// Print the key_hash of an existing API key.
+    HashKey {
+        /// The key.
+        key: String,
+    },
+    /// Perform the MCP initialize handshake with each configured upstream.
+    CheckUpstream {
+        /// Configuration file.
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Print the version.
+    Version,
+}
+
+/// Parses arguments and runs the chosen command.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    match (cli.command, cli.config) {
+        (Some(Command::Run { config }), _) | (None, Some(config)) => {
+            init_logging();
+            report(crate::runtime::run(config))
+        }
+        (None, None) => {
+            eprintln!(
+                "error: no configuration given; run `mcp-guard --config FILE` (or `mcp-guard init` to write one)"
+            );
+            ExitCode::from(2)
+        }
+        (Some(Command::Validate { config }), _) => match Settings::load(&config) {
+            Ok(s) => {
+                println!(
+                    "{}: valid ({} workers, listening on {}, upstream {})",
+                    config.display(),
+                    s.server.workers,
+                    s.server.listen,
+                    describe_upstream(&s)
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        (Some(Command::Init { output, force }), _) => report(init(&output, force)),
+        (Some(Command::Keygen { user_id }), _) => report(keygen(&user_id)),
+        (Some(Command::HashKey { key }), _) => {
+            if key.is_empty() {
+                eprintln!("error: the key must not be empty");
+                return ExitCode::FAILURE;
+            }
+            println!("{}", hash_key(&key));
+            ExitCode::SUCCESS
+        }
+        (Some(Command::CheckUpstream { config }), _) => match Settings::load(&config) {
+            Ok(s) => {
+                if check::check_all(&s) {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        (Some(Command::Version), _) => {
+            println!("mcp-guard {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn report(r: Result<(), String>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+fn describe_upstream(s: &Settings) -> String {
+    match &s.upstream.transport {
+        crate::config::Transport::Stdio(st) => format!("stdio `{}`", st.command),
+        crate::config::Transport::Http(h) => format!("http {}", h.url),
+    }
+}
+
+/// The starter configuration written by `init`.
+pub const STARTER_CONFIG: &str = include_str!("../../examples/starter.toml");
+
+fn init(output: &str, force: bool) -> Result<(), String> {
+    if output == "-" {
+        print!("{STARTER_CONFIG}");
+        return Ok(());
+    }
+    let path = std::path::Path::new(output);
+    if path.exists() && !force {
+        return Err(format!(
+            "{output} already exists (use --force to overwrite)"
+        ));
+    }
+    std::fs::write(path, STARTER_CONFIG).map_err(|e| format!("cannot write {output}: {e}"))?;
+    eprintln!("wrote {output}; check it with `mcp-guard validate --config {output}`");
+    Ok(())
+}
+
+/// `key_hash` format: standard base64 of the SHA-256 of the key's bytes.
+pub fn hash_key(key: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
+    base64::engine::general_purpose::STANDARD.encode(digest.as_ref())
+}
+
+fn keygen(user_id: &str) -> Result<(), String> {
+    if user_id.trim().is_empty() || user_id.contains(['"', '\\', '\n', '\r']) {
+        return Err(
+            "--user-id must be non-empty and must not contain quotes, backslashes or newlines"
+                .into(),
+        );
+    }
+    let bytes: [u8; 32] = crate::mcp::session::random_bytes();
+    let key = format!(
+        "mcpg_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    );
+    println!("API key for {user_id} (shown once; store it now):\n\n  {key}\n");
+    println!("Add to the configuration:\n");
+    println!(
+        "[[auth.api_keys]]\nid = \"{user_id}\"\nkey_hash = \"{}\"",
+        hash_key(&key)
+    );
+    Ok(())
+}

@@ -1,0 +1,459 @@
+//! Configuration: the file schema, loading, and validation into the runtime [`Settings`] that
+//! the data plane reads from an `ArcSwap` snapshot.
+
+pub mod load;
+pub mod schema;
+
+pub use load::{ConfigError, load_file, parse_str};
+use schema::{FileConfig, UpstreamSection};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::Path;
+use std::time::Duration;
+
+/// Which io driver the workers run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoMode {
+    /// io_uring when the kernel allows it, else epoll.
+    Auto,
+    /// io_uring, or fail to start.
+    IoUring,
+    /// epoll (monoio's legacy driver).
+    Epoll,
+}
+
+/// The validated, runtime form of the configuration. Built once per load; immutable.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Listener and HTTP limits.
+    pub server: ServerSettings,
+    /// Admin listener; `None` when disabled.
+    pub admin: Option<SocketAddr>,
+    /// The default upstream, served at `server.mcp_path`.
+    pub upstream: UpstreamSettings,
+}
+
+/// `[server]`, validated.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    /// Address the workers bind.
+    pub listen: SocketAddr,
+    /// Worker threads (already resolved from 0 = per core).
+    pub workers: usize,
+    /// io driver choice.
+    pub io: IoMode,
+    /// Streamable HTTP endpoint.
+    pub mcp_path: String,
+    /// Legacy SSE endpoint.
+    pub sse_path: String,
+    /// Request body cap (413 above).
+    pub max_body_bytes: usize,
+    /// Request head cap (431 above).
+    pub max_header_bytes: usize,
+    /// Deadline for a whole request head, from its first byte.
+    pub header_timeout: Duration,
+    /// Keep-alive idle limit.
+    pub idle_timeout: Duration,
+    /// Connection cap across workers.
+    pub max_connections: usize,
+    /// Grace period on shutdown.
+    pub shutdown_grace: Duration,
+    /// Accepted browser origins, compared ASCII-case-insensitively.
+    pub allowed_origins: Vec<String>,
+}
+
+/// One upstream MCP server.
+#[derive(Debug, Clone)]
+pub struct UpstreamSettings {
+    /// How to reach it.
+    pub transport: Transport,
+    /// Wait for a response to start.
+    pub timeout: Duration,
+}
+
+/// Upstream transports.
+#[derive(Debug, Clone)]
+pub enum Transport {
+    /// A child process speaking newline-delimited JSON-RPC.
+    Stdio(StdioSettings),
+    /// A Streamable HTTP endpoint.
+    Http(HttpUpstream),
+}
+
+/// A stdio upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StdioSettings {
+    /// Program.
+    pub command: String,
+    /// Arguments.
+    pub args: Vec<String>,
+    /// Extra environment.
+    pub env: Vec<(String, String)>,
+    /// Working directory.
+    pub cwd: Option<String>,
+}
+
+/// A Streamable HTTP upstream, resolved at load time (no DNS on a worker).
+#[derive(Debug, Clone)]
+pub struct HttpUpstream {
+    /// The URL as configured.
+    pub url: String,
+    /// Resolved addresses, tried in order.
+    pub addrs: Vec<SocketAddr>,
+    /// `Host` header value.
+    pub host_header: String,
+    /// Request target (path and query).
+    pub path: String,
+    /// Extra headers sent upstream (name, value).
+    pub headers: Vec<(String, String)>,
+}
+
+impl Settings {
+    /// Loads and validates `path`.
+    pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+        let file = load_file(path)?;
+        validate(&file).map_err(|mut e| {
+            e.path = Some(path.to_path_buf());
+            e
+        })
+    }
+}
+
+fn invalid(key: &str, msg: impl std::fmt::Display) -> ConfigError {
+    ConfigError::new(format!("{key}: {msg}"))
+}
+
+/// Turns a parsed file into runtime settings, refusing anything inconsistent or not supported
+/// by this build (a gateway that silently ignored a security setting would be worse than one
+/// that refuses to start).
+pub fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
+    let s = &file.server;
+    let io = match s.io.as_str() {
+        "auto" => IoMode::Auto,
+        "io_uring" => IoMode::IoUring,
+        "epoll" => IoMode::Epoll,
+        other => {
+            return Err(invalid(
+                "server.io",
+                format!("`{other}` is not one of auto, io_uring, epoll"),
+            ));
+        }
+    };
+    let listen = resolve_one(&s.host, s.port).map_err(|e| invalid("server.host", e))?;
+    for (key, path) in [
+        ("server.mcp_path", &s.mcp_path),
+        ("server.sse_path", &s.sse_path),
+    ] {
+        if !path.starts_with('/') || path.contains(['?', '#', ' ']) {
+            return Err(invalid(key, format!("`{path}` must be an absolute path")));
+        }
+    }
+    if s.max_body_bytes == 0 || s.max_header_bytes < 256 {
+        return Err(invalid(
+            "server.max_body_bytes / max_header_bytes",
+            "must be > 0 and >= 256",
+        ));
+    }
+    if s.max_connections == 0 {
+        return Err(invalid("server.max_connections", "must be at least 1"));
+    }
+    if s.header_timeout_secs == 0 || s.idle_timeout_secs == 0 {
+        return Err(invalid(
+            "server.header_timeout_secs / idle_timeout_secs",
+            "must be at least 1",
+        ));
+    }
+    let workers = if s.workers == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        s.workers
+    };
+    if workers > 1024 {
+        return Err(invalid("server.workers", "at most 1024"));
+    }
+    if s.tls.is_some() {
+        return Err(invalid(
+            "server.tls",
+            "TLS termination is not supported by this build yet; terminate TLS in front of \
+             mcp-guard or remove [server.tls]",
+        ));
+    }
+    let admin = if file.admin.enabled {
+        Some(resolve_one(&file.admin.host, file.admin.port).map_err(|e| invalid("admin.host", e))?)
+    } else {
+        None
+    };
+    refuse_unsupported(file)?;
+    let upstream = validate_upstream(&file.upstream)?;
+    Ok(Settings {
+        server: ServerSettings {
+            listen,
+            workers,
+            io,
+            mcp_path: s.mcp_path.clone(),
+            sse_path: s.sse_path.clone(),
+            max_body_bytes: s.max_body_bytes,
+            max_header_bytes: s.max_header_bytes,
+            header_timeout: Duration::from_secs(s.header_timeout_secs),
+            idle_timeout: Duration::from_secs(s.idle_timeout_secs),
+            max_connections: s.max_connections,
+            shutdown_grace: Duration::from_secs(s.shutdown_grace_secs),
+            allowed_origins: s
+                .allowed_origins
+                .iter()
+                .map(|o| o.trim_end_matches('/').to_ascii_lowercase())
+                .collect(),
+        },
+        admin,
+        upstream,
+    })
+}
+
+/// Sections that parse (so existing files load) but whose enforcement is not in this build.
+fn refuse_unsupported(file: &FileConfig) -> Result<(), ConfigError> {
+    let auth = &file.auth;
+    let mut unsupported = Vec::new();
+    if !auth.api_keys.is_empty() {
+        unsupported.push("auth.api_keys");
+    }
+    if auth.jwt.is_some() {
+        unsupported.push("auth.jwt");
+    }
+    if auth.oauth.is_some() {
+        unsupported.push("auth.oauth");
+    }
+    if auth.mtls.as_ref().is_some_and(|m| m.enabled) {
+        unsupported.push("auth.mtls");
+    }
+    if let Some(first) = unsupported.first() {
+        return Err(invalid(
+            first,
+            "this authentication provider is not supported by this build yet; refusing to \
+             start rather than serve without it",
+        ));
+    }
+    if file.audit.export_url.is_some() {
+        return Err(invalid(
+            "audit.export_url",
+            "SIEM export is not supported by this build yet",
+        ));
+    }
+    if file.rate_limit.backend != "memory" {
+        return Err(invalid(
+            "rate_limit.backend",
+            "only `memory` is supported by this build",
+        ));
+    }
+    Ok(())
+}
+
+fn validate_upstream(u: &UpstreamSection) -> Result<UpstreamSettings, ConfigError> {
+    if !u.servers.is_empty() {
+        return Err(invalid(
+            "upstream.servers",
+            "routing to several servers is not supported by this build yet",
+        ));
+    }
+    let timeout = Duration::from_secs(u.timeout_secs.unwrap_or(60));
+    if timeout.is_zero() {
+        return Err(invalid("upstream.timeout_secs", "must be at least 1"));
+    }
+    let transport = match u.transport.as_deref().unwrap_or("stdio") {
+        "stdio" => {
+            let Some(command) = u.command.clone().filter(|c| !c.trim().is_empty()) else {
+                return Err(invalid(
+                    "upstream.command",
+                    "required for transport = \"stdio\"",
+                ));
+            };
+            match u.session_mode.as_deref().unwrap_or("shared") {
+                "shared" => {}
+                "per_session" => {
+                    return Err(invalid(
+                        "upstream.session_mode",
+                        "per_session is not supported by this build yet",
+                    ));
+                }
+                other => {
+                    return Err(invalid(
+                        "upstream.session_mode",
+                        format!("`{other}` is not one of shared, per_session"),
+                    ));
+                }
+            }
+            Transport::Stdio(StdioSettings {
+                command,
+                args: u.args.clone(),
+                env: u.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                cwd: u.cwd.clone(),
+            })
+        }
+        "http" => {
+            if !u.urls.is_empty() {
+                return Err(invalid(
+                    "upstream.urls",
+                    "load-balanced replicas are not supported by this build yet; use url",
+                ));
+            }
+            let Some(url) = &u.url else {
+                return Err(invalid("upstream.url", "required for transport = \"http\""));
+            };
+            Transport::Http(parse_http_upstream(url, &u.headers)?)
+        }
+        "sse" => {
+            return Err(invalid(
+                "upstream.transport",
+                "the legacy SSE upstream transport is not supported by this build yet",
+            ));
+        }
+        other => {
+            return Err(invalid(
+                "upstream.transport",
+                format!("`{other}` is not one of stdio, http, sse"),
+            ));
+        }
+    };
+    Ok(UpstreamSettings { transport, timeout })
+}
+
+fn parse_http_upstream(
+    url: &str,
+    headers: &std::collections::BTreeMap<String, String>,
+) -> Result<HttpUpstream, ConfigError> {
+    let rest = if let Some(r) = url.strip_prefix("http://") {
+        r
+    } else if url.starts_with("https://") {
+        return Err(invalid(
+            "upstream.url",
+            "https upstreams are not supported by this build yet",
+        ));
+    } else {
+        return Err(invalid(
+            "upstream.url",
+            format!("`{url}` is not an http:// URL"),
+        ));
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    if authority.is_empty() || authority.contains('@') {
+        return Err(invalid(
+            "upstream.url",
+            format!("`{url}` has no usable host"),
+        ));
+    }
+    let (host, port) = split_host_port(authority, 80)
+        .ok_or_else(|| invalid("upstream.url", format!("bad host:port in `{url}`")))?;
+    let addrs: Vec<SocketAddr> = (host.as_str(), port)
+        .to_socket_addrs()
+        .map_err(|e| invalid("upstream.url", format!("cannot resolve `{host}`: {e}")))?
+        .collect();
+    if addrs.is_empty() {
+        return Err(invalid(
+            "upstream.url",
+            format!("`{host}` resolves to nothing"),
+        ));
+    }
+    let mut out_headers = Vec::new();
+    for (name, value) in headers {
+        let valid_name = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+        if !valid_name || value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
+            return Err(invalid(
+                "upstream.headers",
+                format!("`{name}` is not a valid header"),
+            ));
+        }
+        let lower = name.to_ascii_lowercase();
+        if matches!(
+            lower.as_str(),
+            "host" | "content-length" | "transfer-encoding" | "connection"
+        ) {
+            return Err(invalid(
+                "upstream.headers",
+                format!("`{name}` is set by the gateway itself"),
+            ));
+        }
+        out_headers.push((name.clone(), value.clone()));
+    }
+    Ok(HttpUpstream {
+        url: url.to_string(),
+        addrs,
+        host_header: authority.to_string(),
+        path: path.to_string(),
+        headers: out_headers,
+    })
+}
+
+/// Splits `host[:port]` (with `[v6]` brackets) into host and port.
+fn split_host_port(authority: &str, default_port: u16) -> Option<(String, u16)> {
+    if let Some(rest) = authority.strip_prefix('[') {
+        let (host, after) = rest.split_once(']')?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => p.parse().ok()?,
+            None if after.is_empty() => default_port,
+            None => return None,
+        };
+        return Some((host.to_string(), port));
+    }
+    match authority.rsplit_once(':') {
+        Some((h, p)) => Some((h.to_string(), p.parse().ok()?)),
+        None => Some((authority.to_string(), default_port)),
+    }
+}
+
+fn resolve_one(host: &str, port: u16) -> Result<SocketAddr, String> {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve `{host}`: {e}"))?
+        .next()
+        .ok_or_else(|| format!("`{host}` resolves to nothing"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(text: &str) -> Result<Settings, ConfigError> {
+        validate(&parse_str(text, &|_| None)?)
+    }
+
+    #[test]
+    fn http_upstream_url_is_split_and_resolved() {
+        let s = settings("[upstream]\ntransport = \"http\"\nurl = \"http://127.0.0.1:8081/mcp\"\n")
+            .unwrap();
+        let Transport::Http(h) = s.upstream.transport else {
+            panic!("expected http")
+        };
+        assert_eq!(h.addrs[0].port(), 8081);
+        assert_eq!(h.path, "/mcp");
+        assert_eq!(h.host_header, "127.0.0.1:8081");
+    }
+
+    #[test]
+    fn unsupported_security_sections_refuse_to_start() {
+        let err = settings(
+            "[upstream]\ncommand = \"x\"\n[server.tls]\ncert_path = \"a\"\nkey_path = \"b\"\n",
+        )
+        .unwrap_err();
+        assert!(err.message.starts_with("server.tls"));
+    }
+
+    #[test]
+    fn stdio_without_command_is_rejected() {
+        let err = settings("[upstream]\ntransport = \"stdio\"\n").unwrap_err();
+        assert!(err.message.contains("upstream.command"));
+    }
+
+    #[test]
+    fn header_injection_in_upstream_headers_is_rejected() {
+        let err = settings(
+            "[upstream]\ntransport = \"http\"\nurl = \"http://127.0.0.1:1/\"\nheaders = { \"X-A\" = \"a\\r\\nEvil: 1\" }\n",
+        )
+        .unwrap_err();
+        assert!(err.message.contains("upstream.headers"));
+    }
+}

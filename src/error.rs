@@ -1,0 +1,208 @@
+//! Every way a request can end early, in one place: its HTTP status, its JSON-RPC error, and
+//! the reason written to the audit trail and metrics. Errors from deep in the stack become
+//! responses only here (the single rescue point), so the mapping is reviewed once.
+
+use crate::http::request::HeadError;
+use crate::http::response::jsonrpc_error;
+use crate::mcp::jsonrpc::RpcId;
+
+/// JSON-RPC error codes used by the gateway.
+pub mod code {
+    /// Invalid JSON.
+    pub const PARSE_ERROR: i64 = -32700;
+    /// Not a valid JSON-RPC message.
+    pub const INVALID_REQUEST: i64 = -32600;
+    /// Unknown method.
+    pub const METHOD_NOT_FOUND: i64 = -32601;
+    /// Bad params.
+    pub const INVALID_PARAMS: i64 = -32602;
+    /// Gateway or upstream failure.
+    pub const INTERNAL_ERROR: i64 = -32603;
+    /// Refused by transport rules (session, headers).
+    pub const SERVER_ERROR: i64 = -32000;
+}
+
+/// A request that ends before (or instead of) reaching the upstream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GatewayError {
+    /// Malformed or over-limit request head.
+    Head(HeadError),
+    /// Request body larger than `max_body_bytes`.
+    BodyTooLarge,
+    /// Malformed chunked body.
+    BadBody,
+    /// The request head did not arrive within `header_timeout_secs`.
+    HeaderTimeout,
+    /// No route for this path.
+    NotFound,
+    /// Method not served on this path; carries the `Allow` value.
+    MethodNotAllowed(&'static str),
+    /// `Accept` does not allow what the transport requires.
+    NotAcceptable(&'static str),
+    /// `Content-Type` is not `application/json`.
+    UnsupportedMediaType,
+    /// Browser `Origin` not in `server.allowed_origins`.
+    OriginForbidden,
+    /// `MCP-Protocol-Version` names a version we do not serve.
+    UnsupportedProtocolVersion(String),
+    /// A request other than initialize without `Mcp-Session-Id`.
+    MissingSession,
+    /// `Mcp-Session-Id` unknown, expired, or terminated.
+    UnknownSession,
+    /// Body is not JSON.
+    Parse(String),
+    /// Body is not a valid JSON-RPC message.
+    InvalidRequest(String, Option<RpcId>),
+    /// Params missing what the method requires.
+    InvalidParams(String, RpcId),
+    /// `Mcp-Method` / `Mcp-Name` disagree with the body.
+    HeaderMismatch(String),
+    /// The upstream could not be reached or failed mid-response.
+    UpstreamUnavailable(String),
+    /// The upstream did not start a response within `timeout_secs`.
+    UpstreamTimeout,
+    /// The upstream's request queue is full.
+    UpstreamBusy,
+    /// The gateway is draining for shutdown.
+    ShuttingDown,
+}
+
+impl GatewayError {
+    /// HTTP status for this error.
+    pub fn status(&self) -> u16 {
+        use GatewayError::*;
+        match self {
+            Head(HeadError::Malformed(_)) => 400,
+            Head(HeadError::TooLarge) => 431,
+            Head(HeadError::BodyTooLarge) | BodyTooLarge => 413,
+            Head(HeadError::Version) => 505,
+            Head(HeadError::Expectation) => 417,
+            BadBody => 400,
+            HeaderTimeout => 408,
+            NotFound | UnknownSession => 404,
+            MethodNotAllowed(_) => 405,
+            NotAcceptable(_) => 406,
+            UnsupportedMediaType => 415,
+            OriginForbidden => 403,
+            UnsupportedProtocolVersion(_) | MissingSession | HeaderMismatch(_) => 400,
+            Parse(_) | InvalidRequest(..) | InvalidParams(..) => 400,
+            UpstreamUnavailable(_) => 502,
+            UpstreamTimeout => 504,
+            UpstreamBusy | ShuttingDown => 503,
+        }
+    }
+
+    /// JSON-RPC error code for this error.
+    pub fn rpc_code(&self) -> i64 {
+        use GatewayError::*;
+        match self {
+            Parse(_) => code::PARSE_ERROR,
+            InvalidRequest(..) | HeaderMismatch(_) => code::INVALID_REQUEST,
+            InvalidParams(..) => code::INVALID_PARAMS,
+            UpstreamUnavailable(_) | UpstreamTimeout | UpstreamBusy => code::INTERNAL_ERROR,
+            _ => code::SERVER_ERROR,
+        }
+    }
+
+    /// Short, stable reason for audit events and metric labels.
+    pub fn reason(&self) -> &'static str {
+        use GatewayError::*;
+        match self {
+            Head(HeadError::Malformed(_)) => "malformed_http",
+            Head(HeadError::TooLarge) => "header_too_large",
+            Head(HeadError::BodyTooLarge) | BodyTooLarge => "body_too_large",
+            Head(HeadError::Version) => "http_version",
+            Head(HeadError::Expectation) => "expectation",
+            BadBody => "malformed_body",
+            HeaderTimeout => "header_timeout",
+            NotFound => "not_found",
+            MethodNotAllowed(_) => "method_not_allowed",
+            NotAcceptable(_) => "not_acceptable",
+            UnsupportedMediaType => "unsupported_media_type",
+            OriginForbidden => "origin_forbidden",
+            UnsupportedProtocolVersion(_) => "unsupported_protocol_version",
+            MissingSession => "missing_session",
+            UnknownSession => "unknown_session",
+            Parse(_) => "parse_error",
+            InvalidRequest(..) => "invalid_request",
+            InvalidParams(..) => "invalid_params",
+            HeaderMismatch(_) => "header_mismatch",
+            UpstreamUnavailable(_) => "upstream_unavailable",
+            UpstreamTimeout => "upstream_timeout",
+            UpstreamBusy => "upstream_busy",
+            ShuttingDown => "shutting_down",
+        }
+    }
+
+    /// Human-readable message for the client.
+    pub fn message(&self) -> String {
+        use GatewayError::*;
+        match self {
+            Head(HeadError::Malformed(m)) => format!("Bad request: {m}"),
+            Head(HeadError::TooLarge) => "Request header fields too large".into(),
+            Head(HeadError::BodyTooLarge) | BodyTooLarge => "Request body too large".into(),
+            Head(HeadError::Version) => "Only HTTP/1.0 and HTTP/1.1 are supported".into(),
+            Head(HeadError::Expectation) => "Only Expect: 100-continue is supported".into(),
+            BadBody => "Bad request: malformed chunked body".into(),
+            HeaderTimeout => "Request head not received in time".into(),
+            NotFound => "Not found".into(),
+            MethodNotAllowed(allow) => format!("Method not allowed (allowed: {allow})"),
+            NotAcceptable(what) => format!("Not acceptable: Accept must allow {what}"),
+            UnsupportedMediaType => "Content-Type must be application/json".into(),
+            OriginForbidden => "Forbidden: Origin not allowed".into(),
+            UnsupportedProtocolVersion(v) => format!("Unsupported MCP-Protocol-Version: {v}"),
+            MissingSession => "Bad Request: Mcp-Session-Id header is required".into(),
+            UnknownSession => "Session not found".into(),
+            Parse(m) => format!("Parse error: {m}"),
+            InvalidRequest(m, _) => format!("Invalid Request: {m}"),
+            InvalidParams(m, _) => format!("Invalid params: {m}"),
+            HeaderMismatch(m) => format!("Invalid Request: {m}"),
+            UpstreamUnavailable(m) => format!("Upstream unavailable: {m}"),
+            UpstreamTimeout => "Upstream did not respond in time".into(),
+            UpstreamBusy => "Upstream is busy; retry later".into(),
+            ShuttingDown => "Gateway is shutting down".into(),
+        }
+    }
+
+    /// Whether the connection must be closed after this response (framing can't be trusted).
+    pub fn closes_connection(&self) -> bool {
+        matches!(
+            self,
+            GatewayError::Head(_)
+                | GatewayError::BadBody
+                | GatewayError::BodyTooLarge
+                | GatewayError::HeaderTimeout
+        )
+    }
+
+    /// The JSON-RPC error body; `id` is the request's id when known.
+    pub fn body(&self, id: Option<&RpcId>) -> Vec<u8> {
+        let id = match self {
+            GatewayError::InvalidRequest(_, Some(i)) | GatewayError::InvalidParams(_, i) => Some(i),
+            _ => id,
+        };
+        let id_json = id.map_or_else(|| "null".to_string(), RpcId::to_json);
+        jsonrpc_error(&id_json, self.rpc_code(), &self.message(), None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_errors_are_400_with_32700() {
+        let e = GatewayError::Parse("x".into());
+        assert_eq!((e.status(), e.rpc_code()), (400, -32700));
+        let v: serde_json::Value = serde_json::from_slice(&e.body(None)).unwrap();
+        assert_eq!(v["id"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn invalid_params_echo_the_request_id() {
+        let e = GatewayError::InvalidParams("x".into(), RpcId::Str("abc".into()));
+        let v: serde_json::Value = serde_json::from_slice(&e.body(None)).unwrap();
+        assert_eq!(v["id"], "abc");
+        assert_eq!(v["error"]["code"], -32602);
+    }
+}

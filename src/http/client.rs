@@ -1,0 +1,509 @@
+//! The upstream HTTP/1.1 client: one keep-alive pool per worker, heads parsed with httparse,
+//! bodies relayed as they arrive (Content-Length, chunked, or until close).
+//!
+//! A pooled connection the upstream has already closed is found before use (a non-blocking
+//! peek), and a request that failed on a reused connection before any response byte arrived is
+//! retried once on a fresh one: the upstream cannot have acted on a request it never read.
+
+use crate::http::chunked::{ChunkError, ChunkedDecoder};
+use crate::http::io::{read_append, write_all};
+use monoio::net::TcpStream;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// Idle connections kept per upstream address.
+const MAX_IDLE_PER_ADDR: usize = 256;
+/// Idle connections older than this are not reused.
+const IDLE_TTL: Duration = Duration::from_secs(50);
+/// Largest upstream response head accepted.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Cap on a decoded upstream body held in memory (only when the gateway must buffer one).
+pub const MAX_BUFFERED_BODY: u64 = 64 * 1024 * 1024;
+
+/// A worker's pool of idle upstream connections.
+#[derive(Default)]
+pub struct Pool {
+    idle: RefCell<HashMap<SocketAddr, Vec<(TcpStream, Instant)>>>,
+}
+
+impl Pool {
+    fn checkout(&self, addr: SocketAddr) -> Option<TcpStream> {
+        let mut idle = self.idle.borrow_mut();
+        let list = idle.get_mut(&addr)?;
+        while let Some((conn, since)) = list.pop() {
+            if since.elapsed() < IDLE_TTL && still_open(&conn) {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    fn checkin(&self, addr: SocketAddr, conn: TcpStream) {
+        let mut idle = self.idle.borrow_mut();
+        let list = idle.entry(addr).or_default();
+        if list.len() < MAX_IDLE_PER_ADDR {
+            list.push((conn, Instant::now()));
+        }
+    }
+
+    /// Idle connections currently held (all addresses).
+    pub fn idle_count(&self) -> usize {
+        self.idle.borrow().values().map(Vec::len).sum()
+    }
+}
+
+/// Whether an idle connection is still usable: no EOF, no unexpected bytes waiting.
+#[allow(unsafe_code)]
+fn still_open(conn: &TcpStream) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut byte = 0u8;
+    // SAFETY: a one-byte peek into a stack buffer on a socket fd we own; MSG_DONTWAIT keeps it
+    // non-blocking. 0 means the peer closed; data means a stray response, so don't reuse.
+    let n = unsafe {
+        libc::recv(
+            conn.as_raw_fd(),
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
+}
+
+/// How an upstream response body is framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RespFraming {
+    /// No body (204, 304, or Content-Length: 0).
+    Empty,
+    /// Exactly n bytes.
+    Length(u64),
+    /// Chunked.
+    Chunked,
+    /// Until the upstream closes.
+    Close,
+}
+
+/// A response whose head has been read; the body is pulled with [`UpstreamResponse::next_data`].
+pub struct UpstreamResponse {
+    /// Status code.
+    pub status: u16,
+    /// Content-Type, if any.
+    pub content_type: Option<String>,
+    /// Mcp-Session-Id, if any.
+    pub session_id: Option<String>,
+    /// Body framing.
+    pub framing: RespFraming,
+    conn: Option<TcpStream>,
+    addr: SocketAddr,
+    /// Bytes read past the head, not yet returned.
+    pending: Vec<u8>,
+    remaining: u64,
+    decoder: Option<ChunkedDecoder>,
+    reusable: bool,
+    done: bool,
+}
+
+/// Why an upstream exchange failed.
+#[derive(Debug)]
+pub enum UpstreamError {
+    /// Connect, read or write failure.
+    Io(io::Error),
+    /// The upstream sent something that is not a valid HTTP response.
+    Protocol(&'static str),
+}
+
+impl std::fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpstreamError::Io(e) => write!(f, "{e}"),
+            UpstreamError::Protocol(m) => f.write_str(m),
+        }
+    }
+}
+
+impl From<io::Error> for UpstreamError {
+    fn from(e: io::Error) -> Self {
+        UpstreamError::Io(e)
+    }
+}
+
+/// Sends `request` (head and body already serialised) to one of `addrs`, and reads the
+/// response head.
+pub async fn send(
+    pool: &Pool,
+    addrs: &[SocketAddr],
+    request: Vec<u8>,
+) -> Result<UpstreamResponse, UpstreamError> {
+    let mut request = request;
+    // First try a pooled connection to any address, then fresh connections in order.
+    for addr in addrs {
+        if let Some(conn) = pool.checkout(*addr) {
+            match exchange(conn, *addr, request).await {
+                Ok(r) => return Ok(r),
+                Err((e, req, any_response_bytes)) => {
+                    if any_response_bytes {
+                        return Err(e);
+                    }
+                    request = req;
+                }
+            }
+            break;
+        }
+    }
+    let mut last_err = UpstreamError::Protocol("no upstream address");
+    for addr in addrs {
+        match TcpStream::connect_addr(*addr).await {
+            Ok(conn) => {
+                let _ = conn.set_nodelay(true);
+                return match exchange(conn, *addr, request).await {
+                    Ok(r) => Ok(r),
+                    Err((e, _, _)) => Err(e),
+                };
+            }
+            Err(e) => last_err = UpstreamError::Io(e),
+        }
+    }
+    Err(last_err)
+}
+
+/// One request/response-head exchange; on failure returns the request bytes and whether any
+/// response byte had arrived (which makes a retry unsafe).
+async fn exchange(
+    mut conn: TcpStream,
+    addr: SocketAddr,
+    request: Vec<u8>,
+) -> Result<UpstreamResponse, (UpstreamError, Vec<u8>, bool)> {
+    let (res, request) = monoio::io::AsyncWriteRentExt::write_all(&mut conn, request).await;
+    if let Err(e) = res {
+        return Err((e.into(), request, false));
+    }
+    let mut buf = Vec::with_capacity(8192);
+    loop {
+        let (res, b) = read_append(&mut conn, buf, 4096).await;
+        buf = b;
+        match res {
+            Ok(0) => {
+                let any = !buf.is_empty();
+                return Err((
+                    UpstreamError::Io(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "upstream closed the connection",
+                    )),
+                    request,
+                    any,
+                ));
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let any = !buf.is_empty();
+                return Err((e.into(), request, any));
+            }
+        }
+        match parse_response_head(&buf) {
+            Ok(Some(head)) => {
+                if (100..200).contains(&head.status) {
+                    // Interim response: discard and keep reading for the final one.
+                    buf.drain(..head.len);
+                    continue;
+                }
+                let pending = buf.split_off(head.len);
+                let (remaining, decoder) = match head.framing {
+                    RespFraming::Length(n) => (n, None),
+                    RespFraming::Chunked => (0, Some(ChunkedDecoder::new(u64::MAX))),
+                    _ => (0, None),
+                };
+                return Ok(UpstreamResponse {
+                    status: head.status,
+                    content_type: head.content_type,
+                    session_id: head.session_id,
+                    framing: head.framing,
+                    conn: Some(conn),
+                    addr,
+                    pending,
+                    remaining,
+                    decoder,
+                    reusable: head.keep_alive && head.framing != RespFraming::Close,
+                    done: head.framing == RespFraming::Empty,
+                });
+            }
+            Ok(None) if buf.len() > MAX_RESPONSE_HEAD => {
+                return Err((
+                    UpstreamError::Protocol("upstream response head too large"),
+                    request,
+                    true,
+                ));
+            }
+            Ok(None) => {}
+            Err(m) => return Err((UpstreamError::Protocol(m), request, true)),
+        }
+    }
+}
+
+struct ResponseHead {
+    status: u16,
+    len: usize,
+    framing: RespFraming,
+    keep_alive: bool,
+    content_type: Option<String>,
+    session_id: Option<String>,
+}
+
+fn parse_response_head(buf: &[u8]) -> Result<Option<ResponseHead>, &'static str> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut resp = httparse::Response::new(&mut headers);
+    let len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => return Err("malformed upstream response head"),
+    };
+    let status = resp.code.ok_or("upstream response without status")?;
+    let mut keep_alive = resp.version == Some(1);
+    let mut content_length: Option<u64> = None;
+    let mut chunked = false;
+    let mut content_type = None;
+    let mut session_id = None;
+    for h in resp.headers.iter() {
+        let value = std::str::from_utf8(h.value)
+            .map_err(|_| "non-UTF-8 upstream header")?
+            .trim();
+        if h.name.eq_ignore_ascii_case("content-length") {
+            let n: u64 = value.parse().map_err(|_| "bad upstream Content-Length")?;
+            if content_length.is_some_and(|p| p != n) {
+                return Err("conflicting upstream Content-Length");
+            }
+            content_length = Some(n);
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            if !value.eq_ignore_ascii_case("chunked") {
+                return Err("unsupported upstream transfer coding");
+            }
+            chunked = true;
+        } else if h.name.eq_ignore_ascii_case("connection") {
+            for t in value.split(',') {
+                let t = t.trim();
+                if t.eq_ignore_ascii_case("close") {
+                    keep_alive = false;
+                } else if t.eq_ignore_ascii_case("keep-alive") {
+                    keep_alive = true;
+                }
+            }
+        } else if h.name.eq_ignore_ascii_case("content-type") {
+            content_type = Some(value.to_string());
+        } else if h.name.eq_ignore_ascii_case("mcp-session-id") {
+            if value.is_empty() || !value.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+                return Err("invalid upstream Mcp-Session-Id");
+            }
+            session_id = Some(value.to_string());
+        }
+    }
+    if chunked && content_length.is_some() {
+        return Err("upstream sent both Content-Length and Transfer-Encoding");
+    }
+    let framing = if status == 204 || status == 304 {
+        RespFraming::Empty
+    } else if chunked {
+        RespFraming::Chunked
+    } else {
+        match content_length {
+            Some(0) => RespFraming::Empty,
+            Some(n) => RespFraming::Length(n),
+            None => RespFraming::Close,
+        }
+    };
+    Ok(Some(ResponseHead {
+        status,
+        len,
+        framing,
+        keep_alive,
+        content_type,
+        session_id,
+    }))
+}
+
+impl UpstreamResponse {
+    /// The next piece of decoded body, or `None` at its end.
+    pub async fn next_data(&mut self) -> Result<Option<Vec<u8>>, UpstreamError> {
+        loop {
+            if self.done {
+                return Ok(None);
+            }
+            // Serve what is already buffered first.
+            if !self.pending.is_empty() {
+                match self.framing {
+                    RespFraming::Length(_) => {
+                        let take = (self.remaining as usize).min(self.pending.len());
+                        let rest = self.pending.split_off(take);
+                        let data = std::mem::replace(&mut self.pending, rest);
+                        self.remaining -= take as u64;
+                        if self.remaining == 0 {
+                            self.done = true;
+                            if !self.pending.is_empty() {
+                                // Bytes beyond the declared length: don't reuse this connection.
+                                self.reusable = false;
+                            }
+                        }
+                        return Ok(Some(data));
+                    }
+                    RespFraming::Chunked => {
+                        let mut out = Vec::new();
+                        let decoder = self
+                            .decoder
+                            .as_mut()
+                            .ok_or(UpstreamError::Protocol("no decoder"))?;
+                        let used =
+                            decoder
+                                .decode(&self.pending, &mut out)
+                                .map_err(|e| match e {
+                                    ChunkError::Invalid => {
+                                        UpstreamError::Protocol("malformed upstream chunked body")
+                                    }
+                                    ChunkError::TooLarge => {
+                                        UpstreamError::Protocol("upstream body too large")
+                                    }
+                                })?;
+                        self.pending.drain(..used);
+                        if decoder.is_done() {
+                            self.done = true;
+                            if !self.pending.is_empty() {
+                                self.reusable = false;
+                            }
+                        }
+                        if !out.is_empty() {
+                            return Ok(Some(out));
+                        }
+                        if self.done {
+                            return Ok(None);
+                        }
+                        // Only a partial chunk line is buffered: read more.
+                    }
+                    RespFraming::Close => {
+                        return Ok(Some(std::mem::take(&mut self.pending)));
+                    }
+                    RespFraming::Empty => {
+                        self.done = true;
+                        return Ok(None);
+                    }
+                }
+            }
+            let Some(conn) = self.conn.as_mut() else {
+                return Ok(None);
+            };
+            let buf = std::mem::take(&mut self.pending);
+            let (res, buf) = read_append(conn, buf, 16 * 1024).await;
+            self.pending = buf;
+            match res {
+                Ok(0) => {
+                    self.reusable = false;
+                    if self.framing == RespFraming::Close {
+                        self.done = true;
+                        return Ok(None);
+                    }
+                    return Err(UpstreamError::Io(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "upstream closed mid-body",
+                    )));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.reusable = false;
+                    return Err(e.into());
+                }
+            }
+        }
+    }
+
+    /// Reads the whole body (bounded by [`MAX_BUFFERED_BODY`]).
+    pub async fn read_to_end(&mut self) -> Result<Vec<u8>, UpstreamError> {
+        let mut all = Vec::new();
+        while let Some(d) = self.next_data().await? {
+            all.extend_from_slice(&d);
+            if all.len() as u64 > MAX_BUFFERED_BODY {
+                self.reusable = false;
+                return Err(UpstreamError::Protocol("upstream body too large"));
+            }
+        }
+        Ok(all)
+    }
+
+    /// Returns the connection to the pool if the whole body was read and it may be reused.
+    pub fn release(mut self, pool: &Pool) {
+        if self.done
+            && self.reusable
+            && self.pending.is_empty()
+            && let Some(conn) = self.conn.take()
+        {
+            pool.checkin(self.addr, conn);
+        }
+    }
+}
+
+/// Serialises a request head (and body) for the upstream.
+pub fn build_request(
+    method: &str,
+    target: &str,
+    host: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256 + body.len());
+    out.extend_from_slice(method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    out.extend_from_slice(host.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (n, v) in headers {
+        out.extend_from_slice(n.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if method == "POST" || !body.is_empty() {
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(body.len().to_string().as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body);
+    out
+}
+
+/// Writes `data` to `stream` (used by relays that own a client stream).
+pub async fn write_bytes<S: monoio::io::AsyncWriteRent>(
+    stream: &mut S,
+    data: Vec<u8>,
+) -> io::Result<Vec<u8>> {
+    let (res, buf) = write_all(stream, data).await;
+    res.map(|_| buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn response_heads_are_framed_correctly() {
+        let h = parse_response_head(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\nMcp-Session-Id: abc\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.framing, RespFraming::Chunked);
+        assert_eq!(h.session_id.as_deref(), Some("abc"));
+        let h = parse_response_head(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.framing, RespFraming::Empty);
+        let h = parse_response_head(b"HTTP/1.0 200 OK\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.framing, RespFraming::Close);
+        assert!(!h.keep_alive);
+        assert!(
+            parse_response_head(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"
+            )
+            .is_err()
+        );
+    }
+}

@@ -1,0 +1,391 @@
+//! Request-head parsing on httparse: limits, framing and smuggling checks, and the handful of
+//! headers the gateway reads. Parsing distinguishes "incomplete, read more" from "invalid".
+//!
+//! Only headers listed in [`RequestHead`] are kept; everything else is dropped here, which is
+//! also the forwarding policy: nothing the gateway did not look at goes upstream.
+
+/// HTTP methods the gateway routes; anything else is answered 405.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// GET
+    Get,
+    /// POST
+    Post,
+    /// DELETE
+    Delete,
+    /// OPTIONS
+    Options,
+    /// HEAD
+    Head,
+    /// Any other token.
+    Other,
+}
+
+/// How the request body is framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFraming {
+    /// No body.
+    None,
+    /// Exactly this many bytes.
+    Length(u64),
+    /// Transfer-Encoding: chunked.
+    Chunked,
+}
+
+/// A parsed request head.
+#[derive(Debug, Clone)]
+pub struct RequestHead {
+    /// The method.
+    pub method: Method,
+    /// Request target as sent (path and query).
+    pub target: String,
+    /// HTTP/1.x minor version.
+    pub minor_version: u8,
+    /// Bytes the head occupied in the buffer.
+    pub head_len: usize,
+    /// Body framing.
+    pub body: BodyFraming,
+    /// Whether the connection may be reused afterwards.
+    pub keep_alive: bool,
+    /// `Expect: 100-continue` was sent.
+    pub expect_continue: bool,
+    /// The headers the gateway reads.
+    pub h: KnownHeaders,
+}
+
+impl RequestHead {
+    /// The path part of the target, without the query.
+    pub fn path(&self) -> &str {
+        self.target.split('?').next().unwrap_or("")
+    }
+}
+
+/// The headers the gateway understands; values are trimmed and valid visible ASCII.
+#[derive(Debug, Clone, Default)]
+pub struct KnownHeaders {
+    /// Host
+    pub host: Option<String>,
+    /// Content-Type
+    pub content_type: Option<String>,
+    /// Accept (repeated headers joined by ", ")
+    pub accept: Option<String>,
+    /// Origin
+    pub origin: Option<String>,
+    /// Authorization
+    pub authorization: Option<String>,
+    /// X-API-Key
+    pub api_key: Option<String>,
+    /// Mcp-Session-Id
+    pub session_id: Option<String>,
+    /// MCP-Protocol-Version
+    pub protocol_version: Option<String>,
+    /// Mcp-Method
+    pub mcp_method: Option<String>,
+    /// Mcp-Name
+    pub mcp_name: Option<String>,
+    /// Last-Event-ID
+    pub last_event_id: Option<String>,
+    /// traceparent
+    pub traceparent: Option<String>,
+    /// tracestate
+    pub tracestate: Option<String>,
+    /// X-Request-Id
+    pub request_id: Option<String>,
+    /// User-Agent
+    pub user_agent: Option<String>,
+}
+
+/// Why a request head is refused; each maps to a status in `error.rs`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeadError {
+    /// Syntax error or a smuggling-prone framing: 400, connection closed.
+    Malformed(&'static str),
+    /// Head larger than `max_header_bytes`: 431.
+    TooLarge,
+    /// Declared body larger than `max_body_bytes`: 413.
+    BodyTooLarge,
+    /// HTTP version other than 1.0/1.1: 505.
+    Version,
+    /// An `Expect` other than 100-continue: 417.
+    Expectation,
+}
+
+/// Outcome of trying to parse a head from the bytes read so far.
+#[derive(Debug)]
+pub enum HeadParse {
+    /// A whole head was parsed.
+    Complete(RequestHead),
+    /// More bytes are needed.
+    Incomplete,
+}
+
+/// The most headers a request may carry.
+pub const MAX_HEADERS: usize = 64;
+
+/// Parses a request head from `buf`, enforcing `max_head` and `max_body`.
+pub fn parse_head(buf: &[u8], max_head: usize, max_body: u64) -> Result<HeadParse, HeadError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let status = match req.parse(buf) {
+        Ok(s) => s,
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
+        Err(httparse::Error::Version) => return Err(HeadError::Version),
+        Err(_) => return Err(HeadError::Malformed("malformed request head")),
+    };
+    let head_len = match status {
+        httparse::Status::Complete(n) => n,
+        httparse::Status::Partial => {
+            return if buf.len() > max_head {
+                Err(HeadError::TooLarge)
+            } else {
+                Ok(HeadParse::Incomplete)
+            };
+        }
+    };
+    if head_len > max_head {
+        return Err(HeadError::TooLarge);
+    }
+    let minor_version = req.version.unwrap_or(1);
+    let method = match req.method.unwrap_or("") {
+        "GET" => Method::Get,
+        "POST" => Method::Post,
+        "DELETE" => Method::Delete,
+        "OPTIONS" => Method::Options,
+        "HEAD" => Method::Head,
+        _ => Method::Other,
+    };
+    let target = req.path.unwrap_or("").to_string();
+    if !target.starts_with('/') {
+        // Absolute-form and authority-form targets are proxy requests; we are not a forward proxy.
+        return Err(HeadError::Malformed("request target must be origin-form"));
+    }
+
+    let mut h = KnownHeaders::default();
+    let mut content_length: Option<u64> = None;
+    let mut chunked = false;
+    let mut saw_te = false;
+    let mut conn_close = minor_version == 0;
+    let mut conn_keep_alive = false;
+    let mut expect_continue = false;
+    for header in req.headers.iter() {
+        let value = std::str::from_utf8(header.value)
+            .map_err(|_| HeadError::Malformed("header value is not UTF-8"))?
+            .trim_matches([' ', '\t']);
+        let name = header.name;
+        if name.eq_ignore_ascii_case("content-length") {
+            // RFC 9112 §6.3: differing lengths (also as a list) are unrecoverable framing errors.
+            for part in value.split(',') {
+                let part = part.trim_matches([' ', '\t']);
+                if part.is_empty() || part.len() > 19 || !part.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(HeadError::Malformed("invalid Content-Length"));
+                }
+                let n: u64 = part
+                    .parse()
+                    .map_err(|_| HeadError::Malformed("invalid Content-Length"))?;
+                if content_length.is_some_and(|prev| prev != n) {
+                    return Err(HeadError::Malformed("conflicting Content-Length headers"));
+                }
+                content_length = Some(n);
+            }
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            if saw_te {
+                return Err(HeadError::Malformed("repeated Transfer-Encoding"));
+            }
+            saw_te = true;
+            // Only exactly "chunked" is understood; any other coding (or a list) is refused
+            // rather than guessed at, since a mismatch with another hop is how smuggling works.
+            if !value.eq_ignore_ascii_case("chunked") {
+                return Err(HeadError::Malformed("unsupported transfer coding"));
+            }
+            chunked = true;
+        } else if name.eq_ignore_ascii_case("connection") {
+            for token in value.split(',') {
+                let t = token.trim();
+                if t.eq_ignore_ascii_case("close") {
+                    conn_close = true;
+                } else if t.eq_ignore_ascii_case("keep-alive") {
+                    conn_keep_alive = true;
+                }
+            }
+        } else if name.eq_ignore_ascii_case("expect") {
+            if value.eq_ignore_ascii_case("100-continue") {
+                expect_continue = true;
+            } else {
+                return Err(HeadError::Expectation);
+            }
+        } else {
+            store_known(&mut h, name, value)?;
+        }
+    }
+    if saw_te && content_length.is_some() {
+        return Err(HeadError::Malformed(
+            "both Content-Length and Transfer-Encoding present",
+        ));
+    }
+    if chunked && minor_version == 0 {
+        return Err(HeadError::Malformed(
+            "Transfer-Encoding in an HTTP/1.0 request",
+        ));
+    }
+    if minor_version == 1 && h.host.is_none() {
+        return Err(HeadError::Malformed("missing Host header"));
+    }
+    let body = if chunked {
+        BodyFraming::Chunked
+    } else {
+        match content_length {
+            Some(0) | None => BodyFraming::None,
+            Some(n) if n > max_body => return Err(HeadError::BodyTooLarge),
+            Some(n) => BodyFraming::Length(n),
+        }
+    };
+    let keep_alive = if minor_version == 0 {
+        conn_keep_alive && !conn_close
+    } else {
+        !conn_close
+    };
+    Ok(HeadParse::Complete(RequestHead {
+        method,
+        target,
+        minor_version,
+        head_len,
+        body,
+        keep_alive,
+        expect_continue,
+        h,
+    }))
+}
+
+fn store_known(h: &mut KnownHeaders, name: &str, value: &str) -> Result<(), HeadError> {
+    // Headers that identify the caller or the session may appear once: a duplicate is how a
+    // client would try to make two components see two different values.
+    let (slot, single) = match name.len() {
+        4 if name.eq_ignore_ascii_case("host") => (&mut h.host, true),
+        6 if name.eq_ignore_ascii_case("accept") => (&mut h.accept, false),
+        6 if name.eq_ignore_ascii_case("origin") => (&mut h.origin, true),
+        12 if name.eq_ignore_ascii_case("content-type") => (&mut h.content_type, true),
+        13 if name.eq_ignore_ascii_case("authorization") => (&mut h.authorization, true),
+        9 if name.eq_ignore_ascii_case("x-api-key") => (&mut h.api_key, true),
+        14 if name.eq_ignore_ascii_case("mcp-session-id") => (&mut h.session_id, true),
+        20 if name.eq_ignore_ascii_case("mcp-protocol-version") => (&mut h.protocol_version, true),
+        10 if name.eq_ignore_ascii_case("mcp-method") => (&mut h.mcp_method, true),
+        8 if name.eq_ignore_ascii_case("mcp-name") => (&mut h.mcp_name, true),
+        13 if name.eq_ignore_ascii_case("last-event-id") => (&mut h.last_event_id, true),
+        11 if name.eq_ignore_ascii_case("traceparent") => (&mut h.traceparent, true),
+        10 if name.eq_ignore_ascii_case("tracestate") => (&mut h.tracestate, false),
+        12 if name.eq_ignore_ascii_case("x-request-id") => (&mut h.request_id, true),
+        10 if name.eq_ignore_ascii_case("user-agent") => (&mut h.user_agent, true),
+        _ => return Ok(()),
+    };
+    if value.bytes().any(|b| b < 0x20 && b != b'\t' || b == 0x7f) {
+        return Err(HeadError::Malformed("control character in header value"));
+    }
+    match slot {
+        Some(existing) if single => {
+            let _ = existing;
+            Err(HeadError::Malformed("duplicate header"))
+        }
+        Some(existing) => {
+            existing.push_str(", ");
+            existing.push_str(value);
+            Ok(())
+        }
+        None => {
+            *slot = Some(value.to_string());
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(raw: &str) -> Result<HeadParse, HeadError> {
+        parse_head(raw.as_bytes(), 16384, 1 << 20)
+    }
+
+    fn complete(raw: &str) -> RequestHead {
+        match parse(raw) {
+            Ok(HeadParse::Complete(h)) => h,
+            other => panic!("expected complete head, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn parses_post_with_length_and_known_headers() {
+        let h = complete(
+            "POST /mcp?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 12\r\nAccept: application/json\r\nAccept: text/event-stream\r\nMcp-Session-Id: abc\r\n\r\n",
+        );
+        assert_eq!(h.method, Method::Post);
+        assert_eq!(h.path(), "/mcp");
+        assert_eq!(h.body, BodyFraming::Length(12));
+        assert_eq!(
+            h.h.accept.as_deref(),
+            Some("application/json, text/event-stream")
+        );
+        assert_eq!(h.h.session_id.as_deref(), Some("abc"));
+        assert!(h.keep_alive);
+    }
+
+    #[test]
+    fn incomplete_head_asks_for_more() {
+        assert!(matches!(
+            parse("POST /mcp HTTP/1.1\r\nHost: a\r\n"),
+            Ok(HeadParse::Incomplete)
+        ));
+    }
+
+    #[test]
+    fn smuggling_shapes_are_refused() {
+        for raw in [
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3, 4\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +3\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\n",
+            "POST http://evil/ HTTP/1.1\r\nHost: a\r\n\r\n",
+        ] {
+            assert!(
+                matches!(parse(raw), Err(HeadError::Malformed(_))),
+                "{raw:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn identical_duplicate_content_length_is_accepted() {
+        let h = complete(
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n",
+        );
+        assert_eq!(h.body, BodyFraming::Length(3));
+    }
+
+    #[test]
+    fn limits_map_to_their_errors() {
+        let big = format!(
+            "GET / HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n",
+            "a".repeat(20000)
+        );
+        assert_eq!(parse(&big).unwrap_err(), HeadError::TooLarge);
+        assert_eq!(
+            parse("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999\r\n\r\n").unwrap_err(),
+            HeadError::BodyTooLarge
+        );
+        assert_eq!(
+            parse("POST / HTTP/1.1\r\nHost: a\r\nExpect: nope\r\n\r\n").unwrap_err(),
+            HeadError::Expectation
+        );
+    }
+
+    #[test]
+    fn duplicate_identity_headers_are_refused() {
+        assert!(
+            parse("GET / HTTP/1.1\r\nHost: a\r\nAuthorization: a\r\nAuthorization: b\r\n\r\n")
+                .is_err()
+        );
+    }
+}

@@ -1,0 +1,350 @@
+//! The client-facing HTTP/1.1 connection loop: read a head within its deadline, read the body
+//! (Content-Length or chunked, within limits), run the pipeline, write the reply (streamed
+//! where it streams), count it, and go round again while keep-alive allows.
+
+use crate::error::GatewayError;
+use crate::http::chunked::{ChunkError, ChunkedDecoder};
+use crate::http::client::RespFraming;
+use crate::http::io::{read_append, write_all};
+use crate::http::request::{BodyFraming, HeadError, HeadParse, RequestHead, parse_head};
+use crate::http::response::{Framing, LAST_CHUNK, write_chunk, write_head};
+use crate::observe::metrics::M_NONE;
+use crate::pipeline::{self, Reply, ReplyBody};
+use crate::runtime::worker::Worker;
+use monoio::io::{AsyncReadRent, AsyncWriteRent};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+/// How often an idle SSE stream gets a comment line, so intermediaries keep it open.
+const SSE_KEEPALIVE: Duration = Duration::from_secs(15);
+
+enum HeadOutcome {
+    Head(RequestHead),
+    Closed,
+    Error(GatewayError),
+}
+
+/// Serves one client connection until it closes, errs, or the worker shuts down.
+pub async fn serve<S: AsyncReadRent + AsyncWriteRent>(
+    w: Rc<Worker>,
+    mut stream: S,
+    peer: SocketAddr,
+) {
+    let mut buf: Vec<u8> = Vec::with_capacity(8 * 1024);
+    let mut out: Vec<u8> = Vec::with_capacity(8 * 1024);
+    loop {
+        let cfg = w.settings();
+        let head = match read_head(&w, &mut stream, &mut buf, &cfg).await {
+            HeadOutcome::Head(h) => h,
+            HeadOutcome::Closed => return,
+            HeadOutcome::Error(e) => {
+                let reply = Reply::error(&e, None, M_NONE);
+                let rid = w.next_request_id();
+                let _ = write_reply(&w, &mut stream, reply, false, &rid, out, Instant::now()).await;
+                return;
+            }
+        };
+        let started = Instant::now();
+        buf.drain(..head.head_len);
+        let request_id = head
+            .h
+            .request_id
+            .as_deref()
+            .filter(|r| r.len() <= 128 && r.bytes().all(|b| b.is_ascii_graphic()))
+            .map_or_else(|| w.next_request_id(), str::to_string);
+        if head.expect_continue && head.body != BodyFraming::None && buf.is_empty() {
+            let (res, b) = write_all(&mut stream, b"HTTP/1.1 100 Continue\r\n\r\n".to_vec()).await;
+            drop(b);
+            if res.is_err() {
+                return;
+            }
+        }
+        let body = match read_body(&mut stream, &mut buf, &head, &cfg).await {
+            Ok(b) => b,
+            Err(None) => return,
+            Err(Some(e)) => {
+                let reply = Reply::error(&e, None, M_NONE);
+                let _ = write_reply(&w, &mut stream, reply, false, &request_id, out, started).await;
+                return;
+            }
+        };
+        let reply = pipeline::handle(&w, &cfg, &head, &body, peer, &request_id).await;
+        match write_reply(
+            &w,
+            &mut stream,
+            reply,
+            head.keep_alive,
+            &request_id,
+            out,
+            started,
+        )
+        .await
+        {
+            Some(o) => out = o,
+            None => return,
+        }
+    }
+}
+
+async fn read_head<S: AsyncReadRent>(
+    w: &Rc<Worker>,
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+    cfg: &crate::config::Settings,
+) -> HeadOutcome {
+    let s = &cfg.server;
+    let mut deadline = (!buf.is_empty()).then(|| Instant::now() + s.header_timeout);
+    loop {
+        if !buf.is_empty() {
+            match parse_head(buf, s.max_header_bytes, s.max_body_bytes as u64) {
+                Ok(HeadParse::Complete(h)) => return HeadOutcome::Head(h),
+                Ok(HeadParse::Incomplete) => {}
+                Err(e) => return HeadOutcome::Error(GatewayError::Head(e)),
+            }
+        }
+        let idle = deadline.is_none();
+        if idle && w.shutdown.is_fired() {
+            return HeadOutcome::Closed;
+        }
+        let wait = match deadline {
+            None => s.idle_timeout,
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return HeadOutcome::Error(GatewayError::HeaderTimeout);
+                }
+                left
+            }
+        };
+        let b = std::mem::take(buf);
+        let read = monoio::time::timeout(wait, read_append(stream, b, 4096));
+        let result = if idle {
+            // Only an idle connection (no partial request) is dropped at shutdown.
+            monoio::select! {
+                r = read => Some(r),
+                _ = w.shutdown.wait() => None,
+            }
+        } else {
+            Some(read.await)
+        };
+        match result {
+            None => return HeadOutcome::Closed,
+            Some(Err(_elapsed)) if idle => return HeadOutcome::Closed,
+            Some(Err(_elapsed)) => return HeadOutcome::Error(GatewayError::HeaderTimeout),
+            Some(Ok((Ok(0), _))) | Some(Ok((Err(_), _))) => return HeadOutcome::Closed,
+            Some(Ok((Ok(_), b))) => {
+                *buf = b;
+                if deadline.is_none() {
+                    deadline = Some(Instant::now() + s.header_timeout);
+                }
+                if buf.len() > s.max_header_bytes + 4096
+                    && matches!(
+                        parse_head(buf, s.max_header_bytes, s.max_body_bytes as u64),
+                        Ok(HeadParse::Incomplete)
+                    )
+                {
+                    return HeadOutcome::Error(GatewayError::Head(HeadError::TooLarge));
+                }
+            }
+        }
+    }
+}
+
+/// Reads the body; `Err(None)` means the client went away (nothing to answer).
+async fn read_body<S: AsyncReadRent>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+    head: &RequestHead,
+    cfg: &crate::config::Settings,
+) -> Result<Vec<u8>, Option<GatewayError>> {
+    let idle = cfg.server.idle_timeout;
+    match head.body {
+        BodyFraming::None => Ok(Vec::new()),
+        BodyFraming::Length(n) => {
+            let n = n as usize;
+            while buf.len() < n {
+                let b = std::mem::take(buf);
+                let want = (n - b.len()).min(1 << 20);
+                match monoio::time::timeout(idle, read_append(stream, b, want)).await {
+                    Ok((Ok(0), _)) | Ok((Err(_), _)) | Err(_) => return Err(None),
+                    Ok((Ok(_), b)) => *buf = b,
+                }
+            }
+            let body = buf[..n].to_vec();
+            buf.drain(..n);
+            Ok(body)
+        }
+        BodyFraming::Chunked => {
+            let mut decoder = ChunkedDecoder::new(cfg.server.max_body_bytes as u64);
+            let mut body = Vec::new();
+            loop {
+                let used = decoder.decode(buf, &mut body).map_err(|e| {
+                    Some(match e {
+                        ChunkError::Invalid => GatewayError::BadBody,
+                        ChunkError::TooLarge => GatewayError::BodyTooLarge,
+                    })
+                })?;
+                buf.drain(..used);
+                if decoder.is_done() {
+                    return Ok(body);
+                }
+                let b = std::mem::take(buf);
+                match monoio::time::timeout(idle, read_append(stream, b, 8192)).await {
+                    Ok((Ok(0), _)) | Ok((Err(_), _)) | Err(_) => return Err(None),
+                    Ok((Ok(_), b)) => *buf = b,
+                }
+            }
+        }
+    }
+}
+
+/// Writes the reply; returns the output buffer when the connection may serve another request.
+async fn write_reply<S: AsyncReadRent + AsyncWriteRent>(
+    w: &Rc<Worker>,
+    stream: &mut S,
+    reply: Reply,
+    client_keep_alive: bool,
+    request_id: &str,
+    mut out: Vec<u8>,
+    started: Instant,
+) -> Option<Vec<u8>> {
+    let status = reply.status;
+    let method = reply.method;
+    let keep_alive = client_keep_alive && !reply.close && !w.shutdown.is_fired();
+    let mut headers: Vec<(&str, &str)> = reply
+        .headers
+        .iter()
+        .map(|(n, v)| (*n, v.as_str()))
+        .collect();
+    headers.push(("x-request-id", request_id));
+    out.clear();
+    let mut streamed = false;
+    let kept = match reply.body {
+        ReplyBody::Empty => {
+            write_head(&mut out, status, &headers, Framing::Length(0), keep_alive);
+            let (res, o) = write_all(stream, out).await;
+            out = o;
+            res.is_ok() && keep_alive
+        }
+        ReplyBody::Full(body) => {
+            write_head(
+                &mut out,
+                status,
+                &headers,
+                Framing::Length(body.len() as u64),
+                keep_alive,
+            );
+            out.extend_from_slice(&body);
+            let (res, o) = write_all(stream, out).await;
+            out = o;
+            res.is_ok() && keep_alive
+        }
+        ReplyBody::Upstream(mut resp) => {
+            let framing = match resp.framing {
+                RespFraming::Empty => Framing::Length(0),
+                RespFraming::Length(n) => Framing::Length(n),
+                RespFraming::Chunked | RespFraming::Close => Framing::Chunked,
+            };
+            streamed = framing == Framing::Chunked;
+            write_head(&mut out, status, &headers, framing, keep_alive);
+            let ok;
+            loop {
+                match resp.next_data().await {
+                    Ok(Some(data)) => {
+                        if framing == Framing::Chunked {
+                            write_chunk(&mut out, &data);
+                        } else {
+                            out.extend_from_slice(&data);
+                        }
+                    }
+                    Ok(None) => {
+                        if framing == Framing::Chunked {
+                            out.extend_from_slice(LAST_CHUNK);
+                        }
+                        let (res, o) = write_all(stream, out).await;
+                        out = o;
+                        ok = res.is_ok();
+                        break;
+                    }
+                    Err(e) => {
+                        // Mid-body failure: the status is already out; closing without the
+                        // final chunk is how the client learns the body is incomplete.
+                        w.metrics
+                            .upstream_errors
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tracing::warn!(target: "mcp_guard::upstream", "upstream body failed: {e}");
+                        let (_, o) = write_all(stream, out).await;
+                        out = o;
+                        ok = false;
+                        break;
+                    }
+                }
+                // Flush each piece as it arrives: SSE events must not wait for the next one.
+                let (res, o) = write_all(stream, out).await;
+                out = o;
+                if res.is_err() {
+                    ok = false;
+                    break;
+                }
+            }
+            resp.release(&w.pool);
+            ok && keep_alive
+        }
+        ReplyBody::Events(rx) => {
+            streamed = true;
+            write_head(&mut out, status, &headers, Framing::Chunked, false);
+            let (res, o) = write_all(stream, out).await;
+            out = o;
+            if res.is_ok() {
+                relay_events(w, stream, rx, &mut out).await;
+            }
+            false
+        }
+    };
+    w.record(
+        method,
+        status,
+        if streamed {
+            None
+        } else {
+            Some(started.elapsed())
+        },
+    );
+    kept.then_some(out)
+}
+
+async fn relay_events<S: AsyncWriteRent>(
+    w: &Rc<Worker>,
+    stream: &mut S,
+    rx: async_channel::Receiver<Vec<u8>>,
+    out: &mut Vec<u8>,
+) {
+    loop {
+        let next = monoio::select! {
+            m = monoio::time::timeout(SSE_KEEPALIVE, rx.recv()) => Some(m),
+            _ = w.shutdown.wait() => None,
+        };
+        let mut buf = std::mem::take(out);
+        match next {
+            None | Some(Ok(Err(_))) => {
+                buf.extend_from_slice(LAST_CHUNK);
+                let _ = write_all(stream, buf).await;
+                return;
+            }
+            Some(Err(_)) => write_chunk(&mut buf, b": keepalive\n\n"),
+            Some(Ok(Ok(msg))) => {
+                let mut event = Vec::with_capacity(msg.len() + 24);
+                event.extend_from_slice(b"event: message\ndata: ");
+                event.extend_from_slice(&msg);
+                event.extend_from_slice(b"\n\n");
+                write_chunk(&mut buf, &event);
+            }
+        }
+        let (res, b) = write_all(stream, buf).await;
+        *out = b;
+        if res.is_err() {
+            return;
+        }
+    }
+}

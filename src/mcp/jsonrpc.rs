@@ -1,0 +1,430 @@
+//! JSON-RPC 2.0 classification of a request body, parsed once with simd-json.
+//!
+//! The body is copied into a per-worker scratch buffer (simd-json rewrites strings in place,
+//! and the bytes forwarded upstream must be the bytes received), parsed to a tape, and only the
+//! fields a decision needs are kept: kind, method, id, and the tool / resource / prompt named.
+//! Objects whose decision fields appear twice are refused: a parser that keeps the first copy
+//! and an upstream that keeps the last would otherwise disagree about what was checked.
+
+use simd_json::prelude::*;
+use simd_json::{Buffers, ValueType};
+
+/// A JSON-RPC id (MCP allows strings and integers; null is refused).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum RpcId {
+    /// An integer id.
+    Num(i64),
+    /// A string id.
+    Str(String),
+}
+
+impl RpcId {
+    /// The id as JSON text.
+    pub fn to_json(&self) -> String {
+        match self {
+            RpcId::Num(n) => n.to_string(),
+            RpcId::Str(s) => serde_json::Value::String(s.clone()).to_string(),
+        }
+    }
+}
+
+/// What kind of JSON-RPC message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Has `method` and `id`.
+    Request,
+    /// Has `method`, no `id`.
+    Notification,
+    /// Has `id` and `result` or `error` (a client answering a server request).
+    Response,
+}
+
+/// What an MCP request acts on, where policy can name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// `tools/call` params.name
+    Tool(String),
+    /// `resources/read` params.uri
+    Resource(String),
+    /// `prompts/get` params.name
+    Prompt(String),
+}
+
+/// One classified JSON-RPC message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// Request, notification or response.
+    pub kind: Kind,
+    /// The method (requests and notifications).
+    pub method: Option<String>,
+    /// The id (requests and responses).
+    pub id: Option<RpcId>,
+    /// What the request acts on.
+    pub target: Option<Target>,
+}
+
+impl Message {
+    /// The method, or "" for responses.
+    pub fn method_str(&self) -> &str {
+        self.method.as_deref().unwrap_or("")
+    }
+}
+
+/// A classified body: one message, or a batch (2025-03-26 clients).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Body {
+    /// A single message.
+    Single(Message),
+    /// A non-empty batch.
+    Batch(Vec<Message>),
+}
+
+impl Body {
+    /// The messages, in order.
+    pub fn messages(&self) -> &[Message] {
+        match self {
+            Body::Single(m) => std::slice::from_ref(m),
+            Body::Batch(v) => v,
+        }
+    }
+
+    /// Whether any message expects a response.
+    pub fn has_requests(&self) -> bool {
+        self.messages().iter().any(|m| m.kind == Kind::Request)
+    }
+}
+
+/// Why a body was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClassifyError {
+    /// Not JSON (-32700).
+    Parse(String),
+    /// JSON, but not a valid JSON-RPC 2.0 message (-32600); carries the id if one was readable.
+    Invalid(String, Option<RpcId>),
+    /// A valid request whose params lack what the method requires (-32602).
+    Params(String, RpcId),
+}
+
+/// Reusable per-worker parse state.
+pub struct Classifier {
+    scratch: Vec<u8>,
+    buffers: Buffers,
+}
+
+impl Default for Classifier {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Nesting deeper than this is refused before parsing (simd-json itself recurses on build).
+const MAX_DEPTH: usize = 128;
+
+impl Classifier {
+    /// A classifier with empty buffers.
+    pub fn new() -> Self {
+        Self {
+            scratch: Vec::with_capacity(4096),
+            buffers: Buffers::default(),
+        }
+    }
+
+    /// Classifies `body` without modifying it.
+    pub fn classify(&mut self, body: &[u8]) -> Result<Body, ClassifyError> {
+        if exceeds_depth(body, MAX_DEPTH) {
+            return Err(ClassifyError::Parse("JSON nested too deeply".into()));
+        }
+        self.scratch.clear();
+        self.scratch.extend_from_slice(body);
+        let tape = simd_json::to_tape_with_buffers(&mut self.scratch, &mut self.buffers)
+            .map_err(|e| ClassifyError::Parse(format!("invalid JSON: {e}")))?;
+        let root = tape.as_value();
+        if let Some(arr) = root.as_array() {
+            if arr.is_empty() {
+                return Err(ClassifyError::Invalid("empty batch".into(), None));
+            }
+            let mut out = Vec::with_capacity(arr.len());
+            for v in arr.iter() {
+                out.push(classify_one(v)?);
+            }
+            Ok(Body::Batch(out))
+        } else {
+            Ok(Body::Single(classify_one(root)?))
+        }
+    }
+}
+
+/// A cheap pre-scan: bracket depth outside strings.
+fn exceeds_depth(body: &[u8], max: usize) -> bool {
+    let mut depth = 0usize;
+    let mut in_str = false;
+    let mut escaped = false;
+    for &b in body {
+        if in_str {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_str = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_str = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
+type TapeValue<'t, 'i> = simd_json::tape::Value<'t, 'i>;
+
+/// Finds `key` in `obj`, refusing a duplicate.
+fn unique_get<'t, 'i>(
+    obj: &simd_json::tape::Object<'t, 'i>,
+    key: &str,
+) -> Result<Option<TapeValue<'t, 'i>>, String> {
+    let mut found = None;
+    for (k, v) in obj.iter() {
+        if k == key {
+            if found.is_some() {
+                return Err(format!("duplicate \"{key}\" member"));
+            }
+            found = Some(v);
+        }
+    }
+    Ok(found)
+}
+
+fn read_id(v: TapeValue<'_, '_>) -> Result<RpcId, String> {
+    match v.value_type() {
+        ValueType::String => Ok(RpcId::Str(v.as_str().unwrap_or_default().to_string())),
+        ValueType::I64 | ValueType::U64 => v
+            .as_i64()
+            .map(RpcId::Num)
+            .ok_or_else(|| "id out of range".to_string()),
+        ValueType::Null => Err("id must not be null".into()),
+        _ => Err("id must be a string or an integer".into()),
+    }
+}
+
+fn classify_one(v: TapeValue<'_, '_>) -> Result<Message, ClassifyError> {
+    let invalid = |m: String, id: Option<RpcId>| ClassifyError::Invalid(m, id);
+    let Some(obj) = v.as_object() else {
+        return Err(invalid("message must be a JSON object".into(), None));
+    };
+    // Read the id first so later errors can echo it.
+    let id = match unique_get(&obj, "id").map_err(|m| invalid(m, None))? {
+        Some(idv) => Some(read_id(idv).map_err(|m| invalid(m, None))?),
+        None => None,
+    };
+    match unique_get(&obj, "jsonrpc").map_err(|m| invalid(m, id.clone()))? {
+        Some(j) if j.as_str() == Some("2.0") => {}
+        _ => return Err(invalid("\"jsonrpc\" must be \"2.0\"".into(), id)),
+    }
+    let method = unique_get(&obj, "method").map_err(|m| invalid(m, id.clone()))?;
+    let result = unique_get(&obj, "result").map_err(|m| invalid(m, id.clone()))?;
+    let error = unique_get(&obj, "error").map_err(|m| invalid(m, id.clone()))?;
+    let params = unique_get(&obj, "params").map_err(|m| invalid(m, id.clone()))?;
+    let Some(method) = method else {
+        // A response from the client to a server-initiated request.
+        let Some(id) = id else {
+            return Err(invalid("message has neither method nor id".into(), None));
+        };
+        if result.is_some() == error.is_some() {
+            return Err(invalid(
+                "a response must carry exactly one of result and error".into(),
+                Some(id),
+            ));
+        }
+        return Ok(Message {
+            kind: Kind::Response,
+            method: None,
+            id: Some(id),
+            target: None,
+        });
+    };
+    let Some(method) = method.as_str() else {
+        return Err(invalid("\"method\" must be a string".into(), id));
+    };
+    if method.is_empty() {
+        return Err(invalid("\"method\" must not be empty".into(), id));
+    }
+    if result.is_some() || error.is_some() {
+        return Err(invalid(
+            "a request must not carry result or error".into(),
+            id,
+        ));
+    }
+    if let Some(p) = &params
+        && !p.is_object()
+        && !p.is_array()
+    {
+        return Err(invalid("\"params\" must be an object or array".into(), id));
+    }
+    let kind = if id.is_some() {
+        Kind::Request
+    } else {
+        Kind::Notification
+    };
+    let target = match (kind, method) {
+        (Kind::Request, "tools/call") => Some(Target::Tool(required_param(&params, "name", &id)?)),
+        (Kind::Request, "resources/read") => {
+            Some(Target::Resource(required_param(&params, "uri", &id)?))
+        }
+        (Kind::Request, "prompts/get") => {
+            Some(Target::Prompt(required_param(&params, "name", &id)?))
+        }
+        _ => None,
+    };
+    Ok(Message {
+        kind,
+        method: Some(method.to_string()),
+        id,
+        target,
+    })
+}
+
+fn required_param(
+    params: &Option<TapeValue<'_, '_>>,
+    key: &str,
+    id: &Option<RpcId>,
+) -> Result<String, ClassifyError> {
+    let id = id.clone().unwrap_or(RpcId::Num(0));
+    let obj = params
+        .as_ref()
+        .and_then(|p| p.as_object())
+        .ok_or_else(|| ClassifyError::Params("params must be an object".into(), id.clone()))?;
+    match unique_get(&obj, key) {
+        Err(m) => Err(ClassifyError::Params(m, id)),
+        Ok(Some(v)) => match v.as_str() {
+            Some(s) => Ok(s.to_string()),
+            None => Err(ClassifyError::Params(
+                format!("params.{key} must be a string"),
+                id,
+            )),
+        },
+        Ok(None) => Err(ClassifyError::Params(
+            format!("params.{key} is required"),
+            id,
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn classify(s: &str) -> Result<Body, ClassifyError> {
+        Classifier::new().classify(s.as_bytes())
+    }
+
+    fn single(s: &str) -> Message {
+        match classify(s).unwrap() {
+            Body::Single(m) => m,
+            b => panic!("expected single, got {b:?}"),
+        }
+    }
+
+    #[test]
+    fn tools_call_yields_method_id_and_tool() {
+        let m = single(
+            r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"read_file","arguments":{"path":"/x"}}}"#,
+        );
+        assert_eq!(m.kind, Kind::Request);
+        assert_eq!(m.id, Some(RpcId::Num(7)));
+        assert_eq!(m.target, Some(Target::Tool("read_file".into())));
+    }
+
+    #[test]
+    fn escaped_tool_names_are_decoded_before_policy_sees_them() {
+        let m = single(
+            r#"{"jsonrpc":"2.0","id":"a","method":"tools/call","params":{"name":"del\u0065te"}}"#,
+        );
+        assert_eq!(m.target, Some(Target::Tool("delete".into())));
+    }
+
+    #[test]
+    fn notifications_responses_and_batches() {
+        assert_eq!(
+            single(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#).kind,
+            Kind::Notification
+        );
+        assert_eq!(
+            single(r#"{"jsonrpc":"2.0","id":1,"result":{}}"#).kind,
+            Kind::Response
+        );
+        let b = classify(
+            r#"[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","method":"x"}]"#,
+        )
+        .unwrap();
+        assert_eq!(b.messages().len(), 2);
+    }
+
+    #[test]
+    fn invalid_messages_are_refused_with_the_right_error() {
+        assert!(matches!(classify("{nope"), Err(ClassifyError::Parse(_))));
+        assert!(matches!(classify("[]"), Err(ClassifyError::Invalid(..))));
+        assert!(matches!(
+            classify(r#"{"jsonrpc":"1.0","id":1,"method":"x"}"#),
+            Err(ClassifyError::Invalid(..))
+        ));
+        assert!(matches!(
+            classify(r#"{"jsonrpc":"2.0","id":null,"method":"x"}"#),
+            Err(ClassifyError::Invalid(..))
+        ));
+        assert!(matches!(
+            classify(r#"{"jsonrpc":"2.0","id":1.5,"method":"x"}"#),
+            Err(ClassifyError::Invalid(..))
+        ));
+        assert!(matches!(
+            classify(r#"{"jsonrpc":"2.0","id":1,"result":1,"error":{}}"#),
+            Err(ClassifyError::Invalid(..))
+        ));
+        assert!(matches!(
+            classify(r#""str""#),
+            Err(ClassifyError::Invalid(..))
+        ));
+        assert!(matches!(
+            classify(r#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{}}"#),
+            Err(ClassifyError::Params(_, RpcId::Num(3)))
+        ));
+    }
+
+    #[test]
+    fn duplicate_decision_fields_are_refused() {
+        assert!(matches!(
+            classify(
+                r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"ok","name":"evil"}}"#
+            ),
+            Err(ClassifyError::Params(..))
+        ));
+        assert!(matches!(
+            classify(r#"{"jsonrpc":"2.0","id":1,"method":"ping","method":"tools/call"}"#),
+            Err(ClassifyError::Invalid(..))
+        ));
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_without_recursion() {
+        let deep = "[".repeat(100_000);
+        assert!(matches!(classify(&deep), Err(ClassifyError::Parse(_))));
+    }
+
+    #[test]
+    fn input_is_not_modified() {
+        let body =
+            br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a\"b"}}"#.to_vec();
+        let copy = body.clone();
+        Classifier::new().classify(&body).unwrap();
+        assert_eq!(body, copy);
+    }
+}

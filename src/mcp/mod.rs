@@ -1,0 +1,5 @@
+//! MCP specifics: Streamable HTTP transport rules, JSON-RPC classification, session ids.
+
+pub mod jsonrpc;
+pub mod session;
+pub mod transport;

@@ -1,0 +1,146 @@
+//! Streamable HTTP transport rules (MCP 2025-11-25, back to 2025-03-26): Origin, protocol
+//! version, Accept and Content-Type, batches, and `Mcp-Method` / `Mcp-Name` agreement.
+
+use crate::error::GatewayError;
+use crate::http::request::RequestHead;
+use crate::mcp::jsonrpc::{Message, Target};
+
+/// Protocol revisions served, newest first.
+pub const SUPPORTED_VERSIONS: &[&str] = &["2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05"];
+
+/// The revision assumed when a request carries no `MCP-Protocol-Version` (the spec's rule for
+/// clients that predate the header).
+pub const DEFAULT_VERSION: &str = "2025-03-26";
+
+/// A browser `Origin` must be listed; requests without one (non-browser clients) pass.
+pub fn check_origin(head: &RequestHead, allowed: &[String]) -> Result<(), GatewayError> {
+    let Some(origin) = &head.h.origin else {
+        return Ok(());
+    };
+    let o = origin.trim_end_matches('/').to_ascii_lowercase();
+    if allowed.iter().any(|a| *a == o) {
+        Ok(())
+    } else {
+        Err(GatewayError::OriginForbidden)
+    }
+}
+
+/// Validates `MCP-Protocol-Version`; returns the revision in effect.
+pub fn check_protocol_version(head: &RequestHead) -> Result<&'static str, GatewayError> {
+    match &head.h.protocol_version {
+        None => Ok(DEFAULT_VERSION),
+        Some(v) => SUPPORTED_VERSIONS
+            .iter()
+            .find(|s| **s == v.as_str())
+            .copied()
+            .ok_or_else(|| GatewayError::UnsupportedProtocolVersion(truncate(v, 64))),
+    }
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    s.chars().take(n).collect()
+}
+
+/// Batches were removed in 2025-06-18; they remain for 2025-03-26 (and older) clients.
+pub fn batch_allowed(version: &str) -> bool {
+    version == "2025-03-26" || version == "2024-11-05"
+}
+
+/// Whether an Accept header value allows `wanted` (type/subtype), honouring wildcards and q=0.
+fn accepts(accept: &str, wanted: &str) -> bool {
+    let (wtype, _) = wanted.split_once('/').unwrap_or((wanted, ""));
+    accept.split(',').any(|item| {
+        let mut parts = item.split(';');
+        let range = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+        let refused = parts.any(|p| {
+            let p = p.trim();
+            p.eq_ignore_ascii_case("q=0")
+                || p.eq_ignore_ascii_case("q=0.0")
+                || p.eq_ignore_ascii_case("q=0.000")
+        });
+        if refused {
+            return false;
+        }
+        range == wanted || range == "*/*" || range == format!("{wtype}/*")
+    })
+}
+
+/// POST needs `Content-Type: application/json` and an Accept allowing JSON and SSE.
+pub fn check_post_headers(head: &RequestHead) -> Result<(), GatewayError> {
+    let ct_ok = head.h.content_type.as_deref().is_some_and(|ct| {
+        ct.split(';')
+            .next()
+            .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+    });
+    if !ct_ok {
+        return Err(GatewayError::UnsupportedMediaType);
+    }
+    let accept = head.h.accept.as_deref().unwrap_or("");
+    if !(accepts(accept, "application/json") && accepts(accept, "text/event-stream")) {
+        return Err(GatewayError::NotAcceptable(
+            "both application/json and text/event-stream",
+        ));
+    }
+    Ok(())
+}
+
+/// GET opens an SSE stream, so Accept must allow text/event-stream.
+pub fn check_stream_accept(head: &RequestHead) -> Result<(), GatewayError> {
+    if accepts(head.h.accept.as_deref().unwrap_or(""), "text/event-stream") {
+        Ok(())
+    } else {
+        Err(GatewayError::NotAcceptable("text/event-stream"))
+    }
+}
+
+/// `Mcp-Method` and `Mcp-Name`, where sent, must say what the body says: an intermediary that
+/// routes on headers must not be told one thing while the server is told another.
+pub fn check_method_headers(head: &RequestHead, m: &Message) -> Result<(), GatewayError> {
+    if let Some(hm) = &head.h.mcp_method
+        && Some(hm.as_str()) != m.method.as_deref()
+    {
+        return Err(GatewayError::HeaderMismatch(format!(
+            "Mcp-Method header `{}` does not match the body's method",
+            truncate(hm, 64)
+        )));
+    }
+    if let Some(hn) = &head.h.mcp_name {
+        let body_name = match &m.target {
+            Some(Target::Tool(n)) | Some(Target::Prompt(n)) | Some(Target::Resource(n)) => {
+                Some(n.as_str())
+            }
+            None => None,
+        };
+        if body_name != Some(hn.as_str()) {
+            return Err(GatewayError::HeaderMismatch(format!(
+                "Mcp-Name header `{}` does not match the body",
+                truncate(hn, 64)
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_matching_honours_wildcards_and_q0() {
+        assert!(accepts(
+            "application/json, text/event-stream",
+            "text/event-stream"
+        ));
+        assert!(accepts("*/*", "application/json"));
+        assert!(accepts("application/*;q=0.5", "application/json"));
+        assert!(!accepts("application/json;q=0", "application/json"));
+        assert!(!accepts("text/html", "application/json"));
+    }
+
+    #[test]
+    fn batches_only_for_old_revisions() {
+        assert!(batch_allowed("2025-03-26"));
+        assert!(!batch_allowed("2025-06-18"));
+        assert!(!batch_allowed("2025-11-25"));
+    }
+}

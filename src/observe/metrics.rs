@@ -1,0 +1,330 @@
+//! Metric shards and their Prometheus exposition.
+//!
+//! Each worker owns one [`WorkerMetrics`]: plain atomics that only that worker writes (so no
+//! cache line is shared on the request path) and that the admin thread sums on scrape, plus an
+//! hdrhistogram the worker records into locally and publishes a copy of every half second.
+//! Label values come from fixed tables, so a hostile client cannot grow the series count.
+
+use arc_swap::ArcSwap;
+use hdrhistogram::Histogram;
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::time::Instant;
+
+/// MCP method labels; anything else is "other".
+pub const METHODS: &[&str] = &[
+    "initialize",
+    "ping",
+    "tools/list",
+    "tools/call",
+    "resources/list",
+    "resources/read",
+    "resources/templates/list",
+    "resources/subscribe",
+    "resources/unsubscribe",
+    "prompts/list",
+    "prompts/get",
+    "completion/complete",
+    "logging/setLevel",
+    "notification",
+    "response",
+    "batch",
+    "stream",
+    "delete",
+    "other",
+    "none",
+];
+
+/// Index of a method label.
+pub fn method_index(method: &str) -> usize {
+    if let Some(i) = METHODS[..13].iter().position(|m| *m == method) {
+        return i;
+    }
+    if method.starts_with("notifications/") {
+        return 13;
+    }
+    18
+}
+
+/// Label index for client responses.
+pub const M_RESPONSE: usize = 14;
+/// Label index for batches.
+pub const M_BATCH: usize = 15;
+/// Label index for GET streams.
+pub const M_STREAM: usize = 16;
+/// Label index for DELETE.
+pub const M_DELETE: usize = 17;
+/// Label index for requests that never got as far as a JSON-RPC method.
+pub const M_NONE: usize = 19;
+
+/// Status labels; anything else is "other".
+pub const STATUSES: &[u16] = &[
+    200, 202, 204, 400, 401, 403, 404, 405, 406, 408, 413, 415, 417, 429, 431, 500, 502, 503, 504,
+    505,
+];
+
+fn status_index(status: u16) -> usize {
+    STATUSES
+        .iter()
+        .position(|s| *s == status)
+        .unwrap_or(STATUSES.len())
+}
+
+const N_STATUS: usize = 21;
+
+/// One worker's metric shard.
+pub struct WorkerMetrics {
+    requests: Vec<[AtomicU64; N_STATUS]>,
+    /// Open client connections on this worker.
+    pub active_connections: AtomicI64,
+    /// Connections accepted.
+    pub connections_total: AtomicU64,
+    /// Connections refused at `max_connections`.
+    pub connections_refused: AtomicU64,
+    /// Upstream failures (connect, reset, timeout, malformed response).
+    pub upstream_errors: AtomicU64,
+    latency: ArcSwap<Histogram<u64>>,
+}
+
+impl WorkerMetrics {
+    fn new() -> Self {
+        Self {
+            requests: (0..METHODS.len())
+                .map(|_| std::array::from_fn(|_| AtomicU64::new(0)))
+                .collect(),
+            active_connections: AtomicI64::new(0),
+            connections_total: AtomicU64::new(0),
+            connections_refused: AtomicU64::new(0),
+            upstream_errors: AtomicU64::new(0),
+            latency: ArcSwap::from_pointee(new_histogram()),
+        }
+    }
+
+    /// Counts one finished request.
+    pub fn count_request(&self, method: usize, status: u16) {
+        self.requests[method][status_index(status)].fetch_add(1, Relaxed);
+    }
+
+    /// Publishes the worker's local latency histogram for the admin thread.
+    pub fn publish_latency(&self, local: &Histogram<u64>) {
+        self.latency.store(Arc::new(local.clone()));
+    }
+}
+
+/// A latency histogram in microseconds, 1 µs to 60 s, 3 significant digits.
+pub fn new_histogram() -> Histogram<u64> {
+    // Bounds are constants that hdrhistogram accepts; a failure here is a programming error.
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("static histogram bounds are valid")
+}
+
+/// Process-wide counters written off the request path (control, stdio hub).
+#[derive(Default)]
+pub struct GlobalMetrics {
+    /// stdio upstream restarts.
+    pub upstream_restarts: AtomicU64,
+    /// Config reloads applied.
+    pub reloads_ok: AtomicU64,
+    /// Config reloads refused (old snapshot kept).
+    pub reloads_failed: AtomicU64,
+    /// Server-to-client messages dropped because a stream was full or absent.
+    pub stream_messages_dropped: AtomicU64,
+}
+
+/// All shards, for the admin thread.
+pub struct Metrics {
+    /// One per worker.
+    pub workers: Vec<Arc<WorkerMetrics>>,
+    /// Off-path counters.
+    pub global: GlobalMetrics,
+    /// Process start.
+    pub started: Instant,
+}
+
+impl Metrics {
+    /// Shards for `workers` workers.
+    pub fn new(workers: usize) -> Arc<Self> {
+        Arc::new(Self {
+            workers: (0..workers)
+                .map(|_| Arc::new(WorkerMetrics::new()))
+                .collect(),
+            global: GlobalMetrics::default(),
+            started: Instant::now(),
+        })
+    }
+
+    /// Prometheus text exposition (format 0.0.4).
+    pub fn render(&self, upstream_ready: bool) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        out.push_str(
+            "# HELP mcp_guard_requests_total Requests handled, by MCP method and HTTP status.\n",
+        );
+        out.push_str("# TYPE mcp_guard_requests_total counter\n");
+        for (mi, method) in METHODS.iter().enumerate() {
+            for si in 0..N_STATUS {
+                let n: u64 = self
+                    .workers
+                    .iter()
+                    .map(|w| w.requests[mi][si].load(Relaxed))
+                    .sum();
+                if n == 0 {
+                    continue;
+                }
+                let status = STATUSES
+                    .get(si)
+                    .map_or_else(|| "other".to_string(), |s| s.to_string());
+                let _ = writeln!(
+                    out,
+                    "mcp_guard_requests_total{{method=\"{method}\",status=\"{status}\"}} {n}"
+                );
+            }
+        }
+        let sum =
+            |f: &dyn Fn(&WorkerMetrics) -> u64| -> u64 { self.workers.iter().map(|w| f(w)).sum() };
+        let gauge_active: i64 = self
+            .workers
+            .iter()
+            .map(|w| w.active_connections.load(Relaxed))
+            .sum();
+        write_metric(
+            &mut out,
+            "mcp_guard_active_connections",
+            "gauge",
+            "Open client connections.",
+            gauge_active.max(0) as u64,
+        );
+        write_metric(
+            &mut out,
+            "mcp_guard_connections_total",
+            "counter",
+            "Client connections accepted.",
+            sum(&|w| w.connections_total.load(Relaxed)),
+        );
+        write_metric(
+            &mut out,
+            "mcp_guard_connections_refused_total",
+            "counter",
+            "Client connections refused at server.max_connections.",
+            sum(&|w| w.connections_refused.load(Relaxed)),
+        );
+        write_metric(
+            &mut out,
+            "mcp_guard_upstream_errors_total",
+            "counter",
+            "Upstream failures: connect errors, resets, timeouts, malformed responses.",
+            sum(&|w| w.upstream_errors.load(Relaxed)),
+        );
+        write_metric(
+            &mut out,
+            "mcp_guard_upstream_restarts_total",
+            "counter",
+            "stdio upstream process restarts.",
+            self.global.upstream_restarts.load(Relaxed),
+        );
+        write_metric(
+            &mut out,
+            "mcp_guard_config_reloads_total",
+            "counter",
+            "Configuration reloads applied.",
+            self.global.reloads_ok.load(Relaxed),
+        );
+        write_metric(
+            &mut out,
+            "mcp_guard_config_reload_failures_total",
+            "counter",
+            "Configuration reloads refused; the previous configuration kept serving.",
+            self.global.reloads_failed.load(Relaxed),
+        );
+        write_metric(
+            &mut out,
+            "mcp_guard_stream_messages_dropped_total",
+            "counter",
+            "Server-to-client messages dropped (no open stream, or stream full).",
+            self.global.stream_messages_dropped.load(Relaxed),
+        );
+        write_metric(
+            &mut out,
+            "mcp_guard_upstream_ready",
+            "gauge",
+            "1 when the upstream is reachable.",
+            u64::from(upstream_ready),
+        );
+        self.render_latency(&mut out);
+        out
+    }
+
+    fn render_latency(&self, out: &mut String) {
+        let mut merged = new_histogram();
+        for w in &self.workers {
+            let h = w.latency.load();
+            // Same bounds on both sides, so add cannot fail.
+            let _ = merged.add(&**h);
+        }
+        const BOUNDS_US: &[u64] = &[
+            50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000,
+            500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000, 30_000_000,
+        ];
+        out.push_str("# HELP mcp_guard_request_duration_seconds Time from request head to the end of the response (streams excluded).\n");
+        out.push_str("# TYPE mcp_guard_request_duration_seconds histogram\n");
+        for b in BOUNDS_US {
+            let n = merged.count_between(0, *b);
+            let _ = writeln!(
+                out,
+                "mcp_guard_request_duration_seconds_bucket{{le=\"{}\"}} {}",
+                *b as f64 / 1e6,
+                n
+            );
+        }
+        let total = merged.len();
+        let _ = writeln!(
+            out,
+            "mcp_guard_request_duration_seconds_bucket{{le=\"+Inf\"}} {total}"
+        );
+        let sum_us: f64 = merged
+            .iter_recorded()
+            .map(|v| v.value_iterated_to() as f64 * v.count_at_value() as f64)
+            .sum();
+        let _ = writeln!(
+            out,
+            "mcp_guard_request_duration_seconds_sum {}",
+            sum_us / 1e6
+        );
+        let _ = writeln!(out, "mcp_guard_request_duration_seconds_count {total}");
+    }
+}
+
+fn write_metric(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn method_labels_are_bounded() {
+        assert_eq!(METHODS[method_index("tools/call")], "tools/call");
+        assert_eq!(
+            METHODS[method_index("notifications/progress")],
+            "notification"
+        );
+        assert_eq!(METHODS[method_index("x".repeat(100).as_str())], "other");
+    }
+
+    #[test]
+    fn render_sums_shards_and_merges_histograms() {
+        let m = Metrics::new(2);
+        m.workers[0].count_request(method_index("ping"), 200);
+        m.workers[1].count_request(method_index("ping"), 200);
+        let mut h = new_histogram();
+        h.record(120).unwrap();
+        m.workers[1].publish_latency(&h);
+        let text = m.render(true);
+        assert!(text.contains("mcp_guard_requests_total{method=\"ping\",status=\"200\"} 2"));
+        assert!(text.contains("mcp_guard_request_duration_seconds_count 1"));
+        assert!(text.contains("mcp_guard_request_duration_seconds_bucket{le=\"0.00025\"} 1"));
+    }
+}

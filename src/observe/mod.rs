@@ -1,0 +1,3 @@
+//! Observability: per-worker metric shards and their Prometheus exposition.
+
+pub mod metrics;

@@ -1,0 +1,534 @@
+//! The request path, in its one fixed order. Each phase either lets the request continue or
+//! answers it; an early answer is a [`GatewayError`] turned into a response in `error.rs`.
+//!
+//! Order, and why:
+//! 1. accept (connection cap) and 3. head parse with limits happen in `http::server` before any
+//!    byte reaches here: nothing is interpreted from a request whose framing is in doubt.
+//! 4. route by path: health probes answer without authentication (orchestrators must reach them).
+//! 4a. Origin check before authentication: a DNS-rebinding page must learn nothing, not even
+//!    whether its credentials would have worked.
+//! 5. authenticate (later issues: API keys, JWT, OAuth, mTLS) before reading meaning from the
+//!    body, so an anonymous caller cannot make us parse arbitrary JSON-RPC.
+//! 5a. transport rules (protocol version, Accept, Content-Type) before the body is classified.
+//! 6. classify the JSON-RPC body once; everything after reads the classification, never the JSON.
+//! 6a. session check after classification: only `initialize` may arrive without a session.
+//! 7. authorize, then 8. rate-limit (later issues): a denied call must not spend quota.
+//! 9. forward, 10. relay (streamed), 11. metrics (and audit) always, also after an early exit:
+//!    the connection loop records them from the [`Reply`] once it has been written.
+
+use crate::config::{HttpUpstream, Settings, Transport};
+use crate::error::GatewayError;
+use crate::http::client::{self, UpstreamResponse};
+use crate::http::request::{Method, RequestHead};
+use crate::mcp::jsonrpc::{Body, ClassifyError, Kind, Message, RpcId};
+use crate::mcp::transport;
+use crate::observe::metrics::{self, M_BATCH, M_DELETE, M_NONE, M_RESPONSE, M_STREAM};
+use crate::runtime::worker::Worker;
+use crate::upstream::stdio::{HubReply, SessionKey, StdioHub};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+
+/// What the connection loop writes back.
+pub struct Reply {
+    /// HTTP status.
+    pub status: u16,
+    /// Extra response headers.
+    pub headers: Vec<(&'static str, String)>,
+    /// The body.
+    pub body: ReplyBody,
+    /// Close the connection afterwards.
+    pub close: bool,
+    /// Metric label index (MCP method).
+    pub method: usize,
+    /// Why the request ended early, if it did (audit reason).
+    pub reason: Option<&'static str>,
+}
+
+/// Reply bodies.
+pub enum ReplyBody {
+    /// No body.
+    Empty,
+    /// A complete body.
+    Full(Vec<u8>),
+    /// An upstream response relayed as it arrives.
+    Upstream(UpstreamResponse),
+    /// Server-to-client messages (JSON each) written as SSE events until the channel closes.
+    Events(async_channel::Receiver<Vec<u8>>),
+}
+
+impl Reply {
+    fn new(status: u16, body: ReplyBody, method: usize) -> Self {
+        Self {
+            status,
+            headers: Vec::new(),
+            body,
+            close: false,
+            method,
+            reason: None,
+        }
+    }
+
+    /// A complete JSON response.
+    pub fn json(status: u16, body: Vec<u8>, method: usize) -> Self {
+        let mut r = Self::new(status, ReplyBody::Full(body), method);
+        r.headers.push(("content-type", "application/json".into()));
+        r
+    }
+
+    /// The response for an early exit.
+    pub fn error(e: &GatewayError, id: Option<&RpcId>, method: usize) -> Self {
+        let mut r = Self::json(e.status(), e.body(id), method);
+        r.close = e.closes_connection();
+        r.reason = Some(e.reason());
+        if let GatewayError::MethodNotAllowed(allow) = e {
+            r.headers.push(("allow", (*allow).to_string()));
+        }
+        r
+    }
+}
+
+/// Handles one parsed request with its complete body.
+pub async fn handle(
+    w: &Worker,
+    cfg: &Rc<Arc<Settings>>,
+    head: &RequestHead,
+    body: &[u8],
+    peer: SocketAddr,
+    request_id: &str,
+) -> Reply {
+    let _ = peer;
+    // 4. route
+    let path = head.path();
+    if path == cfg.server.mcp_path {
+        return match mcp(w, cfg, head, body, request_id).await {
+            Ok(r) => r,
+            Err((e, id, method)) => Reply::error(&e, id.as_ref(), method),
+        };
+    }
+    match path {
+        "/health" | "/live" | "/ready" => health(w, head, path),
+        _ => Reply::error(&GatewayError::NotFound, None, M_NONE),
+    }
+}
+
+fn health(w: &Worker, head: &RequestHead, path: &str) -> Reply {
+    if !matches!(head.method, Method::Get | Method::Head) {
+        return Reply::error(&GatewayError::MethodNotAllowed("GET"), None, M_NONE);
+    }
+    let shared = &w.shared;
+    let (status, body) = match path {
+        "/live" => (200, b"{\"status\":\"alive\"}".to_vec()),
+        "/ready" if shared.is_ready() => (200, b"{\"status\":\"ready\"}".to_vec()),
+        "/ready" => (
+            503,
+            b"{\"status\":\"not ready\",\"reason\":\"upstream unreachable\"}".to_vec(),
+        ),
+        _ => (200, shared.health_json().into_bytes()),
+    };
+    Reply::json(status, body, M_NONE)
+}
+
+type Early = (GatewayError, Option<RpcId>, usize);
+
+fn early(e: GatewayError, method: usize) -> Early {
+    (e, None, method)
+}
+
+async fn mcp(
+    w: &Worker,
+    cfg: &Rc<Arc<Settings>>,
+    head: &RequestHead,
+    body: &[u8],
+    request_id: &str,
+) -> Result<Reply, Early> {
+    // 4a. Origin
+    transport::check_origin(head, &cfg.server.allowed_origins).map_err(|e| early(e, M_NONE))?;
+    // 5. authenticate: no providers in this build; the binding for session ids is empty.
+    let binding = "";
+    // 5a. transport rules common to every method
+    let version = transport::check_protocol_version(head).map_err(|e| early(e, M_NONE))?;
+    match head.method {
+        Method::Post => post(w, cfg, head, body, binding, version, request_id).await,
+        Method::Get => stream(w, cfg, head, binding, request_id).await,
+        Method::Delete => delete(w, cfg, head, binding, request_id).await,
+        _ => Err(early(
+            GatewayError::MethodNotAllowed("GET, POST, DELETE"),
+            M_NONE,
+        )),
+    }
+}
+
+fn label(body: &Body) -> usize {
+    match body {
+        Body::Batch(_) => M_BATCH,
+        Body::Single(m) if m.kind == Kind::Response => M_RESPONSE,
+        Body::Single(m) => metrics::method_index(m.method_str()),
+    }
+}
+
+async fn post(
+    w: &Worker,
+    cfg: &Rc<Arc<Settings>>,
+    head: &RequestHead,
+    raw: &[u8],
+    binding: &str,
+    version: &str,
+    request_id: &str,
+) -> Result<Reply, Early> {
+    transport::check_post_headers(head).map_err(|e| early(e, M_NONE))?;
+    // 6. classify
+    let body = w
+        .classifier
+        .borrow_mut()
+        .classify(raw)
+        .map_err(|e| match e {
+            ClassifyError::Parse(m) => early(GatewayError::Parse(m), M_NONE),
+            ClassifyError::Invalid(m, id) => (GatewayError::InvalidRequest(m, id), None, M_NONE),
+            ClassifyError::Params(m, id) => {
+                (GatewayError::InvalidParams(m, id.clone()), Some(id), M_NONE)
+            }
+        })?;
+    let method = label(&body);
+    let first_id = body.messages().iter().find_map(|m| m.id.clone());
+    let fail = |e: GatewayError| (e, first_id.clone(), method);
+    if let Body::Batch(_) = body
+        && !transport::batch_allowed(version)
+    {
+        return Err(fail(GatewayError::InvalidRequest(
+            format!("JSON-RPC batches are not supported in protocol version {version}"),
+            None,
+        )));
+    }
+    if let Body::Single(m) = &body {
+        transport::check_method_headers(head, m).map_err(fail)?;
+    }
+    let is_initialize = matches!(&body, Body::Single(m) if m.kind == Kind::Request && m.method_str() == "initialize");
+    // 6a. session
+    let session = match &head.h.session_id {
+        Some(_) if is_initialize => None,
+        Some(sid) => Some(
+            w.shared
+                .sessions
+                .decode(binding, sid)
+                .ok_or_else(|| fail(GatewayError::UnknownSession))?,
+        ),
+        None => None,
+    };
+    // 7. authorize and 8. rate-limit: no policy in this build.
+    // 9. forward
+    match &cfg.upstream.transport {
+        Transport::Http(up) => {
+            let upstream_sid = session
+                .as_deref()
+                .map(|s| String::from_utf8_lossy(s).into_owned());
+            let resp = forward_http(
+                w,
+                cfg,
+                up,
+                head,
+                "POST",
+                raw,
+                upstream_sid.as_deref(),
+                request_id,
+            )
+            .await
+            .map_err(fail)?;
+            Ok(relay(w, resp, binding, method))
+        }
+        Transport::Stdio(_) => {
+            let hub = w.shared.hub.as_ref().ok_or_else(|| {
+                fail(GatewayError::UpstreamUnavailable(
+                    "stdio hub not running".into(),
+                ))
+            })?;
+            let key = match session {
+                None if is_initialize => None,
+                None => return Err(fail(GatewayError::MissingSession)),
+                Some(p) => Some(session_key(&p).ok_or_else(|| fail(GatewayError::UnknownSession))?),
+            };
+            stdio_post(w, cfg, hub, &body, raw, key, binding, method)
+                .await
+                .map_err(fail)
+        }
+    }
+}
+
+fn session_key(payload: &[u8]) -> Option<SessionKey> {
+    payload.try_into().ok()
+}
+
+async fn stdio_post(
+    w: &Worker,
+    cfg: &Settings,
+    hub: &StdioHub,
+    body: &Body,
+    raw: &[u8],
+    key: Option<SessionKey>,
+    binding: &str,
+    method: usize,
+) -> Result<Reply, GatewayError> {
+    let timeout = cfg.upstream.timeout;
+    match body {
+        Body::Single(m) => {
+            let (bytes, new_session) = stdio_one(hub, m, raw.to_vec(), key, timeout).await?;
+            let Some(bytes) = bytes else {
+                return Ok(Reply::new(202, ReplyBody::Empty, method));
+            };
+            let mut r = Reply::json(200, bytes, method);
+            if let Some(k) = new_session {
+                r.headers
+                    .push(("mcp-session-id", w.shared.sessions.encode(binding, &k)));
+            }
+            Ok(r)
+        }
+        Body::Batch(messages) => {
+            let key = key.ok_or(GatewayError::MissingSession)?;
+            // Each element is re-serialised on its own; the batch's bytes are split, not edited.
+            let parts: Vec<serde_json::Value> =
+                serde_json::from_slice(raw).map_err(|e| GatewayError::Parse(e.to_string()))?;
+            let mut out = Vec::new();
+            for (m, part) in messages.iter().zip(parts) {
+                let (bytes, _) =
+                    stdio_one(hub, m, part.to_string().into_bytes(), Some(key), timeout).await?;
+                if let Some(b) = bytes {
+                    out.push(b);
+                }
+            }
+            if out.is_empty() {
+                return Ok(Reply::new(202, ReplyBody::Empty, method));
+            }
+            let mut joined = Vec::from(&b"["[..]);
+            for (i, b) in out.iter().enumerate() {
+                if i > 0 {
+                    joined.push(b',');
+                }
+                joined.extend_from_slice(b);
+            }
+            joined.push(b']');
+            Ok(Reply::json(200, joined, method))
+        }
+    }
+}
+
+/// One message through the hub: a request waits for its response, anything else is accepted.
+async fn stdio_one(
+    hub: &StdioHub,
+    m: &Message,
+    bytes: Vec<u8>,
+    key: Option<SessionKey>,
+    timeout: std::time::Duration,
+) -> Result<(Option<Vec<u8>>, Option<SessionKey>), GatewayError> {
+    if m.kind == Kind::Request {
+        let (hub_id, rx) = hub.call(key, bytes)?;
+        match monoio::time::timeout(timeout, rx.recv()).await {
+            Err(_) => {
+                hub.cancel(hub_id);
+                Err(GatewayError::UpstreamTimeout)
+            }
+            Ok(Err(_)) => Err(GatewayError::ShuttingDown),
+            Ok(Ok(HubReply::Response(b, s))) => Ok((Some(b), s)),
+            Ok(Ok(HubReply::Error(e))) => Err(e),
+            Ok(Ok(_)) => Err(GatewayError::UpstreamUnavailable(
+                "unexpected hub reply".into(),
+            )),
+        }
+    } else {
+        let key = key.ok_or(GatewayError::MissingSession)?;
+        let rx = hub.send(key, bytes)?;
+        match rx.recv().await {
+            Ok(HubReply::Accepted) => Ok((None, None)),
+            Ok(HubReply::Error(e)) => Err(e),
+            _ => Err(GatewayError::ShuttingDown),
+        }
+    }
+}
+
+async fn stream(
+    w: &Worker,
+    cfg: &Rc<Arc<Settings>>,
+    head: &RequestHead,
+    binding: &str,
+    request_id: &str,
+) -> Result<Reply, Early> {
+    transport::check_stream_accept(head).map_err(|e| early(e, M_STREAM))?;
+    let payload = match &head.h.session_id {
+        Some(sid) => Some(
+            w.shared
+                .sessions
+                .decode(binding, sid)
+                .ok_or_else(|| early(GatewayError::UnknownSession, M_STREAM))?,
+        ),
+        None => None,
+    };
+    match &cfg.upstream.transport {
+        Transport::Http(up) => {
+            let sid = payload.map(|p| String::from_utf8_lossy(&p).into_owned());
+            let resp = forward_http(w, cfg, up, head, "GET", b"", sid.as_deref(), request_id)
+                .await
+                .map_err(|e| early(e, M_STREAM))?;
+            Ok(relay(w, resp, binding, M_STREAM))
+        }
+        Transport::Stdio(_) => {
+            let hub = w.shared.hub.as_ref().ok_or_else(|| {
+                early(
+                    GatewayError::UpstreamUnavailable("stdio hub not running".into()),
+                    M_STREAM,
+                )
+            })?;
+            let key = payload
+                .ok_or_else(|| early(GatewayError::MissingSession, M_STREAM))
+                .and_then(|p| {
+                    session_key(&p).ok_or_else(|| early(GatewayError::UnknownSession, M_STREAM))
+                })?;
+            let rx = hub.open_stream(key).map_err(|e| early(e, M_STREAM))?;
+            match rx.recv().await {
+                Ok(HubReply::Stream(events)) => {
+                    let mut r = Reply::new(200, ReplyBody::Events(events), M_STREAM);
+                    r.headers.push(("content-type", "text/event-stream".into()));
+                    r.headers.push(("cache-control", "no-cache".into()));
+                    Ok(r)
+                }
+                Ok(HubReply::Error(e)) => Err(early(e, M_STREAM)),
+                _ => Err(early(GatewayError::ShuttingDown, M_STREAM)),
+            }
+        }
+    }
+}
+
+async fn delete(
+    w: &Worker,
+    cfg: &Rc<Arc<Settings>>,
+    head: &RequestHead,
+    binding: &str,
+    request_id: &str,
+) -> Result<Reply, Early> {
+    let sid = head
+        .h
+        .session_id
+        .as_ref()
+        .ok_or_else(|| early(GatewayError::MissingSession, M_DELETE))?;
+    let payload = w
+        .shared
+        .sessions
+        .decode(binding, sid)
+        .ok_or_else(|| early(GatewayError::UnknownSession, M_DELETE))?;
+    match &cfg.upstream.transport {
+        Transport::Http(up) => {
+            let sid = String::from_utf8_lossy(&payload).into_owned();
+            let resp = forward_http(w, cfg, up, head, "DELETE", b"", Some(&sid), request_id)
+                .await
+                .map_err(|e| early(e, M_DELETE))?;
+            Ok(relay(w, resp, binding, M_DELETE))
+        }
+        Transport::Stdio(_) => {
+            let hub = w.shared.hub.as_ref().ok_or_else(|| {
+                early(
+                    GatewayError::UpstreamUnavailable("stdio hub not running".into()),
+                    M_DELETE,
+                )
+            })?;
+            let key = session_key(&payload)
+                .ok_or_else(|| early(GatewayError::UnknownSession, M_DELETE))?;
+            let rx = hub.delete(key).map_err(|e| early(e, M_DELETE))?;
+            match rx.recv().await {
+                Ok(HubReply::Deleted) => Ok(Reply::new(204, ReplyBody::Empty, M_DELETE)),
+                Ok(HubReply::Error(e)) => Err(early(e, M_DELETE)),
+                _ => Err(early(GatewayError::ShuttingDown, M_DELETE)),
+            }
+        }
+    }
+}
+
+/// 9. Forward to an HTTP upstream: only the headers the transport needs, the upstream's own
+/// credentials from config, and never the client's `Authorization`.
+#[allow(clippy::too_many_arguments)]
+async fn forward_http(
+    w: &Worker,
+    cfg: &Settings,
+    up: &HttpUpstream,
+    head: &RequestHead,
+    method: &str,
+    body: &[u8],
+    upstream_session: Option<&str>,
+    request_id: &str,
+) -> Result<UpstreamResponse, GatewayError> {
+    let h = &head.h;
+    let mut headers: Vec<(&str, &str)> = Vec::with_capacity(12 + up.headers.len());
+    if method == "POST" {
+        headers.push(("content-type", "application/json"));
+        headers.push((
+            "accept",
+            h.accept
+                .as_deref()
+                .unwrap_or("application/json, text/event-stream"),
+        ));
+    } else if method == "GET" {
+        headers.push(("accept", "text/event-stream"));
+    }
+    if let Some(s) = upstream_session {
+        headers.push(("mcp-session-id", s));
+    }
+    for (name, v) in [
+        ("mcp-protocol-version", &h.protocol_version),
+        ("mcp-method", &h.mcp_method),
+        ("mcp-name", &h.mcp_name),
+        ("last-event-id", &h.last_event_id),
+        ("traceparent", &h.traceparent),
+        ("tracestate", &h.tracestate),
+        ("user-agent", &h.user_agent),
+    ] {
+        if let Some(v) = v {
+            headers.push((name, v));
+        }
+    }
+    headers.push(("x-request-id", request_id));
+    for (n, v) in &up.headers {
+        headers.push((n, v));
+    }
+    let target = match head.target.split_once('?') {
+        Some((_, q)) if !up.path.contains('?') => format!("{}?{}", up.path, q),
+        _ => up.path.clone(),
+    };
+    let request = client::build_request(method, &target, &up.host_header, &headers, body);
+    match monoio::time::timeout(
+        cfg.upstream.timeout,
+        client::send(&w.pool, &up.addrs, request),
+    )
+    .await
+    {
+        Ok(Ok(r)) => Ok(r),
+        Ok(Err(e)) => {
+            w.metrics
+                .upstream_errors
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(target: "mcp_guard::upstream", "upstream {} failed: {e}", up.url);
+            Err(GatewayError::UpstreamUnavailable(e.to_string()))
+        }
+        Err(_) => {
+            w.metrics
+                .upstream_errors
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Err(GatewayError::UpstreamTimeout)
+        }
+    }
+}
+
+/// 10. Relay: status, content type and session id (wrapped) go back; the body streams.
+fn relay(w: &Worker, resp: UpstreamResponse, binding: &str, method: usize) -> Reply {
+    let mut r = Reply::new(resp.status, ReplyBody::Empty, method);
+    if let Some(ct) = &resp.content_type {
+        r.headers.push(("content-type", ct.clone()));
+        if ct.starts_with("text/event-stream") {
+            r.headers.push(("cache-control", "no-cache".into()));
+        }
+    }
+    if let Some(sid) = &resp.session_id {
+        r.headers.push((
+            "mcp-session-id",
+            w.shared.sessions.encode(binding, sid.as_bytes()),
+        ));
+    }
+    r.body = ReplyBody::Upstream(resp);
+    r
+}

@@ -1,0 +1,139 @@
+//! The control loop on the main thread: signals (SIGHUP reload, SIGTERM/SIGINT shutdown),
+//! config-file change detection, and upstream health checks. It may block (with timeouts); the
+//! workers never wait on it.
+
+use crate::config::{Settings, Transport};
+use crate::runtime::worker::Shared;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime};
+
+enum Event {
+    Reload,
+    Stop,
+}
+
+/// Runs until a shutdown signal arrives.
+pub fn run(path: &Path, shared: &Arc<Shared>) {
+    let (tx, rx) = mpsc::channel();
+    match signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM]) {
+        Ok(mut signals) => {
+            let _ = std::thread::Builder::new()
+                .name("signals".into())
+                .spawn(move || {
+                    for s in signals.forever() {
+                        let ev = if s == SIGHUP {
+                            Event::Reload
+                        } else {
+                            Event::Stop
+                        };
+                        if tx.send(ev).is_err() {
+                            return;
+                        }
+                    }
+                });
+        }
+        Err(e) => tracing::error!(target: "mcp_guard", "cannot install signal handlers: {e}"),
+    }
+    let mut last_seen = file_stamp(path);
+    let mut next_health = Instant::now();
+    check_health(shared);
+    loop {
+        match rx.recv_timeout(Duration::from_millis(500)) {
+            Ok(Event::Stop) => return,
+            Ok(Event::Reload) => {
+                last_seen = file_stamp(path);
+                reload(path, shared);
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+        let stamp = file_stamp(path);
+        if stamp != last_seen {
+            last_seen = stamp;
+            reload(path, shared);
+        }
+        if Instant::now() >= next_health {
+            check_health(shared);
+            next_health = Instant::now() + Duration::from_secs(2);
+        }
+    }
+}
+
+fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+/// Loads, validates and swaps in a new snapshot; on any error the old one keeps serving.
+pub fn reload(path: &Path, shared: &Shared) {
+    let metrics = &shared.metrics.global;
+    let new = match Settings::load(path) {
+        Ok(s) => s,
+        Err(e) => {
+            metrics.reloads_failed.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(target: "mcp_guard::config", "reload refused, keeping the running configuration: {e}");
+            return;
+        }
+    };
+    let old = shared.config.load();
+    if let Some(field) = restart_only_change(&old, &new) {
+        metrics.reloads_failed.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            target: "mcp_guard::config",
+            "reload refused, keeping the running configuration: {field} changed, which needs a restart"
+        );
+        return;
+    }
+    shared.config.store(Arc::new(new));
+    metrics.reloads_ok.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(target: "mcp_guard::config", "configuration reloaded from {}", path.display());
+}
+
+/// The first setting that differs and cannot change without a restart.
+fn restart_only_change(old: &Settings, new: &Settings) -> Option<&'static str> {
+    if old.server.listen != new.server.listen {
+        return Some("server.host/port");
+    }
+    if old.server.workers != new.server.workers {
+        return Some("server.workers");
+    }
+    if old.server.io != new.server.io {
+        return Some("server.io");
+    }
+    if old.admin != new.admin {
+        return Some("admin");
+    }
+    match (&old.upstream.transport, &new.upstream.transport) {
+        (Transport::Stdio(a), Transport::Stdio(b)) if a != b => {
+            Some("upstream command/args/env/cwd")
+        }
+        (Transport::Stdio(_), Transport::Http(_)) | (Transport::Http(_), Transport::Stdio(_)) => {
+            Some("upstream.transport")
+        }
+        _ => None,
+    }
+}
+
+fn check_health(shared: &Shared) {
+    let cfg = shared.config.load();
+    if let Transport::Http(up) = &cfg.upstream.transport {
+        let ok = up
+            .addrs
+            .iter()
+            .any(|a| std::net::TcpStream::connect_timeout(a, Duration::from_secs(1)).is_ok());
+        let was = shared.upstream_ready.swap(ok, Ordering::Relaxed);
+        if was != ok {
+            if ok {
+                tracing::info!(target: "mcp_guard::upstream", "upstream {} reachable", up.url);
+            } else {
+                tracing::warn!(target: "mcp_guard::upstream", "upstream {} unreachable", up.url);
+            }
+        }
+    }
+}

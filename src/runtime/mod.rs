@@ -1,0 +1,174 @@
+//! Process bootstrap and lifecycle: bind listeners, start the workers (one monoio runtime per
+//! thread), the admin thread and the stdio hub; then run the control loop (signals, config
+//! reload, upstream health) on the main thread until shutdown.
+
+pub mod control;
+pub mod shutdown;
+pub mod worker;
+
+use crate::config::{IoMode, Settings, Transport};
+use crate::mcp::session::SessionCodec;
+use crate::observe::metrics::Metrics;
+use crate::upstream::stdio::StdioHub;
+use arc_swap::ArcSwap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
+use worker::{Shared, Worker};
+
+/// The io driver chosen for this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Driver {
+    /// io_uring.
+    IoUring,
+    /// epoll (monoio's legacy driver).
+    Epoll,
+}
+
+impl Driver {
+    /// The name shown in logs and /health.
+    pub fn name(self) -> &'static str {
+        match self {
+            Driver::IoUring => "io_uring",
+            Driver::Epoll => "epoll",
+        }
+    }
+}
+
+/// Picks the driver: io_uring when asked or allowed by the kernel, else epoll.
+pub fn choose_driver(mode: IoMode) -> Result<Driver, String> {
+    let uring = monoio::utils::detect_uring();
+    match mode {
+        IoMode::Epoll => Ok(Driver::Epoll),
+        IoMode::IoUring if uring => Ok(Driver::IoUring),
+        IoMode::IoUring => Err(
+            "server.io = \"io_uring\" but the kernel refuses io_uring (disabled, or blocked by \
+             seccomp); use \"auto\" or \"epoll\""
+                .into(),
+        ),
+        IoMode::Auto if uring => Ok(Driver::IoUring),
+        IoMode::Auto => Ok(Driver::Epoll),
+    }
+}
+
+/// Binds one SO_REUSEPORT listener per worker on the same address (a requested port 0 is
+/// resolved by the first bind, and the rest join that port).
+pub fn bind_listeners(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let mut out = Vec::with_capacity(n);
+    let mut addr = addr;
+    for _ in 0..n {
+        let sock = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        sock.set_reuse_address(true)?;
+        sock.set_reuse_port(true)?;
+        sock.set_nonblocking(true)?;
+        sock.bind(&addr.into())?;
+        sock.listen(4096)?;
+        let l: std::net::TcpListener = sock.into();
+        if addr.port() == 0 {
+            addr = l.local_addr()?;
+        }
+        out.push(l);
+    }
+    Ok(out)
+}
+
+/// Runs the gateway with the config at `path` until SIGTERM/SIGINT. Returns an error message
+/// for a startup failure.
+pub fn run(path: PathBuf) -> Result<(), String> {
+    let settings = Settings::load(&path).map_err(|e| e.to_string())?;
+    let driver = choose_driver(settings.server.io)?;
+    let workers = settings.server.workers;
+    let metrics = Metrics::new(workers);
+    let listeners = bind_listeners(settings.server.listen, workers)
+        .map_err(|e| format!("cannot listen on {}: {e}", settings.server.listen))?;
+    let bound = listeners[0].local_addr().map_err(|e| e.to_string())?;
+    let admin_listener = match settings.admin {
+        Some(addr) => Some(
+            std::net::TcpListener::bind(addr)
+                .map_err(|e| format!("cannot listen on admin address {addr}: {e}"))?,
+        ),
+        None => None,
+    };
+    let hub = match &settings.upstream.transport {
+        Transport::Stdio(s) => Some(StdioHub::start(s.clone(), metrics.clone())),
+        Transport::Http(_) => None,
+    };
+    let (shutdown_tx, shutdown_rx) = async_channel::bounded::<()>(1);
+    let shared = Arc::new(Shared {
+        config: Arc::new(ArcSwap::from_pointee(settings.clone())),
+        metrics: metrics.clone(),
+        hub: hub.clone(),
+        sessions: SessionCodec::random(),
+        connections: AtomicUsize::new(0),
+        io_driver: driver.name(),
+        upstream_ready: AtomicBool::new(false),
+        shutdown_rx,
+        workers,
+    });
+    let mut threads = Vec::with_capacity(workers);
+    for (id, listener) in listeners.into_iter().enumerate() {
+        let shared = shared.clone();
+        let t = std::thread::Builder::new()
+            .name(format!("worker-{id}"))
+            .spawn(move || run_worker(id, shared, listener, driver))
+            .map_err(|e| format!("cannot start worker thread: {e}"))?;
+        threads.push(t);
+    }
+    tracing::info!(
+        target: "mcp_guard",
+        "mcp-guard {} listening on http://{bound} ({workers} workers, {} driver)",
+        env!("CARGO_PKG_VERSION"),
+        driver.name()
+    );
+    if let Some(l) = admin_listener {
+        let addr = l.local_addr().map_err(|e| e.to_string())?;
+        tracing::info!(target: "mcp_guard", "admin listening on http://{addr}");
+        crate::admin::spawn(l, shared.clone());
+    }
+    control::run(&path, &shared);
+    tracing::info!(target: "mcp_guard", "shutting down: no longer accepting connections");
+    drop(shutdown_tx);
+    for t in threads {
+        let _ = t.join();
+    }
+    if let Some(h) = hub {
+        h.shutdown();
+    }
+    tracing::info!(target: "mcp_guard", "shutdown complete");
+    Ok(())
+}
+
+fn run_worker(id: usize, shared: Arc<Shared>, listener: std::net::TcpListener, driver: Driver) {
+    let result = match driver {
+        Driver::IoUring => monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .with_entries(4096)
+            .enable_timer()
+            .build()
+            .map(|mut rt| rt.block_on(worker_main(id, shared, listener))),
+        Driver::Epoll => monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .map(|mut rt| rt.block_on(worker_main(id, shared, listener))),
+    };
+    if let Err(e) = result {
+        tracing::error!(target: "mcp_guard::runtime", "worker {id} could not start its runtime: {e}");
+        std::process::exit(1);
+    }
+}
+
+async fn worker_main(id: usize, shared: Arc<Shared>, listener: std::net::TcpListener) {
+    let listener = match monoio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(target: "mcp_guard::runtime", "worker {id}: listener setup failed: {e}");
+            std::process::exit(1);
+        }
+    };
+    let w = Worker::new(id, shared);
+    worker::run(w, listener).await;
+}

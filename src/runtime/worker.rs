@@ -1,0 +1,222 @@
+//! One data-plane worker: a monoio runtime on its own thread with its own SO_REUSEPORT
+//! listener, connections, upstream pool, classifier buffers and metric shard. Nothing here is
+//! shared with another worker except through [`Shared`] (immutable snapshot, atomics, channels).
+
+use crate::config::Settings;
+use crate::http::client::Pool;
+use crate::mcp::jsonrpc::Classifier;
+use crate::mcp::session::{SessionCodec, random_bytes};
+use crate::observe::metrics::{Metrics, WorkerMetrics, new_histogram};
+use crate::runtime::shutdown::LocalShutdown;
+use crate::upstream::stdio::StdioHub;
+use arc_swap::{ArcSwap, Cache};
+use hdrhistogram::Histogram;
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// Process-wide state every worker can see.
+pub struct Shared {
+    /// The current configuration snapshot.
+    pub config: Arc<ArcSwap<Settings>>,
+    /// All metric shards.
+    pub metrics: Arc<Metrics>,
+    /// The stdio hub, when the upstream is stdio.
+    pub hub: Option<Arc<StdioHub>>,
+    /// Session-id MAC key.
+    pub sessions: SessionCodec,
+    /// Open client connections across workers (for `max_connections`).
+    pub connections: AtomicUsize,
+    /// "io_uring" or "epoll".
+    pub io_driver: &'static str,
+    /// HTTP upstream reachable (maintained by the control thread).
+    pub upstream_ready: AtomicBool,
+    /// Closed when shutdown begins; workers await it next to `accept`.
+    pub shutdown_rx: async_channel::Receiver<()>,
+    /// Number of workers.
+    pub workers: usize,
+}
+
+impl Shared {
+    /// Ready: the upstream is reachable (stdio: its process is running).
+    pub fn is_ready(&self) -> bool {
+        match &self.hub {
+            Some(h) => h.is_alive(),
+            None => self.upstream_ready.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The /health document.
+    pub fn health_json(&self) -> String {
+        serde_json::json!({
+            "status": "ok",
+            "version": env!("CARGO_PKG_VERSION"),
+            "uptime_secs": self.metrics.started.elapsed().as_secs(),
+            "workers": self.workers,
+            "io_driver": self.io_driver,
+            "upstream_ready": self.is_ready(),
+        })
+        .to_string()
+    }
+}
+
+struct ConfigView {
+    cache: Cache<Arc<ArcSwap<Settings>>, Arc<Settings>>,
+    local: Rc<Arc<Settings>>,
+}
+
+/// A worker's own state.
+pub struct Worker {
+    /// Worker index.
+    pub id: usize,
+    /// Process-wide state.
+    pub shared: Arc<Shared>,
+    config: RefCell<ConfigView>,
+    /// This worker's metric shard.
+    pub metrics: Arc<WorkerMetrics>,
+    /// JSON-RPC classifier with reusable buffers.
+    pub classifier: RefCell<Classifier>,
+    /// Upstream connection pool.
+    pub pool: Pool,
+    latency: RefCell<Histogram<u64>>,
+    latency_dirty: Cell<bool>,
+    /// Fires when this worker starts draining.
+    pub shutdown: Rc<LocalShutdown>,
+    /// Connections being served by this worker.
+    pub active: Cell<usize>,
+    request_seq: Cell<u64>,
+    request_prefix: u64,
+}
+
+impl Worker {
+    /// A worker's state (built on its own thread).
+    pub fn new(id: usize, shared: Arc<Shared>) -> Rc<Self> {
+        let cache = Cache::new(shared.config.clone());
+        let local = Rc::new(shared.config.load_full());
+        Rc::new(Self {
+            id,
+            metrics: shared.metrics.workers[id].clone(),
+            shared,
+            config: RefCell::new(ConfigView { cache, local }),
+            classifier: RefCell::new(Classifier::new()),
+            pool: Pool::default(),
+            latency: RefCell::new(new_histogram()),
+            latency_dirty: Cell::new(false),
+            shutdown: LocalShutdown::new(),
+            active: Cell::new(0),
+            request_seq: Cell::new(0),
+            request_prefix: u64::from_be_bytes(random_bytes::<8>()) & 0xffff_ffff,
+        })
+    }
+
+    /// The current configuration. A reload is noticed through the `arc_swap::Cache` (no shared
+    /// refcount traffic when nothing changed) and handed out as a worker-local `Rc`.
+    pub fn settings(&self) -> Rc<Arc<Settings>> {
+        let mut view = self.config.borrow_mut();
+        let ConfigView { cache, local } = &mut *view;
+        let current = cache.load();
+        if !Arc::ptr_eq(current, local) {
+            *local = Rc::new(current.clone());
+        }
+        local.clone()
+    }
+
+    /// A request id unique in this process: worker-random prefix and a counter.
+    pub fn next_request_id(&self) -> String {
+        let n = self.request_seq.get() + 1;
+        self.request_seq.set(n);
+        format!("{:08x}-{:02x}-{:010x}", self.request_prefix, self.id, n)
+    }
+
+    /// Counts a finished request; `latency` is `None` for streams.
+    pub fn record(&self, method: usize, status: u16, latency: Option<Duration>) {
+        self.metrics.count_request(method, status);
+        if let Some(l) = latency {
+            let us = (l.as_micros() as u64).clamp(1, 60_000_000);
+            let _ = self.latency.borrow_mut().record(us);
+            self.latency_dirty.set(true);
+        }
+    }
+
+    /// Publishes the latency histogram if it changed (called by a timer task).
+    pub fn publish_metrics(&self) {
+        if self.latency_dirty.replace(false) {
+            self.metrics.publish_latency(&self.latency.borrow());
+        }
+    }
+}
+
+/// Runs the accept loop of one worker until shutdown, then drains its connections.
+pub async fn run(w: Rc<Worker>, listener: monoio::net::TcpListener) {
+    let publisher = w.clone();
+    monoio::spawn(async move {
+        loop {
+            monoio::time::sleep(Duration::from_millis(250)).await;
+            publisher.publish_metrics();
+        }
+    });
+    let shutdown_rx = w.shared.shutdown_rx.clone();
+    loop {
+        let accepted = monoio::select! {
+            r = listener.accept() => Some(r),
+            _ = shutdown_rx.recv() => None,
+        };
+        let Some(accepted) = accepted else { break };
+        let (stream, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(target: "mcp_guard::runtime", "accept failed: {e}");
+                monoio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let max = w.settings().server.max_connections;
+        if w.shared.connections.fetch_add(1, Ordering::Relaxed) >= max {
+            w.shared.connections.fetch_sub(1, Ordering::Relaxed);
+            w.metrics
+                .connections_refused
+                .fetch_add(1, Ordering::Relaxed);
+            monoio::spawn(refuse(stream));
+            continue;
+        }
+        let _ = stream.set_nodelay(true);
+        w.metrics.connections_total.fetch_add(1, Ordering::Relaxed);
+        w.metrics.active_connections.fetch_add(1, Ordering::Relaxed);
+        w.active.set(w.active.get() + 1);
+        let wc = w.clone();
+        monoio::spawn(async move {
+            crate::http::server::serve(wc.clone(), stream, peer).await;
+            wc.active.set(wc.active.get() - 1);
+            wc.metrics
+                .active_connections
+                .fetch_sub(1, Ordering::Relaxed);
+            wc.shared.connections.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+    drop(listener);
+    w.shutdown.fire();
+    let grace = w.settings().server.shutdown_grace;
+    let deadline = Instant::now() + grace;
+    while w.active.get() > 0 && Instant::now() < deadline {
+        monoio::time::sleep(Duration::from_millis(20)).await;
+    }
+    w.publish_metrics();
+    if w.active.get() > 0 {
+        tracing::warn!(
+            target: "mcp_guard::runtime",
+            "worker {}: {} connection(s) still open after the {:?} grace period; closing them",
+            w.id,
+            w.active.get(),
+            grace
+        );
+    }
+}
+
+async fn refuse(mut stream: monoio::net::TcpStream) {
+    let body =
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+    let _ = crate::http::io::write_all(&mut stream, body.to_vec()).await;
+}
