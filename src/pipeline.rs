@@ -2,19 +2,23 @@
 //! answers it; an early answer is a [`GatewayError`] turned into a response in `error.rs`.
 //!
 //! Order, and why:
-//! 1. accept (connection cap) and 3. head parse with limits happen in `http::server` before any
-//!    byte reaches here: nothing is interpreted from a request whose framing is in doubt.
-//! 4. route by path: health probes answer without authentication (orchestrators must reach them).
-//! 4a. Origin check before authentication: a DNS-rebinding page must learn nothing, not even
-//!    whether its credentials would have worked.
-//! 5. authenticate (later issues: API keys, JWT, OAuth, mTLS) before reading meaning from the
-//!    body, so an anonymous caller cannot make us parse arbitrary JSON-RPC.
-//! 5a. transport rules (protocol version, Accept, Content-Type) before the body is classified.
-//! 6. classify the JSON-RPC body once; everything after reads the classification, never the JSON.
-//! 6a. session check after classification: only `initialize` may arrive without a session.
-//! 7. authorize, then 8. rate-limit (later issues): a denied call must not spend quota.
-//! 9. forward, 10. relay (streamed), 11. metrics (and audit) always, also after an early exit:
-//!    the connection loop records them from the [`Reply`] once it has been written.
+//!
+//! - 1 accept (connection cap) and 3 head parse with limits happen in `http::server` before
+//!   any byte reaches here: nothing is interpreted from a request whose framing is in doubt.
+//! - 4 route by path: health probes answer without authentication (orchestrators must reach
+//!   them).
+//! - 4a Origin check before authentication: a DNS-rebinding page must learn nothing, not even
+//!   whether its credentials would have worked.
+//! - 5 authenticate (API keys, JWT, OAuth, mTLS in later issues) before reading meaning from
+//!   the body, so an anonymous caller cannot make us parse arbitrary JSON-RPC.
+//! - 5a transport rules (protocol version, Accept, Content-Type) before the body is
+//!   classified.
+//! - 6 classify the JSON-RPC body once; everything after reads the classification, never the
+//!   JSON.
+//! - 6a session check after classification: only `initialize` may arrive without a session.
+//! - 7 authorize, then 8 rate-limit (later issues): a denied call must not spend quota.
+//! - 9 forward, 10 relay (streamed), 11 metrics (and audit) always, also after an early exit:
+//!   the connection loop records them from the [`Reply`] once it has been written.
 
 use crate::config::{HttpUpstream, Settings, Transport};
 use crate::error::GatewayError;
@@ -26,8 +30,6 @@ use crate::observe::metrics::{self, M_BATCH, M_DELETE, M_NONE, M_RESPONSE, M_STR
 use crate::runtime::worker::Worker;
 use crate::upstream::stdio::{HubReply, SessionKey, StdioHub};
 use std::net::SocketAddr;
-use std::rc::Rc;
-use std::sync::Arc;
 
 /// What the connection loop writes back.
 pub struct Reply {
@@ -46,6 +48,8 @@ pub struct Reply {
 }
 
 /// Reply bodies.
+// An upstream response is moved once per request; boxing it would cost an allocation each time.
+#[allow(clippy::large_enum_variant)]
 pub enum ReplyBody {
     /// No body.
     Empty,
@@ -91,7 +95,7 @@ impl Reply {
 /// Handles one parsed request with its complete body.
 pub async fn handle(
     w: &Worker,
-    cfg: &Rc<Arc<Settings>>,
+    cfg: &Settings,
     head: &RequestHead,
     body: &[u8],
     peer: SocketAddr,
@@ -137,7 +141,7 @@ fn early(e: GatewayError, method: usize) -> Early {
 
 async fn mcp(
     w: &Worker,
-    cfg: &Rc<Arc<Settings>>,
+    cfg: &Settings,
     head: &RequestHead,
     body: &[u8],
     request_id: &str,
@@ -169,7 +173,7 @@ fn label(body: &Body) -> usize {
 
 async fn post(
     w: &Worker,
-    cfg: &Rc<Arc<Settings>>,
+    cfg: &Settings,
     head: &RequestHead,
     raw: &[u8],
     binding: &str,
@@ -258,6 +262,7 @@ fn session_key(payload: &[u8]) -> Option<SessionKey> {
     payload.try_into().ok()
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn stdio_post(
     w: &Worker,
     cfg: &Settings,
@@ -346,7 +351,7 @@ async fn stdio_one(
 
 async fn stream(
     w: &Worker,
-    cfg: &Rc<Arc<Settings>>,
+    cfg: &Settings,
     head: &RequestHead,
     binding: &str,
     request_id: &str,
@@ -398,7 +403,7 @@ async fn stream(
 
 async fn delete(
     w: &Worker,
-    cfg: &Rc<Arc<Settings>>,
+    cfg: &Settings,
     head: &RequestHead,
     binding: &str,
     request_id: &str,
@@ -440,7 +445,7 @@ async fn delete(
     }
 }
 
-/// 9. Forward to an HTTP upstream: only the headers the transport needs, the upstream's own
+/// Phase 9 for an HTTP upstream: only the headers the transport needs, the upstream's own
 /// credentials from config, and never the client's `Authorization`.
 #[allow(clippy::too_many_arguments)]
 async fn forward_http(

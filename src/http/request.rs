@@ -111,6 +111,8 @@ pub enum HeadError {
 }
 
 /// Outcome of trying to parse a head from the bytes read so far.
+// Returned once per request and moved straight out: boxing the head would add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum HeadParse {
     /// A whole head was parsed.

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 /// How often an idle SSE stream gets a comment line, so intermediaries keep it open.
 const SSE_KEEPALIVE: Duration = Duration::from_secs(15);
 
+#[allow(clippy::large_enum_variant)] // see `HeadParse`
 enum HeadOutcome {
     Head(RequestHead),
     Closed,

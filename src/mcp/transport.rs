@@ -18,7 +18,7 @@ pub fn check_origin(head: &RequestHead, allowed: &[String]) -> Result<(), Gatewa
         return Ok(());
     };
     let o = origin.trim_end_matches('/').to_ascii_lowercase();
-    if allowed.iter().any(|a| *a == o) {
+    if allowed.contains(&o) {
         Ok(())
     } else {
         Err(GatewayError::OriginForbidden)

@@ -62,6 +62,9 @@ impl Shared {
     }
 }
 
+// The `Rc` around the `Arc` is the point: requests clone a worker-local, non-atomic count
+// instead of the snapshot's shared atomic one.
+#[allow(clippy::redundant_allocation)]
 struct ConfigView {
     cache: Cache<Arc<ArcSwap<Settings>>, Arc<Settings>>,
     local: Rc<Arc<Settings>>,
@@ -111,6 +114,7 @@ impl Worker {
         })
     }
 
+    #[allow(clippy::redundant_allocation)] // see `ConfigView`
     /// The current configuration. A reload is noticed through the `arc_swap::Cache` (no shared
     /// refcount traffic when nothing changed) and handed out as a worker-local `Rc`.
     pub fn settings(&self) -> Rc<Arc<Settings>> {

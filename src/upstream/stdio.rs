@@ -316,7 +316,7 @@ impl Router {
             }
             Command_::FromChild(generation, line) => {
                 if generation == self.generation {
-                    self.from_child(&line);
+                    self.route_child_message(&line);
                 }
             }
             Command_::ChildExited(generation) => {
@@ -401,7 +401,7 @@ impl Router {
         }
     }
 
-    fn from_child(&mut self, line: &[u8]) {
+    fn route_child_message(&mut self, line: &[u8]) {
         let Ok(mut msg) = serde_json::from_slice::<Value>(line) else {
             tracing::warn!(
                 target: "mcp_guard::upstream",

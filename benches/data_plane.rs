@@ -1,0 +1,39 @@
+//! Criterion benches of the data plane's per-request work: head parse, JSON-RPC classify,
+//! chunked decode, session-id check. Each reports time per operation.
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use mcp_guard::http::chunked::ChunkedDecoder;
+use mcp_guard::http::request::parse_head;
+use mcp_guard::mcp::jsonrpc::Classifier;
+use mcp_guard::mcp::session::SessionCodec;
+use std::hint::black_box;
+
+const HEAD: &[u8] = b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:3000\r\nUser-Agent: bench/1.0\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\nMcp-Session-Id: c2Vzc2lvbi1pZC0xMjM0NTY3ODkw.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\r\nMCP-Protocol-Version: 2025-11-25\r\nAuthorization: Bearer mcpg_abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG\r\nContent-Length: 112\r\n\r\n";
+const CALL: &[u8] = br#"{"jsonrpc":"2.0","id":42,"method":"tools/call","params":{"name":"read_file","arguments":{"path":"/etc/hosts","limit":100}}}"#;
+
+fn benches(c: &mut Criterion) {
+    c.bench_function("http_head_parse", |b| {
+        b.iter(|| parse_head(black_box(HEAD), 16384, 4 << 20).unwrap())
+    });
+    let mut classifier = Classifier::new();
+    c.bench_function("jsonrpc_classify_tools_call", |b| {
+        b.iter(|| classifier.classify(black_box(CALL)).unwrap())
+    });
+    let chunked = b"40\r\n0123456789012345678901234567890123456789012345678901234567890123\r\n40\r\n0123456789012345678901234567890123456789012345678901234567890123\r\n0\r\n\r\n";
+    c.bench_function("chunked_decode_128b", |b| {
+        let mut out = Vec::with_capacity(256);
+        b.iter(|| {
+            out.clear();
+            let mut d = ChunkedDecoder::new(1 << 20);
+            d.decode(black_box(chunked), &mut out).unwrap()
+        })
+    });
+    let codec = SessionCodec::from_key(b"bench key");
+    let sid = codec.encode("identity", b"upstream-session-0123456789abcdef");
+    c.bench_function("session_id_verify", |b| {
+        b.iter(|| codec.decode("identity", black_box(&sid)).unwrap())
+    });
+}
+
+criterion_group!(data_plane, benches);
+criterion_main!(data_plane);

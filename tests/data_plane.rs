@@ -1,0 +1,611 @@
+//! The data plane through the real binary: MCP over both upstream kinds, the transport rules,
+//! HTTP limits and smuggling defences, crash recovery, reload and shutdown, on both io drivers.
+
+mod common;
+
+use common::*;
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+macro_rules! on_both_drivers {
+    ($($name:ident),* $(,)?) => {
+        mod io_uring {
+            $( #[test] fn $name() { super::$name("io_uring") } )*
+        }
+        mod epoll {
+            $( #[test] fn $name() { super::$name("epoll") } )*
+        }
+    };
+}
+
+on_both_drivers!(
+    stdio_initialize_list_and_call,
+    http_upstream_json_initialize_list_and_call,
+    http_upstream_sse_responses_are_relayed_as_events,
+    stdio_get_stream_delivers_server_notifications,
+    http_get_stream_is_relayed,
+    sessions_missing_unknown_and_deleted,
+    protocol_version_header_is_validated,
+    origin_not_allowed_gets_403,
+    oversized_head_gets_431_and_body_413,
+    smuggling_shapes_get_400_and_close,
+    malformed_json_and_invalid_jsonrpc_are_refused,
+    stdio_child_crash_fails_request_then_recovers,
+    keep_alive_and_pipelining_serve_several_requests,
+);
+
+fn stdio_initialize_list_and_call(io: &str) {
+    let g = Gateway::start(&stdio_config(io, "", &[]));
+    let sid = initialize(g.addr);
+    let list = mcp_post(
+        g.addr,
+        r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#,
+        Some(&sid),
+    );
+    assert_eq!(list.status, 200);
+    let tools = list.json()["result"]["tools"].as_array().unwrap().clone();
+    assert!(tools.iter().any(|t| t["name"] == "echo"), "{tools:?}");
+    let r = mcp_post(
+        g.addr,
+        &call(3, "echo", r#"{"text":"hi there"}"#),
+        Some(&sid),
+    );
+    assert_eq!(r.status, 200);
+    let v = r.json();
+    assert_eq!(v["id"], 3, "original id restored");
+    assert_eq!(v["result"]["content"][0]["text"], "hi there");
+    // A string id survives the remapping too.
+    let r = mcp_post(
+        g.addr,
+        r#"{"jsonrpc":"2.0","id":"abc","method":"tools/call","params":{"name":"add","arguments":{"a":2,"b":3}}}"#,
+        Some(&sid),
+    );
+    assert_eq!(r.json()["id"], "abc");
+    assert_eq!(r.json()["result"]["content"][0]["text"], "5");
+}
+
+fn http_upstream_json_initialize_list_and_call(io: &str) {
+    let up = DemoHttp::start(&["--test-tools"]);
+    let g = Gateway::start(&http_config(
+        io,
+        &up.url(),
+        "",
+        "headers = { \"X-Upstream-Key\" = \"upstream-secret\" }",
+    ));
+    let sid = initialize(g.addr);
+    let list = mcp_post(
+        g.addr,
+        r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#,
+        Some(&sid),
+    );
+    assert_eq!(list.status, 200, "{}", list.text());
+    assert!(list.json()["result"]["tools"].as_array().unwrap().len() >= 3);
+    let r = mcp_post(
+        g.addr,
+        &call(3, "echo", r#"{"text":"via http"}"#),
+        Some(&sid),
+    );
+    assert_eq!(rpc_result(&r)["result"]["content"][0]["text"], "via http");
+    // The client's credentials never reach the upstream; the configured upstream header does.
+    let r = request(
+        g.addr,
+        &mcp_post_raw(
+            &call(4, "echo", r#"{"text":"x"}"#),
+            Some(&sid),
+            "Authorization: Bearer client-secret\r\nX-Api-Key: client-key\r\nCookie: c=1\r\n",
+        ),
+    );
+    assert_eq!(r.status, 200);
+    let r = mcp_post(g.addr, &call(5, "last_request_headers", "{}"), Some(&sid));
+    let text = rpc_result(&r)["result"]["content"][0]["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let seen: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert!(
+        seen.get("authorization").is_none(),
+        "Authorization leaked: {seen}"
+    );
+    assert!(seen.get("x-api-key").is_none(), "X-Api-Key leaked: {seen}");
+    assert!(seen.get("cookie").is_none(), "Cookie leaked: {seen}");
+    assert_eq!(seen["x-upstream-key"], "upstream-secret");
+    assert!(seen.get("x-request-id").is_some());
+    // The upstream saw its own session id, not the gateway's wrapped one.
+    assert_ne!(seen["mcp-session-id"].as_str(), Some(sid.as_str()));
+}
+
+fn http_upstream_sse_responses_are_relayed_as_events(io: &str) {
+    let up = DemoHttp::start(&["--sse-responses"]);
+    let g = Gateway::start(&http_config(io, &up.url(), "", ""));
+    let sid = initialize(g.addr);
+    let body = r#"{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"progress","arguments":{"steps":3},"_meta":{"progressToken":"p1"}}}"#;
+    let r = mcp_post(g.addr, body, Some(&sid));
+    assert_eq!(r.status, 200);
+    assert!(
+        r.header("content-type")
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let msgs = r.sse_messages();
+    let progress = msgs
+        .iter()
+        .filter(|m| m["method"] == "notifications/progress")
+        .count();
+    assert_eq!(progress, 3, "{msgs:?}");
+    assert_eq!(msgs.last().unwrap()["id"], 9);
+}
+
+fn stdio_get_stream_delivers_server_notifications(io: &str) {
+    let g = Gateway::start(&stdio_config(io, "", &[]));
+    let sid = initialize(g.addr);
+    let mut stream = connect(g.addr);
+    write!(
+        stream,
+        "GET /mcp HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\nMcp-Session-Id: {sid}\r\n\r\n"
+    )
+    .unwrap();
+    // Read the head, then trigger a server notification from another connection.
+    let head = read_until(&mut stream, b"\r\n\r\n");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.to_ascii_lowercase().contains("text/event-stream"));
+    let r = mcp_post(g.addr, &call(2, "notify", "{}"), Some(&sid));
+    assert_eq!(r.status, 200);
+    let events = read_until(&mut stream, b"list_changed");
+    assert!(
+        events.contains("notifications/tools/list_changed"),
+        "{events}"
+    );
+}
+
+fn http_get_stream_is_relayed(io: &str) {
+    let up = DemoHttp::start(&[]);
+    let g = Gateway::start(&http_config(io, &up.url(), "", ""));
+    let sid = initialize(g.addr);
+    let mut stream = connect(g.addr);
+    write!(
+        stream,
+        "GET /mcp HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\nMcp-Session-Id: {sid}\r\n\r\n"
+    )
+    .unwrap();
+    let got = read_until(&mut stream, b"stream opened");
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+}
+
+fn sessions_missing_unknown_and_deleted(io: &str) {
+    for http in [false, true] {
+        let up = DemoHttp::start(&[]);
+        let cfg = if http {
+            http_config(io, &up.url(), "", "")
+        } else {
+            stdio_config(io, "", &[])
+        };
+        let g = Gateway::start(&cfg);
+        let sid = initialize(g.addr);
+        let ping = r#"{"jsonrpc":"2.0","id":5,"method":"ping"}"#;
+        assert_eq!(mcp_post(g.addr, ping, Some(&sid)).status, 200);
+        let missing = mcp_post(g.addr, ping, None);
+        assert_eq!(missing.status, 400, "http={http}: {}", missing.text());
+        let forged = mcp_post(g.addr, ping, Some("Zm9yZ2Vk.AAAA"));
+        assert_eq!(forged.status, 404, "http={http}");
+        let mut tampered = sid.clone().into_bytes();
+        tampered[1] = if tampered[1] == b'A' { b'B' } else { b'A' };
+        let tampered = String::from_utf8(tampered).unwrap();
+        assert_eq!(
+            mcp_post(g.addr, ping, Some(&tampered)).status,
+            404,
+            "http={http}"
+        );
+        let del = request(
+            g.addr,
+            &format!("DELETE /mcp HTTP/1.1\r\nHost: t\r\nMcp-Session-Id: {sid}\r\n\r\n"),
+        );
+        assert_eq!(del.status, 204, "http={http}: {}", del.text());
+        assert_eq!(
+            mcp_post(g.addr, ping, Some(&sid)).status,
+            404,
+            "http={http}: deleted"
+        );
+    }
+}
+
+fn protocol_version_header_is_validated(io: &str) {
+    let g = Gateway::start(&stdio_config(io, "", &[]));
+    let sid = initialize(g.addr);
+    let ping = r#"{"jsonrpc":"2.0","id":5,"method":"ping"}"#;
+    for (version, status) in [
+        ("2025-11-25", 200),
+        ("2025-06-18", 200),
+        ("2025-03-26", 200),
+        ("1999-01-01", 400),
+    ] {
+        let r = request(
+            g.addr,
+            &mcp_post_raw(
+                ping,
+                Some(&sid),
+                &format!("MCP-Protocol-Version: {version}\r\n"),
+            ),
+        );
+        assert_eq!(r.status, status, "{version}: {}", r.text());
+    }
+    // Batches: accepted for 2025-03-26, refused for later revisions.
+    let batch =
+        r#"[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","id":2,"method":"ping"}]"#;
+    let r = request(
+        g.addr,
+        &mcp_post_raw(batch, Some(&sid), "MCP-Protocol-Version: 2025-03-26\r\n"),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let arr = r.json();
+    assert_eq!(arr.as_array().unwrap().len(), 2);
+    let r = request(
+        g.addr,
+        &mcp_post_raw(batch, Some(&sid), "MCP-Protocol-Version: 2025-11-25\r\n"),
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"]["code"], -32600);
+    // Mcp-Method must agree with the body.
+    let r = request(
+        g.addr,
+        &mcp_post_raw(ping, Some(&sid), "Mcp-Method: tools/list\r\n"),
+    );
+    assert_eq!(r.status, 400);
+    let r = request(
+        g.addr,
+        &mcp_post_raw(
+            &call(6, "echo", r#"{"text":"a"}"#),
+            Some(&sid),
+            "Mcp-Method: tools/call\r\nMcp-Name: add\r\n",
+        ),
+    );
+    assert_eq!(r.status, 400);
+}
+
+fn origin_not_allowed_gets_403(io: &str) {
+    let g = Gateway::start(&stdio_config(
+        io,
+        "allowed_origins = [\"https://app.example.com\"]",
+        &[],
+    ));
+    let r = request(
+        g.addr,
+        &mcp_post_raw(INIT, None, "Origin: https://evil.example.com\r\n"),
+    );
+    assert_eq!(r.status, 403);
+    let r = request(
+        g.addr,
+        &mcp_post_raw(INIT, None, "Origin: https://app.example.com\r\n"),
+    );
+    assert_eq!(r.status, 200);
+}
+
+fn oversized_head_gets_431_and_body_413(io: &str) {
+    let g = Gateway::start(&stdio_config(
+        io,
+        "max_header_bytes = 1024\nmax_body_bytes = 2048",
+        &[],
+    ));
+    let big_header = format!("X-Filler: {}\r\n", "a".repeat(4000));
+    let r = request(g.addr, &mcp_post_raw(INIT, None, &big_header));
+    assert_eq!(r.status, 431);
+    let big_body = format!(
+        r#"{{"jsonrpc":"2.0","id":1,"method":"ping","params":{{"x":"{}"}}}}"#,
+        "b".repeat(4000)
+    );
+    let r = mcp_post(g.addr, &big_body, None);
+    assert_eq!(r.status, 413);
+    // Chunked bodies are held to the same limit.
+    let chunk = "c".repeat(3000);
+    let raw = format!(
+        "POST /mcp HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nAccept: {ACCEPT_BOTH}\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{chunk}\r\n0\r\n\r\n",
+        chunk.len()
+    );
+    assert_eq!(request(g.addr, &raw).status, 413);
+}
+
+fn smuggling_shapes_get_400_and_close(io: &str) {
+    let g = Gateway::start(&stdio_config(io, "", &[]));
+    let body = r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#;
+    for extra in [
+        format!(
+            "Content-Length: {}\r\nTransfer-Encoding: chunked\r\n",
+            body.len()
+        ),
+        format!(
+            "Content-Length: {}\r\nContent-Length: {}\r\n",
+            body.len(),
+            body.len() + 1
+        ),
+        "Transfer-Encoding: gzip, chunked\r\n".to_string(),
+        "Transfer-Encoding: identity\r\n".to_string(),
+    ] {
+        let raw = format!(
+            "POST /mcp HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nAccept: {ACCEPT_BOTH}\r\n{extra}\r\n{body}"
+        );
+        let mut s = connect(g.addr);
+        s.write_all(raw.as_bytes()).unwrap();
+        let r = read_response(&mut s).unwrap();
+        assert_eq!(r.status, 400, "{extra:?}");
+        assert_eq!(r.header("connection"), Some("close"));
+        // The connection is closed: nothing more is read from it.
+        let mut rest = Vec::new();
+        let n = s.read_to_end(&mut rest).unwrap_or(0);
+        assert_eq!(n, 0, "connection must be closed after a framing error");
+    }
+}
+
+fn malformed_json_and_invalid_jsonrpc_are_refused(io: &str) {
+    let g = Gateway::start(&stdio_config(io, "", &[]));
+    let sid = initialize(g.addr);
+    let r = mcp_post(g.addr, "{not json", Some(&sid));
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"]["code"], -32700);
+    assert!(r.json()["id"].is_null());
+    for bad in [
+        r#"{"jsonrpc":"1.0","id":1,"method":"ping"}"#,
+        r#"{"id":1,"method":"ping"}"#,
+        r#"{"jsonrpc":"2.0","id":1,"method":7}"#,
+        r#""just a string""#,
+        r#"[]"#,
+    ] {
+        let r = mcp_post(g.addr, bad, Some(&sid));
+        assert_eq!(r.status, 400, "{bad}");
+        assert_eq!(r.json()["error"]["code"], -32600, "{bad}");
+    }
+    // Wrong content type and Accept.
+    let r = request(
+        g.addr,
+        &format!(
+            "POST /mcp HTTP/1.1\r\nHost: t\r\nContent-Type: text/plain\r\nAccept: {ACCEPT_BOTH}\r\nContent-Length: 2\r\n\r\n{{}}"
+        ),
+    );
+    assert_eq!(r.status, 415);
+    let r = request(
+        g.addr,
+        "POST /mcp HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nAccept: application/json\r\nContent-Length: 2\r\n\r\n{}",
+    );
+    assert_eq!(r.status, 406);
+}
+
+fn stdio_child_crash_fails_request_then_recovers(io: &str) {
+    let g = Gateway::start(&stdio_config(io, "", &["--test-tools"]));
+    let sid = initialize(g.addr);
+    let r = mcp_post(g.addr, &call(7, "crash", "{}"), Some(&sid));
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.json()["id"], 7);
+    assert_eq!(r.json()["error"]["code"], -32603);
+    // The child is restarted (with the session's initialize replayed); the same session works.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = mcp_post(g.addr, &call(8, "echo", r#"{"text":"back"}"#), Some(&sid));
+        if r.status == 200 {
+            assert_eq!(r.json()["result"]["content"][0]["text"], "back");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "upstream never came back: {}",
+            r.text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(g.metric("mcp_guard_upstream_restarts_total", &[]) >= 1.0);
+}
+
+fn keep_alive_and_pipelining_serve_several_requests(io: &str) {
+    let g = Gateway::start(&stdio_config(io, "", &[]));
+    let sid = initialize(g.addr);
+    let ping = |id: u32| {
+        mcp_post_raw(
+            &format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"ping"}}"#),
+            Some(&sid),
+            "",
+        )
+    };
+    let mut s = connect(g.addr);
+    // Two requests in one write, then a third on the same connection.
+    s.write_all(format!("{}{}", ping(1), ping(2)).as_bytes())
+        .unwrap();
+    assert_eq!(read_response(&mut s).unwrap().json()["id"], 1);
+    assert_eq!(read_response(&mut s).unwrap().json()["id"], 2);
+    s.write_all(ping(3).as_bytes()).unwrap();
+    assert_eq!(read_response(&mut s).unwrap().json()["id"], 3);
+    // Expect: 100-continue gets an interim response before the body is sent.
+    let body = r#"{"jsonrpc":"2.0","id":4,"method":"ping"}"#;
+    write!(
+        s,
+        "POST /mcp HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nAccept: {ACCEPT_BOTH}\r\nMcp-Session-Id: {sid}\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    let interim = read_until(&mut s, b"\r\n\r\n");
+    assert!(interim.starts_with("HTTP/1.1 100"), "{interim}");
+    s.write_all(body.as_bytes()).unwrap();
+    assert_eq!(read_response(&mut s).unwrap().json()["id"], 4);
+}
+
+/// Reads until `needle` has been seen (or the read times out), returning what was read.
+fn read_until(s: &mut std::net::TcpStream, needle: &[u8]) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1];
+    while !got.windows(needle.len()).any(|w| w == needle) {
+        match s.read(&mut buf) {
+            Ok(1) => got.push(buf[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[test]
+fn header_timeout_closes_slowloris_with_408() {
+    let g = Gateway::start(&stdio_config("auto", "header_timeout_secs = 1", &[]));
+    let mut s = connect(g.addr);
+    s.write_all(b"POST /mcp HTTP/1.1\r\nHost: t\r\n").unwrap();
+    let start = Instant::now();
+    let r = read_response(&mut s).expect("a 408 response");
+    assert_eq!(r.status, 408);
+    assert!(start.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn idle_keep_alive_connection_is_closed() {
+    let g = Gateway::start(&stdio_config("auto", "idle_timeout_secs = 1", &[]));
+    let mut s = connect(g.addr);
+    s.write_all(b"GET /live HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_response(&mut s).unwrap().status, 200);
+    let mut rest = Vec::new();
+    // The server closes the idle connection: read returns EOF well before our 15 s timeout.
+    let start = Instant::now();
+    let n = s.read_to_end(&mut rest).unwrap();
+    assert_eq!(n, 0);
+    assert!(start.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
+fn max_connections_refuses_the_excess() {
+    let g = Gateway::start(&stdio_config("auto", "max_connections = 2", &[]));
+    let a = connect(g.addr);
+    let b = connect(g.addr);
+    // Let both be accepted before the third arrives.
+    std::thread::sleep(Duration::from_millis(300));
+    let r = request(g.addr, "GET /live HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(r.status, 503);
+    assert!(g.metric("mcp_guard_connections_refused_total", &[]) >= 1.0);
+    drop((a, b));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        request(g.addr, "GET /live HTTP/1.1\r\nHost: t\r\n\r\n").status,
+        200
+    );
+}
+
+#[test]
+fn config_reload_applies_valid_and_keeps_old_on_invalid() {
+    let base = stdio_config("auto", "", &[]);
+    let g = Gateway::start(&base);
+    let probe = || {
+        request(
+            g.addr,
+            &mcp_post_raw(INIT, None, "Origin: https://app.example.com\r\n"),
+        )
+        .status
+    };
+    assert_eq!(probe(), 403);
+    // A valid change, signalled with SIGHUP: the next request sees it, no restart.
+    g.rewrite_config(&stdio_config(
+        "auto",
+        "allowed_origins = [\"https://app.example.com\"]",
+        &[],
+    ));
+    g.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while probe() != 200 {
+        assert!(Instant::now() < deadline, "reload not applied");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(g.metric("mcp_guard_config_reloads_total", &[]) >= 1.0);
+    // An invalid file is refused; the running config keeps serving, and the failure counts.
+    g.rewrite_config("[server]\nport = \"not a number\"\n");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while g.metric("mcp_guard_config_reload_failures_total", &[]) < 1.0 {
+        assert!(Instant::now() < deadline, "invalid reload not noticed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(probe(), 200, "old snapshot still serving");
+    assert!(g.wait_log("reload refused", Duration::from_secs(1)));
+}
+
+#[test]
+fn graceful_shutdown_finishes_in_flight_request() {
+    let mut g = Gateway::start(&stdio_config("auto", "shutdown_grace_secs = 10", &[]));
+    let sid = initialize(g.addr);
+    let addr = g.addr;
+    let in_flight = std::thread::spawn(move || {
+        mcp_post(addr, &call(11, "sleep", r#"{"ms":1500}"#), Some(&sid))
+    });
+    std::thread::sleep(Duration::from_millis(400));
+    g.signal(libc::SIGTERM);
+    let r = in_flight.join().unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["result"]["content"][0]["text"], "slept 1500ms");
+    assert_eq!(g.wait_exit(Duration::from_secs(15)), Some(0));
+    // New connections are refused once draining started.
+    assert!(std::net::TcpStream::connect(addr).is_err());
+}
+
+#[test]
+fn metrics_parse_and_count_requests_and_latency() {
+    let g = Gateway::start(&stdio_config("auto", "", &[]));
+    let sid = initialize(g.addr);
+    for i in 0..5 {
+        let r = mcp_post(
+            g.addr,
+            &call(100 + i, "echo", r#"{"text":"m"}"#),
+            Some(&sid),
+        );
+        assert_eq!(r.status, 200);
+    }
+    assert_eq!(
+        g.metric(
+            "mcp_guard_requests_total",
+            &[("method", "tools/call"), ("status", "200")]
+        ),
+        5.0
+    );
+    // Latency histograms are published by each worker within half a second.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let text = g.admin_get("/metrics").text();
+        let scrape =
+            prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
+        let count = scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == "mcp_guard_request_duration_seconds")
+            .map(|s| match &s.value {
+                prometheus_parse::Value::Histogram(h) => {
+                    h.iter().map(|b| b.count).fold(0.0, f64::max)
+                }
+                _ => 0.0,
+            })
+            .unwrap_or(0.0);
+        if count >= 7.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "latency histogram never reached 7 samples: {count}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let health = g.admin_get("/health").json();
+    assert_eq!(health["workers"], 2);
+    assert!(health["io_driver"] == "io_uring" || health["io_driver"] == "epoll");
+    assert_eq!(g.admin_get("/ready").status, 200);
+    assert_eq!(
+        request(g.addr, "GET /ready HTTP/1.1\r\nHost: t\r\n\r\n").status,
+        200
+    );
+}
+
+#[test]
+fn ready_reports_unreachable_http_upstream() {
+    // Nothing listens on this port (bound then released).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let g = Gateway::start(&http_config(
+        "auto",
+        &format!("http://127.0.0.1:{port}/mcp"),
+        "",
+        "",
+    ));
+    assert_eq!(g.admin_get("/ready").status, 503);
+    let r = mcp_post(g.addr, INIT, None);
+    assert_eq!(r.status, 502);
+    assert_eq!(r.json()["error"]["code"], -32603);
+}
