@@ -18,6 +18,12 @@ pub mod code {
     pub const INVALID_PARAMS: i64 = -32602;
     /// Gateway or upstream failure.
     pub const INTERNAL_ERROR: i64 = -32603;
+    /// Refused by policy (the message names what).
+    pub const FORBIDDEN: i64 = -32003;
+    /// Over the rate limit (`data.retryAfterSeconds` says when to retry).
+    pub const RATE_LIMITED: i64 = -32029;
+    /// Credentials missing or not accepted.
+    pub const UNAUTHORIZED: i64 = -32001;
     /// Refused by transport rules (session, headers).
     pub const SERVER_ERROR: i64 = -32000;
 }
@@ -65,6 +71,20 @@ pub enum GatewayError {
     UpstreamBusy,
     /// The gateway is draining for shutdown.
     ShuttingDown,
+    /// No credentials (`invalid: false`) or credentials not accepted (`invalid: true`).
+    Unauthorized {
+        /// Credentials were presented but refused.
+        invalid: bool,
+    },
+    /// The identity's policy refuses this call (JSON-RPC error on HTTP 200, naming it).
+    Denied(String),
+    /// Over the rate limit.
+    RateLimited {
+        /// Whole seconds until a retry can succeed (at least 1).
+        retry_after_secs: u64,
+        /// The limit, requests per second.
+        limit: u32,
+    },
 }
 
 impl GatewayError {
@@ -89,6 +109,9 @@ impl GatewayError {
             UpstreamUnavailable(_) => 502,
             UpstreamTimeout => 504,
             UpstreamBusy | ShuttingDown => 503,
+            Unauthorized { .. } => 401,
+            Denied(_) => 200,
+            RateLimited { .. } => 429,
         }
     }
 
@@ -100,6 +123,9 @@ impl GatewayError {
             InvalidRequest(..) | HeaderMismatch(_) => code::INVALID_REQUEST,
             InvalidParams(..) => code::INVALID_PARAMS,
             UpstreamUnavailable(_) | UpstreamTimeout | UpstreamBusy => code::INTERNAL_ERROR,
+            Unauthorized { .. } => code::UNAUTHORIZED,
+            Denied(_) => code::FORBIDDEN,
+            RateLimited { .. } => code::RATE_LIMITED,
             _ => code::SERVER_ERROR,
         }
     }
@@ -131,6 +157,10 @@ impl GatewayError {
             UpstreamTimeout => "upstream_timeout",
             UpstreamBusy => "upstream_busy",
             ShuttingDown => "shutting_down",
+            Unauthorized { invalid: false } => "missing_credentials",
+            Unauthorized { invalid: true } => "invalid_credentials",
+            Denied(_) => "denied_by_policy",
+            RateLimited { .. } => "rate_limited",
         }
     }
 
@@ -161,6 +191,14 @@ impl GatewayError {
             UpstreamTimeout => "Upstream did not respond in time".into(),
             UpstreamBusy => "Upstream is busy; retry later".into(),
             ShuttingDown => "Gateway is shutting down".into(),
+            Unauthorized { invalid: false } => "Authentication required".into(),
+            Unauthorized { invalid: true } => "Invalid credentials".into(),
+            Denied(m) => m.clone(),
+            RateLimited {
+                retry_after_secs, ..
+            } => {
+                format!("Rate limit exceeded; retry after {retry_after_secs} s")
+            }
         }
     }
 
@@ -182,7 +220,39 @@ impl GatewayError {
             _ => id,
         };
         let id_json = id.map_or_else(|| "null".to_string(), RpcId::to_json);
-        jsonrpc_error(&id_json, self.rpc_code(), &self.message(), None)
+        let data = match self {
+            GatewayError::RateLimited {
+                retry_after_secs, ..
+            } => Some(format!("{{\"retryAfterSeconds\":{retry_after_secs}}}")),
+            GatewayError::Denied(_) => Some("{\"reason\":\"denied_by_policy\"}".to_string()),
+            _ => None,
+        };
+        jsonrpc_error(&id_json, self.rpc_code(), &self.message(), data.as_deref())
+    }
+
+    /// Headers this error's response must carry.
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        match self {
+            GatewayError::MethodNotAllowed(allow) => vec![("allow", (*allow).to_string())],
+            GatewayError::Unauthorized { invalid } => {
+                let v = if *invalid {
+                    "Bearer realm=\"mcp-guard\", error=\"invalid_token\"".to_string()
+                } else {
+                    "Bearer realm=\"mcp-guard\"".to_string()
+                };
+                vec![("www-authenticate", v)]
+            }
+            GatewayError::RateLimited {
+                retry_after_secs,
+                limit,
+            } => vec![
+                ("retry-after", retry_after_secs.to_string()),
+                ("ratelimit-limit", limit.to_string()),
+                ("ratelimit-remaining", "0".to_string()),
+                ("ratelimit-reset", retry_after_secs.to_string()),
+            ],
+            _ => Vec::new(),
+        }
     }
 }
 
@@ -196,6 +266,18 @@ mod tests {
         assert_eq!((e.status(), e.rpc_code()), (400, -32700));
         let v: serde_json::Value = serde_json::from_slice(&e.body(None)).unwrap();
         assert_eq!(v["id"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn rate_limited_carries_retry_after_in_headers_and_body() {
+        let e = GatewayError::RateLimited {
+            retry_after_secs: 3,
+            limit: 10,
+        };
+        assert_eq!(e.status(), 429);
+        assert!(e.headers().contains(&("retry-after", "3".to_string())));
+        let v: serde_json::Value = serde_json::from_slice(&e.body(None)).unwrap();
+        assert_eq!(v["error"]["data"]["retryAfterSeconds"], 3);
     }
 
     #[test]

@@ -10,6 +10,9 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod audit;
+pub mod auth;
+pub mod authz;
 pub mod cli;
 pub mod config;
 pub mod error;
@@ -17,5 +20,6 @@ pub mod http;
 pub mod mcp;
 pub mod observe;
 pub mod pipeline;
+pub mod ratelimit;
 pub mod runtime;
 pub mod upstream;

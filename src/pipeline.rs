@@ -20,16 +20,23 @@
 //! - 9 forward, 10 relay (streamed), 11 metrics (and audit) always, also after an early exit:
 //!   the connection loop records them from the [`Reply`] once it has been written.
 
+use crate::auth::{AuthError, AuthMethod, Identity};
+use crate::authz::Decision;
 use crate::config::{HttpUpstream, Settings, Transport};
-use crate::error::GatewayError;
+use crate::error::{GatewayError, code};
 use crate::http::client::{self, UpstreamResponse};
 use crate::http::request::{Method, RequestHead};
-use crate::mcp::jsonrpc::{Body, ClassifyError, Kind, Message, RpcId};
+use crate::http::response::jsonrpc_error;
+use crate::mcp::filter::{SseFilter, filter_json};
+use crate::mcp::jsonrpc::{Body, ClassifyError, Kind, Message, RpcId, Target};
 use crate::mcp::transport;
 use crate::observe::metrics::{self, M_BATCH, M_DELETE, M_NONE, M_RESPONSE, M_STREAM};
+use crate::ratelimit::{Limit, bucket_key};
 use crate::runtime::worker::Worker;
 use crate::upstream::stdio::{HubReply, SessionKey, StdioHub};
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
 
 /// What the connection loop writes back.
 pub struct Reply {
@@ -45,6 +52,25 @@ pub struct Reply {
     pub method: usize,
     /// Why the request ended early, if it did (audit reason).
     pub reason: Option<&'static str>,
+    /// What the audit event of this request says.
+    pub audit: AuditInfo,
+}
+
+/// The audit-relevant facts gathered along the path.
+#[derive(Debug, Default)]
+pub struct AuditInfo {
+    /// Not an auditable request (health probes, unknown paths).
+    pub skip: bool,
+    /// Who, once authenticated.
+    pub identity: Option<Arc<str>>,
+    /// How they authenticated; `None` before authentication.
+    pub auth_method: Option<&'static str>,
+    /// Each JSON-RPC message's method and target.
+    pub messages: Vec<(String, Option<Target>)>,
+    /// An explicit decision ("deny", "rate_limited"); otherwise derived from the status.
+    pub decision: Option<&'static str>,
+    /// Tool arguments, when `audit.include_arguments` is on.
+    pub arguments: Option<String>,
 }
 
 /// Reply bodies.
@@ -57,6 +83,8 @@ pub enum ReplyBody {
     Full(Vec<u8>),
     /// An upstream response relayed as it arrives.
     Upstream(UpstreamResponse),
+    /// An upstream SSE response rewritten event by event (`tools/list` filtering).
+    FilteredEvents(UpstreamResponse, SseFilter),
     /// Server-to-client messages (JSON each) written as SSE events until the channel closes.
     Events(async_channel::Receiver<Vec<u8>>),
 }
@@ -70,6 +98,7 @@ impl Reply {
             close: false,
             method,
             reason: None,
+            audit: AuditInfo::default(),
         }
     }
 
@@ -85,9 +114,7 @@ impl Reply {
         let mut r = Self::json(e.status(), e.body(id), method);
         r.close = e.closes_connection();
         r.reason = Some(e.reason());
-        if let GatewayError::MethodNotAllowed(allow) = e {
-            r.headers.push(("allow", (*allow).to_string()));
-        }
+        r.headers.extend(e.headers());
         r
     }
 }
@@ -101,19 +128,33 @@ pub async fn handle(
     peer: SocketAddr,
     request_id: &str,
 ) -> Reply {
-    let _ = peer;
     // 4. route
     let path = head.path();
     if path == cfg.server.mcp_path {
-        return match mcp(w, cfg, head, body, request_id).await {
+        let mut audit = AuditInfo::default();
+        let mut reply = match mcp(w, cfg, head, body, peer, request_id, &mut audit).await {
             Ok(r) => r,
-            Err((e, id, method)) => Reply::error(&e, id.as_ref(), method),
+            Err((e, id, method)) => {
+                if audit.decision.is_none() {
+                    audit.decision = match e {
+                        GatewayError::Denied(_) | GatewayError::Unauthorized { .. } => Some("deny"),
+                        GatewayError::OriginForbidden => Some("deny"),
+                        GatewayError::RateLimited { .. } => Some("rate_limited"),
+                        _ => None,
+                    };
+                }
+                Reply::error(&e, id.as_ref(), method)
+            }
         };
+        reply.audit = audit;
+        return reply;
     }
-    match path {
+    let mut reply = match path {
         "/health" | "/live" | "/ready" => health(w, head, path),
         _ => Reply::error(&GatewayError::NotFound, None, M_NONE),
-    }
+    };
+    reply.audit.skip = true;
+    reply
 }
 
 fn health(w: &Worker, head: &RequestHead, path: &str) -> Reply {
@@ -139,28 +180,181 @@ fn early(e: GatewayError, method: usize) -> Early {
     (e, None, method)
 }
 
+fn auth_index(m: AuthMethod) -> usize {
+    match m {
+        AuthMethod::Anonymous => 0,
+        AuthMethod::ApiKey => 1,
+    }
+}
+
 async fn mcp(
     w: &Worker,
     cfg: &Settings,
     head: &RequestHead,
     body: &[u8],
+    peer: SocketAddr,
     request_id: &str,
+    audit: &mut AuditInfo,
 ) -> Result<Reply, Early> {
     // 4a. Origin
     transport::check_origin(head, &cfg.server.allowed_origins).map_err(|e| early(e, M_NONE))?;
-    // 5. authenticate: no providers in this build; the binding for session ids is empty.
-    let binding = "";
+    // 5. authenticate
+    let identity = match cfg.auth.authenticate(head, peer.ip()) {
+        Ok(i) => {
+            w.metrics.count_auth(auth_index(i.method), true);
+            i
+        }
+        Err(AuthError::Missing) => {
+            w.metrics.count_auth(2, false);
+            return Err(early(GatewayError::Unauthorized { invalid: false }, M_NONE));
+        }
+        Err(AuthError::Invalid(m)) => {
+            w.metrics.count_auth(auth_index(m), false);
+            return Err(early(GatewayError::Unauthorized { invalid: true }, M_NONE));
+        }
+    };
+    audit.identity = Some(identity.id.clone());
+    audit.auth_method = Some(identity.method.as_str());
     // 5a. transport rules common to every method
     let version = transport::check_protocol_version(head).map_err(|e| early(e, M_NONE))?;
     match head.method {
-        Method::Post => post(w, cfg, head, body, binding, version, request_id).await,
-        Method::Get => stream(w, cfg, head, binding, request_id).await,
-        Method::Delete => delete(w, cfg, head, binding, request_id).await,
+        Method::Post => post(w, cfg, head, body, &identity, version, request_id, audit).await,
+        Method::Get => {
+            audit.messages.push(("stream".into(), None));
+            rate_limit(w, cfg, &identity, &[]).map_err(|e| early(e, M_STREAM))?;
+            stream(w, cfg, head, &identity.id, request_id).await
+        }
+        Method::Delete => {
+            audit.messages.push(("delete".into(), None));
+            rate_limit(w, cfg, &identity, &[]).map_err(|e| early(e, M_DELETE))?;
+            delete(w, cfg, head, &identity.id, request_id).await
+        }
         _ => Err(early(
             GatewayError::MethodNotAllowed("GET, POST, DELETE"),
             M_NONE,
         )),
     }
+}
+
+/// Phase 7: authorize every message; `Ok(None)` = all allowed, `Ok(Some(reply))` = a batch refused.
+fn authorize(
+    w: &Worker,
+    cfg: &Settings,
+    identity: &Identity,
+    body: &Body,
+    method: usize,
+) -> Result<Option<Reply>, GatewayError> {
+    let mut denied: Option<(usize, String)> = None;
+    for (i, m) in body.messages().iter().enumerate() {
+        let decision = identity.policy.decide(m.target.as_ref());
+        if let Some(Target::Tool(t)) = &m.target {
+            let slot = cfg.tool_labels.get(t).copied().unwrap_or(0);
+            let outcome = usize::from(decision != Decision::Allow);
+            w.metrics.count_decision(slot, outcome);
+        }
+        if let Decision::Deny(msg) = decision
+            && denied.is_none()
+        {
+            denied = Some((i, msg));
+        }
+    }
+    let Some((index, msg)) = denied else {
+        return Ok(None);
+    };
+    let Body::Batch(messages) = body else {
+        return Err(GatewayError::Denied(msg));
+    };
+    // A batch with a refused call is refused whole: nothing of it reaches the upstream, and
+    // each request in it gets an error saying why.
+    let mut out = Vec::from(&b"["[..]);
+    let mut first = true;
+    for (i, m) in messages.iter().enumerate() {
+        let Some(id) = &m.id else { continue };
+        if m.kind != Kind::Request {
+            continue;
+        }
+        if !first {
+            out.push(b',');
+        }
+        first = false;
+        let text = if i == index {
+            msg.clone()
+        } else {
+            "Batch refused: another call in it is not permitted".to_string()
+        };
+        out.extend(jsonrpc_error(
+            &id.to_json(),
+            code::FORBIDDEN,
+            &text,
+            Some("{\"reason\":\"denied_by_policy\"}"),
+        ));
+    }
+    out.push(b']');
+    let mut r = Reply::json(200, out, method);
+    r.reason = Some("denied_by_policy");
+    Ok(Some(r))
+}
+
+/// Phase 8, rate limiting: one token of the identity's bucket per message (one for GET/DELETE), and one
+/// of the identity × tool bucket for each call of a tool with its own limit.
+fn rate_limit(
+    w: &Worker,
+    cfg: &Settings,
+    identity: &Identity,
+    messages: &[Message],
+) -> Result<(), GatewayError> {
+    if !cfg.rate.enabled {
+        return Ok(());
+    }
+    let now = Instant::now();
+    let limit = match identity.policy.rate_limit {
+        Some(r) => Limit {
+            rate: f64::from(r),
+            burst: cfg.rate.burst,
+        },
+        None => cfg.rate.default,
+    };
+    let pool = &*w.shared.quota;
+    let refuse = |l: crate::ratelimit::Limited, tool: Option<&str>| {
+        w.metrics
+            .rate_limited
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = tool {
+            let slot = cfg.tool_labels.get(t).copied().unwrap_or(0);
+            w.metrics.count_decision(slot, 2);
+        }
+        GatewayError::RateLimited {
+            retry_after_secs: (l.retry_after.as_secs_f64().ceil() as u64).max(1),
+            limit: l.limit.rate.round() as u32,
+        }
+    };
+    let key = bucket_key(&identity.rate_key, None);
+    for _ in 0..messages.len().max(1) {
+        w.limiter
+            .check(pool, key, limit, now)
+            .map_err(|l| refuse(l, None))?;
+    }
+    for m in messages {
+        if let Some(Target::Tool(t)) = &m.target
+            && let Some(tool_limit) = cfg.rate.per_tool.get(t)
+        {
+            w.limiter
+                .check(
+                    pool,
+                    bucket_key(&identity.rate_key, Some(t)),
+                    *tool_limit,
+                    now,
+                )
+                .map_err(|l| refuse(l, Some(t)))?;
+        }
+    }
+    Ok(())
+}
+
+/// `params.arguments` of a single tools/call, as raw JSON (only when auditing asks for it).
+fn tool_arguments(raw: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(raw).ok()?;
+    v.pointer("/params/arguments").map(|a| a.to_string())
 }
 
 fn label(body: &Body) -> usize {
@@ -171,14 +365,16 @@ fn label(body: &Body) -> usize {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn post(
     w: &Worker,
     cfg: &Settings,
     head: &RequestHead,
     raw: &[u8],
-    binding: &str,
+    identity: &Identity,
     version: &str,
     request_id: &str,
+    audit: &mut AuditInfo,
 ) -> Result<Reply, Early> {
     transport::check_post_headers(head).map_err(|e| early(e, M_NONE))?;
     // 6. classify
@@ -194,6 +390,23 @@ async fn post(
             }
         })?;
     let method = label(&body);
+    audit.messages = body
+        .messages()
+        .iter()
+        .map(|m| {
+            let name = match m.kind {
+                Kind::Response => "response".to_string(),
+                _ => m.method_str().to_string(),
+            };
+            (name, m.target.clone())
+        })
+        .collect();
+    if cfg.audit.include_arguments
+        && let Body::Single(m) = &body
+        && matches!(m.target, Some(Target::Tool(_)))
+    {
+        audit.arguments = tool_arguments(raw);
+    }
     let first_id = body.messages().iter().find_map(|m| m.id.clone());
     let fail = |e: GatewayError| (e, first_id.clone(), method);
     if let Body::Batch(_) = body
@@ -209,6 +422,7 @@ async fn post(
     }
     let is_initialize = matches!(&body, Body::Single(m) if m.kind == Kind::Request && m.method_str() == "initialize");
     // 6a. session
+    let binding: &str = &identity.id;
     let session = match &head.h.session_id {
         Some(_) if is_initialize => None,
         Some(sid) => Some(
@@ -219,14 +433,30 @@ async fn post(
         ),
         None => None,
     };
-    // 7. authorize and 8. rate-limit: no policy in this build.
+    // 7. authorize
+    if let Some(refused) = authorize(w, cfg, identity, &body, method).map_err(fail)? {
+        audit.decision = Some("deny");
+        return Ok(refused);
+    }
+    // 8. rate-limit
+    rate_limit(w, cfg, identity, body.messages()).map_err(fail)?;
+    // tools/list answers are filtered to what this identity may call.
+    let list_ids: Vec<serde_json::Value> = if identity.policy.tools.is_open() {
+        Vec::new()
+    } else {
+        body.messages()
+            .iter()
+            .filter(|m| m.kind == Kind::Request && m.method_str() == "tools/list")
+            .filter_map(|m| m.id.as_ref().map(rpc_id_value))
+            .collect()
+    };
     // 9. forward
     match &cfg.upstream.transport {
         Transport::Http(up) => {
             let upstream_sid = session
                 .as_deref()
                 .map(|s| String::from_utf8_lossy(s).into_owned());
-            let resp = forward_http(
+            let mut resp = forward_http(
                 w,
                 cfg,
                 up,
@@ -238,7 +468,37 @@ async fn post(
             )
             .await
             .map_err(fail)?;
-            Ok(relay(w, resp, binding, method))
+            if list_ids.is_empty() || resp.status != 200 {
+                return Ok(relay(w, resp, binding, method, None));
+            }
+            if resp
+                .content_type
+                .as_deref()
+                .is_some_and(|c| c.starts_with("text/event-stream"))
+            {
+                let filter = SseFilter::new(identity.policy.clone(), list_ids);
+                return Ok(relay(w, resp, binding, method, Some(filter)));
+            }
+            let sid = resp.session_id.clone();
+            let data = resp
+                .read_to_end()
+                .await
+                .map_err(|e| fail(GatewayError::UpstreamUnavailable(e.to_string())))?;
+            resp.release(&w.pool);
+            let filtered =
+                filter_json(&data, &identity.policy.tools, &list_ids).ok_or_else(|| {
+                    fail(GatewayError::UpstreamUnavailable(
+                        "upstream tools/list response is not JSON".into(),
+                    ))
+                })?;
+            let mut r = Reply::json(200, filtered, method);
+            if let Some(sid) = sid {
+                r.headers.push((
+                    "mcp-session-id",
+                    w.shared.sessions.encode(binding, sid.as_bytes()),
+                ));
+            }
+            Ok(r)
         }
         Transport::Stdio(_) => {
             let hub = w.shared.hub.as_ref().ok_or_else(|| {
@@ -251,10 +511,29 @@ async fn post(
                 None => return Err(fail(GatewayError::MissingSession)),
                 Some(p) => Some(session_key(&p).ok_or_else(|| fail(GatewayError::UnknownSession))?),
             };
-            stdio_post(w, cfg, hub, &body, raw, key, binding, method)
+            let mut reply = stdio_post(w, cfg, hub, &body, raw, key, binding, method)
                 .await
-                .map_err(fail)
+                .map_err(fail)?;
+            if !list_ids.is_empty()
+                && let ReplyBody::Full(data) = &reply.body
+            {
+                let filtered =
+                    filter_json(data, &identity.policy.tools, &list_ids).ok_or_else(|| {
+                        fail(GatewayError::UpstreamUnavailable(
+                            "upstream tools/list response is not JSON".into(),
+                        ))
+                    })?;
+                reply.body = ReplyBody::Full(filtered);
+            }
+            Ok(reply)
         }
+    }
+}
+
+fn rpc_id_value(id: &RpcId) -> serde_json::Value {
+    match id {
+        RpcId::Num(n) => serde_json::Value::from(*n),
+        RpcId::Str(s) => serde_json::Value::from(s.as_str()),
     }
 }
 
@@ -372,7 +651,7 @@ async fn stream(
             let resp = forward_http(w, cfg, up, head, "GET", b"", sid.as_deref(), request_id)
                 .await
                 .map_err(|e| early(e, M_STREAM))?;
-            Ok(relay(w, resp, binding, M_STREAM))
+            Ok(relay(w, resp, binding, M_STREAM, None))
         }
         Transport::Stdio(_) => {
             let hub = w.shared.hub.as_ref().ok_or_else(|| {
@@ -424,7 +703,7 @@ async fn delete(
             let resp = forward_http(w, cfg, up, head, "DELETE", b"", Some(&sid), request_id)
                 .await
                 .map_err(|e| early(e, M_DELETE))?;
-            Ok(relay(w, resp, binding, M_DELETE))
+            Ok(relay(w, resp, binding, M_DELETE, None))
         }
         Transport::Stdio(_) => {
             let hub = w.shared.hub.as_ref().ok_or_else(|| {
@@ -519,8 +798,15 @@ async fn forward_http(
     }
 }
 
-/// 10. Relay: status, content type and session id (wrapped) go back; the body streams.
-fn relay(w: &Worker, resp: UpstreamResponse, binding: &str, method: usize) -> Reply {
+/// Phase 10, relay: status, content type and session id (wrapped) go back; the body streams, through
+/// the `tools/list` filter when one applies.
+fn relay(
+    w: &Worker,
+    resp: UpstreamResponse,
+    binding: &str,
+    method: usize,
+    filter: Option<SseFilter>,
+) -> Reply {
     let mut r = Reply::new(resp.status, ReplyBody::Empty, method);
     if let Some(ct) = &resp.content_type {
         r.headers.push(("content-type", ct.clone()));
@@ -534,6 +820,9 @@ fn relay(w: &Worker, resp: UpstreamResponse, binding: &str, method: usize) -> Re
             w.shared.sessions.encode(binding, sid.as_bytes()),
         ));
     }
-    r.body = ReplyBody::Upstream(resp);
+    r.body = match filter {
+        Some(f) => ReplyBody::FilteredEvents(resp, f),
+        None => ReplyBody::Upstream(resp),
+    };
     r
 }

@@ -4,10 +4,16 @@
 pub mod load;
 pub mod schema;
 
+use crate::audit::AuditOutput;
+use crate::auth::{Authenticator, api_key};
+use crate::authz::{Matcher, Policy, Rule};
+use crate::ratelimit::Limit;
 pub use load::{ConfigError, load_file, parse_str};
 use schema::{FileConfig, UpstreamSection};
+use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Which io driver the workers run.
@@ -30,6 +36,36 @@ pub struct Settings {
     pub admin: Option<SocketAddr>,
     /// The default upstream, served at `server.mcp_path`.
     pub upstream: UpstreamSettings,
+    /// The authentication chain with each identity's compiled policy.
+    pub auth: Arc<Authenticator>,
+    /// Rate limits.
+    pub rate: RateSettings,
+    /// The audit trail.
+    pub audit: AuditSettings,
+    /// Tool names with their own metric label (names the config mentions), to their slot.
+    pub tool_labels: Arc<HashMap<String, usize>>,
+}
+
+/// `[rate_limit]`, validated.
+#[derive(Debug, Clone)]
+pub struct RateSettings {
+    /// Whether limits apply.
+    pub enabled: bool,
+    /// Per identity, unless the identity has its own `rate_limit`.
+    pub default: Limit,
+    /// Burst for identities with their own rate.
+    pub burst: u32,
+    /// Per identity × tool.
+    pub per_tool: HashMap<String, Limit>,
+}
+
+/// `[audit]`, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditSettings {
+    /// Where events go; `None` when auditing is off or has no destination.
+    pub output: Option<AuditOutput>,
+    /// Tool arguments in events.
+    pub include_arguments: bool,
 }
 
 /// `[server]`, validated.
@@ -184,6 +220,18 @@ pub fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
     };
     refuse_unsupported(file)?;
     let upstream = validate_upstream(&file.upstream)?;
+    let auth = Arc::new(validate_auth(file)?);
+    let rate = validate_rate(file)?;
+    let audit = AuditSettings {
+        output: (file.audit.enabled && (file.audit.stdout || file.audit.file.is_some())).then(
+            || AuditOutput {
+                file: file.audit.file.as_ref().map(std::path::PathBuf::from),
+                stdout: file.audit.stdout,
+            },
+        ),
+        include_arguments: file.audit.include_arguments,
+    };
+    let tool_labels = Arc::new(tool_labels(file));
     Ok(Settings {
         server: ServerSettings {
             listen,
@@ -205,16 +253,131 @@ pub fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
         },
         admin,
         upstream,
+        auth,
+        rate,
+        audit,
+        tool_labels,
     })
+}
+
+fn validate_auth(file: &FileConfig) -> Result<Authenticator, ConfigError> {
+    let mut auth = Authenticator {
+        api_keys: None,
+        anonymous: Arc::new(Policy::default()),
+    };
+    if file.auth.api_keys.is_empty() {
+        return Ok(auth);
+    }
+    let mut keys = api_key::ApiKeys::default();
+    for (i, k) in file.auth.api_keys.iter().enumerate() {
+        let key = format!("auth.api_keys[{i}]");
+        if k.id.trim().is_empty() {
+            return Err(invalid(&format!("{key}.id"), "must not be empty"));
+        }
+        let digest = api_key::decode_hash(&k.key_hash).ok_or_else(|| {
+            invalid(
+                &format!("{key}.key_hash"),
+                "is not the base64 of a 32-byte SHA-256 digest (use `mcp-guard hash-key`)",
+            )
+        })?;
+        if k.rate_limit == Some(0) {
+            return Err(invalid(&format!("{key}.rate_limit"), "must be at least 1"));
+        }
+        let policy = Policy {
+            tools: Rule {
+                allow: Matcher::new(&k.allowed_tools),
+                deny: Matcher::new(&k.denied_tools),
+            },
+            resources: Rule {
+                allow: Matcher::new(&k.allowed_resources),
+                deny: Matcher::new(&k.denied_resources),
+            },
+            prompts: Rule {
+                allow: Matcher::new(&k.allowed_prompts),
+                deny: Matcher::new(&k.denied_prompts),
+            },
+            servers: k
+                .allowed_servers
+                .as_ref()
+                .map(|s| s.iter().cloned().collect()),
+            rate_limit: k.rate_limit,
+        };
+        if !keys.insert(&k.id, digest, Arc::new(policy)) {
+            return Err(invalid(
+                &format!("{key}.key_hash"),
+                "the same key is configured twice",
+            ));
+        }
+    }
+    auth.api_keys = Some(keys);
+    Ok(auth)
+}
+
+fn validate_rate(file: &FileConfig) -> Result<RateSettings, ConfigError> {
+    let r = &file.rate_limit;
+    if r.enabled && r.requests_per_second == 0 {
+        return Err(invalid(
+            "rate_limit.requests_per_second",
+            "must be at least 1",
+        ));
+    }
+    if r.enabled && r.burst_size == 0 {
+        return Err(invalid("rate_limit.burst_size", "must be at least 1"));
+    }
+    let mut per_tool = HashMap::new();
+    for (tool, rps) in &r.per_tool {
+        if *rps == 0 {
+            return Err(invalid(
+                &format!("rate_limit.per_tool.{tool}"),
+                "must be at least 1",
+            ));
+        }
+        per_tool.insert(
+            tool.clone(),
+            Limit {
+                rate: f64::from(*rps),
+                burst: *rps,
+            },
+        );
+    }
+    Ok(RateSettings {
+        enabled: r.enabled,
+        default: Limit {
+            rate: f64::from(r.requests_per_second.max(1)),
+            burst: r.burst_size.max(1),
+        },
+        burst: r.burst_size.max(1),
+        per_tool,
+    })
+}
+
+/// Exact tool names the config mentions get their own `tool` metric label.
+fn tool_labels(file: &FileConfig) -> HashMap<String, usize> {
+    let mut names: Vec<&str> = file
+        .rate_limit
+        .per_tool
+        .keys()
+        .map(String::as_str)
+        .collect();
+    for k in &file.auth.api_keys {
+        names.extend(
+            k.allowed_tools
+                .iter()
+                .chain(&k.denied_tools)
+                .map(String::as_str),
+        );
+    }
+    names
+        .into_iter()
+        .filter(|n| !n.contains(['*', '?']))
+        .filter_map(|n| crate::observe::metrics::tool_label_slot(n).map(|i| (n.to_string(), i)))
+        .collect()
 }
 
 /// Sections that parse (so existing files load) but whose enforcement is not in this build.
 fn refuse_unsupported(file: &FileConfig) -> Result<(), ConfigError> {
     let auth = &file.auth;
     let mut unsupported = Vec::new();
-    if !auth.api_keys.is_empty() {
-        unsupported.push("auth.api_keys");
-    }
     if auth.jwt.is_some() {
         unsupported.push("auth.jwt");
     }

@@ -242,6 +242,18 @@ pub struct ApiKeyEntry {
     pub denied_tools: Vec<String>,
     /// Routed servers this identity may reach; absent = all.
     pub allowed_servers: Option<Vec<String>>,
+    /// Resource URIs or globs `resources/read` may name; absent or empty = all.
+    #[serde(default)]
+    pub allowed_resources: Vec<String>,
+    /// Resource URIs or globs refused; deny wins over allow.
+    #[serde(default)]
+    pub denied_resources: Vec<String>,
+    /// Prompt names or globs `prompts/get` may name; absent or empty = all.
+    #[serde(default)]
+    pub allowed_prompts: Vec<String>,
+    /// Prompt names or globs refused; deny wins over allow.
+    #[serde(default)]
+    pub denied_prompts: Vec<String>,
     /// (compat) Requests per second for this identity.
     pub rate_limit: Option<u32>,
 }

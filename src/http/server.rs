@@ -14,7 +14,7 @@ use crate::runtime::worker::Worker;
 use monoio::io::{AsyncReadRent, AsyncWriteRent};
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 /// How often an idle SSE stream gets a comment line, so intermediaries keep it open.
 const SSE_KEEPALIVE: Duration = Duration::from_secs(15);
@@ -41,12 +41,19 @@ pub async fn serve<S: AsyncReadRent + AsyncWriteRent>(
             HeadOutcome::Closed => return,
             HeadOutcome::Error(e) => {
                 let reply = Reply::error(&e, None, M_NONE);
-                let rid = w.next_request_id();
-                let _ = write_reply(&w, &mut stream, reply, false, &rid, out, Instant::now()).await;
+                let meta = ReqMeta {
+                    request_id: w.next_request_id(),
+                    peer,
+                    trace_id: None,
+                    started: Instant::now(),
+                    wall: SystemTime::now(),
+                };
+                let _ = write_reply(&w, &mut stream, reply, false, &meta, out).await;
                 return;
             }
         };
         let started = Instant::now();
+        let wall = SystemTime::now();
         buf.drain(..head.head_len);
         let request_id = head
             .h
@@ -54,6 +61,13 @@ pub async fn serve<S: AsyncReadRent + AsyncWriteRent>(
             .as_deref()
             .filter(|r| r.len() <= 128 && r.bytes().all(|b| b.is_ascii_graphic()))
             .map_or_else(|| w.next_request_id(), str::to_string);
+        let meta = ReqMeta {
+            trace_id: head.h.traceparent.as_deref().and_then(trace_id),
+            request_id,
+            peer,
+            started,
+            wall,
+        };
         if head.expect_continue && head.body != BodyFraming::None && buf.is_empty() {
             let (res, b) = write_all(&mut stream, b"HTTP/1.1 100 Continue\r\n\r\n".to_vec()).await;
             drop(b);
@@ -66,22 +80,12 @@ pub async fn serve<S: AsyncReadRent + AsyncWriteRent>(
             Err(None) => return,
             Err(Some(e)) => {
                 let reply = Reply::error(&e, None, M_NONE);
-                let _ = write_reply(&w, &mut stream, reply, false, &request_id, out, started).await;
+                let _ = write_reply(&w, &mut stream, reply, false, &meta, out).await;
                 return;
             }
         };
-        let reply = pipeline::handle(&w, &cfg, &head, &body, peer, &request_id).await;
-        match write_reply(
-            &w,
-            &mut stream,
-            reply,
-            head.keep_alive,
-            &request_id,
-            out,
-            started,
-        )
-        .await
-        {
+        let reply = pipeline::handle(&w, &cfg, &head, &body, peer, &meta.request_id).await;
+        match write_reply(&w, &mut stream, reply, head.keep_alive, &meta, out).await {
             Some(o) => out = o,
             None => return,
         }
@@ -200,15 +204,31 @@ async fn read_body<S: AsyncReadRent>(
     }
 }
 
+/// What the connection knows about a request, for the reply and its audit event.
+struct ReqMeta {
+    request_id: String,
+    peer: SocketAddr,
+    trace_id: Option<String>,
+    started: Instant,
+    wall: SystemTime,
+}
+
+/// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`), if well formed.
+fn trace_id(tp: &str) -> Option<String> {
+    let mut parts = tp.split('-');
+    let (_version, trace) = (parts.next()?, parts.next()?);
+    (trace.len() == 32 && trace.bytes().all(|b| b.is_ascii_hexdigit()) && trace != "0".repeat(32))
+        .then(|| trace.to_ascii_lowercase())
+}
+
 /// Writes the reply; returns the output buffer when the connection may serve another request.
 async fn write_reply<S: AsyncReadRent + AsyncWriteRent>(
     w: &Rc<Worker>,
     stream: &mut S,
     reply: Reply,
     client_keep_alive: bool,
-    request_id: &str,
+    meta: &ReqMeta,
     mut out: Vec<u8>,
-    started: Instant,
 ) -> Option<Vec<u8>> {
     let status = reply.status;
     let method = reply.method;
@@ -218,7 +238,7 @@ async fn write_reply<S: AsyncReadRent + AsyncWriteRent>(
         .iter()
         .map(|(n, v)| (*n, v.as_str()))
         .collect();
-    headers.push(("x-request-id", request_id));
+    headers.push(("x-request-id", &meta.request_id));
     out.clear();
     let mut streamed = false;
     let kept = match reply.body {
@@ -241,7 +261,7 @@ async fn write_reply<S: AsyncReadRent + AsyncWriteRent>(
             out = o;
             res.is_ok() && keep_alive
         }
-        ReplyBody::Upstream(mut resp) => {
+        ReplyBody::Upstream(resp) => {
             let framing = match resp.framing {
                 RespFraming::Empty => Framing::Length(0),
                 RespFraming::Length(n) => Framing::Length(n),
@@ -249,47 +269,16 @@ async fn write_reply<S: AsyncReadRent + AsyncWriteRent>(
             };
             streamed = framing == Framing::Chunked;
             write_head(&mut out, status, &headers, framing, keep_alive);
-            let ok;
-            loop {
-                match resp.next_data().await {
-                    Ok(Some(data)) => {
-                        if framing == Framing::Chunked {
-                            write_chunk(&mut out, &data);
-                        } else {
-                            out.extend_from_slice(&data);
-                        }
-                    }
-                    Ok(None) => {
-                        if framing == Framing::Chunked {
-                            out.extend_from_slice(LAST_CHUNK);
-                        }
-                        let (res, o) = write_all(stream, out).await;
-                        out = o;
-                        ok = res.is_ok();
-                        break;
-                    }
-                    Err(e) => {
-                        // Mid-body failure: the status is already out; closing without the
-                        // final chunk is how the client learns the body is incomplete.
-                        w.metrics
-                            .upstream_errors
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        tracing::warn!(target: "mcp_guard::upstream", "upstream body failed: {e}");
-                        let (_, o) = write_all(stream, out).await;
-                        out = o;
-                        ok = false;
-                        break;
-                    }
-                }
-                // Flush each piece as it arrives: SSE events must not wait for the next one.
-                let (res, o) = write_all(stream, out).await;
-                out = o;
-                if res.is_err() {
-                    ok = false;
-                    break;
-                }
-            }
-            resp.release(&w.pool);
+            let (ok, o) = pump(w, stream, resp, None, framing, out).await;
+            out = o;
+            ok && keep_alive
+        }
+        ReplyBody::FilteredEvents(resp, filter) => {
+            // Rewritten events change length: always chunked to the client.
+            streamed = true;
+            write_head(&mut out, status, &headers, Framing::Chunked, keep_alive);
+            let (ok, o) = pump(w, stream, resp, Some(filter), Framing::Chunked, out).await;
+            out = o;
             ok && keep_alive
         }
         ReplyBody::Events(rx) => {
@@ -303,16 +292,135 @@ async fn write_reply<S: AsyncReadRent + AsyncWriteRent>(
             false
         }
     };
-    w.record(
-        method,
-        status,
-        if streamed {
-            None
-        } else {
-            Some(started.elapsed())
-        },
-    );
+    let latency = meta.started.elapsed();
+    w.record(method, status, if streamed { None } else { Some(latency) });
+    if !reply.audit.skip && w.audit.enabled() {
+        emit_audit(w, reply.audit, reply.reason, status, method, meta, latency);
+    }
     kept.then_some(out)
+}
+
+/// Relays an upstream body to the client piece by piece (through `filter` when given); returns
+/// whether the whole body went out, and the buffer.
+async fn pump<S: AsyncWriteRent>(
+    w: &Rc<Worker>,
+    stream: &mut S,
+    mut resp: crate::http::client::UpstreamResponse,
+    mut filter: Option<crate::mcp::filter::SseFilter>,
+    framing: Framing,
+    mut out: Vec<u8>,
+) -> (bool, Vec<u8>) {
+    let ok;
+    loop {
+        match resp.next_data().await {
+            Ok(Some(data)) => {
+                let data = match filter.as_mut() {
+                    None => data,
+                    Some(f) => match f.push(&data) {
+                        Ok(d) => d,
+                        Err(e) => {
+                            tracing::warn!(target: "mcp_guard::filter", "{e}");
+                            let (_, o) = write_all(stream, out).await;
+                            out = o;
+                            ok = false;
+                            break;
+                        }
+                    },
+                };
+                if framing == Framing::Chunked {
+                    write_chunk(&mut out, &data);
+                } else {
+                    out.extend_from_slice(&data);
+                }
+            }
+            Ok(None) => {
+                if let Some(f) = filter.as_mut() {
+                    write_chunk(&mut out, &f.finish());
+                }
+                if framing == Framing::Chunked {
+                    out.extend_from_slice(LAST_CHUNK);
+                }
+                let (res, o) = write_all(stream, out).await;
+                out = o;
+                ok = res.is_ok();
+                break;
+            }
+            Err(e) => {
+                // Mid-body failure: the status is already out; closing without the final
+                // chunk is how the client learns the body is incomplete.
+                w.metrics
+                    .upstream_errors
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(target: "mcp_guard::upstream", "upstream body failed: {e}");
+                let (_, o) = write_all(stream, out).await;
+                out = o;
+                ok = false;
+                break;
+            }
+        }
+        // Flush each piece as it arrives: SSE events must not wait for the next one.
+        if out.is_empty() {
+            continue;
+        }
+        let (res, o) = write_all(stream, out).await;
+        out = o;
+        if res.is_err() {
+            ok = false;
+            break;
+        }
+    }
+    resp.release(&w.pool);
+    (ok, out)
+}
+
+/// Phase 11: the audit events of a finished request: one per JSON-RPC message (one for a request
+/// that never got that far). Never blocks: a full queue drops and counts.
+fn emit_audit(
+    w: &Rc<Worker>,
+    info: crate::pipeline::AuditInfo,
+    reason: Option<&'static str>,
+    status: u16,
+    method: usize,
+    meta: &ReqMeta,
+    latency: Duration,
+) {
+    use crate::mcp::jsonrpc::Target;
+    let decision = info
+        .decision
+        .unwrap_or(if status < 400 { "allow" } else { "error" });
+    let mut messages = info.messages;
+    if messages.is_empty() {
+        messages.push((crate::observe::metrics::METHODS[method].to_string(), None));
+    }
+    let last = messages.len() - 1;
+    let mut arguments = info.arguments;
+    for (i, (m, target)) in messages.into_iter().enumerate() {
+        let ev = crate::audit::AuditEvent {
+            time: meta.wall,
+            request_id: meta.request_id.clone(),
+            trace_id: meta.trace_id.clone(),
+            identity: info.identity.clone(),
+            auth_method: info.auth_method.unwrap_or("none"),
+            client: meta.peer.ip(),
+            method: m,
+            target: target.map(|t| match t {
+                Target::Tool(n) => ("tool", n),
+                Target::Resource(n) => ("resource", n),
+                Target::Prompt(n) => ("prompt", n),
+            }),
+            decision,
+            reason,
+            status,
+            upstream: "default",
+            latency_us: latency.as_micros() as u64,
+            arguments: if i == last { arguments.take() } else { None },
+        };
+        if !w.audit.push(ev) {
+            w.metrics
+                .audit_dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 async fn relay_events<S: AsyncWriteRent>(

@@ -8,8 +8,8 @@
 use arc_swap::ArcSwap;
 use hdrhistogram::Histogram;
 use std::fmt::Write as _;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 /// MCP method labels; anything else is "other".
@@ -73,6 +73,33 @@ fn status_index(status: u16) -> usize {
 
 const N_STATUS: usize = 21;
 
+/// Tool-label slots: slot 0 is "other", the rest are names the configuration mentions.
+pub const TOOL_SLOTS: usize = 256;
+
+fn tool_registry() -> &'static Mutex<Vec<String>> {
+    static REGISTRY: OnceLock<Mutex<Vec<String>>> = OnceLock::new();
+    REGISTRY.get_or_init(|| Mutex::new(vec!["other".to_string()]))
+}
+
+/// The metric slot of a tool name the config mentions; stable for the life of the process.
+/// Called at config load (never on the request path); `None` once all slots are taken.
+pub fn tool_label_slot(name: &str) -> Option<usize> {
+    let mut reg = tool_registry().lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(i) = reg.iter().position(|n| n == name) {
+        return Some(i);
+    }
+    if reg.len() >= TOOL_SLOTS {
+        return None;
+    }
+    reg.push(name.to_string());
+    Some(reg.len() - 1)
+}
+
+/// Decision outcomes counted per tool.
+pub const OUTCOMES: &[&str] = &["allow", "deny", "rate_limited"];
+/// Auth methods counted.
+pub const AUTH_METHODS: &[&str] = &["anonymous", "api_key", "none"];
+
 /// One worker's metric shard.
 pub struct WorkerMetrics {
     requests: Vec<[AtomicU64; N_STATUS]>,
@@ -84,6 +111,12 @@ pub struct WorkerMetrics {
     pub connections_refused: AtomicU64,
     /// Upstream failures (connect, reset, timeout, malformed response).
     pub upstream_errors: AtomicU64,
+    /// Requests refused with 429.
+    pub rate_limited: AtomicU64,
+    /// Audit events dropped because this worker's queue was full.
+    pub audit_dropped: AtomicU64,
+    auth: [[AtomicU64; 2]; 3],
+    decisions: Vec<[AtomicU64; 3]>,
     latency: ArcSwap<Histogram<u64>>,
 }
 
@@ -97,8 +130,24 @@ impl WorkerMetrics {
             connections_total: AtomicU64::new(0),
             connections_refused: AtomicU64::new(0),
             upstream_errors: AtomicU64::new(0),
+            rate_limited: AtomicU64::new(0),
+            audit_dropped: AtomicU64::new(0),
+            auth: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
+            decisions: (0..TOOL_SLOTS)
+                .map(|_| std::array::from_fn(|_| AtomicU64::new(0)))
+                .collect(),
             latency: ArcSwap::from_pointee(new_histogram()),
         }
+    }
+
+    /// Counts an authentication result; `method` indexes [`AUTH_METHODS`].
+    pub fn count_auth(&self, method: usize, success: bool) {
+        self.auth[method.min(2)][usize::from(!success)].fetch_add(1, Relaxed);
+    }
+
+    /// Counts a decision on a tool call; `outcome` indexes [`OUTCOMES`].
+    pub fn count_decision(&self, tool_slot: usize, outcome: usize) {
+        self.decisions[tool_slot.min(TOOL_SLOTS - 1)][outcome.min(2)].fetch_add(1, Relaxed);
     }
 
     /// Counts one finished request.
@@ -129,6 +178,8 @@ pub struct GlobalMetrics {
     pub reloads_failed: AtomicU64,
     /// Server-to-client messages dropped because a stream was full or absent.
     pub stream_messages_dropped: AtomicU64,
+    /// Audit events written.
+    pub audit_written: AtomicU64,
 }
 
 /// All shards, for the admin thread.
@@ -248,6 +299,66 @@ impl Metrics {
             "gauge",
             "1 when the upstream is reachable.",
             u64::from(upstream_ready),
+        );
+        out.push_str("# HELP mcp_guard_auth_total Authentication results by method.\n");
+        out.push_str("# TYPE mcp_guard_auth_total counter\n");
+        for (mi, m) in AUTH_METHODS.iter().enumerate() {
+            for (ri, r) in ["success", "failure"].iter().enumerate() {
+                let n: u64 = self
+                    .workers
+                    .iter()
+                    .map(|w| w.auth[mi][ri].load(Relaxed))
+                    .sum();
+                if n > 0 {
+                    let _ = writeln!(
+                        out,
+                        "mcp_guard_auth_total{{method=\"{m}\",result=\"{r}\"}} {n}"
+                    );
+                }
+            }
+        }
+        out.push_str("# HELP mcp_guard_decisions_total Tool-call decisions by outcome and tool (tools the configuration names; others are \"other\").\n");
+        out.push_str("# TYPE mcp_guard_decisions_total counter\n");
+        let names = tool_registry()
+            .lock()
+            .map(|r| r.clone())
+            .unwrap_or_default();
+        for (slot, name) in names.iter().enumerate() {
+            for (oi, o) in OUTCOMES.iter().enumerate() {
+                let n: u64 = self
+                    .workers
+                    .iter()
+                    .map(|w| w.decisions[slot][oi].load(Relaxed))
+                    .sum();
+                if n > 0 {
+                    let label = name.replace('\\', "\\\\").replace('"', "\\\"");
+                    let _ = writeln!(
+                        out,
+                        "mcp_guard_decisions_total{{outcome=\"{o}\",tool=\"{label}\"}} {n}"
+                    );
+                }
+            }
+        }
+        write_metric(
+            &mut out,
+            "mcp_guard_rate_limited_total",
+            "counter",
+            "Requests refused with 429.",
+            sum(&|w| w.rate_limited.load(Relaxed)),
+        );
+        write_metric(
+            &mut out,
+            "mcp_guard_audit_events_written_total",
+            "counter",
+            "Audit events written.",
+            self.global.audit_written.load(Relaxed),
+        );
+        write_metric(
+            &mut out,
+            "mcp_guard_audit_events_dropped_total",
+            "counter",
+            "Audit events dropped because a worker's audit queue was full.",
+            sum(&|w| w.audit_dropped.load(Relaxed)),
         );
         self.render_latency(&mut out);
         out

@@ -40,6 +40,7 @@ pub fn run(path: &Path, shared: &Arc<Shared>) {
     }
     let mut last_seen = file_stamp(path);
     let mut next_health = Instant::now();
+    let mut next_sweep = Instant::now() + Duration::from_secs(10);
     check_health(shared);
     loop {
         match rx.recv_timeout(Duration::from_millis(500)) {
@@ -47,6 +48,10 @@ pub fn run(path: &Path, shared: &Arc<Shared>) {
             Ok(Event::Reload) => {
                 last_seen = file_stamp(path);
                 reload(path, shared);
+                // SIGHUP is also the log-rotation signal for the audit file.
+                if let Some(a) = &shared.audit_writer {
+                    a.reopen();
+                }
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => {
@@ -61,6 +66,10 @@ pub fn run(path: &Path, shared: &Arc<Shared>) {
         if Instant::now() >= next_health {
             check_health(shared);
             next_health = Instant::now() + Duration::from_secs(2);
+        }
+        if Instant::now() >= next_sweep {
+            shared.quota.sweep(Instant::now());
+            next_sweep = Instant::now() + Duration::from_secs(10);
         }
     }
 }
@@ -108,6 +117,9 @@ fn restart_only_change(old: &Settings, new: &Settings) -> Option<&'static str> {
     }
     if old.admin != new.admin {
         return Some("admin");
+    }
+    if old.audit.output != new.audit.output {
+        return Some("audit.enabled/file/stdout");
     }
     match (&old.upstream.transport, &new.upstream.transport) {
         (Transport::Stdio(a), Transport::Stdio(b)) if a != b => {

@@ -98,6 +98,21 @@ pub fn run(path: PathBuf) -> Result<(), String> {
         Transport::Stdio(s) => Some(StdioHub::start(s.clone(), metrics.clone())),
         Transport::Http(_) => None,
     };
+    let (audit_writer, audit_sinks) = match &settings.audit.output {
+        Some(output) => {
+            let (writer, sinks) =
+                crate::audit::AuditWriter::start(output.clone(), workers, metrics.clone())
+                    .map_err(|e| format!("cannot open the audit trail: {e}"))?;
+            (Some(writer), sinks.into_iter().map(Some).collect())
+        }
+        None => (None, Vec::new()),
+    };
+    if !settings.auth.requires_credentials() {
+        tracing::warn!(
+            target: "mcp_guard",
+            "no authentication is configured: every caller is anonymous (rate limits apply per client address)"
+        );
+    }
     let (shutdown_tx, shutdown_rx) = async_channel::bounded::<()>(1);
     let shared = Arc::new(Shared {
         config: Arc::new(ArcSwap::from_pointee(settings.clone())),
@@ -109,6 +124,9 @@ pub fn run(path: PathBuf) -> Result<(), String> {
         upstream_ready: AtomicBool::new(false),
         shutdown_rx,
         workers,
+        quota: Arc::new(crate::ratelimit::MemoryPool::default()),
+        audit_sinks: std::sync::Mutex::new(audit_sinks),
+        audit_writer,
     });
     let mut threads = Vec::with_capacity(workers);
     for (id, listener) in listeners.into_iter().enumerate() {
@@ -138,6 +156,9 @@ pub fn run(path: PathBuf) -> Result<(), String> {
     }
     if let Some(h) = hub {
         h.shutdown();
+    }
+    if let Some(a) = &shared.audit_writer {
+        a.stop();
     }
     tracing::info!(target: "mcp_guard", "shutdown complete");
     Ok(())

@@ -2,11 +2,13 @@
 //! listener, connections, upstream pool, classifier buffers and metric shard. Nothing here is
 //! shared with another worker except through [`Shared`] (immutable snapshot, atomics, channels).
 
+use crate::audit::{AuditSink, AuditWriter};
 use crate::config::Settings;
 use crate::http::client::Pool;
 use crate::mcp::jsonrpc::Classifier;
 use crate::mcp::session::{SessionCodec, random_bytes};
 use crate::observe::metrics::{Metrics, WorkerMetrics, new_histogram};
+use crate::ratelimit::{LocalLimiter, QuotaPool};
 use crate::runtime::shutdown::LocalShutdown;
 use crate::upstream::stdio::StdioHub;
 use arc_swap::{ArcSwap, Cache};
@@ -37,6 +39,12 @@ pub struct Shared {
     pub shutdown_rx: async_channel::Receiver<()>,
     /// Number of workers.
     pub workers: usize,
+    /// Where workers lease rate-limit quota.
+    pub quota: Arc<dyn QuotaPool>,
+    /// Each worker's audit queue, taken by the worker when it starts.
+    pub audit_sinks: std::sync::Mutex<Vec<Option<AuditSink>>>,
+    /// The audit writer thread, when auditing is on.
+    pub audit_writer: Option<AuditWriter>,
 }
 
 impl Shared {
@@ -89,6 +97,10 @@ pub struct Worker {
     pub shutdown: Rc<LocalShutdown>,
     /// Connections being served by this worker.
     pub active: Cell<usize>,
+    /// This worker's rate-limit buckets.
+    pub limiter: LocalLimiter,
+    /// This worker's audit queue.
+    pub audit: AuditSink,
     request_seq: Cell<u64>,
     request_prefix: u64,
 }
@@ -97,11 +109,16 @@ impl Worker {
     /// A worker's state (built on its own thread).
     pub fn new(id: usize, shared: Arc<Shared>) -> Rc<Self> {
         let cache = Cache::new(shared.config.clone());
+        let audit = shared
+            .audit_sinks
+            .lock()
+            .ok()
+            .and_then(|mut sinks| sinks.get_mut(id).and_then(Option::take))
+            .unwrap_or_else(AuditSink::disabled);
         let local = Rc::new(shared.config.load_full());
         Rc::new(Self {
             id,
             metrics: shared.metrics.workers[id].clone(),
-            shared,
             config: RefCell::new(ConfigView { cache, local }),
             classifier: RefCell::new(Classifier::new()),
             pool: Pool::default(),
@@ -109,8 +126,11 @@ impl Worker {
             latency_dirty: Cell::new(false),
             shutdown: LocalShutdown::new(),
             active: Cell::new(0),
+            limiter: LocalLimiter::new(shared.workers),
+            audit,
             request_seq: Cell::new(0),
             request_prefix: u64::from_be_bytes(random_bytes::<8>()) & 0xffff_ffff,
+            shared,
         })
     }
 
@@ -156,9 +176,14 @@ impl Worker {
 pub async fn run(w: Rc<Worker>, listener: monoio::net::TcpListener) {
     let publisher = w.clone();
     monoio::spawn(async move {
+        let mut ticks = 0u32;
         loop {
             monoio::time::sleep(Duration::from_millis(250)).await;
             publisher.publish_metrics();
+            ticks = ticks.wrapping_add(1);
+            if ticks % 20 == 0 {
+                publisher.limiter.evict_idle(Instant::now());
+            }
         }
     });
     let shutdown_rx = w.shared.shutdown_rx.clone();

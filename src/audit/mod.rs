@@ -1,0 +1,317 @@
+//! The audit trail: one JSON object per line for every decision.
+//!
+//! Workers hand events to their own bounded queue and never wait: a full queue drops the event
+//! and counts it. One writer thread drains every worker's queue, serialises, and writes to the
+//! file and/or stdout; SIGHUP (log rotation) makes it reopen the file. Secrets never enter an
+//! event: identities are ids, credentials are never copied in.
+
+use crate::observe::metrics::Metrics;
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Events queued per worker before new ones are dropped.
+pub const QUEUE_CAPACITY: usize = 8192;
+
+/// One decision.
+#[derive(Debug, Clone)]
+pub struct AuditEvent {
+    /// When the request arrived.
+    pub time: SystemTime,
+    /// The request id (also sent upstream and to the client).
+    pub request_id: String,
+    /// W3C trace id, if the request carried a traceparent.
+    pub trace_id: Option<String>,
+    /// The identity, when authentication succeeded.
+    pub identity: Option<Arc<str>>,
+    /// How it authenticated ("none" when it did not).
+    pub auth_method: &'static str,
+    /// The client's address.
+    pub client: IpAddr,
+    /// MCP method (or "stream", "delete", "batch", "" when unknown).
+    pub method: String,
+    /// "tool", "resource" or "prompt", with its name.
+    pub target: Option<(&'static str, String)>,
+    /// allow | deny | error
+    pub decision: &'static str,
+    /// Why, when not plainly allowed.
+    pub reason: Option<&'static str>,
+    /// HTTP status sent.
+    pub status: u16,
+    /// Which upstream.
+    pub upstream: &'static str,
+    /// Time to the end of the response (to the first byte for streams), µs.
+    pub latency_us: u64,
+    /// Tool arguments (raw JSON), only when `audit.include_arguments` is on.
+    pub arguments: Option<String>,
+}
+
+impl AuditEvent {
+    /// The JSON line (without the newline).
+    pub fn to_json(&self) -> String {
+        let mut v = serde_json::json!({
+            "timestamp": rfc3339(self.time),
+            "request_id": self.request_id,
+            "identity": self.identity.as_deref(),
+            "auth_method": self.auth_method,
+            "client_addr": self.client.to_string(),
+            "method": self.method,
+            "decision": self.decision,
+            "status": self.status,
+            "upstream": self.upstream,
+            "latency_us": self.latency_us,
+        });
+        if let Some(o) = v.as_object_mut() {
+            if let Some(t) = &self.trace_id {
+                o.insert("trace_id".into(), t.clone().into());
+            }
+            if let Some((kind, name)) = &self.target {
+                o.insert((*kind).into(), name.clone().into());
+            }
+            if let Some(r) = self.reason {
+                o.insert("reason".into(), r.into());
+            }
+            if let Some(a) = &self.arguments {
+                let parsed: serde_json::Value =
+                    serde_json::from_str(a).unwrap_or_else(|_| a.clone().into());
+                o.insert("arguments".into(), parsed);
+            }
+        }
+        v.to_string()
+    }
+}
+
+/// RFC 3339 UTC with milliseconds, computed without a date library.
+pub fn rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (h, m, s) = (rem / 3600, (rem % 3600) / 60, rem % 60);
+    // Civil-from-days (proleptic Gregorian), valid for all dates after 1970.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = if month <= 2 { y + 1 } else { y };
+    format!(
+        "{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}.{:03}Z",
+        d.subsec_millis()
+    )
+}
+
+/// A worker's end of its audit queue.
+pub struct AuditSink {
+    tx: Option<SyncSender<AuditEvent>>,
+}
+
+impl AuditSink {
+    /// A sink that discards (auditing off).
+    pub fn disabled() -> Self {
+        Self { tx: None }
+    }
+
+    /// Whether events are wanted at all (so callers can skip building them).
+    pub fn enabled(&self) -> bool {
+        self.tx.is_some()
+    }
+
+    /// Queues an event; false when it was dropped (queue full).
+    pub fn push(&self, ev: AuditEvent) -> bool {
+        match &self.tx {
+            None => true,
+            Some(tx) => match tx.try_send(ev) {
+                Ok(()) => true,
+                Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => false,
+            },
+        }
+    }
+}
+
+/// Where the writer writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditOutput {
+    /// JSON-lines file, appended.
+    pub file: Option<PathBuf>,
+    /// Also to stdout.
+    pub stdout: bool,
+}
+
+/// Control handle of the writer thread.
+pub struct AuditWriter {
+    reopen: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    handle: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl AuditWriter {
+    /// Starts the writer for `workers` queues; returns it and the workers' sinks.
+    pub fn start(
+        output: AuditOutput,
+        workers: usize,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<(AuditWriter, Vec<AuditSink>)> {
+        let mut sinks = Vec::with_capacity(workers);
+        let mut rxs = Vec::with_capacity(workers);
+        for _ in 0..workers {
+            let (tx, rx) = sync_channel(QUEUE_CAPACITY);
+            sinks.push(AuditSink { tx: Some(tx) });
+            rxs.push(rx);
+        }
+        let file = match &output.file {
+            Some(p) => Some(open(p)?),
+            None => None,
+        };
+        let reopen = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (r2, s2) = (reopen.clone(), stop.clone());
+        let handle = std::thread::Builder::new()
+            .name("audit".into())
+            .spawn(move || write_loop(rxs, output, file, r2, s2, metrics))?;
+        Ok((
+            AuditWriter {
+                reopen,
+                stop,
+                handle: Mutex::new(Some(handle)),
+            },
+            sinks,
+        ))
+    }
+
+    /// Reopens the file on the next pass (log rotation).
+    pub fn reopen(&self) {
+        self.reopen.store(true, Ordering::Relaxed);
+    }
+
+    /// Drains what is queued and stops.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.lock().ok().and_then(|mut g| g.take()) {
+            let _ = h.join();
+        }
+    }
+}
+
+fn open(p: &PathBuf) -> std::io::Result<std::io::BufWriter<std::fs::File>> {
+    if let Some(dir) = p.parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir)?;
+    }
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(p)?;
+    Ok(std::io::BufWriter::with_capacity(64 * 1024, f))
+}
+
+fn write_loop(
+    rxs: Vec<Receiver<AuditEvent>>,
+    output: AuditOutput,
+    mut file: Option<std::io::BufWriter<std::fs::File>>,
+    reopen: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+) {
+    let stdout = std::io::stdout();
+    let mut line = String::with_capacity(512);
+    loop {
+        let stopping = stop.load(Ordering::Relaxed);
+        if reopen.swap(false, Ordering::Relaxed)
+            && let Some(p) = &output.file
+        {
+            if let Some(f) = file.as_mut() {
+                let _ = f.flush();
+            }
+            match open(p) {
+                Ok(f) => {
+                    file = Some(f);
+                    tracing::info!(target: "mcp_guard::audit", "audit file reopened: {}", p.display());
+                }
+                Err(e) => {
+                    tracing::error!(target: "mcp_guard::audit", "cannot reopen audit file {}: {e}", p.display())
+                }
+            }
+        }
+        let mut wrote = 0u64;
+        for rx in &rxs {
+            // Bounded per pass so one busy worker cannot starve the others' queues.
+            for ev in rx.try_iter().take(4096) {
+                line.clear();
+                line.push_str(&ev.to_json());
+                line.push('\n');
+                if let Some(f) = file.as_mut()
+                    && let Err(e) = f.write_all(line.as_bytes())
+                {
+                    tracing::error!(target: "mcp_guard::audit", "audit write failed: {e}");
+                }
+                if output.stdout {
+                    let _ = stdout.lock().write_all(line.as_bytes());
+                }
+                wrote += 1;
+            }
+        }
+        if wrote > 0 {
+            metrics
+                .global
+                .audit_written
+                .fetch_add(wrote, Ordering::Relaxed);
+        } else {
+            if let Some(f) = file.as_mut() {
+                let _ = f.flush();
+            }
+            if output.stdout {
+                let _ = stdout.lock().flush();
+            }
+            if stopping {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_rfc3339_utc() {
+        let t = UNIX_EPOCH + Duration::from_millis(1_767_225_600_123); // 2026-01-01T00:00:00.123Z
+        assert_eq!(rfc3339(t), "2026-01-01T00:00:00.123Z");
+        let t = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
+        assert_eq!(rfc3339(t), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn full_queue_drops_instead_of_blocking() {
+        let (tx, _rx) = sync_channel(1);
+        let sink = AuditSink { tx: Some(tx) };
+        let ev = AuditEvent {
+            time: SystemTime::now(),
+            request_id: "r".into(),
+            trace_id: None,
+            identity: None,
+            auth_method: "none",
+            client: "127.0.0.1".parse().unwrap(),
+            method: "ping".into(),
+            target: None,
+            decision: "allow",
+            reason: None,
+            status: 200,
+            upstream: "default",
+            latency_us: 1,
+            arguments: None,
+        };
+        assert!(sink.push(ev.clone()));
+        assert!(!sink.push(ev));
+    }
+}
