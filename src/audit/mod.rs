@@ -14,9 +14,6 @@ use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// Events queued per worker before new ones are dropped.
-pub const QUEUE_CAPACITY: usize = 8192;
-
 /// One decision.
 #[derive(Debug, Clone)]
 pub struct AuditEvent {
@@ -157,12 +154,13 @@ impl AuditWriter {
     pub fn start(
         output: AuditOutput,
         workers: usize,
+        queue_capacity: usize,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<(AuditWriter, Vec<AuditSink>)> {
         let mut sinks = Vec::with_capacity(workers);
         let mut rxs = Vec::with_capacity(workers);
         for _ in 0..workers {
-            let (tx, rx) = sync_channel(QUEUE_CAPACITY);
+            let (tx, rx) = sync_channel(queue_capacity);
             sinks.push(AuditSink { tx: Some(tx) });
             rxs.push(rx);
         }

@@ -66,6 +66,8 @@ pub struct AuditSettings {
     pub output: Option<AuditOutput>,
     /// Tool arguments in events.
     pub include_arguments: bool,
+    /// Per-worker queue bound.
+    pub queue_capacity: usize,
 }
 
 /// `[server]`, validated.
@@ -230,7 +232,11 @@ pub fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
             },
         ),
         include_arguments: file.audit.include_arguments,
+        queue_capacity: file.audit.queue_capacity,
     };
+    if !(1..=1_000_000).contains(&audit.queue_capacity) {
+        return Err(invalid("audit.queue_capacity", "must be 1..=1000000"));
+    }
     let tool_labels = Arc::new(tool_labels(file));
     Ok(Settings {
         server: ServerSettings {

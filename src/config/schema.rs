@@ -398,6 +398,8 @@ pub struct AuditSection {
     pub spool_max_bytes: u64,
     /// Tool arguments in events.
     pub include_arguments: bool,
+    /// Events queued per worker before new ones are dropped (and counted).
+    pub queue_capacity: usize,
 }
 
 impl Default for AuditSection {
@@ -413,6 +415,7 @@ impl Default for AuditSection {
             spool_dir: None,
             spool_max_bytes: 1 << 30,
             include_arguments: false,
+            queue_capacity: 8192,
         }
     }
 }

@@ -100,9 +100,13 @@ pub fn run(path: PathBuf) -> Result<(), String> {
     };
     let (audit_writer, audit_sinks) = match &settings.audit.output {
         Some(output) => {
-            let (writer, sinks) =
-                crate::audit::AuditWriter::start(output.clone(), workers, metrics.clone())
-                    .map_err(|e| format!("cannot open the audit trail: {e}"))?;
+            let (writer, sinks) = crate::audit::AuditWriter::start(
+                output.clone(),
+                workers,
+                settings.audit.queue_capacity,
+                metrics.clone(),
+            )
+            .map_err(|e| format!("cannot open the audit trail: {e}"))?;
             (Some(writer), sinks.into_iter().map(Some).collect())
         }
         None => (None, Vec::new()),

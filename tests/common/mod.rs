@@ -30,6 +30,12 @@ pub struct Gateway {
 impl Gateway {
     /// Starts the gateway with `config` (a TOML document; use port 0).
     pub fn start(config: &str) -> Gateway {
+        Self::start_with(config, false)
+    }
+
+    /// As [`Gateway::start`]; with `stall_stdout` its stdout is a pipe nobody reads, so
+    /// anything written there (the audit trail on stdout) eventually blocks the writer.
+    pub fn start_with(config: &str, stall_stdout: bool) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("guard.toml");
         std::fs::write(&config_path, config).unwrap();
@@ -38,7 +44,11 @@ impl Gateway {
             .arg(&config_path)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(if stall_stdout {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stderr(Stdio::piped())
             .spawn()
             .expect("start mcp-guard");

@@ -1,0 +1,543 @@
+//! The guard through the real binary: API keys, per-identity tool policy, tools/list
+//! filtering, rate limits, policy reload, and the audit trail.
+
+mod common;
+
+use common::*;
+use mcp_guard::cli::hash_key;
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+const ALICE: &str = "alice-key-6f1c2d";
+const BOB: &str = "bob-key-9a8b7c";
+
+/// Keys: alice may call echo/add/tool_00* but never crash; bob may call anything.
+fn keys(alice_extra: &str) -> String {
+    format!(
+        "[[auth.api_keys]]\nid = \"alice\"\nkey_hash = \"{}\"\nallowed_tools = [\"echo\", \"add\", \"tool_00*\", \"crash\"]\ndenied_tools = [\"crash\"]\n{alice_extra}\n\n[[auth.api_keys]]\nid = \"bob\"\nkey_hash = \"{}\"\n",
+        hash_key(ALICE),
+        hash_key(BOB)
+    )
+}
+
+fn guarded_stdio(demo_args: &[&str], tail: &str) -> String {
+    format!(
+        "{}\n{}\n[rate_limit]\nenabled = false\n{tail}\n",
+        stdio_config("auto", "", demo_args),
+        keys("")
+    )
+}
+
+fn with_key(key: &str) -> String {
+    format!("Authorization: Bearer {key}\r\n")
+}
+
+fn post_as(addr: std::net::SocketAddr, key: &str, body: &str, sid: Option<&str>) -> Response {
+    request(addr, &mcp_post_raw(body, sid, &with_key(key)))
+}
+
+fn init_as(addr: std::net::SocketAddr, key: &str) -> String {
+    let r = post_as(addr, key, INIT, None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let sid = r.header("mcp-session-id").unwrap().to_string();
+    let n = post_as(
+        addr,
+        key,
+        r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#,
+        Some(&sid),
+    );
+    assert_eq!(n.status, 202);
+    sid
+}
+
+fn tool_names(v: &serde_json::Value) -> Vec<String> {
+    v["result"]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn missing_and_wrong_keys_get_401_and_good_keys_pass() {
+    let g = Gateway::start(&guarded_stdio(&[], ""));
+    let r = mcp_post(g.addr, INIT, None);
+    assert_eq!(r.status, 401);
+    assert_eq!(
+        r.header("www-authenticate"),
+        Some("Bearer realm=\"mcp-guard\"")
+    );
+    assert_eq!(r.json()["error"]["code"], -32001);
+    let r = post_as(g.addr, "wrong-key", INIT, None);
+    assert_eq!(r.status, 401);
+    assert!(
+        r.header("www-authenticate")
+            .unwrap()
+            .contains("invalid_token")
+    );
+    // Both accepted header forms work.
+    assert_eq!(post_as(g.addr, ALICE, INIT, None).status, 200);
+    let r = request(
+        g.addr,
+        &mcp_post_raw(INIT, None, &format!("X-API-Key: {BOB}\r\n")),
+    );
+    assert_eq!(r.status, 200);
+    // Two different keys in one request are refused, not resolved by preference.
+    let r = request(
+        g.addr,
+        &mcp_post_raw(
+            INIT,
+            None,
+            &format!("Authorization: Bearer {ALICE}\r\nX-API-Key: {BOB}\r\n"),
+        ),
+    );
+    assert_eq!(r.status, 401);
+    // A session is bound to the identity that created it.
+    let sid = init_as(g.addr, ALICE);
+    let ping = r#"{"jsonrpc":"2.0","id":9,"method":"ping"}"#;
+    assert_eq!(post_as(g.addr, ALICE, ping, Some(&sid)).status, 200);
+    assert_eq!(post_as(g.addr, BOB, ping, Some(&sid)).status, 404);
+    assert!(
+        g.metric(
+            "mcp_guard_auth_total",
+            &[("method", "api_key"), ("result", "failure")]
+        ) >= 2.0
+    );
+    assert!(
+        g.metric(
+            "mcp_guard_auth_total",
+            &[("method", "none"), ("result", "failure")]
+        ) >= 1.0
+    );
+    assert!(
+        g.metric(
+            "mcp_guard_auth_total",
+            &[("method", "api_key"), ("result", "success")]
+        ) >= 3.0
+    );
+}
+
+#[test]
+fn denied_tools_never_reach_the_upstream_and_globs_allow() {
+    let g = Gateway::start(&guarded_stdio(&["--test-tools", "--tools", "20"], ""));
+    let sid = init_as(g.addr, ALICE);
+    let r = post_as(
+        g.addr,
+        ALICE,
+        &call(2, "echo", r#"{"text":"ok"}"#),
+        Some(&sid),
+    );
+    assert_eq!(r.json()["result"]["content"][0]["text"], "ok");
+    let r = post_as(g.addr, ALICE, &call(3, "tool_0007", "{}"), Some(&sid));
+    assert_eq!(
+        r.json()["result"]["content"][0]["text"],
+        "called tool_0007",
+        "glob allows"
+    );
+    let r = post_as(g.addr, ALICE, &call(4, "sleep", r#"{"ms":1}"#), Some(&sid));
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["error"]["code"], -32003);
+    // `crash` would kill the stdio server if it got there; deny wins over the allow entry.
+    let r = post_as(g.addr, ALICE, &call(5, "crash", "{}"), Some(&sid));
+    assert_eq!(r.status, 200);
+    let err = &r.json()["error"];
+    assert_eq!(err["code"], -32003);
+    assert!(
+        err["message"].as_str().unwrap().contains("'crash'"),
+        "names the tool: {err}"
+    );
+    assert_eq!(r.json()["id"], 5);
+    let r = post_as(
+        g.addr,
+        ALICE,
+        &call(6, "echo", r#"{"text":"still up"}"#),
+        Some(&sid),
+    );
+    assert_eq!(r.json()["result"]["content"][0]["text"], "still up");
+    assert_eq!(g.metric("mcp_guard_upstream_restarts_total", &[]), 0.0);
+    assert_eq!(
+        g.metric(
+            "mcp_guard_decisions_total",
+            &[("outcome", "deny"), ("tool", "crash")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        g.metric(
+            "mcp_guard_decisions_total",
+            &[("outcome", "allow"), ("tool", "echo")]
+        ),
+        2.0
+    );
+    // A batch holding a denied call is refused whole.
+    let batch = format!(
+        "[{},{}]",
+        call(7, "echo", r#"{"text":"a"}"#),
+        call(8, "crash", "{}")
+    );
+    let r = request(
+        g.addr,
+        &mcp_post_raw(
+            &batch,
+            Some(&sid),
+            &format!("{}MCP-Protocol-Version: 2025-03-26\r\n", with_key(ALICE)),
+        ),
+    );
+    let arr = r.json();
+    assert_eq!(arr.as_array().unwrap().len(), 2);
+    assert!(
+        arr.as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["error"]["code"] == -32003)
+    );
+    assert_eq!(g.metric("mcp_guard_upstream_restarts_total", &[]), 0.0);
+}
+
+#[test]
+fn tools_list_is_filtered_in_json_across_pages() {
+    let g = Gateway::start(&guarded_stdio(&["--tools", "120"], ""));
+    let sid = init_as(g.addr, ALICE);
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let params = cursor.as_ref().map_or(String::new(), |c| {
+            format!(r#","params":{{"cursor":"{c}"}}"#)
+        });
+        let body = format!(
+            r#"{{"jsonrpc":"2.0","id":{},"method":"tools/list"{params}}}"#,
+            10 + pages
+        );
+        let r = post_as(g.addr, ALICE, &body, Some(&sid));
+        assert_eq!(r.status, 200);
+        let v = r.json();
+        seen.extend(tool_names(&v));
+        pages += 1;
+        match v["result"]["nextCursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3, "pagination kept");
+    seen.sort();
+    let mut expected: Vec<String> = (0..100).map(|i| format!("tool_{i:04}")).collect();
+    expected.extend(["add".to_string(), "echo".to_string()]);
+    expected.sort();
+    assert_eq!(seen, expected);
+    // Bob has no restrictions and sees everything.
+    let sid = init_as(g.addr, BOB);
+    let r = post_as(
+        g.addr,
+        BOB,
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#,
+        Some(&sid),
+    );
+    assert!(tool_names(&r.json()).contains(&"sleep".to_string()));
+}
+
+#[test]
+fn tools_list_is_filtered_inside_sse_responses() {
+    let up = DemoHttp::start(&["--sse-responses", "--test-tools"]);
+    let cfg = format!(
+        "{}\n{}\n[rate_limit]\nenabled = false\n",
+        http_config("auto", &up.url(), "", ""),
+        keys("")
+    );
+    let g = Gateway::start(&cfg);
+    let sid = init_as(g.addr, ALICE);
+    let r = post_as(
+        g.addr,
+        ALICE,
+        r#"{"jsonrpc":"2.0","id":"l1","method":"tools/list"}"#,
+        Some(&sid),
+    );
+    assert_eq!(r.status, 200);
+    assert!(
+        r.header("content-type")
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let msg = rpc_result(&r);
+    assert_eq!(msg["id"], "l1");
+    let mut names = tool_names(&msg);
+    names.sort();
+    assert_eq!(names, vec!["add".to_string(), "echo".to_string()]);
+    // Responses to other methods stream through untouched.
+    let r = post_as(
+        g.addr,
+        ALICE,
+        &call(2, "echo", r#"{"text":"sse"}"#),
+        Some(&sid),
+    );
+    assert_eq!(rpc_result(&r)["result"]["content"][0]["text"], "sse");
+}
+
+#[test]
+fn burst_then_429_with_retry_after_and_rate_limit_headers() {
+    let cfg = format!(
+        "{}\n{}\n[rate_limit]\nrequests_per_second = 2\nburst_size = 5\n",
+        stdio_config("auto", "", &[]),
+        keys("")
+    );
+    let g = Gateway::start(&cfg);
+    let ping = r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#;
+    // initialize used one token.
+    let sid = {
+        let r = post_as(g.addr, BOB, INIT, None);
+        r.header("mcp-session-id").unwrap().to_string()
+    };
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        statuses.push(post_as(g.addr, BOB, ping, Some(&sid)).status);
+    }
+    assert_eq!(&statuses[..4], &[200, 200, 200, 200], "{statuses:?}");
+    let r = post_as(g.addr, BOB, ping, Some(&sid));
+    assert_eq!(r.status, 429, "{statuses:?}");
+    let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=2).contains(&retry));
+    assert_eq!(r.header("ratelimit-limit"), Some("2"));
+    assert_eq!(r.header("ratelimit-remaining"), Some("0"));
+    assert_eq!(r.json()["error"]["data"]["retryAfterSeconds"], retry);
+    assert_eq!(r.json()["id"], 1);
+    // Another identity has its own bucket.
+    assert_eq!(post_as(g.addr, ALICE, INIT, None).status, 200);
+    assert!(g.metric("mcp_guard_rate_limited_total", &[]) >= 1.0);
+}
+
+#[test]
+fn per_tool_limit_applies_to_that_tool_only() {
+    let cfg = format!(
+        "{}\n{}\n[rate_limit]\nrequests_per_second = 1000\nburst_size = 1000\nper_tool = {{ \"echo\" = 2 }}\n",
+        stdio_config("auto", "", &[]),
+        keys("")
+    );
+    let g = Gateway::start(&cfg);
+    let sid = init_as(g.addr, BOB);
+    let echo = |id| {
+        post_as(
+            g.addr,
+            BOB,
+            &call(id, "echo", r#"{"text":"x"}"#),
+            Some(&sid),
+        )
+        .status
+    };
+    assert_eq!((echo(1), echo(2)), (200, 200));
+    assert_eq!(echo(3), 429);
+    let r = post_as(g.addr, BOB, &call(4, "add", r#"{"a":1,"b":2}"#), Some(&sid));
+    assert_eq!(
+        r.status, 200,
+        "other tools are not limited by echo's bucket"
+    );
+    assert_eq!(
+        g.metric(
+            "mcp_guard_decisions_total",
+            &[("outcome", "rate_limited"), ("tool", "echo")]
+        ),
+        1.0
+    );
+}
+
+#[test]
+fn limit_holds_across_connections_spread_over_all_workers() {
+    // 2 workers; rate 20/s, burst 20. Lease size L = clamp(20 / (4·2), 1, 64) = 2, so over a
+    // run of T seconds at most 20 + 20·T + 2·(2−1) requests may be admitted.
+    let cfg = format!(
+        "{}\n{}\n[rate_limit]\nrequests_per_second = 20\nburst_size = 20\n",
+        stdio_config("auto", "", &[]),
+        keys("")
+    );
+    let g = Gateway::start(&cfg);
+    let ping = r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#;
+    let raw = mcp_post_raw(ping, None, &with_key(BOB)).replace("Mcp-Session-Id", "X-Ignored");
+    let start = Instant::now();
+    let threads: Vec<_> = (0..16)
+        .map(|_| {
+            let raw = raw.clone();
+            let addr = g.addr;
+            std::thread::spawn(move || {
+                // One connection per thread; the kernel spreads them over both workers.
+                let mut s = connect(addr);
+                let (mut ok, mut limited) = (0u32, 0u32);
+                for _ in 0..40 {
+                    s.write_all(raw.as_bytes()).unwrap();
+                    match read_response(&mut s).unwrap().status {
+                        200 | 400 => ok += 1,
+                        429 => limited += 1,
+                        other => panic!("unexpected status {other}"),
+                    }
+                }
+                (ok, limited)
+            })
+        })
+        .collect();
+    let (mut ok, mut limited) = (0, 0);
+    for t in threads {
+        let (a, b) = t.join().unwrap();
+        ok += a;
+        limited += b;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let bound = 20.0 + 20.0 * elapsed + 2.0;
+    assert_eq!(ok + limited, 640);
+    assert!(
+        f64::from(ok) <= bound,
+        "admitted {ok} > bound {bound:.1} over {elapsed:.2}s"
+    );
+    assert!(ok >= 20, "at least the burst is admitted: {ok}");
+}
+
+#[test]
+fn policy_reload_takes_effect_without_restart() {
+    let g = Gateway::start(&guarded_stdio(&[], ""));
+    let sid = init_as(g.addr, ALICE);
+    let sleep = call(2, "sleep", r#"{"ms":1}"#);
+    assert_eq!(
+        post_as(g.addr, ALICE, &sleep, Some(&sid)).json()["error"]["code"],
+        -32003
+    );
+    let cfg = guarded_stdio(&[], "").replace(
+        "allowed_tools = [\"echo\", \"add\", \"tool_00*\", \"crash\"]",
+        "allowed_tools = [\"echo\", \"add\", \"sleep\"]",
+    );
+    g.rewrite_config(&cfg);
+    g.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = post_as(g.addr, ALICE, &sleep, Some(&sid));
+        if r.json()["result"]["content"][0]["text"] == "slept 1ms" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "policy change not applied: {}",
+            r.text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn audit_lines_are_complete_for_each_decision_and_hold_no_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let cfg = format!(
+        "{}\n{}\n[rate_limit]\nrequests_per_second = 1000\nburst_size = 1000\nper_tool = {{ \"add\" = 1 }}\n[audit]\nfile = {:?}\n",
+        stdio_config("auto", "", &["--test-tools"]),
+        keys(""),
+        path.to_str().unwrap()
+    );
+    let g = Gateway::start(&cfg);
+    let sid = init_as(g.addr, ALICE);
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let r = request(
+        g.addr,
+        &mcp_post_raw(
+            &call(2, "echo", r#"{"text":"hello"}"#),
+            Some(&sid),
+            &format!("{}traceparent: {tp}\r\n", with_key(ALICE)),
+        ),
+    );
+    assert_eq!(r.status, 200);
+    post_as(g.addr, ALICE, &call(3, "crash", "{}"), Some(&sid)); // deny
+    post_as(
+        g.addr,
+        ALICE,
+        &call(4, "add", r#"{"a":1,"b":1}"#),
+        Some(&sid),
+    ); // allow
+    post_as(
+        g.addr,
+        ALICE,
+        &call(5, "add", r#"{"a":1,"b":1}"#),
+        Some(&sid),
+    ); // rate_limited
+    post_as(g.addr, "not-a-real-key", INIT, None); // 401
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let lines: Vec<serde_json::Value> = loop {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("each audit line is JSON"))
+            .collect();
+        if lines.len() >= 7 {
+            assert!(
+                !text.contains(ALICE) && !text.contains("not-a-real-key"),
+                "a secret leaked into the audit trail"
+            );
+            break lines;
+        }
+        assert!(Instant::now() < deadline, "audit lines missing: {text}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    for l in &lines {
+        for field in [
+            "timestamp",
+            "request_id",
+            "auth_method",
+            "client_addr",
+            "method",
+            "decision",
+            "status",
+            "upstream",
+            "latency_us",
+        ] {
+            assert!(l.get(field).is_some(), "{field} missing in {l}");
+        }
+    }
+    let find = |tool: &str, decision: &str| {
+        lines
+            .iter()
+            .find(|l| l["tool"] == tool && l["decision"] == decision)
+            .unwrap_or_else(|| panic!("no {decision} event for {tool}: {lines:?}"))
+            .clone()
+    };
+    let echo = find("echo", "allow");
+    assert_eq!(echo["identity"], "alice");
+    assert_eq!(echo["auth_method"], "api_key");
+    assert_eq!(echo["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(echo["method"], "tools/call");
+    assert!(
+        echo.get("arguments").is_none(),
+        "arguments excluded by default"
+    );
+    let deny = find("crash", "deny");
+    assert_eq!(deny["reason"], "denied_by_policy");
+    let limited = find("add", "rate_limited");
+    assert_eq!(limited["status"], 429);
+    let unauth = lines
+        .iter()
+        .find(|l| l["status"] == 401)
+        .expect("401 event");
+    assert_eq!(unauth["decision"], "deny");
+    assert_eq!(unauth["reason"], "invalid_credentials");
+    assert!(unauth["identity"].is_null());
+    assert!(g.metric("mcp_guard_audit_events_written_total", &[]) >= 7.0);
+}
+
+#[test]
+fn audit_overflow_is_counted_and_never_blocks_requests() {
+    // Audit to a stdout pipe nobody reads: the writer blocks once the pipe is full, the tiny
+    // queues fill, and the rest must be dropped (and counted) while requests carry on.
+    let cfg = format!(
+        "{}\n[rate_limit]\nenabled = false\n[audit]\nstdout = true\nqueue_capacity = 4\n",
+        stdio_config("auto", "", &[])
+    );
+    let g = Gateway::start_with(&cfg, true);
+    let sid = initialize(g.addr);
+    let ping = mcp_post_raw(
+        r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#,
+        Some(&sid),
+        "",
+    );
+    let mut s = connect(g.addr);
+    let start = Instant::now();
+    for _ in 0..600 {
+        s.write_all(ping.as_bytes()).unwrap();
+        assert_eq!(read_response(&mut s).unwrap().status, 200);
+    }
+    assert!(start.elapsed() < Duration::from_secs(30));
+    assert!(g.metric("mcp_guard_audit_events_dropped_total", &[]) > 0.0);
+}
