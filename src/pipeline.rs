@@ -441,15 +441,11 @@ async fn post(
     // 8. rate-limit
     rate_limit(w, cfg, identity, body.messages()).map_err(fail)?;
     // tools/list answers are filtered to what this identity may call.
-    let list_ids: Vec<serde_json::Value> = if identity.policy.tools.is_open() {
-        Vec::new()
-    } else {
-        body.messages()
+    let filter_tools = !identity.policy.tools.is_open()
+        && body
+            .messages()
             .iter()
-            .filter(|m| m.kind == Kind::Request && m.method_str() == "tools/list")
-            .filter_map(|m| m.id.as_ref().map(rpc_id_value))
-            .collect()
-    };
+            .any(|m| m.kind == Kind::Request && m.method_str() == "tools/list");
     // 9. forward
     match &cfg.upstream.transport {
         Transport::Http(up) => {
@@ -468,7 +464,7 @@ async fn post(
             )
             .await
             .map_err(fail)?;
-            if list_ids.is_empty() || resp.status != 200 {
+            if !filter_tools || resp.status != 200 {
                 return Ok(relay(w, resp, binding, method, None));
             }
             if resp
@@ -476,7 +472,7 @@ async fn post(
                 .as_deref()
                 .is_some_and(|c| c.starts_with("text/event-stream"))
             {
-                let filter = SseFilter::new(identity.policy.clone(), list_ids);
+                let filter = SseFilter::new(identity.policy.clone());
                 return Ok(relay(w, resp, binding, method, Some(filter)));
             }
             let sid = resp.session_id.clone();
@@ -485,12 +481,11 @@ async fn post(
                 .await
                 .map_err(|e| fail(GatewayError::UpstreamUnavailable(e.to_string())))?;
             resp.release(&w.pool);
-            let filtered =
-                filter_json(&data, &identity.policy.tools, &list_ids).ok_or_else(|| {
-                    fail(GatewayError::UpstreamUnavailable(
-                        "upstream tools/list response is not JSON".into(),
-                    ))
-                })?;
+            let filtered = filter_json(&data, &identity.policy.tools).ok_or_else(|| {
+                fail(GatewayError::UpstreamUnavailable(
+                    "upstream tools/list response is not JSON".into(),
+                ))
+            })?;
             let mut r = Reply::json(200, filtered, method);
             if let Some(sid) = sid {
                 r.headers.push((
@@ -514,26 +509,16 @@ async fn post(
             let mut reply = stdio_post(w, cfg, hub, &body, raw, key, binding, method)
                 .await
                 .map_err(fail)?;
-            if !list_ids.is_empty()
-                && let ReplyBody::Full(data) = &reply.body
-            {
-                let filtered =
-                    filter_json(data, &identity.policy.tools, &list_ids).ok_or_else(|| {
-                        fail(GatewayError::UpstreamUnavailable(
-                            "upstream tools/list response is not JSON".into(),
-                        ))
-                    })?;
+            if filter_tools && let ReplyBody::Full(data) = &reply.body {
+                let filtered = filter_json(data, &identity.policy.tools).ok_or_else(|| {
+                    fail(GatewayError::UpstreamUnavailable(
+                        "upstream tools/list response is not JSON".into(),
+                    ))
+                })?;
                 reply.body = ReplyBody::Full(filtered);
             }
             Ok(reply)
         }
-    }
-}
-
-fn rpc_id_value(id: &RpcId) -> serde_json::Value {
-    match id {
-        RpcId::Num(n) => serde_json::Value::from(*n),
-        RpcId::Str(s) => serde_json::Value::from(s.as_str()),
     }
 }
 

@@ -48,38 +48,69 @@ pub struct AuditEvent {
 }
 
 impl AuditEvent {
-    /// The JSON line (without the newline).
+    /// The JSON line (without the newline), written field by field: this runs once per
+    /// decision on the writer thread, so it avoids building a JSON tree.
     pub fn to_json(&self) -> String {
-        let mut v = serde_json::json!({
-            "timestamp": rfc3339(self.time),
-            "request_id": self.request_id,
-            "identity": self.identity.as_deref(),
-            "auth_method": self.auth_method,
-            "client_addr": self.client.to_string(),
-            "method": self.method,
-            "decision": self.decision,
-            "status": self.status,
-            "upstream": self.upstream,
-            "latency_us": self.latency_us,
-        });
-        if let Some(o) = v.as_object_mut() {
-            if let Some(t) = &self.trace_id {
-                o.insert("trace_id".into(), t.clone().into());
-            }
-            if let Some((kind, name)) = &self.target {
-                o.insert((*kind).into(), name.clone().into());
-            }
-            if let Some(r) = self.reason {
-                o.insert("reason".into(), r.into());
-            }
-            if let Some(a) = &self.arguments {
-                let parsed: serde_json::Value =
-                    serde_json::from_str(a).unwrap_or_else(|_| a.clone().into());
-                o.insert("arguments".into(), parsed);
-            }
+        use std::fmt::Write as _;
+        let mut o = String::with_capacity(384);
+        o.push_str("{\"timestamp\":\"");
+        o.push_str(&rfc3339(self.time));
+        o.push_str("\",\"request_id\":");
+        json_str(&mut o, &self.request_id);
+        if let Some(t) = &self.trace_id {
+            o.push_str(",\"trace_id\":");
+            json_str(&mut o, t);
         }
-        v.to_string()
+        o.push_str(",\"identity\":");
+        match &self.identity {
+            Some(i) => json_str(&mut o, i),
+            None => o.push_str("null"),
+        }
+        o.push_str(",\"auth_method\":");
+        json_str(&mut o, self.auth_method);
+        let _ = write!(o, ",\"client_addr\":\"{}\",\"method\":", self.client);
+        json_str(&mut o, &self.method);
+        if let Some((kind, name)) = &self.target {
+            let _ = write!(o, ",\"{kind}\":");
+            json_str(&mut o, name);
+        }
+        o.push_str(",\"decision\":");
+        json_str(&mut o, self.decision);
+        if let Some(r) = self.reason {
+            o.push_str(",\"reason\":");
+            json_str(&mut o, r);
+        }
+        let _ = write!(o, ",\"status\":{},\"upstream\":", self.status);
+        json_str(&mut o, self.upstream);
+        let _ = write!(o, ",\"latency_us\":{}", self.latency_us);
+        if let Some(a) = &self.arguments {
+            // Arguments were re-serialised by serde_json from the request: valid JSON.
+            o.push_str(",\"arguments\":");
+            o.push_str(a);
+        }
+        o.push('}');
+        o
     }
+}
+
+/// Appends `s` as a JSON string literal.
+fn json_str(out: &mut String, s: &str) {
+    use std::fmt::Write as _;
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 || c == '\u{2028}' || c == '\u{2029}' => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
 }
 
 /// RFC 3339 UTC with milliseconds, computed without a date library.
@@ -287,6 +318,37 @@ mod tests {
         assert_eq!(rfc3339(t), "2026-01-01T00:00:00.123Z");
         let t = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
         assert_eq!(rfc3339(t), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn events_serialise_to_valid_escaped_json() {
+        let mut ev = sample();
+        ev.target = Some(("tool", "we\"ird\n\u{1}name".into()));
+        ev.arguments = Some(r#"{"path":"/x"}"#.into());
+        let v: serde_json::Value = serde_json::from_str(&ev.to_json()).unwrap();
+        assert_eq!(v["tool"], "we\"ird\n\u{1}name");
+        assert_eq!(v["arguments"]["path"], "/x");
+        assert_eq!(v["identity"], "alice");
+        assert_eq!(v["status"], 200);
+    }
+
+    fn sample() -> AuditEvent {
+        AuditEvent {
+            time: SystemTime::now(),
+            request_id: "r".into(),
+            trace_id: None,
+            identity: Some(Arc::from("alice")),
+            auth_method: "api_key",
+            client: "127.0.0.1".parse().unwrap(),
+            method: "tools/call".into(),
+            target: None,
+            decision: "allow",
+            reason: None,
+            status: 200,
+            upstream: "default",
+            latency_us: 1,
+            arguments: None,
+        }
     }
 
     #[test]

@@ -49,46 +49,86 @@ impl Matcher {
     }
 }
 
-/// A compiled glob.
+/// A compiled glob: the common shapes (`prefix*`, `*suffix`, `*infix*`) are plain substring
+/// tests; anything else runs the general matcher over bytes, without allocating.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Glob {
-    pattern: Vec<char>,
+enum Glob {
+    Prefix(String),
+    Suffix(String),
+    Contains(String),
+    General(Vec<u8>),
 }
 
 impl Glob {
     fn new(p: &str) -> Self {
-        Glob {
-            pattern: p.chars().collect(),
+        let inner_wild = |s: &str| s.contains(['*', '?']);
+        if let Some(prefix) = p.strip_suffix('*')
+            && !inner_wild(prefix)
+        {
+            return Glob::Prefix(prefix.to_string());
         }
+        if let Some(suffix) = p.strip_prefix('*')
+            && !inner_wild(suffix)
+        {
+            return Glob::Suffix(suffix.to_string());
+        }
+        if let Some(mid) = p.strip_prefix('*').and_then(|r| r.strip_suffix('*'))
+            && !inner_wild(mid)
+        {
+            return Glob::Contains(mid.to_string());
+        }
+        Glob::General(p.as_bytes().to_vec())
     }
 
-    /// Iterative wildcard match with single backtrack point: linear in practice and never
-    /// exponential, whatever a configured pattern looks like.
     fn matches(&self, name: &str) -> bool {
-        let text: Vec<char> = name.chars().collect();
-        let p = &self.pattern;
-        let (mut ti, mut pi) = (0usize, 0usize);
-        let mut star: Option<(usize, usize)> = None;
-        while ti < text.len() {
-            if pi < p.len() && (p[pi] == '?' || p[pi] == text[ti]) {
-                ti += 1;
-                pi += 1;
-            } else if pi < p.len() && p[pi] == '*' {
-                star = Some((pi, ti));
-                pi += 1;
-            } else if let Some((sp, st)) = star {
-                pi = sp + 1;
-                ti = st + 1;
-                star = Some((sp, st + 1));
-            } else {
-                return false;
-            }
+        match self {
+            Glob::Prefix(p) => name.starts_with(p.as_str()),
+            Glob::Suffix(s) => name.ends_with(s.as_str()),
+            Glob::Contains(m) => name.contains(m.as_str()),
+            Glob::General(p) => wildcard(p, name.as_bytes()),
         }
-        while pi < p.len() && p[pi] == '*' {
-            pi += 1;
-        }
-        pi == p.len()
     }
+}
+
+/// Length of the UTF-8 character starting at `b[i]` (1 for stray continuation bytes).
+fn char_len(b: &[u8], i: usize) -> usize {
+    match b[i] {
+        x if x < 0xC0 => 1,
+        x if x < 0xE0 => 2,
+        x if x < 0xF0 => 3,
+        _ => 4,
+    }
+    .min(b.len() - i)
+}
+
+/// `*` matches any run, `?` exactly one character. Iterative with one backtrack point: at worst
+/// O(pattern × name), never exponential, whatever a configured pattern looks like.
+fn wildcard(p: &[u8], text: &[u8]) -> bool {
+    let (mut ti, mut pi) = (0usize, 0usize);
+    let mut star: Option<(usize, usize)> = None;
+    while ti < text.len() {
+        if pi < p.len() && p[pi] == b'?' {
+            ti += char_len(text, ti);
+            pi += 1;
+        } else if pi < p.len() && p[pi] == text[ti] && p[pi] != b'*' {
+            ti += 1;
+            pi += 1;
+        } else if pi < p.len() && p[pi] == b'*' {
+            star = Some((pi, ti));
+            pi += 1;
+        } else if let Some((sp, st)) = star {
+            let next = st + char_len(text, st);
+            pi = sp + 1;
+            ti = next;
+            star = Some((sp, next));
+        } else {
+            return false;
+        }
+    }
+    while pi < p.len() && p[pi] == b'*' {
+        pi += 1;
+    }
+    pi == p.len()
 }
 
 /// One allow/deny pair.
@@ -170,6 +210,13 @@ mod tests {
         assert!(!m.matches("get_ab_item"));
         assert!(m.matches("x_admin_y"));
         assert!(!m.matches("write_file"));
+        let g = Matcher::new(&["*file", "*tmp*", "a?c*d", "é?x"]);
+        assert!(g.matches("read_file"));
+        assert!(g.matches("x_tmp_y"));
+        assert!(g.matches("abcxxd"));
+        assert!(!g.matches("abcxx"));
+        assert!(g.matches("éüx"), "? matches one whole character");
+        assert!(!g.matches("éx"));
     }
 
     #[test]

@@ -6,48 +6,73 @@
 //! parsed is dropped rather than forwarded unchecked.
 
 use crate::authz::{Policy, Rule};
-use serde_json::Value;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
-/// Filters one JSON-RPC response value in place; returns how many tools were removed.
-fn filter_message(msg: &mut Value, rule: &Rule) -> usize {
-    let Some(tools) = msg
-        .get_mut("result")
-        .and_then(|r| r.get_mut("tools"))
-        .and_then(Value::as_array_mut)
-    else {
-        return 0;
-    };
-    let before = tools.len();
-    tools.retain(|t| {
-        t.get("name")
-            .and_then(Value::as_str)
-            .is_some_and(|n| rule.permits(n))
-    });
-    before - tools.len()
+/// Only what filtering needs of a tool; everything else in it is copied through verbatim.
+#[derive(Deserialize)]
+struct ToolName<'a> {
+    #[serde(borrow)]
+    name: Option<Cow<'a, str>>,
 }
 
-/// Whether `msg` answers one of the listed request ids.
-fn answers(msg: &Value, list_ids: &[Value]) -> bool {
-    msg.get("id").is_some_and(|id| list_ids.contains(id))
+/// Filters one JSON-RPC message: `Some(rewritten)` when it is a response carrying
+/// `result.tools`, `None` when there is nothing to filter. Tools are kept as the raw bytes the
+/// upstream sent; only their names are parsed.
+fn filter_message(msg: &RawValue, rule: &Rule) -> Option<String> {
+    let mut top: BTreeMap<Cow<'_, str>, &RawValue> = serde_json::from_str(msg.get()).ok()?;
+    let result_raw = *top.get("result")?;
+    let mut result: BTreeMap<Cow<'_, str>, &RawValue> =
+        serde_json::from_str(result_raw.get()).ok()?;
+    let tools: Vec<&RawValue> = serde_json::from_str(result.get("tools")?.get()).ok()?;
+    let kept: Vec<&RawValue> = tools
+        .into_iter()
+        .filter(|t| {
+            serde_json::from_str::<ToolName<'_>>(t.get())
+                .ok()
+                .and_then(|n| n.name)
+                .is_some_and(|n| rule.permits(&n))
+        })
+        .collect();
+    let kept_json = serde_json::to_string(&kept).ok()?;
+    let kept_raw = RawValue::from_string(kept_json).ok()?;
+    result.insert(Cow::Borrowed("tools"), &kept_raw);
+    let result_json = RawValue::from_string(serde_json::to_string(&result).ok()?).ok()?;
+    top.insert(Cow::Borrowed("result"), &result_json);
+    serde_json::to_string(&top).ok()
 }
 
-/// Rewrites a JSON body (object or batch array). `list_ids` are the ids of the `tools/list`
-/// requests it answers. `None` when the body is not JSON (the caller refuses it).
-pub fn filter_json(body: &[u8], rule: &Rule, list_ids: &[Value]) -> Option<Vec<u8>> {
-    let mut v: Value = serde_json::from_slice(body).ok()?;
-    match &mut v {
-        Value::Array(items) => {
-            for m in items.iter_mut().filter(|m| answers(m, list_ids)) {
-                filter_message(m, rule);
+/// Rewrites a JSON body (object or batch array) answering a request that held `tools/list`.
+/// Every message carrying `result.tools` is filtered, whatever its id says: matching by id
+/// would let a response with a duplicated or odd id slip through unfiltered. `None` when the
+/// body is not JSON (the caller refuses it).
+pub fn filter_json(body: &[u8], rule: &Rule) -> Option<Vec<u8>> {
+    let text = std::str::from_utf8(body).ok()?;
+    let trimmed = text.trim_start();
+    if trimmed.starts_with('[') {
+        let items: Vec<&RawValue> = serde_json::from_str(text).ok()?;
+        let mut out = String::with_capacity(text.len());
+        out.push('[');
+        for (i, m) in items.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            match filter_message(m, rule) {
+                Some(rewritten) => out.push_str(&rewritten),
+                None => out.push_str(m.get()),
             }
         }
-        m if answers(m, list_ids) => {
-            filter_message(m, rule);
-        }
-        _ => {}
+        out.push(']');
+        return Some(out.into_bytes());
     }
-    serde_json::to_vec(&v).ok()
+    let msg: &RawValue = serde_json::from_str(text).ok()?;
+    match filter_message(msg, rule) {
+        Some(rewritten) => Some(rewritten.into_bytes()),
+        None => Some(body.to_vec()),
+    }
 }
 
 /// The largest single SSE event buffered while filtering.
@@ -56,16 +81,14 @@ const MAX_EVENT: usize = 16 * 1024 * 1024;
 /// An incremental SSE filter.
 pub struct SseFilter {
     policy: Arc<Policy>,
-    list_ids: Vec<Value>,
     pending: Vec<u8>,
 }
 
 impl SseFilter {
-    /// A filter for the events answering `list_ids`.
-    pub fn new(policy: Arc<Policy>, list_ids: Vec<Value>) -> Self {
+    /// A filter applying `policy`'s tool rule.
+    pub fn new(policy: Arc<Policy>) -> Self {
         Self {
             policy,
-            list_ids,
             pending: Vec::new(),
         }
     }
@@ -106,12 +129,11 @@ impl SseFilter {
             }
         }
         if !data.is_empty() {
-            match serde_json::from_str::<Value>(&data) {
-                Ok(mut v) => {
-                    if answers(&v, &self.list_ids) {
-                        filter_message(&mut v, &self.policy.tools);
+            match serde_json::from_str::<&RawValue>(&data) {
+                Ok(raw) => {
+                    if let Some(rewritten) = filter_message(raw, &self.policy.tools) {
+                        data = rewritten;
                     }
-                    data = v.to_string();
                 }
                 Err(_) => {
                     tracing::warn!(target: "mcp_guard::filter", "dropped an SSE event that is not JSON in a tools/list response");
@@ -123,10 +145,13 @@ impl SseFilter {
             out.extend_from_slice(l.as_bytes());
             out.push(b'\n');
         }
+        // Multi-line data stays multi-line: each line is its own `data:` field.
         if !data.is_empty() {
-            out.extend_from_slice(b"data: ");
-            out.extend_from_slice(data.as_bytes());
-            out.push(b'\n');
+            for line in data.split('\n') {
+                out.extend_from_slice(b"data: ");
+                out.extend_from_slice(line.as_bytes());
+                out.push(b'\n');
+            }
         }
         out.push(b'\n');
     }
@@ -153,6 +178,7 @@ fn find_event_end(b: &[u8]) -> Option<(usize, usize)> {
 mod tests {
     use super::*;
     use crate::authz::Matcher;
+    use serde_json::Value;
 
     fn rule() -> Rule {
         Rule {
@@ -165,15 +191,23 @@ mod tests {
 
     #[test]
     fn json_responses_keep_only_permitted_tools_and_the_cursor() {
-        let out = filter_json(LIST.as_bytes(), &rule(), &[Value::from(3)]).unwrap();
+        let out = filter_json(LIST.as_bytes(), &rule()).unwrap();
         let v: Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["result"]["tools"].as_array().unwrap().len(), 1);
         assert_eq!(v["result"]["tools"][0]["name"], "read_file");
         assert_eq!(v["result"]["nextCursor"], "c2");
-        // Other responses are untouched.
-        let out = filter_json(LIST.as_bytes(), &rule(), &[Value::from(4)]).unwrap();
+        assert_eq!(v["id"], 3);
+        // Batches: each element with result.tools is filtered, the rest copied verbatim.
+        let batch = format!(r#"[{LIST},{{"jsonrpc":"2.0","id":4,"result":{{}}}}]"#);
+        let out = filter_json(batch.as_bytes(), &rule()).unwrap();
         let v: Value = serde_json::from_slice(&out).unwrap();
-        assert_eq!(v["result"]["tools"].as_array().unwrap().len(), 3);
+        assert_eq!(v[0]["result"]["tools"].as_array().unwrap().len(), 1);
+        assert_eq!(v[1]["id"], 4);
+        // A duplicated id cannot smuggle the list past the filter.
+        let dup = LIST.replacen("\"id\":3", "\"id\":3,\"id\":3", 1);
+        let out = filter_json(dup.as_bytes(), &rule()).unwrap();
+        assert!(!String::from_utf8(out).unwrap().contains("read_secret"));
+        assert!(filter_json(b"not json", &rule()).is_none());
     }
 
     #[test]
@@ -185,7 +219,7 @@ mod tests {
             tools: rule(),
             ..Policy::default()
         });
-        let mut f = SseFilter::new(policy, vec![Value::from(3)]);
+        let mut f = SseFilter::new(policy);
         let mut out = Vec::new();
         for chunk in stream.as_bytes().chunks(7) {
             out.extend(f.push(chunk).unwrap());

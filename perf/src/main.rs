@@ -1,0 +1,370 @@
+//! `perf`: the mcp-guard load-test harness — command line, process-wide setup (file limit,
+//! interrupt flag, runtimes) and the `all`, `smoke` and `upstream` commands.
+
+mod load;
+mod report;
+mod scenarios;
+mod targets;
+mod upstream;
+mod wire;
+
+use clap::{Args, Parser, Subcommand};
+use scenarios::{Settings, Target};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "perf",
+    about = "Load tests for mcp-guard against a direct upstream and nginx"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Every scenario against every target, interleaved; writes <out>/<name>.{json,md,svg}.
+    All(AllArgs),
+    /// A few-seconds run proving the harness works; non-zero exit on any failure.
+    Smoke(CommonArgs),
+    /// Only the mock MCP upstream, until killed.
+    Upstream(UpstreamArgs),
+}
+
+#[derive(Args)]
+struct CommonArgs {
+    /// Directory holding mcp-guard and mcp-demo-server [default: <repo>/target/release].
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// Results directory [default: <repo>/perf/results].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Load generator threads (each one monoio runtime).
+    #[arg(long, default_value_t = 1)]
+    load_threads: usize,
+}
+
+#[derive(Args)]
+struct AllArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Seconds per measured phase (fixed rate, then closed loop).
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Fixed request rate (requests/s) for the latency and CPU phase.
+    #[arg(long, default_value_t = 5000)]
+    rate: u64,
+    /// Load connections (keep-alive, one MCP session each).
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// mcp-guard workers = nginx worker_processes for the scenarios [default: cores].
+    #[arg(long)]
+    target_workers: Option<usize>,
+    /// Worker counts to sweep for passthrough max throughput, e.g. 1,2,4.
+    #[arg(long, value_delimiter = ',')]
+    workers: Vec<usize>,
+    /// Scenarios to run [default: all].
+    #[arg(long, value_delimiter = ',')]
+    scenarios: Vec<String>,
+    /// Targets to run: direct, nginx, mcp-guard [default: all].
+    #[arg(long, value_delimiter = ',')]
+    targets: Vec<String>,
+    /// Mock upstream threads [default: cores].
+    #[arg(long)]
+    upstream_threads: Option<usize>,
+    /// Skip nginx instead of installing it when it is missing.
+    #[arg(long)]
+    no_install: bool,
+    /// Result file name (without extension).
+    #[arg(long, default_value = "latest")]
+    name: String,
+}
+
+#[derive(Args)]
+struct UpstreamArgs {
+    /// Loopback address to listen on (port 0 picks one; printed on stdout).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: std::net::SocketAddr,
+    /// Tools listed by tools/list.
+    #[arg(long, default_value_t = 5)]
+    tools: usize,
+    /// Runtime threads [default: cores].
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// True once SIGINT or SIGTERM arrived: loops stop, drop guards stop the children.
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::Relaxed)
+}
+
+extern "C" fn on_signal(signal: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::Relaxed);
+    // A second signal takes the default action; children still get PR_SET_PDEATHSIG.
+    // SAFETY: signal(2) is async-signal-safe.
+    unsafe { libc::signal(signal, libc::SIG_DFL) };
+}
+
+fn install_signal_handlers() {
+    let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    // SAFETY: the handler only stores an atomic and calls signal(2).
+    unsafe {
+        libc::signal(libc::SIGINT, handler);
+        libc::signal(libc::SIGTERM, handler);
+    }
+}
+
+/// Raises the RLIMIT_NOFILE soft limit to the hard limit (idle scenarios hold 10k sockets, and
+/// children inherit the limit); returns the soft limit now in force.
+pub fn raise_nofile_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit write/read only the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 1024;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+    }
+    limit.rlim_cur
+}
+
+pub type Runtime = monoio::FusionRuntime<
+    monoio::time::TimeDriver<monoio::IoUringDriver>,
+    monoio::time::TimeDriver<monoio::LegacyDriver>,
+>;
+
+/// One monoio runtime for the calling thread: io_uring where the kernel allows, else epoll.
+pub fn runtime() -> Result<Runtime, String> {
+    monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+        .enable_timer()
+        .build()
+        .map_err(|e| format!("cannot build a monoio runtime: {e}"))
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+fn repo_root() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().unwrap_or(manifest).to_path_buf()
+}
+
+/// Checks the gateway binaries exist, so a missing build is one clear message.
+fn binaries(common: &CommonArgs) -> Result<(PathBuf, PathBuf), String> {
+    let dir =
+        common
+            .bin_dir
+            .clone()
+            .unwrap_or_else(|| match std::env::var_os("CARGO_TARGET_DIR") {
+                Some(target) => PathBuf::from(target).join("release"),
+                None => repo_root().join("target/release"),
+            });
+    let gateway = dir.join("mcp-guard");
+    let demo = dir.join("mcp-demo-server");
+    for bin in [&gateway, &demo] {
+        if !bin.is_file() {
+            return Err(format!(
+                "{} is missing: run `cargo build --release` first (or pass --bin-dir)",
+                bin.display()
+            ));
+        }
+    }
+    let absolute = |p: PathBuf| std::fs::canonicalize(&p).unwrap_or(p);
+    Ok((absolute(gateway), absolute(demo)))
+}
+
+fn parse_targets(names: &[String]) -> Result<Vec<Target>, String> {
+    if names.is_empty() {
+        return Ok(Target::ALL.to_vec());
+    }
+    let mut chosen = Vec::new();
+    for target in Target::ALL {
+        if names.iter().any(|n| n == target.name()) {
+            chosen.push(target);
+        }
+    }
+    match names
+        .iter()
+        .find(|n| !Target::ALL.iter().any(|t| t.name() == n.as_str()))
+    {
+        Some(unknown) => Err(format!(
+            "unknown target {unknown:?} (known: direct, nginx, mcp-guard)"
+        )),
+        None => Ok(chosen),
+    }
+}
+
+/// Runs the matrix, writes the report, prints the Markdown; Err if any measurement failed.
+fn run_and_report(
+    settings: &Settings,
+    name: &str,
+    out: &Path,
+    strict_errors: bool,
+) -> Result<(), String> {
+    let nginx_version = settings
+        .nginx_bin
+        .as_deref()
+        .and_then(targets::nginx_version);
+    let (measurements, sweep) = scenarios::run_matrix(settings)?;
+    let ratios = report::ratios(&measurements);
+    let full = report::Report {
+        name: name.to_string(),
+        machine: report::Machine::collect(nginx_version),
+        settings: report::RunSettings {
+            duration_s: settings.duration.as_secs_f64(),
+            warmup_s: settings.warmup.as_secs_f64(),
+            rate: settings.rate,
+            connections: settings.connections,
+            load_threads: settings.load_threads,
+            workers: settings.workers,
+            upstream_threads: settings.upstream_threads,
+            scenarios: settings.scenarios.clone(),
+        },
+        measurements,
+        ratios,
+        worker_sweep: sweep,
+    };
+    let markdown = report::write_all(&full, out)?;
+    println!("{markdown}");
+    eprintln!(
+        "perf: wrote {0}/{name}.json, {0}/{name}.md, {0}/{name}.svg",
+        out.display()
+    );
+    let failed = full
+        .measurements
+        .iter()
+        .filter(|m| m.failure.is_some())
+        .count()
+        + full
+            .worker_sweep
+            .iter()
+            .filter(|p| p.failure.is_some())
+            .count();
+    let errors: u64 = full.measurements.iter().map(|m| m.errors).sum::<u64>()
+        + full.worker_sweep.iter().map(|p| p.errors).sum::<u64>();
+    if failed > 0 {
+        return Err(format!("{failed} measurement(s) failed"));
+    }
+    if strict_errors && errors > 0 {
+        return Err(format!("{errors} request(s) failed"));
+    }
+    Ok(())
+}
+
+fn all(args: AllArgs) -> Result<(), String> {
+    if !(args.duration > 0.0 && args.duration <= 3600.0) {
+        return Err("--duration must be in (0, 3600] seconds".into());
+    }
+    if args.rate == 0 || args.connections == 0 || args.workers.contains(&0) {
+        return Err("--rate, --connections and --workers must be positive".into());
+    }
+    let (gateway_bin, demo_bin) = binaries(&args.common)?;
+    let scenarios = if args.scenarios.is_empty() {
+        scenarios::SCENARIOS.iter().collect()
+    } else {
+        args.scenarios
+            .iter()
+            .map(|n| scenarios::find_scenario(n))
+            .collect::<Result<Vec<_>, _>>()?
+    };
+    let targets = parse_targets(&args.targets)?;
+    let nginx_bin = if targets.contains(&Target::Nginx) {
+        let found = targets::find_nginx(!args.no_install)?;
+        if found.is_none() {
+            eprintln!("perf: nginx not found and --no-install given: skipping the nginx target");
+        }
+        found
+    } else {
+        None
+    };
+    let duration = Duration::from_secs_f64(args.duration);
+    let settings = Settings {
+        duration,
+        warmup: (duration / 10).clamp(Duration::from_millis(200), Duration::from_secs(2)),
+        rate: args.rate,
+        connections: args.connections,
+        load_threads: args.common.load_threads.max(1),
+        workers: args.target_workers.unwrap_or_else(cores).max(1),
+        upstream_threads: args.upstream_threads.unwrap_or_else(cores).max(1),
+        sweep: args.workers,
+        scenarios,
+        targets,
+        gateway_bin,
+        demo_bin,
+        nginx_bin,
+    };
+    let out = args
+        .common
+        .out
+        .unwrap_or_else(|| repo_root().join("perf/results"));
+    run_and_report(&settings, &args.name, &out, false)
+}
+
+fn smoke(args: CommonArgs) -> Result<(), String> {
+    let (gateway_bin, demo_bin) = binaries(&args)?;
+    let nginx_bin = targets::find_nginx(false)?;
+    if nginx_bin.is_none() {
+        eprintln!("perf: smoke: nginx not installed, skipping the nginx target");
+    }
+    let settings = Settings {
+        duration: Duration::from_secs(1),
+        warmup: Duration::from_millis(200),
+        rate: 200,
+        connections: 8,
+        load_threads: args.load_threads.max(1),
+        workers: 1,
+        upstream_threads: 1,
+        sweep: Vec::new(),
+        scenarios: vec![
+            scenarios::find_scenario("passthrough")?,
+            scenarios::find_scenario("sse")?,
+        ],
+        targets: Target::ALL.to_vec(),
+        gateway_bin,
+        demo_bin,
+        nginx_bin,
+    };
+    let out = args.out.unwrap_or_else(|| repo_root().join("perf/results"));
+    run_and_report(&settings, "smoke", &out, true)
+}
+
+fn main() {
+    let cli = Cli::parse();
+    // The mock upstream keeps the default SIGTERM action: that is how the harness stops it.
+    if !matches!(cli.command, Command::Upstream(_)) {
+        install_signal_handlers();
+    }
+    raise_nofile_limit();
+    let result = match cli.command {
+        Command::All(args) => all(args),
+        Command::Smoke(args) => smoke(args),
+        Command::Upstream(args) => upstream::serve(&upstream::MockOptions {
+            listen: args.listen,
+            tools: args.tools,
+            threads: args.threads.unwrap_or_else(cores),
+        }),
+    };
+    if let Err(e) = result {
+        eprintln!("perf: error: {e}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,634 @@
+//! Results on disk: the JSON record (raw figures and machine info), the Markdown tables, and a
+//! hand-written SVG (latency bars per scenario and target; rps against workers when swept).
+
+use crate::scenarios::{Measurement, Scenario, SweepPoint, Target};
+use serde::Serialize;
+use std::fmt::Write as _;
+use std::path::Path;
+
+/// Where and how a run was made.
+#[derive(Serialize)]
+pub struct Machine {
+    pub nproc: usize,
+    pub cpu_model: String,
+    pub kernel: String,
+    pub date_utc: String,
+    pub git_commit: Option<String>,
+    pub command_line: String,
+    pub load_generator_driver: &'static str,
+    pub nginx_version: Option<String>,
+    /// Resolution of the CPU figures: utime/stime count in these ticks.
+    pub clock_ticks_per_second: u64,
+}
+
+/// The run's knobs, as recorded.
+#[derive(Serialize)]
+pub struct RunSettings {
+    pub duration_s: f64,
+    pub warmup_s: f64,
+    pub rate: u64,
+    pub connections: usize,
+    pub load_threads: usize,
+    pub workers: usize,
+    pub upstream_threads: usize,
+    pub scenarios: Vec<&'static Scenario>,
+}
+
+/// mcp-guard against the other targets, per scenario, from the same run.
+#[derive(Serialize)]
+pub struct Ratios {
+    pub scenario: String,
+    /// mcp-guard max rps / direct max rps.
+    pub throughput_vs_direct: Option<f64>,
+    /// mcp-guard max rps / nginx max rps.
+    pub throughput_vs_nginx: Option<f64>,
+    /// mcp-guard CPU per request / the mock upstream's own CPU per request (direct).
+    pub cpu_per_request_vs_direct: Option<f64>,
+    /// mcp-guard CPU per request / nginx CPU per request.
+    pub cpu_per_request_vs_nginx: Option<f64>,
+    /// nginx p99 − direct p99, µs.
+    pub nginx_p99_added_us: Option<i64>,
+    /// mcp-guard p99 − direct p99, µs.
+    pub mcp_guard_p99_added_us: Option<i64>,
+}
+
+#[derive(Serialize)]
+pub struct Report {
+    pub name: String,
+    pub machine: Machine,
+    pub settings: RunSettings,
+    pub measurements: Vec<Measurement>,
+    pub ratios: Vec<Ratios>,
+    pub worker_sweep: Vec<SweepPoint>,
+}
+
+impl Machine {
+    pub fn collect(nginx_version: Option<String>) -> Machine {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu_model = cpuinfo
+            .lines()
+            .find(|l| l.starts_with("model name"))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_else(|| "unknown".into());
+        let git_commit = std::process::Command::new("git")
+            .args(["rev-parse", "--short", "HEAD"])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+        let command_line = std::env::args()
+            .map(|a| {
+                if a.is_empty() || a.contains(char::is_whitespace) {
+                    format!("'{a}'")
+                } else {
+                    a
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" ");
+        Machine {
+            nproc: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            cpu_model,
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+            date_utc: utc_now(),
+            git_commit,
+            command_line,
+            load_generator_driver: if monoio::utils::detect_uring() {
+                "io_uring"
+            } else {
+                "epoll"
+            },
+            nginx_version,
+            clock_ticks_per_second: crate::targets::ticks_per_second(),
+        }
+    }
+}
+
+/// Ratios for every scenario that has an mcp-guard row.
+pub fn ratios(measurements: &[Measurement]) -> Vec<Ratios> {
+    let get = |scenario: &str, target: Target| {
+        measurements
+            .iter()
+            .find(|m| m.scenario == scenario && m.target == target.name() && m.failure.is_none())
+    };
+    let ratio = |a: f64, b: f64| (b > 0.0 && a > 0.0).then(|| a / b);
+    let mut out = Vec::new();
+    for guard in measurements
+        .iter()
+        .filter(|m| m.target == Target::McpGuard.name() && m.failure.is_none())
+    {
+        let direct = get(&guard.scenario, Target::Direct);
+        let nginx = get(&guard.scenario, Target::Nginx);
+        let cpu = |m: Option<&Measurement>| m.and_then(|m| m.cpu_us_per_request);
+        let cpu_ratio = |other| match (cpu(Some(guard)), cpu(other)) {
+            (Some(a), Some(b)) => ratio(a, b),
+            _ => None,
+        };
+        let added = |m: Option<&Measurement>| {
+            direct
+                .zip(m)
+                .map(|(d, m)| m.latency_us.p99 as i64 - d.latency_us.p99 as i64)
+        };
+        out.push(Ratios {
+            scenario: guard.scenario.clone(),
+            throughput_vs_direct: direct.and_then(|d| ratio(guard.max_rps, d.max_rps)),
+            throughput_vs_nginx: nginx.and_then(|n| ratio(guard.max_rps, n.max_rps)),
+            cpu_per_request_vs_direct: cpu_ratio(direct),
+            cpu_per_request_vs_nginx: cpu_ratio(nginx),
+            nginx_p99_added_us: added(nginx),
+            mcp_guard_p99_added_us: added(Some(guard)),
+        });
+    }
+    out
+}
+
+/// Writes `<dir>/<name>.json`, `.md` and `.svg`; returns the Markdown (also for the console).
+pub fn write_all(report: &Report, dir: &Path) -> Result<String, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let json =
+        serde_json::to_string_pretty(report).map_err(|e| format!("cannot encode results: {e}"))?;
+    let markdown = markdown(report);
+    for (ext, text) in [
+        ("json", json),
+        ("md", markdown.clone()),
+        ("svg", svg(report)),
+    ] {
+        let path = dir.join(format!("{}.{ext}", report.name));
+        std::fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    Ok(markdown)
+}
+
+fn opt(v: Option<f64>, digits: usize) -> String {
+    v.map(|v| format!("{v:.digits$}"))
+        .unwrap_or_else(|| "n/a".into())
+}
+
+fn markdown(r: &Report) -> String {
+    let m = &r.machine;
+    let s = &r.settings;
+    let mut out = format!("# mcp-guard load test: {}\n\n", r.name);
+    let _ = writeln!(
+        out,
+        "{} · {} ({} cores) · kernel {} · commit {} · load generator on {}{}\n",
+        m.date_utc,
+        m.cpu_model,
+        m.nproc,
+        m.kernel,
+        m.git_commit.as_deref().unwrap_or("unknown"),
+        m.load_generator_driver,
+        m.nginx_version
+            .as_deref()
+            .map(|v| format!(" · {v}"))
+            .unwrap_or_default()
+    );
+    let _ = writeln!(out, "Command: `{}`\n", m.command_line);
+    let _ = writeln!(
+        out,
+        "Each phase {} s (warm-up {} s), fixed rate {}/s, {} connections, {} load thread(s), {} mcp-guard workers = nginx worker_processes, mock upstream on {} thread(s).\n",
+        s.duration_s,
+        s.warmup_s,
+        s.rate,
+        s.connections,
+        s.load_threads,
+        s.workers,
+        s.upstream_threads
+    );
+    out.push_str("| scenario | target | max rps | p50 µs | p90 µs | p99 µs | p99.9 µs | CPU µs/req | idle RSS MB | peak RSS MB | errors |\n");
+    out.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    let mut failures = Vec::new();
+    let mut behind = false;
+    for x in &r.measurements {
+        if let Some(f) = &x.failure {
+            let _ = writeln!(
+                out,
+                "| {} | {} | failed | | | | | | | | |",
+                x.scenario, x.target
+            );
+            failures.push(format!(
+                "- {} / {}: {}",
+                x.scenario,
+                x.target,
+                f.replace('\n', " ")
+            ));
+            continue;
+        }
+        // The percentiles only mean "at the rate" if the rate was actually offered.
+        let mark = if x.achieved_rate < 0.95 * x.rate as f64 {
+            behind = true;
+            " †"
+        } else {
+            ""
+        };
+        let l = &x.latency_us;
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.0} | {}{mark} | {}{mark} | {}{mark} | {}{mark} | {} | {:.1} | {:.1} | {} |",
+            x.scenario,
+            x.target,
+            x.max_rps,
+            l.p50,
+            l.p90,
+            l.p99,
+            l.p999,
+            opt(x.cpu_us_per_request, 1),
+            x.idle_rss_kb as f64 / 1024.0,
+            x.peak_rss_kb as f64 / 1024.0,
+            x.errors
+        );
+    }
+    out.push_str("\nLatency is measured at the fixed rate from each request's scheduled send time when a slow earlier response delayed it (coordinated omission corrected), else from the actual send (the generator's own ~1 ms timer lateness is not counted). CPU is user+system time of the target's processes (nginx: master and workers; direct: the mock upstream itself) during the fixed-rate phase. RSS of nginx is the sum over master and workers (shared pages count once per process); for direct it is the mock upstream's.\n");
+    if behind {
+        out.push_str("\n† the target did not sustain the fixed rate (achieved < 95 %); these latencies include queueing.\n");
+    }
+    if !failures.is_empty() {
+        let _ = writeln!(out, "\nFailed measurements:\n{}", failures.join("\n"));
+    }
+    if !r.ratios.is_empty() {
+        out.push_str("\n## mcp-guard compared (same run)\n\n");
+        out.push_str("| scenario | rps ÷ direct | rps ÷ nginx | CPU/req ÷ direct | CPU/req ÷ nginx | p99 added by nginx µs | p99 added by mcp-guard µs |\n");
+        out.push_str("|---|---:|---:|---:|---:|---:|---:|\n");
+        let int = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_else(|| "n/a".into());
+        for q in &r.ratios {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                q.scenario,
+                opt(q.throughput_vs_direct, 2),
+                opt(q.throughput_vs_nginx, 2),
+                opt(q.cpu_per_request_vs_direct, 2),
+                opt(q.cpu_per_request_vs_nginx, 2),
+                int(q.nginx_p99_added_us),
+                int(q.mcp_guard_p99_added_us)
+            );
+        }
+        out.push_str("\n\"added\" = target p99 − direct p99 at the same fixed rate.\n");
+    }
+    out.push_str("\n## Scenarios\n\n");
+    for sc in &s.scenarios {
+        let _ = writeln!(out, "- `{}`: {}", sc.name, sc.about);
+    }
+    if !r.worker_sweep.is_empty() {
+        let targets = sweep_targets(&r.worker_sweep);
+        out.push_str("\n## Worker sweep (passthrough, closed loop, requests/s)\n\n| workers |");
+        for t in &targets {
+            let _ = write!(out, " {t} |");
+        }
+        out.push_str("\n|---:|");
+        out.push_str(&"---:|".repeat(targets.len()));
+        out.push('\n');
+        for w in sweep_workers(&r.worker_sweep) {
+            let _ = write!(out, "| {w} |");
+            for t in &targets {
+                let cell = r
+                    .worker_sweep
+                    .iter()
+                    .find(|p| p.workers == w && &p.target == t);
+                let text = match cell {
+                    Some(p) if p.failure.is_none() => format!("{:.0}", p.max_rps),
+                    Some(_) => "failed".into(),
+                    None => "n/a".into(),
+                };
+                let _ = write!(out, " {text} |");
+            }
+            out.push('\n');
+        }
+    }
+    out
+}
+
+fn sweep_targets(points: &[SweepPoint]) -> Vec<String> {
+    let mut targets: Vec<String> = Vec::new();
+    for p in points {
+        if !targets.contains(&p.target) {
+            targets.push(p.target.clone());
+        }
+    }
+    targets
+}
+
+fn sweep_workers(points: &[SweepPoint]) -> Vec<usize> {
+    let mut workers: Vec<usize> = points.iter().map(|p| p.workers).collect();
+    workers.sort_unstable();
+    workers.dedup();
+    workers
+}
+
+fn color(target: &str) -> &'static str {
+    match target {
+        "direct" => "#4c78a8",
+        "nginx" => "#54a24b",
+        _ => "#e45756",
+    }
+}
+
+fn esc(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+const CHART_HEIGHT: f64 = 370.0;
+const LEFT: f64 = 80.0;
+const TOP: f64 = 50.0;
+const PLOT_HEIGHT: f64 = 220.0;
+
+fn svg(r: &Report) -> String {
+    let rows: Vec<&Measurement> = r
+        .measurements
+        .iter()
+        .filter(|m| m.failure.is_none() && m.latency_us.p99 > 0)
+        .collect();
+    let mut scenarios: Vec<&str> = Vec::new();
+    for m in &rows {
+        if !scenarios.contains(&m.scenario.as_str()) {
+            scenarios.push(&m.scenario);
+        }
+    }
+    let targets: Vec<&str> = Target::ALL
+        .iter()
+        .map(|t| t.name())
+        .filter(|t| rows.iter().any(|m| m.target == *t))
+        .collect();
+    let bar = 22.0;
+    let min_group = bar * targets.len() as f64 + 30.0;
+    let width = (LEFT + 40.0 + min_group * scenarios.len() as f64).max(760.0);
+    // Spread the groups over the plot when there are few of them.
+    let group = (width - LEFT - 40.0) / scenarios.len().max(1) as f64;
+    let height = if r.worker_sweep.is_empty() {
+        CHART_HEIGHT
+    } else {
+        2.0 * CHART_HEIGHT
+    };
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+    );
+    let _ = writeln!(
+        out,
+        "<text x=\"{LEFT}\" y=\"22\" font-size=\"15\" font-weight=\"bold\">Latency at {}/s: p50 (solid) and p99 (pale), µs, log scale — {}</text>",
+        r.settings.rate,
+        esc(&r.name)
+    );
+    if rows.is_empty() {
+        let _ = writeln!(
+            out,
+            "<text x=\"{LEFT}\" y=\"{}\">no successful measurements</text>",
+            TOP + 20.0
+        );
+    } else {
+        let low = rows
+            .iter()
+            .map(|m| m.latency_us.p50.max(1))
+            .min()
+            .unwrap_or(1) as f64;
+        let high = rows
+            .iter()
+            .map(|m| m.latency_us.p99.max(1))
+            .max()
+            .unwrap_or(10) as f64;
+        let (lo_exp, hi_exp) = (
+            low.log10().floor(),
+            high.log10().ceil().max(low.log10().floor() + 1.0),
+        );
+        let y =
+            |v: f64| TOP + PLOT_HEIGHT * (1.0 - (v.max(1.0).log10() - lo_exp) / (hi_exp - lo_exp));
+        let bottom = TOP + PLOT_HEIGHT;
+        for e in (lo_exp as i32)..=(hi_exp as i32) {
+            let v = 10f64.powi(e);
+            let label = short_number(v);
+            let _ = writeln!(
+                out,
+                "<line x1=\"{LEFT}\" x2=\"{right}\" y1=\"{gy}\" y2=\"{gy}\" stroke=\"#ddd\"/><text x=\"{lx}\" y=\"{ly}\" text-anchor=\"end\">{label}</text>",
+                right = width - 20.0,
+                gy = y(v),
+                lx = LEFT - 6.0,
+                ly = y(v) + 4.0
+            );
+        }
+        let _ = writeln!(
+            out,
+            "<text transform=\"translate(20,{}) rotate(-90)\" text-anchor=\"middle\">latency (µs)</text>",
+            TOP + PLOT_HEIGHT / 2.0
+        );
+        for (g, scenario) in scenarios.iter().enumerate() {
+            let gx = LEFT + 20.0 + group * g as f64 + (group - min_group) / 2.0;
+            for (t, target) in targets.iter().enumerate() {
+                let Some(m) = rows
+                    .iter()
+                    .find(|m| m.scenario == *scenario && m.target == *target)
+                else {
+                    continue;
+                };
+                let x = gx + bar * t as f64;
+                let (p50, p99) = (m.latency_us.p50 as f64, m.latency_us.p99 as f64);
+                let c = color(target);
+                let _ = writeln!(
+                    out,
+                    "<rect x=\"{x}\" y=\"{}\" width=\"{}\" height=\"{}\" fill=\"{c}\" fill-opacity=\"0.35\"><title>{scenario} / {target}: p99 {p99} µs</title></rect>",
+                    y(p99),
+                    bar - 3.0,
+                    bottom - y(p99)
+                );
+                let _ = writeln!(
+                    out,
+                    "<rect x=\"{x}\" y=\"{}\" width=\"{}\" height=\"{}\" fill=\"{c}\"><title>{scenario} / {target}: p50 {p50} µs</title></rect>",
+                    y(p50),
+                    bar - 3.0,
+                    bottom - y(p50)
+                );
+            }
+            let _ = writeln!(
+                out,
+                "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{}</text>",
+                gx + bar * targets.len() as f64 / 2.0,
+                bottom + 18.0,
+                esc(scenario)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "<line x1=\"{LEFT}\" x2=\"{}\" y1=\"{bottom}\" y2=\"{bottom}\" stroke=\"#333\"/><text x=\"{}\" y=\"{}\" text-anchor=\"middle\">scenario</text>",
+            width - 20.0,
+            LEFT + (width - LEFT) / 2.0,
+            bottom + 40.0
+        );
+        legend(&mut out, &targets, bottom + 62.0);
+    }
+    if !r.worker_sweep.is_empty() {
+        let _ = writeln!(out, "<g transform=\"translate(0,{CHART_HEIGHT})\">");
+        sweep_chart(&mut out, &r.worker_sweep, width);
+        out.push_str("</g>\n");
+    }
+    out.push_str("</svg>\n");
+    out
+}
+
+fn legend(out: &mut String, targets: &[&str], y: f64) {
+    for (i, t) in targets.iter().enumerate() {
+        let x = LEFT + 130.0 * i as f64;
+        let _ = writeln!(
+            out,
+            "<rect x=\"{x}\" y=\"{}\" width=\"14\" height=\"14\" fill=\"{}\"/><text x=\"{}\" y=\"{y}\">{t}</text>",
+            y - 11.0,
+            color(t),
+            x + 20.0
+        );
+    }
+}
+
+/// 1500 → "1.5k", 2000000 → "2M": axis labels stay short.
+fn short_number(v: f64) -> String {
+    if v >= 1e6 {
+        format!("{}M", v / 1e6)
+    } else if v >= 1e3 {
+        format!("{}k", v / 1e3)
+    } else {
+        format!("{v}")
+    }
+}
+
+/// A readable axis step for `max`: 1, 2 or 5 times a power of ten, about five steps in all.
+fn nice_step(max: f64) -> f64 {
+    let raw = (max / 5.0).max(1e-9);
+    let magnitude = 10f64.powf(raw.log10().floor());
+    [1.0, 2.0, 5.0, 10.0]
+        .iter()
+        .map(|m| m * magnitude)
+        .find(|s| *s >= raw)
+        .unwrap_or(10.0 * magnitude)
+}
+
+fn sweep_chart(out: &mut String, points: &[SweepPoint], width: f64) {
+    let _ = writeln!(
+        out,
+        "<text x=\"{LEFT}\" y=\"22\" font-size=\"15\" font-weight=\"bold\">Passthrough max throughput by worker count (closed loop)</text>"
+    );
+    let workers = sweep_workers(points);
+    let targets = sweep_targets(points);
+    let top_rps = points.iter().map(|p| p.max_rps).fold(0.0, f64::max);
+    let step = nice_step(top_rps.max(1.0));
+    let y_max = (top_rps / step).ceil().max(1.0) * step;
+    let bottom = TOP + PLOT_HEIGHT;
+    let y = |v: f64| bottom - PLOT_HEIGHT * v / y_max;
+    let span = width - LEFT - 60.0;
+    let x = |i: usize| {
+        LEFT + 30.0
+            + if workers.len() > 1 {
+                span * i as f64 / (workers.len() - 1) as f64
+            } else {
+                span / 2.0
+            }
+    };
+    let ticks = (y_max / step).round() as usize;
+    for i in 0..=ticks {
+        let tick = step * i as f64;
+        let _ = writeln!(
+            out,
+            "<line x1=\"{LEFT}\" x2=\"{right}\" y1=\"{gy}\" y2=\"{gy}\" stroke=\"#ddd\"/><text x=\"{lx}\" y=\"{ly}\" text-anchor=\"end\">{label}</text>",
+            right = width - 20.0,
+            gy = y(tick),
+            lx = LEFT - 6.0,
+            ly = y(tick) + 4.0,
+            label = short_number(tick)
+        );
+    }
+    for (i, w) in workers.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{w}</text>",
+            x(i),
+            bottom + 18.0
+        );
+    }
+    let _ = writeln!(
+        out,
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">workers (mcp-guard workers = nginx worker_processes)</text>",
+        LEFT + (width - LEFT) / 2.0,
+        bottom + 40.0
+    );
+    let _ = writeln!(
+        out,
+        "<text transform=\"translate(20,{}) rotate(-90)\" text-anchor=\"middle\">requests/s</text>",
+        TOP + PLOT_HEIGHT / 2.0
+    );
+    for t in &targets {
+        let coords: Vec<(f64, f64)> = workers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, w)| {
+                points
+                    .iter()
+                    .find(|p| p.workers == *w && &p.target == t && p.failure.is_none())
+                    .map(|p| (x(i), y(p.max_rps)))
+            })
+            .collect();
+        let line: Vec<String> = coords
+            .iter()
+            .map(|(a, b)| format!("{a:.1},{b:.1}"))
+            .collect();
+        let _ = writeln!(
+            out,
+            "<polyline points=\"{}\" fill=\"none\" stroke=\"{}\" stroke-width=\"2\"/>",
+            line.join(" "),
+            color(t)
+        );
+        for (a, b) in coords {
+            let _ = writeln!(
+                out,
+                "<circle cx=\"{a:.1}\" cy=\"{b:.1}\" r=\"3.5\" fill=\"{}\"/>",
+                color(t)
+            );
+        }
+    }
+    let names: Vec<&str> = targets.iter().map(String::as_str).collect();
+    legend(out, &names, bottom + 62.0);
+}
+
+/// Now as `YYYY-MM-DDTHH:MM:SSZ` (civil-from-days; no date crate for one timestamp).
+fn utc_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_are_round() {
+        assert_eq!(nice_step(10_000.0), 2_000.0);
+        assert_eq!(nice_step(7_300.0), 2_000.0);
+        assert_eq!(nice_step(450.0), 100.0);
+    }
+
+    #[test]
+    fn date_format() {
+        let now = utc_now();
+        assert_eq!(now.len(), 20);
+        assert!(now.starts_with("20") && now.ends_with('Z'));
+    }
+}

@@ -1,0 +1,491 @@
+//! The processes under test and their upkeep: the mock upstream, mcp-guard and nginx started on
+//! loopback with generated configs, stopped by a drop guard, and measured through /proc (CPU
+//! ticks, RSS).
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// How long a process may take to report or open its listening address.
+const START_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A child process that is stopped (SIGTERM, then SIGKILL) when this guard is dropped, and that
+/// the kernel signals if the harness itself dies.
+pub struct Managed {
+    pub name: String,
+    child: Child,
+}
+
+impl Managed {
+    fn spawn(name: &str, mut command: Command) -> Result<Managed, String> {
+        // SAFETY: prctl is async-signal-safe and touches only the new process's own state.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let child = command
+            .spawn()
+            .map_err(|e| format!("cannot start {name}: {e}"))?;
+        Ok(Managed {
+            name: name.to_string(),
+            child,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `Err` with the exit status if the process has already exited.
+    fn check_alive(&mut self) -> Result<(), String> {
+        match self.child.try_wait() {
+            Ok(Some(status)) => Err(format!("{} exited early ({status})", self.name)),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Drop for Managed {
+    fn drop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        // SAFETY: plain kill(2) on our own child's pid, which is not reaped yet.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A scratch directory removed on drop (configs, logs, nginx temp paths).
+pub struct ScratchDir(pub PathBuf);
+
+impl ScratchDir {
+    pub fn new(label: &str) -> Result<ScratchDir, String> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let dir = std::env::temp_dir().join(format!(
+            "mcp-guard-perf-{}-{label}-{nanos}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        Ok(ScratchDir(dir))
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A started target: the processes to measure and the address load goes to.
+pub struct Running {
+    pub addr: SocketAddr,
+    /// Processes whose CPU and memory are the target's (nginx: master and workers).
+    pub measured_pids: Vec<u32>,
+    /// Keeps the processes (and their scratch dir) alive; dropped last.
+    _guards: (Managed, Option<ScratchDir>),
+}
+
+/// Starts `perf upstream` (this same binary) and reads its address from its one stdout line.
+pub fn start_mock(tools: usize, threads: usize) -> Result<Running, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find the perf binary: {e}"))?;
+    let mut command = Command::new(exe);
+    command
+        .args([
+            "upstream",
+            "--listen",
+            "127.0.0.1:0",
+            "--tools",
+            &tools.to_string(),
+            "--threads",
+            &threads.to_string(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped());
+    let mut managed = Managed::spawn("mock upstream", command)?;
+    let stdout = managed
+        .child
+        .stdout
+        .take()
+        .ok_or("mock upstream has no stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx
+        .recv_timeout(START_TIMEOUT)
+        .map_err(|_| "mock upstream did not report its address")?;
+    let addr = address_after(&line, "listening on http://")
+        .ok_or_else(|| format!("unexpected mock upstream output {line:?}"))?;
+    let pid = managed.pid();
+    Ok(Running {
+        addr,
+        measured_pids: vec![pid],
+        _guards: (managed, None),
+    })
+}
+
+/// Where mcp-guard's requests go.
+pub enum GatewayUpstream {
+    Http(SocketAddr),
+    /// A stdio MCP server program (absolute path).
+    Stdio(PathBuf),
+}
+
+/// Starts mcp-guard with a generated config; `extra` is appended to the config (see
+/// `scenarios::gateway_extra_config`).
+pub fn start_gateway(
+    binary: &Path,
+    workers: usize,
+    upstream: &GatewayUpstream,
+    extra: &str,
+) -> Result<Running, String> {
+    let scratch = ScratchDir::new("mcp-guard")?;
+    let upstream_section = match upstream {
+        GatewayUpstream::Http(addr) => {
+            format!("transport = \"http\"\nurl = \"http://{addr}/mcp\"\n")
+        }
+        GatewayUpstream::Stdio(program) => format!(
+            "transport = \"stdio\"\ncommand = {:?}\n",
+            program.display().to_string()
+        ),
+    };
+    // Idle timeout above any run length: the idle scenarios hold connections for the whole run.
+    let config = format!(
+        "[server]\nhost = \"127.0.0.1\"\nport = 0\nworkers = {workers}\nidle_timeout_secs = 3600\nshutdown_grace_secs = 1\n\n\
+         [admin]\nport = 0\n\n[upstream]\n{upstream_section}\n{}",
+        extra.replace("{scratch}", &scratch.0.display().to_string())
+    );
+    let config_path = scratch.0.join("mcp-guard.toml");
+    std::fs::write(&config_path, config)
+        .map_err(|e| format!("cannot write {}: {e}", config_path.display()))?;
+    let log_path = scratch.0.join("mcp-guard.log");
+    let log = std::fs::File::create(&log_path)
+        .map_err(|e| format!("cannot create {}: {e}", log_path.display()))?;
+    let mut command = Command::new(binary);
+    command
+        .arg("--config")
+        .arg(&config_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    let mut managed = Managed::spawn("mcp-guard", command)?;
+    // The log goes to a file, not a pipe, so a chatty gateway can never block on a full pipe.
+    let started = Instant::now();
+    let addr = loop {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if let Some(addr) = text
+            .lines()
+            .filter(|l| !l.contains("admin"))
+            .find_map(|l| address_after(l, "listening on http://"))
+        {
+            break addr;
+        }
+        if let Err(e) = managed.check_alive() {
+            return Err(format!("{e}; log:\n{}", tail(&text, 20)));
+        }
+        if started.elapsed() > START_TIMEOUT {
+            return Err(format!(
+                "mcp-guard did not report its address; log:\n{}",
+                tail(&text, 20)
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let pid = managed.pid();
+    Ok(Running {
+        addr,
+        measured_pids: vec![pid],
+        _guards: (managed, Some(scratch)),
+    })
+}
+
+/// Starts nginx as a reverse proxy to `upstream` with `workers` worker processes.
+pub fn start_nginx(binary: &Path, workers: usize, upstream: SocketAddr) -> Result<Running, String> {
+    let scratch = ScratchDir::new("nginx")?;
+    let dir = scratch.0.display().to_string();
+    let port = free_port()?;
+    let files = crate::raise_nofile_limit();
+    let config = format!(
+        r#"worker_processes {workers};
+worker_rlimit_nofile {files};
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections {files}; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/client_body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    keepalive_timeout 3600s;
+    keepalive_requests 100000000;
+    client_header_timeout 3600s;
+    upstream mock {{
+        server {upstream};
+        keepalive 64;
+    }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            proxy_pass http://mock;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }}
+    }}
+}}
+"#
+    );
+    let config_path = scratch.0.join("nginx.conf");
+    std::fs::write(&config_path, config)
+        .map_err(|e| format!("cannot write {}: {e}", config_path.display()))?;
+    let mut command = Command::new(binary);
+    command
+        .arg("-p")
+        .arg(&scratch.0)
+        .arg("-e")
+        .arg(scratch.0.join("error.log"))
+        .arg("-c")
+        .arg(&config_path)
+        .args(["-g", "daemon off;"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut managed = Managed::spawn("nginx", command)?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let started = Instant::now();
+    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        if let Err(e) = managed.check_alive() {
+            let log = std::fs::read_to_string(scratch.0.join("error.log")).unwrap_or_default();
+            return Err(format!("{e}; error.log:\n{}", tail(&log, 20)));
+        }
+        if started.elapsed() > START_TIMEOUT {
+            return Err(format!("nginx did not open {addr}"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Workers are forked after the listener opens; wait until all of them exist.
+    let master = managed.pid();
+    let mut measured = vec![master];
+    while started.elapsed() < START_TIMEOUT {
+        measured = std::iter::once(master).chain(children_of(master)).collect();
+        if measured.len() > workers {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(Running {
+        addr,
+        measured_pids: measured,
+        _guards: (managed, Some(scratch)),
+    })
+}
+
+/// nginx's path: /usr/sbin/nginx or on PATH; if absent and `install` is set, apt-get installs
+/// nginx-light (or nginx). `Ok(None)`: absent and not installed.
+pub fn find_nginx(install: bool) -> Result<Option<PathBuf>, String> {
+    let lookup = || {
+        let mut candidates = vec![PathBuf::from("/usr/sbin/nginx")];
+        if let Some(path) = std::env::var_os("PATH") {
+            candidates.extend(std::env::split_paths(&path).map(|d| d.join("nginx")));
+        }
+        candidates.into_iter().find(|p| p.is_file())
+    };
+    if let Some(found) = lookup() {
+        return Ok(Some(found));
+    }
+    if !install {
+        return Ok(None);
+    }
+    eprintln!(
+        "perf: nginx not found; installing it with apt-get (apt-get update; apt-get install -y nginx-light)"
+    );
+    // apt's chatter goes to our stderr: stdout carries only the report.
+    let apt = |args: &[&str]| {
+        let to_stderr = std::io::stderr().as_fd().try_clone_to_owned()?;
+        Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(Stdio::null())
+            .stdout(to_stderr)
+            .status()
+    };
+    let updated = apt(&["update"]).map_err(|e| format!("cannot run apt-get: {e}"))?;
+    if !updated.success() {
+        return Err(format!("apt-get update failed ({updated})"));
+    }
+    for package in ["nginx-light", "nginx"] {
+        if apt(&["install", "-y", "--no-install-recommends", package]).is_ok_and(|s| s.success()) {
+            eprintln!("perf: installed {package}");
+            break;
+        }
+    }
+    lookup()
+        .map(Some)
+        .ok_or_else(|| "nginx is still missing after apt-get install".to_string())
+}
+
+/// `nginx -v` output (it prints to stderr).
+pub fn nginx_version(binary: &Path) -> Option<String> {
+    let out = Command::new(binary).arg("-v").output().ok()?;
+    Some(String::from_utf8_lossy(&out.stderr).trim().to_string())
+}
+
+/// Samples the summed RSS of `pids` every 100 ms on a thread until `finish`.
+pub struct RssSampler {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<u64>,
+}
+
+impl RssSampler {
+    pub fn start(pids: Vec<u32>) -> RssSampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut peak = 0;
+            while !flag.load(Ordering::Relaxed) {
+                peak = peak.max(status_kb(&pids, "VmRSS:"));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            peak
+        });
+        RssSampler { stop, handle }
+    }
+
+    /// The highest summed RSS sampled, in KiB.
+    pub fn finish(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().unwrap_or(0)
+    }
+}
+
+/// Sums a `/proc/<pid>/status` field (VmRSS:, VmHWM:) over `pids`, in KiB.
+pub fn status_kb(pids: &[u32], field: &str) -> u64 {
+    pids.iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+        .filter_map(|text| {
+            let line = text.lines().find(|l| l.starts_with(field))?;
+            line[field.len()..]
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+/// utime + stime of `pids` (all their threads), in clock ticks.
+pub fn cpu_ticks(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|pid| stat_fields(*pid))
+        .map(|f| f.utime + f.stime)
+        .sum()
+}
+
+/// Clock ticks per second, for converting `cpu_ticks`.
+pub fn ticks_per_second() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 { ticks as u64 } else { 100 }
+}
+
+/// Direct children of `pid` (nginx workers; mcp-guard's stdio servers).
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&child| stat_fields(child).is_some_and(|f| f.ppid == pid))
+        .collect()
+}
+
+struct StatFields {
+    ppid: u32,
+    utime: u64,
+    stime: u64,
+}
+
+fn stat_fields(pid: u32) -> Option<StatFields> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces and parentheses: fields start after the last ')'.
+    let rest = &text[text.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After the name: state(0) ppid(1) ... utime(11) stime(12), i.e. fields 14 and 15 of stat(5).
+    Some(StatFields {
+        ppid: fields.get(1)?.parse().ok()?,
+        utime: fields.get(11)?.parse().ok()?,
+        stime: fields.get(12)?.parse().ok()?,
+    })
+}
+
+/// Parses the `IP:PORT` that follows `marker` in a log line (ANSI colour codes tolerated).
+fn address_after(line: &str, marker: &str) -> Option<SocketAddr> {
+    let start = line.find(marker)? + marker.len();
+    let text: String = line[start..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+        .collect();
+    text.parse().ok()
+}
+
+/// A free loopback port for nginx (which cannot report a port-0 bind back to us).
+fn free_port() -> Result<u16, String> {
+    let listener =
+        TcpListener::bind("127.0.0.1:0").map_err(|e| format!("cannot find a free port: {e}"))?;
+    listener
+        .local_addr()
+        .map(|a| a.port())
+        .map_err(|e| format!("cannot find a free port: {e}"))
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_from_log_lines() {
+        let line = "\u{1b}[32mINFO\u{1b}[0m mcp-guard 0.1.0 listening on http://127.0.0.1:4321 (2 workers, io_uring driver)";
+        assert_eq!(
+            address_after(line, "listening on http://"),
+            Some(SocketAddr::from(([127, 0, 0, 1], 4321)))
+        );
+        assert_eq!(address_after("nothing here", "listening on http://"), None);
+    }
+
+    #[test]
+    fn own_process_is_measurable() {
+        let me = std::process::id();
+        assert!(stat_fields(me).is_some());
+        assert!(status_kb(&[me], "VmRSS:") > 0);
+    }
+}
