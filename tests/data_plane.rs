@@ -32,7 +32,36 @@ on_both_drivers!(
     malformed_json_and_invalid_jsonrpc_are_refused,
     stdio_child_crash_fails_request_then_recovers,
     keep_alive_and_pipelining_serve_several_requests,
+    idle_connection_serves_a_request_after_giving_its_buffer_back,
 );
+
+fn idle_connection_serves_a_request_after_giving_its_buffer_back(io: &str) {
+    let g = Gateway::start(&stdio_config(io, "", &[]));
+    let sid = initialize(g.addr);
+    let ping = |id: u32| {
+        mcp_post_raw(
+            &format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"ping"}}"#),
+            Some(&sid),
+            "",
+        )
+    };
+    let mut s = connect(g.addr);
+    s.write_all(ping(1).as_bytes()).unwrap();
+    assert_eq!(read_response(&mut s).unwrap().json()["id"], 1);
+    // Longer than the buffer hold (500 ms): the read is cancelled and the connection waits
+    // for readability without a buffer; a request arriving now must still be served whole.
+    std::thread::sleep(Duration::from_millis(800));
+    s.write_all(ping(2).as_bytes()).unwrap();
+    assert_eq!(read_response(&mut s).unwrap().json()["id"], 2);
+    // A request split across the hold boundary is not lost either.
+    let p3 = ping(3);
+    let (a, b) = p3.split_at(20);
+    std::thread::sleep(Duration::from_millis(450));
+    s.write_all(a.as_bytes()).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    s.write_all(b.as_bytes()).unwrap();
+    assert_eq!(read_response(&mut s).unwrap().json()["id"], 3);
+}
 
 fn stdio_initialize_list_and_call(io: &str) {
     let g = Gateway::start(&stdio_config(io, "", &[]));

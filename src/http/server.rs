@@ -11,7 +11,8 @@ use crate::http::response::{Framing, LAST_CHUNK, write_chunk, write_head};
 use crate::observe::metrics::M_NONE;
 use crate::pipeline::{self, Reply, ReplyBody};
 use crate::runtime::worker::Worker;
-use monoio::io::{AsyncReadRent, AsyncWriteRent};
+use monoio::buf::SliceMut;
+use monoio::io::{AsyncReadRent, AsyncWriteRent, CancelableAsyncReadRent};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime};
@@ -27,13 +28,11 @@ enum HeadOutcome {
 }
 
 /// Serves one client connection until it closes, errs, or the worker shuts down.
-pub async fn serve<S: AsyncReadRent + AsyncWriteRent>(
-    w: Rc<Worker>,
-    mut stream: S,
-    peer: SocketAddr,
-) {
-    let mut buf: Vec<u8> = Vec::with_capacity(8 * 1024);
-    let mut out: Vec<u8> = Vec::with_capacity(8 * 1024);
+pub async fn serve<S: Connection>(w: Rc<Worker>, mut stream: S, peer: SocketAddr) {
+    // Buffers start small and an idle connection gives its read buffer back (see `idle_wait`),
+    // so ten thousand idle keep-alive connections cost little memory.
+    let mut buf: Vec<u8> = Vec::new();
+    let mut out: Vec<u8> = Vec::new();
     loop {
         let cfg = w.settings();
         let head = match read_head(&w, &mut stream, &mut buf, &cfg).await {
@@ -89,10 +88,100 @@ pub async fn serve<S: AsyncReadRent + AsyncWriteRent>(
             Some(o) => out = o,
             None => return,
         }
+        // A large body grew the buffers: give that memory back rather than keep it per
+        // connection.
+        if out.capacity() > MAX_KEPT_BUFFER {
+            out = Vec::new();
+        }
+        if buf.is_empty() && buf.capacity() > MAX_KEPT_BUFFER {
+            buf = Vec::new();
+        }
     }
 }
 
-async fn read_head<S: AsyncReadRent>(
+/// How long an idle keep-alive connection keeps its read buffer before giving it back and
+/// waiting for readability without one.
+const IDLE_BUFFER_HOLD: Duration = Duration::from_millis(500);
+/// Read buffer size for a new request head.
+const HEAD_READ: usize = 4096;
+/// Buffers larger than this are released after the request that grew them.
+const MAX_KEPT_BUFFER: usize = 64 * 1024;
+
+/// A client connection: readable with owned buffers (cancellable), writable, and able to wait
+/// for readability without holding a buffer.
+pub trait Connection: AsyncReadRent + AsyncWriteRent + CancelableAsyncReadRent {
+    /// Completes when data (or EOF) is ready to read.
+    fn wait_readable(&self) -> impl std::future::Future<Output = std::io::Result<()>>;
+}
+
+impl Connection for monoio::net::TcpStream {
+    fn wait_readable(&self) -> impl std::future::Future<Output = std::io::Result<()>> {
+        self.readable(false)
+    }
+}
+
+enum Idle {
+    /// Bytes arrived in the buffer.
+    Data(Vec<u8>),
+    /// EOF, error, idle timeout or shutdown.
+    Closed,
+}
+
+/// Waits for the next request on an idle connection. The read is posted with a buffer; if
+/// nothing arrives within [`IDLE_BUFFER_HOLD`] it is cancelled (without losing bytes that
+/// raced the cancel) and the wait continues buffer-less until the idle timeout.
+async fn idle_wait<S: Connection>(w: &Rc<Worker>, stream: &mut S, idle_timeout: Duration) -> Idle {
+    let start = Instant::now();
+    let canceller = monoio::io::Canceller::new();
+    let mut buf = Vec::with_capacity(HEAD_READ);
+    let hold = IDLE_BUFFER_HOLD.min(idle_timeout);
+    {
+        let read = stream.cancelable_read(SliceMut::new(buf, 0, HEAD_READ), canceller.handle());
+        let mut read = std::pin::pin!(read);
+        let early = monoio::select! {
+            r = &mut read => Some(r),
+            _ = monoio::time::sleep(hold) => None,
+            _ = w.shutdown.wait() => return Idle::Closed,
+        };
+        let (res, slice) = match early {
+            Some(r) => r,
+            None => {
+                canceller.cancel();
+                read.await
+            }
+        };
+        buf = slice.into_inner();
+        match res {
+            Ok(0) => return Idle::Closed,
+            Ok(_) => return Idle::Data(buf),
+            Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => {}
+            Err(_) if !buf.is_empty() => return Idle::Data(buf),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return Idle::Closed,
+        }
+    }
+    drop(buf);
+    let left = idle_timeout.saturating_sub(start.elapsed());
+    if left.is_zero() {
+        return Idle::Closed;
+    }
+    let ready = monoio::select! {
+        r = monoio::time::timeout(left, stream.wait_readable()) => r,
+        _ = w.shutdown.wait() => return Idle::Closed,
+    };
+    match ready {
+        Ok(Ok(())) => {
+            let (res, buf) = read_append(stream, Vec::new(), HEAD_READ).await;
+            match res {
+                Ok(n) if n > 0 => Idle::Data(buf),
+                _ => Idle::Closed,
+            }
+        }
+        _ => Idle::Closed,
+    }
+}
+
+async fn read_head<S: Connection>(
     w: &Rc<Worker>,
     stream: &mut S,
     buf: &mut Vec<u8>,
@@ -108,42 +197,31 @@ async fn read_head<S: AsyncReadRent>(
                 Err(e) => return HeadOutcome::Error(GatewayError::Head(e)),
             }
         }
-        let idle = deadline.is_none();
-        if idle && w.shutdown.is_fired() {
-            return HeadOutcome::Closed;
-        }
-        let wait = match deadline {
-            None => s.idle_timeout,
-            Some(d) => {
-                let left = d.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return HeadOutcome::Error(GatewayError::HeaderTimeout);
-                }
-                left
+        let Some(d) = deadline else {
+            // Idle: nothing of the next request yet.
+            if w.shutdown.is_fired() {
+                return HeadOutcome::Closed;
             }
-        };
-        let b = std::mem::take(buf);
-        let read = monoio::time::timeout(wait, read_append(stream, b, 4096));
-        let result = if idle {
-            // Only an idle connection (no partial request) is dropped at shutdown.
-            monoio::select! {
-                r = read => Some(r),
-                _ = w.shutdown.wait() => None,
-            }
-        } else {
-            Some(read.await)
-        };
-        match result {
-            None => return HeadOutcome::Closed,
-            Some(Err(_elapsed)) if idle => return HeadOutcome::Closed,
-            Some(Err(_elapsed)) => return HeadOutcome::Error(GatewayError::HeaderTimeout),
-            Some(Ok((Ok(0), _))) | Some(Ok((Err(_), _))) => return HeadOutcome::Closed,
-            Some(Ok((Ok(_), b))) => {
-                *buf = b;
-                if deadline.is_none() {
+            match idle_wait(w, stream, s.idle_timeout).await {
+                Idle::Closed => return HeadOutcome::Closed,
+                Idle::Data(b) => {
+                    *buf = b;
                     deadline = Some(Instant::now() + s.header_timeout);
+                    continue;
                 }
-                if buf.len() > s.max_header_bytes + 4096
+            }
+        };
+        let left = d.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return HeadOutcome::Error(GatewayError::HeaderTimeout);
+        }
+        let b = std::mem::take(buf);
+        match monoio::time::timeout(left, read_append(stream, b, HEAD_READ)).await {
+            Err(_elapsed) => return HeadOutcome::Error(GatewayError::HeaderTimeout),
+            Ok((Ok(0), _)) | Ok((Err(_), _)) => return HeadOutcome::Closed,
+            Ok((Ok(_), b)) => {
+                *buf = b;
+                if buf.len() > s.max_header_bytes + HEAD_READ
                     && matches!(
                         parse_head(buf, s.max_header_bytes, s.max_body_bytes as u64),
                         Ok(HeadParse::Incomplete)
@@ -222,7 +300,7 @@ fn trace_id(tp: &str) -> Option<String> {
 }
 
 /// Writes the reply; returns the output buffer when the connection may serve another request.
-async fn write_reply<S: AsyncReadRent + AsyncWriteRent>(
+async fn write_reply<S: Connection>(
     w: &Rc<Worker>,
     stream: &mut S,
     reply: Reply,
