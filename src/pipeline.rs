@@ -426,9 +426,7 @@ async fn post(
     let session = match &head.h.session_id {
         Some(_) if is_initialize => None,
         Some(sid) => Some(
-            w.shared
-                .sessions
-                .decode(binding, sid)
+            w.verify_session(&identity.id, sid)
                 .ok_or_else(|| fail(GatewayError::UnknownSession))?,
         ),
         None => None,

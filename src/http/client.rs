@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 /// Idle connections kept per upstream address.
 const MAX_IDLE_PER_ADDR: usize = 256;
+/// Pooled connections younger than this are reused without a liveness probe.
+const RECENT: Duration = Duration::from_secs(1);
 /// Idle connections older than this are not reused.
 const IDLE_TTL: Duration = Duration::from_secs(50);
 /// Largest upstream response head accepted.
@@ -34,7 +36,11 @@ impl Pool {
         let mut idle = self.idle.borrow_mut();
         let list = idle.get_mut(&addr)?;
         while let Some((conn, since)) = list.pop() {
-            if since.elapsed() < IDLE_TTL && still_open(&conn) {
+            let idle = since.elapsed();
+            // A connection pooled moments ago is almost surely alive, and if the upstream did
+            // close it, the request is retried (no response byte arrived): skip the probe's
+            // syscall on the hot path and only probe connections that sat idle a while.
+            if idle < RECENT || (idle < IDLE_TTL && still_open(&conn)) {
                 return Some(conn);
             }
         }

@@ -33,9 +33,10 @@ pub async fn serve<S: Connection>(w: Rc<Worker>, mut stream: S, peer: SocketAddr
     // so ten thousand idle keep-alive connections cost little memory.
     let mut buf: Vec<u8> = Vec::new();
     let mut out: Vec<u8> = Vec::new();
+    let mut fresh = true;
     loop {
         let cfg = w.settings();
-        let head = match read_head(&w, &mut stream, &mut buf, &cfg).await {
+        let head = match Box::pin(read_head(&w, &mut stream, &mut buf, &cfg, fresh)).await {
             HeadOutcome::Head(h) => h,
             HeadOutcome::Closed => return,
             HeadOutcome::Error(e) => {
@@ -47,10 +48,11 @@ pub async fn serve<S: Connection>(w: Rc<Worker>, mut stream: S, peer: SocketAddr
                     started: Instant::now(),
                     wall: SystemTime::now(),
                 };
-                let _ = write_reply(&w, &mut stream, reply, false, &meta, out).await;
+                let _ = Box::pin(write_reply(&w, &mut stream, reply, false, &meta, out)).await;
                 return;
             }
         };
+        fresh = false;
         let started = Instant::now();
         let wall = SystemTime::now();
         buf.drain(..head.head_len);
@@ -74,17 +76,36 @@ pub async fn serve<S: Connection>(w: Rc<Worker>, mut stream: S, peer: SocketAddr
                 return;
             }
         }
-        let body = match read_body(&mut stream, &mut buf, &head, &cfg).await {
+        let body = match Box::pin(read_body(&mut stream, &mut buf, &head, &cfg)).await {
             Ok(b) => b,
             Err(None) => return,
             Err(Some(e)) => {
                 let reply = Reply::error(&e, None, M_NONE);
-                let _ = write_reply(&w, &mut stream, reply, false, &meta, out).await;
+                let _ = Box::pin(write_reply(&w, &mut stream, reply, false, &meta, out)).await;
                 return;
             }
         };
-        let reply = pipeline::handle(&w, &cfg, &head, &body, peer, &meta.request_id).await;
-        match write_reply(&w, &mut stream, reply, head.keep_alive, &meta, out).await {
+        // The request's futures are boxed so that an idle connection's task stays small: only
+        // a request in flight pays for the pipeline's (large) state machine.
+        let reply = Box::pin(pipeline::handle(
+            &w,
+            &cfg,
+            &head,
+            &body,
+            peer,
+            &meta.request_id,
+        ))
+        .await;
+        match Box::pin(write_reply(
+            &w,
+            &mut stream,
+            reply,
+            head.keep_alive,
+            &meta,
+            out,
+        ))
+        .await
+        {
             Some(o) => out = o,
             None => return,
         }
@@ -127,15 +148,23 @@ enum Idle {
     Closed,
 }
 
-/// Waits for the next request on an idle connection. The read is posted with a buffer; if
-/// nothing arrives within [`IDLE_BUFFER_HOLD`] it is cancelled (without losing bytes that
-/// raced the cancel) and the wait continues buffer-less until the idle timeout.
-async fn idle_wait<S: Connection>(w: &Rc<Worker>, stream: &mut S, idle_timeout: Duration) -> Idle {
+/// Waits for the next request on an idle connection. Between requests of a busy keep-alive
+/// connection the read is posted with a buffer (no extra operation on the hot path); if nothing
+/// arrives within [`IDLE_BUFFER_HOLD`] it is cancelled (without losing bytes that raced the
+/// cancel) and the wait continues buffer-less until the idle timeout. A new connection
+/// (`fresh`) waits buffer-less from the start, so connections that never send cost no buffer.
+async fn idle_wait<S: Connection>(
+    w: &Rc<Worker>,
+    stream: &mut S,
+    idle_timeout: Duration,
+    fresh: bool,
+) -> Idle {
     let start = Instant::now();
     let canceller = monoio::io::Canceller::new();
-    let mut buf = Vec::with_capacity(HEAD_READ);
+    let mut buf = Vec::new();
     let hold = IDLE_BUFFER_HOLD.min(idle_timeout);
-    {
+    if !fresh {
+        buf.reserve(HEAD_READ);
         let read = stream.cancelable_read(SliceMut::new(buf, 0, HEAD_READ), canceller.handle());
         let mut read = std::pin::pin!(read);
         let early = monoio::select! {
@@ -186,6 +215,7 @@ async fn read_head<S: Connection>(
     stream: &mut S,
     buf: &mut Vec<u8>,
     cfg: &crate::config::Settings,
+    fresh: bool,
 ) -> HeadOutcome {
     let s = &cfg.server;
     let mut deadline = (!buf.is_empty()).then(|| Instant::now() + s.header_timeout);
@@ -202,7 +232,7 @@ async fn read_head<S: Connection>(
             if w.shutdown.is_fired() {
                 return HeadOutcome::Closed;
             }
-            match idle_wait(w, stream, s.idle_timeout).await {
+            match idle_wait(w, stream, s.idle_timeout, fresh).await {
                 Idle::Closed => return HeadOutcome::Closed,
                 Idle::Data(b) => {
                     *buf = b;
@@ -418,9 +448,13 @@ async fn pump<S: AsyncWriteRent>(
                 if framing == Framing::Chunked {
                     out.extend_from_slice(LAST_CHUNK);
                 }
-                let (res, o) = write_all(stream, out).await;
-                out = o;
-                ok = res.is_ok();
+                ok = if out.is_empty() {
+                    true
+                } else {
+                    let (res, o) = write_all(stream, out).await;
+                    out = o;
+                    res.is_ok()
+                };
                 break;
             }
             Err(e) => {

@@ -19,6 +19,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+/// Verified session ids cached per worker (cleared when full).
+const VERIFIED_SESSIONS: usize = 4096;
+
 /// Process-wide state every worker can see.
 pub struct Shared {
     /// The current configuration snapshot.
@@ -101,6 +104,9 @@ pub struct Worker {
     pub limiter: LocalLimiter,
     /// This worker's audit queue.
     pub audit: AuditSink,
+    /// Session ids this worker has verified: id → (binding, payload). A MAC check costs more
+    /// than the rest of the transport rules together, and a session's id never changes.
+    verified_sessions: RefCell<std::collections::HashMap<String, (Arc<str>, Vec<u8>)>>,
     request_seq: Cell<u64>,
     request_prefix: u64,
 }
@@ -128,6 +134,7 @@ impl Worker {
             active: Cell::new(0),
             limiter: LocalLimiter::new(shared.workers),
             audit,
+            verified_sessions: RefCell::new(std::collections::HashMap::new()),
             request_seq: Cell::new(0),
             request_prefix: u64::from_be_bytes(random_bytes::<8>()) & 0xffff_ffff,
             shared,
@@ -145,6 +152,22 @@ impl Worker {
             *local = Rc::new(current.clone());
         }
         local.clone()
+    }
+
+    /// The payload of a client-presented session id bound to `binding`, if it is valid.
+    pub fn verify_session(&self, binding: &Arc<str>, sid: &str) -> Option<Vec<u8>> {
+        if let Some((b, payload)) = self.verified_sessions.borrow().get(sid)
+            && b == binding
+        {
+            return Some(payload.clone());
+        }
+        let payload = self.shared.sessions.decode(binding, sid)?;
+        let mut cache = self.verified_sessions.borrow_mut();
+        if cache.len() >= VERIFIED_SESSIONS {
+            cache.clear();
+        }
+        cache.insert(sid.to_string(), (binding.clone(), payload.clone()));
+        Some(payload)
     }
 
     /// A request id unique in this process: worker-random prefix and a counter.
