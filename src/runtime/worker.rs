@@ -22,6 +22,9 @@ use std::time::{Duration, Instant};
 /// Verified session ids cached per worker (cleared when full).
 const VERIFIED_SESSIONS: usize = 4096;
 
+/// Session id → (binding it was verified for, payload).
+type VerifiedSessions = std::collections::HashMap<String, (Arc<str>, Vec<u8>)>;
+
 /// Process-wide state every worker can see.
 pub struct Shared {
     /// The current configuration snapshot.
@@ -106,7 +109,7 @@ pub struct Worker {
     pub audit: AuditSink,
     /// Session ids this worker has verified: id → (binding, payload). A MAC check costs more
     /// than the rest of the transport rules together, and a session's id never changes.
-    verified_sessions: RefCell<std::collections::HashMap<String, (Arc<str>, Vec<u8>)>>,
+    verified_sessions: RefCell<VerifiedSessions>,
     request_seq: Cell<u64>,
     request_prefix: u64,
 }
