@@ -186,7 +186,7 @@ async fn exchange(
     if let Err(e) = res {
         return Err((e.into(), request, false));
     }
-    let mut buf = Vec::with_capacity(8192);
+    let mut buf = Vec::with_capacity(4096);
     loop {
         let (res, b) = read_append(&mut conn, buf, 4096).await;
         buf = b;
