@@ -4,8 +4,8 @@
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use mcp_guard::audit::{AuditEvent, AuditOutput, AuditWriter};
-use mcp_guard::auth::Authenticator;
 use mcp_guard::auth::api_key::{ApiKeys, decode_hash};
+use mcp_guard::auth::{Authenticator, RateKey};
 use mcp_guard::authz::{Matcher, Policy, Rule};
 use mcp_guard::cli::hash_key;
 use mcp_guard::http::request::{HeadParse, parse_head};
@@ -50,7 +50,7 @@ fn authenticator() -> Authenticator {
     }
     Authenticator {
         api_keys: Some(keys),
-        anonymous: Arc::new(Policy::default()),
+        ..Authenticator::default()
     }
 }
 
@@ -92,7 +92,7 @@ fn benches(c: &mut Criterion) {
 
     let pool = MemoryPool::default();
     let limiter = LocalLimiter::new(2);
-    let key = bucket_key("id-500", None);
+    let key = bucket_key(&RateKey::Identity("id-500".into()), None);
     let limit = Limit {
         rate: 1e9,
         burst: 1_000_000_000,

@@ -60,7 +60,7 @@ impl ApiKeys {
             Entry {
                 digest,
                 identity: Identity {
-                    rate_key: id.clone(),
+                    rate_key: super::RateKey::Identity(id.clone()),
                     id,
                     method: AuthMethod::ApiKey,
                     policy,

@@ -41,7 +41,16 @@ pub struct Identity {
     /// What it may do.
     pub policy: Arc<Policy>,
     /// The rate-limit key: the identity, or for anonymous callers their address.
-    pub rate_key: Arc<str>,
+    pub rate_key: RateKey,
+}
+
+/// What a caller's rate limit is keyed on.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum RateKey {
+    /// An authenticated identity.
+    Identity(Arc<str>),
+    /// An anonymous caller's address.
+    Address(IpAddr),
 }
 
 /// Why authentication failed.
@@ -54,12 +63,24 @@ pub enum AuthError {
 }
 
 /// The compiled provider chain (part of the config snapshot).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Authenticator {
     /// API keys, when configured.
     pub api_keys: Option<api_key::ApiKeys>,
     /// Policy for anonymous callers (used only when no provider is configured).
     pub anonymous: Arc<Policy>,
+    /// The id every anonymous caller shares ("anonymous").
+    pub anonymous_id: Arc<str>,
+}
+
+impl Default for Authenticator {
+    fn default() -> Self {
+        Self {
+            api_keys: None,
+            anonymous: Arc::new(Policy::default()),
+            anonymous_id: Arc::from("anonymous"),
+        }
+    }
 }
 
 impl Authenticator {
@@ -82,10 +103,10 @@ impl Authenticator {
         let header_key = head.h.api_key.as_deref().filter(|k| !k.is_empty());
         if !self.requires_credentials() {
             return Ok(Identity {
-                id: Arc::from("anonymous"),
+                id: self.anonymous_id.clone(),
                 method: AuthMethod::Anonymous,
                 policy: self.anonymous.clone(),
-                rate_key: Arc::from(format!("ip:{peer}")),
+                rate_key: RateKey::Address(peer),
             });
         }
         if let Some(keys) = &self.api_keys {

@@ -267,10 +267,7 @@ pub fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
 }
 
 fn validate_auth(file: &FileConfig) -> Result<Authenticator, ConfigError> {
-    let mut auth = Authenticator {
-        api_keys: None,
-        anonymous: Arc::new(Policy::default()),
-    };
+    let mut auth = Authenticator::default();
     if file.auth.api_keys.is_empty() {
         return Ok(auth);
     }

@@ -468,7 +468,7 @@ pub fn build_request(
     }
     if method == "POST" || !body.is_empty() {
         out.extend_from_slice(b"content-length: ");
-        out.extend_from_slice(body.len().to_string().as_bytes());
+        crate::http::response::push_decimal(&mut out, body.len() as u64);
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");

@@ -48,25 +48,45 @@ pub fn write_head(
     framing: Framing,
     keep_alive: bool,
 ) {
-    let mut s = String::with_capacity(128 + headers.len() * 32);
-    let _ = write!(s, "HTTP/1.1 {} {}\r\n", status, reason(status));
+    // Built byte by byte rather than with `write!`: this runs for every response.
+    out.extend_from_slice(b"HTTP/1.1 ");
+    push_decimal(out, u64::from(status));
+    out.push(b' ');
+    out.extend_from_slice(reason(status).as_bytes());
+    out.extend_from_slice(b"\r\n");
     for (name, value) in headers {
-        s.push_str(name);
-        s.push_str(": ");
-        s.push_str(value);
-        s.push_str("\r\n");
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
     }
     match framing {
         Framing::Length(n) => {
-            let _ = write!(s, "content-length: {n}\r\n");
+            out.extend_from_slice(b"content-length: ");
+            push_decimal(out, n);
+            out.extend_from_slice(b"\r\n");
         }
-        Framing::Chunked => s.push_str("transfer-encoding: chunked\r\n"),
+        Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
     if !keep_alive {
-        s.push_str("connection: close\r\n");
+        out.extend_from_slice(b"connection: close\r\n");
     }
-    s.push_str("\r\n");
-    out.extend_from_slice(s.as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends `n` in decimal.
+pub fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
 }
 
 /// Appends `data` as one chunk (nothing for empty data, which would end the body).

@@ -36,7 +36,7 @@ pub async fn serve<S: Connection>(w: Rc<Worker>, mut stream: S, peer: SocketAddr
     let mut fresh = true;
     loop {
         let cfg = w.settings();
-        let head = match Box::pin(read_head(&w, &mut stream, &mut buf, &cfg, fresh)).await {
+        let head = match read_head(&w, &mut stream, &mut buf, &cfg, fresh).await {
             HeadOutcome::Head(h) => h,
             HeadOutcome::Closed => return,
             HeadOutcome::Error(e) => {
@@ -53,59 +53,19 @@ pub async fn serve<S: Connection>(w: Rc<Worker>, mut stream: S, peer: SocketAddr
             }
         };
         fresh = false;
-        let started = Instant::now();
-        let wall = SystemTime::now();
-        buf.drain(..head.head_len);
-        let request_id = head
-            .h
-            .request_id
-            .as_deref()
-            .filter(|r| r.len() <= 128 && r.bytes().all(|b| b.is_ascii_graphic()))
-            .map_or_else(|| w.next_request_id(), str::to_string);
-        let meta = ReqMeta {
-            trace_id: head.h.traceparent.as_deref().and_then(trace_id),
-            request_id,
-            peer,
-            started,
-            wall,
-        };
-        if head.expect_continue && head.body != BodyFraming::None && buf.is_empty() {
-            let (res, b) = write_all(&mut stream, b"HTTP/1.1 100 Continue\r\n\r\n".to_vec()).await;
-            drop(b);
-            if res.is_err() {
-                return;
-            }
-        }
-        let body = match Box::pin(read_body(&mut stream, &mut buf, &head, &cfg)).await {
-            Ok(b) => b,
-            Err(None) => return,
-            Err(Some(e)) => {
-                let reply = Reply::error(&e, None, M_NONE);
-                let _ = Box::pin(write_reply(&w, &mut stream, reply, false, &meta, out)).await;
-                return;
-            }
-        };
-        // The request's futures are boxed so that an idle connection's task stays small: only
-        // a request in flight pays for the pipeline's (large) state machine.
-        let reply = Box::pin(pipeline::handle(
-            &w,
-            &cfg,
-            &head,
-            &body,
-            peer,
-            &meta.request_id,
-        ))
-        .await;
-        match Box::pin(write_reply(
+        // Everything from the body to the written reply runs in one boxed future: an idle
+        // connection's task then holds only the (small) head-reading state, and a request in
+        // flight pays one allocation for the pipeline's large state machine.
+        let served = Box::pin(serve_request(
             &w,
             &mut stream,
-            reply,
-            head.keep_alive,
-            &meta,
+            &mut buf,
             out,
-        ))
-        .await
-        {
+            &cfg,
+            head,
+            peer,
+        ));
+        match served.await {
             Some(o) => out = o,
             None => return,
         }
@@ -118,6 +78,49 @@ pub async fn serve<S: Connection>(w: Rc<Worker>, mut stream: S, peer: SocketAddr
             buf = Vec::new();
         }
     }
+}
+
+/// One request after its head: body, pipeline, reply. `None` ends the connection.
+async fn serve_request<S: Connection>(
+    w: &Rc<Worker>,
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+    out: Vec<u8>,
+    cfg: &crate::config::Settings,
+    head: RequestHead,
+    peer: SocketAddr,
+) -> Option<Vec<u8>> {
+    let started = Instant::now();
+    let wall = SystemTime::now();
+    buf.drain(..head.head_len);
+    let request_id = head
+        .h
+        .request_id
+        .as_deref()
+        .filter(|r| r.len() <= 128 && r.bytes().all(|b| b.is_ascii_graphic()))
+        .map_or_else(|| w.next_request_id(), str::to_string);
+    let meta = ReqMeta {
+        trace_id: head.h.traceparent.as_deref().and_then(trace_id),
+        request_id,
+        peer,
+        started,
+        wall,
+    };
+    if head.expect_continue && head.body != BodyFraming::None && buf.is_empty() {
+        let (res, _) = write_all(stream, b"HTTP/1.1 100 Continue\r\n\r\n".to_vec()).await;
+        res.ok()?;
+    }
+    let body = match read_body(stream, buf, &head, cfg).await {
+        Ok(b) => b,
+        Err(None) => return None,
+        Err(Some(e)) => {
+            let reply = Reply::error(&e, None, M_NONE);
+            let _ = write_reply(w, stream, reply, false, &meta, out).await;
+            return None;
+        }
+    };
+    let reply = pipeline::handle(w, cfg, &head, &body, peer, &meta.request_id).await;
+    write_reply(w, stream, reply, head.keep_alive, &meta, out).await
 }
 
 /// How long an idle keep-alive connection keeps its read buffer before giving it back and

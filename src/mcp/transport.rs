@@ -51,7 +51,7 @@ fn accepts(accept: &str, wanted: &str) -> bool {
     let (wtype, _) = wanted.split_once('/').unwrap_or((wanted, ""));
     accept.split(',').any(|item| {
         let mut parts = item.split(';');
-        let range = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+        let range = parts.next().unwrap_or("").trim();
         let refused = parts.any(|p| {
             let p = p.trim();
             p.eq_ignore_ascii_case("q=0")
@@ -61,7 +61,11 @@ fn accepts(accept: &str, wanted: &str) -> bool {
         if refused {
             return false;
         }
-        range == wanted || range == "*/*" || range == format!("{wtype}/*")
+        range.eq_ignore_ascii_case(wanted)
+            || range == "*/*"
+            || range
+                .strip_suffix("/*")
+                .is_some_and(|t| t.eq_ignore_ascii_case(wtype))
     })
 }
 

@@ -12,6 +12,7 @@
 //! L−1 per worker) can be spent outside the interval they were granted in. Leases unused for
 //! [`LEASE_TTL`] are dropped, so stranded tokens make the limit stricter, never looser.
 
+use crate::auth::RateKey;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -54,7 +55,7 @@ pub trait QuotaPool: Send + Sync {
 }
 
 /// The key of (rate key, tool) under the process's hash keys.
-pub fn bucket_key(rate_key: &str, tool: Option<&str>) -> BucketKey {
+pub fn bucket_key(rate_key: &RateKey, tool: Option<&str>) -> BucketKey {
     static HASHERS: OnceLock<(RandomState, RandomState)> = OnceLock::new();
     let (a, b) = HASHERS.get_or_init(|| (RandomState::new(), RandomState::new()));
     let k = (rate_key, tool);
@@ -293,7 +294,7 @@ mod tests {
     fn burst_then_refill_at_rate() {
         let pool = MemoryPool::default();
         let local = LocalLimiter::new(1);
-        let key = bucket_key("alice", None);
+        let key = bucket_key(&RateKey::Identity("alice".into()), None);
         let t0 = Instant::now();
         let admitted = (0..100)
             .filter(|_| local.check(&pool, key, LIMIT, t0).is_ok())
@@ -313,7 +314,7 @@ mod tests {
     fn many_workers_share_one_limit_within_the_bound() {
         let pool = MemoryPool::default();
         let workers: Vec<LocalLimiter> = (0..8).map(|_| LocalLimiter::new(8)).collect();
-        let key = bucket_key("bob", None);
+        let key = bucket_key(&RateKey::Identity("bob".into()), None);
         let t0 = Instant::now();
         let limit = Limit {
             rate: 1000.0,
@@ -337,10 +338,24 @@ mod tests {
         let t0 = Instant::now();
         assert!(
             local
-                .check(&pool, bucket_key("a", Some("t")), LIMIT, t0)
+                .check(
+                    &pool,
+                    bucket_key(&RateKey::Identity("a".into()), Some("t")),
+                    LIMIT,
+                    t0
+                )
                 .is_ok()
         );
-        assert!(local.check(&pool, bucket_key("a", None), LIMIT, t0).is_ok());
+        assert!(
+            local
+                .check(
+                    &pool,
+                    bucket_key(&RateKey::Identity("a".into()), None),
+                    LIMIT,
+                    t0
+                )
+                .is_ok()
+        );
         assert_eq!(pool.len(), 2);
         pool.sweep(t0 + Duration::from_secs(10));
         assert_eq!(pool.len(), 0);
