@@ -44,7 +44,7 @@ const fn scenario(
 pub const SCENARIOS: &[Scenario] = &[
     scenario("passthrough", "tools/call echo, JSON response", Call::Echo, 5, 0),
     scenario("guard", "passthrough through the security path: API key, tool policy, rate limit (never trips), audit file", Call::Echo, 5, 0),
-    scenario("tools_list_100", "tools/list answering 100 tools (~20 KiB)", Call::ToolsList, 100, 0),
+    scenario("tools_list_100", "tools/list answering 100 tools (~20 KiB); through mcp-guard an API key allowed half of them, so every answer is filtered", Call::ToolsList, 100, 0),
     scenario("sse", "tools/call echo_sse, one chunked SSE event", Call::EchoSse, 5, 0),
     Scenario { stdio: true, ..scenario("stdio", "tools/call echo to mcp-demo-server over stdio (mcp-guard only)", Call::Echo, 5, 0) },
     scenario("idle_1k", "passthrough with 1,000 idle keep-alive connections held open", Call::Echo, 5, 1_000),
@@ -83,18 +83,27 @@ const GUARD_API_KEY_HASH: &str = "oNtTxBO8b6J3SxRCrD+weuf3watudilxAdoYlAE5lYM=";
 /// JSON-lines file.
 pub fn gateway_setup(scenario: &Scenario) -> GatewaySetup {
     match scenario.name {
-        "guard" => GatewaySetup {
-            config: format!(
-                "[[auth.api_keys]]\nid = \"perf\"\nkey_hash = \"{GUARD_API_KEY_HASH}\"\nallowed_tools = [\"echo\", \"echo_sse\"]\n\n\
-                 [rate_limit]\nenabled = true\nrequests_per_second = 1000000000\nburst_size = 1000000000\n\n\
-                 [audit]\nenabled = true\nfile = \"{{scratch}}/audit.jsonl\"\n"
-            ),
-            client_headers: format!("Authorization: Bearer {GUARD_API_KEY}\r\n"),
-        },
+        "guard" => guarded(r#"["echo", "echo_sse"]"#),
+        // The identity may call half of the listed tools, so every answer is really filtered.
+        "tools_list_100" => guarded(
+            r#"["echo", "echo_sse", "tool_0*0", "tool_0*2", "tool_0*4", "tool_0*6", "tool_0*8"]"#,
+        ),
         _ => GatewaySetup {
             config: "[rate_limit]\nenabled = false\n\n[audit]\nenabled = false\n".into(),
             client_headers: String::new(),
         },
+    }
+}
+
+/// The full guard: API key, a tool policy, a rate limit that never trips, audit to a file.
+fn guarded(allowed_tools: &str) -> GatewaySetup {
+    GatewaySetup {
+        config: format!(
+            "[[auth.api_keys]]\nid = \"perf\"\nkey_hash = \"{GUARD_API_KEY_HASH}\"\nallowed_tools = {allowed_tools}\n\n\
+             [rate_limit]\nenabled = true\nrequests_per_second = 1000000000\nburst_size = 1000000000\n\n\
+             [audit]\nenabled = true\nfile = \"{{scratch}}/audit.jsonl\"\n"
+        ),
+        client_headers: format!("Authorization: Bearer {GUARD_API_KEY}\r\n"),
     }
 }
 
