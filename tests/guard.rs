@@ -541,3 +541,45 @@ fn audit_overflow_is_counted_and_never_blocks_requests() {
     assert!(start.elapsed() < Duration::from_secs(30));
     assert!(g.metric("mcp_guard_audit_events_dropped_total", &[]) > 0.0);
 }
+
+#[test]
+fn audit_file_is_reopened_on_sighup_for_rotation() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let rotated = dir.path().join("audit.jsonl.1");
+    let cfg = format!(
+        "{}\n[rate_limit]\nenabled = false\n[audit]\nfile = {:?}\n",
+        stdio_config("auto", "", &[]),
+        path.to_str().unwrap()
+    );
+    let g = Gateway::start(&cfg);
+    let sid = initialize(g.addr);
+    let lines = |p: &std::path::Path| {
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while lines(&path) < 2 {
+        assert!(Instant::now() < deadline, "first events not written");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // logrotate's move-then-signal: events keep going to the moved file until SIGHUP.
+    std::fs::rename(&path, &rotated).unwrap();
+    g.signal(libc::SIGHUP);
+    assert!(g.wait_log("audit file reopened", Duration::from_secs(5)));
+    let ping = r#"{"jsonrpc":"2.0","id":7,"method":"ping"}"#;
+    assert_eq!(mcp_post(g.addr, ping, Some(&sid)).status, 200);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while lines(&path) < 1 {
+        assert!(Instant::now() < deadline, "no event in the reopened file");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let fresh = std::fs::read_to_string(&path).unwrap();
+    assert!(fresh.contains("\"method\":\"ping\""), "{fresh}");
+    assert!(
+        lines(&rotated) >= 2,
+        "rotated file keeps the earlier events"
+    );
+}
