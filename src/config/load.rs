@@ -134,9 +134,11 @@ fn interpolate(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<St
             }
             State::Basic | State::MultiBasic => {
                 if c == b'\\' && i + 1 < bytes.len() {
-                    out.push('\\');
-                    out.push(bytes[i + 1] as char);
-                    i += 2;
+                    // Copy the backslash and the whole character it escapes (which may be
+                    // multi-byte: TOML will reject the escape, but we must not split it).
+                    let escaped_len = text[i + 1..].chars().next().map_or(1, char::len_utf8);
+                    out.push_str(&text[i..i + 1 + escaped_len]);
+                    i += 1 + escaped_len;
                     continue;
                 }
                 if state == State::Basic && c == b'"' {
@@ -279,6 +281,12 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.server.host, "127.0.0.2");
         assert_eq!(cfg.auth.jwt.unwrap().secret.unwrap(), "s3\"cr\\et");
+    }
+
+    #[test]
+    fn backslash_before_a_multibyte_character_is_an_error_not_a_panic() {
+        let err = parse_str("[upstream]\ncommand = \"caf\\é\"\n", &env).unwrap_err();
+        assert_eq!(err.position.map(|p| p.0), Some(2));
     }
 
     #[test]

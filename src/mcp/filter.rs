@@ -7,48 +7,123 @@
 
 use crate::authz::{Policy, Rule};
 use serde::Deserialize;
+use serde::de::{MapAccess, Visitor};
 use serde_json::value::RawValue;
 use std::borrow::Cow;
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
-/// Only what filtering needs of a tool; everything else in it is copied through verbatim.
+/// Only what filtering needs of a tool; everything else in it is copied through verbatim. A
+/// tool whose `name` appears twice fails to parse and is dropped (fail closed).
 #[derive(Deserialize)]
 struct ToolName<'a> {
     #[serde(borrow)]
     name: Option<Cow<'a, str>>,
 }
 
-/// Filters one JSON-RPC message: `Some(rewritten)` when it is a response carrying
-/// `result.tools`, `None` when there is nothing to filter. Tools are kept as the raw bytes the
-/// upstream sent; only their names are parsed.
-fn filter_message(msg: &RawValue, rule: &Rule) -> Option<String> {
-    let mut top: BTreeMap<Cow<'_, str>, &RawValue> = serde_json::from_str(msg.get()).ok()?;
-    let result_raw = *top.get("result")?;
-    let mut result: BTreeMap<Cow<'_, str>, &RawValue> =
-        serde_json::from_str(result_raw.get()).ok()?;
-    let tools: Vec<&RawValue> = serde_json::from_str(result.get("tools")?.get()).ok()?;
-    let kept: Vec<&RawValue> = tools
-        .into_iter()
-        .filter(|t| {
-            serde_json::from_str::<ToolName<'_>>(t.get())
-                .ok()
-                .and_then(|n| n.name)
-                .is_some_and(|n| rule.permits(&n))
-        })
-        .collect();
-    let kept_json = serde_json::to_string(&kept).ok()?;
-    let kept_raw = RawValue::from_string(kept_json).ok()?;
-    result.insert(Cow::Borrowed("tools"), &kept_raw);
-    let result_json = RawValue::from_string(serde_json::to_string(&result).ok()?).ok()?;
-    top.insert(Cow::Borrowed("result"), &result_json);
-    serde_json::to_string(&top).ok()
+/// An object's members in their order, values kept raw; duplicates are kept so they can be
+/// seen (a map would silently keep one of them).
+struct Members<'a>(Vec<(String, &'a RawValue)>);
+
+impl<'de> Deserialize<'de> for Members<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Members<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::new();
+                while let Some((k, v)) = map.next_entry::<String, &'de RawValue>()? {
+                    out.push((k, v));
+                }
+                Ok(Members(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+impl<'a> Members<'a> {
+    /// The member `key`; `Err` when it appears more than once (clients disagree on which copy
+    /// counts, so such a message cannot be checked).
+    fn get(&self, key: &str) -> Result<Option<&'a RawValue>, Unfilterable> {
+        let mut found = None;
+        for (k, v) in &self.0 {
+            if k == key {
+                if found.is_some() {
+                    return Err(Unfilterable);
+                }
+                found = Some(*v);
+            }
+        }
+        Ok(found)
+    }
+
+    /// Serialises the object with `key`'s value replaced by `value`.
+    fn write_with(&self, key: &str, value: &str, out: &mut String) {
+        out.push('{');
+        for (i, (k, v)) in self.0.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            // Keys came from JSON strings: re-escaping them cannot fail.
+            out.push_str(&serde_json::to_string(k).unwrap_or_default());
+            out.push(':');
+            out.push_str(if k == key { value } else { v.get() });
+        }
+        out.push('}');
+    }
+}
+
+/// A message that carries a tool list the filter cannot check (duplicated members, `tools` not
+/// an array): refused rather than forwarded.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Unfilterable;
+
+/// Filters one JSON-RPC message: `Ok(Some(rewritten))` when it carries `result.tools`,
+/// `Ok(None)` when there is nothing to filter. Tools are kept as the raw bytes the upstream
+/// sent; only their names are parsed.
+fn filter_message(msg: &RawValue, rule: &Rule) -> Result<Option<String>, Unfilterable> {
+    let Ok(top) = serde_json::from_str::<Members<'_>>(msg.get()) else {
+        return Ok(None);
+    };
+    let Some(result_raw) = top.get("result")? else {
+        return Ok(None);
+    };
+    let Ok(result) = serde_json::from_str::<Members<'_>>(result_raw.get()) else {
+        return Ok(None);
+    };
+    let Some(tools_raw) = result.get("tools")? else {
+        return Ok(None);
+    };
+    let tools: Vec<&RawValue> = serde_json::from_str(tools_raw.get()).map_err(|_| Unfilterable)?;
+    let mut kept = String::with_capacity(tools_raw.get().len());
+    kept.push('[');
+    for t in tools {
+        let permitted = serde_json::from_str::<ToolName<'_>>(t.get())
+            .ok()
+            .and_then(|n| n.name)
+            .is_some_and(|n| rule.permits(&n));
+        if permitted {
+            if kept.len() > 1 {
+                kept.push(',');
+            }
+            kept.push_str(t.get());
+        }
+    }
+    kept.push(']');
+    let mut new_result = String::with_capacity(result_raw.get().len());
+    result.write_with("tools", &kept, &mut new_result);
+    let mut out = String::with_capacity(msg.get().len());
+    top.write_with("result", &new_result, &mut out);
+    Ok(Some(out))
 }
 
 /// Rewrites a JSON body (object or batch array) answering a request that held `tools/list`.
 /// Every message carrying `result.tools` is filtered, whatever its id says: matching by id
 /// would let a response with a duplicated or odd id slip through unfiltered. `None` when the
-/// body is not JSON (the caller refuses it).
+/// body is not JSON or holds a list that cannot be checked (the caller refuses it).
 pub fn filter_json(body: &[u8], rule: &Rule) -> Option<Vec<u8>> {
     let text = std::str::from_utf8(body).ok()?;
     let trimmed = text.trim_start();
@@ -60,7 +135,7 @@ pub fn filter_json(body: &[u8], rule: &Rule) -> Option<Vec<u8>> {
             if i > 0 {
                 out.push(',');
             }
-            match filter_message(m, rule) {
+            match filter_message(m, rule).ok()? {
                 Some(rewritten) => out.push_str(&rewritten),
                 None => out.push_str(m.get()),
             }
@@ -69,7 +144,7 @@ pub fn filter_json(body: &[u8], rule: &Rule) -> Option<Vec<u8>> {
         return Some(out.into_bytes());
     }
     let msg: &RawValue = serde_json::from_str(text).ok()?;
-    match filter_message(msg, rule) {
+    match filter_message(msg, rule).ok()? {
         Some(rewritten) => Some(rewritten.into_bytes()),
         None => Some(body.to_vec()),
     }
@@ -97,9 +172,9 @@ impl SseFilter {
     pub fn push(&mut self, data: &[u8]) -> Result<Vec<u8>, &'static str> {
         self.pending.extend_from_slice(data);
         let mut out = Vec::with_capacity(self.pending.len());
-        while let Some((end, sep)) = find_event_end(&self.pending) {
-            let event: Vec<u8> = self.pending.drain(..end + sep).collect();
-            self.emit(&event[..end], &mut out);
+        while let Some((len, consumed)) = find_event_end(&self.pending) {
+            let event: Vec<u8> = self.pending.drain(..consumed).collect();
+            self.emit(&event[..len], &mut out);
         }
         if self.pending.len() > MAX_EVENT {
             return Err("SSE event too large to filter");
@@ -107,18 +182,26 @@ impl SseFilter {
         Ok(out)
     }
 
-    /// Whatever is left at the end of the stream (an unterminated event is dropped).
+    /// Whatever is complete at the end of the stream: a final lone CR ends its line (no LF can
+    /// follow any more); an unterminated event is dropped, as a client would drop it.
     pub fn finish(&mut self) -> Vec<u8> {
+        let mut out = Vec::new();
+        if self.pending.last() == Some(&b'\r') {
+            self.pending.push(b'\n');
+        }
+        while let Some((len, consumed)) = find_event_end(&self.pending) {
+            let event: Vec<u8> = self.pending.drain(..consumed).collect();
+            self.emit(&event[..len], &mut out);
+        }
         self.pending.clear();
-        Vec::new()
+        out
     }
 
     fn emit(&self, event: &[u8], out: &mut Vec<u8>) {
         let text = String::from_utf8_lossy(event);
         let mut data = String::new();
         let mut other = Vec::new();
-        for line in text.split('\n') {
-            let line = line.strip_suffix('\r').unwrap_or(line);
+        for line in sse_lines(&text) {
             if let Some(d) = line.strip_prefix("data:") {
                 if !data.is_empty() {
                     data.push('\n');
@@ -130,17 +213,22 @@ impl SseFilter {
         }
         if !data.is_empty() {
             match serde_json::from_str::<&RawValue>(&data) {
-                Ok(raw) => {
-                    if let Some(rewritten) = filter_message(raw, &self.policy.tools) {
-                        data = rewritten;
+                Ok(raw) => match filter_message(raw, &self.policy.tools) {
+                    Ok(Some(rewritten)) => data = rewritten,
+                    Ok(None) => {}
+                    Err(Unfilterable) => {
+                        tracing::warn!(target: "mcp_guard::filter", "dropped an SSE event holding a tool list that cannot be checked");
+                        return;
                     }
-                }
+                },
                 Err(_) => {
                     tracing::warn!(target: "mcp_guard::filter", "dropped an SSE event that is not JSON in a tools/list response");
                     return;
                 }
             }
         }
+        // Lines are re-emitted with LF endings only, so what the client parses is exactly
+        // what was checked, whatever line endings the upstream used.
         for l in other.iter().filter(|l| !l.is_empty()) {
             out.extend_from_slice(l.as_bytes());
             out.push(b'\n');
@@ -157,19 +245,52 @@ impl SseFilter {
     }
 }
 
-/// End of the first complete event: (index of its terminating blank line, separator length).
-fn find_event_end(b: &[u8]) -> Option<(usize, usize)> {
-    let mut i = 0;
-    while i + 1 < b.len() {
-        if b[i] == b'\n' {
-            if b[i + 1] == b'\n' {
-                return Some((i, 2));
+/// Splits SSE text into lines the way the SSE specification does: CRLF, lone CR and lone LF
+/// all end a line.
+fn sse_lines(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        match rest.find(['\r', '\n']) {
+            None => {
+                let line = rest;
+                rest = "";
+                Some(line)
             }
-            if b[i + 1] == b'\r' && b.get(i + 2) == Some(&b'\n') {
-                return Some((i, 3));
+            Some(i) => {
+                let line = &rest[..i];
+                let skip = if rest[i..].starts_with("\r\n") { 2 } else { 1 };
+                rest = &rest[i + skip..];
+                Some(line)
             }
         }
-        i += 1;
+    })
+}
+
+/// The first complete event: (length of its text, bytes to consume including the blank line
+/// that ends it). Any of CRLF, CR and LF ends a line; a CR at the very end of the buffer waits
+/// for the next byte, since it may be the first half of a CRLF.
+fn find_event_end(b: &[u8]) -> Option<(usize, usize)> {
+    let mut at_line_start = true;
+    let mut i = 0;
+    while i < b.len() {
+        let term = match b[i] {
+            b'\r' if i + 1 == b.len() => return None,
+            b'\r' if b[i + 1] == b'\n' => 2,
+            b'\r' | b'\n' => 1,
+            _ => {
+                at_line_start = false;
+                i += 1;
+                continue;
+            }
+        };
+        if at_line_start {
+            return Some((i, i + term));
+        }
+        at_line_start = true;
+        i += term;
     }
     None
 }
@@ -208,6 +329,43 @@ mod tests {
         let out = filter_json(dup.as_bytes(), &rule()).unwrap();
         assert!(!String::from_utf8(out).unwrap().contains("read_secret"));
         assert!(filter_json(b"not json", &rule()).is_none());
+        // Duplicated members that would decide what a client sees are refused.
+        let dup_result =
+            r#"{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"read_secret"}]},"result":0}"#;
+        assert!(filter_json(dup_result.as_bytes(), &rule()).is_none());
+        let dup_tools =
+            r#"{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"read_secret"}],"tools":[]}}"#;
+        assert!(filter_json(dup_tools.as_bytes(), &rule()).is_none());
+        // Key order is kept.
+        let out = filter_json(LIST.as_bytes(), &rule()).unwrap();
+        assert!(
+            String::from_utf8(out)
+                .unwrap()
+                .starts_with(r#"{"jsonrpc":"2.0","id":3,"result":{"tools":["#)
+        );
+    }
+
+    #[test]
+    fn sse_lines_ending_in_cr_or_crlf_are_filtered_too() {
+        let policy = Arc::new(Policy {
+            tools: rule(),
+            ..Policy::default()
+        });
+        for stream in [
+            format!("event: message\rdata: {LIST}\r\r"),
+            format!("event: message\r\ndata: {LIST}\r\n\r\n"),
+            format!("event: message\ndata: {LIST}\n\n"),
+        ] {
+            let mut f = SseFilter::new(policy.clone());
+            let mut out = Vec::new();
+            for chunk in stream.as_bytes().chunks(5) {
+                out.extend(f.push(chunk).unwrap());
+            }
+            out.extend(f.finish());
+            let text = String::from_utf8(out).unwrap();
+            assert!(text.contains("read_file"), "{stream:?} -> {text:?}");
+            assert!(!text.contains("read_secret"), "{stream:?} -> {text:?}");
+        }
     }
 
     #[test]

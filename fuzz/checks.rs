@@ -1,0 +1,341 @@
+// The properties the fuzz targets check, in one place: each `fuzz/fuzz_targets/*.rs` and the
+// stable replay in `tests/robustness.rs` pull this file in with `include!` (inside a `mod`).
+// Every function takes raw fuzz input and panics when the code under test breaks a property.
+
+use mcp_guard::authz::{Matcher, Policy, Rule};
+use mcp_guard::config::schema::FileConfig;
+use mcp_guard::http::chunked::{ChunkError, ChunkedDecoder};
+use mcp_guard::http::request::{BodyFraming, HeadParse, parse_head};
+use mcp_guard::mcp::filter::{SseFilter, filter_json};
+use mcp_guard::mcp::jsonrpc::{Body, Classifier, Kind, RpcId, Target};
+use mcp_guard::mcp::session::{MAX_SESSION_ID_LEN, SessionCodec};
+use serde_json::Value;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+/// A split point chosen by the input's own bytes (FNV-1a), so replays are deterministic.
+fn split_point(data: &[u8]) -> usize {
+    let h = data.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    (h % (data.len() as u64 + 1)) as usize
+}
+
+/// `parse_head`: never panics; a complete head respects the limits, has origin-form target,
+/// unambiguous framing and no CR/LF/NUL in any kept header value, and parses the same
+/// without whatever follows it (body bytes, a pipelined request).
+pub fn http_head(data: &[u8]) {
+    for (max_head, max_body) in [(16 * 1024, 1 << 20), (48, 8)] {
+        let h = match parse_head(data, max_head, max_body) {
+            Ok(HeadParse::Complete(h)) => h,
+            Ok(HeadParse::Incomplete) => {
+                assert!(data.len() <= max_head, "Incomplete past max_head");
+                continue;
+            }
+            Err(_) => continue,
+        };
+        assert!(h.head_len <= data.len() && h.head_len <= max_head);
+        assert!(h.target.starts_with('/'), "target {:?}", h.target);
+        assert!(h.minor_version <= 1);
+        assert!(
+            h.minor_version == 0 || h.h.host.is_some(),
+            "HTTP/1.1 without Host"
+        );
+        match h.body {
+            BodyFraming::Length(n) => assert!(n > 0 && n <= max_body),
+            BodyFraming::Chunked => assert_eq!(h.minor_version, 1),
+            BodyFraming::None => {}
+        }
+        let k = &h.h;
+        for v in [
+            &k.host,
+            &k.content_type,
+            &k.accept,
+            &k.origin,
+            &k.authorization,
+            &k.api_key,
+            &k.session_id,
+            &k.protocol_version,
+            &k.mcp_method,
+            &k.mcp_name,
+            &k.last_event_id,
+            &k.traceparent,
+            &k.tracestate,
+            &k.request_id,
+            &k.user_agent,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            assert!(!v.contains(['\r', '\n', '\0']), "header value {v:?}");
+        }
+        match parse_head(&data[..h.head_len], max_head, max_body) {
+            Ok(HeadParse::Complete(again)) => assert_eq!(
+                (again.head_len, again.method, &again.target, again.body),
+                (h.head_len, h.method, &h.target, h.body),
+            ),
+            other => panic!("the head alone parses differently: {other:?}"),
+        }
+    }
+}
+
+const CHUNKED_LIMIT: u64 = 1 << 16;
+
+/// Feeds `data` to a fresh decoder in pieces ending at `cuts` (then the rest), keeping the
+/// unconsumed bytes as the server does. Returns (decoded body, bytes consumed, done).
+fn decode_pieces(data: &[u8], cuts: &[usize]) -> Result<(Vec<u8>, usize, bool), ChunkError> {
+    let mut d = ChunkedDecoder::new(CHUNKED_LIMIT);
+    let (mut out, mut pending) = (Vec::new(), Vec::new());
+    let (mut start, mut consumed) = (0, 0);
+    for &end in cuts.iter().chain([data.len()].iter()) {
+        pending.extend_from_slice(&data[start..end]);
+        start = end;
+        let n = d.decode(&pending, &mut out)?;
+        assert!(n <= pending.len(), "consumed more than it was given");
+        pending.drain(..n);
+        consumed += n;
+    }
+    assert!(out.len() as u64 <= CHUNKED_LIMIT, "decoded past the limit");
+    assert!(out.len() <= consumed, "decoded more bytes than it consumed");
+    Ok((out, consumed, d.is_done()))
+}
+
+/// `ChunkedDecoder`: never panics, never decodes past its limit, and when both succeed, the
+/// input in two pieces (and byte by byte, for short inputs) decodes exactly as in one piece.
+pub fn chunked(data: &[u8]) {
+    let whole = decode_pieces(data, &[]);
+    let split = decode_pieces(data, &[split_point(data)]);
+    if let (Ok(w), Ok(s)) = (&whole, &split) {
+        assert_eq!(w, s, "split at {} changes the result", split_point(data));
+    }
+    if data.len() <= 512 {
+        let cuts: Vec<usize> = (1..data.len()).collect();
+        if let (Ok(w), Ok(b)) = (&whole, decode_pieces(data, &cuts)) {
+            assert_eq!(w, &b, "byte-at-a-time changes the result");
+        }
+    }
+}
+
+fn rpc_id(v: &Value) -> Option<RpcId> {
+    match v {
+        Value::String(s) => Some(RpcId::Str(s.clone())),
+        // simd-json reads `-0` as the integer 0, serde_json as the float -0.0: same id.
+        Value::Number(n) if n.as_f64() == Some(0.0) => Some(RpcId::Num(0)),
+        Value::Number(n) => n.as_i64().map(RpcId::Num),
+        _ => None,
+    }
+}
+
+/// `Classifier::classify`: never panics, leaves its input untouched, answers the same when
+/// reused, returns well-formed messages, and what it read (method, id, target) is what a
+/// serde_json-based upstream reads from the same bytes.
+pub fn jsonrpc_classify(data: &[u8]) {
+    let before = data.to_vec();
+    let mut c = Classifier::new();
+    let first = c.classify(data);
+    assert_eq!(data, &before[..], "classify changed its input");
+    assert_eq!(
+        first,
+        c.classify(data),
+        "a reused classifier answers differently"
+    );
+    let Ok(body) = first else { return };
+    for m in body.messages() {
+        match m.kind {
+            Kind::Request => assert!(m.id.is_some() && m.method.is_some()),
+            Kind::Notification => assert!(m.id.is_none() && m.method.is_some()),
+            Kind::Response => assert!(m.id.is_some() && m.method.is_none()),
+        }
+        assert!(m.target.is_none() || m.kind == Kind::Request);
+    }
+    let Ok(v) = serde_json::from_slice::<Value>(data) else {
+        return;
+    };
+    let values: Vec<&Value> = match (&body, &v) {
+        (Body::Batch(b), Value::Array(a)) if !b.is_empty() => a.iter().collect(),
+        (Body::Single(_), v) if !v.is_array() => vec![v],
+        _ => panic!("batch/single disagrees with serde_json: {body:?}"),
+    };
+    assert_eq!(values.len(), body.messages().len());
+    for (m, v) in body.messages().iter().zip(values) {
+        assert_eq!(m.method.as_deref(), v.get("method").and_then(Value::as_str));
+        assert_eq!(m.id, v.get("id").and_then(rpc_id), "id differs");
+        let (key, seen) = match &m.target {
+            Some(Target::Tool(s) | Target::Prompt(s)) => ("name", s),
+            Some(Target::Resource(s)) => ("uri", s),
+            None => continue,
+        };
+        assert_eq!(
+            Some(seen.as_str()),
+            v["params"][key].as_str(),
+            "target differs"
+        );
+    }
+}
+
+/// The policy the filter targets apply: `read_*` allowed, `read_secret` denied.
+fn tool_rule() -> Rule {
+    Rule {
+        allow: Matcher::new(&["read_*"]),
+        deny: Matcher::new(&["read_secret"]),
+    }
+}
+
+/// Panics if any `result.tools` array of a message (or of a batch's messages) names a tool
+/// the rule does not permit (`read_secret`, `delete`, a tool without a string name, ...).
+fn assert_only_permitted_tools(v: &Value, rule: &Rule) {
+    let messages = match v {
+        Value::Array(a) => a.iter().collect(),
+        v => vec![v],
+    };
+    for m in messages {
+        let Some(tools) = m.pointer("/result/tools").and_then(Value::as_array) else {
+            continue;
+        };
+        for t in tools {
+            let name = t.get("name").and_then(Value::as_str);
+            assert!(
+                name.is_some_and(|n| rule.permits(n)),
+                "tool {t} survived the tools/list filter"
+            );
+        }
+    }
+}
+
+/// The `data` of each event in an SSE stream, read as the HTML standard's EventSource does:
+/// CRLF, LF and a lone CR all end a line, and a blank line ends an event.
+fn sse_event_data(stream: &[u8]) -> Vec<String> {
+    let text = String::from_utf8_lossy(stream)
+        .replace("\r\n", "\n")
+        .replace('\r', "\n");
+    let (mut events, mut buf) = (Vec::new(), String::new());
+    for line in text.split('\n') {
+        if line.is_empty() {
+            if buf.pop().is_some() {
+                events.push(std::mem::take(&mut buf));
+            }
+            continue;
+        }
+        let (field, value) = line.split_once(':').unwrap_or((line, ""));
+        if field == "data" {
+            buf.push_str(value.strip_prefix(' ').unwrap_or(value));
+            buf.push('\n');
+        }
+    }
+    events
+}
+
+/// `filter_json` and `SseFilter`: never panic; whatever they let through, read as JSON (and,
+/// for SSE, as a browser reads an event stream), lists only permitted tools; and the SSE
+/// output does not depend on where the stream was cut.
+pub fn tools_list_filter(data: &[u8]) {
+    let rule = tool_rule();
+    if let Some(out) = filter_json(data, &rule)
+        && let Ok(v) = serde_json::from_slice::<Value>(&out)
+    {
+        assert_only_permitted_tools(&v, &rule);
+    }
+    let policy = Arc::new(Policy {
+        tools: tool_rule(),
+        ..Policy::default()
+    });
+    let whole = SseFilter::new(policy.clone()).push(data).expect("push");
+    let k = split_point(data);
+    let mut f = SseFilter::new(policy);
+    let mut pieces = f.push(&data[..k]).expect("push");
+    pieces.extend(f.push(&data[k..]).expect("push"));
+    assert_eq!(
+        whole, pieces,
+        "SSE output changes when the stream is cut at {k}"
+    );
+    for event in sse_event_data(&whole) {
+        if let Ok(v) = serde_json::from_str::<Value>(&event) {
+            assert_only_permitted_tools(&v, &rule);
+        }
+    }
+}
+
+/// `validate` resolves host names; keep it offline and deterministic by pointing any host that
+/// is not an IP literal at 127.0.0.1 (the same split of host and port as `validate` makes).
+fn offline(mut file: FileConfig) -> FileConfig {
+    let is_ip = |h: &str| {
+        h.trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .is_ok()
+    };
+    for host in [&mut file.server.host, &mut file.admin.host] {
+        if !is_ip(host) {
+            *host = "127.0.0.1".into();
+        }
+    }
+    if let Some(rest) = file
+        .upstream
+        .url
+        .as_deref()
+        .and_then(|u| u.strip_prefix("http://"))
+    {
+        let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        let host = match authority.strip_prefix('[') {
+            Some(r) => r.split_once(']').map_or(r, |(h, _)| h),
+            None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+        };
+        if !authority.is_empty() && !authority.contains('@') && !is_ip(host) {
+            file.upstream.url = Some(format!("http://127.0.0.1{path}"));
+        }
+    }
+    file
+}
+
+/// `config::parse_str` then `config::validate`: never panic, with `${VAR}` references unset
+/// or all set to a value full of quotes, backslashes and control characters.
+pub fn config(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let unset = |_: &str| None;
+    let hostile = |_: &str| Some("q\"'\\\n\r\t\u{1}\u{7f}}${X}é".to_string());
+    for lookup in [&unset as &dyn Fn(&str) -> Option<String>, &hostile] {
+        if let Ok(file) = mcp_guard::config::parse_str(&text, lookup) {
+            let _ = mcp_guard::config::validate(&offline(file));
+        }
+    }
+}
+
+/// `SessionCodec`: decoding never panics; an id that verifies is exactly our encoding of its
+/// payload (ids are not malleable) and is bound to its binding and key; any payload encodes
+/// to a header-safe id that decodes back (within `MAX_SESSION_ID_LEN`). Input:
+/// `binding\nid`; the bytes after the newline are also used as a payload.
+pub fn session_id(data: &[u8]) {
+    let codec = SessionCodec::from_key(b"k");
+    let nl = data.iter().position(|&b| b == b'\n');
+    let (binding, rest) = match nl {
+        Some(i) => (&data[..i], &data[i + 1..]),
+        None => (&b""[..], data),
+    };
+    let binding = String::from_utf8_lossy(binding);
+    let id = String::from_utf8_lossy(rest);
+    if let Some(payload) = codec.decode(&binding, &id) {
+        assert_eq!(
+            codec.encode(&binding, &payload),
+            id,
+            "a second spelling verifies"
+        );
+        assert!(codec.decode(&format!("{binding}!"), &id).is_none());
+        assert!(
+            SessionCodec::from_key(b"k2")
+                .decode(&binding, &id)
+                .is_none()
+        );
+    }
+    let encoded = codec.encode(&binding, rest);
+    assert!(encoded.bytes().all(|b| (0x21..=0x7e).contains(&b)));
+    let back = codec.decode(&binding, &encoded);
+    if encoded.len() <= MAX_SESSION_ID_LEN {
+        assert_eq!(
+            back.as_deref(),
+            Some(rest),
+            "encode/decode does not round-trip"
+        );
+    } else {
+        assert!(back.is_none(), "an over-long id was accepted");
+    }
+}
