@@ -82,7 +82,13 @@ fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {
 /// Loads, validates and swaps in a new snapshot; on any error the old one keeps serving.
 pub fn reload(path: &Path, shared: &Shared) {
     let metrics = &shared.metrics.global;
-    let new = match Settings::load(path) {
+    // A parser bug must cost a refused reload, not the running gateway.
+    let loaded = std::panic::catch_unwind(|| Settings::load(path)).unwrap_or_else(|_| {
+        Err(crate::config::ConfigError::new(
+            "internal error while loading the configuration",
+        ))
+    });
+    let new = match loaded {
         Ok(s) => s,
         Err(e) => {
             metrics.reloads_failed.fetch_add(1, Ordering::Relaxed);
