@@ -85,6 +85,166 @@ pub struct Unfilterable;
 /// `Ok(None)` when there is nothing to filter. Tools are kept as the raw bytes the upstream
 /// sent; only their names are parsed.
 fn filter_message(msg: &RawValue, rule: &Rule) -> Result<Option<String>, Unfilterable> {
+    // The usual shape (object message, object result, `tools` array, no duplicates) is
+    // rewritten in one streaming pass; anything else takes the general path below, which makes
+    // the same decisions with more passes.
+    if let Ok(Fast::Filtered(out)) = fast::filter(msg.get(), rule) {
+        return Ok(Some(out));
+    }
+    filter_message_general(msg, rule)
+}
+
+/// What the one-pass filter made of a message.
+enum Fast {
+    /// `result.tools` found and filtered.
+    Filtered(String),
+}
+
+mod fast {
+    //! One streaming pass over a `tools/list` answer: members other than `result` (and, inside
+    //! it, `tools`) are copied raw as they are met; each tool is captured raw once and only its
+    //! name parsed. Any surprise (not an object, a duplicated member, no `tools`) is an error,
+    //! and the caller falls back to the general path.
+
+    use super::{Fast, ToolName};
+    use crate::authz::Rule;
+    use serde::de::{DeserializeSeed, Error as _, MapAccess, SeqAccess, Visitor};
+    use serde_json::value::RawValue;
+    use std::fmt;
+
+    pub(super) fn filter(text: &str, rule: &Rule) -> Result<Fast, serde_json::Error> {
+        let mut de = serde_json::Deserializer::from_str(text);
+        let out = serde::Deserializer::deserialize_map(&mut de, Top { rule })?;
+        de.end()?;
+        Ok(Fast::Filtered(out))
+    }
+
+    fn push_key(out: &mut String, first: &mut bool, key: &str) {
+        if !*first {
+            out.push(',');
+        }
+        *first = false;
+        // Keys came from JSON strings: re-escaping them cannot fail.
+        out.push_str(&serde_json::to_string(key).unwrap_or_default());
+        out.push(':');
+    }
+
+    struct Top<'r> {
+        rule: &'r Rule,
+    }
+
+    impl<'de> Visitor<'de> for Top<'_> {
+        type Value = String;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a JSON-RPC message object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<String, A::Error> {
+            let mut out = String::with_capacity(4096);
+            out.push('{');
+            let mut first = true;
+            let mut saw_result = false;
+            while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                push_key(&mut out, &mut first, &key);
+                if key == "result" {
+                    if saw_result {
+                        return Err(A::Error::custom("duplicate result"));
+                    }
+                    saw_result = true;
+                    let rewritten = map.next_value_seed(ResultSeed { rule: self.rule })?;
+                    out.push_str(&rewritten);
+                } else {
+                    out.push_str(map.next_value::<&'de RawValue>()?.get());
+                }
+            }
+            if !saw_result {
+                return Err(A::Error::custom("no result"));
+            }
+            out.push('}');
+            Ok(out)
+        }
+    }
+
+    struct ResultSeed<'r> {
+        rule: &'r Rule,
+    }
+
+    impl<'de> DeserializeSeed<'de> for ResultSeed<'_> {
+        type Value = String;
+        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<String, D::Error> {
+            d.deserialize_map(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for ResultSeed<'_> {
+        type Value = String;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a result object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<String, A::Error> {
+            let mut out = String::with_capacity(4096);
+            out.push('{');
+            let mut first = true;
+            let mut saw_tools = false;
+            while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                push_key(&mut out, &mut first, &key);
+                if key == "tools" {
+                    if saw_tools {
+                        return Err(A::Error::custom("duplicate tools"));
+                    }
+                    saw_tools = true;
+                    let kept = map.next_value_seed(ToolsSeed { rule: self.rule })?;
+                    out.push_str(&kept);
+                } else {
+                    out.push_str(map.next_value::<&'de RawValue>()?.get());
+                }
+            }
+            if !saw_tools {
+                return Err(A::Error::custom("no tools"));
+            }
+            out.push('}');
+            Ok(out)
+        }
+    }
+
+    struct ToolsSeed<'r> {
+        rule: &'r Rule,
+    }
+
+    impl<'de> DeserializeSeed<'de> for ToolsSeed<'_> {
+        type Value = String;
+        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<String, D::Error> {
+            d.deserialize_seq(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for ToolsSeed<'_> {
+        type Value = String;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a tools array")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<String, A::Error> {
+            let mut out = String::with_capacity(4096);
+            out.push('[');
+            while let Some(tool) = seq.next_element::<&'de RawValue>()? {
+                let permitted = serde_json::from_str::<ToolName<'_>>(tool.get())
+                    .ok()
+                    .and_then(|n| n.name)
+                    .is_some_and(|n| self.rule.permits(&n));
+                if permitted {
+                    if out.len() > 1 {
+                        out.push(',');
+                    }
+                    out.push_str(tool.get());
+                }
+            }
+            out.push(']');
+            Ok(out)
+        }
+    }
+}
+
+/// The general path: parses each level separately, so it copes with any shape.
+fn filter_message_general(msg: &RawValue, rule: &Rule) -> Result<Option<String>, Unfilterable> {
     let Ok(top) = serde_json::from_str::<Members<'_>>(msg.get()) else {
         return Ok(None);
     };
