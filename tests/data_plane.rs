@@ -38,13 +38,7 @@ on_both_drivers!(
 fn idle_connection_serves_a_request_after_giving_its_buffer_back(io: &str) {
     let g = Gateway::start(&stdio_config(io, "", &[]));
     let sid = initialize(g.addr);
-    let ping = |id: u32| {
-        mcp_post_raw(
-            &format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"ping"}}"#),
-            Some(&sid),
-            "",
-        )
-    };
+    let ping = |id: u32| ping_raw(id, &sid);
     let mut s = connect(g.addr);
     s.write_all(ping(1).as_bytes()).unwrap();
     assert_eq!(read_response(&mut s).unwrap().json()["id"], 1);
@@ -424,13 +418,7 @@ fn stdio_child_crash_fails_request_then_recovers(io: &str) {
 fn keep_alive_and_pipelining_serve_several_requests(io: &str) {
     let g = Gateway::start(&stdio_config(io, "", &[]));
     let sid = initialize(g.addr);
-    let ping = |id: u32| {
-        mcp_post_raw(
-            &format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"ping"}}"#),
-            Some(&sid),
-            "",
-        )
-    };
+    let ping = |id: u32| ping_raw(id, &sid);
     let mut s = connect(g.addr);
     // Two requests in one write, then a third on the same connection.
     s.write_all(format!("{}{}", ping(1), ping(2)).as_bytes())

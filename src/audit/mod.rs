@@ -355,22 +355,7 @@ mod tests {
     fn full_queue_drops_instead_of_blocking() {
         let (tx, _rx) = sync_channel(1);
         let sink = AuditSink { tx: Some(tx) };
-        let ev = AuditEvent {
-            time: SystemTime::now(),
-            request_id: "r".into(),
-            trace_id: None,
-            identity: None,
-            auth_method: "none",
-            client: "127.0.0.1".parse().unwrap(),
-            method: "ping".into(),
-            target: None,
-            decision: "allow",
-            reason: None,
-            status: 200,
-            upstream: "default",
-            latency_us: 1,
-            arguments: None,
-        };
+        let ev = sample();
         assert!(sink.push(ev.clone()));
         assert!(!sink.push(ev));
     }

@@ -358,6 +358,15 @@ pub fn mcp_post_raw(body: &str, session: Option<&str>, extra: &str) -> String {
     )
 }
 
+/// A raw POST of `ping` with the given id, in session `sid`.
+pub fn ping_raw(id: u32, sid: &str) -> String {
+    mcp_post_raw(
+        &format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"ping"}}"#),
+        Some(sid),
+        "",
+    )
+}
+
 /// POSTs a JSON-RPC body to /mcp.
 pub fn mcp_post(addr: SocketAddr, body: &str, session: Option<&str>) -> Response {
     request(addr, &mcp_post_raw(body, session, ""))
