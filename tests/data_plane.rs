@@ -33,7 +33,31 @@ on_both_drivers!(
     stdio_child_crash_fails_request_then_recovers,
     keep_alive_and_pipelining_serve_several_requests,
     idle_connection_serves_a_request_after_giving_its_buffer_back,
+    sse_events_are_flushed_as_they_arrive,
 );
+
+fn sse_events_are_flushed_as_they_arrive(io: &str) {
+    // With --sse-responses the demo server sends a progress event at once, then sleeps, then
+    // the result: the client must see the first event long before the result exists.
+    let up = DemoHttp::start(&["--sse-responses"]);
+    let g = Gateway::start(&http_config(io, &up.url(), "", ""));
+    let sid = initialize(g.addr);
+    let body = r#"{"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"sleep","arguments":{"ms":2000},"_meta":{"progressToken":"t"}}}"#;
+    let mut s = connect(g.addr);
+    let start = Instant::now();
+    s.write_all(mcp_post_raw(body, Some(&sid), "").as_bytes())
+        .unwrap();
+    let first = read_until(&mut s, b"notifications/progress");
+    let first_at = start.elapsed();
+    assert!(first.contains("notifications/progress"), "{first}");
+    assert!(
+        first_at < Duration::from_millis(1500),
+        "first event held back for {first_at:?}"
+    );
+    let rest = read_until(&mut s, b"slept 2000ms");
+    assert!(rest.contains("slept 2000ms"), "{rest}");
+    assert!(start.elapsed() >= Duration::from_millis(2000));
+}
 
 fn idle_connection_serves_a_request_after_giving_its_buffer_back(io: &str) {
     let g = Gateway::start(&stdio_config(io, "", &[]));
