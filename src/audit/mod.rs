@@ -229,6 +229,10 @@ impl AuditWriter {
     }
 }
 
+/// Poll interval of the writer while events flow, and its ceiling when idle.
+const MIN_IDLE_SLEEP: Duration = Duration::from_millis(1);
+const MAX_IDLE_SLEEP: Duration = Duration::from_millis(50);
+
 fn open(p: &PathBuf) -> std::io::Result<std::io::BufWriter<std::fs::File>> {
     if let Some(dir) = p.parent()
         && !dir.as_os_str().is_empty()
@@ -252,6 +256,7 @@ fn write_loop(
 ) {
     let stdout = std::io::stdout();
     let mut line = String::with_capacity(512);
+    let mut idle_sleep = MIN_IDLE_SLEEP;
     loop {
         let stopping = stop.load(Ordering::Relaxed);
         if reopen.swap(false, Ordering::Relaxed)
@@ -293,6 +298,7 @@ fn write_loop(
                 .global
                 .audit_written
                 .fetch_add(wrote, Ordering::Relaxed);
+            idle_sleep = MIN_IDLE_SLEEP;
         } else {
             if let Some(f) = file.as_mut() {
                 let _ = f.flush();
@@ -303,7 +309,10 @@ fn write_loop(
             if stopping {
                 return;
             }
-            std::thread::sleep(Duration::from_millis(2));
+            // Workers never wake this thread (that would cost them a syscall per event), so it
+            // polls: often while events flow, backing off to 50 ms when the gateway is idle.
+            std::thread::sleep(idle_sleep);
+            idle_sleep = (idle_sleep * 2).min(MAX_IDLE_SLEEP);
         }
     }
 }
