@@ -158,7 +158,8 @@ pub async fn handle(
 }
 
 fn health(w: &Worker, head: &RequestHead, path: &str) -> Reply {
-    if !matches!(head.method, Method::Get | Method::Head) {
+    // HEAD is refused rather than answered with a body a HEAD response must not carry.
+    if head.method != Method::Get {
         return Reply::error(&GatewayError::MethodNotAllowed("GET"), None, M_NONE);
     }
     let shared = &w.shared;

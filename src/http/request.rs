@@ -283,10 +283,7 @@ fn store_known(h: &mut KnownHeaders, name: &str, value: &str) -> Result<(), Head
         return Err(HeadError::Malformed("control character in header value"));
     }
     match slot {
-        Some(existing) if single => {
-            let _ = existing;
-            Err(HeadError::Malformed("duplicate header"))
-        }
+        Some(_) if single => Err(HeadError::Malformed("duplicate header")),
         Some(existing) => {
             existing.push_str(", ");
             existing.push_str(value);

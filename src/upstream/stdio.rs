@@ -456,7 +456,6 @@ impl Router {
             );
             new_session = Some(key);
         }
-        let _ = p.session;
         if let Some(reply) = p.reply {
             let _ = reply.try_send(HubReply::Response(
                 msg.to_string().into_bytes(),
