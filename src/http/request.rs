@@ -39,6 +39,8 @@ pub struct RequestHead {
     pub method: Method,
     /// Request target as sent (path and query).
     pub target: String,
+    /// Length of the path part of `target` (up to any `?`).
+    pub path_len: usize,
     /// HTTP/1.x minor version.
     pub minor_version: u8,
     /// Bytes the head occupied in the buffer.
@@ -56,7 +58,7 @@ pub struct RequestHead {
 impl RequestHead {
     /// The path part of the target, without the query.
     pub fn path(&self) -> &str {
-        self.target.split('?').next().unwrap_or("")
+        &self.target[..self.path_len]
     }
 }
 
@@ -170,53 +172,60 @@ pub fn parse_head(buf: &[u8], max_head: usize, max_body: u64) -> Result<HeadPars
     let mut conn_keep_alive = false;
     let mut expect_continue = false;
     for header in req.headers.iter() {
+        let name = header.name;
+        let kind = header_kind(name);
+        if kind == HeaderKind::Other {
+            // Not read and never forwarded: no need to even look at its value.
+            continue;
+        }
         let value = std::str::from_utf8(header.value)
             .map_err(|_| HeadError::Malformed("header value is not UTF-8"))?
             .trim_matches([' ', '\t']);
-        let name = header.name;
-        if name.eq_ignore_ascii_case("content-length") {
-            // RFC 9112 §6.3: differing lengths (also as a list) are unrecoverable framing errors.
-            for part in value.split(',') {
-                let part = part.trim_matches([' ', '\t']);
-                if part.is_empty() || part.len() > 19 || !part.bytes().all(|b| b.is_ascii_digit()) {
-                    return Err(HeadError::Malformed("invalid Content-Length"));
-                }
-                let n: u64 = part
-                    .parse()
-                    .map_err(|_| HeadError::Malformed("invalid Content-Length"))?;
-                if content_length.is_some_and(|prev| prev != n) {
-                    return Err(HeadError::Malformed("conflicting Content-Length headers"));
-                }
-                content_length = Some(n);
-            }
-        } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            if saw_te {
-                return Err(HeadError::Malformed("repeated Transfer-Encoding"));
-            }
-            saw_te = true;
-            // Only exactly "chunked" is understood; any other coding (or a list) is refused
-            // rather than guessed at, since a mismatch with another hop is how smuggling works.
-            if !value.eq_ignore_ascii_case("chunked") {
-                return Err(HeadError::Malformed("unsupported transfer coding"));
-            }
-            chunked = true;
-        } else if name.eq_ignore_ascii_case("connection") {
-            for token in value.split(',') {
-                let t = token.trim();
-                if t.eq_ignore_ascii_case("close") {
-                    conn_close = true;
-                } else if t.eq_ignore_ascii_case("keep-alive") {
-                    conn_keep_alive = true;
+        match kind {
+            HeaderKind::ContentLength => {
+                // RFC 9112 §6.3: differing lengths (also as a list) are unrecoverable framing
+                // errors.
+                for part in value.split(',') {
+                    let n = parse_length(part.trim_matches([' ', '\t']))
+                        .ok_or(HeadError::Malformed("invalid Content-Length"))?;
+                    if content_length.is_some_and(|prev| prev != n) {
+                        return Err(HeadError::Malformed("conflicting Content-Length headers"));
+                    }
+                    content_length = Some(n);
                 }
             }
-        } else if name.eq_ignore_ascii_case("expect") {
-            if value.eq_ignore_ascii_case("100-continue") {
-                expect_continue = true;
-            } else {
-                return Err(HeadError::Expectation);
+            HeaderKind::TransferEncoding => {
+                if saw_te {
+                    return Err(HeadError::Malformed("repeated Transfer-Encoding"));
+                }
+                saw_te = true;
+                // Only exactly "chunked" is understood; any other coding (or a list) is refused
+                // rather than guessed at, since a mismatch with another hop is how smuggling
+                // works.
+                if !value.eq_ignore_ascii_case("chunked") {
+                    return Err(HeadError::Malformed("unsupported transfer coding"));
+                }
+                chunked = true;
             }
-        } else {
-            store_known(&mut h, name, value)?;
+            HeaderKind::Connection => {
+                for token in value.split(',') {
+                    let t = token.trim();
+                    if t.eq_ignore_ascii_case("close") {
+                        conn_close = true;
+                    } else if t.eq_ignore_ascii_case("keep-alive") {
+                        conn_keep_alive = true;
+                    }
+                }
+            }
+            HeaderKind::Expect => {
+                if value.eq_ignore_ascii_case("100-continue") {
+                    expect_continue = true;
+                } else {
+                    return Err(HeadError::Expectation);
+                }
+            }
+            HeaderKind::Known(slot) => store_known(&mut h, slot, value)?,
+            HeaderKind::Other => {}
         }
     }
     if saw_te && content_length.is_some() {
@@ -246,8 +255,10 @@ pub fn parse_head(buf: &[u8], max_head: usize, max_body: u64) -> Result<HeadPars
     } else {
         !conn_close
     };
+    let path_len = target.find('?').unwrap_or(target.len());
     Ok(HeadParse::Complete(RequestHead {
         method,
+        path_len,
         target,
         minor_version,
         head_len,
@@ -258,31 +269,99 @@ pub fn parse_head(buf: &[u8], max_head: usize, max_body: u64) -> Result<HeadPars
     }))
 }
 
-fn store_known(h: &mut KnownHeaders, name: &str, value: &str) -> Result<(), HeadError> {
+/// The headers the gateway reads, by how it reads them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HeaderKind {
+    ContentLength,
+    TransferEncoding,
+    Connection,
+    Expect,
+    Known(Slot),
+    Other,
+}
+
+/// Where a kept header goes in [`KnownHeaders`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Host,
+    Accept,
+    Origin,
+    ContentType,
+    Authorization,
+    ApiKey,
+    SessionId,
+    ProtocolVersion,
+    McpMethod,
+    McpName,
+    LastEventId,
+    Traceparent,
+    Tracestate,
+    RequestId,
+    UserAgent,
+}
+
+fn header_kind(name: &str) -> HeaderKind {
+    use HeaderKind::Known;
+    // Length first: most headers are told apart without comparing a single byte.
+    let is = |s: &str| name.eq_ignore_ascii_case(s);
+    match name.len() {
+        4 if is("host") => Known(Slot::Host),
+        6 if is("accept") => Known(Slot::Accept),
+        6 if is("origin") => Known(Slot::Origin),
+        6 if is("expect") => HeaderKind::Expect,
+        8 if is("mcp-name") => Known(Slot::McpName),
+        9 if is("x-api-key") => Known(Slot::ApiKey),
+        10 if is("connection") => HeaderKind::Connection,
+        10 if is("mcp-method") => Known(Slot::McpMethod),
+        10 if is("tracestate") => Known(Slot::Tracestate),
+        10 if is("user-agent") => Known(Slot::UserAgent),
+        11 if is("traceparent") => Known(Slot::Traceparent),
+        12 if is("content-type") => Known(Slot::ContentType),
+        12 if is("x-request-id") => Known(Slot::RequestId),
+        13 if is("authorization") => Known(Slot::Authorization),
+        13 if is("last-event-id") => Known(Slot::LastEventId),
+        14 if is("content-length") => HeaderKind::ContentLength,
+        14 if is("mcp-session-id") => Known(Slot::SessionId),
+        17 if is("transfer-encoding") => HeaderKind::TransferEncoding,
+        20 if is("mcp-protocol-version") => Known(Slot::ProtocolVersion),
+        _ => HeaderKind::Other,
+    }
+}
+
+/// A Content-Length value: 1 to 19 ASCII digits, nothing else (no sign, no spaces inside).
+fn parse_length(s: &str) -> Option<u64> {
+    if s.is_empty() || s.len() > 19 {
+        return None;
+    }
+    s.bytes().try_fold(0u64, |acc, b| {
+        b.is_ascii_digit().then(|| acc * 10 + u64::from(b - b'0'))
+    })
+}
+
+fn store_known(h: &mut KnownHeaders, slot: Slot, value: &str) -> Result<(), HeadError> {
     // Headers that identify the caller or the session may appear once: a duplicate is how a
     // client would try to make two components see two different values.
-    let (slot, single) = match name.len() {
-        4 if name.eq_ignore_ascii_case("host") => (&mut h.host, true),
-        6 if name.eq_ignore_ascii_case("accept") => (&mut h.accept, false),
-        6 if name.eq_ignore_ascii_case("origin") => (&mut h.origin, true),
-        12 if name.eq_ignore_ascii_case("content-type") => (&mut h.content_type, true),
-        13 if name.eq_ignore_ascii_case("authorization") => (&mut h.authorization, true),
-        9 if name.eq_ignore_ascii_case("x-api-key") => (&mut h.api_key, true),
-        14 if name.eq_ignore_ascii_case("mcp-session-id") => (&mut h.session_id, true),
-        20 if name.eq_ignore_ascii_case("mcp-protocol-version") => (&mut h.protocol_version, true),
-        10 if name.eq_ignore_ascii_case("mcp-method") => (&mut h.mcp_method, true),
-        8 if name.eq_ignore_ascii_case("mcp-name") => (&mut h.mcp_name, true),
-        13 if name.eq_ignore_ascii_case("last-event-id") => (&mut h.last_event_id, true),
-        11 if name.eq_ignore_ascii_case("traceparent") => (&mut h.traceparent, true),
-        10 if name.eq_ignore_ascii_case("tracestate") => (&mut h.tracestate, false),
-        12 if name.eq_ignore_ascii_case("x-request-id") => (&mut h.request_id, true),
-        10 if name.eq_ignore_ascii_case("user-agent") => (&mut h.user_agent, true),
-        _ => return Ok(()),
+    let (field, single) = match slot {
+        Slot::Host => (&mut h.host, true),
+        Slot::Accept => (&mut h.accept, false),
+        Slot::Origin => (&mut h.origin, true),
+        Slot::ContentType => (&mut h.content_type, true),
+        Slot::Authorization => (&mut h.authorization, true),
+        Slot::ApiKey => (&mut h.api_key, true),
+        Slot::SessionId => (&mut h.session_id, true),
+        Slot::ProtocolVersion => (&mut h.protocol_version, true),
+        Slot::McpMethod => (&mut h.mcp_method, true),
+        Slot::McpName => (&mut h.mcp_name, true),
+        Slot::LastEventId => (&mut h.last_event_id, true),
+        Slot::Traceparent => (&mut h.traceparent, true),
+        Slot::Tracestate => (&mut h.tracestate, false),
+        Slot::RequestId => (&mut h.request_id, true),
+        Slot::UserAgent => (&mut h.user_agent, true),
     };
     if value.bytes().any(|b| b < 0x20 && b != b'\t' || b == 0x7f) {
         return Err(HeadError::Malformed("control character in header value"));
     }
-    match slot {
+    match field {
         Some(_) if single => Err(HeadError::Malformed("duplicate header")),
         Some(existing) => {
             existing.push_str(", ");
@@ -290,7 +369,7 @@ fn store_known(h: &mut KnownHeaders, name: &str, value: &str) -> Result<(), Head
             Ok(())
         }
         None => {
-            *slot = Some(value.to_string());
+            *field = Some(value.to_string());
             Ok(())
         }
     }
