@@ -46,6 +46,20 @@ fn validate_accepts_a_good_file_and_rejects_a_bad_one_with_position() {
 }
 
 #[test]
+fn validate_warns_about_settings_without_effect_in_this_build() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("tracing.toml");
+    let cfg = format!(
+        "{}\n[tracing]\nenabled = true\n",
+        stdio_config("auto", "", &[])
+    );
+    std::fs::write(&p, cfg).unwrap();
+    let (code, _, err) = run(&["validate", "--config", p.to_str().unwrap()]);
+    assert_eq!(code, 0);
+    assert!(err.contains("warning: tracing.enabled"), "{err}");
+}
+
+#[test]
 fn validate_reports_missing_environment_variables() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("env.toml");

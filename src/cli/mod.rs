@@ -92,6 +92,9 @@ pub fn main() -> ExitCode {
         }
         (Some(Command::Validate { config }), _) => match Settings::load(&config) {
             Ok(s) => {
+                for w in &s.warnings {
+                    eprintln!("warning: {w}");
+                }
                 println!(
                     "{}: valid ({} workers, listening on {}, upstream {})",
                     config.display(),

@@ -44,6 +44,8 @@ pub struct Settings {
     pub audit: AuditSettings,
     /// Tool names with their own metric label (names the config mentions), to their slot.
     pub tool_labels: Arc<HashMap<String, usize>>,
+    /// Settings that parse but have no effect in this build, to be logged.
+    pub warnings: Vec<String>,
 }
 
 /// `[rate_limit]`, validated.
@@ -238,6 +240,25 @@ pub fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
         return Err(invalid("audit.queue_capacity", "must be 1..=1000000"));
     }
     let tool_labels = Arc::new(tool_labels(file));
+    let mut warnings = Vec::new();
+    if file.tracing.enabled {
+        warnings.push(
+            "tracing.enabled = true has no effect: OpenTelemetry export is not in this build"
+                .to_string(),
+        );
+    }
+    if file
+        .auth
+        .api_keys
+        .iter()
+        .any(|k| k.allowed_servers.is_some())
+    {
+        warnings.push(
+            "auth.api_keys[].allowed_servers has no effect until routing to several upstreams \
+             exists"
+                .to_string(),
+        );
+    }
     Ok(Settings {
         server: ServerSettings {
             listen,
@@ -263,6 +284,7 @@ pub fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
         rate,
         audit,
         tool_labels,
+        warnings,
     })
 }
 

@@ -82,6 +82,9 @@ pub fn bind_listeners(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::ne
 pub fn run(path: PathBuf) -> Result<(), String> {
     let settings = Settings::load(&path).map_err(|e| e.to_string())?;
     let driver = choose_driver(settings.server.io)?;
+    for w in &settings.warnings {
+        tracing::warn!(target: "mcp_guard::config", "{w}");
+    }
     let workers = settings.server.workers;
     let metrics = Metrics::new(workers);
     let listeners = bind_listeners(settings.server.listen, workers)
