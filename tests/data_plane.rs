@@ -185,12 +185,7 @@ fn http_upstream_sse_responses_are_relayed_as_events(io: &str) {
 fn stdio_get_stream_delivers_server_notifications(io: &str) {
     let g = Gateway::start(&stdio_config(io, "", &[]));
     let sid = initialize(g.addr);
-    let mut stream = connect(g.addr);
-    write!(
-        stream,
-        "GET /mcp HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\nMcp-Session-Id: {sid}\r\n\r\n"
-    )
-    .unwrap();
+    let mut stream = open_get_stream(g.addr, &sid);
     // Read the head, then trigger a server notification from another connection.
     let head = read_until(&mut stream, b"\r\n\r\n");
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
@@ -208,12 +203,7 @@ fn http_get_stream_is_relayed(io: &str) {
     let up = DemoHttp::start(&[]);
     let g = Gateway::start(&http_config(io, &up.url(), "", ""));
     let sid = initialize(g.addr);
-    let mut stream = connect(g.addr);
-    write!(
-        stream,
-        "GET /mcp HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\nMcp-Session-Id: {sid}\r\n\r\n"
-    )
-    .unwrap();
+    let mut stream = open_get_stream(g.addr, &sid);
     let got = read_until(&mut stream, b"stream opened");
     assert!(got.starts_with("HTTP/1.1 200"), "{got}");
 }
@@ -463,6 +453,17 @@ fn keep_alive_and_pipelining_serve_several_requests(io: &str) {
     assert!(interim.starts_with("HTTP/1.1 100"), "{interim}");
     s.write_all(body.as_bytes()).unwrap();
     assert_eq!(read_response(&mut s).unwrap().json()["id"], 4);
+}
+
+/// Opens the session's server-to-client SSE stream (GET), without reading the response.
+fn open_get_stream(addr: std::net::SocketAddr, sid: &str) -> std::net::TcpStream {
+    let mut stream = connect(addr);
+    write!(
+        stream,
+        "GET /mcp HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\nMcp-Session-Id: {sid}\r\n\r\n"
+    )
+    .unwrap();
+    stream
 }
 
 /// Reads until `needle` has been seen (or the read times out), returning what was read.
