@@ -511,7 +511,11 @@ fn max_connections_refuses_the_excess() {
     let a = connect(g.addr);
     let b = connect(g.addr);
     // Let both be accepted before the third arrives.
-    std::thread::sleep(Duration::from_millis(300));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while g.metric("mcp_guard_active_connections", &[]) < 2.0 {
+        assert!(Instant::now() < deadline, "connections not accepted");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let r = request(g.addr, "GET /live HTTP/1.1\r\nHost: t\r\n\r\n");
     assert_eq!(r.status, 503);
     assert!(g.metric("mcp_guard_connections_refused_total", &[]) >= 1.0);
