@@ -519,8 +519,16 @@ fn max_connections_refuses_the_excess() {
     let r = request(g.addr, "GET /live HTTP/1.1\r\nHost: t\r\n\r\n");
     assert_eq!(r.status, 503);
     assert!(g.metric("mcp_guard_connections_refused_total", &[]) >= 1.0);
+    // Once they close, their slots are free again.
     drop((a, b));
-    std::thread::sleep(Duration::from_millis(300));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while g.metric("mcp_guard_active_connections", &[]) > 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "closed connections still counted"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert_eq!(
         request(g.addr, "GET /live HTTP/1.1\r\nHost: t\r\n\r\n").status,
         200
