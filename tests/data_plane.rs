@@ -579,7 +579,13 @@ fn graceful_shutdown_finishes_in_flight_request() {
     let in_flight = std::thread::spawn(move || {
         mcp_post(addr, &call(11, "sleep", r#"{"ms":1500}"#), Some(&sid))
     });
-    std::thread::sleep(Duration::from_millis(400));
+    // Signal only once the request is in flight (its connection accepted, the tool sleeping).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while g.metric("mcp_guard_active_connections", &[]) < 1.0 {
+        assert!(Instant::now() < deadline, "request never arrived");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
     g.signal(libc::SIGTERM);
     let r = in_flight.join().unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
