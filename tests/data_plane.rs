@@ -134,16 +134,17 @@ fn http_upstream_json_initialize_list_and_call(io: &str) {
     );
     assert_eq!(rpc_result(&r)["result"]["content"][0]["text"], "via http");
     // The client's credentials never reach the upstream; the configured upstream header does.
+    // The demo server reports the headers of the very request that carries this call, so the
+    // credentials ride on it.
     let r = request(
         g.addr,
         &mcp_post_raw(
-            &call(4, "echo", r#"{"text":"x"}"#),
+            &call(5, "last_request_headers", "{}"),
             Some(&sid),
             "Authorization: Bearer client-secret\r\nX-Api-Key: client-key\r\nCookie: c=1\r\n",
         ),
     );
     assert_eq!(r.status, 200);
-    let r = mcp_post(g.addr, &call(5, "last_request_headers", "{}"), Some(&sid));
     let text = rpc_result(&r)["result"]["content"][0]["text"]
         .as_str()
         .unwrap()
@@ -157,6 +158,10 @@ fn http_upstream_json_initialize_list_and_call(io: &str) {
     assert!(seen.get("cookie").is_none(), "Cookie leaked: {seen}");
     assert_eq!(seen["x-upstream-key"], "upstream-secret");
     assert!(seen.get("x-request-id").is_some());
+    assert!(
+        seen.get("accept").is_some(),
+        "the demo reports this request's headers: {seen}"
+    );
     // The upstream saw its own session id, not the gateway's wrapped one.
     assert_ne!(seen["mcp-session-id"].as_str(), Some(sid.as_str()));
 }
