@@ -88,124 +88,92 @@ fn filter_message(msg: &RawValue, rule: &Rule) -> Result<Option<String>, Unfilte
     // The usual shape (object message, object result, `tools` array, no duplicates) is
     // rewritten in one streaming pass; anything else takes the general path below, which makes
     // the same decisions with more passes.
-    if let Ok(Fast::Filtered(out)) = fast::filter(msg.get(), rule) {
+    if let Ok(out) = fast::filter(msg.get(), rule) {
         return Ok(Some(out));
     }
     filter_message_general(msg, rule)
 }
 
-/// What the one-pass filter made of a message.
-enum Fast {
-    /// `result.tools` found and filtered.
-    Filtered(String),
-}
-
 mod fast {
     //! One streaming pass over a `tools/list` answer: members other than `result` (and, inside
     //! it, `tools`) are copied raw as they are met; each tool is captured raw once and only its
-    //! name parsed. Any surprise (not an object, a duplicated member, no `tools`) is an error,
+    //! name parsed. Any surprise (not an object, a duplicated or missing member) is an error,
     //! and the caller falls back to the general path.
 
-    use super::{Fast, ToolName};
+    use super::ToolName;
     use crate::authz::Rule;
     use serde::de::{DeserializeSeed, Error as _, MapAccess, SeqAccess, Visitor};
     use serde_json::value::RawValue;
     use std::fmt;
 
-    pub(super) fn filter(text: &str, rule: &Rule) -> Result<Fast, serde_json::Error> {
+    /// The message with `result.tools` filtered.
+    pub(super) fn filter(text: &str, rule: &Rule) -> Result<String, serde_json::Error> {
+        let tools = ToolsSeed { rule };
+        let result = Member {
+            key: "tools",
+            inner: tools,
+        };
+        let top = Member {
+            key: "result",
+            inner: result,
+        };
         let mut de = serde_json::Deserializer::from_str(text);
-        let out = serde::Deserializer::deserialize_map(&mut de, Top { rule })?;
+        let out = top.deserialize(&mut de)?;
         de.end()?;
-        Ok(Fast::Filtered(out))
+        Ok(out)
     }
 
-    fn push_key(out: &mut String, first: &mut bool, key: &str) {
-        if !*first {
-            out.push(',');
-        }
-        *first = false;
-        // Keys came from JSON strings: re-escaping them cannot fail.
-        out.push_str(&serde_json::to_string(key).unwrap_or_default());
-        out.push(':');
+    /// An object copied member by member, except `key`, which exactly once goes through
+    /// `inner` (the rewritten text takes its place).
+    #[derive(Clone, Copy)]
+    struct Member<S> {
+        key: &'static str,
+        inner: S,
     }
 
-    struct Top<'r> {
-        rule: &'r Rule,
-    }
-
-    impl<'de> Visitor<'de> for Top<'_> {
-        type Value = String;
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("a JSON-RPC message object")
-        }
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<String, A::Error> {
-            let mut out = String::with_capacity(4096);
-            out.push('{');
-            let mut first = true;
-            let mut saw_result = false;
-            while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-                push_key(&mut out, &mut first, &key);
-                if key == "result" {
-                    if saw_result {
-                        return Err(A::Error::custom("duplicate result"));
-                    }
-                    saw_result = true;
-                    let rewritten = map.next_value_seed(ResultSeed { rule: self.rule })?;
-                    out.push_str(&rewritten);
-                } else {
-                    out.push_str(map.next_value::<&'de RawValue>()?.get());
-                }
-            }
-            if !saw_result {
-                return Err(A::Error::custom("no result"));
-            }
-            out.push('}');
-            Ok(out)
-        }
-    }
-
-    struct ResultSeed<'r> {
-        rule: &'r Rule,
-    }
-
-    impl<'de> DeserializeSeed<'de> for ResultSeed<'_> {
+    impl<'de, S: DeserializeSeed<'de, Value = String> + Copy> DeserializeSeed<'de> for Member<S> {
         type Value = String;
         fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<String, D::Error> {
             d.deserialize_map(self)
         }
     }
 
-    impl<'de> Visitor<'de> for ResultSeed<'_> {
+    impl<'de, S: DeserializeSeed<'de, Value = String> + Copy> Visitor<'de> for Member<S> {
         type Value = String;
         fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("a result object")
+            write!(f, "an object with one `{}` member", self.key)
         }
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<String, A::Error> {
             let mut out = String::with_capacity(4096);
             out.push('{');
-            let mut first = true;
-            let mut saw_tools = false;
+            let mut seen = false;
             while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-                push_key(&mut out, &mut first, &key);
-                if key == "tools" {
-                    if saw_tools {
-                        return Err(A::Error::custom("duplicate tools"));
+                if out.len() > 1 {
+                    out.push(',');
+                }
+                // Keys came from JSON strings: re-escaping them cannot fail.
+                out.push_str(&serde_json::to_string(&key).unwrap_or_default());
+                out.push(':');
+                if key == self.key {
+                    if seen {
+                        return Err(A::Error::custom("duplicated member"));
                     }
-                    saw_tools = true;
-                    let kept = map.next_value_seed(ToolsSeed { rule: self.rule })?;
-                    out.push_str(&kept);
+                    seen = true;
+                    out.push_str(&map.next_value_seed(self.inner)?);
                 } else {
                     out.push_str(map.next_value::<&'de RawValue>()?.get());
                 }
             }
-            if !saw_tools {
-                return Err(A::Error::custom("no tools"));
+            if !seen {
+                return Err(A::Error::custom("member missing"));
             }
             out.push('}');
             Ok(out)
         }
     }
 
+    /// The tools array, keeping only permitted tools, each copied raw.
+    #[derive(Clone, Copy)]
     struct ToolsSeed<'r> {
         rule: &'r Rule,
     }
@@ -503,6 +471,12 @@ mod tests {
                 .unwrap()
                 .starts_with(r#"{"jsonrpc":"2.0","id":3,"result":{"tools":["#)
         );
+    }
+
+    #[test]
+    fn the_usual_shape_takes_the_one_pass_path() {
+        let out = fast::filter(LIST, &rule()).expect("fast path");
+        assert!(out.contains("read_file") && !out.contains("read_secret"));
     }
 
     #[test]
