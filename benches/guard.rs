@@ -92,7 +92,7 @@ fn benches(c: &mut Criterion) {
 
     let pool = MemoryPool::default();
     let limiter = LocalLimiter::new(2);
-    let key = bucket_key(&RateKey::Identity("id-500".into()), None);
+    let key = bucket_key(&RateKey::Identity("id-500"), None);
     let limit = Limit {
         rate: 1e9,
         burst: 1_000_000_000,
@@ -143,15 +143,15 @@ fn benches(c: &mut Criterion) {
             else {
                 unreachable!()
             };
-            let identity = auth.authenticate(&head, peer).unwrap();
+            let caller = auth.authenticate(&head, peer).unwrap();
             let body = classifier.classify(black_box(CALL)).unwrap();
             let Body::Single(m) = &body else {
                 unreachable!()
             };
-            let decision = identity.policy.decide(m.target.as_ref());
-            let key = bucket_key(&identity.rate_key, None);
+            let decision = caller.identity.policy.decide(m.target.as_ref());
+            let key = bucket_key(&caller.rate_key, None);
             limiter.check(&pool, key, limit, Instant::now()).unwrap();
-            sink.push(event(identity.id.clone()));
+            sink.push(event(caller.identity.id.clone()));
             decision
         })
     });

@@ -20,7 +20,7 @@
 //! - 9 forward, 10 relay (streamed), 11 metrics (and audit) always, also after an early exit:
 //!   the connection loop records them from the [`Reply`] once it has been written.
 
-use crate::auth::{AuthError, AuthMethod, Identity};
+use crate::auth::{AuthError, AuthMethod, Caller, Identity};
 use crate::authz::Decision;
 use crate::config::{HttpUpstream, Settings, Transport};
 use crate::error::{GatewayError, code};
@@ -200,10 +200,10 @@ async fn mcp(
     // 4a. Origin
     transport::check_origin(head, &cfg.server.allowed_origins).map_err(|e| early(e, M_NONE))?;
     // 5. authenticate
-    let identity = match cfg.auth.authenticate(head, peer.ip()) {
-        Ok(i) => {
-            w.metrics.count_auth(auth_index(i.method), true);
-            i
+    let caller = match cfg.auth.authenticate(head, peer.ip()) {
+        Ok(c) => {
+            w.metrics.count_auth(auth_index(c.identity.method), true);
+            c
         }
         Err(AuthError::Missing) => {
             w.metrics.count_auth(2, false);
@@ -214,20 +214,23 @@ async fn mcp(
             return Err(early(GatewayError::Unauthorized { invalid: true }, M_NONE));
         }
     };
-    audit.identity = Some(identity.id.clone());
+    let identity = caller.identity;
+    if w.audit.enabled() {
+        audit.identity = Some(identity.id.clone());
+    }
     audit.auth_method = Some(identity.method.as_str());
     // 5a. transport rules common to every method
     let version = transport::check_protocol_version(head).map_err(|e| early(e, M_NONE))?;
     match head.method {
-        Method::Post => post(w, cfg, head, body, &identity, version, request_id, audit).await,
+        Method::Post => post(w, cfg, head, body, caller, version, request_id, audit).await,
         Method::Get => {
             audit.messages.push(("stream".into(), None));
-            rate_limit(w, cfg, &identity, &[]).map_err(|e| early(e, M_STREAM))?;
+            rate_limit(w, cfg, caller, &[]).map_err(|e| early(e, M_STREAM))?;
             stream(w, cfg, head, &identity.id, request_id).await
         }
         Method::Delete => {
             audit.messages.push(("delete".into(), None));
-            rate_limit(w, cfg, &identity, &[]).map_err(|e| early(e, M_DELETE))?;
+            rate_limit(w, cfg, caller, &[]).map_err(|e| early(e, M_DELETE))?;
             delete(w, cfg, head, &identity.id, request_id).await
         }
         _ => Err(early(
@@ -301,14 +304,14 @@ fn authorize(
 fn rate_limit(
     w: &Worker,
     cfg: &Settings,
-    identity: &Identity,
+    caller: Caller<'_>,
     messages: &[Message],
 ) -> Result<(), GatewayError> {
     if !cfg.rate.enabled {
         return Ok(());
     }
     let now = Instant::now();
-    let limit = match identity.policy.rate_limit {
+    let limit = match caller.identity.policy.rate_limit {
         Some(r) => Limit {
             rate: f64::from(r),
             burst: cfg.rate.burst,
@@ -329,7 +332,7 @@ fn rate_limit(
             limit: l.limit.rate.round() as u32,
         }
     };
-    let key = bucket_key(&identity.rate_key, None);
+    let key = bucket_key(&caller.rate_key, None);
     for _ in 0..messages.len().max(1) {
         w.limiter
             .check(pool, key, limit, now)
@@ -342,7 +345,7 @@ fn rate_limit(
             w.limiter
                 .check(
                     pool,
-                    bucket_key(&identity.rate_key, Some(t)),
+                    bucket_key(&caller.rate_key, Some(t)),
                     *tool_limit,
                     now,
                 )
@@ -372,11 +375,12 @@ async fn post(
     cfg: &Settings,
     head: &RequestHead,
     raw: &[u8],
-    identity: &Identity,
+    caller: Caller<'_>,
     version: &str,
     request_id: &str,
     audit: &mut AuditInfo,
 ) -> Result<Reply, Early> {
+    let identity = caller.identity;
     transport::check_post_headers(head).map_err(|e| early(e, M_NONE))?;
     // 6. classify
     let body = w
@@ -438,7 +442,7 @@ async fn post(
         return Ok(refused);
     }
     // 8. rate-limit
-    rate_limit(w, cfg, identity, body.messages()).map_err(fail)?;
+    rate_limit(w, cfg, caller, body.messages()).map_err(fail)?;
     // tools/list answers are filtered to what this identity may call.
     let filter_tools = !identity.policy.tools.is_open()
         && body

@@ -60,7 +60,6 @@ impl ApiKeys {
             Entry {
                 digest,
                 identity: Identity {
-                    rate_key: super::RateKey::Identity(id.clone()),
                     id,
                     method: AuthMethod::ApiKey,
                     policy,
@@ -81,13 +80,13 @@ impl ApiKeys {
     }
 
     /// The identity a presented key stands for.
-    pub fn lookup(&self, key: &str) -> Option<super::Identity> {
+    pub fn lookup(&self, key: &str) -> Option<&super::Identity> {
         if key.len() > MAX_KEY_LEN {
             return None;
         }
         let d = digest(key);
         let entry = self.by_digest.get(&d)?;
-        constant_time_eq(&entry.digest, &d).then(|| entry.identity.clone())
+        constant_time_eq(&entry.digest, &d).then_some(&entry.identity)
     }
 }
 

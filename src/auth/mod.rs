@@ -40,15 +40,23 @@ pub struct Identity {
     pub method: AuthMethod,
     /// What it may do.
     pub policy: Arc<Policy>,
-    /// The rate-limit key: the identity, or for anonymous callers their address.
-    pub rate_key: RateKey,
+}
+
+/// The caller of one request: a borrowed identity from the configuration snapshot (no shared
+/// refcount is touched per request) and what its rate limit is keyed on.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller<'a> {
+    /// Who.
+    pub identity: &'a Identity,
+    /// The rate-limit key.
+    pub rate_key: RateKey<'a>,
 }
 
 /// What a caller's rate limit is keyed on.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum RateKey {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RateKey<'a> {
     /// An authenticated identity.
-    Identity(Arc<str>),
+    Identity(&'a str),
     /// An anonymous caller's address.
     Address(IpAddr),
 }
@@ -67,18 +75,19 @@ pub enum AuthError {
 pub struct Authenticator {
     /// API keys, when configured.
     pub api_keys: Option<api_key::ApiKeys>,
-    /// Policy for anonymous callers (used only when no provider is configured).
-    pub anonymous: Arc<Policy>,
-    /// The id every anonymous caller shares ("anonymous").
-    pub anonymous_id: Arc<str>,
+    /// The identity every caller has when no provider is configured.
+    pub anonymous: Identity,
 }
 
 impl Default for Authenticator {
     fn default() -> Self {
         Self {
             api_keys: None,
-            anonymous: Arc::new(Policy::default()),
-            anonymous_id: Arc::from("anonymous"),
+            anonymous: Identity {
+                id: Arc::from("anonymous"),
+                method: AuthMethod::Anonymous,
+                policy: Arc::new(Policy::default()),
+            },
         }
     }
 }
@@ -90,7 +99,7 @@ impl Authenticator {
     }
 
     /// Runs the chain.
-    pub fn authenticate(&self, head: &RequestHead, peer: IpAddr) -> Result<Identity, AuthError> {
+    pub fn authenticate(&self, head: &RequestHead, peer: IpAddr) -> Result<Caller<'_>, AuthError> {
         let bearer = head
             .h
             .authorization
@@ -102,10 +111,8 @@ impl Authenticator {
             .filter(|t| !t.is_empty());
         let header_key = head.h.api_key.as_deref().filter(|k| !k.is_empty());
         if !self.requires_credentials() {
-            return Ok(Identity {
-                id: self.anonymous_id.clone(),
-                method: AuthMethod::Anonymous,
-                policy: self.anonymous.clone(),
+            return Ok(Caller {
+                identity: &self.anonymous,
                 rate_key: RateKey::Address(peer),
             });
         }
@@ -118,9 +125,13 @@ impl Authenticator {
                 (None, b) => b,
             };
             if let Some(key) = presented {
-                return keys
+                let identity = keys
                     .lookup(key)
-                    .ok_or(AuthError::Invalid(AuthMethod::ApiKey));
+                    .ok_or(AuthError::Invalid(AuthMethod::ApiKey))?;
+                return Ok(Caller {
+                    identity,
+                    rate_key: RateKey::Identity(&identity.id),
+                });
             }
         }
         if head.h.authorization.is_some() {

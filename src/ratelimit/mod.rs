@@ -294,7 +294,7 @@ mod tests {
     fn burst_then_refill_at_rate() {
         let pool = MemoryPool::default();
         let local = LocalLimiter::new(1);
-        let key = bucket_key(&RateKey::Identity("alice".into()), None);
+        let key = bucket_key(&RateKey::Identity("alice"), None);
         let t0 = Instant::now();
         let admitted = (0..100)
             .filter(|_| local.check(&pool, key, LIMIT, t0).is_ok())
@@ -314,7 +314,7 @@ mod tests {
     fn many_workers_share_one_limit_within_the_bound() {
         let pool = MemoryPool::default();
         let workers: Vec<LocalLimiter> = (0..8).map(|_| LocalLimiter::new(8)).collect();
-        let key = bucket_key(&RateKey::Identity("bob".into()), None);
+        let key = bucket_key(&RateKey::Identity("bob"), None);
         let t0 = Instant::now();
         let limit = Limit {
             rate: 1000.0,
@@ -340,7 +340,7 @@ mod tests {
             local
                 .check(
                     &pool,
-                    bucket_key(&RateKey::Identity("a".into()), Some("t")),
+                    bucket_key(&RateKey::Identity("a"), Some("t")),
                     LIMIT,
                     t0
                 )
@@ -348,12 +348,7 @@ mod tests {
         );
         assert!(
             local
-                .check(
-                    &pool,
-                    bucket_key(&RateKey::Identity("a".into()), None),
-                    LIMIT,
-                    t0
-                )
+                .check(&pool, bucket_key(&RateKey::Identity("a"), None), LIMIT, t0)
                 .is_ok()
         );
         assert_eq!(pool.len(), 2);
