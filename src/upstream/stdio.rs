@@ -308,7 +308,11 @@ impl Router {
                 let _ = reply.try_send(r);
             }
             Command_::Cancel { hub_id } => {
-                if self.pending.remove(&hub_id).is_some() {
+                if let Some(p) = self.pending.remove(&hub_id) {
+                    // Its progress token would otherwise outlive it in the routing map.
+                    if let Some(t) = &p.progress_token {
+                        self.progress.remove(t);
+                    }
                     let note = json!({"jsonrpc":"2.0","method":"notifications/cancelled",
                         "params":{"requestId": hub_id, "reason":"client request timed out"}});
                     let _ = self.write_line(note.to_string().into_bytes());
