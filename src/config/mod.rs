@@ -93,6 +93,10 @@ pub struct ServerSettings {
     pub header_timeout: Duration,
     /// Keep-alive idle limit.
     pub idle_timeout: Duration,
+    /// Deadline for a whole request body, from the end of its head.
+    pub body_timeout: Duration,
+    /// Tool names must use the MCP character set.
+    pub strict_tool_names: bool,
     /// Connection cap across workers.
     pub max_connections: usize,
     /// Grace period on shutdown.
@@ -196,9 +200,9 @@ pub fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
     if s.max_connections == 0 {
         return Err(invalid("server.max_connections", "must be at least 1"));
     }
-    if s.header_timeout_secs == 0 || s.idle_timeout_secs == 0 {
+    if s.header_timeout_secs == 0 || s.idle_timeout_secs == 0 || s.body_timeout_secs == 0 {
         return Err(invalid(
-            "server.header_timeout_secs / idle_timeout_secs",
+            "server.header_timeout_secs / idle_timeout_secs / body_timeout_secs",
             "must be at least 1",
         ));
     }
@@ -270,6 +274,8 @@ pub fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
             max_header_bytes: s.max_header_bytes,
             header_timeout: Duration::from_secs(s.header_timeout_secs),
             idle_timeout: Duration::from_secs(s.idle_timeout_secs),
+            body_timeout: Duration::from_secs(s.body_timeout_secs),
+            strict_tool_names: s.strict_tool_names,
             max_connections: s.max_connections,
             shutdown_grace: Duration::from_secs(s.shutdown_grace_secs),
             allowed_origins: s

@@ -58,6 +58,13 @@ pub struct ServerSection {
     pub header_timeout_secs: u64,
     /// Keep-alive connections idle longer are closed.
     pub idle_timeout_secs: u64,
+    /// A whole request body must arrive within this many seconds of its head (slow-body
+    /// defence).
+    pub body_timeout_secs: u64,
+    /// Refuse tool names outside the MCP character set (`A-Z a-z 0-9 _ - .`, 1-128 chars).
+    /// Turning it off lets names through that an upstream may fold (case, Unicode) into a name
+    /// a deny rule was written for: a risk.
+    pub strict_tool_names: bool,
     /// Open connections across all workers; above it new connections are refused.
     pub max_connections: usize,
     /// On SIGTERM, in-flight requests get this long to finish.
@@ -83,6 +90,8 @@ impl Default for ServerSection {
             max_header_bytes: 16 * 1024,
             header_timeout_secs: 10,
             idle_timeout_secs: 120,
+            body_timeout_secs: 30,
+            strict_tool_names: true,
             max_connections: 100_000,
             shutdown_grace_secs: 30,
             allowed_origins: Vec::new(),
