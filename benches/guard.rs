@@ -58,6 +58,7 @@ fn event(identity: Arc<str>) -> AuditEvent {
     AuditEvent {
         time: SystemTime::now(),
         request_id: "0a1b2c3d-00-0000000001".into(),
+        client_request_id: None,
         trace_id: None,
         identity: Some(identity),
         auth_method: "api_key",

@@ -39,6 +39,10 @@ pub enum GatewayError {
     BadBody,
     /// The request head did not arrive within `header_timeout_secs`.
     HeaderTimeout,
+    /// The request body did not arrive within `body_timeout_secs`.
+    BodyTimeout,
+    /// The worker holds its cap of in-flight request-body bytes.
+    Overloaded,
     /// No route for this path.
     NotFound,
     /// Method not served on this path; carries the `Allow` value.
@@ -98,7 +102,8 @@ impl GatewayError {
             Head(HeadError::Version) => 505,
             Head(HeadError::Expectation) => 417,
             BadBody => 400,
-            HeaderTimeout => 408,
+            HeaderTimeout | BodyTimeout => 408,
+            Overloaded => 503,
             NotFound | UnknownSession => 404,
             MethodNotAllowed(_) => 405,
             NotAcceptable(_) => 406,
@@ -141,6 +146,8 @@ impl GatewayError {
             Head(HeadError::Expectation) => "expectation",
             BadBody => "malformed_body",
             HeaderTimeout => "header_timeout",
+            BodyTimeout => "body_timeout",
+            Overloaded => "overloaded",
             NotFound => "not_found",
             MethodNotAllowed(_) => "method_not_allowed",
             NotAcceptable(_) => "not_acceptable",
@@ -175,6 +182,8 @@ impl GatewayError {
             Head(HeadError::Expectation) => "Only Expect: 100-continue is supported".into(),
             BadBody => "Bad request: malformed chunked body".into(),
             HeaderTimeout => "Request head not received in time".into(),
+            BodyTimeout => "Request body not received in time".into(),
+            Overloaded => "Too many request bodies in flight; retry later".into(),
             NotFound => "Not found".into(),
             MethodNotAllowed(allow) => format!("Method not allowed (allowed: {allow})"),
             NotAcceptable(what) => format!("Not acceptable: Accept must allow {what}"),
@@ -210,6 +219,8 @@ impl GatewayError {
                 | GatewayError::BadBody
                 | GatewayError::BodyTooLarge
                 | GatewayError::HeaderTimeout
+                | GatewayError::BodyTimeout
+                | GatewayError::Overloaded
         )
     }
 

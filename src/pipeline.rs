@@ -21,14 +21,14 @@
 //!   the connection loop records them from the [`Reply`] once it has been written.
 
 use crate::auth::{AuthError, AuthMethod, Caller, Identity};
-use crate::authz::Decision;
+use crate::authz::{Decision, Policy};
 use crate::config::{HttpUpstream, Settings, Transport};
 use crate::error::{GatewayError, code};
 use crate::http::client::{self, UpstreamResponse};
 use crate::http::request::{Method, RequestHead};
 use crate::http::response::jsonrpc_error;
 use crate::mcp::filter::{SseFilter, filter_json};
-use crate::mcp::jsonrpc::{Body, ClassifyError, Kind, Message, RpcId, Target};
+use crate::mcp::jsonrpc::{Body, ClassifyError, Kind, Message, RpcId, Target, is_spec_tool_name};
 use crate::mcp::transport;
 use crate::observe::metrics::{self, M_BATCH, M_DELETE, M_NONE, M_RESPONSE, M_STREAM};
 use crate::ratelimit::{Limit, bucket_key};
@@ -85,8 +85,9 @@ pub enum ReplyBody {
     Upstream(UpstreamResponse),
     /// An upstream SSE response rewritten event by event (`tools/list` filtering).
     FilteredEvents(UpstreamResponse, SseFilter),
-    /// Server-to-client messages (JSON each) written as SSE events until the channel closes.
-    Events(async_channel::Receiver<Vec<u8>>),
+    /// Server-to-client messages (JSON each) written as SSE events until the channel closes;
+    /// with a policy, each message goes through the `tools/list` filter first.
+    Events(async_channel::Receiver<Vec<u8>>, Option<Arc<Policy>>),
 }
 
 impl Reply {
@@ -119,41 +120,112 @@ impl Reply {
     }
 }
 
-/// Handles one parsed request with its complete body.
+/// What phases 4 and 5 decided from the request head alone, before any body byte is read.
+// An admitted request is moved once per request; boxing it would cost an allocation each time.
+#[allow(clippy::large_enum_variant)]
+pub enum Admission<'c> {
+    /// Answered on the head: health probes, unknown paths, and every request refused before
+    /// its body (Origin, credentials, transport headers). The body is never read for these.
+    Answered(Reply),
+    /// An MCP request from an authenticated caller: its body may now be read.
+    Admitted(Admitted<'c>),
+}
+
+/// An MCP request that passed the head phases; it borrows its caller from the config snapshot.
+pub struct Admitted<'c> {
+    caller: Caller<'c>,
+    version: &'static str,
+    audit: AuditInfo,
+}
+
+/// Phases 4 (route), 4a (Origin), 5 (authenticate) and 5a (transport headers), on the head.
+/// Running them before the body is read means a stranger costs us a parsed head and nothing
+/// more: no `100 Continue`, no buffered body, no JSON parsing.
+pub fn admit<'c>(
+    w: &Worker,
+    cfg: &'c Settings,
+    head: &RequestHead,
+    peer: SocketAddr,
+) -> Admission<'c> {
+    // 4. route
+    let path = head.path();
+    if path != cfg.server.mcp_path {
+        let mut reply = match path {
+            "/health" | "/live" | "/ready" => health(w, head, path),
+            _ => Reply::error(&GatewayError::NotFound, None, M_NONE),
+        };
+        reply.audit.skip = true;
+        return Admission::Answered(reply);
+    }
+    let mut audit = AuditInfo::default();
+    match admit_mcp(w, cfg, head, peer, &mut audit) {
+        Ok((caller, version)) => Admission::Admitted(Admitted {
+            caller,
+            version,
+            audit,
+        }),
+        Err((e, id, method)) => Admission::Answered(refused(e, id, method, audit)),
+    }
+}
+
+/// Handles an admitted MCP request with its complete body.
 pub async fn handle(
     w: &Worker,
     cfg: &Settings,
     head: &RequestHead,
     body: &[u8],
-    peer: SocketAddr,
+    admitted: Admitted<'_>,
     request_id: &str,
 ) -> Reply {
-    // 4. route
-    let path = head.path();
-    if path == cfg.server.mcp_path {
-        let mut audit = AuditInfo::default();
-        let mut reply = match mcp(w, cfg, head, body, peer, request_id, &mut audit).await {
-            Ok(r) => r,
-            Err((e, id, method)) => {
-                if audit.decision.is_none() {
-                    audit.decision = match e {
-                        GatewayError::Denied(_) | GatewayError::Unauthorized { .. } => Some("deny"),
-                        GatewayError::OriginForbidden => Some("deny"),
-                        GatewayError::RateLimited { .. } => Some("rate_limited"),
-                        _ => None,
-                    };
-                }
-                Reply::error(&e, id.as_ref(), method)
+    let Admitted {
+        caller,
+        version,
+        mut audit,
+    } = admitted;
+    let identity = caller.identity;
+    let outcome = match head.method {
+        Method::Post => post(w, cfg, head, body, caller, version, request_id, &mut audit).await,
+        Method::Get => {
+            audit.messages.push(("stream".into(), None));
+            match rate_limit(w, cfg, caller, &[]) {
+                Ok(()) => stream(w, cfg, head, identity, request_id).await,
+                Err(e) => Err(early(e, M_STREAM)),
             }
-        };
-        reply.audit = audit;
-        return reply;
-    }
-    let mut reply = match path {
-        "/health" | "/live" | "/ready" => health(w, head, path),
-        _ => Reply::error(&GatewayError::NotFound, None, M_NONE),
+        }
+        Method::Delete => {
+            audit.messages.push(("delete".into(), None));
+            match rate_limit(w, cfg, caller, &[]) {
+                Ok(()) => delete(w, cfg, head, &identity.id, request_id).await,
+                Err(e) => Err(early(e, M_DELETE)),
+            }
+        }
+        // `admit` only lets the three methods above through.
+        _ => Err(early(
+            GatewayError::MethodNotAllowed("GET, POST, DELETE"),
+            M_NONE,
+        )),
     };
-    reply.audit.skip = true;
+    match outcome {
+        Ok(mut reply) => {
+            reply.audit = audit;
+            reply
+        }
+        Err((e, id, method)) => refused(e, id, method, audit),
+    }
+}
+
+/// The reply for a request that ended early, with its audit decision.
+fn refused(e: GatewayError, id: Option<RpcId>, method: usize, mut audit: AuditInfo) -> Reply {
+    if audit.decision.is_none() {
+        audit.decision = match e {
+            GatewayError::Denied(_) | GatewayError::Unauthorized { .. } => Some("deny"),
+            GatewayError::OriginForbidden => Some("deny"),
+            GatewayError::RateLimited { .. } => Some("rate_limited"),
+            _ => None,
+        };
+    }
+    let mut reply = Reply::error(&e, id.as_ref(), method);
+    reply.audit = audit;
     reply
 }
 
@@ -188,15 +260,13 @@ fn auth_index(m: AuthMethod) -> usize {
     }
 }
 
-async fn mcp(
+fn admit_mcp<'c>(
     w: &Worker,
-    cfg: &Settings,
+    cfg: &'c Settings,
     head: &RequestHead,
-    body: &[u8],
     peer: SocketAddr,
-    request_id: &str,
     audit: &mut AuditInfo,
-) -> Result<Reply, Early> {
+) -> Result<(Caller<'c>, &'static str), Early> {
     // 4a. Origin
     transport::check_origin(head, &cfg.server.allowed_origins).map_err(|e| early(e, M_NONE))?;
     // 5. authenticate
@@ -219,25 +289,20 @@ async fn mcp(
         audit.identity = Some(identity.id.clone());
     }
     audit.auth_method = Some(identity.method.as_str());
-    // 5a. transport rules common to every method
+    // 5a. transport rules, all readable from the head
     let version = transport::check_protocol_version(head).map_err(|e| early(e, M_NONE))?;
     match head.method {
-        Method::Post => post(w, cfg, head, body, caller, version, request_id, audit).await,
-        Method::Get => {
-            audit.messages.push(("stream".into(), None));
-            rate_limit(w, cfg, caller, &[]).map_err(|e| early(e, M_STREAM))?;
-            stream(w, cfg, head, &identity.id, request_id).await
+        Method::Post => transport::check_post_headers(head).map_err(|e| early(e, M_NONE))?,
+        Method::Get => transport::check_stream_accept(head).map_err(|e| early(e, M_STREAM))?,
+        Method::Delete => {}
+        _ => {
+            return Err(early(
+                GatewayError::MethodNotAllowed("GET, POST, DELETE"),
+                M_NONE,
+            ));
         }
-        Method::Delete => {
-            audit.messages.push(("delete".into(), None));
-            rate_limit(w, cfg, caller, &[]).map_err(|e| early(e, M_DELETE))?;
-            delete(w, cfg, head, &identity.id, request_id).await
-        }
-        _ => Err(early(
-            GatewayError::MethodNotAllowed("GET, POST, DELETE"),
-            M_NONE,
-        )),
     }
+    Ok((caller, version))
 }
 
 /// Phase 7: authorize every message; `Ok(None)` = all allowed, `Ok(Some(reply))` = a batch refused.
@@ -381,7 +446,6 @@ async fn post(
     audit: &mut AuditInfo,
 ) -> Result<Reply, Early> {
     let identity = caller.identity;
-    transport::check_post_headers(head).map_err(|e| early(e, M_NONE))?;
     // 6. classify
     let body = w
         .classifier
@@ -425,6 +489,19 @@ async fn post(
     if let Body::Single(m) = &body {
         transport::check_method_headers(head, m).map_err(fail)?;
     }
+    if cfg.server.strict_tool_names {
+        for m in body.messages() {
+            if let Some(Target::Tool(t)) = &m.target
+                && !is_spec_tool_name(t)
+            {
+                let id = m.id.clone().unwrap_or(RpcId::Num(0));
+                return Err(fail(GatewayError::InvalidParams(
+                    "tool name must be 1-128 characters of A-Z a-z 0-9 _ - .".into(),
+                    id,
+                )));
+            }
+        }
+    }
     let is_initialize = matches!(&body, Body::Single(m) if m.kind == Kind::Request && m.method_str() == "initialize");
     // 6a. session
     let binding: &str = &identity.id;
@@ -436,6 +513,8 @@ async fn post(
         ),
         None => None,
     };
+    #[cfg(debug_assertions)]
+    test_hooks::maybe_panic(&body);
     // 7. authorize
     if let Some(refused) = authorize(w, cfg, identity, &body, method).map_err(fail)? {
         audit.decision = Some("deny");
@@ -455,7 +534,7 @@ async fn post(
             let upstream_sid = session
                 .as_deref()
                 .map(|s| String::from_utf8_lossy(s).into_owned());
-            let mut resp = forward_http(
+            let resp = forward_http(
                 w,
                 cfg,
                 up,
@@ -467,36 +546,12 @@ async fn post(
             )
             .await
             .map_err(fail)?;
-            if !filter_tools || resp.status != 200 {
+            if !filter_tools {
                 return Ok(relay(w, resp, binding, method, None));
             }
-            if resp
-                .content_type
-                .as_deref()
-                .is_some_and(|c| c.starts_with("text/event-stream"))
-            {
-                let filter = SseFilter::new(identity.policy.clone());
-                return Ok(relay(w, resp, binding, method, Some(filter)));
-            }
-            let sid = resp.session_id.clone();
-            let data = resp
-                .read_to_end()
+            relay_checked(w, resp, binding, &identity.policy, method)
                 .await
-                .map_err(|e| fail(GatewayError::UpstreamUnavailable(e.to_string())))?;
-            resp.release(&w.pool);
-            let filtered = filter_json(&data, &identity.policy.tools).ok_or_else(|| {
-                fail(GatewayError::UpstreamUnavailable(
-                    "upstream tools/list response is not JSON".into(),
-                ))
-            })?;
-            let mut r = Reply::json(200, filtered, method);
-            if let Some(sid) = sid {
-                r.headers.push((
-                    "mcp-session-id",
-                    w.shared.sessions.encode(binding, sid.as_bytes()),
-                ));
-            }
-            Ok(r)
+                .map_err(fail)
         }
         Transport::Stdio(_) => {
             let hub = w.shared.hub.as_ref().ok_or_else(|| {
@@ -620,10 +675,13 @@ async fn stream(
     w: &Worker,
     cfg: &Settings,
     head: &RequestHead,
-    binding: &str,
+    identity: &Identity,
     request_id: &str,
 ) -> Result<Reply, Early> {
-    transport::check_stream_accept(head).map_err(|e| early(e, M_STREAM))?;
+    let binding: &str = &identity.id;
+    // A GET stream may carry any message, a replayed tools/list answer among them
+    // (`Last-Event-ID` resumes a POST's stream): a restricted caller's streams are filtered.
+    let restricted = (!identity.policy.tools.is_open()).then(|| identity.policy.clone());
     let payload = match &head.h.session_id {
         Some(sid) => Some(
             w.shared
@@ -639,7 +697,12 @@ async fn stream(
             let resp = forward_http(w, cfg, up, head, "GET", b"", sid.as_deref(), request_id)
                 .await
                 .map_err(|e| early(e, M_STREAM))?;
-            Ok(relay(w, resp, binding, M_STREAM, None))
+            match restricted {
+                None => Ok(relay(w, resp, binding, M_STREAM, None)),
+                Some(policy) => relay_checked(w, resp, binding, &policy, M_STREAM)
+                    .await
+                    .map_err(|e| early(e, M_STREAM)),
+            }
         }
         Transport::Stdio(_) => {
             let hub = w.shared.hub.as_ref().ok_or_else(|| {
@@ -656,7 +719,7 @@ async fn stream(
             let rx = hub.open_stream(key).map_err(|e| early(e, M_STREAM))?;
             match rx.recv().await {
                 Ok(HubReply::Stream(events)) => {
-                    let mut r = Reply::new(200, ReplyBody::Events(events), M_STREAM);
+                    let mut r = Reply::new(200, ReplyBody::Events(events, restricted), M_STREAM);
                     r.headers.push(("content-type", "text/event-stream".into()));
                     r.headers.push(("cache-control", "no-cache".into()));
                     Ok(r)
@@ -758,11 +821,9 @@ async fn forward_http(
     for (n, v) in &up.headers {
         headers.push((n, v));
     }
-    let target = match head.target.split_once('?') {
-        Some((_, q)) if !up.path.contains('?') => format!("{}?{}", up.path, q),
-        _ => up.path.clone(),
-    };
-    let request = client::build_request(method, &target, &up.host_header, &headers, body);
+    // The client's query string is not forwarded: it is ours to read (and may carry a
+    // credential, `?api_key=`), and the upstream's endpoint is the configured URL.
+    let request = client::build_request(method, &up.path, &up.host_header, &headers, body);
     match monoio::time::timeout(
         cfg.upstream.timeout,
         client::send(&w.pool, &up.addrs, request),
@@ -813,4 +874,80 @@ fn relay(
         None => ReplyBody::Upstream(resp),
     };
     r
+}
+
+/// Phase 10 for an answer that may carry a tool list a restricted caller must not see whole:
+/// SSE is filtered event by event as it streams; any other body is read, filtered as JSON
+/// (single message or batch) and sent complete. Fail closed: a 2xx body that cannot be parsed
+/// is refused (502); an error status keeps its status but loses a body nobody could check.
+async fn relay_checked(
+    w: &Worker,
+    mut resp: UpstreamResponse,
+    binding: &str,
+    policy: &Arc<Policy>,
+    method: usize,
+) -> Result<Reply, GatewayError> {
+    let is_sse = resp
+        .content_type
+        .as_deref()
+        .is_some_and(|c| c.starts_with("text/event-stream"));
+    if is_sse {
+        return Ok(relay(
+            w,
+            resp,
+            binding,
+            method,
+            Some(SseFilter::new(policy.clone())),
+        ));
+    }
+    let status = resp.status;
+    let sid = resp.session_id.take();
+    let data = resp
+        .read_to_end()
+        .await
+        .map_err(|e| GatewayError::UpstreamUnavailable(e.to_string()))?;
+    resp.release(&w.pool);
+    let mut r = if data.iter().all(u8::is_ascii_whitespace) {
+        Reply::new(status, ReplyBody::Empty, method)
+    } else {
+        match filter_json(&data, &policy.tools) {
+            Some(filtered) => Reply::json(status, filtered, method),
+            None if (200..300).contains(&status) => {
+                return Err(GatewayError::UpstreamUnavailable(
+                    "upstream answer to tools/list cannot be checked".into(),
+                ));
+            }
+            None => Reply::new(status, ReplyBody::Empty, method),
+        }
+    };
+    if let Some(sid) = sid {
+        r.headers.push((
+            "mcp-session-id",
+            w.shared.sessions.encode(binding, sid.as_bytes()),
+        ));
+    }
+    Ok(r)
+}
+
+#[cfg(debug_assertions)]
+mod test_hooks {
+    //! Debug builds only: `MCP_GUARD_TEST_PANIC_TOOL=<name>` makes a call of that tool panic, so
+    //! tests can prove a panicking request is contained (no panic is known to be reachable).
+    use crate::mcp::jsonrpc::{Body, Target};
+    use std::sync::OnceLock;
+
+    pub(super) fn maybe_panic(body: &Body) {
+        static TOOL: OnceLock<Option<String>> = OnceLock::new();
+        let Some(tool) = TOOL.get_or_init(|| std::env::var("MCP_GUARD_TEST_PANIC_TOOL").ok())
+        else {
+            return;
+        };
+        if body
+            .messages()
+            .iter()
+            .any(|m| matches!(&m.target, Some(Target::Tool(t)) if t == tool))
+        {
+            panic!("test hook: a call of `{tool}` panics");
+        }
+    }
 }

@@ -19,8 +19,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub struct AuditEvent {
     /// When the request arrived.
     pub time: SystemTime,
-    /// The request id (also sent upstream and to the client).
+    /// The gateway's request id (also sent upstream and to the client).
     pub request_id: String,
+    /// The client's own `X-Request-Id`, when it sent a printable one of at most 128 bytes.
+    pub client_request_id: Option<String>,
     /// W3C trace id, if the request carried a traceparent.
     pub trace_id: Option<String>,
     /// The identity, when authentication succeeded.
@@ -57,6 +59,10 @@ impl AuditEvent {
         o.push_str(&rfc3339(self.time));
         o.push_str("\",\"request_id\":");
         json_str(&mut o, &self.request_id);
+        if let Some(c) = &self.client_request_id {
+            o.push_str(",\"client_request_id\":");
+            json_str(&mut o, c);
+        }
         if let Some(t) = &self.trace_id {
             o.push_str(",\"trace_id\":");
             json_str(&mut o, t);
@@ -339,12 +345,16 @@ mod tests {
         assert_eq!(v["arguments"]["path"], "/x");
         assert_eq!(v["identity"], "alice");
         assert_eq!(v["status"], 200);
+        assert_eq!(v["request_id"], "r");
+        assert_eq!(v["client_request_id"], "client\nid");
+        assert!(!ev.to_json().contains('\n'));
     }
 
     fn sample() -> AuditEvent {
         AuditEvent {
             time: SystemTime::now(),
             request_id: "r".into(),
+            client_request_id: Some("client\nid".into()),
             trace_id: None,
             identity: Some(Arc::from("alice")),
             auth_method: "api_key",

@@ -35,14 +35,14 @@ pub async fn serve<S: Connection>(w: Rc<Worker>, mut stream: S, peer: SocketAddr
     let mut out: Vec<u8> = Vec::new();
     let mut fresh = true;
     loop {
-        let cfg = w.settings();
-        let head = match read_head(&w, &mut stream, &mut buf, &cfg, fresh).await {
+        let head = match read_head(&w, &mut stream, &mut buf, &w.settings(), fresh).await {
             HeadOutcome::Head(h) => h,
             HeadOutcome::Closed => return,
             HeadOutcome::Error(e) => {
                 let reply = Reply::error(&e, None, M_NONE);
                 let meta = ReqMeta {
                     request_id: w.next_request_id(),
+                    client_request_id: None,
                     peer,
                     trace_id: None,
                     started: Instant::now(),
@@ -53,6 +53,9 @@ pub async fn serve<S: Connection>(w: Rc<Worker>, mut stream: S, peer: SocketAddr
             }
         };
         fresh = false;
+        // The snapshot is taken once the head has arrived, not before the idle wait: a reload
+        // that revokes a key applies to the very next request of every open connection.
+        let cfg = w.settings();
         // Everything from the body to the written reply runs in one boxed future: an idle
         // connection's task then holds only the (small) head-reading state, and a request in
         // flight pays one allocation for the pipeline's large state machine.
@@ -80,7 +83,8 @@ pub async fn serve<S: Connection>(w: Rc<Worker>, mut stream: S, peer: SocketAddr
     }
 }
 
-/// One request after its head: body, pipeline, reply. `None` ends the connection.
+/// One request after its head: admission on the head, then body, pipeline, reply. `None`
+/// ends the connection.
 async fn serve_request<S: Connection>(
     w: &Rc<Worker>,
     stream: &mut S,
@@ -93,34 +97,105 @@ async fn serve_request<S: Connection>(
     let started = Instant::now();
     let wall = SystemTime::now();
     buf.drain(..head.head_len);
-    let request_id = head
+    // The audit trail's request id is always ours; a client's `X-Request-Id` is recorded beside
+    // it (when printable and short), never instead of it.
+    let client_request_id = head
         .h
         .request_id
         .as_deref()
         .filter(|r| r.len() <= 128 && r.bytes().all(|b| b.is_ascii_graphic()))
-        .map_or_else(|| w.next_request_id(), str::to_string);
+        .map(str::to_string);
     let meta = ReqMeta {
         trace_id: head.h.traceparent.as_deref().and_then(trace_id),
-        request_id,
+        request_id: w.next_request_id(),
+        client_request_id,
         peer,
         started,
         wall,
     };
-    if head.expect_continue && head.body != BodyFraming::None && buf.is_empty() {
-        let (res, _) = write_all(stream, b"HTTP/1.1 100 Continue\r\n\r\n".to_vec()).await;
-        res.ok()?;
-    }
-    let body = match read_body(stream, buf, &head, cfg).await {
+    let admitted = match pipeline::admit(w, cfg, &head, peer) {
+        pipeline::Admission::Admitted(a) => a,
+        pipeline::Admission::Answered(mut reply) => {
+            // Refused on the head: the body is not read. A body already wholly received is
+            // skipped and the connection kept; one still on its way closes the connection.
+            match head.body {
+                BodyFraming::None => {}
+                BodyFraming::Length(n) if buf.len() as u64 >= n => {
+                    buf.drain(..n as usize);
+                }
+                _ => reply.close = true,
+            }
+            return write_reply(w, stream, reply, head.keep_alive, &meta, out).await;
+        }
+    };
+    let body = match read_body(w, stream, buf, &head, cfg).await {
         Ok(b) => b,
         Err(None) => return None,
         Err(Some(e)) => {
-            let reply = Reply::error(&e, None, M_NONE);
+            let mut reply = Reply::error(&e, None, M_NONE);
+            reply.close = true;
             let _ = write_reply(w, stream, reply, false, &meta, out).await;
             return None;
         }
     };
-    let reply = pipeline::handle(w, cfg, &head, &body, peer, &meta.request_id).await;
+    let handled = pipeline::handle(w, cfg, &head, &body.bytes, admitted, &meta.request_id);
+    let reply = match CatchPanic(handled).await {
+        Ok(r) => r,
+        Err(what) => {
+            // The safety net: a bug in one request must not take the worker (and every
+            // connection on it) down. Nothing has been written yet, so the client gets a 500.
+            w.metrics
+                .panics
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::error!(target: "mcp_guard::runtime", "request {} panicked: {what}; answered 500", meta.request_id);
+            let mut r = Reply::json(
+                500,
+                crate::http::response::jsonrpc_error(
+                    "null",
+                    crate::error::code::INTERNAL_ERROR,
+                    "Internal error",
+                    None,
+                ),
+                M_NONE,
+            );
+            r.close = true;
+            r.reason = Some("internal_error");
+            r
+        }
+    };
+    drop(body);
     write_reply(w, stream, reply, head.keep_alive, &meta, out).await
+}
+
+/// Polls a future, turning a panic inside it into `Err(message)`.
+pub struct CatchPanic<F>(pub F);
+
+impl<F: std::future::Future> std::future::Future for CatchPanic<F> {
+    type Output = Result<F::Output, String>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        // SAFETY: structural pin projection; `CatchPanic` never moves its field and has no
+        // Drop impl, so the inner future stays pinned where it is.
+        #[allow(unsafe_code)]
+        let inner = unsafe { self.map_unchecked_mut(|s| &mut s.0) };
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(std::task::Poll::Ready(v)) => std::task::Poll::Ready(Ok(v)),
+            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
+            Err(payload) => std::task::Poll::Ready(Err(panic_message(payload.as_ref()))),
+        }
+    }
+}
+
+/// The text of a panic payload.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".into())
 }
 
 /// How long an idle keep-alive connection keeps its read buffer before giving it back and
@@ -267,29 +342,119 @@ async fn read_head<S: Connection>(
     }
 }
 
-/// Reads the body; `Err(None)` means the client went away (nothing to answer).
-async fn read_body<S: AsyncReadRent>(
+/// Request-body bytes one worker holds in memory at once, across its connections (raised to
+/// `max_body_bytes` when that is larger, so one maximal body always fits). Beyond it a request
+/// gets 503 and its connection is closed: slow or large bodies cannot pin unbounded memory.
+const MAX_BODY_BYTES_IN_FLIGHT: usize = 64 << 20;
+
+/// Body bytes counted against the worker's in-flight cap until dropped.
+struct BodyReservation {
+    w: Rc<Worker>,
+    held: usize,
+}
+
+impl BodyReservation {
+    /// Raises this body's share to `total` bytes, if the worker's cap allows it.
+    fn grow_to(&mut self, total: usize, cap: usize) -> Result<(), GatewayError> {
+        if total <= self.held {
+            return Ok(());
+        }
+        let in_flight = self.w.body_bytes_in_flight.get() + (total - self.held);
+        if in_flight > cap {
+            self.w
+                .metrics
+                .bodies_refused
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Err(GatewayError::Overloaded);
+        }
+        self.w.body_bytes_in_flight.set(in_flight);
+        self.held = total;
+        Ok(())
+    }
+}
+
+impl Drop for BodyReservation {
+    fn drop(&mut self) {
+        let w = &self.w;
+        w.body_bytes_in_flight
+            .set(w.body_bytes_in_flight.get() - self.held);
+    }
+}
+
+/// A request body in memory, with its share of the worker's cap.
+struct HeldBody {
+    bytes: Vec<u8>,
+    _reservation: BodyReservation,
+}
+
+/// Reads the body of an admitted request: `100 Continue` first when asked for, the whole body
+/// within `body_timeout` of the head (each read also within the idle timeout), and never more
+/// than the worker's in-flight cap. `Err(None)` means the client went away (nothing to answer).
+async fn read_body<S: AsyncReadRent + AsyncWriteRent>(
+    w: &Rc<Worker>,
     stream: &mut S,
     buf: &mut Vec<u8>,
     head: &RequestHead,
     cfg: &crate::config::Settings,
-) -> Result<Vec<u8>, Option<GatewayError>> {
+) -> Result<HeldBody, Option<GatewayError>> {
+    let mut reservation = BodyReservation {
+        w: w.clone(),
+        held: 0,
+    };
+    if head.body == BodyFraming::None {
+        return Ok(HeldBody {
+            bytes: Vec::new(),
+            _reservation: reservation,
+        });
+    }
+    let cap = MAX_BODY_BYTES_IN_FLIGHT.max(cfg.server.max_body_bytes);
+    if let BodyFraming::Length(n) = head.body {
+        // The whole declared length is reserved before a byte of it is invited.
+        reservation.grow_to(n as usize, cap).map_err(Some)?;
+    }
+    if head.expect_continue && buf.is_empty() {
+        let (res, _) = write_all(stream, b"HTTP/1.1 100 Continue\r\n\r\n".to_vec()).await;
+        res.map_err(|_| None)?;
+    }
+    let deadline = Instant::now() + cfg.server.body_timeout;
     let idle = cfg.server.idle_timeout;
+    // One read of more body bytes, bounded by the idle timeout and the body deadline.
+    async fn read_more<S: AsyncReadRent>(
+        stream: &mut S,
+        buf: &mut Vec<u8>,
+        want: usize,
+        idle: Duration,
+        deadline: Instant,
+    ) -> Result<(), Option<GatewayError>> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Some(GatewayError::BodyTimeout));
+        }
+        let b = std::mem::take(buf);
+        match monoio::time::timeout(idle.min(left), read_append(stream, b, want)).await {
+            Ok((Ok(0), _)) | Ok((Err(_), _)) => Err(None),
+            Ok((Ok(_), b)) => {
+                *buf = b;
+                Ok(())
+            }
+            Err(_) if Instant::now() >= deadline => Err(Some(GatewayError::BodyTimeout)),
+            Err(_) => Err(None),
+        }
+    }
     match head.body {
-        BodyFraming::None => Ok(Vec::new()),
+        BodyFraming::None => unreachable!("handled above"),
         BodyFraming::Length(n) => {
             let n = n as usize;
             while buf.len() < n {
-                let b = std::mem::take(buf);
-                let want = (n - b.len()).min(1 << 20);
-                match monoio::time::timeout(idle, read_append(stream, b, want)).await {
-                    Ok((Ok(0), _)) | Ok((Err(_), _)) | Err(_) => return Err(None),
-                    Ok((Ok(_), b)) => *buf = b,
-                }
+                let want = (n - buf.len()).min(1 << 20);
+                read_more(stream, buf, want, idle, deadline).await?;
             }
-            let body = buf[..n].to_vec();
+            let bytes = buf[..n].to_vec();
             buf.drain(..n);
-            Ok(body)
+            Ok(HeldBody {
+                bytes,
+                _reservation: reservation,
+            })
         }
         BodyFraming::Chunked => {
             let mut decoder = ChunkedDecoder::new(cfg.server.max_body_bytes as u64);
@@ -302,14 +467,14 @@ async fn read_body<S: AsyncReadRent>(
                     })
                 })?;
                 buf.drain(..used);
+                reservation.grow_to(body.len(), cap).map_err(Some)?;
                 if decoder.is_done() {
-                    return Ok(body);
+                    return Ok(HeldBody {
+                        bytes: body,
+                        _reservation: reservation,
+                    });
                 }
-                let b = std::mem::take(buf);
-                match monoio::time::timeout(idle, read_append(stream, b, 8192)).await {
-                    Ok((Ok(0), _)) | Ok((Err(_), _)) | Err(_) => return Err(None),
-                    Ok((Ok(_), b)) => *buf = b,
-                }
+                read_more(stream, buf, 8192, idle, deadline).await?;
             }
         }
     }
@@ -318,6 +483,8 @@ async fn read_body<S: AsyncReadRent>(
 /// What the connection knows about a request, for the reply and its audit event.
 struct ReqMeta {
     request_id: String,
+    /// The client's own `X-Request-Id`, recorded beside ours in the audit trail.
+    client_request_id: Option<String>,
     peer: SocketAddr,
     trace_id: Option<String>,
     started: Instant,
@@ -392,13 +559,13 @@ async fn write_reply<S: Connection>(
             out = o;
             ok && keep_alive
         }
-        ReplyBody::Events(rx) => {
+        ReplyBody::Events(rx, policy) => {
             streamed = true;
             write_head(&mut out, status, &headers, Framing::Chunked, false);
             let (res, o) = write_all(stream, out).await;
             out = o;
             if res.is_ok() {
-                relay_events(w, stream, rx, &mut out).await;
+                relay_events(w, stream, rx, policy, &mut out).await;
             }
             false
         }
@@ -500,6 +667,17 @@ fn emit_audit(
     latency: Duration,
 ) {
     use crate::mcp::jsonrpc::Target;
+    if matches!(reason, Some("missing_credentials" | "invalid_credentials"))
+        && !w
+            .auth_failure_audit
+            .borrow_mut()
+            .allow(meta.peer.ip(), meta.started)
+    {
+        w.metrics
+            .audit_suppressed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return;
+    }
     let decision = info
         .decision
         .unwrap_or(if status < 400 { "allow" } else { "error" });
@@ -513,6 +691,7 @@ fn emit_audit(
         let ev = crate::audit::AuditEvent {
             time: meta.wall,
             request_id: meta.request_id.clone(),
+            client_request_id: meta.client_request_id.clone(),
             trace_id: meta.trace_id.clone(),
             identity: info.identity.clone(),
             auth_method: info.auth_method.unwrap_or("none"),
@@ -542,6 +721,7 @@ async fn relay_events<S: AsyncWriteRent>(
     w: &Rc<Worker>,
     stream: &mut S,
     rx: async_channel::Receiver<Vec<u8>>,
+    policy: Option<std::sync::Arc<crate::authz::Policy>>,
     out: &mut Vec<u8>,
 ) {
     loop {
@@ -558,6 +738,18 @@ async fn relay_events<S: AsyncWriteRent>(
             }
             Some(Err(_)) => write_chunk(&mut buf, b": keepalive\n\n"),
             Some(Ok(Ok(msg))) => {
+                // A restricted caller's stream is filtered like any tools/list answer; a
+                // message that cannot be checked is dropped, not relayed.
+                let msg = match &policy {
+                    None => msg,
+                    Some(p) => match crate::mcp::filter::filter_json(&msg, &p.tools) {
+                        Some(m) => m,
+                        None => {
+                            *out = buf;
+                            continue;
+                        }
+                    },
+                };
                 let mut event = Vec::with_capacity(msg.len() + 24);
                 event.extend_from_slice(b"event: message\ndata: ");
                 event.extend_from_slice(&msg);

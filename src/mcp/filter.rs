@@ -340,17 +340,12 @@ impl SseFilter {
             }
         }
         if !data.is_empty() {
-            match serde_json::from_str::<&RawValue>(&data) {
-                Ok(raw) => match filter_message(raw, &self.policy.tools) {
-                    Ok(Some(rewritten)) => data = rewritten,
-                    Ok(None) => {}
-                    Err(Unfilterable) => {
-                        tracing::warn!(target: "mcp_guard::filter", "dropped an SSE event holding a tool list that cannot be checked");
-                        return;
-                    }
-                },
-                Err(_) => {
-                    tracing::warn!(target: "mcp_guard::filter", "dropped an SSE event that is not JSON in a tools/list response");
+            // One message or a batch array: every message in it carrying `result.tools` is
+            // filtered; anything that cannot be checked is dropped, never relayed.
+            match filter_json(data.as_bytes(), &self.policy.tools).map(String::from_utf8) {
+                Some(Ok(rewritten)) => data = rewritten,
+                _ => {
+                    tracing::warn!(target: "mcp_guard::filter", "dropped an SSE event that cannot be checked for a tool list");
                     return;
                 }
             }
@@ -500,6 +495,31 @@ mod tests {
             assert!(text.contains("read_file"), "{stream:?} -> {text:?}");
             assert!(!text.contains("read_secret"), "{stream:?} -> {text:?}");
         }
+    }
+
+    #[test]
+    fn sse_events_holding_a_batch_array_are_filtered_too() {
+        let policy = Arc::new(Policy {
+            tools: rule(),
+            ..Policy::default()
+        });
+        let mut f = SseFilter::new(policy);
+        let stream = format!(
+            "event: message\ndata: [{LIST},{{\"jsonrpc\":\"2.0\",\"id\":9,\"result\":{{}}}}]\n\n"
+        );
+        let mut out = f.push(stream.as_bytes()).unwrap();
+        out.extend(f.finish());
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("read_file"), "{text}");
+        assert!(!text.contains("read_secret"), "{text}");
+        assert!(text.contains("\"id\":9"), "{text}");
+        // A batch holding a list that cannot be checked is dropped whole.
+        let mut f = SseFilter::new(Arc::new(Policy {
+            tools: rule(),
+            ..Policy::default()
+        }));
+        let bad = "data: [{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{\"tools\":{}}}]\n\n";
+        assert!(f.push(bad.as_bytes()).unwrap().is_empty());
     }
 
     #[test]

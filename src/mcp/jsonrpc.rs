@@ -273,16 +273,21 @@ fn classify_one(v: TapeValue<'_, '_>) -> Result<Message, ClassifyError> {
     let kind = if id.is_some() {
         Kind::Request
     } else {
+        // Only `notifications/*` may go without an id. An id-less `tools/call` would otherwise
+        // be a "notification" that no policy looks at, while an upstream may still run it.
+        if !method.starts_with("notifications/") {
+            return Err(invalid(
+                format!("\"{method}\" is a request and needs an id"),
+                None,
+            ));
+        }
         Kind::Notification
     };
-    let target = match (kind, method) {
-        (Kind::Request, "tools/call") => Some(Target::Tool(required_param(&params, "name", &id)?)),
-        (Kind::Request, "resources/read") => {
-            Some(Target::Resource(required_param(&params, "uri", &id)?))
-        }
-        (Kind::Request, "prompts/get") => {
-            Some(Target::Prompt(required_param(&params, "name", &id)?))
-        }
+    // The target is read for every kind, so no shape of message escapes the decision.
+    let target = match method {
+        "tools/call" => Some(Target::Tool(required_param(&params, "name", &id)?)),
+        "resources/read" => Some(Target::Resource(required_param(&params, "uri", &id)?)),
+        "prompts/get" => Some(Target::Prompt(required_param(&params, "name", &id)?)),
         _ => None,
     };
     Ok(Message {
@@ -291,6 +296,16 @@ fn classify_one(v: TapeValue<'_, '_>) -> Result<Message, ClassifyError> {
         id,
         target,
     })
+}
+
+/// Whether `name` is a tool name as MCP 2025-11-25 defines them: 1 to 128 characters of
+/// `A-Z a-z 0-9 _ - .`. Anything else may be folded by an upstream (case, Unicode
+/// compatibility forms such as `ſ` for `s`) into a name a deny rule was written for.
+pub fn is_spec_tool_name(name: &str) -> bool {
+    (1..=128).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
 }
 
 fn required_param(
@@ -363,7 +378,7 @@ mod tests {
             Kind::Response
         );
         let b = classify(
-            r#"[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","method":"x"}]"#,
+            r#"[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","method":"notifications/x"}]"#,
         )
         .unwrap();
         assert_eq!(b.messages().len(), 2);
@@ -411,6 +426,50 @@ mod tests {
             classify(r#"{"jsonrpc":"2.0","id":1,"method":"ping","method":"tools/call"}"#),
             Err(ClassifyError::Invalid(..))
         ));
+    }
+
+    #[test]
+    fn request_methods_without_an_id_are_invalid_requests() {
+        for m in [
+            "tools/call",
+            "resources/read",
+            "prompts/get",
+            "tools/list",
+            "ping",
+        ] {
+            let body =
+                format!(r#"{{"jsonrpc":"2.0","method":"{m}","params":{{"name":"x","uri":"y"}}}}"#);
+            assert!(
+                matches!(classify(&body), Err(ClassifyError::Invalid(_, None))),
+                "{m} without id"
+            );
+        }
+        let batch = r#"[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","method":"tools/call","params":{"name":"x"}}]"#;
+        assert!(matches!(classify(batch), Err(ClassifyError::Invalid(..))));
+        assert_eq!(
+            single(
+                r#"{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":1}}"#
+            )
+            .kind,
+            Kind::Notification
+        );
+    }
+
+    #[test]
+    fn tool_names_follow_the_spec_character_set() {
+        assert!(is_spec_tool_name("read_file-v2.1"));
+        assert!(is_spec_tool_name(&"a".repeat(128)));
+        for bad in [
+            "",
+            "read_\u{17f}ecret",
+            "echo\0",
+            "a b",
+            "a/b",
+            "é",
+            &"a".repeat(129),
+        ] {
+            assert!(!is_spec_tool_name(bad), "{bad:?}");
+        }
     }
 
     #[test]

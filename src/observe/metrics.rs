@@ -115,6 +115,13 @@ pub struct WorkerMetrics {
     pub rate_limited: AtomicU64,
     /// Audit events dropped because this worker's queue was full.
     pub audit_dropped: AtomicU64,
+    /// Failed-authentication audit events not written because their client address was over
+    /// its allowance (a flood must not fill the disk).
+    pub audit_suppressed: AtomicU64,
+    /// Requests whose handling panicked (answered 500; the worker kept serving).
+    pub panics: AtomicU64,
+    /// Requests refused with 503 because the worker's in-flight body bytes were at their cap.
+    pub bodies_refused: AtomicU64,
     auth: [[AtomicU64; 2]; 3],
     decisions: Vec<[AtomicU64; 3]>,
     latency: ArcSwap<Histogram<u64>>,
@@ -132,6 +139,9 @@ impl WorkerMetrics {
             upstream_errors: AtomicU64::new(0),
             rate_limited: AtomicU64::new(0),
             audit_dropped: AtomicU64::new(0),
+            audit_suppressed: AtomicU64::new(0),
+            panics: AtomicU64::new(0),
+            bodies_refused: AtomicU64::new(0),
             auth: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
             decisions: (0..TOOL_SLOTS)
                 .map(|_| std::array::from_fn(|_| AtomicU64::new(0)))
@@ -177,6 +187,8 @@ pub struct GlobalMetrics {
     pub reloads_ok: AtomicU64,
     /// Config reloads refused (old snapshot kept).
     pub reloads_failed: AtomicU64,
+    /// Of those, reloads refused because they would have turned authentication off.
+    pub reloads_auth_downgrade_refused: AtomicU64,
     /// Server-to-client messages dropped because a stream was full or absent.
     pub stream_messages_dropped: AtomicU64,
     /// Audit events written.
@@ -360,6 +372,34 @@ impl Metrics {
             "counter",
             "Audit events dropped because a worker's audit queue was full.",
             sum(&|w| w.audit_dropped.load(Relaxed)),
+        );
+        write_metric(
+            &mut out,
+            "mcp_guard_audit_events_suppressed_total",
+            "counter",
+            "Failed-authentication audit events not written: their client address was over its allowance.",
+            sum(&|w| w.audit_suppressed.load(Relaxed)),
+        );
+        write_metric(
+            &mut out,
+            "mcp_guard_request_panics_total",
+            "counter",
+            "Requests whose handling panicked (answered 500; the worker kept serving).",
+            sum(&|w| w.panics.load(Relaxed)),
+        );
+        write_metric(
+            &mut out,
+            "mcp_guard_bodies_refused_total",
+            "counter",
+            "Requests refused with 503: the worker held its cap of request-body bytes.",
+            sum(&|w| w.bodies_refused.load(Relaxed)),
+        );
+        write_metric(
+            &mut out,
+            "mcp_guard_config_reloads_auth_downgrade_refused_total",
+            "counter",
+            "Reloads refused because they would have turned authentication off (needs a restart).",
+            self.global.reloads_auth_downgrade_refused.load(Relaxed),
         );
         self.render_latency(&mut out);
         out

@@ -39,11 +39,18 @@ pub fn run(path: &Path, shared: &Arc<Shared>) {
         Err(e) => tracing::error!(target: "mcp_guard", "cannot install signal handlers: {e}"),
     }
     let mut last_seen = file_stamp(path);
+    // A change seen on disk, and since when it has not changed again.
+    let mut settling: Option<(Option<(SystemTime, u64)>, Instant)> = None;
     let mut next_health = Instant::now();
     let mut next_sweep = Instant::now() + Duration::from_secs(10);
     check_health(shared);
     loop {
-        match rx.recv_timeout(Duration::from_millis(500)) {
+        let poll = if settling.is_some() {
+            Duration::from_millis(100)
+        } else {
+            Duration::from_millis(500)
+        };
+        match rx.recv_timeout(poll) {
             Ok(Event::Stop) => return,
             Ok(Event::Reload) => {
                 last_seen = file_stamp(path);
@@ -58,10 +65,22 @@ pub fn run(path: &Path, shared: &Arc<Shared>) {
                 std::thread::sleep(Duration::from_millis(500));
             }
         }
+        // Debounce: a file being written is read only once it has stopped changing for
+        // `SETTLE`, so an editor's or a deploy tool's half-written file is not loaded.
         let stamp = file_stamp(path);
-        if stamp != last_seen {
-            last_seen = stamp;
-            reload(path, shared);
+        if stamp == last_seen {
+            settling = None;
+        } else {
+            match settling {
+                Some((s, since)) if s == stamp => {
+                    if since.elapsed() >= SETTLE {
+                        settling = None;
+                        last_seen = stamp;
+                        reload(path, shared);
+                    }
+                }
+                _ => settling = Some((stamp, Instant::now())),
+            }
         }
         if Instant::now() >= next_health {
             check_health(shared);
@@ -73,6 +92,9 @@ pub fn run(path: &Path, shared: &Arc<Shared>) {
         }
     }
 }
+
+/// How long a changed config file must stay unchanged before it is reloaded.
+const SETTLE: Duration = Duration::from_millis(300);
 
 fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {
     let m = std::fs::metadata(path).ok()?;
@@ -105,9 +127,49 @@ pub fn reload(path: &Path, shared: &Shared) {
         );
         return;
     }
+    if old.auth.requires_credentials() && !new.auth.requires_credentials() {
+        // Going from "credentials required" to "anyone may call anything" is never a reload:
+        // a file that lost its keys (a bad edit, a half-written file) would otherwise open the
+        // gateway silently. It takes a restart, which is a deliberate act.
+        metrics.reloads_failed.fetch_add(1, Ordering::Relaxed);
+        metrics
+            .reloads_auth_downgrade_refused
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            target: "mcp_guard::config",
+            "reload refused, keeping the running configuration: the new file configures no \
+             authentication, which would make every caller anonymous; restart the gateway to \
+             turn authentication off"
+        );
+        shared
+            .control_audit
+            .push(reload_refused_event("auth_downgrade"));
+        return;
+    }
     shared.config.store(Arc::new(new));
     metrics.reloads_ok.fetch_add(1, Ordering::Relaxed);
     tracing::info!(target: "mcp_guard::config", "configuration reloaded from {}", path.display());
+}
+
+/// The audit event of a refused reload (the control thread's own queue; never blocks).
+fn reload_refused_event(reason: &'static str) -> crate::audit::AuditEvent {
+    crate::audit::AuditEvent {
+        time: SystemTime::now(),
+        request_id: "config-reload".into(),
+        client_request_id: None,
+        trace_id: None,
+        identity: None,
+        auth_method: "none",
+        client: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        method: "config/reload".into(),
+        target: None,
+        decision: "deny",
+        reason: Some(reason),
+        status: 0,
+        upstream: "default",
+        latency_us: 0,
+        arguments: None,
+    }
 }
 
 /// The first setting that differs and cannot change without a restart.

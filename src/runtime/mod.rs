@@ -103,9 +103,10 @@ pub fn run(path: PathBuf) -> Result<(), String> {
     };
     let (audit_writer, audit_sinks) = match &settings.audit.output {
         Some(output) => {
+            // One queue per worker, and one more (the last) for the control thread's events.
             let (writer, sinks) = crate::audit::AuditWriter::start(
                 output.clone(),
-                workers,
+                workers + 1,
                 settings.audit.queue_capacity,
                 metrics.clone(),
             )
@@ -114,6 +115,13 @@ pub fn run(path: PathBuf) -> Result<(), String> {
         }
         None => (None, Vec::new()),
     };
+    let mut audit_sinks: Vec<Option<crate::audit::AuditSink>> = audit_sinks;
+    let control_audit = if audit_sinks.len() > workers {
+        audit_sinks.pop().flatten()
+    } else {
+        None
+    }
+    .unwrap_or_else(crate::audit::AuditSink::disabled);
     if !settings.auth.requires_credentials() {
         tracing::warn!(
             target: "mcp_guard",
@@ -133,6 +141,7 @@ pub fn run(path: PathBuf) -> Result<(), String> {
         workers,
         quota: Arc::new(crate::ratelimit::MemoryPool::default()),
         audit_sinks: std::sync::Mutex::new(audit_sinks),
+        control_audit,
         audit_writer,
     });
     let mut threads = Vec::with_capacity(workers);

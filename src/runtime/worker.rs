@@ -49,6 +49,8 @@ pub struct Shared {
     pub quota: Arc<dyn QuotaPool>,
     /// Each worker's audit queue, taken by the worker when it starts.
     pub audit_sinks: std::sync::Mutex<Vec<Option<AuditSink>>>,
+    /// The control thread's audit queue (reload decisions).
+    pub control_audit: AuditSink,
     /// The audit writer thread, when auditing is on.
     pub audit_writer: Option<AuditWriter>,
 }
@@ -103,6 +105,10 @@ pub struct Worker {
     pub shutdown: Rc<LocalShutdown>,
     /// Connections being served by this worker.
     pub active: Cell<usize>,
+    /// Request-body bytes this worker holds in memory right now (capped in `http::server`).
+    pub body_bytes_in_flight: Cell<usize>,
+    /// Failed-authentication audit allowance per client address.
+    pub auth_failure_audit: RefCell<AuthFailureAudit>,
     /// This worker's rate-limit buckets.
     pub limiter: LocalLimiter,
     /// This worker's audit queue.
@@ -135,6 +141,8 @@ impl Worker {
             latency_dirty: Cell::new(false),
             shutdown: LocalShutdown::new(),
             active: Cell::new(0),
+            body_bytes_in_flight: Cell::new(0),
+            auth_failure_audit: RefCell::new(AuthFailureAudit::default()),
             limiter: LocalLimiter::new(shared.workers),
             audit,
             verified_sessions: RefCell::new(std::collections::HashMap::new()),
@@ -202,6 +210,43 @@ impl Worker {
         if self.latency_dirty.replace(false) {
             self.metrics.publish_latency(&self.latency.borrow());
         }
+    }
+}
+
+/// Failed authentications are audited, but a flood of them must not fill the disk: each client
+/// address gets [`AuthFailureAudit::PER_WINDOW`] audit lines per [`AuthFailureAudit::WINDOW`];
+/// the rest are counted as suppressed. Bounded: at most [`AuthFailureAudit::ADDRESSES`]
+/// addresses are tracked; when the table is full and none of its windows has ended, new
+/// addresses are suppressed too (an attacker with many addresses gets no more lines than the
+/// table holds per window).
+#[derive(Default)]
+pub struct AuthFailureAudit {
+    seen: std::collections::HashMap<std::net::IpAddr, (Instant, u32)>,
+}
+
+impl AuthFailureAudit {
+    /// Audit lines per address per window.
+    pub const PER_WINDOW: u32 = 10;
+    /// The window.
+    pub const WINDOW: Duration = Duration::from_secs(60);
+    /// Addresses tracked per worker.
+    pub const ADDRESSES: usize = 4096;
+
+    /// Whether a failed authentication from `addr` may be written to the audit trail now.
+    pub fn allow(&mut self, addr: std::net::IpAddr, now: Instant) -> bool {
+        if self.seen.len() >= Self::ADDRESSES && !self.seen.contains_key(&addr) {
+            self.seen
+                .retain(|_, (start, _)| now.duration_since(*start) < Self::WINDOW);
+            if self.seen.len() >= Self::ADDRESSES {
+                return false;
+            }
+        }
+        let entry = self.seen.entry(addr).or_insert((now, 0));
+        if now.duration_since(entry.0) >= Self::WINDOW {
+            *entry = (now, 0);
+        }
+        entry.1 += 1;
+        entry.1 <= Self::PER_WINDOW
     }
 }
 
