@@ -34,7 +34,35 @@ on_both_drivers!(
     keep_alive_and_pipelining_serve_several_requests,
     idle_connection_serves_a_request_after_giving_its_buffer_back,
     sse_events_are_flushed_as_they_arrive,
+    a_panicking_request_gets_500_and_the_worker_keeps_serving,
 );
+
+fn a_panicking_request_gets_500_and_the_worker_keeps_serving(io: &str) {
+    // Debug builds panic on a call of the tool named by MCP_GUARD_TEST_PANIC_TOOL: the request
+    // gets a 500, the worker (one only, so nothing else could serve) keeps serving, and the
+    // connection count is not leaked.
+    let config = stdio_config(io, "workers = 1", &[]).replace("workers = 2\n", "");
+    let g = Gateway::start_env(&config, &[("MCP_GUARD_TEST_PANIC_TOOL", "add")]);
+    let sid = initialize(g.addr);
+    for i in 0..3 {
+        let r = mcp_post(g.addr, &call(10 + i, "add", r#"{"a":1,"b":2}"#), Some(&sid));
+        assert_eq!(r.status, 500, "{}", r.text());
+        assert_eq!(r.json()["error"]["code"], -32603);
+        let r = mcp_post(
+            g.addr,
+            &call(20 + i, "echo", r#"{"text":"still here"}"#),
+            Some(&sid),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert!(r.text().contains("still here"));
+    }
+    assert_eq!(g.metric("mcp_guard_request_panics_total", &[]), 3.0);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while g.metric("mcp_guard_active_connections", &[]) != 0.0 {
+        assert!(Instant::now() < deadline, "connections leaked");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
 
 fn sse_events_are_flushed_as_they_arrive(io: &str) {
     // With --sse-responses the demo server sends a progress event at once, then sleeps, then

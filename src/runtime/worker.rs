@@ -303,7 +303,13 @@ pub async fn run(w: Rc<Worker>, listener: monoio::net::TcpListener) {
         w.active.set(w.active.get() + 1);
         let wc = w.clone();
         monoio::spawn(async move {
-            crate::http::server::serve(wc.clone(), stream, peer).await;
+            // monoio re-raises a task's panic on the worker thread, which would stop every
+            // connection of this worker: contain it to this connection, and keep the counts.
+            let served = crate::http::server::serve(wc.clone(), stream, peer);
+            if let Err(what) = crate::http::server::CatchPanic(served).await {
+                wc.metrics.panics.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(target: "mcp_guard::runtime", "connection from {peer} panicked: {what}; closed");
+            }
             wc.active.set(wc.active.get() - 1);
             wc.metrics
                 .active_connections

@@ -36,6 +36,15 @@ impl Gateway {
     /// As [`Gateway::start`]; with `stall_stdout` its stdout is a pipe nobody reads, so
     /// anything written there (the audit trail on stdout) eventually blocks the writer.
     pub fn start_with(config: &str, stall_stdout: bool) -> Gateway {
+        Self::start_full(config, stall_stdout, &[])
+    }
+
+    /// As [`Gateway::start`], with extra environment variables for the gateway process.
+    pub fn start_env(config: &str, env: &[(&str, &str)]) -> Gateway {
+        Self::start_full(config, false, env)
+    }
+
+    fn start_full(config: &str, stall_stdout: bool, env: &[(&str, &str)]) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("guard.toml");
         std::fs::write(&config_path, config).unwrap();
@@ -43,6 +52,7 @@ impl Gateway {
             .arg("--config")
             .arg(&config_path)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(if stall_stdout {
                 Stdio::piped()
