@@ -10,7 +10,7 @@ use mcp_guard::authz::{Matcher, Policy, Rule};
 use mcp_guard::cli::hash_key;
 use mcp_guard::http::request::{HeadParse, parse_head};
 use mcp_guard::mcp::filter::filter_json;
-use mcp_guard::mcp::jsonrpc::{Body, Classifier};
+use mcp_guard::mcp::jsonrpc::{Body, Classifier, Target, is_spec_tool_name};
 use mcp_guard::observe::metrics::Metrics;
 use mcp_guard::ratelimit::{Limit, LocalLimiter, MemoryPool, bucket_key};
 use std::hint::black_box;
@@ -149,6 +149,9 @@ fn benches(c: &mut Criterion) {
             let Body::Single(m) = &body else {
                 unreachable!()
             };
+            if let Some(Target::Tool(t)) = &m.target {
+                assert!(is_spec_tool_name(t));
+            }
             let decision = caller.identity.policy.decide(m.target.as_ref());
             let key = bucket_key(&caller.rate_key, None);
             limiter.check(&pool, key, limit, Instant::now()).unwrap();
