@@ -422,6 +422,45 @@ fn policy_reload_takes_effect_without_restart() {
 }
 
 #[test]
+fn a_reload_that_revokes_a_key_ends_its_open_get_stream() {
+    let g = Gateway::start(&guarded_stdio(&[], ""));
+    let alice = init_as(g.addr, ALICE);
+    let bob = init_as(g.addr, BOB);
+    let mut stream = connect(g.addr);
+    stream
+        .write_all(
+            format!(
+                "GET /mcp HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\nMcp-Session-Id: {alice}\r\n{}\r\n",
+                with_key(ALICE)
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut head = [0u8; 512];
+    let n = std::io::Read::read(&mut stream, &mut head).unwrap();
+    assert!(String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 200"));
+    // Alice's key is revoked (bob's stays).
+    let cfg = guarded_stdio(&[], "").replace(
+        &format!("key_hash = \"{}\"", hash_key(ALICE)),
+        &format!("key_hash = \"{}\"", hash_key("alice-rotated-key")),
+    );
+    g.rewrite_config(&cfg);
+    g.signal(libc::SIGHUP);
+    assert!(g.wait_log("configuration reloaded", Duration::from_secs(5)));
+    // A server notification for every session: alice's stream must end instead of carrying it.
+    let r = post_as(g.addr, BOB, &call(3, "notify", "{}"), Some(&bob));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let mut rest = Vec::new();
+    let read = std::io::Read::read_to_end(&mut stream, &mut rest);
+    assert!(read.is_ok(), "stream did not end: {read:?}");
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(!rest.contains("list_changed"), "{rest}");
+}
+
+#[test]
 fn audit_lines_are_complete_for_each_decision_and_hold_no_secret() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("audit.jsonl");

@@ -2,6 +2,7 @@
 //! (Content-Length or chunked, within limits), run the pipeline, write the reply (streamed
 //! where it streams), count it, and go round again while keep-alive allows.
 
+use crate::config::Settings;
 use crate::error::GatewayError;
 use crate::http::chunked::{ChunkError, ChunkedDecoder};
 use crate::http::client::RespFraming;
@@ -13,8 +14,10 @@ use crate::pipeline::{self, Reply, ReplyBody};
 use crate::runtime::worker::Worker;
 use monoio::buf::SliceMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, CancelableAsyncReadRent};
+use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 /// How often an idle SSE stream gets a comment line, so intermediaries keep it open.
@@ -47,6 +50,7 @@ pub async fn serve<S: Connection>(w: Rc<Worker>, mut stream: S, peer: SocketAddr
                     trace_id: None,
                     started: Instant::now(),
                     wall: SystemTime::now(),
+                    stream_auth: None,
                 };
                 let _ = Box::pin(write_reply(&w, &mut stream, reply, false, &meta, out)).await;
                 return;
@@ -65,7 +69,7 @@ pub async fn serve<S: Connection>(w: Rc<Worker>, mut stream: S, peer: SocketAddr
             &mut buf,
             out,
             &cfg,
-            head,
+            &head,
             peer,
         ));
         match served.await {
@@ -90,10 +94,11 @@ async fn serve_request<S: Connection>(
     stream: &mut S,
     buf: &mut Vec<u8>,
     out: Vec<u8>,
-    cfg: &crate::config::Settings,
-    head: RequestHead,
+    snapshot: &Rc<Arc<Settings>>,
+    head: &RequestHead,
     peer: SocketAddr,
 ) -> Option<Vec<u8>> {
+    let cfg: &Settings = snapshot;
     let started = Instant::now();
     let wall = SystemTime::now();
     buf.drain(..head.head_len);
@@ -112,8 +117,12 @@ async fn serve_request<S: Connection>(
         peer,
         started,
         wall,
+        stream_auth: Some(StreamAuth {
+            head,
+            opened_with: RefCell::new(snapshot.clone()),
+        }),
     };
-    let admitted = match pipeline::admit(w, cfg, &head, peer) {
+    let admitted = match pipeline::admit(w, cfg, head, peer) {
         pipeline::Admission::Admitted(a) => a,
         pipeline::Admission::Answered(mut reply) => {
             // Refused on the head: the body is not read. A body already wholly received is
@@ -128,7 +137,7 @@ async fn serve_request<S: Connection>(
             return write_reply(w, stream, reply, head.keep_alive, &meta, out).await;
         }
     };
-    let body = match read_body(w, stream, buf, &head, cfg).await {
+    let body = match read_body(w, stream, buf, head, cfg).await {
         Ok(b) => b,
         Err(None) => return None,
         Err(Some(e)) => {
@@ -138,7 +147,7 @@ async fn serve_request<S: Connection>(
             return None;
         }
     };
-    let handled = pipeline::handle(w, cfg, &head, &body.bytes, admitted, &meta.request_id);
+    let handled = pipeline::handle(w, cfg, head, &body.bytes, admitted, &meta.request_id);
     let reply = match CatchPanic(handled).await {
         Ok(r) => r,
         Err(what) => {
@@ -480,8 +489,48 @@ async fn read_body<S: AsyncReadRent + AsyncWriteRent>(
     }
 }
 
+/// What a long response needs to notice that a reload revoked the credentials it was opened
+/// with: the request head and the snapshot it was admitted under.
+struct StreamAuth<'a> {
+    head: &'a RequestHead,
+    opened_with: RefCell<Rc<Arc<Settings>>>,
+}
+
+impl StreamAuth<'_> {
+    /// Whether the caller that opened the response is still who these credentials name. Only
+    /// a changed snapshot costs anything: both snapshots authenticate the same head, and the
+    /// response goes on only if the same identity results.
+    fn still_valid(&self, w: &Worker, peer: SocketAddr) -> bool {
+        let now = w.settings();
+        if Rc::ptr_eq(&now, &self.opened_with.borrow()) {
+            return true;
+        }
+        let id = |s: &Settings| {
+            s.auth
+                .authenticate(self.head, peer.ip())
+                .ok()
+                .map(|c| c.identity.id.clone())
+        };
+        let before = id(&self.opened_with.borrow());
+        let same = before.is_some() && before == id(&now);
+        if same {
+            *self.opened_with.borrow_mut() = now;
+        }
+        same
+    }
+}
+
+/// Whether the credentials this request was admitted with no longer name the same caller.
+fn revoked(w: &Worker, meta: &ReqMeta<'_>) -> bool {
+    meta.stream_auth
+        .as_ref()
+        .is_some_and(|a| !a.still_valid(w, meta.peer))
+}
+
 /// What the connection knows about a request, for the reply and its audit event.
-struct ReqMeta {
+struct ReqMeta<'a> {
+    /// Set for requests that went through admission: lets long responses end on revocation.
+    stream_auth: Option<StreamAuth<'a>>,
     request_id: String,
     /// The client's own `X-Request-Id`, recorded beside ours in the audit trail.
     client_request_id: Option<String>,
@@ -505,7 +554,7 @@ async fn write_reply<S: Connection>(
     stream: &mut S,
     reply: Reply,
     client_keep_alive: bool,
-    meta: &ReqMeta,
+    meta: &ReqMeta<'_>,
     mut out: Vec<u8>,
 ) -> Option<Vec<u8>> {
     let status = reply.status;
@@ -547,7 +596,7 @@ async fn write_reply<S: Connection>(
             };
             streamed = framing == Framing::Chunked;
             write_head(&mut out, status, &headers, framing, keep_alive);
-            let (ok, o) = pump(w, stream, resp, None, framing, out).await;
+            let (ok, o) = pump(w, stream, resp, None, framing, meta, out).await;
             out = o;
             ok && keep_alive
         }
@@ -555,7 +604,7 @@ async fn write_reply<S: Connection>(
             // Rewritten events change length: always chunked to the client.
             streamed = true;
             write_head(&mut out, status, &headers, Framing::Chunked, keep_alive);
-            let (ok, o) = pump(w, stream, resp, Some(filter), Framing::Chunked, out).await;
+            let (ok, o) = pump(w, stream, resp, Some(filter), Framing::Chunked, meta, out).await;
             out = o;
             ok && keep_alive
         }
@@ -565,7 +614,7 @@ async fn write_reply<S: Connection>(
             let (res, o) = write_all(stream, out).await;
             out = o;
             if res.is_ok() {
-                relay_events(w, stream, rx, policy, &mut out).await;
+                relay_events(w, stream, rx, policy, meta, &mut out).await;
             }
             false
         }
@@ -586,11 +635,18 @@ async fn pump<S: AsyncWriteRent>(
     mut resp: crate::http::client::UpstreamResponse,
     mut filter: Option<crate::mcp::filter::SseFilter>,
     framing: Framing,
+    meta: &ReqMeta<'_>,
     mut out: Vec<u8>,
 ) -> (bool, Vec<u8>) {
     let ok;
     loop {
         match resp.next_data().await {
+            Ok(Some(_)) if revoked(w, meta) => {
+                // A reload revoked the credentials this response was opened with: it ends
+                // here (the connection closes, nothing more is relayed).
+                ok = false;
+                break;
+            }
             Ok(Some(data)) => {
                 let data = match filter.as_mut() {
                     None => data,
@@ -663,7 +719,7 @@ fn emit_audit(
     reason: Option<&'static str>,
     status: u16,
     method: usize,
-    meta: &ReqMeta,
+    meta: &ReqMeta<'_>,
     latency: Duration,
 ) {
     use crate::mcp::jsonrpc::Target;
@@ -722,6 +778,7 @@ async fn relay_events<S: AsyncWriteRent>(
     stream: &mut S,
     rx: async_channel::Receiver<Vec<u8>>,
     policy: Option<std::sync::Arc<crate::authz::Policy>>,
+    meta: &ReqMeta<'_>,
     out: &mut Vec<u8>,
 ) {
     loop {
@@ -730,6 +787,9 @@ async fn relay_events<S: AsyncWriteRent>(
             _ = w.shutdown.wait() => None,
         };
         let mut buf = std::mem::take(out);
+        // Checked at every message and keep-alive: a stream whose credentials a reload
+        // revoked ends within `SSE_KEEPALIVE`.
+        let next = if revoked(w, meta) { None } else { next };
         match next {
             None | Some(Ok(Err(_))) => {
                 buf.extend_from_slice(LAST_CHUNK);
