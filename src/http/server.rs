@@ -87,6 +87,10 @@ pub async fn serve<S: Connection>(w: Rc<Worker>, mut stream: S, peer: SocketAddr
     }
 }
 
+/// The worker-local handle on a config snapshot (see `Worker::settings`).
+#[allow(clippy::redundant_allocation)]
+type Snapshot = Rc<Arc<Settings>>;
+
 /// One request after its head: admission on the head, then body, pipeline, reply. `None`
 /// ends the connection.
 async fn serve_request<S: Connection>(
@@ -94,7 +98,7 @@ async fn serve_request<S: Connection>(
     stream: &mut S,
     buf: &mut Vec<u8>,
     out: Vec<u8>,
-    snapshot: &Rc<Arc<Settings>>,
+    snapshot: &Snapshot,
     head: &RequestHead,
     peer: SocketAddr,
 ) -> Option<Vec<u8>> {
@@ -493,7 +497,7 @@ async fn read_body<S: AsyncReadRent + AsyncWriteRent>(
 /// with: the request head and the snapshot it was admitted under.
 struct StreamAuth<'a> {
     head: &'a RequestHead,
-    opened_with: RefCell<Rc<Arc<Settings>>>,
+    opened_with: RefCell<Snapshot>,
 }
 
 impl StreamAuth<'_> {
