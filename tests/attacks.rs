@@ -148,7 +148,10 @@ impl Lab {
         assert_eq!(r.status, 200, "barrier call: {}", r.text());
         let deadline = Instant::now() + WAIT;
         while !self.child_lines().iter().any(|l| l.contains(&marker)) {
-            assert!(Instant::now() < deadline, "barrier {marker} never reached the child");
+            assert!(
+                Instant::now() < deadline,
+                "barrier {marker} never reached the child"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -205,7 +208,11 @@ impl Lab {
             if let Some(l) = self.audit_lines().into_iter().find(&pred) {
                 return l;
             }
-            assert!(Instant::now() < deadline, "audit line not found: {:?}", self.audit_lines());
+            assert!(
+                Instant::now() < deadline,
+                "audit line not found: {:?}",
+                self.audit_lines()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -277,7 +284,12 @@ impl Stream {
 /// Broadcasts `notifications/tools/list_changed` (the `notify` tool) and reads both streams up
 /// to it: the hub routes the child's output in order, so whatever came before has arrived.
 fn stream_barrier(lab: &Lab, sid_admin: &str, streams: &mut [&mut Stream]) {
-    let r = post_as(lab.addr(), ADMIN, &call(990_001, "notify", "{}"), Some(sid_admin));
+    let r = post_as(
+        lab.addr(),
+        ADMIN,
+        &call(990_001, "notify", "{}"),
+        Some(sid_admin),
+    );
     assert_eq!(r.status, 200, "{}", r.text());
     for s in streams.iter_mut() {
         let before = s.text().matches("list_changed").count();
@@ -296,7 +308,12 @@ fn error_code(v: &Value) -> Option<i64> {
     v["error"]["code"].as_i64()
 }
 
-fn spawn_post(addr: SocketAddr, key: &'static str, body: String, sid: String) -> std::thread::JoinHandle<Response> {
+fn spawn_post(
+    addr: SocketAddr,
+    key: &'static str,
+    body: String,
+    sid: String,
+) -> std::thread::JoinHandle<Response> {
     std::thread::spawn(move || post_as(addr, key, &body, Some(&sid)))
 }
 
@@ -326,10 +343,16 @@ fn assert_no_injection_reached_the_child(lab: &Lab) {
         .into_iter()
         .filter(|l| l.contains("424242"))
         .collect();
-    assert!(hits.len() <= 1, "the message was split into several lines: {hits:#?}");
+    assert!(
+        hits.len() <= 1,
+        "the message was split into several lines: {hits:#?}"
+    );
     for l in lab.child_lines() {
         let v: Value = serde_json::from_str(&l).unwrap_or(Value::Null);
-        assert_ne!(v["id"], 424242, "the injected request reached the child: {l}");
+        assert_ne!(
+            v["id"], 424242,
+            "the injected request reached the child: {l}"
+        );
     }
     lab.assert_child_lines_are_single_objects();
 }
@@ -344,7 +367,8 @@ fn newline_in_notification_whitespace_never_reaches_the_child_as_a_second_messag
                 r#"{{"jsonrpc":"2.0","method":"{method}","params":{{"progressToken":"t","progress":1,"x":{eol}{}{eol}}}}}"#,
                 injected()
             );
-            serde_json::from_str::<Value>(&body).expect("the attack body is one valid JSON document");
+            serde_json::from_str::<Value>(&body)
+                .expect("the attack body is one valid JSON document");
             let r = post_as(lab.addr(), ALICE, &body, Some(&sid));
             assert!(r.status < 500, "{}", r.text());
         }
@@ -394,12 +418,27 @@ fn two_sessions_with_the_same_progress_token_each_see_only_their_own_progress() 
     let sid_alice = init_as(lab.addr(), ALICE);
     let mut st_admin = Stream::open(lab.addr(), ADMIN, &sid_admin, "");
     let mut st_alice = Stream::open(lab.addr(), ALICE, &sid_alice, "");
-    let a = spawn_post(lab.addr(), ADMIN, progress_call(1, "admin"), sid_admin.clone());
+    let a = spawn_post(
+        lab.addr(),
+        ADMIN,
+        progress_call(1, "admin"),
+        sid_admin.clone(),
+    );
     wait_child_line(&lab, r#""label":"admin""#);
-    let b = spawn_post(lab.addr(), ALICE, progress_call(1, "alice"), sid_alice.clone());
+    let b = spawn_post(
+        lab.addr(),
+        ALICE,
+        progress_call(1, "alice"),
+        sid_alice.clone(),
+    );
     for h in [a, b] {
         let r = h.join().unwrap();
-        assert_eq!(rpc_result(&r)["result"]["content"][0]["text"], "done", "{}", r.text());
+        assert_eq!(
+            rpc_result(&r)["result"]["content"][0]["text"],
+            "done",
+            "{}",
+            r.text()
+        );
     }
     stream_barrier(&lab, &sid_admin, &mut [&mut st_admin, &mut st_alice]);
     assert!(
@@ -417,7 +456,10 @@ fn two_sessions_with_the_same_progress_token_each_see_only_their_own_progress() 
     for s in [&st_admin, &st_alice] {
         for m in s.messages() {
             if m["method"] == "notifications/progress" {
-                assert_eq!(m["params"]["progressToken"], 1, "the client's own token: {m}");
+                assert_eq!(
+                    m["params"]["progressToken"], 1,
+                    "the client's own token: {m}"
+                );
             }
         }
     }
@@ -430,7 +472,12 @@ fn progress_for_a_token_nobody_owns_is_not_broadcast_to_every_session() {
     let sid_alice = init_as(lab.addr(), ALICE);
     let mut st_admin = Stream::open(lab.addr(), ADMIN, &sid_admin, "");
     let mut st_alice = Stream::open(lab.addr(), ALICE, &sid_alice, "");
-    let r = post_as(lab.addr(), ADMIN, &call(2, "orphan_progress", "{}"), Some(&sid_admin));
+    let r = post_as(
+        lab.addr(),
+        ADMIN,
+        &call(2, "orphan_progress", "{}"),
+        Some(&sid_admin),
+    );
     assert_eq!(r.json()["result"]["content"][0]["text"], "orphaned");
     stream_barrier(&lab, &sid_admin, &mut [&mut st_admin, &mut st_alice]);
     for (who, s) in [("admin", &st_admin), ("alice", &st_alice)] {
@@ -447,7 +494,12 @@ fn a_client_cannot_cancel_another_clients_call_by_guessing_request_ids() {
     let lab = stdio_lab();
     let sid_admin = init_as(lab.addr(), ADMIN);
     let sid_alice = init_as(lab.addr(), ALICE);
-    let slow = spawn_post(lab.addr(), ADMIN, call(7, "sleep", r#"{"ms":1500}"#), sid_admin.clone());
+    let slow = spawn_post(
+        lab.addr(),
+        ADMIN,
+        call(7, "sleep", r#"{"ms":1500}"#),
+        sid_admin.clone(),
+    );
     wait_child_line(&lab, r#""ms":1500"#);
     // The hub numbers the child's requests globally from 1: alice tries them all.
     for n in 0..=40 {
@@ -458,7 +510,12 @@ fn a_client_cannot_cancel_another_clients_call_by_guessing_request_ids() {
         assert!(r.status < 500, "{}", r.text());
     }
     let r = slow.join().unwrap();
-    assert_eq!(r.json()["result"]["content"][0]["text"], "slept 1500ms", "{}", r.text());
+    assert_eq!(
+        r.json()["result"]["content"][0]["text"],
+        "slept 1500ms",
+        "{}",
+        r.text()
+    );
     lab.barrier(ALICE, &sid_alice);
     let lines = lab.child_lines();
     let admin_call = lines
@@ -492,7 +549,12 @@ fn server_initiated_request_goes_only_to_the_session_whose_call_made_it() {
         sid_alice.clone(),
     );
     wait_child_line(&lab, "ask_client");
-    let slow = spawn_post(lab.addr(), ADMIN, call(4, "sleep", r#"{"ms":1200}"#), sid_admin.clone());
+    let slow = spawn_post(
+        lab.addr(),
+        ADMIN,
+        call(4, "sleep", r#"{"ms":1200}"#),
+        sid_admin.clone(),
+    );
     let deadline = Instant::now() + WAIT;
     let mut answered = false;
     while !ask.is_finished() && Instant::now() < deadline {
@@ -519,7 +581,11 @@ fn server_initiated_request_goes_only_to_the_session_whose_call_made_it() {
     }
     slow.join().unwrap();
     stream_barrier(&lab, &sid_admin, &mut [&mut st_admin]);
-    assert!(!st_admin.text().contains("roots/list"), "{}", st_admin.text());
+    assert!(
+        !st_admin.text().contains("roots/list"),
+        "{}",
+        st_admin.text()
+    );
 }
 
 #[test]
@@ -528,7 +594,12 @@ fn a_response_from_another_session_to_a_server_request_is_not_accepted() {
     let sid_admin = init_as(lab.addr(), ADMIN);
     let sid_alice = init_as(lab.addr(), ALICE);
     let mut st_alice = Stream::open(lab.addr(), ALICE, &sid_alice, "");
-    let ask = spawn_post(lab.addr(), ALICE, call(3, "ask_client", "{}"), sid_alice.clone());
+    let ask = spawn_post(
+        lab.addr(),
+        ALICE,
+        call(3, "ask_client", "{}"),
+        sid_alice.clone(),
+    );
     assert!(
         st_alice.wait_for("roots/list", WAIT),
         "the request of alice's own call reaches alice: {}",
@@ -541,14 +612,19 @@ fn a_response_from_another_session_to_a_server_request_is_not_accepted() {
         .unwrap();
     // Admin answers first, with the id alice saw (and with the id the child used).
     for id in [req["id"].clone(), json!("srv-1")] {
-        let forged = json!({"jsonrpc":"2.0","id":id,"result":{"roots":[{"uri":"file:///admin-forged"}]}});
+        let forged =
+            json!({"jsonrpc":"2.0","id":id,"result":{"roots":[{"uri":"file:///admin-forged"}]}});
         post_as(lab.addr(), ADMIN, &forged.to_string(), Some(&sid_admin));
     }
-    let genuine = json!({"jsonrpc":"2.0","id":req["id"],"result":{"roots":[{"uri":"file:///alice-root"}]}});
+    let genuine =
+        json!({"jsonrpc":"2.0","id":req["id"],"result":{"roots":[{"uri":"file:///alice-root"}]}});
     post_as(lab.addr(), ALICE, &genuine.to_string(), Some(&sid_alice));
     let r = ask.join().unwrap();
     let text = rpc_result(&r).to_string();
-    assert!(!text.contains("admin-forged"), "admin answered alice's request: {text}");
+    assert!(
+        !text.contains("admin-forged"),
+        "admin answered alice's request: {text}"
+    );
     assert!(text.contains("alice-root"), "{text}");
     lab.barrier(ALICE, &sid_alice);
     lab.assert_child_never_saw("admin-forged");
@@ -560,7 +636,11 @@ fn a_restarted_child_is_replayed_the_gateways_own_initialize_not_the_last_client
     let init = INIT.replace(r#""name":"test""#, r#""name":"evil-client-info""#);
     let sid = init_with(lab.addr(), ADMIN, &init);
     let r = post_as(lab.addr(), ADMIN, &call(2, "crash", "{}"), Some(&sid));
-    assert!(r.status >= 500 || r.json().get("error").is_some(), "{}", r.text());
+    assert!(
+        r.status >= 500 || r.json().get("error").is_some(),
+        "{}",
+        r.text()
+    );
     let initializes = || -> Vec<Value> {
         lab.child_lines()
             .iter()
@@ -570,7 +650,11 @@ fn a_restarted_child_is_replayed_the_gateways_own_initialize_not_the_last_client
     };
     let deadline = Instant::now() + WAIT;
     while initializes().len() < 2 {
-        assert!(Instant::now() < deadline, "no initialize replayed: {:?}", lab.child_lines());
+        assert!(
+            Instant::now() < deadline,
+            "no initialize replayed: {:?}",
+            lab.child_lines()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let replayed = initializes().last().unwrap().clone();
@@ -607,7 +691,12 @@ fn one_identity_opening_many_sessions_cannot_evict_another_identitys_session() {
     }
     let ping = r#"{"jsonrpc":"2.0","id":5,"method":"ping"}"#;
     let r = post_as(lab.addr(), ADMIN, ping, Some(&sid_admin));
-    assert_eq!(r.status, 200, "admin's session was evicted (alice refused {refused}): {}", r.text());
+    assert_eq!(
+        r.status,
+        200,
+        "admin's session was evicted (alice refused {refused}): {}",
+        r.text()
+    );
 }
 
 // =============================================================================================
@@ -627,7 +716,12 @@ fn id_less_request_methods_are_refused_with_invalid_request_and_never_forwarded(
     for body in &cases {
         let r = post_as(lab.addr(), ALICE, body, Some(&sid));
         assert_eq!(r.status, 400, "{body} -> {}", r.text());
-        assert_eq!(error_code(&r.json()), Some(-32600), "{body} -> {}", r.text());
+        assert_eq!(
+            error_code(&r.json()),
+            Some(-32600),
+            "{body} -> {}",
+            r.text()
+        );
     }
     // The same inside a 2025-03-26 batch.
     let batch = format!(
@@ -635,7 +729,11 @@ fn id_less_request_methods_are_refused_with_invalid_request_and_never_forwarded(
     );
     let r = request(
         lab.addr(),
-        &mcp_post_raw(&batch, Some(&sid), &format!("{}MCP-Protocol-Version: 2025-03-26\r\n", auth(ALICE))),
+        &mcp_post_raw(
+            &batch,
+            Some(&sid),
+            &format!("{}MCP-Protocol-Version: 2025-03-26\r\n", auth(ALICE)),
+        ),
     );
     assert!(
         r.status == 400 || r.text().contains("-32600"),
@@ -713,7 +811,12 @@ impl Mock {
     }
 }
 
-fn mock_connection(conn: usize, mut s: TcpStream, reqs: &Mutex<Vec<MockRequest>>, handler: &Handler) {
+fn mock_connection(
+    conn: usize,
+    mut s: TcpStream,
+    reqs: &Mutex<Vec<MockRequest>>,
+    handler: &Handler,
+) {
     let mut buf = Vec::new();
     let mut nth = 0;
     loop {
@@ -846,7 +949,12 @@ fn tools_list_answer_inside_an_sse_batch_array_is_filtered() {
     let mock = Mock::start(|req| {
         (req.rpc_method() == "tools/list").then(|| {
             let data = format!("[{}]", tools_answer(&req.body["id"]));
-            http_reply(200, "text/event-stream", "", &format!("event: message\ndata: {data}\n\n"))
+            http_reply(
+                200,
+                "text/event-stream",
+                "",
+                &format!("event: message\ndata: {data}\n\n"),
+            )
         })
     });
     let lab = http_lab(&mock.url());
@@ -857,8 +965,14 @@ fn tools_list_answer_inside_an_sse_batch_array_is_filtered() {
 fn tools_list_answer_carried_by_a_non_200_status_is_filtered_or_refused() {
     for status in [202u16, 500] {
         let mock = Mock::start(move |req| {
-            (req.rpc_method() == "tools/list")
-                .then(|| http_reply(status, "application/json", "", &tools_answer(&req.body["id"])))
+            (req.rpc_method() == "tools/list").then(|| {
+                http_reply(
+                    status,
+                    "application/json",
+                    "",
+                    &tools_answer(&req.body["id"]),
+                )
+            })
         });
         let lab = http_lab(&mock.url());
         assert_alice_never_sees_the_secret(&lab, &format!("status {status}"));
@@ -884,8 +998,14 @@ fn tools_list_answer_that_cannot_be_parsed_is_refused_with_502() {
         // The same inside an SSE event.
         let b = body.clone();
         let mock = Mock::start(move |req| {
-            (req.rpc_method() == "tools/list")
-                .then(|| http_reply(200, "text/event-stream", "", &format!("event: message\ndata: {b}\n\n")))
+            (req.rpc_method() == "tools/list").then(|| {
+                http_reply(
+                    200,
+                    "text/event-stream",
+                    "",
+                    &format!("event: message\ndata: {b}\n\n"),
+                )
+            })
         });
         let lab = http_lab(&mock.url());
         assert_alice_never_sees_the_secret(&lab, "unparseable SSE answer");
@@ -933,7 +1053,8 @@ fn keep_alive_connection_opened_before_a_reload_that_revokes_a_key_gets_401() {
     let sid = init_as(lab.addr(), ALICE);
     let ping = r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#;
     let mut s = connect(lab.addr());
-    s.write_all(mcp_post_raw(ping, Some(&sid), &auth(ALICE)).as_bytes()).unwrap();
+    s.write_all(mcp_post_raw(ping, Some(&sid), &auth(ALICE)).as_bytes())
+        .unwrap();
     assert_eq!(read_response(&mut s).unwrap().status, 200);
     // Revoke alice: the config without her key.
     let cfg = std::fs::read_to_string(&lab.g.config_path).unwrap();
@@ -944,13 +1065,22 @@ fn keep_alive_connection_opened_before_a_reload_that_revokes_a_key_gets_401() {
     assert!(!revoked.contains(&hash_key(ALICE)));
     lab.g.rewrite_config(&revoked);
     lab.g.signal(libc::SIGHUP);
-    assert!(lab.g.wait_log("configuration reloaded", WAIT), "reload not applied");
+    assert!(
+        lab.g.wait_log("configuration reloaded", WAIT),
+        "reload not applied"
+    );
     // A fresh connection is refused ...
     assert_eq!(post_as(lab.addr(), ALICE, ping, Some(&sid)).status, 401);
     // ... and so is the next request on the connection opened before the reload.
-    s.write_all(mcp_post_raw(ping, Some(&sid), &auth(ALICE)).as_bytes()).unwrap();
+    s.write_all(mcp_post_raw(ping, Some(&sid), &auth(ALICE)).as_bytes())
+        .unwrap();
     let r = read_response(&mut s).expect("a response");
-    assert_eq!(r.status, 401, "a revoked key still worked on an old connection: {}", r.text());
+    assert_eq!(
+        r.status,
+        401,
+        "a revoked key still worked on an old connection: {}",
+        r.text()
+    );
 }
 
 fn config_without_keys(lab: &Lab) -> String {
@@ -963,7 +1093,9 @@ fn config_without_keys(lab: &Lab) -> String {
 fn wait_reload_outcome(lab: &Lab) {
     let deadline = Instant::now() + WAIT;
     while !(lab.g.wait_log("reload refused", Duration::from_millis(50))
-        || lab.g.wait_log("configuration reloaded", Duration::from_millis(50)))
+        || lab
+            .g
+            .wait_log("configuration reloaded", Duration::from_millis(50)))
     {
         assert!(Instant::now() < deadline, "no reload outcome logged");
     }
@@ -976,27 +1108,40 @@ fn reload_to_a_file_without_api_keys_is_refused_and_keys_stay_required() {
     lab.g.signal(libc::SIGHUP);
     wait_reload_outcome(&lab);
     let r = mcp_post(lab.addr(), INIT, None);
-    assert_eq!(r.status, 401, "the reload made the gateway anonymous: {}", r.text());
+    assert_eq!(
+        r.status,
+        401,
+        "the reload made the gateway anonymous: {}",
+        r.text()
+    );
     assert!(lab.g.wait_log("reload refused", Duration::from_millis(100)));
     assert!(lab.g.metric("mcp_guard_config_reload_failures_total", &[]) >= 1.0);
 }
 
-/// The watcher (checks every 500 ms) may read a file mid-write: here the first half of the
-/// file, which holds no `[[auth.api_keys]]` yet. It must never make the gateway anonymous.
+/// The watcher (checks every 500 ms) may read a file mid-write: here a file whose writer puts
+/// the keys last, read before they were written. It must never make the gateway anonymous.
 #[test]
 fn half_written_config_read_by_the_watcher_never_makes_the_gateway_anonymous() {
     let lab = stdio_lab();
     let full = std::fs::read_to_string(&lab.g.config_path).unwrap();
-    let cut = full.find("[[auth.api_keys]]").unwrap();
-    // Not atomic on purpose: truncate and write the first part, as a slow editor would.
+    let start = full.find("[[auth.api_keys]]").unwrap();
+    let end = full.find("[rate_limit]").unwrap();
+    let (head, keys_part) = (config_without_keys(&lab), &full[start..end]);
+    // Not atomic on purpose: truncate and write the first part, as a slow writer would; no
+    // SIGHUP, the watcher notices the change on its own.
     let mut f = std::fs::File::create(&lab.g.config_path).unwrap();
-    f.write_all(full[..cut].as_bytes()).unwrap();
+    f.write_all(head.as_bytes()).unwrap();
     f.sync_all().unwrap();
     wait_reload_outcome(&lab);
     let r = mcp_post(lab.addr(), INIT, None);
-    f.write_all(full[cut..].as_bytes()).unwrap();
+    f.write_all(format!("\n{keys_part}").as_bytes()).unwrap();
     drop(f);
-    assert_eq!(r.status, 401, "a half-written file made the gateway anonymous: {}", r.text());
+    assert_eq!(
+        r.status,
+        401,
+        "a half-written file made the gateway anonymous: {}",
+        r.text()
+    );
 }
 
 // =============================================================================================
@@ -1028,7 +1173,10 @@ fn unauthenticated_post_with_expect_continue_gets_401_without_100_and_is_closed(
         "100 Continue was sent to an unauthenticated client: {text}"
     );
     assert!(text.starts_with("HTTP/1.1 401"), "{text}");
-    assert!(closed, "the connection stays open waiting for a body nobody will read");
+    assert!(
+        closed,
+        "the connection stays open waiting for a body nobody will read"
+    );
 }
 
 #[test]
@@ -1036,7 +1184,8 @@ fn body_trickled_byte_by_byte_is_cut_off_by_body_timeout() {
     let lab = stdio_lab();
     let sid = init_as(lab.addr(), ADMIN);
     let mut s = connect(lab.addr());
-    s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
     let body = call(2, "echo", r#"{"text":"slow"}"#);
     let raw = mcp_post_raw(&body, Some(&sid), &auth(ADMIN));
     let head_len = raw.find("\r\n\r\n").unwrap() + 4;
@@ -1088,8 +1237,15 @@ fn failed_authentications_from_one_address_produce_a_bounded_number_of_audit_lin
     let sid = init_as(lab.addr(), ADMIN);
     lab.wait_audit(|l| l["identity"] == "admin");
     let _ = sid;
-    let n = lab.audit_lines().iter().filter(|l| l["status"] == 401).count();
-    assert!(n <= MAX_LINES, "{FAILURES} failed authentications wrote {n} audit lines");
+    let n = lab
+        .audit_lines()
+        .iter()
+        .filter(|l| l["status"] == 401)
+        .count();
+    assert!(
+        n <= MAX_LINES,
+        "{FAILURES} failed authentications wrote {n} audit lines"
+    );
 }
 
 // =============================================================================================
@@ -1114,7 +1270,8 @@ fn a_client_trickling_to_the_admin_port_does_not_stop_health_for_others() {
     std::thread::sleep(Duration::from_millis(300));
     let mut s = connect(admin);
     s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    s.write_all(b"GET /health HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").unwrap();
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .unwrap();
     let r = read_response(&mut s);
     stop.store(true, Ordering::Relaxed);
     trickler.join().unwrap();
@@ -1131,8 +1288,17 @@ fn a_post_failing_on_a_reused_upstream_connection_is_not_sent_twice() {
     let mock = Mock::start(|req| (req.rpc_method() == "tools/call").then_some(Reply::Close));
     let lab = http_lab(&mock.url());
     let sid = init_as(lab.addr(), ADMIN);
-    let r = post_as(lab.addr(), ADMIN, &call(2, "echo", r#"{"text":"once"}"#), Some(&sid));
-    assert!(r.status >= 500 || r.json().get("error").is_some(), "{}", r.text());
+    let r = post_as(
+        lab.addr(),
+        ADMIN,
+        &call(2, "echo", r#"{"text":"once"}"#),
+        Some(&sid),
+    );
+    assert!(
+        r.status >= 500 || r.json().get("error").is_some(),
+        "{}",
+        r.text()
+    );
     let calls: Vec<MockRequest> = mock
         .requests()
         .into_iter()
@@ -1144,7 +1310,12 @@ fn a_post_failing_on_a_reused_upstream_connection_is_not_sent_twice() {
         "precondition: the call went on a reused connection (#{}): {calls:?}",
         calls[0].conn
     );
-    assert_eq!(calls.len(), 1, "the tools/call was sent {} times", calls.len());
+    assert_eq!(
+        calls.len(),
+        1,
+        "the tools/call was sent {} times",
+        calls.len()
+    );
 }
 
 #[test]
@@ -1155,7 +1326,11 @@ fn resource_uris_climbing_out_of_an_allowed_prefix_are_denied() {
         let body = json!({"jsonrpc":"2.0","id":3,"method":"resources/read","params":{"uri":uri}});
         post_as(lab.addr(), ALICE, &body.to_string(), Some(&sid)).json()
     };
-    assert_ne!(error_code(&read("file:///public/notes.txt")), Some(-32003), "control");
+    assert_ne!(
+        error_code(&read("file:///public/notes.txt")),
+        Some(-32003),
+        "control"
+    );
     for uri in [
         "file:///public/../secret",
         "file:///public/%2e%2e/secret",
@@ -1185,7 +1360,11 @@ fn duplicate_api_key_ids_are_refused_by_validate() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
-    assert_ne!(out.status.code(), Some(0), "two keys with id \"alice\" validated: {err}");
+    assert_ne!(
+        out.status.code(),
+        Some(0),
+        "two keys with id \"alice\" validated: {err}"
+    );
     assert!(err.contains("duplicate"), "{err}");
 }
 
@@ -1194,8 +1373,16 @@ fn client_query_string_is_not_forwarded_to_the_http_upstream() {
     let mock = Mock::start(|_| None);
     let lab = http_lab(&mock.url());
     let sid = init_as(lab.addr(), ALICE);
-    let raw = mcp_post_raw(&call(2, "echo", r#"{"text":"q"}"#), Some(&sid), &auth(ALICE))
-        .replacen("POST /mcp ", "POST /mcp?api_key=leaked-key&sessionId=evil ", 1);
+    let raw = mcp_post_raw(
+        &call(2, "echo", r#"{"text":"q"}"#),
+        Some(&sid),
+        &auth(ALICE),
+    )
+    .replacen(
+        "POST /mcp ",
+        "POST /mcp?api_key=leaked-key&sessionId=evil ",
+        1,
+    );
     let r = request(lab.addr(), &raw);
     assert_eq!(r.status, 200, "{}", r.text());
     let reqs = mock.requests();
@@ -1229,12 +1416,25 @@ fn tool_names_outside_the_mcp_character_set_are_refused_and_never_reach_the_chil
     let lab = stdio_lab();
     let sid = init_as(lab.addr(), ADMIN);
     let long = "a".repeat(129);
-    let names: Vec<&str> = vec!["read_ſecret", "echo\u{0}", &long, "", "echo x", "écho", "echo/x"];
+    let names: Vec<&str> = vec![
+        "read_ſecret",
+        "echo\u{0}",
+        &long,
+        "",
+        "echo x",
+        "écho",
+        "echo/x",
+    ];
     for name in &names {
         let body = json!({"jsonrpc":"2.0","id":4,"method":"tools/call",
             "params":{"name":name,"arguments":{"text":"n"}}});
         let r = post_as(lab.addr(), ADMIN, &body.to_string(), Some(&sid));
-        assert_eq!(error_code(&r.json()), Some(-32602), "{name:?}: {}", r.text());
+        assert_eq!(
+            error_code(&r.json()),
+            Some(-32602),
+            "{name:?}: {}",
+            r.text()
+        );
     }
     // 128 characters of the set is fine (the child answers: unknown tool).
     let ok = "b".repeat(128);
@@ -1257,23 +1457,48 @@ fn smuggling_and_obfuscated_framing_are_refused_and_closed() {
     let chunked_body = format!("0\r\n\r\n{smuggled}");
     let shapes: Vec<(String, String)> = vec![
         (
-            format!("Content-Length: {}\r\nTransfer-Encoding: chunked\r\n", chunked_body.len()),
+            format!(
+                "Content-Length: {}\r\nTransfer-Encoding: chunked\r\n",
+                chunked_body.len()
+            ),
             chunked_body.clone(),
         ),
-        ("Transfer-Encoding: chunked ,\r\n".into(), chunked_body.clone()),
-        ("Transfer-Encoding: xchunked\r\n".into(), chunked_body.clone()),
-        ("Transfer-Encoding : chunked\r\n".into(), chunked_body.clone()),
-        ("Transfer-Encoding\t: chunked\r\n".into(), chunked_body.clone()),
-        ("Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n".into(), chunked_body.clone()),
         (
-            format!("Content-Length: {}\r\nContent-Length: {}\r\n", ping.len(), ping.len() + smuggled.len()),
+            "Transfer-Encoding: chunked ,\r\n".into(),
+            chunked_body.clone(),
+        ),
+        (
+            "Transfer-Encoding: xchunked\r\n".into(),
+            chunked_body.clone(),
+        ),
+        (
+            "Transfer-Encoding : chunked\r\n".into(),
+            chunked_body.clone(),
+        ),
+        (
+            "Transfer-Encoding\t: chunked\r\n".into(),
+            chunked_body.clone(),
+        ),
+        (
+            "Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n".into(),
+            chunked_body.clone(),
+        ),
+        (
+            format!(
+                "Content-Length: {}\r\nContent-Length: {}\r\n",
+                ping.len(),
+                ping.len() + smuggled.len()
+            ),
             format!("{ping}{smuggled}"),
         ),
         (
             format!("Content-Length: {}, {}\r\n", ping.len(), ping.len() + 1),
             format!("{ping}{smuggled}"),
         ),
-        ("Transfer-Encoding: chunked\r\n".into(), format!("10000000000000001\r\n{ping}\r\n0\r\n\r\n")),
+        (
+            "Transfer-Encoding: chunked\r\n".into(),
+            format!("10000000000000001\r\n{ping}\r\n0\r\n\r\n"),
+        ),
         (
             format!("Content-Length: {}\r\nX-Folded: a\r\n b\r\n", ping.len()),
             ping.to_string(),
@@ -1296,7 +1521,12 @@ fn smuggling_and_obfuscated_framing_are_refused_and_closed() {
         );
         let mut rest = Vec::new();
         let n = s.read_to_end(&mut rest).unwrap_or(0);
-        assert_eq!(n, 0, "{headers:?}: the connection went on: {}", String::from_utf8_lossy(&rest));
+        assert_eq!(
+            n,
+            0,
+            "{headers:?}: the connection went on: {}",
+            String::from_utf8_lossy(&rest)
+        );
     }
     lab.barrier(ADMIN, &sid);
     lab.assert_child_never_called(|n| n == DENIED);
@@ -1308,7 +1538,11 @@ fn sessions_cannot_be_replayed_by_another_identity_or_forged() {
     let sid = init_as(lab.addr(), ALICE);
     let ping = r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#;
     assert_eq!(post_as(lab.addr(), ALICE, ping, Some(&sid)).status, 200);
-    assert_eq!(post_as(lab.addr(), ADMIN, ping, Some(&sid)).status, 404, "replayed by admin");
+    assert_eq!(
+        post_as(lab.addr(), ADMIN, ping, Some(&sid)).status,
+        404,
+        "replayed by admin"
+    );
     let mut flipped = sid.clone().into_bytes();
     let last = flipped.len() - 1;
     flipped[last] = if flipped[last] == b'0' { b'1' } else { b'0' };
@@ -1335,8 +1569,17 @@ fn tool_names_spelled_with_escapes_are_decided_as_decoded() {
     let sid = init_as(lab.addr(), ALICE);
     let body = r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"\u0065cho","arguments":{"text":"escaped"}}}"#;
     let r = post_as(lab.addr(), ALICE, body, Some(&sid));
-    assert_eq!(r.json()["result"]["content"][0]["text"], "escaped", "{}", r.text());
-    for name in [r"\u0073leep", r"sl\u0065ep", r"\u0073\u006c\u0065\u0065\u0070"] {
+    assert_eq!(
+        r.json()["result"]["content"][0]["text"],
+        "escaped",
+        "{}",
+        r.text()
+    );
+    for name in [
+        r"\u0073leep",
+        r"sl\u0065ep",
+        r"\u0073\u006c\u0065\u0065\u0070",
+    ] {
         let body = format!(
             r#"{{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{{"name":"{name}","arguments":{{"ms":1}}}}}}"#
         );
@@ -1384,7 +1627,11 @@ fn rate_limit_is_not_evaded_by_rotating_sessions_or_mixing_credential_headers() 
     // Both headers with different keys: refused, not resolved to the one with tokens left.
     let r = request(
         g.addr,
-        &mcp_post_raw(INIT, None, &format!("Authorization: Bearer {ALICE}\r\nX-API-Key: {ADMIN}\r\n")),
+        &mcp_post_raw(
+            INIT,
+            None,
+            &format!("Authorization: Bearer {ALICE}\r\nX-API-Key: {ADMIN}\r\n"),
+        ),
     );
     assert_eq!(r.status, 401);
     let r = request(
@@ -1394,10 +1641,18 @@ fn rate_limit_is_not_evaded_by_rotating_sessions_or_mixing_credential_headers() 
     assert_eq!(r.status, 429, "the other header form shares alice's bucket");
     let r = request(
         g.addr,
-        &mcp_post_raw(INIT, None, &format!("Authorization: Bearer {ALICE}\r\nX-API-Key: {ALICE}\r\n")),
+        &mcp_post_raw(
+            INIT,
+            None,
+            &format!("Authorization: Bearer {ALICE}\r\nX-API-Key: {ALICE}\r\n"),
+        ),
     );
     assert_eq!(r.status, 429);
-    assert_eq!(post_as(g.addr, ADMIN, INIT, None).status, 200, "admin has its own bucket");
+    assert_eq!(
+        post_as(g.addr, ADMIN, INIT, None).status,
+        200,
+        "admin has its own bucket"
+    );
 }
 
 #[test]
@@ -1415,7 +1670,12 @@ fn newlines_in_tool_names_cannot_inject_audit_lines() {
         let r = post_as(lab.addr(), ALICE, &body.to_string(), Some(&sid));
         assert!(r.text().contains("\"error\""), "{}", r.text());
     }
-    post_as(lab.addr(), ALICE, &call(9, "echo", r#"{"text":"last"}"#), Some(&sid));
+    post_as(
+        lab.addr(),
+        ALICE,
+        &call(9, "echo", r#"{"text":"last"}"#),
+        Some(&sid),
+    );
     lab.wait_audit(|l| l["tool"] == "echo" && l["decision"] == "allow");
     let text = std::fs::read_to_string(&lab.audit).unwrap();
     for l in text.lines() {
