@@ -338,15 +338,6 @@ fn injected() -> String {
 
 fn assert_no_injection_reached_the_child(lab: &Lab) {
     lab.assert_child_never_called(|n| n == DENIED);
-    let hits: Vec<String> = lab
-        .child_lines()
-        .into_iter()
-        .filter(|l| l.contains("424242"))
-        .collect();
-    assert!(
-        hits.len() <= 1,
-        "the message was split into several lines: {hits:#?}"
-    );
     for l in lab.child_lines() {
         let v: Value = serde_json::from_str(&l).unwrap_or(Value::Null);
         assert_ne!(
@@ -355,6 +346,27 @@ fn assert_no_injection_reached_the_child(lab: &Lab) {
         );
     }
     lab.assert_child_lines_are_single_objects();
+}
+
+/// Sends one attack message and checks that it reached the child as at most one line.
+fn send_injection(lab: &Lab, sid: &str, body: &str) {
+    serde_json::from_str::<Value>(body).expect("the attack body is one valid JSON document");
+    let count = || {
+        lab.child_lines()
+            .iter()
+            .filter(|l| l.contains("424242"))
+            .count()
+    };
+    let before = count();
+    let r = post_as(lab.addr(), ALICE, body, Some(sid));
+    assert!(r.status < 500, "{}", r.text());
+    lab.barrier(ALICE, sid);
+    let lines = count() - before;
+    assert!(
+        lines <= 1,
+        "one message became {lines} lines in the child: {:#?}",
+        lab.child_lines()
+    );
 }
 
 #[test]
@@ -367,13 +379,9 @@ fn newline_in_notification_whitespace_never_reaches_the_child_as_a_second_messag
                 r#"{{"jsonrpc":"2.0","method":"{method}","params":{{"progressToken":"t","progress":1,"x":{eol}{}{eol}}}}}"#,
                 injected()
             );
-            serde_json::from_str::<Value>(&body)
-                .expect("the attack body is one valid JSON document");
-            let r = post_as(lab.addr(), ALICE, &body, Some(&sid));
-            assert!(r.status < 500, "{}", r.text());
+            send_injection(&lab, &sid, &body);
         }
     }
-    lab.barrier(ALICE, &sid);
     assert_no_injection_reached_the_child(&lab);
 }
 
@@ -386,11 +394,8 @@ fn newline_in_client_response_whitespace_never_reaches_the_child_as_a_second_mes
             r#"{{"jsonrpc":"2.0","id":"srv-1","result":{{"x":{eol}{}{eol}}}}}"#,
             injected()
         );
-        serde_json::from_str::<Value>(&body).unwrap();
-        let r = post_as(lab.addr(), ALICE, &body, Some(&sid));
-        assert!(r.status < 500, "{}", r.text());
+        send_injection(&lab, &sid, &body);
     }
-    lab.barrier(ALICE, &sid);
     assert_no_injection_reached_the_child(&lab);
 }
 
@@ -1634,20 +1639,17 @@ fn rate_limit_is_not_evaded_by_rotating_sessions_or_mixing_credential_headers() 
         ),
     );
     assert_eq!(r.status, 401);
-    let r = request(
-        g.addr,
-        &mcp_post_raw(INIT, None, &format!("X-API-Key: {ALICE}\r\n")),
-    );
-    assert_eq!(r.status, 429, "the other header form shares alice's bucket");
-    let r = request(
-        g.addr,
-        &mcp_post_raw(
-            INIT,
-            None,
-            &format!("Authorization: Bearer {ALICE}\r\nX-API-Key: {ALICE}\r\n"),
-        ),
-    );
-    assert_eq!(r.status, 429);
+    // The other header form, and both forms with the same key, share alice's empty bucket
+    // (at most one token can have come back meanwhile at 1 request/s).
+    for extra in [
+        format!("X-API-Key: {ALICE}\r\n"),
+        format!("Authorization: Bearer {ALICE}\r\nX-API-Key: {ALICE}\r\n"),
+    ] {
+        let limited = (0..3)
+            .filter(|_| request(g.addr, &mcp_post_raw(INIT, None, &extra)).status == 429)
+            .count();
+        assert!(limited >= 2, "{extra:?}: only {limited} of 3 limited");
+    }
     assert_eq!(
         post_as(g.addr, ADMIN, INIT, None).status,
         200,
