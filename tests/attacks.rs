@@ -1056,6 +1056,9 @@ fn keep_alive_connection_opened_before_a_reload_that_revokes_a_key_gets_401() {
     s.write_all(mcp_post_raw(ping, Some(&sid), &auth(ALICE)).as_bytes())
         .unwrap();
     assert_eq!(read_response(&mut s).unwrap().status, 200);
+    // Let the worker get back to waiting for this connection's next request before the reload
+    // (the reply reaches us a moment before the worker loops).
+    std::thread::sleep(Duration::from_millis(200));
     // Revoke alice: the config without her key.
     let cfg = std::fs::read_to_string(&lab.g.config_path).unwrap();
     let cut = cfg.find("[[auth.api_keys]]\nid = \"alice\"").unwrap();
