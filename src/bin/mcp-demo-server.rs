@@ -2,7 +2,7 @@
 //! HTTP transports, demo and test tools) that mcp-guard's demos and integration tests run behind
 //! the gateway.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::hash::{BuildHasher, RandomState};
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -16,7 +16,7 @@ use std::time::Duration;
 use serde_json::{Map, Value, json};
 
 const USAGE: &str = "usage: mcp-demo-server [--http ADDR] [--sse-responses] [--tools N] \
-                     [--test-tools] [--name NAME]";
+                     [--test-tools] [--name NAME] [--log-input FILE]";
 const SERVER_VERSION: &str = "0.1.0";
 const LATEST_PROTOCOL_VERSION: &str = "2025-11-25";
 const SUPPORTED_PROTOCOL_VERSIONS: [&str; 4] =
@@ -30,6 +30,8 @@ const MAX_SLEEP_MS: u64 = 60_000;
 const MAX_PROGRESS_STEPS: u64 = 20;
 const MAX_BIG_BYTES: u64 = 10_000_000;
 const CRASH_EXIT_CODE: i32 = 3;
+/// How long `ask_client` waits for the client's answer to its server-to-client request.
+const ASK_CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 const README_URI: &str = "demo://readme";
 
 const MCP_PATH: &str = "/mcp";
@@ -76,6 +78,8 @@ struct Config {
     generated_tools: usize,
     test_tools: bool,
     server_name: String,
+    /// Test support: every raw stdin line is appended here (before parsing), one per line.
+    log_input: Option<String>,
 }
 
 fn parse_args(args: Vec<String>) -> Result<Config, String> {
@@ -99,6 +103,7 @@ fn parse_args(args: Vec<String>) -> Result<Config, String> {
             }
             "--sse-responses" => config.sse_responses = true,
             "--test-tools" => config.test_tools = true,
+            "--log-input" => config.log_input = Some(value()?),
             _ => return Err(format!("unknown argument: {flag}")),
         }
     }
@@ -125,6 +130,9 @@ struct Server {
     sessions: Mutex<HashSet<String>>,
     last_request_headers: Mutex<Map<String, Value>>,
     event_streams: Mutex<Vec<EventStream>>,
+    /// Server-to-client requests (`ask_client`) waiting for the client's response, by id.
+    awaiting_client: Mutex<HashMap<String, Sender<Value>>>,
+    next_server_request: AtomicU64,
 }
 
 /// A panicking thread must not take the whole server down with it, so poisoned locks are reused.
@@ -142,6 +150,8 @@ impl Server {
             sessions: Mutex::new(HashSet::new()),
             last_request_headers: Mutex::new(Map::new()),
             event_streams: Mutex::new(Vec::new()),
+            awaiting_client: Mutex::new(HashMap::new()),
+            next_server_request: AtomicU64::new(1),
         }
     }
 
@@ -400,6 +410,20 @@ fn build_tool_catalogue(config: &Config) -> Vec<Value> {
             json!({"name": "big", "description": "Test: returns `bytes` 'x' characters.",
                 "inputSchema": {"type": "object", "required": ["bytes"],
                     "properties": {"bytes": integer(MAX_BIG_BYTES)}}}),
+            json!({"name": "slow_progress", "description":
+                    "Test: `steps` progress notifications (given a progressToken) `ms` apart, \
+                     each with `message` = `label`, then answers.",
+                "inputSchema": {"type": "object", "required": ["steps"],
+                    "properties": {"steps": integer(MAX_PROGRESS_STEPS), "ms": integer(MAX_SLEEP_MS),
+                        "label": {"type": "string"}}}}),
+            json!({"name": "orphan_progress", "inputSchema": no_arguments, "description":
+                    "Test: emits a progress notification for a token no request carries \
+                     (`orphan-token`)."}),
+            json!({"name": "ask_client", "description":
+                    "Test (stdio): after `delay_ms`, sends the client a `method` request \
+                     (`roots/list` by default) and answers with the client's response as text.",
+                "inputSchema": {"type": "object", "properties": {
+                    "method": {"type": "string"}, "delay_ms": integer(MAX_SLEEP_MS)}}}),
         ]);
     }
     tools.extend((0..config.generated_tools).map(|index| {
@@ -479,12 +503,106 @@ fn call_tool(server: &Server, params: Params<'_>, emit: Emit<'_>) -> Result<Valu
             let bytes = bounded_integer(arguments, "bytes", MAX_BIG_BYTES)?;
             "x".repeat(usize::try_from(bytes).unwrap_or(0))
         }
+        "slow_progress" if test_tools => {
+            let steps = bounded_integer(arguments, "steps", MAX_PROGRESS_STEPS)?;
+            let ms = optional_integer(arguments, "ms", MAX_SLEEP_MS)?;
+            let label = arguments.get("label").and_then(Value::as_str).unwrap_or("");
+            for step in 1..=steps {
+                thread::sleep(Duration::from_millis(ms));
+                if let Some(token) = progress_token(params) {
+                    let mut note = progress_notification(token, step, steps);
+                    if let Some(fields) = note.get_mut("params").and_then(Value::as_object_mut) {
+                        fields.insert("message".to_string(), Value::String(label.to_string()));
+                    }
+                    emit(note);
+                }
+            }
+            "done".to_string()
+        }
+        "orphan_progress" if test_tools => {
+            let params = json!({"progressToken": "orphan-token", "progress": 1, "total": 1});
+            server.broadcast(&notification("notifications/progress", params));
+            "orphaned".to_string()
+        }
+        "ask_client" if test_tools => ask_client(server, arguments)?,
         _ => match generated_tool_index(name, server.config.generated_tools) {
             Some(index) => format!("called tool_{index:04}"),
             None => return Err(invalid_params(format!("Unknown tool: {name}")).into()),
         },
     };
     Ok(json!({"content": [{"type": "text", "text": text}]}))
+}
+
+fn optional_integer(arguments: &Arguments, key: &str, maximum: u64) -> Result<u64, RpcError> {
+    match arguments.get(key) {
+        None | Some(Value::Null) => Ok(0),
+        Some(_) => bounded_integer(arguments, key, maximum),
+    }
+}
+
+/// The `ask_client` test tool: a server-to-client request over stdio, answered by the client.
+fn ask_client(server: &Server, arguments: &Arguments) -> Result<String, RpcError> {
+    if server.transport != Transport::Stdio {
+        return Err(invalid_params("ask_client needs the stdio transport"));
+    }
+    let method = arguments.get("method").and_then(Value::as_str);
+    let method = method.unwrap_or("roots/list");
+    let delay = optional_integer(arguments, "delay_ms", MAX_SLEEP_MS)?;
+    thread::sleep(Duration::from_millis(delay));
+    let number = server.next_server_request.fetch_add(1, Ordering::Relaxed);
+    let id = format!("srv-{number}");
+    let (sender, receiver) = mpsc::channel();
+    lock(&server.awaiting_client).insert(id.clone(), sender);
+    let params = if method == "sampling/createMessage" {
+        json!({"messages": [{"role": "user", "content": {"type": "text", "text": "hi"}}],
+            "maxTokens": 10})
+    } else {
+        json!({})
+    };
+    let request = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
+    server.write_stdout_line(&request.to_string());
+    let answer = receiver.recv_timeout(ASK_CLIENT_TIMEOUT);
+    lock(&server.awaiting_client).remove(&id);
+    match answer {
+        Ok(response) => match (response.get("result"), response.get("error")) {
+            (Some(result), _) => Ok(result.to_string()),
+            (None, Some(error)) => Ok(format!("client error: {error}")),
+            (None, None) => Ok("client answered nothing".to_string()),
+        },
+        Err(_) => Err(rpc_error(
+            INVALID_REQUEST,
+            "the client did not answer in time",
+        )),
+    }
+}
+
+/// Hands a client's response to the `ask_client` call waiting for it; true when one was.
+fn deliver_client_response(server: &Server, payload: &Value) -> bool {
+    let is_response = payload.get("method").is_none()
+        && (payload.get("result").is_some() || payload.get("error").is_some());
+    let Some(id) = payload
+        .get("id")
+        .and_then(Value::as_str)
+        .filter(|_| is_response)
+    else {
+        return false;
+    };
+    match lock(&server.awaiting_client).remove(id) {
+        Some(sender) => sender.send(payload.clone()).is_ok(),
+        None => false,
+    }
+}
+
+/// Appends one raw input line to the `--log-input` file (flushed, newline-terminated).
+fn log_input_line(log: &mut Option<File>, line: &[u8]) {
+    let Some(file) = log else { return };
+    let mut record = line.to_vec();
+    if record.last() != Some(&b'\n') {
+        record.push(b'\n');
+    }
+    if let Err(error) = file.write_all(&record).and_then(|()| file.flush()) {
+        eprintln!("mcp-demo-server: cannot write the input log: {error}");
+    }
 }
 
 fn generated_tool_index(name: &str, generated_tools: usize) -> Option<usize> {
@@ -547,11 +665,22 @@ fn run_stdio(config: Config) -> io::Result<()> {
     let mut input = io::stdin().lock();
     let mut in_flight: Vec<JoinHandle<()>> = Vec::new();
     let mut line = Vec::new();
+    let mut input_log = match &server.config.log_input {
+        Some(path) => Some(
+            File::options()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|error| io::Error::new(error.kind(), format!("{path}: {error}")))?,
+        ),
+        None => None,
+    };
     loop {
         line.clear();
         if input.read_until(b'\n', &mut line)? == 0 {
             break;
         }
+        log_input_line(&mut input_log, &line);
         // Invalid UTF-8 turns into replacement characters and then fails JSON parsing (-32700).
         let text = String::from_utf8_lossy(&line);
         if text.trim().is_empty() {
@@ -564,6 +693,9 @@ fn run_stdio(config: Config) -> io::Result<()> {
                 continue;
             }
         };
+        if deliver_client_response(&server, &payload) {
+            continue;
+        }
         // Tool calls may be slow (sleep), so they get their own thread; everything else is
         // answered inline, which keeps e.g. initialize and tools/list strictly in order.
         let may_be_slow = payload.is_array()
