@@ -91,6 +91,22 @@ fn benches(c: &mut Criterion) {
         b.iter(|| p.decide(Some(black_box(&target))))
     });
 
+    // Resource URIs are normalised before matching; a plain one must take the borrowed path.
+    for (name, uri) in [
+        (
+            "normalize_resource_uri_plain",
+            "file:///public/reports/2024/q3.csv",
+        ),
+        (
+            "normalize_resource_uri_dotted",
+            "file:///public/a/%2e%2E/reports/./q3.csv",
+        ),
+    ] {
+        c.bench_function(name, |b| {
+            b.iter(|| mcp_guard::authz::uri::normalize(black_box(uri)).is_ok())
+        });
+    }
+
     let pool = MemoryPool::default();
     let limiter = LocalLimiter::new(2);
     let key = bucket_key(&RateKey::Identity("id-500"), None);

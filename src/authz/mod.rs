@@ -2,7 +2,10 @@
 //!
 //! A [`Policy`] is built once per config load from every source that grants or refuses tools
 //! (an API key's lists today; JWT/OAuth scopes through `scope_tool_mapping` later), so a
-//! request only does set lookups and glob matches. Deny always wins over allow.
+//! request only does set lookups and glob matches. Deny always wins over allow. Resource URIs
+//! are matched in their normal form (see [`uri`]), and refused when they have none.
+
+pub mod uri;
 
 use crate::mcp::jsonrpc::Target;
 use std::collections::HashSet;
@@ -184,9 +187,18 @@ impl Policy {
             Some(Target::Tool(t)) if !self.tools.permits(t) => {
                 Decision::Deny(format!("Tool '{t}' is not permitted"))
             }
-            Some(Target::Resource(r)) if !self.resources.permits(r) => {
-                Decision::Deny(format!("Resource '{r}' is not permitted"))
-            }
+            // Globs see the normal form: `file:///public/../secret` is `file:///secret` to the
+            // upstream, and must be to the policy too. What has no safe normal form is refused
+            // whatever the rules say (fail closed), so an open policy refuses it as well.
+            Some(Target::Resource(r)) => match uri::normalize(r) {
+                Err(why) => {
+                    Decision::Deny(format!("Resource '{}' is refused: {why}", r.escape_debug()))
+                }
+                Ok(n) if !self.resources.permits(&n) => {
+                    Decision::Deny(format!("Resource '{r}' is not permitted"))
+                }
+                Ok(_) => Decision::Allow,
+            },
             Some(Target::Prompt(p)) if !self.prompts.permits(p) => {
                 Decision::Deny(format!("Prompt '{p}' is not permitted"))
             }
@@ -260,5 +272,89 @@ mod tests {
             Decision::Deny("Tool 'rm' is not permitted".into())
         );
         assert_eq!(p.decide(None), Decision::Allow);
+    }
+
+    fn resource_policy(allow: &[&str], deny: &[&str]) -> Policy {
+        Policy {
+            resources: Rule {
+                allow: Matcher::new(allow),
+                deny: Matcher::new(deny),
+            },
+            ..Policy::default()
+        }
+    }
+
+    fn read(p: &Policy, uri: &str) -> Decision {
+        p.decide(Some(&Target::Resource(uri.into())))
+    }
+
+    #[test]
+    fn resource_allow_globs_match_the_normalised_uri() {
+        let p = resource_policy(&["file:///public/*"], &[]);
+        for ok in [
+            "file:///public/a",
+            "file:///public/./a",
+            "file:///public/a/../b",
+            "file:///public/%61",
+        ] {
+            assert_eq!(read(&p, ok), Decision::Allow, "{ok}");
+        }
+        for bad in [
+            "file:///public/../secret",
+            "file:///public/%2e%2e/secret",
+            "file:///public/%2E%2e/secret",
+            "file:///public/..%2fsecret",
+            "file:///public%2f..%2fsecret",
+            "file:///public/%252e%252e/secret",
+            "file:///public/..\\secret",
+            "file:///public/..%5Csecret",
+            "file:///../../etc/passwd",
+            "file:///public/../../etc/passwd",
+            "file:///public/a%00",
+        ] {
+            assert!(matches!(read(&p, bad), Decision::Deny(_)), "{bad}");
+        }
+        assert_eq!(
+            read(&p, "file:///public/../../etc/passwd"),
+            Decision::Deny(
+                "Resource 'file:///public/../../etc/passwd' is refused: its path climbs above \
+                 its root"
+                    .into()
+            )
+        );
+        assert_eq!(
+            read(&p, "file:///public/../secret"),
+            Decision::Deny("Resource 'file:///public/../secret' is not permitted".into())
+        );
+    }
+
+    #[test]
+    fn resource_deny_globs_catch_dot_segment_and_case_detours() {
+        let p = resource_policy(&[], &["file:///secret/*"]);
+        assert_eq!(read(&p, "file:///public/x"), Decision::Allow);
+        for bad in [
+            "file:///public/../secret/x",
+            "file:///public/%2e%2E/secret/x",
+            "file:///secret/./x",
+            "FILE:///secret/x",
+        ] {
+            assert!(matches!(read(&p, bad), Decision::Deny(_)), "{bad}");
+        }
+    }
+
+    #[test]
+    fn resource_uris_of_other_schemes_are_normalised_too() {
+        let p = resource_policy(&["https://host/b*", "custom://x"], &[]);
+        assert_eq!(read(&p, "https://host/a/../b"), Decision::Allow);
+        assert_eq!(read(&p, "custom://x"), Decision::Allow);
+        assert!(matches!(read(&p, "https://host/../b"), Decision::Deny(_)));
+        assert!(matches!(read(&p, "custom://y"), Decision::Deny(_)));
+        // An open policy still refuses what has no safe normal form.
+        let open = Policy::default();
+        assert_eq!(read(&open, "custom://x/a/../b"), Decision::Allow);
+        assert!(matches!(
+            read(&open, "file:///../etc/passwd"),
+            Decision::Deny(_)
+        ));
     }
 }

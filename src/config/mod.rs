@@ -300,10 +300,20 @@ fn validate_auth(file: &FileConfig) -> Result<Authenticator, ConfigError> {
         return Ok(auth);
     }
     let mut keys = api_key::ApiKeys::default();
+    // The id keys sessions, rate buckets and audit lines: two entries sharing one would share
+    // those under different policies, so ids (and hashes) must be unique. Index of first use.
+    let mut ids: HashMap<&str, usize> = HashMap::with_capacity(file.auth.api_keys.len());
+    let mut digests: HashMap<[u8; 32], usize> = HashMap::with_capacity(file.auth.api_keys.len());
     for (i, k) in file.auth.api_keys.iter().enumerate() {
         let key = format!("auth.api_keys[{i}]");
         if k.id.trim().is_empty() {
             return Err(invalid(&format!("{key}.id"), "must not be empty"));
+        }
+        if let Some(first) = ids.insert(k.id.as_str(), i) {
+            return Err(invalid(
+                &format!("{key}.id"),
+                format!("{:?} is already used by auth.api_keys[{first}]", k.id),
+            ));
         }
         let digest = api_key::decode_hash(&k.key_hash).ok_or_else(|| {
             invalid(
@@ -311,6 +321,12 @@ fn validate_auth(file: &FileConfig) -> Result<Authenticator, ConfigError> {
                 "is not the base64 of a 32-byte SHA-256 digest (use `mcp-guard hash-key`)",
             )
         })?;
+        if let Some(first) = digests.insert(digest, i) {
+            return Err(invalid(
+                &format!("{key}.key_hash"),
+                format!("the same key is already configured as auth.api_keys[{first}]"),
+            ));
+        }
         if k.rate_limit == Some(0) {
             return Err(invalid(&format!("{key}.rate_limit"), "must be at least 1"));
         }
@@ -649,5 +665,51 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.message.contains("upstream.headers"));
+    }
+
+    fn keys_config(entries: &[(&str, &str)]) -> String {
+        let mut t = String::from("[upstream]\ncommand = \"x\"\n");
+        for (id, hash) in entries {
+            t.push_str(&format!(
+                "[[auth.api_keys]]\nid = \"{id}\"\nkey_hash = \"{hash}\"\n"
+            ));
+        }
+        t
+    }
+
+    #[test]
+    fn api_keys_with_the_same_id_are_refused_naming_both_entries() {
+        let err = settings(&keys_config(&[
+            ("a", "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="),
+            ("ci", "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE="),
+            ("b", "AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI="),
+            ("ci", "AwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwM="),
+        ]))
+        .unwrap_err();
+        assert_eq!(
+            err.message,
+            "auth.api_keys[3].id: \"ci\" is already used by auth.api_keys[1]"
+        );
+    }
+
+    #[test]
+    fn api_keys_with_the_same_hash_are_refused_naming_both_entries() {
+        let err = settings(&keys_config(&[
+            ("a", "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="),
+            ("b", "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE="),
+            ("c", "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="),
+        ]))
+        .unwrap_err();
+        assert_eq!(
+            err.message,
+            "auth.api_keys[2].key_hash: the same key is already configured as auth.api_keys[0]"
+        );
+        assert!(
+            settings(&keys_config(&[
+                ("a", "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="),
+                ("b", "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=")
+            ]))
+            .is_ok()
+        );
     }
 }
