@@ -826,7 +826,7 @@ async fn forward_http(
     let request = client::build_request(method, &up.path, &up.host_header, &headers, body);
     match monoio::time::timeout(
         cfg.upstream.timeout,
-        client::send(&w.pool, &up.addrs, request),
+        client::send_request(&w.pool, &up.addrs, method, request),
     )
     .await
     {

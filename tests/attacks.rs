@@ -77,11 +77,17 @@ fn stdio_lab() -> Lab {
 }
 
 fn http_lab(url: &str) -> Lab {
+    http_lab_with_workers(url, 2)
+}
+
+/// One worker means one upstream pool: every request after the first reuses its connection.
+fn http_lab_with_workers(url: &str, workers: usize) -> Lab {
     let dir = tempfile::tempdir().unwrap();
     let audit = dir.path().join("audit.jsonl");
     let cfg = format!(
         "{}\n{}\n[rate_limit]\nenabled = false\n[audit]\nfile = {:?}\n",
-        http_config("auto", url, SERVER_EXTRA, ""),
+        http_config("auto", url, SERVER_EXTRA, "")
+            .replace("workers = 2\n", &format!("workers = {workers}\n")),
         keys(),
         audit.to_str().unwrap()
     );
@@ -1100,7 +1106,11 @@ fn wait_reload_outcome(lab: &Lab) {
             .g
             .wait_log("configuration reloaded", Duration::from_millis(50)))
     {
-        assert!(Instant::now() < deadline, "no reload outcome logged");
+        assert!(
+            Instant::now() < deadline,
+            "no reload outcome logged; logs:\n{}",
+            lab.g.logs.lock().unwrap().join("\n")
+        );
     }
 }
 
@@ -1289,7 +1299,7 @@ fn a_client_trickling_to_the_admin_port_does_not_stop_health_for_others() {
 #[test]
 fn a_post_failing_on_a_reused_upstream_connection_is_not_sent_twice() {
     let mock = Mock::start(|req| (req.rpc_method() == "tools/call").then_some(Reply::Close));
-    let lab = http_lab(&mock.url());
+    let lab = http_lab_with_workers(&mock.url(), 1);
     let sid = init_as(lab.addr(), ADMIN);
     let r = post_as(
         lab.addr(),

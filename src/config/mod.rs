@@ -312,7 +312,11 @@ fn validate_auth(file: &FileConfig) -> Result<Authenticator, ConfigError> {
         if let Some(first) = ids.insert(k.id.as_str(), i) {
             return Err(invalid(
                 &format!("{key}.id"),
-                format!("{:?} is already used by auth.api_keys[{first}]", k.id),
+                format!(
+                    "duplicate id {:?}, already used by auth.api_keys[{first}] (each key needs \
+                     its own id: sessions, rate limits and audit lines are keyed by it)",
+                    k.id
+                ),
             ));
         }
         let digest = api_key::decode_hash(&k.key_hash).ok_or_else(|| {
@@ -688,7 +692,8 @@ mod tests {
         .unwrap_err();
         assert_eq!(
             err.message,
-            "auth.api_keys[3].id: \"ci\" is already used by auth.api_keys[1]"
+            "auth.api_keys[3].id: duplicate id \"ci\", already used by auth.api_keys[1] (each \
+             key needs its own id: sessions, rate limits and audit lines are keyed by it)"
         );
     }
 

@@ -16,8 +16,15 @@ enum Event {
     Stop,
 }
 
-/// Runs until a shutdown signal arrives.
-pub fn run(path: &Path, shared: &Arc<Shared>) {
+/// A file's identity for change detection: modification time and length.
+pub type FileStamp = Option<(SystemTime, u64)>;
+
+/// Signals, as the control loop receives them.
+pub struct SignalEvents(mpsc::Receiver<Event>);
+
+/// Installs the SIGHUP/SIGINT/SIGTERM handlers. Called before the gateway announces that it
+/// listens: a SIGHUP arriving before then would otherwise take its default action (terminate).
+pub fn install_signals() -> SignalEvents {
     let (tx, rx) = mpsc::channel();
     match signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM]) {
         Ok(mut signals) => {
@@ -38,9 +45,15 @@ pub fn run(path: &Path, shared: &Arc<Shared>) {
         }
         Err(e) => tracing::error!(target: "mcp_guard", "cannot install signal handlers: {e}"),
     }
-    let mut last_seen = file_stamp(path);
+    SignalEvents(rx)
+}
+
+/// Runs until a shutdown signal arrives; `loaded` is the file's stamp when it was loaded.
+pub fn run(path: &Path, loaded: FileStamp, signals: SignalEvents, shared: &Arc<Shared>) {
+    let rx = signals.0;
+    let mut last_seen = loaded;
     // A change seen on disk, and since when it has not changed again.
-    let mut settling: Option<(Option<(SystemTime, u64)>, Instant)> = None;
+    let mut settling: Option<(FileStamp, Instant)> = None;
     let mut next_health = Instant::now();
     let mut next_sweep = Instant::now() + Duration::from_secs(10);
     check_health(shared);
@@ -96,7 +109,8 @@ pub fn run(path: &Path, shared: &Arc<Shared>) {
 /// How long a changed config file must stay unchanged before it is reloaded.
 const SETTLE: Duration = Duration::from_millis(300);
 
-fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {
+/// The current stamp of `path` (`None` when it cannot be read).
+pub fn file_stamp(path: &Path) -> FileStamp {
     let m = std::fs::metadata(path).ok()?;
     Some((m.modified().ok()?, m.len()))
 }

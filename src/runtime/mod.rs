@@ -80,6 +80,9 @@ pub fn bind_listeners(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::ne
 /// Runs the gateway with the config at `path` until SIGTERM/SIGINT. Returns an error message
 /// for a startup failure.
 pub fn run(path: PathBuf) -> Result<(), String> {
+    let signals = control::install_signals();
+    // The file's stamp as loaded: a change made while the gateway starts is still a change.
+    let loaded_stamp = control::file_stamp(&path);
     let settings = Settings::load(&path).map_err(|e| e.to_string())?;
     let driver = choose_driver(settings.server.io)?;
     for w in &settings.warnings {
@@ -164,7 +167,7 @@ pub fn run(path: PathBuf) -> Result<(), String> {
         tracing::info!(target: "mcp_guard", "admin listening on http://{addr}");
         crate::admin::spawn(l, shared.clone());
     }
-    control::run(&path, &shared);
+    control::run(&path, loaded_stamp, signals, &shared);
     tracing::info!(target: "mcp_guard", "shutting down: no longer accepting connections");
     drop(shutdown_tx);
     for t in threads {
