@@ -587,6 +587,11 @@ impl<W> Router<W> {
 
     fn child_request(&mut self, mut msg: Map<String, Value>, out: &mut Vec<Output<W>>) {
         let server_id = msg.get("id").cloned().unwrap_or(Value::Null);
+        // Only an id the hub can hand back exactly: a string or an integer (a fraction or an
+        // integer beyond 64 bits would come back re-spelled, answering nobody).
+        if !(server_id.is_string() || server_id.is_u64() || server_id.is_i64()) {
+            return out.push(Output::Dropped(DropReason::Malformed));
+        }
         let Some(session) = self.owner_for_server_request() else {
             out.push(Output::Dropped(DropReason::UnroutableServerRequest));
             return self.refuse_server_request(server_id, UNROUTABLE_MESSAGE, out);
@@ -1094,6 +1099,27 @@ mod tests {
         );
         assert!(delivered(&out).is_empty());
         assert_eq!(dropped(&out), [DropReason::UnknownCancel]);
+    }
+
+    #[test]
+    fn server_request_with_an_id_that_cannot_be_echoed_exactly_is_dropped() {
+        let mut r = R::default();
+        let _a = session(&mut r, 1, "alice");
+        let mut out = Vec::new();
+        for id in [
+            "1.5",
+            "222222222222222222222222222222222222222",
+            "null",
+            "{}",
+        ] {
+            let line = format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"roots/list"}}"#);
+            r.child_line(line.as_bytes(), &mut out);
+        }
+        assert!(
+            delivered(&out).is_empty() && lines(&out).is_empty(),
+            "{out:?}"
+        );
+        assert_eq!(dropped(&out), [DropReason::Malformed; 4]);
     }
 
     #[test]
