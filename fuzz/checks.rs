@@ -339,3 +339,230 @@ pub fn session_id(data: &[u8]) {
         assert!(back.is_none(), "an over-long id was accepted");
     }
 }
+
+/// The stdio router: input is records split by 0x1E, each an op byte, a selector byte and a
+/// payload (`R` client request, `S` client notification/response, `I` initialize + success,
+/// `A` child answers a pending request, `X` worker cancel, `D` delete a session, `K` child
+/// restart, `U` undeliverable server request, anything else a child line; `$ID` in a child line
+/// becomes the newest hub id, `$TOK` the newest hub progress token, `$SRQ` the newest server
+/// request id given to a session; substituted in every record). Properties: every line to the child is one line of valid
+/// JSON; every request id in it is one the hub issued; every response to the child answers an
+/// id the child asked; nothing addressed to one session's ids reaches another session.
+pub fn stdio_framing(data: &[u8]) {
+    use mcp_guard::upstream::router::{Limits, Output, REPLAY_ID_BASE, Router, SessionKey};
+    use std::collections::{HashMap, HashSet};
+
+    const IDENTITIES: [&str; 3] = ["alice", "bob", "mallory"];
+    let mut r: Router<u64> = Router::new(Limits {
+        max_sessions: 3,
+        max_sessions_per_identity: 2,
+        max_pending: 4,
+        max_server_requests: 2,
+    });
+    let mut sessions: Vec<SessionKey> = Vec::new();
+    let mut next_hub = 1_u64;
+    let mut generation = 0_u64;
+    // Hub request id -> the session that sent it.
+    let mut issued: HashMap<u64, Option<SessionKey>> = HashMap::new();
+    let mut answered: HashSet<u64> = HashSet::new();
+    // Hub progress token -> session; server-request hub id -> session.
+    let mut tokens: HashMap<u64, Option<SessionKey>> = HashMap::new();
+    let mut given: HashMap<u64, SessionKey> = HashMap::new();
+    let mut server_ids: HashSet<String> = HashSet::new();
+    let mut last_given = 0_u64;
+    let mut last_token = 0_u64;
+
+    for record in data.split(|b| *b == 0x1e).take(64) {
+        let record = String::from_utf8_lossy(record)
+            .replace("$ID", &(next_hub - 1).to_string())
+            .replace("$TOK", &last_token.to_string())
+            .replace("$SRQ", &last_given.to_string())
+            .into_bytes();
+        let (op, sel, payload) = match &record[..] {
+            [op, sel, rest @ ..] => (*op, *sel as usize, rest),
+            [op] => (*op, 0, &b""[..]),
+            [] => continue,
+        };
+        let pick = |sessions: &[SessionKey]| -> Option<SessionKey> {
+            let i = sel % (sessions.len() + 1);
+            sessions.get(i).copied()
+        };
+        let identity = IDENTITIES[sel % 3];
+        let mut out: Vec<Output<u64>> = Vec::new();
+        // What this step is: (client session, the client's message) or a child line.
+        let mut from_client: Option<(SessionKey, Value)> = None;
+        let mut child_msgs: Vec<Value> = Vec::new();
+        let mut child = |line: &[u8], r: &mut Router<u64>, out: &mut Vec<Output<u64>>| {
+            if let Ok(v) = serde_json::from_slice::<Value>(line) {
+                let items = match v {
+                    Value::Array(a) => a,
+                    v => vec![v],
+                };
+                child_msgs.extend(items);
+            }
+            r.child_line(line, out);
+        };
+        match op {
+            b'R' => {
+                let s = pick(&sessions);
+                let hub = next_hub;
+                next_hub += 1;
+                issued.insert(hub, s);
+                r.client_request(hub, s, identity, payload, hub, &mut out);
+            }
+            b'S' => {
+                if let Some(s) = pick(&sessions) {
+                    if let Ok(v) = serde_json::from_slice::<Value>(payload) {
+                        from_client = Some((s, v));
+                    }
+                    let _ = r.client_send(s, payload, &mut out);
+                }
+            }
+            b'I' => {
+                let hub = next_hub;
+                next_hub += 1;
+                issued.insert(hub, None);
+                let init = br#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{}}"#;
+                r.client_request(hub, None, identity, init, hub, &mut out);
+                let answer = format!(
+                    r#"{{"jsonrpc":"2.0","id":{hub},"result":{{"protocolVersion":"2025-06-18"}}}}"#
+                );
+                child(answer.as_bytes(), &mut r, &mut out);
+            }
+            b'A' => {
+                let open: Vec<u64> = {
+                    let mut v: Vec<u64> = issued
+                        .keys()
+                        .copied()
+                        .filter(|h| !answered.contains(h))
+                        .collect();
+                    v.sort();
+                    v
+                };
+                if let Some(h) = open.get(sel % open.len().max(1)) {
+                    let answer = format!(r#"{{"jsonrpc":"2.0","id":{h},"result":{{}}}}"#);
+                    child(answer.as_bytes(), &mut r, &mut out);
+                }
+            }
+            b'X' => r.cancel(sel as u64 % next_hub, &mut out),
+            b'D' => {
+                if let Some(s) = pick(&sessions) {
+                    r.delete_session(&s, &mut out);
+                }
+            }
+            b'K' => {
+                r.child_exited(&mut out);
+                generation += 1;
+                r.child_started(generation, &mut out);
+            }
+            b'U' => r.undeliverable(last_given, &mut out),
+            _ => child(&record, &mut r, &mut out),
+        }
+        for m in &child_msgs {
+            if m.get("method").is_some()
+                && let Some(id) = m.get("id")
+            {
+                server_ids.insert(id.to_string());
+            }
+        }
+        let child_token_owner =
+            |tokens: &HashMap<u64, Option<SessionKey>>, m: &Value| -> Option<Option<SessionKey>> {
+                let t = m.pointer("/params/progressToken")?.as_u64()?;
+                tokens.get(&t).copied()
+            };
+        for o in &out {
+            match o {
+                Output::ToChild { line, .. } => {
+                    assert_eq!(line.last(), Some(&b'\n'), "line without its LF");
+                    let body = &line[..line.len() - 1];
+                    assert!(
+                        !body.iter().any(|b| *b == b'\n' || *b == b'\r'),
+                        "CR/LF inside a line to the child: {}",
+                        String::from_utf8_lossy(line)
+                    );
+                    let v: Value = serde_json::from_slice(body).expect("a line to the child is JSON");
+                    let method = v.get("method").and_then(Value::as_str);
+                    match (method, v.get("id")) {
+                        (Some(_), Some(id)) => {
+                            let id = id.as_u64().expect("hub ids are integers");
+                            assert!(
+                                issued.contains_key(&id) || id >= REPLAY_ID_BASE,
+                                "request id {id} the hub never issued"
+                            );
+                            if let Some(t) = v.pointer("/params/_meta/progressToken") {
+                                let t = t.as_u64().expect("hub progress tokens are integers");
+                                assert!(!tokens.contains_key(&t), "progress token {t} reused");
+                                tokens.insert(t, issued.get(&id).copied().flatten());
+                                last_token = t;
+                            }
+                        }
+                        (None, Some(id)) => {
+                            assert!(
+                                server_ids.contains(&id.to_string()),
+                                "a response to {id}, which the child never asked"
+                            );
+                            if let Some((s, m)) = &from_client {
+                                let h = m.get("id").and_then(Value::as_u64).expect("hub id");
+                                assert_eq!(given.get(&h), Some(s), "answer from the wrong session");
+                            }
+                        }
+                        (Some("notifications/cancelled"), None) => {
+                            let rid = v.pointer("/params/requestId").and_then(Value::as_u64);
+                            let rid = rid.expect("a cancel names a hub id");
+                            let owner = issued.get(&rid).expect("a cancel of an id never issued");
+                            if let Some((s, _)) = &from_client {
+                                assert_eq!(owner, &Some(*s), "a cancel of another session's call");
+                            }
+                        }
+                        (Some(_), None) => {}
+                        (None, None) => panic!("neither method nor id: {v}"),
+                    }
+                }
+                Output::Deliver {
+                    session,
+                    message,
+                    server_request,
+                } => {
+                    let v: Value = serde_json::from_slice(message).expect("delivered JSON");
+                    if let Some(h) = server_request {
+                        assert!(given.insert(*h, *session).is_none(), "server request id reused");
+                        last_given = *h;
+                        assert_eq!(v.get("id").and_then(Value::as_u64), Some(*h));
+                    }
+                    match v.get("method").and_then(Value::as_str) {
+                        Some("notifications/progress") => {
+                            assert!(
+                                child_msgs
+                                    .iter()
+                                    .any(|m| child_token_owner(&tokens, m) == Some(Some(*session))),
+                                "progress delivered to a session that did not ask for it"
+                            );
+                        }
+                        Some("notifications/cancelled") => {
+                            let h = v.pointer("/params/requestId").and_then(Value::as_u64);
+                            let h = h.expect("a delivered cancel names a given id");
+                            assert_eq!(given.get(&h), Some(session), "cancel to the wrong session");
+                        }
+                        _ => {}
+                    }
+                }
+                Output::Respond {
+                    waiter,
+                    new_session,
+                    ..
+                } => {
+                    assert!(answered.insert(*waiter), "a waiter answered twice");
+                    if let Some(s) = new_session {
+                        assert!(!sessions.contains(s), "session key reused");
+                        sessions.push(*s);
+                    }
+                }
+                Output::Fail { waiter, .. } => {
+                    assert!(answered.insert(*waiter), "a waiter answered twice");
+                }
+                Output::SessionEnded(s) => sessions.retain(|k| k != s),
+                Output::Dropped(_) => {}
+            }
+        }
+    }
+}

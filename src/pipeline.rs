@@ -598,7 +598,8 @@ async fn stdio_post(
     let timeout = cfg.upstream.timeout;
     match body {
         Body::Single(m) => {
-            let (bytes, new_session) = stdio_one(hub, m, raw.to_vec(), key, timeout).await?;
+            let (bytes, new_session) =
+                stdio_one(hub, m, raw.to_vec(), key, binding, timeout).await?;
             let Some(bytes) = bytes else {
                 return Ok(Reply::new(202, ReplyBody::Empty, method));
             };
@@ -616,8 +617,15 @@ async fn stdio_post(
                 serde_json::from_slice(raw).map_err(|e| GatewayError::Parse(e.to_string()))?;
             let mut out = Vec::new();
             for (m, part) in messages.iter().zip(parts) {
-                let (bytes, _) =
-                    stdio_one(hub, m, part.to_string().into_bytes(), Some(key), timeout).await?;
+                let (bytes, _) = stdio_one(
+                    hub,
+                    m,
+                    part.to_string().into_bytes(),
+                    Some(key),
+                    binding,
+                    timeout,
+                )
+                .await?;
                 if let Some(b) = bytes {
                     out.push(b);
                 }
@@ -644,10 +652,11 @@ async fn stdio_one(
     m: &Message,
     bytes: Vec<u8>,
     key: Option<SessionKey>,
+    binding: &str,
     timeout: std::time::Duration,
 ) -> Result<(Option<Vec<u8>>, Option<SessionKey>), GatewayError> {
     if m.kind == Kind::Request {
-        let (hub_id, rx) = hub.call(key, bytes)?;
+        let (hub_id, rx) = hub.call(key, binding, bytes)?;
         match monoio::time::timeout(timeout, rx.recv()).await {
             Err(_) => {
                 hub.cancel(hub_id);

@@ -172,3 +172,8 @@ fn config_parse_and_validate_never_panic_on_mutated_input() {
 fn session_ids_never_panic_on_decode_are_not_malleable_and_round_trip() {
     replay("session_id", checks::session_id);
 }
+
+#[test]
+fn stdio_router_writes_one_line_per_message_and_keeps_every_id_to_its_session() {
+    replay("stdio_framing", checks::stdio_framing);
+}

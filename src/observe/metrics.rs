@@ -5,6 +5,7 @@
 //! hdrhistogram the worker records into locally and publishes a copy of every half second.
 //! Label values come from fixed tables, so a hostile client cannot grow the series count.
 
+use crate::upstream::router::DropReason;
 use arc_swap::ArcSwap;
 use hdrhistogram::Histogram;
 use std::fmt::Write as _;
@@ -193,6 +194,15 @@ pub struct GlobalMetrics {
     pub stream_messages_dropped: AtomicU64,
     /// Audit events written.
     pub audit_written: AtomicU64,
+    /// Messages the stdio router dropped, by [`DropReason::index`].
+    pub stdio_dropped: [AtomicU64; DropReason::ALL.len()],
+}
+
+impl GlobalMetrics {
+    /// Counts a message the stdio router dropped (foreign id, unknown token, ...).
+    pub fn count_stdio_drop(&self, reason: DropReason) {
+        self.stdio_dropped[reason.index()].fetch_add(1, Relaxed);
+    }
 }
 
 /// All shards, for the admin thread.
@@ -306,6 +316,16 @@ impl Metrics {
             "Server-to-client messages dropped (no open stream, or stream full).",
             self.global.stream_messages_dropped.load(Relaxed),
         );
+        out.push_str("# HELP mcp_guard_stdio_messages_dropped_total Messages the shared stdio hub dropped rather than forward, by reason (ids a session does not own, unknown progress tokens, unroutable server-initiated requests, malformed lines).\n");
+        out.push_str("# TYPE mcp_guard_stdio_messages_dropped_total counter\n");
+        for r in DropReason::ALL {
+            let _ = writeln!(
+                out,
+                "mcp_guard_stdio_messages_dropped_total{{reason=\"{}\"}} {}",
+                r.label(),
+                self.global.stdio_dropped[r.index()].load(Relaxed)
+            );
+        }
         write_metric(
             &mut out,
             "mcp_guard_upstream_ready",

@@ -1,22 +1,24 @@
 //! The stdio hub: one shared child process speaking newline-delimited JSON-RPC, reached by
 //! every worker through a bounded channel.
 //!
-//! Threads (none of them a worker): the *router* owns all hub state (pending requests, sessions,
-//! their server-to-client streams) and is the only one that decides; a *writer* feeds the
-//! child's stdin from a bounded queue; a *reader* turns stdout lines into router messages; a
-//! *stderr* thread forwards the child's log. The router never blocks on the child, so a child
-//! that stops reading cannot wedge response routing.
+//! This file is process supervision; where each message goes is decided by the pure
+//! [`Router`] in `router.rs` (ids, progress tokens, cancellations and server-initiated requests
+//! remapped per session; every line to the child framed as one compact JSON line).
 //!
-//! Request ids are remapped to hub-unique integers so responses find their client; the original
-//! id is restored on the way back. Sessions are the hub's own (stdio has none): created when an
-//! initialize succeeds, they survive a child restart, and the hub replays the last initialize
-//! to the new child so clients carry on.
+//! Threads (none of them a worker): the *hub* thread owns all hub state (the router, the
+//! sessions' server-to-client streams, the child) and is the only one that decides; a *writer*
+//! feeds the child's stdin from a bounded queue; a *reader* turns stdout lines into hub
+//! messages; a *stderr* thread forwards the child's log. The hub never blocks on the child, so a
+//! child that stops reading cannot wedge response routing.
+//!
+//! Sessions are the hub's own (stdio has none): created when an initialize succeeds, capped per
+//! identity, they survive a child restart, and the hub replays its own initialize to the new
+//! child so clients carry on.
 
 use crate::config::StdioSettings;
 use crate::error::GatewayError;
-use crate::mcp::session::random_bytes;
 use crate::observe::metrics::Metrics;
-use serde_json::{Value, json};
+use crate::upstream::router::{Limits, Output, Router};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, Stdio};
@@ -25,8 +27,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::time::{Duration, Instant};
 
-/// A hub session key.
-pub type SessionKey = [u8; 16];
+pub use crate::upstream::router::SessionKey;
 
 /// What the router answers a worker.
 #[derive(Debug)]
@@ -47,6 +48,7 @@ enum Command_ {
     Call {
         hub_id: u64,
         session: Option<SessionKey>,
+        identity: Box<str>,
         message: Vec<u8>,
         reply: async_channel::Sender<HubReply>,
     },
@@ -87,15 +89,22 @@ const STDIN_CAPACITY: usize = 1024;
 const STREAM_CAPACITY: usize = 256;
 /// Longest line accepted from the child.
 const MAX_LINE: usize = 64 * 1024 * 1024;
-/// Sessions kept; the least recently used is evicted beyond it.
+/// Sessions kept; beyond it the least recently used session of the identity holding the most
+/// is evicted.
 const MAX_SESSIONS: usize = 65_536;
+/// Sessions kept per identity; beyond it the identity's own least recently used is evicted.
+const MAX_SESSIONS_PER_IDENTITY: usize = 4_096;
+/// Client requests in flight (each also holds a worker until its timeout).
+const MAX_PENDING: usize = 16_384;
+/// Server-initiated requests awaiting a client's answer; beyond it the oldest is refused.
+const MAX_SERVER_REQUESTS: usize = 1_024;
 
 impl StdioHub {
     /// Starts the router and the first child.
     pub fn start(settings: StdioSettings, metrics: Arc<Metrics>) -> Arc<StdioHub> {
         let (tx, rx) = std::sync::mpsc::sync_channel(INBOX_CAPACITY);
         let alive = Arc::new(AtomicBool::new(false));
-        let router = Router {
+        let router = Supervisor {
             settings,
             inbox_tx: tx.clone(),
             metrics,
@@ -103,10 +112,13 @@ impl StdioHub {
             child: None,
             stdin: None,
             generation: 0,
-            pending: HashMap::new(),
-            sessions: HashMap::new(),
-            progress: HashMap::new(),
-            init_params: None,
+            router: Router::new(Limits {
+                max_sessions: MAX_SESSIONS,
+                max_sessions_per_identity: MAX_SESSIONS_PER_IDENTITY,
+                max_pending: MAX_PENDING,
+                max_server_requests: MAX_SERVER_REQUESTS,
+            }),
+            streams: HashMap::new(),
             backoff: Duration::from_millis(100),
             restart_at: Some(Instant::now()),
             started_at: Instant::now(),
@@ -137,9 +149,12 @@ impl StdioHub {
     }
 
     /// Sends a request; returns its hub id (for [`StdioHub::cancel`]) and the reply channel.
+    /// `identity` is the caller's session binding: an initialize creates a session owned by it
+    /// (and counted against its per-identity cap); any other request must come from the owner.
     pub fn call(
         &self,
         session: Option<SessionKey>,
+        identity: &str,
         message: Vec<u8>,
     ) -> Result<(u64, async_channel::Receiver<HubReply>), GatewayError> {
         let hub_id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -147,6 +162,7 @@ impl StdioHub {
         self.submit(Command_::Call {
             hub_id,
             session,
+            identity: identity.into(),
             message,
             reply,
         })?;
@@ -202,20 +218,9 @@ impl StdioHub {
     }
 }
 
-struct Pending {
-    reply: Option<async_channel::Sender<HubReply>>,
-    original_id: Value,
-    session: Option<SessionKey>,
-    is_initialize: bool,
-    progress_token: Option<String>,
-}
-
-struct Session {
-    streams: Vec<async_channel::Sender<Vec<u8>>>,
-    last_used: Instant,
-}
-
-struct Router {
+/// The hub thread's state: the child and its pipes, the sessions' streams, and the
+/// [`Router`] that decides where every message goes.
+struct Supervisor {
     settings: StdioSettings,
     inbox_tx: SyncSender<Command_>,
     metrics: Arc<Metrics>,
@@ -223,19 +228,16 @@ struct Router {
     child: Option<Child>,
     stdin: Option<SyncSender<Vec<u8>>>,
     generation: u64,
-    pending: HashMap<u64, Pending>,
-    sessions: HashMap<SessionKey, Session>,
-    progress: HashMap<String, SessionKey>,
-    init_params: Option<Value>,
+    router: Router<async_channel::Sender<HubReply>>,
+    streams: HashMap<SessionKey, Vec<async_channel::Sender<Vec<u8>>>>,
     backoff: Duration,
     restart_at: Option<Instant>,
     started_at: Instant,
 }
 
-/// Hub id used for the initialize the hub replays to a restarted child.
-const REPLAY_ID_BASE: u64 = 1 << 62;
+type Outputs = Vec<Output<async_channel::Sender<HubReply>>>;
 
-impl Router {
+impl Supervisor {
     fn run(mut self, rx: Receiver<Command_>) {
         loop {
             if let Some(at) = self.restart_at
@@ -263,139 +265,162 @@ impl Router {
     }
 
     fn handle(&mut self, cmd: Command_) {
+        let mut out = Outputs::new();
         match cmd {
             Command_::Call {
                 hub_id,
                 session,
+                identity,
                 message,
                 reply,
-            } => self.call(hub_id, session, message, reply),
+            } => self
+                .router
+                .client_request(hub_id, session, &identity, &message, reply, &mut out),
             Command_::Send {
                 session,
                 message,
                 reply,
             } => {
-                let r = if !self.touch(&session) {
-                    HubReply::Error(GatewayError::UnknownSession)
-                } else {
-                    match self.write_line(message) {
-                        Ok(()) => HubReply::Accepted,
-                        Err(e) => HubReply::Error(e),
-                    }
+                let r = match self.router.client_send(session, &message, &mut out) {
+                    Ok(()) => HubReply::Accepted,
+                    Err(e) => HubReply::Error(e),
+                };
+                // A line the child cannot take fails the send; a dropped message does not.
+                let r = match (r, self.apply_writes(&mut out)) {
+                    (HubReply::Accepted, Err(e)) => HubReply::Error(e),
+                    (r, _) => r,
                 };
                 let _ = reply.try_send(r);
             }
             Command_::OpenStream { session, reply } => {
-                let r = match self.sessions.get_mut(&session) {
-                    None => HubReply::Error(GatewayError::UnknownSession),
-                    Some(s) => {
-                        let (tx, rx) = async_channel::bounded(STREAM_CAPACITY);
-                        s.streams.retain(|t| !t.is_closed());
-                        s.streams.push(tx);
-                        s.last_used = Instant::now();
-                        HubReply::Stream(rx)
-                    }
+                let r = if self.router.touch(&session) {
+                    let (tx, rx) = async_channel::bounded(STREAM_CAPACITY);
+                    let streams = self.streams.entry(session).or_default();
+                    streams.retain(|t| !t.is_closed());
+                    streams.push(tx);
+                    HubReply::Stream(rx)
+                } else {
+                    HubReply::Error(GatewayError::UnknownSession)
                 };
                 let _ = reply.try_send(r);
             }
             Command_::Delete { session, reply } => {
-                // Dropping the session drops its stream senders, which ends the GET streams.
-                let r = match self.sessions.remove(&session) {
-                    Some(_) => HubReply::Deleted,
-                    None => HubReply::Error(GatewayError::UnknownSession),
+                // Dropping the session's stream senders ends its GET streams.
+                let r = if self.router.delete_session(&session, &mut out) {
+                    HubReply::Deleted
+                } else {
+                    HubReply::Error(GatewayError::UnknownSession)
                 };
-                self.progress.retain(|_, s| *s != session);
                 let _ = reply.try_send(r);
             }
-            Command_::Cancel { hub_id } => {
-                if let Some(p) = self.pending.remove(&hub_id) {
-                    // Its progress token would otherwise outlive it in the routing map.
-                    if let Some(t) = &p.progress_token {
-                        self.progress.remove(t);
-                    }
-                    let note = json!({"jsonrpc":"2.0","method":"notifications/cancelled",
-                        "params":{"requestId": hub_id, "reason":"client request timed out"}});
-                    let _ = self.write_line(note.to_string().into_bytes());
-                }
-            }
+            Command_::Cancel { hub_id } => self.router.cancel(hub_id, &mut out),
             Command_::FromChild(generation, line) => {
                 if generation == self.generation {
-                    self.route_child_message(&line);
+                    self.router.child_line(&line, &mut out);
                 }
             }
             Command_::ChildExited(generation) => {
                 if generation == self.generation {
-                    self.child_exited();
+                    self.child_exited(&mut out);
                 }
             }
             Command_::Shutdown => {}
         }
+        self.apply(out);
     }
 
-    fn touch(&mut self, session: &SessionKey) -> bool {
-        match self.sessions.get_mut(session) {
-            Some(s) => {
-                s.last_used = Instant::now();
-                true
+    /// Writes the lines among `out` (removing them), so a caller can report a failed write.
+    fn apply_writes(&mut self, out: &mut Outputs) -> Result<(), GatewayError> {
+        let mut result = Ok(());
+        let mut rest = Outputs::with_capacity(out.len());
+        for o in out.drain(..) {
+            match o {
+                Output::ToChild { line, request } => {
+                    if let Err(e) = self.write_line(line) {
+                        match request.and_then(|h| self.router.abandon(h)) {
+                            Some(waiter) => {
+                                let _ = waiter.try_send(HubReply::Error(e));
+                            }
+                            None => result = Err(e),
+                        }
+                    }
+                }
+                other => rest.push(other),
             }
-            None => false,
+        }
+        *out = rest;
+        result
+    }
+
+    /// Carries out what the router decided, in order.
+    fn apply(&mut self, mut out: Outputs) {
+        while !out.is_empty() {
+            let mut more = Outputs::new();
+            for o in out {
+                match o {
+                    Output::ToChild { line, request } => {
+                        if let Err(e) = self.write_line(line)
+                            && let Some(waiter) = request.and_then(|h| self.router.abandon(h))
+                        {
+                            let _ = waiter.try_send(HubReply::Error(e));
+                        }
+                    }
+                    Output::Deliver {
+                        session,
+                        message,
+                        server_request,
+                    } => {
+                        if !self.deliver(&session, message) {
+                            self.metrics
+                                .global
+                                .stream_messages_dropped
+                                .fetch_add(1, Ordering::Relaxed);
+                            if let Some(h) = server_request {
+                                self.router.undeliverable(h, &mut more);
+                            }
+                        }
+                    }
+                    Output::Respond {
+                        waiter,
+                        message,
+                        new_session,
+                    } => {
+                        let _ = waiter.try_send(HubReply::Response(message, new_session));
+                    }
+                    Output::Fail { waiter, error } => {
+                        let _ = waiter.try_send(HubReply::Error(error));
+                    }
+                    Output::SessionEnded(key) => {
+                        self.streams.remove(&key);
+                    }
+                    Output::Dropped(reason) => {
+                        self.metrics.global.count_stdio_drop(reason);
+                        tracing::debug!(
+                            target: "mcp_guard::upstream",
+                            "stdio message dropped: {}",
+                            reason.label()
+                        );
+                    }
+                }
+            }
+            out = more;
         }
     }
 
-    fn call(
-        &mut self,
-        hub_id: u64,
-        session: Option<SessionKey>,
-        message: Vec<u8>,
-        reply: async_channel::Sender<HubReply>,
-    ) {
-        if let Some(s) = &session
-            && !self.touch(s)
-        {
-            let _ = reply.try_send(HubReply::Error(GatewayError::UnknownSession));
-            return;
-        }
-        let Ok(mut msg) = serde_json::from_slice::<Value>(&message) else {
-            let _ = reply.try_send(HubReply::Error(GatewayError::Parse("invalid JSON".into())));
-            return;
-        };
-        let is_initialize = msg.get("method").and_then(Value::as_str) == Some("initialize");
-        if is_initialize {
-            self.init_params = msg.get("params").cloned();
-        }
-        let progress_token = msg
-            .pointer("/params/_meta/progressToken")
-            .map(|t| t.to_string());
-        let original_id = msg
-            .as_object_mut()
-            .and_then(|o| o.insert("id".into(), Value::from(hub_id)))
-            .unwrap_or(Value::Null);
-        if let (Some(t), Some(s)) = (&progress_token, session) {
-            self.progress.insert(t.clone(), s);
-        }
-        if let Err(e) = self.write_line(msg.to_string().into_bytes()) {
-            let _ = reply.try_send(HubReply::Error(e));
-            return;
-        }
-        self.pending.insert(
-            hub_id,
-            Pending {
-                reply: Some(reply),
-                original_id,
-                session,
-                is_initialize,
-                progress_token,
-            },
-        );
-    }
-
-    fn write_line(&mut self, mut line: Vec<u8>) -> Result<(), GatewayError> {
+    fn write_line(&mut self, line: Vec<u8>) -> Result<(), GatewayError> {
         let Some(stdin) = &self.stdin else {
             return Err(GatewayError::UpstreamUnavailable(
                 "stdio upstream is restarting".into(),
             ));
         };
-        line.push(b'\n');
+        // The router frames every line; this is the last look before the child's stdin.
+        debug_assert!(
+            line.last() == Some(&b'\n')
+                && !line[..line.len() - 1]
+                    .iter()
+                    .any(|b| *b == b'\n' || *b == b'\r'),
+            "a line for the stdio child is not exactly one line"
+        );
         match stdin.try_send(line) {
             Ok(()) => Ok(()),
             Err(TrySendError::Full(_)) => Err(GatewayError::UpstreamBusy),
@@ -405,150 +430,19 @@ impl Router {
         }
     }
 
-    fn route_child_message(&mut self, line: &[u8]) {
-        let Ok(mut msg) = serde_json::from_slice::<Value>(line) else {
-            tracing::warn!(
-                target: "mcp_guard::upstream",
-                "stdio upstream wrote a line that is not JSON ({} bytes); ignored",
-                line.len()
-            );
-            return;
-        };
-        let has_method = msg.get("method").is_some();
-        let id = msg.get("id").cloned();
-        match (has_method, id) {
-            (false, Some(id)) => self.route_response(&mut msg, id),
-            (true, Some(_)) => self.route_server_request(msg),
-            (true, None) => self.route_notification(msg),
-            (false, None) => tracing::warn!(
-                target: "mcp_guard::upstream",
-                "stdio upstream wrote a message with neither method nor id; ignored"
-            ),
-        }
-    }
-
-    fn route_response(&mut self, msg: &mut Value, id: Value) {
-        let Some(hub_id) = id.as_u64() else {
-            tracing::warn!(target: "mcp_guard::upstream", "stdio response with a foreign id {id}; ignored");
-            return;
-        };
-        if hub_id >= REPLAY_ID_BASE {
-            // The answer to a replayed initialize: complete the handshake for the new child.
-            let _ = self
-                .write_line(br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#.to_vec());
-            return;
-        }
-        let Some(p) = self.pending.remove(&hub_id) else {
-            return; // cancelled or timed out
-        };
-        if let Some(t) = &p.progress_token {
-            self.progress.remove(t);
-        }
-        if let Some(o) = msg.as_object_mut() {
-            o.insert("id".into(), p.original_id);
-        }
-        let mut new_session = None;
-        if p.is_initialize && msg.get("result").is_some() {
-            let key: SessionKey = random_bytes();
-            self.evict_if_full();
-            self.sessions.insert(
-                key,
-                Session {
-                    streams: Vec::new(),
-                    last_used: Instant::now(),
-                },
-            );
-            new_session = Some(key);
-        }
-        if let Some(reply) = p.reply {
-            let _ = reply.try_send(HubReply::Response(
-                msg.to_string().into_bytes(),
-                new_session,
-            ));
-        }
-    }
-
-    fn evict_if_full(&mut self) {
-        if self.sessions.len() < MAX_SESSIONS {
-            return;
-        }
-        if let Some(oldest) = self
-            .sessions
-            .iter()
-            .min_by_key(|(_, s)| s.last_used)
-            .map(|(k, _)| *k)
-        {
-            self.sessions.remove(&oldest);
-        }
-    }
-
-    fn deliver(&mut self, session: &SessionKey, bytes: &[u8]) -> bool {
-        let Some(s) = self.sessions.get_mut(session) else {
+    fn deliver(&mut self, session: &SessionKey, bytes: Vec<u8>) -> bool {
+        let Some(streams) = self.streams.get_mut(session) else {
             return false;
         };
-        s.streams.retain(|t| !t.is_closed());
-        for t in &s.streams {
-            if t.try_send(bytes.to_vec()).is_ok() {
-                return true;
+        streams.retain(|t| !t.is_closed());
+        let mut bytes = Some(bytes);
+        for t in streams.iter() {
+            match t.try_send(bytes.take().unwrap_or_default()) {
+                Ok(()) => return true,
+                Err(e) => bytes = Some(e.into_inner()),
             }
         }
         false
-    }
-
-    fn route_notification(&mut self, msg: Value) {
-        let bytes = msg.to_string().into_bytes();
-        let token = msg.pointer("/params/progressToken").map(|t| t.to_string());
-        let target = token.and_then(|t| self.progress.get(&t).copied());
-        if let Some(session) = target {
-            if !self.deliver(&session, &bytes) {
-                self.metrics
-                    .global
-                    .stream_messages_dropped
-                    .fetch_add(1, Ordering::Relaxed);
-            }
-            return;
-        }
-        // Not tied to a request: every session of the shared process hears it.
-        let keys: Vec<SessionKey> = self.sessions.keys().copied().collect();
-        for k in keys {
-            if !self.deliver(&k, &bytes) {
-                self.metrics
-                    .global
-                    .stream_messages_dropped
-                    .fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    }
-
-    fn route_server_request(&mut self, msg: Value) {
-        // A server-initiated request (sampling, roots, elicitation) goes to the session with
-        // the most recent request in flight, else the most recently active session with a
-        // stream. Its id is the server's own; the client's answer is passed back unchanged.
-        let bytes = msg.to_string().into_bytes();
-        let busiest = self
-            .pending
-            .iter()
-            .filter_map(|(id, p)| p.session.map(|s| (*id, s)))
-            .max_by_key(|(id, _)| *id)
-            .map(|(_, s)| s);
-        let mut candidates: Vec<SessionKey> = busiest.into_iter().collect();
-        let mut by_recent: Vec<(&SessionKey, &Session)> = self.sessions.iter().collect();
-        by_recent.sort_by_key(|(_, s)| std::cmp::Reverse(s.last_used));
-        candidates.extend(by_recent.into_iter().map(|(k, _)| *k));
-        for k in candidates {
-            if self.deliver(&k, &bytes) {
-                return;
-            }
-        }
-        self.metrics
-            .global
-            .stream_messages_dropped
-            .fetch_add(1, Ordering::Relaxed);
-        if let Some(id) = msg.get("id") {
-            let err = json!({"jsonrpc":"2.0","id":id,"error":{"code":-32603,
-                "message":"no client stream is open to receive this request"}});
-            let _ = self.write_line(err.to_string().into_bytes());
-        }
     }
 
     fn spawn_child(&mut self) {
@@ -617,11 +511,9 @@ impl Router {
         self.stdin = Some(line_tx);
         self.started_at = Instant::now();
         self.alive.store(true, Ordering::Relaxed);
-        if let Some(params) = self.init_params.clone() {
-            let replay = json!({"jsonrpc":"2.0","id": REPLAY_ID_BASE + generation,
-                "method":"initialize","params": params});
-            let _ = self.write_line(replay.to_string().into_bytes());
-        }
+        let mut out = Outputs::new();
+        self.router.child_started(generation, &mut out);
+        self.apply(out);
     }
 
     fn schedule_restart(&mut self) {
@@ -629,7 +521,7 @@ impl Router {
         self.backoff = (self.backoff * 2).min(Duration::from_secs(10));
     }
 
-    fn child_exited(&mut self) {
+    fn child_exited(&mut self, out: &mut Outputs) {
         self.alive.store(false, Ordering::Relaxed);
         self.stdin = None;
         let status = self.child.take().map(|mut c| {
@@ -640,20 +532,13 @@ impl Router {
         tracing::error!(
             target: "mcp_guard::upstream",
             "stdio upstream exited ({status:?}); failing {} in-flight request(s) and restarting",
-            self.pending.len()
+            self.router.pending_count()
         );
         self.metrics
             .global
             .upstream_restarts
             .fetch_add(1, Ordering::Relaxed);
-        for (_, p) in self.pending.drain() {
-            if let Some(r) = p.reply {
-                let _ = r.try_send(HubReply::Error(GatewayError::UpstreamUnavailable(
-                    "stdio upstream process exited".into(),
-                )));
-            }
-        }
-        self.progress.clear();
+        self.router.child_exited(out);
         if self.started_at.elapsed() > Duration::from_secs(30) {
             self.backoff = Duration::from_millis(100);
         }

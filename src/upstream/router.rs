@@ -1,0 +1,1428 @@
+//! The isolated message router of a shared MCP upstream: every identifier that crosses it is
+//! remapped per session, and every line it writes to the upstream is one compact JSON line.
+//!
+//! Pure and synchronous (no threads, no process, no clock), so it can be unit-tested and fuzzed:
+//! callers feed it "a client message from session S" and "a line from the upstream" and carry
+//! out the [`Output`]s it returns (the stdio hub writes lines to the child, delivers messages to
+//! the session's streams and answers waiting workers).
+//!
+//! What is remapped, and why:
+//! - request ids: the worker's hub-unique id replaces the client's; restored on the response;
+//! - progress tokens: a client's `_meta.progressToken` becomes a hub-unique token, restored on
+//!   the way out; progress for a token the hub did not issue is dropped, never broadcast;
+//! - cancellations: a client's `notifications/cancelled` names its own request id, rewritten to
+//!   the hub id; an id the session does not own is dropped. A server's cancellation of one of
+//!   its own requests goes only to the session that was given it, with the id it was given;
+//! - server-initiated requests (sampling, elicitation, roots): delivered to exactly one session
+//!   under a hub-given id; only that session's answer is accepted, restored to the server's id.
+//!   Where the owning session cannot be known, the upstream is answered with an error at once.
+//!
+//! Notifications from the upstream that are tied to no request (list_changed, logging) still
+//! reach every session: a shared process cannot say whose they are.
+
+use crate::error::GatewayError;
+use crate::mcp::session::random_bytes;
+use serde_json::{Map, Value, json};
+use std::collections::{BTreeMap, HashMap};
+
+/// A hub session key.
+pub type SessionKey = [u8; 16];
+
+/// Ids at and above this are the hub's own requests (the replayed `initialize`).
+pub const REPLAY_ID_BASE: u64 = 1 << 62;
+
+/// JSON-RPC error sent to the upstream for a server-initiated request the hub cannot route.
+pub const UNROUTABLE_MESSAGE: &str =
+    "cannot route a server-initiated request in shared mode; use session_mode = \"per_session\"";
+
+/// Why a message was dropped rather than forwarded; each is counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// A client cancelled a request id its session does not own.
+    ForeignCancel,
+    /// A client answered a server-initiated request its session was not given.
+    ForeignResponse,
+    /// A client sent progress for a token its session was not given.
+    ForeignProgress,
+    /// The upstream sent progress for a token the hub did not issue (or no longer routes).
+    UnknownProgressToken,
+    /// The upstream cancelled a request no session was given.
+    UnknownCancel,
+    /// The upstream answered an id nobody waits on (late after a timeout, or made up).
+    UnknownResponse,
+    /// A server-initiated request no single session could be found for (answered with an error).
+    UnroutableServerRequest,
+    /// A server-initiated request pushed out of the full table (answered with an error).
+    ServerRequestEvicted,
+    /// Not a JSON-RPC object, or a shape the hub does not forward.
+    Malformed,
+}
+
+impl DropReason {
+    /// Every reason, in metric order.
+    pub const ALL: [DropReason; 9] = [
+        DropReason::ForeignCancel,
+        DropReason::ForeignResponse,
+        DropReason::ForeignProgress,
+        DropReason::UnknownProgressToken,
+        DropReason::UnknownCancel,
+        DropReason::UnknownResponse,
+        DropReason::UnroutableServerRequest,
+        DropReason::ServerRequestEvicted,
+        DropReason::Malformed,
+    ];
+
+    /// Metric label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            DropReason::ForeignCancel => "foreign_cancel",
+            DropReason::ForeignResponse => "foreign_response",
+            DropReason::ForeignProgress => "foreign_progress",
+            DropReason::UnknownProgressToken => "unknown_progress_token",
+            DropReason::UnknownCancel => "unknown_cancel",
+            DropReason::UnknownResponse => "unknown_response",
+            DropReason::UnroutableServerRequest => "unroutable_server_request",
+            DropReason::ServerRequestEvicted => "server_request_evicted",
+            DropReason::Malformed => "malformed",
+        }
+    }
+
+    /// Position in [`DropReason::ALL`].
+    pub fn index(self) -> usize {
+        Self::ALL.iter().position(|r| *r == self).unwrap_or(0)
+    }
+}
+
+/// Bounds on every table the router keeps.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Sessions kept in all.
+    pub max_sessions: usize,
+    /// Sessions kept per identity; beyond it the identity's own least recently used goes.
+    pub max_sessions_per_identity: usize,
+    /// Client requests in flight.
+    pub max_pending: usize,
+    /// Server-initiated requests awaiting a client's answer; beyond it the oldest is refused.
+    pub max_server_requests: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_sessions: 65_536,
+            max_sessions_per_identity: 4_096,
+            max_pending: 16_384,
+            max_server_requests: 1_024,
+        }
+    }
+}
+
+/// What the caller must do. `W` is whatever the caller uses to answer a waiting worker.
+#[derive(Debug)]
+pub enum Output<W> {
+    /// Write this line (compact JSON ending in one LF) to the upstream. `request` is the hub id
+    /// of the client request it carries: if the write fails, hand it back through
+    /// [`Router::abandon`].
+    ToChild {
+        /// The line, LF included.
+        line: Vec<u8>,
+        /// The client request it carries, if any.
+        request: Option<u64>,
+    },
+    /// Deliver to the session's server-to-client stream. When `server_request` is set and the
+    /// message cannot be delivered, report it through [`Router::undeliverable`].
+    Deliver {
+        /// The session.
+        session: SessionKey,
+        /// One JSON message.
+        message: Vec<u8>,
+        /// Hub id of the server-initiated request it carries.
+        server_request: Option<u64>,
+    },
+    /// The response to a waiting worker (its original id restored).
+    Respond {
+        /// The worker.
+        waiter: W,
+        /// The response message.
+        message: Vec<u8>,
+        /// A new session, when it answered a successful initialize.
+        new_session: Option<SessionKey>,
+    },
+    /// The request failed.
+    Fail {
+        /// The worker.
+        waiter: W,
+        /// Why.
+        error: GatewayError,
+    },
+    /// The session was evicted or deleted: close its streams.
+    SessionEnded(SessionKey),
+    /// Something was dropped (count it).
+    Dropped(DropReason),
+}
+
+struct Pending<W> {
+    waiter: W,
+    original_id: Value,
+    session: Option<SessionKey>,
+    /// Set for an initialize: the identity the new session will belong to.
+    init_identity: Option<Box<str>>,
+    /// The hub token and the client's own, when the request asked for progress.
+    progress: Option<(u64, Value)>,
+}
+
+struct ServerRequest {
+    session: SessionKey,
+    server_id: Value,
+    progress_token: Option<Value>,
+}
+
+struct Session {
+    identity: Box<str>,
+    last_used: u64,
+}
+
+/// The router. `W` answers a waiting worker (a channel sender in the hub, anything in tests).
+pub struct Router<W> {
+    limits: Limits,
+    pending: HashMap<u64, Pending<W>>,
+    /// Hub progress token -> hub request id.
+    progress: HashMap<u64, u64>,
+    next_token: u64,
+    /// Hub id -> server-initiated request; ordered, so the oldest is first.
+    server_requests: BTreeMap<u64, ServerRequest>,
+    next_server_request: u64,
+    sessions: HashMap<SessionKey, Session>,
+    /// Per identity, its sessions by last use (a logical clock), oldest first.
+    identities: HashMap<Box<str>, BTreeMap<u64, SessionKey>>,
+    tick: u64,
+    /// The protocol version the upstream agreed to, for the replayed initialize.
+    protocol_version: Option<String>,
+    replay_pending: Option<u64>,
+}
+
+/// One compact JSON line, LF-terminated. serde_json escapes every control character inside
+/// strings and writes no whitespace, so the only LF is the terminator; checked all the same.
+pub fn frame<T: serde::Serialize + ?Sized>(value: &T) -> Option<Vec<u8>> {
+    let mut line = serde_json::to_vec(value).ok()?;
+    let one_line = !line.iter().any(|b| *b == b'\n' || *b == b'\r');
+    debug_assert!(one_line, "a compact JSON line held a raw CR or LF");
+    if !one_line {
+        return None;
+    }
+    line.push(b'\n');
+    Some(line)
+}
+
+fn parse_object(bytes: &[u8]) -> Option<Map<String, Value>> {
+    match serde_json::from_slice::<Value>(bytes).ok()? {
+        Value::Object(o) => Some(o),
+        _ => None,
+    }
+}
+
+fn method_of(o: &Map<String, Value>) -> Option<&str> {
+    o.get("method").and_then(Value::as_str)
+}
+
+fn params_field<'a>(o: &'a Map<String, Value>, field: &str) -> Option<&'a Value> {
+    o.get("params").and_then(|p| p.get(field))
+}
+
+fn set_params_field(o: &mut Map<String, Value>, field: &str, v: Value) {
+    if let Some(Value::Object(p)) = o.get_mut("params") {
+        p.insert(field.into(), v);
+    }
+}
+
+impl<W> Default for Router<W> {
+    fn default() -> Self {
+        Self::new(Limits::default())
+    }
+}
+
+impl<W> Router<W> {
+    /// An empty router.
+    pub fn new(limits: Limits) -> Self {
+        Router {
+            limits,
+            pending: HashMap::new(),
+            progress: HashMap::new(),
+            next_token: 1,
+            server_requests: BTreeMap::new(),
+            next_server_request: 1,
+            sessions: HashMap::new(),
+            identities: HashMap::new(),
+            tick: 0,
+            protocol_version: None,
+            replay_pending: None,
+        }
+    }
+
+    /// Sessions held.
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Client requests in flight.
+    pub fn pending_count(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Server-initiated requests awaiting an answer.
+    pub fn server_request_count(&self) -> usize {
+        self.server_requests.len()
+    }
+
+    /// Progress tokens routed.
+    pub fn progress_count(&self) -> usize {
+        self.progress.len()
+    }
+
+    /// Whether the session exists; marks it used.
+    pub fn touch(&mut self, key: &SessionKey) -> bool {
+        let Some(s) = self.sessions.get_mut(key) else {
+            return false;
+        };
+        self.tick += 1;
+        if let Some(lru) = self.identities.get_mut(&*s.identity) {
+            lru.remove(&s.last_used);
+            lru.insert(self.tick, *key);
+        }
+        s.last_used = self.tick;
+        true
+    }
+
+    fn emit(&self, value: &impl serde::Serialize, request: Option<u64>, out: &mut Vec<Output<W>>) {
+        match frame(value) {
+            Some(line) => out.push(Output::ToChild { line, request }),
+            None => out.push(Output::Dropped(DropReason::Malformed)),
+        }
+    }
+
+    /// A client request (it has an id and a method). `hub_id` is unique to the hub and below
+    /// [`REPLAY_ID_BASE`]; `session` is `None` only for an initialize; `identity` is the caller's
+    /// binding (the session's owner).
+    pub fn client_request(
+        &mut self,
+        hub_id: u64,
+        session: Option<SessionKey>,
+        identity: &str,
+        message: &[u8],
+        waiter: W,
+        out: &mut Vec<Output<W>>,
+    ) {
+        macro_rules! fail {
+            ($e:expr) => {{
+                out.push(Output::Fail { waiter, error: $e });
+                return;
+            }};
+        }
+        if let Some(s) = &session {
+            if self
+                .sessions
+                .get(s)
+                .is_none_or(|s| &*s.identity != identity)
+            {
+                fail!(GatewayError::UnknownSession);
+            }
+            self.touch(s);
+        }
+        if hub_id >= REPLAY_ID_BASE || self.pending.contains_key(&hub_id) {
+            fail!(GatewayError::UpstreamUnavailable(
+                "stdio hub id reused".into()
+            ));
+        }
+        if self.pending.len() >= self.limits.max_pending {
+            fail!(GatewayError::UpstreamBusy);
+        }
+        let Some(mut msg) = parse_object(message) else {
+            fail!(GatewayError::Parse("invalid JSON-RPC request".into()));
+        };
+        let Some(method) = method_of(&msg) else {
+            fail!(GatewayError::Parse("request without a method".into()));
+        };
+        let is_initialize = method == "initialize";
+        if session.is_none() && !is_initialize {
+            fail!(GatewayError::MissingSession);
+        }
+        let original_id = msg.insert("id".into(), Value::from(hub_id));
+        let Some(original_id) = original_id else {
+            fail!(GatewayError::Parse("request without an id".into()));
+        };
+        let mut progress = None;
+        if let Some(Value::Object(p)) = msg.get_mut("params")
+            && let Some(Value::Object(meta)) = p.get_mut("_meta")
+            && let Some(token) = meta.get_mut("progressToken")
+        {
+            let hub_token = self.next_token;
+            self.next_token += 1;
+            let original = std::mem::replace(token, Value::from(hub_token));
+            progress = Some((hub_token, original));
+        }
+        let Some(line) = frame(&msg) else {
+            out.push(Output::Dropped(DropReason::Malformed));
+            fail!(GatewayError::Parse("unframeable request".into()));
+        };
+        if let Some((t, _)) = &progress {
+            self.progress.insert(*t, hub_id);
+        }
+        self.pending.insert(
+            hub_id,
+            Pending {
+                waiter,
+                original_id,
+                session,
+                init_identity: is_initialize.then(|| identity.into()),
+                progress,
+            },
+        );
+        out.push(Output::ToChild {
+            line,
+            request: Some(hub_id),
+        });
+    }
+
+    fn take_pending(&mut self, hub_id: u64) -> Option<Pending<W>> {
+        let p = self.pending.remove(&hub_id)?;
+        if let Some((t, _)) = &p.progress {
+            self.progress.remove(t);
+        }
+        Some(p)
+    }
+
+    /// The line carrying `hub_id` could not be written: forget the request, return its waiter.
+    pub fn abandon(&mut self, hub_id: u64) -> Option<W> {
+        self.take_pending(hub_id).map(|p| p.waiter)
+    }
+
+    /// The worker gave up on `hub_id` (timeout): forget it and tell the upstream.
+    pub fn cancel(&mut self, hub_id: u64, out: &mut Vec<Output<W>>) {
+        if self.take_pending(hub_id).is_some() {
+            let note = json!({"jsonrpc":"2.0","method":"notifications/cancelled",
+                "params":{"requestId": hub_id, "reason":"client request timed out"}});
+            self.emit(&note, None, out);
+        }
+    }
+
+    /// A client notification or a client response to a server-initiated request. Messages
+    /// naming an id the session does not own are dropped (and reported in `out`), not refused,
+    /// so a prober learns nothing.
+    pub fn client_send(
+        &mut self,
+        session: SessionKey,
+        message: &[u8],
+        out: &mut Vec<Output<W>>,
+    ) -> Result<(), GatewayError> {
+        if !self.touch(&session) {
+            return Err(GatewayError::UnknownSession);
+        }
+        let Some(mut msg) = parse_object(message) else {
+            return Err(GatewayError::Parse("invalid JSON-RPC message".into()));
+        };
+        let has_id = msg.contains_key("id");
+        match (msg.get("method"), has_id) {
+            (Some(Value::String(_)), false) => {
+                self.client_notification(session, msg, out);
+                Ok(())
+            }
+            (None, true) => {
+                let owned = msg
+                    .get("id")
+                    .and_then(Value::as_u64)
+                    .and_then(|h| self.server_requests.get(&h).map(|r| (h, r)))
+                    .filter(|(_, r)| r.session == session)
+                    .map(|(h, _)| h);
+                match owned.and_then(|h| self.server_requests.remove(&h)) {
+                    Some(r) => {
+                        msg.insert("id".into(), r.server_id);
+                        self.emit(&msg, None, out);
+                    }
+                    None => out.push(Output::Dropped(DropReason::ForeignResponse)),
+                }
+                Ok(())
+            }
+            _ => Err(GatewayError::InvalidRequest(
+                "not a notification or a response".into(),
+                None,
+            )),
+        }
+    }
+
+    fn client_notification(
+        &mut self,
+        session: SessionKey,
+        mut msg: Map<String, Value>,
+        out: &mut Vec<Output<W>>,
+    ) {
+        match method_of(&msg) {
+            Some("notifications/cancelled") => {
+                let target = params_field(&msg, "requestId").and_then(|rid| {
+                    self.pending
+                        .iter()
+                        .find(|(_, p)| p.session == Some(session) && p.original_id == *rid)
+                        .map(|(h, _)| *h)
+                });
+                match target {
+                    Some(h) => {
+                        set_params_field(&mut msg, "requestId", Value::from(h));
+                        self.emit(&msg, None, out);
+                    }
+                    None => out.push(Output::Dropped(DropReason::ForeignCancel)),
+                }
+            }
+            Some("notifications/progress") => {
+                // A client reports progress only on a server-initiated request it was given.
+                let owned = params_field(&msg, "progressToken").is_some_and(|t| {
+                    self.server_requests
+                        .values()
+                        .any(|r| r.session == session && r.progress_token.as_ref() == Some(t))
+                });
+                if owned {
+                    self.emit(&msg, None, out);
+                } else {
+                    out.push(Output::Dropped(DropReason::ForeignProgress));
+                }
+            }
+            _ => self.emit(&msg, None, out),
+        }
+    }
+
+    /// A line from the upstream (without its terminator).
+    pub fn child_line(&mut self, line: &[u8], out: &mut Vec<Output<W>>) {
+        match serde_json::from_slice::<Value>(line) {
+            Ok(Value::Object(o)) => self.child_message(o, out),
+            Ok(Value::Array(batch)) => {
+                for m in batch {
+                    match m {
+                        Value::Object(o) => self.child_message(o, out),
+                        _ => out.push(Output::Dropped(DropReason::Malformed)),
+                    }
+                }
+            }
+            _ => out.push(Output::Dropped(DropReason::Malformed)),
+        }
+    }
+
+    fn child_message(&mut self, msg: Map<String, Value>, out: &mut Vec<Output<W>>) {
+        let has_method = matches!(msg.get("method"), Some(Value::String(_)));
+        match (has_method, msg.contains_key("id")) {
+            (false, true) => self.child_response(msg, out),
+            (true, true) => self.child_request(msg, out),
+            (true, false) => self.child_notification(msg, out),
+            (false, false) => out.push(Output::Dropped(DropReason::Malformed)),
+        }
+    }
+
+    fn child_response(&mut self, mut msg: Map<String, Value>, out: &mut Vec<Output<W>>) {
+        let Some(hub_id) = msg.get("id").and_then(Value::as_u64) else {
+            return out.push(Output::Dropped(DropReason::UnknownResponse));
+        };
+        if self.replay_pending == Some(hub_id) {
+            // The answer to the replayed initialize: complete the handshake for the new child.
+            self.replay_pending = None;
+            self.emit(
+                &json!({"jsonrpc":"2.0","method":"notifications/initialized"}),
+                None,
+                out,
+            );
+            return;
+        }
+        let Some(p) = self.take_pending(hub_id) else {
+            return out.push(Output::Dropped(DropReason::UnknownResponse));
+        };
+        msg.insert("id".into(), p.original_id);
+        let mut new_session = None;
+        if let Some(identity) = p.init_identity
+            && let Some(result) = msg.get("result")
+        {
+            if let Some(v) = result.get("protocolVersion").and_then(Value::as_str)
+                && v.len() <= 64
+            {
+                self.protocol_version = Some(v.to_string());
+            }
+            new_session = Some(self.admit(identity, out));
+        }
+        match serde_json::to_vec(&msg) {
+            Ok(message) => out.push(Output::Respond {
+                waiter: p.waiter,
+                message,
+                new_session,
+            }),
+            Err(_) => out.push(Output::Fail {
+                waiter: p.waiter,
+                error: GatewayError::UpstreamUnavailable("unserialisable response".into()),
+            }),
+        }
+    }
+
+    /// Picks the session a server-initiated request belongs to: the only one with requests in
+    /// flight, else the only session; otherwise nobody can know.
+    fn owner_for_server_request(&self) -> Option<SessionKey> {
+        let mut found = None;
+        for s in self.pending.values().filter_map(|p| p.session) {
+            if !self.sessions.contains_key(&s) {
+                continue;
+            }
+            match found {
+                None => found = Some(s),
+                Some(f) if f != s => return None,
+                Some(_) => {}
+            }
+        }
+        if found.is_some() {
+            return found;
+        }
+        if self.sessions.len() == 1 {
+            return self.sessions.keys().next().copied();
+        }
+        None
+    }
+
+    fn refuse_server_request(&self, server_id: Value, message: &str, out: &mut Vec<Output<W>>) {
+        let err = json!({"jsonrpc":"2.0","id":server_id,
+            "error":{"code":-32603,"message":message}});
+        self.emit(&err, None, out);
+    }
+
+    fn child_request(&mut self, mut msg: Map<String, Value>, out: &mut Vec<Output<W>>) {
+        let server_id = msg.get("id").cloned().unwrap_or(Value::Null);
+        // Only an id the hub can hand back exactly: a string or an integer (a fraction or an
+        // integer beyond 64 bits would come back re-spelled, answering nobody).
+        if !(server_id.is_string() || server_id.is_u64() || server_id.is_i64()) {
+            return out.push(Output::Dropped(DropReason::Malformed));
+        }
+        let Some(session) = self.owner_for_server_request() else {
+            out.push(Output::Dropped(DropReason::UnroutableServerRequest));
+            return self.refuse_server_request(server_id, UNROUTABLE_MESSAGE, out);
+        };
+        while self.server_requests.len() >= self.limits.max_server_requests.max(1) {
+            if let Some((_, old)) = self.server_requests.pop_first() {
+                out.push(Output::Dropped(DropReason::ServerRequestEvicted));
+                self.refuse_server_request(
+                    old.server_id,
+                    "too many server-initiated requests awaiting an answer",
+                    out,
+                );
+            }
+        }
+        let hub_id = self.next_server_request;
+        self.next_server_request += 1;
+        msg.insert("id".into(), Value::from(hub_id));
+        let progress_token = msg
+            .get("params")
+            .and_then(|p| p.get("_meta"))
+            .and_then(|m| m.get("progressToken"))
+            .cloned();
+        match serde_json::to_vec(&msg) {
+            Ok(message) => {
+                self.server_requests.insert(
+                    hub_id,
+                    ServerRequest {
+                        session,
+                        server_id,
+                        progress_token,
+                    },
+                );
+                out.push(Output::Deliver {
+                    session,
+                    message,
+                    server_request: Some(hub_id),
+                });
+            }
+            Err(_) => out.push(Output::Dropped(DropReason::Malformed)),
+        }
+    }
+
+    /// A server-initiated request could not be delivered (no open stream, or it was full):
+    /// forget it and answer the upstream with an error.
+    pub fn undeliverable(&mut self, server_request: u64, out: &mut Vec<Output<W>>) {
+        if let Some(r) = self.server_requests.remove(&server_request) {
+            self.refuse_server_request(
+                r.server_id,
+                "no client stream is open to receive this request",
+                out,
+            );
+        }
+    }
+
+    fn child_notification(&mut self, mut msg: Map<String, Value>, out: &mut Vec<Output<W>>) {
+        match method_of(&msg) {
+            Some("notifications/progress") => {
+                let route = params_field(&msg, "progressToken")
+                    .and_then(Value::as_u64)
+                    .and_then(|t| self.progress.get(&t))
+                    .and_then(|h| self.pending.get(h))
+                    .and_then(|p| Some((p.session?, p.progress.as_ref()?.1.clone())))
+                    .filter(|(s, _)| self.sessions.contains_key(s));
+                let Some((session, token)) = route else {
+                    return out.push(Output::Dropped(DropReason::UnknownProgressToken));
+                };
+                set_params_field(&mut msg, "progressToken", token);
+                self.deliver(session, &msg, out);
+            }
+            Some("notifications/cancelled") => {
+                let target = params_field(&msg, "requestId").and_then(|rid| {
+                    self.server_requests
+                        .iter()
+                        .find(|(_, r)| r.server_id == *rid)
+                        .map(|(h, _)| *h)
+                });
+                match target.and_then(|h| Some((h, self.server_requests.remove(&h)?))) {
+                    Some((h, r)) => {
+                        set_params_field(&mut msg, "requestId", Value::from(h));
+                        self.deliver(r.session, &msg, out);
+                    }
+                    None => out.push(Output::Dropped(DropReason::UnknownCancel)),
+                }
+            }
+            _ => {
+                // Tied to no request: every session of the shared process hears it.
+                let Ok(message) = serde_json::to_vec(&msg) else {
+                    return out.push(Output::Dropped(DropReason::Malformed));
+                };
+                for session in self.sessions.keys() {
+                    out.push(Output::Deliver {
+                        session: *session,
+                        message: message.clone(),
+                        server_request: None,
+                    });
+                }
+            }
+        }
+    }
+
+    fn deliver(&self, session: SessionKey, msg: &Map<String, Value>, out: &mut Vec<Output<W>>) {
+        match serde_json::to_vec(msg) {
+            Ok(message) => out.push(Output::Deliver {
+                session,
+                message,
+                server_request: None,
+            }),
+            Err(_) => out.push(Output::Dropped(DropReason::Malformed)),
+        }
+    }
+
+    /// Admits a new session for `identity`, evicting first if a cap is reached: the identity's
+    /// own least recently used session when it is at its cap, else (table full) the least
+    /// recently used of the identity holding the most sessions.
+    fn admit(&mut self, identity: Box<str>, out: &mut Vec<Output<W>>) -> SessionKey {
+        let own = self.identities.get(&identity).map_or(0, BTreeMap::len);
+        let victim_identity = if own >= self.limits.max_sessions_per_identity.max(1) {
+            Some(identity.clone())
+        } else if self.sessions.len() >= self.limits.max_sessions.max(1) {
+            self.identities
+                .iter()
+                .max_by_key(|(_, lru)| lru.len())
+                .map(|(i, _)| i.clone())
+        } else {
+            None
+        };
+        if let Some(victim) = victim_identity
+            && let Some(key) = self
+                .identities
+                .get(&victim)
+                .and_then(|lru| lru.values().next().copied())
+        {
+            self.remove_session(&key, out);
+        }
+        let key: SessionKey = random_bytes();
+        self.tick += 1;
+        self.identities
+            .entry(identity.clone())
+            .or_default()
+            .insert(self.tick, key);
+        self.sessions.insert(
+            key,
+            Session {
+                identity,
+                last_used: self.tick,
+            },
+        );
+        key
+    }
+
+    fn remove_session(&mut self, key: &SessionKey, out: &mut Vec<Output<W>>) -> bool {
+        let Some(s) = self.sessions.remove(key) else {
+            return false;
+        };
+        if let Some(lru) = self.identities.get_mut(&*s.identity) {
+            lru.remove(&s.last_used);
+            if lru.is_empty() {
+                self.identities.remove(&*s.identity);
+            }
+        }
+        // Its progress routes go; its in-flight requests still answer their own waiters.
+        for p in self.pending.values_mut() {
+            if p.session == Some(*key)
+                && let Some((t, _)) = p.progress.take()
+            {
+                self.progress.remove(&t);
+            }
+        }
+        let orphaned: Vec<u64> = self
+            .server_requests
+            .iter()
+            .filter(|(_, r)| r.session == *key)
+            .map(|(h, _)| *h)
+            .collect();
+        for h in orphaned {
+            if let Some(r) = self.server_requests.remove(&h) {
+                self.refuse_server_request(r.server_id, "the client session ended", out);
+            }
+        }
+        out.push(Output::SessionEnded(*key));
+        true
+    }
+
+    /// Ends a session (client DELETE); false when it does not exist.
+    pub fn delete_session(&mut self, key: &SessionKey, out: &mut Vec<Output<W>>) -> bool {
+        self.remove_session(key, out)
+    }
+
+    /// A (re)started upstream: once an earlier one agreed to a protocol version, the hub
+    /// replays its *own* initialize (never a client's params) so existing sessions carry on.
+    pub fn child_started(&mut self, generation: u64, out: &mut Vec<Output<W>>) {
+        self.replay_pending = None;
+        let Some(version) = self.protocol_version.clone() else {
+            return;
+        };
+        let id = REPLAY_ID_BASE + (generation & (REPLAY_ID_BASE - 1));
+        self.replay_pending = Some(id);
+        let init = json!({"jsonrpc":"2.0","id":id,"method":"initialize","params":{
+            "protocolVersion": version,
+            "capabilities": {},
+            "clientInfo": {"name":"mcp-guard","version":env!("CARGO_PKG_VERSION")}}});
+        self.emit(&init, None, out);
+    }
+
+    /// The upstream exited: every request in flight fails, every id mapping is forgotten.
+    pub fn child_exited(&mut self, out: &mut Vec<Output<W>>) {
+        for (_, p) in self.pending.drain() {
+            out.push(Output::Fail {
+                waiter: p.waiter,
+                error: GatewayError::UpstreamUnavailable("stdio upstream process exited".into()),
+            });
+        }
+        self.progress.clear();
+        self.server_requests.clear();
+        self.replay_pending = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type R = Router<u64>;
+
+    fn lines(out: &[Output<u64>]) -> Vec<Value> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::ToChild { line, .. } => Some(serde_json::from_slice(line).unwrap()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn delivered(out: &[Output<u64>]) -> Vec<(SessionKey, Value)> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Deliver {
+                    session, message, ..
+                } => Some((*session, serde_json::from_slice(message).unwrap())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn dropped(out: &[Output<u64>]) -> Vec<DropReason> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Dropped(r) => Some(*r),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Runs an initialize for `identity` through the router and the child's answer.
+    fn session(r: &mut R, hub_id: u64, identity: &str) -> SessionKey {
+        let mut out = Vec::new();
+        let init = br#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{"sampling":{}},"clientInfo":{"name":"evil","version":"1"}}}"#;
+        r.client_request(hub_id, None, identity, init, hub_id, &mut out);
+        assert_eq!(lines(&out).len(), 1);
+        out.clear();
+        let answer = format!(
+            r#"{{"jsonrpc":"2.0","id":{hub_id},"result":{{"protocolVersion":"2025-03-26","capabilities":{{}},"serverInfo":{{"name":"s","version":"1"}}}}}}"#
+        );
+        r.child_line(answer.as_bytes(), &mut out);
+        out.iter()
+            .find_map(|o| match o {
+                Output::Respond { new_session, .. } => *new_session,
+                _ => None,
+            })
+            .expect("a new session")
+    }
+
+    fn request(r: &mut R, hub_id: u64, s: SessionKey, identity: &str, body: &str) -> Value {
+        let mut out = Vec::new();
+        r.client_request(hub_id, Some(s), identity, body.as_bytes(), hub_id, &mut out);
+        let l = lines(&out);
+        assert_eq!(l.len(), 1, "{out:?}");
+        l[0].clone()
+    }
+
+    #[test]
+    fn request_ids_are_remapped_and_restored() {
+        let mut r = R::default();
+        let a = session(&mut r, 1, "alice");
+        let sent = request(
+            &mut r,
+            7,
+            a,
+            "alice",
+            r#"{"jsonrpc":"2.0","id":"x","method":"ping"}"#,
+        );
+        assert_eq!(sent["id"], 7);
+        let mut out = Vec::new();
+        r.child_line(br#"{"jsonrpc":"2.0","id":7,"result":{}}"#, &mut out);
+        match &out[..] {
+            [
+                Output::Respond {
+                    waiter: 7, message, ..
+                },
+            ] => {
+                let v: Value = serde_json::from_slice(message).unwrap();
+                assert_eq!(v["id"], "x");
+            }
+            o => panic!("{o:?}"),
+        }
+        assert_eq!(r.pending_count(), 0);
+    }
+
+    #[test]
+    fn two_sessions_with_the_same_progress_token_each_see_only_their_own() {
+        let mut r = R::default();
+        let a = session(&mut r, 1, "alice");
+        let b = session(&mut r, 2, "bob");
+        let body = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"t","_meta":{"progressToken":1}}}"#;
+        let ta = request(&mut r, 10, a, "alice", body)["params"]["_meta"]["progressToken"].clone();
+        let tb = request(&mut r, 11, b, "bob", body)["params"]["_meta"]["progressToken"].clone();
+        assert_ne!(ta, tb, "hub tokens are unique");
+        for (token, owner) in [(&ta, a), (&tb, b)] {
+            let mut out = Vec::new();
+            let note = json!({"jsonrpc":"2.0","method":"notifications/progress",
+                "params":{"progressToken": token, "progress": 1}});
+            r.child_line(note.to_string().as_bytes(), &mut out);
+            let d = delivered(&out);
+            assert_eq!(d.len(), 1, "{out:?}");
+            assert_eq!(d[0].0, owner);
+            assert_eq!(
+                d[0].1["params"]["progressToken"], 1,
+                "client token restored"
+            );
+        }
+    }
+
+    #[test]
+    fn progress_for_an_unknown_token_is_dropped_never_broadcast() {
+        let mut r = R::default();
+        let _a = session(&mut r, 1, "alice");
+        let _b = session(&mut r, 2, "bob");
+        for token in [json!(1), json!("1"), json!(999)] {
+            let mut out = Vec::new();
+            let note = json!({"jsonrpc":"2.0","method":"notifications/progress",
+                "params":{"progressToken": token, "progress": 1}});
+            r.child_line(note.to_string().as_bytes(), &mut out);
+            assert!(delivered(&out).is_empty());
+            assert_eq!(dropped(&out), [DropReason::UnknownProgressToken]);
+        }
+    }
+
+    #[test]
+    fn progress_route_ends_with_the_request() {
+        let mut r = R::default();
+        let a = session(&mut r, 1, "alice");
+        let body = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"_meta":{"progressToken":"p"}}}"#;
+        request(&mut r, 10, a, "alice", body);
+        request(&mut r, 11, a, "alice", body);
+        assert_eq!(r.progress_count(), 2);
+        let mut out = Vec::new();
+        r.child_line(br#"{"jsonrpc":"2.0","id":10,"result":{}}"#, &mut out);
+        r.cancel(11, &mut out);
+        assert_eq!(r.progress_count(), 0);
+        assert_eq!(r.pending_count(), 0);
+    }
+
+    #[test]
+    fn cancel_of_another_sessions_request_is_dropped() {
+        let mut r = R::default();
+        let a = session(&mut r, 1, "alice");
+        let b = session(&mut r, 2, "bob");
+        request(
+            &mut r,
+            10,
+            a,
+            "alice",
+            r#"{"jsonrpc":"2.0","id":5,"method":"tools/call"}"#,
+        );
+        let mut out = Vec::new();
+        // Bob guesses both Alice's id and the hub's id.
+        for rid in [5, 10] {
+            let c = json!({"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":rid}});
+            r.client_send(b, c.to_string().as_bytes(), &mut out)
+                .unwrap();
+        }
+        assert!(lines(&out).is_empty(), "{out:?}");
+        assert_eq!(dropped(&out), [DropReason::ForeignCancel; 2]);
+        // Alice cancelling her own id reaches the child under the hub id.
+        let mut out = Vec::new();
+        let c = br#"{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":5}}"#;
+        r.client_send(a, c, &mut out).unwrap();
+        assert_eq!(lines(&out)[0]["params"]["requestId"], 10);
+    }
+
+    fn sampling(r: &mut R, server_id: u64) -> Vec<Output<u64>> {
+        let mut out = Vec::new();
+        let req =
+            json!({"jsonrpc":"2.0","id":server_id,"method":"sampling/createMessage","params":{}});
+        r.child_line(req.to_string().as_bytes(), &mut out);
+        out
+    }
+
+    #[test]
+    fn server_request_goes_to_the_only_busy_session_and_only_it_may_answer() {
+        let mut r = R::default();
+        let a = session(&mut r, 1, "alice");
+        let b = session(&mut r, 2, "bob");
+        request(
+            &mut r,
+            10,
+            a,
+            "alice",
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call"}"#,
+        );
+        let out = sampling(&mut r, 77);
+        let d = delivered(&out);
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].0, a);
+        let given = d[0].1["id"].clone();
+        // Bob answers Alice's request: dropped.
+        let mut out = Vec::new();
+        let answer = json!({"jsonrpc":"2.0","id":given,"result":{"stolen":true}});
+        r.client_send(b, answer.to_string().as_bytes(), &mut out)
+            .unwrap();
+        assert!(lines(&out).is_empty());
+        assert_eq!(dropped(&out), [DropReason::ForeignResponse]);
+        // An id nobody was given: dropped.
+        let mut out = Vec::new();
+        r.client_send(a, br#"{"jsonrpc":"2.0","id":4242,"result":{}}"#, &mut out)
+            .unwrap();
+        assert_eq!(dropped(&out), [DropReason::ForeignResponse]);
+        // Alice's answer reaches the child with the server's id, once.
+        let mut out = Vec::new();
+        r.client_send(a, answer.to_string().as_bytes(), &mut out)
+            .unwrap();
+        assert_eq!(lines(&out)[0]["id"], 77);
+        let mut out = Vec::new();
+        r.client_send(a, answer.to_string().as_bytes(), &mut out)
+            .unwrap();
+        assert_eq!(dropped(&out), [DropReason::ForeignResponse]);
+        assert_eq!(r.server_request_count(), 0);
+    }
+
+    #[test]
+    fn server_request_is_refused_when_two_sessions_are_busy() {
+        let mut r = R::default();
+        let a = session(&mut r, 1, "alice");
+        let b = session(&mut r, 2, "bob");
+        request(
+            &mut r,
+            10,
+            a,
+            "alice",
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call"}"#,
+        );
+        request(
+            &mut r,
+            11,
+            b,
+            "bob",
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call"}"#,
+        );
+        let out = sampling(&mut r, 77);
+        assert!(delivered(&out).is_empty());
+        assert_eq!(dropped(&out), [DropReason::UnroutableServerRequest]);
+        let l = lines(&out);
+        assert_eq!(l[0]["id"], 77);
+        assert_eq!(l[0]["error"]["code"], -32603);
+        assert_eq!(l[0]["error"]["message"], UNROUTABLE_MESSAGE);
+    }
+
+    #[test]
+    fn server_request_goes_to_the_only_session_when_none_is_busy_and_is_refused_among_idle_ones() {
+        let mut r = R::default();
+        let a = session(&mut r, 1, "alice");
+        assert_eq!(delivered(&sampling(&mut r, 1))[0].0, a);
+        let _b = session(&mut r, 2, "bob");
+        let out = sampling(&mut r, 2);
+        assert!(delivered(&out).is_empty());
+        assert_eq!(lines(&out)[0]["error"]["code"], -32603);
+    }
+
+    #[test]
+    fn child_cancel_of_a_server_request_reaches_only_its_session_with_the_given_id() {
+        let mut r = R::default();
+        let a = session(&mut r, 1, "alice");
+        let _b = session(&mut r, 2, "bob");
+        request(
+            &mut r,
+            10,
+            a,
+            "alice",
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call"}"#,
+        );
+        let given = delivered(&sampling(&mut r, 77))[0].1["id"].clone();
+        let mut out = Vec::new();
+        r.child_line(
+            br#"{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":77}}"#,
+            &mut out,
+        );
+        let d = delivered(&out);
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].0, a);
+        assert_eq!(d[0].1["params"]["requestId"], given);
+        let mut out = Vec::new();
+        r.child_line(
+            br#"{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":77}}"#,
+            &mut out,
+        );
+        assert!(delivered(&out).is_empty());
+        assert_eq!(dropped(&out), [DropReason::UnknownCancel]);
+    }
+
+    #[test]
+    fn server_request_with_an_id_that_cannot_be_echoed_exactly_is_dropped() {
+        let mut r = R::default();
+        let _a = session(&mut r, 1, "alice");
+        let mut out = Vec::new();
+        for id in [
+            "1.5",
+            "222222222222222222222222222222222222222",
+            "null",
+            "{}",
+        ] {
+            let line = format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"roots/list"}}"#);
+            r.child_line(line.as_bytes(), &mut out);
+        }
+        assert!(
+            delivered(&out).is_empty() && lines(&out).is_empty(),
+            "{out:?}"
+        );
+        assert_eq!(dropped(&out), [DropReason::Malformed; 4]);
+    }
+
+    #[test]
+    fn undeliverable_server_request_is_answered_with_an_error() {
+        let mut r = R::default();
+        let _a = session(&mut r, 1, "alice");
+        let out = sampling(&mut r, 9);
+        let Some(Output::Deliver {
+            server_request: Some(h),
+            ..
+        }) = out.first()
+        else {
+            panic!("{out:?}")
+        };
+        let mut out = Vec::new();
+        r.undeliverable(*h, &mut out);
+        assert_eq!(lines(&out)[0]["id"], 9);
+        assert_eq!(r.server_request_count(), 0);
+    }
+
+    #[test]
+    fn crlf_in_json_whitespace_never_reaches_the_child_as_two_lines() {
+        let mut r = R::default();
+        let a = session(&mut r, 1, "alice");
+        let evil = "{\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{\"x\":1\r\n,\n\"y\":\"a\\nb\"}\n}\r\n\n{\"jsonrpc\":\"2.0\",\"id\":424242,\"method\":\"tools/call\",\"params\":{\"name\":\"denied\"}}\n";
+        let mut out = Vec::new();
+        // Two documents in one message is not JSON: refused outright.
+        assert!(r.client_send(a, evil.as_bytes(), &mut out).is_err());
+        let one = "{\"jsonrpc\":\"2.0\",\r\n\"method\":\"notifications/initialized\",\n\"params\":{\"s\":\"a\\r\\nb\"}\r\n}";
+        r.client_send(a, one.as_bytes(), &mut out).unwrap();
+        let req = "{\"jsonrpc\":\"2.0\",\n\"id\":1,\r\n\"method\":\"tools/call\",\n\"params\":{\"name\":\"ok\"}\n}";
+        r.client_request(5, Some(a), "alice", req.as_bytes(), 5, &mut out);
+        r.child_line(
+            b"{\"jsonrpc\":\"2.0\",\"id\":3,\"method\":\"roots/list\"}",
+            &mut out,
+        );
+        let given = delivered(&out)[0].1["id"].clone();
+        let resp =
+            format!("{{\"jsonrpc\":\"2.0\",\r\n\"id\":{given},\n\"result\":{{\"roots\":[]}}\n}}");
+        r.client_send(a, resp.as_bytes(), &mut out).unwrap();
+        let written: Vec<&Vec<u8>> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::ToChild { line, .. } => Some(line),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(written.len(), 3);
+        for l in written {
+            assert_eq!(l.iter().filter(|b| **b == b'\n').count(), 1);
+            assert_eq!(l.last(), Some(&b'\n'));
+            assert!(!l.contains(&b'\r'));
+            serde_json::from_slice::<Value>(l).unwrap();
+        }
+    }
+
+    #[test]
+    fn restart_replays_the_gateways_own_initialize() {
+        let mut r = R::default();
+        let _a = session(&mut r, 1, "alice");
+        let mut out = Vec::new();
+        r.child_exited(&mut out);
+        r.child_started(2, &mut out);
+        let l = lines(&out);
+        assert_eq!(l.len(), 1);
+        let init = &l[0];
+        assert_eq!(init["method"], "initialize");
+        assert_eq!(init["params"]["clientInfo"]["name"], "mcp-guard");
+        assert_eq!(
+            init["params"]["clientInfo"]["version"],
+            env!("CARGO_PKG_VERSION")
+        );
+        assert_eq!(
+            init["params"]["protocolVersion"], "2025-03-26",
+            "what the child agreed"
+        );
+        assert_eq!(init["params"]["capabilities"], json!({}));
+        let id = init["id"].as_u64().unwrap();
+        assert!(id >= REPLAY_ID_BASE);
+        let mut out = Vec::new();
+        r.child_line(
+            format!(r#"{{"jsonrpc":"2.0","id":{id},"result":{{}}}}"#).as_bytes(),
+            &mut out,
+        );
+        assert_eq!(lines(&out)[0]["method"], "notifications/initialized");
+        // A second answer to it is nobody's.
+        let mut out = Vec::new();
+        r.child_line(
+            format!(r#"{{"jsonrpc":"2.0","id":{id},"result":{{}}}}"#).as_bytes(),
+            &mut out,
+        );
+        assert_eq!(dropped(&out), [DropReason::UnknownResponse]);
+    }
+
+    #[test]
+    fn child_exit_fails_in_flight_requests_and_forgets_every_mapping() {
+        let mut r = R::default();
+        let a = session(&mut r, 1, "alice");
+        request(
+            &mut r,
+            10,
+            a,
+            "alice",
+            r#"{"jsonrpc":"2.0","id":1,"method":"x","params":{"_meta":{"progressToken":1}}}"#,
+        );
+        sampling(&mut r, 3);
+        let mut out = Vec::new();
+        r.child_exited(&mut out);
+        assert!(matches!(out[..], [Output::Fail { waiter: 10, .. }]));
+        assert_eq!(
+            (
+                r.pending_count(),
+                r.progress_count(),
+                r.server_request_count()
+            ),
+            (0, 0, 0)
+        );
+        assert_eq!(r.session_count(), 1, "sessions survive a restart");
+    }
+
+    #[test]
+    fn a_session_is_used_only_by_its_identity() {
+        let mut r = R::default();
+        let a = session(&mut r, 1, "alice");
+        let mut out = Vec::new();
+        r.client_request(
+            5,
+            Some(a),
+            "bob",
+            br#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#,
+            5,
+            &mut out,
+        );
+        assert!(matches!(
+            out[..],
+            [Output::Fail {
+                error: GatewayError::UnknownSession,
+                ..
+            }]
+        ));
+    }
+
+    #[test]
+    fn per_identity_cap_evicts_the_identitys_own_oldest_session() {
+        let mut r = R::new(Limits {
+            max_sessions: 4,
+            max_sessions_per_identity: 2,
+            ..Limits::default()
+        });
+        let a = session(&mut r, 1, "alice");
+        let m1 = session(&mut r, 2, "mallory");
+        let m2 = session(&mut r, 3, "mallory");
+        assert!(r.touch(&m1), "m1 now more recent than m2");
+        let m3 = session(&mut r, 4, "mallory");
+        assert!(r.touch(&a) && r.touch(&m1) && r.touch(&m3));
+        assert!(!r.touch(&m2), "mallory's least recently used went");
+        for i in 5..50 {
+            session(&mut r, i, "mallory");
+        }
+        assert!(r.touch(&a), "alice is never evicted by mallory");
+        assert_eq!(r.session_count(), 3);
+    }
+
+    #[test]
+    fn full_table_evicts_from_the_identity_with_the_most_sessions() {
+        let mut r = R::new(Limits {
+            max_sessions: 4,
+            max_sessions_per_identity: 3,
+            ..Limits::default()
+        });
+        let a = session(&mut r, 1, "alice");
+        let m1 = session(&mut r, 2, "mallory");
+        let _m2 = session(&mut r, 3, "mallory");
+        let _m3 = session(&mut r, 4, "mallory");
+        let mut out = Vec::new();
+        let init = br#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{}}"#;
+        r.client_request(5, None, "carol", init, 5, &mut out);
+        r.child_line(br#"{"jsonrpc":"2.0","id":5,"result":{}}"#, &mut out);
+        assert!(
+            out.iter()
+                .any(|o| matches!(o, Output::SessionEnded(k) if *k == m1))
+        );
+        assert!(r.touch(&a));
+        assert_eq!(r.session_count(), 4);
+    }
+
+    #[test]
+    fn deleting_a_session_refuses_its_server_requests_and_drops_its_progress_routes() {
+        let mut r = R::default();
+        let a = session(&mut r, 1, "alice");
+        request(
+            &mut r,
+            10,
+            a,
+            "alice",
+            r#"{"jsonrpc":"2.0","id":1,"method":"x","params":{"_meta":{"progressToken":1}}}"#,
+        );
+        sampling(&mut r, 3);
+        let mut out = Vec::new();
+        assert!(r.delete_session(&a, &mut out));
+        assert_eq!(lines(&out)[0]["id"], 3);
+        assert!(
+            out.iter()
+                .any(|o| matches!(o, Output::SessionEnded(k) if *k == a))
+        );
+        assert_eq!((r.progress_count(), r.server_request_count()), (0, 0));
+        assert!(!r.delete_session(&a, &mut out));
+    }
+
+    #[test]
+    fn server_request_table_is_bounded_and_refuses_the_oldest() {
+        let mut r = R::new(Limits {
+            max_server_requests: 2,
+            ..Limits::default()
+        });
+        let _a = session(&mut r, 1, "alice");
+        sampling(&mut r, 1);
+        sampling(&mut r, 2);
+        let out = sampling(&mut r, 3);
+        assert_eq!(dropped(&out), [DropReason::ServerRequestEvicted]);
+        assert_eq!(lines(&out)[0]["id"], 1);
+        assert_eq!(r.server_request_count(), 2);
+    }
+
+    #[test]
+    fn client_progress_only_for_a_server_request_the_session_was_given() {
+        let mut r = R::default();
+        let a = session(&mut r, 1, "alice");
+        let b = session(&mut r, 2, "bob");
+        request(
+            &mut r,
+            10,
+            a,
+            "alice",
+            r#"{"jsonrpc":"2.0","id":1,"method":"x"}"#,
+        );
+        let mut out = Vec::new();
+        r.child_line(
+            br#"{"jsonrpc":"2.0","id":9,"method":"sampling/createMessage","params":{"_meta":{"progressToken":"s"}}}"#,
+            &mut out,
+        );
+        let p = br#"{"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":"s","progress":1}}"#;
+        let mut out = Vec::new();
+        r.client_send(b, p, &mut out).unwrap();
+        assert_eq!(dropped(&out), [DropReason::ForeignProgress]);
+        let mut out = Vec::new();
+        r.client_send(a, p, &mut out).unwrap();
+        assert_eq!(lines(&out).len(), 1);
+    }
+
+    #[test]
+    fn untied_notifications_reach_every_session() {
+        let mut r = R::default();
+        let a = session(&mut r, 1, "alice");
+        let b = session(&mut r, 2, "bob");
+        let mut out = Vec::new();
+        r.child_line(
+            br#"{"jsonrpc":"2.0","method":"notifications/tools/list_changed"}"#,
+            &mut out,
+        );
+        let mut got: Vec<SessionKey> = delivered(&out).into_iter().map(|(s, _)| s).collect();
+        got.sort();
+        let mut want = vec![a, b];
+        want.sort();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn pending_table_is_bounded() {
+        let mut r = R::new(Limits {
+            max_pending: 2,
+            ..Limits::default()
+        });
+        let a = session(&mut r, 1, "alice");
+        request(
+            &mut r,
+            10,
+            a,
+            "alice",
+            r#"{"jsonrpc":"2.0","id":1,"method":"x"}"#,
+        );
+        request(
+            &mut r,
+            11,
+            a,
+            "alice",
+            r#"{"jsonrpc":"2.0","id":2,"method":"x"}"#,
+        );
+        let mut out = Vec::new();
+        r.client_request(
+            12,
+            Some(a),
+            "alice",
+            br#"{"jsonrpc":"2.0","id":3,"method":"x"}"#,
+            12,
+            &mut out,
+        );
+        assert!(matches!(
+            out[..],
+            [Output::Fail {
+                error: GatewayError::UpstreamBusy,
+                ..
+            }]
+        ));
+    }
+}
