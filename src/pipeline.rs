@@ -316,10 +316,13 @@ fn authorize(
     let mut denied: Option<(usize, String)> = None;
     for (i, m) in body.messages().iter().enumerate() {
         let decision = identity.policy.decide(m.target.as_ref());
-        if let Some(Target::Tool(t)) = &m.target {
+        // Denials are counted here; an allowed call is counted once it has also passed the
+        // rate limit (a 429 counts as `rate_limited` only).
+        if let Some(Target::Tool(t)) = &m.target
+            && decision != Decision::Allow
+        {
             let slot = cfg.tool_labels.get(t).copied().unwrap_or(0);
-            let outcome = usize::from(decision != Decision::Allow);
-            w.metrics.count_decision(slot, outcome);
+            w.metrics.count_decision(slot, 1);
         }
         if let Decision::Deny(msg) = decision
             && denied.is_none()
@@ -522,6 +525,12 @@ async fn post(
     }
     // 8. rate-limit
     rate_limit(w, cfg, caller, body.messages()).map_err(fail)?;
+    for m in body.messages() {
+        if let Some(Target::Tool(t)) = &m.target {
+            w.metrics
+                .count_decision(cfg.tool_labels.get(t).copied().unwrap_or(0), 0);
+        }
+    }
     // tools/list answers are filtered to what this identity may call.
     let filter_tools = !identity.policy.tools.is_open()
         && body

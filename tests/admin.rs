@@ -80,9 +80,10 @@ fn health_and_metrics_answer_promptly_while_clients_trickle_and_tricklers_are_cu
 #[test]
 fn admin_connections_beyond_the_cap_get_503_and_are_counted() {
     let g = Gateway::start(&stdio_config("epoll", "", &[]));
-    // 64 idle connections take every slot (each is served by its own task, waiting for a head).
+    // 64 idle connections take every slot (each is served by its own task, waiting for a head),
+    // from 8 loopback addresses, as one address may only hold 8.
     let idle: Vec<TcpStream> = (0..64)
-        .map(|_| TcpStream::connect(g.admin).unwrap())
+        .map(|i| connect_from(&format!("127.0.0.{}", 2 + i / 8), g.admin))
         .collect();
     std::thread::sleep(Duration::from_millis(300));
     let mut extra = connect(g.admin);
@@ -113,4 +114,31 @@ fn admin_connections_beyond_the_cap_get_503_and_are_counted() {
     };
     assert!(refused >= 1.0, "refused = {refused}");
     assert_eq!(g.admin_get("/live").status, 200);
+}
+
+/// A connection to `to` from the loopback address `from` (any of 127.0.0.0/8).
+fn connect_from(from: &str, to: std::net::SocketAddr) -> TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let local: std::net::SocketAddr = format!("{from}:0").parse().unwrap();
+    socket.bind(&local.into()).unwrap();
+    socket.connect(&to.into()).unwrap();
+    socket.into()
+}
+
+#[test]
+fn one_address_cannot_take_every_admin_slot() {
+    let g = Gateway::start(&stdio_config("epoll", "", &[]));
+    let hog: Vec<TcpStream> = (0..8).map(|_| connect_from("127.0.0.9", g.admin)).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut ninth = connect_from("127.0.0.9", g.admin);
+    ninth
+        .write_all(b"GET /health HTTP/1.1\r\nHost: a\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_response(&mut ninth).expect("a 503").status, 503);
+    let mut probe = connect_from("127.0.0.10", g.admin);
+    probe
+        .write_all(b"GET /health HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_response(&mut probe).expect("an answer").status, 200);
+    drop(hog);
 }

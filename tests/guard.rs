@@ -338,6 +338,14 @@ fn per_tool_limit_applies_to_that_tool_only() {
         ),
         1.0
     );
+    // The refused call is not also counted as allowed.
+    assert_eq!(
+        g.metric(
+            "mcp_guard_decisions_total",
+            &[("outcome", "allow"), ("tool", "echo")]
+        ),
+        2.0
+    );
 }
 
 #[test]

@@ -3,8 +3,8 @@
 //! process does) with a task per connection: a client that trickles bytes or never reads its
 //! answer must not stop health checks and scrapes for everyone else, or an orchestrator would
 //! restart a healthy gateway. Each connection has a deadline for its whole request head and
-//! for writing its answer, and at most [`MAX_CONNECTIONS`] are served at once (the rest get a
-//! 503 and are counted). No request of the data plane ever waits on this thread.
+//! for writing its answer, and at most [`MAX_CONNECTIONS`] are served at once, at most
+//! [`MAX_CONNECTIONS_PER_ADDRESS`] from one client address (the rest get a 503 and are counted). No request of the data plane ever waits on this thread.
 
 use crate::runtime::worker::Shared;
 use monoio::io::AsyncWriteRentExt;
@@ -19,6 +19,9 @@ use std::time::Duration;
 /// Admin connections served at once; beyond it a connection gets a 503 and is closed. Enough
 /// for a few scrapers and probes, small enough that a flood costs little memory.
 pub const MAX_CONNECTIONS: usize = 64;
+/// Admin connections one client address may hold at once: a single client cannot take every
+/// slot from the orchestrator's probes.
+pub const MAX_CONNECTIONS_PER_ADDRESS: usize = 8;
 /// Deadline for a whole request head, however it trickles in (not per read).
 pub const HEAD_DEADLINE: Duration = Duration::from_secs(5);
 /// Deadline for writing an answer to a client that does not read.
@@ -33,6 +36,8 @@ const MAX_HEAD: usize = 16 * 1024;
 #[derive(Default)]
 struct AdminState {
     active: Cell<usize>,
+    /// Connections held per client address (at most `MAX_CONNECTIONS` entries).
+    per_address: std::cell::RefCell<std::collections::HashMap<std::net::IpAddr, usize>>,
     refused: Cell<u64>,
     timed_out: Cell<u64>,
 }
@@ -66,15 +71,17 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     };
     let state = Rc::new(AdminState::default());
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
             Err(e) => {
                 tracing::warn!(target: "mcp_guard::admin", "admin accept failed: {e}");
                 monoio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
-        if state.active.get() >= MAX_CONNECTIONS {
+        let ip = peer.ip();
+        let held = state.per_address.borrow().get(&ip).copied().unwrap_or(0);
+        if state.active.get() >= MAX_CONNECTIONS || held >= MAX_CONNECTIONS_PER_ADDRESS {
             state.refused.set(state.refused.get() + 1);
             // Answered inline (bounded by REFUSE_TIMEOUT), so refusals never pile up as tasks.
             let out = response(503, "text/plain", b"too many admin connections\n".to_vec());
@@ -83,12 +90,20 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             continue;
         }
         state.active.set(state.active.get() + 1);
+        *state.per_address.borrow_mut().entry(ip).or_insert(0) += 1;
         let (state, shared) = (state.clone(), shared.clone());
         monoio::spawn(async move {
             if let Err(e) = serve(stream, &shared, &state).await {
                 tracing::debug!(target: "mcp_guard::admin", "admin connection: {e}");
             }
             state.active.set(state.active.get() - 1);
+            let mut per_address = state.per_address.borrow_mut();
+            if let Some(n) = per_address.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    per_address.remove(&ip);
+                }
+            }
         });
     }
 }

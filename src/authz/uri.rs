@@ -57,7 +57,12 @@ fn is_plain(uri: &str) -> bool {
                 // A segment starting with `.` (`.`, `..`, or `.hidden`, which the slow path
                 // leaves as it is).
                 b'.' => {
-                    if in_path && matches!(prev, b'/' | b':') {
+                    let at_segment_start = if in_path {
+                        matches!(prev, b'/' | b':')
+                    } else {
+                        matches!(prev, b'/' | b'?' | b'#' | b'&' | b'=' | b';')
+                    };
+                    if at_segment_start {
                         return false;
                     }
                 }
@@ -164,6 +169,35 @@ fn decode_unreserved(s: &str, path: bool, out: &mut String) -> Result<(), Refusa
                 if path && matches!(v, b'/' | b'\\' | b'%') {
                     return Err("its path contains an encoded '/', '\\' or '%'");
                 }
+                if v >= 0x80 {
+                    // A run of escaped non-ASCII bytes must be valid UTF-8: an overlong form
+                    // such as `%C0%AE` is a '.' to a lenient decoder upstream.
+                    let mut bytes = Vec::new();
+                    let mut j = i;
+                    while b.get(j) == Some(&b'%') {
+                        let pair = (
+                            b.get(j + 1).copied().and_then(hex),
+                            b.get(j + 2).copied().and_then(hex),
+                        );
+                        let (Some(h), Some(l)) = pair else { break };
+                        let byte = (h << 4) | l;
+                        if byte < 0x80 {
+                            break;
+                        }
+                        bytes.push(byte);
+                        j += 3;
+                    }
+                    if std::str::from_utf8(&bytes).is_err() {
+                        return Err("it contains percent-escapes that are not valid UTF-8");
+                    }
+                    for byte in bytes {
+                        out.push('%');
+                        out.push(b"0123456789ABCDEF"[usize::from(byte >> 4)] as char);
+                        out.push(b"0123456789ABCDEF"[usize::from(byte & 0xf)] as char);
+                    }
+                    i = j;
+                    continue;
+                }
                 if unreserved(v) {
                     out.push(v as char);
                 } else {
@@ -260,7 +294,17 @@ fn normalize_slow(uri: &str) -> Result<String, Refusal> {
     let mut path = String::with_capacity(parts.path.len());
     decode_unreserved(parts.path, true, &mut path)?;
     remove_dot_segments(&path, &mut out)?;
+    let rest_start = out.len();
     decode_unreserved(parts.rest, false, &mut out)?;
+    // The query and fragment are not path-normalised, but a server that treats the whole
+    // string as a path (strips the scheme, normalises the rest as text) would climb on a `..`
+    // there: refuse one that stands as a segment.
+    if out[rest_start..]
+        .split(['/', '\\', '?', '#', '&', '=', ';'])
+        .any(|seg| seg == "..")
+    {
+        return Err("its query or fragment holds a '..' segment");
+    }
     Ok(out)
 }
 
@@ -277,7 +321,7 @@ mod tests {
         for uri in [
             "file:///public/a.txt",
             "file:///public/dir/",
-            "https://host/a/b?x=../y#..",
+            "https://host/a/b?x=y.z#frag.1",
             "custom://x",
             "custom:x/y",
             "db://prod/table.rows",
@@ -352,6 +396,28 @@ mod tests {
             "file:///public/\u{7f}",
         ] {
             assert!(n(uri).is_err(), "{uri:?} must be refused");
+        }
+    }
+
+    #[test]
+    fn dot_segments_in_the_query_or_fragment_and_overlong_escapes_are_refused() {
+        for uri in [
+            "file:///public/a?/../../secret",
+            "file:///public/a#/../../secret",
+            "file:///public/a?x=..",
+            "file:///public/a?%2E%2E/secret",
+            "file:///public/%C0%AE%C0%AE/secret",
+            "file:///public/%E0%80%AE/secret",
+            "file:///public/%FF",
+        ] {
+            assert!(normalize(uri).is_err(), "{uri} -> {:?}", normalize(uri));
+        }
+        for uri in [
+            "file:///public/a?q=a..b",
+            "file:///public/a#x.y",
+            "file:///public/%C3%A9t%C3%A9",
+        ] {
+            assert!(normalize(uri).is_ok(), "{uri} -> {:?}", normalize(uri));
         }
     }
 

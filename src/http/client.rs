@@ -267,39 +267,51 @@ async fn exchange(
         Err((e, request, progress)) => return Err((e.into(), request, progress)),
     };
     let mut buf = Vec::with_capacity(4096);
-    let progress = |buf: &[u8]| {
-        if buf.is_empty() {
+    // An interim (1xx) response counts as the response having started.
+    let mut interim_seen = false;
+    let progress = |buf: &[u8], interim_seen: bool| {
+        if buf.is_empty() && !interim_seen {
             Progress::Written
         } else {
             Progress::ResponseStarted
         }
     };
+    // Set after an interim response: what is already buffered is parsed before reading more
+    // (the final head often arrives in the same read as the `100 Continue`).
+    let mut parse_first = false;
     loop {
-        let (res, b) = read_append(&mut conn, buf, 4096).await;
-        buf = b;
-        match res {
-            Ok(0) => {
-                let p = progress(&buf);
-                return Err((
-                    UpstreamError::Io(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "upstream closed the connection",
-                    )),
-                    request,
-                    p,
-                ));
-            }
-            Ok(_) => {}
-            Err(e) => {
-                let p = progress(&buf);
-                return Err((e.into(), request, p));
+        if parse_first && !buf.is_empty() {
+            parse_first = false;
+        } else {
+            let (res, b) = read_append(&mut conn, buf, 4096).await;
+            buf = b;
+            match res {
+                Ok(0) => {
+                    let p = progress(&buf, interim_seen);
+                    return Err((
+                        UpstreamError::Io(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "upstream closed the connection",
+                        )),
+                        request,
+                        p,
+                    ));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let p = progress(&buf, interim_seen);
+                    return Err((e.into(), request, p));
+                }
             }
         }
         match parse_response_head(&buf) {
             Ok(Some(head)) => {
                 if (100..200).contains(&head.status) {
-                    // Interim response: discard and keep reading for the final one.
+                    // Interim response: discard it and look for the final one, first in what
+                    // is already buffered.
                     buf.drain(..head.len);
+                    interim_seen = true;
+                    parse_first = true;
                     continue;
                 }
                 let pending = buf.split_off(head.len);
@@ -615,6 +627,8 @@ mod tests {
         ReadThenClose,
         /// Close as soon as the previous step is done (a keep-alive timeout upstream).
         Close,
+        /// Answer `100 Continue` and the final 200 in one write.
+        ContinueThenAnswer,
     }
 
     /// A raw std TCP upstream: connection `i` follows `scripts[i]`; later ones just answer.
@@ -678,6 +692,9 @@ mod tests {
                     seen.push(line);
                     if let Step::ReadThenClose = step {
                         break;
+                    }
+                    if let Step::ContinueThenAnswer = step {
+                        conn.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").unwrap();
                     }
                     conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
                         .unwrap();
@@ -770,6 +787,21 @@ mod tests {
         assert_eq!(second.unwrap(), 200);
         let posts = seen.iter().filter(|l| l.starts_with("POST ")).count();
         assert_eq!(posts, 1, "{seen:?}");
+    }
+
+    #[test]
+    fn an_interim_response_arriving_with_the_final_one_is_skipped_at_once() {
+        let (addr, stop, mock) = mock_upstream(vec![vec![Step::ContinueThenAnswer]]);
+        let started = std::time::Instant::now();
+        let status = block_on(async {
+            let pool = Pool::default();
+            roundtrip(&pool, addr, "POST").await
+        });
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = mock.join();
+        assert_eq!(status.unwrap(), 200);
+        // Not after the mock's 5 s read timeout closed the connection.
+        assert!(started.elapsed() < Duration::from_secs(4));
     }
 
     #[test]

@@ -285,6 +285,8 @@ const MAX_EVENT: usize = 16 * 1024 * 1024;
 pub struct SseFilter {
     policy: Arc<Policy>,
     pending: Vec<u8>,
+    /// Whether the start of the stream (where a client strips a byte-order mark) is behind us.
+    started: bool,
 }
 
 impl SseFilter {
@@ -293,12 +295,25 @@ impl SseFilter {
         Self {
             policy,
             pending: Vec::new(),
+            started: false,
         }
     }
 
     /// Feeds bytes; returns the complete events, filtered. Err when an event exceeds the cap.
     pub fn push(&mut self, data: &[u8]) -> Result<Vec<u8>, &'static str> {
         self.pending.extend_from_slice(data);
+        if !self.started {
+            // SSE clients strip one UTF-8 byte-order mark at the start of the stream; so do
+            // we, or a `data:` line behind it would not be recognised (and not filtered).
+            const BOM: &[u8] = b"\xEF\xBB\xBF";
+            if self.pending.len() < BOM.len() && BOM.starts_with(&self.pending) {
+                return Ok(Vec::new());
+            }
+            if self.pending.starts_with(BOM) {
+                self.pending.drain(..BOM.len());
+            }
+            self.started = true;
+        }
         let mut out = Vec::with_capacity(self.pending.len());
         while let Some((len, consumed)) = find_event_end(&self.pending) {
             let event: Vec<u8> = self.pending.drain(..consumed).collect();
@@ -330,13 +345,23 @@ impl SseFilter {
         let mut data = String::new();
         let mut other = Vec::new();
         for line in sse_lines(&text) {
-            if let Some(d) = line.strip_prefix("data:") {
-                if !data.is_empty() {
-                    data.push('\n');
+            // Field names as the SSE specification parses them: up to the first colon, or the
+            // whole line (a value-less field).
+            let (field, value) = match line.split_once(':') {
+                Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
+                None => (line, ""),
+            };
+            match field {
+                "data" => {
+                    if !data.is_empty() {
+                        data.push('\n');
+                    }
+                    data.push_str(value);
                 }
-                data.push_str(d.strip_prefix(' ').unwrap_or(d));
-            } else {
-                other.push(line);
+                // Comments and the fields that carry no message are kept; anything else is
+                // dropped (clients ignore unknown fields, and only what was checked goes out).
+                "" | "event" | "id" | "retry" => other.push(line),
+                _ => {}
             }
         }
         if !data.is_empty() {
@@ -520,6 +545,37 @@ mod tests {
         }));
         let bad = "data: [{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{\"tools\":{}}}]\n\n";
         assert!(f.push(bad.as_bytes()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_byte_order_mark_before_the_first_event_does_not_hide_it_from_the_filter() {
+        let policy = Arc::new(Policy {
+            tools: rule(),
+            ..Policy::default()
+        });
+        let stream = format!("\u{feff}data: {LIST}\n\n");
+        for split in [1, 2, 3, 7] {
+            let mut f = SseFilter::new(policy.clone());
+            let mut out = Vec::new();
+            for chunk in stream.as_bytes().chunks(split) {
+                out.extend(f.push(chunk).unwrap());
+            }
+            out.extend(f.finish());
+            let text = String::from_utf8(out).unwrap();
+            assert!(text.contains("read_file"), "{text:?}");
+            assert!(!text.contains("read_secret"), "{text:?}");
+        }
+        // A value-less `data` line is a data field too; unknown fields do not pass through.
+        let mut f = SseFilter::new(policy);
+        let mut out = f
+            .push(format!("data\nweird: {LIST}\ndata: {LIST}\n\n").as_bytes())
+            .unwrap();
+        out.extend(f.finish());
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            !text.contains("read_secret") && !text.contains("weird"),
+            "{text:?}"
+        );
     }
 
     #[test]

@@ -199,10 +199,19 @@ pub struct Router<W> {
     /// The protocol version the upstream agreed to, for the replayed initialize.
     protocol_version: Option<String>,
     replay_pending: Option<u64>,
+    /// Requests the worker gave up on (timeout) that the upstream may still be working on,
+    /// by hub id (oldest first), with their session: until the upstream answers, a
+    /// server-initiated request may still be theirs, so they count as in flight when one is
+    /// routed. Bounded by `max_pending`; the oldest go first.
+    abandoned: BTreeMap<u64, Option<SessionKey>>,
 }
 
 /// One compact JSON line, LF-terminated. serde_json escapes every control character inside
 /// strings and writes no whitespace, so the only LF is the terminator; checked all the same.
+///
+/// The Unicode line breaks JSON allows raw inside strings (U+0085, U+2028, U+2029) are escaped
+/// too: a child that splits its input the way `str.splitlines()` does would otherwise see two
+/// lines. Outside strings compact JSON has no whitespace, so they can only be inside one.
 pub fn frame<T: serde::Serialize + ?Sized>(value: &T) -> Option<Vec<u8>> {
     let mut line = serde_json::to_vec(value).ok()?;
     let one_line = !line.iter().any(|b| *b == b'\n' || *b == b'\r');
@@ -210,8 +219,43 @@ pub fn frame<T: serde::Serialize + ?Sized>(value: &T) -> Option<Vec<u8>> {
     if !one_line {
         return None;
     }
+    if line
+        .windows(2)
+        .any(|w| w == [0xC2, 0x85] || w == [0xE2, 0x80])
+    {
+        line = escape_unicode_line_breaks(&line);
+    }
     line.push(b'\n');
     Some(line)
+}
+
+/// Replaces the UTF-8 forms of U+0085, U+2028 and U+2029 with their `\uXXXX` escapes.
+fn escape_unicode_line_breaks(json: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(json.len() + 16);
+    let mut i = 0;
+    while i < json.len() {
+        let rest = &json[i..];
+        let escape: Option<(&[u8], usize)> = if rest.starts_with(&[0xC2, 0x85]) {
+            Some((b"\\u0085", 2))
+        } else if rest.starts_with(&[0xE2, 0x80, 0xA8]) {
+            Some((b"\\u2028", 3))
+        } else if rest.starts_with(&[0xE2, 0x80, 0xA9]) {
+            Some((b"\\u2029", 3))
+        } else {
+            None
+        };
+        match escape {
+            Some((e, len)) => {
+                out.extend_from_slice(e);
+                i += len;
+            }
+            None => {
+                out.push(json[i]);
+                i += 1;
+            }
+        }
+    }
+    out
 }
 
 fn parse_object(bytes: &[u8]) -> Option<Map<String, Value>> {
@@ -256,6 +300,7 @@ impl<W> Router<W> {
             tick: 0,
             protocol_version: None,
             replay_pending: None,
+            abandoned: BTreeMap::new(),
         }
     }
 
@@ -398,7 +443,11 @@ impl<W> Router<W> {
 
     /// The worker gave up on `hub_id` (timeout): forget it and tell the upstream.
     pub fn cancel(&mut self, hub_id: u64, out: &mut Vec<Output<W>>) {
-        if self.take_pending(hub_id).is_some() {
+        if let Some(p) = self.take_pending(hub_id) {
+            while self.abandoned.len() >= self.limits.max_pending.max(1) {
+                self.abandoned.pop_first();
+            }
+            self.abandoned.insert(hub_id, p.session);
             let note = json!({"jsonrpc":"2.0","method":"notifications/cancelled",
                 "params":{"requestId": hub_id, "reason":"client request timed out"}});
             self.emit(&note, None, out);
@@ -529,6 +578,8 @@ impl<W> Router<W> {
             return;
         }
         let Some(p) = self.take_pending(hub_id) else {
+            // A late answer to an abandoned request ends its claim on server requests.
+            self.abandoned.remove(&hub_id);
             return out.push(Output::Dropped(DropReason::UnknownResponse));
         };
         msg.insert("id".into(), p.original_id);
@@ -559,19 +610,24 @@ impl<W> Router<W> {
     /// Picks the session a server-initiated request belongs to: the only one with requests in
     /// flight, else the only session; otherwise nobody can know.
     fn owner_for_server_request(&self) -> Option<SessionKey> {
+        // Requests still in flight, and abandoned ones the upstream may still be working on: a
+        // server request may belong to any of them. One of a deleted session makes the owner
+        // unknowable too. (An initialize in flight has no session yet and claims nothing.)
+        let in_flight = self
+            .pending
+            .values()
+            .filter_map(|p| p.session)
+            .chain(self.abandoned.values().filter_map(|s| *s));
         let mut found = None;
-        for s in self.pending.values().filter_map(|p| p.session) {
-            if !self.sessions.contains_key(&s) {
-                continue;
-            }
+        for s in in_flight {
             match found {
                 None => found = Some(s),
                 Some(f) if f != s => return None,
                 Some(_) => {}
             }
         }
-        if found.is_some() {
-            return found;
+        if let Some(owner) = found {
+            return self.sessions.contains_key(&owner).then_some(owner);
         }
         if self.sessions.len() == 1 {
             return self.sessions.keys().next().copied();
@@ -806,6 +862,7 @@ impl<W> Router<W> {
         }
         self.progress.clear();
         self.server_requests.clear();
+        self.abandoned.clear();
         self.replay_pending = None;
     }
 }
@@ -1029,6 +1086,66 @@ mod tests {
             .unwrap();
         assert_eq!(dropped(&out), [DropReason::ForeignResponse]);
         assert_eq!(r.server_request_count(), 0);
+    }
+
+    #[test]
+    fn a_timed_out_request_still_claims_the_server_requests_that_follow_it() {
+        // Alice's call times out (the worker cancels it) while the upstream works on; Bob then
+        // has a call in flight. A server request arriving now may be Alice's: refused, never
+        // handed to Bob.
+        let mut r = R::default();
+        let a = session(&mut r, 1, "alice");
+        let b = session(&mut r, 2, "bob");
+        request(
+            &mut r,
+            10,
+            a,
+            "alice",
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call"}"#,
+        );
+        let mut out = Vec::new();
+        r.cancel(10, &mut out);
+        request(
+            &mut r,
+            11,
+            b,
+            "bob",
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call"}"#,
+        );
+        let out = sampling(&mut r, 77);
+        assert!(delivered(&out).is_empty(), "{out:?}");
+        assert_eq!(dropped(&out), [DropReason::UnroutableServerRequest]);
+        // Once the upstream answers the abandoned call, Bob is the only one in flight.
+        let mut out = Vec::new();
+        r.child_line(br#"{"jsonrpc":"2.0","id":10,"result":{}}"#, &mut out);
+        let out = sampling(&mut r, 78);
+        assert_eq!(delivered(&out)[0].0, b);
+        // A request of a deleted session makes the owner unknowable as well.
+        let mut r = R::default();
+        let a = session(&mut r, 1, "alice");
+        let _b = session(&mut r, 2, "bob");
+        request(
+            &mut r,
+            10,
+            a,
+            "alice",
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call"}"#,
+        );
+        let mut out = Vec::new();
+        r.delete_session(&a, &mut out);
+        let out = sampling(&mut r, 79);
+        assert!(delivered(&out).is_empty(), "{out:?}");
+    }
+
+    #[test]
+    fn unicode_line_breaks_inside_strings_are_escaped_on_the_way_to_the_child() {
+        let line = frame(&json!({"a": "x\u{2028}y\u{2029}z\u{85}w"})).unwrap();
+        assert_eq!(line.iter().filter(|b| **b == b'\n').count(), 1);
+        let text = std::str::from_utf8(&line).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(text.contains("\\u2028") && text.contains("\\u2029") && text.contains("\\u0085"));
+        let back: Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(back["a"], "x\u{2028}y\u{2029}z\u{85}w");
     }
 
     #[test]
