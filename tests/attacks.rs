@@ -754,6 +754,24 @@ fn id_less_request_methods_are_refused_with_invalid_request_and_never_forwarded(
     lab.assert_child_never_saw("idless-prompt");
 }
 
+#[test]
+fn notifications_carrying_an_id_are_refused_and_never_forwarded() {
+    // A "request" named notifications/cancelled would skip the per-session remapping that real
+    // notifications get, and a server dispatching on the method would cancel the hub id named.
+    let lab = stdio_lab();
+    let sid = init_as(lab.addr(), ALICE);
+    for body in [
+        r#"{"jsonrpc":"2.0","id":77,"method":"notifications/cancelled","params":{"requestId":1,"reason":"with-an-id"}}"#,
+        r#"{"jsonrpc":"2.0","id":78,"method":"notifications/progress","params":{"progressToken":1,"progress":1,"message":"with-an-id"}}"#,
+    ] {
+        let r = post_as(lab.addr(), ALICE, body, Some(&sid));
+        assert_eq!(r.status, 400, "{body} -> {}", r.text());
+        assert_eq!(error_code(&r.json()), Some(-32600), "{}", r.text());
+    }
+    lab.barrier(ALICE, &sid);
+    lab.assert_child_never_saw("with-an-id");
+}
+
 // =============================================================================================
 // HTTP upstream mock: records every request, answers what the test says
 // =============================================================================================

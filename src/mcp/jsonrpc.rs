@@ -271,6 +271,15 @@ fn classify_one(v: TapeValue<'_, '_>) -> Result<Message, ClassifyError> {
         return Err(invalid("\"params\" must be an object or array".into(), id));
     }
     let kind = if id.is_some() {
+        // The converse: a `notifications/*` method with an id. Servers dispatch on the method
+        // name, so a "request" named `notifications/cancelled` would cancel whatever its params
+        // name, past the remapping notifications get.
+        if method.starts_with("notifications/") {
+            return Err(invalid(
+                format!("\"{method}\" is a notification and must not carry an id"),
+                id,
+            ));
+        }
         Kind::Request
     } else {
         // Only `notifications/*` may go without an id. An id-less `tools/call` would otherwise
@@ -442,6 +451,17 @@ mod tests {
             assert!(
                 matches!(classify(&body), Err(ClassifyError::Invalid(_, None))),
                 "{m} without id"
+            );
+        }
+        for m in ["notifications/cancelled", "notifications/progress"] {
+            let body =
+                format!(r#"{{"jsonrpc":"2.0","id":9,"method":"{m}","params":{{"requestId":1}}}}"#);
+            assert!(
+                matches!(
+                    classify(&body),
+                    Err(ClassifyError::Invalid(_, Some(RpcId::Num(9))))
+                ),
+                "{m} with an id"
             );
         }
         let batch = r#"[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","method":"tools/call","params":{"name":"x"}}]"#;

@@ -387,6 +387,14 @@ impl<W> Router<W> {
         let Some(method) = method_of(&msg) else {
             fail!(GatewayError::Parse("request without a method".into()));
         };
+        if method.starts_with("notifications/") {
+            // A notification never carries an id; one that does would reach the child
+            // without the remapping notifications get (see `client_send`).
+            fail!(GatewayError::InvalidRequest(
+                "a notification must not carry an id".into(),
+                None
+            ));
+        }
         let is_initialize = method == "initialize";
         if session.is_none() && !is_initialize {
             fail!(GatewayError::MissingSession);
@@ -647,6 +655,15 @@ impl<W> Router<W> {
         // integer beyond 64 bits would come back re-spelled, answering nobody).
         if !(server_id.is_string() || server_id.is_u64() || server_id.is_i64()) {
             return out.push(Output::Dropped(DropReason::Malformed));
+        }
+        if method_of(&msg).is_some_and(|m| m.starts_with("notifications/")) {
+            // Not a request whatever its id says: nothing of it is delivered.
+            out.push(Output::Dropped(DropReason::Malformed));
+            return self.refuse_server_request(
+                server_id,
+                "a notification must not carry an id",
+                out,
+            );
         }
         let Some(session) = self.owner_for_server_request() else {
             out.push(Output::Dropped(DropReason::UnroutableServerRequest));
@@ -1135,6 +1152,33 @@ mod tests {
         r.delete_session(&a, &mut out);
         let out = sampling(&mut r, 79);
         assert!(delivered(&out).is_empty(), "{out:?}");
+    }
+
+    #[test]
+    fn notifications_carrying_an_id_are_neither_forwarded_nor_delivered() {
+        let mut r = R::default();
+        let a = session(&mut r, 1, "alice");
+        let mut out = Vec::new();
+        let bad = br#"{"jsonrpc":"2.0","id":3,"method":"notifications/cancelled","params":{"requestId":1}}"#;
+        r.client_request(20, Some(a), "alice", bad, 20, &mut out);
+        assert!(lines(&out).is_empty(), "{out:?}");
+        assert!(matches!(out[..], [Output::Fail { .. }]), "{out:?}");
+        // From the child: refused back to it, delivered to nobody.
+        request(
+            &mut r,
+            10,
+            a,
+            "alice",
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call"}"#,
+        );
+        let mut out = Vec::new();
+        r.child_line(
+            br#"{"jsonrpc":"2.0","id":9,"method":"notifications/progress","params":{}}"#,
+            &mut out,
+        );
+        assert!(delivered(&out).is_empty(), "{out:?}");
+        assert_eq!(dropped(&out), [DropReason::Malformed]);
+        assert_eq!(lines(&out)[0]["error"]["code"], -32603);
     }
 
     #[test]
