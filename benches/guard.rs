@@ -129,8 +129,7 @@ fn benches(c: &mut Criterion) {
             file: Some("/dev/null".into()),
             stdout: false,
         },
-        1,
-        1 << 16,
+        &[1 << 16],
         metrics,
     )
     .unwrap();

@@ -1147,6 +1147,25 @@ fn reload_to_a_file_without_api_keys_is_refused_and_keys_stay_required() {
     );
     assert!(lab.g.wait_log("reload refused", Duration::from_millis(100)));
     assert!(lab.g.metric("mcp_guard_config_reload_failures_total", &[]) >= 1.0);
+    assert_eq!(
+        lab.g
+            .metric("mcp_guard_config_reloads_auth_downgrade_refused_total", &[]),
+        1.0
+    );
+    // And audited, from the control thread's own queue.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let refused = lab.audit_lines().into_iter().any(|l| {
+            l["method"] == "config/reload"
+                && l["decision"] == "deny"
+                && l["reason"] == "auth_downgrade"
+        });
+        if refused {
+            break;
+        }
+        assert!(Instant::now() < deadline, "refused reload not audited");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// The watcher (checks every 500 ms) may read a file mid-write: here a file whose writer puts

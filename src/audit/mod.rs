@@ -187,17 +187,17 @@ pub struct AuditWriter {
 }
 
 impl AuditWriter {
-    /// Starts the writer for `workers` queues; returns it and the workers' sinks.
+    /// Starts the writer for one queue per capacity in `queues` (each worker's, and any other
+    /// thread's); returns it and the sinks, in the same order.
     pub fn start(
         output: AuditOutput,
-        workers: usize,
-        queue_capacity: usize,
+        queues: &[usize],
         metrics: Arc<Metrics>,
     ) -> std::io::Result<(AuditWriter, Vec<AuditSink>)> {
-        let mut sinks = Vec::with_capacity(workers);
-        let mut rxs = Vec::with_capacity(workers);
-        for _ in 0..workers {
-            let (tx, rx) = sync_channel(queue_capacity);
+        let mut sinks = Vec::with_capacity(queues.len());
+        let mut rxs = Vec::with_capacity(queues.len());
+        for &capacity in queues {
+            let (tx, rx) = sync_channel(capacity);
             sinks.push(AuditSink { tx: Some(tx) });
             rxs.push(rx);
         }

@@ -77,6 +77,9 @@ pub fn bind_listeners(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::ne
     Ok(out)
 }
 
+/// Capacity of the control thread's audit queue.
+const CONTROL_AUDIT_QUEUE: usize = 64;
+
 /// Runs the gateway with the config at `path` until SIGTERM/SIGINT. Returns an error message
 /// for a startup failure.
 pub fn run(path: PathBuf) -> Result<(), String> {
@@ -106,14 +109,13 @@ pub fn run(path: PathBuf) -> Result<(), String> {
     };
     let (audit_writer, audit_sinks) = match &settings.audit.output {
         Some(output) => {
-            // One queue per worker, and one more (the last) for the control thread's events.
-            let (writer, sinks) = crate::audit::AuditWriter::start(
-                output.clone(),
-                workers + 1,
-                settings.audit.queue_capacity,
-                metrics.clone(),
-            )
-            .map_err(|e| format!("cannot open the audit trail: {e}"))?;
+            // One queue per worker, and a small one (the last) for the control thread's rare
+            // events (refused reloads): a channel allocates its whole capacity up front.
+            let mut queues = vec![settings.audit.queue_capacity; workers];
+            queues.push(CONTROL_AUDIT_QUEUE);
+            let (writer, sinks) =
+                crate::audit::AuditWriter::start(output.clone(), &queues, metrics.clone())
+                    .map_err(|e| format!("cannot open the audit trail: {e}"))?;
             (Some(writer), sinks.into_iter().map(Some).collect())
         }
         None => (None, Vec::new()),
