@@ -755,6 +755,35 @@ fn id_less_request_methods_are_refused_with_invalid_request_and_never_forwarded(
 }
 
 #[test]
+fn members_differing_only_in_case_never_reach_the_child() {
+    // An upstream decoding like Go's encoding/json (case-insensitive names, ſ folded to s, the
+    // later member wins) would run the second copy. The gateway refuses the message instead.
+    let lab = stdio_lab();
+    let sid = init_as(lab.addr(), ALICE);
+    for body in [
+        format!(r#"{{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{{"name":"echo","Name":"{DENIED}","arguments":{{"text":"case-a","ms":1}}}}}}"#),
+        format!(r#"{{"jsonrpc":"2.0","id":4,"method":"tools/call","params":{{"name":"echo","arguments":{{"text":"case-b"}}}},"Params":{{"name":"{DENIED}"}}}}"#),
+        format!("{{\"jsonrpc\":\"2.0\",\"id\":5,\"method\":\"tools/call\",\"params\":{{\"name\":\"echo\",\"arguments\":{{\"text\":\"case-c\"}}}},\"param\u{17f}\":{{\"name\":\"{DENIED}\"}}}}"),
+        format!(r#"{{"jsonrpc":"2.0","id":6,"method":"ping","Method":"tools/call","params":{{"name":"{DENIED}","arguments":{{"text":"case-d"}}}}}}"#),
+        r#"{"jsonrpc":"2.0","id":7,"method":"resources/read","params":{"uri":"file:///public/case-e","URI":"file:///etc/secret"}}"#.to_string(),
+        r#"{"jsonrpc":"2.0","id":8,"method":"TOOLS/CALL","params":{"name":"echo","arguments":{"text":"case-f"}}}"#.to_string(),
+    ] {
+        let r = post_as(lab.addr(), ALICE, &body, Some(&sid));
+        assert_eq!(r.status, 400, "{body} -> {}", r.text());
+        assert!(
+            matches!(error_code(&r.json()), Some(-32600 | -32602)),
+            "{body} -> {}",
+            r.text()
+        );
+    }
+    lab.barrier(ALICE, &sid);
+    lab.assert_child_never_called(|n| n == DENIED);
+    for marker in ["case-a", "case-b", "case-c", "case-d", "case-e", "case-f"] {
+        lab.assert_child_never_saw(marker);
+    }
+}
+
+#[test]
 fn notifications_carrying_an_id_are_refused_and_never_forwarded() {
     // A "request" named notifications/cancelled would skip the per-session remapping that real
     // notifications get, and a server dispatching on the method would cancel the hub id named.
@@ -1387,6 +1416,12 @@ fn resource_uris_climbing_out_of_an_allowed_prefix_are_denied() {
         "file:///public/%2E%2E/secret",
         "file:///public/./../secret",
         "file:///public/x/../../secret",
+        "file:///public/a?/../../secret",
+        "file:///public/a?%2e%2e%2fsecret",
+        "file:///public/a#..%2f..%2fsecret",
+        "file:///public/..;/secret",
+        "file:///public/%C0%AE%C0%AE/secret",
+        "file:///public/%EF%BC%8E%EF%BC%8E/secret",
     ] {
         assert_eq!(error_code(&read(uri)), Some(-32003), "{uri} was not denied");
     }

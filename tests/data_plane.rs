@@ -524,6 +524,27 @@ fn header_timeout_closes_slowloris_with_408() {
 }
 
 #[test]
+fn a_connection_that_never_sends_is_closed_after_the_header_timeout() {
+    // Not after the (much longer) keep-alive idle timeout: silent sockets must not hold
+    // connection slots.
+    let g = Gateway::start(&stdio_config(
+        "auto",
+        "header_timeout_secs = 1\nidle_timeout_secs = 60",
+        &[],
+    ));
+    let mut s = connect(g.addr);
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let start = Instant::now();
+    let mut rest = Vec::new();
+    assert_eq!(s.read_to_end(&mut rest).unwrap(), 0);
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+#[test]
 fn idle_keep_alive_connection_is_closed() {
     let g = Gateway::start(&stdio_config("auto", "idle_timeout_secs = 1", &[]));
     let mut s = connect(g.addr);

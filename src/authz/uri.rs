@@ -51,6 +51,10 @@ fn is_plain(uri: &str) -> bool {
     let mut prev = b'/';
     let mut in_path = true;
     for &c in &b[i..] {
+        // Non-ASCII takes the slow path too (C1 controls, Unicode dots).
+        if c >= 0x80 {
+            return false;
+        }
         if SPECIAL[usize::from(c)] {
             match c {
                 b'?' | b'#' => in_path = false,
@@ -187,8 +191,14 @@ fn decode_unreserved(s: &str, path: bool, out: &mut String) -> Result<(), Refusa
                         bytes.push(byte);
                         j += 3;
                     }
-                    if std::str::from_utf8(&bytes).is_err() {
-                        return Err("it contains percent-escapes that are not valid UTF-8");
+                    match std::str::from_utf8(&bytes) {
+                        Err(_) => {
+                            return Err("it contains percent-escapes that are not valid UTF-8");
+                        }
+                        Ok(text) if has_c1_control(text) => {
+                            return Err("it contains an encoded control character");
+                        }
+                        Ok(_) => {}
                     }
                     for byte in bytes {
                         out.push('%');
@@ -217,11 +227,19 @@ fn decode_unreserved(s: &str, path: bool, out: &mut String) -> Result<(), Refusa
                     // A `\` outside the path: kept as sent.
                     i += 1;
                 }
+                if has_c1_control(&s[start..i]) {
+                    return Err("it contains a control character");
+                }
                 out.push_str(&s[start..i]);
             }
         }
     }
     Ok(())
+}
+
+/// Whether `s` holds a C1 control character (U+0080 to U+009F).
+fn has_c1_control(s: &str) -> bool {
+    !s.is_ascii() && s.chars().any(|c| ('\u{80}'..='\u{9f}').contains(&c))
 }
 
 /// RFC 3986 section 5.2.4 on a decoded path, except that a `..` with nothing left to remove
@@ -293,19 +311,55 @@ fn normalize_slow(uri: &str) -> Result<String, Refusal> {
     }
     let mut path = String::with_capacity(parts.path.len());
     decode_unreserved(parts.path, true, &mut path)?;
+    let path_start = out.len();
     remove_dot_segments(&path, &mut out)?;
     let rest_start = out.len();
     decode_unreserved(parts.rest, false, &mut out)?;
-    // The query and fragment are not path-normalised, but a server that treats the whole
-    // string as a path (strips the scheme, normalises the rest as text) would climb on a `..`
-    // there: refuse one that stands as a segment.
-    if out[rest_start..]
-        .split(['/', '\\', '?', '#', '&', '=', ';'])
+    if out[rest_start..].contains("%25") {
+        return Err("its query or fragment holds an encoded '%'");
+    }
+    // What a lenient server could make of the rest once it decodes it once more and treats it
+    // as text: the query and fragment as path (strip the scheme, normalise the rest), `;`
+    // parameters dropped (`..;` is `..` to some Java servers), Unicode dots folded (NFKC). A
+    // `..` segment in that reading is a climb: refused.
+    let once = percent_decode_lossy(&out[path_start..]);
+    let lenient: String = once
+        .chars()
+        .map(|c| match c {
+            '\u{ff0e}' | '\u{2024}' | '\u{fe52}' => '.',
+            '\\' => '/',
+            c => c,
+        })
+        .collect();
+    if lenient
+        .split(['/', '?', '#', '&', '=', ';'])
         .any(|seg| seg == "..")
     {
-        return Err("its query or fragment holds a '..' segment");
+        return Err("it holds a '..' segment once decoded");
     }
     Ok(out)
+}
+
+/// Every well-formed percent-escape decoded once; invalid UTF-8 replaced.
+fn percent_decode_lossy(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut bytes = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && let (Some(h), Some(l)) = (
+                b.get(i + 1).copied().and_then(hex),
+                b.get(i + 2).copied().and_then(hex),
+            )
+        {
+            bytes.push((h << 4) | l);
+            i += 3;
+            continue;
+        }
+        bytes.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 #[cfg(test)]
@@ -417,6 +471,29 @@ mod tests {
             "file:///public/a#x.y",
             "file:///public/%C3%A9t%C3%A9",
         ] {
+            assert!(normalize(uri).is_ok(), "{uri} -> {:?}", normalize(uri));
+        }
+    }
+
+    #[test]
+    fn second_decoding_and_lenient_readings_of_the_query_are_refused() {
+        for uri in [
+            "file:///public/a?%2e%2e%2fsecret",
+            "file:///public/a?..%2f..%2fsecret",
+            "file:///public/a?x=..%2F..%2Fsecret",
+            "file:///public/a#..%2f..%2fsecret",
+            "file:///public/a#%2F..",
+            "file:///public/a?%252e%252e/secret",
+            "file:///public/..;/secret",
+            "file:///public/\u{ff0e}\u{ff0e}/secret",
+            "file:///public/%EF%BC%8E%EF%BC%8E/secret",
+            "file:///public/a\u{85}b",
+            "file:///public/a%C2%85b",
+            "file:///public/a%C2%9B",
+        ] {
+            assert!(normalize(uri).is_err(), "{uri} -> {:?}", normalize(uri));
+        }
+        for uri in ["file:///public/caf\u{e9}", "file:///public/a?q=1;x=a..b"] {
             assert!(normalize(uri).is_ok(), "{uri} -> {:?}", normalize(uri));
         }
     }

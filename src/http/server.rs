@@ -323,7 +323,15 @@ async fn read_head<S: Connection>(
             if w.shutdown.is_fired() {
                 return HeadOutcome::Closed;
             }
-            match idle_wait(w, stream, s.idle_timeout, fresh).await {
+            // A new connection gets `header_timeout` for its first byte, not the keep-alive
+            // idle allowance: silent sockets would otherwise hold connection slots (and
+            // `max_connections`) for two minutes each.
+            let wait = if fresh {
+                s.header_timeout.min(s.idle_timeout)
+            } else {
+                s.idle_timeout
+            };
+            match idle_wait(w, stream, wait, fresh).await {
                 Idle::Closed => return HeadOutcome::Closed,
                 Idle::Data(b) => {
                     *buf = b;

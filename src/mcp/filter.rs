@@ -6,6 +6,7 @@
 //! parsed is dropped rather than forwarded unchecked.
 
 use crate::authz::{Policy, Rule};
+use crate::mcp::jsonrpc::folds_to;
 use serde::Deserialize;
 use serde::de::{MapAccess, Visitor};
 use serde_json::value::RawValue;
@@ -55,6 +56,9 @@ impl<'a> Members<'a> {
                     return Err(Unfilterable);
                 }
                 found = Some(*v);
+            } else if folds_to(k, key) {
+                // `Tools` beside `tools`: a case-folding client would read the other copy.
+                return Err(Unfilterable);
             }
         }
         Ok(found)
@@ -154,6 +158,9 @@ mod fast {
                 // Keys came from JSON strings: re-escaping them cannot fail.
                 out.push_str(&serde_json::to_string(&key).unwrap_or_default());
                 out.push(':');
+                if key != self.key && crate::mcp::jsonrpc::folds_to(&key, self.key) {
+                    return Err(A::Error::custom("member differing only in case"));
+                }
                 if key == self.key {
                     if seen {
                         return Err(A::Error::custom("duplicated member"));
@@ -484,6 +491,12 @@ mod tests {
         let dup_tools =
             r#"{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"read_secret"}],"tools":[]}}"#;
         assert!(filter_json(dup_tools.as_bytes(), &rule()).is_none());
+        // Nor may a copy differing only in case sit beside the member that was filtered.
+        let case_tools =
+            r#"{"jsonrpc":"2.0","id":1,"result":{"tools":[],"Tools":[{"name":"read_secret"}]}}"#;
+        assert!(filter_json(case_tools.as_bytes(), &rule()).is_none());
+        let case_result = r#"{"jsonrpc":"2.0","id":1,"result":{"tools":[]},"RESULT":{"tools":[{"name":"read_secret"}]}}"#;
+        assert!(filter_json(case_result.as_bytes(), &rule()).is_none());
         // Key order is kept.
         let out = filter_json(LIST.as_bytes(), &rule()).unwrap();
         assert!(

@@ -187,7 +187,10 @@ fn exceeds_depth(body: &[u8], max: usize) -> bool {
 
 type TapeValue<'t, 'i> = simd_json::tape::Value<'t, 'i>;
 
-/// Finds `key` in `obj`, refusing a duplicate.
+/// Finds `key` in `obj`, refusing a duplicate, and refusing a member whose name differs from
+/// `key` only in case: some decoders (Go's `encoding/json`) match member names
+/// case-insensitively, folding `ſ` to `s` and the Kelvin sign to `k`, and let a later member win,
+/// so `{"name":"echo","Name":"rm"}` would be checked as `echo` and run as `rm`.
 fn unique_get<'t, 'i>(
     obj: &simd_json::tape::Object<'t, 'i>,
     key: &str,
@@ -199,9 +202,69 @@ fn unique_get<'t, 'i>(
                 return Err(format!("duplicate \"{key}\" member"));
             }
             found = Some(v);
+        } else if folds_to(k, key) {
+            return Err(format!(
+                "member \"{k}\" differs from \"{key}\" only in case; refused"
+            ));
         }
     }
     Ok(found)
+}
+
+/// Whether `name` equals the lowercase ASCII `key` under case folding as lenient JSON decoders
+/// apply it (ASCII case, plus U+017F `ſ` → `s` and U+212A `K` → `k`).
+pub(crate) fn folds_to(name: &str, key: &str) -> bool {
+    if name.len() == key.len() {
+        return name.eq_ignore_ascii_case(key);
+    }
+    if name.is_ascii() {
+        return false;
+    }
+    let mut folded = name.chars().map(|c| match c {
+        '\u{17f}' => 's',
+        '\u{212a}' => 'k',
+        c => c.to_ascii_lowercase(),
+    });
+    key.chars().all(|k| folded.next() == Some(k)) && folded.next().is_none()
+}
+
+/// MCP methods a decision or a transport rule depends on, and the prefix of notifications.
+const KNOWN_METHODS: &[&str] = &[
+    "initialize",
+    "ping",
+    "tools/list",
+    "tools/call",
+    "resources/list",
+    "resources/read",
+    "resources/templates/list",
+    "resources/subscribe",
+    "resources/unsubscribe",
+    "prompts/list",
+    "prompts/get",
+    "logging/setLevel",
+    "completion/complete",
+];
+
+/// Method names are case-sensitive identifiers of printable ASCII. A name that only an upstream
+/// trimming or folding case would read as a known method (`TOOLS/CALL`, `tools/call `,
+/// `Notifications/cancelled`) is refused: it would escape the decision its real name gets.
+fn check_method_name(method: &str) -> Result<(), String> {
+    if method.len() > 128 || !method.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("\"method\" must be 1-128 printable ASCII characters".into());
+    }
+    let lookalike = KNOWN_METHODS
+        .iter()
+        .any(|m| *m != method && m.eq_ignore_ascii_case(method))
+        || (!method.starts_with("notifications/")
+            && method
+                .get(..14)
+                .is_some_and(|p| p.eq_ignore_ascii_case("notifications/")));
+    if lookalike {
+        return Err(format!(
+            "method \"{method}\" differs from an MCP method only in case; refused"
+        ));
+    }
+    Ok(())
 }
 
 fn read_id(v: TapeValue<'_, '_>) -> Result<RpcId, String> {
@@ -258,6 +321,7 @@ fn classify_one(v: TapeValue<'_, '_>) -> Result<Message, ClassifyError> {
     if method.is_empty() {
         return Err(invalid("\"method\" must not be empty".into(), id));
     }
+    check_method_name(method).map_err(|m| invalid(m, id.clone()))?;
     if result.is_some() || error.is_some() {
         return Err(invalid(
             "a request must not carry result or error".into(),
@@ -473,6 +537,57 @@ mod tests {
             .kind,
             Kind::Notification
         );
+    }
+
+    #[test]
+    fn members_differing_only_in_case_from_a_decision_field_are_refused() {
+        for body in [
+            r#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"echo","Name":"rm"}}"#,
+            r#"{"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"echo"},"Params":{"name":"rm"}}"#,
+            "{\"jsonrpc\":\"2.0\",\"id\":5,\"method\":\"tools/call\",\"params\":{\"name\":\"echo\"},\"param\u{17f}\":{\"name\":\"rm\"}}",
+            r#"{"jsonrpc":"2.0","id":6,"method":"ping","Method":"tools/call","params":{"name":"rm"}}"#,
+            r#"{"jsonrpc":"2.0","id":7,"method":"resources/read","params":{"uri":"file:///public/a","URI":"file:///etc/secret"}}"#,
+            r#"{"jsonrpc":"2.0","id":8,"method":"ping","Method":"tools/list"}"#,
+            r#"{"jsonrpc":"2.0","ID":9,"id":8,"method":"ping"}"#,
+            "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/call\",\"params\":{\"name\":\"echo\",\"\u{212a}e\":1,\"NAME\":\"rm\"}}",
+        ] {
+            assert!(classify(body).is_err(), "{body}");
+        }
+        assert!(folds_to("par\u{17f}ams", "parsams") && folds_to("\u{212a}ey", "key"));
+        assert!(!folds_to("nam", "name") && !folds_to("names", "name"));
+        // Ordinary members that merely share letters are fine.
+        assert!(classify(r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","names":[]}}"#).is_ok());
+    }
+
+    #[test]
+    fn method_names_that_only_fold_to_a_known_method_are_refused() {
+        for m in [
+            "TOOLS/CALL",
+            "Tools/call",
+            "tools/call ",
+            " tools/call",
+            "Notifications/cancelled",
+            "NOTIFICATIONS/progress",
+            "logging/setlevel",
+            "tools/\u{e7}all",
+        ] {
+            let body = serde_json::json!({"jsonrpc":"2.0","id":1,"method":m,"params":{"name":"x"}})
+                .to_string();
+            assert!(
+                matches!(classify(&body), Err(ClassifyError::Invalid(..))),
+                "{m:?}"
+            );
+        }
+        for m in [
+            "tools/call",
+            "logging/setLevel",
+            "custom/thing",
+            "x-vendor/Do",
+        ] {
+            let body = serde_json::json!({"jsonrpc":"2.0","id":1,"method":m,"params":{"name":"x"}})
+                .to_string();
+            assert!(classify(&body).is_ok(), "{m:?}");
+        }
     }
 
     #[test]
