@@ -9,14 +9,16 @@
 //!   them).
 //! - 4a Origin check before authentication: a DNS-rebinding page must learn nothing, not even
 //!   whether its credentials would have worked.
-//! - 5 authenticate (API keys, JWT, OAuth, mTLS in later issues) before reading meaning from
-//!   the body, so an anonymous caller cannot make us parse arbitrary JSON-RPC.
-//! - 5a transport rules (protocol version, Accept, Content-Type) before the body is
-//!   classified.
+//! - 5 authenticate (API keys, JWT, OAuth, mTLS in later issues) on the head, before the body
+//!   is even read: a stranger gets no `100 Continue`, holds no body buffer, and cannot make us
+//!   parse JSON-RPC.
+//! - 5a transport rules (protocol version, Accept, Content-Type), also on the head. Phases 4
+//!   to 5a are [`admit`]; the connection loop reads the body only for an admitted request.
 //! - 6 classify the JSON-RPC body once; everything after reads the classification, never the
-//!   JSON.
+//!   JSON. Every message is decided whatever its kind (an id-less `tools/call` is invalid, not
+//!   an unchecked notification).
 //! - 6a session check after classification: only `initialize` may arrive without a session.
-//! - 7 authorize, then 8 rate-limit (later issues): a denied call must not spend quota.
+//! - 7 authorize, then 8 rate-limit: a denied call must not spend quota.
 //! - 9 forward, 10 relay (streamed), 11 metrics (and audit) always, also after an early exit:
 //!   the connection loop records them from the [`Reply`] once it has been written.
 
