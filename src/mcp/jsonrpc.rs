@@ -228,23 +228,6 @@ pub(crate) fn folds_to(name: &str, key: &str) -> bool {
     key.chars().all(|k| folded.next() == Some(k)) && folded.next().is_none()
 }
 
-/// MCP methods a decision or a transport rule depends on, and the prefix of notifications.
-const KNOWN_METHODS: &[&str] = &[
-    "initialize",
-    "ping",
-    "tools/list",
-    "tools/call",
-    "resources/list",
-    "resources/read",
-    "resources/templates/list",
-    "resources/subscribe",
-    "resources/unsubscribe",
-    "prompts/list",
-    "prompts/get",
-    "logging/setLevel",
-    "completion/complete",
-];
-
 /// Method names are case-sensitive identifiers of printable ASCII. A name that only an upstream
 /// trimming or folding case would read as a known method (`TOOLS/CALL`, `tools/call `,
 /// `Notifications/cancelled`) is refused: it would escape the decision its real name gets.
@@ -252,7 +235,7 @@ fn check_method_name(method: &str) -> Result<(), String> {
     if method.len() > 128 || !method.bytes().all(|b| b.is_ascii_graphic()) {
         return Err("\"method\" must be 1-128 printable ASCII characters".into());
     }
-    let lookalike = KNOWN_METHODS
+    let lookalike = crate::observe::metrics::MCP_METHODS
         .iter()
         .any(|m| *m != method && m.eq_ignore_ascii_case(method))
         || (!method.starts_with("notifications/")

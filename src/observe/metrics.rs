@@ -37,9 +37,12 @@ pub const METHODS: &[&str] = &[
     "none",
 ];
 
+/// The MCP request methods among [`METHODS`] (the labels after them are the gateway's own).
+pub const MCP_METHODS: &[&str] = METHODS.split_at(13).0;
+
 /// Index of a method label.
 pub fn method_index(method: &str) -> usize {
-    if let Some(i) = METHODS[..13].iter().position(|m| *m == method) {
+    if let Some(i) = MCP_METHODS.iter().position(|m| *m == method) {
         return i;
     }
     if method.starts_with("notifications/") {
