@@ -80,8 +80,26 @@ fn init_writes_a_valid_starter_and_refuses_to_overwrite() {
     let path = p.to_str().unwrap();
     let (code, _, _) = run(&["init", "--output", path]);
     assert_eq!(code, 0);
-    let (code, _, err) = run(&["validate", "--config", path]);
-    assert_eq!(code, 0, "{err}");
+    // `validate` checks that the starter's command (`npx`) resolves on PATH: a stand-in keeps
+    // this test independent of Node being installed.
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let npx = bin.join("npx");
+    std::fs::write(&npx, "#!/bin/sh\nexit 0\n").unwrap();
+    let mut perms = std::fs::metadata(&npx).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+    std::fs::set_permissions(&npx, perms).unwrap();
+    let out = Command::new(GUARD)
+        .args(["validate", "--config", path])
+        .env("PATH", &bin)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let (code, _, err) = run(&["init", "--output", path]);
     assert_eq!(code, 1);
     assert!(err.contains("already exists"), "{err}");
@@ -165,4 +183,138 @@ fn running_without_config_is_a_usage_error() {
     let (code, _, err) = run(&["--config", "/nonexistent.toml"]);
     assert_eq!(code, 1);
     assert!(err.contains("cannot read config file"), "{err}");
+}
+
+#[test]
+fn validate_checks_the_world_the_file_points_at() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, cfg: String| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, cfg).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    // A command that is not there (relative, as in the quick start run from elsewhere).
+    let missing = write(
+        "missing.toml",
+        stdio_config("auto", "", &[])
+            .replace(&format!("{DEMO:?}"), "\"target/none/mcp-demo-server\""),
+    );
+    let (code, _, err) = run(&["validate", "--config", &missing]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("upstream.command"), "{err}");
+    assert!(
+        err.contains("relative to the directory mcp-guard runs in"),
+        "{err}"
+    );
+    // A bare name not on PATH.
+    let bare = write(
+        "bare.toml",
+        stdio_config("auto", "", &[]).replace(&format!("{DEMO:?}"), "\"no-such-mcp-server-xyz\""),
+    );
+    let (code, _, err) = run(&["validate", "--config", &bare]);
+    assert_eq!(code, 1);
+    assert!(err.contains("not found on PATH"), "{err}");
+    // A cwd that does not exist is blamed, not the command.
+    let cwd = write(
+        "cwd.toml",
+        format!(
+            "{}cwd = \"/nonexistent/dir\"\n",
+            stdio_config("auto", "", &[])
+        ),
+    );
+    let (code, _, err) = run(&["validate", "--config", &cwd]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("upstream.cwd") && !err.contains("upstream.command"),
+        "{err}"
+    );
+    // An audit directory that can never be created.
+    let blocker = dir.path().join("a-file");
+    std::fs::write(&blocker, "x").unwrap();
+    let audit = write(
+        "audit.toml",
+        format!(
+            "{}\n[audit]\nfile = {:?}\n",
+            stdio_config("auto", "", &[]),
+            blocker.join("sub/audit.jsonl")
+        ),
+    );
+    let (code, _, err) = run(&["validate", "--config", &audit]);
+    assert_eq!(code, 1);
+    assert!(err.contains("audit.file"), "{err}");
+    // A port already taken.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    let taken = write(
+        "taken.toml",
+        stdio_config("auto", "", &[]).replacen("port = 0", &format!("port = {port}"), 1),
+    );
+    let (code, _, err) = run(&["validate", "--config", &taken]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("server.port") && err.contains("another process"),
+        "{err}"
+    );
+}
+
+#[test]
+fn run_refuses_to_start_with_an_upstream_command_that_cannot_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("g.toml");
+    std::fs::write(
+        &p,
+        stdio_config("auto", "", &[])
+            .replace(&format!("{DEMO:?}"), "\"target/none/mcp-demo-server\""),
+    )
+    .unwrap();
+    let out = Command::new(GUARD)
+        .args(["--config", p.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("upstream.command"), "{err}");
+    assert!(
+        !err.contains("listening on"),
+        "it bound before checking: {err}"
+    );
+}
+
+#[test]
+fn run_exits_when_the_stdio_upstream_cannot_be_started_at_all() {
+    // An executable script whose interpreter does not exist: it passes the path checks, and
+    // exec refuses it (ENOENT, so no shell fallback either).
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("server.sh");
+    std::fs::write(&fake, "#!/nonexistent/interpreter\n").unwrap();
+    let mut perms = std::fs::metadata(&fake).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+    std::fs::set_permissions(&fake, perms).unwrap();
+    let p = dir.path().join("g.toml");
+    std::fs::write(
+        &p,
+        stdio_config("auto", "", &[]).replace(&format!("{DEMO:?}"), &format!("{fake:?}")),
+    )
+    .unwrap();
+    let mut child = Command::new(GUARD)
+        .args(["--config", p.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the gateway kept running with an upstream it cannot start");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("cannot start the stdio upstream"), "{err}");
 }

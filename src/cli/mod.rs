@@ -95,6 +95,15 @@ pub fn main() -> ExitCode {
                 for w in &s.warnings {
                     eprintln!("warning: {w}");
                 }
+                // The file is valid; now the world it points at.
+                let problems =
+                    crate::config::preflight::check(&s, crate::config::preflight::Ports::Check);
+                if !problems.is_empty() {
+                    for p in &problems {
+                        eprintln!("error: {}: {p}", config.display());
+                    }
+                    return ExitCode::FAILURE;
+                }
                 println!(
                     "{}: valid ({} workers, listening on {}, upstream {})",
                     config.display(),

@@ -2,6 +2,7 @@
 //! the data plane reads from an `ArcSwap` snapshot.
 
 pub mod load;
+pub mod preflight;
 pub mod schema;
 
 use crate::audit::AuditOutput;

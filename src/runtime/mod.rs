@@ -87,6 +87,17 @@ pub fn run(path: PathBuf) -> Result<(), String> {
     // The file's stamp as loaded: a change made while the gateway starts is still a change.
     let loaded_stamp = control::file_stamp(&path);
     let settings = Settings::load(&path).map_err(|e| e.to_string())?;
+    // Before anything is spawned or bound: a command that cannot run is a start-up error, not
+    // a restart loop behind a healthy-looking /health.
+    let problems =
+        crate::config::preflight::check(&settings, crate::config::preflight::Ports::Skip);
+    if !problems.is_empty() {
+        let lines: Vec<String> = problems
+            .iter()
+            .map(|p| format!("{}: {p}", path.display()))
+            .collect();
+        return Err(lines.join("\n"));
+    }
     let driver = choose_driver(settings.server.io)?;
     for w in &settings.warnings {
         tracing::warn!(target: "mcp_guard::config", "{w}");
@@ -104,7 +115,7 @@ pub fn run(path: PathBuf) -> Result<(), String> {
         None => None,
     };
     let hub = match &settings.upstream.transport {
-        Transport::Stdio(s) => Some(StdioHub::start(s.clone(), metrics.clone())),
+        Transport::Stdio(s) => Some(StdioHub::start(s.clone(), metrics.clone())?),
         Transport::Http(_) => None,
     };
     let (audit_writer, audit_sinks) = match &settings.audit.output {

@@ -101,10 +101,12 @@ const MAX_SERVER_REQUESTS: usize = 1_024;
 
 impl StdioHub {
     /// Starts the router and the first child.
-    pub fn start(settings: StdioSettings, metrics: Arc<Metrics>) -> Arc<StdioHub> {
+    /// The first child is started here, on the caller's thread: one that cannot be started at
+    /// all is a start-up error (one that dies later is restarted with backoff).
+    pub fn start(settings: StdioSettings, metrics: Arc<Metrics>) -> Result<Arc<StdioHub>, String> {
         let (tx, rx) = std::sync::mpsc::sync_channel(INBOX_CAPACITY);
         let alive = Arc::new(AtomicBool::new(false));
-        let router = Supervisor {
+        let mut router = Supervisor {
             settings,
             inbox_tx: tx.clone(),
             metrics,
@@ -123,16 +125,22 @@ impl StdioHub {
             restart_at: Some(Instant::now()),
             started_at: Instant::now(),
         };
+        if let Err(e) = router.spawn_child() {
+            return Err(format!(
+                "cannot start the stdio upstream `{}`: {e}",
+                router.settings.command
+            ));
+        }
         let handle = std::thread::Builder::new()
             .name("stdio-hub".into())
             .spawn(move || router.run(rx))
-            .expect("spawning the stdio hub thread");
-        Arc::new(StdioHub {
+            .map_err(|e| format!("cannot start the stdio hub thread: {e}"))?;
+        Ok(Arc::new(StdioHub {
             inbox: tx,
             next_id: AtomicU64::new(1),
             alive,
             router: std::sync::Mutex::new(Some(handle)),
-        })
+        }))
     }
 
     /// Whether the child is running.
@@ -243,7 +251,8 @@ impl Supervisor {
             if let Some(at) = self.restart_at
                 && Instant::now() >= at
             {
-                self.spawn_child();
+                // A failure is logged and retried with backoff (`schedule_restart`).
+                let _ = self.spawn_child();
             }
             let cmd = match self.restart_at {
                 Some(at) => match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
@@ -445,7 +454,8 @@ impl Supervisor {
         false
     }
 
-    fn spawn_child(&mut self) {
+    /// Starts a child; on failure schedules a retry and says why.
+    fn spawn_child(&mut self) -> Result<(), std::io::Error> {
         self.restart_at = None;
         self.generation += 1;
         let generation = self.generation;
@@ -470,7 +480,7 @@ impl Supervisor {
                     self.backoff
                 );
                 self.schedule_restart();
-                return;
+                return Err(e);
             }
         };
         tracing::info!(target: "mcp_guard::upstream", "stdio upstream started (pid {})", child.id());
@@ -514,6 +524,7 @@ impl Supervisor {
         let mut out = Outputs::new();
         self.router.child_started(generation, &mut out);
         self.apply(out);
+        Ok(())
     }
 
     fn schedule_restart(&mut self) {
