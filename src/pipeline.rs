@@ -244,7 +244,10 @@ fn health(w: &Worker, head: &RequestHead, path: &str) -> Reply {
             503,
             b"{\"status\":\"not ready\",\"reason\":\"upstream unreachable\"}".to_vec(),
         ),
-        _ => (200, shared.health_json().into_bytes()),
+        _ => {
+            let (status, body) = shared.health();
+            (status, body.into_bytes())
+        }
     };
     Reply::json(status, body, M_NONE)
 }

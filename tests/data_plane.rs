@@ -722,4 +722,52 @@ fn ready_reports_unreachable_http_upstream() {
     let r = mcp_post(g.addr, INIT, None);
     assert_eq!(r.status, 502);
     assert_eq!(r.json()["error"]["code"], -32603);
+    // /health never says ok while no upstream has ever answered; /live still does.
+    let health = g.admin_get("/health");
+    assert_eq!(health.status, 503);
+    assert_eq!(health.json()["status"], "starting");
+    assert_eq!(health.json()["upstream_answered"], false);
+    assert_eq!(g.admin_get("/live").status, 200);
+}
+
+#[test]
+fn health_says_ok_once_the_upstream_has_answered_without_any_client() {
+    // The stdio hub pings the child it starts; an HTTP upstream is probed over HTTP. No client
+    // has sent anything when /health turns ok.
+    let up = DemoHttp::start(&[]);
+    for config in [
+        stdio_config("auto", "", &[]),
+        http_config("auto", &up.url(), "", ""),
+    ] {
+        let g = Gateway::start(&config);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = g.admin_get("/health");
+            if r.status == 200 {
+                assert_eq!(r.json()["status"], "ok");
+                assert_eq!(r.json()["upstream_answered"], true);
+                break;
+            }
+            assert_eq!(r.json()["status"], "starting");
+            assert!(Instant::now() < deadline, "never healthy: {}", r.text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+#[test]
+fn a_port_that_accepts_but_never_answers_http_is_not_ready() {
+    // A listener that accepts connections and says nothing: reachable, but not an upstream.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let g = Gateway::start(&http_config(
+        "auto",
+        &format!("http://127.0.0.1:{port}/mcp"),
+        "",
+        "",
+    ));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(g.admin_get("/ready").status, 503);
+    assert_eq!(g.admin_get("/health").status, 503);
+    drop(silent);
 }

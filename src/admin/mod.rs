@@ -180,7 +180,10 @@ fn route(path: &str, shared: &Shared, state: &AdminState) -> Vec<u8> {
                 body.into_bytes(),
             )
         }
-        "/health" => response(200, "application/json", shared.health_json().into_bytes()),
+        "/health" => {
+            let (status, body) = shared.health();
+            response(status, "application/json", body.into_bytes())
+        }
         "/live" => response(200, "application/json", b"{\"status\":\"alive\"}".to_vec()),
         "/ready" if shared.is_ready() => {
             response(200, "application/json", b"{\"status\":\"ready\"}".to_vec())

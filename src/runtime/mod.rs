@@ -153,6 +153,7 @@ pub fn run(path: PathBuf) -> Result<(), String> {
         connections: AtomicUsize::new(0),
         io_driver: driver.name(),
         upstream_ready: AtomicBool::new(false),
+        upstream_answered: AtomicBool::new(false),
         shutdown_rx,
         workers,
         quota: Arc::new(crate::ratelimit::MemoryPool::default()),

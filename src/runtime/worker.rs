@@ -41,6 +41,8 @@ pub struct Shared {
     pub io_driver: &'static str,
     /// HTTP upstream reachable (maintained by the control thread).
     pub upstream_ready: AtomicBool,
+    /// HTTP upstream has answered at least once (maintained by the control thread).
+    pub upstream_answered: AtomicBool,
     /// Closed when shutdown begins; workers await it next to `accept`.
     pub shutdown_rx: async_channel::Receiver<()>,
     /// Number of workers.
@@ -64,17 +66,29 @@ impl Shared {
         }
     }
 
-    /// The /health document.
-    pub fn health_json(&self) -> String {
-        serde_json::json!({
-            "status": "ok",
+    /// Whether an upstream has answered at least once since start.
+    pub fn upstream_has_answered(&self) -> bool {
+        match &self.hub {
+            Some(h) => h.has_answered(),
+            None => self.upstream_answered.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The /health status and document: `ok` (200) once an upstream has answered at least
+    /// once, `starting` (503) until then. Liveness is `/live`; readiness now is `/ready`.
+    pub fn health(&self) -> (u16, String) {
+        let answered = self.upstream_has_answered();
+        let body = serde_json::json!({
+            "status": if answered { "ok" } else { "starting" },
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_secs": self.metrics.started.elapsed().as_secs(),
             "workers": self.workers,
             "io_driver": self.io_driver,
             "upstream_ready": self.is_ready(),
+            "upstream_answered": answered,
         })
-        .to_string()
+        .to_string();
+        (if answered { 200 } else { 503 }, body)
     }
 }
 

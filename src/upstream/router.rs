@@ -31,6 +31,9 @@ pub type SessionKey = [u8; 16];
 /// Ids at and above this are the hub's own requests (the replayed `initialize`).
 pub const REPLAY_ID_BASE: u64 = 1 << 62;
 
+/// Id of the hub's own `ping` to a newly started upstream (above every replay id).
+pub const PING_ID: u64 = u64::MAX;
+
 /// JSON-RPC error sent to the upstream for a server-initiated request the hub cannot route.
 pub const UNROUTABLE_MESSAGE: &str =
     "cannot route a server-initiated request in shared mode; use session_mode = \"per_session\"";
@@ -575,6 +578,10 @@ impl<W> Router<W> {
         let Some(hub_id) = msg.get("id").and_then(Value::as_u64) else {
             return out.push(Output::Dropped(DropReason::UnknownResponse));
         };
+        if hub_id == PING_ID {
+            // The answer to the hub's own liveness ping: nobody waits for it.
+            return;
+        }
         if self.replay_pending == Some(hub_id) {
             // The answer to the replayed initialize: complete the handshake for the new child.
             self.replay_pending = None;
@@ -867,6 +874,16 @@ impl<W> Router<W> {
             "capabilities": {},
             "clientInfo": {"name":"mcp-guard","version":env!("CARGO_PKG_VERSION")}}});
         self.emit(&init, None, out);
+    }
+
+    /// The hub's own `ping` (allowed before initialization), so that an upstream is known to
+    /// answer before any client has talked to it.
+    pub fn health_ping(&self, out: &mut Vec<Output<W>>) {
+        self.emit(
+            &json!({"jsonrpc":"2.0","id":PING_ID,"method":"ping"}),
+            None,
+            out,
+        );
     }
 
     /// The upstream exited: every request in flight fails, every id mapping is forgotten.

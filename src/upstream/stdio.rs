@@ -78,6 +78,7 @@ pub struct StdioHub {
     inbox: SyncSender<Command_>,
     next_id: AtomicU64,
     alive: Arc<AtomicBool>,
+    answered: Arc<AtomicBool>,
     router: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -106,11 +107,13 @@ impl StdioHub {
     pub fn start(settings: StdioSettings, metrics: Arc<Metrics>) -> Result<Arc<StdioHub>, String> {
         let (tx, rx) = std::sync::mpsc::sync_channel(INBOX_CAPACITY);
         let alive = Arc::new(AtomicBool::new(false));
+        let answered = Arc::new(AtomicBool::new(false));
         let mut router = Supervisor {
             settings,
             inbox_tx: tx.clone(),
             metrics,
             alive: alive.clone(),
+            answered: answered.clone(),
             child: None,
             stdin: None,
             generation: 0,
@@ -139,6 +142,7 @@ impl StdioHub {
             inbox: tx,
             next_id: AtomicU64::new(1),
             alive,
+            answered,
             router: std::sync::Mutex::new(Some(handle)),
         }))
     }
@@ -146,6 +150,11 @@ impl StdioHub {
     /// Whether the child is running.
     pub fn is_alive(&self) -> bool {
         self.alive.load(Ordering::Relaxed)
+    }
+
+    /// Whether a child has ever answered (the hub pings each new one).
+    pub fn has_answered(&self) -> bool {
+        self.answered.load(Ordering::Relaxed)
     }
 
     fn submit(&self, cmd: Command_) -> Result<(), GatewayError> {
@@ -233,6 +242,8 @@ struct Supervisor {
     inbox_tx: SyncSender<Command_>,
     metrics: Arc<Metrics>,
     alive: Arc<AtomicBool>,
+    /// Set once any child has written a line: it has answered at least once.
+    answered: Arc<AtomicBool>,
     child: Option<Child>,
     stdin: Option<SyncSender<Vec<u8>>>,
     generation: u64,
@@ -325,6 +336,7 @@ impl Supervisor {
             Command_::Cancel { hub_id } => self.router.cancel(hub_id, &mut out),
             Command_::FromChild(generation, line) => {
                 if generation == self.generation {
+                    self.answered.store(true, Ordering::Relaxed);
                     self.router.child_line(&line, &mut out);
                 }
             }
@@ -523,6 +535,7 @@ impl Supervisor {
         self.alive.store(true, Ordering::Relaxed);
         let mut out = Outputs::new();
         self.router.child_started(generation, &mut out);
+        self.router.health_ping(&mut out);
         self.apply(out);
         Ok(())
     }
