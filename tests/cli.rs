@@ -318,3 +318,42 @@ fn run_exits_when_the_stdio_upstream_cannot_be_started_at_all() {
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(err.contains("cannot start the stdio upstream"), "{err}");
 }
+
+#[test]
+fn the_global_config_option_serves_subcommands_and_one_worker_is_singular() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("g.toml");
+    std::fs::write(
+        &p,
+        stdio_config("auto", "", &[]).replace("workers = 2", "workers = 1"),
+    )
+    .unwrap();
+    let path = p.to_str().unwrap();
+    let (code, out, err) = run(&["--config", path, "validate"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("(1 worker,"), "{out}");
+    // The subcommand's own option still works.
+    let (code, out, _) = run(&["validate", "--config", path]);
+    assert_eq!(code, 0);
+    assert!(out.contains("valid"), "{out}");
+    let (code, _, err) = run(&["validate"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--config"), "{err}");
+}
+
+#[test]
+fn the_anonymous_warning_mentions_per_address_limits_only_when_limits_are_on() {
+    for (tail, expect_limits) in [("[rate_limit]\nenabled = false\n", false), ("", true)] {
+        let g = Gateway::start(&format!("{}\n{tail}", stdio_config("auto", "", &[])));
+        assert!(g.wait_log(
+            "every caller is anonymous",
+            std::time::Duration::from_secs(5)
+        ));
+        let logs = g.logs.lock().unwrap().join("\n");
+        assert_eq!(
+            logs.contains("rate limits apply per client address"),
+            expect_limits,
+            "{logs}"
+        );
+    }
+}

@@ -11,14 +11,10 @@ use std::process::ExitCode;
 
 /// mcp-guard: a security gateway for MCP servers.
 #[derive(Parser, Debug)]
-#[command(
-    name = "mcp-guard",
-    version,
-    about,
-    args_conflicts_with_subcommands = true
-)]
+#[command(name = "mcp-guard", version, about)]
 pub struct Cli {
-    /// Configuration file (runs the gateway when no subcommand is given).
+    /// Configuration file: runs the gateway when no subcommand is given, and serves `run`,
+    /// `validate` and `check-upstream` when they name none (`mcp-guard --config F validate`).
     #[arg(short, long, value_name = "FILE")]
     config: Option<PathBuf>,
     #[command(subcommand)]
@@ -29,15 +25,15 @@ pub struct Cli {
 enum Command {
     /// Run the gateway.
     Run {
-        /// Configuration file.
+        /// Configuration file (else the global `--config`).
         #[arg(short, long, value_name = "FILE")]
-        config: PathBuf,
+        config: Option<PathBuf>,
     },
     /// Check a configuration file and exit (0 = valid).
     Validate {
-        /// Configuration file.
+        /// Configuration file (else the global `--config`).
         #[arg(short, long, value_name = "FILE")]
-        config: PathBuf,
+        config: Option<PathBuf>,
     },
     /// Write a commented starter configuration.
     Init {
@@ -61,9 +57,9 @@ enum Command {
     },
     /// Perform the MCP initialize handshake with each configured upstream.
     CheckUpstream {
-        /// Configuration file.
+        /// Configuration file (else the global `--config`).
         #[arg(short, long, value_name = "FILE")]
-        config: PathBuf,
+        config: Option<PathBuf>,
     },
     /// Print the version.
     Version,
@@ -79,48 +75,35 @@ pub fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
-    match (cli.command, cli.config) {
-        (Some(Command::Run { config }), _) | (None, Some(config)) => {
+    let global = cli.config;
+    // A subcommand's own `--config`, else the global one.
+    let file = |own: Option<PathBuf>| own.or_else(|| global.clone());
+    match cli.command {
+        None | Some(Command::Run { .. }) => {
+            let own = match cli.command {
+                Some(Command::Run { config }) => config,
+                _ => None,
+            };
+            let Some(config) = file(own) else {
+                eprintln!(
+                    "error: no configuration given; run `mcp-guard --config FILE` (or `mcp-guard init` to write one)"
+                );
+                return ExitCode::from(2);
+            };
             init_logging();
             report(crate::runtime::run(config))
         }
-        (None, None) => {
-            eprintln!(
-                "error: no configuration given; run `mcp-guard --config FILE` (or `mcp-guard init` to write one)"
-            );
-            ExitCode::from(2)
-        }
-        (Some(Command::Validate { config }), _) => match Settings::load(&config) {
-            Ok(s) => {
-                for w in &s.warnings {
-                    eprintln!("warning: {w}");
-                }
-                // The file is valid; now the world it points at.
-                let problems =
-                    crate::config::preflight::check(&s, crate::config::preflight::Ports::Check);
-                if !problems.is_empty() {
-                    for p in &problems {
-                        eprintln!("error: {}: {p}", config.display());
-                    }
-                    return ExitCode::FAILURE;
-                }
-                println!(
-                    "{}: valid ({} workers, listening on {}, upstream {})",
-                    config.display(),
-                    s.server.workers,
-                    s.server.listen,
-                    describe_upstream(&s)
-                );
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::FAILURE
-            }
+        Some(Command::Validate { config }) => match file(config) {
+            Some(config) => validate(&config),
+            None => missing_config("validate"),
         },
-        (Some(Command::Init { output, force }), _) => report(init(&output, force)),
-        (Some(Command::Keygen { user_id }), _) => report(keygen(&user_id)),
-        (Some(Command::HashKey { key }), _) => {
+        Some(Command::CheckUpstream { config }) => match file(config) {
+            Some(config) => check_upstream(&config),
+            None => missing_config("check-upstream"),
+        },
+        Some(Command::Init { output, force }) => report(init(&output, force)),
+        Some(Command::Keygen { user_id }) => report(keygen(&user_id)),
+        Some(Command::HashKey { key }) => {
             if key.is_empty() {
                 eprintln!("error: the key must not be empty");
                 return ExitCode::FAILURE;
@@ -128,22 +111,70 @@ pub fn main() -> ExitCode {
             println!("{}", hash_key(&key));
             ExitCode::SUCCESS
         }
-        (Some(Command::CheckUpstream { config }), _) => match Settings::load(&config) {
-            Ok(s) => {
-                if check::check_all(&s) {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::FAILURE
-                }
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::FAILURE
-            }
-        },
-        (Some(Command::Version), _) => {
+        Some(Command::Version) => {
             println!("mcp-guard {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
+        }
+    }
+}
+
+fn missing_config(command: &str) -> ExitCode {
+    eprintln!("error: no configuration given; run `mcp-guard {command} --config FILE`");
+    ExitCode::from(2)
+}
+
+/// `validate`: the file, then the world it points at.
+fn validate(config: &std::path::Path) -> ExitCode {
+    match Settings::load(config) {
+        Ok(s) => {
+            for w in &s.warnings {
+                eprintln!("warning: {w}");
+            }
+            let problems =
+                crate::config::preflight::check(&s, crate::config::preflight::Ports::Check);
+            if !problems.is_empty() {
+                for p in &problems {
+                    eprintln!("error: {}: {p}", config.display());
+                }
+                return ExitCode::FAILURE;
+            }
+            println!(
+                "{}: valid ({}, listening on {}, upstream {})",
+                config.display(),
+                workers_phrase(s.server.workers),
+                s.server.listen,
+                describe_upstream(&s)
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// "1 worker", "4 workers".
+pub fn workers_phrase(n: usize) -> String {
+    if n == 1 {
+        "1 worker".into()
+    } else {
+        format!("{n} workers")
+    }
+}
+
+fn check_upstream(config: &std::path::Path) -> ExitCode {
+    match Settings::load(config) {
+        Ok(s) => {
+            if check::check_all(&s) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -139,9 +139,15 @@ pub fn run(path: PathBuf) -> Result<(), String> {
     }
     .unwrap_or_else(crate::audit::AuditSink::disabled);
     if !settings.auth.requires_credentials() {
+        // The per-address remark only where there are limits for it to be about.
+        let limits = if settings.rate.enabled {
+            " (rate limits apply per client address)"
+        } else {
+            ""
+        };
         tracing::warn!(
             target: "mcp_guard",
-            "no authentication is configured: every caller is anonymous (rate limits apply per client address)"
+            "no authentication is configured: every caller is anonymous{limits}"
         );
     }
     let (shutdown_tx, shutdown_rx) = async_channel::bounded::<()>(1);
@@ -172,8 +178,9 @@ pub fn run(path: PathBuf) -> Result<(), String> {
     }
     tracing::info!(
         target: "mcp_guard",
-        "mcp-guard {} listening on http://{bound} ({workers} workers, {} driver)",
+        "mcp-guard {} listening on http://{bound} ({}, {} driver)",
         env!("CARGO_PKG_VERSION"),
+        crate::cli::workers_phrase(workers),
         driver.name()
     );
     if let Some(l) = admin_listener {
