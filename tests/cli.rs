@@ -5,6 +5,14 @@ mod common;
 use common::*;
 use std::process::Command;
 
+/// Writes `content` to `path`, mode 0755.
+fn write_executable(path: &std::path::Path, content: &[u8]) {
+    std::fs::write(path, content).unwrap();
+    let mut perms = std::fs::metadata(path).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+    std::fs::set_permissions(path, perms).unwrap();
+}
+
 fn run(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(GUARD).args(args).output().unwrap();
     (
@@ -84,11 +92,7 @@ fn init_writes_a_valid_starter_and_refuses_to_overwrite() {
     // this test independent of Node being installed.
     let bin = dir.path().join("bin");
     std::fs::create_dir(&bin).unwrap();
-    let npx = bin.join("npx");
-    std::fs::write(&npx, "#!/bin/sh\nexit 0\n").unwrap();
-    let mut perms = std::fs::metadata(&npx).unwrap().permissions();
-    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
-    std::fs::set_permissions(&npx, perms).unwrap();
+    write_executable(&bin.join("npx"), b"#!/bin/sh\nexit 0\n");
     let out = Command::new(GUARD)
         .args(["validate", "--config", path])
         .env("PATH", &bin)
@@ -286,10 +290,7 @@ fn run_exits_when_the_stdio_upstream_cannot_be_started_at_all() {
     // exec refuses it (ENOENT, so no shell fallback either).
     let dir = tempfile::tempdir().unwrap();
     let fake = dir.path().join("server.sh");
-    std::fs::write(&fake, "#!/nonexistent/interpreter\n").unwrap();
-    let mut perms = std::fs::metadata(&fake).unwrap().permissions();
-    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
-    std::fs::set_permissions(&fake, perms).unwrap();
+    write_executable(&fake, b"#!/nonexistent/interpreter\n");
     let p = dir.path().join("g.toml");
     std::fs::write(
         &p,

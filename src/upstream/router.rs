@@ -963,6 +963,17 @@ mod tests {
         l[0].clone()
     }
 
+    /// A `tools/call` (client id 1) in flight for `s` under hub id `hub_id`.
+    fn call_in_flight(r: &mut R, hub_id: u64, s: SessionKey, identity: &str) {
+        request(
+            r,
+            hub_id,
+            s,
+            identity,
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call"}"#,
+        );
+    }
+
     #[test]
     fn request_ids_are_remapped_and_restored() {
         let mut r = R::default();
@@ -1086,13 +1097,7 @@ mod tests {
         let mut r = R::default();
         let a = session(&mut r, 1, "alice");
         let b = session(&mut r, 2, "bob");
-        request(
-            &mut r,
-            10,
-            a,
-            "alice",
-            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call"}"#,
-        );
+        call_in_flight(&mut r, 10, a, "alice");
         let out = sampling(&mut r, 77);
         let d = delivered(&out);
         assert_eq!(d.len(), 1);
@@ -1130,22 +1135,10 @@ mod tests {
         let mut r = R::default();
         let a = session(&mut r, 1, "alice");
         let b = session(&mut r, 2, "bob");
-        request(
-            &mut r,
-            10,
-            a,
-            "alice",
-            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call"}"#,
-        );
+        call_in_flight(&mut r, 10, a, "alice");
         let mut out = Vec::new();
         r.cancel(10, &mut out);
-        request(
-            &mut r,
-            11,
-            b,
-            "bob",
-            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call"}"#,
-        );
+        call_in_flight(&mut r, 11, b, "bob");
         let out = sampling(&mut r, 77);
         assert!(delivered(&out).is_empty(), "{out:?}");
         assert_eq!(dropped(&out), [DropReason::UnroutableServerRequest]);
@@ -1158,13 +1151,7 @@ mod tests {
         let mut r = R::default();
         let a = session(&mut r, 1, "alice");
         let _b = session(&mut r, 2, "bob");
-        request(
-            &mut r,
-            10,
-            a,
-            "alice",
-            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call"}"#,
-        );
+        call_in_flight(&mut r, 10, a, "alice");
         let mut out = Vec::new();
         r.delete_session(&a, &mut out);
         let out = sampling(&mut r, 79);
@@ -1181,13 +1168,7 @@ mod tests {
         assert!(lines(&out).is_empty(), "{out:?}");
         assert!(matches!(out[..], [Output::Fail { .. }]), "{out:?}");
         // From the child: refused back to it, delivered to nobody.
-        request(
-            &mut r,
-            10,
-            a,
-            "alice",
-            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call"}"#,
-        );
+        call_in_flight(&mut r, 10, a, "alice");
         let mut out = Vec::new();
         r.child_line(
             br#"{"jsonrpc":"2.0","id":9,"method":"notifications/progress","params":{}}"#,
@@ -1214,20 +1195,8 @@ mod tests {
         let mut r = R::default();
         let a = session(&mut r, 1, "alice");
         let b = session(&mut r, 2, "bob");
-        request(
-            &mut r,
-            10,
-            a,
-            "alice",
-            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call"}"#,
-        );
-        request(
-            &mut r,
-            11,
-            b,
-            "bob",
-            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call"}"#,
-        );
+        call_in_flight(&mut r, 10, a, "alice");
+        call_in_flight(&mut r, 11, b, "bob");
         let out = sampling(&mut r, 77);
         assert!(delivered(&out).is_empty());
         assert_eq!(dropped(&out), [DropReason::UnroutableServerRequest]);
@@ -1253,13 +1222,7 @@ mod tests {
         let mut r = R::default();
         let a = session(&mut r, 1, "alice");
         let _b = session(&mut r, 2, "bob");
-        request(
-            &mut r,
-            10,
-            a,
-            "alice",
-            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call"}"#,
-        );
+        call_in_flight(&mut r, 10, a, "alice");
         let given = delivered(&sampling(&mut r, 77))[0].1["id"].clone();
         let mut out = Vec::new();
         r.child_line(
