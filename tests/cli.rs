@@ -58,13 +58,21 @@ fn validate_warns_about_settings_without_effect_in_this_build() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("tracing.toml");
     let cfg = format!(
-        "{}\n[tracing]\nenabled = true\n",
+        "{}\nurl = \"http://127.0.0.1:1/mcp\"\n[rate_limit]\nenabled = false\nburst_size = 9\n[tracing]\nenabled = true\n",
         stdio_config("auto", "", &[])
     );
     std::fs::write(&p, cfg).unwrap();
     let (code, _, err) = run(&["validate", "--config", p.to_str().unwrap()]);
-    assert_eq!(code, 0);
-    assert!(err.contains("warning: tracing.enabled"), "{err}");
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("warning: upstream.url has no effect: upstream.transport is \"stdio\""),
+        "{err}"
+    );
+    assert!(
+        err.contains("warning: rate_limit.burst_size has no effect: rate_limit.enabled is false"),
+        "{err}"
+    );
+    assert!(err.contains("warning: [tracing] has no effect"), "{err}");
 }
 
 #[test]
@@ -357,4 +365,52 @@ fn the_anonymous_warning_mentions_per_address_limits_only_when_limits_are_on() {
             "{logs}"
         );
     }
+}
+
+#[test]
+fn validate_words_type_errors_and_unbuilt_sections_for_people() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("typed.toml");
+    std::fs::write(&p, "[server]\nport = 70000\n").unwrap();
+    let (code, _, err) = run(&["validate", "--config", p.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(
+            "typed.toml:2:8: server.port: expected port number 1–65535, or 0 for any free port, found `70000`"
+        ),
+        "{err}"
+    );
+    std::fs::write(
+        &p,
+        "[upstream]\ncommand = \"x\"\n[rate_limit]\nbackend = \"disk\"\n",
+    )
+    .unwrap();
+    let (code, _, err) = run(&["validate", "--config", p.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("rate_limit.backend: expected one of `memory`, `redis`, found `\"disk\"`"),
+        "{err}"
+    );
+    // The section is refused for what it is before any of its fields is asked for.
+    std::fs::write(&p, "[auth.jwt]\nissuer = \"https://idp\"\n").unwrap();
+    let (code, _, err) = run(&["validate", "--config", p.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("auth.jwt: JWT authentication is not in this build"),
+        "{err}"
+    );
+    assert!(!err.contains("missing field"), "{err}");
+}
+
+#[test]
+fn config_reference_prints_the_committed_reference() {
+    let (code, out, _) = run(&["config-reference"]);
+    assert_eq!(code, 0);
+    let committed = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/configuration.md"
+    ))
+    .unwrap();
+    assert_eq!(out, committed, "regenerate docs/configuration.md");
+    assert!(out.contains("| `port` *(compat)* | port number 1–65535"));
 }

@@ -623,6 +623,21 @@ fn config_reload_applies_valid_and_keeps_old_on_invalid() {
     }
     assert_eq!(probe(), 200, "old snapshot still serving");
     assert!(g.wait_log("reload refused", Duration::from_secs(1)));
+    // A valid file that changes a key the reference marks `restart` is refused, naming it.
+    g.rewrite_config(&format!(
+        "{}\n[audit]\nqueue_capacity = 7\n",
+        stdio_config(
+            "auto",
+            "allowed_origins = [\"https://app.example.com\"]",
+            &[]
+        )
+    ));
+    g.signal(libc::SIGHUP);
+    assert!(g.wait_log(
+        "audit.queue_capacity changed, which needs a restart",
+        Duration::from_secs(5)
+    ));
+    assert_eq!(probe(), 200, "old snapshot still serving");
 }
 
 #[test]
@@ -662,9 +677,10 @@ fn metrics_parse_and_count_requests_and_latency() {
         assert_eq!(r.status, 200);
     }
     assert_eq!(
-        g.metric(
+        g.metric_settles(
             "mcp_guard_requests_total",
-            &[("method", "tools/call"), ("status", "200")]
+            &[("method", "tools/call"), ("status", "200")],
+            5.0
         ),
         5.0
     );

@@ -61,6 +61,9 @@ enum Command {
         #[arg(short, long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// Print the configuration reference (every key, its type, default, reload behaviour) as
+    /// Markdown; docs/configuration.md is this output.
+    ConfigReference,
     /// Print the version.
     Version,
 }
@@ -109,6 +112,10 @@ pub fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
             println!("{}", hash_key(&key));
+            ExitCode::SUCCESS
+        }
+        Some(Command::ConfigReference) => {
+            print!("{}", crate::config::reference::markdown());
             ExitCode::SUCCESS
         }
         Some(Command::Version) => {

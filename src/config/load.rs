@@ -1,9 +1,13 @@
 //! Reading a config file: `${VAR}` interpolation, TOML parsing, and errors that point at
 //! `file:line:col` with a hint for misspelt keys.
 
+use super::features::{self, Seen};
+use super::reference;
 use super::schema::FileConfig;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use toml::Spanned;
+use toml::de::{DeTable, DeValue};
 
 /// Why a config file could not be turned into a [`FileConfig`].
 #[derive(Debug)]
@@ -61,22 +65,263 @@ pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
 }
 
 /// Parses config text; `lookup` resolves `${NAME}` references.
+///
+/// In order: interpolation, TOML syntax, features this build refuses (before their inner
+/// fields are asked for, so `[auth.jwt]` says JWT is not built rather than demanding `mode`),
+/// then the typed schema, whose errors are reworded with the key's path and its type in words.
 pub fn parse_str(
     text: &str,
     lookup: &dyn Fn(&str) -> Option<String>,
 ) -> Result<FileConfig, ConfigError> {
     let interpolated = interpolate(text, lookup)?;
-    toml::from_str::<FileConfig>(&interpolated).map_err(|e| {
-        let position = e.span().map(|s| line_col(&interpolated, s.start));
-        let message = e.message().trim().to_string();
-        let hint = unknown_key_hint(&message);
-        ConfigError {
-            path: None,
+    let doc = DeTable::parse(&interpolated).map_err(|e| ConfigError {
+        path: None,
+        position: e.span().map(|s| line_col(&interpolated, s.start)),
+        message: e.message().trim().to_string(),
+        hint: None,
+    })?;
+    let root = doc.get_ref();
+    if let Some(u) = features::first_unbuilt(&|path| lookup_seen(root, path)) {
+        let position = key_span(root, u.path).map(|s| line_col(&interpolated, s.start));
+        return Err(ConfigError {
             position,
-            message,
-            hint,
+            ..ConfigError::new(format!("{}: {}", u.path, u.message))
+        });
+    }
+    let mut explicit = std::collections::BTreeSet::new();
+    collect_paths(root, "", &mut explicit);
+    let mut file =
+        toml::from_str::<FileConfig>(&interpolated).map_err(|e| reword(&e, &interpolated, root))?;
+    file.explicit = explicit;
+    Ok(file)
+}
+
+/// A serde error in the user's words: the key's dotted path, and for a value of the wrong
+/// type or out of range, the type the reference gives it and the value found.
+fn reword(e: &toml::de::Error, text: &str, root: &DeTable<'_>) -> ConfigError {
+    let span = e.span();
+    let position = span.clone().map(|s| line_col(text, s.start));
+    let raw = e.message().trim().to_string();
+    let path = span
+        .as_ref()
+        .map(|s| path_at(root, s.start))
+        .unwrap_or_default();
+    let shown = display_path(&path);
+    let doc_path = doc_path(&path);
+    let hint = unknown_key_hint(&raw);
+    let mut message = raw.clone();
+    let type_problem = raw.starts_with("invalid type")
+        || raw.starts_with("invalid value")
+        || raw.starts_with("unknown variant")
+        || raw.starts_with("invalid length");
+    let mut extra_hint = None;
+    if type_problem && let Some(key) = reference::key(&doc_path) {
+        let found = span
+            .as_ref()
+            .and_then(|s| text.get(s.clone()))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default();
+        message = format!(
+            "{shown}: expected {}, found {}",
+            key.type_words,
+            clip(&found)
+        );
+        let quoted_number = found.len() >= 2
+            && found.starts_with('"')
+            && found[1..found.len() - 1].parse::<f64>().is_ok();
+        if quoted_number && !key.type_words.contains("string") {
+            extra_hint = Some(format!(
+                "write numbers without quotes; to take one from the environment write `{} = ${{NAME}}` (unquoted)",
+                key.name
+            ));
         }
+    } else if let Some(field) = raw
+        .strip_prefix("missing field `")
+        .and_then(|r| r.strip_suffix('`'))
+    {
+        let where_ = if shown.is_empty() {
+            "the file".to_string()
+        } else {
+            format!("[{shown}]")
+        };
+        let about = reference::key(&format!("{doc_path}.{field}"))
+            .map(|k| format!(" ({}: {})", k.type_words, k.meaning))
+            .unwrap_or_default();
+        message = format!("{where_} needs `{field}`{about}");
+    } else if raw.starts_with("unknown field") {
+        // The span is the unknown key itself: name the table it was written in.
+        let table = display_path(&path[..path.len().saturating_sub(1)]);
+        if !table.is_empty() {
+            message = format!("{raw} in [{table}]");
+        }
+    } else if !shown.is_empty() {
+        message = format!("{shown}: {raw}");
+    }
+    ConfigError {
+        path: None,
+        position,
+        message,
+        hint: extra_hint.or(hint),
+    }
+}
+
+/// At most 60 characters of a value, for an error message.
+fn clip(value: &str) -> String {
+    let mut out: String = value.chars().take(60).collect();
+    if value.chars().count() > 60 {
+        out.push('…');
+    }
+    format!("`{out}`")
+}
+
+/// One step of a path into the document.
+#[derive(Debug, Clone, PartialEq)]
+enum Step {
+    Key(String),
+    Index(usize),
+}
+
+/// The deepest key or array element whose span holds byte `offset`.
+fn path_at(table: &DeTable<'_>, offset: usize) -> Vec<Step> {
+    let mut path = Vec::new();
+    descend_table(table, offset, &mut path);
+    path
+}
+
+fn descend_table(table: &DeTable<'_>, offset: usize, path: &mut Vec<Step>) -> bool {
+    for (k, v) in table.iter() {
+        let in_key = k.span().contains(&offset);
+        let in_value = v.span().contains(&offset);
+        if in_key || in_value || contains_deep(v.get_ref(), offset) {
+            path.push(Step::Key(k.get_ref().to_string()));
+            if !in_key {
+                descend_value(v.get_ref(), offset, path);
+            }
+            return true;
+        }
+    }
+    false
+}
+
+fn descend_value(v: &DeValue<'_>, offset: usize, path: &mut Vec<Step>) {
+    match v {
+        DeValue::Table(t) => {
+            descend_table(t, offset, path);
+        }
+        DeValue::Array(a) => {
+            for (i, item) in a.iter().enumerate() {
+                if item.span().contains(&offset) || contains_deep(item.get_ref(), offset) {
+                    path.push(Step::Index(i));
+                    descend_value(item.get_ref(), offset, path);
+                    return;
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Whether any key or value inside `v` spans `offset` (a `[table]` written with a header has
+/// no span of its own that covers its keys).
+fn contains_deep(v: &DeValue<'_>, offset: usize) -> bool {
+    match v {
+        DeValue::Table(t) => t.iter().any(|(k, v)| {
+            k.span().contains(&offset)
+                || v.span().contains(&offset)
+                || contains_deep(v.get_ref(), offset)
+        }),
+        DeValue::Array(a) => a
+            .iter()
+            .any(|i| i.span().contains(&offset) || contains_deep(i.get_ref(), offset)),
+        _ => false,
+    }
+}
+
+/// `auth.api_keys[1].rate_limit`.
+fn display_path(path: &[Step]) -> String {
+    let mut out = String::new();
+    for step in path {
+        match step {
+            Step::Key(k) => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(k);
+            }
+            Step::Index(i) => out.push_str(&format!("[{i}]")),
+        }
+    }
+    out
+}
+
+/// `auth.api_keys.rate_limit`: the reference's path (no indices).
+fn doc_path(path: &[Step]) -> String {
+    path.iter()
+        .filter_map(|s| match s {
+            Step::Key(k) => Some(k.as_str()),
+            Step::Index(_) => None,
+        })
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+/// The value at dotted `path` (tables only; arrays of tables are not descended).
+fn value_at<'a, 'i>(root: &'a DeTable<'i>, path: &str) -> Option<&'a Spanned<DeValue<'i>>> {
+    let mut table = root;
+    let mut parts = path.split('.').peekable();
+    while let Some(part) = parts.next() {
+        let (_, v) = table.iter().find(|(k, _)| k.get_ref().as_ref() == part)?;
+        if parts.peek().is_none() {
+            return Some(v);
+        }
+        table = v.get_ref().as_table()?;
+    }
+    None
+}
+
+/// The span of the key at dotted `path`.
+fn key_span(root: &DeTable<'_>, path: &str) -> Option<std::ops::Range<usize>> {
+    let (parent, last) = match path.rsplit_once('.') {
+        Some((p, l)) => (value_at(root, p)?.get_ref().as_table()?, l),
+        None => (root, path),
+    };
+    parent
+        .iter()
+        .find(|(k, _)| k.get_ref().as_ref() == last)
+        .map(|(k, _)| k.span())
+}
+
+fn lookup_seen<'a>(root: &'a DeTable<'_>, path: &str) -> Option<Seen<'a>> {
+    Some(match value_at(root, path)?.get_ref() {
+        DeValue::String(s) => Seen::Str(s.as_ref()),
+        DeValue::Boolean(b) => Seen::Bool(*b),
+        DeValue::Array(a) => Seen::Array(a.len()),
+        _ => Seen::Other,
     })
+}
+
+/// Every dotted key path the document sets; elements of arrays of tables contribute their
+/// keys without an index (`auth.api_keys.rate_limit`).
+fn collect_paths(table: &DeTable<'_>, prefix: &str, out: &mut std::collections::BTreeSet<String>) {
+    for (k, v) in table.iter() {
+        let path = if prefix.is_empty() {
+            k.get_ref().to_string()
+        } else {
+            format!("{prefix}.{}", k.get_ref())
+        };
+        match v.get_ref() {
+            DeValue::Table(t) => collect_paths(t, &path, out),
+            DeValue::Array(a) => {
+                for item in a.iter() {
+                    if let DeValue::Table(t) = item.get_ref() {
+                        collect_paths(t, &path, out);
+                    }
+                }
+            }
+            _ => {}
+        }
+        out.insert(path);
+    }
 }
 
 /// 1-based line and column of byte `offset` in `text`.
@@ -108,6 +353,12 @@ fn interpolate(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<St
         let rest = &text[i..];
         let c = bytes[i];
         match state {
+            State::Bare if rest.starts_with("${") => {
+                let (len, value) = bare_reference(text, i, lookup)?;
+                out.push_str(&value);
+                i += len;
+                continue;
+            }
             State::Bare => {
                 if rest.starts_with("\"\"\"") {
                     state = State::MultiBasic;
@@ -228,6 +479,51 @@ fn interpolate(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<St
     Ok(out)
 }
 
+/// An unquoted `${NAME}` at byte `at`: the variable must hold a TOML integer, float or
+/// boolean, and nothing else (so it cannot add keys or tables). Returns the reference's length
+/// and the value to put in its place. The value is never echoed in errors: it may be a secret
+/// written without quotes by mistake.
+fn bare_reference(
+    text: &str,
+    at: usize,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<(usize, String), ConfigError> {
+    let rest = &text[at..];
+    let err = |message: String| ConfigError {
+        position: Some(line_col(text, at)),
+        ..ConfigError::new(message)
+    };
+    let Some(end) = rest.find('}').filter(|e| !rest[..*e].contains('\n')) else {
+        return Err(err("unterminated ${...} reference".into()));
+    };
+    let name = &rest[2..end];
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        return Err(err(format!("invalid environment variable name `{name}`")));
+    }
+    let Some(value) = lookup(name) else {
+        return Err(err(format!("environment variable `{name}` is not set")));
+    };
+    let value = value.trim();
+    let token = !value.is_empty()
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'+' | b'-'));
+    let scalar = token
+        && DeValue::parse(value).is_ok_and(|v| {
+            matches!(
+                v.get_ref(),
+                DeValue::Integer(_) | DeValue::Float(_) | DeValue::Boolean(_)
+            )
+        });
+    if !scalar {
+        return Err(err(format!(
+            "environment variable `{name}` is not a number or boolean; an unquoted ${{{name}}} is \
+             for numbers and booleans (write \"${{{name}}}\" for a string)"
+        )));
+    }
+    Ok((end + 1, value.to_string()))
+}
+
 /// For serde's "unknown field `x`, expected one of `a`, `b`" messages: the nearest valid key.
 fn unknown_key_hint(message: &str) -> Option<String> {
     let rest = message.strip_prefix("unknown field `")?;
@@ -275,12 +571,12 @@ mod tests {
     #[test]
     fn interpolation_escapes_values_inside_basic_strings() {
         let cfg = parse_str(
-            "[server]\nhost = \"${PORT_HOST}\"\n[auth.jwt]\nmode = \"simple\"\nsecret = \"${SECRET}\"\n",
+            "[server]\nhost = \"${PORT_HOST}\"\n[upstream.headers]\nX-Key = \"${SECRET}\"\n",
             &env,
         )
         .unwrap();
         assert_eq!(cfg.server.host, "127.0.0.2");
-        assert_eq!(cfg.auth.jwt.unwrap().secret.unwrap(), "s3\"cr\\et");
+        assert_eq!(cfg.upstream.headers["X-Key"], "s3\"cr\\et");
     }
 
     #[test]
@@ -307,5 +603,139 @@ mod tests {
         let err = parse_str("[server]\nport = 1\nmax_body_byte = 3\n", &env).unwrap_err();
         assert_eq!(err.position.map(|p| p.0), Some(3));
         assert_eq!(err.hint.as_deref(), Some("did you mean `max_body_bytes`?"));
+    }
+
+    fn env_numbers(name: &str) -> Option<String> {
+        match name {
+            "PORT" => Some("8123".into()),
+            "RATE" => Some(" 250 ".into()),
+            "ON" => Some("false".into()),
+            "WORD" => Some("fast".into()),
+            "SNEAKY" => Some("1\n[auth.jwt]\nmode = \"simple\"".into()),
+            "SNEAKY2" => Some("1 # comment".into()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn unquoted_references_take_numbers_and_booleans() {
+        let cfg = parse_str(
+            "[server]\nport = ${PORT}\n[rate_limit]\nrequests_per_second = ${RATE}\nenabled = ${ON}\n",
+            &env_numbers,
+        )
+        .unwrap();
+        assert_eq!(cfg.server.port, 8123);
+        assert_eq!(cfg.rate_limit.requests_per_second, 250);
+        assert!(!cfg.rate_limit.enabled);
+    }
+
+    #[test]
+    fn unquoted_references_refuse_anything_but_a_scalar_without_echoing_it() {
+        for var in ["WORD", "SNEAKY", "SNEAKY2"] {
+            let err =
+                parse_str(&format!("[server]\nport = ${{{var}}}\n"), &env_numbers).unwrap_err();
+            assert!(
+                err.message.contains("is not a number or boolean"),
+                "{var}: {err}"
+            );
+            assert!(
+                !err.message.contains("jwt") && !err.message.contains("fast"),
+                "{err}"
+            );
+            assert_eq!(err.position, Some((2, 8)));
+        }
+        let err = parse_str("[server]\nport = ${MISSING}\n", &env_numbers).unwrap_err();
+        assert!(err.message.contains("`MISSING` is not set"), "{err}");
+    }
+
+    #[test]
+    fn an_unbuilt_section_is_refused_before_its_fields_are_asked_for() {
+        let err = parse_str("[auth.jwt]\nissuer = \"x\"\n", &env).unwrap_err();
+        assert!(
+            err.message
+                .starts_with("auth.jwt: JWT authentication is not in this build"),
+            "{err}"
+        );
+        assert_eq!(err.position.map(|p| p.0), Some(1));
+        let err = parse_str("[server]\nport = 1\n\n[server.tls]\n", &env).unwrap_err();
+        assert!(
+            err.message.starts_with("server.tls: TLS termination"),
+            "{err}"
+        );
+        assert_eq!(err.position.map(|p| p.0), Some(4));
+        let err = parse_str("[upstream]\ntransport = \"sse\"\n", &env).unwrap_err();
+        assert!(err.message.contains("legacy SSE"), "{err}");
+        let err = parse_str("[[upstream.servers]]\nname = \"a\"\n", &env).unwrap_err();
+        assert!(
+            err.message.starts_with("upstream.servers: routing"),
+            "{err}"
+        );
+        // A disabled mTLS section is not a request for mTLS.
+        parse_str("[auth.mtls]\nenabled = false\n", &env).unwrap();
+    }
+
+    #[test]
+    fn type_errors_speak_the_users_words() {
+        let err = parse_str("[server]\nport = 70000\n", &env).unwrap_err();
+        assert_eq!(
+            err.message,
+            "server.port: expected port number 1–65535, or 0 for any free port, found `70000`"
+        );
+        assert_eq!(err.position, Some((2, 8)));
+        let err = parse_str("[server]\nport = \"3000\"\n", &env).unwrap_err();
+        assert!(
+            err.message.starts_with("server.port: expected port number"),
+            "{err}"
+        );
+        assert!(
+            err.hint.as_deref().unwrap().contains("port = ${NAME}"),
+            "{err}"
+        );
+        let err = parse_str("[server]\nio = \"fast\"\n", &env).unwrap_err();
+        assert_eq!(
+            err.message,
+            "server.io: expected one of `auto`, `io_uring`, `epoll`, found `\"fast\"`"
+        );
+        let err = parse_str("[server]\nstrict_tool_names = \"yes\"\n", &env).unwrap_err();
+        assert!(err.message.contains("expected `true` or `false`"), "{err}");
+        let err = parse_str(
+            "[[auth.api_keys]]\nid = \"a\"\nkey_hash = \"x\"\n[[auth.api_keys]]\nid = \"b\"\nkey_hash = \"y\"\nrate_limit = -1\n",
+            &env,
+        )
+        .unwrap_err();
+        assert!(
+            err.message
+                .starts_with("auth.api_keys[1].rate_limit: expected requests per second"),
+            "{err}"
+        );
+        let err = parse_str("[upstream]\ntimeout_secs = 1.5\n", &env).unwrap_err();
+        assert!(
+            err.message
+                .starts_with("upstream.timeout_secs: expected seconds"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_missing_field_names_its_table_and_what_it_is() {
+        let err = parse_str("[[auth.api_keys]]\nid = \"a\"\n", &env).unwrap_err();
+        assert!(
+            err.message
+                .starts_with("[auth.api_keys[0]] needs `key_hash`"),
+            "{err}"
+        );
+        assert!(err.message.contains("SHA-256"), "{err}");
+    }
+
+    #[test]
+    fn the_file_records_which_keys_it_sets() {
+        let cfg = parse_str(
+            "[server]\nport = 1\n[[auth.api_keys]]\nid = \"a\"\nkey_hash = \"x\"\nrate_limit = 3\n",
+            &env,
+        )
+        .unwrap();
+        assert!(cfg.sets("server.port"));
+        assert!(cfg.sets("auth.api_keys.rate_limit"));
+        assert!(!cfg.sets("server.host"));
     }
 }

@@ -1,8 +1,10 @@
 //! Configuration: the file schema, loading, and validation into the runtime [`Settings`] that
 //! the data plane reads from an `ArcSwap` snapshot.
 
+pub mod features;
 pub mod load;
 pub mod preflight;
+pub mod reference;
 pub mod schema;
 
 use crate::audit::AuditOutput;
@@ -10,7 +12,7 @@ use crate::auth::{Authenticator, api_key};
 use crate::authz::{Matcher, Policy, Rule};
 use crate::ratelimit::Limit;
 pub use load::{ConfigError, load_file, parse_str};
-use schema::{FileConfig, UpstreamSection};
+use schema::{FileConfig, TransportKind, UpstreamSection};
 use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::Path;
@@ -45,8 +47,10 @@ pub struct Settings {
     pub audit: AuditSettings,
     /// Tool names with their own metric label (names the config mentions), to their slot.
     pub tool_labels: Arc<HashMap<String, usize>>,
-    /// Settings that parse but have no effect in this build, to be logged.
+    /// Keys the file sets that have no effect where they stand, to be logged.
     pub warnings: Vec<String>,
+    /// The file as parsed (JSON form), for telling a reload which keys changed.
+    pub file_view: Arc<serde_json::Value>,
 }
 
 /// `[rate_limit]`, validated.
@@ -172,16 +176,13 @@ fn invalid(key: &str, msg: impl std::fmt::Display) -> ConfigError {
 /// that refuses to start).
 pub fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
     let s = &file.server;
-    let io = match s.io.as_str() {
-        "auto" => IoMode::Auto,
-        "io_uring" => IoMode::IoUring,
-        "epoll" => IoMode::Epoll,
-        other => {
-            return Err(invalid(
-                "server.io",
-                format!("`{other}` is not one of auto, io_uring, epoll"),
-            ));
-        }
+    if let Some(u) = features::first_unbuilt_in(file) {
+        return Err(invalid(u.path, u.message));
+    }
+    let io = match s.io {
+        schema::IoChoice::Auto => IoMode::Auto,
+        schema::IoChoice::IoUring => IoMode::IoUring,
+        schema::IoChoice::Epoll => IoMode::Epoll,
     };
     let listen = resolve_one(&s.host, s.port).map_err(|e| invalid("server.host", e))?;
     for (key, path) in [
@@ -215,19 +216,11 @@ pub fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
     if workers > 1024 {
         return Err(invalid("server.workers", "at most 1024"));
     }
-    if s.tls.is_some() {
-        return Err(invalid(
-            "server.tls",
-            "TLS termination is not supported by this build yet; terminate TLS in front of \
-             mcp-guard or remove [server.tls]",
-        ));
-    }
     let admin = if file.admin.enabled {
         Some(resolve_one(&file.admin.host, file.admin.port).map_err(|e| invalid("admin.host", e))?)
     } else {
         None
     };
-    refuse_unsupported(file)?;
     let upstream = validate_upstream(&file.upstream)?;
     let auth = Arc::new(validate_auth(file)?);
     let rate = validate_rate(file)?;
@@ -245,25 +238,7 @@ pub fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
         return Err(invalid("audit.queue_capacity", "must be 1..=1000000"));
     }
     let tool_labels = Arc::new(tool_labels(file));
-    let mut warnings = Vec::new();
-    if file.tracing.enabled {
-        warnings.push(
-            "tracing.enabled = true has no effect: OpenTelemetry export is not in this build"
-                .to_string(),
-        );
-    }
-    if file
-        .auth
-        .api_keys
-        .iter()
-        .any(|k| k.allowed_servers.is_some())
-    {
-        warnings.push(
-            "auth.api_keys[].allowed_servers has no effect until routing to several upstreams \
-             exists"
-                .to_string(),
-        );
-    }
+    let warnings = features::ignored_keys(file);
     Ok(Settings {
         server: ServerSettings {
             listen,
@@ -292,6 +267,7 @@ pub fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
         audit,
         tool_labels,
         warnings,
+        file_view: Arc::new(serde_json::to_value(file).unwrap_or_default()),
     })
 }
 
@@ -426,75 +402,19 @@ fn tool_labels(file: &FileConfig) -> HashMap<String, usize> {
         .collect()
 }
 
-/// Sections that parse (so existing files load) but whose enforcement is not in this build.
-fn refuse_unsupported(file: &FileConfig) -> Result<(), ConfigError> {
-    let auth = &file.auth;
-    let mut unsupported = Vec::new();
-    if auth.jwt.is_some() {
-        unsupported.push("auth.jwt");
-    }
-    if auth.oauth.is_some() {
-        unsupported.push("auth.oauth");
-    }
-    if auth.mtls.as_ref().is_some_and(|m| m.enabled) {
-        unsupported.push("auth.mtls");
-    }
-    if let Some(first) = unsupported.first() {
-        return Err(invalid(
-            first,
-            "this authentication provider is not supported by this build yet; refusing to \
-             start rather than serve without it",
-        ));
-    }
-    if file.audit.export_url.is_some() {
-        return Err(invalid(
-            "audit.export_url",
-            "SIEM export is not supported by this build yet",
-        ));
-    }
-    if file.rate_limit.backend != "memory" {
-        return Err(invalid(
-            "rate_limit.backend",
-            "only `memory` is supported by this build",
-        ));
-    }
-    Ok(())
-}
-
 fn validate_upstream(u: &UpstreamSection) -> Result<UpstreamSettings, ConfigError> {
-    if !u.servers.is_empty() {
-        return Err(invalid(
-            "upstream.servers",
-            "routing to several servers is not supported by this build yet",
-        ));
-    }
-    let timeout = Duration::from_secs(u.timeout_secs.unwrap_or(60));
+    let timeout = Duration::from_secs(u.timeout_secs);
     if timeout.is_zero() {
         return Err(invalid("upstream.timeout_secs", "must be at least 1"));
     }
-    let transport = match u.transport.as_deref().unwrap_or("stdio") {
-        "stdio" => {
+    let transport = match u.transport {
+        TransportKind::Stdio => {
             let Some(command) = u.command.clone().filter(|c| !c.trim().is_empty()) else {
                 return Err(invalid(
                     "upstream.command",
-                    "required for transport = \"stdio\"",
+                    "required for transport = \"stdio\" (the program to run)",
                 ));
             };
-            match u.session_mode.as_deref().unwrap_or("shared") {
-                "shared" => {}
-                "per_session" => {
-                    return Err(invalid(
-                        "upstream.session_mode",
-                        "per_session is not supported by this build yet",
-                    ));
-                }
-                other => {
-                    return Err(invalid(
-                        "upstream.session_mode",
-                        format!("`{other}` is not one of shared, per_session"),
-                    ));
-                }
-            }
             Transport::Stdio(StdioSettings {
                 command,
                 args: u.args.clone(),
@@ -502,28 +422,20 @@ fn validate_upstream(u: &UpstreamSection) -> Result<UpstreamSettings, ConfigErro
                 cwd: u.cwd.clone(),
             })
         }
-        "http" => {
-            if !u.urls.is_empty() {
-                return Err(invalid(
-                    "upstream.urls",
-                    "load-balanced replicas are not supported by this build yet; use url",
-                ));
-            }
+        TransportKind::Http => {
             let Some(url) = &u.url else {
-                return Err(invalid("upstream.url", "required for transport = \"http\""));
+                return Err(invalid(
+                    "upstream.url",
+                    "required for transport = \"http\" (the server's endpoint)",
+                ));
             };
             Transport::Http(parse_http_upstream(url, &u.headers)?)
         }
-        "sse" => {
+        TransportKind::Sse => {
+            // Refused earlier by the feature list; kept so a new variant cannot slip through.
             return Err(invalid(
                 "upstream.transport",
-                "the legacy SSE upstream transport is not supported by this build yet",
-            ));
-        }
-        other => {
-            return Err(invalid(
-                "upstream.transport",
-                format!("`{other}` is not one of stdio, http, sse"),
+                features::unbuilt_note("upstream.transport").unwrap_or("not in this build"),
             ));
         }
     };
@@ -716,6 +628,60 @@ mod tests {
                 ("b", "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=")
             ]))
             .is_ok()
+        );
+    }
+
+    fn warnings_of(text: &str) -> Vec<String> {
+        settings(text).unwrap().warnings
+    }
+
+    #[test]
+    fn keys_without_effect_where_they_stand_are_warned_about() {
+        let w = warnings_of(
+            "[upstream]\ncommand = \"x\"\nurl = \"http://127.0.0.1:1/mcp\"\nheaders = { A = \"b\" }\n",
+        );
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].starts_with("upstream.url has no effect: upstream.transport is \"stdio\""));
+        assert!(w[1].starts_with("upstream.headers has no effect"));
+
+        let w = warnings_of(
+            "[upstream]\ntransport = \"http\"\nurl = \"http://127.0.0.1:1/mcp\"\ncommand = \"x\"\ncwd = \"/\"\n",
+        );
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].contains("upstream.command has no effect") && w[0].contains("stdio upstream"));
+
+        let w = warnings_of(
+            "[upstream]\ncommand = \"x\"\n[rate_limit]\nenabled = false\nrequests_per_second = 5\n[[auth.api_keys]]\nid = \"a\"\nkey_hash = \"n4bQgYhMfWWaL+qgxVrQFaO/TxsrC4Is0V1sFbDwCgg=\"\nrate_limit = 3\n",
+        );
+        assert_eq!(
+            w,
+            [
+                "rate_limit.requests_per_second has no effect: rate_limit.enabled is false",
+                "auth.api_keys[0].rate_limit has no effect: rate_limit.enabled is false",
+            ]
+        );
+
+        let w = warnings_of(
+            "[server]\nsse_path = \"/events\"\npublic_url = \"https://x\"\n[upstream]\ncommand = \"x\"\n",
+        );
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].starts_with("server.sse_path has no effect"));
+
+        let w = warnings_of("[upstream]\ncommand = \"x\"\n[audit]\ninclude_arguments = true\n");
+        assert!(w[0].contains("no destination"), "{w:?}");
+
+        let w = warnings_of("[upstream]\ncommand = \"x\"\n[tracing]\nenabled = true\n");
+        assert!(w[0].starts_with("[tracing] has no effect"), "{w:?}");
+        let w =
+            warnings_of("[upstream]\ncommand = \"x\"\n[tracing]\notlp_endpoint = \"http://x\"\n");
+        assert_eq!(
+            w,
+            ["tracing.otlp_endpoint has no effect: tracing.enabled is false"]
+        );
+
+        // Defaults are never warned about: only what the file itself sets.
+        assert!(
+            warnings_of("[upstream]\ncommand = \"x\"\n[rate_limit]\nenabled = false\n").is_empty()
         );
     }
 }

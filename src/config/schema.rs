@@ -1,14 +1,27 @@
-//! The configuration file's serde schema: one struct per TOML table, every field documented.
+//! The configuration file's schema: one struct per TOML table, every field documented. It is
+//! the single source for three things: the loader (serde), the generated reference
+//! `docs/configuration.md` (schemars: doc comments, defaults, allowed values, plus the
+//! `x-type`, `x-reload` and `x-since` annotations), and the type errors the loader reports in
+//! the user's words (the same `x-type` phrases).
 //!
-//! These types mirror `shared/spec/config.toml` exactly (keys marked compat keep the original
+//! These types mirror `shared/spec/config.toml` (keys marked (compat) keep the original
 //! mcp-guard spelling). They are only a parse target: `config::validate` turns them into the
 //! runtime types the data plane reads, so nothing here is re-checked per request.
+//!
+//! Annotations: `x-reload = "restart"` marks a key a reload cannot change (a reload that
+//! changes it is refused, naming it); every other key applies to the next request after a
+//! reload. `x-since` is the release that added a key (absent: 0.1.0, the first). `x-type` is
+//! the type in words, used by the reference and by type errors.
 
-use serde::Deserialize;
-use std::collections::BTreeMap;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// The release every key without an `x-since` annotation arrived in.
+pub const FIRST_RELEASE: &str = "0.1.0";
 
 /// The whole configuration file.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     /// The data-plane listener and its HTTP limits.
@@ -17,63 +30,216 @@ pub struct FileConfig {
     /// The admin listener (/metrics, /health, /live, /ready).
     #[serde(default)]
     pub admin: AdminSection,
-    /// The default upstream and the routed servers.
+    /// (compat) The default upstream and the routed servers.
     #[serde(default)]
     pub upstream: UpstreamSection,
-    /// Authentication providers.
+    /// (compat) Authentication providers.
     #[serde(default)]
     pub auth: AuthSection,
-    /// Per-identity rate limiting.
+    /// (compat) Per-identity rate limiting.
     #[serde(default)]
     pub rate_limit: RateLimitSection,
-    /// The audit trail.
+    /// (compat) The audit trail.
     #[serde(default)]
     pub audit: AuditSection,
-    /// OpenTelemetry tracing.
+    /// (compat) OpenTelemetry tracing.
     #[serde(default)]
     pub tracing: TracingSection,
+    /// Dotted paths of the keys the file itself sets (array elements without an index), so
+    /// that a key set to no effect can be told apart from a default. Filled by the loader.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub explicit: BTreeSet<String>,
 }
 
-/// `[server]`
-#[derive(Debug, Clone, Deserialize)]
+impl FileConfig {
+    /// Whether the file itself sets `path` (dotted, e.g. `server.sse_path`).
+    pub fn sets(&self, path: &str) -> bool {
+        self.explicit.contains(path)
+    }
+}
+
+/// `io`: which kernel interface the workers use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum IoChoice {
+    /// io_uring when the kernel allows it, else epoll.
+    #[default]
+    Auto,
+    /// io_uring, or refuse to start.
+    IoUring,
+    /// epoll.
+    Epoll,
+}
+
+/// `client_auth`: whether a client certificate is demanded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuth {
+    /// Every client presents a certificate chaining to `client_ca_path`.
+    #[default]
+    Required,
+    /// A certificate is used when presented.
+    Optional,
+}
+
+/// `transport`: how an upstream is reached.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TransportKind {
+    /// A child process speaking newline-delimited JSON-RPC.
+    #[default]
+    Stdio,
+    /// MCP Streamable HTTP.
+    Http,
+    /// The legacy HTTP+SSE transport (2024-11-05).
+    Sse,
+}
+
+/// `session_mode`: how stdio processes map to client sessions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionMode {
+    /// One process for every session, request ids remapped.
+    #[default]
+    Shared,
+    /// One process per session.
+    PerSession,
+}
+
+/// `load_balance`: how replicas are chosen.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LoadBalance {
+    /// Each replica in turn.
+    #[default]
+    RoundRobin,
+    /// The replica with the fewest requests in flight.
+    LeastOutstanding,
+}
+
+/// `[auth.jwt] mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum JwtMode {
+    /// HS256 with a shared secret.
+    Simple,
+    /// Keys from a JWKS endpoint.
+    Jwks,
+}
+
+/// `[auth.oauth] provider`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OauthProvider {
+    /// GitHub.
+    Github,
+    /// Google.
+    Google,
+    /// Okta.
+    Okta,
+    /// Any OAuth 2.1 authorization server, by its URLs.
+    Custom,
+}
+
+/// `[auth.mtls] identity_source`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum IdentitySource {
+    /// The subject's common name.
+    #[default]
+    Cn,
+    /// The first DNS subject alternative name.
+    SanDns,
+    /// The first e-mail subject alternative name.
+    SanEmail,
+    /// The first URI subject alternative name.
+    SanUri,
+}
+
+/// `[rate_limit] backend`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RateBackend {
+    /// Per process.
+    #[default]
+    Memory,
+    /// Shared by a fleet through Redis.
+    Redis,
+}
+
+/// `[rate_limit] redis_failure`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RedisFailure {
+    /// Fall back to this node's share of the limit.
+    #[default]
+    Local,
+    /// Let requests through.
+    Open,
+    /// Refuse requests.
+    Closed,
+}
+
+/// The data-plane listener and its HTTP limits.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerSection {
     /// (compat) Address to listen on.
+    #[schemars(extend("x-type" = "IP address or host name", "x-reload" = "restart"))]
     pub host: String,
-    /// (compat) Port, 1..65535; 0 picks a free port (logged at start).
+    /// (compat) Port to listen on; 0 picks a free port, and the bound address is logged
+    /// (`listening on http://…`).
+    #[schemars(extend("x-type" = "port number 1–65535, or 0 for any free port", "x-reload" = "restart"))]
     pub port: u16,
     /// Data-plane threads; 0 = one per available core.
+    #[schemars(extend("x-type" = "whole number 0–1024", "x-reload" = "restart"))]
     pub workers: usize,
-    /// I/O driver: auto | io_uring | epoll.
-    pub io: String,
+    /// I/O driver: `auto` is io_uring when the kernel allows it, else epoll.
+    #[schemars(extend("x-reload" = "restart"))]
+    pub io: IoChoice,
     /// Streamable HTTP endpoint of the default upstream.
+    #[schemars(extend("x-type" = "absolute URL path"))]
     pub mcp_path: String,
     /// Legacy HTTP+SSE endpoint (GET); its POSTs go to /messages.
+    #[schemars(extend("x-type" = "absolute URL path"))]
     pub sse_path: String,
     /// Larger request bodies get 413.
+    #[schemars(extend("x-type" = "bytes (whole number, at least 1)"))]
     pub max_body_bytes: usize,
     /// Larger request heads get 431.
+    #[schemars(extend("x-type" = "bytes (whole number, at least 256)"))]
     pub max_header_bytes: usize,
-    /// A request head must arrive within this many seconds of its first byte.
+    /// A request head must arrive within this many seconds of its first byte, else 408
+    /// (slowloris defence).
+    #[schemars(extend("x-type" = "seconds (whole number, at least 1)"))]
     pub header_timeout_secs: u64,
     /// Keep-alive connections idle longer are closed.
+    #[schemars(extend("x-type" = "seconds (whole number, at least 1)"))]
     pub idle_timeout_secs: u64,
-    /// A whole request body must arrive within this many seconds of its head (slow-body
-    /// defence).
+    /// A whole request body must arrive within this many seconds of its head, else 408 and the
+    /// connection closed (slow-body defence).
+    #[schemars(extend("x-type" = "seconds (whole number, at least 1)"))]
     pub body_timeout_secs: u64,
-    /// Refuse tool names outside the MCP character set (`A-Z a-z 0-9 _ - .`, 1-128 chars).
-    /// Turning it off lets names through that an upstream may fold (case, Unicode) into a name
-    /// a deny rule was written for: a risk.
+    /// Tool names outside the MCP character set (`A-Z a-z 0-9 _ - .`, 1–128 characters) are
+    /// refused with -32602. `false` relaxes it, at the risk that an upstream folding case or
+    /// Unicode (`read_ſecret`) runs a tool a deny rule was written for.
     pub strict_tool_names: bool,
-    /// Open connections across all workers; above it new connections are refused.
+    /// Open connections across all workers; beyond it new connections get 503.
+    #[schemars(extend("x-type" = "whole number, at least 1"))]
     pub max_connections: usize,
     /// On SIGTERM, in-flight requests get this long to finish.
+    #[schemars(extend("x-type" = "seconds (whole number)"))]
     pub shutdown_grace_secs: u64,
-    /// Browser Origin values accepted; any other Origin gets 403.
+    /// Browser `Origin` values accepted; any other `Origin` gets 403. Requests without an
+    /// `Origin` (non-browser clients) are not affected.
+    #[schemars(extend("x-type" = "list of origins (`https://app.example.com`)"))]
     pub allowed_origins: Vec<String>,
-    /// How clients reach us (used in OAuth metadata).
+    /// How clients reach the gateway; used in OAuth protected-resource metadata.
+    #[schemars(extend("x-type" = "URL"))]
     pub public_url: Option<String>,
-    /// (compat) TLS; absent = plain HTTP.
+    /// (compat) TLS termination; absent = plain HTTP.
+    #[schemars(extend("x-reload" = "restart"))]
     pub tls: Option<TlsSection>,
 }
 
@@ -83,7 +249,7 @@ impl Default for ServerSection {
             host: "127.0.0.1".into(),
             port: 3000,
             workers: 0,
-            io: "auto".into(),
+            io: IoChoice::Auto,
             mcp_path: "/mcp".into(),
             sse_path: "/sse".into(),
             max_body_bytes: 4 * 1024 * 1024,
@@ -101,34 +267,37 @@ impl Default for ServerSection {
     }
 }
 
-/// `[server.tls]`
-#[derive(Debug, Clone, Deserialize)]
+/// TLS termination on the data-plane listener.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(extend("x-reload" = "restart"))]
 pub struct TlsSection {
     /// (compat) PEM certificate chain.
+    #[schemars(extend("x-type" = "file path"))]
     pub cert_path: String,
     /// (compat) PEM private key.
+    #[schemars(extend("x-type" = "file path"))]
     pub key_path: String,
     /// (compat) Enables mTLS: client certificates must chain to this CA bundle.
+    #[schemars(extend("x-type" = "file path"))]
     pub client_ca_path: Option<String>,
-    /// required | optional.
-    #[serde(default = "default_client_auth")]
-    pub client_auth: String,
+    /// With `client_ca_path`: whether every client must present a certificate.
+    #[serde(default)]
+    pub client_auth: ClientAuth,
 }
 
-fn default_client_auth() -> String {
-    "required".into()
-}
-
-/// `[admin]`
-#[derive(Debug, Clone, Deserialize)]
+/// The admin listener: `/metrics` (Prometheus text), `/health`, `/live`, `/ready`.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
+#[schemars(extend("x-reload" = "restart"))]
 pub struct AdminSection {
     /// Admin listener address.
+    #[schemars(extend("x-type" = "IP address or host name"))]
     pub host: String,
     /// Admin listener port; 0 picks a free port.
+    #[schemars(extend("x-type" = "port number 1–65535, or 0 for any free port"))]
     pub port: u16,
-    /// Set to false to run without the admin listener.
+    /// Set to `false` to run without the admin listener.
     pub enabled: bool,
 }
 
@@ -142,13 +311,101 @@ impl Default for AdminSection {
     }
 }
 
-/// Keys shared by the default upstream and each routed server.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// The default upstream, served at `server.mcp_path`, and the routed servers.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamSection {
-    /// (compat) stdio | http | sse.
-    pub transport: Option<String>,
-    /// (compat) stdio: program to run.
+    /// (compat) How the upstream is reached.
+    #[serde(default)]
+    #[schemars(extend("x-reload" = "restart"))]
+    pub transport: TransportKind,
+    /// (compat) stdio: the program to run, found on `PATH` or relative to `cwd`.
+    #[schemars(extend("x-type" = "program name or path", "x-reload" = "restart"))]
+    pub command: Option<String>,
+    /// (compat) stdio: its arguments.
+    #[serde(default)]
+    #[schemars(extend("x-reload" = "restart"))]
+    pub args: Vec<String>,
+    /// stdio: extra environment for the child (the gateway's own environment is inherited).
+    #[serde(default)]
+    #[schemars(extend("x-reload" = "restart"))]
+    pub env: BTreeMap<String, String>,
+    /// stdio: the child's working directory (default: the gateway's).
+    #[schemars(extend("x-type" = "directory path", "x-reload" = "restart"))]
+    pub cwd: Option<String>,
+    /// stdio: one shared process (request ids remapped per session) or one per session.
+    #[serde(default)]
+    #[schemars(extend("x-reload" = "restart"))]
+    pub session_mode: SessionMode,
+    /// stdio `per_session`: process cap; idle processes are reaped.
+    #[schemars(extend("x-type" = "whole number, at least 1", "x-reload" = "restart"))]
+    pub max_processes: Option<usize>,
+    /// (compat) http: the server's endpoint, `http://host[:port]/path`; resolved at load time.
+    #[schemars(extend("x-type" = "URL"))]
+    pub url: Option<String>,
+    /// http: several replicas, load balanced (instead of `url`).
+    #[serde(default)]
+    #[schemars(extend("x-type" = "list of URLs"))]
+    pub urls: Vec<String>,
+    /// With `urls`: how a replica is chosen; a session stays on its replica.
+    #[serde(default)]
+    pub load_balance: LoadBalance,
+    /// http: headers sent upstream (the client's credentials never are).
+    #[serde(default)]
+    #[schemars(extend("x-type" = "table of header name = value"))]
+    pub headers: BTreeMap<String, String>,
+    /// Seconds to wait for the upstream's response to start, per request; beyond it the client
+    /// gets 504.
+    #[serde(default = "default_upstream_timeout")]
+    #[schemars(extend("x-type" = "seconds (whole number, at least 1)"))]
+    pub timeout_secs: u64,
+    /// (compat) Several servers routed by path; the longest prefix wins.
+    #[serde(default)]
+    #[schemars(extend("x-reload" = "restart"))]
+    pub servers: Vec<ServerRoute>,
+}
+
+fn default_upstream_timeout() -> u64 {
+    60
+}
+
+impl Default for UpstreamSection {
+    fn default() -> Self {
+        Self {
+            transport: TransportKind::default(),
+            command: None,
+            args: Vec::new(),
+            env: BTreeMap::new(),
+            cwd: None,
+            session_mode: SessionMode::default(),
+            max_processes: None,
+            url: None,
+            urls: Vec::new(),
+            load_balance: LoadBalance::default(),
+            headers: BTreeMap::new(),
+            timeout_secs: default_upstream_timeout(),
+            servers: Vec::new(),
+        }
+    }
+}
+
+/// One routed server: every `[upstream]` key, per server, plus its route.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ServerRoute {
+    /// (compat) Name; also reachable as `/mcp/<name>`.
+    pub name: String,
+    /// (compat) Path prefix, starts with `/`.
+    #[schemars(extend("x-type" = "absolute URL path"))]
+    pub path_prefix: Option<String>,
+    /// (compat) Forward without the prefix.
+    #[serde(default)]
+    pub strip_prefix: bool,
+    /// (compat) How the server is reached.
+    #[serde(default)]
+    pub transport: TransportKind,
+    /// (compat) stdio: the program to run.
+    #[schemars(extend("x-type" = "program name or path"))]
     pub command: Option<String>,
     /// (compat) stdio: its arguments.
     #[serde(default)]
@@ -157,71 +414,35 @@ pub struct UpstreamSection {
     #[serde(default)]
     pub env: BTreeMap<String, String>,
     /// stdio: working directory.
+    #[schemars(extend("x-type" = "directory path"))]
     pub cwd: Option<String>,
-    /// stdio: shared | per_session.
-    pub session_mode: Option<String>,
-    /// stdio per_session: process cap.
+    /// stdio: shared or per-session processes.
+    #[serde(default)]
+    pub session_mode: SessionMode,
+    /// stdio `per_session`: process cap.
+    #[schemars(extend("x-type" = "whole number, at least 1"))]
     pub max_processes: Option<usize>,
-    /// (compat) http | sse: the server's endpoint.
+    /// (compat) http: the server's endpoint.
+    #[schemars(extend("x-type" = "URL"))]
     pub url: Option<String>,
-    /// http | sse: several replicas (instead of url).
+    /// http: replicas.
     #[serde(default)]
+    #[schemars(extend("x-type" = "list of URLs"))]
     pub urls: Vec<String>,
-    /// round_robin | least_outstanding.
-    pub load_balance: Option<String>,
-    /// Headers sent upstream.
+    /// With `urls`: how a replica is chosen.
     #[serde(default)]
+    pub load_balance: LoadBalance,
+    /// http: headers sent upstream.
+    #[serde(default)]
+    #[schemars(extend("x-type" = "table of header name = value"))]
     pub headers: BTreeMap<String, String>,
     /// Seconds to wait for a response to start.
-    pub timeout_secs: Option<u64>,
-    /// (compat) Routed servers; longest prefix wins.
-    #[serde(default)]
-    pub servers: Vec<ServerRoute>,
-}
-
-/// `[[upstream.servers]]`
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ServerRoute {
-    /// (compat) Name; also reachable as /mcp/<name>.
-    pub name: String,
-    /// (compat) Path prefix, starts with "/".
-    pub path_prefix: Option<String>,
-    /// (compat) Forward without the prefix.
-    #[serde(default)]
-    pub strip_prefix: bool,
-    /// (compat) stdio | http | sse.
-    pub transport: Option<String>,
-    /// (compat) stdio program.
-    pub command: Option<String>,
-    /// (compat) stdio arguments.
-    #[serde(default)]
-    pub args: Vec<String>,
-    /// stdio environment.
-    #[serde(default)]
-    pub env: BTreeMap<String, String>,
-    /// stdio working directory.
-    pub cwd: Option<String>,
-    /// stdio: shared | per_session.
-    pub session_mode: Option<String>,
-    /// stdio per_session: process cap.
-    pub max_processes: Option<usize>,
-    /// (compat) http | sse endpoint.
-    pub url: Option<String>,
-    /// Replicas.
-    #[serde(default)]
-    pub urls: Vec<String>,
-    /// round_robin | least_outstanding.
-    pub load_balance: Option<String>,
-    /// Headers sent upstream.
-    #[serde(default)]
-    pub headers: BTreeMap<String, String>,
-    /// Seconds to wait for a response to start.
+    #[schemars(extend("x-type" = "seconds (whole number, at least 1)"))]
     pub timeout_secs: Option<u64>,
 }
 
-/// `[auth]`
-#[derive(Debug, Clone, Default, Deserialize)]
+/// Authentication providers. With none configured every caller is anonymous.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AuthSection {
     /// (compat) Pre-shared API keys.
@@ -235,49 +456,65 @@ pub struct AuthSection {
     pub mtls: Option<MtlsSection>,
 }
 
-/// `[[auth.api_keys]]`
-#[derive(Debug, Clone, Deserialize)]
+/// One pre-shared API key and the policy of the identity it stands for. Clients send it as
+/// `Authorization: Bearer <key>` or `X-API-Key: <key>`.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ApiKeyEntry {
-    /// (compat) The identity.
+    /// (compat) The identity the key stands for. Unique: two entries with one id, or with one
+    /// `key_hash`, are refused at load (they would share sessions and rate buckets under
+    /// different policies). To rotate a key, add the new one under a new id, move clients
+    /// over, then remove the old entry.
     pub id: String,
-    /// (compat) base64 of the SHA-256 of the key.
+    /// (compat) Standard base64 of the SHA-256 of the key, from `mcp-guard keygen` or
+    /// `mcp-guard hash-key` (unique).
+    #[schemars(extend("x-type" = "base64 SHA-256 digest"))]
     pub key_hash: String,
-    /// (compat) Tool names or globs; absent or empty = every tool.
+    /// (compat) Tool names or globs (`*`, `?`) this identity may call; empty = every tool.
     #[serde(default)]
+    #[schemars(extend("x-type" = "list of names or globs"))]
     pub allowed_tools: Vec<String>,
-    /// Tool names or globs that are refused; deny wins over allow.
+    /// Tool names or globs refused; deny wins over allow.
     #[serde(default)]
+    #[schemars(extend("x-type" = "list of names or globs"))]
     pub denied_tools: Vec<String>,
     /// Routed servers this identity may reach; absent = all.
+    #[schemars(extend("x-type" = "list of server names"))]
     pub allowed_servers: Option<Vec<String>>,
-    /// Resource URIs or globs `resources/read` may name; absent or empty = all.
+    /// Resource URIs or globs `resources/read` may name; empty = all.
     #[serde(default)]
+    #[schemars(extend("x-type" = "list of URIs or globs"))]
     pub allowed_resources: Vec<String>,
     /// Resource URIs or globs refused; deny wins over allow.
     #[serde(default)]
+    #[schemars(extend("x-type" = "list of URIs or globs"))]
     pub denied_resources: Vec<String>,
-    /// Prompt names or globs `prompts/get` may name; absent or empty = all.
+    /// Prompt names or globs `prompts/get` may name; empty = all.
     #[serde(default)]
+    #[schemars(extend("x-type" = "list of names or globs"))]
     pub allowed_prompts: Vec<String>,
     /// Prompt names or globs refused; deny wins over allow.
     #[serde(default)]
+    #[schemars(extend("x-type" = "list of names or globs"))]
     pub denied_prompts: Vec<String>,
-    /// (compat) Requests per second for this identity.
+    /// (compat) Requests per second for this identity (instead of
+    /// `rate_limit.requests_per_second`; the burst stays `rate_limit.burst_size`).
+    #[schemars(extend("x-type" = "requests per second (whole number, at least 1)"))]
     pub rate_limit: Option<u32>,
 }
 
-/// `[auth.jwt]`
-#[derive(Debug, Clone, Deserialize)]
+/// JWT bearer tokens.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JwtSection {
-    /// (compat) simple | jwks.
-    pub mode: String,
+    /// (compat) `simple`: HS256 with `secret`; `jwks`: keys from `jwks_url`.
+    pub mode: JwtMode,
     /// (compat) HS256 secret (simple mode).
     pub secret: Option<String>,
     /// (compat) JWKS endpoint (jwks mode).
+    #[schemars(extend("x-type" = "URL"))]
     pub jwks_url: Option<String>,
-    /// (compat) Accepted algorithms.
+    /// (compat) Accepted algorithms; `none` never is.
     #[serde(default)]
     pub algorithms: Vec<String>,
     /// (compat) Required issuer.
@@ -286,87 +523,107 @@ pub struct JwtSection {
     pub audience: Option<String>,
     /// (compat) Claim holding the user id.
     pub user_id_claim: Option<String>,
-    /// (compat) Claim holding scopes.
+    /// (compat) Claim holding scopes (space-separated string or array).
     pub scopes_claim: Option<String>,
-    /// (compat) Clock leeway.
+    /// (compat) Clock leeway for `exp` and `nbf`.
+    #[schemars(extend("x-type" = "seconds (whole number)"))]
     pub leeway_secs: Option<u64>,
     /// (compat) JWKS refresh interval.
+    #[schemars(extend("x-type" = "seconds (whole number)"))]
     pub cache_duration_secs: Option<u64>,
-    /// (compat) scope -> tools it grants.
+    /// (compat) Scope → tools it grants; `"*"` = all.
     #[serde(default)]
+    #[schemars(extend("x-type" = "table of scope = list of tools"))]
     pub scope_tool_mapping: BTreeMap<String, Vec<String>>,
 }
 
-/// `[auth.oauth]`
-#[derive(Debug, Clone, Deserialize)]
+/// OAuth 2.1 as the MCP authorization spec requires.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OauthSection {
-    /// (compat) github | google | okta | custom.
-    pub provider: String,
-    /// (compat)
+    /// (compat) The authorization server.
+    pub provider: OauthProvider,
+    /// (compat) The gateway's client id.
     pub client_id: String,
-    /// (compat)
+    /// (compat) The gateway's client secret.
     pub client_secret: Option<String>,
-    /// (compat)
+    /// (compat) Authorization endpoint.
+    #[schemars(extend("x-type" = "URL"))]
     pub authorization_url: Option<String>,
-    /// (compat)
+    /// (compat) Token endpoint.
+    #[schemars(extend("x-type" = "URL"))]
     pub token_url: Option<String>,
-    /// (compat) RFC 7662 introspection endpoint.
+    /// (compat) RFC 7662 introspection endpoint; results are cached.
+    #[schemars(extend("x-type" = "URL"))]
     pub introspection_url: Option<String>,
-    /// (compat)
+    /// (compat) OpenID Connect userinfo endpoint.
+    #[schemars(extend("x-type" = "URL"))]
     pub userinfo_url: Option<String>,
-    /// (compat)
+    /// (compat) Redirect URI registered with the provider.
+    #[schemars(extend("x-type" = "URL"))]
     pub redirect_uri: Option<String>,
-    /// (compat)
+    /// (compat) Scopes requested.
     #[serde(default)]
     pub scopes: Vec<String>,
-    /// (compat)
+    /// (compat) Claim holding the user id.
     pub user_id_claim: Option<String>,
     /// Advertised in protected-resource metadata.
     #[serde(default)]
+    #[schemars(extend("x-type" = "list of URLs"))]
     pub authorization_servers: Vec<String>,
-    /// (compat) scope -> tools it grants.
+    /// (compat) Scope → tools it grants; `"*"` = all.
     #[serde(default)]
+    #[schemars(extend("x-type" = "table of scope = list of tools"))]
     pub scope_tool_mapping: BTreeMap<String, Vec<String>>,
 }
 
-/// `[auth.mtls]`
-#[derive(Debug, Clone, Deserialize)]
+/// Identities from client certificates.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MtlsSection {
-    /// (compat)
+    /// (compat) Turns certificate identities on.
     #[serde(default)]
     pub enabled: bool,
-    /// (compat) cn | san_dns | san_email | san_uri.
-    pub identity_source: Option<String>,
-    /// (compat)
+    /// (compat) Which certificate field names the identity.
     #[serde(default)]
+    pub identity_source: IdentitySource,
+    /// (compat) Tool names or globs certificate identities may call; empty = every tool.
+    #[serde(default)]
+    #[schemars(extend("x-type" = "list of names or globs"))]
     pub allowed_tools: Vec<String>,
-    /// (compat)
+    /// (compat) Requests per second per certificate identity.
+    #[schemars(extend("x-type" = "requests per second (whole number, at least 1)"))]
     pub rate_limit: Option<u32>,
-    /// (compat) Accept X-Client-Cert-* headers only from these addresses.
+    /// (compat) Accept `X-Client-Cert-*` headers, only from these addresses.
     #[serde(default)]
+    #[schemars(extend("x-type" = "list of IP addresses"))]
     pub trusted_proxy_ips: Vec<String>,
 }
 
-/// `[rate_limit]`
-#[derive(Debug, Clone, Deserialize)]
+/// Rate limits per identity (anonymous callers: per client address) and per identity × tool.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct RateLimitSection {
-    /// (compat)
+    /// (compat) Turns rate limiting on.
     pub enabled: bool,
     /// (compat) Default per identity.
+    #[schemars(extend("x-type" = "requests per second (whole number, at least 1)"))]
     pub requests_per_second: u32,
-    /// (compat)
+    /// (compat) Requests an identity may send at once above its rate.
+    #[schemars(extend("x-type" = "whole number, at least 1"))]
     pub burst_size: u32,
-    /// Per identity x tool, requests per second.
+    /// Per identity × tool, requests per second: an extra bucket per identity and tool (its
+    /// burst equals its rate).
+    #[schemars(extend("x-type" = "table of tool name = requests per second"))]
     pub per_tool: BTreeMap<String, u32>,
-    /// memory | redis.
-    pub backend: String,
-    /// Redis URL for the redis backend.
+    /// Where the buckets live.
+    #[schemars(extend("x-reload" = "restart"))]
+    pub backend: RateBackend,
+    /// The Redis server of the `redis` backend.
+    #[schemars(extend("x-type" = "URL (`redis://` or `rediss://`)", "x-reload" = "restart"))]
     pub redis_url: Option<String>,
-    /// local | open | closed.
-    pub redis_failure: String,
+    /// What the `redis` backend does while Redis is unreachable.
+    pub redis_failure: RedisFailure,
 }
 
 impl Default for RateLimitSection {
@@ -376,38 +633,50 @@ impl Default for RateLimitSection {
             requests_per_second: 100,
             burst_size: 50,
             per_tool: BTreeMap::new(),
-            backend: "memory".into(),
+            backend: RateBackend::Memory,
             redis_url: None,
-            redis_failure: "local".into(),
+            redis_failure: RedisFailure::Local,
         }
     }
 }
 
-/// `[audit]`
-#[derive(Debug, Clone, Deserialize)]
+/// The audit trail: one JSON line per decision, written off the request path.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuditSection {
-    /// (compat)
+    /// (compat) Turns the audit trail on; events are written only when `stdout` or `file` is
+    /// set.
+    #[schemars(extend("x-reload" = "restart"))]
     pub enabled: bool,
-    /// (compat)
+    /// (compat) Events to standard output.
+    #[schemars(extend("x-reload" = "restart"))]
     pub stdout: bool,
-    /// (compat) JSON lines file.
+    /// (compat) Events appended to this JSON-lines file (its directory must be writable);
+    /// reopened on SIGHUP, for log rotation.
+    #[schemars(extend("x-type" = "file path", "x-reload" = "restart"))]
     pub file: Option<String>,
-    /// (compat) SIEM endpoint.
+    /// (compat) SIEM endpoint batches are POSTed to.
+    #[schemars(extend("x-type" = "URL", "x-reload" = "restart"))]
     pub export_url: Option<String>,
-    /// (compat) 1..10000.
+    /// (compat) Events per SIEM batch, 1–10000.
+    #[schemars(extend("x-type" = "whole number 1–10000", "x-reload" = "restart"))]
     pub export_batch_size: usize,
-    /// (compat)
+    /// (compat) Seconds between SIEM batches.
+    #[schemars(extend("x-type" = "seconds (whole number, at least 1)", "x-reload" = "restart"))]
     pub export_interval_secs: u64,
-    /// (compat)
+    /// (compat) Headers sent with each SIEM batch.
+    #[schemars(extend("x-type" = "table of header name = value", "x-reload" = "restart"))]
     pub export_headers: BTreeMap<String, String>,
-    /// Spool directory while the SIEM is unreachable.
+    /// Events wait here while the SIEM is unreachable.
+    #[schemars(extend("x-type" = "directory path", "x-reload" = "restart"))]
     pub spool_dir: Option<String>,
-    /// Spool cap.
+    /// Spool cap; beyond it the oldest events are dropped, and counted.
+    #[schemars(extend("x-type" = "bytes (whole number)", "x-reload" = "restart"))]
     pub spool_max_bytes: u64,
-    /// Tool arguments in events.
+    /// Tool arguments in events (they may hold personal data).
     pub include_arguments: bool,
     /// Events queued per worker before new ones are dropped (and counted).
+    #[schemars(extend("x-type" = "whole number 1–1000000", "x-reload" = "restart"))]
     pub queue_capacity: usize,
 }
 
@@ -429,19 +698,23 @@ impl Default for AuditSection {
     }
 }
 
-/// `[tracing]`
-#[derive(Debug, Clone, Deserialize)]
+/// OpenTelemetry traces.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
+#[schemars(extend("x-reload" = "restart"))]
 pub struct TracingSection {
-    /// (compat)
+    /// (compat) Turns tracing on.
     pub enabled: bool,
-    /// (compat)
+    /// (compat) `service.name` of the spans.
     pub service_name: String,
-    /// (compat) OTLP over HTTP.
+    /// (compat) OTLP over HTTP collector.
+    #[schemars(extend("x-type" = "URL"))]
     pub otlp_endpoint: Option<String>,
-    /// (compat) 0.0..1.0.
+    /// (compat) Share of traces sampled, 0.0–1.0; an incoming sampled `traceparent` is
+    /// honoured.
+    #[schemars(extend("x-type" = "number 0.0–1.0"))]
     pub sample_rate: f64,
-    /// (compat)
+    /// (compat) Read and forward W3C `traceparent` / `tracestate`.
     pub propagate_context: bool,
 }
 

@@ -133,7 +133,9 @@ pub fn reload(path: &Path, shared: &Shared) {
         }
     };
     let old = shared.config.load();
-    if let Some(field) = restart_only_change(&old, &new) {
+    if let Some(field) =
+        crate::config::reference::restart_only_change(&old.file_view, &new.file_view)
+    {
         metrics.reloads_failed.fetch_add(1, Ordering::Relaxed);
         tracing::error!(
             target: "mcp_guard::config",
@@ -183,34 +185,6 @@ fn reload_refused_event(reason: &'static str) -> crate::audit::AuditEvent {
         upstream: "default",
         latency_us: 0,
         arguments: None,
-    }
-}
-
-/// The first setting that differs and cannot change without a restart.
-fn restart_only_change(old: &Settings, new: &Settings) -> Option<&'static str> {
-    if old.server.listen != new.server.listen {
-        return Some("server.host/port");
-    }
-    if old.server.workers != new.server.workers {
-        return Some("server.workers");
-    }
-    if old.server.io != new.server.io {
-        return Some("server.io");
-    }
-    if old.admin != new.admin {
-        return Some("admin");
-    }
-    if old.audit.output != new.audit.output {
-        return Some("audit.enabled/file/stdout");
-    }
-    match (&old.upstream.transport, &new.upstream.transport) {
-        (Transport::Stdio(a), Transport::Stdio(b)) if a != b => {
-            Some("upstream command/args/env/cwd")
-        }
-        (Transport::Stdio(_), Transport::Http(_)) | (Transport::Http(_), Transport::Stdio(_)) => {
-            Some("upstream.transport")
-        }
-        _ => None,
     }
 }
 

@@ -168,6 +168,19 @@ impl Gateway {
             .sum()
     }
 
+    /// [`Self::metric`], polled until it equals `want` or 3 s pass (a worker counts a request
+    /// after its response is on the wire, so a client can be faster than the counter).
+    pub fn metric_settles(&self, name: &str, labels: &[(&str, &str)], want: f64) -> f64 {
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        loop {
+            let v = self.metric(name, labels);
+            if v == want || std::time::Instant::now() > deadline {
+                return v;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Rewrites the config file (the gateway notices the change).
     pub fn rewrite_config(&self, config: &str) {
         std::fs::write(&self.config_path, config).unwrap();

@@ -1,0 +1,348 @@
+//! What this build does not do yet, in one place: sections and values of unbuilt features
+//! (refused at load, before any of their inner fields are asked for), and keys that are
+//! accepted but have no effect where they stand (each one a warning from `validate` and at
+//! start). The generated reference reads the same lists, so the docs say what the loader does.
+
+use super::schema::{FileConfig, RateBackend, SessionMode, TransportKind};
+
+/// When a path counts as asking for an unbuilt feature.
+#[derive(Debug, Clone, Copy)]
+pub enum Trigger {
+    /// The key or section is present at all.
+    Present,
+    /// A non-empty array.
+    NonEmpty,
+    /// A string equal to this.
+    Equals(&'static str),
+    /// `true`.
+    True,
+}
+
+/// One unbuilt feature.
+#[derive(Debug, Clone, Copy)]
+pub struct Unbuilt {
+    /// Dotted path of the key or section.
+    pub path: &'static str,
+    /// What makes it count.
+    pub trigger: Trigger,
+    /// Why it is refused and what to do instead.
+    pub message: &'static str,
+}
+
+/// Features a config may name that this build refuses to start with.
+pub const UNBUILT: &[Unbuilt] = &[
+    Unbuilt {
+        path: "server.tls",
+        trigger: Trigger::Present,
+        message: "TLS termination is not in this build yet; terminate TLS in front of mcp-guard \
+                  (a load balancer or sidecar) and remove [server.tls]",
+    },
+    Unbuilt {
+        path: "upstream.transport",
+        trigger: Trigger::Equals("sse"),
+        message: "the legacy SSE upstream transport is not in this build yet; use `stdio` or \
+                  `http`",
+    },
+    Unbuilt {
+        path: "upstream.session_mode",
+        trigger: Trigger::Equals("per_session"),
+        message: "one stdio process per session is not in this build yet; use `shared` (the \
+                  shared process is isolated per session by request-id remapping)",
+    },
+    Unbuilt {
+        path: "upstream.urls",
+        trigger: Trigger::NonEmpty,
+        message: "load-balanced replicas are not in this build yet; use upstream.url",
+    },
+    Unbuilt {
+        path: "upstream.servers",
+        trigger: Trigger::NonEmpty,
+        message: "routing to several servers is not in this build yet; configure one \
+                  [upstream]",
+    },
+    Unbuilt {
+        path: "auth.jwt",
+        trigger: Trigger::Present,
+        message: "JWT authentication is not in this build yet; refusing to start rather than \
+                  serve without it (use [[auth.api_keys]], or remove [auth.jwt])",
+    },
+    Unbuilt {
+        path: "auth.oauth",
+        trigger: Trigger::Present,
+        message: "OAuth 2.1 is not in this build yet; refusing to start rather than serve \
+                  without it (use [[auth.api_keys]], or remove [auth.oauth])",
+    },
+    Unbuilt {
+        path: "auth.mtls.enabled",
+        trigger: Trigger::True,
+        message: "mTLS identities are not in this build yet; refusing to start rather than \
+                  serve without them (use [[auth.api_keys]], or remove [auth.mtls])",
+    },
+    Unbuilt {
+        path: "rate_limit.backend",
+        trigger: Trigger::Equals("redis"),
+        message: "the Redis rate-limit backend is not in this build yet; use `memory` (limits \
+                  per process)",
+    },
+    Unbuilt {
+        path: "audit.export_url",
+        trigger: Trigger::Present,
+        message: "SIEM export is not in this build yet; ship the audit file (audit.file) with \
+                  your log collector",
+    },
+];
+
+/// Keys with no effect anywhere in this build: a warning when the file sets one.
+pub const NO_EFFECT: &[(&str, &str)] = &[
+    (
+        "server.sse_path",
+        "the legacy HTTP+SSE endpoint is not served by this build",
+    ),
+    (
+        "server.public_url",
+        "it is used in OAuth metadata, which this build does not serve",
+    ),
+    (
+        "upstream.load_balance",
+        "it chooses among upstream.urls, which this build does not support",
+    ),
+    (
+        "upstream.max_processes",
+        "it caps session_mode = \"per_session\", which this build does not support",
+    ),
+    (
+        "auth.api_keys.allowed_servers",
+        "it selects routed servers, which this build does not support",
+    ),
+    (
+        "rate_limit.redis_url",
+        "it configures the redis backend, which this build does not support",
+    ),
+    (
+        "rate_limit.redis_failure",
+        "it configures the redis backend, which this build does not support",
+    ),
+    (
+        "audit.export_batch_size",
+        "SIEM export (audit.export_url) is not in this build",
+    ),
+    (
+        "audit.export_interval_secs",
+        "SIEM export (audit.export_url) is not in this build",
+    ),
+    (
+        "audit.export_headers",
+        "SIEM export (audit.export_url) is not in this build",
+    ),
+    (
+        "audit.spool_dir",
+        "SIEM export (audit.export_url) is not in this build",
+    ),
+    (
+        "audit.spool_max_bytes",
+        "SIEM export (audit.export_url) is not in this build",
+    ),
+    (
+        "tracing.enabled",
+        "OpenTelemetry export is not in this build",
+    ),
+];
+
+/// The reference's note for an unbuilt key or section.
+pub fn unbuilt_note(path: &str) -> Option<&'static str> {
+    UNBUILT.iter().find(|u| u.path == path).map(|u| u.message)
+}
+
+/// The reference's note for a key without effect in this build.
+pub fn no_effect_note(path: &str) -> Option<&'static str> {
+    NO_EFFECT
+        .iter()
+        .find(|(p, _)| *p == path)
+        .map(|(_, why)| *why)
+}
+
+/// A value as far as the triggers need to see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seen<'a> {
+    /// A string.
+    Str(&'a str),
+    /// A boolean.
+    Bool(bool),
+    /// An array of this length.
+    Array(usize),
+    /// Anything else (a table, a number).
+    Other,
+}
+
+/// The first unbuilt feature `lookup` (dotted path → value) shows, in list order.
+pub fn first_unbuilt<'v>(lookup: &dyn Fn(&str) -> Option<Seen<'v>>) -> Option<&'static Unbuilt> {
+    UNBUILT.iter().find(|u| {
+        let Some(seen) = lookup(u.path) else {
+            return false;
+        };
+        match u.trigger {
+            Trigger::Present => true,
+            Trigger::NonEmpty => !matches!(seen, Seen::Array(0)),
+            Trigger::Equals(v) => seen == Seen::Str(v),
+            Trigger::True => seen == Seen::Bool(true),
+        }
+    })
+}
+
+/// The same check on a parsed file (for files not read from text, and as a backstop).
+pub fn first_unbuilt_in(file: &FileConfig) -> Option<&'static Unbuilt> {
+    first_unbuilt(&|path| match path {
+        "server.tls" => file.server.tls.as_ref().map(|_| Seen::Other),
+        "upstream.transport" => Some(Seen::Str(match file.upstream.transport {
+            TransportKind::Stdio => "stdio",
+            TransportKind::Http => "http",
+            TransportKind::Sse => "sse",
+        })),
+        "upstream.session_mode" => Some(Seen::Str(match file.upstream.session_mode {
+            SessionMode::Shared => "shared",
+            SessionMode::PerSession => "per_session",
+        })),
+        "upstream.urls" => Some(Seen::Array(file.upstream.urls.len())),
+        "upstream.servers" => Some(Seen::Array(file.upstream.servers.len())),
+        "auth.jwt" => file.auth.jwt.as_ref().map(|_| Seen::Other),
+        "auth.oauth" => file.auth.oauth.as_ref().map(|_| Seen::Other),
+        "auth.mtls.enabled" => file.auth.mtls.as_ref().map(|m| Seen::Bool(m.enabled)),
+        "rate_limit.backend" => Some(Seen::Str(match file.rate_limit.backend {
+            RateBackend::Memory => "memory",
+            RateBackend::Redis => "redis",
+        })),
+        "audit.export_url" => file.audit.export_url.as_ref().map(|_| Seen::Other),
+        _ => None,
+    })
+}
+
+/// Every key the file sets that has no effect where it stands, with why, in file order.
+pub fn ignored_keys(file: &FileConfig) -> Vec<String> {
+    let mut warnings: Vec<String> = Vec::new();
+    let warn = |warnings: &mut Vec<String>, key: &str, why: &str| {
+        warnings.push(format!("{key} has no effect: {why}"))
+    };
+    let sets = |path: &str| file.sets(path);
+
+    for (path, why) in NO_EFFECT {
+        if sets(path) && !path.starts_with("tracing.") {
+            warn(&mut warnings, path, why);
+        }
+    }
+
+    let stdio_only = [
+        "command",
+        "args",
+        "env",
+        "cwd",
+        "session_mode",
+        "max_processes",
+    ];
+    let http_only = ["url", "urls", "headers", "load_balance"];
+    let (foreign, transport) = match file.upstream.transport {
+        TransportKind::Stdio => (&http_only[..], "stdio"),
+        TransportKind::Http | TransportKind::Sse => (&stdio_only[..], "http"),
+    };
+    for key in foreign {
+        let path = format!("upstream.{key}");
+        if sets(&path) {
+            let kind = if transport == "stdio" {
+                "an HTTP"
+            } else {
+                "a stdio"
+            };
+            warn(
+                &mut warnings,
+                &path,
+                &format!("upstream.transport is \"{transport}\" and it configures {kind} upstream"),
+            );
+        }
+    }
+
+    if !file.rate_limit.enabled {
+        for key in [
+            "requests_per_second",
+            "burst_size",
+            "per_tool",
+            "backend",
+            "redis_url",
+            "redis_failure",
+        ] {
+            let path = format!("rate_limit.{key}");
+            if sets(&path) {
+                warn(&mut warnings, &path, "rate_limit.enabled is false");
+            }
+        }
+        for (i, k) in file.auth.api_keys.iter().enumerate() {
+            if k.rate_limit.is_some() {
+                warn(
+                    &mut warnings,
+                    &format!("auth.api_keys[{i}].rate_limit"),
+                    "rate_limit.enabled is false",
+                );
+            }
+        }
+    }
+
+    let audit_keys = ["stdout", "file", "include_arguments", "queue_capacity"];
+    if !file.audit.enabled {
+        for key in audit_keys {
+            let path = format!("audit.{key}");
+            if sets(&path) {
+                warn(&mut warnings, &path, "audit.enabled is false");
+            }
+        }
+    } else if !file.audit.stdout
+        && file.audit.file.is_none()
+        && audit_keys.iter().any(|k| sets(&format!("audit.{k}")))
+    {
+        warnings.push(
+            "[audit] has no destination, so no events are written: set audit.file or \
+             audit.stdout = true"
+                .to_string(),
+        );
+    }
+
+    if let Some(m) = &file.auth.mtls
+        && !m.enabled
+    {
+        for key in [
+            "identity_source",
+            "allowed_tools",
+            "rate_limit",
+            "trusted_proxy_ips",
+        ] {
+            let path = format!("auth.mtls.{key}");
+            if sets(&path) {
+                warn(&mut warnings, &path, "auth.mtls.enabled is false");
+            }
+        }
+    }
+
+    let tracing_set: Vec<&str> = [
+        "enabled",
+        "service_name",
+        "otlp_endpoint",
+        "sample_rate",
+        "propagate_context",
+    ]
+    .into_iter()
+    .filter(|k| sets(&format!("tracing.{k}")))
+    .collect();
+    if file.tracing.enabled {
+        warnings.push(
+            "[tracing] has no effect: OpenTelemetry export is not in this build (tracing.enabled \
+             = true)"
+                .to_string(),
+        );
+    } else {
+        for key in tracing_set.into_iter().filter(|k| *k != "enabled") {
+            warn(
+                &mut warnings,
+                &format!("tracing.{key}"),
+                "tracing.enabled is false",
+            );
+        }
+    }
+    warnings
+}
