@@ -477,3 +477,42 @@ fn check_upstream_names_the_timeout_of_an_http_upstream_that_never_answers() {
     );
     assert!(out.contains("upstream.timeout_secs"), "{out}");
 }
+
+#[test]
+fn completions_are_generated_for_each_shell() {
+    for shell in ["bash", "zsh", "fish"] {
+        let (code, out, err) = run(&["completions", shell]);
+        assert_eq!(code, 0, "{shell}: {err}");
+        assert!(!out.trim().is_empty(), "{shell}");
+        for sub in ["validate", "check-upstream", "completions"] {
+            assert!(out.contains(sub), "{shell} completion lacks {sub}");
+        }
+    }
+    // The bash script parses.
+    let (_, script, _) = run(&["completions", "bash"]);
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("mcp-guard.bash");
+    std::fs::write(&p, script).unwrap();
+    let out = Command::new("bash").arg("-n").arg(&p).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // An unknown shell is a usage error.
+    let (code, _, err) = run(&["completions", "tcsh"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("tcsh"), "{err}");
+}
+
+#[test]
+fn the_man_page_is_roff_listing_the_subcommands() {
+    let (code, out, err) = run(&["man"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.lines().any(|l| l.starts_with(".TH")), "{out}");
+    // roff escapes hyphens as `\-`.
+    let text = out.replace("\\-", "-");
+    for sub in ["validate", "check-upstream", "completions", "keygen"] {
+        assert!(text.contains(sub), "the man page lacks {sub}");
+    }
+}
