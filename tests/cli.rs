@@ -414,3 +414,161 @@ fn config_reference_prints_the_committed_reference() {
     assert_eq!(out, committed, "regenerate docs/configuration.md");
     assert!(out.contains("| `port` *(compat)* | port number 1–65535"));
 }
+
+/// Runs `check-upstream` on `config` written into `dir`; (exit code, stdout).
+fn check_upstream_with(dir: &std::path::Path, config: &str) -> (i32, String) {
+    let p = dir.join("check.toml");
+    std::fs::write(&p, config).unwrap();
+    let (code, out, err) = run(&["check-upstream", "--config", p.to_str().unwrap()]);
+    (code, format!("{out}{err}"))
+}
+
+/// A stdio upstream config running `command` (in `cwd` when given), with `timeout_secs = 1`.
+fn stdio_upstream(command: &str, cwd: Option<&str>) -> String {
+    let cwd = cwd.map(|c| format!("cwd = {c:?}\n")).unwrap_or_default();
+    format!("[upstream]\ncommand = {command:?}\ntimeout_secs = 1\n{cwd}")
+}
+
+#[test]
+fn check_upstream_blames_a_missing_cwd_on_cwd_not_on_the_command() {
+    let dir = tempfile::tempdir().unwrap();
+    // The quick-start shape: a command relative to a cwd that is not there. Spawning it would
+    // fail with the ENOENT of a missing program; the message must name the directory instead.
+    let (code, out) = check_upstream_with(
+        dir.path(),
+        &stdio_upstream("./server.sh", Some("/nonexistent/mcp-dir")),
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(out.starts_with("FAIL"), "{out}");
+    assert!(
+        out.contains("upstream.cwd") && out.contains("/nonexistent/mcp-dir"),
+        "{out}"
+    );
+    assert!(!out.contains("upstream.command"), "{out}");
+    assert!(!out.contains("No such file or directory"), "{out}");
+    // A cwd that is a file is not a directory either.
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let (code, out) = check_upstream_with(
+        dir.path(),
+        &stdio_upstream(DEMO, Some(file.to_str().unwrap())),
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("upstream.cwd"), "{out}");
+}
+
+#[test]
+fn check_upstream_blames_a_missing_command_on_the_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let cwd = dir.path().to_str().unwrap();
+    // Relative to an existing cwd.
+    let (code, out) = check_upstream_with(dir.path(), &stdio_upstream("./no-server", Some(cwd)));
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("upstream.command") && out.contains("no-server"),
+        "{out}"
+    );
+    assert!(out.contains(&format!("relative to cwd `{cwd}`")), "{out}");
+    assert!(!out.contains("upstream.cwd"), "{out}");
+    // A bare name not on PATH.
+    let (code, out) = check_upstream_with(dir.path(), &stdio_upstream("no-such-mcp-xyz", None));
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("upstream.command") && out.contains("not found on PATH"),
+        "{out}"
+    );
+    // There but not executable.
+    let plain = dir.path().join("plain");
+    std::fs::write(&plain, "#!/bin/sh\n").unwrap();
+    let (code, out) =
+        check_upstream_with(dir.path(), &stdio_upstream(plain.to_str().unwrap(), None));
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("not executable"), "{out}");
+}
+
+#[test]
+fn check_upstream_gives_up_on_a_silent_stdio_server_after_timeout_secs() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = dir.path().join("silent.sh");
+    // Reads requests for ever and never answers. Timing is not asserted (a loaded machine may
+    // be slow): the message naming 1 s shows the configured timeout is the one waited for.
+    write_executable(&server, b"#!/bin/sh\nwhile read line; do :; done\n");
+    let (code, out) =
+        check_upstream_with(dir.path(), &stdio_upstream(server.to_str().unwrap(), None));
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("no answer to initialize within 1 s"), "{out}");
+    assert!(out.contains("upstream.timeout_secs"), "{out}");
+}
+
+#[test]
+fn check_upstream_reports_the_exit_status_and_stderr_of_a_server_that_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = dir.path().join("dies.sh");
+    write_executable(
+        &server,
+        b"#!/bin/sh\necho 'loading tools' >&2\necho 'Error: API_TOKEN is not set' >&2\nexit 3\n",
+    );
+    let (code, out) =
+        check_upstream_with(dir.path(), &stdio_upstream(server.to_str().unwrap(), None));
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("exited with status 3 before answering initialize"),
+        "{out}"
+    );
+    assert!(out.contains("| Error: API_TOKEN is not set"), "{out}");
+}
+
+#[test]
+fn check_upstream_names_the_timeout_of_an_http_upstream_that_never_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    // Listening but never accepting: the kernel completes the handshake, nobody answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/mcp", silent.local_addr().unwrap());
+    let cfg = http_config("auto", &url, "", "").replace("timeout_secs = 10", "timeout_secs = 1");
+    let (code, out) = check_upstream_with(dir.path(), &cfg);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("no answer to initialize") && out.contains("within 1 s"),
+        "{out}"
+    );
+    assert!(out.contains("upstream.timeout_secs"), "{out}");
+}
+
+#[test]
+fn completions_are_generated_for_each_shell() {
+    for shell in ["bash", "zsh", "fish"] {
+        let (code, out, err) = run(&["completions", shell]);
+        assert_eq!(code, 0, "{shell}: {err}");
+        assert!(!out.trim().is_empty(), "{shell}");
+        for sub in ["validate", "check-upstream", "completions"] {
+            assert!(out.contains(sub), "{shell} completion lacks {sub}");
+        }
+    }
+    // The bash script parses.
+    let (_, script, _) = run(&["completions", "bash"]);
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("mcp-guard.bash");
+    std::fs::write(&p, script).unwrap();
+    let out = Command::new("bash").arg("-n").arg(&p).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // An unknown shell is a usage error.
+    let (code, _, err) = run(&["completions", "tcsh"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("tcsh"), "{err}");
+}
+
+#[test]
+fn the_man_page_is_roff_listing_the_subcommands() {
+    let (code, out, err) = run(&["man"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.lines().any(|l| l.starts_with(".TH")), "{out}");
+    // roff escapes hyphens as `\-`.
+    let text = out.replace("\\-", "-");
+    for sub in ["validate", "check-upstream", "completions", "keygen"] {
+        assert!(text.contains(sub), "the man page lacks {sub}");
+    }
+}

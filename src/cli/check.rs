@@ -1,21 +1,34 @@
 //! `check-upstream`: the MCP initialize handshake against each configured upstream, with a
 //! clear pass/fail line per upstream. Blocking I/O with timeouts: this runs outside the gateway.
 
+use crate::config::preflight::{self, Ports};
 use crate::config::{HttpUpstream, Settings, StdioSettings, Transport};
+use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
 
 const INIT: &str = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"mcp-guard-check","version":"1"}}}"#;
-const TIMEOUT: Duration = Duration::from_secs(10);
+/// How many of the child's last stderr lines a failure shows, and how long each may be: enough
+/// to see a stack trace's last words, bounded so a chatty server cannot flood the terminal.
+const STDERR_LINES: usize = 10;
+const STDERR_LINE_BYTES: usize = 300;
+/// How long a child that closed its stdout gets to exit before we stop waiting for its status.
+const EXIT_GRACE: Duration = Duration::from_secs(1);
+/// Cap on an HTTP answer to initialize: far above any real one.
+const HTTP_ANSWER_CAP: usize = 8 * 1024 * 1024;
 
 /// Checks every upstream; true when all pass.
 pub fn check_all(s: &Settings) -> bool {
+    let timeout = s.upstream.timeout;
     let (name, result) = match &s.upstream.transport {
-        Transport::Stdio(st) => (format!("default (stdio `{}`)", st.command), check_stdio(st)),
-        Transport::Http(h) => (format!("default (http {})", h.url), check_http(h)),
+        Transport::Stdio(st) => (
+            format!("default (stdio `{}`)", st.command),
+            preflight_stdio(s).and_then(|()| check_stdio(st, timeout)),
+        ),
+        Transport::Http(h) => (format!("default (http {})", h.url), check_http(h, timeout)),
     };
     match result {
         Ok(info) => {
@@ -26,6 +39,58 @@ pub fn check_all(s: &Settings) -> bool {
             println!("FAIL  {name}: {e}");
             false
         }
+    }
+}
+
+/// The path checks `validate` makes, before anything is spawned: a missing `cwd` makes spawn
+/// fail with the same ENOENT as a missing program, so only a check made beforehand can tell
+/// the user which of the two it is.
+fn preflight_stdio(s: &Settings) -> Result<(), String> {
+    let problems: Vec<String> = preflight::check(s, Ports::Skip)
+        .into_iter()
+        // The audit file is not this command's business.
+        .filter(|p| p.key.starts_with("upstream."))
+        .map(|p| p.to_string())
+        .collect();
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("cannot start: {}", problems.join("; ")))
+    }
+}
+
+/// Why spawn failed, blamed on the key to fix. The preflight has passed by now, so this is a
+/// race (the file changed since) or something only exec sees, such as a missing interpreter.
+fn spawn_error(st: &StdioSettings, e: &std::io::Error) -> String {
+    let cwd = st.cwd.as_deref().map(std::path::Path::new);
+    if let Some(dir) = cwd
+        && !dir.is_dir()
+    {
+        return format!(
+            "cannot start: upstream.cwd: `{}` is not a directory; create it or fix the path",
+            dir.display()
+        );
+    }
+    let path_var = st
+        .env
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| std::ffi::OsString::from(v))
+        .or_else(|| std::env::var_os("PATH"));
+    match preflight::resolve_command(&st.command, cwd, path_var.as_deref()) {
+        Err(why) => format!("cannot start: upstream.command: {why}"),
+        Ok(path) => match e.kind() {
+            std::io::ErrorKind::NotFound => format!(
+                "cannot start: upstream.command: `{}` exists but cannot be executed ({e}); \
+                 the interpreter on its `#!` line may be missing",
+                path.display()
+            ),
+            std::io::ErrorKind::PermissionDenied => format!(
+                "cannot start: upstream.command: `{}` is not executable ({e})",
+                path.display()
+            ),
+            _ => format!("cannot start: upstream.command: `{}`: {e}", path.display()),
+        },
     }
 }
 
@@ -45,20 +110,38 @@ fn describe(resp: &serde_json::Value) -> Result<String, String> {
     Ok(format!("server `{name}`, protocol {version}"))
 }
 
-fn check_stdio(st: &StdioSettings) -> Result<String, String> {
+/// "1 s", "30 s" and the key that sets it, for every message about waiting too long.
+fn timeout_phrase(timeout: Duration) -> String {
+    format!(
+        "{} s (upstream.timeout_secs; raise it if the server is slow to start)",
+        timeout.as_secs()
+    )
+}
+
+fn check_stdio(st: &StdioSettings, timeout: Duration) -> Result<String, String> {
     let mut cmd = Command::new(&st.command);
     cmd.args(&st.args)
         .envs(st.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+        .stderr(Stdio::piped());
     if let Some(cwd) = &st.cwd {
         cmd.current_dir(cwd);
     }
-    let mut child = cmd.spawn().map_err(|e| format!("cannot start: {e}"))?;
+    let mut child = cmd.spawn().map_err(|e| spawn_error(st, &e))?;
+    let stderr = StderrTail::collect(&mut child);
+    let result = handshake(&mut child, timeout);
+    let _ = child.kill();
+    let _ = child.wait();
+    result.map_err(|e| e + &stderr.render())
+}
+
+/// Sends initialize and waits for its answer, the child's exit or the timeout.
+fn handshake(child: &mut Child, timeout: Duration) -> Result<String, String> {
     let mut stdin = child.stdin.take().ok_or("no stdin")?;
     let stdout = child.stdout.take().ok_or("no stdout")?;
     let (tx, rx) = mpsc::channel();
+    // Not joined: a grandchild may hold the pipe open after the child is gone.
     std::thread::spawn(move || {
         let mut reader = BufReader::new(stdout);
         let mut line = String::new();
@@ -80,29 +163,173 @@ fn check_stdio(st: &StdioSettings) -> Result<String, String> {
             }
         }
     });
-    let write = writeln!(stdin, "{INIT}").and_then(|_| stdin.flush());
-    let result = match write {
-        Err(e) => Err(format!("cannot write to the process: {e}")),
-        Ok(()) => match rx.recv_timeout(TIMEOUT) {
-            Ok(Some(v)) => describe(&v),
-            Ok(None) => Err("the process exited without answering initialize".into()),
-            Err(_) => Err(format!("no answer to initialize within {TIMEOUT:?}")),
-        },
-    };
+    // A child that already exited makes this fail with EPIPE; its exit status says more.
+    if let Err(e) = writeln!(stdin, "{INIT}").and_then(|_| stdin.flush()) {
+        return Err(match wait_exit(child, EXIT_GRACE) {
+            Some(status) => exited(status),
+            None => format!("cannot write initialize to the process: {e}"),
+        });
+    }
+    let answer = rx.recv_timeout(timeout);
+    // Closing stdin lets a server that exits on EOF (and any helper it started) go quietly.
     drop(stdin);
-    let _ = child.kill();
-    let _ = child.wait();
-    result
+    match answer {
+        Ok(Some(v)) => describe(&v),
+        Ok(None) => Err(match wait_exit(child, EXIT_GRACE) {
+            Some(status) => exited(status),
+            None => "the process closed its stdout without answering initialize".into(),
+        }),
+        Err(_) => Err(format!(
+            "no answer to initialize within {}",
+            timeout_phrase(timeout)
+        )),
+    }
 }
 
-fn check_http(h: &HttpUpstream) -> Result<String, String> {
+/// The child's exit status, if it exits within `grace`.
+fn wait_exit(child: &mut Child, grace: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + grace;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            _ => return None,
+        }
+    }
+}
+
+fn exited(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with status {code} before answering initialize"),
+        (None, Some(sig)) => format!("was killed by signal {sig} before answering initialize"),
+        _ => format!("exited ({status}) before answering initialize"),
+    }
+}
+
+/// The last lines the child wrote to stderr, kept while it runs (the pipe must be drained, or
+/// a chatty child blocks on it) and bounded in count and length.
+struct StderrTail {
+    lines: Arc<Mutex<Tail>>,
+    done: mpsc::Receiver<()>,
+}
+
+impl StderrTail {
+    fn collect(child: &mut Child) -> StderrTail {
+        let lines = Arc::new(Mutex::new(Tail::default()));
+        let (tx, done) = mpsc::channel();
+        if let Some(mut pipe) = child.stderr.take() {
+            let lines = lines.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = pipe.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    lines
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(&buf[..n]);
+                }
+                let _ = tx.send(());
+            });
+        }
+        StderrTail { lines, done }
+    }
+
+    /// The tail as indented lines to append to a failure, or "" when the child said nothing.
+    /// Waits briefly for the pipe's end, so the last words of a child that just died are in.
+    fn render(&self) -> String {
+        let _ = self.done.recv_timeout(Duration::from_millis(500));
+        let tail = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+        let lines = tail.lines();
+        if lines.is_empty() {
+            return String::new();
+        }
+        let mut out = format!(
+            "\n      stderr (last {} line{}):",
+            lines.len(),
+            if lines.len() == 1 { "" } else { "s" }
+        );
+        for l in lines {
+            out.push_str("\n      | ");
+            out.push_str(&l);
+        }
+        out
+    }
+}
+
+/// The last [`STDERR_LINES`] lines of a byte stream, each cut at [`STDERR_LINE_BYTES`].
+#[derive(Default)]
+struct Tail {
+    done: VecDeque<Vec<u8>>,
+    current: Vec<u8>,
+    /// The current line was cut: what follows until its newline is dropped.
+    cut: bool,
+}
+
+impl Tail {
+    fn push(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            if b == b'\n' {
+                let line = std::mem::take(&mut self.current);
+                self.cut = false;
+                // Blank lines would only push real ones out of the tail.
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                if self.done.len() == STDERR_LINES {
+                    self.done.pop_front();
+                }
+                self.done.push_back(line);
+            } else if self.current.len() < STDERR_LINE_BYTES {
+                self.current.push(b);
+            } else if !self.cut {
+                self.cut = true;
+                self.current.extend_from_slice("…".as_bytes());
+            }
+        }
+    }
+
+    /// The kept lines (an unfinished last line included), blank ones dropped, control
+    /// characters shown as `?` so a child cannot drive the user's terminal.
+    fn lines(&self) -> Vec<String> {
+        let mut all: Vec<&Vec<u8>> = self.done.iter().collect();
+        if !self.current.is_empty() {
+            all.push(&self.current);
+        }
+        let mut out: Vec<String> = all
+            .into_iter()
+            .map(|l| {
+                String::from_utf8_lossy(l)
+                    .trim_end()
+                    .chars()
+                    .map(|c| if c.is_control() && c != '\t' { '?' } else { c })
+                    .collect::<String>()
+            })
+            .filter(|l| !l.trim().is_empty())
+            .collect();
+        let excess = out.len().saturating_sub(STDERR_LINES);
+        out.drain(..excess);
+        out
+    }
+}
+
+fn check_http(h: &HttpUpstream, timeout: Duration) -> Result<String, String> {
     let mut last = String::from("no address");
     for addr in &h.addrs {
-        match TcpStream::connect_timeout(addr, TIMEOUT) {
+        match TcpStream::connect_timeout(addr, timeout) {
+            Err(e) if is_timeout(&e) => {
+                last = format!(
+                    "cannot connect to {addr} within {}",
+                    timeout_phrase(timeout)
+                )
+            }
             Err(e) => last = format!("cannot connect to {addr}: {e}"),
             Ok(mut s) => {
-                s.set_read_timeout(Some(TIMEOUT))
-                    .map_err(|e| e.to_string())?;
+                // One deadline for the whole exchange: a per-read timeout alone would let a
+                // server that trickles bytes hold the check for ever.
+                let deadline = Instant::now() + timeout;
                 let mut req = format!(
                     "POST {} HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\nconnection: close\r\ncontent-length: {}\r\n",
                     h.path,
@@ -114,14 +341,57 @@ fn check_http(h: &HttpUpstream) -> Result<String, String> {
                 }
                 req.push_str("\r\n");
                 req.push_str(INIT);
-                s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
+                s.set_write_timeout(Some(timeout))
+                    .map_err(|e| e.to_string())?;
+                s.write_all(req.as_bytes())
+                    .map_err(|e| format!("cannot send initialize to {addr}: {e}"))?;
                 let mut raw = Vec::new();
-                let _ = s.take(8 * 1024 * 1024).read_to_end(&mut raw);
+                let mut buf = [0u8; 16 * 1024];
+                loop {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    let read = if left.is_zero() {
+                        Err(std::io::ErrorKind::TimedOut.into())
+                    } else {
+                        s.set_read_timeout(Some(left)).map_err(|e| e.to_string())?;
+                        s.read(&mut buf)
+                    };
+                    match read {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            raw.extend_from_slice(&buf[..n]);
+                            if raw.len() >= HTTP_ANSWER_CAP {
+                                break;
+                            }
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) if is_timeout(&e) => {
+                            // An SSE stream left open after the answer still answered.
+                            return parse_http_answer(&raw).map_err(|_| {
+                                format!(
+                                    "no answer to initialize from {addr} within {}",
+                                    timeout_phrase(timeout)
+                                )
+                            });
+                        }
+                        Err(e) => {
+                            return parse_http_answer(&raw)
+                                .map_err(|_| format!("reading the answer from {addr}: {e}"));
+                        }
+                    }
+                }
                 return parse_http_answer(&raw);
             }
         }
     }
     Err(last)
+}
+
+/// Socket timeouts surface as `WouldBlock` or `TimedOut` depending on the call and platform.
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
 }
 
 fn parse_http_answer(raw: &[u8]) -> Result<String, String> {
@@ -162,4 +432,46 @@ fn parse_http_answer(raw: &[u8]) -> Result<String, String> {
     let v: serde_json::Value =
         serde_json::from_str(&json_text).map_err(|e| format!("invalid JSON: {e}"))?;
     describe(&v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stderr_tail_keeps_the_last_lines_bounded() {
+        let mut t = Tail::default();
+        for i in 0..25 {
+            t.push(format!("line {i}\n").as_bytes());
+        }
+        // Split across reads, blank lines skipped, an unfinished last line kept.
+        t.push(b"\n\nhalf ");
+        t.push(b"done\x1b[31m");
+        let lines = t.lines();
+        assert_eq!(lines.len(), STDERR_LINES, "{lines:?}");
+        assert_eq!(lines[0], "line 16");
+        assert_eq!(lines.last().unwrap(), "half done?[31m");
+        let mut t = Tail::default();
+        t.push(&vec![b'x'; 100_000]);
+        t.push(b"\nend\n");
+        let lines = t.lines();
+        assert_eq!(lines.len(), 2);
+        assert!(
+            lines[0].len() <= STDERR_LINE_BYTES + 3,
+            "{}",
+            lines[0].len()
+        );
+        assert!(lines[0].ends_with('…'));
+        assert_eq!(lines[1], "end");
+    }
+
+    #[test]
+    fn exit_statuses_are_told_apart_from_signals() {
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            exited(ExitStatus::from_raw(3 << 8)),
+            "exited with status 3 before answering initialize"
+        );
+        assert!(exited(ExitStatus::from_raw(9)).contains("signal 9"));
+    }
 }

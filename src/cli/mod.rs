@@ -1,11 +1,14 @@
 //! The command line: `mcp-guard --config FILE` runs the gateway; subcommands validate a config,
-//! write a starter one, make and hash API keys, check upstreams, and print the version.
+//! write a starter one, make and hash API keys, check upstreams, print shell completions and a
+//! man page (both generated from the clap definition below, so they cannot drift from it), and
+//! print the version.
 
 mod check;
 
 use crate::config::Settings;
 use base64::Engine as _;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -64,6 +67,13 @@ enum Command {
     /// Print the configuration reference (every key, its type, default, reload behaviour) as
     /// Markdown; docs/configuration.md is this output.
     ConfigReference,
+    /// Print a shell completion script (e.g. `mcp-guard completions bash > /etc/bash_completion.d/mcp-guard`).
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff; e.g. `mcp-guard man > mcp-guard.1`).
+    Man,
     /// Print the version.
     Version,
 }
@@ -118,10 +128,33 @@ pub fn main() -> ExitCode {
             print!("{}", crate::config::reference::markdown());
             ExitCode::SUCCESS
         }
+        Some(Command::Completions { shell }) => {
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "mcp-guard", &mut out);
+            print_bytes(&out)
+        }
+        Some(Command::Man) => {
+            let mut out = Vec::new();
+            match clap_mangen::Man::new(Cli::command()).render(&mut out) {
+                Ok(()) => print_bytes(&out),
+                Err(e) => report(Err(format!("cannot render the man page: {e}"))),
+            }
+        }
         Some(Command::Version) => {
             println!("mcp-guard {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
+    }
+}
+
+/// Writes generated output to stdout. Built in memory first: the generators panic on a write
+/// error, and `mcp-guard man | head` closing the pipe early is not a crash.
+fn print_bytes(bytes: &[u8]) -> ExitCode {
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(bytes).and_then(|()| stdout.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => report(Err(format!("cannot write to stdout: {e}"))),
     }
 }
 
