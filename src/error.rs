@@ -81,7 +81,7 @@ pub enum GatewayError {
         invalid: bool,
     },
     /// The identity's policy refuses this call (JSON-RPC error on HTTP 200, naming it).
-    Denied(String),
+    Denied(crate::authz::Denial),
     /// Over the rate limit.
     RateLimited {
         /// Whole seconds until a retry can succeed (at least 1).
@@ -166,7 +166,7 @@ impl GatewayError {
             ShuttingDown => "shutting_down",
             Unauthorized { invalid: false } => "missing_credentials",
             Unauthorized { invalid: true } => "invalid_credentials",
-            Denied(_) => "denied_by_policy",
+            Denied(d) => d.reason.as_str(),
             RateLimited { .. } => "rate_limited",
         }
     }
@@ -202,7 +202,7 @@ impl GatewayError {
             ShuttingDown => "Gateway is shutting down".into(),
             Unauthorized { invalid: false } => "Authentication required".into(),
             Unauthorized { invalid: true } => "Invalid credentials".into(),
-            Denied(m) => m.clone(),
+            Denied(d) => d.message.clone(),
             RateLimited {
                 retry_after_secs, ..
             } => {
@@ -235,7 +235,7 @@ impl GatewayError {
             GatewayError::RateLimited {
                 retry_after_secs, ..
             } => Some(format!("{{\"retryAfterSeconds\":{retry_after_secs}}}")),
-            GatewayError::Denied(_) => Some("{\"reason\":\"denied_by_policy\"}".to_string()),
+            GatewayError::Denied(d) => Some(format!("{{\"reason\":\"{}\"}}", d.reason.as_str())),
             _ => None,
         };
         jsonrpc_error(&id_json, self.rpc_code(), &self.message(), data.as_deref())

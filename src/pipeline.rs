@@ -23,7 +23,7 @@
 //!   the connection loop records them from the [`Reply`] once it has been written.
 
 use crate::auth::{AuthError, AuthMethod, Caller, Identity};
-use crate::authz::{Decision, Policy};
+use crate::authz::{Decision, Denial, Policy};
 use crate::config::{HttpUpstream, Settings, Transport};
 use crate::error::{GatewayError, code};
 use crate::http::client::{self, UpstreamResponse};
@@ -318,7 +318,7 @@ fn authorize(
     body: &Body,
     method: usize,
 ) -> Result<Option<Reply>, GatewayError> {
-    let mut denied: Option<(usize, String)> = None;
+    let mut denied: Option<(usize, Denial)> = None;
     for (i, m) in body.messages().iter().enumerate() {
         let decision = identity.policy.decide(m.target.as_ref());
         // Denials are counted here; an allowed call is counted once it has also passed the
@@ -329,20 +329,20 @@ fn authorize(
             let slot = cfg.tool_labels.get(t).copied().unwrap_or(0);
             w.metrics.count_decision(slot, 1);
         }
-        if let Decision::Deny(msg) = decision
+        if let Decision::Deny(d) = decision
             && denied.is_none()
         {
-            denied = Some((i, msg));
+            denied = Some((i, d));
         }
     }
-    let Some((index, msg)) = denied else {
+    let Some((index, denial)) = denied else {
         return Ok(None);
     };
     let Body::Batch(messages) = body else {
-        return Err(GatewayError::Denied(msg));
+        return Err(GatewayError::Denied(denial));
     };
     // A batch with a refused call is refused whole: nothing of it reaches the upstream, and
-    // each request in it gets an error saying why.
+    // each request in it gets an error saying why (the others: `batch_refused`).
     let mut out = Vec::from(&b"["[..]);
     let mut first = true;
     for (i, m) in messages.iter().enumerate() {
@@ -354,21 +354,24 @@ fn authorize(
             out.push(b',');
         }
         first = false;
-        let text = if i == index {
-            msg.clone()
+        let (text, reason) = if i == index {
+            (denial.message.as_str(), denial.reason.as_str())
         } else {
-            "Batch refused: another call in it is not permitted".to_string()
+            (
+                "Batch refused: another call in it is not permitted",
+                "batch_refused",
+            )
         };
         out.extend(jsonrpc_error(
             &id.to_json(),
             code::FORBIDDEN,
-            &text,
-            Some("{\"reason\":\"denied_by_policy\"}"),
+            text,
+            Some(&format!("{{\"reason\":\"{reason}\"}}")),
         ));
     }
     out.push(b']');
     let mut r = Reply::json(200, out, method);
-    r.reason = Some("denied_by_policy");
+    r.reason = Some(denial.reason.as_str());
     Ok(Some(r))
 }
 

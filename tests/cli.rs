@@ -89,21 +89,46 @@ fn validate_reports_missing_environment_variables() {
     assert!(err.contains("MCP_GUARD_TEST_UNSET_VAR"), "{err}");
 }
 
+/// Runs `mcp-guard ARGS` in `dir`; returns (exit code, stdout, stderr).
+fn run_in(dir: &std::path::Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(GUARD)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A written starter with its fixed ports (3000, 9090) turned into port 0, so tests running in
+/// parallel never collide; nothing else is changed.
+fn on_free_ports(config: &str) -> String {
+    let out = config.replacen("port = 3000 ", "port = 0    ", 1).replacen(
+        "port = 9090 ",
+        "port = 0    ",
+        1,
+    );
+    assert_eq!(out.matches("port = 0 ").count(), 2, "{config}");
+    out
+}
+
 #[test]
 fn init_writes_a_valid_starter_and_refuses_to_overwrite() {
     let dir = tempfile::tempdir().unwrap();
+    let (code, out, err) = run_in(dir.path(), &["init"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.is_empty(), "no key without --with-key: {out}");
+    assert!(err.contains("validate --config guard.toml"), "{err}");
+    assert!(err.contains("docs/configuration.md"), "{err}");
     let p = dir.path().join("guard.toml");
     let path = p.to_str().unwrap();
-    let (code, _, _) = run(&["init", "--output", path]);
-    assert_eq!(code, 0);
-    // `validate` checks that the starter's command (`npx`) resolves on PATH: a stand-in keeps
-    // this test independent of Node being installed.
-    let bin = dir.path().join("bin");
-    std::fs::create_dir(&bin).unwrap();
-    write_executable(&bin.join("npx"), b"#!/bin/sh\nexit 0\n");
+    // It validates as written, with no help from PATH: the demo server is named by full path.
     let out = Command::new(GUARD)
         .args(["validate", "--config", path])
-        .env("PATH", &bin)
+        .env("PATH", "/nonexistent")
         .output()
         .unwrap();
     assert_eq!(
@@ -117,6 +142,150 @@ fn init_writes_a_valid_starter_and_refuses_to_overwrite() {
     assert!(err.contains("already exists"), "{err}");
     let (code, _, _) = run(&["init", "--output", path, "--force"]);
     assert_eq!(code, 0);
+    // `-` prints it instead, the same starter.
+    let (code, printed, _) = run(&["init", "--output", "-"]);
+    assert_eq!(code, 0);
+    assert!(
+        printed.contains(&format!("command = {DEMO:?}")),
+        "{printed}"
+    );
+    assert!(printed.contains("#[[auth.api_keys]]"), "{printed}");
+}
+
+#[test]
+fn the_default_starter_runs_as_is_against_the_bundled_demo_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, err) = run_in(dir.path(), &["init"]);
+    assert_eq!(code, 0, "{err}");
+    let written = std::fs::read_to_string(dir.path().join("guard.toml")).unwrap();
+    assert!(
+        written.contains(&format!("command = {DEMO:?}")),
+        "{written}"
+    );
+    // The security blocks are there to read and turn on, and off by default.
+    for block in ["#[[auth.api_keys]]", "#[rate_limit]", "#[audit]"] {
+        assert!(written.contains(block), "{block} missing: {written}");
+    }
+    let audit = dir.path().join("audit.jsonl");
+    assert!(
+        written.contains(&format!("#file = {:?}", audit.to_str().unwrap())),
+        "{written}"
+    );
+    // The alternatives stay, commented.
+    assert!(written.contains("# args = [\"-y\", \"@modelcontextprotocol/server-everything\"]"));
+    assert!(written.contains("# transport = \"http\""));
+    let g = Gateway::start(&on_free_ports(&written));
+    let sid = initialize(g.addr);
+    let r = mcp_post(g.addr, &call(2, "echo", r#"{"text":"hi"}"#), Some(&sid));
+    assert_eq!(rpc_result(&r)["result"]["content"][0]["text"], "hi");
+}
+
+#[test]
+fn init_with_key_enables_the_key_rate_limit_and_audit_and_prints_the_key_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, key, err) = run_in(
+        dir.path(),
+        &["init", "--with-key", "ci-bot", "--output", "g.toml"],
+    );
+    assert_eq!(code, 0, "{err}");
+    // stdout is the key and nothing else, so `KEY=$(mcp-guard init --with-key ...)` works;
+    // how to use it is on stderr.
+    let key = key.trim_end_matches('\n');
+    assert!(
+        key.starts_with("mcpg_") && !key.contains(char::is_whitespace),
+        "{key}"
+    );
+    assert!(err.contains("Authorization: Bearer <key>"), "{err}");
+    assert!(!err.contains(key), "the key is printed once");
+    let written = std::fs::read_to_string(dir.path().join("g.toml")).unwrap();
+    assert!(!written.contains(key), "only the hash is stored");
+    let (_, hash, _) = run(&["hash-key", key]);
+    assert!(
+        written.contains(&format!("key_hash = \"{}\"", hash.trim())),
+        "{written}"
+    );
+    for on in [
+        "[[auth.api_keys]]\nid = \"ci-bot\"",
+        "\n[rate_limit]\n",
+        "\n[audit]\n",
+    ] {
+        assert!(written.contains(on), "{on} not enabled: {written}");
+    }
+    let (code, _, err) = run(&[
+        "validate",
+        "--config",
+        dir.path().join("g.toml").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+
+    let g = Gateway::start(&on_free_ports(&written));
+    // Without the key: 401; a wrong key: 401.
+    let r = mcp_post(g.addr, INIT, None);
+    assert_eq!(r.status, 401, "{}", r.text());
+    let bearer = |k: &str| format!("Authorization: Bearer {k}\r\n");
+    let r = request(g.addr, &mcp_post_raw(INIT, None, &bearer("mcpg_wrong")));
+    assert_eq!(r.status, 401);
+    // With it: the whole flow.
+    let post =
+        |body: &str, sid: Option<&str>| request(g.addr, &mcp_post_raw(body, sid, &bearer(key)));
+    let r = post(INIT, None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let sid = r.header("mcp-session-id").unwrap().to_string();
+    let r = post(
+        r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#,
+        Some(&sid),
+    );
+    assert_eq!(r.status, 202);
+    let r = post(&call(2, "echo", r#"{"text":"hi"}"#), Some(&sid));
+    assert_eq!(rpc_result(&r)["result"]["content"][0]["text"], "hi");
+    // The example policy: sleep on the deny list, notify not on the allow list.
+    let r = post(&call(3, "sleep", r#"{"ms":1}"#), Some(&sid));
+    let e = &rpc_result(&r)["error"];
+    assert_eq!(
+        e["message"], "Tool 'sleep' is denied for this caller",
+        "{e}"
+    );
+    assert_eq!(e["data"]["reason"], "denied_by_deny_list");
+    let r = post(&call(4, "notify", "{}"), Some(&sid));
+    let e = &rpc_result(&r)["error"];
+    assert_eq!(
+        e["message"], "Tool 'notify' is not on this caller's allow list",
+        "{e}"
+    );
+    // The audit trail is next to the configuration, with the reasons.
+    let audit = dir.path().join("audit.jsonl");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let text = std::fs::read_to_string(&audit).unwrap_or_default();
+        if text.contains("\"not_on_allow_list\"") && text.contains("\"denied_by_deny_list\"") {
+            assert!(text.contains("\"identity\":\"ci-bot\""), "{text}");
+            assert!(!text.contains(key), "the key leaked into the audit trail");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "audit: {text}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn init_with_key_defaults_its_id_and_refuses_what_it_cannot_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, key, err) = run_in(dir.path(), &["init", "--with-key"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(key.starts_with("mcpg_"));
+    let written = std::fs::read_to_string(dir.path().join("guard.toml")).unwrap();
+    assert!(
+        written.contains("[[auth.api_keys]]\nid = \"agent\""),
+        "{written}"
+    );
+    // The key goes to stdout, so the configuration cannot.
+    let (code, out, err) = run(&["init", "--with-key", "x", "--output", "-"]);
+    assert_eq!(code, 1);
+    assert!(out.is_empty() && err.contains("--output"), "{err}");
+    let (code, _, err) = run_in(dir.path(), &["init", "--with-key", "a\"b", "-o", "h.toml"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--with-key must be non-empty"), "{err}");
+    assert!(!dir.path().join("h.toml").exists());
 }
 
 #[test]

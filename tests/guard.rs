@@ -138,15 +138,22 @@ fn denied_tools_never_reach_the_upstream_and_globs_allow() {
     let r = post_as(g.addr, ALICE, &call(4, "sleep", r#"{"ms":1}"#), Some(&sid));
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["error"]["code"], -32003);
+    // The reason is told (not on the allow list), the list itself never is.
+    assert_eq!(
+        r.json()["error"]["message"],
+        "Tool 'sleep' is not on this caller's allow list"
+    );
+    assert_eq!(r.json()["error"]["data"]["reason"], "not_on_allow_list");
     // `crash` would kill the stdio server if it got there; deny wins over the allow entry.
     let r = post_as(g.addr, ALICE, &call(5, "crash", "{}"), Some(&sid));
     assert_eq!(r.status, 200);
     let err = &r.json()["error"];
     assert_eq!(err["code"], -32003);
-    assert!(
-        err["message"].as_str().unwrap().contains("'crash'"),
-        "names the tool: {err}"
+    assert_eq!(
+        err["message"], "Tool 'crash' is denied for this caller",
+        "names the tool and the deny list: {err}"
     );
+    assert_eq!(err["data"]["reason"], "denied_by_deny_list");
     assert_eq!(r.json()["id"], 5);
     let r = post_as(
         g.addr,
@@ -192,6 +199,8 @@ fn denied_tools_never_reach_the_upstream_and_globs_allow() {
             .iter()
             .all(|m| m["error"]["code"] == -32003)
     );
+    assert_eq!(arr[0]["error"]["data"]["reason"], "batch_refused");
+    assert_eq!(arr[1]["error"]["data"]["reason"], "denied_by_deny_list");
     assert_eq!(g.metric("mcp_guard_upstream_restarts_total", &[]), 0.0);
 }
 
@@ -553,7 +562,7 @@ fn audit_lines_are_complete_for_each_decision_and_hold_no_secret() {
         "arguments excluded by default"
     );
     let deny = find("crash", "deny");
-    assert_eq!(deny["reason"], "denied_by_policy");
+    assert_eq!(deny["reason"], "denied_by_deny_list");
     let limited = find("add", "rate_limited");
     assert_eq!(limited["status"], 429);
     let unauth = lines

@@ -146,7 +146,19 @@ pub struct Rule {
 impl Rule {
     /// Whether `name` is permitted.
     pub fn permits(&self, name: &str) -> bool {
-        !self.deny.matches(name) && (self.allow.is_empty() || self.allow.matches(name))
+        self.refusal(name).is_none()
+    }
+
+    /// Why `name` is refused, if it is. The deny list is asked first: deny wins over allow, so
+    /// a name on both lists is "denied", the stronger statement.
+    pub fn refusal(&self, name: &str) -> Option<DenyReason> {
+        if self.deny.matches(name) {
+            Some(DenyReason::DenyList)
+        } else if !self.allow.is_empty() && !self.allow.matches(name) {
+            Some(DenyReason::NotAllowed)
+        } else {
+            None
+        }
     }
 
     /// Whether the rule restricts anything at all.
@@ -170,39 +182,84 @@ pub struct Policy {
     pub rate_limit: Option<u32>,
 }
 
+/// Why a call was refused: told to the caller in words and to the audit trail as a stable
+/// reason. The caller learns which rule refused it, never what the lists hold: the lists are
+/// policy, and echoing them would map out what other names might pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DenyReason {
+    /// The name matches the identity's deny list.
+    DenyList,
+    /// The identity has an allow list and the name is not on it.
+    NotAllowed,
+    /// A resource URI with no safe normal form (refused whatever the lists say).
+    UnsafeUri,
+}
+
+impl DenyReason {
+    /// The audit `reason` and the JSON-RPC error's `data.reason`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DenyReason::DenyList => "denied_by_deny_list",
+            DenyReason::NotAllowed => "not_on_allow_list",
+            DenyReason::UnsafeUri => "unsafe_resource_uri",
+        }
+    }
+}
+
+/// A refusal: its reason, and the message the caller sees (naming what was refused).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denial {
+    /// Which rule refused it.
+    pub reason: DenyReason,
+    /// For the caller, e.g. `Tool 'rm' is denied for this caller`.
+    pub message: String,
+}
+
+impl Denial {
+    /// The refusal of a `kind` ("Tool", "Resource", "Prompt") named `name` for `reason`.
+    fn of(kind: &str, name: &str, reason: DenyReason) -> Self {
+        let message = match reason {
+            DenyReason::DenyList => format!("{kind} '{name}' is denied for this caller"),
+            DenyReason::NotAllowed => {
+                format!("{kind} '{name}' is not on this caller's allow list")
+            }
+            DenyReason::UnsafeUri => format!("{kind} '{name}' is refused"),
+        };
+        Denial { reason, message }
+    }
+}
+
 /// The outcome of a decision.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     /// Go ahead.
     Allow,
-    /// Refused; the message names what was refused.
-    Deny(String),
+    /// Refused, and why.
+    Deny(Denial),
 }
 
 impl Policy {
     /// Decides a request by what it acts on. Protocol traffic (no target) is allowed.
     pub fn decide(&self, target: Option<&Target>) -> Decision {
+        let refused = |kind: &str, name: &str, rule: &Rule, key: &str| {
+            rule.refusal(key).map_or(Decision::Allow, |r| {
+                Decision::Deny(Denial::of(kind, name, r))
+            })
+        };
         match target {
             None => Decision::Allow,
-            Some(Target::Tool(t)) if !self.tools.permits(t) => {
-                Decision::Deny(format!("Tool '{t}' is not permitted"))
-            }
+            Some(Target::Tool(t)) => refused("Tool", t, &self.tools, t),
             // Globs see the normal form: `file:///public/../secret` is `file:///secret` to the
             // upstream, and must be to the policy too. What has no safe normal form is refused
             // whatever the rules say (fail closed), so an open policy refuses it as well.
             Some(Target::Resource(r)) => match uri::normalize(r) {
-                Err(why) => {
-                    Decision::Deny(format!("Resource '{}' is refused: {why}", r.escape_debug()))
-                }
-                Ok(n) if !self.resources.permits(&n) => {
-                    Decision::Deny(format!("Resource '{r}' is not permitted"))
-                }
-                Ok(_) => Decision::Allow,
+                Err(why) => Decision::Deny(Denial {
+                    reason: DenyReason::UnsafeUri,
+                    message: format!("Resource '{}' is refused: {why}", r.escape_debug()),
+                }),
+                Ok(n) => refused("Resource", r, &self.resources, &n),
             },
-            Some(Target::Prompt(p)) if !self.prompts.permits(p) => {
-                Decision::Deny(format!("Prompt '{p}' is not permitted"))
-            }
-            Some(_) => Decision::Allow,
+            Some(Target::Prompt(p)) => refused("Prompt", p, &self.prompts, p),
         }
     }
 }
@@ -269,9 +326,86 @@ mod tests {
         );
         assert_eq!(
             p.decide(Some(&Target::Tool("rm".into()))),
-            Decision::Deny("Tool 'rm' is not permitted".into())
+            deny(
+                DenyReason::NotAllowed,
+                "Tool 'rm' is not on this caller's allow list"
+            )
         );
         assert_eq!(p.decide(None), Decision::Allow);
+    }
+
+    fn deny(reason: DenyReason, message: &str) -> Decision {
+        Decision::Deny(Denial {
+            reason,
+            message: message.into(),
+        })
+    }
+
+    #[test]
+    fn decisions_say_which_list_refused_without_echoing_the_lists() {
+        let rule = || Rule {
+            allow: Matcher::new(&["read_*", "delete_temp"]),
+            deny: Matcher::new(&["delete_*"]),
+        };
+        let p = Policy {
+            tools: rule(),
+            resources: rule(),
+            prompts: rule(),
+            ..Policy::default()
+        };
+        let cases = [
+            (Target::Tool("delete_temp".into()), "Tool 'delete_temp'"),
+            (
+                Target::Resource("delete_temp".into()),
+                "Resource 'delete_temp'",
+            ),
+            (Target::Prompt("delete_temp".into()), "Prompt 'delete_temp'"),
+        ];
+        // On both lists: deny wins, and the caller is told it is denied.
+        for (target, what) in &cases {
+            assert_eq!(
+                p.decide(Some(target)),
+                deny(
+                    DenyReason::DenyList,
+                    &format!("{what} is denied for this caller")
+                )
+            );
+        }
+        for target in [
+            Target::Tool("write_file".into()),
+            Target::Resource("write_file".into()),
+            Target::Prompt("write_file".into()),
+        ] {
+            let Decision::Deny(d) = p.decide(Some(&target)) else {
+                panic!("{target:?} allowed");
+            };
+            assert_eq!(d.reason, DenyReason::NotAllowed);
+            assert!(
+                d.message
+                    .ends_with("'write_file' is not on this caller's allow list")
+            );
+            assert!(
+                !d.message.contains("read_"),
+                "the list leaked: {}",
+                d.message
+            );
+        }
+        assert_eq!(DenyReason::DenyList.as_str(), "denied_by_deny_list");
+        assert_eq!(DenyReason::NotAllowed.as_str(), "not_on_allow_list");
+        let open_with_deny = Policy {
+            tools: Rule {
+                allow: Matcher::default(),
+                deny: Matcher::new(&["drop_*"]),
+            },
+            ..Policy::default()
+        };
+        assert_eq!(
+            open_with_deny.decide(Some(&Target::Tool("drop_table".into()))),
+            deny(
+                DenyReason::DenyList,
+                "Tool 'drop_table' is denied for this caller"
+            )
+        );
     }
 
     fn resource_policy(allow: &[&str], deny: &[&str]) -> Policy {
@@ -316,15 +450,18 @@ mod tests {
         }
         assert_eq!(
             read(&p, "file:///public/../../etc/passwd"),
-            Decision::Deny(
+            deny(
+                DenyReason::UnsafeUri,
                 "Resource 'file:///public/../../etc/passwd' is refused: its path climbs above \
                  its root"
-                    .into()
             )
         );
         assert_eq!(
             read(&p, "file:///public/../secret"),
-            Decision::Deny("Resource 'file:///public/../secret' is not permitted".into())
+            deny(
+                DenyReason::NotAllowed,
+                "Resource 'file:///public/../secret' is not on this caller's allow list"
+            )
         );
     }
 

@@ -38,7 +38,8 @@ enum Command {
         #[arg(short, long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
-    /// Write a commented starter configuration.
+    /// Write a commented starter configuration: the bundled demo server behind the gateway,
+    /// with API key, rate limit and audit blocks to turn on (`--with-key` turns them on).
     Init {
         /// Where to write it ("-" for stdout).
         #[arg(short, long, default_value = "guard.toml")]
@@ -46,6 +47,10 @@ enum Command {
         /// Overwrite an existing file.
         #[arg(long)]
         force: bool,
+        /// Also generate an API key for identity ID (default `agent`), enable the key, rate
+        /// limit and audit blocks, and print the key once on stdout.
+        #[arg(long, value_name = "ID", num_args = 0..=1, default_missing_value = DEFAULT_KEY_ID)]
+        with_key: Option<String>,
     },
     /// Generate a new API key and print its [[auth.api_keys]] entry.
     Keygen {
@@ -114,7 +119,11 @@ pub fn main() -> ExitCode {
             Some(config) => check_upstream(&config),
             None => missing_config("check-upstream"),
         },
-        Some(Command::Init { output, force }) => report(init(&output, force)),
+        Some(Command::Init {
+            output,
+            force,
+            with_key,
+        }) => report(init(&output, force, with_key.as_deref())),
         Some(Command::Keygen { user_id }) => report(keygen(&user_id)),
         Some(Command::HashKey { key }) => {
             if key.is_empty() {
@@ -247,12 +256,123 @@ fn describe_upstream(s: &Settings) -> String {
     }
 }
 
-/// The starter configuration written by `init`.
+/// The starter configuration written by `init`: a template that [`render_starter`] fills in.
 pub const STARTER_CONFIG: &str = include_str!("../../examples/starter.toml");
 
-fn init(output: &str, force: bool) -> Result<(), String> {
+/// The identity `init --with-key` gives the key when it names none: the usual caller of an MCP
+/// gateway is an AI agent.
+pub const DEFAULT_KEY_ID: &str = "agent";
+
+/// In the template, the line after which `#setting` lines (a `#` and no space) are the
+/// security blocks that `--with-key` turns on; above it, commented settings are alternatives.
+const SECURITY_MARKER: &str = "# ---- Security.";
+
+/// The demo server's name, as the template's `command` holds it.
+const DEMO_SERVER: &str = "mcp-demo-server";
+
+/// The audit file `init` names, next to the configuration.
+const AUDIT_FILE: &str = "audit.jsonl";
+
+/// What `init` fills into the template.
+struct Starter<'a> {
+    /// The demo server's full path, when it was found.
+    demo: Option<&'a str>,
+    /// The audit file's path.
+    audit_file: &'a str,
+    /// `(id, key_hash)`: turn the security blocks on with this key.
+    key: Option<(&'a str, &'a str)>,
+}
+
+/// A TOML basic string holding `s` (escaped as TOML, not as Rust, wants).
+fn toml_string(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}
+
+/// The starter configuration, filled in.
+fn render_starter(st: &Starter<'_>) -> String {
+    let mut out = String::with_capacity(STARTER_CONFIG.len() + 256);
+    let mut security = false;
+    for line in STARTER_CONFIG.lines() {
+        security |= line.starts_with(SECURITY_MARKER);
+        let setting = security
+            && st.key.is_some()
+            && line.len() > 1
+            && line.starts_with('#')
+            && !line[1..].starts_with([' ', '#']);
+        let line = if setting { &line[1..] } else { line };
+        match (line.split_once(" = "), st.key) {
+            (Some(("command", _)), _) if !security => match st.demo {
+                Some(path) => out.push_str(&format!("command = {}", toml_string(path))),
+                None => {
+                    out.push_str(&format!(
+                        "# {DEMO_SERVER} was not found next to this mcp-guard: put it on PATH, or \
+                         give its full path.\n{line}"
+                    ));
+                }
+            },
+            (Some(("id", _)), Some((id, _))) if setting => {
+                out.push_str(&format!("id = {}", toml_string(id)));
+            }
+            (Some(("key_hash", _)), Some((_, hash))) if setting => {
+                out.push_str(&format!("key_hash = {}", toml_string(hash)));
+            }
+            (Some(("#file" | "file", _)), _) if security => {
+                let hash = if line.starts_with('#') { "#" } else { "" };
+                out.push_str(&format!("{hash}file = {}", toml_string(st.audit_file)));
+            }
+            _ => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// The demo server installed next to the running mcp-guard (`cargo build` and `cargo install`
+/// put both binaries in one directory), as a full path; `None` when it is not there.
+fn sibling_demo_server() -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let exe = std::env::current_exe().ok()?;
+    let path = exe.parent()?.join(DEMO_SERVER);
+    let meta = std::fs::metadata(&path).ok()?;
+    (meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+        .then(|| path.to_str().map(str::to_string))
+        .flatten()
+}
+
+/// How the user invoked mcp-guard (`./target/release/mcp-guard`), so the commands `init`
+/// suggests can be pasted as they are; plain `mcp-guard` when that would need quoting.
+fn invoked_as() -> String {
+    std::env::args()
+        .next()
+        .filter(|a| {
+            !a.is_empty()
+                && a.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "/._-+".contains(c))
+        })
+        .unwrap_or_else(|| "mcp-guard".into())
+}
+
+fn init(output: &str, force: bool, with_key: Option<&str>) -> Result<(), String> {
+    if let Some(id) = with_key {
+        check_key_id(id, "--with-key")?;
+    }
+    let demo = sibling_demo_server();
     if output == "-" {
-        print!("{STARTER_CONFIG}");
+        if with_key.is_some() {
+            return Err(
+                "--with-key prints the key on stdout: give --output a file for the configuration"
+                    .into(),
+            );
+        }
+        // Nowhere to put it next to: relative, so next to wherever mcp-guard runs.
+        print!(
+            "{}",
+            render_starter(&Starter {
+                demo: demo.as_deref(),
+                audit_file: AUDIT_FILE,
+                key: None,
+            })
+        );
         return Ok(());
     }
     let path = std::path::Path::new(output);
@@ -261,8 +381,57 @@ fn init(output: &str, force: bool) -> Result<(), String> {
             "{output} already exists (use --force to overwrite)"
         ));
     }
-    std::fs::write(path, STARTER_CONFIG).map_err(|e| format!("cannot write {output}: {e}"))?;
-    eprintln!("wrote {output}; check it with `mcp-guard validate --config {output}`");
+    // The audit file sits next to the configuration, written as a full path: the gateway
+    // resolves relative paths from the directory it runs in, which is not always this one.
+    let cwd =
+        std::env::current_dir().map_err(|e| format!("cannot read the current directory: {e}"))?;
+    let audit_path: std::path::PathBuf = cwd
+        .join(path)
+        .with_file_name(AUDIT_FILE)
+        .components()
+        .collect();
+    let audit_file = audit_path
+        .to_str()
+        .ok_or_else(|| format!("{} is not valid UTF-8", audit_path.display()))?;
+    let key = with_key.map(|id| (id, new_key()));
+    let hash = key.as_ref().map(|(_, k)| hash_key(k));
+    let text = render_starter(&Starter {
+        demo: demo.as_deref(),
+        audit_file,
+        key: key
+            .as_ref()
+            .zip(hash.as_deref())
+            .map(|((id, _), h)| (*id, h)),
+    });
+    std::fs::write(path, text).map_err(|e| format!("cannot write {output}: {e}"))?;
+    let me = invoked_as();
+    let upstream = match &demo {
+        Some(_) => format!("the bundled {DEMO_SERVER} (found next to {me})"),
+        None => format!("`{DEMO_SERVER}`, which is not next to {me}: put it on PATH"),
+    };
+    let shown_audit = path.with_file_name(AUDIT_FILE);
+    match &key {
+        None => eprintln!(
+            "wrote {output}: {upstream}, no authentication yet.\n\
+             Secure it: `{me} init --with-key ID --force --output {output}`, or turn on the \
+             commented [[auth.api_keys]], [rate_limit] and [audit] blocks."
+        ),
+        Some((id, _)) => eprintln!(
+            "wrote {output}: {upstream}, behind an API key for `{id}` (see its allowed_tools \
+             and denied_tools), rate limits and an audit trail in {}.\n\
+             The key is printed once, on stdout; only its hash is in {output}. Callers send it \
+             as `Authorization: Bearer <key>`.",
+            shown_audit.display()
+        ),
+    }
+    eprintln!(
+        "  check it:   {me} validate --config {output}\n  \
+           run it:     {me} --config {output}\n  \
+           every key:  docs/configuration.md"
+    );
+    if let Some((_, k)) = &key {
+        println!("{k}");
+    }
     Ok(())
 }
 
@@ -272,18 +441,28 @@ pub fn hash_key(key: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(digest.as_ref())
 }
 
-fn keygen(user_id: &str) -> Result<(), String> {
-    if user_id.trim().is_empty() || user_id.contains(['"', '\\', '\n', '\r']) {
-        return Err(
-            "--user-id must be non-empty and must not contain quotes, backslashes or newlines"
-                .into(),
-        );
-    }
+/// A new API key: `mcpg_` and 32 random bytes, URL-safe base64 (fits in a header as it is).
+fn new_key() -> String {
     let bytes: [u8; 32] = crate::mcp::session::random_bytes();
-    let key = format!(
+    format!(
         "mcpg_{}",
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-    );
+    )
+}
+
+/// An identity written into a TOML string by hand must not need escaping.
+fn check_key_id(id: &str, option: &str) -> Result<(), String> {
+    if id.trim().is_empty() || id.contains(['"', '\\', '\n', '\r']) {
+        return Err(format!(
+            "{option} must be non-empty and must not contain quotes, backslashes or newlines"
+        ));
+    }
+    Ok(())
+}
+
+fn keygen(user_id: &str) -> Result<(), String> {
+    check_key_id(user_id, "--user-id")?;
+    let key = new_key();
     println!("API key for {user_id} (shown once; store it now):\n\n  {key}\n");
     println!("Add to the configuration:\n");
     println!(
@@ -291,4 +470,48 @@ fn keygen(user_id: &str) -> Result<(), String> {
         hash_key(&key)
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_starter_falls_back_to_the_bare_demo_name_with_a_comment() {
+        let text = render_starter(&Starter {
+            demo: None,
+            audit_file: "audit.jsonl",
+            key: None,
+        });
+        assert!(text.contains(
+            "# mcp-demo-server was not found next to this mcp-guard: put it on PATH, or give \
+             its full path.\ncommand = \"mcp-demo-server\"\n"
+        ));
+        let v: toml::Table = toml::from_str(&text).unwrap();
+        assert!(v.get("auth").is_none() && v.get("audit").is_none());
+    }
+
+    #[test]
+    fn with_a_key_the_security_blocks_are_on_and_the_alternatives_stay_commented() {
+        let text = render_starter(&Starter {
+            demo: Some("/opt/my \"odd\" dir/mcp-demo-server"),
+            audit_file: "/var/log/a b/audit.jsonl",
+            key: Some(("agent", "aGFzaA==")),
+        });
+        let v: toml::Table = toml::from_str(&text).unwrap();
+        assert_eq!(
+            v["upstream"]["command"].as_str(),
+            Some("/opt/my \"odd\" dir/mcp-demo-server")
+        );
+        assert_eq!(v["upstream"]["transport"].as_str(), Some("stdio"));
+        assert!(v["upstream"].get("url").is_none());
+        let key = &v["auth"]["api_keys"][0];
+        assert_eq!(key["id"].as_str(), Some("agent"));
+        assert_eq!(key["key_hash"].as_str(), Some("aGFzaA=="));
+        assert_eq!(
+            v["audit"]["file"].as_str(),
+            Some("/var/log/a b/audit.jsonl")
+        );
+        assert!(v["rate_limit"].get("requests_per_second").is_some());
+    }
 }
