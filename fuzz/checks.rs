@@ -293,7 +293,17 @@ pub fn config(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
     let unset = |_: &str| None;
     let hostile = |_: &str| Some("q\"'\\\n\r\t\u{1}\u{7f}}${X}é".to_string());
-    for lookup in [&unset as &dyn Fn(&str) -> Option<String>, &hostile] {
+    // Unquoted references take numbers and booleans: these must parse, nothing else may.
+    let number = |_: &str| Some("1e3".to_string());
+    let boolean = |_: &str| Some(" true ".to_string());
+    let smuggled = |_: &str| Some("1\n[auth.jwt]\nmode = \"simple\"".to_string());
+    for lookup in [
+        &unset as &dyn Fn(&str) -> Option<String>,
+        &hostile,
+        &number,
+        &boolean,
+        &smuggled,
+    ] {
         if let Ok(file) = mcp_guard::config::parse_str(&text, lookup) {
             let _ = mcp_guard::config::validate(&offline(file));
         }

@@ -126,9 +126,10 @@ fn reword(e: &toml::de::Error, text: &str, root: &DeTable<'_>) -> ConfigError {
             key.type_words,
             clip(&found)
         );
-        let quoted_number = found.len() >= 2
-            && found.starts_with('"')
-            && found[1..found.len() - 1].parse::<f64>().is_ok();
+        let quoted_number = found
+            .strip_prefix('"')
+            .and_then(|f| f.strip_suffix('"'))
+            .is_some_and(|inner| inner.parse::<f64>().is_ok());
         if quoted_number && !key.type_words.contains("string") {
             extra_hint = Some(format!(
                 "write numbers without quotes; to take one from the environment write `{} = ${{NAME}}` (unquoted)",
