@@ -24,9 +24,9 @@
 
 use crate::auth::{AuthError, AuthMethod, Caller, Identity};
 use crate::authz::{Decision, Denial, Policy};
-use crate::config::{HttpUpstream, Settings, Transport};
+use crate::config::{Settings, Transport};
 use crate::error::{GatewayError, code};
-use crate::http::client::{self, UpstreamResponse};
+use crate::http::client::UpstreamResponse;
 use crate::http::request::{Method, RequestHead};
 use crate::http::response::jsonrpc_error;
 use crate::mcp::filter::{SseFilter, filter_json};
@@ -35,7 +35,7 @@ use crate::mcp::transport;
 use crate::observe::metrics::{self, M_BATCH, M_DELETE, M_NONE, M_RESPONSE, M_STREAM};
 use crate::ratelimit::{Limit, bucket_key};
 use crate::runtime::worker::Worker;
-use crate::upstream::stdio::{HubReply, SessionKey, StdioHub};
+use crate::upstream::{Answer, Exchange, Outgoing, UpstreamRef};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -170,6 +170,56 @@ pub fn admit<'c>(
     }
 }
 
+/// What every phase after admission reads about the request, in one place.
+struct Ctx<'r> {
+    w: &'r Worker,
+    cfg: &'r Settings,
+    head: &'r RequestHead,
+    request_id: &'r str,
+    caller: Caller<'r>,
+    /// The negotiated protocol version.
+    version: &'static str,
+}
+
+impl Ctx<'_> {
+    /// The upstream serving this request.
+    fn upstream(&self) -> Result<UpstreamRef<'_>, GatewayError> {
+        match &self.cfg.upstream.transport {
+            Transport::Http(up) => Ok(UpstreamRef::Http(up)),
+            Transport::Stdio(_) => self
+                .w
+                .shared
+                .hub
+                .as_deref()
+                .map(UpstreamRef::Stdio)
+                .ok_or_else(|| GatewayError::UpstreamUnavailable("stdio hub not running".into())),
+        }
+    }
+
+    /// The facts an upstream needs, for a verified session payload.
+    fn outgoing<'a>(&'a self, session: Option<&'a [u8]>) -> Outgoing<'a> {
+        Outgoing {
+            head: self.head,
+            request_id: self.request_id,
+            binding: &self.caller.identity.id,
+            session,
+            timeout: self.cfg.upstream.timeout,
+        }
+    }
+
+    /// The session payload of the client's `Mcp-Session-Id`, verified for this caller.
+    fn session(&self) -> Result<Option<Vec<u8>>, GatewayError> {
+        match &self.head.h.session_id {
+            Some(sid) => self
+                .w
+                .verify_session(&self.caller.identity.id, sid)
+                .map(Some)
+                .ok_or(GatewayError::UnknownSession),
+            None => Ok(None),
+        }
+    }
+}
+
 /// Handles an admitted MCP request with its complete body.
 pub async fn handle(
     w: &Worker,
@@ -184,20 +234,27 @@ pub async fn handle(
         version,
         mut audit,
     } = admitted;
-    let identity = caller.identity;
+    let cx = Ctx {
+        w,
+        cfg,
+        head,
+        request_id,
+        caller,
+        version,
+    };
     let outcome = match head.method {
-        Method::Post => post(w, cfg, head, body, caller, version, request_id, &mut audit).await,
+        Method::Post => post(&cx, body, &mut audit).await,
         Method::Get => {
             audit.messages.push(("stream".into(), None));
             match rate_limit(w, cfg, caller, &[]) {
-                Ok(()) => stream(w, cfg, head, identity, request_id).await,
+                Ok(()) => stream(&cx).await.map_err(|e| early(e, M_STREAM)),
                 Err(e) => Err(early(e, M_STREAM)),
             }
         }
         Method::Delete => {
             audit.messages.push(("delete".into(), None));
             match rate_limit(w, cfg, caller, &[]) {
-                Ok(()) => delete(w, cfg, head, &identity.id, request_id).await,
+                Ok(()) => delete(&cx).await.map_err(|e| early(e, M_DELETE)),
                 Err(e) => Err(early(e, M_DELETE)),
             }
         }
@@ -446,17 +503,9 @@ fn label(body: &Body) -> usize {
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn post(
-    w: &Worker,
-    cfg: &Settings,
-    head: &RequestHead,
-    raw: &[u8],
-    caller: Caller<'_>,
-    version: &str,
-    request_id: &str,
-    audit: &mut AuditInfo,
-) -> Result<Reply, Early> {
-    let identity = caller.identity;
+async fn post(cx: &Ctx<'_>, raw: &[u8], audit: &mut AuditInfo) -> Result<Reply, Early> {
+    let (w, cfg, head) = (cx.w, cx.cfg, cx.head);
+    let identity = cx.caller.identity;
     // 6. classify
     let body = w
         .classifier
@@ -490,10 +539,13 @@ async fn post(
     let first_id = body.messages().iter().find_map(|m| m.id.clone());
     let fail = |e: GatewayError| (e, first_id.clone(), method);
     if let Body::Batch(_) = body
-        && !transport::batch_allowed(version)
+        && !transport::batch_allowed(cx.version)
     {
         return Err(fail(GatewayError::InvalidRequest(
-            format!("JSON-RPC batches are not supported in protocol version {version}"),
+            format!(
+                "JSON-RPC batches are not supported in protocol version {}",
+                cx.version
+            ),
             None,
         )));
     }
@@ -514,15 +566,11 @@ async fn post(
         }
     }
     let is_initialize = matches!(&body, Body::Single(m) if m.kind == Kind::Request && m.method_str() == "initialize");
-    // 6a. session
-    let binding: &str = &identity.id;
-    let session = match &head.h.session_id {
-        Some(_) if is_initialize => None,
-        Some(sid) => Some(
-            w.verify_session(&identity.id, sid)
-                .ok_or_else(|| fail(GatewayError::UnknownSession))?,
-        ),
-        None => None,
+    // 6a. session: an initialize starts a new one whatever the client sent.
+    let session = if is_initialize {
+        None
+    } else {
+        cx.session().map_err(fail)?
     };
     #[cfg(debug_assertions)]
     test_hooks::maybe_panic(&body);
@@ -532,7 +580,7 @@ async fn post(
         return Ok(refused);
     }
     // 8. rate-limit
-    rate_limit(w, cfg, caller, body.messages()).map_err(fail)?;
+    rate_limit(w, cfg, cx.caller, body.messages()).map_err(fail)?;
     for m in body.messages() {
         if let Some(Target::Tool(t)) = &m.target {
             w.metrics
@@ -540,360 +588,100 @@ async fn post(
         }
     }
     // tools/list answers are filtered to what this identity may call.
-    let filter_tools = !identity.policy.tools.is_open()
+    let filter = (!identity.policy.tools.is_open()
         && body
             .messages()
             .iter()
-            .any(|m| m.kind == Kind::Request && m.method_str() == "tools/list");
+            .any(|m| m.kind == Kind::Request && m.method_str() == "tools/list"))
+    .then_some(&identity.policy);
     // 9. forward
-    match &cfg.upstream.transport {
-        Transport::Http(up) => {
-            let upstream_sid = session
-                .as_deref()
-                .map(|s| String::from_utf8_lossy(s).into_owned());
-            let resp = forward_http(
-                w,
-                cfg,
-                up,
-                head,
-                "POST",
-                raw,
-                upstream_sid.as_deref(),
-                request_id,
-            )
-            .await
-            .map_err(fail)?;
-            if !filter_tools {
-                return Ok(relay(w, resp, binding, method, None));
-            }
-            relay_checked(w, resp, binding, &identity.policy, method)
-                .await
-                .map_err(fail)
-        }
-        Transport::Stdio(_) => {
-            let hub = w.shared.hub.as_ref().ok_or_else(|| {
-                fail(GatewayError::UpstreamUnavailable(
-                    "stdio hub not running".into(),
-                ))
-            })?;
-            let key = match session {
-                None if is_initialize => None,
-                None => return Err(fail(GatewayError::MissingSession)),
-                Some(p) => Some(session_key(&p).ok_or_else(|| fail(GatewayError::UnknownSession))?),
-            };
-            let mut reply = stdio_post(w, cfg, hub, &body, raw, key, binding, method)
-                .await
-                .map_err(fail)?;
-            if filter_tools && let ReplyBody::Full(data) = &reply.body {
-                let filtered = filter_json(data, &identity.policy.tools).ok_or_else(|| {
-                    fail(GatewayError::UpstreamUnavailable(
-                        "upstream tools/list response is not JSON".into(),
-                    ))
-                })?;
-                reply.body = ReplyBody::Full(filtered);
-            }
-            Ok(reply)
-        }
-    }
+    let exchange = cx
+        .upstream()
+        .map_err(fail)?
+        .post(w, &cx.outgoing(session.as_deref()), &body, raw)
+        .await
+        .map_err(fail)?;
+    // 10. relay
+    deliver(cx, exchange, method, filter).await.map_err(fail)
 }
 
-fn session_key(payload: &[u8]) -> Option<SessionKey> {
-    payload.try_into().ok()
+/// GET: the server-to-client stream. It may carry any message, a replayed tools/list answer
+/// among them (`Last-Event-ID` resumes a POST's stream), so a restricted caller's streams are
+/// filtered.
+async fn stream(cx: &Ctx<'_>) -> Result<Reply, GatewayError> {
+    let policy = &cx.caller.identity.policy;
+    let filter = (!policy.tools.is_open()).then_some(policy);
+    let session = cx.session()?;
+    let exchange = cx
+        .upstream()?
+        .open_stream(cx.w, &cx.outgoing(session.as_deref()))
+        .await?;
+    deliver(cx, exchange, M_STREAM, filter).await
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn stdio_post(
-    w: &Worker,
-    cfg: &Settings,
-    hub: &StdioHub,
-    body: &Body,
-    raw: &[u8],
-    key: Option<SessionKey>,
-    binding: &str,
+/// DELETE: ends the session upstream.
+async fn delete(cx: &Ctx<'_>) -> Result<Reply, GatewayError> {
+    let session = cx.session()?.ok_or(GatewayError::MissingSession)?;
+    let exchange = cx
+        .upstream()?
+        .end_session(cx.w, &cx.outgoing(Some(&session)))
+        .await?;
+    deliver(cx, exchange, M_DELETE, None).await
+}
+
+/// Phase 10 for every upstream kind: the answer becomes a reply, through the `tools/list`
+/// filter when `filter` names a restricted policy, and a session the upstream opened is handed
+/// to the client wrapped under the gateway's MAC, bound to the caller.
+async fn deliver(
+    cx: &Ctx<'_>,
+    exchange: Exchange,
     method: usize,
+    filter: Option<&Arc<Policy>>,
 ) -> Result<Reply, GatewayError> {
-    let timeout = cfg.upstream.timeout;
-    match body {
-        Body::Single(m) => {
-            let (bytes, new_session) =
-                stdio_one(hub, m, raw.to_vec(), key, binding, timeout).await?;
-            let Some(bytes) = bytes else {
-                return Ok(Reply::new(202, ReplyBody::Empty, method));
+    let w = cx.w;
+    let mut reply = match exchange.answer {
+        Answer::Streamed(resp) => match filter {
+            None => relay(resp, method, None),
+            Some(policy) => relay_checked(w, resp, policy, method).await?,
+        },
+        Answer::Complete { status, body } => {
+            let body = match filter {
+                None => body,
+                Some(policy) => filter_json(&body, &policy.tools).ok_or_else(|| {
+                    GatewayError::UpstreamUnavailable(
+                        "upstream tools/list response is not JSON".into(),
+                    )
+                })?,
             };
-            let mut r = Reply::json(200, bytes, method);
-            if let Some(k) = new_session {
-                r.headers
-                    .push(("mcp-session-id", w.shared.sessions.encode(binding, &k)));
-            }
-            Ok(r)
+            Reply::json(status, body, method)
         }
-        Body::Batch(messages) => {
-            let key = key.ok_or(GatewayError::MissingSession)?;
-            // Each element is re-serialised on its own; the batch's bytes are split, not edited.
-            let parts: Vec<serde_json::Value> =
-                serde_json::from_slice(raw).map_err(|e| GatewayError::Parse(e.to_string()))?;
-            let mut out = Vec::new();
-            for (m, part) in messages.iter().zip(parts) {
-                let (bytes, _) = stdio_one(
-                    hub,
-                    m,
-                    part.to_string().into_bytes(),
-                    Some(key),
-                    binding,
-                    timeout,
-                )
-                .await?;
-                if let Some(b) = bytes {
-                    out.push(b);
-                }
-            }
-            if out.is_empty() {
-                return Ok(Reply::new(202, ReplyBody::Empty, method));
-            }
-            let mut joined = Vec::from(&b"["[..]);
-            for (i, b) in out.iter().enumerate() {
-                if i > 0 {
-                    joined.push(b',');
-                }
-                joined.extend_from_slice(b);
-            }
-            joined.push(b']');
-            Ok(Reply::json(200, joined, method))
+        Answer::Events(events) => {
+            let mut r = Reply::new(200, ReplyBody::Events(events, filter.cloned()), method);
+            r.headers.push(("content-type", "text/event-stream".into()));
+            r.headers.push(("cache-control", "no-cache".into()));
+            r
         }
-    }
-}
-
-/// One message through the hub: a request waits for its response, anything else is accepted.
-async fn stdio_one(
-    hub: &StdioHub,
-    m: &Message,
-    bytes: Vec<u8>,
-    key: Option<SessionKey>,
-    binding: &str,
-    timeout: std::time::Duration,
-) -> Result<(Option<Vec<u8>>, Option<SessionKey>), GatewayError> {
-    if m.kind == Kind::Request {
-        let (hub_id, rx) = hub.call(key, binding, bytes)?;
-        match monoio::time::timeout(timeout, rx.recv()).await {
-            Err(_) => {
-                hub.cancel(hub_id);
-                Err(GatewayError::UpstreamTimeout)
-            }
-            Ok(Err(_)) => Err(GatewayError::ShuttingDown),
-            Ok(Ok(HubReply::Response(b, s))) => Ok((Some(b), s)),
-            Ok(Ok(HubReply::Error(e))) => Err(e),
-            Ok(Ok(_)) => Err(GatewayError::UpstreamUnavailable(
-                "unexpected hub reply".into(),
-            )),
-        }
-    } else {
-        let key = key.ok_or(GatewayError::MissingSession)?;
-        let rx = hub.send(key, bytes)?;
-        match rx.recv().await {
-            Ok(HubReply::Accepted) => Ok((None, None)),
-            Ok(HubReply::Error(e)) => Err(e),
-            _ => Err(GatewayError::ShuttingDown),
-        }
-    }
-}
-
-async fn stream(
-    w: &Worker,
-    cfg: &Settings,
-    head: &RequestHead,
-    identity: &Identity,
-    request_id: &str,
-) -> Result<Reply, Early> {
-    let binding: &str = &identity.id;
-    // A GET stream may carry any message, a replayed tools/list answer among them
-    // (`Last-Event-ID` resumes a POST's stream): a restricted caller's streams are filtered.
-    let restricted = (!identity.policy.tools.is_open()).then(|| identity.policy.clone());
-    let payload = match &head.h.session_id {
-        Some(sid) => Some(
-            w.shared
-                .sessions
-                .decode(binding, sid)
-                .ok_or_else(|| early(GatewayError::UnknownSession, M_STREAM))?,
-        ),
-        None => None,
+        Answer::Accepted => Reply::new(202, ReplyBody::Empty, method),
+        Answer::Ended => Reply::new(204, ReplyBody::Empty, method),
     };
-    match &cfg.upstream.transport {
-        Transport::Http(up) => {
-            let sid = payload.map(|p| String::from_utf8_lossy(&p).into_owned());
-            let resp = forward_http(w, cfg, up, head, "GET", b"", sid.as_deref(), request_id)
-                .await
-                .map_err(|e| early(e, M_STREAM))?;
-            match restricted {
-                None => Ok(relay(w, resp, binding, M_STREAM, None)),
-                Some(policy) => relay_checked(w, resp, binding, &policy, M_STREAM)
-                    .await
-                    .map_err(|e| early(e, M_STREAM)),
-            }
-        }
-        Transport::Stdio(_) => {
-            let hub = w.shared.hub.as_ref().ok_or_else(|| {
-                early(
-                    GatewayError::UpstreamUnavailable("stdio hub not running".into()),
-                    M_STREAM,
-                )
-            })?;
-            let key = payload
-                .ok_or_else(|| early(GatewayError::MissingSession, M_STREAM))
-                .and_then(|p| {
-                    session_key(&p).ok_or_else(|| early(GatewayError::UnknownSession, M_STREAM))
-                })?;
-            let rx = hub.open_stream(key).map_err(|e| early(e, M_STREAM))?;
-            match rx.recv().await {
-                Ok(HubReply::Stream(events)) => {
-                    let mut r = Reply::new(200, ReplyBody::Events(events, restricted), M_STREAM);
-                    r.headers.push(("content-type", "text/event-stream".into()));
-                    r.headers.push(("cache-control", "no-cache".into()));
-                    Ok(r)
-                }
-                Ok(HubReply::Error(e)) => Err(early(e, M_STREAM)),
-                _ => Err(early(GatewayError::ShuttingDown, M_STREAM)),
-            }
-        }
-    }
-}
-
-async fn delete(
-    w: &Worker,
-    cfg: &Settings,
-    head: &RequestHead,
-    binding: &str,
-    request_id: &str,
-) -> Result<Reply, Early> {
-    let sid = head
-        .h
-        .session_id
-        .as_ref()
-        .ok_or_else(|| early(GatewayError::MissingSession, M_DELETE))?;
-    let payload = w
-        .shared
-        .sessions
-        .decode(binding, sid)
-        .ok_or_else(|| early(GatewayError::UnknownSession, M_DELETE))?;
-    match &cfg.upstream.transport {
-        Transport::Http(up) => {
-            let sid = String::from_utf8_lossy(&payload).into_owned();
-            let resp = forward_http(w, cfg, up, head, "DELETE", b"", Some(&sid), request_id)
-                .await
-                .map_err(|e| early(e, M_DELETE))?;
-            Ok(relay(w, resp, binding, M_DELETE, None))
-        }
-        Transport::Stdio(_) => {
-            let hub = w.shared.hub.as_ref().ok_or_else(|| {
-                early(
-                    GatewayError::UpstreamUnavailable("stdio hub not running".into()),
-                    M_DELETE,
-                )
-            })?;
-            let key = session_key(&payload)
-                .ok_or_else(|| early(GatewayError::UnknownSession, M_DELETE))?;
-            let rx = hub.delete(key).map_err(|e| early(e, M_DELETE))?;
-            match rx.recv().await {
-                Ok(HubReply::Deleted) => Ok(Reply::new(204, ReplyBody::Empty, M_DELETE)),
-                Ok(HubReply::Error(e)) => Err(early(e, M_DELETE)),
-                _ => Err(early(GatewayError::ShuttingDown, M_DELETE)),
-            }
-        }
-    }
-}
-
-/// Phase 9 for an HTTP upstream: only the headers the transport needs, the upstream's own
-/// credentials from config, and never the client's `Authorization`.
-#[allow(clippy::too_many_arguments)]
-async fn forward_http(
-    w: &Worker,
-    cfg: &Settings,
-    up: &HttpUpstream,
-    head: &RequestHead,
-    method: &str,
-    body: &[u8],
-    upstream_session: Option<&str>,
-    request_id: &str,
-) -> Result<UpstreamResponse, GatewayError> {
-    let h = &head.h;
-    let mut headers: Vec<(&str, &str)> = Vec::with_capacity(12 + up.headers.len());
-    if method == "POST" {
-        headers.push(("content-type", "application/json"));
-        headers.push((
-            "accept",
-            h.accept
-                .as_deref()
-                .unwrap_or("application/json, text/event-stream"),
+    if let Some(s) = exchange.session {
+        reply.headers.push((
+            "mcp-session-id",
+            w.shared.sessions.encode(&cx.caller.identity.id, &s),
         ));
-    } else if method == "GET" {
-        headers.push(("accept", "text/event-stream"));
     }
-    if let Some(s) = upstream_session {
-        headers.push(("mcp-session-id", s));
-    }
-    for (name, v) in [
-        ("mcp-protocol-version", &h.protocol_version),
-        ("mcp-method", &h.mcp_method),
-        ("mcp-name", &h.mcp_name),
-        ("last-event-id", &h.last_event_id),
-        ("traceparent", &h.traceparent),
-        ("tracestate", &h.tracestate),
-        ("user-agent", &h.user_agent),
-    ] {
-        if let Some(v) = v {
-            headers.push((name, v));
-        }
-    }
-    headers.push(("x-request-id", request_id));
-    for (n, v) in &up.headers {
-        headers.push((n, v));
-    }
-    // The client's query string is not forwarded: it is ours to read (and may carry a
-    // credential, `?api_key=`), and the upstream's endpoint is the configured URL.
-    let request = client::build_request(method, &up.path, &up.host_header, &headers, body);
-    match monoio::time::timeout(
-        cfg.upstream.timeout,
-        client::send_request(&w.pool, &up.addrs, method, request),
-    )
-    .await
-    {
-        Ok(Ok(r)) => Ok(r),
-        Ok(Err(e)) => {
-            w.metrics
-                .upstream_errors
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            tracing::warn!(target: "mcp_guard::upstream", "upstream {} failed: {e}", up.url);
-            Err(GatewayError::UpstreamUnavailable(e.to_string()))
-        }
-        Err(_) => {
-            w.metrics
-                .upstream_errors
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            Err(GatewayError::UpstreamTimeout)
-        }
-    }
+    Ok(reply)
 }
 
-/// Phase 10, relay: status, content type and session id (wrapped) go back; the body streams, through
-/// the `tools/list` filter when one applies.
-fn relay(
-    w: &Worker,
-    resp: UpstreamResponse,
-    binding: &str,
-    method: usize,
-    filter: Option<SseFilter>,
-) -> Reply {
+/// Phase 10, relay: status and content type go back; the body streams, through the
+/// `tools/list` filter when one applies.
+fn relay(resp: UpstreamResponse, method: usize, filter: Option<SseFilter>) -> Reply {
     let mut r = Reply::new(resp.status, ReplyBody::Empty, method);
     if let Some(ct) = &resp.content_type {
         r.headers.push(("content-type", ct.clone()));
         if ct.starts_with("text/event-stream") {
             r.headers.push(("cache-control", "no-cache".into()));
         }
-    }
-    if let Some(sid) = &resp.session_id {
-        r.headers.push((
-            "mcp-session-id",
-            w.shared.sessions.encode(binding, sid.as_bytes()),
-        ));
     }
     r.body = match filter {
         Some(f) => ReplyBody::FilteredEvents(resp, f),
@@ -909,7 +697,6 @@ fn relay(
 async fn relay_checked(
     w: &Worker,
     mut resp: UpstreamResponse,
-    binding: &str,
     policy: &Arc<Policy>,
     method: usize,
 ) -> Result<Reply, GatewayError> {
@@ -918,41 +705,24 @@ async fn relay_checked(
         .as_deref()
         .is_some_and(|c| c.starts_with("text/event-stream"));
     if is_sse {
-        return Ok(relay(
-            w,
-            resp,
-            binding,
-            method,
-            Some(SseFilter::new(policy.clone())),
-        ));
+        return Ok(relay(resp, method, Some(SseFilter::new(policy.clone()))));
     }
     let status = resp.status;
-    let sid = resp.session_id.take();
     let data = resp
         .read_to_end()
         .await
         .map_err(|e| GatewayError::UpstreamUnavailable(e.to_string()))?;
     resp.release(&w.pool);
-    let mut r = if data.iter().all(u8::is_ascii_whitespace) {
-        Reply::new(status, ReplyBody::Empty, method)
-    } else {
-        match filter_json(&data, &policy.tools) {
-            Some(filtered) => Reply::json(status, filtered, method),
-            None if (200..300).contains(&status) => {
-                return Err(GatewayError::UpstreamUnavailable(
-                    "upstream answer to tools/list cannot be checked".into(),
-                ));
-            }
-            None => Reply::new(status, ReplyBody::Empty, method),
-        }
-    };
-    if let Some(sid) = sid {
-        r.headers.push((
-            "mcp-session-id",
-            w.shared.sessions.encode(binding, sid.as_bytes()),
-        ));
+    if data.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Reply::new(status, ReplyBody::Empty, method));
     }
-    Ok(r)
+    match filter_json(&data, &policy.tools) {
+        Some(filtered) => Ok(Reply::json(status, filtered, method)),
+        None if (200..300).contains(&status) => Err(GatewayError::UpstreamUnavailable(
+            "upstream answer to tools/list cannot be checked".into(),
+        )),
+        None => Ok(Reply::new(status, ReplyBody::Empty, method)),
+    }
 }
 
 #[cfg(debug_assertions)]

@@ -358,6 +358,9 @@ fn assert_no_injection_reached_the_child(lab: &Lab) {
 /// barrier call that follows adds exactly one line of its own; nothing else runs meanwhile).
 fn send_injection(lab: &Lab, sid: &str, body: &str) {
     serde_json::from_str::<Value>(body).expect("the attack body is one valid JSON document");
+    // Everything sent before (a notification is answered 202 once the hub has it, which can
+    // be before the child logs it) is in the child's log once a call has come back.
+    lab.barrier(ALICE, sid);
     let before = lab.child_lines().len();
     let r = post_as(lab.addr(), ALICE, body, Some(sid));
     assert!(r.status < 500, "{}", r.text());

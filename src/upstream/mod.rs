@@ -1,5 +1,124 @@
-//! Reaching MCP servers. HTTP upstreams use `http::client` directly from the pipeline; the
-//! stdio hub lives here, with the isolated message router it (and later upstream kinds) share.
+//! Reaching MCP servers, every kind behind one interface. The pipeline decides (who may call
+//! what) and hands the checked message to an [`UpstreamRef`]: post a message, open the
+//! server-to-client stream, end a session. Every kind answers with one [`Exchange`]; session
+//! wrapping and response transforms (the `tools/list` filter) then run once, in the pipeline,
+//! whatever the kind.
+//!
+//! Kinds: `http` (Streamable HTTP, pooled per worker; the wire is `http::client`) and `stdio`
+//! (a supervised child, process supervision in `stdio.rs`, message routing in the pure
+//! `router.rs` that every kind multiplexing sessions over one connection reuses).
 
+pub mod http;
 pub mod router;
 pub mod stdio;
+
+use crate::config::HttpUpstream;
+use crate::error::GatewayError;
+use crate::http::client::UpstreamResponse;
+use crate::http::request::RequestHead;
+use crate::mcp::jsonrpc::Body;
+use crate::runtime::worker::Worker;
+use std::time::Duration;
+use stdio::StdioHub;
+
+/// One upstream, borrowed for the length of a request.
+#[derive(Clone, Copy)]
+pub enum UpstreamRef<'u> {
+    /// A Streamable HTTP server.
+    Http(&'u HttpUpstream),
+    /// The shared stdio child.
+    Stdio(&'u StdioHub),
+}
+
+/// What an upstream needs to know about a request besides its body, all already checked.
+pub struct Outgoing<'a> {
+    /// The client's request head (transport headers are forwarded from it, credentials never).
+    pub head: &'a RequestHead,
+    /// The gateway's id for the request (`x-request-id` upstream, and in the audit).
+    pub request_id: &'a str,
+    /// The identity sessions are bound to.
+    pub binding: &'a str,
+    /// The verified session payload the client presented: the upstream's own session id
+    /// (HTTP) or the hub's session key (stdio). `None` for an initialize.
+    pub session: Option<&'a [u8]>,
+    /// How long the upstream has for its answer to start.
+    pub timeout: Duration,
+}
+
+/// An upstream's answer, before the gateway's transforms.
+// The HTTP response is moved once per request; boxing it would cost an allocation each time.
+#[allow(clippy::large_enum_variant)]
+pub enum Answer {
+    /// An HTTP response whose body is relayed as it arrives (JSON or SSE).
+    Streamed(UpstreamResponse),
+    /// A complete JSON body.
+    Complete {
+        /// HTTP status to answer with.
+        status: u16,
+        /// The JSON (one message or a batch array).
+        body: Vec<u8>,
+    },
+    /// Server-to-client messages (one JSON message each), as SSE events until it closes.
+    Events(async_channel::Receiver<Vec<u8>>),
+    /// Taken (a notification or a client response): 202, no body.
+    Accepted,
+    /// The session was ended: 204.
+    Ended,
+}
+
+/// An [`Answer`] and the session the client is to be handed, if the upstream opened one.
+pub struct Exchange {
+    /// The answer.
+    pub answer: Answer,
+    /// The upstream's session id (or hub key), to be wrapped under the gateway's MAC.
+    pub session: Option<Vec<u8>>,
+}
+
+impl Exchange {
+    fn of(answer: Answer) -> Self {
+        Self {
+            answer,
+            session: None,
+        }
+    }
+}
+
+impl UpstreamRef<'_> {
+    /// Posts a checked body (one message or a batch).
+    pub async fn post(
+        self,
+        w: &Worker,
+        out: &Outgoing<'_>,
+        body: &Body,
+        raw: &[u8],
+    ) -> Result<Exchange, GatewayError> {
+        match self {
+            UpstreamRef::Http(up) => http::exchange(w, up, out, "POST", raw).await,
+            UpstreamRef::Stdio(hub) => hub.post(out, body, raw).await,
+        }
+    }
+
+    /// Opens the server-to-client stream (GET).
+    pub async fn open_stream(
+        self,
+        w: &Worker,
+        out: &Outgoing<'_>,
+    ) -> Result<Exchange, GatewayError> {
+        match self {
+            UpstreamRef::Http(up) => http::exchange(w, up, out, "GET", b"").await,
+            UpstreamRef::Stdio(hub) => hub.stream(out).await,
+        }
+    }
+
+    /// Ends the client's session (DELETE).
+    pub async fn end_session(
+        self,
+        w: &Worker,
+        out: &Outgoing<'_>,
+    ) -> Result<Exchange, GatewayError> {
+        match self {
+            UpstreamRef::Http(up) => http::exchange(w, up, out, "DELETE", b"").await,
+            UpstreamRef::Stdio(hub) => hub.end(out).await,
+        }
+    }
+}

@@ -17,8 +17,10 @@
 
 use crate::config::StdioSettings;
 use crate::error::GatewayError;
+use crate::mcp::jsonrpc::{Body, Kind, Message};
 use crate::observe::metrics::Metrics;
 use crate::upstream::router::{Limits, Output, Router};
+use crate::upstream::{Answer, Exchange, Outgoing};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, Stdio};
@@ -233,6 +235,124 @@ impl StdioHub {
             let _ = h.join();
         }
     }
+}
+
+/// The worker-side calls of the upstream interface (`UpstreamRef::Stdio`).
+impl StdioHub {
+    /// Posts one message or a batch. Requests wait for their response; notifications and
+    /// client responses are accepted once the child has them. Only an initialize may come
+    /// without a session; it opens one, returned for the client.
+    pub async fn post(
+        &self,
+        out: &Outgoing<'_>,
+        body: &Body,
+        raw: &[u8],
+    ) -> Result<Exchange, GatewayError> {
+        let key = out.session.map(hub_key).transpose()?;
+        match body {
+            Body::Single(m) => {
+                if key.is_none() && !(m.kind == Kind::Request && m.method_str() == "initialize") {
+                    return Err(GatewayError::MissingSession);
+                }
+                let (bytes, new_session) = self.one(m, raw.to_vec(), key, out).await?;
+                Ok(match bytes {
+                    None => Exchange::of(Answer::Accepted),
+                    Some(body) => Exchange {
+                        answer: Answer::Complete { status: 200, body },
+                        session: new_session.map(|k| k.to_vec()),
+                    },
+                })
+            }
+            Body::Batch(messages) => {
+                let key = key.ok_or(GatewayError::MissingSession)?;
+                // Each element is re-serialised on its own; the batch's bytes are split, not
+                // edited.
+                let parts: Vec<serde_json::Value> =
+                    serde_json::from_slice(raw).map_err(|e| GatewayError::Parse(e.to_string()))?;
+                let mut answers = Vec::new();
+                for (m, part) in messages.iter().zip(parts) {
+                    let (bytes, _) = self
+                        .one(m, part.to_string().into_bytes(), Some(key), out)
+                        .await?;
+                    answers.extend(bytes);
+                }
+                if answers.is_empty() {
+                    return Ok(Exchange::of(Answer::Accepted));
+                }
+                let mut joined = Vec::from(&b"["[..]);
+                for (i, b) in answers.iter().enumerate() {
+                    if i > 0 {
+                        joined.push(b',');
+                    }
+                    joined.extend_from_slice(b);
+                }
+                joined.push(b']');
+                Ok(Exchange::of(Answer::Complete {
+                    status: 200,
+                    body: joined,
+                }))
+            }
+        }
+    }
+
+    /// One message through the router: a request waits for its response (cancelled upstream
+    /// when the client's deadline passes), anything else is accepted.
+    async fn one(
+        &self,
+        m: &Message,
+        bytes: Vec<u8>,
+        key: Option<SessionKey>,
+        out: &Outgoing<'_>,
+    ) -> Result<(Option<Vec<u8>>, Option<SessionKey>), GatewayError> {
+        if m.kind == Kind::Request {
+            let (hub_id, rx) = self.call(key, out.binding, bytes)?;
+            match monoio::time::timeout(out.timeout, rx.recv()).await {
+                Err(_) => {
+                    self.cancel(hub_id);
+                    Err(GatewayError::UpstreamTimeout)
+                }
+                Ok(Err(_)) => Err(GatewayError::ShuttingDown),
+                Ok(Ok(HubReply::Response(b, s))) => Ok((Some(b), s)),
+                Ok(Ok(HubReply::Error(e))) => Err(e),
+                Ok(Ok(_)) => Err(GatewayError::UpstreamUnavailable(
+                    "unexpected hub reply".into(),
+                )),
+            }
+        } else {
+            let key = key.ok_or(GatewayError::MissingSession)?;
+            let rx = self.send(key, bytes)?;
+            match rx.recv().await {
+                Ok(HubReply::Accepted) => Ok((None, None)),
+                Ok(HubReply::Error(e)) => Err(e),
+                _ => Err(GatewayError::ShuttingDown),
+            }
+        }
+    }
+
+    /// The session's server-to-client stream.
+    pub async fn stream(&self, out: &Outgoing<'_>) -> Result<Exchange, GatewayError> {
+        let key = hub_key(out.session.ok_or(GatewayError::MissingSession)?)?;
+        match self.open_stream(key)?.recv().await {
+            Ok(HubReply::Stream(events)) => Ok(Exchange::of(Answer::Events(events))),
+            Ok(HubReply::Error(e)) => Err(e),
+            _ => Err(GatewayError::ShuttingDown),
+        }
+    }
+
+    /// Ends the session.
+    pub async fn end(&self, out: &Outgoing<'_>) -> Result<Exchange, GatewayError> {
+        let key = hub_key(out.session.ok_or(GatewayError::MissingSession)?)?;
+        match self.delete(key)?.recv().await {
+            Ok(HubReply::Deleted) => Ok(Exchange::of(Answer::Ended)),
+            Ok(HubReply::Error(e)) => Err(e),
+            _ => Err(GatewayError::ShuttingDown),
+        }
+    }
+}
+
+/// A verified session payload as a hub key; any other length is not one of ours.
+fn hub_key(payload: &[u8]) -> Result<SessionKey, GatewayError> {
+    payload.try_into().map_err(|_| GatewayError::UnknownSession)
 }
 
 /// The hub thread's state: the child and its pipes, the sessions' streams, and the

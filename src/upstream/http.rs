@@ -1,0 +1,81 @@
+//! A Streamable HTTP upstream: which headers go upstream (only what the transport needs, the
+//! upstream's own credentials from config, never the client's), the deadline for the answer
+//! to start, and error accounting. The bytes on the wire and the per-worker keep-alive pool
+//! are `http::client`'s.
+
+use super::{Answer, Exchange, Outgoing};
+use crate::config::HttpUpstream;
+use crate::error::GatewayError;
+use crate::http::client;
+use crate::runtime::worker::Worker;
+use std::sync::atomic::Ordering;
+
+/// Sends one request and returns the response, its body still to be relayed.
+pub async fn exchange(
+    w: &Worker,
+    up: &HttpUpstream,
+    out: &Outgoing<'_>,
+    method: &str,
+    body: &[u8],
+) -> Result<Exchange, GatewayError> {
+    let h = &out.head.h;
+    let session = out.session.map(String::from_utf8_lossy);
+    let mut headers: Vec<(&str, &str)> = Vec::with_capacity(12 + up.headers.len());
+    if method == "POST" {
+        headers.push(("content-type", "application/json"));
+        headers.push((
+            "accept",
+            h.accept
+                .as_deref()
+                .unwrap_or("application/json, text/event-stream"),
+        ));
+    } else if method == "GET" {
+        headers.push(("accept", "text/event-stream"));
+    }
+    if let Some(s) = &session {
+        headers.push(("mcp-session-id", s));
+    }
+    for (name, v) in [
+        ("mcp-protocol-version", &h.protocol_version),
+        ("mcp-method", &h.mcp_method),
+        ("mcp-name", &h.mcp_name),
+        ("last-event-id", &h.last_event_id),
+        ("traceparent", &h.traceparent),
+        ("tracestate", &h.tracestate),
+        ("user-agent", &h.user_agent),
+    ] {
+        if let Some(v) = v {
+            headers.push((name, v));
+        }
+    }
+    headers.push(("x-request-id", out.request_id));
+    for (n, v) in &up.headers {
+        headers.push((n, v));
+    }
+    // The client's query string is not forwarded: it is ours to read (and may carry a
+    // credential, `?api_key=`), and the upstream's endpoint is the configured URL.
+    let request = client::build_request(method, &up.path, &up.host_header, &headers, body);
+    match monoio::time::timeout(
+        out.timeout,
+        client::send_request(&w.pool, &up.addrs, method, request),
+    )
+    .await
+    {
+        Ok(Ok(mut resp)) => {
+            let session = resp.session_id.take().map(String::into_bytes);
+            Ok(Exchange {
+                answer: Answer::Streamed(resp),
+                session,
+            })
+        }
+        Ok(Err(e)) => {
+            w.metrics.upstream_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(target: "mcp_guard::upstream", "upstream {} failed: {e}", up.url);
+            Err(GatewayError::UpstreamUnavailable(e.to_string()))
+        }
+        Err(_) => {
+            w.metrics.upstream_errors.fetch_add(1, Ordering::Relaxed);
+            Err(GatewayError::UpstreamTimeout)
+        }
+    }
+}
