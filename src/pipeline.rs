@@ -24,7 +24,7 @@
 
 use crate::auth::{AuthError, AuthMethod, Caller, Identity};
 use crate::authz::{Decision, Denial, Policy};
-use crate::config::{Settings, Transport};
+use crate::config::Settings;
 use crate::error::{GatewayError, code};
 use crate::http::client::UpstreamResponse;
 use crate::http::request::{Method, RequestHead};
@@ -182,18 +182,13 @@ struct Ctx<'r> {
 }
 
 impl Ctx<'_> {
-    /// The upstream serving this request.
+    /// The upstream serving this request, from the snapshot the request started with.
     fn upstream(&self) -> Result<UpstreamRef<'_>, GatewayError> {
-        match &self.cfg.upstream.transport {
-            Transport::Http(up) => Ok(UpstreamRef::Http(up)),
-            Transport::Stdio(_) => self
-                .w
-                .shared
-                .hub
-                .as_deref()
-                .map(UpstreamRef::Stdio)
-                .ok_or_else(|| GatewayError::UpstreamUnavailable("stdio hub not running".into())),
-        }
+        self.cfg
+            .upstreams
+            .as_deref()
+            .map(|set| set.default_upstream())
+            .ok_or_else(|| GatewayError::UpstreamUnavailable("no upstream is running".into()))
     }
 
     /// The facts an upstream needs, for a verified session payload.

@@ -787,3 +787,57 @@ fn a_port_that_accepts_but_never_answers_http_is_not_ready() {
     assert_eq!(g.admin_get("/health").status, 503);
     drop(silent);
 }
+
+/// The `serverInfo.name` an initialize through the gateway reports.
+fn server_name(addr: std::net::SocketAddr) -> String {
+    let r = mcp_post(addr, INIT, None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    rpc_result(&r)["result"]["serverInfo"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn reload_replaces_a_changed_stdio_upstream_without_a_restart() {
+    let g = Gateway::start(&stdio_config("auto", "", &["--name", "first"]));
+    assert_eq!(server_name(g.addr), "first");
+    let old_sid = initialize(g.addr);
+    // Unchanged upstream settings: the child and its sessions carry on.
+    g.rewrite_config(&stdio_config(
+        "auto",
+        "max_body_bytes = 1000000",
+        &["--name", "first"],
+    ));
+    g.signal(libc::SIGHUP);
+    assert!(g.wait_log("configuration reloaded", Duration::from_secs(5)));
+    let r = mcp_post(
+        g.addr,
+        &call(7, "echo", r#"{"text":"still"}"#),
+        Some(&old_sid),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    // A changed command line: a new child serves new sessions; the old sessions are gone.
+    g.rewrite_config(&stdio_config("auto", "", &["--name", "second"]));
+    g.signal(libc::SIGHUP);
+    assert!(g.wait_log("upstream replaced", Duration::from_secs(5)));
+    assert_eq!(server_name(g.addr), "second");
+    let r = mcp_post(
+        g.addr,
+        &call(8, "echo", r#"{"text":"old"}"#),
+        Some(&old_sid),
+    );
+    assert_eq!(
+        r.status,
+        404,
+        "an old session is unknown to the new child: {}",
+        r.text()
+    );
+    // A command that cannot start refuses the reload; the running upstream keeps serving.
+    let broken = stdio_config("auto", "", &[]).replace(DEMO, "/nonexistent/mcp-server");
+    g.rewrite_config(&broken);
+    g.signal(libc::SIGHUP);
+    assert!(g.wait_log("the new upstream cannot start", Duration::from_secs(5)));
+    assert_eq!(server_name(g.addr), "second");
+    assert_eq!(g.admin_get("/ready").status, 200);
+}

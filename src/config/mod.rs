@@ -51,6 +51,9 @@ pub struct Settings {
     pub warnings: Vec<String>,
     /// The file as parsed (JSON form), for telling a reload which keys changed.
     pub file_view: Arc<serde_json::Value>,
+    /// The running upstreams of this snapshot, attached by the runtime before the snapshot is
+    /// published (`None` in a snapshot that was only validated).
+    pub upstreams: Option<Arc<crate::upstream::set::UpstreamSet>>,
 }
 
 /// `[rate_limit]`, validated.
@@ -268,6 +271,7 @@ pub fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
         tool_labels,
         warnings,
         file_view: Arc::new(serde_json::to_value(file).unwrap_or_default()),
+        upstreams: None,
     })
 }
 

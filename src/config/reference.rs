@@ -639,10 +639,13 @@ mod tests {
             restart_only_change(&base, &port).as_deref(),
             Some("server.port")
         );
+        // Upstreams are reconciled on reload, not restarted.
         let cmd = view("[server]\nport = 3000\n[upstream]\ncommand = \"b\"\n");
+        assert_eq!(restart_only_change(&base, &cmd), None);
+        let workers = view("[server]\nport = 3000\nworkers = 3\n[upstream]\ncommand = \"a\"\n");
         assert_eq!(
-            restart_only_change(&base, &cmd).as_deref(),
-            Some("upstream.command")
+            restart_only_change(&base, &workers).as_deref(),
+            Some("server.workers")
         );
         let queue = view(
             "[server]\nport = 3000\n[upstream]\ncommand = \"a\"\n[audit]\nqueue_capacity = 5\n",

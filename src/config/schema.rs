@@ -315,23 +315,22 @@ impl Default for AdminSection {
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamSection {
-    /// (compat) How the upstream is reached.
+    /// (compat) How the upstream is reached. On reload, a changed upstream is started before
+    /// the switch (one that cannot start refuses the reload); the old one finishes its
+    /// in-flight requests, and its sessions end (clients initialize again).
     #[serde(default)]
-    #[schemars(extend("x-reload" = "restart"))]
     pub transport: TransportKind,
     /// (compat) stdio: the program to run, found on `PATH` or relative to `cwd`.
-    #[schemars(extend("x-type" = "program name or path", "x-reload" = "restart"))]
+    #[schemars(extend("x-type" = "program name or path"))]
     pub command: Option<String>,
     /// (compat) stdio: its arguments.
     #[serde(default)]
-    #[schemars(extend("x-reload" = "restart"))]
     pub args: Vec<String>,
     /// stdio: extra environment for the child (the gateway's own environment is inherited).
     #[serde(default)]
-    #[schemars(extend("x-reload" = "restart"))]
     pub env: BTreeMap<String, String>,
     /// stdio: the child's working directory (default: the gateway's).
-    #[schemars(extend("x-type" = "directory path", "x-reload" = "restart"))]
+    #[schemars(extend("x-type" = "directory path"))]
     pub cwd: Option<String>,
     /// stdio: one shared process (request ids remapped per session) or one per session.
     #[serde(default)]

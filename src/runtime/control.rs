@@ -4,6 +4,7 @@
 
 use crate::config::{Settings, Transport};
 use crate::runtime::worker::Shared;
+use crate::upstream::stdio::StdioHub;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use std::path::Path;
 use std::sync::Arc;
@@ -99,6 +100,12 @@ pub fn run(path: &Path, loaded: FileStamp, signals: SignalEvents, shared: &Arc<S
             check_health(shared);
             next_health = Instant::now() + Duration::from_secs(2);
         }
+        for hub in take_retiring(shared, false) {
+            // Joining a hub waits for its child to exit: not on the control loop.
+            let _ = std::thread::Builder::new()
+                .name("retire-stdio".into())
+                .spawn(move || hub.shutdown());
+        }
         if Instant::now() >= next_sweep {
             shared.quota.sweep(Instant::now());
             next_sweep = Instant::now() + Duration::from_secs(10);
@@ -162,9 +169,51 @@ pub fn reload(path: &Path, shared: &Shared) {
             .push(reload_refused_event("auth_downgrade"));
         return;
     }
+    // The upstreams of the new snapshot: unchanged ones carried over running, changed ones
+    // started now (before the swap, so a command that cannot start refuses the reload).
+    let mut new = new;
+    let running = old.upstreams.clone();
+    let retired = match running.as_deref() {
+        Some(set) => match set.reconcile(&new, &shared.metrics) {
+            Ok((set, retired)) => {
+                new.upstreams = Some(Arc::new(set));
+                retired
+            }
+            Err(e) => {
+                metrics.reloads_failed.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    target: "mcp_guard::config",
+                    "reload refused, keeping the running configuration: the new upstream cannot start: {e}"
+                );
+                return;
+            }
+        },
+        None => Vec::new(),
+    };
     shared.config.store(Arc::new(new));
+    if !retired.is_empty() {
+        let deadline = Instant::now() + shared.config.load().server.shutdown_grace;
+        if let Ok(mut r) = shared.retiring.lock() {
+            r.extend(retired.into_iter().map(|h| (h, deadline)));
+        }
+        tracing::info!(target: "mcp_guard::upstream", "upstream replaced; the old one finishes its in-flight requests");
+    }
     metrics.reloads_ok.fetch_add(1, Ordering::Relaxed);
     tracing::info!(target: "mcp_guard::config", "configuration reloaded from {}", path.display());
+}
+
+/// Replaced stdio hubs that are done: nothing but the retirement list holds them any more (no
+/// request, no snapshot), or their grace has passed; with `all`, every one (shutdown).
+pub fn take_retiring(shared: &Shared, all: bool) -> Vec<Arc<StdioHub>> {
+    let Ok(mut list) = shared.retiring.lock() else {
+        return Vec::new();
+    };
+    let now = Instant::now();
+    let (done, keep): (Vec<_>, Vec<_>) = list
+        .drain(..)
+        .partition(|(hub, deadline)| all || Arc::strong_count(hub) == 1 || now >= *deadline);
+    *list = keep;
+    done.into_iter().map(|(hub, _)| hub).collect()
 }
 
 /// The audit event of a refused reload (the control thread's own queue; never blocks).

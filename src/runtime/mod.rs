@@ -6,10 +6,10 @@ pub mod control;
 pub mod shutdown;
 pub mod worker;
 
-use crate::config::{IoMode, Settings, Transport};
+use crate::config::{IoMode, Settings};
 use crate::mcp::session::SessionCodec;
 use crate::observe::metrics::Metrics;
-use crate::upstream::stdio::StdioHub;
+use crate::upstream::set::UpstreamSet;
 use arc_swap::ArcSwap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -114,10 +114,8 @@ pub fn run(path: PathBuf) -> Result<(), String> {
         ),
         None => None,
     };
-    let hub = match &settings.upstream.transport {
-        Transport::Stdio(s) => Some(StdioHub::start(s.clone(), metrics.clone())?),
-        Transport::Http(_) => None,
-    };
+    let mut settings = settings;
+    settings.upstreams = Some(Arc::new(UpstreamSet::start(&settings, &metrics)?));
     let (audit_writer, audit_sinks) = match &settings.audit.output {
         Some(output) => {
             // One queue per worker, and a small one (the last) for the control thread's rare
@@ -154,7 +152,7 @@ pub fn run(path: PathBuf) -> Result<(), String> {
     let shared = Arc::new(Shared {
         config: Arc::new(ArcSwap::from_pointee(settings.clone())),
         metrics: metrics.clone(),
-        hub: hub.clone(),
+        retiring: std::sync::Mutex::new(Vec::new()),
         sessions: SessionCodec::random(),
         connections: AtomicUsize::new(0),
         io_driver: driver.name(),
@@ -194,8 +192,14 @@ pub fn run(path: PathBuf) -> Result<(), String> {
     for t in threads {
         let _ = t.join();
     }
-    if let Some(h) = hub {
-        h.shutdown();
+    let current = shared.config.load_full();
+    let hubs = current
+        .upstreams
+        .iter()
+        .flat_map(|set| set.hubs().cloned())
+        .chain(control::take_retiring(&shared, true));
+    for hub in hubs {
+        hub.shutdown();
     }
     if let Some(a) = &shared.audit_writer {
         a.stop();

@@ -31,8 +31,8 @@ pub struct Shared {
     pub config: Arc<ArcSwap<Settings>>,
     /// All metric shards.
     pub metrics: Arc<Metrics>,
-    /// The stdio hub, when the upstream is stdio.
-    pub hub: Option<Arc<StdioHub>>,
+    /// Stdio hubs a reload replaced, shut down once idle or after the shutdown grace.
+    pub retiring: std::sync::Mutex<Vec<(Arc<StdioHub>, Instant)>>,
     /// Session-id MAC key.
     pub sessions: SessionCodec,
     /// Open client connections across workers (for `max_connections`).
@@ -60,16 +60,18 @@ pub struct Shared {
 impl Shared {
     /// Ready: the upstream is reachable (stdio: its process is running).
     pub fn is_ready(&self) -> bool {
-        match &self.hub {
-            Some(h) => h.is_alive(),
+        let cfg = self.config.load();
+        match cfg.upstreams.as_ref().and_then(|u| u.stdio_alive()) {
+            Some(alive) => alive,
             None => self.upstream_ready.load(Ordering::Relaxed),
         }
     }
 
     /// Whether an upstream has answered at least once since start.
     pub fn upstream_has_answered(&self) -> bool {
-        match &self.hub {
-            Some(h) => h.has_answered(),
+        let cfg = self.config.load();
+        match cfg.upstreams.as_ref().and_then(|u| u.stdio_answered()) {
+            Some(answered) => answered,
             None => self.upstream_answered.load(Ordering::Relaxed),
         }
     }

@@ -10,6 +10,7 @@
 
 pub mod http;
 pub mod router;
+pub mod set;
 pub mod stdio;
 
 use crate::config::HttpUpstream;
