@@ -68,7 +68,7 @@ fn event(identity: Arc<str>) -> AuditEvent {
         decision: "allow",
         reason: None,
         status: 200,
-        upstream: "default",
+        upstream: "default".into(),
         latency_us: 120,
         arguments: None,
     }

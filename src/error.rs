@@ -45,6 +45,11 @@ pub enum GatewayError {
     Overloaded,
     /// No route for this path.
     NotFound,
+    /// A path that is not in normal form (`//`, `.` or `..` segments, percent escapes,
+    /// backslashes): refused rather than normalised, so no spelling can select another route.
+    PathNotNormal,
+    /// The caller's `allowed_servers` does not include the server this path routes to.
+    ServerForbidden(std::sync::Arc<str>),
     /// Method not served on this path; carries the `Allow` value.
     MethodNotAllowed(&'static str),
     /// `Accept` does not allow what the transport requires.
@@ -105,6 +110,8 @@ impl GatewayError {
             HeaderTimeout | BodyTimeout => 408,
             Overloaded => 503,
             NotFound | UnknownSession => 404,
+            PathNotNormal => 400,
+            ServerForbidden(_) => 403,
             MethodNotAllowed(_) => 405,
             NotAcceptable(_) => 406,
             UnsupportedMediaType => 415,
@@ -129,7 +136,7 @@ impl GatewayError {
             InvalidParams(..) => code::INVALID_PARAMS,
             UpstreamUnavailable(_) | UpstreamTimeout | UpstreamBusy => code::INTERNAL_ERROR,
             Unauthorized { .. } => code::UNAUTHORIZED,
-            Denied(_) => code::FORBIDDEN,
+            Denied(_) | ServerForbidden(_) => code::FORBIDDEN,
             RateLimited { .. } => code::RATE_LIMITED,
             _ => code::SERVER_ERROR,
         }
@@ -149,6 +156,8 @@ impl GatewayError {
             BodyTimeout => "body_timeout",
             Overloaded => "overloaded",
             NotFound => "not_found",
+            PathNotNormal => "path_not_normal",
+            ServerForbidden(_) => "server_not_allowed",
             MethodNotAllowed(_) => "method_not_allowed",
             NotAcceptable(_) => "not_acceptable",
             UnsupportedMediaType => "unsupported_media_type",
@@ -185,6 +194,11 @@ impl GatewayError {
             BodyTimeout => "Request body not received in time".into(),
             Overloaded => "Too many request bodies in flight; retry later".into(),
             NotFound => "Not found".into(),
+            PathNotNormal => {
+                "Bad request: the path is not in normal form (no `//`, `.`, `..`, `%` or `\\`)"
+                    .into()
+            }
+            ServerForbidden(name) => format!("Server '{name}' is not permitted for this caller"),
             MethodNotAllowed(allow) => format!("Method not allowed (allowed: {allow})"),
             NotAcceptable(what) => format!("Not acceptable: Accept must allow {what}"),
             UnsupportedMediaType => "Content-Type must be application/json".into(),

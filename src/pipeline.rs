@@ -73,6 +73,8 @@ pub struct AuditInfo {
     pub decision: Option<&'static str>,
     /// Tool arguments, when `audit.include_arguments` is on.
     pub arguments: Option<String>,
+    /// The route the request was for, once known.
+    pub upstream: Option<Arc<str>>,
 }
 
 /// Reply bodies.
@@ -137,6 +139,10 @@ pub enum Admission<'c> {
 pub struct Admitted<'c> {
     caller: Caller<'c>,
     version: &'static str,
+    /// Index of its route in `Settings::routes`.
+    route: usize,
+    /// Where the path's remainder after the route's endpoint or prefix starts.
+    rest_at: usize,
     audit: AuditInfo,
 }
 
@@ -149,25 +155,76 @@ pub fn admit<'c>(
     head: &RequestHead,
     peer: SocketAddr,
 ) -> Admission<'c> {
-    // 4. route
+    // 4. route: probes first (no authentication), then paths in normal form only, so that no
+    // spelling of a path (`//`, `..`, `%2f`) can select a route its plain form would not.
     let path = head.path();
-    if path != cfg.server.mcp_path {
-        let mut reply = match path {
-            "/health" | "/live" | "/ready" => health(w, head, path),
-            _ => Reply::error(&GatewayError::NotFound, None, M_NONE),
-        };
+    let unrouted = |e: GatewayError| {
+        let mut reply = Reply::error(&e, None, M_NONE);
         reply.audit.skip = true;
-        return Admission::Answered(reply);
-    }
-    let mut audit = AuditInfo::default();
-    match admit_mcp(w, cfg, head, peer, &mut audit) {
+        Admission::Answered(reply)
+    };
+    let (route, rest) = match path {
+        "/health" | "/live" | "/ready" => {
+            let mut reply = health(w, head, path);
+            reply.audit.skip = true;
+            return Admission::Answered(reply);
+        }
+        _ if !crate::config::is_normal_path(path) => return unrouted(GatewayError::PathNotNormal),
+        "/routes" => return Admission::Answered(routes(w, cfg, head, peer)),
+        _ => match cfg.route_for(path) {
+            Some(found) => found,
+            None => return unrouted(GatewayError::NotFound),
+        },
+    };
+    let rest_at = path.len() - rest.len();
+    let mut audit = AuditInfo {
+        upstream: Some(cfg.routes[route].name.clone()),
+        ..AuditInfo::default()
+    };
+    match admit_mcp(w, cfg, head, peer, route, &mut audit) {
         Ok((caller, version)) => Admission::Admitted(Admitted {
             caller,
             version,
+            route,
+            rest_at,
             audit,
         }),
         Err((e, id, method)) => Admission::Answered(refused(e, id, method, audit)),
     }
+}
+
+/// `GET /routes`: the MCP endpoints this caller may reach (names and paths, never where they
+/// lead), after the same Origin and authentication checks as an MCP request.
+fn routes(w: &Worker, cfg: &Settings, head: &RequestHead, peer: SocketAddr) -> Reply {
+    let mut audit = AuditInfo::default();
+    let caller = match authenticate(w, cfg, head, peer, &mut audit) {
+        Ok(c) => c,
+        Err((e, id, method)) => return refused(e, id, method, audit),
+    };
+    if head.method != Method::Get {
+        return Reply::error(&GatewayError::MethodNotAllowed("GET"), None, M_NONE);
+    }
+    let list: Vec<serde_json::Value> = cfg
+        .routes
+        .iter()
+        .filter(|r| caller.identity.policy.may_reach(&r.name))
+        .map(|r| {
+            let mut entry = serde_json::json!({ "name": &*r.name, "endpoint": r.endpoint });
+            if let Some(p) = &r.prefix {
+                entry["path_prefix"] = p.as_str().into();
+            }
+            entry
+        })
+        .collect();
+    let mut reply = Reply::json(
+        200,
+        serde_json::json!({ "routes": list })
+            .to_string()
+            .into_bytes(),
+        M_NONE,
+    );
+    reply.audit.skip = true;
+    reply
 }
 
 /// What every phase after admission reads about the request, in one place.
@@ -179,6 +236,13 @@ struct Ctx<'r> {
     caller: Caller<'r>,
     /// The negotiated protocol version.
     version: &'static str,
+    /// Index of the route in `Settings::routes`.
+    route: usize,
+    /// The path's remainder below the route's endpoint (empty for the endpoint itself).
+    rest: &'r str,
+    /// What the session ids of this request are bound to: the identity, and for a routed
+    /// server its name too, so an id minted for one server is unknown at another.
+    session_binding: std::borrow::Cow<'r, str>,
 }
 
 impl Ctx<'_> {
@@ -187,7 +251,7 @@ impl Ctx<'_> {
         self.cfg
             .upstreams
             .as_deref()
-            .map(|set| set.default_upstream())
+            .and_then(|set| set.at(self.route))
             .ok_or_else(|| GatewayError::UpstreamUnavailable("no upstream is running".into()))
     }
 
@@ -198,7 +262,8 @@ impl Ctx<'_> {
             request_id: self.request_id,
             binding: &self.caller.identity.id,
             session,
-            timeout: self.cfg.upstream.timeout,
+            timeout: self.cfg.routes[self.route].upstream.timeout,
+            path_rest: self.rest,
         }
     }
 
@@ -207,7 +272,7 @@ impl Ctx<'_> {
         match &self.head.h.session_id {
             Some(sid) => self
                 .w
-                .verify_session(&self.caller.identity.id, sid)
+                .verify_session(&self.session_binding, sid)
                 .map(Some)
                 .ok_or(GatewayError::UnknownSession),
             None => Ok(None),
@@ -227,8 +292,16 @@ pub async fn handle(
     let Admitted {
         caller,
         version,
+        route,
+        rest_at,
         mut audit,
     } = admitted;
+    let name = &cfg.routes[route].name;
+    let session_binding = if &**name == crate::config::DEFAULT_ROUTE {
+        std::borrow::Cow::Borrowed(&*caller.identity.id)
+    } else {
+        std::borrow::Cow::Owned(format!("{}\0{name}", caller.identity.id))
+    };
     let cx = Ctx {
         w,
         cfg,
@@ -236,6 +309,9 @@ pub async fn handle(
         request_id,
         caller,
         version,
+        route,
+        rest: head.path().get(rest_at..).unwrap_or_default(),
+        session_binding,
     };
     let outcome = match head.method {
         Method::Post => post(&cx, body, &mut audit).await,
@@ -291,11 +367,10 @@ fn health(w: &Worker, head: &RequestHead, path: &str) -> Reply {
     let shared = &w.shared;
     let (status, body) = match path {
         "/live" => (200, b"{\"status\":\"alive\"}".to_vec()),
-        "/ready" if shared.is_ready() => (200, b"{\"status\":\"ready\"}".to_vec()),
-        "/ready" => (
-            503,
-            b"{\"status\":\"not ready\",\"reason\":\"upstream unreachable\"}".to_vec(),
-        ),
+        "/ready" => {
+            let (status, body) = shared.readiness();
+            (status, body.into_bytes())
+        }
         _ => {
             let (status, body) = shared.health();
             (status, body.into_bytes())
@@ -322,8 +397,41 @@ fn admit_mcp<'c>(
     cfg: &'c Settings,
     head: &RequestHead,
     peer: SocketAddr,
+    route: usize,
     audit: &mut AuditInfo,
 ) -> Result<(Caller<'c>, &'static str), Early> {
+    let caller = authenticate(w, cfg, head, peer, audit)?;
+    // 5b. the caller's servers: one outside `allowed_servers` is refused before its transport
+    // rules are even looked at.
+    let name = &cfg.routes[route].name;
+    if !caller.identity.policy.may_reach(name) {
+        audit.decision = Some("deny");
+        return Err(early(GatewayError::ServerForbidden(name.clone()), M_NONE));
+    }
+    // 5a. transport rules, all readable from the head
+    let version = transport::check_protocol_version(head).map_err(|e| early(e, M_NONE))?;
+    match head.method {
+        Method::Post => transport::check_post_headers(head).map_err(|e| early(e, M_NONE))?,
+        Method::Get => transport::check_stream_accept(head).map_err(|e| early(e, M_STREAM))?,
+        Method::Delete => {}
+        _ => {
+            return Err(early(
+                GatewayError::MethodNotAllowed("GET, POST, DELETE"),
+                M_NONE,
+            ));
+        }
+    }
+    Ok((caller, version))
+}
+
+/// Phases 4a (Origin) and 5 (authenticate), shared by every authenticated path.
+fn authenticate<'c>(
+    w: &Worker,
+    cfg: &'c Settings,
+    head: &RequestHead,
+    peer: SocketAddr,
+    audit: &mut AuditInfo,
+) -> Result<Caller<'c>, Early> {
     // 4a. Origin
     transport::check_origin(head, &cfg.server.allowed_origins).map_err(|e| early(e, M_NONE))?;
     // 5. authenticate
@@ -346,20 +454,7 @@ fn admit_mcp<'c>(
         audit.identity = Some(identity.id.clone());
     }
     audit.auth_method = Some(identity.method.as_str());
-    // 5a. transport rules, all readable from the head
-    let version = transport::check_protocol_version(head).map_err(|e| early(e, M_NONE))?;
-    match head.method {
-        Method::Post => transport::check_post_headers(head).map_err(|e| early(e, M_NONE))?,
-        Method::Get => transport::check_stream_accept(head).map_err(|e| early(e, M_STREAM))?,
-        Method::Delete => {}
-        _ => {
-            return Err(early(
-                GatewayError::MethodNotAllowed("GET, POST, DELETE"),
-                M_NONE,
-            ));
-        }
-    }
-    Ok((caller, version))
+    Ok(caller)
 }
 
 /// Phase 7: authorize every message; `Ok(None)` = all allowed, `Ok(Some(reply))` = a batch refused.
@@ -662,7 +757,7 @@ async fn deliver(
     if let Some(s) = exchange.session {
         reply.headers.push((
             "mcp-session-id",
-            w.shared.sessions.encode(&cx.caller.identity.id, &s),
+            w.shared.sessions.encode(&cx.session_binding, &s),
         ));
     }
     Ok(reply)

@@ -185,14 +185,10 @@ fn route(path: &str, shared: &Shared, state: &AdminState) -> Vec<u8> {
             response(status, "application/json", body.into_bytes())
         }
         "/live" => response(200, "application/json", b"{\"status\":\"alive\"}".to_vec()),
-        "/ready" if shared.is_ready() => {
-            response(200, "application/json", b"{\"status\":\"ready\"}".to_vec())
+        "/ready" => {
+            let (status, body) = shared.readiness();
+            response(status, "application/json", body.into_bytes())
         }
-        "/ready" => response(
-            503,
-            "application/json",
-            b"{\"status\":\"not ready\",\"reason\":\"upstream unreachable\"}".to_vec(),
-        ),
         _ => response(404, "text/plain", b"not found\n".to_vec()),
     }
 }

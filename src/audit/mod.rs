@@ -41,8 +41,8 @@ pub struct AuditEvent {
     pub reason: Option<&'static str>,
     /// HTTP status sent.
     pub status: u16,
-    /// Which upstream.
-    pub upstream: &'static str,
+    /// Which upstream (the route name; `default` for `[upstream]`).
+    pub upstream: Arc<str>,
     /// Time to the end of the response (to the first byte for streams), µs.
     pub latency_us: u64,
     /// Tool arguments (raw JSON), only when `audit.include_arguments` is on.
@@ -87,7 +87,7 @@ impl AuditEvent {
             json_str(&mut o, r);
         }
         let _ = write!(o, ",\"status\":{},\"upstream\":", self.status);
-        json_str(&mut o, self.upstream);
+        json_str(&mut o, &self.upstream);
         let _ = write!(o, ",\"latency_us\":{}", self.latency_us);
         if let Some(a) = &self.arguments {
             // Arguments were re-serialised by serde_json from the request: valid JSON.
@@ -364,7 +364,7 @@ mod tests {
             decision: "allow",
             reason: None,
             status: 200,
-            upstream: "default",
+            upstream: "default".into(),
             latency_us: 1,
             arguments: None,
         }

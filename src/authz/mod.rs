@@ -182,6 +182,14 @@ pub struct Policy {
     pub rate_limit: Option<u32>,
 }
 
+impl Policy {
+    /// Whether this identity may reach the route named `name` (`default` is the `[upstream]`
+    /// at `server.mcp_path`; with `allowed_servers` set it must be listed like any other).
+    pub fn may_reach(&self, name: &str) -> bool {
+        self.servers.as_ref().is_none_or(|s| s.contains(name))
+    }
+}
+
 /// Why a call was refused: told to the caller in words and to the audit trail as a stable
 /// reason. The caller learns which rule refused it, never what the lists hold: the lists are
 /// policy, and echoing them would map out what other names might pass.

@@ -1,7 +1,7 @@
 //! `check-upstream`: the MCP initialize handshake against each configured upstream, with a
 //! clear pass/fail line per upstream. Blocking I/O with timeouts: this runs outside the gateway.
 
-use crate::config::preflight::{self, Ports};
+use crate::config::preflight;
 use crate::config::{HttpUpstream, Settings, StdioSettings, Transport};
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -20,36 +20,38 @@ const EXIT_GRACE: Duration = Duration::from_secs(1);
 /// Cap on an HTTP answer to initialize: far above any real one.
 const HTTP_ANSWER_CAP: usize = 8 * 1024 * 1024;
 
-/// Checks every upstream; true when all pass.
+/// Checks every upstream (the default and each routed server); true when all pass.
 pub fn check_all(s: &Settings) -> bool {
-    let timeout = s.upstream.timeout;
-    let (name, result) = match &s.upstream.transport {
-        Transport::Stdio(st) => (
-            format!("default (stdio `{}`)", st.command),
-            preflight_stdio(s).and_then(|()| check_stdio(st, timeout)),
-        ),
-        Transport::Http(h) => (format!("default (http {})", h.url), check_http(h, timeout)),
-    };
-    match result {
-        Ok(info) => {
-            println!("PASS  {name}: {info}");
-            true
-        }
-        Err(e) => {
-            println!("FAIL  {name}: {e}");
-            false
+    let mut all = true;
+    for route in &s.routes {
+        let timeout = route.upstream.timeout;
+        let (name, result) = match &route.upstream.transport {
+            Transport::Stdio(st) => (
+                format!("{} (stdio `{}`)", route.name, st.command),
+                preflight_stdio(&route.key, st).and_then(|()| check_stdio(&route.key, st, timeout)),
+            ),
+            Transport::Http(h) => (
+                format!("{} (http {})", route.name, h.url),
+                check_http(&route.key, h, timeout),
+            ),
+        };
+        match result {
+            Ok(info) => println!("PASS  {name}: {info}"),
+            Err(e) => {
+                println!("FAIL  {name}: {e}");
+                all = false;
+            }
         }
     }
+    all
 }
 
 /// The path checks `validate` makes, before anything is spawned: a missing `cwd` makes spawn
 /// fail with the same ENOENT as a missing program, so only a check made beforehand can tell
 /// the user which of the two it is.
-fn preflight_stdio(s: &Settings) -> Result<(), String> {
-    let problems: Vec<String> = preflight::check(s, Ports::Skip)
+fn preflight_stdio(key: &str, st: &StdioSettings) -> Result<(), String> {
+    let problems: Vec<String> = preflight::check_stdio(key, st)
         .into_iter()
-        // The audit file is not this command's business.
-        .filter(|p| p.key.starts_with("upstream."))
         .map(|p| p.to_string())
         .collect();
     if problems.is_empty() {
@@ -61,35 +63,25 @@ fn preflight_stdio(s: &Settings) -> Result<(), String> {
 
 /// Why spawn failed, blamed on the key to fix. The preflight has passed by now, so this is a
 /// race (the file changed since) or something only exec sees, such as a missing interpreter.
-fn spawn_error(st: &StdioSettings, e: &std::io::Error) -> String {
-    let cwd = st.cwd.as_deref().map(std::path::Path::new);
-    if let Some(dir) = cwd
-        && !dir.is_dir()
-    {
-        return format!(
-            "cannot start: upstream.cwd: `{}` is not a directory; create it or fix the path",
-            dir.display()
-        );
+fn spawn_error(key: &str, st: &StdioSettings, e: &std::io::Error) -> String {
+    // Re-checked in the same order as the preflight: the world may have changed since.
+    if let Some(p) = preflight::check_stdio(key, st).into_iter().next() {
+        return format!("cannot start: {p}");
     }
-    let path_var = st
-        .env
-        .iter()
-        .find(|(k, _)| k == "PATH")
-        .map(|(_, v)| std::ffi::OsString::from(v))
-        .or_else(|| std::env::var_os("PATH"));
-    match preflight::resolve_command(&st.command, cwd, path_var.as_deref()) {
-        Err(why) => format!("cannot start: upstream.command: {why}"),
+    let cwd = st.cwd.as_deref().map(std::path::Path::new);
+    match preflight::resolve_command(&st.command, cwd, preflight::child_path(st).as_deref()) {
+        Err(why) => format!("cannot start: {key}.command: {why}"),
         Ok(path) => match e.kind() {
             std::io::ErrorKind::NotFound => format!(
-                "cannot start: upstream.command: `{}` exists but cannot be executed ({e}); \
+                "cannot start: {key}.command: `{}` exists but cannot be executed ({e}); \
                  the interpreter on its `#!` line may be missing",
                 path.display()
             ),
             std::io::ErrorKind::PermissionDenied => format!(
-                "cannot start: upstream.command: `{}` is not executable ({e})",
+                "cannot start: {key}.command: `{}` is not executable ({e})",
                 path.display()
             ),
-            _ => format!("cannot start: upstream.command: `{}`: {e}", path.display()),
+            _ => format!("cannot start: {key}.command: `{}`: {e}", path.display()),
         },
     }
 }
@@ -111,14 +103,14 @@ fn describe(resp: &serde_json::Value) -> Result<String, String> {
 }
 
 /// "1 s", "30 s" and the key that sets it, for every message about waiting too long.
-fn timeout_phrase(timeout: Duration) -> String {
+fn timeout_phrase(key: &str, timeout: Duration) -> String {
     format!(
-        "{} s (upstream.timeout_secs; raise it if the server is slow to start)",
+        "{} s ({key}.timeout_secs; raise it if the server is slow to start)",
         timeout.as_secs()
     )
 }
 
-fn check_stdio(st: &StdioSettings, timeout: Duration) -> Result<String, String> {
+fn check_stdio(key: &str, st: &StdioSettings, timeout: Duration) -> Result<String, String> {
     let mut cmd = Command::new(&st.command);
     cmd.args(&st.args)
         .envs(st.env.iter().map(|(k, v)| (k, v)))
@@ -128,16 +120,16 @@ fn check_stdio(st: &StdioSettings, timeout: Duration) -> Result<String, String> 
     if let Some(cwd) = &st.cwd {
         cmd.current_dir(cwd);
     }
-    let mut child = cmd.spawn().map_err(|e| spawn_error(st, &e))?;
+    let mut child = cmd.spawn().map_err(|e| spawn_error(key, st, &e))?;
     let stderr = StderrTail::collect(&mut child);
-    let result = handshake(&mut child, timeout);
+    let result = handshake(key, &mut child, timeout);
     let _ = child.kill();
     let _ = child.wait();
     result.map_err(|e| e + &stderr.render())
 }
 
 /// Sends initialize and waits for its answer, the child's exit or the timeout.
-fn handshake(child: &mut Child, timeout: Duration) -> Result<String, String> {
+fn handshake(key: &str, child: &mut Child, timeout: Duration) -> Result<String, String> {
     let mut stdin = child.stdin.take().ok_or("no stdin")?;
     let stdout = child.stdout.take().ok_or("no stdout")?;
     let (tx, rx) = mpsc::channel();
@@ -181,7 +173,7 @@ fn handshake(child: &mut Child, timeout: Duration) -> Result<String, String> {
         }),
         Err(_) => Err(format!(
             "no answer to initialize within {}",
-            timeout_phrase(timeout)
+            timeout_phrase(key, timeout)
         )),
     }
 }
@@ -315,14 +307,14 @@ impl Tail {
     }
 }
 
-fn check_http(h: &HttpUpstream, timeout: Duration) -> Result<String, String> {
+fn check_http(key: &str, h: &HttpUpstream, timeout: Duration) -> Result<String, String> {
     let mut last = String::from("no address");
     for addr in &h.addrs {
         match TcpStream::connect_timeout(addr, timeout) {
             Err(e) if is_timeout(&e) => {
                 last = format!(
                     "cannot connect to {addr} within {}",
-                    timeout_phrase(timeout)
+                    timeout_phrase(key, timeout)
                 )
             }
             Err(e) => last = format!("cannot connect to {addr}: {e}"),
@@ -369,7 +361,7 @@ fn check_http(h: &HttpUpstream, timeout: Duration) -> Result<String, String> {
                             return parse_http_answer(&raw).map_err(|_| {
                                 format!(
                                     "no answer to initialize from {addr} within {}",
-                                    timeout_phrase(timeout)
+                                    timeout_phrase(key, timeout)
                                 )
                             });
                         }

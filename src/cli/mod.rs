@@ -188,7 +188,7 @@ fn validate(config: &std::path::Path) -> ExitCode {
                 return ExitCode::FAILURE;
             }
             println!(
-                "{}: valid ({}, listening on {}, upstream {})",
+                "{}: valid ({}, listening on {}, {})",
                 config.display(),
                 workers_phrase(s.server.workers),
                 s.server.listen,
@@ -249,10 +249,21 @@ fn init_logging() {
         .try_init();
 }
 
+/// "upstream stdio `x`" for one upstream; "upstreams default (stdio `x`), github (http …)".
 fn describe_upstream(s: &Settings) -> String {
-    match &s.upstream.transport {
+    let one = |r: &crate::config::Route| match &r.upstream.transport {
         crate::config::Transport::Stdio(st) => format!("stdio `{}`", st.command),
         crate::config::Transport::Http(h) => format!("http {}", h.url),
+    };
+    match s.routes.as_slice() {
+        [only] if &*only.name == crate::config::DEFAULT_ROUTE => format!("upstream {}", one(only)),
+        routes => {
+            let list: Vec<String> = routes
+                .iter()
+                .map(|r| format!("{} ({})", r.name, one(r)))
+                .collect();
+            format!("upstreams {}", list.join(", "))
+        }
     }
 }
 

@@ -55,12 +55,6 @@ pub const UNBUILT: &[Unbuilt] = &[
         message: "load-balanced replicas are not in this build yet; use upstream.url",
     },
     Unbuilt {
-        path: "upstream.servers",
-        trigger: Trigger::NonEmpty,
-        message: "routing to several servers is not in this build yet; configure one \
-                  [upstream]",
-    },
-    Unbuilt {
         path: "auth.jwt",
         trigger: Trigger::Present,
         message: "JWT authentication is not in this build yet; refusing to start rather than \
@@ -109,10 +103,6 @@ pub const NO_EFFECT: &[(&str, &str)] = &[
     (
         "upstream.max_processes",
         "it caps session_mode = \"per_session\", which this build does not support",
-    ),
-    (
-        "auth.api_keys.allowed_servers",
-        "it selects routed servers, which this build does not support",
     ),
     (
         "rate_limit.redis_url",
@@ -203,7 +193,6 @@ pub fn first_unbuilt_in(file: &FileConfig) -> Option<&'static Unbuilt> {
             SessionMode::PerSession => "per_session",
         })),
         "upstream.urls" => Some(Seen::Array(file.upstream.urls.len())),
-        "upstream.servers" => Some(Seen::Array(file.upstream.servers.len())),
         "auth.jwt" => file.auth.jwt.as_ref().map(|_| Seen::Other),
         "auth.oauth" => file.auth.oauth.as_ref().map(|_| Seen::Other),
         "auth.mtls.enabled" => file.auth.mtls.as_ref().map(|m| Seen::Bool(m.enabled)),
@@ -230,6 +219,47 @@ pub fn ignored_keys(file: &FileConfig) -> Vec<String> {
         }
     }
 
+    for (i, s) in file.upstream.servers.iter().enumerate() {
+        let key = format!("upstream.servers[{i}]");
+        let stdio_keys = [
+            ("command", s.command.is_some()),
+            ("args", !s.args.is_empty()),
+            ("env", !s.env.is_empty()),
+            ("cwd", s.cwd.is_some()),
+        ];
+        let http_keys = [("url", s.url.is_some()), ("headers", !s.headers.is_empty())];
+        let (foreign, why): (&[(&str, bool)], &str) = match s.transport {
+            TransportKind::Stdio => (&http_keys, "\"stdio\" and it configures an HTTP upstream"),
+            TransportKind::Http | TransportKind::Sse => {
+                (&stdio_keys, "\"http\" and it configures a stdio upstream")
+            }
+        };
+        for (name, set) in foreign {
+            if *set {
+                warn(
+                    &mut warnings,
+                    &format!("{key}.{name}"),
+                    &format!("{key}.transport is {why}"),
+                );
+            }
+        }
+    }
+    let has_default = file.upstream.servers.is_empty()
+        || file.upstream.command.is_some()
+        || file.upstream.url.is_some();
+    if !has_default {
+        for key in ["transport", "args", "env", "cwd", "headers"] {
+            let path = format!("upstream.{key}");
+            if sets(&path) {
+                warn(
+                    &mut warnings,
+                    &path,
+                    "[upstream] names no command or url, so there is no default upstream at \
+                     server.mcp_path, only the routed servers",
+                );
+            }
+        }
+    }
     let stdio_only = [
         "command",
         "args",

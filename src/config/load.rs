@@ -666,11 +666,6 @@ mod tests {
         assert_eq!(err.position.map(|p| p.0), Some(4));
         let err = parse_str("[upstream]\ntransport = \"sse\"\n", &env).unwrap_err();
         assert!(err.message.contains("legacy SSE"), "{err}");
-        let err = parse_str("[[upstream.servers]]\nname = \"a\"\n", &env).unwrap_err();
-        assert!(
-            err.message.starts_with("upstream.servers: routing"),
-            "{err}"
-        );
         // A disabled mTLS section is not a request for mTLS.
         parse_str("[auth.mtls]\nenabled = false\n", &env).unwrap();
     }

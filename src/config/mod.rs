@@ -12,7 +12,7 @@ use crate::auth::{Authenticator, api_key};
 use crate::authz::{Matcher, Policy, Rule};
 use crate::ratelimit::Limit;
 pub use load::{ConfigError, load_file, parse_str};
-use schema::{FileConfig, TransportKind, UpstreamSection};
+use schema::{FileConfig, TransportKind};
 use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::Path;
@@ -37,8 +37,9 @@ pub struct Settings {
     pub server: ServerSettings,
     /// Admin listener; `None` when disabled.
     pub admin: Option<SocketAddr>,
-    /// The default upstream, served at `server.mcp_path`.
-    pub upstream: UpstreamSettings,
+    /// Every MCP endpoint and its upstream: the default (`[upstream]` at `server.mcp_path`)
+    /// first when there is one, then each `[[upstream.servers]]` in file order.
+    pub routes: Vec<Route>,
     /// The authentication chain with each identity's compiled policy.
     pub auth: Arc<Authenticator>,
     /// Rate limits.
@@ -111,6 +112,53 @@ pub struct ServerSettings {
     pub shutdown_grace: Duration,
     /// Accepted browser origins, compared ASCII-case-insensitively.
     pub allowed_origins: Vec<String>,
+}
+
+/// The name of the route of `[upstream]`, served at `server.mcp_path`.
+pub const DEFAULT_ROUTE: &str = "default";
+
+/// One MCP endpoint of the gateway and the upstream behind it.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// `default` for `[upstream]`, else the server's name.
+    pub name: Arc<str>,
+    /// Where it stands in the file (`upstream`, `upstream.servers[2]`), for messages.
+    pub key: String,
+    /// Its endpoint: `server.mcp_path` for the default, `<mcp_path>/<name>` for a server.
+    pub endpoint: String,
+    /// A server's `path_prefix`, in normal form.
+    pub prefix: Option<String>,
+    /// Sub-paths below the endpoint or prefix reach the upstream's path plus the remainder;
+    /// without it only the exact paths are routed.
+    pub strip_prefix: bool,
+    /// The upstream.
+    pub upstream: UpstreamSettings,
+}
+
+impl Settings {
+    /// The route `path` selects (longest endpoint or prefix, on a segment boundary), with the
+    /// remainder after it (empty for an exact match). A remainder is routed only with
+    /// `strip_prefix`. `path` must already be in normal form.
+    pub fn route_for<'p>(&self, path: &'p str) -> Option<(usize, &'p str)> {
+        let mut best: Option<(usize, usize)> = None;
+        for (i, r) in self.routes.iter().enumerate() {
+            for base in std::iter::once(r.endpoint.as_str()).chain(r.prefix.as_deref()) {
+                let Some(rest) = path.strip_prefix(base) else {
+                    continue;
+                };
+                let fits = rest.is_empty() || (rest.starts_with('/') && r.strip_prefix);
+                if fits && best.is_none_or(|(_, len)| base.len() > len) {
+                    best = Some((i, base.len()));
+                }
+            }
+        }
+        best.map(|(i, len)| (i, &path[len..]))
+    }
+
+    /// The route named `name`.
+    pub fn route(&self, name: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| &*r.name == name)
+    }
 }
 
 /// One upstream MCP server.
@@ -224,7 +272,7 @@ pub fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
     } else {
         None
     };
-    let upstream = validate_upstream(&file.upstream)?;
+    let routes = validate_routes(file, &s.mcp_path)?;
     let auth = Arc::new(validate_auth(file)?);
     let rate = validate_rate(file)?;
     let audit = AuditSettings {
@@ -264,7 +312,7 @@ pub fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
                 .collect(),
         },
         admin,
-        upstream,
+        routes,
         auth,
         rate,
         audit,
@@ -406,84 +454,234 @@ fn tool_labels(file: &FileConfig) -> HashMap<String, usize> {
         .collect()
 }
 
-fn validate_upstream(u: &UpstreamSection) -> Result<UpstreamSettings, ConfigError> {
+/// The keys `[upstream]` and each `[[upstream.servers]]` share, whichever they came from.
+struct UpstreamKeys<'a> {
+    /// Where they stand in the file (`upstream`, `upstream.servers[2]`), for messages.
+    key: String,
+    transport: TransportKind,
+    command: Option<&'a String>,
+    args: &'a [String],
+    env: &'a std::collections::BTreeMap<String, String>,
+    cwd: Option<&'a String>,
+    session_mode: schema::SessionMode,
+    url: Option<&'a String>,
+    urls: &'a [String],
+    headers: &'a std::collections::BTreeMap<String, String>,
+    timeout_secs: u64,
+}
+
+fn validate_upstream(u: &UpstreamKeys<'_>) -> Result<UpstreamSettings, ConfigError> {
+    let key = |name: &str| format!("{}.{name}", u.key);
+    let unbuilt = |path: &str| features::unbuilt_note(path).unwrap_or("not in this build");
+    if u.transport == TransportKind::Sse {
+        return Err(invalid(&key("transport"), unbuilt("upstream.transport")));
+    }
+    if u.session_mode == schema::SessionMode::PerSession {
+        return Err(invalid(
+            &key("session_mode"),
+            unbuilt("upstream.session_mode"),
+        ));
+    }
+    if !u.urls.is_empty() {
+        return Err(invalid(&key("urls"), unbuilt("upstream.urls")));
+    }
     let timeout = Duration::from_secs(u.timeout_secs);
     if timeout.is_zero() {
-        return Err(invalid("upstream.timeout_secs", "must be at least 1"));
+        return Err(invalid(&key("timeout_secs"), "must be at least 1"));
     }
     let transport = match u.transport {
         TransportKind::Stdio => {
-            let Some(command) = u.command.clone().filter(|c| !c.trim().is_empty()) else {
+            let Some(command) = u.command.filter(|c| !c.trim().is_empty()).cloned() else {
                 return Err(invalid(
-                    "upstream.command",
+                    &key("command"),
                     "required for transport = \"stdio\" (the program to run)",
                 ));
             };
             Transport::Stdio(StdioSettings {
                 command,
-                args: u.args.clone(),
+                args: u.args.to_vec(),
                 env: u.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-                cwd: u.cwd.clone(),
+                cwd: u.cwd.cloned(),
             })
         }
-        TransportKind::Http => {
-            let Some(url) = &u.url else {
+        TransportKind::Http | TransportKind::Sse => {
+            let Some(url) = u.url else {
                 return Err(invalid(
-                    "upstream.url",
+                    &key("url"),
                     "required for transport = \"http\" (the server's endpoint)",
                 ));
             };
-            Transport::Http(parse_http_upstream(url, &u.headers)?)
-        }
-        TransportKind::Sse => {
-            // Refused earlier by the feature list; kept so a new variant cannot slip through.
-            return Err(invalid(
-                "upstream.transport",
-                features::unbuilt_note("upstream.transport").unwrap_or("not in this build"),
-            ));
+            Transport::Http(parse_http_upstream(
+                &key("url"),
+                url,
+                &key("headers"),
+                u.headers,
+            )?)
         }
     };
     Ok(UpstreamSettings { transport, timeout })
 }
 
+/// The default upstream (when configured) and every routed server, as routes: each with the
+/// paths it answers, checked for collisions.
+fn validate_routes(file: &FileConfig, mcp_path: &str) -> Result<Vec<Route>, ConfigError> {
+    let u = &file.upstream;
+    let servers = &u.servers;
+    let mut routes = Vec::with_capacity(servers.len() + 1);
+    // With routed servers, `[upstream]` is a default only when it names something to reach.
+    let has_default = servers.is_empty() || u.command.is_some() || u.url.is_some();
+    if has_default {
+        let upstream = validate_upstream(&UpstreamKeys {
+            key: "upstream".into(),
+            transport: u.transport,
+            command: u.command.as_ref(),
+            args: &u.args,
+            env: &u.env,
+            cwd: u.cwd.as_ref(),
+            session_mode: u.session_mode,
+            url: u.url.as_ref(),
+            urls: &u.urls,
+            headers: &u.headers,
+            timeout_secs: u.timeout_secs,
+        })?;
+        routes.push(Route {
+            name: DEFAULT_ROUTE.into(),
+            key: "upstream".into(),
+            endpoint: mcp_path.to_string(),
+            prefix: None,
+            strip_prefix: false,
+            upstream,
+        });
+    }
+    for (i, s) in servers.iter().enumerate() {
+        let key = format!("upstream.servers[{i}]");
+        let name = s.name.as_str();
+        let name_ok = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !name_ok {
+            return Err(invalid(
+                &format!("{key}.name"),
+                format!("`{name}` must be 1-64 characters of A-Z a-z 0-9 _ -"),
+            ));
+        }
+        if name == DEFAULT_ROUTE {
+            return Err(invalid(
+                &format!("{key}.name"),
+                "`default` names the [upstream] at server.mcp_path; choose another name",
+            ));
+        }
+        if let Some(other) = routes.iter().find(|r| &*r.name == name) {
+            return Err(invalid(
+                &format!("{key}.name"),
+                format!("`{name}` is already the name of {}", other.key),
+            ));
+        }
+        let prefix = match &s.path_prefix {
+            None => None,
+            Some(p) => {
+                if !is_normal_path(p) || p == "/" {
+                    return Err(invalid(
+                        &format!("{key}.path_prefix"),
+                        format!(
+                            "`{p}` must be an absolute path in normal form (no `//`, `.` or `..` \
+                             segments, `%`, `\\` or trailing `/`), other than `/`"
+                        ),
+                    ));
+                }
+                Some(p.clone())
+            }
+        };
+        let upstream = validate_upstream(&UpstreamKeys {
+            key: key.clone(),
+            transport: s.transport,
+            command: s.command.as_ref(),
+            args: &s.args,
+            env: &s.env,
+            cwd: s.cwd.as_ref(),
+            session_mode: s.session_mode,
+            url: s.url.as_ref(),
+            urls: &s.urls,
+            headers: &s.headers,
+            timeout_secs: s.timeout_secs.unwrap_or(u.timeout_secs),
+        })?;
+        routes.push(Route {
+            name: name.into(),
+            key,
+            endpoint: format!("{}/{name}", mcp_path.trim_end_matches('/')),
+            prefix,
+            strip_prefix: s.strip_prefix,
+            upstream,
+        });
+    }
+    // Every path a route answers is its own: two routes on one path would make a session's
+    // server depend on configuration order.
+    let mut taken: HashMap<&str, &str> = HashMap::new();
+    for r in &routes {
+        for path in std::iter::once(r.endpoint.as_str()).chain(r.prefix.as_deref()) {
+            let reserved = matches!(path, "/health" | "/live" | "/ready" | "/routes");
+            if reserved {
+                return Err(invalid(
+                    &format!("{}.path_prefix", r.key),
+                    format!("`{path}` is one of the gateway's own paths"),
+                ));
+            }
+            if let Some(other) = taken.insert(path, &r.key) {
+                return Err(invalid(
+                    &format!("{}.path_prefix", r.key),
+                    format!("`{path}` is already served by {other}"),
+                ));
+            }
+        }
+    }
+    Ok(routes)
+}
+
+/// An absolute path with nothing to normalise: no empty, `.` or `..` segment, no percent
+/// escapes or backslashes, no trailing slash. Routing compares such paths byte for byte, so a
+/// spelling that a server would normalise differently cannot select another route.
+pub fn is_normal_path(p: &str) -> bool {
+    p.starts_with('/')
+        && !p.contains(['%', '\\'])
+        && (p == "/"
+            || p[1..]
+                .split('/')
+                .all(|seg| !seg.is_empty() && seg != "." && seg != ".."))
+}
+
 fn parse_http_upstream(
+    url_key: &str,
     url: &str,
+    headers_key: &str,
     headers: &std::collections::BTreeMap<String, String>,
 ) -> Result<HttpUpstream, ConfigError> {
     let rest = if let Some(r) = url.strip_prefix("http://") {
         r
     } else if url.starts_with("https://") {
         return Err(invalid(
-            "upstream.url",
+            url_key,
             "https upstreams are not supported by this build yet",
         ));
     } else {
-        return Err(invalid(
-            "upstream.url",
-            format!("`{url}` is not an http:// URL"),
-        ));
+        return Err(invalid(url_key, format!("`{url}` is not an http:// URL")));
     };
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     };
     if authority.is_empty() || authority.contains('@') {
-        return Err(invalid(
-            "upstream.url",
-            format!("`{url}` has no usable host"),
-        ));
+        return Err(invalid(url_key, format!("`{url}` has no usable host")));
     }
     let (host, port) = split_host_port(authority, 80)
-        .ok_or_else(|| invalid("upstream.url", format!("bad host:port in `{url}`")))?;
+        .ok_or_else(|| invalid(url_key, format!("bad host:port in `{url}`")))?;
     let addrs: Vec<SocketAddr> = (host.as_str(), port)
         .to_socket_addrs()
-        .map_err(|e| invalid("upstream.url", format!("cannot resolve `{host}`: {e}")))?
+        .map_err(|e| invalid(url_key, format!("cannot resolve `{host}`: {e}")))?
         .collect();
     if addrs.is_empty() {
-        return Err(invalid(
-            "upstream.url",
-            format!("`{host}` resolves to nothing"),
-        ));
+        return Err(invalid(url_key, format!("`{host}` resolves to nothing")));
     }
     let mut out_headers = Vec::new();
     for (name, value) in headers {
@@ -493,7 +691,7 @@ fn parse_http_upstream(
                 .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
         if !valid_name || value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
             return Err(invalid(
-                "upstream.headers",
+                headers_key,
                 format!("`{name}` is not a valid header"),
             ));
         }
@@ -503,7 +701,7 @@ fn parse_http_upstream(
             "host" | "content-length" | "transfer-encoding" | "connection"
         ) {
             return Err(invalid(
-                "upstream.headers",
+                headers_key,
                 format!("`{name}` is set by the gateway itself"),
             ));
         }
@@ -556,7 +754,7 @@ mod tests {
     fn http_upstream_url_is_split_and_resolved() {
         let s = settings("[upstream]\ntransport = \"http\"\nurl = \"http://127.0.0.1:8081/mcp\"\n")
             .unwrap();
-        let Transport::Http(h) = s.upstream.transport else {
+        let Transport::Http(h) = s.routes[0].upstream.transport.clone() else {
             panic!("expected http")
         };
         assert_eq!(h.addrs[0].port(), 8081);

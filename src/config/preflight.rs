@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
     /// The key the problem is about.
-    pub key: &'static str,
+    pub key: String,
     /// What is wrong and what to do.
     pub message: String,
 }
@@ -41,8 +41,10 @@ pub fn check(settings: &Settings, ports: Ports) -> Vec<Problem> {
             check_port("admin.port", admin, &mut problems);
         }
     }
-    if let Transport::Stdio(s) = &settings.upstream.transport {
-        check_stdio(s, &mut problems);
+    for route in &settings.routes {
+        if let Transport::Stdio(s) = &route.upstream.transport {
+            problems.extend(check_stdio(&route.key, s));
+        }
     }
     if let Some(file) = settings.audit.output.as_ref().and_then(|o| o.file.as_ref()) {
         check_audit_file(file, &mut problems);
@@ -66,39 +68,44 @@ fn check_port(key: &'static str, addr: SocketAddr, problems: &mut Vec<Problem>) 
             _ => "check the address",
         };
         problems.push(Problem {
-            key,
+            key: key.to_string(),
             message: format!("cannot listen on {addr}: {e}; {hint}"),
         });
     }
 }
 
-fn check_stdio(s: &StdioSettings, problems: &mut Vec<Problem>) {
+/// The problems of one stdio upstream, whose keys stand under `key` (`upstream`,
+/// `upstream.servers[1]`): a `cwd` that is not a directory, a command that does not resolve.
+pub fn check_stdio(key: &str, s: &StdioSettings) -> Vec<Problem> {
     let cwd = s.cwd.as_deref().map(Path::new);
     if let Some(dir) = cwd
         && !dir.is_dir()
     {
-        problems.push(Problem {
-            key: "upstream.cwd",
+        // The command may be relative to it: nothing more to say about it until it exists.
+        return vec![Problem {
+            key: format!("{key}.cwd"),
             message: format!(
                 "`{}` is not a directory; create it or fix the path",
                 dir.display()
             ),
-        });
-        // The command may be relative to it: nothing more to say about it until it exists.
-        return;
+        }];
     }
-    let path_var = s
-        .env
+    match resolve_command(&s.command, cwd, child_path(s).as_deref()) {
+        Ok(_) => Vec::new(),
+        Err(message) => vec![Problem {
+            key: format!("{key}.command"),
+            message,
+        }],
+    }
+}
+
+/// The `PATH` the child's command is looked up in: its own `env` entry, else the gateway's.
+pub fn child_path(s: &StdioSettings) -> Option<std::ffi::OsString> {
+    s.env
         .iter()
         .find(|(k, _)| k == "PATH")
         .map(|(_, v)| std::ffi::OsString::from(v))
-        .or_else(|| std::env::var_os("PATH"));
-    if let Err(message) = resolve_command(&s.command, cwd, path_var.as_deref()) {
-        problems.push(Problem {
-            key: "upstream.command",
-            message,
-        });
-    }
+        .or_else(|| std::env::var_os("PATH"))
 }
 
 /// Where `command` would be found when spawned: a name with a `/` relative to `cwd` (the child
@@ -176,7 +183,7 @@ fn check_audit_file(file: &Path, problems: &mut Vec<Problem>) {
     };
     if let Some(message) = problem {
         problems.push(Problem {
-            key: "audit.file",
+            key: "audit.file".into(),
             message,
         });
     }

@@ -360,7 +360,6 @@ pub struct UpstreamSection {
     pub timeout_secs: u64,
     /// (compat) Several servers routed by path; the longest prefix wins.
     #[serde(default)]
-    #[schemars(extend("x-reload" = "restart"))]
     pub servers: Vec<ServerRoute>,
 }
 
@@ -388,16 +387,28 @@ impl Default for UpstreamSection {
     }
 }
 
-/// One routed server: every `[upstream]` key, per server, plus its route.
+/// One routed server: every `[upstream]` key, per server, plus its route. Each server is
+/// reachable at `<server.mcp_path>/<name>` and, with `path_prefix`, at that path too; the
+/// longest matching endpoint wins, on a segment boundary. Paths must be in normal form (a
+/// request path with `//`, `.` or `..` segments, `%` escapes or `\` gets 400), so no spelling
+/// reaches another server. Session ids are bound to the server as well as the caller: an id
+/// minted at one server is unknown (404) at another. `GET /routes` lists the servers the caller
+/// may reach; `allowed_servers` on a key restricts them (403 elsewhere). With routed servers,
+/// `[upstream]` is a default at `server.mcp_path` only when it names a `command` or `url`; its
+/// `timeout_secs` is every server's default. On reload servers are reconciled by name: an
+/// unchanged one runs on, a changed or new one is started first, a removed one is retired.
 #[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ServerRoute {
-    /// (compat) Name; also reachable as `/mcp/<name>`.
+    /// (compat) Name, 1-64 characters of `A-Z a-z 0-9 _ -` (not `default`); the server is
+    /// reachable at `<server.mcp_path>/<name>`.
     pub name: String,
-    /// (compat) Path prefix, starts with `/`.
+    /// (compat) A path of its own, in normal form (`/github`, not `/github/`).
     #[schemars(extend("x-type" = "absolute URL path"))]
     pub path_prefix: Option<String>,
-    /// (compat) Forward without the prefix.
+    /// (compat) Route sub-paths too: a request below the server's endpoint or prefix reaches the
+    /// HTTP upstream's path plus the remainder (`/github/x` → `<url path>/x`). Without it only
+    /// the exact paths are routed.
     #[serde(default)]
     pub strip_prefix: bool,
     /// (compat) How the server is reached.
@@ -435,7 +446,7 @@ pub struct ServerRoute {
     #[serde(default)]
     #[schemars(extend("x-type" = "table of header name = value"))]
     pub headers: BTreeMap<String, String>,
-    /// Seconds to wait for a response to start.
+    /// Seconds to wait for a response to start; default `upstream.timeout_secs`.
     #[schemars(extend("x-type" = "seconds (whole number, at least 1)"))]
     pub timeout_secs: Option<u64>,
 }
@@ -477,7 +488,8 @@ pub struct ApiKeyEntry {
     #[serde(default)]
     #[schemars(extend("x-type" = "list of names or globs"))]
     pub denied_tools: Vec<String>,
-    /// Routed servers this identity may reach; absent = all.
+    /// Routed servers this identity may reach, by name (`default` is the `[upstream]` at
+    /// `server.mcp_path`); absent = all. Any other server is 403 and missing from `/routes`.
     #[schemars(extend("x-type" = "list of server names"))]
     pub allowed_servers: Option<Vec<String>>,
     /// Resource URIs or globs `resources/read` may name; empty = all.

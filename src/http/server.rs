@@ -773,7 +773,10 @@ fn emit_audit(
             decision,
             reason,
             status,
-            upstream: "default",
+            upstream: info
+                .upstream
+                .clone()
+                .unwrap_or_else(|| crate::config::DEFAULT_ROUTE.into()),
             latency_us: latency.as_micros() as u64,
             arguments: if i == last { arguments.take() } else { None },
         };

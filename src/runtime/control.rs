@@ -2,8 +2,9 @@
 //! config-file change detection, and upstream health checks. It may block (with timeouts); the
 //! workers never wait on it.
 
-use crate::config::{Settings, Transport};
+use crate::config::Settings;
 use crate::runtime::worker::Shared;
+use crate::upstream::set::Upstream;
 use crate::upstream::stdio::StdioHub;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use std::path::Path;
@@ -231,26 +232,32 @@ fn reload_refused_event(reason: &'static str) -> crate::audit::AuditEvent {
         decision: "deny",
         reason: Some(reason),
         status: 0,
-        upstream: "default",
+        upstream: crate::config::DEFAULT_ROUTE.into(),
         latency_us: 0,
         arguments: None,
     }
 }
 
 fn check_health(shared: &Shared) {
-    let cfg = shared.config.load();
-    if let Transport::Http(up) = &cfg.upstream.transport {
+    let cfg = shared.config.load_full();
+    let Some(set) = cfg.upstreams.as_deref() else {
+        return;
+    };
+    for (name, upstream) in set.iter() {
+        let Upstream::Http(up, probed) = upstream else {
+            continue;
+        };
         // Ready means the upstream answers HTTP, not merely that its port accepts.
         let ok = up.addrs.iter().any(|a| answers_http(*a, up));
         if ok {
-            shared.upstream_answered.store(true, Ordering::Relaxed);
+            probed.answered.store(true, Ordering::Relaxed);
         }
-        let was = shared.upstream_ready.swap(ok, Ordering::Relaxed);
+        let was = probed.ready.swap(ok, Ordering::Relaxed);
         if was != ok {
             if ok {
-                tracing::info!(target: "mcp_guard::upstream", "upstream {} reachable", up.url);
+                tracing::info!(target: "mcp_guard::upstream", "upstream {name} ({}) reachable", up.url);
             } else {
-                tracing::warn!(target: "mcp_guard::upstream", "upstream {} unreachable", up.url);
+                tracing::warn!(target: "mcp_guard::upstream", "upstream {name} ({}) unreachable", up.url);
             }
         }
     }

@@ -14,7 +14,7 @@ use arc_swap::ArcSwap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::atomic::AtomicUsize;
 use worker::{Shared, Worker};
 
 /// The io driver chosen for this process.
@@ -156,8 +156,6 @@ pub fn run(path: PathBuf) -> Result<(), String> {
         sessions: SessionCodec::random(),
         connections: AtomicUsize::new(0),
         io_driver: driver.name(),
-        upstream_ready: AtomicBool::new(false),
-        upstream_answered: AtomicBool::new(false),
         shutdown_rx,
         workers,
         quota: Arc::new(crate::ratelimit::MemoryPool::default()),

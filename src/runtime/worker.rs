@@ -16,7 +16,7 @@ use hdrhistogram::Histogram;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// Verified session ids cached per worker (cleared when full).
@@ -39,10 +39,6 @@ pub struct Shared {
     pub connections: AtomicUsize,
     /// "io_uring" or "epoll".
     pub io_driver: &'static str,
-    /// HTTP upstream reachable (maintained by the control thread).
-    pub upstream_ready: AtomicBool,
-    /// HTTP upstream has answered at least once (maintained by the control thread).
-    pub upstream_answered: AtomicBool,
     /// Closed when shutdown begins; workers await it next to `accept`.
     pub shutdown_rx: async_channel::Receiver<()>,
     /// Number of workers.
@@ -61,19 +57,40 @@ impl Shared {
     /// Ready: the upstream is reachable (stdio: its process is running).
     pub fn is_ready(&self) -> bool {
         let cfg = self.config.load();
-        match cfg.upstreams.as_ref().and_then(|u| u.stdio_alive()) {
-            Some(alive) => alive,
-            None => self.upstream_ready.load(Ordering::Relaxed),
-        }
+        cfg.upstreams.as_ref().is_some_and(|u| u.all_ready())
     }
 
     /// Whether an upstream has answered at least once since start.
     pub fn upstream_has_answered(&self) -> bool {
         let cfg = self.config.load();
-        match cfg.upstreams.as_ref().and_then(|u| u.stdio_answered()) {
-            Some(answered) => answered,
-            None => self.upstream_answered.load(Ordering::Relaxed),
-        }
+        cfg.upstreams.as_ref().is_some_and(|u| u.all_answered())
+    }
+
+    /// Each upstream by route name: `ready` now, `answered` at least once.
+    fn upstream_states(&self) -> serde_json::Map<String, serde_json::Value> {
+        let cfg = self.config.load();
+        cfg.upstreams
+            .iter()
+            .flat_map(|set| set.iter())
+            .map(|(name, u)| {
+                (
+                    name.to_string(),
+                    serde_json::json!({ "ready": u.is_ready(), "answered": u.has_answered() }),
+                )
+            })
+            .collect()
+    }
+
+    /// The /ready status and document: 200 while every upstream serves, else 503, with each
+    /// upstream's state.
+    pub fn readiness(&self) -> (u16, String) {
+        let ready = self.is_ready();
+        let body = serde_json::json!({
+            "status": if ready { "ready" } else { "not ready" },
+            "upstreams": self.upstream_states(),
+        })
+        .to_string();
+        (if ready { 200 } else { 503 }, body)
     }
 
     /// The /health status and document: `ok` (200) once an upstream has answered at least
@@ -88,6 +105,7 @@ impl Shared {
             "io_driver": self.io_driver,
             "upstream_ready": self.is_ready(),
             "upstream_answered": answered,
+            "upstreams": self.upstream_states(),
         })
         .to_string();
         (if answered { 200 } else { 503 }, body)
@@ -182,9 +200,9 @@ impl Worker {
     }
 
     /// The payload of a client-presented session id bound to `binding`, if it is valid.
-    pub fn verify_session(&self, binding: &Arc<str>, sid: &str) -> Option<Vec<u8>> {
+    pub fn verify_session(&self, binding: &str, sid: &str) -> Option<Vec<u8>> {
         if let Some((b, payload)) = self.verified_sessions.borrow().get(sid)
-            && b == binding
+            && &**b == binding
         {
             return Some(payload.clone());
         }
@@ -193,7 +211,7 @@ impl Worker {
         if cache.len() >= VERIFIED_SESSIONS {
             cache.clear();
         }
-        cache.insert(sid.to_string(), (binding.clone(), payload.clone()));
+        cache.insert(sid.to_string(), (Arc::from(binding), payload.clone()));
         Some(payload)
     }
 

@@ -54,7 +54,13 @@ pub async fn exchange(
     }
     // The client's query string is not forwarded: it is ours to read (and may carry a
     // credential, `?api_key=`), and the upstream's endpoint is the configured URL.
-    let request = client::build_request(method, &up.path, &up.host_header, &headers, body);
+    // A `strip_prefix` route forwards the remainder below its endpoint under the upstream's path.
+    let path: std::borrow::Cow<'_, str> = if out.path_rest.is_empty() {
+        up.path.as_str().into()
+    } else {
+        format!("{}{}", up.path.trim_end_matches('/'), out.path_rest).into()
+    };
+    let request = client::build_request(method, &path, &up.host_header, &headers, body);
     match monoio::time::timeout(
         out.timeout,
         client::send_request(&w.pool, &up.addrs, method, request),

@@ -44,6 +44,9 @@ pub struct Outgoing<'a> {
     pub session: Option<&'a [u8]>,
     /// How long the upstream has for its answer to start.
     pub timeout: Duration,
+    /// The client path's remainder below the route's endpoint (`strip_prefix` routes only):
+    /// appended to an HTTP upstream's path.
+    pub path_rest: &'a str,
 }
 
 /// An upstream's answer, before the gateway's transforms.
@@ -95,6 +98,7 @@ impl UpstreamRef<'_> {
     ) -> Result<Exchange, GatewayError> {
         match self {
             UpstreamRef::Http(up) => http::exchange(w, up, out, "POST", raw).await,
+            UpstreamRef::Stdio(_) if !out.path_rest.is_empty() => Err(GatewayError::NotFound),
             UpstreamRef::Stdio(hub) => hub.post(out, body, raw).await,
         }
     }
@@ -107,6 +111,7 @@ impl UpstreamRef<'_> {
     ) -> Result<Exchange, GatewayError> {
         match self {
             UpstreamRef::Http(up) => http::exchange(w, up, out, "GET", b"").await,
+            UpstreamRef::Stdio(_) if !out.path_rest.is_empty() => Err(GatewayError::NotFound),
             UpstreamRef::Stdio(hub) => hub.stream(out).await,
         }
     }
@@ -119,6 +124,7 @@ impl UpstreamRef<'_> {
     ) -> Result<Exchange, GatewayError> {
         match self {
             UpstreamRef::Http(up) => http::exchange(w, up, out, "DELETE", b"").await,
+            UpstreamRef::Stdio(_) if !out.path_rest.is_empty() => Err(GatewayError::NotFound),
             UpstreamRef::Stdio(hub) => hub.end(out).await,
         }
     }

@@ -1,20 +1,31 @@
 //! The running upstreams: runtime state built from a configuration snapshot and attached to
 //! it, so a request sees the upstreams of the configuration it started with. On reload the
-//! control thread reconciles: an upstream whose settings did not change is carried over as it
-//! runs (a stdio child and its sessions live on), a changed or new one is started before the
-//! swap (one that cannot start refuses the reload), and one no longer used is retired after
-//! the swap, once its in-flight requests are done or the shutdown grace has passed.
+//! control thread reconciles, server by server (by route name): an upstream whose settings did
+//! not change is carried over as it runs (a stdio child and its sessions live on), a changed or
+//! new one is started before the swap (one that cannot start refuses the reload), and one no
+//! longer used is retired after the swap, once its in-flight requests are done or the shutdown
+//! grace has passed.
 
 use super::UpstreamRef;
 use super::stdio::StdioHub;
 use crate::config::{HttpUpstream, Settings, StdioSettings, Transport};
 use crate::observe::metrics::Metrics;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// What the control thread's probes found out about an HTTP upstream.
+#[derive(Debug, Default)]
+pub struct Probed {
+    /// The last probe got an HTTP answer.
+    pub ready: AtomicBool,
+    /// A probe has ever got one.
+    pub answered: AtomicBool,
+}
 
 /// One running upstream.
 pub enum Upstream {
-    /// A Streamable HTTP server (per-worker pools; nothing runs for it here).
-    Http(Arc<HttpUpstream>),
+    /// A Streamable HTTP server (per-worker pools; nothing runs for it here), and its probes.
+    Http(Arc<HttpUpstream>, Arc<Probed>),
     /// A supervised stdio child, with the settings it was started from.
     Stdio(StdioSettings, Arc<StdioHub>),
 }
@@ -22,97 +33,155 @@ pub enum Upstream {
 impl Upstream {
     fn start(transport: &Transport, metrics: &Arc<Metrics>) -> Result<Self, String> {
         Ok(match transport {
-            Transport::Http(h) => Upstream::Http(Arc::new(h.clone())),
+            Transport::Http(h) => Upstream::Http(Arc::new(h.clone()), Arc::default()),
             Transport::Stdio(s) => {
                 Upstream::Stdio(s.clone(), StdioHub::start(s.clone(), metrics.clone())?)
             }
         })
     }
 
+    /// The same upstream if `wanted` describes it, else `None`.
+    fn carry_over(&self, wanted: &Transport) -> Option<Self> {
+        match (self, wanted) {
+            (Upstream::Stdio(running, hub), Transport::Stdio(w)) if running == w => {
+                Some(Upstream::Stdio(running.clone(), hub.clone()))
+            }
+            // An HTTP upstream holds nothing that runs: what carries over is what its probes
+            // learnt, while it is the same server.
+            (Upstream::Http(old, probed), Transport::Http(w)) if old.url == w.url => {
+                Some(Upstream::Http(Arc::new(w.clone()), probed.clone()))
+            }
+            _ => None,
+        }
+    }
+
     /// Borrowed for a request.
     pub fn as_ref(&self) -> UpstreamRef<'_> {
         match self {
-            Upstream::Http(h) => UpstreamRef::Http(h),
+            Upstream::Http(h, _) => UpstreamRef::Http(h),
             Upstream::Stdio(_, hub) => UpstreamRef::Stdio(hub),
+        }
+    }
+
+    /// Serving now (stdio: its child runs; HTTP: its last probe was answered).
+    pub fn is_ready(&self) -> bool {
+        match self {
+            Upstream::Http(_, p) => p.ready.load(Ordering::Relaxed),
+            Upstream::Stdio(_, hub) => hub.is_alive(),
+        }
+    }
+
+    /// Has answered at least once since it was started.
+    pub fn has_answered(&self) -> bool {
+        match self {
+            Upstream::Http(_, p) => p.answered.load(Ordering::Relaxed),
+            Upstream::Stdio(_, hub) => hub.has_answered(),
         }
     }
 }
 
-/// Every upstream of one configuration snapshot.
+/// Every upstream of one configuration snapshot, in the order of its routes.
 pub struct UpstreamSet {
-    default: Upstream,
+    upstreams: Vec<(Arc<str>, Upstream)>,
 }
 
 impl std::fmt::Debug for UpstreamSet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let kind = match &self.default {
-            Upstream::Http(h) => format!("http {}", h.url),
-            Upstream::Stdio(s, _) => format!("stdio `{}`", s.command),
-        };
+        let names: Vec<&str> = self.upstreams.iter().map(|(n, _)| &**n).collect();
         f.debug_struct("UpstreamSet")
-            .field("default", &kind)
+            .field("routes", &names)
             .finish()
     }
 }
 
 impl UpstreamSet {
-    /// Starts every upstream `settings` names (a stdio child is spawned here, on the caller's
-    /// thread: one that cannot start at all is an error).
+    /// Starts every upstream `settings` routes to (stdio children are spawned here, on the
+    /// caller's thread: one that cannot start at all is an error naming its route).
     pub fn start(settings: &Settings, metrics: &Arc<Metrics>) -> Result<Self, String> {
-        Ok(Self {
-            default: Upstream::start(&settings.upstream.transport, metrics)?,
-        })
+        let mut upstreams = Vec::with_capacity(settings.routes.len());
+        for r in &settings.routes {
+            let up = Upstream::start(&r.upstream.transport, metrics)
+                .map_err(|e| format!("{}: {e}", r.key))?;
+            upstreams.push((r.name.clone(), up));
+        }
+        Ok(Self { upstreams })
     }
 
     /// The set for `next`: upstreams whose settings are unchanged are carried over running,
-    /// the others started. Also returns the hubs `next` no longer uses, for the caller to
-    /// retire once `next` is in place. Nothing is retired when starting fails.
+    /// the others started. Also returns the stdio hubs `next` no longer uses, for the caller
+    /// to retire once `next` is in place. Nothing is retired when starting fails (the hubs
+    /// started for `next` so far are stopped again).
     pub fn reconcile(
         &self,
         next: &Settings,
         metrics: &Arc<Metrics>,
     ) -> Result<(Self, Vec<Arc<StdioHub>>), String> {
-        let mut retired = Vec::new();
-        let default = match (&self.default, &next.upstream.transport) {
-            (Upstream::Stdio(running, hub), Transport::Stdio(wanted)) if running == wanted => {
-                Upstream::Stdio(running.clone(), hub.clone())
-            }
-            (current, wanted) => {
-                let started = Upstream::start(wanted, metrics)?;
-                if let Upstream::Stdio(_, hub) = current {
-                    retired.push(hub.clone());
-                }
-                started
-            }
-        };
-        Ok((Self { default }, retired))
+        let mut upstreams = Vec::with_capacity(next.routes.len());
+        let mut started: Vec<Arc<StdioHub>> = Vec::new();
+        for r in &next.routes {
+            let carried = self
+                .get(&r.name)
+                .and_then(|u| u.carry_over(&r.upstream.transport));
+            let up = match carried {
+                Some(u) => u,
+                None => match Upstream::start(&r.upstream.transport, metrics) {
+                    Ok(u) => {
+                        if let Upstream::Stdio(_, hub) = &u {
+                            started.push(hub.clone());
+                        }
+                        u
+                    }
+                    Err(e) => {
+                        for hub in started {
+                            hub.shutdown();
+                        }
+                        return Err(format!("{}: {e}", r.key));
+                    }
+                },
+            };
+            upstreams.push((r.name.clone(), up));
+        }
+        let next_set = Self { upstreams };
+        let retired = self
+            .hubs()
+            .filter(|old| !next_set.hubs().any(|kept| Arc::ptr_eq(old, kept)))
+            .cloned()
+            .collect();
+        Ok((next_set, retired))
     }
 
-    /// The upstream of `server.mcp_path`.
-    pub fn default_upstream(&self) -> UpstreamRef<'_> {
-        self.default.as_ref()
+    /// The upstream of route number `index` (the index into `Settings::routes`).
+    pub fn at(&self, index: usize) -> Option<UpstreamRef<'_>> {
+        self.upstreams.get(index).map(|(_, u)| u.as_ref())
+    }
+
+    fn get(&self, name: &str) -> Option<&Upstream> {
+        self.upstreams
+            .iter()
+            .find(|(n, _)| &**n == name)
+            .map(|(_, u)| u)
+    }
+
+    /// Every upstream with its route name.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Upstream)> {
+        self.upstreams.iter().map(|(n, u)| (&**n, u))
     }
 
     /// Every stdio hub of the set.
     pub fn hubs(&self) -> impl Iterator<Item = &Arc<StdioHub>> {
-        match &self.default {
+        self.upstreams.iter().filter_map(|(_, u)| match u {
             Upstream::Stdio(_, hub) => Some(hub),
-            Upstream::Http(_) => None,
-        }
-        .into_iter()
+            Upstream::Http(..) => None,
+        })
     }
 
-    /// Stdio children all running (`None` when the set has no stdio upstream).
-    pub fn stdio_alive(&self) -> Option<bool> {
-        let mut hubs = self.hubs().peekable();
-        hubs.peek()?;
-        Some(hubs.all(|h| h.is_alive()))
+    /// Every upstream serving now.
+    pub fn all_ready(&self) -> bool {
+        self.upstreams.iter().all(|(_, u)| u.is_ready())
     }
 
-    /// Stdio children have all answered at least once (`None` without stdio upstreams).
-    pub fn stdio_answered(&self) -> Option<bool> {
-        let mut hubs = self.hubs().peekable();
-        hubs.peek()?;
-        Some(hubs.all(|h| h.has_answered()))
+    /// Every upstream has answered at least once.
+    pub fn all_answered(&self) -> bool {
+        self.upstreams.iter().all(|(_, u)| u.has_answered())
     }
 }
