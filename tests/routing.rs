@@ -1,0 +1,272 @@
+//! Several servers behind one gateway, through the real binary: routing by endpoint and
+//! prefix (longest wins), `/routes` per caller, `allowed_servers`, session ids bound to their
+//! server, paths that try to escape a route, HTTP and stdio servers side by side, and servers
+//! added and removed by a reload.
+
+mod common;
+
+use common::*;
+use mcp_guard::cli::hash_key;
+use std::time::Duration;
+
+const ALICE: &str = "alice-key-0123456789";
+const BOB: &str = "bob-key-0123456789";
+
+/// A stdio server entry running the demo server under `name` (its serverInfo name too).
+fn stdio_server(name: &str, extra: &str) -> String {
+    format!(
+        "[[upstream.servers]]\nname = \"{name}\"\ntransport = \"stdio\"\ncommand = {DEMO:?}\nargs = [\"--name\", \"srv-{name}\"]\n{extra}\n"
+    )
+}
+
+/// A gateway config: a default stdio upstream (serverInfo `srv-default`), the given servers,
+/// and two keys (bob may reach only `alpha`).
+fn config(servers: &str) -> String {
+    format!(
+        "[server]\nport = 0\nworkers = 2\n[admin]\nport = 0\n[upstream]\ntransport = \"stdio\"\ncommand = {DEMO:?}\nargs = [\"--name\", \"srv-default\"]\ntimeout_secs = 10\n{servers}\n[[auth.api_keys]]\nid = \"alice\"\nkey_hash = \"{}\"\n[[auth.api_keys]]\nid = \"bob\"\nkey_hash = \"{}\"\nallowed_servers = [\"alpha\"]\n",
+        hash_key(ALICE),
+        hash_key(BOB)
+    )
+}
+
+fn post_at(g: &Gateway, path: &str, key: &str, body: &str, sid: Option<&str>) -> Response {
+    let sid = sid.map_or(String::new(), |s| format!("Mcp-Session-Id: {s}\r\n"));
+    request(
+        g.addr,
+        &format!(
+            "POST {path} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nAccept: {ACCEPT_BOTH}\r\n{sid}Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+}
+
+/// Initializes at `path`; returns (serverInfo name, session id).
+fn init_at(g: &Gateway, path: &str, key: &str) -> (String, String) {
+    let r = post_at(g, path, key, INIT, None);
+    assert_eq!(r.status, 200, "initialize at {path}: {}", r.text());
+    let name = rpc_result(&r)["result"]["serverInfo"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let sid = r.header("mcp-session-id").expect("a session").to_string();
+    (name, sid)
+}
+
+fn get_routes(g: &Gateway, key: &str) -> Response {
+    request(
+        g.addr,
+        &format!(
+            "GET /routes HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n"
+        ),
+    )
+}
+
+#[test]
+fn each_server_is_reached_at_its_endpoint_and_prefix_and_the_longest_prefix_wins() {
+    let servers = format!(
+        "{}{}{}",
+        stdio_server("alpha", "path_prefix = \"/a\""),
+        stdio_server("beta", "path_prefix = \"/a/b\""),
+        stdio_server("gamma", ""),
+    );
+    let g = Gateway::start(&config(&servers));
+    assert_eq!(init_at(&g, "/mcp", ALICE).0, "srv-default");
+    assert_eq!(init_at(&g, "/mcp/alpha", ALICE).0, "srv-alpha");
+    assert_eq!(init_at(&g, "/a", ALICE).0, "srv-alpha");
+    assert_eq!(init_at(&g, "/a/b", ALICE).0, "srv-beta");
+    assert_eq!(init_at(&g, "/mcp/gamma", ALICE).0, "srv-gamma");
+    // Without strip_prefix, paths below an endpoint are not routed; a prefix matches whole
+    // segments only.
+    assert_eq!(post_at(&g, "/a/c", ALICE, INIT, None).status, 404);
+    assert_eq!(post_at(&g, "/ab", ALICE, INIT, None).status, 404);
+    assert_eq!(post_at(&g, "/mcp/delta", ALICE, INIT, None).status, 404);
+    // A call works end to end on a routed server, and the audit names it.
+    let (_, sid) = init_at(&g, "/mcp/gamma", ALICE);
+    let r = post_at(
+        &g,
+        "/mcp/gamma",
+        ALICE,
+        &call(2, "echo", r#"{"text":"via gamma"}"#),
+        Some(&sid),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(rpc_result(&r)["result"]["content"][0]["text"], "via gamma");
+}
+
+#[test]
+fn a_session_id_is_unknown_at_any_other_server() {
+    let servers = format!("{}{}", stdio_server("alpha", ""), stdio_server("beta", ""));
+    let g = Gateway::start(&config(&servers));
+    let (_, sid) = init_at(&g, "/mcp/alpha", ALICE);
+    let ping = r#"{"jsonrpc":"2.0","id":5,"method":"ping"}"#;
+    assert_eq!(
+        post_at(&g, "/mcp/alpha", ALICE, ping, Some(&sid)).status,
+        200
+    );
+    for other in ["/mcp/beta", "/mcp"] {
+        let r = post_at(&g, other, ALICE, ping, Some(&sid));
+        assert_eq!(r.status, 404, "{other}: {}", r.text());
+    }
+    // And at its own server, for another identity.
+    let bob = post_at(&g, "/mcp/alpha", BOB, ping, Some(&sid));
+    assert_eq!(bob.status, 404, "{}", bob.text());
+}
+
+#[test]
+fn allowed_servers_refuses_other_servers_and_hides_them_from_routes() {
+    let servers = format!(
+        "{}{}",
+        stdio_server("alpha", "path_prefix = \"/alpha\""),
+        stdio_server("beta", "")
+    );
+    let g = Gateway::start(&config(&servers));
+    assert_eq!(init_at(&g, "/mcp/alpha", BOB).0, "srv-alpha");
+    for path in ["/mcp/beta", "/mcp"] {
+        let r = post_at(&g, path, BOB, INIT, None);
+        assert_eq!(r.status, 403, "{path}: {}", r.text());
+        assert!(
+            r.text().contains("is not permitted for this caller"),
+            "{}",
+            r.text()
+        );
+    }
+    let bob = get_routes(&g, BOB);
+    assert_eq!(bob.status, 200);
+    let names: Vec<String> = bob.json()["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["alpha"]);
+    assert_eq!(bob.json()["routes"][0]["endpoint"], "/mcp/alpha");
+    assert_eq!(bob.json()["routes"][0]["path_prefix"], "/alpha");
+    let alice = get_routes(&g, ALICE).json();
+    assert_eq!(alice["routes"].as_array().unwrap().len(), 3);
+    // /routes says where, never what: no command lines or URLs.
+    assert!(!get_routes(&g, ALICE).text().contains("demo"));
+    // A stranger learns nothing.
+    let anon = request(
+        g.addr,
+        "GET /routes HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(anon.status, 401);
+}
+
+#[test]
+fn paths_that_are_not_in_normal_form_are_refused_before_routing() {
+    let servers = format!("{}{}", stdio_server("alpha", ""), stdio_server("beta", ""));
+    let g = Gateway::start(&config(&servers));
+    for path in [
+        "/mcp/alpha/../beta",
+        "/mcp//beta",
+        "/mcp/./beta",
+        "/mcp/%62eta",
+        "/mcp/alpha%2f..%2fbeta",
+        "/mcp/alpha/%2e%2e/beta",
+        "/mcp\\beta",
+        "/mcp/beta/",
+    ] {
+        let r = post_at(&g, path, ALICE, INIT, None);
+        assert_eq!(r.status, 400, "{path}: {}", r.text());
+    }
+}
+
+#[test]
+fn http_and_stdio_servers_side_by_side_with_a_prefix_stripped() {
+    let http = DemoHttp::start(&["--name", "srv-http"]);
+    let servers = format!(
+        "[[upstream.servers]]\nname = \"web\"\ntransport = \"http\"\nurl = \"http://{}/mcp\"\npath_prefix = \"/web\"\nstrip_prefix = true\n{}",
+        http.addr,
+        stdio_server("local", "")
+    );
+    let g = Gateway::start(&config(&servers));
+    assert_eq!(init_at(&g, "/web", ALICE).0, "srv-http");
+    assert_eq!(init_at(&g, "/mcp/web", ALICE).0, "srv-http");
+    assert_eq!(init_at(&g, "/mcp/local", ALICE).0, "srv-local");
+    // Below the prefix, the remainder is appended to the upstream's path (which the demo
+    // server does not serve: its own 404 comes back, proving where it went).
+    let r = post_at(&g, "/web/extra", ALICE, INIT, None);
+    assert_eq!(r.status, 404, "{}", r.text());
+    // /ready reports each upstream.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let ready = g.admin_get("/ready");
+        if ready.status == 200 {
+            let v = ready.json();
+            assert_eq!(v["upstreams"]["web"]["ready"], true);
+            assert_eq!(v["upstreams"]["local"]["ready"], true);
+            assert_eq!(v["upstreams"]["default"]["ready"], true);
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", ready.text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_reload_adds_and_removes_servers_without_a_restart() {
+    let g = Gateway::start(&config(&stdio_server("alpha", "")));
+    let (_, alpha_sid) = init_at(&g, "/mcp/alpha", ALICE);
+    assert_eq!(post_at(&g, "/mcp/beta", ALICE, INIT, None).status, 404);
+    g.rewrite_config(&config(&format!(
+        "{}{}",
+        stdio_server("alpha", ""),
+        stdio_server("beta", "")
+    )));
+    g.signal(libc::SIGHUP);
+    assert!(g.wait_log("configuration reloaded", Duration::from_secs(5)));
+    assert_eq!(init_at(&g, "/mcp/beta", ALICE).0, "srv-beta");
+    // alpha was unchanged: it ran on, and so did its session.
+    let ping = r#"{"jsonrpc":"2.0","id":9,"method":"ping"}"#;
+    assert_eq!(
+        post_at(&g, "/mcp/alpha", ALICE, ping, Some(&alpha_sid)).status,
+        200
+    );
+    g.rewrite_config(&config(&stdio_server("beta", "")));
+    g.signal(libc::SIGHUP);
+    assert!(g.wait_log("upstream replaced", Duration::from_secs(5)));
+    assert_eq!(post_at(&g, "/mcp/alpha", ALICE, INIT, None).status, 404);
+    assert_eq!(init_at(&g, "/mcp/beta", ALICE).0, "srv-beta");
+}
+
+#[test]
+fn validate_refuses_ambiguous_or_malformed_routes() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("routes.toml");
+    for (servers, expected) in [
+        (
+            format!("{}{}", stdio_server("alpha", ""), stdio_server("alpha", "")),
+            "upstream.servers[1].name: `alpha` is already the name of upstream.servers[0]",
+        ),
+        (
+            stdio_server("alpha", "path_prefix = \"/mcp\""),
+            "`/mcp` is already served by upstream",
+        ),
+        (
+            stdio_server("alpha", "path_prefix = \"/x/../y\""),
+            "upstream.servers[0].path_prefix: `/x/../y` must be an absolute path in normal form",
+        ),
+        (
+            stdio_server("default", ""),
+            "`default` names the [upstream]",
+        ),
+        (
+            stdio_server("a/b", ""),
+            "upstream.servers[0].name: `a/b` must be 1-64 characters",
+        ),
+        (
+            stdio_server("alpha", "path_prefix = \"/routes\""),
+            "is one of the gateway's own paths",
+        ),
+    ] {
+        std::fs::write(&p, config(&servers)).unwrap();
+        let out = std::process::Command::new(GUARD)
+            .args(["validate", "--config", p.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{servers}: {err}");
+        assert!(err.contains(expected), "{servers}: {err}");
+    }
+}
