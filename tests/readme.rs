@@ -393,11 +393,16 @@ fn normalising_blanks_only_the_per_run_values() {
     );
 }
 
-/// Whether a README block only reads files (`tail`, `cat`, `grep` of what the gateway wrote),
-/// so running it again changes nothing.
+/// Whether a README block only reads what the gateway wrote (`tail`, `cat`, `grep` of a file,
+/// a GET of `/metrics`), so running it again changes nothing.
 fn is_read_only(text: &str) -> bool {
     text.lines()
         .map(str::trim)
         .filter(|l| !l.is_empty())
-        .all(|l| l.starts_with("tail ") || l.starts_with("cat ") || l.starts_with("grep "))
+        .all(|l| {
+            l.starts_with("tail ")
+                || l.starts_with("cat ")
+                || l.starts_with("grep ")
+                || (l.starts_with("curl -s http://") && l.contains("/metrics"))
+        })
 }

@@ -333,6 +333,15 @@ pub fn ignored_keys(file: &FileConfig) -> Vec<String> {
         );
     }
 
+    if !file.admin.enabled {
+        for key in ["host", "port"] {
+            let path = format!("admin.{key}");
+            if sets(&path) {
+                warn(&mut warnings, &path, "admin.enabled is false");
+            }
+        }
+    }
+
     if let Some(m) = &file.auth.mtls
         && !m.enabled
     {

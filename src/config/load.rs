@@ -47,9 +47,9 @@ impl fmt::Display for ConfigError {
             (None, Some((l, c))) => write!(f, "{}:{}: ", l, c)?,
             (None, None) => {}
         }
-        f.write_str(&self.message)?;
+        f.write_str(&printable(&self.message))?;
         if let Some(h) = &self.hint {
-            write!(f, " (hint: {h})")?;
+            write!(f, " (hint: {})", printable(h))?;
         }
         Ok(())
     }
@@ -57,10 +57,43 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// Control characters and bidirectional or invisible formatting characters written as
+/// `\u{..}`: a message quoting a hostile file must not drive the operator's terminal.
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    let hostile = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}')
+    };
+    if !s.chars().any(hostile) {
+        return s.into();
+    }
+    s.chars()
+        .map(|c| {
+            if hostile(c) {
+                format!("\\u{{{:x}}}", c as u32)
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
+}
+
+/// Larger configuration files are refused (`--config /dev/zero` must not eat the memory).
+const MAX_CONFIG_BYTES: usize = 16 * 1024 * 1024;
+
 /// Reads and parses `path`, resolving `${VAR}` from the process environment.
 pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ConfigError::new(format!("cannot read config file: {e}")).at(path))?;
+    use std::io::Read as _;
+    let cannot =
+        |e: std::io::Error| ConfigError::new(format!("cannot read config file: {e}")).at(path);
+    // Read at most one byte past the cap: a device or a huge file is refused, not swallowed.
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .map_err(cannot)?
+        .take(MAX_CONFIG_BYTES as u64 + 1)
+        .read_to_string(&mut text)
+        .map_err(cannot)?;
     parse_str(&text, &|name| std::env::var(name).ok()).map_err(|e| e.at(path))
 }
 
@@ -73,7 +106,13 @@ pub fn parse_str(
     text: &str,
     lookup: &dyn Fn(&str) -> Option<String>,
 ) -> Result<FileConfig, ConfigError> {
-    let interpolated = interpolate(text, lookup)?;
+    if text.len() > MAX_CONFIG_BYTES {
+        return Err(ConfigError::new(format!(
+            "the configuration is {} bytes; more than {MAX_CONFIG_BYTES} is refused",
+            text.len()
+        )));
+    }
+    let (interpolated, from_env) = interpolate(text, lookup)?;
     let doc = DeTable::parse(&interpolated).map_err(|e| ConfigError {
         path: None,
         position: e.span().map(|s| line_col(&interpolated, s.start)),
@@ -90,15 +129,20 @@ pub fn parse_str(
     }
     let mut explicit = std::collections::BTreeSet::new();
     collect_paths(root, "", &mut explicit);
-    let mut file =
-        toml::from_str::<FileConfig>(&interpolated).map_err(|e| reword(&e, &interpolated, root))?;
+    let mut file = toml::from_str::<FileConfig>(&interpolated)
+        .map_err(|e| reword(&e, &interpolated, root, &from_env))?;
     file.explicit = explicit;
     Ok(file)
 }
 
 /// A serde error in the user's words: the key's dotted path, and for a value of the wrong
 /// type or out of range, the type the reference gives it and the value found.
-fn reword(e: &toml::de::Error, text: &str, root: &DeTable<'_>) -> ConfigError {
+fn reword(
+    e: &toml::de::Error,
+    text: &str,
+    root: &DeTable<'_>,
+    from_env: &[std::ops::Range<usize>],
+) -> ConfigError {
     let span = e.span();
     let position = span.clone().map(|s| line_col(text, s.start));
     let raw = e.message().trim().to_string();
@@ -121,11 +165,16 @@ fn reword(e: &toml::de::Error, text: &str, root: &DeTable<'_>) -> ConfigError {
             .and_then(|s| text.get(s.clone()))
             .map(|v| v.trim().to_string())
             .unwrap_or_default();
-        message = format!(
-            "{shown}: expected {}, found {}",
-            key.type_words,
+        // A value that came from the environment may be a secret: never echoed.
+        let secret = span
+            .as_ref()
+            .is_some_and(|s| from_env.iter().any(|e| e.start < s.end && s.start < e.end));
+        let shown_value = if secret {
+            "a value from the environment".to_string()
+        } else {
             clip(&found)
-        );
+        };
+        message = format!("{shown}: expected {}, found {shown_value}", key.type_words);
         let quoted_number = found
             .strip_prefix('"')
             .and_then(|f| f.strip_suffix('"'))
@@ -336,7 +385,13 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 /// Replaces `${NAME}` inside TOML string literals (never in comments or bare syntax), escaping
 /// the value for the kind of string it lands in, so a secret holding a quote cannot change the
 /// document's structure. A missing variable is an error naming its line.
-fn interpolate(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String, ConfigError> {
+/// Returns the text and the byte ranges of it that came from the environment (never echoed in
+/// errors). Keys (`"${X}" = 1`, `[a."${X}"]`) are not interpolated: the environment supplies
+/// values, never the document's structure.
+fn interpolate(
+    text: &str,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<(String, Vec<std::ops::Range<usize>>), ConfigError> {
     #[derive(Clone, Copy, PartialEq)]
     enum State {
         Bare,
@@ -348,7 +403,10 @@ fn interpolate(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<St
     }
     let bytes = text.as_bytes();
     let mut out = String::with_capacity(text.len());
+    let mut from_env = Vec::new();
     let mut state = State::Bare;
+    // The single-line string being copied is a key, not a value.
+    let mut in_key = false;
     let mut i = 0;
     while i < bytes.len() {
         let rest = &text[i..];
@@ -356,6 +414,7 @@ fn interpolate(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<St
         match state {
             State::Bare if rest.starts_with("${") => {
                 let (len, value) = bare_reference(text, i, lookup)?;
+                from_env.push(out.len()..out.len() + value.len());
                 out.push_str(&value);
                 i += len;
                 continue;
@@ -373,8 +432,10 @@ fn interpolate(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<St
                     continue;
                 } else if c == b'"' {
                     state = State::Basic;
+                    in_key = string_is_key(text, i);
                 } else if c == b'\'' {
                     state = State::Literal;
+                    in_key = string_is_key(text, i);
                 } else if c == b'#' {
                     state = State::Comment;
                 }
@@ -420,7 +481,7 @@ fn interpolate(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<St
             state,
             State::Basic | State::MultiBasic | State::Literal | State::MultiLiteral
         );
-        if in_string && rest.starts_with("${") {
+        if in_string && !in_key && rest.starts_with("${") {
             let Some(end) = rest.find('}') else {
                 return Err(ConfigError {
                     position: Some(line_col(text, i)),
@@ -440,6 +501,7 @@ fn interpolate(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<St
                     ..ConfigError::new(format!("environment variable `{name}` is not set"))
                 });
             };
+            let start = out.len();
             match state {
                 State::Basic | State::MultiBasic => {
                     for ch in value.chars() {
@@ -469,6 +531,7 @@ fn interpolate(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<St
                     out.push_str(&value);
                 }
             }
+            from_env.push(start..out.len());
             i += end + 1;
             continue;
         }
@@ -477,7 +540,28 @@ fn interpolate(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<St
         out.push_str(&rest[..ch_len]);
         i += ch_len;
     }
-    Ok(out)
+    Ok((out, from_env))
+}
+
+/// Whether the single-line string opening at byte `at` is a key: followed by `=` or `.` (a
+/// key or dotted key), or by `]` on a line that is a table header.
+fn string_is_key(text: &str, at: usize) -> bool {
+    let quote = text.as_bytes()[at];
+    let bytes = text.as_bytes();
+    let mut i = at + 1;
+    while i < bytes.len() && bytes[i] != quote && bytes[i] != b'\n' {
+        if quote == b'"' && bytes[i] == b'\\' {
+            i += 1;
+        }
+        i += 1;
+    }
+    let after = text
+        .get(i + 1..)
+        .unwrap_or_default()
+        .trim_start_matches([' ', '\t']);
+    let line_start = text[..at].rfind('\n').map_or(0, |n| n + 1);
+    let header = text[line_start..at].trim_start().starts_with('[');
+    after.starts_with('=') || after.starts_with('.') || (header && after.starts_with(']'))
 }
 
 /// An unquoted `${NAME}` at byte `at`: the variable must hold a TOML integer, float or
@@ -733,5 +817,54 @@ mod tests {
         assert!(cfg.sets("server.port"));
         assert!(cfg.sets("auth.api_keys.rate_limit"));
         assert!(!cfg.sets("server.host"));
+    }
+
+    #[test]
+    fn keys_are_never_interpolated() {
+        let env = |_: &str| Some("injected".to_string());
+        // A quoted key holding a reference stays literal (and is then an unknown key).
+        let err = parse_str("[server]\n\"${K}\" = 1\n", &env).unwrap_err();
+        assert!(err.message.contains("${K}"), "{err}");
+        assert!(!err.message.contains("injected"), "{err}");
+        let err = parse_str("[\"${K}\"]\nx = 1\n", &env).unwrap_err();
+        assert!(!err.message.contains("injected"), "{err}");
+        // Values still are, also in arrays and inline tables.
+        let cfg = parse_str(
+            "[server]\nallowed_origins = [\"${K}\"]\n[upstream.headers]\n\"X-A\" = \"${K}\"\n",
+            &env,
+        )
+        .unwrap();
+        assert_eq!(cfg.server.allowed_origins, ["injected"]);
+        assert_eq!(cfg.upstream.headers["X-A"], "injected");
+    }
+
+    #[test]
+    fn a_wrong_value_from_the_environment_is_not_echoed() {
+        let env = |_: &str| Some("S3cr3t-value".to_string());
+        let err = parse_str("[server]\nio = \"${IO}\"\n", &env).unwrap_err();
+        assert!(
+            err.message.contains("found a value from the environment"),
+            "{err}"
+        );
+        assert!(!err.to_string().contains("S3cr3t"), "{err}");
+    }
+
+    #[test]
+    fn hostile_characters_in_messages_are_made_printable() {
+        let err = parse_str("[server]\n\"p\\u001b[31m\" = 1\n", &env).unwrap_err();
+        let shown = err.to_string();
+        assert!(!shown.contains('\u{1b}'), "{shown:?}");
+        assert!(shown.contains("\\u{1b}"), "{shown:?}");
+    }
+
+    #[test]
+    fn an_oversized_file_is_refused() {
+        let big = format!("# {}\n", "x".repeat(MAX_CONFIG_BYTES));
+        assert!(
+            parse_str(&big, &env)
+                .unwrap_err()
+                .message
+                .contains("is refused")
+        );
     }
 }

@@ -11,7 +11,7 @@ use crate::audit::AuditOutput;
 use crate::auth::{Authenticator, api_key};
 use crate::authz::{Matcher, Policy, Rule};
 use crate::ratelimit::Limit;
-pub use load::{ConfigError, load_file, parse_str};
+pub use load::{ConfigError, load_file, parse_str, printable};
 use schema::{FileConfig, TransportKind};
 use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -259,6 +259,34 @@ pub fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
             "must be at least 1",
         ));
     }
+    for (key, secs) in [
+        ("server.header_timeout_secs", s.header_timeout_secs),
+        ("server.idle_timeout_secs", s.idle_timeout_secs),
+        ("server.body_timeout_secs", s.body_timeout_secs),
+        ("server.shutdown_grace_secs", s.shutdown_grace_secs),
+        ("upstream.timeout_secs", file.upstream.timeout_secs),
+    ] {
+        check_secs(key, secs)?;
+    }
+    let allowed_origins = s
+        .allowed_origins
+        .iter()
+        .enumerate()
+        .map(|(i, o)| {
+            normal_origin(o).map_err(|e| invalid(&format!("server.allowed_origins[{i}]"), e))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if file
+        .audit
+        .file
+        .as_deref()
+        .is_some_and(|f| f.trim().is_empty())
+    {
+        return Err(invalid(
+            "audit.file",
+            "is empty; name a file, or remove the key (an empty ${VAR} gives this)",
+        ));
+    }
     let workers = if s.workers == 0 {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     } else {
@@ -305,11 +333,7 @@ pub fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
             strict_tool_names: s.strict_tool_names,
             max_connections: s.max_connections,
             shutdown_grace: Duration::from_secs(s.shutdown_grace_secs),
-            allowed_origins: s
-                .allowed_origins
-                .iter()
-                .map(|o| o.trim_end_matches('/').to_ascii_lowercase())
-                .collect(),
+            allowed_origins,
         },
         admin,
         routes,
@@ -363,6 +387,21 @@ fn validate_auth(file: &FileConfig) -> Result<Authenticator, ConfigError> {
         if k.rate_limit == Some(0) {
             return Err(invalid(&format!("{key}.rate_limit"), "must be at least 1"));
         }
+        let tool_names = if file.server.strict_tool_names {
+            Names::Tools
+        } else {
+            Names::Any
+        };
+        for (list, entries, names) in [
+            ("allowed_tools", &k.allowed_tools, tool_names),
+            ("denied_tools", &k.denied_tools, tool_names),
+            ("allowed_resources", &k.allowed_resources, Names::Any),
+            ("denied_resources", &k.denied_resources, Names::Any),
+            ("allowed_prompts", &k.allowed_prompts, Names::Any),
+            ("denied_prompts", &k.denied_prompts, Names::Any),
+        ] {
+            check_patterns(&format!("{key}.{list}"), entries, names)?;
+        }
         let policy = Policy {
             tools: Rule {
                 allow: Matcher::new(&k.allowed_tools),
@@ -406,6 +445,16 @@ fn validate_rate(file: &FileConfig) -> Result<RateSettings, ConfigError> {
     }
     let mut per_tool = HashMap::new();
     for (tool, rps) in &r.per_tool {
+        let key = format!("rate_limit.per_tool.{tool}");
+        if tool.contains(['*', '?']) {
+            return Err(invalid(
+                &key,
+                "per_tool names tools exactly; `*` and `?` are not globs here",
+            ));
+        }
+        if file.server.strict_tool_names && !crate::mcp::jsonrpc::is_spec_tool_name(tool) {
+            return Err(invalid(&key, NEVER_A_TOOL));
+        }
         if *rps == 0 {
             return Err(invalid(
                 &format!("rate_limit.per_tool.{tool}"),
@@ -489,6 +538,7 @@ fn validate_upstream(u: &UpstreamKeys<'_>) -> Result<UpstreamSettings, ConfigErr
     if timeout.is_zero() {
         return Err(invalid(&key("timeout_secs"), "must be at least 1"));
     }
+    check_secs(&key("timeout_secs"), u.timeout_secs)?;
     let transport = match u.transport {
         TransportKind::Stdio => {
             let Some(command) = u.command.filter(|c| !c.trim().is_empty()).cloned() else {
@@ -621,22 +671,127 @@ fn validate_routes(file: &FileConfig, mcp_path: &str) -> Result<Vec<Route>, Conf
     let mut taken: HashMap<&str, &str> = HashMap::new();
     for r in &routes {
         for path in std::iter::once(r.endpoint.as_str()).chain(r.prefix.as_deref()) {
+            // The key that put this path here.
+            let key = if path != r.endpoint {
+                format!("{}.path_prefix", r.key)
+            } else if &*r.name == DEFAULT_ROUTE {
+                "server.mcp_path".to_string()
+            } else {
+                format!("{}.name", r.key)
+            };
             let reserved = matches!(path, "/health" | "/live" | "/ready" | "/routes");
             if reserved {
                 return Err(invalid(
-                    &format!("{}.path_prefix", r.key),
+                    &key,
                     format!("`{path}` is one of the gateway's own paths"),
                 ));
             }
             if let Some(other) = taken.insert(path, &r.key) {
                 return Err(invalid(
-                    &format!("{}.path_prefix", r.key),
+                    &key,
                     format!("`{path}` is already served by {other}"),
                 ));
             }
         }
     }
     Ok(routes)
+}
+
+/// Longest a duration may be: far beyond any sensible setting, and far from where adding it to
+/// the clock would overflow.
+const MAX_SECS: u64 = 365 * 24 * 3600;
+
+fn check_secs(key: &str, secs: u64) -> Result<(), ConfigError> {
+    if secs > MAX_SECS {
+        return Err(invalid(
+            key,
+            format!("{secs} s is more than a year ({MAX_SECS} s), the most accepted"),
+        ));
+    }
+    Ok(())
+}
+
+/// What the names in a policy list must look like.
+#[derive(Clone, Copy)]
+enum Names {
+    /// Tool names under `strict_tool_names`: the MCP character set, plus `*` and `?`.
+    Tools,
+    /// Anything printable.
+    Any,
+}
+
+const NEVER_A_TOOL: &str = "can never match a tool name: tool names are 1-128 characters of \
+                            A-Z a-z 0-9 _ - . (with `*` and `?` as globs in lists)";
+
+/// An entry that can never match is refused, not ignored: a deny rule that silently matches
+/// nothing (`"sleep "`) is a hole.
+fn check_patterns(key: &str, entries: &[String], names: Names) -> Result<(), ConfigError> {
+    for (i, e) in entries.iter().enumerate() {
+        let key = format!("{key}[{i}]");
+        if e.trim().is_empty() {
+            return Err(invalid(&key, "is empty, and matches nothing"));
+        }
+        if e.chars().any(char::is_control) {
+            return Err(invalid(
+                &key,
+                "holds control characters, and matches nothing",
+            ));
+        }
+        if let Names::Tools = names {
+            let fits = e.len() <= 128
+                && e.bytes().all(|b| {
+                    b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'*' | b'?')
+                });
+            if !fits {
+                return Err(invalid(&key, format!("`{e}` {NEVER_A_TOOL}")));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A browser origin as browsers send it: `scheme://host[:port]`, lower case, the scheme's
+/// default port dropped. `null` (sandboxed frames, `file:` pages) and `*` are refused: either
+/// would let any page in.
+fn normal_origin(o: &str) -> Result<String, String> {
+    let lower = o.trim().to_ascii_lowercase();
+    if lower == "null" || lower == "*" {
+        return Err(format!(
+            "`{o}` would admit any page (`null` is sent by sandboxed frames and file: pages); \
+             list each origin as scheme://host[:port]"
+        ));
+    }
+    let lower = lower.trim_end_matches('/');
+    let (scheme, rest) = lower
+        .split_once("://")
+        .filter(|(s, _)| matches!(*s, "http" | "https"))
+        .ok_or_else(|| format!("`{o}` is not an origin (scheme://host[:port], http or https)"))?;
+    if rest.is_empty() || rest.contains(['/', '?', '#', '@', ' ']) {
+        return Err(format!(
+            "`{o}` is not an origin: scheme://host[:port], without path, query or user"
+        ));
+    }
+    let default_port = if scheme == "https" { ":443" } else { ":80" };
+    Ok(format!(
+        "{scheme}://{}",
+        rest.strip_suffix(default_port).unwrap_or(rest)
+    ))
+}
+
+/// A URL as it may appear in a message: without user information or query, which may hold
+/// credentials.
+fn shown_url(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let rest = rest.split(['?', '#']).next().unwrap_or_default();
+    let rest = match rest.split_once('/') {
+        Some((auth, path)) => format!("{}/{path}", auth.rsplit('@').next().unwrap_or_default()),
+        None => rest.rsplit('@').next().unwrap_or_default().to_string(),
+    };
+    if scheme.is_empty() {
+        rest
+    } else {
+        format!("{scheme}://{rest}")
+    }
 }
 
 /// An absolute path with nothing to normalise: no empty, `.` or `..` segment, no percent
@@ -665,17 +820,32 @@ fn parse_http_upstream(
             "https upstreams are not supported by this build yet",
         ));
     } else {
-        return Err(invalid(url_key, format!("`{url}` is not an http:// URL")));
+        return Err(invalid(
+            url_key,
+            format!("`{}` is not an http:// URL", shown_url(url)),
+        ));
     };
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     };
-    if authority.is_empty() || authority.contains('@') {
-        return Err(invalid(url_key, format!("`{url}` has no usable host")));
+    if authority.contains('@') {
+        // Not echoed: the part before `@` is a credential.
+        return Err(invalid(
+            url_key,
+            format!(
+                "carries credentials (user:password@); send them as a header with {headers_key}"
+            ),
+        ));
+    }
+    if authority.is_empty() {
+        return Err(invalid(
+            url_key,
+            format!("`{}` has no host", shown_url(url)),
+        ));
     }
     let (host, port) = split_host_port(authority, 80)
-        .ok_or_else(|| invalid(url_key, format!("bad host:port in `{url}`")))?;
+        .ok_or_else(|| invalid(url_key, format!("bad host:port in `{}`", shown_url(url))))?;
     let addrs: Vec<SocketAddr> = (host.as_str(), port)
         .to_socket_addrs()
         .map_err(|e| invalid(url_key, format!("cannot resolve `{host}`: {e}")))?
@@ -683,38 +853,68 @@ fn parse_http_upstream(
     if addrs.is_empty() {
         return Err(invalid(url_key, format!("`{host}` resolves to nothing")));
     }
-    let mut out_headers = Vec::new();
+    let mut out_headers: Vec<(String, String)> = Vec::new();
     for (name, value) in headers {
         let valid_name = !name.is_empty()
             && name
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
-        if !valid_name || value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
+        // Values are visible ASCII, space and tab (and UTF-8 above): no control characters.
+        let valid_value = !value.chars().any(|c| c.is_control() && c != '\t');
+        if !valid_name || !valid_value {
             return Err(invalid(
                 headers_key,
-                format!("`{name}` is not a valid header"),
+                format!("`{}` is not a valid header", printable(name)),
             ));
         }
         let lower = name.to_ascii_lowercase();
-        if matches!(
-            lower.as_str(),
-            "host" | "content-length" | "transfer-encoding" | "connection"
-        ) {
+        if GATEWAY_HEADERS.contains(&lower.as_str()) {
             return Err(invalid(
                 headers_key,
-                format!("`{name}` is set by the gateway itself"),
+                format!(
+                    "`{name}` is set by the gateway itself (from the client's request or the \
+                     transport); configuring it would send it twice"
+                ),
+            ));
+        }
+        if let Some((first, _)) = out_headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        {
+            return Err(invalid(
+                headers_key,
+                format!("`{name}` and `{first}` are the same header"),
             ));
         }
         out_headers.push((name.clone(), value.clone()));
     }
     Ok(HttpUpstream {
-        url: url.to_string(),
+        url: shown_url(url),
         addrs,
         host_header: authority.to_string(),
         path: path.to_string(),
         headers: out_headers,
     })
 }
+
+/// Headers the gateway writes on every upstream request itself, lower case.
+const GATEWAY_HEADERS: &[&str] = &[
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "content-type",
+    "accept",
+    "mcp-session-id",
+    "mcp-protocol-version",
+    "mcp-method",
+    "mcp-name",
+    "last-event-id",
+    "traceparent",
+    "tracestate",
+    "user-agent",
+    "x-request-id",
+];
 
 /// Splits `host[:port]` (with `[v6]` brackets) into host and port.
 fn split_host_port(authority: &str, default_port: u16) -> Option<(String, u16)> {
@@ -885,5 +1085,127 @@ mod tests {
         assert!(
             warnings_of("[upstream]\ncommand = \"x\"\n[rate_limit]\nenabled = false\n").is_empty()
         );
+    }
+
+    fn refusal(text: &str) -> String {
+        settings(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn policy_entries_that_can_never_match_are_refused() {
+        let key = |extra: &str| {
+            format!(
+                "[upstream]\ncommand = \"x\"\n[[auth.api_keys]]\nid = \"a\"\nkey_hash = \"n4bQgYhMfWWaL+qgxVrQFaO/TxsrC4Is0V1sFbDwCgg=\"\n{extra}\n"
+            )
+        };
+        for entry in [
+            "\"sleep \"",
+            "\"\"",
+            "\"sleep/\"",
+            "\"[sleep]\"",
+            "\"sleep\\n\"",
+        ] {
+            let err = refusal(&key(&format!("denied_tools = [{entry}]")));
+            assert!(
+                err.contains("auth.api_keys[0].denied_tools[0]"),
+                "{entry}: {err}"
+            );
+        }
+        // Globs over the tool character set are fine.
+        settings(&key("denied_tools = [\"del*\", \"rm?\"]")).unwrap();
+        // With strict names off, tools may be named anything printable.
+        settings(&format!(
+            "[server]\nstrict_tool_names = false\n{}",
+            key("denied_tools = [\"sleep/x\"]")
+        ))
+        .unwrap();
+        let err =
+            refusal("[upstream]\ncommand = \"x\"\n[rate_limit]\nper_tool = { \"ec*\" = 1 }\n");
+        assert!(err.contains("per_tool names tools exactly"), "{err}");
+    }
+
+    #[test]
+    fn upstream_headers_the_gateway_sets_or_repeats_are_refused() {
+        let http = |headers: &str| {
+            format!(
+                "[upstream]\ntransport = \"http\"\nurl = \"http://127.0.0.1:1/mcp\"\nheaders = {{ {headers} }}\n"
+            )
+        };
+        for h in [
+            "\"Mcp-Session-Id\" = \"s\"",
+            "\"Accept\" = \"x\"",
+            "\"X-Request-Id\" = \"1\"",
+        ] {
+            assert!(
+                refusal(&http(h)).contains("is set by the gateway itself"),
+                "{h}"
+            );
+        }
+        assert!(refusal(&http("\"X-A\" = \"1\", \"x-a\" = \"2\"")).contains("are the same header"));
+        assert!(refusal(&http("\"X-A\" = \"a\\u0001b\"")).contains("is not a valid header"));
+        settings(&http("\"Authorization\" = \"Bearer up\"")).unwrap();
+    }
+
+    #[test]
+    fn urls_with_credentials_are_refused_without_echoing_them() {
+        let err = refusal(
+            "[upstream]\ntransport = \"http\"\nurl = \"http://user:hunter2@127.0.0.1:1/mcp\"\n",
+        );
+        assert!(err.contains("carries credentials"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+        let err =
+            refusal("[upstream]\ntransport = \"http\"\nurl = \"ftp://h/mcp?token=hunter2\"\n");
+        assert!(!err.contains("hunter2"), "{err}");
+        // A query is kept for the request but never shown.
+        let s = settings(
+            "[upstream]\ntransport = \"http\"\nurl = \"http://127.0.0.1:1/mcp?token=hunter2\"\n",
+        )
+        .unwrap();
+        let Transport::Http(h) = &s.routes[0].upstream.transport else {
+            panic!()
+        };
+        assert_eq!(h.url, "http://127.0.0.1:1/mcp");
+        assert_eq!(h.path, "/mcp?token=hunter2");
+    }
+
+    #[test]
+    fn durations_beyond_a_year_are_refused() {
+        let err = refusal(
+            "[server]\nheader_timeout_secs = 9223372036854775807\n[upstream]\ncommand = \"x\"\n",
+        );
+        assert!(
+            err.contains("server.header_timeout_secs") && err.contains("more than a year"),
+            "{err}"
+        );
+        let err = refusal("[upstream]\ncommand = \"x\"\ntimeout_secs = 99999999999\n");
+        assert!(err.contains("upstream.timeout_secs"), "{err}");
+    }
+
+    #[test]
+    fn origins_are_normalised_and_wildcards_refused() {
+        let s = settings("[server]\nallowed_origins = [\"HTTPS://App.Example.com:443/\", \"http://localhost:8080\"]\n[upstream]\ncommand = \"x\"\n").unwrap();
+        assert_eq!(
+            s.server.allowed_origins,
+            ["https://app.example.com", "http://localhost:8080"]
+        );
+        for bad in ["null", "*", "app.example.com", "https://a.com/path"] {
+            let err = refusal(&format!(
+                "[server]\nallowed_origins = [\"{bad}\"]\n[upstream]\ncommand = \"x\"\n"
+            ));
+            assert!(err.contains("server.allowed_origins[0]"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn small_mistakes_get_named() {
+        let err = refusal("[server]\nmcp_path = \"/live\"\n[upstream]\ncommand = \"x\"\n");
+        assert!(
+            err.contains("server.mcp_path: `/live` is one of the gateway's own paths"),
+            "{err}"
+        );
+        let err = refusal("[upstream]\ncommand = \"x\"\n[audit]\nfile = \"\"\n");
+        assert!(err.contains("audit.file: is empty"), "{err}");
+        let w = warnings_of("[admin]\nenabled = false\nport = 9\n[upstream]\ncommand = \"x\"\n");
+        assert_eq!(w, ["admin.port has no effect: admin.enabled is false"]);
     }
 }
