@@ -78,6 +78,8 @@ pub enum GatewayError {
     UpstreamTimeout,
     /// The upstream's request queue is full.
     UpstreamBusy,
+    /// A per-session stdio process cap (of this many) is reached.
+    ProcessCap(usize),
     /// The gateway is draining for shutdown.
     ShuttingDown,
     /// No credentials (`invalid: false`) or credentials not accepted (`invalid: true`).
@@ -120,7 +122,7 @@ impl GatewayError {
             Parse(_) | InvalidRequest(..) | InvalidParams(..) => 400,
             UpstreamUnavailable(_) => 502,
             UpstreamTimeout => 504,
-            UpstreamBusy | ShuttingDown => 503,
+            UpstreamBusy | ShuttingDown | ProcessCap(_) => 503,
             Unauthorized { .. } => 401,
             Denied(_) => 200,
             RateLimited { .. } => 429,
@@ -134,7 +136,9 @@ impl GatewayError {
             Parse(_) => code::PARSE_ERROR,
             InvalidRequest(..) | HeaderMismatch(_) => code::INVALID_REQUEST,
             InvalidParams(..) => code::INVALID_PARAMS,
-            UpstreamUnavailable(_) | UpstreamTimeout | UpstreamBusy => code::INTERNAL_ERROR,
+            UpstreamUnavailable(_) | UpstreamTimeout | UpstreamBusy | ProcessCap(_) => {
+                code::INTERNAL_ERROR
+            }
             Unauthorized { .. } => code::UNAUTHORIZED,
             Denied(_) | ServerForbidden(_) => code::FORBIDDEN,
             RateLimited { .. } => code::RATE_LIMITED,
@@ -172,6 +176,7 @@ impl GatewayError {
             UpstreamUnavailable(_) => "upstream_unavailable",
             UpstreamTimeout => "upstream_timeout",
             UpstreamBusy => "upstream_busy",
+            ProcessCap(_) => "process_cap",
             ShuttingDown => "shutting_down",
             Unauthorized { invalid: false } => "missing_credentials",
             Unauthorized { invalid: true } => "invalid_credentials",
@@ -213,6 +218,10 @@ impl GatewayError {
             UpstreamUnavailable(m) => format!("Upstream unavailable: {m}"),
             UpstreamTimeout => "Upstream did not respond in time".into(),
             UpstreamBusy => "Upstream is busy; retry later".into(),
+            ProcessCap(cap) => format!(
+                "No upstream process available: the cap of {cap} is reached; end an idle session \
+                 (DELETE) or retry later"
+            ),
             ShuttingDown => "Gateway is shutting down".into(),
             Unauthorized { invalid: false } => "Authentication required".into(),
             Unauthorized { invalid: true } => "Invalid credentials".into(),

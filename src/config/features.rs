@@ -44,12 +44,6 @@ pub const UNBUILT: &[Unbuilt] = &[
                   `http`",
     },
     Unbuilt {
-        path: "upstream.session_mode",
-        trigger: Trigger::Equals("per_session"),
-        message: "one stdio process per session is not in this build yet; use `shared` (the \
-                  shared process is isolated per session by request-id remapping)",
-    },
-    Unbuilt {
         path: "upstream.urls",
         trigger: Trigger::NonEmpty,
         message: "load-balanced replicas are not in this build yet; use upstream.url",
@@ -99,10 +93,6 @@ pub const NO_EFFECT: &[(&str, &str)] = &[
     (
         "upstream.load_balance",
         "it chooses among upstream.urls, which this build does not support",
-    ),
-    (
-        "upstream.max_processes",
-        "it caps session_mode = \"per_session\", which this build does not support",
     ),
     (
         "rate_limit.redis_url",
@@ -188,10 +178,6 @@ pub fn first_unbuilt_in(file: &FileConfig) -> Option<&'static Unbuilt> {
             TransportKind::Http => "http",
             TransportKind::Sse => "sse",
         })),
-        "upstream.session_mode" => Some(Seen::Str(match file.upstream.session_mode {
-            SessionMode::Shared => "shared",
-            SessionMode::PerSession => "per_session",
-        })),
         "upstream.urls" => Some(Seen::Array(file.upstream.urls.len())),
         "auth.jwt" => file.auth.jwt.as_ref().map(|_| Seen::Other),
         "auth.oauth" => file.auth.oauth.as_ref().map(|_| Seen::Other),
@@ -242,6 +228,22 @@ pub fn ignored_keys(file: &FileConfig) -> Vec<String> {
                     &format!("{key}.transport is {why}"),
                 );
             }
+        }
+    }
+    if file.upstream.session_mode == SessionMode::Shared && sets("upstream.max_processes") {
+        warn(
+            &mut warnings,
+            "upstream.max_processes",
+            "upstream.session_mode is \"shared\" (one process)",
+        );
+    }
+    for (i, s) in file.upstream.servers.iter().enumerate() {
+        if s.session_mode == SessionMode::Shared && s.max_processes.is_some() {
+            warn(
+                &mut warnings,
+                &format!("upstream.servers[{i}].max_processes"),
+                "its session_mode is \"shared\" (one process)",
+            );
         }
     }
     let has_default = file.upstream.servers.is_empty()

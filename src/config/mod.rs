@@ -114,6 +114,11 @@ pub struct ServerSettings {
     pub allowed_origins: Vec<String>,
 }
 
+/// `max_processes` when a per-session stdio upstream names none.
+const DEFAULT_MAX_PROCESSES: usize = 64;
+/// The most `max_processes` accepted (each child costs a process and four threads).
+const MAX_PROCESSES: usize = 4096;
+
 /// The name of the route of `[upstream]`, served at `server.mcp_path`.
 pub const DEFAULT_ROUTE: &str = "default";
 
@@ -179,6 +184,15 @@ pub enum Transport {
     Http(HttpUpstream),
 }
 
+/// `session_mode = "per_session"`: the limits of a stdio upstream's per-session children.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PerSession {
+    /// Children at most (one identity: half of it, at least one).
+    pub max_processes: usize,
+    /// A session without a request this long has its child stopped.
+    pub idle: Duration,
+}
+
 /// A stdio upstream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StdioSettings {
@@ -190,6 +204,8 @@ pub struct StdioSettings {
     pub env: Vec<(String, String)>,
     /// Working directory.
     pub cwd: Option<String>,
+    /// One child per session (`None`: one shared child).
+    pub per_session: Option<PerSession>,
 }
 
 /// A Streamable HTTP upstream, resolved at load time (no DNS on a worker).
@@ -264,6 +280,7 @@ pub fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
         ("server.idle_timeout_secs", s.idle_timeout_secs),
         ("server.body_timeout_secs", s.body_timeout_secs),
         ("server.shutdown_grace_secs", s.shutdown_grace_secs),
+        ("server.session_idle_secs", s.session_idle_secs),
         ("upstream.timeout_secs", file.upstream.timeout_secs),
     ] {
         check_secs(key, secs)?;
@@ -513,6 +530,9 @@ struct UpstreamKeys<'a> {
     env: &'a std::collections::BTreeMap<String, String>,
     cwd: Option<&'a String>,
     session_mode: schema::SessionMode,
+    max_processes: Option<usize>,
+    /// `server.session_idle_secs`.
+    session_idle_secs: u64,
     url: Option<&'a String>,
     urls: &'a [String],
     headers: &'a std::collections::BTreeMap<String, String>,
@@ -524,12 +544,6 @@ fn validate_upstream(u: &UpstreamKeys<'_>) -> Result<UpstreamSettings, ConfigErr
     let unbuilt = |path: &str| features::unbuilt_note(path).unwrap_or("not in this build");
     if u.transport == TransportKind::Sse {
         return Err(invalid(&key("transport"), unbuilt("upstream.transport")));
-    }
-    if u.session_mode == schema::SessionMode::PerSession {
-        return Err(invalid(
-            &key("session_mode"),
-            unbuilt("upstream.session_mode"),
-        ));
     }
     if !u.urls.is_empty() {
         return Err(invalid(&key("urls"), unbuilt("upstream.urls")));
@@ -547,11 +561,28 @@ fn validate_upstream(u: &UpstreamKeys<'_>) -> Result<UpstreamSettings, ConfigErr
                     "required for transport = \"stdio\" (the program to run)",
                 ));
             };
+            let per_session = match u.session_mode {
+                schema::SessionMode::Shared => None,
+                schema::SessionMode::PerSession => {
+                    let max_processes = u.max_processes.unwrap_or(DEFAULT_MAX_PROCESSES);
+                    if !(1..=MAX_PROCESSES).contains(&max_processes) {
+                        return Err(invalid(
+                            &key("max_processes"),
+                            format!("must be 1..={MAX_PROCESSES}"),
+                        ));
+                    }
+                    Some(PerSession {
+                        max_processes,
+                        idle: Duration::from_secs(u.session_idle_secs),
+                    })
+                }
+            };
             Transport::Stdio(StdioSettings {
                 command,
                 args: u.args.to_vec(),
                 env: u.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
                 cwd: u.cwd.cloned(),
+                per_session,
             })
         }
         TransportKind::Http | TransportKind::Sse => {
@@ -589,6 +620,8 @@ fn validate_routes(file: &FileConfig, mcp_path: &str) -> Result<Vec<Route>, Conf
             env: &u.env,
             cwd: u.cwd.as_ref(),
             session_mode: u.session_mode,
+            max_processes: u.max_processes,
+            session_idle_secs: file.server.session_idle_secs,
             url: u.url.as_ref(),
             urls: &u.urls,
             headers: &u.headers,
@@ -652,6 +685,8 @@ fn validate_routes(file: &FileConfig, mcp_path: &str) -> Result<Vec<Route>, Conf
             env: &s.env,
             cwd: s.cwd.as_ref(),
             session_mode: s.session_mode,
+            max_processes: s.max_processes,
+            session_idle_secs: file.server.session_idle_secs,
             url: s.url.as_ref(),
             urls: &s.urls,
             headers: &s.headers,

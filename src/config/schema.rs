@@ -231,6 +231,10 @@ pub struct ServerSection {
     /// On SIGTERM, in-flight requests get this long to finish.
     #[schemars(extend("x-type" = "seconds (whole number)"))]
     pub shutdown_grace_secs: u64,
+    /// A session without a request for this long ends: a per-session stdio child is stopped
+    /// (its client gets 404 and initializes again).
+    #[schemars(extend("x-type" = "seconds (whole number, at least 1)"))]
+    pub session_idle_secs: u64,
     /// Browser `Origin` values accepted; any other `Origin` gets 403. Requests without an
     /// `Origin` (non-browser clients) are not affected.
     #[schemars(extend("x-type" = "list of origins (`https://app.example.com`)"))]
@@ -260,6 +264,7 @@ impl Default for ServerSection {
             strict_tool_names: true,
             max_connections: 100_000,
             shutdown_grace_secs: 30,
+            session_idle_secs: 1800,
             allowed_origins: Vec::new(),
             public_url: None,
             tls: None,
@@ -332,12 +337,14 @@ pub struct UpstreamSection {
     /// stdio: the child's working directory (default: the gateway's).
     #[schemars(extend("x-type" = "directory path"))]
     pub cwd: Option<String>,
-    /// stdio: one shared process (request ids remapped per session) or one per session.
+    /// stdio: one shared process (request ids remapped per session) or one per session
+    /// (isolated by process; started on initialize, stopped on DELETE or after
+    /// `server.session_idle_secs` without a request).
     #[serde(default)]
-    #[schemars(extend("x-reload" = "restart"))]
     pub session_mode: SessionMode,
-    /// stdio `per_session`: process cap; idle processes are reaped.
-    #[schemars(extend("x-type" = "whole number, at least 1", "x-reload" = "restart"))]
+    /// stdio `per_session`: most children at once (default 64); one identity may hold half of
+    /// them (at least one). At the cap an initialize gets 503 with a JSON-RPC error.
+    #[schemars(extend("x-type" = "whole number 1–4096"))]
     pub max_processes: Option<usize>,
     /// (compat) http: the server's endpoint, `http://host[:port]/path`; resolved at load time.
     #[schemars(extend("x-type" = "URL"))]

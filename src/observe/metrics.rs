@@ -187,6 +187,10 @@ pub fn new_histogram() -> Histogram<u64> {
 pub struct GlobalMetrics {
     /// stdio upstream restarts.
     pub upstream_restarts: AtomicU64,
+    /// Per-session stdio children running.
+    pub stdio_processes: AtomicU64,
+    /// Initializes refused at a per-session process cap.
+    pub stdio_process_cap_refusals: AtomicU64,
     /// Config reloads applied.
     pub reloads_ok: AtomicU64,
     /// Config reloads refused (old snapshot kept).
@@ -290,6 +294,20 @@ impl Metrics {
             "counter",
             "Upstream failures: connect errors, resets, timeouts, malformed responses.",
             sum(&|w| w.upstream_errors.load(Relaxed)),
+        );
+        write_metric(
+            &mut out,
+            "mcp_guard_stdio_processes",
+            "gauge",
+            "Per-session stdio children running.",
+            self.global.stdio_processes.load(Relaxed),
+        );
+        write_metric(
+            &mut out,
+            "mcp_guard_stdio_process_cap_refusals_total",
+            "counter",
+            "Initializes refused because a per-session process cap (total or per identity) was reached.",
+            self.global.stdio_process_cap_refusals.load(Relaxed),
         );
         write_metric(
             &mut out,

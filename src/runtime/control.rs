@@ -101,6 +101,14 @@ pub fn run(path: &Path, loaded: FileStamp, signals: SignalEvents, shared: &Arc<S
             check_health(shared);
             next_health = Instant::now() + Duration::from_secs(2);
         }
+        if let Some(set) = shared.config.load().upstreams.as_deref() {
+            for pool in set.pools() {
+                let stopped = pool.reap_idle(Instant::now());
+                if stopped > 0 {
+                    tracing::info!(target: "mcp_guard::upstream", "stopped {stopped} idle per-session stdio child(ren)");
+                }
+            }
+        }
         for hub in take_retiring(shared, false) {
             // Joining a hub waits for its child to exit: not on the control loop.
             let _ = std::thread::Builder::new()

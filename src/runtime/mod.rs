@@ -194,7 +194,12 @@ pub fn run(path: PathBuf) -> Result<(), String> {
     let hubs = current
         .upstreams
         .iter()
-        .flat_map(|set| set.hubs().cloned())
+        .flat_map(|set| {
+            set.hubs()
+                .cloned()
+                .chain(set.pools().flat_map(|p| p.drain()))
+                .collect::<Vec<_>>()
+        })
         .chain(control::take_retiring(&shared, true));
     for hub in hubs {
         hub.shutdown();

@@ -9,6 +9,7 @@
 //! `router.rs` that every kind multiplexing sessions over one connection reuses).
 
 pub mod http;
+pub mod pool;
 pub mod router;
 pub mod set;
 pub mod stdio;
@@ -29,6 +30,8 @@ pub enum UpstreamRef<'u> {
     Http(&'u HttpUpstream),
     /// The shared stdio child.
     Stdio(&'u StdioHub),
+    /// A stdio child per session.
+    StdioPool(&'u pool::StdioPool),
 }
 
 /// What an upstream needs to know about a request besides its body, all already checked.
@@ -100,6 +103,8 @@ impl UpstreamRef<'_> {
             UpstreamRef::Http(up) => http::exchange(w, up, out, "POST", raw).await,
             UpstreamRef::Stdio(_) if !out.path_rest.is_empty() => Err(GatewayError::NotFound),
             UpstreamRef::Stdio(hub) => hub.post(out, body, raw).await,
+            UpstreamRef::StdioPool(_) if !out.path_rest.is_empty() => Err(GatewayError::NotFound),
+            UpstreamRef::StdioPool(pool) => pool.post(out, body, raw).await,
         }
     }
 
@@ -113,6 +118,8 @@ impl UpstreamRef<'_> {
             UpstreamRef::Http(up) => http::exchange(w, up, out, "GET", b"").await,
             UpstreamRef::Stdio(_) if !out.path_rest.is_empty() => Err(GatewayError::NotFound),
             UpstreamRef::Stdio(hub) => hub.stream(out).await,
+            UpstreamRef::StdioPool(_) if !out.path_rest.is_empty() => Err(GatewayError::NotFound),
+            UpstreamRef::StdioPool(pool) => pool.stream(out).await,
         }
     }
 
@@ -126,6 +133,8 @@ impl UpstreamRef<'_> {
             UpstreamRef::Http(up) => http::exchange(w, up, out, "DELETE", b"").await,
             UpstreamRef::Stdio(_) if !out.path_rest.is_empty() => Err(GatewayError::NotFound),
             UpstreamRef::Stdio(hub) => hub.end(out).await,
+            UpstreamRef::StdioPool(_) if !out.path_rest.is_empty() => Err(GatewayError::NotFound),
+            UpstreamRef::StdioPool(pool) => pool.end(out).await,
         }
     }
 }

@@ -7,6 +7,7 @@
 //! grace has passed.
 
 use super::UpstreamRef;
+use super::pool::StdioPool;
 use super::stdio::StdioHub;
 use crate::config::{HttpUpstream, Settings, StdioSettings, Transport};
 use crate::observe::metrics::Metrics;
@@ -28,15 +29,20 @@ pub enum Upstream {
     Http(Arc<HttpUpstream>, Arc<Probed>),
     /// A supervised stdio child, with the settings it was started from.
     Stdio(StdioSettings, Arc<StdioHub>),
+    /// A stdio child per session.
+    StdioPool(Arc<StdioPool>),
 }
 
 impl Upstream {
     fn start(transport: &Transport, metrics: &Arc<Metrics>) -> Result<Self, String> {
         Ok(match transport {
             Transport::Http(h) => Upstream::Http(Arc::new(h.clone()), Arc::default()),
-            Transport::Stdio(s) => {
-                Upstream::Stdio(s.clone(), StdioHub::start(s.clone(), metrics.clone())?)
-            }
+            Transport::Stdio(s) => match s.per_session {
+                Some(limits) => {
+                    Upstream::StdioPool(StdioPool::new(s.clone(), limits, metrics.clone()))
+                }
+                None => Upstream::Stdio(s.clone(), StdioHub::start(s.clone(), metrics.clone())?),
+            },
         })
     }
 
@@ -45,6 +51,9 @@ impl Upstream {
         match (self, wanted) {
             (Upstream::Stdio(running, hub), Transport::Stdio(w)) if running == w => {
                 Some(Upstream::Stdio(running.clone(), hub.clone()))
+            }
+            (Upstream::StdioPool(pool), Transport::Stdio(w)) if pool.settings() == w => {
+                Some(Upstream::StdioPool(pool.clone()))
             }
             // An HTTP upstream holds nothing that runs: what carries over is what its probes
             // learnt, while it is the same server.
@@ -60,6 +69,7 @@ impl Upstream {
         match self {
             Upstream::Http(h, _) => UpstreamRef::Http(h),
             Upstream::Stdio(_, hub) => UpstreamRef::Stdio(hub),
+            Upstream::StdioPool(pool) => UpstreamRef::StdioPool(pool),
         }
     }
 
@@ -68,6 +78,8 @@ impl Upstream {
         match self {
             Upstream::Http(_, p) => p.ready.load(Ordering::Relaxed),
             Upstream::Stdio(_, hub) => hub.is_alive(),
+            // Children start on demand; the command was checked when the pool was made.
+            Upstream::StdioPool(_) => true,
         }
     }
 
@@ -76,6 +88,7 @@ impl Upstream {
         match self {
             Upstream::Http(_, p) => p.answered.load(Ordering::Relaxed),
             Upstream::Stdio(_, hub) => hub.has_answered(),
+            Upstream::StdioPool(pool) => pool.has_answered(),
         }
     }
 }
@@ -142,11 +155,17 @@ impl UpstreamSet {
             upstreams.push((r.name.clone(), up));
         }
         let next_set = Self { upstreams };
-        let retired = self
+        let mut retired: Vec<Arc<StdioHub>> = self
             .hubs()
             .filter(|old| !next_set.hubs().any(|kept| Arc::ptr_eq(old, kept)))
             .cloned()
             .collect();
+        // A pool no longer used hands over its children: they end with it.
+        for old in self.pools() {
+            if !next_set.pools().any(|kept| Arc::ptr_eq(old, kept)) {
+                retired.extend(old.drain());
+            }
+        }
         Ok((next_set, retired))
     }
 
@@ -171,7 +190,15 @@ impl UpstreamSet {
     pub fn hubs(&self) -> impl Iterator<Item = &Arc<StdioHub>> {
         self.upstreams.iter().filter_map(|(_, u)| match u {
             Upstream::Stdio(_, hub) => Some(hub),
-            Upstream::Http(..) => None,
+            Upstream::Http(..) | Upstream::StdioPool(_) => None,
+        })
+    }
+
+    /// Every per-session pool of the set.
+    pub fn pools(&self) -> impl Iterator<Item = &Arc<StdioPool>> {
+        self.upstreams.iter().filter_map(|(_, u)| match u {
+            Upstream::StdioPool(pool) => Some(pool),
+            _ => None,
         })
     }
 

@@ -1,0 +1,141 @@
+//! `session_mode = "per_session"` through the real binary: a child per session (one
+//! session's crash is not another's), the process cap with each identity's share, DELETE and
+//! idle sessions stopping their child.
+
+mod common;
+
+use common::*;
+use mcp_guard::cli::hash_key;
+use std::time::{Duration, Instant};
+
+const KEYS: [(&str, &str); 3] = [
+    ("alice", "alice-key-0123456789"),
+    ("bob", "bob-key-0123456789"),
+    ("carol", "carol-key-0123456789"),
+];
+
+fn config(max_processes: usize, idle_secs: u64) -> String {
+    let keys: String = KEYS
+        .iter()
+        .map(|(id, key)| {
+            format!(
+                "[[auth.api_keys]]\nid = \"{id}\"\nkey_hash = \"{}\"\n",
+                hash_key(key)
+            )
+        })
+        .collect();
+    format!(
+        "[server]\nport = 0\nworkers = 2\nsession_idle_secs = {idle_secs}\n[admin]\nport = 0\n[upstream]\ntransport = \"stdio\"\ncommand = {DEMO:?}\nargs = [\"--test-tools\"]\nsession_mode = \"per_session\"\nmax_processes = {max_processes}\ntimeout_secs = 10\n{keys}"
+    )
+}
+
+fn post(g: &Gateway, key: &str, body: &str, sid: Option<&str>) -> Response {
+    mcp_post_as(g.addr, key, body, sid)
+}
+
+fn mcp_post_as(addr: std::net::SocketAddr, key: &str, body: &str, sid: Option<&str>) -> Response {
+    let sid = sid.map_or(String::new(), |s| format!("Mcp-Session-Id: {s}\r\n"));
+    request(
+        addr,
+        &format!(
+            "POST /mcp HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nAccept: {ACCEPT_BOTH}\r\n{sid}Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+}
+
+fn init(g: &Gateway, key: &str) -> Result<String, Response> {
+    let r = post(g, key, INIT, None);
+    if r.status != 200 {
+        return Err(r);
+    }
+    Ok(r.header("mcp-session-id").unwrap().to_string())
+}
+
+fn processes(g: &Gateway, want: f64) -> f64 {
+    g.metric_settles("mcp_guard_stdio_processes", &[], want)
+}
+
+#[test]
+fn each_session_has_its_own_child_and_one_crash_is_not_anothers() {
+    let g = Gateway::start(&config(8, 600));
+    let alice = init(&g, KEYS[0].1).unwrap();
+    let bob = init(&g, KEYS[1].1).unwrap();
+    assert_eq!(processes(&g, 2.0), 2.0);
+    // Bob's long call is in flight when Alice's child crashes.
+    let addr = g.addr;
+    let bob_sid = bob.clone();
+    let slow = std::thread::spawn(move || {
+        mcp_post_as(
+            addr,
+            KEYS[1].1,
+            &call(3, "sleep", r#"{"ms":1500}"#),
+            Some(&bob_sid),
+        )
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let crashed = post(&g, KEYS[0].1, &call(4, "crash", "{}"), Some(&alice));
+    assert!(
+        crashed.status >= 500 || rpc_result(&crashed).get("error").is_some(),
+        "{}",
+        crashed.text()
+    );
+    let r = slow.join().unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        rpc_result(&r)["result"]["content"][0]["text"],
+        "slept 1500ms"
+    );
+}
+
+#[test]
+fn the_process_cap_holds_with_a_share_per_identity() {
+    // Two children at most; one identity may hold one.
+    let g = Gateway::start(&config(2, 600));
+    let _alice = init(&g, KEYS[0].1).unwrap();
+    let refused = init(&g, KEYS[0].1).unwrap_err();
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    let error = &refused.json()["error"];
+    assert!(
+        error["message"].as_str().unwrap().contains("the cap of 1"),
+        "{error}"
+    );
+    let bob = init(&g, KEYS[1].1).unwrap();
+    let refused = init(&g, KEYS[2].1).unwrap_err();
+    assert!(
+        refused.text().contains("the cap of 2"),
+        "{}",
+        refused.text()
+    );
+    assert!(g.metric("mcp_guard_stdio_process_cap_refusals_total", &[]) >= 2.0);
+    // Ending a session frees its place.
+    let r = request(
+        g.addr,
+        &format!(
+            "DELETE /mcp HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {}\r\nMcp-Session-Id: {bob}\r\nConnection: close\r\n\r\n",
+            KEYS[1].1
+        ),
+    );
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert_eq!(processes(&g, 1.0), 1.0);
+    let ping = r#"{"jsonrpc":"2.0","id":9,"method":"ping"}"#;
+    assert_eq!(post(&g, KEYS[1].1, ping, Some(&bob)).status, 404);
+    init(&g, KEYS[2].1).unwrap();
+}
+
+#[test]
+fn an_idle_session_has_its_child_stopped() {
+    let g = Gateway::start(&config(4, 1));
+    let sid = init(&g, KEYS[0].1).unwrap();
+    assert_eq!(processes(&g, 1.0), 1.0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while g.metric("mcp_guard_stdio_processes", &[]) > 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the idle child was never stopped"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let ping = r#"{"jsonrpc":"2.0","id":9,"method":"ping"}"#;
+    assert_eq!(post(&g, KEYS[0].1, ping, Some(&sid)).status, 404);
+}
