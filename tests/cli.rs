@@ -315,6 +315,47 @@ fn hash_key_is_base64_sha256() {
 }
 
 #[test]
+fn run_refuses_a_port_another_gateway_already_listens_on() {
+    let first = Gateway::start(&stdio_config("auto", "", &[]));
+    let port = first.addr.port();
+    let cfg = stdio_config("auto", "", &[]).replacen("port = 0\n", &format!("port = {port}\n"), 1);
+    assert!(cfg.contains(&format!("port = {port}\n")));
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("second.toml");
+    std::fs::write(&p, cfg).unwrap();
+    let mut second = Command::new(GUARD)
+        .args(["--config", p.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // SO_REUSEPORT alone would let it start and take half of the first one's connections.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = second.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = second.kill();
+            let _ = second.wait();
+            panic!("a second gateway started on port {port}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("cannot listen on {}", first.addr))
+            && err.contains("another process (perhaps another mcp-guard")
+            && !err.contains("listening on http"),
+        "{err}"
+    );
+    // The first one is untouched.
+    initialize(first.addr);
+}
+
+#[test]
 fn check_upstream_passes_for_live_servers_and_fails_for_dead_ones() {
     let dir = tempfile::tempdir().unwrap();
     let stdio = dir.path().join("stdio.toml");
