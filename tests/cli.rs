@@ -315,6 +315,65 @@ fn hash_key_is_base64_sha256() {
 }
 
 #[test]
+fn init_never_writes_through_a_symlink_and_its_files_are_private() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let elsewhere = d.join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    let important = elsewhere.join("important.conf");
+    std::fs::write(&important, "IMPORTANT\n").unwrap();
+    // A dangling link: without --force it "exists", and its target is not created.
+    let dangling = d.join("guard.toml");
+    std::os::unix::fs::symlink(elsewhere.join("created-by-init"), &dangling).unwrap();
+    let (code, _, err) = run(&["init", "--output", dangling.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("already exists"), "{err}");
+    assert!(!elsewhere.join("created-by-init").exists());
+    // With --force, a link is replaced, and its target is left as it was.
+    let linked = d.join("g2.toml");
+    std::os::unix::fs::symlink(&important, &linked).unwrap();
+    let (code, _, err) = run(&[
+        "init",
+        "--with-key",
+        "--force",
+        "-o",
+        linked.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(std::fs::read_to_string(&important).unwrap(), "IMPORTANT\n");
+    let meta = std::fs::symlink_metadata(&linked).unwrap();
+    assert!(meta.file_type().is_file(), "{meta:?}");
+    assert!(
+        std::fs::read_to_string(&linked)
+            .unwrap()
+            .contains("[[auth.api_keys]]")
+    );
+    assert_eq!(mode(&linked), 0o600);
+    // A file someone else left there, world-writable, is replaced by a private one.
+    let open = d.join("g3.toml");
+    std::fs::write(&open, "").unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let (code, _, err) = run(&["init", "--force", "--output", open.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(mode(&open), 0o600);
+    // A new file is private too; and no temporary file is left behind.
+    let (code, _, err) = run(&["init", "--output", d.join("g4.toml").to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(mode(&d.join("g4.toml")), 0o600);
+    let mut names: Vec<String> = std::fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["elsewhere", "g2.toml", "g3.toml", "g4.toml", "guard.toml"]
+    );
+}
+
+#[test]
 fn run_refuses_a_port_another_gateway_already_listens_on() {
     let first = Gateway::start(&stdio_config("auto", "", &[]));
     let port = first.addr.port();

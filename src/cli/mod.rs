@@ -387,11 +387,6 @@ fn init(output: &str, force: bool, with_key: Option<&str>) -> Result<(), String>
         return Ok(());
     }
     let path = std::path::Path::new(output);
-    if path.exists() && !force {
-        return Err(format!(
-            "{output} already exists (use --force to overwrite)"
-        ));
-    }
     // The audit file sits next to the configuration, written as a full path: the gateway
     // resolves relative paths from the directory it runs in, which is not always this one.
     let cwd =
@@ -414,7 +409,13 @@ fn init(output: &str, force: bool, with_key: Option<&str>) -> Result<(), String>
             .zip(hash.as_deref())
             .map(|((id, _), h)| (*id, h)),
     });
-    std::fs::write(path, text).map_err(|e| format!("cannot write {output}: {e}"))?;
+    write_private(path, &text, force).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists && !force {
+            format!("{output} already exists (use --force to overwrite)")
+        } else {
+            format!("cannot write {output}: {e}")
+        }
+    })?;
     let me = invoked_as();
     let upstream = match &demo {
         Some(_) => format!("the bundled {DEMO_SERVER} (found next to {me})"),
@@ -444,6 +445,50 @@ fn init(output: &str, force: bool, with_key: Option<&str>) -> Result<(), String>
         println!("{k}");
     }
     Ok(())
+}
+
+/// Writes a configuration `init` made, as a new file of mode 0600 (less any umask bits): it
+/// holds key hashes and the policy. Never through what is already at `path`:
+/// - without `force`, `create_new` (O_CREAT|O_EXCL) fails where anything exists, a symlink
+///   included, dangling or not, instead of following it: a link planted in a shared directory
+///   cannot aim the write at a file elsewhere;
+/// - with `force`, the text goes to a new file of a random name in the same directory, which
+///   is then renamed over `path`. A rename replaces the entry itself: a symlink there is
+///   replaced, its target untouched, and a file someone else created there (with their owner
+///   and mode) is replaced by ours.
+fn write_private(path: &std::path::Path, text: &str, force: bool) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let write_new = |p: &std::path::Path| -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(p)?;
+        // A half-written file is worse than none: it is removed on failure.
+        f.write_all(text.as_bytes())
+            .and_then(|()| f.sync_all())
+            .inspect_err(|_| {
+                let _ = std::fs::remove_file(p);
+            })
+    };
+    if !force {
+        return write_new(path);
+    }
+    let name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file name"))?;
+    let suffix: String = crate::mcp::session::random_bytes::<8>()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".{suffix}.tmp"));
+    let tmp = path.with_file_name(tmp_name);
+    write_new(&tmp)?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
 }
 
 /// `key_hash` format: standard base64 of the SHA-256 of the key's bytes.
