@@ -314,6 +314,69 @@ fn hash_key_is_base64_sha256() {
     assert_eq!(out.trim(), "n4bQgYhMfWWaL+qgxVrQFaO/TxsrC4Is0V1sFbDwCgg=");
 }
 
+/// Runs `mcp-guard ARGS` with `input` on stdin; returns (exit code, stdout, stderr).
+fn run_stdin(args: &[&str], input: &[u8]) -> (i32, String, String) {
+    use std::io::Write as _;
+    let mut child = Command::new(GUARD)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The key may be longer than the command reads: a closed pipe is not a test failure.
+    let _ = child.stdin.take().unwrap().write_all(input);
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn hash_key_dash_reads_one_line_from_stdin_and_refuses_keys_the_gateway_never_accepts() {
+    let key = "mcpg_a_long_enough_test_key";
+    let (_, by_arg, err) = run(&["hash-key", key]);
+    assert!(err.is_empty(), "{err}");
+    // The trailing newline (LF or CRLF) is not part of the key; a second line is not read.
+    for input in [format!("{key}\n"), format!("{key}\r\n"), key.to_string()] {
+        let (code, out, err) = run_stdin(&["hash-key", "-"], input.as_bytes());
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(out, by_arg, "{input:?}");
+        assert!(err.is_empty(), "{err}");
+    }
+    let (_, out, _) = run_stdin(&["hash-key", "-"], format!("{key}\nsecond\n").as_bytes());
+    assert_eq!(out, by_arg);
+    assert!(run(&["hash-key", "--help"]).1.contains("stdin"));
+    // A short key is hashed, with a warning on stderr only.
+    let (code, out, err) = run_stdin(&["hash-key", "-"], b"test\n");
+    assert_eq!(code, 0);
+    assert_eq!(out.trim(), "n4bQgYhMfWWaL+qgxVrQFaO/TxsrC4Is0V1sFbDwCgg=");
+    assert!(err.contains("warning: the key is only 4 bytes"), "{err}");
+    // The gateway's limit is 512 bytes: up to it is fine, past it is refused, either way in.
+    let (code, _, err) = run(&["hash-key", &"a".repeat(512)]);
+    assert_eq!(code, 0, "{err}");
+    let long = "a".repeat(513);
+    let (code, out, err) = run(&["hash-key", &long]);
+    assert_eq!(code, 1);
+    assert!(
+        out.is_empty() && err.contains("longer than 512 bytes"),
+        "{err}"
+    );
+    let (code, out, err) = run_stdin(&["hash-key", "-"], "é".repeat(5000).as_bytes());
+    assert_eq!(code, 1);
+    assert!(
+        out.is_empty() && err.contains("longer than 512 bytes"),
+        "{err}"
+    );
+    for empty in [&b""[..], b"\n"] {
+        let (code, _, err) = run_stdin(&["hash-key", "-"], empty);
+        assert_eq!(code, 1);
+        assert!(err.contains("must not be empty"), "{err}");
+    }
+}
+
 #[test]
 fn init_never_writes_through_a_symlink_and_its_files_are_private() {
     use std::os::unix::fs::PermissionsExt as _;

@@ -59,8 +59,13 @@ enum Command {
         user_id: String,
     },
     /// Print the key_hash of an existing API key.
+    ///
+    /// Give "-" instead of the key to read it from stdin (one line; its trailing newline is not
+    /// part of the key), which keeps it out of the process list and the shell history:
+    /// `mcp-guard hash-key - < key.txt`. A key longer than the gateway accepts (512 bytes) is
+    /// refused; one shorter than 16 bytes is hashed with a warning.
     HashKey {
-        /// The key.
+        /// The key, or "-" to read it from stdin.
         key: String,
     },
     /// Perform the MCP initialize handshake with each configured upstream.
@@ -125,14 +130,7 @@ pub fn main() -> ExitCode {
             with_key,
         }) => report(init(&output, force, with_key.as_deref())),
         Some(Command::Keygen { user_id }) => report(keygen(&user_id)),
-        Some(Command::HashKey { key }) => {
-            if key.is_empty() {
-                eprintln!("error: the key must not be empty");
-                return ExitCode::FAILURE;
-            }
-            println!("{}", hash_key(&key));
-            ExitCode::SUCCESS
-        }
+        Some(Command::HashKey { key }) => report(hash_key_command(&key)),
         Some(Command::ConfigReference) => {
             print!("{}", crate::config::reference::markdown());
             ExitCode::SUCCESS
@@ -489,6 +487,53 @@ fn write_private(path: &std::path::Path, text: &str, force: bool) -> std::io::Re
     std::fs::rename(&tmp, path).inspect_err(|_| {
         let _ = std::fs::remove_file(&tmp);
     })
+}
+
+/// Keys shorter than this are hashed with a warning: few enough bytes to guess.
+const SHORT_KEY: usize = 16;
+
+/// `hash-key KEY`, or `hash-key -` reading the key from stdin.
+fn hash_key_command(arg: &str) -> Result<(), String> {
+    use std::io::{BufRead as _, Read as _};
+    let max = crate::auth::api_key::MAX_KEY_LEN;
+    let key = if arg == "-" {
+        let stdin = std::io::stdin();
+        if std::io::IsTerminal::is_terminal(&stdin) {
+            eprint!("key (one line): ");
+        }
+        // Bounded: a line longer than any key the gateway accepts is refused below anyway,
+        // and `hash-key - < /dev/zero` must not fill the memory. Bytes first, so a long line
+        // cut inside a character is reported as too long, not as bad UTF-8.
+        let mut line = Vec::new();
+        stdin
+            .lock()
+            .take(max as u64 + 3)
+            .read_until(b'\n', &mut line)
+            .map_err(|e| format!("cannot read the key from stdin: {e}"))?;
+        let line = line.strip_suffix(b"\n").unwrap_or(&line);
+        line.strip_suffix(b"\r").unwrap_or(line).to_vec()
+    } else {
+        arg.as_bytes().to_vec()
+    };
+    if key.is_empty() {
+        return Err("the key must not be empty".into());
+    }
+    if key.len() > max {
+        return Err(format!(
+            "the key is longer than {max} bytes, the most the gateway accepts: its hash could \
+             never match a request"
+        ));
+    }
+    let key = String::from_utf8(key).map_err(|_| "the key is not valid UTF-8".to_string())?;
+    if key.len() < SHORT_KEY {
+        eprintln!(
+            "warning: the key is only {} bytes, short enough to guess; use at least {SHORT_KEY} \
+             random bytes (`mcp-guard keygen` makes a 32-byte one)",
+            key.len()
+        );
+    }
+    println!("{}", hash_key(&key));
+    Ok(())
 }
 
 /// `key_hash` format: standard base64 of the SHA-256 of the key's bytes.
