@@ -437,6 +437,100 @@ fn init_never_writes_through_a_symlink_and_its_files_are_private() {
 }
 
 #[test]
+fn ids_and_paths_holding_dollar_braces_are_written_literally_not_as_env_references() {
+    let dir = tempfile::tempdir().unwrap();
+    // The output directory's name and the identity both look like references.
+    let sub = dir.path().join("${HOME}x");
+    std::fs::create_dir(&sub).unwrap();
+    let out = sub.join("g.toml");
+    let (code, key, err) = run(&[
+        "init",
+        "--with-key",
+        "${HOME}x",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let key = key.trim();
+    let written = std::fs::read_to_string(&out).unwrap();
+    assert!(!written.contains("${HOME}"), "{written}");
+    assert!(written.contains("id = \"\\u0024{HOME}x\""), "{written}");
+    let (code, _, err) = run(&["validate", "--config", out.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    // Run with HOME set to something else: the identity and the audit file's directory are
+    // the literal names, not HOME's value.
+    let g = Gateway::start_env(&on_free_ports(&written), &[("HOME", "/nonexistent-home")]);
+    let r = request(
+        g.addr,
+        &mcp_post_raw(INIT, None, &format!("Authorization: Bearer {key}\r\n")),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let audit = sub.join("audit.jsonl");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let text = std::fs::read_to_string(&audit).unwrap_or_default();
+        if text.contains("\"identity\":\"${HOME}x\"") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "audit: {text}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // keygen's entry, pasted into a configuration, loads as the same literal identity.
+    let (code, entry, err) = run(&["keygen", "--user-id", "${HOME}x"]);
+    assert_eq!(code, 0, "{err}");
+    let entry = &entry[entry.find("[[auth.api_keys]]").unwrap()..];
+    assert!(entry.contains("id = \"\\u0024{HOME}x\""), "{entry}");
+    let parsed: toml::Table = toml::from_str(entry).unwrap();
+    assert_eq!(
+        parsed["auth"]["api_keys"][0]["id"].as_str(),
+        Some("${HOME}x")
+    );
+    let cfg = dir.path().join("keygen.toml");
+    std::fs::write(&cfg, format!("{}\n{entry}", stdio_config("auto", "", &[]))).unwrap();
+    let out = Command::new(GUARD)
+        .args(["validate", "--config", cfg.to_str().unwrap()])
+        .env_remove("HOME")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn ids_with_control_or_invisible_formatting_characters_are_refused_without_echoing_them() {
+    let dir = tempfile::tempdir().unwrap();
+    for id in [
+        "a\u{1b}[31mRED\u{7}",
+        "tab\there",
+        "admin\u{202E}txt",
+        "ad\u{200B}min",
+        "\u{FEFF}agent",
+        "x\u{2066}y",
+        "c1\u{85}",
+    ] {
+        let out = dir.path().join("c.toml");
+        let (code, _, err) = run(&["init", "--with-key", id, "-o", out.to_str().unwrap()]);
+        assert_eq!(code, 1, "{id:?}");
+        assert!(err.contains("--with-key must be non-empty"), "{err}");
+        assert!(!err.contains(id), "the refusal echoes the id: {err:?}");
+        assert!(!out.exists());
+        let (code, stdout, err) = run(&["keygen", "--user-id", id]);
+        assert_eq!(code, 1, "{id:?}");
+        assert!(
+            stdout.is_empty() && err.contains("--user-id must be"),
+            "{err}"
+        );
+    }
+    // Ordinary non-ASCII names stay welcome.
+    let (code, _, err) = run(&["keygen", "--user-id", "José-Ω"]);
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
 fn run_refuses_a_port_another_gateway_already_listens_on() {
     let first = Gateway::start(&stdio_config("auto", "", &[]));
     let port = first.addr.port();

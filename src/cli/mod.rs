@@ -292,9 +292,28 @@ struct Starter<'a> {
     key: Option<(&'a str, &'a str)>,
 }
 
-/// A TOML basic string holding `s` (escaped as TOML, not as Rust, wants).
+/// A TOML basic string holding `s`, for every string `init` and `keygen` write (IDs, paths).
+/// Always a basic string: a literal ('...') one can escape nothing. `$` is written as the
+/// escape `\u0024`, because the loader expands `${NAME}` in the raw text before TOML unescapes
+/// it: an ID or a directory named `${HOME}x` must stay that text, not become a reference that
+/// puts an environment value (a secret) into the audit trail, or breaks loading when unset.
 fn toml_string(s: &str) -> String {
-    toml::Value::String(s.to_string()).to_string()
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '$' => out.push_str("\\u0024"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 /// The starter configuration, filled in.
@@ -551,11 +570,31 @@ fn new_key() -> String {
     )
 }
 
-/// An identity written into a TOML string by hand must not need escaping.
+/// Characters that are invisible or reorder the text around them on a terminal:
+/// bidirectional marks, embeddings, overrides and isolates, zero-width characters, line and
+/// paragraph separators, the byte order mark.
+fn is_invisible_format(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061C}' | '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{2060}'..='\u{2069}'
+            | '\u{FEFF}'
+    )
+}
+
+/// An identity given on the command line. It ends up in logs, audit lines and the messages
+/// printed here: one holding control characters (terminal escapes) or invisible formatting
+/// characters would show as something else than it is, so those are refused (and the refusal
+/// does not echo it). Quotes and backslashes are refused too: people copy IDs into files by
+/// hand.
 fn check_key_id(id: &str, option: &str) -> Result<(), String> {
-    if id.trim().is_empty() || id.contains(['"', '\\', '\n', '\r']) {
+    if id.trim().is_empty()
+        || id.contains(['"', '\\'])
+        || id.chars().any(|c| c.is_control() || is_invisible_format(c))
+    {
         return Err(format!(
-            "{option} must be non-empty and must not contain quotes, backslashes or newlines"
+            "{option} must be non-empty and must not contain quotes, backslashes, control \
+             characters (newlines, terminal escapes) or invisible formatting characters \
+             (bidirectional overrides, zero-width characters)"
         ));
     }
     Ok(())
@@ -567,8 +606,9 @@ fn keygen(user_id: &str) -> Result<(), String> {
     println!("API key for {user_id} (shown once; store it now):\n\n  {key}\n");
     println!("Add to the configuration:\n");
     println!(
-        "[[auth.api_keys]]\nid = \"{user_id}\"\nkey_hash = \"{}\"",
-        hash_key(&key)
+        "[[auth.api_keys]]\nid = {}\nkey_hash = {}",
+        toml_string(user_id),
+        toml_string(&hash_key(&key))
     );
     Ok(())
 }
@@ -576,6 +616,26 @@ fn keygen(user_id: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn toml_strings_round_trip_and_never_hold_a_reference_for_the_loader() {
+        for s in [
+            "plain",
+            "${HOME}x",
+            "$${A}",
+            "q\"b\\n\nt\tc\u{1}\u{7f}\u{85}",
+            "'lit'",
+            "José",
+        ] {
+            let written = toml_string(s);
+            assert!(
+                written.starts_with('"') && !written.contains('$'),
+                "{written}"
+            );
+            let v: toml::Table = toml::from_str(&format!("k = {written}")).unwrap();
+            assert_eq!(v["k"].as_str(), Some(s));
+        }
+    }
 
     #[test]
     fn the_starter_falls_back_to_the_bare_demo_name_with_a_comment() {
