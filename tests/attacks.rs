@@ -1200,6 +1200,31 @@ fn reload_to_a_file_without_api_keys_is_refused_and_keys_stay_required() {
     }
 }
 
+#[test]
+fn reload_dropping_the_keys_and_changing_a_restart_key_is_counted_and_audited_as_a_downgrade() {
+    let lab = stdio_lab();
+    // server.workers needs a restart; the keys going is the more serious refusal and is the
+    // one reported.
+    let cfg = config_without_keys(&lab);
+    assert!(cfg.contains("workers = 2\n"), "{cfg}");
+    lab.g
+        .rewrite_config(&cfg.replacen("workers = 2\n", "workers = 1\n", 1));
+    lab.g.signal(libc::SIGHUP);
+    wait_reload_outcome(&lab);
+    assert_eq!(mcp_post(lab.addr(), INIT, None).status, 401);
+    assert!(
+        lab.g.wait_log("would make every caller anonymous", WAIT),
+        "{}",
+        lab.g.logs.lock().unwrap().join("\n")
+    );
+    assert_eq!(
+        lab.g
+            .metric("mcp_guard_config_reloads_auth_downgrade_refused_total", &[]),
+        1.0
+    );
+    lab.wait_audit(|l| l["method"] == "config/reload" && l["reason"] == "auth_downgrade");
+}
+
 /// The watcher (checks every 500 ms) may read a file mid-write: here a file whose writer puts
 /// the keys last, read before they were written. It must never make the gateway anonymous.
 #[test]

@@ -314,6 +314,263 @@ fn hash_key_is_base64_sha256() {
     assert_eq!(out.trim(), "n4bQgYhMfWWaL+qgxVrQFaO/TxsrC4Is0V1sFbDwCgg=");
 }
 
+/// Runs `mcp-guard ARGS` with `input` on stdin; returns (exit code, stdout, stderr).
+fn run_stdin(args: &[&str], input: &[u8]) -> (i32, String, String) {
+    use std::io::Write as _;
+    let mut child = Command::new(GUARD)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The key may be longer than the command reads: a closed pipe is not a test failure.
+    let _ = child.stdin.take().unwrap().write_all(input);
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn hash_key_dash_reads_one_line_from_stdin_and_refuses_keys_the_gateway_never_accepts() {
+    let key = "mcpg_a_long_enough_test_key";
+    let (_, by_arg, err) = run(&["hash-key", key]);
+    assert!(err.is_empty(), "{err}");
+    // The trailing newline (LF or CRLF) is not part of the key; a second line is not read.
+    for input in [format!("{key}\n"), format!("{key}\r\n"), key.to_string()] {
+        let (code, out, err) = run_stdin(&["hash-key", "-"], input.as_bytes());
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(out, by_arg, "{input:?}");
+        assert!(err.is_empty(), "{err}");
+    }
+    let (_, out, _) = run_stdin(&["hash-key", "-"], format!("{key}\nsecond\n").as_bytes());
+    assert_eq!(out, by_arg);
+    assert!(run(&["hash-key", "--help"]).1.contains("stdin"));
+    // A short key is hashed, with a warning on stderr only.
+    let (code, out, err) = run_stdin(&["hash-key", "-"], b"test\n");
+    assert_eq!(code, 0);
+    assert_eq!(out.trim(), "n4bQgYhMfWWaL+qgxVrQFaO/TxsrC4Is0V1sFbDwCgg=");
+    assert!(err.contains("warning: the key is only 4 bytes"), "{err}");
+    // The gateway's limit is 512 bytes: up to it is fine, past it is refused, either way in.
+    let (code, _, err) = run(&["hash-key", &"a".repeat(512)]);
+    assert_eq!(code, 0, "{err}");
+    let long = "a".repeat(513);
+    let (code, out, err) = run(&["hash-key", &long]);
+    assert_eq!(code, 1);
+    assert!(
+        out.is_empty() && err.contains("longer than 512 bytes"),
+        "{err}"
+    );
+    let (code, out, err) = run_stdin(&["hash-key", "-"], "é".repeat(5000).as_bytes());
+    assert_eq!(code, 1);
+    assert!(
+        out.is_empty() && err.contains("longer than 512 bytes"),
+        "{err}"
+    );
+    for empty in [&b""[..], b"\n"] {
+        let (code, _, err) = run_stdin(&["hash-key", "-"], empty);
+        assert_eq!(code, 1);
+        assert!(err.contains("must not be empty"), "{err}");
+    }
+}
+
+#[test]
+fn init_never_writes_through_a_symlink_and_its_files_are_private() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let elsewhere = d.join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    let important = elsewhere.join("important.conf");
+    std::fs::write(&important, "IMPORTANT\n").unwrap();
+    // A dangling link: without --force it "exists", and its target is not created.
+    let dangling = d.join("guard.toml");
+    std::os::unix::fs::symlink(elsewhere.join("created-by-init"), &dangling).unwrap();
+    let (code, _, err) = run(&["init", "--output", dangling.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("already exists"), "{err}");
+    assert!(!elsewhere.join("created-by-init").exists());
+    // With --force, a link is replaced, and its target is left as it was.
+    let linked = d.join("g2.toml");
+    std::os::unix::fs::symlink(&important, &linked).unwrap();
+    let (code, _, err) = run(&[
+        "init",
+        "--with-key",
+        "--force",
+        "-o",
+        linked.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(std::fs::read_to_string(&important).unwrap(), "IMPORTANT\n");
+    let meta = std::fs::symlink_metadata(&linked).unwrap();
+    assert!(meta.file_type().is_file(), "{meta:?}");
+    assert!(
+        std::fs::read_to_string(&linked)
+            .unwrap()
+            .contains("[[auth.api_keys]]")
+    );
+    assert_eq!(mode(&linked), 0o600);
+    // A file someone else left there, world-writable, is replaced by a private one.
+    let open = d.join("g3.toml");
+    std::fs::write(&open, "").unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let (code, _, err) = run(&["init", "--force", "--output", open.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(mode(&open), 0o600);
+    // A new file is private too; and no temporary file is left behind.
+    let (code, _, err) = run(&["init", "--output", d.join("g4.toml").to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(mode(&d.join("g4.toml")), 0o600);
+    let mut names: Vec<String> = std::fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["elsewhere", "g2.toml", "g3.toml", "g4.toml", "guard.toml"]
+    );
+}
+
+#[test]
+fn ids_and_paths_holding_dollar_braces_are_written_literally_not_as_env_references() {
+    let dir = tempfile::tempdir().unwrap();
+    // The output directory's name and the identity both look like references.
+    let sub = dir.path().join("${HOME}x");
+    std::fs::create_dir(&sub).unwrap();
+    let out = sub.join("g.toml");
+    let (code, key, err) = run(&[
+        "init",
+        "--with-key",
+        "${HOME}x",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let key = key.trim();
+    let written = std::fs::read_to_string(&out).unwrap();
+    assert!(!written.contains("${HOME}"), "{written}");
+    assert!(written.contains("id = \"\\u0024{HOME}x\""), "{written}");
+    let (code, _, err) = run(&["validate", "--config", out.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    // Run with HOME set to something else: the identity and the audit file's directory are
+    // the literal names, not HOME's value.
+    let g = Gateway::start_env(&on_free_ports(&written), &[("HOME", "/nonexistent-home")]);
+    let r = request(
+        g.addr,
+        &mcp_post_raw(INIT, None, &format!("Authorization: Bearer {key}\r\n")),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let audit = sub.join("audit.jsonl");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let text = std::fs::read_to_string(&audit).unwrap_or_default();
+        if text.contains("\"identity\":\"${HOME}x\"") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "audit: {text}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // keygen's entry, pasted into a configuration, loads as the same literal identity.
+    let (code, entry, err) = run(&["keygen", "--user-id", "${HOME}x"]);
+    assert_eq!(code, 0, "{err}");
+    let entry = &entry[entry.find("[[auth.api_keys]]").unwrap()..];
+    assert!(entry.contains("id = \"\\u0024{HOME}x\""), "{entry}");
+    let parsed: toml::Table = toml::from_str(entry).unwrap();
+    assert_eq!(
+        parsed["auth"]["api_keys"][0]["id"].as_str(),
+        Some("${HOME}x")
+    );
+    let cfg = dir.path().join("keygen.toml");
+    std::fs::write(&cfg, format!("{}\n{entry}", stdio_config("auto", "", &[]))).unwrap();
+    let out = Command::new(GUARD)
+        .args(["validate", "--config", cfg.to_str().unwrap()])
+        .env_remove("HOME")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn ids_with_control_or_invisible_formatting_characters_are_refused_without_echoing_them() {
+    let dir = tempfile::tempdir().unwrap();
+    for id in [
+        "a\u{1b}[31mRED\u{7}",
+        "tab\there",
+        "admin\u{202E}txt",
+        "ad\u{200B}min",
+        "\u{FEFF}agent",
+        "x\u{2066}y",
+        "c1\u{85}",
+    ] {
+        let out = dir.path().join("c.toml");
+        let (code, _, err) = run(&["init", "--with-key", id, "-o", out.to_str().unwrap()]);
+        assert_eq!(code, 1, "{id:?}");
+        assert!(err.contains("--with-key must be non-empty"), "{err}");
+        assert!(!err.contains(id), "the refusal echoes the id: {err:?}");
+        assert!(!out.exists());
+        let (code, stdout, err) = run(&["keygen", "--user-id", id]);
+        assert_eq!(code, 1, "{id:?}");
+        assert!(
+            stdout.is_empty() && err.contains("--user-id must be"),
+            "{err}"
+        );
+    }
+    // Ordinary non-ASCII names stay welcome.
+    let (code, _, err) = run(&["keygen", "--user-id", "José-Ω"]);
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
+fn run_refuses_a_port_another_gateway_already_listens_on() {
+    let first = Gateway::start(&stdio_config("auto", "", &[]));
+    let port = first.addr.port();
+    let cfg = stdio_config("auto", "", &[]).replacen("port = 0\n", &format!("port = {port}\n"), 1);
+    assert!(cfg.contains(&format!("port = {port}\n")));
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("second.toml");
+    std::fs::write(&p, cfg).unwrap();
+    let mut second = Command::new(GUARD)
+        .args(["--config", p.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // SO_REUSEPORT alone would let it start and take half of the first one's connections.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = second.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = second.kill();
+            let _ = second.wait();
+            panic!("a second gateway started on port {port}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("cannot listen on {}", first.addr))
+            && err.contains("another process (perhaps another mcp-guard")
+            && !err.contains("listening on http"),
+        "{err}"
+    );
+    // The first one is untouched.
+    initialize(first.addr);
+}
+
 #[test]
 fn check_upstream_passes_for_live_servers_and_fails_for_dead_ones() {
     let dir = tempfile::tempdir().unwrap();

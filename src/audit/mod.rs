@@ -240,14 +240,19 @@ const MIN_IDLE_SLEEP: Duration = Duration::from_millis(1);
 const MAX_IDLE_SLEEP: Duration = Duration::from_millis(50);
 
 fn open(p: &PathBuf) -> std::io::Result<std::io::BufWriter<std::fs::File>> {
+    use std::os::unix::fs::OpenOptionsExt as _;
     if let Some(dir) = p.parent()
         && !dir.as_os_str().is_empty()
     {
         std::fs::create_dir_all(dir)?;
     }
+    // A new file is private to the gateway's user (0600, less any umask bits): it holds
+    // identities, client addresses and possibly tool arguments. An existing file keeps the mode
+    // the operator gave it (a log shipper's group may need to read it).
     let f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(p)?;
     Ok(std::io::BufWriter::with_capacity(64 * 1024, f))
 }
@@ -368,6 +373,21 @@ mod tests {
             latency_us: 1,
             arguments: None,
         }
+    }
+
+    #[test]
+    fn a_new_audit_file_is_private_and_an_existing_one_keeps_its_mode() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let mode = |p: &PathBuf| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let new = dir.path().join("logs/audit.jsonl");
+        open(&new).unwrap();
+        assert_eq!(mode(&new), 0o600);
+        let existing = dir.path().join("shipped.jsonl");
+        std::fs::write(&existing, "").unwrap();
+        std::fs::set_permissions(&existing, std::fs::Permissions::from_mode(0o640)).unwrap();
+        open(&existing).unwrap();
+        assert_eq!(mode(&existing), 0o640);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 /// The longest key accepted (longer input is refused before hashing).
-const MAX_KEY_LEN: usize = 512;
+pub const MAX_KEY_LEN: usize = 512;
 
 #[derive(Debug)]
 struct Entry {

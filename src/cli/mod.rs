@@ -59,8 +59,13 @@ enum Command {
         user_id: String,
     },
     /// Print the key_hash of an existing API key.
+    ///
+    /// Give "-" instead of the key to read it from stdin (one line; its trailing newline is not
+    /// part of the key), which keeps it out of the process list and the shell history:
+    /// `mcp-guard hash-key - < key.txt`. A key longer than the gateway accepts (512 bytes) is
+    /// refused; one shorter than 16 bytes is hashed with a warning.
     HashKey {
-        /// The key.
+        /// The key, or "-" to read it from stdin.
         key: String,
     },
     /// Perform the MCP initialize handshake with each configured upstream.
@@ -125,14 +130,7 @@ pub fn main() -> ExitCode {
             with_key,
         }) => report(init(&output, force, with_key.as_deref())),
         Some(Command::Keygen { user_id }) => report(keygen(&user_id)),
-        Some(Command::HashKey { key }) => {
-            if key.is_empty() {
-                eprintln!("error: the key must not be empty");
-                return ExitCode::FAILURE;
-            }
-            println!("{}", hash_key(&key));
-            ExitCode::SUCCESS
-        }
+        Some(Command::HashKey { key }) => report(hash_key_command(&key)),
         Some(Command::ConfigReference) => {
             print!("{}", crate::config::reference::markdown());
             ExitCode::SUCCESS
@@ -294,9 +292,28 @@ struct Starter<'a> {
     key: Option<(&'a str, &'a str)>,
 }
 
-/// A TOML basic string holding `s` (escaped as TOML, not as Rust, wants).
+/// A TOML basic string holding `s`, for every string `init` and `keygen` write (IDs, paths).
+/// Always a basic string: a literal ('...') one can escape nothing. `$` is written as the
+/// escape `\u0024`, because the loader expands `${NAME}` in the raw text before TOML unescapes
+/// it: an ID or a directory named `${HOME}x` must stay that text, not become a reference that
+/// puts an environment value (a secret) into the audit trail, or breaks loading when unset.
 fn toml_string(s: &str) -> String {
-    toml::Value::String(s.to_string()).to_string()
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '$' => out.push_str("\\u0024"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 /// The starter configuration, filled in.
@@ -387,11 +404,6 @@ fn init(output: &str, force: bool, with_key: Option<&str>) -> Result<(), String>
         return Ok(());
     }
     let path = std::path::Path::new(output);
-    if path.exists() && !force {
-        return Err(format!(
-            "{output} already exists (use --force to overwrite)"
-        ));
-    }
     // The audit file sits next to the configuration, written as a full path: the gateway
     // resolves relative paths from the directory it runs in, which is not always this one.
     let cwd =
@@ -414,7 +426,13 @@ fn init(output: &str, force: bool, with_key: Option<&str>) -> Result<(), String>
             .zip(hash.as_deref())
             .map(|((id, _), h)| (*id, h)),
     });
-    std::fs::write(path, text).map_err(|e| format!("cannot write {output}: {e}"))?;
+    write_private(path, &text, force).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists && !force {
+            format!("{output} already exists (use --force to overwrite)")
+        } else {
+            format!("cannot write {output}: {e}")
+        }
+    })?;
     let me = invoked_as();
     let upstream = match &demo {
         Some(_) => format!("the bundled {DEMO_SERVER} (found next to {me})"),
@@ -446,6 +464,97 @@ fn init(output: &str, force: bool, with_key: Option<&str>) -> Result<(), String>
     Ok(())
 }
 
+/// Writes a configuration `init` made, as a new file of mode 0600 (less any umask bits): it
+/// holds key hashes and the policy. Never through what is already at `path`:
+/// - without `force`, `create_new` (O_CREAT|O_EXCL) fails where anything exists, a symlink
+///   included, dangling or not, instead of following it: a link planted in a shared directory
+///   cannot aim the write at a file elsewhere;
+/// - with `force`, the text goes to a new file of a random name in the same directory, which
+///   is then renamed over `path`. A rename replaces the entry itself: a symlink there is
+///   replaced, its target untouched, and a file someone else created there (with their owner
+///   and mode) is replaced by ours.
+fn write_private(path: &std::path::Path, text: &str, force: bool) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let write_new = |p: &std::path::Path| -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(p)?;
+        // A half-written file is worse than none: it is removed on failure.
+        f.write_all(text.as_bytes())
+            .and_then(|()| f.sync_all())
+            .inspect_err(|_| {
+                let _ = std::fs::remove_file(p);
+            })
+    };
+    if !force {
+        return write_new(path);
+    }
+    let name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file name"))?;
+    let suffix: String = crate::mcp::session::random_bytes::<8>()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".{suffix}.tmp"));
+    let tmp = path.with_file_name(tmp_name);
+    write_new(&tmp)?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
+/// Keys shorter than this are hashed with a warning: few enough bytes to guess.
+const SHORT_KEY: usize = 16;
+
+/// `hash-key KEY`, or `hash-key -` reading the key from stdin.
+fn hash_key_command(arg: &str) -> Result<(), String> {
+    use std::io::{BufRead as _, Read as _};
+    let max = crate::auth::api_key::MAX_KEY_LEN;
+    let key = if arg == "-" {
+        let stdin = std::io::stdin();
+        if std::io::IsTerminal::is_terminal(&stdin) {
+            eprint!("key (one line): ");
+        }
+        // Bounded: a line longer than any key the gateway accepts is refused below anyway,
+        // and `hash-key - < /dev/zero` must not fill the memory. Bytes first, so a long line
+        // cut inside a character is reported as too long, not as bad UTF-8.
+        let mut line = Vec::new();
+        stdin
+            .lock()
+            .take(max as u64 + 3)
+            .read_until(b'\n', &mut line)
+            .map_err(|e| format!("cannot read the key from stdin: {e}"))?;
+        let line = line.strip_suffix(b"\n").unwrap_or(&line);
+        line.strip_suffix(b"\r").unwrap_or(line).to_vec()
+    } else {
+        arg.as_bytes().to_vec()
+    };
+    if key.is_empty() {
+        return Err("the key must not be empty".into());
+    }
+    if key.len() > max {
+        return Err(format!(
+            "the key is longer than {max} bytes, the most the gateway accepts: its hash could \
+             never match a request"
+        ));
+    }
+    let key = String::from_utf8(key).map_err(|_| "the key is not valid UTF-8".to_string())?;
+    if key.len() < SHORT_KEY {
+        eprintln!(
+            "warning: the key is only {} bytes, short enough to guess; use at least {SHORT_KEY} \
+             random bytes (`mcp-guard keygen` makes a 32-byte one)",
+            key.len()
+        );
+    }
+    println!("{}", hash_key(&key));
+    Ok(())
+}
+
 /// `key_hash` format: standard base64 of the SHA-256 of the key's bytes.
 pub fn hash_key(key: &str) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
@@ -461,11 +570,31 @@ fn new_key() -> String {
     )
 }
 
-/// An identity written into a TOML string by hand must not need escaping.
+/// Characters that are invisible or reorder the text around them on a terminal:
+/// bidirectional marks, embeddings, overrides and isolates, zero-width characters, line and
+/// paragraph separators, the byte order mark.
+fn is_invisible_format(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061C}' | '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{2060}'..='\u{2069}'
+            | '\u{FEFF}'
+    )
+}
+
+/// An identity given on the command line. It ends up in logs, audit lines and the messages
+/// printed here: one holding control characters (terminal escapes) or invisible formatting
+/// characters would show as something else than it is, so those are refused (and the refusal
+/// does not echo it). Quotes and backslashes are refused too: people copy IDs into files by
+/// hand.
 fn check_key_id(id: &str, option: &str) -> Result<(), String> {
-    if id.trim().is_empty() || id.contains(['"', '\\', '\n', '\r']) {
+    if id.trim().is_empty()
+        || id.contains(['"', '\\'])
+        || id.chars().any(|c| c.is_control() || is_invisible_format(c))
+    {
         return Err(format!(
-            "{option} must be non-empty and must not contain quotes, backslashes or newlines"
+            "{option} must be non-empty and must not contain quotes, backslashes, control \
+             characters (newlines, terminal escapes) or invisible formatting characters \
+             (bidirectional overrides, zero-width characters)"
         ));
     }
     Ok(())
@@ -477,8 +606,9 @@ fn keygen(user_id: &str) -> Result<(), String> {
     println!("API key for {user_id} (shown once; store it now):\n\n  {key}\n");
     println!("Add to the configuration:\n");
     println!(
-        "[[auth.api_keys]]\nid = \"{user_id}\"\nkey_hash = \"{}\"",
-        hash_key(&key)
+        "[[auth.api_keys]]\nid = {}\nkey_hash = {}",
+        toml_string(user_id),
+        toml_string(&hash_key(&key))
     );
     Ok(())
 }
@@ -486,6 +616,26 @@ fn keygen(user_id: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn toml_strings_round_trip_and_never_hold_a_reference_for_the_loader() {
+        for s in [
+            "plain",
+            "${HOME}x",
+            "$${A}",
+            "q\"b\\n\nt\tc\u{1}\u{7f}\u{85}",
+            "'lit'",
+            "José",
+        ] {
+            let written = toml_string(s);
+            assert!(
+                written.starts_with('"') && !written.contains('$'),
+                "{written}"
+            );
+            let v: toml::Table = toml::from_str(&format!("k = {written}")).unwrap();
+            assert_eq!(v["k"].as_str(), Some(s));
+        }
+    }
 
     #[test]
     fn the_starter_falls_back_to_the_bare_demo_name_with_a_comment() {

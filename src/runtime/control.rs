@@ -149,16 +149,9 @@ pub fn reload(path: &Path, shared: &Shared) {
         }
     };
     let old = shared.config.load();
-    if let Some(field) =
-        crate::config::reference::restart_only_change(&old.file_view, &new.file_view)
-    {
-        metrics.reloads_failed.fetch_add(1, Ordering::Relaxed);
-        tracing::error!(
-            target: "mcp_guard::config",
-            "reload refused, keeping the running configuration: {field} changed, which needs a restart"
-        );
-        return;
-    }
+    // The downgrade is checked before the restart-only keys: a file that both drops every
+    // credential and changes such a key is refused either way, but only this check counts and
+    // audits the downgrade, and that is what an operator watching for it needs to see.
     if old.auth.requires_credentials() && !new.auth.requires_credentials() {
         // Going from "credentials required" to "anyone may call anything" is never a reload:
         // a file that lost its keys (a bad edit, a half-written file) would otherwise open the
@@ -176,6 +169,16 @@ pub fn reload(path: &Path, shared: &Shared) {
         shared
             .control_audit
             .push(reload_refused_event("auth_downgrade"));
+        return;
+    }
+    if let Some(field) =
+        crate::config::reference::restart_only_change(&old.file_view, &new.file_view)
+    {
+        metrics.reloads_failed.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            target: "mcp_guard::config",
+            "reload refused, keeping the running configuration: {field} changed, which needs a restart"
+        );
         return;
     }
     // The upstreams of the new snapshot: unchanged ones carried over running, changed ones

@@ -52,8 +52,42 @@ pub fn choose_driver(mode: IoMode) -> Result<Driver, String> {
     }
 }
 
+/// Refuses an address another socket already listens on. The workers' listeners use
+/// SO_REUSEPORT, which the kernel lets any process of the same user join: a second mcp-guard
+/// on the port of a running one would start "successfully" and take half of its connections
+/// (the old one perhaps anonymous, the new one keyed). A plain bind, without SO_REUSEPORT,
+/// fails with EADDRINUSE where anything listens, SO_REUSEPORT or not. SO_REUSEADDR is kept,
+/// as the listeners have it, so connections of a previous run lingering in TIME_WAIT do not
+/// block a restart. Port 0 asks for a fresh port and needs no probe.
+pub fn refuse_taken_port(addr: SocketAddr) -> Result<(), String> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let probe = || -> std::io::Result<()> {
+        let sock = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        sock.set_reuse_address(true)?;
+        // Dropped on return, never listening: the real listeners bind right after.
+        sock.bind(&addr.into())
+    };
+    match probe() {
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(format!(
+            "cannot listen on {addr}: the address is already in use by another process \
+             (perhaps another mcp-guard, which would otherwise share the port and split the \
+             connections with it); stop that process or choose another server.port"
+        )),
+        // Any other failure (no such local address, a privileged port) is the real bind's to
+        // report, with its own words.
+        _ => Ok(()),
+    }
+}
+
 /// Binds one SO_REUSEPORT listener per worker on the same address (a requested port 0 is
-/// resolved by the first bind, and the rest join that port).
+/// resolved by the first bind, and the rest join that port). Call [`refuse_taken_port`]
+/// first: SO_REUSEPORT alone does not notice another process on the port.
 pub fn bind_listeners(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
     let mut out = Vec::with_capacity(n);
     let mut addr = addr;
@@ -104,6 +138,7 @@ pub fn run(path: PathBuf) -> Result<(), String> {
     }
     let workers = settings.server.workers;
     let metrics = Metrics::new(workers);
+    refuse_taken_port(settings.server.listen)?;
     let listeners = bind_listeners(settings.server.listen, workers)
         .map_err(|e| format!("cannot listen on {}: {e}", settings.server.listen))?;
     let bound = listeners[0].local_addr().map_err(|e| e.to_string())?;
@@ -239,4 +274,22 @@ async fn worker_main(id: usize, shared: Arc<Shared>, listener: std::net::TcpList
     };
     let w = Worker::new(id, shared);
     worker::run(w, listener).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_port_held_by_reuseport_listeners_is_refused_and_a_free_one_is_not() {
+        let held = bind_listeners("127.0.0.1:0".parse().unwrap(), 2).unwrap();
+        let addr = held[0].local_addr().unwrap();
+        // The SO_REUSEPORT listeners would let a third one join; the probe must not.
+        let err = refuse_taken_port(addr).unwrap_err();
+        assert!(err.contains(&addr.to_string()), "{err}");
+        assert!(err.contains("another mcp-guard"), "{err}");
+        drop(held);
+        refuse_taken_port(addr).unwrap();
+        refuse_taken_port("127.0.0.1:0".parse().unwrap()).unwrap();
+    }
 }
