@@ -42,9 +42,16 @@ const describeError = (e) =>
       : `${e?.constructor?.name ?? "Error"}: ${e?.message ?? e}`;
 
 /** A client connected through the gateway; records every message it sends and receives. */
-async function connect(key, name = "interop-ts") {
+async function connect(key, name = "interop-ts", sessionId = undefined) {
+  const statuses = []; // [status, Retry-After] of every HTTP response, for the 429 case
   const transport = new StreamableHTTPClientTransport(URL_, {
     requestInit: { headers: { Authorization: `Bearer ${key}` } },
+    sessionId, // set: the SDK resumes that session instead of initializing
+    fetch: async (url, init) => {
+      const res = await fetch(url, init);
+      statuses.push([res.status, res.headers.get("retry-after")]);
+      return res;
+    },
   });
   const client = new Client({ name, version: "1.0.0" }, { capabilities: {} });
   const sent = [];
@@ -61,7 +68,7 @@ async function connect(key, name = "interop-ts") {
     received.push(msg);
     origOnMessage?.(msg, extra);
   };
-  return { client, transport, sent, received };
+  return { client, transport, sent, received, statuses };
 }
 
 /** Expects `fn` to be refused by the gateway; returns the error's description. */
@@ -228,6 +235,27 @@ const cases = {
     }
   },
 
+  async "session-delete"() {
+    // DELETE ends the session (the SDK's terminateSession throws on any status but 2xx and
+    // 405); the same session id presented again is unknown: 404, which the SDK surfaces.
+    const c = await connect(KEY, "interop-ts-delete");
+    const sid = c.transport.sessionId;
+    await c.client.callTool({ name: "echo", arguments: { message: "before delete" } });
+    await c.transport.terminateSession();
+    const del = c.statuses.at(-1)?.[0];
+    check(del === 200 || del === 204, `DELETE answered ${del}`);
+    await c.client.close();
+    const again = await connect(KEY, "interop-ts-delete-again", sid);
+    try {
+      const err = await expectError(() => again.client.listTools(), "tools/list on a deleted session");
+      const st = again.statuses.at(-1)?.[0];
+      check(st === 404, `request on the deleted session answered HTTP ${st}: ${err}`);
+      return `DELETE ${del}; then HTTP 404: ${err.slice(0, 160)}`;
+    } finally {
+      await again.client.close();
+    }
+  },
+
   async "rate-limit-429"() {
     const c = await connect(LIMITED_KEY, "interop-ts-limited");
     try {
@@ -239,7 +267,9 @@ const cases = {
             e instanceof StreamableHTTPError && e.code === 429,
             `call ${i}: expected StreamableHTTPError 429, got ${describeError(e)}`,
           );
-          return `call ${i}: ${describeError(e).slice(0, 240)}`;
+          const last = c.statuses.at(-1);
+          check(last?.[0] === 429 && last[1], `call ${i}: HTTP ${last?.[0]}, Retry-After ${last?.[1]}`);
+          return `call ${i}: HTTP 429, Retry-After ${last[1]}; ${describeError(e).slice(0, 240)}`;
         }
       }
       throw new Fail(`${EXPECT.hammer_calls} calls, no 429`);
@@ -251,8 +281,9 @@ const cases = {
 
 async function main_() {
   const only = (process.env.INTEROP_CASES ?? "").split(",").filter(Boolean);
-  for (const [name, fn] of Object.entries(cases)) {
+  for (const name of [...EXPECT.cases, ...EXPECT.extra_cases.ts]) {
     if (only.length && !only.includes(name)) continue;
+    const fn = cases[name] ?? (async () => { throw new Fail("no such case in clients/ts.mjs"); });
     let ok = false;
     let detail;
     const t0 = Date.now();
