@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Interop suite entry point: the official MCP SDK clients (TypeScript and Python) connect through
+# mcp-guard to the reference server @modelcontextprotocol/server-everything.
+#
+#   tests/interop/run.sh [GATEWAY_BINARY]     (default: $MCP_GUARD_BIN, else target/debug/mcp-guard)
+#
+# Builds nothing: build the gateway first (cargo build --bin mcp-guard). Installs the pinned
+# dependencies when missing or stale: npm ci (package-lock.json) into tests/interop/node_modules,
+# pip install -r requirements.txt into tests/interop/.venv. Needs node >= 18, npm, python3 with venv.
+# Filters: INTEROP_ONLY=py (or ts/streamable-http:http ...), INTEROP_CASES=initialize,notification.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+root="$(cd "$here/../.." && pwd)"
+bin="${1:-${MCP_GUARD_BIN:-target/debug/mcp-guard}}"
+case "$bin" in /*) ;; *) bin="$root/$bin" ;; esac
+if [ ! -x "$bin" ]; then
+  echo "interop: no gateway binary at $bin (cargo build --bin mcp-guard)" >&2
+  exit 2
+fi
+for tool in node npm python3; do
+  command -v "$tool" >/dev/null 2>&1 || { echo "interop: $tool not found" >&2; exit 2; }
+done
+cd "$here"
+
+# Dependencies: reinstalled only when the pinned lists change (a copy of each is kept beside
+# what it installed).
+if ! cmp -s package-lock.json node_modules/.interop-lock 2>/dev/null; then
+  echo "interop: npm ci"
+  timeout 300 npm ci --no-audit --no-fund --loglevel=error
+  cp package-lock.json node_modules/.interop-lock
+fi
+if ! cmp -s requirements.txt .venv/.interop-requirements 2>/dev/null; then
+  echo "interop: pip install -r requirements.txt"
+  rm -rf .venv
+  python3 -m venv .venv
+  timeout 300 .venv/bin/pip install --quiet --disable-pip-version-check --no-input -r requirements.txt
+  cp requirements.txt .venv/.interop-requirements
+fi
+
+# run.mjs stops what it started (gateways, servers, clients: each in its own process group) on
+# exit and on signals; this trap forwards ours to it.
+node_pid=
+trap '[ -n "$node_pid" ] && kill -TERM "$node_pid" 2>/dev/null; wait' INT TERM
+MCP_GUARD_BIN="$bin" timeout 170 node run.mjs &
+node_pid=$!
+wait "$node_pid"
