@@ -270,6 +270,9 @@ impl Ctx<'_> {
     /// The session payload of the client's `Mcp-Session-Id`, verified for this caller.
     fn session(&self) -> Result<Option<Vec<u8>>, GatewayError> {
         match &self.head.h.session_id {
+            Some(sid) if self.w.shared.ended_sessions.is_ended(sid) => {
+                Err(GatewayError::UnknownSession)
+            }
             Some(sid) => self
                 .w
                 .verify_session(&self.session_binding, sid)
@@ -716,7 +719,13 @@ async fn delete(cx: &Ctx<'_>) -> Result<Reply, GatewayError> {
         .upstream()?
         .end_session(cx.w, &cx.outgoing(Some(&session)))
         .await?;
-    deliver(cx, exchange, M_DELETE, None).await
+    let reply = deliver(cx, exchange, M_DELETE, None).await?;
+    if (200..300).contains(&reply.status)
+        && let Some(sid) = &cx.head.h.session_id
+    {
+        cx.w.shared.ended_sessions.end(sid);
+    }
+    Ok(reply)
 }
 
 /// Phase 10 for every upstream kind: the answer becomes a reply, through the `tools/list`

@@ -270,3 +270,24 @@ fn validate_refuses_ambiguous_or_malformed_routes() {
         assert!(err.contains(expected), "{servers}: {err}");
     }
 }
+
+#[test]
+fn a_deleted_session_is_unknown_whatever_the_upstream_would_answer() {
+    let http = DemoHttp::start(&["--name", "srv-http"]);
+    let servers = format!(
+        "[[upstream.servers]]\nname = \"web\"\ntransport = \"http\"\nurl = \"http://{}/mcp\"\n",
+        http.addr
+    );
+    let g = Gateway::start(&config(&servers));
+    let (_, sid) = init_at(&g, "/mcp/web", ALICE);
+    let r = request(
+        g.addr,
+        &format!(
+            "DELETE /mcp/web HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {ALICE}\r\nMcp-Session-Id: {sid}\r\nConnection: close\r\n\r\n"
+        ),
+    );
+    assert!(r.status < 300, "{}", r.text());
+    let ping = r#"{"jsonrpc":"2.0","id":9,"method":"ping"}"#;
+    let r = post_at(&g, "/mcp/web", ALICE, ping, Some(&sid));
+    assert_eq!(r.status, 404, "{}", r.text());
+}

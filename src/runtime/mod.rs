@@ -189,6 +189,7 @@ pub fn run(path: PathBuf) -> Result<(), String> {
         metrics: metrics.clone(),
         retiring: std::sync::Mutex::new(Vec::new()),
         sessions: SessionCodec::random(),
+        ended_sessions: Default::default(),
         connections: AtomicUsize::new(0),
         io_driver: driver.name(),
         shutdown_rx,

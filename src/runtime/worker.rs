@@ -25,6 +25,48 @@ const VERIFIED_SESSIONS: usize = 4096;
 /// Session id → (binding it was verified for, payload).
 type VerifiedSessions = std::collections::HashMap<String, (Arc<str>, Vec<u8>)>;
 
+/// Session ids a client ended with DELETE. An id stays verifiable under its MAC after the
+/// session ends (the gateway keeps no session table for HTTP upstreams), so ended ids are
+/// remembered to answer 404, as the transport requires, instead of forwarding them to an
+/// upstream that may answer anything. Bounded: the oldest are forgotten first.
+#[derive(Default)]
+pub struct EndedSessions {
+    /// How many ids are remembered: zero lets every request skip the lock.
+    count: AtomicUsize,
+    ids: std::sync::RwLock<(
+        std::collections::HashSet<Box<str>>,
+        std::collections::VecDeque<Box<str>>,
+    )>,
+}
+
+/// Ended session ids remembered at most.
+const ENDED_SESSIONS: usize = 100_000;
+
+impl EndedSessions {
+    /// Remembers that `sid` was ended.
+    pub fn end(&self, sid: &str) {
+        let Ok(mut ids) = self.ids.write() else {
+            return;
+        };
+        let (set, order) = &mut *ids;
+        if set.insert(sid.into()) {
+            order.push_back(sid.into());
+            if order.len() > ENDED_SESSIONS
+                && let Some(old) = order.pop_front()
+            {
+                set.remove(&old);
+            }
+        }
+        self.count.store(set.len(), Ordering::Relaxed);
+    }
+
+    /// Whether `sid` was ended.
+    pub fn is_ended(&self, sid: &str) -> bool {
+        self.count.load(Ordering::Relaxed) > 0
+            && self.ids.read().is_ok_and(|ids| ids.0.contains(sid))
+    }
+}
+
 /// Process-wide state every worker can see.
 pub struct Shared {
     /// The current configuration snapshot.
@@ -35,6 +77,8 @@ pub struct Shared {
     pub retiring: std::sync::Mutex<Vec<(Arc<StdioHub>, Instant)>>,
     /// Session-id MAC key.
     pub sessions: SessionCodec,
+    /// Session ids ended by DELETE.
+    pub ended_sessions: EndedSessions,
     /// Open client connections across workers (for `max_connections`).
     pub connections: AtomicUsize,
     /// "io_uring" or "epoll".
