@@ -33,11 +33,14 @@ type VerifiedSessions = std::collections::HashMap<String, (Arc<str>, Vec<u8>)>;
 pub struct EndedSessions {
     /// How many ids are remembered: zero lets every request skip the lock.
     count: AtomicUsize,
-    ids: std::sync::RwLock<(
-        std::collections::HashSet<Box<str>>,
-        std::collections::VecDeque<Box<str>>,
-    )>,
+    ids: std::sync::RwLock<EndedIds>,
 }
+
+/// The ended ids, and the order they ended in (for forgetting the oldest).
+type EndedIds = (
+    std::collections::HashSet<Box<str>>,
+    std::collections::VecDeque<Box<str>>,
+);
 
 /// Ended session ids remembered at most.
 const ENDED_SESSIONS: usize = 100_000;
