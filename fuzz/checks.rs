@@ -532,6 +532,7 @@ pub fn stdio_framing(data: &[u8]) {
                     session,
                     message,
                     server_request,
+                    ..
                 } => {
                     let v: Value = serde_json::from_slice(message).expect("delivered JSON");
                     if let Some(h) = server_request {

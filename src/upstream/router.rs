@@ -141,6 +141,9 @@ pub enum Output<W> {
         message: Vec<u8>,
         /// Hub id of the server-initiated request it carries.
         server_request: Option<u64>,
+        /// Hub id of the client request it relates to (progress): the caller may send it on
+        /// that request's own response stream instead (see [`Router::waiter`]).
+        for_request: Option<u64>,
     },
     /// The response to a waiting worker (its original id restored).
     Respond {
@@ -439,6 +442,11 @@ impl<W> Router<W> {
         });
     }
 
+    /// The waiter of a client request still in flight.
+    pub fn waiter(&self, hub_id: u64) -> Option<&W> {
+        self.pending.get(&hub_id).map(|p| &p.waiter)
+    }
+
     fn take_pending(&mut self, hub_id: u64) -> Option<Pending<W>> {
         let p = self.pending.remove(&hub_id)?;
         if let Some((t, _)) = &p.progress {
@@ -708,6 +716,7 @@ impl<W> Router<W> {
                     session,
                     message,
                     server_request: Some(hub_id),
+                    for_request: None,
                 });
             }
             Err(_) => out.push(Output::Dropped(DropReason::Malformed)),
@@ -732,14 +741,14 @@ impl<W> Router<W> {
                 let route = params_field(&msg, "progressToken")
                     .and_then(Value::as_u64)
                     .and_then(|t| self.progress.get(&t))
-                    .and_then(|h| self.pending.get(h))
-                    .and_then(|p| Some((p.session?, p.progress.as_ref()?.1.clone())))
-                    .filter(|(s, _)| self.sessions.contains_key(s));
-                let Some((session, token)) = route else {
+                    .and_then(|h| Some((*h, self.pending.get(h)?)))
+                    .and_then(|(h, p)| Some((h, p.session?, p.progress.as_ref()?.1.clone())))
+                    .filter(|(_, s, _)| self.sessions.contains_key(s));
+                let Some((request, session, token)) = route else {
                     return out.push(Output::Dropped(DropReason::UnknownProgressToken));
                 };
                 set_params_field(&mut msg, "progressToken", token);
-                self.deliver(session, &msg, out);
+                self.deliver(session, &msg, Some(request), out);
             }
             Some("notifications/cancelled") => {
                 let target = params_field(&msg, "requestId").and_then(|rid| {
@@ -751,7 +760,7 @@ impl<W> Router<W> {
                 match target.and_then(|h| Some((h, self.server_requests.remove(&h)?))) {
                     Some((h, r)) => {
                         set_params_field(&mut msg, "requestId", Value::from(h));
-                        self.deliver(r.session, &msg, out);
+                        self.deliver(r.session, &msg, None, out);
                     }
                     None => out.push(Output::Dropped(DropReason::UnknownCancel)),
                 }
@@ -766,18 +775,26 @@ impl<W> Router<W> {
                         session: *session,
                         message: message.clone(),
                         server_request: None,
+                        for_request: None,
                     });
                 }
             }
         }
     }
 
-    fn deliver(&self, session: SessionKey, msg: &Map<String, Value>, out: &mut Vec<Output<W>>) {
+    fn deliver(
+        &self,
+        session: SessionKey,
+        msg: &Map<String, Value>,
+        for_request: Option<u64>,
+        out: &mut Vec<Output<W>>,
+    ) {
         match serde_json::to_vec(msg) {
             Ok(message) => out.push(Output::Deliver {
                 session,
                 message,
                 server_request: None,
+                for_request,
             }),
             Err(_) => out.push(Output::Dropped(DropReason::Malformed)),
         }

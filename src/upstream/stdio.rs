@@ -46,13 +46,27 @@ pub enum HubReply {
     Error(GatewayError),
 }
 
+/// How the router answers a worker waiting on a request: its reply, and for a request that
+/// asked for progress, the stream its related messages go on (the request's own SSE answer).
+#[derive(Debug)]
+struct Waiter {
+    reply: async_channel::Sender<HubReply>,
+    related: Option<async_channel::Sender<Vec<u8>>>,
+}
+
+impl Waiter {
+    fn try_send(&self, r: HubReply) -> Result<(), async_channel::TrySendError<HubReply>> {
+        self.reply.try_send(r)
+    }
+}
+
 enum Command_ {
     Call {
         hub_id: u64,
         session: Option<SessionKey>,
         identity: Box<str>,
         message: Vec<u8>,
-        reply: async_channel::Sender<HubReply>,
+        reply: Waiter,
     },
     Send {
         session: SessionKey,
@@ -175,6 +189,7 @@ impl StdioHub {
         session: Option<SessionKey>,
         identity: &str,
         message: Vec<u8>,
+        related: Option<async_channel::Sender<Vec<u8>>>,
     ) -> Result<(u64, async_channel::Receiver<HubReply>), GatewayError> {
         let hub_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (reply, rx) = async_channel::bounded(1);
@@ -183,7 +198,7 @@ impl StdioHub {
             session,
             identity: identity.into(),
             message,
-            reply,
+            reply: Waiter { reply, related },
         })?;
         Ok((hub_id, rx))
     }
@@ -250,6 +265,9 @@ impl StdioHub {
     ) -> Result<Exchange, GatewayError> {
         let key = out.session.map(hub_key).transpose()?;
         match body {
+            Body::Single(m) if m.kind == Kind::Request && key.is_some() && asks_progress(raw) => {
+                self.streamed(m, raw.to_vec(), key, out)
+            }
             Body::Single(m) => {
                 if key.is_none() && !(m.kind == Kind::Request && m.method_str() == "initialize") {
                     return Err(GatewayError::MissingSession);
@@ -295,6 +313,39 @@ impl StdioHub {
         }
     }
 
+    /// A request that asked for progress, answered as an SSE stream: its progress as the
+    /// child reports it, then its response, in that order on one connection (the transport's
+    /// place for messages related to a request; on the GET stream they would race the answer,
+    /// and clients drop progress that arrives after its result).
+    fn streamed(
+        &self,
+        m: &Message,
+        bytes: Vec<u8>,
+        key: Option<SessionKey>,
+        out: &Outgoing<'_>,
+    ) -> Result<Exchange, GatewayError> {
+        let (events, stream) = async_channel::bounded(STREAM_CAPACITY);
+        let (hub_id, reply) = self.call(key, out.binding, bytes, Some(events.clone()))?;
+        let inbox = self.inbox.clone();
+        let id = m.id.clone();
+        let timeout = out.timeout;
+        // The response (or the error in its place) is the stream's last event; the router
+        // drops its own sender once the request is answered, so the stream then ends.
+        monoio::spawn(async move {
+            let last = match monoio::time::timeout(timeout, reply.recv()).await {
+                Ok(Ok(HubReply::Response(b, _))) => b,
+                Ok(Ok(HubReply::Error(e))) => e.body(id.as_ref()),
+                Err(_) => {
+                    let _ = inbox.try_send(Command_::Cancel { hub_id });
+                    GatewayError::UpstreamTimeout.body(id.as_ref())
+                }
+                _ => GatewayError::ShuttingDown.body(id.as_ref()),
+            };
+            let _ = events.send(last).await;
+        });
+        Ok(Exchange::of(Answer::Events(stream)))
+    }
+
     /// One message through the router: a request waits for its response (cancelled upstream
     /// when the client's deadline passes), anything else is accepted.
     async fn one(
@@ -305,7 +356,7 @@ impl StdioHub {
         out: &Outgoing<'_>,
     ) -> Result<(Option<Vec<u8>>, Option<SessionKey>), GatewayError> {
         if m.kind == Kind::Request {
-            let (hub_id, rx) = self.call(key, out.binding, bytes)?;
+            let (hub_id, rx) = self.call(key, out.binding, bytes, None)?;
             match monoio::time::timeout(out.timeout, rx.recv()).await {
                 Err(_) => {
                     self.cancel(hub_id);
@@ -350,6 +401,16 @@ impl StdioHub {
     }
 }
 
+/// Whether a request's `params._meta` carries a `progressToken` (parsed only when the bytes
+/// mention one).
+fn asks_progress(raw: &[u8]) -> bool {
+    raw.windows(13).any(|w| w == b"progressToken")
+        && serde_json::from_slice::<serde_json::Value>(raw)
+            .ok()
+            .and_then(|v| v.pointer("/params/_meta/progressToken").cloned())
+            .is_some()
+}
+
 /// A verified session payload as a hub key; any other length is not one of ours.
 fn hub_key(payload: &[u8]) -> Result<SessionKey, GatewayError> {
     payload.try_into().map_err(|_| GatewayError::UnknownSession)
@@ -367,14 +428,14 @@ struct Supervisor {
     child: Option<Child>,
     stdin: Option<SyncSender<Vec<u8>>>,
     generation: u64,
-    router: Router<async_channel::Sender<HubReply>>,
+    router: Router<Waiter>,
     streams: HashMap<SessionKey, Vec<async_channel::Sender<Vec<u8>>>>,
     backoff: Duration,
     restart_at: Option<Instant>,
     started_at: Instant,
 }
 
-type Outputs = Vec<Output<async_channel::Sender<HubReply>>>;
+type Outputs = Vec<Output<Waiter>>;
 
 impl Supervisor {
     fn run(mut self, rx: Receiver<Command_>) {
@@ -510,8 +571,18 @@ impl Supervisor {
                         session,
                         message,
                         server_request,
+                        for_request,
                     } => {
-                        if !self.deliver(&session, message) {
+                        // Progress of a request whose client waits on an SSE answer goes there,
+                        // in order before the response; otherwise on the session's GET stream.
+                        let own_stream = for_request
+                            .and_then(|h| self.router.waiter(h))
+                            .and_then(|w| w.related.clone());
+                        let delivered = match own_stream {
+                            Some(stream) => stream.try_send(message).is_ok(),
+                            None => self.deliver(&session, message),
+                        };
+                        if !delivered {
                             self.metrics
                                 .global
                                 .stream_messages_dropped
