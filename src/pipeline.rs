@@ -22,7 +22,7 @@
 //! - 9 forward, 10 relay (streamed), 11 metrics (and audit) always, also after an early exit:
 //!   the connection loop records them from the [`Reply`] once it has been written.
 
-use crate::auth::{AuthError, AuthMethod, Caller, Identity};
+use crate::auth::{AuthError, AuthMethod, Caller};
 use crate::authz::{Decision, Denial, Policy};
 use crate::config::Settings;
 use crate::error::{GatewayError, code};
@@ -236,6 +236,8 @@ struct Ctx<'r> {
     caller: Caller<'r>,
     /// The negotiated protocol version.
     version: &'static str,
+    /// The caller's policy on this route's server.
+    policy: &'r Arc<Policy>,
     /// Index of the route in `Settings::routes`.
     route: usize,
     /// The path's remainder below the route's endpoint (empty for the endpoint itself).
@@ -312,6 +314,7 @@ pub async fn handle(
         request_id,
         caller,
         version,
+        policy: crate::authz::policy_on(&caller.identity.policy, name),
         route,
         rest: head.path().get(rest_at..).unwrap_or_default(),
         session_binding,
@@ -464,13 +467,13 @@ fn authenticate<'c>(
 fn authorize(
     w: &Worker,
     cfg: &Settings,
-    identity: &Identity,
+    policy: &Policy,
     body: &Body,
     method: usize,
 ) -> Result<Option<Reply>, GatewayError> {
     let mut denied: Option<(usize, Denial)> = None;
     for (i, m) in body.messages().iter().enumerate() {
-        let decision = identity.policy.decide(m.target.as_ref());
+        let decision = policy.decide(m.target.as_ref());
         // Denials are counted here; an allowed call is counted once it has also passed the
         // rate limit (a 429 counts as `rate_limited` only).
         if let Some(Target::Tool(t)) = &m.target
@@ -598,7 +601,6 @@ fn label(body: &Body) -> usize {
 #[allow(clippy::too_many_arguments)]
 async fn post(cx: &Ctx<'_>, raw: &[u8], audit: &mut AuditInfo) -> Result<Reply, Early> {
     let (w, cfg, head) = (cx.w, cx.cfg, cx.head);
-    let identity = cx.caller.identity;
     // 6. classify
     let body = w
         .classifier
@@ -668,7 +670,7 @@ async fn post(cx: &Ctx<'_>, raw: &[u8], audit: &mut AuditInfo) -> Result<Reply, 
     #[cfg(debug_assertions)]
     test_hooks::maybe_panic(&body);
     // 7. authorize
-    if let Some(refused) = authorize(w, cfg, identity, &body, method).map_err(fail)? {
+    if let Some(refused) = authorize(w, cfg, cx.policy, &body, method).map_err(fail)? {
         audit.decision = Some("deny");
         return Ok(refused);
     }
@@ -681,12 +683,12 @@ async fn post(cx: &Ctx<'_>, raw: &[u8], audit: &mut AuditInfo) -> Result<Reply, 
         }
     }
     // tools/list answers are filtered to what this identity may call.
-    let filter = (!identity.policy.tools.is_open()
+    let filter = (!cx.policy.tools.is_open()
         && body
             .messages()
             .iter()
             .any(|m| m.kind == Kind::Request && m.method_str() == "tools/list"))
-    .then_some(&identity.policy);
+    .then_some(cx.policy);
     // 9. forward
     let exchange = cx
         .upstream()
@@ -702,8 +704,7 @@ async fn post(cx: &Ctx<'_>, raw: &[u8], audit: &mut AuditInfo) -> Result<Reply, 
 /// among them (`Last-Event-ID` resumes a POST's stream), so a restricted caller's streams are
 /// filtered.
 async fn stream(cx: &Ctx<'_>) -> Result<Reply, GatewayError> {
-    let policy = &cx.caller.identity.policy;
-    let filter = (!policy.tools.is_open()).then_some(policy);
+    let filter = (!cx.policy.tools.is_open()).then_some(cx.policy);
     let session = cx.session()?;
     let exchange = cx
         .upstream()?

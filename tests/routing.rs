@@ -291,3 +291,79 @@ fn a_deleted_session_is_unknown_whatever_the_upstream_would_answer() {
     let r = post_at(&g, "/mcp/web", ALICE, ping, Some(&sid));
     assert_eq!(r.status, 404, "{}", r.text());
 }
+
+#[test]
+fn tool_entries_can_name_a_server() {
+    // carol: `echo` anywhere, `add` only on beta; `echo` denied on alpha.
+    let carol = "carol-key-0123456789";
+    let servers = format!("{}{}", stdio_server("alpha", ""), stdio_server("beta", ""));
+    let cfg = format!(
+        "{}[[auth.api_keys]]\nid = \"carol\"\nkey_hash = \"{}\"\nallowed_tools = [\"echo\", \"beta/add\"]\ndenied_tools = [\"alpha/echo\"]\n",
+        config(&servers),
+        hash_key(carol)
+    );
+    let g = Gateway::start(&cfg);
+    let call_on = |path: &str, tool: &str, args: &str| {
+        let (_, sid) = init_at(&g, path, carol);
+        let r = post_at(&g, path, carol, &call(2, tool, args), Some(&sid));
+        rpc_result(&r)
+    };
+    let add = r#"{"a":1,"b":2}"#;
+    let echo = r#"{"text":"x"}"#;
+    assert_eq!(
+        call_on("/mcp/beta", "add", add)["result"]["content"][0]["text"],
+        "3"
+    );
+    assert!(
+        call_on("/mcp/alpha", "add", add)["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not on this caller's allow list")
+    );
+    assert!(call_on("/mcp", "add", add)["error"].is_object());
+    assert!(
+        call_on("/mcp/alpha", "echo", echo)["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("denied for this caller")
+    );
+    assert_eq!(
+        call_on("/mcp/beta", "echo", echo)["result"]["content"][0]["text"],
+        "x"
+    );
+    // tools/list follows the same per-server policy.
+    let list = |path: &str| {
+        let (_, sid) = init_at(&g, path, carol);
+        let r = post_at(
+            &g,
+            path,
+            carol,
+            r#"{"jsonrpc":"2.0","id":3,"method":"tools/list"}"#,
+            Some(&sid),
+        );
+        let mut names: Vec<String> = rpc_result(&r)["result"]["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["name"].as_str().unwrap().to_string())
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(list("/mcp/beta"), ["add", "echo"]);
+    assert!(list("/mcp/alpha").is_empty());
+    assert_eq!(list("/mcp"), ["echo"]);
+    // A server that does not exist is a configuration error, not a silent no-op.
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("bad.toml");
+    std::fs::write(&p, cfg.replace("beta/add", "gamma/add")).unwrap();
+    let out = std::process::Command::new(GUARD)
+        .args(["validate", "--config", p.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("names server `gamma`, which is not configured"),
+        "{err}"
+    );
+}

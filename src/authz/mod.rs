@@ -17,6 +17,9 @@ pub struct Matcher {
     globs: Vec<Glob>,
     /// A lone `*`: matches everything.
     any: bool,
+    /// A list that exists but names nothing here (a caller's allow list that names tools of
+    /// other servers only): not empty, matches nothing.
+    restrictive: bool,
 }
 
 impl Matcher {
@@ -36,9 +39,17 @@ impl Matcher {
         m
     }
 
+    /// A list that matches nothing and is not empty (so as an allow list it allows nothing).
+    pub fn nothing() -> Self {
+        Matcher {
+            restrictive: true,
+            ..Matcher::default()
+        }
+    }
+
     /// Whether the list was empty.
     pub fn is_empty(&self) -> bool {
-        !self.any && self.exact.is_empty() && self.globs.is_empty()
+        !self.any && !self.restrictive && self.exact.is_empty() && self.globs.is_empty()
     }
 
     /// Whether `name` matches any entry.
@@ -180,6 +191,17 @@ pub struct Policy {
     pub servers: Option<HashSet<String>>,
     /// Requests per second for this identity (overrides the default).
     pub rate_limit: Option<u32>,
+    /// The policy on a routed server, where tool entries name servers (`server/tool`); a
+    /// server not listed here gets this policy.
+    pub per_server: std::collections::HashMap<std::sync::Arc<str>, std::sync::Arc<Policy>>,
+}
+
+/// The policy of `policy`'s identity on the server named `server`.
+pub fn policy_on<'p>(
+    policy: &'p std::sync::Arc<Policy>,
+    server: &str,
+) -> &'p std::sync::Arc<Policy> {
+    policy.per_server.get(server).unwrap_or(policy)
 }
 
 impl Policy {

@@ -318,7 +318,7 @@ pub fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
         None
     };
     let routes = validate_routes(file, &s.mcp_path)?;
-    let auth = Arc::new(validate_auth(file)?);
+    let auth = Arc::new(validate_auth(file, &routes)?);
     let rate = validate_rate(file)?;
     let audit = AuditSettings {
         output: (file.audit.enabled && (file.audit.stdout || file.audit.file.is_some())).then(
@@ -364,7 +364,7 @@ pub fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
     })
 }
 
-fn validate_auth(file: &FileConfig) -> Result<Authenticator, ConfigError> {
+fn validate_auth(file: &FileConfig, routes: &[Route]) -> Result<Authenticator, ConfigError> {
     let mut auth = Authenticator::default();
     if file.auth.api_keys.is_empty() {
         return Ok(auth);
@@ -409,9 +409,13 @@ fn validate_auth(file: &FileConfig) -> Result<Authenticator, ConfigError> {
         } else {
             Names::Any
         };
+        for (list, entries) in [
+            ("allowed_tools", &k.allowed_tools),
+            ("denied_tools", &k.denied_tools),
+        ] {
+            check_tool_patterns(&format!("{key}.{list}"), entries, tool_names, routes)?;
+        }
         for (list, entries, names) in [
-            ("allowed_tools", &k.allowed_tools, tool_names),
-            ("denied_tools", &k.denied_tools, tool_names),
             ("allowed_resources", &k.allowed_resources, Names::Any),
             ("denied_resources", &k.denied_resources, Names::Any),
             ("allowed_prompts", &k.allowed_prompts, Names::Any),
@@ -419,11 +423,8 @@ fn validate_auth(file: &FileConfig) -> Result<Authenticator, ConfigError> {
         ] {
             check_patterns(&format!("{key}.{list}"), entries, names)?;
         }
-        let policy = Policy {
-            tools: Rule {
-                allow: Matcher::new(&k.allowed_tools),
-                deny: Matcher::new(&k.denied_tools),
-            },
+        let mut policy = Policy {
+            tools: tool_rule(&k.allowed_tools, &k.denied_tools, None, routes),
             resources: Rule {
                 allow: Matcher::new(&k.allowed_resources),
                 deny: Matcher::new(&k.denied_resources),
@@ -437,7 +438,24 @@ fn validate_auth(file: &FileConfig) -> Result<Authenticator, ConfigError> {
                 .as_ref()
                 .map(|s| s.iter().cloned().collect()),
             rate_limit: k.rate_limit,
+            per_server: HashMap::new(),
         };
+        // A server named by a `server/tool` entry gets a policy of its own.
+        let named: std::collections::BTreeSet<&str> = k
+            .allowed_tools
+            .iter()
+            .chain(&k.denied_tools)
+            .filter_map(|e| e.split_once('/').map(|(s, _)| s))
+            .filter(|s| routes.iter().any(|r| &*r.name == *s))
+            .collect();
+        for server in named {
+            let on_server = Policy {
+                tools: tool_rule(&k.allowed_tools, &k.denied_tools, Some(server), routes),
+                per_server: HashMap::new(),
+                ..policy.clone()
+            };
+            policy.per_server.insert(server.into(), Arc::new(on_server));
+        }
         if !keys.insert(&k.id, digest, Arc::new(policy)) {
             return Err(invalid(
                 &format!("{key}.key_hash"),
@@ -762,25 +780,99 @@ const NEVER_A_TOOL: &str = "can never match a tool name: tool names are 1-128 ch
 /// nothing (`"sleep "`) is a hole.
 fn check_patterns(key: &str, entries: &[String], names: Names) -> Result<(), ConfigError> {
     for (i, e) in entries.iter().enumerate() {
-        let key = format!("{key}[{i}]");
-        if e.trim().is_empty() {
-            return Err(invalid(&key, "is empty, and matches nothing"));
+        check_pattern(&format!("{key}[{i}]"), e, names)?;
+    }
+    Ok(())
+}
+
+fn check_pattern(key: &str, e: &str, names: Names) -> Result<(), ConfigError> {
+    if e.trim().is_empty() {
+        return Err(invalid(key, "is empty, and matches nothing"));
+    }
+    if e.chars().any(char::is_control) {
+        return Err(invalid(
+            key,
+            "holds control characters, and matches nothing",
+        ));
+    }
+    if let Names::Tools = names {
+        let fits = e.len() <= 128
+            && e.bytes().all(|b| {
+                b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'*' | b'?')
+            });
+        if !fits {
+            return Err(invalid(key, format!("`{e}` {NEVER_A_TOOL}")));
         }
-        if e.chars().any(char::is_control) {
+    }
+    Ok(())
+}
+
+/// The tool rule of one server (`None`: a server no `server/tool` entry names): the plain
+/// entries, plus the entries qualified with that server. An identity with an allow list allows
+/// nothing on a server where none of its allow entries applies.
+fn tool_rule(
+    allowed: &[String],
+    denied: &[String],
+    server: Option<&str>,
+    routes: &[Route],
+) -> Rule {
+    fn qualified<'e>(e: &'e str, routes: &[Route]) -> Option<(&'e str, &'e str)> {
+        e.split_once('/')
+            .filter(|(s, _)| routes.iter().any(|r| &*r.name == *s))
+    }
+    let applies = |e: &&String| match qualified(e, routes) {
+        None => true,
+        Some((s, _)) => Some(s) == server,
+    };
+    let bare = |e: &String| qualified(e, routes).map_or(e.clone(), |(_, t)| t.to_string());
+    let allow: Vec<String> = allowed.iter().filter(applies).map(bare).collect();
+    let deny: Vec<String> = denied.iter().filter(applies).map(bare).collect();
+    Rule {
+        allow: if allow.is_empty() && !allowed.is_empty() {
+            Matcher::nothing()
+        } else {
+            Matcher::new(&allow)
+        },
+        deny: Matcher::new(&deny),
+    }
+}
+
+/// Tool entries: a pattern, or `server/pattern` for one routed server (a server that must
+/// exist: a misspelt server name would silently apply nowhere).
+fn check_tool_patterns(
+    key: &str,
+    entries: &[String],
+    names: Names,
+    routes: &[Route],
+) -> Result<(), ConfigError> {
+    for (i, e) in entries.iter().enumerate() {
+        let key = format!("{key}[{i}]");
+        let Some((server, tool)) = e.split_once('/') else {
+            check_pattern(&key, e, names)?;
+            continue;
+        };
+        if matches!(names, Names::Tools) && tool.contains('/') {
+            return Err(invalid(&key, format!("`{e}` {NEVER_A_TOOL}")));
+        }
+        if !routes.iter().any(|r| &*r.name == server) {
+            if let Names::Any = names {
+                // Tool names may hold `/` without strict names: a plain pattern then.
+                check_pattern(&key, e, names)?;
+                continue;
+            }
             return Err(invalid(
                 &key,
-                "holds control characters, and matches nothing",
+                format!(
+                    "`{e}` names server `{server}`, which is not configured (servers: {})",
+                    routes
+                        .iter()
+                        .map(|r| &*r.name)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
             ));
         }
-        if let Names::Tools = names {
-            let fits = e.len() <= 128
-                && e.bytes().all(|b| {
-                    b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'*' | b'?')
-                });
-            if !fits {
-                return Err(invalid(&key, format!("`{e}` {NEVER_A_TOOL}")));
-            }
-        }
+        check_pattern(&key, tool, names)?;
     }
     Ok(())
 }

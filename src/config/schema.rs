@@ -487,11 +487,15 @@ pub struct ApiKeyEntry {
     /// `mcp-guard hash-key` (unique).
     #[schemars(extend("x-type" = "base64 SHA-256 digest"))]
     pub key_hash: String,
-    /// (compat) Tool names or globs (`*`, `?`) this identity may call; empty = every tool.
+    /// (compat) Tool names or globs (`*`, `?`) this identity may call; empty = every tool. An
+    /// entry `server/tool` applies on that routed server only (`default` is `[upstream]`); with
+    /// any allow entry, a server none of them applies to allows nothing. An entry that can
+    /// never match (outside the tool-name character set, an unknown server) is refused.
     #[serde(default)]
     #[schemars(extend("x-type" = "list of names or globs"))]
     pub allowed_tools: Vec<String>,
-    /// Tool names or globs refused; deny wins over allow.
+    /// Tool names or globs refused; deny wins over allow. `server/tool` as for
+    /// `allowed_tools`.
     #[serde(default)]
     #[schemars(extend("x-type" = "list of names or globs"))]
     pub denied_tools: Vec<String>,
