@@ -78,6 +78,12 @@ pub enum GatewayError {
     UpstreamTimeout,
     /// The upstream's request queue is full.
     UpstreamBusy,
+    /// Every replica of this load-balanced server is ejected: failed at once rather than
+    /// after a timeout.
+    ServerDown(std::sync::Arc<str>),
+    /// The replica this session is pinned to is ejected. The session is not moved to another
+    /// replica (that server never saw it): the client retries later or initializes again.
+    ReplicaDown(std::sync::Arc<str>),
     /// The gateway is draining for shutdown.
     ShuttingDown,
     /// No credentials (`invalid: false`) or credentials not accepted (`invalid: true`).
@@ -120,7 +126,7 @@ impl GatewayError {
             Parse(_) | InvalidRequest(..) | InvalidParams(..) => 400,
             UpstreamUnavailable(_) => 502,
             UpstreamTimeout => 504,
-            UpstreamBusy | ShuttingDown => 503,
+            UpstreamBusy | ShuttingDown | ServerDown(_) | ReplicaDown(_) => 503,
             Unauthorized { .. } => 401,
             Denied(_) => 200,
             RateLimited { .. } => 429,
@@ -135,6 +141,7 @@ impl GatewayError {
             InvalidRequest(..) | HeaderMismatch(_) => code::INVALID_REQUEST,
             InvalidParams(..) => code::INVALID_PARAMS,
             UpstreamUnavailable(_) | UpstreamTimeout | UpstreamBusy => code::INTERNAL_ERROR,
+            ServerDown(_) | ReplicaDown(_) => code::INTERNAL_ERROR,
             Unauthorized { .. } => code::UNAUTHORIZED,
             Denied(_) | ServerForbidden(_) => code::FORBIDDEN,
             RateLimited { .. } => code::RATE_LIMITED,
@@ -172,6 +179,8 @@ impl GatewayError {
             UpstreamUnavailable(_) => "upstream_unavailable",
             UpstreamTimeout => "upstream_timeout",
             UpstreamBusy => "upstream_busy",
+            ServerDown(_) => "server_down",
+            ReplicaDown(_) => "replica_down",
             ShuttingDown => "shutting_down",
             Unauthorized { invalid: false } => "missing_credentials",
             Unauthorized { invalid: true } => "invalid_credentials",
@@ -213,6 +222,13 @@ impl GatewayError {
             UpstreamUnavailable(m) => format!("Upstream unavailable: {m}"),
             UpstreamTimeout => "Upstream did not respond in time".into(),
             UpstreamBusy => "Upstream is busy; retry later".into(),
+            ServerDown(name) => {
+                format!("Server '{name}' is unavailable: every replica is down; retry later")
+            }
+            ReplicaDown(name) => format!(
+                "Server '{name}': the replica serving this session is down; retry later, or \
+                 initialize a new session"
+            ),
             ShuttingDown => "Gateway is shutting down".into(),
             Unauthorized { invalid: false } => "Authentication required".into(),
             Unauthorized { invalid: true } => "Invalid credentials".into(),
@@ -250,6 +266,10 @@ impl GatewayError {
                 retry_after_secs, ..
             } => Some(format!("{{\"retryAfterSeconds\":{retry_after_secs}}}")),
             GatewayError::Denied(d) => Some(format!("{{\"reason\":\"{}\"}}", d.reason.as_str())),
+            GatewayError::ServerDown(name) | GatewayError::ReplicaDown(name) => Some(
+                serde_json::json!({ "server": &**name, "retryAfterSeconds": RETRY_DOWN_SECS })
+                    .to_string(),
+            ),
             _ => None,
         };
         jsonrpc_error(&id_json, self.rpc_code(), &self.message(), data.as_deref())
@@ -276,10 +296,18 @@ impl GatewayError {
                 ("ratelimit-remaining", "0".to_string()),
                 ("ratelimit-reset", retry_after_secs.to_string()),
             ],
+            // The health checks run every 2 s: a replica that comes back is chosen again
+            // within about that long.
+            GatewayError::ServerDown(_) | GatewayError::ReplicaDown(_) => {
+                vec![("retry-after", RETRY_DOWN_SECS.to_string())]
+            }
             _ => Vec::new(),
         }
     }
 }
+
+/// `Retry-After` for a server or replica that is down: the health checks' interval.
+const RETRY_DOWN_SECS: u64 = 2;
 
 #[cfg(test)]
 mod tests {
@@ -303,6 +331,20 @@ mod tests {
         assert!(e.headers().contains(&("retry-after", "3".to_string())));
         let v: serde_json::Value = serde_json::from_slice(&e.body(None)).unwrap();
         assert_eq!(v["error"]["data"]["retryAfterSeconds"], 3);
+    }
+
+    #[test]
+    fn a_server_with_every_replica_down_is_503_naming_it() {
+        for e in [
+            GatewayError::ServerDown("web".into()),
+            GatewayError::ReplicaDown("web".into()),
+        ] {
+            assert_eq!((e.status(), e.rpc_code()), (503, -32603));
+            assert!(e.headers().contains(&("retry-after", "2".to_string())));
+            let v: serde_json::Value = serde_json::from_slice(&e.body(None)).unwrap();
+            assert_eq!(v["error"]["data"]["server"], "web");
+            assert!(v["error"]["message"].as_str().unwrap().contains("'web'"));
+        }
     }
 
     #[test]
