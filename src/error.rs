@@ -80,6 +80,12 @@ pub enum GatewayError {
     UpstreamBusy,
     /// A per-session stdio process cap (of this many) is reached.
     ProcessCap(usize),
+    /// Every replica of this load-balanced server is ejected: failed at once rather than
+    /// after a timeout.
+    ServerDown(std::sync::Arc<str>),
+    /// The replica this session is pinned to is ejected. The session is not moved to another
+    /// replica (that server never saw it): the client retries later or initializes again.
+    ReplicaDown(std::sync::Arc<str>),
     /// The gateway is draining for shutdown.
     ShuttingDown,
     /// No credentials (`invalid: false`) or credentials not accepted (`invalid: true`).
@@ -122,7 +128,7 @@ impl GatewayError {
             Parse(_) | InvalidRequest(..) | InvalidParams(..) => 400,
             UpstreamUnavailable(_) => 502,
             UpstreamTimeout => 504,
-            UpstreamBusy | ShuttingDown | ProcessCap(_) => 503,
+            UpstreamBusy | ShuttingDown | ProcessCap(_) | ServerDown(_) | ReplicaDown(_) => 503,
             Unauthorized { .. } => 401,
             Denied(_) => 200,
             RateLimited { .. } => 429,
@@ -139,6 +145,7 @@ impl GatewayError {
             UpstreamUnavailable(_) | UpstreamTimeout | UpstreamBusy | ProcessCap(_) => {
                 code::INTERNAL_ERROR
             }
+            ServerDown(_) | ReplicaDown(_) => code::INTERNAL_ERROR,
             Unauthorized { .. } => code::UNAUTHORIZED,
             Denied(_) | ServerForbidden(_) => code::FORBIDDEN,
             RateLimited { .. } => code::RATE_LIMITED,
@@ -177,6 +184,8 @@ impl GatewayError {
             UpstreamTimeout => "upstream_timeout",
             UpstreamBusy => "upstream_busy",
             ProcessCap(_) => "process_cap",
+            ServerDown(_) => "server_down",
+            ReplicaDown(_) => "replica_down",
             ShuttingDown => "shutting_down",
             Unauthorized { invalid: false } => "missing_credentials",
             Unauthorized { invalid: true } => "invalid_credentials",
@@ -222,6 +231,13 @@ impl GatewayError {
                 "No upstream process available: the cap of {cap} is reached; end an idle session \
                  (DELETE) or retry later"
             ),
+            ServerDown(name) => {
+                format!("Server '{name}' is unavailable: every replica is down; retry later")
+            }
+            ReplicaDown(name) => format!(
+                "Server '{name}': the replica serving this session is down; retry later, or \
+                 initialize a new session"
+            ),
             ShuttingDown => "Gateway is shutting down".into(),
             Unauthorized { invalid: false } => "Authentication required".into(),
             Unauthorized { invalid: true } => "Invalid credentials".into(),
@@ -259,6 +275,10 @@ impl GatewayError {
                 retry_after_secs, ..
             } => Some(format!("{{\"retryAfterSeconds\":{retry_after_secs}}}")),
             GatewayError::Denied(d) => Some(format!("{{\"reason\":\"{}\"}}", d.reason.as_str())),
+            GatewayError::ServerDown(name) | GatewayError::ReplicaDown(name) => Some(
+                serde_json::json!({ "server": &**name, "retryAfterSeconds": RETRY_DOWN_SECS })
+                    .to_string(),
+            ),
             _ => None,
         };
         jsonrpc_error(&id_json, self.rpc_code(), &self.message(), data.as_deref())
@@ -285,10 +305,18 @@ impl GatewayError {
                 ("ratelimit-remaining", "0".to_string()),
                 ("ratelimit-reset", retry_after_secs.to_string()),
             ],
+            // The health checks run every 2 s: a replica that comes back is chosen again
+            // within about that long.
+            GatewayError::ServerDown(_) | GatewayError::ReplicaDown(_) => {
+                vec![("retry-after", RETRY_DOWN_SECS.to_string())]
+            }
             _ => Vec::new(),
         }
     }
 }
+
+/// `Retry-After` for a server or replica that is down: the health checks' interval.
+const RETRY_DOWN_SECS: u64 = 2;
 
 #[cfg(test)]
 mod tests {
@@ -312,6 +340,20 @@ mod tests {
         assert!(e.headers().contains(&("retry-after", "3".to_string())));
         let v: serde_json::Value = serde_json::from_slice(&e.body(None)).unwrap();
         assert_eq!(v["error"]["data"]["retryAfterSeconds"], 3);
+    }
+
+    #[test]
+    fn a_server_with_every_replica_down_is_503_naming_it() {
+        for e in [
+            GatewayError::ServerDown("web".into()),
+            GatewayError::ReplicaDown("web".into()),
+        ] {
+            assert_eq!((e.status(), e.rpc_code()), (503, -32603));
+            assert!(e.headers().contains(&("retry-after", "2".to_string())));
+            let v: serde_json::Value = serde_json::from_slice(&e.body(None)).unwrap();
+            assert_eq!(v["error"]["data"]["server"], "web");
+            assert!(v["error"]["message"].as_str().unwrap().contains("'web'"));
+        }
     }
 
     #[test]

@@ -35,6 +35,7 @@ use crate::mcp::transport;
 use crate::observe::metrics::{self, M_BATCH, M_DELETE, M_NONE, M_RESPONSE, M_STREAM};
 use crate::ratelimit::{Limit, bucket_key};
 use crate::runtime::worker::Worker;
+use crate::upstream::balance::InFlight;
 use crate::upstream::{Answer, Exchange, Outgoing, UpstreamRef};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -56,6 +57,9 @@ pub struct Reply {
     pub reason: Option<&'static str>,
     /// What the audit event of this request says.
     pub audit: AuditInfo,
+    /// The upstream's hold on the request (its replica's count of requests in flight), let go
+    /// once the reply is written.
+    pub hold: Option<InFlight>,
 }
 
 /// The audit-relevant facts gathered along the path.
@@ -104,6 +108,7 @@ impl Reply {
             method,
             reason: None,
             audit: AuditInfo::default(),
+            hold: None,
         }
     }
 
@@ -263,6 +268,7 @@ impl Ctx<'_> {
             head: self.head,
             request_id: self.request_id,
             binding: &self.caller.identity.id,
+            server: &self.cfg.routes[self.route].name,
             session,
             timeout: self.cfg.routes[self.route].upstream.timeout,
             path_rest: self.rest,
@@ -740,10 +746,14 @@ async fn deliver(
 ) -> Result<Reply, GatewayError> {
     let w = cx.w;
     let mut reply = match exchange.answer {
-        Answer::Streamed(resp) => match filter {
-            None => relay(resp, method, None),
-            Some(policy) => relay_checked(w, resp, policy, method).await?,
-        },
+        Answer::Streamed(resp, hold) => {
+            let mut r = match filter {
+                None => relay(resp, method, None),
+                Some(policy) => relay_checked(w, resp, policy, method).await?,
+            };
+            r.hold = hold;
+            r
+        }
         Answer::Complete { status, body } => {
             let body = match filter {
                 None => body,

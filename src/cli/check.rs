@@ -2,7 +2,7 @@
 //! clear pass/fail line per upstream. Blocking I/O with timeouts: this runs outside the gateway.
 
 use crate::config::preflight;
-use crate::config::{HttpUpstream, Settings, StdioSettings, Transport};
+use crate::config::{HttpEndpoint, Settings, StdioSettings, Transport};
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -20,26 +20,35 @@ const EXIT_GRACE: Duration = Duration::from_secs(1);
 /// Cap on an HTTP answer to initialize: far above any real one.
 const HTTP_ANSWER_CAP: usize = 8 * 1024 * 1024;
 
-/// Checks every upstream (the default and each routed server); true when all pass.
+/// Checks every upstream (the default and each routed server, each replica of a balanced
+/// one); true when all pass.
 pub fn check_all(s: &Settings) -> bool {
     let mut all = true;
     for route in &s.routes {
         let timeout = route.upstream.timeout;
-        let (name, result) = match &route.upstream.transport {
-            Transport::Stdio(st) => (
+        let results = match &route.upstream.transport {
+            Transport::Stdio(st) => vec![(
                 format!("{} (stdio `{}`)", route.name, st.command),
                 preflight_stdio(&route.key, st).and_then(|()| check_stdio(&route.key, st, timeout)),
-            ),
-            Transport::Http(h) => (
-                format!("{} (http {})", route.name, h.url),
-                check_http(&route.key, h, timeout),
-            ),
+            )],
+            Transport::Http(h) => h
+                .endpoints
+                .iter()
+                .map(|e| {
+                    (
+                        format!("{} (http {})", route.name, e.url),
+                        check_http(&route.key, e, &h.headers, timeout),
+                    )
+                })
+                .collect(),
         };
-        match result {
-            Ok(info) => println!("PASS  {name}: {info}"),
-            Err(e) => {
-                println!("FAIL  {name}: {e}");
-                all = false;
+        for (name, result) in results {
+            match result {
+                Ok(info) => println!("PASS  {name}: {info}"),
+                Err(e) => {
+                    println!("FAIL  {name}: {e}");
+                    all = false;
+                }
             }
         }
     }
@@ -307,7 +316,12 @@ impl Tail {
     }
 }
 
-fn check_http(key: &str, h: &HttpUpstream, timeout: Duration) -> Result<String, String> {
+fn check_http(
+    key: &str,
+    h: &HttpEndpoint,
+    headers: &[(String, String)],
+    timeout: Duration,
+) -> Result<String, String> {
     let mut last = String::from("no address");
     for addr in &h.addrs {
         match TcpStream::connect_timeout(addr, timeout) {
@@ -328,7 +342,7 @@ fn check_http(key: &str, h: &HttpUpstream, timeout: Duration) -> Result<String, 
                     h.host_header,
                     INIT.len()
                 );
-                for (n, v) in &h.headers {
+                for (n, v) in headers {
                     req.push_str(&format!("{n}: {v}\r\n"));
                 }
                 req.push_str("\r\n");

@@ -251,7 +251,10 @@ fn init_logging() {
 fn describe_upstream(s: &Settings) -> String {
     let one = |r: &crate::config::Route| match &r.upstream.transport {
         crate::config::Transport::Stdio(st) => format!("stdio `{}`", st.command),
-        crate::config::Transport::Http(h) => format!("http {}", h.url),
+        crate::config::Transport::Http(h) => {
+            let urls: Vec<&str> = h.endpoints.iter().map(|e| e.url.as_str()).collect();
+            format!("http {}", urls.join(", "))
+        }
     };
     match s.routes.as_slice() {
         [only] if &*only.name == crate::config::DEFAULT_ROUTE => format!("upstream {}", one(only)),

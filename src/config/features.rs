@@ -44,11 +44,6 @@ pub const UNBUILT: &[Unbuilt] = &[
                   `http`",
     },
     Unbuilt {
-        path: "upstream.urls",
-        trigger: Trigger::NonEmpty,
-        message: "load-balanced replicas are not in this build yet; use upstream.url",
-    },
-    Unbuilt {
         path: "auth.jwt",
         trigger: Trigger::Present,
         message: "JWT authentication is not in this build yet; refusing to start rather than \
@@ -89,10 +84,6 @@ pub const NO_EFFECT: &[(&str, &str)] = &[
     (
         "server.public_url",
         "it is used in OAuth metadata, which this build does not serve",
-    ),
-    (
-        "upstream.load_balance",
-        "it chooses among upstream.urls, which this build does not support",
     ),
     (
         "rate_limit.redis_url",
@@ -178,7 +169,6 @@ pub fn first_unbuilt_in(file: &FileConfig) -> Option<&'static Unbuilt> {
             TransportKind::Http => "http",
             TransportKind::Sse => "sse",
         })),
-        "upstream.urls" => Some(Seen::Array(file.upstream.urls.len())),
         "auth.jwt" => file.auth.jwt.as_ref().map(|_| Seen::Other),
         "auth.oauth" => file.auth.oauth.as_ref().map(|_| Seen::Other),
         "auth.mtls.enabled" => file.auth.mtls.as_ref().map(|m| Seen::Bool(m.enabled)),
@@ -213,7 +203,11 @@ pub fn ignored_keys(file: &FileConfig) -> Vec<String> {
             ("env", !s.env.is_empty()),
             ("cwd", s.cwd.is_some()),
         ];
-        let http_keys = [("url", s.url.is_some()), ("headers", !s.headers.is_empty())];
+        let http_keys = [
+            ("url", s.url.is_some()),
+            ("urls", !s.urls.is_empty()),
+            ("headers", !s.headers.is_empty()),
+        ];
         let (foreign, why): (&[(&str, bool)], &str) = match s.transport {
             TransportKind::Stdio => (&http_keys, "\"stdio\" and it configures an HTTP upstream"),
             TransportKind::Http | TransportKind::Sse => {
@@ -248,15 +242,16 @@ pub fn ignored_keys(file: &FileConfig) -> Vec<String> {
     }
     let has_default = file.upstream.servers.is_empty()
         || file.upstream.command.is_some()
-        || file.upstream.url.is_some();
+        || file.upstream.url.is_some()
+        || !file.upstream.urls.is_empty();
     if !has_default {
-        for key in ["transport", "args", "env", "cwd", "headers"] {
+        for key in ["transport", "args", "env", "cwd", "headers", "load_balance"] {
             let path = format!("upstream.{key}");
             if sets(&path) {
                 warn(
                     &mut warnings,
                     &path,
-                    "[upstream] names no command or url, so there is no default upstream at \
+                    "[upstream] names no command, url or urls, so there is no default upstream at \
                      server.mcp_path, only the routed servers",
                 );
             }
@@ -289,6 +284,18 @@ pub fn ignored_keys(file: &FileConfig) -> Vec<String> {
                 &format!("upstream.transport is \"{transport}\" and it configures {kind} upstream"),
             );
         }
+    }
+    // Beside a single `url` there is nothing to choose among.
+    if has_default
+        && transport == "http"
+        && file.upstream.urls.is_empty()
+        && sets("upstream.load_balance")
+    {
+        warn(
+            &mut warnings,
+            "upstream.load_balance",
+            "it chooses among upstream.urls, which is not set",
+        );
     }
 
     if !file.rate_limit.enabled {

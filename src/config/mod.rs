@@ -211,7 +211,19 @@ pub struct StdioSettings {
 /// A Streamable HTTP upstream, resolved at load time (no DNS on a worker).
 #[derive(Debug, Clone)]
 pub struct HttpUpstream {
-    /// The URL as configured.
+    /// Where it answers: one endpoint for `url`, one per replica for `urls`, in file order.
+    pub endpoints: Vec<HttpEndpoint>,
+    /// How a replica is chosen; `Some` only for `urls`. A server given by `url` alone is
+    /// never ejected: with nothing to fall back to, every request still tries it.
+    pub balance: Option<schema::LoadBalance>,
+    /// Extra headers sent upstream (name, value).
+    pub headers: Vec<(String, String)>,
+}
+
+/// One HTTP endpoint of an upstream (its only one, or one replica).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpEndpoint {
+    /// The URL as shown: credentials and query left out.
     pub url: String,
     /// Resolved addresses, tried in order.
     pub addrs: Vec<SocketAddr>,
@@ -219,9 +231,11 @@ pub struct HttpUpstream {
     pub host_header: String,
     /// Request target (path and query).
     pub path: String,
-    /// Extra headers sent upstream (name, value).
-    pub headers: Vec<(String, String)>,
 }
+
+/// The most replicas one server may list in `urls` (a bound on per-request choosing and on
+/// the health checks' round).
+pub const MAX_REPLICAS: usize = 64;
 
 impl Settings {
     /// Loads and validates `path`.
@@ -553,6 +567,7 @@ struct UpstreamKeys<'a> {
     session_idle_secs: u64,
     url: Option<&'a String>,
     urls: &'a [String],
+    load_balance: schema::LoadBalance,
     headers: &'a std::collections::BTreeMap<String, String>,
     timeout_secs: u64,
 }
@@ -562,9 +577,6 @@ fn validate_upstream(u: &UpstreamKeys<'_>) -> Result<UpstreamSettings, ConfigErr
     let unbuilt = |path: &str| features::unbuilt_note(path).unwrap_or("not in this build");
     if u.transport == TransportKind::Sse {
         return Err(invalid(&key("transport"), unbuilt("upstream.transport")));
-    }
-    if !u.urls.is_empty() {
-        return Err(invalid(&key("urls"), unbuilt("upstream.urls")));
     }
     let timeout = Duration::from_secs(u.timeout_secs);
     if timeout.is_zero() {
@@ -604,21 +616,62 @@ fn validate_upstream(u: &UpstreamKeys<'_>) -> Result<UpstreamSettings, ConfigErr
             })
         }
         TransportKind::Http | TransportKind::Sse => {
-            let Some(url) = u.url else {
-                return Err(invalid(
-                    &key("url"),
-                    "required for transport = \"http\" (the server's endpoint)",
-                ));
-            };
-            Transport::Http(parse_http_upstream(
-                &key("url"),
-                url,
-                &key("headers"),
-                u.headers,
-            )?)
+            Transport::Http(validate_http(u, &key("headers"))?)
         }
     };
     Ok(UpstreamSettings { transport, timeout })
+}
+
+/// The endpoints of an HTTP upstream: `url`, or each replica of `urls` (not both), every one
+/// parsed and resolved, no two the same.
+fn validate_http(u: &UpstreamKeys<'_>, headers_key: &str) -> Result<HttpUpstream, ConfigError> {
+    let key = |name: &str| format!("{}.{name}", u.key);
+    let (list, balance): (Vec<(String, &String)>, _) = match (u.url, u.urls) {
+        (Some(_), [_, ..]) => {
+            return Err(invalid(
+                &key("urls"),
+                "set either url (one server) or urls (replicas), not both",
+            ));
+        }
+        (Some(url), []) => (vec![(key("url"), url)], None),
+        (None, []) => {
+            return Err(invalid(
+                &key("url"),
+                "required for transport = \"http\" (the server's endpoint), or urls for replicas",
+            ));
+        }
+        (None, urls) if urls.len() > MAX_REPLICAS => {
+            return Err(invalid(
+                &key("urls"),
+                format!("{} replicas; at most {MAX_REPLICAS}", urls.len()),
+            ));
+        }
+        (None, urls) => (
+            urls.iter()
+                .enumerate()
+                .map(|(i, url)| (format!("{}[{i}]", key("urls")), url))
+                .collect(),
+            Some(u.load_balance),
+        ),
+    };
+    let mut endpoints: Vec<HttpEndpoint> = Vec::with_capacity(list.len());
+    for (url_key, url) in &list {
+        let e = parse_endpoint(url_key, url, headers_key)?;
+        // A session is pinned to its replica by the URL shown: two replicas with one URL
+        // would be one replica to the pin.
+        if let Some(i) = endpoints.iter().position(|o| o.url == e.url) {
+            return Err(invalid(
+                url_key,
+                format!("`{}` is already {}[{i}]", e.url, key("urls")),
+            ));
+        }
+        endpoints.push(e);
+    }
+    Ok(HttpUpstream {
+        endpoints,
+        balance,
+        headers: parse_upstream_headers(headers_key, u.headers)?,
+    })
 }
 
 /// The default upstream (when configured) and every routed server, as routes: each with the
@@ -628,7 +681,8 @@ fn validate_routes(file: &FileConfig, mcp_path: &str) -> Result<Vec<Route>, Conf
     let servers = &u.servers;
     let mut routes = Vec::with_capacity(servers.len() + 1);
     // With routed servers, `[upstream]` is a default only when it names something to reach.
-    let has_default = servers.is_empty() || u.command.is_some() || u.url.is_some();
+    let has_default =
+        servers.is_empty() || u.command.is_some() || u.url.is_some() || !u.urls.is_empty();
     if has_default {
         let upstream = validate_upstream(&UpstreamKeys {
             key: "upstream".into(),
@@ -642,6 +696,7 @@ fn validate_routes(file: &FileConfig, mcp_path: &str) -> Result<Vec<Route>, Conf
             session_idle_secs: file.server.session_idle_secs,
             url: u.url.as_ref(),
             urls: &u.urls,
+            load_balance: u.load_balance,
             headers: &u.headers,
             timeout_secs: u.timeout_secs,
         })?;
@@ -707,6 +762,7 @@ fn validate_routes(file: &FileConfig, mcp_path: &str) -> Result<Vec<Route>, Conf
             session_idle_secs: file.server.session_idle_secs,
             url: s.url.as_ref(),
             urls: &s.urls,
+            load_balance: s.load_balance,
             headers: &s.headers,
             timeout_secs: s.timeout_secs.unwrap_or(u.timeout_secs),
         })?;
@@ -933,12 +989,11 @@ pub fn is_normal_path(p: &str) -> bool {
                 .all(|seg| !seg.is_empty() && seg != "." && seg != ".."))
 }
 
-fn parse_http_upstream(
+fn parse_endpoint(
     url_key: &str,
     url: &str,
     headers_key: &str,
-    headers: &std::collections::BTreeMap<String, String>,
-) -> Result<HttpUpstream, ConfigError> {
+) -> Result<HttpEndpoint, ConfigError> {
     let rest = if let Some(r) = url.strip_prefix("http://") {
         r
     } else if url.starts_with("https://") {
@@ -980,6 +1035,18 @@ fn parse_http_upstream(
     if addrs.is_empty() {
         return Err(invalid(url_key, format!("`{host}` resolves to nothing")));
     }
+    Ok(HttpEndpoint {
+        url: shown_url(url),
+        addrs,
+        host_header: authority.to_string(),
+        path: path.to_string(),
+    })
+}
+
+fn parse_upstream_headers(
+    headers_key: &str,
+    headers: &std::collections::BTreeMap<String, String>,
+) -> Result<Vec<(String, String)>, ConfigError> {
     let mut out_headers: Vec<(String, String)> = Vec::new();
     for (name, value) in headers {
         let valid_name = !name.is_empty()
@@ -1015,13 +1082,7 @@ fn parse_http_upstream(
         }
         out_headers.push((name.clone(), value.clone()));
     }
-    Ok(HttpUpstream {
-        url: shown_url(url),
-        addrs,
-        host_header: authority.to_string(),
-        path: path.to_string(),
-        headers: out_headers,
-    })
+    Ok(out_headers)
 }
 
 /// Headers the gateway writes on every upstream request itself, lower case.
@@ -1084,9 +1145,73 @@ mod tests {
         let Transport::Http(h) = s.routes[0].upstream.transport.clone() else {
             panic!("expected http")
         };
-        assert_eq!(h.addrs[0].port(), 8081);
-        assert_eq!(h.path, "/mcp");
-        assert_eq!(h.host_header, "127.0.0.1:8081");
+        assert_eq!(h.endpoints.len(), 1);
+        let e = &h.endpoints[0];
+        assert_eq!(e.addrs[0].port(), 8081);
+        assert_eq!(e.path, "/mcp");
+        assert_eq!(e.host_header, "127.0.0.1:8081");
+        assert_eq!(h.balance, None, "a single url is not balanced");
+    }
+
+    #[test]
+    fn replicas_are_each_parsed_and_never_mixed_with_url() {
+        let http = |keys: &str| format!("[upstream]\ntransport = \"http\"\n{keys}\n");
+        let s = settings(&http(
+            "urls = [\"http://127.0.0.1:1/mcp\", \"http://127.0.0.1:2/x\"]\nload_balance = \"least_outstanding\"",
+        ))
+        .unwrap();
+        let Transport::Http(h) = &s.routes[0].upstream.transport else {
+            panic!("expected http")
+        };
+        let urls: Vec<&str> = h.endpoints.iter().map(|e| e.url.as_str()).collect();
+        assert_eq!(urls, ["http://127.0.0.1:1/mcp", "http://127.0.0.1:2/x"]);
+        assert_eq!(h.balance, Some(schema::LoadBalance::LeastOutstanding));
+        for (keys, expected) in [
+            (
+                "url = \"http://127.0.0.1:1/mcp\"\nurls = [\"http://127.0.0.1:2/mcp\"]",
+                "upstream.urls: set either url (one server) or urls (replicas), not both",
+            ),
+            (
+                "urls = [\"http://127.0.0.1:1/mcp\", \"ftp://x\"]",
+                "upstream.urls[1]: `ftp://x` is not an http:// URL",
+            ),
+            (
+                "urls = [\"http://127.0.0.1:1/mcp\", \"http://127.0.0.1:1/mcp?b=1\"]",
+                "upstream.urls[1]: `http://127.0.0.1:1/mcp` is already upstream.urls[0]",
+            ),
+            ("urls = []", "upstream.url: required"),
+        ] {
+            let err = refusal(&http(keys));
+            assert!(err.contains(expected), "{keys}: {err}");
+        }
+        let many: Vec<String> = (1..=MAX_REPLICAS + 1)
+            .map(|p| format!("\"http://127.0.0.1:{p}/mcp\""))
+            .collect();
+        let err = refusal(&http(&format!("urls = [{}]", many.join(", "))));
+        assert!(err.contains("65 replicas; at most 64"), "{err}");
+        // In a routed server too.
+        let err = refusal(
+            "[[upstream.servers]]\nname = \"web\"\ntransport = \"http\"\nurl = \"http://127.0.0.1:1/mcp\"\nurls = [\"http://127.0.0.1:2/mcp\"]\n",
+        );
+        assert!(
+            err.contains("upstream.servers[0].urls: set either"),
+            "{err}"
+        );
+        let w = warnings_of(&http(
+            "url = \"http://127.0.0.1:1/mcp\"\nload_balance = \"round_robin\"",
+        ));
+        assert_eq!(
+            w,
+            [
+                "upstream.load_balance has no effect: it chooses among upstream.urls, which is not set"
+            ]
+        );
+        assert!(
+            warnings_of(&http(
+                "urls = [\"http://127.0.0.1:1/mcp\"]\nload_balance = \"round_robin\""
+            ))
+            .is_empty()
+        );
     }
 
     #[test]
@@ -1291,8 +1416,8 @@ mod tests {
         let Transport::Http(h) = &s.routes[0].upstream.transport else {
             panic!()
         };
-        assert_eq!(h.url, "http://127.0.0.1:1/mcp");
-        assert_eq!(h.path, "/mcp?token=hunter2");
+        assert_eq!(h.endpoints[0].url, "http://127.0.0.1:1/mcp");
+        assert_eq!(h.endpoints[0].path, "/mcp?token=hunter2");
     }
 
     #[test]

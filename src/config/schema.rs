@@ -111,10 +111,11 @@ pub enum SessionMode {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum LoadBalance {
-    /// Each replica in turn.
+    /// The healthy replicas in turn.
     #[default]
     RoundRobin,
-    /// The replica with the fewest requests in flight.
+    /// The healthy replica with the fewest requests in flight (across workers, until each
+    /// reply is written); ties in turn.
     LeastOutstanding,
 }
 
@@ -349,11 +350,20 @@ pub struct UpstreamSection {
     /// (compat) http: the server's endpoint, `http://host[:port]/path`; resolved at load time.
     #[schemars(extend("x-type" = "URL"))]
     pub url: Option<String>,
-    /// http: several replicas, load balanced (instead of `url`).
+    /// http: replicas of one server, load balanced (instead of `url`, never with it; at most
+    /// 64, no two the same). A session stays on the replica that opened it: while that replica
+    /// is ejected its requests get 503, and once it left `urls` (or answers as another server)
+    /// the session is unknown (404) and the client initializes again; it never moves to another
+    /// replica. Each replica gets an MCP `initialize` every 2 s from the control thread (the
+    /// session it opens is deleted at once); 3 consecutive failures, of requests that cannot
+    /// reach it or of these checks, eject it, and a good check brings it back. With every
+    /// replica ejected, requests fail at once with 503 and a JSON-RPC error naming the server.
+    /// `/ready` lists each replica.
     #[serde(default)]
     #[schemars(extend("x-type" = "list of URLs"))]
     pub urls: Vec<String>,
-    /// With `urls`: how a replica is chosen; a session stays on its replica.
+    /// With `urls`: how a new session (or a request outside any session) picks a healthy
+    /// replica; a session stays on its replica.
     #[serde(default)]
     pub load_balance: LoadBalance,
     /// http: headers sent upstream (the client's credentials never are).
@@ -401,8 +411,8 @@ impl Default for UpstreamSection {
 /// reaches another server. Session ids are bound to the server as well as the caller: an id
 /// minted at one server is unknown (404) at another. `GET /routes` lists the servers the caller
 /// may reach; `allowed_servers` on a key restricts them (403 elsewhere). With routed servers,
-/// `[upstream]` is a default at `server.mcp_path` only when it names a `command` or `url`; its
-/// `timeout_secs` is every server's default. On reload servers are reconciled by name: an
+/// `[upstream]` is a default at `server.mcp_path` only when it names a `command`, `url` or
+/// `urls`; its `timeout_secs` is every server's default. On reload servers are reconciled by name: an
 /// unchanged one runs on, a changed or new one is started first, a removed one is retired.
 #[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -442,11 +452,11 @@ pub struct ServerRoute {
     /// (compat) http: the server's endpoint.
     #[schemars(extend("x-type" = "URL"))]
     pub url: Option<String>,
-    /// http: replicas.
+    /// http: replicas, load balanced (instead of `url`); as `upstream.urls`.
     #[serde(default)]
     #[schemars(extend("x-type" = "list of URLs"))]
     pub urls: Vec<String>,
-    /// With `urls`: how a replica is chosen.
+    /// With `urls`: how a replica is chosen; as `upstream.load_balance`.
     #[serde(default)]
     pub load_balance: LoadBalance,
     /// http: headers sent upstream.

@@ -255,49 +255,8 @@ fn check_health(shared: &Shared) {
         return;
     };
     for (name, upstream) in set.iter() {
-        let Upstream::Http(up, probed) = upstream else {
-            continue;
-        };
-        // Ready means the upstream answers HTTP, not merely that its port accepts.
-        let ok = up.addrs.iter().any(|a| answers_http(*a, up));
-        if ok {
-            probed.answered.store(true, Ordering::Relaxed);
-        }
-        let was = probed.ready.swap(ok, Ordering::Relaxed);
-        if was != ok {
-            if ok {
-                tracing::info!(target: "mcp_guard::upstream", "upstream {name} ({}) reachable", up.url);
-            } else {
-                tracing::warn!(target: "mcp_guard::upstream", "upstream {name} ({}) unreachable", up.url);
-            }
+        if let Upstream::Http(server) = upstream {
+            crate::upstream::health::check(name, server);
         }
     }
-}
-
-/// Whether an HTTP response head starts coming back, within a second, to a `GET` of the MCP
-/// endpoint without a session (any status counts: an error is an answer too).
-fn answers_http(addr: std::net::SocketAddr, up: &crate::config::HttpUpstream) -> bool {
-    use std::io::{Read, Write};
-    let timeout = Duration::from_secs(1);
-    let Ok(mut conn) = std::net::TcpStream::connect_timeout(&addr, timeout) else {
-        return false;
-    };
-    let _ = conn.set_read_timeout(Some(timeout));
-    let _ = conn.set_write_timeout(Some(timeout));
-    let probe = format!(
-        "GET {} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\nConnection: close\r\n\r\n",
-        up.path, up.host_header
-    );
-    if conn.write_all(probe.as_bytes()).is_err() {
-        return false;
-    }
-    let mut head = [0u8; 12];
-    let mut got = 0;
-    while got < head.len() {
-        match conn.read(&mut head[got..]) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => got += n,
-        }
-    }
-    head[..got].starts_with(b"HTTP/1.")
 }

@@ -10,6 +10,7 @@ use crate::mcp::session::{SessionCodec, random_bytes};
 use crate::observe::metrics::{Metrics, WorkerMetrics, new_histogram};
 use crate::ratelimit::{LocalLimiter, QuotaPool};
 use crate::runtime::shutdown::LocalShutdown;
+use crate::upstream::set::Upstream;
 use crate::upstream::stdio::StdioHub;
 use arc_swap::{ArcSwap, Cache};
 use hdrhistogram::Histogram;
@@ -113,17 +114,24 @@ impl Shared {
         cfg.upstreams.as_ref().is_some_and(|u| u.all_answered())
     }
 
-    /// Each upstream by route name: `ready` now, `answered` at least once.
+    /// Each upstream by route name: `ready` now, `answered` at least once, and for a
+    /// load-balanced server its policy and each replica.
     fn upstream_states(&self) -> serde_json::Map<String, serde_json::Value> {
         let cfg = self.config.load();
         cfg.upstreams
             .iter()
             .flat_map(|set| set.iter())
             .map(|(name, u)| {
-                (
-                    name.to_string(),
-                    serde_json::json!({ "ready": u.is_ready(), "answered": u.has_answered() }),
-                )
+                let mut state =
+                    serde_json::json!({ "ready": u.is_ready(), "answered": u.has_answered() });
+                if let Upstream::Http(h) = u
+                    && h.is_balanced()
+                    && let (Some(s), serde_json::Value::Object(more)) =
+                        (state.as_object_mut(), h.describe())
+                {
+                    s.extend(more);
+                }
+                (name.to_string(), state)
             })
             .collect()
     }

@@ -1,10 +1,11 @@
 //! A Streamable HTTP upstream: which headers go upstream (only what the transport needs, the
 //! upstream's own credentials from config, never the client's), the deadline for the answer
-//! to start, and error accounting. The bytes on the wire and the per-worker keep-alive pool
-//! are `http::client`'s.
+//! to start, and error accounting (a replica's failures count towards its ejection). Which
+//! replica is `balance.rs`'s; the bytes on the wire and the per-worker keep-alive pool are
+//! `http::client`'s.
 
+use super::balance::HttpServer;
 use super::{Answer, Exchange, Outgoing};
-use crate::config::HttpUpstream;
 use crate::error::GatewayError;
 use crate::http::client;
 use crate::runtime::worker::Worker;
@@ -13,13 +14,16 @@ use std::sync::atomic::Ordering;
 /// Sends one request and returns the response, its body still to be relayed.
 pub async fn exchange(
     w: &Worker,
-    up: &HttpUpstream,
+    server: &HttpServer,
     out: &Outgoing<'_>,
     method: &str,
     body: &[u8],
 ) -> Result<Exchange, GatewayError> {
+    let target = server.target(out.server, out.session)?;
+    let replica = &server.replicas()[target.replica];
+    let (up, ep) = (&server.settings, &replica.endpoint);
     let h = &out.head.h;
-    let session = out.session.map(String::from_utf8_lossy);
+    let session = target.session.map(String::from_utf8_lossy);
     let mut headers: Vec<(&str, &str)> = Vec::with_capacity(12 + up.headers.len());
     if method == "POST" {
         headers.push(("content-type", "application/json"));
@@ -56,27 +60,39 @@ pub async fn exchange(
     // credential, `?api_key=`), and the upstream's endpoint is the configured URL.
     // A `strip_prefix` route forwards the remainder below its endpoint under the upstream's path.
     let path: std::borrow::Cow<'_, str> = if out.path_rest.is_empty() {
-        up.path.as_str().into()
+        ep.path.as_str().into()
     } else {
-        format!("{}{}", up.path.trim_end_matches('/'), out.path_rest).into()
+        format!("{}{}", ep.path.trim_end_matches('/'), out.path_rest).into()
     };
-    let request = client::build_request(method, &path, &up.host_header, &headers, body);
+    let request = client::build_request(method, &path, &ep.host_header, &headers, body);
+    let in_flight = server.begin(target.replica);
     match monoio::time::timeout(
         out.timeout,
-        client::send_request(&w.pool, &up.addrs, method, request),
+        client::send_request(&w.pool, &ep.addrs, method, request),
     )
     .await
     {
         Ok(Ok(mut resp)) => {
-            let session = resp.session_id.take().map(String::into_bytes);
+            replica.state.succeeded();
+            let session = resp
+                .session_id
+                .take()
+                .map(|sid| server.pin(&target, sid.as_bytes()));
             Ok(Exchange {
-                answer: Answer::Streamed(resp),
+                answer: Answer::Streamed(resp, in_flight),
                 session,
             })
         }
         Ok(Err(e)) => {
             w.metrics.upstream_errors.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(target: "mcp_guard::upstream", "upstream {} failed: {e}", up.url);
+            tracing::warn!(target: "mcp_guard::upstream", "upstream {} failed: {e}", ep.url);
+            if server.is_balanced() && replica.state.failed() {
+                tracing::warn!(
+                    target: "mcp_guard::upstream",
+                    "server {}: replica {} ejected after {} consecutive failures",
+                    out.server, ep.url, super::balance::EJECT_AFTER
+                );
+            }
             Err(GatewayError::UpstreamUnavailable(e.to_string()))
         }
         Err(_) => {

@@ -4,30 +4,33 @@
 //! wrapping and response transforms (the `tools/list` filter) then run once, in the pipeline,
 //! whatever the kind.
 //!
-//! Kinds: `http` (Streamable HTTP, pooled per worker; the wire is `http::client`) and `stdio`
+//! Kinds: `http` (Streamable HTTP, pooled per worker; the wire is `http::client`; replicas
+//! balanced, pinned and health-checked in `balance.rs`, probed in `health.rs`) and `stdio`
 //! (a supervised child, process supervision in `stdio.rs`, message routing in the pure
 //! `router.rs` that every kind multiplexing sessions over one connection reuses).
 
+pub mod balance;
+pub mod health;
 pub mod http;
 pub mod pool;
 pub mod router;
 pub mod set;
 pub mod stdio;
 
-use crate::config::HttpUpstream;
 use crate::error::GatewayError;
 use crate::http::client::UpstreamResponse;
 use crate::http::request::RequestHead;
 use crate::mcp::jsonrpc::Body;
 use crate::runtime::worker::Worker;
+use balance::{HttpServer, InFlight};
 use std::time::Duration;
 use stdio::StdioHub;
 
 /// One upstream, borrowed for the length of a request.
 #[derive(Clone, Copy)]
 pub enum UpstreamRef<'u> {
-    /// A Streamable HTTP server.
-    Http(&'u HttpUpstream),
+    /// A Streamable HTTP server (one endpoint, or balanced replicas).
+    Http(&'u HttpServer),
     /// The shared stdio child.
     Stdio(&'u StdioHub),
     /// A stdio child per session.
@@ -42,6 +45,8 @@ pub struct Outgoing<'a> {
     pub request_id: &'a str,
     /// The identity sessions are bound to.
     pub binding: &'a str,
+    /// The route's name (`default` for `[upstream]`), for errors that name the server.
+    pub server: &'a std::sync::Arc<str>,
     /// The verified session payload the client presented: the upstream's own session id
     /// (HTTP) or the hub's session key (stdio). `None` for an initialize.
     pub session: Option<&'a [u8]>,
@@ -56,8 +61,9 @@ pub struct Outgoing<'a> {
 // The HTTP response is moved once per request; boxing it would cost an allocation each time.
 #[allow(clippy::large_enum_variant)]
 pub enum Answer {
-    /// An HTTP response whose body is relayed as it arrives (JSON or SSE).
-    Streamed(UpstreamResponse),
+    /// An HTTP response whose body is relayed as it arrives (JSON or SSE), and the request's
+    /// count against its replica, held until the reply is written.
+    Streamed(UpstreamResponse, Option<InFlight>),
     /// A complete JSON body.
     Complete {
         /// HTTP status to answer with.

@@ -7,26 +7,18 @@
 //! grace has passed.
 
 use super::UpstreamRef;
+use super::balance::HttpServer;
 use super::pool::StdioPool;
 use super::stdio::StdioHub;
-use crate::config::{HttpUpstream, Settings, StdioSettings, Transport};
+use crate::config::{Settings, StdioSettings, Transport};
 use crate::observe::metrics::Metrics;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-
-/// What the control thread's probes found out about an HTTP upstream.
-#[derive(Debug, Default)]
-pub struct Probed {
-    /// The last probe got an HTTP answer.
-    pub ready: AtomicBool,
-    /// A probe has ever got one.
-    pub answered: AtomicBool,
-}
 
 /// One running upstream.
 pub enum Upstream {
-    /// A Streamable HTTP server (per-worker pools; nothing runs for it here), and its probes.
-    Http(Arc<HttpUpstream>, Arc<Probed>),
+    /// A Streamable HTTP server (per-worker pools; nothing runs for it here): its replicas
+    /// and what the health checks and workers know about them.
+    Http(Arc<HttpServer>),
     /// A supervised stdio child, with the settings it was started from.
     Stdio(StdioSettings, Arc<StdioHub>),
     /// A stdio child per session.
@@ -36,7 +28,7 @@ pub enum Upstream {
 impl Upstream {
     fn start(transport: &Transport, metrics: &Arc<Metrics>) -> Result<Self, String> {
         Ok(match transport {
-            Transport::Http(h) => Upstream::Http(Arc::new(h.clone()), Arc::default()),
+            Transport::Http(h) => Upstream::Http(Arc::new(HttpServer::new(h, None))),
             Transport::Stdio(s) => match s.per_session {
                 Some(limits) => {
                     Upstream::StdioPool(StdioPool::new(s.clone(), limits, metrics.clone()))
@@ -55,10 +47,10 @@ impl Upstream {
             (Upstream::StdioPool(pool), Transport::Stdio(w)) if pool.settings() == w => {
                 Some(Upstream::StdioPool(pool.clone()))
             }
-            // An HTTP upstream holds nothing that runs: what carries over is what its probes
-            // learnt, while it is the same server.
-            (Upstream::Http(old, probed), Transport::Http(w)) if old.url == w.url => {
-                Some(Upstream::Http(Arc::new(w.clone()), probed.clone()))
+            // An HTTP upstream holds nothing that runs: what carries over is what is known of
+            // each replica whose URL is unchanged (health, identity, requests in flight).
+            (Upstream::Http(old), Transport::Http(w)) => {
+                Some(Upstream::Http(Arc::new(HttpServer::new(w, Some(old)))))
             }
             _ => None,
         }
@@ -67,16 +59,17 @@ impl Upstream {
     /// Borrowed for a request.
     pub fn as_ref(&self) -> UpstreamRef<'_> {
         match self {
-            Upstream::Http(h, _) => UpstreamRef::Http(h),
+            Upstream::Http(h) => UpstreamRef::Http(h),
             Upstream::Stdio(_, hub) => UpstreamRef::Stdio(hub),
             Upstream::StdioPool(pool) => UpstreamRef::StdioPool(pool),
         }
     }
 
-    /// Serving now (stdio: its child runs; HTTP: its last probe was answered).
+    /// Serving now (stdio: its child runs; HTTP: its last check was answered, or for
+    /// replicas, one of them serves).
     pub fn is_ready(&self) -> bool {
         match self {
-            Upstream::Http(_, p) => p.ready.load(Ordering::Relaxed),
+            Upstream::Http(h) => h.is_ready(),
             Upstream::Stdio(_, hub) => hub.is_alive(),
             // Children start on demand; the command was checked when the pool was made.
             Upstream::StdioPool(_) => true,
@@ -86,7 +79,7 @@ impl Upstream {
     /// Has answered at least once since it was started.
     pub fn has_answered(&self) -> bool {
         match self {
-            Upstream::Http(_, p) => p.answered.load(Ordering::Relaxed),
+            Upstream::Http(h) => h.has_answered(),
             Upstream::Stdio(_, hub) => hub.has_answered(),
             Upstream::StdioPool(pool) => pool.has_answered(),
         }
