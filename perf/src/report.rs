@@ -1,7 +1,8 @@
 //! Results on disk: the JSON record (raw figures and machine info), the Markdown tables, and a
 //! hand-written SVG (latency bars per scenario and target; rps against workers when swept).
 
-use crate::scenarios::{Measurement, Scenario, SweepPoint, Target};
+use crate::pinning::{self, Placement};
+use crate::scenarios::{Bound, CpuCost, Measurement, SATURATED, Scenario, SweepPoint, Target};
 use serde::Serialize;
 use std::fmt::Write as _;
 use std::path::Path;
@@ -29,8 +30,15 @@ pub struct RunSettings {
     pub rate: u64,
     pub connections: usize,
     pub load_threads: usize,
+    /// mcp-guard `workers` = nginx `worker_processes`.
     pub workers: usize,
     pub upstream_threads: usize,
+    /// The CPUs the harness could use.
+    pub allowed_cpus: Vec<usize>,
+    /// Where the target and the load side ran.
+    pub placement: Placement,
+    /// wrk used for the passthrough cross-check, if any.
+    pub wrk: Option<String>,
     pub scenarios: Vec<&'static Scenario>,
 }
 
@@ -44,8 +52,21 @@ pub struct Ratios {
     pub throughput_vs_nginx: Option<f64>,
     /// mcp-guard CPU per request / the mock upstream's own CPU per request (direct).
     pub cpu_per_request_vs_direct: Option<f64>,
-    /// mcp-guard CPU per request / nginx CPU per request.
+    /// mcp-guard CPU per request / nginx CPU per request, at the fixed rate.
     pub cpu_per_request_vs_nginx: Option<f64>,
+    /// mcp-guard CPU per request / nginx's at full throttle (the closed-loop phase): total, user
+    /// and system.
+    pub cpu_at_max_vs_nginx: Option<f64>,
+    pub user_cpu_at_max_vs_nginx: Option<f64>,
+    pub system_cpu_at_max_vs_nginx: Option<f64>,
+    /// Whole-machine CPU per request at full throttle, mcp-guard's run ÷ nginx's: the cost of the
+    /// hop whoever the kernel charged it to.
+    pub machine_cpu_at_max_vs_nginx: Option<f64>,
+    /// mcp-guard req/s ÷ nginx req/s as wrk measured them (passthrough, when wrk ran).
+    pub wrk_throughput_vs_nginx: Option<f64>,
+    /// Both closed-loop phases were bound by the target, not the load side: only then does
+    /// `throughput_vs_nginx` compare the two proxies.
+    pub both_target_bound: bool,
     /// nginx p99 − direct p99, µs.
     pub nginx_p99_added_us: Option<i64>,
     /// mcp-guard p99 − direct p99, µs.
@@ -135,12 +156,31 @@ pub fn ratios(measurements: &[Measurement]) -> Vec<Ratios> {
                 .zip(m)
                 .map(|(d, m)| m.latency_us.p99 as i64 - d.latency_us.p99 as i64)
         };
+        let at_max = |m: Option<&Measurement>, part: fn(&CpuCost) -> f64| {
+            let ours = guard.at_max.target_cpu.as_ref().map(part)?;
+            let theirs = m?.at_max.target_cpu.as_ref().map(part)?;
+            ratio(ours, theirs)
+        };
+        let wrk_rps = |m: &Measurement| m.wrk.as_ref()?.run.as_ref().map(|r| r.rps);
         out.push(Ratios {
             scenario: guard.scenario.clone(),
             throughput_vs_direct: direct.and_then(|d| ratio(guard.max_rps, d.max_rps)),
             throughput_vs_nginx: nginx.and_then(|n| ratio(guard.max_rps, n.max_rps)),
             cpu_per_request_vs_direct: cpu_ratio(direct),
             cpu_per_request_vs_nginx: cpu_ratio(nginx),
+            cpu_at_max_vs_nginx: at_max(nginx, |c| c.total_us),
+            user_cpu_at_max_vs_nginx: at_max(nginx, |c| c.user_us),
+            system_cpu_at_max_vs_nginx: at_max(nginx, |c| c.system_us),
+            machine_cpu_at_max_vs_nginx: nginx
+                .and_then(|n| n.at_max.machine_cpu_us)
+                .zip(guard.at_max.machine_cpu_us)
+                .and_then(|(n, g)| ratio(g, n)),
+            wrk_throughput_vs_nginx: nginx
+                .and_then(wrk_rps)
+                .zip(wrk_rps(guard))
+                .and_then(|(n, g)| ratio(g, n)),
+            both_target_bound: nginx.is_some_and(|n| n.at_max.bound == Bound::Target)
+                && guard.at_max.bound == Bound::Target,
             nginx_p99_added_us: added(nginx),
             mcp_guard_p99_added_us: added(Some(guard)),
         });
@@ -189,26 +229,17 @@ fn markdown(r: &Report) -> String {
             .unwrap_or_default()
     );
     let _ = writeln!(out, "Command: `{}`\n", m.command_line);
-    let _ = writeln!(
-        out,
-        "Each phase {} s (warm-up {} s), fixed rate {}/s, {} connections, {} load thread(s), {} mcp-guard workers = nginx worker_processes, mock upstream on {} thread(s).\n",
-        s.duration_s,
-        s.warmup_s,
-        s.rate,
-        s.connections,
-        s.load_threads,
-        s.workers,
-        s.upstream_threads
-    );
-    out.push_str("| scenario | target | max rps | p50 µs | p90 µs | p99 µs | p99.9 µs | CPU µs/req | idle RSS MB | peak RSS MB | errors |\n");
-    out.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    method(&mut out, r);
+    out.push_str("\n## At a fixed rate (latency, CPU)\n\n");
+    out.push_str("| scenario | target | p50 µs | p90 µs | p99 µs | p99.9 µs | CPU µs/req | user µs/req | sys µs/req | machine µs/req | idle RSS MB | peak RSS MB | errors |\n");
+    out.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     let mut failures = Vec::new();
     let mut behind = false;
     for x in &r.measurements {
         if let Some(f) = &x.failure {
             let _ = writeln!(
                 out,
-                "| {} | {} | failed | | | | | | | | |",
+                "| {} | {} | failed | | | | | | | | | | |",
                 x.scenario, x.target
             );
             failures.push(format!(
@@ -227,48 +258,71 @@ fn markdown(r: &Report) -> String {
             ""
         };
         let l = &x.latency_us;
+        let c = x.cpu_at_rate.as_ref();
         let _ = writeln!(
             out,
-            "| {} | {} | {:.0} | {}{mark} | {}{mark} | {}{mark} | {}{mark} | {} | {:.1} | {:.1} | {} |",
+            "| {} | {} | {}{mark} | {}{mark} | {}{mark} | {}{mark} | {} | {} | {} | {} | {:.1} | {:.1} | {} |",
             x.scenario,
             x.target,
-            x.max_rps,
             l.p50,
             l.p90,
             l.p99,
             l.p999,
-            opt(x.cpu_us_per_request, 1),
+            opt(c.map(|c| c.total_us), 1),
+            opt(c.map(|c| c.user_us), 1),
+            opt(c.map(|c| c.system_us), 1),
+            opt(x.machine_cpu_us_at_rate, 1),
             x.idle_rss_kb as f64 / 1024.0,
             x.peak_rss_kb as f64 / 1024.0,
             x.errors
         );
     }
-    out.push_str("\nLatency is measured at the fixed rate from each request's scheduled send time when a slow earlier response delayed it (coordinated omission corrected), else from the actual send (the generator's own ~1 ms timer lateness is not counted). CPU is user+system time of the target's processes (nginx: master and workers; direct: the mock upstream itself) during the fixed-rate phase. RSS of nginx is the sum over master and workers (shared pages count once per process); for direct it is the mock upstream's.\n");
+    let _ = writeln!(
+        out,
+        "\nAt {}/s. Latency is measured from each request's scheduled send time when a slow earlier response delayed it (coordinated omission corrected), else from the actual send (the generator's own ~1 ms timer lateness is not counted). RSS of nginx is the sum over master and workers (shared pages count once per process); for direct it is the mock upstream's.",
+        s.rate
+    );
     if behind {
         out.push_str("\n† the target did not sustain the fixed rate (achieved < 95 %); these latencies include queueing.\n");
     }
     if !failures.is_empty() {
         let _ = writeln!(out, "\nFailed measurements:\n{}", failures.join("\n"));
     }
+    at_max_table(&mut out, r);
     if !r.ratios.is_empty() {
         out.push_str("\n## mcp-guard compared (same run)\n\n");
-        out.push_str("| scenario | rps ÷ direct | rps ÷ nginx | CPU/req ÷ direct | CPU/req ÷ nginx | p99 added by nginx µs | p99 added by mcp-guard µs |\n");
-        out.push_str("|---|---:|---:|---:|---:|---:|---:|\n");
+        out.push_str("| scenario | rps ÷ direct | rps ÷ nginx | wrk rps ÷ nginx | CPU/req ÷ nginx at max | user ÷ nginx | sys ÷ nginx | machine CPU/req ÷ nginx at max | CPU/req ÷ nginx at rate | CPU/req ÷ direct at rate | p99 added by nginx µs | p99 added by mcp-guard µs |\n");
+        out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
         let int = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_else(|| "n/a".into());
+        let mut unbound = false;
         for q in &r.ratios {
+            let mark = if q.throughput_vs_nginx.is_some() && !q.both_target_bound {
+                unbound = true;
+                " ‡"
+            } else {
+                ""
+            };
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {}{mark} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 q.scenario,
                 opt(q.throughput_vs_direct, 2),
                 opt(q.throughput_vs_nginx, 2),
-                opt(q.cpu_per_request_vs_direct, 2),
+                opt(q.wrk_throughput_vs_nginx, 2),
+                opt(q.cpu_at_max_vs_nginx, 2),
+                opt(q.user_cpu_at_max_vs_nginx, 2),
+                opt(q.system_cpu_at_max_vs_nginx, 2),
+                opt(q.machine_cpu_at_max_vs_nginx, 2),
                 opt(q.cpu_per_request_vs_nginx, 2),
+                opt(q.cpu_per_request_vs_direct, 2),
                 int(q.nginx_p99_added_us),
                 int(q.mcp_guard_p99_added_us)
             );
         }
-        out.push_str("\n\"added\" = target p99 − direct p99 at the same fixed rate.\n");
+        out.push_str("\n\"at max\" = the closed-loop phase; \"at rate\" = the fixed-rate phase; \"added\" = target p99 − direct p99 at the same fixed rate.\n");
+        if unbound {
+            out.push_str("\n‡ nginx or mcp-guard was not bound by its own CPU in the closed loop (see \"bound by\" above): this throughput ratio compares the load side's behaviour as much as the proxies'.\n");
+        }
     }
     out.push_str("\n## Scenarios\n\n");
     for sc in &s.scenarios {
@@ -276,22 +330,32 @@ fn markdown(r: &Report) -> String {
     }
     if !r.worker_sweep.is_empty() {
         let targets = sweep_targets(&r.worker_sweep);
-        out.push_str("\n## Worker sweep (passthrough, closed loop, requests/s)\n\n| workers |");
+        out.push_str(
+            "\n## Worker sweep (passthrough, closed loop, requests/s, bound by)\n\n| workers | placement |",
+        );
         for t in &targets {
             let _ = write!(out, " {t} |");
         }
-        out.push_str("\n|---:|");
+        out.push_str("\n|---:|---|");
         out.push_str(&"---:|".repeat(targets.len()));
         out.push('\n');
         for w in sweep_workers(&r.worker_sweep) {
-            let _ = write!(out, "| {w} |");
+            let placement = r
+                .worker_sweep
+                .iter()
+                .find(|p| p.workers == w)
+                .map(|p| p.placement.as_str())
+                .unwrap_or_default();
+            let _ = write!(out, "| {w} | {placement} |");
             for t in &targets {
                 let cell = r
                     .worker_sweep
                     .iter()
                     .find(|p| p.workers == w && &p.target == t);
                 let text = match cell {
-                    Some(p) if p.failure.is_none() => format!("{:.0}", p.max_rps),
+                    Some(p) if p.failure.is_none() => {
+                        format!("{:.0} ({})", p.max_rps, p.at_max.bound.label())
+                    }
                     Some(_) => "failed".into(),
                     None => "n/a".into(),
                 };
@@ -301,6 +365,137 @@ fn markdown(r: &Report) -> String {
         }
     }
     out
+}
+
+/// How the run was made, in words a sceptical reader can check against the JSON.
+fn method(out: &mut String, r: &Report) {
+    let s = &r.settings;
+    let p = &s.placement;
+    out.push_str("## Method\n\n");
+    let _ = writeln!(
+        out,
+        "- **Workers:** nginx `worker_processes {0}` and mcp-guard `workers = {0}`; both forward to the same mock upstream process ({1} thread(s)), started once per scenario; `direct` loads that mock itself.",
+        s.workers, s.upstream_threads
+    );
+    let pinning = if p.pinned {
+        format!(
+            "{} (sched_setaffinity, set before exec so every thread and worker process inherits it; the harness's load threads pin themselves).",
+            p.note
+        )
+    } else {
+        format!(
+            "{}; the target, load generator and upstream share CPU {}.",
+            p.note,
+            pinning::list(&s.allowed_cpus)
+        )
+    };
+    let _ = writeln!(out, "- **Pinning:** {pinning}");
+    let _ = writeln!(
+        out,
+        "- **Load:** {} keep-alive connections, one MCP session each, tools/call POSTs from {} load thread(s) (monoio, {}). Per scenario and target: warm-up {} s, then {} s at a fixed {}/s (latency, CPU at rate), then {} s closed loop (max req/s, CPU at max).",
+        s.connections,
+        s.load_threads,
+        r.machine.load_generator_driver,
+        s.warmup_s,
+        s.duration_s,
+        s.rate,
+        s.duration_s
+    );
+    let _ = writeln!(
+        out,
+        "- **Interleaving:** each scenario runs its targets one after another (direct, nginx, mcp-guard), each started fresh, so slow drift of the machine touches a scenario's targets alike; the ratios compare rows of the same scenario."
+    );
+    let _ = writeln!(
+        out,
+        "- **CPU:** utime and stime from /proc/PID/stat of every target process (nginx: master and workers; mcp-guard: the process, whose stat sums all its threads), read before and after each phase and divided by the requests completed in it; resolution 1/{} s. \"busy\" = that CPU time ÷ (phase × the CPUs the target may use: {}). The load generator's own CPU comes from getrusage(RUSAGE_THREAD) of each load thread.",
+        r.machine.clock_ticks_per_second,
+        if p.pinned {
+            format!("its {} pinned CPU(s)", p.target_cpus.len())
+        } else {
+            format!("one per worker, {}", s.workers)
+        }
+    );
+    let _ = writeln!(
+        out,
+        "- **Saturation check:** a closed loop is \"bound by\" the target when {1} ≥ {0:.0} % busy, by the load side when the busiest load thread was ≥ {0:.0} % of its core{2}; \"both\" or \"neither\" otherwise. Only target-bound rows compare the proxies' throughput: a load-side-bound row measures the generator and upstream, whose kernel cost per request depends on how the target segments its traffic.",
+        SATURATED * 100.0,
+        if p.pinned {
+            "its CPUs were (/proc/stat, so softirq work in ksoftirqd counts)"
+        } else {
+            "its processes were (their ticks over one CPU per worker)"
+        },
+        if p.pinned {
+            " or the load-side CPUs were ≥ that busy"
+        } else {
+            ""
+        }
+    );
+    let _ = writeln!(
+        out,
+        "- **Whole machine:** every CPU's busy ticks (/proc/stat: user, nice, system, irq, softirq) and TCP segments sent (/proc/net/snmp) over each phase, per request. On loopback the kernel charges a hop's receive work to the sender, so per-process figures move cost between target, generator and upstream with placement and segmenting; the machine figure does not (it also counts anything else that ran, so it wants a quiet machine)."
+    );
+    let wrk = match &s.wrk {
+        Some(path) => format!(
+            "{path}, 1 thread, {} connections, {} s per target, the same tools/call request and session headers, pinned like the load generator; run right after the closed loop against the same target process.",
+            s.connections,
+            s.duration_s.ceil().max(1.0)
+        ),
+        None => "skipped (wrk not installed, or --no-wrk).".into(),
+    };
+    let _ = writeln!(out, "- **wrk cross-check (passthrough):** {wrk}");
+}
+
+/// The closed-loop phase: throughput, CPU per request user/system, and who set the pace.
+fn at_max_table(out: &mut String, r: &Report) {
+    out.push_str("\n## At maximum throughput (closed loop)\n\n");
+    out.push_str("| scenario | target | max rps | CPU µs/req | user µs/req | sys µs/req | machine µs/req | TCP segs/req | target busy | generator busy | load CPUs busy | upstream µs/req | bound by | wrk rps | wrk busy | CPU µs/req under wrk |\n");
+    out.push_str(
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|\n",
+    );
+    let pct = |v: Option<f64>| {
+        v.map(|v| format!("{:.0} %", 100.0 * v))
+            .unwrap_or_else(|| "n/a".into())
+    };
+    let mut wrk_notes = Vec::new();
+    for x in r.measurements.iter().filter(|x| x.failure.is_none()) {
+        let a = &x.at_max;
+        let c = a.target_cpu.as_ref();
+        let w = x.wrk.as_ref();
+        let run = w.and_then(|w| w.run.as_ref());
+        if let Some(f) = w.and_then(|w| w.failure.as_deref()) {
+            wrk_notes.push(format!("- wrk {} / {}: {f}", x.scenario, x.target));
+        }
+        // Pinned, the target's CPUs say how busy it was (softirq work included); direct's
+        // target is the mock on the load side, so its own ticks are the figure there.
+        let target_busy = match a.target_cpus_busy {
+            Some(b) if x.target != Target::Direct.name() => Some(b),
+            _ => c.map(|c| c.busy),
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            x.scenario,
+            x.target,
+            x.max_rps,
+            opt(c.map(|c| c.total_us), 1),
+            opt(c.map(|c| c.user_us), 1),
+            opt(c.map(|c| c.system_us), 1),
+            opt(a.machine_cpu_us, 1),
+            opt(a.tcp_segments_per_request, 2),
+            pct(target_busy),
+            pct(Some(a.generator_busy)),
+            pct(a.load_cpus_busy),
+            opt(a.upstream_cpu.map(|c| c.total_us), 1),
+            a.bound.label(),
+            opt(run.map(|r| r.rps), 0),
+            pct(run.map(|r| r.busy)),
+            opt(w.and_then(|w| w.target_cpu).map(|c| c.total_us), 1),
+        );
+    }
+    out.push_str("\n\"busy\" columns are shares of the CPUs each side may use (see Method); for `direct` the target is the mock upstream on the load side. \"generator busy\" is the busiest load thread's share of its core. \"machine µs/req\" is every CPU's busy time (/proc/stat) per request: target, generator, upstream and the kernel's loopback work, whoever it was charged to; \"TCP segs/req\" counts segments sent machine-wide (/proc/net/snmp).\n");
+    if !wrk_notes.is_empty() {
+        let _ = writeln!(out, "\nwrk problems:\n{}", wrk_notes.join("\n"));
+    }
 }
 
 fn sweep_targets(points: &[SweepPoint]) -> Vec<String> {
