@@ -56,6 +56,10 @@ struct AllArgs {
     /// Seconds per measured phase (fixed rate, then closed loop).
     #[arg(long, default_value_t = 10.0)]
     duration: f64,
+    /// Measure each scenario's targets this many times, interleaved (A B C, C B A, ...); the
+    /// ratios are reported as the median and range over the rounds.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
     /// Fixed request rate (requests/s) for the latency and CPU phase.
     #[arg(long, default_value_t = 5000)]
     rate: u64,
@@ -241,6 +245,7 @@ fn run_and_report(
         settings: report::RunSettings {
             duration_s: settings.duration.as_secs_f64(),
             warmup_s: settings.warmup.as_secs_f64(),
+            rounds: settings.rounds,
             rate: settings.rate,
             connections: settings.connections,
             load_threads: settings.load_threads,
@@ -298,8 +303,8 @@ fn all(args: AllArgs) -> Result<(), String> {
     if !(args.duration > 0.0 && args.duration <= 3600.0) {
         return Err("--duration must be in (0, 3600] seconds".into());
     }
-    if args.rate == 0 || args.connections == 0 || args.workers.contains(&0) {
-        return Err("--rate, --connections and --workers must be positive".into());
+    if args.rate == 0 || args.connections == 0 || args.rounds == 0 || args.workers.contains(&0) {
+        return Err("--rate, --connections, --rounds and --workers must be positive".into());
     }
     let (gateway_bin, demo_bin) = binaries(&args.common)?;
     let scenarios = if args.scenarios.is_empty() {
@@ -325,6 +330,7 @@ fn all(args: AllArgs) -> Result<(), String> {
     let settings = Settings {
         duration,
         warmup: (duration / 10).clamp(Duration::from_millis(200), Duration::from_secs(2)),
+        rounds: args.rounds,
         rate: args.rate,
         connections: args.connections,
         load_threads: args.common.load_threads.max(1),
@@ -358,6 +364,7 @@ fn smoke(args: CommonArgs) -> Result<(), String> {
     let settings = Settings {
         duration: Duration::from_secs(1),
         warmup: Duration::from_millis(200),
+        rounds: 1,
         rate: 200,
         connections: 8,
         load_threads: args.load_threads.max(1),

@@ -2,7 +2,9 @@
 //! hand-written SVG (latency bars per scenario and target; rps against workers when swept).
 
 use crate::pinning::{self, Placement};
-use crate::scenarios::{Bound, CpuCost, Measurement, SATURATED, Scenario, SweepPoint, Target};
+use crate::scenarios::{
+    Bound, CpuCost, DISTURBED, Measurement, SATURATED, Scenario, SweepPoint, Target,
+};
 use serde::Serialize;
 use std::fmt::Write as _;
 use std::path::Path;
@@ -27,6 +29,7 @@ pub struct Machine {
 pub struct RunSettings {
     pub duration_s: f64,
     pub warmup_s: f64,
+    pub rounds: usize,
     pub rate: u64,
     pub connections: usize,
     pub load_threads: usize,
@@ -42,10 +45,11 @@ pub struct RunSettings {
     pub scenarios: Vec<&'static Scenario>,
 }
 
-/// mcp-guard against the other targets, per scenario, from the same run.
+/// mcp-guard against the other targets, per scenario and round, from the same run.
 #[derive(Serialize)]
 pub struct Ratios {
     pub scenario: String,
+    pub round: usize,
     /// mcp-guard max rps / direct max rps.
     pub throughput_vs_direct: Option<f64>,
     /// mcp-guard max rps / nginx max rps.
@@ -133,10 +137,14 @@ impl Machine {
 
 /// Ratios for every scenario that has an mcp-guard row.
 pub fn ratios(measurements: &[Measurement]) -> Vec<Ratios> {
-    let get = |scenario: &str, target: Target| {
-        measurements
-            .iter()
-            .find(|m| m.scenario == scenario && m.target == target.name() && m.failure.is_none())
+    // Within a round, so every ratio compares targets measured next to each other.
+    let get = |scenario: &str, round: usize, target: Target| {
+        measurements.iter().find(|m| {
+            m.scenario == scenario
+                && m.round == round
+                && m.target == target.name()
+                && m.failure.is_none()
+        })
     };
     let ratio = |a: f64, b: f64| (b > 0.0 && a > 0.0).then(|| a / b);
     let mut out = Vec::new();
@@ -144,8 +152,8 @@ pub fn ratios(measurements: &[Measurement]) -> Vec<Ratios> {
         .iter()
         .filter(|m| m.target == Target::McpGuard.name() && m.failure.is_none())
     {
-        let direct = get(&guard.scenario, Target::Direct);
-        let nginx = get(&guard.scenario, Target::Nginx);
+        let direct = get(&guard.scenario, guard.round, Target::Direct);
+        let nginx = get(&guard.scenario, guard.round, Target::Nginx);
         let cpu = |m: Option<&Measurement>| m.and_then(|m| m.cpu_us_per_request);
         let cpu_ratio = |other| match (cpu(Some(guard)), cpu(other)) {
             (Some(a), Some(b)) => ratio(a, b),
@@ -164,6 +172,7 @@ pub fn ratios(measurements: &[Measurement]) -> Vec<Ratios> {
         let wrk_rps = |m: &Measurement| m.wrk.as_ref()?.run.as_ref().map(|r| r.rps);
         out.push(Ratios {
             scenario: guard.scenario.clone(),
+            round: guard.round,
             throughput_vs_direct: direct.and_then(|d| ratio(guard.max_rps, d.max_rps)),
             throughput_vs_nginx: nginx.and_then(|n| ratio(guard.max_rps, n.max_rps)),
             cpu_per_request_vs_direct: cpu_ratio(direct),
@@ -240,7 +249,8 @@ fn markdown(r: &Report) -> String {
             let _ = writeln!(
                 out,
                 "| {} | {} | failed | | | | | | | | | | |",
-                x.scenario, x.target
+                x.scenario,
+                target_label(x, s.rounds)
             );
             failures.push(format!(
                 "- {} / {}: {}",
@@ -263,7 +273,7 @@ fn markdown(r: &Report) -> String {
             out,
             "| {} | {} | {}{mark} | {}{mark} | {}{mark} | {}{mark} | {} | {} | {} | {} | {:.1} | {:.1} | {} |",
             x.scenario,
-            x.target,
+            target_label(x, s.rounds),
             l.p50,
             l.p90,
             l.p99,
@@ -290,39 +300,7 @@ fn markdown(r: &Report) -> String {
     }
     at_max_table(&mut out, r);
     if !r.ratios.is_empty() {
-        out.push_str("\n## mcp-guard compared (same run)\n\n");
-        out.push_str("| scenario | rps ÷ direct | rps ÷ nginx | wrk rps ÷ nginx | CPU/req ÷ nginx at max | user ÷ nginx | sys ÷ nginx | machine CPU/req ÷ nginx at max | CPU/req ÷ nginx at rate | CPU/req ÷ direct at rate | p99 added by nginx µs | p99 added by mcp-guard µs |\n");
-        out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
-        let int = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_else(|| "n/a".into());
-        let mut unbound = false;
-        for q in &r.ratios {
-            let mark = if q.throughput_vs_nginx.is_some() && !q.both_target_bound {
-                unbound = true;
-                " ‡"
-            } else {
-                ""
-            };
-            let _ = writeln!(
-                out,
-                "| {} | {} | {}{mark} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-                q.scenario,
-                opt(q.throughput_vs_direct, 2),
-                opt(q.throughput_vs_nginx, 2),
-                opt(q.wrk_throughput_vs_nginx, 2),
-                opt(q.cpu_at_max_vs_nginx, 2),
-                opt(q.user_cpu_at_max_vs_nginx, 2),
-                opt(q.system_cpu_at_max_vs_nginx, 2),
-                opt(q.machine_cpu_at_max_vs_nginx, 2),
-                opt(q.cpu_per_request_vs_nginx, 2),
-                opt(q.cpu_per_request_vs_direct, 2),
-                int(q.nginx_p99_added_us),
-                int(q.mcp_guard_p99_added_us)
-            );
-        }
-        out.push_str("\n\"at max\" = the closed-loop phase; \"at rate\" = the fixed-rate phase; \"added\" = target p99 − direct p99 at the same fixed rate.\n");
-        if unbound {
-            out.push_str("\n‡ nginx or mcp-guard was not bound by its own CPU in the closed loop (see \"bound by\" above): this throughput ratio compares the load side's behaviour as much as the proxies'.\n");
-        }
+        ratio_table(&mut out, r);
     }
     out.push_str("\n## Scenarios\n\n");
     for sc in &s.scenarios {
@@ -367,6 +345,110 @@ fn markdown(r: &Report) -> String {
     out
 }
 
+/// A row's target, with its round when there are several.
+fn target_label(m: &Measurement, rounds: usize) -> String {
+    if rounds > 1 {
+        format!("{} #{}", m.target, m.round)
+    } else {
+        m.target.clone()
+    }
+}
+
+/// `values` as one cell: the value itself for one round, else "median (min–max)".
+fn spread(values: &[f64], digits: usize) -> String {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => "n/a".into(),
+        1 => format!("{:.digits$}", v[0]),
+        n => {
+            let median = if n % 2 == 1 {
+                v[n / 2]
+            } else {
+                (v[n / 2 - 1] + v[n / 2]) / 2.0
+            };
+            format!(
+                "{median:.digits$} ({:.digits$}–{:.digits$})",
+                v[0],
+                v[n - 1]
+            )
+        }
+    }
+}
+
+/// mcp-guard ÷ the others per scenario; with several rounds, each ratio is taken within a round
+/// and shown as the median and range over the rounds.
+fn ratio_table(out: &mut String, r: &Report) {
+    let rounds = r.settings.rounds;
+    let _ = writeln!(
+        out,
+        "\n## mcp-guard compared (same run{})\n",
+        if rounds > 1 {
+            format!(
+                "; median (min–max) over {rounds} interleaved rounds, each ratio within a round"
+            )
+        } else {
+            String::new()
+        }
+    );
+    out.push_str("| scenario | rps ÷ direct | rps ÷ nginx | wrk rps ÷ nginx | CPU/req ÷ nginx at max | user ÷ nginx | sys ÷ nginx | machine CPU/req ÷ nginx at max | CPU/req ÷ nginx at rate | CPU/req ÷ direct at rate | p99 added by nginx µs | p99 added by mcp-guard µs |\n");
+    out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    let mut scenarios: Vec<&str> = Vec::new();
+    for q in &r.ratios {
+        if !scenarios.contains(&q.scenario.as_str()) {
+            scenarios.push(&q.scenario);
+        }
+    }
+    let mut unbound = false;
+    for scenario in scenarios {
+        let rows: Vec<&Ratios> = r.ratios.iter().filter(|q| q.scenario == scenario).collect();
+        let cell = |f: fn(&Ratios) -> Option<f64>, digits| {
+            spread(
+                &rows.iter().filter_map(|q| f(q)).collect::<Vec<_>>(),
+                digits,
+            )
+        };
+        let int = |f: fn(&Ratios) -> Option<i64>| {
+            spread(
+                &rows
+                    .iter()
+                    .filter_map(|q| f(q))
+                    .map(|v| v as f64)
+                    .collect::<Vec<_>>(),
+                0,
+            )
+        };
+        let mark = if rows
+            .iter()
+            .any(|q| q.throughput_vs_nginx.is_some() && !q.both_target_bound)
+        {
+            unbound = true;
+            " ‡"
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            out,
+            "| {scenario} | {} | {}{mark} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            cell(|q| q.throughput_vs_direct, 2),
+            cell(|q| q.throughput_vs_nginx, 2),
+            cell(|q| q.wrk_throughput_vs_nginx, 2),
+            cell(|q| q.cpu_at_max_vs_nginx, 2),
+            cell(|q| q.user_cpu_at_max_vs_nginx, 2),
+            cell(|q| q.system_cpu_at_max_vs_nginx, 2),
+            cell(|q| q.machine_cpu_at_max_vs_nginx, 2),
+            cell(|q| q.cpu_per_request_vs_nginx, 2),
+            cell(|q| q.cpu_per_request_vs_direct, 2),
+            int(|q| q.nginx_p99_added_us),
+            int(|q| q.mcp_guard_p99_added_us),
+        );
+    }
+    out.push_str("\n\"at max\" = the closed-loop phase; \"at rate\" = the fixed-rate phase; \"added\" = target p99 − direct p99 at the same fixed rate.\n");
+    if unbound {
+        out.push_str("\n‡ in at least one round nginx or mcp-guard was not bound by its own CPU in the closed loop (see \"bound by\" above): that throughput ratio compares the load side's behaviour as much as the proxies'.\n");
+    }
+}
+
 /// How the run was made, in words a sceptical reader can check against the JSON.
 fn method(out: &mut String, r: &Report) {
     let s = &r.settings;
@@ -403,7 +485,15 @@ fn method(out: &mut String, r: &Report) {
     );
     let _ = writeln!(
         out,
-        "- **Interleaving:** each scenario runs its targets one after another (direct, nginx, mcp-guard), each started fresh, so slow drift of the machine touches a scenario's targets alike; the ratios compare rows of the same scenario."
+        "- **Interleaving:** each scenario runs its targets one after another, each started fresh, {}; ratios compare targets of the same scenario and round, measured minutes apart at most.",
+        if s.rounds > 1 {
+            format!(
+                "in {} rounds whose order alternates (direct, nginx, mcp-guard, then the reverse), so a drift of the machine favours no target; rows are labelled target #round",
+                s.rounds
+            )
+        } else {
+            "in one round (direct, nginx, mcp-guard); `--rounds N` repeats it with alternating order and reports medians".to_string()
+        }
     );
     let _ = writeln!(
         out,
@@ -417,17 +507,25 @@ fn method(out: &mut String, r: &Report) {
     );
     let _ = writeln!(
         out,
-        "- **Saturation check:** a closed loop is \"bound by\" the target when {1} ≥ {0:.0} % busy, by the load side when the busiest load thread was ≥ {0:.0} % of its core{2}; \"both\" or \"neither\" otherwise. Only target-bound rows compare the proxies' throughput: a load-side-bound row measures the generator and upstream, whose kernel cost per request depends on how the target segments its traffic.",
+        "- **Saturation check:** a closed loop is \"bound by\" the target when its processes were ≥ {0:.0} % busy (over {1}), by the load side when the busiest load thread was ≥ {0:.0} % of its core{2}; \"both\" or \"neither\" otherwise. Only target-bound rows compare the proxies' throughput: a load-side-bound row measures the generator and upstream. {3}",
         SATURATED * 100.0,
         if p.pinned {
-            "its CPUs were (/proc/stat, so softirq work in ksoftirqd counts)"
+            "its pinned CPUs"
         } else {
-            "its processes were (their ticks over one CPU per worker)"
+            "one CPU per worker"
         },
         if p.pinned {
-            " or the load-side CPUs were ≥ that busy"
+            " or generator + upstream were ≥ that share of the load-side CPUs"
         } else {
             ""
+        },
+        if p.pinned {
+            format!(
+                "A row is marked disturbed when over {:.0} % of either side's CPUs (/proc/stat) went to work no process of the run accounts for.",
+                DISTURBED * 100.0
+            )
+        } else {
+            "Unpinned, work from outside the run cannot be told apart, so no row is marked disturbed.".to_string()
         }
     );
     let _ = writeln!(
@@ -448,7 +546,7 @@ fn method(out: &mut String, r: &Report) {
 /// The closed-loop phase: throughput, CPU per request user/system, and who set the pace.
 fn at_max_table(out: &mut String, r: &Report) {
     out.push_str("\n## At maximum throughput (closed loop)\n\n");
-    out.push_str("| scenario | target | max rps | CPU µs/req | user µs/req | sys µs/req | machine µs/req | TCP segs/req | target busy | generator busy | load CPUs busy | upstream µs/req | bound by | wrk rps | wrk busy | CPU µs/req under wrk |\n");
+    out.push_str("| scenario | target | max rps | CPU µs/req | user µs/req | sys µs/req | machine µs/req | TCP segs/req | target busy | generator busy | load side busy | upstream µs/req | other work on target / load CPUs | bound by | wrk rps | wrk busy | CPU µs/req under wrk |\n");
     out.push_str(
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|\n",
     );
@@ -457,42 +555,57 @@ fn at_max_table(out: &mut String, r: &Report) {
             .unwrap_or_else(|| "n/a".into())
     };
     let mut wrk_notes = Vec::new();
+    let mut disturbed = false;
     for x in r.measurements.iter().filter(|x| x.failure.is_none()) {
         let a = &x.at_max;
         let c = a.target_cpu.as_ref();
         let w = x.wrk.as_ref();
         let run = w.and_then(|w| w.run.as_ref());
         if let Some(f) = w.and_then(|w| w.failure.as_deref()) {
-            wrk_notes.push(format!("- wrk {} / {}: {f}", x.scenario, x.target));
+            wrk_notes.push(format!(
+                "- wrk {} / {}: {f}",
+                x.scenario,
+                target_label(x, r.settings.rounds)
+            ));
         }
-        // Pinned, the target's CPUs say how busy it was (softirq work included); direct's
-        // target is the mock on the load side, so its own ticks are the figure there.
-        let target_busy = match a.target_cpus_busy {
-            Some(b) if x.target != Target::Direct.name() => Some(b),
-            _ => c.map(|c| c.busy),
+        let other = match (a.other_on_target_cpus, a.other_on_load_cpus) {
+            (None, None) => "n/a".to_string(),
+            (t, l) => format!("{} / {}", pct(t), pct(l)),
+        };
+        let bound = if a.disturbed {
+            disturbed = true;
+            format!("{} (disturbed)", a.bound.label())
+        } else {
+            a.bound.label().to_string()
         };
         let _ = writeln!(
             out,
-            "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {other} | {bound} | {} | {} | {} |",
             x.scenario,
-            x.target,
+            target_label(x, r.settings.rounds),
             x.max_rps,
             opt(c.map(|c| c.total_us), 1),
             opt(c.map(|c| c.user_us), 1),
             opt(c.map(|c| c.system_us), 1),
             opt(a.machine_cpu_us, 1),
             opt(a.tcp_segments_per_request, 2),
-            pct(target_busy),
+            pct(c.map(|c| c.busy)),
             pct(Some(a.generator_busy)),
-            pct(a.load_cpus_busy),
+            pct(a.load_side_busy),
             opt(a.upstream_cpu.map(|c| c.total_us), 1),
-            a.bound.label(),
             opt(run.map(|r| r.rps), 0),
             pct(run.map(|r| r.busy)),
             opt(w.and_then(|w| w.target_cpu).map(|c| c.total_us), 1),
         );
     }
-    out.push_str("\n\"busy\" columns are shares of the CPUs each side may use (see Method); for `direct` the target is the mock upstream on the load side. \"generator busy\" is the busiest load thread's share of its core. \"machine µs/req\" is every CPU's busy time (/proc/stat) per request: target, generator, upstream and the kernel's loopback work, whoever it was charged to; \"TCP segs/req\" counts segments sent machine-wide (/proc/net/snmp).\n");
+    out.push_str("\n\"busy\" columns are shares of the CPUs each side may use, from the processes' own CPU time (see Method); for `direct` the target is the mock upstream on the load side. \"generator busy\" is the busiest load thread's share of its core; \"load side busy\" is generator + upstream over the load-side CPUs (pinned runs). \"other work\" is the busy time of each side's CPUs (/proc/stat) that no process of the run accounts for. \"machine µs/req\" is every CPU's busy time (/proc/stat) per request: target, generator, upstream and the kernel's loopback work, whoever it was charged to; \"TCP segs/req\" counts segments sent machine-wide (/proc/net/snmp).\n");
+    if disturbed {
+        let _ = writeln!(
+            out,
+            "\n(disturbed): over {:.0} % of the target's or the load side's CPUs went to work outside this run (another process on the machine); rerun those rows on a quiet machine.",
+            100.0 * DISTURBED
+        );
+    }
     if !wrk_notes.is_empty() {
         let _ = writeln!(out, "\nwrk problems:\n{}", wrk_notes.join("\n"));
     }

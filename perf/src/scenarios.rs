@@ -17,6 +17,9 @@ use std::time::{Duration, Instant};
 /// closed-loop pace.
 pub const SATURATED: f64 = 0.9;
 
+/// Above this share of a side's CPUs used by nothing of the run, the row is marked disturbed.
+pub const DISTURBED: f64 = 0.1;
+
 /// One workload.
 #[derive(Serialize)]
 pub struct Scenario {
@@ -143,6 +146,8 @@ impl Target {
 pub struct Settings {
     pub duration: Duration,
     pub warmup: Duration,
+    /// Each scenario's targets are measured this many times, interleaved.
+    pub rounds: usize,
     pub rate: u64,
     pub connections: usize,
     pub load_threads: usize,
@@ -266,10 +271,17 @@ pub struct AtMax {
     pub generator_system_us: Option<f64>,
     /// The busiest load thread's share of its core.
     pub generator_busy: f64,
+    /// Pinned only: the load side's own CPU (generator + upstream) ÷ its CPUs.
+    pub load_side_busy: Option<f64>,
     /// Pinned only: busy share of the target's CPUs and of the load side's, from /proc/stat
     /// (so softirq work and anything else that ran there counts).
     pub target_cpus_busy: Option<f64>,
     pub load_cpus_busy: Option<f64>,
+    /// Pinned only: the part of those shares no process of the run accounts for.
+    pub other_on_target_cpus: Option<f64>,
+    pub other_on_load_cpus: Option<f64>,
+    /// Something outside the run took over 10 % of a side's CPUs: the figures are suspect.
+    pub disturbed: bool,
     /// Every CPU's busy time per request: target, generator, upstream and the kernel work
     /// between them, whoever it was charged to (includes whatever else ran on the machine).
     pub machine_cpu_us: Option<f64>,
@@ -303,6 +315,8 @@ pub struct Latency {
 pub struct Measurement {
     pub scenario: String,
     pub target: String,
+    /// Which of the scenario's interleaved rounds (from 1).
+    pub round: usize,
     pub workers: usize,
     /// What was pinned where (or why not).
     pub placement: String,
@@ -365,29 +379,32 @@ pub fn run_matrix(settings: &Settings) -> Result<(Vec<Measurement>, Vec<SweepPoi
                 &placement.load_cpus,
             ))
         };
-        for &target in &settings.targets {
-            if scenario.stdio && target != Target::McpGuard {
-                continue;
+        for round in 1..=settings.rounds {
+            for target in round_order(&settings.targets, round) {
+                if scenario.stdio && target != Target::McpGuard {
+                    continue;
+                }
+                if target == Target::Nginx && settings.nginx_bin.is_none() {
+                    continue;
+                }
+                check_interrupted()?;
+                let result = match &mock {
+                    Some(Err(e)) => Err(format!("mock upstream: {e}")),
+                    Some(Ok(m)) => measure(settings, &placement, scenario, target, Some(m)),
+                    None => measure(settings, &placement, scenario, target, None),
+                };
+                let mut m = result.unwrap_or_else(|failure| Measurement {
+                    scenario: scenario.name.into(),
+                    target: target.name().into(),
+                    workers: settings.workers,
+                    placement: placement.note.clone(),
+                    failure: Some(failure),
+                    ..Measurement::default()
+                });
+                m.round = round;
+                progress(&m);
+                measurements.push(m);
             }
-            if target == Target::Nginx && settings.nginx_bin.is_none() {
-                continue;
-            }
-            check_interrupted()?;
-            let result = match &mock {
-                Some(Err(e)) => Err(format!("mock upstream: {e}")),
-                Some(Ok(m)) => measure(settings, &placement, scenario, target, Some(m)),
-                None => measure(settings, &placement, scenario, target, None),
-            };
-            let m = result.unwrap_or_else(|failure| Measurement {
-                scenario: scenario.name.into(),
-                target: target.name().into(),
-                workers: settings.workers,
-                placement: placement.note.clone(),
-                failure: Some(failure),
-                ..Measurement::default()
-            });
-            progress(&m);
-            measurements.push(m);
         }
     }
     let mut sweep = Vec::new();
@@ -443,6 +460,16 @@ pub fn run_matrix(settings: &Settings) -> Result<(Vec<Measurement>, Vec<SweepPoi
     Ok((measurements, sweep))
 }
 
+/// The targets in the order round `round` (from 1) runs them: as given, then reversed, and so
+/// on (A B C, C B A, A B C), so a drift of the machine over a scenario favours no target.
+fn round_order(targets: &[Target], round: usize) -> Vec<Target> {
+    let mut order = targets.to_vec();
+    if round % 2 == 0 {
+        order.reverse();
+    }
+    order
+}
+
 fn check_interrupted() -> Result<(), String> {
     if crate::interrupted() {
         Err("interrupted".into())
@@ -453,7 +480,10 @@ fn check_interrupted() -> Result<(), String> {
 
 fn progress(m: &Measurement) {
     match &m.failure {
-        Some(f) => eprintln!("perf: {} / {}: FAILED: {f}", m.scenario, m.target),
+        Some(f) => eprintln!(
+            "perf: {} / {} (round {}): FAILED: {f}",
+            m.scenario, m.target, m.round
+        ),
         None => {
             let cpu = m
                 .at_max
@@ -475,9 +505,10 @@ fn progress(m: &Measurement) {
                 _ => String::new(),
             };
             eprintln!(
-                "perf: {} / {}: {:.0} rps max{cpu}, bound by {}, generator {:.0} % busy{wrk}; at {}/s p50 {} µs p99 {} µs; {} errors",
+                "perf: {} / {} (round {}): {:.0} rps max{cpu}, bound by {}, generator {:.0} % busy{wrk}; at {}/s p50 {} µs p99 {} µs; {} errors",
                 m.scenario,
                 m.target,
+                m.round,
                 m.max_rps,
                 m.at_max.bound.label(),
                 100.0 * m.at_max.generator_busy,
@@ -615,22 +646,46 @@ fn at_max(
     };
     let (target_cpus_busy, load_cpus_busy) =
         (share(&placement.target_cpus), share(&placement.load_cpus));
-    // Pinned, a side's CPUs tell how busy it was better than its processes' ticks do (softirq
-    // work in ksoftirqd counts); direct's target is the mock, on the load side's CPUs.
-    let target_side = match (target, target_cpus_busy) {
-        (Target::Direct, _) | (_, None) => target_cpu.map_or(0.0, |c| c.busy),
-        (_, Some(busy)) => busy,
+    // The load side's own work on its CPUs: generator and upstream, and for direct the mock
+    // as the target.
+    let own_load = placement.pinned.then(|| {
+        let ticks = w.upstream.total()
+            + if target == Target::Direct {
+                w.target.total()
+            } else {
+                0
+            };
+        let own = g.user_s + g.system_s + ticks as f64 / targets::ticks_per_second() as f64;
+        own / w.wall_s.max(1e-9) / placement.load_cpus.len().max(1) as f64
+    });
+    let target_busy = target_cpu.map_or(0.0, |c| c.busy);
+    // Busy time on a side's CPUs that none of its processes accounts for: another user's work
+    // (or softirq work deferred to ksoftirqd, which is small here). Over 10 % and the row is
+    // marked disturbed: the CPUs were not the run's alone.
+    let other_on_target = match (target, target_cpus_busy) {
+        (Target::Direct, _) | (_, None) => None,
+        (_, Some(busy)) => Some((busy - target_busy).max(0.0)),
     };
-    let load_side = g.busiest_thread.max(load_cpus_busy.unwrap_or(0.0));
+    let other_on_load = load_cpus_busy
+        .zip(own_load)
+        .map(|(busy, own)| (busy - own).max(0.0));
+    let disturbed = [other_on_target, other_on_load]
+        .iter()
+        .any(|o| o.is_some_and(|o| o > DISTURBED));
+    let load_side = g.busiest_thread.max(own_load.unwrap_or(0.0));
     AtMax {
-        bound: Bound::classify(target_side, load_side),
+        bound: Bound::classify(target_busy, load_side),
+        disturbed,
         target_cpu,
         upstream_cpu,
         generator_user_us: per_request(g.user_s),
         generator_system_us: per_request(g.system_s),
         generator_busy: g.busiest_thread,
+        load_side_busy: own_load,
         target_cpus_busy,
         load_cpus_busy,
+        other_on_target_cpus: other_on_target,
+        other_on_load_cpus: other_on_load,
         machine_cpu_us: w.machine_cpu_us(),
         tcp_segments_per_request: w
             .machine
@@ -747,6 +802,7 @@ fn measure(
     Ok(Measurement {
         scenario: scenario.name.into(),
         target: target.name().into(),
+        round: 1,
         workers: settings.workers,
         placement: placement.note.clone(),
         idle_connections: scenario.idle_connections,
