@@ -934,6 +934,112 @@ mod tests {
     }
 
     #[test]
+    fn spreads_show_median_and_range() {
+        assert_eq!(spread(&[], 2), "n/a");
+        assert_eq!(spread(&[1.234], 2), "1.23");
+        assert_eq!(spread(&[1.3, 0.9, 1.0], 2), "1.00 (0.90–1.30)");
+        assert_eq!(spread(&[2.0, 1.0], 1), "1.5 (1.0–2.0)");
+    }
+
+    fn row(target: Target, round: usize, rps: f64, user: f64, bound: Bound) -> Measurement {
+        let mut m = Measurement {
+            scenario: "passthrough".into(),
+            target: target.name().into(),
+            round,
+            max_rps: rps,
+            ..Measurement::default()
+        };
+        m.at_max.bound = bound;
+        m.at_max.target_cpu = Some(CpuCost {
+            user_us: user,
+            system_us: 10.0,
+            total_us: user + 10.0,
+            busy: 0.95,
+        });
+        m
+    }
+
+    #[test]
+    fn ratios_pair_targets_of_the_same_round() {
+        let rows = vec![
+            row(Target::Nginx, 1, 50_000.0, 4.0, Bound::Target),
+            row(Target::McpGuard, 1, 45_000.0, 6.0, Bound::Target),
+            row(Target::McpGuard, 2, 60_000.0, 6.0, Bound::LoadSide),
+            row(Target::Nginx, 2, 40_000.0, 4.0, Bound::Target),
+        ];
+        let q = ratios(&rows);
+        assert_eq!(q.len(), 2);
+        assert_eq!(q[0].round, 1);
+        assert!((q[0].throughput_vs_nginx.unwrap() - 0.9).abs() < 1e-9);
+        assert!((q[0].user_cpu_at_max_vs_nginx.unwrap() - 1.5).abs() < 1e-9);
+        assert!((q[0].system_cpu_at_max_vs_nginx.unwrap() - 1.0).abs() < 1e-9);
+        assert!(q[0].both_target_bound);
+        assert!((q[1].throughput_vs_nginx.unwrap() - 1.5).abs() < 1e-9);
+        assert!(!q[1].both_target_bound, "a load-side-bound row is flagged");
+    }
+
+    fn report(placement: Placement, measurements: Vec<Measurement>) -> Report {
+        Report {
+            name: "t".into(),
+            machine: Machine {
+                nproc: 2,
+                cpu_model: "cpu".into(),
+                kernel: "k".into(),
+                date_utc: utc_now(),
+                git_commit: None,
+                command_line: "perf all".into(),
+                load_generator_driver: "io_uring",
+                nginx_version: None,
+                clock_ticks_per_second: 100,
+            },
+            settings: RunSettings {
+                duration_s: 8.0,
+                warmup_s: 0.8,
+                rounds: 3,
+                rate: 5000,
+                connections: 64,
+                load_threads: 1,
+                workers: 1,
+                upstream_threads: 1,
+                allowed_cpus: vec![0, 1],
+                placement,
+                wrk: None,
+                scenarios: Vec::new(),
+            },
+            ratios: ratios(&measurements),
+            measurements,
+            worker_sweep: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_report_states_its_method() {
+        let rows = vec![
+            row(Target::Nginx, 1, 50_000.0, 4.0, Bound::Target),
+            row(Target::McpGuard, 1, 45_000.0, 6.0, Bound::LoadSide),
+        ];
+        let md = markdown(&report(Placement::plan(&[0, 1], 1, true), rows));
+        for needle in [
+            "## Method",
+            "nginx `worker_processes 1` and mcp-guard `workers = 1`",
+            "same mock upstream process",
+            "**Pinning:** target on CPU 1; load generator, mock upstream, wrk and stdio servers on CPU 0",
+            "64 keep-alive connections",
+            "3 rounds whose order alternates",
+            "utime and stime from /proc/PID/stat",
+            "RUSAGE_THREAD",
+            "wrk not installed",
+            // mcp-guard was load-side bound: its throughput ratio carries the warning mark.
+            "| passthrough | n/a | 0.90 ‡ |",
+        ] {
+            assert!(md.contains(needle), "missing {needle:?} in\n{md}");
+        }
+        let unpinned = markdown(&report(Placement::plan(&[0], 1, true), Vec::new()));
+        assert!(unpinned.contains("**Pinning:** not pinned: 1 worker(s) need"));
+        assert!(unpinned.contains("share CPU 0,1"));
+    }
+
+    #[test]
     fn date_format() {
         let now = utc_now();
         assert_eq!(now.len(), 20);

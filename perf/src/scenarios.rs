@@ -402,7 +402,7 @@ pub fn run_matrix(settings: &Settings) -> Result<(Vec<Measurement>, Vec<SweepPoi
                     ..Measurement::default()
                 });
                 m.round = round;
-                progress(&m);
+                progress(&m, settings.rounds);
                 measurements.push(m);
             }
         }
@@ -478,12 +478,14 @@ fn check_interrupted() -> Result<(), String> {
     }
 }
 
-fn progress(m: &Measurement) {
+fn progress(m: &Measurement, rounds: usize) {
+    let round = if rounds > 1 {
+        format!(" (round {})", m.round)
+    } else {
+        String::new()
+    };
     match &m.failure {
-        Some(f) => eprintln!(
-            "perf: {} / {} (round {}): FAILED: {f}",
-            m.scenario, m.target, m.round
-        ),
+        Some(f) => eprintln!("perf: {} / {}{round}: FAILED: {f}", m.scenario, m.target),
         None => {
             let cpu = m
                 .at_max
@@ -505,10 +507,9 @@ fn progress(m: &Measurement) {
                 _ => String::new(),
             };
             eprintln!(
-                "perf: {} / {} (round {}): {:.0} rps max{cpu}, bound by {}, generator {:.0} % busy{wrk}; at {}/s p50 {} µs p99 {} µs; {} errors",
+                "perf: {} / {}{round}: {:.0} rps max{cpu}, bound by {}, generator {:.0} % busy{wrk}; at {}/s p50 {} µs p99 {} µs; {} errors",
                 m.scenario,
                 m.target,
-                m.round,
                 m.max_rps,
                 m.at_max.bound.label(),
                 100.0 * m.at_max.generator_busy,
@@ -957,5 +958,55 @@ fn latency(r: &LoadResult) -> Latency {
         p999: h.value_at_quantile(0.999),
         max: h.max(),
         mean: h.mean(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounds_alternate_the_order() {
+        let all = Target::ALL;
+        assert_eq!(round_order(&all, 1), all.to_vec());
+        assert_eq!(
+            round_order(&all, 2),
+            vec![Target::McpGuard, Target::Nginx, Target::Direct]
+        );
+        assert_eq!(round_order(&all, 3), all.to_vec());
+    }
+
+    #[test]
+    fn the_saturated_side_sets_the_pace() {
+        assert_eq!(Bound::classify(0.97, 0.50), Bound::Target);
+        assert_eq!(Bound::classify(0.60, 0.95), Bound::LoadSide);
+        assert_eq!(Bound::classify(0.95, 0.95), Bound::Both);
+        assert_eq!(Bound::classify(0.60, 0.60), Bound::Neither);
+    }
+
+    #[test]
+    fn cpu_cost_splits_user_and_system_per_request() {
+        let tps = targets::ticks_per_second() as f64;
+        // One second of user and half a second of system over 10,000 requests in 2 s on 1 CPU.
+        let ticks = CpuTicks {
+            user: tps as u64,
+            system: (tps / 2.0) as u64,
+        };
+        let c = CpuCost::from_ticks(ticks, 10_000, 2.0, 1).unwrap();
+        assert!((c.user_us - 100.0).abs() < 1e-9);
+        assert!((c.system_us - 50.0).abs() < 1e-9);
+        assert!((c.total_us - 150.0).abs() < 1e-9);
+        assert!((c.busy - 0.75).abs() < 1e-9);
+        assert!(CpuCost::from_ticks(ticks, 0, 2.0, 1).is_none());
+    }
+
+    #[test]
+    fn gateway_config_per_scenario() {
+        let plain = gateway_setup(find_scenario("passthrough").unwrap());
+        assert!(plain.config.contains("[audit]\nenabled = false"));
+        assert!(plain.client_headers.is_empty());
+        let guard = gateway_setup(find_scenario("guard").unwrap());
+        assert!(guard.client_headers.starts_with("Authorization: Bearer "));
+        assert!(find_scenario("nope").is_err());
     }
 }
