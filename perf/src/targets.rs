@@ -233,6 +233,9 @@ pub fn start_nginx(
     // (its MAX_IDLE_PER_ADDR), and never retired (nginx's upstream default closes one after 1,000
     // requests), so neither proxy reconnects to the upstream where the other does not.
     let keepalive = 256;
+    // `reuseport` gives each worker its own listening socket, as mcp-guard's workers have
+    // (SO_REUSEPORT): with several workers both proxies then get connections spread by the
+    // kernel's hash, not by which worker's accept wins a wake-up.
     let config = format!(
         r#"worker_processes {workers};
 worker_rlimit_nofile {files};
@@ -256,7 +259,7 @@ http {{
         keepalive_timeout 3600s;
     }}
     server {{
-        listen 127.0.0.1:{port} backlog=4096;
+        listen 127.0.0.1:{port} backlog=4096 reuseport;
         location / {{
             proxy_pass http://mock;
             proxy_http_version 1.1;
