@@ -56,6 +56,30 @@ impl Placement {
         }
     }
 
+    /// This placement if a thread can really be pinned to both sides' CPUs here (a container
+    /// may forbid sched_setaffinity or hide CPUs), else unpinned with the error as the reason.
+    pub fn verified(self) -> Placement {
+        if !self.pinned {
+            return self;
+        }
+        let (target, load) = (self.target_cpus.clone(), self.load_cpus.clone());
+        // A throwaway thread, so the caller's own affinity is left alone.
+        let probe = std::thread::spawn(move || {
+            pin_current_thread(&target).and_then(|()| pin_current_thread(&load))
+        })
+        .join()
+        .unwrap_or_else(|_| Err("the pinning probe panicked".into()));
+        match probe {
+            Ok(()) => self,
+            Err(e) => Placement {
+                pinned: false,
+                target_cpus: Vec::new(),
+                load_cpus: Vec::new(),
+                note: format!("not pinned: {e}"),
+            },
+        }
+    }
+
     /// How many CPUs the target can keep busy: its own set when pinned, else one per worker (a
     /// worker is one thread or process) up to the machine.
     pub fn target_capacity(&self, workers: usize, machine: usize) -> usize {
@@ -181,6 +205,9 @@ mod tests {
     fn two_cores_split_one_and_one() {
         let p = Placement::plan(&[0, 1], 1, true);
         assert!(p.pinned);
+        if allowed_cpus() == [0, 1] {
+            assert_eq!(p.clone().verified(), p);
+        }
         assert_eq!(
             (p.target_cpus.as_slice(), p.load_cpus.as_slice()),
             (&[1][..], &[0][..])
@@ -195,6 +222,13 @@ mod tests {
             assert!(!p.pinned && p.target_cpus.is_empty(), "{p:?}");
             assert!(p.note.starts_with("not pinned:"));
         }
+        // A CPU this process may not use cannot be pinned to: the probe says so.
+        let impossible = Placement::plan(&[0, libc::CPU_SETSIZE as usize - 1], 1, true);
+        let checked = impossible.verified();
+        assert!(
+            !checked.pinned && checked.note.starts_with("not pinned: cannot pin"),
+            "{checked:?}"
+        );
         let off = Placement::plan(&[0, 1, 2, 3], 1, false);
         assert!(!off.pinned && off.note.contains("--no-pin"));
         assert_eq!(off.target_capacity(2, 4), 2);

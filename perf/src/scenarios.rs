@@ -171,7 +171,7 @@ pub struct Settings {
 impl Settings {
     /// Where a run with `workers` target workers puts its processes.
     pub fn placement(&self, workers: usize) -> Placement {
-        Placement::plan(&self.allowed_cpus, workers, self.pin)
+        Placement::plan(&self.allowed_cpus, workers, self.pin).verified()
     }
 
     pub fn upstream_threads(&self, placement: &Placement) -> usize {
