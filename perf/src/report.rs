@@ -68,9 +68,11 @@ pub struct Ratios {
     pub machine_cpu_at_max_vs_nginx: Option<f64>,
     /// mcp-guard req/s ÷ nginx req/s as wrk measured them (passthrough, when wrk ran).
     pub wrk_throughput_vs_nginx: Option<f64>,
-    /// Both closed-loop phases were bound by the target, not the load side: only then does
-    /// `throughput_vs_nginx` compare the two proxies.
-    pub both_target_bound: bool,
+    /// Both closed-loop phases were bound by the target, not the load side, and neither was
+    /// disturbed by outside work: only then does `throughput_vs_nginx` compare the two proxies.
+    /// (Under contention, req/s = the CPU share a target wins ÷ its CPU per request, and the
+    /// share won is the scheduler's doing.)
+    pub comparable: bool,
     /// nginx p99 − direct p99, µs.
     pub nginx_p99_added_us: Option<i64>,
     /// mcp-guard p99 − direct p99, µs.
@@ -188,8 +190,9 @@ pub fn ratios(measurements: &[Measurement]) -> Vec<Ratios> {
                 .and_then(wrk_rps)
                 .zip(wrk_rps(guard))
                 .and_then(|(n, g)| ratio(g, n)),
-            both_target_bound: nginx.is_some_and(|n| n.at_max.bound == Bound::Target)
-                && guard.at_max.bound == Bound::Target,
+            comparable: [nginx, Some(guard)]
+                .iter()
+                .all(|m| m.is_some_and(|m| m.at_max.bound == Bound::Target && !m.at_max.disturbed)),
             nginx_p99_added_us: added(nginx),
             mcp_guard_p99_added_us: added(Some(guard)),
         });
@@ -420,7 +423,7 @@ fn ratio_table(out: &mut String, r: &Report) {
         };
         let mark = if rows
             .iter()
-            .any(|q| q.throughput_vs_nginx.is_some() && !q.both_target_bound)
+            .any(|q| q.throughput_vs_nginx.is_some() && !q.comparable)
         {
             unbound = true;
             " ‡"
@@ -445,7 +448,7 @@ fn ratio_table(out: &mut String, r: &Report) {
     }
     out.push_str("\n\"at max\" = the closed-loop phase; \"at rate\" = the fixed-rate phase; \"added\" = target p99 − direct p99 at the same fixed rate.\n");
     if unbound {
-        out.push_str("\n‡ in at least one round nginx or mcp-guard was not bound by its own CPU in the closed loop (see \"bound by\" above): that throughput ratio compares the load side's behaviour as much as the proxies'.\n");
+        out.push_str("\n‡ in at least one round nginx or mcp-guard was not bound by its own CPU in the closed loop, or was disturbed (see \"bound by\" above): there req/s is the CPU share a target won ÷ its CPU per request, so the throughput ratio says as much about the scheduler and the load side as about the proxies; compare the CPU per request columns instead.\n");
     }
 }
 
@@ -973,9 +976,9 @@ mod tests {
         assert!((q[0].throughput_vs_nginx.unwrap() - 0.9).abs() < 1e-9);
         assert!((q[0].user_cpu_at_max_vs_nginx.unwrap() - 1.5).abs() < 1e-9);
         assert!((q[0].system_cpu_at_max_vs_nginx.unwrap() - 1.0).abs() < 1e-9);
-        assert!(q[0].both_target_bound);
+        assert!(q[0].comparable);
         assert!((q[1].throughput_vs_nginx.unwrap() - 1.5).abs() < 1e-9);
-        assert!(!q[1].both_target_bound, "a load-side-bound row is flagged");
+        assert!(!q[1].comparable, "a load-side-bound row is flagged");
     }
 
     fn report(placement: Placement, measurements: Vec<Measurement>) -> Report {
