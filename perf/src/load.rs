@@ -67,6 +67,8 @@ pub struct LoadSpec {
     pub pace: Pace,
     /// Extra request header lines (each ending in CRLF), e.g. credentials.
     pub extra_headers: String,
+    /// CPUs the load threads are pinned to (empty: not pinned).
+    pub cpus: Vec<usize>,
 }
 
 /// Failed requests by cause.
@@ -121,6 +123,35 @@ pub struct LoadResult {
     /// Open loop only: scheduled requests never sent because the target fell too far behind.
     pub missed_slots: u64,
     pub elapsed: Duration,
+    /// What the load threads themselves spent while measuring.
+    pub generator: GeneratorCpu,
+}
+
+/// The load generator's own CPU over the measured window, from getrusage(RUSAGE_THREAD) of each
+/// load thread (µs resolution; connection set-up before the window is not counted).
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct GeneratorCpu {
+    /// User time of all load threads, seconds.
+    pub user_s: f64,
+    /// System time of all load threads, seconds.
+    pub system_s: f64,
+    /// The busiest load thread's CPU time ÷ the window: 1.0 is a whole core, i.e. the generator
+    /// could not have sent faster and the target's requests/s are the generator's.
+    pub busiest_thread: f64,
+}
+
+/// User and system CPU time of the calling thread.
+fn thread_cpu() -> (Duration, Duration) {
+    // SAFETY: an all-zero rusage is valid; getrusage writes only into it.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: RUSAGE_THREAD with a valid pointer has no other precondition.
+    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) } != 0 {
+        return (Duration::ZERO, Duration::ZERO);
+    }
+    let time = |t: libc::timeval| {
+        Duration::from_secs(t.tv_sec.max(0) as u64) + Duration::from_micros(t.tv_usec.max(0) as u64)
+    };
+    (time(usage.ru_utime), time(usage.ru_stime))
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -182,11 +213,7 @@ impl Client {
 
     /// Sends one request; the outcome, and whether the connection can carry another.
     async fn call(&mut self, call: Call) -> (Result<(), Failure>, bool) {
-        let body = format!(
-            r#"{{"jsonrpc":"2.0","id":{},{}}}"#,
-            self.next_id,
-            call.members()
-        );
+        let body = request_body(call, self.next_id);
         self.next_id += 1;
         let response = match self.exchange(&body).await {
             Ok(r) => r,
@@ -282,11 +309,18 @@ pub fn run(spec: &LoadSpec) -> Result<LoadResult, String> {
         errors: ErrorCounts::default(),
         missed_slots: 0,
         elapsed: Duration::ZERO,
+        generator: GeneratorCpu::default(),
     };
     let mut first_error = None;
     for handle in handles {
         match handle.join() {
-            Ok(Ok((tally, elapsed))) => {
+            Ok(Ok((tally, elapsed, (user, system)))) => {
+                merged.generator.user_s += user.as_secs_f64();
+                merged.generator.system_s += system.as_secs_f64();
+                if !elapsed.is_zero() {
+                    let busy = (user + system).as_secs_f64() / elapsed.as_secs_f64();
+                    merged.generator.busiest_thread = merged.generator.busiest_thread.max(busy);
+                }
                 merged
                     .histogram
                     .add(&tally.histogram)
@@ -306,37 +340,44 @@ pub fn run(spec: &LoadSpec) -> Result<LoadResult, String> {
     }
 }
 
+/// A load thread's tally, its measured window, and its own (user, system) CPU in that window.
+type ThreadOutcome = (Tally, Duration, (Duration, Duration));
+
 fn load_thread(
     spec: LoadSpec,
     indices: Vec<usize>,
     barrier: &Barrier,
-) -> Result<(Tally, Duration), String> {
+) -> Result<ThreadOutcome, String> {
     let extra_headers: Rc<str> = spec.extra_headers.into();
-    let prepared = crate::runtime().and_then(|mut rt| {
-        let tally = Rc::new(RefCell::new(Tally {
-            histogram: new_histogram()?,
-            completed: 0,
-            errors: ErrorCounts::default(),
-            missed_slots: 0,
-        }));
-        // Sessions are set up before the clock starts: initialize is not what we measure.
-        let clients = rt.block_on(async {
-            let opening: Vec<_> = indices
-                .iter()
-                .map(|_| monoio::spawn(Client::open(spec.addr, extra_headers.clone())))
-                .collect();
-            let mut clients = Vec::with_capacity(opening.len());
-            for handle in opening {
-                clients.push(handle.await.ok());
-            }
-            clients
+    // Pinned before the runtime exists, so its ring and any kernel helper it starts inherit it.
+    let prepared = crate::pinning::pin_current_thread(&spec.cpus)
+        .and_then(|()| crate::runtime())
+        .and_then(|mut rt| {
+            let tally = Rc::new(RefCell::new(Tally {
+                histogram: new_histogram()?,
+                completed: 0,
+                errors: ErrorCounts::default(),
+                missed_slots: 0,
+            }));
+            // Sessions are set up before the clock starts: initialize is not what we measure.
+            let clients = rt.block_on(async {
+                let opening: Vec<_> = indices
+                    .iter()
+                    .map(|_| monoio::spawn(Client::open(spec.addr, extra_headers.clone())))
+                    .collect();
+                let mut clients = Vec::with_capacity(opening.len());
+                for handle in opening {
+                    clients.push(handle.await.ok());
+                }
+                clients
+            });
+            Ok((rt, tally, clients))
         });
-        Ok((rt, tally, clients))
-    });
     // Every thread reaches the barrier, even a failed one, so the others are not stranded.
     barrier.wait();
     let (mut rt, tally, clients) = prepared?;
     let start = Instant::now();
+    let cpu_start = thread_cpu();
     let plan = Rc::new(Plan {
         addr: spec.addr,
         call: spec.call,
@@ -359,11 +400,16 @@ fn load_thread(
         }
     });
     let elapsed = start.elapsed();
+    let cpu_end = thread_cpu();
     drop(plan);
     let tally = Rc::try_unwrap(tally)
         .map_err(|_| "load tasks still hold the tally".to_string())?
         .into_inner();
-    Ok((tally, elapsed))
+    let spent = (
+        cpu_end.0.saturating_sub(cpu_start.0),
+        cpu_end.1.saturating_sub(cpu_start.1),
+    );
+    Ok((tally, elapsed, spent))
 }
 
 struct Plan {
@@ -459,6 +505,34 @@ async fn drive(
             client = None;
         }
     }
+}
+
+/// Opens one MCP session the way every load connection does (initialize, then
+/// notifications/initialized) and returns the header lines its requests carry: content
+/// negotiation, `extra_headers`, protocol version and session id, without the request line and
+/// Host. An outside load generator (wrk) sends these on every request; the session outlives this
+/// connection, as Streamable HTTP sessions do.
+pub fn session_headers(
+    addr: SocketAddr,
+    extra_headers: &str,
+) -> Result<Vec<(String, String)>, String> {
+    let mut rt = crate::runtime()?;
+    let client = rt
+        .block_on(Client::open(addr, extra_headers.into()))
+        .map_err(|f| format!("cannot open an MCP session at {addr}: {f:?}"))?;
+    Ok(client
+        .head
+        .split("\r\n")
+        .skip(1)
+        .filter_map(|line| line.split_once(": "))
+        .filter(|(name, _)| !name.eq_ignore_ascii_case("host"))
+        .map(|(name, value)| (name.to_string(), value.to_string()))
+        .collect())
+}
+
+/// The JSON-RPC body of one `call` request with id `id`.
+pub fn request_body(call: Call, id: u64) -> String {
+    format!(r#"{{"jsonrpc":"2.0","id":{id},{}}}"#, call.members())
 }
 
 /// Opens `count` idle keep-alive connections (nothing sent: the cheapest state a client can hold

@@ -2,11 +2,13 @@
 //! interrupt flag, runtimes) and the `all`, `smoke` and `upstream` commands.
 
 mod load;
+mod pinning;
 mod report;
 mod scenarios;
 mod targets;
 mod upstream;
 mod wire;
+mod wrk;
 
 use clap::{Args, Parser, Subcommand};
 use scenarios::{Settings, Target};
@@ -54,13 +56,18 @@ struct AllArgs {
     /// Seconds per measured phase (fixed rate, then closed loop).
     #[arg(long, default_value_t = 10.0)]
     duration: f64,
+    /// Measure each scenario's targets this many times, interleaved (A B C, C B A, ...); the
+    /// ratios are reported as the median and range over the rounds.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
     /// Fixed request rate (requests/s) for the latency and CPU phase.
     #[arg(long, default_value_t = 5000)]
     rate: u64,
     /// Load connections (keep-alive, one MCP session each).
     #[arg(long, default_value_t = 64)]
     connections: usize,
-    /// mcp-guard workers = nginx worker_processes for the scenarios [default: cores].
+    /// mcp-guard workers = nginx worker_processes for the scenarios [default: half the CPUs,
+    /// at least 1: on two cores, one for the target and one for the load side].
     #[arg(long)]
     target_workers: Option<usize>,
     /// Worker counts to sweep for passthrough max throughput, e.g. 1,2,4.
@@ -72,9 +79,15 @@ struct AllArgs {
     /// Targets to run: direct, nginx, mcp-guard [default: all].
     #[arg(long, value_delimiter = ',')]
     targets: Vec<String>,
-    /// Mock upstream threads [default: cores].
+    /// Mock upstream threads [default: one per load-side CPU when pinned, else one per core].
     #[arg(long)]
     upstream_threads: Option<usize>,
+    /// Do not pin the target and the load side to separate CPUs.
+    #[arg(long)]
+    no_pin: bool,
+    /// Skip the wrk cross-check even when wrk is installed.
+    #[arg(long)]
+    no_wrk: bool,
     /// Skip nginx instead of installing it when it is missing.
     #[arg(long)]
     no_install: bool,
@@ -157,7 +170,7 @@ pub fn runtime() -> Result<Runtime, String> {
         .map_err(|e| format!("cannot build a monoio runtime: {e}"))
 }
 
-fn cores() -> usize {
+pub fn cores() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
@@ -232,11 +245,15 @@ fn run_and_report(
         settings: report::RunSettings {
             duration_s: settings.duration.as_secs_f64(),
             warmup_s: settings.warmup.as_secs_f64(),
+            rounds: settings.rounds,
             rate: settings.rate,
             connections: settings.connections,
             load_threads: settings.load_threads,
             workers: settings.workers,
-            upstream_threads: settings.upstream_threads,
+            upstream_threads: settings.upstream_threads(&settings.placement(settings.workers)),
+            allowed_cpus: settings.allowed_cpus.clone(),
+            placement: settings.placement(settings.workers),
+            wrk: settings.wrk_bin.as_ref().map(|p| p.display().to_string()),
             scenarios: settings.scenarios.clone(),
         },
         measurements,
@@ -270,12 +287,24 @@ fn run_and_report(
     Ok(())
 }
 
+/// wrk for the cross-check, or `None` (with a note on stderr) when it is skipped.
+fn wrk_for(disabled: bool) -> Option<PathBuf> {
+    if disabled {
+        return None;
+    }
+    let found = wrk::find();
+    if found.is_none() {
+        eprintln!("perf: wrk not installed: skipping the wrk cross-check");
+    }
+    found
+}
+
 fn all(args: AllArgs) -> Result<(), String> {
     if !(args.duration > 0.0 && args.duration <= 3600.0) {
         return Err("--duration must be in (0, 3600] seconds".into());
     }
-    if args.rate == 0 || args.connections == 0 || args.workers.contains(&0) {
-        return Err("--rate, --connections and --workers must be positive".into());
+    if args.rate == 0 || args.connections == 0 || args.rounds == 0 || args.workers.contains(&0) {
+        return Err("--rate, --connections, --rounds and --workers must be positive".into());
     }
     let (gateway_bin, demo_bin) = binaries(&args.common)?;
     let scenarios = if args.scenarios.is_empty() {
@@ -297,20 +326,25 @@ fn all(args: AllArgs) -> Result<(), String> {
         None
     };
     let duration = Duration::from_secs_f64(args.duration);
+    let allowed_cpus = pinning::allowed_cpus();
     let settings = Settings {
         duration,
         warmup: (duration / 10).clamp(Duration::from_millis(200), Duration::from_secs(2)),
+        rounds: args.rounds,
         rate: args.rate,
         connections: args.connections,
         load_threads: args.common.load_threads.max(1),
-        workers: args.target_workers.unwrap_or_else(cores).max(1),
-        upstream_threads: args.upstream_threads.unwrap_or_else(cores).max(1),
+        workers: args.target_workers.unwrap_or(allowed_cpus.len() / 2).max(1),
+        upstream_threads: args.upstream_threads.map(|n| n.max(1)),
         sweep: args.workers,
         scenarios,
         targets,
         gateway_bin,
         demo_bin,
         nginx_bin,
+        allowed_cpus,
+        pin: !args.no_pin,
+        wrk_bin: wrk_for(args.no_wrk),
     };
     let out = args
         .common
@@ -325,14 +359,17 @@ fn smoke(args: CommonArgs) -> Result<(), String> {
     if nginx_bin.is_none() {
         eprintln!("perf: smoke: nginx not installed, skipping the nginx target");
     }
+    // Pinned like a full run where the machine allows it, so the smoke run exercises that path;
+    // wrk only if it happens to be installed (CI does not install it).
     let settings = Settings {
         duration: Duration::from_secs(1),
         warmup: Duration::from_millis(200),
+        rounds: 1,
         rate: 200,
         connections: 8,
         load_threads: args.load_threads.max(1),
         workers: 1,
-        upstream_threads: 1,
+        upstream_threads: Some(1),
         sweep: Vec::new(),
         scenarios: vec![
             scenarios::find_scenario("passthrough")?,
@@ -342,6 +379,9 @@ fn smoke(args: CommonArgs) -> Result<(), String> {
         gateway_bin,
         demo_bin,
         nginx_bin,
+        allowed_cpus: pinning::allowed_cpus(),
+        pin: true,
+        wrk_bin: wrk_for(false),
     };
     let out = args.out.unwrap_or_else(|| repo_root().join("perf/results"));
     run_and_report(&settings, "smoke", &out, true)

@@ -1,7 +1,10 @@
 //! Results on disk: the JSON record (raw figures and machine info), the Markdown tables, and a
 //! hand-written SVG (latency bars per scenario and target; rps against workers when swept).
 
-use crate::scenarios::{Measurement, Scenario, SweepPoint, Target};
+use crate::pinning::{self, Placement};
+use crate::scenarios::{
+    Bound, CpuCost, DISTURBED, Measurement, SATURATED, Scenario, SweepPoint, Target,
+};
 use serde::Serialize;
 use std::fmt::Write as _;
 use std::path::Path;
@@ -26,26 +29,50 @@ pub struct Machine {
 pub struct RunSettings {
     pub duration_s: f64,
     pub warmup_s: f64,
+    pub rounds: usize,
     pub rate: u64,
     pub connections: usize,
     pub load_threads: usize,
+    /// mcp-guard `workers` = nginx `worker_processes`.
     pub workers: usize,
     pub upstream_threads: usize,
+    /// The CPUs the harness could use.
+    pub allowed_cpus: Vec<usize>,
+    /// Where the target and the load side ran.
+    pub placement: Placement,
+    /// wrk used for the passthrough cross-check, if any.
+    pub wrk: Option<String>,
     pub scenarios: Vec<&'static Scenario>,
 }
 
-/// mcp-guard against the other targets, per scenario, from the same run.
+/// mcp-guard against the other targets, per scenario and round, from the same run.
 #[derive(Serialize)]
 pub struct Ratios {
     pub scenario: String,
+    pub round: usize,
     /// mcp-guard max rps / direct max rps.
     pub throughput_vs_direct: Option<f64>,
     /// mcp-guard max rps / nginx max rps.
     pub throughput_vs_nginx: Option<f64>,
     /// mcp-guard CPU per request / the mock upstream's own CPU per request (direct).
     pub cpu_per_request_vs_direct: Option<f64>,
-    /// mcp-guard CPU per request / nginx CPU per request.
+    /// mcp-guard CPU per request / nginx CPU per request, at the fixed rate.
     pub cpu_per_request_vs_nginx: Option<f64>,
+    /// mcp-guard CPU per request / nginx's at full throttle (the closed-loop phase): total, user
+    /// and system.
+    pub cpu_at_max_vs_nginx: Option<f64>,
+    pub user_cpu_at_max_vs_nginx: Option<f64>,
+    pub system_cpu_at_max_vs_nginx: Option<f64>,
+    /// Whole-machine CPU per request at full throttle, mcp-guard's run ÷ nginx's: the cost of the
+    /// hop whoever the kernel charged it to.
+    pub machine_cpu_at_max_vs_nginx: Option<f64>,
+    /// mcp-guard req/s ÷ nginx req/s as wrk measured them (passthrough, when wrk ran).
+    pub wrk_throughput_vs_nginx: Option<f64>,
+    /// Both closed-loop phases were bound by the target, not the load side, and neither was
+    /// disturbed by outside work: only then does `throughput_vs_nginx` compare the two proxies.
+    /// (Under contention, req/s = the CPU share a target wins ÷ its CPU per request, and the
+    /// share won is the scheduler's doing.)
+    pub comparable: bool,
     /// nginx p99 − direct p99, µs.
     pub nginx_p99_added_us: Option<i64>,
     /// mcp-guard p99 − direct p99, µs.
@@ -112,10 +139,14 @@ impl Machine {
 
 /// Ratios for every scenario that has an mcp-guard row.
 pub fn ratios(measurements: &[Measurement]) -> Vec<Ratios> {
-    let get = |scenario: &str, target: Target| {
-        measurements
-            .iter()
-            .find(|m| m.scenario == scenario && m.target == target.name() && m.failure.is_none())
+    // Within a round, so every ratio compares targets measured next to each other.
+    let get = |scenario: &str, round: usize, target: Target| {
+        measurements.iter().find(|m| {
+            m.scenario == scenario
+                && m.round == round
+                && m.target == target.name()
+                && m.failure.is_none()
+        })
     };
     let ratio = |a: f64, b: f64| (b > 0.0 && a > 0.0).then(|| a / b);
     let mut out = Vec::new();
@@ -123,8 +154,8 @@ pub fn ratios(measurements: &[Measurement]) -> Vec<Ratios> {
         .iter()
         .filter(|m| m.target == Target::McpGuard.name() && m.failure.is_none())
     {
-        let direct = get(&guard.scenario, Target::Direct);
-        let nginx = get(&guard.scenario, Target::Nginx);
+        let direct = get(&guard.scenario, guard.round, Target::Direct);
+        let nginx = get(&guard.scenario, guard.round, Target::Nginx);
         let cpu = |m: Option<&Measurement>| m.and_then(|m| m.cpu_us_per_request);
         let cpu_ratio = |other| match (cpu(Some(guard)), cpu(other)) {
             (Some(a), Some(b)) => ratio(a, b),
@@ -135,12 +166,33 @@ pub fn ratios(measurements: &[Measurement]) -> Vec<Ratios> {
                 .zip(m)
                 .map(|(d, m)| m.latency_us.p99 as i64 - d.latency_us.p99 as i64)
         };
+        let at_max = |m: Option<&Measurement>, part: fn(&CpuCost) -> f64| {
+            let ours = guard.at_max.target_cpu.as_ref().map(part)?;
+            let theirs = m?.at_max.target_cpu.as_ref().map(part)?;
+            ratio(ours, theirs)
+        };
+        let wrk_rps = |m: &Measurement| m.wrk.as_ref()?.run.as_ref().map(|r| r.rps);
         out.push(Ratios {
             scenario: guard.scenario.clone(),
+            round: guard.round,
             throughput_vs_direct: direct.and_then(|d| ratio(guard.max_rps, d.max_rps)),
             throughput_vs_nginx: nginx.and_then(|n| ratio(guard.max_rps, n.max_rps)),
             cpu_per_request_vs_direct: cpu_ratio(direct),
             cpu_per_request_vs_nginx: cpu_ratio(nginx),
+            cpu_at_max_vs_nginx: at_max(nginx, |c| c.total_us),
+            user_cpu_at_max_vs_nginx: at_max(nginx, |c| c.user_us),
+            system_cpu_at_max_vs_nginx: at_max(nginx, |c| c.system_us),
+            machine_cpu_at_max_vs_nginx: nginx
+                .and_then(|n| n.at_max.machine_cpu_us)
+                .zip(guard.at_max.machine_cpu_us)
+                .and_then(|(n, g)| ratio(g, n)),
+            wrk_throughput_vs_nginx: nginx
+                .and_then(wrk_rps)
+                .zip(wrk_rps(guard))
+                .and_then(|(n, g)| ratio(g, n)),
+            comparable: [nginx, Some(guard)]
+                .iter()
+                .all(|m| m.is_some_and(|m| m.at_max.bound == Bound::Target && !m.at_max.disturbed)),
             nginx_p99_added_us: added(nginx),
             mcp_guard_p99_added_us: added(Some(guard)),
         });
@@ -189,27 +241,19 @@ fn markdown(r: &Report) -> String {
             .unwrap_or_default()
     );
     let _ = writeln!(out, "Command: `{}`\n", m.command_line);
-    let _ = writeln!(
-        out,
-        "Each phase {} s (warm-up {} s), fixed rate {}/s, {} connections, {} load thread(s), {} mcp-guard workers = nginx worker_processes, mock upstream on {} thread(s).\n",
-        s.duration_s,
-        s.warmup_s,
-        s.rate,
-        s.connections,
-        s.load_threads,
-        s.workers,
-        s.upstream_threads
-    );
-    out.push_str("| scenario | target | max rps | p50 µs | p90 µs | p99 µs | p99.9 µs | CPU µs/req | idle RSS MB | peak RSS MB | errors |\n");
-    out.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    method(&mut out, r);
+    out.push_str("\n## At a fixed rate (latency, CPU)\n\n");
+    out.push_str("| scenario | target | p50 µs | p90 µs | p99 µs | p99.9 µs | CPU µs/req | user µs/req | sys µs/req | machine µs/req | idle RSS MB | peak RSS MB | errors |\n");
+    out.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     let mut failures = Vec::new();
     let mut behind = false;
     for x in &r.measurements {
         if let Some(f) = &x.failure {
             let _ = writeln!(
                 out,
-                "| {} | {} | failed | | | | | | | | |",
-                x.scenario, x.target
+                "| {} | {} | failed | | | | | | | | | | |",
+                x.scenario,
+                target_label(x, s.rounds)
             );
             failures.push(format!(
                 "- {} / {}: {}",
@@ -227,48 +271,39 @@ fn markdown(r: &Report) -> String {
             ""
         };
         let l = &x.latency_us;
+        let c = x.cpu_at_rate.as_ref();
         let _ = writeln!(
             out,
-            "| {} | {} | {:.0} | {}{mark} | {}{mark} | {}{mark} | {}{mark} | {} | {:.1} | {:.1} | {} |",
+            "| {} | {} | {}{mark} | {}{mark} | {}{mark} | {}{mark} | {} | {} | {} | {} | {:.1} | {:.1} | {} |",
             x.scenario,
-            x.target,
-            x.max_rps,
+            target_label(x, s.rounds),
             l.p50,
             l.p90,
             l.p99,
             l.p999,
-            opt(x.cpu_us_per_request, 1),
+            opt(c.map(|c| c.total_us), 1),
+            opt(c.map(|c| c.user_us), 1),
+            opt(c.map(|c| c.system_us), 1),
+            opt(x.machine_cpu_us_at_rate, 1),
             x.idle_rss_kb as f64 / 1024.0,
             x.peak_rss_kb as f64 / 1024.0,
             x.errors
         );
     }
-    out.push_str("\nLatency is measured at the fixed rate from each request's scheduled send time when a slow earlier response delayed it (coordinated omission corrected), else from the actual send (the generator's own ~1 ms timer lateness is not counted). CPU is user+system time of the target's processes (nginx: master and workers; direct: the mock upstream itself) during the fixed-rate phase. RSS of nginx is the sum over master and workers (shared pages count once per process); for direct it is the mock upstream's.\n");
+    let _ = writeln!(
+        out,
+        "\nAt {}/s. Latency is measured from each request's scheduled send time when a slow earlier response delayed it (coordinated omission corrected), else from the actual send (the generator's own ~1 ms timer lateness is not counted). RSS of nginx is the sum over master and workers (shared pages count once per process); for direct it is the mock upstream's.",
+        s.rate
+    );
     if behind {
         out.push_str("\n† the target did not sustain the fixed rate (achieved < 95 %); these latencies include queueing.\n");
     }
     if !failures.is_empty() {
         let _ = writeln!(out, "\nFailed measurements:\n{}", failures.join("\n"));
     }
+    at_max_table(&mut out, r);
     if !r.ratios.is_empty() {
-        out.push_str("\n## mcp-guard compared (same run)\n\n");
-        out.push_str("| scenario | rps ÷ direct | rps ÷ nginx | CPU/req ÷ direct | CPU/req ÷ nginx | p99 added by nginx µs | p99 added by mcp-guard µs |\n");
-        out.push_str("|---|---:|---:|---:|---:|---:|---:|\n");
-        let int = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_else(|| "n/a".into());
-        for q in &r.ratios {
-            let _ = writeln!(
-                out,
-                "| {} | {} | {} | {} | {} | {} | {} |",
-                q.scenario,
-                opt(q.throughput_vs_direct, 2),
-                opt(q.throughput_vs_nginx, 2),
-                opt(q.cpu_per_request_vs_direct, 2),
-                opt(q.cpu_per_request_vs_nginx, 2),
-                int(q.nginx_p99_added_us),
-                int(q.mcp_guard_p99_added_us)
-            );
-        }
-        out.push_str("\n\"added\" = target p99 − direct p99 at the same fixed rate.\n");
+        ratio_table(&mut out, r);
     }
     out.push_str("\n## Scenarios\n\n");
     for sc in &s.scenarios {
@@ -276,22 +311,32 @@ fn markdown(r: &Report) -> String {
     }
     if !r.worker_sweep.is_empty() {
         let targets = sweep_targets(&r.worker_sweep);
-        out.push_str("\n## Worker sweep (passthrough, closed loop, requests/s)\n\n| workers |");
+        out.push_str(
+            "\n## Worker sweep (passthrough, closed loop, requests/s, bound by)\n\n| workers | placement |",
+        );
         for t in &targets {
             let _ = write!(out, " {t} |");
         }
-        out.push_str("\n|---:|");
+        out.push_str("\n|---:|---|");
         out.push_str(&"---:|".repeat(targets.len()));
         out.push('\n');
         for w in sweep_workers(&r.worker_sweep) {
-            let _ = write!(out, "| {w} |");
+            let placement = r
+                .worker_sweep
+                .iter()
+                .find(|p| p.workers == w)
+                .map(|p| p.placement.as_str())
+                .unwrap_or_default();
+            let _ = write!(out, "| {w} | {placement} |");
             for t in &targets {
                 let cell = r
                     .worker_sweep
                     .iter()
                     .find(|p| p.workers == w && &p.target == t);
                 let text = match cell {
-                    Some(p) if p.failure.is_none() => format!("{:.0}", p.max_rps),
+                    Some(p) if p.failure.is_none() => {
+                        format!("{:.0} ({})", p.max_rps, p.at_max.bound.label())
+                    }
                     Some(_) => "failed".into(),
                     None => "n/a".into(),
                 };
@@ -301,6 +346,272 @@ fn markdown(r: &Report) -> String {
         }
     }
     out
+}
+
+/// A row's target, with its round when there are several.
+fn target_label(m: &Measurement, rounds: usize) -> String {
+    if rounds > 1 {
+        format!("{} #{}", m.target, m.round)
+    } else {
+        m.target.clone()
+    }
+}
+
+/// `values` as one cell: the value itself for one round, else "median (min–max)".
+fn spread(values: &[f64], digits: usize) -> String {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => "n/a".into(),
+        1 => format!("{:.digits$}", v[0]),
+        n => {
+            let median = if n % 2 == 1 {
+                v[n / 2]
+            } else {
+                (v[n / 2 - 1] + v[n / 2]) / 2.0
+            };
+            format!(
+                "{median:.digits$} ({:.digits$}–{:.digits$})",
+                v[0],
+                v[n - 1]
+            )
+        }
+    }
+}
+
+/// mcp-guard ÷ the others per scenario; with several rounds, each ratio is taken within a round
+/// and shown as the median and range over the rounds.
+fn ratio_table(out: &mut String, r: &Report) {
+    let rounds = r.settings.rounds;
+    let _ = writeln!(
+        out,
+        "\n## mcp-guard compared (same run{})\n",
+        if rounds > 1 {
+            format!(
+                "; median (min–max) over {rounds} interleaved rounds, each ratio within a round"
+            )
+        } else {
+            String::new()
+        }
+    );
+    out.push_str("| scenario | rps ÷ direct | rps ÷ nginx | wrk rps ÷ nginx | CPU/req ÷ nginx at max | user ÷ nginx | sys ÷ nginx | machine CPU/req ÷ nginx at max | CPU/req ÷ nginx at rate | CPU/req ÷ direct at rate | p99 added by nginx µs | p99 added by mcp-guard µs |\n");
+    out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    let mut scenarios: Vec<&str> = Vec::new();
+    for q in &r.ratios {
+        if !scenarios.contains(&q.scenario.as_str()) {
+            scenarios.push(&q.scenario);
+        }
+    }
+    let mut unbound = false;
+    for scenario in scenarios {
+        let rows: Vec<&Ratios> = r.ratios.iter().filter(|q| q.scenario == scenario).collect();
+        let cell = |f: fn(&Ratios) -> Option<f64>, digits| {
+            spread(
+                &rows.iter().filter_map(|q| f(q)).collect::<Vec<_>>(),
+                digits,
+            )
+        };
+        let int = |f: fn(&Ratios) -> Option<i64>| {
+            spread(
+                &rows
+                    .iter()
+                    .filter_map(|q| f(q))
+                    .map(|v| v as f64)
+                    .collect::<Vec<_>>(),
+                0,
+            )
+        };
+        let mark = if rows
+            .iter()
+            .any(|q| q.throughput_vs_nginx.is_some() && !q.comparable)
+        {
+            unbound = true;
+            " ‡"
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            out,
+            "| {scenario} | {} | {}{mark} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            cell(|q| q.throughput_vs_direct, 2),
+            cell(|q| q.throughput_vs_nginx, 2),
+            cell(|q| q.wrk_throughput_vs_nginx, 2),
+            cell(|q| q.cpu_at_max_vs_nginx, 2),
+            cell(|q| q.user_cpu_at_max_vs_nginx, 2),
+            cell(|q| q.system_cpu_at_max_vs_nginx, 2),
+            cell(|q| q.machine_cpu_at_max_vs_nginx, 2),
+            cell(|q| q.cpu_per_request_vs_nginx, 2),
+            cell(|q| q.cpu_per_request_vs_direct, 2),
+            int(|q| q.nginx_p99_added_us),
+            int(|q| q.mcp_guard_p99_added_us),
+        );
+    }
+    out.push_str("\n\"at max\" = the closed-loop phase; \"at rate\" = the fixed-rate phase; \"added\" = target p99 − direct p99 at the same fixed rate.\n");
+    if unbound {
+        out.push_str("\n‡ in at least one round nginx or mcp-guard was not bound by its own CPU in the closed loop, or was disturbed (see \"bound by\" above): there req/s is the CPU share a target won ÷ its CPU per request, so the throughput ratio says as much about the scheduler and the load side as about the proxies; compare the CPU per request columns instead.\n");
+    }
+}
+
+/// How the run was made, in words a sceptical reader can check against the JSON.
+fn method(out: &mut String, r: &Report) {
+    let s = &r.settings;
+    let p = &s.placement;
+    out.push_str("## Method\n\n");
+    let _ = writeln!(
+        out,
+        "- **Workers:** nginx `worker_processes {0}` and mcp-guard `workers = {0}`; both forward to the same mock upstream process ({1} thread(s)), started once per scenario; `direct` loads that mock itself.",
+        s.workers, s.upstream_threads
+    );
+    let pinning = if p.pinned {
+        format!(
+            "{} (sched_setaffinity, set before exec so every thread and worker process inherits it; the harness's load threads pin themselves).",
+            p.note
+        )
+    } else {
+        format!(
+            "{}; the target, load generator and upstream share CPU {}.",
+            p.note,
+            pinning::list(&s.allowed_cpus)
+        )
+    };
+    let _ = writeln!(out, "- **Pinning:** {pinning}");
+    let _ = writeln!(
+        out,
+        "- **Load:** {} keep-alive connections, one MCP session each, tools/call POSTs from {} load thread(s) (monoio, {}). Per scenario and target: warm-up {} s, then {} s at a fixed {}/s (latency, CPU at rate), then {} s closed loop (max req/s, CPU at max).",
+        s.connections,
+        s.load_threads,
+        r.machine.load_generator_driver,
+        s.warmup_s,
+        s.duration_s,
+        s.rate,
+        s.duration_s
+    );
+    let _ = writeln!(
+        out,
+        "- **Interleaving:** each scenario runs its targets one after another, each started fresh, {}; ratios compare targets of the same scenario and round, measured minutes apart at most.",
+        if s.rounds > 1 {
+            format!(
+                "in {} rounds whose order alternates (direct, nginx, mcp-guard, then the reverse), so a drift of the machine favours no target; rows are labelled target #round",
+                s.rounds
+            )
+        } else {
+            "in one round (direct, nginx, mcp-guard); `--rounds N` repeats it with alternating order and reports medians".to_string()
+        }
+    );
+    let _ = writeln!(
+        out,
+        "- **CPU:** utime and stime from /proc/PID/stat of every target process (nginx: master and workers; mcp-guard: the process, whose stat sums all its threads), read before and after each phase and divided by the requests completed in it; resolution 1/{} s. \"busy\" = that CPU time ÷ (phase × the CPUs the target may use: {}). The load generator's own CPU comes from getrusage(RUSAGE_THREAD) of each load thread.",
+        r.machine.clock_ticks_per_second,
+        if p.pinned {
+            format!("its {} pinned CPU(s)", p.target_cpus.len())
+        } else {
+            format!("one per worker, {}", s.workers)
+        }
+    );
+    let _ = writeln!(
+        out,
+        "- **Saturation check:** a closed loop is \"bound by\" the target when its processes were ≥ {0:.0} % busy (over {1}), by the load side when the busiest load thread was ≥ {0:.0} % of its core{2}; \"both\" or \"neither\" otherwise. Only target-bound rows compare the proxies' throughput: a load-side-bound row measures the generator and upstream. {3}",
+        SATURATED * 100.0,
+        if p.pinned {
+            "its pinned CPUs"
+        } else {
+            "one CPU per worker"
+        },
+        if p.pinned {
+            " or generator + upstream were ≥ that share of the load-side CPUs"
+        } else {
+            ""
+        },
+        if p.pinned {
+            format!(
+                "A row is marked disturbed when over {:.0} % of either side's CPUs (/proc/stat) went to work no process of the run accounts for.",
+                DISTURBED * 100.0
+            )
+        } else {
+            "Unpinned, work from outside the run cannot be told apart, so no row is marked disturbed.".to_string()
+        }
+    );
+    let _ = writeln!(
+        out,
+        "- **Whole machine:** every CPU's busy ticks (/proc/stat: user, nice, system, irq, softirq) and TCP segments sent (/proc/net/snmp) over each phase, per request. On loopback the kernel charges a hop's receive work to the sender, so per-process figures move cost between target, generator and upstream with placement and segmenting; the machine figure does not (it also counts anything else that ran, so it wants a quiet machine)."
+    );
+    let wrk = match &s.wrk {
+        Some(path) => format!(
+            "{path}, 1 thread, {} connections, {} s per target, the same tools/call request and session headers, pinned like the load generator; run right after the closed loop against the same target process.",
+            s.connections,
+            s.duration_s.ceil().max(1.0)
+        ),
+        None => "skipped (wrk not installed, or --no-wrk).".into(),
+    };
+    let _ = writeln!(out, "- **wrk cross-check (passthrough):** {wrk}");
+}
+
+/// The closed-loop phase: throughput, CPU per request user/system, and who set the pace.
+fn at_max_table(out: &mut String, r: &Report) {
+    out.push_str("\n## At maximum throughput (closed loop)\n\n");
+    out.push_str("| scenario | target | max rps | CPU µs/req | user µs/req | sys µs/req | machine µs/req | TCP segs/req | target busy | generator busy | load side busy | upstream µs/req | other work on target / load CPUs | bound by | wrk rps | wrk busy | CPU µs/req under wrk |\n");
+    out.push_str(
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|\n",
+    );
+    let pct = |v: Option<f64>| {
+        v.map(|v| format!("{:.0} %", 100.0 * v))
+            .unwrap_or_else(|| "n/a".into())
+    };
+    let mut wrk_notes = Vec::new();
+    let mut disturbed = false;
+    for x in r.measurements.iter().filter(|x| x.failure.is_none()) {
+        let a = &x.at_max;
+        let c = a.target_cpu.as_ref();
+        let w = x.wrk.as_ref();
+        let run = w.and_then(|w| w.run.as_ref());
+        if let Some(f) = w.and_then(|w| w.failure.as_deref()) {
+            wrk_notes.push(format!(
+                "- wrk {} / {}: {f}",
+                x.scenario,
+                target_label(x, r.settings.rounds)
+            ));
+        }
+        let other = match (a.other_on_target_cpus, a.other_on_load_cpus) {
+            (None, None) => "n/a".to_string(),
+            (t, l) => format!("{} / {}", pct(t), pct(l)),
+        };
+        let bound = if a.disturbed {
+            disturbed = true;
+            format!("{} (disturbed)", a.bound.label())
+        } else {
+            a.bound.label().to_string()
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {other} | {bound} | {} | {} | {} |",
+            x.scenario,
+            target_label(x, r.settings.rounds),
+            x.max_rps,
+            opt(c.map(|c| c.total_us), 1),
+            opt(c.map(|c| c.user_us), 1),
+            opt(c.map(|c| c.system_us), 1),
+            opt(a.machine_cpu_us, 1),
+            opt(a.tcp_segments_per_request, 2),
+            pct(c.map(|c| c.busy)),
+            pct(Some(a.generator_busy)),
+            pct(a.load_side_busy),
+            opt(a.upstream_cpu.map(|c| c.total_us), 1),
+            opt(run.map(|r| r.rps), 0),
+            pct(run.map(|r| r.busy)),
+            opt(w.and_then(|w| w.target_cpu).map(|c| c.total_us), 1),
+        );
+    }
+    out.push_str("\n\"busy\" columns are shares of the CPUs each side may use, from the processes' own CPU time (see Method); for `direct` the target is the mock upstream on the load side. \"generator busy\" is the busiest load thread's share of its core; \"load side busy\" is generator + upstream over the load-side CPUs (pinned runs). \"other work\" is the busy time of each side's CPUs (/proc/stat) that no process of the run accounts for. \"machine µs/req\" is every CPU's busy time (/proc/stat) per request: target, generator, upstream and the kernel's loopback work, whoever it was charged to; \"TCP segs/req\" counts segments sent machine-wide (/proc/net/snmp).\n");
+    if disturbed {
+        let _ = writeln!(
+            out,
+            "\n(disturbed): over {:.0} % of the target's or the load side's CPUs went to work outside this run (another process on the machine); rerun those rows on a quiet machine.",
+            100.0 * DISTURBED
+        );
+    }
+    if !wrk_notes.is_empty() {
+        let _ = writeln!(out, "\nwrk problems:\n{}", wrk_notes.join("\n"));
+    }
 }
 
 fn sweep_targets(points: &[SweepPoint]) -> Vec<String> {
@@ -623,6 +934,112 @@ mod tests {
         assert_eq!(nice_step(10_000.0), 2_000.0);
         assert_eq!(nice_step(7_300.0), 2_000.0);
         assert_eq!(nice_step(450.0), 100.0);
+    }
+
+    #[test]
+    fn spreads_show_median_and_range() {
+        assert_eq!(spread(&[], 2), "n/a");
+        assert_eq!(spread(&[1.234], 2), "1.23");
+        assert_eq!(spread(&[1.3, 0.9, 1.0], 2), "1.00 (0.90–1.30)");
+        assert_eq!(spread(&[2.0, 1.0], 1), "1.5 (1.0–2.0)");
+    }
+
+    fn row(target: Target, round: usize, rps: f64, user: f64, bound: Bound) -> Measurement {
+        let mut m = Measurement {
+            scenario: "passthrough".into(),
+            target: target.name().into(),
+            round,
+            max_rps: rps,
+            ..Measurement::default()
+        };
+        m.at_max.bound = bound;
+        m.at_max.target_cpu = Some(CpuCost {
+            user_us: user,
+            system_us: 10.0,
+            total_us: user + 10.0,
+            busy: 0.95,
+        });
+        m
+    }
+
+    #[test]
+    fn ratios_pair_targets_of_the_same_round() {
+        let rows = vec![
+            row(Target::Nginx, 1, 50_000.0, 4.0, Bound::Target),
+            row(Target::McpGuard, 1, 45_000.0, 6.0, Bound::Target),
+            row(Target::McpGuard, 2, 60_000.0, 6.0, Bound::LoadSide),
+            row(Target::Nginx, 2, 40_000.0, 4.0, Bound::Target),
+        ];
+        let q = ratios(&rows);
+        assert_eq!(q.len(), 2);
+        assert_eq!(q[0].round, 1);
+        assert!((q[0].throughput_vs_nginx.unwrap() - 0.9).abs() < 1e-9);
+        assert!((q[0].user_cpu_at_max_vs_nginx.unwrap() - 1.5).abs() < 1e-9);
+        assert!((q[0].system_cpu_at_max_vs_nginx.unwrap() - 1.0).abs() < 1e-9);
+        assert!(q[0].comparable);
+        assert!((q[1].throughput_vs_nginx.unwrap() - 1.5).abs() < 1e-9);
+        assert!(!q[1].comparable, "a load-side-bound row is flagged");
+    }
+
+    fn report(placement: Placement, measurements: Vec<Measurement>) -> Report {
+        Report {
+            name: "t".into(),
+            machine: Machine {
+                nproc: 2,
+                cpu_model: "cpu".into(),
+                kernel: "k".into(),
+                date_utc: utc_now(),
+                git_commit: None,
+                command_line: "perf all".into(),
+                load_generator_driver: "io_uring",
+                nginx_version: None,
+                clock_ticks_per_second: 100,
+            },
+            settings: RunSettings {
+                duration_s: 8.0,
+                warmup_s: 0.8,
+                rounds: 3,
+                rate: 5000,
+                connections: 64,
+                load_threads: 1,
+                workers: 1,
+                upstream_threads: 1,
+                allowed_cpus: vec![0, 1],
+                placement,
+                wrk: None,
+                scenarios: Vec::new(),
+            },
+            ratios: ratios(&measurements),
+            measurements,
+            worker_sweep: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_report_states_its_method() {
+        let rows = vec![
+            row(Target::Nginx, 1, 50_000.0, 4.0, Bound::Target),
+            row(Target::McpGuard, 1, 45_000.0, 6.0, Bound::LoadSide),
+        ];
+        let md = markdown(&report(Placement::plan(&[0, 1], 1, true), rows));
+        for needle in [
+            "## Method",
+            "nginx `worker_processes 1` and mcp-guard `workers = 1`",
+            "same mock upstream process",
+            "**Pinning:** target on CPU 1; load generator, mock upstream, wrk and stdio servers on CPU 0",
+            "64 keep-alive connections",
+            "3 rounds whose order alternates",
+            "utime and stime from /proc/PID/stat",
+            "RUSAGE_THREAD",
+            "wrk not installed",
+            // mcp-guard was load-side bound: its throughput ratio carries the warning mark.
+            "| passthrough | n/a | 0.90 ‡ |",
+        ] {
+            assert!(md.contains(needle), "missing {needle:?} in\n{md}");
+        }
+        let unpinned = markdown(&report(Placement::plan(&[0], 1, true), Vec::new()));
+        assert!(unpinned.contains("**Pinning:** not pinned: 1 worker(s) need"));
+        assert!(unpinned.contains("share CPU 0,1"));
     }
 
     #[test]

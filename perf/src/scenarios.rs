@@ -1,13 +1,24 @@
 //! The scenario list and the measurement matrix: for each scenario, each target in turn (so drift
-//! touches all equally) is started, warmed up, measured at a fixed rate and at full throttle,
-//! and stopped; then the optional worker sweep.
+//! touches all equally) is started on its CPUs, warmed up, measured at a fixed rate and at full
+//! throttle (and by wrk, when installed), and stopped; then the optional worker sweep. Every
+//! phase records the target's user and system CPU, the upstream's, and the load generator's own,
+//! so a closed-loop figure says whether the target or the load side set the pace.
 
-use crate::load::{self, Call, ErrorCounts, LoadResult, LoadSpec, Pace};
-use crate::targets::{self, GatewayUpstream, Running};
+use crate::load::{self, Call, ErrorCounts, GeneratorCpu, LoadResult, LoadSpec, Pace};
+use crate::pinning::Placement;
+use crate::targets::{self, CpuTicks, GatewayUpstream, MachineCounters, Running};
+use crate::wrk::{self, WrkRun};
 use serde::Serialize;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// Above this share of its CPU(s) a process is taken to be saturated: the side that is, sets the
+/// closed-loop pace.
+pub const SATURATED: f64 = 0.9;
+
+/// Above this share of a side's CPUs used by nothing of the run, the row is marked disturbed.
+pub const DISTURBED: f64 = 0.1;
 
 /// One workload.
 #[derive(Serialize)]
@@ -135,18 +146,41 @@ impl Target {
 pub struct Settings {
     pub duration: Duration,
     pub warmup: Duration,
+    /// Each scenario's targets are measured this many times, interleaved.
+    pub rounds: usize,
     pub rate: u64,
     pub connections: usize,
     pub load_threads: usize,
     /// mcp-guard workers = nginx worker_processes.
     pub workers: usize,
-    pub upstream_threads: usize,
+    /// Mock upstream threads; `None`: one per load-side CPU when pinned, else one per core.
+    pub upstream_threads: Option<usize>,
     pub sweep: Vec<usize>,
     pub scenarios: Vec<&'static Scenario>,
     pub targets: Vec<Target>,
     pub gateway_bin: PathBuf,
     pub demo_bin: PathBuf,
     pub nginx_bin: Option<PathBuf>,
+    /// The CPUs the harness may use, and whether to pin onto them (see `Placement::plan`).
+    pub allowed_cpus: Vec<usize>,
+    pub pin: bool,
+    /// wrk for the passthrough cross-check; `None`: skipped.
+    pub wrk_bin: Option<PathBuf>,
+}
+
+impl Settings {
+    /// Where a run with `workers` target workers puts its processes.
+    pub fn placement(&self, workers: usize) -> Placement {
+        Placement::plan(&self.allowed_cpus, workers, self.pin).verified()
+    }
+
+    pub fn upstream_threads(&self, placement: &Placement) -> usize {
+        self.upstream_threads.unwrap_or(if placement.pinned {
+            placement.load_cpus.len()
+        } else {
+            self.allowed_cpus.len()
+        })
+    }
 }
 
 /// One load phase, summarised.
@@ -156,6 +190,113 @@ pub struct Phase {
     pub elapsed_s: f64,
     pub errors: ErrorCounts,
     pub missed_slots: u64,
+    /// The load generator's own CPU in this phase.
+    pub generator: GeneratorCpu,
+}
+
+/// CPU per completed request over one phase, user and system apart.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct CpuCost {
+    pub user_us: f64,
+    pub system_us: f64,
+    pub total_us: f64,
+    /// CPU time ÷ (phase × the CPUs these processes can use): 1.0 = busy throughout.
+    pub busy: f64,
+}
+
+impl CpuCost {
+    fn from_ticks(ticks: CpuTicks, requests: u64, wall_s: f64, capacity: usize) -> Option<CpuCost> {
+        if requests == 0 || wall_s <= 0.0 {
+            return None;
+        }
+        let us = |t: u64| t as f64 * 1e6 / targets::ticks_per_second() as f64;
+        let per = |t: u64| us(t) / requests as f64;
+        Some(CpuCost {
+            user_us: per(ticks.user),
+            system_us: per(ticks.system),
+            total_us: per(ticks.total()),
+            busy: us(ticks.total()) / 1e6 / wall_s / capacity.max(1) as f64,
+        })
+    }
+}
+
+/// What set the pace of a closed-loop phase.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Bound {
+    /// Not measured.
+    #[default]
+    Unknown,
+    /// The target was saturated and the load side was not: the figure is the target's.
+    Target,
+    /// The load generator (or, pinned, the load-side CPUs) was saturated and the target was
+    /// not: the figure is the load side's, and says little about the target.
+    LoadSide,
+    /// Both were: the figure is a lower bound for the target.
+    Both,
+    /// Neither was: latency-bound (too few connections) or disturbed by something else.
+    Neither,
+}
+
+impl Bound {
+    pub fn classify(target_busy: f64, load_side_busy: f64) -> Bound {
+        match (target_busy >= SATURATED, load_side_busy >= SATURATED) {
+            (true, false) => Bound::Target,
+            (false, true) => Bound::LoadSide,
+            (true, true) => Bound::Both,
+            (false, false) => Bound::Neither,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Bound::Unknown => "n/a",
+            Bound::Target => "target",
+            Bound::LoadSide => "load side",
+            Bound::Both => "both",
+            Bound::Neither => "neither",
+        }
+    }
+}
+
+/// The closed-loop phase's account of who was busy.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct AtMax {
+    /// The target's CPU; `busy` is over the CPUs it may use (its own set when pinned).
+    pub target_cpu: Option<CpuCost>,
+    /// The upstream's CPU (mock, or mcp-guard's stdio server); none for `direct`.
+    pub upstream_cpu: Option<CpuCost>,
+    /// The load generator's user and system µs per request.
+    pub generator_user_us: Option<f64>,
+    pub generator_system_us: Option<f64>,
+    /// The busiest load thread's share of its core.
+    pub generator_busy: f64,
+    /// Pinned only: the load side's own CPU (generator + upstream) ÷ its CPUs.
+    pub load_side_busy: Option<f64>,
+    /// Pinned only: busy share of the target's CPUs and of the load side's, from /proc/stat
+    /// (so softirq work and anything else that ran there counts).
+    pub target_cpus_busy: Option<f64>,
+    pub load_cpus_busy: Option<f64>,
+    /// Pinned only: the part of those shares no process of the run accounts for.
+    pub other_on_target_cpus: Option<f64>,
+    pub other_on_load_cpus: Option<f64>,
+    /// Something outside the run took over 10 % of a side's CPUs: the figures are suspect.
+    pub disturbed: bool,
+    /// Every CPU's busy time per request: target, generator, upstream and the kernel work
+    /// between them, whoever it was charged to (includes whatever else ran on the machine).
+    pub machine_cpu_us: Option<f64>,
+    /// TCP segments sent machine-wide per request (every hop, both directions, ACKs included).
+    pub tcp_segments_per_request: Option<f64>,
+    pub bound: Bound,
+}
+
+/// The wrk cross-check of one target.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct WrkCheck {
+    pub run: Option<WrkRun>,
+    /// The target's CPU per request wrk completed.
+    pub target_cpu: Option<CpuCost>,
+    pub failure: Option<String>,
 }
 
 /// Latency percentiles at the fixed rate, µs from the scheduled send time.
@@ -174,7 +315,11 @@ pub struct Latency {
 pub struct Measurement {
     pub scenario: String,
     pub target: String,
+    /// Which of the scenario's interleaved rounds (from 1).
+    pub round: usize,
     pub workers: usize,
+    /// What was pinned where (or why not).
+    pub placement: String,
     pub idle_connections: usize,
     /// Idle connections the target closed during the run.
     pub idle_connections_dropped: usize,
@@ -188,8 +333,16 @@ pub struct Measurement {
     /// Target CPU (user + system) per completed request at the fixed rate. For `direct` this is
     /// the mock upstream's own cost.
     pub cpu_us_per_request: Option<f64>,
+    /// The same, user and system apart.
+    pub cpu_at_rate: Option<CpuCost>,
+    /// Every CPU's busy time per request at the fixed rate (see `AtMax::machine_cpu_us`).
+    pub machine_cpu_us_at_rate: Option<f64>,
     /// The upstream's CPU per request over the same phase (mock or stdio server).
     pub upstream_cpu_us_per_request: Option<f64>,
+    /// The closed-loop phase: CPU per request at full throttle and who set the pace.
+    pub at_max: AtMax,
+    /// Passthrough only, when wrk is installed.
+    pub wrk: Option<WrkCheck>,
     pub idle_rss_kb: u64,
     pub peak_rss_kb: u64,
     /// Failed requests in both phases.
@@ -203,89 +356,118 @@ pub struct Measurement {
 pub struct SweepPoint {
     pub target: String,
     pub workers: usize,
+    pub placement: String,
     pub max_rps: f64,
+    pub at_max: AtMax,
     pub errors: u64,
     pub failure: Option<String>,
 }
 
 /// Runs every scenario against every target, then the worker sweep.
 pub fn run_matrix(settings: &Settings) -> Result<(Vec<Measurement>, Vec<SweepPoint>), String> {
+    let placement = settings.placement(settings.workers);
     let mut measurements = Vec::new();
     for scenario in &settings.scenarios {
+        // One mock per scenario, shared by every target of it: nginx and mcp-guard forward to the
+        // very same upstream process.
         let mock = if scenario.stdio {
             None
         } else {
             Some(targets::start_mock(
                 scenario.upstream_tools,
-                settings.upstream_threads,
+                settings.upstream_threads(&placement),
+                &placement.load_cpus,
             ))
         };
-        for &target in &settings.targets {
-            if scenario.stdio && target != Target::McpGuard {
-                continue;
-            }
-            if target == Target::Nginx && settings.nginx_bin.is_none() {
-                continue;
-            }
-            check_interrupted()?;
-            let result = match &mock {
-                Some(Err(e)) => Err(format!("mock upstream: {e}")),
-                Some(Ok(m)) => measure(settings, scenario, target, Some(m)),
-                None => measure(settings, scenario, target, None),
-            };
-            let m = result.unwrap_or_else(|failure| Measurement {
-                scenario: scenario.name.into(),
-                target: target.name().into(),
-                workers: settings.workers,
-                failure: Some(failure),
-                ..Measurement::default()
-            });
-            progress(&m);
-            measurements.push(m);
-        }
-    }
-    let mut sweep = Vec::new();
-    if !settings.sweep.is_empty() {
-        let mock = targets::start_mock(5, settings.upstream_threads)?;
-        for &workers in &settings.sweep {
-            for &target in &settings.targets {
+        for round in 1..=settings.rounds {
+            for target in round_order(&settings.targets, round) {
+                if scenario.stdio && target != Target::McpGuard {
+                    continue;
+                }
                 if target == Target::Nginx && settings.nginx_bin.is_none() {
                     continue;
                 }
                 check_interrupted()?;
-                let result = sweep_point(settings, target, workers, &mock);
-                let point = match result {
-                    Ok(r) => SweepPoint {
-                        target: target.name().into(),
-                        workers,
-                        max_rps: rps(&r),
-                        errors: r.errors.total(),
-                        failure: None,
-                    },
-                    Err(e) => SweepPoint {
-                        target: target.name().into(),
-                        workers,
-                        max_rps: 0.0,
-                        errors: 0,
-                        failure: Some(e),
-                    },
+                let result = match &mock {
+                    Some(Err(e)) => Err(format!("mock upstream: {e}")),
+                    Some(Ok(m)) => measure(settings, &placement, scenario, target, Some(m)),
+                    None => measure(settings, &placement, scenario, target, None),
                 };
-                eprintln!(
-                    "perf: sweep {workers} workers / {}: {:.0} rps, {} errors{}",
-                    point.target,
-                    point.max_rps,
-                    point.errors,
-                    point
-                        .failure
-                        .as_deref()
-                        .map(|f| format!(" — FAILED: {f}"))
-                        .unwrap_or_default()
-                );
-                sweep.push(point);
+                let mut m = result.unwrap_or_else(|failure| Measurement {
+                    scenario: scenario.name.into(),
+                    target: target.name().into(),
+                    workers: settings.workers,
+                    placement: placement.note.clone(),
+                    failure: Some(failure),
+                    ..Measurement::default()
+                });
+                m.round = round;
+                progress(&m, settings.rounds);
+                measurements.push(m);
             }
         }
     }
+    let mut sweep = Vec::new();
+    for &workers in &settings.sweep {
+        // Each worker count has its own placement (two workers on two cores cannot be pinned
+        // apart from the load side), so the mock is started anew on that placement's CPUs.
+        let placement = settings.placement(workers);
+        let mock = targets::start_mock(
+            5,
+            settings.upstream_threads(&placement),
+            &placement.load_cpus,
+        )?;
+        for &target in &settings.targets {
+            if target == Target::Nginx && settings.nginx_bin.is_none() {
+                continue;
+            }
+            check_interrupted()?;
+            let point = match sweep_point(settings, &placement, target, workers, &mock) {
+                Ok((r, at_max)) => SweepPoint {
+                    target: target.name().into(),
+                    workers,
+                    placement: placement.note.clone(),
+                    max_rps: rps(&r),
+                    at_max,
+                    errors: r.errors.total(),
+                    failure: None,
+                },
+                Err(e) => SweepPoint {
+                    target: target.name().into(),
+                    workers,
+                    placement: placement.note.clone(),
+                    max_rps: 0.0,
+                    at_max: AtMax::default(),
+                    errors: 0,
+                    failure: Some(e),
+                },
+            };
+            eprintln!(
+                "perf: sweep {workers} workers / {}: {:.0} rps, bound by {}, {} errors{}",
+                point.target,
+                point.max_rps,
+                point.at_max.bound.label(),
+                point.errors,
+                point
+                    .failure
+                    .as_deref()
+                    .map(|f| format!(" — FAILED: {f}"))
+                    .unwrap_or_default()
+            );
+            sweep.push(point);
+        }
+    }
     Ok((measurements, sweep))
+}
+
+/// The targets in the order round `round` (from 1) runs them: as given, then reversed, and so
+/// on (A B C, C B A, A B C), so a drift of the machine over a scenario favours no target.
+fn round_order(targets: &[Target], round: usize) -> Vec<Target> {
+    let mut order = targets.to_vec();
+    if round % 2 == 0 {
+        order.reverse();
+    }
+    order
 }
 
 fn check_interrupted() -> Result<(), String> {
@@ -296,25 +478,64 @@ fn check_interrupted() -> Result<(), String> {
     }
 }
 
-fn progress(m: &Measurement) {
+fn progress(m: &Measurement, rounds: usize) {
+    let round = if rounds > 1 {
+        format!(" (round {})", m.round)
+    } else {
+        String::new()
+    };
     match &m.failure {
-        Some(f) => eprintln!("perf: {} / {}: FAILED: {f}", m.scenario, m.target),
-        None => eprintln!(
-            "perf: {} / {}: {:.0} rps max; at {}/s p50 {} µs p99 {} µs; {} errors",
-            m.scenario, m.target, m.max_rps, m.rate, m.latency_us.p50, m.latency_us.p99, m.errors
-        ),
+        Some(f) => eprintln!("perf: {} / {}{round}: FAILED: {f}", m.scenario, m.target),
+        None => {
+            let cpu = m
+                .at_max
+                .target_cpu
+                .map(|c| {
+                    format!(
+                        " ({:.1} user + {:.1} sys µs/req, {:.0} % busy)",
+                        c.user_us,
+                        c.system_us,
+                        100.0 * c.busy
+                    )
+                })
+                .unwrap_or_default();
+            let wrk = match &m.wrk {
+                Some(WrkCheck { run: Some(w), .. }) => format!("; wrk {:.0} rps", w.rps),
+                Some(WrkCheck {
+                    failure: Some(f), ..
+                }) => format!("; wrk failed: {f}"),
+                _ => String::new(),
+            };
+            eprintln!(
+                "perf: {} / {}{round}: {:.0} rps max{cpu}, bound by {}, generator {:.0} % busy{wrk}; at {}/s p50 {} µs p99 {} µs; {} errors",
+                m.scenario,
+                m.target,
+                m.max_rps,
+                m.at_max.bound.label(),
+                100.0 * m.at_max.generator_busy,
+                m.rate,
+                m.latency_us.p50,
+                m.latency_us.p99,
+                m.errors
+            )
+        }
     }
 }
 
-/// Starts `target` (direct: the mock itself), returning it with the processes to measure.
+/// A started target: its guard (none for direct), its address, and the processes to measure.
+type Started = (Option<Running>, SocketAddr, Vec<u32>);
+
+/// Starts `target` (direct: the mock itself) on the placement's target CPUs.
 fn start_target(
     settings: &Settings,
+    placement: &Placement,
     scenario: &Scenario,
     target: Target,
     workers: usize,
     mock: Option<&Running>,
-) -> Result<(Option<Running>, SocketAddr, Vec<u32>), String> {
+) -> Result<Started, String> {
     let mock_addr = mock.map(|m| m.addr);
+    let cpus = &placement.target_cpus;
     match (target, mock_addr) {
         (Target::Direct, Some(addr)) => Ok((
             None,
@@ -326,7 +547,7 @@ fn start_target(
                 .nginx_bin
                 .as_deref()
                 .ok_or("nginx is not available")?;
-            let running = targets::start_nginx(nginx, workers, addr)?;
+            let running = targets::start_nginx(nginx, workers, addr, cpus)?;
             let (addr, pids) = (running.addr, running.measured_pids.clone());
             Ok((Some(running), addr, pids))
         }
@@ -336,8 +557,13 @@ fn start_target(
                 None => GatewayUpstream::Stdio(settings.demo_bin.clone()),
             };
             let setup = gateway_setup(scenario);
-            let running =
-                targets::start_gateway(&settings.gateway_bin, workers, &upstream, &setup.config)?;
+            let running = targets::start_gateway(
+                &settings.gateway_bin,
+                workers,
+                &upstream,
+                &setup.config,
+                cpus,
+            )?;
             let (addr, pids) = (running.addr, running.measured_pids.clone());
             Ok((Some(running), addr, pids))
         }
@@ -345,8 +571,134 @@ fn start_target(
     }
 }
 
+/// One load phase with the CPU of the target and the upstream read around it.
+struct Window {
+    load: LoadResult,
+    target: CpuTicks,
+    upstream: CpuTicks,
+    machine: MachineCounters,
+    wall_s: f64,
+}
+
+impl Window {
+    /// Whole-machine busy µs per completed request.
+    fn machine_cpu_us(&self) -> Option<f64> {
+        let requests = self.load.completed;
+        (requests > 0 && !self.machine.cpus.is_empty()).then(|| {
+            self.machine.busy_ticks() as f64 * 1e6
+                / targets::ticks_per_second() as f64
+                / requests as f64
+        })
+    }
+}
+
+fn measured(spec: &LoadSpec, target_pids: &[u32], upstream_pids: &[u32]) -> Result<Window, String> {
+    let (target_before, upstream_before, machine_before) = (
+        targets::cpu_ticks(target_pids),
+        targets::cpu_ticks(upstream_pids),
+        MachineCounters::read(),
+    );
+    let started = Instant::now();
+    let load = load::run(spec)?;
+    let wall_s = started.elapsed().as_secs_f64();
+    Ok(Window {
+        load,
+        target: targets::cpu_ticks(target_pids).since(target_before),
+        upstream: targets::cpu_ticks(upstream_pids).since(upstream_before),
+        machine: MachineCounters::read().since(&machine_before),
+        wall_s,
+    })
+}
+
+/// Who was busy in a closed-loop window. `direct`'s target is the mock itself, on the load side.
+fn at_max(
+    w: &Window,
+    placement: &Placement,
+    target: Target,
+    workers: usize,
+    upstream_threads: usize,
+    has_upstream: bool,
+) -> AtMax {
+    let machine = crate::cores();
+    let requests = w.load.completed;
+    let target_capacity = match target {
+        Target::Direct if placement.pinned => placement.load_cpus.len(),
+        Target::Direct => upstream_threads.clamp(1, machine),
+        _ => placement.target_capacity(workers, machine),
+    };
+    let target_cpu = CpuCost::from_ticks(w.target, requests, w.wall_s, target_capacity);
+    let upstream_cpu = has_upstream
+        .then(|| {
+            let capacity = if placement.pinned {
+                placement.load_cpus.len()
+            } else {
+                upstream_threads.clamp(1, machine)
+            };
+            CpuCost::from_ticks(w.upstream, requests, w.wall_s, capacity)
+        })
+        .flatten();
+    let g = w.load.generator;
+    let per_request = |s: f64| (requests > 0).then(|| s * 1e6 / requests as f64);
+    let share = |cpus: &[usize]| {
+        placement
+            .pinned
+            .then(|| w.machine.busy_share(cpus))
+            .flatten()
+    };
+    let (target_cpus_busy, load_cpus_busy) =
+        (share(&placement.target_cpus), share(&placement.load_cpus));
+    // The load side's own work on its CPUs: generator and upstream, and for direct the mock
+    // as the target.
+    let own_load = placement.pinned.then(|| {
+        let ticks = w.upstream.total()
+            + if target == Target::Direct {
+                w.target.total()
+            } else {
+                0
+            };
+        let own = g.user_s + g.system_s + ticks as f64 / targets::ticks_per_second() as f64;
+        own / w.wall_s.max(1e-9) / placement.load_cpus.len().max(1) as f64
+    });
+    let target_busy = target_cpu.map_or(0.0, |c| c.busy);
+    // Busy time on a side's CPUs that none of its processes accounts for: another user's work
+    // (or softirq work deferred to ksoftirqd, which is small here). Over 10 % and the row is
+    // marked disturbed: the CPUs were not the run's alone.
+    let other_on_target = match (target, target_cpus_busy) {
+        (Target::Direct, _) | (_, None) => None,
+        (_, Some(busy)) => Some((busy - target_busy).max(0.0)),
+    };
+    let other_on_load = load_cpus_busy
+        .zip(own_load)
+        .map(|(busy, own)| (busy - own).max(0.0));
+    let disturbed = [other_on_target, other_on_load]
+        .iter()
+        .any(|o| o.is_some_and(|o| o > DISTURBED));
+    let load_side = g.busiest_thread.max(own_load.unwrap_or(0.0));
+    AtMax {
+        bound: Bound::classify(target_busy, load_side),
+        disturbed,
+        target_cpu,
+        upstream_cpu,
+        generator_user_us: per_request(g.user_s),
+        generator_system_us: per_request(g.system_s),
+        generator_busy: g.busiest_thread,
+        load_side_busy: own_load,
+        target_cpus_busy,
+        load_cpus_busy,
+        other_on_target_cpus: other_on_target,
+        other_on_load_cpus: other_on_load,
+        machine_cpu_us: w.machine_cpu_us(),
+        tcp_segments_per_request: w
+            .machine
+            .tcp_out_segs
+            .filter(|_| requests > 0)
+            .map(|segs| segs as f64 / requests as f64),
+    }
+}
+
 fn measure(
     settings: &Settings,
+    placement: &Placement,
     scenario: &Scenario,
     target: Target,
     mock: Option<&Running>,
@@ -362,7 +714,14 @@ fn measure(
             ));
         }
     }
-    let (running, addr, pids) = start_target(settings, scenario, target, settings.workers, mock)?;
+    let (running, addr, pids) = start_target(
+        settings,
+        placement,
+        scenario,
+        target,
+        settings.workers,
+        mock,
+    )?;
     let headers = gateway_setup(scenario).client_headers;
     let spec = |pace, duration| LoadSpec {
         addr,
@@ -372,6 +731,7 @@ fn measure(
         duration,
         pace,
         extra_headers: headers.clone(),
+        cpus: placement.load_cpus.clone(),
     };
     let idle = load::open_idle(addr, scenario.idle_connections)?;
     if !idle.is_empty() {
@@ -383,42 +743,69 @@ fn measure(
     let upstream_pids = match (target, mock) {
         (Target::Direct, _) => Vec::new(),
         (_, Some(m)) => m.measured_pids.clone(),
-        (_, None) => pids.iter().flat_map(|&p| targets::children_of(p)).collect(),
+        (_, None) => {
+            // mcp-guard's stdio server is the upstream, not the target: it goes to the load
+            // side like the mock does (it exists by now; the warm-up used it).
+            let children: Vec<u32> = pids.iter().flat_map(|&p| targets::children_of(p)).collect();
+            for &child in &children {
+                crate::pinning::pin_process(child, &placement.load_cpus)?;
+            }
+            children
+        }
     };
     let sampler = targets::RssSampler::start(pids.clone());
-    let (cpu_before, upstream_before) = (
-        targets::cpu_ticks(&pids),
-        targets::cpu_ticks(&upstream_pids),
-    );
-    let open = load::run(&spec(
-        Pace::Open {
-            rate: settings.rate,
-        },
-        settings.duration,
-    ))?;
-    let (cpu_after, upstream_after) = (
-        targets::cpu_ticks(&pids),
-        targets::cpu_ticks(&upstream_pids),
-    );
-    let closed = load::run(&spec(Pace::Closed, settings.duration))?;
+    let open = measured(
+        &spec(
+            Pace::Open {
+                rate: settings.rate,
+            },
+            settings.duration,
+        ),
+        &pids,
+        &upstream_pids,
+    )?;
+    let closed = measured(
+        &spec(Pace::Closed, settings.duration),
+        &pids,
+        &upstream_pids,
+    )?;
+    let wrk = (scenario.name == "passthrough")
+        .then_some(settings.wrk_bin.as_deref())
+        .flatten()
+        .map(|bin| wrk_check(bin, settings, placement, scenario, addr, &pids));
     let peak_rss_kb = sampler.finish().max(targets::status_kb(&pids, "VmHWM:"));
     let idle_connections_dropped = load::count_closed(&idle);
     drop(idle);
     drop(running);
     check_interrupted()?;
 
-    let per_request = |ticks: u64| {
-        (open.completed > 0).then(|| {
-            ticks as f64 * 1e6 / targets::ticks_per_second() as f64 / open.completed as f64
-        })
-    };
-    let upstream_cpu = (!upstream_pids.is_empty())
-        .then(|| per_request(upstream_after.saturating_sub(upstream_before)))
+    let upstream_threads = settings.upstream_threads(placement);
+    let machine = crate::cores();
+    let at_rate = CpuCost::from_ticks(
+        open.target,
+        open.load.completed,
+        open.wall_s,
+        placement.target_capacity(settings.workers, machine),
+    );
+    let upstream_at_rate = (!upstream_pids.is_empty())
+        .then(|| CpuCost::from_ticks(open.upstream, open.load.completed, open.wall_s, 1))
         .flatten();
+    let at_max = at_max(
+        &closed,
+        placement,
+        target,
+        settings.workers,
+        upstream_threads,
+        !upstream_pids.is_empty(),
+    );
+    let machine_at_rate = open.machine_cpu_us();
+    let (open, closed) = (open.load, closed.load);
     Ok(Measurement {
         scenario: scenario.name.into(),
         target: target.name().into(),
+        round: 1,
         workers: settings.workers,
+        placement: placement.note.clone(),
         idle_connections: scenario.idle_connections,
         idle_connections_dropped,
         max_rps: rps(&closed),
@@ -427,8 +814,12 @@ fn measure(
         achieved_rate: rps(&open),
         latency_us: latency(&open),
         open_loop: phase(&open),
-        cpu_us_per_request: per_request(cpu_after.saturating_sub(cpu_before)),
-        upstream_cpu_us_per_request: upstream_cpu,
+        cpu_us_per_request: at_rate.map(|c| c.total_us),
+        cpu_at_rate: at_rate,
+        machine_cpu_us_at_rate: machine_at_rate,
+        upstream_cpu_us_per_request: upstream_at_rate.map(|c| c.total_us),
+        at_max,
+        wrk,
         idle_rss_kb,
         peak_rss_kb,
         errors: open.errors.total() + closed.errors.total(),
@@ -436,14 +827,77 @@ fn measure(
     })
 }
 
+/// Loads the running target with wrk for one phase, on the same connections and CPUs as the
+/// harness's closed loop, reading the target's CPU around it. A failure is recorded, not fatal:
+/// the cross-check is optional.
+fn wrk_check(
+    bin: &std::path::Path,
+    settings: &Settings,
+    placement: &Placement,
+    scenario: &Scenario,
+    addr: SocketAddr,
+    pids: &[u32],
+) -> WrkCheck {
+    let attempt = || -> Result<WrkCheck, String> {
+        let headers = load::session_headers(addr, &gateway_setup(scenario).client_headers)?;
+        let scratch = targets::ScratchDir::new("wrk")?;
+        let body = load::request_body(scenario.call, 1);
+        let before = targets::cpu_ticks(pids);
+        let started = Instant::now();
+        let run = wrk::run(
+            bin,
+            &wrk::WrkSpec {
+                addr,
+                body: &body,
+                headers: &headers,
+                connections: settings.connections,
+                duration: settings.duration,
+                cpus: &placement.load_cpus,
+                scratch: &scratch.0,
+            },
+        )?;
+        let ticks = targets::cpu_ticks(pids).since(before);
+        let capacity = placement.target_capacity(settings.workers, crate::cores());
+        let target_cpu = CpuCost::from_ticks(
+            ticks,
+            run.requests,
+            started.elapsed().as_secs_f64(),
+            capacity,
+        );
+        let failure = (run.non_2xx + run.socket_errors > 0).then(|| {
+            format!(
+                "{} non-2xx responses, {} socket errors",
+                run.non_2xx, run.socket_errors
+            )
+        });
+        Ok(WrkCheck {
+            run: Some(run),
+            target_cpu,
+            failure,
+        })
+    };
+    attempt().unwrap_or_else(|e| WrkCheck {
+        failure: Some(e),
+        ..WrkCheck::default()
+    })
+}
+
 fn sweep_point(
     settings: &Settings,
+    placement: &Placement,
     target: Target,
     workers: usize,
     mock: &Running,
-) -> Result<LoadResult, String> {
+) -> Result<(LoadResult, AtMax), String> {
     let passthrough = find_scenario("passthrough")?;
-    let (running, addr, _) = start_target(settings, passthrough, target, workers, Some(mock))?;
+    let (running, addr, pids) = start_target(
+        settings,
+        placement,
+        passthrough,
+        target,
+        workers,
+        Some(mock),
+    )?;
     let spec = |duration| LoadSpec {
         addr,
         call: Call::Echo,
@@ -452,11 +906,25 @@ fn sweep_point(
         duration,
         pace: Pace::Closed,
         extra_headers: String::new(),
+        cpus: placement.load_cpus.clone(),
     };
     load::run(&spec(settings.warmup))?;
-    let result = load::run(&spec(settings.duration));
+    let upstream_pids = match target {
+        Target::Direct => Vec::new(),
+        _ => mock.measured_pids.clone(),
+    };
+    let window = measured(&spec(settings.duration), &pids, &upstream_pids);
     drop(running);
-    result
+    let window = window?;
+    let at_max = at_max(
+        &window,
+        placement,
+        target,
+        workers,
+        settings.upstream_threads(placement),
+        target != Target::Direct,
+    );
+    Ok((window.load, at_max))
 }
 
 fn rps(r: &LoadResult) -> f64 {
@@ -474,6 +942,7 @@ fn phase(r: &LoadResult) -> Phase {
         elapsed_s: r.elapsed.as_secs_f64(),
         errors: r.errors,
         missed_slots: r.missed_slots,
+        generator: r.generator,
     }
 }
 
@@ -489,5 +958,55 @@ fn latency(r: &LoadResult) -> Latency {
         p999: h.value_at_quantile(0.999),
         max: h.max(),
         mean: h.mean(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounds_alternate_the_order() {
+        let all = Target::ALL;
+        assert_eq!(round_order(&all, 1), all.to_vec());
+        assert_eq!(
+            round_order(&all, 2),
+            vec![Target::McpGuard, Target::Nginx, Target::Direct]
+        );
+        assert_eq!(round_order(&all, 3), all.to_vec());
+    }
+
+    #[test]
+    fn the_saturated_side_sets_the_pace() {
+        assert_eq!(Bound::classify(0.97, 0.50), Bound::Target);
+        assert_eq!(Bound::classify(0.60, 0.95), Bound::LoadSide);
+        assert_eq!(Bound::classify(0.95, 0.95), Bound::Both);
+        assert_eq!(Bound::classify(0.60, 0.60), Bound::Neither);
+    }
+
+    #[test]
+    fn cpu_cost_splits_user_and_system_per_request() {
+        let tps = targets::ticks_per_second() as f64;
+        // One second of user and half a second of system over 10,000 requests in 2 s on 1 CPU.
+        let ticks = CpuTicks {
+            user: tps as u64,
+            system: (tps / 2.0) as u64,
+        };
+        let c = CpuCost::from_ticks(ticks, 10_000, 2.0, 1).unwrap();
+        assert!((c.user_us - 100.0).abs() < 1e-9);
+        assert!((c.system_us - 50.0).abs() < 1e-9);
+        assert!((c.total_us - 150.0).abs() < 1e-9);
+        assert!((c.busy - 0.75).abs() < 1e-9);
+        assert!(CpuCost::from_ticks(ticks, 0, 2.0, 1).is_none());
+    }
+
+    #[test]
+    fn gateway_config_per_scenario() {
+        let plain = gateway_setup(find_scenario("passthrough").unwrap());
+        assert!(plain.config.contains("[audit]\nenabled = false"));
+        assert!(plain.client_headers.is_empty());
+        let guard = gateway_setup(find_scenario("guard").unwrap());
+        assert!(guard.client_headers.starts_with("Authorization: Bearer "));
+        assert!(find_scenario("nope").is_err());
     }
 }

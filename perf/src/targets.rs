@@ -5,7 +5,6 @@
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -23,14 +22,9 @@ pub struct Managed {
 }
 
 impl Managed {
-    fn spawn(name: &str, mut command: Command) -> Result<Managed, String> {
-        // SAFETY: prctl is async-signal-safe and touches only the new process's own state.
-        unsafe {
-            command.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                Ok(())
-            });
-        }
+    /// Starts `command` on `cpus` (empty: wherever the scheduler likes).
+    fn spawn(name: &str, mut command: Command, cpus: &[usize]) -> Result<Managed, String> {
+        crate::pinning::prepare(&mut command, cpus);
         let child = command
             .spawn()
             .map_err(|e| format!("cannot start {name}: {e}"))?;
@@ -106,8 +100,9 @@ pub struct Running {
     _guards: (Managed, Option<ScratchDir>),
 }
 
-/// Starts `perf upstream` (this same binary) and reads its address from its one stdout line.
-pub fn start_mock(tools: usize, threads: usize) -> Result<Running, String> {
+/// Starts `perf upstream` (this same binary) on `cpus` and reads its address from its one stdout
+/// line.
+pub fn start_mock(tools: usize, threads: usize, cpus: &[usize]) -> Result<Running, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find the perf binary: {e}"))?;
     let mut command = Command::new(exe);
     command
@@ -122,7 +117,7 @@ pub fn start_mock(tools: usize, threads: usize) -> Result<Running, String> {
         ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped());
-    let mut managed = Managed::spawn("mock upstream", command)?;
+    let mut managed = Managed::spawn("mock upstream", command, cpus)?;
     let stdout = managed
         .child
         .stdout
@@ -154,13 +149,14 @@ pub enum GatewayUpstream {
     Stdio(PathBuf),
 }
 
-/// Starts mcp-guard with a generated config; `extra` is appended to the config (see
-/// `scenarios::gateway_extra_config`).
+/// Starts mcp-guard on `cpus` with a generated config; `extra` is appended to the config (see
+/// `scenarios::gateway_setup`).
 pub fn start_gateway(
     binary: &Path,
     workers: usize,
     upstream: &GatewayUpstream,
     extra: &str,
+    cpus: &[usize],
 ) -> Result<Running, String> {
     let scratch = ScratchDir::new("mcp-guard")?;
     let upstream_section = match upstream {
@@ -191,7 +187,7 @@ pub fn start_gateway(
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log);
-    let mut managed = Managed::spawn("mcp-guard", command)?;
+    let mut managed = Managed::spawn("mcp-guard", command, cpus)?;
     // The log goes to a file, not a pipe, so a chatty gateway can never block on a full pipe.
     let started = Instant::now();
     let addr = loop {
@@ -222,12 +218,24 @@ pub fn start_gateway(
     })
 }
 
-/// Starts nginx as a reverse proxy to `upstream` with `workers` worker processes.
-pub fn start_nginx(binary: &Path, workers: usize, upstream: SocketAddr) -> Result<Running, String> {
+/// Starts nginx on `cpus` as a reverse proxy to `upstream` with `workers` worker processes.
+pub fn start_nginx(
+    binary: &Path,
+    workers: usize,
+    upstream: SocketAddr,
+    cpus: &[usize],
+) -> Result<Running, String> {
     let scratch = ScratchDir::new("nginx")?;
     let dir = scratch.0.display().to_string();
     let port = free_port()?;
     let files = crate::raise_nofile_limit();
+    // Idle upstream connections kept per worker: as many as mcp-guard keeps per upstream address
+    // (its MAX_IDLE_PER_ADDR), and never retired (nginx's upstream default closes one after 1,000
+    // requests), so neither proxy reconnects to the upstream where the other does not.
+    let keepalive = 256;
+    // `reuseport` gives each worker its own listening socket, as mcp-guard's workers have
+    // (SO_REUSEPORT): with several workers both proxies then get connections spread by the
+    // kernel's hash, not by which worker's accept wins a wake-up.
     let config = format!(
         r#"worker_processes {workers};
 worker_rlimit_nofile {files};
@@ -246,10 +254,12 @@ http {{
     client_header_timeout 3600s;
     upstream mock {{
         server {upstream};
-        keepalive 64;
+        keepalive {keepalive};
+        keepalive_requests 100000000;
+        keepalive_timeout 3600s;
     }}
     server {{
-        listen 127.0.0.1:{port} backlog=4096;
+        listen 127.0.0.1:{port} backlog=4096 reuseport;
         location / {{
             proxy_pass http://mock;
             proxy_http_version 1.1;
@@ -275,7 +285,7 @@ http {{
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    let mut managed = Managed::spawn("nginx", command)?;
+    let mut managed = Managed::spawn("nginx", command, cpus)?;
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let started = Instant::now();
     while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
@@ -398,12 +408,114 @@ pub fn status_kb(pids: &[u32], field: &str) -> u64 {
         .sum()
 }
 
-/// utime + stime of `pids` (all their threads), in clock ticks.
-pub fn cpu_ticks(pids: &[u32]) -> u64 {
+/// CPU time in clock ticks, user and system apart.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuTicks {
+    pub user: u64,
+    pub system: u64,
+}
+
+impl CpuTicks {
+    /// What was spent between `before` and `self`.
+    pub fn since(self, before: CpuTicks) -> CpuTicks {
+        CpuTicks {
+            user: self.user.saturating_sub(before.user),
+            system: self.system.saturating_sub(before.system),
+        }
+    }
+
+    pub fn total(self) -> u64 {
+        self.user + self.system
+    }
+}
+
+/// utime and stime of `pids`, summed. /proc/PID/stat counts the whole thread group (every
+/// thread, also exited ones), so a process's helper threads and io_uring workers are included.
+pub fn cpu_ticks(pids: &[u32]) -> CpuTicks {
     pids.iter()
         .filter_map(|pid| stat_fields(*pid))
-        .map(|f| f.utime + f.stime)
-        .sum()
+        .fold(CpuTicks::default(), |sum, f| CpuTicks {
+            user: sum.user + f.utime,
+            system: sum.system + f.stime,
+        })
+}
+
+/// Machine-wide counters read around a phase: every CPU's busy and total ticks (/proc/stat) and
+/// the TCP segments sent (/proc/net/snmp). They see what per-process figures cannot: softirq
+/// work done in ksoftirqd, the whole cost of a hop whoever the kernel charged it to, and anything
+/// else that ran on a CPU meant for one side only.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MachineCounters {
+    /// (cpu, busy ticks, total ticks) per CPU.
+    pub cpus: Vec<(usize, u64, u64)>,
+    pub tcp_out_segs: Option<u64>,
+}
+
+impl MachineCounters {
+    pub fn read() -> MachineCounters {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let snmp = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
+        MachineCounters {
+            cpus: parse_proc_stat(&stat),
+            tcp_out_segs: parse_out_segs(&snmp),
+        }
+    }
+
+    /// The counters' growth since `before`.
+    pub fn since(&self, before: &MachineCounters) -> MachineCounters {
+        MachineCounters {
+            cpus: self
+                .cpus
+                .iter()
+                .filter_map(|&(cpu, busy, total)| {
+                    let &(_, b0, t0) = before.cpus.iter().find(|c| c.0 == cpu)?;
+                    Some((cpu, busy.saturating_sub(b0), total.saturating_sub(t0)))
+                })
+                .collect(),
+            tcp_out_segs: self
+                .tcp_out_segs
+                .zip(before.tcp_out_segs)
+                .map(|(a, b)| a.saturating_sub(b)),
+        }
+    }
+
+    /// Busy ticks summed over every CPU.
+    pub fn busy_ticks(&self) -> u64 {
+        self.cpus.iter().map(|c| c.1).sum()
+    }
+
+    /// Busy ÷ total ticks over `cpus` (None if none of them was read).
+    pub fn busy_share(&self, cpus: &[usize]) -> Option<f64> {
+        let (busy, total) = self
+            .cpus
+            .iter()
+            .filter(|c| cpus.contains(&c.0))
+            .fold((0, 0), |(b, t), c| (b + c.1, t + c.2));
+        (total > 0).then(|| busy as f64 / total as f64)
+    }
+}
+
+/// Per-CPU (cpu, busy, total) from /proc/stat: busy = user + nice + system + irq + softirq; total
+/// adds idle and iowait (steal and guest time are not this machine's work).
+fn parse_proc_stat(text: &str) -> Vec<(usize, u64, u64)> {
+    text.lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let cpu = fields.next()?.strip_prefix("cpu")?.parse::<usize>().ok()?;
+            let v: Vec<u64> = fields.map_while(|f| f.parse().ok()).collect();
+            // user nice system idle iowait irq softirq
+            let busy = v.first()? + v.get(1)? + v.get(2)? + v.get(5)? + v.get(6)?;
+            Some((cpu, busy, busy + v.get(3)? + v.get(4)?))
+        })
+        .collect()
+}
+
+/// OutSegs from the `Tcp:` header and value lines of /proc/net/snmp.
+fn parse_out_segs(text: &str) -> Option<u64> {
+    let mut tcp = text.lines().filter(|l| l.starts_with("Tcp:"));
+    let (names, values) = (tcp.next()?, tcp.next()?);
+    let index = names.split_whitespace().position(|n| n == "OutSegs")?;
+    values.split_whitespace().nth(index)?.parse().ok()
 }
 
 /// Clock ticks per second, for converting `cpu_ticks`.
@@ -480,6 +592,28 @@ mod tests {
             Some(SocketAddr::from(([127, 0, 0, 1], 4321)))
         );
         assert_eq!(address_after("nothing here", "listening on http://"), None);
+    }
+
+    #[test]
+    fn machine_counters_parse() {
+        let stat = "cpu  10 0 5 100 1 0 2 0 0 0\ncpu0 4 0 2 50 1 0 1 3 0 0\ncpu1 6 0 3 50 0 0 1 0 0 0\nintr 1 2\n";
+        assert_eq!(parse_proc_stat(stat), vec![(0, 7, 58), (1, 10, 60)]);
+        let snmp = "Tcp: RtoAlgorithm InSegs OutSegs RetransSegs\nTcp: 1 500 400 3\nUdp: InDatagrams\nUdp: 9\n";
+        assert_eq!(parse_out_segs(snmp), Some(400));
+        let before = MachineCounters {
+            cpus: vec![(0, 7, 58), (1, 10, 60)],
+            tcp_out_segs: Some(400),
+        };
+        let after = MachineCounters {
+            cpus: vec![(0, 17, 68), (1, 10, 70)],
+            tcp_out_segs: Some(450),
+        };
+        let d = after.since(&before);
+        assert_eq!((d.busy_ticks(), d.tcp_out_segs), (10, Some(50)));
+        assert_eq!(d.busy_share(&[0]), Some(1.0));
+        assert_eq!(d.busy_share(&[0, 1]), Some(0.5));
+        assert_eq!(d.busy_share(&[7]), None);
+        assert!(!MachineCounters::read().cpus.is_empty());
     }
 
     #[test]

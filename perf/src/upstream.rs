@@ -3,7 +3,10 @@
 //! `echo` (JSON) or `echo_sse` (one SSE event), so it is never what a measurement measures.
 
 use crate::wire::{self, Request};
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
+use std::borrow::Cow;
 use std::cell::Cell;
 use std::net::{SocketAddr, TcpListener};
 use std::rc::Rc;
@@ -133,41 +136,51 @@ impl Mock {
                 false,
             );
         }
-        let message: Value = match serde_json::from_slice(&req.body) {
-            Ok(v) => v,
+        let message: Message = match serde_json::from_slice(&req.body) {
+            Ok(m) => m,
             Err(e) => {
                 return rpc_error_response(400, &Value::Null, -32700, &format!("parse error: {e}"));
             }
         };
-        let method = message
-            .get("method")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
-        let Some(id) = message.get("id") else {
+        let method = message.method.as_deref().unwrap_or_default();
+        let Some(raw_id) = message.id else {
             // A notification (or a response from the client): accepted, nothing to say.
             return response(202, "text/plain", &[], b"", false);
         };
+        // The id goes back verbatim (it is JSON text already); the rare paths below that build
+        // a `Value` parse it once.
+        let id = raw_id.get();
+        let value_id = || serde_json::from_str::<Value>(id).unwrap_or(Value::Null);
         if method == "initialize" {
             let serial = self.sessions.get();
             self.sessions.set(serial + 1);
             let session = format!("perf-{}-{serial}", self.thread);
             let version = message
-                .pointer("/params/protocolVersion")
-                .and_then(Value::as_str)
+                .params
+                .as_ref()
+                .and_then(|p| p.protocol_version.as_deref())
                 .unwrap_or("2025-11-25");
             let result = json!({
                 "protocolVersion": version,
                 "capabilities": {"tools": {"listChanged": false}},
                 "serverInfo": {"name": "perf-mock-upstream", "version": env!("CARGO_PKG_VERSION")},
             });
-            return json_response(&[("Mcp-Session-Id", &session)], &rpc_result(id, result));
+            return json_response(
+                &[("Mcp-Session-Id", &session)],
+                &rpc_result(&value_id(), result),
+            );
         }
         // Real servers refuse a session-less request; doing the same proves sessions survive the hop.
         if req.session_id.is_none() {
-            return rpc_error_response(400, id, -32600, "Mcp-Session-Id header is required");
+            return rpc_error_response(
+                400,
+                &value_id(),
+                -32600,
+                "Mcp-Session-Id header is required",
+            );
         }
         match method {
-            "ping" => json_response(&[], &rpc_result(id, json!({}))),
+            "ping" => json_response(&[], &rpc_result(&value_id(), json!({}))),
             "tools/list" => {
                 let body = format!(
                     r#"{{"jsonrpc":"2.0","id":{id},"result":{}}}"#,
@@ -176,30 +189,60 @@ impl Mock {
                 response(200, "application/json", &[], body.as_bytes(), false)
             }
             "tools/call" => {
-                let name = message
-                    .pointer("/params/name")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default();
-                let text = message
-                    .pointer("/params/arguments/text")
-                    .cloned()
-                    .unwrap_or(Value::Null);
-                let result = json!({"content": [{"type": "text", "text": text}], "isError": false});
+                let params = message.params.as_ref();
+                let name = params.and_then(|p| p.name.as_deref()).unwrap_or_default();
+                let text = params
+                    .and_then(|p| p.arguments.as_ref())
+                    .and_then(|a| a.text)
+                    .map_or("null", |t| t.get());
+                // Written out rather than built as a `Value`: this is the measured request, and
+                // the mock's own cost per request is load-side CPU that the target's runs share.
+                let message = format!(
+                    r#"{{"jsonrpc":"2.0","id":{id},"result":{{"content":[{{"type":"text","text":{text}}}],"isError":false}}}}"#
+                );
                 match name {
-                    "echo" => json_response(&[], &rpc_result(id, result)),
-                    "echo_sse" => sse_response(&rpc_result(id, result)),
+                    "echo" => response(200, "application/json", &[], message.as_bytes(), false),
+                    "echo_sse" => sse_response(&message),
                     _ => json_response(
                         &[],
-                        &rpc_error(id, -32602, &format!("unknown tool {name:?}")),
+                        &rpc_error(&value_id(), -32602, &format!("unknown tool {name:?}")),
                     ),
                 }
             }
             _ => json_response(
                 &[],
-                &rpc_error(id, -32601, &format!("method {method:?} not found")),
+                &rpc_error(&value_id(), -32601, &format!("method {method:?} not found")),
             ),
         }
     }
+}
+
+/// The members of a JSON-RPC message the mock looks at, borrowed from the body: deserializing
+/// only these, rather than a whole `Value` tree, keeps the mock cheap per request.
+#[derive(Deserialize)]
+struct Message<'a> {
+    #[serde(borrow, default)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    method: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    params: Option<Params<'a>>,
+}
+
+#[derive(Deserialize)]
+struct Params<'a> {
+    #[serde(borrow, default)]
+    name: Option<Cow<'a, str>>,
+    #[serde(borrow, default, rename = "protocolVersion")]
+    protocol_version: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    arguments: Option<Arguments<'a>>,
+}
+
+#[derive(Deserialize)]
+struct Arguments<'a> {
+    #[serde(borrow, default)]
+    text: Option<&'a RawValue>,
 }
 
 fn tools_list_result(count: usize) -> Value {
@@ -237,8 +280,9 @@ fn json_response(extra: &[(&str, &str)], message: &Value) -> Vec<u8> {
     response(200, "application/json", extra, &body, false)
 }
 
-/// One `message` event, chunked as a streaming server would send it, then the end of stream.
-fn sse_response(message: &Value) -> Vec<u8> {
+/// One `message` event (`message` is JSON text), chunked as a streaming server would send it,
+/// then the end of stream.
+fn sse_response(message: &str) -> Vec<u8> {
     let event = format!("event: message\ndata: {message}\n\n");
     let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n";
     format!("{head}{:x}\r\n{event}\r\n0\r\n\r\n", event.len()).into_bytes()
@@ -318,6 +362,36 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(wire::find(&ok.body, b"\"hi\"").is_some());
+    }
+
+    #[test]
+    fn echo_returns_id_and_text_verbatim() {
+        let m = mock();
+        let call = r#"{"jsonrpc":"2.0","id":"a-7","method":"tools/call","params":{"arguments":{"text":"q\"uote"},"name":"echo"}}"#;
+        let ok = wire::parse_response(&m.answer(&post(call, true)), false)
+            .unwrap()
+            .unwrap();
+        let body: Value = serde_json::from_slice(&ok.body).unwrap();
+        assert_eq!(body["id"], "a-7");
+        assert_eq!(
+            body.pointer("/result/content/0/text"),
+            Some(&json!("q\"uote"))
+        );
+        assert_eq!(body["result"]["isError"], false);
+        let unknown = r#"{"jsonrpc":"2.0","id":8,"method":"tools/call","params":{"name":"nope"}}"#;
+        let err = wire::parse_response(&m.answer(&post(unknown, true)), false)
+            .unwrap()
+            .unwrap();
+        let body: Value = serde_json::from_slice(&err.body).unwrap();
+        assert_eq!(
+            (body["id"].as_i64(), body["error"]["code"].as_i64()),
+            (Some(8), Some(-32602))
+        );
+        let bad = m.answer(&post("{not json", true));
+        assert_eq!(
+            wire::parse_response(&bad, false).unwrap().unwrap().status,
+            400
+        );
     }
 
     #[test]
