@@ -998,3 +998,25 @@ fn the_man_page_is_roff_listing_the_subcommands() {
         assert!(text.contains(sub), "the man page lacks {sub}");
     }
 }
+
+#[test]
+fn check_upstream_checks_every_server_and_sums_up_without_colour_when_piped() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("servers.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "[upstream]\ncommand = {DEMO:?}\ntimeout_secs = 10\n[[upstream.servers]]\nname = \"broken\"\ncommand = \"/nonexistent/mcp-server\"\n"
+        ),
+    )
+    .unwrap();
+    let (code, out, _) = run(&["check-upstream", "--config", p.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("PASS  default (stdio"), "{out}");
+    assert!(out.contains("FAIL  broken (stdio"), "{out}");
+    assert!(out.trim_end().ends_with("1 passed, 1 failed"), "{out}");
+    assert!(
+        !out.contains('\u{1b}'),
+        "no colour when stdout is not a terminal: {out:?}"
+    );
+}

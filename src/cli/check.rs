@@ -23,36 +23,67 @@ const HTTP_ANSWER_CAP: usize = 8 * 1024 * 1024;
 /// Checks every upstream (the default and each routed server, each replica of a balanced
 /// one); true when all pass.
 pub fn check_all(s: &Settings) -> bool {
-    let mut all = true;
+    use std::io::IsTerminal;
+    let colour = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let progress = std::io::stderr().is_terminal();
+    let total: usize = s
+        .routes
+        .iter()
+        .map(|r| match &r.upstream.transport {
+            Transport::Http(h) => h.endpoints.len(),
+            Transport::Stdio(_) => 1,
+        })
+        .sum();
+    let (mut passed, mut failed) = (0, 0);
+    let mut report = |name: String, run: &dyn Fn() -> Result<String, String>| {
+        if progress {
+            // Overwritten by the result line: a slow upstream shows what is being waited on.
+            eprint!("\rchecking {name} ({}/{total}) …", passed + failed + 1);
+        }
+        let result = run();
+        if progress {
+            eprint!("\r\x1b[2K");
+        }
+        let (word, paint) = match &result {
+            Ok(_) => ("PASS", "\x1b[32m"),
+            Err(_) => ("FAIL", "\x1b[31m"),
+        };
+        let word = if colour {
+            format!("{paint}{word}\x1b[0m")
+        } else {
+            word.to_string()
+        };
+        match result {
+            Ok(info) => {
+                passed += 1;
+                println!("{word}  {name}: {info}");
+            }
+            Err(e) => {
+                failed += 1;
+                println!("{word}  {name}: {e}");
+            }
+        }
+    };
     for route in &s.routes {
         let timeout = route.upstream.timeout;
-        let results = match &route.upstream.transport {
-            Transport::Stdio(st) => vec![(
-                format!("{} (stdio `{}`)", route.name, st.command),
-                preflight_stdio(&route.key, st).and_then(|()| check_stdio(&route.key, st, timeout)),
-            )],
-            Transport::Http(h) => h
-                .endpoints
-                .iter()
-                .map(|e| {
-                    (
-                        format!("{} (http {})", route.name, e.url),
-                        check_http(&route.key, e, &h.headers, timeout),
-                    )
+        match &route.upstream.transport {
+            Transport::Stdio(st) => {
+                report(format!("{} (stdio `{}`)", route.name, st.command), &|| {
+                    preflight_stdio(&route.key, st)
+                        .and_then(|()| check_stdio(&route.key, st, timeout))
                 })
-                .collect(),
-        };
-        for (name, result) in results {
-            match result {
-                Ok(info) => println!("PASS  {name}: {info}"),
-                Err(e) => {
-                    println!("FAIL  {name}: {e}");
-                    all = false;
+            }
+            Transport::Http(h) => {
+                for e in &h.endpoints {
+                    report(format!("{} (http {})", route.name, e.url), &|| {
+                        check_http(&route.key, e, &h.headers, timeout)
+                    });
                 }
             }
         }
     }
-    all
+    println!("{passed} passed, {failed} failed");
+    failed == 0
 }
 
 /// The path checks `validate` makes, before anything is spawned: a missing `cwd` makes spawn
