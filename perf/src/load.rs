@@ -60,6 +60,9 @@ pub enum Pace {
 #[derive(Clone)]
 pub struct LoadSpec {
     pub addr: SocketAddr,
+    /// MCP endpoint paths; connection `i` opens its session at `endpoints[i % len]` and keeps
+    /// using it (also when it reconnects).
+    pub endpoints: Vec<String>,
     pub call: Call,
     pub connections: usize,
     pub threads: usize,
@@ -174,15 +177,15 @@ struct Client {
 }
 
 impl Client {
-    /// Connects, initializes a session, and sends notifications/initialized.
-    async fn open(addr: SocketAddr, extra_headers: Rc<str>) -> Result<Client, Failure> {
+    /// Connects, initializes a session at `path`, and sends notifications/initialized.
+    async fn open(addr: SocketAddr, path: &str, extra_headers: Rc<str>) -> Result<Client, Failure> {
         let stream = match monoio::time::timeout(REQUEST_TIMEOUT, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => s,
             _ => return Err(Failure::Connect),
         };
         let _ = stream.set_nodelay(true);
         let head = format!(
-            "POST /mcp HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\n{extra_headers}"
+            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\n{extra_headers}"
         );
         let mut client = Client {
             stream,
@@ -282,10 +285,18 @@ fn new_histogram() -> Result<Histogram<u64>, String> {
         .map_err(|e| format!("cannot create histogram: {e}"))
 }
 
+/// The endpoint connection `index` uses: round robin over `endpoints`.
+fn endpoint_of(endpoints: &[Rc<str>], index: usize) -> Rc<str> {
+    endpoints[index % endpoints.len()].clone()
+}
+
 /// Runs one load phase and merges what every thread measured.
 pub fn run(spec: &LoadSpec) -> Result<LoadResult, String> {
     if spec.connections == 0 {
         return Err("at least one connection is needed".into());
+    }
+    if spec.endpoints.is_empty() {
+        return Err("at least one endpoint is needed".into());
     }
     if let Pace::Open { rate: 0 } = spec.pace {
         return Err("the fixed rate must be at least 1 request/s".into());
@@ -349,6 +360,11 @@ fn load_thread(
     barrier: &Barrier,
 ) -> Result<ThreadOutcome, String> {
     let extra_headers: Rc<str> = spec.extra_headers.into();
+    let endpoints: Rc<[Rc<str>]> = spec
+        .endpoints
+        .iter()
+        .map(|e| Rc::from(e.as_str()))
+        .collect();
     // Pinned before the runtime exists, so its ring and any kernel helper it starts inherit it.
     let prepared = crate::pinning::pin_current_thread(&spec.cpus)
         .and_then(|()| crate::runtime())
@@ -363,7 +379,11 @@ fn load_thread(
             let clients = rt.block_on(async {
                 let opening: Vec<_> = indices
                     .iter()
-                    .map(|_| monoio::spawn(Client::open(spec.addr, extra_headers.clone())))
+                    .map(|&index| {
+                        let (path, headers) =
+                            (endpoint_of(&endpoints, index), extra_headers.clone());
+                        monoio::spawn(async move { Client::open(spec.addr, &path, headers).await })
+                    })
                     .collect();
                 let mut clients = Vec::with_capacity(opening.len());
                 for handle in opening {
@@ -386,6 +406,7 @@ fn load_thread(
         deadline: start + spec.duration,
         total_connections: spec.connections,
         extra_headers,
+        endpoints,
     });
     rt.block_on(async {
         let tasks: Vec<_> = indices
@@ -420,6 +441,7 @@ struct Plan {
     deadline: Instant,
     total_connections: usize,
     extra_headers: Rc<str>,
+    endpoints: Rc<[Rc<str>]>,
 }
 
 /// One connection's request loop, bounded by the deadline (open loop: plus a grace period to
@@ -442,6 +464,7 @@ async fn drive(
             Duration::from_secs_f64(index as f64 / rate as f64),
         ),
     };
+    let path = endpoint_of(&plan.endpoints, index);
     let mut slot_number: u32 = 0;
     loop {
         if crate::interrupted() {
@@ -477,7 +500,7 @@ async fn drive(
         slot_number = slot_number.saturating_add(1);
         let connection = match client.as_mut() {
             Some(c) => c,
-            None => match Client::open(plan.addr, plan.extra_headers.clone()).await {
+            None => match Client::open(plan.addr, &path, plan.extra_headers.clone()).await {
                 Ok(c) => client.insert(c),
                 Err(f) => {
                     tally.borrow_mut().errors.count(f);
@@ -507,7 +530,7 @@ async fn drive(
     }
 }
 
-/// Opens one MCP session the way every load connection does (initialize, then
+/// Opens one MCP session at `/mcp` the way every load connection does (initialize, then
 /// notifications/initialized) and returns the header lines its requests carry: content
 /// negotiation, `extra_headers`, protocol version and session id, without the request line and
 /// Host. An outside load generator (wrk) sends these on every request; the session outlives this
@@ -518,7 +541,7 @@ pub fn session_headers(
 ) -> Result<Vec<(String, String)>, String> {
     let mut rt = crate::runtime()?;
     let client = rt
-        .block_on(Client::open(addr, extra_headers.into()))
+        .block_on(Client::open(addr, "/mcp", extra_headers.into()))
         .map_err(|f| format!("cannot open an MCP session at {addr}: {f:?}"))?;
     Ok(client
         .head
@@ -571,4 +594,25 @@ pub fn count_closed(held: &[std::net::TcpStream]) -> usize {
             }
         })
         .count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_spread_over_endpoints_round_robin() {
+        let endpoints: Vec<Rc<str>> = (0..10).map(|i| Rc::from(format!("/mcp/s{i}"))).collect();
+        assert_eq!(&*endpoint_of(&endpoints, 0), "/mcp/s0");
+        assert_eq!(&*endpoint_of(&endpoints, 13), "/mcp/s3");
+        // 64 connections over 10 endpoints: 7 on the first four, 6 on the rest, every one used.
+        let mut per_endpoint = [0; 10];
+        for index in 0..64 {
+            let path = endpoint_of(&endpoints, index);
+            per_endpoint[endpoints.iter().position(|e| *e == path).unwrap()] += 1;
+        }
+        assert_eq!(per_endpoint, [7, 7, 7, 7, 6, 6, 6, 6, 6, 6]);
+        let single: Vec<Rc<str>> = vec![Rc::from("/mcp")];
+        assert!((0..5).all(|i| &*endpoint_of(&single, i) == "/mcp"));
+    }
 }

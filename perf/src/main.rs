@@ -366,7 +366,8 @@ fn smoke(args: CommonArgs) -> Result<(), String> {
         warmup: Duration::from_millis(200),
         rounds: 1,
         rate: 200,
-        connections: 8,
+        // At least one per server of the routed scenario, so every route carries load.
+        connections: 10,
         load_threads: args.load_threads.max(1),
         workers: 1,
         upstream_threads: Some(1),
@@ -374,6 +375,7 @@ fn smoke(args: CommonArgs) -> Result<(), String> {
         scenarios: vec![
             scenarios::find_scenario("passthrough")?,
             scenarios::find_scenario("sse")?,
+            scenarios::find_scenario("routed")?,
         ],
         targets: Target::ALL.to_vec(),
         gateway_bin,

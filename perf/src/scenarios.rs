@@ -32,6 +32,26 @@ pub struct Scenario {
     pub idle_connections: usize,
     /// mcp-guard only, with the stdio demo server as its upstream.
     pub stdio: bool,
+    /// mcp-guard only: this many `[[upstream.servers]]` (`s0`, `s1`, ...), all forwarding to the
+    /// one mock upstream, with the load connections spread over their endpoints round robin.
+    /// 0: the single upstream at `/mcp`.
+    pub routes: usize,
+}
+
+impl Scenario {
+    /// Measured through mcp-guard alone (nginx and direct have no stdio or routed servers).
+    pub fn gateway_only(&self) -> bool {
+        self.stdio || self.routes > 0
+    }
+
+    /// The MCP endpoints the load connections are spread over, round robin.
+    pub fn endpoints(&self) -> Vec<String> {
+        if self.routes == 0 {
+            vec!["/mcp".to_string()]
+        } else {
+            (0..self.routes).map(|i| format!("/mcp/s{i}")).collect()
+        }
+    }
 }
 
 const fn scenario(
@@ -48,6 +68,7 @@ const fn scenario(
         upstream_tools: tools,
         idle_connections: idle,
         stdio: false,
+        routes: 0,
     }
 }
 
@@ -58,6 +79,7 @@ pub const SCENARIOS: &[Scenario] = &[
     scenario("tools_list_100", "tools/list answering 100 tools (~20 KiB); through mcp-guard an API key allowed half of them, so every answer is filtered", Call::ToolsList, 100, 0),
     scenario("sse", "tools/call echo_sse, one chunked SSE event", Call::EchoSse, 5, 0),
     Scenario { stdio: true, ..scenario("stdio", "tools/call echo to mcp-demo-server over stdio (mcp-guard only)", Call::Echo, 5, 0) },
+    Scenario { routes: 10, ..scenario("routed", "tools/call echo through 10 routed HTTP servers (`[[upstream.servers]]` s0..s9, all on the one mock) at /mcp/s0../mcp/s9; connections spread round robin, each with its session at its own server (mcp-guard only)", Call::Echo, 5, 0) },
     scenario("idle_1k", "passthrough with 1,000 idle keep-alive connections held open", Call::Echo, 5, 1_000),
     scenario("idle_10k", "passthrough with 10,000 idle keep-alive connections held open", Call::Echo, 5, 10_000),
 ];
@@ -72,7 +94,8 @@ pub fn find_scenario(name: &str) -> Result<&'static Scenario, String> {
 /// What a scenario adds to the generated mcp-guard config, and the headers every load request
 /// then carries (e.g. its credentials). Sent to all targets alike; direct and nginx ignore them.
 pub struct GatewaySetup {
-    /// TOML appended after the generated `[upstream]` table.
+    /// TOML appended after the generated `[upstream]` table (`{scratch}` in it becomes the
+    /// target's scratch directory, `{upstream_url}` the mock upstream's MCP endpoint).
     pub config: String,
     /// Raw header lines, each ending in CRLF.
     pub client_headers: String,
@@ -83,16 +106,28 @@ pub struct GatewaySetup {
 const GUARD_API_KEY: &str = "perf-load-generator-key";
 const GUARD_API_KEY_HASH: &str = "oNtTxBO8b6J3SxRCrD+weuf3watudilxAdoYlAE5lYM=";
 
-/// The one place a scenario shapes mcp-guard's config (`{scratch}` in it becomes the target's
-/// scratch directory).
+/// The one place a scenario shapes mcp-guard's config.
 ///
 /// Every scenario but `guard` measures the bare proxy path: the gateway's default per-client
 /// rate limit (100/s) would otherwise throttle the load generator, and audit is off.
 /// `guard` measures the full security path: the load generator authenticates with an API key
 /// whose policy allows the echo tools and tools/list, a rate limit far above any offered load
 /// keeps its bookkeeping in the path without ever tripping, and every decision is audited to a
-/// JSON-lines file.
+/// JSON-lines file. A routed scenario adds its servers to the bare proxy path (the generated
+/// `[upstream]` stays as the default at `/mcp`, which its load never uses).
 pub fn gateway_setup(scenario: &Scenario) -> GatewaySetup {
+    if scenario.routes > 0 {
+        let mut config = bare_proxy();
+        for name in (0..scenario.routes).map(|i| format!("s{i}")) {
+            config.push_str(&format!(
+                "\n[[upstream.servers]]\nname = \"{name}\"\ntransport = \"http\"\nurl = \"{{upstream_url}}\"\n"
+            ));
+        }
+        return GatewaySetup {
+            config,
+            client_headers: String::new(),
+        };
+    }
     match scenario.name {
         "guard" => guarded(r#"["echo", "echo_sse"]"#),
         // The identity may call half of the listed tools, so every answer is really filtered.
@@ -100,10 +135,15 @@ pub fn gateway_setup(scenario: &Scenario) -> GatewaySetup {
             r#"["echo", "echo_sse", "tool_0*0", "tool_0*2", "tool_0*4", "tool_0*6", "tool_0*8"]"#,
         ),
         _ => GatewaySetup {
-            config: "[rate_limit]\nenabled = false\n\n[audit]\nenabled = false\n".into(),
+            config: bare_proxy(),
             client_headers: String::new(),
         },
     }
+}
+
+/// No rate limit, no audit: the proxy path alone.
+fn bare_proxy() -> String {
+    "[rate_limit]\nenabled = false\n\n[audit]\nenabled = false\n".into()
 }
 
 /// The full guard: API key, a tool policy, a rate limit that never trips, audit to a file.
@@ -381,7 +421,7 @@ pub fn run_matrix(settings: &Settings) -> Result<(Vec<Measurement>, Vec<SweepPoi
         };
         for round in 1..=settings.rounds {
             for target in round_order(&settings.targets, round) {
-                if scenario.stdio && target != Target::McpGuard {
+                if scenario.gateway_only() && target != Target::McpGuard {
                     continue;
                 }
                 if target == Target::Nginx && settings.nginx_bin.is_none() {
@@ -723,8 +763,10 @@ fn measure(
         mock,
     )?;
     let headers = gateway_setup(scenario).client_headers;
+    let endpoints = scenario.endpoints();
     let spec = |pace, duration| LoadSpec {
         addr,
+        endpoints: endpoints.clone(),
         call: scenario.call,
         connections: settings.connections,
         threads: settings.load_threads,
@@ -900,6 +942,7 @@ fn sweep_point(
     )?;
     let spec = |duration| LoadSpec {
         addr,
+        endpoints: passthrough.endpoints(),
         call: Call::Echo,
         connections: settings.connections,
         threads: settings.load_threads,
@@ -1008,5 +1051,49 @@ mod tests {
         let guard = gateway_setup(find_scenario("guard").unwrap());
         assert!(guard.client_headers.starts_with("Authorization: Bearer "));
         assert!(find_scenario("nope").is_err());
+    }
+
+    #[test]
+    fn routed_configures_ten_servers_on_the_one_mock() {
+        let routed = find_scenario("routed").unwrap();
+        assert!(routed.gateway_only() && !routed.stdio);
+        let endpoints = routed.endpoints();
+        assert_eq!(endpoints.len(), 10);
+        let setup = gateway_setup(routed);
+        assert!(setup.client_headers.is_empty());
+        let mock: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+        let text =
+            targets::gateway_config(1, &GatewayUpstream::Http(mock), &setup.config, "/tmp/x");
+        let config: toml::Table = text.parse().unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(config["rate_limit"]["enabled"].as_bool(), Some(false));
+        assert_eq!(config["audit"]["enabled"].as_bool(), Some(false));
+        let servers = config["upstream"]["servers"].as_array().unwrap();
+        assert_eq!(servers.len(), 10);
+        for (i, server) in servers.iter().enumerate() {
+            let name = server["name"].as_str().unwrap();
+            assert_eq!(name, format!("s{i}"));
+            // Each server is reachable at <mcp_path>/<name>: the endpoint the load uses.
+            assert_eq!(endpoints[i], format!("/mcp/{name}"));
+            assert_eq!(server["transport"].as_str(), Some("http"));
+            assert_eq!(server["url"].as_str(), Some("http://127.0.0.1:4000/mcp"));
+        }
+        // The default upstream is the same mock too.
+        assert_eq!(
+            config["upstream"]["url"].as_str(),
+            Some("http://127.0.0.1:4000/mcp")
+        );
+
+        let passthrough = find_scenario("passthrough").unwrap();
+        assert!(!passthrough.gateway_only());
+        assert_eq!(passthrough.endpoints(), vec!["/mcp".to_string()]);
+        assert!(find_scenario("stdio").unwrap().gateway_only());
+        let plain = gateway_setup(passthrough).config;
+        let text = targets::gateway_config(1, &GatewayUpstream::Http(mock), &plain, "/tmp/x");
+        assert!(
+            !text.parse::<toml::Table>().unwrap()["upstream"]
+                .as_table()
+                .unwrap()
+                .contains_key("servers")
+        );
     }
 }

@@ -159,21 +159,7 @@ pub fn start_gateway(
     cpus: &[usize],
 ) -> Result<Running, String> {
     let scratch = ScratchDir::new("mcp-guard")?;
-    let upstream_section = match upstream {
-        GatewayUpstream::Http(addr) => {
-            format!("transport = \"http\"\nurl = \"http://{addr}/mcp\"\n")
-        }
-        GatewayUpstream::Stdio(program) => format!(
-            "transport = \"stdio\"\ncommand = {:?}\n",
-            program.display().to_string()
-        ),
-    };
-    // Idle timeout above any run length: the idle scenarios hold connections for the whole run.
-    let config = format!(
-        "[server]\nhost = \"127.0.0.1\"\nport = 0\nworkers = {workers}\nidle_timeout_secs = 3600\nshutdown_grace_secs = 1\n\n\
-         [admin]\nport = 0\n\n[upstream]\n{upstream_section}\n{}",
-        extra.replace("{scratch}", &scratch.0.display().to_string())
-    );
+    let config = gateway_config(workers, upstream, extra, &scratch.0.display().to_string());
     let config_path = scratch.0.join("mcp-guard.toml");
     std::fs::write(&config_path, config)
         .map_err(|e| format!("cannot write {}: {e}", config_path.display()))?;
@@ -216,6 +202,37 @@ pub fn start_gateway(
         measured_pids: vec![pid],
         _guards: (managed, Some(scratch)),
     })
+}
+
+/// mcp-guard's config: the listener, the admin port, `[upstream]`, then `extra` with
+/// `{scratch}` and `{upstream_url}` (the HTTP upstream's MCP endpoint) filled in.
+pub fn gateway_config(
+    workers: usize,
+    upstream: &GatewayUpstream,
+    extra: &str,
+    scratch: &str,
+) -> String {
+    let (upstream_section, upstream_url) = match upstream {
+        GatewayUpstream::Http(addr) => {
+            let url = format!("http://{addr}/mcp");
+            (format!("transport = \"http\"\nurl = \"{url}\"\n"), url)
+        }
+        GatewayUpstream::Stdio(program) => (
+            format!(
+                "transport = \"stdio\"\ncommand = {:?}\n",
+                program.display().to_string()
+            ),
+            String::new(),
+        ),
+    };
+    // Idle timeout above any run length: the idle scenarios hold connections for the whole run.
+    format!(
+        "[server]\nhost = \"127.0.0.1\"\nport = 0\nworkers = {workers}\nidle_timeout_secs = 3600\nshutdown_grace_secs = 1\n\n\
+         [admin]\nport = 0\n\n[upstream]\n{upstream_section}\n{}",
+        extra
+            .replace("{scratch}", scratch)
+            .replace("{upstream_url}", &upstream_url)
+    )
 }
 
 /// Starts nginx on `cpus` as a reverse proxy to `upstream` with `workers` worker processes.
