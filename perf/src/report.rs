@@ -68,6 +68,11 @@ pub struct Ratios {
     pub machine_cpu_at_max_vs_nginx: Option<f64>,
     /// mcp-guard req/s ÷ nginx req/s as wrk measured them (passthrough, when wrk ran).
     pub wrk_throughput_vs_nginx: Option<f64>,
+    /// This scenario's mcp-guard CPU per request ÷ mcp-guard's in `passthrough`, same round, at
+    /// the fixed rate and at full throttle (every scenario but passthrough itself): what the
+    /// scenario's extra work costs the gateway, e.g. routing over many servers in `routed`.
+    pub cpu_per_request_vs_passthrough: Option<f64>,
+    pub cpu_at_max_vs_passthrough: Option<f64>,
     /// Both closed-loop phases were bound by the target, not the load side, and neither was
     /// disturbed by outside work: only then does `throughput_vs_nginx` compare the two proxies.
     /// (Under contention, req/s = the CPU share a target wins ÷ its CPU per request, and the
@@ -156,6 +161,9 @@ pub fn ratios(measurements: &[Measurement]) -> Vec<Ratios> {
     {
         let direct = get(&guard.scenario, guard.round, Target::Direct);
         let nginx = get(&guard.scenario, guard.round, Target::Nginx);
+        let passthrough = (guard.scenario != "passthrough")
+            .then(|| get("passthrough", guard.round, Target::McpGuard))
+            .flatten();
         let cpu = |m: Option<&Measurement>| m.and_then(|m| m.cpu_us_per_request);
         let cpu_ratio = |other| match (cpu(Some(guard)), cpu(other)) {
             (Some(a), Some(b)) => ratio(a, b),
@@ -179,6 +187,8 @@ pub fn ratios(measurements: &[Measurement]) -> Vec<Ratios> {
             throughput_vs_nginx: nginx.and_then(|n| ratio(guard.max_rps, n.max_rps)),
             cpu_per_request_vs_direct: cpu_ratio(direct),
             cpu_per_request_vs_nginx: cpu_ratio(nginx),
+            cpu_per_request_vs_passthrough: cpu_ratio(passthrough),
+            cpu_at_max_vs_passthrough: at_max(passthrough, |c| c.total_us),
             cpu_at_max_vs_nginx: at_max(nginx, |c| c.total_us),
             user_cpu_at_max_vs_nginx: at_max(nginx, |c| c.user_us),
             system_cpu_at_max_vs_nginx: at_max(nginx, |c| c.system_us),
@@ -394,8 +404,8 @@ fn ratio_table(out: &mut String, r: &Report) {
             String::new()
         }
     );
-    out.push_str("| scenario | rps ÷ direct | rps ÷ nginx | wrk rps ÷ nginx | CPU/req ÷ nginx at max | user ÷ nginx | sys ÷ nginx | machine CPU/req ÷ nginx at max | CPU/req ÷ nginx at rate | CPU/req ÷ direct at rate | p99 added by nginx µs | p99 added by mcp-guard µs |\n");
-    out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    out.push_str("| scenario | rps ÷ direct | rps ÷ nginx | wrk rps ÷ nginx | CPU/req ÷ nginx at max | user ÷ nginx | sys ÷ nginx | machine CPU/req ÷ nginx at max | CPU/req ÷ nginx at rate | CPU/req ÷ direct at rate | CPU/req ÷ passthrough at rate | CPU/req ÷ passthrough at max | p99 added by nginx µs | p99 added by mcp-guard µs |\n");
+    out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     let mut scenarios: Vec<&str> = Vec::new();
     for q in &r.ratios {
         if !scenarios.contains(&q.scenario.as_str()) {
@@ -432,7 +442,7 @@ fn ratio_table(out: &mut String, r: &Report) {
         };
         let _ = writeln!(
             out,
-            "| {scenario} | {} | {}{mark} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {scenario} | {} | {}{mark} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             cell(|q| q.throughput_vs_direct, 2),
             cell(|q| q.throughput_vs_nginx, 2),
             cell(|q| q.wrk_throughput_vs_nginx, 2),
@@ -442,11 +452,19 @@ fn ratio_table(out: &mut String, r: &Report) {
             cell(|q| q.machine_cpu_at_max_vs_nginx, 2),
             cell(|q| q.cpu_per_request_vs_nginx, 2),
             cell(|q| q.cpu_per_request_vs_direct, 2),
+            cell(|q| q.cpu_per_request_vs_passthrough, 3),
+            cell(|q| q.cpu_at_max_vs_passthrough, 3),
             int(|q| q.nginx_p99_added_us),
             int(|q| q.mcp_guard_p99_added_us),
         );
     }
     out.push_str("\n\"at max\" = the closed-loop phase; \"at rate\" = the fixed-rate phase; \"added\" = target p99 − direct p99 at the same fixed rate.\n");
+    if r.ratios
+        .iter()
+        .any(|q| q.cpu_per_request_vs_passthrough.is_some())
+    {
+        out.push_str("\n\"÷ passthrough\" = mcp-guard's CPU per request in this scenario ÷ its CPU per request in `passthrough` of the same run and round: for `routed`, the cost of routing over many servers instead of one (the bound to hold is 1.05). It compares two scenarios measured one after the other, not interleaved, and CPU time counts in clock ticks: read it from long runs with several rounds.\n");
+    }
     if unbound {
         out.push_str("\n‡ in at least one round nginx or mcp-guard was not bound by its own CPU in the closed loop, or was disturbed (see \"bound by\" above): there req/s is the CPU share a target won ÷ its CPU per request, so the throughput ratio says as much about the scheduler and the load side as about the proxies; compare the CPU per request columns instead.\n");
     }
@@ -979,6 +997,33 @@ mod tests {
         assert!(q[0].comparable);
         assert!((q[1].throughput_vs_nginx.unwrap() - 1.5).abs() < 1e-9);
         assert!(!q[1].comparable, "a load-side-bound row is flagged");
+    }
+
+    #[test]
+    fn routed_cpu_is_compared_with_passthrough_of_the_same_round() {
+        let at = |scenario: &str, round, cpu: f64| {
+            let mut m = row(Target::McpGuard, round, 40_000.0, cpu - 10.0, Bound::Target);
+            m.scenario = scenario.into();
+            m.cpu_us_per_request = Some(cpu);
+            m
+        };
+        let rows = vec![
+            at("passthrough", 1, 20.0),
+            at("passthrough", 2, 25.0),
+            at("routed", 1, 21.0),
+            at("routed", 2, 25.0),
+        ];
+        let q = ratios(&rows);
+        assert!(q[0].cpu_per_request_vs_passthrough.is_none());
+        assert!((q[2].cpu_per_request_vs_passthrough.unwrap() - 1.05).abs() < 1e-9);
+        assert!((q[2].cpu_at_max_vs_passthrough.unwrap() - 1.05).abs() < 1e-9);
+        assert!((q[3].cpu_per_request_vs_passthrough.unwrap() - 1.0).abs() < 1e-9);
+        let md = markdown(&report(Placement::plan(&[0, 1], 1, true), rows));
+        assert!(
+            md.contains("| routed | n/a | n/a | n/a | n/a | n/a | n/a | n/a | n/a | n/a | 1.025 (1.000–1.050) | 1.025 (1.000–1.050) |"),
+            "{md}"
+        );
+        assert!(md.contains("\"÷ passthrough\" = mcp-guard's CPU per request"));
     }
 
     fn report(placement: Placement, measurements: Vec<Measurement>) -> Report {
