@@ -139,3 +139,42 @@ fn an_idle_session_has_its_child_stopped() {
     let ping = r#"{"jsonrpc":"2.0","id":9,"method":"ping"}"#;
     assert_eq!(post(&g, KEYS[0].1, ping, Some(&sid)).status, 404);
 }
+
+#[test]
+fn children_inherit_no_descriptor_of_the_gateway() {
+    // A child started while clients are connected (per-session children start while the
+    // gateway serves) must not hold their sockets: it could read another client's requests.
+    let dir = tempfile::tempdir().unwrap();
+    let listing = dir.path().join("fds.txt");
+    let script = dir.path().join("server.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nls -l /proc/$$/fd > {:?}\nexec {DEMO:?}\n",
+            listing.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let mut perms = std::fs::metadata(&script).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+    std::fs::set_permissions(&script, perms).unwrap();
+    let cfg = config(4, 600).replace(
+        &format!("command = {DEMO:?}\nargs = [\"--test-tools\"]"),
+        &format!("command = {:?}", script.to_str().unwrap()),
+    );
+    for io in ["io_uring", "epoll"] {
+        let g = Gateway::start(&cfg.replace("[server]\n", &format!("[server]\nio = \"{io}\"\n")));
+        // An idle keep-alive client connection, open while the child starts.
+        let mut idle = std::net::TcpStream::connect(g.addr).unwrap();
+        std::io::Write::write_all(&mut idle, b"GET /live HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        init(&g, KEYS[0].1).unwrap();
+        let fds = std::fs::read_to_string(&listing).unwrap();
+        let sockets: Vec<&str> = fds.lines().filter(|l| l.contains("socket:")).collect();
+        assert!(
+            sockets.is_empty(),
+            "{io}: the child inherited {sockets:?}\n{fds}"
+        );
+        drop(idle);
+    }
+}

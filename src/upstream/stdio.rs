@@ -672,7 +672,7 @@ impl Supervisor {
         if let Some(cwd) = &s.cwd {
             cmd.current_dir(cwd);
         }
-        set_parent_death_signal(&mut cmd);
+        confine_child(&mut cmd);
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
@@ -813,14 +813,46 @@ fn read_stdout(stdout: std::process::ChildStdout, generation: u64, inbox: SyncSe
     let _ = inbox.send(Command_::ChildExited(generation));
 }
 
-/// Ask the kernel to SIGTERM the child if the gateway dies without cleaning up.
+/// In the child, before exec: ask the kernel to SIGTERM it if the gateway dies without
+/// cleaning up, and make every descriptor above stderr close on exec. The gateway's sockets
+/// (accepted client connections — io_uring's accept does not set close-on-exec —, listeners,
+/// upstream connections) and files must never reach an upstream program: a child holding
+/// another client's connection could read its requests, API key included, and answer them.
 #[allow(unsafe_code)]
-fn set_parent_death_signal(cmd: &mut Command) {
+fn confine_child(cmd: &mut Command) {
     use std::os::unix::process::CommandExt;
-    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    // SAFETY: prctl, close_range, getrlimit and fcntl are async-signal-safe system calls on
+    // plain integers; nothing of the parent's memory is touched.
     unsafe {
         cmd.pre_exec(|| {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            // Marked, not closed: std's own exec-error pipe (already close-on-exec) must stay
+            // open until exec, or a failed exec would look like a success.
+            const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+            let marked = libc::syscall(
+                libc::SYS_close_range,
+                3 as libc::c_uint,
+                libc::c_uint::MAX,
+                CLOSE_RANGE_CLOEXEC,
+            );
+            if marked != 0 {
+                // Kernels before 5.11: one descriptor at a time, up to the limit.
+                let mut limit = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                let top = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+                    limit.rlim_cur.min(1 << 20) as libc::c_int
+                } else {
+                    4096
+                };
+                for fd in 3..top {
+                    let flags = libc::fcntl(fd, libc::F_GETFD);
+                    if flags >= 0 {
+                        libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+                    }
+                }
+            }
             Ok(())
         });
     }
