@@ -1,6 +1,7 @@
 //! The control loop on the main thread: signals (SIGHUP reload, SIGTERM/SIGINT shutdown),
-//! config-file change detection, and upstream health checks. It may block (with timeouts); the
-//! workers never wait on it.
+//! config-file change detection, reload and upstream reconciliation, retiring and reaping of
+//! stdio children. It may block (with timeouts); the workers never wait on it. Upstream health
+//! checks run on a thread of their own, so a hung upstream cannot delay a signal.
 
 use crate::config::Settings;
 use crate::runtime::worker::Shared;
@@ -56,9 +57,8 @@ pub fn run(path: &Path, loaded: FileStamp, signals: SignalEvents, shared: &Arc<S
     let mut last_seen = loaded;
     // A change seen on disk, and since when it has not changed again.
     let mut settling: Option<(FileStamp, Instant)> = None;
-    let mut next_health = Instant::now();
     let mut next_sweep = Instant::now() + Duration::from_secs(10);
-    check_health(shared);
+    spawn_health_checks(shared);
     loop {
         let poll = if settling.is_some() {
             Duration::from_millis(100)
@@ -96,10 +96,6 @@ pub fn run(path: &Path, loaded: FileStamp, signals: SignalEvents, shared: &Arc<S
                 }
                 _ => settling = Some((stamp, Instant::now())),
             }
-        }
-        if Instant::now() >= next_health {
-            check_health(shared);
-            next_health = Instant::now() + Duration::from_secs(2);
         }
         if let Some(set) = shared.config.load().upstreams.as_deref() {
             for pool in set.pools() {
@@ -249,14 +245,31 @@ fn reload_refused_event(reason: &'static str) -> crate::audit::AuditEvent {
     }
 }
 
+/// One round of upstream checks, every HTTP server at once.
 fn check_health(shared: &Shared) {
     let cfg = shared.config.load_full();
     let Some(set) = cfg.upstreams.as_deref() else {
         return;
     };
-    for (name, upstream) in set.iter() {
-        if let Upstream::Http(server) = upstream {
-            crate::upstream::health::check(name, server);
+    std::thread::scope(|scope| {
+        for (name, upstream) in set.iter() {
+            if let Upstream::Http(server) = upstream {
+                scope.spawn(move || crate::upstream::health::check(name, server));
+            }
         }
-    }
+    });
+}
+
+/// Checks the upstreams every 2 s on a thread of its own until shutdown begins: a replica that
+/// accepts and never answers must not hold up signals, reloads or shutdown.
+fn spawn_health_checks(shared: &Arc<Shared>) {
+    let shared = shared.clone();
+    let _ = std::thread::Builder::new()
+        .name("health".into())
+        .spawn(move || {
+            while !shared.shutdown_rx.is_closed() {
+                check_health(&shared);
+                std::thread::sleep(Duration::from_secs(2));
+            }
+        });
 }

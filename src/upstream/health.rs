@@ -11,7 +11,7 @@
 //!   behind on the server. A failed check counts towards ejection like a failed request; a good
 //!   one brings an ejected replica back.
 
-use super::balance::HttpServer;
+use super::balance::{HttpServer, Replica};
 use crate::config::HttpEndpoint;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -30,45 +30,58 @@ const INIT: &str = concat!(
 );
 
 /// Checks every replica of `server` (route `name`), updating what the workers see and
-/// logging each change.
+/// logging each change. Replicas are checked at once (each on a thread of its own, a few at a
+/// time), so replicas that accept and never answer cost a round one check timeout, not one
+/// each.
 pub fn check(name: &str, server: &HttpServer) {
-    for r in server.replicas() {
-        let (ep, state) = (&r.endpoint, &r.state);
-        if !server.is_balanced() {
-            // Ready means the upstream answers HTTP, not merely that its port accepts.
-            let ok = ep.addrs.iter().any(|a| answers_http(*a, ep));
-            if state.checked_single(ok) {
-                if ok {
-                    tracing::info!(target: "mcp_guard::upstream", "upstream {name} ({}) reachable", ep.url);
-                } else {
-                    tracing::warn!(target: "mcp_guard::upstream", "upstream {name} ({}) unreachable", ep.url);
-                }
+    for batch in server.replicas().chunks(CHECKS_AT_ONCE) {
+        std::thread::scope(|scope| {
+            for r in batch {
+                scope.spawn(move || check_replica(name, server, r));
             }
-            continue;
+        });
+    }
+}
+
+/// Replicas checked in parallel at most.
+const CHECKS_AT_ONCE: usize = 32;
+
+fn check_replica(name: &str, server: &HttpServer, r: &Replica) {
+    let (ep, state) = (&r.endpoint, &r.state);
+    if !server.is_balanced() {
+        // Ready means the upstream answers HTTP, not merely that its port accepts.
+        let ok = ep.addrs.iter().any(|a| answers_http(*a, ep));
+        if state.checked_single(ok) {
+            if ok {
+                tracing::info!(target: "mcp_guard::upstream", "upstream {name} ({}) reachable", ep.url);
+            } else {
+                tracing::warn!(target: "mcp_guard::upstream", "upstream {name} ({}) unreachable", ep.url);
+            }
         }
-        match probe_initialize(ep, &server.settings.headers) {
-            Ok(identity) => {
-                let first = state.identity().is_none();
-                let (back, was) = state.checked_ok(identity.clone());
-                if let Some(was) = was {
-                    tracing::warn!(
-                        target: "mcp_guard::upstream",
-                        "server {name}: replica {} now answers as {identity} (was {was}); the sessions opened on it are ended",
-                        ep.url
-                    );
-                } else if first {
-                    tracing::info!(target: "mcp_guard::upstream", "server {name}: replica {} answers as {identity}", ep.url);
-                }
-                if back {
-                    tracing::info!(target: "mcp_guard::upstream", "server {name}: replica {} healthy again", ep.url);
-                }
+        return;
+    }
+    match probe_initialize(ep, &server.settings.headers) {
+        Ok(identity) => {
+            let first = state.identity().is_none();
+            let (back, was) = state.checked_ok(identity.clone());
+            if let Some(was) = was {
+                tracing::warn!(
+                    target: "mcp_guard::upstream",
+                    "server {name}: replica {} now answers as {identity} (was {was}); the sessions opened on it are ended",
+                    ep.url
+                );
+            } else if first {
+                tracing::info!(target: "mcp_guard::upstream", "server {name}: replica {} answers as {identity}", ep.url);
             }
-            Err(why) => {
-                if state.failed() {
-                    tracing::warn!(target: "mcp_guard::upstream", "server {name}: replica {} ejected: {why}", ep.url);
-                } else {
-                    tracing::debug!(target: "mcp_guard::upstream", "server {name}: replica {} failed its check: {why}", ep.url);
-                }
+            if back {
+                tracing::info!(target: "mcp_guard::upstream", "server {name}: replica {} healthy again", ep.url);
+            }
+        }
+        Err(why) => {
+            if state.failed() {
+                tracing::warn!(target: "mcp_guard::upstream", "server {name}: replica {} ejected: {why}", ep.url);
+            } else {
+                tracing::debug!(target: "mcp_guard::upstream", "server {name}: replica {} failed its check: {why}", ep.url);
             }
         }
     }
