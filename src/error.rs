@@ -209,7 +209,7 @@ impl GatewayError {
             Overloaded => "Too many request bodies in flight; retry later".into(),
             NotFound => "Not found".into(),
             PathNotNormal => {
-                "Bad request: the path is not in normal form (no `//`, `.`, `..`, `%` or `\\`)"
+                "Bad request: the path is not in normal form (no `//`, `.`, `..`, `%`, `;` or `\\`)"
                     .into()
             }
             ServerForbidden(name) => format!("Server '{name}' is not permitted for this caller"),

@@ -376,19 +376,17 @@ fn health(w: &Worker, head: &RequestHead, path: &str) -> Reply {
     if head.method != Method::Get {
         return Reply::error(&GatewayError::MethodNotAllowed("GET"), None, M_NONE);
     }
+    // The main port answers anyone: the verdict only. Which servers, replicas and versions
+    // stand behind it is the admin port's to tell.
     let shared = &w.shared;
-    let (status, body) = match path {
-        "/live" => (200, b"{\"status\":\"alive\"}".to_vec()),
-        "/ready" => {
-            let (status, body) = shared.readiness();
-            (status, body.into_bytes())
-        }
-        _ => {
-            let (status, body) = shared.health();
-            (status, body.into_bytes())
-        }
+    let (status, body): (u16, &[u8]) = match path {
+        "/live" => (200, b"{\"status\":\"alive\"}"),
+        "/ready" if shared.is_ready() => (200, b"{\"status\":\"ready\"}"),
+        "/ready" => (503, b"{\"status\":\"not ready\"}"),
+        _ if shared.upstream_has_answered() => (200, b"{\"status\":\"ok\"}"),
+        _ => (503, b"{\"status\":\"starting\"}"),
     };
-    Reply::json(status, body, M_NONE)
+    Reply::json(status, body.to_vec(), M_NONE)
 }
 
 type Early = (GatewayError, Option<RpcId>, usize);
@@ -650,8 +648,18 @@ async fn post(cx: &Ctx<'_>, raw: &[u8], audit: &mut AuditInfo) -> Result<Reply, 
             None,
         )));
     }
-    if let Body::Single(m) = &body {
-        transport::check_method_headers(head, m).map_err(fail)?;
+    match &body {
+        Body::Single(m) => transport::check_method_headers(head, m).map_err(fail)?,
+        // The headers describe one message: on a batch nothing could check them, and an
+        // upstream routing on them would trust what no one decided.
+        Body::Batch(_) if head.h.mcp_method.is_some() || head.h.mcp_name.is_some() => {
+            return Err(fail(GatewayError::InvalidRequest(
+                "Mcp-Method and Mcp-Name describe a single message; a batch must not carry them"
+                    .into(),
+                None,
+            )));
+        }
+        Body::Batch(_) => {}
     }
     if cfg.server.strict_tool_names {
         for m in body.messages() {

@@ -367,3 +367,97 @@ fn tool_entries_can_name_a_server() {
         "{err}"
     );
 }
+
+#[test]
+fn the_public_port_tells_health_without_the_setup_and_refuses_path_parameters() {
+    let g = Gateway::start(&config(&stdio_server(
+        "alpha",
+        "path_prefix = \"/a\"\nstrip_prefix = true",
+    )));
+    for path in ["/ready", "/health"] {
+        let r = request(
+            g.addr,
+            &format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"),
+        );
+        let text = r.text();
+        assert!(
+            !text.contains("alpha") && !text.contains("upstreams"),
+            "{path}: {text}"
+        );
+        assert!(r.json()["status"].is_string(), "{text}");
+    }
+    // The admin port has the details.
+    assert!(g.admin_get("/ready").text().contains("alpha"));
+    // `..;` is `..` to some servers: a path parameter is not normal form.
+    assert_eq!(
+        post_at(&g, "/a/..;/..;/admin", ALICE, INIT, None).status,
+        400
+    );
+}
+
+#[test]
+fn mcp_method_and_name_headers_are_refused_on_a_batch() {
+    let g = Gateway::start(&config(""));
+    let (_, sid) = init_at(&g, "/mcp", ALICE);
+    let batch = format!("[{}]", call(5, "echo", r#"{"text":"x"}"#));
+    let r = request(
+        g.addr,
+        &format!(
+            "POST /mcp HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {ALICE}\r\nMCP-Protocol-Version: 2025-03-26\r\nMcp-Name: admin_wipe\r\nContent-Type: application/json\r\nAccept: {ACCEPT_BOTH}\r\nMcp-Session-Id: {sid}\r\nContent-Length: {}\r\n\r\n{batch}",
+            batch.len()
+        ),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(
+        r.text().contains("a batch must not carry them"),
+        "{}",
+        r.text()
+    );
+}
+
+#[test]
+fn narrowing_allowed_servers_ends_an_open_get_stream_there() {
+    // dora may reach alpha; a reload takes it away while her GET stream at alpha is open.
+    let dora = "dora-key-0123456789";
+    let entry = |servers: &str| {
+        format!(
+            "[[auth.api_keys]]\nid = \"dora\"\nkey_hash = \"{}\"\nallowed_servers = [{servers}]\n",
+            hash_key(dora)
+        )
+    };
+    let servers = stdio_server("alpha", "");
+    let g = Gateway::start(&format!("{}{}", config(&servers), entry("\"alpha\"")));
+    let (_, sid) = init_at(&g, "/mcp/alpha", dora);
+    let (_, alice_sid) = init_at(&g, "/mcp/alpha", ALICE);
+    let mut stream = std::net::TcpStream::connect(g.addr).unwrap();
+    std::io::Write::write_all(
+        &mut stream,
+        format!(
+            "GET /mcp/alpha HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {dora}\r\nAccept: text/event-stream\r\nMcp-Session-Id: {sid}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut head = [0u8; 512];
+    let n = std::io::Read::read(&mut stream, &mut head).unwrap();
+    assert!(String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 200"));
+    g.rewrite_config(&format!("{}{}", config(&servers), entry("\"default\"")));
+    g.signal(libc::SIGHUP);
+    assert!(g.wait_log("configuration reloaded", Duration::from_secs(5)));
+    // A notification for every session of alpha's child: dora's stream ends instead.
+    let r = post_at(
+        &g,
+        "/mcp/alpha",
+        ALICE,
+        &call(3, "notify", "{}"),
+        Some(&alice_sid),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let mut rest = Vec::new();
+    let read = std::io::Read::read_to_end(&mut stream, &mut rest);
+    assert!(read.is_ok(), "stream did not end: {read:?}");
+    assert!(!String::from_utf8_lossy(&rest).contains("list_changed"));
+}

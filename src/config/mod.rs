@@ -978,11 +978,12 @@ fn shown_url(url: &str) -> String {
 }
 
 /// An absolute path with nothing to normalise: no empty, `.` or `..` segment, no percent
-/// escapes or backslashes, no trailing slash. Routing compares such paths byte for byte, so a
+/// escapes, backslashes or `;` (path parameters: `..;` is `..` to some servers), no trailing
+/// slash. Routing compares such paths byte for byte, so a
 /// spelling that a server would normalise differently cannot select another route.
 pub fn is_normal_path(p: &str) -> bool {
     p.starts_with('/')
-        && !p.contains(['%', '\\'])
+        && !p.contains(['%', '\\', ';'])
         && (p == "/"
             || p[1..]
                 .split('/')

@@ -523,8 +523,19 @@ impl StreamAuth<'_> {
                 .ok()
                 .map(|c| c.identity.id.clone())
         };
+        // Now: the same caller, and still allowed on this path's server.
+        let path = self.head.path();
+        let still = now
+            .auth
+            .authenticate(self.head, peer.ip())
+            .ok()
+            .filter(|c| {
+                now.route_for(path)
+                    .is_some_and(|(i, _)| c.identity.policy.may_reach(&now.routes[i].name))
+            })
+            .map(|c| c.identity.id.clone());
         let before = id(&self.opened_with.borrow());
-        let same = before.is_some() && before == id(&now);
+        let same = before.is_some() && before == still;
         if same {
             *self.opened_with.borrow_mut() = now;
         }

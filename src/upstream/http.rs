@@ -39,14 +39,17 @@ pub async fn exchange(
     if let Some(s) = &session {
         headers.push(("mcp-session-id", s));
     }
+    // Mcp-Method and Mcp-Name were checked against the body of a POST; on GET and DELETE
+    // there is no body to check them against, so they are not forwarded.
+    let post = method == "POST";
     for (name, v) in [
-        ("mcp-protocol-version", &h.protocol_version),
-        ("mcp-method", &h.mcp_method),
-        ("mcp-name", &h.mcp_name),
-        ("last-event-id", &h.last_event_id),
-        ("traceparent", &h.traceparent),
-        ("tracestate", &h.tracestate),
-        ("user-agent", &h.user_agent),
+        ("mcp-protocol-version", h.protocol_version.as_ref()),
+        ("mcp-method", h.mcp_method.as_ref().filter(|_| post)),
+        ("mcp-name", h.mcp_name.as_ref().filter(|_| post)),
+        ("last-event-id", h.last_event_id.as_ref()),
+        ("traceparent", h.traceparent.as_ref()),
+        ("tracestate", h.tracestate.as_ref()),
+        ("user-agent", h.user_agent.as_ref()),
     ] {
         if let Some(v) = v {
             headers.push((name, v));
