@@ -461,3 +461,24 @@ fn narrowing_allowed_servers_ends_an_open_get_stream_there() {
     assert!(read.is_ok(), "stream did not end: {read:?}");
     assert!(!String::from_utf8_lossy(&rest).contains("list_changed"));
 }
+
+#[test]
+fn a_reload_pointing_a_server_elsewhere_ends_its_sessions() {
+    let first = DemoHttp::start(&["--name", "first"]);
+    let second = DemoHttp::start(&["--name", "second"]);
+    let server = |addr: std::net::SocketAddr| {
+        format!(
+            "[[upstream.servers]]\nname = \"web\"\ntransport = \"http\"\nurl = \"http://{addr}/mcp\"\n"
+        )
+    };
+    let g = Gateway::start(&config(&server(first.addr)));
+    let (name, sid) = init_at(&g, "/mcp/web", ALICE);
+    assert_eq!(name, "first");
+    g.rewrite_config(&config(&server(second.addr)));
+    g.signal(libc::SIGHUP);
+    assert!(g.wait_log("configuration reloaded", Duration::from_secs(5)));
+    // The first server's session id is never handed to the second.
+    let ping = r#"{"jsonrpc":"2.0","id":9,"method":"ping"}"#;
+    assert_eq!(post_at(&g, "/mcp/web", ALICE, ping, Some(&sid)).status, 404);
+    assert_eq!(init_at(&g, "/mcp/web", ALICE).0, "second");
+}

@@ -266,11 +266,13 @@ impl HttpServer {
         session: Option<&'p [u8]>,
     ) -> Result<Target<'p>, GatewayError> {
         let Some(policy) = self.settings.balance else {
-            // A NUL-led payload was pinned while this route was balanced: that replica set is
-            // gone, and a NUL must never reach a header.
-            if session.is_some_and(|s| s.first() == Some(&PINNED)) {
-                return Err(GatewayError::UnknownSession);
-            }
+            // A single endpoint pins its sessions too: the tag is a digest of its URL, so a
+            // reload pointing the server elsewhere ends them (404) instead of handing one
+            // server's session id to another.
+            let session = match session {
+                Some(payload) => Some(self.unpin(payload)?.2),
+                None => None,
+            };
             return Ok(Target {
                 replica: 0,
                 session,
@@ -323,9 +325,6 @@ impl HttpServer {
 
     /// The session payload for the upstream's session id `sid`, opened at `target`.
     pub fn pin(&self, target: &Target<'_>, sid: &[u8]) -> Vec<u8> {
-        if !self.is_balanced() {
-            return sid.to_vec();
-        }
         let mut p = Vec::with_capacity(PIN_LEN + sid.len());
         p.push(PINNED);
         p.extend_from_slice(&self.replicas[target.replica].tag);
@@ -541,18 +540,28 @@ mod tests {
             other.target(&name, Some(&payload)).unwrap_err(),
             GatewayError::UnknownSession
         );
-        // A raw id at a balanced server, a pinned one at a single endpoint: unknown.
+        // A raw id: unknown, balanced or not.
         assert_eq!(
             ab.target(&name, Some(b"raw-upstream-id")).unwrap_err(),
             GatewayError::UnknownSession
         );
         let single = server(&["http://a/mcp"], None);
         assert_eq!(
-            single.target(&name, Some(&payload)).unwrap_err(),
+            single.target(&name, Some(b"raw")).unwrap_err(),
             GatewayError::UnknownSession
         );
-        let t = single.target(&name, Some(b"raw")).unwrap();
-        assert_eq!(single.pin(&t, b"raw"), b"raw");
+        // A single endpoint pins too: its sessions end when the URL changes.
+        let t = single.target(&name, None).unwrap();
+        let pinned = single.pin(&t, b"sid");
+        assert_eq!(
+            single.target(&name, Some(&pinned)).unwrap().session,
+            Some(&b"sid"[..])
+        );
+        let elsewhere = server(&["http://c/mcp"], None);
+        assert_eq!(
+            elsewhere.target(&name, Some(&pinned)).unwrap_err(),
+            GatewayError::UnknownSession
+        );
     }
 
     #[test]
