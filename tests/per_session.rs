@@ -178,3 +178,21 @@ fn children_inherit_no_descriptor_of_the_gateway() {
         drop(idle);
     }
 }
+
+#[test]
+fn a_session_with_a_request_in_flight_is_not_idle() {
+    let g = Gateway::start(&config(4, 1));
+    let sid = init(&g, KEYS[0].1).unwrap();
+    // The call outlasts session_idle_secs twice over; the reaper must leave its child alone.
+    let r = post(
+        &g,
+        KEYS[0].1,
+        &call(2, "sleep", r#"{"ms":2500}"#),
+        Some(&sid),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        rpc_result(&r)["result"]["content"][0]["text"],
+        "slept 2500ms"
+    );
+}

@@ -27,6 +27,17 @@ struct Entry {
     hub: Arc<StdioHub>,
     identity: Arc<str>,
     last_used: Instant,
+    /// Requests of the session in flight: a session is not idle while one runs.
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Counts a request of a session in flight until dropped.
+struct Busy(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Children per session, and the places reserved for children being started.
@@ -116,8 +127,8 @@ impl StdioPool {
         self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The child of a session, marked used now.
-    fn session_hub(&self, key: &[u8]) -> Result<Arc<StdioHub>, GatewayError> {
+    /// The child of a session, marked used now and busy until the guard is dropped.
+    fn session_hub(&self, key: &[u8]) -> Result<(Arc<StdioHub>, Busy), GatewayError> {
         let key: SessionKey = key.try_into().map_err(|_| GatewayError::UnknownSession)?;
         let mut table = self.table();
         let entry = table
@@ -125,7 +136,8 @@ impl StdioPool {
             .get_mut(&key)
             .ok_or(GatewayError::UnknownSession)?;
         entry.last_used = Instant::now();
-        Ok(entry.hub.clone())
+        entry.in_flight.fetch_add(1, Ordering::Relaxed);
+        Ok((entry.hub.clone(), Busy(entry.in_flight.clone())))
     }
 
     /// Posts a message: an initialize starts a child for the new session; anything else goes
@@ -137,7 +149,10 @@ impl StdioPool {
         raw: &[u8],
     ) -> Result<Exchange, GatewayError> {
         if let Some(key) = out.session {
-            return self.session_hub(key)?.post(out, body, raw).await;
+            let (hub, _busy) = self.session_hub(key)?;
+            let answer = hub.post(out, body, raw).await;
+            self.touch(key);
+            return answer;
         }
         let is_initialize = matches!(body, Body::Single(m) if m.kind == Kind::Request && m.method_str() == "initialize");
         if !is_initialize {
@@ -170,6 +185,7 @@ impl StdioPool {
                                 hub,
                                 identity,
                                 last_used: Instant::now(),
+                                in_flight: Arc::default(),
                             },
                         );
                         self.count(1);
@@ -228,14 +244,16 @@ impl StdioPool {
     /// The session's server-to-client stream.
     pub async fn stream(&self, out: &Outgoing<'_>) -> Result<Exchange, GatewayError> {
         let key = out.session.ok_or(GatewayError::MissingSession)?;
-        self.session_hub(key)?.stream(out).await
+        let (hub, _busy) = self.session_hub(key)?;
+        hub.stream(out).await
     }
 
     /// Ends the session and stops its child.
     pub async fn end(&self, out: &Outgoing<'_>) -> Result<Exchange, GatewayError> {
         let key = out.session.ok_or(GatewayError::MissingSession)?;
-        let hub = self.session_hub(key)?;
+        let (hub, busy) = self.session_hub(key)?;
         let exchange = hub.end(out).await?;
+        drop(busy);
         if let Ok(key) = SessionKey::try_from(key) {
             let mut table = self.table();
             if let Some(entry) = table.sessions.remove(&key) {
@@ -255,7 +273,10 @@ impl StdioPool {
         let idle: Vec<SessionKey> = table
             .sessions
             .iter()
-            .filter(|(_, e)| now.saturating_duration_since(e.last_used) >= self.limits.idle)
+            .filter(|(_, e)| {
+                e.in_flight.load(Ordering::Relaxed) == 0
+                    && now.saturating_duration_since(e.last_used) >= self.limits.idle
+            })
             .map(|(k, _)| *k)
             .collect();
         for key in &idle {
@@ -265,6 +286,15 @@ impl StdioPool {
             }
         }
         idle.len()
+    }
+
+    /// Marks a session used now (a long request's end counts as use).
+    fn touch(&self, key: &[u8]) {
+        if let Ok(key) = SessionKey::try_from(key)
+            && let Some(entry) = self.table().sessions.get_mut(&key)
+        {
+            entry.last_used = Instant::now();
+        }
     }
 
     /// Every child, for shutdown.

@@ -177,7 +177,7 @@ impl StdioHub {
         match self.inbox.try_send(cmd) {
             Ok(()) => Ok(()),
             Err(TrySendError::Full(_)) => Err(GatewayError::UpstreamBusy),
-            Err(TrySendError::Disconnected(_)) => Err(GatewayError::ShuttingDown),
+            Err(TrySendError::Disconnected(_)) => Err(stopped()),
         }
     }
 
@@ -339,7 +339,7 @@ impl StdioHub {
                     let _ = inbox.try_send(Command_::Cancel { hub_id });
                     GatewayError::UpstreamTimeout.body(id.as_ref())
                 }
-                _ => GatewayError::ShuttingDown.body(id.as_ref()),
+                _ => stopped().body(id.as_ref()),
             };
             let _ = events.send(last).await;
         });
@@ -362,7 +362,7 @@ impl StdioHub {
                     self.cancel(hub_id);
                     Err(GatewayError::UpstreamTimeout)
                 }
-                Ok(Err(_)) => Err(GatewayError::ShuttingDown),
+                Ok(Err(_)) => Err(stopped()),
                 Ok(Ok(HubReply::Response(b, s))) => Ok((Some(b), s)),
                 Ok(Ok(HubReply::Error(e))) => Err(e),
                 Ok(Ok(_)) => Err(GatewayError::UpstreamUnavailable(
@@ -375,7 +375,7 @@ impl StdioHub {
             match rx.recv().await {
                 Ok(HubReply::Accepted) => Ok((None, None)),
                 Ok(HubReply::Error(e)) => Err(e),
-                _ => Err(GatewayError::ShuttingDown),
+                _ => Err(stopped()),
             }
         }
     }
@@ -386,7 +386,7 @@ impl StdioHub {
         match self.open_stream(key)?.recv().await {
             Ok(HubReply::Stream(events)) => Ok(Exchange::of(Answer::Events(events))),
             Ok(HubReply::Error(e)) => Err(e),
-            _ => Err(GatewayError::ShuttingDown),
+            _ => Err(stopped()),
         }
     }
 
@@ -396,9 +396,15 @@ impl StdioHub {
         match self.delete(key)?.recv().await {
             Ok(HubReply::Deleted) => Ok(Exchange::of(Answer::Ended)),
             Ok(HubReply::Error(e)) => Err(e),
-            _ => Err(GatewayError::ShuttingDown),
+            _ => Err(stopped()),
         }
     }
+}
+
+/// The hub went away under a request: the gateway is shutting down, or this upstream (a
+/// replaced one, a per-session child ended idle or by DELETE) was stopped.
+fn stopped() -> GatewayError {
+    GatewayError::UpstreamUnavailable("the upstream process was stopped".into())
 }
 
 /// Whether a request's `params._meta` carries a `progressToken` (parsed only when the bytes
