@@ -247,9 +247,9 @@ struct Ctx<'r> {
     route: usize,
     /// The path's remainder below the route's endpoint (empty for the endpoint itself).
     rest: &'r str,
-    /// What the session ids of this request are bound to: the identity, and for a routed
-    /// server its name too, so an id minted for one server is unknown at another.
-    session_binding: std::borrow::Cow<'r, str>,
+    /// The server session ids of this request are bound to besides the identity (empty for
+    /// the default upstream), so an id minted for one server is unknown at another.
+    session_route: &'r str,
 }
 
 impl Ctx<'_> {
@@ -283,7 +283,7 @@ impl Ctx<'_> {
             }
             Some(sid) => self
                 .w
-                .verify_session(&self.session_binding, sid)
+                .verify_session(&self.caller.identity.id, self.session_route, sid)
                 .map(Some)
                 .ok_or(GatewayError::UnknownSession),
             None => Ok(None),
@@ -308,10 +308,10 @@ pub async fn handle(
         mut audit,
     } = admitted;
     let name = &cfg.routes[route].name;
-    let session_binding = if &**name == crate::config::DEFAULT_ROUTE {
-        std::borrow::Cow::Borrowed(&*caller.identity.id)
+    let session_route = if &**name == crate::config::DEFAULT_ROUTE {
+        ""
     } else {
-        std::borrow::Cow::Owned(format!("{}\0{name}", caller.identity.id))
+        &**name
     };
     let cx = Ctx {
         w,
@@ -323,7 +323,7 @@ pub async fn handle(
         policy: crate::authz::policy_on(&caller.identity.policy, name),
         route,
         rest: head.path().get(rest_at..).unwrap_or_default(),
-        session_binding,
+        session_route,
     };
     let outcome = match head.method {
         Method::Post => post(&cx, body, &mut audit).await,
@@ -785,7 +785,9 @@ async fn deliver(
     if let Some(s) = exchange.session {
         reply.headers.push((
             "mcp-session-id",
-            w.shared.sessions.encode(&cx.session_binding, &s),
+            w.shared
+                .sessions
+                .encode_for(&cx.caller.identity.id, cx.session_route, &s),
         ));
     }
     Ok(reply)

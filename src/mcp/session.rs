@@ -37,17 +37,27 @@ impl SessionCodec {
         }
     }
 
-    fn tag(&self, binding: &str, payload: &[u8]) -> hmac::Tag {
-        let mut ctx = hmac::Context::with_key(&self.key);
-        ctx.update(&(binding.len() as u64).to_be_bytes());
-        ctx.update(binding.as_bytes());
-        ctx.update(payload);
-        ctx.sign()
+    /// What the MAC covers: each binding part length-prefixed (so no two different pairs read
+    /// the same), then the payload.
+    fn mac_input(identity: &str, route: &str, payload: &[u8]) -> Vec<u8> {
+        let mut input = Vec::with_capacity(16 + identity.len() + route.len() + payload.len());
+        for part in [identity, route] {
+            input.extend_from_slice(&(part.len() as u64).to_be_bytes());
+            input.extend_from_slice(part.as_bytes());
+        }
+        input.extend_from_slice(payload);
+        input
     }
 
     /// The client-facing id for `payload`, bound to `binding`.
     pub fn encode(&self, binding: &str, payload: &[u8]) -> String {
-        let tag = self.tag(binding, payload);
+        self.encode_for(binding, "", payload)
+    }
+
+    /// The client-facing id for `payload`, bound to `identity` and the server `route` (empty
+    /// for the default upstream): an id minted at one server is unknown at another.
+    pub fn encode_for(&self, identity: &str, route: &str, payload: &[u8]) -> String {
+        let tag = hmac::sign(&self.key, &Self::mac_input(identity, route, payload));
         let mut s = B64.encode(payload);
         s.push('.');
         s.push_str(&B64.encode(tag.as_ref()));
@@ -56,18 +66,19 @@ impl SessionCodec {
 
     /// The payload of a client-presented id, if it is one of ours for `binding`.
     pub fn decode(&self, binding: &str, id: &str) -> Option<Vec<u8>> {
+        self.decode_for(binding, "", id)
+    }
+
+    /// The payload of a client-presented id, if it is one of ours for `identity` at `route`.
+    pub fn decode_for(&self, identity: &str, route: &str, id: &str) -> Option<Vec<u8>> {
         if id.len() > MAX_SESSION_ID_LEN {
             return None;
         }
         let (p, t) = id.split_once('.')?;
         let payload = B64.decode(p).ok()?;
         let tag = B64.decode(t).ok()?;
-        let mut ctx_input = Vec::with_capacity(8 + binding.len() + payload.len());
-        ctx_input.extend_from_slice(&(binding.len() as u64).to_be_bytes());
-        ctx_input.extend_from_slice(binding.as_bytes());
-        ctx_input.extend_from_slice(&payload);
         // Constant-time comparison inside ring.
-        hmac::verify(&self.key, &ctx_input, &tag).ok()?;
+        hmac::verify(&self.key, &Self::mac_input(identity, route, &payload), &tag).ok()?;
         Some(payload)
     }
 }

@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 /// Verified session ids cached per worker (cleared when full).
 const VERIFIED_SESSIONS: usize = 4096;
 
-/// Session id → (binding it was verified for, payload).
-type VerifiedSessions = std::collections::HashMap<String, (Arc<str>, Vec<u8>)>;
+/// Session id → (identity and route it was verified for, payload).
+type VerifiedSessions = std::collections::HashMap<String, (Arc<str>, Arc<str>, Vec<u8>)>;
 
 /// Session ids a client ended with DELETE. An id stays verifiable under its MAC after the
 /// session ends (the gateway keeps no session table for HTTP upstreams), so ended ids are
@@ -255,18 +255,22 @@ impl Worker {
     }
 
     /// The payload of a client-presented session id bound to `binding`, if it is valid.
-    pub fn verify_session(&self, binding: &str, sid: &str) -> Option<Vec<u8>> {
-        if let Some((b, payload)) = self.verified_sessions.borrow().get(sid)
-            && &**b == binding
+    pub fn verify_session(&self, identity: &str, route: &str, sid: &str) -> Option<Vec<u8>> {
+        if let Some((i, r, payload)) = self.verified_sessions.borrow().get(sid)
+            && &**i == identity
+            && &**r == route
         {
             return Some(payload.clone());
         }
-        let payload = self.shared.sessions.decode(binding, sid)?;
+        let payload = self.shared.sessions.decode_for(identity, route, sid)?;
         let mut cache = self.verified_sessions.borrow_mut();
         if cache.len() >= VERIFIED_SESSIONS {
             cache.clear();
         }
-        cache.insert(sid.to_string(), (Arc::from(binding), payload.clone()));
+        cache.insert(
+            sid.to_string(),
+            (Arc::from(identity), Arc::from(route), payload.clone()),
+        );
         Some(payload)
     }
 
