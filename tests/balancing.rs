@@ -22,27 +22,15 @@ fn config(urls: &[String], policy: &str, timeout_secs: u64) -> String {
     )
 }
 
+const VERSION: &str = "MCP-Protocol-Version: 2025-11-25\r\n";
+
 fn post(g: &Gateway, body: &str, sid: Option<&str>) -> Response {
-    let sid = sid.map_or(String::new(), |s| format!("Mcp-Session-Id: {s}\r\n"));
-    request(
-        g.addr,
-        &format!(
-            "POST /mcp/web HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nAccept: {ACCEPT_BOTH}\r\nMCP-Protocol-Version: 2025-11-25\r\n{sid}Content-Length: {}\r\n\r\n{body}",
-            body.len()
-        ),
-    )
+    request(g.addr, &mcp_post_raw_at("/mcp/web", body, sid, VERSION))
 }
 
 /// Initializes a session at `web`; returns (the replica's serverInfo name, session id).
 fn init(g: &Gateway) -> (String, String) {
-    let r = post(g, INIT, None);
-    assert_eq!(r.status, 200, "initialize: {}", r.text());
-    let name = rpc_result(&r)["result"]["serverInfo"]["name"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    let sid = r.header("mcp-session-id").expect("a session").to_string();
-    (name, sid)
+    initialize_at(g.addr, "/mcp/web", VERSION)
 }
 
 fn ping(g: &Gateway, sid: &str) -> Response {

@@ -34,14 +34,7 @@ fn post(g: &Gateway, key: &str, body: &str, sid: Option<&str>) -> Response {
 }
 
 fn mcp_post_as(addr: std::net::SocketAddr, key: &str, body: &str, sid: Option<&str>) -> Response {
-    let sid = sid.map_or(String::new(), |s| format!("Mcp-Session-Id: {s}\r\n"));
-    request(
-        addr,
-        &format!(
-            "POST /mcp HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nAccept: {ACCEPT_BOTH}\r\n{sid}Content-Length: {}\r\n\r\n{body}",
-            body.len()
-        ),
-    )
+    request(addr, &mcp_post_raw(body, sid, &bearer(key)))
 }
 
 fn init(g: &Gateway, key: &str) -> Result<String, Response> {

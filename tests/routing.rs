@@ -30,26 +30,12 @@ fn config(servers: &str) -> String {
 }
 
 fn post_at(g: &Gateway, path: &str, key: &str, body: &str, sid: Option<&str>) -> Response {
-    let sid = sid.map_or(String::new(), |s| format!("Mcp-Session-Id: {s}\r\n"));
-    request(
-        g.addr,
-        &format!(
-            "POST {path} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nAccept: {ACCEPT_BOTH}\r\n{sid}Content-Length: {}\r\n\r\n{body}",
-            body.len()
-        ),
-    )
+    request(g.addr, &mcp_post_raw_at(path, body, sid, &bearer(key)))
 }
 
 /// Initializes at `path`; returns (serverInfo name, session id).
 fn init_at(g: &Gateway, path: &str, key: &str) -> (String, String) {
-    let r = post_at(g, path, key, INIT, None);
-    assert_eq!(r.status, 200, "initialize at {path}: {}", r.text());
-    let name = rpc_result(&r)["result"]["serverInfo"]["name"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    let sid = r.header("mcp-session-id").expect("a session").to_string();
-    (name, sid)
+    initialize_at(g.addr, path, &bearer(key))
 }
 
 fn get_routes(g: &Gateway, key: &str) -> Response {

@@ -374,11 +374,33 @@ pub fn read_response(s: &mut TcpStream) -> Option<Response> {
 
 /// Builds a POST to /mcp with the MCP headers; `extra` is raw header lines.
 pub fn mcp_post_raw(body: &str, session: Option<&str>, extra: &str) -> String {
+    mcp_post_raw_at("/mcp", body, session, extra)
+}
+
+/// As [`mcp_post_raw`], to `path` (a routed server's endpoint).
+pub fn mcp_post_raw_at(path: &str, body: &str, session: Option<&str>, extra: &str) -> String {
     let sid = session.map_or(String::new(), |s| format!("Mcp-Session-Id: {s}\r\n"));
     format!(
-        "POST /mcp HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nAccept: {ACCEPT_BOTH}\r\n{sid}{extra}Content-Length: {}\r\n\r\n{body}",
+        "POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nAccept: {ACCEPT_BOTH}\r\n{sid}{extra}Content-Length: {}\r\n\r\n{body}",
         body.len()
     )
+}
+
+/// The header line carrying an API key.
+pub fn bearer(key: &str) -> String {
+    format!("Authorization: Bearer {key}\r\n")
+}
+
+/// Initializes at `path` with `extra` header lines; returns (serverInfo name, session id).
+pub fn initialize_at(addr: SocketAddr, path: &str, extra: &str) -> (String, String) {
+    let r = request(addr, &mcp_post_raw_at(path, INIT, None, extra));
+    assert_eq!(r.status, 200, "initialize at {path}: {}", r.text());
+    let name = rpc_result(&r)["result"]["serverInfo"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let sid = r.header("mcp-session-id").expect("a session").to_string();
+    (name, sid)
 }
 
 /// A raw POST of `ping` with the given id, in session `sid`.
