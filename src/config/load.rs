@@ -503,21 +503,7 @@ fn interpolate(
             };
             let start = out.len();
             match state {
-                State::Basic | State::MultiBasic => {
-                    for ch in value.chars() {
-                        match ch {
-                            '"' => out.push_str("\\\""),
-                            '\\' => out.push_str("\\\\"),
-                            '\n' => out.push_str("\\n"),
-                            '\r' => out.push_str("\\r"),
-                            '\t' => out.push_str("\\t"),
-                            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
-                                out.push_str(&format!("\\u{:04X}", c as u32))
-                            }
-                            c => out.push(c),
-                        }
-                    }
-                }
+                State::Basic | State::MultiBasic => push_toml_basic(&mut out, &value),
                 _ => {
                     if value.contains('\'') || value.contains('\n') {
                         return Err(ConfigError {
@@ -541,6 +527,29 @@ fn interpolate(
         i += ch_len;
     }
     Ok((out, from_env))
+}
+
+/// Appends `s` escaped for the inside of a TOML basic string: quotes, backslashes and control
+/// characters escaped, and `$` written as `\u0024` so that a `${NAME}` in the text stays text
+/// (the loader expands references in the raw file, before TOML unescapes it). Used for
+/// environment values substituted into the file and for every string `init` and `keygen`
+/// write.
+pub fn push_toml_basic(out: &mut String, s: &str) {
+    use std::fmt::Write as _;
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '$' => out.push_str("\\u0024"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{:04X}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
 }
 
 /// Whether the single-line string opening at byte `at` is a key: followed by `=` or `.` (a
