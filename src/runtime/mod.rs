@@ -64,12 +64,7 @@ pub fn refuse_taken_port(addr: SocketAddr) -> Result<(), String> {
         return Ok(());
     }
     let probe = || -> std::io::Result<()> {
-        let sock = socket2::Socket::new(
-            socket2::Domain::for_address(addr),
-            socket2::Type::STREAM,
-            Some(socket2::Protocol::TCP),
-        )?;
-        sock.set_reuse_address(true)?;
+        let sock = tcp_socket(addr)?;
         // Dropped on return, never listening: the real listeners bind right after.
         sock.bind(&addr.into())
     };
@@ -85,6 +80,18 @@ pub fn refuse_taken_port(addr: SocketAddr) -> Result<(), String> {
     }
 }
 
+/// A TCP socket for `addr` with SO_REUSEADDR (so a restart is not blocked by connections of
+/// the previous run in TIME_WAIT).
+fn tcp_socket(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    sock.set_reuse_address(true)?;
+    Ok(sock)
+}
+
 /// Binds one SO_REUSEPORT listener per worker on the same address (a requested port 0 is
 /// resolved by the first bind, and the rest join that port). Call [`refuse_taken_port`]
 /// first: SO_REUSEPORT alone does not notice another process on the port.
@@ -92,12 +99,7 @@ pub fn bind_listeners(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::ne
     let mut out = Vec::with_capacity(n);
     let mut addr = addr;
     for _ in 0..n {
-        let sock = socket2::Socket::new(
-            socket2::Domain::for_address(addr),
-            socket2::Type::STREAM,
-            Some(socket2::Protocol::TCP),
-        )?;
-        sock.set_reuse_address(true)?;
+        let sock = tcp_socket(addr)?;
         sock.set_reuse_port(true)?;
         sock.set_nonblocking(true)?;
         sock.bind(&addr.into())?;
