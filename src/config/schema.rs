@@ -354,7 +354,7 @@ pub struct UpstreamSection {
     /// 64, no two the same). A session stays on the replica that opened it: while that replica
     /// is ejected its requests get 503, and once it left `urls` (or answers as another server)
     /// the session is unknown (404) and the client initializes again; it never moves to another
-    /// replica. Each replica gets an MCP `initialize` every 2 s from the control thread (the
+    /// replica. Each replica gets an MCP `initialize` every 2 s from the health-check thread (the
     /// session it opens is deleted at once); 3 consecutive failures, of requests that cannot
     /// reach it or of these checks, eject it, and a good check brings it back. With every
     /// replica ejected, requests fail at once with 503 and a JSON-RPC error naming the server.
