@@ -6,6 +6,7 @@
 //! parsed is dropped rather than forwarded unchecked.
 
 use crate::authz::{Policy, Rule};
+use crate::http::sse::{SseSplitter, split_field, sse_lines};
 use crate::mcp::jsonrpc::folds_to;
 use serde::Deserialize;
 use serde::de::{MapAccess, Visitor};
@@ -285,15 +286,10 @@ pub fn filter_json(body: &[u8], rule: &Rule) -> Option<Vec<u8>> {
     }
 }
 
-/// The largest single SSE event buffered while filtering.
-const MAX_EVENT: usize = 16 * 1024 * 1024;
-
 /// An incremental SSE filter.
 pub struct SseFilter {
     policy: Arc<Policy>,
-    pending: Vec<u8>,
-    /// Whether the start of the stream (where a client strips a byte-order mark) is behind us.
-    started: bool,
+    splitter: SseSplitter,
 }
 
 impl SseFilter {
@@ -301,153 +297,75 @@ impl SseFilter {
     pub fn new(policy: Arc<Policy>) -> Self {
         Self {
             policy,
-            pending: Vec::new(),
-            started: false,
+            splitter: SseSplitter::default(),
         }
     }
 
     /// Feeds bytes; returns the complete events, filtered. Err when an event exceeds the cap.
     pub fn push(&mut self, data: &[u8]) -> Result<Vec<u8>, &'static str> {
-        self.pending.extend_from_slice(data);
-        if !self.started {
-            // SSE clients strip one UTF-8 byte-order mark at the start of the stream; so do
-            // we, or a `data:` line behind it would not be recognised (and not filtered).
-            const BOM: &[u8] = b"\xEF\xBB\xBF";
-            if self.pending.len() < BOM.len() && BOM.starts_with(&self.pending) {
-                return Ok(Vec::new());
-            }
-            if self.pending.starts_with(BOM) {
-                self.pending.drain(..BOM.len());
-            }
-            self.started = true;
-        }
-        let mut out = Vec::with_capacity(self.pending.len());
-        while let Some((len, consumed)) = find_event_end(&self.pending) {
-            let event: Vec<u8> = self.pending.drain(..consumed).collect();
-            self.emit(&event[..len], &mut out);
-        }
-        if self.pending.len() > MAX_EVENT {
-            return Err("SSE event too large to filter");
-        }
+        let mut out = Vec::with_capacity(data.len());
+        let Self { policy, splitter } = self;
+        splitter.push(data, |event| emit(policy, event, &mut out))?;
         Ok(out)
     }
 
-    /// Whatever is complete at the end of the stream: a final lone CR ends its line (no LF can
-    /// follow any more); an unterminated event is dropped, as a client would drop it.
+    /// Whatever is complete at the end of the stream (an unterminated event is dropped, as a
+    /// client would drop it).
     pub fn finish(&mut self) -> Vec<u8> {
         let mut out = Vec::new();
-        if self.pending.last() == Some(&b'\r') {
-            self.pending.push(b'\n');
-        }
-        while let Some((len, consumed)) = find_event_end(&self.pending) {
-            let event: Vec<u8> = self.pending.drain(..consumed).collect();
-            self.emit(&event[..len], &mut out);
-        }
-        self.pending.clear();
+        let Self { policy, splitter } = self;
+        splitter.finish(|event| emit(policy, event, &mut out));
         out
     }
+}
 
-    fn emit(&self, event: &[u8], out: &mut Vec<u8>) {
-        let text = String::from_utf8_lossy(event);
-        let mut data = String::new();
-        let mut other = Vec::new();
-        for line in sse_lines(&text) {
-            // Field names as the SSE specification parses them: up to the first colon, or the
-            // whole line (a value-less field).
-            let (field, value) = match line.split_once(':') {
-                Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
-                None => (line, ""),
-            };
-            match field {
-                "data" => {
-                    if !data.is_empty() {
-                        data.push('\n');
-                    }
-                    data.push_str(value);
+fn emit(policy: &Policy, event: &[u8], out: &mut Vec<u8>) {
+    let text = String::from_utf8_lossy(event);
+    let mut data = String::new();
+    let mut other = Vec::new();
+    for line in sse_lines(&text) {
+        // Field names as the SSE specification parses them: up to the first colon, or the
+        // whole line (a value-less field).
+        let (field, value) = split_field(line);
+        match field {
+            "data" => {
+                if !data.is_empty() {
+                    data.push('\n');
                 }
-                // Comments and the fields that carry no message are kept; anything else is
-                // dropped (clients ignore unknown fields, and only what was checked goes out).
-                "" | "event" | "id" | "retry" => other.push(line),
-                _ => {}
+                data.push_str(value);
+            }
+            // Comments and the fields that carry no message are kept; anything else is
+            // dropped (clients ignore unknown fields, and only what was checked goes out).
+            "" | "event" | "id" | "retry" => other.push(line),
+            _ => {}
+        }
+    }
+    if !data.is_empty() {
+        // One message or a batch array: every message in it carrying `result.tools` is
+        // filtered; anything that cannot be checked is dropped, never relayed.
+        match filter_json(data.as_bytes(), &policy.tools).map(String::from_utf8) {
+            Some(Ok(rewritten)) => data = rewritten,
+            _ => {
+                tracing::warn!(target: "mcp_guard::filter", "dropped an SSE event that cannot be checked for a tool list");
+                return;
             }
         }
-        if !data.is_empty() {
-            // One message or a batch array: every message in it carrying `result.tools` is
-            // filtered; anything that cannot be checked is dropped, never relayed.
-            match filter_json(data.as_bytes(), &self.policy.tools).map(String::from_utf8) {
-                Some(Ok(rewritten)) => data = rewritten,
-                _ => {
-                    tracing::warn!(target: "mcp_guard::filter", "dropped an SSE event that cannot be checked for a tool list");
-                    return;
-                }
-            }
-        }
-        // Lines are re-emitted with LF endings only, so what the client parses is exactly
-        // what was checked, whatever line endings the upstream used.
-        for l in other.iter().filter(|l| !l.is_empty()) {
-            out.extend_from_slice(l.as_bytes());
-            out.push(b'\n');
-        }
-        // Multi-line data stays multi-line: each line is its own `data:` field.
-        if !data.is_empty() {
-            for line in data.split('\n') {
-                out.extend_from_slice(b"data: ");
-                out.extend_from_slice(line.as_bytes());
-                out.push(b'\n');
-            }
-        }
+    }
+    // Lines are re-emitted with LF endings only, so what the client parses is exactly
+    // what was checked, whatever line endings the upstream used.
+    for l in other.iter().filter(|l| !l.is_empty()) {
+        out.extend_from_slice(l.as_bytes());
         out.push(b'\n');
     }
-}
-
-/// Splits SSE text into lines the way the SSE specification does: CRLF, lone CR and lone LF
-/// all end a line.
-fn sse_lines(text: &str) -> impl Iterator<Item = &str> {
-    let mut rest = text;
-    std::iter::from_fn(move || {
-        if rest.is_empty() {
-            return None;
+    // Multi-line data stays multi-line: each line is its own `data:` field.
+    if !data.is_empty() {
+        for line in data.split('\n') {
+            out.extend_from_slice(b"data: ");
+            out.extend_from_slice(line.as_bytes());
+            out.push(b'\n');
         }
-        match rest.find(['\r', '\n']) {
-            None => {
-                let line = rest;
-                rest = "";
-                Some(line)
-            }
-            Some(i) => {
-                let line = &rest[..i];
-                let skip = if rest[i..].starts_with("\r\n") { 2 } else { 1 };
-                rest = &rest[i + skip..];
-                Some(line)
-            }
-        }
-    })
-}
-
-/// The first complete event: (length of its text, bytes to consume including the blank line
-/// that ends it). Any of CRLF, CR and LF ends a line; a CR at the very end of the buffer waits
-/// for the next byte, since it may be the first half of a CRLF.
-fn find_event_end(b: &[u8]) -> Option<(usize, usize)> {
-    let mut at_line_start = true;
-    let mut i = 0;
-    while i < b.len() {
-        let term = match b[i] {
-            b'\r' if i + 1 == b.len() => return None,
-            b'\r' if b[i + 1] == b'\n' => 2,
-            b'\r' | b'\n' => 1,
-            _ => {
-                at_line_start = false;
-                i += 1;
-                continue;
-            }
-        };
-        if at_line_start {
-            return Some((i, i + term));
-        }
-        at_line_start = true;
-        i += term;
     }
-    None
+    out.push(b'\n');
 }
 
 #[cfg(test)]

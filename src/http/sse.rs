@@ -1,0 +1,248 @@
+//! Server-sent events on the wire: splitting a byte stream into events the way the SSE
+//! specification does (CRLF, CR and LF all end a line; a blank line ends an event; one leading
+//! byte-order mark is skipped), and decoding each event's `event`, `data` and `id` fields.
+//! The `tools/list` filter rewrites events with the same splitting; the legacy SSE front end
+//! and upstream read whole events with [`SseDecoder`].
+
+/// The largest single event buffered; a longer one ends the stream (a peer that never ends
+/// an event must not grow our memory without bound).
+pub const MAX_EVENT: usize = 16 * 1024 * 1024;
+
+const BOM: &[u8] = b"\xEF\xBB\xBF";
+
+/// One decoded event.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SseEvent {
+    /// The `event` field (`None`: the default type, `message`).
+    pub event: Option<String>,
+    /// The `data` lines joined with LF.
+    pub data: String,
+    /// The `id` field.
+    pub id: Option<String>,
+}
+
+impl SseEvent {
+    /// Whether this is a `message` event (named so, or unnamed).
+    pub fn is_message(&self) -> bool {
+        self.event.as_deref().is_none_or(|e| e == "message")
+    }
+}
+
+/// Splits a byte stream into complete events as bytes arrive.
+#[derive(Default)]
+pub struct SseSplitter {
+    pending: Vec<u8>,
+    /// Whether the start of the stream (where a byte-order mark is skipped) is behind us.
+    started: bool,
+}
+
+impl SseSplitter {
+    /// Feeds bytes; calls `each` with the text of every complete event (without its blank
+    /// line). Err when an unfinished event exceeds [`MAX_EVENT`].
+    pub fn push(&mut self, data: &[u8], mut each: impl FnMut(&[u8])) -> Result<(), &'static str> {
+        self.pending.extend_from_slice(data);
+        if !self.started {
+            // A byte-order mark may arrive split across reads: wait until it is whole.
+            if self.pending.len() < BOM.len() && BOM.starts_with(&self.pending) {
+                return Ok(());
+            }
+            if self.pending.starts_with(BOM) {
+                self.pending.drain(..BOM.len());
+            }
+            self.started = true;
+        }
+        let mut start = 0;
+        while let Some((len, consumed)) = find_event_end(&self.pending[start..]) {
+            each(&self.pending[start..start + len]);
+            start += consumed;
+        }
+        self.pending.drain(..start);
+        if self.pending.len() > MAX_EVENT {
+            return Err("SSE event too large");
+        }
+        Ok(())
+    }
+
+    /// What is complete at the end of the stream: a final lone CR ends its line (no LF can
+    /// follow any more); an unterminated event is dropped, as a client would drop it.
+    pub fn finish(&mut self, mut each: impl FnMut(&[u8])) {
+        if self.pending.last() == Some(&b'\r') {
+            self.pending.push(b'\n');
+        }
+        let mut start = 0;
+        while let Some((len, consumed)) = find_event_end(&self.pending[start..]) {
+            each(&self.pending[start..start + len]);
+            start += consumed;
+        }
+        self.pending.clear();
+    }
+}
+
+/// Decodes whole events from a byte stream.
+#[derive(Default)]
+pub struct SseDecoder {
+    splitter: SseSplitter,
+}
+
+impl SseDecoder {
+    /// Feeds bytes; returns the events completed by them.
+    pub fn push(&mut self, data: &[u8]) -> Result<Vec<SseEvent>, &'static str> {
+        let mut events = Vec::new();
+        self.splitter.push(data, |e| events.push(decode_event(e)))?;
+        Ok(events)
+    }
+
+    /// The events completed by the end of the stream.
+    pub fn finish(&mut self) -> Vec<SseEvent> {
+        let mut events = Vec::new();
+        self.splitter.finish(|e| events.push(decode_event(e)));
+        events
+    }
+}
+
+/// The fields of one event's text, as the SSE specification reads them: a field name up to
+/// the first colon (one space after it dropped), a line without a colon is a field with an
+/// empty value, a line starting with a colon is a comment.
+pub fn decode_event(event: &[u8]) -> SseEvent {
+    let text = String::from_utf8_lossy(event);
+    let mut out = SseEvent::default();
+    let mut has_data = false;
+    for line in sse_lines(&text) {
+        let (field, value) = split_field(line);
+        match field {
+            "data" => {
+                if has_data {
+                    out.data.push('\n');
+                }
+                has_data = true;
+                out.data.push_str(value);
+            }
+            "event" => out.event = Some(value.to_string()),
+            // An id holding NUL is ignored, as the specification says.
+            "id" if !value.contains('\0') => out.id = Some(value.to_string()),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// A line's field name and value.
+pub fn split_field(line: &str) -> (&str, &str) {
+    match line.split_once(':') {
+        Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
+        None => (line, ""),
+    }
+}
+
+/// Appends one event carrying `data` (each of its lines its own `data:` field) under the
+/// event type `event` (`None`: the default, `message`).
+pub fn push_event(out: &mut Vec<u8>, event: Option<&str>, data: &[u8]) {
+    if let Some(e) = event {
+        out.extend_from_slice(b"event: ");
+        out.extend_from_slice(e.as_bytes());
+        out.push(b'\n');
+    }
+    for line in data.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        out.extend_from_slice(b"data: ");
+        out.extend_from_slice(line);
+        out.push(b'\n');
+    }
+    out.push(b'\n');
+}
+
+/// Splits SSE text into lines the way the SSE specification does: CRLF, lone CR and lone LF
+/// all end a line.
+pub fn sse_lines(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        match rest.find(['\r', '\n']) {
+            None => {
+                let line = rest;
+                rest = "";
+                Some(line)
+            }
+            Some(i) => {
+                let line = &rest[..i];
+                let skip = if rest[i..].starts_with("\r\n") { 2 } else { 1 };
+                rest = &rest[i + skip..];
+                Some(line)
+            }
+        }
+    })
+}
+
+/// The first complete event: (length of its text, bytes to consume including the blank line
+/// that ends it). Any of CRLF, CR and LF ends a line; a CR at the very end of the buffer waits
+/// for the next byte, since it may be the first half of a CRLF.
+pub fn find_event_end(b: &[u8]) -> Option<(usize, usize)> {
+    let mut at_line_start = true;
+    let mut i = 0;
+    while i < b.len() {
+        let term = match b[i] {
+            b'\r' if i + 1 == b.len() => return None,
+            b'\r' if b[i + 1] == b'\n' => 2,
+            b'\r' | b'\n' => 1,
+            _ => {
+                at_line_start = false;
+                i += 1;
+                continue;
+            }
+        };
+        if at_line_start {
+            return Some((i, i + term));
+        }
+        at_line_start = true;
+        i += term;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_split_across_reads_and_line_endings_decode_alike() {
+        let stream = b"\xEF\xBB\xBFevent: endpoint\r\ndata: /messages?sessionId=a\r\n\r\n: comment\n\ndata: {\"a\":\rdata: 1}\rid: 7\r\r";
+        for cut in 0..stream.len() {
+            let mut d = SseDecoder::default();
+            let mut got = d.push(&stream[..cut]).unwrap();
+            got.extend(d.push(&stream[cut..]).unwrap());
+            got.extend(d.finish());
+            let messages: Vec<_> = got.iter().filter(|e| !e.data.is_empty()).collect();
+            assert_eq!(messages.len(), 2, "cut at {cut}: {got:?}");
+            assert_eq!(messages[0].event.as_deref(), Some("endpoint"));
+            assert_eq!(messages[0].data, "/messages?sessionId=a");
+            assert!(messages[1].is_message());
+            assert_eq!(messages[1].data, "{\"a\":\n1}");
+            assert_eq!(messages[1].id.as_deref(), Some("7"));
+        }
+    }
+
+    #[test]
+    fn an_event_that_never_ends_is_refused_past_the_cap() {
+        let mut d = SseDecoder::default();
+        let chunk = vec![b'x'; 1024 * 1024];
+        let mut refused = false;
+        for _ in 0..17 {
+            if d.push(&chunk).is_err() {
+                refused = true;
+                break;
+            }
+        }
+        assert!(refused);
+    }
+
+    #[test]
+    fn pushed_events_carry_every_line_as_data() {
+        let mut out = Vec::new();
+        push_event(&mut out, Some("message"), b"{\"a\":\n1}");
+        assert_eq!(out, b"event: message\ndata: {\"a\":\ndata: 1}\n\n");
+        let back = SseDecoder::default().push(&out).unwrap();
+        assert_eq!(back[0].data, "{\"a\":\n1}");
+    }
+}
