@@ -30,6 +30,7 @@ use crate::http::client::UpstreamResponse;
 use crate::http::request::{Method, RequestHead};
 use crate::http::response::jsonrpc_error;
 use crate::mcp::filter::{SseFilter, filter_json};
+use crate::mcp::legacy;
 use crate::mcp::jsonrpc::{Body, ClassifyError, Kind, Message, RpcId, Target, is_spec_tool_name};
 use crate::mcp::transport;
 use crate::observe::metrics::{self, M_BATCH, M_DELETE, M_NONE, M_RESPONSE, M_STREAM};
@@ -93,9 +94,20 @@ pub enum ReplyBody {
     Upstream(UpstreamResponse),
     /// An upstream SSE response rewritten event by event (`tools/list` filtering).
     FilteredEvents(UpstreamResponse, SseFilter),
-    /// Server-to-client messages (JSON each) written as SSE events until the channel closes;
-    /// with a policy, each message goes through the `tools/list` filter first.
-    Events(async_channel::Receiver<Vec<u8>>, Option<Arc<Policy>>),
+    /// Server-to-client messages written as SSE events until the channel closes.
+    Events(EventStream),
+}
+
+/// Messages (JSON each) to write as SSE `message` events until their channel closes.
+pub struct EventStream {
+    /// The messages.
+    pub messages: async_channel::Receiver<Vec<u8>>,
+    /// With a restricted policy, each message goes through the `tools/list` filter first.
+    pub policy: Option<Arc<Policy>>,
+    /// SSE bytes written before the first message (the legacy transport's `endpoint` event).
+    pub preamble: Vec<u8>,
+    /// Held for as long as the stream is open (a legacy session ends when it is dropped).
+    pub guard: Option<Box<dyn std::any::Any>>,
 }
 
 impl Reply {
@@ -140,8 +152,20 @@ pub enum Admission<'c> {
     Admitted(Admitted<'c>),
 }
 
+/// Which transport a request speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Front {
+    /// Streamable HTTP (2025-03-26 and later) at a route's endpoint.
+    Streamable,
+    /// The legacy HTTP+SSE stream (`GET server.sse_path`).
+    LegacyStream,
+    /// A legacy HTTP+SSE message (`POST /messages?sessionId=`).
+    LegacyPost,
+}
+
 /// An MCP request that passed the head phases; it borrows its caller from the config snapshot.
 pub struct Admitted<'c> {
+    front: Front,
     caller: Caller<'c>,
     version: &'static str,
     /// Index of its route in `Settings::routes`.
@@ -168,7 +192,7 @@ pub fn admit<'c>(
         reply.audit.skip = true;
         Admission::Answered(reply)
     };
-    let (route, rest) = match path {
+    let route = match path {
         "/health" | "/live" | "/ready" => {
             let mut reply = health(w, head, path);
             reply.audit.skip = true;
@@ -176,18 +200,24 @@ pub fn admit<'c>(
         }
         _ if !crate::config::is_normal_path(path) => return unrouted(GatewayError::PathNotNormal),
         "/routes" => return Admission::Answered(routes(w, cfg, head, peer)),
-        _ => match cfg.route_for(path) {
-            Some(found) => found,
-            None => return unrouted(GatewayError::NotFound),
+        _ => match legacy_route(cfg, head, path) {
+            Some(Ok(found)) => found,
+            Some(Err(e)) => return unrouted(e),
+            None => match cfg.route_for(path) {
+                Some((route, rest)) => (Front::Streamable, route, rest),
+                None => return unrouted(GatewayError::NotFound),
+            },
         },
     };
+    let (front, route, rest) = route;
     let rest_at = path.len() - rest.len();
     let mut audit = AuditInfo {
         upstream: Some(cfg.routes[route].name.clone()),
         ..AuditInfo::default()
     };
-    match admit_mcp(w, cfg, head, peer, route, &mut audit) {
+    match admit_mcp(w, cfg, head, peer, front, route, &mut audit) {
         Ok((caller, version)) => Admission::Admitted(Admitted {
+            front,
             caller,
             version,
             route,
@@ -196,6 +226,38 @@ pub fn admit<'c>(
         }),
         Err((e, id, method)) => Admission::Answered(refused(e, id, method, audit)),
     }
+}
+
+/// Phase 4 for the legacy transport's paths: the stream at `server.sse_path` (or
+/// `<sse_path>/<server>`), and the messages URL, whose session parameter names its server.
+/// `None`: not a legacy path.
+fn legacy_route<'p>(
+    cfg: &Settings,
+    head: &RequestHead,
+    path: &'p str,
+) -> Option<Result<(Front, usize, &'p str), GatewayError>> {
+    let (front, name) = if path == legacy::MESSAGES_PATH {
+        let Some(sid) = legacy::session_param(&head.target) else {
+            return Some(Err(GatewayError::MissingSession));
+        };
+        match legacy::route_of(sid) {
+            Some(name) => (Front::LegacyPost, std::borrow::Cow::Owned(name)),
+            None => return Some(Err(GatewayError::UnknownSession)),
+        }
+    } else {
+        let name = legacy::stream_route(path, &cfg.server.sse_path)?;
+        (Front::LegacyStream, std::borrow::Cow::Borrowed(name))
+    };
+    Some(
+        cfg.routes
+            .iter()
+            .position(|r| *r.name == *name)
+            .map(|route| (front, route, ""))
+            .ok_or(match front {
+                Front::LegacyPost => GatewayError::UnknownSession,
+                _ => GatewayError::NotFound,
+            }),
+    )
 }
 
 /// `GET /routes`: the MCP endpoints this caller may reach (names and paths, never where they
@@ -275,6 +337,17 @@ impl Ctx<'_> {
         }
     }
 
+    /// The legacy session a messages URL names, verified for this caller and route.
+    fn legacy_ticket(&self) -> Result<legacy::Ticket, GatewayError> {
+        let sid = legacy::session_param(&self.head.target).ok_or(GatewayError::MissingSession)?;
+        let name = &self.cfg.routes[self.route].name;
+        self.w
+            .verify_session(&self.caller.identity.id, &legacy::binding(name), sid)
+            .and_then(|payload| legacy::Ticket::parse(&payload))
+            .filter(|t| *t.route == **name)
+            .ok_or(GatewayError::UnknownSession)
+    }
+
     /// The session payload of the client's `Mcp-Session-Id`, verified for this caller.
     fn session(&self) -> Result<Option<Vec<u8>>, GatewayError> {
         match &self.head.h.session_id {
@@ -301,6 +374,7 @@ pub async fn handle(
     request_id: &str,
 ) -> Reply {
     let Admitted {
+        front,
         caller,
         version,
         route,
@@ -326,10 +400,12 @@ pub async fn handle(
         session_route,
     };
     let outcome = match head.method {
-        Method::Post => post(&cx, body, &mut audit).await,
+        Method::Post if front == Front::LegacyPost => legacy_post(&cx, body, &mut audit).await,
+        Method::Post => post(&cx, body, &mut audit, None).await,
         Method::Get => {
             audit.messages.push(("stream".into(), None));
             match rate_limit(w, cfg, caller, &[]) {
+                Ok(()) if front == Front::LegacyStream => Ok(legacy_stream(&cx)),
                 Ok(()) => stream(&cx).await.map_err(|e| early(e, M_STREAM)),
                 Err(e) => Err(early(e, M_STREAM)),
             }
@@ -407,6 +483,7 @@ fn admit_mcp<'c>(
     cfg: &'c Settings,
     head: &RequestHead,
     peer: SocketAddr,
+    front: Front,
     route: usize,
     audit: &mut AuditInfo,
 ) -> Result<(Caller<'c>, &'static str), Early> {
@@ -420,6 +497,27 @@ fn admit_mcp<'c>(
     }
     // 5a. transport rules, all readable from the head
     let version = transport::check_protocol_version(head).map_err(|e| early(e, M_NONE))?;
+    if front != Front::Streamable {
+        // The legacy transport: one stream (GET) and its messages (POST, JSON); its clients
+        // send no protocol-version header, and batches are theirs to send.
+        let version = match head.h.protocol_version {
+            Some(_) => version,
+            None => "2024-11-05",
+        };
+        match (front, head.method) {
+            (Front::LegacyStream, Method::Get) => {
+                transport::check_stream_accept(head).map_err(|e| early(e, M_STREAM))?
+            }
+            (Front::LegacyPost, Method::Post) => {
+                transport::check_content_type(head).map_err(|e| early(e, M_NONE))?
+            }
+            (Front::LegacyStream, _) => {
+                return Err(early(GatewayError::MethodNotAllowed("GET"), M_NONE));
+            }
+            _ => return Err(early(GatewayError::MethodNotAllowed("POST"), M_NONE)),
+        }
+        return Ok((caller, version));
+    }
     match head.method {
         Method::Post => transport::check_post_headers(head).map_err(|e| early(e, M_NONE))?,
         Method::Get => transport::check_stream_accept(head).map_err(|e| early(e, M_STREAM))?,
@@ -602,8 +700,46 @@ fn label(body: &Body) -> usize {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn post(cx: &Ctx<'_>, raw: &[u8], audit: &mut AuditInfo) -> Result<Reply, Early> {
+/// A legacy HTTP+SSE message: checked like any POST, then handed to the worker holding its
+/// session's stream. Its client reads every answer on that stream, the gateway's own refusals
+/// (a denied call, an invalid request: HTTP 200 with a JSON-RPC error elsewhere) included, so
+/// those go there too and the POST is answered 202; refusals at the HTTP level (401, 404, 429)
+/// stay in the POST's response, where the client's send sees them.
+async fn legacy_post(cx: &Ctx<'_>, raw: &[u8], audit: &mut AuditInfo) -> Result<Reply, Early> {
+    let ticket = cx.legacy_ticket().map_err(|e| early(e, M_NONE))?;
+    let (answer, method, error) = match post(cx, raw, audit, Some(&ticket)).await {
+        Ok(Reply {
+            status: 200,
+            body: ReplyBody::Full(answer),
+            method,
+            reason,
+            ..
+        }) => (answer, method, reason),
+        Ok(reply) => return Ok(reply),
+        Err((e, id, method)) if e.status() == 200 => {
+            let reason = e.reason();
+            if let GatewayError::Denied(_) = e {
+                audit.decision = Some("deny");
+            }
+            (e.body(id.as_ref()), method, Some(reason))
+        }
+        Err(refused) => return Err(refused),
+    };
+    let work = legacy::Work::Answer(answer);
+    legacy::hand_over(cx.w, &ticket, &cx.caller.identity.id, work, cx.request_id)
+        .await
+        .map_err(|e| early(e, method))?;
+    let mut reply = Reply::new(202, ReplyBody::Empty, method);
+    reply.reason = error;
+    Ok(reply)
+}
+
+async fn post(
+    cx: &Ctx<'_>,
+    raw: &[u8],
+    audit: &mut AuditInfo,
+    ticket: Option<&legacy::Ticket>,
+) -> Result<Reply, Early> {
     let (w, cfg, head) = (cx.w, cx.cfg, cx.head);
     // 6. classify
     let body = w
@@ -675,8 +811,9 @@ async fn post(cx: &Ctx<'_>, raw: &[u8], audit: &mut AuditInfo) -> Result<Reply, 
         }
     }
     let is_initialize = matches!(&body, Body::Single(m) if m.kind == Kind::Request && m.method_str() == "initialize");
-    // 6a. session: an initialize starts a new one whatever the client sent.
-    let session = if is_initialize {
+    // 6a. session: an initialize starts a new one whatever the client sent; a legacy message
+    // belongs to the session its URL names.
+    let session = if ticket.is_some() || is_initialize {
         None
     } else {
         cx.session().map_err(fail)?
@@ -703,7 +840,15 @@ async fn post(cx: &Ctx<'_>, raw: &[u8], audit: &mut AuditInfo) -> Result<Reply, 
             .iter()
             .any(|m| m.kind == Kind::Request && m.method_str() == "tools/list"))
     .then_some(cx.policy);
-    // 9. forward
+    // 9. forward; a legacy message goes to the worker holding its session's stream, which
+    // forwards it and writes the answer there.
+    if let Some(ticket) = ticket {
+        let work = legacy::Work::Forward(body, raw.to_vec());
+        legacy::hand_over(w, ticket, &cx.caller.identity.id, work, cx.request_id)
+            .await
+            .map_err(fail)?;
+        return Ok(Reply::new(202, ReplyBody::Empty, method));
+    }
     let exchange = cx
         .upstream()
         .map_err(fail)?
@@ -725,6 +870,26 @@ async fn stream(cx: &Ctx<'_>) -> Result<Reply, GatewayError> {
         .open_stream(cx.w, &cx.outgoing(session.as_deref()))
         .await?;
     deliver(cx, exchange, M_STREAM, filter).await
+}
+
+/// GET at `server.sse_path`: a legacy session, owned by this worker, whose stream starts with
+/// the `endpoint` event naming its messages URL. A restricted caller's stream is filtered.
+fn legacy_stream(cx: &Ctx<'_>) -> Reply {
+    let route = &cx.cfg.routes[cx.route].name;
+    let opened = legacy::open(cx.w, &cx.caller.identity.id, route, cx.head);
+    let mut r = Reply::new(
+        200,
+        ReplyBody::Events(EventStream {
+            messages: opened.messages,
+            policy: (!cx.policy.tools.is_open()).then(|| cx.policy.clone()),
+            preamble: opened.preamble,
+            guard: Some(opened.guard),
+        }),
+        M_STREAM,
+    );
+    r.headers.push(("content-type", "text/event-stream".into()));
+    r.headers.push(("cache-control", "no-cache".into()));
+    r
 }
 
 /// DELETE: ends the session upstream.
@@ -774,7 +939,13 @@ async fn deliver(
             Reply::json(status, body, method)
         }
         Answer::Events(events) => {
-            let mut r = Reply::new(200, ReplyBody::Events(events, filter.cloned()), method);
+            let stream = EventStream {
+                messages: events,
+                policy: filter.cloned(),
+                preamble: Vec::new(),
+                guard: None,
+            };
+            let mut r = Reply::new(200, ReplyBody::Events(stream), method);
             r.headers.push(("content-type", "text/event-stream".into()));
             r.headers.push(("cache-control", "no-cache".into()));
             r

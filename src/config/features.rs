@@ -78,10 +78,6 @@ pub const UNBUILT: &[Unbuilt] = &[
 /// Keys with no effect anywhere in this build: a warning when the file sets one.
 pub const NO_EFFECT: &[(&str, &str)] = &[
     (
-        "server.sse_path",
-        "the legacy HTTP+SSE endpoint is not served by this build",
-    ),
-    (
         "server.public_url",
         "it is used in OAuth metadata, which this build does not serve",
     ),

@@ -332,6 +332,7 @@ pub fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
         None
     };
     let routes = validate_routes(file, &s.mcp_path)?;
+    check_legacy_paths(&s.sse_path, &routes)?;
     let auth = Arc::new(validate_auth(file, &routes)?);
     let rate = validate_rate(file)?;
     let audit = AuditSettings {
@@ -676,6 +677,49 @@ fn validate_http(u: &UpstreamKeys<'_>, headers_key: &str) -> Result<HttpUpstream
 
 /// The default upstream (when configured) and every routed server, as routes: each with the
 /// paths it answers, checked for collisions.
+/// The legacy transport's paths (`sse_path`, `<sse_path>/<server>`, and `/messages`) are
+/// matched before any route: a route endpoint or prefix at or under one of them would never
+/// be reached, so it is refused rather than silently shadowed.
+fn check_legacy_paths(sse_path: &str, routes: &[Route]) -> Result<(), ConfigError> {
+    let messages = crate::mcp::legacy::MESSAGES_PATH;
+    if !is_normal_path(sse_path) || sse_path == "/" {
+        return Err(invalid(
+            "server.sse_path",
+            format!("`{sse_path}` must be an absolute path in normal form, other than `/`"),
+        ));
+    }
+    let under = |path: &str, base: &str| {
+        path == base || path.strip_prefix(base).is_some_and(|r| r.starts_with('/'))
+    };
+    if under(sse_path, messages) || under(messages, sse_path) {
+        return Err(invalid(
+            "server.sse_path",
+            format!("`{sse_path}` overlaps `{messages}`, where legacy SSE clients post"),
+        ));
+    }
+    for r in routes {
+        for (what, base) in std::iter::once(("endpoint", r.endpoint.as_str()))
+            .chain(r.prefix.as_deref().map(|p| ("path_prefix", p)))
+        {
+            if under(base, sse_path) || under(base, messages) {
+                let key = match what {
+                    "endpoint" if &*r.name == DEFAULT_ROUTE => "server.mcp_path".to_string(),
+                    "endpoint" => format!("{}.name", r.key),
+                    _ => format!("{}.{what}", r.key),
+                };
+                return Err(invalid(
+                    &key,
+                    format!(
+                        "its {what} `{base}` lies under the legacy SSE paths (`{sse_path}`, \
+                         `{messages}`), which are matched first; move one of them"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn validate_routes(file: &FileConfig, mcp_path: &str) -> Result<Vec<Route>, ConfigError> {
     let u = &file.upstream;
     let servers = &u.servers;
@@ -1319,8 +1363,8 @@ mod tests {
         let w = warnings_of(
             "[server]\nsse_path = \"/events\"\npublic_url = \"https://x\"\n[upstream]\ncommand = \"x\"\n",
         );
-        assert_eq!(w.len(), 2, "{w:?}");
-        assert!(w[0].starts_with("server.sse_path has no effect"));
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].starts_with("server.public_url has no effect"));
 
         let w = warnings_of("[upstream]\ncommand = \"x\"\n[audit]\ninclude_arguments = true\n");
         assert!(w[0].contains("no destination"), "{w:?}");
@@ -1447,6 +1491,23 @@ mod tests {
             ));
             assert!(err.contains("server.allowed_origins[0]"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn routes_under_the_legacy_sse_paths_are_refused() {
+        let err = refusal("[server]\nmcp_path = \"/sse/mcp\"\n[upstream]\ncommand = \"x\"\n");
+        assert!(err.contains("server.mcp_path"), "{err}");
+        let err = refusal(
+            "[[upstream.servers]]\nname = \"a\"\npath_prefix = \"/messages/a\"\ncommand = \"x\"\n",
+        );
+        assert!(err.contains("upstream.servers[0].path_prefix"), "{err}");
+        let err = refusal("[server]\nsse_path = \"/messages\"\n[upstream]\ncommand = \"x\"\n");
+        assert!(err.contains("server.sse_path"), "{err}");
+        let err = refusal("[server]\nsse_path = \"/a/../sse\"\n[upstream]\ncommand = \"x\"\n");
+        assert!(err.contains("normal form"), "{err}");
+        // Beside each other they are fine.
+        let cfg = settings("[server]\nsse_path = \"/events\"\n[upstream]\ncommand = \"x\"\n");
+        assert_eq!(cfg.unwrap().server.sse_path, "/events");
     }
 
     #[test]

@@ -202,7 +202,8 @@ pub struct ServerSection {
     /// Streamable HTTP endpoint of the default upstream.
     #[schemars(extend("x-type" = "absolute URL path"))]
     pub mcp_path: String,
-    /// Legacy HTTP+SSE endpoint (GET); its POSTs go to /messages.
+    /// Legacy HTTP+SSE (2024-11-05) stream of the default server (GET); `<sse_path>/<name>` for a
+    /// named server; its POSTs go to /messages. Must not overlap a route's path.
     #[schemars(extend("x-type" = "absolute URL path"))]
     pub sse_path: String,
     /// Larger request bodies get 413.

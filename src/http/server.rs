@@ -631,14 +631,19 @@ async fn write_reply<S: Connection>(
             out = o;
             ok && keep_alive
         }
-        ReplyBody::Events(rx, policy) => {
+        ReplyBody::Events(events) => {
             streamed = true;
             write_head(&mut out, status, &headers, Framing::Chunked, false);
+            if !events.preamble.is_empty() {
+                write_chunk(&mut out, &events.preamble);
+            }
             let (res, o) = write_all(stream, out).await;
             out = o;
             if res.is_ok() {
-                relay_events(w, stream, rx, policy, meta, &mut out).await;
+                relay_events(w, stream, events.messages, events.policy, meta, &mut out).await;
             }
+            // The stream has ended: whatever lived as long as it (a legacy session) ends now.
+            drop(events.guard);
             false
         }
     };

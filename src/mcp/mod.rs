@@ -2,5 +2,6 @@
 
 pub mod filter;
 pub mod jsonrpc;
+pub mod legacy;
 pub mod session;
 pub mod transport;

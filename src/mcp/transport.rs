@@ -71,6 +71,18 @@ fn accepts(accept: &str, wanted: &str) -> bool {
 
 /// POST needs `Content-Type: application/json` and an Accept allowing JSON and SSE.
 pub fn check_post_headers(head: &RequestHead) -> Result<(), GatewayError> {
+    check_content_type(head)?;
+    let accept = head.h.accept.as_deref().unwrap_or("");
+    if !(accepts(accept, "application/json") && accepts(accept, "text/event-stream")) {
+        return Err(GatewayError::NotAcceptable(
+            "both application/json and text/event-stream",
+        ));
+    }
+    Ok(())
+}
+
+/// A POSTed body must be declared JSON (both transports).
+pub fn check_content_type(head: &RequestHead) -> Result<(), GatewayError> {
     let ct_ok = head.h.content_type.as_deref().is_some_and(|ct| {
         ct.split(';')
             .next()
@@ -78,12 +90,6 @@ pub fn check_post_headers(head: &RequestHead) -> Result<(), GatewayError> {
     });
     if !ct_ok {
         return Err(GatewayError::UnsupportedMediaType);
-    }
-    let accept = head.h.accept.as_deref().unwrap_or("");
-    if !(accepts(accept, "application/json") && accepts(accept, "text/event-stream")) {
-        return Err(GatewayError::NotAcceptable(
-            "both application/json and text/event-stream",
-        ));
     }
     Ok(())
 }

@@ -126,6 +126,8 @@ pub struct WorkerMetrics {
     pub panics: AtomicU64,
     /// Requests refused with 503 because the worker's in-flight body bytes were at their cap.
     pub bodies_refused: AtomicU64,
+    /// Legacy HTTP+SSE sessions this worker owns (their streams are open on it).
+    pub legacy_sessions: AtomicU64,
     auth: [[AtomicU64; 2]; 3],
     decisions: Vec<[AtomicU64; 3]>,
     latency: ArcSwap<Histogram<u64>>,
@@ -146,6 +148,7 @@ impl WorkerMetrics {
             audit_suppressed: AtomicU64::new(0),
             panics: AtomicU64::new(0),
             bodies_refused: AtomicU64::new(0),
+            legacy_sessions: AtomicU64::new(0),
             auth: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
             decisions: (0..TOOL_SLOTS)
                 .map(|_| std::array::from_fn(|_| AtomicU64::new(0)))
@@ -273,6 +276,13 @@ impl Metrics {
             "gauge",
             "Open client connections.",
             gauge_active.max(0) as u64,
+        );
+        write_metric(
+            &mut out,
+            "mcp_guard_legacy_sse_sessions",
+            "gauge",
+            "Open legacy HTTP+SSE (2024-11-05) client sessions.",
+            sum(&|w| w.legacy_sessions.load(Relaxed)),
         );
         write_metric(
             &mut out,

@@ -192,6 +192,7 @@ pub fn run(path: PathBuf) -> Result<(), String> {
         retiring: std::sync::Mutex::new(Vec::new()),
         sessions: SessionCodec::random(),
         ended_sessions: Default::default(),
+        legacy: crate::mcp::legacy::Inboxes::new(workers),
         connections: AtomicUsize::new(0),
         io_driver: driver.name(),
         shutdown_rx,

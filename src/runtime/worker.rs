@@ -83,6 +83,8 @@ pub struct Shared {
     pub sessions: SessionCodec,
     /// Session ids ended by DELETE.
     pub ended_sessions: EndedSessions,
+    /// Each worker's inbox for legacy HTTP+SSE POSTs whose session it owns.
+    pub legacy: crate::mcp::legacy::Inboxes,
     /// Open client connections across workers (for `max_connections`).
     pub connections: AtomicUsize,
     /// "io_uring" or "epoll".
@@ -179,6 +181,10 @@ struct ConfigView {
 pub struct Worker {
     /// Worker index.
     pub id: usize,
+    /// Itself, for tasks a request spawns that outlive it.
+    me: std::rc::Weak<Worker>,
+    /// The legacy HTTP+SSE sessions whose streams this worker holds.
+    pub legacy: crate::mcp::legacy::Sessions,
     /// Process-wide state.
     pub shared: Arc<Shared>,
     config: RefCell<ConfigView>,
@@ -220,8 +226,10 @@ impl Worker {
             .and_then(|mut sinks| sinks.get_mut(id).and_then(Option::take))
             .unwrap_or_else(AuditSink::disabled);
         let local = Rc::new(shared.config.load_full());
-        Rc::new(Self {
+        Rc::new_cyclic(|me| Self {
             id,
+            me: me.clone(),
+            legacy: Default::default(),
             metrics: shared.metrics.workers[id].clone(),
             config: RefCell::new(ConfigView { cache, local }),
             classifier: RefCell::new(Classifier::new()),
@@ -239,6 +247,12 @@ impl Worker {
             request_prefix: u64::from_be_bytes(random_bytes::<8>()) & 0xffff_ffff,
             shared,
         })
+    }
+
+    /// This worker as an `Rc`, for a task that must outlive the request spawning it.
+    pub fn rc(&self) -> Rc<Worker> {
+        // A `Worker` only exists inside the `Rc` built by `new`, which outlives its tasks.
+        self.me.upgrade().expect("a worker outlives its requests")
     }
 
     #[allow(clippy::redundant_allocation)] // see `ConfigView`
@@ -365,6 +379,9 @@ pub async fn run(w: Rc<Worker>, listener: monoio::net::TcpListener) {
             }
         }
     });
+    if let Some(inbox) = w.shared.legacy.take(w.id) {
+        monoio::spawn(crate::mcp::legacy::run_inbox(w.clone(), inbox));
+    }
     let shutdown_rx = w.shared.shutdown_rx.clone();
     loop {
         let accepted = monoio::select! {

@@ -1,0 +1,710 @@
+//! The 2024-11-05 HTTP+SSE transport, for clients that still speak it: `GET server.sse_path`
+//! (or `<sse_path>/<server>`) opens a stream whose first event, `endpoint`, names our messages
+//! URL with a session parameter; the client POSTs each message there and reads every answer
+//! on the stream.
+//!
+//! The stream and the POSTs may land on different workers. The worker holding the stream owns
+//! the session (its upstream session, the stream's sender, what is in flight) in a
+//! worker-local table; the session id names that worker, under the MAC, so a POST, once
+//! authenticated, authorized and rate-limited on whatever worker it reached, is handed to the
+//! owner's inbox (a bounded channel, no lock) and answered 202 as soon as the owner takes it.
+//! The owner forwards it upstream through the same [`UpstreamRef`] as any request and writes
+//! the answer to the stream. The session ends with its stream: the upstream session is ended
+//! too, and its id is unknown (404) from then on.
+
+use crate::error::GatewayError;
+use crate::http::client::UpstreamResponse;
+use crate::http::request::RequestHead;
+use crate::http::sse::{SseDecoder, push_event};
+use crate::mcp::jsonrpc::{Body, Kind, RpcId};
+use crate::runtime::shutdown::LocalShutdown;
+use crate::runtime::worker::Worker;
+use crate::upstream::{Answer, Outgoing, UpstreamRef};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Where every legacy client POSTs (the session parameter says which session and server).
+pub const MESSAGES_PATH: &str = "/messages";
+/// The query parameter naming the session.
+pub const SESSION_PARAM: &str = "sessionId";
+
+/// POSTs waiting for a worker to take them.
+const INBOX: usize = 1024;
+/// Messages waiting to be written to one client's stream.
+const STREAM_BACKLOG: usize = 256;
+/// Messages of one session being forwarded at once; beyond it a POST is refused (503).
+const IN_FLIGHT: usize = 64;
+/// How long a POST waits for the owning worker to take it.
+const HAND_OVER: Duration = Duration::from_secs(5);
+/// How long ending a session upstream may take, once its stream has closed.
+const END_UPSTREAM: Duration = Duration::from_secs(5);
+/// Pause before reopening an upstream's server-to-client stream that ended.
+const REOPEN_STREAM: Duration = Duration::from_secs(1);
+
+/// The second MAC part of a legacy session id: the route, marked so that no Streamable HTTP
+/// session id (bound to a bare route name, which cannot hold `:`) verifies as a legacy one or
+/// the other way round.
+pub fn binding(route: &str) -> String {
+    format!("sse:{route}")
+}
+
+/// What a legacy session id carries (its MAC binds it to the identity and route).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ticket {
+    /// The worker that owns the session.
+    pub worker: u16,
+    /// The session's number on that worker.
+    pub serial: u64,
+    /// Random, checked by the owner: a serial reused after a restart is not the old session.
+    pub nonce: [u8; 8],
+    /// The server's route name.
+    pub route: String,
+}
+
+const TICKET_VERSION: u8 = 1;
+const TICKET_FIXED: usize = 1 + 2 + 8 + 8;
+
+impl Ticket {
+    fn to_bytes(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(TICKET_FIXED + self.route.len());
+        b.push(TICKET_VERSION);
+        b.extend_from_slice(&self.worker.to_be_bytes());
+        b.extend_from_slice(&self.serial.to_be_bytes());
+        b.extend_from_slice(&self.nonce);
+        b.extend_from_slice(self.route.as_bytes());
+        b
+    }
+
+    /// A ticket from a session payload (verified or not).
+    pub fn parse(b: &[u8]) -> Option<Self> {
+        if b.len() <= TICKET_FIXED || b[0] != TICKET_VERSION {
+            return None;
+        }
+        Some(Self {
+            worker: u16::from_be_bytes(b[1..3].try_into().ok()?),
+            serial: u64::from_be_bytes(b[3..11].try_into().ok()?),
+            nonce: b[11..19].try_into().ok()?,
+            route: String::from_utf8(b[19..].to_vec()).ok()?,
+        })
+    }
+}
+
+/// The route a legacy session id names, read before its MAC can be checked: only to choose
+/// which server's admission rules apply. Nothing is trusted from it until the MAC is verified
+/// for the authenticated caller.
+pub fn route_of(sid: &str) -> Option<String> {
+    if sid.len() > crate::mcp::session::MAX_SESSION_ID_LEN {
+        return None;
+    }
+    let (payload, _) = sid.split_once('.')?;
+    Ticket::parse(&B64.decode(payload).ok()?).map(|t| t.route)
+}
+
+/// The session parameter of a messages URL's query, if present exactly once.
+pub fn session_param(target: &str) -> Option<&str> {
+    let (_, query) = target.split_once('?')?;
+    let mut found = None;
+    for pair in query.split('&') {
+        if let Some(v) = pair.strip_prefix(SESSION_PARAM).and_then(|r| r.strip_prefix('=')) {
+            if found.is_some() {
+                // Two session parameters: which one a proxy in front reads is anyone's guess.
+                return None;
+            }
+            found = Some(v);
+        }
+    }
+    found
+}
+
+/// The route a legacy stream path names: `sse_path` itself is the default server,
+/// `<sse_path>/<name>` a named one.
+pub fn stream_route<'p>(path: &'p str, sse_path: &str) -> Option<&'p str> {
+    let rest = path.strip_prefix(sse_path)?;
+    if rest.is_empty() {
+        return Some(crate::config::DEFAULT_ROUTE);
+    }
+    rest.strip_prefix('/').filter(|n| !n.is_empty() && !n.contains('/'))
+}
+
+/// What the owner tells the POSTing worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ack {
+    /// Taken: answer 202.
+    Accepted,
+    /// No such session (its stream has ended): 404.
+    Unknown,
+    /// Too much of this session is in flight: 503.
+    Busy,
+}
+
+/// A checked POST on its way to the worker owning its session.
+pub struct Handover {
+    serial: u64,
+    nonce: [u8; 8],
+    identity: Arc<str>,
+    work: Work,
+    request_id: String,
+    ack: async_channel::Sender<Ack>,
+}
+
+/// What the owner is to do with a POST.
+pub enum Work {
+    /// Forward the message (or batch) upstream and write the answer to the stream.
+    Forward(Body, Vec<u8>),
+    /// Write the gateway's own answer (a denial, an invalid request) to the stream: a legacy
+    /// client reads answers there, never in a POST's response body.
+    Answer(Vec<u8>),
+}
+
+/// Every worker's inbox, in the process-wide state.
+pub struct Inboxes {
+    senders: Vec<async_channel::Sender<Handover>>,
+    receivers: std::sync::Mutex<Vec<Option<async_channel::Receiver<Handover>>>>,
+}
+
+impl Inboxes {
+    /// One inbox per worker.
+    pub fn new(workers: usize) -> Self {
+        let (senders, receivers) = (0..workers)
+            .map(|_| {
+                let (tx, rx) = async_channel::bounded(INBOX);
+                (tx, Some(rx))
+            })
+            .unzip();
+        Self {
+            senders,
+            receivers: std::sync::Mutex::new(receivers),
+        }
+    }
+
+    /// The receiving end of `worker`'s inbox, taken once by that worker.
+    pub fn take(&self, worker: usize) -> Option<async_channel::Receiver<Handover>> {
+        self.receivers.lock().ok()?.get_mut(worker)?.take()
+    }
+}
+
+/// One worker's legacy sessions.
+#[derive(Default)]
+pub struct Sessions {
+    open: RefCell<HashMap<u64, Rc<Session>>>,
+    next: Cell<u64>,
+}
+
+impl Sessions {
+    /// How many sessions this worker owns.
+    pub fn len(&self) -> usize {
+        self.open.borrow().len()
+    }
+
+    /// Whether this worker owns none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A legacy session, owned by the worker holding its stream.
+struct Session {
+    serial: u64,
+    nonce: [u8; 8],
+    identity: Arc<str>,
+    route: Arc<str>,
+    /// JSON messages for the client's stream.
+    events: async_channel::Sender<Vec<u8>>,
+    /// What upstream requests carry of the client's head (trace context, user agent, and the
+    /// protocol version once negotiated); replaced, never mutated, so a request in flight
+    /// keeps the one it started with.
+    head: RefCell<Rc<RequestHead>>,
+    /// The upstream's session (HTTP session id, stdio hub key), once initialized.
+    upstream: RefCell<Option<Vec<u8>>>,
+    initialized: Cell<bool>,
+    in_flight: Cell<usize>,
+    /// Fired when the client's stream ends.
+    closed: Rc<LocalShutdown>,
+}
+
+/// Held by the client's stream; its drop ends the session.
+struct StreamGuard(Rc<Session>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.closed.fire();
+    }
+}
+
+/// What opening a legacy stream gives the pipeline to answer with.
+pub struct Opened {
+    /// The session's messages, for the client's stream.
+    pub messages: async_channel::Receiver<Vec<u8>>,
+    /// The `endpoint` event, written first.
+    pub preamble: Vec<u8>,
+    /// Ends the session when dropped (with the stream).
+    pub guard: Box<dyn std::any::Any>,
+}
+
+/// Opens a legacy session on this worker for `identity` at `route`.
+pub fn open(w: &Worker, identity: &Arc<str>, route: &Arc<str>, head: &RequestHead) -> Opened {
+    let serial = w.legacy.next.get() + 1;
+    w.legacy.next.set(serial);
+    let ticket = Ticket {
+        // Worker indexes are bounded by the core count, far below u16::MAX.
+        worker: w.id as u16,
+        serial,
+        nonce: crate::mcp::session::random_bytes::<8>(),
+        route: route.to_string(),
+    };
+    let sid = w
+        .shared
+        .sessions
+        .encode_for(identity, &binding(route), &ticket.to_bytes());
+    let (tx, rx) = async_channel::bounded(STREAM_BACKLOG);
+    let mut upstream_head = head.clone();
+    // Only what an upstream request may carry of the client's head stays: never its
+    // credentials, and nothing that described the GET itself.
+    let h = &mut upstream_head.h;
+    h.authorization = None;
+    h.api_key = None;
+    h.session_id = None;
+    h.accept = None;
+    h.content_type = None;
+    h.last_event_id = None;
+    h.mcp_method = None;
+    h.mcp_name = None;
+    h.protocol_version = None;
+    let session = Rc::new(Session {
+        serial,
+        nonce: ticket.nonce,
+        identity: identity.clone(),
+        route: route.clone(),
+        events: tx,
+        head: RefCell::new(Rc::new(upstream_head)),
+        upstream: RefCell::new(None),
+        initialized: Cell::new(false),
+        in_flight: Cell::new(0),
+        closed: LocalShutdown::new(),
+    });
+    w.legacy.open.borrow_mut().insert(serial, session.clone());
+    publish_count(w);
+    monoio::spawn(watch(w.rc(), session.clone()));
+    let mut preamble = Vec::with_capacity(64 + sid.len());
+    let url = format!("{MESSAGES_PATH}?{SESSION_PARAM}={sid}");
+    push_event(&mut preamble, Some("endpoint"), url.as_bytes());
+    Opened {
+        messages: rx,
+        preamble,
+        guard: Box::new(StreamGuard(session)),
+    }
+}
+
+/// Hands a checked POST to the worker owning its session; `Ok` once that worker took it.
+pub async fn hand_over(
+    w: &Worker,
+    ticket: &Ticket,
+    identity: &Arc<str>,
+    work: Work,
+    request_id: &str,
+) -> Result<(), GatewayError> {
+    let inbox = w
+        .shared
+        .legacy
+        .senders
+        .get(usize::from(ticket.worker))
+        .ok_or(GatewayError::UnknownSession)?;
+    let (ack, acked) = async_channel::bounded(1);
+    let post = Handover {
+        serial: ticket.serial,
+        nonce: ticket.nonce,
+        identity: identity.clone(),
+        work,
+        request_id: request_id.to_string(),
+        ack,
+    };
+    let taken = async {
+        inbox.send(post).await.ok()?;
+        acked.recv().await.ok()
+    };
+    match monoio::time::timeout(HAND_OVER, taken).await {
+        Ok(Some(Ack::Accepted)) => Ok(()),
+        Ok(Some(Ack::Unknown)) => Err(GatewayError::UnknownSession),
+        Ok(Some(Ack::Busy)) | Ok(None) | Err(_) => Err(GatewayError::UpstreamBusy),
+    }
+}
+
+/// A worker's inbox loop: takes POSTs for the sessions it owns and forwards each on a task of
+/// its own (a long tool call must not hold up a `ping` or a cancellation behind it).
+pub async fn run_inbox(w: Rc<Worker>, inbox: async_channel::Receiver<Handover>) {
+    while let Ok(post) = inbox.recv().await {
+        let session = w.legacy.open.borrow().get(&post.serial).cloned();
+        let ack = match &session {
+            Some(s) if s.nonce != post.nonce || s.identity != post.identity => Ack::Unknown,
+            Some(s) if s.closed.is_fired() => Ack::Unknown,
+            Some(s) if s.in_flight.get() >= IN_FLIGHT => Ack::Busy,
+            Some(_) => Ack::Accepted,
+            None => Ack::Unknown,
+        };
+        let _ = post.ack.try_send(ack);
+        if let (Ack::Accepted, Some(s)) = (ack, session) {
+            s.in_flight.set(s.in_flight.get() + 1);
+            monoio::spawn(forward(w.clone(), s, post));
+        }
+    }
+}
+
+/// Waits for the session's stream to end, then forgets the session and ends it upstream.
+async fn watch(w: Rc<Worker>, session: Rc<Session>) {
+    session.closed.wait().await;
+    w.legacy.open.borrow_mut().remove(&session.serial);
+    publish_count(&w);
+    let upstream_session = session.upstream.borrow_mut().take();
+    let Some(upstream_session) = upstream_session else {
+        return;
+    };
+    let cfg = w.settings();
+    let Some((route, upstream)) = current_upstream(&cfg, &session.route) else {
+        return;
+    };
+    let head = session.head.borrow().clone();
+    let request_id = w.next_request_id();
+    let out = Outgoing {
+        head: &head,
+        request_id: &request_id,
+        binding: &session.identity,
+        server: &cfg.routes[route].name,
+        session: Some(&upstream_session),
+        timeout: END_UPSTREAM,
+        path_rest: "",
+    };
+    if let Ok(Ok(exchange)) =
+        monoio::time::timeout(END_UPSTREAM, upstream.end_session(&w, &out)).await
+        && let Answer::Streamed(resp, _) = exchange.answer
+    {
+        let mut resp = resp;
+        if resp.read_to_end().await.is_ok() {
+            resp.release(&w.pool);
+        }
+    }
+}
+
+fn publish_count(w: &Worker) {
+    w.metrics
+        .legacy_sessions
+        .store(w.legacy.len() as u64, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The route named `name` in the current snapshot, and its running upstream.
+fn current_upstream<'c>(
+    cfg: &'c crate::config::Settings,
+    name: &str,
+) -> Option<(usize, UpstreamRef<'c>)> {
+    let route = cfg.routes.iter().position(|r| &*r.name == name)?;
+    let upstream = cfg.upstreams.as_deref()?.at(route)?;
+    Some((route, upstream))
+}
+
+/// Forwards one POSTed body upstream and writes the answer to the session's stream.
+async fn forward(w: Rc<Worker>, session: Rc<Session>, post: Handover) {
+    let closed = session.closed.clone();
+    monoio::select! {
+        _ = closed.wait() => {}
+        _ = forward_inner(&w, &session, &post) => {}
+    }
+    session.in_flight.set(session.in_flight.get() - 1);
+}
+
+async fn forward_inner(w: &Rc<Worker>, session: &Rc<Session>, post: &Handover) {
+    let (body, raw) = match &post.work {
+        Work::Forward(body, raw) => (body, raw),
+        Work::Answer(message) => {
+            let _ = session.events.send(message.clone()).await;
+            return;
+        }
+    };
+    let is_initialize = matches!(body, Body::Single(m) if m.kind == Kind::Request && m.method_str() == "initialize");
+    if is_initialize && session.initialized.get() {
+        let e = GatewayError::InvalidRequest("this session is already initialized".into(), None);
+        return refuse_all(session, body, &e).await;
+    }
+    if !is_initialize && !session.initialized.get() {
+        let e = GatewayError::InvalidRequest(
+            "the session must be initialized first (send initialize)".into(),
+            None,
+        );
+        return refuse_all(session, body, &e).await;
+    }
+    let cfg = w.settings();
+    let Some((route, upstream)) = current_upstream(&cfg, &session.route) else {
+        // The server was removed by a reload: this session has nowhere to go.
+        let e = GatewayError::UpstreamUnavailable(format!(
+            "server `{}` is no longer configured",
+            session.route
+        ));
+        refuse_all(session, body, &e).await;
+        session.events.close();
+        return;
+    };
+    let head = session.head.borrow().clone();
+    let upstream_session = session.upstream.borrow().clone();
+    let out = Outgoing {
+        head: &head,
+        request_id: &post.request_id,
+        binding: &session.identity,
+        server: &cfg.routes[route].name,
+        session: upstream_session.as_deref(),
+        timeout: cfg.routes[route].upstream.timeout,
+        path_rest: "",
+    };
+    let exchange = match upstream.post(w, &out, body, raw).await {
+        Ok(x) => x,
+        Err(e) => return refuse_all(session, body, &e).await,
+    };
+    if is_initialize {
+        if let Some(s) = exchange.session {
+            *session.upstream.borrow_mut() = Some(s);
+        }
+    }
+    let outcome = relay(w, session, exchange.answer, is_initialize).await;
+    match outcome {
+        Relayed::Messages { version } => {
+            if is_initialize && !session.initialized.get() {
+                session.initialized.set(true);
+                if let Some(v) = version {
+                    let mut next = (**session.head.borrow()).clone();
+                    next.h.protocol_version = Some(v);
+                    *session.head.borrow_mut() = Rc::new(next);
+                }
+                monoio::spawn(server_stream(w.clone(), session.clone()));
+            }
+        }
+        Relayed::Refused(e, session_gone) => {
+            refuse_all(session, body, &e).await;
+            if session_gone {
+                // The upstream no longer knows the session: end ours, so the client starts over.
+                session.events.close();
+            }
+        }
+    }
+}
+
+/// How an answer went.
+enum Relayed {
+    /// Its messages were written to the stream (an initialize result's protocol version
+    /// noted).
+    Messages { version: Option<String> },
+    /// No JSON-RPC answer came back: each request gets this error; `true` when the upstream
+    /// said the session is unknown.
+    Refused(GatewayError, bool),
+}
+
+/// Writes an upstream answer's messages to the session's stream.
+async fn relay(w: &Worker, session: &Session, answer: Answer, note_version: bool) -> Relayed {
+    let mut version = None;
+    let mut send = async |msg: Vec<u8>| {
+        if note_version && version.is_none() {
+            version = negotiated_version(&msg);
+        }
+        session.events.send(msg).await.is_ok()
+    };
+    match answer {
+        Answer::Streamed(resp, _hold) => {
+            let status = resp.status;
+            let is_sse = resp
+                .content_type
+                .as_deref()
+                .is_some_and(|c| c.starts_with("text/event-stream"));
+            if is_sse && (200..300).contains(&status) {
+                relay_sse(resp, &mut send).await;
+            } else {
+                let mut resp = resp;
+                let Ok(data) = resp.read_to_end().await else {
+                    return Relayed::Refused(
+                        GatewayError::UpstreamUnavailable("upstream answer cut short".into()),
+                        false,
+                    );
+                };
+                resp.release(&w.pool);
+                if is_jsonrpc(&data) {
+                    send(data).await;
+                } else if !(200..300).contains(&status) {
+                    return Relayed::Refused(
+                        GatewayError::UpstreamUnavailable(format!("upstream answered HTTP {status}")),
+                        status == 404,
+                    );
+                }
+            }
+        }
+        Answer::Complete { body, .. } => {
+            if is_jsonrpc(&body) {
+                send(body).await;
+            }
+        }
+        Answer::Events(events) => {
+            while let Ok(msg) = events.recv().await {
+                if !send(msg).await {
+                    break;
+                }
+            }
+        }
+        Answer::Accepted | Answer::Ended => {}
+    }
+    Relayed::Messages { version }
+}
+
+/// Relays each `message` event of an upstream SSE body.
+async fn relay_sse(mut resp: UpstreamResponse, send: &mut impl AsyncFnMut(Vec<u8>) -> bool) {
+    let mut decoder = SseDecoder::default();
+    loop {
+        let (events, done) = match resp.next_data().await {
+            Ok(Some(data)) => match decoder.push(&data) {
+                Ok(events) => (events, false),
+                Err(_) => return,
+            },
+            Ok(None) => (decoder.finish(), true),
+            Err(_) => return,
+        };
+        for e in events {
+            if e.is_message() && !e.data.is_empty() && !send(e.data.into_bytes()).await {
+                return;
+            }
+        }
+        if done {
+            return;
+        }
+    }
+}
+
+/// Whether a body is a JSON-RPC message or batch (what may be written to the stream).
+fn is_jsonrpc(data: &[u8]) -> bool {
+    let trimmed = data.trim_ascii_start();
+    (trimmed.starts_with(b"{") || trimmed.starts_with(b"["))
+        && serde_json::from_slice::<serde::de::IgnoredAny>(data).is_ok()
+}
+
+/// The protocol version an initialize result names.
+fn negotiated_version(msg: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Init {
+        result: Option<InitResult>,
+    }
+    #[derive(serde::Deserialize)]
+    struct InitResult {
+        #[serde(rename = "protocolVersion")]
+        protocol_version: Option<String>,
+    }
+    let v: Init = serde_json::from_slice(msg).ok()?;
+    let version = v.result?.protocol_version?;
+    crate::mcp::transport::SUPPORTED_VERSIONS
+        .iter()
+        .any(|s| *s == version)
+        .then_some(version)
+}
+
+/// Writes `e` as the answer to every request in `body` (notifications and responses get
+/// none).
+async fn refuse_all(session: &Session, body: &Body, e: &GatewayError) {
+    for m in body.messages() {
+        if m.kind != Kind::Request {
+            continue;
+        }
+        let id: Option<&RpcId> = m.id.as_ref();
+        if session.events.send(e.body(id)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Relays the upstream's server-to-client stream (notifications and requests not tied to a
+/// POST) to the session's stream until the session ends; reopened when the upstream closes it.
+async fn server_stream(w: Rc<Worker>, session: Rc<Session>) {
+    let closed = session.closed.clone();
+    monoio::select! {
+        _ = closed.wait() => {}
+        _ = server_stream_inner(&w, &session) => {}
+    }
+}
+
+async fn server_stream_inner(w: &Rc<Worker>, session: &Rc<Session>) {
+    loop {
+        let cfg = w.settings();
+        let Some((route, upstream)) = current_upstream(&cfg, &session.route) else {
+            return;
+        };
+        let head = session.head.borrow().clone();
+        let upstream_session = session.upstream.borrow().clone();
+        let request_id = w.next_request_id();
+        let out = Outgoing {
+            head: &head,
+            request_id: &request_id,
+            binding: &session.identity,
+            server: &cfg.routes[route].name,
+            session: upstream_session.as_deref(),
+            timeout: cfg.routes[route].upstream.timeout,
+            path_rest: "",
+        };
+        let Ok(exchange) = upstream.open_stream(w, &out).await else {
+            return;
+        };
+        if let Answer::Streamed(resp, _) = &exchange.answer
+            && !(200..300).contains(&resp.status)
+        {
+            // 405: this server offers no such stream; anything else: not now, nor later.
+            return;
+        }
+        drop(cfg);
+        if let Relayed::Refused(..) = relay(w, session, exchange.answer, false).await {
+            return;
+        }
+        if session.events.is_closed() {
+            return;
+        }
+        monoio::time::sleep(REOPEN_STREAM).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tickets_round_trip_and_reject_other_payloads() {
+        let t = Ticket {
+            worker: 3,
+            serial: 42,
+            nonce: [7; 8],
+            route: "github".into(),
+        };
+        assert_eq!(Ticket::parse(&t.to_bytes()), Some(t.clone()));
+        assert_eq!(Ticket::parse(b"upstream-session-id"), None);
+        assert_eq!(Ticket::parse(&t.to_bytes()[..TICKET_FIXED]), None);
+        let sid = format!("{}.mac", B64.encode(t.to_bytes()));
+        assert_eq!(route_of(&sid).as_deref(), Some("github"));
+        assert_eq!(route_of("nonsense"), None);
+    }
+
+    #[test]
+    fn the_session_parameter_must_appear_once() {
+        assert_eq!(session_param("/messages?sessionId=abc"), Some("abc"));
+        assert_eq!(session_param("/messages?x=1&sessionId=abc"), Some("abc"));
+        assert_eq!(session_param("/messages?sessionId=a&sessionId=b"), None);
+        assert_eq!(session_param("/messages?sessionIdx=a"), None);
+        assert_eq!(session_param("/messages"), None);
+    }
+
+    #[test]
+    fn stream_paths_name_the_default_or_one_server() {
+        assert_eq!(stream_route("/sse", "/sse"), Some("default"));
+        assert_eq!(stream_route("/sse/github", "/sse"), Some("github"));
+        assert_eq!(stream_route("/sse/a/b", "/sse"), None);
+        assert_eq!(stream_route("/ssex", "/sse"), None);
+        assert_eq!(stream_route("/sse/", "/sse"), None);
+    }
+
+    #[test]
+    fn bindings_never_meet_a_route_name() {
+        assert_ne!(binding("default"), "default");
+        assert!(binding("x").contains(':'));
+    }
+}
