@@ -804,7 +804,7 @@ fn emit_audit(
     }
 }
 
-async fn relay_events<S: AsyncWriteRent>(
+async fn relay_events<S: Connection>(
     w: &Rc<Worker>,
     stream: &mut S,
     rx: async_channel::Receiver<Vec<u8>>,
@@ -813,8 +813,12 @@ async fn relay_events<S: AsyncWriteRent>(
     out: &mut Vec<u8>,
 ) {
     loop {
+        // The client sends nothing while it reads a stream: the connection turning readable
+        // means it has gone (EOF) or broken the protocol, and either way the stream ends now,
+        // not at the next keep-alive write (a legacy session and its upstream end with it).
         let next = monoio::select! {
             m = monoio::time::timeout(SSE_KEEPALIVE, rx.recv()) => Some(m),
+            _ = stream.wait_readable() => None,
             _ = w.shutdown.wait() => None,
         };
         let mut buf = std::mem::take(out);

@@ -110,7 +110,10 @@ pub fn session_param(target: &str) -> Option<&str> {
     let (_, query) = target.split_once('?')?;
     let mut found = None;
     for pair in query.split('&') {
-        if let Some(v) = pair.strip_prefix(SESSION_PARAM).and_then(|r| r.strip_prefix('=')) {
+        if let Some(v) = pair
+            .strip_prefix(SESSION_PARAM)
+            .and_then(|r| r.strip_prefix('='))
+        {
             if found.is_some() {
                 // Two session parameters: which one a proxy in front reads is anyone's guess.
                 return None;
@@ -128,7 +131,8 @@ pub fn stream_route<'p>(path: &'p str, sse_path: &str) -> Option<&'p str> {
     if rest.is_empty() {
         return Some(crate::config::DEFAULT_ROUTE);
     }
-    rest.strip_prefix('/').filter(|n| !n.is_empty() && !n.contains('/'))
+    rest.strip_prefix('/')
+        .filter(|n| !n.is_empty() && !n.contains('/'))
 }
 
 /// What the owner tells the POSTing worker.
@@ -530,7 +534,9 @@ async fn relay(w: &Worker, session: &Session, answer: Answer, note_version: bool
                     send(data).await;
                 } else if !(200..300).contains(&status) {
                     return Relayed::Refused(
-                        GatewayError::UpstreamUnavailable(format!("upstream answered HTTP {status}")),
+                        GatewayError::UpstreamUnavailable(format!(
+                            "upstream answered HTTP {status}"
+                        )),
                         status == 404,
                     );
                 }

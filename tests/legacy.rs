@@ -1,0 +1,501 @@
+//! The legacy HTTP+SSE transport (2024-11-05) through the real binary: the `endpoint` event,
+//! messages answered 202 with their answers on the stream, over stdio and HTTP upstreams and
+//! across workers; and what a hostile client tries (another caller's session URL, edited or
+//! foreign session parameters, ids of one transport at the other, a closed session).
+
+mod common;
+
+use common::*;
+use mcp_guard::cli::hash_key;
+use serde_json::Value;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+const ALICE: &str = "alice-key-0123456789";
+const BOB: &str = "bob-key-0123456789";
+const WAIT: Duration = Duration::from_secs(10);
+
+const INIT_2024: &str = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2024-11-05","capabilities":{},"clientInfo":{"name":"legacy","version":"1"}}}"#;
+const INITIALIZED: &str = r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
+
+/// Keys: alice may call echo and add (and see only those), bob anything.
+fn keys() -> String {
+    format!(
+        "[[auth.api_keys]]\nid = \"alice\"\nkey_hash = \"{}\"\nallowed_tools = [\"echo\", \"add\", \"progress\"]\n[[auth.api_keys]]\nid = \"bob\"\nkey_hash = \"{}\"\n",
+        hash_key(ALICE),
+        hash_key(BOB)
+    )
+}
+
+/// An open legacy stream: the raw connection, the decoded SSE text so far, and the messages
+/// URL its `endpoint` event named.
+struct Legacy {
+    conn: TcpStream,
+    /// Decoded (de-chunked) body bytes not yet consumed as events.
+    text: Vec<u8>,
+    /// Raw bytes received and not yet de-chunked.
+    raw: Vec<u8>,
+    endpoint: String,
+    addr: SocketAddr,
+    key: String,
+    /// Messages read while waiting for an answer (notifications, other answers).
+    others: Vec<Value>,
+}
+
+impl Legacy {
+    fn open(addr: SocketAddr, path: &str, key: &str) -> Legacy {
+        let (status, l) = Self::try_open(addr, path, key);
+        assert_eq!(status, 200, "GET {path}");
+        l.expect("a stream")
+    }
+
+    fn try_open(addr: SocketAddr, path: &str, key: &str) -> (u16, Option<Legacy>) {
+        let mut conn = connect(addr);
+        conn.set_read_timeout(Some(WAIT)).unwrap();
+        write!(
+            conn,
+            "GET {path} HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\n{}\r\n",
+            bearer(key)
+        )
+        .unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if conn.read(&mut byte).unwrap_or(0) == 0 {
+                break;
+            }
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).to_string();
+        let status: u16 = head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        if status != 200 {
+            return (status, None);
+        }
+        assert!(
+            head.to_ascii_lowercase().contains("text/event-stream"),
+            "{head}"
+        );
+        let mut l = Legacy {
+            conn,
+            text: Vec::new(),
+            raw: Vec::new(),
+            endpoint: String::new(),
+            addr,
+            key: key.to_string(),
+            others: Vec::new(),
+        };
+        let (event, data) = l.next_event().expect("the endpoint event");
+        assert_eq!(event.as_deref(), Some("endpoint"));
+        l.endpoint = data;
+        (status, Some(l))
+    }
+
+    /// Moves complete chunks from `raw` to `text`.
+    fn dechunk(&mut self) {
+        loop {
+            let Some(end) = self.raw.windows(2).position(|w| w == b"\r\n") else {
+                return;
+            };
+            let size =
+                usize::from_str_radix(std::str::from_utf8(&self.raw[..end]).unwrap().trim(), 16)
+                    .unwrap();
+            if self.raw.len() < end + 2 + size + 2 {
+                return;
+            }
+            let chunk = self.raw[end + 2..end + 2 + size].to_vec();
+            self.raw.drain(..end + 2 + size + 2);
+            self.text.extend(chunk);
+        }
+    }
+
+    /// The next event other than a keep-alive comment: (event type, data). `None` when the
+    /// stream ended or nothing came within the wait.
+    fn next_event(&mut self) -> Option<(Option<String>, String)> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            self.dechunk();
+            if let Some(at) = self.text.windows(2).position(|w| w == b"\n\n") {
+                let event = String::from_utf8(self.text.drain(..at + 2).collect()).unwrap();
+                let (mut name, mut data) = (None, Vec::new());
+                for line in event.lines() {
+                    if let Some(v) = line.strip_prefix("event: ") {
+                        name = Some(v.to_string());
+                    } else if let Some(v) = line.strip_prefix("data: ") {
+                        data.push(v);
+                    }
+                }
+                if data.is_empty() {
+                    continue;
+                }
+                return Some((name, data.join("\n")));
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            let mut buf = [0u8; 8192];
+            match self.conn.read(&mut buf) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.raw.extend_from_slice(&buf[..n]),
+            }
+        }
+    }
+
+    /// The next `message` event's JSON.
+    fn next_message(&mut self) -> Option<Value> {
+        let (name, data) = self.next_event()?;
+        assert_eq!(name.as_deref(), Some("message"), "{data}");
+        Some(serde_json::from_str(&data).unwrap())
+    }
+
+    /// POSTs `body` to the messages URL (on a new connection) as `key`.
+    fn post_as(&self, key: &str, body: &str) -> Response {
+        post_to(self.addr, &self.endpoint, key, body)
+    }
+
+    fn post(&self, body: &str) -> Response {
+        self.post_as(&self.key.clone(), body)
+    }
+
+    /// POSTs and returns the answer from the stream (the first message with the request's
+    /// id; anything read before it is kept in `others`).
+    fn call(&mut self, body: &str) -> Value {
+        let id = serde_json::from_str::<Value>(body).unwrap()["id"].clone();
+        let r = self.post(body);
+        assert_eq!(r.status, 202, "{}", r.text());
+        loop {
+            let m = self.next_message().expect("an answer on the stream");
+            if m.get("id") == Some(&id) && m.get("method").is_none() {
+                return m;
+            }
+            self.others.push(m);
+        }
+    }
+
+    fn initialize(&mut self) -> Value {
+        let init = self.call(INIT_2024);
+        assert_eq!(self.post(INITIALIZED).status, 202);
+        init
+    }
+}
+
+fn post_to(addr: SocketAddr, target: &str, key: &str, body: &str) -> Response {
+    request(
+        addr,
+        &format!(
+            "POST {target} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n{}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            bearer(key),
+            body.len()
+        ),
+    )
+}
+
+fn tool_names(list: &Value) -> Vec<String> {
+    let mut names: Vec<String> = list["result"]["tools"]
+        .as_array()
+        .unwrap_or_else(|| panic!("not a tool list: {list}"))
+        .iter()
+        .map(|t| t["name"].as_str().unwrap().to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+/// The session every test in this file exercises, against whichever upstream `g` fronts.
+fn full_session(g: &Gateway) {
+    let mut s = Legacy::open(g.addr, "/sse", ALICE);
+    assert!(
+        s.endpoint.starts_with("/messages?sessionId="),
+        "{}",
+        s.endpoint
+    );
+    let init = s.initialize();
+    assert_eq!(init["id"], 1);
+    assert_eq!(init["result"]["serverInfo"]["name"], "mcp-demo-server");
+    // tools/list is filtered to what alice may call.
+    let list = s.call(r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#);
+    assert_eq!(tool_names(&list), ["add", "echo", "progress"]);
+    let r = s.call(&call(3, "echo", r#"{"text":"over legacy sse"}"#));
+    assert_eq!(r["id"], 3);
+    assert_eq!(r["result"]["content"][0]["text"], "over legacy sse");
+    // A denied call is refused on the stream, where a legacy client reads it.
+    let r = s.call(&call(4, "sleep", r#"{"ms":1}"#));
+    assert_eq!(r["id"], 4);
+    assert!(
+        r["error"]["message"].as_str().unwrap().contains("sleep"),
+        "{r}"
+    );
+    // Progress notifications come on the stream before the result.
+    s.others.clear();
+    let r = s.call(
+        r#"{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"progress","arguments":{"steps":2},"_meta":{"progressToken":"p1"}}}"#,
+    );
+    assert_eq!(r["id"], 5);
+    let progress: Vec<&Value> = s
+        .others
+        .iter()
+        .filter(|m| m["method"] == "notifications/progress")
+        .collect();
+    assert_eq!(progress.len(), 2, "{:?}", s.others);
+    assert_eq!(progress[0]["params"]["progressToken"], "p1");
+}
+
+#[test]
+fn a_legacy_client_works_end_to_end_against_a_stdio_upstream() {
+    let g = Gateway::start(&format!("{}{}", stdio_config("auto", "", &[]), keys()));
+    full_session(&g);
+}
+
+#[test]
+fn a_legacy_client_works_end_to_end_against_an_http_upstream() {
+    // Answering POSTs as SSE: progress notifications travel with the answer.
+    let demo = DemoHttp::start(&["--sse-responses"]);
+    let g = Gateway::start(&format!(
+        "{}{}",
+        http_config("auto", &demo.url(), "", ""),
+        keys()
+    ));
+    full_session(&g);
+}
+
+#[test]
+fn messages_reach_their_session_whichever_worker_they_land_on() {
+    for io in DRIVERS {
+        let mut cfg = stdio_config(io, "", &[]);
+        cfg = cfg.replace("workers = 2", "workers = 4");
+        let g = Gateway::start(&format!("{cfg}{}", keys()));
+        // Several streams (spread over the workers by the kernel), each posted to on fresh
+        // connections (spread again): every answer must reach its own stream.
+        let mut sessions: Vec<Legacy> = (0..6).map(|_| Legacy::open(g.addr, "/sse", BOB)).collect();
+        for s in &mut sessions {
+            s.initialize();
+        }
+        for round in 0..5u64 {
+            for (i, s) in sessions.iter_mut().enumerate() {
+                let text = format!("s{i}-r{round}");
+                let r = s.call(&call(
+                    10 + round,
+                    "echo",
+                    &format!(r#"{{"text":"{text}"}}"#),
+                ));
+                assert_eq!(r["result"]["content"][0]["text"], text.as_str(), "{io}");
+            }
+        }
+        assert_eq!(
+            g.metric_settles("mcp_guard_legacy_sse_sessions", &[], 6.0),
+            6.0
+        );
+        drop(sessions);
+        assert_eq!(
+            g.metric_settles("mcp_guard_legacy_sse_sessions", &[], 0.0),
+            0.0
+        );
+    }
+}
+
+#[test]
+fn a_session_url_is_unknown_to_another_caller_and_to_anyone_once_its_stream_ends() {
+    let g = Gateway::start(&format!("{}{}", stdio_config("auto", "", &[]), keys()));
+    let mut s = Legacy::open(g.addr, "/sse", ALICE);
+    s.initialize();
+    // Bob holds a valid key and alice's session URL: unknown to him.
+    let r = s.post_as(BOB, &call(2, "echo", r#"{"text":"x"}"#));
+    assert_eq!(r.status, 404, "{}", r.text());
+    // Nothing reached alice's stream.
+    let r = s.call(r#"{"jsonrpc":"2.0","id":3,"method":"ping"}"#);
+    assert_eq!(r["id"], 3);
+    // Without credentials: 401 before anything else.
+    let r = post_to(
+        g.addr,
+        &s.endpoint,
+        "",
+        r#"{"jsonrpc":"2.0","id":4,"method":"ping"}"#,
+    );
+    assert_eq!(r.status, 401);
+    // The stream ends: the URL is dead, for its owner too.
+    let endpoint = s.endpoint.clone();
+    drop(s);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let r = post_to(
+            g.addr,
+            &endpoint,
+            ALICE,
+            r#"{"jsonrpc":"2.0","id":5,"method":"ping"}"#,
+        );
+        if r.status == 404 {
+            break;
+        }
+        assert_eq!(r.status, 202);
+        assert!(
+            Instant::now() < deadline,
+            "session still open after its stream closed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn edited_guessed_or_foreign_session_parameters_are_unknown() {
+    let g = Gateway::start(&format!("{}{}", stdio_config("auto", "", &[]), keys()));
+    let mut s = Legacy::open(g.addr, "/sse", ALICE);
+    s.initialize();
+    let sid = s.endpoint.strip_prefix("/messages?sessionId=").unwrap();
+    let ping = r#"{"jsonrpc":"2.0","id":9,"method":"ping"}"#;
+    let (payload, mac) = sid.split_once('.').unwrap();
+    // Another serial on the same worker (the payload edited): the MAC no longer matches.
+    let mut edited = payload.as_bytes().to_vec();
+    edited[10] = if edited[10] == b'A' { b'B' } else { b'A' };
+    let edited = format!("{}.{mac}", String::from_utf8(edited).unwrap());
+    for target in [
+        format!("/messages?sessionId={edited}"),
+        "/messages?sessionId=AQABAAAAAAAAAAHPOfqP1SiW_WRlZmF1bHQ.bm9wZQ".to_string(),
+        "/messages?sessionId=".to_string(),
+        "/messages?sessionId=not-base64!.x".to_string(),
+    ] {
+        let r = post_to(g.addr, &target, ALICE, ping);
+        assert_eq!(r.status, 404, "{target}: {}", r.text());
+    }
+    // Two session parameters, or none: which one counts is never guessed.
+    let r = post_to(
+        g.addr,
+        &format!("/messages?sessionId={sid}&sessionId={sid}"),
+        ALICE,
+        ping,
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(post_to(g.addr, "/messages", ALICE, ping).status, 400);
+    // A legacy session id presented as a Streamable HTTP session, and the other way round.
+    let r = request(g.addr, &mcp_post_raw(ping, Some(sid), &bearer(ALICE)));
+    assert_eq!(r.status, 404, "{}", r.text());
+    let (_, streamable) = initialize_at(g.addr, "/mcp", &bearer(ALICE));
+    let r = post_to(
+        g.addr,
+        &format!("/messages?sessionId={streamable}"),
+        ALICE,
+        ping,
+    );
+    assert_eq!(r.status, 404, "{}", r.text());
+    // The real one still works.
+    assert_eq!(s.call(ping)["id"], 9);
+}
+
+#[test]
+fn a_session_of_one_server_is_unknown_at_another() {
+    let servers = format!(
+        "[[upstream.servers]]\nname = \"alpha\"\ntransport = \"stdio\"\ncommand = {DEMO:?}\nargs = [\"--name\", \"srv-alpha\"]\n"
+    );
+    let g = Gateway::start(&format!(
+        "{}{servers}{}",
+        stdio_config("auto", "", &[]),
+        keys()
+    ));
+    let mut alpha = Legacy::open(g.addr, "/sse/alpha", BOB);
+    let init = alpha.initialize();
+    assert_eq!(init["result"]["serverInfo"]["name"], "srv-alpha");
+    let mut default = Legacy::open(g.addr, "/sse", BOB);
+    let init = default.initialize();
+    assert_eq!(init["result"]["serverInfo"]["name"], "mcp-demo-server");
+    // The session parameter carries its server's name under the MAC: rewriting the name
+    // to another server's breaks it.
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let sid = alpha.endpoint.strip_prefix("/messages?sessionId=").unwrap();
+    let (payload, mac) = sid.split_once('.').unwrap();
+    let mut bytes = b64.decode(payload).unwrap();
+    let at = bytes.len() - "alpha".len();
+    bytes.truncate(at);
+    bytes.extend_from_slice(b"default");
+    let forged = format!("/messages?sessionId={}.{mac}", b64.encode(&bytes));
+    let r = post_to(
+        g.addr,
+        &forged,
+        BOB,
+        r#"{"jsonrpc":"2.0","id":2,"method":"ping"}"#,
+    );
+    assert_eq!(r.status, 404, "{}", r.text());
+    // Unknown servers have no stream.
+    assert_eq!(Legacy::try_open(g.addr, "/sse/nope", BOB).0, 404);
+}
+
+#[test]
+fn the_stream_and_its_messages_follow_the_transport_rules() {
+    let g = Gateway::start(&format!("{}{}", stdio_config("auto", "", &[]), keys()));
+    // No credentials: 401; no text/event-stream in Accept: 406; POST to the stream: 405.
+    assert_eq!(Legacy::try_open(g.addr, "/sse", "").0, 401);
+    let r = request(
+        g.addr,
+        &format!(
+            "GET /sse HTTP/1.1\r\nHost: t\r\nAccept: application/json\r\n{}Connection: close\r\n\r\n",
+            bearer(ALICE)
+        ),
+    );
+    assert_eq!(r.status, 406);
+    let r = post_to(g.addr, "/sse", ALICE, INIT_2024);
+    assert_eq!(r.status, 405);
+    let mut s = Legacy::open(g.addr, "/sse", ALICE);
+    // Before initialize, nothing is forwarded: the client is told on the stream.
+    let r = s.call(r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#);
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("initialize"),
+        "{r}"
+    );
+    s.initialize();
+    // A second initialize on the same session is refused.
+    let r = s.call(INIT_2024);
+    assert!(r["error"].is_object(), "{r}");
+    // Not JSON: 400 in the POST's own response (there is no id to answer on the stream).
+    let r = s.post("{not json");
+    assert_eq!(r.status, 400);
+    // Wrong content type: 415.
+    let r = request(
+        g.addr,
+        &format!(
+            "POST {} HTTP/1.1\r\nHost: t\r\nContent-Type: text/plain\r\n{}Content-Length: 2\r\nConnection: close\r\n\r\n{{}}",
+            s.endpoint,
+            bearer(ALICE)
+        ),
+    );
+    assert_eq!(r.status, 415);
+    // A notification carrying a tool call is invalid, not an unchecked notification.
+    let r = s.post(
+        r#"{"jsonrpc":"2.0","method":"tools/call","params":{"name":"sleep","arguments":{}}}"#,
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(
+        s.call(r#"{"jsonrpc":"2.0","id":7,"method":"ping"}"#)["id"],
+        7
+    );
+}
+
+#[test]
+fn a_rate_limited_message_is_a_429_the_client_sees_when_it_posts() {
+    let cfg = format!(
+        "{}{}[rate_limit]\nenabled = true\nrequests_per_second = 1\nburst_size = 4\n",
+        stdio_config("auto", "", &[]),
+        keys()
+    );
+    let g = Gateway::start(&cfg);
+    let mut s = Legacy::open(g.addr, "/sse", ALICE);
+    s.initialize();
+    let mut statuses = Vec::new();
+    for i in 0..6 {
+        let r = s.post(&format!(
+            r#"{{"jsonrpc":"2.0","id":{},"method":"ping"}}"#,
+            100 + i
+        ));
+        statuses.push(r.status);
+        if r.status == 429 {
+            assert!(r.header("retry-after").is_some());
+            break;
+        }
+    }
+    assert_eq!(statuses.last(), Some(&429), "{statuses:?}");
+}
