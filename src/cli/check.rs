@@ -31,7 +31,7 @@ pub fn check_all(s: &Settings) -> bool {
         .iter()
         .map(|r| match &r.upstream.transport {
             Transport::Http(h) => h.endpoints.len(),
-            Transport::Stdio(_) => 1,
+            Transport::Stdio(_) | Transport::Sse(_) => 1,
         })
         .sum();
     let (mut passed, mut failed) = (0, 0);
@@ -73,6 +73,10 @@ pub fn check_all(s: &Settings) -> bool {
                         .and_then(|()| check_stdio(&route.key, st, timeout))
                 })
             }
+            Transport::Sse(sse) => report(
+                format!("{} (sse {})", route.name, sse.endpoint.url),
+                &|| check_sse(sse, timeout),
+            ),
             Transport::Http(h) => {
                 for e in &h.endpoints {
                     report(format!("{} (http {})", route.name, e.url), &|| {
@@ -148,6 +152,40 @@ fn timeout_phrase(key: &str, timeout: Duration) -> String {
         "{} s ({key}.timeout_secs; raise it if the server is slow to start)",
         timeout.as_secs()
     )
+}
+
+/// Opens a legacy SSE server's stream, follows its `endpoint` event (same origin only) and
+/// runs the initialize handshake over it, as the gateway would.
+fn check_sse(s: &crate::config::SseSettings, timeout: Duration) -> Result<String, String> {
+    let (lines_tx, lines_rx) = mpsc::sync_channel::<Vec<u8>>(1);
+    let (answer_tx, answer_rx) = mpsc::channel::<Result<serde_json::Value, String>>();
+    let ended = answer_tx.clone();
+    let link = crate::upstream::sse::SseLink::open(
+        s,
+        lines_rx,
+        move |message| match serde_json::from_slice::<serde_json::Value>(&message) {
+            Ok(v) if v.get("id") == Some(&serde_json::json!(1)) => {
+                let _ = answer_tx.send(Ok(v));
+                false
+            }
+            _ => true,
+        },
+        move |why| {
+            let _ = ended.send(Err(why));
+        },
+    )
+    .map_err(|e| format!("cannot start the check: {e}"))?;
+    let _ = lines_tx.send(format!("{INIT}\n").into_bytes());
+    let answer = answer_rx.recv_timeout(timeout);
+    link.cut();
+    match answer {
+        Ok(Ok(v)) => describe(&v),
+        Ok(Err(why)) => Err(why),
+        Err(_) => Err(format!(
+            "no answer to initialize within {} s (timeout_secs)",
+            timeout.as_secs()
+        )),
+    }
 }
 
 fn check_stdio(key: &str, st: &StdioSettings, timeout: Duration) -> Result<String, String> {

@@ -251,6 +251,7 @@ fn init_logging() {
 fn describe_upstream(s: &Settings) -> String {
     let one = |r: &crate::config::Route| match &r.upstream.transport {
         crate::config::Transport::Stdio(st) => format!("stdio `{}`", st.command),
+        crate::config::Transport::Sse(s) => format!("sse {}", s.endpoint.url),
         crate::config::Transport::Http(h) => {
             let urls: Vec<&str> = h.endpoints.iter().map(|e| e.url.as_str()).collect();
             format!("http {}", urls.join(", "))

@@ -38,12 +38,6 @@ pub const UNBUILT: &[Unbuilt] = &[
                   (a load balancer or sidecar) and remove [server.tls]",
     },
     Unbuilt {
-        path: "upstream.transport",
-        trigger: Trigger::Equals("sse"),
-        message: "the legacy SSE upstream transport is not in this build yet; use `stdio` or \
-                  `http`",
-    },
-    Unbuilt {
         path: "auth.jwt",
         trigger: Trigger::Present,
         message: "JWT authentication is not in this build yet; refusing to start rather than \
@@ -160,11 +154,6 @@ pub fn first_unbuilt<'v>(lookup: &dyn Fn(&str) -> Option<Seen<'v>>) -> Option<&'
 pub fn first_unbuilt_in(file: &FileConfig) -> Option<&'static Unbuilt> {
     first_unbuilt(&|path| match path {
         "server.tls" => file.server.tls.as_ref().map(|_| Seen::Other),
-        "upstream.transport" => Some(Seen::Str(match file.upstream.transport {
-            TransportKind::Stdio => "stdio",
-            TransportKind::Http => "http",
-            TransportKind::Sse => "sse",
-        })),
         "auth.jwt" => file.auth.jwt.as_ref().map(|_| Seen::Other),
         "auth.oauth" => file.auth.oauth.as_ref().map(|_| Seen::Other),
         "auth.mtls.enabled" => file.auth.mtls.as_ref().map(|m| Seen::Bool(m.enabled)),
@@ -206,9 +195,8 @@ pub fn ignored_keys(file: &FileConfig) -> Vec<String> {
         ];
         let (foreign, why): (&[(&str, bool)], &str) = match s.transport {
             TransportKind::Stdio => (&http_keys, "\"stdio\" and it configures an HTTP upstream"),
-            TransportKind::Http | TransportKind::Sse => {
-                (&stdio_keys, "\"http\" and it configures a stdio upstream")
-            }
+            TransportKind::Http => (&stdio_keys, "\"http\" and it configures a stdio upstream"),
+            TransportKind::Sse => (&stdio_keys, "\"sse\" and it configures a stdio upstream"),
         };
         for (name, set) in foreign {
             if *set {
@@ -264,7 +252,9 @@ pub fn ignored_keys(file: &FileConfig) -> Vec<String> {
     let http_only = ["url", "urls", "headers", "load_balance"];
     let (foreign, transport) = match file.upstream.transport {
         TransportKind::Stdio => (&http_only[..], "stdio"),
-        TransportKind::Http | TransportKind::Sse => (&stdio_only[..], "http"),
+        TransportKind::Http => (&stdio_only[..], "http"),
+        // Its sessions map to connections as stdio's map to processes.
+        TransportKind::Sse => (&stdio_only[..4], "sse"),
     };
     for key in foreign {
         let path = format!("upstream.{key}");

@@ -757,8 +757,6 @@ mod tests {
             "{err}"
         );
         assert_eq!(err.position.map(|p| p.0), Some(4));
-        let err = parse_str("[upstream]\ntransport = \"sse\"\n", &env).unwrap_err();
-        assert!(err.message.contains("legacy SSE"), "{err}");
         // A disabled mTLS section is not a request for mTLS.
         parse_str("[auth.mtls]\nenabled = false\n", &env).unwrap();
     }

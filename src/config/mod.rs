@@ -182,6 +182,21 @@ pub enum Transport {
     Stdio(StdioSettings),
     /// A Streamable HTTP endpoint.
     Http(HttpUpstream),
+    /// A legacy HTTP+SSE (2024-11-05) server.
+    Sse(SseSettings),
+}
+
+/// A legacy HTTP+SSE upstream: its stream's URL (messages go where its `endpoint` event says,
+/// on the same origin only), the headers sent with every request, and whether each session
+/// gets a connection of its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SseSettings {
+    /// The SSE stream's URL.
+    pub endpoint: HttpEndpoint,
+    /// Extra headers sent upstream (name, value).
+    pub headers: Vec<(String, String)>,
+    /// One connection per session (`None`: one shared connection).
+    pub per_session: Option<PerSession>,
 }
 
 /// `session_mode = "per_session"`: the limits of a stdio upstream's per-session children.
@@ -575,10 +590,6 @@ struct UpstreamKeys<'a> {
 
 fn validate_upstream(u: &UpstreamKeys<'_>) -> Result<UpstreamSettings, ConfigError> {
     let key = |name: &str| format!("{}.{name}", u.key);
-    let unbuilt = |path: &str| features::unbuilt_note(path).unwrap_or("not in this build");
-    if u.transport == TransportKind::Sse {
-        return Err(invalid(&key("transport"), unbuilt("upstream.transport")));
-    }
     let timeout = Duration::from_secs(u.timeout_secs);
     if timeout.is_zero() {
         return Err(invalid(&key("timeout_secs"), "must be at least 1"));
@@ -592,22 +603,7 @@ fn validate_upstream(u: &UpstreamKeys<'_>) -> Result<UpstreamSettings, ConfigErr
                     "required for transport = \"stdio\" (the program to run)",
                 ));
             };
-            let per_session = match u.session_mode {
-                schema::SessionMode::Shared => None,
-                schema::SessionMode::PerSession => {
-                    let max_processes = u.max_processes.unwrap_or(DEFAULT_MAX_PROCESSES);
-                    if !(1..=MAX_PROCESSES).contains(&max_processes) {
-                        return Err(invalid(
-                            &key("max_processes"),
-                            format!("must be 1..={MAX_PROCESSES}"),
-                        ));
-                    }
-                    Some(PerSession {
-                        max_processes,
-                        idle: Duration::from_secs(u.session_idle_secs),
-                    })
-                }
-            };
+            let per_session = per_session(u)?;
             Transport::Stdio(StdioSettings {
                 command,
                 args: u.args.to_vec(),
@@ -616,11 +612,44 @@ fn validate_upstream(u: &UpstreamKeys<'_>) -> Result<UpstreamSettings, ConfigErr
                 per_session,
             })
         }
-        TransportKind::Http | TransportKind::Sse => {
-            Transport::Http(validate_http(u, &key("headers"))?)
+        TransportKind::Http => Transport::Http(validate_http(u, &key("headers"))?),
+        TransportKind::Sse => {
+            if !u.urls.is_empty() {
+                return Err(invalid(
+                    &key("urls"),
+                    "replicas of a legacy SSE server are not balanced by this build; give its \
+                     stream's URL as url",
+                ));
+            }
+            let mut http = validate_http(u, &key("headers"))?;
+            Transport::Sse(SseSettings {
+                endpoint: http.endpoints.remove(0),
+                headers: http.headers,
+                per_session: per_session(u)?,
+            })
         }
     };
     Ok(UpstreamSettings { transport, timeout })
+}
+
+/// `session_mode`'s limits (stdio and SSE upstreams).
+fn per_session(u: &UpstreamKeys<'_>) -> Result<Option<PerSession>, ConfigError> {
+    Ok(match u.session_mode {
+        schema::SessionMode::Shared => None,
+        schema::SessionMode::PerSession => {
+            let max_processes = u.max_processes.unwrap_or(DEFAULT_MAX_PROCESSES);
+            if !(1..=MAX_PROCESSES).contains(&max_processes) {
+                return Err(invalid(
+                    &format!("{}.max_processes", u.key),
+                    format!("must be 1..={MAX_PROCESSES}"),
+                ));
+            }
+            Some(PerSession {
+                max_processes,
+                idle: Duration::from_secs(u.session_idle_secs),
+            })
+        }
+    })
 }
 
 /// The endpoints of an HTTP upstream: `url`, or each replica of `urls` (not both), every one
@@ -1150,7 +1179,7 @@ const GATEWAY_HEADERS: &[&str] = &[
 ];
 
 /// Splits `host[:port]` (with `[v6]` brackets) into host and port.
-fn split_host_port(authority: &str, default_port: u16) -> Option<(String, u16)> {
+pub(crate) fn split_host_port(authority: &str, default_port: u16) -> Option<(String, u16)> {
     if let Some(rest) = authority.strip_prefix('[') {
         let (host, after) = rest.split_once(']')?;
         let port = match after.strip_prefix(':') {

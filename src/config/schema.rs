@@ -96,7 +96,7 @@ pub enum TransportKind {
     Sse,
 }
 
-/// `session_mode`: how stdio processes map to client sessions.
+/// `session_mode`: how stdio processes (or SSE connections) map to client sessions.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SessionMode {
@@ -322,7 +322,9 @@ impl Default for AdminSection {
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamSection {
-    /// (compat) How the upstream is reached. On reload, a changed upstream is started before
+    /// (compat) How the upstream is reached: `stdio` (a child process), `http` (Streamable
+    /// HTTP) or `sse` (a legacy HTTP+SSE server: its stream at `url`, messages posted where its
+    /// `endpoint` event says, on the same origin only). On reload, a changed upstream is started before
     /// the switch (one that cannot start refuses the reload); the old one finishes its
     /// in-flight requests, and its sessions end (clients initialize again).
     #[serde(default)]
@@ -339,16 +341,17 @@ pub struct UpstreamSection {
     /// stdio: the child's working directory (default: the gateway's).
     #[schemars(extend("x-type" = "directory path"))]
     pub cwd: Option<String>,
-    /// stdio: one shared process (request ids remapped per session) or one per session
-    /// (isolated by process; started on initialize, stopped on DELETE or after
+    /// stdio and sse: one shared process or SSE connection (request ids remapped per session)
+    /// or one per session (isolated; started on initialize, stopped on DELETE or after
     /// `server.session_idle_secs` without a request).
     #[serde(default)]
     pub session_mode: SessionMode,
-    /// stdio `per_session`: most children at once (default 64); one identity may hold half of
+    /// stdio and sse `per_session`: most children (or connections) at once (default 64); one identity may hold half of
     /// them (at least one). At the cap an initialize gets 503 with a JSON-RPC error.
     #[schemars(extend("x-type" = "whole number 1–4096"))]
     pub max_processes: Option<usize>,
-    /// (compat) http: the server's endpoint, `http://host[:port]/path`; resolved at load time.
+    /// (compat) http: the server's endpoint; sse: its stream's URL. `http://host[:port]/path`,
+    /// resolved at load time.
     #[schemars(extend("x-type" = "URL"))]
     pub url: Option<String>,
     /// http: replicas of one server, load balanced (instead of `url`, never with it; at most
@@ -367,7 +370,7 @@ pub struct UpstreamSection {
     /// replica; a session stays on its replica.
     #[serde(default)]
     pub load_balance: LoadBalance,
-    /// http: headers sent upstream (the client's credentials never are).
+    /// http and sse: headers sent upstream (the client's credentials never are).
     #[serde(default)]
     #[schemars(extend("x-type" = "table of header name = value"))]
     pub headers: BTreeMap<String, String>,

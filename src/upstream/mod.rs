@@ -15,6 +15,7 @@ pub mod http;
 pub mod pool;
 pub mod router;
 pub mod set;
+pub mod sse;
 pub mod stdio;
 
 use crate::error::GatewayError;

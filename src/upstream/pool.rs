@@ -11,12 +11,12 @@
 //! deleted. Spawning happens off the worker (a fork and exec would stall its event loop).
 
 use super::{Answer, Exchange, Outgoing};
-use crate::config::{PerSession, StdioSettings};
+use crate::config::PerSession;
 use crate::error::GatewayError;
 use crate::mcp::jsonrpc::{Body, Kind};
 use crate::observe::metrics::Metrics;
 use crate::upstream::router::SessionKey;
-use crate::upstream::stdio::StdioHub;
+use crate::upstream::stdio::{Link, StdioHub};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -79,7 +79,7 @@ pub struct StdioPool {
     /// Children are forked by one long-lived thread: a child dies with the thread that
     /// forked it (`PR_SET_PDEATHSIG`), so that thread must outlive them.
     spawner: std::sync::mpsc::Sender<SpawnRequest>,
-    settings: StdioSettings,
+    settings: Link,
     limits: PerSession,
     metrics: Arc<Metrics>,
     table: Mutex<Table>,
@@ -89,7 +89,7 @@ pub struct StdioPool {
 
 impl StdioPool {
     /// A pool; no child runs until a session asks for one.
-    pub fn new(settings: StdioSettings, limits: PerSession, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(settings: Link, limits: PerSession, metrics: Arc<Metrics>) -> Arc<Self> {
         let (spawner, requests) = std::sync::mpsc::channel::<SpawnRequest>();
         let (for_spawner, metrics_for_spawner) = (settings.clone(), metrics.clone());
         // Ends when the pool (the only sender) is dropped.
@@ -112,7 +112,7 @@ impl StdioPool {
     }
 
     /// The settings its children are started from.
-    pub fn settings(&self) -> &StdioSettings {
+    pub fn settings(&self) -> &Link {
         &self.settings
     }
 

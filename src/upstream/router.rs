@@ -28,11 +28,14 @@ use std::collections::{BTreeMap, HashMap};
 /// A hub session key.
 pub type SessionKey = [u8; 16];
 
-/// Ids at and above this are the hub's own requests (the replayed `initialize`).
-pub const REPLAY_ID_BASE: u64 = 1 << 62;
+/// Ids at and above this are the hub's own requests (the replayed `initialize`). Every id
+/// the hub sends stays below 2^53: servers written in JavaScript read ids as doubles, and the
+/// official TypeScript SDK refuses a larger one as an invalid message.
+pub const REPLAY_ID_BASE: u64 = 1 << 52;
 
-/// Id of the hub's own `ping` to a newly started upstream (above every replay id).
-pub const PING_ID: u64 = u64::MAX;
+/// Id of the hub's own `ping` to a newly started upstream (above every replay id), the largest
+/// integer a double holds exactly.
+pub const PING_ID: u64 = (1 << 53) - 1;
 
 /// JSON-RPC error sent to the upstream for a server-initiated request the hub cannot route.
 pub const UNROUTABLE_MESSAGE: &str =

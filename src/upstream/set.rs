@@ -9,8 +9,9 @@
 use super::UpstreamRef;
 use super::balance::HttpServer;
 use super::pool::StdioPool;
+use super::stdio::Link;
 use super::stdio::StdioHub;
-use crate::config::{Settings, StdioSettings, Transport};
+use crate::config::{Settings, Transport};
 use crate::observe::metrics::Metrics;
 use std::sync::Arc;
 
@@ -19,9 +20,10 @@ pub enum Upstream {
     /// A Streamable HTTP server (per-worker pools; nothing runs for it here): its replicas
     /// and what the health checks and workers know about them.
     Http(Arc<HttpServer>),
-    /// A supervised stdio child, with the settings it was started from.
-    Stdio(StdioSettings, Arc<StdioHub>),
-    /// A stdio child per session.
+    /// A supervised stdio child (or legacy SSE connection), with the settings it was started
+    /// from.
+    Stdio(Link, Arc<StdioHub>),
+    /// A stdio child (or legacy SSE connection) per session.
     StdioPool(Arc<StdioPool>),
 }
 
@@ -29,22 +31,28 @@ impl Upstream {
     fn start(transport: &Transport, metrics: &Arc<Metrics>) -> Result<Self, String> {
         Ok(match transport {
             Transport::Http(h) => Upstream::Http(Arc::new(HttpServer::new(h, None))),
-            Transport::Stdio(s) => match s.per_session {
-                Some(limits) => {
-                    Upstream::StdioPool(StdioPool::new(s.clone(), limits, metrics.clone()))
+            Transport::Stdio(_) | Transport::Sse(_) => {
+                let link = link_of(transport).unwrap_or_else(|| unreachable!());
+                match link.per_session() {
+                    Some(limits) => {
+                        Upstream::StdioPool(StdioPool::new(link, limits, metrics.clone()))
+                    }
+                    None => {
+                        let hub = StdioHub::start(link.clone(), metrics.clone())?;
+                        Upstream::Stdio(link, hub)
+                    }
                 }
-                None => Upstream::Stdio(s.clone(), StdioHub::start(s.clone(), metrics.clone())?),
-            },
+            }
         })
     }
 
     /// The same upstream if `wanted` describes it, else `None`.
     fn carry_over(&self, wanted: &Transport) -> Option<Self> {
         match (self, wanted) {
-            (Upstream::Stdio(running, hub), Transport::Stdio(w)) if running == w => {
+            (Upstream::Stdio(running, hub), w) if link_of(w).as_ref() == Some(running) => {
                 Some(Upstream::Stdio(running.clone(), hub.clone()))
             }
-            (Upstream::StdioPool(pool), Transport::Stdio(w)) if pool.settings() == w => {
+            (Upstream::StdioPool(pool), w) if link_of(w).as_ref() == Some(pool.settings()) => {
                 Some(Upstream::StdioPool(pool.clone()))
             }
             // An HTTP upstream holds nothing that runs: what carries over is what is known of
@@ -83,6 +91,15 @@ impl Upstream {
             Upstream::Stdio(_, hub) => hub.has_answered(),
             Upstream::StdioPool(pool) => pool.has_answered(),
         }
+    }
+}
+
+/// What a hub would run for `transport`; `None` for an HTTP upstream (no hub).
+fn link_of(transport: &Transport) -> Option<Link> {
+    match transport {
+        Transport::Stdio(s) => Some(Link::Process(s.clone())),
+        Transport::Sse(s) => Some(Link::Sse(s.clone())),
+        Transport::Http(_) => None,
     }
 }
 

@@ -15,11 +15,12 @@
 //! identity, they survive a child restart, and the hub replays its own initialize to the new
 //! child so clients carry on.
 
-use crate::config::StdioSettings;
+use crate::config::{PerSession, SseSettings, StdioSettings};
 use crate::error::GatewayError;
 use crate::mcp::jsonrpc::{Body, Kind, Message};
 use crate::observe::metrics::Metrics;
 use crate::upstream::router::{Limits, Output, Router};
+use crate::upstream::sse::SseLink;
 use crate::upstream::{Answer, Exchange, Outgoing};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -30,6 +31,79 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::time::{Duration, Instant};
 
 pub use crate::upstream::router::SessionKey;
+
+/// What a hub's router talks to: a child process over its stdin and stdout, or a legacy
+/// HTTP+SSE server over its stream and messages endpoint. The router cannot tell them apart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Link {
+    /// A child process speaking newline-delimited JSON-RPC.
+    Process(StdioSettings),
+    /// A legacy HTTP+SSE server.
+    Sse(SseSettings),
+}
+
+impl Link {
+    /// One child (or connection) per session, with these limits; `None`: one shared.
+    pub fn per_session(&self) -> Option<PerSession> {
+        match self {
+            Link::Process(s) => s.per_session,
+            Link::Sse(s) => s.per_session,
+        }
+    }
+
+    /// What it is, for messages: the command, or the stream's URL.
+    pub fn describe(&self) -> String {
+        match self {
+            Link::Process(s) => format!("stdio upstream `{}`", s.command),
+            Link::Sse(s) => format!("SSE upstream {}", s.endpoint.url),
+        }
+    }
+}
+
+/// A running child or connection.
+enum Running {
+    Process(Child),
+    Sse(SseLink),
+}
+
+impl Running {
+    /// Stops it at once; says how it ended, for the log.
+    fn kill(self) -> String {
+        match self {
+            Running::Process(mut c) => {
+                // The reader may have stopped on an oversized line while the child still runs.
+                let _ = c.kill();
+                format!("{:?}", c.wait())
+            }
+            Running::Sse(link) => {
+                link.cut();
+                "connection closed".into()
+            }
+        }
+    }
+
+    /// Stops it gently: a process gets its stdin closed (already done by the caller) and two
+    /// seconds to exit; a connection is closed.
+    fn stop(self) {
+        match self {
+            Running::Process(mut child) => {
+                let deadline = Instant::now() + Duration::from_secs(2);
+                loop {
+                    match child.try_wait() {
+                        Ok(Some(_)) => return,
+                        Ok(None) if Instant::now() < deadline => {
+                            std::thread::sleep(Duration::from_millis(20))
+                        }
+                        _ => break,
+                    }
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            Running::Sse(link) => link.cut(),
+        }
+    }
+}
 
 /// What the router answers a worker.
 #[derive(Debug)]
@@ -120,12 +194,12 @@ impl StdioHub {
     /// Starts the router and the first child.
     /// The first child is started here, on the caller's thread: one that cannot be started at
     /// all is a start-up error (one that dies later is restarted with backoff).
-    pub fn start(settings: StdioSettings, metrics: Arc<Metrics>) -> Result<Arc<StdioHub>, String> {
+    pub fn start(link: Link, metrics: Arc<Metrics>) -> Result<Arc<StdioHub>, String> {
         let (tx, rx) = std::sync::mpsc::sync_channel(INBOX_CAPACITY);
         let alive = Arc::new(AtomicBool::new(false));
         let answered = Arc::new(AtomicBool::new(false));
         let mut router = Supervisor {
-            settings,
+            link,
             inbox_tx: tx.clone(),
             metrics,
             alive: alive.clone(),
@@ -145,10 +219,7 @@ impl StdioHub {
             started_at: Instant::now(),
         };
         if let Err(e) = router.spawn_child() {
-            return Err(format!(
-                "cannot start the stdio upstream `{}`: {e}",
-                router.settings.command
-            ));
+            return Err(format!("cannot start the {}: {e}", router.link.describe()));
         }
         let handle = std::thread::Builder::new()
             .name("stdio-hub".into())
@@ -425,13 +496,13 @@ fn hub_key(payload: &[u8]) -> Result<SessionKey, GatewayError> {
 /// The hub thread's state: the child and its pipes, the sessions' streams, and the
 /// [`Router`] that decides where every message goes.
 struct Supervisor {
-    settings: StdioSettings,
+    link: Link,
     inbox_tx: SyncSender<Command_>,
     metrics: Arc<Metrics>,
     alive: Arc<AtomicBool>,
     /// Set once any child has written a line: it has answered at least once.
     answered: Arc<AtomicBool>,
-    child: Option<Child>,
+    child: Option<Running>,
     stdin: Option<SyncSender<Vec<u8>>>,
     generation: u64,
     router: Router<Waiter>,
@@ -663,12 +734,18 @@ impl Supervisor {
         false
     }
 
-    /// Starts a child; on failure schedules a retry and says why.
+    /// Starts a child (or opens the connection); on failure schedules a retry and says why.
     fn spawn_child(&mut self) -> Result<(), std::io::Error> {
         self.restart_at = None;
         self.generation += 1;
         let generation = self.generation;
-        let s = &self.settings;
+        let s = match &self.link {
+            Link::Process(s) => s,
+            Link::Sse(s) => {
+                let s = s.clone();
+                return self.open_sse(&s, generation);
+            }
+        };
         let mut cmd = Command::new(&s.command);
         cmd.args(&s.args)
             .envs(s.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -726,7 +803,46 @@ impl Supervisor {
                     }
                 });
         }
-        self.child = Some(child);
+        self.child = Some(Running::Process(child));
+        self.started(line_tx, generation);
+        Ok(())
+    }
+
+    /// Opens a legacy SSE connection as the child: its messages come in as lines, and its
+    /// end is the child's exit.
+    fn open_sse(&mut self, s: &SseSettings, generation: u64) -> Result<(), std::io::Error> {
+        let (line_tx, line_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(STDIN_CAPACITY);
+        let (to_hub, at_end) = (self.inbox_tx.clone(), self.inbox_tx.clone());
+        let url = s.endpoint.url.clone();
+        let link = SseLink::open(
+            s,
+            line_rx,
+            move |message| {
+                to_hub
+                    .send(Command_::FromChild(generation, message))
+                    .is_ok()
+            },
+            move |why| {
+                tracing::warn!(target: "mcp_guard::upstream", "{why}");
+                let _ = at_end.send(Command_::ChildExited(generation));
+            },
+        );
+        match link {
+            Ok(link) => {
+                tracing::info!(target: "mcp_guard::upstream", "SSE upstream {url}: connecting");
+                self.child = Some(Running::Sse(link));
+                self.started(line_tx, generation);
+                Ok(())
+            }
+            Err(e) => {
+                self.schedule_restart();
+                Err(e)
+            }
+        }
+    }
+
+    /// A new child is running: the router replays its handshake and pings it.
+    fn started(&mut self, line_tx: SyncSender<Vec<u8>>, generation: u64) {
         self.stdin = Some(line_tx);
         self.started_at = Instant::now();
         self.alive.store(true, Ordering::Relaxed);
@@ -734,7 +850,6 @@ impl Supervisor {
         self.router.child_started(generation, &mut out);
         self.router.health_ping(&mut out);
         self.apply(out);
-        Ok(())
     }
 
     fn schedule_restart(&mut self) {
@@ -745,14 +860,12 @@ impl Supervisor {
     fn child_exited(&mut self, out: &mut Outputs) {
         self.alive.store(false, Ordering::Relaxed);
         self.stdin = None;
-        let status = self.child.take().map(|mut c| {
-            // The reader may have stopped on an oversized line while the child still runs.
-            let _ = c.kill();
-            c.wait()
-        });
+        let status = self.child.take().map(Running::kill);
         tracing::error!(
             target: "mcp_guard::upstream",
-            "stdio upstream exited ({status:?}); failing {} in-flight request(s) and restarting",
+            "{} ended ({}); failing {} in-flight request(s) and restarting",
+            self.link.describe(),
+            status.unwrap_or_default(),
             self.router.pending_count()
         );
         self.metrics
@@ -769,19 +882,8 @@ impl Supervisor {
     fn stop_child(&mut self) {
         self.alive.store(false, Ordering::Relaxed);
         self.stdin = None; // closes stdin: a well-behaved server exits on EOF
-        if let Some(mut child) = self.child.take() {
-            let deadline = Instant::now() + Duration::from_secs(2);
-            loop {
-                match child.try_wait() {
-                    Ok(Some(_)) => return,
-                    Ok(None) if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(20))
-                    }
-                    _ => break,
-                }
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(running) = self.child.take() {
+            running.stop();
         }
     }
 }
