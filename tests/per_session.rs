@@ -189,3 +189,29 @@ fn a_session_with_a_request_in_flight_is_not_idle() {
         "slept 2500ms"
     );
 }
+
+#[test]
+fn shared_child_sessions_idle_past_session_idle_secs_end_and_busy_ones_do_not() {
+    let cfg = config(8, 1).replace("session_mode = \"per_session\"\nmax_processes = 8\n", "");
+    let g = Gateway::start(&cfg);
+    let idle = init(&g, KEYS[0].1).unwrap();
+    let busy = init(&g, KEYS[1].1).unwrap();
+    // Bob's call outlasts the idle limit: in flight is not idle.
+    let addr = g.addr;
+    let busy_sid = busy.clone();
+    let slow = std::thread::spawn(move || {
+        mcp_post_as(
+            addr,
+            KEYS[1].1,
+            &call(3, "sleep", r#"{"ms":4000}"#),
+            Some(&busy_sid),
+        )
+    });
+    // One second idle, swept every two: ended within four.
+    std::thread::sleep(Duration::from_millis(3500));
+    let ping = r#"{"jsonrpc":"2.0","id":9,"method":"ping"}"#;
+    assert_eq!(post(&g, KEYS[0].1, ping, Some(&idle)).status, 404);
+    let r = slow.join().unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(post(&g, KEYS[1].1, ping, Some(&busy)).status, 200);
+}

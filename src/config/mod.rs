@@ -102,6 +102,8 @@ pub struct ServerSettings {
     pub header_timeout: Duration,
     /// Keep-alive idle limit.
     pub idle_timeout: Duration,
+    /// A session without a request this long ends (with what it holds upstream).
+    pub session_idle: Duration,
     /// Deadline for a whole request body, from the end of its head.
     pub body_timeout: Duration,
     /// Tool names must use the MCP character set.
@@ -376,6 +378,7 @@ pub fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
             max_header_bytes: s.max_header_bytes,
             header_timeout: Duration::from_secs(s.header_timeout_secs),
             idle_timeout: Duration::from_secs(s.idle_timeout_secs),
+            session_idle: Duration::from_secs(s.session_idle_secs),
             body_timeout: Duration::from_secs(s.body_timeout_secs),
             strict_tool_names: s.strict_tool_names,
             max_connections: s.max_connections,

@@ -58,6 +58,8 @@ pub fn run(path: &Path, loaded: FileStamp, signals: SignalEvents, shared: &Arc<S
     // A change seen on disk, and since when it has not changed again.
     let mut settling: Option<(FileStamp, Instant)> = None;
     let mut next_sweep = Instant::now() + Duration::from_secs(10);
+    // Shared hubs scan every session to find idle ones: every few seconds is plenty.
+    let mut next_expiry = Instant::now();
     spawn_health_checks(shared);
     loop {
         let poll = if settling.is_some() {
@@ -97,7 +99,14 @@ pub fn run(path: &Path, loaded: FileStamp, signals: SignalEvents, shared: &Arc<S
                 _ => settling = Some((stamp, Instant::now())),
             }
         }
-        if let Some(set) = shared.config.load().upstreams.as_deref() {
+        let cfg = shared.config.load();
+        if let Some(set) = cfg.upstreams.as_deref() {
+            if Instant::now() >= next_expiry {
+                next_expiry = Instant::now() + Duration::from_secs(2);
+                for hub in set.hubs() {
+                    hub.expire_idle(cfg.server.session_idle);
+                }
+            }
             for pool in set.pools() {
                 let stopped = pool.reap_idle(Instant::now());
                 if stopped > 0 {

@@ -189,6 +189,8 @@ struct ServerRequest {
 struct Session {
     identity: Box<str>,
     last_used: u64,
+    /// When a request last named it (for idle expiry).
+    used_at: std::time::Instant,
 }
 
 /// The router. `W` answers a waiting worker (a channel sender in the hub, anything in tests).
@@ -344,7 +346,25 @@ impl<W> Router<W> {
             lru.insert(self.tick, *key);
         }
         s.last_used = self.tick;
+        s.used_at = std::time::Instant::now();
         true
+    }
+
+    /// Ends the sessions no request has named since `cutoff`, unless a request of theirs is
+    /// still in flight (a long tool call is not idleness); returns how many ended.
+    pub fn expire_idle(&mut self, cutoff: std::time::Instant, out: &mut Vec<Output<W>>) -> usize {
+        let busy: std::collections::HashSet<SessionKey> =
+            self.pending.values().filter_map(|p| p.session).collect();
+        let idle: Vec<SessionKey> = self
+            .sessions
+            .iter()
+            .filter(|(k, s)| s.used_at < cutoff && !busy.contains(*k))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in &idle {
+            self.remove_session(key, out);
+        }
+        idle.len()
     }
 
     fn emit(&self, value: &impl serde::Serialize, request: Option<u64>, out: &mut Vec<Output<W>>) {
@@ -454,6 +474,10 @@ impl<W> Router<W> {
         let p = self.pending.remove(&hub_id)?;
         if let Some((t, _)) = &p.progress {
             self.progress.remove(t);
+        }
+        // A request just finished: its session's idle time starts now, not when it was sent.
+        if let Some(s) = p.session.and_then(|k| self.sessions.get_mut(&k)) {
+            s.used_at = std::time::Instant::now();
         }
         Some(p)
     }
@@ -837,6 +861,7 @@ impl<W> Router<W> {
             Session {
                 identity,
                 last_used: self.tick,
+                used_at: std::time::Instant::now(),
             },
         );
         key

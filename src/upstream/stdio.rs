@@ -158,6 +158,8 @@ enum Command_ {
     Cancel {
         hub_id: u64,
     },
+    /// End the sessions idle this long.
+    ExpireIdle(Duration),
     FromChild(u64, Vec<u8>),
     ChildExited(u64),
     Shutdown,
@@ -232,6 +234,12 @@ impl StdioHub {
             answered,
             router: std::sync::Mutex::new(Some(handle)),
         }))
+    }
+
+    /// Asks the hub to end the sessions without a request for `idle` (the control thread's
+    /// sweep); skipped when the hub is busy.
+    pub fn expire_idle(&self, idle: Duration) {
+        let _ = self.inbox.try_send(Command_::ExpireIdle(idle));
     }
 
     /// Whether the child is running.
@@ -592,6 +600,14 @@ impl Supervisor {
                 let _ = reply.try_send(r);
             }
             Command_::Cancel { hub_id } => self.router.cancel(hub_id, &mut out),
+            Command_::ExpireIdle(idle) => {
+                if let Some(cutoff) = Instant::now().checked_sub(idle) {
+                    let ended = self.router.expire_idle(cutoff, &mut out);
+                    if ended > 0 {
+                        tracing::info!(target: "mcp_guard::upstream", "{}: ended {ended} idle session(s)", self.link.describe());
+                    }
+                }
+            }
             Command_::FromChild(generation, line) => {
                 if generation == self.generation {
                     self.answered.store(true, Ordering::Relaxed);
