@@ -233,8 +233,11 @@ pub struct ServerSection {
     /// On SIGTERM, in-flight requests get this long to finish.
     #[schemars(extend("x-type" = "seconds (whole number)"))]
     pub shutdown_grace_secs: u64,
-    /// A session without a request for this long ends: a per-session stdio child is stopped
-    /// (its client gets 404 and initializes again).
+    /// A session without a request for this long ends (its client gets 404 and initializes
+    /// again): a per-session stdio child or SSE connection is stopped, a shared one forgets the
+    /// session. A request in flight is not idleness. Sessions of an HTTP upstream hold nothing
+    /// here (the upstream expires its own); a legacy SSE client's session lasts as long as its
+    /// stream.
     #[schemars(extend("x-type" = "seconds (whole number, at least 1)"))]
     pub session_idle_secs: u64,
     /// Browser `Origin` values accepted; any other `Origin` gets 403. Requests without an
