@@ -1003,7 +1003,7 @@ async fn relay_checked(
         .read_to_end()
         .await
         .map_err(|e| GatewayError::UpstreamUnavailable(e.to_string()))?;
-    resp.release(&w.pool);
+    w.pool.release(resp);
     if data.iter().all(u8::is_ascii_whitespace) {
         return Ok(Reply::new(status, ReplyBody::Empty, method));
     }

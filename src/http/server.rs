@@ -735,7 +735,7 @@ async fn pump<S: AsyncWriteRent>(
             break;
         }
     }
-    resp.release(&w.pool);
+    w.pool.release(resp);
     (ok, out)
 }
 

@@ -388,7 +388,7 @@ async fn watch(w: Rc<Worker>, session: Rc<Session>) {
     {
         let mut resp = resp;
         if resp.read_to_end().await.is_ok() {
-            resp.release(&w.pool);
+            w.pool.release(resp);
         }
     }
 }
@@ -529,7 +529,7 @@ async fn relay(w: &Worker, session: &Session, answer: Answer, note_version: bool
                         false,
                     );
                 };
-                resp.release(&w.pool);
+                w.pool.release(resp);
                 if is_jsonrpc(&data) {
                     send(data).await;
                 } else if !(200..300).contains(&status) {

@@ -4,12 +4,12 @@
 
 use crate::audit::{AuditSink, AuditWriter};
 use crate::config::Settings;
-use crate::http::client::Pool;
 use crate::mcp::jsonrpc::Classifier;
 use crate::mcp::session::{SessionCodec, random_bytes};
 use crate::observe::metrics::{Metrics, WorkerMetrics, new_histogram};
 use crate::ratelimit::{LocalLimiter, QuotaPool};
 use crate::runtime::shutdown::LocalShutdown;
+use crate::upstream::connections::Pool;
 use crate::upstream::set::Upstream;
 use crate::upstream::stdio::StdioHub;
 use arc_swap::{ArcSwap, Cache};

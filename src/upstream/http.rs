@@ -71,7 +71,7 @@ pub async fn exchange(
     let in_flight = server.begin(target.replica);
     match monoio::time::timeout(
         out.timeout,
-        client::send_request(&w.pool, &ep.addrs, method, request),
+        super::connections::send_request(&w.pool, &ep.addrs, method, request),
     )
     .await
     {

@@ -4,12 +4,15 @@
 //! wrapping and response transforms (the `tools/list` filter) then run once, in the pipeline,
 //! whatever the kind.
 //!
-//! Kinds: `http` (Streamable HTTP, pooled per worker; the wire is `http::client`; replicas
-//! balanced, pinned and health-checked in `balance.rs`, probed in `health.rs`) and `stdio`
-//! (a supervised child, process supervision in `stdio.rs`, message routing in the pure
-//! `router.rs` that every kind multiplexing sessions over one connection reuses).
+//! Kinds: `http` (Streamable HTTP: the per-worker pool and retry policy in `connections.rs`, the
+//! wire in `http::client`; replicas balanced, pinned and health-checked in `balance.rs`, probed
+//! in `health.rs`), `stdio` (a supervised child: supervision in `stdio.rs`, message routing in
+//! the pure `router.rs` that every kind multiplexing sessions over one link reuses, a child per
+//! session in `pool.rs`) and `sse` (a legacy HTTP+SSE server, driven by the same hub as a
+//! child: the link in `sse.rs`). The legacy SSE *client* side is `mcp::legacy`.
 
 pub mod balance;
+pub mod connections;
 pub mod health;
 pub mod http;
 pub mod pool;
