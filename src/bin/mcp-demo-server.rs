@@ -1,6 +1,13 @@
 //! Owns the `mcp-demo-server` binary: a small, predictable MCP server (stdio and Streamable
 //! HTTP transports, demo and test tools) that mcp-guard's demos and integration tests run behind
 //! the gateway.
+//!
+//! With `--http ADDR --legacy-sse` the HTTP server also speaks the legacy HTTP+SSE transport
+//! (protocol revision 2024-11-05) beside `/mcp`, so the gateway's SSE upstream can be tested:
+//! `GET /sse` opens a session whose stream first names its POST endpoint in an `endpoint`
+//! event (`/messages?session_id=<hex>`), and `POST /messages?session_id=<hex>` is answered
+//! 202 while its responses and progress go out on that stream. `--legacy-endpoint` announces
+//! an arbitrary (hostile) endpoint instead; closing the stream ends the session.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -8,15 +15,16 @@ use std::hash::{BuildHasher, RandomState};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use serde_json::{Map, Value, json};
 
-const USAGE: &str = "usage: mcp-demo-server [--http ADDR] [--sse-responses] [--tools N] \
-                     [--test-tools] [--name NAME] [--log-input FILE]";
+const USAGE: &str = "usage: mcp-demo-server [--http ADDR [--legacy-sse [--legacy-endpoint URL]]] \
+                     [--sse-responses] [--tools N] [--test-tools] [--name NAME] \
+                     [--log-input FILE]";
 const SERVER_VERSION: &str = "0.1.0";
 const LATEST_PROTOCOL_VERSION: &str = "2025-11-25";
 const SUPPORTED_PROTOCOL_VERSIONS: [&str; 4] =
@@ -39,6 +47,11 @@ const SESSION_HEADER: &str = "mcp-session-id";
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
 /// Idle keep-alive connections are dropped after this, so abandoned sockets do not pin threads.
 const IDLE_READ_TIMEOUT: Duration = Duration::from_secs(300);
+const LEGACY_SSE_PATH: &str = "/sse";
+const LEGACY_MESSAGES_PATH: &str = "/messages";
+const LEGACY_SESSION_PARAM: &str = "session_id";
+/// Replaced by the session id in a `--legacy-endpoint` announcement.
+const SESSION_PLACEHOLDER: &str = "{session}";
 const MAX_HTTP_LINE_BYTES: u64 = 16 * 1024;
 const MAX_HTTP_HEADERS: usize = 100;
 const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
@@ -78,8 +91,13 @@ struct Config {
     generated_tools: usize,
     test_tools: bool,
     server_name: String,
-    /// Test support: every raw stdin line is appended here (before parsing), one per line.
+    /// Test support: every raw stdin line, or over HTTP every raw legacy `POST /messages` body,
+    /// is appended here before any check or parsing, one per line. (`/mcp` bodies are not.)
     log_input: Option<String>,
+    /// Serve the legacy HTTP+SSE transport beside `/mcp`.
+    legacy_sse: bool,
+    /// Test support: the `endpoint` event's data, verbatim but for `{session}`.
+    legacy_endpoint: Option<String>,
 }
 
 fn parse_args(args: Vec<String>) -> Result<Config, String> {
@@ -104,8 +122,16 @@ fn parse_args(args: Vec<String>) -> Result<Config, String> {
             "--sse-responses" => config.sse_responses = true,
             "--test-tools" => config.test_tools = true,
             "--log-input" => config.log_input = Some(value()?),
+            "--legacy-sse" => config.legacy_sse = true,
+            "--legacy-endpoint" => config.legacy_endpoint = Some(value()?),
             _ => return Err(format!("unknown argument: {flag}")),
         }
+    }
+    if config.legacy_sse && config.http_addr.is_none() {
+        return Err("--legacy-sse needs --http ADDR".to_string());
+    }
+    if config.legacy_endpoint.is_some() && !config.legacy_sse {
+        return Err("--legacy-endpoint needs --legacy-sse".to_string());
     }
     Ok(config)
 }
@@ -130,6 +156,10 @@ struct Server {
     sessions: Mutex<HashSet<String>>,
     last_request_headers: Mutex<Map<String, Value>>,
     event_streams: Mutex<Vec<EventStream>>,
+    /// Open legacy `GET /sse` streams by session id. Only this map holds the senders, so
+    /// removing an entry is what ends the stream, and sends after that go nowhere.
+    legacy_sessions: Mutex<HashMap<String, Sender<Value>>>,
+    input_log: Mutex<Option<File>>,
     /// Server-to-client requests (`ask_client`) waiting for the client's response, by id.
     awaiting_client: Mutex<HashMap<String, Sender<Value>>>,
     next_server_request: AtomicU64,
@@ -141,9 +171,21 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Server {
-    fn new(config: Config, transport: Transport) -> Self {
-        Server {
+    fn new(config: Config, transport: Transport) -> io::Result<Self> {
+        let input_log = match &config.log_input {
+            Some(path) => Some(
+                File::options()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|error| io::Error::new(error.kind(), format!("{path}: {error}")))?,
+            ),
+            None => None,
+        };
+        Ok(Server {
             tool_catalogue: build_tool_catalogue(&config),
+            input_log: Mutex::new(input_log),
+            legacy_sessions: Mutex::new(HashMap::new()),
             config,
             transport,
             stdout: Mutex::new(io::stdout()),
@@ -152,6 +194,27 @@ impl Server {
             event_streams: Mutex::new(Vec::new()),
             awaiting_client: Mutex::new(HashMap::new()),
             next_server_request: AtomicU64::new(1),
+        })
+    }
+
+    /// Appends one raw input record to the `--log-input` file (flushed, newline-terminated).
+    fn log_input(&self, record: &[u8]) {
+        let mut log = lock(&self.input_log);
+        let Some(file) = log.as_mut() else { return };
+        let mut record = record.to_vec();
+        if record.last() != Some(&b'\n') {
+            record.push(b'\n');
+        }
+        if let Err(error) = file.write_all(&record).and_then(|()| file.flush()) {
+            eprintln!("mcp-demo-server: cannot write the input log: {error}");
+        }
+    }
+
+    /// Queues a message for a legacy session's stream; a session that is gone drops it.
+    fn send_legacy(&self, session_id: &str, message: Value) {
+        if let Some(sender) = lock(&self.legacy_sessions).get(session_id) {
+            // Fails only while the stream is being torn down; the message has nowhere to go.
+            let _ = sender.send(message);
         }
     }
 
@@ -167,8 +230,12 @@ impl Server {
     fn broadcast(&self, notification: &Value) {
         match self.transport {
             Transport::Stdio => self.write_stdout_line(&notification.to_string()),
-            Transport::Http => lock(&self.event_streams)
-                .retain(|stream| stream.sender.send(notification.clone()).is_ok()),
+            Transport::Http => {
+                lock(&self.event_streams)
+                    .retain(|stream| stream.sender.send(notification.clone()).is_ok());
+                lock(&self.legacy_sessions)
+                    .retain(|_, sender| sender.send(notification.clone()).is_ok());
+            }
         }
     }
 
@@ -593,18 +660,6 @@ fn deliver_client_response(server: &Server, payload: &Value) -> bool {
     }
 }
 
-/// Appends one raw input line to the `--log-input` file (flushed, newline-terminated).
-fn log_input_line(log: &mut Option<File>, line: &[u8]) {
-    let Some(file) = log else { return };
-    let mut record = line.to_vec();
-    if record.last() != Some(&b'\n') {
-        record.push(b'\n');
-    }
-    if let Err(error) = file.write_all(&record).and_then(|()| file.flush()) {
-        eprintln!("mcp-demo-server: cannot write the input log: {error}");
-    }
-}
-
 fn generated_tool_index(name: &str, generated_tools: usize) -> Option<usize> {
     let digits = name.strip_prefix("tool_")?;
     let index: usize = digits.parse().ok()?;
@@ -660,27 +715,17 @@ fn get_prompt(params: Params<'_>) -> Result<Value, RpcError> {
 // --- stdio transport ------------------------------------------------------------------------
 
 fn run_stdio(config: Config) -> io::Result<()> {
-    let server = Arc::new(Server::new(config, Transport::Stdio));
+    let server = Arc::new(Server::new(config, Transport::Stdio)?);
     eprintln!("mcp-demo-server: serving MCP on stdio");
     let mut input = io::stdin().lock();
     let mut in_flight: Vec<JoinHandle<()>> = Vec::new();
     let mut line = Vec::new();
-    let mut input_log = match &server.config.log_input {
-        Some(path) => Some(
-            File::options()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|error| io::Error::new(error.kind(), format!("{path}: {error}")))?,
-        ),
-        None => None,
-    };
     loop {
         line.clear();
         if input.read_until(b'\n', &mut line)? == 0 {
             break;
         }
-        log_input_line(&mut input_log, &line);
+        server.log_input(&line);
         // Invalid UTF-8 turns into replacement characters and then fails JSON parsing (-32700).
         let text = String::from_utf8_lossy(&line);
         if text.trim().is_empty() {
@@ -734,10 +779,15 @@ fn answer_on_stdout(server: &Server, payload: &Value) {
 fn run_http(config: Config, addr: &str) -> io::Result<()> {
     let listener = TcpListener::bind(addr)?;
     let local_addr = listener.local_addr()?;
-    let server = Arc::new(Server::new(config, Transport::Http));
+    let server = Arc::new(Server::new(config, Transport::Http)?);
     // Tests read the port from this line, so it is the only thing ever written to stdout.
     server.write_stdout_line(&format!("listening on http://{local_addr}"));
     eprintln!("mcp-demo-server: serving MCP Streamable HTTP at http://{local_addr}{MCP_PATH}");
+    if server.config.legacy_sse {
+        eprintln!(
+            "mcp-demo-server: serving legacy HTTP+SSE at http://{local_addr}{LEGACY_SSE_PATH}"
+        );
+    }
     for incoming in listener.incoming() {
         let stream = match incoming {
             Ok(stream) => stream,
@@ -759,6 +809,8 @@ fn run_http(config: Config, addr: &str) -> io::Result<()> {
 struct HttpRequest {
     method: String,
     path: String,
+    /// The target's query string without the `?` (empty when there is none).
+    query: String,
     is_http_10: bool,
     /// Names are lowercased; order and duplicates are kept.
     headers: Vec<(String, String)>,
@@ -806,7 +858,7 @@ enum ConnectionFate {
     Close,
 }
 
-fn serve_connection(server: &Server, stream: TcpStream) -> io::Result<()> {
+fn serve_connection(server: &Arc<Server>, stream: TcpStream) -> io::Result<()> {
     // Small SSE chunks must not wait for Nagle's algorithm.
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(IDLE_READ_TIMEOUT))?;
@@ -893,6 +945,10 @@ fn read_request(
             .split_once('?')
             .map_or(target, |(path, _query)| path)
             .to_string(),
+        query: target
+            .split_once('?')
+            .map_or("", |(_path, query)| query)
+            .to_string(),
         is_http_10: version == "HTTP/1.0",
         headers,
         body: Vec::new(),
@@ -969,6 +1025,7 @@ fn reason_phrase(status: u16) -> &'static str {
         406 => "Not Acceptable",
         413 => "Content Too Large",
         431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
         501 => "Not Implemented",
         505 => "HTTP Version Not Supported",
         _ => "Unknown",
@@ -1001,6 +1058,17 @@ fn new_session_id() -> String {
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
+fn is_initialized_notification(message: &Value) -> bool {
+    let method = message.get("method").and_then(Value::as_str);
+    method == Some("notifications/initialized") && message.get("id").is_none()
+}
+
+/// What a stream sends of its own accord once it opens, so clients can tell it is live.
+fn stream_opened_notification() -> Value {
+    let opened = json!({"level": "info", "data": "stream opened"});
+    notification("notifications/message", opened)
+}
+
 fn is_initialize_request(message: &Value) -> bool {
     let method = message.get("method").and_then(Value::as_str);
     method == Some("initialize") && message.get("id").is_some()
@@ -1012,13 +1080,14 @@ const TEXT_PLAIN: (&str, &str) = ("Content-Type", "text/plain");
 
 /// One request/response exchange on a (possibly kept-alive) connection.
 struct Exchange<'a> {
-    server: &'a Server,
+    /// An `Arc` because legacy POSTs hand slow work to threads that outlive the exchange.
+    server: &'a Arc<Server>,
     writer: &'a mut TcpStream,
     connection_header: &'static str,
 }
 
 impl<'a> Exchange<'a> {
-    fn new(server: &'a Server, writer: &'a mut TcpStream, keep_alive: bool) -> Self {
+    fn new(server: &'a Arc<Server>, writer: &'a mut TcpStream, keep_alive: bool) -> Self {
         let connection_header = if keep_alive { "keep-alive" } else { "close" };
         Exchange {
             server,
@@ -1073,9 +1142,22 @@ impl<'a> Exchange<'a> {
     }
 
     fn route(&mut self, request: &HttpRequest) -> Reply {
-        if request.path != MCP_PATH {
-            return self.respond(404, &[TEXT_PLAIN], b"Not Found");
+        let legacy = self.server.config.legacy_sse;
+        match (request.path.as_str(), request.method.as_str()) {
+            (MCP_PATH, _) => self.route_mcp(request),
+            (LEGACY_SSE_PATH, "GET") if legacy => self.open_legacy_stream(request),
+            (LEGACY_MESSAGES_PATH, "POST") if legacy => self.legacy_post(request),
+            (LEGACY_SSE_PATH, _) if legacy => {
+                self.respond(405, &[TEXT_PLAIN, ("Allow", "GET")], b"Method Not Allowed")
+            }
+            (LEGACY_MESSAGES_PATH, _) if legacy => {
+                self.respond(405, &[TEXT_PLAIN, ("Allow", "POST")], b"Method Not Allowed")
+            }
+            _ => self.respond(404, &[TEXT_PLAIN], b"Not Found"),
         }
+    }
+
+    fn route_mcp(&mut self, request: &HttpRequest) -> Reply {
         match request.method.as_str() {
             "POST" => self.post(request),
             "GET" => self.open_event_stream(request),
@@ -1197,15 +1279,22 @@ impl<'a> Exchange<'a> {
         let (sender, receiver) = mpsc::channel();
         lock(&self.server.event_streams).push(EventStream { session_id, sender });
         self.write_event_stream_head(&[])?;
-        let opened = json!({"level": "info", "data": "stream opened"});
-        let opened = notification("notifications/message", opened);
-        write_chunk(self.writer, sse_event(&opened).as_bytes())?;
-        // Runs until a write fails (client gone) or the session is deleted (sender dropped).
+        write_chunk(
+            self.writer,
+            sse_event(&stream_opened_notification()).as_bytes(),
+        )?;
+        self.relay_events(&receiver)?;
+        self.finish_chunked()
+    }
+
+    /// Writes queued messages as SSE events until a write fails (client gone) or every sender
+    /// is dropped (session ended); keep-alive comments stop idle proxies from cutting it.
+    fn relay_events(&mut self, receiver: &Receiver<Value>) -> io::Result<()> {
         loop {
             match receiver.recv_timeout(KEEPALIVE_INTERVAL) {
                 Ok(message) => write_chunk(self.writer, sse_event(&message).as_bytes())?,
                 Err(RecvTimeoutError::Timeout) => write_chunk(self.writer, b": keepalive\n\n")?,
-                Err(RecvTimeoutError::Disconnected) => return self.finish_chunked(),
+                Err(RecvTimeoutError::Disconnected) => return Ok(()),
             }
         }
     }
@@ -1219,4 +1308,199 @@ impl<'a> Exchange<'a> {
         lock(&self.server.event_streams).retain(|stream| stream.session_id != session_id);
         self.respond(204, &[], b"")
     }
+
+    // --- Legacy HTTP+SSE transport (2024-11-05) -------------------------------------------
+
+    /// `GET /sse`: one session per stream, alive exactly as long as this connection.
+    fn open_legacy_stream(&mut self, request: &HttpRequest) -> Reply {
+        if !accepts_event_stream(request) {
+            let why = b"GET /sse needs an Accept header that allows text/event-stream";
+            return self.respond(406, &[TEXT_PLAIN], why);
+        }
+        // Cloned before the session exists, so a failure here leaves nothing to clean up.
+        let hangup_socket = self.writer.try_clone()?;
+        let session_id = new_session_id();
+        let (sender, receiver) = mpsc::channel();
+        let server = self.server;
+        lock(&server.legacy_sessions).insert(session_id.clone(), sender);
+        let endpoint = legacy_endpoint(&server.config, &session_id);
+        let streamed = thread::scope(|scope| {
+            let id = session_id.as_str();
+            let watcher = thread::Builder::new().spawn_scoped(scope, move || {
+                end_session_on_hangup(server, id, hangup_socket)
+            });
+            if let Err(error) = watcher {
+                // Without the watcher a gone client is still noticed, at the next failed write.
+                eprintln!("mcp-demo-server: cannot spawn hang-up watcher: {error}");
+            }
+            let streamed = self.write_legacy_stream(&endpoint, &receiver);
+            lock(&server.legacy_sessions).remove(id);
+            // Also wakes the watcher's blocking read, which the scope waits for.
+            let _ = self.writer.shutdown(Shutdown::Both);
+            streamed
+        });
+        // The stream has no terminating chunk: a legacy session only ends by the connection
+        // closing, and for a `crash` that abrupt end is the point.
+        streamed.map(|()| ConnectionFate::Close)
+    }
+
+    fn write_legacy_stream(
+        &mut self,
+        endpoint: &str,
+        receiver: &Receiver<Value>,
+    ) -> io::Result<()> {
+        self.write_event_stream_head(&[])?;
+        write_chunk(self.writer, sse_endpoint_event(endpoint).as_bytes())?;
+        self.relay_events(receiver)
+    }
+
+    /// `POST /messages?session_id=`: accepted here, answered on the session's stream.
+    fn legacy_post(&mut self, request: &HttpRequest) -> Reply {
+        // Logged before any check, so tests see exactly what reached the server.
+        self.server.log_input(&request.body);
+        let session_id = match legacy_session_param(&request.query) {
+            Ok(id) => id.to_string(),
+            Err(why) => {
+                let error = rpc_error(INVALID_REQUEST, why);
+                return self.respond_json(400, &[], &error_response(Value::Null, error));
+            }
+        };
+        if !lock(&self.server.legacy_sessions).contains_key(&session_id) {
+            let error = rpc_error(SESSION_NOT_FOUND, "Session not found");
+            return self.respond_json(404, &[], &error_response(Value::Null, error));
+        }
+        let payload: Value = match serde_json::from_slice(&request.body) {
+            Ok(payload) => payload,
+            Err(error) => return self.respond_json(400, &[], &parse_error_response(&error)),
+        };
+        // As on stdio: slow work gets a thread, so the 202 and later POSTs need not wait for
+        // it, while quick requests are answered before the 202 and so stay in order.
+        let may_be_slow = payload.is_array()
+            || payload.get("method").and_then(Value::as_str) == Some("tools/call");
+        if !may_be_slow {
+            answer_on_legacy_stream(self.server, &session_id, &payload);
+        } else {
+            let server = Arc::clone(self.server);
+            let work = move || answer_on_legacy_stream(&server, &session_id, &payload);
+            if let Err(error) = thread::Builder::new().spawn(work) {
+                eprintln!("mcp-demo-server: cannot spawn worker thread: {error}");
+                return self.respond(500, &[TEXT_PLAIN], b"cannot spawn worker thread");
+            }
+        }
+        self.respond(202, &[], b"")
+    }
+}
+
+fn answer_on_legacy_stream(server: &Server, session_id: &str, payload: &Value) {
+    let mut emit = |message: Value| server.send_legacy(session_id, message);
+    match handle_payload(server, payload, &mut emit) {
+        Outcome::Respond(response) => server.send_legacy(session_id, response),
+        Outcome::Silent => {}
+        Outcome::Crash => {
+            // Dropping the sender ends the stream mid-flight, as a dying server would.
+            lock(&server.legacy_sessions).remove(session_id);
+            return;
+        }
+    }
+    // A legacy stream opens before the session is initialized, so the server-initiated
+    // greeting that `/mcp` GET streams send on opening waits for `notifications/initialized`.
+    let messages = match payload {
+        Value::Array(batch) => batch.as_slice(),
+        single => std::slice::from_ref(single),
+    };
+    if messages.iter().any(is_initialized_notification) {
+        server.send_legacy(session_id, stream_opened_notification());
+    }
+}
+
+/// Reads (and discards) whatever the client sends on its event stream until it hangs up,
+/// then ends the session: blocked in `recv`, the stream writer would otherwise only notice at
+/// its next keep-alive write, leaving a dead session that still accepts POSTs.
+fn end_session_on_hangup(server: &Server, session_id: &str, mut socket: TcpStream) {
+    let mut scratch = [0u8; 512];
+    loop {
+        match socket.read(&mut scratch) {
+            Ok(0) => break,
+            Ok(_) => {}
+            // The connection's idle read timeout must not end a stream that is merely quiet.
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) => {}
+            Err(_) => break,
+        }
+    }
+    lock(&server.legacy_sessions).remove(session_id);
+}
+
+fn legacy_endpoint(config: &Config, session_id: &str) -> String {
+    match &config.legacy_endpoint {
+        Some(template) => template.replace(SESSION_PLACEHOLDER, session_id),
+        None => format!("{LEGACY_MESSAGES_PATH}?{LEGACY_SESSION_PARAM}={session_id}"),
+    }
+}
+
+/// The endpoint goes out as the event's data unchanged; only a line break inside it needs a
+/// fresh `data:` line, or it would end the field and the rest would be misread as fields.
+fn sse_endpoint_event(endpoint: &str) -> String {
+    let normalized = endpoint.replace("\r\n", "\n").replace('\r', "\n");
+    let data: String = normalized
+        .split('\n')
+        .map(|line| format!("data: {line}\n"))
+        .collect();
+    format!("event: endpoint\n{data}\n")
+}
+
+/// Exactly one `session_id` parameter; several would leave it ambiguous which session is meant.
+fn legacy_session_param(query: &str) -> Result<&str, &'static str> {
+    let mut ids = query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .filter(|(name, _)| *name == LEGACY_SESSION_PARAM)
+        .map(|(_, id)| id);
+    match (ids.next(), ids.next()) {
+        (Some(id), None) => Ok(id),
+        (None, _) => Err("Missing session_id query parameter"),
+        (Some(_), Some(_)) => Err("More than one session_id query parameter"),
+    }
+}
+
+/// Content negotiation per RFC 9110 §12.5.1: no Accept header accepts anything, and the most
+/// specific range matching text/event-stream decides, so `*/*` alone is enough but an
+/// explicit `text/event-stream;q=0` refuses it.
+fn accepts_event_stream(request: &HttpRequest) -> bool {
+    let ranges: Vec<&str> = request
+        .headers
+        .iter()
+        .filter(|(name, _)| name == "accept")
+        .flat_map(|(_, value)| value.split(','))
+        .filter(|range| !range.trim().is_empty())
+        .collect();
+    if ranges.is_empty() {
+        return true;
+    }
+    let mut best: Option<(u8, bool)> = None;
+    for range in ranges {
+        let mut parts = range.split(';');
+        let media = parts.next().unwrap_or_default().trim().to_ascii_lowercase();
+        let specificity = match media.as_str() {
+            "text/event-stream" => 3,
+            "text/*" => 2,
+            "*/*" => 1,
+            _ => continue,
+        };
+        let refused = parts.any(|parameter| {
+            parameter.split_once('=').is_some_and(|(name, value)| {
+                name.trim().eq_ignore_ascii_case("q")
+                    && value.trim().parse::<f64>().is_ok_and(|q| q <= 0.0)
+            })
+        });
+        if best.is_none_or(|(known, _)| specificity > known) {
+            best = Some((specificity, !refused));
+        }
+    }
+    best.is_some_and(|(_, allowed)| allowed)
 }
