@@ -263,6 +263,17 @@ fn a_legacy_client_works_end_to_end_against_an_http_upstream() {
 }
 
 #[test]
+fn a_legacy_client_works_end_to_end_against_a_legacy_sse_upstream() {
+    let demo = DemoHttp::start(&["--legacy-sse"]);
+    let g = Gateway::start(&format!(
+        "[server]\nport = 0\nworkers = 2\n[admin]\nport = 0\n[upstream]\ntransport = \"sse\"\nurl = \"http://{}/sse\"\ntimeout_secs = 10\n{}",
+        demo.addr,
+        keys()
+    ));
+    full_session(&g);
+}
+
+#[test]
 fn messages_reach_their_session_whichever_worker_they_land_on() {
     for io in DRIVERS {
         let mut cfg = stdio_config(io, "", &[]);

@@ -135,3 +135,154 @@ fn an_unreachable_sse_server_fails_requests_fast_and_check_upstream_says_why() {
     assert!(text.contains("FAIL") && text.contains(&url), "{text}");
     let _ = TcpStream::connect(g.addr);
 }
+
+/// The demo server speaking legacy HTTP+SSE, with its test tools.
+fn demo_sse() -> DemoHttp {
+    DemoHttp::start(&["--legacy-sse", "--test-tools"])
+}
+
+fn sse_url(d: &DemoHttp) -> String {
+    format!("http://{}/sse", d.addr)
+}
+
+fn call_with_progress(addr: SocketAddr, sid: &str, id: u64, token: &str) -> Vec<serde_json::Value> {
+    let body = format!(
+        r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/call","params":{{"name":"slow_progress","arguments":{{"steps":3,"ms":100}},"_meta":{{"progressToken":"{token}"}}}}}}"#
+    );
+    let r = mcp_post(addr, &body, Some(sid));
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.sse_messages()
+}
+
+#[test]
+fn streamable_clients_reach_a_legacy_sse_server_shared_or_per_session() {
+    for mode in ["", "session_mode = \"per_session\"\n"] {
+        let demo = demo_sse();
+        let g = Gateway::start(&format!("{}{mode}", sse_config(&sse_url(&demo))));
+        let (a, b) = (initialize(g.addr), initialize(g.addr));
+        for (i, sid) in [&a, &b].into_iter().enumerate() {
+            let text = format!("via sse {i}");
+            let r = mcp_post(
+                g.addr,
+                &call(7, "echo", &format!(r#"{{"text":"{text}"}}"#)),
+                Some(sid),
+            );
+            assert_eq!(r.status, 200, "{mode}: {}", r.text());
+            assert_eq!(
+                rpc_result(&r)["result"]["content"][0]["text"],
+                text.as_str()
+            );
+        }
+        let r = mcp_post(
+            g.addr,
+            r#"{"jsonrpc":"2.0","id":8,"method":"tools/list"}"#,
+            Some(&a),
+        );
+        let tools = rpc_result(&r)["result"]["tools"].clone();
+        assert!(
+            tools
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|t| t["name"] == "echo"),
+            "{tools}"
+        );
+        // Two clients, one progress token, at once: each gets its own progress and answer.
+        let addr = g.addr;
+        let runs: Vec<_> = [a.clone(), b.clone()]
+            .into_iter()
+            .enumerate()
+            .map(|(i, sid)| {
+                std::thread::spawn(move || {
+                    (i, call_with_progress(addr, &sid, 20 + i as u64, "same"))
+                })
+            })
+            .collect();
+        for run in runs {
+            let (i, messages) = run.join().unwrap();
+            let progress: Vec<_> = messages
+                .iter()
+                .filter(|m| m["method"] == "notifications/progress")
+                .collect();
+            assert_eq!(progress.len(), 3, "{mode} client {i}: {messages:?}");
+            assert!(
+                progress
+                    .iter()
+                    .all(|p| p["params"]["progressToken"] == "same")
+            );
+            let last = messages.last().unwrap();
+            assert_eq!(last["id"], 20 + i as u64, "{mode}: {messages:?}");
+            assert!(last["result"].is_object(), "{mode}: {last}");
+        }
+    }
+}
+
+#[test]
+fn a_dropped_sse_connection_is_reopened_and_sessions_carry_on() {
+    let demo = demo_sse();
+    let g = Gateway::start(&sse_config(&sse_url(&demo)));
+    let sid = initialize(g.addr);
+    // The server drops the stream (as a crashing server would).
+    let r = mcp_post(g.addr, &call(2, "crash", "{}"), Some(&sid));
+    assert!(
+        r.status >= 500 || rpc_result(&r).get("error").is_some(),
+        "{}",
+        r.text()
+    );
+    assert!(
+        g.wait_log("ended", Duration::from_secs(5)),
+        "link end not logged"
+    );
+    // The hub reconnects (with backoff), replays its initialize, and the session goes on.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = mcp_post(g.addr, &call(3, "echo", r#"{"text":"again"}"#), Some(&sid));
+        if r.status == 200 && rpc_result(&r)["result"]["content"][0]["text"] == "again" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never recovered: {} {}",
+            r.status,
+            r.text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn the_upstream_headers_go_with_every_sse_request_and_the_clients_credentials_never_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("input.log");
+    let demo = DemoHttp::start(&[
+        "--legacy-sse",
+        "--test-tools",
+        "--log-input",
+        log.to_str().unwrap(),
+    ]);
+    let cfg = format!(
+        "{}[[auth.api_keys]]\nid = \"c\"\nkey_hash = \"{}\"\n",
+        sse_config(&sse_url(&demo)),
+        mcp_guard::cli::hash_key("client-key-0123456789")
+    );
+    let g = Gateway::start(&cfg);
+    let auth = bearer("client-key-0123456789");
+    let r = request(g.addr, &mcp_post_raw(INIT, None, &auth));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let sid = r.header("mcp-session-id").unwrap().to_string();
+    let r = request(
+        g.addr,
+        &mcp_post_raw(&call(2, "last_request_headers", "{}"), Some(&sid), &auth),
+    );
+    let headers = rpc_result(&r)["result"]["content"][0]["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(headers.contains("upstream-secret-123"), "{headers}");
+    assert!(!headers.contains("client-key-0123456789"), "{headers}");
+    assert!(
+        !std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("client-key")
+    );
+}
