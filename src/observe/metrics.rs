@@ -309,7 +309,7 @@ impl Metrics {
             &mut out,
             "mcp_guard_stdio_processes",
             "gauge",
-            "Per-session stdio children running.",
+            "Per-session stdio children (or legacy SSE upstream connections) running.",
             self.global.stdio_processes.load(Relaxed),
         );
         write_metric(
