@@ -207,8 +207,8 @@ const FAKE_VERSIONS: [&str; 4] = ["2026-07-28", "2025-11-25", "2025-06-18", "202
 
 /// A minimal Streamable HTTP server that records every request. It answers `initialize` with
 /// the requested version when it supports it (else its newest) and a fresh session, other
-/// requests with an empty result, notifications and responses with 202, GET with 405 (it
-/// offers no stream) and DELETE with 200. Stopped on drop.
+/// requests with an empty result (a call of the tool `slow` after 3 s), notifications and
+/// responses with 202, GET with 405 (it offers no stream) and DELETE with 200. Stopped on drop.
 struct FakeUpstream {
     addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
@@ -312,6 +312,10 @@ fn fake_answer(r: &Seen, sessions: &AtomicU64) -> (u16, String, String) {
                 return (202, String::new(), String::new());
             };
             if method != "initialize" {
+                if msg["params"]["name"] == "slow" {
+                    // Longer than any test's upstream timeout: the gateway gives up first.
+                    std::thread::sleep(Duration::from_secs(3));
+                }
                 let body = json!({"jsonrpc": "2.0", "id": id, "result": {}});
                 return (200, JSON.into(), body.to_string());
             }
@@ -1015,6 +1019,8 @@ fn resumption_get_carries_last_event_id_to_an_http_upstream() {
         .find(|s| s.method == "GET" && s.header("mcp-session-id").is_some())
         .expect("the client's GET");
     assert_eq!(get.header("last-event-id"), Some("stream-1/42"));
+    // The client rule for GET holds on the gateway's own hop too.
+    assert_eq!(get.header("accept"), Some("text/event-stream"));
     assert_eq!(get.header("mcp-session-id"), Some("fake-1"));
 }
 
@@ -1355,11 +1361,11 @@ fn must_answer_initialize_with_the_requested_version_when_supported() {
         for version in SERVED {
             let r = initialize_with_version(g.addr, version);
             assert_eq!(r.status, 200, "{kind} {version}: {}", r.text());
-            assert_eq!(
-                rpc_result(&r)["result"]["protocolVersion"],
-                version,
-                "{kind}"
-            );
+            let result = rpc_result(&r)["result"].clone();
+            assert_eq!(result["protocolVersion"], version, "{kind}");
+            // "The server MUST respond with its own capabilities and information".
+            assert!(result["capabilities"].is_object(), "{kind}: {result}");
+            assert!(result["serverInfo"]["name"].is_string(), "{kind}: {result}");
             // And the negotiated version is one the header check accepts.
             let sid = r.header("mcp-session-id").unwrap();
             let r = request(
@@ -1442,6 +1448,8 @@ fn must_send_initialized_after_replaying_initialize_to_a_restarted_child() {
             messages[replay]["params"]["clientInfo"]["name"], "mcp-guard",
             "{messages:?}"
         );
+        // "the client MUST send a protocol version it supports": the one agreed before.
+        assert_eq!(messages[replay]["params"]["protocolVersion"], "2025-11-25");
         if messages[replay + 1..]
             .iter()
             .any(|m| m["method"] == "notifications/initialized")
@@ -1544,6 +1552,105 @@ fn should_send_only_pings_before_initialize_is_answered() {
     for m in &messages[..init] {
         assert_eq!(m["method"], "ping", "{messages:?}");
     }
+}
+
+/// "Implementations SHOULD establish timeouts for all sent requests, to prevent hung
+/// connections and resource exhaustion. When the request has not received a success or error
+/// response within the timeout period, the sender SHOULD issue a cancellation notification for
+/// that request and stop waiting for a response." The gateway sends its upstream requests.
+#[test]
+fn should_time_out_and_cancel_an_unanswered_request_to_a_stdio_child() {
+    let log = InputLog::new();
+    let cfg = stdio_config(IO, "", &["--log-input", log.arg()])
+        .replace("timeout_secs = 10", "timeout_secs = 1");
+    let g = Gateway::start(&cfg);
+    let sid = initialize(g.addr);
+    let r = mcp_post(g.addr, &call(41, "sleep", r#"{"ms":2500}"#), Some(&sid));
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert_eq!(r.json()["id"], 41);
+    log.wait_for("notifications/cancelled");
+    let messages = log.messages();
+    let sent = messages
+        .iter()
+        .find(|m| m["params"]["name"] == "sleep")
+        .unwrap();
+    let cancel = messages
+        .iter()
+        .find(|m| m["method"] == "notifications/cancelled")
+        .unwrap();
+    assert_eq!(cancel["params"]["requestId"], sent["id"], "{messages:?}");
+}
+
+/// The same sentences for an HTTP upstream: the gateway gives up after `timeout_secs` (504),
+/// and "the sender SHOULD issue a cancellation notification for that request".
+#[test]
+#[ignore = "SHOULD not followed for HTTP upstreams: a request the gateway gave up on (504) is \
+            not cancelled upstream; no notifications/cancelled is POSTed"]
+fn should_cancel_a_timed_out_request_to_an_http_upstream() {
+    let up = FakeUpstream::start();
+    let g = Gateway::start(
+        &http_config(IO, &up.url(), "", "").replace("timeout_secs = 10", "timeout_secs = 1"),
+    );
+    let sid = initialize(g.addr);
+    let r = mcp_post(g.addr, &call(42, "slow", "{}"), Some(&sid));
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert_eq!(r.json()["id"], 42);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let cancelled = up.seen().iter().any(|s| {
+            s.json()["method"] == "notifications/cancelled" && s.json()["params"]["requestId"] == 42
+        });
+        if cancelled {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no cancellation reached the upstream"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// "Implementations MAY choose to reset the timeout clock when receiving a progress
+/// notification ... However, implementations SHOULD always enforce a maximum timeout,
+/// regardless of progress notifications, to limit the impact of a misbehaving client or
+/// server."
+#[test]
+fn should_enforce_a_maximum_timeout_regardless_of_progress() {
+    let cfg =
+        stdio_config(IO, "", &["--test-tools"]).replace("timeout_secs = 10", "timeout_secs = 1");
+    let g = Gateway::start(&cfg);
+    let sid = initialize(g.addr);
+    // Progress every 200 ms for 4 s: the request still ends at its deadline.
+    let body = r#"{"jsonrpc":"2.0","id":43,"method":"tools/call","params":{"name":"slow_progress","arguments":{"steps":20,"ms":200,"label":"busy"},"_meta":{"progressToken":"p"}}}"#;
+    let r = mcp_post(g.addr, body, Some(&sid));
+    let messages = r.sse_messages();
+    let last = messages.last().expect("events");
+    assert_eq!(last["id"], 43, "{messages:?}");
+    assert!(last["error"]["code"].is_i64(), "{messages:?}");
+    let progress = messages.len() - 1;
+    assert!(progress < 20, "every step arrived: {messages:?}");
+}
+
+/// The same SHOULD for an HTTP upstream that streams its answer: "implementations SHOULD always
+/// enforce a maximum timeout, regardless of progress notifications".
+#[test]
+#[ignore = "SHOULD not followed for HTTP upstreams: timeout_secs bounds the start of an answer \
+            only; an SSE answer that has started is relayed for as long as it lasts"]
+fn should_enforce_a_maximum_timeout_on_a_streamed_http_answer() {
+    let up = DemoHttp::start(&["--sse-responses", "--test-tools"]);
+    let g = Gateway::start(
+        &http_config(IO, &up.url(), "", "").replace("timeout_secs = 10", "timeout_secs = 1"),
+    );
+    let sid = initialize(g.addr);
+    let body = r#"{"jsonrpc":"2.0","id":44,"method":"tools/call","params":{"name":"slow_progress","arguments":{"steps":15,"ms":200,"label":"busy"},"_meta":{"progressToken":"p"}}}"#;
+    let r = mcp_post(g.addr, body, Some(&sid));
+    let messages = r.sse_messages();
+    let last = messages.last().expect("events");
+    assert!(
+        last.get("result").is_none(),
+        "the answer came whole, 3 s after a 1 s deadline: {last}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
