@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use std::io::Write;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -98,16 +99,26 @@ fn client(addr: std::net::SocketAddr, path: &str, n: usize, load: &Load) {
         }
         let text = format!("client-{n}-call-{i}");
         let body = call(i, "echo", &format!(r#"{{"text":"{text}"}}"#));
-        let r = request(addr, &mcp_post_raw_at(path, &body, Some(&sid), ""));
-        let good = r.status == 200 && rpc_result(&r)["result"]["content"][0]["text"] == text;
-        if good {
-            load.ok.fetch_add(1, Ordering::SeqCst);
-        } else {
-            load.failures.lock().unwrap().push(format!(
+        // A connection closed without an answer is a failure to count, not a panic.
+        let mut s = connect(addr);
+        let sent = s.write_all(mcp_post_raw_at(path, &body, Some(&sid), "").as_bytes());
+        let answer = sent.ok().and_then(|()| read_response(&mut s));
+        match answer {
+            Some(r)
+                if r.status == 200 && rpc_result(&r)["result"]["content"][0]["text"] == text =>
+            {
+                load.ok.fetch_add(1, Ordering::SeqCst);
+            }
+            Some(r) => load.failures.lock().unwrap().push(format!(
                 "client {n} call {i}: {} {}",
                 r.status,
                 r.text()
-            ));
+            )),
+            None => load
+                .failures
+                .lock()
+                .unwrap()
+                .push(format!("client {n} call {i}: no answer")),
         }
     }
 }
