@@ -258,8 +258,6 @@ fn removing_a_server_ends_its_sessions() {
 /// on doing so ("The server MAY terminate the session at any time, after which it MUST respond
 /// to requests containing that session ID with HTTP 404 Not Found", MCP 2025-11-25).
 #[test]
-#[ignore = "the gateway neither ends a removed HTTP server's sessions upstream nor remembers \
-            them: the same server added back under its name serves them again (200)"]
 fn an_http_server_added_back_does_not_revive_the_sessions_of_the_removed_one() {
     let web = DemoHttp::start(&["--name", "srv-web"]);
     let (g, [all, without], sessions) = two_servers_with_sessions(&web);

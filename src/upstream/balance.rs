@@ -63,8 +63,12 @@ impl ReplicaState {
     /// Balanced replicas start healthy, so a fresh gateway serves before its first health
     /// check; a single endpoint starts not ready until one answers (`/ready` says so).
     fn new(balanced: bool) -> Self {
+        // A random first epoch: a server removed by a reload and added back later (same URL)
+        // is a new instance, and the sessions of the old one must not come back to life.
+        let epoch = u32::from_be_bytes(crate::mcp::session::random_bytes::<4>());
         Self {
             healthy: AtomicBool::new(balanced),
+            epoch: AtomicU32::new(epoch),
             ..Self::default()
         }
     }
@@ -268,15 +272,23 @@ impl HttpServer {
         let Some(policy) = self.settings.balance else {
             // A single endpoint pins its sessions too: the tag is a digest of its URL, so a
             // reload pointing the server elsewhere ends them (404) instead of handing one
-            // server's session id to another.
+            // server's session id to another; the epoch is its instance's, so a server removed
+            // and added back does not revive the old one's sessions.
+            let current = self.replicas[0].state.epoch();
             let session = match session {
-                Some(payload) => Some(self.unpin(payload)?.2),
+                Some(payload) => {
+                    let (_, epoch, sid) = self.unpin(payload)?;
+                    if epoch != current {
+                        return Err(GatewayError::UnknownSession);
+                    }
+                    Some(sid)
+                }
                 None => None,
             };
             return Ok(Target {
                 replica: 0,
                 session,
-                epoch: 0,
+                epoch: current,
             });
         };
         match session {

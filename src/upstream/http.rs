@@ -27,12 +27,9 @@ pub async fn exchange(
     let mut headers: Vec<(&str, &str)> = Vec::with_capacity(12 + up.headers.len());
     if method == "POST" {
         headers.push(("content-type", "application/json"));
-        headers.push((
-            "accept",
-            h.accept
-                .as_deref()
-                .unwrap_or("application/json, text/event-stream"),
-        ));
+        // Named exactly as the transport requires of a client, whatever wildcard form the
+        // client's own Accept took (it was checked to allow both).
+        headers.push(("accept", "application/json, text/event-stream"));
     } else if method == "GET" {
         headers.push(("accept", "text/event-stream"));
     }
