@@ -1509,8 +1509,6 @@ fn should_send_only_pings_until_a_restarted_child_has_answered_initialize() {
 /// The same MUST for the initialize of the replica health check: "After successful
 /// initialization, the client MUST send an `initialized` notification".
 #[test]
-#[ignore = "NON-CONFORMANT (client side): the health check's initialize is followed by a \
-            DELETE of its session, never by notifications/initialized"]
 fn must_send_initialized_after_the_health_checks_initialize() {
     let up = FakeUpstream::start();
     let cfg = http_config(IO, &up.url(), "", &format!("urls = [\"{}\"]", up.url()))

@@ -422,7 +422,7 @@ fn check_http(
                     .map_err(|e| format!("cannot send initialize to {addr}: {e}"))?;
                 let mut raw = Vec::new();
                 let mut buf = [0u8; 16 * 1024];
-                loop {
+                let answer = loop {
                     let left = deadline.saturating_duration_since(Instant::now());
                     let read = if left.is_zero() {
                         Err(std::io::ErrorKind::TimedOut.into())
@@ -431,17 +431,17 @@ fn check_http(
                         s.read(&mut buf)
                     };
                     match read {
-                        Ok(0) => break,
+                        Ok(0) => break parse_http_answer(&raw),
                         Ok(n) => {
                             raw.extend_from_slice(&buf[..n]);
                             if raw.len() >= HTTP_ANSWER_CAP {
-                                break;
+                                break parse_http_answer(&raw);
                             }
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                         Err(e) if is_timeout(&e) => {
                             // An SSE stream left open after the answer still answered.
-                            return parse_http_answer(&raw).map_err(|_| {
+                            break parse_http_answer(&raw).map_err(|_| {
                                 format!(
                                     "no answer to initialize from {addr} within {}",
                                     timeout_phrase(key, timeout)
@@ -449,16 +449,42 @@ fn check_http(
                             });
                         }
                         Err(e) => {
-                            return parse_http_answer(&raw)
+                            break parse_http_answer(&raw)
                                 .map_err(|_| format!("reading the answer from {addr}: {e}"));
                         }
                     }
+                };
+                if answer.is_ok()
+                    && let Some((sid, protocol)) = opened_session(&raw)
+                {
+                    // A client completes the handshake it started, then ends the session.
+                    crate::upstream::health::end_session(*addr, h, headers, &sid, &protocol);
                 }
-                return parse_http_answer(&raw);
+                return answer;
             }
         }
     }
     Err(last)
+}
+
+/// The session an initialize answer opened, and the protocol version it names.
+fn opened_session(raw: &[u8]) -> Option<(String, String)> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut resp = httparse::Response::new(&mut headers);
+    resp.parse(raw).ok()?;
+    let sid = resp
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("mcp-session-id"))
+        .map(|h| String::from_utf8_lossy(h.value).trim().to_string())?;
+    let text = String::from_utf8_lossy(raw);
+    let protocol = text
+        .split("\"protocolVersion\":\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_default()
+        .to_string();
+    Some((sid, protocol))
 }
 
 /// Socket timeouts surface as `WouldBlock` or `TimedOut` depending on the call and platform.

@@ -297,32 +297,48 @@ fn identity(message: &serde_json::Value) -> Result<(String, String), String> {
     ))
 }
 
-/// Ends the session a check opened (best effort: a server that keeps it expires it itself).
-fn end_session(
+/// Completes the handshake of the session a check opened, as a client must
+/// (`notifications/initialized`), then ends it (`DELETE`). Best effort: a server that keeps
+/// the session expires it itself.
+pub fn end_session(
     addr: SocketAddr,
     ep: &HttpEndpoint,
     headers: &[(String, String)],
     sid: &str,
     protocol: &str,
 ) {
-    let Ok(mut conn) = TcpStream::connect_timeout(&addr, CHECK_TIMEOUT) else {
+    const INITIALIZED: &str = r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
+    let visible = |s: &str| !s.is_empty() && s.bytes().all(|b| (0x21..=0x7e).contains(&b));
+    if !visible(sid) {
         return;
-    };
-    let _ = conn.set_write_timeout(Some(CHECK_TIMEOUT));
-    let _ = conn.set_read_timeout(Some(CHECK_TIMEOUT));
-    let mut req = format!(
-        "DELETE {} HTTP/1.1\r\nhost: {}\r\nmcp-session-id: {sid}\r\nconnection: close\r\n",
-        ep.path, ep.host_header
-    );
-    if protocol.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
-        req.push_str(&format!("mcp-protocol-version: {protocol}\r\n"));
     }
-    push_headers(&mut req, headers);
-    req.push_str("\r\n");
-    if conn.write_all(req.as_bytes()).is_ok() {
-        // Wait for the status line, so the server has taken the request before we close.
-        let mut head = [0u8; 12];
-        let _ = conn.read(&mut head);
+    for (method, body) in [("POST", INITIALIZED), ("DELETE", "")] {
+        let Ok(mut conn) = TcpStream::connect_timeout(&addr, CHECK_TIMEOUT) else {
+            return;
+        };
+        let _ = conn.set_write_timeout(Some(CHECK_TIMEOUT));
+        let _ = conn.set_read_timeout(Some(CHECK_TIMEOUT));
+        let mut req = format!(
+            "{method} {} HTTP/1.1\r\nhost: {}\r\nmcp-session-id: {sid}\r\nconnection: close\r\n",
+            ep.path, ep.host_header
+        );
+        if method == "POST" {
+            req.push_str(&format!(
+                "content-type: application/json\r\naccept: application/json, text/event-stream\r\ncontent-length: {}\r\n",
+                body.len()
+            ));
+        }
+        if visible(protocol) {
+            req.push_str(&format!("mcp-protocol-version: {protocol}\r\n"));
+        }
+        push_headers(&mut req, headers);
+        req.push_str("\r\n");
+        req.push_str(body);
+        if conn.write_all(req.as_bytes()).is_ok() {
+            // Wait for the status line, so the server has taken the request before we go on.
+            let mut head = [0u8; 12];
+            let _ = conn.read(&mut head);
+        }
     }
 }
 
