@@ -818,6 +818,16 @@ async fn post(
     } else {
         cx.session().map_err(fail)?
     };
+    // An initialize asking for a revision the gateway does not serve goes upstream asking for
+    // the latest it does: the upstream then answers a version the gateway accepts on every
+    // later request ("otherwise, the server MUST respond with another protocol version it
+    // supports" — the gateway is that server to its client).
+    let renegotiated = if is_initialize {
+        transport::initialize_within_served_versions(raw)
+    } else {
+        None
+    };
+    let raw = renegotiated.as_deref().unwrap_or(raw);
     #[cfg(debug_assertions)]
     test_hooks::maybe_panic(&body);
     // 7. authorize

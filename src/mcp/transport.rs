@@ -41,6 +41,19 @@ fn truncate(s: &str, n: usize) -> String {
     s.chars().take(n).collect()
 }
 
+/// An initialize request whose `params.protocolVersion` names a revision this gateway does not
+/// serve, rewritten to ask for the latest one it does; `None` when it needs no change (or is not
+/// an initialize the gateway can read, which the upstream then judges as sent).
+pub fn initialize_within_served_versions(raw: &[u8]) -> Option<Vec<u8>> {
+    let mut message: serde_json::Value = serde_json::from_slice(raw).ok()?;
+    let asked = message.pointer("/params/protocolVersion")?.as_str()?;
+    if SUPPORTED_VERSIONS.contains(&asked) {
+        return None;
+    }
+    *message.pointer_mut("/params/protocolVersion")? = SUPPORTED_VERSIONS[0].into();
+    serde_json::to_vec(&message).ok()
+}
+
 /// Batches were removed in 2025-06-18; they remain for 2025-03-26 (and older) clients.
 pub fn batch_allowed(version: &str) -> bool {
     version == "2025-03-26" || version == "2024-11-05"
@@ -134,6 +147,21 @@ pub fn check_method_headers(head: &RequestHead, m: &Message) -> Result<(), Gatew
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_initialize_for_an_unserved_revision_asks_for_the_latest_served_one() {
+        let ask = |v: &str| {
+            format!(
+                r#"{{"jsonrpc":"2.0","id":1,"method":"initialize","params":{{"protocolVersion":"{v}","capabilities":{{}}}}}}"#
+            )
+        };
+        assert!(initialize_within_served_versions(ask("2025-06-18").as_bytes()).is_none());
+        let out = initialize_within_served_versions(ask("2099-01-01").as_bytes()).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["params"]["protocolVersion"], SUPPORTED_VERSIONS[0]);
+        assert_eq!(v["id"], 1);
+        assert!(initialize_within_served_versions(b"{}").is_none());
+    }
 
     #[test]
     fn accept_matching_honours_wildcards_and_q0() {
