@@ -8,10 +8,11 @@
 //
 // For every built (client transport x upstream transport) pair it starts what the pair needs on
 // 127.0.0.1, runs one client process, and prints `PASS|FAIL client upstream case [detail]` per
-// case. Pairs whose transport is not built yet are printed once as `SKIP ... not built`. A FAIL
-// listed in KNOWN_FAILURES is printed as `FAIL ... [known: reason]` and does not fail the run; a
-// listed case that passes does (so the list is kept honest). Exit status: 0 when every failure is
-// known, 1 otherwise.
+// case; a case a client ran in its transport's own form (legacy SSE: no session header, no
+// DELETE) carries `[adapted: how]`. Pairs whose transport is not built yet are printed once as
+// `SKIP ... not built`. A FAIL listed in KNOWN_FAILURES is printed as `FAIL ... [known: reason]`
+// and does not fail the run; a listed case that passes does (so the list is kept honest). Exit
+// status: 0 when every failure is known, 1 otherwise.
 import { spawn } from "node:child_process";
 import { createHash, randomBytes } from "node:crypto";
 import { createWriteStream, existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
@@ -35,10 +36,14 @@ const START_TIMEOUT_MS = 20_000;
 
 /** Client side: which SDK, over which client transport. */
 const CLIENTS = [
-  { id: "ts/streamable-http", built: true, cmd: () => [process.execPath, [join(HERE, "clients", "ts.mjs")]] },
-  { id: "py/streamable-http", built: true, cmd: () => [pythonBin(), [join(HERE, "clients", "py_client.py")]] },
-  { id: "ts/sse", built: false, why: "legacy HTTP+SSE client endpoint (server.sse_path) not in this build" },
-  { id: "py/sse", built: false, why: "legacy HTTP+SSE client endpoint (server.sse_path) not in this build" },
+  // `transport` picks the gateway endpoint (run.mjs) and the SDK transport (the client scripts,
+  // through INTEROP_TRANSPORT): "streamable-http" is POST/GET/DELETE on the route's path (/mcp),
+  // "sse" the legacy HTTP+SSE stream at server.sse_path (default /sse), whose `endpoint` event
+  // names the /messages URL the SDK posts to.
+  { id: "ts/streamable-http", built: true, transport: "streamable-http", cmd: () => [process.execPath, [join(HERE, "clients", "ts.mjs")]] },
+  { id: "py/streamable-http", built: true, transport: "streamable-http", cmd: () => [pythonBin(), [join(HERE, "clients", "py_client.py")]] },
+  { id: "ts/sse", built: true, transport: "sse", cmd: () => [process.execPath, [join(HERE, "clients", "ts.mjs")]] },
+  { id: "py/sse", built: true, transport: "sse", cmd: () => [pythonBin(), [join(HERE, "clients", "py_client.py")]] },
 ];
 
 /** Upstream side: how server-everything is run and how the gateway reaches it. */
@@ -61,7 +66,16 @@ const UPSTREAMS = [
       return [`transport = "http"`, `url = ${tomlStr(url)}`];
     },
   },
-  { id: "sse", built: false, why: "legacy SSE upstream (transport = \"sse\") not in this build" },
+  {
+    id: "sse",
+    built: true,
+    // A legacy HTTP+SSE server: the gateway opens its stream at `url` and posts where the
+    // stream's `endpoint` event says.
+    upstreamToml: async () => {
+      const url = await startEverythingSse();
+      return [`transport = "sse"`, `url = ${tomlStr(url)}`];
+    },
+  },
 ];
 
 // ---------------------------------------------------------------------------------------------
@@ -162,6 +176,17 @@ async function startEverythingHttp() {
   return everythingHttpUrl;
 }
 
+let everythingSseUrl;
+async function startEverythingSse() {
+  if (everythingSseUrl) return everythingSseUrl;
+  const child = start("everything-sse", process.execPath, [join(HERE, "lib", "everything-sse.mjs")], {
+    env: { PORT: "0" },
+  });
+  const m = await waitFor(child, /EVERYTHING_LISTENING (http:\/\/127\.0\.0\.1:\d+\/sse)/, "server-everything (sse)");
+  everythingSseUrl = m[1];
+  return everythingSseUrl;
+}
+
 /** Keys: one policy-bearing key and one rate-limited key per client, so buckets never mix. */
 function makeKeys(clientId) {
   const tag = clientId.replace(/[^a-z0-9]+/g, "-");
@@ -220,10 +245,12 @@ async function startGateway(upstream, keys) {
   writeFileSync(cfg, toml.join("\n"));
   const child = start(name, GUARD, ["--config", cfg]);
   const m = await waitFor(child, /mcp-guard \S+ listening on http:\/\/(\S+)/, `mcp-guard (${upstream.id} upstream)`);
-  return { child, url: `http://${m[1]}/mcp` };
+  return { child, base: `http://${m[1]}` };
 }
 
-function runClient(client, upstream, url, keys) {
+function runClient(client, upstream, base, keys) {
+  // sse_path is left at its default, /sse; /mcp is the default route's path.
+  const url = client.transport === "sse" ? `${base}/sse` : `${base}/mcp`;
   return new Promise((resolve_) => {
     const [cmd, args] = client.cmd();
     const name = `client-${client.id.replace("/", "-")}-${upstream.id}`;
@@ -231,6 +258,7 @@ function runClient(client, upstream, url, keys) {
       cwd: HERE,
       env: {
         INTEROP_URL: url,
+        INTEROP_TRANSPORT: client.transport,
         INTEROP_KEY: keys.main.key,
         INTEROP_LIMITED_KEY: keys.limited.key,
         INTEROP_DOCS_DIR: join(EVERYTHING_DIR, "dist", "docs"),
@@ -249,7 +277,7 @@ function runClient(client, upstream, url, keys) {
         try {
           const r = JSON.parse(line);
           results.set(r.case, r);
-          report(client.id, upstream.id, r.case, r.ok, r.detail);
+          report(client.id, upstream.id, r.case, r.ok, r.detail, r.adapted);
         } catch {
           /* not a result line */
         }
@@ -266,7 +294,7 @@ function runClient(client, upstream, url, keys) {
 // ---------------------------------------------------------------------------------------------
 
 const known = loadKnownFailures();
-const tally = { pass: 0, fail: 0, knownFail: 0, unexpectedPass: 0, notBuilt: 0 };
+const tally = { pass: 0, fail: 0, knownFail: 0, unexpectedPass: 0, notBuilt: 0, adapted: 0 };
 const knownSeen = new Set();
 
 function loadKnownFailures() {
@@ -282,7 +310,10 @@ function loadKnownFailures() {
   return map;
 }
 
-function report(client, upstream, kase, ok, detail) {
+/** `adapted`: set by a client when the case checks a transport's own form of what it is about
+ * (legacy SSE has no Mcp-Session-Id, no DELETE, no per-POST stream); printed before the detail
+ * so that a PASS never reads as the Streamable HTTP check it is not. */
+function report(client, upstream, kase, ok, detail, adapted) {
   const key = `${client} ${upstream} ${kase}`;
   const k = known.get(key);
   if (k !== undefined) knownSeen.add(key);
@@ -301,6 +332,10 @@ function report(client, upstream, kase, ok, detail) {
   } else {
     tally.fail++;
     line = `FAIL ${key}`;
+  }
+  if (adapted) {
+    tally.adapted++;
+    line += ` [adapted: ${adapted}]`;
   }
   console.log(detail ? `${line} ${detail}` : line);
 }
@@ -345,7 +380,7 @@ async function main() {
     }
     for (const c of runnable) {
       const t = Date.now();
-      const { results, code, signal, log } = await runClient(c, upstream, gw.url, keys.get(c.id));
+      const { results, code, signal, log } = await runClient(c, upstream, gw.base, keys.get(c.id));
       for (const kase of casesFor(c)) {
         if (!results.has(kase)) {
           report(c.id, upstream.id, kase, false, `not run (client exited ${signal ?? code}; see ${log})`);
@@ -365,6 +400,7 @@ async function main() {
   const extra = [
     tally.knownFail ? `${tally.knownFail} known failures` : null,
     tally.notBuilt ? `${tally.notBuilt} pairs not built` : null,
+    tally.adapted ? `${tally.adapted} adapted to their transport` : null,
     tally.unexpectedPass ? `${tally.unexpectedPass} known failures now pass` : null,
   ].filter(Boolean);
   console.log(`${tally.pass} passed, ${tally.fail} failed${extra.length ? ` (${extra.join(", ")})` : ""} in ${secs} s`);

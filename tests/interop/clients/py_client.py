@@ -1,28 +1,34 @@
 """The official Python SDK client (`mcp` on PyPI) through mcp-guard.
 
-Run by run.mjs with the same environment as clients/ts.mjs (INTEROP_URL, INTEROP_KEY,
-INTEROP_LIMITED_KEY, INTEROP_DOCS_DIR, INTEROP_CASES). Prints one JSON line per case on stdout:
-{"case": NAME, "ok": BOOL, "detail": TEXT}. The expectations live in expect.json.
+Run by run.mjs with the same environment as clients/ts.mjs (INTEROP_URL, INTEROP_TRANSPORT,
+INTEROP_KEY, INTEROP_LIMITED_KEY, INTEROP_DOCS_DIR, INTEROP_CASES). Prints one JSON line per case
+on stdout: {"case": NAME, "ok": BOOL, "detail": TEXT}, plus "adapted": HOW when the case checks
+the legacy transport's own form of what it is about. The expectations live in expect.json.
 
-The client is `mcp.ClientSession` over `mcp.client.streamable_http.streamable_http_client`, with
-the API key in an `Authorization: Bearer` header on the httpx2 client, as the SDK documents.
+The client is `mcp.ClientSession` over `mcp.client.streamable_http.streamable_http_client`
+(INTEROP_TRANSPORT=streamable-http, the default) or `mcp.client.sse.sse_client` (=sse, the
+2024-11-05 HTTP+SSE transport; INTEROP_URL is then the gateway's /sse stream), with the API key in
+an `Authorization: Bearer` header on the httpx2 client, as the SDK documents.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
 import traceback
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, nullcontext
 from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.abc
+import httpx2
 import mcp_types as types
 from mcp import Client, ClientSession
+from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import MCPError
@@ -34,6 +40,7 @@ KEY = os.environ["INTEROP_KEY"]
 LIMITED_KEY = os.environ["INTEROP_LIMITED_KEY"]
 DOCS_DIR = Path(os.environ["INTEROP_DOCS_DIR"])
 CASE_TIMEOUT_S = 20
+LEGACY = (os.environ.get("INTEROP_TRANSPORT") or "streamable-http") == "sse"
 
 
 class Fail(Exception):
@@ -73,7 +80,8 @@ class Conn:
     def __init__(self) -> None:
         # Every HTTP exchange: {http, rpc, status, type, retry_after} (rpc: the method posted).
         self.exchanges: list[dict[str, Any]] = []
-        self.session_id: str | None = None  # Mcp-Session-Id the SDK sends
+        self.session_id: str | None = None  # Mcp-Session-Id the SDK sends (legacy: endpoint's sessionId)
+        self.endpoint: str | None = None  # legacy: the messages URL the SDK posts to
         self.protocol_version: str | None = None  # Mcp-Protocol-Version the SDK sends
         self.http: Any = None
         self.notifications: list[Any] = []
@@ -92,9 +100,9 @@ class Conn:
             self.log_event.set()
 
 
-async def connect(stack: AsyncExitStack, key: str, name: str = "interop-py") -> Conn:
-    conn = Conn()
-    http = create_mcp_http_client(headers={"Authorization": f"Bearer {key}"})
+def recording_client(conn: Conn, headers: dict[str, str] | None = None, **kwargs: Any) -> httpx2.AsyncClient:
+    """The SDK's own httpx2 client, with hooks that record each exchange on `conn`."""
+    http = create_mcp_http_client(headers=headers, **kwargs)
 
     async def record(response: Any) -> None:
         rpc = None
@@ -116,12 +124,42 @@ async def connect(stack: AsyncExitStack, key: str, name: str = "interop-py") -> 
     async def record_request(request: Any) -> None:
         conn.session_id = request.headers.get("mcp-session-id", conn.session_id)
         conn.protocol_version = request.headers.get("mcp-protocol-version", conn.protocol_version)
+        if request.method == "POST" and conn.endpoint is None:
+            conn.endpoint = str(request.url)
 
     http.event_hooks["response"].append(record)
     http.event_hooks["request"].append(record_request)
-    http = await stack.enter_async_context(http)
-    conn.http = http
-    read, write = await stack.enter_async_context(streamable_http_client(URL, http_client=http))
+    return http
+
+
+def transport_for(conn: Conn, key: str) -> Any:
+    """The SDK transport (an async context manager yielding the read and write streams)."""
+    if LEGACY:
+        # sse_client builds its own httpx2 client (one for the GET stream and the POSTs) from
+        # `headers`, through the factory: ours is the SDK's default plus the recording hooks.
+        def factory(headers: Any = None, timeout: Any = None, auth: Any = None) -> httpx2.AsyncClient:
+            conn.http = recording_client(conn, headers=headers, timeout=timeout, auth=auth)
+            return conn.http
+
+        def on_session_created(session_id: str) -> None:
+            conn.session_id = session_id
+
+        return sse_client(
+            URL,
+            headers={"Authorization": f"Bearer {key}"},
+            httpx_client_factory=factory,
+            on_session_created=on_session_created,
+        )
+    return streamable_http_client(URL, http_client=conn.http)
+
+
+async def connect(stack: AsyncExitStack, key: str, name: str = "interop-py") -> Conn:
+    conn = Conn()
+    if not LEGACY:
+        conn.http = await stack.enter_async_context(
+            recording_client(conn, headers={"Authorization": f"Bearer {key}"})
+        )
+    read, write = await stack.enter_async_context(transport_for(conn, key))
     conn.session = await stack.enter_async_context(
         ClientSession(
             read,
@@ -148,6 +186,12 @@ class Cases:
         self.tg = tg
         self.main: Conn | None = None
         self.done = anyio.Event()
+        self.adapted: str | None = None  # how the running case departs from its usual form
+
+    def adapt(self, how: str) -> None:
+        """Marks the running case as checking the legacy transport's own form of what it is
+        about; the runner prints `[adapted: how]`, on a FAIL as well as a PASS."""
+        self.adapted = how
 
     async def _hold_main(self, *, task_status: anyio.abc.TaskStatus[Conn]) -> None:
         # The shared session lives in its own task, so the per-case timeouts (cancel scopes)
@@ -168,6 +212,17 @@ class Cases:
         assert init is not None
         check(init.server_info.name == EXPECT["server_name"], f"serverInfo.name = {init.server_info.name}")
         check(init.protocol_version in EXPECT["protocol_versions"], f"protocol version {init.protocol_version}")
+        if LEGACY:
+            # No Mcp-Session-Id on this transport: the session is the endpoint event's sessionId
+            # (the SDK's on_session_created callback), the URL it then posts to.
+            self.adapt("legacy SSE has no Mcp-Session-Id: the session id is the endpoint event's sessionId")
+            sid = self.main.session_id
+            path = httpx2.URL(self.main.endpoint or "").path
+            check(sid and path == "/messages", f"endpoint {self.main.endpoint}, sessionId {sid}")
+            return (
+                f"server {init.server_info.name} {init.server_info.version}, protocol {init.protocol_version}, "
+                f"endpoint {path}?sessionId=<{len(sid or '')} chars>"
+            )
         return f"server {init.server_info.name} {init.server_info.version}, protocol {init.protocol_version}"
 
     async def tools_list_filtered(self) -> str:
@@ -264,11 +319,20 @@ class Cases:
         await anyio.sleep(0.1)
         post = next((x for x in self.main.exchanges[before:] if x["rpc"] == "tools/call"), {})
         want = list(range(1, steps + 1))
+        if LEGACY:
+            self.adapt(
+                "legacy SSE answers on its one stream, not on the POST: checks progress precedes the result there"
+            )
         check(
             seen == want,
             f"the SDK's progress callback saw {seen}, want {want} (progress arriving after the result "
-            f"is dropped); POST answered {post.get('type')}",
+            f"is dropped); POST answered {post.get('status') if LEGACY else post.get('type')}",
         )
+        if LEGACY:
+            # One stream carries every answer: the order the callback saw is the order the gateway
+            # wrote (progress, then the result). The POST only acknowledges.
+            check(post.get("status") == 202, f"tools/call POST answered HTTP {post.get('status')}, want 202")
+            return f"POST answered 202; progress {seen} before the result on the stream"
         check(
             (post.get("type") or "").startswith("text/event-stream"),
             f"tools/call answered with {post.get('type')}: its progress went on the standalone GET stream, "
@@ -330,6 +394,8 @@ class Cases:
             return ", ".join(out)
 
     async def session_delete(self) -> str:
+        if LEGACY:
+            return await self._legacy_session_end()
         # 1. Leaving streamable_http_client's context sends DELETE with the session id (the SDK
         #    only logs a failure, so the status is read from the httpx2 response hook).
         async with AsyncExitStack() as stack:
@@ -358,26 +424,66 @@ class Cases:
         check(status == 404, f"request on the deleted session: HTTP {status}, SDK raised {describe(error)}")
         return f"SDK DELETE {deletes[-1]}; then HTTP 404, SDK raised {describe(error)}"
 
+    async def _legacy_session_end(self) -> str:
+        # Legacy SSE has no DELETE and no session id to resume with: the session ends when its
+        # stream closes (leaving sse_client's context closes it), and its messages URL must then
+        # be unknown (404).
+        self.adapt(
+            "legacy SSE has no DELETE and no session resumption: the session ends with its stream, and its "
+            "messages URL then gets 404 (a plain POST: the SDK cannot reuse a session)"
+        )
+        async with AsyncExitStack() as stack:
+            c = await connect(stack, KEY, "interop-py-delete")
+            assert c.session is not None
+            await c.session.call_tool("echo", {"message": "before the stream closes"})
+        check(c.endpoint, "the SDK posted nowhere")
+        assert c.endpoint is not None
+        # The gateway learns of the close when the socket reads EOF, a moment later: retry
+        # briefly. A POST that still lands is a harmless ping answered on a closed stream.
+        t0 = time.monotonic()
+        async with create_mcp_http_client(headers={"Authorization": f"Bearer {KEY}"}) as http:
+            while True:
+                r = await http.post(c.endpoint, json={"jsonrpc": "2.0", "id": 1, "method": "ping"})
+                if r.status_code == 404 or time.monotonic() - t0 > 2:
+                    break
+                await anyio.sleep(0.05)
+        ms = int((time.monotonic() - t0) * 1000)
+        check(
+            r.status_code == 404,
+            f"POST to the closed session's /messages answered HTTP {r.status_code}: {r.text[:200]}",
+        )
+        return (
+            f"stream closed by the SDK; POST to its /messages?sessionId= then: HTTP 404 after {ms} ms: "
+            f"{r.text[:120]}"
+        )
+
     async def connect_auto(self) -> str:
         # mcp.Client's default mode ("auto") first probes the 2026-era `server/discover`; a
         # gateway that does not speak it must answer so that the SDK falls back to initialize.
-        http = create_mcp_http_client(headers={"Authorization": f"Bearer {KEY}"})
-        seen: list[tuple[str, int]] = []
-
-        async def record(response: Any) -> None:
-            seen.append((response.request.method, response.status_code))
-
-        http.event_hooks["response"].append(record)
-        async with http, Client(streamable_http_client(URL, http_client=http)) as client:
+        conn = Conn()
+        if LEGACY:
+            # The probe is posted (202) and refused on the stream; no HTTP status to report.
+            self.adapt("legacy SSE: the probe is posted (202) and its error arrives on the stream")
+            transport = transport_for(conn, KEY)
+            http = nullcontext()  # sse_client owns its httpx2 client
+        else:
+            conn.http = http = recording_client(conn, headers={"Authorization": f"Bearer {KEY}"})
+            transport = transport_for(conn, KEY)
+        async with http, Client(transport) as client:
             version = client.session._negotiated_version  # noqa: SLF001 - no public accessor
             check(version in EXPECT["protocol_versions"], f"negotiated {version}")
             r = await client.call_tool("echo", {"message": "auto"})
             check(text_of(r) == "Echo: auto", f"echo returned {text_of(r)!r}")
-        return f"probe answered HTTP {seen[0][1]}, fell back to initialize: protocol {version}"
+        probe = next((x for x in conn.exchanges if x["rpc"] == "server/discover"), None)
+        check(probe is not None, f"no server/discover probe was posted: {conn.exchanges}")
+        assert probe is not None
+        return f"probe answered HTTP {probe['status']}, fell back to initialize: protocol {version}"
 
     async def rate_limit_429(self) -> str:
         # The Python SDK surfaces a non-2xx answer whose body is a JSON-RPC error as that error
         # (it does not expose the HTTP status): the gateway's rate-limit error must arrive intact.
+        if LEGACY:
+            return await self._legacy_429()
         async with AsyncExitStack() as stack:
             c = await connect(stack, LIMITED_KEY, "interop-py-limited")
             assert c.session is not None
@@ -397,6 +503,64 @@ class Cases:
             raise Fail(f"{EXPECT['hammer_calls']} calls, no rate-limit error")
 
 
+    async def _legacy_429(self) -> str:
+        # sse_client's post_writer raises httpx2.HTTPStatusError for a refused POST and only logs
+        # it ("Error in post_writer"); the caller's request is never answered, and the writer is
+        # gone, so the transport sends nothing more. The SDK saw the 429 where it can: in that
+        # exception; the call itself fails only by its read timeout.
+        self.adapt(
+            "legacy SSE, Python SDK: sse_client raises HTTPStatusError 429 in its writer and only logs it; "
+            "the call fails by timeout and the transport sends nothing after it"
+        )
+        raised: list[BaseException] = []
+
+        class Catch(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                if record.exc_info and record.exc_info[1] is not None:
+                    raised.append(record.exc_info[1])
+
+        def status_errors(e: BaseException) -> list[httpx2.HTTPStatusError]:
+            if isinstance(e, httpx2.HTTPStatusError):
+                return [e]
+            if isinstance(e, BaseExceptionGroup):
+                return [x for sub in e.exceptions for x in status_errors(sub)]
+            return []
+
+        sse_log = logging.getLogger("mcp.client.sse")
+        handler = Catch()
+        sse_log.addHandler(handler)
+        try:
+            async with AsyncExitStack() as stack:
+                c = await connect(stack, LIMITED_KEY, "interop-py-limited")
+                assert c.session is not None
+                for i in range(1, EXPECT["hammer_calls"] + 1):
+                    try:
+                        # Each answered call takes milliseconds; the bound only ends the one
+                        # the SDK cannot answer.
+                        await c.session.call_tool("echo", {"message": f"hammer {i}"}, read_timeout_seconds=2)
+                    except MCPError as e:
+                        posts = [x for x in c.exchanges if x["http"] == "POST"]
+                        last = posts[-1] if posts else {}
+                        status, retry_after = last.get("status"), last.get("retry_after")
+                        check(
+                            status == 429 and retry_after,
+                            f"call {i}: HTTP {status}, Retry-After {retry_after}; SDK raised {describe(e)}",
+                        )
+                        seen = [x for r in raised for x in status_errors(r)]
+                        check(
+                            any(x.response.status_code == 429 for x in seen),
+                            f"call {i}: HTTP 429 on the wire, but the SDK's writer raised no HTTPStatusError 429 "
+                            f"(logged: {[describe(r) for r in raised]}); the call raised {describe(e)}",
+                        )
+                        return (
+                            f"call {i}: HTTP 429, Retry-After {retry_after}; the SDK's writer raised "
+                            f"HTTPStatusError {seen[0].response.status_code}; the call raised {describe(e)}"
+                        )
+                raise Fail(f"{EXPECT['hammer_calls']} calls, no rate-limit error")
+        finally:
+            sse_log.removeHandler(handler)
+
+
 async def main() -> None:
     only = [c for c in os.environ.get("INTEROP_CASES", "").split(",") if c]
     async with anyio.create_task_group() as tg:
@@ -405,6 +569,7 @@ async def main() -> None:
             if only and name != "initialize" and name not in only:
                 continue  # initialize always runs: the other cases use its session
             fn = getattr(cases, name.replace("-", "_"))
+            cases.adapted = None
             t0 = time.monotonic()
             ok = False
             detail = ""
@@ -427,7 +592,10 @@ async def main() -> None:
                 detail = describe(e)
                 traceback.print_exc(file=sys.stderr)
             ms = int((time.monotonic() - t0) * 1000)
-            print(json.dumps({"case": name, "ok": ok, "detail": f"{detail} ({ms} ms)"}, ensure_ascii=False), flush=True)
+            result = {"case": name, "ok": ok, "detail": f"{detail} ({ms} ms)"}
+            if cases.adapted:
+                result["adapted"] = cases.adapted
+            print(json.dumps(result, ensure_ascii=False), flush=True)
             if name == "initialize" and not ok:
                 break
         cases.done.set()

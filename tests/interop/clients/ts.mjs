@@ -1,13 +1,17 @@
 // The official TypeScript SDK client (@modelcontextprotocol/sdk) through mcp-guard.
 //
 // Usage: node clients/ts.mjs   (everything comes from the environment, set by run.mjs)
-//   INTEROP_URL          the gateway's MCP endpoint (http://127.0.0.1:PORT/mcp)
+//   INTEROP_URL          the gateway's MCP endpoint (http://127.0.0.1:PORT/mcp), or its legacy
+//                        SSE stream (http://127.0.0.1:PORT/sse) when INTEROP_TRANSPORT=sse
+//   INTEROP_TRANSPORT    "streamable-http" (default: StreamableHTTPClientTransport) or "sse"
+//                        (SSEClientTransport, the 2024-11-05 HTTP+SSE transport)
 //   INTEROP_KEY          API key whose policy hides and denies some tools (see run.mjs)
 //   INTEROP_LIMITED_KEY  API key with a tiny rate limit
 //   INTEROP_DOCS_DIR     server-everything's docs directory (the static resources' content)
 //   INTEROP_CASES        optional comma-separated case names to run
 //
-// Prints one JSON line per case on stdout: {"case": NAME, "ok": BOOL, "detail": TEXT}.
+// Prints one JSON line per case on stdout: {"case": NAME, "ok": BOOL, "detail": TEXT}, plus
+// "adapted": HOW when the case checks the legacy transport's own form of what it is about.
 // Diagnostics go to stderr. The expectations live in expect.json, shared with the Python client.
 import { readFileSync } from "node:fs";
 import { join, dirname } from "node:path";
@@ -17,6 +21,7 @@ import {
   StreamableHTTPClientTransport,
   StreamableHTTPError,
 } from "@modelcontextprotocol/sdk/client/streamableHttp.js";
+import { SSEClientTransport, SseError } from "@modelcontextprotocol/sdk/client/sse.js";
 import { LoggingMessageNotificationSchema, McpError } from "@modelcontextprotocol/sdk/types.js";
 
 const here = dirname(fileURLToPath(import.meta.url));
@@ -26,6 +31,7 @@ const KEY = process.env.INTEROP_KEY;
 const LIMITED_KEY = process.env.INTEROP_LIMITED_KEY;
 const DOCS_DIR = process.env.INTEROP_DOCS_DIR;
 const CASE_TIMEOUT_MS = 20_000;
+const LEGACY = (process.env.INTEROP_TRANSPORT || "streamable-http") === "sse";
 
 class Fail extends Error {}
 function check(cond, msg) {
@@ -39,33 +45,45 @@ const describeError = (e) =>
     ? `McpError ${e.code}: ${e.message}`
     : e instanceof StreamableHTTPError
       ? `StreamableHTTPError ${e.code}: ${e.message}`
-      : `${e?.constructor?.name ?? "Error"}: ${e?.message ?? e}`;
+      : e instanceof SseError
+        ? `SseError ${e.code}: ${e.message}`
+        : `${e?.constructor?.name ?? "Error"}: ${e?.message ?? e}`;
 
 /** A client connected through the gateway; records every message it sends and receives. */
 async function connect(key, name = "interop-ts", sessionId = undefined) {
-  // Every HTTP exchange: {http, rpc, status, type, retryAfter} (rpc: the JSON-RPC method posted).
+  // Every HTTP exchange: {http, rpc, url, status, type, retryAfter, protocolVersion} (rpc: the
+  // JSON-RPC method posted; protocolVersion: the mcp-protocol-version header the SDK sent).
   const exchanges = [];
-  const transport = new StreamableHTTPClientTransport(URL_, {
-    requestInit: { headers: { Authorization: `Bearer ${key}` } },
-    sessionId, // set: the SDK resumes that session instead of initializing
-    fetch: async (url, init) => {
-      const res = await fetch(url, init);
-      let rpc;
-      try {
-        rpc = JSON.parse(init?.body ?? "null")?.method;
-      } catch {
-        /* not JSON */
-      }
-      exchanges.push({
-        http: init?.method ?? "GET",
-        rpc,
-        status: res.status,
-        type: res.headers.get("content-type"),
-        retryAfter: res.headers.get("retry-after"),
+  const recordingFetch = async (url, init) => {
+    const res = await fetch(url, init);
+    let rpc;
+    try {
+      rpc = JSON.parse(init?.body ?? "null")?.method;
+    } catch {
+      /* not JSON */
+    }
+    exchanges.push({
+      http: init?.method ?? "GET",
+      rpc,
+      url: String(url),
+      status: res.status,
+      type: res.headers.get("content-type"),
+      retryAfter: res.headers.get("retry-after"),
+      protocolVersion: new Headers(init?.headers).get("mcp-protocol-version"),
+    });
+    return res;
+  };
+  const auth = { headers: { Authorization: `Bearer ${key}` } };
+  // SSEClientTransport puts requestInit's headers on the stream's GET (its EventSource fetch
+  // builds them from requestInit) and on every POST; `fetch` serves both, so both are recorded.
+  // eventSourceInit is not needed: its own fetch, if given, would bypass the recording one.
+  const transport = LEGACY
+    ? new SSEClientTransport(URL_, { requestInit: auth, fetch: recordingFetch })
+    : new StreamableHTTPClientTransport(URL_, {
+        requestInit: auth,
+        sessionId, // set: the SDK resumes that session instead of initializing
+        fetch: recordingFetch,
       });
-      return res;
-    },
-  });
   const client = new Client({ name, version: "1.0.0" }, { capabilities: {} });
   const sent = [];
   const received = [];
@@ -84,6 +102,19 @@ async function connect(key, name = "interop-ts", sessionId = undefined) {
   return { client, transport, sent, received, exchanges };
 }
 
+/** The legacy session's messages URL: where the SDK posts (the gateway's `endpoint` event). */
+function endpointOf(c) {
+  const url = c.exchanges.find((x) => x.http === "POST")?.url;
+  return url ? new URL(url) : undefined;
+}
+
+/** Ends a session: DELETE for Streamable HTTP; a legacy session ends with its stream, which
+ * closing the client closes. */
+async function endSession(c) {
+  if (!LEGACY) await c.transport.terminateSession().catch(() => {});
+  await c.client.close();
+}
+
 /** Expects `fn` to be refused by the gateway; returns the error's description. */
 async function expectError(fn, what) {
   let result;
@@ -97,12 +128,30 @@ async function expectError(fn, what) {
 }
 
 let main; // the session most cases share
+let adapted; // how the running case departs from its Streamable HTTP form (see adapt)
+
+/** Marks the running case as checking the legacy transport's own form of what it is about; the
+ * runner prints `[adapted: how]`, on a FAIL as well as a PASS. */
+function adapt(how) {
+  adapted = how;
+}
 
 const cases = {
   async initialize() {
     main = await connect(KEY);
     const info = main.client.getServerVersion();
     check(info?.name === EXPECT.server_name, `serverInfo.name = ${info?.name}`);
+    if (LEGACY) {
+      // No Mcp-Session-Id on this transport: the session is the endpoint event's sessionId, and
+      // the negotiated version is what the SDK sends on its POSTs after initialize.
+      adapt("legacy SSE has no Mcp-Session-Id: the session id is the endpoint event's sessionId");
+      const ep = endpointOf(main);
+      const sid = ep?.searchParams.get("sessionId");
+      check(ep?.pathname === "/messages" && sid, `the SDK posts to ${ep} (want /messages?sessionId=...)`);
+      const pv = main.exchanges.findLast((x) => x.protocolVersion)?.protocolVersion;
+      check(EXPECT.protocol_versions.includes(pv), `protocol version ${pv}`);
+      return `server ${info.name} ${info.version}, protocol ${pv}, endpoint ${ep.pathname}?sessionId=<${sid.length} chars>`;
+    }
     check(main.transport.sessionId, "no Mcp-Session-Id from the gateway");
     const pv = main.transport.protocolVersion;
     check(EXPECT.protocol_versions.includes(pv), `protocol version ${pv}`);
@@ -207,6 +256,7 @@ const cases = {
     const steps = EXPECT.progress_steps[0];
     const seen = [];
     const before = main.exchanges.length;
+    const receivedBefore = main.received.length;
     const r = await main.client.callTool(
       { name: "trigger-long-running-operation", arguments: { duration: EXPECT.progress_duration, steps } },
       undefined,
@@ -215,10 +265,36 @@ const cases = {
     check(textOf(r).includes(`Steps: ${steps}.`), `result ${JSON.stringify(textOf(r))}`);
     const post = main.exchanges.slice(before).find((x) => x.rpc === "tools/call");
     const want = Array.from({ length: steps }, (_, i) => i + 1).join(",");
-    check(
-      seen.join(",") === want,
-      `the SDK's progress callback saw [${seen}], want [${want}] (progress arriving after the result is dropped); POST answered ${post?.type}`,
-    );
+    // What the transport delivered for this call, in order: the progress and the result.
+    const call = main.sent.findLast((m) => m.method === "tools/call");
+    const delivered = () =>
+      main.received
+        .slice(receivedBefore)
+        .filter((m) => m.method === "notifications/progress" || (m.id === call?.id && !m.method))
+        .map((m) => (m.method ? `progress ${m.params.progress}` : "result"))
+        .join(", ");
+    const inOrder = [...want.split(",").map((n) => `progress ${n}`), "result"].join(", ");
+    if (LEGACY) {
+      // One stream carries every answer, so the order the transport delivered is the order the
+      // gateway wrote; the POST only acknowledges. The order is checked where the transport
+      // hands messages to the SDK, not at the callback: the SDK handles a notification in a
+      // microtask but a response at once, and the EventSource dispatches every event of one
+      // network read in one go, so a progress read together with its result reaches no callback
+      // (an SDK race: straight to server-everything over SSE it loses the last step every time).
+      adapt(
+        "legacy SSE answers on its one stream, not on the POST: checks the transport delivered every progress before the result (the TS SDK's callback drops a progress read in the same chunk as the result, with or without the gateway)",
+      );
+      check(post?.status === 202, `tools/call POST answered HTTP ${post?.status}, want 202`);
+      check(delivered() === inOrder, `the transport delivered: ${delivered()}; want ${inOrder}`);
+      const lost = seen.join(",") === want ? "" : ` (${steps - seen.length} dropped by that SDK race)`;
+      return `POST answered 202; delivered ${delivered()}; the SDK's progress callback saw [${seen}]${lost}`;
+    }
+    if (seen.join(",") !== want) {
+      await sleep(300); // late progress, to tell one written after the result from one lost
+      throw new Fail(
+        `the SDK's progress callback saw [${seen}], want [${want}] (progress arriving after the result is dropped); POST answered ${post?.type}; delivered: ${delivered()}`,
+      );
+    }
     check(
       post?.type?.startsWith("text/event-stream"),
       `tools/call answered with ${post?.type}: its progress went on the standalone GET stream, unordered with the result (all ${steps} arrived in time this run)`,
@@ -279,14 +355,13 @@ const cases = {
         verify("B", b, rb, EXPECT.progress_steps[1]),
       ].join(", ");
     } finally {
-      await a.transport.terminateSession().catch(() => {});
-      await b.transport.terminateSession().catch(() => {});
-      await a.client.close();
-      await b.client.close();
+      await endSession(a);
+      await endSession(b);
     }
   },
 
   async "session-delete"() {
+    if (LEGACY) return legacySessionEnd();
     // DELETE ends the session (the SDK's terminateSession throws on any status but 2xx and
     // 405); the same session id presented again is unknown: 404, which the SDK surfaces.
     const c = await connect(KEY, "interop-ts-delete");
@@ -314,6 +389,7 @@ const cases = {
         try {
           await c.client.callTool({ name: "echo", arguments: { message: `hammer ${i}` } });
         } catch (e) {
+          if (LEGACY) return legacy429(c, i, e);
           check(
             e instanceof StreamableHTTPError && e.code === 429,
             `call ${i}: expected StreamableHTTPError 429, got ${describeError(e)}`,
@@ -333,6 +409,50 @@ const cases = {
   },
 };
 
+/** session-delete on legacy SSE: there is no DELETE and no session id to resume with; the
+ * session ends when its stream closes, after which its messages URL must be unknown (404). */
+async function legacySessionEnd() {
+  adapt(
+    "legacy SSE has no DELETE and no session resumption: the session ends with its stream, and its messages URL then gets 404 (a plain POST: the SDK cannot reuse a session)",
+  );
+  const c = await connect(KEY, "interop-ts-delete");
+  await c.client.callTool({ name: "echo", arguments: { message: "before the stream closes" } });
+  const ep = endpointOf(c);
+  check(ep, "the SDK posted nowhere");
+  await c.client.close(); // closes the EventSource: the gateway sees the stream's socket end
+  // The gateway learns of the close when the socket reads EOF, a moment later: retry briefly.
+  // A POST that still lands is a harmless ping whose answer goes to a closed stream.
+  const t0 = Date.now();
+  let status;
+  let body;
+  for (let tries = 1; ; tries++) {
+    const res = await fetch(ep, {
+      method: "POST",
+      headers: { Authorization: `Bearer ${KEY}`, "content-type": "application/json" },
+      body: JSON.stringify({ jsonrpc: "2.0", id: 1, method: "ping" }),
+    });
+    status = res.status;
+    body = await res.text();
+    if (status === 404 || Date.now() - t0 > 2000) break;
+    await sleep(50);
+  }
+  check(status === 404, `POST to the closed session's ${ep.pathname} answered HTTP ${status}: ${body.slice(0, 200)}`);
+  return `stream closed by the SDK; POST to its /messages?sessionId= then: HTTP 404 after ${Date.now() - t0} ms: ${body.slice(0, 120)}`;
+}
+
+/** rate-limit-429 on legacy SSE: the POST is answered 429 and SSEClientTransport.send throws
+ * (a plain Error naming the status), which the SDK's request rejects with. */
+function legacy429(c, i, e) {
+  adapt("legacy SSE: the 429 is the POST's status, and the SDK's send throws a plain Error (StreamableHTTPError is the other transport's)");
+  check(
+    !(e instanceof McpError) && /HTTP 429/.test(e?.message ?? ""),
+    `call ${i}: expected the SDK's "Error POSTing to endpoint (HTTP 429)", got ${describeError(e)}`,
+  );
+  const last = c.exchanges.findLast((x) => x.http === "POST");
+  check(last?.status === 429 && last.retryAfter, `call ${i}: HTTP ${last?.status}, Retry-After ${last?.retryAfter}`);
+  return `call ${i}: HTTP 429, Retry-After ${last.retryAfter}; ${describeError(e).slice(0, 240)}`;
+}
+
 async function main_() {
   const only = (process.env.INTEROP_CASES ?? "").split(",").filter(Boolean);
   for (const name of [...EXPECT.cases, ...EXPECT.extra_cases.ts]) {
@@ -340,6 +460,7 @@ async function main_() {
     const fn = cases[name] ?? (async () => { throw new Fail("no such case in clients/ts.mjs"); });
     let ok = false;
     let detail;
+    adapted = undefined;
     const t0 = Date.now();
     try {
       let timer;
@@ -357,13 +478,10 @@ async function main_() {
       if (!(e instanceof Fail)) console.error(e);
     }
     const ms = Date.now() - t0;
-    console.log(JSON.stringify({ case: name, ok, detail: `${detail ?? ""} (${ms} ms)` }));
+    console.log(JSON.stringify({ case: name, ok, detail: `${detail ?? ""} (${ms} ms)`, ...(adapted ? { adapted } : {}) }));
     if (name === "initialize" && !ok) break; // nothing else can run without a session
   }
-  if (main) {
-    await main.transport.terminateSession().catch(() => {});
-    await main.client.close();
-  }
+  if (main) await endSession(main);
 }
 
 await main_();

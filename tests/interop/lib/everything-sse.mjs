@@ -1,9 +1,10 @@
-// Starts @modelcontextprotocol/server-everything in Streamable HTTP mode, bound to 127.0.0.1.
+// Starts @modelcontextprotocol/server-everything in legacy HTTP+SSE mode (2024-11-05: GET /sse
+// opens the stream, whose `endpoint` event names POST /message?sessionId=), bound to 127.0.0.1.
 //
-// The package's streamableHttp entry calls `app.listen(process.env.PORT || 3001)`, which binds
-// every interface and has no host option. This wrapper pins the host to loopback (patching
+// The package's sse entry calls `app.listen(process.env.PORT || 3001)`, which binds every
+// interface and has no host option. This wrapper pins the host to loopback (patching
 // http.Server#listen before the entry is imported), takes PORT=0 for a free port, and prints
-// `EVERYTHING_LISTENING http://127.0.0.1:PORT/mcp` once bound so the runner can read the port.
+// `EVERYTHING_LISTENING http://127.0.0.1:PORT/sse` once bound so the runner can read the port.
 import http from "node:http";
 import { createRequire } from "node:module";
 import { pathToFileURL } from "node:url";
