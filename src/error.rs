@@ -269,7 +269,7 @@ impl GatewayError {
             GatewayError::InvalidRequest(_, Some(i)) | GatewayError::InvalidParams(_, i) => Some(i),
             _ => id,
         };
-        let id_json = id.map_or_else(|| "null".to_string(), RpcId::to_json);
+        let id_json = id.map(RpcId::to_json);
         let data = match self {
             GatewayError::RateLimited {
                 retry_after_secs, ..
@@ -281,7 +281,12 @@ impl GatewayError {
             ),
             _ => None,
         };
-        jsonrpc_error(&id_json, self.rpc_code(), &self.message(), data.as_deref())
+        jsonrpc_error(
+            id_json.as_deref(),
+            self.rpc_code(),
+            &self.message(),
+            data.as_deref(),
+        )
     }
 
     /// Headers this error's response must carry.

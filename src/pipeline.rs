@@ -618,7 +618,7 @@ fn authorize(
             )
         };
         out.extend(jsonrpc_error(
-            &id.to_json(),
+            Some(&id.to_json()),
             code::FORBIDDEN,
             text,
             Some(&format!("{{\"reason\":\"{reason}\"}}")),

@@ -112,11 +112,24 @@ impl std::fmt::Write for HexWriter<'_> {
 }
 
 /// A JSON-RPC error object as bytes; `id` is JSON text (`null` when unknown).
-pub fn jsonrpc_error(id_json: &str, code: i64, message: &str, data: Option<&str>) -> Vec<u8> {
+///
+/// `id_json` is `None` when the request's id could not be known (its body unread or
+/// unreadable): the member is then left out, as MCP's error response has it (`id` optional, a
+/// string or a number), rather than JSON-RPC 2.0's `null`, which MCP's schema does not allow.
+pub fn jsonrpc_error(
+    id_json: Option<&str>,
+    code: i64,
+    message: &str,
+    data: Option<&str>,
+) -> Vec<u8> {
     let msg = serde_json::Value::String(message.to_string()).to_string();
-    let mut s = format!(
-        "{{\"jsonrpc\":\"2.0\",\"id\":{id_json},\"error\":{{\"code\":{code},\"message\":{msg}"
-    );
+    let mut s = String::from("{\"jsonrpc\":\"2.0\",");
+    if let Some(id) = id_json {
+        s.push_str("\"id\":");
+        s.push_str(id);
+        s.push(',');
+    }
+    s.push_str(&format!("\"error\":{{\"code\":{code},\"message\":{msg}"));
     if let Some(d) = data {
         s.push_str(",\"data\":");
         s.push_str(d);
@@ -148,7 +161,7 @@ mod tests {
 
     #[test]
     fn jsonrpc_error_escapes_message() {
-        let e = jsonrpc_error("1", -32600, "bad \"x\"", None);
+        let e = jsonrpc_error(Some("1"), -32600, "bad \"x\"", None);
         let v: serde_json::Value = serde_json::from_slice(&e).unwrap();
         assert_eq!(v["error"]["message"], "bad \"x\"");
     }

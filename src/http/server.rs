@@ -164,7 +164,7 @@ async fn serve_request<S: Connection>(
             let mut r = Reply::json(
                 500,
                 crate::http::response::jsonrpc_error(
-                    "null",
+                    None,
                     crate::error::code::INTERNAL_ERROR,
                     "Internal error",
                     None,

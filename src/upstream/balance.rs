@@ -536,11 +536,13 @@ mod tests {
         );
         let t = ab.target(&name, None).unwrap();
         let payload = ab.pin(&t, b"sid");
-        // The same URLs in another order: the session still finds its replica.
-        let ba = server(
+        // The same URLs in another order (a reload, which carries the replicas over): the
+        // session still finds its replica.
+        let reordered = server(
             &["http://b/mcp", "http://a/mcp"],
             Some(LoadBalance::RoundRobin),
         );
+        let ba = HttpServer::new(&reordered.settings, Some(&ab));
         let moved = ba.target(&name, Some(&payload)).unwrap();
         assert_eq!(
             ba.replicas()[moved.replica].endpoint.url,
@@ -572,6 +574,12 @@ mod tests {
         let elsewhere = server(&["http://c/mcp"], None);
         assert_eq!(
             elsewhere.target(&name, Some(&pinned)).unwrap_err(),
+            GatewayError::UnknownSession
+        );
+        // The same URL, but a new instance (removed, then added back): unknown too.
+        let again = server(&["http://a/mcp"], None);
+        assert_eq!(
+            again.target(&name, Some(&pinned)).unwrap_err(),
             GatewayError::UnknownSession
         );
     }

@@ -33,6 +33,9 @@ pub type SessionKey = [u8; 16];
 /// official TypeScript SDK refuses a larger one as an invalid message.
 pub const REPLAY_ID_BASE: u64 = 1 << 52;
 
+/// Client lines held at most while a restarted upstream answers the replayed initialize.
+const MAX_HELD: usize = 4096;
+
 /// Id of the hub's own `ping` to a newly started upstream (above every replay id), the largest
 /// integer a double holds exactly.
 pub const PING_ID: u64 = (1 << 53) - 1;
@@ -62,11 +65,14 @@ pub enum DropReason {
     ServerRequestEvicted,
     /// Not a JSON-RPC object, or a shape the hub does not forward.
     Malformed,
+    /// A client notification or response arriving while a restarted upstream was being
+    /// initialized again, with the holding queue full.
+    HeldOverflow,
 }
 
 impl DropReason {
     /// Every reason, in metric order.
-    pub const ALL: [DropReason; 9] = [
+    pub const ALL: [DropReason; 10] = [
         DropReason::ForeignCancel,
         DropReason::ForeignResponse,
         DropReason::ForeignProgress,
@@ -76,6 +82,7 @@ impl DropReason {
         DropReason::UnroutableServerRequest,
         DropReason::ServerRequestEvicted,
         DropReason::Malformed,
+        DropReason::HeldOverflow,
     ];
 
     /// Metric label value.
@@ -90,6 +97,7 @@ impl DropReason {
             DropReason::UnroutableServerRequest => "unroutable_server_request",
             DropReason::ServerRequestEvicted => "server_request_evicted",
             DropReason::Malformed => "malformed",
+            DropReason::HeldOverflow => "held_overflow",
         }
     }
 
@@ -210,6 +218,10 @@ pub struct Router<W> {
     /// The protocol version the upstream agreed to, for the replayed initialize.
     protocol_version: Option<String>,
     replay_pending: Option<u64>,
+    /// Client lines (with the request each carries) that arrived while a restarted upstream had
+    /// not yet answered the replayed initialize: a client sends nothing but pings before the
+    /// server has answered initialize, so they wait, in order, until it has.
+    held: Vec<(Vec<u8>, Option<u64>)>,
     /// Requests the worker gave up on (timeout) that the upstream may still be working on,
     /// by hub id (oldest first), with their session: until the upstream answers, a
     /// server-initiated request may still be theirs, so they count as in flight when one is
@@ -311,6 +323,7 @@ impl<W> Router<W> {
             tick: 0,
             protocol_version: None,
             replay_pending: None,
+            held: Vec::new(),
             abandoned: BTreeMap::new(),
         }
     }
@@ -370,6 +383,32 @@ impl<W> Router<W> {
     fn emit(&self, value: &impl serde::Serialize, request: Option<u64>, out: &mut Vec<Output<W>>) {
         match frame(value) {
             Some(line) => out.push(Output::ToChild { line, request }),
+            None => out.push(Output::Dropped(DropReason::Malformed)),
+        }
+    }
+
+    /// Writes a client's line, or holds it while the replayed handshake is under way (bounded:
+    /// beyond [`MAX_HELD`] a request fails at once as busy, anything else is dropped).
+    fn write_client(&mut self, line: Vec<u8>, request: Option<u64>, out: &mut Vec<Output<W>>) {
+        if self.replay_pending.is_none() {
+            return out.push(Output::ToChild { line, request });
+        }
+        if self.held.len() < MAX_HELD {
+            return self.held.push((line, request));
+        }
+        match request.and_then(|h| self.abandon(h)) {
+            Some(waiter) => out.push(Output::Fail {
+                waiter,
+                error: GatewayError::UpstreamBusy,
+            }),
+            None => out.push(Output::Dropped(DropReason::HeldOverflow)),
+        }
+    }
+
+    /// [`Router::emit`] for a message on a client's behalf: held like its requests.
+    fn emit_client(&mut self, value: &impl serde::Serialize, out: &mut Vec<Output<W>>) {
+        match frame(value) {
+            Some(line) => self.write_client(line, None, out),
             None => out.push(Output::Dropped(DropReason::Malformed)),
         }
     }
@@ -459,10 +498,7 @@ impl<W> Router<W> {
                 progress,
             },
         );
-        out.push(Output::ToChild {
-            line,
-            request: Some(hub_id),
-        });
+        self.write_client(line, Some(hub_id), out);
     }
 
     /// The waiter of a client request still in flight.
@@ -489,6 +525,12 @@ impl<W> Router<W> {
 
     /// The worker gave up on `hub_id` (timeout): forget it and tell the upstream.
     pub fn cancel(&mut self, hub_id: u64, out: &mut Vec<Output<W>>) {
+        // Still held: the upstream never saw it, so there is nothing to cancel there.
+        if let Some(i) = self.held.iter().position(|(_, r)| *r == Some(hub_id)) {
+            self.held.remove(i);
+            self.take_pending(hub_id);
+            return;
+        }
         if let Some(p) = self.take_pending(hub_id) {
             while self.abandoned.len() >= self.limits.max_pending.max(1) {
                 self.abandoned.pop_first();
@@ -496,7 +538,7 @@ impl<W> Router<W> {
             self.abandoned.insert(hub_id, p.session);
             let note = json!({"jsonrpc":"2.0","method":"notifications/cancelled",
                 "params":{"requestId": hub_id, "reason":"client request timed out"}});
-            self.emit(&note, None, out);
+            self.emit_client(&note, out);
         }
     }
 
@@ -531,7 +573,7 @@ impl<W> Router<W> {
                 match owned.and_then(|h| self.server_requests.remove(&h)) {
                     Some(r) => {
                         msg.insert("id".into(), r.server_id);
-                        self.emit(&msg, None, out);
+                        self.emit_client(&msg, out);
                     }
                     None => out.push(Output::Dropped(DropReason::ForeignResponse)),
                 }
@@ -561,7 +603,7 @@ impl<W> Router<W> {
                 match target {
                     Some(h) => {
                         set_params_field(&mut msg, "requestId", Value::from(h));
-                        self.emit(&msg, None, out);
+                        self.emit_client(&msg, out);
                     }
                     None => out.push(Output::Dropped(DropReason::ForeignCancel)),
                 }
@@ -574,12 +616,12 @@ impl<W> Router<W> {
                         .any(|r| r.session == session && r.progress_token.as_ref() == Some(t))
                 });
                 if owned {
-                    self.emit(&msg, None, out);
+                    self.emit_client(&msg, out);
                 } else {
                     out.push(Output::Dropped(DropReason::ForeignProgress));
                 }
             }
-            _ => self.emit(&msg, None, out),
+            _ => self.emit_client(&msg, out),
         }
     }
 
@@ -618,13 +660,17 @@ impl<W> Router<W> {
             return;
         }
         if self.replay_pending == Some(hub_id) {
-            // The answer to the replayed initialize: complete the handshake for the new child.
+            // The answer to the replayed initialize: complete the handshake for the new child,
+            // then let through what clients sent meanwhile.
             self.replay_pending = None;
             self.emit(
                 &json!({"jsonrpc":"2.0","method":"notifications/initialized"}),
                 None,
                 out,
             );
+            for (line, request) in std::mem::take(&mut self.held) {
+                out.push(Output::ToChild { line, request });
+            }
             return;
         }
         let Some(p) = self.take_pending(hub_id) else {
@@ -943,6 +989,8 @@ impl<W> Router<W> {
         self.server_requests.clear();
         self.abandoned.clear();
         self.replay_pending = None;
+        // Their requests have just failed; nothing of them may reach the next child.
+        self.held.clear();
     }
 }
 
@@ -1398,6 +1446,61 @@ mod tests {
             &mut out,
         );
         assert_eq!(dropped(&out), [DropReason::UnknownResponse]);
+    }
+
+    #[test]
+    fn client_lines_wait_until_a_restarted_child_has_answered_the_replayed_initialize() {
+        let mut r = R::default();
+        let a = session(&mut r, 1, "alice");
+        let mut out = Vec::new();
+        r.child_exited(&mut out);
+        r.child_started(2, &mut out);
+        let replay = lines(&out)[0]["id"].as_u64().unwrap();
+        // A call, a notification and a call that times out arrive before the child answers.
+        let mut out = Vec::new();
+        let call = br#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"x"}}"#;
+        r.client_request(7, Some(a), "alice", call, 7, &mut out);
+        r.client_send(
+            a,
+            br#"{"jsonrpc":"2.0","method":"notifications/roots/list_changed"}"#,
+            &mut out,
+        )
+        .unwrap();
+        r.client_request(8, Some(a), "alice", call, 8, &mut out);
+        r.cancel(8, &mut out);
+        assert!(lines(&out).is_empty(), "nothing before the answer: {out:?}");
+        // The answer: initialized first, then what was held, in order; the timed-out call is
+        // gone without a trace (the child never saw it).
+        let mut out = Vec::new();
+        r.child_line(
+            format!(r#"{{"jsonrpc":"2.0","id":{replay},"result":{{}}}}"#).as_bytes(),
+            &mut out,
+        );
+        let l = lines(&out);
+        let methods: Vec<&str> = l.iter().map(|m| m["method"].as_str().unwrap()).collect();
+        assert_eq!(
+            methods,
+            [
+                "notifications/initialized",
+                "tools/call",
+                "notifications/roots/list_changed"
+            ]
+        );
+        assert_eq!(l[1]["id"], 7);
+        // A child that dies while holding lines takes them with it.
+        let mut out = Vec::new();
+        r.child_exited(&mut out);
+        r.child_started(3, &mut out);
+        r.client_request(9, Some(a), "alice", call, 9, &mut out);
+        r.child_exited(&mut out);
+        r.child_started(4, &mut out);
+        let replay = lines(&out).last().unwrap()["id"].as_u64().unwrap();
+        let mut out = Vec::new();
+        r.child_line(
+            format!(r#"{{"jsonrpc":"2.0","id":{replay},"result":{{}}}}"#).as_bytes(),
+            &mut out,
+        );
+        assert_eq!(lines(&out).len(), 1, "only initialized: {out:?}");
     }
 
     #[test]
