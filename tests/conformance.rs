@@ -1907,3 +1907,241 @@ fn should_send_sigterm_before_sigkill_to_a_child_that_does_not_exit() {
     let written = std::fs::read_to_string(&seen).unwrap_or_default();
     assert_eq!(written.trim(), "term");
 }
+
+// ---------------------------------------------------------------------------------------------
+// 2024-11-05 HTTP+SSE (legacy), served beside Streamable HTTP
+// ---------------------------------------------------------------------------------------------
+
+use common::legacy::{INIT_2024, INITIALIZED, Legacy, post_to};
+
+const LEGACY_KEY: &str = "legacy-key-0123456789";
+
+/// A gateway in front of the demo server over stdio, with one API key.
+fn legacy_gateway(extra_server: &str) -> Gateway {
+    Gateway::start(&format!(
+        "{}\n[[auth.api_keys]]\nid = \"legacy\"\nkey_hash = \"{}\"\n",
+        stdio_config(IO, extra_server, &["--test-tools"]),
+        hash_key(LEGACY_KEY)
+    ))
+}
+
+/// A message POSTed with extra header lines.
+fn legacy_post_with(l: &Legacy, body: &str, extra: &str) -> Response {
+    request(
+        l.addr,
+        &format!(
+            "POST {} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n{}{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            l.endpoint,
+            bearer(LEGACY_KEY),
+            body.len()
+        ),
+    )
+}
+
+/// 2024-11-05: "Servers MUST validate the `Origin` header on all incoming connections to
+/// prevent DNS rebinding attacks."
+#[test]
+fn legacy_must_validate_origin_on_the_sse_and_message_endpoints() {
+    let g = legacy_gateway("");
+    let evil = "Origin: https://evil.example.com\r\n";
+    assert_eq!(
+        Legacy::try_open_with(g.addr, "/sse", LEGACY_KEY, evil).0,
+        403
+    );
+    let mut l = Legacy::open(g.addr, "/sse", LEGACY_KEY);
+    l.initialize();
+    let r = legacy_post_with(&l, PING, evil);
+    assert_eq!(r.status, 403, "{}", r.text());
+    // Nothing of the refused message reached the session; it goes on.
+    assert_eq!(l.call(PING)["id"], 5);
+}
+
+/// 2024-11-05: "When running locally, servers SHOULD bind only to localhost (127.0.0.1)."
+#[test]
+fn legacy_should_bind_only_to_localhost() {
+    let g = legacy_gateway("");
+    assert!(g.addr.ip().is_loopback(), "{}", g.addr);
+    Legacy::open(g.addr, "/sse", LEGACY_KEY);
+}
+
+/// 2024-11-05: "Servers SHOULD implement proper authentication for all connections."
+#[test]
+fn legacy_should_authenticate_the_stream_and_every_message_post() {
+    let g = legacy_gateway("");
+    assert_eq!(Legacy::try_open(g.addr, "/sse", "").0, 401);
+    assert_eq!(
+        Legacy::try_open(g.addr, "/sse", "not-the-key-0123456789").0,
+        401
+    );
+    let mut l = Legacy::open(g.addr, "/sse", LEGACY_KEY);
+    l.initialize();
+    assert_eq!(post_to(g.addr, &l.endpoint, "", PING).status, 401);
+    assert_eq!(
+        post_to(g.addr, &l.endpoint, "not-the-key-0123456789", PING).status,
+        401
+    );
+}
+
+/// 2024-11-05: "The server MUST provide two endpoints: 1. An SSE endpoint, for clients to
+/// establish a connection and receive messages from the server 2. A regular HTTP POST endpoint
+/// for clients to send messages to the server."
+#[test]
+fn legacy_must_provide_an_sse_endpoint_and_a_post_endpoint() {
+    let g = legacy_gateway("");
+    let l = Legacy::open(g.addr, "/sse", LEGACY_KEY);
+    let r = l.post(INIT_2024);
+    assert_eq!(r.status, 202, "{}", r.text());
+}
+
+/// 2024-11-05: "When a client connects, the server MUST send an `endpoint` event containing a
+/// URI for the client to use for sending messages."
+#[test]
+fn legacy_must_send_an_endpoint_event_first_with_the_message_uri() {
+    let g = legacy_gateway("");
+    // `Legacy::open` reads the first event and insists it is `endpoint`.
+    let l = Legacy::open(g.addr, "/sse", LEGACY_KEY);
+    assert!(
+        l.endpoint.starts_with("/messages?sessionId="),
+        "{}",
+        l.endpoint
+    );
+    assert!(
+        l.endpoint.bytes().all(|b| (0x21..=0x7e).contains(&b)),
+        "a URI: {}",
+        l.endpoint
+    );
+}
+
+/// 2024-11-05: "All subsequent client messages MUST be sent as HTTP POST requests to this
+/// endpoint." — and they are answered there with 202, the answer coming on the stream.
+#[test]
+fn legacy_post_to_the_endpoint_is_accepted_and_answered_on_the_stream() {
+    let g = legacy_gateway("");
+    let mut l = Legacy::open(g.addr, "/sse", LEGACY_KEY);
+    l.initialize();
+    let r = l.post(&call(9, "echo", r#"{"text":"on the stream"}"#));
+    assert_eq!(r.status, 202);
+    assert!(r.body.is_empty(), "{}", r.text());
+    let m = l.next_message().unwrap();
+    assert_eq!(m["id"], 9);
+    assert_eq!(m["result"]["content"][0]["text"], "on the stream");
+}
+
+/// The endpoint names one session: a POST naming an unknown or ended one is refused.
+#[test]
+fn legacy_post_with_an_unknown_session_is_refused() {
+    let g = legacy_gateway("");
+    let r = post_to(g.addr, "/messages?sessionId=AAAA.BBBB", LEGACY_KEY, PING);
+    assert_eq!(r.status, 404);
+    let mut l = Legacy::open(g.addr, "/sse", LEGACY_KEY);
+    l.initialize();
+    let endpoint = l.endpoint.clone();
+    drop(l);
+    let deadline = Instant::now() + WAIT;
+    while post_to(g.addr, &endpoint, LEGACY_KEY, PING).status != 404 {
+        assert!(
+            Instant::now() < deadline,
+            "the ended session still takes messages"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// 2024-11-05: "Server messages are sent as SSE `message` events, with the message content
+/// encoded as JSON in the event data." — answers and server notifications alike.
+#[test]
+fn legacy_server_messages_are_sse_message_events_with_json_data() {
+    let g = legacy_gateway("");
+    let mut l = Legacy::open(g.addr, "/sse", LEGACY_KEY);
+    l.initialize();
+    // `notify` makes the server send notifications/tools/list_changed, unrelated to a request.
+    let answer = l.call(&call(4, "notify", "{}"));
+    assert_eq!(answer["id"], 4);
+    let deadline = Instant::now() + WAIT;
+    while !l
+        .others
+        .iter()
+        .any(|m| m["method"] == "notifications/tools/list_changed")
+    {
+        assert!(Instant::now() < deadline, "{:?}", l.others);
+        let m = l.next_message().expect("the notification on the stream");
+        l.others.push(m);
+    }
+}
+
+/// 2024-11-05 (messages): "JSON-RPC messages MUST be UTF-8 encoded" — one JSON-RPC message per
+/// `message` event.
+#[test]
+fn legacy_each_event_carries_one_utf8_json_rpc_message() {
+    let g = legacy_gateway("");
+    let mut l = Legacy::open(g.addr, "/sse", LEGACY_KEY);
+    l.initialize();
+    assert_eq!(
+        l.post(&call(6, "echo", r#"{"text":"héllo ✓"}"#)).status,
+        202
+    );
+    let (name, data) = l.next_event().unwrap();
+    assert_eq!(name.as_deref(), Some("message"));
+    let m: Value = serde_json::from_str(&data).unwrap();
+    assert!(m.is_object(), "{data}");
+    assert_eq!(m["jsonrpc"], "2.0");
+    assert_eq!(m["result"]["content"][0]["text"], "héllo ✓");
+}
+
+/// Lifecycle over the legacy transport: "If the server supports the requested protocol version,
+/// it MUST respond with the same version."
+#[test]
+fn legacy_initialize_negotiates_2024_11_05() {
+    let g = legacy_gateway("");
+    let mut l = Legacy::open(g.addr, "/sse", LEGACY_KEY);
+    let init = l.initialize();
+    assert_eq!(init["result"]["protocolVersion"], "2024-11-05", "{init}");
+}
+
+/// JSON-RPC over the legacy transport: a notification gets no response; a request's response
+/// carries its ID (string IDs included).
+#[test]
+fn legacy_notifications_get_no_response_and_requests_keep_their_id() {
+    let g = legacy_gateway("");
+    let mut l = Legacy::open(g.addr, "/sse", LEGACY_KEY);
+    l.initialize();
+    assert_eq!(l.post(INITIALIZED).status, 202);
+    assert_eq!(
+        l.post(r#"{"jsonrpc":"2.0","id":"str-id","method":"ping"}"#)
+            .status,
+        202
+    );
+    // The first message after the notification is the ping's answer: nothing answered it.
+    let m = l.next_message().unwrap();
+    assert_eq!(m["id"], "str-id", "{m}");
+    assert!(m.get("result").is_some(), "{m}");
+}
+
+/// 2025-11-25 (backwards compatibility): "Servers wanting to support older clients should:
+/// Continue to host both the SSE and POST endpoints of the old transport, alongside the new
+/// 'MCP endpoint' defined for the Streamable HTTP transport."
+#[test]
+fn legacy_sse_and_mcp_endpoints_are_served_side_by_side() {
+    let g = legacy_gateway("");
+    let (_, sid) = initialize_at(g.addr, "/mcp", &bearer(LEGACY_KEY));
+    let mut l = Legacy::open(g.addr, "/sse", LEGACY_KEY);
+    l.initialize();
+    assert_eq!(l.call(PING)["id"], 5);
+    let r = request(g.addr, &mcp_post_raw(PING, Some(&sid), &bearer(LEGACY_KEY)));
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+/// A legacy session is bound to its caller, as a Streamable HTTP session is.
+#[test]
+fn legacy_session_is_unknown_to_another_caller() {
+    let other = "other-key-0123456789";
+    let g = Gateway::start(&format!(
+        "{}\n[[auth.api_keys]]\nid = \"legacy\"\nkey_hash = \"{}\"\n[[auth.api_keys]]\nid = \"other\"\nkey_hash = \"{}\"\n",
+        stdio_config(IO, "", &[]),
+        hash_key(LEGACY_KEY),
+        hash_key(other)
+    ));
+    let mut l = Legacy::open(g.addr, "/sse", LEGACY_KEY);
+    l.initialize();
+    assert_eq!(post_to(g.addr, &l.endpoint, other, PING).status, 404);
+}
