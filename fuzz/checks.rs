@@ -9,6 +9,8 @@ use mcp_guard::http::request::{BodyFraming, HeadParse, parse_head};
 use mcp_guard::mcp::filter::{SseFilter, filter_json};
 use mcp_guard::mcp::jsonrpc::{Body, Classifier, Kind, RpcId, Target};
 use mcp_guard::mcp::session::{MAX_SESSION_ID_LEN, SessionCodec};
+use mcp_guard::config::HttpEndpoint;
+use mcp_guard::http::sse::{SseDecoder, SseEvent};
 use serde_json::Value;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -576,4 +578,51 @@ pub fn stdio_framing(data: &[u8]) {
             }
         }
     }
+}
+
+/// The legacy SSE upstream's inputs, all from a hostile server or client. Input: a first line
+/// (an `endpoint` event's data, or a messages URL's query), then an SSE stream. Properties:
+/// nothing panics; an endpoint is accepted only as a path on the configured origin, in
+/// visible ASCII; the stream decodes to the same events however it is split across reads.
+pub fn sse_events(data: &[u8]) {
+    let nl = data.iter().position(|&b| b == b'\n').unwrap_or(data.len());
+    let (first, stream) = (&data[..nl], data.get(nl + 1..).unwrap_or_default());
+    let first = String::from_utf8_lossy(first);
+    let base = HttpEndpoint {
+        url: "http://127.0.0.1:8080/sse".into(),
+        addrs: vec!["127.0.0.1:8080".parse().unwrap()],
+        host_header: "127.0.0.1:8080".into(),
+        path: "/sse".into(),
+    };
+    if let Ok(target) = mcp_guard::upstream::sse::resolve_endpoint(&base, &first) {
+        assert!(target.starts_with('/'), "{first:?} -> {target:?}");
+        assert!(
+            target.bytes().all(|b| (0x21..=0x7e).contains(&b)) && !target.contains('#'),
+            "{first:?} -> {target:?}"
+        );
+        let lower = first.trim().to_ascii_lowercase();
+        if let Some(rest) = lower.strip_prefix("http://").or_else(|| lower.strip_prefix("//")) {
+            let authority = rest.split(['/', '?']).next().unwrap_or_default();
+            assert!(
+                authority == "127.0.0.1:8080",
+                "another origin accepted: {first:?}"
+            );
+        }
+        assert!(!lower.contains("://") || lower.starts_with("http://"), "{first:?}");
+    }
+    let _ = mcp_guard::mcp::legacy::session_param(&format!("/messages?{first}"));
+    let _ = mcp_guard::mcp::legacy::route_of(&first);
+    let decode = |parts: &[&[u8]]| -> Option<Vec<SseEvent>> {
+        let mut d = SseDecoder::default();
+        let mut all = Vec::new();
+        for p in parts {
+            all.extend(d.push(p).ok()?);
+        }
+        all.extend(d.finish());
+        Some(all)
+    };
+    let at = split_point(stream);
+    let whole = decode(&[stream]);
+    let split = decode(&[&stream[..at], &stream[at..]]);
+    assert_eq!(whole, split, "split at {at}");
 }

@@ -159,6 +159,11 @@ fn jsonrpc_classifier_never_panics_leaves_input_unchanged_and_agrees_with_serde_
 }
 
 #[test]
+fn sse_inputs_never_panic_never_leave_the_origin_and_decode_alike_however_split() {
+    replay("sse_events", checks::sse_events);
+}
+
+#[test]
 fn tools_list_filter_never_lets_a_denied_tool_through_json_or_sse() {
     replay("tools_list_filter", checks::tools_list_filter);
 }
