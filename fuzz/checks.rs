@@ -608,7 +608,11 @@ pub fn sse_events(data: &[u8]) {
                 "another origin accepted: {first:?}"
             );
         }
-        assert!(!lower.contains("://") || lower.starts_with("http://"), "{first:?}");
+        // Any other scheme (`x:` before the first `/`) is another origin.
+        if !lower.starts_with("http://") && !lower.starts_with('/') {
+            let head = lower.split('/').next().unwrap_or_default();
+            assert!(!head.contains(':'), "a scheme accepted: {first:?}");
+        }
     }
     let _ = mcp_guard::mcp::legacy::session_param(&format!("/messages?{first}"));
     let _ = mcp_guard::mcp::legacy::route_of(&first);

@@ -286,3 +286,89 @@ fn the_upstream_headers_go_with_every_sse_request_and_the_clients_credentials_ne
             .contains("client-key")
     );
 }
+
+/// A minimal legacy SSE server that sends `preamble` before its `endpoint` event, then answers
+/// every request POSTed to `/m` on the stream with an empty result (initialize: a server
+/// identity).
+fn padded_server(preamble: &'static str) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stream: Arc<Mutex<Option<TcpStream>>> = Arc::default();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let stream = stream.clone();
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match conn.read(&mut chunk) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                    if head.starts_with("get ") {
+                        let _ = write!(
+                            conn,
+                            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n{preamble}event: endpoint\ndata: /m\n\n"
+                        );
+                        *stream.lock().unwrap() = conn.try_clone().ok();
+                        std::thread::sleep(Duration::from_secs(30));
+                        return;
+                    }
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length: "))
+                        .and_then(|n| n.trim().parse().ok())
+                        .unwrap_or(0);
+                    while buf.len() < end + 4 + len {
+                        match conn.read(&mut chunk) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let msg: serde_json::Value =
+                        serde_json::from_slice(&buf[end + 4..end + 4 + len]).unwrap_or_default();
+                    buf.drain(..end + 4 + len);
+                    let _ = conn.write_all(b"HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\n\r\n");
+                    if let (Some(id), Some(method)) = (msg.get("id"), msg["method"].as_str()) {
+                        let result = if method == "initialize" {
+                            serde_json::json!({"protocolVersion":"2025-06-18","capabilities":{},"serverInfo":{"name":"padded","version":"1"}})
+                        } else {
+                            serde_json::json!({})
+                        };
+                        let answer = serde_json::json!({"jsonrpc":"2.0","id":id,"result":result});
+                        if let Some(s) = stream.lock().unwrap().as_mut() {
+                            let _ = write!(s, "event: message\ndata: {answer}\n\n");
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn events_without_data_before_the_endpoint_event_are_skipped() {
+    for preamble in [
+        ": hello\n\n",
+        "retry: 100\n\n",
+        "id: 1\n\n",
+        "event: noise\n\n",
+        ": a\n: b\n\n",
+    ] {
+        let addr = padded_server(preamble);
+        let g = Gateway::start(&sse_config(&format!("http://{addr}/sse")));
+        let r = mcp_post(g.addr, INIT, None);
+        assert_eq!(r.status, 200, "{preamble:?}: {}", r.text());
+        assert_eq!(
+            rpc_result(&r)["result"]["serverInfo"]["name"],
+            "padded",
+            "{preamble:?}"
+        );
+    }
+}

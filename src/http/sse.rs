@@ -34,6 +34,27 @@ pub struct SseSplitter {
     pending: Vec<u8>,
     /// Whether the start of the stream (where a byte-order mark is skipped) is behind us.
     started: bool,
+    /// How far into `pending` the search for an event's end has got: bytes arriving a little
+    /// at a time are scanned once, not once per read (a 16 MiB event read 16 KiB at a time
+    /// would otherwise cost a thousand rescans of its beginning).
+    scan: Scan,
+}
+
+/// Where a search for an event's end stopped: the next byte to look at, and whether it starts
+/// a line.
+#[derive(Clone, Copy)]
+struct Scan {
+    at: usize,
+    line_start: bool,
+}
+
+impl Default for Scan {
+    fn default() -> Self {
+        Scan {
+            at: 0,
+            line_start: true,
+        }
+    }
 }
 
 impl SseSplitter {
@@ -52,11 +73,14 @@ impl SseSplitter {
             self.started = true;
         }
         let mut start = 0;
-        while let Some((len, consumed)) = find_event_end(&self.pending[start..]) {
+        let mut scan = self.scan;
+        while let Some((len, consumed)) = find_event_end_from(&self.pending[start..], &mut scan) {
             each(&self.pending[start..start + len]);
             start += consumed;
+            scan = Scan::default();
         }
         self.pending.drain(..start);
+        self.scan = scan;
         if self.pending.len() > MAX_EVENT {
             return Err("SSE event too large");
         }
@@ -70,11 +94,14 @@ impl SseSplitter {
             self.pending.push(b'\n');
         }
         let mut start = 0;
-        while let Some((len, consumed)) = find_event_end(&self.pending[start..]) {
+        let mut scan = self.scan;
+        while let Some((len, consumed)) = find_event_end_from(&self.pending[start..], &mut scan) {
             each(&self.pending[start..start + len]);
             start += consumed;
+            scan = Scan::default();
         }
         self.pending.clear();
+        self.scan = Scan::default();
     }
 }
 
@@ -179,11 +206,19 @@ pub fn sse_lines(text: &str) -> impl Iterator<Item = &str> {
 /// that ends it). Any of CRLF, CR and LF ends a line; a CR at the very end of the buffer waits
 /// for the next byte, since it may be the first half of a CRLF.
 pub fn find_event_end(b: &[u8]) -> Option<(usize, usize)> {
-    let mut at_line_start = true;
-    let mut i = 0;
+    find_event_end_from(b, &mut Scan::default())
+}
+
+/// [`find_event_end`] resuming where an earlier search of the same bytes stopped; on `None`,
+/// `scan` says where to resume once more bytes have arrived.
+fn find_event_end_from(b: &[u8], scan: &mut Scan) -> Option<(usize, usize)> {
+    let Scan {
+        at: mut i,
+        line_start: mut at_line_start,
+    } = *scan;
     while i < b.len() {
         let term = match b[i] {
-            b'\r' if i + 1 == b.len() => return None,
+            b'\r' if i + 1 == b.len() => break,
             b'\r' if b[i + 1] == b'\n' => 2,
             b'\r' | b'\n' => 1,
             _ => {
@@ -198,6 +233,10 @@ pub fn find_event_end(b: &[u8]) -> Option<(usize, usize)> {
         at_line_start = true;
         i += term;
     }
+    *scan = Scan {
+        at: i,
+        line_start: at_line_start,
+    };
     None
 }
 
@@ -221,6 +260,25 @@ mod tests {
             assert_eq!(messages[1].data, "{\"a\":\n1}");
             assert_eq!(messages[1].id.as_deref(), Some("7"));
         }
+    }
+
+    #[test]
+    fn byte_at_a_time_input_decodes_like_whole_input() {
+        let stream = b"event: endpoint\r\ndata: /m\r\n\r\ndata: a\rdata: b\r\rdata: c\n\n: x\r\n\r\ndata: {}\r\n\r\n";
+        let whole = {
+            let mut d = SseDecoder::default();
+            let mut e = d.push(stream).unwrap();
+            e.extend(d.finish());
+            e
+        };
+        let mut d = SseDecoder::default();
+        let mut bytewise = Vec::new();
+        for b in stream {
+            bytewise.extend(d.push(std::slice::from_ref(b)).unwrap());
+        }
+        bytewise.extend(d.finish());
+        assert_eq!(whole, bytewise);
+        assert_eq!(whole.iter().filter(|e| !e.data.is_empty()).count(), 4);
     }
 
     #[test]

@@ -29,6 +29,8 @@ const HANDSHAKE: Duration = Duration::from_secs(10);
 const POST: Duration = Duration::from_secs(30);
 /// The largest response head or POST answer read.
 const HEAD_CAP: usize = 64 * 1024;
+/// The longest `endpoint` accepted (it becomes our request line).
+const MAX_ENDPOINT: usize = 8 * 1024;
 /// The largest single event on the stream.
 const EVENT_CAP: u64 = 64 * 1024 * 1024;
 
@@ -282,6 +284,11 @@ fn read_stream(
             event_bytes = 0;
         }
         for event in events {
+            // An event without data is never dispatched (a comment, a lone `retry:` or `id:`):
+            // servers send them as padding or keep-alives, before `endpoint` too.
+            if event.data.is_empty() {
+                continue;
+            }
             if let Some(tx) = endpoint_tx.take() {
                 // The first event must say where to post; nothing is relayed before it.
                 if event.event.as_deref() != Some("endpoint") {
@@ -297,8 +304,7 @@ fn read_stream(
                 }
                 continue;
             }
-            if event.is_message() && !event.data.is_empty() && !on_message(event.data.into_bytes())
-            {
+            if event.is_message() && !on_message(event.data.into_bytes()) {
                 return "link closed".into();
             }
         }
@@ -331,6 +337,9 @@ fn read_stream(
 pub fn resolve_endpoint(base: &HttpEndpoint, data: &str) -> Result<String, String> {
     let data = data.trim();
     let shown: String = data.chars().take(120).collect();
+    if data.len() > MAX_ENDPOINT {
+        return Err(format!("its `endpoint` event is over {MAX_ENDPOINT} bytes"));
+    }
     if data.is_empty() || !data.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
         return Err(format!(
             "its `endpoint` event `{}` is not a URL",
