@@ -38,7 +38,9 @@ use crate::ratelimit::{Limit, bucket_key};
 use crate::runtime::worker::Worker;
 use crate::upstream::balance::InFlight;
 use crate::upstream::{Answer, Exchange, Outgoing, UpstreamRef};
+use std::cell::Cell;
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -108,6 +110,9 @@ pub struct EventStream {
     pub preamble: Vec<u8>,
     /// Held for as long as the stream is open (a legacy session ends when it is dropped).
     pub guard: Option<Box<dyn std::any::Any>>,
+    /// Bytes its producer has queued, counted down as messages are taken (a legacy session
+    /// bounds what a client that stops reading can make it hold).
+    pub backlog: Option<Rc<Cell<usize>>>,
 }
 
 impl Reply {
@@ -894,6 +899,7 @@ fn legacy_stream(cx: &Ctx<'_>) -> Reply {
             policy: (!cx.policy.tools.is_open()).then(|| cx.policy.clone()),
             preamble: opened.preamble,
             guard: Some(opened.guard),
+            backlog: Some(opened.backlog),
         }),
         M_STREAM,
     );
@@ -954,6 +960,7 @@ async fn deliver(
                 policy: filter.cloned(),
                 preamble: Vec::new(),
                 guard: None,
+                backlog: None,
             };
             let mut r = Reply::new(200, ReplyBody::Events(stream), method);
             r.headers.push(("content-type", "text/event-stream".into()));

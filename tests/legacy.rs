@@ -340,3 +340,73 @@ fn a_rate_limited_message_is_a_429_the_client_sees_when_it_posts() {
     }
     assert_eq!(statuses.last(), Some(&429), "{statuses:?}");
 }
+
+#[test]
+fn a_client_that_stops_reading_its_stream_loses_the_session_not_the_gateways_memory() {
+    let g = Gateway::start(&format!("{}{}", stdio_config("auto", "", &[]), keys()));
+    let mut s = Legacy::open(g.addr, "/sse", BOB);
+    s.initialize();
+    // From here on the client reads nothing: 1 MiB answers pile up behind its stream.
+    let text = "x".repeat(1 << 20);
+    let mut statuses = Vec::new();
+    for i in 0..48 {
+        let r = s.post(&call(100 + i, "echo", &format!(r#"{{"text":"{text}"}}"#)));
+        statuses.push(r.status);
+        if r.status == 404 {
+            break;
+        }
+    }
+    // The session is ended once more than its byte bound waits: the next message is unknown.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = s.post(r#"{"jsonrpc":"2.0","id":9,"method":"ping"}"#);
+        if r.status == 404 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "session still open: {statuses:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(g.wait_log("not reading", Duration::from_secs(5)));
+    assert_eq!(
+        g.metric_settles("mcp_guard_legacy_sse_sessions", &[], 0.0),
+        0.0
+    );
+}
+
+#[test]
+fn an_open_stream_keeps_a_shared_session_alive_and_a_reaped_child_closes_the_stream() {
+    // Shared child: the stream open is use enough, requests or not.
+    let g = Gateway::start(&format!(
+        "{}{}",
+        stdio_config("auto", "session_idle_secs = 1", &[]),
+        keys()
+    ));
+    let mut s = Legacy::open(g.addr, "/sse", BOB);
+    s.initialize();
+    std::thread::sleep(Duration::from_millis(4500));
+    assert_eq!(
+        s.call(r#"{"jsonrpc":"2.0","id":9,"method":"ping"}"#)["id"],
+        9
+    );
+    // A child per session, stopped when idle: the session ends with it, visibly (its stream
+    // closes and its URL is unknown), never a stream that answers every message with an error.
+    let cfg = stdio_config("auto", "session_idle_secs = 1", &[]).replace(
+        "timeout_secs = 10\n",
+        "timeout_secs = 10\nsession_mode = \"per_session\"\n",
+    );
+    let g = Gateway::start(&format!("{cfg}{}", keys()));
+    let mut s = Legacy::open(g.addr, "/sse", BOB);
+    s.initialize();
+    std::thread::sleep(Duration::from_millis(4500));
+    let r = s.post(r#"{"jsonrpc":"2.0","id":10,"method":"ping"}"#);
+    assert!(matches!(r.status, 202 | 404), "{}", r.text());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.next_event().is_some() {
+        assert!(Instant::now() < deadline, "the stream stays open");
+    }
+    let r = s.post(r#"{"jsonrpc":"2.0","id":11,"method":"ping"}"#);
+    assert_eq!(r.status, 404, "{}", r.text());
+}

@@ -640,7 +640,12 @@ async fn write_reply<S: Connection>(
             let (res, o) = write_all(stream, out).await;
             out = o;
             if res.is_ok() {
-                relay_events(w, stream, events.messages, events.policy, meta, &mut out).await;
+                let source = EventSource {
+                    messages: events.messages,
+                    policy: events.policy,
+                    backlog: events.backlog,
+                };
+                relay_events(w, stream, source, meta, &mut out).await;
             }
             // The stream has ended: whatever lived as long as it (a legacy session) ends now.
             drop(events.guard);
@@ -804,14 +809,28 @@ fn emit_audit(
     }
 }
 
+/// A server-to-client stream's messages, and what bounds it.
+struct EventSource {
+    messages: async_channel::Receiver<Vec<u8>>,
+    policy: Option<std::sync::Arc<crate::authz::Policy>>,
+    backlog: Option<Rc<std::cell::Cell<usize>>>,
+}
+
+/// How long one write of a stream may wait for a client that does not read.
+const STREAM_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+
 async fn relay_events<S: Connection>(
     w: &Rc<Worker>,
     stream: &mut S,
-    rx: async_channel::Receiver<Vec<u8>>,
-    policy: Option<std::sync::Arc<crate::authz::Policy>>,
+    source: EventSource,
     meta: &ReqMeta<'_>,
     out: &mut Vec<u8>,
 ) {
+    let EventSource {
+        messages: rx,
+        policy,
+        backlog,
+    } = source;
     loop {
         // The client sends nothing while it reads a stream: the connection turning readable
         // means it has gone (EOF) or broken the protocol, and either way the stream ends now,
@@ -833,6 +852,9 @@ async fn relay_events<S: Connection>(
             }
             Some(Err(_)) => write_chunk(&mut buf, b": keepalive\n\n"),
             Some(Ok(Ok(msg))) => {
+                if let Some(b) = &backlog {
+                    b.set(b.get().saturating_sub(msg.len()));
+                }
                 // A restricted caller's stream is filtered like any tools/list answer; a
                 // message that cannot be checked is dropped, not relayed.
                 let msg = match &policy {
@@ -852,7 +874,13 @@ async fn relay_events<S: Connection>(
                 write_chunk(&mut buf, &event);
             }
         }
-        let (res, b) = write_all(stream, buf).await;
+        // A client that stops reading holds the write at most this long; then the stream ends
+        // (and what lives as long as it, a legacy session, with it).
+        let Ok((res, b)) =
+            monoio::time::timeout(STREAM_WRITE_TIMEOUT, write_all(stream, buf)).await
+        else {
+            return;
+        };
         *out = b;
         if res.is_err() {
             return;

@@ -37,6 +37,9 @@ pub const SESSION_PARAM: &str = "sessionId";
 const INBOX: usize = 1024;
 /// Messages waiting to be written to one client's stream.
 const STREAM_BACKLOG: usize = 256;
+/// Bytes waiting to be written to one client's stream; a client that lets more pile up is not
+/// reading, and loses its session (one message larger than this still goes, alone).
+const STREAM_BYTES: usize = 8 * 1024 * 1024;
 /// Messages of one session being forwarded at once; beyond it a POST is refused (503).
 const IN_FLIGHT: usize = 64;
 /// How long a POST waits for the owning worker to take it.
@@ -229,6 +232,34 @@ struct Session {
     in_flight: Cell<usize>,
     /// Fired when the client's stream ends.
     closed: Rc<LocalShutdown>,
+    /// Bytes queued for the stream and not yet taken by its writer.
+    backlog: Rc<Cell<usize>>,
+}
+
+impl Session {
+    /// Queues a message for the client's stream; false once the session is over (its stream
+    /// gone, or ended here because the client stopped reading).
+    async fn send(&self, message: Vec<u8>) -> bool {
+        let queued = self.backlog.get();
+        if queued > 0 && queued + message.len() > STREAM_BYTES {
+            tracing::warn!(
+                target: "mcp_guard::legacy",
+                "legacy SSE session of `{}` ended: over {STREAM_BYTES} bytes waiting for a client that is not reading",
+                self.identity
+            );
+            self.end();
+            return false;
+        }
+        self.backlog.set(queued + message.len());
+        self.events.send(message).await.is_ok()
+    }
+
+    /// Ends the session now: its stream closes (the client reconnects and starts over), its
+    /// forwards stop, and its upstream session is ended.
+    fn end(&self) {
+        self.events.close();
+        self.closed.fire();
+    }
 }
 
 /// Held by the client's stream; its drop ends the session.
@@ -248,6 +279,8 @@ pub struct Opened {
     pub preamble: Vec<u8>,
     /// Ends the session when dropped (with the stream).
     pub guard: Box<dyn std::any::Any>,
+    /// Bytes queued for the stream, for its writer to count down.
+    pub backlog: Rc<Cell<usize>>,
 }
 
 /// Opens a legacy session on this worker for `identity` at `route`.
@@ -290,6 +323,7 @@ pub fn open(w: &Worker, identity: &Arc<str>, route: &Arc<str>, head: &RequestHea
         initialized: Cell::new(false),
         in_flight: Cell::new(0),
         closed: LocalShutdown::new(),
+        backlog: Rc::default(),
     });
     w.legacy.open.borrow_mut().insert(serial, session.clone());
     publish_count(w);
@@ -300,6 +334,7 @@ pub fn open(w: &Worker, identity: &Arc<str>, route: &Arc<str>, head: &RequestHea
     Opened {
         messages: rx,
         preamble,
+        backlog: session.backlog.clone(),
         guard: Box::new(StreamGuard(session)),
     }
 }
@@ -423,7 +458,7 @@ async fn forward_inner(w: &Rc<Worker>, session: &Rc<Session>, post: &Handover) {
     let (body, raw) = match &post.work {
         Work::Forward(body, raw) => (body, raw),
         Work::Answer(message) => {
-            let _ = session.events.send(message.clone()).await;
+            session.send(message.clone()).await;
             return;
         }
     };
@@ -447,7 +482,7 @@ async fn forward_inner(w: &Rc<Worker>, session: &Rc<Session>, post: &Handover) {
             session.route
         ));
         refuse_all(session, body, &e).await;
-        session.events.close();
+        session.end();
         return;
     };
     let head = session.head.borrow().clone();
@@ -463,7 +498,15 @@ async fn forward_inner(w: &Rc<Worker>, session: &Rc<Session>, post: &Handover) {
     };
     let exchange = match upstream.post(w, &out, body, raw).await {
         Ok(x) => x,
-        Err(e) => return refuse_all(session, body, &e).await,
+        Err(e) => {
+            refuse_all(session, body, &e).await;
+            if e == GatewayError::UnknownSession {
+                // The upstream session is gone (ended idle, its server replaced): so is ours,
+                // and the client, seeing its stream close, connects and initializes again.
+                session.end();
+            }
+            return;
+        }
     };
     if is_initialize {
         if let Some(s) = exchange.session {
@@ -487,7 +530,7 @@ async fn forward_inner(w: &Rc<Worker>, session: &Rc<Session>, post: &Handover) {
             refuse_all(session, body, &e).await;
             if session_gone {
                 // The upstream no longer knows the session: end ours, so the client starts over.
-                session.events.close();
+                session.end();
             }
         }
     }
@@ -510,7 +553,7 @@ async fn relay(w: &Worker, session: &Session, answer: Answer, note_version: bool
         if note_version && version.is_none() {
             version = negotiated_version(&msg);
         }
-        session.events.send(msg).await.is_ok()
+        session.send(msg).await
     };
     match answer {
         Answer::Streamed(resp, _hold) => {
@@ -616,7 +659,7 @@ async fn refuse_all(session: &Session, body: &Body, e: &GatewayError) {
             continue;
         }
         let id: Option<&RpcId> = m.id.as_ref();
-        if session.events.send(e.body(id)).await.is_err() {
+        if !session.send(e.body(id)).await {
             return;
         }
     }

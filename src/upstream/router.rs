@@ -364,10 +364,17 @@ impl<W> Router<W> {
     }
 
     /// Ends the sessions no request has named since `cutoff`, unless a request of theirs is
-    /// still in flight (a long tool call is not idleness); returns how many ended.
-    pub fn expire_idle(&mut self, cutoff: std::time::Instant, out: &mut Vec<Output<W>>) -> usize {
-        let busy: std::collections::HashSet<SessionKey> =
+    /// still in flight (a long tool call is not idleness) or their client is `listening` on a
+    /// stream; returns how many ended.
+    pub fn expire_idle(
+        &mut self,
+        cutoff: std::time::Instant,
+        listening: &std::collections::HashSet<SessionKey>,
+        out: &mut Vec<Output<W>>,
+    ) -> usize {
+        let mut busy: std::collections::HashSet<SessionKey> =
             self.pending.values().filter_map(|p| p.session).collect();
+        busy.extend(listening);
         let idle: Vec<SessionKey> = self
             .sessions
             .iter()

@@ -602,7 +602,14 @@ impl Supervisor {
             Command_::Cancel { hub_id } => self.router.cancel(hub_id, &mut out),
             Command_::ExpireIdle(idle) => {
                 if let Some(cutoff) = Instant::now().checked_sub(idle) {
-                    let ended = self.router.expire_idle(cutoff, &mut out);
+                    // A session whose client holds its stream open is in use, requests or not.
+                    let listening: std::collections::HashSet<SessionKey> = self
+                        .streams
+                        .iter()
+                        .filter(|(_, senders)| senders.iter().any(|s| !s.is_closed()))
+                        .map(|(k, _)| *k)
+                        .collect();
+                    let ended = self.router.expire_idle(cutoff, &listening, &mut out);
                     if ended > 0 {
                         tracing::info!(target: "mcp_guard::upstream", "{}: ended {ended} idle session(s)", self.link.describe());
                     }
