@@ -218,7 +218,7 @@ impl GatewayError {
             UnsupportedMediaType => "Content-Type must be application/json".into(),
             OriginForbidden => "Forbidden: Origin not allowed".into(),
             UnsupportedProtocolVersion(v) => format!("Unsupported MCP-Protocol-Version: {v}"),
-            MissingSession => "Bad Request: Mcp-Session-Id header is required".into(),
+            MissingSession => "Bad Request: a session is required (Mcp-Session-Id, or the sessionId of a legacy messages URL)".into(),
             UnknownSession => "Session not found".into(),
             Parse(m) => format!("Parse error: {m}"),
             InvalidRequest(m, _) => format!("Invalid Request: {m}"),

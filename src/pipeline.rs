@@ -498,7 +498,13 @@ fn admit_mcp<'c>(
     let name = &cfg.routes[route].name;
     if !caller.identity.policy.may_reach(name) {
         audit.decision = Some("deny");
-        return Err(early(GatewayError::ServerForbidden(name.clone()), M_NONE));
+        // A legacy session id names its server: for a caller who may not reach that server,
+        // it is simply not theirs (as for any session of someone else), not a hint.
+        let refusal = match front {
+            Front::LegacyPost => GatewayError::UnknownSession,
+            _ => GatewayError::ServerForbidden(name.clone()),
+        };
+        return Err(early(refusal, M_NONE));
     }
     // 5a. transport rules, all readable from the head
     let version = transport::check_protocol_version(head).map_err(|e| early(e, M_NONE))?;
@@ -721,7 +727,19 @@ async fn legacy_post(cx: &Ctx<'_>, raw: &[u8], audit: &mut AuditInfo) -> Result<
             ..
         }) => (answer, method, reason),
         Ok(reply) => return Ok(reply),
-        Err((e, id, method)) if e.status() == 200 => {
+        // Refusals that answer a request the client can name (a denial; an invalid request or
+        // params, with its id) go where it waits for answers; one without an id (unparseable)
+        // and refusals of the POST itself (401, 404, 429) stay in the POST's response.
+        Err((e, id, method))
+            if e.status() == 200
+                || (e.status() == 400
+                    && (id.is_some()
+                        || matches!(
+                            e,
+                            GatewayError::InvalidRequest(_, Some(_))
+                                | GatewayError::InvalidParams(..)
+                        ))) =>
+        {
             let reason = e.reason();
             if let GatewayError::Denied(_) = e {
                 audit.decision = Some("deny");

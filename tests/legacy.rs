@@ -410,3 +410,32 @@ fn an_open_stream_keeps_a_shared_session_alive_and_a_reaped_child_closes_the_str
     let r = s.post(r#"{"jsonrpc":"2.0","id":11,"method":"ping"}"#);
     assert_eq!(r.status, 404, "{}", r.text());
 }
+
+#[test]
+fn an_invalid_message_with_an_id_is_answered_on_the_stream_and_a_forbidden_servers_session_is_unknown()
+ {
+    let servers = format!(
+        "[[upstream.servers]]\nname = \"alpha\"\ntransport = \"stdio\"\ncommand = {DEMO:?}\n"
+    );
+    let carol = "carol-key-0123456789";
+    let g = Gateway::start(&format!(
+        "{}{servers}{}[[auth.api_keys]]\nid = \"carol\"\nkey_hash = \"{}\"\nallowed_servers = [\"default\"]\n",
+        stdio_config("auto", "", &[]),
+        keys(),
+        hash_key(carol)
+    ));
+    let mut s = Legacy::open(g.addr, "/sse/alpha", BOB);
+    s.initialize();
+    // A legacy client waits for its answer on the stream: an invalid request it can name by
+    // id is refused there.
+    let r = s.call(
+        r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"echo","name":"sleep"}}"#,
+    );
+    assert_eq!(r["id"], 7);
+    assert!(r["error"].is_object(), "{r}");
+    // Carol may not reach alpha: bob's alpha session is simply unknown to her (not 403).
+    let r = s.post_as(carol, r#"{"jsonrpc":"2.0","id":8,"method":"ping"}"#);
+    assert_eq!(r.status, 404, "{}", r.text());
+    // And she cannot open a stream there.
+    assert_eq!(Legacy::try_open(g.addr, "/sse/alpha", carol).0, 403);
+}

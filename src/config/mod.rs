@@ -733,7 +733,9 @@ fn check_legacy_paths(sse_path: &str, routes: &[Route]) -> Result<(), ConfigErro
         for (what, base) in std::iter::once(("endpoint", r.endpoint.as_str()))
             .chain(r.prefix.as_deref().map(|p| ("path_prefix", p)))
         {
-            if under(base, sse_path) || under(base, messages) {
+            // A route that forwards sub-paths and sits above a legacy path would lose them.
+            let shadowed = r.strip_prefix && (under(sse_path, base) || under(messages, base));
+            if under(base, sse_path) || under(base, messages) || shadowed {
                 let key = match what {
                     "endpoint" if &*r.name == DEFAULT_ROUTE => "server.mcp_path".to_string(),
                     "endpoint" => format!("{}.name", r.key),
@@ -742,7 +744,7 @@ fn check_legacy_paths(sse_path: &str, routes: &[Route]) -> Result<(), ConfigErro
                 return Err(invalid(
                     &key,
                     format!(
-                        "its {what} `{base}` lies under the legacy SSE paths (`{sse_path}`, \
+                        "its {what} `{base}` overlaps the legacy SSE paths (`{sse_path}`, \
                          `{messages}`), which are matched first; move one of them"
                     ),
                 ));
@@ -1531,6 +1533,10 @@ mod tests {
         assert!(err.contains("server.mcp_path"), "{err}");
         let err = refusal(
             "[[upstream.servers]]\nname = \"a\"\npath_prefix = \"/messages/a\"\ncommand = \"x\"\n",
+        );
+        assert!(err.contains("upstream.servers[0].path_prefix"), "{err}");
+        let err = refusal(
+            "[server]\nsse_path = \"/p/q\"\n[[upstream.servers]]\nname = \"a\"\npath_prefix = \"/p\"\nstrip_prefix = true\ncommand = \"x\"\n",
         );
         assert!(err.contains("upstream.servers[0].path_prefix"), "{err}");
         let err = refusal("[server]\nsse_path = \"/messages\"\n[upstream]\ncommand = \"x\"\n");

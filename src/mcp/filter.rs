@@ -15,11 +15,67 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 /// Only what filtering needs of a tool; everything else in it is copied through verbatim. A
-/// tool whose `name` appears twice fails to parse and is dropped (fail closed).
-#[derive(Deserialize)]
+/// tool whose `name` appears twice, or beside a member a case-folding decoder would also read
+/// as its name (`Name`, `NAME`), fails to parse and is dropped (fail closed): the tool is
+/// relayed whole, so the client must not find a second name in it.
 struct ToolName<'a> {
-    #[serde(borrow)]
     name: Option<Cow<'a, str>>,
+}
+
+/// A string borrowed from the input when it holds no escapes (the common case: no allocation).
+struct BorrowedOrOwned<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for BorrowedOrOwned<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = BorrowedOrOwned<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(BorrowedOrOwned(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(BorrowedOrOwned(Cow::Owned(v.to_string())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+                Ok(BorrowedOrOwned(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for ToolName<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = ToolName<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a tool object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                use serde::de::Error as _;
+                let mut name: Option<Cow<'de, str>> = None;
+                while let Some(key) = map.next_key::<BorrowedOrOwned<'de>>()? {
+                    let key = key.0;
+                    if key == "name" {
+                        if name.is_some() {
+                            return Err(A::Error::custom("duplicated name"));
+                        }
+                        name = Some(map.next_value::<BorrowedOrOwned<'de>>()?.0);
+                    } else if folds_to(&key, "name") {
+                        return Err(A::Error::custom("a second spelling of name"));
+                    } else {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                    }
+                }
+                Ok(ToolName { name })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// An object's members in their order, values kept raw; duplicates are kept so they can be
@@ -382,6 +438,23 @@ mod tests {
     }
 
     const LIST: &str = r#"{"jsonrpc":"2.0","id":3,"result":{"tools":[{"name":"read_file"},{"name":"read_secret"},{"name":"delete"}],"nextCursor":"c2"}}"#;
+
+    #[test]
+    fn a_tool_with_a_second_spelling_of_its_name_is_dropped() {
+        // `echo` is permitted; a case-folding client reading `Name` (last wins) would list `add`.
+        for second in ["Name", "NAME", "nAme"] {
+            let body = format!(
+                r#"{{"jsonrpc":"2.0","id":1,"result":{{"tools":[{{"name":"read_a","{second}":"delete"}},{{"name":"read_b"}}]}}}}"#
+            );
+            let out = filter_json(body.as_bytes(), &rule()).unwrap();
+            let v: Value = serde_json::from_slice(&out).unwrap();
+            assert_eq!(
+                v["result"]["tools"],
+                serde_json::json!([{"name": "read_b"}]),
+                "{second}"
+            );
+        }
+    }
 
     #[test]
     fn json_responses_keep_only_permitted_tools_and_the_cursor() {

@@ -112,19 +112,38 @@ pub fn route_of(sid: &str) -> Option<String> {
 pub fn session_param(target: &str) -> Option<&str> {
     let (_, query) = target.split_once('?')?;
     let mut found = None;
-    for pair in query.split('&') {
-        if let Some(v) = pair
-            .strip_prefix(SESSION_PARAM)
-            .and_then(|r| r.strip_prefix('='))
-        {
+    for pair in query.split(['&', ';']) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if key == SESSION_PARAM {
             if found.is_some() {
                 // Two session parameters: which one a proxy in front reads is anyone's guess.
                 return None;
             }
-            found = Some(v);
+            found = Some(value);
+        } else if key.contains('%') && percent_decoded(key).as_deref() == Some(SESSION_PARAM) {
+            // A spelling another reader would decode to the parameter: just as ambiguous.
+            return None;
         }
     }
     found
+}
+
+/// `%XX` escapes decoded (`None` when one is malformed or the result is not UTF-8).
+fn percent_decoded(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// The route a legacy stream path names: `sse_path` itself is the default server,
@@ -739,6 +758,11 @@ mod tests {
         assert_eq!(session_param("/messages?x=1&sessionId=abc"), Some("abc"));
         assert_eq!(session_param("/messages?sessionId=a&sessionId=b"), None);
         assert_eq!(session_param("/messages?sessionIdx=a"), None);
+        assert_eq!(session_param("/messages?sessionId=a&sessionId"), None);
+        assert_eq!(session_param("/messages?sessionId=a;sessionId=b"), None);
+        assert_eq!(session_param("/messages?sessionId=a&%73essionId=b"), None);
+        assert_eq!(session_param("/messages?sessionId="), Some(""));
+        assert_eq!(session_param("/messages?x=%zz&sessionId=a"), Some("a"));
         assert_eq!(session_param("/messages"), None);
     }
 

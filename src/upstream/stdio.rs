@@ -721,9 +721,10 @@ impl Supervisor {
 
     fn write_line(&mut self, line: Vec<u8>) -> Result<(), GatewayError> {
         let Some(stdin) = &self.stdin else {
-            return Err(GatewayError::UpstreamUnavailable(
-                "stdio upstream is restarting".into(),
-            ));
+            return Err(GatewayError::UpstreamUnavailable(format!(
+                "{} is restarting",
+                self.link.describe()
+            )));
         };
         // The router frames every line; this is the last look before the child's stdin.
         debug_assert!(
@@ -736,9 +737,10 @@ impl Supervisor {
         match stdin.try_send(line) {
             Ok(()) => Ok(()),
             Err(TrySendError::Full(_)) => Err(GatewayError::UpstreamBusy),
-            Err(TrySendError::Disconnected(_)) => Err(GatewayError::UpstreamUnavailable(
-                "stdio upstream exited".into(),
-            )),
+            Err(TrySendError::Disconnected(_)) => Err(GatewayError::UpstreamUnavailable(format!(
+                "{} has stopped",
+                self.link.describe()
+            ))),
         }
     }
 
