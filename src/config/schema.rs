@@ -235,9 +235,10 @@ pub struct ServerSection {
     pub shutdown_grace_secs: u64,
     /// A session without a request for this long ends (its client gets 404 and initializes
     /// again): a per-session stdio child or SSE connection is stopped, a shared one forgets the
-    /// session. A request in flight is not idleness. Sessions of an HTTP upstream hold nothing
-    /// here (the upstream expires its own); a legacy SSE client's session lasts as long as its
-    /// stream.
+    /// session (unless its client holds a stream open). A request in flight is not idleness.
+    /// Sessions of an HTTP upstream hold nothing here (the upstream expires its own). A legacy
+    /// SSE client's session ends with its stream, and closes its stream when its upstream
+    /// session ends.
     #[schemars(extend("x-type" = "seconds (whole number, at least 1)"))]
     pub session_idle_secs: u64,
     /// Browser `Origin` values accepted; any other `Origin` gets 403. Requests without an
