@@ -6,6 +6,7 @@
 //! never treated as anonymous.
 
 pub mod api_key;
+pub mod fetch;
 
 use crate::authz::Policy;
 use crate::http::request::RequestHead;
