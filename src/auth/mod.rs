@@ -1,5 +1,6 @@
 //! Authentication: who is calling. A chain of providers in a fixed order produces an
-//! [`Identity`]; this build has API keys, and JWT, OAuth and mTLS join the same chain later.
+//! [`Identity`]; this build has API keys, and JWT, OAuth and mTLS join the same chain later
+//! (the pure JWT verifier is in [`jwt`]; it is not in the chain yet).
 //!
 //! Chain order (first match wins): mTLS certificate (not in this build) → API key → JWT → OAuth
 //! introspection. A request that presents credentials no provider accepts is refused; it is
@@ -7,6 +8,7 @@
 
 pub mod api_key;
 pub mod fetch;
+pub mod jwt;
 
 use crate::authz::Policy;
 use crate::http::request::RequestHead;
