@@ -22,7 +22,7 @@
 //! - 9 forward, 10 relay (streamed), 11 metrics (and audit) always, also after an early exit:
 //!   the connection loop records them from the [`Reply`] once it has been written.
 
-use crate::auth::{AuthError, AuthMethod, Caller};
+use crate::auth::{AuthError, AuthMethod, Caller, IdentitySlot};
 use crate::authz::{Decision, Denial, Policy};
 use crate::config::Settings;
 use crate::error::{GatewayError, code};
@@ -82,6 +82,8 @@ pub struct AuditInfo {
     pub arguments: Option<String>,
     /// The route the request was for, once known.
     pub upstream: Option<Arc<str>>,
+    /// Why credentials were refused (a stable reason, never the credential).
+    pub auth_failure: Option<&'static str>,
 }
 
 /// Reply bodies.
@@ -180,6 +182,13 @@ pub struct Admitted<'c> {
     audit: AuditInfo,
 }
 
+impl Admitted<'_> {
+    /// When the caller's credential expires (a token's `exp`), if it does.
+    pub fn expires_at(&self) -> Option<u64> {
+        self.caller.expires_at
+    }
+}
+
 /// Phases 4 (route), 4a (Origin), 5 (authenticate) and 5a (transport headers), on the head.
 /// Running them before the body is read means a stranger costs us a parsed head and nothing
 /// more: no `100 Continue`, no buffered body, no JSON parsing.
@@ -188,6 +197,7 @@ pub fn admit<'c>(
     cfg: &'c Settings,
     head: &RequestHead,
     peer: SocketAddr,
+    slot: &'c IdentitySlot,
 ) -> Admission<'c> {
     // 4. route: probes first (no authentication), then paths in normal form only, so that no
     // spelling of a path (`//`, `..`, `%2f`) can select a route its plain form would not.
@@ -220,7 +230,7 @@ pub fn admit<'c>(
         upstream: Some(cfg.routes[route].name.clone()),
         ..AuditInfo::default()
     };
-    match admit_mcp(w, cfg, head, peer, front, route, &mut audit) {
+    match admit_mcp(w, cfg, head, peer, front, route, slot, &mut audit) {
         Ok((caller, version)) => Admission::Admitted(Admitted {
             front,
             caller,
@@ -269,7 +279,8 @@ fn legacy_route<'p>(
 /// lead), after the same Origin and authentication checks as an MCP request.
 fn routes(w: &Worker, cfg: &Settings, head: &RequestHead, peer: SocketAddr) -> Reply {
     let mut audit = AuditInfo::default();
-    let caller = match authenticate(w, cfg, head, peer, &mut audit) {
+    let slot = IdentitySlot::new();
+    let caller = match authenticate(w, cfg, head, peer, &slot, &mut audit) {
         Ok(c) => c,
         Err((e, id, method)) => return refused(e, id, method, audit),
     };
@@ -476,10 +487,14 @@ fn early(e: GatewayError, method: usize) -> Early {
     (e, None, method)
 }
 
+/// Index of "none" in `metrics::AUTH_METHODS` (no credentials presented).
+const AUTH_NONE: usize = 3;
+
 fn auth_index(m: AuthMethod) -> usize {
     match m {
         AuthMethod::Anonymous => 0,
         AuthMethod::ApiKey => 1,
+        AuthMethod::Jwt => 2,
     }
 }
 
@@ -490,9 +505,10 @@ fn admit_mcp<'c>(
     peer: SocketAddr,
     front: Front,
     route: usize,
+    slot: &'c IdentitySlot,
     audit: &mut AuditInfo,
 ) -> Result<(Caller<'c>, &'static str), Early> {
-    let caller = authenticate(w, cfg, head, peer, audit)?;
+    let caller = authenticate(w, cfg, head, peer, slot, audit)?;
     // 5b. the caller's servers: one outside `allowed_servers` is refused before its transport
     // rules are even looked at.
     let name = &cfg.routes[route].name;
@@ -549,22 +565,25 @@ fn authenticate<'c>(
     cfg: &'c Settings,
     head: &RequestHead,
     peer: SocketAddr,
+    slot: &'c IdentitySlot,
     audit: &mut AuditInfo,
 ) -> Result<Caller<'c>, Early> {
     // 4a. Origin
     transport::check_origin(head, &cfg.server.allowed_origins).map_err(|e| early(e, M_NONE))?;
     // 5. authenticate
-    let caller = match cfg.auth.authenticate(head, peer.ip()) {
+    let caller = match cfg.auth.authenticate(head, peer.ip(), slot, &w.tokens) {
         Ok(c) => {
             w.metrics.count_auth(auth_index(c.identity.method), true);
             c
         }
         Err(AuthError::Missing) => {
-            w.metrics.count_auth(2, false);
+            w.metrics.count_auth(AUTH_NONE, false);
             return Err(early(GatewayError::Unauthorized { invalid: false }, M_NONE));
         }
-        Err(AuthError::Invalid(m)) => {
+        Err(AuthError::Invalid(m, why)) => {
             w.metrics.count_auth(auth_index(m), false);
+            audit.auth_method = Some(m.as_str());
+            audit.auth_failure = Some(why);
             return Err(early(GatewayError::Unauthorized { invalid: true }, M_NONE));
         }
     };

@@ -236,6 +236,16 @@ impl fmt::Debug for KeySet {
     }
 }
 
+impl Default for KeySet {
+    /// No key: every token is refused (a JWKS not fetched yet).
+    fn default() -> Self {
+        KeySet {
+            keys: Vec::new(),
+            hmac: false,
+        }
+    }
+}
+
 impl KeySet {
     /// Number of usable keys.
     pub fn len(&self) -> usize {

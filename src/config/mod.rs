@@ -950,9 +950,21 @@ fn tool_rule(
     server: Option<&str>,
     routes: &[Route],
 ) -> Rule {
-    fn qualified<'e>(e: &'e str, routes: &[Route]) -> Option<(&'e str, &'e str)> {
+    let names: Vec<Arc<str>> = routes.iter().map(|r| r.name.clone()).collect();
+    tool_rule_for(allowed, denied, server, &names)
+}
+
+/// The tool rule of allow and deny entries on `server` (`None`: servers no entry names), where
+/// an entry `name/tool` applies to the routed server `name` only.
+pub fn tool_rule_for(
+    allowed: &[String],
+    denied: &[String],
+    server: Option<&str>,
+    routes: &[Arc<str>],
+) -> Rule {
+    fn qualified<'e>(e: &'e str, routes: &[Arc<str>]) -> Option<(&'e str, &'e str)> {
         e.split_once('/')
-            .filter(|(s, _)| routes.iter().any(|r| &*r.name == *s))
+            .filter(|(s, _)| routes.iter().any(|r| &**r == *s))
     }
     let applies = |e: &&String| match qualified(e, routes) {
         None => true,

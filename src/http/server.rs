@@ -124,10 +124,18 @@ async fn serve_request<S: Connection>(
         stream_auth: Some(StreamAuth {
             head,
             opened_with: RefCell::new(snapshot.clone()),
+            expires_at: std::cell::Cell::new(None),
         }),
     };
-    let admitted = match pipeline::admit(w, cfg, head, peer) {
-        pipeline::Admission::Admitted(a) => a,
+    // A token's identity lives here for the request (an API key's is in the snapshot).
+    let slot = crate::auth::IdentitySlot::new();
+    let admitted = match pipeline::admit(w, cfg, head, peer, &slot) {
+        pipeline::Admission::Admitted(a) => {
+            if let Some(auth) = &meta.stream_auth {
+                auth.expires_at.set(a.expires_at());
+            }
+            a
+        }
         pipeline::Admission::Answered(mut reply) => {
             // Refused on the head: the body is not read. A body already wholly received is
             // skipped and the connection kept; one still on its way closes the connection.
@@ -506,6 +514,8 @@ async fn read_body<S: AsyncReadRent + AsyncWriteRent>(
 struct StreamAuth<'a> {
     head: &'a RequestHead,
     opened_with: RefCell<Snapshot>,
+    /// When the credential it was opened with expires (a token's `exp`).
+    expires_at: std::cell::Cell<Option<u64>>,
 }
 
 impl StreamAuth<'_> {
@@ -513,21 +523,32 @@ impl StreamAuth<'_> {
     /// a changed snapshot costs anything: both snapshots authenticate the same head, and the
     /// response goes on only if the same identity results.
     fn still_valid(&self, w: &Worker, peer: SocketAddr) -> bool {
+        // A token that has expired ends what it opened, reload or not.
+        if let Some(exp) = self.expires_at.get() {
+            let now_unix = SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            if now_unix >= exp {
+                return false;
+            }
+        }
         let now = w.settings();
         if Rc::ptr_eq(&now, &self.opened_with.borrow()) {
             return true;
         }
         let id = |s: &Settings| {
+            let slot = crate::auth::IdentitySlot::new();
             s.auth
-                .authenticate(self.head, peer.ip())
+                .authenticate(self.head, peer.ip(), &slot, &w.tokens)
                 .ok()
                 .map(|c| c.identity.id.clone())
         };
         // Now: the same caller, and still allowed on this path's server.
         let path = self.head.path();
+        let slot = crate::auth::IdentitySlot::new();
         let still = now
             .auth
-            .authenticate(self.head, peer.ip())
+            .authenticate(self.head, peer.ip(), &slot, &w.tokens)
             .ok()
             .filter(|c| {
                 now.route_for(path)

@@ -185,6 +185,8 @@ pub struct Worker {
     me: std::rc::Weak<Worker>,
     /// The legacy HTTP+SSE sessions whose streams this worker holds.
     pub legacy: crate::mcp::legacy::Sessions,
+    /// Tokens this worker has verified, with the identities they became.
+    pub tokens: crate::auth::TokenCache,
     /// Process-wide state.
     pub shared: Arc<Shared>,
     config: RefCell<ConfigView>,
@@ -230,6 +232,7 @@ impl Worker {
             id,
             me: me.clone(),
             legacy: Default::default(),
+            tokens: Default::default(),
             metrics: shared.metrics.workers[id].clone(),
             config: RefCell::new(ConfigView { cache, local }),
             classifier: RefCell::new(Classifier::new()),
