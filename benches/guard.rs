@@ -1,10 +1,14 @@
 //! Criterion benches of the guard path: API-key check, authorization, rate-limit decision,
 //! audit enqueue, tools/list filtering, and the whole guarded request (head parse + auth +
-//! classify + authorize + rate limit + audit enqueue), steady state.
+//! classify + authorize + rate limit + audit enqueue), steady state; and a cold JWT verify
+//! (no cache) per algorithm family.
 
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use criterion::{Criterion, criterion_group, criterion_main};
 use mcp_guard::audit::{AuditEvent, AuditOutput, AuditWriter};
 use mcp_guard::auth::api_key::{ApiKeys, decode_hash};
+use mcp_guard::auth::jwt::{self, Algorithm, KeySet, Rules};
 use mcp_guard::auth::{Authenticator, RateKey};
 use mcp_guard::authz::{Matcher, Policy, Rule};
 use mcp_guard::cli::hash_key;
@@ -13,9 +17,11 @@ use mcp_guard::mcp::filter::filter_json;
 use mcp_guard::mcp::jsonrpc::{Body, Classifier, Target, is_spec_tool_name};
 use mcp_guard::observe::metrics::Metrics;
 use mcp_guard::ratelimit::{Limit, LocalLimiter, MemoryPool, bucket_key};
+use ring::rand::SystemRandom;
+use ring::signature::{self, EcdsaKeyPair, Ed25519KeyPair, KeyPair, RsaKeyPair};
 use std::hint::black_box;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 const CALL: &[u8] = br#"{"jsonrpc":"2.0","id":42,"method":"tools/call","params":{"name":"read_file","arguments":{"path":"/etc/hosts","limit":100}}}"#;
 
@@ -177,5 +183,98 @@ fn benches(c: &mut Criterion) {
     writer.stop();
 }
 
-criterion_group!(guard, benches);
+fn b64(bytes: &[u8]) -> String {
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// A compact token with typical access-token claims, signed by `sign`.
+fn jwt_token(alg: Algorithm, kid: &str, now: u64, sign: impl Fn(&[u8]) -> Vec<u8>) -> String {
+    let header = format!(r#"{{"alg":"{alg}","typ":"at+jwt","kid":"{kid}"}}"#);
+    let claims = format!(
+        r#"{{"iss":"https://idp.example","aud":"mcp-guard","sub":"user-1234","exp":{},"iat":{now},"nbf":{now},"jti":"0f8c2b","scope":"tools:read tools:call resources:read"}}"#,
+        now + 3600
+    );
+    let input = format!("{}.{}", b64(header.as_bytes()), b64(claims.as_bytes()));
+    let sig = sign(input.as_bytes());
+    format!("{input}.{}", b64(&sig))
+}
+
+/// Cold verification (every check, no verified-token cache): HS256, RS256 with a 2048-bit key,
+/// ES256 and EdDSA, each against the key set its deployment would have (a secret, or a JWKS).
+fn jwt(c: &mut Criterion) {
+    use rsa::pkcs8::EncodePrivateKey;
+    use rsa::traits::PublicKeyParts;
+    let rng = SystemRandom::new();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let rules = Rules {
+        algorithms: vec![
+            Algorithm::HS256,
+            Algorithm::RS256,
+            Algorithm::ES256,
+            Algorithm::EdDSA,
+        ],
+        issuer: Some("https://idp.example".into()),
+        audience: Some("mcp-guard".into()),
+        ..Rules::default()
+    };
+
+    let secret = [7u8; 32];
+    let hmac = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret);
+    let hs = jwt_token(Algorithm::HS256, "hs", now, |m| {
+        ring::hmac::sign(&hmac, m).as_ref().to_vec()
+    });
+
+    // ring cannot generate RSA keys: the rsa dev-dependency does, ring signs.
+    let private = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048).unwrap();
+    let rsa_pair = RsaKeyPair::from_pkcs8(private.to_pkcs8_der().unwrap().as_bytes()).unwrap();
+    let rs = jwt_token(Algorithm::RS256, "rsa", now, |m| {
+        let mut sig = vec![0; rsa_pair.public().modulus_len()];
+        rsa_pair
+            .sign(&signature::RSA_PKCS1_SHA256, &rng, m, &mut sig)
+            .unwrap();
+        sig
+    });
+
+    let alg = &signature::ECDSA_P256_SHA256_FIXED_SIGNING;
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(alg, &rng).unwrap();
+    let ec_pair = EcdsaKeyPair::from_pkcs8(alg, pkcs8.as_ref(), &rng).unwrap();
+    let es = jwt_token(Algorithm::ES256, "ec", now, |m| {
+        ec_pair.sign(&rng, m).unwrap().as_ref().to_vec()
+    });
+
+    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+    let ed_pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+    let ed = jwt_token(Algorithm::EdDSA, "ed", now, |m| {
+        ed_pair.sign(m).as_ref().to_vec()
+    });
+
+    let point = ec_pair.public_key().as_ref();
+    let jwks = format!(
+        r#"{{"keys":[{{"kty":"RSA","kid":"rsa","use":"sig","n":"{}","e":"{}"}},{{"kty":"EC","crv":"P-256","kid":"ec","x":"{}","y":"{}"}},{{"kty":"OKP","crv":"Ed25519","kid":"ed","x":"{}"}}]}}"#,
+        b64(&private.n().to_bytes_be()),
+        b64(&private.e().to_bytes_be()),
+        b64(&point[1..33]),
+        b64(&point[33..]),
+        b64(ed_pair.public_key().as_ref()),
+    );
+    let public = KeySet::from_jwks(jwks.as_bytes()).unwrap();
+    let shared = jwt::hmac_key(&secret).unwrap();
+
+    for (name, token, keys) in [
+        ("jwt_verify_hs256", &hs, &shared),
+        ("jwt_verify_rs256_2048", &rs, &public),
+        ("jwt_verify_es256", &es, &public),
+        ("jwt_verify_eddsa", &ed, &public),
+    ] {
+        assert!(jwt::verify(token, keys, &rules, now).is_ok(), "{name}");
+        c.bench_function(name, |b| {
+            b.iter(|| jwt::verify(black_box(token), keys, &rules, now).unwrap())
+        });
+    }
+}
+
+criterion_group!(guard, benches, jwt);
 criterion_main!(guard);
