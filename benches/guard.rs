@@ -87,8 +87,15 @@ fn benches(c: &mut Criterion) {
         panic!("head")
     };
     let peer = "127.0.0.1".parse().unwrap();
+    let tokens = mcp_guard::auth::TokenCache::default();
     c.bench_function("api_key_check_1000_keys", |b| {
-        b.iter(|| auth.authenticate(black_box(&head), peer).unwrap())
+        b.iter(|| {
+            let slot = mcp_guard::auth::IdentitySlot::new();
+            auth.authenticate(black_box(&head), peer, &slot, &tokens)
+                .unwrap()
+                .rate_key
+                == mcp_guard::auth::RateKey::Identity("x")
+        })
     });
 
     let p = policy();
@@ -165,7 +172,8 @@ fn benches(c: &mut Criterion) {
             else {
                 unreachable!()
             };
-            let caller = auth.authenticate(&head, peer).unwrap();
+            let slot = mcp_guard::auth::IdentitySlot::new();
+            let caller = auth.authenticate(&head, peer, &slot, &tokens).unwrap();
             let body = classifier.classify(black_box(CALL)).unwrap();
             let Body::Single(m) = &body else {
                 unreachable!()

@@ -230,7 +230,7 @@ pub fn admit<'c>(
         upstream: Some(cfg.routes[route].name.clone()),
         ..AuditInfo::default()
     };
-    match admit_mcp(w, cfg, head, peer, front, route, slot, &mut audit) {
+    match admit_mcp(w, cfg, head, peer, (front, route), slot, &mut audit) {
         Ok((caller, version)) => Admission::Admitted(Admitted {
             front,
             caller,
@@ -503,8 +503,7 @@ fn admit_mcp<'c>(
     cfg: &'c Settings,
     head: &RequestHead,
     peer: SocketAddr,
-    front: Front,
-    route: usize,
+    (front, route): (Front, usize),
     slot: &'c IdentitySlot,
     audit: &mut AuditInfo,
 ) -> Result<(Caller<'c>, &'static str), Early> {

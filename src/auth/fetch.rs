@@ -54,7 +54,10 @@ impl IdpUrl {
         let parsed = IdpUrl {
             url: url.to_string(),
             tls,
-            host: host.trim_start_matches('[').trim_end_matches(']').to_string(),
+            host: host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
             port,
             target,
         };
@@ -292,12 +295,17 @@ mod tests {
     fn answers_are_read_by_length_or_chunks() {
         let a = parse_answer(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}").unwrap();
         assert_eq!((a.status, a.body.as_slice()), (200, &b"{}"[..]));
-        let a =
-            parse_answer(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n")
-                .unwrap();
+        let a = parse_answer(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+        )
+        .unwrap();
         assert_eq!(a.body, b"{}");
         assert!(parse_answer(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n{}").is_err());
-        assert!(answer_complete(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"));
-        assert!(!answer_complete(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\n{}"));
+        assert!(answer_complete(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"
+        ));
+        assert!(!answer_complete(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\n{}"
+        ));
     }
 }

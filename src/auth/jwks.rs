@@ -131,7 +131,8 @@ fn run(jwks: std::sync::Weak<Jwks>, wake: Receiver<()>) {
         let Some(jwks) = jwks.upgrade() else { return };
         if early && last_fetch.is_some_and(|t| t.elapsed() < EARLY_REFRESH_EVERY) {
             // Too soon after the last fetch: the flood is not the IdP's problem.
-            let left = EARLY_REFRESH_EVERY.saturating_sub(last_fetch.map_or(Duration::ZERO, |t| t.elapsed()));
+            let left = EARLY_REFRESH_EVERY
+                .saturating_sub(last_fetch.map_or(Duration::ZERO, |t| t.elapsed()));
             wait = left.min(jwks.every);
             continue;
         }

@@ -94,6 +94,9 @@ pub enum AuthError {
 /// token's): owned by the connection for the length of the request.
 pub type IdentitySlot = OnceCell<Rc<Identity>>;
 
+/// Token → the identity it became, and until when (Unix seconds) it may be used.
+type CachedTokens = HashMap<Box<str>, (Rc<Identity>, u64)>;
+
 /// Verified tokens most recently seen on one worker, each with the identity it became.
 const TOKEN_CACHE: usize = 1024;
 
@@ -102,7 +105,7 @@ const TOKEN_CACHE: usize = 1024;
 #[derive(Default)]
 pub struct TokenCache {
     generation: std::cell::Cell<u64>,
-    tokens: RefCell<HashMap<Box<str>, (Rc<Identity>, u64)>>,
+    tokens: RefCell<CachedTokens>,
 }
 
 /// JWT authentication: the rules tokens must meet, their keys, and how scopes become a policy.
@@ -190,7 +193,9 @@ impl JwtProvider {
                     tools: crate::config::tool_rule_for(&granted, &[], Some(server), &self.routes),
                     ..Policy::default()
                 };
-                policy.per_server.insert(server.clone(), Arc::new(on_server));
+                policy
+                    .per_server
+                    .insert(server.clone(), Arc::new(on_server));
             }
         }
         Identity {

@@ -38,12 +38,6 @@ pub const UNBUILT: &[Unbuilt] = &[
                   (a load balancer or sidecar) and remove [server.tls]",
     },
     Unbuilt {
-        path: "auth.jwt",
-        trigger: Trigger::Present,
-        message: "JWT authentication is not in this build yet; refusing to start rather than \
-                  serve without it (use [[auth.api_keys]], or remove [auth.jwt])",
-    },
-    Unbuilt {
         path: "auth.oauth",
         trigger: Trigger::Present,
         message: "OAuth 2.1 is not in this build yet; refusing to start rather than serve \
@@ -154,7 +148,6 @@ pub fn first_unbuilt<'v>(lookup: &dyn Fn(&str) -> Option<Seen<'v>>) -> Option<&'
 pub fn first_unbuilt_in(file: &FileConfig) -> Option<&'static Unbuilt> {
     first_unbuilt(&|path| match path {
         "server.tls" => file.server.tls.as_ref().map(|_| Seen::Other),
-        "auth.jwt" => file.auth.jwt.as_ref().map(|_| Seen::Other),
         "auth.oauth" => file.auth.oauth.as_ref().map(|_| Seen::Other),
         "auth.mtls.enabled" => file.auth.mtls.as_ref().map(|m| Seen::Bool(m.enabled)),
         "rate_limit.backend" => Some(Seen::Str(match file.rate_limit.backend {

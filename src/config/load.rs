@@ -744,13 +744,6 @@ mod tests {
 
     #[test]
     fn an_unbuilt_section_is_refused_before_its_fields_are_asked_for() {
-        let err = parse_str("[auth.jwt]\nissuer = \"x\"\n", &env).unwrap_err();
-        assert!(
-            err.message
-                .starts_with("auth.jwt: JWT authentication is not in this build"),
-            "{err}"
-        );
-        assert_eq!(err.position.map(|p| p.0), Some(1));
         let err = parse_str("[server]\nport = 1\n\n[server.tls]\n", &env).unwrap_err();
         assert!(
             err.message.starts_with("server.tls: TLS termination"),

@@ -399,6 +399,9 @@ pub fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
 
 fn validate_auth(file: &FileConfig, routes: &[Route]) -> Result<Authenticator, ConfigError> {
     let mut auth = Authenticator::default();
+    if let Some(jwt) = &file.auth.jwt {
+        auth.jwt = Some(validate_jwt(file, jwt, routes)?);
+    }
     if file.auth.api_keys.is_empty() {
         return Ok(auth);
     }
@@ -952,6 +955,121 @@ fn tool_rule(
 ) -> Rule {
     let names: Vec<Arc<str>> = routes.iter().map(|r| r.name.clone()).collect();
     tool_rule_for(allowed, denied, server, &names)
+}
+
+/// `[auth.jwt]`: the rules a token must meet, where its keys come from, and the scope mapping.
+fn validate_jwt(
+    file: &FileConfig,
+    j: &schema::JwtSection,
+    routes: &[Route],
+) -> Result<crate::auth::JwtProvider, ConfigError> {
+    use crate::auth::jwt::{self, Algorithm};
+    let k = |name: &str| format!("auth.jwt.{name}");
+    let defaults: &[&str] = match j.mode {
+        schema::JwtMode::Simple => &["HS256"],
+        schema::JwtMode::Jwks => &["RS256", "ES256"],
+    };
+    let names: Vec<&str> = if j.algorithms.is_empty() {
+        defaults.to_vec()
+    } else {
+        j.algorithms.iter().map(String::as_str).collect()
+    };
+    let mut algorithms = Vec::with_capacity(names.len());
+    for (i, name) in names.iter().enumerate() {
+        let alg = Algorithm::from_name(name).ok_or_else(|| {
+            invalid(
+                &format!("{}[{i}]", k("algorithms")),
+                format!(
+                    "`{name}` is not an accepted algorithm (HS256, RS256, RS384, RS512, PS256, \
+                     PS384, PS512, ES256, ES384, EdDSA; never `none`)"
+                ),
+            )
+        })?;
+        // A secret and public keys never share a configuration: HS256 beside a JWKS is the
+        // shape of the key-confusion attack.
+        let hmac = alg == Algorithm::HS256;
+        if hmac != (j.mode == schema::JwtMode::Simple) {
+            return Err(invalid(
+                &format!("{}[{i}]", k("algorithms")),
+                match j.mode {
+                    schema::JwtMode::Simple => format!("`{name}` needs a JWKS; mode = \"simple\" is HS256 only"),
+                    schema::JwtMode::Jwks => "HS256 needs a shared secret; mode = \"jwks\" verifies public-key signatures only".to_string(),
+                },
+            ));
+        }
+        algorithms.push(alg);
+    }
+    let keys = match j.mode {
+        schema::JwtMode::Simple => {
+            let secret = j
+                .secret
+                .as_deref()
+                .ok_or_else(|| invalid(&k("secret"), "required for mode = \"simple\""))?;
+            crate::auth::JwtKeys::Secret(
+                jwt::hmac_key(secret.as_bytes()).map_err(|e| invalid(&k("secret"), e))?,
+            )
+        }
+        schema::JwtMode::Jwks => {
+            let url = j
+                .jwks_url
+                .as_deref()
+                .ok_or_else(|| invalid(&k("jwks_url"), "required for mode = \"jwks\""))?;
+            let url =
+                crate::auth::fetch::IdpUrl::parse(url).map_err(|e| invalid(&k("jwks_url"), e))?;
+            let every = j.cache_duration_secs.unwrap_or(3600);
+            if every < 10 {
+                return Err(invalid(&k("cache_duration_secs"), "must be at least 10"));
+            }
+            check_secs(&k("cache_duration_secs"), every)?;
+            crate::auth::JwtKeys::Jwks(crate::auth::jwks::Jwks::new(
+                url,
+                Duration::from_secs(every),
+            ))
+        }
+    };
+    let claim =
+        |name: &str, value: &Option<String>, default: &str| -> Result<String, ConfigError> {
+            let v = value.clone().unwrap_or_else(|| default.to_string());
+            if v.is_empty() || v.len() > 256 {
+                return Err(invalid(&k(name), "must be 1-256 characters"));
+            }
+            Ok(v)
+        };
+    let leeway_secs = j.leeway_secs.unwrap_or(60);
+    if leeway_secs > 600 {
+        return Err(invalid(
+            &k("leeway_secs"),
+            "at most 600 (ten minutes of clock skew)",
+        ));
+    }
+    let names = if file.server.strict_tool_names {
+        Names::Tools
+    } else {
+        Names::Any
+    };
+    for (scope, tools) in &j.scope_tool_mapping {
+        check_tool_patterns(
+            &format!("{}.{scope:?}", k("scope_tool_mapping")),
+            tools,
+            names,
+            routes,
+        )?;
+    }
+    Ok(crate::auth::JwtProvider {
+        rules: jwt::Rules {
+            algorithms,
+            issuer: j.issuer.clone(),
+            audience: j.audience.clone(),
+            leeway_secs,
+            user_id_claim: claim("user_id_claim", &j.user_id_claim, "sub")?,
+            scopes_claim: claim("scopes_claim", &j.scopes_claim, "scope")?,
+            max_token_bytes: jwt::DEFAULT_MAX_TOKEN_BYTES,
+        },
+        keys,
+        scope_tools: (!j.scope_tool_mapping.is_empty()).then(|| j.scope_tool_mapping.clone()),
+        routes: routes.iter().map(|r| r.name.clone()).collect(),
+        generation: u64::from_be_bytes(crate::mcp::session::random_bytes::<8>()),
+    })
 }
 
 /// The tool rule of allow and deny entries on `server` (`None`: servers no entry names), where

@@ -813,7 +813,8 @@ fn emit_audit(
                 Target::Prompt(n) => ("prompt", n),
             }),
             decision,
-            reason,
+            // A refused credential says why (`jwt_expired`, `unknown_key`), never what it was.
+            reason: info.auth_failure.or(reason),
             status,
             upstream: info
                 .upstream

@@ -207,6 +207,10 @@ pub fn reload(path: &Path, shared: &Shared) {
         },
         None => Vec::new(),
     };
+    // The JWKS of an unchanged source is taken over, keys and refresher; a new one starts.
+    if let Some(auth) = Arc::get_mut(&mut new.auth) {
+        auth.start(Some(&old.auth));
+    }
     shared.config.store(Arc::new(new));
     if !retired.is_empty() {
         let deadline = Instant::now() + shared.config.load().server.shutdown_grace;

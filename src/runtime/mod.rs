@@ -153,6 +153,9 @@ pub fn run(path: PathBuf) -> Result<(), String> {
     };
     let mut settings = settings;
     settings.upstreams = Some(Arc::new(UpstreamSet::start(&settings, &metrics)?));
+    if let Some(auth) = Arc::get_mut(&mut settings.auth) {
+        auth.start(None);
+    }
     let (audit_writer, audit_sinks) = match &settings.audit.output {
         Some(output) => {
             // One queue per worker, and a small one (the last) for the control thread's rare
