@@ -282,6 +282,44 @@ fn jwt(c: &mut Criterion) {
             b.iter(|| jwt::verify(black_box(token), keys, &rules, now).unwrap())
         });
     }
+
+    // The request path's cost for a token already verified on this worker: the chain finds
+    // it in the worker's cache (whatever the algorithm: none is checked again).
+    let auth = Authenticator {
+        jwt: Some(mcp_guard::auth::JwtProvider {
+            rules: rules.clone(),
+            keys: mcp_guard::auth::JwtKeys::Secret(jwt::hmac_key(&secret).unwrap()),
+            scope_tools: None,
+            routes: Vec::new(),
+            generation: 1,
+        }),
+        ..Authenticator::default()
+    };
+    let real_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let live = jwt_token(Algorithm::HS256, "hs", real_now, |m| {
+        ring::hmac::sign(&hmac, m).as_ref().to_vec()
+    });
+    let head_bytes = request_head(&live);
+    let HeadParse::Complete(head) = parse_head(&head_bytes, 16384, 1 << 22).unwrap() else {
+        panic!("head")
+    };
+    let tokens = mcp_guard::auth::TokenCache::default();
+    let peer = "127.0.0.1".parse().unwrap();
+    {
+        let slot = mcp_guard::auth::IdentitySlot::new();
+        auth.authenticate(&head, peer, &slot, &tokens).unwrap();
+    }
+    c.bench_function("jwt_authenticate_cached", |b| {
+        b.iter(|| {
+            let slot = mcp_guard::auth::IdentitySlot::new();
+            auth.authenticate(black_box(&head), peer, &slot, &tokens)
+                .unwrap()
+                .expires_at
+        })
+    });
 }
 
 criterion_group!(guard, benches, jwt);
