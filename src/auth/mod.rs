@@ -310,15 +310,19 @@ impl Authenticator {
             // components can disagree about who is calling.
             let presented = match (bearer, header_key) {
                 (Some(a), Some(b)) if a != b => {
-                    return Err(AuthError::Invalid(AuthMethod::ApiKey, "two_credentials"));
+                    return Err(AuthError::Invalid(
+                        AuthMethod::ApiKey,
+                        "invalid_credentials",
+                    ));
                 }
                 (Some(a), _) => Some(a),
                 (None, b) => b,
             };
             if let Some(key) = presented {
-                let identity = keys
-                    .lookup(key)
-                    .ok_or(AuthError::Invalid(AuthMethod::ApiKey, "unknown_key"))?;
+                let identity = keys.lookup(key).ok_or(AuthError::Invalid(
+                    AuthMethod::ApiKey,
+                    "invalid_credentials",
+                ))?;
                 return Ok(Caller {
                     identity,
                     rate_key: RateKey::Identity(&identity.id),
@@ -333,7 +337,7 @@ impl Authenticator {
             } else {
                 AuthMethod::ApiKey
             };
-            return Err(AuthError::Invalid(method, "unsupported_credentials"));
+            return Err(AuthError::Invalid(method, "invalid_credentials"));
         }
         Err(AuthError::Missing)
     }

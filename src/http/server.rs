@@ -813,7 +813,7 @@ fn emit_audit(
                 Target::Prompt(n) => ("prompt", n),
             }),
             decision,
-            // A refused credential says why (`jwt_expired`, `unknown_key`), never what it was.
+            // A refused credential says why (`jwt_expired`, `invalid_credentials`), never what it was.
             reason: info.auth_failure.or(reason),
             status,
             upstream: info
