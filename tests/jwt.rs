@@ -367,3 +367,62 @@ fn jwt_settings_that_cannot_be_safe_are_refused_at_load() {
         assert!(err.contains(key), "{section}: {err}");
     }
 }
+
+#[test]
+fn a_key_removed_at_the_idp_stops_its_cached_tokens_and_an_empty_set_is_honoured() {
+    let k1 = EcKey::new("k1");
+    let idp = Idp::start(json!({"keys":[k1.jwk()]}));
+    let g = Gateway::start(&jwks_config(&idp, 3600));
+    assert!(g.wait_log("JWKS loaded", WAIT), "keys never loaded");
+    let t1 = k1.sign(&claims("carol", ""), "k1");
+    assert_eq!(init_as(&g, &t1).status, 200);
+    // The IdP revokes every key; a token naming an unknown kid makes the gateway look again
+    // (at most once per 10 s), and the cached token stops working with the new set.
+    *idp.doc.lock().unwrap() = json!({"keys":[]}).to_string();
+    let deadline = Instant::now() + Duration::from_secs(25);
+    loop {
+        let probe = k1.sign(&claims("probe", ""), "unknown");
+        init_as(&g, &probe);
+        if init_as(&g, &t1).status == 401 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the revoked key still works");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn an_api_key_may_not_take_a_token_identity_and_missing_audience_is_warned() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("g.toml");
+    let validate = |text: String| {
+        std::fs::write(&p, text).unwrap();
+        let out = std::process::Command::new(GUARD)
+            .args(["validate", "--config"])
+            .arg(&p)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (code, err) = validate(format!(
+        "{}[[auth.api_keys]]\nid = \"jwt:alice\"\nkey_hash = \"{}\"\n",
+        stdio_config("auto", "", &[]),
+        hash_key("some-key-0123456789")
+    ));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("auth.api_keys[0].id") && err.contains("reserved"),
+        "{err}"
+    );
+    let (code, err) = validate(format!(
+        "{}[auth.jwt]\nmode = \"simple\"\nsecret = \"{SECRET}\"\njwks_url = \"https://x/j\"\n",
+        stdio_config("auto", "", &[])
+    ));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("auth.jwt.audience is not set"), "{err}");
+    assert!(err.contains("auth.jwt.issuer is not set"), "{err}");
+    assert!(err.contains("auth.jwt.jwks_url has no effect"), "{err}");
+}

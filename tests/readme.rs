@@ -254,6 +254,15 @@ fn start_server(dir: &Path, ports: &Ports, block: &Block) -> Server {
     let text = std::fs::read_to_string(&config)
         .unwrap_or_else(|e| panic!("README.md:{}: {}: {e}", block.line, config.display()));
     std::fs::write(&config, ports.in_config(&text)).unwrap();
+    // The previous block's gateway was killed, but its process may hold the port a moment
+    // longer (a second gateway on a held port is refused, as it should be): wait for it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpListener::bind(("127.0.0.1", ports.main)).is_err()
+        || std::net::TcpListener::bind(("127.0.0.1", ports.admin)).is_err()
+    {
+        assert!(Instant::now() < deadline, "ports still held");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let log = dir.join(format!("server-{}.log", block.line));
     let file = std::fs::File::create(&log).unwrap();
     let child = std::os::unix::process::CommandExt::process_group(

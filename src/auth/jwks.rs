@@ -24,7 +24,8 @@ pub struct Jwks {
     url: IdpUrl,
     every: Duration,
     keys: ArcSwap<KeySet>,
-    /// Fetches that succeeded (for tests and metrics).
+    /// Fetches that succeeded: a verified-token cache is valid for one of them only (a key
+    /// removed at the IdP stops its cached tokens at the next fetch).
     pub fetched: AtomicU64,
     /// Asks the thread for an early refresh; `None` until it runs.
     wake: Mutex<Option<SyncSender<()>>>,
@@ -109,8 +110,10 @@ impl Jwks {
             return Err(format!("HTTP {}", answer.status));
         }
         let keys = KeySet::from_jwks(&answer.body)?;
+        // An IdP that publishes no usable key has revoked them all: honoured (every token is
+        // refused until keys come back), never answered by keeping the old ones trusted.
         if keys.is_empty() {
-            return Err("no usable signing key in the document".into());
+            tracing::warn!(target: "mcp_guard::auth", "JWKS at {} holds no usable signing key: every token is refused", self.url.url);
         }
         let n = keys.len();
         self.keys.store(Arc::new(keys));

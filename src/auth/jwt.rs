@@ -272,7 +272,9 @@ impl KeySet {
     /// many keys, is not JSON with unique member names, or when a key we would use has a member
     /// of the wrong type or bytes that are not strict base64url: a half-readable document is a
     /// broken IdP or a tampered response, and the caller keeps its previous keys instead.
-    /// A document with no usable key at all is refused too, so the operator hears about it.
+    /// A document with no usable key at all is refused too, so the operator hears about it,
+    /// except an explicitly empty `keys` list: that is an IdP revoking every key, and it is
+    /// honoured (every token is then refused).
     pub fn from_jwks(json: &[u8]) -> Result<KeySet, String> {
         if json.len() > MAX_JWKS_BYTES {
             return Err(format!(
@@ -302,7 +304,7 @@ impl KeySet {
                 keys.push(key);
             }
         }
-        if keys.is_empty() {
+        if keys.is_empty() && !list.is_empty() {
             return Err("JWKS has no key usable for signature verification".into());
         }
         Ok(KeySet { keys, hmac: false })
@@ -908,12 +910,39 @@ fn audience(claims: &Map<String, Value>) -> Result<Option<Vec<&str>>, JwtError> 
 /// Characters an identity may not hold: C0/C1 controls and DEL, and the invisible ones that
 /// change how a line reads (line/paragraph separators, bidi overrides and isolates). The
 /// identity lands in audit lines, metrics labels and policy; it must read as what it is.
+/// Characters an identity may not hold: it is shown in audit lines and logs, where controls,
+/// bidi overrides, format characters (Unicode category Cf: zero-width spaces and joiners, the
+/// byte-order mark, tag characters) and invisible fillers would let `alice\u{200b}` pass for
+/// `alice` to whoever reads them.
 fn forbidden_in_identity(c: char) -> bool {
     c.is_control()
         || matches!(
             c,
-            '\u{200E}' | '\u{200F}' | '\u{2028}' | '\u{2029}' | '\u{202A}'..='\u{202E}'
-                | '\u{2066}'..='\u{2069}'
+            '\u{00AD}'
+                | '\u{034F}'
+                | '\u{0600}'..='\u{0605}'
+                | '\u{061C}'
+                | '\u{06DD}'
+                | '\u{070F}'
+                | '\u{0890}'..='\u{0891}'
+                | '\u{08E2}'
+                | '\u{115F}'..='\u{1160}'
+                | '\u{17B4}'..='\u{17B5}'
+                | '\u{180B}'..='\u{180F}'
+                | '\u{200B}'..='\u{200F}'
+                | '\u{2028}'..='\u{202E}'
+                | '\u{2060}'..='\u{206F}'
+                | '\u{3164}'
+                | '\u{FE00}'..='\u{FE0F}'
+                | '\u{FEFF}'
+                | '\u{FFA0}'
+                | '\u{FFF0}'..='\u{FFFB}'
+                | '\u{110BD}'
+                | '\u{110CD}'
+                | '\u{13430}'..='\u{1343F}'
+                | '\u{1BCA0}'..='\u{1BCA3}'
+                | '\u{1D173}'..='\u{1D17A}'
+                | '\u{E0000}'..='\u{E0FFF}'
         )
 }
 
@@ -972,7 +1001,7 @@ fn check_claims(
         Some(Value::String(s)) => s,
         Some(_) => return Err(JwtError::ClaimType(rules.user_id_claim.clone())),
     };
-    if subject.is_empty()
+    if subject.trim().is_empty()
         || subject.len() > MAX_IDENTITY_BYTES
         || subject.chars().any(forbidden_in_identity)
     {
@@ -1869,6 +1898,14 @@ mod tests {
             "alice\u{85}".into(),
             "\u{202e}ecila".into(),
             "alice\u{2028}".into(),
+            "alice\u{061c}".into(),
+            "alice\u{200b}".into(),
+            "\u{feff}alice".into(),
+            "alice\u{ad}".into(),
+            "alice\u{e0041}".into(),
+            "alice\u{3164}".into(),
+            "alice\u{fe0f}".into(),
+            "   ".into(),
         ] {
             assert_eq!(
                 check_claims_of(&with("sub", json!(bad))),
@@ -2003,7 +2040,8 @@ mod tests {
         k["x"] = json!(enc(&[1; 31]));
         assert!(jwks(vec![k]).is_err());
         // Nothing usable at all.
-        assert!(jwks(vec![]).is_err());
+        // An explicitly empty list is the IdP revoking every key: honoured, not refused.
+        assert!(jwks(vec![]).unwrap().is_empty());
     }
 
     #[test]

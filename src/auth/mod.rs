@@ -104,7 +104,7 @@ const TOKEN_CACHE: usize = 1024;
 /// (cleared when full), and emptied when the configuration that verified them is replaced.
 #[derive(Default)]
 pub struct TokenCache {
-    generation: std::cell::Cell<u64>,
+    generation: std::cell::Cell<(u64, u64)>,
     tokens: RefCell<CachedTokens>,
 }
 
@@ -133,6 +133,14 @@ pub enum JwtKeys {
 }
 
 impl JwtProvider {
+    /// Which key set is in force: bumped by every JWKS fetch.
+    pub fn key_epoch(&self) -> u64 {
+        match &self.keys {
+            JwtKeys::Secret(_) => 0,
+            JwtKeys::Jwks(set) => set.fetched.load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
     /// Verifies `token` now; an unknown `kid` (or no keys yet) asks for an early JWKS refresh.
     pub fn verify(&self, token: &str, now_unix: u64) -> Result<jwt::Verified, jwt::JwtError> {
         match &self.keys {
@@ -350,9 +358,12 @@ impl Authenticator {
         cache: &TokenCache,
     ) -> Result<Caller<'a>, AuthError> {
         let now = unix_now();
-        if cache.generation.get() != jwt.generation {
+        // A new configuration, or a new key set, and what was verified before is verified
+        // again (a key the IdP removed stops working for cached tokens too).
+        let generation = (jwt.generation, jwt.key_epoch());
+        if cache.generation.get() != generation {
             cache.tokens.borrow_mut().clear();
-            cache.generation.set(jwt.generation);
+            cache.generation.set(generation);
         }
         let cached = cache
             .tokens

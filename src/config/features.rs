@@ -371,5 +371,43 @@ pub fn ignored_keys(file: &FileConfig) -> Vec<String> {
             );
         }
     }
+    if let Some(j) = &file.auth.jwt {
+        let (foreign, mode): (&[(&str, bool)], &str) = match j.mode {
+            crate::config::schema::JwtMode::Simple => (
+                &[
+                    ("jwks_url", j.jwks_url.is_some()),
+                    ("cache_duration_secs", j.cache_duration_secs.is_some()),
+                ],
+                "simple",
+            ),
+            crate::config::schema::JwtMode::Jwks => (&[("secret", j.secret.is_some())], "jwks"),
+        };
+        for (name, set) in foreign {
+            if *set {
+                warn(
+                    &mut warnings,
+                    &format!("auth.jwt.{name}"),
+                    &format!("auth.jwt.mode is \"{mode}\""),
+                );
+            }
+        }
+        // Not wrong, but rarely meant: without them a token minted for any other service (or
+        // by any other issuer sharing the keys) is accepted here.
+        for (name, what) in [
+            ("audience", j.audience.is_none()),
+            ("issuer", j.issuer.is_none()),
+        ] {
+            if what {
+                let (claim, whose) = if name == "audience" {
+                    ("aud", "this gateway's")
+                } else {
+                    ("iss", "your identity provider's")
+                };
+                warnings.push(format!(
+                    "auth.jwt.{name} is not set: tokens are accepted whatever their `{claim}` claim; set it to {whose}"
+                ));
+            }
+        }
+    }
     warnings
 }

@@ -415,6 +415,19 @@ fn validate_auth(file: &FileConfig, routes: &[Route]) -> Result<Authenticator, C
         if k.id.trim().is_empty() {
             return Err(invalid(&format!("{key}.id"), "must not be empty"));
         }
+        // Token identities are `jwt:<subject>` (OAuth and mTLS take prefixes of their own):
+        // a key with such an id would be that token's caller, sessions and rate limit included.
+        if let Some(prefix) = ["jwt:", "oauth:", "mtls:"]
+            .iter()
+            .find(|p| k.id.to_ascii_lowercase().starts_with(*p))
+        {
+            return Err(invalid(
+                &format!("{key}.id"),
+                format!(
+                    "ids starting with `{prefix}` are reserved for identities from tokens and certificates"
+                ),
+            ));
+        }
         if let Some(first) = ids.insert(k.id.as_str(), i) {
             return Err(invalid(
                 &format!("{key}.id"),
