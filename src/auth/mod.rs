@@ -159,23 +159,25 @@ impl JwtProvider {
     /// The identity a verified token becomes: `jwt:<subject>`, with the tools its scopes
     /// grant.
     pub fn identity(&self, v: &jwt::Verified) -> Identity {
-        let tools = match &self.scope_tools {
+        // The tool entries the token's scopes grant (`None`: no mapping, every tool).
+        let granted: Option<Vec<String>> = self.scope_tools.as_ref().map(|map| {
+            v.scopes
+                .iter()
+                .filter_map(|s| map.get(s))
+                .flatten()
+                .cloned()
+                .collect()
+        });
+        let tools = match &granted {
             None => crate::authz::Rule::default(),
-            Some(map) => {
-                let granted: Vec<String> = v
-                    .scopes
-                    .iter()
-                    .filter_map(|s| map.get(s))
-                    .flatten()
-                    .cloned()
-                    .collect();
+            Some(granted) => {
                 if granted.is_empty() {
                     crate::authz::Rule {
                         allow: crate::authz::Matcher::nothing(),
                         deny: crate::authz::Matcher::default(),
                     }
                 } else {
-                    crate::config::tool_rule_for(&granted, &[], None, &self.routes)
+                    crate::config::tool_rule_for(granted, &[], None, &self.routes)
                 }
             }
         };
@@ -184,21 +186,14 @@ impl JwtProvider {
             ..Policy::default()
         };
         // A `server/tool` entry gives that server a rule of its own.
-        if let Some(map) = &self.scope_tools {
-            let granted: Vec<String> = v
-                .scopes
-                .iter()
-                .filter_map(|s| map.get(s))
-                .flatten()
-                .cloned()
-                .collect();
+        if let Some(granted) = &granted {
             for server in self.routes.iter().filter(|r| {
                 granted
                     .iter()
                     .any(|e| e.split_once('/').is_some_and(|(s, _)| s == &***r))
             }) {
                 let on_server = Policy {
-                    tools: crate::config::tool_rule_for(&granted, &[], Some(server), &self.routes),
+                    tools: crate::config::tool_rule_for(granted, &[], Some(server), &self.routes),
                     ..Policy::default()
                 };
                 policy

@@ -72,15 +72,7 @@ impl SseSplitter {
             }
             self.started = true;
         }
-        let mut start = 0;
-        let mut scan = self.scan;
-        while let Some((len, consumed)) = find_event_end_from(&self.pending[start..], &mut scan) {
-            each(&self.pending[start..start + len]);
-            start += consumed;
-            scan = Scan::default();
-        }
-        self.pending.drain(..start);
-        self.scan = scan;
+        self.drain_events(&mut each);
         if self.pending.len() > MAX_EVENT {
             return Err("SSE event too large");
         }
@@ -93,6 +85,14 @@ impl SseSplitter {
         if self.pending.last() == Some(&b'\r') {
             self.pending.push(b'\n');
         }
+        self.drain_events(&mut each);
+        self.pending.clear();
+        self.scan = Scan::default();
+    }
+
+    /// Hands every complete event in `pending` to `each` and drops it, remembering how far the
+    /// search for the next one got.
+    fn drain_events(&mut self, each: &mut impl FnMut(&[u8])) {
         let mut start = 0;
         let mut scan = self.scan;
         while let Some((len, consumed)) = find_event_end_from(&self.pending[start..], &mut scan) {
@@ -100,8 +100,8 @@ impl SseSplitter {
             start += consumed;
             scan = Scan::default();
         }
-        self.pending.clear();
-        self.scan = Scan::default();
+        self.pending.drain(..start);
+        self.scan = scan;
     }
 }
 

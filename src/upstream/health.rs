@@ -151,7 +151,8 @@ pub fn probe_initialize(ep: &HttpEndpoint, headers: &[(String, String)]) -> Resu
     Err(last)
 }
 
-fn push_headers(req: &mut String, headers: &[(String, String)]) {
+/// Appends `name: value` lines for the upstream's configured headers.
+pub(crate) fn push_headers(req: &mut String, headers: &[(String, String)]) {
     for (n, v) in headers {
         req.push_str(n);
         req.push_str(": ");

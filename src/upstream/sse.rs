@@ -14,6 +14,7 @@
 use crate::config::{HttpEndpoint, SseSettings};
 use crate::http::chunked::ChunkedDecoder;
 use crate::http::sse::SseDecoder;
+use crate::upstream::health::push_headers;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -116,15 +117,6 @@ fn connect(ep: &HttpEndpoint) -> Result<TcpStream, String> {
         }
     }
     Err(last)
-}
-
-fn push_headers(req: &mut String, headers: &[(String, String)]) {
-    for (n, v) in headers {
-        req.push_str(n);
-        req.push_str(": ");
-        req.push_str(v);
-        req.push_str("\r\n");
-    }
 }
 
 /// How a response body is framed.

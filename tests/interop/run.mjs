@@ -168,7 +168,7 @@ process.on("exit", () => {
 let everythingHttpUrl;
 async function startEverythingHttp() {
   if (everythingHttpUrl) return everythingHttpUrl;
-  const child = start("everything-http", process.execPath, [join(HERE, "lib", "everything-http.mjs")], {
+  const child = start("everything-http", process.execPath, [join(HERE, "lib", "everything.mjs"), "streamableHttp"], {
     env: { PORT: "0" },
   });
   const m = await waitFor(child, /EVERYTHING_LISTENING (http:\/\/127\.0\.0\.1:\d+\/mcp)/, "server-everything (streamableHttp)");
@@ -179,7 +179,7 @@ async function startEverythingHttp() {
 let everythingSseUrl;
 async function startEverythingSse() {
   if (everythingSseUrl) return everythingSseUrl;
-  const child = start("everything-sse", process.execPath, [join(HERE, "lib", "everything-sse.mjs")], {
+  const child = start("everything-sse", process.execPath, [join(HERE, "lib", "everything.mjs"), "sse"], {
     env: { PORT: "0" },
   });
   const m = await waitFor(child, /EVERYTHING_LISTENING (http:\/\/127\.0\.0\.1:\d+\/sse)/, "server-everything (sse)");
