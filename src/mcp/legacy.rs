@@ -273,6 +273,26 @@ impl Session {
         self.events.send(message).await.is_ok()
     }
 
+    /// What an upstream call on this session's behalf carries (the route's timeout).
+    fn outgoing<'a>(
+        &'a self,
+        head: &'a RequestHead,
+        cfg: &'a crate::config::Settings,
+        route: usize,
+        request_id: &'a str,
+        upstream_session: Option<&'a [u8]>,
+    ) -> Outgoing<'a> {
+        Outgoing {
+            head,
+            request_id,
+            binding: &self.identity,
+            server: &cfg.routes[route].name,
+            session: upstream_session,
+            timeout: cfg.routes[route].upstream.timeout,
+            path_rest: "",
+        }
+    }
+
     /// Ends the session now: its stream closes (the client reconnects and starts over), its
     /// forwards stop, and its upstream session is ended.
     fn end(&self) {
@@ -427,15 +447,8 @@ async fn watch(w: Rc<Worker>, session: Rc<Session>) {
     };
     let head = session.head.borrow().clone();
     let request_id = w.next_request_id();
-    let out = Outgoing {
-        head: &head,
-        request_id: &request_id,
-        binding: &session.identity,
-        server: &cfg.routes[route].name,
-        session: Some(&upstream_session),
-        timeout: END_UPSTREAM,
-        path_rest: "",
-    };
+    let mut out = session.outgoing(&head, &cfg, route, &request_id, Some(&upstream_session));
+    out.timeout = END_UPSTREAM;
     if let Ok(Ok(exchange)) =
         monoio::time::timeout(END_UPSTREAM, upstream.end_session(&w, &out)).await
         && let Answer::Streamed(resp, _) = exchange.answer
@@ -506,15 +519,13 @@ async fn forward_inner(w: &Rc<Worker>, session: &Rc<Session>, post: &Handover) {
     };
     let head = session.head.borrow().clone();
     let upstream_session = session.upstream.borrow().clone();
-    let out = Outgoing {
-        head: &head,
-        request_id: &post.request_id,
-        binding: &session.identity,
-        server: &cfg.routes[route].name,
-        session: upstream_session.as_deref(),
-        timeout: cfg.routes[route].upstream.timeout,
-        path_rest: "",
-    };
+    let out = session.outgoing(
+        &head,
+        &cfg,
+        route,
+        &post.request_id,
+        upstream_session.as_deref(),
+    );
     let exchange = match upstream.post(w, &out, body, raw).await {
         Ok(x) => x,
         Err(e) => {
@@ -703,15 +714,7 @@ async fn server_stream_inner(w: &Rc<Worker>, session: &Rc<Session>) {
         let head = session.head.borrow().clone();
         let upstream_session = session.upstream.borrow().clone();
         let request_id = w.next_request_id();
-        let out = Outgoing {
-            head: &head,
-            request_id: &request_id,
-            binding: &session.identity,
-            server: &cfg.routes[route].name,
-            session: upstream_session.as_deref(),
-            timeout: cfg.routes[route].upstream.timeout,
-            path_rest: "",
-        };
+        let out = session.outgoing(&head, &cfg, route, &request_id, upstream_session.as_deref());
         let Ok(exchange) = upstream.open_stream(w, &out).await else {
             return;
         };
