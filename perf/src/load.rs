@@ -72,6 +72,9 @@ pub struct LoadSpec {
     pub extra_headers: String,
     /// CPUs the load threads are pinned to (empty: not pinned).
     pub cpus: Vec<usize>,
+    /// Speak TLS with this client configuration (the handshake happens when the connection
+    /// opens, before the measured window).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// Failed requests by cause.
@@ -170,6 +173,7 @@ enum Failure {
 /// One keep-alive client connection with its MCP session.
 struct Client {
     stream: TcpStream,
+    tls: Option<Box<crate::tls::ClientTls>>,
     buf: Vec<u8>,
     /// Request head up to (not including) Content-Length: host, content negotiation, session.
     head: String,
@@ -178,17 +182,34 @@ struct Client {
 
 impl Client {
     /// Connects, initializes a session at `path`, and sends notifications/initialized.
-    async fn open(addr: SocketAddr, path: &str, extra_headers: Rc<str>) -> Result<Client, Failure> {
-        let stream = match monoio::time::timeout(REQUEST_TIMEOUT, TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => s,
-            _ => return Err(Failure::Connect),
-        };
+    async fn open(
+        addr: SocketAddr,
+        path: &str,
+        extra_headers: Rc<str>,
+        tls: Option<&Arc<rustls::ClientConfig>>,
+    ) -> Result<Client, Failure> {
+        let mut stream =
+            match monoio::time::timeout(REQUEST_TIMEOUT, TcpStream::connect(addr)).await {
+                Ok(Ok(s)) => s,
+                _ => return Err(Failure::Connect),
+            };
         let _ = stream.set_nodelay(true);
+        let tls = match tls {
+            None => None,
+            Some(config) => {
+                let handshake = crate::tls::ClientTls::connect(&mut stream, config);
+                match monoio::time::timeout(REQUEST_TIMEOUT, handshake).await {
+                    Ok(Ok(t)) => Some(Box::new(t)),
+                    _ => return Err(Failure::Connect),
+                }
+            }
+        };
         let head = format!(
             "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\n{extra_headers}"
         );
         let mut client = Client {
             stream,
+            tls,
             buf: Vec::with_capacity(16 * 1024),
             head,
             next_id: 1,
@@ -245,9 +266,11 @@ impl Client {
 
     async fn exchange_untimed(&mut self, body: &str) -> Result<wire::Response, Failure> {
         let request = format!("{}Content-Length: {}\r\n\r\n{body}", self.head, body.len());
-        wire::write_all(&mut self.stream, request.into_bytes())
-            .await
-            .map_err(|_| Failure::Io)?;
+        match &mut self.tls {
+            Some(tls) => tls.write_all(&mut self.stream, request.as_bytes()).await,
+            None => wire::write_all(&mut self.stream, request.into_bytes()).await,
+        }
+        .map_err(|_| Failure::Io)?;
         let mut eof = false;
         loop {
             match wire::parse_response(&self.buf, eof) {
@@ -259,9 +282,15 @@ impl Client {
                 Ok(None) => {}
                 Err(_) => return Err(Failure::Malformed),
             }
-            let (result, buf) =
-                wire::read_more(&mut self.stream, std::mem::take(&mut self.buf)).await;
-            self.buf = buf;
+            let result = match &mut self.tls {
+                Some(tls) => tls.read_more(&mut self.stream, &mut self.buf).await,
+                None => {
+                    let (result, buf) =
+                        wire::read_more(&mut self.stream, std::mem::take(&mut self.buf)).await;
+                    self.buf = buf;
+                    result
+                }
+            };
             match result {
                 Ok(0) => eof = true,
                 Ok(_) => {}
@@ -382,7 +411,10 @@ fn load_thread(
                     .map(|&index| {
                         let (path, headers) =
                             (endpoint_of(&endpoints, index), extra_headers.clone());
-                        monoio::spawn(async move { Client::open(spec.addr, &path, headers).await })
+                        let tls = spec.tls.clone();
+                        monoio::spawn(async move {
+                            Client::open(spec.addr, &path, headers, tls.as_ref()).await
+                        })
                     })
                     .collect();
                 let mut clients = Vec::with_capacity(opening.len());
@@ -407,6 +439,7 @@ fn load_thread(
         total_connections: spec.connections,
         extra_headers,
         endpoints,
+        tls: spec.tls.clone(),
     });
     rt.block_on(async {
         let tasks: Vec<_> = indices
@@ -442,6 +475,7 @@ struct Plan {
     total_connections: usize,
     extra_headers: Rc<str>,
     endpoints: Rc<[Rc<str>]>,
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// One connection's request loop, bounded by the deadline (open loop: plus a grace period to
@@ -500,7 +534,14 @@ async fn drive(
         slot_number = slot_number.saturating_add(1);
         let connection = match client.as_mut() {
             Some(c) => c,
-            None => match Client::open(plan.addr, &path, plan.extra_headers.clone()).await {
+            None => match Client::open(
+                plan.addr,
+                &path,
+                plan.extra_headers.clone(),
+                plan.tls.as_ref(),
+            )
+            .await
+            {
                 Ok(c) => client.insert(c),
                 Err(f) => {
                     tally.borrow_mut().errors.count(f);
@@ -541,7 +582,7 @@ pub fn session_headers(
 ) -> Result<Vec<(String, String)>, String> {
     let mut rt = crate::runtime()?;
     let client = rt
-        .block_on(Client::open(addr, "/mcp", extra_headers.into()))
+        .block_on(Client::open(addr, "/mcp", extra_headers.into(), None))
         .map_err(|f| format!("cannot open an MCP session at {addr}: {f:?}"))?;
     Ok(client
         .head

@@ -6,6 +6,7 @@ mod pinning;
 mod report;
 mod scenarios;
 mod targets;
+mod tls;
 mod upstream;
 mod wire;
 mod wrk;

@@ -36,6 +36,8 @@ pub struct Scenario {
     /// one mock upstream, with the load connections spread over their endpoints round robin.
     /// 0: the single upstream at `/mcp`.
     pub routes: usize,
+    /// nginx and mcp-guard terminate TLS (direct stays plain HTTP: the floor without a proxy).
+    pub tls: bool,
 }
 
 impl Scenario {
@@ -69,6 +71,7 @@ const fn scenario(
         idle_connections: idle,
         stdio: false,
         routes: 0,
+        tls: false,
     }
 }
 
@@ -80,6 +83,7 @@ pub const SCENARIOS: &[Scenario] = &[
     scenario("sse", "tools/call echo_sse, one chunked SSE event", Call::EchoSse, 5, 0),
     Scenario { stdio: true, ..scenario("stdio", "tools/call echo to mcp-demo-server over stdio (mcp-guard only)", Call::Echo, 5, 0) },
     Scenario { routes: 10, ..scenario("routed", "tools/call echo through 10 routed HTTP servers (`[[upstream.servers]]` s0..s9, all on the one mock) at /mcp/s0../mcp/s9; connections spread round robin, each with its session at its own server (mcp-guard only)", Call::Echo, 5, 0) },
+    Scenario { tls: true, ..scenario("tls", "passthrough over TLS 1.3 (AES-128-GCM, one ECDSA P-256 certificate for both proxies), keep-alive; handshakes happen before the measured window; direct stays plain HTTP", Call::Echo, 5, 0) },
     scenario("idle_1k", "passthrough with 1,000 idle keep-alive connections held open", Call::Echo, 5, 1_000),
     scenario("idle_10k", "passthrough with 10,000 idle keep-alive connections held open", Call::Echo, 5, 10_000),
 ];
@@ -562,8 +566,15 @@ fn progress(m: &Measurement, rounds: usize) {
     }
 }
 
-/// A started target: its guard (none for direct), its address, and the processes to measure.
-type Started = (Option<Running>, SocketAddr, Vec<u32>);
+/// A started target: its guard (none for direct), its address, the processes to measure, and
+/// the TLS it speaks (its certificate's directory kept for as long as the target runs).
+type Started = (Option<Running>, SocketAddr, Vec<u32>, Option<TlsInUse>);
+
+/// The certificate a TLS target serves and the client configuration that trusts it.
+struct TlsInUse {
+    _dir: targets::ScratchDir,
+    client: std::sync::Arc<rustls::ClientConfig>,
+}
 
 /// Starts `target` (direct: the mock itself) on the placement's target CPUs.
 fn start_target(
@@ -576,36 +587,47 @@ fn start_target(
 ) -> Result<Started, String> {
     let mock_addr = mock.map(|m| m.addr);
     let cpus = &placement.target_cpus;
+    let (tls, material) = if scenario.tls && target != Target::Direct {
+        let dir = targets::ScratchDir::new("tls")?;
+        let material = crate::tls::TlsMaterial::generate(&dir.0)?;
+        let client = material.client.clone();
+        (Some(TlsInUse { _dir: dir, client }), Some(material))
+    } else {
+        (None, None)
+    };
     match (target, mock_addr) {
         (Target::Direct, Some(addr)) => Ok((
             None,
             addr,
             mock.map(|m| m.measured_pids.clone()).unwrap_or_default(),
+            None,
         )),
         (Target::Nginx, Some(addr)) => {
             let nginx = settings
                 .nginx_bin
                 .as_deref()
                 .ok_or("nginx is not available")?;
-            let running = targets::start_nginx(nginx, workers, addr, cpus)?;
+            let running = targets::start_nginx(nginx, workers, addr, material.as_ref(), cpus)?;
             let (addr, pids) = (running.addr, running.measured_pids.clone());
-            Ok((Some(running), addr, pids))
+            Ok((Some(running), addr, pids, tls))
         }
         (Target::McpGuard, upstream_addr) => {
             let upstream = match upstream_addr {
                 Some(addr) => GatewayUpstream::Http(addr),
                 None => GatewayUpstream::Stdio(settings.demo_bin.clone()),
             };
-            let setup = gateway_setup(scenario);
-            let running = targets::start_gateway(
-                &settings.gateway_bin,
-                workers,
-                &upstream,
-                &setup.config,
-                cpus,
-            )?;
+            let mut config = gateway_setup(scenario).config;
+            if let Some(m) = &material {
+                config.push_str(&format!(
+                    "\n[server.tls]\ncert_path = {:?}\nkey_path = {:?}\n",
+                    m.cert_path.display().to_string(),
+                    m.key_path.display().to_string()
+                ));
+            }
+            let running =
+                targets::start_gateway(&settings.gateway_bin, workers, &upstream, &config, cpus)?;
             let (addr, pids) = (running.addr, running.measured_pids.clone());
-            Ok((Some(running), addr, pids))
+            Ok((Some(running), addr, pids, tls))
         }
         (_, None) => Err(format!("{} needs an HTTP upstream", target.name())),
     }
@@ -754,7 +776,7 @@ fn measure(
             ));
         }
     }
-    let (running, addr, pids) = start_target(
+    let (running, addr, pids, tls) = start_target(
         settings,
         placement,
         scenario,
@@ -774,6 +796,7 @@ fn measure(
         pace,
         extra_headers: headers.clone(),
         cpus: placement.load_cpus.clone(),
+        tls: tls.as_ref().map(|t| t.client.clone()),
     };
     let idle = load::open_idle(addr, scenario.idle_connections)?;
     if !idle.is_empty() {
@@ -932,7 +955,7 @@ fn sweep_point(
     mock: &Running,
 ) -> Result<(LoadResult, AtMax), String> {
     let passthrough = find_scenario("passthrough")?;
-    let (running, addr, pids) = start_target(
+    let (running, addr, pids, _) = start_target(
         settings,
         placement,
         passthrough,
@@ -950,6 +973,7 @@ fn sweep_point(
         pace: Pace::Closed,
         extra_headers: String::new(),
         cpus: placement.load_cpus.clone(),
+        tls: None,
     };
     load::run(&spec(settings.warmup))?;
     let upstream_pids = match target {

@@ -181,7 +181,11 @@ pub fn start_gateway(
         if let Some(addr) = text
             .lines()
             .filter(|l| !l.contains("admin"))
-            .find_map(|l| address_after(l, "listening on http://"))
+            // With [server.tls] the gateway says https://.
+            .find_map(|l| {
+                address_after(l, "listening on http://")
+                    .or_else(|| address_after(l, "listening on https://"))
+            })
         {
             break addr;
         }
@@ -240,9 +244,23 @@ pub fn start_nginx(
     binary: &Path,
     workers: usize,
     upstream: SocketAddr,
+    tls: Option<&crate::tls::TlsMaterial>,
     cpus: &[usize],
 ) -> Result<Running, String> {
     let scratch = ScratchDir::new("nginx")?;
+    // TLS as mcp-guard serves it: 1.2 and 1.3, the same certificate; session tickets and the
+    // cache stay at nginx's defaults (the load keeps its connections, so they are not used).
+    let (ssl, ssl_settings) = match tls {
+        None => ("", String::new()),
+        Some(m) => (
+            " ssl",
+            format!(
+                "ssl_certificate {};\n        ssl_certificate_key {};\n        ssl_protocols TLSv1.2 TLSv1.3;\n        ",
+                m.cert_path.display(),
+                m.key_path.display()
+            ),
+        ),
+    };
     let dir = scratch.0.display().to_string();
     let port = free_port()?;
     let files = crate::raise_nofile_limit();
@@ -276,8 +294,8 @@ http {{
         keepalive_timeout 3600s;
     }}
     server {{
-        listen 127.0.0.1:{port} backlog=4096 reuseport;
-        location / {{
+        listen 127.0.0.1:{port}{ssl} backlog=4096 reuseport;
+        {ssl_settings}location / {{
             proxy_pass http://mock;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
