@@ -358,7 +358,12 @@ impl Ctx<'_> {
         let sid = legacy::session_param(&self.head.target).ok_or(GatewayError::MissingSession)?;
         let name = &self.cfg.routes[self.route].name;
         self.w
-            .verify_session(&self.caller.identity.id, &legacy::binding(name), sid)
+            .verify_session(
+                &self.cfg.sessions,
+                &self.caller.identity.id,
+                &legacy::binding(name),
+                sid,
+            )
             .and_then(|payload| legacy::Ticket::parse(&payload))
             .filter(|t| *t.route == **name)
             .ok_or(GatewayError::UnknownSession)
@@ -372,7 +377,12 @@ impl Ctx<'_> {
             }
             Some(sid) => self
                 .w
-                .verify_session(&self.caller.identity.id, self.session_route, sid)
+                .verify_session(
+                    &self.cfg.sessions,
+                    &self.caller.identity.id,
+                    self.session_route,
+                    sid,
+                )
                 .map(Some)
                 .ok_or(GatewayError::UnknownSession),
             None => Ok(None),
@@ -1009,7 +1019,7 @@ async fn deliver(
     if let Some(s) = exchange.session {
         reply.headers.push((
             "mcp-session-id",
-            w.shared
+            cx.cfg
                 .sessions
                 .encode_for(&cx.caller.identity.id, cx.session_route, &s),
         ));

@@ -37,30 +37,8 @@ fn config(servers: &[&str]) -> String {
     )
 }
 
-fn reloads(g: &Gateway) -> usize {
-    g.logs
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|l| l.contains("configuration reloaded"))
-        .count()
-}
-
-/// Rewrites the file, signals, and waits until the gateway reports this reload applied.
 fn reload(g: &Gateway, config: &str) {
-    let before = reloads(g);
-    g.rewrite_config(config);
-    g.signal(libc::SIGHUP);
-    let deadline = Instant::now() + WAIT;
-    while reloads(g) == before {
-        let logs = g.logs.lock().unwrap().join("\n");
-        assert!(!logs.contains("reload refused"), "{logs}");
-        assert!(
-            Instant::now() < deadline,
-            "reload not applied; logs:\n{logs}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    g.reload(config, WAIT);
 }
 
 fn post_at(g: &Gateway, path: &str, body: &str, sid: Option<&str>) -> Response {

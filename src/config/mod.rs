@@ -10,6 +10,7 @@ pub mod schema;
 use crate::audit::AuditOutput;
 use crate::auth::{Authenticator, api_key};
 use crate::authz::{Matcher, Policy, Rule};
+use crate::mcp::session::SessionCodec;
 use crate::ratelimit::Limit;
 pub use load::{ConfigError, load_file, parse_str, printable};
 use schema::{FileConfig, TransportKind};
@@ -55,6 +56,8 @@ pub struct Settings {
     /// The running upstreams of this snapshot, attached by the runtime before the snapshot is
     /// published (`None` in a snapshot that was only validated).
     pub upstreams: Option<Arc<crate::upstream::set::UpstreamSet>>,
+    /// Signs and verifies session ids.
+    pub sessions: Arc<SessionCodec>,
 }
 
 /// `[rate_limit]`, validated.
@@ -235,6 +238,10 @@ pub struct HttpUpstream {
     pub balance: Option<schema::LoadBalance>,
     /// Extra headers sent upstream (name, value).
     pub headers: Vec<(String, String)>,
+    /// Session keys are configured (`server.session_keys`): sessions are meant to move between
+    /// replicas of the gateway and across restarts, so a replica's first epoch is the same in
+    /// every process instead of drawn at random (see `upstream::balance`).
+    pub stable_epochs: bool,
 }
 
 /// One HTTP endpoint of an upstream (its only one, or one replica).
@@ -348,8 +355,14 @@ pub fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
     } else {
         None
     };
-    let routes = validate_routes(file, &s.mcp_path)?;
+    let mut routes = validate_routes(file, &s.mcp_path)?;
     check_legacy_paths(&s.sse_path, &routes)?;
+    let fleet_sessions = !s.session_keys.is_empty() || s.session_key_file.is_some();
+    for route in &mut routes {
+        if let Transport::Http(h) = &mut route.upstream.transport {
+            h.stable_epochs = fleet_sessions;
+        }
+    }
     let auth = Arc::new(validate_auth(file, &routes)?);
     let rate = validate_rate(file)?;
     let audit = AuditSettings {
@@ -366,7 +379,8 @@ pub fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
         return Err(invalid("audit.queue_capacity", "must be 1..=1000000"));
     }
     let tool_labels = Arc::new(tool_labels(file));
-    let warnings = features::ignored_keys(file);
+    let mut warnings = features::ignored_keys(file);
+    let sessions = Arc::new(session_codec(s, &mut warnings)?);
     Ok(Settings {
         server: ServerSettings {
             listen,
@@ -394,7 +408,82 @@ pub fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
         warnings,
         file_view: Arc::new(serde_json::to_value(file).unwrap_or_default()),
         upstreams: None,
+        sessions,
     })
+}
+
+/// At most this many session keys (rotation needs two; a long list only slows every miss).
+const MAX_SESSION_KEYS: usize = 8;
+
+/// The session-id keys from `server.session_keys` or `server.session_key_file`, else the
+/// process's own. Key material is never echoed in an error.
+fn session_codec(
+    s: &schema::ServerSection,
+    warnings: &mut Vec<String>,
+) -> Result<SessionCodec, ConfigError> {
+    use base64::Engine as _;
+    let (key, lines): (&str, Vec<String>) = match (&s.session_key_file, s.session_keys.is_empty()) {
+        (Some(_), false) => {
+            return Err(invalid(
+                "server.session_keys",
+                "give the keys either here or in server.session_key_file, not both",
+            ));
+        }
+        (None, true) => return Ok(SessionCodec::process_random()),
+        (None, false) => ("server.session_keys", s.session_keys.clone()),
+        (Some(path), true) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| invalid("server.session_key_file", format!("`{path}`: {e}")))?;
+            if let Ok(meta) = std::fs::metadata(path) {
+                use std::os::unix::fs::PermissionsExt as _;
+                if meta.permissions().mode() & 0o077 != 0 {
+                    warnings.push(format!(
+                        "server.session_key_file: `{path}` is readable by other users; \
+                         anyone who reads it can forge session ids (chmod 600)"
+                    ));
+                }
+            }
+            let lines = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(str::to_string)
+                .collect();
+            ("server.session_key_file", lines)
+        }
+    };
+    if lines.is_empty() {
+        return Err(invalid(key, "holds no key"));
+    }
+    if lines.len() > MAX_SESSION_KEYS {
+        return Err(invalid(key, format!("at most {MAX_SESSION_KEYS} keys")));
+    }
+    let engines = [
+        base64::engine::general_purpose::STANDARD,
+        base64::engine::general_purpose::URL_SAFE,
+        base64::engine::general_purpose::STANDARD_NO_PAD,
+        base64::engine::general_purpose::URL_SAFE_NO_PAD,
+    ];
+    let mut keys = Vec::with_capacity(lines.len());
+    for (i, line) in lines.iter().enumerate() {
+        let bytes = engines
+            .iter()
+            .find_map(|e| e.decode(line.as_bytes()).ok())
+            .ok_or_else(|| invalid(&format!("{key}[{i}]"), "is not base64"))?;
+        if bytes.len() < crate::mcp::session::MIN_SESSION_KEY_BYTES {
+            return Err(invalid(
+                &format!("{key}[{i}]"),
+                format!(
+                    "holds {} bytes; a session key needs at least {} random bytes \
+                     (`openssl rand -base64 32`)",
+                    bytes.len(),
+                    crate::mcp::session::MIN_SESSION_KEY_BYTES
+                ),
+            ));
+        }
+        keys.push(bytes);
+    }
+    Ok(SessionCodec::from_keys(&keys))
 }
 
 fn validate_auth(file: &FileConfig, routes: &[Route]) -> Result<Authenticator, ConfigError> {
@@ -720,6 +809,7 @@ fn validate_http(u: &UpstreamKeys<'_>, headers_key: &str) -> Result<HttpUpstream
         endpoints,
         balance,
         headers: parse_upstream_headers(headers_key, u.headers)?,
+        stable_epochs: false,
     })
 }
 

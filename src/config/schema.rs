@@ -245,6 +245,18 @@ pub struct ServerSection {
     /// `Origin` (non-browser clients) are not affected.
     #[schemars(extend("x-type" = "list of origins (`https://app.example.com`)"))]
     pub allowed_origins: Vec<String>,
+    /// Keys that sign session ids, each the base64 of at least 32 random bytes
+    /// (`openssl rand -base64 32`), usually `${ENV}` references. The first signs new ids; every
+    /// one verifies, so a key is rotated by putting the new one first and removing the old one
+    /// once sessions signed with it may end. Give every replica the same keys and a session
+    /// opened on one is accepted by all, and survives restarts. Absent (and no
+    /// `session_key_file`): a random key per process.
+    #[schemars(extend("x-type" = "list of base64 keys (secret)"))]
+    pub session_keys: Vec<String>,
+    /// The same keys from a file: one base64 key per line, the first signs; blank lines and
+    /// `#` comments are skipped. Read at start and at each reload. Not with `session_keys`.
+    #[schemars(extend("x-type" = "file path"))]
+    pub session_key_file: Option<String>,
     /// How clients reach the gateway; used in OAuth protected-resource metadata.
     #[schemars(extend("x-type" = "URL"))]
     pub public_url: Option<String>,
@@ -272,6 +284,8 @@ impl Default for ServerSection {
             shutdown_grace_secs: 30,
             session_idle_secs: 1800,
             allowed_origins: Vec::new(),
+            session_keys: Vec::new(),
+            session_key_file: None,
             public_url: None,
             tls: None,
         }

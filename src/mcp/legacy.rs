@@ -334,7 +334,7 @@ pub fn open(w: &Worker, identity: &Arc<str>, route: &Arc<str>, head: &RequestHea
         route: route.to_string(),
     };
     let sid = w
-        .shared
+        .settings()
         .sessions
         .encode_for(identity, &binding(route), &ticket.to_bytes());
     let (tx, rx) = async_channel::bounded(STREAM_BACKLOG);

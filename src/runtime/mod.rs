@@ -7,7 +7,6 @@ pub mod shutdown;
 pub mod worker;
 
 use crate::config::{IoMode, Settings};
-use crate::mcp::session::SessionCodec;
 use crate::observe::metrics::Metrics;
 use crate::upstream::set::UpstreamSet;
 use arc_swap::ArcSwap;
@@ -193,7 +192,6 @@ pub fn run(path: PathBuf) -> Result<(), String> {
         config: Arc::new(ArcSwap::from_pointee(settings.clone())),
         metrics: metrics.clone(),
         retiring: std::sync::Mutex::new(Vec::new()),
-        sessions: SessionCodec::random(),
         ended_sessions: Default::default(),
         legacy: crate::mcp::legacy::Inboxes::new(workers),
         connections: AtomicUsize::new(0),

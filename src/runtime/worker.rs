@@ -24,7 +24,11 @@ use std::time::{Duration, Instant};
 const VERIFIED_SESSIONS: usize = 4096;
 
 /// Session id → (identity and route it was verified for, payload).
-type VerifiedSessions = std::collections::HashMap<String, (Arc<str>, Arc<str>, Vec<u8>)>;
+/// The codec generation the entries were verified under, and id → (identity, route, payload).
+type VerifiedSessions = (
+    u64,
+    std::collections::HashMap<String, (Arc<str>, Arc<str>, Vec<u8>)>,
+);
 
 /// Session ids a client ended with DELETE. An id stays verifiable under its MAC after the
 /// session ends (the gateway keeps no session table for HTTP upstreams), so ended ids are
@@ -79,8 +83,6 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Stdio hubs a reload replaced, shut down once idle or after the shutdown grace.
     pub retiring: std::sync::Mutex<Vec<(Arc<StdioHub>, Instant)>>,
-    /// Session-id MAC key.
-    pub sessions: SessionCodec,
     /// Session ids ended by DELETE.
     pub ended_sessions: EndedSessions,
     /// Each worker's inbox for legacy HTTP+SSE POSTs whose session it owns.
@@ -245,7 +247,7 @@ impl Worker {
             auth_failure_audit: RefCell::new(AuthFailureAudit::default()),
             limiter: LocalLimiter::new(shared.workers),
             audit,
-            verified_sessions: RefCell::new(std::collections::HashMap::new()),
+            verified_sessions: RefCell::new((0, std::collections::HashMap::new())),
             request_seq: Cell::new(0),
             request_prefix: u64::from_be_bytes(random_bytes::<8>()) & 0xffff_ffff,
             shared,
@@ -272,15 +274,29 @@ impl Worker {
     }
 
     /// The payload of a client-presented session id bound to `binding`, if it is valid.
-    pub fn verify_session(&self, identity: &str, route: &str, sid: &str) -> Option<Vec<u8>> {
-        if let Some((i, r, payload)) = self.verified_sessions.borrow().get(sid)
+    pub fn verify_session(
+        &self,
+        codec: &SessionCodec,
+        identity: &str,
+        route: &str,
+        sid: &str,
+    ) -> Option<Vec<u8>> {
+        {
+            // Ids verified under other keys (before a reload changed them) count for nothing.
+            let mut cache = self.verified_sessions.borrow_mut();
+            if cache.0 != codec.generation() {
+                cache.0 = codec.generation();
+                cache.1.clear();
+            }
+        }
+        if let Some((i, r, payload)) = self.verified_sessions.borrow().1.get(sid)
             && &**i == identity
             && &**r == route
         {
             return Some(payload.clone());
         }
-        let payload = self.shared.sessions.decode_for(identity, route, sid)?;
-        let mut cache = self.verified_sessions.borrow_mut();
+        let payload = codec.decode_for(identity, route, sid)?;
+        let cache = &mut self.verified_sessions.borrow_mut().1;
         if cache.len() >= VERIFIED_SESSIONS {
             cache.clear();
         }

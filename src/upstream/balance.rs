@@ -62,10 +62,18 @@ pub struct ReplicaState {
 impl ReplicaState {
     /// Balanced replicas start healthy, so a fresh gateway serves before its first health
     /// check; a single endpoint starts not ready until one answers (`/ready` says so).
-    fn new(balanced: bool) -> Self {
+    fn new(balanced: bool, stable_epoch: bool) -> Self {
         // A random first epoch: a server removed by a reload and added back later (same URL)
         // is a new instance, and the sessions of the old one must not come back to life.
-        let epoch = u32::from_be_bytes(crate::mcp::session::random_bytes::<4>());
+        // With configured session keys the gateway is one of a fleet (or must survive its own
+        // restart), and every process must agree on the epoch: it starts at 0, and a server
+        // added back then revives its old sessions as far as the server itself still knows
+        // them (it answers 404 for those it does not).
+        let epoch = if stable_epoch {
+            0
+        } else {
+            u32::from_be_bytes(crate::mcp::session::random_bytes::<4>())
+        };
         Self {
             healthy: AtomicBool::new(balanced),
             epoch: AtomicU32::new(epoch),
@@ -227,7 +235,9 @@ impl HttpServer {
                     .filter(|p| p.is_balanced() == balanced)
                     .and_then(|p| p.replicas.iter().find(|r| r.endpoint.url == e.url))
                     .map(|r| r.state.clone())
-                    .unwrap_or_else(|| Arc::new(ReplicaState::new(balanced)));
+                    .unwrap_or_else(|| {
+                        Arc::new(ReplicaState::new(balanced, settings.stable_epochs))
+                    });
                 Replica {
                     endpoint: e.clone(),
                     tag: tag_of(&e.url),
@@ -461,6 +471,7 @@ mod tests {
                 endpoints,
                 balance,
                 headers: Vec::new(),
+                stable_epochs: false,
             },
             None,
         )
@@ -601,6 +612,7 @@ mod tests {
             ],
             balance: rr,
             headers: Vec::new(),
+            stable_epochs: false,
         };
         let next = HttpServer::new(&next_settings, Some(&old));
         assert!(Arc::ptr_eq(

@@ -184,6 +184,32 @@ impl Gateway {
     }
 
     /// Rewrites the config file (the gateway notices the change).
+    /// Rewrites the file, signals SIGHUP, and waits until the gateway reports this reload
+    /// applied (a refused reload fails the test).
+    pub fn reload(&self, config: &str, timeout: Duration) {
+        let reloads = || {
+            self.logs
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|l| l.contains("configuration reloaded"))
+                .count()
+        };
+        let before = reloads();
+        self.rewrite_config(config);
+        self.signal(libc::SIGHUP);
+        let deadline = Instant::now() + timeout;
+        while reloads() == before {
+            let logs = self.logs.lock().unwrap().join("\n");
+            assert!(!logs.contains("reload refused"), "{logs}");
+            assert!(
+                Instant::now() < deadline,
+                "reload not applied; logs:\n{logs}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn rewrite_config(&self, config: &str) {
         std::fs::write(&self.config_path, config).unwrap();
     }
