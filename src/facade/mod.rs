@@ -858,9 +858,16 @@ fn token(oauth: &Oauth, s: &AuthServer, head: &RequestHead, body: &[u8]) -> Repl
         return oauth_error(401, "invalid_client", "unknown client");
     }
     let now = Instant::now();
-    let grant_failed = |e: GrantError| match e {
-        GrantError::Invalid(why) => oauth_error(400, "invalid_grant", why),
-        GrantError::WrongClient => oauth_error(400, "invalid_grant", "issued to another client"),
+    let grant_failed = |e: GrantError| {
+        // A refusal may have revoked a family (a replayed code or refresh token): the
+        // workers' verified-token caches must look again.
+        s.shared.revocations.fetch_add(1, Ordering::Relaxed);
+        match e {
+            GrantError::Invalid(why) => oauth_error(400, "invalid_grant", why),
+            GrantError::WrongClient => {
+                oauth_error(400, "invalid_grant", "issued to another client")
+            }
+        }
     };
     match param("grant_type") {
         Some("authorization_code") => {
@@ -910,7 +917,6 @@ fn token(oauth: &Oauth, s: &AuthServer, head: &RequestHead, body: &[u8]) -> Repl
                 Ok(r) => r,
                 Err(e) => {
                     if e == GrantError::Invalid("refresh_reused") {
-                        s.shared.revocations.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(target: "mcp_guard::auth", "a rotated-out refresh token of client {client_id} was presented again; its family is revoked");
                     }
                     return grant_failed(e);
