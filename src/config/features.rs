@@ -161,6 +161,13 @@ pub fn ignored_keys(file: &FileConfig) -> Vec<String> {
             warn(&mut warnings, path, why);
         }
     }
+    if sets("server.public_url") && file.auth.oauth.is_none() {
+        warn(
+            &mut warnings,
+            "server.public_url",
+            "it is used in OAuth metadata, served only with [auth.oauth]",
+        );
+    }
 
     for (i, s) in file.upstream.servers.iter().enumerate() {
         let key = format!("upstream.servers[{i}]");

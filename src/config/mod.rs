@@ -1948,4 +1948,77 @@ mod tests {
         let w = warnings_of("[admin]\nenabled = false\nport = 9\n[upstream]\ncommand = \"x\"\n");
         assert_eq!(w, ["admin.port has no effect: admin.enabled is false"]);
     }
+
+    fn oauth_config(server: &str, oauth: &str) -> String {
+        format!(
+            "[server]\n{server}\n[upstream]\ncommand = \"x\"\n[auth.oauth]\n{oauth}\n"
+        )
+    }
+
+    const GITHUB: &str = "provider = \"github\"\nclient_id = \"c\"\nclient_secret = \"s\"";
+
+    #[test]
+    fn oauth_needs_a_public_url_that_is_an_origin() {
+        let ok = settings(&oauth_config("public_url = \"https://mcp.example.com/\"", GITHUB)).unwrap();
+        let oauth = ok.auth.oauth.as_ref().unwrap();
+        assert_eq!(oauth.public_url, "https://mcp.example.com");
+        assert_eq!(oauth.authorization_servers, ["https://mcp.example.com"]);
+        assert!(oauth.server.is_some());
+        assert!(refusal(&oauth_config("", GITHUB)).contains("server.public_url: required"));
+        for bad in [
+            "http://mcp.example.com",
+            "https://mcp.example.com/guard",
+            "https://mcp.example.com?x=1",
+            "https://mcp.example.com#f",
+            "https://user@mcp.example.com",
+            "https://mcp.example.com\\\"x",
+            "ftp://mcp.example.com",
+        ] {
+            let text = oauth_config(&format!("public_url = {bad:?}"), GITHUB);
+            assert!(refusal(&text).starts_with("server.public_url"), "{bad}");
+        }
+        settings(&oauth_config("public_url = \"http://127.0.0.1:8080\"", GITHUB)).unwrap();
+    }
+
+    #[test]
+    fn oauth_providers_decide_who_the_authorization_server_is() {
+        let url = "public_url = \"https://mcp.example.com\"";
+        let with_as = format!("{GITHUB}\nauthorization_servers = [\"https://idp.example.com\"]");
+        assert!(refusal(&oauth_config(url, &with_as)).starts_with("auth.oauth.authorization_servers"));
+        let no_secret = "provider = \"google\"\nclient_id = \"c\"";
+        assert!(refusal(&oauth_config(url, no_secret)).starts_with("auth.oauth.client_secret"));
+        // okta/custom without authorization_servers: the facade, which needs the IdP's URLs.
+        let custom = "provider = \"custom\"\nclient_id = \"c\"";
+        assert!(refusal(&oauth_config(url, custom)).starts_with("auth.oauth.authorization_url"));
+        // …with them: discovery only, advertising them.
+        let rs = format!("{custom}\nauthorization_servers = [\"https://idp.example.com\"]\nscopes = [\"mcp\"]");
+        let s = settings(&oauth_config(url, &rs)).unwrap();
+        let oauth = s.auth.oauth.as_ref().unwrap();
+        assert!(oauth.server.is_none());
+        assert_eq!(oauth.authorization_servers, ["https://idp.example.com"]);
+        let rs = format!("{custom}\nauthorization_servers = [\"http://idp.example.com\"]");
+        assert!(refusal(&oauth_config(url, &rs)).starts_with("auth.oauth.authorization_servers[0]"));
+    }
+
+    #[test]
+    fn oauth_values_that_reach_headers_or_urls_are_checked() {
+        let url = "public_url = \"https://mcp.example.com\"";
+        for (extra, key) in [
+            ("scopes = [\"a b\"]", "auth.oauth.scopes[0]"),
+            ("scopes = [\"a\\\"b\"]", "auth.oauth.scopes[0]"),
+            ("redirect_uri = \"https://elsewhere.example.com/oauth/callback\"", "auth.oauth.redirect_uri"),
+            ("redirect_uri = \"https://mcp.example.com/mcp\"", "auth.oauth.redirect_uri"),
+            ("redirect_uri = \"https://mcp.example.com/oauth/token\"", "auth.oauth.redirect_uri"),
+            ("redirect_uri = \"https://mcp.example.com/a/../b\"", "auth.oauth.redirect_uri"),
+            ("token_url = \"http://idp.example.com/token\"", "auth.oauth.token_url"),
+        ] {
+            let text = oauth_config(url, &format!("{GITHUB}\n{extra}"));
+            assert!(refusal(&text).starts_with(key), "{extra}: {}", refusal(&text));
+        }
+        let text = oauth_config(url, &format!("{GITHUB}\n[auth.oauth.scope_tool_mapping]\n\"a b\" = [\"*\"]"));
+        assert!(refusal(&text).starts_with("auth.oauth.scope_tool_mapping"));
+        let ok = oauth_config(url, &format!("{GITHUB}\nredirect_uri = \"https://mcp.example.com/auth/back\""));
+        let s = settings(&ok).unwrap();
+        assert_eq!(s.auth.oauth.as_ref().unwrap().server.as_ref().unwrap().callback_path, "/auth/back");
+    }
 }
