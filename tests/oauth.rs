@@ -363,7 +363,7 @@ fn a_missing_state_or_a_reused_callback_state_is_refused() {
     assert!(r.header("location").unwrap().contains("error=invalid_request"));
     assert!(gh.authorize_requests.lock().unwrap().is_empty());
     // The IdP's callback with its state used twice: the second is refused, without a redirect.
-    let r = get_url(&authorize_url(&g, &authorize_params(&client, &challenge, "s", &base(&g))));
+    let r = approve(&authorize_url(&g, &authorize_params(&client, &challenge, "s", &base(&g))));
     let r = get_url(r.header("location").unwrap());
     let callback = r.header("location").unwrap().to_string();
     assert_eq!(get_url(&callback).status, 302);
@@ -462,11 +462,59 @@ fn an_idp_that_refuses_the_code_sends_an_error_back_to_the_client() {
     let g = Gateway::start(&config);
     let client = register(&g, &[CLIENT_REDIRECT]);
     let (_, challenge) = pkce();
-    let r = get_url(&authorize_url(&g, &authorize_params(&client, &challenge, "s", &base(&g))));
+    let r = approve(&authorize_url(&g, &authorize_params(&client, &challenge, "s", &base(&g))));
     let r = get_url(r.header("location").unwrap());
     let r = get_url(r.header("location").unwrap());
     assert_eq!(r.status, 302);
     let loc = r.header("location").unwrap();
     assert!(loc.starts_with(CLIENT_REDIRECT) && loc.contains("error=server_error") && loc.contains("state=s"), "{loc}");
     assert!(!loc.contains("code="), "{loc}");
+}
+
+/// Every client registered itself, so before the facade signs anyone in at GitHub as the
+/// gateway, the person sees which client asks, and approves it on a page no other site can
+/// frame or submit (the confused-deputy defence of the MCP security best practices).
+#[test]
+fn consent_is_asked_for_each_authorization_and_only_the_gateway_page_can_give_it() {
+    let gh = FakeGithub::start();
+    let g = facade_gateway(&gh, "");
+    let r = post(
+        &g,
+        "/oauth/register",
+        "application/json",
+        &json!({"redirect_uris": [CLIENT_REDIRECT], "client_name": "<script>alert(1)</script>"}).to_string(),
+    );
+    let client = r.json()["client_id"].as_str().unwrap().to_string();
+    let (_, challenge) = pkce();
+    let url = authorize_url(&g, &authorize_params(&client, &challenge, "s", &base(&g)));
+    let page = get_url(&url);
+    assert_eq!(page.status, 200);
+    assert_eq!(page.header("x-frame-options"), Some("DENY"));
+    assert!(page.header("content-security-policy").unwrap().contains("frame-ancestors 'none'"));
+    let text = page.text();
+    assert!(text.contains("&lt;script&gt;") && !text.contains("<script>"), "{text}");
+    assert!(text.contains(CLIENT_REDIRECT));
+    assert!(gh.authorize_requests.lock().unwrap().is_empty(), "nothing reached the IdP yet");
+    let ticket = ticket_of(&page);
+    // Submitted from another site's page, or not from a browser form at all: refused.
+    for origin in [Some("https://evil.example.com"), Some("null"), None] {
+        let r = decide(&url, &ticket, "allow", origin);
+        assert_eq!((r.status, r.header("location")), (403, None), "{origin:?}");
+    }
+    // From the gateway's page: once.
+    let own = format!("http://{}", g.addr);
+    let r = decide(&url, &ticket, "allow", Some(&own));
+    assert_eq!(r.status, 302);
+    assert!(r.header("location").unwrap().starts_with(&gh.url("/login/oauth/authorize")));
+    let r = decide(&url, &ticket, "allow", Some(&own));
+    assert_eq!((r.status, r.header("location")), (400, None));
+    // Denied: the client hears access_denied with its state, and no code.
+    let page = get_url(&url);
+    let r = decide(&url, &ticket_of(&page), "deny", Some(&own));
+    let loc = r.header("location").unwrap();
+    assert!(loc.starts_with(CLIENT_REDIRECT) && loc.contains("error=access_denied") && loc.contains("state=s"), "{loc}");
+    // A consent ticket is not a state the IdP callback accepts.
+    let page = get_url(&url);
+    let r = get_url(&format!("{}/oauth/callback?code=x&state={}", base(&g), enc(&ticket_of(&page))));
+    assert_eq!((r.status, r.header("location")), (400, None));
 }

@@ -550,10 +550,7 @@ pub async fn serve(
     };
     let get_only = matches!(
         endpoint,
-        Endpoint::ResourceMetadata(_)
-            | Endpoint::ServerMetadata
-            | Endpoint::Authorize
-            | Endpoint::Callback
+        Endpoint::ResourceMetadata(_) | Endpoint::ServerMetadata | Endpoint::Callback
     );
     if head.method == Method::Options
         && !matches!(endpoint, Endpoint::Authorize | Endpoint::Callback)
@@ -561,6 +558,8 @@ pub async fn serve(
         return preflight(if get_only { "GET" } else { "POST" });
     }
     match (&endpoint, head.method) {
+        (Endpoint::Authorize, Method::Get | Method::Post) => {}
+        (Endpoint::Authorize, _) => return method_not_allowed("GET, POST"),
         (_, Method::Get) if get_only => {}
         (_, Method::Post) if !get_only => {}
         _ => return method_not_allowed(if get_only { "GET" } else { "POST" }),
@@ -570,6 +569,9 @@ pub async fn serve(
         (Endpoint::ResourceMetadata(path), _) => json_reply(200, &oauth.resource_metadata(&path)),
         (Endpoint::ServerMetadata, Some(_)) => json_reply(200, &oauth.server_metadata()),
         (Endpoint::Register, Some(s)) => register(s, head, body, peer),
+        (Endpoint::Authorize, Some(s)) if head.method == Method::Post => {
+            consent(oauth, s, head, body)
+        }
         (Endpoint::Authorize, Some(s)) => authorize(oauth, s, query),
         (Endpoint::Callback, Some(s)) => callback(w, oauth, s, query).await,
         (Endpoint::Token, Some(s)) => token(oauth, s, head, body),
@@ -742,9 +744,7 @@ fn authorize(oauth: &Oauth, s: &AuthServer, query: &str) -> Reply {
             asked
         }
     };
-    let our_state = random_token();
-    let verifier = random_token();
-    let idp_challenge = s256(&verifier);
+    let ticket = random_token();
     let pending = Pending::new(
         client_id.to_string(),
         redirect_uri.clone(),
@@ -753,9 +753,121 @@ fn authorize(oauth: &Oauth, s: &AuthServer, query: &str) -> Reply {
         param("code_challenge").unwrap_or_default().to_string(),
         scopes,
         resource,
-        verifier,
+        random_token(),
     );
-    s.shared.tables().add_pending(our_state.clone(), pending, Instant::now());
+    let page = consent_page(oauth, s, &client, &pending, &ticket);
+    s.shared.tables().add_pending(ticket, pending, Instant::now());
+    page
+}
+
+/// Escapes text for HTML.
+fn html(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The consent page: every client registered itself, so the person must see which one is
+/// asking (its name, where the code goes, what it may do) before the facade signs them in at
+/// the IdP as its own client (MCP security best practices, confused deputy: "MUST obtain user
+/// consent for each dynamically registered client"). It cannot be framed.
+fn consent_page(oauth: &Oauth, s: &AuthServer, client: &Client, p: &Pending, ticket: &str) -> Reply {
+    let name = client.name.as_deref().unwrap_or("An unnamed application");
+    let scopes = if p.scopes.is_empty() {
+        "every tool this gateway allows".to_string()
+    } else {
+        p.scopes.join(", ")
+    };
+    let idp = &s.calls.client().authorization_url;
+    let idp_host = idp
+        .split_once("://")
+        .and_then(|(_, r)| r.split(['/', '?']).next())
+        .unwrap_or_default();
+    let body = format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>Allow access?</title></head>\
+         <body><h1>Allow access to {gateway}?</h1>\
+         <p><strong>{name}</strong> (client <code>{id}</code>) asks to use the MCP servers at \
+         <code>{resource}</code> as you, with: {scopes}.</p>\
+         <p>If you allow it, you sign in at <code>{idp_host}</code>, and the application receives \
+         its access at <code>{redirect}</code>.</p>\
+         <p>Only allow it if you started this from that application.</p>\
+         <form method=\"post\" action=\"{AUTHORIZE_PATH}\">\
+         <input type=\"hidden\" name=\"ticket\" value=\"{ticket}\">\
+         <button name=\"decision\" value=\"allow\">Allow</button> \
+         <button name=\"decision\" value=\"deny\">Deny</button></form></body></html>",
+        gateway = html(&oauth.public_url),
+        name = html(name),
+        id = html(&p.client_id),
+        resource = html(&p.resource),
+        scopes = html(&scopes),
+        idp_host = html(idp_host),
+        redirect = html(&p.redirect_uri),
+    );
+    let mut r = Reply::json(200, body.into_bytes(), M_NONE);
+    r.headers.clear();
+    r.headers.push(("content-type", "text/html; charset=utf-8".into()));
+    r.headers.push(("x-frame-options", "DENY".into()));
+    r.headers.push((
+        "content-security-policy",
+        "default-src 'none'; frame-ancestors 'none'; base-uri 'none'".into(),
+    ));
+    r.headers.push(("referrer-policy", "no-referrer".into()));
+    finish(r)
+}
+
+/// The consent page's answer: only from the gateway's own page (a browser's `Origin` on a
+/// form POST), once per ticket. Allowed: the browser goes to the IdP with a state of the
+/// facade's own; denied: back to the client with `access_denied`.
+fn consent(oauth: &Oauth, s: &AuthServer, head: &RequestHead, body: &[u8]) -> Reply {
+    // A page elsewhere could submit this form in the person's browser; the browser names that
+    // page's origin, which is refused (and a POST without one is not from a browser's form).
+    let same_origin = head
+        .h
+        .origin
+        .as_deref()
+        .is_some_and(|o| o.trim_end_matches('/').eq_ignore_ascii_case(&oauth.public_url));
+    if !same_origin {
+        return error_page(403, "This approval did not come from the gateway's own page.");
+    }
+    let q = match form::parse(body) {
+        Ok(q) => q,
+        Err(e) => return error_page(400, &format!("Invalid approval: {e}.")),
+    };
+    let now = Instant::now();
+    let Some(mut pending) = q
+        .get("ticket")
+        .and_then(|t| s.shared.tables().take_pending(t, now))
+        .filter(|p| !p.consented)
+    else {
+        return error_page(
+            400,
+            "This approval is unknown, expired, or already given; start again from the application.",
+        );
+    };
+    if q.get("decision").map(String::as_str) != Some("allow") {
+        return redirect(form::with_query(
+            &pending.redirect_uri,
+            &[
+                ("error", "access_denied"),
+                ("error_description", "the user denied access"),
+                ("state", &pending.client_state),
+                ("iss", &oauth.public_url),
+            ],
+        ));
+    }
+    pending.consented = true;
+    let our_state = random_token();
+    let idp_challenge = s256(&pending.idp_verifier);
+    s.shared.tables().add_pending(our_state.clone(), pending, now);
     let idp = s.calls.client();
     let scope = idp.scopes.join(" ");
     let mut pairs = vec![
@@ -783,7 +895,8 @@ async fn callback(w: &Worker, oauth: &Oauth, s: &AuthServer, query: &str) -> Rep
     let Some(state) = q.get("state") else {
         return error_page(400, "Invalid callback: no state.");
     };
-    let Some(pending) = s.shared.tables().take_pending(state, Instant::now()) else {
+    let taken = s.shared.tables().take_pending(state, Instant::now());
+    let Some(pending) = taken.filter(|p| p.consented) else {
         return error_page(
             400,
             "This sign-in is unknown, expired, or already finished; start again from the application.",

@@ -59,6 +59,9 @@ pub struct Pending {
     pub resource: String,
     /// The PKCE verifier the facade itself uses with the identity provider.
     pub idp_verifier: String,
+    /// The person approved this client on the consent page (before that, the key it is
+    /// stored under is the consent page's ticket, not a state sent to the IdP).
+    pub consented: bool,
     made: Instant,
 }
 
@@ -341,6 +344,7 @@ impl Pending {
             scopes,
             resource,
             idp_verifier,
+            consented: false,
             made: Instant::now(),
         }
     }

@@ -320,10 +320,40 @@ pub fn authorize_params<'a>(
     ]
 }
 
-/// Follows the browser's way from an authorize URL: to the fake GitHub, back to the gateway's
-/// callback, and to the client's redirect URI; returns that last URL's query parameters.
+/// The consent page's ticket.
+pub fn ticket_of(page: &Response) -> String {
+    let text = page.text();
+    let at = text.find("name=\"ticket\" value=\"").expect("a consent form") + 21;
+    text[at..].split('"').next().unwrap().to_string()
+}
+
+/// The consent page's form, submitted as a browser on the gateway's page would.
+pub fn decide(authorize: &str, ticket: &str, decision: &str, origin: Option<&str>) -> Response {
+    let (addr, _) = split_url(authorize);
+    let body = form(&[("ticket", ticket), ("decision", decision)]);
+    let origin = origin.map_or(String::new(), |o| format!("Origin: {o}\r\n"));
+    request(
+        addr,
+        &format!(
+            "POST /oauth/authorize HTTP/1.1\r\nHost: {addr}\r\n{origin}Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+}
+
+/// Opens an authorize URL and allows on its consent page: the redirect to the IdP.
+pub fn approve(authorize: &str) -> Response {
+    let page = get_url(authorize);
+    assert_eq!(page.status, 200, "consent page: {}", page.text());
+    let (addr, _) = split_url(authorize);
+    decide(authorize, &ticket_of(&page), "allow", Some(&format!("http://{addr}")))
+}
+
+/// Follows the browser's way from an authorize URL: the consent page (allowed), the fake
+/// GitHub, back to the gateway's callback, and to the client's redirect URI; returns that last
+/// URL's query parameters.
 pub fn sign_in(authorize: &str) -> HashMap<String, String> {
-    let r = get_url(authorize);
+    let r = approve(authorize);
     assert_eq!(r.status, 302, "authorize: {}", r.text());
     let to_idp = r.header("location").unwrap().to_string();
     let r = get_url(&to_idp);
