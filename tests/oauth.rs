@@ -518,3 +518,80 @@ fn consent_is_asked_for_each_authorization_and_only_the_gateway_page_can_give_it
     let r = get_url(&format!("{}/oauth/callback?code=x&state={}", base(&g), enc(&ticket_of(&page))));
     assert_eq!((r.status, r.header("location")), (400, None));
 }
+
+#[test]
+fn without_the_facade_metadata_advertises_the_external_authorization_servers() {
+    let port = free_port();
+    let config = format!(
+        "[server]\nport = {port}\nworkers = 1\npublic_url = \"http://127.0.0.1:{port}\"\n\
+         [upstream]\ntransport = \"stdio\"\ncommand = {DEMO:?}\n\
+         [auth.oauth]\nprovider = \"okta\"\nclient_id = \"mcp-guard\"\n\
+         authorization_servers = [\"https://example.okta.com/oauth2/default\"]\n\
+         scopes = [\"mcp:tools\"]\n"
+    );
+    let g = Gateway::start(&config);
+    let base = base(&g);
+    let prm = get_url(&format!("{base}/.well-known/oauth-protected-resource/mcp")).json();
+    assert_eq!(prm["resource"], format!("{base}/mcp"));
+    assert_eq!(prm["authorization_servers"], json!(["https://example.okta.com/oauth2/default"]));
+    assert_eq!(prm["scopes_supported"], json!(["mcp:tools"]));
+    let r = request(g.addr, &mcp_post_raw(INIT, None, ""));
+    assert_eq!(r.status, 401);
+    let challenge = r.header("www-authenticate").unwrap();
+    assert!(challenge.contains("scope=\"mcp:tools\""), "{challenge}");
+    // mcp-guard is not an authorization server here.
+    for path in ["/.well-known/oauth-authorization-server", "/oauth/authorize", "/oauth/callback"] {
+        assert_eq!(get_url(&format!("{base}{path}")).status, 404, "{path}");
+    }
+    assert_eq!(post(&g, "/oauth/register", "application/json", "{}").status, 404);
+}
+
+#[test]
+fn a_reload_keeps_clients_and_tokens_unless_the_identity_provider_client_changes() {
+    let gh = FakeGithub::start();
+    let g = facade_gateway(&gh, "");
+    let (client, tok) = tokens_for(&g, &base(&g), None);
+    let access = tok["access_token"].as_str().unwrap().to_string();
+    let reloads = |g: &Gateway| {
+        g.logs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains("configuration reloaded"))
+            .count()
+    };
+    let reload = |config: String| {
+        let before = reloads(&g);
+        g.rewrite_config(&config);
+        g.signal(libc::SIGHUP);
+        let deadline = std::time::Instant::now() + WAIT_LOG;
+        while reloads(&g) == before {
+            assert!(std::time::Instant::now() < deadline, "reload not applied");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    let config = std::fs::read_to_string(&g.config_path).unwrap();
+    // A change elsewhere: the same facade goes on, tokens and clients included.
+    reload(config.replace("\"mcp:all\" = [\"*\"]", "\"mcp:all\" = [\"*\"]\n\"mcp:add\" = [\"add\"]"));
+    assert_eq!(initialize_with(&g, "/mcp", &access).status, 200);
+    let r = refresh(&g, &client, tok["refresh_token"].as_str().unwrap());
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Another client at the IdP: a new authorization server, with a key of its own.
+    reload(config.replace(GH_SECRET, "another-secret"));
+    assert_eq!(initialize_with(&g, "/mcp", &access).status, 401);
+}
+
+#[test]
+fn browser_clients_may_read_metadata_and_redeem_codes_cross_origin() {
+    let gh = FakeGithub::start();
+    let g = facade_gateway(&gh, "");
+    let r = request(
+        g.addr,
+        "OPTIONS /oauth/token HTTP/1.1\r\nHost: t\r\nOrigin: https://inspector.example.com\r\nAccess-Control-Request-Method: POST\r\n\r\n",
+    );
+    assert_eq!(r.status, 204);
+    assert_eq!(r.header("access-control-allow-origin"), Some("*"));
+    assert!(r.header("access-control-allow-methods").unwrap().contains("POST"));
+    let r = get_url(&format!("{}/.well-known/oauth-protected-resource/mcp", base(&g)));
+    assert_eq!(r.header("access-control-allow-origin"), Some("*"));
+}
