@@ -421,9 +421,9 @@ fn is_challenge(c: &str) -> bool {
 }
 
 /// A redirect URI a client may register: no fragment, nothing a header line could not carry,
-/// and either `https://host…`, `http://` to a loopback host (native apps, RFC 8252 §7.3), or a
-/// private-use scheme in reverse-domain form (`com.example.app:/cb`, RFC 8252 §7.1) — never
-/// `javascript:`, `data:` or `file:`.
+/// and either `https://host…` or `http://` to a loopback host (MCP: "All redirect URIs MUST
+/// be either localhost or use HTTPS"; so no private-use schemes, and never `javascript:`,
+/// `data:` or `file:`).
 pub fn is_registrable_redirect_uri(uri: &str) -> bool {
     if uri.is_empty()
         || uri.len() > MAX_REDIRECT_URI_BYTES
@@ -449,18 +449,14 @@ pub fn is_registrable_redirect_uri(uri: &str) -> bool {
     };
     match scheme {
         "https" => host_of(rest).is_some(),
-        "http" => host_of(rest).is_some_and(|h| {
-            h.eq_ignore_ascii_case("localhost")
-                || h.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
-        }),
-        s => {
-            s.contains('.')
-                && s.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'+' | b'-'))
-                && s.as_bytes()[0].is_ascii_alphabetic()
-                && !rest.is_empty()
-        }
+        "http" => host_of(rest).is_some_and(|h| is_loopback_host(&h)),
+        _ => false,
     }
+}
+
+fn is_loopback_host(h: &str) -> bool {
+    h.eq_ignore_ascii_case("localhost")
+        || h.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -705,17 +701,13 @@ fn authorize(oauth: &Oauth, s: &AuthServer, query: &str) -> Reply {
             );
         }
     };
-    // From here on the redirect URI is the client's own: errors go back to it.
+    // Anyone may register any redirect URI, so a registered one is not yet a trusted one:
+    // until the person has approved this client on the consent page, errors are shown here
+    // rather than sent there (OAuth 2.1 §7.12.2; MCP: "SHOULD only automatically redirect
+    // the user agent if it trusts the redirection URI").
     let client_state = param("state").unwrap_or_default().to_string();
     let back = |error: &str, description: &str| {
-        let mut pairs = vec![("error", error), ("error_description", description)];
-        if !client_state.is_empty() {
-            pairs.push(("state", client_state.as_str()));
-        }
-        pairs.push(("iss", oauth.public_url.as_str()));
-        let mut r = redirect(form::with_query(&redirect_uri, &pairs));
-        r.reason = Some("oauth_error");
-        r
+        error_page(400, &format!("The application's request was refused ({error}): {description}."))
     };
     if client_state.is_empty() {
         return back("invalid_request", "state is required");
@@ -799,7 +791,7 @@ fn consent_page(oauth: &Oauth, s: &AuthServer, client: &Client, p: &Pending, tic
          <code>{resource}</code> as you, with: {scopes}.</p>\
          <p>If you allow it, you sign in at <code>{idp_host}</code>, and the application receives \
          its access at <code>{redirect}</code>.</p>\
-         <p>Only allow it if you started this from that application.</p>\
+         {local}<p>Only allow it if you started this from that application.</p>\
          <form method=\"post\" action=\"{AUTHORIZE_PATH}\">\
          <input type=\"hidden\" name=\"ticket\" value=\"{ticket}\">\
          <button name=\"decision\" value=\"allow\">Allow</button> \
@@ -811,6 +803,15 @@ fn consent_page(oauth: &Oauth, s: &AuthServer, client: &Client, p: &Pending, tic
         scopes = html(&scopes),
         idp_host = html(idp_host),
         redirect = html(&p.redirect_uri),
+        local = if p.redirect_uri.starts_with("http://") {
+            // Any program on the person's machine can listen on a loopback port and claim to
+            // be any application (MCP: "SHOULD display additional warnings for
+            // localhost-only redirect URIs").
+            "<p><strong>Warning:</strong> the access goes to a program on this computer; \
+             any program here could have asked under this name.</p>"
+        } else {
+            ""
+        },
     );
     let mut r = Reply::json(200, body.into_bytes(), M_NONE);
     r.headers.clear();
@@ -1101,7 +1102,6 @@ mod tests {
             "http://127.0.0.1:33418/callback",
             "http://localhost:6274/oauth/callback",
             "http://[::1]/cb",
-            "com.example.app:/oauth2redirect",
         ] {
             assert!(is_registrable_redirect_uri(ok), "{ok}");
         }
@@ -1116,6 +1116,7 @@ mod tests {
             "https:///cb",
             "https://user@app.example.com/cb",
             "http://127.0.0.1.evil.com/cb",
+            "com.example.app:/oauth2redirect",
             "",
         ] {
             assert!(!is_registrable_redirect_uri(bad), "{bad}");
