@@ -2,9 +2,9 @@
 //! [`Identity`]: API keys ([`api_key`]) and JWTs (verified by [`jwt`], keys from a secret or a
 //! JWKS kept fresh by [`jwks`]); OAuth and mTLS join the same chain later.
 //!
-//! Chain order (first match wins): mTLS certificate (not in this build) → API key → JWT → OAuth
-//! introspection. A request that presents credentials no provider accepts is refused; it is
-//! never treated as anonymous.
+//! Chain order (first match wins): mTLS certificate (not in this build) → API key → the OAuth
+//! facade's own tokens (`crate::facade`) → JWT → OAuth introspection. A request that presents
+//! credentials no provider accepts is refused; it is never treated as anonymous.
 //!
 //! An API key's identity is borrowed from the configuration snapshot. A token's is built once
 //! per worker and token (its policy compiled from its scopes), cached until the token expires,
