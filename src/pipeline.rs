@@ -217,7 +217,9 @@ pub fn admit<'c>(
             return Admission::Answered(reply);
         }
         _ if !crate::config::is_normal_path(path) => return unrouted(GatewayError::PathNotNormal),
-        "/routes" => return Admission::Answered(with_challenge(cfg, path, routes(w, cfg, head, peer))),
+        "/routes" => {
+            return Admission::Answered(with_challenge(cfg, path, routes(w, cfg, head, peer)));
+        }
         _ => match legacy_route(cfg, head, path) {
             Some(Ok(found)) => found,
             Some(Err(e)) => return unrouted(e),

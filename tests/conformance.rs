@@ -2169,9 +2169,16 @@ mod authorization {
     fn must_implement_protected_resource_metadata_with_at_least_one_authorization_server() {
         let (_gh, g) = facade();
         for suffix in ["", "/mcp", "/mcp/files"] {
-            let r = o::get_url(&format!("{}/.well-known/oauth-protected-resource{suffix}", o::base(&g)));
+            let r = o::get_url(&format!(
+                "{}/.well-known/oauth-protected-resource{suffix}",
+                o::base(&g)
+            ));
             assert_eq!(r.status, 200);
-            assert!(r.header("content-type").unwrap().starts_with("application/json"));
+            assert!(
+                r.header("content-type")
+                    .unwrap()
+                    .starts_with("application/json")
+            );
             let servers = r.json()["authorization_servers"].as_array().unwrap().len();
             assert!(servers >= 1, "{suffix}");
         }
@@ -2183,8 +2190,11 @@ mod authorization {
     #[test]
     fn must_name_the_resource_metadata_in_www_authenticate_on_every_401() {
         let (_gh, g) = facade();
-        let want = format!("resource_metadata=\"{}/.well-known/oauth-protected-resource/mcp\"", o::base(&g));
-        let get = format!("GET /mcp HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\n\r\n");
+        let want = format!(
+            "resource_metadata=\"{}/.well-known/oauth-protected-resource/mcp\"",
+            o::base(&g)
+        );
+        let get = "GET /mcp HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\n\r\n".to_string();
         let delete = "DELETE /mcp HTTP/1.1\r\nHost: t\r\nMcp-Session-Id: x\r\n\r\n".to_string();
         let bad = mcp_post_raw(INIT, None, &bearer("not.a.token"));
         for raw in [mcp_post_raw(INIT, None, ""), get, delete, bad] {
@@ -2202,7 +2212,11 @@ mod authorization {
     fn should_include_a_scope_parameter_in_www_authenticate() {
         let (_gh, g) = facade();
         let r = request(g.addr, &mcp_post_raw(INIT, None, ""));
-        assert!(r.header("www-authenticate").unwrap().contains("scope=\"mcp:all mcp:echo\""));
+        assert!(
+            r.header("www-authenticate")
+                .unwrap()
+                .contains("scope=\"mcp:all mcp:echo\"")
+        );
     }
 
     /// RFC 9728 §3.3: "The `resource` value returned MUST be identical to the protected
@@ -2213,7 +2227,9 @@ mod authorization {
         let (_gh, g) = facade();
         let base = o::base(&g);
         for path in ["", "/mcp", "/mcp/files", "/sse"] {
-            let r = o::get_url(&format!("{base}/.well-known/oauth-protected-resource{path}"));
+            let r = o::get_url(&format!(
+                "{base}/.well-known/oauth-protected-resource{path}"
+            ));
             assert_eq!(r.json()["resource"], format!("{base}{path}"));
         }
     }
@@ -2228,7 +2244,11 @@ mod authorization {
         let base = o::base(&g);
         let asm = o::get_url(&format!("{base}/.well-known/oauth-authorization-server")).json();
         assert_eq!(asm["issuer"], base);
-        for key in ["authorization_endpoint", "token_endpoint", "response_types_supported"] {
+        for key in [
+            "authorization_endpoint",
+            "token_endpoint",
+            "response_types_supported",
+        ] {
             assert!(!asm[key].is_null(), "{key}");
         }
     }
@@ -2241,7 +2261,11 @@ mod authorization {
         let (_gh, g) = facade();
         for path in ["oauth-authorization-server", "openid-configuration"] {
             let doc = o::get_url(&format!("{}/.well-known/{path}", o::base(&g))).json();
-            assert_eq!(doc["code_challenge_methods_supported"], json!(["S256"]), "{path}");
+            assert_eq!(
+                doc["code_challenge_methods_supported"],
+                json!(["S256"]),
+                "{path}"
+            );
         }
     }
 
@@ -2252,11 +2276,23 @@ mod authorization {
         let (gh, g) = facade();
         let client = o::register(&g, &[o::CLIENT_REDIRECT]);
         let (verifier, challenge) = o::pkce();
-        for (c, m) in [(Some(verifier.as_str()), Some("plain")), (Some(challenge.as_str()), None), (None, Some("S256"))] {
-            let mut p = vec![("response_type", "code"), ("client_id", client.as_str()),
-                             ("redirect_uri", o::CLIENT_REDIRECT), ("state", "s")];
-            if let Some(c) = c { p.push(("code_challenge", c)); }
-            if let Some(m) = m { p.push(("code_challenge_method", m)); }
+        for (c, m) in [
+            (Some(verifier.as_str()), Some("plain")),
+            (Some(challenge.as_str()), None),
+            (None, Some("S256")),
+        ] {
+            let mut p = vec![
+                ("response_type", "code"),
+                ("client_id", client.as_str()),
+                ("redirect_uri", o::CLIENT_REDIRECT),
+                ("state", "s"),
+            ];
+            if let Some(c) = c {
+                p.push(("code_challenge", c));
+            }
+            if let Some(m) = m {
+                p.push(("code_challenge_method", m));
+            }
             assert_eq!(o::get_url(&o::authorize_url(&g, &p)).status, 400, "{m:?}");
         }
         assert!(gh.authorize_requests.lock().unwrap().is_empty());
@@ -2269,7 +2305,12 @@ mod authorization {
         let (_gh, g) = facade();
         let client = o::register(&g, &[o::CLIENT_REDIRECT]);
         let (_, challenge) = o::pkce();
-        for uri in ["http://127.0.0.1:1/callback/", "http://127.0.0.1:1/callback?x", "http://127.0.0.1:2/callback", "http://localhost:1/callback"] {
+        for uri in [
+            "http://127.0.0.1:1/callback/",
+            "http://127.0.0.1:1/callback?x",
+            "http://127.0.0.1:2/callback",
+            "http://localhost:1/callback",
+        ] {
             let mut p = o::authorize_params(&client, &challenge, "s", "");
             p.retain(|(n, _)| *n != "resource" && *n != "redirect_uri");
             p.push(("redirect_uri", uri));
@@ -2282,9 +2323,22 @@ mod authorization {
     #[test]
     fn redirect_uris_must_be_localhost_or_https() {
         let (_gh, g) = facade();
-        for bad in ["http://app.example.com/cb", "com.example.app:/cb", "javascript:x"] {
-            let r = o::post(&g, "/oauth/register", "application/json", &json!({"redirect_uris": [bad]}).to_string());
-            assert_eq!((r.status, r.json()["error"].clone()), (400, json!("invalid_redirect_uri")), "{bad}");
+        for bad in [
+            "http://app.example.com/cb",
+            "com.example.app:/cb",
+            "javascript:x",
+        ] {
+            let r = o::post(
+                &g,
+                "/oauth/register",
+                "application/json",
+                &json!({"redirect_uris": [bad]}).to_string(),
+            );
+            assert_eq!(
+                (r.status, r.json()["error"].clone()),
+                (400, json!("invalid_redirect_uri")),
+                "{bad}"
+            );
         }
     }
 
@@ -2303,7 +2357,11 @@ mod authorization {
         assert!(gh.authorize_requests.lock().unwrap().is_empty());
         let r = o::approve(&url);
         assert_eq!(r.status, 302);
-        assert!(r.header("location").unwrap().starts_with(&gh.url("/login/oauth/authorize")));
+        assert!(
+            r.header("location")
+                .unwrap()
+                .starts_with(&gh.url("/login/oauth/authorize"))
+        );
     }
 
     /// "Authorization servers SHOULD only automatically redirect the user agent if it trusts
@@ -2313,8 +2371,15 @@ mod authorization {
     fn should_only_redirect_to_a_redirect_uri_it_trusts() {
         let (_gh, g) = facade();
         let client = o::register(&g, &["https://attacker.example.com/cb"]);
-        let url = o::authorize_url(&g, &[("response_type", "token"), ("client_id", &client),
-                                         ("redirect_uri", "https://attacker.example.com/cb"), ("state", "s")]);
+        let url = o::authorize_url(
+            &g,
+            &[
+                ("response_type", "token"),
+                ("client_id", &client),
+                ("redirect_uri", "https://attacker.example.com/cb"),
+                ("state", "s"),
+            ],
+        );
         let r = o::get_url(&url);
         assert_eq!((r.status, r.header("location")), (400, None));
     }
@@ -2326,8 +2391,15 @@ mod authorization {
         let (_gh, g) = facade();
         let client = o::register(&g, &[o::CLIENT_REDIRECT]);
         let (_, challenge) = o::pkce();
-        let page = o::get_url(&o::authorize_url(&g, &o::authorize_params(&client, &challenge, "s", &o::base(&g)))).text();
-        assert!(page.contains("Warning") && page.contains("127.0.0.1:1"), "{page}");
+        let page = o::get_url(&o::authorize_url(
+            &g,
+            &o::authorize_params(&client, &challenge, "s", &o::base(&g)),
+        ))
+        .text();
+        assert!(
+            page.contains("Warning") && page.contains("127.0.0.1:1"),
+            "{page}"
+        );
     }
 
     /// OAuth 2.1 §4.1.2: "If an authorization code is used more than once, the authorization
@@ -2338,10 +2410,16 @@ mod authorization {
         let (_gh, g) = facade();
         let client = o::register(&g, &[o::CLIENT_REDIRECT]);
         let (verifier, challenge) = o::pkce();
-        let back = o::sign_in(&o::authorize_url(&g, &o::authorize_params(&client, &challenge, "s", &o::base(&g))));
+        let back = o::sign_in(&o::authorize_url(
+            &g,
+            &o::authorize_params(&client, &challenge, "s", &o::base(&g)),
+        ));
         let first = o::redeem(&g, &client, &back["code"], &verifier).json();
         assert_eq!(o::redeem(&g, &client, &back["code"], &verifier).status, 400);
-        assert_eq!(o::initialize_with(&g, "/mcp", first["access_token"].as_str().unwrap()).status, 401);
+        assert_eq!(
+            o::initialize_with(&g, "/mcp", first["access_token"].as_str().unwrap()).status,
+            401
+        );
     }
 
     /// "For public clients, authorization servers MUST rotate refresh tokens"; "Authorization
@@ -2353,7 +2431,10 @@ mod authorization {
         assert!(tok["expires_in"].as_u64().unwrap() <= 3600);
         let next = o::refresh(&g, &client, tok["refresh_token"].as_str().unwrap()).json();
         assert_ne!(next["refresh_token"], tok["refresh_token"]);
-        assert_eq!(o::refresh(&g, &client, tok["refresh_token"].as_str().unwrap()).status, 400);
+        assert_eq!(
+            o::refresh(&g, &client, tok["refresh_token"].as_str().unwrap()).status,
+            400
+        );
     }
 
     /// OAuth 2.1 §3.2.3: "The authorization server MUST include the HTTP `Cache-Control`
@@ -2363,9 +2444,15 @@ mod authorization {
         let (_gh, g) = facade();
         let client = o::register(&g, &[o::CLIENT_REDIRECT]);
         let (verifier, challenge) = o::pkce();
-        let back = o::sign_in(&o::authorize_url(&g, &o::authorize_params(&client, &challenge, "s", &o::base(&g))));
+        let back = o::sign_in(&o::authorize_url(
+            &g,
+            &o::authorize_params(&client, &challenge, "s", &o::base(&g)),
+        ));
         let r = o::redeem(&g, &client, &back["code"], &verifier);
-        assert_eq!((r.status, r.header("cache-control")), (200, Some("no-store")));
+        assert_eq!(
+            (r.status, r.header("cache-control")),
+            (200, Some("no-store"))
+        );
     }
 
     /// OAuth 2.1 §4.1.2: the client's `state` comes back "exact[ly] … as received"; RFC 9207
@@ -2377,7 +2464,10 @@ mod authorization {
         let client = o::register(&g, &[o::CLIENT_REDIRECT]);
         let (_, challenge) = o::pkce();
         let state = "a b/c?d=e&f";
-        let back = o::sign_in(&o::authorize_url(&g, &o::authorize_params(&client, &challenge, state, &o::base(&g))));
+        let back = o::sign_in(&o::authorize_url(
+            &g,
+            &o::authorize_params(&client, &challenge, state, &o::base(&g)),
+        ));
         assert_eq!(back["state"], state);
         assert_eq!(back["iss"], o::base(&g));
     }
@@ -2403,7 +2493,10 @@ mod authorization {
     fn a_token_in_the_query_string_is_not_accepted() {
         let (_gh, g) = facade();
         let (_, tok) = o::tokens_for(&g, &o::base(&g), None);
-        let target = format!("/mcp?access_token={}", tok["access_token"].as_str().unwrap());
+        let target = format!(
+            "/mcp?access_token={}",
+            tok["access_token"].as_str().unwrap()
+        );
         let r = request(g.addr, &mcp_post_raw_at(&target, INIT, None, ""));
         assert_ne!(r.status, 200);
     }
@@ -2419,18 +2512,32 @@ mod authorization {
              [upstream]\ntransport = \"http\"\nurl = \"{}\"\n\
              [auth.oauth]\nprovider = \"github\"\nclient_id = \"{}\"\nclient_secret = \"{}\"\n\
              authorization_url = \"{}\"\ntoken_url = \"{}\"\nuserinfo_url = \"{}\"\n",
-            up.url(), o::GH_CLIENT, o::GH_SECRET,
-            gh.url("/login/oauth/authorize"), gh.url("/login/oauth/access_token"), gh.url("/user"),
+            up.url(),
+            o::GH_CLIENT,
+            o::GH_SECRET,
+            gh.url("/login/oauth/authorize"),
+            gh.url("/login/oauth/access_token"),
+            gh.url("/user"),
         );
         let g = Gateway::start(&config);
         let (_, tok) = o::tokens_for(&g, &o::base(&g), None);
         let access = tok["access_token"].as_str().unwrap();
         let r = o::initialize_with(&g, "/mcp", access);
         let sid = r.header("mcp-session-id").unwrap().to_string();
-        let r = request(g.addr, &mcp_post_raw(&call(2, "last_request_headers", "{}"), Some(&sid), &bearer(access)));
+        let r = request(
+            g.addr,
+            &mcp_post_raw(
+                &call(2, "last_request_headers", "{}"),
+                Some(&sid),
+                &bearer(access),
+            ),
+        );
         let seen = rpc_result(&r).to_string().to_ascii_lowercase();
         assert!(seen.contains("mcp-session-id"), "{seen}");
-        assert!(!seen.contains("authorization") && !seen.contains(&access.to_ascii_lowercase()), "{seen}");
+        assert!(
+            !seen.contains("authorization") && !seen.contains(&access.to_ascii_lowercase()),
+            "{seen}"
+        );
     }
 
     /// "All authorization server endpoints MUST be served over HTTPS": `server.public_url`, the
@@ -2439,11 +2546,17 @@ mod authorization {
     fn authorization_server_urls_must_be_https() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("g.toml");
-        std::fs::write(&p, format!(
+        std::fs::write(
+            &p,
             "[server]\npublic_url = \"http://mcp.example.com\"\n[upstream]\ncommand = \"x\"\n\
-             [auth.oauth]\nprovider = \"github\"\nclient_id = \"c\"\nclient_secret = \"s\"\n"
-        )).unwrap();
-        let out = std::process::Command::new(GUARD).args(["validate", "--config"]).arg(&p).output().unwrap();
+             [auth.oauth]\nprovider = \"github\"\nclient_id = \"c\"\nclient_secret = \"s\"\n",
+        )
+        .unwrap();
+        let out = std::process::Command::new(GUARD)
+            .args(["validate", "--config"])
+            .arg(&p)
+            .output()
+            .unwrap();
         assert!(!out.status.success());
         assert!(String::from_utf8_lossy(&out.stderr).contains("server.public_url"));
     }

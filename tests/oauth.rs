@@ -18,7 +18,11 @@ fn call_echo(g: &Gateway, token: &str) -> Response {
     };
     request(
         g.addr,
-        &mcp_post_raw(&call(2, "echo", r#"{"text":"hi"}"#), Some(&sid), &bearer(token)),
+        &mcp_post_raw(
+            &call(2, "echo", r#"{"text":"hi"}"#),
+            Some(&sid),
+            &bearer(token),
+        ),
     )
 }
 
@@ -57,7 +61,11 @@ fn discovery_flow_end_to_end_against_the_facade_with_a_fake_github() {
     let asm = asm.json();
     assert_eq!(asm["issuer"], base);
     assert_eq!(asm["code_challenge_methods_supported"], json!(["S256"]));
-    for key in ["authorization_endpoint", "token_endpoint", "registration_endpoint"] {
+    for key in [
+        "authorization_endpoint",
+        "token_endpoint",
+        "registration_endpoint",
+    ] {
         assert!(asm[key].as_str().unwrap().starts_with(&base), "{key}");
     }
 
@@ -81,7 +89,11 @@ fn discovery_flow_end_to_end_against_the_facade_with_a_fake_github() {
     let resource = prm["resource"].as_str().unwrap().to_string();
     let mut params = authorize_params(&client, &challenge, "client-state-1", &resource);
     params.push(("scope", "mcp:echo"));
-    let authorize = format!("{}?{}", asm["authorization_endpoint"].as_str().unwrap(), form(&params));
+    let authorize = format!(
+        "{}?{}",
+        asm["authorization_endpoint"].as_str().unwrap(),
+        form(&params)
+    );
     let back = sign_in(&authorize);
     assert_eq!(back["state"], "client-state-1");
     assert_eq!(back["iss"], base);
@@ -98,7 +110,10 @@ fn discovery_flow_end_to_end_against_the_facade_with_a_fake_github() {
     // 6. The token, bound to the resource, with the granted scope; never cached.
     let tok = post(
         &g,
-        asm["token_endpoint"].as_str().unwrap().trim_start_matches(&base),
+        asm["token_endpoint"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches(&base),
         "application/x-www-form-urlencoded",
         &form(&[
             ("grant_type", "authorization_code"),
@@ -126,16 +141,32 @@ fn discovery_flow_end_to_end_against_the_facade_with_a_fake_github() {
         .to_string();
     let r = request(
         g.addr,
-        &mcp_post_raw(&call(3, "add", r#"{"a":1,"b":2}"#), Some(&sid), &bearer(access)),
+        &mcp_post_raw(
+            &call(3, "add", r#"{"a":1,"b":2}"#),
+            Some(&sid),
+            &bearer(access),
+        ),
     );
-    assert!(rpc_result(&r)["error"].is_object(), "add is not granted: {}", r.text());
+    assert!(
+        rpc_result(&r)["error"].is_object(),
+        "add is not granted: {}",
+        r.text()
+    );
     assert!(g.wait_log(&format!("oauth:{GH_USER_ID}"), WAIT_LOG));
-    assert!(g.metric("mcp_guard_auth_total", &[("method", "oauth"), ("result", "success")]) >= 2.0);
+    assert!(
+        g.metric(
+            "mcp_guard_auth_total",
+            &[("method", "oauth"), ("result", "success")]
+        ) >= 2.0
+    );
 
     // 8. A refresh gives a working token again.
     let r = refresh(&g, &client, tok["refresh_token"].as_str().unwrap());
     assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(call_echo(&g, r.json()["access_token"].as_str().unwrap()).status, 200);
+    assert_eq!(
+        call_echo(&g, r.json()["access_token"].as_str().unwrap()).status,
+        200
+    );
 }
 
 const WAIT_LOG: std::time::Duration = std::time::Duration::from_secs(10);
@@ -152,13 +183,17 @@ fn path_suffixed_metadata_names_each_endpoint_and_the_gateway() {
         ("/sse", format!("{base}/sse")),
         ("/sse/files", format!("{base}/sse/files")),
     ] {
-        let r = get_url(&format!("{base}/.well-known/oauth-protected-resource{suffix}"));
+        let r = get_url(&format!(
+            "{base}/.well-known/oauth-protected-resource{suffix}"
+        ));
         assert_eq!(r.status, 200, "{suffix}");
         assert_eq!(r.json()["resource"], resource, "{suffix}");
     }
     // No metadata for what is not an endpoint.
     for suffix in ["/nope", "/mcp/files/x", "/mcp/", "/mcp/../mcp"] {
-        let r = get_url(&format!("{base}/.well-known/oauth-protected-resource{suffix}"));
+        let r = get_url(&format!(
+            "{base}/.well-known/oauth-protected-resource{suffix}"
+        ));
         // 404, or 400 for a path not in normal form.
         assert!(matches!(r.status, 400 | 404), "{suffix}: {}", r.status);
     }
@@ -168,7 +203,12 @@ fn path_suffixed_metadata_names_each_endpoint_and_the_gateway() {
         "resource_metadata=\"{base}/.well-known/oauth-protected-resource/mcp/files\""
     )));
     // Metadata is read-only, and the OpenID address serves the same issuer.
-    let r = post(&g, "/.well-known/oauth-protected-resource", "application/json", "{}");
+    let r = post(
+        &g,
+        "/.well-known/oauth-protected-resource",
+        "application/json",
+        "{}",
+    );
     assert_eq!(r.status, 405);
     let r = get_url(&format!("{base}/.well-known/openid-configuration"));
     assert_eq!(r.json()["issuer"], base);
@@ -184,7 +224,11 @@ fn a_token_is_bound_to_its_resource_and_refused_at_another_endpoint() {
     assert_eq!(initialize_with(&g, "/mcp/files", access).status, 200);
     let r = initialize_with(&g, "/mcp", access);
     assert_eq!(r.status, 401);
-    assert!(r.header("www-authenticate").unwrap().contains("error=\"invalid_token\""));
+    assert!(
+        r.header("www-authenticate")
+            .unwrap()
+            .contains("error=\"invalid_token\"")
+    );
     // A token for the whole gateway works at every endpoint.
     let (_, tok) = tokens_for(&g, &base, None);
     let access = tok["access_token"].as_str().unwrap();
@@ -193,7 +237,10 @@ fn a_token_is_bound_to_its_resource_and_refused_at_another_endpoint() {
     // A resource that is not this server is refused at authorize.
     let client = register(&g, &[CLIENT_REDIRECT]);
     let (_, challenge) = pkce();
-    let url = authorize_url(&g, &authorize_params(&client, &challenge, "s", "https://evil.example.com/mcp"));
+    let url = authorize_url(
+        &g,
+        &authorize_params(&client, &challenge, "s", "https://evil.example.com/mcp"),
+    );
     let r = get_url(&url);
     assert_eq!((r.status, r.header("location")), (400, None));
     assert!(r.text().contains("invalid_target"));
@@ -225,7 +272,8 @@ fn a_forged_or_tampered_token_is_refused() {
 }
 
 #[test]
-fn redirect_uris_differing_by_a_segment_a_query_or_a_trailing_slash_are_refused_without_a_redirect() {
+fn redirect_uris_differing_by_a_segment_a_query_or_a_trailing_slash_are_refused_without_a_redirect()
+{
     let gh = FakeGithub::start();
     let g = facade_gateway(&gh, "");
     let client = register(&g, &["https://app.example.com/cb"]);
@@ -255,7 +303,10 @@ fn redirect_uris_differing_by_a_segment_a_query_or_a_trailing_slash_are_refused_
         assert!(r.header("location").is_none(), "{uri}");
     }
     // Unknown clients get the same page, not a redirect.
-    let url = authorize_url(&g, &authorize_params("not-registered", &challenge, "s", &base(&g)));
+    let url = authorize_url(
+        &g,
+        &authorize_params("not-registered", &challenge, "s", &base(&g)),
+    );
     let r = get_url(&url);
     assert_eq!((r.status, r.header("location")), (400, None));
     // Registration refuses URIs that could not be compared safely or are not web or app ones.
@@ -266,7 +317,12 @@ fn redirect_uris_differing_by_a_segment_a_query_or_a_trailing_slash_are_refused_
         json!([]),
         json!("https://a.example.com/cb"),
     ] {
-        let r = post(&g, "/oauth/register", "application/json", &json!({"redirect_uris": bad}).to_string());
+        let r = post(
+            &g,
+            "/oauth/register",
+            "application/json",
+            &json!({"redirect_uris": bad}).to_string(),
+        );
         assert_eq!(r.status, 400, "{bad}");
         assert_eq!(r.json()["error"], "invalid_redirect_uri", "{bad}");
     }
@@ -281,35 +337,82 @@ fn pkce_plain_or_absent_is_refused_at_authorize_and_a_missing_verifier_at_token(
     let base = base(&g);
     let cases: Vec<Vec<(&str, &str)>> = vec![
         // plain
-        vec![("response_type", "code"), ("client_id", &client), ("redirect_uri", CLIENT_REDIRECT),
-             ("code_challenge", &verifier), ("code_challenge_method", "plain"), ("state", "s")],
+        vec![
+            ("response_type", "code"),
+            ("client_id", &client),
+            ("redirect_uri", CLIENT_REDIRECT),
+            ("code_challenge", &verifier),
+            ("code_challenge_method", "plain"),
+            ("state", "s"),
+        ],
         // no method (RFC 7636: that means plain)
-        vec![("response_type", "code"), ("client_id", &client), ("redirect_uri", CLIENT_REDIRECT),
-             ("code_challenge", &challenge), ("state", "s")],
+        vec![
+            ("response_type", "code"),
+            ("client_id", &client),
+            ("redirect_uri", CLIENT_REDIRECT),
+            ("code_challenge", &challenge),
+            ("state", "s"),
+        ],
         // no challenge
-        vec![("response_type", "code"), ("client_id", &client), ("redirect_uri", CLIENT_REDIRECT),
-             ("code_challenge_method", "S256"), ("state", "s")],
+        vec![
+            ("response_type", "code"),
+            ("client_id", &client),
+            ("redirect_uri", CLIENT_REDIRECT),
+            ("code_challenge_method", "S256"),
+            ("state", "s"),
+        ],
     ];
     for params in cases {
         // Shown as a page: before the person approved the client, its redirect URI is not
         // trusted with even an error.
         let r = get_url(&authorize_url(&g, &params));
         assert_eq!((r.status, r.header("location")), (400, None));
-        assert!(r.text().contains("invalid_request") && r.text().contains("PKCE"), "{}", r.text());
-        assert!(gh.authorize_requests.lock().unwrap().is_empty(), "nothing reached the IdP");
+        assert!(
+            r.text().contains("invalid_request") && r.text().contains("PKCE"),
+            "{}",
+            r.text()
+        );
+        assert!(
+            gh.authorize_requests.lock().unwrap().is_empty(),
+            "nothing reached the IdP"
+        );
     }
     // A code redeemed without its verifier, or with another, is refused — and burnt.
-    let back = sign_in(&authorize_url(&g, &authorize_params(&client, &challenge, "s", &base)));
-    let r = post(&g, "/oauth/token", "application/x-www-form-urlencoded", &form(&[
-        ("grant_type", "authorization_code"), ("code", &back["code"]), ("client_id", &client),
-        ("redirect_uri", CLIENT_REDIRECT)]));
-    assert_eq!((r.status, r.json()["error"].clone()), (400, json!("invalid_request")));
-    let back = sign_in(&authorize_url(&g, &authorize_params(&client, &challenge, "s", &base)));
+    let back = sign_in(&authorize_url(
+        &g,
+        &authorize_params(&client, &challenge, "s", &base),
+    ));
+    let r = post(
+        &g,
+        "/oauth/token",
+        "application/x-www-form-urlencoded",
+        &form(&[
+            ("grant_type", "authorization_code"),
+            ("code", &back["code"]),
+            ("client_id", &client),
+            ("redirect_uri", CLIENT_REDIRECT),
+        ]),
+    );
+    assert_eq!(
+        (r.status, r.json()["error"].clone()),
+        (400, json!("invalid_request"))
+    );
+    let back = sign_in(&authorize_url(
+        &g,
+        &authorize_params(&client, &challenge, "s", &base),
+    ));
     let (other, _) = pkce();
     let r = redeem(&g, &client, &back["code"], &other);
-    assert_eq!((r.status, r.json()["error"].clone()), (400, json!("invalid_grant")));
+    assert_eq!(
+        (r.status, r.json()["error"].clone()),
+        (400, json!("invalid_grant"))
+    );
     let r = redeem(&g, &client, &back["code"], &verifier);
-    assert_eq!(r.json()["error"], "invalid_grant", "a burnt code stays burnt");
+    assert_eq!(
+        r.json()["error"],
+        "invalid_grant",
+        "a burnt code stays burnt"
+    );
 }
 
 #[test]
@@ -318,15 +421,27 @@ fn a_replayed_code_is_refused_and_revokes_the_tokens_it_gave() {
     let g = facade_gateway(&gh, "");
     let client = register(&g, &[CLIENT_REDIRECT]);
     let (verifier, challenge) = pkce();
-    let back = sign_in(&authorize_url(&g, &authorize_params(&client, &challenge, "s", &base(&g))));
+    let back = sign_in(&authorize_url(
+        &g,
+        &authorize_params(&client, &challenge, "s", &base(&g)),
+    ));
     let first = redeem(&g, &client, &back["code"], &verifier);
     assert_eq!(first.status, 200);
     let first = first.json();
-    assert_eq!(call_echo(&g, first["access_token"].as_str().unwrap()).status, 200);
+    assert_eq!(
+        call_echo(&g, first["access_token"].as_str().unwrap()).status,
+        200
+    );
     let again = redeem(&g, &client, &back["code"], &verifier);
-    assert_eq!((again.status, again.json()["error"].clone()), (400, json!("invalid_grant")));
+    assert_eq!(
+        (again.status, again.json()["error"].clone()),
+        (400, json!("invalid_grant"))
+    );
     // What the first exchange gave is revoked: the access token and the refresh token.
-    assert_eq!(initialize_with(&g, "/mcp", first["access_token"].as_str().unwrap()).status, 401);
+    assert_eq!(
+        initialize_with(&g, "/mcp", first["access_token"].as_str().unwrap()).status,
+        401
+    );
     let r = refresh(&g, &client, first["refresh_token"].as_str().unwrap());
     assert_eq!(r.json()["error"], "invalid_grant");
 }
@@ -338,15 +453,24 @@ fn a_code_presented_by_another_client_is_refused() {
     let victim = register(&g, &[CLIENT_REDIRECT]);
     let thief = register(&g, &[CLIENT_REDIRECT]);
     let (verifier, challenge) = pkce();
-    let back = sign_in(&authorize_url(&g, &authorize_params(&victim, &challenge, "s", &base(&g))));
+    let back = sign_in(&authorize_url(
+        &g,
+        &authorize_params(&victim, &challenge, "s", &base(&g)),
+    ));
     let r = redeem(&g, &thief, &back["code"], &verifier);
-    assert_eq!((r.status, r.json()["error"].clone()), (400, json!("invalid_grant")));
+    assert_eq!(
+        (r.status, r.json()["error"].clone()),
+        (400, json!("invalid_grant"))
+    );
     // …and it is burnt for its own client too.
     let r = redeem(&g, &victim, &back["code"], &verifier);
     assert_eq!(r.json()["error"], "invalid_grant");
     // An unregistered client is not a client at all.
     let r = redeem(&g, "nobody", "x", &verifier);
-    assert_eq!((r.status, r.json()["error"].clone()), (401, json!("invalid_client")));
+    assert_eq!(
+        (r.status, r.json()["error"].clone()),
+        (401, json!("invalid_client"))
+    );
 }
 
 #[test]
@@ -364,7 +488,10 @@ fn a_missing_state_or_a_reused_callback_state_is_refused() {
     assert!(r.text().contains("state is required"));
     assert!(gh.authorize_requests.lock().unwrap().is_empty());
     // The IdP's callback with its state used twice: the second is refused, without a redirect.
-    let r = approve(&authorize_url(&g, &authorize_params(&client, &challenge, "s", &base(&g))));
+    let r = approve(&authorize_url(
+        &g,
+        &authorize_params(&client, &challenge, "s", &base(&g)),
+    ));
     let r = get_url(r.header("location").unwrap());
     let callback = r.header("location").unwrap().to_string();
     assert_eq!(get_url(&callback).status, 302);
@@ -391,10 +518,16 @@ fn a_refresh_token_used_after_rotation_is_refused_and_revokes_its_family() {
     assert_ne!(second["refresh_token"], tok["refresh_token"], "rotated");
     // r1 again: refused, and the family's live refresh token and access tokens die with it.
     let replay = refresh(&g, &client, &r1);
-    assert_eq!((replay.status, replay.json()["error"].clone()), (400, json!("invalid_grant")));
+    assert_eq!(
+        (replay.status, replay.json()["error"].clone()),
+        (400, json!("invalid_grant"))
+    );
     let r = refresh(&g, &client, second["refresh_token"].as_str().unwrap());
     assert_eq!(r.json()["error"], "invalid_grant");
-    assert_eq!(initialize_with(&g, "/mcp", second["access_token"].as_str().unwrap()).status, 401);
+    assert_eq!(
+        initialize_with(&g, "/mcp", second["access_token"].as_str().unwrap()).status,
+        401
+    );
     // Another client cannot use someone's refresh token.
     let (client2, tok2) = tokens_for(&g, &base(&g), None);
     let _ = client2;
@@ -402,9 +535,17 @@ fn a_refresh_token_used_after_rotation_is_refused_and_revokes_its_family() {
     assert_eq!(r.json()["error"], "invalid_grant");
     // A refresh may narrow the scopes, never widen them.
     let (client3, tok3) = tokens_for(&g, &base(&g), Some("mcp:echo"));
-    let r = post(&g, "/oauth/token", "application/x-www-form-urlencoded", &form(&[
-        ("grant_type", "refresh_token"), ("refresh_token", tok3["refresh_token"].as_str().unwrap()),
-        ("client_id", &client3), ("scope", "mcp:all")]));
+    let r = post(
+        &g,
+        "/oauth/token",
+        "application/x-www-form-urlencoded",
+        &form(&[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", tok3["refresh_token"].as_str().unwrap()),
+            ("client_id", &client3),
+            ("scope", "mcp:all"),
+        ]),
+    );
     assert_eq!(r.json()["error"], "invalid_scope");
 }
 
@@ -417,16 +558,30 @@ fn a_registration_flood_is_rate_limited_per_address() {
     for _ in 0..15 {
         statuses.push(post(&g, "/oauth/register", "application/json", &body).status);
     }
-    assert_eq!(statuses.iter().filter(|s| **s == 201).count(), 10, "{statuses:?}");
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 201).count(),
+        10,
+        "{statuses:?}"
+    );
     let r = post(&g, "/oauth/register", "application/json", &body);
     assert_eq!(r.status, 429);
     assert!(r.header("retry-after").is_some());
     // Oversized and malformed documents are refused with a reason.
     let g2 = facade_gateway(&gh, "");
-    let huge = json!({"redirect_uris": [CLIENT_REDIRECT], "client_name": "x".repeat(20_000)}).to_string();
-    assert_eq!(post(&g2, "/oauth/register", "application/json", &huge).status, 400);
-    assert_eq!(post(&g2, "/oauth/register", "application/json", "[1,2]").status, 400);
-    assert_eq!(post(&g2, "/oauth/register", "text/plain", &body).status, 400);
+    let huge =
+        json!({"redirect_uris": [CLIENT_REDIRECT], "client_name": "x".repeat(20_000)}).to_string();
+    assert_eq!(
+        post(&g2, "/oauth/register", "application/json", &huge).status,
+        400
+    );
+    assert_eq!(
+        post(&g2, "/oauth/register", "application/json", "[1,2]").status,
+        400
+    );
+    assert_eq!(
+        post(&g2, "/oauth/register", "text/plain", &body).status,
+        400
+    );
 }
 
 #[test]
@@ -436,9 +591,21 @@ fn token_requests_that_are_not_well_formed_forms_are_refused() {
     let client = register(&g, &[CLIENT_REDIRECT]);
     for (ct, body, error) in [
         ("application/json", "{}".to_string(), "invalid_request"),
-        ("application/x-www-form-urlencoded", format!("grant_type=password&client_id={client}"), "unsupported_grant_type"),
-        ("application/x-www-form-urlencoded", format!("grant_type=authorization_code&grant_type=refresh_token&client_id={client}"), "invalid_request"),
-        ("application/x-www-form-urlencoded", format!("client_id={client}&code=%ZZ"), "invalid_request"),
+        (
+            "application/x-www-form-urlencoded",
+            format!("grant_type=password&client_id={client}"),
+            "unsupported_grant_type",
+        ),
+        (
+            "application/x-www-form-urlencoded",
+            format!("grant_type=authorization_code&grant_type=refresh_token&client_id={client}"),
+            "invalid_request",
+        ),
+        (
+            "application/x-www-form-urlencoded",
+            format!("client_id={client}&code=%ZZ"),
+            "invalid_request",
+        ),
     ] {
         let r = post(&g, "/oauth/token", ct, &body);
         assert_eq!(r.status, 400, "{body}");
@@ -463,12 +630,20 @@ fn an_idp_that_refuses_the_code_sends_an_error_back_to_the_client() {
     let g = Gateway::start(&config);
     let client = register(&g, &[CLIENT_REDIRECT]);
     let (_, challenge) = pkce();
-    let r = approve(&authorize_url(&g, &authorize_params(&client, &challenge, "s", &base(&g))));
+    let r = approve(&authorize_url(
+        &g,
+        &authorize_params(&client, &challenge, "s", &base(&g)),
+    ));
     let r = get_url(r.header("location").unwrap());
     let r = get_url(r.header("location").unwrap());
     assert_eq!(r.status, 302);
     let loc = r.header("location").unwrap();
-    assert!(loc.starts_with(CLIENT_REDIRECT) && loc.contains("error=server_error") && loc.contains("state=s"), "{loc}");
+    assert!(
+        loc.starts_with(CLIENT_REDIRECT)
+            && loc.contains("error=server_error")
+            && loc.contains("state=s"),
+        "{loc}"
+    );
     assert!(!loc.contains("code="), "{loc}");
 }
 
@@ -483,7 +658,8 @@ fn consent_is_asked_for_each_authorization_and_only_the_gateway_page_can_give_it
         &g,
         "/oauth/register",
         "application/json",
-        &json!({"redirect_uris": [CLIENT_REDIRECT], "client_name": "<script>alert(1)</script>"}).to_string(),
+        &json!({"redirect_uris": [CLIENT_REDIRECT], "client_name": "<script>alert(1)</script>"})
+            .to_string(),
     );
     let client = r.json()["client_id"].as_str().unwrap().to_string();
     let (_, challenge) = pkce();
@@ -491,11 +667,21 @@ fn consent_is_asked_for_each_authorization_and_only_the_gateway_page_can_give_it
     let page = get_url(&url);
     assert_eq!(page.status, 200);
     assert_eq!(page.header("x-frame-options"), Some("DENY"));
-    assert!(page.header("content-security-policy").unwrap().contains("frame-ancestors 'none'"));
+    assert!(
+        page.header("content-security-policy")
+            .unwrap()
+            .contains("frame-ancestors 'none'")
+    );
     let text = page.text();
-    assert!(text.contains("&lt;script&gt;") && !text.contains("<script>"), "{text}");
+    assert!(
+        text.contains("&lt;script&gt;") && !text.contains("<script>"),
+        "{text}"
+    );
     assert!(text.contains(CLIENT_REDIRECT));
-    assert!(gh.authorize_requests.lock().unwrap().is_empty(), "nothing reached the IdP yet");
+    assert!(
+        gh.authorize_requests.lock().unwrap().is_empty(),
+        "nothing reached the IdP yet"
+    );
     let ticket = ticket_of(&page);
     // Submitted from another site's page, or not from a browser form at all: refused.
     for origin in [Some("https://evil.example.com"), Some("null"), None] {
@@ -506,17 +692,30 @@ fn consent_is_asked_for_each_authorization_and_only_the_gateway_page_can_give_it
     let own = format!("http://{}", g.addr);
     let r = decide(&url, &ticket, "allow", Some(&own));
     assert_eq!(r.status, 302);
-    assert!(r.header("location").unwrap().starts_with(&gh.url("/login/oauth/authorize")));
+    assert!(
+        r.header("location")
+            .unwrap()
+            .starts_with(&gh.url("/login/oauth/authorize"))
+    );
     let r = decide(&url, &ticket, "allow", Some(&own));
     assert_eq!((r.status, r.header("location")), (400, None));
     // Denied: the client hears access_denied with its state, and no code.
     let page = get_url(&url);
     let r = decide(&url, &ticket_of(&page), "deny", Some(&own));
     let loc = r.header("location").unwrap();
-    assert!(loc.starts_with(CLIENT_REDIRECT) && loc.contains("error=access_denied") && loc.contains("state=s"), "{loc}");
+    assert!(
+        loc.starts_with(CLIENT_REDIRECT)
+            && loc.contains("error=access_denied")
+            && loc.contains("state=s"),
+        "{loc}"
+    );
     // A consent ticket is not a state the IdP callback accepts.
     let page = get_url(&url);
-    let r = get_url(&format!("{}/oauth/callback?code=x&state={}", base(&g), enc(&ticket_of(&page))));
+    let r = get_url(&format!(
+        "{}/oauth/callback?code=x&state={}",
+        base(&g),
+        enc(&ticket_of(&page))
+    ));
     assert_eq!((r.status, r.header("location")), (400, None));
 }
 
@@ -534,17 +733,27 @@ fn without_the_facade_metadata_advertises_the_external_authorization_servers() {
     let base = base(&g);
     let prm = get_url(&format!("{base}/.well-known/oauth-protected-resource/mcp")).json();
     assert_eq!(prm["resource"], format!("{base}/mcp"));
-    assert_eq!(prm["authorization_servers"], json!(["https://example.okta.com/oauth2/default"]));
+    assert_eq!(
+        prm["authorization_servers"],
+        json!(["https://example.okta.com/oauth2/default"])
+    );
     assert_eq!(prm["scopes_supported"], json!(["mcp:tools"]));
     let r = request(g.addr, &mcp_post_raw(INIT, None, ""));
     assert_eq!(r.status, 401);
     let challenge = r.header("www-authenticate").unwrap();
     assert!(challenge.contains("scope=\"mcp:tools\""), "{challenge}");
     // mcp-guard is not an authorization server here.
-    for path in ["/.well-known/oauth-authorization-server", "/oauth/authorize", "/oauth/callback"] {
+    for path in [
+        "/.well-known/oauth-authorization-server",
+        "/oauth/authorize",
+        "/oauth/callback",
+    ] {
         assert_eq!(get_url(&format!("{base}{path}")).status, 404, "{path}");
     }
-    assert_eq!(post(&g, "/oauth/register", "application/json", "{}").status, 404);
+    assert_eq!(
+        post(&g, "/oauth/register", "application/json", "{}").status,
+        404
+    );
 }
 
 #[test]
@@ -573,7 +782,10 @@ fn a_reload_keeps_clients_and_tokens_unless_the_identity_provider_client_changes
     };
     let config = std::fs::read_to_string(&g.config_path).unwrap();
     // A change elsewhere: the same facade goes on, tokens and clients included.
-    reload(config.replace("\"mcp:all\" = [\"*\"]", "\"mcp:all\" = [\"*\"]\n\"mcp:add\" = [\"add\"]"));
+    reload(config.replace(
+        "\"mcp:all\" = [\"*\"]",
+        "\"mcp:all\" = [\"*\"]\n\"mcp:add\" = [\"add\"]",
+    ));
     assert_eq!(initialize_with(&g, "/mcp", &access).status, 200);
     let r = refresh(&g, &client, tok["refresh_token"].as_str().unwrap());
     assert_eq!(r.status, 200, "{}", r.text());
@@ -592,7 +804,14 @@ fn browser_clients_may_read_metadata_and_redeem_codes_cross_origin() {
     );
     assert_eq!(r.status, 204);
     assert_eq!(r.header("access-control-allow-origin"), Some("*"));
-    assert!(r.header("access-control-allow-methods").unwrap().contains("POST"));
-    let r = get_url(&format!("{}/.well-known/oauth-protected-resource/mcp", base(&g)));
+    assert!(
+        r.header("access-control-allow-methods")
+            .unwrap()
+            .contains("POST")
+    );
+    let r = get_url(&format!(
+        "{}/.well-known/oauth-protected-resource/mcp",
+        base(&g)
+    ));
     assert_eq!(r.header("access-control-allow-origin"), Some("*"));
 }

@@ -1094,7 +1094,10 @@ fn validate_jwt(
 fn public_url(url: &str) -> Result<String, String> {
     let url = url.strip_suffix('/').unwrap_or(url);
     let parsed = crate::auth::fetch::IdpUrl::parse(url).map_err(|_| {
-        format!("`{}` must be https://host[:port] (http only to a loopback address)", shown_url(url))
+        format!(
+            "`{}` must be https://host[:port] (http only to a loopback address)",
+            shown_url(url)
+        )
     })?;
     let authority = url.split_once("://").map_or("", |(_, a)| a);
     if parsed.target != "/"
@@ -1241,7 +1244,11 @@ fn validate_oauth(
         })?;
         IdpUrl::parse(u).map_err(|e| invalid(&k(key), e))
     };
-    let authorization_url = url("authorization_url", &o.authorization_url, defaults.authorization_url)?;
+    let authorization_url = url(
+        "authorization_url",
+        &o.authorization_url,
+        defaults.authorization_url,
+    )?;
     if authorization_url.target.contains('#') {
         return Err(invalid(&k("authorization_url"), "must not have a fragment"));
     }
@@ -1272,9 +1279,9 @@ fn validate_oauth(
     ];
     if taken.contains(&callback_path.as_str())
         || callback_path.starts_with("/.well-known/")
-        || resource_paths.iter().any(|r| {
-            callback_path == *r || callback_path.starts_with(&format!("{r}/"))
-        })
+        || resource_paths
+            .iter()
+            .any(|r| callback_path == *r || callback_path.starts_with(&format!("{r}/")))
     {
         return Err(invalid(
             &k("redirect_uri"),
@@ -1950,16 +1957,18 @@ mod tests {
     }
 
     fn oauth_config(server: &str, oauth: &str) -> String {
-        format!(
-            "[server]\n{server}\n[upstream]\ncommand = \"x\"\n[auth.oauth]\n{oauth}\n"
-        )
+        format!("[server]\n{server}\n[upstream]\ncommand = \"x\"\n[auth.oauth]\n{oauth}\n")
     }
 
     const GITHUB: &str = "provider = \"github\"\nclient_id = \"c\"\nclient_secret = \"s\"";
 
     #[test]
     fn oauth_needs_a_public_url_that_is_an_origin() {
-        let ok = settings(&oauth_config("public_url = \"https://mcp.example.com/\"", GITHUB)).unwrap();
+        let ok = settings(&oauth_config(
+            "public_url = \"https://mcp.example.com/\"",
+            GITHUB,
+        ))
+        .unwrap();
         let oauth = ok.auth.oauth.as_ref().unwrap();
         assert_eq!(oauth.public_url, "https://mcp.example.com");
         assert_eq!(oauth.authorization_servers, ["https://mcp.example.com"]);
@@ -1977,27 +1986,37 @@ mod tests {
             let text = oauth_config(&format!("public_url = {bad:?}"), GITHUB);
             assert!(refusal(&text).starts_with("server.public_url"), "{bad}");
         }
-        settings(&oauth_config("public_url = \"http://127.0.0.1:8080\"", GITHUB)).unwrap();
+        settings(&oauth_config(
+            "public_url = \"http://127.0.0.1:8080\"",
+            GITHUB,
+        ))
+        .unwrap();
     }
 
     #[test]
     fn oauth_providers_decide_who_the_authorization_server_is() {
         let url = "public_url = \"https://mcp.example.com\"";
         let with_as = format!("{GITHUB}\nauthorization_servers = [\"https://idp.example.com\"]");
-        assert!(refusal(&oauth_config(url, &with_as)).starts_with("auth.oauth.authorization_servers"));
+        assert!(
+            refusal(&oauth_config(url, &with_as)).starts_with("auth.oauth.authorization_servers")
+        );
         let no_secret = "provider = \"google\"\nclient_id = \"c\"";
         assert!(refusal(&oauth_config(url, no_secret)).starts_with("auth.oauth.client_secret"));
         // okta/custom without authorization_servers: the facade, which needs the IdP's URLs.
         let custom = "provider = \"custom\"\nclient_id = \"c\"";
         assert!(refusal(&oauth_config(url, custom)).starts_with("auth.oauth.authorization_url"));
         // …with them: discovery only, advertising them.
-        let rs = format!("{custom}\nauthorization_servers = [\"https://idp.example.com\"]\nscopes = [\"mcp\"]");
+        let rs = format!(
+            "{custom}\nauthorization_servers = [\"https://idp.example.com\"]\nscopes = [\"mcp\"]"
+        );
         let s = settings(&oauth_config(url, &rs)).unwrap();
         let oauth = s.auth.oauth.as_ref().unwrap();
         assert!(oauth.server.is_none());
         assert_eq!(oauth.authorization_servers, ["https://idp.example.com"]);
         let rs = format!("{custom}\nauthorization_servers = [\"http://idp.example.com\"]");
-        assert!(refusal(&oauth_config(url, &rs)).starts_with("auth.oauth.authorization_servers[0]"));
+        assert!(
+            refusal(&oauth_config(url, &rs)).starts_with("auth.oauth.authorization_servers[0]")
+        );
     }
 
     #[test]
@@ -2006,19 +2025,54 @@ mod tests {
         for (extra, key) in [
             ("scopes = [\"a b\"]", "auth.oauth.scopes[0]"),
             ("scopes = [\"a\\\"b\"]", "auth.oauth.scopes[0]"),
-            ("redirect_uri = \"https://elsewhere.example.com/oauth/callback\"", "auth.oauth.redirect_uri"),
-            ("redirect_uri = \"https://mcp.example.com/mcp\"", "auth.oauth.redirect_uri"),
-            ("redirect_uri = \"https://mcp.example.com/oauth/token\"", "auth.oauth.redirect_uri"),
-            ("redirect_uri = \"https://mcp.example.com/a/../b\"", "auth.oauth.redirect_uri"),
-            ("token_url = \"http://idp.example.com/token\"", "auth.oauth.token_url"),
+            (
+                "redirect_uri = \"https://elsewhere.example.com/oauth/callback\"",
+                "auth.oauth.redirect_uri",
+            ),
+            (
+                "redirect_uri = \"https://mcp.example.com/mcp\"",
+                "auth.oauth.redirect_uri",
+            ),
+            (
+                "redirect_uri = \"https://mcp.example.com/oauth/token\"",
+                "auth.oauth.redirect_uri",
+            ),
+            (
+                "redirect_uri = \"https://mcp.example.com/a/../b\"",
+                "auth.oauth.redirect_uri",
+            ),
+            (
+                "token_url = \"http://idp.example.com/token\"",
+                "auth.oauth.token_url",
+            ),
         ] {
             let text = oauth_config(url, &format!("{GITHUB}\n{extra}"));
-            assert!(refusal(&text).starts_with(key), "{extra}: {}", refusal(&text));
+            assert!(
+                refusal(&text).starts_with(key),
+                "{extra}: {}",
+                refusal(&text)
+            );
         }
-        let text = oauth_config(url, &format!("{GITHUB}\n[auth.oauth.scope_tool_mapping]\n\"a b\" = [\"*\"]"));
+        let text = oauth_config(
+            url,
+            &format!("{GITHUB}\n[auth.oauth.scope_tool_mapping]\n\"a b\" = [\"*\"]"),
+        );
         assert!(refusal(&text).starts_with("auth.oauth.scope_tool_mapping"));
-        let ok = oauth_config(url, &format!("{GITHUB}\nredirect_uri = \"https://mcp.example.com/auth/back\""));
+        let ok = oauth_config(
+            url,
+            &format!("{GITHUB}\nredirect_uri = \"https://mcp.example.com/auth/back\""),
+        );
         let s = settings(&ok).unwrap();
-        assert_eq!(s.auth.oauth.as_ref().unwrap().server.as_ref().unwrap().callback_path, "/auth/back");
+        assert_eq!(
+            s.auth
+                .oauth
+                .as_ref()
+                .unwrap()
+                .server
+                .as_ref()
+                .unwrap()
+                .callback_path,
+            "/auth/back"
+        );
     }
 }

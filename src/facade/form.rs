@@ -29,7 +29,11 @@ const MAX_PARAMS: usize = 64;
 /// as RFC 6749 §3.1 says it must.
 pub fn parse(input: &[u8]) -> Result<HashMap<String, String>, FormError> {
     let mut out = HashMap::new();
-    for (n, piece) in input.split(|b| *b == b'&').filter(|p| !p.is_empty()).enumerate() {
+    for (n, piece) in input
+        .split(|b| *b == b'&')
+        .filter(|p| !p.is_empty())
+        .enumerate()
+    {
         if n >= MAX_PARAMS {
             return Err(FormError::Undecodable);
         }
@@ -122,7 +126,13 @@ mod tests {
     #[test]
     fn encoding_leaves_only_unreserved_characters() {
         assert_eq!(encode("a b&c=d\r\n/é"), "a%20b%26c%3Dd%0D%0A%2F%C3%A9");
-        assert_eq!(with_query("https://x/cb?k=1", &[("s", "a b")]), "https://x/cb?k=1&s=a%20b");
-        assert_eq!(with_query("https://x/cb", &[("s", "v")]), "https://x/cb?s=v");
+        assert_eq!(
+            with_query("https://x/cb?k=1", &[("s", "a b")]),
+            "https://x/cb?k=1&s=a%20b"
+        );
+        assert_eq!(
+            with_query("https://x/cb", &[("s", "v")]),
+            "https://x/cb?s=v"
+        );
     }
 }

@@ -145,8 +145,13 @@ impl Calls {
 
     /// Queues `job`; `Err` when the queue is full or the threads are gone.
     pub fn submit(&self, job: Job) -> Result<(), &'static str> {
-        let queue = self.queue.lock().map_err(|_| "identity-provider calls unavailable")?;
-        let tx = queue.as_ref().ok_or("identity-provider calls not started")?;
+        let queue = self
+            .queue
+            .lock()
+            .map_err(|_| "identity-provider calls unavailable")?;
+        let tx = queue
+            .as_ref()
+            .ok_or("identity-provider calls not started")?;
         tx.try_send(job).map_err(|e| match e {
             TrySendError::Full(_) => "too many sign-ins in progress",
             TrySendError::Disconnected(_) => "identity-provider calls unavailable",
@@ -194,7 +199,11 @@ pub fn finish_sign_in(client: &IdpClient, code: &str, verifier: &str) -> Result<
     }
     let token = access_token(&answer.body)?;
     let bearer = format!("Bearer {token}");
-    let answer = fetch::get(&client.userinfo_url, &[("authorization", &bearer)], CALL_TIMEOUT)?;
+    let answer = fetch::get(
+        &client.userinfo_url,
+        &[("authorization", &bearer)],
+        CALL_TIMEOUT,
+    )?;
     if answer.status != 200 {
         return Err(format!("userinfo endpoint answered {}", answer.status));
     }
@@ -230,7 +239,9 @@ pub fn user_id(body: &[u8], claim: &str) -> Result<String, String> {
         _ => return Err(format!("userinfo has no string or integer `{claim}`")),
     };
     if id.is_empty() || id.len() > MAX_USER_ID || id.chars().any(char::is_control) {
-        return Err(format!("userinfo `{claim}` is empty, too long, or has control characters"));
+        return Err(format!(
+            "userinfo `{claim}` is empty, too long, or has control characters"
+        ));
     }
     Ok(id)
 }
@@ -253,13 +264,22 @@ mod tests {
         ] {
             assert!(user_id(bad, "id").is_err());
         }
-        assert!(user_id(format!(r#"{{"id":"{}"}}"#, "x".repeat(300)).as_bytes(), "id").is_err());
+        assert!(
+            user_id(
+                format!(r#"{{"id":"{}"}}"#, "x".repeat(300)).as_bytes(),
+                "id"
+            )
+            .is_err()
+        );
     }
 
     #[test]
     fn token_responses_with_an_error_member_are_refused() {
         assert!(access_token(br#"{"error":"bad_verification_code"}"#).is_err());
         assert!(access_token(br#"{"access_token":"a b"}"#).is_err());
-        assert_eq!(access_token(br#"{"access_token":"gho_x"}"#).unwrap(), "gho_x");
+        assert_eq!(
+            access_token(br#"{"access_token":"gho_x"}"#).unwrap(),
+            "gho_x"
+        );
     }
 }

@@ -12,7 +12,7 @@ pub mod form;
 pub mod idp;
 pub mod state;
 
-use crate::auth::{AuthError, AuthMethod, Caller, IdentitySlot, Identity, JwtProvider, RateKey};
+use crate::auth::{AuthError, AuthMethod, Caller, Identity, IdentitySlot, JwtProvider, RateKey};
 use crate::config::Settings;
 use crate::http::request::{Method, RequestHead};
 use crate::observe::metrics::M_NONE;
@@ -258,9 +258,11 @@ impl Oauth {
 thread_local! {
     /// This worker's verified facade tokens: token → identity, audience, family, expiry; and
     /// the (configuration, revocation count) they were verified under.
-    static VERIFIED: RefCell<((u64, u64), HashMap<Box<str>, CachedToken>)> =
-        RefCell::new(((0, 0), HashMap::new()));
+    static VERIFIED: RefCell<VerifiedTokens> = RefCell::new(((0, 0), HashMap::new()));
 }
+
+/// The (configuration, revocation count) a worker's cache is for, and its tokens.
+type VerifiedTokens = ((u64, u64), HashMap<Box<str>, CachedToken>);
 
 #[derive(Clone)]
 struct CachedToken {
@@ -327,9 +329,7 @@ impl AuthServer {
                 if self.shared.tables().is_revoked(family) {
                     return Err(TokenRefusal::Refused("oauth_token_revoked"));
                 }
-                let identity = self
-                    .tokens
-                    .identity_as(&v, AuthMethod::OAuth, "oauth:");
+                let identity = self.tokens.identity_as(&v, AuthMethod::OAuth, "oauth:");
                 let entry = CachedToken {
                     identity: Rc::new(identity),
                     audience: Rc::from(audience),
@@ -348,7 +348,7 @@ impl AuthServer {
         // A token for the whole gateway works everywhere; one for an endpoint only there
         // (paths that are no endpoint's, like `/routes` and legacy messages, take any of
         // the gateway's own).
-        let fits = &*entry.audience == oauth.public_url
+        let fits = *entry.audience == oauth.public_url
             || match oauth.resource_path_of(path) {
                 Some(p) => entry.audience.strip_prefix(oauth.public_url.as_str()) == Some(p),
                 None => oauth.is_own_resource(&entry.audience),
@@ -401,22 +401,23 @@ fn random_token() -> String {
 
 /// The S256 challenge of `verifier` (RFC 7636 §4.2).
 pub fn s256(verifier: &str) -> String {
-    B64.encode(ring::digest::digest(&ring::digest::SHA256, verifier.as_bytes()))
+    B64.encode(ring::digest::digest(
+        &ring::digest::SHA256,
+        verifier.as_bytes(),
+    ))
 }
 
 /// RFC 7636 §4.1: 43-128 unreserved characters.
 fn is_verifier(v: &str) -> bool {
     (43..=128).contains(&v.len())
-        && v
-            .bytes()
+        && v.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'))
 }
 
 /// An S256 challenge: the 43 base64url characters of a SHA-256 digest.
 fn is_challenge(c: &str) -> bool {
     c.len() == 43
-        && c
-            .bytes()
+        && c.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
 }
 
@@ -441,7 +442,11 @@ pub fn is_registrable_redirect_uri(uri: &str) -> bool {
             return None;
         }
         let host = if authority.starts_with('[') {
-            authority.split(']').next()?.trim_start_matches('[').to_string()
+            authority
+                .split(']')
+                .next()?
+                .trim_start_matches('[')
+                .to_string()
         } else {
             authority.split(':').next()?.to_string()
         };
@@ -456,7 +461,8 @@ pub fn is_registrable_redirect_uri(uri: &str) -> bool {
 
 fn is_loopback_host(h: &str) -> bool {
     h.eq_ignore_ascii_case("localhost")
-        || h.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+        || h.parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -508,7 +514,11 @@ fn redirect(to: String) -> Reply {
 }
 
 fn method_not_allowed(allow: &'static str) -> Reply {
-    let mut r = Reply::error(&crate::error::GatewayError::MethodNotAllowed(allow), None, M_NONE);
+    let mut r = Reply::error(
+        &crate::error::GatewayError::MethodNotAllowed(allow),
+        None,
+        M_NONE,
+    );
     r.audit.skip = true;
     r
 }
@@ -518,7 +528,8 @@ fn preflight(allow: &'static str) -> Reply {
     let mut r = Reply::json(204, Vec::new(), M_NONE);
     r.headers.clear();
     r.headers.push(("access-control-allow-origin", "*".into()));
-    r.headers.push(("access-control-allow-methods", allow.into()));
+    r.headers
+        .push(("access-control-allow-methods", allow.into()));
     r.headers.push((
         "access-control-allow-headers",
         "authorization, content-type, mcp-protocol-version".into(),
@@ -591,8 +602,16 @@ fn register(s: &AuthServer, head: &RequestHead, body: &[u8], peer: SocketAddr) -
         return bad("registration document too large");
     }
     // The budget is spent before the document is read: a flood costs a lookup each.
-    if let Err(Busy::RateLimited(wait)) = s.shared.tables().take_registration(peer.ip(), Instant::now()) {
-        let mut r = oauth_error(429, "too_many_requests", "too many registrations from this address");
+    if let Err(Busy::RateLimited(wait)) = s
+        .shared
+        .tables()
+        .take_registration(peer.ip(), Instant::now())
+    {
+        let mut r = oauth_error(
+            429,
+            "too_many_requests",
+            "too many registrations from this address",
+        );
         r.headers
             .push(("retry-after", wait.as_secs().max(1).to_string()));
         return r;
@@ -618,7 +637,13 @@ fn register(s: &AuthServer, head: &RequestHead, body: &[u8], peer: SocketAddr) -
             }
             uris
         }
-        _ => return oauth_error(400, "invalid_redirect_uri", "1 to 10 redirect_uris are required"),
+        _ => {
+            return oauth_error(
+                400,
+                "invalid_redirect_uri",
+                "1 to 10 redirect_uris are required",
+            );
+        }
     };
     let subset = |key: &str, allowed: &[&str]| match doc.get(key) {
         None => true,
@@ -707,7 +732,10 @@ fn authorize(oauth: &Oauth, s: &AuthServer, query: &str) -> Reply {
     // the user agent if it trusts the redirection URI").
     let client_state = param("state").unwrap_or_default().to_string();
     let back = |error: &str, description: &str| {
-        error_page(400, &format!("The application's request was refused ({error}): {description}."))
+        error_page(
+            400,
+            &format!("The application's request was refused ({error}): {description}."),
+        )
     };
     if client_state.is_empty() {
         return back("invalid_request", "state is required");
@@ -717,8 +745,15 @@ fn authorize(oauth: &Oauth, s: &AuthServer, query: &str) -> Reply {
     }
     match (param("code_challenge"), param("code_challenge_method")) {
         (Some(c), Some("S256")) if is_challenge(c) => {}
-        (Some(_), Some("S256")) => return back("invalid_request", "code_challenge is not an S256 challenge"),
-        (None, _) => return back("invalid_request", "PKCE is required: code_challenge is missing"),
+        (Some(_), Some("S256")) => {
+            return back("invalid_request", "code_challenge is not an S256 challenge");
+        }
+        (None, _) => {
+            return back(
+                "invalid_request",
+                "PKCE is required: code_challenge is missing",
+            );
+        }
         _ => return back("invalid_request", "PKCE code_challenge_method must be S256"),
     }
     let resource = match param("resource") {
@@ -729,7 +764,11 @@ fn authorize(oauth: &Oauth, s: &AuthServer, query: &str) -> Reply {
     let scopes: Vec<String> = match param("scope") {
         None => oauth.scopes.clone(),
         Some(list) => {
-            let asked: Vec<String> = list.split(' ').filter(|s| !s.is_empty()).map(str::to_string).collect();
+            let asked: Vec<String> = list
+                .split(' ')
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect();
             if asked.iter().any(|a| !oauth.scopes.contains(a)) {
                 return back("invalid_scope", "a requested scope is not offered");
             }
@@ -748,7 +787,9 @@ fn authorize(oauth: &Oauth, s: &AuthServer, query: &str) -> Reply {
         random_token(),
     );
     let page = consent_page(oauth, s, &client, &pending, &ticket);
-    s.shared.tables().add_pending(ticket, pending, Instant::now());
+    s.shared
+        .tables()
+        .add_pending(ticket, pending, Instant::now());
     page
 }
 
@@ -772,7 +813,13 @@ fn html(text: &str) -> String {
 /// asking (its name, where the code goes, what it may do) before the facade signs them in at
 /// the IdP as its own client (MCP security best practices, confused deputy: "MUST obtain user
 /// consent for each dynamically registered client"). It cannot be framed.
-fn consent_page(oauth: &Oauth, s: &AuthServer, client: &Client, p: &Pending, ticket: &str) -> Reply {
+fn consent_page(
+    oauth: &Oauth,
+    s: &AuthServer,
+    client: &Client,
+    p: &Pending,
+    ticket: &str,
+) -> Reply {
     let name = client.name.as_deref().unwrap_or("An unnamed application");
     let scopes = if p.scopes.is_empty() {
         "every tool this gateway allows".to_string()
@@ -815,7 +862,8 @@ fn consent_page(oauth: &Oauth, s: &AuthServer, client: &Client, p: &Pending, tic
     );
     let mut r = Reply::json(200, body.into_bytes(), M_NONE);
     r.headers.clear();
-    r.headers.push(("content-type", "text/html; charset=utf-8".into()));
+    r.headers
+        .push(("content-type", "text/html; charset=utf-8".into()));
     r.headers.push(("x-frame-options", "DENY".into()));
     r.headers.push((
         "content-security-policy",
@@ -831,13 +879,15 @@ fn consent_page(oauth: &Oauth, s: &AuthServer, client: &Client, p: &Pending, tic
 fn consent(oauth: &Oauth, s: &AuthServer, head: &RequestHead, body: &[u8]) -> Reply {
     // A page elsewhere could submit this form in the person's browser; the browser names that
     // page's origin, which is refused (and a POST without one is not from a browser's form).
-    let same_origin = head
-        .h
-        .origin
-        .as_deref()
-        .is_some_and(|o| o.trim_end_matches('/').eq_ignore_ascii_case(&oauth.public_url));
+    let same_origin = head.h.origin.as_deref().is_some_and(|o| {
+        o.trim_end_matches('/')
+            .eq_ignore_ascii_case(&oauth.public_url)
+    });
     if !same_origin {
-        return error_page(403, "This approval did not come from the gateway's own page.");
+        return error_page(
+            403,
+            "This approval did not come from the gateway's own page.",
+        );
     }
     let q = match form::parse(body) {
         Ok(q) => q,
@@ -868,7 +918,9 @@ fn consent(oauth: &Oauth, s: &AuthServer, head: &RequestHead, body: &[u8]) -> Re
     pending.consented = true;
     let our_state = random_token();
     let idp_challenge = s256(&pending.idp_verifier);
-    s.shared.tables().add_pending(our_state.clone(), pending, now);
+    s.shared
+        .tables()
+        .add_pending(our_state.clone(), pending, now);
     let idp = s.calls.client();
     let scope = idp.scopes.join(" ");
     let mut pairs = vec![
@@ -910,10 +962,19 @@ async fn callback(w: &Worker, oauth: &Oauth, s: &AuthServer, query: &str) -> Rep
         redirect(form::with_query(&pending.redirect_uri, &all))
     };
     if q.contains_key("error") {
-        return back(&[("error", "access_denied"), ("error_description", "the identity provider did not sign the user in")]);
+        return back(&[
+            ("error", "access_denied"),
+            (
+                "error_description",
+                "the identity provider did not sign the user in",
+            ),
+        ]);
     }
     let Some(code) = q.get("code") else {
-        return back(&[("error", "server_error"), ("error_description", "the identity provider sent no code")]);
+        return back(&[
+            ("error", "server_error"),
+            ("error_description", "the identity provider sent no code"),
+        ]);
     };
     let (tx, rx) = async_channel::bounded(1);
     let job = idp::Job {
@@ -922,24 +983,41 @@ async fn callback(w: &Worker, oauth: &Oauth, s: &AuthServer, query: &str) -> Rep
         reply: tx,
     };
     if let Err(why) = s.calls.submit(job) {
-        return back(&[("error", "temporarily_unavailable"), ("error_description", why)]);
+        return back(&[
+            ("error", "temporarily_unavailable"),
+            ("error_description", why),
+        ]);
     }
     let user = match monoio::time::timeout(idp::JOB_TIMEOUT, rx.recv()).await {
         Ok(Ok(Ok(user))) => user,
         Ok(Ok(Err(_))) | Ok(Err(_)) => {
-            return back(&[("error", "server_error"), ("error_description", "the sign-in could not be completed at the identity provider")]);
+            return back(&[
+                ("error", "server_error"),
+                (
+                    "error_description",
+                    "the sign-in could not be completed at the identity provider",
+                ),
+            ]);
         }
         Err(_) => {
-            return back(&[("error", "temporarily_unavailable"), ("error_description", "the identity provider did not answer in time")]);
+            return back(&[
+                ("error", "temporarily_unavailable"),
+                (
+                    "error_description",
+                    "the identity provider did not answer in time",
+                ),
+            ]);
         }
     };
     let code = random_token();
     tracing::info!(target: "mcp_guard::auth", "OAuth sign-in of oauth:{user} for client {}", pending.client_id);
     let redirect_to = pending.redirect_uri.clone();
     let (client_state, iss) = (pending.client_state.clone(), oauth.public_url.clone());
-    s.shared
-        .tables()
-        .add_code(code.clone(), Grant::from_pending(pending, user), Instant::now());
+    s.shared.tables().add_code(
+        code.clone(),
+        Grant::from_pending(pending, user),
+        Instant::now(),
+    );
     redirect(form::with_query(
         &redirect_to,
         &[("code", &code), ("state", &client_state), ("iss", &iss)],
@@ -953,9 +1031,16 @@ fn token(oauth: &Oauth, s: &AuthServer, head: &RequestHead, body: &[u8]) -> Repl
         .content_type
         .as_deref()
         .and_then(|c| c.split(';').next())
-        .is_some_and(|c| c.trim().eq_ignore_ascii_case("application/x-www-form-urlencoded"));
+        .is_some_and(|c| {
+            c.trim()
+                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        });
     if !form_type {
-        return oauth_error(400, "invalid_request", "the token request is a form (application/x-www-form-urlencoded)");
+        return oauth_error(
+            400,
+            "invalid_request",
+            "the token request is a form (application/x-www-form-urlencoded)",
+        );
     }
     if body.len() > MAX_FORM_BYTES {
         return oauth_error(400, "invalid_request", "token request too large");
@@ -966,7 +1051,11 @@ fn token(oauth: &Oauth, s: &AuthServer, head: &RequestHead, body: &[u8]) -> Repl
     };
     let param = |n: &str| q.get(n).map(String::as_str);
     let Some(client_id) = param("client_id") else {
-        return oauth_error(401, "invalid_client", "client_id is required (public clients)");
+        return oauth_error(
+            401,
+            "invalid_client",
+            "client_id is required (public clients)",
+        );
     };
     if s.shared.tables().client(client_id).is_none() {
         return oauth_error(401, "invalid_client", "unknown client");
@@ -986,7 +1075,11 @@ fn token(oauth: &Oauth, s: &AuthServer, head: &RequestHead, body: &[u8]) -> Repl
     match param("grant_type") {
         Some("authorization_code") => {
             let (Some(code), Some(verifier)) = (param("code"), param("code_verifier")) else {
-                return oauth_error(400, "invalid_request", "code and code_verifier are required");
+                return oauth_error(
+                    400,
+                    "invalid_request",
+                    "code and code_verifier are required",
+                );
             };
             let taken = s.shared.tables().take_code(code, client_id, now);
             let (grant, family) = match taken {
@@ -1000,27 +1093,43 @@ fn token(oauth: &Oauth, s: &AuthServer, head: &RequestHead, body: &[u8]) -> Repl
                 oauth_error(400, error, why)
             };
             if !is_verifier(verifier) || s256(verifier) != grant.challenge {
-                return refuse("invalid_grant", "code_verifier does not match the challenge");
+                return refuse(
+                    "invalid_grant",
+                    "code_verifier does not match the challenge",
+                );
             }
             match param("redirect_uri") {
                 Some(u) if u != grant.redirect_uri => {
-                    return refuse("invalid_grant", "redirect_uri differs from the authorization request's");
+                    return refuse(
+                        "invalid_grant",
+                        "redirect_uri differs from the authorization request's",
+                    );
                 }
                 None if grant.redirect_explicit => {
-                    return refuse("invalid_request", "redirect_uri is required: the authorization request named it");
+                    return refuse(
+                        "invalid_request",
+                        "redirect_uri is required: the authorization request named it",
+                    );
                 }
                 _ => {}
             }
             if param("resource").is_some_and(|r| r != grant.resource) {
-                return refuse("invalid_target", "resource differs from the authorization request's");
+                return refuse(
+                    "invalid_target",
+                    "resource differs from the authorization request's",
+                );
             }
-            issue(oauth, s, &Issue {
-                user: &grant.user,
-                scopes: &grant.scopes,
-                resource: &grant.resource,
-                client_id,
-                family,
-            })
+            issue(
+                oauth,
+                s,
+                &Issue {
+                    user: &grant.user,
+                    scopes: &grant.scopes,
+                    resource: &grant.resource,
+                    client_id,
+                    family,
+                },
+            )
         }
         Some("refresh_token") => {
             let Some(refresh) = param("refresh_token") else {
@@ -1039,9 +1148,17 @@ fn token(oauth: &Oauth, s: &AuthServer, head: &RequestHead, body: &[u8]) -> Repl
             let scopes: Vec<String> = match param("scope") {
                 None => r.scopes.clone(),
                 Some(list) => {
-                    let asked: Vec<String> = list.split(' ').filter(|x| !x.is_empty()).map(str::to_string).collect();
+                    let asked: Vec<String> = list
+                        .split(' ')
+                        .filter(|x| !x.is_empty())
+                        .map(str::to_string)
+                        .collect();
                     if asked.iter().any(|a| !r.scopes.contains(a)) {
-                        return oauth_error(400, "invalid_scope", "a refresh may narrow the scopes, not widen them");
+                        return oauth_error(
+                            400,
+                            "invalid_scope",
+                            "a refresh may narrow the scopes, not widen them",
+                        );
                     }
                     asked
                 }
@@ -1049,15 +1166,23 @@ fn token(oauth: &Oauth, s: &AuthServer, head: &RequestHead, body: &[u8]) -> Repl
             if param("resource").is_some_and(|x| x != r.resource) {
                 return oauth_error(400, "invalid_target", "resource differs from the grant's");
             }
-            issue(oauth, s, &Issue {
-                user: &r.user,
-                scopes: &scopes,
-                resource: &r.resource,
-                client_id,
-                family: r.family,
-            })
+            issue(
+                oauth,
+                s,
+                &Issue {
+                    user: &r.user,
+                    scopes: &scopes,
+                    resource: &r.resource,
+                    client_id,
+                    family: r.family,
+                },
+            )
         }
-        Some(_) => oauth_error(400, "unsupported_grant_type", "authorization_code or refresh_token"),
+        Some(_) => oauth_error(
+            400,
+            "unsupported_grant_type",
+            "authorization_code or refresh_token",
+        ),
         None => oauth_error(400, "invalid_request", "grant_type is required"),
     }
 }

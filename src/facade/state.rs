@@ -162,7 +162,8 @@ impl Tables {
             self.budgets.clear();
         }
         let (tokens, at) = self.budgets.entry(addr).or_insert((REGISTER_BURST, now));
-        let refill = now.saturating_duration_since(*at).as_secs_f64() / REGISTER_EVERY.as_secs_f64();
+        let refill =
+            now.saturating_duration_since(*at).as_secs_f64() / REGISTER_EVERY.as_secs_f64();
         *tokens = (*tokens + refill).min(REGISTER_BURST);
         *at = now;
         if *tokens < 1.0 {
@@ -197,8 +198,8 @@ impl Tables {
         self.clients.len()
     }
 
-    /// Remembers an authorization sent to the IdP under `state` (the facade's own).
-    #[allow(clippy::too_many_arguments)]
+    /// Remembers an authorization under `key`: the consent page's ticket, then the facade's
+    /// own `state` towards the IdP.
     pub fn add_pending(&mut self, state: String, mut p: Pending, now: Instant) {
         self.pending
             .retain(|_, v| now.saturating_duration_since(v.made) < PENDING_TTL);
@@ -368,7 +369,13 @@ impl Grant {
 
 impl Refresh {
     /// A refresh token's record for `family`.
-    pub fn new(family: u64, client_id: &str, user: &str, scopes: &[String], resource: &str) -> Refresh {
+    pub fn new(
+        family: u64,
+        client_id: &str,
+        user: &str,
+        scopes: &[String],
+        resource: &str,
+    ) -> Refresh {
         Refresh {
             family,
             current: true,
@@ -420,7 +427,10 @@ mod tests {
         t.add_code("c1".into(), grant("a"), now);
         assert!(t.take_code("c1", "a", now + CODE_TTL).is_err());
         t.add_code("c2".into(), grant("a"), now);
-        assert_eq!(t.take_code("c2", "b", now).unwrap_err(), GrantError::WrongClient);
+        assert_eq!(
+            t.take_code("c2", "b", now).unwrap_err(),
+            GrantError::WrongClient
+        );
         assert!(t.take_code("c2", "a", now).is_err());
     }
 
@@ -447,10 +457,19 @@ mod tests {
         for _ in 0..REGISTER_BURST as usize {
             t.take_registration(a, now).unwrap();
         }
-        assert!(matches!(t.take_registration(a, now), Err(Busy::RateLimited(_))));
+        assert!(matches!(
+            t.take_registration(a, now),
+            Err(Busy::RateLimited(_))
+        ));
         t.take_registration(a, now + REGISTER_EVERY).unwrap();
         for i in 0..MAX_CLIENTS + 5 {
-            t.register(format!("c{i}"), Client { redirect_uris: vec![], name: None });
+            t.register(
+                format!("c{i}"),
+                Client {
+                    redirect_uris: vec![],
+                    name: None,
+                },
+            );
         }
         assert_eq!(t.clients(), MAX_CLIENTS);
         assert!(t.client("c0").is_none() && t.client(&format!("c{}", MAX_CLIENTS + 4)).is_some());
@@ -460,7 +479,16 @@ mod tests {
     fn pending_authorizations_expire_and_are_single_use() {
         let mut t = Tables::default();
         let now = Instant::now();
-        let p = Pending::new("a".into(), "u".into(), true, "s".into(), "c".into(), vec![], "r".into(), "v".into());
+        let p = Pending::new(
+            "a".into(),
+            "u".into(),
+            true,
+            "s".into(),
+            "c".into(),
+            vec![],
+            "r".into(),
+            "v".into(),
+        );
         t.add_pending("st".into(), p.clone(), now);
         assert!(t.take_pending("st", now).is_some());
         assert!(t.take_pending("st", now).is_none());

@@ -36,7 +36,11 @@ impl FakeGithub {
         let authorize_requests = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicUsize::new(0));
         let codes: Arc<Mutex<Vec<String>>> = Arc::default();
-        let (tr, ar, st) = (token_requests.clone(), authorize_requests.clone(), stop.clone());
+        let (tr, ar, st) = (
+            token_requests.clone(),
+            authorize_requests.clone(),
+            stop.clone(),
+        );
         std::thread::spawn(move || {
             let issued = AtomicUsize::new(0);
             for conn in listener.incoming() {
@@ -59,15 +63,25 @@ impl FakeGithub {
                         let back = format!(
                             "{}{}code={code}&state={}",
                             q["redirect_uri"],
-                            if q["redirect_uri"].contains('?') { "&" } else { "?" },
+                            if q["redirect_uri"].contains('?') {
+                                "&"
+                            } else {
+                                "?"
+                            },
                             enc(&q["state"])
                         );
-                        format!("HTTP/1.1 302 Found\r\nlocation: {back}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                        format!(
+                            "HTTP/1.1 302 Found\r\nlocation: {back}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                        )
                     }
                     ("POST", "/login/oauth/access_token") => {
                         let f = parse_query(&body);
                         tr.lock().unwrap().push(f.clone());
-                        let known = codes.lock().unwrap().iter().any(|c| Some(c) == f.get("code"));
+                        let known = codes
+                            .lock()
+                            .unwrap()
+                            .iter()
+                            .any(|c| Some(c) == f.get("code"));
                         let ok = known
                             && f.get("client_id").map(String::as_str) == Some(GH_CLIENT)
                             && f.get("client_secret").map(String::as_str) == Some(GH_SECRET);
@@ -87,7 +101,8 @@ impl FakeGithub {
                             "HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".into()
                         }
                     }
-                    _ => "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".into(),
+                    _ => "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                        .into(),
                 };
                 let _ = conn.write_all(answer.as_bytes());
             }
@@ -323,7 +338,10 @@ pub fn authorize_params<'a>(
 /// The consent page's ticket.
 pub fn ticket_of(page: &Response) -> String {
     let text = page.text();
-    let at = text.find("name=\"ticket\" value=\"").expect("a consent form") + 21;
+    let at = text
+        .find("name=\"ticket\" value=\"")
+        .expect("a consent form")
+        + 21;
     text[at..].split('"').next().unwrap().to_string()
 }
 
@@ -346,7 +364,12 @@ pub fn approve(authorize: &str) -> Response {
     let page = get_url(authorize);
     assert_eq!(page.status, 200, "consent page: {}", page.text());
     let (addr, _) = split_url(authorize);
-    decide(authorize, &ticket_of(&page), "allow", Some(&format!("http://{addr}")))
+    decide(
+        authorize,
+        &ticket_of(&page),
+        "allow",
+        Some(&format!("http://{addr}")),
+    )
 }
 
 /// Follows the browser's way from an authorize URL: the consent page (allowed), the fake
