@@ -167,6 +167,21 @@ impl Oauth {
                 .is_some_and(|p| self.resource_paths.iter().any(|r| r == p))
     }
 
+    /// A client's `resource` parameter in canonical form, when it names this gateway or one of
+    /// its endpoints. MCP: implementations "SHOULD accept uppercase scheme and host
+    /// components"; the gateway's own identifier also with a trailing slash.
+    pub fn own_resource(&self, resource: &str) -> Option<String> {
+        let (scheme, rest) = resource.split_once("://")?;
+        let (authority, path) = rest.find('/').map_or((rest, ""), |i| rest.split_at(i));
+        let canonical = format!(
+            "{}://{}{}",
+            scheme.to_ascii_lowercase(),
+            authority.to_ascii_lowercase(),
+            if path == "/" { "" } else { path }
+        );
+        self.is_own_resource(&canonical).then_some(canonical)
+    }
+
     /// Which facade or discovery endpoint `path` is, if any.
     pub fn endpoint(&self, path: &str) -> Option<Endpoint> {
         if let Some(rest) = path.strip_prefix(PRM_PATH) {
@@ -756,9 +771,9 @@ fn authorize(oauth: &Oauth, s: &AuthServer, query: &str) -> Reply {
         }
         _ => return back("invalid_request", "PKCE code_challenge_method must be S256"),
     }
-    let resource = match param("resource") {
-        Some(r) if oauth.is_own_resource(r) => r.to_string(),
-        Some(_) => return back("invalid_target", "resource is not this server"),
+    let resource = match param("resource").map(|r| oauth.own_resource(r)) {
+        Some(Some(r)) => r,
+        Some(None) => return back("invalid_target", "resource is not this server"),
         None => oauth.public_url.clone(),
     };
     let scopes: Vec<String> = match param("scope") {
@@ -1113,7 +1128,9 @@ fn token(oauth: &Oauth, s: &AuthServer, head: &RequestHead, body: &[u8]) -> Repl
                 }
                 _ => {}
             }
-            if param("resource").is_some_and(|r| r != grant.resource) {
+            if param("resource")
+                .is_some_and(|r| oauth.own_resource(r).as_deref() != Some(grant.resource.as_str()))
+            {
                 return refuse(
                     "invalid_target",
                     "resource differs from the authorization request's",
@@ -1163,7 +1180,9 @@ fn token(oauth: &Oauth, s: &AuthServer, head: &RequestHead, body: &[u8]) -> Repl
                     asked
                 }
             };
-            if param("resource").is_some_and(|x| x != r.resource) {
+            if param("resource")
+                .is_some_and(|x| oauth.own_resource(x).as_deref() != Some(r.resource.as_str()))
+            {
                 return oauth_error(400, "invalid_target", "resource differs from the grant's");
             }
             issue(
@@ -1246,6 +1265,41 @@ mod tests {
         ] {
             assert!(!is_registrable_redirect_uri(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn resources_are_this_gateway_or_its_endpoints_in_any_case_of_scheme_and_host() {
+        let o = Oauth {
+            public_url: "https://mcp.example.com".into(),
+            resource_paths: vec!["/mcp/files".into(), "/mcp".into()],
+            authorization_servers: vec![],
+            scopes: vec![],
+            server: None,
+        };
+        for (given, want) in [
+            ("https://mcp.example.com", "https://mcp.example.com"),
+            ("https://mcp.example.com/", "https://mcp.example.com"),
+            ("HTTPS://MCP.Example.com/mcp", "https://mcp.example.com/mcp"),
+            (
+                "https://mcp.example.com/mcp/files",
+                "https://mcp.example.com/mcp/files",
+            ),
+        ] {
+            assert_eq!(o.own_resource(given).as_deref(), Some(want), "{given}");
+        }
+        for other in [
+            "https://mcp.example.com/MCP",
+            "https://mcp.example.com/mcp/",
+            "https://mcp.example.com/other",
+            "https://mcp.example.com.evil.com/mcp",
+            "https://evil.com",
+            "mcp.example.com/mcp",
+            "https://mcp.example.com/mcp#f",
+        ] {
+            assert_eq!(o.own_resource(other), None, "{other}");
+        }
+        assert_eq!(o.resource_path_of("/mcp/files/x"), Some("/mcp/files"));
+        assert_eq!(o.resource_path_of("/mcpx"), None);
     }
 
     #[test]
