@@ -1161,6 +1161,20 @@ fn validate_oauth(
     resource_paths.retain(|p| p != "/");
     resource_paths.sort_by(|a, b| b.len().cmp(&a.len()).then(a.cmp(b)));
     resource_paths.dedup();
+    // Discovery and the facade answer before any route: a route there would never be reached.
+    if let Some(p) = resource_paths.iter().find(|p| {
+        p.starts_with("/.well-known/")
+            || *p == "/.well-known"
+            || *p == "/oauth"
+            || p.starts_with("/oauth/")
+    }) {
+        return Err(invalid(
+            "auth.oauth",
+            format!(
+                "the MCP endpoint `{p}` is under /.well-known or /oauth, which OAuth discovery and the authorization server answer"
+            ),
+        ));
+    }
     for (i, s) in o.scopes.iter().enumerate() {
         if !is_scope_token(s) {
             return Err(invalid(
@@ -2053,6 +2067,14 @@ mod tests {
                 refusal(&text)
             );
         }
+        let text = format!(
+            "[server]\n{url}\nmcp_path = \"/oauth/mcp\"\n[upstream]\ncommand = \"x\"\n[auth.oauth]\n{GITHUB}\n"
+        );
+        assert!(
+            refusal(&text).starts_with("auth.oauth: the MCP endpoint `/oauth/mcp`"),
+            "{}",
+            refusal(&text)
+        );
         let text = oauth_config(
             url,
             &format!("{GITHUB}\n[auth.oauth.scope_tool_mapping]\n\"a b\" = [\"*\"]"),
