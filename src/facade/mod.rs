@@ -17,7 +17,6 @@ use crate::config::Settings;
 use crate::http::request::{Method, RequestHead};
 use crate::observe::metrics::M_NONE;
 use crate::pipeline::Reply;
-use crate::runtime::worker::Worker;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use serde_json::{Value, json};
@@ -271,7 +270,7 @@ impl Oauth {
 }
 
 thread_local! {
-    /// This worker's verified facade tokens: token → identity, audience, family, expiry; and
+    /// This worker's verified facade tokens: token → identity, audience and expiry; and
     /// the (configuration, revocation count) they were verified under.
     static VERIFIED: RefCell<VerifiedTokens> = RefCell::new(((0, 0), HashMap::new()));
 }
@@ -560,7 +559,6 @@ fn preflight(allow: &'static str) -> Reply {
 
 /// Answers a facade or discovery request (its body, if any, already read).
 pub async fn serve(
-    w: &Worker,
     cfg: &Settings,
     head: &RequestHead,
     body: &[u8],
@@ -595,7 +593,7 @@ pub async fn serve(
             consent(oauth, s, head, body)
         }
         (Endpoint::Authorize, Some(s)) => authorize(oauth, s, query),
-        (Endpoint::Callback, Some(s)) => callback(w, oauth, s, query).await,
+        (Endpoint::Callback, Some(s)) => callback(oauth, s, query).await,
         (Endpoint::Token, Some(s)) => token(oauth, s, head, body),
         _ => error_page(404, "not found"),
     }
@@ -954,8 +952,7 @@ fn consent(oauth: &Oauth, s: &AuthServer, head: &RequestHead, body: &[u8]) -> Re
 
 /// The IdP's callback: the facade's state (once), the IdP's code exchanged off the worker,
 /// then the browser goes back to the client with a one-time code and the client's state.
-async fn callback(w: &Worker, oauth: &Oauth, s: &AuthServer, query: &str) -> Reply {
-    let _ = w;
+async fn callback(oauth: &Oauth, s: &AuthServer, query: &str) -> Reply {
     let q = match form::parse(query.as_bytes()) {
         Ok(q) => q,
         Err(e) => return error_page(400, &format!("Invalid callback: {e}.")),

@@ -163,7 +163,7 @@ async fn serve_request<S: Connection>(
     let handled = async {
         match admitted {
             Ok(a) => pipeline::handle(w, cfg, head, &body.bytes, a, &meta.request_id).await,
-            Err(endpoint) => crate::facade::serve(w, cfg, head, &body.bytes, endpoint, peer).await,
+            Err(endpoint) => crate::facade::serve(cfg, head, &body.bytes, endpoint, peer).await,
         }
     };
     let reply = match CatchPanic(handled).await {
