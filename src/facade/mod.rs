@@ -1299,6 +1299,72 @@ mod tests {
         assert_eq!(o.resource_path_of("/mcpx"), None);
     }
 
+    fn facade_settings() -> crate::config::Settings {
+        let text = "[server]\npublic_url = \"https://mcp.example.com\"\n[upstream]\ncommand = \"x\"\n\
+                    [auth.oauth]\nprovider = \"github\"\nclient_id = \"c\"\nclient_secret = \"s\"\n";
+        crate::config::validate(&crate::config::parse_str(text, &|_| None).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn issued_tokens_are_refused_when_expired_revoked_or_for_another_endpoint() {
+        let cfg = facade_settings();
+        let oauth = cfg.auth.oauth.as_ref().unwrap();
+        let server = oauth.server.as_ref().unwrap();
+        let issue = |resource: &str, family: u64, now: u64| {
+            server.access_token(
+                oauth,
+                &Issue {
+                    user: "42",
+                    scopes: &[],
+                    resource,
+                    client_id: "c",
+                    family,
+                },
+                now,
+            )
+        };
+        let verdict = |token: &str, path: &str| {
+            let slot = IdentitySlot::new();
+            match server.authenticate(oauth, token, path, &slot) {
+                Ok(c) => Ok(c.identity.id.to_string()),
+                Err(TokenRefusal::Refused(why)) => Err(why),
+                Err(TokenRefusal::NotOurs) => Err("not ours"),
+            }
+        };
+        let now = unix_now();
+        let good = issue("https://mcp.example.com/mcp", 1, now);
+        assert_eq!(verdict(&good, "/mcp").as_deref(), Ok("oauth:42"));
+        assert_eq!(verdict(&good, "/sse"), Err("oauth_wrong_audience"));
+        // Expired (beyond the minute of leeway).
+        let old = issue(
+            "https://mcp.example.com",
+            2,
+            now - state::ACCESS_TTL_SECS - 120,
+        );
+        assert_eq!(verdict(&old, "/mcp"), Err("jwt_expired"));
+        // Revoked: the cache of this worker is bypassed by the revocation count.
+        let fam3 = issue("https://mcp.example.com", 3, now);
+        assert!(verdict(&fam3, "/mcp").is_ok());
+        server.shared.tables().revoke(3, Instant::now());
+        server.shared.revocations.fetch_add(1, Ordering::Relaxed);
+        assert_eq!(verdict(&fam3, "/mcp"), Err("oauth_token_revoked"));
+        // Signed by another facade (another process, or before a restart).
+        let other = facade_settings();
+        let other_oauth = other.auth.oauth.as_ref().unwrap();
+        let foreign = other_oauth.server.as_ref().unwrap().access_token(
+            other_oauth,
+            &Issue {
+                user: "42",
+                scopes: &[],
+                resource: "https://mcp.example.com",
+                client_id: "c",
+                family: 1,
+            },
+            now,
+        );
+        assert_eq!(verdict(&foreign, "/mcp"), Err("not ours"));
+    }
+
     #[test]
     fn pkce_values_are_checked_for_shape() {
         let v = "a".repeat(43);
