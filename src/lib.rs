@@ -16,6 +16,7 @@ pub mod authz;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod facade;
 pub mod http;
 pub mod mcp;
 pub mod observe;

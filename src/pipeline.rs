@@ -157,6 +157,9 @@ pub enum Admission<'c> {
     Answered(Reply),
     /// An MCP request from an authenticated caller: its body may now be read.
     Admitted(Admitted<'c>),
+    /// OAuth discovery or the authorization-server facade (no authentication): its body, if
+    /// any, is read and `facade::serve` answers it.
+    OAuth(crate::facade::Endpoint),
 }
 
 /// Which transport a request speaks.
@@ -214,13 +217,20 @@ pub fn admit<'c>(
             return Admission::Answered(reply);
         }
         _ if !crate::config::is_normal_path(path) => return unrouted(GatewayError::PathNotNormal),
-        "/routes" => return Admission::Answered(routes(w, cfg, head, peer)),
+        "/routes" => {
+            return Admission::Answered(with_challenge(cfg, path, routes(w, cfg, head, peer)));
+        }
         _ => match legacy_route(cfg, head, path) {
             Some(Ok(found)) => found,
             Some(Err(e)) => return unrouted(e),
-            None => match cfg.route_for(path) {
-                Some((route, rest)) => (Front::Streamable, route, rest),
-                None => return unrouted(GatewayError::NotFound),
+            // OAuth discovery and the facade answer before any MCP route: their paths are
+            // reserved whenever `[auth.oauth]` is on.
+            None => match cfg.auth.oauth.as_ref().and_then(|o| o.endpoint(path)) {
+                Some(endpoint) => return Admission::OAuth(endpoint),
+                None => match cfg.route_for(path) {
+                    Some((route, rest)) => (Front::Streamable, route, rest),
+                    None => return unrouted(GatewayError::NotFound),
+                },
             },
         },
     };
@@ -239,8 +249,25 @@ pub fn admit<'c>(
             rest_at,
             audit,
         }),
-        Err((e, id, method)) => Admission::Answered(refused(e, id, method, audit)),
+        Err((e, id, method)) => {
+            Admission::Answered(with_challenge(cfg, path, refused(e, id, method, audit)))
+        }
     }
+}
+
+/// A 401 under `[auth.oauth]` says where the resource's metadata is and what scopes to ask
+/// for (MCP authorization: "MUST use the WWW-Authenticate header … resource_metadata").
+fn with_challenge(cfg: &Settings, path: &str, mut reply: Reply) -> Reply {
+    if reply.status == 401
+        && let Some(oauth) = &cfg.auth.oauth
+    {
+        let invalid = reply.reason == Some("invalid_credentials");
+        reply.headers.retain(|(n, _)| *n != "www-authenticate");
+        reply
+            .headers
+            .push(("www-authenticate", oauth.challenge(path, invalid)));
+    }
+    reply
 }
 
 /// Phase 4 for the legacy transport's paths: the stream at `server.sse_path` (or
@@ -505,6 +532,7 @@ fn auth_index(m: AuthMethod) -> usize {
         AuthMethod::Anonymous => 0,
         AuthMethod::ApiKey => 1,
         AuthMethod::Jwt => 2,
+        AuthMethod::OAuth => 4,
     }
 }
 

@@ -818,10 +818,10 @@ fn validate_words_type_errors_and_unbuilt_sections_for_people() {
         "{err}"
     );
     // An unbuilt section is refused for what it is before any of its fields is asked for.
-    std::fs::write(&p, "[auth.oauth]\nclient_id = \"x\"\n").unwrap();
+    std::fs::write(&p, "[server.tls]\ncert_path = \"x\"\n").unwrap();
     let (code, _, err) = run(&["validate", "--config", p.to_str().unwrap()]);
     assert_eq!(code, 1);
-    assert!(err.contains("auth.oauth: OAuth"), "{err}");
+    assert!(err.contains("server.tls: TLS"), "{err}");
     assert!(!err.contains("missing field"), "{err}");
     // A missing field is named in the user's words, with what it may be.
     std::fs::write(&p, "[auth.jwt]\nissuer = \"https://idp\"\n").unwrap();

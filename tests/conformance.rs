@@ -2145,3 +2145,419 @@ fn legacy_session_is_unknown_to_another_caller() {
     l.initialize();
     assert_eq!(post_to(g.addr, &l.endpoint, other, PING).status, 404);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Authorization (2025-11-25 basic/authorization, RFC 9728, RFC 8414, RFC 7591, OAuth 2.1):
+// discovery, and mcp-guard as the authorization server in front of a fake GitHub.
+// ---------------------------------------------------------------------------------------------
+
+mod authorization {
+    use super::common::oauth as o;
+    use super::common::*;
+    use serde_json::json;
+
+    fn facade() -> (o::FakeGithub, Gateway) {
+        let gh = o::FakeGithub::start();
+        let g = o::facade_gateway(&gh, "");
+        (gh, g)
+    }
+
+    /// "MCP servers MUST implement OAuth 2.0 Protected Resource Metadata … The Protected
+    /// Resource Metadata document returned by the MCP server MUST include the
+    /// `authorization_servers` field containing at least one authorization server."
+    #[test]
+    fn must_implement_protected_resource_metadata_with_at_least_one_authorization_server() {
+        let (_gh, g) = facade();
+        for suffix in ["", "/mcp", "/mcp/files"] {
+            let r = o::get_url(&format!(
+                "{}/.well-known/oauth-protected-resource{suffix}",
+                o::base(&g)
+            ));
+            assert_eq!(r.status, 200);
+            assert!(
+                r.header("content-type")
+                    .unwrap()
+                    .starts_with("application/json")
+            );
+            let servers = r.json()["authorization_servers"].as_array().unwrap().len();
+            assert!(servers >= 1, "{suffix}");
+        }
+    }
+
+    /// "Include the resource metadata URL in the `WWW-Authenticate` HTTP header under
+    /// `resource_metadata` when returning `401 Unauthorized` responses" — on every method of
+    /// the endpoint, and for an invalid token as for none.
+    #[test]
+    fn must_name_the_resource_metadata_in_www_authenticate_on_every_401() {
+        let (_gh, g) = facade();
+        let want = format!(
+            "resource_metadata=\"{}/.well-known/oauth-protected-resource/mcp\"",
+            o::base(&g)
+        );
+        let get = "GET /mcp HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\n\r\n".to_string();
+        let delete = "DELETE /mcp HTTP/1.1\r\nHost: t\r\nMcp-Session-Id: x\r\n\r\n".to_string();
+        let bad = mcp_post_raw(INIT, None, &bearer("not.a.token"));
+        for raw in [mcp_post_raw(INIT, None, ""), get, delete, bad] {
+            let r = request(g.addr, &raw);
+            assert_eq!(r.status, 401, "{raw}");
+            let v = r.header("www-authenticate").unwrap();
+            assert!(v.starts_with("Bearer ") && v.contains(&want), "{v}");
+        }
+    }
+
+    /// "MCP servers SHOULD include a `scope` parameter in the `WWW-Authenticate` header as
+    /// defined in RFC 6750 Section 3 to indicate the scopes required for accessing the
+    /// resource."
+    #[test]
+    fn should_include_a_scope_parameter_in_www_authenticate() {
+        let (_gh, g) = facade();
+        let r = request(g.addr, &mcp_post_raw(INIT, None, ""));
+        assert!(
+            r.header("www-authenticate")
+                .unwrap()
+                .contains("scope=\"mcp:all mcp:echo\"")
+        );
+    }
+
+    /// RFC 9728 §3.3: "The `resource` value returned MUST be identical to the protected
+    /// resource's resource identifier value into which the well-known URI path suffix was
+    /// inserted to create the URL used to retrieve the metadata."
+    #[test]
+    fn resource_in_metadata_must_be_identical_to_the_url_it_was_fetched_for() {
+        let (_gh, g) = facade();
+        let base = o::base(&g);
+        for path in ["", "/mcp", "/mcp/files", "/sse"] {
+            let r = o::get_url(&format!(
+                "{base}/.well-known/oauth-protected-resource{path}"
+            ));
+            assert_eq!(r.json()["resource"], format!("{base}{path}"));
+        }
+    }
+
+    /// "MCP authorization servers MUST provide at least one of the following discovery
+    /// mechanisms: OAuth 2.0 Authorization Server Metadata, OpenID Connect Discovery 1.0";
+    /// RFC 8414 §3.3: "The `issuer` value returned MUST be identical to the authorization
+    /// server's issuer identifier value into which the well-known URI string was inserted".
+    #[test]
+    fn must_provide_authorization_server_metadata_with_an_identical_issuer() {
+        let (_gh, g) = facade();
+        let base = o::base(&g);
+        let asm = o::get_url(&format!("{base}/.well-known/oauth-authorization-server")).json();
+        assert_eq!(asm["issuer"], base);
+        for key in [
+            "authorization_endpoint",
+            "token_endpoint",
+            "response_types_supported",
+        ] {
+            assert!(!asm[key].is_null(), "{key}");
+        }
+    }
+
+    /// "Authorization servers providing OpenID Connect Discovery 1.0 MUST include
+    /// `code_challenge_methods_supported` in their metadata" (and RFC 8414 metadata without it
+    /// makes clients refuse to proceed).
+    #[test]
+    fn must_advertise_code_challenge_methods_supported_in_both_discovery_documents() {
+        let (_gh, g) = facade();
+        for path in ["oauth-authorization-server", "openid-configuration"] {
+            let doc = o::get_url(&format!("{}/.well-known/{path}", o::base(&g))).json();
+            assert_eq!(
+                doc["code_challenge_methods_supported"],
+                json!(["S256"]),
+                "{path}"
+            );
+        }
+    }
+
+    /// OAuth 2.1 §4.1.1/§7.5.2 as MCP applies it: PKCE is required, and S256 the only method
+    /// accepted (`plain`, or a challenge without a method, is refused).
+    #[test]
+    fn pkce_s256_is_required_and_plain_refused() {
+        let (gh, g) = facade();
+        let client = o::register(&g, &[o::CLIENT_REDIRECT]);
+        let (verifier, challenge) = o::pkce();
+        for (c, m) in [
+            (Some(verifier.as_str()), Some("plain")),
+            (Some(challenge.as_str()), None),
+            (None, Some("S256")),
+        ] {
+            let mut p = vec![
+                ("response_type", "code"),
+                ("client_id", client.as_str()),
+                ("redirect_uri", o::CLIENT_REDIRECT),
+                ("state", "s"),
+            ];
+            if let Some(c) = c {
+                p.push(("code_challenge", c));
+            }
+            if let Some(m) = m {
+                p.push(("code_challenge_method", m));
+            }
+            assert_eq!(o::get_url(&o::authorize_url(&g, &p)).status, 400, "{m:?}");
+        }
+        assert!(gh.authorize_requests.lock().unwrap().is_empty());
+    }
+
+    /// "Authorization servers MUST validate exact redirect URIs against pre-registered
+    /// values to prevent redirection attacks."
+    #[test]
+    fn must_validate_exact_redirect_uris_against_registered_values() {
+        let (_gh, g) = facade();
+        let client = o::register(&g, &[o::CLIENT_REDIRECT]);
+        let (_, challenge) = o::pkce();
+        for uri in [
+            "http://127.0.0.1:1/callback/",
+            "http://127.0.0.1:1/callback?x",
+            "http://127.0.0.1:2/callback",
+            "http://localhost:1/callback",
+        ] {
+            let mut p = o::authorize_params(&client, &challenge, "s", "");
+            p.retain(|(n, _)| *n != "resource" && *n != "redirect_uri");
+            p.push(("redirect_uri", uri));
+            let r = o::get_url(&o::authorize_url(&g, &p));
+            assert_eq!((r.status, r.header("location")), (400, None), "{uri}");
+        }
+    }
+
+    /// "All redirect URIs MUST be either `localhost` or use HTTPS."
+    #[test]
+    fn redirect_uris_must_be_localhost_or_https() {
+        let (_gh, g) = facade();
+        for bad in [
+            "http://app.example.com/cb",
+            "com.example.app:/cb",
+            "javascript:x",
+        ] {
+            let r = o::post(
+                &g,
+                "/oauth/register",
+                "application/json",
+                &json!({"redirect_uris": [bad]}).to_string(),
+            );
+            assert_eq!(
+                (r.status, r.json()["error"].clone()),
+                (400, json!("invalid_redirect_uri")),
+                "{bad}"
+            );
+        }
+    }
+
+    /// "MCP proxy servers using static client IDs MUST obtain user consent for each dynamically
+    /// registered client before forwarding to third-party authorization servers."
+    #[test]
+    fn must_obtain_consent_for_each_registered_client_before_the_third_party_server() {
+        let (gh, g) = facade();
+        let client = o::register(&g, &[o::CLIENT_REDIRECT]);
+        let (_, challenge) = o::pkce();
+        let base = o::base(&g);
+        let url = o::authorize_url(&g, &o::authorize_params(&client, &challenge, "s", &base));
+        let page = o::get_url(&url);
+        assert_eq!(page.status, 200);
+        assert!(page.text().contains("test client"), "the client is named");
+        assert!(gh.authorize_requests.lock().unwrap().is_empty());
+        let r = o::approve(&url);
+        assert_eq!(r.status, 302);
+        assert!(
+            r.header("location")
+                .unwrap()
+                .starts_with(&gh.url("/login/oauth/authorize"))
+        );
+    }
+
+    /// "Authorization servers SHOULD only automatically redirect the user agent if it trusts
+    /// the redirection URI": before the person approves a (self-registered) client, errors are
+    /// shown, not sent to its redirect URI.
+    #[test]
+    fn should_only_redirect_to_a_redirect_uri_it_trusts() {
+        let (_gh, g) = facade();
+        let client = o::register(&g, &["https://attacker.example.com/cb"]);
+        let url = o::authorize_url(
+            &g,
+            &[
+                ("response_type", "token"),
+                ("client_id", &client),
+                ("redirect_uri", "https://attacker.example.com/cb"),
+                ("state", "s"),
+            ],
+        );
+        let r = o::get_url(&url);
+        assert_eq!((r.status, r.header("location")), (400, None));
+    }
+
+    /// "Authorization servers … SHOULD display additional warnings for `localhost`-only
+    /// redirect URIs" and "MUST clearly display the redirect URI hostname".
+    #[test]
+    fn should_warn_about_localhost_redirect_uris_and_show_the_redirect_uri() {
+        let (_gh, g) = facade();
+        let client = o::register(&g, &[o::CLIENT_REDIRECT]);
+        let (_, challenge) = o::pkce();
+        let page = o::get_url(&o::authorize_url(
+            &g,
+            &o::authorize_params(&client, &challenge, "s", &o::base(&g)),
+        ))
+        .text();
+        assert!(
+            page.contains("Warning") && page.contains("127.0.0.1:1"),
+            "{page}"
+        );
+    }
+
+    /// OAuth 2.1 §4.1.2: "If an authorization code is used more than once, the authorization
+    /// server MUST deny the request and SHOULD revoke (when possible) all access tokens and
+    /// refresh tokens previously issued based on that authorization code."
+    #[test]
+    fn a_code_used_twice_must_be_denied_and_its_tokens_revoked() {
+        let (_gh, g) = facade();
+        let client = o::register(&g, &[o::CLIENT_REDIRECT]);
+        let (verifier, challenge) = o::pkce();
+        let back = o::sign_in(&o::authorize_url(
+            &g,
+            &o::authorize_params(&client, &challenge, "s", &o::base(&g)),
+        ));
+        let first = o::redeem(&g, &client, &back["code"], &verifier).json();
+        assert_eq!(o::redeem(&g, &client, &back["code"], &verifier).status, 400);
+        assert_eq!(
+            o::initialize_with(&g, "/mcp", first["access_token"].as_str().unwrap()).status,
+            401
+        );
+    }
+
+    /// "For public clients, authorization servers MUST rotate refresh tokens"; "Authorization
+    /// servers SHOULD issue short-lived access tokens".
+    #[test]
+    fn must_rotate_refresh_tokens_and_should_issue_short_lived_access_tokens() {
+        let (_gh, g) = facade();
+        let (client, tok) = o::tokens_for(&g, &o::base(&g), None);
+        assert!(tok["expires_in"].as_u64().unwrap() <= 3600);
+        let next = o::refresh(&g, &client, tok["refresh_token"].as_str().unwrap()).json();
+        assert_ne!(next["refresh_token"], tok["refresh_token"]);
+        assert_eq!(
+            o::refresh(&g, &client, tok["refresh_token"].as_str().unwrap()).status,
+            400
+        );
+    }
+
+    /// OAuth 2.1 §3.2.3: "The authorization server MUST include the HTTP `Cache-Control`
+    /// response header field with a value of `no-store` in any response containing tokens".
+    #[test]
+    fn token_responses_must_carry_cache_control_no_store() {
+        let (_gh, g) = facade();
+        let client = o::register(&g, &[o::CLIENT_REDIRECT]);
+        let (verifier, challenge) = o::pkce();
+        let back = o::sign_in(&o::authorize_url(
+            &g,
+            &o::authorize_params(&client, &challenge, "s", &o::base(&g)),
+        ));
+        let r = o::redeem(&g, &client, &back["code"], &verifier);
+        assert_eq!(
+            (r.status, r.header("cache-control")),
+            (200, Some("no-store"))
+        );
+    }
+
+    /// OAuth 2.1 §4.1.2: the client's `state` comes back "exact[ly] … as received"; RFC 9207
+    /// (advertised with `authorization_response_iss_parameter_supported`): the response
+    /// carries `iss`.
+    #[test]
+    fn the_authorization_response_returns_state_exactly_and_names_the_issuer() {
+        let (_gh, g) = facade();
+        let client = o::register(&g, &[o::CLIENT_REDIRECT]);
+        let (_, challenge) = o::pkce();
+        let state = "a b/c?d=e&f";
+        let back = o::sign_in(&o::authorize_url(
+            &g,
+            &o::authorize_params(&client, &challenge, state, &o::base(&g)),
+        ));
+        assert_eq!(back["state"], state);
+        assert_eq!(back["iss"], o::base(&g));
+    }
+
+    /// "MCP servers MUST validate that access tokens were issued specifically for them as the
+    /// intended audience"; "Invalid or expired tokens MUST receive a HTTP 401 response."
+    #[test]
+    fn must_refuse_tokens_for_another_audience_and_invalid_ones_with_401() {
+        let (_gh, g) = facade();
+        let base = o::base(&g);
+        let (_, tok) = o::tokens_for(&g, &format!("{base}/mcp/files"), None);
+        let access = tok["access_token"].as_str().unwrap();
+        assert_eq!(o::initialize_with(&g, "/mcp", access).status, 401);
+        let mut tampered = access.to_string();
+        tampered.pop();
+        tampered.push(if access.ends_with('A') { 'B' } else { 'A' });
+        assert_eq!(o::initialize_with(&g, "/mcp/files", &tampered).status, 401);
+    }
+
+    /// "Access tokens MUST NOT be included in the URI query string": one sent there is not a
+    /// credential.
+    #[test]
+    fn a_token_in_the_query_string_is_not_accepted() {
+        let (_gh, g) = facade();
+        let (_, tok) = o::tokens_for(&g, &o::base(&g), None);
+        let target = format!(
+            "/mcp?access_token={}",
+            tok["access_token"].as_str().unwrap()
+        );
+        let r = request(g.addr, &mcp_post_raw_at(&target, INIT, None, ""));
+        assert_ne!(r.status, 200);
+    }
+
+    /// "The MCP server MUST NOT pass through the token it received from the MCP client."
+    #[test]
+    fn must_not_pass_the_clients_token_through_to_the_upstream() {
+        let gh = o::FakeGithub::start();
+        let up = DemoHttp::start(&["--test-tools"]);
+        let port = o::free_port();
+        let config = format!(
+            "[server]\nport = {port}\nworkers = 1\npublic_url = \"http://127.0.0.1:{port}\"\n\
+             [upstream]\ntransport = \"http\"\nurl = \"{}\"\n\
+             [auth.oauth]\nprovider = \"github\"\nclient_id = \"{}\"\nclient_secret = \"{}\"\n\
+             authorization_url = \"{}\"\ntoken_url = \"{}\"\nuserinfo_url = \"{}\"\n",
+            up.url(),
+            o::GH_CLIENT,
+            o::GH_SECRET,
+            gh.url("/login/oauth/authorize"),
+            gh.url("/login/oauth/access_token"),
+            gh.url("/user"),
+        );
+        let g = Gateway::start(&config);
+        let (_, tok) = o::tokens_for(&g, &o::base(&g), None);
+        let access = tok["access_token"].as_str().unwrap();
+        let r = o::initialize_with(&g, "/mcp", access);
+        let sid = r.header("mcp-session-id").unwrap().to_string();
+        let r = request(
+            g.addr,
+            &mcp_post_raw(
+                &call(2, "last_request_headers", "{}"),
+                Some(&sid),
+                &bearer(access),
+            ),
+        );
+        let seen = rpc_result(&r).to_string().to_ascii_lowercase();
+        assert!(seen.contains("mcp-session-id"), "{seen}");
+        assert!(
+            !seen.contains("authorization") && !seen.contains(&access.to_ascii_lowercase()),
+            "{seen}"
+        );
+    }
+
+    /// "All authorization server endpoints MUST be served over HTTPS": `server.public_url`, the
+    /// issuer and every endpoint's base, is refused unless https (or loopback http).
+    #[test]
+    fn authorization_server_urls_must_be_https() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("g.toml");
+        std::fs::write(
+            &p,
+            "[server]\npublic_url = \"http://mcp.example.com\"\n[upstream]\ncommand = \"x\"\n\
+             [auth.oauth]\nprovider = \"github\"\nclient_id = \"c\"\nclient_secret = \"s\"\n",
+        )
+        .unwrap();
+        let out = std::process::Command::new(GUARD)
+            .args(["validate", "--config"])
+            .arg(&p)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("server.public_url"));
+    }
+}

@@ -126,6 +126,27 @@ fn tls_config() -> Arc<rustls::ClientConfig> {
 
 /// `GET url` with `headers`, the whole exchange bounded by `timeout`.
 pub fn get(url: &IdpUrl, headers: &[(&str, &str)], timeout: Duration) -> Result<Answer, String> {
+    send("GET", url, headers, None, timeout)
+}
+
+/// `POST url` with an `application/x-www-form-urlencoded` body (a token endpoint's request),
+/// bounded like [`get`].
+pub fn post_form(
+    url: &IdpUrl,
+    headers: &[(&str, &str)],
+    form: &str,
+    timeout: Duration,
+) -> Result<Answer, String> {
+    send("POST", url, headers, Some(form), timeout)
+}
+
+fn send(
+    method: &str,
+    url: &IdpUrl,
+    headers: &[(&str, &str)],
+    form: Option<&str>,
+    timeout: Duration,
+) -> Result<Answer, String> {
     let deadline = Instant::now() + timeout;
     let mut last = "no address".to_string();
     let mut conn = None;
@@ -142,7 +163,7 @@ pub fn get(url: &IdpUrl, headers: &[(&str, &str)], timeout: Duration) -> Result<
     let _ = tcp.set_read_timeout(Some(timeout));
     let _ = tcp.set_write_timeout(Some(timeout));
     let mut request = format!(
-        "GET {} HTTP/1.1\r\nhost: {}\r\naccept: application/json\r\nuser-agent: mcp-guard/{}\r\nconnection: close\r\n",
+        "{method} {} HTTP/1.1\r\nhost: {}\r\naccept: application/json\r\nuser-agent: mcp-guard/{}\r\nconnection: close\r\n",
         url.target,
         if (url.tls && url.port == 443) || (!url.tls && url.port == 80) {
             url.host.clone()
@@ -154,7 +175,14 @@ pub fn get(url: &IdpUrl, headers: &[(&str, &str)], timeout: Duration) -> Result<
     for (n, v) in headers {
         request.push_str(&format!("{n}: {v}\r\n"));
     }
-    request.push_str("\r\n");
+    if let Some(form) = form {
+        request.push_str(&format!(
+            "content-type: application/x-www-form-urlencoded\r\ncontent-length: {}\r\n\r\n{form}",
+            form.len()
+        ));
+    } else {
+        request.push_str("\r\n");
+    }
     let raw = if url.tls {
         let name = rustls::pki_types::ServerName::try_from(url.host.clone())
             .map_err(|e| format!("`{}` is not a valid TLS server name: {e}", url.host))?;

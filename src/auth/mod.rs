@@ -2,9 +2,9 @@
 //! [`Identity`]: API keys ([`api_key`]) and JWTs (verified by [`jwt`], keys from a secret or a
 //! JWKS kept fresh by [`jwks`]); OAuth and mTLS join the same chain later.
 //!
-//! Chain order (first match wins): mTLS certificate (not in this build) → API key → JWT → OAuth
-//! introspection. A request that presents credentials no provider accepts is refused; it is
-//! never treated as anonymous.
+//! Chain order (first match wins): mTLS certificate (not in this build) → API key → the OAuth
+//! facade's own tokens (`crate::facade`) → JWT → OAuth introspection. A request that presents
+//! credentials no provider accepts is refused; it is never treated as anonymous.
 //!
 //! An API key's identity is borrowed from the configuration snapshot. A token's is built once
 //! per worker and token (its policy compiled from its scopes), cached until the token expires,
@@ -34,6 +34,8 @@ pub enum AuthMethod {
     ApiKey,
     /// A JWT bearer token.
     Jwt,
+    /// An OAuth access token (the facade's own, or an external authorization server's).
+    OAuth,
 }
 
 impl AuthMethod {
@@ -43,6 +45,7 @@ impl AuthMethod {
             AuthMethod::Anonymous => "anonymous",
             AuthMethod::ApiKey => "api_key",
             AuthMethod::Jwt => "jwt",
+            AuthMethod::OAuth => "oauth",
         }
     }
 }
@@ -159,6 +162,12 @@ impl JwtProvider {
     /// The identity a verified token becomes: `jwt:<subject>`, with the tools its scopes
     /// grant.
     pub fn identity(&self, v: &jwt::Verified) -> Identity {
+        self.identity_as(v, AuthMethod::Jwt, "jwt:")
+    }
+
+    /// As [`JwtProvider::identity`], for a token that authenticates as `method` under the id
+    /// namespace `prefix` (`oauth:` for the OAuth facade's tokens).
+    pub fn identity_as(&self, v: &jwt::Verified, method: AuthMethod, prefix: &str) -> Identity {
         // The tool entries the token's scopes grant (`None`: no mapping, every tool).
         let granted: Option<Vec<String>> = self.scope_tools.as_ref().map(|map| {
             v.scopes
@@ -202,8 +211,8 @@ impl JwtProvider {
             }
         }
         Identity {
-            id: Arc::from(format!("jwt:{}", v.subject)),
-            method: AuthMethod::Jwt,
+            id: Arc::from(format!("{prefix}{}", v.subject)),
+            method,
             policy: Arc::new(policy),
         }
     }
@@ -229,6 +238,8 @@ pub struct Authenticator {
     pub api_keys: Option<api_key::ApiKeys>,
     /// JWT bearer tokens, when configured.
     pub jwt: Option<JwtProvider>,
+    /// OAuth discovery, and mcp-guard's own authorization server when it is one.
+    pub oauth: Option<crate::facade::Oauth>,
     /// The identity every caller has when no provider is configured.
     pub anonymous: Identity,
 }
@@ -238,6 +249,7 @@ impl Default for Authenticator {
         Self {
             api_keys: None,
             jwt: None,
+            oauth: None,
             anonymous: Identity {
                 id: Arc::from("anonymous"),
                 method: AuthMethod::Anonymous,
@@ -250,12 +262,15 @@ impl Default for Authenticator {
 impl Authenticator {
     /// Whether any provider is configured (otherwise every caller is anonymous).
     pub fn requires_credentials(&self) -> bool {
-        self.api_keys.is_some() || self.jwt.is_some()
+        self.api_keys.is_some() || self.jwt.is_some() || self.oauth.is_some()
     }
 
     /// Starts what the providers run in the background (the JWKS refresher), taking over what
     /// `previous` already runs for the same source, keys included.
     pub fn start(&mut self, previous: Option<&Authenticator>) {
+        if let Some(oauth) = &mut self.oauth {
+            oauth.start(previous.and_then(|p| p.oauth.as_ref()));
+        }
         let Some(JwtProvider {
             keys: JwtKeys::Jwks(set),
             ..
@@ -299,6 +314,25 @@ impl Authenticator {
                 expires_at: None,
             });
         }
+        // The facade's own tokens first: one that is not signed by it goes on to `[auth.jwt]`.
+        if let (Some(oauth), Some(token)) = (&self.oauth, bearer)
+            && let Some(server) = &oauth.server
+            && looks_like_jwt(token)
+        {
+            if header_key.is_some() {
+                return Err(crate::facade::refusal("two_credentials"));
+            }
+            match server.authenticate(oauth, token, head.path(), slot) {
+                Ok(caller) => return Ok(caller),
+                Err(crate::facade::TokenRefusal::Refused(why)) => {
+                    return Err(crate::facade::refusal(why));
+                }
+                Err(crate::facade::TokenRefusal::NotOurs) if self.jwt.is_none() => {
+                    return Err(crate::facade::refusal("oauth_not_issued_here"));
+                }
+                Err(crate::facade::TokenRefusal::NotOurs) => {}
+            }
+        }
         if let (Some(jwt), Some(token)) = (&self.jwt, bearer)
             && looks_like_jwt(token)
         {
@@ -337,6 +371,8 @@ impl Authenticator {
             // Credentials no configured provider understands.
             let method = if self.jwt.is_some() {
                 AuthMethod::Jwt
+            } else if self.oauth.is_some() {
+                AuthMethod::OAuth
             } else {
                 AuthMethod::ApiKey
             };

@@ -491,6 +491,9 @@ fn validate_auth(file: &FileConfig, routes: &[Route]) -> Result<Authenticator, C
     if let Some(jwt) = &file.auth.jwt {
         auth.jwt = Some(validate_jwt(file, jwt, routes)?);
     }
+    if let Some(oauth) = &file.auth.oauth {
+        auth.oauth = Some(validate_oauth(file, oauth, routes)?);
+    }
     if file.auth.api_keys.is_empty() {
         return Ok(auth);
     }
@@ -1175,6 +1178,269 @@ fn validate_jwt(
     })
 }
 
+/// `server.public_url` as OAuth metadata needs it: `https://host[:port]` (or `http://` to a
+/// loopback host), without path, query, fragment or user; returned without a trailing slash.
+/// It is written into headers and metadata, so nothing else may appear in it.
+fn public_url(url: &str) -> Result<String, String> {
+    let url = url.strip_suffix('/').unwrap_or(url);
+    let parsed = crate::auth::fetch::IdpUrl::parse(url).map_err(|_| {
+        format!(
+            "`{}` must be https://host[:port] (http only to a loopback address)",
+            shown_url(url)
+        )
+    })?;
+    let authority = url.split_once("://").map_or("", |(_, a)| a);
+    if parsed.target != "/"
+        || !authority
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'))
+    {
+        return Err(format!(
+            "`{}` must be scheme://host[:port] with no path, query or fragment (OAuth metadata \
+             puts each endpoint's path after it)",
+            shown_url(url)
+        ));
+    }
+    Ok(url.to_ascii_lowercase())
+}
+
+/// An RFC 6749 scope token: visible ASCII without `"` or `\` (it is quoted in headers).
+fn is_scope_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| (0x21..=0x7e).contains(&b) && b != b'"' && b != b'\\')
+}
+
+/// `[auth.oauth]`: discovery metadata, and the facade when mcp-guard is the authorization
+/// server (provider github or google; okta or custom without `authorization_servers`).
+fn validate_oauth(
+    file: &FileConfig,
+    o: &schema::OauthSection,
+    routes: &[Route],
+) -> Result<crate::facade::Oauth, ConfigError> {
+    use crate::auth::fetch::IdpUrl;
+    use crate::facade::idp;
+    use schema::OauthProvider;
+    let k = |name: &str| format!("auth.oauth.{name}");
+    let base = file
+        .server
+        .public_url
+        .as_deref()
+        .ok_or_else(|| {
+            invalid(
+                "server.public_url",
+                "required with [auth.oauth]: clients are told the resource and metadata URLs from it",
+            )
+        })
+        .and_then(|u| public_url(u).map_err(|e| invalid("server.public_url", e)))?;
+    // Every MCP endpoint has metadata of its own; longest first, so a path finds its own.
+    let mut resource_paths: Vec<String> = Vec::new();
+    let sse = &file.server.sse_path;
+    for r in routes {
+        resource_paths.push(r.endpoint.clone());
+        if let Some(p) = &r.prefix {
+            resource_paths.push(p.clone());
+        }
+        resource_paths.push(if &*r.name == DEFAULT_ROUTE {
+            sse.clone()
+        } else {
+            format!("{sse}/{}", r.name)
+        });
+    }
+    resource_paths.retain(|p| p != "/");
+    resource_paths.sort_by(|a, b| b.len().cmp(&a.len()).then(a.cmp(b)));
+    resource_paths.dedup();
+    // Discovery and the facade answer before any route: a route there would never be reached.
+    if let Some(p) = resource_paths.iter().find(|p| {
+        p.starts_with("/.well-known/")
+            || *p == "/.well-known"
+            || *p == "/oauth"
+            || p.starts_with("/oauth/")
+    }) {
+        return Err(invalid(
+            "auth.oauth",
+            format!(
+                "the MCP endpoint `{p}` is under /.well-known or /oauth, which OAuth discovery and the authorization server answer"
+            ),
+        ));
+    }
+    for (i, s) in o.scopes.iter().enumerate() {
+        if !is_scope_token(s) {
+            return Err(invalid(
+                &format!("{}[{i}]", k("scopes")),
+                "a scope is 1-128 visible characters without spaces, quotes or backslashes",
+            ));
+        }
+    }
+    let names = if file.server.strict_tool_names {
+        Names::Tools
+    } else {
+        Names::Any
+    };
+    for (scope, tools) in &o.scope_tool_mapping {
+        if !is_scope_token(scope) {
+            return Err(invalid(
+                &format!("{}.{scope:?}", k("scope_tool_mapping")),
+                "a scope is 1-128 visible characters without spaces, quotes or backslashes",
+            ));
+        }
+        check_tool_patterns(
+            &format!("{}.{scope:?}", k("scope_tool_mapping")),
+            tools,
+            names,
+            routes,
+        )?;
+    }
+    for (key, url) in [("introspection_url", &o.introspection_url)] {
+        if let Some(u) = url {
+            IdpUrl::parse(u).map_err(|e| invalid(&k(key), e))?;
+        }
+    }
+    let facade = match o.provider {
+        OauthProvider::Github | OauthProvider::Google => {
+            if !o.authorization_servers.is_empty() {
+                return Err(invalid(
+                    &k("authorization_servers"),
+                    "must be empty for provider github or google: they cannot serve MCP \
+                     clients (no client registration, no resource-bound tokens), so mcp-guard \
+                     is the authorization server",
+                ));
+            }
+            true
+        }
+        OauthProvider::Okta | OauthProvider::Custom => o.authorization_servers.is_empty(),
+    };
+    if !facade {
+        for (i, a) in o.authorization_servers.iter().enumerate() {
+            let key = format!("{}[{i}]", k("authorization_servers"));
+            IdpUrl::parse(a).map_err(|e| invalid(&key, e))?;
+            if a.contains(['"', '?', '#']) {
+                return Err(invalid(&key, "an issuer URL has no query or fragment"));
+            }
+        }
+        return Ok(crate::facade::Oauth {
+            public_url: base,
+            resource_paths,
+            authorization_servers: o.authorization_servers.clone(),
+            scopes: o.scopes.clone(),
+            server: None,
+        });
+    }
+    let defaults = idp::defaults(o.provider);
+    if o.client_id.trim().is_empty() || o.client_id.len() > 512 {
+        return Err(invalid(&k("client_id"), "must be 1-512 characters"));
+    }
+    if matches!(o.provider, OauthProvider::Github | OauthProvider::Google)
+        && o.client_secret.as_deref().is_none_or(str::is_empty)
+    {
+        return Err(invalid(
+            &k("client_secret"),
+            "required for provider github or google (their token endpoints need it)",
+        ));
+    }
+    let url = |key: &str, set: &Option<String>, default: Option<&str>| {
+        let u = set.as_deref().or(default).ok_or_else(|| {
+            invalid(
+                &k(key),
+                "required for provider okta or custom when mcp-guard is the authorization server",
+            )
+        })?;
+        IdpUrl::parse(u).map_err(|e| invalid(&k(key), e))
+    };
+    let authorization_url = url(
+        "authorization_url",
+        &o.authorization_url,
+        defaults.authorization_url,
+    )?;
+    if authorization_url.target.contains('#') {
+        return Err(invalid(&k("authorization_url"), "must not have a fragment"));
+    }
+    let token_url = url("token_url", &o.token_url, defaults.token_url)?;
+    let userinfo_url = url("userinfo_url", &o.userinfo_url, defaults.userinfo_url)?;
+    let redirect_uri = o
+        .redirect_uri
+        .clone()
+        .unwrap_or_else(|| format!("{base}{}", crate::facade::DEFAULT_CALLBACK));
+    let callback_path = redirect_uri
+        .strip_prefix(base.as_str())
+        .filter(|p| is_normal_path(p) && p.len() > 1 && !p.contains(['?', '#']))
+        .ok_or_else(|| {
+            invalid(
+                &k("redirect_uri"),
+                format!(
+                    "must be server.public_url followed by a path (`{base}{}` by default): the \
+                     identity provider sends the browser back to mcp-guard there",
+                    crate::facade::DEFAULT_CALLBACK
+                ),
+            )
+        })?
+        .to_string();
+    let taken = [
+        crate::facade::AUTHORIZE_PATH,
+        crate::facade::TOKEN_PATH,
+        crate::facade::REGISTER_PATH,
+    ];
+    if taken.contains(&callback_path.as_str())
+        || callback_path.starts_with("/.well-known/")
+        || resource_paths
+            .iter()
+            .any(|r| callback_path == *r || callback_path.starts_with(&format!("{r}/")))
+    {
+        return Err(invalid(
+            &k("redirect_uri"),
+            format!("path `{callback_path}` is already an endpoint of the gateway"),
+        ));
+    }
+    let idp_scopes: Vec<String> = if o.scopes.is_empty() {
+        defaults.scopes.iter().map(|s| s.to_string()).collect()
+    } else {
+        o.scopes.clone()
+    };
+    let user_id_claim = o
+        .user_id_claim
+        .clone()
+        .unwrap_or_else(|| defaults.user_id_claim.to_string());
+    if user_id_claim.is_empty() || user_id_claim.len() > 256 {
+        return Err(invalid(&k("user_id_claim"), "must be 1-256 characters"));
+    }
+    let shared = crate::facade::Shared::new();
+    let tokens = crate::auth::JwtProvider {
+        rules: crate::auth::jwt::Rules {
+            algorithms: vec![crate::auth::jwt::Algorithm::HS256],
+            issuer: Some(base.clone()),
+            ..crate::auth::jwt::Rules::default()
+        },
+        keys: crate::auth::JwtKeys::Secret(shared.key_set()),
+        scope_tools: (!o.scope_tool_mapping.is_empty()).then(|| o.scope_tool_mapping.clone()),
+        routes: routes.iter().map(|r| r.name.clone()).collect(),
+        generation: u64::from_be_bytes(crate::mcp::session::random_bytes::<8>()),
+    };
+    let calls = idp::Calls::new(idp::IdpClient {
+        client_id: o.client_id.clone(),
+        client_secret: o.client_secret.clone(),
+        authorization_url: authorization_url.url,
+        token_url,
+        userinfo_url,
+        redirect_uri,
+        scopes: idp_scopes,
+        user_id_claim,
+    });
+    Ok(crate::facade::Oauth {
+        authorization_servers: vec![base.clone()],
+        public_url: base,
+        resource_paths,
+        // What this authorization server grants: the scopes the mapping knows.
+        scopes: o.scope_tool_mapping.keys().cloned().collect(),
+        server: Some(crate::facade::AuthServer {
+            callback_path,
+            calls: Arc::new(calls),
+            shared,
+            tokens,
+        }),
+    })
+}
+
 /// The tool rule of allow and deny entries on `server` (`None`: servers no entry names), where
 /// an entry `name/tool` applies to the routed server `name` only.
 pub fn tool_rule_for(
@@ -1792,5 +2058,133 @@ mod tests {
         assert!(err.contains("audit.file: is empty"), "{err}");
         let w = warnings_of("[admin]\nenabled = false\nport = 9\n[upstream]\ncommand = \"x\"\n");
         assert_eq!(w, ["admin.port has no effect: admin.enabled is false"]);
+    }
+
+    fn oauth_config(server: &str, oauth: &str) -> String {
+        format!("[server]\n{server}\n[upstream]\ncommand = \"x\"\n[auth.oauth]\n{oauth}\n")
+    }
+
+    const GITHUB: &str = "provider = \"github\"\nclient_id = \"c\"\nclient_secret = \"s\"";
+
+    #[test]
+    fn oauth_needs_a_public_url_that_is_an_origin() {
+        let ok = settings(&oauth_config(
+            "public_url = \"https://mcp.example.com/\"",
+            GITHUB,
+        ))
+        .unwrap();
+        let oauth = ok.auth.oauth.as_ref().unwrap();
+        assert_eq!(oauth.public_url, "https://mcp.example.com");
+        assert_eq!(oauth.authorization_servers, ["https://mcp.example.com"]);
+        assert!(oauth.server.is_some());
+        assert!(refusal(&oauth_config("", GITHUB)).contains("server.public_url: required"));
+        for bad in [
+            "http://mcp.example.com",
+            "https://mcp.example.com/guard",
+            "https://mcp.example.com?x=1",
+            "https://mcp.example.com#f",
+            "https://user@mcp.example.com",
+            "https://mcp.example.com\\\"x",
+            "ftp://mcp.example.com",
+        ] {
+            let text = oauth_config(&format!("public_url = {bad:?}"), GITHUB);
+            assert!(refusal(&text).starts_with("server.public_url"), "{bad}");
+        }
+        settings(&oauth_config(
+            "public_url = \"http://127.0.0.1:8080\"",
+            GITHUB,
+        ))
+        .unwrap();
+    }
+
+    #[test]
+    fn oauth_providers_decide_who_the_authorization_server_is() {
+        let url = "public_url = \"https://mcp.example.com\"";
+        let with_as = format!("{GITHUB}\nauthorization_servers = [\"https://idp.example.com\"]");
+        assert!(
+            refusal(&oauth_config(url, &with_as)).starts_with("auth.oauth.authorization_servers")
+        );
+        let no_secret = "provider = \"google\"\nclient_id = \"c\"";
+        assert!(refusal(&oauth_config(url, no_secret)).starts_with("auth.oauth.client_secret"));
+        // okta/custom without authorization_servers: the facade, which needs the IdP's URLs.
+        let custom = "provider = \"custom\"\nclient_id = \"c\"";
+        assert!(refusal(&oauth_config(url, custom)).starts_with("auth.oauth.authorization_url"));
+        // …with them: discovery only, advertising them.
+        let rs = format!(
+            "{custom}\nauthorization_servers = [\"https://idp.example.com\"]\nscopes = [\"mcp\"]"
+        );
+        let s = settings(&oauth_config(url, &rs)).unwrap();
+        let oauth = s.auth.oauth.as_ref().unwrap();
+        assert!(oauth.server.is_none());
+        assert_eq!(oauth.authorization_servers, ["https://idp.example.com"]);
+        let rs = format!("{custom}\nauthorization_servers = [\"http://idp.example.com\"]");
+        assert!(
+            refusal(&oauth_config(url, &rs)).starts_with("auth.oauth.authorization_servers[0]")
+        );
+    }
+
+    #[test]
+    fn oauth_values_that_reach_headers_or_urls_are_checked() {
+        let url = "public_url = \"https://mcp.example.com\"";
+        for (extra, key) in [
+            ("scopes = [\"a b\"]", "auth.oauth.scopes[0]"),
+            ("scopes = [\"a\\\"b\"]", "auth.oauth.scopes[0]"),
+            (
+                "redirect_uri = \"https://elsewhere.example.com/oauth/callback\"",
+                "auth.oauth.redirect_uri",
+            ),
+            (
+                "redirect_uri = \"https://mcp.example.com/mcp\"",
+                "auth.oauth.redirect_uri",
+            ),
+            (
+                "redirect_uri = \"https://mcp.example.com/oauth/token\"",
+                "auth.oauth.redirect_uri",
+            ),
+            (
+                "redirect_uri = \"https://mcp.example.com/a/../b\"",
+                "auth.oauth.redirect_uri",
+            ),
+            (
+                "token_url = \"http://idp.example.com/token\"",
+                "auth.oauth.token_url",
+            ),
+        ] {
+            let text = oauth_config(url, &format!("{GITHUB}\n{extra}"));
+            assert!(
+                refusal(&text).starts_with(key),
+                "{extra}: {}",
+                refusal(&text)
+            );
+        }
+        let text = format!(
+            "[server]\n{url}\nmcp_path = \"/oauth/mcp\"\n[upstream]\ncommand = \"x\"\n[auth.oauth]\n{GITHUB}\n"
+        );
+        assert!(
+            refusal(&text).starts_with("auth.oauth: the MCP endpoint `/oauth/mcp`"),
+            "{}",
+            refusal(&text)
+        );
+        let text = oauth_config(
+            url,
+            &format!("{GITHUB}\n[auth.oauth.scope_tool_mapping]\n\"a b\" = [\"*\"]"),
+        );
+        assert!(refusal(&text).starts_with("auth.oauth.scope_tool_mapping"));
+        let ok = oauth_config(
+            url,
+            &format!("{GITHUB}\nredirect_uri = \"https://mcp.example.com/auth/back\""),
+        );
+        let s = settings(&ok).unwrap();
+        assert_eq!(
+            s.auth
+                .oauth
+                .as_ref()
+                .unwrap()
+                .server
+                .as_ref()
+                .unwrap()
+                .callback_path,
+            "/auth/back"
+        );
     }
 }

@@ -257,7 +257,9 @@ pub struct ServerSection {
     /// `#` comments are skipped. Read at start and at each reload. Not with `session_keys`.
     #[schemars(extend("x-type" = "file path"))]
     pub session_key_file: Option<String>,
-    /// How clients reach the gateway; used in OAuth protected-resource metadata.
+    /// How clients reach the gateway, `https://host[:port]` (http only to a loopback address),
+    /// no path: the resource identifier and metadata URLs of OAuth discovery are built from
+    /// it, and the facade's issuer is it. Required with `[auth.oauth]`.
     #[schemars(extend("x-type" = "URL"))]
     pub public_url: Option<String>,
     /// (compat) TLS termination; absent = plain HTTP.
@@ -595,37 +597,47 @@ pub struct JwtSection {
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OauthSection {
-    /// (compat) The authorization server.
+    /// (compat) The identity provider. `github` and `google` always make mcp-guard the
+    /// authorization server MCP clients talk to (the facade); `okta` and `custom` do when
+    /// `authorization_servers` is empty.
     pub provider: OauthProvider,
-    /// (compat) The gateway's client id.
+    /// (compat) The gateway's client id at the identity provider.
     pub client_id: String,
-    /// (compat) The gateway's client secret.
+    /// (compat) The gateway's client secret at the identity provider (required for github and
+    /// google).
     pub client_secret: Option<String>,
-    /// (compat) Authorization endpoint.
+    /// (compat) Authorization endpoint (github and google have defaults).
     #[schemars(extend("x-type" = "URL"))]
     pub authorization_url: Option<String>,
-    /// (compat) Token endpoint.
+    /// (compat) Token endpoint (github and google have defaults); https, or http to loopback.
     #[schemars(extend("x-type" = "URL"))]
     pub token_url: Option<String>,
     /// (compat) RFC 7662 introspection endpoint; results are cached.
     #[schemars(extend("x-type" = "URL"))]
     pub introspection_url: Option<String>,
-    /// (compat) OpenID Connect userinfo endpoint.
+    /// (compat) Where the facade reads who signed in (github: `https://api.github.com/user`,
+    /// google: its OpenID userinfo).
     #[schemars(extend("x-type" = "URL"))]
     pub userinfo_url: Option<String>,
-    /// (compat) Redirect URI registered with the provider.
+    /// (compat) The facade's callback, registered with the provider: `server.public_url` plus
+    /// a path (default `<public_url>/oauth/callback`).
     #[schemars(extend("x-type" = "URL"))]
     pub redirect_uri: Option<String>,
-    /// (compat) Scopes requested.
+    /// (compat) Scopes requested: by the facade at the identity provider (default github
+    /// `read:user`, google `openid email`, others `openid profile`); without the facade, what
+    /// the challenge and metadata tell clients to ask the authorization servers for.
     #[serde(default)]
     pub scopes: Vec<String>,
-    /// (compat) Claim holding the user id.
+    /// (compat) The userinfo member naming the user (github default `id`, others `sub`); the
+    /// identity is `oauth:<it>`.
     pub user_id_claim: Option<String>,
-    /// Advertised in protected-resource metadata.
+    /// Advertised in protected-resource metadata; empty (with okta or custom) makes mcp-guard
+    /// the authorization server, advertising `server.public_url`.
     #[serde(default)]
     #[schemars(extend("x-type" = "list of URLs"))]
     pub authorization_servers: Vec<String>,
-    /// (compat) Scope → tools it grants; `"*"` = all.
+    /// (compat) Scope → tools it grants; `"*"` = all. With the facade, its keys are the scopes
+    /// clients may ask for (`scopes_supported`); empty: no scopes, every tool.
     #[serde(default)]
     #[schemars(extend("x-type" = "table of scope = list of tools"))]
     pub scope_tool_mapping: BTreeMap<String, Vec<String>>,

@@ -134,8 +134,9 @@ async fn serve_request<S: Connection>(
             if let Some(auth) = &meta.stream_auth {
                 auth.expires_at.set(a.expires_at());
             }
-            a
+            Ok(a)
         }
+        pipeline::Admission::OAuth(endpoint) => Err(endpoint),
         pipeline::Admission::Answered(mut reply) => {
             // Refused on the head: the body is not read. A body already wholly received is
             // skipped and the connection kept; one still on its way closes the connection.
@@ -159,7 +160,12 @@ async fn serve_request<S: Connection>(
             return None;
         }
     };
-    let handled = pipeline::handle(w, cfg, head, &body.bytes, admitted, &meta.request_id);
+    let handled = async {
+        match admitted {
+            Ok(a) => pipeline::handle(w, cfg, head, &body.bytes, a, &meta.request_id).await,
+            Err(endpoint) => crate::facade::serve(cfg, head, &body.bytes, endpoint, peer).await,
+        }
+    };
     let reply = match CatchPanic(handled).await {
         Ok(r) => r,
         Err(what) => {

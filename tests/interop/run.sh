@@ -44,3 +44,10 @@ trap '[ -n "$node_pid" ] && kill -TERM "$node_pid" 2>/dev/null; wait' INT TERM
 MCP_GUARD_BIN="$bin" timeout 170 node run.mjs &
 node_pid=$!
 wait "$node_pid"
+
+# OAuth: the TypeScript SDK's client authorization against mcp-guard as the authorization
+# server, in front of a fake GitHub (needs the demo server beside the gateway binary).
+echo "interop: OAuth discovery and the authorization-server facade"
+MCP_GUARD_BIN="$bin" timeout 60 node oauth.mjs &
+node_pid=$!
+wait "$node_pid"
