@@ -1859,4 +1859,55 @@ mod tests {
         let w = warnings_of("[admin]\nenabled = false\nport = 9\n[upstream]\ncommand = \"x\"\n");
         assert_eq!(w, ["admin.port has no effect: admin.enabled is false"]);
     }
+
+    const SIEM: &str = "[upstream]\ncommand = \"x\"\n[audit]\nexport_url = \"https://siem.example.com/ingest\"\nspool_dir = \"/var/lib/mcp-guard/spool\"\n";
+
+    #[test]
+    fn siem_export_is_validated_and_its_header_values_never_echoed() {
+        let s = settings(&format!(
+            "{SIEM}format = \"splunk_hec\"\nexport_headers = {{ Authorization = \"Splunk sekrit\" }}\n"
+        ))
+        .unwrap();
+        let export = s.audit.output.as_ref().unwrap().export.as_ref().unwrap();
+        assert_eq!(export.format, schema::ExportFormat::SplunkHec);
+        assert_eq!(export.batch_size, 100);
+        assert!(!format!("{export:?}").contains("sekrit"), "Debug shows a header value");
+        for (extra, key) in [
+            ("export_headers = { Authorization = \"Splunk sekrit\\r\\nX: y\" }", "audit.export_headers.Authorization"),
+            ("export_headers = { \"Content-Length\" = \"sekrit\" }", "audit.export_headers.Content-Length"),
+            ("export_batch_size = 0", "audit.export_batch_size"),
+            ("export_interval_secs = 0", "audit.export_interval_secs"),
+            ("spool_max_bytes = 1000", "audit.spool_max_bytes"),
+            ("spool_dir = \"\"", "audit.spool_dir"),
+        ] {
+            let text = format!("{SIEM}{extra}\n").replace(
+                "spool_dir = \"/var/lib/mcp-guard/spool\"\nspool_dir",
+                "spool_dir",
+            );
+            let err = refusal(&text);
+            assert!(err.starts_with(key), "{extra}: {err}");
+            assert!(!err.contains("sekrit"), "{err}");
+        }
+        let err = refusal("[upstream]\ncommand = \"x\"\n[audit]\nexport_url = \"https://s/i\"\n");
+        assert!(err.starts_with("audit.spool_dir: is required"), "{err}");
+        let err = refusal(&SIEM.replace("https://siem.example.com", "http://siem.example.com"));
+        assert!(err.contains("audit.export_url") && err.contains("SIEM URLs must be https"), "{err}");
+        assert!(refusal(&format!("{SIEM}format = \"syslog\"\n")).contains("format"));
+    }
+
+    #[test]
+    fn siem_keys_without_an_export_url_are_warned_about() {
+        let w = warnings_of(
+            "[upstream]\ncommand = \"x\"\n[audit]\nstdout = true\nformat = \"cef\"\nspool_dir = \"/tmp/s\"\n",
+        );
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].contains("audit.export_url is not set"), "{w:?}");
+        let w = warnings_of(&format!("{SIEM}enabled = false\n"));
+        assert!(w.iter().any(|w| w.starts_with("audit.export_url has no effect: audit.enabled is false")), "{w:?}");
+        // An export alone is a destination.
+        let s = settings(SIEM).unwrap();
+        assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+        let out = s.audit.output.unwrap();
+        assert!(out.file.is_none() && !out.stdout && out.export.is_some());
+    }
 }
