@@ -1871,10 +1871,19 @@ mod tests {
         let export = s.audit.output.as_ref().unwrap().export.as_ref().unwrap();
         assert_eq!(export.format, schema::ExportFormat::SplunkHec);
         assert_eq!(export.batch_size, 100);
-        assert!(!format!("{export:?}").contains("sekrit"), "Debug shows a header value");
+        assert!(
+            !format!("{export:?}").contains("sekrit"),
+            "Debug shows a header value"
+        );
         for (extra, key) in [
-            ("export_headers = { Authorization = \"Splunk sekrit\\r\\nX: y\" }", "audit.export_headers.Authorization"),
-            ("export_headers = { \"Content-Length\" = \"sekrit\" }", "audit.export_headers.Content-Length"),
+            (
+                "export_headers = { Authorization = \"Splunk sekrit\\r\\nX: y\" }",
+                "audit.export_headers.Authorization",
+            ),
+            (
+                "export_headers = { \"Content-Length\" = \"sekrit\" }",
+                "audit.export_headers.Content-Length",
+            ),
             ("export_batch_size = 0", "audit.export_batch_size"),
             ("export_interval_secs = 0", "audit.export_interval_secs"),
             ("spool_max_bytes = 1000", "audit.spool_max_bytes"),
@@ -1891,7 +1900,10 @@ mod tests {
         let err = refusal("[upstream]\ncommand = \"x\"\n[audit]\nexport_url = \"https://s/i\"\n");
         assert!(err.starts_with("audit.spool_dir: is required"), "{err}");
         let err = refusal(&SIEM.replace("https://siem.example.com", "http://siem.example.com"));
-        assert!(err.contains("audit.export_url") && err.contains("SIEM URLs must be https"), "{err}");
+        assert!(
+            err.contains("audit.export_url") && err.contains("SIEM URLs must be https"),
+            "{err}"
+        );
         assert!(refusal(&format!("{SIEM}format = \"syslog\"\n")).contains("format"));
     }
 
@@ -1903,7 +1915,11 @@ mod tests {
         assert_eq!(w.len(), 2, "{w:?}");
         assert!(w[0].contains("audit.export_url is not set"), "{w:?}");
         let w = warnings_of(&format!("{SIEM}enabled = false\n"));
-        assert!(w.iter().any(|w| w.starts_with("audit.export_url has no effect: audit.enabled is false")), "{w:?}");
+        assert!(
+            w.iter()
+                .any(|w| w.starts_with("audit.export_url has no effect: audit.enabled is false")),
+            "{w:?}"
+        );
         // An export alone is a destination.
         let s = settings(SIEM).unwrap();
         assert!(s.warnings.is_empty(), "{:?}", s.warnings);

@@ -49,7 +49,12 @@ pub fn check(settings: &Settings, ports: Ports) -> Vec<Problem> {
     if let Some(file) = settings.audit.output.as_ref().and_then(|o| o.file.as_ref()) {
         check_audit_file(file, &mut problems);
     }
-    if let Some(export) = settings.audit.output.as_ref().and_then(|o| o.export.as_ref()) {
+    if let Some(export) = settings
+        .audit
+        .output
+        .as_ref()
+        .and_then(|o| o.export.as_ref())
+    {
         check_spool_dir(&export.spool_dir, &mut problems);
     }
     problems
