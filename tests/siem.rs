@@ -565,3 +565,67 @@ fn validate_and_a_refused_reload_never_show_the_export_headers() {
     assert!(!logs.contains("another-sekrit-value"), "{logs}");
     assert_no_secret(&g);
 }
+
+#[test]
+fn splunk_hec_and_elastic_bulk_bodies_carry_every_event() {
+    for (format, content_type) in [
+        ("splunk_hec", "application/json"),
+        ("elastic_bulk", "application/x-ndjson"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, file) = (dir.path().join("spool"), dir.path().join("audit.jsonl"));
+        let siem = Siem::start();
+        let cfg = siem_config(
+            &siem.url(),
+            &spool,
+            &file,
+            &format!("format = \"{format}\"\n"),
+        );
+        let g = Gateway::start(&cfg);
+        let sid = initialize(g.addr);
+        pings(g.addr, &sid, 6, 2);
+        let written: HashSet<String> = wait_file_ids(&file, 8).into_iter().collect();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let received = loop {
+            let mut ids = Vec::new();
+            for p in siem.posts() {
+                assert!(
+                    p.headers
+                        .iter()
+                        .any(|(n, v)| n == "content-type" && v == content_type),
+                    "{format}: {:?}",
+                    p.headers
+                );
+                let values: Vec<serde_json::Value> = serde_json::Deserializer::from_slice(&p.body)
+                    .into_iter()
+                    .map(|v| v.expect("each body is a stream of JSON values"))
+                    .collect();
+                for (i, v) in values.iter().enumerate() {
+                    match format {
+                        "splunk_hec" => {
+                            assert!(v["time"].as_f64().unwrap() > 1.7e9, "{v}");
+                            assert_eq!(v["sourcetype"], "mcp-guard:audit");
+                            ids.push(event_id(&v["event"]));
+                        }
+                        _ if i % 2 == 0 => {
+                            assert_eq!(v["create"]["_id"], values[i + 1]["event_id"], "{v}")
+                        }
+                        _ => ids.push(event_id(v)),
+                    }
+                }
+                if format == "elastic_bulk" {
+                    assert!(p.body.ends_with(b"\n"), "a bulk body ends with a newline");
+                }
+            }
+            if ids.len() >= written.len() || Instant::now() > deadline {
+                break ids;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert_eq!(
+            received.iter().cloned().collect::<HashSet<_>>(),
+            written,
+            "{format}"
+        );
+    }
+}

@@ -160,7 +160,10 @@ impl Spool {
             else {
                 continue;
             };
-            let meta = entry.metadata()?;
+            // A file that vanished since the listing is no segment.
+            let Ok(meta) = entry.metadata() else {
+                continue;
+            };
             if meta.is_file() {
                 found.push(Segment {
                     seq,
