@@ -9,11 +9,18 @@ use std::collections::{BTreeMap, HashSet};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const SECRET: &str = "sekrit-hec-token-4242";
+
+/// The receiver takes the batch.
+const ANSWER_OK: u8 = 0;
+/// The receiver refuses it with 503 (the POST is not recorded).
+const ANSWER_503: u8 = 1;
+/// The receiver sends 2 MiB that never become an HTTP head (not recorded).
+const ANSWER_GARBAGE: u8 = 2;
 
 /// One POST the receiver took.
 #[derive(Debug, Clone)]
@@ -27,6 +34,8 @@ struct Post {
 struct Siem {
     addr: SocketAddr,
     posts: Arc<Mutex<Vec<Post>>>,
+    /// How it answers: [`ANSWER_OK`], [`ANSWER_503`] or [`ANSWER_GARBAGE`].
+    answer: Arc<AtomicU8>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -41,12 +50,13 @@ impl Siem {
         let addr = listener.local_addr().unwrap();
         listener.set_nonblocking(true).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
-        let (stop2, posts2) = (stop.clone(), posts.clone());
+        let answer = Arc::new(AtomicU8::new(ANSWER_OK));
+        let (stop2, posts2, answer2) = (stop.clone(), posts.clone(), answer.clone());
         let thread = std::thread::spawn(move || {
             while !stop2.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((s, _)) => {
-                        if let Some(post) = serve(s) {
+                        if let Some(post) = serve(s, answer2.load(Ordering::Relaxed)) {
                             posts2.lock().unwrap().push(post);
                         }
                     }
@@ -57,6 +67,7 @@ impl Siem {
         Siem {
             addr,
             posts,
+            answer,
             stop,
             thread: Some(thread),
         }
@@ -117,8 +128,8 @@ impl Drop for Siem {
     }
 }
 
-/// Reads one request, answers 200, and returns it.
-fn serve(mut s: TcpStream) -> Option<Post> {
+/// Reads one request and answers it as `answer` says; returns it when it was taken.
+fn serve(mut s: TcpStream, answer: u8) -> Option<Post> {
     s.set_nonblocking(false).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     let mut raw = Vec::new();
@@ -151,6 +162,19 @@ fn serve(mut s: TcpStream) -> Option<Post> {
             return None;
         }
         raw.extend_from_slice(&buf[..n]);
+    }
+    match answer {
+        ANSWER_503 => {
+            let _ = s.write_all(
+                b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+            );
+            return None;
+        }
+        ANSWER_GARBAGE => {
+            let _ = s.write_all(&vec![b'x'; 2 << 20]);
+            return None;
+        }
+        _ => {}
     }
     s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}")
         .ok()?;
@@ -403,8 +427,15 @@ fn the_spool_bound_drops_the_oldest_and_counts_them() {
         assert!(Instant::now() < deadline, "the bound was never hit");
         std::thread::sleep(Duration::from_millis(50));
     }
-    // Let the last batches reach the spool, then check the bound on disk.
-    std::thread::sleep(Duration::from_millis(1500));
+    // The SIEM was never up: every event goes through the spool exactly once.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while g.metric("mcp_guard_audit_export_events_spooled_total", &[]) < written.len() as f64 {
+        assert!(
+            Instant::now() < deadline,
+            "not every event reached the spool"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let on_disk: u64 = std::fs::read_dir(&spool)
         .unwrap()
         .filter_map(|e| e.ok())
@@ -421,8 +452,8 @@ fn the_spool_bound_drops_the_oldest_and_counts_them() {
     // When the SIEM returns, what is left arrives: the newest events, the oldest dropped.
     siem.restart();
     let newest: HashSet<String> = written[written.len() - 5..].iter().cloned().collect();
+    // The spool drains in order: once the newest are in, so is everything kept.
     assert!(siem.wait_for(&newest, Duration::from_secs(30)));
-    std::thread::sleep(Duration::from_millis(500));
     let received: HashSet<String> = siem.events().iter().map(event_id).collect();
     assert_eq!(
         received.len() + dropped,
@@ -628,4 +659,42 @@ fn splunk_hec_and_elastic_bulk_bodies_carry_every_event() {
             "{format}"
         );
     }
+}
+
+#[test]
+fn a_siem_that_refuses_or_answers_garbage_gets_everything_once_it_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, file) = (dir.path().join("spool"), dir.path().join("audit.jsonl"));
+    let siem = Siem::start();
+    siem.answer.store(ANSWER_GARBAGE, Ordering::Relaxed);
+    let g = Gateway::start(&siem_config(&siem.url(), &spool, &file, ""));
+    let sid = initialize(g.addr);
+    pings(g.addr, &sid, 10, 2);
+    let wait_retries = |n: f64| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while g.metric("mcp_guard_audit_export_retries_total", &[]) < n {
+            assert!(Instant::now() < deadline, "fewer than {n} retries");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_retries(1.0);
+    assert!(g.wait_log(
+        "cannot ship audit events to the SIEM",
+        Duration::from_secs(5)
+    ));
+    siem.answer.store(ANSWER_503, Ordering::Relaxed);
+    let after_garbage = g.metric("mcp_guard_audit_export_retries_total", &[]);
+    wait_retries(after_garbage + 1.0);
+    assert!(g.wait_log("it answered HTTP 503", Duration::from_secs(5)));
+    assert!(siem.posts().is_empty());
+    siem.answer.store(ANSWER_OK, Ordering::Relaxed);
+    let written: HashSet<String> = wait_file_ids(&file, 12).into_iter().collect();
+    assert!(siem.wait_for(&written, Duration::from_secs(30)));
+    assert!(g.wait_log("takes events again", Duration::from_secs(5)));
+    assert_in_order_per_queue(&siem.events());
+    assert_eq!(
+        g.metric("mcp_guard_audit_export_events_dropped_total", &[]),
+        0.0
+    );
+    assert_no_secret(&g);
 }

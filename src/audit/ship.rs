@@ -76,8 +76,8 @@ struct Shipper {
     retry_at: Instant,
     /// Jitter source (xorshift; unpredictability does not matter here, spread does).
     rng: u64,
-    /// Whether the SIEM is known to be down (to log the change once, not every retry).
-    down: bool,
+    /// Why the SIEM is down, when it is (logged when it changes, not at every retry).
+    down: Option<String>,
     backoff_cap: Duration,
 }
 
@@ -97,7 +97,7 @@ impl Shipper {
             failures: 0,
             retry_at: Instant::now(),
             rng: seed | 1,
-            down: false,
+            down: None,
             backoff_cap,
         }
     }
@@ -266,8 +266,7 @@ impl Shipper {
                 self.metrics.shipped.fetch_add(events.len() as u64, Relaxed);
                 self.failures = 0;
                 self.retry_at = Instant::now();
-                if self.down {
-                    self.down = false;
+                if self.down.take().is_some() {
                     tracing::info!(
                         target: "mcp_guard::audit",
                         "the SIEM at {} takes events again; the spool ({} bytes) drains in order",
@@ -279,13 +278,13 @@ impl Shipper {
             }
             Err(why) => {
                 self.metrics.retried.fetch_add(1, Relaxed);
-                if !self.down {
-                    self.down = true;
+                if self.down.as_deref() != Some(why.as_str()) {
                     tracing::warn!(
                         target: "mcp_guard::audit",
                         "cannot ship audit events to the SIEM at {}: {why}; events wait in the spool and are retried",
                         shown_url(&self.settings)
                     );
+                    self.down = Some(why);
                 }
                 self.back_off();
                 false
