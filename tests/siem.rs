@@ -349,6 +349,20 @@ fn a_restarted_gateway_ships_what_its_spool_held() {
     );
     assert_no_secret_in_logs(&g);
     drop(g);
+    // As if a crash had cut a write short: half a record at the end of the last segment.
+    let mut segments: Vec<_> = std::fs::read_dir(&spool)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .collect();
+    segments.sort();
+    let mut last = std::fs::OpenOptions::new()
+        .append(true)
+        .open(segments.last().expect("a segment"))
+        .unwrap();
+    last.write_all(&[200, 0, 0, 0, 1, 2, 3]).unwrap();
+    drop(last);
 
     // The SIEM is back and so is the gateway: the spool goes first.
     siem.restart();
@@ -359,6 +373,15 @@ fn a_restarted_gateway_ships_what_its_spool_held() {
         "spooled events not shipped after the restart"
     );
     assert_in_order_per_queue(&siem.events());
+    // The torn record was skipped and counted, and cost nothing else.
+    assert_eq!(
+        g.metric_settles(
+            "mcp_guard_audit_export_events_dropped_total",
+            &[("reason", "corrupt")],
+            1.0
+        ),
+        1.0
+    );
     assert_no_secret(&g);
 }
 
