@@ -259,10 +259,20 @@ fn assert_no_secret(g: &Gateway) {
 
 #[test]
 fn events_survive_a_siem_outage_in_order_and_at_least_once() {
+    // The shipper runs beside the workers, but the events come from them: both drivers.
+    for io in DRIVERS {
+        siem_outage(io);
+    }
+}
+
+fn siem_outage(io: &str) {
     let dir = tempfile::tempdir().unwrap();
     let (spool, file) = (dir.path().join("spool"), dir.path().join("audit.jsonl"));
     let mut siem = Siem::start();
-    let g = Gateway::start(&siem_config(&siem.url(), &spool, &file, ""));
+    let cfg = siem_config(&siem.url(), &spool, &file, "")
+        .replace("io = \"auto\"", &format!("io = \"{io}\""));
+    let g = Gateway::start(&cfg);
+    assert!(g.wait_log(&format!("{io} driver"), Duration::from_secs(5)));
     let sid = initialize(g.addr);
     pings(g.addr, &sid, 20, 4);
     let before: HashSet<String> = wait_file_ids(&file, 22).into_iter().collect();
