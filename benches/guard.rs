@@ -141,6 +141,7 @@ fn benches(c: &mut Criterion) {
         AuditOutput {
             file: Some("/dev/null".into()),
             stdout: false,
+            export: None,
         },
         &[1 << 16],
         metrics,

@@ -21,8 +21,8 @@
 //!   for its `/health` to say `ok` before the next block; each run block waits a quarter
 //!   second first (the reader's pause: the audit trail is written by its own thread, up to
 //!   50 ms after the call it records);
-//! - outputs are compared after blanking what differs on every run: audit timestamps, request
-//!   ids, client addresses and latencies.
+//! - outputs are compared after blanking what differs on every run: audit timestamps, event
+//!   and request ids, client addresses and latencies.
 
 mod common;
 
@@ -232,7 +232,10 @@ fn workspace() -> tempfile::TempDir {
     std::fs::create_dir(dir.path().join("examples")).unwrap();
     for e in std::fs::read_dir(examples).unwrap() {
         let e = e.unwrap();
-        std::fs::copy(e.path(), dir.path().join("examples").join(e.file_name())).unwrap();
+        // examples/deploy/ and the like are not read by the README's commands.
+        if e.path().is_file() {
+            std::fs::copy(e.path(), dir.path().join("examples").join(e.file_name())).unwrap();
+        }
     }
     dir
 }
@@ -302,7 +305,13 @@ fn start_server(dir: &Path, ports: &Ports, block: &Block) -> Server {
 /// Blanks the values that differ on every run: in audit lines, the JSON values of these fields.
 fn normalise(text: &str) -> String {
     let mut s = text.trim_end().to_string();
-    for field in ["timestamp", "request_id", "client_addr", "latency_us"] {
+    for field in [
+        "timestamp",
+        "event_id",
+        "request_id",
+        "client_addr",
+        "latency_us",
+    ] {
         let key = format!("\"{field}\":");
         let mut from = 0;
         while let Some(at) = s[from..].find(&key) {
@@ -397,10 +406,10 @@ fn the_readme_quick_start_and_secure_it_sections_run_as_written() {
 
 #[test]
 fn normalising_blanks_only_the_per_run_values() {
-    let line = r#"{"timestamp":"2026-11-28T12:00:00.123Z","request_id":"ab-01","client_addr":"127.0.0.1:5555","tool":"sleep","latency_us":812,"reason":"denied_by_deny_list"}"#;
+    let line = r#"{"timestamp":"2026-11-28T12:00:00.123Z","event_id":"f85de2cd20407d6a-0-3","request_id":"ab-01","client_addr":"127.0.0.1:5555","tool":"sleep","latency_us":812,"reason":"denied_by_deny_list"}"#;
     assert_eq!(
         normalise(line),
-        r#"{"timestamp":"_","request_id":"_","client_addr":"_","tool":"sleep","latency_us":"_","reason":"denied_by_deny_list"}"#
+        r#"{"timestamp":"_","event_id":"_","request_id":"_","client_addr":"_","tool":"sleep","latency_us":"_","reason":"denied_by_deny_list"}"#
     );
 }
 

@@ -2,8 +2,14 @@
 //!
 //! Workers hand events to their own bounded queue and never wait: a full queue drops the event
 //! and counts it. One writer thread drains every worker's queue, serialises, and writes to the
-//! file and/or stdout; SIGHUP (log rotation) makes it reopen the file. Secrets never enter an
-//! event: identities are ids, credentials are never copied in.
+//! file and/or stdout, and hands it to the SIEM shipper ([`ship`]) when `export_url` is set;
+//! SIGHUP (log rotation) makes it reopen the file. The writer stamps each event with an
+//! `event_id` (this run, the queue, the event's place in it) that a SIEM can deduplicate on.
+//! Secrets never enter an event: identities are ids, credentials are never copied in.
+
+pub mod export;
+pub mod ship;
+pub mod spool;
 
 use crate::observe::metrics::Metrics;
 use std::io::Write;
@@ -50,14 +56,24 @@ pub struct AuditEvent {
 }
 
 impl AuditEvent {
+    /// The JSON line (without the newline), without an event id.
+    pub fn to_json(&self) -> String {
+        self.to_json_with_id(None)
+    }
+
     /// The JSON line (without the newline), written field by field: this runs once per
     /// decision on the writer thread, so it avoids building a JSON tree.
-    pub fn to_json(&self) -> String {
+    pub fn to_json_with_id(&self, event_id: Option<&str>) -> String {
         use std::fmt::Write as _;
         let mut o = String::with_capacity(384);
         o.push_str("{\"timestamp\":\"");
         o.push_str(&rfc3339(self.time));
-        o.push_str("\",\"request_id\":");
+        o.push('"');
+        if let Some(id) = event_id {
+            o.push_str(",\"event_id\":");
+            json_str(&mut o, id);
+        }
+        o.push_str(",\"request_id\":");
         json_str(&mut o, &self.request_id);
         if let Some(c) = &self.client_request_id {
             o.push_str(",\"client_request_id\":");
@@ -177,6 +193,8 @@ pub struct AuditOutput {
     pub file: Option<PathBuf>,
     /// Also to stdout.
     pub stdout: bool,
+    /// Also to a SIEM.
+    pub export: Option<export::ExportSettings>,
 }
 
 /// Control handle of the writer thread.
@@ -184,6 +202,7 @@ pub struct AuditWriter {
     reopen: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     handle: Mutex<Option<std::thread::JoinHandle<()>>>,
+    shipper: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl AuditWriter {
@@ -205,17 +224,26 @@ impl AuditWriter {
             Some(p) => Some(open(p)?),
             None => None,
         };
+        let (ship, shipper) = match &output.export {
+            Some(settings) => {
+                let (tx, handle) =
+                    ship::start(settings.clone(), metrics.global.audit_export.clone())?;
+                (Some(tx), Some(handle))
+            }
+            None => (None, None),
+        };
         let reopen = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
         let (r2, s2) = (reopen.clone(), stop.clone());
         let handle = std::thread::Builder::new()
             .name("audit".into())
-            .spawn(move || write_loop(rxs, output, file, r2, s2, metrics))?;
+            .spawn(move || write_loop(rxs, output, file, ship, r2, s2, metrics))?;
         Ok((
             AuditWriter {
                 reopen,
                 stop,
                 handle: Mutex::new(Some(handle)),
+                shipper: Mutex::new(shipper),
             },
             sinks,
         ))
@@ -226,10 +254,14 @@ impl AuditWriter {
         self.reopen.store(true, Ordering::Relaxed);
     }
 
-    /// Drains what is queued and stops.
+    /// Drains what is queued and stops; the shipper then has the shutdown grace to hand the
+    /// rest to the SIEM before it leaves it in the spool.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(h) = self.handle.lock().ok().and_then(|mut g| g.take()) {
+            let _ = h.join();
+        }
+        if let Some(h) = self.shipper.lock().ok().and_then(|mut g| g.take()) {
             let _ = h.join();
         }
     }
@@ -257,16 +289,32 @@ fn open(p: &PathBuf) -> std::io::Result<std::io::BufWriter<std::fs::File>> {
     Ok(std::io::BufWriter::with_capacity(64 * 1024, f))
 }
 
+/// This run's part of every event id: random, so ids of different runs never meet.
+fn run_id() -> String {
+    let mut bytes = [0u8; 8];
+    // Without randomness the clock still tells runs apart.
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).is_err() {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        bytes = nanos.to_be_bytes();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 fn write_loop(
     rxs: Vec<Receiver<AuditEvent>>,
     output: AuditOutput,
     mut file: Option<std::io::BufWriter<std::fs::File>>,
+    mut ship: Option<SyncSender<String>>,
     reopen: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
 ) {
     let stdout = std::io::stdout();
     let mut line = String::with_capacity(512);
+    let run = run_id();
+    let mut sequence = vec![0u64; rxs.len()];
     let mut idle_sleep = MIN_IDLE_SLEEP;
     loop {
         let stopping = stop.load(Ordering::Relaxed);
@@ -287,11 +335,14 @@ fn write_loop(
             }
         }
         let mut wrote = 0u64;
-        for rx in &rxs {
+        for (queue, rx) in rxs.iter().enumerate() {
             // Bounded per pass so one busy worker cannot starve the others' queues.
             for ev in rx.try_iter().take(4096) {
+                sequence[queue] += 1;
+                let id = format!("{run}-{queue}-{}", sequence[queue]);
+                let json = ev.to_json_with_id(Some(&id));
                 line.clear();
-                line.push_str(&ev.to_json());
+                line.push_str(&json);
                 line.push('\n');
                 if let Some(f) = file.as_mut()
                     && let Err(e) = f.write_all(line.as_bytes())
@@ -300,6 +351,13 @@ fn write_loop(
                 }
                 if output.stdout {
                     let _ = stdout.lock().write_all(line.as_bytes());
+                }
+                // Waits when the shipper is behind (never a worker: their queues absorb it).
+                if let Some(tx) = &ship
+                    && tx.send(json).is_err()
+                {
+                    tracing::error!(target: "mcp_guard::audit", "the SIEM shipper stopped; events are no longer shipped");
+                    ship = None;
                 }
                 wrote += 1;
             }

@@ -1,5 +1,6 @@
 //! The small blocking HTTP(S) client that identity-provider calls use (JWKS now; token,
-//! introspection and userinfo later), run only on threads of their own, never on a worker.
+//! introspection and userinfo later) and the audit shipper posts with, run only on threads of
+//! their own, never on a worker.
 //! TLS is rustls with the ring provider and the Mozilla root set; `http://` is allowed only to
 //! loopback addresses (a sidecar, a test), never across a network where the keys that decide
 //! who is who could be swapped in transit.
@@ -126,7 +127,8 @@ fn tls_config() -> Arc<rustls::ClientConfig> {
 
 /// `GET url` with `headers`, the whole exchange bounded by `timeout`.
 pub fn get(url: &IdpUrl, headers: &[(&str, &str)], timeout: Duration) -> Result<Answer, String> {
-    send("GET", url, headers, None, timeout)
+    let raw = request("GET", url, headers, None, answer_complete, timeout)?;
+    parse_answer(&raw)
 }
 
 /// `POST url` with an `application/x-www-form-urlencoded` body (a token endpoint's request),
@@ -137,16 +139,45 @@ pub fn post_form(
     form: &str,
     timeout: Duration,
 ) -> Result<Answer, String> {
-    send("POST", url, headers, Some(form), timeout)
+    let body = Some(("application/x-www-form-urlencoded", form.as_bytes()));
+    let raw = request("POST", url, headers, body, answer_complete, timeout)?;
+    parse_answer(&raw)
 }
 
-fn send(
+/// `POST url` with `headers` and a `body` of `content_type`, bounded like [`get`], for the
+/// status alone: the audit shipper needs only to know whether a batch was taken, and a bulk
+/// API's per-item answer can outgrow [`MAX_ANSWER`].
+pub fn post_for_status(
+    url: &IdpUrl,
+    headers: &[(&str, &str)],
+    content_type: &str,
+    body: &[u8],
+    timeout: Duration,
+) -> Result<u16, String> {
+    let raw = request(
+        "POST",
+        url,
+        headers,
+        Some((content_type, body)),
+        head_complete,
+        timeout,
+    )?;
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut resp = httparse::Response::new(&mut headers);
+    match resp.parse(&raw) {
+        Ok(httparse::Status::Complete(_)) => Ok(resp.code.unwrap_or(0)),
+        _ => Err("not an HTTP response".into()),
+    }
+}
+
+fn request(
     method: &str,
     url: &IdpUrl,
     headers: &[(&str, &str)],
-    form: Option<&str>,
+    body: Option<(&str, &[u8])>,
+    complete: fn(&[u8]) -> bool,
     timeout: Duration,
-) -> Result<Answer, String> {
+) -> Result<Vec<u8>, String> {
     let deadline = Instant::now() + timeout;
     let mut last = "no address".to_string();
     let mut conn = None;
@@ -175,29 +206,36 @@ fn send(
     for (n, v) in headers {
         request.push_str(&format!("{n}: {v}\r\n"));
     }
-    if let Some(form) = form {
+    if let Some((content_type, body)) = body {
         request.push_str(&format!(
-            "content-type: application/x-www-form-urlencoded\r\ncontent-length: {}\r\n\r\n{form}",
-            form.len()
+            "content-type: {content_type}\r\ncontent-length: {}\r\n",
+            body.len()
         ));
-    } else {
-        request.push_str("\r\n");
     }
-    let raw = if url.tls {
+    request.push_str("\r\n");
+    let mut request = request.into_bytes();
+    if let Some((_, body)) = body {
+        request.extend_from_slice(body);
+    }
+    if url.tls {
         let name = rustls::pki_types::ServerName::try_from(url.host.clone())
             .map_err(|e| format!("`{}` is not a valid TLS server name: {e}", url.host))?;
         let client = rustls::ClientConnection::new(tls_config(), name)
             .map_err(|e| format!("TLS setup: {e}"))?;
         let mut stream = rustls::StreamOwned::new(client, tcp);
-        exchange(&mut stream, request.as_bytes(), deadline)?
+        exchange(&mut stream, &request, complete, deadline)
     } else {
         let mut tcp = tcp;
-        exchange(&mut tcp, request.as_bytes(), deadline)?
-    };
-    parse_answer(&raw)
+        exchange(&mut tcp, &request, complete, deadline)
+    }
 }
 
-fn exchange(s: &mut impl ReadWrite, request: &[u8], deadline: Instant) -> Result<Vec<u8>, String> {
+fn exchange(
+    s: &mut impl ReadWrite,
+    request: &[u8],
+    complete: fn(&[u8]) -> bool,
+    deadline: Instant,
+) -> Result<Vec<u8>, String> {
     s.write_all(request).map_err(|e| format!("sending: {e}"))?;
     s.flush().map_err(|e| format!("sending: {e}"))?;
     let mut raw = Vec::new();
@@ -213,7 +251,7 @@ fn exchange(s: &mut impl ReadWrite, request: &[u8], deadline: Instant) -> Result
                 if raw.len() > MAX_ANSWER + 64 * 1024 {
                     return Err(format!("answer over {MAX_ANSWER} bytes"));
                 }
-                if answer_complete(&raw) {
+                if complete(&raw) {
                     return Ok(raw);
                 }
             }
@@ -229,6 +267,13 @@ fn exchange(s: &mut impl ReadWrite, request: &[u8], deadline: Instant) -> Result
 
 trait ReadWrite: Read + Write {}
 impl<T: Read + Write> ReadWrite for T {}
+
+/// Whether `raw` holds a whole response head.
+fn head_complete(raw: &[u8]) -> bool {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut resp = httparse::Response::new(&mut headers);
+    matches!(resp.parse(raw), Ok(httparse::Status::Complete(_)))
+}
 
 /// Whether `raw` already holds a whole response (length-framed or chunked); otherwise the
 /// answer ends when the connection closes.

@@ -49,12 +49,6 @@ pub const UNBUILT: &[Unbuilt] = &[
         message: "the Redis rate-limit backend is not in this build yet; use `memory` (limits \
                   per process)",
     },
-    Unbuilt {
-        path: "audit.export_url",
-        trigger: Trigger::Present,
-        message: "SIEM export is not in this build yet; ship the audit file (audit.file) with \
-                  your log collector",
-    },
 ];
 
 /// Keys with no effect anywhere in this build: a warning when the file sets one.
@@ -66,26 +60,6 @@ pub const NO_EFFECT: &[(&str, &str)] = &[
     (
         "rate_limit.redis_failure",
         "it configures the redis backend, which this build does not support",
-    ),
-    (
-        "audit.export_batch_size",
-        "SIEM export (audit.export_url) is not in this build",
-    ),
-    (
-        "audit.export_interval_secs",
-        "SIEM export (audit.export_url) is not in this build",
-    ),
-    (
-        "audit.export_headers",
-        "SIEM export (audit.export_url) is not in this build",
-    ),
-    (
-        "audit.spool_dir",
-        "SIEM export (audit.export_url) is not in this build",
-    ),
-    (
-        "audit.spool_max_bytes",
-        "SIEM export (audit.export_url) is not in this build",
     ),
     (
         "tracing.enabled",
@@ -143,7 +117,6 @@ pub fn first_unbuilt_in(file: &FileConfig) -> Option<&'static Unbuilt> {
             RateBackend::Memory => "memory",
             RateBackend::Redis => "redis",
         })),
-        "audit.export_url" => file.audit.export_url.as_ref().map(|_| Seen::Other),
         _ => None,
     })
 }
@@ -299,22 +272,41 @@ pub fn ignored_keys(file: &FileConfig) -> Vec<String> {
     }
 
     let audit_keys = ["stdout", "file", "include_arguments", "queue_capacity"];
+    let export_keys = [
+        "export_batch_size",
+        "export_interval_secs",
+        "export_headers",
+        "format",
+        "spool_dir",
+        "spool_max_bytes",
+    ];
     if !file.audit.enabled {
-        for key in audit_keys {
+        for key in audit_keys.iter().chain(&["export_url"]).chain(&export_keys) {
             let path = format!("audit.{key}");
             if sets(&path) {
                 warn(&mut warnings, &path, "audit.enabled is false");
             }
         }
-    } else if !file.audit.stdout
-        && file.audit.file.is_none()
-        && audit_keys.iter().any(|k| sets(&format!("audit.{k}")))
-    {
-        warnings.push(
-            "[audit] has no destination, so no events are written: set audit.file or \
-             audit.stdout = true"
-                .to_string(),
-        );
+    } else {
+        if file.audit.export_url.is_none() {
+            for key in export_keys {
+                let path = format!("audit.{key}");
+                if sets(&path) {
+                    warn(&mut warnings, &path, "audit.export_url is not set");
+                }
+            }
+        }
+        if !file.audit.stdout
+            && file.audit.file.is_none()
+            && file.audit.export_url.is_none()
+            && audit_keys.iter().any(|k| sets(&format!("audit.{k}")))
+        {
+            warnings.push(
+                "[audit] has no destination, so no events are written: set audit.file, \
+                 audit.stdout = true or audit.export_url"
+                    .to_string(),
+            );
+        }
     }
 
     if !file.admin.enabled {

@@ -365,13 +365,15 @@ pub fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
     }
     let auth = Arc::new(validate_auth(file, &routes)?);
     let rate = validate_rate(file)?;
+    let export = validate_export(file)?;
     let audit = AuditSettings {
-        output: (file.audit.enabled && (file.audit.stdout || file.audit.file.is_some())).then(
-            || AuditOutput {
-                file: file.audit.file.as_ref().map(std::path::PathBuf::from),
-                stdout: file.audit.stdout,
-            },
-        ),
+        output: (file.audit.enabled
+            && (file.audit.stdout || file.audit.file.is_some() || export.is_some()))
+        .then(|| AuditOutput {
+            file: file.audit.file.as_ref().map(std::path::PathBuf::from),
+            stdout: file.audit.stdout,
+            export,
+        }),
         include_arguments: file.audit.include_arguments,
         queue_capacity: file.audit.queue_capacity,
     };
@@ -411,6 +413,70 @@ pub fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
         sessions,
     })
 }
+
+/// `[audit]`'s SIEM export, when `export_url` is set (and auditing on). Header values are
+/// secrets: errors name the header, never its value.
+fn validate_export(
+    file: &FileConfig,
+) -> Result<Option<crate::audit::export::ExportSettings>, ConfigError> {
+    let a = &file.audit;
+    let Some(url) = a.export_url.as_deref().filter(|_| a.enabled) else {
+        return Ok(None);
+    };
+    let url = crate::auth::fetch::IdpUrl::parse(url).map_err(|e| {
+        invalid(
+            "audit.export_url",
+            e.replace("identity-provider URLs", "SIEM URLs"),
+        )
+    })?;
+    if !(1..=10_000).contains(&a.export_batch_size) {
+        return Err(invalid("audit.export_batch_size", "must be 1..=10000"));
+    }
+    if !(1..=3600).contains(&a.export_interval_secs) {
+        return Err(invalid("audit.export_interval_secs", "must be 1..=3600"));
+    }
+    let mut headers = Vec::with_capacity(a.export_headers.len());
+    for (name, value) in &a.export_headers {
+        crate::audit::export::check_header(name, value)
+            .map_err(|e| invalid(&format!("audit.export_headers.{name}"), e))?;
+        headers.push((name.clone(), value.clone()));
+    }
+    let spool_dir = match a.spool_dir.as_deref() {
+        Some(d) if !d.trim().is_empty() => std::path::PathBuf::from(d),
+        Some(_) => {
+            return Err(invalid(
+                "audit.spool_dir",
+                "is empty; name a directory (an empty ${VAR} gives this)",
+            ));
+        }
+        None => {
+            return Err(invalid(
+                "audit.spool_dir",
+                "is required with audit.export_url: events wait there while the SIEM is \
+                 unreachable, and across restarts",
+            ));
+        }
+    };
+    if a.spool_max_bytes < MIN_SPOOL_BYTES {
+        return Err(invalid(
+            "audit.spool_max_bytes",
+            format!("must be at least {MIN_SPOOL_BYTES}"),
+        ));
+    }
+    Ok(Some(crate::audit::export::ExportSettings {
+        url,
+        format: a.format,
+        batch_size: a.export_batch_size,
+        interval: Duration::from_secs(a.export_interval_secs),
+        headers,
+        spool_dir,
+        spool_max_bytes: a.spool_max_bytes,
+        shutdown_grace: Duration::from_secs(file.server.shutdown_grace_secs),
+    }))
+}
+
+/// The smallest spool accepted (a few batches of large events).
+const MIN_SPOOL_BYTES: u64 = 64 * 1024;
 
 /// At most this many session keys (rotation needs two; a long list only slows every miss).
 const MAX_SESSION_KEYS: usize = 8;
@@ -2186,5 +2252,72 @@ mod tests {
                 .callback_path,
             "/auth/back"
         );
+    }
+
+    const SIEM: &str = "[upstream]\ncommand = \"x\"\n[audit]\nexport_url = \"https://siem.example.com/ingest\"\nspool_dir = \"/var/lib/mcp-guard/spool\"\n";
+
+    #[test]
+    fn siem_export_is_validated_and_its_header_values_never_echoed() {
+        let s = settings(&format!(
+            "{SIEM}format = \"splunk_hec\"\nexport_headers = {{ Authorization = \"Splunk sekrit\" }}\n"
+        ))
+        .unwrap();
+        let export = s.audit.output.as_ref().unwrap().export.as_ref().unwrap();
+        assert_eq!(export.format, schema::ExportFormat::SplunkHec);
+        assert_eq!(export.batch_size, 100);
+        assert!(
+            !format!("{export:?}").contains("sekrit"),
+            "Debug shows a header value"
+        );
+        for (extra, key) in [
+            (
+                "export_headers = { Authorization = \"Splunk sekrit\\r\\nX: y\" }",
+                "audit.export_headers.Authorization",
+            ),
+            (
+                "export_headers = { \"Content-Length\" = \"sekrit\" }",
+                "audit.export_headers.Content-Length",
+            ),
+            ("export_batch_size = 0", "audit.export_batch_size"),
+            ("export_interval_secs = 0", "audit.export_interval_secs"),
+            ("spool_max_bytes = 1000", "audit.spool_max_bytes"),
+            ("spool_dir = \"\"", "audit.spool_dir"),
+        ] {
+            let text = format!("{SIEM}{extra}\n").replace(
+                "spool_dir = \"/var/lib/mcp-guard/spool\"\nspool_dir",
+                "spool_dir",
+            );
+            let err = refusal(&text);
+            assert!(err.starts_with(key), "{extra}: {err}");
+            assert!(!err.contains("sekrit"), "{err}");
+        }
+        let err = refusal("[upstream]\ncommand = \"x\"\n[audit]\nexport_url = \"https://s/i\"\n");
+        assert!(err.starts_with("audit.spool_dir: is required"), "{err}");
+        let err = refusal(&SIEM.replace("https://siem.example.com", "http://siem.example.com"));
+        assert!(
+            err.contains("audit.export_url") && err.contains("SIEM URLs must be https"),
+            "{err}"
+        );
+        assert!(refusal(&format!("{SIEM}format = \"syslog\"\n")).contains("format"));
+    }
+
+    #[test]
+    fn siem_keys_without_an_export_url_are_warned_about() {
+        let w = warnings_of(
+            "[upstream]\ncommand = \"x\"\n[audit]\nstdout = true\nformat = \"cef\"\nspool_dir = \"/tmp/s\"\n",
+        );
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].contains("audit.export_url is not set"), "{w:?}");
+        let w = warnings_of(&format!("{SIEM}enabled = false\n"));
+        assert!(
+            w.iter()
+                .any(|w| w.starts_with("audit.export_url has no effect: audit.enabled is false")),
+            "{w:?}"
+        );
+        // An export alone is a destination.
+        let s = settings(SIEM).unwrap();
+        assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+        let out = s.audit.output.unwrap();
+        assert!(out.file.is_none() && !out.stdout && out.export.is_some());
     }
 }

@@ -49,6 +49,14 @@ pub fn check(settings: &Settings, ports: Ports) -> Vec<Problem> {
     if let Some(file) = settings.audit.output.as_ref().and_then(|o| o.file.as_ref()) {
         check_audit_file(file, &mut problems);
     }
+    if let Some(export) = settings
+        .audit
+        .output
+        .as_ref()
+        .and_then(|o| o.export.as_ref())
+    {
+        check_spool_dir(&export.spool_dir, &mut problems);
+    }
     problems
 }
 
@@ -189,6 +197,26 @@ fn check_audit_file(file: &Path, problems: &mut Vec<Problem>) {
     }
 }
 
+fn check_spool_dir(dir: &Path, problems: &mut Vec<Problem>) {
+    // The shipper creates it when missing: the nearest existing ancestor must take that.
+    let existing = dir.ancestors().find(|a| a.exists()).unwrap_or(dir);
+    let message = if !existing.is_dir() {
+        format!("`{}` is not a directory", existing.display())
+    } else if !writable(existing) {
+        format!(
+            "`{}` is not writable by this user; choose another audit.spool_dir or fix its \
+             permissions",
+            existing.display()
+        )
+    } else {
+        return;
+    };
+    problems.push(Problem {
+        key: "audit.spool_dir".into(),
+        message,
+    });
+}
+
 /// Whether this process may create files in `dir`.
 #[allow(unsafe_code)]
 fn writable(dir: &Path) -> bool {
@@ -242,6 +270,21 @@ mod tests {
         let mut p = Vec::new();
         let tmp = std::env::temp_dir().join("a/b/audit.jsonl");
         check_audit_file(&tmp, &mut p);
+        assert!(p.is_empty(), "{p:?}");
+    }
+
+    #[test]
+    fn a_spool_directory_must_be_creatable() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("plain-file");
+        std::fs::write(&file, "x").unwrap();
+        let mut p = Vec::new();
+        check_spool_dir(&file.join("spool"), &mut p);
+        check_spool_dir(&file, &mut p);
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(p.iter().all(|p| p.key == "audit.spool_dir"), "{p:?}");
+        let mut p = Vec::new();
+        check_spool_dir(&dir.path().join("a/b/spool"), &mut p);
         assert!(p.is_empty(), "{p:?}");
     }
 }

@@ -460,9 +460,9 @@ file is stale), so every key the gateway accepts is here, and nothing else.
 
 - **Checking a file.** `mcp-guard validate --config FILE` loads it exactly as start-up does and
   checks the world it points at (the stdio command resolves and is executable, `cwd` is a
-  directory, the audit file's directory is writable, the ports are free). Errors name
-  `file:line:col` and the key; an unknown key gets the nearest valid one as a hint; a value of
-  the wrong type is described in the words of the *type* column below.
+  directory, the audit file's directory and the SIEM spool directory are writable, the ports
+  are free). Errors name `file:line:col` and the key; an unknown key gets the nearest valid one
+  as a hint; a value of the wrong type is described in the words of the *type* column below.
 - **Compatibility.** Keys marked *(compat)* are spelled as in the original mcp-guard format, so
   existing files load unchanged.
 - **Environment.** `${NAME}` inside a string is replaced by the variable's value (escaped, so a

@@ -706,6 +706,22 @@ impl Default for RateLimitSection {
     }
 }
 
+/// `format`: the body of a SIEM batch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ExportFormat {
+    /// One JSON array of event objects per POST (`application/json`).
+    #[default]
+    Json,
+    /// Splunk HTTP Event Collector: `{"time":…,"event":{…}}` objects, concatenated.
+    SplunkHec,
+    /// Elasticsearch/OpenSearch `_bulk`: a `create` action (the event id as `_id`) and the
+    /// event, as NDJSON.
+    ElasticBulk,
+    /// ArcSight Common Event Format: one `CEF:0|…` line per event.
+    Cef,
+}
+
 /// The audit trail: one JSON line per decision, written off the request path.
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
@@ -727,17 +743,24 @@ pub struct AuditSection {
     /// (compat) Events per SIEM batch, 1–10000.
     #[schemars(extend("x-type" = "whole number 1–10000", "x-reload" = "restart"))]
     pub export_batch_size: usize,
-    /// (compat) Seconds between SIEM batches.
-    #[schemars(extend("x-type" = "seconds (whole number, at least 1)", "x-reload" = "restart"))]
+    /// (compat) The longest an event waits for its batch to fill before the batch is sent.
+    #[schemars(extend("x-type" = "seconds (whole number 1–3600)", "x-reload" = "restart"))]
     pub export_interval_secs: u64,
-    /// (compat) Headers sent with each SIEM batch.
+    /// (compat) Headers sent with each SIEM batch (the SIEM's token, typically: never logged,
+    /// shown or put in metrics).
     #[schemars(extend("x-type" = "table of header name = value", "x-reload" = "restart"))]
     pub export_headers: BTreeMap<String, String>,
-    /// Events wait here while the SIEM is unreachable.
+    /// Body of each SIEM batch: `json` (one JSON array of events), `splunk_hec` (HEC event
+    /// objects), `elastic_bulk` (`_bulk` NDJSON, the event id as `_id`) or `cef` (one
+    /// `CEF:0` line per event).
+    #[schemars(extend("x-reload" = "restart"))]
+    pub format: ExportFormat,
+    /// Events wait here while the SIEM is unreachable, and across restarts (required with
+    /// `export_url`; one gateway per directory).
     #[schemars(extend("x-type" = "directory path", "x-reload" = "restart"))]
     pub spool_dir: Option<String>,
     /// Spool cap; beyond it the oldest events are dropped, and counted.
-    #[schemars(extend("x-type" = "bytes (whole number)", "x-reload" = "restart"))]
+    #[schemars(extend("x-type" = "bytes (whole number, at least 65536)", "x-reload" = "restart"))]
     pub spool_max_bytes: u64,
     /// Tool arguments in events (they may hold personal data).
     pub include_arguments: bool,
@@ -756,6 +779,7 @@ impl Default for AuditSection {
             export_batch_size: 100,
             export_interval_secs: 5,
             export_headers: BTreeMap::new(),
+            format: ExportFormat::Json,
             spool_dir: None,
             spool_max_bytes: 1 << 30,
             include_arguments: false,

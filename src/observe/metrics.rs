@@ -204,6 +204,8 @@ pub struct GlobalMetrics {
     pub stream_messages_dropped: AtomicU64,
     /// Audit events written.
     pub audit_written: AtomicU64,
+    /// The SIEM shipper's counters.
+    pub audit_export: Arc<crate::audit::export::ExportMetrics>,
     /// Messages the stdio router dropped, by [`DropReason::index`].
     pub stdio_dropped: [AtomicU64; DropReason::ALL.len()],
 }
@@ -431,6 +433,7 @@ impl Metrics {
             "Failed-authentication audit events not written: their client address was over its allowance.",
             sum(&|w| w.audit_suppressed.load(Relaxed)),
         );
+        self.global.audit_export.render(&mut out);
         write_metric(
             &mut out,
             "mcp_guard_request_panics_total",
