@@ -50,12 +50,6 @@ pub const UNBUILT: &[Unbuilt] = &[
                   serve without them (use [[auth.api_keys]], or remove [auth.mtls])",
     },
     Unbuilt {
-        path: "rate_limit.backend",
-        trigger: Trigger::Equals("redis"),
-        message: "the Redis rate-limit backend is not in this build yet; use `memory` (limits \
-                  per process)",
-    },
-    Unbuilt {
         path: "audit.export_url",
         trigger: Trigger::Present,
         message: "SIEM export is not in this build yet; ship the audit file (audit.file) with \
@@ -68,14 +62,6 @@ pub const NO_EFFECT: &[(&str, &str)] = &[
     (
         "server.public_url",
         "it is used in OAuth metadata, which this build does not serve",
-    ),
-    (
-        "rate_limit.redis_url",
-        "it configures the redis backend, which this build does not support",
-    ),
-    (
-        "rate_limit.redis_failure",
-        "it configures the redis backend, which this build does not support",
     ),
     (
         "audit.export_batch_size",
@@ -150,10 +136,6 @@ pub fn first_unbuilt_in(file: &FileConfig) -> Option<&'static Unbuilt> {
         "server.tls" => file.server.tls.as_ref().map(|_| Seen::Other),
         "auth.oauth" => file.auth.oauth.as_ref().map(|_| Seen::Other),
         "auth.mtls.enabled" => file.auth.mtls.as_ref().map(|m| Seen::Bool(m.enabled)),
-        "rate_limit.backend" => Some(Seen::Str(match file.rate_limit.backend {
-            RateBackend::Memory => "memory",
-            RateBackend::Redis => "redis",
-        })),
         "audit.export_url" => file.audit.export_url.as_ref().map(|_| Seen::Other),
         _ => None,
     })
@@ -285,6 +267,8 @@ pub fn ignored_keys(file: &FileConfig) -> Vec<String> {
             "backend",
             "redis_url",
             "redis_failure",
+            "redis_replicas",
+            "redis_lease_timeout_ms",
         ] {
             let path = format!("rate_limit.{key}");
             if sets(&path) {
@@ -298,6 +282,18 @@ pub fn ignored_keys(file: &FileConfig) -> Vec<String> {
                     &format!("auth.api_keys[{i}].rate_limit"),
                     "rate_limit.enabled is false",
                 );
+            }
+        }
+    } else if file.rate_limit.backend == RateBackend::Memory {
+        for key in [
+            "redis_url",
+            "redis_failure",
+            "redis_replicas",
+            "redis_lease_timeout_ms",
+        ] {
+            let path = format!("rate_limit.{key}");
+            if sets(&path) {
+                warn(&mut warnings, &path, "rate_limit.backend is \"memory\"");
             }
         }
     }

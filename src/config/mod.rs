@@ -71,6 +71,8 @@ pub struct RateSettings {
     pub burst: u32,
     /// Per identity × tool.
     pub per_tool: HashMap<String, Limit>,
+    /// The Redis backend's settings (`None`: limits per process).
+    pub redis: Option<crate::ratelimit::redis::RedisSettings>,
 }
 
 /// `[audit]`, validated.
@@ -642,7 +644,13 @@ fn validate_rate(file: &FileConfig) -> Result<RateSettings, ConfigError> {
             },
         );
     }
+    let redis = if r.enabled && r.backend == schema::RateBackend::Redis {
+        Some(validate_redis(r)?)
+    } else {
+        None
+    };
     Ok(RateSettings {
+        redis,
         enabled: r.enabled,
         default: Limit {
             rate: f64::from(r.requests_per_second.max(1)),
@@ -650,6 +658,35 @@ fn validate_rate(file: &FileConfig) -> Result<RateSettings, ConfigError> {
         },
         burst: r.burst_size.max(1),
         per_tool,
+    })
+}
+
+fn validate_redis(
+    r: &schema::RateLimitSection,
+) -> Result<crate::ratelimit::redis::RedisSettings, ConfigError> {
+    let Some(url) = &r.redis_url else {
+        return Err(invalid(
+            "rate_limit.redis_url",
+            "is required when rate_limit.backend is \"redis\"",
+        ));
+    };
+    // The message never repeats the URL: it may hold a password.
+    let url = crate::ratelimit::resp::RedisUrl::parse(url)
+        .map_err(|why| invalid("rate_limit.redis_url", &why))?;
+    if !(1..=10_000).contains(&r.redis_replicas) {
+        return Err(invalid("rate_limit.redis_replicas", "must be 1–10000"));
+    }
+    if !(1..=10_000).contains(&r.redis_lease_timeout_ms) {
+        return Err(invalid(
+            "rate_limit.redis_lease_timeout_ms",
+            "must be 1–10000 (milliseconds)",
+        ));
+    }
+    Ok(crate::ratelimit::redis::RedisSettings {
+        url,
+        failure: r.redis_failure,
+        replicas: r.redis_replicas,
+        lease_timeout: Duration::from_millis(r.redis_lease_timeout_ms),
     })
 }
 
