@@ -184,9 +184,11 @@ impl Inner {
                 granted: want,
                 retry_after: Duration::ZERO,
             },
+            // Workers remember a refusal for its retry-after: no longer than until the next
+            // probe, so shared limits resume soon after Redis does.
             RedisFailure::Closed => Lease {
                 granted: 0,
-                retry_after: Duration::from_secs(1),
+                retry_after: PROBE_EVERY,
             },
         }
     }

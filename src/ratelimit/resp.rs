@@ -451,7 +451,7 @@ mod tests {
             parse(b"*2\r\n:3\r\n$2\r\nok\r\n").unwrap(),
             Some((
                 Reply::Array(Some(vec![Reply::Int(3), Reply::Bulk(Some(b"ok".to_vec()))])),
-                17
+                16
             ))
         );
         assert_eq!(parse(b"-NOSCRIPT x\r\n").unwrap().unwrap().0, Reply::Error("NOSCRIPT x".into()));

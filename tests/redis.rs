@@ -1,0 +1,496 @@
+//! Fleet rate limits through a real `redis-server`: two gateway processes sharing one limit,
+//! Redis killed and restarted under each `redis_failure` rule, hostile identities against the
+//! key scheme and Redis memory, and a `redis_url` password that never shows.
+//!
+//! Without `redis-server` on the PATH these tests say so loudly and pass, unless `CI` is set:
+//! there its absence is a failure (`.ci/run` installs it).
+
+mod common;
+
+use common::*;
+use mcp_guard::cli::hash_key;
+use mcp_guard::ratelimit::resp::{Conn, RedisUrl, Reply};
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+const BOB: &str = "bob-key-9a8b7c";
+/// The background load's identity (its own bucket, so it never spends bob's).
+const CAROL: &str = "carol-key-51f0e2";
+const PASSWORD: &str = "s3cret-redis-pw-7d1e";
+
+/// The `redis-server` binary, or `None` (after saying so) when the test should be skipped.
+fn redis_binary() -> Option<String> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .chain(["/usr/bin".into(), "/usr/sbin".into()])
+            .map(|d| d.join("redis-server"))
+            .find(|p| p.is_file())
+    });
+    match found {
+        Some(p) => Some(p.to_string_lossy().into_owned()),
+        None if std::env::var_os("CI").is_some() => {
+            panic!("redis-server is not installed, and CI is set: install it (apt-get install redis-server)")
+        }
+        None => {
+            eprintln!(
+                "\n*** SKIPPED: redis-server is not installed; the Redis rate-limit tests did not run \
+                 (apt-get install redis-server) ***\n"
+            );
+            None
+        }
+    }
+}
+
+/// A `redis-server` of this test's own on a loopback port, without persistence; killed on drop.
+struct Redis {
+    binary: String,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Redis {
+    fn start(binary: &str) -> Redis {
+        // redis-server needs a port up front: take a free one from the kernel.
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut r = Redis {
+            binary: binary.to_string(),
+            port,
+            child: None,
+        };
+        r.restart();
+        r
+    }
+
+    fn url(&self) -> String {
+        format!("redis://:{PASSWORD}@127.0.0.1:{}/0", self.port)
+    }
+
+    /// Starts it (again, on the same port) and waits until it answers.
+    fn restart(&mut self) {
+        let child = Command::new(&self.binary)
+            .args(["--bind", "127.0.0.1", "--port"])
+            .arg(self.port.to_string())
+            .args(["--save", "", "--appendonly", "no", "--requirepass", PASSWORD])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(mut c) = self.conn()
+                && c.command(&[b"PING"]) == Ok(Reply::Simple("PONG".into()))
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "redis-server did not answer");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn conn(&self) -> Result<Conn, String> {
+        Conn::open(
+            &RedisUrl::parse(&self.url()).unwrap(),
+            Duration::from_secs(2),
+        )
+    }
+
+    /// The keys the limiter wrote.
+    fn keys(&self) -> Vec<String> {
+        let mut c = self.conn().unwrap();
+        match c.command(&[b"KEYS", b"*"]).unwrap() {
+            Reply::Array(Some(items)) => items
+                .into_iter()
+                .map(|i| match i {
+                    Reply::Bulk(Some(b)) => String::from_utf8(b).unwrap(),
+                    other => panic!("{other:?}"),
+                })
+                .collect(),
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A gateway with bob's API key, the stdio demo upstream, two workers and `[rate_limit]` on
+/// Redis with `rate_tail` appended.
+fn gateway_config(redis: &Redis, rate_tail: &str) -> String {
+    format!(
+        "{}\n[[auth.api_keys]]\nid = \"bob\"\nkey_hash = \"{}\"\n\n[[auth.api_keys]]\nid = \"carol\"\nkey_hash = \"{}\"\n\n[rate_limit]\nbackend = \"redis\"\nredis_url = \"{}\"\n{rate_tail}\n",
+        stdio_config("auto", "", &[]),
+        hash_key(BOB),
+        hash_key(CAROL),
+        redis.url()
+    )
+}
+
+/// What a run of requests met.
+#[derive(Debug, Default, Clone, Copy)]
+struct Tally {
+    admitted: u64,
+    limited: u64,
+    failed: u64,
+}
+
+/// `n` sessionless pings as bob on one connection to `addr`: [`pings_as`].
+fn pings(addr: SocketAddr, n: u32) -> Tally {
+    pings_as(addr, BOB, n)
+}
+
+/// `n` sessionless pings with API key `key` on one connection to `addr`. The stdio upstream answers a ping
+/// without a session 400 after the limiter let it through: anything but 429 was admitted;
+/// anything but 200/400/429 (or a dropped connection) failed.
+fn pings_as(addr: SocketAddr, key: &str, n: u32) -> Tally {
+    let raw = mcp_post_raw(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#, None, &bearer(key));
+    let mut t = Tally::default();
+    let mut s = connect(addr);
+    for _ in 0..n {
+        if s.write_all(raw.as_bytes()).is_err() {
+            t.failed += 1;
+            s = connect(addr);
+            continue;
+        }
+        match read_response(&mut s).map(|r| r.status) {
+            Some(200 | 400) => t.admitted += 1,
+            Some(429) => t.limited += 1,
+            _ => {
+                t.failed += 1;
+                s = connect(addr);
+            }
+        }
+    }
+    t
+}
+
+/// `threads` connections at once, `n` pings each, spread over `addrs` in turn.
+fn concurrent_pings(addrs: &[SocketAddr], threads: usize, n: u32) -> Tally {
+    let handles: Vec<_> = (0..threads)
+        .map(|i| {
+            let addr = addrs[i % addrs.len()];
+            std::thread::spawn(move || pings(addr, n))
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .fold(Tally::default(), |a, b| Tally {
+            admitted: a.admitted + b.admitted,
+            limited: a.limited + b.limited,
+            failed: a.failed + b.failed,
+        })
+}
+
+fn assert_password_hidden(g: &Gateway) {
+    let logs = g.logs.lock().unwrap().join("\n");
+    assert!(!logs.contains(PASSWORD), "password in the logs:\n{logs}");
+    assert!(logs.contains("redis://:***@127.0.0.1"), "{logs}");
+    let metrics = g.admin_get("/metrics").text();
+    assert!(!metrics.contains(PASSWORD));
+}
+
+#[test]
+fn two_gateways_share_one_limit_within_the_stated_bound() {
+    let Some(bin) = redis_binary() else { return };
+    let redis = Redis::start(&bin);
+    // rate 5/s, burst 40; `closed`, so a lease Redis did not answer refuses (a slow machine
+    // can only lower the count, never lift it past the bound).
+    let cfg = gateway_config(
+        &redis,
+        "requests_per_second = 5\nburst_size = 40\nredis_failure = \"closed\"\nredis_lease_timeout_ms = 1000\n",
+    );
+    let (a, b) = (Gateway::start(&cfg), Gateway::start(&cfg));
+    let start = Instant::now();
+    let t = concurrent_pings(&[a.addr, b.addr], 8, 30);
+    let elapsed = start.elapsed().as_secs_f64();
+    // docs/security.md: at most b + r·(T + 2·LEASE_TTL + lease_timeout) across any number of
+    // replicas (LEASE_TTL = 0.25 s). Two separate per-process limits would admit at least 2·b.
+    let bound = 40.0 + 5.0 * (elapsed + 0.5 + 1.0);
+    eprintln!("two gateways: {t:?} over {elapsed:.2}s; bound {bound:.1}");
+    assert_eq!(t.failed, 0, "{t:?}");
+    assert_eq!(t.admitted + t.limited, 240);
+    assert!(
+        (t.admitted as f64) <= bound,
+        "admitted {} > bound {bound:.1} over {elapsed:.2}s",
+        t.admitted
+    );
+    assert!(t.admitted >= 20, "{t:?}");
+    for g in [&a, &b] {
+        assert!(g.metric("mcp_guard_ratelimit_redis_leases_total", &[]) >= 1.0);
+        assert_eq!(g.metric("mcp_guard_ratelimit_redis_fallback_active", &[]), 0.0);
+        assert_password_hidden(g);
+    }
+    // Keys are hashes under a per-caller hash tag, and they expire.
+    let keys = redis.keys();
+    assert!(!keys.is_empty());
+    let mut c = redis.conn().unwrap();
+    for k in &keys {
+        assert!(k.starts_with("mcpg:rl:{"), "{k}");
+        assert!(!k.contains("bob"), "{k}");
+        match c.command(&[b"PTTL", k.as_bytes()]).unwrap() {
+            Reply::Int(ms) => assert!(ms > 0 && ms <= 20_000, "{k}: {ms}"),
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+/// Background load on `addr` as carol until `stop`: counts failed requests.
+fn background_load(addr: SocketAddr, stop: Arc<AtomicBool>) -> (std::thread::JoinHandle<()>, Arc<AtomicU64>) {
+    let failed = Arc::new(AtomicU64::new(0));
+    let f = failed.clone();
+    let h = std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            f.fetch_add(pings_as(addr, CAROL, 5).failed, Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    (h, failed)
+}
+
+fn wait_metric(g: &Gateway, name: &str, want: f64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while g.metric(name, &[]) != want {
+        assert!(
+            Instant::now() < deadline,
+            "{name} never became {want}; logs:\n{}",
+            g.logs.lock().unwrap().join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Redis killed under load and started again, with `rule`: returns the tally of a burst sent
+/// while Redis was down, after checking what holds in every mode (no failed request, the
+/// fallback gauge, recovery with shared limits once Redis is back).
+fn kill_and_restart(rule: &str) -> Option<Tally> {
+    let bin = redis_binary()?;
+    let mut redis = Redis::start(&bin);
+    // rate 2/s, burst 20, two replicas expected: `local` allows burst 10 at 1/s on this node.
+    let cfg = gateway_config(
+        &redis,
+        &format!(
+            "requests_per_second = 2\nburst_size = 20\nredis_failure = \"{rule}\"\nredis_replicas = 2\nredis_lease_timeout_ms = 1000\n"
+        ),
+    );
+    let g = Gateway::start(&cfg);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (load, load_failed) = background_load(g.addr, stop.clone());
+    // Shared limits: the burst, then refusals.
+    let before = concurrent_pings(&[g.addr], 4, 10);
+    assert!(before.limited > 0, "{before:?}");
+    assert!(g.metric("mcp_guard_ratelimit_redis_leases_total", &[]) >= 1.0);
+
+    redis.kill();
+    wait_metric(&g, "mcp_guard_ratelimit_redis_fallback_active", 1.0);
+    // Let every leased token expire and the fallback buckets fill.
+    std::thread::sleep(Duration::from_secs(1));
+    let down = concurrent_pings(&[g.addr], 4, 10);
+    assert_eq!(down.failed, 0, "{rule}: {down:?}");
+    assert!(g.wait_log("until it answers", Duration::from_secs(5)));
+
+    let leases = g.metric("mcp_guard_ratelimit_redis_leases_total", &[]);
+    redis.restart();
+    wait_metric(&g, "mcp_guard_ratelimit_redis_fallback_active", 0.0);
+    assert!(g.wait_log("answers again", Duration::from_secs(5)));
+    // Refusals the failure rule answered are remembered by each worker for their retry-after
+    // (at most a second here); past that every lease goes to Redis again.
+    std::thread::sleep(Duration::from_millis(1500));
+    let start = Instant::now();
+    let after = concurrent_pings(&[g.addr], 4, 20);
+    let elapsed = start.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    load.join().unwrap();
+    // Shared again: Redis leases, a key in the fresh Redis, and the shared bound.
+    assert!(g.metric("mcp_guard_ratelimit_redis_leases_total", &[]) > leases);
+    assert!(!redis.keys().is_empty());
+    assert_eq!(after.failed, 0, "{after:?}");
+    assert!(after.limited > 0, "{after:?}");
+    assert!(
+        (after.admitted as f64) <= 20.0 + 2.0 * (elapsed + 1.5),
+        "{after:?} over {elapsed:.2}s"
+    );
+    assert_eq!(load_failed.load(Ordering::Relaxed), 0, "{rule}: failed requests");
+    assert_password_hidden(&g);
+    Some(down)
+}
+
+#[test]
+fn redis_down_with_local_applies_this_nodes_share_and_fails_nothing() {
+    let Some(down) = kill_and_restart("local") else { return };
+    // This node's share of bob's limit: burst 10 at 1/s (a fresh bucket when Redis went away;
+    // the burst of 40 takes well under the 10 s this allows for).
+    assert!(down.admitted >= 1, "{down:?}");
+    assert!(down.admitted <= 10 + 10, "{down:?}");
+    assert!(down.limited > 0, "{down:?}");
+}
+
+#[test]
+fn redis_down_with_open_lets_every_request_through() {
+    let Some(down) = kill_and_restart("open") else { return };
+    assert_eq!(down.limited, 0, "{down:?}");
+    assert_eq!(down.admitted, 40);
+}
+
+#[test]
+fn redis_down_with_closed_refuses_with_429() {
+    let Some(down) = kill_and_restart("closed") else { return };
+    assert_eq!(down.admitted, 0, "{down:?}");
+    assert_eq!(down.limited, 40);
+}
+
+/// An HS256 token for `sub`.
+fn token(secret: &str, sub: &str) -> String {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = serde_json::json!({"sub": sub, "exp": now + 300, "iss": "i", "aud": "a"});
+    let input = format!(
+        "{}.{}",
+        B64.encode(r#"{"alg":"HS256","typ":"JWT"}"#),
+        B64.encode(claims.to_string())
+    );
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    let tag = ring::hmac::sign(&key, input.as_bytes());
+    format!("{input}.{}", B64.encode(tag.as_ref()))
+}
+
+#[test]
+fn hostile_identities_neither_inject_nor_outlive_their_keys() {
+    let Some(bin) = redis_binary() else { return };
+    let redis = Redis::start(&bin);
+    let secret = "a-test-secret-that-is-long-enough-0123456789";
+    // rate 1/s, burst 5: a bucket refills within 5 s, so its key lives 10 s after its last
+    // lease (long enough to count them all on a slow machine, short enough to see them go).
+    let cfg = format!(
+        "{}\n[auth.jwt]\nmode = \"simple\"\nsecret = \"{secret}\"\nissuer = \"i\"\naudience = \"a\"\n\n[rate_limit]\nrequests_per_second = 1\nburst_size = 5\nbackend = \"redis\"\nredis_url = \"{}\"\nredis_lease_timeout_ms = 1000\n",
+        stdio_config("auto", "", &[]),
+        redis.url()
+    );
+    let g = Gateway::start(&cfg);
+    let ping = r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#;
+    // Identities crafted to be Redis commands, key patterns, hash tags, or to collide by
+    // concatenation; then a flood of distinct ones.
+    let mut subs: Vec<String> = [
+        "x} *1 $8 FLUSHALL {",
+        "*",
+        "mcpg:rl:{00}",
+        "a|b",
+        "a",
+        "{bob}",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    subs.extend((0..200).map(|i| format!("flood-{i}")));
+    let mut s = connect(g.addr);
+    for sub in &subs {
+        let raw = mcp_post_raw(ping, None, &bearer(&token(secret, sub)));
+        s.write_all(raw.as_bytes()).unwrap();
+        let r = read_response(&mut s).unwrap();
+        assert!(matches!(r.status, 200 | 400), "{sub:?}: {}", r.status);
+    }
+    let keys = redis.keys();
+    // One bucket per identity, none shared, none named by its input.
+    assert_eq!(keys.len(), subs.len(), "{keys:?}");
+    for k in &keys {
+        let rest = k.strip_prefix("mcpg:rl:{").unwrap();
+        assert!(
+            rest.bytes().all(|b| b.is_ascii_hexdigit() || b == b'}' || b == b':'),
+            "{k}"
+        );
+    }
+    // The flood does not stay: every key expires.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while !redis.keys().is_empty() {
+        assert!(Instant::now() < deadline, "keys did not expire");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_password_hidden(&g);
+}
+
+#[test]
+fn validate_never_prints_the_redis_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = format!(
+        "{}\n[[auth.api_keys]]\nid = \"bob\"\nkey_hash = \"{}\"\n",
+        stdio_config("auto", "", &[]),
+        hash_key(BOB)
+    );
+    let cases = [
+        // Accepted (validate does not connect).
+        (
+            format!("[rate_limit]\nbackend = \"redis\"\nredis_url = \"redis://app:{PASSWORD}@127.0.0.1:1/0\"\n"),
+            None,
+        ),
+        (
+            format!("[rate_limit]\nbackend = \"redis\"\nredis_url = \"redis://app:{PASSWORD}@127.0.0.1:notaport\"\n"),
+            Some("rate_limit.redis_url"),
+        ),
+        (
+            format!("[rate_limit]\nbackend = \"redis\"\nredis_url = \"redis://:{PASSWORD}@h/x\"\nredis_replicas = 0\n"),
+            Some("rate_limit.redis_url"),
+        ),
+        (
+            format!("[rate_limit]\nbackend = \"redis\"\nredis_url = \"redis://:{PASSWORD}@h\"\nredis_replicas = 0\n"),
+            Some("rate_limit.redis_replicas"),
+        ),
+        (
+            format!("[rate_limit]\nbackend = \"redis\"\nredis_url = \"redis://:{PASSWORD}@h\"\nredis_lease_timeout_ms = 0\n"),
+            Some("rate_limit.redis_lease_timeout_ms"),
+        ),
+        (
+            "[rate_limit]\nbackend = \"redis\"\n".to_string(),
+            Some("rate_limit.redis_url"),
+        ),
+        // Set but unused: a warning that names the key, not its value.
+        (
+            format!("[rate_limit]\nredis_url = \"redis://:{PASSWORD}@h\"\n"),
+            None,
+        ),
+    ];
+    for (i, (tail, refused_key)) in cases.iter().enumerate() {
+        let p = dir.path().join(format!("c{i}.toml"));
+        std::fs::write(&p, format!("{base}\n{tail}")).unwrap();
+        let out = Command::new(GUARD)
+            .args(["validate", "--config"])
+            .arg(&p)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!text.contains(PASSWORD), "case {i}: {text}");
+        match refused_key {
+            Some(key) => {
+                assert_eq!(out.status.code(), Some(1), "case {i}: {text}");
+                assert!(text.contains(key), "case {i}: {text}");
+            }
+            None => assert_eq!(out.status.code(), Some(0), "case {i}: {text}"),
+        }
+    }
+}
