@@ -33,7 +33,9 @@ fn redis_binary() -> Option<String> {
     match found {
         Some(p) => Some(p.to_string_lossy().into_owned()),
         None if std::env::var_os("CI").is_some() => {
-            panic!("redis-server is not installed, and CI is set: install it (apt-get install redis-server)")
+            panic!(
+                "redis-server is not installed, and CI is set: install it (apt-get install redis-server)"
+            )
         }
         None => {
             eprintln!(
@@ -78,7 +80,14 @@ impl Redis {
         let child = Command::new(&self.binary)
             .args(["--bind", "127.0.0.1", "--port"])
             .arg(self.port.to_string())
-            .args(["--save", "", "--appendonly", "no", "--requirepass", PASSWORD])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--requirepass",
+                PASSWORD,
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -162,7 +171,11 @@ fn pings(addr: SocketAddr, n: u32) -> Tally {
 /// without a session 400 after the limiter let it through: anything but 429 was admitted;
 /// anything but 200/400/429 (or a dropped connection) failed.
 fn pings_as(addr: SocketAddr, key: &str, n: u32) -> Tally {
-    let raw = mcp_post_raw(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#, None, &bearer(key));
+    let raw = mcp_post_raw(
+        r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#,
+        None,
+        &bearer(key),
+    );
     let mut t = Tally::default();
     let mut s = connect(addr);
     for _ in 0..n {
@@ -237,7 +250,10 @@ fn two_gateways_share_one_limit_within_the_stated_bound() {
     assert!(t.admitted >= 20, "{t:?}");
     for g in [&a, &b] {
         assert!(g.metric("mcp_guard_ratelimit_redis_leases_total", &[]) >= 1.0);
-        assert_eq!(g.metric("mcp_guard_ratelimit_redis_fallback_active", &[]), 0.0);
+        assert_eq!(
+            g.metric("mcp_guard_ratelimit_redis_fallback_active", &[]),
+            0.0
+        );
         assert_password_hidden(g);
     }
     // Keys are hashes under a per-caller hash tag, and they expire.
@@ -255,7 +271,10 @@ fn two_gateways_share_one_limit_within_the_stated_bound() {
 }
 
 /// Background load on `addr` as carol until `stop`: counts failed requests.
-fn background_load(addr: SocketAddr, stop: Arc<AtomicBool>) -> (std::thread::JoinHandle<()>, Arc<AtomicU64>) {
+fn background_load(
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+) -> (std::thread::JoinHandle<()>, Arc<AtomicU64>) {
     let failed = Arc::new(AtomicU64::new(0));
     let f = failed.clone();
     let h = std::thread::spawn(move || {
@@ -329,14 +348,20 @@ fn kill_and_restart(rule: &str) -> Option<Tally> {
         (after.admitted as f64) <= 20.0 + 2.0 * (elapsed + 1.5),
         "{after:?} over {elapsed:.2}s"
     );
-    assert_eq!(load_failed.load(Ordering::Relaxed), 0, "{rule}: failed requests");
+    assert_eq!(
+        load_failed.load(Ordering::Relaxed),
+        0,
+        "{rule}: failed requests"
+    );
     assert_password_hidden(&g);
     Some(down)
 }
 
 #[test]
 fn redis_down_with_local_applies_this_nodes_share_and_fails_nothing() {
-    let Some(down) = kill_and_restart("local") else { return };
+    let Some(down) = kill_and_restart("local") else {
+        return;
+    };
     // This node's share of bob's limit: burst 10 at 1/s (a fresh bucket when Redis went away;
     // the burst of 40 takes well under the 10 s this allows for).
     assert!(down.admitted >= 1, "{down:?}");
@@ -346,14 +371,18 @@ fn redis_down_with_local_applies_this_nodes_share_and_fails_nothing() {
 
 #[test]
 fn redis_down_with_open_lets_every_request_through() {
-    let Some(down) = kill_and_restart("open") else { return };
+    let Some(down) = kill_and_restart("open") else {
+        return;
+    };
     assert_eq!(down.limited, 0, "{down:?}");
     assert_eq!(down.admitted, 40);
 }
 
 #[test]
 fn redis_down_with_closed_refuses_with_429() {
-    let Some(down) = kill_and_restart("closed") else { return };
+    let Some(down) = kill_and_restart("closed") else {
+        return;
+    };
     assert_eq!(down.admitted, 0, "{down:?}");
     assert_eq!(down.limited, 40);
 }
@@ -418,7 +447,8 @@ fn hostile_identities_neither_inject_nor_outlive_their_keys() {
     for k in &keys {
         let rest = k.strip_prefix("mcpg:rl:{").unwrap();
         assert!(
-            rest.bytes().all(|b| b.is_ascii_hexdigit() || b == b'}' || b == b':'),
+            rest.bytes()
+                .all(|b| b.is_ascii_hexdigit() || b == b'}' || b == b':'),
             "{k}"
         );
     }
@@ -442,23 +472,33 @@ fn validate_never_prints_the_redis_password() {
     let cases = [
         // Accepted (validate does not connect).
         (
-            format!("[rate_limit]\nbackend = \"redis\"\nredis_url = \"redis://app:{PASSWORD}@127.0.0.1:1/0\"\n"),
+            format!(
+                "[rate_limit]\nbackend = \"redis\"\nredis_url = \"redis://app:{PASSWORD}@127.0.0.1:1/0\"\n"
+            ),
             None,
         ),
         (
-            format!("[rate_limit]\nbackend = \"redis\"\nredis_url = \"redis://app:{PASSWORD}@127.0.0.1:notaport\"\n"),
+            format!(
+                "[rate_limit]\nbackend = \"redis\"\nredis_url = \"redis://app:{PASSWORD}@127.0.0.1:notaport\"\n"
+            ),
             Some("rate_limit.redis_url"),
         ),
         (
-            format!("[rate_limit]\nbackend = \"redis\"\nredis_url = \"redis://:{PASSWORD}@h/x\"\nredis_replicas = 0\n"),
+            format!(
+                "[rate_limit]\nbackend = \"redis\"\nredis_url = \"redis://:{PASSWORD}@h/x\"\nredis_replicas = 0\n"
+            ),
             Some("rate_limit.redis_url"),
         ),
         (
-            format!("[rate_limit]\nbackend = \"redis\"\nredis_url = \"redis://:{PASSWORD}@h\"\nredis_replicas = 0\n"),
+            format!(
+                "[rate_limit]\nbackend = \"redis\"\nredis_url = \"redis://:{PASSWORD}@h\"\nredis_replicas = 0\n"
+            ),
             Some("rate_limit.redis_replicas"),
         ),
         (
-            format!("[rate_limit]\nbackend = \"redis\"\nredis_url = \"redis://:{PASSWORD}@h\"\nredis_lease_timeout_ms = 0\n"),
+            format!(
+                "[rate_limit]\nbackend = \"redis\"\nredis_url = \"redis://:{PASSWORD}@h\"\nredis_lease_timeout_ms = 0\n"
+            ),
             Some("rate_limit.redis_lease_timeout_ms"),
         ),
         (

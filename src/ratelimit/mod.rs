@@ -390,7 +390,11 @@ impl LocalLimiter {
             limit,
         };
         if !keep {
-            return if lease.granted > 0 { Ok(()) } else { Err(refused) };
+            return if lease.granted > 0 {
+                Ok(())
+            } else {
+                Err(refused)
+            };
         }
         let mut map = self.buckets.borrow_mut();
         // Another request may have evicted or refilled the bucket while this lease was awaited.

@@ -12,7 +12,7 @@
 //! (a replica that leased and then went quiet) only make it stricter.
 
 use super::resp::{Conn, RedisUrl, Reply};
-use super::{BucketKey, FleetKey, Lease, Leased, Limit, MemoryPool, QuotaPool, LEASE_TTL};
+use super::{BucketKey, FleetKey, LEASE_TTL, Lease, Leased, Limit, MemoryPool, QuotaPool};
 use crate::config::schema::RedisFailure;
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -366,7 +366,11 @@ impl QuotaPool for RedisPool {
             "# HELP {name} Round trip of one lease to Redis.\n# TYPE {name} histogram"
         );
         for (bound, slot) in LATENCY_BOUNDS.iter().zip(&s.latency_buckets) {
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {}", slot.load(Relaxed));
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{bound}\"}} {}",
+                slot.load(Relaxed)
+            );
         }
         let count = s.latency_count.load(Relaxed);
         let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
@@ -388,10 +392,12 @@ struct Link {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 /// The Redis key of a bucket: fixed text and hashes only. The `{…}` hash tag is the caller's
@@ -581,9 +587,11 @@ mod tests {
             &RateKey::Identity("x}\r\n*1\r\n$8\r\nFLUSHALL\r\n{"),
             Some("} DEL *"),
         ));
-        assert!(hostile["mcpg:rl:".len()..]
-            .bytes()
-            .all(|b| b.is_ascii_hexdigit() || b"{}:".contains(&b)));
+        assert!(
+            hostile["mcpg:rl:".len()..]
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() || b"{}:".contains(&b))
+        );
     }
 
     #[test]
@@ -635,9 +643,7 @@ mod tests {
             jobs: std::sync::mpsc::sync_channel(1).0,
         };
         let local = pool(RedisFailure::Local, 2);
-        let granted: u32 = (0..20)
-            .map(|_| local.lease(1, 1, limit, now).granted)
-            .sum();
+        let granted: u32 = (0..20).map(|_| local.lease(1, 1, limit, now).granted).sum();
         assert_eq!(granted, 5, "half the burst on each of two replicas");
         let open = pool(RedisFailure::Open, 2);
         assert!((0..100).all(|_| open.lease(1, 1, limit, now).granted == 1));

@@ -454,7 +454,10 @@ mod tests {
                 16
             ))
         );
-        assert_eq!(parse(b"-NOSCRIPT x\r\n").unwrap().unwrap().0, Reply::Error("NOSCRIPT x".into()));
+        assert_eq!(
+            parse(b"-NOSCRIPT x\r\n").unwrap().unwrap().0,
+            Reply::Error("NOSCRIPT x".into())
+        );
         for partial in [&b""[..], b"*2\r\n:3\r\n", b"$5\r\nab", b":12"] {
             assert_eq!(parse(partial).unwrap(), None, "{partial:?}");
         }
