@@ -52,10 +52,39 @@ struct Redis {
     binary: String,
     port: u16,
     child: Option<Child>,
+    /// TLS only (`rediss://`): the directory holding ca.pem, cert.pem and key.pem.
+    tls: Option<tempfile::TempDir>,
 }
 
 impl Redis {
     fn start(binary: &str) -> Redis {
+        Self::start_with(binary, None)
+    }
+
+    /// A Redis that speaks only TLS, with a certificate for `localhost` from a fresh CA.
+    fn start_tls(binary: &str) -> Redis {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        // Distinct names: a leaf whose issuer equals its subject reads as self-signed.
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "mcp-guard test CA");
+        let ca =
+            rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
+                .unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut leaf = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        leaf.distinguished_name
+            .push(rcgen::DnType::CommonName, "localhost");
+        let cert = leaf.signed_by(&key, &*ca).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+        std::fs::write(dir.path().join("cert.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.path().join("key.pem"), key.serialize_pem()).unwrap();
+        Self::start_with(binary, Some(dir))
+    }
+
+    fn start_with(binary: &str, tls: Option<tempfile::TempDir>) -> Redis {
         // redis-server needs a port up front: take a free one from the kernel.
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -66,20 +95,41 @@ impl Redis {
             binary: binary.to_string(),
             port,
             child: None,
+            tls,
         };
         r.restart();
         r
     }
 
     fn url(&self) -> String {
-        format!("redis://:{PASSWORD}@127.0.0.1:{}/0", self.port)
+        match &self.tls {
+            None => format!("redis://:{PASSWORD}@127.0.0.1:{}/0", self.port),
+            Some(_) => format!("rediss://:{PASSWORD}@localhost:{}/0", self.port),
+        }
+    }
+
+    fn ca_file(&self) -> Option<std::path::PathBuf> {
+        self.tls.as_ref().map(|d| d.path().join("ca.pem"))
     }
 
     /// Starts it (again, on the same port) and waits until it answers.
     fn restart(&mut self) {
-        let child = Command::new(&self.binary)
-            .args(["--bind", "127.0.0.1", "--port"])
-            .arg(self.port.to_string())
+        let mut cmd = Command::new(&self.binary);
+        cmd.args(["--bind", "127.0.0.1"]);
+        match &self.tls {
+            None => cmd.arg("--port").arg(self.port.to_string()),
+            Some(dir) => cmd
+                .args(["--port", "0", "--tls-port"])
+                .arg(self.port.to_string())
+                .arg("--tls-cert-file")
+                .arg(dir.path().join("cert.pem"))
+                .arg("--tls-key-file")
+                .arg(dir.path().join("key.pem"))
+                .arg("--tls-ca-cert-file")
+                .arg(dir.path().join("ca.pem"))
+                .args(["--tls-auth-clients", "no"]),
+        };
+        let child = cmd
             .args([
                 "--save",
                 "",
@@ -96,12 +146,14 @@ impl Redis {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok(mut c) = self.conn()
-                && c.command(&[b"PING"]) == Ok(Reply::Simple("PONG".into()))
-            {
+            let answer = self.conn().and_then(|mut c| c.command(&[b"PING"]));
+            if answer == Ok(Reply::Simple("PONG".into())) {
                 return;
             }
-            assert!(Instant::now() < deadline, "redis-server did not answer");
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not answer: {answer:?}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -114,8 +166,12 @@ impl Redis {
     }
 
     fn conn(&self) -> Result<Conn, String> {
+        let ca = self
+            .ca_file()
+            .map(|p| mcp_guard::ratelimit::resp::read_ca_file(&p).unwrap());
         Conn::open(
             &RedisUrl::parse(&self.url()).unwrap(),
+            ca.as_ref(),
             Duration::from_secs(2),
         )
     }
@@ -217,9 +273,49 @@ fn concurrent_pings(addrs: &[SocketAddr], threads: usize, n: u32) -> Tally {
 fn assert_password_hidden(g: &Gateway) {
     let logs = g.logs.lock().unwrap().join("\n");
     assert!(!logs.contains(PASSWORD), "password in the logs:\n{logs}");
-    assert!(logs.contains("redis://:***@127.0.0.1"), "{logs}");
+    assert!(logs.contains(":***@"), "{logs}");
     let metrics = g.admin_get("/metrics").text();
     assert!(!metrics.contains(PASSWORD));
+}
+
+#[test]
+fn limits_are_shared_over_tls_to_redis_verified_against_the_configured_ca() {
+    let Some(bin) = redis_binary() else { return };
+    let redis = Redis::start_tls(&bin);
+    let ca = redis.ca_file().unwrap();
+    let cfg = gateway_config(
+        &redis,
+        &format!(
+            "requests_per_second = 1\nburst_size = 5\nredis_failure = \"open\"\nredis_lease_timeout_ms = 1000\nredis_ca_file = {:?}\n",
+            ca.display().to_string()
+        ),
+    );
+    let (a, b) = (Gateway::start(&cfg), Gateway::start(&cfg));
+    // `open`: only a Redis that answered can refuse, so refusals prove the TLS link works.
+    let t = concurrent_pings(&[a.addr, b.addr], 2, 10);
+    assert_eq!(t.failed, 0, "{t:?}");
+    assert!(t.limited > 0 && t.admitted >= 5, "{t:?}");
+    for g in [&a, &b] {
+        assert!(g.metric("mcp_guard_ratelimit_redis_leases_total", &[]) >= 1.0);
+        assert_eq!(
+            g.metric("mcp_guard_ratelimit_redis_fallback_active", &[]),
+            0.0
+        );
+    }
+    assert!(!redis.keys().is_empty());
+    // Without the CA the server's certificate is not trusted: the failure rule applies.
+    let untrusted = gateway_config(
+        &redis,
+        "requests_per_second = 1\nburst_size = 5\nredis_failure = \"open\"\nredis_lease_timeout_ms = 1000\n",
+    );
+    let c = Gateway::start(&untrusted);
+    assert!(c.wait_log("is unreachable", Duration::from_secs(10)));
+    assert_eq!(
+        c.metric("mcp_guard_ratelimit_redis_fallback_active", &[]),
+        1.0
+    );
+    assert_eq!(pings(c.addr, 10).admitted, 10);
+    assert_password_hidden(&c);
 }
 
 #[test]
@@ -469,6 +565,8 @@ fn validate_never_prints_the_redis_password() {
         stdio_config("auto", "", &[]),
         hash_key(BOB)
     );
+    let not_pem = dir.path().join("not-a-ca.pem");
+    std::fs::write(&not_pem, "hello\n").unwrap();
     let cases = [
         // Accepted (validate does not connect).
         (
@@ -504,6 +602,25 @@ fn validate_never_prints_the_redis_password() {
         (
             "[rate_limit]\nbackend = \"redis\"\n".to_string(),
             Some("rate_limit.redis_url"),
+        ),
+        (
+            format!(
+                "[rate_limit]\nbackend = \"redis\"\nredis_url = \"redis://:{PASSWORD}@h\"\nredis_ca_file = \"/etc/hosts\"\n"
+            ),
+            Some("rate_limit.redis_ca_file"),
+        ),
+        (
+            format!(
+                "[rate_limit]\nbackend = \"redis\"\nredis_url = \"rediss://:{PASSWORD}@h\"\nredis_ca_file = \"/nonexistent/ca.pem\"\n"
+            ),
+            Some("rate_limit.redis_ca_file"),
+        ),
+        (
+            format!(
+                "[rate_limit]\nbackend = \"redis\"\nredis_url = \"rediss://:{PASSWORD}@h\"\nredis_ca_file = {:?}\n",
+                not_pem.display().to_string()
+            ),
+            Some("rate_limit.redis_ca_file"),
         ),
         // Set but unused: a warning that names the key, not its value.
         (

@@ -266,6 +266,7 @@ pub fn ignored_keys(file: &FileConfig) -> Vec<String> {
             "per_tool",
             "backend",
             "redis_url",
+            "redis_ca_file",
             "redis_failure",
             "redis_replicas",
             "redis_lease_timeout_ms",
@@ -287,6 +288,7 @@ pub fn ignored_keys(file: &FileConfig) -> Vec<String> {
     } else if file.rate_limit.backend == RateBackend::Memory {
         for key in [
             "redis_url",
+            "redis_ca_file",
             "redis_failure",
             "redis_replicas",
             "redis_lease_timeout_ms",

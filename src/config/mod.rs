@@ -644,7 +644,9 @@ fn validate_rate(file: &FileConfig) -> Result<RateSettings, ConfigError> {
             },
         );
     }
-    let redis = if r.enabled && r.backend == schema::RateBackend::Redis {
+    // With a URL the pool is built even while limits are off, so a reload that turns them on
+    // (the backend and URL need a restart, `enabled` does not) finds it there.
+    let redis = if r.backend == schema::RateBackend::Redis && (r.enabled || r.redis_url.is_some()) {
         Some(validate_redis(r)?)
     } else {
         None
@@ -682,7 +684,21 @@ fn validate_redis(
             "must be 1–10000 (milliseconds)",
         ));
     }
+    let ca = match &r.redis_ca_file {
+        None => None,
+        Some(_) if !url.tls => {
+            return Err(invalid(
+                "rate_limit.redis_ca_file",
+                "applies to rediss:// (TLS) URLs only; rate_limit.redis_url is redis://",
+            ));
+        }
+        Some(path) => Some(
+            crate::ratelimit::resp::read_ca_file(Path::new(path))
+                .map_err(|why| invalid("rate_limit.redis_ca_file", why))?,
+        ),
+    };
     Ok(crate::ratelimit::redis::RedisSettings {
+        ca,
         url,
         failure: r.redis_failure,
         replicas: r.redis_replicas,

@@ -678,6 +678,10 @@ pub struct RateLimitSection {
     /// appears in logs, metrics or `validate` output; `${REDIS_URL}` keeps it out of the file.
     #[schemars(extend("x-type" = "URL (`redis://` or `rediss://`)", "x-reload" = "restart"))]
     pub redis_url: Option<String>,
+    /// PEM file of the certificate authorities a `rediss://` server's certificate must chain
+    /// to, instead of the Mozilla root set (a private CA).
+    #[schemars(extend("x-type" = "path to a PEM file", "x-reload" = "restart"))]
+    pub redis_ca_file: Option<String>,
     /// What the `redis` backend does while Redis is unreachable: `local` applies each limit
     /// divided by `redis_replicas` on this node, `open` lets requests through unlimited,
     /// `closed` refuses them with 429.
@@ -702,6 +706,7 @@ impl Default for RateLimitSection {
             per_tool: BTreeMap::new(),
             backend: RateBackend::Memory,
             redis_url: None,
+            redis_ca_file: None,
             redis_failure: RedisFailure::Local,
             redis_replicas: 1,
             redis_lease_timeout_ms: 50,

@@ -26,6 +26,8 @@ use std::time::{Duration, Instant};
 pub struct RedisSettings {
     /// The server (its password never prints).
     pub url: RedisUrl,
+    /// For `rediss://`: the roots its certificate must chain to (`None`: the Mozilla set).
+    pub ca: Option<super::resp::CaRoots>,
     /// What happens while Redis is unreachable.
     pub failure: RedisFailure,
     /// Replicas expected to share the limits (the `local` fallback's divisor).
@@ -428,7 +430,8 @@ impl Link {
     }
 
     fn connect(&mut self) -> Result<(), String> {
-        let mut conn = Conn::open(&self.inner.settings.url, self.inner.settings.lease_timeout)?;
+        let settings = &self.inner.settings;
+        let mut conn = Conn::open(&settings.url, settings.ca.as_ref(), settings.lease_timeout)?;
         match conn.command(&[b"SCRIPT", b"LOAD", SCRIPT.as_bytes()])? {
             Reply::Bulk(Some(sha)) => self.sha = String::from_utf8_lossy(&sha).into_owned(),
             other => return Err(format!("SCRIPT LOAD answered {other:?}")),
@@ -630,6 +633,7 @@ mod tests {
         let pool = |failure, replicas| RedisPool {
             inner: Arc::new(Inner {
                 settings: RedisSettings {
+                    ca: None,
                     url: RedisUrl::parse("redis://127.0.0.1:1").unwrap(),
                     failure,
                     replicas,

@@ -298,22 +298,64 @@ impl Write for Stream {
     }
 }
 
-fn tls_config() -> Result<Arc<rustls::ClientConfig>, String> {
-    static CONFIG: OnceLock<Option<Arc<rustls::ClientConfig>>> = OnceLock::new();
+/// Certificate authorities for `rediss://` read from a PEM file, and the TLS client
+/// configuration built on them.
+#[derive(Clone)]
+pub struct CaRoots {
+    path: String,
+    config: Arc<rustls::ClientConfig>,
+}
+
+impl PartialEq for CaRoots {
+    fn eq(&self, other: &Self) -> bool {
+        self.path == other.path
+    }
+}
+
+impl fmt::Debug for CaRoots {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CaRoots({})", self.path)
+    }
+}
+
+/// Reads the certificate authorities in the PEM file at `path`.
+pub fn read_ca_file(path: &std::path::Path) -> Result<CaRoots, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|e| format!("{} is not valid PEM: {e}", path.display()))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("{}: a certificate is not usable: {e}", path.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("{} holds no certificate", path.display()));
+    }
+    Ok(CaRoots {
+        path: path.display().to_string(),
+        config: client_config(roots)?,
+    })
+}
+
+fn client_config(roots: rustls::RootCertStore) -> Result<Arc<rustls::ClientConfig>, String> {
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map(|b| Arc::new(b.with_root_certificates(roots).with_no_client_auth()))
+        .map_err(|e| format!("TLS: {e}"))
+}
+
+/// The client configuration for `rediss://` without a CA file: the Mozilla root set.
+fn public_roots_config() -> Result<Arc<rustls::ClientConfig>, String> {
+    static CONFIG: OnceLock<Result<Arc<rustls::ClientConfig>, String>> = OnceLock::new();
     CONFIG
         .get_or_init(|| {
-            let roots = rustls::RootCertStore {
+            client_config(rustls::RootCertStore {
                 roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-            };
-            rustls::ClientConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .ok()
-            .map(|b| Arc::new(b.with_root_certificates(roots).with_no_client_auth()))
+            })
         })
         .clone()
-        .ok_or_else(|| "TLS: the ring provider offers no default protocol version".to_string())
 }
 
 /// A connection to one Redis server, authenticated and on its database.
@@ -324,9 +366,9 @@ pub struct Conn {
 }
 
 impl Conn {
-    /// Connects, handshakes TLS for `rediss://`, authenticates and selects the database, each
-    /// step within `timeout`.
-    pub fn open(url: &RedisUrl, timeout: Duration) -> Result<Conn, String> {
+    /// Connects, handshakes TLS for `rediss://` (verified against `ca`, else the Mozilla root
+    /// set), authenticates and selects the database, each step within `timeout`.
+    pub fn open(url: &RedisUrl, ca: Option<&CaRoots>, timeout: Duration) -> Result<Conn, String> {
         let addrs: Vec<SocketAddr> = (url.host.as_str(), url.port)
             .to_socket_addrs()
             .map_err(|e| format!("cannot resolve {}: {e}", url.host))?
@@ -347,8 +389,12 @@ impl Conn {
         let stream = if url.tls {
             let name = rustls::pki_types::ServerName::try_from(url.host.clone())
                 .map_err(|_| format!("`{}` is not a valid TLS server name", url.host))?;
-            let client = rustls::ClientConnection::new(tls_config()?, name)
-                .map_err(|e| format!("TLS: {e}"))?;
+            let config = match ca {
+                Some(ca) => ca.config.clone(),
+                None => public_roots_config()?,
+            };
+            let client =
+                rustls::ClientConnection::new(config, name).map_err(|e| format!("TLS: {e}"))?;
             Stream::Tls(Box::new(rustls::StreamOwned::new(client, tcp)))
         } else {
             Stream::Plain(tcp)
