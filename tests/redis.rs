@@ -651,3 +651,147 @@ fn validate_never_prints_the_redis_password() {
         }
     }
 }
+
+/// Three Redis Cluster primaries on loopback (no replicas); killed on drop.
+struct Cluster {
+    ports: Vec<u16>,
+    children: Vec<Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn start(binary: &str) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        // Each node also needs its cluster-bus port, port + 10000, free.
+        let mut ports = Vec::new();
+        while ports.len() < 3 {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            let p = l.local_addr().unwrap().port();
+            if p < 55_000 && TcpListener::bind(("127.0.0.1", p + 10_000)).is_ok() {
+                ports.push(p);
+            }
+        }
+        let children = ports
+            .iter()
+            .map(|p| {
+                Command::new(binary)
+                    .args(["--bind", "127.0.0.1", "--port"])
+                    .arg(p.to_string())
+                    .args(["--cluster-enabled", "yes", "--cluster-config-file"])
+                    .arg(dir.path().join(format!("nodes-{p}.conf")))
+                    .arg("--dir")
+                    .arg(dir.path())
+                    .args(["--save", "", "--appendonly", "no"])
+                    .args(["--requirepass", PASSWORD, "--masterauth", PASSWORD])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("start redis-server")
+            })
+            .collect();
+        let c = Cluster {
+            ports,
+            children,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for p in &c.ports {
+            while c.node(*p).is_err() {
+                assert!(Instant::now() < deadline, "a cluster node did not start");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        let nodes: Vec<String> = c.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let out = Command::new(binary.replace("redis-server", "redis-cli"))
+            .args(["--no-auth-warning", "-a", PASSWORD, "--cluster", "create"])
+            .args(&nodes)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli (redis-tools) runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        for p in &c.ports {
+            loop {
+                let info = c
+                    .node(*p)
+                    .and_then(|mut n| n.command(&[b"CLUSTER", b"INFO"]));
+                if let Ok(Reply::Bulk(Some(b))) = &info
+                    && String::from_utf8_lossy(b).contains("cluster_state:ok")
+                {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "cluster not ok: {info:?}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        c
+    }
+
+    fn node(&self, port: u16) -> Result<Conn, String> {
+        let url = RedisUrl::parse(&format!("redis://:{PASSWORD}@127.0.0.1:{port}")).unwrap();
+        Conn::open(&url, None, Duration::from_secs(2))
+    }
+
+    fn keys_on(&self, port: u16) -> usize {
+        match self.node(port).unwrap().command(&[b"DBSIZE"]).unwrap() {
+            Reply::Int(n) => n as usize,
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[test]
+fn a_redis_cluster_is_followed_through_its_redirections() {
+    let Some(bin) = redis_binary() else { return };
+    let cluster = Cluster::start(&bin);
+    let secret = "a-test-secret-that-is-long-enough-0123456789";
+    // Pointed at the first node only; rate 1/s, burst 5 per identity.
+    let cfg = format!(
+        "{}\n[auth.jwt]\nmode = \"simple\"\nsecret = \"{secret}\"\nissuer = \"i\"\naudience = \"a\"\n\n[rate_limit]\nrequests_per_second = 1\nburst_size = 5\nbackend = \"redis\"\nredis_url = \"redis://:{PASSWORD}@127.0.0.1:{}\"\nredis_failure = \"open\"\nredis_lease_timeout_ms = 1000\n",
+        stdio_config("auto", "", &[]),
+        cluster.ports[0]
+    );
+    let g = Gateway::start(&cfg);
+    let ping = r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#;
+    let mut s = connect(g.addr);
+    let mut send = |sub: &str| {
+        let raw = mcp_post_raw(ping, None, &bearer(&token(secret, sub)));
+        s.write_all(raw.as_bytes()).unwrap();
+        read_response(&mut s).unwrap().status
+    };
+    // 30 callers: their buckets land on all three nodes (by their hash tags).
+    for i in 0..30 {
+        assert!(matches!(send(&format!("caller-{i}")), 200 | 400));
+    }
+    for p in &cluster.ports {
+        assert!(cluster.keys_on(*p) > 0, "no bucket on node {p}");
+    }
+    // One caller's limit holds wherever its slot lives (`open`: only Redis can refuse).
+    let start = Instant::now();
+    let statuses: Vec<u16> = (0..20).map(|_| send("one-caller")).collect();
+    let admitted = statuses.iter().filter(|s| **s != 429).count() as f64;
+    let elapsed = start.elapsed().as_secs_f64();
+    assert!(statuses.contains(&429), "{statuses:?}");
+    assert!(admitted <= 5.0 + 1.0 * (elapsed + 1.5), "{statuses:?}");
+    assert_eq!(
+        g.metric("mcp_guard_ratelimit_redis_lease_failures_total", &[]),
+        0.0
+    );
+    assert_eq!(
+        g.metric("mcp_guard_ratelimit_redis_fallback_active", &[]),
+        0.0
+    );
+}

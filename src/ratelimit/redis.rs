@@ -3,7 +3,8 @@
 //! atomic Lua script on Redis's clock); workers lease from that stock, and when it is dry they
 //! hand the lease to the Redis thread (a synchronous client on a thread of its own) and await
 //! its answer for at most the lease timeout. While Redis is unreachable the `redis_failure`
-//! rule answers instead, and the thread probes until Redis is back.
+//! rule answers instead, and the thread probes until Redis is back. A Redis Cluster is
+//! followed through its `MOVED`/`ASK` redirections, by each key's hash-tag slot.
 //!
 //! Accuracy: a token is admitted at most [`super::LEASE_TTL`] after this node received it (node
 //! stock) plus [`super::LEASE_TTL`] after a worker received it, and Redis grants at most
@@ -388,7 +389,12 @@ impl QuotaPool for RedisPool {
 /// The Redis thread's side: the connection and what it needs to lease.
 struct Link {
     inner: Arc<Inner>,
+    /// The configured server.
     conn: Option<Conn>,
+    /// Redis Cluster nodes a redirection named, by `host:port`.
+    nodes: HashMap<String, Conn>,
+    /// Slots a `MOVED` placed on another node.
+    slots: HashMap<u16, String>,
     sha: String,
     next_probe: Instant,
 }
@@ -424,6 +430,8 @@ impl Link {
         Link {
             inner,
             conn: None,
+            nodes: HashMap::new(),
+            slots: HashMap::new(),
             sha: String::new(),
             next_probe: Instant::now(),
         }
@@ -437,6 +445,7 @@ impl Link {
             other => return Err(format!("SCRIPT LOAD answered {other:?}")),
         }
         self.conn = Some(conn);
+        self.nodes.clear();
         self.inner.healthy.store(true, Relaxed);
         Ok(())
     }
@@ -472,11 +481,67 @@ impl Link {
         }
     }
 
+    /// The connection for `node` (`None`: the configured server), opened if need be.
+    fn conn_for(&mut self, node: Option<&str>) -> Result<&mut Conn, String> {
+        let Some(addr) = node else {
+            return self
+                .conn
+                .as_mut()
+                .ok_or_else(|| "not connected".to_string());
+        };
+        if !self.nodes.contains_key(addr) {
+            if self.nodes.len() >= MAX_NODES {
+                return Err(format!("more than {MAX_NODES} cluster nodes named"));
+            }
+            let settings = &self.inner.settings;
+            let url = settings.url.at_node(addr)?;
+            let conn = Conn::open(&url, settings.ca.as_ref(), settings.lease_timeout)?;
+            self.nodes.insert(addr.to_string(), conn);
+        }
+        self.nodes
+            .get_mut(addr)
+            .ok_or_else(|| "cluster node vanished".to_string())
+    }
+
+    /// Runs the lease script for `args` on the node serving `key`'s slot, following up to
+    /// two cluster redirections (`MOVED` updates the slot map; `ASK` is for this one command).
+    fn eval_routed(&mut self, key: &str, args: &[&[u8]]) -> Result<Reply, String> {
+        let slot = key_slot(key.as_bytes());
+        let mut node = self.slots.get(&slot).cloned();
+        let mut asking = false;
+        for _ in 0..3 {
+            let mut sha = std::mem::take(&mut self.sha);
+            let answer = self
+                .conn_for(node.as_deref())
+                .and_then(|conn| eval_script(conn, &mut sha, args, asking));
+            self.sha = sha;
+            let answer = answer?;
+            match redirection(&answer) {
+                Some((moved, target)) => {
+                    let target = if target.starts_with(':') {
+                        // Redis 7 may leave the host out: the same host as the one asked.
+                        format!("{}{target}", self.inner.settings.url.host_for_redirect())
+                    } else {
+                        target
+                    };
+                    // The map holds at most one entry per slot (16384).
+                    if moved {
+                        self.slots.insert(slot, target.clone());
+                    }
+                    asking = !moved;
+                    node = Some(target);
+                }
+                None => return Ok(answer),
+            }
+        }
+        Err("too many cluster redirections".into())
+    }
+
     fn lease(&mut self, job: &Job) -> Lease {
         let inner = self.inner.clone();
-        let Some(conn) = self.conn.as_mut() else {
+        if self.conn.is_none() {
             return inner.failure_rule(job.key, job.want, job.limit, Instant::now());
-        };
+        }
         let batch = inner.batch(job.want, job.limit);
         let key = redis_key(&job.fleet);
         let rate = format!("{}", job.limit.rate);
@@ -484,31 +549,17 @@ impl Link {
         let want = batch.to_string();
         let ttl = key_ttl_ms(job.limit).to_string();
         let started = Instant::now();
-        let eval = |conn: &mut Conn, sha: &str| {
-            conn.command(&[
-                b"EVALSHA",
-                sha.as_bytes(),
+        let answer = self.eval_routed(
+            &key,
+            &[
                 b"1",
                 key.as_bytes(),
                 rate.as_bytes(),
                 burst.as_bytes(),
                 want.as_bytes(),
                 ttl.as_bytes(),
-            ])
-        };
-        let mut answer = eval(conn, &self.sha);
-        if let Ok(Reply::Error(e)) = &answer
-            && e.starts_with("NOSCRIPT")
-        {
-            // Redis restarted or flushed its scripts: load it again, once.
-            answer = match conn.command(&[b"SCRIPT", b"LOAD", SCRIPT.as_bytes()]) {
-                Ok(Reply::Bulk(Some(sha))) => {
-                    self.sha = String::from_utf8_lossy(&sha).into_owned();
-                    eval(conn, &self.sha)
-                }
-                other => other,
-            };
-        }
+            ],
+        );
         let now = Instant::now();
         match answer.and_then(parse_grant) {
             Ok((granted, wait_us)) => {
@@ -525,6 +576,7 @@ impl Link {
             Err(e) => {
                 inner.stats.failures.fetch_add(1, Relaxed);
                 self.conn = None;
+                self.nodes.clear();
                 self.next_probe = now + PROBE_EVERY;
                 if inner.healthy.swap(false, Relaxed) {
                     tracing::warn!(
@@ -538,6 +590,79 @@ impl Link {
             }
         }
     }
+}
+
+/// Cluster nodes the thread keeps connections to (beyond the configured one).
+const MAX_NODES: usize = 64;
+
+/// `EVALSHA` of the lease script (after `ASKING` when redirected by `ASK`), loading the script
+/// once if this server does not have it (restarted, flushed, or a node not yet used).
+fn eval_script(
+    conn: &mut Conn,
+    sha: &mut String,
+    args: &[&[u8]],
+    asking: bool,
+) -> Result<Reply, String> {
+    let eval = |conn: &mut Conn, sha: &str| {
+        if asking {
+            conn.command(&[b"ASKING"])?;
+        }
+        let mut cmd: Vec<&[u8]> = vec![b"EVALSHA", sha.as_bytes()];
+        cmd.extend_from_slice(args);
+        conn.command(&cmd)
+    };
+    let answer = eval(conn, sha)?;
+    if let Reply::Error(e) = &answer
+        && e.starts_with("NOSCRIPT")
+    {
+        match conn.command(&[b"SCRIPT", b"LOAD", SCRIPT.as_bytes()])? {
+            Reply::Bulk(Some(loaded)) => *sha = String::from_utf8_lossy(&loaded).into_owned(),
+            other => return Err(format!("SCRIPT LOAD answered {other:?}")),
+        }
+        return eval(conn, sha);
+    }
+    Ok(answer)
+}
+
+/// `MOVED <slot> <host:port>` (true) or `ASK <slot> <host:port>` (false).
+fn redirection(reply: &Reply) -> Option<(bool, String)> {
+    let Reply::Error(e) = reply else { return None };
+    let mut parts = e.split(' ');
+    let moved = match parts.next()? {
+        "MOVED" => true,
+        "ASK" => false,
+        _ => return None,
+    };
+    parts.next()?.parse::<u16>().ok()?;
+    let target = parts.next()?;
+    (!target.is_empty() && target.len() <= 300 && parts.next().is_none())
+        .then(|| (moved, target.to_string()))
+}
+
+/// The Redis Cluster slot of `key`: CRC16 (XMODEM) of its hash tag (or of the whole key when it
+/// has none), modulo 16384.
+fn key_slot(key: &[u8]) -> u16 {
+    let tagged = key
+        .iter()
+        .position(|&b| b == b'{')
+        .and_then(|open| {
+            let rest = &key[open + 1..];
+            let close = rest.iter().position(|&b| b == b'}')?;
+            (close > 0).then(|| &rest[..close])
+        })
+        .unwrap_or(key);
+    let mut crc: u16 = 0;
+    for &byte in tagged {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % 16_384
 }
 
 /// The script's `{granted, wait_us}`, checked: a reply of any other shape is an error.
@@ -612,6 +737,33 @@ mod tests {
             Reply::Error("BUSY".into()),
         ] {
             assert!(parse_grant(bad).is_err());
+        }
+    }
+
+    #[test]
+    fn slots_follow_the_hash_tag_and_redirections_parse() {
+        // Reference values of the Redis Cluster specification's CRC16.
+        assert_eq!(key_slot(b"123456789"), 0x31c3);
+        assert_eq!(key_slot(b"foo"), 12_182);
+        assert_eq!(key_slot(b"{user1000}.following"), key_slot(b"user1000"));
+        // An empty tag does not count: the whole key is hashed.
+        assert_ne!(key_slot(b"foo{}{bar}"), key_slot(b"bar"));
+        assert_eq!(
+            redirection(&Reply::Error("MOVED 3999 127.0.0.1:6381".into())),
+            Some((true, "127.0.0.1:6381".into()))
+        );
+        assert_eq!(
+            redirection(&Reply::Error("ASK 3999 :6381".into())),
+            Some((false, ":6381".into()))
+        );
+        for other in [
+            "MOVED",
+            "MOVED x 1.2.3.4:1",
+            "MOVED 1 ",
+            "ERR MOVED 1 a:1",
+            "MOVED 1 a:1 b",
+        ] {
+            assert_eq!(redirection(&Reply::Error(other.into())), None, "{other}");
         }
     }
 

@@ -108,6 +108,31 @@ impl RedisUrl {
     pub fn has_password(&self) -> bool {
         self.password.is_some()
     }
+
+    /// The same server settings (TLS, credentials) at a cluster node named `host:port` by a
+    /// redirection.
+    pub fn at_node(&self, addr: &str) -> Result<RedisUrl, String> {
+        let (host, port) = crate::config::split_host_port(addr, 6379)
+            .filter(|(h, p)| !h.is_empty() && *p != 0)
+            .ok_or_else(|| format!("a redirection names a bad address `{addr}`"))?;
+        Ok(RedisUrl {
+            host: host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
+            port,
+            ..self.clone()
+        })
+    }
+
+    /// This server's host as a redirection's `host:port` would spell it.
+    pub fn host_for_redirect(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        }
+    }
 }
 
 impl fmt::Display for RedisUrl {
