@@ -47,6 +47,18 @@ fn redis_binary() -> Option<String> {
     }
 }
 
+/// A free loopback port under the kernel's ephemeral range (32768 and up), for a Redis that is
+/// killed and started again on the same port: a port from the ephemeral range can be taken
+/// in between by any outgoing connection on this busy machine.
+fn free_port_below_ephemeral() -> u16 {
+    use std::hash::{BuildHasher, RandomState};
+    let seed = RandomState::new();
+    (0u64..)
+        .map(|i| 20_000 + (seed.hash_one(i) % 12_000) as u16)
+        .find(|p| TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .unwrap()
+}
+
 /// A `redis-server` of this test's own on a loopback port, without persistence; killed on drop.
 struct Redis {
     binary: String,
@@ -85,12 +97,7 @@ impl Redis {
     }
 
     fn start_with(binary: &str, tls: Option<tempfile::TempDir>) -> Redis {
-        // redis-server needs a port up front: take a free one from the kernel.
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port_below_ephemeral();
         let mut r = Redis {
             binary: binary.to_string(),
             port,
@@ -149,6 +156,9 @@ impl Redis {
             let answer = self.conn().and_then(|mut c| c.command(&[b"PING"]));
             if answer == Ok(Reply::Simple("PONG".into())) {
                 return;
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("redis-server on port {} exited: {status}", self.port);
             }
             assert!(
                 Instant::now() < deadline,
@@ -218,38 +228,52 @@ struct Tally {
     failed: u64,
 }
 
-/// `n` sessionless pings as bob on one connection to `addr`: [`pings_as`].
+/// `n` sessionless pings as bob on one connection to `addr`.
 fn pings(addr: SocketAddr, n: u32) -> Tally {
-    pings_as(addr, BOB, n)
+    let mut p = Pinger::new(addr, BOB);
+    (0..n).for_each(|_| p.ping());
+    p.tally
 }
 
-/// `n` sessionless pings with API key `key` on one connection to `addr`. The stdio upstream answers a ping
+/// Sessionless pings with one API key on one connection (a new one only after a failure, so a
+/// long run does not use up the machine's ephemeral ports). The stdio upstream answers a ping
 /// without a session 400 after the limiter let it through: anything but 429 was admitted;
 /// anything but 200/400/429 (or a dropped connection) failed.
-fn pings_as(addr: SocketAddr, key: &str, n: u32) -> Tally {
-    let raw = mcp_post_raw(
-        r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#,
-        None,
-        &bearer(key),
-    );
-    let mut t = Tally::default();
-    let mut s = connect(addr);
-    for _ in 0..n {
-        if s.write_all(raw.as_bytes()).is_err() {
-            t.failed += 1;
-            s = connect(addr);
-            continue;
+struct Pinger {
+    addr: SocketAddr,
+    raw: String,
+    stream: std::net::TcpStream,
+    tally: Tally,
+}
+
+impl Pinger {
+    fn new(addr: SocketAddr, key: &str) -> Pinger {
+        Pinger {
+            addr,
+            raw: mcp_post_raw(
+                r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#,
+                None,
+                &bearer(key),
+            ),
+            stream: connect(addr),
+            tally: Tally::default(),
         }
-        match read_response(&mut s).map(|r| r.status) {
-            Some(200 | 400) => t.admitted += 1,
-            Some(429) => t.limited += 1,
+    }
+
+    fn ping(&mut self) {
+        let status = match self.stream.write_all(self.raw.as_bytes()) {
+            Ok(()) => read_response(&mut self.stream).map(|r| r.status),
+            Err(_) => None,
+        };
+        match status {
+            Some(200 | 400) => self.tally.admitted += 1,
+            Some(429) => self.tally.limited += 1,
             _ => {
-                t.failed += 1;
-                s = connect(addr);
+                self.tally.failed += 1;
+                self.stream = connect(self.addr);
             }
         }
     }
-    t
 }
 
 /// `threads` connections at once, `n` pings each, spread over `addrs` in turn.
@@ -336,16 +360,13 @@ fn two_gateways_share_one_limit_within_the_stated_bound() {
         .map(|i| {
             let addr = [a.addr, b.addr][i % 2];
             std::thread::spawn(move || {
-                let mut sum = Tally::default();
+                let mut p = Pinger::new(addr, BOB);
                 let until = Instant::now() + Duration::from_secs(3);
                 while Instant::now() < until {
-                    let one = pings(addr, 1);
-                    sum.admitted += one.admitted;
-                    sum.limited += one.limited;
-                    sum.failed += one.failed;
+                    p.ping();
                     std::thread::sleep(Duration::from_millis(20));
                 }
-                sum
+                p.tally
             })
         })
         .collect();
@@ -400,9 +421,11 @@ fn background_load(
     let failed = Arc::new(AtomicU64::new(0));
     let f = failed.clone();
     let h = std::thread::spawn(move || {
+        let mut p = Pinger::new(addr, CAROL);
         while !stop.load(Ordering::Relaxed) {
-            f.fetch_add(pings_as(addr, CAROL, 5).failed, Ordering::Relaxed);
-            std::thread::sleep(Duration::from_millis(20));
+            p.ping();
+            f.store(p.tally.failed, Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(5));
         }
     });
     (h, failed)
