@@ -698,6 +698,14 @@ fn validate_never_prints_the_redis_password() {
             }
             None => assert_eq!(out.status.code(), Some(0), "case {i}: {text}"),
         }
+        if i == cases.len() - 1 {
+            assert!(
+                text.contains(
+                    "rate_limit.redis_url has no effect: rate_limit.backend is \"memory\""
+                ),
+                "{text}"
+            );
+        }
     }
 }
 
