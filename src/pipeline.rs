@@ -34,7 +34,7 @@ use crate::mcp::jsonrpc::{Body, ClassifyError, Kind, Message, RpcId, Target, is_
 use crate::mcp::legacy;
 use crate::mcp::transport;
 use crate::observe::metrics::{self, M_BATCH, M_DELETE, M_NONE, M_RESPONSE, M_STREAM};
-use crate::ratelimit::{Limit, bucket_key};
+use crate::ratelimit::{Limit, bucket_key, fleet_key};
 use crate::runtime::worker::Worker;
 use crate::upstream::balance::InFlight;
 use crate::upstream::{Answer, Exchange, Outgoing, UpstreamRef};
@@ -457,7 +457,7 @@ pub async fn handle(
         Method::Post => post(&cx, body, &mut audit, None).await,
         Method::Get => {
             audit.messages.push(("stream".into(), None));
-            match rate_limit(w, cfg, caller, &[]) {
+            match rate_limit(w, cfg, caller, &[]).await {
                 Ok(()) if front == Front::LegacyStream => Ok(legacy_stream(&cx)),
                 Ok(()) => stream(&cx).await.map_err(|e| early(e, M_STREAM)),
                 Err(e) => Err(early(e, M_STREAM)),
@@ -465,7 +465,7 @@ pub async fn handle(
         }
         Method::Delete => {
             audit.messages.push(("delete".into(), None));
-            match rate_limit(w, cfg, caller, &[]) {
+            match rate_limit(w, cfg, caller, &[]).await {
                 Ok(()) => delete(&cx).await.map_err(|e| early(e, M_DELETE)),
                 Err(e) => Err(early(e, M_DELETE)),
             }
@@ -698,8 +698,9 @@ fn authorize(
 }
 
 /// Phase 8, rate limiting: one token of the identity's bucket per message (one for GET/DELETE), and one
-/// of the identity × tool bucket for each call of a tool with its own limit.
-fn rate_limit(
+/// of the identity × tool bucket for each call of a tool with its own limit. With the Redis
+/// backend a lease may be awaited, for at most the lease timeout.
+async fn rate_limit(
     w: &Worker,
     cfg: &Settings,
     caller: Caller<'_>,
@@ -731,22 +732,27 @@ fn rate_limit(
         }
     };
     let key = bucket_key(&caller.rate_key, None);
+    let fleet = || fleet_key(&caller.rate_key, None);
     for _ in 0..messages.len().max(1) {
         w.limiter
-            .check(pool, key, limit, now)
+            .check_async(pool, key, &fleet, limit, now)
+            .await
             .map_err(|l| refuse(l, None))?;
     }
     for m in messages {
         if let Some(Target::Tool(t)) = &m.target
             && let Some(tool_limit) = cfg.rate.per_tool.get(t)
         {
+            let fleet = || fleet_key(&caller.rate_key, Some(t));
             w.limiter
-                .check(
+                .check_async(
                     pool,
                     bucket_key(&caller.rate_key, Some(t)),
+                    &fleet,
                     *tool_limit,
                     now,
                 )
+                .await
                 .map_err(|l| refuse(l, Some(t)))?;
         }
     }
@@ -915,7 +921,9 @@ async fn post(
         return Ok(refused);
     }
     // 8. rate-limit
-    rate_limit(w, cfg, cx.caller, body.messages()).map_err(fail)?;
+    rate_limit(w, cfg, cx.caller, body.messages())
+        .await
+        .map_err(fail)?;
     for m in body.messages() {
         if let Some(Target::Tool(t)) = &m.target {
             w.metrics

@@ -43,24 +43,10 @@ pub const UNBUILT: &[Unbuilt] = &[
         message: "mTLS identities are not in this build yet; refusing to start rather than \
                   serve without them (use [[auth.api_keys]], or remove [auth.mtls])",
     },
-    Unbuilt {
-        path: "rate_limit.backend",
-        trigger: Trigger::Equals("redis"),
-        message: "the Redis rate-limit backend is not in this build yet; use `memory` (limits \
-                  per process)",
-    },
 ];
 
 /// Keys with no effect anywhere in this build: a warning when the file sets one.
 pub const NO_EFFECT: &[(&str, &str)] = &[
-    (
-        "rate_limit.redis_url",
-        "it configures the redis backend, which this build does not support",
-    ),
-    (
-        "rate_limit.redis_failure",
-        "it configures the redis backend, which this build does not support",
-    ),
     (
         "tracing.enabled",
         "OpenTelemetry export is not in this build",
@@ -113,10 +99,6 @@ pub fn first_unbuilt_in(file: &FileConfig) -> Option<&'static Unbuilt> {
     first_unbuilt(&|path| match path {
         "server.tls" => file.server.tls.as_ref().map(|_| Seen::Other),
         "auth.mtls.enabled" => file.auth.mtls.as_ref().map(|m| Seen::Bool(m.enabled)),
-        "rate_limit.backend" => Some(Seen::Str(match file.rate_limit.backend {
-            RateBackend::Memory => "memory",
-            RateBackend::Redis => "redis",
-        })),
         _ => None,
     })
 }
@@ -253,7 +235,10 @@ pub fn ignored_keys(file: &FileConfig) -> Vec<String> {
             "per_tool",
             "backend",
             "redis_url",
+            "redis_ca_file",
             "redis_failure",
+            "redis_replicas",
+            "redis_lease_timeout_ms",
         ] {
             let path = format!("rate_limit.{key}");
             if sets(&path) {
@@ -267,6 +252,19 @@ pub fn ignored_keys(file: &FileConfig) -> Vec<String> {
                     &format!("auth.api_keys[{i}].rate_limit"),
                     "rate_limit.enabled is false",
                 );
+            }
+        }
+    } else if file.rate_limit.backend == RateBackend::Memory {
+        for key in [
+            "redis_url",
+            "redis_ca_file",
+            "redis_failure",
+            "redis_replicas",
+            "redis_lease_timeout_ms",
+        ] {
+            let path = format!("rate_limit.{key}");
+            if sets(&path) {
+                warn(&mut warnings, &path, "rate_limit.backend is \"memory\"");
             }
         }
     }

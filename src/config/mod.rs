@@ -71,6 +71,8 @@ pub struct RateSettings {
     pub burst: u32,
     /// Per identity × tool.
     pub per_tool: HashMap<String, Limit>,
+    /// The Redis backend's settings (`None`: limits per process).
+    pub redis: Option<crate::ratelimit::redis::RedisSettings>,
 }
 
 /// `[audit]`, validated.
@@ -711,7 +713,15 @@ fn validate_rate(file: &FileConfig) -> Result<RateSettings, ConfigError> {
             },
         );
     }
+    // With a URL the pool is built even while limits are off, so a reload that turns them on
+    // (the backend and URL need a restart, `enabled` does not) finds it there.
+    let redis = if r.backend == schema::RateBackend::Redis && (r.enabled || r.redis_url.is_some()) {
+        Some(validate_redis(r)?)
+    } else {
+        None
+    };
     Ok(RateSettings {
+        redis,
         enabled: r.enabled,
         default: Limit {
             rate: f64::from(r.requests_per_second.max(1)),
@@ -719,6 +729,49 @@ fn validate_rate(file: &FileConfig) -> Result<RateSettings, ConfigError> {
         },
         burst: r.burst_size.max(1),
         per_tool,
+    })
+}
+
+fn validate_redis(
+    r: &schema::RateLimitSection,
+) -> Result<crate::ratelimit::redis::RedisSettings, ConfigError> {
+    let Some(url) = &r.redis_url else {
+        return Err(invalid(
+            "rate_limit.redis_url",
+            "is required when rate_limit.backend is \"redis\"",
+        ));
+    };
+    // The message never repeats the URL: it may hold a password.
+    let url = crate::ratelimit::resp::RedisUrl::parse(url)
+        .map_err(|why| invalid("rate_limit.redis_url", &why))?;
+    if !(1..=10_000).contains(&r.redis_replicas) {
+        return Err(invalid("rate_limit.redis_replicas", "must be 1–10000"));
+    }
+    if !(1..=10_000).contains(&r.redis_lease_timeout_ms) {
+        return Err(invalid(
+            "rate_limit.redis_lease_timeout_ms",
+            "must be 1–10000 (milliseconds)",
+        ));
+    }
+    let ca = match &r.redis_ca_file {
+        None => None,
+        Some(_) if !url.tls => {
+            return Err(invalid(
+                "rate_limit.redis_ca_file",
+                "applies to rediss:// (TLS) URLs only; rate_limit.redis_url is redis://",
+            ));
+        }
+        Some(path) => Some(
+            crate::ratelimit::resp::read_ca_file(Path::new(path))
+                .map_err(|why| invalid("rate_limit.redis_ca_file", why))?,
+        ),
+    };
+    Ok(crate::ratelimit::redis::RedisSettings {
+        ca,
+        url,
+        failure: r.redis_failure,
+        replicas: r.redis_replicas,
+        lease_timeout: Duration::from_millis(r.redis_lease_timeout_ms),
     })
 }
 

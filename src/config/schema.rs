@@ -685,11 +685,28 @@ pub struct RateLimitSection {
     /// Where the buckets live.
     #[schemars(extend("x-reload" = "restart"))]
     pub backend: RateBackend,
-    /// The Redis server of the `redis` backend.
+    /// The Redis server of the `redis` backend: `redis://[[user]:password@]host[:port][/db]`,
+    /// or `rediss://` for TLS (verified against the Mozilla root set). The password never
+    /// appears in logs, metrics or `validate` output; `${REDIS_URL}` keeps it out of the file.
     #[schemars(extend("x-type" = "URL (`redis://` or `rediss://`)", "x-reload" = "restart"))]
     pub redis_url: Option<String>,
-    /// What the `redis` backend does while Redis is unreachable.
+    /// PEM file of the certificate authorities a `rediss://` server's certificate must chain
+    /// to, instead of the Mozilla root set (a private CA).
+    #[schemars(extend("x-type" = "path to a PEM file", "x-reload" = "restart"))]
+    pub redis_ca_file: Option<String>,
+    /// What the `redis` backend does while Redis is unreachable: `local` applies each limit
+    /// divided by `redis_replicas` on this node, `open` lets requests through unlimited,
+    /// `closed` refuses them with 429.
+    #[schemars(extend("x-reload" = "restart"))]
     pub redis_failure: RedisFailure,
+    /// Replicas expected to share the limits: while Redis is unreachable and `redis_failure`
+    /// is `local`, each node applies rate / redis_replicas (and burst / redis_replicas).
+    #[schemars(extend("x-type" = "whole number 1–10000", "x-reload" = "restart"))]
+    pub redis_replicas: u32,
+    /// How long a request may wait for quota from Redis (and each Redis command's timeout);
+    /// past it the `redis_failure` rule answers that request.
+    #[schemars(extend("x-type" = "milliseconds 1–10000", "x-reload" = "restart"))]
+    pub redis_lease_timeout_ms: u64,
 }
 
 impl Default for RateLimitSection {
@@ -701,7 +718,10 @@ impl Default for RateLimitSection {
             per_tool: BTreeMap::new(),
             backend: RateBackend::Memory,
             redis_url: None,
+            redis_ca_file: None,
             redis_failure: RedisFailure::Local,
+            redis_replicas: 1,
+            redis_lease_timeout_ms: 50,
         }
     }
 }

@@ -11,6 +11,13 @@
 //! and L the lease size, `clamp(min(r, b) / (4·W), 1, 64)`: only tokens already leased (at most
 //! L−1 per worker) can be spent outside the interval they were granted in. Leases unused for
 //! [`LEASE_TTL`] are dropped, so stranded tokens make the limit stricter, never looser.
+//!
+//! Across a fleet ([`redis::RedisPool`]) the pool is a node-level stock of tokens leased in
+//! batches from Redis; a worker whose local bucket is dry and whose node has no stock awaits
+//! the Redis thread's answer for at most the lease timeout, never blocking its thread.
+
+pub mod redis;
+pub mod resp;
 
 use crate::auth::RateKey;
 use std::cell::RefCell;
@@ -40,10 +47,43 @@ pub struct Lease {
     pub retry_after: Duration,
 }
 
+/// A lease answered now, or one a worker awaits (for at most [`QuotaPool::lease_timeout`]).
+pub enum Leased {
+    /// The answer.
+    Now(Lease),
+    /// The answer will come on this channel.
+    Later(async_channel::Receiver<Lease>),
+}
+
 /// Where workers lease quota: in process (atomics/locks off the hot path) or across a fleet.
 pub trait QuotaPool: Send + Sync {
-    /// Takes up to `want` tokens from bucket `key`.
+    /// Takes up to `want` tokens from bucket `key`, without waiting on anything remote.
     fn lease(&self, key: BucketKey, want: u32, limit: Limit, now: Instant) -> Lease;
+    /// Takes up to `want` tokens from bucket `key`, possibly answering later; `fleet` names the
+    /// bucket across processes (computed only when a pool needs it).
+    fn begin_lease(
+        &self,
+        key: BucketKey,
+        fleet: &dyn Fn() -> FleetKey,
+        want: u32,
+        limit: Limit,
+        now: Instant,
+    ) -> Leased {
+        let _ = fleet;
+        Leased::Now(self.lease(key, want, limit, now))
+    }
+    /// How long a worker awaits a [`Leased::Later`].
+    fn lease_timeout(&self) -> Duration {
+        Duration::ZERO
+    }
+    /// The answer when a [`Leased::Later`] did not come in time.
+    fn lease_timed_out(&self, key: BucketKey, want: u32, limit: Limit, now: Instant) -> Lease {
+        self.lease(key, want, limit, now)
+    }
+    /// Appends the pool's own metrics (Prometheus text).
+    fn render_metrics(&self, out: &mut String) {
+        let _ = out;
+    }
     /// Drops buckets that are full again (indistinguishable from new ones).
     fn sweep(&self, now: Instant);
     /// Number of buckets held.
@@ -60,6 +100,55 @@ pub fn bucket_key(rate_key: &RateKey, tool: Option<&str>) -> BucketKey {
     let (a, b) = HASHERS.get_or_init(|| (RandomState::new(), RandomState::new()));
     let k = (rate_key, tool);
     (u128::from(a.hash_one(k)) << 64) | u128::from(b.hash_one(k))
+}
+
+/// A bucket's name across a fleet: the same in every process, derived only by hashing (SHA-256
+/// with lengths and a domain separator), so no caller input ever reaches a Redis key as text
+/// and no two (identity, tool) pairs can be made to share a bucket short of a hash collision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FleetKey {
+    /// Hash of the caller alone: all of a caller's buckets share it (a Redis Cluster hash tag).
+    pub caller: [u8; 16],
+    /// Hash of (caller, tool).
+    pub bucket: [u8; 16],
+}
+
+/// The fleet-wide name of (rate key, tool).
+pub fn fleet_key(rate_key: &RateKey, tool: Option<&str>) -> FleetKey {
+    use ring::digest::{Context, SHA256};
+    let mut c = Context::new(&SHA256);
+    c.update(b"mcp-guard rate caller v1\0");
+    match rate_key {
+        RateKey::Identity(id) => {
+            c.update(&[1]);
+            c.update(&(id.len() as u64).to_be_bytes());
+            c.update(id.as_bytes());
+        }
+        RateKey::Address(ip) => {
+            c.update(&[2]);
+            c.update(ip.to_string().as_bytes());
+        }
+    }
+    let caller_digest = c.finish();
+    let mut b = Context::new(&SHA256);
+    b.update(b"mcp-guard rate bucket v1\0");
+    b.update(caller_digest.as_ref());
+    match tool {
+        None => b.update(&[0]),
+        Some(t) => {
+            b.update(&[1]);
+            b.update(&(t.len() as u64).to_be_bytes());
+            b.update(t.as_bytes());
+        }
+    }
+    let bucket_digest = b.finish();
+    let mut key = FleetKey {
+        caller: [0; 16],
+        bucket: [0; 16],
+    };
+    key.caller.copy_from_slice(&caller_digest.as_ref()[..16]);
+    key.bucket.copy_from_slice(&bucket_digest.as_ref()[..16]);
+    key
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -183,6 +272,11 @@ pub struct Limited {
     pub limit: Limit,
 }
 
+enum Step {
+    Done(Result<(), Limited>),
+    Lease { want: u32, keep: bool },
+}
+
 /// A worker's local buckets.
 pub struct LocalLimiter {
     buckets: RefCell<HashMap<BucketKey, LocalBucket>>,
@@ -203,7 +297,8 @@ impl LocalLimiter {
         (base.floor() as u32).clamp(1, 64)
     }
 
-    /// Spends one token of `key`, leasing from `pool` when the local bucket is dry.
+    /// Spends one token of `key`, leasing from `pool` when the local bucket is dry (a pool
+    /// that would answer later is answered by its timeout rule at once).
     pub fn check(
         &self,
         pool: &dyn QuotaPool,
@@ -211,20 +306,50 @@ impl LocalLimiter {
         limit: Limit,
         now: Instant,
     ) -> Result<(), Limited> {
+        match self.take_local(key, limit, now) {
+            Step::Done(r) => r,
+            Step::Lease { want, keep } => {
+                let lease = pool.lease(key, want, limit, now);
+                self.store(key, lease, keep, limit, now)
+            }
+        }
+    }
+
+    /// [`check`](Self::check), awaiting a pool that answers later for at most its lease
+    /// timeout. `fleet` names the bucket across processes; it is computed only on a lease.
+    pub async fn check_async(
+        &self,
+        pool: &dyn QuotaPool,
+        key: BucketKey,
+        fleet: &dyn Fn() -> FleetKey,
+        limit: Limit,
+        now: Instant,
+    ) -> Result<(), Limited> {
+        let (want, keep) = match self.take_local(key, limit, now) {
+            Step::Done(r) => return r,
+            Step::Lease { want, keep } => (want, keep),
+        };
+        let lease = match pool.begin_lease(key, fleet, want, limit, now) {
+            Leased::Now(l) => l,
+            // No borrow of the buckets is held across this await.
+            Leased::Later(rx) => match monoio::time::timeout(pool.lease_timeout(), rx.recv()).await
+            {
+                Ok(Ok(l)) => l,
+                _ => pool.lease_timed_out(key, want, limit, Instant::now()),
+            },
+        };
+        self.store(key, lease, keep, limit, now)
+    }
+
+    fn take_local(&self, key: BucketKey, limit: Limit, now: Instant) -> Step {
         let mut map = self.buckets.borrow_mut();
         if map.len() >= MAX_LOCAL && !map.contains_key(&key) {
             map.retain(|_, b| now.saturating_duration_since(b.leased_at) < LEASE_TTL);
             if map.len() >= MAX_LOCAL {
                 // Too many active keys to cache locally: go to the pool one token at a time.
-                drop(map);
-                let lease = pool.lease(key, 1, limit, now);
-                return if lease.granted > 0 {
-                    Ok(())
-                } else {
-                    Err(Limited {
-                        retry_after: lease.retry_after,
-                        limit,
-                    })
+                return Step::Lease {
+                    want: 1,
+                    keep: false,
                 };
             }
         }
@@ -235,30 +360,66 @@ impl LocalLimiter {
         });
         if b.tokens > 0 && now.saturating_duration_since(b.leased_at) < LEASE_TTL {
             b.tokens -= 1;
-            return Ok(());
+            return Step::Done(Ok(()));
         }
         if let Some(until) = b.empty_until
             && now < until
         {
             // Known dry: refuse locally rather than hammer the pool while over the limit.
-            return Err(Limited {
+            return Step::Done(Err(Limited {
                 retry_after: until - now,
                 limit,
-            });
+            }));
         }
-        let lease = pool.lease(key, self.lease_size(limit), limit, now);
+        Step::Lease {
+            want: self.lease_size(limit),
+            keep: true,
+        }
+    }
+
+    fn store(
+        &self,
+        key: BucketKey,
+        lease: Lease,
+        keep: bool,
+        limit: Limit,
+        now: Instant,
+    ) -> Result<(), Limited> {
+        let refused = Limited {
+            retry_after: lease.retry_after,
+            limit,
+        };
+        if !keep {
+            return if lease.granted > 0 {
+                Ok(())
+            } else {
+                Err(refused)
+            };
+        }
+        let mut map = self.buckets.borrow_mut();
+        // Another request may have evicted or refilled the bucket while this lease was awaited.
+        let b = map.entry(key).or_insert(LocalBucket {
+            tokens: 0,
+            leased_at: now,
+            empty_until: None,
+        });
         if lease.granted > 0 {
-            b.tokens = lease.granted - 1;
-            b.leased_at = now;
+            if b.tokens > 0 && now.saturating_duration_since(b.leased_at) < LEASE_TTL {
+                // Keep the older lease time: tokens never outlive LEASE_TTL from their first
+                // lease, which is what the accuracy bound counts on.
+                b.tokens = b.tokens.saturating_add(lease.granted - 1);
+            } else {
+                b.tokens = lease.granted - 1;
+                b.leased_at = now;
+            }
             b.empty_until = None;
             Ok(())
         } else {
-            b.tokens = 0;
-            b.empty_until = Some(now + lease.retry_after);
-            Err(Limited {
-                retry_after: lease.retry_after,
-                limit,
-            })
+            if b.tokens == 0 || now.saturating_duration_since(b.leased_at) >= LEASE_TTL {
+                b.tokens = 0;
+                b.empty_until = Some(now + lease.retry_after);
+            }
+            Err(refused)
         }
     }
 

@@ -187,6 +187,10 @@ pub fn run(path: PathBuf) -> Result<(), String> {
             "no authentication is configured: every caller is anonymous{limits}"
         );
     }
+    let quota: Arc<dyn crate::ratelimit::QuotaPool> = match &settings.rate.redis {
+        Some(redis) => Arc::new(crate::ratelimit::redis::RedisPool::start(redis.clone())?),
+        None => Arc::new(crate::ratelimit::MemoryPool::default()),
+    };
     let (shutdown_tx, shutdown_rx) = async_channel::bounded::<()>(1);
     let shared = Arc::new(Shared {
         config: Arc::new(ArcSwap::from_pointee(settings.clone())),
@@ -198,7 +202,7 @@ pub fn run(path: PathBuf) -> Result<(), String> {
         io_driver: driver.name(),
         shutdown_rx,
         workers,
-        quota: Arc::new(crate::ratelimit::MemoryPool::default()),
+        quota,
         audit_sinks: std::sync::Mutex::new(audit_sinks),
         control_audit,
         audit_writer,
