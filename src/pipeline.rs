@@ -36,10 +36,10 @@ use crate::mcp::transport;
 use crate::observe::metrics::{self, M_BATCH, M_DELETE, M_NONE, M_RESPONSE, M_STREAM};
 use crate::ratelimit::{Limit, bucket_key};
 use crate::runtime::worker::Worker;
+use crate::tls::Peer;
 use crate::upstream::balance::InFlight;
 use crate::upstream::{Answer, Exchange, Outgoing, UpstreamRef};
 use std::cell::Cell;
-use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
@@ -196,7 +196,7 @@ pub fn admit<'c>(
     w: &Worker,
     cfg: &'c Settings,
     head: &RequestHead,
-    peer: SocketAddr,
+    peer: Peer<'_>,
     slot: &'c IdentitySlot,
 ) -> Admission<'c> {
     // 4. route: probes first (no authentication), then paths in normal form only, so that no
@@ -277,7 +277,7 @@ fn legacy_route<'p>(
 
 /// `GET /routes`: the MCP endpoints this caller may reach (names and paths, never where they
 /// lead), after the same Origin and authentication checks as an MCP request.
-fn routes(w: &Worker, cfg: &Settings, head: &RequestHead, peer: SocketAddr) -> Reply {
+fn routes(w: &Worker, cfg: &Settings, head: &RequestHead, peer: Peer<'_>) -> Reply {
     let mut audit = AuditInfo::default();
     let slot = IdentitySlot::new();
     let caller = match authenticate(w, cfg, head, peer, &slot, &mut audit) {
@@ -495,6 +495,7 @@ fn auth_index(m: AuthMethod) -> usize {
         AuthMethod::Anonymous => 0,
         AuthMethod::ApiKey => 1,
         AuthMethod::Jwt => 2,
+        AuthMethod::Mtls => 4,
     }
 }
 
@@ -502,7 +503,7 @@ fn admit_mcp<'c>(
     w: &Worker,
     cfg: &'c Settings,
     head: &RequestHead,
-    peer: SocketAddr,
+    peer: Peer<'_>,
     (front, route): (Front, usize),
     slot: &'c IdentitySlot,
     audit: &mut AuditInfo,
@@ -563,14 +564,14 @@ fn authenticate<'c>(
     w: &Worker,
     cfg: &'c Settings,
     head: &RequestHead,
-    peer: SocketAddr,
+    peer: Peer<'_>,
     slot: &'c IdentitySlot,
     audit: &mut AuditInfo,
 ) -> Result<Caller<'c>, Early> {
     // 4a. Origin
     transport::check_origin(head, &cfg.server.allowed_origins).map_err(|e| early(e, M_NONE))?;
     // 5. authenticate
-    let caller = match cfg.auth.authenticate(head, peer.ip(), slot, &w.tokens) {
+    let caller = match cfg.auth.authenticate_peer(head, peer, slot, &w.tokens) {
         Ok(c) => {
             w.metrics.count_auth(auth_index(c.identity.method), true);
             c

@@ -32,22 +32,10 @@ pub struct Unbuilt {
 /// Features a config may name that this build refuses to start with.
 pub const UNBUILT: &[Unbuilt] = &[
     Unbuilt {
-        path: "server.tls",
-        trigger: Trigger::Present,
-        message: "TLS termination is not in this build yet; terminate TLS in front of mcp-guard \
-                  (a load balancer or sidecar) and remove [server.tls]",
-    },
-    Unbuilt {
         path: "auth.oauth",
         trigger: Trigger::Present,
         message: "OAuth 2.1 is not in this build yet; refusing to start rather than serve \
                   without it (use [[auth.api_keys]], or remove [auth.oauth])",
-    },
-    Unbuilt {
-        path: "auth.mtls.enabled",
-        trigger: Trigger::True,
-        message: "mTLS identities are not in this build yet; refusing to start rather than \
-                  serve without them (use [[auth.api_keys]], or remove [auth.mtls])",
     },
     Unbuilt {
         path: "rate_limit.backend",
@@ -147,9 +135,7 @@ pub fn first_unbuilt<'v>(lookup: &dyn Fn(&str) -> Option<Seen<'v>>) -> Option<&'
 /// The same check on a parsed file (for files not read from text, and as a backstop).
 pub fn first_unbuilt_in(file: &FileConfig) -> Option<&'static Unbuilt> {
     first_unbuilt(&|path| match path {
-        "server.tls" => file.server.tls.as_ref().map(|_| Seen::Other),
         "auth.oauth" => file.auth.oauth.as_ref().map(|_| Seen::Other),
-        "auth.mtls.enabled" => file.auth.mtls.as_ref().map(|m| Seen::Bool(m.enabled)),
         "rate_limit.backend" => Some(Seen::Str(match file.rate_limit.backend {
             RateBackend::Memory => "memory",
             RateBackend::Redis => "redis",

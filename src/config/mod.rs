@@ -114,6 +114,8 @@ pub struct ServerSettings {
     pub shutdown_grace: Duration,
     /// Accepted browser origins, compared ASCII-case-insensitively.
     pub allowed_origins: Vec<String>,
+    /// TLS on the listener (`[server.tls]`); `None`: plain HTTP.
+    pub tls: Option<crate::tls::TlsSettings>,
 }
 
 /// `max_processes` when a per-session stdio upstream names none.
@@ -348,6 +350,18 @@ pub fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
     } else {
         None
     };
+    let tls = match &s.tls {
+        Some(t) => {
+            if t.client_ca_path.is_none() && file.sets("server.tls.client_auth") {
+                return Err(invalid(
+                    "server.tls.client_auth",
+                    "needs server.tls.client_ca_path (the CA client certificates must chain to)",
+                ));
+            }
+            Some(crate::tls::build(t).map_err(|(key, e)| invalid(key, e))?)
+        }
+        None => None,
+    };
     let routes = validate_routes(file, &s.mcp_path)?;
     check_legacy_paths(&s.sse_path, &routes)?;
     let auth = Arc::new(validate_auth(file, &routes)?);
@@ -384,6 +398,7 @@ pub fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
             max_connections: s.max_connections,
             shutdown_grace: Duration::from_secs(s.shutdown_grace_secs),
             allowed_origins,
+            tls,
         },
         admin,
         routes,
@@ -399,6 +414,9 @@ pub fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
 
 fn validate_auth(file: &FileConfig, routes: &[Route]) -> Result<Authenticator, ConfigError> {
     let mut auth = Authenticator::default();
+    if let Some(m) = file.auth.mtls.as_ref().filter(|m| m.enabled) {
+        auth.mtls = Some(validate_mtls(file, m, routes)?);
+    }
     if let Some(jwt) = &file.auth.jwt {
         auth.jwt = Some(validate_jwt(file, jwt, routes)?);
     }
@@ -968,6 +986,76 @@ fn tool_rule(
 ) -> Rule {
     let names: Vec<Arc<str>> = routes.iter().map(|r| r.name.clone()).collect();
     tool_rule_for(allowed, denied, server, &names)
+}
+
+/// `[auth.mtls]`: where certificates come from (our handshake, trusted terminators), which
+/// field names the caller, and what certificate identities may do.
+fn validate_mtls(
+    file: &FileConfig,
+    m: &schema::MtlsSection,
+    routes: &[Route],
+) -> Result<crate::auth::mtls::MtlsProvider, ConfigError> {
+    let verifies_here = file
+        .server
+        .tls
+        .as_ref()
+        .is_some_and(|t| t.client_ca_path.is_some());
+    if !verifies_here && m.trusted_proxy_ips.is_empty() {
+        return Err(invalid(
+            "auth.mtls.enabled",
+            "no client certificate can reach the gateway: set server.tls.client_ca_path (verify \
+             certificates here) or auth.mtls.trusted_proxy_ips (a TLS terminator in front passes \
+             them on as X-Client-Cert-* headers)",
+        ));
+    }
+    let trusted_proxies = m
+        .trusted_proxy_ips
+        .iter()
+        .enumerate()
+        .map(|(i, ip)| {
+            crate::auth::mtls::IpNet::parse(ip)
+                .map_err(|e| invalid(&format!("auth.mtls.trusted_proxy_ips[{i}]"), e))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if m.rate_limit == Some(0) {
+        return Err(invalid("auth.mtls.rate_limit", "must be at least 1"));
+    }
+    let tool_names = if file.server.strict_tool_names {
+        Names::Tools
+    } else {
+        Names::Any
+    };
+    check_tool_patterns(
+        "auth.mtls.allowed_tools",
+        &m.allowed_tools,
+        tool_names,
+        routes,
+    )?;
+    let mut policy = Policy {
+        tools: tool_rule(&m.allowed_tools, &[], None, routes),
+        rate_limit: m.rate_limit,
+        ..Policy::default()
+    };
+    // As for an API key: a server named by a `server/tool` entry gets a policy of its own.
+    let named: std::collections::BTreeSet<&str> = m
+        .allowed_tools
+        .iter()
+        .filter_map(|e| e.split_once('/').map(|(s, _)| s))
+        .filter(|s| routes.iter().any(|r| &*r.name == *s))
+        .collect();
+    for server in named {
+        let on_server = Policy {
+            tools: tool_rule(&m.allowed_tools, &[], Some(server), routes),
+            per_server: HashMap::new(),
+            ..policy.clone()
+        };
+        policy.per_server.insert(server.into(), Arc::new(on_server));
+    }
+    Ok(crate::auth::mtls::MtlsProvider {
+        source: m.identity_source,
+        policy: Arc::new(policy),
+        trusted_proxies,
+    })
 }
 
 /// `[auth.jwt]`: the rules a token must meet, where its keys come from, and the scope mapping.

@@ -248,8 +248,8 @@ pub struct ServerSection {
     /// How clients reach the gateway; used in OAuth protected-resource metadata.
     #[schemars(extend("x-type" = "URL"))]
     pub public_url: Option<String>,
-    /// (compat) TLS termination; absent = plain HTTP.
-    #[schemars(extend("x-reload" = "restart"))]
+    /// (compat) TLS termination; absent = plain HTTP. Adding or removing the section takes a
+    /// restart; its files are read again at every reload (new handshakes use them).
     pub tls: Option<TlsSection>,
 }
 
@@ -278,10 +278,10 @@ impl Default for ServerSection {
     }
 }
 
-/// TLS termination on the data-plane listener.
+/// TLS termination on the data-plane listener: TLS 1.2 and 1.3, ALPN `http/1.1`. The
+/// certificate, key and client CA are read again at every reload; new handshakes use them.
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-#[schemars(extend("x-reload" = "restart"))]
 pub struct TlsSection {
     /// (compat) PEM certificate chain.
     #[schemars(extend("x-type" = "file path"))]
@@ -292,7 +292,8 @@ pub struct TlsSection {
     /// (compat) Enables mTLS: client certificates must chain to this CA bundle.
     #[schemars(extend("x-type" = "file path"))]
     pub client_ca_path: Option<String>,
-    /// With `client_ca_path`: whether every client must present a certificate.
+    /// With `client_ca_path`: `required` refuses a handshake without a valid client
+    /// certificate; `optional` verifies and uses one when presented.
     #[serde(default)]
     pub client_auth: ClientAuth,
 }

@@ -414,21 +414,22 @@ pub async fn run(w: Rc<Worker>, listener: monoio::net::TcpListener) {
         w.metrics.connections_total.fetch_add(1, Ordering::Relaxed);
         w.metrics.active_connections.fetch_add(1, Ordering::Relaxed);
         w.active.set(w.active.get() + 1);
+        let tls = w.settings().server.tls.as_ref().map(|t| t.config.clone());
         let wc = w.clone();
-        monoio::spawn(async move {
-            // monoio re-raises a task's panic on the worker thread, which would stop every
-            // connection of this worker: contain it to this connection, and keep the counts.
-            let served = crate::http::server::serve(wc.clone(), stream, peer);
-            if let Err(what) = crate::http::server::CatchPanic(served).await {
-                wc.metrics.panics.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(target: "mcp_guard::runtime", "connection from {peer} panicked: {what}; closed");
+        // Plain connections keep their own task type: TLS adds nothing to them.
+        match tls {
+            None => {
+                let served = crate::http::server::serve(wc.clone(), stream, peer, None);
+                monoio::spawn(connection(wc, peer, served));
             }
-            wc.active.set(wc.active.get() - 1);
-            wc.metrics
-                .active_connections
-                .fetch_sub(1, Ordering::Relaxed);
-            wc.shared.connections.fetch_sub(1, Ordering::Relaxed);
-        });
+            Some(config) => {
+                monoio::spawn(connection(
+                    wc.clone(),
+                    peer,
+                    serve_tls(wc, stream, peer, config),
+                ));
+            }
+        }
     }
     drop(listener);
     w.shutdown.fire();
@@ -446,6 +447,55 @@ pub async fn run(w: Rc<Worker>, listener: monoio::net::TcpListener) {
             w.active.get(),
             grace
         );
+    }
+}
+
+/// Runs one client connection's task, keeping the connection counts.
+async fn connection(
+    w: Rc<Worker>,
+    peer: std::net::SocketAddr,
+    served: impl std::future::Future<Output = ()>,
+) {
+    // monoio re-raises a task's panic on the worker thread, which would stop every
+    // connection of this worker: contain it to this connection, and keep the counts.
+    if let Err(what) = crate::http::server::CatchPanic(served).await {
+        w.metrics.panics.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(target: "mcp_guard::runtime", "connection from {peer} panicked: {what}; closed");
+    }
+    w.active.set(w.active.get() - 1);
+    w.metrics.active_connections.fetch_sub(1, Ordering::Relaxed);
+    w.shared.connections.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// A TLS connection: the handshake, on this worker, within `header_timeout` (a client that
+/// stalls mid-handshake is cut off like a slowloris, and counted as one: a 408 that could not
+/// be written), then the same connection loop as plain TCP.
+async fn serve_tls(
+    w: Rc<Worker>,
+    stream: monoio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    config: Arc<rustls::ServerConfig>,
+) {
+    let limit = w.settings().server.header_timeout;
+    let handshake = monoio::select! {
+        r = monoio::time::timeout(limit, crate::tls::TlsStream::accept(stream, config)) => r,
+        _ = w.shutdown.wait() => return,
+    };
+    match handshake {
+        Ok(Ok(tls)) => {
+            // Only a certificate rustls verified is here; its names are read once.
+            let cert = tls
+                .client_certificate()
+                .and_then(crate::tls::CertNames::from_der);
+            crate::http::server::serve(w, tls, peer, cert).await;
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(target: "mcp_guard::tls", "TLS handshake with {peer} failed: {e}");
+        }
+        Err(_elapsed) => {
+            w.record(crate::observe::metrics::M_NONE, 408, None);
+            tracing::debug!(target: "mcp_guard::tls", "TLS handshake with {peer} not done within {limit:?}; closed");
+        }
     }
 }
 
