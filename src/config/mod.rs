@@ -1525,12 +1525,115 @@ mod tests {
     }
 
     #[test]
-    fn unsupported_security_sections_refuse_to_start() {
-        let err = settings(
-            "[upstream]\ncommand = \"x\"\n[server.tls]\ncert_path = \"a\"\nkey_path = \"b\"\n",
-        )
-        .unwrap_err();
-        assert!(err.message.starts_with("server.tls"));
+    fn tls_and_mtls_mistakes_are_refused_naming_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            format!("{:?}", p.to_str().unwrap())
+        };
+        let pair = |name: &str| {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+                .unwrap()
+                .self_signed(&key)
+                .unwrap();
+            (
+                file(&format!("{name}.crt"), &cert.pem()),
+                file(&format!("{name}.key"), &key.serialize_pem()),
+            )
+        };
+        let (cert, key) = pair("a");
+        let (_, other_key) = pair("b");
+        let base = "[upstream]\ncommand = \"x\"\n";
+        let tls = |extra: &str| {
+            format!("{base}[server.tls]\ncert_path = {cert}\nkey_path = {key}\n{extra}")
+        };
+        settings(&tls("")).unwrap();
+        settings(&tls(&format!(
+            "client_ca_path = {cert}\nclient_auth = \"optional\"\n"
+        )))
+        .unwrap();
+        let missing = file("empty.pem", "");
+        let junk = file(
+            "junk.pem",
+            "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+        );
+        for (text, starts) in [
+            (
+                format!(
+                    "{base}[server.tls]\ncert_path = \"/nonexistent/c.pem\"\nkey_path = {key}\n"
+                ),
+                "server.tls.cert_path: cannot read",
+            ),
+            (
+                format!("{base}[server.tls]\ncert_path = {missing}\nkey_path = {key}\n"),
+                "server.tls.cert_path",
+            ),
+            (
+                format!("{base}[server.tls]\ncert_path = {junk}\nkey_path = {key}\n"),
+                "server.tls.cert_path",
+            ),
+            (
+                format!("{base}[server.tls]\ncert_path = {cert}\nkey_path = {cert}\n"),
+                "server.tls.key_path",
+            ),
+            (
+                format!("{base}[server.tls]\ncert_path = {cert}\nkey_path = {other_key}\n"),
+                "server.tls.key_path",
+            ),
+            (
+                tls("client_auth = \"required\"\n"),
+                "server.tls.client_auth",
+            ),
+            (
+                tls(&format!("client_ca_path = {missing}\n")),
+                "server.tls.client_ca_path",
+            ),
+            (
+                format!("{base}[auth.mtls]\nenabled = true\n"),
+                "auth.mtls.enabled",
+            ),
+            (
+                format!(
+                    "{base}[auth.mtls]\nenabled = true\ntrusted_proxy_ips = [\"proxy.local\"]\n"
+                ),
+                "auth.mtls.trusted_proxy_ips[0]",
+            ),
+            (
+                format!(
+                    "{base}[auth.mtls]\nenabled = true\ntrusted_proxy_ips = [\"10.0.0.1/8\"]\n"
+                ),
+                "auth.mtls.trusted_proxy_ips[0]",
+            ),
+            (
+                format!(
+                    "{base}[auth.mtls]\nenabled = true\ntrusted_proxy_ips = [\"10.0.0.1\"]\nrate_limit = 0\n"
+                ),
+                "auth.mtls.rate_limit",
+            ),
+            (
+                format!(
+                    "{base}[auth.mtls]\nenabled = true\ntrusted_proxy_ips = [\"10.0.0.1\"]\nidentity_source = \"serial\"\n"
+                ),
+                "",
+            ),
+        ] {
+            let err = settings(&text).unwrap_err();
+            assert!(err.message.starts_with(starts), "{starts}: {err}");
+            assert!(!err.message.contains("PRIVATE KEY"), "{err}");
+        }
+        // A proxy address block or a client CA, and mTLS is on.
+        let s = settings(&format!(
+            "{base}[auth.mtls]\nenabled = true\ntrusted_proxy_ips = [\"10.0.0.0/8\", \"::1\"]\n"
+        ))
+        .unwrap();
+        assert!(s.auth.mtls.is_some() && s.auth.requires_credentials());
+        let s = settings(&tls(&format!(
+            "client_ca_path = {cert}\n[auth.mtls]\nenabled = true\n"
+        )))
+        .unwrap();
+        assert!(s.server.tls.as_ref().is_some_and(|t| t.verifies_clients));
     }
 
     #[test]

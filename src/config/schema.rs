@@ -279,7 +279,8 @@ impl Default for ServerSection {
 }
 
 /// TLS termination on the data-plane listener: TLS 1.2 and 1.3, ALPN `http/1.1`. The
-/// certificate, key and client CA are read again at every reload; new handshakes use them.
+/// certificate, key and client CA are read again at every reload (new handshakes use them; a
+/// file that does not load refuses the reload); adding or removing the section takes a restart.
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TlsSection {
@@ -635,9 +636,10 @@ pub struct MtlsSection {
     /// (compat) Requests per second per certificate identity.
     #[schemars(extend("x-type" = "requests per second (whole number, at least 1)"))]
     pub rate_limit: Option<u32>,
-    /// (compat) Accept `X-Client-Cert-*` headers, only from these addresses.
+    /// (compat) Accept `X-Client-Cert-*` headers, only from these addresses (a TLS terminator
+    /// in front); from anyone else they are ignored. Never forwarded upstream.
     #[serde(default)]
-    #[schemars(extend("x-type" = "list of IP addresses"))]
+    #[schemars(extend("x-type" = "list of IP addresses or CIDR blocks"))]
     pub trusted_proxy_ips: Vec<String>,
 }
 
