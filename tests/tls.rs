@@ -444,6 +444,23 @@ fn client_cert_headers_count_only_from_trusted_proxies_and_never_go_upstream() {
         let r = request(g.addr, &mcp_post_raw(INIT, None, failed));
         assert_eq!(r.status, 401);
         audited(&audit, "\"reason\":\"mtls_not_verified\"");
+        // A name that would not read as what it is (a bidi override), or a blank one.
+        for cn in ["\u{202e}evad", " "] {
+            let bad = format!("X-Client-Cert-Verified: SUCCESS\r\nX-Client-Cert-CN: {cn}\r\n");
+            let r = request(g.addr, &mcp_post_raw(INIT, None, &bad));
+            assert_eq!(r.status, 401, "{cn:?}");
+        }
+        audited(&audit, "\"reason\":\"mtls_bad_identity\"");
+        // A terminator that says no certificate was sent: like no credential at all.
+        let none = "X-Client-Cert-Verified: NONE\r\n";
+        let r = request(g.addr, &mcp_post_raw(INIT, None, none));
+        assert_eq!(r.status, 401);
+        // Two values for one field: refused as malformed, never resolved by preference.
+        let twice = format!("{headers}X-Client-Cert-CN: eve\r\n");
+        assert_eq!(
+            request(g.addr, &mcp_post_raw(INIT, None, &twice)).status,
+            400
+        );
     }
 }
 
@@ -581,4 +598,61 @@ fn a_reload_brings_a_new_certificate_to_new_handshakes_and_a_bad_one_is_refused(
         before + 1.0
     );
     assert_eq!(served_cert(&g), der(&second.cert));
+}
+
+/// Reads from `tls` until `needle` has been seen (or the read fails), returning what was read.
+fn tls_read_until(tls: &mut Tls, needle: &[u8]) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    while !got.windows(needle.len()).any(|w| w == needle) {
+        match tls.read(&mut buf) {
+            Ok(n) if n > 0 => got.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[test]
+fn sse_streams_run_over_tls_and_a_key_update_does_not_end_them() {
+    let pki = Pki::new();
+    let server = pki.server("server");
+    for io in DRIVERS {
+        let g = Gateway::start(&stdio_config(io, &tls_section(&server, None), &[]));
+        let config = client_config(&pki.ca, None);
+        let mut post = tls_connect(g.addr, config.clone()).unwrap();
+        let r = tls_request(&mut post, &mcp_post_raw(INIT, None, "")).unwrap();
+        let sid = r.header("mcp-session-id").unwrap().to_string();
+        let mut stream = tls_connect(g.addr, config.clone()).unwrap();
+        let get = format!(
+            "GET /mcp HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\nMcp-Session-Id: {sid}\r\n\r\n"
+        );
+        stream.write_all(get.as_bytes()).unwrap();
+        let head = tls_read_until(&mut stream, b"\r\n\r\n");
+        assert!(head.starts_with("HTTP/1.1 200"), "{io}: {head}");
+        for round in 0..2 {
+            let r = tls_request(
+                &mut post,
+                &mcp_post_raw(&call(10 + round, "notify", "{}"), Some(&sid), ""),
+            )
+            .unwrap();
+            assert_eq!(r.status, 200, "{io}");
+            let events = tls_read_until(&mut stream, b"list_changed");
+            assert!(
+                events.contains("notifications/tools/list_changed"),
+                "{io} round {round}: {events}"
+            );
+            // A TLS 1.3 key update is not a request: the stream must go on after it.
+            stream.conn.refresh_traffic_keys().unwrap();
+            stream.flush().unwrap();
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        // The legacy transport's stream too: its endpoint event arrives over TLS.
+        let mut legacy = tls_connect(g.addr, config).unwrap();
+        legacy
+            .write_all(b"GET /sse HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\n\r\n")
+            .unwrap();
+        let got = tls_read_until(&mut legacy, b"event: endpoint");
+        assert!(got.contains("event: endpoint"), "{io}: {got}");
+    }
 }
