@@ -656,3 +656,53 @@ fn sse_streams_run_over_tls_and_a_key_update_does_not_end_them() {
         assert!(got.contains("event: endpoint"), "{io}: {got}");
     }
 }
+
+#[test]
+fn validate_knows_tls_and_names_the_file_at_fault() {
+    let pki = Pki::new();
+    let server = pki.server("server");
+    let other = pki.server("other");
+    let write = |name: &str, text: &str| {
+        let p = pki.dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let validate = |config: &Path| {
+        let out = std::process::Command::new(GUARD)
+            .args(["validate", "--config"])
+            .arg(config)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let good = write(
+        "good.toml",
+        &format!(
+            "{}[auth.mtls]\nenabled = true\n",
+            stdio_config(
+                "auto",
+                &tls_section(&server, Some((&pki.ca, "required"))),
+                &[]
+            )
+        ),
+    );
+    let (ok, out, err) = validate(&good);
+    assert!(ok, "{err}");
+    assert!(out.contains("with TLS and client certificates"), "{out}");
+    let mismatched = Pem {
+        cert: server.cert.clone(),
+        key: other.key.clone(),
+    };
+    let bad = write(
+        "bad.toml",
+        &stdio_config("auto", &tls_section(&mismatched, None), &[]),
+    );
+    let (ok, _, err) = validate(&bad);
+    assert!(!ok);
+    assert!(err.contains("server.tls.key_path"), "{err}");
+    assert!(!err.contains("PRIVATE KEY"), "{err}");
+}
