@@ -153,10 +153,9 @@ impl TlsStream {
             let state = match self.tls.process_new_packets() {
                 Ok(state) => state,
                 Err(e) => {
-                    let _ = {
-                        let fd = self.fd();
-                        self.tls.write_tls(&mut Socket(fd))
-                    };
+                    // The alert rustls queued for the peer, best effort: the stream ends here.
+                    let mut socket = Socket(self.fd());
+                    let _ = self.tls.write_tls(&mut socket);
                     return Err(tls_error(e));
                 }
             };
@@ -181,10 +180,8 @@ impl TlsStream {
     /// nothing is lost. Called only once rustls has taken everything in `pending`.
     async fn read_ciphertext(&mut self) -> io::Result<()> {
         loop {
-            match {
-                let fd = self.fd();
-                self.tls.read_tls(&mut Socket(fd))
-            } {
+            let mut socket = Socket(self.fd());
+            match self.tls.read_tls(&mut socket) {
                 Ok(0) => {
                     // rustls has noted the end of stream too (a close without close_notify).
                     self.eof = true;
@@ -200,10 +197,8 @@ impl TlsStream {
     /// Sends everything rustls has queued, waiting for the socket to take it.
     async fn flush_tls(&mut self) -> io::Result<()> {
         while self.tls.wants_write() {
-            match {
-                let fd = self.fd();
-                self.tls.write_tls(&mut Socket(fd))
-            } {
+            let mut socket = Socket(self.fd());
+            match self.tls.write_tls(&mut socket) {
                 Ok(_) => {}
                 Err(e) if would_block(&e) => self.tcp.writable(false).await?,
                 Err(e) => return Err(e),
