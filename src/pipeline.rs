@@ -9,7 +9,7 @@
 //!   them).
 //! - 4a Origin check before authentication: a DNS-rebinding page must learn nothing, not even
 //!   whether its credentials would have worked.
-//! - 5 authenticate (API keys, JWT, OAuth, mTLS in later issues) on the head, before the body
+//! - 5 authenticate (client certificate, API key, JWT; OAuth later) on the head, before the body
 //!   is even read: a stranger gets no `100 Continue`, holds no body buffer, and cannot make us
 //!   parse JSON-RPC.
 //! - 5a transport rules (protocol version, Accept, Content-Type), also on the head. Phases 4
