@@ -490,7 +490,8 @@ fn early(e: GatewayError, method: usize) -> Early {
 /// Index of "none" in `metrics::AUTH_METHODS` (no credentials presented).
 const AUTH_NONE: usize = 3;
 
-fn auth_index(m: AuthMethod) -> usize {
+/// The [`metrics::AUTH_METHODS`] slot of `m`.
+pub(crate) fn auth_index(m: AuthMethod) -> usize {
     match m {
         AuthMethod::Anonymous => 0,
         AuthMethod::ApiKey => 1,

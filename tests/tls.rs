@@ -301,6 +301,22 @@ fn required_client_auth_refuses_missing_foreign_and_expired_certificates() {
             "a client with {what} was served"
         );
     }
+    // Each refused handshake is a failed mTLS authentication, audited with its reason.
+    for reason in [
+        "mtls_no_certificate",
+        "mtls_unknown_issuer",
+        "mtls_certificate_expired",
+    ] {
+        audited(&audit, &format!("\"reason\":\"{reason}\""));
+    }
+    assert_eq!(
+        g.metric_settles(
+            "mcp_guard_auth_total",
+            &[("method", "mtls"), ("result", "failure")],
+            3.0
+        ),
+        3.0
+    );
     assert_eq!(
         g.metric_settles(
             "mcp_guard_auth_total",

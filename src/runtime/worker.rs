@@ -491,11 +491,56 @@ async fn serve_tls(
         }
         Ok(Err(e)) => {
             tracing::debug!(target: "mcp_guard::tls", "TLS handshake with {peer} failed: {e}");
+            // A refused client certificate is a failed authentication: counted and audited
+            // with its reason like any other (the certificate itself is not recorded).
+            if let Some(reason) = crate::tls::certificate_refusal(&e) {
+                refused_certificate(&w, peer, reason);
+            }
         }
         Err(_elapsed) => {
             w.record(crate::observe::metrics::M_NONE, 408, None);
             tracing::debug!(target: "mcp_guard::tls", "TLS handshake with {peer} not done within {limit:?}; closed");
         }
+    }
+}
+
+/// Counts and audits a handshake that refused the client's certificate.
+fn refused_certificate(w: &Worker, peer: std::net::SocketAddr, reason: &'static str) {
+    use crate::auth::AuthMethod;
+    w.metrics
+        .count_auth(crate::pipeline::auth_index(AuthMethod::Mtls), false);
+    if !w.audit.enabled() {
+        return;
+    }
+    // The same allowance per address as refused credentials: a flood of bad handshakes
+    // must not fill the disk.
+    if !w
+        .auth_failure_audit
+        .borrow_mut()
+        .allow(peer.ip(), Instant::now())
+    {
+        w.metrics.audit_suppressed.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    let event = crate::audit::AuditEvent {
+        time: std::time::SystemTime::now(),
+        request_id: w.next_request_id(),
+        client_request_id: None,
+        trace_id: None,
+        identity: None,
+        auth_method: AuthMethod::Mtls.as_str(),
+        client: peer.ip(),
+        method: "tls/handshake".into(),
+        target: None,
+        decision: "deny",
+        reason: Some(reason),
+        status: 0,
+        upstream: crate::config::DEFAULT_ROUTE.into(),
+        latency_us: 0,
+        arguments: None,
+    };
+    if !w.audit.push(event) {
+        w.metrics.audit_dropped.fetch_add(1, Ordering::Relaxed);
     }
 }
 

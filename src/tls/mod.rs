@@ -51,6 +51,23 @@ impl<'a> Peer<'a> {
     }
 }
 
+/// Why a failed handshake refused the client's certificate, as the audit trail says it; `None`
+/// when the handshake failed for another reason (not TLS at all, a protocol error, a reset),
+/// which is no authentication attempt.
+pub fn certificate_refusal(e: &std::io::Error) -> Option<&'static str> {
+    use rustls::{CertificateError, Error};
+    match e.get_ref()?.downcast_ref::<Error>()? {
+        Error::NoCertificatesPresented => Some("mtls_no_certificate"),
+        Error::InvalidCertificate(CertificateError::Expired)
+        | Error::InvalidCertificate(CertificateError::ExpiredContext { .. }) => {
+            Some("mtls_certificate_expired")
+        }
+        Error::InvalidCertificate(CertificateError::UnknownIssuer) => Some("mtls_unknown_issuer"),
+        Error::InvalidCertificate(_) => Some("mtls_invalid_certificate"),
+        _ => None,
+    }
+}
+
 /// The ring provider, which is the only one this build links.
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
