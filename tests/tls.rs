@@ -237,6 +237,16 @@ fn tls_serves_mcp_on_both_io_drivers_across_idle_keep_alive() {
             let r = read_response(&mut tls).unwrap();
             assert_eq!(rpc_result(&r)["id"], id, "{io}");
         }
+        // A connection the gateway closes ends with close_notify, not a bare TCP close (which
+        // a client could not tell from a truncation).
+        let r = tls_request(
+            &mut tls,
+            "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap();
+        assert!(r.status == 200 || r.status == 503, "{io}");
+        let mut rest = [0u8; 16];
+        assert_eq!(tls.read(&mut rest).unwrap(), 0, "{io}: no close_notify");
         // Plain HTTP on the TLS port gets no HTTP answer.
         let mut plain = connect(g.addr);
         plain

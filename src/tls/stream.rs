@@ -207,6 +207,19 @@ impl TlsStream {
         Ok(())
     }
 
+    /// Sends what rustls has queued as far as the socket takes it now, without waiting.
+    fn try_flush(&mut self) -> io::Result<()> {
+        while self.tls.wants_write() {
+            let mut socket = Socket(self.fd());
+            match self.tls.write_tls(&mut socket) {
+                Ok(_) => {}
+                Err(e) if would_block(&e) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
     /// Plaintext bytes ready to read, or `None` at the end of the stream (close_notify, or the
     /// socket closed).
     fn ready(&mut self) -> io::Result<Option<usize>> {
@@ -289,6 +302,17 @@ impl TlsStream {
     }
 }
 
+impl Drop for TlsStream {
+    /// Closes the TLS session properly (close_notify), best effort and without waiting, so a
+    /// client can tell the end of the connection from a truncation.
+    fn drop(&mut self) {
+        if !self.tls.is_handshaking() {
+            self.tls.send_close_notify();
+            let _ = self.try_flush();
+        }
+    }
+}
+
 impl AsyncReadRent for TlsStream {
     async fn read<T: IoBufMut>(&mut self, mut buf: T) -> monoio::BufResult<usize, T> {
         let (dst, cap) = (buf.write_ptr(), buf.bytes_total());
@@ -340,7 +364,10 @@ impl CancelableAsyncReadRent for TlsStream {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 other => break other,
             }
-            if let Err(e) = self.flush_tls().await {
+            // Without waiting: only the read is cancellable, and a client that does not read
+            // must not hold the idle wait past its cancel. What stays queued goes out with the
+            // next write.
+            if let Err(e) = self.try_flush() {
                 break Err(e);
             }
             let mut cipher = std::mem::take(&mut self.pending);
