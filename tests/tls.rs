@@ -732,3 +732,49 @@ fn validate_knows_tls_and_names_the_file_at_fault() {
     assert!(err.contains("server.tls.key_path"), "{err}");
     assert!(!err.contains("PRIVATE KEY"), "{err}");
 }
+
+#[test]
+fn a_forged_record_after_the_handshake_closes_only_that_connection() {
+    let pki = Pki::new();
+    let server = pki.server("server");
+    let config = stdio_config("auto", &tls_section(&server, None), &[])
+        .replace("workers = 2", "workers = 1");
+    let g = Gateway::start(&config);
+    let mut tls = tls_connect(g.addr, client_config(&pki.ca, None)).unwrap();
+    // An application-data record whose ciphertext is not ours: it cannot be decrypted.
+    tls.sock
+        .write_all(
+            &[0x17, 0x03, 0x03, 0x00, 0x20]
+                .iter()
+                .copied()
+                .chain([0x41; 32])
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let mut raw = Vec::new();
+    // The gateway answers with an alert (or nothing) and closes; no HTTP comes back.
+    loop {
+        match tls.sock.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+            Err(e) => {
+                assert!(
+                    !matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ),
+                    "the connection was not closed: {e}"
+                );
+                break;
+            }
+        }
+    }
+    assert!(
+        raw.is_empty() || raw[0] == 0x15 || raw[0] == 0x17,
+        "{raw:?}"
+    );
+    // The worker goes on serving.
+    let r = request_as(&g, &pki.ca, None, "GET /health HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    assert!(r.status == 200 || r.status == 503);
+}
