@@ -1,7 +1,8 @@
 //! Criterion benches of the guard path: API-key check, authorization, rate-limit decision,
 //! audit enqueue, tools/list filtering, and the whole guarded request (head parse + auth +
 //! classify + authorize + rate limit + audit enqueue), steady state; and a cold JWT verify
-//! (no cache) per algorithm family.
+//! (no cache) per algorithm family; and a TLS 1.3 handshake in memory (ECDSA P-256 server
+//! certificate), without and with a client certificate (its names read as the gateway does).
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -323,5 +324,118 @@ fn jwt(c: &mut Criterion) {
     });
 }
 
-criterion_group!(guard, benches, jwt);
+/// A CA-signed ECDSA P-256 certificate and key (PEM), for `names`.
+fn signed(
+    issuer: &rcgen::Issuer<'_, rcgen::KeyPair>,
+    names: &[&str],
+    cn: &str,
+) -> (String, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p =
+        rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+            .unwrap();
+    p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+    (
+        p.signed_by(&key, issuer).unwrap().pem(),
+        key.serialize_pem(),
+    )
+}
+
+/// Runs a client and a server connection against each other in memory until both are done.
+fn handshake(client: &mut rustls::ClientConnection, server: &mut rustls::ServerConnection) {
+    let mut wire = Vec::with_capacity(8192);
+    while client.is_handshaking()
+        || server.is_handshaking()
+        || client.wants_write()
+        || server.wants_write()
+    {
+        wire.clear();
+        while client.wants_write() {
+            client.write_tls(&mut wire).unwrap();
+        }
+        let mut rd = &wire[..];
+        while !rd.is_empty() {
+            server.read_tls(&mut rd).unwrap();
+            server.process_new_packets().unwrap();
+        }
+        wire.clear();
+        while server.wants_write() {
+            server.write_tls(&mut wire).unwrap();
+        }
+        let mut rd = &wire[..];
+        while !rd.is_empty() {
+            client.read_tls(&mut rd).unwrap();
+            client.process_new_packets().unwrap();
+        }
+    }
+}
+
+fn tls(c: &mut Criterion) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let dir = tempfile::tempdir().unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let (server_cert, server_key) = signed(&issuer, &["localhost"], "localhost");
+    let (client_cert, client_key) = signed(&issuer, &["client.example.com"], "client");
+    let section = |client_ca: bool| mcp_guard::config::schema::TlsSection {
+        cert_path: write("server.crt", &server_cert),
+        key_path: write("server.key", &server_key),
+        client_ca_path: client_ca.then(|| write("ca.crt", &ca_pem)),
+        client_auth: Default::default(),
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
+        .unwrap();
+    let client_builder = || {
+        rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots.clone())
+    };
+    let anonymous = Arc::new(client_builder().with_no_client_auth());
+    let with_cert = Arc::new(
+        client_builder()
+            .with_client_auth_cert(
+                vec![CertificateDer::from_pem_slice(client_cert.as_bytes()).unwrap()],
+                PrivateKeyDer::from_pem_slice(client_key.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+    );
+    let name = ServerName::try_from("localhost").unwrap();
+    for (label, server, client) in [
+        ("tls/handshake_tls13_p256", section(false), &anonymous),
+        (
+            "tls/handshake_tls13_p256_client_cert",
+            section(true),
+            &with_cert,
+        ),
+    ] {
+        let config = mcp_guard::tls::build(&server).unwrap().config;
+        c.bench_function(label, |b| {
+            b.iter(|| {
+                let mut s = rustls::ServerConnection::new(config.clone()).unwrap();
+                let mut cl = rustls::ClientConnection::new(client.clone(), name.clone()).unwrap();
+                handshake(&mut cl, &mut s);
+                let names = s
+                    .peer_certificates()
+                    .and_then(|chain| chain.first())
+                    .and_then(|der| mcp_guard::tls::CertNames::from_der(der));
+                black_box(names)
+            })
+        });
+    }
+}
+
+criterion_group!(guard, benches, jwt, tls);
 criterion_main!(guard);

@@ -23,4 +23,5 @@ pub mod observe;
 pub mod pipeline;
 pub mod ratelimit;
 pub mod runtime;
+pub mod tls;
 pub mod upstream;

@@ -9,7 +9,7 @@
 //!   them).
 //! - 4a Origin check before authentication: a DNS-rebinding page must learn nothing, not even
 //!   whether its credentials would have worked.
-//! - 5 authenticate (API keys, JWT, OAuth, mTLS in later issues) on the head, before the body
+//! - 5 authenticate (client certificate, API key, JWT; OAuth later) on the head, before the body
 //!   is even read: a stranger gets no `100 Continue`, holds no body buffer, and cannot make us
 //!   parse JSON-RPC.
 //! - 5a transport rules (protocol version, Accept, Content-Type), also on the head. Phases 4
@@ -36,10 +36,10 @@ use crate::mcp::transport;
 use crate::observe::metrics::{self, M_BATCH, M_DELETE, M_NONE, M_RESPONSE, M_STREAM};
 use crate::ratelimit::{Limit, bucket_key, fleet_key};
 use crate::runtime::worker::Worker;
+use crate::tls::Peer;
 use crate::upstream::balance::InFlight;
 use crate::upstream::{Answer, Exchange, Outgoing, UpstreamRef};
 use std::cell::Cell;
-use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
@@ -199,7 +199,7 @@ pub fn admit<'c>(
     w: &Worker,
     cfg: &'c Settings,
     head: &RequestHead,
-    peer: SocketAddr,
+    peer: Peer<'_>,
     slot: &'c IdentitySlot,
 ) -> Admission<'c> {
     // 4. route: probes first (no authentication), then paths in normal form only, so that no
@@ -304,7 +304,7 @@ fn legacy_route<'p>(
 
 /// `GET /routes`: the MCP endpoints this caller may reach (names and paths, never where they
 /// lead), after the same Origin and authentication checks as an MCP request.
-fn routes(w: &Worker, cfg: &Settings, head: &RequestHead, peer: SocketAddr) -> Reply {
+fn routes(w: &Worker, cfg: &Settings, head: &RequestHead, peer: Peer<'_>) -> Reply {
     let mut audit = AuditInfo::default();
     let slot = IdentitySlot::new();
     let caller = match authenticate(w, cfg, head, peer, &slot, &mut audit) {
@@ -527,12 +527,14 @@ fn early(e: GatewayError, method: usize) -> Early {
 /// Index of "none" in `metrics::AUTH_METHODS` (no credentials presented).
 const AUTH_NONE: usize = 3;
 
-fn auth_index(m: AuthMethod) -> usize {
+/// The [`metrics::AUTH_METHODS`] slot of `m`.
+pub(crate) fn auth_index(m: AuthMethod) -> usize {
     match m {
         AuthMethod::Anonymous => 0,
         AuthMethod::ApiKey => 1,
         AuthMethod::Jwt => 2,
         AuthMethod::OAuth => 4,
+        AuthMethod::Mtls => 5,
     }
 }
 
@@ -540,7 +542,7 @@ fn admit_mcp<'c>(
     w: &Worker,
     cfg: &'c Settings,
     head: &RequestHead,
-    peer: SocketAddr,
+    peer: Peer<'_>,
     (front, route): (Front, usize),
     slot: &'c IdentitySlot,
     audit: &mut AuditInfo,
@@ -601,14 +603,14 @@ fn authenticate<'c>(
     w: &Worker,
     cfg: &'c Settings,
     head: &RequestHead,
-    peer: SocketAddr,
+    peer: Peer<'_>,
     slot: &'c IdentitySlot,
     audit: &mut AuditInfo,
 ) -> Result<Caller<'c>, Early> {
     // 4a. Origin
     transport::check_origin(head, &cfg.server.allowed_origins).map_err(|e| early(e, M_NONE))?;
     // 5. authenticate
-    let caller = match cfg.auth.authenticate(head, peer.ip(), slot, &w.tokens) {
+    let caller = match cfg.auth.authenticate_peer(head, peer, slot, &w.tokens) {
         Ok(c) => {
             w.metrics.count_auth(auth_index(c.identity.method), true);
             c

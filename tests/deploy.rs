@@ -11,7 +11,10 @@ const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/deploy");
 /// The `guard.toml: |` block of the ConfigMap, unindented.
 fn configmap_guard_toml() -> String {
     let yaml = std::fs::read_to_string(format!("{DEPLOY}/kubernetes.yaml")).unwrap();
-    let mut lines = yaml.lines().skip_while(|l| l.trim() != "guard.toml: |").skip(1);
+    let mut lines = yaml
+        .lines()
+        .skip_while(|l| l.trim() != "guard.toml: |")
+        .skip(1);
     let mut out = String::new();
     for line in lines.by_ref() {
         if !line.is_empty() && !line.starts_with("    ") {

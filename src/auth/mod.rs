@@ -1,10 +1,11 @@
 //! Authentication: who is calling. A chain of providers in a fixed order produces an
 //! [`Identity`]: API keys ([`api_key`]) and JWTs (verified by [`jwt`], keys from a secret or a
-//! JWKS kept fresh by [`jwks`]); OAuth and mTLS join the same chain later.
+//! JWKS kept fresh by [`jwks`]), after client certificates ([`mtls`]); OAuth joins the same
+//! chain later.
 //!
-//! Chain order (first match wins): mTLS certificate (not in this build) → API key → the OAuth
-//! facade's own tokens (`crate::facade`) → JWT → OAuth introspection. A request that presents
-//! credentials no provider accepts is refused; it is never treated as anonymous.
+//! Chain order (first match wins): mTLS certificate → API key → the OAuth facade's own tokens
+//! (`crate::facade`) → JWT → OAuth introspection. A request that presents credentials no
+//! provider accepts is refused; it is never treated as anonymous.
 //!
 //! An API key's identity is borrowed from the configuration snapshot. A token's is built once
 //! per worker and token (its policy compiled from its scopes), cached until the token expires,
@@ -16,6 +17,7 @@ pub mod api_key;
 pub mod fetch;
 pub mod jwks;
 pub mod jwt;
+pub mod mtls;
 
 use crate::authz::Policy;
 use crate::http::request::RequestHead;
@@ -36,6 +38,8 @@ pub enum AuthMethod {
     Jwt,
     /// An OAuth access token (the facade's own, or an external authorization server's).
     OAuth,
+    /// A client certificate (verified in our handshake, or by a trusted TLS terminator).
+    Mtls,
 }
 
 impl AuthMethod {
@@ -46,6 +50,7 @@ impl AuthMethod {
             AuthMethod::ApiKey => "api_key",
             AuthMethod::Jwt => "jwt",
             AuthMethod::OAuth => "oauth",
+            AuthMethod::Mtls => "mtls",
         }
     }
 }
@@ -240,6 +245,8 @@ pub struct Authenticator {
     pub jwt: Option<JwtProvider>,
     /// OAuth discovery, and mcp-guard's own authorization server when it is one.
     pub oauth: Option<crate::facade::Oauth>,
+    /// Client-certificate identities, when `[auth.mtls]` is enabled.
+    pub mtls: Option<mtls::MtlsProvider>,
     /// The identity every caller has when no provider is configured.
     pub anonymous: Identity,
 }
@@ -250,6 +257,7 @@ impl Default for Authenticator {
             api_keys: None,
             jwt: None,
             oauth: None,
+            mtls: None,
             anonymous: Identity {
                 id: Arc::from("anonymous"),
                 method: AuthMethod::Anonymous,
@@ -262,7 +270,7 @@ impl Default for Authenticator {
 impl Authenticator {
     /// Whether any provider is configured (otherwise every caller is anonymous).
     pub fn requires_credentials(&self) -> bool {
-        self.api_keys.is_some() || self.jwt.is_some() || self.oauth.is_some()
+        self.api_keys.is_some() || self.jwt.is_some() || self.oauth.is_some() || self.mtls.is_some()
     }
 
     /// Starts what the providers run in the background (the JWKS refresher), taking over what
@@ -289,7 +297,33 @@ impl Authenticator {
         set.start();
     }
 
-    /// Runs the chain. A token's identity is built (or found in `cache`) and kept in `slot`.
+    /// Runs the chain for a request from `peer`: its client certificate first (a certificate
+    /// identity is built per request and kept in `slot`), then the credentials in its head.
+    pub fn authenticate_peer<'a>(
+        &'a self,
+        head: &RequestHead,
+        peer: crate::tls::Peer<'_>,
+        slot: &'a IdentitySlot,
+        cache: &TokenCache,
+    ) -> Result<Caller<'a>, AuthError> {
+        if let Some(m) = &self.mtls {
+            match m.presented(head, peer) {
+                Ok(Some(name)) => {
+                    let identity: &'a Rc<Identity> = slot.get_or_init(|| Rc::new(m.identity(name)));
+                    return Ok(Caller {
+                        identity,
+                        rate_key: RateKey::Identity(&identity.id),
+                        expires_at: None,
+                    });
+                }
+                Ok(None) => {}
+                Err(why) => return Err(AuthError::Invalid(AuthMethod::Mtls, why)),
+            }
+        }
+        self.authenticate(head, peer.ip(), slot, cache)
+    }
+
+    /// Runs the chain after the client certificate. A token's identity is built (or found in `cache`) and kept in `slot`.
     pub fn authenticate<'a>(
         &'a self,
         head: &RequestHead,

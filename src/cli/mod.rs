@@ -185,8 +185,13 @@ fn validate(config: &std::path::Path) -> ExitCode {
                 }
                 return ExitCode::FAILURE;
             }
+            let tls = match &s.server.tls {
+                None => "",
+                Some(t) if t.verifies_clients => " with TLS and client certificates",
+                Some(_) => " with TLS",
+            };
             println!(
-                "{}: valid ({}, listening on {}, {})",
+                "{}: valid ({}, listening on {}{tls}, {})",
                 config.display(),
                 workers_phrase(s.server.workers),
                 s.server.listen,

@@ -30,28 +30,13 @@ pub struct Unbuilt {
 }
 
 /// Features a config may name that this build refuses to start with.
-pub const UNBUILT: &[Unbuilt] = &[
-    Unbuilt {
-        path: "server.tls",
-        trigger: Trigger::Present,
-        message: "TLS termination is not in this build yet; terminate TLS in front of mcp-guard \
-                  (a load balancer or sidecar) and remove [server.tls]",
-    },
-    Unbuilt {
-        path: "auth.mtls.enabled",
-        trigger: Trigger::True,
-        message: "mTLS identities are not in this build yet; refusing to start rather than \
-                  serve without them (use [[auth.api_keys]], or remove [auth.mtls])",
-    },
-];
+pub const UNBUILT: &[Unbuilt] = &[];
 
 /// Keys with no effect anywhere in this build: a warning when the file sets one.
-pub const NO_EFFECT: &[(&str, &str)] = &[
-    (
-        "tracing.enabled",
-        "OpenTelemetry export is not in this build",
-    ),
-];
+pub const NO_EFFECT: &[(&str, &str)] = &[(
+    "tracing.enabled",
+    "OpenTelemetry export is not in this build",
+)];
 
 /// The reference's note for an unbuilt key or section.
 pub fn unbuilt_note(path: &str) -> Option<&'static str> {
@@ -96,11 +81,10 @@ pub fn first_unbuilt<'v>(lookup: &dyn Fn(&str) -> Option<Seen<'v>>) -> Option<&'
 
 /// The same check on a parsed file (for files not read from text, and as a backstop).
 pub fn first_unbuilt_in(file: &FileConfig) -> Option<&'static Unbuilt> {
-    first_unbuilt(&|path| match path {
-        "server.tls" => file.server.tls.as_ref().map(|_| Seen::Other),
-        "auth.mtls.enabled" => file.auth.mtls.as_ref().map(|m| Seen::Bool(m.enabled)),
-        _ => None,
-    })
+    // Nothing is unbuilt today; the table stays for the next feature that is named in the
+    // contract before it is built.
+    let _ = file;
+    first_unbuilt(&|_| None)
 }
 
 /// Every key the file sets that has no effect where it stands, with why, in file order.

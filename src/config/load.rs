@@ -743,18 +743,6 @@ mod tests {
     }
 
     #[test]
-    fn an_unbuilt_section_is_refused_before_its_fields_are_asked_for() {
-        let err = parse_str("[server]\nport = 1\n\n[server.tls]\n", &env).unwrap_err();
-        assert!(
-            err.message.starts_with("server.tls: TLS termination"),
-            "{err}"
-        );
-        assert_eq!(err.position.map(|p| p.0), Some(4));
-        // A disabled mTLS section is not a request for mTLS.
-        parse_str("[auth.mtls]\nenabled = false\n", &env).unwrap();
-    }
-
-    #[test]
     fn type_errors_speak_the_users_words() {
         let err = parse_str("[server]\nport = 70000\n", &env).unwrap_err();
         assert_eq!(

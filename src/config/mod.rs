@@ -119,6 +119,8 @@ pub struct ServerSettings {
     pub shutdown_grace: Duration,
     /// Accepted browser origins, compared ASCII-case-insensitively.
     pub allowed_origins: Vec<String>,
+    /// TLS on the listener (`[server.tls]`); `None`: plain HTTP.
+    pub tls: Option<crate::tls::TlsSettings>,
 }
 
 /// `max_processes` when a per-session stdio upstream names none.
@@ -357,6 +359,18 @@ pub fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
     } else {
         None
     };
+    let tls = match &s.tls {
+        Some(t) => {
+            if t.client_ca_path.is_none() && file.sets("server.tls.client_auth") {
+                return Err(invalid(
+                    "server.tls.client_auth",
+                    "needs server.tls.client_ca_path (the CA client certificates must chain to)",
+                ));
+            }
+            Some(crate::tls::build(t).map_err(|(key, e)| invalid(key, e))?)
+        }
+        None => None,
+    };
     let mut routes = validate_routes(file, &s.mcp_path)?;
     check_legacy_paths(&s.sse_path, &routes)?;
     let fleet_sessions = !s.session_keys.is_empty() || s.session_key_file.is_some();
@@ -402,6 +416,7 @@ pub fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
             max_connections: s.max_connections,
             shutdown_grace: Duration::from_secs(s.shutdown_grace_secs),
             allowed_origins,
+            tls,
         },
         admin,
         routes,
@@ -556,6 +571,9 @@ fn session_codec(
 
 fn validate_auth(file: &FileConfig, routes: &[Route]) -> Result<Authenticator, ConfigError> {
     let mut auth = Authenticator::default();
+    if let Some(m) = file.auth.mtls.as_ref().filter(|m| m.enabled) {
+        auth.mtls = Some(validate_mtls(file, m, routes)?);
+    }
     if let Some(jwt) = &file.auth.jwt {
         auth.jwt = Some(validate_jwt(file, jwt, routes)?);
     }
@@ -1180,6 +1198,76 @@ fn tool_rule(
 ) -> Rule {
     let names: Vec<Arc<str>> = routes.iter().map(|r| r.name.clone()).collect();
     tool_rule_for(allowed, denied, server, &names)
+}
+
+/// `[auth.mtls]`: where certificates come from (our handshake, trusted terminators), which
+/// field names the caller, and what certificate identities may do.
+fn validate_mtls(
+    file: &FileConfig,
+    m: &schema::MtlsSection,
+    routes: &[Route],
+) -> Result<crate::auth::mtls::MtlsProvider, ConfigError> {
+    let verifies_here = file
+        .server
+        .tls
+        .as_ref()
+        .is_some_and(|t| t.client_ca_path.is_some());
+    if !verifies_here && m.trusted_proxy_ips.is_empty() {
+        return Err(invalid(
+            "auth.mtls.enabled",
+            "no client certificate can reach the gateway: set server.tls.client_ca_path (verify \
+             certificates here) or auth.mtls.trusted_proxy_ips (a TLS terminator in front passes \
+             them on as X-Client-Cert-* headers)",
+        ));
+    }
+    let trusted_proxies = m
+        .trusted_proxy_ips
+        .iter()
+        .enumerate()
+        .map(|(i, ip)| {
+            crate::auth::mtls::IpNet::parse(ip)
+                .map_err(|e| invalid(&format!("auth.mtls.trusted_proxy_ips[{i}]"), e))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if m.rate_limit == Some(0) {
+        return Err(invalid("auth.mtls.rate_limit", "must be at least 1"));
+    }
+    let tool_names = if file.server.strict_tool_names {
+        Names::Tools
+    } else {
+        Names::Any
+    };
+    check_tool_patterns(
+        "auth.mtls.allowed_tools",
+        &m.allowed_tools,
+        tool_names,
+        routes,
+    )?;
+    let mut policy = Policy {
+        tools: tool_rule(&m.allowed_tools, &[], None, routes),
+        rate_limit: m.rate_limit,
+        ..Policy::default()
+    };
+    // As for an API key: a server named by a `server/tool` entry gets a policy of its own.
+    let named: std::collections::BTreeSet<&str> = m
+        .allowed_tools
+        .iter()
+        .filter_map(|e| e.split_once('/').map(|(s, _)| s))
+        .filter(|s| routes.iter().any(|r| &*r.name == *s))
+        .collect();
+    for server in named {
+        let on_server = Policy {
+            tools: tool_rule(&m.allowed_tools, &[], Some(server), routes),
+            per_server: HashMap::new(),
+            ..policy.clone()
+        };
+        policy.per_server.insert(server.into(), Arc::new(on_server));
+    }
+    Ok(crate::auth::mtls::MtlsProvider {
+        source: m.identity_source,
+        policy: Arc::new(policy),
+        trusted_proxies,
+    })
 }
 
 /// `[auth.jwt]`: the rules a token must meet, where its keys come from, and the scope mapping.
@@ -1912,12 +2000,115 @@ mod tests {
     }
 
     #[test]
-    fn unsupported_security_sections_refuse_to_start() {
-        let err = settings(
-            "[upstream]\ncommand = \"x\"\n[server.tls]\ncert_path = \"a\"\nkey_path = \"b\"\n",
-        )
-        .unwrap_err();
-        assert!(err.message.starts_with("server.tls"));
+    fn tls_and_mtls_mistakes_are_refused_naming_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            format!("{:?}", p.to_str().unwrap())
+        };
+        let pair = |name: &str| {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+                .unwrap()
+                .self_signed(&key)
+                .unwrap();
+            (
+                file(&format!("{name}.crt"), &cert.pem()),
+                file(&format!("{name}.key"), &key.serialize_pem()),
+            )
+        };
+        let (cert, key) = pair("a");
+        let (_, other_key) = pair("b");
+        let base = "[upstream]\ncommand = \"x\"\n";
+        let tls = |extra: &str| {
+            format!("{base}[server.tls]\ncert_path = {cert}\nkey_path = {key}\n{extra}")
+        };
+        settings(&tls("")).unwrap();
+        settings(&tls(&format!(
+            "client_ca_path = {cert}\nclient_auth = \"optional\"\n"
+        )))
+        .unwrap();
+        let missing = file("empty.pem", "");
+        let junk = file(
+            "junk.pem",
+            "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+        );
+        for (text, starts) in [
+            (
+                format!(
+                    "{base}[server.tls]\ncert_path = \"/nonexistent/c.pem\"\nkey_path = {key}\n"
+                ),
+                "server.tls.cert_path: cannot read",
+            ),
+            (
+                format!("{base}[server.tls]\ncert_path = {missing}\nkey_path = {key}\n"),
+                "server.tls.cert_path",
+            ),
+            (
+                format!("{base}[server.tls]\ncert_path = {junk}\nkey_path = {key}\n"),
+                "server.tls.cert_path",
+            ),
+            (
+                format!("{base}[server.tls]\ncert_path = {cert}\nkey_path = {cert}\n"),
+                "server.tls.key_path",
+            ),
+            (
+                format!("{base}[server.tls]\ncert_path = {cert}\nkey_path = {other_key}\n"),
+                "server.tls.key_path",
+            ),
+            (
+                tls("client_auth = \"required\"\n"),
+                "server.tls.client_auth",
+            ),
+            (
+                tls(&format!("client_ca_path = {missing}\n")),
+                "server.tls.client_ca_path",
+            ),
+            (
+                format!("{base}[auth.mtls]\nenabled = true\n"),
+                "auth.mtls.enabled",
+            ),
+            (
+                format!(
+                    "{base}[auth.mtls]\nenabled = true\ntrusted_proxy_ips = [\"proxy.local\"]\n"
+                ),
+                "auth.mtls.trusted_proxy_ips[0]",
+            ),
+            (
+                format!(
+                    "{base}[auth.mtls]\nenabled = true\ntrusted_proxy_ips = [\"10.0.0.1/8\"]\n"
+                ),
+                "auth.mtls.trusted_proxy_ips[0]",
+            ),
+            (
+                format!(
+                    "{base}[auth.mtls]\nenabled = true\ntrusted_proxy_ips = [\"10.0.0.1\"]\nrate_limit = 0\n"
+                ),
+                "auth.mtls.rate_limit",
+            ),
+            (
+                format!(
+                    "{base}[auth.mtls]\nenabled = true\ntrusted_proxy_ips = [\"10.0.0.1\"]\nidentity_source = \"serial\"\n"
+                ),
+                "",
+            ),
+        ] {
+            let err = settings(&text).unwrap_err();
+            assert!(err.message.starts_with(starts), "{starts}: {err}");
+            assert!(!err.message.contains("PRIVATE KEY"), "{err}");
+        }
+        // A proxy address block or a client CA, and mTLS is on.
+        let s = settings(&format!(
+            "{base}[auth.mtls]\nenabled = true\ntrusted_proxy_ips = [\"10.0.0.0/8\", \"::1\"]\n"
+        ))
+        .unwrap();
+        assert!(s.auth.mtls.is_some() && s.auth.requires_credentials());
+        let s = settings(&tls(&format!(
+            "client_ca_path = {cert}\n[auth.mtls]\nenabled = true\n"
+        )))
+        .unwrap();
+        assert!(s.server.tls.as_ref().is_some_and(|t| t.verifies_clients));
     }
 
     #[test]

@@ -262,8 +262,8 @@ pub struct ServerSection {
     /// it, and the facade's issuer is it. Required with `[auth.oauth]`.
     #[schemars(extend("x-type" = "URL"))]
     pub public_url: Option<String>,
-    /// (compat) TLS termination; absent = plain HTTP.
-    #[schemars(extend("x-reload" = "restart"))]
+    /// (compat) TLS termination; absent = plain HTTP. Adding or removing the section takes a
+    /// restart; its files are read again at every reload (new handshakes use them).
     pub tls: Option<TlsSection>,
 }
 
@@ -294,10 +294,11 @@ impl Default for ServerSection {
     }
 }
 
-/// TLS termination on the data-plane listener.
+/// TLS termination on the data-plane listener: TLS 1.2 and 1.3, ALPN `http/1.1`. The
+/// certificate, key and client CA are read again at every reload (new handshakes use them; a
+/// file that does not load refuses the reload); adding or removing the section takes a restart.
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-#[schemars(extend("x-reload" = "restart"))]
 pub struct TlsSection {
     /// (compat) PEM certificate chain.
     #[schemars(extend("x-type" = "file path"))]
@@ -308,7 +309,8 @@ pub struct TlsSection {
     /// (compat) Enables mTLS: client certificates must chain to this CA bundle.
     #[schemars(extend("x-type" = "file path"))]
     pub client_ca_path: Option<String>,
-    /// With `client_ca_path`: whether every client must present a certificate.
+    /// With `client_ca_path`: `required` refuses a handshake without a valid client
+    /// certificate; `optional` verifies and uses one when presented.
     #[serde(default)]
     pub client_auth: ClientAuth,
 }
@@ -660,9 +662,10 @@ pub struct MtlsSection {
     /// (compat) Requests per second per certificate identity.
     #[schemars(extend("x-type" = "requests per second (whole number, at least 1)"))]
     pub rate_limit: Option<u32>,
-    /// (compat) Accept `X-Client-Cert-*` headers, only from these addresses.
+    /// (compat) Accept `X-Client-Cert-*` headers, only from these addresses (a TLS terminator
+    /// in front); from anyone else they are ignored. Never forwarded upstream.
     #[serde(default)]
-    #[schemars(extend("x-type" = "list of IP addresses"))]
+    #[schemars(extend("x-type" = "list of IP addresses or CIDR blocks"))]
     pub trusted_proxy_ips: Vec<String>,
 }
 

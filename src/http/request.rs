@@ -95,6 +95,25 @@ pub struct KnownHeaders {
     pub request_id: Option<String>,
     /// User-Agent
     pub user_agent: Option<String>,
+    /// `X-Client-Cert-*`, as a TLS terminator in front sets them (boxed: almost no request
+    /// carries them). Read only for clients in `[auth.mtls] trusted_proxy_ips`, and never
+    /// forwarded upstream.
+    pub client_cert: Option<Box<ClientCertHeaders>>,
+}
+
+/// The `X-Client-Cert-*` headers a TLS terminator passes on about its client's certificate.
+#[derive(Debug, Clone, Default)]
+pub struct ClientCertHeaders {
+    /// X-Client-Cert-Verified (`SUCCESS` when the terminator verified a certificate)
+    pub verified: Option<String>,
+    /// X-Client-Cert-CN
+    pub cn: Option<String>,
+    /// X-Client-Cert-SAN-DNS
+    pub san_dns: Option<String>,
+    /// X-Client-Cert-SAN-Email
+    pub san_email: Option<String>,
+    /// X-Client-Cert-SAN-URI
+    pub san_uri: Option<String>,
 }
 
 /// Why a request head is refused; each maps to a status in `error.rs`.
@@ -298,6 +317,11 @@ enum Slot {
     Tracestate,
     RequestId,
     UserAgent,
+    CertVerified,
+    CertCn,
+    CertSanDns,
+    CertSanEmail,
+    CertSanUri,
 }
 
 fn header_kind(name: &str) -> HeaderKind {
@@ -324,6 +348,11 @@ fn header_kind(name: &str) -> HeaderKind {
         14 if is("mcp-session-id") => Known(Slot::SessionId),
         17 if is("transfer-encoding") => HeaderKind::TransferEncoding,
         20 if is("mcp-protocol-version") => Known(Slot::ProtocolVersion),
+        16 if is("x-client-cert-cn") => Known(Slot::CertCn),
+        21 if is("x-client-cert-san-dns") => Known(Slot::CertSanDns),
+        21 if is("x-client-cert-san-uri") => Known(Slot::CertSanUri),
+        22 if is("x-client-cert-verified") => Known(Slot::CertVerified),
+        23 if is("x-client-cert-san-email") => Known(Slot::CertSanEmail),
         _ => HeaderKind::Other,
     }
 }
@@ -357,6 +386,12 @@ fn store_known(h: &mut KnownHeaders, slot: Slot, value: &str) -> Result<(), Head
         Slot::Tracestate => (&mut h.tracestate, false),
         Slot::RequestId => (&mut h.request_id, true),
         Slot::UserAgent => (&mut h.user_agent, true),
+        // Each names one certificate field: a repeat is refused like any identity header.
+        Slot::CertVerified => (&mut h.client_cert.get_or_insert_default().verified, true),
+        Slot::CertCn => (&mut h.client_cert.get_or_insert_default().cn, true),
+        Slot::CertSanDns => (&mut h.client_cert.get_or_insert_default().san_dns, true),
+        Slot::CertSanEmail => (&mut h.client_cert.get_or_insert_default().san_email, true),
+        Slot::CertSanUri => (&mut h.client_cert.get_or_insert_default().san_uri, true),
     };
     if value.bytes().any(|b| b < 0x20 && b != b'\t' || b == 0x7f) {
         return Err(HeadError::Malformed("control character in header value"));

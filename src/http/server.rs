@@ -12,6 +12,7 @@ use crate::http::response::{Framing, LAST_CHUNK, write_chunk, write_head};
 use crate::observe::metrics::M_NONE;
 use crate::pipeline::{self, Reply, ReplyBody};
 use crate::runtime::worker::Worker;
+use crate::tls::Peer;
 use monoio::buf::SliceMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, CancelableAsyncReadRent};
 use std::cell::RefCell;
@@ -30,8 +31,18 @@ enum HeadOutcome {
     Error(GatewayError),
 }
 
-/// Serves one client connection until it closes, errs, or the worker shuts down.
-pub async fn serve<S: Connection>(w: Rc<Worker>, mut stream: S, peer: SocketAddr) {
+/// Serves one client connection until it closes, errs, or the worker shuts down. `cert`: the
+/// names of the client certificate verified in the TLS handshake, if any.
+pub async fn serve<S: Connection>(
+    w: Rc<Worker>,
+    mut stream: S,
+    addr: SocketAddr,
+    cert: Option<crate::tls::CertNames>,
+) {
+    let peer = Peer {
+        addr,
+        cert: cert.as_ref(),
+    };
     // Buffers start small and an idle connection gives its read buffer back (see `idle_wait`),
     // so ten thousand idle keep-alive connections cost little memory.
     let mut buf: Vec<u8> = Vec::new();
@@ -100,7 +111,7 @@ async fn serve_request<S: Connection>(
     out: Vec<u8>,
     snapshot: &Snapshot,
     head: &RequestHead,
-    peer: SocketAddr,
+    peer: Peer<'_>,
 ) -> Option<Vec<u8>> {
     let cfg: &Settings = snapshot;
     let started = Instant::now();
@@ -163,7 +174,9 @@ async fn serve_request<S: Connection>(
     let handled = async {
         match admitted {
             Ok(a) => pipeline::handle(w, cfg, head, &body.bytes, a, &meta.request_id).await,
-            Err(endpoint) => crate::facade::serve(cfg, head, &body.bytes, endpoint, peer).await,
+            Err(endpoint) => {
+                crate::facade::serve(cfg, head, &body.bytes, endpoint, peer.addr).await
+            }
         }
     };
     let reply = match CatchPanic(handled).await {
@@ -236,13 +249,20 @@ const MAX_KEPT_BUFFER: usize = 64 * 1024;
 /// A client connection: readable with owned buffers (cancellable), writable, and able to wait
 /// for readability without holding a buffer.
 pub trait Connection: AsyncReadRent + AsyncWriteRent + CancelableAsyncReadRent {
-    /// Completes when data (or EOF) is ready to read.
-    fn wait_readable(&self) -> impl std::future::Future<Output = std::io::Result<()>>;
+    /// Completes when data (or EOF) is ready to read. Holds no buffer, and loses nothing when
+    /// dropped before it completes.
+    fn wait_readable(&mut self) -> impl std::future::Future<Output = std::io::Result<()>>;
 }
 
 impl Connection for monoio::net::TcpStream {
-    fn wait_readable(&self) -> impl std::future::Future<Output = std::io::Result<()>> {
+    fn wait_readable(&mut self) -> impl std::future::Future<Output = std::io::Result<()>> {
         self.readable(false)
+    }
+}
+
+impl Connection for crate::tls::TlsStream {
+    fn wait_readable(&mut self) -> impl std::future::Future<Output = std::io::Result<()>> {
+        crate::tls::TlsStream::wait_readable(self)
     }
 }
 
@@ -528,7 +548,7 @@ impl StreamAuth<'_> {
     /// Whether the caller that opened the response is still who these credentials name. Only
     /// a changed snapshot costs anything: both snapshots authenticate the same head, and the
     /// response goes on only if the same identity results.
-    fn still_valid(&self, w: &Worker, peer: SocketAddr) -> bool {
+    fn still_valid(&self, w: &Worker, peer: Peer<'_>) -> bool {
         // A token that has expired ends what it opened, reload or not.
         if let Some(exp) = self.expires_at.get() {
             let now_unix = SystemTime::now()
@@ -545,7 +565,7 @@ impl StreamAuth<'_> {
         let id = |s: &Settings| {
             let slot = crate::auth::IdentitySlot::new();
             s.auth
-                .authenticate(self.head, peer.ip(), &slot, &w.tokens)
+                .authenticate_peer(self.head, peer, &slot, &w.tokens)
                 .ok()
                 .map(|c| c.identity.id.clone())
         };
@@ -554,7 +574,7 @@ impl StreamAuth<'_> {
         let slot = crate::auth::IdentitySlot::new();
         let still = now
             .auth
-            .authenticate(self.head, peer.ip(), &slot, &w.tokens)
+            .authenticate_peer(self.head, peer, &slot, &w.tokens)
             .ok()
             .filter(|c| {
                 now.route_for(path)
@@ -584,7 +604,7 @@ struct ReqMeta<'a> {
     request_id: String,
     /// The client's own `X-Request-Id`, recorded beside ours in the audit trail.
     client_request_id: Option<String>,
-    peer: SocketAddr,
+    peer: Peer<'a>,
     trace_id: Option<String>,
     started: Instant,
     wall: SystemTime,

@@ -102,7 +102,7 @@ pub fn tool_label_slot(name: &str) -> Option<usize> {
 /// Decision outcomes counted per tool.
 pub const OUTCOMES: &[&str] = &["allow", "deny", "rate_limited"];
 /// Auth methods counted.
-pub const AUTH_METHODS: &[&str] = &["anonymous", "api_key", "jwt", "none", "oauth"];
+pub const AUTH_METHODS: &[&str] = &["anonymous", "api_key", "jwt", "none", "oauth", "mtls"];
 
 /// One worker's metric shard.
 pub struct WorkerMetrics {
@@ -128,7 +128,7 @@ pub struct WorkerMetrics {
     pub bodies_refused: AtomicU64,
     /// Legacy HTTP+SSE sessions this worker owns (their streams are open on it).
     pub legacy_sessions: AtomicU64,
-    auth: [[AtomicU64; 2]; 5],
+    auth: [[AtomicU64; 2]; AUTH_METHODS.len()],
     decisions: Vec<[AtomicU64; 3]>,
     latency: ArcSwap<Histogram<u64>>,
 }

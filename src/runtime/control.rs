@@ -176,6 +176,16 @@ pub fn reload(path: &Path, shared: &Shared) {
             .push(reload_refused_event("auth_downgrade"));
         return;
     }
+    if old.server.tls.is_some() != new.server.tls.is_some() {
+        // A listener does not change protocol under its clients; a file that lost its
+        // [server.tls] must not turn the gateway into plain HTTP by a reload either.
+        metrics.reloads_failed.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            target: "mcp_guard::config",
+            "reload refused, keeping the running configuration: server.tls was added or removed, which needs a restart"
+        );
+        return;
+    }
     if let Some(field) =
         crate::config::reference::restart_only_change(&old.file_view, &new.file_view)
     {

@@ -218,8 +218,9 @@ pub fn run(path: PathBuf) -> Result<(), String> {
     }
     tracing::info!(
         target: "mcp_guard",
-        "mcp-guard {} listening on http://{bound} ({}, {} driver)",
+        "mcp-guard {} listening on {}://{bound} ({}, {} driver)",
         env!("CARGO_PKG_VERSION"),
+        if shared.config.load().server.tls.is_some() { "https" } else { "http" },
         crate::cli::workers_phrase(workers),
         driver.name()
     );

@@ -430,21 +430,22 @@ pub async fn run(w: Rc<Worker>, listener: monoio::net::TcpListener) {
         w.metrics.connections_total.fetch_add(1, Ordering::Relaxed);
         w.metrics.active_connections.fetch_add(1, Ordering::Relaxed);
         w.active.set(w.active.get() + 1);
+        let tls = w.settings().server.tls.as_ref().map(|t| t.config.clone());
         let wc = w.clone();
-        monoio::spawn(async move {
-            // monoio re-raises a task's panic on the worker thread, which would stop every
-            // connection of this worker: contain it to this connection, and keep the counts.
-            let served = crate::http::server::serve(wc.clone(), stream, peer);
-            if let Err(what) = crate::http::server::CatchPanic(served).await {
-                wc.metrics.panics.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(target: "mcp_guard::runtime", "connection from {peer} panicked: {what}; closed");
+        // Plain connections keep their own task type: TLS adds nothing to them.
+        match tls {
+            None => {
+                let served = crate::http::server::serve(wc.clone(), stream, peer, None);
+                monoio::spawn(connection(wc, peer, served));
             }
-            wc.active.set(wc.active.get() - 1);
-            wc.metrics
-                .active_connections
-                .fetch_sub(1, Ordering::Relaxed);
-            wc.shared.connections.fetch_sub(1, Ordering::Relaxed);
-        });
+            Some(config) => {
+                monoio::spawn(connection(
+                    wc.clone(),
+                    peer,
+                    serve_tls(wc, stream, peer, config),
+                ));
+            }
+        }
     }
     drop(listener);
     w.shutdown.fire();
@@ -462,6 +463,100 @@ pub async fn run(w: Rc<Worker>, listener: monoio::net::TcpListener) {
             w.active.get(),
             grace
         );
+    }
+}
+
+/// Runs one client connection's task, keeping the connection counts.
+async fn connection(
+    w: Rc<Worker>,
+    peer: std::net::SocketAddr,
+    served: impl std::future::Future<Output = ()>,
+) {
+    // monoio re-raises a task's panic on the worker thread, which would stop every
+    // connection of this worker: contain it to this connection, and keep the counts.
+    if let Err(what) = crate::http::server::CatchPanic(served).await {
+        w.metrics.panics.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(target: "mcp_guard::runtime", "connection from {peer} panicked: {what}; closed");
+    }
+    w.active.set(w.active.get() - 1);
+    w.metrics.active_connections.fetch_sub(1, Ordering::Relaxed);
+    w.shared.connections.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// A TLS connection: the handshake, on this worker, within `header_timeout` (a client that
+/// stalls mid-handshake is cut off like a slowloris, and counted as one: a 408 that could not
+/// be written), then the same connection loop as plain TCP.
+async fn serve_tls(
+    w: Rc<Worker>,
+    stream: monoio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    config: Arc<rustls::ServerConfig>,
+) {
+    let limit = w.settings().server.header_timeout;
+    let handshake = monoio::select! {
+        r = monoio::time::timeout(limit, crate::tls::TlsStream::accept(stream, config)) => r,
+        _ = w.shutdown.wait() => return,
+    };
+    match handshake {
+        Ok(Ok(tls)) => {
+            // Only a certificate rustls verified is here; its names are read once.
+            let cert = tls
+                .client_certificate()
+                .and_then(crate::tls::CertNames::from_der);
+            crate::http::server::serve(w, tls, peer, cert).await;
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(target: "mcp_guard::tls", "TLS handshake with {peer} failed: {e}");
+            // A refused client certificate is a failed authentication: counted and audited
+            // with its reason like any other (the certificate itself is not recorded).
+            if let Some(reason) = crate::tls::certificate_refusal(&e) {
+                refused_certificate(&w, peer, reason);
+            }
+        }
+        Err(_elapsed) => {
+            w.record(crate::observe::metrics::M_NONE, 408, None);
+            tracing::debug!(target: "mcp_guard::tls", "TLS handshake with {peer} not done within {limit:?}; closed");
+        }
+    }
+}
+
+/// Counts and audits a handshake that refused the client's certificate.
+fn refused_certificate(w: &Worker, peer: std::net::SocketAddr, reason: &'static str) {
+    use crate::auth::AuthMethod;
+    w.metrics
+        .count_auth(crate::pipeline::auth_index(AuthMethod::Mtls), false);
+    if !w.audit.enabled() {
+        return;
+    }
+    // The same allowance per address as refused credentials: a flood of bad handshakes
+    // must not fill the disk.
+    if !w
+        .auth_failure_audit
+        .borrow_mut()
+        .allow(peer.ip(), Instant::now())
+    {
+        w.metrics.audit_suppressed.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    let event = crate::audit::AuditEvent {
+        time: std::time::SystemTime::now(),
+        request_id: w.next_request_id(),
+        client_request_id: None,
+        trace_id: None,
+        identity: None,
+        auth_method: AuthMethod::Mtls.as_str(),
+        client: peer.ip(),
+        method: "tls/handshake".into(),
+        target: None,
+        decision: "deny",
+        reason: Some(reason),
+        status: 0,
+        upstream: crate::config::DEFAULT_ROUTE.into(),
+        latency_us: 0,
+        arguments: None,
+    };
+    if !w.audit.push(event) {
+        w.metrics.audit_dropped.fetch_add(1, Ordering::Relaxed);
     }
 }
 

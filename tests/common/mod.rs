@@ -74,7 +74,11 @@ impl Gateway {
                 let Ok(line) = line else { break };
                 if let Some(rest) = line.split("admin listening on http://").nth(1) {
                     let _ = tx.send(("admin", rest.trim().to_string()));
-                } else if let Some(rest) = line.split("listening on http://").nth(1) {
+                } else if let Some(rest) = line
+                    .split("listening on http://")
+                    .nth(1)
+                    .or_else(|| line.split("listening on https://").nth(1))
+                {
                     let addr = rest.split_whitespace().next().unwrap_or("").to_string();
                     let _ = tx.send(("main", addr));
                 }
@@ -331,7 +335,7 @@ pub fn request(addr: SocketAddr, raw: &str) -> Response {
 }
 
 /// Reads one response (Content-Length, chunked or until close) from a stream.
-pub fn read_response(s: &mut TcpStream) -> Option<Response> {
+pub fn read_response<S: Read>(s: &mut S) -> Option<Response> {
     let mut buf = Vec::new();
     let mut byte = [0u8; 1];
     while !buf.ends_with(b"\r\n\r\n") {
