@@ -377,6 +377,7 @@ fn smoke(args: CommonArgs) -> Result<(), String> {
             scenarios::find_scenario("passthrough")?,
             scenarios::find_scenario("sse")?,
             scenarios::find_scenario("routed")?,
+            scenarios::find_scenario("tls")?,
         ],
         targets: Target::ALL.to_vec(),
         gateway_bin,
