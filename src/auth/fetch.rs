@@ -1,5 +1,5 @@
-//! The small blocking HTTP(S) client that identity-provider calls use (JWKS now; token,
-//! introspection and userinfo later), run only on threads of their own, never on a worker.
+//! The small blocking HTTP(S) client that identity-provider calls use (JWKS, authorization
+//! server metadata, token introspection), run only on threads of their own, never on a worker.
 //! TLS is rustls with the ring provider and the Mozilla root set; `http://` is allowed only to
 //! loopback addresses (a sidecar, a test), never across a network where the keys that decide
 //! who is who could be swapped in transit.
@@ -126,6 +126,27 @@ fn tls_config() -> Arc<rustls::ClientConfig> {
 
 /// `GET url` with `headers`, the whole exchange bounded by `timeout`.
 pub fn get(url: &IdpUrl, headers: &[(&str, &str)], timeout: Duration) -> Result<Answer, String> {
+    send(url, "GET", headers, None, timeout)
+}
+
+/// `POST url` with `headers` and a form body (`application/x-www-form-urlencoded`), the whole
+/// exchange bounded by `timeout`.
+pub fn post_form(
+    url: &IdpUrl,
+    headers: &[(&str, &str)],
+    form: &str,
+    timeout: Duration,
+) -> Result<Answer, String> {
+    send(url, "POST", headers, Some(form.as_bytes()), timeout)
+}
+
+fn send(
+    url: &IdpUrl,
+    method: &str,
+    headers: &[(&str, &str)],
+    form: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<Answer, String> {
     let deadline = Instant::now() + timeout;
     let mut last = "no address".to_string();
     let mut conn = None;
@@ -142,7 +163,7 @@ pub fn get(url: &IdpUrl, headers: &[(&str, &str)], timeout: Duration) -> Result<
     let _ = tcp.set_read_timeout(Some(timeout));
     let _ = tcp.set_write_timeout(Some(timeout));
     let mut request = format!(
-        "GET {} HTTP/1.1\r\nhost: {}\r\naccept: application/json\r\nuser-agent: mcp-guard/{}\r\nconnection: close\r\n",
+        "{method} {} HTTP/1.1\r\nhost: {}\r\naccept: application/json\r\nuser-agent: mcp-guard/{}\r\nconnection: close\r\n",
         url.target,
         if (url.tls && url.port == 443) || (!url.tls && url.port == 80) {
             url.host.clone()
@@ -154,17 +175,29 @@ pub fn get(url: &IdpUrl, headers: &[(&str, &str)], timeout: Duration) -> Result<
     for (n, v) in headers {
         request.push_str(&format!("{n}: {v}\r\n"));
     }
-    request.push_str("\r\n");
+    let mut request = request.into_bytes();
+    if let Some(form) = form {
+        request.extend_from_slice(
+            format!(
+                "content-type: application/x-www-form-urlencoded\r\ncontent-length: {}\r\n\r\n",
+                form.len()
+            )
+            .as_bytes(),
+        );
+        request.extend_from_slice(form);
+    } else {
+        request.extend_from_slice(b"\r\n");
+    }
     let raw = if url.tls {
         let name = rustls::pki_types::ServerName::try_from(url.host.clone())
             .map_err(|e| format!("`{}` is not a valid TLS server name: {e}", url.host))?;
         let client = rustls::ClientConnection::new(tls_config(), name)
             .map_err(|e| format!("TLS setup: {e}"))?;
         let mut stream = rustls::StreamOwned::new(client, tcp);
-        exchange(&mut stream, request.as_bytes(), deadline)?
+        exchange(&mut stream, &request, deadline)?
     } else {
         let mut tcp = tcp;
-        exchange(&mut tcp, request.as_bytes(), deadline)?
+        exchange(&mut tcp, &request, deadline)?
     };
     parse_answer(&raw)
 }

@@ -914,7 +914,7 @@ fn audience(claims: &Map<String, Value>) -> Result<Option<Vec<&str>>, JwtError> 
 /// bidi overrides, format characters (Unicode category Cf: zero-width spaces and joiners, the
 /// byte-order mark, tag characters) and invisible fillers would let `alice\u{200b}` pass for
 /// `alice` to whoever reads them.
-fn forbidden_in_identity(c: char) -> bool {
+pub(crate) fn forbidden_in_identity(c: char) -> bool {
     c.is_control()
         || matches!(
             c,

@@ -102,7 +102,7 @@ pub fn tool_label_slot(name: &str) -> Option<usize> {
 /// Decision outcomes counted per tool.
 pub const OUTCOMES: &[&str] = &["allow", "deny", "rate_limited"];
 /// Auth methods counted.
-pub const AUTH_METHODS: &[&str] = &["anonymous", "api_key", "jwt", "none"];
+pub const AUTH_METHODS: &[&str] = &["anonymous", "api_key", "jwt", "none", "oauth"];
 
 /// One worker's metric shard.
 pub struct WorkerMetrics {
@@ -128,7 +128,7 @@ pub struct WorkerMetrics {
     pub bodies_refused: AtomicU64,
     /// Legacy HTTP+SSE sessions this worker owns (their streams are open on it).
     pub legacy_sessions: AtomicU64,
-    auth: [[AtomicU64; 2]; 4],
+    auth: [[AtomicU64; 2]; 5],
     decisions: Vec<[AtomicU64; 3]>,
     latency: ArcSwap<Histogram<u64>>,
 }
@@ -159,7 +159,7 @@ impl WorkerMetrics {
 
     /// Counts an authentication result; `method` indexes [`AUTH_METHODS`].
     pub fn count_auth(&self, method: usize, success: bool) {
-        self.auth[method.min(3)][usize::from(!success)].fetch_add(1, Relaxed);
+        self.auth[method.min(AUTH_METHODS.len() - 1)][usize::from(!success)].fetch_add(1, Relaxed);
     }
 
     /// Counts a decision on a tool call; `outcome` indexes [`OUTCOMES`].
