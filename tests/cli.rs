@@ -817,11 +817,15 @@ fn validate_words_type_errors_and_unbuilt_sections_for_people() {
         err.contains("rate_limit.backend: expected one of `memory`, `redis`, found `\"disk\"`"),
         "{err}"
     );
-    // An unbuilt section is refused for what it is before any of its fields is asked for.
-    std::fs::write(&p, "[auth.oauth]\nclient_id = \"x\"\n").unwrap();
+    // An unbuilt feature is refused for what it is.
+    std::fs::write(
+        &p,
+        "[upstream]\ncommand = \"x\"\n[audit]\nexport_url = \"https://siem.example\"\n",
+    )
+    .unwrap();
     let (code, _, err) = run(&["validate", "--config", p.to_str().unwrap()]);
     assert_eq!(code, 1);
-    assert!(err.contains("auth.oauth: OAuth"), "{err}");
+    assert!(err.contains("audit.export_url: SIEM export"), "{err}");
     assert!(!err.contains("missing field"), "{err}");
     // A missing field is named in the user's words, with what it may be.
     std::fs::write(&p, "[auth.jwt]\nissuer = \"https://idp\"\n").unwrap();

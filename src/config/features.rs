@@ -38,12 +38,6 @@ pub const UNBUILT: &[Unbuilt] = &[
                   (a load balancer or sidecar) and remove [server.tls]",
     },
     Unbuilt {
-        path: "auth.oauth",
-        trigger: Trigger::Present,
-        message: "OAuth 2.1 is not in this build yet; refusing to start rather than serve \
-                  without it (use [[auth.api_keys]], or remove [auth.oauth])",
-    },
-    Unbuilt {
         path: "auth.mtls.enabled",
         trigger: Trigger::True,
         message: "mTLS identities are not in this build yet; refusing to start rather than \
@@ -65,10 +59,6 @@ pub const UNBUILT: &[Unbuilt] = &[
 
 /// Keys with no effect anywhere in this build: a warning when the file sets one.
 pub const NO_EFFECT: &[(&str, &str)] = &[
-    (
-        "server.public_url",
-        "it is used in OAuth metadata, which this build does not serve",
-    ),
     (
         "rate_limit.redis_url",
         "it configures the redis backend, which this build does not support",
@@ -148,7 +138,6 @@ pub fn first_unbuilt<'v>(lookup: &dyn Fn(&str) -> Option<Seen<'v>>) -> Option<&'
 pub fn first_unbuilt_in(file: &FileConfig) -> Option<&'static Unbuilt> {
     first_unbuilt(&|path| match path {
         "server.tls" => file.server.tls.as_ref().map(|_| Seen::Other),
-        "auth.oauth" => file.auth.oauth.as_ref().map(|_| Seen::Other),
         "auth.mtls.enabled" => file.auth.mtls.as_ref().map(|m| Seen::Bool(m.enabled)),
         "rate_limit.backend" => Some(Seen::Str(match file.rate_limit.backend {
             RateBackend::Memory => "memory",
@@ -171,6 +160,13 @@ pub fn ignored_keys(file: &FileConfig) -> Vec<String> {
         if sets(path) && !path.starts_with("tracing.") {
             warn(&mut warnings, path, why);
         }
+    }
+    if sets("server.public_url") && file.auth.oauth.is_none() {
+        warn(
+            &mut warnings,
+            "server.public_url",
+            "it names the resource OAuth tokens are minted for, and [auth.oauth] is not configured",
+        );
     }
 
     for (i, s) in file.upstream.servers.iter().enumerate() {

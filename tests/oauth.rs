@@ -1,0 +1,656 @@
+//! OAuth access tokens of an external authorization server, through the real binary, against
+//! a test authorization server on loopback (metadata, JWKS, RFC 7662 introspection, each
+//! counted): audience = this endpoint, every refusal audited with its reason, a rotated key
+//! awaited by the request that met it, a kid flood held to the refresh rate, introspection
+//! cached and its failures refused, the insufficient_scope challenge, and an upstream's own
+//! 401 turned into a 502.
+
+mod common;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use common::*;
+use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const WAIT: Duration = Duration::from_secs(10);
+/// `server.public_url` of every gateway here: the resource its tokens must be minted for.
+const PUBLIC: &str = "http://127.0.0.1:3000";
+const RESOURCE: &str = "http://127.0.0.1:3000/mcp";
+const CLIENT_ID: &str = "mcp-guard-test";
+const CLIENT_SECRET: &str = "s3cret:with&odd=chars";
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// An ES256 signing key.
+struct EcKey {
+    pair: EcdsaKeyPair,
+    kid: String,
+}
+
+impl EcKey {
+    fn new(kid: &str) -> EcKey {
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
+            .unwrap();
+        EcKey {
+            pair,
+            kid: kid.into(),
+        }
+    }
+
+    fn jwk(&self) -> Value {
+        let point = self.pair.public_key().as_ref();
+        json!({"kty":"EC","crv":"P-256","kid":self.kid,"use":"sig","alg":"ES256",
+               "x":B64.encode(&point[1..33]),"y":B64.encode(&point[33..65])})
+    }
+
+    fn sign(&self, claims: &Value, kid: &str) -> String {
+        let header = json!({"alg":"ES256","typ":"at+jwt","kid":kid});
+        let signing_input = format!(
+            "{}.{}",
+            B64.encode(header.to_string()),
+            B64.encode(claims.to_string())
+        );
+        let rng = ring::rand::SystemRandom::new();
+        let sig = self.pair.sign(&rng, signing_input.as_bytes()).unwrap();
+        format!("{signing_input}.{}", B64.encode(sig.as_ref()))
+    }
+}
+
+/// What the test authorization server answers at `/introspect`.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    /// Answers from its token table (`{"active":false}` for unknown tokens).
+    Normal,
+    /// HTTP 500.
+    Down,
+    /// A body that is not JSON.
+    BadJson,
+}
+
+/// A test authorization server on loopback: RFC 8414 metadata, a JWKS the test swaps, and an
+/// introspection endpoint answering from a table; every request counted by path.
+struct As {
+    addr: SocketAddr,
+    jwks: Arc<Mutex<String>>,
+    tokens: Arc<Mutex<HashMap<String, Value>>>,
+    mode: Arc<Mutex<Mode>>,
+    hits: Arc<Mutex<HashMap<String, usize>>>,
+    /// The `Authorization` of the last introspection request.
+    last_auth: Arc<Mutex<String>>,
+    served: Arc<AtomicUsize>,
+}
+
+impl As {
+    fn start(jwks: Value) -> As {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let s = As {
+            addr,
+            jwks: Arc::new(Mutex::new(jwks.to_string())),
+            tokens: Arc::default(),
+            mode: Arc::new(Mutex::new(Mode::Normal)),
+            hits: Arc::default(),
+            last_auth: Arc::default(),
+            served: Arc::default(),
+        };
+        let (jwks, tokens, mode, hits, last_auth, served) = (
+            s.jwks.clone(),
+            s.tokens.clone(),
+            s.mode.clone(),
+            s.hits.clone(),
+            s.last_auth.clone(),
+            s.served.clone(),
+        );
+        let issuer = s.issuer();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { return };
+                let (jwks, tokens, mode, hits, last_auth, served, issuer) = (
+                    jwks.clone(),
+                    tokens.clone(),
+                    mode.clone(),
+                    hits.clone(),
+                    last_auth.clone(),
+                    served.clone(),
+                    issuer.clone(),
+                );
+                std::thread::spawn(move || {
+                    let Some((path, headers, body)) = read_request(&conn) else {
+                        return;
+                    };
+                    *hits.lock().unwrap().entry(path.clone()).or_default() += 1;
+                    let (status, doc) = match path.as_str() {
+                        "/.well-known/oauth-authorization-server" => (
+                            200,
+                            json!({"issuer": issuer, "jwks_uri": format!("{issuer}/jwks.json"),
+                                   "introspection_endpoint": format!("{issuer}/introspect")})
+                            .to_string(),
+                        ),
+                        "/jwks.json" => (200, jwks.lock().unwrap().clone()),
+                        "/introspect" => {
+                            *last_auth.lock().unwrap() = header(&headers, "authorization");
+                            match *mode.lock().unwrap() {
+                                Mode::Down => (500, String::new()),
+                                Mode::BadJson => (200, "{\"active\": tru".to_string()),
+                                Mode::Normal => {
+                                    let token = form_value(&body, "token");
+                                    *hits.lock().unwrap().entry(token.clone()).or_default() += 1;
+                                    let answer = tokens
+                                        .lock()
+                                        .unwrap()
+                                        .get(&token)
+                                        .cloned()
+                                        .unwrap_or(json!({"active": false}));
+                                    (200, answer.to_string())
+                                }
+                            }
+                        }
+                        _ => (404, String::new()),
+                    };
+                    served.fetch_add(1, Ordering::SeqCst);
+                    let reply = format!(
+                        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{doc}",
+                        doc.len()
+                    );
+                    let mut conn = conn;
+                    let _ = conn.write_all(reply.as_bytes());
+                });
+            }
+        });
+        s
+    }
+
+    fn issuer(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn hits(&self, path: &str) -> usize {
+        self.hits.lock().unwrap().get(path).copied().unwrap_or(0)
+    }
+
+    fn grant(&self, token: &str, answer: Value) {
+        self.tokens.lock().unwrap().insert(token.into(), answer);
+    }
+}
+
+/// Path, header lines and body of one request.
+fn read_request(mut conn: &TcpStream) -> Option<(String, String, String)> {
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = conn.read(&mut buf).ok()?;
+        if n == 0 {
+            return None;
+        }
+        raw.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&raw).to_string();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let head = &text[..end];
+            let length: usize = header(head, "content-length").parse().unwrap_or(0);
+            if raw.len() >= end + 4 + length {
+                let path = head.split(' ').nth(1)?.to_string();
+                let body = text[end + 4..end + 4 + length].to_string();
+                return Some((path, head.to_string(), body));
+            }
+        }
+    }
+}
+
+fn header(head: &str, name: &str) -> String {
+    head.lines()
+        .find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+        })
+        .unwrap_or_default()
+}
+
+/// A form member, percent-decoded.
+fn form_value(body: &str, name: &str) -> String {
+    let raw = body
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+        .unwrap_or_default();
+    let bytes = raw.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap();
+            out.push(u8::from_str_radix(hex, 16).unwrap());
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
+
+fn claims(issuer: &str, sub: &str, aud: Value) -> Value {
+    json!({"iss": issuer, "sub": sub, "aud": aud, "scope": "tools:echo",
+           "exp": now() + 300, "iat": now(), "client_id": "some-client"})
+}
+
+fn oauth_config(idp: &As, extra_oauth: &str, audit: &std::path::Path) -> String {
+    format!(
+        "{}[auth.oauth]\nprovider = \"custom\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret = \"{CLIENT_SECRET}\"\nauthorization_servers = [\"{}\"]\n{extra_oauth}\n[audit]\nenabled = true\nfile = {:?}\n",
+        stdio_config("auto", &format!("public_url = \"{PUBLIC}\""), &["--test-tools"]),
+        idp.issuer(),
+        audit.to_str().unwrap()
+    )
+}
+
+fn post_as(g: &Gateway, token: &str, body: &str, sid: Option<&str>) -> Response {
+    request(g.addr, &mcp_post_raw(body, sid, &bearer(token)))
+}
+
+fn init_as(g: &Gateway, token: &str) -> Response {
+    post_as(g, token, INIT, None)
+}
+
+fn audit_holds(audit: &std::path::Path, needle: &str) {
+    let deadline = Instant::now() + WAIT;
+    while !std::fs::read_to_string(audit)
+        .unwrap_or_default()
+        .contains(needle)
+    {
+        assert!(Instant::now() < deadline, "{needle} not in the audit trail");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until the audit trail holds `reason` (and never the token).
+fn audited(audit: &std::path::Path, reason: &str, token: &str) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let log = std::fs::read_to_string(audit).unwrap_or_default();
+        if log.contains(&format!("\"reason\":\"{reason}\"")) {
+            assert!(!log.contains(token), "token in the audit trail");
+            return;
+        }
+        assert!(Instant::now() < deadline, "{reason} not audited:\n{log}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn jwt_access_tokens_must_name_this_endpoint_as_audience_and_each_refusal_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.log");
+    let key = EcKey::new("k1");
+    let idp = As::start(json!({"keys": [key.jwk()]}));
+    let g = Gateway::start(&oauth_config(&idp, "", &audit));
+    let iss = idp.issuer();
+    // The keys' URL came from the authorization server's metadata.
+    assert!(
+        g.wait_log("publishes its keys at", WAIT),
+        "no metadata discovery"
+    );
+    let good = key.sign(&claims(&iss, "alice", json!(RESOURCE)), "k1");
+    let r = init_as(&g, &good);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let sid = r.header("mcp-session-id").unwrap().to_string();
+    // The caller is `oauth:alice`, and the token never reaches the upstream.
+    let r = post_as(&g, &good, &call(2, "last_request_headers", "{}"), Some(&sid));
+    let seen = rpc_result(&r)["result"]["content"][0]["text"]
+        .as_str()
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(!seen.contains("authorization"), "{seen}");
+    assert!(!seen.contains(&good[..30].to_ascii_lowercase()), "{seen}");
+    audit_holds(&audit, "\"oauth:alice\"");
+    // An array audience holding this endpoint is fine; a trailing slash too.
+    let t = key.sign(
+        &claims(&iss, "bob", json!(["https://other.example/mcp", format!("{RESOURCE}/")])),
+        "k1",
+    );
+    assert_eq!(init_as(&g, &t).status, 200);
+
+    let mut expired = claims(&iss, "alice", json!(RESOURCE));
+    expired["exp"] = json!(now() - 3600);
+    let mut no_aud = claims(&iss, "alice", json!(RESOURCE));
+    no_aud.as_object_mut().unwrap().remove("aud");
+    let hs256 = {
+        let input = format!(
+            "{}.{}",
+            B64.encode(json!({"alg":"HS256","kid":"k1"}).to_string()),
+            B64.encode(claims(&iss, "eve", json!(RESOURCE)).to_string())
+        );
+        let k = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key.jwk().to_string().as_bytes());
+        format!(
+            "{input}.{}",
+            B64.encode(ring::hmac::sign(&k, input.as_bytes()).as_ref())
+        )
+    };
+    for (token, reason) in [
+        (key.sign(&expired, "k1"), "oauth_expired"),
+        (
+            // Minted for another resource: refused, whatever else is right about it.
+            key.sign(
+                &claims(&iss, "alice", json!("https://other.example/mcp")),
+                "k1",
+            ),
+            "oauth_wrong_audience",
+        ),
+        (key.sign(&no_aud, "k1"), "oauth_wrong_audience"),
+        (
+            key.sign(
+                &claims(&iss, "alice", json!("http://127.0.0.1:3000/mcp/other")),
+                "k1",
+            ),
+            "oauth_wrong_audience",
+        ),
+        (
+            key.sign(
+                &claims("https://evil.example", "alice", json!(RESOURCE)),
+                "k1",
+            ),
+            "oauth_wrong_issuer",
+        ),
+        (hs256, "oauth_key_refused"),
+    ] {
+        let r = init_as(&g, &token);
+        assert_eq!(r.status, 401, "{reason}: {}", r.text());
+        let challenge = r.header("www-authenticate").unwrap_or_default();
+        assert!(challenge.starts_with("Bearer"), "{challenge}");
+        audited(&audit, reason, &token);
+    }
+    assert!(
+        g.metric(
+            "mcp_guard_auth_total",
+            &[("method", "oauth"), ("result", "failure")]
+        ) >= 6.0
+    );
+    assert!(
+        g.metric(
+            "mcp_guard_auth_total",
+            &[("method", "oauth"), ("result", "success")]
+        ) >= 2.0
+    );
+}
+
+#[test]
+fn a_rotated_key_is_awaited_by_the_requests_that_meet_it_and_a_kid_flood_costs_no_fetch() {
+    let dir = tempfile::tempdir().unwrap();
+    let (k1, k2) = (EcKey::new("k1"), EcKey::new("k2"));
+    let idp = As::start(json!({"keys": [k1.jwk()]}));
+    let g = Gateway::start(&oauth_config(&idp, "", &dir.path().join("a.log")));
+    let iss = idp.issuer();
+    assert!(g.wait_log("JWKS loaded", WAIT), "keys never loaded");
+    assert_eq!(
+        init_as(&g, &k1.sign(&claims(&iss, "carol", json!(RESOURCE)), "k1")).status,
+        200
+    );
+    // Early refreshes are at most one per 10 s, the start's fetch included.
+    std::thread::sleep(Duration::from_millis(10_500));
+    *idp.jwks.lock().unwrap() = json!({"keys": [k1.jwk(), k2.jwk()]}).to_string();
+    let before = idp.hits("/jwks.json");
+    // Several requests meet the new kid at once: each waits for the one fetch, then succeeds.
+    let token = k2.sign(&claims(&iss, "carol", json!(RESOURCE)), "k2");
+    let addr = g.addr;
+    let waiters: Vec<_> = (0..6)
+        .map(|_| {
+            let token = token.clone();
+            std::thread::spawn(move || request(addr, &mcp_post_raw(INIT, None, &bearer(&token))))
+        })
+        .collect();
+    for w in waiters {
+        let r = w.join().unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    assert_eq!(idp.hits("/jwks.json") - before, 1, "one fetch for all of them");
+    // A flood of random kids right after: refused at once, and the IdP sees nothing of it.
+    let before = idp.hits("/jwks.json");
+    let flood: Vec<_> = (0..40)
+        .map(|i| {
+            let t = k2.sign(
+                &claims(&iss, "mallory", json!(RESOURCE)),
+                &format!("random-{i}"),
+            );
+            std::thread::spawn(move || request(addr, &mcp_post_raw(INIT, None, &bearer(&t))))
+        })
+        .collect();
+    for f in flood {
+        assert_eq!(f.join().unwrap().status, 401);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(idp.hits("/jwks.json") - before, 0, "the flood reached the IdP");
+}
+
+fn introspection_config(idp: &As, extra: &str, audit: &std::path::Path) -> String {
+    oauth_config(
+        idp,
+        &format!(
+            "introspection_url = \"{}/introspect\"\n{extra}",
+            idp.issuer()
+        ),
+        audit,
+    )
+}
+
+fn active(sub: &str, aud: &str, scope: &str) -> Value {
+    json!({"active": true, "sub": sub, "aud": aud, "scope": scope, "exp": now() + 300,
+           "token_type": "Bearer"})
+}
+
+#[test]
+fn introspection_accepts_active_tokens_for_this_resource_caches_them_and_refuses_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.log");
+    let idp = As::start(json!({"keys": []}));
+    idp.grant("opaque-good-token", active("dana", RESOURCE, "tools:echo"));
+    idp.grant(
+        "opaque-other-resource",
+        active("dana", "https://other.example/mcp", ""),
+    );
+    let mut expired = active("dana", RESOURCE, "");
+    expired["exp"] = json!(now() - 10);
+    idp.grant("opaque-expired", expired);
+    idp.grant("opaque-no-user", json!({"active": true, "aud": RESOURCE, "exp": now() + 300}));
+    let g = Gateway::start(&introspection_config(&idp, "", &audit));
+    let r = init_as(&g, "opaque-good-token");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let sid = r.header("mcp-session-id").unwrap().to_string();
+    // RFC 7662 §2.1: the gateway authenticated as its client.
+    let basic = idp.last_auth.lock().unwrap().clone();
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(basic.strip_prefix("Basic ").unwrap())
+        .unwrap();
+    assert_eq!(
+        String::from_utf8(decoded).unwrap(),
+        "mcp-guard-test:s3cret%3Awith%26odd%3Dchars"
+    );
+    // Cached until its exp: at most one call per worker (the caches are per worker).
+    for _ in 0..6 {
+        let r = post_as(
+            &g,
+            "opaque-good-token",
+            &call(2, "echo", r#"{"text":"hi"}"#),
+            Some(&sid),
+        );
+        assert_eq!(rpc_result(&r)["result"]["content"][0]["text"], "hi");
+    }
+    assert!(idp.hits("opaque-good-token") <= 2);
+
+    for (token, reason) in [
+        ("opaque-unknown", "oauth_inactive"),
+        ("opaque-other-resource", "oauth_wrong_audience"),
+        ("opaque-expired", "oauth_expired"),
+        ("opaque-no-user", "oauth_missing_user"),
+    ] {
+        let r = init_as(&g, token);
+        assert_eq!(r.status, 401, "{reason}: {}", r.text());
+        assert!(r.header("www-authenticate").is_some());
+        audited(&audit, reason, token);
+    }
+    // A refusal is remembered briefly: a client retrying a dead token costs no call (beyond
+    // one per worker).
+    for _ in 0..6 {
+        assert_eq!(init_as(&g, "opaque-unknown").status, 401);
+    }
+    assert!(idp.hits("opaque-unknown") <= 2);
+
+    // The endpoint down, or answering nonsense: 503 (the token is not known bad), nothing
+    // remembered, and the next request asks again.
+    *idp.mode.lock().unwrap() = Mode::Down;
+    let r = init_as(&g, "opaque-new-1");
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.header("retry-after").is_some());
+    audited(&audit, "oauth_introspection_unavailable", "opaque-new-1");
+    *idp.mode.lock().unwrap() = Mode::BadJson;
+    let r = init_as(&g, "opaque-new-2");
+    assert_eq!(r.status, 503, "{}", r.text());
+    audited(&audit, "oauth_introspection_bad_answer", "opaque-new-2");
+    *idp.mode.lock().unwrap() = Mode::Normal;
+    idp.grant("opaque-new-2", active("erin", RESOURCE, ""));
+    assert_eq!(init_as(&g, "opaque-new-2").status, 200);
+}
+
+#[test]
+fn a_token_lacking_a_tools_scope_gets_the_step_up_challenge_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let idp = As::start(json!({"keys": []}));
+    idp.grant("opaque-echo-only", active("fay", RESOURCE, "tools:echo"));
+    let g = Gateway::start(&introspection_config(
+        &idp,
+        "[auth.oauth.scope_tool_mapping]\n\"tools:echo\" = [\"echo\"]\n\"tools:math\" = [\"add\"]\n\"admin\" = [\"*\"]\n",
+        &dir.path().join("a.log"),
+    ));
+    let token = "opaque-echo-only";
+    let r = init_as(&g, token);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let sid = r.header("mcp-session-id").unwrap().to_string();
+    let r = post_as(&g, token, r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#, Some(&sid));
+    let list = rpc_result(&r);
+    let names: Vec<&str> = list["result"]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["echo"]);
+    let r = post_as(&g, token, &call(3, "add", r#"{"a":1,"b":2}"#), Some(&sid));
+    assert_eq!(r.status, 403, "{}", r.text());
+    let challenge = r.header("www-authenticate").unwrap();
+    assert!(challenge.starts_with("Bearer "), "{challenge}");
+    assert!(challenge.contains("error=\"insufficient_scope\""), "{challenge}");
+    // Either scope would do: `admin` grants every tool.
+    assert!(challenge.contains("scope=\"admin tools:math\""), "{challenge}");
+    assert!(
+        challenge.contains(&format!(
+            "resource_metadata=\"{PUBLIC}/.well-known/oauth-protected-resource/mcp\""
+        )),
+        "{challenge}"
+    );
+    let body = r.json();
+    assert_eq!(body["id"], 3);
+    assert_eq!(body["error"]["data"]["scope"], "admin tools:math");
+}
+
+#[test]
+fn an_upstream_401_becomes_a_502_naming_it_and_its_challenge_never_reaches_the_client() {
+    let up = DemoHttp::start(&["--unauthorized"]);
+    let g = Gateway::start(&http_config("auto", &up.url(), "", ""));
+    let r = request(g.addr, &mcp_post_raw(INIT, None, ""));
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(r.header("www-authenticate").is_none(), "{:?}", r.headers);
+    let body = r.json();
+    assert_eq!(body["error"]["data"]["server"], "default");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("'default'"),
+        "{body}"
+    );
+    assert!(!r.text().contains("demo-upstream") && !r.text().contains("mcp-demo-server"));
+}
+
+#[test]
+fn oauth_settings_that_cannot_be_safe_are_refused_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("g.toml");
+    let base = |server: &str, oauth: &str| {
+        format!(
+            "{}[auth.oauth]\nprovider = \"custom\"\nclient_id = \"c\"\n{oauth}",
+            stdio_config("auto", server, &[])
+        )
+    };
+    let public = format!("public_url = \"{PUBLIC}\"");
+    let cases = [
+        (
+            base("", "authorization_servers = [\"https://as.example\"]\n"),
+            "server.public_url",
+        ),
+        (
+            base(
+                "public_url = \"http://mcp.example.com\"",
+                "authorization_servers = [\"https://as.example\"]\n",
+            ),
+            "server.public_url",
+        ),
+        (
+            base(
+                "public_url = \"https://mcp.example.com/?a=1\"",
+                "authorization_servers = [\"https://as.example\"]\n",
+            ),
+            "server.public_url",
+        ),
+        (base(&public, ""), "auth.oauth.authorization_servers"),
+        (
+            base(
+                &public,
+                "authorization_servers = [\"http://as.example.com\"]\n",
+            ),
+            "auth.oauth.authorization_servers[0]",
+        ),
+        (
+            base(
+                &public,
+                "introspection_url = \"https://as.example/introspect\"\n",
+            ),
+            "auth.oauth.client_secret",
+        ),
+        (
+            base(
+                &public,
+                "client_secret = \"x\"\nintrospection_url = \"http://as.example/introspect\"\n",
+            ),
+            "auth.oauth.introspection_url",
+        ),
+        (
+            base(
+                &public,
+                "authorization_servers = [\"https://as.example\"]\n[auth.oauth.scope_tool_mapping]\n\"a\\\"b\" = [\"echo\"]\n",
+            ),
+            "auth.oauth.scope_tool_mapping",
+        ),
+    ];
+    for (text, key) in cases {
+        std::fs::write(&p, &text).unwrap();
+        let out = std::process::Command::new(GUARD)
+            .args(["validate", "--config"])
+            .arg(&p)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{text}: {err}");
+        assert!(err.contains(key), "{key}: {err}");
+    }
+}
