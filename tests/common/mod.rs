@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod legacy;
+pub mod oauth_as;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
