@@ -304,6 +304,18 @@ mod tests {
     }
 
     #[test]
+    fn a_full_queue_refuses_at_once_instead_of_growing() {
+        let url = IdpUrl::parse("http://127.0.0.1:1/introspect").unwrap();
+        // Not started: nothing takes jobs off the queue.
+        let i = Introspector::new(url, "id", "secret", "sub");
+        let held: Vec<_> = (0..QUEUE).map(|n| i.ask(&format!("t{n}")).unwrap()).collect();
+        assert_eq!(i.ask("one-more").unwrap_err(), "oauth_introspection_busy");
+        assert_eq!(held.len(), QUEUE);
+        // Its Debug never shows the secret.
+        assert!(!format!("{i:?}").contains("secret"));
+    }
+
+    #[test]
     fn form_values_are_percent_encoded() {
         assert_eq!(form_encode("a b&c=d+é"), "a%20b%26c%3Dd%2B%C3%A9");
         assert_eq!(form_encode("Az09-._~"), "Az09-._~");

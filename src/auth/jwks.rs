@@ -247,3 +247,39 @@ fn run(jwks: std::sync::Weak<Jwks>, wake: Receiver<()>) {
         };
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waiters_wake_when_the_fetch_ends_and_a_refresh_too_soon_is_refused_at_once() {
+        // An IdP that takes the connection and holds it until told to hang up: the fetch is
+        // under way until then, and fails (which ends it all the same).
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = IdpUrl::parse(&format!("http://{}/jwks.json", listener.local_addr().unwrap()))
+            .unwrap();
+        let (hang_up, told) = std::sync::mpsc::channel::<()>();
+        let idp = std::thread::spawn(move || {
+            let conn = listener.accept();
+            let _ = told.recv();
+            drop(conn);
+        });
+        let jwks = Jwks::new(url, Duration::from_secs(3600));
+        assert!(
+            matches!(jwks.refresh_now(), Refresh::Refused),
+            "no refresher yet"
+        );
+        jwks.start();
+        // The first fetch is under way: requests wait for it, all on the same fetch.
+        let (Refresh::Wait(a), Refresh::Wait(b)) = (jwks.refresh_now(), jwks.refresh_now()) else {
+            panic!("the first fetch is not awaitable");
+        };
+        hang_up.send(()).unwrap();
+        assert!(a.recv_blocking().is_err() && b.recv_blocking().is_err());
+        idp.join().unwrap();
+        // It has ended (failed); another one so soon is refused without waiting.
+        assert!(matches!(jwks.refresh_now(), Refresh::Refused));
+        assert_eq!(jwks.keys().len(), 0);
+    }
+}
