@@ -245,7 +245,10 @@ pub struct ServerSection {
     /// `Origin` (non-browser clients) are not affected.
     #[schemars(extend("x-type" = "list of origins (`https://app.example.com`)"))]
     pub allowed_origins: Vec<String>,
-    /// How clients reach the gateway; used in OAuth protected-resource metadata.
+    /// How clients reach the gateway (`https://host[:port][/base]`, http only for loopback).
+    /// With `[auth.oauth]` it is required: each MCP endpoint's resource URI is this plus the
+    /// endpoint's path (`https://mcp.example.com/mcp`, `.../mcp/<server>`), which access
+    /// tokens must name in their audience; also used in protected-resource metadata.
     #[schemars(extend("x-type" = "URL"))]
     pub public_url: Option<String>,
     /// (compat) TLS termination; absent = plain HTTP.
@@ -577,11 +580,16 @@ pub struct JwtSection {
     pub scope_tool_mapping: BTreeMap<String, Vec<String>>,
 }
 
-/// OAuth 2.1 as the MCP authorization spec requires.
+/// OAuth 2.1 as the MCP authorization spec requires. As a resource server the gateway
+/// accepts access tokens of the authorization server: checked by introspection when
+/// `introspection_url` is set, else as JWTs (RFC 9068) signed with the keys its metadata
+/// names; either way minted for the endpoint they are used at (`server.public_url`).
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OauthSection {
-    /// (compat) The authorization server.
+    /// (compat) The authorization server. `okta` reads scopes from `scp`; `github` and
+    /// `google` issue opaque tokens without an audience, which a resource server cannot check
+    /// (accepted only through `introspection_url`).
     pub provider: OauthProvider,
     /// (compat) The gateway's client id.
     pub client_id: String,
@@ -593,7 +601,10 @@ pub struct OauthSection {
     /// (compat) Token endpoint.
     #[schemars(extend("x-type" = "URL"))]
     pub token_url: Option<String>,
-    /// (compat) RFC 7662 introspection endpoint; results are cached.
+    /// (compat) RFC 7662 introspection endpoint (https, or http to loopback): when set, every
+    /// access token is checked there, the call authenticated with `client_id` and
+    /// `client_secret`. Answers are cached per worker until the token's `exp` (60 s without
+    /// one), refusals for 10 s.
     #[schemars(extend("x-type" = "URL"))]
     pub introspection_url: Option<String>,
     /// (compat) OpenID Connect userinfo endpoint.
@@ -605,13 +616,19 @@ pub struct OauthSection {
     /// (compat) Scopes requested.
     #[serde(default)]
     pub scopes: Vec<String>,
-    /// (compat) Claim holding the user id.
+    /// (compat) Claim (or introspection member) holding the user id; the caller is
+    /// `oauth:<user>`. Default `sub`.
     pub user_id_claim: Option<String>,
-    /// Advertised in protected-resource metadata.
+    /// The authorization servers' issuer URLs (https, or http to loopback), advertised in
+    /// protected-resource metadata. The first is the one whose tokens are accepted: their
+    /// `iss` must equal it, and its metadata (RFC 8414, else OpenID Connect discovery) names
+    /// the keys JWT access tokens are checked with.
     #[serde(default)]
     #[schemars(extend("x-type" = "list of URLs"))]
     pub authorization_servers: Vec<String>,
-    /// (compat) Scope → tools it grants; `"*"` = all.
+    /// (compat) Scope → tools it grants; `"*"` = all. A tool call the token's scopes do not
+    /// grant, and another scope would, is answered 403 with the `insufficient_scope`
+    /// challenge naming those scopes (the client may ask for more).
     #[serde(default)]
     #[schemars(extend("x-type" = "table of scope = list of tools"))]
     pub scope_tool_mapping: BTreeMap<String, Vec<String>>,
