@@ -307,9 +307,9 @@ impl GatewayError {
                 retry_after_secs, ..
             } => Some(format!("{{\"retryAfterSeconds\":{retry_after_secs}}}")),
             GatewayError::Denied(d) => Some(format!("{{\"reason\":\"{}\"}}", d.reason.as_str())),
-            GatewayError::InsufficientScope { scope, .. } => {
-                Some(serde_json::json!({ "reason": "insufficient_scope", "scope": scope }).to_string())
-            }
+            GatewayError::InsufficientScope { scope, .. } => Some(
+                serde_json::json!({ "reason": "insufficient_scope", "scope": scope }).to_string(),
+            ),
             GatewayError::UpstreamUnauthorized(name) => {
                 Some(serde_json::json!({ "server": &**name, "upstreamStatus": 401 }).to_string())
             }

@@ -9,9 +9,12 @@
 //!   them).
 //! - 4a Origin check before authentication: a DNS-rebinding page must learn nothing, not even
 //!   whether its credentials would have worked.
-//! - 5 authenticate (API keys, JWT, OAuth, mTLS in later issues) on the head, before the body
-//!   is even read: a stranger gets no `100 Continue`, holds no body buffer, and cannot make us
-//!   parse JSON-RPC.
+//! - 5 authenticate (API keys, JWT, OAuth access tokens; mTLS in a later issue) on the head,
+//!   before the body is even read: a stranger gets no `100 Continue`, holds no body buffer, and
+//!   cannot make us parse JSON-RPC. When the answer needs an identity provider (a JWKS refresh,
+//!   an introspection call) admission answers [`Admission::Pending`]; the connection waits for
+//!   it once, bounded, and admits again — the only await before the body, and never for a
+//!   cached token or an API key.
 //! - 5a transport rules (protocol version, Accept, Content-Type), also on the head. Phases 4
 //!   to 5a are [`admit`]; the connection loop reads the body only for an admitted request.
 //! - 6 classify the JSON-RPC body once; everything after reads the classification, never the
@@ -267,7 +270,16 @@ pub fn admit<'c>(
         ..AuditInfo::default()
     };
     let mut pending = None;
-    let admitted = admit_mcp(w, cfg, head, peer, (front, route), slot, &mut audit, &mut pending);
+    let admitted = admit_mcp(
+        w,
+        cfg,
+        head,
+        peer,
+        (front, route),
+        slot,
+        &mut audit,
+        &mut pending,
+    );
     match admitted {
         Err((e, id, method)) if let Some(pending) = pending => Admission::Pending(Waiting {
             pending,

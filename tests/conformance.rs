@@ -2206,7 +2206,10 @@ fn must_answer_401_with_invalid_token_to_invalid_or_expired_access_tokens() {
     use resource_server::*;
     let (key, idp) = key_and_as();
     let g = gateway(&idp, false, "", &stdio_upstream());
-    assert_eq!(init(&g, &key.sign(&claims(&idp.issuer(), json!(RESOURCE)), "k1")).status, 200);
+    assert_eq!(
+        init(&g, &key.sign(&claims(&idp.issuer(), json!(RESOURCE)), "k1")).status,
+        200
+    );
     let mut expired = claims(&idp.issuer(), json!(RESOURCE));
     expired["exp"] = json!(common::oauth_as::now() - 600);
     let mut forged = key.sign(&claims(&idp.issuer(), json!(RESOURCE)), "k1");
@@ -2232,7 +2235,10 @@ fn should_not_include_an_error_code_when_no_credentials_were_sent() {
     let r = request(g.addr, &mcp_post_raw(INIT, None, ""));
     assert_eq!(r.status, 401);
     let challenge = r.header("www-authenticate").unwrap();
-    assert!(challenge.starts_with("Bearer") && !challenge.contains("error="), "{challenge}");
+    assert!(
+        challenge.starts_with("Bearer") && !challenge.contains("error="),
+        "{challenge}"
+    );
 }
 
 /// 2025-11-25 (authorization, token handling): "MCP servers MUST validate that access tokens
@@ -2258,7 +2264,10 @@ fn must_only_accept_tokens_issued_for_this_server_as_audience() {
     }
     // Minted for /mcp/alpha: good there, not at /mcp.
     let alpha = key.sign(&claims(&iss, json!(format!("{RESOURCE}/alpha"))), "k1");
-    let r = request(g.addr, &mcp_post_raw_at("/mcp/alpha", INIT, None, &bearer(&alpha)));
+    let r = request(
+        g.addr,
+        &mcp_post_raw_at("/mcp/alpha", INIT, None, &bearer(&alpha)),
+    );
     assert_eq!(r.status, 200, "{}", r.text());
     let r = init(&g, &alpha);
     assert_eq!(r.status, 403, "{}", r.text());
@@ -2283,13 +2292,20 @@ fn must_not_pass_the_clients_access_token_through_to_the_upstream() {
     let sid = r.header("mcp-session-id").unwrap().to_string();
     let r = request(
         g.addr,
-        &mcp_post_raw(&call(2, "last_request_headers", "{}"), Some(&sid), &bearer(&token)),
+        &mcp_post_raw(
+            &call(2, "last_request_headers", "{}"),
+            Some(&sid),
+            &bearer(&token),
+        ),
     );
     let seen = rpc_result(&r)["result"]["content"][0]["text"]
         .as_str()
         .unwrap()
         .to_string();
-    assert!(!seen.to_ascii_lowercase().contains("authorization"), "{seen}");
+    assert!(
+        !seen.to_ascii_lowercase().contains("authorization"),
+        "{seen}"
+    );
     assert!(!seen.contains(&token[..40]), "{seen}");
 }
 
@@ -2327,7 +2343,11 @@ fn should_answer_insufficient_scope_with_403_naming_the_scopes_needed() {
     let sid = r.header("mcp-session-id").unwrap().to_string();
     let r = request(
         g.addr,
-        &mcp_post_raw(&call(2, "add", r#"{"a":1,"b":2}"#), Some(&sid), &bearer(&token)),
+        &mcp_post_raw(
+            &call(2, "add", r#"{"a":1,"b":2}"#),
+            Some(&sid),
+            &bearer(&token),
+        ),
     );
     assert_eq!(r.status, 403, "{}", r.text());
     let challenge = r.header("www-authenticate").unwrap();
@@ -2380,7 +2400,11 @@ fn should_not_cache_an_introspection_answer_beyond_its_exp() {
     let asked = idp.hits("short-token");
     let r = init(&g, "short-token");
     assert_eq!(r.status, 401, "{}", r.text());
-    assert_eq!(idp.hits("short-token"), asked + 1, "the stale answer was used");
+    assert_eq!(
+        idp.hits("short-token"),
+        asked + 1,
+        "the stale answer was used"
+    );
 }
 
 /// 2025-11-25 (authorization, communication security): "All authorization server endpoints

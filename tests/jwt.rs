@@ -292,7 +292,12 @@ fn jwks_keys_rotate_an_unknown_kid_refreshes_once_and_a_down_idp_keeps_the_keys(
     let t2 = k2.sign(&claims("carol", ""), "k2");
     std::thread::sleep(Duration::from_millis(10_500));
     let r = init_as(&g, &t2);
-    assert_eq!(r.status, 200, "the rotated key was not awaited: {}", r.text());
+    assert_eq!(
+        r.status,
+        200,
+        "the rotated key was not awaited: {}",
+        r.text()
+    );
     // A flood of unknown kids: the IdP sees at most one fetch per 10 s window.
     let before = idp.hits.load(Ordering::SeqCst);
     for i in 0..50 {

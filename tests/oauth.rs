@@ -29,7 +29,11 @@ fn claims(issuer: &str, sub: &str, aud: Value) -> Value {
 fn oauth_config(idp: &As, extra_oauth: &str, audit: &std::path::Path) -> String {
     format!(
         "{}[auth.oauth]\nprovider = \"custom\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret = \"{CLIENT_SECRET}\"\nauthorization_servers = [\"{}\"]\n{extra_oauth}\n[audit]\nenabled = true\nfile = {:?}\n",
-        stdio_config("auto", &format!("public_url = \"{PUBLIC}\""), &["--test-tools"]),
+        stdio_config(
+            "auto",
+            &format!("public_url = \"{PUBLIC}\""),
+            &["--test-tools"]
+        ),
         idp.issuer(),
         audit.to_str().unwrap()
     )
@@ -86,7 +90,12 @@ fn jwt_access_tokens_must_name_this_endpoint_as_audience_and_each_refusal_says_w
     assert_eq!(r.status, 200, "{}", r.text());
     let sid = r.header("mcp-session-id").unwrap().to_string();
     // The caller is `oauth:alice`, and the token never reaches the upstream.
-    let r = post_as(&g, &good, &call(2, "last_request_headers", "{}"), Some(&sid));
+    let r = post_as(
+        &g,
+        &good,
+        &call(2, "last_request_headers", "{}"),
+        Some(&sid),
+    );
     let seen = rpc_result(&r)["result"]["content"][0]["text"]
         .as_str()
         .unwrap()
@@ -96,7 +105,11 @@ fn jwt_access_tokens_must_name_this_endpoint_as_audience_and_each_refusal_says_w
     audit_holds(&audit, "\"oauth:alice\"");
     // An array audience holding this endpoint is fine; a trailing slash too.
     let t = key.sign(
-        &claims(&iss, "bob", json!(["https://other.example/mcp", format!("{RESOURCE}/")])),
+        &claims(
+            &iss,
+            "bob",
+            json!(["https://other.example/mcp", format!("{RESOURCE}/")]),
+        ),
         "k1",
     );
     assert_eq!(init_as(&g, &t).status, 200);
@@ -193,7 +206,11 @@ fn a_rotated_key_is_awaited_by_the_requests_that_meet_it_and_a_kid_flood_costs_n
         let r = w.join().unwrap();
         assert_eq!(r.status, 200, "{}", r.text());
     }
-    assert_eq!(idp.hits("/jwks.json") - before, 1, "one fetch for all of them");
+    assert_eq!(
+        idp.hits("/jwks.json") - before,
+        1,
+        "one fetch for all of them"
+    );
     // A flood of random kids right after: refused at once, and the IdP sees nothing of it.
     let before = idp.hits("/jwks.json");
     let flood: Vec<_> = (0..40)
@@ -209,7 +226,11 @@ fn a_rotated_key_is_awaited_by_the_requests_that_meet_it_and_a_kid_flood_costs_n
         assert_eq!(f.join().unwrap().status, 401);
     }
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(idp.hits("/jwks.json") - before, 0, "the flood reached the IdP");
+    assert_eq!(
+        idp.hits("/jwks.json") - before,
+        0,
+        "the flood reached the IdP"
+    );
 }
 
 fn introspection_config(idp: &As, extra: &str, audit: &std::path::Path) -> String {
@@ -241,7 +262,10 @@ fn introspection_accepts_active_tokens_for_this_resource_caches_them_and_refuses
     let mut expired = active("dana", RESOURCE, "");
     expired["exp"] = json!(now() - 10);
     idp.grant("opaque-expired", expired);
-    idp.grant("opaque-no-user", json!({"active": true, "aud": RESOURCE, "exp": now() + 300}));
+    idp.grant(
+        "opaque-no-user",
+        json!({"active": true, "aud": RESOURCE, "exp": now() + 300}),
+    );
     let g = Gateway::start(&introspection_config(&idp, "", &audit));
     let r = init_as(&g, "opaque-good-token");
     assert_eq!(r.status, 200, "{}", r.text());
@@ -315,7 +339,12 @@ fn a_token_lacking_a_tools_scope_gets_the_step_up_challenge_naming_it() {
     let r = init_as(&g, token);
     assert_eq!(r.status, 200, "{}", r.text());
     let sid = r.header("mcp-session-id").unwrap().to_string();
-    let r = post_as(&g, token, r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#, Some(&sid));
+    let r = post_as(
+        &g,
+        token,
+        r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#,
+        Some(&sid),
+    );
     let list = rpc_result(&r);
     let names: Vec<&str> = list["result"]["tools"]
         .as_array()
@@ -328,9 +357,15 @@ fn a_token_lacking_a_tools_scope_gets_the_step_up_challenge_naming_it() {
     assert_eq!(r.status, 403, "{}", r.text());
     let challenge = r.header("www-authenticate").unwrap();
     assert!(challenge.starts_with("Bearer "), "{challenge}");
-    assert!(challenge.contains("error=\"insufficient_scope\""), "{challenge}");
+    assert!(
+        challenge.contains("error=\"insufficient_scope\""),
+        "{challenge}"
+    );
     // Either scope would do: `admin` grants every tool.
-    assert!(challenge.contains("scope=\"admin tools:math\""), "{challenge}");
+    assert!(
+        challenge.contains("scope=\"admin tools:math\""),
+        "{challenge}"
+    );
     assert!(
         challenge.contains(&format!(
             "resource_metadata=\"{PUBLIC}/.well-known/oauth-protected-resource/mcp\""

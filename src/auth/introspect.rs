@@ -75,11 +75,7 @@ impl Introspector {
     /// An introspector for `url`, authenticating as `client_id` / `client_secret`.
     pub fn new(url: IdpUrl, client_id: &str, client_secret: &str, user_id_claim: &str) -> Self {
         use base64::Engine as _;
-        let pair = format!(
-            "{}:{}",
-            form_encode(client_id),
-            form_encode(client_secret)
-        );
+        let pair = format!("{}:{}", form_encode(client_id), form_encode(client_secret));
         let (queue, jobs) = std::sync::mpsc::sync_channel(QUEUE);
         Introspector {
             url,
@@ -136,10 +132,7 @@ impl Introspector {
 
     /// One call to the endpoint.
     fn introspect(&self, token: &str) -> Outcome {
-        let form = format!(
-            "token={}&token_type_hint=access_token",
-            form_encode(token)
-        );
+        let form = format!("token={}&token_type_hint=access_token", form_encode(token));
         let answer = fetch::post_form(
             &self.url,
             &[("authorization", &self.authorization)],
@@ -285,7 +278,11 @@ mod tests {
         assert_eq!(a.subject.as_deref(), Some("alice"));
         assert_eq!(a.scopes, ["a", "b"]);
         assert_eq!((a.exp, a.aud.len()), (Some(99), 2));
-        assert!(!parse_answer(br#"{"active":false,"sub":7}"#, "sub").unwrap().active);
+        assert!(
+            !parse_answer(br#"{"active":false,"sub":7}"#, "sub")
+                .unwrap()
+                .active
+        );
         for bad in [
             &br#"{"active":"true"}"#[..],
             br#"{"sub":"a"}"#,
@@ -296,7 +293,11 @@ mod tests {
             br#"{"active":true,"sub":["a"]}"#,
             br#"{"active":true,"exp":-5}"#,
         ] {
-            assert!(parse_answer(bad, "sub").is_err(), "{}", String::from_utf8_lossy(bad));
+            assert!(
+                parse_answer(bad, "sub").is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
         // An unusable user id is no user id (the token is then refused for lacking one).
         let a = parse_answer(br#"{"active":true,"sub":"al\u200bice"}"#, "sub").unwrap();
@@ -308,7 +309,9 @@ mod tests {
         let url = IdpUrl::parse("http://127.0.0.1:1/introspect").unwrap();
         // Not started: nothing takes jobs off the queue.
         let i = Introspector::new(url, "id", "secret", "sub");
-        let held: Vec<_> = (0..QUEUE).map(|n| i.ask(&format!("t{n}")).unwrap()).collect();
+        let held: Vec<_> = (0..QUEUE)
+            .map(|n| i.ask(&format!("t{n}")).unwrap())
+            .collect();
         assert_eq!(i.ask("one-more").unwrap_err(), "oauth_introspection_busy");
         assert_eq!(held.len(), QUEUE);
         // Its Debug never shows the secret.

@@ -257,8 +257,11 @@ mod tests {
         // An IdP that takes the connection and holds it until told to hang up: the fetch is
         // under way until then, and fails (which ends it all the same).
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = IdpUrl::parse(&format!("http://{}/jwks.json", listener.local_addr().unwrap()))
-            .unwrap();
+        let url = IdpUrl::parse(&format!(
+            "http://{}/jwks.json",
+            listener.local_addr().unwrap()
+        ))
+        .unwrap();
         let (hang_up, told) = std::sync::mpsc::channel::<()>();
         let idp = std::thread::spawn(move || {
             let conn = listener.accept();

@@ -221,10 +221,7 @@ impl TokenCache {
         if refused.len() >= TOKEN_CACHE {
             refused.clear();
         }
-        refused.insert(
-            token.into(),
-            (why, now + introspect::REFUSAL_TTL.as_secs()),
-        );
+        refused.insert(token.into(), (why, now + introspect::REFUSAL_TTL.as_secs()));
     }
 
     fn cached(&self, token: &str, now: u64) -> Option<(Rc<Identity>, u64)> {
@@ -420,7 +417,9 @@ impl Authenticator {
             }
             set.start();
         }
-        let old = previous.and_then(|p| p.oauth.as_ref()).map(|o| &o.validation);
+        let old = previous
+            .and_then(|p| p.oauth.as_ref())
+            .map(|o| &o.validation);
         match (self.oauth.as_mut().map(|o| &mut o.validation), old) {
             (Some(oauth::Validation::Jwt { keys, .. }), old) => {
                 if let Some(oauth::Validation::Jwt { keys: old, .. }) = old

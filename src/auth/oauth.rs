@@ -102,8 +102,7 @@ impl OauthProvider {
             // gateway a confused deputy.
             return Err("oauth_wrong_audience");
         }
-        let mut policy =
-            super::scope_policy(grant.scopes, self.scope_tools.as_ref(), &self.routes);
+        let mut policy = super::scope_policy(grant.scopes, self.scope_tools.as_ref(), &self.routes);
         policy.servers = Some(reachable);
         Ok(Identity {
             id: Arc::from(format!("oauth:{}", grant.subject)),

@@ -1112,7 +1112,8 @@ fn validate_oauth(
         return Err(invalid(&k("client_id"), "must not be empty"));
     }
     for (i, url) in o.authorization_servers.iter().enumerate() {
-        IdpUrl::parse(url).map_err(|e| invalid(&format!("{}[{i}]", k("authorization_servers")), e))?;
+        IdpUrl::parse(url)
+            .map_err(|e| invalid(&format!("{}[{i}]", k("authorization_servers")), e))?;
     }
     let user_id_claim = o.user_id_claim.clone().unwrap_or_else(|| "sub".into());
     if user_id_claim.is_empty() || user_id_claim.len() > 256 {
@@ -1120,11 +1121,15 @@ fn validate_oauth(
     }
     // The authorization server whose tokens are accepted: the first advertised, or the
     // provider's own.
-    let issuer = o.authorization_servers.first().cloned().or(match o.provider {
-        schema::OauthProvider::Github => Some("https://github.com".to_string()),
-        schema::OauthProvider::Google => Some("https://accounts.google.com".to_string()),
-        _ => None,
-    });
+    let issuer = o
+        .authorization_servers
+        .first()
+        .cloned()
+        .or(match o.provider {
+            schema::OauthProvider::Github => Some("https://github.com".to_string()),
+            schema::OauthProvider::Google => Some("https://accounts.google.com".to_string()),
+            _ => None,
+        });
     let validation = if let Some(url) = &o.introspection_url {
         let url = IdpUrl::parse(url).map_err(|e| invalid(&k("introspection_url"), e))?;
         let secret = o
@@ -1148,7 +1153,9 @@ fn validate_oauth(
             // Their access tokens are opaque, carry no audience and have no RFC 7662
             // endpoint: a resource server cannot check them (the authorization-server facade
             // can, and issues tokens of its own).
-            schema::OauthProvider::Github | schema::OauthProvider::Google => oauth::Validation::None,
+            schema::OauthProvider::Github | schema::OauthProvider::Google => {
+                oauth::Validation::None
+            }
             schema::OauthProvider::Okta | schema::OauthProvider::Custom => {
                 let issuer = issuer.as_deref().ok_or_else(|| {
                     invalid(
@@ -1156,8 +1163,8 @@ fn validate_oauth(
                         "needs the authorization server's issuer URL (its keys are found through its metadata), or set introspection_url",
                     )
                 })?;
-                let base = IdpUrl::parse(issuer)
-                    .map_err(|e| invalid(&k("authorization_servers"), e))?;
+                let base =
+                    IdpUrl::parse(issuer).map_err(|e| invalid(&k("authorization_servers"), e))?;
                 oauth::Validation::Jwt {
                     rules: jwt::Rules {
                         // Public-key signatures only: the server's keys are public.
@@ -1242,7 +1249,10 @@ fn check_public_url(url: &str) -> Result<(), ConfigError> {
                 .parse::<std::net::IpAddr>()
                 .is_ok_and(|ip| ip.is_loopback());
         if !loopback {
-            return Err(invalid(key, "must be https (http only for a loopback address)"));
+            return Err(invalid(
+                key,
+                "must be https (http only for a loopback address)",
+            ));
         }
         r
     } else {
@@ -1252,9 +1262,15 @@ fn check_public_url(url: &str) -> Result<(), ConfigError> {
         return Err(invalid(key, "must name a host (and no credentials)"));
     }
     if url.contains(['?', '#']) {
-        return Err(invalid(key, "must have no query or fragment (RFC 8707 resource URIs)"));
+        return Err(invalid(
+            key,
+            "must have no query or fragment (RFC 8707 resource URIs)",
+        ));
     }
-    if !url.bytes().all(|b| (0x21..=0x7e).contains(&b) && b != b'"' && b != b'\\') {
+    if !url
+        .bytes()
+        .all(|b| (0x21..=0x7e).contains(&b) && b != b'"' && b != b'\\')
+    {
         return Err(invalid(key, "holds characters a URL cannot"));
     }
     Ok(())

@@ -204,7 +204,9 @@ fn header(head: &str, name: &str) -> String {
     head.lines()
         .find_map(|l| {
             let (n, v) = l.split_once(':')?;
-            n.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+            n.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
         })
         .unwrap_or_default()
 }
@@ -230,4 +232,3 @@ fn form_value(body: &str, name: &str) -> String {
     }
     String::from_utf8(out).unwrap()
 }
-
