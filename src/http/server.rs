@@ -140,6 +140,7 @@ async fn serve_request<S: Connection>(
         };
     }
     let admitted = match admission {
+        // Not after the wait above; were it ever, refusing and closing is always safe.
         pipeline::Admission::Pending(still) => {
             return write_reply(w, stream, still.refuse(w), false, &meta, out).await;
         }
