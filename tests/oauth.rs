@@ -468,3 +468,43 @@ fn oauth_settings_that_cannot_be_safe_are_refused_at_load() {
         assert!(err.contains(key), "{key}: {err}");
     }
 }
+
+#[test]
+fn a_reload_that_leaves_oauth_alone_keeps_the_verified_tokens_and_one_that_changes_it_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("a.log");
+    let idp = As::start(json!({"keys": []}));
+    idp.grant("opaque-kept", active("gus", RESOURCE, "tools:echo"));
+    // One worker, so "asked once" is exact.
+    let config = |rate: u32, mapping: &str| {
+        introspection_config(&idp, mapping, &audit).replacen("workers = 2", "workers = 1", 1)
+            + &format!("[rate_limit]\nenabled = true\nrequests_per_second = {rate}\n")
+    };
+    let g = Gateway::start(&config(100, ""));
+    let reloads = |n: f64| {
+        let deadline = Instant::now() + WAIT;
+        while g.metric("mcp_guard_config_reloads_total", &[]) < n {
+            assert!(Instant::now() < deadline, "reload {n} never applied");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    assert_eq!(init_as(&g, "opaque-kept").status, 200);
+    assert_eq!(idp.hits("opaque-kept"), 1);
+    // A change elsewhere: the cached answer stands.
+    g.rewrite_config(&config(200, ""));
+    reloads(1.0);
+    assert_eq!(init_as(&g, "opaque-kept").status, 200);
+    assert_eq!(
+        idp.hits("opaque-kept"),
+        1,
+        "asked again after an unrelated reload"
+    );
+    // The scope mapping changed: the token is checked again under the new rules.
+    g.rewrite_config(&config(
+        200,
+        "[auth.oauth.scope_tool_mapping]\n\"tools:echo\" = [\"echo\"]\n",
+    ));
+    reloads(2.0);
+    assert_eq!(init_as(&g, "opaque-kept").status, 200);
+    assert_eq!(idp.hits("opaque-kept"), 2);
+}

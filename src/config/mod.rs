@@ -1084,7 +1084,7 @@ fn validate_jwt(
         keys,
         scope_tools: (!j.scope_tool_mapping.is_empty()).then(|| j.scope_tool_mapping.clone()),
         routes: routes.iter().map(|r| r.name.clone()).collect(),
-        generation: u64::from_be_bytes(crate::mcp::session::random_bytes::<8>()),
+        generation: provider_generation(j, file, routes),
     })
 }
 
@@ -1227,8 +1227,24 @@ fn validate_oauth(
         scope_tools: (!o.scope_tool_mapping.is_empty()).then(|| o.scope_tool_mapping.clone()),
         routes: routes.iter().map(|r| r.name.clone()).collect(),
         public_url,
-        generation: u64::from_be_bytes(crate::mcp::session::random_bytes::<8>()),
+        generation: provider_generation(o, file, routes),
     })
+}
+
+/// What a token provider's cached identities depend on, as one number: its section, the
+/// public URL and the routes (which shape policies and audiences). A reload that changes none
+/// of them keeps the workers' verified tokens (and the streams opened with them); any change
+/// makes every token be checked again.
+fn provider_generation(section: &impl std::fmt::Debug, file: &FileConfig, routes: &[Route]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    format!("{section:?}").hash(&mut h);
+    file.server.public_url.hash(&mut h);
+    file.server.strict_tool_names.hash(&mut h);
+    for r in routes {
+        (&*r.name, &r.endpoint, &r.prefix).hash(&mut h);
+    }
+    h.finish()
 }
 
 /// `server.public_url`: an absolute https URL (http only for a loopback host), no query or
