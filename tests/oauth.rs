@@ -508,3 +508,32 @@ fn a_reload_that_leaves_oauth_alone_keeps_the_verified_tokens_and_one_that_chang
     assert_eq!(init_as(&g, "opaque-kept").status, 200);
     assert_eq!(idp.hits("opaque-kept"), 2);
 }
+
+#[test]
+fn an_sse_upstream_refusing_the_gateways_credentials_fails_the_request_without_its_challenge() {
+    // Its stream opens (the first request), then every message is refused 401.
+    let up = DemoHttp::start(&[
+        "--legacy-sse",
+        "--unauthorized",
+        "--unauthorized-after",
+        "1",
+    ]);
+    let g = Gateway::start(&format!(
+        "[server]\nport = 0\nworkers = 1\n[admin]\nport = 0\n[upstream]\ntransport = \"sse\"\nurl = \"http://{}/sse\"\ntimeout_secs = 3\n",
+        up.addr
+    ));
+    let r = request(g.addr, &mcp_post_raw(INIT, None, ""));
+    assert!(
+        matches!(r.status, 502 | 503 | 504),
+        "{}: {}",
+        r.status,
+        r.text()
+    );
+    assert!(r.header("www-authenticate").is_none(), "{:?}", r.headers);
+    assert!(!r.text().contains("demo-upstream"), "{}", r.text());
+    // The operator learns why.
+    assert!(
+        g.wait_log("refused the gateway's credentials (HTTP 401)", WAIT),
+        "the 401 was not logged"
+    );
+}
