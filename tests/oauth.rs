@@ -429,6 +429,13 @@ fn oauth_settings_that_cannot_be_safe_are_refused_at_load() {
         (base(&public, ""), "auth.oauth.authorization_servers"),
         (
             base(
+                &format!("{public}\nmcp_path = \"/m\\\"cp\""),
+                "authorization_servers = [\"https://as.example\"]\n",
+            ),
+            "server.mcp_path",
+        ),
+        (
+            base(
                 &public,
                 "authorization_servers = [\"http://as.example.com\"]\n",
             ),

@@ -1213,6 +1213,26 @@ fn validate_oauth(
     let mut resources = Vec::new();
     for r in routes {
         for path in std::iter::once(&r.endpoint).chain(r.prefix.as_ref()) {
+            // It becomes a resource URI, and part of the metadata URL in challenges.
+            if !path
+                .bytes()
+                .all(|b| (0x21..=0x7e).contains(&b) && b != b'"' && b != b'\\')
+            {
+                let key = if r.prefix.as_ref() == Some(path) {
+                    format!("{}.path_prefix", r.key)
+                } else if &*r.name == DEFAULT_ROUTE {
+                    "server.mcp_path".to_string()
+                } else {
+                    format!("{}.name", r.key)
+                };
+                return Err(invalid(
+                    &key,
+                    format!(
+                        "with [auth.oauth] the path `{}` is part of a resource URI and may hold only printable ASCII without `\"` or `\\`",
+                        path.escape_debug()
+                    ),
+                ));
+            }
             resources.push((
                 r.name.clone(),
                 oauth::canonical(&format!("{public_url}{path}")),
