@@ -544,3 +544,39 @@ fn an_sse_upstream_refusing_the_gateways_credentials_fails_the_request_without_i
         "the 401 was not logged"
     );
 }
+
+#[test]
+fn a_request_waiting_for_introspection_holds_up_no_other_request_on_its_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let idp = As::start(json!({"keys": []}));
+    idp.grant("opaque-fast", active("hal", RESOURCE, ""));
+    idp.grant("opaque-slow", active("ivy", RESOURCE, ""));
+    // One worker: both requests are its.
+    let g = Gateway::start(
+        &introspection_config(&idp, "", &dir.path().join("a.log")).replacen(
+            "workers = 2",
+            "workers = 1",
+            1,
+        ),
+    );
+    assert_eq!(init_as(&g, "opaque-fast").status, 200);
+    idp.hold.store(true, std::sync::atomic::Ordering::SeqCst);
+    let addr = g.addr;
+    let slow = std::thread::spawn(move || {
+        request(addr, &mcp_post_raw(INIT, None, &bearer("opaque-slow")))
+    });
+    let deadline = Instant::now() + WAIT;
+    while idp.hits("opaque-slow") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the slow token was never introspected"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The worker is awaiting the answer, not blocked on it: another caller is served.
+    assert_eq!(init_as(&g, "opaque-fast").status, 200);
+    assert!(!slow.is_finished(), "the held answer was not awaited");
+    idp.hold.store(false, std::sync::atomic::Ordering::SeqCst);
+    let r = slow.join().unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+}

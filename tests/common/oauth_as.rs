@@ -81,6 +81,8 @@ pub struct As {
     /// The `Authorization` of the last introspection request.
     pub last_auth: Arc<Mutex<String>>,
     pub served: Arc<AtomicUsize>,
+    /// While set, introspection answers wait.
+    pub hold: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl As {
@@ -95,7 +97,9 @@ impl As {
             hits: Arc::default(),
             last_auth: Arc::default(),
             served: Arc::default(),
+            hold: Arc::default(),
         };
+        let hold = s.hold.clone();
         let (jwks, tokens, mode, hits, last_auth, served) = (
             s.jwks.clone(),
             s.tokens.clone(),
@@ -108,6 +112,7 @@ impl As {
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { return };
+                let hold = hold.clone();
                 let (jwks, tokens, mode, hits, last_auth, served, issuer) = (
                     jwks.clone(),
                     tokens.clone(),
@@ -132,12 +137,21 @@ impl As {
                         "/jwks.json" => (200, jwks.lock().unwrap().clone()),
                         "/introspect" => {
                             *last_auth.lock().unwrap() = header(&headers, "authorization");
-                            match *mode.lock().unwrap() {
+                            let current = *mode.lock().unwrap();
+                            match current {
                                 Mode::Down => (500, String::new()),
                                 Mode::BadJson => (200, "{\"active\": tru".to_string()),
                                 Mode::Normal => {
                                     let token = form_value(&body, "token");
                                     *hits.lock().unwrap().entry(token.clone()).or_default() += 1;
+                                    // Held: the answer waits until the test lets it go.
+                                    let deadline =
+                                        std::time::Instant::now() + Duration::from_secs(20);
+                                    while hold.load(Ordering::SeqCst)
+                                        && std::time::Instant::now() < deadline
+                                    {
+                                        std::thread::sleep(Duration::from_millis(10));
+                                    }
                                     let answer = tokens
                                         .lock()
                                         .unwrap()
