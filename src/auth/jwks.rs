@@ -84,6 +84,19 @@ impl Jwks {
         })
     }
 
+    /// A key set held as given and never fetched (a static set; benches and tests). Asking it
+    /// for a refresh is refused.
+    pub fn with_keys(url: IdpUrl, keys: KeySet) -> Arc<Jwks> {
+        Arc::new(Jwks {
+            url,
+            discover: None,
+            every: Duration::MAX,
+            keys: ArcSwap::from_pointee(keys),
+            fetched: AtomicU64::new(1),
+            control: Mutex::new(Control::default()),
+        })
+    }
+
     /// The key set of the authorization server `issuer` (its `jwks_uri`, from its metadata).
     pub fn discovered(issuer: IdpUrl, every: Duration) -> Arc<Jwks> {
         Arc::new(Jwks {
