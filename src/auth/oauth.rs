@@ -76,16 +76,15 @@ impl OauthProvider {
     }
 
     /// Whether a JWT-shaped bearer token is this provider's to check (rather than
-    /// `[auth.jwt]`'s): it validates JWTs, and — when both are configured — the token's
-    /// (unverified, for routing only) issuer is this authorization server.
+    /// `[auth.jwt]`'s): `[auth.jwt]` is not configured, or the token's issuer (unverified:
+    /// it only picks who checks) is this authorization server.
     pub fn takes_jwt(&self, token: &str, jwt_configured: bool) -> bool {
-        match &self.validation {
-            Validation::Jwt { .. } => {
-                !jwt_configured || unverified_issuer(token).as_deref() == self.issuer.as_deref()
-            }
-            Validation::Introspection(_) => !jwt_configured,
-            Validation::None => false,
+        if matches!(self.validation, Validation::None) {
+            return false;
         }
+        !jwt_configured
+            || (self.issuer.is_some()
+                && unverified_issuer(token).as_deref() == self.issuer.as_deref())
     }
 
     /// The identity a valid token becomes, or why it is refused: `oauth:<user>` with the tools
