@@ -681,3 +681,52 @@ fn lend(slot: &IdentitySlot, identity: Rc<Identity>, until: u64) -> Caller<'_> {
         expires_at: Some(until),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .expect("a test runtime")
+            .block_on(f)
+    }
+
+    fn introspection(token: &str) -> (Pending, async_channel::Sender<introspect::Outcome>) {
+        let (tx, rx) = async_channel::bounded(1);
+        let pending = Pending {
+            awaiting: Awaiting::Introspection(token.into(), rx),
+            refusal: (AuthMethod::OAuth, "oauth_introspection_timeout"),
+        };
+        (pending, tx)
+    }
+
+    #[test]
+    fn an_answer_that_never_comes_is_a_timeout_left_for_the_next_run() {
+        let cache = TokenCache::default();
+        let (pending, _answer_never_sent) = introspection("t");
+        block_on(pending.settle(&cache, Duration::from_millis(20)));
+        assert_eq!(
+            cache.answers.borrow().get("t").cloned(),
+            Some(Err("oauth_introspection_timeout"))
+        );
+        assert_eq!(cache.waiting.get(), 0, "the waiter was not counted out");
+    }
+
+    #[test]
+    fn a_worker_with_its_waiters_full_answers_at_once() {
+        let cache = TokenCache::default();
+        cache.waiting.set(MAX_WAITING);
+        let (pending, _answer_never_sent) = introspection("t");
+        // A full hour allowed: were it waited for, this test would not end.
+        block_on(pending.settle(&cache, Duration::from_secs(3600)));
+        assert_eq!(
+            cache.answers.borrow().get("t").cloned(),
+            Some(Err("oauth_introspection_busy"))
+        );
+        assert_eq!(cache.waiting.get(), MAX_WAITING);
+    }
+}
