@@ -322,6 +322,48 @@ fn jwt(c: &mut Criterion) {
                 .expires_at
         })
     });
+
+    // The same for an OAuth access token (a JWT of the authorization server, its audience
+    // this endpoint) already verified on this worker.
+    let oauth = Authenticator {
+        oauth_tokens: Some(mcp_guard::auth::oauth::OauthProvider {
+            validation: mcp_guard::auth::oauth::Validation::Jwt {
+                rules: Rules {
+                    audience: None,
+                    ..rules.clone()
+                },
+                keys: mcp_guard::auth::jwks::Jwks::with_keys(
+                    mcp_guard::auth::fetch::IdpUrl::parse("https://idp.example/jwks").unwrap(),
+                    jwt::hmac_key(&secret).unwrap(),
+                ),
+            },
+            issuer: Some("https://idp.example".into()),
+            resources: vec![(Arc::from("default"), "mcp-guard".to_string())],
+            user_id_claim: "sub".into(),
+            scope_tools: None,
+            routes: vec![Arc::from("default")],
+            public_url: "https://mcp.example".into(),
+            generation: 2,
+        }),
+        ..Authenticator::default()
+    };
+    let oauth_tokens = mcp_guard::auth::TokenCache::default();
+    {
+        let slot = mcp_guard::auth::IdentitySlot::new();
+        let caller = oauth
+            .authenticate(&head, peer, &slot, &oauth_tokens)
+            .unwrap();
+        assert_eq!(&*caller.identity.id, "oauth:user-1234");
+    }
+    c.bench_function("oauth_authenticate_cached", |b| {
+        b.iter(|| {
+            let slot = mcp_guard::auth::IdentitySlot::new();
+            oauth
+                .authenticate(black_box(&head), peer, &slot, &oauth_tokens)
+                .unwrap()
+                .expires_at
+        })
+    });
 }
 
 /// A CA-signed ECDSA P-256 certificate and key (PEM), for `names`.

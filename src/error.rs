@@ -95,6 +95,22 @@ pub enum GatewayError {
     },
     /// The identity's policy refuses this call (JSON-RPC error on HTTP 200, naming it).
     Denied(crate::authz::Denial),
+    /// An OAuth caller's token lacks a scope this call needs (HTTP 403 with the RFC 6750
+    /// challenge naming the scopes that would grant it, so the client can step up).
+    InsufficientScope {
+        /// The scopes, space-separated, any one of which grants the call.
+        scope: String,
+        /// The protected-resource metadata URL of the endpoint (RFC 9728).
+        resource_metadata: String,
+        /// What was refused, for the caller.
+        message: String,
+    },
+    /// The identity provider could not say whether the credentials are good (down, busy,
+    /// answering nonsense): 503, retry shortly.
+    AuthUnavailable,
+    /// The upstream refused the gateway's own credentials (HTTP 401). Never relayed as-is:
+    /// its challenge would send MCP clients into OAuth discovery against the wrong server.
+    UpstreamUnauthorized(std::sync::Arc<str>),
     /// Over the rate limit.
     RateLimited {
         /// Whole seconds until a retry can succeed (at least 1).
@@ -131,6 +147,9 @@ impl GatewayError {
             UpstreamBusy | ShuttingDown | ProcessCap(_) | ServerDown(_) | ReplicaDown(_) => 503,
             Unauthorized { .. } => 401,
             Denied(_) => 200,
+            InsufficientScope { .. } => 403,
+            AuthUnavailable => 503,
+            UpstreamUnauthorized(_) => 502,
             RateLimited { .. } => 429,
         }
     }
@@ -145,9 +164,9 @@ impl GatewayError {
             UpstreamUnavailable(_) | UpstreamTimeout | UpstreamBusy | ProcessCap(_) => {
                 code::INTERNAL_ERROR
             }
-            ServerDown(_) | ReplicaDown(_) => code::INTERNAL_ERROR,
-            Unauthorized { .. } => code::UNAUTHORIZED,
-            Denied(_) | ServerForbidden(_) => code::FORBIDDEN,
+            ServerDown(_) | ReplicaDown(_) | UpstreamUnauthorized(_) => code::INTERNAL_ERROR,
+            Unauthorized { .. } | AuthUnavailable => code::UNAUTHORIZED,
+            Denied(_) | ServerForbidden(_) | InsufficientScope { .. } => code::FORBIDDEN,
             RateLimited { .. } => code::RATE_LIMITED,
             _ => code::SERVER_ERROR,
         }
@@ -190,6 +209,9 @@ impl GatewayError {
             Unauthorized { invalid: false } => "missing_credentials",
             Unauthorized { invalid: true } => "invalid_credentials",
             Denied(d) => d.reason.as_str(),
+            InsufficientScope { .. } => "insufficient_scope",
+            AuthUnavailable => "auth_unavailable",
+            UpstreamUnauthorized(_) => "upstream_unauthorized",
             RateLimited { .. } => "rate_limited",
         }
     }
@@ -242,6 +264,16 @@ impl GatewayError {
             Unauthorized { invalid: false } => "Authentication required".into(),
             Unauthorized { invalid: true } => "Invalid credentials".into(),
             Denied(d) => d.message.clone(),
+            InsufficientScope { message, scope, .. } => {
+                format!("{message}: the token needs one of these scopes: {scope}")
+            }
+            AuthUnavailable => {
+                "The identity provider cannot check credentials right now; retry shortly".into()
+            }
+            UpstreamUnauthorized(name) => format!(
+                "Upstream '{name}' refused the gateway's credentials (HTTP 401); the gateway's \
+                 configuration for it needs fixing"
+            ),
             RateLimited {
                 retry_after_secs, ..
             } => {
@@ -275,6 +307,12 @@ impl GatewayError {
                 retry_after_secs, ..
             } => Some(format!("{{\"retryAfterSeconds\":{retry_after_secs}}}")),
             GatewayError::Denied(d) => Some(format!("{{\"reason\":\"{}\"}}", d.reason.as_str())),
+            GatewayError::InsufficientScope { scope, .. } => Some(
+                serde_json::json!({ "reason": "insufficient_scope", "scope": scope }).to_string(),
+            ),
+            GatewayError::UpstreamUnauthorized(name) => {
+                Some(serde_json::json!({ "server": &**name, "upstreamStatus": 401 }).to_string())
+            }
             GatewayError::ServerDown(name) | GatewayError::ReplicaDown(name) => Some(
                 serde_json::json!({ "server": &**name, "retryAfterSeconds": RETRY_DOWN_SECS })
                     .to_string(),
@@ -301,6 +339,18 @@ impl GatewayError {
                 };
                 vec![("www-authenticate", v)]
             }
+            // RFC 6750 §3.1; the scope tokens were checked to need no escaping.
+            GatewayError::InsufficientScope {
+                scope,
+                resource_metadata,
+                ..
+            } => vec![(
+                "www-authenticate",
+                format!(
+                    "Bearer error=\"insufficient_scope\", scope=\"{scope}\", resource_metadata=\"{resource_metadata}\""
+                ),
+            )],
+            GatewayError::AuthUnavailable => vec![("retry-after", "1".to_string())],
             GatewayError::RateLimited {
                 retry_after_secs,
                 limit,

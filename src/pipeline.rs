@@ -9,9 +9,12 @@
 //!   them).
 //! - 4a Origin check before authentication: a DNS-rebinding page must learn nothing, not even
 //!   whether its credentials would have worked.
-//! - 5 authenticate (client certificate, API key, JWT; OAuth later) on the head, before the body
-//!   is even read: a stranger gets no `100 Continue`, holds no body buffer, and cannot make us
-//!   parse JSON-RPC.
+//! - 5 authenticate (client certificate, API key, the OAuth facade's tokens, JWT, OAuth access
+//!   tokens) on the head, before the body is even read: a stranger gets no `100 Continue`, holds
+//!   no body buffer, and cannot make us parse JSON-RPC. When the answer needs an identity
+//!   provider (a JWKS refresh, an introspection call) admission answers [`Admission::Pending`];
+//!   the connection waits for it once, bounded, and admits again — the only await before the
+//!   body, and never for a cached token or an API key.
 //! - 5a transport rules (protocol version, Accept, Content-Type), also on the head. Phases 4
 //!   to 5a are [`admit`]; the connection loop reads the body only for an admitted request.
 //! - 6 classify the JSON-RPC body once; everything after reads the classification, never the
@@ -22,7 +25,7 @@
 //! - 9 forward, 10 relay (streamed), 11 metrics (and audit) always, also after an early exit:
 //!   the connection loop records them from the [`Reply`] once it has been written.
 
-use crate::auth::{AuthError, AuthMethod, Caller, IdentitySlot};
+use crate::auth::{AuthError, AuthMethod, Caller, IdentitySlot, Pending};
 use crate::authz::{Decision, Denial, Policy};
 use crate::config::Settings;
 use crate::error::{GatewayError, code};
@@ -160,6 +163,32 @@ pub enum Admission<'c> {
     /// OAuth discovery or the authorization-server facade (no authentication): its body, if
     /// any, is read and `facade::serve` answers it.
     OAuth(crate::facade::Endpoint),
+    /// Authentication waits for an identity provider (a JWKS refresh, an introspection
+    /// call): [`Waiting::settle`], then admit again. Never for a cached token or an API key.
+    Pending(Waiting),
+}
+
+/// The longest a request waits for an identity provider before it is refused.
+pub const AUTH_WAIT: std::time::Duration = std::time::Duration::from_secs(6);
+
+/// A request whose authentication waits, with the answer it gets if the wait does not help.
+pub struct Waiting {
+    pending: Pending,
+    refusal: Reply,
+}
+
+impl Waiting {
+    /// Waits (at most [`AUTH_WAIT`]) for what authentication needs; admission runs again next.
+    pub async fn settle(&self, w: &Worker) {
+        self.pending.clone().settle(&w.tokens, AUTH_WAIT).await;
+    }
+
+    /// The answer when authentication still waits after [`Waiting::settle`]: refused.
+    pub fn refuse(self, w: &Worker) -> Reply {
+        w.metrics
+            .count_auth(auth_index(self.pending.refusal.0), false);
+        self.refusal
+    }
 }
 
 /// Which transport a request speaks.
@@ -218,7 +247,15 @@ pub fn admit<'c>(
         }
         _ if !crate::config::is_normal_path(path) => return unrouted(GatewayError::PathNotNormal),
         "/routes" => {
-            return Admission::Answered(with_challenge(cfg, path, routes(w, cfg, head, peer)));
+            let mut pending = None;
+            let reply = with_challenge(cfg, path, routes(w, cfg, head, peer, &mut pending));
+            return match pending {
+                Some(pending) => Admission::Pending(Waiting {
+                    pending,
+                    refusal: reply,
+                }),
+                None => Admission::Answered(reply),
+            };
         }
         _ => match legacy_route(cfg, head, path) {
             Some(Ok(found)) => found,
@@ -240,7 +277,22 @@ pub fn admit<'c>(
         upstream: Some(cfg.routes[route].name.clone()),
         ..AuditInfo::default()
     };
-    match admit_mcp(w, cfg, head, peer, (front, route), slot, &mut audit) {
+    let mut pending = None;
+    let admitted = admit_mcp(
+        w,
+        cfg,
+        head,
+        peer,
+        (front, route),
+        slot,
+        &mut audit,
+        &mut pending,
+    );
+    match admitted {
+        Err((e, id, method)) if let Some(pending) = pending => Admission::Pending(Waiting {
+            pending,
+            refusal: with_challenge(cfg, path, refused(e, id, method, audit)),
+        }),
         Ok((caller, version)) => Admission::Admitted(Admitted {
             front,
             caller,
@@ -304,10 +356,16 @@ fn legacy_route<'p>(
 
 /// `GET /routes`: the MCP endpoints this caller may reach (names and paths, never where they
 /// lead), after the same Origin and authentication checks as an MCP request.
-fn routes(w: &Worker, cfg: &Settings, head: &RequestHead, peer: Peer<'_>) -> Reply {
+fn routes(
+    w: &Worker,
+    cfg: &Settings,
+    head: &RequestHead,
+    peer: Peer<'_>,
+    pending: &mut Option<Pending>,
+) -> Reply {
     let mut audit = AuditInfo::default();
     let slot = IdentitySlot::new();
-    let caller = match authenticate(w, cfg, head, peer, &slot, &mut audit) {
+    let caller = match authenticate(w, cfg, head, peer, &slot, &mut audit, pending) {
         Ok(c) => c,
         Err((e, id, method)) => return refused(e, id, method, audit),
     };
@@ -538,6 +596,8 @@ pub(crate) fn auth_index(m: AuthMethod) -> usize {
     }
 }
 
+// The phases' inputs, one each; bundling them would only rename them.
+#[allow(clippy::too_many_arguments)]
 fn admit_mcp<'c>(
     w: &Worker,
     cfg: &'c Settings,
@@ -546,8 +606,9 @@ fn admit_mcp<'c>(
     (front, route): (Front, usize),
     slot: &'c IdentitySlot,
     audit: &mut AuditInfo,
+    pending: &mut Option<Pending>,
 ) -> Result<(Caller<'c>, &'static str), Early> {
-    let caller = authenticate(w, cfg, head, peer, slot, audit)?;
+    let caller = authenticate(w, cfg, head, peer, slot, audit, pending)?;
     // 5b. the caller's servers: one outside `allowed_servers` is refused before its transport
     // rules are even looked at.
     let name = &cfg.routes[route].name;
@@ -598,7 +659,9 @@ fn admit_mcp<'c>(
     Ok((caller, version))
 }
 
-/// Phases 4a (Origin) and 5 (authenticate), shared by every authenticated path.
+/// Phases 4a (Origin) and 5 (authenticate), shared by every authenticated path. When the
+/// answer needs a wait, `pending` says for what, and the refusal returned is the answer if the
+/// wait does not help.
 fn authenticate<'c>(
     w: &Worker,
     cfg: &'c Settings,
@@ -606,6 +669,7 @@ fn authenticate<'c>(
     peer: Peer<'_>,
     slot: &'c IdentitySlot,
     audit: &mut AuditInfo,
+    pending: &mut Option<Pending>,
 ) -> Result<Caller<'c>, Early> {
     // 4a. Origin
     transport::check_origin(head, &cfg.server.allowed_origins).map_err(|e| early(e, M_NONE))?;
@@ -623,6 +687,20 @@ fn authenticate<'c>(
             w.metrics.count_auth(auth_index(m), false);
             audit.auth_method = Some(m.as_str());
             audit.auth_failure = Some(why);
+            return Err(early(GatewayError::Unauthorized { invalid: true }, M_NONE));
+        }
+        Err(AuthError::Unavailable(m, why)) => {
+            w.metrics.count_auth(auth_index(m), false);
+            audit.auth_method = Some(m.as_str());
+            audit.auth_failure = Some(why);
+            return Err(early(GatewayError::AuthUnavailable, M_NONE));
+        }
+        // Counted once it is known how it ends (`Waiting::refuse`, or the next run).
+        Err(AuthError::Pending(p)) => {
+            let (m, why) = p.refusal;
+            audit.auth_method = Some(m.as_str());
+            audit.auth_failure = Some(why);
+            *pending = Some(p);
             return Err(early(GatewayError::Unauthorized { invalid: true }, M_NONE));
         }
     };
@@ -697,6 +775,36 @@ fn authorize(
     let mut r = Reply::json(200, out, method);
     r.reason = Some(denial.reason.as_str());
     Ok(Some(r))
+}
+
+/// A tool call refused to an OAuth caller whose token lacks the scope for it becomes the
+/// RFC 6750 `insufficient_scope` challenge (403), naming the scopes that would grant it, so
+/// the client can ask its authorization server for more (the MCP spec's step-up flow). A
+/// call no scope would grant stays a plain denial: asking for more would not help.
+fn step_up(cx: &Ctx<'_>, body: &Body, e: GatewayError) -> GatewayError {
+    let GatewayError::Denied(denial) = &e else {
+        return e;
+    };
+    let (Some(oauth), Body::Single(m)) = (&cx.cfg.auth.oauth_tokens, body) else {
+        return e;
+    };
+    let Some(Target::Tool(tool)) = &m.target else {
+        return e;
+    };
+    if cx.caller.identity.method != AuthMethod::OAuth
+        || denial.reason != crate::authz::DenyReason::NotAllowed
+    {
+        return e;
+    }
+    let route = &cx.cfg.routes[cx.route];
+    match oauth.scopes_for_tool(tool, &route.name) {
+        Some(scope) => GatewayError::InsufficientScope {
+            scope,
+            resource_metadata: oauth.resource_metadata_url(&route.endpoint),
+            message: denial.message.clone(),
+        },
+        None => e,
+    }
 }
 
 /// Phase 8, rate limiting: one token of the identity's bucket per message (one for GET/DELETE), and one
@@ -918,7 +1026,10 @@ async fn post(
     #[cfg(debug_assertions)]
     test_hooks::maybe_panic(&body);
     // 7. authorize
-    if let Some(refused) = authorize(w, cfg, cx.policy, &body, method).map_err(fail)? {
+    if let Some(refused) = authorize(w, cfg, cx.policy, &body, method)
+        .map_err(|e| step_up(cx, &body, e))
+        .map_err(fail)?
+    {
         audit.decision = Some("deny");
         return Ok(refused);
     }
@@ -1018,6 +1129,20 @@ async fn deliver(
     filter: Option<&Arc<Policy>>,
 ) -> Result<Reply, GatewayError> {
     let w = cx.w;
+    // An upstream's own 401 is about the gateway's credentials there, never the client's:
+    // relayed, its challenge would send an MCP client into OAuth discovery against the wrong
+    // server. It is a gateway-side failure naming the upstream (and its body and
+    // `WWW-Authenticate` go nowhere).
+    let upstream_status = match &exchange.answer {
+        Answer::Streamed(resp, _) => Some(resp.status),
+        Answer::Complete { status, .. } => Some(*status),
+        _ => None,
+    };
+    if upstream_status == Some(401) {
+        let name = cx.cfg.routes[cx.route].name.clone();
+        tracing::warn!(target: "mcp_guard::upstream", "upstream '{name}' answered 401: the gateway's credentials for it are missing or refused");
+        return Err(GatewayError::UpstreamUnauthorized(name));
+    }
     let mut reply = match exchange.answer {
         Answer::Streamed(resp, hold) => {
             let mut r = match filter {

@@ -2561,3 +2561,295 @@ mod authorization {
         assert!(String::from_utf8_lossy(&out.stderr).contains("server.public_url"));
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Authorization: the gateway as an OAuth 2.1 resource server (2025-11-25 basic/authorization,
+// and RFC 6750, RFC 8707 and RFC 7662 where they bind a resource server). Tokens come from a
+// test authorization server (tests/common/oauth_as.rs).
+// ---------------------------------------------------------------------------------------------
+
+mod resource_server {
+    use super::*;
+    use common::oauth_as::{As, EcKey, now};
+
+    pub const PUBLIC: &str = "http://127.0.0.1:3000";
+    pub const RESOURCE: &str = "http://127.0.0.1:3000/mcp";
+
+    pub fn claims(issuer: &str, aud: Value) -> Value {
+        json!({"iss": issuer, "sub": "conformance", "aud": aud, "scope": "tools:echo",
+               "exp": now() + 300, "iat": now()})
+    }
+
+    /// A gateway whose `[auth.oauth]` checks JWT access tokens of `idp` (`introspect`: by
+    /// introspection instead), in front of `upstream_config` (a `[upstream]`-and-more tail).
+    pub fn gateway(idp: &As, introspect: bool, extra: &str, upstream: &str) -> Gateway {
+        let introspection = if introspect {
+            format!("introspection_url = \"{}/introspect\"\n", idp.issuer())
+        } else {
+            String::new()
+        };
+        let g = Gateway::start(&format!(
+            "[server]\nport = 0\nworkers = 1\npublic_url = \"{PUBLIC}\"\n[admin]\nport = 0\n{upstream}\n[auth.oauth]\nprovider = \"custom\"\nclient_id = \"conformance\"\nclient_secret = \"secret\"\nauthorization_servers = [\"{}\"]\n{introspection}{extra}",
+            idp.issuer()
+        ));
+        if !introspect {
+            assert!(g.wait_log("JWKS loaded", WAIT), "keys never loaded");
+        }
+        g
+    }
+
+    pub fn stdio_upstream() -> String {
+        format!("[upstream]\ntransport = \"stdio\"\ncommand = {DEMO:?}\ntimeout_secs = 10\n")
+    }
+
+    pub fn init(g: &Gateway, token: &str) -> Response {
+        request(g.addr, &mcp_post_raw(INIT, None, &bearer(token)))
+    }
+
+    pub fn key_and_as() -> (EcKey, As) {
+        let key = EcKey::new("k1");
+        let idp = As::start(json!({"keys": [key.jwk()]}));
+        (key, idp)
+    }
+}
+
+/// 2025-11-25 (authorization, token handling): "MCP servers, acting in their role as an OAuth
+/// 2.1 resource server, MUST validate access tokens as described in OAuth 2.1 Section 5.2"
+/// and "Invalid or expired tokens MUST receive a HTTP 401 response"; RFC 6750 §3.1: the
+/// challenge says `error="invalid_token"`.
+#[test]
+fn must_answer_401_with_invalid_token_to_invalid_or_expired_access_tokens() {
+    use resource_server::*;
+    let (key, idp) = key_and_as();
+    let g = gateway(&idp, false, "", &stdio_upstream());
+    assert_eq!(
+        init(&g, &key.sign(&claims(&idp.issuer(), json!(RESOURCE)), "k1")).status,
+        200
+    );
+    let mut expired = claims(&idp.issuer(), json!(RESOURCE));
+    expired["exp"] = json!(common::oauth_as::now() - 600);
+    // One signature character changed (to another one, whatever it was).
+    let mut forged = key.sign(&claims(&idp.issuer(), json!(RESOURCE)), "k1");
+    let at = forged.len() - 10;
+    let other = if &forged[at..=at] == "A" { "B" } else { "A" };
+    forged.replace_range(at..=at, other);
+    for token in [key.sign(&expired, "k1"), forged, "not-a-token".to_string()] {
+        let r = init(&g, &token);
+        assert_eq!(r.status, 401, "{}", r.text());
+        let challenge = r.header("www-authenticate").unwrap();
+        assert!(challenge.starts_with("Bearer "), "{challenge}");
+        assert!(challenge.contains("error=\"invalid_token\""), "{challenge}");
+    }
+}
+
+/// RFC 6750 §3.1: "If the request lacks any authentication information (e.g., the client was
+/// unaware that authentication is necessary ...), the resource server SHOULD NOT include an
+/// error code or other error information."
+#[test]
+fn should_not_include_an_error_code_when_no_credentials_were_sent() {
+    use resource_server::*;
+    let (_, idp) = key_and_as();
+    let g = gateway(&idp, false, "", &stdio_upstream());
+    let r = request(g.addr, &mcp_post_raw(INIT, None, ""));
+    assert_eq!(r.status, 401);
+    let challenge = r.header("www-authenticate").unwrap();
+    assert!(
+        challenge.starts_with("Bearer") && !challenge.contains("error="),
+        "{challenge}"
+    );
+}
+
+/// 2025-11-25 (authorization, token handling): "MCP servers MUST validate that access tokens
+/// were issued specifically for them as the intended audience, according to RFC 8707 Section
+/// 2." A routed server is a resource of its own: a token for one does not open another.
+#[test]
+fn must_only_accept_tokens_issued_for_this_server_as_audience() {
+    use resource_server::*;
+    let (key, idp) = key_and_as();
+    let upstream = format!(
+        "{}[[upstream.servers]]\nname = \"alpha\"\ntransport = \"stdio\"\ncommand = {DEMO:?}\n",
+        stdio_upstream()
+    );
+    let g = gateway(&idp, false, "", &upstream);
+    let iss = idp.issuer();
+    for aud in [
+        json!("https://other.example/mcp"),
+        json!("http://127.0.0.1:3000"),
+        json!([]),
+    ] {
+        let r = init(&g, &key.sign(&claims(&iss, aud.clone()), "k1"));
+        assert_eq!(r.status, 401, "{aud}: {}", r.text());
+    }
+    // Minted for /mcp/alpha: good there, not at /mcp.
+    let alpha = key.sign(&claims(&iss, json!(format!("{RESOURCE}/alpha"))), "k1");
+    let r = request(
+        g.addr,
+        &mcp_post_raw_at("/mcp/alpha", INIT, None, &bearer(&alpha)),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = init(&g, &alpha);
+    assert_eq!(r.status, 403, "{}", r.text());
+}
+
+/// 2025-11-25 (authorization, access token privilege restriction): "MCP servers MUST NOT
+/// accept or transit any other tokens", and (token passthrough) the server "MUST NOT pass
+/// through the token it received from the MCP client" to an upstream API.
+#[test]
+fn must_not_pass_the_clients_access_token_through_to_the_upstream() {
+    use resource_server::*;
+    let (key, idp) = key_and_as();
+    let up = DemoHttp::start(&["--test-tools"]);
+    let upstream = format!(
+        "[upstream]\ntransport = \"http\"\nurl = \"{}\"\ntimeout_secs = 10\n",
+        up.url()
+    );
+    let g = gateway(&idp, false, "", &upstream);
+    let token = key.sign(&claims(&idp.issuer(), json!(RESOURCE)), "k1");
+    let r = init(&g, &token);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let sid = r.header("mcp-session-id").unwrap().to_string();
+    let r = request(
+        g.addr,
+        &mcp_post_raw(
+            &call(2, "last_request_headers", "{}"),
+            Some(&sid),
+            &bearer(&token),
+        ),
+    );
+    let seen = rpc_result(&r)["result"]["content"][0]["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        !seen.to_ascii_lowercase().contains("authorization"),
+        "{seen}"
+    );
+    assert!(!seen.contains(&token[..40]), "{seen}");
+}
+
+/// OAuth 2.1 §5.1 (which 2025-11-25 makes binding: "Access tokens MUST NOT be included in the
+/// URI query string"): a token there is not a credential.
+#[test]
+fn must_not_accept_an_access_token_in_the_query_string() {
+    use resource_server::*;
+    let (key, idp) = key_and_as();
+    let g = gateway(&idp, false, "", &stdio_upstream());
+    let token = key.sign(&claims(&idp.issuer(), json!(RESOURCE)), "k1");
+    let r = request(
+        g.addr,
+        &mcp_post_raw_at(&format!("/mcp?access_token={token}"), INIT, None, ""),
+    );
+    assert!(matches!(r.status, 400 | 401), "{}", r.status);
+    assert_ne!(r.status, 200);
+}
+
+/// 2025-11-25 (authorization, scope challenge handling): on insufficient scope the server
+/// "SHOULD respond with: HTTP 403 Forbidden ... WWW-Authenticate header with the Bearer scheme
+/// ... error="insufficient_scope" ... scope="<the scopes needed>" ... resource_metadata".
+#[test]
+fn should_answer_insufficient_scope_with_403_naming_the_scopes_needed() {
+    use resource_server::*;
+    let (key, idp) = key_and_as();
+    let g = gateway(
+        &idp,
+        false,
+        "[auth.oauth.scope_tool_mapping]\n\"tools:echo\" = [\"echo\"]\n\"tools:math\" = [\"add\"]\n",
+        &stdio_upstream(),
+    );
+    let token = key.sign(&claims(&idp.issuer(), json!(RESOURCE)), "k1");
+    let r = init(&g, &token);
+    let sid = r.header("mcp-session-id").unwrap().to_string();
+    let r = request(
+        g.addr,
+        &mcp_post_raw(
+            &call(2, "add", r#"{"a":1,"b":2}"#),
+            Some(&sid),
+            &bearer(&token),
+        ),
+    );
+    assert_eq!(r.status, 403, "{}", r.text());
+    let challenge = r.header("www-authenticate").unwrap();
+    for part in [
+        "Bearer ",
+        "error=\"insufficient_scope\"",
+        "scope=\"tools:math\"",
+        "resource_metadata=\"http://127.0.0.1:3000/.well-known/oauth-protected-resource/mcp\"",
+    ] {
+        assert!(challenge.contains(part), "{part}: {challenge}");
+    }
+}
+
+/// RFC 7662 §2.2: `active` "is a boolean value indicating whether or not the presented token
+/// is currently active"; an inactive token is refused (§4: "the protected resource ... MUST
+/// NOT" treat it as valid). §2.1: the protected resource authenticates to the endpoint.
+#[test]
+fn must_refuse_a_token_introspection_calls_inactive_and_authenticate_to_the_endpoint() {
+    use resource_server::*;
+    let (_, idp) = key_and_as();
+    idp.grant(
+        "live-token",
+        json!({"active": true, "sub": "x", "aud": RESOURCE, "exp": common::oauth_as::now() + 300}),
+    );
+    let g = gateway(&idp, true, "", &stdio_upstream());
+    assert_eq!(init(&g, "live-token").status, 200);
+    assert!(idp.last_auth.lock().unwrap().starts_with("Basic "));
+    let r = init(&g, "dead-token");
+    assert_eq!(r.status, 401, "{}", r.text());
+}
+
+/// RFC 7662 §4: a protected resource caching answers "SHOULD NOT ... cache [a response] beyond
+/// the expiration time indicated by its `exp`".
+#[test]
+fn should_not_cache_an_introspection_answer_beyond_its_exp() {
+    use resource_server::*;
+    let (_, idp) = key_and_as();
+    idp.grant(
+        "short-token",
+        json!({"active": true, "sub": "x", "aud": RESOURCE, "exp": common::oauth_as::now() + 2}),
+    );
+    let g = gateway(&idp, true, "", &stdio_upstream());
+    assert_eq!(init(&g, "short-token").status, 200);
+    // The server would still call it active; past its exp the gateway does not.
+    idp.grant(
+        "short-token",
+        json!({"active": true, "sub": "x", "aud": RESOURCE, "exp": common::oauth_as::now() + 2}),
+    );
+    std::thread::sleep(Duration::from_millis(3_200));
+    let asked = idp.hits("short-token");
+    let r = init(&g, "short-token");
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert_eq!(
+        idp.hits("short-token"),
+        asked + 1,
+        "the stale answer was used"
+    );
+}
+
+/// 2025-11-25 (authorization, communication security): "All authorization server endpoints
+/// MUST be served over HTTPS": the gateway calls none over plain HTTP (loopback aside).
+#[test]
+fn must_reach_authorization_server_endpoints_over_https_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("g.toml");
+    for oauth in [
+        "authorization_servers = [\"http://as.example.com\"]\n",
+        "client_secret = \"s\"\nintrospection_url = \"http://as.example.com/introspect\"\n",
+    ] {
+        std::fs::write(
+            &p,
+            format!(
+                "{}[auth.oauth]\nprovider = \"custom\"\nclient_id = \"c\"\n{oauth}",
+                stdio_config(IO, "public_url = \"https://mcp.example.com\"", &[])
+            ),
+        )
+        .unwrap();
+        let out = std::process::Command::new(GUARD)
+            .args(["validate", "--config"])
+            .arg(&p)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{oauth}: {err}");
+        assert!(err.contains("must be https"), "{err}");
+    }
+}

@@ -1,6 +1,6 @@
-//! The small blocking HTTP(S) client that identity-provider calls use (JWKS now; token,
-//! introspection and userinfo later) and the audit shipper posts with, run only on threads of
-//! their own, never on a worker.
+//! The small blocking HTTP(S) client that identity-provider calls use (JWKS, authorization
+//! server metadata, token exchange, introspection, userinfo) and the audit shipper posts with,
+//! run only on threads of their own, never on a worker.
 //! TLS is rustls with the ring provider and the Mozilla root set; `http://` is allowed only to
 //! loopback addresses (a sidecar, a test), never across a network where the keys that decide
 //! who is who could be swapped in transit.

@@ -1,8 +1,17 @@
-//! A JWKS kept fresh off the workers: a thread of its own fetches `jwks_url` at start and every
+//! A JWKS kept fresh off the workers: a thread of its own fetches it at start and every
 //! `cache_duration_secs`, and early when a worker meets a token signed with a key it does not
-//! know (a rotation at the IdP) — at most once per [`EARLY_REFRESH_EVERY`], so a flood of
-//! tokens with random `kid`s cannot make the gateway hammer the IdP. Workers read the current
-//! key set through an `ArcSwap` and never wait: a failed fetch keeps the keys already held.
+//! know (a rotation at the IdP). Workers read the current key set through an `ArcSwap`; a
+//! failed fetch keeps the keys already held.
+//!
+//! An early refresh is something a request can wait for: [`Jwks::refresh_now`] hands back a
+//! receiver that closes when the fetch ends, so every request that met the unknown `kid`
+//! waits on the one fetch and is then verified with the new keys. Fetches are at most one per
+//! [`EARLY_REFRESH_EVERY`] (scheduled ones count): a request asking sooner is refused at once,
+//! so a flood of tokens with random `kid`s cannot make the gateway hammer the IdP.
+//!
+//! The keys' URL is either configured (`[auth.jwt] jwks_url`) or discovered from an
+//! authorization server's metadata (`[auth.oauth]`: RFC 8414, then OpenID Connect discovery),
+//! once, by the same thread.
 
 use super::fetch::{self, IdpUrl};
 use super::jwt::KeySet;
@@ -22,13 +31,35 @@ const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(15);
 /// The key set of one `jwks_url`, shared by every worker and the thread that refreshes it.
 pub struct Jwks {
     url: IdpUrl,
+    /// `Some(issuer)`: `url` is the issuer, and the keys' URL is discovered from its metadata.
+    discover: Option<String>,
     every: Duration,
     keys: ArcSwap<KeySet>,
     /// Fetches that succeeded: a verified-token cache is valid for one of them only (a key
     /// removed at the IdP stops its cached tokens at the next fetch).
     pub fetched: AtomicU64,
+    control: Mutex<Control>,
+}
+
+/// What workers and the thread share about fetches (touched only when a token names a key
+/// that is not held, and once per fetch).
+#[derive(Default)]
+struct Control {
     /// Asks the thread for an early refresh; `None` until it runs.
-    wake: Mutex<Option<SyncSender<()>>>,
+    wake: Option<SyncSender<()>>,
+    /// When the last fetch (scheduled or early) started.
+    last_fetch: Option<Instant>,
+    /// The fetch under way, if any: its receivers close when it ends (the sender is dropped).
+    inflight: Option<(async_channel::Sender<()>, async_channel::Receiver<()>)>,
+}
+
+/// The answer to a request for an early refresh.
+#[derive(Debug)]
+pub enum Refresh {
+    /// A fetch is under way: the receiver closes when it ends.
+    Wait(async_channel::Receiver<()>),
+    /// No fetch now (the last one was too recent, or the refresher is not running).
+    Refused,
 }
 
 impl std::fmt::Debug for Jwks {
@@ -45,10 +76,36 @@ impl Jwks {
     pub fn new(url: IdpUrl, every: Duration) -> Arc<Jwks> {
         Arc::new(Jwks {
             url,
+            discover: None,
             every,
             keys: ArcSwap::from_pointee(KeySet::default()),
             fetched: AtomicU64::new(0),
-            wake: Mutex::new(None),
+            control: Mutex::new(Control::default()),
+        })
+    }
+
+    /// A key set held as given and never fetched (a static set; benches and tests). Asking it
+    /// for a refresh is refused.
+    pub fn with_keys(url: IdpUrl, keys: KeySet) -> Arc<Jwks> {
+        Arc::new(Jwks {
+            url,
+            discover: None,
+            every: Duration::MAX,
+            keys: ArcSwap::from_pointee(keys),
+            fetched: AtomicU64::new(1),
+            control: Mutex::new(Control::default()),
+        })
+    }
+
+    /// The key set of the authorization server `issuer` (its `jwks_uri`, from its metadata).
+    pub fn discovered(issuer: IdpUrl, every: Duration) -> Arc<Jwks> {
+        Arc::new(Jwks {
+            discover: Some(issuer.url.clone()),
+            url: issuer,
+            every,
+            keys: ArcSwap::from_pointee(KeySet::default()),
+            fetched: AtomicU64::new(0),
+            control: Mutex::new(Control::default()),
         })
     }
 
@@ -67,33 +124,56 @@ impl Jwks {
         self.every
     }
 
-    /// Whether it is fetched from `url` every `every` (so a reload can keep it, keys and all).
-    pub fn is_for(&self, url: &IdpUrl, every: Duration) -> bool {
-        self.url == *url && self.every == every
+    /// Whether `other` fetches the same keys as often (so a reload can keep this one, keys
+    /// and all).
+    pub fn same_source(&self, other: &Jwks) -> bool {
+        self.url == other.url && self.discover == other.discover && self.every == other.every
     }
 
-    /// A worker met an unknown `kid`: ask for an early refresh (never waits; at most one is
-    /// queued, and the thread rate-limits them).
-    pub fn refresh_soon(&self) {
-        if let Ok(wake) = self.wake.lock()
-            && let Some(tx) = wake.as_ref()
-            && let Err(TrySendError::Disconnected(_)) = tx.try_send(())
-        {
-            tracing::warn!(target: "mcp_guard::auth", "JWKS refresher for {} has stopped", self.url.url);
+    /// A worker met an unknown `kid` (or holds no keys yet): join the fetch under way, or start
+    /// one unless the last began less than [`EARLY_REFRESH_EVERY`] ago. Never blocks on the
+    /// network; the lock is held for a few instructions.
+    pub fn refresh_now(&self) -> Refresh {
+        let Ok(mut control) = self.control.lock() else {
+            return Refresh::Refused;
+        };
+        if let Some((_, rx)) = &control.inflight {
+            return Refresh::Wait(rx.clone());
         }
+        if control
+            .last_fetch
+            .is_some_and(|t| t.elapsed() < EARLY_REFRESH_EVERY)
+        {
+            return Refresh::Refused;
+        }
+        let Some(wake) = control.wake.clone() else {
+            return Refresh::Refused;
+        };
+        if let Err(TrySendError::Disconnected(_)) = wake.try_send(()) {
+            tracing::warn!(target: "mcp_guard::auth", "JWKS refresher for {} has stopped", self.url.url);
+            return Refresh::Refused;
+        }
+        let (tx, rx) = async_channel::bounded(1);
+        control.last_fetch = Some(Instant::now());
+        control.inflight = Some((tx, rx.clone()));
+        Refresh::Wait(rx)
     }
 
     /// Starts the refresher thread (once); it ends when the last holder of the key set drops
-    /// it (its configuration snapshot was replaced and is gone).
+    /// it (its configuration snapshot was replaced and is gone). Requests that arrive before
+    /// the first fetch ends wait for it.
     pub fn start(self: &Arc<Self>) {
-        let Ok(mut wake) = self.wake.lock() else {
+        let Ok(mut control) = self.control.lock() else {
             return;
         };
-        if wake.is_some() {
+        if control.wake.is_some() {
             return;
         }
         let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
-        *wake = Some(tx);
+        control.wake = Some(tx);
+        control.last_fetch = Some(Instant::now());
+        control.inflight = Some(async_channel::bounded(1));
+        drop(control);
         let weak = Arc::downgrade(self);
         let spawned = std::thread::Builder::new()
             .name("jwks".into())
@@ -103,9 +183,37 @@ impl Jwks {
         }
     }
 
-    /// One fetch; on success the new keys replace the old ones.
-    fn fetch(&self) -> Result<usize, String> {
-        let answer = fetch::get(&self.url, &[], FETCH_TIMEOUT)?;
+    /// One fetch ends, however it went: the requests waiting for it are woken.
+    fn fetch_ended(&self) {
+        if let Ok(mut control) = self.control.lock() {
+            control.inflight = None;
+        }
+    }
+
+    /// The fetch starts (a scheduled one counts against early refreshes too, and requests
+    /// that meet an unknown `kid` meanwhile wait for it).
+    fn fetch_starts(&self) {
+        if let Ok(mut control) = self.control.lock() {
+            control.last_fetch = Some(Instant::now());
+            if control.inflight.is_none() {
+                control.inflight = Some(async_channel::bounded(1));
+            }
+        }
+    }
+
+    /// One fetch; on success the new keys replace the old ones. `resolved` is the keys' URL
+    /// once discovered (kept by the thread; discovery runs until it succeeds once).
+    fn fetch(&self, resolved: &mut Option<IdpUrl>) -> Result<usize, String> {
+        let url = match (&self.discover, resolved.as_ref()) {
+            (None, _) => &self.url,
+            (Some(_), Some(url)) => url,
+            (Some(issuer), None) => {
+                let found = super::oauth::discover_jwks_uri(&self.url, issuer, FETCH_TIMEOUT)?;
+                tracing::info!(target: "mcp_guard::auth", "authorization server {issuer} publishes its keys at {}", found.url);
+                resolved.insert(found)
+            }
+        };
+        let answer = fetch::get(url, &[], FETCH_TIMEOUT)?;
         if answer.status != 200 {
             return Err(format!("HTTP {}", answer.status));
         }
@@ -123,24 +231,19 @@ impl Jwks {
 }
 
 fn run(jwks: std::sync::Weak<Jwks>, wake: Receiver<()>) {
-    let mut last_fetch: Option<Instant> = None;
     let mut wait = Duration::ZERO;
+    let mut resolved = None;
     loop {
-        let early = match wake.recv_timeout(wait) {
-            Ok(()) => true,
-            Err(RecvTimeoutError::Timeout) => false,
+        // Early wakes are rate-limited where they are asked for (`refresh_now`).
+        match wake.recv_timeout(wait) {
+            Ok(()) | Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => return,
-        };
-        let Some(jwks) = jwks.upgrade() else { return };
-        if early && last_fetch.is_some_and(|t| t.elapsed() < EARLY_REFRESH_EVERY) {
-            // Too soon after the last fetch: the flood is not the IdP's problem.
-            let left = EARLY_REFRESH_EVERY
-                .saturating_sub(last_fetch.map_or(Duration::ZERO, |t| t.elapsed()));
-            wait = left.min(jwks.every);
-            continue;
         }
-        last_fetch = Some(Instant::now());
-        wait = match jwks.fetch() {
+        let Some(jwks) = jwks.upgrade() else { return };
+        jwks.fetch_starts();
+        let fetched = jwks.fetch(&mut resolved);
+        jwks.fetch_ended();
+        wait = match fetched {
             Ok(n) => {
                 tracing::info!(target: "mcp_guard::auth", "JWKS loaded from {}: {n} key(s)", jwks.url.url);
                 jwks.every
@@ -155,5 +258,44 @@ fn run(jwks: std::sync::Weak<Jwks>, wake: Receiver<()>) {
                 RETRY_AFTER_FAILURE.min(jwks.every)
             }
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waiters_wake_when_the_fetch_ends_and_a_refresh_too_soon_is_refused_at_once() {
+        // An IdP that takes the connection and holds it until told to hang up: the fetch is
+        // under way until then, and fails (which ends it all the same).
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = IdpUrl::parse(&format!(
+            "http://{}/jwks.json",
+            listener.local_addr().unwrap()
+        ))
+        .unwrap();
+        let (hang_up, told) = std::sync::mpsc::channel::<()>();
+        let idp = std::thread::spawn(move || {
+            let conn = listener.accept();
+            let _ = told.recv();
+            drop(conn);
+        });
+        let jwks = Jwks::new(url, Duration::from_secs(3600));
+        assert!(
+            matches!(jwks.refresh_now(), Refresh::Refused),
+            "no refresher yet"
+        );
+        jwks.start();
+        // The first fetch is under way: requests wait for it, all on the same fetch.
+        let (Refresh::Wait(a), Refresh::Wait(b)) = (jwks.refresh_now(), jwks.refresh_now()) else {
+            panic!("the first fetch is not awaitable");
+        };
+        hang_up.send(()).unwrap();
+        assert!(a.recv_blocking().is_err() && b.recv_blocking().is_err());
+        idp.join().unwrap();
+        // It has ended (failed); another one so soon is refused without waiting.
+        assert!(matches!(jwks.refresh_now(), Refresh::Refused));
+        assert_eq!(jwks.keys().len(), 0);
     }
 }

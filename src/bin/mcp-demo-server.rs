@@ -8,6 +8,10 @@
 //! event (`/messages?session_id=<hex>`), and `POST /messages?session_id=<hex>` is answered
 //! 202 while its responses and progress go out on that stream. `--legacy-endpoint` announces
 //! an arbitrary (hostile) endpoint instead; closing the stream ends the session.
+//!
+//! With `--unauthorized` every HTTP request after the first `--unauthorized-after` (default 0)
+//! is answered 401 with its own `WWW-Authenticate` challenge, as a server whose credentials
+//! the gateway lacks would (test support: the gateway must never relay it).
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -24,7 +28,7 @@ use serde_json::{Map, Value, json};
 
 const USAGE: &str = "usage: mcp-demo-server [--http ADDR [--legacy-sse [--legacy-endpoint URL]]] \
                      [--sse-responses] [--tools N] [--test-tools] [--name NAME] \
-                     [--log-input FILE]";
+                     [--log-input FILE] [--unauthorized [--unauthorized-after N]]";
 const SERVER_VERSION: &str = "0.1.0";
 const LATEST_PROTOCOL_VERSION: &str = "2025-11-25";
 const SUPPORTED_PROTOCOL_VERSIONS: [&str; 4] =
@@ -98,6 +102,10 @@ struct Config {
     legacy_sse: bool,
     /// Test support: the `endpoint` event's data, verbatim but for `{session}`.
     legacy_endpoint: Option<String>,
+    /// Test support: answer HTTP requests 401 with a challenge of its own.
+    unauthorized: bool,
+    /// Test support: how many requests are served before `unauthorized` starts.
+    unauthorized_after: u64,
 }
 
 fn parse_args(args: Vec<String>) -> Result<Config, String> {
@@ -124,6 +132,13 @@ fn parse_args(args: Vec<String>) -> Result<Config, String> {
             "--log-input" => config.log_input = Some(value()?),
             "--legacy-sse" => config.legacy_sse = true,
             "--legacy-endpoint" => config.legacy_endpoint = Some(value()?),
+            "--unauthorized" => config.unauthorized = true,
+            "--unauthorized-after" => {
+                let raw = value()?;
+                config.unauthorized_after = raw
+                    .parse()
+                    .map_err(|_| format!("--unauthorized-after wants a count, got {raw}"))?;
+            }
             _ => return Err(format!("unknown argument: {flag}")),
         }
     }
@@ -1142,6 +1157,15 @@ impl<'a> Exchange<'a> {
     }
 
     fn route(&mut self, request: &HttpRequest) -> Reply {
+        static SERVED: AtomicU64 = AtomicU64::new(0);
+        if self.server.config.unauthorized
+            && SERVED.fetch_add(1, Ordering::Relaxed) >= self.server.config.unauthorized_after
+        {
+            let challenge = "Bearer realm=\"demo-upstream\", error=\"invalid_token\", \
+                             resource_metadata=\"http://upstream.invalid/.well-known/oauth-protected-resource\"";
+            let body = json!({"error": "invalid_token", "from": "mcp-demo-server"});
+            return self.respond_json(401, &[("WWW-Authenticate", challenge)], &body);
+        }
         let legacy = self.server.config.legacy_sse;
         match (request.path.as_str(), request.method.as_str()) {
             (MCP_PATH, _) => self.route_mcp(request),

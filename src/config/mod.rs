@@ -578,7 +578,14 @@ fn validate_auth(file: &FileConfig, routes: &[Route]) -> Result<Authenticator, C
         auth.jwt = Some(validate_jwt(file, jwt, routes)?);
     }
     if let Some(oauth) = &file.auth.oauth {
-        auth.oauth = Some(validate_oauth(file, oauth, routes)?);
+        let discovery = validate_oauth(file, oauth, routes)?;
+        // Tokens of an external authorization server are checked here when one is advertised
+        // (mcp-guard is then not the authorization server) or an introspection endpoint is
+        // given; the facade's own tokens are checked by the facade.
+        if discovery.server.is_none() || oauth.introspection_url.is_some() {
+            auth.oauth_tokens = Some(validate_oauth_tokens(file, oauth, routes)?);
+        }
+        auth.oauth = Some(discovery);
     }
     if file.auth.api_keys.is_empty() {
         return Ok(auth);
@@ -1381,7 +1388,7 @@ fn validate_jwt(
         keys,
         scope_tools: (!j.scope_tool_mapping.is_empty()).then(|| j.scope_tool_mapping.clone()),
         routes: routes.iter().map(|r| r.name.clone()).collect(),
-        generation: u64::from_be_bytes(crate::mcp::session::random_bytes::<8>()),
+        generation: provider_generation(j, file, routes),
     })
 }
 
@@ -1646,6 +1653,230 @@ fn validate_oauth(
             tokens,
         }),
     })
+}
+
+/// `[auth.oauth]`, the resource-server side: how access tokens of the authorization server
+/// are checked (introspection when `introspection_url` is set, else JWTs against the keys
+/// its metadata names), the resource URI of each endpoint (`server.public_url` + endpoint),
+/// and the scope mapping.
+fn validate_oauth_tokens(
+    file: &FileConfig,
+    o: &schema::OauthSection,
+    routes: &[Route],
+) -> Result<crate::auth::oauth::OauthProvider, ConfigError> {
+    use crate::auth::fetch::IdpUrl;
+    use crate::auth::{jwt, oauth};
+    let k = |name: &str| format!("auth.oauth.{name}");
+    let public_url = file.server.public_url.as_deref().ok_or_else(|| {
+        invalid(
+            "server.public_url",
+            "required with [auth.oauth]: tokens must be minted for this gateway's URL (their audience)",
+        )
+    })?;
+    check_public_url(public_url)?;
+    let public_url = public_url.trim_end_matches('/').to_string();
+    if o.client_id.trim().is_empty() {
+        return Err(invalid(&k("client_id"), "must not be empty"));
+    }
+    for (i, url) in o.authorization_servers.iter().enumerate() {
+        IdpUrl::parse(url)
+            .map_err(|e| invalid(&format!("{}[{i}]", k("authorization_servers")), e))?;
+    }
+    let user_id_claim = o.user_id_claim.clone().unwrap_or_else(|| "sub".into());
+    if user_id_claim.is_empty() || user_id_claim.len() > 256 {
+        return Err(invalid(&k("user_id_claim"), "must be 1-256 characters"));
+    }
+    // The authorization server whose tokens are accepted: the first advertised, or the
+    // provider's own.
+    let issuer = o
+        .authorization_servers
+        .first()
+        .cloned()
+        .or(match o.provider {
+            schema::OauthProvider::Github => Some("https://github.com".to_string()),
+            schema::OauthProvider::Google => Some("https://accounts.google.com".to_string()),
+            _ => None,
+        });
+    let validation = if let Some(url) = &o.introspection_url {
+        let url = IdpUrl::parse(url).map_err(|e| invalid(&k("introspection_url"), e))?;
+        let secret = o
+            .client_secret
+            .as_deref()
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| {
+                invalid(
+                    &k("client_secret"),
+                    "required with introspection_url (RFC 7662 calls are client-authenticated)",
+                )
+            })?;
+        oauth::Validation::Introspection(Arc::new(crate::auth::introspect::Introspector::new(
+            url,
+            &o.client_id,
+            secret,
+            &user_id_claim,
+        )))
+    } else {
+        match o.provider {
+            // Their access tokens are opaque, carry no audience and have no RFC 7662
+            // endpoint: a resource server cannot check them (the authorization-server facade
+            // can, and issues tokens of its own).
+            schema::OauthProvider::Github | schema::OauthProvider::Google => {
+                oauth::Validation::None
+            }
+            schema::OauthProvider::Okta | schema::OauthProvider::Custom => {
+                let issuer = issuer.as_deref().ok_or_else(|| {
+                    invalid(
+                        &k("authorization_servers"),
+                        "needs the authorization server's issuer URL (its keys are found through its metadata), or set introspection_url",
+                    )
+                })?;
+                let base =
+                    IdpUrl::parse(issuer).map_err(|e| invalid(&k("authorization_servers"), e))?;
+                oauth::Validation::Jwt {
+                    rules: jwt::Rules {
+                        // Public-key signatures only: the server's keys are public.
+                        algorithms: jwt::Algorithm::ALL
+                            .into_iter()
+                            .filter(|a| *a != jwt::Algorithm::HS256)
+                            .collect(),
+                        issuer: Some(issuer.to_string()),
+                        // Checked against the endpoint's resource URI (`OauthProvider`).
+                        audience: None,
+                        leeway_secs: 60,
+                        user_id_claim: user_id_claim.clone(),
+                        // Okta's access tokens carry their scopes in `scp`.
+                        scopes_claim: if o.provider == schema::OauthProvider::Okta {
+                            "scp".into()
+                        } else {
+                            "scope".into()
+                        },
+                        max_token_bytes: jwt::DEFAULT_MAX_TOKEN_BYTES,
+                    },
+                    keys: crate::auth::jwks::Jwks::discovered(base, Duration::from_secs(3600)),
+                }
+            }
+        }
+    };
+    let names = if file.server.strict_tool_names {
+        Names::Tools
+    } else {
+        Names::Any
+    };
+    for (scope, tools) in &o.scope_tool_mapping {
+        let key = format!("{}.{scope:?}", k("scope_tool_mapping"));
+        // RFC 6749 §3.3 scope tokens: what a token can carry and a challenge can name.
+        if scope.is_empty()
+            || !scope
+                .bytes()
+                .all(|b| b == 0x21 || (0x23..=0x5b).contains(&b) || (0x5d..=0x7e).contains(&b))
+        {
+            return Err(invalid(
+                &key,
+                "a scope is printable ASCII without spaces, `\"` or `\\` (RFC 6749 §3.3)",
+            ));
+        }
+        check_tool_patterns(&key, tools, names, routes)?;
+    }
+    let mut resources = Vec::new();
+    for r in routes {
+        for path in std::iter::once(&r.endpoint).chain(r.prefix.as_ref()) {
+            // It becomes a resource URI, and part of the metadata URL in challenges.
+            if !path
+                .bytes()
+                .all(|b| (0x21..=0x7e).contains(&b) && b != b'"' && b != b'\\')
+            {
+                let key = if r.prefix.as_ref() == Some(path) {
+                    format!("{}.path_prefix", r.key)
+                } else if &*r.name == DEFAULT_ROUTE {
+                    "server.mcp_path".to_string()
+                } else {
+                    format!("{}.name", r.key)
+                };
+                return Err(invalid(
+                    &key,
+                    format!(
+                        "with [auth.oauth] the path `{}` is part of a resource URI and may hold only printable ASCII without `\"` or `\\`",
+                        path.escape_debug()
+                    ),
+                ));
+            }
+            resources.push((
+                r.name.clone(),
+                oauth::canonical(&format!("{public_url}{path}")),
+            ));
+        }
+    }
+    Ok(oauth::OauthProvider {
+        validation,
+        issuer,
+        resources,
+        user_id_claim,
+        scope_tools: (!o.scope_tool_mapping.is_empty()).then(|| o.scope_tool_mapping.clone()),
+        routes: routes.iter().map(|r| r.name.clone()).collect(),
+        public_url,
+        generation: provider_generation(o, file, routes),
+    })
+}
+
+/// What a token provider's cached identities depend on, as one number: its section, the
+/// public URL and the routes (which shape policies and audiences). A reload that changes none
+/// of them keeps the workers' verified tokens (and the streams opened with them); any change
+/// makes every token be checked again.
+fn provider_generation(section: &impl std::fmt::Debug, file: &FileConfig, routes: &[Route]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    format!("{section:?}").hash(&mut h);
+    file.server.public_url.hash(&mut h);
+    file.server.strict_tool_names.hash(&mut h);
+    for r in routes {
+        (&*r.name, &r.endpoint, &r.prefix).hash(&mut h);
+    }
+    h.finish()
+}
+
+/// `server.public_url`: an absolute https URL (http only for a loopback host), no query or
+/// fragment, nothing a header parameter would need escaped: it becomes resource URIs and the
+/// metadata URL in challenges.
+fn check_public_url(url: &str) -> Result<(), ConfigError> {
+    let key = "server.public_url";
+    let rest = if let Some(r) = url.strip_prefix("https://") {
+        r
+    } else if let Some(r) = url.strip_prefix("http://") {
+        let host = r.split(['/', ':']).next().unwrap_or_default();
+        let bracketed = r
+            .strip_prefix('[')
+            .and_then(|v| v.split(']').next())
+            .unwrap_or(host);
+        let loopback = host.eq_ignore_ascii_case("localhost")
+            || bracketed
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        if !loopback {
+            return Err(invalid(
+                key,
+                "must be https (http only for a loopback address)",
+            ));
+        }
+        r
+    } else {
+        return Err(invalid(key, "must be an absolute https:// URL"));
+    };
+    if rest.is_empty() || rest.starts_with('/') || rest.contains('@') {
+        return Err(invalid(key, "must name a host (and no credentials)"));
+    }
+    if url.contains(['?', '#']) {
+        return Err(invalid(
+            key,
+            "must have no query or fragment (RFC 8707 resource URIs)",
+        ));
+    }
+    if !url
+        .bytes()
+        .all(|b| (0x21..=0x7e).contains(&b) && b != b'"' && b != b'\\')
+    {
+        return Err(invalid(key, "holds characters a URL cannot"));
+    }
+    Ok(())
 }
 
 /// The tool rule of allow and deny entries on `server` (`None`: servers no entry names), where

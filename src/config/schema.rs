@@ -595,13 +595,17 @@ pub struct JwtSection {
     pub scope_tool_mapping: BTreeMap<String, Vec<String>>,
 }
 
-/// OAuth 2.1 as the MCP authorization spec requires.
+/// OAuth 2.1 as the MCP authorization spec requires. As a resource server the gateway
+/// accepts access tokens of the authorization server: checked by introspection when
+/// `introspection_url` is set, else as JWTs (RFC 9068) signed with the keys its metadata
+/// names; either way minted for the endpoint they are used at (`server.public_url`).
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OauthSection {
     /// (compat) The identity provider. `github` and `google` always make mcp-guard the
     /// authorization server MCP clients talk to (the facade); `okta` and `custom` do when
-    /// `authorization_servers` is empty.
+    /// `authorization_servers` is empty, else their tokens are checked here (`okta` reads
+    /// scopes from `scp`).
     pub provider: OauthProvider,
     /// (compat) The gateway's client id at the identity provider.
     pub client_id: String,
@@ -614,7 +618,10 @@ pub struct OauthSection {
     /// (compat) Token endpoint (github and google have defaults); https, or http to loopback.
     #[schemars(extend("x-type" = "URL"))]
     pub token_url: Option<String>,
-    /// (compat) RFC 7662 introspection endpoint; results are cached.
+    /// (compat) RFC 7662 introspection endpoint (https, or http to loopback): when set, every
+    /// access token is checked there, the call authenticated with `client_id` and
+    /// `client_secret`. Answers are cached per worker until the token's `exp` (60 s without
+    /// one), refusals for 10 s.
     #[schemars(extend("x-type" = "URL"))]
     pub introspection_url: Option<String>,
     /// (compat) Where the facade reads who signed in (github: `https://api.github.com/user`,
@@ -630,16 +637,21 @@ pub struct OauthSection {
     /// the challenge and metadata tell clients to ask the authorization servers for.
     #[serde(default)]
     pub scopes: Vec<String>,
-    /// (compat) The userinfo member naming the user (github default `id`, others `sub`); the
-    /// identity is `oauth:<it>`.
+    /// (compat) The userinfo member or token claim naming the user (github default `id`,
+    /// others `sub`); the identity is `oauth:<it>`.
     pub user_id_claim: Option<String>,
-    /// Advertised in protected-resource metadata; empty (with okta or custom) makes mcp-guard
-    /// the authorization server, advertising `server.public_url`.
+    /// The authorization servers' issuer URLs (https, or http to loopback), advertised in
+    /// protected-resource metadata; empty (with okta or custom) makes mcp-guard the
+    /// authorization server, advertising `server.public_url`. Otherwise the first is the one
+    /// whose tokens are accepted: their `iss` must equal it, and its metadata (RFC 8414, else
+    /// OpenID Connect discovery) names the keys JWT access tokens are checked with.
     #[serde(default)]
     #[schemars(extend("x-type" = "list of URLs"))]
     pub authorization_servers: Vec<String>,
     /// (compat) Scope → tools it grants; `"*"` = all. With the facade, its keys are the scopes
-    /// clients may ask for (`scopes_supported`); empty: no scopes, every tool.
+    /// clients may ask for (`scopes_supported`); empty: no scopes, every tool. A tool call an
+    /// external server's token does not grant, and another scope would, is answered 403 with
+    /// the `insufficient_scope` challenge naming those scopes.
     #[serde(default)]
     #[schemars(extend("x-type" = "table of scope = list of tools"))]
     pub scope_tool_mapping: BTreeMap<String, Vec<String>>,

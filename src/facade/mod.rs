@@ -327,12 +327,15 @@ impl AuthServer {
         let entry = match cached {
             Some(hit) => hit,
             None => {
+                // The facade signs with a secret: no key is ever fetched, so "its key is not held"
+                // means the token is not one of ours.
                 let v = self.tokens.verify(token, now).map_err(|e| match e {
-                    crate::auth::jwt::JwtError::BadSignature
-                    | crate::auth::jwt::JwtError::KeyMismatch
-                    | crate::auth::jwt::JwtError::AlgNotAllowed
-                    | crate::auth::jwt::JwtError::WrongIssuer => TokenRefusal::NotOurs,
-                    other => TokenRefusal::Refused(other.reason()),
+                    Err(_)
+                    | Ok(crate::auth::jwt::JwtError::BadSignature)
+                    | Ok(crate::auth::jwt::JwtError::KeyMismatch)
+                    | Ok(crate::auth::jwt::JwtError::AlgNotAllowed)
+                    | Ok(crate::auth::jwt::JwtError::WrongIssuer) => TokenRefusal::NotOurs,
+                    Ok(other) => TokenRefusal::Refused(other.reason()),
                 })?;
                 let audience = v
                     .claims

@@ -140,7 +140,21 @@ async fn serve_request<S: Connection>(
     };
     // A token's identity lives here for the request (an API key's is in the snapshot).
     let slot = crate::auth::IdentitySlot::new();
-    let admitted = match pipeline::admit(w, cfg, head, peer, &slot) {
+    let mut admission = pipeline::admit(w, cfg, head, peer, &slot);
+    // Authentication that waits for an identity provider: once, bounded, then admission runs
+    // again and finds what it waited for (or refuses).
+    if let pipeline::Admission::Pending(waiting) = admission {
+        waiting.settle(w).await;
+        admission = match pipeline::admit(w, cfg, head, peer, &slot) {
+            pipeline::Admission::Pending(still) => pipeline::Admission::Answered(still.refuse(w)),
+            other => other,
+        };
+    }
+    let admitted = match admission {
+        // Not after the wait above; were it ever, refusing and closing is always safe.
+        pipeline::Admission::Pending(still) => {
+            return write_reply(w, stream, still.refuse(w), false, &meta, out).await;
+        }
         pipeline::Admission::Admitted(a) => {
             if let Some(auth) = &meta.stream_auth {
                 auth.expires_at.set(a.expires_at());

@@ -437,6 +437,14 @@ fn write_lines(
         }
         match outcome {
             Ok((status, reusable)) if (200..300).contains(&status) => conn = reusable,
+            // The gateway's own credentials refused: no message will pass, and the challenge is
+            // not the client's to see. The link ends; its requests fail naming the upstream.
+            Ok((401, _)) => {
+                return Some(format!(
+                    "SSE upstream {} refused the gateway's credentials (HTTP 401)",
+                    ep.url
+                ));
+            }
             Ok((status, reusable)) if !matches!(status, 404 | 410) && status < 500 => {
                 conn = reusable;
                 tracing::warn!(target: "mcp_guard::upstream", "SSE upstream {} refused a message: HTTP {status}", ep.url);

@@ -5,6 +5,7 @@
 
 pub mod legacy;
 pub mod oauth;
+pub mod oauth_as;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
