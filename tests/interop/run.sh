@@ -51,3 +51,11 @@ echo "interop: OAuth discovery and the authorization-server facade"
 MCP_GUARD_BIN="$bin" timeout 60 node oauth.mjs &
 node_pid=$!
 wait "$node_pid"
+
+# OAuth against a third-party authorization server (oauth2-mock-server, offline on loopback):
+# mcp-guard as the resource server only, the SDK's flow end to end, tokens for another resource
+# or from another issuer refused, and introspection.
+echo "interop: OAuth against a third-party authorization server"
+MCP_GUARD_BIN="$bin" timeout 60 node oauth_third_party.mjs &
+node_pid=$!
+wait "$node_pid"
