@@ -680,7 +680,10 @@ mod tests {
         for _ in 0..REGISTER_BURST as usize {
             t.take_registration(v6, now).unwrap();
         }
-        assert!(t.take_registration("2001:db8::ffff".parse().unwrap(), now).is_err());
+        assert!(
+            t.take_registration("2001:db8::ffff".parse().unwrap(), now)
+                .is_err()
+        );
     }
 
     fn client_from(addr: &str) -> Client {
@@ -696,9 +699,11 @@ mod tests {
         let mut t = Tables::default();
         let now = Instant::now();
         // A legitimate client that signed in (holds a refresh token) and one that has not yet.
-        t.register("used".into(), client_from("10.0.0.1"), now).unwrap();
+        t.register("used".into(), client_from("10.0.0.1"), now)
+            .unwrap();
         t.add_refresh("r".into(), Refresh::new(1, "used", "u", &[], "r"), now);
-        t.register("fresh".into(), client_from("10.0.0.2"), now).unwrap();
+        t.register("fresh".into(), client_from("10.0.0.2"), now)
+            .unwrap();
         // A flood from many addresses, one of them busier than the rest.
         for i in 0..MAX_CLIENTS + 50 {
             let from = if i % 2 == 0 {
@@ -706,17 +711,29 @@ mod tests {
             } else {
                 format!("10.1.{}.{}", i / 250, i % 250)
             };
-            t.register(format!("c{i}"), client_from(&from), now + Duration::from_millis(i as u64))
-                .unwrap();
+            t.register(
+                format!("c{i}"),
+                client_from(&from),
+                now + Duration::from_millis(i as u64),
+            )
+            .unwrap();
         }
         assert_eq!(t.clients(), MAX_CLIENTS);
         assert!(t.client("used").is_some() && t.client("fresh").is_some());
-        assert!(t.client("c0").is_none(), "the busiest address loses its oldest");
+        assert!(
+            t.client("c0").is_none(),
+            "the busiest address loses its oldest"
+        );
         // When every client holds a grant, a registration is refused instead.
         let mut t = Tables::default();
         for i in 0..MAX_CLIENTS {
-            t.register(format!("c{i}"), client_from("10.0.0.1"), now).unwrap();
-            t.add_refresh(format!("r{i}"), Refresh::new(i as u64 + 1, &format!("c{i}"), &format!("u{i}"), &[], "r"), now);
+            t.register(format!("c{i}"), client_from("10.0.0.1"), now)
+                .unwrap();
+            t.add_refresh(
+                format!("r{i}"),
+                Refresh::new(i as u64 + 1, &format!("c{i}"), &format!("u{i}"), &[], "r"),
+                now,
+            );
         }
         assert_eq!(
             t.register("late".into(), client_from("10.0.0.3"), now),
@@ -754,10 +771,19 @@ mod tests {
         assert!(t.take_pending("victim", now).is_some());
         assert!(t.pending.len() <= MAX_PENDING);
         assert!(
-            t.pending.values().filter(|p| p.from.to_string() == "10.6.6.6").count()
+            t.pending
+                .values()
+                .filter(|p| p.from.to_string() == "10.6.6.6")
+                .count()
                 <= PENDING_PER_ADDRESS
         );
-        assert!(t.pending.values().filter(|p| p.client_id == "flood").count() <= PENDING_PER_CLIENT);
+        assert!(
+            t.pending
+                .values()
+                .filter(|p| p.client_id == "flood")
+                .count()
+                <= PENDING_PER_CLIENT
+        );
     }
 
     #[test]
@@ -767,7 +793,11 @@ mod tests {
         let mut victim_code = grant("v");
         victim_code.user = "victim".into();
         t.add_code("victim".into(), victim_code, now);
-        t.add_refresh("victim-r".into(), Refresh::new(1, "v", "victim", &[], "r"), now);
+        t.add_refresh(
+            "victim-r".into(),
+            Refresh::new(1, "v", "victim", &[], "r"),
+            now,
+        );
         for i in 0..MAX_CODES + 50 {
             let mut g = grant(&format!("a{i}"));
             g.user = "attacker".into();
@@ -790,7 +820,10 @@ mod tests {
             .map(|r| r.family)
             .collect();
         assert_eq!(families.len(), FAMILIES_PER_USER);
-        assert!(t.check_refresh("r0", "a", now).is_err(), "the oldest family went");
+        assert!(
+            t.check_refresh("r0", "a", now).is_err(),
+            "the oldest family went"
+        );
     }
 
     #[test]
@@ -802,7 +835,10 @@ mod tests {
         t.check_refresh("r1", "a", now).unwrap();
         t.rotate_refresh("r1", "a", now).unwrap();
         t.add_refresh("r2".into(), Refresh::new(5, "a", "u", &[], "r"), now);
-        assert_eq!(t.check_refresh("r2", "b", now).unwrap_err(), GrantError::WrongClient);
+        assert_eq!(
+            t.check_refresh("r2", "b", now).unwrap_err(),
+            GrantError::WrongClient
+        );
         assert!(t.is_revoked(5));
         assert!(t.check_refresh("r2", "a", now).is_err());
     }

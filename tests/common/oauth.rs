@@ -267,6 +267,27 @@ pub fn get_url(url: &str) -> Response {
     )
 }
 
+/// GET `url` (on loopback) with a `Cookie` header (as a browser sends what it was given).
+pub fn get_url_with_cookie(url: &str, cookie: &str) -> Response {
+    let (addr, target) = split_url(url);
+    request(
+        addr,
+        &format!(
+            "GET {target} HTTP/1.1\r\nHost: {addr}\r\nCookie: {cookie}\r\nConnection: close\r\n\r\n"
+        ),
+    )
+}
+
+/// The `name=value` a `Set-Cookie` header of `r` sets.
+pub fn cookie_of(r: &Response) -> String {
+    r.header("set-cookie")
+        .expect("a Set-Cookie header")
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
 /// POST `body` of `content_type` to `path` on the gateway.
 pub fn post(g: &Gateway, path: &str, content_type: &str, body: &str) -> Response {
     request(
@@ -379,10 +400,12 @@ pub fn sign_in(authorize: &str) -> HashMap<String, String> {
     let r = approve(authorize);
     assert_eq!(r.status, 302, "authorize: {}", r.text());
     let to_idp = r.header("location").unwrap().to_string();
+    // The browser keeps the cookie the approval set and sends it back to the callback.
+    let cookie = cookie_of(&r);
     let r = get_url(&to_idp);
     assert_eq!(r.status, 302, "fake GitHub authorize");
     let to_callback = r.header("location").unwrap().to_string();
-    let r = get_url(&to_callback);
+    let r = get_url_with_cookie(&to_callback, &cookie);
     assert_eq!(r.status, 302, "callback: {}", r.text());
     let to_client = r.header("location").unwrap().to_string();
     assert!(
