@@ -196,37 +196,54 @@ fn evict_oldest_where<V>(
     }
 }
 
-/// The owner holding the most entries (ties: any of them).
+/// The owner holding the most entries, counting `newcomer` as holding one more (the entry
+/// about to be added); a tie goes against the newcomer.
 fn largest_owner<'v, V: 'v, K: Eq + Hash>(
     values: impl Iterator<Item = &'v V>,
     owner_of: impl Fn(&V) -> K,
+    newcomer: Option<&K>,
 ) -> Option<K> {
     let mut counts: HashMap<K, usize> = HashMap::new();
     for v in values {
         *counts.entry(owner_of(v)).or_default() += 1;
     }
-    counts.into_iter().max_by_key(|(_, n)| *n).map(|(k, _)| k)
+    counts
+        .into_iter()
+        .map(|(k, n)| {
+            let new = newcomer == Some(&k);
+            (n + usize::from(new), new, k)
+        })
+        .max_by_key(|(n, new, _)| (*n, *new))
+        .map(|(_, _, k)| k)
 }
 
-/// Makes room in `map` for one more entry of `owner`: beyond its `share` its own oldest goes;
-/// beyond `cap` the oldest of whoever holds the most.
-fn make_room<V, K: Eq + Hash>(
+/// Makes room in `map` for one more entry owned by `owner` (by `owner_of`):
+/// - beyond `owner`'s `share`, one of its own entries goes: the oldest of whoever (by `by`)
+///   holds the most of them, so that someone adding to a shared owner (a client anyone may
+///   name) pushes out their own first;
+/// - beyond `cap`, the oldest entry of whoever (by `by`) holds the most.
+#[allow(clippy::too_many_arguments)]
+fn make_room<V, K: Eq + Hash, B: Eq + Hash>(
     map: &mut HashMap<String, V>,
     cap: usize,
     share: usize,
     owner: &K,
     owner_of: impl Fn(&V) -> K,
+    newcomer: &B,
+    by: impl Fn(&V) -> B,
     made: impl Fn(&V) -> Instant,
 ) {
     let own = map.values().filter(|v| owner_of(v) == *owner).count();
     for _ in share.saturating_sub(1)..own {
-        evict_oldest_where(map, |v| owner_of(v) == *owner, &made);
+        let mine = |v: &V| owner_of(v) == *owner;
+        let top = largest_owner(map.values().filter(|v| mine(v)), &by, Some(newcomer));
+        evict_oldest_where(map, |v| mine(v) && top.as_ref() == Some(&by(v)), &made);
     }
     while map.len() >= cap {
-        let Some(top) = largest_owner(map.values(), &owner_of) else {
+        let Some(top) = largest_owner(map.values(), &by, Some(newcomer)) else {
             break;
         };
-        evict_oldest_where(map, |v| owner_of(v) == top, &made);
+        evict_oldest_where(map, |v| by(v) == top, &made);
     }
 }
 
@@ -270,19 +287,34 @@ impl Tables {
         client.from = address_owner(client.from);
         if self.clients.len() >= MAX_CLIENTS {
             self.expire(now);
-            let in_use: HashSet<&str> = self
+            // Holding a grant (a code or refresh token): never evicted. A sign-in in progress
+            // is cheap for anyone to start, so it only puts a client after the idle ones.
+            let granted: HashSet<&str> = self
+                .codes
+                .values()
+                .map(|g| g.client_id.as_str())
+                .chain(self.refresh.values().map(|r| r.client_id.as_str()))
+                .collect();
+            let signing_in: HashSet<&str> = self
                 .pending
                 .values()
                 .map(|p| p.client_id.as_str())
-                .chain(self.codes.values().map(|g| g.client_id.as_str()))
-                .chain(self.refresh.values().map(|r| r.client_id.as_str()))
                 .collect();
-            let unused: Vec<(&String, &(Client, Instant))> = self
-                .clients
-                .iter()
-                .filter(|(id, _)| !in_use.contains(id.as_str()))
-                .collect();
-            let top = largest_owner(unused.iter().map(|(_, c)| *c), |c| c.0.from);
+            let idle = |id: &str| !granted.contains(id) && !signing_in.contains(id);
+            let unused: Vec<(&String, &(Client, Instant))> =
+                if self.clients.keys().any(|id| idle(id)) {
+                    self.clients.iter().filter(|(id, _)| idle(id)).collect()
+                } else {
+                    self.clients
+                        .iter()
+                        .filter(|(id, _)| !granted.contains(id.as_str()))
+                        .collect()
+                };
+            let top = largest_owner(
+                unused.iter().map(|(_, c)| *c),
+                |c| c.0.from,
+                Some(&client.from),
+            );
             let victim = top.and_then(|top| {
                 unused
                     .iter()
@@ -336,12 +368,16 @@ impl Tables {
             PENDING_PER_CLIENT,
             &client,
             |v| v.client_id.clone(),
+            &p.from,
+            |v| v.from,
             |v| v.made,
         );
         make_room(
             &mut self.pending,
             MAX_PENDING,
             PENDING_PER_ADDRESS,
+            &p.from,
+            |v| v.from,
             &p.from,
             |v| v.from,
             |v| v.made,
@@ -360,20 +396,23 @@ impl Tables {
     pub fn add_code(&mut self, code: String, mut g: Grant, now: Instant) {
         self.codes
             .retain(|_, v| now.saturating_duration_since(v.made) < CODE_TTL);
-        let client = g.client_id.clone();
+        let (client, user) = (g.client_id.clone(), g.user.clone());
         make_room(
             &mut self.codes,
             usize::MAX,
             CODES_PER_CLIENT,
             &client,
             |v| v.client_id.clone(),
+            &user,
+            |v| v.user.clone(),
             |v| v.made,
         );
-        let user = g.user.clone();
         make_room(
             &mut self.codes,
             MAX_CODES,
             CODES_PER_USER,
+            &user,
+            |v| v.user.clone(),
             &user,
             |v| v.user.clone(),
             |v| v.made,
@@ -437,7 +476,8 @@ impl Tables {
             }
         }
         while self.refresh.len() >= MAX_REFRESH {
-            let Some(top) = largest_owner(self.refresh.values(), |v| v.user.clone()) else {
+            let Some(top) = largest_owner(self.refresh.values(), |v| v.user.clone(), Some(&r.user))
+            else {
                 break;
             };
             let oldest = self
@@ -724,6 +764,42 @@ mod tests {
             t.client("c0").is_none(),
             "the busiest address loses its oldest"
         );
+        // A client with only a sign-in in progress goes after every idle one, before any
+        // holding a grant.
+        let mut t = Tables::default();
+        t.register("granted".into(), client_from("10.0.0.1"), now)
+            .unwrap();
+        t.add_code("code".into(), grant("granted"), now);
+        t.register("signing".into(), client_from("10.0.0.1"), now)
+            .unwrap();
+        t.add_pending("p".into(), pending("signing", "10.0.0.1"), now);
+        for i in 0..MAX_CLIENTS - 2 {
+            t.register(format!("idle{i}"), client_from("10.0.0.2"), now)
+                .unwrap();
+        }
+        t.register("x".into(), client_from("10.0.0.3"), now)
+            .unwrap();
+        assert!(t.client("signing").is_some() && t.client("granted").is_some());
+        for i in 0..MAX_CLIENTS {
+            t.register(format!("y{i}"), client_from("10.0.0.3"), now)
+                .unwrap();
+        }
+        assert!(t.client("signing").is_some() && t.client("granted").is_some());
+        // Only clients signing in or holding grants: one signing in goes.
+        let mut t = Tables::default();
+        for i in 0..MAX_CLIENTS - 1 {
+            t.register(format!("g{i}"), client_from("10.0.0.1"), now)
+                .unwrap();
+            let mut g = grant(&format!("g{i}"));
+            g.user = format!("u{i}");
+            t.add_code(format!("code{i}"), g, now);
+        }
+        t.register("signing".into(), client_from("10.0.0.2"), now)
+            .unwrap();
+        t.add_pending("p".into(), pending("signing", "10.0.0.2"), now);
+        t.register("new".into(), client_from("10.0.0.3"), now)
+            .unwrap();
+        assert!(t.client("signing").is_none() && t.client("g0").is_some());
         // When every client holds a grant, a registration is refused instead.
         let mut t = Tables::default();
         for i in 0..MAX_CLIENTS {
@@ -784,6 +860,32 @@ mod tests {
                 .count()
                 <= PENDING_PER_CLIENT
         );
+    }
+
+    #[test]
+    fn flooding_someone_elses_client_from_one_address_pushes_out_only_that_addresss_entries() {
+        let mut t = Tables::default();
+        let now = Instant::now();
+        t.add_pending("victim".into(), pending("shared", "10.0.0.1"), now);
+        for i in 0..100 {
+            let from = format!("10.5.0.{}", i % 2 + 1);
+            t.add_pending(
+                format!("a{i}"),
+                pending("shared", &from),
+                now + Duration::from_millis(i),
+            );
+        }
+        assert!(t.take_pending("victim", now).is_some());
+        let mut t = Tables::default();
+        let mut code = grant("shared");
+        code.user = "victim".into();
+        t.add_code("victim".into(), code, now);
+        for i in 0..100 {
+            let mut g = grant("shared");
+            g.user = format!("attacker{}", i % 2);
+            t.add_code(format!("c{i}"), g, now + Duration::from_millis(i));
+        }
+        assert!(t.take_code("victim", "shared", now).is_ok());
     }
 
     #[test]
