@@ -1602,6 +1602,53 @@ mod tests {
     }
 
     #[test]
+    fn the_sign_in_cookie_is_host_prefixed_and_secure_on_https_and_checked_in_full() {
+        let cfg = facade_settings();
+        let oauth = cfg.auth.oauth.as_ref().unwrap();
+        let set = browser_cookie(oauth, "STATEabcdefghijklmnop", "secret", 600);
+        assert_eq!(
+            set,
+            "__Host-mcp-guard-signin-STATEabcdefghijk=secret; Path=/; Max-Age=600; HttpOnly; \
+             SameSite=Lax; Secure"
+        );
+        let head = |cookie: &str| {
+            let raw =
+                format!("GET /oauth/callback HTTP/1.1\r\nHost: a\r\nCookie: {cookie}\r\n\r\n");
+            match crate::http::request::parse_head(raw.as_bytes(), 16384, 1 << 20) {
+                Ok(crate::http::request::HeadParse::Complete(h)) => h,
+                _ => panic!("a head"),
+            }
+        };
+        let name = "__Host-mcp-guard-signin-STATEabcdefghijk";
+        let st = "STATEabcdefghijklmnop";
+        assert!(has_browser_cookie(
+            oauth,
+            &head(&format!("x=1; {name}=secret")),
+            st,
+            "secret"
+        ));
+        for bad in [
+            format!("{name}=secre"),
+            format!("{name}=secret2"),
+            format!("{name}="),
+            format!("mcp-guard-signin-STATEabcdefghijk=secret"),
+            "x=1".to_string(),
+        ] {
+            assert!(
+                !has_browser_cookie(oauth, &head(&bad), st, "secret"),
+                "{bad}"
+            );
+        }
+        // A sign-in never approved has no value to match, not even an empty cookie.
+        assert!(!has_browser_cookie(
+            oauth,
+            &head(&format!("{name}=")),
+            st,
+            ""
+        ));
+    }
+
+    #[test]
     fn pkce_values_are_checked_for_shape() {
         let v = "a".repeat(43);
         assert!(is_verifier(&v) && !is_verifier(&"a".repeat(42)) && !is_verifier(&"a".repeat(129)));

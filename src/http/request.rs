@@ -461,6 +461,20 @@ mod tests {
     }
 
     #[test]
+    fn cookies_are_joined_and_an_unreadable_one_is_ignored_not_refused() {
+        let h = complete(
+            "GET /oauth/callback HTTP/1.1\r\nHost: a\r\nCookie: a=1; b=2\r\nCookie: c=3\r\n\r\n",
+        );
+        assert_eq!(h.h.cookie.as_deref(), Some("a=1; b=2; c=3"));
+        let raw = b"GET / HTTP/1.1\r\nHost: a\r\nCookie: x=\xff\xfe\r\nCookie: y=1\r\n\r\n";
+        let h = match parse_head(raw, 16384, 1 << 20) {
+            Ok(HeadParse::Complete(h)) => h,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(h.h.cookie.as_deref(), Some("y=1"));
+    }
+
+    #[test]
     fn incomplete_head_asks_for_more() {
         assert!(matches!(
             parse("POST /mcp HTTP/1.1\r\nHost: a\r\n"),
