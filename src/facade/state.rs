@@ -407,10 +407,22 @@ impl Tables {
             |v| v.user.clone(),
             |v| v.made,
         );
+        // A user's share: the client holding the most of that user's codes loses its oldest
+        // (one client signing a user in again and again does not push out the user's others).
+        make_room(
+            &mut self.codes,
+            usize::MAX,
+            CODES_PER_USER,
+            &user,
+            |v| v.user.clone(),
+            &client,
+            |v| v.client_id.clone(),
+            |v| v.made,
+        );
         make_room(
             &mut self.codes,
             MAX_CODES,
-            CODES_PER_USER,
+            usize::MAX,
             &user,
             |v| v.user.clone(),
             &user,
@@ -462,16 +474,31 @@ impl Tables {
                 .retain(|_, v| now.saturating_duration_since(v.made) < REFRESH_TTL);
         }
         if !self.refresh.values().any(|v| v.family == r.family) {
-            let mut families: Vec<(u64, Instant)> = Vec::new();
+            // The user's families: (family, client, started).
+            let mut families: Vec<(u64, String, Instant)> = Vec::new();
             for v in self.refresh.values().filter(|v| v.user == r.user) {
                 match families.iter_mut().find(|f| f.0 == v.family) {
-                    Some(f) => f.1 = f.1.min(v.made),
-                    None => families.push((v.family, v.made)),
+                    Some(f) => f.2 = f.2.min(v.made),
+                    None => families.push((v.family, v.client_id.clone(), v.made)),
                 }
             }
-            families.sort_by_key(|f| f.1);
-            let over = (families.len() + 1).saturating_sub(FAMILIES_PER_USER);
-            for (family, _) in families.into_iter().take(over) {
+            // Beyond the share, the client holding the most of the user's families loses its
+            // oldest: one client signing the user in over and over ends its own families.
+            while families.len() + 1 > FAMILIES_PER_USER {
+                let Some(top) = largest_owner(families.iter(), |f| f.1.clone(), Some(&r.client_id))
+                else {
+                    break;
+                };
+                let Some(at) = families
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, f)| f.1 == top)
+                    .min_by_key(|(_, f)| f.2)
+                    .map(|(i, _)| i)
+                else {
+                    break;
+                };
+                let (family, _, _) = families.swap_remove(at);
                 self.refresh.retain(|_, v| v.family != family);
             }
         }
@@ -926,6 +953,33 @@ mod tests {
             t.check_refresh("r0", "a", now).is_err(),
             "the oldest family went"
         );
+    }
+
+    #[test]
+    fn one_client_signing_a_user_in_again_and_again_pushes_out_its_own_codes_and_families() {
+        let mut t = Tables::default();
+        let now = Instant::now();
+        let mut mine = grant("mine");
+        mine.user = "alice".into();
+        t.add_code("mine".into(), mine, now);
+        t.add_refresh(
+            "mine-r".into(),
+            Refresh::new(1, "mine", "alice", &[], "r"),
+            now,
+        );
+        for i in 0..100 {
+            let mut g = grant("flood");
+            g.user = "alice".into();
+            let at = now + Duration::from_millis(i + 1);
+            t.add_code(format!("c{i}"), g, at);
+            t.add_refresh(
+                format!("r{i}"),
+                Refresh::new(i + 10, "flood", "alice", &[], "r"),
+                at,
+            );
+        }
+        assert!(t.take_code("mine", "mine", now).is_ok());
+        assert!(t.check_refresh("mine-r", "mine", now).is_ok());
     }
 
     #[test]
