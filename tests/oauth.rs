@@ -1137,3 +1137,35 @@ fn the_authorization_server_audits_its_decisions_and_hardens_its_pages() {
     assert!(!text.contains(&back["code"]));
     assert!(!text.contains(tok["refresh_token"].as_str().unwrap()));
 }
+
+/// L2, L3: an IdP whose userinfo names the user twice, or with an id the gateway would refuse
+/// as an identity later (invisible or bidi characters, blank): the sign-in fails at the
+/// callback with `server_error`, and no code is issued.
+#[test]
+fn a_userinfo_with_a_repeated_member_or_an_unusable_id_fails_the_sign_in() {
+    let gh = FakeGithub::start();
+    let g = facade_gateway(&gh, "");
+    let client = register(&g, &[CLIENT_REDIRECT]);
+    let (_, challenge) = pkce();
+    for body in [
+        r#"{"id":1001,"id":666}"#.to_string(),
+        json!({"id": "alice\u{200b}"}).to_string(),
+        json!({"id": "alice\u{202e}"}).to_string(),
+        json!({"id": " "}).to_string(),
+        json!({"id": "\u{feff}alice"}).to_string(),
+    ] {
+        *gh.userinfo.lock().unwrap() = Some(body.clone());
+        let url = authorize_url(&g, &authorize_params(&client, &challenge, "s", &base(&g)));
+        let r = approve(&url);
+        let cookie = cookie_of(&r);
+        let r = get_url(r.header("location").unwrap());
+        let r = get_url_with_cookie(r.header("location").unwrap(), &cookie);
+        assert_eq!(r.status, 302, "{body}");
+        let loc = r.header("location").unwrap();
+        assert!(
+            loc.starts_with(CLIENT_REDIRECT) && loc.contains("error=server_error"),
+            "{body}: {loc}"
+        );
+        assert!(!loc.contains("code="), "{body}: {loc}");
+    }
+}

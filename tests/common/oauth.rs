@@ -25,6 +25,8 @@ pub struct FakeGithub {
     pub addr: SocketAddr,
     pub token_requests: Arc<Mutex<Vec<HashMap<String, String>>>>,
     pub authorize_requests: Arc<Mutex<Vec<HashMap<String, String>>>>,
+    /// When set, the raw JSON `/user` answers with (a hostile or odd IdP).
+    pub userinfo: Arc<Mutex<Option<String>>>,
     stop: Arc<AtomicUsize>,
 }
 
@@ -36,10 +38,12 @@ impl FakeGithub {
         let authorize_requests = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicUsize::new(0));
         let codes: Arc<Mutex<Vec<String>>> = Arc::default();
-        let (tr, ar, st) = (
+        let userinfo: Arc<Mutex<Option<String>>> = Arc::default();
+        let (tr, ar, st, ui) = (
             token_requests.clone(),
             authorize_requests.clone(),
             stop.clone(),
+            userinfo.clone(),
         );
         std::thread::spawn(move || {
             let issued = AtomicUsize::new(0);
@@ -95,7 +99,15 @@ impl FakeGithub {
                     }
                     ("GET", "/user") => {
                         let auth = headers.get("authorization").cloned().unwrap_or_default();
-                        if auth == "Bearer gho_faketoken" {
+                        let raw = ui.lock().unwrap().clone();
+                        if auth == "Bearer gho_faketoken"
+                            && let Some(body) = raw
+                        {
+                            format!(
+                                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                                body.len()
+                            )
+                        } else if auth == "Bearer gho_faketoken" {
                             json_answer(&json!({"id": GH_USER_ID, "login": "octocat"}))
                         } else {
                             "HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".into()
@@ -111,6 +123,7 @@ impl FakeGithub {
             addr,
             token_requests,
             authorize_requests,
+            userinfo,
             stop,
         }
     }
