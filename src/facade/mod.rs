@@ -1631,7 +1631,7 @@ mod tests {
             format!("{name}=secre"),
             format!("{name}=secret2"),
             format!("{name}="),
-            format!("mcp-guard-signin-STATEabcdefghijk=secret"),
+            "mcp-guard-signin-STATEabcdefghijk=secret".to_string(),
             "x=1".to_string(),
         ] {
             assert!(
