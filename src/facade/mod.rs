@@ -487,13 +487,16 @@ pub fn is_registrable_redirect_uri(uri: &str) -> bool {
     };
     // The code, state and issuer are appended to the query; one already there would make
     // two values of one parameter reach the client.
+    // Names are compared decoded (`%63ode` is `code` to the client); one that does not
+    // decode is refused too.
     let query_clash = rest.split_once('?').is_some_and(|(_, q)| {
-        q.split('&').any(|pair| {
-            let name = pair.split('=').next().unwrap_or_default();
-            matches!(
-                name,
-                "code" | "state" | "iss" | "error" | "error_description" | "error_uri"
-            )
+        form::names(q.as_bytes()).iter().any(|name| {
+            name.as_deref().is_none_or(|n| {
+                matches!(
+                    n,
+                    "code" | "state" | "iss" | "error" | "error_description" | "error_uri"
+                )
+            })
         })
     });
     if query_clash {
@@ -1494,6 +1497,9 @@ mod tests {
             "https://app.example.com/cb?code=x",
             "https://app.example.com/cb?a=1&state=x",
             "https://app.example.com/cb?iss",
+            "https://app.example.com/cb?%63ode=x",
+            "https://app.example.com/cb?st%61te=x",
+            "https://app.example.com/cb?%zz=1",
             "https://app%2eexample.com/cb",
         ] {
             assert!(!is_registrable_redirect_uri(bad), "{bad}");
