@@ -1144,7 +1144,9 @@ fn the_authorization_server_audits_its_decisions_and_hardens_its_pages() {
 #[test]
 fn a_userinfo_with_a_repeated_member_or_an_unusable_id_fails_the_sign_in() {
     let gh = FakeGithub::start();
-    let g = facade_gateway(&gh, "");
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let g = facade_gateway(&gh, &format!("[audit]\nfile = {audit:?}\n"));
     let client = register(&g, &[CLIENT_REDIRECT]);
     let (_, challenge) = pkce();
     for body in [
@@ -1168,4 +1170,5 @@ fn a_userinfo_with_a_repeated_member_or_an_unusable_id_fails_the_sign_in() {
         );
         assert!(!loc.contains("code="), "{body}: {loc}");
     }
+    wait_for_audit(&audit, "oauth_sign_in_failed");
 }

@@ -1160,28 +1160,35 @@ async fn callback(oauth: &Oauth, s: &AuthServer, head: &RequestHead, query: &str
             None,
         );
     }
-    let back = |pairs: &[(&str, &str)]| {
+    // A failed sign-in: the client hears why, and the audit says so.
+    let back = |pairs: &[(&str, &str)], why: &'static str| {
         let mut all = pairs.to_vec();
         all.push(("state", pending.client_state.as_str()));
         all.push(("iss", oauth.public_url.as_str()));
         let mut r = redirect(form::with_query(&pending.redirect_uri, &all));
         r.headers.push(("set-cookie", forget.clone()));
-        r
+        audited(r, "oauth/sign_in", "deny", Some(why), None)
     };
     if q.contains_key("error") {
-        return back(&[
-            ("error", "access_denied"),
-            (
-                "error_description",
-                "the identity provider did not sign the user in",
-            ),
-        ]);
+        return back(
+            &[
+                ("error", "access_denied"),
+                (
+                    "error_description",
+                    "the identity provider did not sign the user in",
+                ),
+            ],
+            "oauth_idp_refused",
+        );
     }
     let Some(code) = q.get("code") else {
-        return back(&[
-            ("error", "server_error"),
-            ("error_description", "the identity provider sent no code"),
-        ]);
+        return back(
+            &[
+                ("error", "server_error"),
+                ("error_description", "the identity provider sent no code"),
+            ],
+            "oauth_idp_no_code",
+        );
     };
     let (tx, rx) = async_channel::bounded(1);
     let job = idp::Job {
@@ -1190,36 +1197,39 @@ async fn callback(oauth: &Oauth, s: &AuthServer, head: &RequestHead, query: &str
         reply: tx,
     };
     if let Err(why) = s.calls.submit(job) {
-        return back(&[
-            ("error", "temporarily_unavailable"),
-            ("error_description", why),
-        ]);
+        return back(
+            &[
+                ("error", "temporarily_unavailable"),
+                ("error_description", why),
+            ],
+            "oauth_idp_busy",
+        );
     }
     let user = match monoio::time::timeout(idp::JOB_TIMEOUT, rx.recv()).await {
         Ok(Ok(Ok(user))) => user,
         Ok(Ok(Err(_))) | Ok(Err(_)) => {
-            return audited(
-                back(&[
+            return back(
+                &[
                     ("error", "server_error"),
                     (
                         "error_description",
                         "the sign-in could not be completed at the identity provider",
                     ),
-                ]),
-                "oauth/sign_in",
-                "deny",
-                Some("oauth_sign_in_failed"),
-                None,
+                ],
+                "oauth_sign_in_failed",
             );
         }
         Err(_) => {
-            return back(&[
-                ("error", "temporarily_unavailable"),
-                (
-                    "error_description",
-                    "the identity provider did not answer in time",
-                ),
-            ]);
+            return back(
+                &[
+                    ("error", "temporarily_unavailable"),
+                    (
+                        "error_description",
+                        "the identity provider did not answer in time",
+                    ),
+                ],
+                "oauth_idp_timeout",
+            );
         }
     };
     let code = random_token();
