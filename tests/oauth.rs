@@ -202,7 +202,8 @@ fn path_suffixed_metadata_names_each_endpoint_and_the_gateway() {
     assert!(r.header("www-authenticate").unwrap().contains(&format!(
         "resource_metadata=\"{base}/.well-known/oauth-protected-resource/mcp/files\""
     )));
-    // Metadata is read-only, and the OpenID address serves the same issuer.
+    // Metadata is read-only, and there is no OpenID Connect discovery document (the facade
+    // issues no ID tokens, so it could not be a complete one).
     let r = post(
         &g,
         "/.well-known/oauth-protected-resource",
@@ -211,7 +212,7 @@ fn path_suffixed_metadata_names_each_endpoint_and_the_gateway() {
     );
     assert_eq!(r.status, 405);
     let r = get_url(&format!("{base}/.well-known/openid-configuration"));
-    assert_eq!(r.json()["issuer"], base);
+    assert_eq!(r.status, 404);
 }
 
 #[test]
@@ -492,10 +493,11 @@ fn a_missing_state_or_a_reused_callback_state_is_refused() {
         &g,
         &authorize_params(&client, &challenge, "s", &base(&g)),
     ));
+    let cookie = cookie_of(&r);
     let r = get_url(r.header("location").unwrap());
     let callback = r.header("location").unwrap().to_string();
-    assert_eq!(get_url(&callback).status, 302);
-    let again = get_url(&callback);
+    assert_eq!(get_url_with_cookie(&callback, &cookie).status, 302);
+    let again = get_url_with_cookie(&callback, &cookie);
     assert_eq!((again.status, again.header("location")), (400, None));
     // A callback with no state, or one the gateway never issued.
     let (addr, target) = split_url(&callback);
@@ -634,8 +636,9 @@ fn an_idp_that_refuses_the_code_sends_an_error_back_to_the_client() {
         &g,
         &authorize_params(&client, &challenge, "s", &base(&g)),
     ));
+    let cookie = cookie_of(&r);
     let r = get_url(r.header("location").unwrap());
-    let r = get_url(r.header("location").unwrap());
+    let r = get_url_with_cookie(r.header("location").unwrap(), &cookie);
     assert_eq!(r.status, 302);
     let loc = r.header("location").unwrap();
     assert!(
@@ -814,4 +817,358 @@ fn browser_clients_may_read_metadata_and_redeem_codes_cross_origin() {
         base(&g)
     ));
     assert_eq!(r.header("access-control-allow-origin"), Some("*"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Red-team findings (issue 9), each attack replayed against the binary.
+// ---------------------------------------------------------------------------------------------
+
+/// One request from the loopback address `src` (any 127.0.0.0/8 address is this host's), so
+/// that a test can be several callers.
+fn request_from(src: &str, addr: std::net::SocketAddr, raw: &str) -> Response {
+    use std::io::Write as _;
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let from: std::net::SocketAddr = format!("{src}:0").parse().unwrap();
+    socket.bind(&from.into()).unwrap();
+    socket.connect(&addr.into()).unwrap();
+    let mut s: std::net::TcpStream = socket.into();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    s.write_all(raw.as_bytes()).unwrap();
+    read_response(&mut s).expect("a response")
+}
+
+fn get_from(src: &str, url: &str) -> Response {
+    let (addr, target) = split_url(url);
+    request_from(
+        src,
+        addr,
+        &format!("GET {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"),
+    )
+}
+
+fn register_from(src: &str, g: &Gateway, doc: &str) -> Response {
+    request_from(
+        src,
+        g.addr,
+        &format!(
+            "POST /oauth/register HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{doc}",
+            doc.len()
+        ),
+    )
+}
+
+fn refresh_with(g: &Gateway, client: &str, token: &str, extra: &[(&str, &str)]) -> Response {
+    let mut pairs = vec![
+        ("grant_type", "refresh_token"),
+        ("refresh_token", token),
+        ("client_id", client),
+    ];
+    pairs.extend_from_slice(extra);
+    post(
+        g,
+        "/oauth/token",
+        "application/x-www-form-urlencoded",
+        &form(&pairs),
+    )
+}
+
+/// F1: an attacker registers a client with its own redirect URI, fetches the consent page and
+/// posts "Allow" itself with a forged `Origin`, then sends the IdP link it got to a victim
+/// signed in at the IdP. The victim's browser comes back to the callback without the cookie
+/// the approval set: refused, no code leaves, and the sign-in is spent.
+#[test]
+fn a_sign_in_approved_by_a_script_cannot_be_finished_in_a_victims_browser() {
+    let gh = FakeGithub::start();
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let g = facade_gateway(&gh, &format!("[audit]\nfile = {audit:?}\n"));
+    let client = register(&g, &[CLIENT_REDIRECT]);
+    let (verifier, challenge) = pkce();
+    let url = authorize_url(&g, &authorize_params(&client, &challenge, "s", &base(&g)));
+    let page = get_url(&url);
+    let r = decide(
+        &url,
+        &ticket_of(&page),
+        "allow",
+        Some(&format!("http://{}", g.addr)),
+    );
+    assert_eq!(r.status, 302);
+    // The approval sets a one-sign-in cookie: script-proof, not sent cross-site, and (on http,
+    // where `__Host-` cannot be used) without that prefix.
+    let set = r.header("set-cookie").unwrap().to_string();
+    for attr in ["HttpOnly", "SameSite=Lax", "Path=/", "Max-Age="] {
+        assert!(set.contains(attr), "{set}");
+    }
+    assert!(
+        set.starts_with("mcp-guard-signin-") && !set.contains("Secure"),
+        "{set}"
+    );
+    let to_idp = r.header("location").unwrap().to_string();
+    // The victim's browser: signed in at the IdP, which sends it back at once.
+    let r = get_url(&to_idp);
+    let to_callback = r.header("location").unwrap().to_string();
+    let victim = get_url(&to_callback);
+    assert_eq!((victim.status, victim.header("location")), (400, None));
+    assert!(victim.text().contains("not approved in this browser"));
+    assert!(
+        gh.token_requests.lock().unwrap().is_empty(),
+        "no IdP code was exchanged"
+    );
+    // The attacker, holding the cookie, comes too late: the sign-in is spent.
+    let late = get_url_with_cookie(&to_callback, &cookie_of(&r_or(&set)));
+    assert_eq!((late.status, late.header("location")), (400, None));
+    // A cookie with the right name and another value is refused as well.
+    let r = approve(&url);
+    let (name, _) = cookie_of(&r)
+        .split_once('=')
+        .map(|(n, v)| (n.to_string(), v.to_string()))
+        .unwrap();
+    let to_callback = get_url(r.header("location").unwrap())
+        .header("location")
+        .unwrap()
+        .to_string();
+    let forged = get_url_with_cookie(&to_callback, &format!("{name}=forged"));
+    assert_eq!((forged.status, forged.header("location")), (400, None));
+    // The genuine flow (same browser) still works, and its code redeems.
+    let back = sign_in(&url);
+    assert_eq!(redeem(&g, &client, &back["code"], &verifier).status, 200);
+    // The refused callback is audited.
+    let text = wait_for_audit(&audit, "oauth_browser_mismatch");
+    assert!(text.contains("\"oauth/sign_in\""), "{text}");
+}
+
+/// A `Response` carrying only a `Set-Cookie` header (to reuse [`cookie_of`] on a saved value).
+fn r_or(set_cookie: &str) -> Response {
+    Response {
+        status: 302,
+        headers: vec![("set-cookie".into(), set_cookie.into())],
+        body: Vec::new(),
+    }
+}
+
+/// Waits until the audit file holds `needle` (the writer is a thread of its own); its text.
+fn wait_for_audit(path: &std::path::Path, needle: &str) -> String {
+    for _ in 0..100 {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(needle) {
+            return text;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!(
+        "no {needle} in the audit: {}",
+        std::fs::read_to_string(path).unwrap_or_default()
+    );
+}
+
+/// F2: a refresh refused for asking more (a wider scope, another resource) uses nothing: the
+/// next correct refresh works. A refresh token presented by another client has leaked: that
+/// family is revoked.
+#[test]
+fn a_refused_refresh_leaves_the_token_usable_and_another_clients_use_revokes_it() {
+    let gh = FakeGithub::start();
+    let g = facade_gateway(&gh, "");
+    let (client, tok) = tokens_for(&g, &base(&g), Some("mcp:echo"));
+    let r1 = tok["refresh_token"].as_str().unwrap();
+    let wider = refresh_with(&g, &client, r1, &[("scope", "mcp:echo mcp:all")]);
+    assert_eq!(wider.json()["error"], "invalid_scope");
+    let other = refresh_with(
+        &g,
+        &client,
+        r1,
+        &[("resource", "https://elsewhere.example.com")],
+    );
+    assert_eq!(other.json()["error"], "invalid_target");
+    let fine = refresh(&g, &client, r1);
+    assert_eq!(fine.status, 200, "{}", fine.text());
+    let fine = fine.json();
+    let r2 = fine["refresh_token"].as_str().unwrap();
+    // Another (registered) client presents it: refused, and the family ends.
+    let thief = register(&g, &[CLIENT_REDIRECT]);
+    assert_eq!(refresh(&g, &thief, r2).json()["error"], "invalid_grant");
+    assert_eq!(refresh(&g, &client, r2).json()["error"], "invalid_grant");
+    assert_eq!(
+        initialize_with(&g, "/mcp", fine["access_token"].as_str().unwrap()).status,
+        401
+    );
+}
+
+/// F3: one address opening the consent page over and over (more than the whole table holds)
+/// pushes out only its own pending authorizations: another person's still completes.
+#[test]
+fn a_flood_of_authorizations_from_one_address_does_not_evict_anyone_elses() {
+    let gh = FakeGithub::start();
+    let g = facade_gateway(&gh, "");
+    let client = register(&g, &[CLIENT_REDIRECT]);
+    let (_, challenge) = pkce();
+    let url = authorize_url(&g, &authorize_params(&client, &challenge, "s", &base(&g)));
+    let victim_page = get_from("127.0.0.2", &url);
+    assert_eq!(victim_page.status, 200);
+    let flooder = register(&g, &[CLIENT_REDIRECT]);
+    let flood_url = authorize_url(&g, &authorize_params(&flooder, &challenge, "s", &base(&g)));
+    for _ in 0..1050 {
+        assert_eq!(get_from("127.0.0.3", &flood_url).status, 200);
+    }
+    let r = decide(
+        &url,
+        &ticket_of(&victim_page),
+        "allow",
+        Some(&format!("http://{}", g.addr)),
+    );
+    assert_eq!(r.status, 302, "{}", r.text());
+}
+
+/// F4: a registration flood from a hundred addresses (ten each, within every address's
+/// budget) fills the client table: the clients pushed out are the flood's own, never one
+/// that holds a grant, so a signed-in client keeps working.
+#[test]
+fn a_registration_flood_from_many_addresses_never_evicts_a_client_in_use() {
+    let gh = FakeGithub::start();
+    let g = facade_gateway(&gh, "");
+    let (client, tok) = tokens_for(&g, &base(&g), None);
+    let doc = json!({"redirect_uris": [CLIENT_REDIRECT]}).to_string();
+    let mut created = 0;
+    for a in 0..101 {
+        let src = format!("127.0.1.{}", a + 1);
+        for _ in 0..10 {
+            if register_from(&src, &g, &doc).status == 201 {
+                created += 1;
+            }
+        }
+    }
+    assert!(created >= 1000, "{created}");
+    let r = refresh(&g, &client, tok["refresh_token"].as_str().unwrap());
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+/// L1, L2 and malformed redirect URIs: refused at registration with a reason.
+#[test]
+fn registrations_with_invisible_names_repeated_members_or_malformed_redirect_uris_are_refused() {
+    let gh = FakeGithub::start();
+    let g = facade_gateway(&gh, "");
+    // Each from an address of its own: the registration budget is spent before the document
+    // is read.
+    let next = std::cell::Cell::new(0u8);
+    let reg = |doc: &str| {
+        next.set(next.get() + 1);
+        register_from(&format!("127.0.2.{}", next.get()), &g, doc)
+    };
+    for name in ["Good\u{202e}App", "Cl\u{200b}aude", "\u{feff}App", "   "] {
+        let r = reg(&json!({"redirect_uris": [CLIENT_REDIRECT], "client_name": name}).to_string());
+        assert_eq!(r.json()["error"], "invalid_client_metadata", "{name:?}");
+    }
+    let dup = format!(
+        r#"{{"redirect_uris":["{CLIENT_REDIRECT}"],"client_name":"Nice","client_name":"Evil"}}"#
+    );
+    assert_eq!(reg(&dup).json()["error"], "invalid_client_metadata");
+    let dup_uris = format!(
+        r#"{{"redirect_uris":["{CLIENT_REDIRECT}"],"redirect_uris":["https://evil.example.com/cb"]}}"#
+    );
+    assert_eq!(reg(&dup_uris).status, 400);
+    for uri in [
+        "https://[::1/cb",
+        "https://app.example.com:99999/cb",
+        "https://app.example.com:0/cb",
+        "https://app.example.com/cb?code=planted",
+        "http://127.0.0.1:1/cb?state=x&iss=y",
+    ] {
+        let r = reg(&json!({ "redirect_uris": [uri] }).to_string());
+        assert_eq!(r.json()["error"], "invalid_redirect_uri", "{uri}");
+    }
+    // A good registration answers 201 Created; its budget's Retry-After is honest (one per
+    // 6 s, rounded up).
+    let doc = json!({ "redirect_uris": [CLIENT_REDIRECT] }).to_string();
+    let ok = register_from("127.0.3.1", &g, &doc);
+    assert_eq!(ok.status, 201);
+    let mut last = ok;
+    for _ in 0..12 {
+        last = register_from("127.0.3.1", &g, &doc);
+    }
+    assert_eq!(last.status, 429);
+    assert_eq!(last.header("retry-after"), Some("6"));
+}
+
+/// L4 and the informational findings: the authorization server audits registrations,
+/// sign-ins and code replays; its pages are never sniffed; an `Origin` with a trailing slash
+/// is not the gateway's; the family claim is random, not a count of sign-ins.
+#[test]
+fn the_authorization_server_audits_its_decisions_and_hardens_its_pages() {
+    use base64::Engine as _;
+    let gh = FakeGithub::start();
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let g = facade_gateway(&gh, &format!("[audit]\nfile = {audit:?}\n"));
+    let client = register(&g, &[CLIENT_REDIRECT]);
+    let (verifier, challenge) = pkce();
+    let url = authorize_url(&g, &authorize_params(&client, &challenge, "s", &base(&g)));
+    let page = get_url(&url);
+    assert_eq!(page.header("x-content-type-options"), Some("nosniff"));
+    let slash = decide(
+        &url,
+        &ticket_of(&page),
+        "allow",
+        Some(&format!("http://{}/", g.addr)),
+    );
+    assert_eq!(slash.status, 403);
+    let back = sign_in(&url);
+    let tok = redeem(&g, &client, &back["code"], &verifier).json();
+    let replay = redeem(&g, &client, &back["code"], &verifier);
+    assert_eq!(replay.json()["error"], "invalid_grant");
+    let claims: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(
+                tok["access_token"]
+                    .as_str()
+                    .unwrap()
+                    .split('.')
+                    .nth(1)
+                    .unwrap(),
+            )
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(claims["fam"].as_u64().unwrap() > 1_000_000, "{claims}");
+    let text = wait_for_audit(&audit, "oauth_code_reused");
+    for needle in ["\"oauth/register\"", "\"oauth/sign_in\"", "oauth:4242"] {
+        assert!(text.contains(needle), "{needle} in {text}");
+    }
+    // Never the code or a token.
+    assert!(!text.contains(&back["code"]));
+    assert!(!text.contains(tok["refresh_token"].as_str().unwrap()));
+}
+
+/// L2, L3: an IdP whose userinfo names the user twice, or with an id the gateway would refuse
+/// as an identity later (invisible or bidi characters, blank): the sign-in fails at the
+/// callback with `server_error`, and no code is issued.
+#[test]
+fn a_userinfo_with_a_repeated_member_or_an_unusable_id_fails_the_sign_in() {
+    let gh = FakeGithub::start();
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let g = facade_gateway(&gh, &format!("[audit]\nfile = {audit:?}\n"));
+    let client = register(&g, &[CLIENT_REDIRECT]);
+    let (_, challenge) = pkce();
+    for body in [
+        r#"{"id":1001,"id":666}"#.to_string(),
+        json!({"id": "alice\u{200b}"}).to_string(),
+        json!({"id": "alice\u{202e}"}).to_string(),
+        json!({"id": " "}).to_string(),
+        json!({"id": "\u{feff}alice"}).to_string(),
+    ] {
+        *gh.userinfo.lock().unwrap() = Some(body.clone());
+        let url = authorize_url(&g, &authorize_params(&client, &challenge, "s", &base(&g)));
+        let r = approve(&url);
+        let cookie = cookie_of(&r);
+        let r = get_url(r.header("location").unwrap());
+        let r = get_url_with_cookie(r.header("location").unwrap(), &cookie);
+        assert_eq!(r.status, 302, "{body}");
+        let loc = r.header("location").unwrap();
+        assert!(
+            loc.starts_with(CLIENT_REDIRECT) && loc.contains("error=server_error"),
+            "{body}: {loc}"
+        );
+        assert!(!loc.contains("code="), "{body}: {loc}");
+    }
+    wait_for_audit(&audit, "oauth_sign_in_failed");
 }

@@ -676,7 +676,7 @@ impl<'de> Visitor<'de> for StrictVisitor {
 
 /// Parses a JSON object with unique member names at every depth. serde_json bounds nesting
 /// (128 levels) and refuses trailing bytes, invalid UTF-8 and lone surrogates.
-fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, String> {
+pub(crate) fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, String> {
     match serde_json::from_slice::<Strict>(bytes) {
         Ok(Strict(Value::Object(m))) => Ok(m),
         Ok(_) => Err("not a JSON object".into()),

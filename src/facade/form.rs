@@ -57,6 +57,15 @@ pub fn parse(input: &[u8]) -> Result<HashMap<String, String>, FormError> {
     Ok(out)
 }
 
+/// The decoded names of a query's parameters (repeats kept, undecodable ones as `None`).
+pub fn names(input: &[u8]) -> Vec<Option<String>> {
+    input
+        .split(|b| *b == b'&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| decode(pair.split(|b| *b == b'=').next().unwrap_or_default()).ok())
+        .collect()
+}
+
 fn decode(raw: &[u8]) -> Result<String, FormError> {
     let mut out = Vec::with_capacity(raw.len());
     let mut i = 0;
@@ -65,6 +74,10 @@ fn decode(raw: &[u8]) -> Result<String, FormError> {
             b'+' => out.push(b' '),
             b'%' => {
                 let hex = raw.get(i + 1..i + 3).ok_or(FormError::Undecodable)?;
+                // Two hex digits exactly (`from_str_radix` alone would take `%+1`).
+                if !hex.iter().all(u8::is_ascii_hexdigit) {
+                    return Err(FormError::Undecodable);
+                }
                 let s = std::str::from_utf8(hex).map_err(|_| FormError::Undecodable)?;
                 out.push(u8::from_str_radix(s, 16).map_err(|_| FormError::Undecodable)?);
                 i += 2;
@@ -110,6 +123,7 @@ mod tests {
 
     #[test]
     fn forms_decode_and_refuse_repeats() {
+        assert!(parse(b"a=%+1").is_err() && parse(b"a=%-1").is_err());
         let f = parse(b"a=1&b=x+y%2Fz&c=&&d").unwrap();
         assert_eq!(f.get("a").map(String::as_str), Some("1"));
         assert_eq!(f.get("b").map(String::as_str), Some("x y/z"));

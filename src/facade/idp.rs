@@ -231,16 +231,25 @@ fn access_token(body: &[u8]) -> Result<String, String> {
 
 /// The user id `claim` of a userinfo document: a string, or a whole number (GitHub's `id`).
 pub fn user_id(body: &[u8], claim: &str) -> Result<String, String> {
-    let v: serde_json::Value =
-        serde_json::from_slice(body).map_err(|_| "userinfo is not JSON".to_string())?;
+    // A member named twice is refused: which one names the user would depend on the parser.
+    let v = crate::auth::jwt::parse_object(body)
+        .map_err(|_| "userinfo is not a JSON object with unique members".to_string())?;
     let id = match v.get(claim) {
         Some(serde_json::Value::String(s)) => s.clone(),
         Some(serde_json::Value::Number(n)) if n.is_u64() || n.is_i64() => n.to_string(),
         _ => return Err(format!("userinfo has no string or integer `{claim}`")),
     };
-    if id.is_empty() || id.len() > MAX_USER_ID || id.chars().any(char::is_control) {
+    // The id becomes the identity `oauth:<id>`, which the gateway refuses later when it holds
+    // bidi, zero-width or other invisible characters, or blank edges: refused here instead,
+    // so the sign-in fails visibly rather than yielding a token that never works.
+    if id.trim().is_empty()
+        || id.trim() != id
+        || id.len() > MAX_USER_ID
+        || id.chars().any(crate::auth::jwt::forbidden_in_identity)
+    {
         return Err(format!(
-            "userinfo `{claim}` is empty, too long, or has control characters"
+            "userinfo `{claim}` is empty, blank-edged, too long, or has control or invisible \
+             characters"
         ));
     }
     Ok(id)
@@ -260,6 +269,12 @@ mod tests {
             br#"{"id":"a\nb"}"#,
             br#"{"id":["x"]}"#,
             br#"{}"#,
+            br#"{"id":1,"id":2}"#,
+            br#"{"id":" "}"#,
+            "{\"id\":\"alice\u{200b}\"}".as_bytes(),
+            "{\"id\":\"alice\u{202e}\"}".as_bytes(),
+            br#"{"id":"alice\u200b"}"#,
+            br#"{"id":" alice"}"#,
             b"not json",
         ] {
             assert!(user_id(bad, "id").is_err());

@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 use state::{Busy, Client, Grant, GrantError, Pending, Refresh, Tables};
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -33,8 +33,6 @@ use std::time::Instant;
 pub const PRM_PATH: &str = "/.well-known/oauth-protected-resource";
 /// RFC 8414 authorization-server metadata (the issuer has no path).
 pub const AS_PATH: &str = "/.well-known/oauth-authorization-server";
-/// OpenID Connect discovery, for clients that try it: the same document.
-pub const OIDC_PATH: &str = "/.well-known/openid-configuration";
 /// RFC 7591 dynamic client registration.
 pub const REGISTER_PATH: &str = "/oauth/register";
 /// The authorization endpoint.
@@ -189,7 +187,10 @@ impl Oauth {
         }
         let server = self.server.as_ref()?;
         Some(match path {
-            AS_PATH | OIDC_PATH => Endpoint::ServerMetadata,
+            // No OpenID Connect discovery: the facade issues no ID tokens and has no JWKS or
+            // userinfo endpoint, so that document could not be complete; MCP clients fall
+            // back to RFC 8414's.
+            AS_PATH => Endpoint::ServerMetadata,
             REGISTER_PATH => Endpoint::Register,
             AUTHORIZE_PATH => Endpoint::Authorize,
             TOKEN_PATH => Endpoint::Token,
@@ -458,17 +459,52 @@ pub fn is_registrable_redirect_uri(uri: &str) -> bool {
         if authority.is_empty() || authority.contains('@') {
             return None;
         }
-        let host = if authority.starts_with('[') {
-            authority
-                .split(']')
-                .next()?
-                .trim_start_matches('[')
-                .to_string()
+        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+            // An IPv6 literal: closed, a valid address, then nothing or `:port`.
+            let (addr, after) = v6.split_once(']')?;
+            addr.parse::<std::net::Ipv6Addr>().ok()?;
+            let port = match after {
+                "" => None,
+                p => Some(p.strip_prefix(':')?),
+            };
+            (addr.to_string(), port)
         } else {
-            authority.split(':').next()?.to_string()
+            match authority.split_once(':') {
+                Some((h, p)) => (h.to_string(), Some(p)),
+                None => (authority.to_string(), None),
+            }
         };
-        (!host.is_empty()).then_some(host)
+        let host_ok = !host.is_empty()
+            && (authority.starts_with('[')
+                || host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_')));
+        // A port is 1-65535 in decimal; an empty one (`host:`) is the default.
+        let port_ok = port.is_none_or(|p| {
+            p.is_empty()
+                || (p.len() <= 5
+                    && p.bytes().all(|b| b.is_ascii_digit())
+                    && p.parse::<u32>().is_ok_and(|n| (1..=65535).contains(&n)))
+        });
+        (host_ok && port_ok).then_some(host)
     };
+    // The code, state and issuer are appended to the query; one already there would make
+    // two values of one parameter reach the client.
+    // Names are compared decoded (`%63ode` is `code` to the client); one that does not
+    // decode is refused too.
+    let query_clash = rest.split_once('?').is_some_and(|(_, q)| {
+        form::names(q.as_bytes()).iter().any(|name| {
+            name.as_deref().is_none_or(|n| {
+                matches!(
+                    n,
+                    "code" | "state" | "iss" | "error" | "error_description" | "error_uri"
+                )
+            })
+        })
+    });
+    if query_clash {
+        return false;
+    }
     match scheme {
         "https" => host_of(rest).is_some(),
         "http" => host_of(rest).is_some_and(|h| is_loopback_host(&h)),
@@ -491,6 +527,29 @@ fn finish(mut r: Reply) -> Reply {
     // are logged), and nothing a cache may keep (RFC 6749 §5.1).
     r.audit.skip = true;
     r.headers.push(("cache-control", "no-store".into()));
+    r.headers.push(("x-content-type-options", "nosniff".into()));
+    r
+}
+
+/// Makes a facade reply an audit event of its own, named `event` (never carrying a token,
+/// code, state or secret).
+fn audited(
+    mut r: Reply,
+    event: &str,
+    decision: &'static str,
+    reason: Option<&'static str>,
+    user: Option<&str>,
+) -> Reply {
+    r.audit.skip = false;
+    r.audit.messages = vec![(event.to_string(), None)];
+    r.audit.decision = Some(decision);
+    if reason.is_some() {
+        r.reason = reason;
+    }
+    if let Some(u) = user {
+        r.audit.identity = Some(format!("oauth:{u}").into());
+        r.audit.auth_method = Some("oauth");
+    }
     r
 }
 
@@ -595,8 +654,8 @@ pub async fn serve(
         (Endpoint::Authorize, Some(s)) if head.method == Method::Post => {
             consent(oauth, s, head, body)
         }
-        (Endpoint::Authorize, Some(s)) => authorize(oauth, s, query),
-        (Endpoint::Callback, Some(s)) => callback(oauth, s, query).await,
+        (Endpoint::Authorize, Some(s)) => authorize(oauth, s, query, peer.ip()),
+        (Endpoint::Callback, Some(s)) => callback(oauth, s, head, query).await,
         (Endpoint::Token, Some(s)) => token(oauth, s, head, body),
         _ => error_page(404, "not found"),
     }
@@ -628,12 +687,21 @@ fn register(s: &AuthServer, head: &RequestHead, body: &[u8], peer: SocketAddr) -
             "too_many_requests",
             "too many registrations from this address",
         );
-        r.headers
-            .push(("retry-after", wait.as_secs().max(1).to_string()));
+        // Rounded up: a client that waits exactly this long finds a registration ready.
+        let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+        r.headers.push(("retry-after", secs.to_string()));
         return r;
     }
-    let Ok(Value::Object(doc)) = serde_json::from_slice::<Value>(body) else {
-        return bad("registration is not a JSON object");
+    // A member named twice is refused: parsers that keep the first and the last would see
+    // two different clients.
+    let doc = match crate::auth::jwt::parse_object(body) {
+        Ok(doc) => doc,
+        Err(why) => {
+            return bad(&format!(
+                "registration is not a JSON object with unique members: {}",
+                why.chars().take(120).collect::<String>()
+            ));
+        }
     };
     let uris: Vec<String> = match doc.get("redirect_uris") {
         Some(Value::Array(list)) if !list.is_empty() && list.len() <= MAX_REDIRECT_URIS => {
@@ -645,8 +713,9 @@ fn register(s: &AuthServer, head: &RequestHead, body: &[u8], peer: SocketAddr) -
                         return oauth_error(
                             400,
                             "invalid_redirect_uri",
-                            "each redirect URI must be https, http to a loopback host, or a \
-                             reverse-domain private-use scheme, without a fragment",
+                            "each redirect URI must be https, or http to a loopback host, with a \
+                             valid host and port, without a fragment, and without code, state, \
+                             iss or error in its query",
                         );
                     }
                 }
@@ -676,20 +745,48 @@ fn register(s: &AuthServer, head: &RequestHead, body: &[u8], peer: SocketAddr) -
     }
     let name = match doc.get("client_name") {
         None => None,
-        Some(Value::String(n)) if n.len() <= 200 && !n.chars().any(char::is_control) => {
+        // Shown on the consent page: no control, bidi, zero-width or other invisible
+        // characters that would let one name pass for another.
+        Some(Value::String(n))
+            if n.len() <= 200
+                && !n.trim().is_empty()
+                && !n.chars().any(crate::auth::jwt::forbidden_in_identity) =>
+        {
             Some(n.clone())
         }
-        _ => return bad("client_name must be a string of at most 200 characters"),
+        _ => {
+            return bad(
+                "client_name must be a string of at most 200 bytes without control, bidi or \
+                 invisible characters",
+            );
+        }
     };
     let id = random_token();
-    tracing::info!(target: "mcp_guard::auth", "OAuth client registered from {} ({:?})", peer.ip(), name.as_deref().unwrap_or(""));
-    s.shared.tables().register(
+    let added = s.shared.tables().register(
         id.clone(),
         Client {
             redirect_uris: uris.clone(),
             name: name.clone(),
+            from: peer.ip(),
         },
+        Instant::now(),
     );
+    if added.is_err() {
+        let mut r = oauth_error(
+            503,
+            "temporarily_unavailable",
+            "every registered client is in use; try again later",
+        );
+        r.headers.push(("retry-after", "60".into()));
+        return audited(
+            r,
+            "oauth/register",
+            "deny",
+            Some("oauth_clients_full"),
+            None,
+        );
+    }
+    tracing::info!(target: "mcp_guard::auth", "OAuth client registered from {} ({:?})", peer.ip(), name.as_deref().unwrap_or(""));
     let mut answer = json!({
         "client_id": id,
         "client_id_issued_at": unix_now(),
@@ -703,13 +800,19 @@ fn register(s: &AuthServer, head: &RequestHead, body: &[u8], peer: SocketAddr) -
     if let Some(n) = name {
         answer["client_name"] = n.into();
     }
-    json_reply(201, &answer)
+    audited(
+        json_reply(201, &answer),
+        "oauth/register",
+        "allow",
+        None,
+        None,
+    )
 }
 
 /// `/oauth/authorize`: checks the client and its redirect URI (errors shown as a page), then
 /// everything else (errors sent back to the client's redirect URI), and sends the browser
 /// to the IdP with a state of the facade's own.
-fn authorize(oauth: &Oauth, s: &AuthServer, query: &str) -> Reply {
+fn authorize(oauth: &Oauth, s: &AuthServer, query: &str, peer: IpAddr) -> Reply {
     let q = match form::parse(query.as_bytes()) {
         Ok(q) => q,
         Err(e) => return error_page(400, &format!("Invalid authorization request: {e}.")),
@@ -801,6 +904,7 @@ fn authorize(oauth: &Oauth, s: &AuthServer, query: &str) -> Reply {
         scopes,
         resource,
         random_token(),
+        peer,
     );
     let page = consent_page(oauth, s, &client, &pending, &ticket);
     s.shared
@@ -895,10 +999,12 @@ fn consent_page(
 fn consent(oauth: &Oauth, s: &AuthServer, head: &RequestHead, body: &[u8]) -> Reply {
     // A page elsewhere could submit this form in the person's browser; the browser names that
     // page's origin, which is refused (and a POST without one is not from a browser's form).
-    let same_origin = head.h.origin.as_deref().is_some_and(|o| {
-        o.trim_end_matches('/')
-            .eq_ignore_ascii_case(&oauth.public_url)
-    });
+    // An origin is serialised without a path, so never with a trailing slash.
+    let same_origin = head
+        .h
+        .origin
+        .as_deref()
+        .is_some_and(|o| o.eq_ignore_ascii_case(&oauth.public_url));
     if !same_origin {
         return error_page(
             403,
@@ -932,6 +1038,11 @@ fn consent(oauth: &Oauth, s: &AuthServer, head: &RequestHead, body: &[u8]) -> Re
         ));
     }
     pending.consented = true;
+    // The browser that approved gets a cookie only it holds; the callback requires it. Without
+    // it, whoever posted the approval (a script, not the person) could hand the IdP link to a
+    // person signed in there and receive that person's code at its own redirect URI.
+    pending.browser = random_token();
+    let browser = pending.browser.clone();
     let our_state = random_token();
     let idp_challenge = s256(&pending.idp_verifier);
     s.shared
@@ -950,12 +1061,76 @@ fn consent(oauth: &Oauth, s: &AuthServer, head: &RequestHead, body: &[u8]) -> Re
     if !scope.is_empty() {
         pairs.push(("scope", scope.as_str()));
     }
-    redirect(form::with_query(&idp.authorization_url, &pairs))
+    let mut r = redirect(form::with_query(&idp.authorization_url, &pairs));
+    r.headers.push((
+        "set-cookie",
+        browser_cookie(oauth, &our_state, &browser, state::PENDING_TTL.as_secs()),
+    ));
+    r
+}
+
+/// The name of the cookie binding the sign-in `state` to the browser that approved it (one
+/// per sign-in, so two sign-ins in one browser do not overwrite each other's). On https it
+/// carries the `__Host-` prefix: then only this origin over https could have set it (no
+/// sibling subdomain, no plain-http page). Browsers allow that prefix only with `Secure`, so
+/// a gateway on http (loopback, for development) uses the bare name.
+fn browser_cookie_name(oauth: &Oauth, state: &str) -> String {
+    let prefix = if oauth.public_url.starts_with("https://") {
+        "__Host-"
+    } else {
+        ""
+    };
+    let id: String = state.chars().take(16).collect();
+    format!("{prefix}mcp-guard-signin-{id}")
+}
+
+/// The `Set-Cookie` value for that cookie (`max_age` 0 deletes it). `SameSite=Lax` is sent on
+/// the IdP's top-level redirect back to the callback, and on nothing a third-party page
+/// posts or embeds.
+fn browser_cookie(oauth: &Oauth, state: &str, value: &str, max_age: u64) -> String {
+    let secure = if oauth.public_url.starts_with("https://") {
+        "; Secure"
+    } else {
+        ""
+    };
+    format!(
+        "{}={value}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Lax{secure}",
+        browser_cookie_name(oauth, state)
+    )
+}
+
+/// Whether the request carries the cookie `state`'s approval set, with `expected` as value
+/// (compared in constant time).
+fn has_browser_cookie(oauth: &Oauth, head: &RequestHead, state: &str, expected: &str) -> bool {
+    let name = browser_cookie_name(oauth, state);
+    let Some(cookies) = head.h.cookie.as_deref() else {
+        return false;
+    };
+    let mut found = false;
+    for pair in cookies.split(';') {
+        if let Some((n, v)) = pair.trim().split_once('=')
+            && n == name
+        {
+            found |= same_secret(v, expected);
+        }
+    }
+    found && !expected.is_empty()
+}
+
+/// Constant-time equality of two secrets (their digests, so lengths leak nothing either).
+fn same_secret(a: &str, b: &str) -> bool {
+    let da = ring::digest::digest(&ring::digest::SHA256, a.as_bytes());
+    let db = ring::digest::digest(&ring::digest::SHA256, b.as_bytes());
+    da.as_ref()
+        .iter()
+        .zip(db.as_ref())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 /// The IdP's callback: the facade's state (once), the IdP's code exchanged off the worker,
 /// then the browser goes back to the client with a one-time code and the client's state.
-async fn callback(oauth: &Oauth, s: &AuthServer, query: &str) -> Reply {
+async fn callback(oauth: &Oauth, s: &AuthServer, head: &RequestHead, query: &str) -> Reply {
     let q = match form::parse(query.as_bytes()) {
         Ok(q) => q,
         Err(e) => return error_page(400, &format!("Invalid callback: {e}.")),
@@ -970,26 +1145,53 @@ async fn callback(oauth: &Oauth, s: &AuthServer, query: &str) -> Reply {
             "This sign-in is unknown, expired, or already finished; start again from the application.",
         );
     };
-    let back = |pairs: &[(&str, &str)]| {
+    let forget = browser_cookie(oauth, state, "", 0);
+    if !has_browser_cookie(oauth, head, state, &pending.browser) {
+        // Spent all the same: a sign-in link that reached another browser is dead.
+        tracing::warn!(target: "mcp_guard::auth", "OAuth callback for client {} from a browser that did not approve it; refused", pending.client_id);
+        let mut r = error_page(
+            400,
+            "This sign-in was not approved in this browser. If you did not start it yourself, \
+             someone may have sent you this link; otherwise start again from the application.",
+        );
+        r.headers.push(("set-cookie", forget));
+        return audited(
+            r,
+            "oauth/sign_in",
+            "deny",
+            Some("oauth_browser_mismatch"),
+            None,
+        );
+    }
+    // A failed sign-in: the client hears why, and the audit says so.
+    let back = |pairs: &[(&str, &str)], why: &'static str| {
         let mut all = pairs.to_vec();
         all.push(("state", pending.client_state.as_str()));
         all.push(("iss", oauth.public_url.as_str()));
-        redirect(form::with_query(&pending.redirect_uri, &all))
+        let mut r = redirect(form::with_query(&pending.redirect_uri, &all));
+        r.headers.push(("set-cookie", forget.clone()));
+        audited(r, "oauth/sign_in", "deny", Some(why), None)
     };
     if q.contains_key("error") {
-        return back(&[
-            ("error", "access_denied"),
-            (
-                "error_description",
-                "the identity provider did not sign the user in",
-            ),
-        ]);
+        return back(
+            &[
+                ("error", "access_denied"),
+                (
+                    "error_description",
+                    "the identity provider did not sign the user in",
+                ),
+            ],
+            "oauth_idp_refused",
+        );
     }
     let Some(code) = q.get("code") else {
-        return back(&[
-            ("error", "server_error"),
-            ("error_description", "the identity provider sent no code"),
-        ]);
+        return back(
+            &[
+                ("error", "server_error"),
+                ("error_description", "the identity provider sent no code"),
+            ],
+            "oauth_idp_no_code",
+        );
     };
     let (tx, rx) = async_channel::bounded(1);
     let job = idp::Job {
@@ -998,45 +1200,57 @@ async fn callback(oauth: &Oauth, s: &AuthServer, query: &str) -> Reply {
         reply: tx,
     };
     if let Err(why) = s.calls.submit(job) {
-        return back(&[
-            ("error", "temporarily_unavailable"),
-            ("error_description", why),
-        ]);
+        return back(
+            &[
+                ("error", "temporarily_unavailable"),
+                ("error_description", why),
+            ],
+            "oauth_idp_busy",
+        );
     }
     let user = match monoio::time::timeout(idp::JOB_TIMEOUT, rx.recv()).await {
         Ok(Ok(Ok(user))) => user,
         Ok(Ok(Err(_))) | Ok(Err(_)) => {
-            return back(&[
-                ("error", "server_error"),
-                (
-                    "error_description",
-                    "the sign-in could not be completed at the identity provider",
-                ),
-            ]);
+            return back(
+                &[
+                    ("error", "server_error"),
+                    (
+                        "error_description",
+                        "the sign-in could not be completed at the identity provider",
+                    ),
+                ],
+                "oauth_sign_in_failed",
+            );
         }
         Err(_) => {
-            return back(&[
-                ("error", "temporarily_unavailable"),
-                (
-                    "error_description",
-                    "the identity provider did not answer in time",
-                ),
-            ]);
+            return back(
+                &[
+                    ("error", "temporarily_unavailable"),
+                    (
+                        "error_description",
+                        "the identity provider did not answer in time",
+                    ),
+                ],
+                "oauth_idp_timeout",
+            );
         }
     };
     let code = random_token();
     tracing::info!(target: "mcp_guard::auth", "OAuth sign-in of oauth:{user} for client {}", pending.client_id);
     let redirect_to = pending.redirect_uri.clone();
     let (client_state, iss) = (pending.client_state.clone(), oauth.public_url.clone());
+    let mut r = redirect(form::with_query(
+        &redirect_to,
+        &[("code", &code), ("state", &client_state), ("iss", &iss)],
+    ));
+    r.headers.push(("set-cookie", forget));
+    let r = audited(r, "oauth/sign_in", "allow", None, Some(&user));
     s.shared.tables().add_code(
         code.clone(),
         Grant::from_pending(pending, user),
         Instant::now(),
     );
-    redirect(form::with_query(
-        &redirect_to,
-        &[("code", &code), ("state", &client_state), ("iss", &iss)],
-    ))
+    r
 }
 
 /// `/oauth/token`: the authorization-code and refresh-token grants, for public clients.
@@ -1081,10 +1295,26 @@ fn token(oauth: &Oauth, s: &AuthServer, head: &RequestHead, body: &[u8]) -> Repl
         // workers' verified-token caches must look again.
         s.shared.revocations.fetch_add(1, Ordering::Relaxed);
         match e {
+            // Theft signals: a family was revoked. Audited, never with the code or token.
+            GrantError::Invalid(why @ ("code_reused" | "refresh_reused")) => audited(
+                oauth_error(400, "invalid_grant", why),
+                "oauth/token",
+                "deny",
+                Some(if why == "code_reused" {
+                    "oauth_code_reused"
+                } else {
+                    "oauth_refresh_reused"
+                }),
+                None,
+            ),
             GrantError::Invalid(why) => oauth_error(400, "invalid_grant", why),
-            GrantError::WrongClient => {
-                oauth_error(400, "invalid_grant", "issued to another client")
-            }
+            GrantError::WrongClient => audited(
+                oauth_error(400, "invalid_grant", "issued to another client"),
+                "oauth/token",
+                "deny",
+                Some("oauth_grant_wrong_client"),
+                None,
+            ),
         }
     };
     match param("grant_type") {
@@ -1152,8 +1382,10 @@ fn token(oauth: &Oauth, s: &AuthServer, head: &RequestHead, body: &[u8]) -> Repl
             let Some(refresh) = param("refresh_token") else {
                 return oauth_error(400, "invalid_request", "refresh_token is required");
             };
-            let rotated = s.shared.tables().rotate_refresh(refresh, client_id, now);
-            let r = match rotated {
+            // Checked, not used: a request refused below (scope, resource) leaves the token
+            // as it was.
+            let checked = s.shared.tables().check_refresh(refresh, client_id, now);
+            let r = match checked {
                 Ok(r) => r,
                 Err(e) => {
                     if e == GrantError::Invalid("refresh_reused") {
@@ -1184,6 +1416,9 @@ fn token(oauth: &Oauth, s: &AuthServer, head: &RequestHead, body: &[u8]) -> Repl
                 .is_some_and(|x| oauth.own_resource(x).as_deref() != Some(r.resource.as_str()))
             {
                 return oauth_error(400, "invalid_target", "resource differs from the grant's");
+            }
+            if let Err(e) = s.shared.tables().rotate_refresh(refresh, client_id, now) {
+                return grant_failed(e);
             }
             issue(
                 oauth,
@@ -1246,6 +1481,9 @@ mod tests {
             "http://127.0.0.1:33418/callback",
             "http://localhost:6274/oauth/callback",
             "http://[::1]/cb",
+            "http://[::1]:8080/cb",
+            "https://app.example.com:/cb",
+            "https://app.example.com/cb?client=1&codex=2",
         ] {
             assert!(is_registrable_redirect_uri(ok), "{ok}");
         }
@@ -1262,6 +1500,20 @@ mod tests {
             "http://127.0.0.1.evil.com/cb",
             "com.example.app:/oauth2redirect",
             "",
+            "https://[::1/cb",
+            "https://[nothost]/cb",
+            "https://[::1]x/cb",
+            "https://app.example.com:99999/cb",
+            "https://app.example.com:0/cb",
+            "https://app.example.com:8a/cb",
+            "https://app.example.com:-1/cb",
+            "https://app.example.com/cb?code=x",
+            "https://app.example.com/cb?a=1&state=x",
+            "https://app.example.com/cb?iss",
+            "https://app.example.com/cb?%63ode=x",
+            "https://app.example.com/cb?st%61te=x",
+            "https://app.example.com/cb?%zz=1",
+            "https://app%2eexample.com/cb",
         ] {
             assert!(!is_registrable_redirect_uri(bad), "{bad}");
         }
@@ -1366,6 +1618,53 @@ mod tests {
             now,
         );
         assert_eq!(verdict(&foreign, "/mcp"), Err("not ours"));
+    }
+
+    #[test]
+    fn the_sign_in_cookie_is_host_prefixed_and_secure_on_https_and_checked_in_full() {
+        let cfg = facade_settings();
+        let oauth = cfg.auth.oauth.as_ref().unwrap();
+        let set = browser_cookie(oauth, "STATEabcdefghijklmnop", "secret", 600);
+        assert_eq!(
+            set,
+            "__Host-mcp-guard-signin-STATEabcdefghijk=secret; Path=/; Max-Age=600; HttpOnly; \
+             SameSite=Lax; Secure"
+        );
+        let head = |cookie: &str| {
+            let raw =
+                format!("GET /oauth/callback HTTP/1.1\r\nHost: a\r\nCookie: {cookie}\r\n\r\n");
+            match crate::http::request::parse_head(raw.as_bytes(), 16384, 1 << 20) {
+                Ok(crate::http::request::HeadParse::Complete(h)) => h,
+                _ => panic!("a head"),
+            }
+        };
+        let name = "__Host-mcp-guard-signin-STATEabcdefghijk";
+        let st = "STATEabcdefghijklmnop";
+        assert!(has_browser_cookie(
+            oauth,
+            &head(&format!("x=1; {name}=secret")),
+            st,
+            "secret"
+        ));
+        for bad in [
+            format!("{name}=secre"),
+            format!("{name}=secret2"),
+            format!("{name}="),
+            "mcp-guard-signin-STATEabcdefghijk=secret".to_string(),
+            "x=1".to_string(),
+        ] {
+            assert!(
+                !has_browser_cookie(oauth, &head(&bad), st, "secret"),
+                "{bad}"
+            );
+        }
+        // A sign-in never approved has no value to match, not even an empty cookie.
+        assert!(!has_browser_cookie(
+            oauth,
+            &head(&format!("{name}=")),
+            st,
+            ""
+        ));
     }
 
     #[test]

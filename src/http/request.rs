@@ -95,6 +95,8 @@ pub struct KnownHeaders {
     pub request_id: Option<String>,
     /// User-Agent
     pub user_agent: Option<String>,
+    /// Cookie (repeated headers joined by "; "); read only by the OAuth facade.
+    pub cookie: Option<String>,
     /// `X-Client-Cert-*`, as a TLS terminator in front sets them (boxed: almost no request
     /// carries them). Read only for clients in `[auth.mtls] trusted_proxy_ips`, and never
     /// forwarded upstream.
@@ -197,6 +199,21 @@ pub fn parse_head(buf: &[u8], max_head: usize, max_body: u64) -> Result<HeadPars
             // Not read and never forwarded: no need to even look at its value.
             continue;
         }
+        if kind == HeaderKind::Cookie {
+            // Read only by the OAuth facade's callback, never forwarded. A cookie the gateway
+            // cannot read (set by something else on the host) is ignored rather than refused:
+            // it must not break requests that never look at cookies.
+            if let Ok(v) = std::str::from_utf8(header.value)
+                && !v.bytes().any(|b| b < 0x20 && b != b'\t' || b == 0x7f)
+            {
+                let cookies = h.cookie.get_or_insert_default();
+                if !cookies.is_empty() {
+                    cookies.push_str("; ");
+                }
+                cookies.push_str(v.trim_matches([' ', '\t']));
+            }
+            continue;
+        }
         let value = std::str::from_utf8(header.value)
             .map_err(|_| HeadError::Malformed("header value is not UTF-8"))?
             .trim_matches([' ', '\t']);
@@ -244,7 +261,7 @@ pub fn parse_head(buf: &[u8], max_head: usize, max_body: u64) -> Result<HeadPars
                 }
             }
             HeaderKind::Known(slot) => store_known(&mut h, slot, value)?,
-            HeaderKind::Other => {}
+            HeaderKind::Other | HeaderKind::Cookie => {}
         }
     }
     if saw_te && content_length.is_some() {
@@ -295,6 +312,7 @@ enum HeaderKind {
     TransferEncoding,
     Connection,
     Expect,
+    Cookie,
     Known(Slot),
     Other,
 }
@@ -333,6 +351,7 @@ fn header_kind(name: &str) -> HeaderKind {
         6 if is("accept") => Known(Slot::Accept),
         6 if is("origin") => Known(Slot::Origin),
         6 if is("expect") => HeaderKind::Expect,
+        6 if is("cookie") => HeaderKind::Cookie,
         8 if is("mcp-name") => Known(Slot::McpName),
         9 if is("x-api-key") => Known(Slot::ApiKey),
         10 if is("connection") => HeaderKind::Connection,
@@ -439,6 +458,20 @@ mod tests {
         );
         assert_eq!(h.h.session_id.as_deref(), Some("abc"));
         assert!(h.keep_alive);
+    }
+
+    #[test]
+    fn cookies_are_joined_and_an_unreadable_one_is_ignored_not_refused() {
+        let h = complete(
+            "GET /oauth/callback HTTP/1.1\r\nHost: a\r\nCookie: a=1; b=2\r\nCookie: c=3\r\n\r\n",
+        );
+        assert_eq!(h.h.cookie.as_deref(), Some("a=1; b=2; c=3"));
+        let raw = b"GET / HTTP/1.1\r\nHost: a\r\nCookie: x=\xff\xfe\r\nCookie: y=1\r\n\r\n";
+        let h = match parse_head(raw, 16384, 1 << 20) {
+            Ok(HeadParse::Complete(h)) => h,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(h.h.cookie.as_deref(), Some("y=1"));
     }
 
     #[test]

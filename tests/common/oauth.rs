@@ -25,6 +25,8 @@ pub struct FakeGithub {
     pub addr: SocketAddr,
     pub token_requests: Arc<Mutex<Vec<HashMap<String, String>>>>,
     pub authorize_requests: Arc<Mutex<Vec<HashMap<String, String>>>>,
+    /// When set, the raw JSON `/user` answers with (a hostile or odd IdP).
+    pub userinfo: Arc<Mutex<Option<String>>>,
     stop: Arc<AtomicUsize>,
 }
 
@@ -36,10 +38,12 @@ impl FakeGithub {
         let authorize_requests = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicUsize::new(0));
         let codes: Arc<Mutex<Vec<String>>> = Arc::default();
-        let (tr, ar, st) = (
+        let userinfo: Arc<Mutex<Option<String>>> = Arc::default();
+        let (tr, ar, st, ui) = (
             token_requests.clone(),
             authorize_requests.clone(),
             stop.clone(),
+            userinfo.clone(),
         );
         std::thread::spawn(move || {
             let issued = AtomicUsize::new(0);
@@ -95,7 +99,15 @@ impl FakeGithub {
                     }
                     ("GET", "/user") => {
                         let auth = headers.get("authorization").cloned().unwrap_or_default();
-                        if auth == "Bearer gho_faketoken" {
+                        let raw = ui.lock().unwrap().clone();
+                        if auth == "Bearer gho_faketoken"
+                            && let Some(body) = raw
+                        {
+                            format!(
+                                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                                body.len()
+                            )
+                        } else if auth == "Bearer gho_faketoken" {
                             json_answer(&json!({"id": GH_USER_ID, "login": "octocat"}))
                         } else {
                             "HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".into()
@@ -111,6 +123,7 @@ impl FakeGithub {
             addr,
             token_requests,
             authorize_requests,
+            userinfo,
             stop,
         }
     }
@@ -267,6 +280,27 @@ pub fn get_url(url: &str) -> Response {
     )
 }
 
+/// GET `url` (on loopback) with a `Cookie` header (as a browser sends what it was given).
+pub fn get_url_with_cookie(url: &str, cookie: &str) -> Response {
+    let (addr, target) = split_url(url);
+    request(
+        addr,
+        &format!(
+            "GET {target} HTTP/1.1\r\nHost: {addr}\r\nCookie: {cookie}\r\nConnection: close\r\n\r\n"
+        ),
+    )
+}
+
+/// The `name=value` a `Set-Cookie` header of `r` sets.
+pub fn cookie_of(r: &Response) -> String {
+    r.header("set-cookie")
+        .expect("a Set-Cookie header")
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
 /// POST `body` of `content_type` to `path` on the gateway.
 pub fn post(g: &Gateway, path: &str, content_type: &str, body: &str) -> Response {
     request(
@@ -379,10 +413,12 @@ pub fn sign_in(authorize: &str) -> HashMap<String, String> {
     let r = approve(authorize);
     assert_eq!(r.status, 302, "authorize: {}", r.text());
     let to_idp = r.header("location").unwrap().to_string();
+    // The browser keeps the cookie the approval set and sends it back to the callback.
+    let cookie = cookie_of(&r);
     let r = get_url(&to_idp);
     assert_eq!(r.status, 302, "fake GitHub authorize");
     let to_callback = r.header("location").unwrap().to_string();
-    let r = get_url(&to_callback);
+    let r = get_url_with_cookie(&to_callback, &cookie);
     assert_eq!(r.status, 302, "callback: {}", r.text());
     let to_client = r.header("location").unwrap().to_string();
     assert!(
