@@ -112,11 +112,19 @@ async function browse(authorizationUrl, redirectUri) {
     headers: { origin, "content-type": "application/x-www-form-urlencoded" },
     body: new URLSearchParams({ ticket, decision: "allow" }),
   });
+  // A browser keeps the gateway's sign-in cookie (set with the approval) and sends it back to
+  // the gateway's callback: the sign-in is bound to the browser that approved it.
+  const setCookies = r.headers.getSetCookie?.() ?? [r.headers.get("set-cookie")].filter(Boolean);
+  const cookies = setCookies.map((c) => c.split(";")[0]);
   for (let hops = 0; hops < 5; hops++) {
     const location = r.headers.get("location");
     if (r.status !== 302 || !location) throw new Error(`expected a redirect, got ${r.status}: ${await r.text()}`);
     if (location.startsWith(redirectUri)) return new URL(location);
-    r = await fetch(location, { redirect: "manual" });
+    const toGateway = new URL(location).origin === origin;
+    r = await fetch(location, {
+      redirect: "manual",
+      headers: toGateway && cookies.length ? { cookie: cookies.join("; ") } : {},
+    });
   }
   throw new Error("too many redirects");
 }
