@@ -1172,3 +1172,23 @@ fn a_userinfo_with_a_repeated_member_or_an_unusable_id_fails_the_sign_in() {
     }
     wait_for_audit(&audit, "oauth_sign_in_failed");
 }
+
+/// A token minted for one endpoint reaches that endpoint's server only, wherever it is
+/// presented: the legacy messages URL names no endpoint of its own, so a token for
+/// `/mcp/files` posted into a session of the default server's `/sse` stream is refused (the
+/// session is not its caller's), while the stream's own token works there.
+#[test]
+fn a_token_for_one_endpoint_cannot_post_into_another_servers_legacy_session() {
+    use common::legacy::{INIT_2024, Legacy};
+    let gh = FakeGithub::start();
+    let g = facade_gateway(&gh, "");
+    let token = |path: &str| {
+        let (_, t) = tokens_for(&g, &format!("{}{path}", base(&g)), Some("mcp:all"));
+        t["access_token"].as_str().unwrap().to_string()
+    };
+    let (sse, files) = (token("/sse"), token("/mcp/files"));
+    let l = Legacy::open(g.addr, "/sse", &sse);
+    let refused = l.post_as(&files, INIT_2024);
+    assert_eq!(refused.status, 404, "{}", refused.text());
+    assert_eq!(l.post(INIT_2024).status, 202);
+}

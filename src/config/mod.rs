@@ -1450,17 +1450,22 @@ fn validate_oauth(
         .and_then(|u| public_url(u).map_err(|e| invalid("server.public_url", e)))?;
     // Every MCP endpoint has metadata of its own; longest first, so a path finds its own.
     let mut resource_paths: Vec<String> = Vec::new();
+    // Which server each of those paths reaches (a token for one reaches that server only).
+    let mut resource_routes: Vec<(String, Arc<str>)> = Vec::new();
     let sse = &file.server.sse_path;
     for r in routes {
-        resource_paths.push(r.endpoint.clone());
-        if let Some(p) = &r.prefix {
-            resource_paths.push(p.clone());
-        }
-        resource_paths.push(if &*r.name == DEFAULT_ROUTE {
+        let legacy = if &*r.name == DEFAULT_ROUTE {
             sse.clone()
         } else {
             format!("{sse}/{}", r.name)
-        });
+        };
+        for p in std::iter::once(&r.endpoint)
+            .chain(r.prefix.as_ref())
+            .chain(std::iter::once(&legacy))
+        {
+            resource_paths.push(p.clone());
+            resource_routes.push((p.clone(), r.name.clone()));
+        }
     }
     resource_paths.retain(|p| p != "/");
     resource_paths.sort_by(|a, b| b.len().cmp(&a.len()).then(a.cmp(b)));
@@ -1536,6 +1541,7 @@ fn validate_oauth(
         return Ok(crate::facade::Oauth {
             public_url: base,
             resource_paths,
+            resource_routes,
             authorization_servers: o.authorization_servers.clone(),
             scopes: o.scopes.clone(),
             server: None,
@@ -1644,6 +1650,7 @@ fn validate_oauth(
         authorization_servers: vec![base.clone()],
         public_url: base,
         resource_paths,
+        resource_routes,
         // What this authorization server grants: the scopes the mapping knows.
         scopes: o.scope_tool_mapping.keys().cloned().collect(),
         server: Some(crate::facade::AuthServer {

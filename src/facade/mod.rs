@@ -61,6 +61,8 @@ pub struct Oauth {
     /// Paths with protected-resource metadata of their own (every MCP endpoint and legacy SSE
     /// path), longest first.
     pub resource_paths: Vec<String>,
+    /// Each of those paths with the routed server it reaches.
+    pub resource_routes: Vec<(String, Arc<str>)>,
     /// Advertised in the metadata: the external servers, or `public_url` for the facade.
     pub authorization_servers: Vec<String>,
     /// Scopes advertised (`scopes_supported`, the challenge's `scope`).
@@ -347,7 +349,24 @@ impl AuthServer {
                 if self.shared.tables().is_revoked(family) {
                     return Err(TokenRefusal::Refused("oauth_token_revoked"));
                 }
-                let identity = self.tokens.identity_as(&v, AuthMethod::OAuth, "oauth:");
+                let mut identity = self.tokens.identity_as(&v, AuthMethod::OAuth, "oauth:");
+                // A token for one endpoint reaches that endpoint's server only, whichever path
+                // it is presented at (the legacy messages URL names no endpoint of its own).
+                if audience != oauth.public_url {
+                    let path = audience
+                        .strip_prefix(oauth.public_url.as_str())
+                        .unwrap_or("");
+                    let mut policy = (*identity.policy).clone();
+                    policy.servers = Some(
+                        oauth
+                            .resource_routes
+                            .iter()
+                            .filter(|(p, _)| p == path)
+                            .map(|(_, route)| route.to_string())
+                            .collect(),
+                    );
+                    identity.policy = Arc::new(policy);
+                }
                 let entry = CachedToken {
                     identity: Rc::new(identity),
                     audience: Rc::from(audience),
@@ -1524,6 +1543,10 @@ mod tests {
         let o = Oauth {
             public_url: "https://mcp.example.com".into(),
             resource_paths: vec!["/mcp/files".into(), "/mcp".into()],
+            resource_routes: vec![
+                ("/mcp/files".into(), Arc::from("files")),
+                ("/mcp".into(), Arc::from("default")),
+            ],
             authorization_servers: vec![],
             scopes: vec![],
             server: None,
