@@ -133,12 +133,20 @@ impl Jwks {
     /// A worker met an unknown `kid` (or holds no keys yet): join the fetch under way, or start
     /// one unless the last began less than [`EARLY_REFRESH_EVERY`] ago. Never blocks on the
     /// network; the lock is held for a few instructions.
-    pub fn refresh_now(&self) -> Refresh {
+    ///
+    /// `seen` is [`Jwks::fetched`] as the caller read it before it looked at the keys: when a
+    /// fetch ended since, the keys it needs may be held now, and the answer is a wait that is
+    /// already over (check again at once) rather than a refusal for asking too soon.
+    pub fn refresh_now(&self, seen: u64) -> Refresh {
         let Ok(mut control) = self.control.lock() else {
             return Refresh::Refused;
         };
         if let Some((_, rx)) = &control.inflight {
             return Refresh::Wait(rx.clone());
+        }
+        if self.fetched.load(Ordering::Acquire) != seen {
+            let (_, over) = async_channel::bounded(1);
+            return Refresh::Wait(over);
         }
         if control
             .last_fetch
@@ -225,7 +233,7 @@ impl Jwks {
         }
         let n = keys.len();
         self.keys.store(Arc::new(keys));
-        self.fetched.fetch_add(1, Ordering::Relaxed);
+        self.fetched.fetch_add(1, Ordering::Release);
         Ok(n)
     }
 }
@@ -283,19 +291,28 @@ mod tests {
         });
         let jwks = Jwks::new(url, Duration::from_secs(3600));
         assert!(
-            matches!(jwks.refresh_now(), Refresh::Refused),
+            matches!(jwks.refresh_now(0), Refresh::Refused),
             "no refresher yet"
         );
         jwks.start();
         // The first fetch is under way: requests wait for it, all on the same fetch.
-        let (Refresh::Wait(a), Refresh::Wait(b)) = (jwks.refresh_now(), jwks.refresh_now()) else {
+        let (Refresh::Wait(a), Refresh::Wait(b)) = (jwks.refresh_now(0), jwks.refresh_now(0))
+        else {
             panic!("the first fetch is not awaitable");
         };
         hang_up.send(()).unwrap();
         assert!(a.recv_blocking().is_err() && b.recv_blocking().is_err());
         idp.join().unwrap();
         // It has ended (failed); another one so soon is refused without waiting.
-        assert!(matches!(jwks.refresh_now(), Refresh::Refused));
+        assert!(matches!(jwks.refresh_now(0), Refresh::Refused));
         assert_eq!(jwks.keys().len(), 0);
+        // A request that looked at the keys before a fetch ended (it saw an older epoch) is
+        // told to look again at once, not refused for asking too soon.
+        jwks.fetched.fetch_add(1, Ordering::Release);
+        let Refresh::Wait(over) = jwks.refresh_now(0) else {
+            panic!("a fetch that ended since the request looked is not a refusal");
+        };
+        assert!(over.recv_blocking().is_err(), "the wait is already over");
+        assert!(matches!(jwks.refresh_now(1), Refresh::Refused));
     }
 }

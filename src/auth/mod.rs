@@ -319,7 +319,7 @@ impl JwtProvider {
     pub fn key_epoch(&self) -> u64 {
         match &self.keys {
             JwtKeys::Secret(_) => 0,
-            JwtKeys::Jwks(set) => set.fetched.load(std::sync::atomic::Ordering::Relaxed),
+            JwtKeys::Jwks(set) => set.fetched.load(std::sync::atomic::Ordering::Acquire),
         }
     }
 
@@ -657,11 +657,14 @@ impl Authenticator {
         let (identity, until) = match cache.cached(token, now) {
             Some(hit) => hit,
             None => {
+                // Which fetch the keys are from, read before they are looked at (see
+                // `Jwks::refresh_now`).
+                let seen = jwt.key_epoch();
                 let verified = match jwt.verify(token, now) {
                     Ok(v) => v,
                     Err(Ok(e)) => return Err(AuthError::Invalid(AuthMethod::Jwt, e.reason())),
                     Err(Err(set)) => {
-                        return Err(wait_for_keys(set, AuthMethod::Jwt, "jwt_unknown_kid"));
+                        return Err(wait_for_keys(set, seen, AuthMethod::Jwt, "jwt_unknown_kid"));
                     }
                 };
                 let identity = Rc::new(jwt.identity(&verified));
@@ -695,13 +698,21 @@ impl Authenticator {
             return Err(refused("oauth_too_large"));
         }
         let (identity, until) = match &provider.validation {
-            oauth::Validation::Jwt { .. } => match provider.verify_jwt(token, now) {
-                Ok(found) => found,
-                Err(Ok(why)) => return Err(refused(why)),
-                Err(Err(set)) => {
-                    return Err(wait_for_keys(set, AuthMethod::OAuth, "oauth_unknown_kid"));
+            oauth::Validation::Jwt { .. } => {
+                let seen = provider.key_epoch();
+                match provider.verify_jwt(token, now) {
+                    Ok(found) => found,
+                    Err(Ok(why)) => return Err(refused(why)),
+                    Err(Err(set)) => {
+                        return Err(wait_for_keys(
+                            set,
+                            seen,
+                            AuthMethod::OAuth,
+                            "oauth_unknown_kid",
+                        ));
+                    }
                 }
-            },
+            }
             oauth::Validation::Introspection(introspector) => {
                 let answer = cache.answers.borrow_mut().remove(token);
                 match answer {
@@ -736,8 +747,13 @@ impl Authenticator {
 
 /// A token whose key is not held: wait for the JWKS fetch under way (or start one), or — when
 /// one ran too recently — refuse at once.
-fn wait_for_keys(set: &jwks::Jwks, method: AuthMethod, reason: &'static str) -> AuthError {
-    match set.refresh_now() {
+fn wait_for_keys(
+    set: &jwks::Jwks,
+    seen: u64,
+    method: AuthMethod,
+    reason: &'static str,
+) -> AuthError {
+    match set.refresh_now(seen) {
         jwks::Refresh::Wait(ended) => AuthError::Pending(Pending {
             awaiting: Awaiting::Keys(ended),
             refusal: (method, reason),

@@ -70,7 +70,7 @@ impl OauthProvider {
     /// Which key set is in force (JWT validation): bumped by every JWKS fetch.
     pub fn key_epoch(&self) -> u64 {
         match &self.validation {
-            Validation::Jwt { keys, .. } => keys.fetched.load(std::sync::atomic::Ordering::Relaxed),
+            Validation::Jwt { keys, .. } => keys.fetched.load(std::sync::atomic::Ordering::Acquire),
             _ => 0,
         }
     }
