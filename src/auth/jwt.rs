@@ -1914,6 +1914,8 @@ mod tests {
             "alice\u{3164}".into(),
             "alice\u{fe0f}".into(),
             "   ".into(),
+            "alice ".into(),
+            " alice".into(),
         ] {
             assert_eq!(
                 check_claims_of(&with("sub", json!(bad))),
