@@ -53,10 +53,7 @@ pub async fn serve<S: Connection>(
                 let meta = ReqMeta {
                     request_id: w.next_request_id(),
                     client_request_id: None,
-                    peer: Peer {
-                        addr,
-                        cert: client.as_ref().and_then(|c| c.names()),
-                    },
+                    peer: Peer::of(addr, client.as_ref()),
                     trace_id: None,
                     started: Instant::now(),
                     wall: SystemTime::now(),
@@ -89,10 +86,7 @@ pub async fn serve<S: Connection>(
                 crate::tls::client::Recheck::Refused => last_request = true,
             }
         }
-        let peer = Peer {
-            addr,
-            cert: client.as_ref().and_then(|c| c.names()),
-        };
+        let peer = Peer::of(addr, client.as_ref());
         // Everything from the body to the written reply runs in one boxed future: an idle
         // connection's task then holds only the (small) head-reading state, and a request in
         // flight pays one allocation for the pipeline's large state machine.
@@ -601,9 +595,21 @@ impl StreamAuth<'_> {
                 return false;
             }
         }
+        // So does a client certificate that has expired.
+        if peer.client.is_some_and(|c| c.expired(unix_now())) {
+            return false;
+        }
         let now = w.settings();
         if Rc::ptr_eq(&now, &self.opened_with.borrow()) {
             return true;
+        }
+        // A reload: the certificate must still verify with the client verifier it brought.
+        let verifier = now.server.tls.as_ref().and_then(|t| t.client_verifier.as_ref());
+        if peer
+            .client
+            .is_some_and(|c| !c.still_admitted(verifier, unix_now()))
+        {
+            return false;
         }
         let id = |s: &Settings| {
             let slot = crate::auth::IdentitySlot::new();

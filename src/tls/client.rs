@@ -159,17 +159,56 @@ impl ClientAuth {
     /// client verifier is no longer the one that accepted it (a reload), the chain verifies
     /// with the current one. Refusals stick: once refused, the connection ends after the reply.
     pub fn recheck(&mut self, current: Option<&Arc<dyn ClientCertVerifier>>, now: i64) -> Recheck {
-        if let Some(cert) = &mut self.cert {
-            if cert.names.refused.is_some() {
-                return Recheck::Refused;
+        match self.check(current, now) {
+            Check::Unchanged => Recheck::Serve,
+            Check::Admitted => {
+                self.verifier = current.cloned();
+                Recheck::Serve
+            }
+            // Client certificates are no longer verified at all: nothing vouches for this one
+            // now, so it counts as absent (the request goes on down the chain).
+            Check::Unverified => {
+                self.cert = None;
+                self.verifier = None;
+                Recheck::Serve
+            }
+            Check::Refused(why) => {
+                if let Some(cert) = &mut self.cert {
+                    cert.names.refused = Some(why);
+                }
+                Recheck::Refused
+            }
+            Check::Close => Recheck::Close,
+        }
+    }
+
+    /// Whether the certificate is outside its validity window at `now`.
+    pub fn expired(&self, now: i64) -> bool {
+        self.cert.as_ref().is_some_and(|c| {
+            c.names.refused.is_some() || now < c.names.valid_from || now > c.names.valid_until
+        })
+    }
+
+    /// Whether a response stream opened on this connection may go on under the client verifier
+    /// `current` (a reload happened since it opened): [`ClientAuth::recheck`] without changing
+    /// anything, since the connection's next request checks again anyway.
+    pub fn still_admitted(&self, current: Option<&Arc<dyn ClientCertVerifier>>, now: i64) -> bool {
+        matches!(
+            self.check(current, now),
+            Check::Unchanged | Check::Admitted
+        )
+    }
+
+    fn check(&self, current: Option<&Arc<dyn ClientCertVerifier>>, now: i64) -> Check {
+        if let Some(cert) = &self.cert {
+            if let Some(why) = cert.names.refused {
+                return Check::Refused(why);
             }
             if now < cert.names.valid_from {
-                cert.names.refused = Some("mtls_certificate_not_yet_valid");
-                return Recheck::Refused;
+                return Check::Refused("mtls_certificate_not_yet_valid");
             }
             if now > cert.names.valid_until {
-                cert.names.refused = Some("mtls_certificate_expired");
-                return Recheck::Refused;
+                return Check::Refused("mtls_certificate_expired");
             }
         }
         let unchanged = match (&self.verifier, current) {
@@ -178,32 +217,38 @@ impl ClientAuth {
             _ => false,
         };
         if unchanged {
-            return Recheck::Serve;
+            return Check::Unchanged;
         }
-        match (&mut self.cert, current) {
-            // Client certificates are no longer verified at all: nothing vouches for this one
-            // now, so it counts as absent (the request goes on down the chain).
-            (Some(_), None) => self.cert = None,
+        match (&self.cert, current) {
+            (Some(_), None) => Check::Unverified,
             (Some(cert), Some(verifier)) => {
                 let Some((end_entity, intermediates)) = cert.chain.split_first() else {
-                    cert.names.refused = Some("mtls_revoked");
-                    return Recheck::Refused;
+                    return Check::Refused("mtls_revoked");
                 };
                 let now = UnixTime::since_unix_epoch(std::time::Duration::from_secs(
                     u64::try_from(now).unwrap_or(0),
                 ));
-                if verifier
-                    .verify_client_cert(end_entity, intermediates, now)
-                    .is_err()
-                {
-                    cert.names.refused = Some("mtls_revoked");
-                    return Recheck::Refused;
+                match verifier.verify_client_cert(end_entity, intermediates, now) {
+                    Ok(_) => Check::Admitted,
+                    Err(_) => Check::Refused("mtls_revoked"),
                 }
             }
-            (None, Some(verifier)) if verifier.client_auth_mandatory() => return Recheck::Close,
-            (None, _) => {}
+            (None, Some(verifier)) if verifier.client_auth_mandatory() => Check::Close,
+            (None, _) => Check::Admitted,
         }
-        self.verifier = current.cloned();
-        Recheck::Serve
     }
+}
+
+/// What [`ClientAuth::check`] found.
+enum Check {
+    /// The verifier that accepted the connection is still the configuration's.
+    Unchanged,
+    /// A new verifier that accepts the connection too.
+    Admitted,
+    /// Client certificates are no longer verified: the certificate vouches for nothing.
+    Unverified,
+    /// The certificate no longer names anybody, for this reason.
+    Refused(&'static str),
+    /// Certificates are now required and the connection has none.
+    Close,
 }

@@ -42,12 +42,28 @@ pub struct Peer<'a> {
     pub addr: SocketAddr,
     /// The verified client certificate's names, when one was presented and verified.
     pub cert: Option<&'a CertNames>,
+    /// Over TLS, the connection's client authentication, for a long response to check that
+    /// it still holds.
+    pub client: Option<&'a client::ClientAuth>,
 }
 
 impl<'a> Peer<'a> {
     /// A client on plain TCP, or over TLS without a client certificate.
     pub fn plain(addr: SocketAddr) -> Self {
-        Self { addr, cert: None }
+        Self {
+            addr,
+            cert: None,
+            client: None,
+        }
+    }
+
+    /// A client on a connection whose client authentication is `client` (`None`: plain TCP).
+    pub fn of(addr: SocketAddr, client: Option<&'a client::ClientAuth>) -> Self {
+        Self {
+            addr,
+            cert: client.and_then(|c| c.names()),
+            client,
+        }
     }
 
     /// The client's IP address.
