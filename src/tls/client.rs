@@ -252,3 +252,117 @@ enum Check {
     /// Certificates are now required and the connection has none.
     Close,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+
+    fn ca(name: &str) -> (CertificateDer<'static>, Issuer<'static, KeyPair>) {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name.push(DnType::CommonName, name);
+        let cert = p.self_signed(&key).unwrap();
+        (cert.der().clone(), Issuer::new(p, key))
+    }
+
+    fn client(issuer: &Issuer<'static, KeyPair>) -> CertificateDer<'static> {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(DnType::CommonName, "alice");
+        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        p.signed_by(&key, issuer).unwrap().der().clone()
+    }
+
+    fn verifier(cas: &[&CertificateDer<'static>], required: bool) -> Arc<dyn ClientCertVerifier> {
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in cas {
+            roots.add((*ca).clone()).unwrap();
+        }
+        let b = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            roots.into(),
+            Arc::new(rustls::crypto::ring::default_provider()),
+        );
+        let b = if required {
+            b
+        } else {
+            b.allow_unauthenticated()
+        };
+        Arc::new(CappedClientVerifier::new(b.build().unwrap()))
+    }
+
+    fn now() -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+    }
+
+    #[test]
+    fn a_reload_is_checked_against_the_new_verifier_and_refusals_stick() {
+        let (a, issuer_a) = ca("A");
+        let (b, issuer_b) = ca("B");
+        let both = verifier(&[&a, &b], false);
+        let from_b = client(&issuer_b);
+        let mut auth = ClientAuth::new(Some(both.clone()), Some(&[from_b.clone()]));
+        assert_eq!(auth.recheck(Some(&both), now()), Recheck::Serve);
+        assert!(!auth.expired(now()));
+        let only_a = verifier(&[&a], false);
+        // A stream only asks; the connection's next request decides, and the refusal sticks.
+        assert!(!auth.still_admitted(Some(&only_a), now()));
+        assert!(auth.still_admitted(Some(&both), now()));
+        assert_eq!(auth.recheck(Some(&only_a), now()), Recheck::Refused);
+        assert_eq!(auth.names().unwrap().refused, Some("mtls_revoked"));
+        assert_eq!(auth.recheck(Some(&both), now()), Recheck::Refused);
+        // A certificate the new verifier accepts goes on, and is not verified again after.
+        let from_a = client(&issuer_a);
+        let mut auth = ClientAuth::new(Some(both.clone()), Some(&[from_a]));
+        assert_eq!(auth.recheck(Some(&only_a), now()), Recheck::Serve);
+        assert!(Arc::ptr_eq(auth.verifier.as_ref().unwrap(), &only_a));
+        // Client verification switched off: the certificate vouches for nothing any more.
+        assert_eq!(auth.recheck(None, now()), Recheck::Serve);
+        assert!(auth.names().is_none());
+    }
+
+    #[test]
+    fn without_a_certificate_a_switch_to_required_closes_and_validity_is_checked() {
+        let (a, issuer_a) = ca("A");
+        let optional = verifier(&[&a], false);
+        let mut none = ClientAuth::new(Some(optional.clone()), None);
+        assert!(none.still_admitted(Some(&verifier(&[&a], false)), now()));
+        assert_eq!(none.recheck(Some(&verifier(&[&a], true)), now()), Recheck::Close);
+        let cert = client(&issuer_a);
+        let mut auth = ClientAuth::new(Some(optional.clone()), Some(&[cert]));
+        let names = auth.names().unwrap().clone();
+        assert!(auth.expired(names.valid_until + 1));
+        assert!(auth.expired(names.valid_from - 1));
+        assert_eq!(
+            auth.recheck(Some(&optional), names.valid_until + 1),
+            Recheck::Refused
+        );
+        assert_eq!(
+            auth.names().unwrap().refused,
+            Some("mtls_certificate_expired")
+        );
+        // Not a certificate at all: no names, so nothing to keep.
+        let junk = CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x00]);
+        assert!(ClientAuth::new(Some(optional), Some(&[junk])).names().is_none());
+    }
+
+    #[test]
+    fn more_than_eight_intermediates_are_refused_before_verification() {
+        let (a, issuer_a) = ca("A");
+        let v = verifier(&[&a], true);
+        let leaf = client(&issuer_a);
+        let bogus: Vec<_> = (0..=MAX_CLIENT_INTERMEDIATES).map(|_| ca("A").0).collect();
+        let at = UnixTime::now();
+        let err = v.verify_client_cert(&leaf, &bogus, at).unwrap_err();
+        let e = std::io::Error::new(std::io::ErrorKind::InvalidData, err);
+        assert_eq!(super::super::certificate_refusal(&e), Some("mtls_chain_too_long"));
+        assert!(
+            v.verify_client_cert(&leaf, &bogus[..MAX_CLIENT_INTERMEDIATES], at)
+                .is_ok()
+        );
+    }
+}
