@@ -917,7 +917,6 @@ pub(crate) fn acceptable_identity(name: &str) -> bool {
         && !name.chars().any(forbidden_in_identity)
 }
 
-
 /// Characters an identity may not hold: C0/C1 controls and DEL, and the invisible ones that
 /// change how a line reads (line/paragraph separators, bidi overrides and isolates). The
 /// identity lands in audit lines, metrics labels and policy; it must read as what it is.

@@ -604,7 +604,11 @@ impl StreamAuth<'_> {
             return true;
         }
         // A reload: the certificate must still verify with the client verifier it brought.
-        let verifier = now.server.tls.as_ref().and_then(|t| t.client_verifier.as_ref());
+        let verifier = now
+            .server
+            .tls
+            .as_ref()
+            .and_then(|t| t.client_verifier.as_ref());
         if peer
             .client
             .is_some_and(|c| !c.still_admitted(verifier, unix_now()))

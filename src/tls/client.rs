@@ -193,10 +193,7 @@ impl ClientAuth {
     /// `current` (a reload happened since it opened): [`ClientAuth::recheck`] without changing
     /// anything, since the connection's next request checks again anyway.
     pub fn still_admitted(&self, current: Option<&Arc<dyn ClientCertVerifier>>, now: i64) -> bool {
-        matches!(
-            self.check(current, now),
-            Check::Unchanged | Check::Admitted
-        )
+        matches!(self.check(current, now), Check::Unchanged | Check::Admitted)
     }
 
     fn check(&self, current: Option<&Arc<dyn ClientCertVerifier>>, now: i64) -> Check {
@@ -305,7 +302,7 @@ mod tests {
         let (b, issuer_b) = ca("B");
         let both = verifier(&[&a, &b], false);
         let from_b = client(&issuer_b);
-        let mut auth = ClientAuth::new(Some(both.clone()), Some(&[from_b.clone()]));
+        let mut auth = ClientAuth::new(Some(both.clone()), Some(std::slice::from_ref(&from_b)));
         assert_eq!(auth.recheck(Some(&both), now()), Recheck::Serve);
         assert!(!auth.expired(now()));
         let only_a = verifier(&[&a], false);
@@ -331,7 +328,10 @@ mod tests {
         let optional = verifier(&[&a], false);
         let mut none = ClientAuth::new(Some(optional.clone()), None);
         assert!(none.still_admitted(Some(&verifier(&[&a], false)), now()));
-        assert_eq!(none.recheck(Some(&verifier(&[&a], true)), now()), Recheck::Close);
+        assert_eq!(
+            none.recheck(Some(&verifier(&[&a], true)), now()),
+            Recheck::Close
+        );
         let cert = client(&issuer_a);
         let mut auth = ClientAuth::new(Some(optional.clone()), Some(&[cert]));
         let names = auth.names().unwrap().clone();
@@ -347,7 +347,11 @@ mod tests {
         );
         // Not a certificate at all: no names, so nothing to keep.
         let junk = CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x00]);
-        assert!(ClientAuth::new(Some(optional), Some(&[junk])).names().is_none());
+        assert!(
+            ClientAuth::new(Some(optional), Some(&[junk]))
+                .names()
+                .is_none()
+        );
     }
 
     #[test]
@@ -359,7 +363,10 @@ mod tests {
         let at = UnixTime::now();
         let err = v.verify_client_cert(&leaf, &bogus, at).unwrap_err();
         let e = std::io::Error::new(std::io::ErrorKind::InvalidData, err);
-        assert_eq!(super::super::certificate_refusal(&e), Some("mtls_chain_too_long"));
+        assert_eq!(
+            super::super::certificate_refusal(&e),
+            Some("mtls_chain_too_long")
+        );
         assert!(
             v.verify_client_cert(&leaf, &bogus[..MAX_CLIENT_INTERMEDIATES], at)
                 .is_ok()
