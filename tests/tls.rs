@@ -39,6 +39,10 @@ struct Names<'a> {
     email: Option<&'a str>,
     uri: Option<&'a str>,
     expired: bool,
+    /// The validity window in Unix seconds, instead of the default one.
+    window: Option<(u64, u64)>,
+    /// Filler DNS names, each about 200 bytes, to make the certificate large.
+    filler_names: usize,
 }
 
 impl Pki {
@@ -104,6 +108,17 @@ impl Pki {
             p.not_before = rcgen::date_time_ymd(2001, 1, 1);
             p.not_after = rcgen::date_time_ymd(2002, 1, 1);
         }
+        if let Some((from, until)) = n.window {
+            let epoch = rcgen::date_time_ymd(1970, 1, 1);
+            p.not_before = epoch + Duration::from_secs(from);
+            p.not_after = epoch + Duration::from_secs(until);
+        }
+        for i in 0..n.filler_names {
+            let label = "f".repeat(60);
+            let name = format!("n{i:04}.{label}.{label}.{label}.example");
+            p.subject_alt_names
+                .push(SanType::DnsName(name.try_into().unwrap()));
+        }
         let cert = p.signed_by(&key, issuer).unwrap();
         self.write(file, &cert, &key)
     }
@@ -138,6 +153,15 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 /// A rustls client config trusting `ca`, presenting `client` when given.
 fn client_config(ca: &Path, client: Option<&Pem>) -> Arc<rustls::ClientConfig> {
+    client_config_for(ca, client, rustls::DEFAULT_VERSIONS)
+}
+
+/// [`client_config`] offering only `versions`.
+fn client_config_for(
+    ca: &Path,
+    client: Option<&Pem>,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Arc<rustls::ClientConfig> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let mut roots = rustls::RootCertStore::empty();
@@ -145,7 +169,7 @@ fn client_config(ca: &Path, client: Option<&Pem>) -> Arc<rustls::ClientConfig> {
         roots.add(c.unwrap()).unwrap();
     }
     let b = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(versions)
         .unwrap()
         .with_root_certificates(roots);
     let mut config = match client {
@@ -348,7 +372,7 @@ fn each_identity_source_names_the_caller_and_a_missing_field_is_refused() {
             dns: Some("alice.example.com"),
             email: Some("alice@example.com"),
             uri: Some("spiffe://example.org/ns/prod/sa/alice"),
-            expired: false,
+            ..Names::default()
         },
     );
     let cn_only = pki.client(
@@ -777,4 +801,359 @@ fn a_forged_record_after_the_handshake_closes_only_that_connection() {
     // The worker goes on serving.
     let r = request_as(&g, &pki.ca, None, "GET /health HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     assert!(r.status == 200 || r.status == 503);
+}
+
+/// Now, in Unix seconds.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A gateway on `[server.tls]` verifying clients against `ca` (`client_auth`), with
+/// `[auth.mtls]` lines `mtls`, an API key `ci` (key "secret-key"), and an audit file.
+fn mtls_config(server: &Pem, ca: &Path, client_auth: &str, mtls: &str, audit: &Path) -> String {
+    let hash = "hdvhXXXvkwjHrg8zx6MkzG9L9Rmi7S8wJ70zwUCk+ao=";
+    format!(
+        "{}[auth.mtls]\nenabled = true\n{mtls}[[auth.api_keys]]\nid = \"ci\"\nkey_hash = \"{hash}\"\n{}",
+        stdio_config("auto", &tls_section(server, Some((ca, client_auth))), &[]),
+        audit_section(audit)
+    )
+}
+
+#[test]
+fn an_expired_certificate_stops_authenticating_on_keep_alive_and_resumed_sessions() {
+    let pki = Pki::new();
+    let server = pki.server("server");
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.log");
+    let g = Gateway::start(&mtls_config(&server, &pki.ca, "required", "", &audit));
+    // Valid for a few seconds from now: long enough for the handshakes below.
+    let now = unix_now();
+    let until = now + 3;
+    let brief = pki.client(
+        "brief",
+        &Names {
+            cn: Some("alice"),
+            window: Some((now - 60, until)),
+            ..Names::default()
+        },
+    );
+    let mut open = Vec::new();
+    for versions in [&[&rustls::version::TLS13], &[&rustls::version::TLS12]] {
+        // One client config per version: its session cache lets the later connection resume.
+        let config = client_config_for(&pki.ca, Some(&brief), versions);
+        let mut tls = tls_connect(g.addr, config.clone()).unwrap();
+        let r = tls_request(&mut tls, &mcp_post_raw(INIT, None, "")).unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        open.push((config, tls));
+    }
+    audited(&audit, "\"identity\":\"mtls:alice\"");
+    while unix_now() <= until + 1 {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for (config, mut tls) in open {
+        let version = format!("{:?}", tls.conn.protocol_version());
+        // The open keep-alive connection: refused with the reason, and closed.
+        let r = tls_request(&mut tls, &mcp_post_raw(INIT, None, "")).unwrap();
+        assert_eq!(r.status, 401, "{version}: {}", r.text());
+        assert!(
+            tls_request(&mut tls, &mcp_post_raw(INIT, None, "")).is_none(),
+            "{version}: the connection stayed open"
+        );
+        // A resumed session skips the certificate check of a full handshake: the request is
+        // refused all the same.
+        let mut resumed = tls_connect(g.addr, config).unwrap();
+        assert_eq!(
+            resumed.conn.handshake_kind(),
+            Some(rustls::HandshakeKind::Resumed),
+            "{version}"
+        );
+        let r = tls_request(&mut resumed, &mcp_post_raw(INIT, None, "")).unwrap();
+        assert_eq!(r.status, 401, "{version}: {}", r.text());
+    }
+    // Refused as requests (not handshakes), with the reason.
+    let log = audited(&audit, "\"reason\":\"mtls_certificate_expired\"");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("mtls_certificate_expired") && l.contains("\"status\":401")),
+        "{log}"
+    );
+    // A full handshake refuses it at once.
+    assert!(request_as(&g, &pki.ca, Some(&brief), &mcp_post_raw(INIT, None, "")).is_none());
+}
+
+#[test]
+fn a_reload_that_drops_a_ca_or_requires_certificates_ends_open_connections_it_no_longer_admits() {
+    let pki = Pki::new();
+    let server = pki.server("server");
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.log");
+    let (second_pem, second) = Pki::ca("second CA");
+    let both = dir.path().join("both.pem");
+    std::fs::write(
+        &both,
+        std::fs::read_to_string(&pki.ca).unwrap() + &second_pem,
+    )
+    .unwrap();
+    let alice = pki.client(
+        "alice",
+        &Names {
+            cn: Some("alice"),
+            ..Names::default()
+        },
+    );
+    let bob = pki.client_by(
+        "bob",
+        &Names {
+            cn: Some("bob"),
+            ..Names::default()
+        },
+        &second,
+    );
+    let g = Gateway::start(&mtls_config(&server, &both, "optional", "", &audit));
+    let init = mcp_post_raw(INIT, None, "");
+    let init_with_key = mcp_post_raw(INIT, None, &bearer("secret-key"));
+    let mut by_alice = tls_connect(g.addr, client_config(&pki.ca, Some(&alice))).unwrap();
+    let mut by_bob = tls_connect(g.addr, client_config(&pki.ca, Some(&bob))).unwrap();
+    let mut by_key = tls_connect(g.addr, client_config(&pki.ca, None)).unwrap();
+    for (tls, raw) in [
+        (&mut by_alice, &init),
+        (&mut by_bob, &init),
+        (&mut by_key, &init_with_key),
+    ] {
+        let r = tls_request(tls, raw).unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    audited(&audit, "\"identity\":\"mtls:bob\"");
+    // The second CA leaves the bundle, and certificates become required.
+    g.reload(&mtls_config(&server, &pki.ca, "required", "", &audit), WAIT);
+    // Bob's chain no longer verifies: refused with the reason, then the connection ends.
+    let r = tls_request(&mut by_bob, &init).unwrap();
+    assert_eq!(r.status, 401, "{}", r.text());
+    audited(&audit, "\"reason\":\"mtls_revoked\"");
+    assert!(tls_request(&mut by_bob, &init).is_none());
+    // Alice's still does, on the same connection.
+    for _ in 0..2 {
+        let r = tls_request(&mut by_alice, &init).unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    // Without a certificate, a connection no longer meets the handshake's requirement.
+    assert!(tls_request(&mut by_key, &init_with_key).is_none());
+    // New handshakes as bob are refused too.
+    assert!(request_as(&g, &pki.ca, Some(&bob), &init).is_none());
+}
+
+#[test]
+fn a_client_chain_over_eight_intermediates_is_refused_before_it_is_verified() {
+    let pki = Pki::new();
+    let server = pki.server("server");
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.log");
+    let g = Gateway::start(&mtls_config(&server, &pki.ca, "required", "", &audit));
+    let leaf = pki.client(
+        "alice",
+        &Names {
+            cn: Some("alice"),
+            ..Names::default()
+        },
+    );
+    // Bogus intermediates named like the real CA, each with a key of its own: the path builder
+    // would try every one of them.
+    let bogus: Vec<String> = (0..9).map(|_| Pki::ca("mcp-guard test CA").0).collect();
+    let with = |n: usize| {
+        let pem = Pem {
+            cert: dir.path().join(format!("chain{n}.crt")),
+            key: leaf.key.clone(),
+        };
+        let chain = std::fs::read_to_string(&leaf.cert).unwrap() + &bogus[..n].concat();
+        std::fs::write(&pem.cert, chain).unwrap();
+        pem
+    };
+    let at_cap = with(8);
+    let r = request_as(&g, &pki.ca, Some(&at_cap), &mcp_post_raw(INIT, None, "")).unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let over = with(9);
+    assert!(request_as(&g, &pki.ca, Some(&over), &mcp_post_raw(INIT, None, "")).is_none());
+    audited(&audit, "\"reason\":\"mtls_chain_too_long\"");
+}
+
+#[test]
+fn a_certificate_from_the_handshake_decides_over_a_trusted_proxys_headers() {
+    let pki = Pki::new();
+    let server = pki.server("server");
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.log");
+    let g = Gateway::start(&mtls_config(
+        &server,
+        &pki.ca,
+        "optional",
+        "identity_source = \"san_dns\"\ntrusted_proxy_ips = [\"127.0.0.1\"]\n",
+        &audit,
+    ));
+    let bob = pki.client(
+        "bob",
+        &Names {
+            dns: Some("bob.example"),
+            ..Names::default()
+        },
+    );
+    let nameless = pki.client(
+        "nameless",
+        &Names {
+            cn: Some("nameless"),
+            ..Names::default()
+        },
+    );
+    let admin = "X-Client-Cert-Verified: SUCCESS\r\nX-Client-Cert-SAN-DNS: admin\r\n";
+    let r = request_as(&g, &pki.ca, Some(&bob), &mcp_post_raw(INIT, None, admin)).unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    // A certificate without the name field stays refused; the headers do not fill it in.
+    let r = request_as(
+        &g,
+        &pki.ca,
+        Some(&nameless),
+        &mcp_post_raw(INIT, None, admin),
+    )
+    .unwrap();
+    assert_eq!(r.status, 401, "{}", r.text());
+    let log = audited(&audit, "\"reason\":\"mtls_identity_missing\"");
+    assert!(log.contains("\"identity\":\"mtls:bob.example\""), "{log}");
+    assert!(!log.contains("mtls:admin"), "{log}");
+    // Without a client certificate, the trusted proxy's headers still name the caller.
+    let r = request_as(&g, &pki.ca, None, &mcp_post_raw(INIT, None, admin)).unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    audited(&audit, "\"identity\":\"mtls:admin\"");
+}
+
+#[test]
+fn odd_certificates_are_refused_with_their_own_reasons() {
+    let pki = Pki::new();
+    let server = pki.server("server");
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.log");
+    let g = Gateway::start(&mtls_config(&server, &pki.ca, "required", "", &audit));
+    let init = mcp_post_raw(INIT, None, "");
+    // A CN with a trailing space would be a second `alice` that reads the same.
+    let spaced = pki.client(
+        "spaced",
+        &Names {
+            cn: Some("alice "),
+            ..Names::default()
+        },
+    );
+    let r = request_as(&g, &pki.ca, Some(&spaced), &init).unwrap();
+    assert_eq!(r.status, 401, "{}", r.text());
+    audited(&audit, "\"reason\":\"mtls_bad_identity\"");
+    // Not valid yet: refused in the handshake, and said so.
+    let now = unix_now();
+    let future = pki.client(
+        "future",
+        &Names {
+            cn: Some("alice"),
+            window: Some((now + 86_400, now + 2 * 86_400)),
+            ..Names::default()
+        },
+    );
+    assert!(request_as(&g, &pki.ca, Some(&future), &init).is_none());
+    audited(&audit, "\"reason\":\"mtls_certificate_not_yet_valid\"");
+    // Over rustls's 64 KiB handshake message limit: refused, and counted and audited.
+    let huge = pki.client(
+        "huge",
+        &Names {
+            cn: Some("alice"),
+            filler_names: 200,
+            ..Names::default()
+        },
+    );
+    // Sent twice: each copy stays under what a certificate parser takes, the message not.
+    let twice = std::fs::read_to_string(&huge.cert).unwrap();
+    std::fs::write(&huge.cert, twice.repeat(2)).unwrap();
+    assert!(std::fs::metadata(&huge.cert).unwrap().len() > 100_000);
+    assert!(request_as(&g, &pki.ca, Some(&huge), &init).is_none());
+    audited(&audit, "\"reason\":\"mtls_certificate_too_large\"");
+    // Three failed mTLS authentications: the spaced name, the future and the huge certificate.
+    assert_eq!(
+        g.metric_settles(
+            "mcp_guard_auth_total",
+            &[("method", "mtls"), ("result", "failure")],
+            3.0
+        ),
+        3.0
+    );
+}
+
+#[test]
+fn a_quoted_e_mail_local_part_names_nobody() {
+    let pki = Pki::new();
+    let server = pki.server("server");
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.log");
+    let g = Gateway::start(&mtls_config(
+        &server,
+        &pki.ca,
+        "required",
+        "identity_source = \"san_email\"\n",
+        &audit,
+    ));
+    let init = mcp_post_raw(INIT, None, "");
+    let plain = pki.client(
+        "plain",
+        &Names {
+            email: Some("alice@example.org"),
+            ..Names::default()
+        },
+    );
+    let r = request_as(&g, &pki.ca, Some(&plain), &init).unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    audited(&audit, "\"identity\":\"mtls:alice@example.org\"");
+    for (file, email) in [
+        ("quoted", "\"alice@example.org\"@evil.com"),
+        ("twoat", "alice@example.org@evil.com"),
+    ] {
+        let odd = pki.client(
+            file,
+            &Names {
+                email: Some(email),
+                ..Names::default()
+            },
+        );
+        let r = request_as(&g, &pki.ca, Some(&odd), &init).unwrap();
+        assert_eq!(r.status, 401, "{email}: {}", r.text());
+    }
+    audited(&audit, "\"reason\":\"mtls_bad_identity\"");
+}
+
+#[test]
+fn api_key_ids_that_would_pass_for_another_caller_are_refused_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let hash = "n4bQgYhMfWWaL+qgxVrQFaO/TxsrC4Is0V1sFbDwCgg=";
+    for (id, ok) in [
+        ("ci", true),
+        ("\\u200bmtls:alice", false),
+        (" mtls:alice", false),
+        ("alice ", false),
+        ("al\\u202eice", false),
+    ] {
+        let config = dir.path().join("c.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "{}[[auth.api_keys]]\nid = \"{id}\"\nkey_hash = \"{hash}\"\n",
+                stdio_config("auto", "", &[])
+            ),
+        )
+        .unwrap();
+        let out = std::process::Command::new(GUARD)
+            .args(["validate", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.success(), ok, "{id:?}: {err}");
+        if !ok {
+            assert!(err.contains("auth.api_keys[0].id"), "{id:?}: {err}");
+        }
+    }
 }

@@ -250,6 +250,7 @@ pub fn parse_answer(body: &[u8], user_id_claim: &str) -> Result<Introspected, St
         .unwrap_or_default();
     let subject = string(user_id_claim)?.filter(|s| {
         !s.trim().is_empty()
+            && s.trim() == s
             && s.len() <= MAX_USER
             && !s.chars().any(super::jwt::forbidden_in_identity)
     });

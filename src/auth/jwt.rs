@@ -907,6 +907,16 @@ fn audience(claims: &Map<String, Value>) -> Result<Option<Vec<&str>>, JwtError> 
     }
 }
 
+/// Whether `name` reads as what it is, to become (part of) an identity: not blank, no
+/// whitespace at either end (`"alice "` would be a second `alice` that looks the same), at most
+/// [`MAX_IDENTITY_BYTES`] bytes, and no control or invisible characters.
+pub(crate) fn acceptable_identity(name: &str) -> bool {
+    !name.is_empty()
+        && name.trim() == name
+        && name.len() <= MAX_IDENTITY_BYTES
+        && !name.chars().any(forbidden_in_identity)
+}
+
 /// Characters an identity may not hold: C0/C1 controls and DEL, and the invisible ones that
 /// change how a line reads (line/paragraph separators, bidi overrides and isolates). The
 /// identity lands in audit lines, metrics labels and policy; it must read as what it is.
@@ -1001,10 +1011,7 @@ fn check_claims(
         Some(Value::String(s)) => s,
         Some(_) => return Err(JwtError::ClaimType(rules.user_id_claim.clone())),
     };
-    if subject.trim().is_empty()
-        || subject.len() > MAX_IDENTITY_BYTES
-        || subject.chars().any(forbidden_in_identity)
-    {
+    if !acceptable_identity(subject) {
         return Err(JwtError::BadIdentity);
     }
 
@@ -1906,6 +1913,8 @@ mod tests {
             "alice\u{3164}".into(),
             "alice\u{fe0f}".into(),
             "   ".into(),
+            "alice ".into(),
+            " alice".into(),
         ] {
             assert_eq!(
                 check_claims_of(&with("sub", json!(bad))),

@@ -4,9 +4,13 @@
 //! in front), the one its `X-Client-Cert-*` headers describe. From any other address those
 //! headers name nobody: they are ignored for identity, and never forwarded upstream.
 //!
+//! When the connection has a certificate from the gateway's own handshake, that certificate
+//! decides and `X-Client-Cert-*` headers are ignored, also from a trusted proxy.
+//!
 //! A certificate that verified but lacks the configured name field, or whose name would not
-//! read as what it is (blank, too long, control or invisible characters), is refused with its
-//! reason; a request without a certificate goes on down the chain (and, with no other
+//! read as what it is (blank, whitespace at either end, too long, control or invisible
+//! characters, a quoted e-mail local part), is refused with its reason; so is one that has
+//! expired or that a reload no longer trusts since the handshake; a request without a certificate goes on down the chain (and, with no other
 //! credential, gets 401 like any missing credential).
 
 use super::{AuthMethod, Identity};
@@ -107,8 +111,15 @@ impl MtlsProvider {
         head: &'h RequestHead,
         peer: Peer<'h>,
     ) -> Result<Option<&'h str>, &'static str> {
+        // A certificate this gateway verified in its own handshake decides: headers from a
+        // trusted proxy describe a certificate the proxy saw, and there is none here.
+        if let Some(cert) = peer.cert
+            && let Some(why) = cert.refused
+        {
+            return Err(why);
+        }
         let name = match head.h.client_cert.as_deref() {
-            Some(h) if self.trusts(peer.ip()) && h.verified.is_some() => {
+            Some(h) if peer.cert.is_none() && self.trusts(peer.ip()) && h.verified.is_some() => {
                 // nginx says `NONE` when its client sent no certificate, `FAILED:<why>` when
                 // one did not verify.
                 match h.verified.as_deref() {
@@ -136,9 +147,13 @@ impl MtlsProvider {
             }
         };
         let name = name.ok_or("mtls_identity_missing")?;
-        if name.trim().is_empty()
-            || name.len() > super::jwt::MAX_IDENTITY_BYTES
-            || name.chars().any(super::jwt::forbidden_in_identity)
+        if !super::jwt::acceptable_identity(name) {
+            return Err("mtls_bad_identity");
+        }
+        // An e-mail name is `local@domain` with a plain local part: a quoted one
+        // (`"alice@example.org"@evil.com`) would read as somebody else's address.
+        if self.source == IdentitySource::SanEmail
+            && (name.contains('"') || name.bytes().filter(|&b| b == b'@').count() != 1)
         {
             return Err("mtls_bad_identity");
         }

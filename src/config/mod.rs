@@ -600,6 +600,19 @@ fn validate_auth(file: &FileConfig, routes: &[Route]) -> Result<Authenticator, C
         if k.id.trim().is_empty() {
             return Err(invalid(&format!("{key}.id"), "must not be empty"));
         }
+        // The id is the caller's identity: it gets the hygiene certificate and token names get,
+        // so `" mtls:alice"` or a zero-width character cannot pass for another caller.
+        if !crate::auth::jwt::acceptable_identity(&k.id) {
+            return Err(invalid(
+                &format!("{key}.id"),
+                format!(
+                    "{:?} must not start or end with whitespace, hold control or invisible \
+                     characters, or be longer than {} bytes",
+                    k.id,
+                    crate::auth::jwt::MAX_IDENTITY_BYTES
+                ),
+            ));
+        }
         // Token identities are `jwt:<subject>` (OAuth and mTLS take prefixes of their own):
         // a key with such an id would be that token's caller, sessions and rate limit included.
         if let Some(prefix) = ["jwt:", "oauth:", "mtls:"]

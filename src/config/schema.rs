@@ -517,7 +517,9 @@ pub struct ApiKeyEntry {
     /// (compat) The identity the key stands for. Unique: two entries with one id, or with one
     /// `key_hash`, are refused at load (they would share sessions and rate buckets under
     /// different policies). To rotate a key, add the new one under a new id, move clients
-    /// over, then remove the old entry.
+    /// over, then remove the old entry. It must read as what it is: no whitespace at either
+    /// end, no control or invisible characters, at most 256 bytes, and no `jwt:`, `oauth:` or
+    /// `mtls:` prefix (those name token and certificate identities).
     pub id: String,
     /// (compat) Standard base64 of the SHA-256 of the key, from `mcp-guard keygen` or
     /// `mcp-guard hash-key` (unique).
@@ -675,7 +677,8 @@ pub struct MtlsSection {
     #[schemars(extend("x-type" = "requests per second (whole number, at least 1)"))]
     pub rate_limit: Option<u32>,
     /// (compat) Accept `X-Client-Cert-*` headers, only from these addresses (a TLS terminator
-    /// in front); from anyone else they are ignored. Never forwarded upstream.
+    /// in front); from anyone else they are ignored, and so they are on a connection that
+    /// brought a certificate of its own to the gateway's handshake. Never forwarded upstream.
     #[serde(default)]
     #[schemars(extend("x-type" = "list of IP addresses or CIDR blocks"))]
     pub trusted_proxy_ips: Vec<String>,

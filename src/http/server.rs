@@ -31,18 +31,14 @@ enum HeadOutcome {
     Error(GatewayError),
 }
 
-/// Serves one client connection until it closes, errs, or the worker shuts down. `cert`: the
-/// names of the client certificate verified in the TLS handshake, if any.
+/// Serves one client connection until it closes, errs, or the worker shuts down. `client`:
+/// over TLS, the client authentication of the handshake, checked again before every request.
 pub async fn serve<S: Connection>(
     w: Rc<Worker>,
     mut stream: S,
     addr: SocketAddr,
-    cert: Option<crate::tls::CertNames>,
+    mut client: Option<crate::tls::client::ClientAuth>,
 ) {
-    let peer = Peer {
-        addr,
-        cert: cert.as_ref(),
-    };
     // Buffers start small and an idle connection gives its read buffer back (see `idle_wait`),
     // so ten thousand idle keep-alive connections cost little memory.
     let mut buf: Vec<u8> = Vec::new();
@@ -57,7 +53,7 @@ pub async fn serve<S: Connection>(
                 let meta = ReqMeta {
                     request_id: w.next_request_id(),
                     client_request_id: None,
-                    peer,
+                    peer: Peer::of(addr, client.as_ref()),
                     trace_id: None,
                     started: Instant::now(),
                     wall: SystemTime::now(),
@@ -71,6 +67,26 @@ pub async fn serve<S: Connection>(
         // The snapshot is taken once the head has arrived, not before the idle wait: a reload
         // that revokes a key applies to the very next request of every open connection.
         let cfg = w.settings();
+        // What the handshake decided about the client certificate holds only while the
+        // certificate is valid and the CAs that verified it are still trusted.
+        let mut last_request = false;
+        if let Some(c) = client.as_mut() {
+            let verifier = cfg
+                .server
+                .tls
+                .as_ref()
+                .and_then(|t| t.client_verifier.as_ref());
+            match c.recheck(verifier, unix_now()) {
+                crate::tls::client::Recheck::Serve => {}
+                crate::tls::client::Recheck::Close => return,
+                // Refused through the mTLS provider (401, audited with the reason), and the
+                // connection ends with that reply. Without the provider nothing would refuse
+                // the request, so the connection ends now.
+                crate::tls::client::Recheck::Refused if cfg.auth.mtls.is_none() => return,
+                crate::tls::client::Recheck::Refused => last_request = true,
+            }
+        }
+        let peer = Peer::of(addr, client.as_ref());
         // Everything from the body to the written reply runs in one boxed future: an idle
         // connection's task then holds only the (small) head-reading state, and a request in
         // flight pays one allocation for the pipeline's large state machine.
@@ -84,8 +100,8 @@ pub async fn serve<S: Connection>(
             peer,
         ));
         match served.await {
-            Some(o) => out = o,
-            None => return,
+            Some(o) if !last_request => out = o,
+            _ => return,
         }
         // A large body grew the buffers: give that memory back rather than keep it per
         // connection.
@@ -96,6 +112,13 @@ pub async fn serve<S: Connection>(
             buf = Vec::new();
         }
     }
+}
+
+/// Now, in Unix seconds.
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// The worker-local handle on a config snapshot (see `Worker::settings`).
@@ -572,9 +595,25 @@ impl StreamAuth<'_> {
                 return false;
             }
         }
+        // So does a client certificate that has expired.
+        if peer.client.is_some_and(|c| c.expired(unix_now())) {
+            return false;
+        }
         let now = w.settings();
         if Rc::ptr_eq(&now, &self.opened_with.borrow()) {
             return true;
+        }
+        // A reload: the certificate must still verify with the client verifier it brought.
+        let verifier = now
+            .server
+            .tls
+            .as_ref()
+            .and_then(|t| t.client_verifier.as_ref());
+        if peer
+            .client
+            .is_some_and(|c| !c.still_admitted(verifier, unix_now()))
+        {
+            return false;
         }
         let id = |s: &Settings| {
             let slot = crate::auth::IdentitySlot::new();

@@ -430,7 +430,12 @@ pub async fn run(w: Rc<Worker>, listener: monoio::net::TcpListener) {
         w.metrics.connections_total.fetch_add(1, Ordering::Relaxed);
         w.metrics.active_connections.fetch_add(1, Ordering::Relaxed);
         w.active.set(w.active.get() + 1);
-        let tls = w.settings().server.tls.as_ref().map(|t| t.config.clone());
+        let tls = w
+            .settings()
+            .server
+            .tls
+            .as_ref()
+            .map(|t| (t.config.clone(), t.client_verifier.clone()));
         let wc = w.clone();
         // Plain connections keep their own task type: TLS adds nothing to them.
         match tls {
@@ -438,11 +443,11 @@ pub async fn run(w: Rc<Worker>, listener: monoio::net::TcpListener) {
                 let served = crate::http::server::serve(wc.clone(), stream, peer, None);
                 monoio::spawn(connection(wc, peer, served));
             }
-            Some(config) => {
+            Some((config, verifier)) => {
                 monoio::spawn(connection(
                     wc.clone(),
                     peer,
-                    serve_tls(wc, stream, peer, config),
+                    serve_tls(wc, stream, peer, config, verifier),
                 ));
             }
         }
@@ -491,6 +496,7 @@ async fn serve_tls(
     stream: monoio::net::TcpStream,
     peer: std::net::SocketAddr,
     config: Arc<rustls::ServerConfig>,
+    verifier: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
 ) {
     let limit = w.settings().server.header_timeout;
     let handshake = monoio::select! {
@@ -499,17 +505,20 @@ async fn serve_tls(
     };
     match handshake {
         Ok(Ok(tls)) => {
-            // Only a certificate rustls verified is here; its names are read once.
-            let cert = tls
-                .client_certificate()
-                .and_then(crate::tls::CertNames::from_der);
-            crate::http::server::serve(w, tls, peer, cert).await;
+            // Only a certificate rustls verified is here; its names are read once, and the
+            // chain is kept to verify again should a reload change the trusted CAs.
+            let client = crate::tls::client::ClientAuth::new(verifier, tls.client_chain());
+            crate::http::server::serve(w, tls, peer, Some(client)).await;
         }
         Ok(Err(e)) => {
             tracing::debug!(target: "mcp_guard::tls", "TLS handshake with {peer} failed: {e}");
             // A refused client certificate is a failed authentication: counted and audited
             // with its reason like any other (the certificate itself is not recorded).
-            if let Some(reason) = crate::tls::certificate_refusal(&e) {
+            let reason = crate::tls::certificate_refusal(&e).or_else(|| {
+                (verifier.is_some() && crate::tls::oversized_handshake(&e))
+                    .then_some("mtls_certificate_too_large")
+            });
+            if let Some(reason) = reason {
                 refused_certificate(&w, peer, reason);
             }
         }

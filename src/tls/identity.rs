@@ -24,6 +24,15 @@ pub struct CertNames {
     pub san_email: Option<Box<str>>,
     /// The first URI subject alternative name (a SPIFFE id, for instance).
     pub san_uri: Option<Box<str>>,
+    /// The certificate's validity window (notBefore, notAfter), in Unix seconds: checked on
+    /// every request, since a resumed session or a keep-alive connection outlives the
+    /// handshake that checked it.
+    pub valid_from: i64,
+    /// See `valid_from`.
+    pub valid_until: i64,
+    /// Why the certificate no longer names anybody on this connection (it expired, or a reload
+    /// no longer trusts its chain); set by [`super::client::ClientAuth::recheck`].
+    pub refused: Option<&'static str>,
 }
 
 impl CertNames {
@@ -32,7 +41,11 @@ impl CertNames {
     pub fn from_der(der: &[u8]) -> Option<CertNames> {
         let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
         let keep = |s: &str| (s.len() <= MAX_NAME_BYTES).then(|| Box::<str>::from(s));
-        let mut names = CertNames::default();
+        let mut names = CertNames {
+            valid_from: cert.validity().not_before.timestamp(),
+            valid_until: cert.validity().not_after.timestamp(),
+            ..CertNames::default()
+        };
         // Two CNs would be two claims to one identity: neither is taken.
         let mut cns = cert.subject().iter_common_name();
         if let (Some(cn), None) = (cns.next(), cns.next()) {

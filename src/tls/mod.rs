@@ -2,11 +2,13 @@
 //! `[server.tls]` at every config load (so a reload with a new certificate takes effect for new
 //! handshakes, and a bad file keeps the old configuration), the handshake on a worker, the
 //! stream the connection loop reads through ([`stream`]), and the names a verified client
-//! certificate carries ([`identity`]).
+//! certificate carries ([`identity`]), and what a connection keeps of its client
+//! authentication to check it again on every request ([`client`]).
 //!
 //! rustls on the ring provider only: one crypto library in the process, TLS 1.2 and 1.3, ALPN
 //! `http/1.1`.
 
+pub mod client;
 pub mod identity;
 pub mod stream;
 
@@ -26,6 +28,9 @@ pub struct TlsSettings {
     pub config: Arc<rustls::ServerConfig>,
     /// Whether client certificates are verified (`client_ca_path` is set).
     pub verifies_clients: bool,
+    /// The client verifier inside `config`, when clients are verified: a connection compares
+    /// it with the one that accepted its handshake to notice a reload that changed it.
+    pub client_verifier: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
 }
 
 /// What the connection layer knows about a client, handed to the pipeline with each request:
@@ -37,12 +42,28 @@ pub struct Peer<'a> {
     pub addr: SocketAddr,
     /// The verified client certificate's names, when one was presented and verified.
     pub cert: Option<&'a CertNames>,
+    /// Over TLS, the connection's client authentication, for a long response to check that
+    /// it still holds.
+    pub client: Option<&'a client::ClientAuth>,
 }
 
 impl<'a> Peer<'a> {
     /// A client on plain TCP, or over TLS without a client certificate.
     pub fn plain(addr: SocketAddr) -> Self {
-        Self { addr, cert: None }
+        Self {
+            addr,
+            cert: None,
+            client: None,
+        }
+    }
+
+    /// A client on a connection whose client authentication is `client` (`None`: plain TCP).
+    pub fn of(addr: SocketAddr, client: Option<&'a client::ClientAuth>) -> Self {
+        Self {
+            addr,
+            cert: client.and_then(|c| c.names()),
+            client,
+        }
     }
 
     /// The client's IP address.
@@ -62,10 +83,36 @@ pub fn certificate_refusal(e: &std::io::Error) -> Option<&'static str> {
         | Error::InvalidCertificate(CertificateError::ExpiredContext { .. }) => {
             Some("mtls_certificate_expired")
         }
+        Error::InvalidCertificate(CertificateError::NotValidYet)
+        | Error::InvalidCertificate(CertificateError::NotValidYetContext { .. }) => {
+            Some("mtls_certificate_not_yet_valid")
+        }
         Error::InvalidCertificate(CertificateError::UnknownIssuer) => Some("mtls_unknown_issuer"),
+        Error::InvalidCertificate(CertificateError::Other(other))
+            if other.0.downcast_ref::<client::ChainTooLong>().is_some() =>
+        {
+            Some("mtls_chain_too_long")
+        }
         Error::InvalidCertificate(_) => Some("mtls_invalid_certificate"),
         _ => None,
     }
+}
+
+/// Whether a failed handshake was refused for a handshake message over rustls's size limit:
+/// with client verification on, that is in practice an oversized client certificate chain
+/// (no real ClientHello comes near the limit), so it is counted and audited as a refused
+/// certificate.
+pub fn oversized_handshake(e: &std::io::Error) -> bool {
+    use rustls::{Error, InvalidMessage};
+    e.get_ref()
+        .and_then(|e| e.downcast_ref::<Error>())
+        .is_some_and(|e| {
+            matches!(
+                e,
+                Error::InvalidMessage(InvalidMessage::HandshakePayloadTooLarge)
+                    | Error::InvalidMessage(InvalidMessage::MessageTooLarge)
+            )
+        })
 }
 
 /// The ring provider, which is the only one this build links.
@@ -81,6 +128,7 @@ pub fn build(t: &TlsSection) -> Result<TlsSettings, (&'static str, String)> {
     let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| ("server.tls", e.to_string()))?;
+    let mut client_verifier = None;
     let builder = match &t.client_ca_path {
         None => builder.with_no_client_auth(),
         Some(path) => {
@@ -104,6 +152,9 @@ pub fn build(t: &TlsSection) -> Result<TlsSettings, (&'static str, String)> {
             let verifier = verifier
                 .build()
                 .map_err(|e| ("server.tls.client_ca_path", e.to_string()))?;
+            let verifier: Arc<dyn rustls::server::danger::ClientCertVerifier> =
+                Arc::new(client::CappedClientVerifier::new(verifier));
+            client_verifier = Some(verifier.clone());
             builder.with_client_cert_verifier(verifier)
         }
     };
@@ -118,6 +169,7 @@ pub fn build(t: &TlsSection) -> Result<TlsSettings, (&'static str, String)> {
     Ok(TlsSettings {
         config: Arc::new(config),
         verifies_clients: t.client_ca_path.is_some(),
+        client_verifier,
     })
 }
 

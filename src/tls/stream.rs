@@ -127,12 +127,10 @@ impl TlsStream {
         Ok(stream)
     }
 
-    /// The verified client certificate's end-entity DER, when the client presented one.
-    pub fn client_certificate(&self) -> Option<&[u8]> {
-        self.tls
-            .peer_certificates()
-            .and_then(|chain| chain.first())
-            .map(|c| c.as_ref())
+    /// The verified client certificate chain (end entity first), when the client presented
+    /// one.
+    pub fn client_chain(&self) -> Option<&[rustls::pki_types::CertificateDer<'static>]> {
+        self.tls.peer_certificates().filter(|c| !c.is_empty())
     }
 
     /// The negotiated ALPN protocol, if any.
