@@ -627,7 +627,8 @@ fn authenticate<'c>(
         }
     };
     let identity = caller.identity;
-    if w.audit.enabled() {
+    // Spans name the caller too (its id, never its credential).
+    if w.audit.enabled() || cfg.tracing.enabled {
         audit.identity = Some(identity.id.clone());
     }
     audit.auth_method = Some(identity.method.as_str());

@@ -10,6 +10,7 @@ use crate::http::io::{read_append, write_all};
 use crate::http::request::{BodyFraming, HeadError, HeadParse, RequestHead, parse_head};
 use crate::http::response::{Framing, LAST_CHUNK, write_chunk, write_head};
 use crate::observe::metrics::M_NONE;
+use crate::observe::trace::Phase;
 use crate::pipeline::{self, Reply, ReplyBody};
 use crate::runtime::worker::Worker;
 use crate::tls::Peer;
@@ -49,7 +50,7 @@ pub async fn serve<S: Connection>(
     let mut out: Vec<u8> = Vec::new();
     let mut fresh = true;
     loop {
-        let head = match read_head(&w, &mut stream, &mut buf, &w.settings(), fresh).await {
+        let mut head = match read_head(&w, &mut stream, &mut buf, &w.settings(), fresh).await {
             HeadOutcome::Head(h) => h,
             HeadOutcome::Closed => return,
             HeadOutcome::Error(e) => {
@@ -59,6 +60,7 @@ pub async fn serve<S: Connection>(
                     client_request_id: None,
                     peer,
                     trace_id: None,
+                    trace: None,
                     started: Instant::now(),
                     wall: SystemTime::now(),
                     stream_auth: None,
@@ -71,6 +73,15 @@ pub async fn serve<S: Connection>(
         // The snapshot is taken once the head has arrived, not before the idle wait: a reload
         // that revokes a key applies to the very next request of every open connection.
         let cfg = w.settings();
+        // The request's trace context; from here on the head's trace headers are the ones the
+        // upstream is sent (the gateway's span as parent, or nothing that failed validation).
+        let trace = crate::observe::trace::begin(
+            &cfg.tracing,
+            &mut head.h.traceparent,
+            &mut head.h.tracestate,
+            Instant::now(),
+            SystemTime::now(),
+        );
         // Everything from the body to the written reply runs in one boxed future: an idle
         // connection's task then holds only the (small) head-reading state, and a request in
         // flight pays one allocation for the pipeline's large state machine.
@@ -82,6 +93,7 @@ pub async fn serve<S: Connection>(
             &cfg,
             &head,
             peer,
+            trace,
         ));
         match served.await {
             Some(o) => out = o,
@@ -112,6 +124,7 @@ async fn serve_request<S: Connection>(
     snapshot: &Snapshot,
     head: &RequestHead,
     peer: Peer<'_>,
+    trace: Option<crate::observe::trace::RequestTrace>,
 ) -> Option<Vec<u8>> {
     let cfg: &Settings = snapshot;
     let started = Instant::now();
@@ -126,7 +139,11 @@ async fn serve_request<S: Connection>(
         .filter(|r| r.len() <= 128 && r.bytes().all(|b| b.is_ascii_graphic()))
         .map(str::to_string);
     let meta = ReqMeta {
-        trace_id: head.h.traceparent.as_deref().and_then(trace_id),
+        trace_id: match &trace {
+            Some(t) if w.audit.enabled() => Some(t.trace_id_hex()),
+            _ => head.h.traceparent.as_deref().and_then(trace_id),
+        },
+        trace,
         request_id: w.next_request_id(),
         client_request_id,
         peer,
@@ -140,7 +157,9 @@ async fn serve_request<S: Connection>(
     };
     // A token's identity lives here for the request (an API key's is in the snapshot).
     let slot = crate::auth::IdentitySlot::new();
-    let admitted = match pipeline::admit(w, cfg, head, peer, &slot) {
+    let admitted = pipeline::admit(w, cfg, head, peer, &slot);
+    meta.mark(Phase::Admit);
+    let admitted = match admitted {
         pipeline::Admission::Admitted(a) => {
             if let Some(auth) = &meta.stream_auth {
                 auth.expires_at.set(a.expires_at());
@@ -162,7 +181,10 @@ async fn serve_request<S: Connection>(
         }
     };
     let body = match read_body(w, stream, buf, head, cfg).await {
-        Ok(b) => b,
+        Ok(b) => {
+            meta.mark(Phase::Body);
+            b
+        }
         Err(None) => return None,
         Err(Some(e)) => {
             let mut reply = Reply::error(&e, None, M_NONE);
@@ -204,6 +226,7 @@ async fn serve_request<S: Connection>(
         }
     };
     drop(body);
+    meta.mark(Phase::Handle);
     write_reply(w, stream, reply, head.keep_alive, &meta, out).await
 }
 
@@ -606,8 +629,18 @@ struct ReqMeta<'a> {
     client_request_id: Option<String>,
     peer: Peer<'a>,
     trace_id: Option<String>,
+    /// With tracing on: the request's span.
+    trace: Option<crate::observe::trace::RequestTrace>,
     started: Instant,
     wall: SystemTime,
+}
+
+impl ReqMeta<'_> {
+    fn mark(&self, phase: Phase) {
+        if let Some(t) = self.trace.as_ref().filter(|t| t.sampled) {
+            t.mark(phase);
+        }
+    }
 }
 
 /// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`), if well formed.
@@ -701,6 +734,12 @@ async fn write_reply<S: Connection>(
     };
     let latency = meta.started.elapsed();
     w.record(method, status, if streamed { None } else { Some(latency) });
+    if let (Some(t), Some(tracer)) = (meta.trace.as_ref(), w.shared.tracer.as_ref())
+        && t.sampled
+        && !reply.audit.skip
+    {
+        tracer.push(finish_span(t, &reply.audit, status, method, meta));
+    }
     if !reply.audit.skip && w.audit.enabled() {
         emit_audit(w, reply.audit, reply.reason, status, method, meta, latency);
     }
@@ -789,6 +828,30 @@ async fn pump<S: AsyncWriteRent>(
     }
     w.pool.release(resp);
     (ok, out)
+}
+
+/// The span of a finished request: names and outcomes only.
+fn finish_span(
+    t: &crate::observe::trace::RequestTrace,
+    info: &crate::pipeline::AuditInfo,
+    status: u16,
+    method: usize,
+    meta: &ReqMeta<'_>,
+) -> crate::observe::trace::SpanRecord {
+    let head = meta.stream_auth.as_ref().map(|a| a.head);
+    t.finish(crate::observe::trace::Finished {
+        http_method: head.map_or(crate::http::request::Method::Other, |h| h.method),
+        path: head.map_or("", |h| h.path()),
+        status,
+        messages: &info.messages,
+        method_label: crate::observe::metrics::METHODS[method],
+        identity: info.identity.as_deref(),
+        decision: info
+            .decision
+            .unwrap_or(if status < 400 { "allow" } else { "error" }),
+        upstream: info.upstream.as_deref(),
+        session: head.and_then(|h| h.h.session_id.as_deref()),
+    })
 }
 
 /// Phase 11: the audit events of a finished request: one per JSON-RPC message (one for a request
