@@ -278,6 +278,11 @@ print(json.dumps(out))
 /// that they read exactly what this file's reader read.
 fn cross_check_with_official_definitions(rx: &Receiver) {
     let Some(py) = python_with_otel_proto() else {
+        // In CI the venv is installed first (.ci/run): its absence there is a failure.
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI: tests/interop/.venv lacks opentelemetry-proto (INTEROP_INSTALL_ONLY=1 tests/interop/run.sh)"
+        );
         eprintln!(
             "otel: no Python with opentelemetry-proto (tests/interop/.venv or MCP_GUARD_OTEL_PYTHON); \
              the official-definition cross-check is skipped"
