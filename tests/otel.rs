@@ -85,7 +85,10 @@ fn read_post(conn: &mut std::net::TcpStream) -> Option<Vec<u8>> {
         };
         let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
         assert!(head.starts_with("post /v1/traces "), "{head}");
-        assert!(head.contains("content-type: application/x-protobuf"), "{head}");
+        assert!(
+            head.contains("content-type: application/x-protobuf"),
+            "{head}"
+        );
         let len: usize = head
             .lines()
             .find_map(|l| l.strip_prefix("content-length:"))
@@ -145,7 +148,7 @@ fn fields(mut b: &[u8]) -> Vec<(u64, Field<'_>)> {
     out
 }
 
-fn sub<'a>(b: &'a [u8], n: u64) -> Vec<&'a [u8]> {
+fn sub(b: &[u8], n: u64) -> Vec<&[u8]> {
     fields(b)
         .into_iter()
         .filter_map(|(f, v)| match v {
@@ -176,8 +179,7 @@ fn decode_export(body: &[u8]) -> Vec<Span> {
     for rs in sub(body, 1) {
         let service = sub(rs, 1)
             .first()
-            .map(|res| attributes(res, 1).get("service.name").cloned())
-            .flatten()
+            .and_then(|res| attributes(res, 1).get("service.name").cloned())
             .and_then(|v| v.as_str().map(String::from))
             .unwrap_or_default();
         for ss in sub(rs, 2) {
@@ -243,11 +245,20 @@ fn attributes(msg: &[u8], field: u64) -> BTreeMap<String, Value> {
 fn python_with_otel_proto() -> Option<String> {
     let candidates = [
         std::env::var("MCP_GUARD_OTEL_PYTHON").ok(),
-        Some(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/.venv/bin/python").to_string()),
+        Some(
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/interop/.venv/bin/python"
+            )
+            .to_string(),
+        ),
     ];
     candidates.into_iter().flatten().find(|py| {
         std::process::Command::new(py)
-            .args(["-c", "import opentelemetry.proto.collector.trace.v1.trace_service_pb2"])
+            .args([
+                "-c",
+                "import opentelemetry.proto.collector.trace.v1.trace_service_pb2",
+            ])
             .output()
             .is_ok_and(|o| o.status.success())
     })
@@ -302,7 +313,11 @@ fn cross_check_with_official_definitions(rx: &Receiver) {
         .args(&paths)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let official: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
     let ours: Vec<Value> = rx
         .spans()
@@ -374,7 +389,10 @@ fn upstream_headers(g: &Gateway, sid: &str, id: u64, extra: &str) -> Value {
 fn parts(tp: &str) -> (String, String, String) {
     let p: Vec<&str> = tp.split('-').collect();
     assert_eq!(p.len(), 4, "{tp}");
-    assert_eq!((p[0], p[1].len(), p[2].len(), p[3].len()), ("00", 32, 16, 2));
+    assert_eq!(
+        (p[0], p[1].len(), p[2].len(), p[3].len()),
+        ("00", 32, 16, 2)
+    );
     (p[1].into(), p[2].into(), p[3].into())
 }
 
@@ -408,8 +426,14 @@ fn the_gateway_span_sits_between_the_caller_and_the_upstream() {
     let unsampled_parent = "00-11111111111111111111111111111111-2222222222222222-00";
     let seen = upstream_headers(&g, &sid, 3, &format!("traceparent: {unsampled_parent}\r\n"));
     let (trace2, parent2, flags2) = parts(seen["traceparent"].as_str().unwrap());
-    assert_eq!((trace2.as_str(), flags2.as_str()), ("11111111111111111111111111111111", "00"));
-    assert_ne!(parent2, "2222222222222222", "the gateway's span is the upstream's parent");
+    assert_eq!(
+        (trace2.as_str(), flags2.as_str()),
+        ("11111111111111111111111111111111", "00")
+    );
+    assert_ne!(
+        parent2, "2222222222222222",
+        "the gateway's span is the upstream's parent"
+    );
     assert_ne!(trace, trace2);
 
     // Sampled by the caller: one span, the caller's span its parent, itself the upstream's.
@@ -427,10 +451,17 @@ fn the_gateway_span_sits_between_the_caller_and_the_upstream() {
         Some("rojo=00f067aa0ba902b7,congo=t61rcWkgMzE")
     );
     let spans = rx.wait_for("for the sampled call", |s| s.trace_id == up_trace);
-    assert_eq!(spans.len(), 1, "only the sampled request has a span: {spans:#?}");
+    assert_eq!(
+        spans.len(),
+        1,
+        "only the sampled request has a span: {spans:#?}"
+    );
     let s = &spans[0];
     assert_eq!(s.parent_span_id, "00f067aa0ba902b7");
-    assert_eq!(s.span_id, up_parent, "the upstream's parent is the gateway's span");
+    assert_eq!(
+        s.span_id, up_parent,
+        "the upstream's parent is the gateway's span"
+    );
     assert_eq!(s.kind, 2, "a server span");
     assert_eq!(s.name, "tools/call");
     assert_eq!(s.service, "guard-under-test");
@@ -456,7 +487,10 @@ fn the_gateway_span_sits_between_the_caller_and_the_upstream() {
     }
     assert_no_secret(&rx);
     cross_check_with_official_definitions(&rx);
-    assert_eq!(metric_reaches(&g, "mcp_guard_trace_spans_exported_total", 1.0), 1.0);
+    assert_eq!(
+        metric_reaches(&g, "mcp_guard_trace_spans_exported_total", 1.0),
+        1.0
+    );
     assert_eq!(g.metric("mcp_guard_trace_spans_dropped_total", &[]), 0.0);
 }
 
@@ -517,10 +551,10 @@ fn hostile_trace_headers_start_a_new_trace_and_every_audit_event_has_its_trace_i
     let members: Vec<String> = (0..40).map(|i| format!("k{i}=v")).collect();
     let too_many = members.join(",");
     let hostile = [
-        format!("traceparent: 00-zz\r\n"),
+        "traceparent: 00-zz\r\n".to_string(),
         format!("traceparent: {oversized}\r\n"),
         format!("traceparent: {}\r\n", TP.to_uppercase()),
-        format!("traceparent: 00-00000000000000000000000000000000-00f067aa0ba902b7-01\r\n"),
+        "traceparent: 00-00000000000000000000000000000000-00f067aa0ba902b7-01\r\n".to_string(),
         // A valid parent with a tracestate too long to forward.
         format!("traceparent: {TP}\r\ntracestate: {too_many}\r\n"),
     ];
@@ -558,7 +592,7 @@ fn hostile_trace_headers_start_a_new_trace_and_every_audit_event_has_its_trace_i
     assert_eq!(s.parent_span_id, "00f067aa0ba902b7");
     let refused = spans.last().unwrap();
     assert_eq!(refused.attributes["mcp_guard.decision"], "deny");
-    assert!(refused.attributes.get("enduser.id").is_none());
+    assert!(!refused.attributes.contains_key("enduser.id"));
     assert_no_secret(&rx);
 
     // Every audit event carries the trace id of its request's span.
@@ -577,7 +611,9 @@ fn hostile_trace_headers_start_a_new_trace_and_every_audit_event_has_its_trace_i
     };
     let span_traces: Vec<&str> = spans.iter().map(|s| s.trace_id.as_str()).collect();
     for l in &lines {
-        let t = l["trace_id"].as_str().unwrap_or_else(|| panic!("no trace id: {l}"));
+        let t = l["trace_id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no trace id: {l}"));
         assert!(span_traces.contains(&t), "{t} is no span's trace: {l}");
     }
     cross_check_with_official_definitions(&rx);
@@ -623,7 +659,10 @@ fn a_dead_collector_costs_spans_not_requests() {
     let sid = init(&g);
     let seen = upstream_headers(&g, &sid, 2, "");
     assert_eq!(parts(seen["traceparent"].as_str().unwrap()).2, "01");
-    assert_eq!(metric_reaches(&g, "mcp_guard_trace_spans_failed_total", 3.0), 3.0);
+    assert_eq!(
+        metric_reaches(&g, "mcp_guard_trace_spans_failed_total", 3.0),
+        3.0
+    );
     assert_eq!(g.metric("mcp_guard_trace_spans_exported_total", &[]), 0.0);
 }
 

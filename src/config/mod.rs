@@ -2241,7 +2241,12 @@ mod tests {
             let e = with(&format!("enabled = true\n{bad}")).unwrap_err();
             assert!(e.message.starts_with(key), "{bad}: {}", e.message);
         }
-        assert!(!with("enabled = false\notlp_endpoint = \"ftp://x\"").unwrap().tracing.enabled);
+        assert!(
+            !with("enabled = false\notlp_endpoint = \"ftp://x\"")
+                .unwrap()
+                .tracing
+                .enabled
+        );
     }
 
     fn warnings_of(text: &str) -> Vec<String> {

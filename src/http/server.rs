@@ -73,15 +73,6 @@ pub async fn serve<S: Connection>(
         // The snapshot is taken once the head has arrived, not before the idle wait: a reload
         // that revokes a key applies to the very next request of every open connection.
         let cfg = w.settings();
-        // The request's trace context; from here on the head's trace headers are the ones the
-        // upstream is sent (the gateway's span as parent, or nothing that failed validation).
-        let trace = crate::observe::trace::begin(
-            &cfg.tracing,
-            &mut head.h.traceparent,
-            &mut head.h.tracestate,
-            Instant::now(),
-            SystemTime::now(),
-        );
         // Everything from the body to the written reply runs in one boxed future: an idle
         // connection's task then holds only the (small) head-reading state, and a request in
         // flight pays one allocation for the pipeline's large state machine.
@@ -91,9 +82,8 @@ pub async fn serve<S: Connection>(
             &mut buf,
             out,
             &cfg,
-            &head,
+            &mut head,
             peer,
-            trace,
         ));
         match served.await {
             Some(o) => out = o,
@@ -122,13 +112,22 @@ async fn serve_request<S: Connection>(
     buf: &mut Vec<u8>,
     out: Vec<u8>,
     snapshot: &Snapshot,
-    head: &RequestHead,
+    head: &mut RequestHead,
     peer: Peer<'_>,
-    trace: Option<crate::observe::trace::RequestTrace>,
 ) -> Option<Vec<u8>> {
     let cfg: &Settings = snapshot;
     let started = Instant::now();
     let wall = SystemTime::now();
+    // The request's trace context; from here on the head's trace headers are the ones the
+    // upstream is sent (the gateway's span as parent, or nothing that failed validation).
+    let trace = crate::observe::trace::begin(
+        &cfg.tracing,
+        &mut head.h.traceparent,
+        &mut head.h.tracestate,
+        started,
+        wall,
+    );
+    let head: &RequestHead = head;
     buf.drain(..head.head_len);
     // The audit trail's request id is always ours; a client's `X-Request-Id` is recorded beside
     // it (when printable and short), never instead of it.

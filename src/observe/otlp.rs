@@ -96,8 +96,7 @@ impl Tracer {
 
     /// Queues a finished span; never blocks (a full queue drops it and counts).
     pub fn push(&self, span: SpanRecord) {
-        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self.tx.try_send(span)
-        {
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self.tx.try_send(span) {
             self.metrics.dropped.fetch_add(1, Relaxed);
         }
     }

@@ -133,9 +133,9 @@ pub fn valid_tracestate(v: &str) -> bool {
         let key_ok = !key.is_empty()
             && key.len() <= 256
             && key.as_bytes()[0].is_ascii_alphanumeric()
-            && key.bytes().all(|c| {
-                c.is_ascii_lowercase() || c.is_ascii_digit() || b"_-*/@".contains(&c)
-            });
+            && key
+                .bytes()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"_-*/@".contains(&c));
         let value_ok = !value.is_empty()
             && value.len() <= 256
             && !value.ends_with(' ')
@@ -277,7 +277,11 @@ pub fn begin(
     }
     let (trace_id, parent_span, sampled) = match parent {
         Some(p) if cfg.honour_parent => (p.trace_id, Some(p.span_id), p.sampled),
-        Some(p) => (p.trace_id, Some(p.span_id), coin(&p.trace_id, cfg.threshold)),
+        Some(p) => (
+            p.trace_id,
+            Some(p.span_id),
+            coin(&p.trace_id, cfg.threshold),
+        ),
         None => {
             let id = new_trace_id();
             (id, None, coin(&id, cfg.threshold))
@@ -562,7 +566,10 @@ mod tests {
         .unwrap();
         assert_eq!(t.parent, None);
         assert_eq!(ts, None);
-        assert_eq!(parse_traceparent(tp.as_deref().unwrap()).unwrap().trace_id, t.trace_id);
+        assert_eq!(
+            parse_traceparent(tp.as_deref().unwrap()).unwrap().trace_id,
+            t.trace_id
+        );
         // Tracing off: the caller's header only when valid.
         let off = TraceSettings::default();
         let mut tp = Some("garbage".to_string());
