@@ -303,7 +303,7 @@ pub fn begin(
         span_id,
         parent: parent_span,
         sampled,
-        tracestate: tracestate.clone().filter(|_| sampled),
+        tracestate: if sampled { tracestate.clone() } else { None },
         wall,
         started,
         marks: Default::default(),
