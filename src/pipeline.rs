@@ -84,6 +84,8 @@ pub struct AuditInfo {
     pub upstream: Option<Arc<str>>,
     /// Why credentials were refused (a stable reason, never the credential).
     pub auth_failure: Option<&'static str>,
+    /// When the request went to the upstream (with tracing on): splits a span's phases.
+    pub forwarded_at: Option<Instant>,
 }
 
 /// Reply bodies.
@@ -948,6 +950,9 @@ async fn post(
             .await
             .map_err(fail)?;
         return Ok(Reply::new(202, ReplyBody::Empty, method));
+    }
+    if cfg.tracing.enabled {
+        audit.forwarded_at = Some(Instant::now());
     }
     let exchange = cx
         .upstream()

@@ -479,7 +479,7 @@ fn the_gateway_span_sits_between_the_caller_and_the_upstream() {
         assert_eq!(a.get(k).and_then(Value::as_str), Some(v), "{k}: {a:?}");
     }
     assert_eq!(a["http.response.status_code"], 200);
-    for phase in ["admit", "body", "handle", "reply"] {
+    for phase in ["admit", "body", "decide", "upstream", "reply"] {
         assert!(
             a[&format!("mcp_guard.phase.{phase}_us")].is_i64(),
             "{phase}: {a:?}"
@@ -592,6 +592,17 @@ fn hostile_trace_headers_start_a_new_trace_and_every_audit_event_has_its_trace_i
     assert_eq!(s.parent_span_id, "00f067aa0ba902b7");
     let refused = spans.last().unwrap();
     assert_eq!(refused.attributes["mcp_guard.decision"], "deny");
+    // Refused on the head: neither body nor upstream phase.
+    assert!(refused.attributes["mcp_guard.phase.admit_us"].is_i64());
+    for phase in ["body", "upstream"] {
+        assert!(
+            !refused
+                .attributes
+                .contains_key(&format!("mcp_guard.phase.{phase}_us")),
+            "{phase}: {:?}",
+            refused.attributes
+        );
+    }
     assert!(!refused.attributes.contains_key("enduser.id"));
     assert_no_secret(&rx);
 

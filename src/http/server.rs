@@ -850,6 +850,7 @@ fn finish_span(
             .unwrap_or(if status < 400 { "allow" } else { "error" }),
         upstream: info.upstream.as_deref(),
         session: head.and_then(|h| h.h.session_id.as_deref()),
+        forwarded_at: info.forwarded_at,
     })
 }
 

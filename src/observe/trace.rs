@@ -363,6 +363,8 @@ pub struct Finished<'a> {
     pub upstream: Option<&'a str>,
     /// The `Mcp-Session-Id` the request carried.
     pub session: Option<&'a str>,
+    /// When the request was sent upstream, if it was.
+    pub forwarded_at: Option<Instant>,
 }
 
 impl RequestTrace {
@@ -414,15 +416,25 @@ impl RequestTrace {
             attributes.push(("mcp_guard.batch_size", Value::Int(f.messages.len() as i64)));
         }
         // Each phase's own duration, in microseconds; a phase the request never reached is
-        // absent.
-        let mut from = Duration::ZERO;
-        let names = [
-            "mcp_guard.phase.admit_us",
-            "mcp_guard.phase.body_us",
-            "mcp_guard.phase.handle_us",
+        // absent. The pipeline's time splits where the request went upstream, when it did.
+        let forwarded = f
+            .forwarded_at
+            .map(|t| t.saturating_duration_since(self.started));
+        let ends = [
+            ("mcp_guard.phase.admit_us", self.marks[0].get()),
+            ("mcp_guard.phase.body_us", self.marks[1].get()),
+            (
+                "mcp_guard.phase.decide_us",
+                forwarded.or(self.marks[2].get()),
+            ),
+            (
+                "mcp_guard.phase.upstream_us",
+                forwarded.and(self.marks[2].get()),
+            ),
         ];
-        for (mark, name) in self.marks.iter().zip(names) {
-            if let Some(at) = mark.get() {
+        let mut from = Duration::ZERO;
+        for (name, end) in ends {
+            if let Some(at) = end {
                 attributes.push((name, Value::Int(at.saturating_sub(from).as_micros() as i64)));
                 from = at;
             }
