@@ -87,6 +87,8 @@ pub struct AuditInfo {
     pub upstream: Option<Arc<str>>,
     /// Why credentials were refused (a stable reason, never the credential).
     pub auth_failure: Option<&'static str>,
+    /// When the request went to the upstream (with tracing on): splits a span's phases.
+    pub forwarded_at: Option<Instant>,
 }
 
 /// Reply bodies.
@@ -705,7 +707,8 @@ fn authenticate<'c>(
         }
     };
     let identity = caller.identity;
-    if w.audit.enabled() {
+    // Spans name the caller too (its id, never its credential).
+    if w.audit.enabled() || cfg.tracing.enabled {
         audit.identity = Some(identity.id.clone());
     }
     audit.auth_method = Some(identity.method.as_str());
@@ -1058,6 +1061,9 @@ async fn post(
             .await
             .map_err(fail)?;
         return Ok(Reply::new(202, ReplyBody::Empty, method));
+    }
+    if cfg.tracing.enabled {
+        audit.forwarded_at = Some(Instant::now());
     }
     let exchange = cx
         .upstream()

@@ -58,7 +58,7 @@ fn validate_warns_about_settings_without_effect_in_this_build() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("tracing.toml");
     let cfg = format!(
-        "{}\nurl = \"http://127.0.0.1:1/mcp\"\n[rate_limit]\nenabled = false\nburst_size = 9\n[tracing]\nenabled = true\n",
+        "{}\nurl = \"http://127.0.0.1:1/mcp\"\n[rate_limit]\nenabled = false\nburst_size = 9\n[tracing]\nenabled = false\nsample_rate = 0.5\n",
         stdio_config("auto", "", &[])
     );
     std::fs::write(&p, cfg).unwrap();
@@ -72,7 +72,10 @@ fn validate_warns_about_settings_without_effect_in_this_build() {
         err.contains("warning: rate_limit.burst_size has no effect: rate_limit.enabled is false"),
         "{err}"
     );
-    assert!(err.contains("warning: [tracing] has no effect"), "{err}");
+    assert!(
+        err.contains("warning: tracing.sample_rate has no effect: tracing.enabled is false"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -33,10 +33,7 @@ pub struct Unbuilt {
 pub const UNBUILT: &[Unbuilt] = &[];
 
 /// Keys with no effect anywhere in this build: a warning when the file sets one.
-pub const NO_EFFECT: &[(&str, &str)] = &[(
-    "tracing.enabled",
-    "OpenTelemetry export is not in this build",
-)];
+pub const NO_EFFECT: &[(&str, &str)] = &[];
 
 /// The reference's note for an unbuilt key or section.
 pub fn unbuilt_note(path: &str) -> Option<&'static str> {
@@ -96,7 +93,7 @@ pub fn ignored_keys(file: &FileConfig) -> Vec<String> {
     let sets = |path: &str| file.sets(path);
 
     for (path, why) in NO_EFFECT {
-        if sets(path) && !path.starts_with("tracing.") {
+        if sets(path) {
             warn(&mut warnings, path, why);
         }
     }
@@ -316,29 +313,19 @@ pub fn ignored_keys(file: &FileConfig) -> Vec<String> {
         }
     }
 
-    let tracing_set: Vec<&str> = [
-        "enabled",
-        "service_name",
-        "otlp_endpoint",
-        "sample_rate",
-        "propagate_context",
-    ]
-    .into_iter()
-    .filter(|k| sets(&format!("tracing.{k}")))
-    .collect();
-    if file.tracing.enabled {
-        warnings.push(
-            "[tracing] has no effect: OpenTelemetry export is not in this build (tracing.enabled \
-             = true)"
-                .to_string(),
-        );
-    } else {
-        for key in tracing_set.into_iter().filter(|k| *k != "enabled") {
-            warn(
-                &mut warnings,
-                &format!("tracing.{key}"),
-                "tracing.enabled is false",
-            );
+    // `propagate_context` applies with tracing off too (the caller's trace headers are
+    // forwarded, or not); the rest only shapes spans.
+    if !file.tracing.enabled {
+        for key in [
+            "service_name",
+            "otlp_endpoint",
+            "sample_rate",
+            "honour_parent_sampling",
+        ] {
+            let path = format!("tracing.{key}");
+            if sets(&path) {
+                warn(&mut warnings, &path, "tracing.enabled is false");
+            }
         }
     }
     if let Some(j) = &file.auth.jwt {

@@ -58,6 +58,8 @@ pub struct Settings {
     pub upstreams: Option<Arc<crate::upstream::set::UpstreamSet>>,
     /// Signs and verifies session ids.
     pub sessions: Arc<SessionCodec>,
+    /// `[tracing]`: trace context and spans.
+    pub tracing: crate::observe::trace::TraceSettings,
 }
 
 /// `[rate_limit]`, validated.
@@ -396,6 +398,7 @@ pub fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
     if !(1..=1_000_000).contains(&audit.queue_capacity) {
         return Err(invalid("audit.queue_capacity", "must be 1..=1000000"));
     }
+    let tracing = validate_tracing(&file.tracing)?;
     let tool_labels = Arc::new(tool_labels(file));
     let mut warnings = features::ignored_keys(file);
     let sessions = Arc::new(session_codec(s, &mut warnings)?);
@@ -428,6 +431,47 @@ pub fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
         file_view: Arc::new(serde_json::to_value(file).unwrap_or_default()),
         upstreams: None,
         sessions,
+        tracing,
+    })
+}
+
+/// `[tracing]`: the rate in range, the collector https (http only to loopback). An endpoint
+/// without a path gets OTLP/HTTP's `/v1/traces`.
+fn validate_tracing(
+    t: &schema::TracingSection,
+) -> Result<crate::observe::trace::TraceSettings, ConfigError> {
+    if !(0.0..=1.0).contains(&t.sample_rate) {
+        return Err(invalid("tracing.sample_rate", "must be 0.0..=1.0"));
+    }
+    if t.service_name.is_empty() || t.service_name.len() > 256 {
+        return Err(invalid("tracing.service_name", "must be 1 to 256 bytes"));
+    }
+    let endpoint = match t.otlp_endpoint.as_deref().filter(|_| t.enabled) {
+        None if t.enabled => Some("http://127.0.0.1:4318"),
+        e => e,
+    }
+    .map(|url| {
+        let after_scheme = url.split_once("://").map_or("", |(_, rest)| rest);
+        let url = match after_scheme.find('/') {
+            None => format!("{url}/v1/traces"),
+            Some(i) if &after_scheme[i..] == "/" => format!("{url}v1/traces"),
+            Some(_) => url.to_string(),
+        };
+        crate::auth::fetch::IdpUrl::parse(&url).map_err(|e| {
+            invalid(
+                "tracing.otlp_endpoint",
+                e.replace("identity-provider URLs", "OTLP collector URLs"),
+            )
+        })
+    })
+    .transpose()?;
+    Ok(crate::observe::trace::TraceSettings {
+        enabled: t.enabled,
+        service_name: t.service_name.as_str().into(),
+        endpoint,
+        threshold: crate::observe::trace::threshold(t.sample_rate),
+        propagate: t.propagate_context,
+        honour_parent: t.honour_parent_sampling,
     })
 }
 
@@ -2424,6 +2468,38 @@ mod tests {
         );
     }
 
+    #[test]
+    fn tracing_is_validated() {
+        let with = |t: &str| settings(&format!("[upstream]\ncommand = \"x\"\n[tracing]\n{t}\n"));
+        let s = with("enabled = true").unwrap();
+        let ep = s.tracing.endpoint.unwrap();
+        assert_eq!((ep.port, ep.target.as_str()), (4318, "/v1/traces"));
+        let s = with("enabled = true\notlp_endpoint = \"https://otel.example.com/\"").unwrap();
+        assert_eq!(s.tracing.endpoint.unwrap().target, "/v1/traces");
+        let s = with("enabled = true\notlp_endpoint = \"http://[::1]:9/custom\"").unwrap();
+        assert_eq!(s.tracing.endpoint.unwrap().target, "/custom");
+        for (bad, key) in [
+            ("sample_rate = 1.5", "tracing.sample_rate"),
+            ("sample_rate = -0.1", "tracing.sample_rate"),
+            ("sample_rate = nan", "tracing.sample_rate"),
+            ("service_name = \"\"", "tracing.service_name"),
+            (
+                "otlp_endpoint = \"http://collector.example.com:4318\"",
+                "tracing.otlp_endpoint",
+            ),
+            ("otlp_endpoint = \"ftp://x\"", "tracing.otlp_endpoint"),
+        ] {
+            let e = with(&format!("enabled = true\n{bad}")).unwrap_err();
+            assert!(e.message.starts_with(key), "{bad}: {}", e.message);
+        }
+        assert!(
+            !with("enabled = false\notlp_endpoint = \"ftp://x\"")
+                .unwrap()
+                .tracing
+                .enabled
+        );
+    }
+
     fn warnings_of(text: &str) -> Vec<String> {
         settings(text).unwrap().warnings
     }
@@ -2464,7 +2540,7 @@ mod tests {
         assert!(w[0].contains("no destination"), "{w:?}");
 
         let w = warnings_of("[upstream]\ncommand = \"x\"\n[tracing]\nenabled = true\n");
-        assert!(w[0].starts_with("[tracing] has no effect"), "{w:?}");
+        assert!(w.is_empty(), "{w:?}");
         let w =
             warnings_of("[upstream]\ncommand = \"x\"\n[tracing]\notlp_endpoint = \"http://x\"\n");
         assert_eq!(

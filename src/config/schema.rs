@@ -835,15 +835,21 @@ pub struct TracingSection {
     pub enabled: bool,
     /// (compat) `service.name` of the spans.
     pub service_name: String,
-    /// (compat) OTLP over HTTP collector.
+    /// (compat) OTLP over HTTP collector (protobuf); unset: `http://127.0.0.1:4318`. An URL
+    /// without a path gets `/v1/traces`. https, or http to a loopback address only.
     #[schemars(extend("x-type" = "URL"))]
     pub otlp_endpoint: Option<String>,
     /// (compat) Share of traces sampled, 0.0–1.0; an incoming sampled `traceparent` is
     /// honoured.
     #[schemars(extend("x-type" = "number 0.0–1.0"))]
     pub sample_rate: f64,
-    /// (compat) Read and forward W3C `traceparent` / `tracestate`.
+    /// (compat) Read and forward W3C `traceparent` / `tracestate` (a malformed one is
+    /// dropped). With tracing on, the upstream's `traceparent` names the gateway's span.
     pub propagate_context: bool,
+    /// An incoming `traceparent`'s sampled flag decides whether the request is traced
+    /// (parent-based sampling). `false`: `sample_rate` decides for every trace, so clients
+    /// cannot force tracing on (or off); set it where callers are not trusted.
+    pub honour_parent_sampling: bool,
 }
 
 impl Default for TracingSection {
@@ -854,6 +860,7 @@ impl Default for TracingSection {
             otlp_endpoint: None,
             sample_rate: 0.1,
             propagate_context: true,
+            honour_parent_sampling: true,
         }
     }
 }

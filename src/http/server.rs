@@ -10,6 +10,7 @@ use crate::http::io::{read_append, write_all};
 use crate::http::request::{BodyFraming, HeadError, HeadParse, RequestHead, parse_head};
 use crate::http::response::{Framing, LAST_CHUNK, write_chunk, write_head};
 use crate::observe::metrics::M_NONE;
+use crate::observe::trace::Phase;
 use crate::pipeline::{self, Reply, ReplyBody};
 use crate::runtime::worker::Worker;
 use crate::tls::Peer;
@@ -45,7 +46,7 @@ pub async fn serve<S: Connection>(
     let mut out: Vec<u8> = Vec::new();
     let mut fresh = true;
     loop {
-        let head = match read_head(&w, &mut stream, &mut buf, &w.settings(), fresh).await {
+        let mut head = match read_head(&w, &mut stream, &mut buf, &w.settings(), fresh).await {
             HeadOutcome::Head(h) => h,
             HeadOutcome::Closed => return,
             HeadOutcome::Error(e) => {
@@ -55,6 +56,7 @@ pub async fn serve<S: Connection>(
                     client_request_id: None,
                     peer: Peer::of(addr, client.as_ref()),
                     trace_id: None,
+                    trace: None,
                     started: Instant::now(),
                     wall: SystemTime::now(),
                     stream_auth: None,
@@ -96,7 +98,7 @@ pub async fn serve<S: Connection>(
             &mut buf,
             out,
             &cfg,
-            &head,
+            &mut head,
             peer,
         ));
         match served.await {
@@ -133,12 +135,22 @@ async fn serve_request<S: Connection>(
     buf: &mut Vec<u8>,
     out: Vec<u8>,
     snapshot: &Snapshot,
-    head: &RequestHead,
+    head: &mut RequestHead,
     peer: Peer<'_>,
 ) -> Option<Vec<u8>> {
     let cfg: &Settings = snapshot;
     let started = Instant::now();
     let wall = SystemTime::now();
+    // The request's trace context; from here on the head's trace headers are the ones the
+    // upstream is sent (the gateway's span as parent, or nothing that failed validation).
+    let trace = crate::observe::trace::begin(
+        &cfg.tracing,
+        &mut head.h.traceparent,
+        &mut head.h.tracestate,
+        started,
+        wall,
+    );
+    let head: &RequestHead = head;
     buf.drain(..head.head_len);
     // The audit trail's request id is always ours; a client's `X-Request-Id` is recorded beside
     // it (when printable and short), never instead of it.
@@ -149,7 +161,11 @@ async fn serve_request<S: Connection>(
         .filter(|r| r.len() <= 128 && r.bytes().all(|b| b.is_ascii_graphic()))
         .map(str::to_string);
     let meta = ReqMeta {
-        trace_id: head.h.traceparent.as_deref().and_then(trace_id),
+        trace_id: match &trace {
+            Some(t) if w.audit.enabled() => Some(t.trace_id_hex()),
+            _ => head.h.traceparent.as_deref().and_then(trace_id),
+        },
+        trace,
         request_id: w.next_request_id(),
         client_request_id,
         peer,
@@ -173,6 +189,7 @@ async fn serve_request<S: Connection>(
             other => other,
         };
     }
+    meta.mark(Phase::Admit);
     let admitted = match admission {
         // Not after the wait above; were it ever, refusing and closing is always safe.
         pipeline::Admission::Pending(still) => {
@@ -199,7 +216,10 @@ async fn serve_request<S: Connection>(
         }
     };
     let body = match read_body(w, stream, buf, head, cfg).await {
-        Ok(b) => b,
+        Ok(b) => {
+            meta.mark(Phase::Body);
+            b
+        }
         Err(None) => return None,
         Err(Some(e)) => {
             let mut reply = Reply::error(&e, None, M_NONE);
@@ -241,6 +261,7 @@ async fn serve_request<S: Connection>(
         }
     };
     drop(body);
+    meta.mark(Phase::Handle);
     write_reply(w, stream, reply, head.keep_alive, &meta, out).await
 }
 
@@ -659,8 +680,18 @@ struct ReqMeta<'a> {
     client_request_id: Option<String>,
     peer: Peer<'a>,
     trace_id: Option<String>,
+    /// With tracing on: the request's span.
+    trace: Option<crate::observe::trace::RequestTrace>,
     started: Instant,
     wall: SystemTime,
+}
+
+impl ReqMeta<'_> {
+    fn mark(&self, phase: Phase) {
+        if let Some(t) = self.trace.as_ref().filter(|t| t.sampled) {
+            t.mark(phase);
+        }
+    }
 }
 
 /// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`), if well formed.
@@ -754,6 +785,12 @@ async fn write_reply<S: Connection>(
     };
     let latency = meta.started.elapsed();
     w.record(method, status, if streamed { None } else { Some(latency) });
+    if let (Some(t), Some(tracer)) = (meta.trace.as_ref(), w.shared.tracer.as_ref())
+        && t.sampled
+        && !reply.audit.skip
+    {
+        tracer.push(finish_span(t, &reply.audit, status, method, meta));
+    }
     if !reply.audit.skip && w.audit.enabled() {
         emit_audit(w, reply.audit, reply.reason, status, method, meta, latency);
     }
@@ -842,6 +879,31 @@ async fn pump<S: AsyncWriteRent>(
     }
     w.pool.release(resp);
     (ok, out)
+}
+
+/// The span of a finished request: names and outcomes only.
+fn finish_span(
+    t: &crate::observe::trace::RequestTrace,
+    info: &crate::pipeline::AuditInfo,
+    status: u16,
+    method: usize,
+    meta: &ReqMeta<'_>,
+) -> crate::observe::trace::SpanRecord {
+    let head = meta.stream_auth.as_ref().map(|a| a.head);
+    t.finish(crate::observe::trace::Finished {
+        http_method: head.map_or(crate::http::request::Method::Other, |h| h.method),
+        path: head.map_or("", |h| h.path()),
+        status,
+        messages: &info.messages,
+        method_label: crate::observe::metrics::METHODS[method],
+        identity: info.identity.as_deref(),
+        decision: info
+            .decision
+            .unwrap_or(if status < 400 { "allow" } else { "error" }),
+        upstream: info.upstream.as_deref(),
+        session: head.and_then(|h| h.h.session_id.as_deref()),
+        forwarded_at: info.forwarded_at,
+    })
 }
 
 /// Phase 11: the audit events of a finished request: one per JSON-RPC message (one for a request

@@ -206,6 +206,8 @@ pub struct GlobalMetrics {
     pub audit_written: AtomicU64,
     /// The SIEM shipper's counters.
     pub audit_export: Arc<crate::audit::export::ExportMetrics>,
+    /// The span exporter's counters.
+    pub trace: Arc<crate::observe::otlp::TraceMetrics>,
     /// Messages the stdio router dropped, by [`DropReason::index`].
     pub stdio_dropped: [AtomicU64; DropReason::ALL.len()],
 }
@@ -434,6 +436,7 @@ impl Metrics {
             sum(&|w| w.audit_suppressed.load(Relaxed)),
         );
         self.global.audit_export.render(&mut out);
+        self.global.trace.render(&mut out);
         write_metric(
             &mut out,
             "mcp_guard_request_panics_total",

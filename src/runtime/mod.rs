@@ -191,6 +191,18 @@ pub fn run(path: PathBuf) -> Result<(), String> {
         Some(redis) => Arc::new(crate::ratelimit::redis::RedisPool::start(redis.clone())?),
         None => Arc::new(crate::ratelimit::MemoryPool::default()),
     };
+    // Started with the process: `[tracing]` changes take a restart.
+    let tracer = match (&settings.tracing.endpoint, settings.tracing.enabled) {
+        (Some(endpoint), true) => Some(
+            crate::observe::otlp::Tracer::start(
+                endpoint.clone(),
+                settings.tracing.service_name.clone(),
+                metrics.global.trace.clone(),
+            )
+            .map_err(|e| format!("cannot start the span exporter: {e}"))?,
+        ),
+        _ => None,
+    };
     let (shutdown_tx, shutdown_rx) = async_channel::bounded::<()>(1);
     let shared = Arc::new(Shared {
         config: Arc::new(ArcSwap::from_pointee(settings.clone())),
@@ -206,6 +218,7 @@ pub fn run(path: PathBuf) -> Result<(), String> {
         audit_sinks: std::sync::Mutex::new(audit_sinks),
         control_audit,
         audit_writer,
+        tracer,
     });
     let mut threads = Vec::with_capacity(workers);
     for (id, listener) in listeners.into_iter().enumerate() {
@@ -251,6 +264,9 @@ pub fn run(path: PathBuf) -> Result<(), String> {
     }
     if let Some(a) = &shared.audit_writer {
         a.stop();
+    }
+    if let Some(t) = &shared.tracer {
+        t.stop();
     }
     tracing::info!(target: "mcp_guard", "shutdown complete");
     Ok(())

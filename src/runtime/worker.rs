@@ -103,6 +103,8 @@ pub struct Shared {
     pub control_audit: AuditSink,
     /// The audit writer thread, when auditing is on.
     pub audit_writer: Option<AuditWriter>,
+    /// The span exporter, when tracing is on.
+    pub tracer: Option<crate::observe::otlp::Tracer>,
 }
 
 impl Shared {

@@ -8,12 +8,14 @@
 # dependencies when missing or stale: npm ci (package-lock.json) into tests/interop/node_modules,
 # pip install -r requirements.txt into tests/interop/.venv. Needs node >= 18, npm, python3 with venv.
 # Filters: INTEROP_ONLY=py (or ts/streamable-http:http ...), INTEROP_CASES=initialize,notification.
+# INTEROP_INSTALL_ONLY=1: install the dependencies and stop (tests/otel.rs decodes with the
+# venv's opentelemetry-proto; .ci/run installs it before the Rust tests).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 bin="${1:-${MCP_GUARD_BIN:-target/debug/mcp-guard}}"
 case "$bin" in /*) ;; *) bin="$root/$bin" ;; esac
-if [ ! -x "$bin" ]; then
+if [ -z "${INTEROP_INSTALL_ONLY:-}" ] && [ ! -x "$bin" ]; then
   echo "interop: no gateway binary at $bin (cargo build --bin mcp-guard)" >&2
   exit 2
 fi
@@ -36,6 +38,7 @@ if ! cmp -s requirements.txt .venv/.interop-requirements 2>/dev/null; then
   timeout 300 .venv/bin/pip install --quiet --disable-pip-version-check --no-input -r requirements.txt
   cp requirements.txt .venv/.interop-requirements
 fi
+[ -n "${INTEROP_INSTALL_ONLY:-}" ] && exit 0
 
 # run.mjs stops what it started (gateways, servers, clients: each in its own process group) on
 # exit and on signals; this trap forwards ours to it.
