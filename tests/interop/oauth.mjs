@@ -11,12 +11,12 @@
 //
 // Needs the gateway and the demo server built (cargo build). Exit status 0 when every step
 // passed. Prints `PASS|FAIL ts/oauth <case> [detail]` lines, like run.mjs.
-import { spawn } from "node:child_process";
 import { createServer } from "node:http";
-import { mkdtempSync, writeFileSync, rmSync } from "node:fs";
+import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
+import { freePort, startGateway as launch } from "./lib/gateway.mjs";
 import { Client } from "@modelcontextprotocol/sdk/client/index.js";
 import { StreamableHTTPClientTransport } from "@modelcontextprotocol/sdk/client/streamableHttp.js";
 import { UnauthorizedError } from "@modelcontextprotocol/sdk/client/auth.js";
@@ -67,34 +67,12 @@ function fakeGithub() {
   return new Promise((ok) => server.listen(0, "127.0.0.1", () => ok(server)));
 }
 
-function freePort() {
-  return new Promise((ok) => {
-    const s = createServer();
-    s.listen(0, "127.0.0.1", () => {
-      const { port } = s.address();
-      s.close(() => ok(port));
-    });
-  });
-}
 
 /** Starts the gateway with `config`; resolves once it listens. */
-function startGateway(config, dir) {
-  const path = join(dir, "guard.toml");
-  writeFileSync(path, config);
-  const child = spawn(GUARD, ["--config", path], { stdio: ["ignore", "ignore", "pipe"], env: { ...process.env, RUST_LOG: "info" } });
+async function startGateway(config, dir) {
+  const child = await launch(GUARD, config, join(dir, "guard.toml"));
   children.push(child);
-  return new Promise((ok, fail) => {
-    let log = "";
-    const timer = setTimeout(() => fail(new Error(`gateway did not start:\n${log}`)), 20_000);
-    child.stderr.on("data", (d) => {
-      log += d;
-      if (/listening on http:\/\//.test(log) && !/admin listening/.test(log.split("\n").pop())) {
-        clearTimeout(timer);
-        ok(child);
-      }
-    });
-    child.on("exit", (code) => fail(new Error(`gateway exited ${code}:\n${log}`)));
-  });
+  return child;
 }
 
 /** The person in the browser: opens the authorization URL, allows, and follows redirects

@@ -11,12 +11,11 @@
 //
 // A client-credentials token without a subject is refused (the gateway needs a user id), so the
 // mock's tokens get one. Exit status 0 when every step passed; prints `PASS|FAIL ts/oauth-as <case> [detail]` lines.
-import { spawn } from "node:child_process";
-import { createServer } from "node:http";
-import { mkdtempSync, writeFileSync, rmSync } from "node:fs";
+import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
+import { freePort, startGateway as launch } from "./lib/gateway.mjs";
 import { OAuth2Server } from "oauth2-mock-server";
 import { Client } from "@modelcontextprotocol/sdk/client/index.js";
 import { StreamableHTTPClientTransport } from "@modelcontextprotocol/sdk/client/streamableHttp.js";
@@ -35,34 +34,12 @@ function report(ok, name, detail = "") {
   console.log(`${ok ? "PASS" : "FAIL"} ts/oauth-as ${name}${detail ? " " + detail : ""}`);
 }
 
-function freePort() {
-  return new Promise((ok) => {
-    const s = createServer();
-    s.listen(0, "127.0.0.1", () => {
-      const { port } = s.address();
-      s.close(() => ok(port));
-    });
-  });
-}
 
 /** Starts the gateway with `config`; resolves once it listens. */
-function startGateway(config, dir, name) {
-  const path = join(dir, `${name}.toml`);
-  writeFileSync(path, config);
-  const child = spawn(GUARD, ["--config", path], { stdio: ["ignore", "ignore", "pipe"], env: { ...process.env, RUST_LOG: "info" } });
+async function startGateway(config, dir, name) {
+  const child = await launch(GUARD, config, join(dir, `${name}.toml`));
   children.push(child);
-  return new Promise((ok, fail) => {
-    let log = "";
-    const timer = setTimeout(() => fail(new Error(`gateway did not start:\n${log}`)), 20_000);
-    child.stderr.on("data", (d) => {
-      log += d;
-      if (/listening on http:\/\//.test(log)) {
-        clearTimeout(timer);
-        ok(child);
-      }
-    });
-    child.on("exit", (code) => fail(new Error(`gateway exited ${code}:\n${log}`)));
-  });
+  return child;
 }
 
 function gatewayConfig(port, issuer, extra = "") {
