@@ -3,14 +3,14 @@
 // Every function takes raw fuzz input and panics when the code under test breaks a property.
 
 use mcp_guard::authz::{Matcher, Policy, Rule};
+use mcp_guard::config::HttpEndpoint;
 use mcp_guard::config::schema::FileConfig;
 use mcp_guard::http::chunked::{ChunkError, ChunkedDecoder};
 use mcp_guard::http::request::{BodyFraming, HeadParse, parse_head};
+use mcp_guard::http::sse::{SseDecoder, SseEvent};
 use mcp_guard::mcp::filter::{SseFilter, filter_json};
 use mcp_guard::mcp::jsonrpc::{Body, Classifier, Kind, RpcId, Target};
 use mcp_guard::mcp::session::{MAX_SESSION_ID_LEN, SessionCodec};
-use mcp_guard::config::HttpEndpoint;
-use mcp_guard::http::sse::{SseDecoder, SseEvent};
 use serde_json::Value;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -492,7 +492,8 @@ pub fn stdio_framing(data: &[u8]) {
                         "CR/LF inside a line to the child: {}",
                         String::from_utf8_lossy(line)
                     );
-                    let v: Value = serde_json::from_slice(body).expect("a line to the child is JSON");
+                    let v: Value =
+                        serde_json::from_slice(body).expect("a line to the child is JSON");
                     let method = v.get("method").and_then(Value::as_str);
                     match (method, v.get("id")) {
                         (Some(_), Some(id)) => {
@@ -538,7 +539,10 @@ pub fn stdio_framing(data: &[u8]) {
                 } => {
                     let v: Value = serde_json::from_slice(message).expect("delivered JSON");
                     if let Some(h) = server_request {
-                        assert!(given.insert(*h, *session).is_none(), "server request id reused");
+                        assert!(
+                            given.insert(*h, *session).is_none(),
+                            "server request id reused"
+                        );
                         last_given = *h;
                         assert_eq!(v.get("id").and_then(Value::as_u64), Some(*h));
                     }
@@ -601,7 +605,10 @@ pub fn sse_events(data: &[u8]) {
             "{first:?} -> {target:?}"
         );
         let lower = first.trim().to_ascii_lowercase();
-        if let Some(rest) = lower.strip_prefix("http://").or_else(|| lower.strip_prefix("//")) {
+        if let Some(rest) = lower
+            .strip_prefix("http://")
+            .or_else(|| lower.strip_prefix("//"))
+        {
             let authority = rest.split(['/', '?']).next().unwrap_or_default();
             assert!(
                 authority == "127.0.0.1:8080",
@@ -629,4 +636,76 @@ pub fn sse_events(data: &[u8]) {
     let whole = decode(&[stream]);
     let split = decode(&[&stream[..at], &stream[at..]]);
     assert_eq!(whole, split, "split at {at}");
+}
+
+/// What peers of the gateway send it outside HTTP heads and JSON-RPC: Redis replies (RESP),
+/// Redis URLs from config, W3C trace headers from clients, and form bodies at the OAuth
+/// endpoints. The first byte picks the parser.
+pub fn peer_inputs(data: &[u8]) {
+    let Some((&which, rest)) = data.split_first() else {
+        return;
+    };
+    match which % 4 {
+        0 => {
+            // A reply is complete or not; what it consumed lies within the input, and the
+            // same reply parses from a prefix cut at its end (no look-ahead past it).
+            if let Ok(Some((reply, used))) = mcp_guard::ratelimit::resp::parse(rest) {
+                assert!(used > 0 && used <= rest.len());
+                let again = mcp_guard::ratelimit::resp::parse(&rest[..used]);
+                assert!(
+                    matches!(&again, Ok(Some((r, u))) if *u == used && *r == reply),
+                    "{again:?}"
+                );
+            }
+            // Cut anywhere before the end of a reply, a parse is never "complete" beyond the cut.
+            let cut = split_point(rest).min(rest.len());
+            if let Ok(Some((_, used))) = mcp_guard::ratelimit::resp::parse(&rest[..cut]) {
+                assert!(used <= cut);
+            }
+        }
+        1 => {
+            let text = String::from_utf8_lossy(rest);
+            if let Ok(url) = mcp_guard::ratelimit::resp::RedisUrl::parse(&text) {
+                // The password is never shown.
+                let shown = format!("{url} {url:?}");
+                if url.has_password()
+                    && let Some(secret) = text
+                        .split_once("://")
+                        .and_then(|(_, r)| r.split_once('@'))
+                        .and_then(|(userinfo, _)| userinfo.rsplit_once(':'))
+                        .map(|(_, p)| p)
+                        .filter(|p| p.len() >= 4)
+                {
+                    assert!(!shown.contains(secret), "{shown}");
+                }
+            }
+        }
+        2 => {
+            let text = String::from_utf8_lossy(rest);
+            let (tp, ts) = text.split_once('\n').unwrap_or((&text, ""));
+            if let Some(p) = mcp_guard::observe::trace::parse_traceparent(tp) {
+                assert!(tp.len() <= 256);
+                assert!(p.trace_id != [0; 16] && p.span_id != [0; 8]);
+                assert!(tp.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'));
+                assert!(!tp.bytes().any(|b| b.is_ascii_uppercase()));
+            }
+            if mcp_guard::observe::trace::valid_tracestate(ts) {
+                assert!(ts.len() <= 512, "{ts:?}");
+                assert!(!ts.bytes().any(|b| b == b'\r' || b == b'\n'));
+            }
+        }
+        _ => {
+            if let Ok(pairs) = mcp_guard::facade::form::parse(rest) {
+                // What is encoded again decodes to the same pairs.
+                let mut sorted: Vec<(&str, &str)> = pairs
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect();
+                sorted.sort();
+                let encoded = mcp_guard::facade::form::encode_pairs(&sorted);
+                let back = mcp_guard::facade::form::parse(encoded.as_bytes()).expect("re-encoded");
+                assert_eq!(back, pairs);
+            }
+        }
+    }
 }

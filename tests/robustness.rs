@@ -149,6 +149,11 @@ fn http_head_parser_never_panics_and_keeps_framing_invariants_on_mutated_input()
 }
 
 #[test]
+fn peer_inputs_resp_redis_urls_trace_headers_and_forms_never_panic_and_keep_their_rules() {
+    replay("peer_inputs", checks::peer_inputs);
+}
+
+#[test]
 fn chunked_decoder_never_panics_and_decodes_split_input_like_whole_input() {
     replay("chunked", checks::chunked);
 }
