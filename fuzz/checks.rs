@@ -666,15 +666,19 @@ pub fn peer_inputs(data: &[u8]) {
         1 => {
             let text = String::from_utf8_lossy(rest);
             if let Ok(url) = mcp_guard::ratelimit::resp::RedisUrl::parse(&text) {
-                // The password is never shown.
+                // The password is never shown (checked where it cannot also be read as part
+                // of the host or path shown beside it).
                 let shown = format!("{url} {url:?}");
+                let after_userinfo = |secret: &str| text.replacen(&format!(":{secret}@"), ":@", 1);
                 if url.has_password()
                     && let Some(secret) = text
                         .split_once("://")
                         .and_then(|(_, r)| r.split_once('@'))
                         .and_then(|(userinfo, _)| userinfo.rsplit_once(':'))
                         .map(|(_, p)| p)
-                        .filter(|p| p.len() >= 4)
+                        .filter(|p| {
+                            p.len() >= 8 && !after_userinfo(p).contains(p) && *p != "RedisUrl"
+                        })
                 {
                     assert!(!shown.contains(secret), "{shown}");
                 }
@@ -686,8 +690,15 @@ pub fn peer_inputs(data: &[u8]) {
             if let Some(p) = mcp_guard::observe::trace::parse_traceparent(tp) {
                 assert!(tp.len() <= 256);
                 assert!(p.trace_id != [0; 16] && p.span_id != [0; 8]);
-                assert!(tp.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'));
-                assert!(!tp.bytes().any(|b| b.is_ascii_uppercase()));
+                // The four fields as version 00 lays them out (a later version may append
+                // `-`-separated fields, which W3C says to ignore).
+                let fields = &tp.as_bytes()[..55.min(tp.len())];
+                assert!(
+                    tp.len() == 55
+                        || (!tp.starts_with("00") && tp.as_bytes().get(55) == Some(&b'-'))
+                );
+                assert!(fields.iter().all(|b| b.is_ascii_hexdigit() || *b == b'-'));
+                assert!(!fields.iter().any(|b| b.is_ascii_uppercase()));
             }
             if mcp_guard::observe::trace::valid_tracestate(ts) {
                 assert!(ts.len() <= 512, "{ts:?}");

@@ -102,11 +102,12 @@ pub fn encode(s: &str) -> String {
     out
 }
 
-/// `name=value&…`, each value encoded.
+/// `name=value&…`, names and values encoded (a name with `+`, `&` or `=` would otherwise come
+/// back as another name; found by the `peer_inputs` fuzz target).
 pub fn encode_pairs(pairs: &[(&str, &str)]) -> String {
     pairs
         .iter()
-        .map(|(n, v)| format!("{n}={}", encode(v)))
+        .map(|(n, v)| format!("{}={}", encode(n), encode(v)))
         .collect::<Vec<_>>()
         .join("&")
 }
