@@ -120,30 +120,14 @@ pub fn session_param(target: &str) -> Option<&str> {
                 return None;
             }
             found = Some(value);
-        } else if key.contains('%') && percent_decoded(key).as_deref() == Some(SESSION_PARAM) {
+        } else if key.contains('%')
+            && crate::http::percent_decoded(key).as_deref() == Some(SESSION_PARAM)
+        {
             // A spelling another reader would decode to the parameter: just as ambiguous.
             return None;
         }
     }
     found
-}
-
-/// `%XX` escapes decoded (`None` when one is malformed or the result is not UTF-8).
-fn percent_decoded(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 /// The route a legacy stream path names: `sse_path` itself is the default server,

@@ -60,9 +60,12 @@ impl RedisUrl {
                     Some(i) => (&u[..i], Some(&u[i + 1..])),
                     None => (u, None),
                 };
-                let user = percent_decode(user).ok_or("the user name has a bad %-escape")?;
+                let user =
+                    crate::http::percent_decoded(user).ok_or("the user name has a bad %-escape")?;
                 let pass = pass
-                    .map(|p| percent_decode(p).ok_or("the password has a bad %-escape"))
+                    .map(|p| {
+                        crate::http::percent_decoded(p).ok_or("the password has a bad %-escape")
+                    })
                     .transpose()?;
                 // `redis://secret@host` is the common "password only" spelling.
                 match pass {
@@ -157,23 +160,6 @@ impl fmt::Debug for RedisUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "RedisUrl({self})")
     }
-}
-
-fn percent_decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 /// One reply.
