@@ -32,9 +32,10 @@ use crate::error::{GatewayError, code};
 use crate::http::client::UpstreamResponse;
 use crate::http::request::{Method, RequestHead};
 use crate::http::response::jsonrpc_error;
-use crate::mcp::filter::{SseFilter, filter_json};
+use crate::mcp::filter::SseFilter;
 use crate::mcp::jsonrpc::{Body, ClassifyError, Kind, Message, RpcId, Target, is_spec_tool_name};
 use crate::mcp::legacy;
+use crate::mcp::transform::{Expect, Transform};
 use crate::mcp::transport;
 use crate::observe::metrics::{self, M_BATCH, M_DELETE, M_NONE, M_RESPONSE, M_STREAM};
 use crate::ratelimit::{Limit, bucket_key, fleet_key};
@@ -89,6 +90,8 @@ pub struct AuditInfo {
     pub auth_failure: Option<&'static str>,
     /// When the request went to the upstream (with tracing on): splits a span's phases.
     pub forwarded_at: Option<Instant>,
+    /// What the advanced-policy steps noted (the audit event's `details`).
+    pub details: Vec<(&'static str, String)>,
 }
 
 /// Reply bodies.
@@ -112,7 +115,7 @@ pub struct EventStream {
     /// The messages.
     pub messages: async_channel::Receiver<Vec<u8>>,
     /// With a restricted policy, each message goes through the `tools/list` filter first.
-    pub policy: Option<Arc<Policy>>,
+    pub transform: Option<Transform>,
     /// SSE bytes written before the first message (the legacy transport's `endpoint` event).
     pub preamble: Vec<u8>,
     /// Held for as long as the stream is open (a legacy session ends when it is dropped).
@@ -538,7 +541,10 @@ pub async fn handle(
     };
     match outcome {
         Ok(mut reply) => {
+            // What phase 10 noted (the response transforms) joins what the request path did.
+            let noted = std::mem::take(&mut reply.audit.details);
             reply.audit = audit;
+            reply.audit.details.extend(noted);
             reply
         }
         Err((e, id, method)) => refused(e, id, method, audit),
@@ -1046,13 +1052,9 @@ async fn post(
                 .count_decision(cfg.tool_labels.get(t).copied().unwrap_or(0), 0);
         }
     }
-    // tools/list answers are filtered to what this identity may call.
-    let filter = (!cx.policy.tools.is_open()
-        && body
-            .messages()
-            .iter()
-            .any(|m| m.kind == Kind::Request && m.method_str() == "tools/list"))
-    .then_some(cx.policy);
+    // The answers go through the response-transform chain (tools/list answers filtered to
+    // what this identity may call).
+    let transform = Transform::for_request(cfg, cx.route, cx.policy, Expect::of(&body));
     // 9. forward; a legacy message goes to the worker holding its session's stream, which
     // forwards it and writes the answer there.
     if let Some(ticket) = ticket {
@@ -1072,20 +1074,20 @@ async fn post(
         .await
         .map_err(fail)?;
     // 10. relay
-    deliver(cx, exchange, method, filter).await.map_err(fail)
+    deliver(cx, exchange, method, transform).await.map_err(fail)
 }
 
 /// GET: the server-to-client stream. It may carry any message, a replayed tools/list answer
 /// among them (`Last-Event-ID` resumes a POST's stream), so a restricted caller's streams are
 /// filtered.
 async fn stream(cx: &Ctx<'_>) -> Result<Reply, GatewayError> {
-    let filter = (!cx.policy.tools.is_open()).then_some(cx.policy);
+    let transform = Transform::for_request(cx.cfg, cx.route, cx.policy, Expect::ANY);
     let session = cx.session()?;
     let exchange = cx
         .upstream()?
         .open_stream(cx.w, &cx.outgoing(session.as_deref()))
         .await?;
-    deliver(cx, exchange, M_STREAM, filter).await
+    deliver(cx, exchange, M_STREAM, transform).await
 }
 
 /// GET at `server.sse_path`: a legacy session, owned by this worker, whose stream starts with
@@ -1097,7 +1099,7 @@ fn legacy_stream(cx: &Ctx<'_>) -> Reply {
         200,
         ReplyBody::Events(EventStream {
             messages: opened.messages,
-            policy: (!cx.policy.tools.is_open()).then(|| cx.policy.clone()),
+            transform: Transform::for_request(cx.cfg, cx.route, cx.policy, Expect::ANY),
             preamble: opened.preamble,
             guard: Some(opened.guard),
             backlog: Some(opened.backlog),
@@ -1125,14 +1127,14 @@ async fn delete(cx: &Ctx<'_>) -> Result<Reply, GatewayError> {
     Ok(reply)
 }
 
-/// Phase 10 for every upstream kind: the answer becomes a reply, through the `tools/list`
-/// filter when `filter` names a restricted policy, and a session the upstream opened is handed
+/// Phase 10 for every upstream kind: the answer becomes a reply, through the response-transform
+/// chain when one applies, and a session the upstream opened is handed
 /// to the client wrapped under the gateway's MAC, bound to the caller.
 async fn deliver(
     cx: &Ctx<'_>,
     exchange: Exchange,
     method: usize,
-    filter: Option<&Arc<Policy>>,
+    transform: Option<Transform>,
 ) -> Result<Reply, GatewayError> {
     let w = cx.w;
     // An upstream's own 401 is about the gateway's credentials there, never the client's:
@@ -1144,6 +1146,7 @@ async fn deliver(
         Answer::Complete { status, .. } => Some(*status),
         _ => None,
     };
+    let mut noted = Vec::new();
     if upstream_status == Some(401) {
         let name = cx.cfg.routes[cx.route].name.clone();
         tracing::warn!(target: "mcp_guard::upstream", "upstream '{name}' answered 401: the gateway's credentials for it are missing or refused");
@@ -1151,28 +1154,32 @@ async fn deliver(
     }
     let mut reply = match exchange.answer {
         Answer::Streamed(resp, hold) => {
-            let mut r = match filter {
+            let mut r = match transform {
                 None => relay(resp, method, None),
-                Some(policy) => relay_checked(w, resp, policy, method).await?,
+                Some(t) => relay_checked(w, resp, t, method).await?,
             };
             r.hold = hold;
             r
         }
         Answer::Complete { status, body } => {
-            let body = match filter {
+            let body = match transform {
                 None => body,
-                Some(policy) => filter_json(&body, &policy.tools).ok_or_else(|| {
-                    GatewayError::UpstreamUnavailable(
-                        "upstream tools/list response is not JSON".into(),
-                    )
-                })?,
+                Some(mut t) => {
+                    let body = t.json(&body).ok_or_else(|| {
+                        GatewayError::UpstreamUnavailable(
+                            "upstream answer cannot be checked (not JSON)".into(),
+                        )
+                    })?;
+                    noted = t.take_details();
+                    body
+                }
             };
             Reply::json(status, body, method)
         }
         Answer::Events(events) => {
             let stream = EventStream {
                 messages: events,
-                policy: filter.cloned(),
+                transform,
                 preamble: Vec::new(),
                 guard: None,
                 backlog: None,
@@ -1185,6 +1192,7 @@ async fn deliver(
         Answer::Accepted => Reply::new(202, ReplyBody::Empty, method),
         Answer::Ended => Reply::new(204, ReplyBody::Empty, method),
     };
+    reply.audit.details.extend(noted);
     if let Some(s) = exchange.session {
         reply.headers.push((
             "mcp-session-id",
@@ -1213,14 +1221,14 @@ fn relay(resp: UpstreamResponse, method: usize, filter: Option<SseFilter>) -> Re
     r
 }
 
-/// Phase 10 for an answer that may carry a tool list a restricted caller must not see whole:
-/// SSE is filtered event by event as it streams; any other body is read, filtered as JSON
-/// (single message or batch) and sent complete. Fail closed: a 2xx body that cannot be parsed
+/// Phase 10 for an answer the response-transform chain must see: SSE goes through it event
+/// by event as it streams; any other body is read, transformed as JSON (single message or
+/// batch) and sent complete. Fail closed: a 2xx body that cannot be parsed
 /// is refused (502); an error status keeps its status but loses a body nobody could check.
 async fn relay_checked(
     w: &Worker,
     mut resp: UpstreamResponse,
-    policy: &Arc<Policy>,
+    mut transform: Transform,
     method: usize,
 ) -> Result<Reply, GatewayError> {
     let is_sse = resp
@@ -1228,7 +1236,7 @@ async fn relay_checked(
         .as_deref()
         .is_some_and(|c| c.starts_with("text/event-stream"));
     if is_sse {
-        return Ok(relay(resp, method, Some(SseFilter::new(policy.clone()))));
+        return Ok(relay(resp, method, Some(SseFilter::with(transform))));
     }
     let status = resp.status;
     let data = resp
@@ -1239,10 +1247,14 @@ async fn relay_checked(
     if data.iter().all(u8::is_ascii_whitespace) {
         return Ok(Reply::new(status, ReplyBody::Empty, method));
     }
-    match filter_json(&data, &policy.tools) {
-        Some(filtered) => Ok(Reply::json(status, filtered, method)),
+    match transform.json(&data) {
+        Some(filtered) => {
+            let mut reply = Reply::json(status, filtered, method);
+            reply.audit.details = transform.take_details();
+            Ok(reply)
+        }
         None if (200..300).contains(&status) => Err(GatewayError::UpstreamUnavailable(
-            "upstream answer to tools/list cannot be checked".into(),
+            "upstream answer cannot be checked".into(),
         )),
         None => Ok(Reply::new(status, ReplyBody::Empty, method)),
     }

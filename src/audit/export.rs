@@ -122,15 +122,20 @@ pub fn bound_event(line: &str) -> Option<String> {
             cut = true;
         }
     }
-    for (key, v) in map.iter_mut() {
-        if key == "arguments" {
-            continue;
-        }
+    let mut bound = |v: &mut Value| {
         if let Value::String(s) = v
             && s.len() > MAX_FIELD_BYTES
         {
             *s = format!("{}…", cut_at(s, MAX_FIELD_BYTES));
             cut = true;
+        }
+    };
+    for (key, v) in map.iter_mut() {
+        match (key.as_str(), v) {
+            ("arguments", _) => {}
+            // `details` is one level of name → text: each text has the same bound.
+            ("details", Value::Object(d)) => d.values_mut().for_each(&mut bound),
+            (_, v) => bound(v),
         }
     }
     if cut {
@@ -311,6 +316,8 @@ fn cef_line(event: &serde_json::Map<String, Value>, out: &mut String) {
     push("cn2Label", Some("latencyMicros".into()));
     push("cn2", text("latency_us"));
     push("msg", text("arguments"));
+    // Not in the CEF dictionary: a custom key (CEF allows them) holding the JSON object.
+    push("mcpDetails", text("details"));
     if event.get("truncated") == Some(&Value::Bool(true)) {
         push("flexString2Label", Some("truncated".into()));
         push("flexString2", Some("true".into()));

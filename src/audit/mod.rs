@@ -53,6 +53,10 @@ pub struct AuditEvent {
     pub latency_us: u64,
     /// Tool arguments (raw JSON), only when `audit.include_arguments` is on.
     pub arguments: Option<String>,
+    /// What the advanced-policy steps noted (a rule refusing an argument, a pinned tool that
+    /// changed, the detectors a redaction fired, who approved a call): written as the JSON
+    /// object `details`, name → text, in order; never a secret or an argument's value.
+    pub details: Vec<(&'static str, String)>,
 }
 
 impl AuditEvent {
@@ -109,6 +113,18 @@ impl AuditEvent {
             // Arguments were re-serialised by serde_json from the request: valid JSON.
             o.push_str(",\"arguments\":");
             o.push_str(a);
+        }
+        if !self.details.is_empty() {
+            o.push_str(",\"details\":{");
+            for (i, (k, v)) in self.details.iter().enumerate() {
+                if i > 0 {
+                    o.push(',');
+                }
+                json_str(&mut o, k);
+                o.push(':');
+                json_str(&mut o, v);
+            }
+            o.push('}');
         }
         o.push('}');
         o
@@ -430,6 +446,7 @@ mod tests {
             upstream: "default".into(),
             latency_us: 1,
             arguments: None,
+            details: Vec::new(),
         }
     }
 

@@ -706,7 +706,7 @@ fn trace_id(tp: &str) -> Option<String> {
 async fn write_reply<S: Connection>(
     w: &Rc<Worker>,
     stream: &mut S,
-    reply: Reply,
+    mut reply: Reply,
     client_keep_alive: bool,
     meta: &ReqMeta<'_>,
     mut out: Vec<u8>,
@@ -750,7 +750,7 @@ async fn write_reply<S: Connection>(
             };
             streamed = framing == Framing::Chunked;
             write_head(&mut out, status, &headers, framing, keep_alive);
-            let (ok, o) = pump(w, stream, resp, None, framing, meta, out).await;
+            let (ok, o) = pump(w, stream, resp, &mut None, framing, meta, out).await;
             out = o;
             ok && keep_alive
         }
@@ -758,8 +758,12 @@ async fn write_reply<S: Connection>(
             // Rewritten events change length: always chunked to the client.
             streamed = true;
             write_head(&mut out, status, &headers, Framing::Chunked, keep_alive);
-            let (ok, o) = pump(w, stream, resp, Some(filter), Framing::Chunked, meta, out).await;
+            let mut filter = Some(filter);
+            let (ok, o) = pump(w, stream, resp, &mut filter, Framing::Chunked, meta, out).await;
             out = o;
+            if let Some(f) = filter.as_mut() {
+                reply.audit.details.extend(f.transform_mut().take_details());
+            }
             ok && keep_alive
         }
         ReplyBody::Events(events) => {
@@ -771,12 +775,15 @@ async fn write_reply<S: Connection>(
             let (res, o) = write_all(stream, out).await;
             out = o;
             if res.is_ok() {
+                let mut transform = events.transform;
                 let source = EventSource {
                     messages: events.messages,
-                    policy: events.policy,
                     backlog: events.backlog,
                 };
-                relay_events(w, stream, source, meta, &mut out).await;
+                relay_events(w, stream, source, &mut transform, meta, &mut out).await;
+                if let Some(t) = transform.as_mut() {
+                    reply.audit.details.extend(t.take_details());
+                }
             }
             // The stream has ended: whatever lived as long as it (a legacy session) ends now.
             drop(events.guard);
@@ -803,7 +810,7 @@ async fn pump<S: AsyncWriteRent>(
     w: &Rc<Worker>,
     stream: &mut S,
     mut resp: crate::http::client::UpstreamResponse,
-    mut filter: Option<crate::mcp::filter::SseFilter>,
+    filter: &mut Option<crate::mcp::filter::SseFilter>,
     framing: Framing,
     meta: &ReqMeta<'_>,
     mut out: Vec<u8>,
@@ -938,6 +945,7 @@ fn emit_audit(
     }
     let last = messages.len() - 1;
     let mut arguments = info.arguments;
+    let mut details = info.details;
     for (i, (m, target)) in messages.into_iter().enumerate() {
         let ev = crate::audit::AuditEvent {
             time: meta.wall,
@@ -963,6 +971,11 @@ fn emit_audit(
                 .unwrap_or_else(|| crate::config::DEFAULT_ROUTE.into()),
             latency_us: latency.as_micros() as u64,
             arguments: if i == last { arguments.take() } else { None },
+            details: if i == last {
+                std::mem::take(&mut details)
+            } else {
+                Vec::new()
+            },
         };
         if !w.audit.push(ev) {
             w.metrics
@@ -975,7 +988,6 @@ fn emit_audit(
 /// A server-to-client stream's messages, and what bounds it.
 struct EventSource {
     messages: async_channel::Receiver<Vec<u8>>,
-    policy: Option<std::sync::Arc<crate::authz::Policy>>,
     backlog: Option<Rc<std::cell::Cell<usize>>>,
 }
 
@@ -986,12 +998,12 @@ async fn relay_events<S: Connection>(
     w: &Rc<Worker>,
     stream: &mut S,
     source: EventSource,
+    transform: &mut Option<crate::mcp::transform::Transform>,
     meta: &ReqMeta<'_>,
     out: &mut Vec<u8>,
 ) {
     let EventSource {
         messages: rx,
-        policy,
         backlog,
     } = source;
     loop {
@@ -1020,9 +1032,9 @@ async fn relay_events<S: Connection>(
                 }
                 // A restricted caller's stream is filtered like any tools/list answer; a
                 // message that cannot be checked is dropped, not relayed.
-                let msg = match &policy {
+                let msg = match transform.as_mut() {
                     None => msg,
-                    Some(p) => match crate::mcp::filter::filter_json(&msg, &p.tools) {
+                    Some(t) => match t.json(&msg) {
                         Some(m) => m,
                         None => {
                             *out = buf;

@@ -8,6 +8,7 @@
 use crate::authz::{Policy, Rule};
 use crate::http::sse::{SseSplitter, split_field, sse_lines};
 use crate::mcp::jsonrpc::folds_to;
+use crate::mcp::transform::Transform;
 use serde::Deserialize;
 use serde::de::{MapAccess, Visitor};
 use serde_json::value::RawValue;
@@ -137,6 +138,19 @@ impl<'a> Members<'a> {
     }
 }
 
+/// Which tools of a `tools/list` answer go on to the client. The policy's allow/deny rule is
+/// one gate; the response-transform chain ([`Transform`]) combines it with the others (pins).
+pub trait ToolGate {
+    /// Whether the tool named `name`, whose whole definition is `tool`, is kept.
+    fn keep(&self, name: &str, tool: &RawValue) -> bool;
+}
+
+impl ToolGate for Rule {
+    fn keep(&self, name: &str, _tool: &RawValue) -> bool {
+        self.permits(name)
+    }
+}
+
 /// A message that carries a tool list the filter cannot check (duplicated members, `tools` not
 /// an array): refused rather than forwarded.
 #[derive(Debug, PartialEq, Eq)]
@@ -145,7 +159,10 @@ pub struct Unfilterable;
 /// Filters one JSON-RPC message: `Ok(Some(rewritten))` when it carries `result.tools`,
 /// `Ok(None)` when there is nothing to filter. Tools are kept as the raw bytes the upstream
 /// sent; only their names are parsed.
-fn filter_message(msg: &RawValue, rule: &Rule) -> Result<Option<String>, Unfilterable> {
+pub(crate) fn filter_message(
+    msg: &RawValue,
+    rule: &dyn ToolGate,
+) -> Result<Option<String>, Unfilterable> {
     // The usual shape (object message, object result, `tools` array, no duplicates) is
     // rewritten in one streaming pass; anything else takes the general path below, which makes
     // the same decisions with more passes.
@@ -161,14 +178,14 @@ mod fast {
     //! name parsed. Any surprise (not an object, a duplicated or missing member) is an error,
     //! and the caller falls back to the general path.
 
+    use super::ToolGate;
     use super::ToolName;
-    use crate::authz::Rule;
     use serde::de::{DeserializeSeed, Error as _, MapAccess, SeqAccess, Visitor};
     use serde_json::value::RawValue;
     use std::fmt;
 
     /// The message with `result.tools` filtered.
-    pub(super) fn filter(text: &str, rule: &Rule) -> Result<String, serde_json::Error> {
+    pub(super) fn filter(text: &str, rule: &dyn ToolGate) -> Result<String, serde_json::Error> {
         let tools = ToolsSeed { rule };
         let result = Member {
             key: "tools",
@@ -239,7 +256,7 @@ mod fast {
     /// The tools array, keeping only permitted tools, each copied raw.
     #[derive(Clone, Copy)]
     struct ToolsSeed<'r> {
-        rule: &'r Rule,
+        rule: &'r dyn ToolGate,
     }
 
     impl<'de> DeserializeSeed<'de> for ToolsSeed<'_> {
@@ -261,7 +278,7 @@ mod fast {
                 let permitted = serde_json::from_str::<ToolName<'_>>(tool.get())
                     .ok()
                     .and_then(|n| n.name)
-                    .is_some_and(|n| self.rule.permits(&n));
+                    .is_some_and(|n| self.rule.keep(&n, tool));
                 if permitted {
                     if out.len() > 1 {
                         out.push(',');
@@ -276,7 +293,10 @@ mod fast {
 }
 
 /// The general path: parses each level separately, so it copes with any shape.
-fn filter_message_general(msg: &RawValue, rule: &Rule) -> Result<Option<String>, Unfilterable> {
+fn filter_message_general(
+    msg: &RawValue,
+    rule: &dyn ToolGate,
+) -> Result<Option<String>, Unfilterable> {
     let Ok(top) = serde_json::from_str::<Members<'_>>(msg.get()) else {
         return Ok(None);
     };
@@ -296,7 +316,7 @@ fn filter_message_general(msg: &RawValue, rule: &Rule) -> Result<Option<String>,
         let permitted = serde_json::from_str::<ToolName<'_>>(t.get())
             .ok()
             .and_then(|n| n.name)
-            .is_some_and(|n| rule.permits(&n));
+            .is_some_and(|n| rule.keep(&n, t));
         if permitted {
             if kept.len() > 1 {
                 kept.push(',');
@@ -316,43 +336,27 @@ fn filter_message_general(msg: &RawValue, rule: &Rule) -> Result<Option<String>,
 /// Every message carrying `result.tools` is filtered, whatever its id says: matching by id
 /// would let a response with a duplicated or odd id slip through unfiltered. `None` when the
 /// body is not JSON or holds a list that cannot be checked (the caller refuses it).
-pub fn filter_json(body: &[u8], rule: &Rule) -> Option<Vec<u8>> {
-    let text = std::str::from_utf8(body).ok()?;
-    let trimmed = text.trim_start();
-    if trimmed.starts_with('[') {
-        let items: Vec<&RawValue> = serde_json::from_str(text).ok()?;
-        let mut out = String::with_capacity(text.len());
-        out.push('[');
-        for (i, m) in items.iter().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            match filter_message(m, rule).ok()? {
-                Some(rewritten) => out.push_str(&rewritten),
-                None => out.push_str(m.get()),
-            }
-        }
-        out.push(']');
-        return Some(out.into_bytes());
-    }
-    let msg: &RawValue = serde_json::from_str(text).ok()?;
-    match filter_message(msg, rule).ok()? {
-        Some(rewritten) => Some(rewritten.into_bytes()),
-        None => Some(body.to_vec()),
-    }
+pub fn filter_json(body: &[u8], rule: &dyn ToolGate) -> Option<Vec<u8>> {
+    crate::mcp::transform::each_message(body, |m| filter_message(m, rule))
 }
 
-/// An incremental SSE filter.
+/// An incremental SSE filter: each complete event's data goes through the request's
+/// response-transform chain.
 pub struct SseFilter {
-    policy: Arc<Policy>,
+    transform: Transform,
     splitter: SseSplitter,
 }
 
 impl SseFilter {
-    /// A filter applying `policy`'s tool rule.
+    /// A filter applying `policy`'s tool rule (and nothing else).
     pub fn new(policy: Arc<Policy>) -> Self {
+        Self::with(Transform::tools_only(policy))
+    }
+
+    /// A filter applying a whole transform chain.
+    pub fn with(transform: Transform) -> Self {
         Self {
-            policy,
+            transform,
             splitter: SseSplitter::default(),
         }
     }
@@ -360,8 +364,11 @@ impl SseFilter {
     /// Feeds bytes; returns the complete events, filtered. Err when an event exceeds the cap.
     pub fn push(&mut self, data: &[u8]) -> Result<Vec<u8>, &'static str> {
         let mut out = Vec::with_capacity(data.len());
-        let Self { policy, splitter } = self;
-        splitter.push(data, |event| emit(policy, event, &mut out))?;
+        let Self {
+            transform,
+            splitter,
+        } = self;
+        splitter.push(data, |event| emit(transform, event, &mut out))?;
         Ok(out)
     }
 
@@ -369,13 +376,21 @@ impl SseFilter {
     /// client would drop it).
     pub fn finish(&mut self) -> Vec<u8> {
         let mut out = Vec::new();
-        let Self { policy, splitter } = self;
-        splitter.finish(|event| emit(policy, event, &mut out));
+        let Self {
+            transform,
+            splitter,
+        } = self;
+        splitter.finish(|event| emit(transform, event, &mut out));
         out
+    }
+
+    /// The transform chain, for what it noted on the way (audit facts).
+    pub fn transform_mut(&mut self) -> &mut Transform {
+        &mut self.transform
     }
 }
 
-fn emit(policy: &Policy, event: &[u8], out: &mut Vec<u8>) {
+fn emit(transform: &mut Transform, event: &[u8], out: &mut Vec<u8>) {
     let text = String::from_utf8_lossy(event);
     let mut data = String::new();
     let mut other = Vec::new();
@@ -399,10 +414,10 @@ fn emit(policy: &Policy, event: &[u8], out: &mut Vec<u8>) {
     if !data.is_empty() {
         // One message or a batch array: every message in it carrying `result.tools` is
         // filtered; anything that cannot be checked is dropped, never relayed.
-        match filter_json(data.as_bytes(), &policy.tools).map(String::from_utf8) {
+        match transform.json(data.as_bytes()).map(String::from_utf8) {
             Some(Ok(rewritten)) => data = rewritten,
             _ => {
-                tracing::warn!(target: "mcp_guard::filter", "dropped an SSE event that cannot be checked for a tool list");
+                tracing::warn!(target: "mcp_guard::filter", "dropped an SSE event the response checks cannot read");
                 return;
             }
         }

@@ -4,4 +4,5 @@ pub mod filter;
 pub mod jsonrpc;
 pub mod legacy;
 pub mod session;
+pub mod transform;
 pub mod transport;

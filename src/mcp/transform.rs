@@ -1,0 +1,161 @@
+//! The response-transform chain: every JSON-RPC message an upstream sends toward a client
+//! passes through one [`Transform`], built per request from what applies to it, whatever the
+//! upstream kind and whatever the framing (a JSON body, one message or a batch; an SSE event of
+//! a POST's answer or of a server-to-client stream; a message relayed from a stdio child or a
+//! legacy SSE session).
+//!
+//! Steps, in order, each on the output of the one before:
+//! - the `tools/list` filter: a caller only sees the tools its policy lets it call.
+//!
+//! A message a step cannot check is dropped (an SSE event) or refused (a JSON body): nothing
+//! unchecked reaches the client. A request to which no step applies gets no `Transform` at
+//! all and its answer is relayed byte for byte.
+
+use crate::authz::Policy;
+use crate::config::Settings;
+use crate::mcp::filter::{ToolGate, Unfilterable, filter_message};
+use crate::mcp::jsonrpc::{Body, Kind};
+use serde_json::value::RawValue;
+use std::sync::Arc;
+
+/// What a request's answers may carry, so that steps which cannot apply cost nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Expect {
+    /// A `tools/list` result.
+    pub tool_list: bool,
+    /// A `tools/call` result.
+    pub tool_result: bool,
+}
+
+impl Expect {
+    /// A stream (a GET, a legacy session): any message at all.
+    pub const ANY: Expect = Expect {
+        tool_list: true,
+        tool_result: true,
+    };
+
+    /// For a POST: what its requests ask for (a batch: any of them).
+    pub fn of(body: &Body) -> Expect {
+        let mut e = Expect::default();
+        for m in body.messages() {
+            if m.kind == Kind::Request {
+                match m.method_str() {
+                    "tools/list" => e.tool_list = true,
+                    "tools/call" => e.tool_result = true,
+                    _ => {}
+                }
+            }
+        }
+        e
+    }
+}
+
+/// Most audit notes one request keeps.
+pub const MAX_DETAILS: usize = 32;
+
+/// The steps that apply to one request's answers.
+pub struct Transform {
+    /// The caller's policy, when its tool rule restricts what `tools/list` may show.
+    tools: Option<Arc<Policy>>,
+    /// What the steps noted for the request's audit event (`details`), in order.
+    details: Vec<(&'static str, String)>,
+}
+
+impl Transform {
+    /// A chain holding only the `tools/list` filter of `policy`.
+    pub fn tools_only(policy: Arc<Policy>) -> Self {
+        Self {
+            tools: Some(policy),
+            details: Vec::new(),
+        }
+    }
+
+    /// The chain for a request to route `route` of `cfg` by a caller with `policy`, `None`
+    /// when no step applies (the answer is relayed as is). `expect`: what its answers may
+    /// carry.
+    pub fn for_request(
+        _cfg: &Settings,
+        _route: usize,
+        policy: &Arc<Policy>,
+        expect: Expect,
+    ) -> Option<Self> {
+        let tools = (expect.tool_list && !policy.tools.is_open()).then(|| policy.clone());
+        tools.is_some().then_some(Self {
+            tools,
+            details: Vec::new(),
+        })
+    }
+
+    /// Notes `value` under `name` for the audit event: once per distinct pair, and at most
+    /// [`MAX_DETAILS`] of them (a stream may run for hours; its one audit event stays bounded).
+    pub fn note(&mut self, name: &'static str, value: String) {
+        if self.details.len() < MAX_DETAILS
+            && !self.details.iter().any(|(n, v)| *n == name && *v == value)
+        {
+            self.details.push((name, value));
+        }
+    }
+
+    /// What the steps noted since the last call, for the request's audit event.
+    pub fn take_details(&mut self) -> Vec<(&'static str, String)> {
+        std::mem::take(&mut self.details)
+    }
+
+    /// One JSON body (a message or a batch array) through the chain; `None` when it is not
+    /// JSON or holds something a step cannot check (the caller refuses or drops it).
+    pub fn json(&mut self, body: &[u8]) -> Option<Vec<u8>> {
+        each_message(body, |m| self.message(m))
+    }
+
+    /// One message through every step: `Ok(Some(rewritten))`, `Ok(None)` when nothing changed.
+    fn message(&mut self, msg: &RawValue) -> Result<Option<String>, Unfilterable> {
+        if self.gates_tools() {
+            // Every tool gate of the chain decides in the one pass over the list.
+            filter_message(msg, &*self)
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Whether some step decides which tools a `tools/list` answer keeps.
+    fn gates_tools(&self) -> bool {
+        self.tools.is_some()
+    }
+}
+
+impl ToolGate for Transform {
+    fn keep(&self, name: &str, tool: &RawValue) -> bool {
+        self.tools.as_ref().is_none_or(|p| p.tools.keep(name, tool))
+    }
+}
+
+/// Applies `step` to each message of a JSON body (an object, or each member of a batch
+/// array), keeping the messages it leaves unchanged byte for byte. `None` when the body is not
+/// JSON or a step refuses a message.
+pub fn each_message(
+    body: &[u8],
+    mut step: impl FnMut(&RawValue) -> Result<Option<String>, Unfilterable>,
+) -> Option<Vec<u8>> {
+    let text = std::str::from_utf8(body).ok()?;
+    if text.trim_start().starts_with('[') {
+        let items: Vec<&RawValue> = serde_json::from_str(text).ok()?;
+        let mut out = String::with_capacity(text.len());
+        out.push('[');
+        for (i, m) in items.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            match step(m).ok()? {
+                Some(rewritten) => out.push_str(&rewritten),
+                None => out.push_str(m.get()),
+            }
+        }
+        out.push(']');
+        return Some(out.into_bytes());
+    }
+    let msg: &RawValue = serde_json::from_str(text).ok()?;
+    match step(msg).ok()? {
+        Some(rewritten) => Some(rewritten.into_bytes()),
+        None => Some(body.to_vec()),
+    }
+}
