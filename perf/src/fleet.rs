@@ -362,11 +362,9 @@ pub fn serve_receiver(listen: SocketAddr) -> Result<(), String> {
     println!("listening on http://{addr}");
     let _ = std::io::stdout().flush();
     let mut stats = SinkStats::default();
-    for stream in listener.incoming() {
-        // A broken or slow client costs only its own connection.
-        if let Ok(mut stream) = stream {
-            let _ = serve_connection(&mut stream, &mut stats);
-        }
+    // A failed accept, or a broken or slow client, costs only that connection.
+    for mut stream in listener.incoming().flatten() {
+        let _ = serve_connection(&mut stream, &mut stats);
     }
     Ok(())
 }

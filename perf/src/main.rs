@@ -454,3 +454,20 @@ fn main() {
         std::process::exit(1);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variants_keep_their_order_and_always_the_baseline() {
+        let names = |v: Vec<&fleet::Variant>| v.iter().map(|v| v.name).collect::<Vec<_>>();
+        assert_eq!(
+            names(parse_variants(&[]).unwrap()),
+            ["memory", "redis", "audit-ship", "trace-1.0", "trace-0.01"]
+        );
+        let chosen = parse_variants(&["trace-0.01".into(), "redis".into()]).unwrap();
+        assert_eq!(names(chosen), ["memory", "redis", "trace-0.01"]);
+        assert!(parse_variants(&["trace-0.5".into()]).is_err());
+    }
+}
