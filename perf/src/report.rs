@@ -1097,7 +1097,7 @@ mod tests {
                     busy: 0.1,
                 }),
                 tally: HelperTally {
-                    redis_commands: None,
+                    redis_leases: None,
                     receiver: Some(SinkStats {
                         posts: 3,
                         bytes: 1024,
