@@ -52,7 +52,7 @@ impl Variant {
 #[rustfmt::skip]
 pub const VARIANTS: &[Variant] = &[
     Variant { name: "memory", about: "the full guard as in `guard`: API key, tool policy, in-memory rate limit (never trips), audit to a file", feature: Feature::InMemory },
-    Variant { name: "redis", about: "+ `[rate_limit] backend = \"redis\"` on a redis-server the harness starts on a free loopback port (`redis_failure = \"closed\"`, so Redis trouble shows as 429s, which fail the row)", feature: Feature::Redis },
+    Variant { name: "redis", about: "+ `[rate_limit] backend = \"redis\"` on a redis-server the harness starts on a free loopback port (`redis_failure = \"closed\"`, so Redis trouble shows as 429s, which fail the row; `redis_lease_timeout_ms = 1000`, as redis-server shares the load-side CPU with the generator)", feature: Feature::Redis },
     Variant { name: "audit-ship", about: "+ `[audit] export_url` to the harness's HTTP sink (batches accepted and discarded), `spool_dir` in a temp dir, batch size and interval at their defaults", feature: Feature::AuditShipping },
     Variant { name: "trace-1.0", about: "+ `[tracing]` at `sample_rate = 1.0`, OTLP/HTTP to the harness's sink (discarded)", feature: Feature::Tracing { sample_rate: 1.0 } },
     Variant { name: "trace-0.01", about: "+ `[tracing]` at `sample_rate = 0.01`, OTLP/HTTP to the harness's sink (discarded)", feature: Feature::Tracing { sample_rate: 0.01 } },
@@ -124,28 +124,13 @@ impl Helpers {
             helpers.add(process, "redis-server");
             helpers._scratch = Some(scratch);
             helpers.redis = Some(addr);
-            helpers.extras.rate_limit = format!(
-                "backend = \"redis\"\nredis_url = \"redis://{addr}/0\"\nredis_failure = \"closed\"\n"
-            );
         }
         if variant.needs_receiver() {
             let (process, addr) = start_receiver(cpus)?;
             helpers.add(process, "receiver");
             helpers.receiver = Some(addr);
         }
-        match (variant.feature, helpers.receiver) {
-            (Feature::AuditShipping, Some(addr)) => {
-                helpers.extras.audit = format!(
-                    "export_url = \"http://{addr}/ingest\"\nspool_dir = \"{{scratch}}/spool\"\n"
-                );
-            }
-            (Feature::Tracing { sample_rate }, Some(addr)) => {
-                helpers.extras.tail = format!(
-                    "\n[tracing]\nenabled = true\notlp_endpoint = \"http://{addr}\"\nsample_rate = {sample_rate:?}\n"
-                );
-            }
-            _ => {}
-        }
+        helpers.extras = extras(variant.feature, helpers.redis.or(helpers.receiver));
         Ok(helpers)
     }
 
@@ -211,6 +196,38 @@ pub fn check(variant: &Variant, rate_limited: u64, tally: &HelperTally) -> Resul
         return Err("the sink received no batch: the gateway did not export".into());
     }
     Ok(())
+}
+
+/// What `feature` adds to the guard's config, talking to its helper at `helper`.
+///
+/// Redis: `redis_failure = "closed"`, so Redis trouble shows as 429s (which fail the row)
+/// instead of a fall-back to cheaper local limits; a lease timeout of 1 s instead of 50 ms,
+/// because redis-server shares the load-side CPU with the generator at full throttle, and a
+/// scheduling delay there is not what the row measures (a wait costs the gateway no CPU).
+fn extras(feature: Feature, helper: Option<SocketAddr>) -> GuardExtras {
+    let mut extras = GuardExtras::default();
+    let Some(addr) = helper else {
+        return extras;
+    };
+    match feature {
+        Feature::InMemory => {}
+        Feature::Redis => {
+            extras.rate_limit = format!(
+                "backend = \"redis\"\nredis_url = \"redis://{addr}/0\"\nredis_failure = \"closed\"\nredis_lease_timeout_ms = 1000\n"
+            )
+        }
+        Feature::AuditShipping => {
+            extras.audit = format!(
+                "export_url = \"http://{addr}/ingest\"\nspool_dir = \"{{scratch}}/spool\"\n"
+            )
+        }
+        Feature::Tracing { sample_rate } => {
+            extras.tail = format!(
+                "\n[tracing]\nenabled = true\notlp_endpoint = \"http://{addr}\"\nsample_rate = {sample_rate:?}\n"
+            )
+        }
+    }
+    extras
 }
 
 /// The fleet scenario's gateway config for `variant`: the full guard plus `extras`.
@@ -623,26 +640,7 @@ mod tests {
     fn every_variant_configures_a_loadable_guard() {
         for variant in VARIANTS {
             let addr: SocketAddr = "127.0.0.1:4000".parse().unwrap();
-            let mut extras = GuardExtras::default();
-            match variant.feature {
-                Feature::InMemory => {}
-                Feature::Redis => {
-                    extras.rate_limit = format!(
-                        "backend = \"redis\"\nredis_url = \"redis://{addr}/0\"\nredis_failure = \"closed\"\n"
-                    )
-                }
-                Feature::AuditShipping => {
-                    extras.audit = format!(
-                        "export_url = \"http://{addr}/ingest\"\nspool_dir = \"{{scratch}}/spool\"\n"
-                    )
-                }
-                Feature::Tracing { sample_rate } => {
-                    extras.tail = format!(
-                        "\n[tracing]\nenabled = true\notlp_endpoint = \"http://{addr}\"\nsample_rate = {sample_rate:?}\n"
-                    )
-                }
-            }
-            let setup = setup(&extras);
+            let setup = setup(&extras(variant.feature, Some(addr)));
             assert!(setup.client_headers.starts_with("Authorization: Bearer "));
             let text = targets::gateway_config(
                 1,
@@ -668,15 +666,26 @@ mod tests {
                 }
                 Feature::Redis => {
                     assert_eq!(limit["backend"].as_str(), Some("redis"));
+                    assert_eq!(
+                        limit["redis_url"].as_str(),
+                        Some("redis://127.0.0.1:4000/0")
+                    );
                     assert_eq!(limit["redis_failure"].as_str(), Some("closed"));
                 }
                 Feature::AuditShipping => {
-                    assert_eq!(config["audit"]["spool_dir"].as_str(), Some("/tmp/x/spool"));
+                    let audit = &config["audit"];
+                    assert_eq!(
+                        audit["export_url"].as_str(),
+                        Some("http://127.0.0.1:4000/ingest")
+                    );
+                    assert_eq!(audit["spool_dir"].as_str(), Some("/tmp/x/spool"));
                 }
                 Feature::Tracing { sample_rate } => {
+                    let tracing = &config["tracing"];
+                    assert_eq!(tracing["sample_rate"].as_float(), Some(sample_rate));
                     assert_eq!(
-                        config["tracing"]["sample_rate"].as_float(),
-                        Some(sample_rate)
+                        tracing["otlp_endpoint"].as_str(),
+                        Some("http://127.0.0.1:4000")
                     );
                 }
             }
