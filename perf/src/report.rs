@@ -1139,7 +1139,7 @@ mod tests {
         // Median of 1.05 and 1.3: 1.175, above 1.10.
         assert_eq!(
             crate::fleet::target_verdict(q),
-            "missed (1.175×, median of 2 rounds)"
+            "missed (1.175×, median of 2 rounds); at the fixed rate: not measured"
         );
         let md = markdown(&r);
         assert!(
