@@ -230,7 +230,7 @@ fn extras(feature: Feature, helper: Option<SocketAddr>) -> GuardExtras {
     extras
 }
 
-/// The fleet scenario's gateway config for `variant`: the full guard plus `extras`.
+/// The fleet scenario's gateway config: the full guard plus a variant's `extras`.
 pub fn setup(extras: &GuardExtras) -> GatewaySetup {
     crate::scenarios::guarded_plus(r#"["echo", "echo_sse"]"#, extras)
 }
