@@ -80,8 +80,10 @@ pub struct LoadSpec {
 /// Failed requests by cause.
 #[derive(Clone, Copy, Debug, Default, Serialize)]
 pub struct ErrorCounts {
-    /// Well-formed response with a non-2xx status.
+    /// Well-formed response with a non-2xx status other than 429.
     pub status: u64,
+    /// 429 Too Many Requests: the gateway's rate limit refused the request.
+    pub rate_limited: u64,
     /// 2xx response carrying a JSON-RPC error.
     pub rpc_error: u64,
     /// Unparseable response or a body with neither result nor error.
@@ -96,11 +98,18 @@ pub struct ErrorCounts {
 
 impl ErrorCounts {
     pub fn total(&self) -> u64 {
-        self.status + self.rpc_error + self.malformed + self.timeout + self.io + self.connect
+        self.status
+            + self.rate_limited
+            + self.rpc_error
+            + self.malformed
+            + self.timeout
+            + self.io
+            + self.connect
     }
 
     fn add(&mut self, other: &ErrorCounts) {
         self.status += other.status;
+        self.rate_limited += other.rate_limited;
         self.rpc_error += other.rpc_error;
         self.malformed += other.malformed;
         self.timeout += other.timeout;
@@ -111,6 +120,7 @@ impl ErrorCounts {
     fn count(&mut self, failure: Failure) {
         match failure {
             Failure::Status => self.status += 1,
+            Failure::RateLimited => self.rate_limited += 1,
             Failure::Rpc => self.rpc_error += 1,
             Failure::Malformed => self.malformed += 1,
             Failure::Timeout => self.timeout += 1,
@@ -163,6 +173,7 @@ fn thread_cpu() -> (Duration, Duration) {
 #[derive(Clone, Copy, Debug)]
 enum Failure {
     Status,
+    RateLimited,
     Rpc,
     Malformed,
     Timeout,
@@ -244,6 +255,9 @@ impl Client {
             Err(f) => return (Err(f), false),
         };
         let reusable = !response.close;
+        if response.status == 429 {
+            return (Err(Failure::RateLimited), reusable);
+        }
         if !(200..300).contains(&response.status) {
             return (Err(Failure::Status), reusable);
         }

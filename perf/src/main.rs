@@ -1,6 +1,7 @@
 //! `perf`: the mcp-guard load-test harness — command line, process-wide setup (file limit,
-//! interrupt flag, runtimes) and the `all`, `smoke` and `upstream` commands.
+//! interrupt flag, runtimes) and the `all`, `smoke`, `upstream` and `receiver` commands.
 
+mod fleet;
 mod load;
 mod pinning;
 mod report;
@@ -35,6 +36,8 @@ enum Command {
     Smoke(CommonArgs),
     /// Only the mock MCP upstream, until killed.
     Upstream(UpstreamArgs),
+    /// Only the fleet scenario's HTTP sink (SIEM / OTLP collector stand-in), until killed.
+    Receiver(ReceiverArgs),
 }
 
 #[derive(Args)]
@@ -80,6 +83,10 @@ struct AllArgs {
     /// Targets to run: direct, nginx, mcp-guard [default: all].
     #[arg(long, value_delimiter = ',')]
     targets: Vec<String>,
+    /// The fleet scenario's gateway variants: memory, redis, audit-ship, trace-1.0, trace-0.01
+    /// [default: all; `memory`, the baseline, is always added].
+    #[arg(long, value_delimiter = ',')]
+    variants: Vec<String>,
     /// Mock upstream threads [default: one per load-side CPU when pinned, else one per core].
     #[arg(long)]
     upstream_threads: Option<usize>,
@@ -95,6 +102,13 @@ struct AllArgs {
     /// Result file name (without extension).
     #[arg(long, default_value = "latest")]
     name: String,
+}
+
+#[derive(Args)]
+struct ReceiverArgs {
+    /// Loopback address to listen on (port 0 picks one; printed on stdout).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: std::net::SocketAddr,
 }
 
 #[derive(Args)]
@@ -227,6 +241,19 @@ fn parse_targets(names: &[String]) -> Result<Vec<Target>, String> {
     }
 }
 
+/// The fleet variants named, in the canonical order, with the baseline always first.
+fn parse_variants(names: &[String]) -> Result<Vec<&'static fleet::Variant>, String> {
+    for name in names {
+        fleet::find_variant(name)?;
+    }
+    Ok(fleet::VARIANTS
+        .iter()
+        .filter(|v| {
+            names.is_empty() || v.name == fleet::BASELINE || names.iter().any(|n| n == v.name)
+        })
+        .collect())
+}
+
 /// Runs the matrix, writes the report, prints the Markdown; Err if any measurement failed.
 fn run_and_report(
     settings: &Settings,
@@ -238,8 +265,13 @@ fn run_and_report(
         .nginx_bin
         .as_deref()
         .and_then(targets::nginx_version);
-    let (measurements, sweep) = scenarios::run_matrix(settings)?;
+    let scenarios::Matrix {
+        measurements,
+        sweep,
+        skipped,
+    } = scenarios::run_matrix(settings)?;
     let ratios = report::ratios(&measurements);
+    let fleet = fleet::comparisons(&measurements);
     let full = report::Report {
         name: name.to_string(),
         machine: report::Machine::collect(nginx_version),
@@ -259,6 +291,8 @@ fn run_and_report(
         },
         measurements,
         ratios,
+        fleet,
+        skipped,
         worker_sweep: sweep,
     };
     let markdown = report::write_all(&full, out)?;
@@ -317,6 +351,7 @@ fn all(args: AllArgs) -> Result<(), String> {
             .collect::<Result<Vec<_>, _>>()?
     };
     let targets = parse_targets(&args.targets)?;
+    let variants = parse_variants(&args.variants)?;
     let nginx_bin = if targets.contains(&Target::Nginx) {
         let found = targets::find_nginx(!args.no_install)?;
         if found.is_none() {
@@ -346,6 +381,8 @@ fn all(args: AllArgs) -> Result<(), String> {
         allowed_cpus,
         pin: !args.no_pin,
         wrk_bin: wrk_for(args.no_wrk),
+        variants,
+        redis_bin: fleet::find_redis(),
     };
     let out = args
         .common
@@ -378,6 +415,7 @@ fn smoke(args: CommonArgs) -> Result<(), String> {
             scenarios::find_scenario("sse")?,
             scenarios::find_scenario("routed")?,
             scenarios::find_scenario("tls")?,
+            scenarios::find_scenario("fleet")?,
         ],
         targets: Target::ALL.to_vec(),
         gateway_bin,
@@ -386,6 +424,8 @@ fn smoke(args: CommonArgs) -> Result<(), String> {
         allowed_cpus: pinning::allowed_cpus(),
         pin: true,
         wrk_bin: wrk_for(false),
+        variants: fleet::VARIANTS.iter().collect(),
+        redis_bin: fleet::find_redis(),
     };
     let out = args.out.unwrap_or_else(|| repo_root().join("perf/results"));
     run_and_report(&settings, "smoke", &out, true)
@@ -393,14 +433,16 @@ fn smoke(args: CommonArgs) -> Result<(), String> {
 
 fn main() {
     let cli = Cli::parse();
-    // The mock upstream keeps the default SIGTERM action: that is how the harness stops it.
-    if !matches!(cli.command, Command::Upstream(_)) {
+    // The mock upstream and the receiver keep the default SIGTERM action: that is how the
+    // harness stops them.
+    if !matches!(cli.command, Command::Upstream(_) | Command::Receiver(_)) {
         install_signal_handlers();
     }
     raise_nofile_limit();
     let result = match cli.command {
         Command::All(args) => all(args),
         Command::Smoke(args) => smoke(args),
+        Command::Receiver(args) => fleet::serve_receiver(args.listen),
         Command::Upstream(args) => upstream::serve(&upstream::MockOptions {
             listen: args.listen,
             tools: args.tools,
@@ -410,5 +452,22 @@ fn main() {
     if let Err(e) = result {
         eprintln!("perf: error: {e}");
         std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variants_keep_their_order_and_always_the_baseline() {
+        let names = |v: Vec<&fleet::Variant>| v.iter().map(|v| v.name).collect::<Vec<_>>();
+        assert_eq!(
+            names(parse_variants(&[]).unwrap()),
+            ["memory", "redis", "audit-ship", "trace-1.0", "trace-0.01"]
+        );
+        let chosen = parse_variants(&["trace-0.01".into(), "redis".into()]).unwrap();
+        assert_eq!(names(chosen), ["memory", "redis", "trace-0.01"]);
+        assert!(parse_variants(&["trace-0.5".into()]).is_err());
     }
 }

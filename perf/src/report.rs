@@ -91,6 +91,10 @@ pub struct Report {
     pub settings: RunSettings,
     pub measurements: Vec<Measurement>,
     pub ratios: Vec<Ratios>,
+    /// The fleet scenario's variants against the in-memory guard, per round.
+    pub fleet: Vec<crate::fleet::FleetComparison>,
+    /// What the run left out, and why (e.g. the Redis variant without redis-server).
+    pub skipped: Vec<String>,
     pub worker_sweep: Vec<SweepPoint>,
 }
 
@@ -315,9 +319,21 @@ fn markdown(r: &Report) -> String {
     if !r.ratios.is_empty() {
         ratio_table(&mut out, r);
     }
+    crate::fleet::markdown(&mut out, &r.measurements, &r.fleet);
+    if !r.skipped.is_empty() {
+        let _ = writeln!(out, "\nSkipped:\n");
+        for note in &r.skipped {
+            let _ = writeln!(out, "- {note}");
+        }
+    }
     out.push_str("\n## Scenarios\n\n");
     for sc in &s.scenarios {
         let _ = writeln!(out, "- `{}`: {}", sc.name, sc.about);
+        if sc.fleet {
+            for v in crate::fleet::VARIANTS {
+                let _ = writeln!(out, "  - `{}`: {}", v.label(), v.about);
+            }
+        }
     }
     if !r.worker_sweep.is_empty() {
         let targets = sweep_targets(&r.worker_sweep);
@@ -672,7 +688,8 @@ fn svg(r: &Report) -> String {
     let rows: Vec<&Measurement> = r
         .measurements
         .iter()
-        .filter(|m| m.failure.is_none() && m.latency_us.p99 > 0)
+        // The fleet scenario's variants have their own table, not a bar per proxy.
+        .filter(|m| m.failure.is_none() && m.latency_us.p99 > 0 && m.fleet.is_none())
         .collect();
     let mut scenarios: Vec<&str> = Vec::new();
     for m in &rows {
@@ -1055,9 +1072,94 @@ mod tests {
                 scenarios: Vec::new(),
             },
             ratios: ratios(&measurements),
+            fleet: crate::fleet::comparisons(&measurements),
+            skipped: Vec::new(),
             measurements,
             worker_sweep: Vec::new(),
         }
+    }
+
+    #[test]
+    fn fleet_variants_are_compared_with_the_in_memory_guard_of_their_round() {
+        use crate::fleet::{FleetFigures, HelperTally, SinkStats};
+        // Gateway CPU at max = user + 10 µs (see `row`).
+        let variant = |name: &str, round, user: f64, helpers: Option<f64>| {
+            let mut m = row(Target::McpGuard, round, 40_000.0, user, Bound::Target);
+            m.scenario = "fleet".into();
+            m.target = format!("mcp-guard:{name}");
+            m.fleet = Some(FleetFigures {
+                variant: name.into(),
+                helper_names: vec!["receiver".into()],
+                helpers_at_max: helpers.map(|h| CpuCost {
+                    user_us: h,
+                    system_us: 0.0,
+                    total_us: h,
+                    busy: 0.1,
+                }),
+                tally: HelperTally {
+                    redis_leases: None,
+                    receiver: Some(SinkStats {
+                        posts: 3,
+                        bytes: 1024,
+                    }),
+                },
+                requests: 1000,
+                ..FleetFigures::default()
+            });
+            m
+        };
+        let rows = vec![
+            variant("memory", 1, 10.0, None),
+            variant("trace-0.01", 1, 11.0, Some(1.0)),
+            variant("trace-0.01", 2, 16.0, Some(1.0)),
+            variant("memory", 2, 10.0, None),
+            variant("trace-1.0", 2, 20.0, Some(2.0)),
+        ];
+        let r = report(Placement::plan(&[0, 1], 1, true), rows);
+        // The generic ratios leave the variants alone; the fleet comparison pairs each with
+        // `memory` of its own round.
+        assert!(r.ratios.is_empty());
+        let q = &r.fleet;
+        assert_eq!(q.len(), 5);
+        let find = |v: &str, round| {
+            q.iter()
+                .find(|c| c.variant == v && c.round == round)
+                .unwrap()
+        };
+        assert!((find("trace-0.01", 1).cpu_at_max_vs_memory.unwrap() - 1.05).abs() < 1e-9);
+        assert!((find("trace-0.01", 2).cpu_at_max_vs_memory.unwrap() - 1.3).abs() < 1e-9);
+        assert!(
+            (find("trace-1.0", 2)
+                .cpu_with_helpers_at_max_vs_memory
+                .unwrap()
+                - 1.6)
+                .abs()
+                < 1e-9
+        );
+        // Median of 1.05 and 1.3: 1.175, above 1.10.
+        assert_eq!(
+            crate::fleet::target_verdict(q),
+            "missed (1.175×, median of 2 rounds); at the fixed rate: not measured"
+        );
+        let md = markdown(&r);
+        assert!(
+            md.contains("## Fleet features against the in-memory guard"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| trace-0.01 | 1 | 40000 | 21.0 | 11.0 | 10.0 |"),
+            "{md}"
+        );
+        assert!(md.contains(
+            "within 10 % of the in-memory guard's gateway CPU per request at max: missed"
+        ));
+        assert!(md.contains("the audit shipper, the OTLP exporter, the Redis lease thread"));
+        assert_eq!(
+            crate::fleet::target_verdict(&q[..1]),
+            "not measured",
+            "memory alone"
+        );
+        assert!(crate::fleet::target_verdict(&q[..2]).starts_with("met (1.050×"));
     }
 
     #[test]

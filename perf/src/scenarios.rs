@@ -4,6 +4,7 @@
 //! phase records the target's user and system CPU, the upstream's, and the load generator's own,
 //! so a closed-loop figure says whether the target or the load side set the pace.
 
+use crate::fleet::{self, FleetFigures, Helpers, Variant};
 use crate::load::{self, Call, ErrorCounts, GeneratorCpu, LoadResult, LoadSpec, Pace};
 use crate::pinning::Placement;
 use crate::targets::{self, CpuTicks, GatewayUpstream, MachineCounters, Running};
@@ -38,12 +39,14 @@ pub struct Scenario {
     pub routes: usize,
     /// nginx and mcp-guard terminate TLS (direct stays plain HTTP: the floor without a proxy).
     pub tls: bool,
+    /// mcp-guard only, once per fleet variant (`fleet::VARIANTS`) instead of once per target.
+    pub fleet: bool,
 }
 
 impl Scenario {
     /// Measured through mcp-guard alone (nginx and direct have no stdio or routed servers).
     pub fn gateway_only(&self) -> bool {
-        self.stdio || self.routes > 0
+        self.stdio || self.routes > 0 || self.fleet
     }
 
     /// The MCP endpoints the load connections are spread over, round robin.
@@ -72,6 +75,7 @@ const fn scenario(
         stdio: false,
         routes: 0,
         tls: false,
+        fleet: false,
     }
 }
 
@@ -86,6 +90,7 @@ pub const SCENARIOS: &[Scenario] = &[
     Scenario { tls: true, ..scenario("tls", "passthrough over TLS 1.3 (AES-128-GCM, one ECDSA P-256 certificate for both proxies), keep-alive; handshakes happen before the measured window; direct stays plain HTTP", Call::Echo, 5, 0) },
     scenario("idle_1k", "passthrough with 1,000 idle keep-alive connections held open", Call::Echo, 5, 1_000),
     scenario("idle_10k", "passthrough with 10,000 idle keep-alive connections held open", Call::Echo, 5, 10_000),
+    Scenario { fleet: true, ..scenario("fleet", "the `guard` path (API key, tool policy, rate limit that never trips, audit file) with in-memory limits against the same guard plus one fleet feature at a time: Redis rate limits, audit shipping, tracing at sample rate 1.0 and 0.01; the helper processes (redis-server, the SIEM / OTLP sink) on the load side, measured apart (mcp-guard only)", Call::Echo, 5, 0) },
 ];
 
 pub fn find_scenario(name: &str) -> Result<&'static Scenario, String> {
@@ -133,7 +138,8 @@ pub fn gateway_setup(scenario: &Scenario) -> GatewaySetup {
         };
     }
     match scenario.name {
-        "guard" => guarded(r#"["echo", "echo_sse"]"#),
+        // The fleet scenario's variants add their keys through `fleet::setup`.
+        "guard" | "fleet" => guarded(r#"["echo", "echo_sse"]"#),
         // The identity may call half of the listed tools, so every answer is really filtered.
         "tools_list_100" => guarded(
             r#"["echo", "echo_sse", "tool_0*0", "tool_0*2", "tool_0*4", "tool_0*6", "tool_0*8"]"#,
@@ -152,11 +158,30 @@ fn bare_proxy() -> String {
 
 /// The full guard: API key, a tool policy, a rate limit that never trips, audit to a file.
 fn guarded(allowed_tools: &str) -> GatewaySetup {
+    guarded_plus(allowed_tools, &GuardExtras::default())
+}
+
+/// Keys a fleet variant adds to the full guard: lines for its `[rate_limit]` and `[audit]`
+/// tables, and whole tables after them.
+#[derive(Clone, Debug, Default)]
+pub struct GuardExtras {
+    pub rate_limit: String,
+    pub audit: String,
+    pub tail: String,
+}
+
+/// The full guard with `extras` in its tables.
+pub fn guarded_plus(allowed_tools: &str, extras: &GuardExtras) -> GatewaySetup {
+    let GuardExtras {
+        rate_limit,
+        audit,
+        tail,
+    } = extras;
     GatewaySetup {
         config: format!(
             "[[auth.api_keys]]\nid = \"perf\"\nkey_hash = \"{GUARD_API_KEY_HASH}\"\nallowed_tools = {allowed_tools}\n\n\
-             [rate_limit]\nenabled = true\nrequests_per_second = 1000000000\nburst_size = 1000000000\n\n\
-             [audit]\nenabled = true\nfile = \"{{scratch}}/audit.jsonl\"\n"
+             [rate_limit]\nenabled = true\nrequests_per_second = 1000000000\nburst_size = 1000000000\n{rate_limit}\n\
+             [audit]\nenabled = true\nfile = \"{{scratch}}/audit.jsonl\"\n{audit}{tail}"
         ),
         client_headers: format!("Authorization: Bearer {GUARD_API_KEY}\r\n"),
     }
@@ -210,6 +235,10 @@ pub struct Settings {
     pub pin: bool,
     /// wrk for the passthrough cross-check; `None`: skipped.
     pub wrk_bin: Option<PathBuf>,
+    /// The fleet scenario's gateway variants, in order.
+    pub variants: Vec<&'static Variant>,
+    /// redis-server for the fleet scenario's `redis` variant; `None`: that variant is skipped.
+    pub redis_bin: Option<PathBuf>,
 }
 
 impl Settings {
@@ -249,7 +278,12 @@ pub struct CpuCost {
 }
 
 impl CpuCost {
-    fn from_ticks(ticks: CpuTicks, requests: u64, wall_s: f64, capacity: usize) -> Option<CpuCost> {
+    pub fn from_ticks(
+        ticks: CpuTicks,
+        requests: u64,
+        wall_s: f64,
+        capacity: usize,
+    ) -> Option<CpuCost> {
         if requests == 0 || wall_s <= 0.0 {
             return None;
         }
@@ -393,6 +427,8 @@ pub struct Measurement {
     pub errors: u64,
     /// Why the measurement could not be made (target did not start, ...).
     pub failure: Option<String>,
+    /// The fleet scenario: the variant, its helper processes' CPU and what they received.
+    pub fleet: Option<FleetFigures>,
 }
 
 /// One point of the worker sweep.
@@ -407,11 +443,31 @@ pub struct SweepPoint {
     pub failure: Option<String>,
 }
 
+/// What a run measured, and what it skipped (a line each, for the report).
+pub struct Matrix {
+    pub measurements: Vec<Measurement>,
+    pub sweep: Vec<SweepPoint>,
+    pub skipped: Vec<String>,
+}
+
 /// Runs every scenario against every target, then the worker sweep.
-pub fn run_matrix(settings: &Settings) -> Result<(Vec<Measurement>, Vec<SweepPoint>), String> {
+pub fn run_matrix(settings: &Settings) -> Result<Matrix, String> {
     let placement = settings.placement(settings.workers);
     let mut measurements = Vec::new();
+    let mut skipped = Vec::new();
     for scenario in &settings.scenarios {
+        if scenario.fleet {
+            if settings.targets.contains(&Target::McpGuard) {
+                run_fleet(
+                    settings,
+                    &placement,
+                    scenario,
+                    &mut measurements,
+                    &mut skipped,
+                )?;
+            }
+            continue;
+        }
         // One mock per scenario, shared by every target of it: nginx and mcp-guard forward to the
         // very same upstream process.
         let mock = if scenario.stdio {
@@ -501,12 +557,98 @@ pub fn run_matrix(settings: &Settings) -> Result<(Vec<Measurement>, Vec<SweepPoi
             sweep.push(point);
         }
     }
-    Ok((measurements, sweep))
+    Ok(Matrix {
+        measurements,
+        sweep,
+        skipped,
+    })
+}
+
+/// The fleet scenario: mcp-guard once per variant and round, interleaved like targets, all on
+/// one mock upstream.
+fn run_fleet(
+    settings: &Settings,
+    placement: &Placement,
+    scenario: &Scenario,
+    measurements: &mut Vec<Measurement>,
+    skipped: &mut Vec<String>,
+) -> Result<(), String> {
+    let mut variants = settings.variants.clone();
+    if settings.redis_bin.is_none() && variants.iter().any(|v| v.feature == fleet::Feature::Redis) {
+        let note = "fleet / redis: SKIPPED: redis-server is not installed (apt-get install redis-server); the Redis rate-limit variant was not measured".to_string();
+        eprintln!("perf: WARNING: {note}");
+        skipped.push(note);
+        variants.retain(|v| v.feature != fleet::Feature::Redis);
+    }
+    let mock = targets::start_mock(
+        scenario.upstream_tools,
+        settings.upstream_threads(placement),
+        &placement.load_cpus,
+    );
+    for round in 1..=settings.rounds {
+        for variant in round_order(&variants, round) {
+            check_interrupted()?;
+            let result = match &mock {
+                Err(e) => Err(format!("mock upstream: {e}")),
+                Ok(m) => measure_variant(settings, placement, scenario, variant, m),
+            };
+            let mut m = result.unwrap_or_else(|failure| Measurement {
+                scenario: scenario.name.into(),
+                target: variant.label(),
+                workers: settings.workers,
+                placement: placement.note.clone(),
+                failure: Some(failure),
+                ..Measurement::default()
+            });
+            m.round = round;
+            progress(&m, settings.rounds);
+            measurements.push(m);
+        }
+    }
+    Ok(())
+}
+
+/// One fleet variant: its helpers started on the load side, then mcp-guard with the guard and
+/// the variant's keys, measured like any target; the helpers' CPU and tallies added.
+fn measure_variant(
+    settings: &Settings,
+    placement: &Placement,
+    scenario: &Scenario,
+    variant: &Variant,
+    mock: &Running,
+) -> Result<Measurement, String> {
+    let helpers = Helpers::start(variant, settings.redis_bin.as_deref(), &placement.load_cpus)?;
+    let setup = fleet::setup(&helpers.extras);
+    let (mut m, helper_windows) = measure_with(
+        settings,
+        placement,
+        scenario,
+        Target::McpGuard,
+        Some(mock),
+        &setup,
+        &helpers.pids,
+    )?;
+    // Read after the gateway stopped, so its shutdown flush has arrived.
+    let tally = helpers.tally()?;
+    let helper_names = helpers.names.clone();
+    drop(helpers);
+    let rate_limited = m.open_loop.errors.rate_limited + m.closed_loop.errors.rate_limited;
+    fleet::check(variant, rate_limited, &tally)?;
+    m.target = variant.label();
+    m.fleet = Some(FleetFigures {
+        variant: variant.name.to_string(),
+        helper_names,
+        helpers_at_rate: helper_windows.0,
+        helpers_at_max: helper_windows.1,
+        tally,
+        requests: helper_windows.2,
+    });
+    Ok(m)
 }
 
 /// The targets in the order round `round` (from 1) runs them: as given, then reversed, and so
 /// on (A B C, C B A, A B C), so a drift of the machine over a scenario favours no target.
-fn round_order(targets: &[Target], round: usize) -> Vec<Target> {
+fn round_order<T: Clone>(targets: &[T], round: usize) -> Vec<T> {
     let mut order = targets.to_vec();
     if round % 2 == 0 {
         order.reverse();
@@ -584,6 +726,7 @@ fn start_target(
     target: Target,
     workers: usize,
     mock: Option<&Running>,
+    setup: &GatewaySetup,
 ) -> Result<Started, String> {
     let mock_addr = mock.map(|m| m.addr);
     let cpus = &placement.target_cpus;
@@ -616,7 +759,7 @@ fn start_target(
                 Some(addr) => GatewayUpstream::Http(addr),
                 None => GatewayUpstream::Stdio(settings.demo_bin.clone()),
             };
-            let mut config = gateway_setup(scenario).config;
+            let mut config = setup.config.clone();
             if let Some(m) = &material {
                 config.push_str(&format!(
                     "\n[server.tls]\ncert_path = {:?}\nkey_path = {:?}\n",
@@ -638,6 +781,8 @@ struct Window {
     load: LoadResult,
     target: CpuTicks,
     upstream: CpuTicks,
+    /// Processes the target talks to besides its upstream (the fleet scenario's helpers).
+    helpers: CpuTicks,
     machine: MachineCounters,
     wall_s: f64,
 }
@@ -654,10 +799,16 @@ impl Window {
     }
 }
 
-fn measured(spec: &LoadSpec, target_pids: &[u32], upstream_pids: &[u32]) -> Result<Window, String> {
-    let (target_before, upstream_before, machine_before) = (
+fn measured(
+    spec: &LoadSpec,
+    target_pids: &[u32],
+    upstream_pids: &[u32],
+    helper_pids: &[u32],
+) -> Result<Window, String> {
+    let (target_before, upstream_before, helpers_before, machine_before) = (
         targets::cpu_ticks(target_pids),
         targets::cpu_ticks(upstream_pids),
+        targets::cpu_ticks(helper_pids),
         MachineCounters::read(),
     );
     let started = Instant::now();
@@ -667,6 +818,7 @@ fn measured(spec: &LoadSpec, target_pids: &[u32], upstream_pids: &[u32]) -> Resu
         load,
         target: targets::cpu_ticks(target_pids).since(target_before),
         upstream: targets::cpu_ticks(upstream_pids).since(upstream_before),
+        helpers: targets::cpu_ticks(helper_pids).since(helpers_before),
         machine: MachineCounters::read().since(&machine_before),
         wall_s,
     })
@@ -709,10 +861,11 @@ fn at_max(
     };
     let (target_cpus_busy, load_cpus_busy) =
         (share(&placement.target_cpus), share(&placement.load_cpus));
-    // The load side's own work on its CPUs: generator and upstream, and for direct the mock
-    // as the target.
+    // The load side's own work on its CPUs: generator, upstream and helpers, and for direct
+    // the mock as the target.
     let own_load = placement.pinned.then(|| {
         let ticks = w.upstream.total()
+            + w.helpers.total()
             + if target == Target::Direct {
                 w.target.total()
             } else {
@@ -765,6 +918,33 @@ fn measure(
     target: Target,
     mock: Option<&Running>,
 ) -> Result<Measurement, String> {
+    measure_with(
+        settings,
+        placement,
+        scenario,
+        target,
+        mock,
+        &gateway_setup(scenario),
+        &[],
+    )
+    .map(|(m, _)| m)
+}
+
+/// Helper processes' CPU per request at the fixed rate and in the closed loop, and the
+/// requests completed over warm-up and both phases.
+type HelperCpu = (Option<CpuCost>, Option<CpuCost>, u64);
+
+/// [`measure`] with the gateway config given, and `helper_pids` (processes the target talks to,
+/// on the load side) measured apart.
+fn measure_with(
+    settings: &Settings,
+    placement: &Placement,
+    scenario: &Scenario,
+    target: Target,
+    mock: Option<&Running>,
+    setup: &GatewaySetup,
+    helper_pids: &[u32],
+) -> Result<(Measurement, HelperCpu), String> {
     if scenario.idle_connections > 0 {
         let limit = crate::raise_nofile_limit();
         // Per process: this one holds the idle and load sockets, the target (which inherits the
@@ -783,8 +963,9 @@ fn measure(
         target,
         settings.workers,
         mock,
+        setup,
     )?;
-    let headers = gateway_setup(scenario).client_headers;
+    let headers = setup.client_headers.clone();
     let endpoints = scenario.endpoints();
     let spec = |pace, duration| LoadSpec {
         addr,
@@ -804,7 +985,7 @@ fn measure(
         std::thread::sleep(Duration::from_millis(500));
     }
     let idle_rss_kb = targets::status_kb(&pids, "VmRSS:");
-    load::run(&spec(Pace::Closed, settings.warmup))?;
+    let warmup = load::run(&spec(Pace::Closed, settings.warmup))?;
     let upstream_pids = match (target, mock) {
         (Target::Direct, _) => Vec::new(),
         (_, Some(m)) => m.measured_pids.clone(),
@@ -828,11 +1009,13 @@ fn measure(
         ),
         &pids,
         &upstream_pids,
+        helper_pids,
     )?;
     let closed = measured(
         &spec(Pace::Closed, settings.duration),
         &pids,
         &upstream_pids,
+        helper_pids,
     )?;
     let wrk = (scenario.name == "passthrough")
         .then_some(settings.wrk_bin.as_deref())
@@ -855,6 +1038,24 @@ fn measure(
     let upstream_at_rate = (!upstream_pids.is_empty())
         .then(|| CpuCost::from_ticks(open.upstream, open.load.completed, open.wall_s, 1))
         .flatten();
+    let helper_capacity = placement.load_cpus.len().max(1);
+    let helpers = (!helper_pids.is_empty()).then(|| {
+        (
+            CpuCost::from_ticks(
+                open.helpers,
+                open.load.completed,
+                open.wall_s,
+                helper_capacity,
+            ),
+            CpuCost::from_ticks(
+                closed.helpers,
+                closed.load.completed,
+                closed.wall_s,
+                helper_capacity,
+            ),
+        )
+    });
+    let requests = warmup.completed + open.load.completed + closed.load.completed;
     let at_max = at_max(
         &closed,
         placement,
@@ -865,7 +1066,12 @@ fn measure(
     );
     let machine_at_rate = open.machine_cpu_us();
     let (open, closed) = (open.load, closed.load);
-    Ok(Measurement {
+    let helper_cpu = (
+        helpers.and_then(|h| h.0),
+        helpers.and_then(|h| h.1),
+        requests,
+    );
+    let m = Measurement {
         scenario: scenario.name.into(),
         target: target.name().into(),
         round: 1,
@@ -889,7 +1095,9 @@ fn measure(
         peak_rss_kb,
         errors: open.errors.total() + closed.errors.total(),
         failure: None,
-    })
+        fleet: None,
+    };
+    Ok((m, helper_cpu))
 }
 
 /// Loads the running target with wrk for one phase, on the same connections and CPUs as the
@@ -962,6 +1170,7 @@ fn sweep_point(
         target,
         workers,
         Some(mock),
+        &gateway_setup(passthrough),
     )?;
     let spec = |duration| LoadSpec {
         addr,
@@ -980,7 +1189,7 @@ fn sweep_point(
         Target::Direct => Vec::new(),
         _ => mock.measured_pids.clone(),
     };
-    let window = measured(&spec(settings.duration), &pids, &upstream_pids);
+    let window = measured(&spec(settings.duration), &pids, &upstream_pids, &[]);
     drop(running);
     let window = window?;
     let at_max = at_max(

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// How long a process may take to report or open its listening address.
-const START_TIMEOUT: Duration = Duration::from_secs(15);
+pub const START_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// A child process that is stopped (SIGTERM, then SIGKILL) when this guard is dropped, and that
 /// the kernel signals if the harness itself dies.
@@ -23,7 +23,7 @@ pub struct Managed {
 
 impl Managed {
     /// Starts `command` on `cpus` (empty: wherever the scheduler likes).
-    fn spawn(name: &str, mut command: Command, cpus: &[usize]) -> Result<Managed, String> {
+    pub fn spawn(name: &str, mut command: Command, cpus: &[usize]) -> Result<Managed, String> {
         crate::pinning::prepare(&mut command, cpus);
         let child = command
             .spawn()
@@ -39,7 +39,7 @@ impl Managed {
     }
 
     /// `Err` with the exit status if the process has already exited.
-    fn check_alive(&mut self) -> Result<(), String> {
+    pub fn check_alive(&mut self) -> Result<(), String> {
         match self.child.try_wait() {
             Ok(Some(status)) => Err(format!("{} exited early ({status})", self.name)),
             _ => Ok(()),
@@ -118,11 +118,24 @@ pub fn start_mock(tools: usize, threads: usize, cpus: &[usize]) -> Result<Runnin
         .stdin(Stdio::null())
         .stdout(Stdio::piped());
     let mut managed = Managed::spawn("mock upstream", command, cpus)?;
+    let addr = reported_address(&mut managed)?;
+    let pid = managed.pid();
+    Ok(Running {
+        addr,
+        measured_pids: vec![pid],
+        _guards: (managed, None),
+    })
+}
+
+/// The `listening on http://ADDR` line a child started with a piped stdout prints first (the
+/// mock upstream, the fleet scenario's receiver).
+pub fn reported_address(managed: &mut Managed) -> Result<SocketAddr, String> {
+    let name = managed.name.clone();
     let stdout = managed
         .child
         .stdout
         .take()
-        .ok_or("mock upstream has no stdout")?;
+        .ok_or_else(|| format!("{name} has no stdout"))?;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut line = String::new();
@@ -131,15 +144,9 @@ pub fn start_mock(tools: usize, threads: usize, cpus: &[usize]) -> Result<Runnin
     });
     let line = rx
         .recv_timeout(START_TIMEOUT)
-        .map_err(|_| "mock upstream did not report its address")?;
-    let addr = address_after(&line, "listening on http://")
-        .ok_or_else(|| format!("unexpected mock upstream output {line:?}"))?;
-    let pid = managed.pid();
-    Ok(Running {
-        addr,
-        measured_pids: vec![pid],
-        _guards: (managed, None),
-    })
+        .map_err(|_| format!("{name} did not report its address"))?;
+    address_after(&line, "listening on http://")
+        .ok_or_else(|| format!("unexpected {name} output {line:?}"))
 }
 
 /// Where mcp-guard's requests go.
@@ -591,7 +598,7 @@ fn stat_fields(pid: u32) -> Option<StatFields> {
 }
 
 /// Parses the `IP:PORT` that follows `marker` in a log line (ANSI colour codes tolerated).
-fn address_after(line: &str, marker: &str) -> Option<SocketAddr> {
+pub fn address_after(line: &str, marker: &str) -> Option<SocketAddr> {
     let start = line.find(marker)? + marker.len();
     let text: String = line[start..]
         .chars()
@@ -600,8 +607,9 @@ fn address_after(line: &str, marker: &str) -> Option<SocketAddr> {
     text.parse().ok()
 }
 
-/// A free loopback port for nginx (which cannot report a port-0 bind back to us).
-fn free_port() -> Result<u16, String> {
+/// A free loopback port for nginx and redis-server (which cannot report a port-0 bind back to
+/// us; redis-server takes port 0 to mean no TCP at all).
+pub fn free_port() -> Result<u16, String> {
     let listener =
         TcpListener::bind("127.0.0.1:0").map_err(|e| format!("cannot find a free port: {e}"))?;
     listener
@@ -610,7 +618,7 @@ fn free_port() -> Result<u16, String> {
         .map_err(|e| format!("cannot find a free port: {e}"))
 }
 
-fn tail(text: &str, lines: usize) -> String {
+pub fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
