@@ -257,6 +257,17 @@ impl Session {
         self.events.send(message).await.is_ok()
     }
 
+    /// Marks the session initialized, with the protocol version its initialize negotiated
+    /// (what later upstream requests carry).
+    fn note_initialized(&self, version: Option<String>) {
+        self.initialized.set(true);
+        if let Some(v) = version {
+            let mut next = (**self.head.borrow()).clone();
+            next.h.protocol_version = Some(v);
+            *self.head.borrow_mut() = Rc::new(next);
+        }
+    }
+
     /// What an upstream call on this session's behalf carries (the route's timeout).
     fn outgoing<'a>(
         &'a self,
@@ -527,15 +538,13 @@ async fn forward_inner(w: &Rc<Worker>, session: &Rc<Session>, post: &Handover) {
             *session.upstream.borrow_mut() = Some(s);
         }
     }
+    let was_initialized = session.initialized.get();
     let outcome = relay(w, session, exchange.answer, is_initialize).await;
     match outcome {
         Relayed::Messages { version } => {
-            if is_initialize && !session.initialized.get() {
-                session.initialized.set(true);
-                if let Some(v) = version {
-                    let mut next = (**session.head.borrow()).clone();
-                    next.h.protocol_version = Some(v);
-                    *session.head.borrow_mut() = Rc::new(next);
+            if is_initialize && !was_initialized {
+                if !session.initialized.get() {
+                    session.note_initialized(version);
                 }
                 monoio::spawn(server_stream(w.clone(), session.clone()));
             }
@@ -566,6 +575,14 @@ async fn relay(w: &Worker, session: &Session, answer: Answer, note_version: bool
     let mut send = async |msg: Vec<u8>| {
         if note_version && version.is_none() {
             version = negotiated_version(&msg);
+            if let Some(v) = &version
+                && !session.initialized.get()
+            {
+                // The client posts its next message as soon as it reads this answer, which
+                // may be before the upstream's response has ended: the session is initialized
+                // before the answer is queued, or that message would be refused as early.
+                session.note_initialized(Some(v.clone()));
+            }
         }
         session.send(msg).await
     };
