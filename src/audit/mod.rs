@@ -53,6 +53,8 @@ pub struct AuditEvent {
     pub latency_us: u64,
     /// Tool arguments (raw JSON), only when `audit.include_arguments` is on.
     pub arguments: Option<String>,
+    /// A digest of the client's session id (approval events: the session that answered).
+    pub session: Option<String>,
 }
 
 impl AuditEvent {
@@ -105,6 +107,10 @@ impl AuditEvent {
         let _ = write!(o, ",\"status\":{},\"upstream\":", self.status);
         json_str(&mut o, &self.upstream);
         let _ = write!(o, ",\"latency_us\":{}", self.latency_us);
+        if let Some(s) = &self.session {
+            o.push_str(",\"session\":");
+            json_str(&mut o, s);
+        }
         if let Some(a) = &self.arguments {
             // Arguments were re-serialised by serde_json from the request: valid JSON.
             o.push_str(",\"arguments\":");
@@ -430,6 +436,7 @@ mod tests {
             upstream: "default".into(),
             latency_us: 1,
             arguments: None,
+            session: None,
         }
     }
 

@@ -963,6 +963,7 @@ fn emit_audit(
                 .unwrap_or_else(|| crate::config::DEFAULT_ROUTE.into()),
             latency_us: latency.as_micros() as u64,
             arguments: if i == last { arguments.take() } else { None },
+            session: None,
         };
         if !w.audit.push(ev) {
             w.metrics
