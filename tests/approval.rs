@@ -577,3 +577,39 @@ fn approval_settings_are_validated() {
         assert!(e.contains(key), "{bad}: {e}");
     }
 }
+
+#[test]
+fn over_an_http_upstream_json_and_sse_answers_arrive_on_the_held_stream() {
+    for extra in [&[][..], &["--sse-responses"][..]] {
+        let demo = DemoHttp::start(extra);
+        let cfg = format!(
+            "{}\n[[auth.api_keys]]\nid = \"alice\"\nkey_hash = \"{}\"\n[rate_limit]\nenabled = false\n\
+             [approval]\ntools = [\"echo\"]\ntimeout_secs = 30\n",
+            http_config("auto", &demo.url(), "", ""),
+            hash_key(ALICE)
+        );
+        let lab = Lab {
+            g: Gateway::start(&cfg),
+            input_log: PathBuf::new(),
+            audit: PathBuf::new(),
+            _dir: tempfile::tempdir().unwrap(),
+        };
+        let sid = lab.eliciting(ALICE);
+        let mut held = Held::call(&lab, ALICE, &sid, &echo(12, "http-marker"));
+        let req = held.request();
+        let r = lab.post(ALICE, &answer_body(&req["id"], accept()), Some(&sid));
+        assert_eq!(r.status, 202, "{extra:?}: {}", r.text());
+        let answer = held.answer(12);
+        assert_eq!(
+            answer["result"]["content"][0]["text"], "http-marker",
+            "{extra:?}: {answer}"
+        );
+        held.finish();
+        assert!(held.text().ends_with("0\r\n\r\n"), "{extra:?}: the stream did not end");
+        // Declined: refused, and the stream ends.
+        let mut held = Held::call(&lab, ALICE, &sid, &echo(13, "http-declined"));
+        let req = held.request();
+        lab.post(ALICE, &answer_body(&req["id"], json!({"action": "decline"})), Some(&sid));
+        assert_eq!(held.answer(13)["error"]["data"]["reason"], "approval_declined");
+    }
+}
