@@ -32,9 +32,9 @@ use crate::error::{GatewayError, code};
 use crate::http::client::UpstreamResponse;
 use crate::http::request::{Method, RequestHead};
 use crate::http::response::jsonrpc_error;
+use crate::mcp::approval::{self, Outcome};
 use crate::mcp::filter::{SseFilter, filter_json};
 use crate::mcp::jsonrpc::{Body, ClassifyError, Kind, Message, RpcId, Target, is_spec_tool_name};
-use crate::mcp::approval::{self, Outcome};
 use crate::mcp::legacy;
 use crate::mcp::transport;
 use crate::observe::metrics::{self, M_BATCH, M_DELETE, M_NONE, M_RESPONSE, M_STREAM};
@@ -1065,7 +1065,7 @@ async fn post(
         .await
         .map_err(fail)?
     {
-        if reply.reason.is_some_and(|r| r != "approval_held") {
+        if matches!(reply.reason, Some("approval_unsupported" | "approval_full")) {
             audit.decision = Some("deny");
         }
         return Ok(reply);
@@ -1132,9 +1132,17 @@ async fn approval_step(
     method: usize,
 ) -> Result<Option<Reply>, GatewayError> {
     let messages = body.messages();
-    let ours = |m: &Message| m.kind == Kind::Response && m.id.as_ref().is_some_and(approval::is_ours);
+    let ours =
+        |m: &Message| m.kind == Kind::Response && m.id.as_ref().is_some_and(approval::is_ours);
     if messages.iter().any(ours) {
-        let (Body::Single(Message { id: Some(RpcId::Str(id)), .. }), false) = (body, legacy) else {
+        let (
+            Body::Single(Message {
+                id: Some(RpcId::Str(id)),
+                ..
+            }),
+            false,
+        ) = (body, legacy)
+        else {
             return Err(GatewayError::InvalidRequest(
                 "an answer to the gateway's approval request goes alone, on the Streamable HTTP session it was asked in".into(),
                 None,
@@ -1156,7 +1164,9 @@ async fn approval_step(
         return Ok(None);
     };
     let Some((m, tool)) = messages.iter().find_map(|m| match &m.target {
-        Some(Target::Tool(t)) if m.kind == Kind::Request && settings.tools.matches(t) => Some((m, t)),
+        Some(Target::Tool(t)) if m.kind == Kind::Request && settings.tools.matches(t) => {
+            Some((m, t))
+        }
         _ => None,
     }) else {
         return Ok(None);
@@ -1249,7 +1259,9 @@ async fn approval_step(
         }),
         method,
     );
-    reply.headers.push(("content-type", "text/event-stream".into()));
+    reply
+        .headers
+        .push(("content-type", "text/event-stream".into()));
     reply.headers.push(("cache-control", "no-cache".into()));
     reply.reason = Some("approval_held");
     Ok(Some(reply))
@@ -1357,7 +1369,12 @@ async fn forward_held(w: &Rc<Worker>, call: &HeldCall, tx: &async_channel::Sende
     let answered = async {
         let exchange = cx
             .upstream()?
-            .post(w, &cx.outgoing(call.session.as_deref()), &call.body, &call.raw)
+            .post(
+                w,
+                &cx.outgoing(call.session.as_deref()),
+                &call.body,
+                &call.raw,
+            )
             .await?;
         deliver(&cx, exchange, call.method, None).await
     }
@@ -1413,7 +1430,10 @@ async fn relay_held(w: &Worker, reply: Reply, id: &RpcId, tx: &async_channel::Se
         }
         // A tools/call answer is never filtered; an empty or unreadable answer is no answer.
         _ => {
-            send(failed(format!("upstream answered HTTP {status} without a JSON-RPC answer"))).await;
+            send(failed(format!(
+                "upstream answered HTTP {status} without a JSON-RPC answer"
+            )))
+            .await;
         }
     }
 }

@@ -291,7 +291,11 @@ fn an_accepted_call_goes_upstream_and_its_answer_arrives_on_the_same_stream() {
         "{answer}"
     );
     held.finish();
-    assert!(lab.child_lines().iter().any(|l| l.contains("approved-marker-1")));
+    assert!(
+        lab.child_lines()
+            .iter()
+            .any(|l| l.contains("approved-marker-1"))
+    );
     // The gateway's own elicitation request and the client's answer never reach the upstream.
     lab.assert_child_never_saw("mcp-guard-approval.");
     let event = lab.approval_event("approval_accepted");
@@ -314,18 +318,32 @@ fn a_decline_a_cancel_an_error_or_an_accept_without_approve_refuses_the_call() {
         json!({"jsonrpc":"2.0","id":id,"error":{"code":-1,"message":"no"}}).to_string()
     };
     let cases: Vec<(&str, Box<dyn Fn(&Value) -> String>)> = vec![
-        ("approval_declined", Box::new(|id| answer_body(id, json!({"action": "decline"})))),
-        ("approval_cancelled", Box::new(|id| answer_body(id, json!({"action": "cancel"})))),
         (
             "approval_declined",
-            Box::new(|id| answer_body(id, json!({"action": "accept", "content": {"approve": false}}))),
+            Box::new(|id| answer_body(id, json!({"action": "decline"}))),
+        ),
+        (
+            "approval_cancelled",
+            Box::new(|id| answer_body(id, json!({"action": "cancel"}))),
+        ),
+        (
+            "approval_declined",
+            Box::new(|id| {
+                answer_body(
+                    id,
+                    json!({"action": "accept", "content": {"approve": false}}),
+                )
+            }),
         ),
         (
             "approval_declined",
             Box::new(|id| answer_body(id, json!({"action": "accept", "content": {}}))),
         ),
         ("approval_error", Box::new(error)),
-        ("approval_error", Box::new(|id| answer_body(id, json!("accept")))),
+        (
+            "approval_error",
+            Box::new(|id| answer_body(id, json!("accept"))),
+        ),
     ];
     for (i, (reason, answer)) in cases.iter().enumerate() {
         let marker = format!("refused-marker-{i}");
@@ -350,7 +368,10 @@ fn an_unanswered_call_is_refused_when_its_time_is_up() {
     let mut held = Held::call(&lab, ALICE, &sid, &echo(3, "timeout-marker"));
     let req = held.request();
     let refused = held.answer(3);
-    assert_eq!(refused["error"]["data"]["reason"], "approval_timeout", "{refused}");
+    assert_eq!(
+        refused["error"]["data"]["reason"], "approval_timeout",
+        "{refused}"
+    );
     // Too late: the id is spent.
     let r = lab.post(ALICE, &answer_body(&req["id"], accept()), Some(&sid));
     assert_eq!(r.status, 400, "{}", r.text());
@@ -365,10 +386,17 @@ fn clients_that_cannot_elicit_are_refused_at_once() {
     // No capability; an old revision asked at initialize; a url-only capability.
     let plain = lab.init_with(ALICE, &init_body("2025-11-25", "{}"));
     let old = lab.init_with(ALICE, &init_body("2025-03-26", r#"{"elicitation":{}}"#));
-    let url_only = lab.init_with(ALICE, &init_body("2025-11-25", r#"{"elicitation":{"url":{}}}"#));
+    let url_only = lab.init_with(
+        ALICE,
+        &init_body("2025-11-25", r#"{"elicitation":{"url":{}}}"#),
+    );
     for (i, sid) in [&plain, &old, &url_only].into_iter().enumerate() {
         assert!(!sid.starts_with("e."), "flagged: {sid}");
-        let r = lab.post(ALICE, &echo(4, &format!("unsupported-marker-{i}")), Some(sid));
+        let r = lab.post(
+            ALICE,
+            &echo(4, &format!("unsupported-marker-{i}")),
+            Some(sid),
+        );
         assert_eq!(r.status, 200, "{}", r.text());
         let v = rpc_result(&r);
         assert_eq!(v["error"]["data"]["reason"], "approval_unsupported", "{v}");
@@ -419,7 +447,11 @@ fn forged_replayed_and_guessed_answers_are_refused_and_the_call_still_waits() {
     refused(ALICE, &format!("{head}.{}", "0".repeat(32)), &sid);
     refused(ALICE, &format!("{head}.{}", "f".repeat(32)), &sid);
     refused(ALICE, "mcp-guard-approval.", &sid);
-    refused(ALICE, &format!("mcp-guard-approval.77.{}", "0".repeat(32)), &sid);
+    refused(
+        ALICE,
+        &format!("mcp-guard-approval.77.{}", "0".repeat(32)),
+        &sid,
+    );
     refused(ALICE, &format!("{id}0"), &sid);
     // In a batch, or with no session at all.
     let batch = format!("[{}]", answer_body(&json!(id), accept()));
@@ -428,7 +460,11 @@ fn forged_replayed_and_guessed_answers_are_refused_and_the_call_still_waits() {
     let r = lab.post(ALICE, &answer_body(&json!(id), accept()), None);
     assert!(r.status >= 400, "{}", r.text());
     // The call still waits, and its own answer approves it.
-    assert!(held.messages().iter().all(|m| m.get("id") != Some(&json!(6))));
+    assert!(
+        held.messages()
+            .iter()
+            .all(|m| m.get("id") != Some(&json!(6)))
+    );
     let r = lab.post(ALICE, &answer_body(&json!(id), accept()), Some(&sid));
     assert_eq!(r.status, 202, "{}", r.text());
     let answer = held.answer(6);
@@ -453,31 +489,54 @@ fn an_answer_that_lands_on_the_other_worker_is_handed_to_the_one_holding_the_cal
     let sid = lab.eliciting(ALICE);
     let mut held = Held::call(&lab, ALICE, &sid, &echo(8, "cross-worker-marker"));
     let req = held.request();
-    let owner: usize = req["id"].as_str().unwrap().split('.').nth(1).unwrap().parse().unwrap();
+    let owner: usize = req["id"]
+        .as_str()
+        .unwrap()
+        .split('.')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
     let owner = format!("{owner:02x}");
     let headers = format!("{}{VERSION}", bearer(ALICE));
     // Open connections until one is served by the other worker, then answer on it.
     let mut answered = None;
     for attempt in 0..200 {
         let mut s = connect(lab.addr());
-        s.write_all(mcp_post_raw(&format!(r#"{{"jsonrpc":"2.0","id":{attempt},"method":"ping"}}"#), Some(&sid), &headers).as_bytes())
-            .unwrap();
+        s.write_all(
+            mcp_post_raw(
+                &format!(r#"{{"jsonrpc":"2.0","id":{attempt},"method":"ping"}}"#),
+                Some(&sid),
+                &headers,
+            )
+            .as_bytes(),
+        )
+        .unwrap();
         let ping = read_response(&mut s).unwrap();
         assert_eq!(ping.status, 200, "{}", ping.text());
         if worker_of(&ping) == owner {
             continue;
         }
-        s.write_all(mcp_post_raw(&answer_body(&req["id"], accept()), Some(&sid), &headers).as_bytes())
-            .unwrap();
+        s.write_all(
+            mcp_post_raw(&answer_body(&req["id"], accept()), Some(&sid), &headers).as_bytes(),
+        )
+        .unwrap();
         let r = read_response(&mut s).unwrap();
-        assert_ne!(worker_of(&r), owner, "the answer's connection moved workers");
+        assert_ne!(
+            worker_of(&r),
+            owner,
+            "the answer's connection moved workers"
+        );
         answered = Some(r);
         break;
     }
     let r = answered.expect("no connection reached the other worker");
     assert_eq!(r.status, 202, "{}", r.text());
     let answer = held.answer(8);
-    assert_eq!(answer["result"]["content"][0]["text"], "cross-worker-marker");
+    assert_eq!(
+        answer["result"]["content"][0]["text"],
+        "cross-worker-marker"
+    );
 }
 
 #[test]
@@ -522,7 +581,9 @@ fn the_upstreams_own_elicitation_still_round_trips() {
         bearer(ALICE)
     )
     .unwrap();
-    stream.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
     let mut st = Held {
         s: stream,
         got: Vec::new(),
@@ -542,15 +603,26 @@ fn the_upstreams_own_elicitation_still_round_trips() {
     });
     assert!(st.wait_for("elicitation/create", WAIT), "{}", st.text());
     let req = st.request();
-    assert!(!req["id"].as_str().is_some_and(|s| s.starts_with("mcp-guard-approval.")));
+    assert!(
+        !req["id"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("mcp-guard-approval."))
+    );
     let r = lab.post(
         ALICE,
-        &answer_body(&req["id"], json!({"action": "accept", "content": {"from": "upstream-own"}})),
+        &answer_body(
+            &req["id"],
+            json!({"action": "accept", "content": {"from": "upstream-own"}}),
+        ),
         Some(&sid),
     );
     assert_eq!(r.status, 202, "{}", r.text());
     let r = ask.join().unwrap();
-    assert!(rpc_result(&r).to_string().contains("upstream-own"), "{}", r.text());
+    assert!(
+        rpc_result(&r).to_string().contains("upstream-own"),
+        "{}",
+        r.text()
+    );
 }
 
 #[test]
@@ -567,7 +639,10 @@ fn approval_settings_are_validated() {
     assert_eq!(check(""), Ok(false));
     for (bad, key) in [
         ("tools = [\"x\"]\ntimeout_secs = 0", "approval.timeout_secs"),
-        ("tools = [\"x\"]\ntimeout_secs = 3601", "approval.timeout_secs"),
+        (
+            "tools = [\"x\"]\ntimeout_secs = 3601",
+            "approval.timeout_secs",
+        ),
         ("tools = [\"\"]", "approval.tools"),
         ("tools = [\"a\\nb\"]", "approval.tools"),
         ("tools = \"x\"", "approval.tools"),
@@ -605,11 +680,103 @@ fn over_an_http_upstream_json_and_sse_answers_arrive_on_the_held_stream() {
             "{extra:?}: {answer}"
         );
         held.finish();
-        assert!(held.text().ends_with("0\r\n\r\n"), "{extra:?}: the stream did not end");
+        assert!(
+            held.text().ends_with("0\r\n\r\n"),
+            "{extra:?}: the stream did not end"
+        );
         // Declined: refused, and the stream ends.
         let mut held = Held::call(&lab, ALICE, &sid, &echo(13, "http-declined"));
         let req = held.request();
-        lab.post(ALICE, &answer_body(&req["id"], json!({"action": "decline"})), Some(&sid));
-        assert_eq!(held.answer(13)["error"]["data"]["reason"], "approval_declined");
+        lab.post(
+            ALICE,
+            &answer_body(&req["id"], json!({"action": "decline"})),
+            Some(&sid),
+        );
+        assert_eq!(
+            held.answer(13)["error"]["data"]["reason"],
+            "approval_declined"
+        );
     }
+}
+
+#[test]
+fn a_legacy_sse_client_cannot_approve_and_is_told_so_on_its_stream() {
+    let lab = lab(30);
+    let mut s = common::legacy::Legacy::open(lab.addr(), "/sse", ALICE);
+    s.initialize();
+    let r = s.call(&echo(3, "legacy-marker"));
+    assert_eq!(r["error"]["code"], -32003, "{r}");
+    assert_eq!(r["error"]["data"]["reason"], "approval_unsupported", "{r}");
+    // Not held: a tool not listed still works on the same session.
+    let r = s.call(&call(4, "add", r#"{"a":2,"b":2}"#));
+    assert_eq!(r["result"]["content"][0]["text"], "4", "{r}");
+    let sid = lab.eliciting(ALICE);
+    lab.barrier(&sid);
+    lab.assert_child_never_saw("legacy-marker");
+}
+
+#[test]
+fn the_calls_one_session_may_hold_are_bounded() {
+    let lab = lab(30);
+    let sid = lab.eliciting(ALICE);
+    let headers = format!("{}{VERSION}", bearer(ALICE));
+    let mut held = Vec::new();
+    let mut full = None;
+    // At most 16 per session on each of the two workers.
+    for i in 0..33u64 {
+        let mut s = connect(lab.addr());
+        s.write_all(
+            mcp_post_raw(&echo(100 + i, "bounded-marker"), Some(&sid), &headers).as_bytes(),
+        )
+        .unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        let mut h = Held { s, got: Vec::new() };
+        assert!(h.wait_for("\r\n\r\n", WAIT), "{}", h.text());
+        if h.text().contains("text/event-stream") {
+            assert!(h.wait_for("elicitation/create", WAIT), "{}", h.text());
+            held.push(h);
+        } else {
+            assert!(h.wait_for("approval_full", WAIT), "{}", h.text());
+            full = Some(i);
+            break;
+        }
+    }
+    assert!(full.is_some(), "33 calls held in one session");
+    assert!(held.len() >= 16, "refused after {} held", held.len());
+    // Another session is not affected.
+    let other = lab.eliciting(ALICE);
+    let mut h = Held::call(&lab, ALICE, &other, &echo(200, "bounded-other"));
+    let req = h.request();
+    lab.post(ALICE, &answer_body(&req["id"], accept()), Some(&other));
+    assert_eq!(
+        h.answer(200)["result"]["content"][0]["text"],
+        "bounded-other"
+    );
+    lab.approval_event("approval_full");
+    assert!(
+        lab.g
+            .metric_settles("mcp_guard_approvals_total", &[("outcome", "full")], 1.0)
+            >= 1.0
+    );
+    // Closing the held streams frees their places.
+    drop(held);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mut s = connect(lab.addr());
+        s.write_all(mcp_post_raw(&echo(300, "bounded-after"), Some(&sid), &headers).as_bytes())
+            .unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        let mut h = Held { s, got: Vec::new() };
+        if h.wait_for("elicitation/create", Duration::from_secs(1)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "places never freed: {}",
+            h.text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    lab.barrier(&sid);
+    lab.assert_child_never_saw("bounded-marker");
 }

@@ -450,7 +450,9 @@ fn validate_approval(
         if t.is_empty() || t.len() > 128 || t.chars().any(char::is_control) {
             return Err(invalid(
                 "approval.tools",
-                format!("{t:?} is not a tool name or glob (1-128 characters, no control characters)"),
+                format!(
+                    "{t:?} is not a tool name or glob (1-128 characters, no control characters)"
+                ),
             ));
         }
     }

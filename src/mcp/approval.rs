@@ -53,8 +53,9 @@
 //!
 //! # Bounds
 //!
-//! At most [`PER_WORKER`] calls wait on one worker and [`PER_SESSION`] per session; beyond
-//! that a call is refused (`approval_full`). Every entry leaves the table when its call ends
+//! At most [`PER_WORKER`] calls wait on one worker, and [`PER_SESSION`] of one session on each
+//! worker (the table is the worker's own: no lock, no shared count); beyond that a call is
+//! refused (`approval_full`). Every entry leaves the table when its call ends
 //! (answered, timed out, or its stream closed).
 //!
 //! # Audit and metrics
@@ -219,7 +220,12 @@ pub fn declares_elicitation(raw: &[u8]) -> bool {
 
 /// The session id `sid` (minted by `deliver` for `identity` at `route`) re-minted with the
 /// elicitation flag; `None` if it does not verify.
-pub fn flag_session(codec: &SessionCodec, identity: &str, route: &str, sid: &str) -> Option<String> {
+pub fn flag_session(
+    codec: &SessionCodec,
+    identity: &str,
+    route: &str,
+    sid: &str,
+) -> Option<String> {
     let payload = codec.decode_for(identity, route, sid)?;
     let mut flagged = String::from(ELICIT_SID_PREFIX);
     flagged.push_str(&codec.encode_for(identity, &session_binding(route), &payload));
@@ -281,7 +287,10 @@ pub fn hold(w: &Worker, identity: &Arc<str>, sid: &str) -> Result<Held, Outcome>
             answer: tx,
         },
     );
-    *p.per_session.borrow_mut().entry(session.clone()).or_insert(0) += 1;
+    *p.per_session
+        .borrow_mut()
+        .entry(session.clone())
+        .or_insert(0) += 1;
     let mut id = String::with_capacity(ID_PREFIX.len() + 40);
     id.push_str(ID_PREFIX);
     id.push_str(&w.id.to_string());
@@ -479,9 +488,9 @@ pub async fn run_inbox(w: Rc<Worker>, inbox: async_channel::Receiver<AnswerPost>
     while let Ok(post) = inbox.recv().await {
         let taken = {
             let mut entries = w.approvals.entries.borrow_mut();
-            let matches = entries.get(&post.token).is_some_and(|e| {
-                e.identity == post.identity && *e.session == *post.session
-            });
+            let matches = entries
+                .get(&post.token)
+                .is_some_and(|e| e.identity == post.identity && *e.session == *post.session);
             // Single use: the entry leaves with its first valid answer.
             matches
                 && entries
@@ -578,17 +587,34 @@ mod tests {
     fn only_an_explicit_accept_with_approve_true_approves() {
         let a = |r: &str| read_answer(r.as_bytes());
         let res = |x: &str| format!("{{\"jsonrpc\":\"2.0\",\"id\":\"x\",\"result\":{x}}}");
-        assert_eq!(a(&res(r#"{"action":"accept","content":{"approve":true}}"#)), Outcome::Accepted);
-        assert_eq!(a(&res(r#"{"action":"accept","content":{"approve":false}}"#)), Outcome::Declined);
-        assert_eq!(a(&res(r#"{"action":"accept","content":{"approve":"true"}}"#)), Outcome::Declined);
+        assert_eq!(
+            a(&res(r#"{"action":"accept","content":{"approve":true}}"#)),
+            Outcome::Accepted
+        );
+        assert_eq!(
+            a(&res(r#"{"action":"accept","content":{"approve":false}}"#)),
+            Outcome::Declined
+        );
+        assert_eq!(
+            a(&res(r#"{"action":"accept","content":{"approve":"true"}}"#)),
+            Outcome::Declined
+        );
         assert_eq!(a(&res(r#"{"action":"accept"}"#)), Outcome::Declined);
         assert_eq!(a(&res(r#"{"action":"decline"}"#)), Outcome::Declined);
         assert_eq!(a(&res(r#"{"action":"cancel"}"#)), Outcome::Cancelled);
-        assert_eq!(a(&res(r#"{"action":"ACCEPT","content":{"approve":true}}"#)), Outcome::Error);
-        assert_eq!(a(&res(r#""accept""#)), Outcome::Error);
-        assert_eq!(a(r#"{"jsonrpc":"2.0","id":"x","error":{"code":-1,"message":"no"}}"#), Outcome::Error);
         assert_eq!(
-            a(r#"{"jsonrpc":"2.0","id":"x","result":{"action":"accept","content":{"approve":true}},"error":{}}"#),
+            a(&res(r#"{"action":"ACCEPT","content":{"approve":true}}"#)),
+            Outcome::Error
+        );
+        assert_eq!(a(&res(r#""accept""#)), Outcome::Error);
+        assert_eq!(
+            a(r#"{"jsonrpc":"2.0","id":"x","error":{"code":-1,"message":"no"}}"#),
+            Outcome::Error
+        );
+        assert_eq!(
+            a(
+                r#"{"jsonrpc":"2.0","id":"x","result":{"action":"accept","content":{"approve":true}},"error":{}}"#
+            ),
             Outcome::Error
         );
         assert_eq!(a("not json"), Outcome::Error);
@@ -597,12 +623,17 @@ mod tests {
     #[test]
     fn elicitation_is_declared_in_form_mode_at_a_new_enough_revision() {
         let init = |v: &str, caps: &str| {
-            format!(r#"{{"jsonrpc":"2.0","id":1,"method":"initialize","params":{{"protocolVersion":"{v}","capabilities":{caps},"clientInfo":{{"name":"c","version":"1"}}}}}}"#)
+            format!(
+                r#"{{"jsonrpc":"2.0","id":1,"method":"initialize","params":{{"protocolVersion":"{v}","capabilities":{caps},"clientInfo":{{"name":"c","version":"1"}}}}}}"#
+            )
         };
         let d = |s: String| declares_elicitation(s.as_bytes());
         assert!(d(init("2025-06-18", r#"{"elicitation":{}}"#)));
         assert!(d(init("2025-11-25", r#"{"elicitation":{"form":{}}}"#)));
-        assert!(d(init("2025-11-25", r#"{"elicitation":{"form":{},"url":{}}}"#)));
+        assert!(d(init(
+            "2025-11-25",
+            r#"{"elicitation":{"form":{},"url":{}}}"#
+        )));
         assert!(!d(init("2025-11-25", r#"{"elicitation":{"url":{}}}"#)));
         assert!(!d(init("2025-03-26", r#"{"elicitation":{}}"#)));
         assert!(!d(init("2025-06-18", r#"{}"#)));
@@ -623,8 +654,16 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(msg["method"], "elicitation/create");
-        assert_eq!(msg["params"]["requestedSchema"]["properties"]["approve"]["type"], "boolean");
-        assert!(msg["params"]["message"].as_str().unwrap().contains("delete_file"));
+        assert_eq!(
+            msg["params"]["requestedSchema"]["properties"]["approve"]["type"],
+            "boolean"
+        );
+        assert!(
+            msg["params"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("delete_file")
+        );
     }
 
     #[test]
@@ -634,7 +673,9 @@ mod tests {
         let flagged = flag_session(&codec, "alice", "", &sid).unwrap();
         let body = flagged.strip_prefix(ELICIT_SID_PREFIX).unwrap();
         assert_eq!(
-            codec.decode_for("alice", &session_binding(""), body).as_deref(),
+            codec
+                .decode_for("alice", &session_binding(""), body)
+                .as_deref(),
             Some(&b"upstream-sid"[..])
         );
         assert_eq!(codec.decode_for("alice", "", body), None);

@@ -627,7 +627,10 @@ async fn relay(w: &Worker, session: &Session, answer: Answer, note_version: bool
 }
 
 /// Relays each `message` event of an upstream SSE body.
-pub(crate) async fn relay_sse(mut resp: UpstreamResponse, send: &mut impl AsyncFnMut(Vec<u8>) -> bool) {
+pub(crate) async fn relay_sse(
+    mut resp: UpstreamResponse,
+    send: &mut impl AsyncFnMut(Vec<u8>) -> bool,
+) {
     let mut decoder = SseDecoder::default();
     loop {
         let (events, done) = match resp.next_data().await {

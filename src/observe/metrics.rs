@@ -417,7 +417,9 @@ impl Metrics {
                 }
             }
         }
-        out.push_str("# HELP mcp_guard_approvals_total Calls held for a person's approval, by outcome.\n");
+        out.push_str(
+            "# HELP mcp_guard_approvals_total Calls held for a person's approval, by outcome.\n",
+        );
         out.push_str("# TYPE mcp_guard_approvals_total counter\n");
         for (i, o) in crate::mcp::approval::OUTCOMES.iter().enumerate() {
             let n: u64 = sum(&|w| w.approvals[i].load(Relaxed));
