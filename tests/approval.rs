@@ -314,43 +314,42 @@ fn an_accepted_call_goes_upstream_and_its_answer_arrives_on_the_same_stream() {
 fn a_decline_a_cancel_an_error_or_an_accept_without_approve_refuses_the_call() {
     let lab = lab(30);
     let sid = lab.eliciting(ALICE);
-    let error = |id: &Value| {
-        json!({"jsonrpc":"2.0","id":id,"error":{"code":-1,"message":"no"}}).to_string()
-    };
-    let cases: Vec<(&str, Box<dyn Fn(&Value) -> String>)> = vec![
+    // Each answer's members besides `jsonrpc` and `id`, and the reason it is refused with.
+    let cases = [
         (
             "approval_declined",
-            Box::new(|id| answer_body(id, json!({"action": "decline"}))),
+            json!({"result": {"action": "decline"}}),
         ),
         (
             "approval_cancelled",
-            Box::new(|id| answer_body(id, json!({"action": "cancel"}))),
+            json!({"result": {"action": "cancel"}}),
         ),
         (
             "approval_declined",
-            Box::new(|id| {
-                answer_body(
-                    id,
-                    json!({"action": "accept", "content": {"approve": false}}),
-                )
-            }),
+            json!({"result": {"action": "accept", "content": {"approve": false}}}),
         ),
         (
             "approval_declined",
-            Box::new(|id| answer_body(id, json!({"action": "accept", "content": {}}))),
+            json!({"result": {"action": "accept", "content": {}}}),
         ),
-        ("approval_error", Box::new(error)),
         (
             "approval_error",
-            Box::new(|id| answer_body(id, json!("accept"))),
+            json!({"error": {"code": -1, "message": "no"}}),
         ),
+        ("approval_error", json!({"result": "accept"})),
     ];
-    for (i, (reason, answer)) in cases.iter().enumerate() {
+    let answer = |members: &Value, id: &Value| {
+        let mut m = members.clone();
+        m["jsonrpc"] = json!("2.0");
+        m["id"] = id.clone();
+        m.to_string()
+    };
+    for (i, (reason, members)) in cases.iter().enumerate() {
         let marker = format!("refused-marker-{i}");
         let id = 10 + i as u64;
         let mut held = Held::call(&lab, ALICE, &sid, &echo(id, &marker));
         let req = held.request();
-        let r = lab.post(ALICE, &answer(&req["id"]), Some(&sid));
+        let r = lab.post(ALICE, &answer(members, &req["id"]), Some(&sid));
         assert_eq!(r.status, 202, "{}", r.text());
         let refused = held.answer(id);
         assert_eq!(refused["error"]["code"], -32003, "{refused}");

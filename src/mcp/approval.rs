@@ -364,14 +364,12 @@ pub fn request(id: &str, tool: &str, arguments: Option<&str>) -> Vec<u8> {
 /// `\u{…}`, and at most `max` characters, the rest counted.
 pub fn shown(s: &str, max: usize) -> String {
     let mut out = String::with_capacity(s.len().min(max * 2));
-    let mut count = 0;
-    for c in s.chars() {
+    for (count, c) in s.chars().enumerate() {
         if count == max {
             let rest = s.chars().count() - max;
             out.push_str(&format!("… ({rest} more characters)"));
             break;
         }
-        count += 1;
         if hides_text(c) {
             out.push_str(&format!("\\u{{{:04x}}}", c as u32));
         } else {
