@@ -22,6 +22,9 @@
 //!   an unchecked notification).
 //! - 6a session check after classification: only `initialize` may arrive without a session.
 //! - 7 authorize, then 8 rate-limit: a denied call must not spend quota.
+//! - 8a approval (`mcp::approval`): a call of an `[approval]` tool waits for a person's answer
+//!   before anything reaches the upstream; answers to the gateway's own elicitation requests
+//!   end here.
 //! - 9 forward, 10 relay (streamed), 11 metrics (and audit) always, also after an early exit:
 //!   the connection loop records them from the [`Reply`] once it has been written.
 
