@@ -79,6 +79,7 @@ fn event(identity: Arc<str>) -> AuditEvent {
         latency_us: 120,
         arguments: None,
         details: Vec::new(),
+        session: None,
     }
 }
 

@@ -22,6 +22,9 @@
 //!   an unchecked notification).
 //! - 6a session check after classification: only `initialize` may arrive without a session.
 //! - 7 authorize, then 8 rate-limit: a denied call must not spend quota.
+//! - 8a approval (`mcp::approval`): a call of an `[approval]` tool waits for a person's answer
+//!   before anything reaches the upstream; answers to the gateway's own elicitation requests
+//!   end here.
 //! - 9 forward, 10 relay (streamed), 11 metrics (and audit) always, also after an early exit:
 //!   the connection loop records them from the [`Reply`] once it has been written.
 
@@ -32,6 +35,7 @@ use crate::error::{GatewayError, code};
 use crate::http::client::UpstreamResponse;
 use crate::http::request::{Method, RequestHead};
 use crate::http::response::jsonrpc_error;
+use crate::mcp::approval::{self, Outcome};
 use crate::mcp::filter::SseFilter;
 use crate::mcp::jsonrpc::{Body, ClassifyError, Kind, Message, RpcId, Target, is_spec_tool_name};
 use crate::mcp::legacy;
@@ -216,6 +220,8 @@ pub struct Admitted<'c> {
     route: usize,
     /// Where the path's remainder after the route's endpoint or prefix starts.
     rest_at: usize,
+    /// The client's address.
+    client: std::net::IpAddr,
     audit: AuditInfo,
 }
 
@@ -304,6 +310,7 @@ pub fn admit<'c>(
             version,
             route,
             rest_at,
+            client: peer.ip(),
             audit,
         }),
         Err((e, id, method)) => {
@@ -418,6 +425,8 @@ struct Ctx<'r> {
     /// The server session ids of this request are bound to besides the identity (empty for
     /// the default upstream), so an id minted for one server is unknown at another.
     session_route: &'r str,
+    /// The client's address.
+    client: std::net::IpAddr,
 }
 
 impl Ctx<'_> {
@@ -459,22 +468,27 @@ impl Ctx<'_> {
             .ok_or(GatewayError::UnknownSession)
     }
 
-    /// The session payload of the client's `Mcp-Session-Id`, verified for this caller.
+    /// The session payload of the client's `Mcp-Session-Id`, verified for this caller. An id
+    /// minted for a client that declared elicitation (`e.` prefix) verifies under its own
+    /// binding (see `mcp::approval`).
     fn session(&self) -> Result<Option<Vec<u8>>, GatewayError> {
         match &self.head.h.session_id {
             Some(sid) if self.w.shared.ended_sessions.is_ended(sid) => {
                 Err(GatewayError::UnknownSession)
             }
-            Some(sid) => self
-                .w
-                .verify_session(
-                    &self.cfg.sessions,
-                    &self.caller.identity.id,
-                    self.session_route,
-                    sid,
-                )
-                .map(Some)
-                .ok_or(GatewayError::UnknownSession),
+            Some(sid) => {
+                let (sid, binding) = match sid.strip_prefix(approval::ELICIT_SID_PREFIX) {
+                    Some(rest) => (
+                        rest,
+                        std::borrow::Cow::Owned(approval::session_binding(self.session_route)),
+                    ),
+                    None => (sid.as_str(), std::borrow::Cow::Borrowed(self.session_route)),
+                };
+                self.w
+                    .verify_session(&self.cfg.sessions, &self.caller.identity.id, &binding, sid)
+                    .map(Some)
+                    .ok_or(GatewayError::UnknownSession)
+            }
             None => Ok(None),
         }
     }
@@ -495,6 +509,7 @@ pub async fn handle(
         version,
         route,
         rest_at,
+        client,
         mut audit,
     } = admitted;
     let name = &cfg.routes[route].name;
@@ -514,6 +529,7 @@ pub async fn handle(
         route,
         rest: head.path().get(rest_at..).unwrap_or_default(),
         session_route,
+        client,
     };
     let outcome = match head.method {
         Method::Post if front == Front::LegacyPost => legacy_post(&cx, body, &mut audit).await,
@@ -1052,6 +1068,17 @@ async fn post(
                 .count_decision(cfg.tool_labels.get(t).copied().unwrap_or(0), 0);
         }
     }
+    // 8a. approval: answers to the gateway's own elicitation requests end here, never
+    // upstream; a call of a listed tool waits for a person's answer on its own stream.
+    if let Some(reply) = approval_step(cx, &body, raw, session.is_some(), ticket.is_some(), method)
+        .await
+        .map_err(fail)?
+    {
+        if matches!(reply.reason, Some("approval_unsupported" | "approval_full")) {
+            audit.decision = Some("deny");
+        }
+        return Ok(reply);
+    }
     // The answers go through the response-transform chain (tools/list answers filtered to
     // what this identity may call).
     let transform = Transform::for_request(cfg, cx.route, cx.policy, Expect::of(&body));
@@ -1074,7 +1101,361 @@ async fn post(
         .await
         .map_err(fail)?;
     // 10. relay
-    deliver(cx, exchange, method, transform).await.map_err(fail)
+    let mut reply = deliver(cx, exchange, method, transform)
+        .await
+        .map_err(fail)?;
+    if is_initialize && cx.cfg.approval.is_some() && approval::declares_elicitation(raw) {
+        flag_elicitation(cx, &mut reply);
+    }
+    Ok(reply)
+}
+
+/// Re-mints the session id of an initialize answer for a client that declared elicitation,
+/// so that later requests show the gateway it may be asked for approvals.
+fn flag_elicitation(cx: &Ctx<'_>, reply: &mut Reply) {
+    for (name, value) in reply.headers.iter_mut() {
+        if *name == "mcp-session-id"
+            && let Some(flagged) = approval::flag_session(
+                &cx.cfg.sessions,
+                &cx.caller.identity.id,
+                cx.session_route,
+                value,
+            )
+        {
+            *value = flagged;
+        }
+    }
+}
+
+/// Phase 8a: `Ok(Some(reply))` when approval answers the request itself (an answer to one of
+/// the gateway's elicitation requests; a held call's stream; a call that cannot be held),
+/// `Ok(None)` when the request goes on to the upstream.
+async fn approval_step(
+    cx: &Ctx<'_>,
+    body: &Body,
+    raw: &[u8],
+    has_session: bool,
+    legacy: bool,
+    method: usize,
+) -> Result<Option<Reply>, GatewayError> {
+    let messages = body.messages();
+    let ours =
+        |m: &Message| m.kind == Kind::Response && m.id.as_ref().is_some_and(approval::is_ours);
+    if messages.iter().any(ours) {
+        let (
+            Body::Single(Message {
+                id: Some(RpcId::Str(id)),
+                ..
+            }),
+            false,
+        ) = (body, legacy)
+        else {
+            return Err(GatewayError::InvalidRequest(
+                "an answer to the gateway's approval request goes alone, on the Streamable HTTP session it was asked in".into(),
+                None,
+            ));
+        };
+        let sid = cx
+            .head
+            .h
+            .session_id
+            .as_deref()
+            .filter(|_| has_session)
+            .ok_or(GatewayError::MissingSession)?;
+        approval::answer(cx.w, id, &cx.caller.identity.id, sid, raw).await?;
+        let mut reply = Reply::new(202, ReplyBody::Empty, method);
+        reply.reason = Some("approval_answer");
+        return Ok(Some(reply));
+    }
+    let Some(settings) = cx.cfg.approval.clone() else {
+        return Ok(None);
+    };
+    let Some((m, tool)) = messages.iter().find_map(|m| match &m.target {
+        Some(Target::Tool(t)) if m.kind == Kind::Request && settings.tools.matches(t) => {
+            Some((m, t))
+        }
+        _ => None,
+    }) else {
+        return Ok(None);
+    };
+    let id = m.id.clone().unwrap_or(RpcId::Num(0));
+    let sid = cx.head.h.session_id.as_deref();
+    let record = |outcome: Outcome| {
+        approval::record(
+            cx.w,
+            &approval::Record {
+                request_id: cx.request_id,
+                identity: cx.caller.identity,
+                client: cx.client,
+                session: sid,
+                tool,
+                upstream: &cx.cfg.routes[cx.route].name,
+                waited: std::time::Duration::ZERO,
+            },
+            outcome,
+        );
+    };
+    let refuse = |outcome: Outcome| {
+        record(outcome);
+        let mut reply = Reply::json(200, approval::refusal(&id, outcome), method);
+        reply.reason = Some(outcome.reason());
+        reply
+    };
+    if let Body::Batch(_) = body {
+        record(Outcome::Unsupported);
+        return Err(GatewayError::InvalidRequest(
+            "a call that needs approval cannot be sent in a batch".into(),
+            None,
+        ));
+    }
+    let accepts_sse = cx
+        .head
+        .h
+        .accept
+        .as_deref()
+        .is_some_and(|a| a.contains("text/event-stream"));
+    let sid = match sid {
+        Some(s)
+            if !legacy
+                && has_session
+                && accepts_sse
+                && s.starts_with(approval::ELICIT_SID_PREFIX)
+                && approval::version_can_elicit(cx.version) =>
+        {
+            s
+        }
+        _ => return Ok(Some(refuse(Outcome::Unsupported))),
+    };
+    let session = cx.session()?;
+    let held = match approval::hold(cx.w, &cx.caller.identity.id, sid) {
+        Ok(h) => h,
+        Err(outcome) => return Ok(Some(refuse(outcome))),
+    };
+    let (tx, rx) = async_channel::bounded(16);
+    let arguments = serde_json::from_slice::<serde_json::Value>(raw)
+        .ok()
+        .and_then(|v| v.pointer("/params/arguments").map(|a| a.to_string()));
+    let _ = tx.try_send(approval::request(&held.id, tool, arguments.as_deref()));
+    let closed = crate::runtime::shutdown::LocalShutdown::new();
+    let call = HeldCall {
+        head: cx.head.clone(),
+        request_id: cx.request_id.to_string(),
+        identity: cx.caller.identity.clone(),
+        client: cx.client,
+        version: cx.version,
+        route_name: cx.cfg.routes[cx.route].name.clone(),
+        rest: cx.rest.to_string(),
+        session,
+        sid: sid.to_string(),
+        body: body.clone(),
+        raw: raw.to_vec(),
+        id,
+        tool: tool.clone(),
+        method,
+        timeout: settings.timeout,
+    };
+    monoio::spawn(run_held(cx.w.rc(), call, held, tx, closed.clone()));
+    let mut reply = Reply::new(
+        200,
+        ReplyBody::Events(EventStream {
+            messages: rx,
+            // The upstream's answer reaches the client through this stream: the chain
+            // (redaction of the call's result) applies here.
+            transform: Transform::for_request(cx.cfg, cx.route, cx.policy, Expect::of(body)),
+            preamble: Vec::new(),
+            guard: Some(Box::new(approval::StreamGuard(closed))),
+            backlog: None,
+        }),
+        method,
+    );
+    reply
+        .headers
+        .push(("content-type", "text/event-stream".into()));
+    reply.headers.push(("cache-control", "no-cache".into()));
+    reply.reason = Some("approval_held");
+    Ok(Some(reply))
+}
+
+/// A call held for approval, owned by the task that waits for the answer.
+struct HeldCall {
+    head: RequestHead,
+    request_id: String,
+    identity: crate::auth::Identity,
+    client: std::net::IpAddr,
+    version: &'static str,
+    route_name: Arc<str>,
+    rest: String,
+    session: Option<Vec<u8>>,
+    sid: String,
+    body: Body,
+    raw: Vec<u8>,
+    id: RpcId,
+    tool: String,
+    method: usize,
+    timeout: std::time::Duration,
+}
+
+/// Waits for the person's answer, then forwards the call and relays its answer to the held
+/// stream, or refuses it there.
+async fn run_held(
+    w: Rc<Worker>,
+    call: HeldCall,
+    held: approval::Held,
+    tx: async_channel::Sender<Vec<u8>>,
+    closed: Rc<crate::runtime::shutdown::LocalShutdown>,
+) {
+    let started = Instant::now();
+    let mut outcome = monoio::select! {
+        a = held.answer.recv() => a.unwrap_or(Outcome::Cancelled),
+        _ = monoio::time::sleep(call.timeout) => Outcome::Timeout,
+        _ = closed.wait() => Outcome::Disconnected,
+    };
+    approval::release(&w, &held);
+    if outcome == Outcome::Timeout
+        && let Ok(late) = held.answer.try_recv()
+    {
+        // Taken by the inbox as the timer fired: the answer was in time.
+        outcome = late;
+    }
+    approval::record(
+        &w,
+        &approval::Record {
+            request_id: &call.request_id,
+            identity: &call.identity,
+            client: call.client,
+            session: Some(&call.sid),
+            tool: &call.tool,
+            upstream: &call.route_name,
+            waited: started.elapsed(),
+        },
+        outcome,
+    );
+    if outcome != Outcome::Accepted {
+        if outcome != Outcome::Disconnected {
+            let _ = tx.send(approval::refusal(&call.id, outcome)).await;
+        }
+        return;
+    }
+    monoio::select! {
+        _ = closed.wait() => {}
+        _ = forward_held(&w, &call, &tx) => {}
+    }
+}
+
+/// Phases 9 and 10 for an approved call, on the current snapshot; its answer goes to `tx`.
+async fn forward_held(w: &Rc<Worker>, call: &HeldCall, tx: &async_channel::Sender<Vec<u8>>) {
+    let cfg = w.settings();
+    let Some(route) = cfg.routes.iter().position(|r| r.name == call.route_name) else {
+        let e = GatewayError::UpstreamUnavailable(format!(
+            "server `{}` is no longer configured",
+            call.route_name
+        ));
+        let _ = tx.send(e.body(Some(&call.id))).await;
+        return;
+    };
+    let name = &cfg.routes[route].name;
+    let cx = Ctx {
+        w,
+        cfg: &cfg,
+        head: &call.head,
+        request_id: &call.request_id,
+        caller: Caller {
+            identity: &call.identity,
+            rate_key: crate::auth::RateKey::Identity(&call.identity.id),
+            expires_at: None,
+        },
+        version: call.version,
+        policy: crate::authz::policy_on(&call.identity.policy, name),
+        route,
+        rest: &call.rest,
+        session_route: if &**name == crate::config::DEFAULT_ROUTE {
+            ""
+        } else {
+            name
+        },
+        client: call.client,
+    };
+    let answered = async {
+        let exchange = cx
+            .upstream()?
+            .post(
+                w,
+                &cx.outgoing(call.session.as_deref()),
+                &call.body,
+                &call.raw,
+            )
+            .await?;
+        deliver(&cx, exchange, call.method, None).await
+    }
+    .await;
+    match answered {
+        Ok(reply) => relay_held(w, reply, &call.id, tx).await,
+        Err(e) => {
+            let _ = tx.send(e.body(Some(&call.id))).await;
+        }
+    }
+}
+
+/// Writes a delivered answer's messages to a held call's stream: a JSON body as one event, an
+/// SSE body event by event.
+async fn relay_held(w: &Worker, reply: Reply, id: &RpcId, tx: &async_channel::Sender<Vec<u8>>) {
+    let _hold = reply.hold;
+    let status = reply.status;
+    let failed = |why: String| GatewayError::UpstreamUnavailable(why).body(Some(id));
+    let mut send = async |msg: Vec<u8>| tx.send(one_line(msg)).await.is_ok();
+    match reply.body {
+        ReplyBody::Full(body) if legacy::is_jsonrpc(&body) => {
+            send(body).await;
+        }
+        ReplyBody::Upstream(mut resp) => {
+            let is_sse = resp
+                .content_type
+                .as_deref()
+                .is_some_and(|c| c.starts_with("text/event-stream"));
+            if is_sse && (200..300).contains(&status) {
+                legacy::relay_sse(resp, &mut send).await;
+            } else {
+                match resp.read_to_end().await {
+                    Ok(data) => {
+                        w.pool.release(resp);
+                        if legacy::is_jsonrpc(&data) {
+                            send(data).await;
+                        } else {
+                            send(failed(format!("upstream answered HTTP {status}"))).await;
+                        }
+                    }
+                    Err(_) => {
+                        send(failed("upstream answer cut short".into())).await;
+                    }
+                }
+            }
+        }
+        ReplyBody::Events(events) => {
+            while let Ok(msg) = events.messages.recv().await {
+                if !send(msg).await {
+                    break;
+                }
+            }
+        }
+        // A tools/call answer is never filtered; an empty or unreadable answer is no answer.
+        _ => {
+            send(failed(format!(
+                "upstream answered HTTP {status} without a JSON-RPC answer"
+            )))
+            .await;
+        }
+    }
+}
+
+/// A JSON message on one line (an SSE `data:` line cannot hold a line break).
+fn one_line(msg: Vec<u8>) -> Vec<u8> {
+    if !msg.iter().any(|b| matches!(b, b'\n' | b'\r')) {
+        return msg;
+    }
+    serde_json::from_slice::<serde_json::Value>(&msg)
+        .ok()
+        .and_then(|v| serde_json::to_vec(&v).ok())
+        .unwrap_or(msg)
 }
 
 /// GET: the server-to-client stream. It may carry any message, a replayed tools/list answer

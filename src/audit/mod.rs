@@ -57,6 +57,8 @@ pub struct AuditEvent {
     /// changed, the detectors a redaction fired, who approved a call): written as the JSON
     /// object `details`, name → text, in order; never a secret or an argument's value.
     pub details: Vec<(&'static str, String)>,
+    /// A digest of the client's session id (approval events: the session that answered).
+    pub session: Option<String>,
 }
 
 impl AuditEvent {
@@ -109,6 +111,10 @@ impl AuditEvent {
         let _ = write!(o, ",\"status\":{},\"upstream\":", self.status);
         json_str(&mut o, &self.upstream);
         let _ = write!(o, ",\"latency_us\":{}", self.latency_us);
+        if let Some(s) = &self.session {
+            o.push_str(",\"session\":");
+            json_str(&mut o, s);
+        }
         if let Some(a) = &self.arguments {
             // Arguments were re-serialised by serde_json from the request: valid JSON.
             o.push_str(",\"arguments\":");
@@ -447,6 +453,7 @@ mod tests {
             latency_us: 1,
             arguments: None,
             details: Vec::new(),
+            session: None,
         }
     }
 

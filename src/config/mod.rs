@@ -60,6 +60,8 @@ pub struct Settings {
     pub sessions: Arc<SessionCodec>,
     /// `[tracing]`: trace context and spans.
     pub tracing: crate::observe::trace::TraceSettings,
+    /// `[approval]`: `None` when no tool needs a person's approval.
+    pub approval: Option<Arc<crate::mcp::approval::ApprovalSettings>>,
 }
 
 /// `[rate_limit]`, validated.
@@ -399,6 +401,7 @@ pub fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
         return Err(invalid("audit.queue_capacity", "must be 1..=1000000"));
     }
     let tracing = validate_tracing(&file.tracing)?;
+    let approval = validate_approval(&file.approval)?;
     let tool_labels = Arc::new(tool_labels(file));
     let mut warnings = features::ignored_keys(file);
     let sessions = Arc::new(session_codec(s, &mut warnings)?);
@@ -432,7 +435,34 @@ pub fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
         upstreams: None,
         sessions,
         tracing,
+        approval,
     })
+}
+
+/// `[approval]`: each entry a tool name or glob, the timeout in range; no entries: off.
+fn validate_approval(
+    a: &schema::ApprovalSection,
+) -> Result<Option<Arc<crate::mcp::approval::ApprovalSettings>>, ConfigError> {
+    if !(1..=3600).contains(&a.timeout_secs) {
+        return Err(invalid("approval.timeout_secs", "must be 1..=3600"));
+    }
+    for t in &a.tools {
+        if t.is_empty() || t.len() > 128 || t.chars().any(char::is_control) {
+            return Err(invalid(
+                "approval.tools",
+                format!(
+                    "{t:?} is not a tool name or glob (1-128 characters, no control characters)"
+                ),
+            ));
+        }
+    }
+    if a.tools.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(Arc::new(crate::mcp::approval::ApprovalSettings {
+        tools: crate::authz::Matcher::new(&a.tools),
+        timeout: Duration::from_secs(a.timeout_secs),
+    })))
 }
 
 /// `[tracing]`: the rate in range, the collector https (http only to loopback). An endpoint

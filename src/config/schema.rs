@@ -45,6 +45,9 @@ pub struct FileConfig {
     /// (compat) OpenTelemetry tracing.
     #[serde(default)]
     pub tracing: TracingSection,
+    /// Human approval through MCP elicitation before a listed tool's call runs.
+    #[serde(default)]
+    pub approval: ApprovalSection,
     /// Dotted paths of the keys the file itself sets (array elements without an index), so
     /// that a key set to no effect can be told apart from a default. Filled by the loader.
     #[serde(skip)]
@@ -861,6 +864,30 @@ impl Default for TracingSection {
             sample_rate: 0.1,
             propagate_context: true,
             honour_parent_sampling: true,
+        }
+    }
+}
+
+/// `[approval]`: calls of the listed tools wait for a person to confirm them, asked through an
+/// MCP `elicitation/create` request on the call's own SSE stream.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApprovalSection {
+    /// Tool names or globs (`*` any run, `?` one character) whose calls need a person's
+    /// approval; absent or empty: approval is off. A client that did not declare the
+    /// `elicitation` capability at `initialize` (or speaks a revision before 2025-06-18, or the
+    /// legacy HTTP+SSE transport) cannot approve, and its calls of these tools are refused.
+    pub tools: Vec<String>,
+    /// Seconds the held call waits for the answer (1–3600); no answer in time: refused.
+    #[schemars(extend("x-type" = "whole number 1–3600"))]
+    pub timeout_secs: u64,
+}
+
+impl Default for ApprovalSection {
+    fn default() -> Self {
+        Self {
+            tools: Vec::new(),
+            timeout_secs: 120,
         }
     }
 }

@@ -976,6 +976,7 @@ fn emit_audit(
             } else {
                 Vec::new()
             },
+            session: None,
         };
         if !w.audit.push(ev) {
             w.metrics

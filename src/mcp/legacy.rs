@@ -171,18 +171,24 @@ pub enum Work {
     Answer(Vec<u8>),
 }
 
-/// Every worker's inbox, in the process-wide state.
-pub struct Inboxes {
-    senders: Vec<async_channel::Sender<Handover>>,
-    receivers: std::sync::Mutex<Vec<Option<async_channel::Receiver<Handover>>>>,
+/// Every worker's inbox, in the process-wide state: legacy POSTs ([`Handover`]) and approval
+/// answers (`approval::AnswerPost`) travel to the worker that owns what they name this way.
+pub struct Inboxes<T = Handover> {
+    senders: Vec<async_channel::Sender<T>>,
+    receivers: std::sync::Mutex<Vec<Option<async_channel::Receiver<T>>>>,
 }
 
-impl Inboxes {
+impl<T> Inboxes<T> {
     /// One inbox per worker.
     pub fn new(workers: usize) -> Self {
+        Self::with_capacity(workers, INBOX)
+    }
+
+    /// One inbox per worker, each holding at most `capacity` items.
+    pub fn with_capacity(workers: usize, capacity: usize) -> Self {
         let (senders, receivers) = (0..workers)
             .map(|_| {
-                let (tx, rx) = async_channel::bounded(INBOX);
+                let (tx, rx) = async_channel::bounded(capacity);
                 (tx, Some(rx))
             })
             .unzip();
@@ -193,8 +199,13 @@ impl Inboxes {
     }
 
     /// The receiving end of `worker`'s inbox, taken once by that worker.
-    pub fn take(&self, worker: usize) -> Option<async_channel::Receiver<Handover>> {
+    pub fn take(&self, worker: usize) -> Option<async_channel::Receiver<T>> {
         self.receivers.lock().ok()?.get_mut(worker)?.take()
+    }
+
+    /// The sending end of `worker`'s inbox.
+    pub fn sender(&self, worker: usize) -> Option<&async_channel::Sender<T>> {
+        self.senders.get(worker)
     }
 }
 
@@ -384,8 +395,7 @@ pub async fn hand_over(
     let inbox = w
         .shared
         .legacy
-        .senders
-        .get(usize::from(ticket.worker))
+        .sender(usize::from(ticket.worker))
         .ok_or(GatewayError::UnknownSession)?;
     let (ack, acked) = async_channel::bounded(1);
     let post = Handover {
@@ -634,7 +644,10 @@ async fn relay(w: &Worker, session: &Session, answer: Answer, note_version: bool
 }
 
 /// Relays each `message` event of an upstream SSE body.
-async fn relay_sse(mut resp: UpstreamResponse, send: &mut impl AsyncFnMut(Vec<u8>) -> bool) {
+pub(crate) async fn relay_sse(
+    mut resp: UpstreamResponse,
+    send: &mut impl AsyncFnMut(Vec<u8>) -> bool,
+) {
     let mut decoder = SseDecoder::default();
     loop {
         let (events, done) = match resp.next_data().await {
@@ -657,7 +670,7 @@ async fn relay_sse(mut resp: UpstreamResponse, send: &mut impl AsyncFnMut(Vec<u8
 }
 
 /// Whether a body is a JSON-RPC message or batch (what may be written to the stream).
-fn is_jsonrpc(data: &[u8]) -> bool {
+pub(crate) fn is_jsonrpc(data: &[u8]) -> bool {
     let trimmed = data.trim_ascii_start();
     (trimmed.starts_with(b"{") || trimmed.starts_with(b"["))
         && serde_json::from_slice::<serde::de::IgnoredAny>(data).is_ok()

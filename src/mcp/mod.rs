@@ -1,5 +1,6 @@
 //! MCP specifics: Streamable HTTP transport rules, JSON-RPC classification, session ids.
 
+pub mod approval;
 pub mod filter;
 pub mod jsonrpc;
 pub mod legacy;

@@ -128,6 +128,8 @@ pub struct WorkerMetrics {
     pub bodies_refused: AtomicU64,
     /// Legacy HTTP+SSE sessions this worker owns (their streams are open on it).
     pub legacy_sessions: AtomicU64,
+    /// Approval outcomes, in `approval::OUTCOMES` order.
+    approvals: [AtomicU64; crate::mcp::approval::OUTCOMES.len()],
     auth: [[AtomicU64; 2]; AUTH_METHODS.len()],
     decisions: Vec<[AtomicU64; 3]>,
     latency: ArcSwap<Histogram<u64>>,
@@ -149,11 +151,19 @@ impl WorkerMetrics {
             panics: AtomicU64::new(0),
             bodies_refused: AtomicU64::new(0),
             legacy_sessions: AtomicU64::new(0),
+            approvals: std::array::from_fn(|_| AtomicU64::new(0)),
             auth: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
             decisions: (0..TOOL_SLOTS)
                 .map(|_| std::array::from_fn(|_| AtomicU64::new(0)))
                 .collect(),
             latency: ArcSwap::from_pointee(new_histogram()),
+        }
+    }
+
+    /// Counts an approval's outcome; `outcome` indexes `approval::OUTCOMES`.
+    pub fn count_approval(&self, outcome: usize) {
+        if let Some(c) = self.approvals.get(outcome) {
+            c.fetch_add(1, Relaxed);
         }
     }
 
@@ -406,6 +416,14 @@ impl Metrics {
                     );
                 }
             }
+        }
+        out.push_str(
+            "# HELP mcp_guard_approvals_total Calls held for a person's approval, by outcome.\n",
+        );
+        out.push_str("# TYPE mcp_guard_approvals_total counter\n");
+        for (i, o) in crate::mcp::approval::OUTCOMES.iter().enumerate() {
+            let n: u64 = sum(&|w| w.approvals[i].load(Relaxed));
+            let _ = writeln!(out, "mcp_guard_approvals_total{{outcome=\"{o}\"}} {n}");
         }
         write_metric(
             &mut out,

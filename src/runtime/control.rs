@@ -266,6 +266,7 @@ fn reload_refused_event(reason: &'static str) -> crate::audit::AuditEvent {
         latency_us: 0,
         arguments: None,
         details: Vec::new(),
+        session: None,
     }
 }
 

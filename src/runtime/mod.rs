@@ -210,6 +210,7 @@ pub fn run(path: PathBuf) -> Result<(), String> {
         retiring: std::sync::Mutex::new(Vec::new()),
         ended_sessions: Default::default(),
         legacy: crate::mcp::legacy::Inboxes::new(workers),
+        approvals: crate::mcp::legacy::Inboxes::with_capacity(workers, crate::mcp::approval::INBOX),
         connections: AtomicUsize::new(0),
         io_driver: driver.name(),
         shutdown_rx,

@@ -87,6 +87,8 @@ pub struct Shared {
     pub ended_sessions: EndedSessions,
     /// Each worker's inbox for legacy HTTP+SSE POSTs whose session it owns.
     pub legacy: crate::mcp::legacy::Inboxes,
+    /// Each worker's inbox for answers to the approval requests of calls it holds.
+    pub approvals: crate::mcp::legacy::Inboxes<crate::mcp::approval::AnswerPost>,
     /// Open client connections across workers (for `max_connections`).
     pub connections: AtomicUsize,
     /// "io_uring" or "epoll".
@@ -189,6 +191,8 @@ pub struct Worker {
     me: std::rc::Weak<Worker>,
     /// The legacy HTTP+SSE sessions whose streams this worker holds.
     pub legacy: crate::mcp::legacy::Sessions,
+    /// The calls this worker holds for a person's approval.
+    pub approvals: crate::mcp::approval::Pending,
     /// Tokens this worker has verified, with the identities they became.
     pub tokens: crate::auth::TokenCache,
     /// Process-wide state.
@@ -236,6 +240,7 @@ impl Worker {
             id,
             me: me.clone(),
             legacy: Default::default(),
+            approvals: Default::default(),
             tokens: Default::default(),
             metrics: shared.metrics.workers[id].clone(),
             config: RefCell::new(ConfigView { cache, local }),
@@ -403,6 +408,9 @@ pub async fn run(w: Rc<Worker>, listener: monoio::net::TcpListener) {
     if let Some(inbox) = w.shared.legacy.take(w.id) {
         monoio::spawn(crate::mcp::legacy::run_inbox(w.clone(), inbox));
     }
+    if let Some(inbox) = w.shared.approvals.take(w.id) {
+        monoio::spawn(crate::mcp::approval::run_inbox(w.clone(), inbox));
+    }
     let shutdown_rx = w.shared.shutdown_rx.clone();
     loop {
         let accepted = monoio::select! {
@@ -566,6 +574,7 @@ fn refused_certificate(w: &Worker, peer: std::net::SocketAddr, reason: &'static 
         latency_us: 0,
         arguments: None,
         details: Vec::new(),
+        session: None,
     };
     if !w.audit.push(event) {
         w.metrics.audit_dropped.fetch_add(1, Ordering::Relaxed);

@@ -62,3 +62,8 @@ echo "interop: OAuth against a third-party authorization server"
 MCP_GUARD_BIN="$bin" timeout 60 node oauth_third_party.mjs &
 node_pid=$!
 wait "$node_pid"
+
+# Human approval through elicitation: the Python SDK's elicitation callback approves one call and
+# declines another through the gateway, in front of an MCPServer (FastMCP) as its stdio child.
+echo "interop: approval through elicitation (Python SDK)"
+timeout 90 .venv/bin/python advanced_approval.py "$bin"
