@@ -60,6 +60,11 @@ pub struct Settings {
     pub sessions: Arc<SessionCodec>,
     /// `[tracing]`: trace context and spans.
     pub tracing: crate::observe::trace::TraceSettings,
+    /// `[pinning]`, when on.
+    pub pinning: Option<crate::pinning::PinSettings>,
+    /// The pins every worker checks tool lists against, attached by the runtime like
+    /// `upstreams` (`None` in a snapshot that was only validated, or with pinning off).
+    pub pins: Option<Arc<crate::pinning::Pins>>,
 }
 
 /// `[rate_limit]`, validated.
@@ -399,6 +404,7 @@ pub fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
         return Err(invalid("audit.queue_capacity", "must be 1..=1000000"));
     }
     let tracing = validate_tracing(&file.tracing)?;
+    let pinning = crate::pinning::validate(&file.pinning)?;
     let tool_labels = Arc::new(tool_labels(file));
     let mut warnings = features::ignored_keys(file);
     let sessions = Arc::new(session_codec(s, &mut warnings)?);
@@ -432,6 +438,8 @@ pub fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
         upstreams: None,
         sessions,
         tracing,
+        pinning,
+        pins: None,
     })
 }
 
