@@ -110,7 +110,9 @@ impl PinFile {
                 let bad = pin.digest.as_deref().is_some_and(|d| !is_digest(d))
                     || pin.pending.as_ref().is_some_and(|p| !is_digest(&p.digest));
                 if bad {
-                    return Err(format!("server '{server}', tool '{tool}': malformed digest"));
+                    return Err(format!(
+                        "server '{server}', tool '{tool}': malformed digest"
+                    ));
                 }
             }
             pins.recount();
@@ -255,7 +257,11 @@ mod tests {
             r#"{"version":1,"servers":{"a":{"tools":{"t":{"digest":"md5:x"}}}}}"#,
         )
         .unwrap();
-        assert!(PinFile::load(&path).unwrap_err().contains("malformed digest"));
+        assert!(
+            PinFile::load(&path)
+                .unwrap_err()
+                .contains("malformed digest")
+        );
         std::fs::write(&path, r#"{"version":9,"servers":{}}"#).unwrap();
         assert!(PinFile::load(&path).unwrap_err().contains("version 9"));
     }
