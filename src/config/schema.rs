@@ -885,12 +885,13 @@ pub enum PinningMode {
 /// first use, or approved with `mcp-guard pins`); a changed one is handled by `mode`.
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
-#[schemars(extend("x-since" = "0.2.0"))]
 pub struct PinningSection {
     /// Turns pinning on (every routed server and the default upstream).
     #[schemars(extend("x-reload" = "restart"))]
     pub enabled: bool,
-    /// `alert`, `hide` or `block`.
+    /// What a changed or new tool costs until it is approved: `alert` (it stays listed; an
+    /// audit event and a metric), `hide` (dropped from lists, its calls refused) or `block`
+    /// (every request to its server refused).
     pub mode: PinningMode,
     /// The pin file (JSON; its directory must exist and be writable). Re-read on SIGHUP and
     /// when it changes on disk (`mcp-guard pins approve` writes it).
