@@ -62,3 +62,8 @@ echo "interop: OAuth against a third-party authorization server"
 MCP_GUARD_BIN="$bin" timeout 60 node oauth_third_party.mjs &
 node_pid=$!
 wait "$node_pid"
+
+# Tool-definition pinning: the Python SDK lists tools through the gateway while a FastMCP
+# (MCPServer) upstream rewrites one; the next list no longer shows it until it is approved.
+echo "interop: tool-definition pinning (Python SDK)"
+timeout 120 .venv/bin/python advanced_pinning.py "$bin"
