@@ -310,7 +310,7 @@ impl Pins {
             .unwrap_or_else(|| "none".into());
         tracing::warn!(
             target: "mcp_guard::pinning",
-            "tool '{name}' on server '{server}': {reason} (pinned {old_digest}, now {digest}); mode {mode}"
+            "tool {name:?} on server {server:?}: {reason} (pinned {old_digest}, now {digest}); mode {mode}"
         );
         let diff = description_diff(old.and_then(|p| p.description.as_deref()), description);
         self.audit.push(AuditEvent {

@@ -13,7 +13,9 @@ pub const VERSION: u32 = 1;
 /// Longest description kept for a diff (characters).
 pub const MAX_DESCRIPTION: usize = 2048;
 /// Most tools recorded per server: beyond, a new tool is not recorded and counts as changed.
-pub const MAX_TOOLS: usize = 10_000;
+/// (Each record copies the server's pins once, so this also bounds what a hostile server
+/// listing thousands of fresh tools can cost a worker.)
+pub const MAX_TOOLS: usize = 2_000;
 /// Longest tool name recorded (bytes).
 pub const MAX_NAME: usize = 256;
 
