@@ -20,6 +20,7 @@ pub mod facade;
 pub mod http;
 pub mod mcp;
 pub mod observe;
+pub mod pinning;
 pub mod pipeline;
 pub mod ratelimit;
 pub mod runtime;

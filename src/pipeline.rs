@@ -1058,6 +1058,12 @@ async fn post(
         audit.decision = Some("deny");
         return Ok(refused);
     }
+    // 7b. pinning: a hidden tool's call, or any request to a blocked server, is refused
+    // before it is forwarded (a lookup in the pins snapshot).
+    if let Some(denial) = pinning_refusal(cx, &body) {
+        audit.decision = Some("deny");
+        return Err(fail(GatewayError::Denied(denial)));
+    }
     // 8. rate-limit
     rate_limit(w, cfg, cx.caller, body.messages())
         .await
@@ -1458,10 +1464,38 @@ fn one_line(msg: Vec<u8>) -> Vec<u8> {
         .unwrap_or(msg)
 }
 
+/// Phase 7b: what pinning refuses. `block`: every request to a server with a change awaiting
+/// approval; `hide`: a call of a tool whose current definition is not approved.
+fn pinning_refusal(cx: &Ctx<'_>, body: &Body) -> Option<crate::authz::Denial> {
+    use crate::authz::{Denial, DenyReason};
+    use crate::config::schema::PinningMode;
+    let (pins, settings) = (cx.cfg.pins.as_ref()?, cx.cfg.pinning.as_ref()?);
+    let server = &cx.cfg.routes[cx.route].name;
+    let denial = match settings.mode {
+        PinningMode::Alert => None,
+        PinningMode::Block => pins
+            .blocked(server)
+            .then(|| Denial::of("Server", server, DenyReason::ServerBlocked)),
+        PinningMode::Hide => body.messages().iter().find_map(|m| match &m.target {
+            Some(Target::Tool(t)) if !pins.callable(server, t) => {
+                Some(Denial::of("Tool", t, DenyReason::ToolChanged))
+            }
+            _ => None,
+        }),
+    };
+    if denial.is_some() {
+        pins.count_refused(server);
+    }
+    denial
+}
+
 /// GET: the server-to-client stream. It may carry any message, a replayed tools/list answer
 /// among them (`Last-Event-ID` resumes a POST's stream), so a restricted caller's streams are
 /// filtered.
 async fn stream(cx: &Ctx<'_>) -> Result<Reply, GatewayError> {
+    if let Some(denial) = pinning_refusal(cx, &Body::Batch(Vec::new())) {
+        return Err(GatewayError::Denied(denial));
+    }
     let transform = Transform::for_request(cx.cfg, cx.route, cx.policy, Expect::ANY);
     let session = cx.session()?;
     let exchange = cx

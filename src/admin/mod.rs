@@ -163,6 +163,9 @@ fn route(path: &str, shared: &Shared, state: &AdminState) -> Vec<u8> {
         "/metrics" => {
             let mut body = shared.metrics.render(shared.is_ready());
             shared.quota.render_metrics(&mut body);
+            if let Some(pins) = &shared.config.load().pins {
+                pins.render_metrics(&mut body);
+            }
             let _ = write!(
                 body,
                 "# HELP mcp_guard_admin_connections_refused_total Admin connections refused at the cap ({MAX_CONNECTIONS} at once), answered 503.\n\

@@ -223,6 +223,10 @@ pub enum DenyReason {
     NotAllowed,
     /// A resource URI with no safe normal form (refused whatever the lists say).
     UnsafeUri,
+    /// Pinning, `hide` mode: the tool's definition changed (or is new) and awaits approval.
+    ToolChanged,
+    /// Pinning, `block` mode: a tool of the server changed and awaits approval.
+    ServerBlocked,
 }
 
 impl DenyReason {
@@ -232,6 +236,8 @@ impl DenyReason {
             DenyReason::DenyList => "denied_by_deny_list",
             DenyReason::NotAllowed => "not_on_allow_list",
             DenyReason::UnsafeUri => "unsafe_resource_uri",
+            DenyReason::ToolChanged => "tool_definition_changed",
+            DenyReason::ServerBlocked => "server_tools_changed",
         }
     }
 }
@@ -247,13 +253,19 @@ pub struct Denial {
 
 impl Denial {
     /// The refusal of a `kind` ("Tool", "Resource", "Prompt") named `name` for `reason`.
-    fn of(kind: &str, name: &str, reason: DenyReason) -> Self {
+    pub fn of(kind: &str, name: &str, reason: DenyReason) -> Self {
         let message = match reason {
             DenyReason::DenyList => format!("{kind} '{name}' is denied for this caller"),
             DenyReason::NotAllowed => {
                 format!("{kind} '{name}' is not on this caller's allow list")
             }
             DenyReason::UnsafeUri => format!("{kind} '{name}' is refused"),
+            DenyReason::ToolChanged => format!(
+                "{kind} '{name}' changed since it was approved (or is new) and awaits approval"
+            ),
+            DenyReason::ServerBlocked => format!(
+                "Server '{name}' changed a tool definition; its requests are refused until the change is approved"
+            ),
         };
         Denial { reason, message }
     }

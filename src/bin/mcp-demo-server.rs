@@ -28,7 +28,7 @@ use serde_json::{Map, Value, json};
 
 const USAGE: &str = "usage: mcp-demo-server [--http ADDR [--legacy-sse [--legacy-endpoint URL]]] \
                      [--sse-responses] [--tools N] [--test-tools] [--name NAME] \
-                     [--log-input FILE] [--unauthorized [--unauthorized-after N]]";
+                     [--log-input FILE] [--tools-file FILE] [--unauthorized [--unauthorized-after N]]";
 const SERVER_VERSION: &str = "0.1.0";
 const LATEST_PROTOCOL_VERSION: &str = "2025-11-25";
 const SUPPORTED_PROTOCOL_VERSIONS: [&str; 4] =
@@ -106,6 +106,10 @@ struct Config {
     unauthorized: bool,
     /// Test support: how many requests are served before `unauthorized` starts.
     unauthorized_after: u64,
+    /// Test support: a JSON array of tool definitions read at every `tools/list`, each
+    /// replacing the catalogue's tool of its name or added after them (a server whose tools
+    /// change under a running client).
+    tools_file: Option<String>,
 }
 
 fn parse_args(args: Vec<String>) -> Result<Config, String> {
@@ -130,6 +134,7 @@ fn parse_args(args: Vec<String>) -> Result<Config, String> {
             "--sse-responses" => config.sse_responses = true,
             "--test-tools" => config.test_tools = true,
             "--log-input" => config.log_input = Some(value()?),
+            "--tools-file" => config.tools_file = Some(value()?),
             "--legacy-sse" => config.legacy_sse = true,
             "--legacy-endpoint" => config.legacy_endpoint = Some(value()?),
             "--unauthorized" => config.unauthorized = true,
@@ -517,7 +522,8 @@ fn build_tool_catalogue(config: &Config) -> Vec<Value> {
 }
 
 fn list_tools(server: &Server, params: Params<'_>) -> Result<Value, RpcError> {
-    let total = server.tool_catalogue.len();
+    let catalogue = current_catalogue(server);
+    let total = catalogue.len();
     let start = match param(params, "cursor") {
         None | Some(Value::Null) => 0,
         Some(Value::String(cursor)) => cursor
@@ -528,12 +534,37 @@ fn list_tools(server: &Server, params: Params<'_>) -> Result<Value, RpcError> {
         Some(_) => return Err(invalid_params("cursor must be a string")),
     };
     let end = start.saturating_add(TOOLS_PAGE_SIZE).min(total);
-    let mut result = json!({"tools": &server.tool_catalogue[start..end]});
+    let mut result = json!({"tools": &catalogue[start..end]});
     if let (true, Some(fields)) = (end < total, result.as_object_mut()) {
         let next_cursor = format!("{TOOLS_CURSOR_PREFIX}{end}");
         fields.insert("nextCursor".to_string(), Value::String(next_cursor));
     }
     Ok(result)
+}
+
+/// The catalogue with `--tools-file`'s definitions over it (an unreadable file changes nothing).
+fn current_catalogue(server: &Server) -> std::borrow::Cow<'_, [Value]> {
+    let Some(path) = &server.config.tools_file else {
+        return std::borrow::Cow::Borrowed(&server.tool_catalogue);
+    };
+    let Some(extra) = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| serde_json::from_str::<Vec<Value>>(&text).ok())
+    else {
+        return std::borrow::Cow::Borrowed(&server.tool_catalogue);
+    };
+    let mut tools = server.tool_catalogue.clone();
+    for tool in extra {
+        let name = tool.get("name").cloned();
+        match tools
+            .iter_mut()
+            .find(|t| name.is_some() && t.get("name") == name.as_ref())
+        {
+            Some(slot) => *slot = tool,
+            None => tools.push(tool),
+        }
+    }
+    std::borrow::Cow::Owned(tools)
 }
 
 fn call_tool(server: &Server, params: Params<'_>, emit: Emit<'_>) -> Result<Value, Failure> {

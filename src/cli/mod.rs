@@ -4,6 +4,7 @@
 //! print the version.
 
 mod check;
+mod pins;
 
 use crate::config::Settings;
 use base64::Engine as _;
@@ -74,6 +75,17 @@ enum Command {
         #[arg(short, long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// Tool-definition pins: list, approve, export, diff (works on the pin file, offline).
+    Pins {
+        /// Configuration file naming the pin file (`[pinning] store`; else the global `--config`).
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// The pin file itself, instead of a configuration.
+        #[arg(long, value_name = "FILE")]
+        store: Option<PathBuf>,
+        #[command(subcommand)]
+        action: pins::PinsAction,
+    },
     /// Print the configuration reference (every key, its type, default, reload behaviour) as
     /// Markdown; docs/configuration.md is this output.
     ConfigReference,
@@ -131,6 +143,16 @@ pub fn main() -> ExitCode {
         }) => report(init(&output, force, with_key.as_deref())),
         Some(Command::Keygen { user_id }) => report(keygen(&user_id)),
         Some(Command::HashKey { key }) => report(hash_key_command(&key)),
+        Some(Command::Pins {
+            config,
+            store,
+            action,
+        }) => match pins::store_path(file(config).as_deref(), store)
+            .and_then(|path| pins::run(&path, action))
+        {
+            Ok(out) => print_bytes(out.as_bytes()),
+            Err(e) => report(Err(e)),
+        },
         Some(Command::ConfigReference) => {
             print!("{}", crate::config::reference::markdown());
             ExitCode::SUCCESS

@@ -62,6 +62,11 @@ pub struct Settings {
     pub tracing: crate::observe::trace::TraceSettings,
     /// `[approval]`: `None` when no tool needs a person's approval.
     pub approval: Option<Arc<crate::mcp::approval::ApprovalSettings>>,
+    /// `[pinning]`, when on.
+    pub pinning: Option<crate::pinning::PinSettings>,
+    /// The pins every worker checks tool lists against, attached by the runtime like
+    /// `upstreams` (`None` in a snapshot that was only validated, or with pinning off).
+    pub pins: Option<Arc<crate::pinning::Pins>>,
 }
 
 /// `[rate_limit]`, validated.
@@ -402,6 +407,7 @@ pub fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
     }
     let tracing = validate_tracing(&file.tracing)?;
     let approval = validate_approval(&file.approval)?;
+    let pinning = crate::pinning::validate(&file.pinning)?;
     let tool_labels = Arc::new(tool_labels(file));
     let mut warnings = features::ignored_keys(file);
     let sessions = Arc::new(session_codec(s, &mut warnings)?);
@@ -436,6 +442,8 @@ pub fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
         sessions,
         tracing,
         approval,
+        pinning,
+        pins: None,
     })
 }
 

@@ -361,6 +361,7 @@ fn declared_fields(type_name: &str) -> Option<&'static [&'static str]> {
         "AuditSection" => of::<AuditSection>(),
         "TracingSection" => of::<TracingSection>(),
         "ApprovalSection" => of::<ApprovalSection>(),
+        "PinningSection" => of::<PinningSection>(),
         _ => None,
     }
 }

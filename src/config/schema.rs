@@ -48,6 +48,9 @@ pub struct FileConfig {
     /// Human approval through MCP elicitation before a listed tool's call runs.
     #[serde(default)]
     pub approval: ApprovalSection,
+    /// Tool-definition pinning (the rug-pull defence).
+    #[serde(default)]
+    pub pinning: PinningSection,
     /// Dotted paths of the keys the file itself sets (array elements without an index), so
     /// that a key set to no effect can be told apart from a default. Filled by the loader.
     #[serde(skip)]
@@ -888,6 +891,52 @@ impl Default for ApprovalSection {
         Self {
             tools: Vec::new(),
             timeout_secs: 120,
+        }
+    }
+}
+
+/// `pinning.mode`: what a changed, new or hidden-text tool costs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PinningMode {
+    /// The tool stays; an audit event (`pinning/changed`) and a metric.
+    Alert,
+    /// The tool is dropped from lists and its calls refused until approved.
+    #[default]
+    Hide,
+    /// Every request to the server is refused until its changes are approved.
+    Block,
+}
+
+/// Tool-definition pinning: each server's tool definitions are pinned by digest (trust on
+/// first use, or approved with `mcp-guard pins`); a changed one is handled by `mode`.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct PinningSection {
+    /// Turns pinning on (every routed server and the default upstream).
+    #[schemars(extend("x-reload" = "restart"))]
+    pub enabled: bool,
+    /// What a changed or new tool costs until it is approved: `alert` (it stays listed; an
+    /// audit event and a metric), `hide` (dropped from lists, its calls refused) or `block`
+    /// (every request to its server refused).
+    pub mode: PinningMode,
+    /// The pin file (JSON; its directory must exist and be writable). Re-read on SIGHUP and
+    /// when it changes on disk (`mcp-guard pins approve` writes it).
+    #[schemars(extend("x-type" = "file path", "x-reload" = "restart"))]
+    pub store: String,
+    /// Descriptions and titles holding invisible or bidirectional control characters, or text
+    /// in tags a client does not show (`<!-- -->`, `<important>`…), count as changed, even on
+    /// first sight.
+    pub reject_hidden_text: bool,
+}
+
+impl Default for PinningSection {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            mode: PinningMode::Hide,
+            store: "/var/lib/mcp-guard/pins.json".into(),
+            reject_hidden_text: true,
         }
     }
 }

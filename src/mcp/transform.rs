@@ -6,6 +6,8 @@
 //!
 //! Steps, in order, each on the output of the one before:
 //! - the `tools/list` filter: a caller only sees the tools its policy lets it call.
+//! - tool-definition pinning (`crate::pinning`), in the same pass: a tool whose definition
+//!   is not the pinned one is reported, and dropped in `hide` and `block` modes.
 //!
 //! A message a step cannot check is dropped (an SSE event) or refused (a JSON body): nothing
 //! unchecked reaches the client. A request to which no step applies gets no `Transform` at
@@ -53,10 +55,21 @@ impl Expect {
 /// Most audit notes one request keeps.
 pub const MAX_DETAILS: usize = 32;
 
+/// The pinning step: the pins, the route's server and the settings of the snapshot.
+struct PinStep {
+    pins: Arc<crate::pinning::Pins>,
+    server: Arc<str>,
+    settings: crate::pinning::PinSettings,
+    /// What the pin checks noted (the gate decides through `&self`).
+    notes: std::cell::RefCell<Vec<(&'static str, String)>>,
+}
+
 /// The steps that apply to one request's answers.
 pub struct Transform {
     /// The caller's policy, when its tool rule restricts what `tools/list` may show.
     tools: Option<Arc<Policy>>,
+    /// Tool-definition pinning, when on.
+    pins: Option<PinStep>,
     /// What the steps noted for the request's audit event (`details`), in order.
     details: Vec<(&'static str, String)>,
 }
@@ -66,6 +79,7 @@ impl Transform {
     pub fn tools_only(policy: Arc<Policy>) -> Self {
         Self {
             tools: Some(policy),
+            pins: None,
             details: Vec::new(),
         }
     }
@@ -74,14 +88,25 @@ impl Transform {
     /// when no step applies (the answer is relayed as is). `expect`: what its answers may
     /// carry.
     pub fn for_request(
-        _cfg: &Settings,
-        _route: usize,
+        cfg: &Settings,
+        route: usize,
         policy: &Arc<Policy>,
         expect: Expect,
     ) -> Option<Self> {
         let tools = (expect.tool_list && !policy.tools.is_open()).then(|| policy.clone());
-        tools.is_some().then_some(Self {
+        // Every caller's lists are checked, restricted or not: pins are per server.
+        let pins = match (&cfg.pins, &cfg.pinning, cfg.routes.get(route)) {
+            (Some(pins), Some(settings), Some(r)) if expect.tool_list => Some(PinStep {
+                pins: pins.clone(),
+                server: r.name.clone(),
+                settings: settings.clone(),
+                notes: Default::default(),
+            }),
+            _ => None,
+        };
+        (tools.is_some() || pins.is_some()).then_some(Self {
             tools,
+            pins,
             details: Vec::new(),
         })
     }
@@ -98,6 +123,14 @@ impl Transform {
 
     /// What the steps noted since the last call, for the request's audit event.
     pub fn take_details(&mut self) -> Vec<(&'static str, String)> {
+        let pinned = self
+            .pins
+            .as_ref()
+            .map(|p| std::mem::take(&mut *p.notes.borrow_mut()))
+            .unwrap_or_default();
+        for (name, value) in pinned {
+            self.note(name, value);
+        }
         std::mem::take(&mut self.details)
     }
 
@@ -111,7 +144,14 @@ impl Transform {
     fn message(&mut self, msg: &RawValue) -> Result<Option<String>, Unfilterable> {
         if self.gates_tools() {
             // Every tool gate of the chain decides in the one pass over the list.
-            filter_message(msg, &*self)
+            let out = filter_message(msg, &*self)?;
+            if let (Some(p), Some(_)) = (&self.pins, &out)
+                && !has_next_cursor(msg)
+            {
+                // A page without `nextCursor` ends a listing: first use is over for the server.
+                p.pins.seal(&p.server);
+            }
+            Ok(out)
         } else {
             Ok(None)
         }
@@ -119,14 +159,40 @@ impl Transform {
 
     /// Whether some step decides which tools a `tools/list` answer keeps.
     fn gates_tools(&self) -> bool {
-        self.tools.is_some()
+        self.tools.is_some() || self.pins.is_some()
     }
 }
 
 impl ToolGate for Transform {
     fn keep(&self, name: &str, tool: &RawValue) -> bool {
-        self.tools.as_ref().is_none_or(|p| p.tools.keep(name, tool))
+        let permitted = self.tools.as_ref().is_none_or(|p| p.tools.keep(name, tool));
+        // Checked even when the policy drops the tool: a change is found by the first list
+        // that shows it, whoever asked.
+        let pinned = self.pins.as_ref().is_none_or(|p| {
+            let mut notes = p.notes.borrow_mut();
+            let keep = p.pins.keep(&p.settings, &p.server, name, tool, &mut notes);
+            notes.truncate(MAX_DETAILS);
+            keep
+        });
+        permitted && pinned
     }
+}
+
+/// Whether a `tools/list` answer says more pages follow (`result.nextCursor`, not null).
+fn has_next_cursor(msg: &RawValue) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Page {
+        #[serde(rename = "nextCursor")]
+        next_cursor: Option<serde::de::IgnoredAny>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Top {
+        result: Option<Page>,
+    }
+    serde_json::from_str::<Top>(msg.get())
+        .ok()
+        .and_then(|t| t.result)
+        .is_some_and(|p| p.next_cursor.is_some())
 }
 
 /// Applies `step` to each message of a JSON body (an object, or each member of a batch

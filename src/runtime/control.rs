@@ -217,6 +217,12 @@ pub fn reload(path: &Path, shared: &Shared) {
         },
         None => Vec::new(),
     };
+    // The pins live across reloads (`pinning.enabled` and `store` take a restart); a reload
+    // re-reads the pin file, taking in approvals made with `mcp-guard pins approve`.
+    new.pins = old.pins.clone();
+    if let Some(pins) = &new.pins {
+        pins.reread();
+    }
     // The JWKS of an unchanged source is taken over, keys and refresher; a new one starts.
     if let Some(auth) = Arc::get_mut(&mut new.auth) {
         auth.start(Some(&old.auth));

@@ -114,6 +114,8 @@ pub fn bind_listeners(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::ne
 
 /// Capacity of the control thread's audit queue.
 const CONTROL_AUDIT_QUEUE: usize = 64;
+/// Capacity of the pin thread's audit queue (`pinning/changed` events, one per new digest).
+const PIN_AUDIT_QUEUE: usize = 1024;
 
 /// Runs the gateway with the config at `path` until SIGTERM/SIGINT. Returns an error message
 /// for a startup failure.
@@ -161,6 +163,9 @@ pub fn run(path: PathBuf) -> Result<(), String> {
             // events (refused reloads): a channel allocates its whole capacity up front.
             let mut queues = vec![settings.audit.queue_capacity; workers];
             queues.push(CONTROL_AUDIT_QUEUE);
+            if settings.pinning.is_some() {
+                queues.push(PIN_AUDIT_QUEUE);
+            }
             let (writer, sinks) =
                 crate::audit::AuditWriter::start(output.clone(), &queues, metrics.clone())
                     .map_err(|e| format!("cannot open the audit trail: {e}"))?;
@@ -169,6 +174,16 @@ pub fn run(path: PathBuf) -> Result<(), String> {
         None => (None, Vec::new()),
     };
     let mut audit_sinks: Vec<Option<crate::audit::AuditSink>> = audit_sinks;
+    let pin_audit = if settings.pinning.is_some() && audit_sinks.len() > workers + 1 {
+        audit_sinks.pop().flatten()
+    } else {
+        None
+    }
+    .unwrap_or_else(crate::audit::AuditSink::disabled);
+    if let Some(p) = &settings.pinning {
+        let servers: Vec<Arc<str>> = settings.routes.iter().map(|r| r.name.clone()).collect();
+        settings.pins = Some(crate::pinning::Pins::start(&p.store, &servers, pin_audit)?);
+    }
     let control_audit = if audit_sinks.len() > workers {
         audit_sinks.pop().flatten()
     } else {

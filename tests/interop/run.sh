@@ -67,3 +67,7 @@ wait "$node_pid"
 # declines another through the gateway, in front of an MCPServer (FastMCP) as its stdio child.
 echo "interop: approval through elicitation (Python SDK)"
 timeout 90 .venv/bin/python advanced_approval.py "$bin"
+# Tool-definition pinning: the Python SDK lists tools through the gateway while a FastMCP
+# (MCPServer) upstream rewrites one; the next list no longer shows it until it is approved.
+echo "interop: tool-definition pinning (Python SDK)"
+timeout 120 .venv/bin/python advanced_pinning.py "$bin"
