@@ -938,9 +938,12 @@ async fn legacy_post(cx: &Ctx<'_>, raw: &[u8], audit: &mut AuditInfo) -> Result<
                         ))) =>
         {
             let reason = e.reason();
-            if let GatewayError::Denied(_) = e {
-                audit.decision = Some("deny");
-            }
+            // The POST is answered 202, but the message was refused: the audit says so, as
+            // it would for the same refusal over Streamable HTTP.
+            audit.decision = Some(match e {
+                GatewayError::Denied(_) => "deny",
+                _ => "error",
+            });
             (e.body(id.as_ref()), method, Some(reason))
         }
         Err(refused) => return Err(refused),
@@ -1233,15 +1236,24 @@ async fn approval_step(
         _ => return Ok(Some(refuse(Outcome::Unsupported))),
     };
     let session = cx.session()?;
+    // What the person reads must be what runs: arguments that cannot be shown faithfully are
+    // refused before anyone is asked.
+    let shown = held_arguments(raw)
+        .ok_or("its params cannot be read whole (a member twice?)")
+        .and_then(|a| approval::shown_arguments(a.as_deref().map(|a| a.get())))
+        .map_err(|why| {
+            record(Outcome::Unsupported);
+            GatewayError::InvalidParams(
+                format!("This call needs a person's approval, but {why}"),
+                id.clone(),
+            )
+        })?;
     let held = match approval::hold(cx.w, &cx.caller.identity.id, sid) {
         Ok(h) => h,
         Err(outcome) => return Ok(Some(refuse(outcome))),
     };
     let (tx, rx) = async_channel::bounded(16);
-    let arguments = serde_json::from_slice::<serde_json::Value>(raw)
-        .ok()
-        .and_then(|v| v.pointer("/params/arguments").map(|a| a.to_string()));
-    let _ = tx.try_send(approval::request(&held.id, tool, arguments.as_deref()));
+    let _ = tx.try_send(approval::request(&held.id, tool, &shown));
     let closed = crate::runtime::shutdown::LocalShutdown::new();
     let call = HeldCall {
         head: cx.head.clone(),
@@ -1280,6 +1292,21 @@ async fn approval_step(
     reply.headers.push(("cache-control", "no-cache".into()));
     reply.reason = Some("approval_held");
     Ok(Some(reply))
+}
+
+/// `params.arguments` of a single tools/call, raw; `None` when it cannot be read (serde's
+/// derived readers refuse a member twice, so a second `arguments` is never left unseen).
+#[allow(clippy::option_option)]
+fn held_arguments(raw: &[u8]) -> Option<Option<Box<serde_json::value::RawValue>>> {
+    #[derive(serde::Deserialize)]
+    struct Call {
+        params: Option<Params>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Params {
+        arguments: Option<Box<serde_json::value::RawValue>>,
+    }
+    Some(serde_json::from_slice::<Call>(raw).ok()?.params?.arguments)
 }
 
 /// A call held for approval, owned by the task that waits for the answer.

@@ -709,6 +709,22 @@ fn a_legacy_sse_client_cannot_approve_and_is_told_so_on_its_stream() {
     // Not held: a tool not listed still works on the same session.
     let r = s.call(&call(4, "add", r#"{"a":2,"b":2}"#));
     assert_eq!(r["result"]["content"][0]["text"], "4", "{r}");
+    // A refusal answered on the stream (the POST gets 202) is audited as one, not as allowed.
+    let batch = r#"[{"jsonrpc":"2.0","id":6,"method":"tools/call","params":{"name":"echo","arguments":{"text":"legacy-marker"}}}]"#;
+    assert_eq!(s.post(batch).status, 202);
+    let deadline = Instant::now() + WAIT;
+    let event = loop {
+        if let Some(e) = lab
+            .audit_lines()
+            .into_iter()
+            .find(|e| e["method"] == "tools/call" && e["reason"] == "invalid_request")
+        {
+            break e;
+        }
+        assert!(Instant::now() < deadline, "{:?}", lab.audit_lines());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(event["decision"], "error", "{event}");
     let sid = lab.eliciting(ALICE);
     lab.barrier(&sid);
     lab.assert_child_never_saw("legacy-marker");
@@ -778,4 +794,61 @@ fn the_calls_one_session_may_hold_are_bounded() {
     }
     lab.barrier(&sid);
     lab.assert_child_never_saw("bounded-marker");
+}
+
+#[test]
+fn one_identity_cannot_fill_every_place_and_lock_others_out() {
+    // Sessions are free to open: a key spreading its calls over many sessions still holds at
+    // most 64 per worker, and another identity's call is still held and approved.
+    let lab = lab(30);
+    let headers = format!("{}{VERSION}", bearer(BOB));
+    let mut held = Vec::new();
+    let mut full = false;
+    let mut sid = lab.eliciting(BOB);
+    for i in 0..200u64 {
+        if i % 8 == 7 {
+            sid = lab.eliciting(BOB);
+        }
+        let mut s = connect(lab.addr());
+        s.write_all(mcp_post_raw(&echo(100 + i, "flood-marker"), Some(&sid), &headers).as_bytes())
+            .unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        let mut h = Held { s, got: Vec::new() };
+        assert!(h.wait_for("\r\n\r\n", WAIT), "{}", h.text());
+        if h.text().contains("text/event-stream") {
+            assert!(h.wait_for("elicitation/create", WAIT), "{}", h.text());
+            held.push(h);
+        } else {
+            assert!(h.wait_for("approval_full", WAIT), "{}", h.text());
+            full = true;
+            break;
+        }
+    }
+    assert!(full, "{} calls of one identity held", held.len());
+    assert!(held.len() <= 128, "{} held on two workers", held.len());
+    let other = lab.eliciting(ALICE);
+    let mut h = Held::call(&lab, ALICE, &other, &echo(500, "not-locked-out"));
+    let req = h.request();
+    lab.post(ALICE, &answer_body(&req["id"], accept()), Some(&other));
+    assert_eq!(
+        h.answer(500)["result"]["content"][0]["text"],
+        "not-locked-out"
+    );
+    drop(held);
+    lab.barrier(&other);
+    lab.assert_child_never_saw("flood-marker");
+}
+
+#[test]
+fn arguments_that_cannot_be_shown_faithfully_are_refused_before_anyone_is_asked() {
+    let lab = lab(30);
+    let sid = lab.eliciting(ALICE);
+    // The person would read the last copy; an upstream keeping the first would run the other.
+    let twice = r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"echo","arguments":{"text":"EVIL-dup","text":"SAFE-dup"}}}"#;
+    let r = lab.post(ALICE, twice, Some(&sid));
+    let text = r.text();
+    assert!(!text.contains("elicitation/create"), "{text}");
+    assert!(text.contains("repeat a member"), "{text}");
+    lab.barrier(&sid);
+    lab.assert_child_never_saw("EVIL-dup");
 }

@@ -94,6 +94,9 @@ pub const ELICIT_SID_PREFIX: &str = "e.";
 pub const PER_WORKER: usize = 1024;
 /// Calls waiting for approval in one session.
 pub const PER_SESSION: usize = 16;
+/// Calls one identity may hold on one worker, across all its sessions: sessions are free to
+/// open, so without it one key could fill [`PER_WORKER`] and refuse everyone else's approvals.
+pub const PER_IDENTITY: usize = 64;
 /// Answers waiting for their owning worker to take them.
 pub const INBOX: usize = 1024;
 /// How long an answer waits for the owning worker to take it.
@@ -237,6 +240,7 @@ pub fn flag_session(
 pub struct Pending {
     entries: RefCell<HashMap<[u8; 16], Entry>>,
     per_session: RefCell<HashMap<Rc<str>, usize>>,
+    per_identity: RefCell<HashMap<Arc<str>, usize>>,
 }
 
 struct Entry {
@@ -273,7 +277,11 @@ pub fn hold(w: &Worker, identity: &Arc<str>, sid: &str) -> Result<Held, Outcome>
     let session: Rc<str> = Rc::from(sid);
     {
         let per = p.per_session.borrow();
-        if p.len() >= PER_WORKER || per.get(&session).copied().unwrap_or(0) >= PER_SESSION {
+        let mine = p.per_identity.borrow();
+        if p.len() >= PER_WORKER
+            || per.get(&session).copied().unwrap_or(0) >= PER_SESSION
+            || mine.get(identity).copied().unwrap_or(0) >= PER_IDENTITY
+        {
             return Err(Outcome::Full);
         }
     }
@@ -290,6 +298,10 @@ pub fn hold(w: &Worker, identity: &Arc<str>, sid: &str) -> Result<Held, Outcome>
     *p.per_session
         .borrow_mut()
         .entry(session.clone())
+        .or_insert(0) += 1;
+    *p.per_identity
+        .borrow_mut()
+        .entry(identity.clone())
         .or_insert(0) += 1;
     let mut id = String::with_capacity(ID_PREFIX.len() + 40);
     id.push_str(ID_PREFIX);
@@ -309,7 +321,16 @@ pub fn hold(w: &Worker, identity: &Arc<str>, sid: &str) -> Result<Held, Outcome>
 /// Takes a call out of the table once it is over (answered, timed out, its stream closed).
 pub fn release(w: &Worker, held: &Held) {
     let p = &w.approvals;
-    p.entries.borrow_mut().remove(&held.token);
+    let Some(entry) = p.entries.borrow_mut().remove(&held.token) else {
+        return;
+    };
+    let mut mine = p.per_identity.borrow_mut();
+    if let Some(n) = mine.get_mut(&entry.identity) {
+        *n -= 1;
+        if *n == 0 {
+            mine.remove(&entry.identity);
+        }
+    }
     let mut per = p.per_session.borrow_mut();
     if let Some(n) = per.get_mut(&held.session) {
         *n -= 1;
@@ -328,14 +349,56 @@ impl Drop for StreamGuard {
     }
 }
 
-/// The gateway's `elicitation/create` request asking about a call of `tool` with
-/// `arguments` (raw JSON, if any).
-pub fn request(id: &str, tool: &str, arguments: Option<&str>) -> Vec<u8> {
+/// Most top-level arguments a call held for approval may have: each is shown, none is left
+/// out of what the person reads.
+pub const SHOWN_MEMBERS: usize = 64;
+
+/// What the person is shown of a held call's `arguments` (the raw JSON, if any): every
+/// top-level member on its own line, in canonical order, each value cut on its own — a long
+/// value cannot push another argument out of view. `Err` when the arguments cannot be shown
+/// faithfully: a member twice at any depth (the upstream might act on the copy not shown), or
+/// more than [`SHOWN_MEMBERS`] of them.
+pub fn shown_arguments(arguments: Option<&str>) -> Result<String, &'static str> {
+    use crate::pinning::canon::Json;
+    let Some(raw) = arguments else {
+        return Ok("(none)".into());
+    };
+    let value = serde_json::from_str::<Json>(raw)
+        .map_err(|_| "its arguments repeat a member, so what would be shown is not what runs")?;
+    let mut out = String::new();
+    match &value {
+        Json::Obj(members) if members.len() > SHOWN_MEMBERS => {
+            return Err("it has too many arguments to show for approval");
+        }
+        Json::Obj(members) if members.is_empty() => out.push_str("(none)"),
+        Json::Obj(members) => {
+            let per_value = (SHOWN_ARGUMENTS / members.len()).max(64);
+            for (k, v) in members {
+                let mut text = String::new();
+                v.write_canonical(&mut text);
+                out.push_str("\n  ");
+                out.push_str(&shown(k, SHOWN_TOOL));
+                out.push_str(" = ");
+                out.push_str(&shown(&text, per_value));
+            }
+        }
+        other => {
+            let mut text = String::new();
+            other.write_canonical(&mut text);
+            out.push_str(&shown(&text, SHOWN_ARGUMENTS));
+        }
+    }
+    Ok(out)
+}
+
+/// The gateway's `elicitation/create` request asking about a call of `tool` whose arguments
+/// are shown as `arguments` (from [`shown_arguments`]).
+pub fn request(id: &str, tool: &str, arguments: &str) -> Vec<u8> {
     let mut message = format!(
         "Approve this tool call?\nTool: {}\nArguments: ",
         shown(tool, SHOWN_TOOL)
     );
-    message.push_str(&arguments.map_or_else(|| "(none)".into(), |a| shown(a, SHOWN_ARGUMENTS)));
+    message.push_str(arguments);
     serde_json::json!({
         "jsonrpc": "2.0",
         "id": id,
@@ -380,7 +443,12 @@ pub fn shown(s: &str, max: usize) -> String {
 }
 
 fn hides_text(c: char) -> bool {
+    // Line and paragraph separators and every space but the plain one may fake a line break
+    // or push text out of view; the braille blank looks like nothing at all.
     c.is_control()
+        || crate::pinning::canon::is_invisible(c)
+        || (c.is_whitespace() && c != ' ')
+        || c == '\u{2800}'
         || matches!(c,
             '\u{00ad}' | '\u{034f}' | '\u{061c}' | '\u{115f}' | '\u{1160}' | '\u{17b4}' | '\u{17b5}'
             | '\u{180b}'..='\u{180f}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}'
@@ -412,6 +480,11 @@ fn parse_id(id: &str) -> Option<(usize, [u8; 16])> {
 
 /// What a client's response to an elicitation request says.
 pub fn read_answer(raw: &[u8]) -> Outcome {
+    // A member twice anywhere (`"action":"decline","action":"accept"`): a client or UI that
+    // keeps the first copy recorded another answer than the one read here. Unreadable.
+    if serde_json::from_slice::<crate::pinning::canon::Json>(raw).is_err() {
+        return Outcome::Error;
+    }
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(raw) else {
         return Outcome::Error;
     };
@@ -649,7 +722,7 @@ mod tests {
         let msg: serde_json::Value = serde_json::from_slice(&request(
             "mcp-guard-approval.0.00",
             "delete_file",
-            Some(r#"{"path":"/srv/x"}"#),
+            &shown_arguments(Some(r#"{"path":"/srv/x"}"#)).unwrap(),
         ))
         .unwrap();
         assert_eq!(msg["method"], "elicitation/create");
@@ -663,6 +736,44 @@ mod tests {
                 .unwrap()
                 .contains("delete_file")
         );
+    }
+
+    #[test]
+    fn separators_and_blank_lookalikes_cannot_fake_lines_in_the_prompt() {
+        for c in [
+            '\u{2028}',
+            '\u{2029}',
+            '\u{00a0}',
+            '\u{3000}',
+            '\u{2800}',
+            '\u{1d173}',
+        ] {
+            let s = shown(&format!("a{c}b"), 64);
+            assert!(!s.contains(c), "{c:?} shown raw: {s}");
+        }
+    }
+
+    #[test]
+    fn arguments_shown_for_approval_are_faithful_or_refused() {
+        // A member twice (at any depth): the upstream may act on the copy not shown.
+        assert!(shown_arguments(Some(r#"{"text":"EVIL","text":"SAFE"}"#)).is_err());
+        assert!(shown_arguments(Some(r#"{"a":{"b":1,"b":2}}"#)).is_err());
+        // A long value cannot push another argument out of view.
+        let pad = "A".repeat(5000);
+        let s = shown_arguments(Some(&format!(r#"{{"pad":"{pad}","target":"/"}}"#))).unwrap();
+        assert!(s.contains("target = \"/\""), "{s}");
+        // Too many members to show each: refused rather than partly shown.
+        let many: Vec<String> = (0..=SHOWN_MEMBERS).map(|i| format!("\"k{i}\":1")).collect();
+        assert!(shown_arguments(Some(&format!("{{{}}}", many.join(",")))).is_err());
+        assert_eq!(shown_arguments(None).unwrap(), "(none)");
+    }
+
+    #[test]
+    fn an_answer_repeating_a_member_is_unreadable() {
+        let twice = r#"{"jsonrpc":"2.0","id":"x","result":{"action":"decline","action":"accept","content":{"approve":true}}}"#;
+        assert_eq!(read_answer(twice.as_bytes()), Outcome::Error);
+        let nested = r#"{"jsonrpc":"2.0","id":"x","result":{"action":"accept","content":{"approve":false,"approve":true}}}"#;
+        assert_eq!(read_answer(nested.as_bytes()), Outcome::Error);
     }
 
     #[test]
