@@ -60,6 +60,8 @@ pub struct Settings {
     pub sessions: Arc<SessionCodec>,
     /// `[tracing]`: trace context and spans.
     pub tracing: crate::observe::trace::TraceSettings,
+    /// `[redaction]`, compiled; `None` when off.
+    pub redaction: Option<Arc<crate::mcp::redact::Redactor>>,
 }
 
 /// `[rate_limit]`, validated.
@@ -399,6 +401,7 @@ pub fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
         return Err(invalid("audit.queue_capacity", "must be 1..=1000000"));
     }
     let tracing = validate_tracing(&file.tracing)?;
+    let redaction = validate_redaction(&file.redaction)?;
     let tool_labels = Arc::new(tool_labels(file));
     let mut warnings = features::ignored_keys(file);
     let sessions = Arc::new(session_codec(s, &mut warnings)?);
@@ -432,11 +435,27 @@ pub fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
         upstreams: None,
         sessions,
         tracing,
+        redaction,
     })
 }
 
 /// `[tracing]`: the rate in range, the collector https (http only to loopback). An endpoint
 /// without a path gets OTLP/HTTP's `/v1/traces`.
+/// `[redaction]`: the detectors and patterns compiled once, here; an unknown detector or a
+/// pattern that does not compile is an error naming its key.
+fn validate_redaction(
+    r: &schema::RedactionSection,
+) -> Result<Option<Arc<crate::mcp::redact::Redactor>>, ConfigError> {
+    use crate::mcp::redact::{RedactionConfig, Redactor};
+    let compiled = Redactor::new(&RedactionConfig {
+        detectors: &r.detectors,
+        patterns: &r.patterns,
+        replacement: &r.replacement,
+    })
+    .map_err(|(key, msg)| invalid(&key, msg))?;
+    Ok(r.enabled.then(|| Arc::new(compiled)))
+}
+
 fn validate_tracing(
     t: &schema::TracingSection,
 ) -> Result<crate::observe::trace::TraceSettings, ConfigError> {

@@ -5,7 +5,9 @@
 //! legacy SSE session).
 //!
 //! Steps, in order, each on the output of the one before:
-//! - the `tools/list` filter: a caller only sees the tools its policy lets it call.
+//! - the `tools/list` filter: a caller only sees the tools its policy lets it call;
+//! - secret redaction (`[redaction]`): every message of every answer, on every upstream
+//!   kind, since anything a server sends may reach the model (see `mcp::redact`).
 //!
 //! A message a step cannot check is dropped (an SSE event) or refused (a JSON body): nothing
 //! unchecked reaches the client. A request to which no step applies gets no `Transform` at
@@ -15,6 +17,7 @@ use crate::authz::Policy;
 use crate::config::Settings;
 use crate::mcp::filter::{ToolGate, Unfilterable, filter_message};
 use crate::mcp::jsonrpc::{Body, Kind};
+use crate::mcp::redact::Redactor;
 use serde_json::value::RawValue;
 use std::sync::Arc;
 
@@ -57,6 +60,8 @@ pub const MAX_DETAILS: usize = 32;
 pub struct Transform {
     /// The caller's policy, when its tool rule restricts what `tools/list` may show.
     tools: Option<Arc<Policy>>,
+    /// Secret redaction, with how often each detector fired on this request's answers.
+    redact: Option<(Arc<Redactor>, Vec<u32>)>,
     /// What the steps noted for the request's audit event (`details`), in order.
     details: Vec<(&'static str, String)>,
 }
@@ -66,6 +71,7 @@ impl Transform {
     pub fn tools_only(policy: Arc<Policy>) -> Self {
         Self {
             tools: Some(policy),
+            redact: None,
             details: Vec::new(),
         }
     }
@@ -74,14 +80,22 @@ impl Transform {
     /// when no step applies (the answer is relayed as is). `expect`: what its answers may
     /// carry.
     pub fn for_request(
-        _cfg: &Settings,
+        cfg: &Settings,
         _route: usize,
         policy: &Arc<Policy>,
         expect: Expect,
     ) -> Option<Self> {
         let tools = (expect.tool_list && !policy.tools.is_open()).then(|| policy.clone());
-        tools.is_some().then_some(Self {
+        // Not only tool results: an `initialize`'s instructions, a resource, a prompt, a
+        // tool's description, a sampling request or a log message reach the model as well.
+        let redact = cfg
+            .redaction
+            .as_ref()
+            .filter(|r| !r.is_empty())
+            .map(|r| (r.clone(), vec![0; r.len()]));
+        (tools.is_some() || redact.is_some()).then_some(Self {
             tools,
+            redact,
             details: Vec::new(),
         })
     }
@@ -98,6 +112,21 @@ impl Transform {
 
     /// What the steps noted since the last call, for the request's audit event.
     pub fn take_details(&mut self) -> Vec<(&'static str, String)> {
+        if let Some((r, fired)) = &mut self.redact
+            && fired.iter().any(|n| *n > 0)
+        {
+            // Names and counts only, never what was matched.
+            r.count(fired);
+            let fired_list = fired
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| **n > 0)
+                .map(|(i, n)| format!("{}={n}", r.name(i)))
+                .collect::<Vec<_>>()
+                .join(",");
+            fired.iter_mut().for_each(|n| *n = 0);
+            self.note("redacted", fired_list);
+        }
         std::mem::take(&mut self.details)
     }
 
@@ -109,12 +138,19 @@ impl Transform {
 
     /// One message through every step: `Ok(Some(rewritten))`, `Ok(None)` when nothing changed.
     fn message(&mut self, msg: &RawValue) -> Result<Option<String>, Unfilterable> {
-        if self.gates_tools() {
+        let filtered = if self.gates_tools() {
             // Every tool gate of the chain decides in the one pass over the list.
-            filter_message(msg, &*self)
+            filter_message(msg, &*self)?
         } else {
-            Ok(None)
+            None
+        };
+        if let Some((r, fired)) = &mut self.redact {
+            let text = filtered.as_deref().unwrap_or(msg.get());
+            if let Some(redacted) = r.message(text, fired)? {
+                return Ok(Some(redacted));
+            }
         }
+        Ok(filtered)
     }
 
     /// Whether some step decides which tools a `tools/list` answer keeps.

@@ -407,6 +407,7 @@ impl Metrics {
                 }
             }
         }
+        crate::mcp::redact::render_metrics(&mut out);
         write_metric(
             &mut out,
             "mcp_guard_rate_limited_total",
