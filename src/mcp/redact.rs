@@ -464,7 +464,7 @@ fn luhn_valid(digits: impl DoubleEndedIterator<Item = u8>) -> bool {
         sum += v;
         n += 1;
     }
-    (13..=19).contains(&n) && sum.is_multiple_of(10)
+    (13..=19).contains(&n) && sum % 10 == 0
 }
 
 /// Whether the first dot-separated segment decodes (base64url) to a JSON object with `alg`.

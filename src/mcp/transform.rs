@@ -76,6 +76,16 @@ impl Transform {
         }
     }
 
+    /// A chain holding only secret redaction by `redactor` (benches and tests).
+    pub fn redaction_only(redactor: Arc<Redactor>) -> Self {
+        let fired = vec![0; redactor.len()];
+        Self {
+            tools: None,
+            redact: Some((redactor, fired)),
+            details: Vec::new(),
+        }
+    }
+
     /// The chain for a request to route `route` of `cfg` by a caller with `policy`, `None`
     /// when no step applies (the answer is relayed as is). `expect`: what its answers may
     /// carry.

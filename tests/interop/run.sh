@@ -62,3 +62,8 @@ echo "interop: OAuth against a third-party authorization server"
 MCP_GUARD_BIN="$bin" timeout 60 node oauth_third_party.mjs &
 node_pid=$!
 wait "$node_pid"
+
+# Secret redaction (issue 13): an MCPServer tool returns a fake AWS key and GitHub token; the
+# Python SDK's result through the gateway holds the markers, never the secrets.
+echo "interop: secret redaction"
+timeout 120 .venv/bin/python advanced_redaction.py "$bin"
