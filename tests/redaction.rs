@@ -154,13 +154,18 @@ fn every_detector_redacts_tool_results_through_stdio_http_json_and_http_sse() {
         let audit_text = std::fs::read_to_string(&lab.audit).unwrap();
         let logs = lab.g.logs.lock().unwrap().join("\n");
         for (_, secret) in secrets() {
-            assert!(!audit_text.contains(secret), "{upstream}: audit holds {secret}");
+            assert!(
+                !audit_text.contains(secret),
+                "{upstream}: audit holds {secret}"
+            );
             assert!(!logs.contains(secret), "{upstream}: logs hold {secret}");
         }
         assert!(
-            lab.g
-                .metric_settles("mcp_guard_redactions_total", &[("detector", "aws_access_key")], 1.0)
-                >= 1.0,
+            lab.g.metric_settles(
+                "mcp_guard_redactions_total",
+                &[("detector", "aws_access_key")],
+                1.0
+            ) >= 1.0,
             "{upstream}"
         );
         assert!(
@@ -223,14 +228,21 @@ fn serve(s: TcpStream, canned: &Canned) {
         }
         let req: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
         let head = |ctype: &str, extra: &str| {
-            format!("HTTP/1.1 200 OK\r\nContent-Type: {ctype}\r\n{extra}Transfer-Encoding: chunked\r\n\r\n")
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: {ctype}\r\n{extra}Transfer-Encoding: chunked\r\n\r\n"
+            )
         };
         let chunk = |c: &str| format!("{:x}\r\n{c}\r\n", c.len());
         match req["method"].as_str() {
             Some("initialize") => {
                 let b = serde_json::json!({"jsonrpc":"2.0","id":req["id"],"result":{"protocolVersion":"2025-11-25","capabilities":{"tools":{}},"serverInfo":{"name":"raw","version":"1"}}}).to_string();
                 let _ = w.write_all(
-                    format!("{}{}0\r\n\r\n", head("application/json", "Mcp-Session-Id: raw-1\r\n"), chunk(&b)).as_bytes(),
+                    format!(
+                        "{}{}0\r\n\r\n",
+                        head("application/json", "Mcp-Session-Id: raw-1\r\n"),
+                        chunk(&b)
+                    )
+                    .as_bytes(),
                 );
             }
             Some("tools/call") => {
@@ -273,10 +285,12 @@ fn json_escapes_and_nested_arrays_do_not_hide_a_key_and_the_answer_stays_json() 
         let r = mcp_post(lab.g.addr, &call(7, "anything", "{}"), Some(&sid));
         assert_eq!(r.status, 200, "{content_type}: {}", r.text());
         let msg = rpc_result(&r);
-        assert!(!msg.to_string().contains("OSFODNN7"), "{content_type}: {msg}");
+        assert!(
+            !msg.to_string().contains("OSFODNN7"),
+            "{content_type}: {msg}"
+        );
         assert_eq!(
-            msg["result"]["content"][0]["text"],
-            "k=[REDACTED:aws_access_key] \"quoted\"\n",
+            msg["result"]["content"][0]["text"], "k=[REDACTED:aws_access_key] \"quoted\"\n",
             "{content_type}"
         );
         assert_eq!(
@@ -319,7 +333,10 @@ fn a_secret_cut_across_two_sse_chunks_is_still_found_and_the_event_still_flows()
         "streaming stays streaming"
     );
     let raw = r.text();
-    assert!(!raw.contains(GITHUB) && !raw.contains("0123456789abc"), "{raw}");
+    assert!(
+        !raw.contains(GITHUB) && !raw.contains("0123456789abc"),
+        "{raw}"
+    );
     assert!(!raw.contains(STRIPE), "{raw}");
     let msg = rpc_result(&r);
     assert_eq!(
@@ -331,10 +348,12 @@ fn a_secret_cut_across_two_sse_chunks_is_still_found_and_the_event_still_flows()
 #[test]
 fn an_answer_that_cannot_be_parsed_is_refused_not_relayed() {
     // Cut short: a client's lenient parser might still show the text.
-    let cut = format!(r#"{{"jsonrpc":"2.0","id":9,"result":{{"content":[{{"type":"text","text":"{AWS}"#);
+    let cut =
+        format!(r#"{{"jsonrpc":"2.0","id":9,"result":{{"content":[{{"type":"text","text":"{AWS}"#);
     // A lone surrogate escape beside the key: not a string every parser decodes the same.
-    let surrogate =
-        format!(r#"{{"jsonrpc":"2.0","id":9,"result":{{"content":[{{"type":"text","text":"\ud800 {AWS}"}}]}}}}"#);
+    let surrogate = format!(
+        r#"{{"jsonrpc":"2.0","id":9,"result":{{"content":[{{"type":"text","text":"\ud800 {AWS}"}}]}}}}"#
+    );
     for body in [cut, surrogate] {
         let json = raw_lab(Canned {
             content_type: "application/json",
@@ -359,9 +378,18 @@ fn an_answer_that_cannot_be_parsed_is_refused_not_relayed() {
 fn a_bad_redaction_config_is_refused_naming_its_key() {
     let dir = tempfile::tempdir().unwrap();
     for (section, key) in [
-        ("[redaction]\npatterns = { \"bad\" = \"(\" }\n", "redaction.patterns.bad"),
-        ("[redaction]\npatterns = { \"all\" = \".*\" }\n", "redaction.patterns.all"),
-        ("[redaction]\ndetectors = [\"aws\"]\n", "redaction.detectors[0]"),
+        (
+            "[redaction]\npatterns = { \"bad\" = \"(\" }\n",
+            "redaction.patterns.bad",
+        ),
+        (
+            "[redaction]\npatterns = { \"all\" = \".*\" }\n",
+            "redaction.patterns.all",
+        ),
+        (
+            "[redaction]\ndetectors = [\"aws\"]\n",
+            "redaction.detectors[0]",
+        ),
         ("[redaction]\nenabled = true\nmode = \"x\"\n", "mode"),
     ] {
         let p = dir.path().join("guard.toml");

@@ -662,7 +662,12 @@ mod tests {
 
     #[test]
     fn every_call_is_a_json_rpc_request_and_the_4k_result_is_4k_of_text() {
-        for call in [Call::Echo, Call::EchoSse, Call::ToolsList, Call::EchoResult4k] {
+        for call in [
+            Call::Echo,
+            Call::EchoSse,
+            Call::ToolsList,
+            Call::EchoResult4k,
+        ] {
             let v: serde_json::Value = serde_json::from_str(&request_body(call, 1)).unwrap();
             assert_eq!(v["jsonrpc"], "2.0", "{call:?}");
         }

@@ -152,7 +152,8 @@ impl Redactor {
             }
             detectors.push(Detector {
                 name: name.clone(),
-                regex: Regex::new(full).map_err(|e| (format!("redaction.detectors[{i}]"), e.to_string()))?,
+                regex: Regex::new(full)
+                    .map_err(|e| (format!("redaction.detectors[{i}]"), e.to_string()))?,
                 check,
                 marker: cfg.replacement.replace("{name}", name),
                 slot: metric_slot(name),
@@ -279,8 +280,7 @@ impl Redactor {
                     let (end, escaped) = string_end(b, i).ok_or(Unfilterable)?;
                     let token = &text[i..end];
                     if depth == 1 && top_object && expect_key {
-                        envelope_member =
-                            matches!(token, "\"jsonrpc\"" | "\"id\"" | "\"method\"");
+                        envelope_member = matches!(token, "\"jsonrpc\"" | "\"id\"" | "\"method\"");
                         expect_key = false;
                     } else if !(depth == 1 && envelope_member) {
                         let value: Cow<'_, str> = if escaped {
@@ -327,7 +327,7 @@ impl Redactor {
                         && is_card_number(number)
                         && let Some(d) = self.detectors.iter().position(|d| d.check == Check::Luhn)
                     {
-                        fired[d] = fired[d].saturating_add(1);
+                        self.fired(d, fired);
                         let o = out.get_or_insert_with(|| String::with_capacity(text.len()));
                         o.push_str(&text[copied..i]);
                         push_json_string(o, &self.detectors[d].marker);
@@ -385,25 +385,28 @@ impl Redactor {
             out.push_str(&s[copied..start]);
             out.push_str(&self.detectors[d].marker);
             copied = end;
-            fired[d] = fired[d].saturating_add(1);
+            self.fired(d, fired);
         }
         out.push_str(&s[copied..]);
         Some(out)
     }
 
-    /// Counts `fired` into the process-wide per-detector metric.
-    pub fn count(&self, fired: &[u32]) {
-        for (d, n) in self.detectors.iter().zip(fired) {
-            if *n > 0 {
-                counters()[d.slot].fetch_add(u64::from(*n), Relaxed);
-            }
+    /// Counts one redaction by detector `d`: in the request's tally, and in the metric at
+    /// once (a stream may run for hours before its audit event is written).
+    fn fired(&self, d: usize, fired: &mut [u32]) {
+        if let Some(n) = fired.get_mut(d) {
+            *n = n.saturating_add(1);
         }
+        counters()[self.detectors[d].slot].fetch_add(1, Relaxed);
     }
 }
 
 /// The index just past the char at `i` (so a retry never splits a UTF-8 sequence).
 fn next_char(s: &str, i: usize) -> usize {
-    s[i..].chars().next().map_or(s.len() + 1, |c| i + c.len_utf8())
+    s[i..]
+        .chars()
+        .next()
+        .map_or(s.len() + 1, |c| i + c.len_utf8())
 }
 
 /// Where the JSON string starting at `b[start]` (a quote) ends (just past its closing quote),
@@ -515,10 +518,7 @@ pub fn render_metrics(out: &mut String) {
     use std::fmt::Write as _;
     out.push_str("# HELP mcp_guard_redactions_total Secrets replaced in upstream messages, by detector (built-ins and configured pattern names).\n");
     out.push_str("# TYPE mcp_guard_redactions_total counter\n");
-    let names = metric_names()
-        .lock()
-        .map(|n| n.clone())
-        .unwrap_or_default();
+    let names = metric_names().lock().map(|n| n.clone()).unwrap_or_default();
     for (slot, name) in names.iter().enumerate() {
         let n = counters()[slot].load(Relaxed);
         if n > 0 {
@@ -593,9 +593,16 @@ mod tests {
         let msg = r#"{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"x \u0041KIA\u0049OSFODNN7EXAMPLE \"q\""}]}}"#;
         let (out, _) = run(&r, msg);
         let out = out.unwrap();
-        assert!(out.contains("x [REDACTED:aws_access_key] \\\"q\\\""), "{out}");
+        assert!(
+            out.contains("x [REDACTED:aws_access_key] \\\"q\\\""),
+            "{out}"
+        );
         // Everything outside the changed string keeps its bytes.
-        assert!(out.starts_with(r#"{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"#));
+        assert!(
+            out.starts_with(
+                r#"{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"#
+            )
+        );
     }
 
     #[test]
@@ -623,7 +630,10 @@ mod tests {
             assert_eq!(r.redact_str(text, &mut fired).is_some(), hit, "{text}");
         }
         // A card number as a JSON number.
-        let (out, _) = run(&r, r#"{"jsonrpc":"2.0","id":1,"result":{"card":4111111111111111}}"#);
+        let (out, _) = run(
+            &r,
+            r#"{"jsonrpc":"2.0","id":1,"result":{"card":4111111111111111}}"#,
+        );
         assert_eq!(
             out.unwrap(),
             r#"{"jsonrpc":"2.0","id":1,"result":{"card":"[REDACTED:card_number]"}}"#
@@ -647,7 +657,12 @@ mod tests {
         let note = format!(
             r#"{{"jsonrpc":"2.0","method":"notifications/message","params":{{"level":"info","data":"{AWS}"}}}}"#
         );
-        assert!(run(&r, &note).0.unwrap().contains("[REDACTED:aws_access_key]"));
+        assert!(
+            run(&r, &note)
+                .0
+                .unwrap()
+                .contains("[REDACTED:aws_access_key]")
+        );
     }
 
     #[test]
@@ -659,7 +674,10 @@ mod tests {
         let out = r.redact_str(&text, &mut fired).unwrap();
         assert!(!out.contains("eyJhbGciOiJub25lIn0"), "{out}");
         // Dotted words that are not JWTs stay.
-        assert!(r.redact_str("eyebrows123.something12.x", &mut fired).is_none());
+        assert!(
+            r.redact_str("eyebrows123.something12.x", &mut fired)
+                .is_none()
+        );
     }
 
     #[test]
@@ -722,7 +740,13 @@ mod tests {
         ] {
             let _ = r.redact_str(&s, &mut fired);
         }
-        for msg in [r#"{"a":"\ud800"}"#, r#"{"a":"unterminated"#, r#"[1,2"#, "-", "\"\\"] {
+        for msg in [
+            r#"{"a":"\ud800"}"#,
+            r#"{"a":"unterminated"#,
+            r#"[1,2"#,
+            "-",
+            "\"\\",
+        ] {
             let _ = r.message(msg, &mut fired);
         }
     }

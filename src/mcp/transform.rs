@@ -126,7 +126,6 @@ impl Transform {
             && fired.iter().any(|n| *n > 0)
         {
             // Names and counts only, never what was matched.
-            r.count(fired);
             let fired_list = fired
                 .iter()
                 .enumerate()
