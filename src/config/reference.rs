@@ -360,6 +360,7 @@ fn declared_fields(type_name: &str) -> Option<&'static [&'static str]> {
         "RateLimitSection" => of::<RateLimitSection>(),
         "AuditSection" => of::<AuditSection>(),
         "TracingSection" => of::<TracingSection>(),
+        "RedactionSection" => of::<RedactionSection>(),
         _ => None,
     }
 }
