@@ -30,6 +30,9 @@ pub enum Call {
     EchoSse,
     /// tools/list.
     ToolsList,
+    /// tools/call `echo` with about 4 KiB of text (prose with line breaks, no secret),
+    /// answered with JSON: a tool result of realistic size for the redaction scan.
+    EchoResult4k,
 }
 
 impl Call {
@@ -43,6 +46,22 @@ impl Call {
                 r#""method":"tools/call","params":{"name":"echo_sse","arguments":{"text":"hello"}}"#
             }
             Call::ToolsList => r#""method":"tools/list","params":{}"#,
+            Call::EchoResult4k => {
+                static MEMBERS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+                    let mut text = String::with_capacity(4200);
+                    let mut line = 0;
+                    while text.len() < 4096 {
+                        line += 1;
+                        text.push_str(&format!(
+                            "{line:03}: the build finished in 42.7 s; 1834 tests passed, 0 failed, see run 20261128-{line}\\n"
+                        ));
+                    }
+                    format!(
+                        r#""method":"tools/call","params":{{"name":"echo","arguments":{{"text":"{text}"}}}}"#
+                    )
+                });
+                MEMBERS.as_str()
+            }
         }
     }
 }
@@ -654,6 +673,23 @@ pub fn count_closed(held: &[std::net::TcpStream]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_call_is_a_json_rpc_request_and_the_4k_result_is_4k_of_text() {
+        for call in [
+            Call::Echo,
+            Call::EchoSse,
+            Call::ToolsList,
+            Call::EchoResult4k,
+        ] {
+            let v: serde_json::Value = serde_json::from_str(&request_body(call, 1)).unwrap();
+            assert_eq!(v["jsonrpc"], "2.0", "{call:?}");
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(&request_body(Call::EchoResult4k, 1)).unwrap();
+        let text = v["params"]["arguments"]["text"].as_str().unwrap();
+        assert!((4096..4300).contains(&text.len()), "{}", text.len());
+    }
 
     #[test]
     fn connections_spread_over_endpoints_round_robin() {

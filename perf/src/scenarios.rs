@@ -88,6 +88,8 @@ pub const SCENARIOS: &[Scenario] = &[
     Scenario { stdio: true, ..scenario("stdio", "tools/call echo to mcp-demo-server over stdio (mcp-guard only)", Call::Echo, 5, 0) },
     Scenario { routes: 10, ..scenario("routed", "tools/call echo through 10 routed HTTP servers (`[[upstream.servers]]` s0..s9, all on the one mock) at /mcp/s0../mcp/s9; connections spread round robin, each with its session at its own server (mcp-guard only)", Call::Echo, 5, 0) },
     Scenario { tls: true, ..scenario("tls", "passthrough over TLS 1.3 (AES-128-GCM, one ECDSA P-256 certificate for both proxies), keep-alive; handshakes happen before the measured window; direct stays plain HTTP", Call::Echo, 5, 0) },
+    scenario("result_4k", "tools/call echo answering ~4 KiB of text (prose with line breaks, no secret), JSON response: the baseline of `redaction`", Call::EchoResult4k, 5, 0),
+    scenario("redaction", "result_4k with `[redaction]` on in mcp-guard (the built-in detectors, the default): every answer scanned before it is relayed; direct and nginx scan nothing", Call::EchoResult4k, 5, 0),
     scenario("idle_1k", "passthrough with 1,000 idle keep-alive connections held open", Call::Echo, 5, 1_000),
     scenario("idle_10k", "passthrough with 10,000 idle keep-alive connections held open", Call::Echo, 5, 10_000),
     Scenario { fleet: true, ..scenario("fleet", "the `guard` path (API key, tool policy, rate limit that never trips, audit file) with in-memory limits against the same guard plus one fleet feature at a time: Redis rate limits, audit shipping, tracing at sample rate 1.0 and 0.01; the helper processes (redis-server, the SIEM / OTLP sink) on the load side, measured apart (mcp-guard only)", Call::Echo, 5, 0) },
@@ -140,6 +142,10 @@ pub fn gateway_setup(scenario: &Scenario) -> GatewaySetup {
     match scenario.name {
         // The fleet scenario's variants add their keys through `fleet::setup`.
         "guard" | "fleet" => guarded(r#"["echo", "echo_sse"]"#),
+        "redaction" => GatewaySetup {
+            config: format!("{}\n[redaction]\nenabled = true\n", bare_proxy()),
+            client_headers: String::new(),
+        },
         // The identity may call half of the listed tools, so every answer is really filtered.
         "tools_list_100" => guarded(
             r#"["echo", "echo_sse", "tool_0*0", "tool_0*2", "tool_0*4", "tool_0*6", "tool_0*8"]"#,

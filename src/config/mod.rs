@@ -67,6 +67,8 @@ pub struct Settings {
     /// The pins every worker checks tool lists against, attached by the runtime like
     /// `upstreams` (`None` in a snapshot that was only validated, or with pinning off).
     pub pins: Option<Arc<crate::pinning::Pins>>,
+    /// `[redaction]`, compiled; `None` when off.
+    pub redaction: Option<Arc<crate::mcp::redact::Redactor>>,
 }
 
 /// `[rate_limit]`, validated.
@@ -408,6 +410,7 @@ pub fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
     let tracing = validate_tracing(&file.tracing)?;
     let approval = validate_approval(&file.approval)?;
     let pinning = crate::pinning::validate(&file.pinning)?;
+    let redaction = validate_redaction(&file.redaction)?;
     let tool_labels = Arc::new(tool_labels(file));
     let mut warnings = features::ignored_keys(file);
     let sessions = Arc::new(session_codec(s, &mut warnings)?);
@@ -444,6 +447,7 @@ pub fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
         approval,
         pinning,
         pins: None,
+        redaction,
     })
 }
 
@@ -475,6 +479,21 @@ fn validate_approval(
 
 /// `[tracing]`: the rate in range, the collector https (http only to loopback). An endpoint
 /// without a path gets OTLP/HTTP's `/v1/traces`.
+/// `[redaction]`: the detectors and patterns compiled once, here; an unknown detector or a
+/// pattern that does not compile is an error naming its key.
+fn validate_redaction(
+    r: &schema::RedactionSection,
+) -> Result<Option<Arc<crate::mcp::redact::Redactor>>, ConfigError> {
+    use crate::mcp::redact::{RedactionConfig, Redactor};
+    let compiled = Redactor::new(&RedactionConfig {
+        detectors: &r.detectors,
+        patterns: &r.patterns,
+        replacement: &r.replacement,
+    })
+    .map_err(|(key, msg)| invalid(&key, msg))?;
+    Ok(r.enabled.then(|| Arc::new(compiled)))
+}
+
 fn validate_tracing(
     t: &schema::TracingSection,
 ) -> Result<crate::observe::trace::TraceSettings, ConfigError> {

@@ -362,6 +362,7 @@ fn declared_fields(type_name: &str) -> Option<&'static [&'static str]> {
         "TracingSection" => of::<TracingSection>(),
         "ApprovalSection" => of::<ApprovalSection>(),
         "PinningSection" => of::<PinningSection>(),
+        "RedactionSection" => of::<RedactionSection>(),
         _ => None,
     }
 }

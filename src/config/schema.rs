@@ -51,6 +51,9 @@ pub struct FileConfig {
     /// Tool-definition pinning (the rug-pull defence).
     #[serde(default)]
     pub pinning: PinningSection,
+    /// Secret redaction in what upstreams send toward the model.
+    #[serde(default)]
+    pub redaction: RedactionSection,
     /// Dotted paths of the keys the file itself sets (array elements without an index), so
     /// that a key set to no effect can be told apart from a default. Filled by the loader.
     #[serde(skip)]
@@ -828,6 +831,39 @@ impl Default for AuditSection {
             spool_max_bytes: 1 << 30,
             include_arguments: false,
             queue_capacity: 8192,
+        }
+    }
+}
+
+/// Credentials in upstream messages replaced with a marker before they reach the client.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedactionSection {
+    /// Turns redaction on: every message an upstream sends toward a client (tool results,
+    /// resources, prompts, lists, server requests and notifications) is scanned.
+    pub enabled: bool,
+    /// Built-in detectors that run: `aws_access_key`, `github_token`, `slack_token`,
+    /// `stripe_key`, `private_key`, `jwt`, `card_number` (Luhn-checked). Default: all.
+    pub detectors: Vec<String>,
+    /// Extra detectors: name = regex (the `regex` crate's syntax, linear time). A name is
+    /// letters, digits, `_` or `-`; a pattern that does not compile, is too large or matches
+    /// the empty string is refused.
+    #[schemars(extend("x-type" = "table of name = regex"))]
+    pub patterns: BTreeMap<String, String>,
+    /// What a secret becomes; `{name}` is replaced by the detector's name.
+    pub replacement: String,
+}
+
+impl Default for RedactionSection {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            detectors: crate::mcp::redact::BUILTIN
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            patterns: BTreeMap::new(),
+            replacement: "[REDACTED:{name}]".into(),
         }
     }
 }

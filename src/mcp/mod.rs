@@ -4,6 +4,7 @@ pub mod approval;
 pub mod filter;
 pub mod jsonrpc;
 pub mod legacy;
+pub mod redact;
 pub mod session;
 pub mod transform;
 pub mod transport;

@@ -5,9 +5,16 @@
 //! legacy SSE session).
 //!
 //! Steps, in order, each on the output of the one before:
-//! - the `tools/list` filter: a caller only sees the tools its policy lets it call.
+//! - the `tools/list` filter: a caller only sees the tools its policy lets it call;
 //! - tool-definition pinning (`crate::pinning`), in the same pass: a tool whose definition
-//!   is not the pinned one is reported, and dropped in `hide` and `block` modes.
+//!   is not the pinned one is reported, and dropped in `hide` and `block` modes;
+//! - secret redaction (`[redaction]`): every message of every answer, on every upstream
+//!   kind, since anything a server sends may reach the model (see `mcp::redact`).
+//!
+//! The tool gates (the filter and pinning) look at every message of every answer, not only
+//! at answers to a `tools/list`: a client matches responses by id, so an upstream could slip a
+//! tool list into the stream answering another request, under the id of a `tools/list` still
+//! pending. A cheap scan skips messages that cannot hold a `tools` member.
 //!
 //! A message a step cannot check is dropped (an SSE event) or refused (a JSON body): nothing
 //! unchecked reaches the client. A request to which no step applies gets no `Transform` at
@@ -17,6 +24,7 @@ use crate::authz::Policy;
 use crate::config::Settings;
 use crate::mcp::filter::{ToolGate, Unfilterable, filter_message};
 use crate::mcp::jsonrpc::{Body, Kind};
+use crate::mcp::redact::Redactor;
 use serde_json::value::RawValue;
 use std::sync::Arc;
 
@@ -70,6 +78,8 @@ pub struct Transform {
     tools: Option<Arc<Policy>>,
     /// Tool-definition pinning, when on.
     pins: Option<PinStep>,
+    /// Secret redaction, with how often each detector fired on this request's answers.
+    redact: Option<(Arc<Redactor>, Vec<u32>)>,
     /// What the steps noted for the request's audit event (`details`), in order.
     details: Vec<(&'static str, String)>,
 }
@@ -80,6 +90,18 @@ impl Transform {
         Self {
             tools: Some(policy),
             pins: None,
+            redact: None,
+            details: Vec::new(),
+        }
+    }
+
+    /// A chain holding only secret redaction by `redactor` (benches and tests).
+    pub fn redaction_only(redactor: Arc<Redactor>) -> Self {
+        let fired = vec![0; redactor.len()];
+        Self {
+            tools: None,
+            pins: None,
+            redact: Some((redactor, fired)),
             details: Vec::new(),
         }
     }
@@ -93,10 +115,13 @@ impl Transform {
         policy: &Arc<Policy>,
         expect: Expect,
     ) -> Option<Self> {
-        let tools = (expect.tool_list && !policy.tools.is_open()).then(|| policy.clone());
+        // `expect` does not narrow the tool gates (see the module doc): any answer may carry
+        // a list.
+        let _ = expect;
+        let tools = (!policy.tools.is_open()).then(|| policy.clone());
         // Every caller's lists are checked, restricted or not: pins are per server.
         let pins = match (&cfg.pins, &cfg.pinning, cfg.routes.get(route)) {
-            (Some(pins), Some(settings), Some(r)) if expect.tool_list => Some(PinStep {
+            (Some(pins), Some(settings), Some(r)) => Some(PinStep {
                 pins: pins.clone(),
                 server: r.name.clone(),
                 settings: settings.clone(),
@@ -104,9 +129,17 @@ impl Transform {
             }),
             _ => None,
         };
-        (tools.is_some() || pins.is_some()).then_some(Self {
+        // Not only tool results: an `initialize`'s instructions, a resource, a prompt, a
+        // tool's description, a sampling request or a log message reach the model as well.
+        let redact = cfg
+            .redaction
+            .as_ref()
+            .filter(|r| !r.is_empty())
+            .map(|r| (r.clone(), vec![0; r.len()]));
+        (tools.is_some() || pins.is_some() || redact.is_some()).then_some(Self {
             tools,
             pins,
+            redact,
             details: Vec::new(),
         })
     }
@@ -131,6 +164,20 @@ impl Transform {
         for (name, value) in pinned {
             self.note(name, value);
         }
+        if let Some((r, fired)) = &mut self.redact
+            && fired.iter().any(|n| *n > 0)
+        {
+            // Names and counts only, never what was matched.
+            let fired_list = fired
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| **n > 0)
+                .map(|(i, n)| format!("{}={n}", r.name(i)))
+                .collect::<Vec<_>>()
+                .join(",");
+            fired.iter_mut().for_each(|n| *n = 0);
+            self.note("redacted", fired_list);
+        }
         std::mem::take(&mut self.details)
     }
 
@@ -142,7 +189,7 @@ impl Transform {
 
     /// One message through every step: `Ok(Some(rewritten))`, `Ok(None)` when nothing changed.
     fn message(&mut self, msg: &RawValue) -> Result<Option<String>, Unfilterable> {
-        if self.gates_tools() {
+        let filtered = if self.gates_tools() && may_hold_tools(msg.get()) {
             // Every tool gate of the chain decides in the one pass over the list.
             let out = filter_message(msg, &*self)?;
             if let (Some(p), Some(_)) = (&self.pins, &out)
@@ -151,10 +198,17 @@ impl Transform {
                 // A page without `nextCursor` ends a listing: first use is over for the server.
                 p.pins.seal(&p.server);
             }
-            Ok(out)
+            out
         } else {
-            Ok(None)
+            None
+        };
+        if let Some((r, fired)) = &mut self.redact {
+            let text = filtered.as_deref().unwrap_or(msg.get());
+            if let Some(redacted) = r.message(text, fired)? {
+                return Ok(Some(redacted));
+            }
         }
+        Ok(filtered)
     }
 
     /// Whether some step decides which tools a `tools/list` answer keeps.
@@ -176,6 +230,16 @@ impl ToolGate for Transform {
         });
         permitted && pinned
     }
+}
+
+/// Whether a message may hold a `tools` member anywhere: a plain `"tools"` key in any letter
+/// case, or any escape (a key spelled with escapes is only found by parsing). False proves the
+/// tool gates have nothing to look at.
+fn may_hold_tools(text: &str) -> bool {
+    let b = text.as_bytes();
+    b.contains(&b'\\')
+        || b.windows(7)
+            .any(|w| w[0] == b'"' && w[6] == b'"' && w[1..6].eq_ignore_ascii_case(b"tools"))
 }
 
 /// Whether a `tools/list` answer says more pages follow (`result.nextCursor`, not null).

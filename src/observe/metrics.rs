@@ -425,6 +425,7 @@ impl Metrics {
             let n: u64 = sum(&|w| w.approvals[i].load(Relaxed));
             let _ = writeln!(out, "mcp_guard_approvals_total{{outcome=\"{o}\"}} {n}");
         }
+        crate::mcp::redact::render_metrics(&mut out);
         write_metric(
             &mut out,
             "mcp_guard_rate_limited_total",

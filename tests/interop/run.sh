@@ -71,3 +71,7 @@ timeout 90 .venv/bin/python advanced_approval.py "$bin"
 # (MCPServer) upstream rewrites one; the next list no longer shows it until it is approved.
 echo "interop: tool-definition pinning (Python SDK)"
 timeout 120 .venv/bin/python advanced_pinning.py "$bin"
+# Secret redaction (issue 13): an MCPServer tool returns a fake AWS key and GitHub token; the
+# Python SDK's result through the gateway holds the markers, never the secrets.
+echo "interop: secret redaction"
+timeout 120 .venv/bin/python advanced_redaction.py "$bin"
