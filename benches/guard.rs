@@ -78,6 +78,7 @@ fn event(identity: Arc<str>) -> AuditEvent {
         upstream: "default".into(),
         latency_us: 120,
         arguments: None,
+        detail: None,
     }
 }
 

@@ -95,6 +95,14 @@ pub enum GatewayError {
     },
     /// The identity's policy refuses this call (JSON-RPC error on HTTP 200, naming it).
     Denied(crate::authz::Denial),
+    /// A `[[tool_rules]]` check refused an argument (JSON-RPC error on HTTP 200, like a
+    /// denial, naming the argument's pointer and the check, never its value).
+    ArgumentRefused {
+        /// For the caller.
+        message: String,
+        /// The error's `data` (JSON).
+        data: String,
+    },
     /// An OAuth caller's token lacks a scope this call needs (HTTP 403 with the RFC 6750
     /// challenge naming the scopes that would grant it, so the client can step up).
     InsufficientScope {
@@ -146,7 +154,7 @@ impl GatewayError {
             UpstreamTimeout => 504,
             UpstreamBusy | ShuttingDown | ProcessCap(_) | ServerDown(_) | ReplicaDown(_) => 503,
             Unauthorized { .. } => 401,
-            Denied(_) => 200,
+            Denied(_) | ArgumentRefused { .. } => 200,
             InsufficientScope { .. } => 403,
             AuthUnavailable => 503,
             UpstreamUnauthorized(_) => 502,
@@ -166,7 +174,9 @@ impl GatewayError {
             }
             ServerDown(_) | ReplicaDown(_) | UpstreamUnauthorized(_) => code::INTERNAL_ERROR,
             Unauthorized { .. } | AuthUnavailable => code::UNAUTHORIZED,
-            Denied(_) | ServerForbidden(_) | InsufficientScope { .. } => code::FORBIDDEN,
+            Denied(_) | ArgumentRefused { .. } | ServerForbidden(_) | InsufficientScope { .. } => {
+                code::FORBIDDEN
+            }
             RateLimited { .. } => code::RATE_LIMITED,
             _ => code::SERVER_ERROR,
         }
@@ -209,6 +219,7 @@ impl GatewayError {
             Unauthorized { invalid: false } => "missing_credentials",
             Unauthorized { invalid: true } => "invalid_credentials",
             Denied(d) => d.reason.as_str(),
+            ArgumentRefused { .. } => "argument_refused",
             InsufficientScope { .. } => "insufficient_scope",
             AuthUnavailable => "auth_unavailable",
             UpstreamUnauthorized(_) => "upstream_unauthorized",
@@ -264,6 +275,7 @@ impl GatewayError {
             Unauthorized { invalid: false } => "Authentication required".into(),
             Unauthorized { invalid: true } => "Invalid credentials".into(),
             Denied(d) => d.message.clone(),
+            ArgumentRefused { message, .. } => message.clone(),
             InsufficientScope { message, scope, .. } => {
                 format!("{message}: the token needs one of these scopes: {scope}")
             }
@@ -307,6 +319,7 @@ impl GatewayError {
                 retry_after_secs, ..
             } => Some(format!("{{\"retryAfterSeconds\":{retry_after_secs}}}")),
             GatewayError::Denied(d) => Some(format!("{{\"reason\":\"{}\"}}", d.reason.as_str())),
+            GatewayError::ArgumentRefused { data, .. } => Some(data.clone()),
             GatewayError::InsufficientScope { scope, .. } => Some(
                 serde_json::json!({ "reason": "insufficient_scope", "scope": scope }).to_string(),
             ),

@@ -22,6 +22,7 @@ pub mod mcp;
 pub mod observe;
 pub mod pipeline;
 pub mod ratelimit;
+pub mod rules;
 pub mod runtime;
 pub mod tls;
 pub mod upstream;

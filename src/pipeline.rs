@@ -89,6 +89,10 @@ pub struct AuditInfo {
     pub auth_failure: Option<&'static str>,
     /// When the request went to the upstream (with tracing on): splits a span's phases.
     pub forwarded_at: Option<Instant>,
+    /// Why, for a request that went ahead with a decision worth a reason (`would_deny`).
+    pub reason: Option<&'static str>,
+    /// An argument check's pointer, check and rule (JSON), when one refused or would have.
+    pub detail: Option<String>,
 }
 
 /// Reply bodies.
@@ -547,6 +551,11 @@ pub async fn handle(
 
 /// The reply for a request that ended early, with its audit decision.
 fn refused(e: GatewayError, id: Option<RpcId>, method: usize, mut audit: AuditInfo) -> Reply {
+    // A shadow `would_deny` that was then refused for another reason reports that refusal.
+    if audit.decision == Some("would_deny") {
+        audit.decision = None;
+        audit.reason = None;
+    }
     if audit.decision.is_none() {
         audit.decision = match e {
             GatewayError::Denied(_) | GatewayError::Unauthorized { .. } => Some("deny"),
@@ -614,7 +623,11 @@ fn admit_mcp<'c>(
     // 5b. the caller's servers: one outside `allowed_servers` is refused before its transport
     // rules are even looked at.
     let name = &cfg.routes[route].name;
-    if !caller.identity.policy.may_reach(name) {
+    let policy = &caller.identity.policy;
+    if policy.shadow && !policy.reaches(name) {
+        shadow_denial(audit, "server_not_allowed");
+    }
+    if !policy.may_reach(name) {
         audit.decision = Some("deny");
         // A legacy session id names its server: for a caller who may not reach that server,
         // it is simply not theirs (as for any session of someone else), not a hint.
@@ -722,6 +735,7 @@ fn authorize(
     policy: &Policy,
     body: &Body,
     method: usize,
+    audit: &mut AuditInfo,
 ) -> Result<Option<Reply>, GatewayError> {
     let mut denied: Option<(usize, Denial)> = None;
     for (i, m) in body.messages().iter().enumerate() {
@@ -732,7 +746,19 @@ fn authorize(
             && decision != Decision::Allow
         {
             let slot = cfg.tool_labels.get(t).copied().unwrap_or(0);
-            w.metrics.count_decision(slot, 1);
+            let outcome = if policy.shadow {
+                metrics::OUTCOME_WOULD_DENY
+            } else {
+                1
+            };
+            w.metrics.count_decision(slot, outcome);
+        }
+        // Shadow mode: the refusal is only reported; the request goes on.
+        if let Decision::Deny(d) = &decision
+            && policy.shadow
+        {
+            shadow_denial(audit, d.reason.as_str());
+            continue;
         }
         if let Decision::Deny(d) = decision
             && denied.is_none()
@@ -746,8 +772,74 @@ fn authorize(
     let Body::Batch(messages) = body else {
         return Err(GatewayError::Denied(denial));
     };
-    // A batch with a refused call is refused whole: nothing of it reaches the upstream, and
-    // each request in it gets an error saying why (the others: `batch_refused`).
+    let data = format!("{{\"reason\":\"{}\"}}", denial.reason.as_str());
+    let mut r = batch_refusal(messages, index, &denial.message, &data, method);
+    r.reason = Some(denial.reason.as_str());
+    Ok(Some(r))
+}
+
+/// Records a refusal computed in shadow mode: audited as `would_deny` with its reason (the
+/// first one, when several would have refused).
+fn shadow_denial(audit: &mut AuditInfo, reason: &'static str) {
+    audit.decision = Some("would_deny");
+    audit.reason.get_or_insert(reason);
+}
+
+/// Phase 7b: argument constraints. `findings` are the classifier's outcomes (message index,
+/// the failed check); an enforced one refuses the call (a batch whole, as for a denial), a
+/// shadow one (the rule's mode or the identity's) is audited as `would_deny` and forwarded.
+fn constrain(
+    w: &Worker,
+    policy: &Policy,
+    body: &Body,
+    findings: &[(usize, crate::rules::Violation)],
+    method: usize,
+    audit: &mut AuditInfo,
+) -> Result<Option<Reply>, GatewayError> {
+    let mut enforced = None;
+    for (i, v) in findings {
+        let shadow = v.shadow || policy.shadow;
+        w.metrics.argument_refusals[usize::from(shadow)]
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if shadow {
+            shadow_denial(audit, "argument_refused");
+            audit.detail.get_or_insert_with(|| v.data_json());
+        } else if enforced.is_none() {
+            enforced = Some((*i, v));
+        }
+    }
+    let Some((index, v)) = enforced else {
+        return Ok(None);
+    };
+    let tool = match &body.messages()[index].target {
+        Some(Target::Tool(t)) => t.as_str(),
+        _ => "",
+    };
+    // The shadow findings' detail gives way to the one that refused.
+    audit.detail = Some(v.data_json());
+    audit.reason = None;
+    let message = v.message(tool);
+    let Body::Batch(messages) = body else {
+        return Err(GatewayError::ArgumentRefused {
+            message,
+            data: v.data_json(),
+        });
+    };
+    let mut r = batch_refusal(messages, index, &message, &v.data_json(), method);
+    r.reason = Some("argument_refused");
+    Ok(Some(r))
+}
+
+/// A batch with a refused call is refused whole: nothing of it reaches the upstream, and each
+/// request in it gets an error saying why (the refused one its own `message` and `data`, the
+/// others `batch_refused`).
+fn batch_refusal(
+    messages: &[Message],
+    index: usize,
+    message: &str,
+    data: &str,
+    method: usize,
+) -> Reply {
     let mut out = Vec::from(&b"["[..]);
     let mut first = true;
     for (i, m) in messages.iter().enumerate() {
@@ -759,25 +851,23 @@ fn authorize(
             out.push(b',');
         }
         first = false;
-        let (text, reason) = if i == index {
-            (denial.message.as_str(), denial.reason.as_str())
+        let (text, data) = if i == index {
+            (message, data)
         } else {
             (
                 "Batch refused: another call in it is not permitted",
-                "batch_refused",
+                "{\"reason\":\"batch_refused\"}",
             )
         };
         out.extend(jsonrpc_error(
             Some(&id.to_json()),
             code::FORBIDDEN,
             text,
-            Some(&format!("{{\"reason\":\"{reason}\"}}")),
+            Some(data),
         ));
     }
     out.push(b']');
-    let mut r = Reply::json(200, out, method);
-    r.reason = Some(denial.reason.as_str());
-    Ok(Some(r))
+    Reply::json(200, out, method)
 }
 
 /// A tool call refused to an OAuth caller whose token lacks the scope for it becomes the
@@ -939,12 +1029,23 @@ async fn post(
     ticket: Option<&legacy::Ticket>,
 ) -> Result<Reply, Early> {
     let (w, cfg, head) = (cx.w, cx.cfg, cx.head);
-    // 6. classify
-    let body = w
-        .classifier
-        .borrow_mut()
-        .classify(raw)
-        .map_err(|e| match e {
+    // 6. classify; argument rules run on this parse (see `rules`), their outcome kept here.
+    let mut findings: Vec<(usize, crate::rules::Violation)> = Vec::new();
+    let rules = &cfg.tool_rules;
+    let classified = if rules.is_empty() {
+        w.classifier.borrow_mut().classify(raw)
+    } else {
+        let server = &*cfg.routes[cx.route].name;
+        let identity = &*cx.caller.identity.id;
+        w.classifier
+            .borrow_mut()
+            .classify_inspecting(raw, &mut |i, tool, arguments| {
+                if let Some(v) = rules.check(tool, server, identity, arguments) {
+                    findings.push((i, v));
+                }
+            })
+    };
+    let body = classified.map_err(|e| match e {
             ClassifyError::Parse(m) => early(GatewayError::Parse(m), M_NONE),
             ClassifyError::Invalid(m, id) => (GatewayError::InvalidRequest(m, id), None, M_NONE),
             ClassifyError::Params(m, id) => {
@@ -1029,10 +1130,15 @@ async fn post(
     #[cfg(debug_assertions)]
     test_hooks::maybe_panic(&body);
     // 7. authorize
-    if let Some(refused) = authorize(w, cfg, cx.policy, &body, method)
+    if let Some(refused) = authorize(w, cfg, cx.policy, &body, method, audit)
         .map_err(|e| step_up(cx, &body, e))
         .map_err(fail)?
     {
+        audit.decision = Some("deny");
+        return Ok(refused);
+    }
+    // 7b. argument constraints, decided on the classifier's parse.
+    if let Some(refused) = constrain(w, cx.policy, &body, &findings, method, audit).map_err(fail)? {
         audit.decision = Some("deny");
         return Ok(refused);
     }
@@ -1047,7 +1153,7 @@ async fn post(
         }
     }
     // tools/list answers are filtered to what this identity may call.
-    let filter = (!cx.policy.tools.is_open()
+    let filter = (cx.policy.filters_lists()
         && body
             .messages()
             .iter()
@@ -1079,7 +1185,7 @@ async fn post(
 /// among them (`Last-Event-ID` resumes a POST's stream), so a restricted caller's streams are
 /// filtered.
 async fn stream(cx: &Ctx<'_>) -> Result<Reply, GatewayError> {
-    let filter = (!cx.policy.tools.is_open()).then_some(cx.policy);
+    let filter = cx.policy.filters_lists().then_some(cx.policy);
     let session = cx.session()?;
     let exchange = cx
         .upstream()?
@@ -1097,7 +1203,7 @@ fn legacy_stream(cx: &Ctx<'_>) -> Reply {
         200,
         ReplyBody::Events(EventStream {
             messages: opened.messages,
-            policy: (!cx.policy.tools.is_open()).then(|| cx.policy.clone()),
+            policy: cx.policy.filters_lists().then(|| cx.policy.clone()),
             preamble: opened.preamble,
             guard: Some(opened.guard),
             backlog: Some(opened.backlog),

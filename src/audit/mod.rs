@@ -53,6 +53,9 @@ pub struct AuditEvent {
     pub latency_us: u64,
     /// Tool arguments (raw JSON), only when `audit.include_arguments` is on.
     pub arguments: Option<String>,
+    /// What a refused (or, in shadow mode, would-be refused) argument check names, as a JSON
+    /// object: `{"reason":"argument_refused","pointer":…,"check":…,"rule":…}`. Never a value.
+    pub detail: Option<String>,
 }
 
 impl AuditEvent {
@@ -109,6 +112,11 @@ impl AuditEvent {
             // Arguments were re-serialised by serde_json from the request: valid JSON.
             o.push_str(",\"arguments\":");
             o.push_str(a);
+        }
+        if let Some(d) = &self.detail {
+            // Built by serde_json from names and numbers: valid JSON.
+            o.push_str(",\"detail\":");
+            o.push_str(d);
         }
         o.push('}');
         o
@@ -430,6 +438,7 @@ mod tests {
             upstream: "default".into(),
             latency_us: 1,
             arguments: None,
+            detail: None,
         }
     }
 

@@ -60,6 +60,8 @@ pub struct Settings {
     pub sessions: Arc<SessionCodec>,
     /// `[tracing]`: trace context and spans.
     pub tracing: crate::observe::trace::TraceSettings,
+    /// `[[tool_rules]]`, compiled.
+    pub tool_rules: Arc<crate::rules::ToolRules>,
 }
 
 /// `[rate_limit]`, validated.
@@ -399,6 +401,7 @@ pub fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
         return Err(invalid("audit.queue_capacity", "must be 1..=1000000"));
     }
     let tracing = validate_tracing(&file.tracing)?;
+    let tool_rules = validate_tool_rules(file, &routes)?;
     let tool_labels = Arc::new(tool_labels(file));
     let mut warnings = features::ignored_keys(file);
     let sessions = Arc::new(session_codec(s, &mut warnings)?);
@@ -432,7 +435,20 @@ pub fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
         upstreams: None,
         sessions,
         tracing,
+        tool_rules,
     })
+}
+
+/// `[[tool_rules]]`: every pointer, regex, bound and root checked and compiled once, so a
+/// request only walks its arguments.
+fn validate_tool_rules(
+    file: &FileConfig,
+    routes: &[Route],
+) -> Result<Arc<crate::rules::ToolRules>, ConfigError> {
+    let names: Vec<Arc<str>> = routes.iter().map(|r| r.name.clone()).collect();
+    crate::rules::compile(&file.tool_rules, &names)
+        .map(Arc::new)
+        .map_err(|(key, msg)| invalid(&key, msg))
 }
 
 /// `[tracing]`: the rate in range, the collector https (http only to loopback). An endpoint
@@ -729,6 +745,7 @@ fn validate_auth(file: &FileConfig, routes: &[Route]) -> Result<Authenticator, C
                 .as_ref()
                 .map(|s| s.iter().cloned().collect()),
             rate_limit: k.rate_limit,
+            shadow: k.policy_mode == schema::PolicyMode::Shadow,
             per_server: HashMap::new(),
         };
         // A server named by a `server/tool` entry gets a policy of its own.

@@ -955,7 +955,7 @@ fn emit_audit(
             }),
             decision,
             // A refused credential says why (`jwt_expired`, `invalid_credentials`), never what it was.
-            reason: info.auth_failure.or(reason),
+            reason: info.auth_failure.or(reason).or(info.reason),
             status,
             upstream: info
                 .upstream
@@ -963,6 +963,7 @@ fn emit_audit(
                 .unwrap_or_else(|| crate::config::DEFAULT_ROUTE.into()),
             latency_us: latency.as_micros() as u64,
             arguments: if i == last { arguments.take() } else { None },
+            detail: info.detail.clone(),
         };
         if !w.audit.push(ev) {
             w.metrics

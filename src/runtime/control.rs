@@ -265,6 +265,7 @@ fn reload_refused_event(reason: &'static str) -> crate::audit::AuditEvent {
         upstream: crate::config::DEFAULT_ROUTE.into(),
         latency_us: 0,
         arguments: None,
+        detail: None,
     }
 }
 

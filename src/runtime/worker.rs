@@ -565,6 +565,7 @@ fn refused_certificate(w: &Worker, peer: std::net::SocketAddr, reason: &'static 
         upstream: crate::config::DEFAULT_ROUTE.into(),
         latency_us: 0,
         arguments: None,
+        detail: None,
     };
     if !w.audit.push(event) {
         w.metrics.audit_dropped.fetch_add(1, Ordering::Relaxed);
