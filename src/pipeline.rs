@@ -218,6 +218,8 @@ pub struct Admitted<'c> {
     /// Where the path's remainder after the route's endpoint or prefix starts.
     rest_at: usize,
     audit: AuditInfo,
+    /// Its rate-limit token was taken on the head ([`rate_on_head`]).
+    rated: bool,
 }
 
 impl Admitted<'_> {
@@ -306,6 +308,7 @@ pub fn admit<'c>(
             route,
             rest_at,
             audit,
+            rated: false,
         }),
         Err((e, id, method)) => {
             Admission::Answered(with_challenge(cfg, path, refused(e, id, method, audit)))
@@ -419,6 +422,8 @@ struct Ctx<'r> {
     /// The server session ids of this request are bound to besides the identity (empty for
     /// the default upstream), so an id minted for one server is unknown at another.
     session_route: &'r str,
+    /// Rate-limited on the head already.
+    rated: bool,
 }
 
 impl Ctx<'_> {
@@ -497,6 +502,7 @@ pub async fn handle(
         route,
         rest_at,
         mut audit,
+        rated,
     } = admitted;
     let name = &cfg.routes[route].name;
     let session_route = if &**name == crate::config::DEFAULT_ROUTE {
@@ -515,6 +521,7 @@ pub async fn handle(
         route,
         rest: head.path().get(rest_at..).unwrap_or_default(),
         session_route,
+        rated,
     };
     let outcome = match head.method {
         Method::Post if front == Front::LegacyPost => legacy_post(&cx, body, &mut audit).await,
@@ -661,7 +668,10 @@ fn admit_mcp<'c>(
         return Ok((caller, version));
     }
     match head.method {
-        Method::Post => transport::check_post_headers(head).map_err(|e| early(e, M_NONE))?,
+        Method::Post => {
+            transport::check_post_headers(head).map_err(|e| early(e, M_NONE))?;
+            decide_on_head(w, cfg, head, caller, route, audit)?;
+        }
         Method::Get => transport::check_stream_accept(head).map_err(|e| early(e, M_STREAM))?,
         Method::Delete => {}
         _ => {
@@ -672,6 +682,105 @@ fn admit_mcp<'c>(
         }
     }
     Ok((caller, version))
+}
+
+/// What `Mcp-Method` and `Mcp-Name` say a POST acts on, when they name a call policy decides
+/// on: the method's metric label and the target. `None` leaves every decision to the body:
+/// no `Mcp-Method`, another method, no `Mcp-Name`, or a name in the base64 form (decoded
+/// nowhere here; the body, which must agree with it, decides).
+fn head_target(head: &RequestHead) -> Option<(&str, Target)> {
+    let method = head.h.mcp_method.as_deref()?;
+    let name = head.h.mcp_name.as_deref()?;
+    if name.starts_with("=?") {
+        return None;
+    }
+    let target = match method {
+        "tools/call" => Target::Tool(name.to_string()),
+        "resources/read" => Target::Resource(name.to_string()),
+        "prompts/get" => Target::Prompt(name.to_string()),
+        _ => return None,
+    };
+    Some((method, target))
+}
+
+/// Phase 7 on the head: a POST whose `Mcp-Method` / `Mcp-Name` name a call the caller's
+/// allow/deny lists refuse is answered before its body is read (no body buffer, no JSON
+/// parse). The body of an admitted request is still parsed and must agree with the headers
+/// (`transport::check_method_headers`), so a header naming an allowed tool cannot carry a
+/// call of a denied one. Argument rules need the body and run there.
+fn decide_on_head(
+    w: &Worker,
+    cfg: &Settings,
+    head: &RequestHead,
+    caller: Caller<'_>,
+    route: usize,
+    audit: &mut AuditInfo,
+) -> Result<(), Early> {
+    let Some((method, target)) = head_target(head) else {
+        return Ok(());
+    };
+    let policy = crate::authz::policy_on(&caller.identity.policy, &cfg.routes[route].name);
+    // In shadow mode nothing is refused here: the body path decides again and records the
+    // would-be refusal (and counts it, once).
+    if policy.shadow {
+        return Ok(());
+    }
+    let Decision::Deny(denial) = policy.decide(Some(&target)) else {
+        return Ok(());
+    };
+    // Counted here; the body path never sees this call.
+    if let Target::Tool(t) = &target {
+        let slot = cfg.tool_labels.get(t).copied().unwrap_or(0);
+        w.metrics.count_decision(slot, 1);
+    }
+    audit.messages = vec![(method.to_string(), Some(target))];
+    audit.decision = Some("deny");
+    Err(early(
+        GatewayError::HeadDenied(denial),
+        metrics::method_index(method),
+    ))
+}
+
+/// Phase 8 on the head, for a POST whose `Mcp-Method` header is present: the caller's quota
+/// is spent before the body is read, so a caller over its limit costs no body read either.
+/// The request then carries [`Admitted::rated`] and the body path does not count it again.
+/// Without `Mcp-Method` (or with a name only the body can decide), the body path rates it.
+pub async fn rate_on_head<'c>(
+    w: &Worker,
+    cfg: &Settings,
+    head: &RequestHead,
+    mut admitted: Admitted<'c>,
+) -> Result<Admitted<'c>, Reply> {
+    let Some(method) = head.h.mcp_method.as_deref() else {
+        return Ok(admitted);
+    };
+    let target = head_target(head).map(|(_, t)| t);
+    // A call whose name the head does not give is rated on the body, where its per-tool
+    // bucket can be found.
+    let named = matches!(method, "tools/call" | "resources/read" | "prompts/get");
+    if !cfg.rate.enabled
+        || head.method != Method::Post
+        || admitted.front != Front::Streamable
+        || (named && target.is_none())
+    {
+        return Ok(admitted);
+    }
+    let message = Message {
+        kind: Kind::Request,
+        method: Some(method.to_string()),
+        id: None,
+        target,
+    };
+    match rate_limit(w, cfg, admitted.caller, std::slice::from_ref(&message)).await {
+        Ok(()) => {
+            admitted.rated = true;
+            Ok(admitted)
+        }
+        Err(e) => {
+            admitted.audit.messages = vec![(method.to_string(), message.target)];
+            Err(refused(e, None, metrics::method_index(method), admitted.audit))
+        }
+    }
 }
 
 /// Phases 4a (Origin) and 5 (authenticate), shared by every authenticated path. When the
@@ -1142,10 +1251,12 @@ async fn post(
         audit.decision = Some("deny");
         return Ok(refused);
     }
-    // 8. rate-limit
-    rate_limit(w, cfg, cx.caller, body.messages())
-        .await
-        .map_err(fail)?;
+    // 8. rate-limit (unless the head already did: one token per call, not two)
+    if !cx.rated {
+        rate_limit(w, cfg, cx.caller, body.messages())
+            .await
+            .map_err(fail)?;
+    }
     for m in body.messages() {
         if let Some(Target::Tool(t)) = &m.target {
             w.metrics
