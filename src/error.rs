@@ -182,9 +182,7 @@ impl GatewayError {
             | HeadDenied(_)
             | ArgumentRefused { .. }
             | ServerForbidden(_)
-            | InsufficientScope { .. } => {
-                code::FORBIDDEN
-            }
+            | InsufficientScope { .. } => code::FORBIDDEN,
             RateLimited { .. } => code::RATE_LIMITED,
             _ => code::SERVER_ERROR,
         }

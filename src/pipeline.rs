@@ -565,7 +565,10 @@ fn refused(e: GatewayError, id: Option<RpcId>, method: usize, mut audit: AuditIn
     }
     if audit.decision.is_none() {
         audit.decision = match e {
-            GatewayError::Denied(_) | GatewayError::Unauthorized { .. } => Some("deny"),
+            GatewayError::Denied(_)
+            | GatewayError::HeadDenied(_)
+            | GatewayError::ArgumentRefused { .. }
+            | GatewayError::Unauthorized { .. } => Some("deny"),
             GatewayError::OriginForbidden => Some("deny"),
             GatewayError::RateLimited { .. } => Some("rate_limited"),
             _ => None,
@@ -778,7 +781,12 @@ pub async fn rate_on_head<'c>(
         }
         Err(e) => {
             admitted.audit.messages = vec![(method.to_string(), message.target)];
-            Err(refused(e, None, metrics::method_index(method), admitted.audit))
+            Err(refused(
+                e,
+                None,
+                metrics::method_index(method),
+                admitted.audit,
+            ))
         }
     }
 }
@@ -1115,7 +1123,7 @@ async fn legacy_post(cx: &Ctx<'_>, raw: &[u8], audit: &mut AuditInfo) -> Result<
                         ))) =>
         {
             let reason = e.reason();
-            if let GatewayError::Denied(_) = e {
+            if let GatewayError::Denied(_) | GatewayError::ArgumentRefused { .. } = e {
                 audit.decision = Some("deny");
             }
             (e.body(id.as_ref()), method, Some(reason))
@@ -1155,12 +1163,12 @@ async fn post(
             })
     };
     let body = classified.map_err(|e| match e {
-            ClassifyError::Parse(m) => early(GatewayError::Parse(m), M_NONE),
-            ClassifyError::Invalid(m, id) => (GatewayError::InvalidRequest(m, id), None, M_NONE),
-            ClassifyError::Params(m, id) => {
-                (GatewayError::InvalidParams(m, id.clone()), Some(id), M_NONE)
-            }
-        })?;
+        ClassifyError::Parse(m) => early(GatewayError::Parse(m), M_NONE),
+        ClassifyError::Invalid(m, id) => (GatewayError::InvalidRequest(m, id), None, M_NONE),
+        ClassifyError::Params(m, id) => {
+            (GatewayError::InvalidParams(m, id.clone()), Some(id), M_NONE)
+        }
+    })?;
     let method = label(&body);
     audit.messages = body
         .messages()

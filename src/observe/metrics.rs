@@ -170,7 +170,8 @@ impl WorkerMetrics {
 
     /// Counts a decision on a tool call; `outcome` indexes [`OUTCOMES`].
     pub fn count_decision(&self, tool_slot: usize, outcome: usize) {
-        self.decisions[tool_slot.min(TOOL_SLOTS - 1)][outcome.min(OUTCOMES.len() - 1)].fetch_add(1, Relaxed);
+        self.decisions[tool_slot.min(TOOL_SLOTS - 1)][outcome.min(OUTCOMES.len() - 1)]
+            .fetch_add(1, Relaxed);
     }
 
     /// Counts one finished request.

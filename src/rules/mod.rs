@@ -560,15 +560,29 @@ mod tests {
     fn each_check_passes_and_refuses() {
         let r = rules(TYPICAL);
         assert_eq!(
-            run(&r, "a", "default", r#"{"path":"/srv/data/x","mode":"ro","opts":{"depth":3}}"#),
+            run(
+                &r,
+                "a",
+                "default",
+                r#"{"path":"/srv/data/x","mode":"ro","opts":{"depth":3}}"#
+            ),
             None
         );
         let check = |args: &str| run(&r, "a", "default", args).map(|v| v.check);
         assert_eq!(check(r#"{}"#), Some("required"));
         assert_eq!(check(r#"{"path":"/etc/passwd"}"#), Some("path_under"));
-        assert_eq!(check(r#"{"path":"/srv/data/x","mode":"RO"}"#), Some("regex"));
-        assert_eq!(check(r#"{"path":"/srv/data/x","opts":{"depth":6}}"#), Some("max"));
-        assert_eq!(check(r#"{"path":"/srv/data/x","opts":{"depth":"1"}}"#), Some("max"));
+        assert_eq!(
+            check(r#"{"path":"/srv/data/x","mode":"RO"}"#),
+            Some("regex")
+        );
+        assert_eq!(
+            check(r#"{"path":"/srv/data/x","opts":{"depth":6}}"#),
+            Some("max")
+        );
+        assert_eq!(
+            check(r#"{"path":"/srv/data/x","opts":{"depth":"1"}}"#),
+            Some("max")
+        );
         assert_eq!(check(r#"{"path":7}"#), Some("path_under"));
     }
 
@@ -629,7 +643,10 @@ mod tests {
         "#,
         );
         let check = |args: &str| run(&r, "a", "default", args).map(|v| v.check);
-        assert_eq!(check(r#"{"n":1,"s":"é","g":"x.md","list":[0,true],"a/b":"x"}"#), None);
+        assert_eq!(
+            check(r#"{"n":1,"s":"é","g":"x.md","list":[0,true],"a/b":"x"}"#),
+            None
+        );
         assert_eq!(check(r#"{"n":1.0}"#), Some("type"));
         assert_eq!(check(r#"{"n":-1}"#), Some("min"));
         assert_eq!(check(r#"{"s":"abcd"}"#), Some("max_len"));
@@ -640,7 +657,10 @@ mod tests {
         let huge = format!(r#"{{"s":"{}"}}"#, "x".repeat(1 << 20));
         let v = run(&r, "a", "default", &huge).unwrap();
         assert_eq!(v.check, "max_len");
-        assert!(v.message("read_file").len() < 200, "the value is never echoed");
+        assert!(
+            v.message("read_file").len() < 200,
+            "the value is never echoed"
+        );
     }
 
     #[test]
@@ -684,7 +704,10 @@ mod tests {
             assert_eq!(e.0, key, "{body}: {e:?}");
         };
         bad("", "tool_rules[0]");
-        bad("[[tool_rules.args]]\npointer = \"/p\"", "tool_rules[0].args[0].pointer");
+        bad(
+            "[[tool_rules.args]]\npointer = \"/p\"",
+            "tool_rules[0].args[0].pointer",
+        );
         bad(
             "[[tool_rules.args]]\npointer = \"p\"\nrequired = true",
             "tool_rules[0].args[0].pointer",

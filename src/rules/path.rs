@@ -210,7 +210,14 @@ mod tests {
     #[test]
     fn roots_must_be_written_in_normal_form() {
         for bad in [
-            "srv", "/srv/", "/srv//x", "/srv/./x", "/srv/../x", "/srv/%2e", "/a\\b", "",
+            "srv",
+            "/srv/",
+            "/srv//x",
+            "/srv/./x",
+            "/srv/../x",
+            "/srv/%2e",
+            "/a\\b",
+            "",
         ] {
             assert!(Root::parse(bad).is_err(), "{bad:?}");
         }
