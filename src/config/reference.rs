@@ -360,6 +360,8 @@ fn declared_fields(type_name: &str) -> Option<&'static [&'static str]> {
         "RateLimitSection" => of::<RateLimitSection>(),
         "AuditSection" => of::<AuditSection>(),
         "TracingSection" => of::<TracingSection>(),
+        "ToolRuleSection" => of::<ToolRuleSection>(),
+        "ArgRuleSection" => of::<ArgRuleSection>(),
         _ => None,
     }
 }

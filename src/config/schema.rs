@@ -623,9 +623,11 @@ pub struct ArgRuleSection {
     pub required: bool,
     /// A string that, percent-decoded (once: a `%` left after decoding is refused) and with
     /// `.`, `..` and repeated slashes resolved, is one of these absolute roots or below it on a
-    /// segment boundary (`/srv/data` admits `/srv/data/x`, never `/srv/database`). A relative
-    /// path, a `..` above `/`, a NUL or a backslash is refused. Symlinks are not resolved: that
-    /// is the server's business.
+    /// segment boundary (`/srv/data` admits `/srv/data/x`, never `/srv/database`). A `..` may
+    /// climb only below the root (`/srv/data/a/../b` passes, `/srv/data/../data/b` does not).
+    /// A relative path, a NUL, a backslash, a control character or a character that reads as
+    /// a dot or slash (fullwidth `．`, `／`, the two-dot leader) is refused. Symlinks are not
+    /// resolved: that is the server's business.
     #[schemars(extend("x-type" = "list of absolute paths"))]
     pub path_under: Option<Vec<String>>,
     /// A string matching one of these globs (`*` any run, `?` one character).
