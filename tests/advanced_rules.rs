@@ -639,3 +639,19 @@ fn a_call_rated_on_the_head_spends_one_token() {
     }
     assert!(limited, "the per-tool limit never applied on the head");
 }
+
+#[test]
+fn legacy_sse_messages_take_the_same_path() {
+    use common::legacy::Legacy;
+    let s = start("[rate_limit]\nenabled = false", "");
+    let mut l = Legacy::open(s.g.addr, "/sse", BOB);
+    l.initialize();
+    let m = l.call(&tcall(1000, "echo", r#"{"path":"/srv/data/%2e%2e/x"}"#));
+    assert_eq!(m["error"]["code"], -32003, "{m}");
+    assert_eq!(m["error"]["data"]["reason"], "argument_refused");
+    assert_eq!(m["error"]["data"]["check"], "path_under");
+    assert!(!upstream_saw(&s, 1000));
+    let m = l.call(&tcall(1001, "echo", r#"{"text":"fine","path":"/srv/data/x"}"#));
+    assert!(m["result"].is_object(), "{m}");
+    assert!(upstream_saw(&s, 1001));
+}

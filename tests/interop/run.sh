@@ -62,3 +62,8 @@ echo "interop: OAuth against a third-party authorization server"
 MCP_GUARD_BIN="$bin" timeout 60 node oauth_third_party.mjs &
 node_pid=$!
 wait "$node_pid"
+
+# Argument constraints, shadow policies and head decisions: the Python SDK's ClientSession
+# through the gateway to an SDK MCPServer as its stdio child.
+echo "interop: argument constraints, shadow policies, decisions on the head"
+timeout 90 .venv/bin/python advanced_rules.py "$bin"
