@@ -651,7 +651,11 @@ fn legacy_sse_messages_take_the_same_path() {
     assert_eq!(m["error"]["data"]["reason"], "argument_refused");
     assert_eq!(m["error"]["data"]["check"], "path_under");
     assert!(!upstream_saw(&s, 1000));
-    let m = l.call(&tcall(1001, "echo", r#"{"text":"fine","path":"/srv/data/x"}"#));
+    let m = l.call(&tcall(
+        1001,
+        "echo",
+        r#"{"text":"fine","path":"/srv/data/x"}"#,
+    ));
     assert!(m["result"].is_object(), "{m}");
     assert!(upstream_saw(&s, 1001));
 }
