@@ -736,12 +736,12 @@ fn decide_on_head(
         let slot = cfg.tool_labels.get(t).copied().unwrap_or(0);
         w.metrics.count_decision(slot, 1);
     }
+    // An OAuth caller a scope would grant it to gets the step-up challenge, as on the body.
+    let refusal = scope_challenge(cfg, caller, route, Some(&target), &denial)
+        .unwrap_or(GatewayError::HeadDenied(denial));
     audit.messages = vec![(method.to_string(), Some(target))];
     audit.decision = Some("deny");
-    Err(early(
-        GatewayError::HeadDenied(denial),
-        metrics::method_index(method),
-    ))
+    Err(early(refusal, metrics::method_index(method)))
 }
 
 /// Phase 8 on the head, for a POST whose `Mcp-Method` header is present: the caller's quota
@@ -995,26 +995,38 @@ fn step_up(cx: &Ctx<'_>, body: &Body, e: GatewayError) -> GatewayError {
     let GatewayError::Denied(denial) = &e else {
         return e;
     };
-    let (Some(oauth), Body::Single(m)) = (&cx.cfg.auth.oauth_tokens, body) else {
+    let Body::Single(m) = body else {
         return e;
     };
-    let Some(Target::Tool(tool)) = &m.target else {
-        return e;
+    scope_challenge(cx.cfg, cx.caller, cx.route, m.target.as_ref(), denial).unwrap_or(e)
+}
+
+/// The `insufficient_scope` challenge for a denied tool call of an OAuth caller, when some
+/// scope would grant it (see [`step_up`]); shared by the body and the head decisions.
+fn scope_challenge(
+    cfg: &Settings,
+    caller: Caller<'_>,
+    route: usize,
+    target: Option<&Target>,
+    denial: &Denial,
+) -> Option<GatewayError> {
+    let oauth = cfg.auth.oauth_tokens.as_ref()?;
+    let Some(Target::Tool(tool)) = target else {
+        return None;
     };
-    if cx.caller.identity.method != AuthMethod::OAuth
+    if caller.identity.method != AuthMethod::OAuth
         || denial.reason != crate::authz::DenyReason::NotAllowed
     {
-        return e;
+        return None;
     }
-    let route = &cx.cfg.routes[cx.route];
-    match oauth.scopes_for_tool(tool, &route.name) {
-        Some(scope) => GatewayError::InsufficientScope {
+    let route = &cfg.routes[route];
+    oauth
+        .scopes_for_tool(tool, &route.name)
+        .map(|scope| GatewayError::InsufficientScope {
             scope,
             resource_metadata: oauth.resource_metadata_url(&route.endpoint),
             message: denial.message.clone(),
-        },
-        None => e,
-    }
+        })
 }
 
 /// Phase 8, rate limiting: one token of the identity's bucket per message (one for GET/DELETE), and one
