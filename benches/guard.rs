@@ -80,6 +80,7 @@ fn event(identity: Arc<str>) -> AuditEvent {
         arguments: None,
         details: Vec::new(),
         session: None,
+        detail: None,
     }
 }
 

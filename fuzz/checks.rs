@@ -720,3 +720,82 @@ pub fn peer_inputs(data: &[u8]) {
         }
     }
 }
+
+/// `[[tool_rules]]`: `path_under` on any string never panics, and what it admits stays under
+/// the root however it is read again (decoded a second time, normalised a second time); a rule
+/// set evaluated on the classifier's tape never panics, and an argument it admits is admitted
+/// too as serde_json reads it (last member wins): no duplicate, no case-folded twin, no
+/// escape sequence splits what was checked from what an upstream would read.
+pub fn tool_rules(data: &[u8]) {
+    use mcp_guard::rules::path::{Root, check_under, normalise};
+    let roots = [Root::parse("/srv/data").unwrap()];
+    let text = String::from_utf8_lossy(data);
+    for candidate in [text.as_ref(), &format!("/srv/data/{text}")] {
+        if check_under(candidate, &roots).is_ok() {
+            let decoded = mcp_guard::http::percent_decoded(candidate).expect("admitted: decodes");
+            assert!(!decoded.contains(['%', '\0', '\\']), "{candidate:?}");
+            let n = normalise(candidate).unwrap();
+            assert!(n.path.len() >= 2 && n.path[0] == "srv" && n.path[1] == "data");
+            let again = format!("/{}", n.path.join("/"));
+            assert!(check_under(&again, &roots).is_ok(), "{candidate:?} -> {again:?}");
+            assert!(
+                !n.path.iter().any(|s| s == ".." || s == "." || s.is_empty()),
+                "{candidate:?}"
+            );
+        }
+    }
+    use mcp_guard::config::schema::{ArgRuleSection, ArgType, PolicyMode, ToolRuleSection};
+    let arg = |pointer: &str| ArgRuleSection {
+        pointer: pointer.into(),
+        required: false,
+        path_under: None,
+        glob: None,
+        regex: None,
+        one_of: None,
+        min: None,
+        max: None,
+        max_len: None,
+        kind: None,
+    };
+    let sections = [ToolRuleSection {
+        tool: "t".into(),
+        server: None,
+        identities: None,
+        mode: PolicyMode::Enforce,
+        args: vec![
+            ArgRuleSection {
+                path_under: Some(vec!["/srv/data".into()]),
+                ..arg("/path")
+            },
+            ArgRuleSection {
+                kind: Some(ArgType::Integer),
+                max: Some(5.0),
+                ..arg("/n/m")
+            },
+        ],
+    }];
+    let rules = mcp_guard::rules::compile(&sections, &[Arc::from("default")]).unwrap();
+    let body = format!(
+        r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"t","arguments":{text}}}}}"#
+    );
+    let mut verdict = None;
+    let classified = Classifier::new().classify_inspecting(body.as_bytes(), &mut |_, tool, a| {
+        verdict = Some(rules.check(tool, "default", "x", a));
+    });
+    if classified.is_err() {
+        return;
+    }
+    let Some(None) = verdict else { return };
+    let Ok(v) = serde_json::from_str::<Value>(&body) else {
+        return;
+    };
+    let args = &v["params"]["arguments"];
+    if let Some(p) = args.get("path") {
+        let p = p.as_str().expect("admitted /path is a string");
+        assert!(check_under(p, &roots).is_ok(), "serde_json reads /path as {p:?}");
+    }
+    if let Some(m) = args.get("n").and_then(|n| n.get("m")) {
+        assert!(m.is_i64() || m.is_u64(), "serde_json reads /n/m as {m}");
+        assert!(m.as_i64().is_none_or(|m| m <= 5), "serde_json reads /n/m as {m}");
+    }
+}

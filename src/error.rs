@@ -95,6 +95,18 @@ pub enum GatewayError {
     },
     /// The identity's policy refuses this call (JSON-RPC error on HTTP 200, naming it).
     Denied(crate::authz::Denial),
+    /// The policy refuses the call the `Mcp-Method` / `Mcp-Name` headers name, decided before
+    /// the body was read (HTTP 403 with a JSON-RPC error whose id is null: the id is in the
+    /// body nobody read).
+    HeadDenied(crate::authz::Denial),
+    /// A `[[tool_rules]]` check refused an argument (JSON-RPC error on HTTP 200, like a
+    /// denial, naming the argument's pointer and the check, never its value).
+    ArgumentRefused {
+        /// For the caller.
+        message: String,
+        /// The error's `data` (JSON).
+        data: String,
+    },
     /// An OAuth caller's token lacks a scope this call needs (HTTP 403 with the RFC 6750
     /// challenge naming the scopes that would grant it, so the client can step up).
     InsufficientScope {
@@ -135,7 +147,7 @@ impl GatewayError {
             Overloaded => 503,
             NotFound | UnknownSession => 404,
             PathNotNormal => 400,
-            ServerForbidden(_) => 403,
+            ServerForbidden(_) | HeadDenied(_) => 403,
             MethodNotAllowed(_) => 405,
             NotAcceptable(_) => 406,
             UnsupportedMediaType => 415,
@@ -146,7 +158,7 @@ impl GatewayError {
             UpstreamTimeout => 504,
             UpstreamBusy | ShuttingDown | ProcessCap(_) | ServerDown(_) | ReplicaDown(_) => 503,
             Unauthorized { .. } => 401,
-            Denied(_) => 200,
+            Denied(_) | ArgumentRefused { .. } => 200,
             InsufficientScope { .. } => 403,
             AuthUnavailable => 503,
             UpstreamUnauthorized(_) => 502,
@@ -166,7 +178,11 @@ impl GatewayError {
             }
             ServerDown(_) | ReplicaDown(_) | UpstreamUnauthorized(_) => code::INTERNAL_ERROR,
             Unauthorized { .. } | AuthUnavailable => code::UNAUTHORIZED,
-            Denied(_) | ServerForbidden(_) | InsufficientScope { .. } => code::FORBIDDEN,
+            Denied(_)
+            | HeadDenied(_)
+            | ArgumentRefused { .. }
+            | ServerForbidden(_)
+            | InsufficientScope { .. } => code::FORBIDDEN,
             RateLimited { .. } => code::RATE_LIMITED,
             _ => code::SERVER_ERROR,
         }
@@ -208,7 +224,8 @@ impl GatewayError {
             ShuttingDown => "shutting_down",
             Unauthorized { invalid: false } => "missing_credentials",
             Unauthorized { invalid: true } => "invalid_credentials",
-            Denied(d) => d.reason.as_str(),
+            Denied(d) | HeadDenied(d) => d.reason.as_str(),
+            ArgumentRefused { .. } => "argument_refused",
             InsufficientScope { .. } => "insufficient_scope",
             AuthUnavailable => "auth_unavailable",
             UpstreamUnauthorized(_) => "upstream_unauthorized",
@@ -264,6 +281,8 @@ impl GatewayError {
             Unauthorized { invalid: false } => "Authentication required".into(),
             Unauthorized { invalid: true } => "Invalid credentials".into(),
             Denied(d) => d.message.clone(),
+            HeadDenied(d) => format!("{} (decided on the Mcp-Method / Mcp-Name headers)", d.message),
+            ArgumentRefused { message, .. } => message.clone(),
             InsufficientScope { message, scope, .. } => {
                 format!("{message}: the token needs one of these scopes: {scope}")
             }
@@ -307,6 +326,11 @@ impl GatewayError {
                 retry_after_secs, ..
             } => Some(format!("{{\"retryAfterSeconds\":{retry_after_secs}}}")),
             GatewayError::Denied(d) => Some(format!("{{\"reason\":\"{}\"}}", d.reason.as_str())),
+            GatewayError::ArgumentRefused { data, .. } => Some(data.clone()),
+            GatewayError::HeadDenied(d) => Some(format!(
+                "{{\"reason\":\"{}\",\"decidedOn\":\"headers\"}}",
+                d.reason.as_str()
+            )),
             GatewayError::InsufficientScope { scope, .. } => Some(
                 serde_json::json!({ "reason": "insufficient_scope", "scope": scope }).to_string(),
             ),

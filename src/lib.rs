@@ -23,6 +23,7 @@ pub mod observe;
 pub mod pinning;
 pub mod pipeline;
 pub mod ratelimit;
+pub mod rules;
 pub mod runtime;
 pub mod tls;
 pub mod upstream;

@@ -96,6 +96,10 @@ pub struct AuditInfo {
     pub forwarded_at: Option<Instant>,
     /// What the advanced-policy steps noted (the audit event's `details`).
     pub details: Vec<(&'static str, String)>,
+    /// Why, for a request that went ahead with a decision worth a reason (`would_deny`).
+    pub reason: Option<&'static str>,
+    /// An argument check's pointer, check and rule (JSON), when one refused or would have.
+    pub detail: Option<String>,
 }
 
 /// Reply bodies.
@@ -223,6 +227,8 @@ pub struct Admitted<'c> {
     /// The client's address.
     client: std::net::IpAddr,
     audit: AuditInfo,
+    /// Its rate-limit token was taken on the head ([`rate_on_head`]).
+    rated: bool,
 }
 
 impl Admitted<'_> {
@@ -312,6 +318,7 @@ pub fn admit<'c>(
             rest_at,
             client: peer.ip(),
             audit,
+            rated: false,
         }),
         Err((e, id, method)) => {
             Admission::Answered(with_challenge(cfg, path, refused(e, id, method, audit)))
@@ -427,6 +434,8 @@ struct Ctx<'r> {
     session_route: &'r str,
     /// The client's address.
     client: std::net::IpAddr,
+    /// Rate-limited on the head already.
+    rated: bool,
 }
 
 impl Ctx<'_> {
@@ -511,6 +520,7 @@ pub async fn handle(
         rest_at,
         client,
         mut audit,
+        rated,
     } = admitted;
     let name = &cfg.routes[route].name;
     let session_route = if &**name == crate::config::DEFAULT_ROUTE {
@@ -530,6 +540,7 @@ pub async fn handle(
         rest: head.path().get(rest_at..).unwrap_or_default(),
         session_route,
         client,
+        rated,
     };
     let outcome = match head.method {
         Method::Post if front == Front::LegacyPost => legacy_post(&cx, body, &mut audit).await,
@@ -569,9 +580,17 @@ pub async fn handle(
 
 /// The reply for a request that ended early, with its audit decision.
 fn refused(e: GatewayError, id: Option<RpcId>, method: usize, mut audit: AuditInfo) -> Reply {
+    // A shadow `would_deny` that was then refused for another reason reports that refusal.
+    if audit.decision == Some("would_deny") {
+        audit.decision = None;
+        audit.reason = None;
+    }
     if audit.decision.is_none() {
         audit.decision = match e {
-            GatewayError::Denied(_) | GatewayError::Unauthorized { .. } => Some("deny"),
+            GatewayError::Denied(_)
+            | GatewayError::HeadDenied(_)
+            | GatewayError::ArgumentRefused { .. }
+            | GatewayError::Unauthorized { .. } => Some("deny"),
             GatewayError::OriginForbidden => Some("deny"),
             GatewayError::RateLimited { .. } => Some("rate_limited"),
             _ => None,
@@ -636,7 +655,11 @@ fn admit_mcp<'c>(
     // 5b. the caller's servers: one outside `allowed_servers` is refused before its transport
     // rules are even looked at.
     let name = &cfg.routes[route].name;
-    if !caller.identity.policy.may_reach(name) {
+    let policy = &caller.identity.policy;
+    if policy.shadow && !policy.reaches(name) {
+        shadow_denial(audit, "server_not_allowed");
+    }
+    if !policy.may_reach(name) {
         audit.decision = Some("deny");
         // A legacy session id names its server: for a caller who may not reach that server,
         // it is simply not theirs (as for any session of someone else), not a hint.
@@ -670,7 +693,10 @@ fn admit_mcp<'c>(
         return Ok((caller, version));
     }
     match head.method {
-        Method::Post => transport::check_post_headers(head).map_err(|e| early(e, M_NONE))?,
+        Method::Post => {
+            transport::check_post_headers(head).map_err(|e| early(e, M_NONE))?;
+            decide_on_head(w, cfg, head, caller, route, audit)?;
+        }
         Method::Get => transport::check_stream_accept(head).map_err(|e| early(e, M_STREAM))?,
         Method::Delete => {}
         _ => {
@@ -681,6 +707,110 @@ fn admit_mcp<'c>(
         }
     }
     Ok((caller, version))
+}
+
+/// What `Mcp-Method` and `Mcp-Name` say a POST acts on, when they name a call policy decides
+/// on: the method's metric label and the target. `None` leaves every decision to the body:
+/// no `Mcp-Method`, another method, no `Mcp-Name`, or a name in the base64 form (decoded
+/// nowhere here; the body, which must agree with it, decides).
+fn head_target(head: &RequestHead) -> Option<(&str, Target)> {
+    let method = head.h.mcp_method.as_deref()?;
+    let name = head.h.mcp_name.as_deref()?;
+    if name.starts_with("=?") {
+        return None;
+    }
+    let target = match method {
+        "tools/call" => Target::Tool(name.to_string()),
+        "resources/read" => Target::Resource(name.to_string()),
+        "prompts/get" => Target::Prompt(name.to_string()),
+        _ => return None,
+    };
+    Some((method, target))
+}
+
+/// Phase 7 on the head: a POST whose `Mcp-Method` / `Mcp-Name` name a call the caller's
+/// allow/deny lists refuse is answered before its body is read (no body buffer, no JSON
+/// parse). The body of an admitted request is still parsed and must agree with the headers
+/// (`transport::check_method_headers`), so a header naming an allowed tool cannot carry a
+/// call of a denied one. Argument rules need the body and run there.
+fn decide_on_head(
+    w: &Worker,
+    cfg: &Settings,
+    head: &RequestHead,
+    caller: Caller<'_>,
+    route: usize,
+    audit: &mut AuditInfo,
+) -> Result<(), Early> {
+    let Some((method, target)) = head_target(head) else {
+        return Ok(());
+    };
+    let policy = crate::authz::policy_on(&caller.identity.policy, &cfg.routes[route].name);
+    // In shadow mode nothing is refused here: the body path decides again and records the
+    // would-be refusal (and counts it, once).
+    if policy.shadow {
+        return Ok(());
+    }
+    let Decision::Deny(denial) = policy.decide(Some(&target)) else {
+        return Ok(());
+    };
+    // Counted here; the body path never sees this call.
+    if let Target::Tool(t) = &target {
+        let slot = cfg.tool_labels.get(t).copied().unwrap_or(0);
+        w.metrics.count_decision(slot, 1);
+    }
+    // An OAuth caller a scope would grant it to gets the step-up challenge, as on the body.
+    let refusal = scope_challenge(cfg, caller, route, Some(&target), &denial)
+        .unwrap_or(GatewayError::HeadDenied(denial));
+    audit.messages = vec![(method.to_string(), Some(target))];
+    audit.decision = Some("deny");
+    Err(early(refusal, metrics::method_index(method)))
+}
+
+/// Phase 8 on the head, for a POST whose `Mcp-Method` header is present: the caller's quota
+/// is spent before the body is read, so a caller over its limit costs no body read either.
+/// The request then carries [`Admitted::rated`] and the body path does not count it again.
+/// Without `Mcp-Method` (or with a name only the body can decide), the body path rates it.
+pub async fn rate_on_head<'c>(
+    w: &Worker,
+    cfg: &Settings,
+    head: &RequestHead,
+    mut admitted: Admitted<'c>,
+) -> Result<Admitted<'c>, Reply> {
+    let Some(method) = head.h.mcp_method.as_deref() else {
+        return Ok(admitted);
+    };
+    let target = head_target(head).map(|(_, t)| t);
+    // A call whose name the head does not give is rated on the body, where its per-tool
+    // bucket can be found.
+    let named = matches!(method, "tools/call" | "resources/read" | "prompts/get");
+    if !cfg.rate.enabled
+        || head.method != Method::Post
+        || admitted.front != Front::Streamable
+        || (named && target.is_none())
+    {
+        return Ok(admitted);
+    }
+    let message = Message {
+        kind: Kind::Request,
+        method: Some(method.to_string()),
+        id: None,
+        target,
+    };
+    match rate_limit(w, cfg, admitted.caller, std::slice::from_ref(&message)).await {
+        Ok(()) => {
+            admitted.rated = true;
+            Ok(admitted)
+        }
+        Err(e) => {
+            admitted.audit.messages = vec![(method.to_string(), message.target)];
+            Err(refused(
+                e,
+                None,
+                metrics::method_index(method),
+                admitted.audit,
+            ))
+        }
+    }
 }
 
 /// Phases 4a (Origin) and 5 (authenticate), shared by every authenticated path. When the
@@ -744,6 +874,7 @@ fn authorize(
     policy: &Policy,
     body: &Body,
     method: usize,
+    audit: &mut AuditInfo,
 ) -> Result<Option<Reply>, GatewayError> {
     let mut denied: Option<(usize, Denial)> = None;
     for (i, m) in body.messages().iter().enumerate() {
@@ -754,7 +885,19 @@ fn authorize(
             && decision != Decision::Allow
         {
             let slot = cfg.tool_labels.get(t).copied().unwrap_or(0);
-            w.metrics.count_decision(slot, 1);
+            let outcome = if policy.shadow {
+                metrics::OUTCOME_WOULD_DENY
+            } else {
+                1
+            };
+            w.metrics.count_decision(slot, outcome);
+        }
+        // Shadow mode: the refusal is only reported; the request goes on.
+        if let Decision::Deny(d) = &decision
+            && policy.shadow
+        {
+            shadow_denial(audit, d.reason.as_str());
+            continue;
         }
         if let Decision::Deny(d) = decision
             && denied.is_none()
@@ -768,8 +911,74 @@ fn authorize(
     let Body::Batch(messages) = body else {
         return Err(GatewayError::Denied(denial));
     };
-    // A batch with a refused call is refused whole: nothing of it reaches the upstream, and
-    // each request in it gets an error saying why (the others: `batch_refused`).
+    let data = format!("{{\"reason\":\"{}\"}}", denial.reason.as_str());
+    let mut r = batch_refusal(messages, index, &denial.message, &data, method);
+    r.reason = Some(denial.reason.as_str());
+    Ok(Some(r))
+}
+
+/// Records a refusal computed in shadow mode: audited as `would_deny` with its reason (the
+/// first one, when several would have refused).
+fn shadow_denial(audit: &mut AuditInfo, reason: &'static str) {
+    audit.decision = Some("would_deny");
+    audit.reason.get_or_insert(reason);
+}
+
+/// Phase 7b: argument constraints. `findings` are the classifier's outcomes (message index,
+/// the failed check); an enforced one refuses the call (a batch whole, as for a denial), a
+/// shadow one (the rule's mode or the identity's) is audited as `would_deny` and forwarded.
+fn constrain(
+    w: &Worker,
+    policy: &Policy,
+    body: &Body,
+    findings: &[(usize, crate::rules::Violation)],
+    method: usize,
+    audit: &mut AuditInfo,
+) -> Result<Option<Reply>, GatewayError> {
+    let mut enforced = None;
+    for (i, v) in findings {
+        let shadow = v.shadow || policy.shadow;
+        w.metrics.argument_refusals[usize::from(shadow)]
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if shadow {
+            shadow_denial(audit, "argument_refused");
+            audit.detail.get_or_insert_with(|| v.data_json());
+        } else if enforced.is_none() {
+            enforced = Some((*i, v));
+        }
+    }
+    let Some((index, v)) = enforced else {
+        return Ok(None);
+    };
+    let tool = match &body.messages()[index].target {
+        Some(Target::Tool(t)) => t.as_str(),
+        _ => "",
+    };
+    // The shadow findings' detail gives way to the one that refused.
+    audit.detail = Some(v.data_json());
+    audit.reason = None;
+    let message = v.message(tool);
+    let Body::Batch(messages) = body else {
+        return Err(GatewayError::ArgumentRefused {
+            message,
+            data: v.data_json(),
+        });
+    };
+    let mut r = batch_refusal(messages, index, &message, &v.data_json(), method);
+    r.reason = Some("argument_refused");
+    Ok(Some(r))
+}
+
+/// A batch with a refused call is refused whole: nothing of it reaches the upstream, and each
+/// request in it gets an error saying why (the refused one its own `message` and `data`, the
+/// others `batch_refused`).
+fn batch_refusal(
+    messages: &[Message],
+    index: usize,
+    message: &str,
+    data: &str,
+    method: usize,
+) -> Reply {
     let mut out = Vec::from(&b"["[..]);
     let mut first = true;
     for (i, m) in messages.iter().enumerate() {
@@ -781,25 +990,23 @@ fn authorize(
             out.push(b',');
         }
         first = false;
-        let (text, reason) = if i == index {
-            (denial.message.as_str(), denial.reason.as_str())
+        let (text, data) = if i == index {
+            (message, data)
         } else {
             (
                 "Batch refused: another call in it is not permitted",
-                "batch_refused",
+                "{\"reason\":\"batch_refused\"}",
             )
         };
         out.extend(jsonrpc_error(
             Some(&id.to_json()),
             code::FORBIDDEN,
             text,
-            Some(&format!("{{\"reason\":\"{reason}\"}}")),
+            Some(data),
         ));
     }
     out.push(b']');
-    let mut r = Reply::json(200, out, method);
-    r.reason = Some(denial.reason.as_str());
-    Ok(Some(r))
+    Reply::json(200, out, method)
 }
 
 /// A tool call refused to an OAuth caller whose token lacks the scope for it becomes the
@@ -810,26 +1017,38 @@ fn step_up(cx: &Ctx<'_>, body: &Body, e: GatewayError) -> GatewayError {
     let GatewayError::Denied(denial) = &e else {
         return e;
     };
-    let (Some(oauth), Body::Single(m)) = (&cx.cfg.auth.oauth_tokens, body) else {
+    let Body::Single(m) = body else {
         return e;
     };
-    let Some(Target::Tool(tool)) = &m.target else {
-        return e;
+    scope_challenge(cx.cfg, cx.caller, cx.route, m.target.as_ref(), denial).unwrap_or(e)
+}
+
+/// The `insufficient_scope` challenge for a denied tool call of an OAuth caller, when some
+/// scope would grant it (see [`step_up`]); shared by the body and the head decisions.
+fn scope_challenge(
+    cfg: &Settings,
+    caller: Caller<'_>,
+    route: usize,
+    target: Option<&Target>,
+    denial: &Denial,
+) -> Option<GatewayError> {
+    let oauth = cfg.auth.oauth_tokens.as_ref()?;
+    let Some(Target::Tool(tool)) = target else {
+        return None;
     };
-    if cx.caller.identity.method != AuthMethod::OAuth
+    if caller.identity.method != AuthMethod::OAuth
         || denial.reason != crate::authz::DenyReason::NotAllowed
     {
-        return e;
+        return None;
     }
-    let route = &cx.cfg.routes[cx.route];
-    match oauth.scopes_for_tool(tool, &route.name) {
-        Some(scope) => GatewayError::InsufficientScope {
+    let route = &cfg.routes[route];
+    oauth
+        .scopes_for_tool(tool, &route.name)
+        .map(|scope| GatewayError::InsufficientScope {
             scope,
             resource_metadata: oauth.resource_metadata_url(&route.endpoint),
             message: denial.message.clone(),
-        },
-        None => e,
-    }
+        })
 }
 
 /// Phase 8, rate limiting: one token of the identity's bucket per message (one for GET/DELETE), and one
@@ -941,7 +1160,7 @@ async fn legacy_post(cx: &Ctx<'_>, raw: &[u8], audit: &mut AuditInfo) -> Result<
             // The POST is answered 202, but the message was refused: the audit says so, as
             // it would for the same refusal over Streamable HTTP.
             audit.decision = Some(match e {
-                GatewayError::Denied(_) => "deny",
+                GatewayError::Denied(_) | GatewayError::ArgumentRefused { .. } => "deny",
                 _ => "error",
             });
             (e.body(id.as_ref()), method, Some(reason))
@@ -964,18 +1183,29 @@ async fn post(
     ticket: Option<&legacy::Ticket>,
 ) -> Result<Reply, Early> {
     let (w, cfg, head) = (cx.w, cx.cfg, cx.head);
-    // 6. classify
-    let body = w
-        .classifier
-        .borrow_mut()
-        .classify(raw)
-        .map_err(|e| match e {
-            ClassifyError::Parse(m) => early(GatewayError::Parse(m), M_NONE),
-            ClassifyError::Invalid(m, id) => (GatewayError::InvalidRequest(m, id), None, M_NONE),
-            ClassifyError::Params(m, id) => {
-                (GatewayError::InvalidParams(m, id.clone()), Some(id), M_NONE)
-            }
-        })?;
+    // 6. classify; argument rules run on this parse (see `rules`), their outcome kept here.
+    let mut findings: Vec<(usize, crate::rules::Violation)> = Vec::new();
+    let rules = &cfg.tool_rules;
+    let classified = if rules.is_empty() {
+        w.classifier.borrow_mut().classify(raw)
+    } else {
+        let server = &*cfg.routes[cx.route].name;
+        let identity = &*cx.caller.identity.id;
+        w.classifier
+            .borrow_mut()
+            .classify_inspecting(raw, &mut |i, tool, arguments| {
+                if let Some(v) = rules.check(tool, server, identity, arguments) {
+                    findings.push((i, v));
+                }
+            })
+    };
+    let body = classified.map_err(|e| match e {
+        ClassifyError::Parse(m) => early(GatewayError::Parse(m), M_NONE),
+        ClassifyError::Invalid(m, id) => (GatewayError::InvalidRequest(m, id), None, M_NONE),
+        ClassifyError::Params(m, id) => {
+            (GatewayError::InvalidParams(m, id.clone()), Some(id), M_NONE)
+        }
+    })?;
     let method = label(&body);
     audit.messages = body
         .messages()
@@ -1054,7 +1284,7 @@ async fn post(
     #[cfg(debug_assertions)]
     test_hooks::maybe_panic(&body);
     // 7. authorize
-    if let Some(refused) = authorize(w, cfg, cx.policy, &body, method)
+    if let Some(refused) = authorize(w, cfg, cx.policy, &body, method, audit)
         .map_err(|e| step_up(cx, &body, e))
         .map_err(fail)?
     {
@@ -1067,10 +1297,17 @@ async fn post(
         audit.decision = Some("deny");
         return Err(fail(GatewayError::Denied(denial)));
     }
-    // 8. rate-limit
-    rate_limit(w, cfg, cx.caller, body.messages())
-        .await
-        .map_err(fail)?;
+    // 7c. argument constraints, decided on the classifier's parse.
+    if let Some(refused) = constrain(w, cx.policy, &body, &findings, method, audit).map_err(fail)? {
+        audit.decision = Some("deny");
+        return Ok(refused);
+    }
+    // 8. rate-limit (unless the head already did: one token per call, not two)
+    if !cx.rated {
+        rate_limit(w, cfg, cx.caller, body.messages())
+            .await
+            .map_err(fail)?;
+    }
     for m in body.messages() {
         if let Some(Target::Tool(t)) = &m.target {
             w.metrics
@@ -1407,6 +1644,8 @@ async fn forward_held(w: &Rc<Worker>, call: &HeldCall, tx: &async_channel::Sende
             name
         },
         client: call.client,
+        // Rate-limited when it was held.
+        rated: true,
     };
     let answered = async {
         let exchange = cx

@@ -179,6 +179,11 @@ fn config_parse_and_validate_never_panic_on_mutated_input() {
 }
 
 #[test]
+fn tool_rules_never_panic_and_what_they_admit_stays_admitted_however_it_is_read() {
+    replay("tool_rules", checks::tool_rules);
+}
+
+#[test]
 fn session_ids_never_panic_on_decode_are_not_malleable_and_round_trip() {
     replay("session_id", checks::session_id);
 }

@@ -59,6 +59,9 @@ pub struct AuditEvent {
     pub details: Vec<(&'static str, String)>,
     /// A digest of the client's session id (approval events: the session that answered).
     pub session: Option<String>,
+    /// What a refused (or, in shadow mode, would-be refused) argument check names, as a JSON
+    /// object: `{"reason":"argument_refused","pointer":…,"check":…,"rule":…}`. Never a value.
+    pub detail: Option<String>,
 }
 
 impl AuditEvent {
@@ -131,6 +134,11 @@ impl AuditEvent {
                 json_str(&mut o, v);
             }
             o.push('}');
+        }
+        if let Some(d) = &self.detail {
+            // Built by serde_json from names and numbers: valid JSON.
+            o.push_str(",\"detail\":");
+            o.push_str(d);
         }
         o.push('}');
         o
@@ -454,6 +462,7 @@ mod tests {
             arguments: None,
             details: Vec::new(),
             session: None,
+            detail: None,
         }
     }
 

@@ -191,6 +191,9 @@ pub struct Policy {
     pub servers: Option<HashSet<String>>,
     /// Requests per second for this identity (overrides the default).
     pub rate_limit: Option<u32>,
+    /// `policy_mode = "shadow"`: refusals (lists and argument rules) are audited as
+    /// `would_deny` and the request proceeds; the caller sees everything as if unrestricted.
+    pub shadow: bool,
     /// The policy on a routed server, where tool entries name servers (`server/tool`); a
     /// server not listed here gets this policy.
     pub per_server: std::collections::HashMap<std::sync::Arc<str>, std::sync::Arc<Policy>>,
@@ -208,6 +211,17 @@ impl Policy {
     /// Whether this identity may reach the route named `name` (`default` is the `[upstream]`
     /// at `server.mcp_path`; with `allowed_servers` set it must be listed like any other).
     pub fn may_reach(&self, name: &str) -> bool {
+        self.shadow || self.reaches(name)
+    }
+
+    /// Whether `tools/list` answers are filtered for this identity: a restricted, enforced
+    /// policy (in shadow mode the caller sees what an unrestricted caller sees).
+    pub fn filters_lists(&self) -> bool {
+        !self.shadow && !self.tools.is_open()
+    }
+
+    /// Whether `allowed_servers` names `name` (shadow mode or not).
+    pub fn reaches(&self, name: &str) -> bool {
         self.servers.as_ref().is_none_or(|s| s.contains(name))
     }
 }

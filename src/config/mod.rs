@@ -69,6 +69,8 @@ pub struct Settings {
     pub pins: Option<Arc<crate::pinning::Pins>>,
     /// `[redaction]`, compiled; `None` when off.
     pub redaction: Option<Arc<crate::mcp::redact::Redactor>>,
+    /// `[[tool_rules]]`, compiled.
+    pub tool_rules: Arc<crate::rules::ToolRules>,
 }
 
 /// `[rate_limit]`, validated.
@@ -411,6 +413,7 @@ pub fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
     let approval = validate_approval(&file.approval)?;
     let pinning = crate::pinning::validate(&file.pinning)?;
     let redaction = validate_redaction(&file.redaction)?;
+    let tool_rules = validate_tool_rules(file, &routes)?;
     let tool_labels = Arc::new(tool_labels(file));
     let mut warnings = features::ignored_keys(file);
     let sessions = Arc::new(session_codec(s, &mut warnings)?);
@@ -448,6 +451,7 @@ pub fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
         pinning,
         pins: None,
         redaction,
+        tool_rules,
     })
 }
 
@@ -477,8 +481,18 @@ fn validate_approval(
     })))
 }
 
-/// `[tracing]`: the rate in range, the collector https (http only to loopback). An endpoint
-/// without a path gets OTLP/HTTP's `/v1/traces`.
+/// `[[tool_rules]]`: every pointer, regex, bound and root checked and compiled once, so a
+/// request only walks its arguments.
+fn validate_tool_rules(
+    file: &FileConfig,
+    routes: &[Route],
+) -> Result<Arc<crate::rules::ToolRules>, ConfigError> {
+    let names: Vec<Arc<str>> = routes.iter().map(|r| r.name.clone()).collect();
+    crate::rules::compile(&file.tool_rules, &names)
+        .map(Arc::new)
+        .map_err(|(key, msg)| invalid(&key, msg))
+}
+
 /// `[redaction]`: the detectors and patterns compiled once, here; an unknown detector or a
 /// pattern that does not compile is an error naming its key.
 fn validate_redaction(
@@ -494,6 +508,8 @@ fn validate_redaction(
     Ok(r.enabled.then(|| Arc::new(compiled)))
 }
 
+/// `[tracing]`: the rate in range, the collector https (http only to loopback). An endpoint
+/// without a path gets OTLP/HTTP's `/v1/traces`.
 fn validate_tracing(
     t: &schema::TracingSection,
 ) -> Result<crate::observe::trace::TraceSettings, ConfigError> {
@@ -786,6 +802,7 @@ fn validate_auth(file: &FileConfig, routes: &[Route]) -> Result<Authenticator, C
                 .as_ref()
                 .map(|s| s.iter().cloned().collect()),
             rate_limit: k.rate_limit,
+            shadow: k.policy_mode == schema::PolicyMode::Shadow,
             per_server: HashMap::new(),
         };
         // A server named by a `server/tool` entry gets a policy of its own.

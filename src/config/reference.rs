@@ -363,6 +363,8 @@ fn declared_fields(type_name: &str) -> Option<&'static [&'static str]> {
         "ApprovalSection" => of::<ApprovalSection>(),
         "PinningSection" => of::<PinningSection>(),
         "RedactionSection" => of::<RedactionSection>(),
+        "ToolRuleSection" => of::<ToolRuleSection>(),
+        "ArgRuleSection" => of::<ArgRuleSection>(),
         _ => None,
     }
 }

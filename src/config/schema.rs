@@ -54,6 +54,9 @@ pub struct FileConfig {
     /// Secret redaction in what upstreams send toward the model.
     #[serde(default)]
     pub redaction: RedactionSection,
+    /// Argument constraints per tool (see `[[tool_rules]]`).
+    #[serde(default)]
+    pub tool_rules: Vec<ToolRuleSection>,
     /// Dotted paths of the keys the file itself sets (array elements without an index), so
     /// that a key set to no effect can be told apart from a default. Filled by the loader.
     #[serde(skip)]
@@ -570,6 +573,109 @@ pub struct ApiKeyEntry {
     /// `rate_limit.requests_per_second`; the burst stays `rate_limit.burst_size`).
     #[schemars(extend("x-type" = "requests per second (whole number, at least 1)"))]
     pub rate_limit: Option<u32>,
+    /// `enforce` refuses what this identity's lists and the `[[tool_rules]]` refuse; `shadow`
+    /// decides the same, audits a refusal as `would_deny` with its reason, counts it, and lets
+    /// the request through (rate limits are never shadowed). Per API key: token and certificate
+    /// identities always enforce.
+    #[serde(default)]
+    pub policy_mode: PolicyMode,
+}
+
+/// Whether a policy refuses or only reports what it would refuse.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicyMode {
+    /// Refusals are enforced.
+    #[default]
+    Enforce,
+    /// Refusals are audited as `would_deny` and counted; the request proceeds.
+    Shadow,
+}
+
+/// Argument constraints on the calls of some tools, checked after the allow/deny lists, on
+/// `params.arguments` of each `tools/call` (the classifier's own parse; no second one). A call
+/// is checked against every rule whose `tool`, `server` and `identities` match it; the first
+/// failed check refuses it (JSON-RPC error -32003 naming the argument's pointer and the check,
+/// audited as `argument_refused`), and the upstream never sees it.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ToolRuleSection {
+    /// Tool name or glob (`*`, `?`).
+    #[schemars(extend("x-type" = "name or glob"))]
+    pub tool: String,
+    /// Only on this routed server (`default` is `[upstream]`); absent = every server.
+    #[schemars(extend("x-type" = "server name"))]
+    pub server: Option<String>,
+    /// Only for these identity ids or globs; absent = every caller.
+    #[schemars(extend("x-type" = "list of identity ids or globs"))]
+    pub identities: Option<Vec<String>>,
+    /// `enforce` refuses a call failing a check; `shadow` audits it as `would_deny` and lets
+    /// it through.
+    #[serde(default)]
+    pub mode: PolicyMode,
+    /// The checks, one entry per argument.
+    #[serde(default)]
+    pub args: Vec<ArgRuleSection>,
+}
+
+/// The checks on one argument of a `[[tool_rules]]` entry; at least one besides `pointer`.
+/// Every check but `required` applies only when the argument is present.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ArgRuleSection {
+    /// RFC 6901 JSON pointer into `params.arguments` (`/path`, `/options/depth`, `/a~1b` for
+    /// the member `a/b`). A member named twice anywhere along it refuses the call.
+    #[schemars(extend("x-type" = "JSON pointer"))]
+    pub pointer: String,
+    /// An absent argument is refused.
+    #[serde(default)]
+    pub required: bool,
+    /// A string that, percent-decoded (once: a `%` left after decoding is refused) and with
+    /// `.`, `..` and repeated slashes resolved, is one of these absolute roots or below it on a
+    /// segment boundary (`/srv/data` admits `/srv/data/x`, never `/srv/database`). A `..` may
+    /// climb only below the root (`/srv/data/a/../b` passes, `/srv/data/../data/b` does not).
+    /// A relative path, a NUL, a backslash, a control character or a character that reads as
+    /// a dot or slash (fullwidth `．`, `／`, the two-dot leader) is refused. Symlinks are not
+    /// resolved: that is the server's business.
+    #[schemars(extend("x-type" = "list of absolute paths"))]
+    pub path_under: Option<Vec<String>>,
+    /// A string matching one of these globs (`*` any run, `?` one character).
+    #[schemars(extend("x-type" = "list of globs"))]
+    pub glob: Option<Vec<String>>,
+    /// A string this regular expression matches (Rust `regex` syntax, linear time; anchor it
+    /// with `^…$` to match the whole value).
+    #[schemars(extend("x-type" = "regular expression"))]
+    pub regex: Option<String>,
+    /// A string equal to one of these.
+    #[schemars(extend("x-type" = "list of strings"))]
+    pub one_of: Option<Vec<String>>,
+    /// A JSON number at least this (a number sent as a string is refused, never converted).
+    #[schemars(extend("x-type" = "number"))]
+    pub min: Option<f64>,
+    /// A JSON number at most this (a number sent as a string is refused, never converted).
+    #[schemars(extend("x-type" = "number"))]
+    pub max: Option<f64>,
+    /// A string of at most this many characters (Unicode scalar values, not bytes).
+    #[schemars(extend("x-type" = "characters (whole number)"))]
+    pub max_len: Option<usize>,
+    /// The JSON type the argument must have: `string`, `number`, `integer` (a number without
+    /// a fraction or exponent) or `boolean`.
+    #[serde(rename = "type")]
+    pub kind: Option<ArgType>,
+}
+
+/// `type` of an argument.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ArgType {
+    /// A JSON string.
+    String,
+    /// Any JSON number.
+    Number,
+    /// A JSON number written without a fraction or exponent.
+    Integer,
+    /// `true` or `false`.
+    Boolean,
 }
 
 /// JWT bearer tokens.

@@ -199,20 +199,15 @@ async fn serve_request<S: Connection>(
             if let Some(auth) = &meta.stream_auth {
                 auth.expires_at.set(a.expires_at());
             }
-            Ok(a)
+            // A POST naming its method in `Mcp-Method` spends its quota before its body is read.
+            match pipeline::rate_on_head(w, cfg, head, a).await {
+                Ok(a) => Ok(a),
+                Err(reply) => return answer_unread(w, stream, buf, head, reply, &meta, out).await,
+            }
         }
         pipeline::Admission::OAuth(endpoint) => Err(endpoint),
-        pipeline::Admission::Answered(mut reply) => {
-            // Refused on the head: the body is not read. A body already wholly received is
-            // skipped and the connection kept; one still on its way closes the connection.
-            match head.body {
-                BodyFraming::None => {}
-                BodyFraming::Length(n) if buf.len() as u64 >= n => {
-                    buf.drain(..n as usize);
-                }
-                _ => reply.close = true,
-            }
-            return write_reply(w, stream, reply, head.keep_alive, &meta, out).await;
+        pipeline::Admission::Answered(reply) => {
+            return answer_unread(w, stream, buf, head, reply, &meta, out).await;
         }
     };
     let body = match read_body(w, stream, buf, head, cfg).await {
@@ -702,6 +697,29 @@ fn trace_id(tp: &str) -> Option<String> {
         .then(|| trace.to_ascii_lowercase())
 }
 
+/// Answers a request refused before its body was read. A body already wholly received is
+/// skipped and the connection kept; one still on its way closes the connection (reading it
+/// only to throw it away would spend what refusing on the head saves, and a client that never
+/// sends it would hold the connection).
+async fn answer_unread<S: Connection>(
+    w: &Rc<Worker>,
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+    head: &RequestHead,
+    mut reply: Reply,
+    meta: &ReqMeta<'_>,
+    out: Vec<u8>,
+) -> Option<Vec<u8>> {
+    match head.body {
+        BodyFraming::None => {}
+        BodyFraming::Length(n) if buf.len() as u64 >= n => {
+            buf.drain(..n as usize);
+        }
+        _ => reply.close = true,
+    }
+    write_reply(w, stream, reply, head.keep_alive, meta, out).await
+}
+
 /// Writes the reply; returns the output buffer when the connection may serve another request.
 async fn write_reply<S: Connection>(
     w: &Rc<Worker>,
@@ -963,7 +981,7 @@ fn emit_audit(
             }),
             decision,
             // A refused credential says why (`jwt_expired`, `invalid_credentials`), never what it was.
-            reason: info.auth_failure.or(reason),
+            reason: info.auth_failure.or(reason).or(info.reason),
             status,
             upstream: info
                 .upstream
@@ -977,6 +995,7 @@ fn emit_audit(
                 Vec::new()
             },
             session: None,
+            detail: info.detail.clone(),
         };
         if !w.audit.push(ev) {
             w.metrics

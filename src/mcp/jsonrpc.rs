@@ -131,6 +131,18 @@ impl Classifier {
 
     /// Classifies `body` without modifying it.
     pub fn classify(&mut self, body: &[u8]) -> Result<Body, ClassifyError> {
+        self.classify_inspecting(body, &mut |_, _, _| {})
+    }
+
+    /// Classifies `body` and, for each `tools/call` in it (by index in the body), calls
+    /// `inspect` with the tool's name and its `params.arguments` on this parse's tape (`Err`
+    /// when `arguments` is given twice). The tape lives only during this call: argument rules
+    /// run here, on the one parse, and keep only their outcome.
+    pub fn classify_inspecting(
+        &mut self,
+        body: &[u8],
+        inspect: &mut dyn FnMut(usize, &str, Arguments<'_, '_>),
+    ) -> Result<Body, ClassifyError> {
         if exceeds_depth(body, MAX_DEPTH) {
             return Err(ClassifyError::Parse("JSON nested too deeply".into()));
         }
@@ -144,12 +156,16 @@ impl Classifier {
                 return Err(ClassifyError::Invalid("empty batch".into(), None));
             }
             let mut out = Vec::with_capacity(arr.len());
-            for v in arr.iter() {
-                out.push(classify_one(v)?);
+            for (i, v) in arr.iter().enumerate() {
+                let m = classify_one(v)?;
+                inspect_call(&m, v, i, inspect);
+                out.push(m);
             }
             Ok(Body::Batch(out))
         } else {
-            Ok(Body::Single(classify_one(root)?))
+            let m = classify_one(root)?;
+            inspect_call(&m, root, 0, inspect);
+            Ok(Body::Single(m))
         }
     }
 }
@@ -185,7 +201,32 @@ fn exceeds_depth(body: &[u8], max: usize) -> bool {
     false
 }
 
-type TapeValue<'t, 'i> = simd_json::tape::Value<'t, 'i>;
+/// A value on the classifier's tape.
+pub type TapeValue<'t, 'i> = simd_json::tape::Value<'t, 'i>;
+
+/// A `tools/call`'s `params.arguments` on the tape: absent, present, or given twice (`Err`).
+pub type Arguments<'t, 'i> = Result<Option<TapeValue<'t, 'i>>, String>;
+
+/// Hands a classified `tools/call` and its arguments to `inspect`.
+fn inspect_call(
+    m: &Message,
+    v: TapeValue<'_, '_>,
+    index: usize,
+    inspect: &mut dyn FnMut(usize, &str, Arguments<'_, '_>),
+) {
+    let Some(Target::Tool(tool)) = &m.target else {
+        return;
+    };
+    // classify_one has already checked that `params` is a unique object member.
+    let params = v
+        .as_object()
+        .and_then(|o| unique_get(&o, "params").ok().flatten());
+    let arguments = match params.as_ref().and_then(|p| p.as_object()) {
+        Some(p) => unique_get(&p, "arguments"),
+        None => Ok(None),
+    };
+    inspect(index, tool, arguments);
+}
 
 /// Finds `key` in `obj`, refusing a duplicate, and refusing a member whose name differs from
 /// `key` only in case: some decoders (Go's `encoding/json`) match member names

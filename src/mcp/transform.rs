@@ -118,7 +118,8 @@ impl Transform {
         // `expect` does not narrow the tool gates (see the module doc): any answer may carry
         // a list.
         let _ = expect;
-        let tools = (!policy.tools.is_open()).then(|| policy.clone());
+        // A shadow identity's lists are not filtered: shadow changes nothing for the caller.
+        let tools = policy.filters_lists().then(|| policy.clone());
         // Every caller's lists are checked, restricted or not: pins are per server.
         let pins = match (&cfg.pins, &cfg.pinning, cfg.routes.get(route)) {
             (Some(pins), Some(settings), Some(r)) => Some(PinStep {

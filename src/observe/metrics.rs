@@ -100,7 +100,10 @@ pub fn tool_label_slot(name: &str) -> Option<usize> {
 }
 
 /// Decision outcomes counted per tool.
-pub const OUTCOMES: &[&str] = &["allow", "deny", "rate_limited"];
+/// (`would_deny`: a refusal computed in shadow mode; the call went ahead.)
+pub const OUTCOMES: &[&str] = &["allow", "deny", "rate_limited", "would_deny"];
+/// The [`OUTCOMES`] slot of `would_deny`.
+pub const OUTCOME_WOULD_DENY: usize = 3;
 /// Auth methods counted.
 pub const AUTH_METHODS: &[&str] = &["anonymous", "api_key", "jwt", "none", "oauth", "mtls"];
 
@@ -131,7 +134,9 @@ pub struct WorkerMetrics {
     /// Approval outcomes, in `approval::OUTCOMES` order.
     approvals: [AtomicU64; crate::mcp::approval::OUTCOMES.len()],
     auth: [[AtomicU64; 2]; AUTH_METHODS.len()],
-    decisions: Vec<[AtomicU64; 3]>,
+    decisions: Vec<[AtomicU64; OUTCOMES.len()]>,
+    /// Tool calls whose arguments a `[[tool_rules]]` check failed: [enforced, shadow].
+    pub argument_refusals: [AtomicU64; 2],
     latency: ArcSwap<Histogram<u64>>,
 }
 
@@ -156,6 +161,7 @@ impl WorkerMetrics {
             decisions: (0..TOOL_SLOTS)
                 .map(|_| std::array::from_fn(|_| AtomicU64::new(0)))
                 .collect(),
+            argument_refusals: std::array::from_fn(|_| AtomicU64::new(0)),
             latency: ArcSwap::from_pointee(new_histogram()),
         }
     }
@@ -174,7 +180,8 @@ impl WorkerMetrics {
 
     /// Counts a decision on a tool call; `outcome` indexes [`OUTCOMES`].
     pub fn count_decision(&self, tool_slot: usize, outcome: usize) {
-        self.decisions[tool_slot.min(TOOL_SLOTS - 1)][outcome.min(2)].fetch_add(1, Relaxed);
+        self.decisions[tool_slot.min(TOOL_SLOTS - 1)][outcome.min(OUTCOMES.len() - 1)]
+            .fetch_add(1, Relaxed);
     }
 
     /// Counts one finished request.
@@ -426,6 +433,15 @@ impl Metrics {
             let _ = writeln!(out, "mcp_guard_approvals_total{{outcome=\"{o}\"}} {n}");
         }
         crate::mcp::redact::render_metrics(&mut out);
+        out.push_str("# HELP mcp_guard_argument_refusals_total Tool calls whose arguments failed a [[tool_rules]] check, by mode (shadow: audited as would_deny, forwarded).\n");
+        out.push_str("# TYPE mcp_guard_argument_refusals_total counter\n");
+        for (i, mode) in ["enforce", "shadow"].iter().enumerate() {
+            let n = sum(&|w| w.argument_refusals[i].load(Relaxed));
+            let _ = writeln!(
+                out,
+                "mcp_guard_argument_refusals_total{{mode=\"{mode}\"}} {n}"
+            );
+        }
         write_metric(
             &mut out,
             "mcp_guard_rate_limited_total",

@@ -75,3 +75,7 @@ timeout 120 .venv/bin/python advanced_pinning.py "$bin"
 # Python SDK's result through the gateway holds the markers, never the secrets.
 echo "interop: secret redaction"
 timeout 120 .venv/bin/python advanced_redaction.py "$bin"
+# Argument constraints, shadow policies and head decisions: the Python SDK's ClientSession
+# through the gateway to an SDK MCPServer as its stdio child.
+echo "interop: argument constraints, shadow policies, decisions on the head"
+timeout 90 .venv/bin/python advanced_rules.py "$bin"

@@ -1,0 +1,226 @@
+//! The `path_under` check: a path argument, decoded and normalised lexically, must stay under
+//! a configured root, on a path-segment boundary.
+//!
+//! Order matters: percent-decoding comes first (an upstream that decodes `%2e%2e` would
+//! otherwise walk a `..` the check never saw), once only (a `%` left after it — `%252e` — is
+//! refused rather than decoded again, since whoever decodes twice disagrees with whoever
+//! decodes once), then `.`, `..` and empty segments are resolved. A `..` may climb only below
+//! the root it is checked against: `/srv/data/a/../b` passes, `/srv/data/../data/b` does not,
+//! so no `..` ever reaches a directory outside the root even for a moment (a symlinked segment
+//! makes such round trips mean something else on disk). Symlinks themselves are not resolved:
+//! the gateway does not see the server's file system.
+
+/// Why a path was refused (stable words, never the path itself).
+pub type Refusal = &'static str;
+
+/// Characters that a Unicode-normalising upstream (NFKC) could turn into `.` or `/` or `\`,
+/// so a segment made of them would become `..` after the check: refused outright.
+const LOOKALIKES: &[char] = &[
+    '\u{2024}', // one dot leader
+    '\u{2025}', // two dot leader
+    '\u{2026}', // horizontal ellipsis
+    '\u{fe52}', // small full stop
+    '\u{ff0e}', // fullwidth full stop
+    '\u{2044}', // fraction slash
+    '\u{2215}', // division slash
+    '\u{29f8}', // big solidus
+    '\u{ff0f}', // fullwidth solidus
+    '\u{2216}', // set minus
+    '\u{29f5}', // reverse solidus operator
+    '\u{fe68}', // small reverse solidus
+    '\u{ff3c}', // fullwidth reverse solidus
+];
+
+/// A configured root, already checked to be in normal form, as its segments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Root(Vec<String>);
+
+impl Root {
+    /// Parses a root from the config: absolute, in normal form (no `.`, `..`, empty segments,
+    /// trailing slash, `%`, backslash or NUL), so what the operator wrote is what is compared.
+    pub fn parse(root: &str) -> Result<Root, String> {
+        if !root.starts_with('/') {
+            return Err(format!("`{root}` is not an absolute path"));
+        }
+        if root.contains(['%', '\\', '\0']) || root.contains(LOOKALIKES) {
+            return Err(format!(
+                "`{}` must be written plainly (no %, backslash, NUL or lookalike characters)",
+                root.escape_debug()
+            ));
+        }
+        if root == "/" {
+            return Ok(Root(Vec::new()));
+        }
+        let segments: Vec<String> = root[1..].split('/').map(str::to_string).collect();
+        if segments
+            .iter()
+            .any(|s| s.is_empty() || s == "." || s == "..")
+        {
+            return Err(format!(
+                "`{root}` is not in normal form (no `.`, `..`, `//` or trailing slash)"
+            ));
+        }
+        Ok(Root(segments))
+    }
+}
+
+/// Whether `value` names a path under one of `roots`; `Err` says why not.
+pub fn check_under(value: &str, roots: &[Root]) -> Result<(), Refusal> {
+    let segments = normalise(value)?;
+    let admitted = roots.iter().any(|root| {
+        let k = root.0.len();
+        segments.len() >= k
+            && segments.path[..k].iter().zip(&root.0).all(|(a, b)| a == b)
+            // A `..` that popped at depth k or less left the root, even if it came back.
+            && segments.lowest_pop.is_none_or(|depth| depth > k)
+    });
+    if admitted {
+        Ok(())
+    } else {
+        Err("not under an allowed root")
+    }
+}
+
+/// A normalised path, and the lowest depth a `..` popped from on the way.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Normalised {
+    /// The segments, none empty, `.` or `..`.
+    pub path: Vec<String>,
+    /// The smallest depth (segments on the stack) any `..` was applied at.
+    pub lowest_pop: Option<usize>,
+}
+
+impl Normalised {
+    fn len(&self) -> usize {
+        self.path.len()
+    }
+}
+
+/// Decodes `value` once and resolves its segments; refuses what has no safe reading.
+pub fn normalise(value: &str) -> Result<Normalised, Refusal> {
+    if value.contains(['\0', '\\']) {
+        return Err("contains a NUL or backslash");
+    }
+    let decoded = crate::http::percent_decoded(value).ok_or("has a malformed percent escape")?;
+    if decoded.contains('%') {
+        return Err("is percent-encoded twice");
+    }
+    if decoded.contains(['\0', '\\']) {
+        return Err("contains a NUL or backslash");
+    }
+    if decoded.contains(LOOKALIKES) {
+        return Err("contains a character that reads as a dot or slash");
+    }
+    if decoded.chars().any(char::is_control) {
+        return Err("contains a control character");
+    }
+    let Some(rest) = decoded.strip_prefix('/') else {
+        return Err("is not an absolute path");
+    };
+    let mut out = Normalised {
+        path: Vec::new(),
+        lowest_pop: None,
+    };
+    for segment in rest.split('/') {
+        match segment {
+            "" | "." => {}
+            ".." => {
+                let depth = out.path.len();
+                if out.path.pop().is_none() {
+                    return Err("climbs above /");
+                }
+                out.lowest_pop = Some(out.lowest_pop.map_or(depth, |d| d.min(depth)));
+            }
+            s => out.path.push(s.to_string()),
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roots(r: &[&str]) -> Vec<Root> {
+        r.iter().map(|r| Root::parse(r).unwrap()).collect()
+    }
+
+    #[test]
+    fn paths_under_the_root_pass() {
+        let r = roots(&["/srv/data"]);
+        for ok in [
+            "/srv/data",
+            "/srv/data/",
+            "/srv/data/a.txt",
+            "/srv/data//a/./b",
+            "/srv/data/a/../b",
+            "/srv/data/%61",
+            "/srv/data/r%C3%A9sum%C3%A9.md",
+        ] {
+            assert_eq!(check_under(ok, &r), Ok(()), "{ok}");
+        }
+    }
+
+    #[test]
+    fn escapes_and_tricks_are_refused() {
+        let r = roots(&["/srv/data"]);
+        for bad in [
+            "/srv/data/../../etc/passwd",
+            "/srv/data/%2e%2e/x",
+            "/srv/data/%2E%2E/%2e%2e/etc",
+            "/srv/data//..//x",
+            "/srv/data/%252e%252e/x",
+            "/srv/data/../data/x",
+            "/srv/database",
+            "/srv/database/x",
+            "/srv",
+            "/",
+            "srv/data/x",
+            "",
+            "../srv/data",
+            "/srv/data/\0",
+            "/srv/data/%00",
+            "/srv/data\\..\\..\\etc",
+            "/srv/data/%5c..%5cx",
+            "/srv/data/%2",
+            "/srv/data/%zz",
+            "/srv/data/\u{ff0e}\u{ff0e}/x",
+            "/srv/data/\u{2025}/x",
+            "/srv/data/a\u{ff0f}..",
+            "/srv/data/%ff",
+            "/srv/data/a\nb",
+            "/..",
+            "/../srv/data/x",
+        ] {
+            assert!(check_under(bad, &r).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_root_matches_on_a_segment_boundary_and_slash_admits_all_absolute_paths() {
+        let r = roots(&["/srv/data", "/tmp"]);
+        assert!(check_under("/tmp/x", &r).is_ok());
+        assert!(check_under("/tmpx", &r).is_err());
+        let all = roots(&["/"]);
+        assert!(check_under("/etc/passwd", &all).is_ok());
+        assert!(check_under("/a/../b", &all).is_ok());
+        assert!(check_under("/a/b/../c", &all).is_ok());
+    }
+
+    #[test]
+    fn roots_must_be_written_in_normal_form() {
+        for bad in [
+            "srv",
+            "/srv/",
+            "/srv//x",
+            "/srv/./x",
+            "/srv/../x",
+            "/srv/%2e",
+            "/a\\b",
+            "",
+        ] {
+            assert!(Root::parse(bad).is_err(), "{bad:?}");
+        }
+        assert!(Root::parse("/").is_ok() && Root::parse("/srv/data").is_ok());
+    }
+}
