@@ -3,14 +3,16 @@
 //! is handled by `pinning.mode`.
 //!
 //! Trust on first use, precisely: a server's tools are pinned as they are first seen until the
-//! first complete listing ends (a `tools/list` page without `nextCursor`); the server is then
+//! first complete listing ends (a `tools/list` page without `nextCursor`) or
+//! [`FIRST_USE_WINDOW`] after its first page, whichever comes first; the server is then
 //! sealed, and a tool it lists later that has no pin is *new* and handled like a changed one.
 //! `mcp-guard pins approve` accepts pending definitions (and seals the server).
 //!
 //! Sharing: the pins are one [`PinFile`] snapshot behind an `ArcSwap`; a worker reads it
-//! without a lock. A worker that pins a tool or records a pending change publishes a new
-//! snapshot by compare-and-swap: the first writer wins, and a second worker that saw another
-//! first definition finds the winner's pin and reports a change. Workers never touch the disk:
+//! without a lock. A worker decides a whole `tools/list` answer against one snapshot
+//! ([`page`]) and publishes its pins and pending changes in one new snapshot by
+//! compare-and-swap: the first writer wins, and an answer whose decision no longer holds (a
+//! second worker saw another first definition) is decided again and finds the winner's pin. Workers never touch the disk:
 //! they wake the pin thread, which writes the file (atomically) and re-reads it when another
 //! writer (`pins approve`, a replica) changed it; a SIGHUP re-reads it too.
 

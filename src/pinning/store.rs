@@ -16,9 +16,9 @@ pub const MAX_DESCRIPTION: usize = 2048;
 /// Longest canonical definition kept (bytes). A longer one is never pinned nor approvable
 /// (reason `too_large`): what the operator approves must be what `pins show` can print whole.
 pub const MAX_DEFINITION: usize = 64 * 1024;
-/// Most tools recorded per server: beyond, a new tool is not recorded and counts as changed.
-/// (Each record copies the server's pins once, so this also bounds what a hostile server
-/// listing thousands of fresh tools can cost a worker.)
+/// Most tools recorded per server: beyond, a new tool is not recorded and is hidden in every
+/// mode (one `over_cap` event per server says so). This also bounds the pin file and what
+/// one answer's publish copies.
 pub const MAX_TOOLS: usize = 2_000;
 /// Longest tool name recorded (bytes).
 pub const MAX_NAME: usize = 256;
