@@ -618,3 +618,42 @@ fn every_page_of_the_first_listing_is_trusted_and_then_the_server_is_sealed() {
         65
     );
 }
+
+#[test]
+fn past_the_cap_alert_mode_hides_new_tools_and_says_so_once() {
+    let s = Scratch::new();
+    let tools = s.tools().display().to_string();
+    let cfg = stdio_config("epoll", "", &["--tools", "2100", "--tools-file", &tools])
+        + &s.pinning("alert");
+    let g = Gateway::start(&cfg);
+    let sid = initialize(g.addr);
+    let mut shown = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..100 {
+        let params = cursor
+            .as_ref()
+            .map_or("{}".to_string(), |c| format!(r#"{{"cursor":"{c}"}}"#));
+        let r = mcp_post(
+            g.addr,
+            &format!(r#"{{"jsonrpc":"2.0","id":8,"method":"tools/list","params":{params}}}"#),
+            Some(&sid),
+        );
+        let page = rpc_result(&r);
+        shown.extend(names(&page));
+        cursor = page["result"]["nextCursor"].as_str().map(str::to_string);
+        if cursor.is_none() {
+            break;
+        }
+    }
+    assert!(cursor.is_none(), "the listing never ended");
+    // 2000 recorded and shown; the rest hidden even in alert mode.
+    assert_eq!(shown.len(), 2000, "{}", shown.len());
+    let events = s.wait_pin_events(1);
+    std::thread::sleep(Duration::from_millis(300));
+    let over: Vec<Value> = s
+        .pin_events()
+        .into_iter()
+        .filter(|e| e["reason"] == "over_cap")
+        .collect();
+    assert_eq!(over.len(), 1, "{events:?}");
+}
