@@ -674,6 +674,8 @@ impl Staged {
                     },
                     Op::Record(name, pending, _) => {
                         if !s.tools.contains_key(name) && s.tools.len() >= MAX_TOOLS {
+                            // Others filled the server meanwhile: decide again (over the cap).
+                            conflict = true;
                             continue;
                         }
                         let pin = s.tools.entry(name.clone()).or_default();
