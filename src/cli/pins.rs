@@ -126,7 +126,8 @@ pub fn run(path: &Path, action: PinsAction) -> Result<String, String> {
             );
         }
         PinsAction::Export => {
-            out = serde_json::to_string_pretty(&file).map_err(|e| e.to_string())?;
+            out =
+                escape_json_text(&serde_json::to_string_pretty(&file).map_err(|e| e.to_string())?);
             out.push('\n');
         }
         PinsAction::Diff { server } => {
@@ -227,6 +228,12 @@ fn pretty(definition: Option<&str>) -> String {
     let text = serde_json::from_str::<serde_json::Value>(text)
         .and_then(|v| serde_json::to_string_pretty(&v))
         .unwrap_or_else(|_| text.to_string());
+    escape_json_text(&text)
+}
+
+/// JSON text with every character a terminal could hide or act on (serde_json leaves DEL, C1
+/// controls, U+2028 and invisible characters raw) written as a JSON escape; still valid JSON.
+fn escape_json_text(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         if c != '\n' && (c.is_control() || crate::pinning::canon::is_invisible(c)) {
