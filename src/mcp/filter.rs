@@ -163,6 +163,13 @@ pub(crate) fn filter_message(
     msg: &RawValue,
     rule: &dyn ToolGate,
 ) -> Result<Option<String>, Unfilterable> {
+    // One page scope per answer: pinning decides the whole list against one snapshot and
+    // publishes its changes once (and decides again when a later copy of a name hides an
+    // earlier one); an answer it cannot settle is refused.
+    crate::pinning::page::run(|| filter_once(msg, rule)).unwrap_or(Err(Unfilterable))
+}
+
+fn filter_once(msg: &RawValue, rule: &dyn ToolGate) -> Result<Option<String>, Unfilterable> {
     // The usual shape (object message, object result, `tools` array, no duplicates) is
     // rewritten in one streaming pass; anything else takes the general path below, which makes
     // the same decisions with more passes.

@@ -10,11 +10,15 @@ use std::path::Path;
 
 /// The file format's version.
 pub const VERSION: u32 = 1;
-/// Longest description kept for a diff (characters).
+/// Longest description kept for a diff (characters); files written before definitions were
+/// kept whole hold only this.
 pub const MAX_DESCRIPTION: usize = 2048;
-/// Most tools recorded per server: beyond, a new tool is not recorded and counts as changed.
-/// (Each record copies the server's pins once, so this also bounds what a hostile server
-/// listing thousands of fresh tools can cost a worker.)
+/// Longest canonical definition kept (bytes). A longer one is never pinned nor approvable
+/// (reason `too_large`): what the operator approves must be what `pins show` can print whole.
+pub const MAX_DEFINITION: usize = 64 * 1024;
+/// Most tools recorded per server: beyond, a new tool is not recorded and is hidden in every
+/// mode (one `over_cap` event per server says so). This also bounds the pin file and what
+/// one answer's publish copies.
 pub const MAX_TOOLS: usize = 2_000;
 /// Longest tool name recorded (bytes).
 pub const MAX_NAME: usize = 256;
@@ -38,6 +42,10 @@ pub struct ServerPins {
     /// tool not pinned is new, not trusted on first use.
     #[serde(default)]
     pub sealed: bool,
+    /// When the first page of the first listing was answered (unix seconds): first use ends
+    /// [`super::FIRST_USE_WINDOW`] later even if no page ends the listing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub opened: Option<u64>,
     /// Tool name → pin.
     #[serde(default)]
     pub tools: BTreeMap<String, ToolPin>,
@@ -54,9 +62,12 @@ pub struct ToolPin {
     /// text on first sight).
     #[serde(default)]
     pub digest: Option<String>,
-    /// The approved definition's description (bounded), for diffs.
+    /// The approved definition's description (bounded), for diffs (older files).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+    /// The approved definition, canonical JSON (at most [`MAX_DEFINITION`] bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub definition: Option<String>,
     /// A definition seen since, waiting for `mcp-guard pins approve`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending: Option<Pending>,
@@ -68,11 +79,15 @@ pub struct ToolPin {
 pub struct Pending {
     /// Its digest.
     pub digest: String,
-    /// `changed`, `new`, `hidden_text` or `unparseable`.
+    /// `changed`, `new`, `hidden_text`, `unparseable` or `too_large`.
     pub reason: String,
-    /// Its description (bounded).
+    /// Its description (bounded; older files).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+    /// The whole definition, canonical JSON (at most [`MAX_DEFINITION`] bytes; absent when
+    /// larger or unparseable): what `pins diff` and `pins show` print.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub definition: Option<String>,
     /// When it was first seen (RFC 3339).
     pub seen: String,
 }
@@ -168,11 +183,16 @@ impl PinFile {
         for (server, theirs) in &disk.servers {
             let ours = self.servers.entry(server.clone()).or_default();
             ours.sealed |= theirs.sealed;
+            ours.opened = match (ours.opened, theirs.opened) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             for (tool, their) in &theirs.tools {
                 let our = ours.tools.entry(tool.clone()).or_default();
                 if their.digest.is_some() {
                     our.digest.clone_from(&their.digest);
                     our.description.clone_from(&their.description);
+                    our.definition.clone_from(&their.definition);
                 }
                 let pending = match (our.pending.take(), &their.pending) {
                     (Some(p), _) if Some(&p.digest) != our.digest.as_ref() => Some(p),
@@ -189,44 +209,89 @@ impl PinFile {
     }
 
     /// Accepts the pending definition of `tool` on `server` (every approvable one with
-    /// `tool = None`); the number accepted.
-    pub fn approve(&mut self, server: &str, tool: Option<&str>) -> Result<usize, String> {
+    /// `tool = None`). With `digest`, only when the pending definition has that digest (the
+    /// one the operator was shown): another is refused and nothing changes. The tools
+    /// accepted, with their new digests.
+    pub fn approve(
+        &mut self,
+        server: &str,
+        tool: Option<&str>,
+        digest: Option<&str>,
+    ) -> Result<Vec<(String, String)>, String> {
         let pins = self
             .servers
             .get_mut(server)
-            .ok_or_else(|| format!("no pins for server '{server}'"))?;
-        let mut accepted = 0;
+            .ok_or_else(|| format!("no pins for server '{}'", shown(server)))?;
+        if let Some(t) = tool {
+            let Some(pin) = pins.tools.get(t) else {
+                return Err(format!(
+                    "no tool '{}' pinned on server '{}'",
+                    shown(t),
+                    shown(server)
+                ));
+            };
+            let Some(p) = &pin.pending else {
+                return Err(format!(
+                    "tool '{}' on '{}' has no pending definition",
+                    shown(t),
+                    shown(server)
+                ));
+            };
+            if !p.approvable() {
+                return Err(format!(
+                    "tool '{}' on '{}' cannot be approved: its definition is {} (fix the server)",
+                    shown(t),
+                    shown(server),
+                    p.reason.replace('_', " ")
+                ));
+            }
+            if let Some(d) = digest
+                && d != p.digest
+            {
+                return Err(format!(
+                    "tool '{}' on '{}': the pending definition is now {}, not {d}; nothing approved (run `pins diff` again)",
+                    shown(t),
+                    shown(server),
+                    p.digest
+                ));
+            }
+        }
+        let mut accepted = Vec::new();
         for (name, pin) in pins.tools.iter_mut() {
             if tool.is_some_and(|t| t != name) {
                 continue;
             }
             match pin.pending.take() {
                 Some(p) if p.approvable() => {
+                    accepted.push((name.clone(), p.digest.clone()));
                     pin.digest = Some(p.digest);
                     pin.description = p.description;
-                    accepted += 1;
-                }
-                Some(p) if tool.is_some() => {
-                    let reason = p.reason.clone();
-                    pin.pending = Some(p);
-                    return Err(format!(
-                        "tool '{name}' on '{server}' cannot be approved: its definition is {} (fix the server)",
-                        reason.replace('_', " ")
-                    ));
+                    pin.definition = p.definition;
                 }
                 other => pin.pending = other,
             }
-        }
-        if let Some(t) = tool
-            && !pins.tools.contains_key(t)
-        {
-            return Err(format!("no tool '{t}' pinned on server '{server}'"));
         }
         // Approving is an operator's look at the list: what it did not name is new from now on.
         pins.sealed = true;
         pins.recount();
         Ok(accepted)
     }
+}
+
+/// `s` safe to print on a terminal: control, invisible and line-separating characters (and
+/// the backslash) written as escapes, everything else as is.
+pub fn shown(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c == '\\' {
+            out.push_str("\\\\");
+        } else if c.is_control() || super::canon::is_invisible(c) {
+            out.push_str(&format!("\\u{{{:x}}}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -242,6 +307,7 @@ mod tests {
             digest: d.into(),
             reason: reason.into(),
             description: None,
+            definition: None,
             seen: "2026-01-01T00:00:00.000Z".into(),
         }
     }
@@ -282,6 +348,7 @@ mod tests {
             ToolPin {
                 digest: Some(digest('a')),
                 description: Some("d".into()),
+                definition: Some("{\"name\":\"echo\"}".into()),
                 pending: Some(pending(&digest('b'), "changed")),
             },
         );
@@ -302,6 +369,7 @@ mod tests {
             ToolPin {
                 digest: Some(digest('a')),
                 description: None,
+                definition: None,
                 pending: Some(pending(&digest('b'), "changed")),
             },
         );
@@ -312,15 +380,33 @@ mod tests {
                 ..Default::default()
             },
         );
-        assert!(f.approve("x", Some("h")).is_err());
-        assert!(f.approve("nope", None).is_err());
-        assert!(f.approve("x", Some("missing")).is_err());
-        assert_eq!(f.approve("x", None).unwrap(), 1);
+        assert!(f.approve("x", Some("h"), None).is_err());
+        assert!(f.approve("nope", None, None).is_err());
+        assert!(f.approve("x", Some("missing"), None).is_err());
+        // Not the digest the operator saw: refused, nothing changes.
+        let e = f.approve("x", Some("a"), Some(&digest('c'))).unwrap_err();
+        assert!(e.contains("now") && e.contains(&digest('b')), "{e}");
+        assert!(f.servers["x"].tools["a"].pending.is_some());
+        assert!(!f.servers["x"].sealed);
+        assert_eq!(
+            f.approve("x", Some("a"), Some(&digest('b'))).unwrap(),
+            vec![("a".to_string(), digest('b'))]
+        );
+        assert!(f.approve("x", None, None).unwrap().is_empty());
         let s = &f.servers["x"];
         assert_eq!(s.tools["a"].digest.as_deref(), Some(digest('b').as_str()));
         assert!(s.tools["h"].pending.is_some());
         assert_eq!(s.pending, 1);
         assert!(s.sealed);
+    }
+
+    #[test]
+    fn shown_never_lets_a_control_character_through() {
+        assert_eq!(shown("add"), "add");
+        assert_eq!(
+            shown("zz\r  add\n\u{1b}[2K\u{200B}\\"),
+            "zz\\u{d}  add\\u{a}\\u{1b}[2K\\u{200b}\\\\"
+        );
     }
 
     #[test]
@@ -332,6 +418,7 @@ mod tests {
             ToolPin {
                 digest: Some(digest('a')),
                 description: None,
+                definition: None,
                 pending: Some(pending(&digest('b'), "changed")),
             },
         );
