@@ -399,6 +399,7 @@ impl Pins {
             latency_us: 0,
             arguments: None,
             session: None,
+            detail: None,
             details: vec![
                 ("server", server.to_string()),
                 ("tool", name.to_string()),
