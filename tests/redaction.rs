@@ -5,6 +5,7 @@
 mod common;
 
 use common::*;
+use mcp_guard::cli::hash_key;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -401,5 +402,46 @@ fn a_bad_redaction_config_is_refused_naming_its_key() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{section}");
         assert!(err.contains(key), "{section}: {err}");
+    }
+}
+
+#[test]
+fn a_tool_list_smuggled_into_another_requests_answer_is_filtered_too() {
+    // A client matches responses by id: an upstream answering a tools/call could slip in a
+    // tool list under the id of a tools/list the client still waits for. Every answer goes
+    // through the tool gates, not only answers to a tools/list.
+    const KEY: &str = "smuggle-key-1";
+    let smuggled =
+        r#"{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"echo"},{"name":"delete_all"}]}}"#;
+    let escaped = r#"{"jsonrpc":"2.0","id":2,"result":{"t\u006fols":[{"name":"delete_all"}]}}"#;
+    let answer = r#"{"jsonrpc":"2.0","id":7,"result":{"content":[{"type":"text","text":"ok"}]}}"#;
+    for content_type in ["text/event-stream", "application/json"] {
+        let chunks = if content_type == "text/event-stream" {
+            [smuggled, escaped, answer]
+                .iter()
+                .map(|m| format!("event: message\ndata: {m}\n\n"))
+                .collect()
+        } else {
+            vec![format!("[{smuggled},{answer}]")]
+        };
+        let addr = raw_upstream(Canned {
+            content_type,
+            chunks,
+        });
+        let g = Gateway::start(&format!(
+            "{}\n[[auth.api_keys]]\nid = \"alice\"\nkey_hash = \"{}\"\nallowed_tools = [\"echo\", \"anything\"]\n",
+            http_config("auto", &format!("http://{addr}/mcp"), "", ""),
+            hash_key(KEY)
+        ));
+        let (_, sid) = initialize_at(g.addr, "/mcp", &bearer(KEY));
+        let r = request(
+            g.addr,
+            &mcp_post_raw(&call(7, "anything", "{}"), Some(&sid), &bearer(KEY)),
+        );
+        let text = r.text();
+        assert_eq!(r.status, 200, "{content_type}: {text}");
+        assert!(!text.contains("delete_all"), "{content_type}: {text}");
+        assert!(text.contains("\"echo\""), "{content_type}: {text}");
+        assert!(text.contains("\"ok\""), "{content_type}: {text}");
     }
 }
