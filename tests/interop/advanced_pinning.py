@@ -12,6 +12,7 @@ approve` plus SIGHUP brings it back. One line per check; exit 1 on any failed ch
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -118,8 +119,22 @@ async def client(url: str, binary: str, store: Path, gateway: subprocess.Popen[s
                 check(False, "a call of the changed tool is refused", f"got a result: {refused}")
             except MCPError as e:
                 check("awaits approval" in e.message, "a call of the changed tool is refused", e.message)
+            # The operator approves the definition it inspected: the pending digest the gateway
+            # recorded in the store (written off the workers, so it may take a moment), given
+            # back with --digest (an approval is bound to what was seen).
+            pending = ""
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and not pending:
+                try:
+                    tools = json.loads(store.read_text())["servers"]["default"]["tools"]
+                    pending = (tools["lookup"].get("pending") or {}).get("digest") or ""
+                except (OSError, ValueError, KeyError):
+                    pass
+                if not pending:
+                    await anyio.sleep(0.2)
+            check(pending.startswith("sha256:"), "the changed definition is recorded as pending", pending)
             approve = subprocess.run(
-                [binary, "pins", "--store", str(store), "approve", "default", "lookup"],
+                [binary, "pins", "--store", str(store), "approve", "default", "lookup", "--digest", pending],
                 capture_output=True,
                 text=True,
             )
