@@ -332,29 +332,17 @@ impl Pins {
             pending.definition.as_deref(),
             AUDIT_DIFF,
         );
-        self.audit.push(AuditEvent {
-            time: SystemTime::now(),
-            request_id: "pinning".into(),
-            client_request_id: None,
-            trace_id: None,
-            identity: None,
-            auth_method: "none",
-            client: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
-            method: "pinning/changed".into(),
-            target: Some(("tool", name.to_string())),
-            decision: if settings.mode == PinningMode::Alert {
-                "allow"
-            } else {
-                "deny"
-            },
-            reason: Some(reason),
-            status: 0,
-            upstream: server.into(),
-            latency_us: 0,
-            arguments: None,
-            session: None,
-            detail: None,
-            details: vec![
+        let decision = if settings.mode == PinningMode::Alert {
+            "allow"
+        } else {
+            "deny"
+        };
+        self.audit.push(changed_event(
+            server,
+            name,
+            decision,
+            reason,
+            vec![
                 ("server", server.to_string()),
                 ("tool", name.to_string()),
                 ("mode", mode.to_string()),
@@ -363,7 +351,7 @@ impl Pins {
                 ("description_diff", diff),
                 ("definition_diff", whole),
             ],
-        });
+        ));
     }
 
     /// The one event saying `server` listed a tool pinning cannot record (past the per-server
@@ -382,25 +370,12 @@ impl Pins {
             target: "mcp_guard::pinning",
             "server {server:?} lists more tools than pinning records ({MAX_TOOLS}) or a name over {MAX_NAME} bytes: such tools are hidden"
         );
-        self.audit.push(AuditEvent {
-            time: SystemTime::now(),
-            request_id: "pinning".into(),
-            client_request_id: None,
-            trace_id: None,
-            identity: None,
-            auth_method: "none",
-            client: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
-            method: "pinning/changed".into(),
-            target: Some(("tool", name.to_string())),
-            decision: "deny",
-            reason: Some("over_cap"),
-            status: 0,
-            upstream: server.into(),
-            latency_us: 0,
-            arguments: None,
-            session: None,
-            detail: None,
-            details: vec![
+        self.audit.push(changed_event(
+            server,
+            name,
+            "deny",
+            "over_cap",
+            vec![
                 ("server", server.to_string()),
                 ("tool", name.to_string()),
                 ("cap", MAX_TOOLS.to_string()),
@@ -409,7 +384,7 @@ impl Pins {
                     "tools past the cap are hidden in every mode; this event is sent once".into(),
                 ),
             ],
-        });
+        ));
     }
 
     /// Seals `server` once its first complete listing has been checked.
@@ -792,6 +767,37 @@ fn text_diff(old: &str, new: &str, limit: usize) -> String {
         cut(&a[prefix..a.len() - suffix]),
         cut(&b[prefix..b.len() - suffix])
     )
+}
+
+/// A `pinning/changed` audit event about tool `name` of `server` (its own event, not a
+/// request's: no identity, no client).
+fn changed_event(
+    server: &str,
+    name: &str,
+    decision: &'static str,
+    reason: &'static str,
+    details: Vec<(&'static str, String)>,
+) -> AuditEvent {
+    AuditEvent {
+        time: SystemTime::now(),
+        request_id: "pinning".into(),
+        client_request_id: None,
+        trace_id: None,
+        identity: None,
+        auth_method: "none",
+        client: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        method: "pinning/changed".into(),
+        target: Some(("tool", name.to_string())),
+        decision,
+        reason: Some(reason),
+        status: 0,
+        upstream: server.into(),
+        latency_us: 0,
+        arguments: None,
+        session: None,
+        detail: None,
+        details,
+    }
 }
 
 #[cfg(test)]
