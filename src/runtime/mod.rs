@@ -288,13 +288,72 @@ pub fn run(path: PathBuf) -> Result<(), String> {
     Ok(())
 }
 
+/// How a worker's io_uring is set up. Task-work modes change when the kernel runs the work that
+/// posts completions: by default it interrupts the worker with an IPI whenever a completion
+/// arrives; `COOP_TASKRUN` lets it wait for the worker's next syscall, which a busy worker makes
+/// every loop anyway, and `DEFER_TASKRUN` waits further, until the worker asks for completions
+/// (monoio does so when it parks, the only moment it needs them). Each worker is the only thread
+/// that submits to its ring (`SINGLE_ISSUER`), which `DEFER_TASKRUN` requires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RingSetup {
+    /// The kernel's default.
+    Plain,
+    /// `COOP_TASKRUN | SINGLE_ISSUER` (kernel 6.0+).
+    Coop,
+    /// `DEFER_TASKRUN | SINGLE_ISSUER` (kernel 6.1+).
+    Defer,
+}
+
+impl RingSetup {
+    /// The setup the workers ask for: `MCP_GUARD_URING_SETUP` (`plain`, `coop` or `defer`) picks
+    /// one for measuring; the default is the one issue 12's runs found cheapest. A kernel that
+    /// refuses the flags gets `Plain` (see `run_worker`).
+    pub fn from_env() -> Self {
+        match std::env::var("MCP_GUARD_URING_SETUP").as_deref() {
+            Ok("plain") => RingSetup::Plain,
+            Ok("defer") => RingSetup::Defer,
+            Ok("coop") => RingSetup::Coop,
+            _ => RingSetup::Coop,
+        }
+    }
+
+    fn builder(self) -> Option<io_uring::Builder> {
+        let mut b = io_uring::IoUring::builder();
+        match self {
+            RingSetup::Plain => return None,
+            RingSetup::Coop => b.setup_coop_taskrun().setup_single_issuer(),
+            RingSetup::Defer => b.setup_defer_taskrun().setup_single_issuer(),
+        };
+        Some(b)
+    }
+}
+
+fn uring_runtime(
+    setup: RingSetup,
+) -> std::io::Result<monoio::Runtime<monoio::time::TimeDriver<monoio::IoUringDriver>>> {
+    let mut builder = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new().with_entries(4096);
+    if let Some(urb) = setup.builder() {
+        builder = builder.uring_builder(urb);
+    }
+    builder.enable_timer().build()
+}
+
 fn run_worker(id: usize, shared: Arc<Shared>, listener: std::net::TcpListener, driver: Driver) {
     let result = match driver {
-        Driver::IoUring => monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-            .with_entries(4096)
-            .enable_timer()
-            .build()
-            .map(|mut rt| rt.block_on(worker_main(id, shared, listener))),
+        Driver::IoUring => {
+            let setup = RingSetup::from_env();
+            // An older kernel answers EINVAL to flags it does not know: fall back to the default
+            // ring rather than refuse to start.
+            uring_runtime(setup)
+                .or_else(|e| {
+                    if setup == RingSetup::Plain {
+                        return Err(e);
+                    }
+                    tracing::debug!(target: "mcp_guard::runtime", "worker {id}: io_uring setup {setup:?} refused ({e}); using the default ring");
+                    uring_runtime(RingSetup::Plain)
+                })
+                .map(|mut rt| rt.block_on(worker_main(id, shared, listener)))
+        }
         Driver::Epoll => monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
             .enable_timer()
             .build()
