@@ -46,23 +46,12 @@ pub async fn serve<S: Connection>(
     let mut out: Vec<u8> = Vec::new();
     let mut fresh = true;
     loop {
-        let mut head = match read_head(&w, &mut stream, &mut buf, &w.settings(), fresh).await {
+        let head = match read_head(&w, &mut stream, &mut buf, &w.settings(), fresh).await {
             HeadOutcome::Head(h) => h,
             HeadOutcome::Closed => return,
             HeadOutcome::Error(e) => {
-                let reply = Reply::error(&e, None, M_NONE);
-                let meta = ReqMeta {
-                    request_id: w.next_request_id(),
-                    client_request_id: None,
-                    peer: Peer::of(addr, client.as_ref()),
-                    trace_id: None,
-                    trace: None,
-                    started: Instant::now(),
-                    wall: SystemTime::now(),
-                    stream_auth: None,
-                };
-                let _ = Box::pin(write_reply(&w, &mut stream, reply, false, &meta, out)).await;
-                return;
+                let peer = Peer::of(addr, client.as_ref());
+                return Box::pin(refuse_head(&w, &mut stream, e, peer, out)).await;
             }
         };
         fresh = false;
@@ -89,16 +78,17 @@ pub async fn serve<S: Connection>(
             }
         }
         let peer = Peer::of(addr, client.as_ref());
-        // Everything from the body to the written reply runs in one boxed future: an idle
-        // connection's task then holds only the (small) head-reading state, and a request in
-        // flight pays one allocation for the pipeline's large state machine.
+        // Everything from the body to the written reply runs in one boxed future, which owns
+        // the head: an idle connection's task then holds only the (small) head-reading state
+        // (a few hundred bytes less per idle connection than with the head kept beside it),
+        // and a request in flight pays one allocation for the pipeline's large state machine.
         let served = Box::pin(serve_request(
             &w,
             &mut stream,
             &mut buf,
             out,
             &cfg,
-            &mut head,
+            head,
             peer,
         ));
         match served.await {
@@ -129,15 +119,40 @@ type Snapshot = Rc<Arc<Settings>>;
 
 /// One request after its head: admission on the head, then body, pipeline, reply. `None`
 /// ends the connection.
+/// Answers a head that could not be read (malformed, too large, too slow) and ends the
+/// connection. A function of its own, boxed by its caller, so the connection task does not
+/// carry the reply's state while it waits for the next head.
+async fn refuse_head<S: Connection>(
+    w: &Rc<Worker>,
+    stream: &mut S,
+    e: GatewayError,
+    peer: Peer<'_>,
+    out: Vec<u8>,
+) {
+    let reply = Reply::error(&e, None, M_NONE);
+    let meta = ReqMeta {
+        request_id: w.next_request_id(),
+        client_request_id: None,
+        peer,
+        trace_id: None,
+        trace: None,
+        started: Instant::now(),
+        wall: SystemTime::now(),
+        stream_auth: None,
+    };
+    let _ = write_reply(w, stream, reply, false, &meta, out).await;
+}
+
 async fn serve_request<S: Connection>(
     w: &Rc<Worker>,
     stream: &mut S,
     buf: &mut Vec<u8>,
     out: Vec<u8>,
     snapshot: &Snapshot,
-    head: &mut RequestHead,
+    mut head: RequestHead,
     peer: Peer<'_>,
 ) -> Option<Vec<u8>> {
+    let head = &mut head;
     let cfg: &Settings = snapshot;
     let started = Instant::now();
     let wall = SystemTime::now();

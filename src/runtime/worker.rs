@@ -482,20 +482,58 @@ pub async fn run(w: Rc<Worker>, listener: monoio::net::TcpListener) {
 }
 
 /// Runs one client connection's task, keeping the connection counts.
-async fn connection(
+///
+/// A future of its own rather than an `async` wrapper: awaiting the connection's future from an
+/// `async` block or fn stores it twice in the task (once as the captured value, once as the
+/// awaited one; rustc keeps both slots), which doubled what every idle connection costs.
+fn connection<F: std::future::Future<Output = ()>>(
     w: Rc<Worker>,
     peer: std::net::SocketAddr,
-    served: impl std::future::Future<Output = ()>,
-) {
-    // monoio re-raises a task's panic on the worker thread, which would stop every
-    // connection of this worker: contain it to this connection, and keep the counts.
-    if let Err(what) = crate::http::server::CatchPanic(served).await {
-        w.metrics.panics.fetch_add(1, Ordering::Relaxed);
-        tracing::error!(target: "mcp_guard::runtime", "connection from {peer} panicked: {what}; closed");
+    served: F,
+) -> ConnectionTask<F> {
+    ConnectionTask {
+        served: crate::http::server::CatchPanic(served),
+        w,
+        peer,
     }
-    w.active.set(w.active.get() - 1);
-    w.metrics.active_connections.fetch_sub(1, Ordering::Relaxed);
-    w.shared.connections.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// A connection's future and what is settled when it ends.
+struct ConnectionTask<F> {
+    served: crate::http::server::CatchPanic<F>,
+    w: Rc<Worker>,
+    peer: std::net::SocketAddr,
+}
+
+impl<F: std::future::Future<Output = ()>> std::future::Future for ConnectionTask<F> {
+    type Output = ();
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        // SAFETY: only `served` is projected to a pinned reference; `ConnectionTask` never
+        // moves it out and has no Drop impl, so it stays where it was pinned. The other fields
+        // are used through plain references.
+        #[allow(unsafe_code)]
+        let this = unsafe { self.get_unchecked_mut() };
+        // SAFETY: see above; `this.served` is never moved while `this` is pinned.
+        #[allow(unsafe_code)]
+        let served = unsafe { std::pin::Pin::new_unchecked(&mut this.served) };
+        let outcome = std::task::ready!(served.poll(cx));
+        // monoio re-raises a task's panic on the worker thread, which would stop every
+        // connection of this worker: `CatchPanic` contains it to this connection, and the
+        // counts are kept either way.
+        if let Err(what) = outcome {
+            this.w.metrics.panics.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(target: "mcp_guard::runtime", "connection from {} panicked: {what}; closed", this.peer);
+        }
+        let w = &this.w;
+        w.active.set(w.active.get() - 1);
+        w.metrics.active_connections.fetch_sub(1, Ordering::Relaxed);
+        w.shared.connections.fetch_sub(1, Ordering::Relaxed);
+        std::task::Poll::Ready(())
+    }
 }
 
 /// A TLS connection: the handshake, on this worker, within `header_timeout` (a client that
