@@ -70,53 +70,66 @@ impl AuditEvent {
         self.to_json_with_id(None)
     }
 
-    /// The JSON line (without the newline), written field by field: this runs once per
-    /// decision on the writer thread, so it avoids building a JSON tree.
+    /// The JSON line (without the newline), with `event_id` when given.
     pub fn to_json_with_id(&self, event_id: Option<&str>) -> String {
-        use std::fmt::Write as _;
         let mut o = String::with_capacity(384);
+        self.write_json(&mut o, event_id);
+        o
+    }
+
+    /// Appends the JSON line (without the newline) to `o`, written field by field: this runs
+    /// once per decision on the writer thread, so it builds no JSON tree and goes through no
+    /// `format!` machinery (which cost more than everything else here together).
+    pub fn write_json(&self, o: &mut String, event_id: Option<&str>) {
         o.push_str("{\"timestamp\":\"");
-        o.push_str(&rfc3339(self.time));
+        push_rfc3339(o, self.time);
         o.push('"');
         if let Some(id) = event_id {
             o.push_str(",\"event_id\":");
-            json_str(&mut o, id);
+            json_str(o, id);
         }
         o.push_str(",\"request_id\":");
-        json_str(&mut o, &self.request_id);
+        json_str(o, &self.request_id);
         if let Some(c) = &self.client_request_id {
             o.push_str(",\"client_request_id\":");
-            json_str(&mut o, c);
+            json_str(o, c);
         }
         if let Some(t) = &self.trace_id {
             o.push_str(",\"trace_id\":");
-            json_str(&mut o, t);
+            json_str(o, t);
         }
         o.push_str(",\"identity\":");
         match &self.identity {
-            Some(i) => json_str(&mut o, i),
+            Some(i) => json_str(o, i),
             None => o.push_str("null"),
         }
         o.push_str(",\"auth_method\":");
-        json_str(&mut o, self.auth_method);
-        let _ = write!(o, ",\"client_addr\":\"{}\",\"method\":", self.client);
-        json_str(&mut o, &self.method);
+        json_str(o, self.auth_method);
+        o.push_str(",\"client_addr\":\"");
+        push_ip(o, self.client);
+        o.push_str("\",\"method\":");
+        json_str(o, &self.method);
         if let Some((kind, name)) = &self.target {
-            let _ = write!(o, ",\"{kind}\":");
-            json_str(&mut o, name);
+            o.push_str(",\"");
+            o.push_str(kind);
+            o.push_str("\":");
+            json_str(o, name);
         }
         o.push_str(",\"decision\":");
-        json_str(&mut o, self.decision);
+        json_str(o, self.decision);
         if let Some(r) = self.reason {
             o.push_str(",\"reason\":");
-            json_str(&mut o, r);
+            json_str(o, r);
         }
-        let _ = write!(o, ",\"status\":{},\"upstream\":", self.status);
-        json_str(&mut o, &self.upstream);
-        let _ = write!(o, ",\"latency_us\":{}", self.latency_us);
+        o.push_str(",\"status\":");
+        push_u64(o, u64::from(self.status));
+        o.push_str(",\"upstream\":");
+        json_str(o, &self.upstream);
+        o.push_str(",\"latency_us\":");
+        push_u64(o, self.latency_us);
         if let Some(s) = &self.session {
             o.push_str(",\"session\":");
-            json_str(&mut o, s);
+            json_str(o, s);
         }
         if let Some(a) = &self.arguments {
             // Arguments were re-serialised by serde_json from the request: valid JSON.
@@ -129,9 +142,9 @@ impl AuditEvent {
                 if i > 0 {
                     o.push(',');
                 }
-                json_str(&mut o, k);
+                json_str(o, k);
                 o.push(':');
-                json_str(&mut o, v);
+                json_str(o, v);
             }
             o.push('}');
         }
@@ -141,7 +154,6 @@ impl AuditEvent {
             o.push_str(d);
         }
         o.push('}');
-        o
     }
 }
 
@@ -149,6 +161,16 @@ impl AuditEvent {
 fn json_str(out: &mut String, s: &str) {
     use std::fmt::Write as _;
     out.push('"');
+    // Almost every value (ids, names, addresses) needs no escape: one byte scan proves it. 0xE2
+    // leads U+2028/U+2029, which are escaped for consumers that treat them as line ends.
+    if !s
+        .bytes()
+        .any(|b| b < 0x20 || b == b'"' || b == b'\\' || b == 0xE2)
+    {
+        out.push_str(s);
+        out.push('"');
+        return;
+    }
     for c in s.chars() {
         match c {
             '"' => out.push_str("\\\""),
@@ -165,8 +187,59 @@ fn json_str(out: &mut String, s: &str) {
     out.push('"');
 }
 
+/// Appends `n` in decimal.
+fn push_u64(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    // Only ASCII digits were written.
+    out.push_str(std::str::from_utf8(&digits[at..]).unwrap_or("0"));
+}
+
+/// Appends `n` as exactly `width` decimal digits (zero-padded; higher digits dropped).
+fn push_padded(out: &mut String, mut n: u64, width: usize) {
+    let mut digits = [b'0'; 20];
+    for at in (0..width).rev() {
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+    out.push_str(std::str::from_utf8(&digits[..width]).unwrap_or(""));
+}
+
+/// Appends an address as `Display` writes it (dotted quad by hand; IPv6 through `fmt`).
+fn push_ip(out: &mut String, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                push_u64(out, u64::from(octet));
+            }
+        }
+        IpAddr::V6(v6) => {
+            use std::fmt::Write as _;
+            let _ = write!(out, "{v6}");
+        }
+    }
+}
+
 /// RFC 3339 UTC with milliseconds, computed without a date library.
 pub fn rfc3339(t: SystemTime) -> String {
+    let mut out = String::with_capacity(24);
+    push_rfc3339(&mut out, t);
+    out
+}
+
+/// Appends [`rfc3339`]'s text to `out`.
+fn push_rfc3339(out: &mut String, t: SystemTime) {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);
@@ -182,10 +255,22 @@ pub fn rfc3339(t: SystemTime) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = if month <= 2 { y + 1 } else { y };
-    format!(
-        "{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}.{:03}Z",
-        d.subsec_millis()
-    )
+    // Positive: `days` counts from 1970. Years past 9999 would lose digits, as `{:04}` would not;
+    // no clock reads that.
+    push_padded(out, year.max(0) as u64, 4);
+    out.push('-');
+    push_padded(out, month as u64, 2);
+    out.push('-');
+    push_padded(out, day as u64, 2);
+    out.push('T');
+    push_padded(out, h, 2);
+    out.push(':');
+    push_padded(out, m, 2);
+    out.push(':');
+    push_padded(out, s, 2);
+    out.push('.');
+    push_padded(out, u64::from(d.subsec_millis()), 3);
+    out.push('Z');
 }
 
 /// A worker's end of its audit queue.
@@ -343,6 +428,7 @@ fn write_loop(
 ) {
     let stdout = std::io::stdout();
     let mut line = String::with_capacity(512);
+    let mut id = String::with_capacity(48);
     let run = run_id();
     let mut sequence = vec![0u64; rxs.len()];
     let mut idle_sleep = MIN_IDLE_SLEEP;
@@ -369,10 +455,14 @@ fn write_loop(
             // Bounded per pass so one busy worker cannot starve the others' queues.
             for ev in rx.try_iter().take(4096) {
                 sequence[queue] += 1;
-                let id = format!("{run}-{queue}-{}", sequence[queue]);
-                let json = ev.to_json_with_id(Some(&id));
+                id.clear();
+                id.push_str(&run);
+                id.push('-');
+                push_u64(&mut id, queue as u64);
+                id.push('-');
+                push_u64(&mut id, sequence[queue]);
                 line.clear();
-                line.push_str(&json);
+                ev.write_json(&mut line, Some(&id));
                 line.push('\n');
                 if let Some(f) = file.as_mut()
                     && let Err(e) = f.write_all(line.as_bytes())
@@ -384,7 +474,7 @@ fn write_loop(
                 }
                 // Waits when the shipper is behind (never a worker: their queues absorb it).
                 if let Some(tx) = &ship
-                    && tx.send(json).is_err()
+                    && tx.send(line[..line.len() - 1].to_string()).is_err()
                 {
                     tracing::error!(target: "mcp_guard::audit", "the SIEM shipper stopped; events are no longer shipped");
                     ship = None;
@@ -426,6 +516,50 @@ mod tests {
         assert_eq!(rfc3339(t), "2026-01-01T00:00:00.123Z");
         let t = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
         assert_eq!(rfc3339(t), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn hand_written_numbers_and_addresses_read_as_display_writes_them() {
+        for n in [0u64, 7, 10, 99, 100, 65_535, u64::MAX] {
+            let mut s = String::new();
+            push_u64(&mut s, n);
+            assert_eq!(s, n.to_string());
+        }
+        for ip in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "255.255.255.255",
+            "::1",
+            "2001:db8::8:800:200c:417a",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let mut s = String::new();
+            push_ip(&mut s, ip);
+            assert_eq!(s, ip.to_string());
+        }
+    }
+
+    #[test]
+    fn strings_needing_no_escape_and_strings_needing_one_both_come_out_valid() {
+        for s in [
+            "plain",
+            "",
+            "caf\u{e9}",
+            "a\u{2028}b",
+            "\u{2029}",
+            "\u{20ac} euro",
+            "q\"",
+            "b\\",
+            "\u{7f}",
+        ] {
+            let mut out = String::new();
+            json_str(&mut out, s);
+            assert_eq!(serde_json::from_str::<String>(&out).unwrap(), s);
+            assert!(
+                !out.contains('\u{2028}') && !out.contains('\u{2029}'),
+                "{out}"
+            );
+        }
     }
 
     #[test]
