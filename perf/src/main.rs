@@ -470,6 +470,10 @@ fn soak_and_report(options: &soak::SoakOptions, out: &Path) -> Result<soak::Soak
 }
 
 fn soak(args: SoakArgs) -> Result<(), String> {
+    // Refused rather than rounded up: a typo must not start a ten-minute run.
+    if args.target_workers == Some(0) || args.upstream_threads == Some(0) {
+        return Err("--target-workers and --upstream-threads must be positive".into());
+    }
     let (gateway_bin, demo_bin) = binaries(&args.common)?;
     let allowed_cpus = pinning::allowed_cpus();
     let options = soak::SoakOptions {
@@ -482,7 +486,7 @@ fn soak(args: SoakArgs) -> Result<(), String> {
         extra_idle: args.idle,
         load_threads: args.common.load_threads.max(1),
         workers: args.target_workers.unwrap_or(allowed_cpus.len() / 2).max(1),
-        upstream_threads: args.upstream_threads.map(|n| n.max(1)),
+        upstream_threads: args.upstream_threads,
         gateway_bin,
         demo_bin,
         allowed_cpus,

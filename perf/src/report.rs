@@ -1265,8 +1265,10 @@ mod tests {
     }
 
     fn sweep_point(target: Target, workers: usize, rps: f64, bound: Bound) -> SweepPoint {
-        let mut at_max = crate::scenarios::AtMax::default();
-        at_max.bound = bound;
+        let at_max = crate::scenarios::AtMax {
+            bound,
+            ..Default::default()
+        };
         SweepPoint {
             target: target.name().into(),
             workers,

@@ -21,8 +21,10 @@ pub const WARMUP_SHARE: f64 = 0.10;
 pub const FLAT_MAX_PCT: f64 = 5.0;
 /// ...and by at most this many KiB (2 MiB), both by the end and along the fitted trend.
 pub const FLAT_MAX_KB: f64 = 2048.0;
-/// Fewer samples after warm-up than this and the run is too short to judge.
+/// Fewer samples after warm-up than this, or a shorter judged span, and the run is too short to
+/// judge: a few seconds of flat RSS say nothing about a leak of a few KiB a minute.
 pub const MIN_JUDGED_SAMPLES: usize = 3;
+pub const MIN_JUDGED_SPAN_S: f64 = 60.0;
 /// The sampler's finest interval: /proc reads are cheap, but a run is not a profiler.
 pub const MIN_SAMPLE_EVERY: Duration = Duration::from_millis(100);
 /// The gateway config's idle timeout is an hour, and the held idle connections must outlive the
@@ -192,7 +194,10 @@ pub fn verdict(samples: &[Sample], duration_s: f64) -> Verdict {
         _ => None,
     };
     let outcome = match &growth {
-        Some(g) if judged.len() >= MIN_JUDGED_SAMPLES => {
+        Some(g)
+            if judged.len() >= MIN_JUDGED_SAMPLES
+                && g.end_s - g.baseline_s >= MIN_JUDGED_SPAN_S =>
+        {
             if g.growth_kb as f64 <= g.bound_kb && g.fitted_growth_kb <= g.bound_kb {
                 Outcome::Flat
             } else {
@@ -227,16 +232,18 @@ impl Verdict {
                 g.bound_kb,
                 if outcome == Outcome::TooShort {
                     format!(
-                        " (judged on {} samples; {MIN_JUDGED_SAMPLES} needed)",
-                        self.judged_samples
+                        " (judged on {} samples over {} s; {MIN_JUDGED_SAMPLES} samples over {MIN_JUDGED_SPAN_S} s needed)",
+                        self.judged_samples,
+                        seconds(g.end_s - g.baseline_s)
                     )
                 } else {
                     String::new()
                 }
             ),
             (None, _) => format!(
-                "too short to judge: {} sample(s) after the end of warm-up at {:.1} s; {MIN_JUDGED_SAMPLES} needed",
-                self.judged_samples, self.warmup_end_s
+                "too short to judge: {} sample(s) after the end of warm-up at {} s; {MIN_JUDGED_SAMPLES} samples over {MIN_JUDGED_SPAN_S} s needed",
+                self.judged_samples,
+                seconds(self.warmup_end_s)
             ),
         }
     }
@@ -624,7 +631,7 @@ fn markdown(r: &SoakReport) -> String {
     );
     let _ = writeln!(
         out,
-        "- **Verdict:** warm-up is the first {:.0} % of the run ({} s); the baseline is the first sample at or after it, the end the last sample. Growth = end − baseline; slope = least-squares fit of RSS over the samples from the baseline on, in KiB/min. **Flat** when both the growth and the slope × the judged span are ≤ {FLAT_MAX_PCT} % of the baseline and ≤ {FLAT_MAX_KB} KiB (the smaller bound applies; shrinking is flat); **grew** otherwise; too short to judge with fewer than {MIN_JUDGED_SAMPLES} samples after warm-up. The verdict is reported, not enforced: only failed requests make the command fail.",
+        "- **Verdict:** warm-up is the first {:.0} % of the run ({} s); the baseline is the first sample at or after it, the end the last sample. Growth = end − baseline; slope = least-squares fit of RSS over the samples from the baseline on, in KiB/min. **Flat** when both the growth and the slope × the judged span are ≤ {FLAT_MAX_PCT} % of the baseline and ≤ {FLAT_MAX_KB} KiB (the smaller bound applies; shrinking is flat); **grew** otherwise; too short to judge with fewer than {MIN_JUDGED_SAMPLES} samples after warm-up or less than {MIN_JUDGED_SPAN_S} s between the baseline and the end. The verdict is reported, not enforced: only failed requests make the command fail.",
         100.0 * WARMUP_SHARE,
         seconds(r.verdict.warmup_end_s)
     );
@@ -876,11 +883,26 @@ mod tests {
 
     #[test]
     fn shrinking_is_flat_and_short_runs_are_not_judged() {
-        let points: Vec<(f64, u64)> = (0..=10).map(|i| (i as f64, 20_000 - i * 100)).collect();
-        assert_eq!(verdict(&series(&points), 10.0).outcome, Outcome::Flat);
+        let points: Vec<(f64, u64)> = (0..=10)
+            .map(|i| (i as f64 * 10.0, 20_000 - i * 100))
+            .collect();
+        assert_eq!(verdict(&series(&points), 100.0).outcome, Outcome::Flat);
 
-        // Two samples after warm-up: figures, but no verdict.
-        let v = verdict(&series(&[(0.0, 1), (5.0, 100), (9.0, 100)]), 10.0);
+        // Many samples, but over less than a minute after warm-up: figures, no verdict, even
+        // for a steep climb.
+        let short: Vec<(f64, u64)> = (0..=10).map(|i| (i as f64, 20_000 + i * 1_000)).collect();
+        let v = verdict(&series(&short), 10.0);
+        assert_eq!((v.outcome, v.judged_samples), (Outcome::TooShort, 10));
+        assert!(v.growth.is_some());
+        assert!(
+            v.describe()
+                .ends_with("(judged on 10 samples over 9 s; 3 samples over 60 s needed)"),
+            "{}",
+            v.describe()
+        );
+
+        // Two samples after warm-up, however far apart: figures, but no verdict.
+        let v = verdict(&series(&[(0.0, 1), (100.0, 100), (900.0, 100)]), 1000.0);
         assert_eq!((v.outcome, v.judged_samples), (Outcome::TooShort, 2));
         assert!(v.growth.is_some());
         assert!(v.describe().starts_with("too short to judge: RSS"));
@@ -890,12 +912,14 @@ mod tests {
             assert_eq!(v.outcome, Outcome::TooShort);
             assert!(v.growth.is_none());
             assert!(
+                v.describe().ends_with("; 3 samples over 60 s needed"),
+                "{}",
                 v.describe()
-                    .contains(&format!("{MIN_JUDGED_SAMPLES} needed"))
             );
         }
         // A zero RSS (the process vanished) divides by nothing.
-        let v = verdict(&series(&[(5.0, 0), (6.0, 0), (7.0, 0)]), 10.0);
+        let v = verdict(&series(&[(50.0, 0), (80.0, 0), (110.0, 0)]), 100.0);
+        assert_eq!(v.outcome, Outcome::Flat);
         assert_eq!(v.growth.unwrap().growth_pct, 0.0);
     }
 
