@@ -53,6 +53,19 @@ pub struct SoakOptions {
 impl SoakOptions {
     /// Refuses settings the soak cannot honour, naming the flag.
     pub fn check(&self) -> Result<(), String> {
+        // The name becomes three file names in the results directory, and nothing else.
+        if self.name.is_empty()
+            || self.name.starts_with('.')
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(format!(
+                "--name {:?}: use letters, digits, '-', '_' and '.' (not first)",
+                self.name
+            ));
+        }
         if self.scenario.fleet {
             return Err("--scenario fleet is not supported by soak (its variants need helper processes); use guard".into());
         }
@@ -391,7 +404,9 @@ pub fn run(o: &SoakOptions) -> Result<SoakReport, String> {
     let idle_count = o.idle();
     if idle_count > 0 {
         let limit = crate::raise_nofile_limit();
-        let needed = (idle_count + o.connections) as u64 + 512;
+        let needed = (idle_count as u64)
+            .saturating_add(o.connections as u64)
+            .saturating_add(512);
         if limit < needed {
             return Err(format!(
                 "needs ~{needed} open files, RLIMIT_NOFILE is {limit} (raise ulimit -Hn)"
@@ -921,6 +936,70 @@ mod tests {
         let v = verdict(&series(&[(50.0, 0), (80.0, 0), (110.0, 0)]), 100.0);
         assert_eq!(v.outcome, Outcome::Flat);
         assert_eq!(v.growth.unwrap().growth_pct, 0.0);
+    }
+
+    fn options() -> SoakOptions {
+        SoakOptions {
+            name: "soak-2core".into(),
+            scenario: scenarios::find_scenario("guard").unwrap(),
+            duration: Duration::from_secs(600),
+            rate: 5000,
+            sample_every: Duration::from_secs(10),
+            connections: 64,
+            extra_idle: 0,
+            load_threads: 1,
+            workers: 1,
+            upstream_threads: None,
+            gateway_bin: PathBuf::from("/nonexistent/mcp-guard"),
+            demo_bin: PathBuf::from("/nonexistent/mcp-demo-server"),
+            allowed_cpus: vec![0, 1],
+            pin: true,
+        }
+    }
+
+    #[test]
+    fn options_are_checked_before_anything_starts() {
+        assert_eq!(options().check(), Ok(()));
+        let refused = |change: fn(&mut SoakOptions), flag: &str| {
+            let mut o = options();
+            change(&mut o);
+            // `run` checks first: nothing is started for refused options (the binaries given
+            // do not even exist).
+            let e = run(&o).err().unwrap();
+            assert!(e.contains(flag), "{flag}: {e}");
+        };
+        refused(
+            |o| o.scenario = scenarios::find_scenario("fleet").unwrap(),
+            "--scenario fleet",
+        );
+        refused(|o| o.duration = Duration::ZERO, "--duration");
+        refused(|o| o.duration = Duration::from_secs(3601), "--duration");
+        refused(
+            |o| o.sample_every = Duration::from_millis(99),
+            "--sample-every",
+        );
+        refused(
+            |o| o.sample_every = Duration::from_secs(601),
+            "--sample-every",
+        );
+        refused(|o| o.rate = 0, "--rate");
+        refused(|o| o.connections = 0, "--connections");
+        refused(|o| o.workers = 0, "--target-workers");
+        for name in ["", "../x", "a/b", ".hidden", "soak run", "x\0"] {
+            let mut o = options();
+            o.name = name.into();
+            assert!(o.check().unwrap_err().starts_with("--name"), "{name:?}");
+        }
+        let mut idle = options();
+        idle.scenario = scenarios::find_scenario("idle_1k").unwrap();
+        idle.extra_idle = 24;
+        assert_eq!(idle.idle(), 1_024);
+        idle.extra_idle = usize::MAX;
+        assert_eq!(
+            idle.idle(),
+            usize::MAX,
+            "saturates, then the file limit refuses it"
+        );
     }
 
     #[test]
