@@ -10,6 +10,7 @@ use serde::Serialize;
 use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
@@ -94,6 +95,28 @@ pub struct LoadSpec {
     /// Speak TLS with this client configuration (the handshake happens when the connection
     /// opens, before the measured window).
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Counters kept current while the phase runs, for a sampler on another thread (`perf
+    /// soak`); `None` for phases only read at their end.
+    pub live: Option<Arc<LiveCounts>>,
+}
+
+/// Requests completed and failed so far in a running phase. Updated with one relaxed atomic add
+/// per request (a few thousand a second in a soak: nothing next to the request itself); the
+/// phase's exact figures still come from its `LoadResult`.
+#[derive(Debug, Default)]
+pub struct LiveCounts {
+    completed: AtomicU64,
+    errors: AtomicU64,
+}
+
+impl LiveCounts {
+    /// (completed, failed) so far.
+    pub fn read(&self) -> (u64, u64) {
+        (
+            self.completed.load(Ordering::Relaxed),
+            self.errors.load(Ordering::Relaxed),
+        )
+    }
 }
 
 /// Failed requests by cause.
@@ -473,6 +496,7 @@ fn load_thread(
         extra_headers,
         endpoints,
         tls: spec.tls.clone(),
+        live: spec.live.clone(),
     });
     rt.block_on(async {
         let tasks: Vec<_> = indices
@@ -509,6 +533,16 @@ struct Plan {
     extra_headers: Rc<str>,
     endpoints: Rc<[Rc<str>]>,
     tls: Option<Arc<rustls::ClientConfig>>,
+    live: Option<Arc<LiveCounts>>,
+}
+
+impl Plan {
+    fn count_live(&self, ok: bool) {
+        if let Some(live) = &self.live {
+            let counter = if ok { &live.completed } else { &live.errors };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// One connection's request loop, bounded by the deadline (open loop: plus a grace period to
@@ -521,6 +555,7 @@ async fn drive(
 ) {
     if client.is_none() {
         tally.borrow_mut().errors.connect += 1;
+        plan.count_live(false);
     }
     let duration = plan.deadline - plan.start;
     let hard_stop = plan.deadline + duration.min(Duration::from_secs(2));
@@ -578,6 +613,7 @@ async fn drive(
                 Ok(c) => client.insert(c),
                 Err(f) => {
                     tally.borrow_mut().errors.count(f);
+                    plan.count_live(false);
                     monoio::time::sleep(RECONNECT_PAUSE).await;
                     continue;
                 }
@@ -588,6 +624,7 @@ async fn drive(
             .elapsed()
             .as_micros()
             .min(u128::from(HISTOGRAM_MAX_US)) as u64;
+        plan.count_live(outcome.is_ok());
         {
             let mut tally = tally.borrow_mut();
             match outcome {

@@ -1,11 +1,12 @@
 //! `perf`: the mcp-guard load-test harness — command line, process-wide setup (file limit,
-//! interrupt flag, runtimes) and the `all`, `smoke`, `upstream` and `receiver` commands.
+//! interrupt flag, runtimes) and the `all`, `smoke`, `soak`, `upstream` and `receiver` commands.
 
 mod fleet;
 mod load;
 mod pinning;
 mod report;
 mod scenarios;
+mod soak;
 mod targets;
 mod tls;
 mod upstream;
@@ -34,6 +35,10 @@ enum Command {
     All(AllArgs),
     /// A few-seconds run proving the harness works; non-zero exit on any failure.
     Smoke(CommonArgs),
+    /// mcp-guard at a fixed rate for minutes, its RSS sampled over time, with a verdict on
+    /// whether memory stayed flat; writes <out>/<name>.{json,md,svg}; non-zero exit on any
+    /// failed request.
+    Soak(SoakArgs),
     /// Only the mock MCP upstream, until killed.
     Upstream(UpstreamArgs),
     /// Only the fleet scenario's HTTP sink (SIEM / OTLP collector stand-in), until killed.
@@ -101,6 +106,44 @@ struct AllArgs {
     no_install: bool,
     /// Result file name (without extension).
     #[arg(long, default_value = "latest")]
+    name: String,
+}
+
+#[derive(Args)]
+struct SoakArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Seconds of load (one fixed-rate phase; the first 10 % is warm-up).
+    #[arg(long, default_value_t = 600.0)]
+    duration: f64,
+    /// Fixed request rate (requests/s).
+    #[arg(long, default_value_t = 5000)]
+    rate: u64,
+    /// Seconds between samples of RSS, CPU and requests done.
+    #[arg(long, default_value_t = 10.0)]
+    sample_every: f64,
+    /// Load connections (keep-alive, one MCP session each).
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// Idle keep-alive connections held open for the whole run, besides the scenario's own
+    /// (idle_1k, idle_10k).
+    #[arg(long, default_value_t = 0)]
+    idle: usize,
+    /// The scenario whose gateway config and request are used (not fleet) [default: guard, the
+    /// full security path].
+    #[arg(long, default_value = "guard")]
+    scenario: String,
+    /// mcp-guard workers [default: half the CPUs, at least 1, as `perf all`].
+    #[arg(long)]
+    target_workers: Option<usize>,
+    /// Mock upstream threads [default: one per load-side CPU when pinned, else one per core].
+    #[arg(long)]
+    upstream_threads: Option<usize>,
+    /// Do not pin the gateway and the load side to separate CPUs.
+    #[arg(long)]
+    no_pin: bool,
+    /// Result file name (without extension).
+    #[arg(long, default_value = "soak")]
     name: String,
 }
 
@@ -254,6 +297,17 @@ fn parse_variants(names: &[String]) -> Result<Vec<&'static fleet::Variant>, Stri
         .collect())
 }
 
+/// The worker counts to sweep, ascending, with 1 added when missing: every point's efficiency is
+/// taken against the same target at one worker.
+fn sweep_with_one(mut workers: Vec<usize>) -> Vec<usize> {
+    if !workers.is_empty() {
+        workers.push(1);
+        workers.sort_unstable();
+        workers.dedup();
+    }
+    workers
+}
+
 /// Runs the matrix, writes the report, prints the Markdown; Err if any measurement failed.
 fn run_and_report(
     settings: &Settings,
@@ -363,6 +417,7 @@ fn all(args: AllArgs) -> Result<(), String> {
     };
     let duration = Duration::from_secs_f64(args.duration);
     let allowed_cpus = pinning::allowed_cpus();
+    let sweep = sweep_with_one(args.workers);
     let settings = Settings {
         duration,
         warmup: (duration / 10).clamp(Duration::from_millis(200), Duration::from_secs(2)),
@@ -372,7 +427,7 @@ fn all(args: AllArgs) -> Result<(), String> {
         load_threads: args.common.load_threads.max(1),
         workers: args.target_workers.unwrap_or(allowed_cpus.len() / 2).max(1),
         upstream_threads: args.upstream_threads.map(|n| n.max(1)),
-        sweep: args.workers,
+        sweep,
         scenarios,
         targets,
         gateway_bin,
@@ -389,6 +444,59 @@ fn all(args: AllArgs) -> Result<(), String> {
         .out
         .unwrap_or_else(|| repo_root().join("perf/results"));
     run_and_report(&settings, &args.name, &out, false)
+}
+
+/// Seconds from the command line as a Duration, refusing what Duration cannot hold.
+fn seconds(value: f64, flag: &str) -> Result<Duration, String> {
+    Duration::try_from_secs_f64(value).map_err(|_| format!("{flag} must be a number of seconds"))
+}
+
+/// Runs a soak, writes its report and prints its Markdown; Err on any failed request.
+fn soak_and_report(options: &soak::SoakOptions, out: &Path) -> Result<soak::SoakReport, String> {
+    let report = soak::run(options)?;
+    let markdown = soak::write_all(&report, out)?;
+    println!("{markdown}");
+    eprintln!(
+        "perf: wrote {0}/{1}.json, {0}/{1}.md, {0}/{1}.svg; RSS {2}",
+        out.display(),
+        report.name,
+        report.verdict.describe()
+    );
+    let errors = report.totals.errors.total();
+    if errors > 0 {
+        return Err(format!("soak: {errors} request(s) failed"));
+    }
+    Ok(report)
+}
+
+fn soak(args: SoakArgs) -> Result<(), String> {
+    // Refused rather than rounded up: a typo must not start a ten-minute run.
+    if args.target_workers == Some(0) || args.upstream_threads == Some(0) {
+        return Err("--target-workers and --upstream-threads must be positive".into());
+    }
+    let (gateway_bin, demo_bin) = binaries(&args.common)?;
+    let allowed_cpus = pinning::allowed_cpus();
+    let options = soak::SoakOptions {
+        name: args.name,
+        scenario: scenarios::find_scenario(&args.scenario)?,
+        duration: seconds(args.duration, "--duration")?,
+        rate: args.rate,
+        sample_every: seconds(args.sample_every, "--sample-every")?,
+        connections: args.connections,
+        extra_idle: args.idle,
+        load_threads: args.common.load_threads.max(1),
+        workers: args.target_workers.unwrap_or(allowed_cpus.len() / 2).max(1),
+        upstream_threads: args.upstream_threads,
+        gateway_bin,
+        demo_bin,
+        allowed_cpus,
+        pin: !args.no_pin,
+    };
+    let out = args
+        .common
+        .out
+        .unwrap_or_else(|| repo_root().join("perf/results"));
+    soak_and_report(&options, &out).map(|_| ())
 }
 
 fn smoke(args: CommonArgs) -> Result<(), String> {
@@ -428,7 +536,33 @@ fn smoke(args: CommonArgs) -> Result<(), String> {
         redis_bin: fleet::find_redis(),
     };
     let out = args.out.unwrap_or_else(|| repo_root().join("perf/results"));
-    run_and_report(&settings, "smoke", &out, true)
+    run_and_report(&settings, "smoke", &out, true)?;
+    // A short soak proves the command works end to end (sampler, verdict, report); three
+    // seconds are too few to judge memory, which the report says.
+    let soak = soak::SoakOptions {
+        name: "smoke-soak".into(),
+        scenario: scenarios::find_scenario("guard")?,
+        duration: Duration::from_secs(3),
+        rate: 200,
+        sample_every: Duration::from_secs(1),
+        connections: 10,
+        extra_idle: 0,
+        load_threads: args.load_threads.max(1),
+        workers: 1,
+        upstream_threads: Some(1),
+        gateway_bin: settings.gateway_bin.clone(),
+        demo_bin: settings.demo_bin.clone(),
+        allowed_cpus: settings.allowed_cpus.clone(),
+        pin: true,
+    };
+    let report = soak_and_report(&soak, &out)?;
+    if report.samples.len() < 4 {
+        return Err(format!(
+            "smoke-soak: {} sample(s) in 3 s at 1 s intervals, expected at least 4",
+            report.samples.len()
+        ));
+    }
+    Ok(())
 }
 
 fn main() {
@@ -442,6 +576,7 @@ fn main() {
     let result = match cli.command {
         Command::All(args) => all(args),
         Command::Smoke(args) => smoke(args),
+        Command::Soak(args) => soak(args),
         Command::Receiver(args) => fleet::serve_receiver(args.listen),
         Command::Upstream(args) => upstream::serve(&upstream::MockOptions {
             listen: args.listen,
@@ -458,6 +593,13 @@ fn main() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sweep_always_has_its_one_worker_reference() {
+        assert_eq!(sweep_with_one(vec![]), Vec::<usize>::new());
+        assert_eq!(sweep_with_one(vec![8, 2, 4]), vec![1, 2, 4, 8]);
+        assert_eq!(sweep_with_one(vec![1, 2, 2]), vec![1, 2]);
+    }
 
     #[test]
     fn variants_keep_their_order_and_always_the_baseline() {

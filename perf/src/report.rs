@@ -336,42 +336,117 @@ fn markdown(r: &Report) -> String {
         }
     }
     if !r.worker_sweep.is_empty() {
-        let targets = sweep_targets(&r.worker_sweep);
-        out.push_str(
-            "\n## Worker sweep (passthrough, closed loop, requests/s, bound by)\n\n| workers | placement |",
-        );
-        for t in &targets {
-            let _ = write!(out, " {t} |");
-        }
-        out.push_str("\n|---:|---|");
-        out.push_str(&"---:|".repeat(targets.len()));
-        out.push('\n');
-        for w in sweep_workers(&r.worker_sweep) {
-            let placement = r
-                .worker_sweep
-                .iter()
-                .find(|p| p.workers == w)
-                .map(|p| p.placement.as_str())
-                .unwrap_or_default();
-            let _ = write!(out, "| {w} | {placement} |");
-            for t in &targets {
-                let cell = r
-                    .worker_sweep
-                    .iter()
-                    .find(|p| p.workers == w && &p.target == t);
-                let text = match cell {
-                    Some(p) if p.failure.is_none() => {
-                        format!("{:.0} ({})", p.max_rps, p.at_max.bound.label())
-                    }
-                    Some(_) => "failed".into(),
-                    None => "n/a".into(),
-                };
-                let _ = write!(out, " {text} |");
-            }
-            out.push('\n');
-        }
+        sweep_table(&mut out, r);
     }
     out
+}
+
+/// Issue 12's scaling target: this efficiency at this many workers.
+pub const EFFICIENCY_TARGET: f64 = 0.85;
+pub const EFFICIENCY_TARGET_WORKERS: usize = 8;
+
+/// The worker sweep: per worker count, the placement, and per target its max req/s, what bound
+/// it, and its efficiency against one worker; then the machine it ran on and issue 12's target.
+fn sweep_table(out: &mut String, r: &Report) {
+    let points = &r.worker_sweep;
+    let targets = sweep_targets(points);
+    // Efficiency compares a proxy's workers; `direct` is the mock alone and has none.
+    let scaled: Vec<&String> = targets
+        .iter()
+        .filter(|t| t.as_str() != Target::Direct.name())
+        .collect();
+    out.push_str(
+        "\n## Worker sweep (passthrough, closed loop: requests/s (bound by), efficiency)\n\n| workers | placement |",
+    );
+    for t in &targets {
+        let _ = write!(out, " {t} |");
+    }
+    for t in &scaled {
+        let _ = write!(out, " {t} efficiency |");
+    }
+    out.push_str("\n|---:|---|");
+    out.push_str(&"---:|".repeat(targets.len() + scaled.len()));
+    out.push('\n');
+    let find = |w: usize, t: &str| points.iter().find(|p| p.workers == w && p.target == t);
+    let mut unbound = false;
+    for w in sweep_workers(points) {
+        let placement = points
+            .iter()
+            .find(|p| p.workers == w)
+            .map(|p| p.placement.as_str())
+            .unwrap_or_default();
+        let _ = write!(out, "| {w} | {placement} |");
+        for t in &targets {
+            let text = match find(w, t) {
+                Some(p) if p.failure.is_none() => {
+                    format!("{:.0} ({})", p.max_rps, p.at_max.bound.label())
+                }
+                Some(_) => "failed".into(),
+                None => "n/a".into(),
+            };
+            let _ = write!(out, " {text} |");
+        }
+        for t in &scaled {
+            let text = match find(w, t) {
+                Some(p) => match p.efficiency {
+                    Some(e) if p.at_max.bound != Bound::Target => {
+                        unbound = true;
+                        format!("{e:.2} ‡")
+                    }
+                    Some(e) => format!("{e:.2}"),
+                    None => "n/a".into(),
+                },
+                None => "n/a".into(),
+            };
+            let _ = write!(out, " {text} |");
+        }
+        out.push('\n');
+    }
+    let m = &r.machine;
+    let _ = writeln!(
+        out,
+        "\nMachine: {} ({} CPUs online, CPU {} available to the run); each row says where the target and the load side ran: pinned rows give the target its last N CPUs and the load side (generator, mock upstream) the rest, so the load side shrinks as the target grows. Efficiency = (req/s at N workers ÷ N) ÷ req/s of the same target at 1 worker, both from this run (1.00 = linear scaling; n/a without a 1-worker point).",
+        m.cpu_model,
+        m.nproc,
+        pinning::list(&r.settings.allowed_cpus)
+    );
+    if unbound {
+        out.push_str("\n‡ that row was not bound by the target's own CPU (see \"bound by\"): its req/s, and so its efficiency, is what the load side or the scheduler allowed, a lower bound for the target.\n");
+    }
+    let _ = writeln!(
+        out,
+        "\nIssue 12's scaling target, mcp-guard efficiency ≥ {EFFICIENCY_TARGET:.2} at {EFFICIENCY_TARGET_WORKERS} workers on a machine with ≥ {EFFICIENCY_TARGET_WORKERS} spare cores: {}.",
+        efficiency_verdict(points)
+    );
+}
+
+/// Issue 12's scaling target, judged from the sweep's mcp-guard point at 8 workers.
+pub fn efficiency_verdict(points: &[SweepPoint]) -> String {
+    let Some(p) = points
+        .iter()
+        .find(|p| p.target == Target::McpGuard.name() && p.workers == EFFICIENCY_TARGET_WORKERS)
+    else {
+        return format!("not measured (no {EFFICIENCY_TARGET_WORKERS}-worker mcp-guard point)");
+    };
+    let Some(e) = p.efficiency else {
+        return "not measured (the point failed, or no 1-worker point)".into();
+    };
+    let met = if e >= EFFICIENCY_TARGET {
+        "met"
+    } else {
+        "missed"
+    };
+    let caveat = if !p.placement.starts_with("target on CPU") {
+        format!("; {}", p.placement)
+    } else if p.at_max.bound != Bound::Target {
+        format!(
+            "; bound by {}, not the target: a lower bound",
+            p.at_max.bound.label()
+        )
+    } else {
+        String::new()
+    };
+    format!("{met} ({e:.2}){caveat}")
 }
 
 /// A row's target, with its round when there are several.
@@ -673,7 +748,7 @@ fn color(target: &str) -> &'static str {
     }
 }
 
-fn esc(text: &str) -> String {
+pub(crate) fn esc(text: &str) -> String {
     text.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
@@ -829,7 +904,7 @@ fn legend(out: &mut String, targets: &[&str], y: f64) {
 }
 
 /// 1500 → "1.5k", 2000000 → "2M": axis labels stay short.
-fn short_number(v: f64) -> String {
+pub(crate) fn short_number(v: f64) -> String {
     if v >= 1e6 {
         format!("{}M", v / 1e6)
     } else if v >= 1e3 {
@@ -840,7 +915,7 @@ fn short_number(v: f64) -> String {
 }
 
 /// A readable axis step for `max`: 1, 2 or 5 times a power of ten, about five steps in all.
-fn nice_step(max: f64) -> f64 {
+pub(crate) fn nice_step(max: f64) -> f64 {
     let raw = (max / 5.0).max(1e-9);
     let magnitude = 10f64.powf(raw.log10().floor());
     [1.0, 2.0, 5.0, 10.0]
@@ -937,7 +1012,7 @@ fn sweep_chart(out: &mut String, points: &[SweepPoint], width: f64) {
 }
 
 /// Now as `YYYY-MM-DDTHH:MM:SSZ` (civil-from-days; no date crate for one timestamp).
-fn utc_now() -> String {
+pub(crate) fn utc_now() -> String {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -1187,6 +1262,80 @@ mod tests {
         let unpinned = markdown(&report(Placement::plan(&[0], 1, true), Vec::new()));
         assert!(unpinned.contains("**Pinning:** not pinned: 1 worker(s) need"));
         assert!(unpinned.contains("share CPU 0,1"));
+    }
+
+    fn sweep_point(target: Target, workers: usize, rps: f64, bound: Bound) -> SweepPoint {
+        let at_max = crate::scenarios::AtMax {
+            bound,
+            ..Default::default()
+        };
+        SweepPoint {
+            target: target.name().into(),
+            workers,
+            placement: Placement::plan(&(0..16).collect::<Vec<_>>(), workers, true).note,
+            max_rps: rps,
+            efficiency: None,
+            at_max,
+            errors: 0,
+            failure: None,
+        }
+    }
+
+    #[test]
+    fn the_sweep_reports_efficiency_and_the_machine() {
+        let mut points = vec![
+            sweep_point(Target::Direct, 1, 200_000.0, Bound::LoadSide),
+            sweep_point(Target::McpGuard, 1, 40_000.0, Bound::Target),
+            sweep_point(Target::McpGuard, 2, 76_000.0, Bound::Target),
+            sweep_point(Target::McpGuard, 8, 288_000.0, Bound::LoadSide),
+        ];
+        crate::scenarios::fill_efficiency(&mut points);
+        let mut r = report(Placement::plan(&[0, 1], 1, true), Vec::new());
+        r.machine.cpu_model = "Test CPU 9000".into();
+        r.machine.nproc = 16;
+        r.settings.allowed_cpus = (0..16).collect();
+        r.worker_sweep = points;
+        let md = markdown(&r);
+        for needle in [
+            "| workers | placement | direct | mcp-guard | mcp-guard efficiency |",
+            "| 1 | target on CPU 15; load generator, mock upstream, wrk and stdio servers on CPU 0-14 | 200000 (load side) | 40000 (target) | 1.00 |",
+            "| 2 | target on CPU 14,15; load generator, mock upstream, wrk and stdio servers on CPU 0-13 | n/a | 76000 (target) | 0.95 |",
+            "| 8 | target on CPU 8-15; load generator, mock upstream, wrk and stdio servers on CPU 0-7 | n/a | 288000 (load side) | 0.90 ‡ |",
+            "Machine: Test CPU 9000 (16 CPUs online, CPU 0-15 available to the run)",
+            "Efficiency = (req/s at N workers ÷ N) ÷ req/s of the same target at 1 worker",
+            "‡ that row was not bound by the target's own CPU",
+            "mcp-guard efficiency ≥ 0.85 at 8 workers on a machine with ≥ 8 spare cores: met (0.90); bound by load side, not the target: a lower bound.",
+        ] {
+            assert!(md.contains(needle), "missing {needle:?} in\n{md}");
+        }
+    }
+
+    #[test]
+    fn the_scaling_target_is_judged_at_eight_workers() {
+        let mut points = vec![
+            sweep_point(Target::McpGuard, 1, 40_000.0, Bound::Target),
+            sweep_point(Target::McpGuard, 4, 150_000.0, Bound::Target),
+        ];
+        crate::scenarios::fill_efficiency(&mut points);
+        assert_eq!(
+            efficiency_verdict(&points),
+            "not measured (no 8-worker mcp-guard point)"
+        );
+        points.push(sweep_point(Target::McpGuard, 8, 256_000.0, Bound::Target));
+        crate::scenarios::fill_efficiency(&mut points);
+        assert_eq!(efficiency_verdict(&points), "missed (0.80)");
+        points[2].max_rps = 280_000.0;
+        crate::scenarios::fill_efficiency(&mut points);
+        assert_eq!(efficiency_verdict(&points), "met (0.88)");
+        // Unpinned (8 workers on 8 CPUs leave the load side none): said next to the figure.
+        points[2].placement = Placement::plan(&(0..8).collect::<Vec<_>>(), 8, true).note;
+        assert!(efficiency_verdict(&points).starts_with("met (0.88); not pinned: 8 worker(s)"));
+        points[0].failure = Some("x".into());
+        crate::scenarios::fill_efficiency(&mut points);
+        assert_eq!(
+            efficiency_verdict(&points),
+            "not measured (the point failed, or no 1-worker point)"
+        );
     }
 
     #[test]

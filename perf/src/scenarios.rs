@@ -444,9 +444,31 @@ pub struct SweepPoint {
     pub workers: usize,
     pub placement: String,
     pub max_rps: f64,
+    /// (req/s at this worker count ÷ workers) ÷ req/s of the same target at one worker: 1.0 is
+    /// linear scaling. `None` for `direct` (the mock does not run the target's workers), a
+    /// failed point, or a sweep without a one-worker point.
+    pub efficiency: Option<f64>,
     pub at_max: AtMax,
     pub errors: u64,
     pub failure: Option<String>,
+}
+
+/// Fills in every sweep point's `efficiency` against its target's one-worker point.
+pub fn fill_efficiency(points: &mut [SweepPoint]) {
+    let base: Vec<(String, f64)> = points
+        .iter()
+        .filter(|p| p.workers == 1 && p.failure.is_none() && p.max_rps > 0.0)
+        .map(|p| (p.target.clone(), p.max_rps))
+        .collect();
+    for p in points.iter_mut() {
+        let one = base.iter().find(|(t, _)| *t == p.target).map(|b| b.1);
+        p.efficiency = match one {
+            Some(one) if p.target != Target::Direct.name() && p.failure.is_none() => {
+                Some(p.max_rps / p.workers.max(1) as f64 / one)
+            }
+            _ => None,
+        };
+    }
 }
 
 /// What a run measured, and what it skipped (a line each, for the report).
@@ -534,6 +556,7 @@ pub fn run_matrix(settings: &Settings) -> Result<Matrix, String> {
                     workers,
                     placement: placement.note.clone(),
                     max_rps: rps(&r),
+                    efficiency: None,
                     at_max,
                     errors: r.errors.total(),
                     failure: None,
@@ -543,6 +566,7 @@ pub fn run_matrix(settings: &Settings) -> Result<Matrix, String> {
                     workers,
                     placement: placement.note.clone(),
                     max_rps: 0.0,
+                    efficiency: None,
                     at_max: AtMax::default(),
                     errors: 0,
                     failure: Some(e),
@@ -563,6 +587,7 @@ pub fn run_matrix(settings: &Settings) -> Result<Matrix, String> {
             sweep.push(point);
         }
     }
+    fill_efficiency(&mut sweep);
     Ok(Matrix {
         measurements,
         sweep,
@@ -716,16 +741,16 @@ fn progress(m: &Measurement, rounds: usize) {
 
 /// A started target: its guard (none for direct), its address, the processes to measure, and
 /// the TLS it speaks (its certificate's directory kept for as long as the target runs).
-type Started = (Option<Running>, SocketAddr, Vec<u32>, Option<TlsInUse>);
+pub type Started = (Option<Running>, SocketAddr, Vec<u32>, Option<TlsInUse>);
 
 /// The certificate a TLS target serves and the client configuration that trusts it.
-struct TlsInUse {
+pub struct TlsInUse {
     _dir: targets::ScratchDir,
-    client: std::sync::Arc<rustls::ClientConfig>,
+    pub client: std::sync::Arc<rustls::ClientConfig>,
 }
 
 /// Starts `target` (direct: the mock itself) on the placement's target CPUs.
-fn start_target(
+pub fn start_target(
     settings: &Settings,
     placement: &Placement,
     scenario: &Scenario,
@@ -984,6 +1009,7 @@ fn measure_with(
         extra_headers: headers.clone(),
         cpus: placement.load_cpus.clone(),
         tls: tls.as_ref().map(|t| t.client.clone()),
+        live: None,
     };
     let idle = load::open_idle(addr, scenario.idle_connections)?;
     if !idle.is_empty() {
@@ -1189,6 +1215,7 @@ fn sweep_point(
         extra_headers: String::new(),
         cpus: placement.load_cpus.clone(),
         tls: None,
+        live: None,
     };
     load::run(&spec(settings.warmup))?;
     let upstream_pids = match target {
@@ -1228,7 +1255,7 @@ fn phase(r: &LoadResult) -> Phase {
     }
 }
 
-fn latency(r: &LoadResult) -> Latency {
+pub fn latency(r: &LoadResult) -> Latency {
     let h = &r.histogram;
     if h.is_empty() {
         return Latency::default();
@@ -1256,6 +1283,56 @@ mod tests {
             vec![Target::McpGuard, Target::Nginx, Target::Direct]
         );
         assert_eq!(round_order(&all, 3), all.to_vec());
+    }
+
+    fn point(target: Target, workers: usize, max_rps: f64, failed: bool) -> SweepPoint {
+        SweepPoint {
+            target: target.name().into(),
+            workers,
+            placement: String::new(),
+            max_rps,
+            efficiency: Some(-1.0),
+            at_max: AtMax::default(),
+            errors: 0,
+            failure: failed.then(|| "did not start".to_string()),
+        }
+    }
+
+    #[test]
+    fn efficiency_is_per_worker_throughput_against_one_worker() {
+        let mut points = vec![
+            point(Target::Direct, 1, 100_000.0, false),
+            point(Target::McpGuard, 1, 40_000.0, false),
+            point(Target::Nginx, 2, 70_000.0, false),
+            point(Target::Direct, 2, 100_000.0, false),
+            point(Target::McpGuard, 2, 76_000.0, false),
+            point(Target::McpGuard, 4, 140_000.0, false),
+            point(Target::McpGuard, 8, 0.0, true),
+        ];
+        fill_efficiency(&mut points);
+        let got: Vec<Option<f64>> = points.iter().map(|p| p.efficiency).collect();
+        assert_eq!(
+            got,
+            [
+                // direct is the mock alone: it has no workers to scale.
+                None,
+                Some(1.0),
+                // nginx has no one-worker point to compare with.
+                None,
+                None,
+                Some(0.95),
+                Some(0.875),
+                // A failed point has no efficiency.
+                None,
+            ]
+        );
+        // A failed one-worker point leaves nothing to compare with.
+        let mut points = vec![
+            point(Target::McpGuard, 1, 0.0, true),
+            point(Target::McpGuard, 2, 50_000.0, false),
+        ];
+        fill_efficiency(&mut points);
+        assert!(points.iter().all(|p| p.efficiency.is_none()));
     }
 
     #[test]
