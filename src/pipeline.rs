@@ -1194,7 +1194,8 @@ async fn post(
         w.classifier
             .borrow_mut()
             .classify_inspecting(raw, &mut |i, tool, arguments| {
-                if let Some(v) = rules.check(tool, server, identity, arguments) {
+                let source = crate::rules::Source::new(raw, i);
+                if let Some(v) = rules.check(tool, server, identity, arguments, source) {
                     findings.push((i, v));
                 }
             })
