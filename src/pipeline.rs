@@ -94,12 +94,12 @@ pub struct AuditInfo {
     pub auth_failure: Option<&'static str>,
     /// When the request went to the upstream (with tracing on): splits a span's phases.
     pub forwarded_at: Option<Instant>,
-    /// What the advanced-policy steps noted (the audit event's `details`).
-    pub details: Vec<(&'static str, String)>,
+    /// What the advanced-policy steps noted (the audit event's `details`): an argument
+    /// check's `pointer`, `check` and `rule` when one refused or would have, then what the
+    /// response transforms noted.
+    pub details: Vec<(&'static str, serde_json::Value)>,
     /// Why, for a request that went ahead with a decision worth a reason (`would_deny`).
     pub reason: Option<&'static str>,
-    /// An argument check's pointer, check and rule (JSON), when one refused or would have.
-    pub detail: Option<String>,
 }
 
 /// Reply bodies.
@@ -1000,7 +1000,10 @@ fn constrain(
         if shadow {
             shadow_denial(audit, "argument_refused");
             shadowed.push(*i);
-            audit.detail.get_or_insert_with(|| v.data_json());
+            // The first finding's facts (one set per event, like its reason).
+            if !audit.details.iter().any(|(k, _)| *k == "pointer") {
+                audit.details.extend(v.audit_details());
+            }
         } else if enforced.is_none() {
             enforced = Some((*i, v));
         }
@@ -1014,8 +1017,11 @@ fn constrain(
     };
     w.metrics
         .count_decision(cfg.tool_labels.get(tool).copied().unwrap_or(0), 1);
-    // The shadow findings' detail gives way to the one that refused.
-    audit.detail = Some(v.data_json());
+    // The shadow findings' facts give way to the one that refused.
+    audit
+        .details
+        .retain(|(k, _)| !crate::rules::AUDIT_KEYS.contains(k));
+    audit.details.extend(v.audit_details());
     audit.reason = None;
     let message = v.message(tool);
     let Body::Batch(messages) = body else {

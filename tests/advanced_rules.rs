@@ -310,10 +310,11 @@ fn each_check_passes_and_refuses() {
     let lines = audit_lines(&s, 10);
     let refusal = lines
         .iter()
-        .find(|l| l["reason"] == "argument_refused" && l["detail"]["pointer"] == "/path")
+        .find(|l| l["reason"] == "argument_refused" && l["details"]["pointer"] == "/path")
         .expect("an argument_refused audit event");
     assert_eq!(refusal["decision"], "deny");
-    assert_eq!(refusal["detail"]["check"], "path_under");
+    assert_eq!(refusal["details"]["check"], "path_under");
+    assert_eq!(refusal["details"]["rule"], 0, "the rule index stays a number");
     assert_eq!(refusal["tool"], "echo");
     assert!(
         !std::fs::read_to_string(&s.audit)
@@ -536,7 +537,7 @@ fn shadow_rules_and_identities_audit_would_deny_and_forward() {
     assert_eq!(e["status"], 200);
     assert!(lines.iter().any(|l| l["decision"] == "would_deny"
         && l["identity"] == "bob"
-        && l["detail"]["pointer"] == "/note"));
+        && l["details"]["pointer"] == "/note"));
     let e = find("last_request_headers", "not_on_allow_list");
     assert_eq!(e["decision"], "would_deny");
     assert_eq!(e["identity"], "alice");

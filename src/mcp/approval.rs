@@ -618,7 +618,6 @@ pub fn record(w: &Worker, r: &Record<'_>, outcome: Outcome) {
         arguments: None,
         session: r.session.map(session_digest),
         details: Vec::new(),
-        detail: None,
     };
     if !w.audit.push(ev) {
         w.metrics

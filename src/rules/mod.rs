@@ -68,6 +68,9 @@ struct ArgCheck {
     max_len: Option<usize>,
 }
 
+/// The members of an audit event's `details` an argument refusal writes.
+pub const AUDIT_KEYS: [&str; 3] = ["pointer", "check", "rule"];
+
 /// A failed check: which rule, which argument, which check. Never the value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Violation {
@@ -92,7 +95,16 @@ impl Violation {
         )
     }
 
-    /// The JSON-RPC error's `data`, and the audit event's `detail`.
+    /// The facts the audit event's `details` gets: [`AUDIT_KEYS`], never the value.
+    pub fn audit_details(&self) -> [(&'static str, serde_json::Value); 3] {
+        [
+            ("pointer", serde_json::Value::from(&*self.pointer)),
+            ("check", serde_json::Value::from(self.check)),
+            ("rule", serde_json::Value::from(self.rule)),
+        ]
+    }
+
+    /// The JSON-RPC error's `data`.
     pub fn data_json(&self) -> String {
         serde_json::json!({
             "reason": "argument_refused",

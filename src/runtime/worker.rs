@@ -575,7 +575,6 @@ fn refused_certificate(w: &Worker, peer: std::net::SocketAddr, reason: &'static 
         arguments: None,
         details: Vec::new(),
         session: None,
-        detail: None,
     };
     if !w.audit.push(event) {
         w.metrics.audit_dropped.fetch_add(1, Ordering::Relaxed);

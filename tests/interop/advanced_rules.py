@@ -249,7 +249,7 @@ async def run(url: str, log: str, audit: str) -> None:
     )
     check(
         "audit records argument_refused with the pointer",
-        any(x.get("reason") == "argument_refused" and (x.get("detail") or {}).get("pointer") == "/path" for x in lines),
+        any(x.get("reason") == "argument_refused" and (x.get("details") or {}).get("pointer") == "/path" for x in lines),
     )
 
 
