@@ -1477,6 +1477,23 @@ async fn approval_step(
     let Some(settings) = cx.cfg.approval.clone() else {
         return Ok(None);
     };
+    // A client withdrawing a call it is being asked about: the held call ends as cancelled
+    // and nothing goes upstream (the upstream never saw the call). Only a session that can
+    // hold calls looks.
+    if let Body::Single(m) = body
+        && m.kind == Kind::Notification
+        && m.method_str() == "notifications/cancelled"
+        && !legacy
+        && has_session
+        && let Some(sid) = cx.head.h.session_id.as_deref()
+        && sid.starts_with(approval::ELICIT_SID_PREFIX)
+        && let Some(call) = approval::cancelled_request(raw)
+        && approval::cancel(cx.w, &cx.caller.identity.id, sid, &call).await
+    {
+        let mut reply = Reply::new(202, ReplyBody::Empty, method);
+        reply.reason = Some("approval_cancelled");
+        return Ok(Some(reply));
+    }
     let Some((m, tool)) = messages.iter().find_map(|m| match &m.target {
         Some(Target::Tool(t)) if m.kind == Kind::Request && settings.tools.matches(t) => {
             Some((m, t))
@@ -1533,6 +1550,13 @@ async fn approval_step(
         }
         _ => return Ok(Some(refuse(Outcome::Unsupported))),
     };
+    if cx.head.minor_version == 0 {
+        record(Outcome::Unsupported);
+        let body = approval::refusal_saying(&id, Outcome::Unsupported, approval::HTTP10_MESSAGE);
+        let mut reply = Reply::json(200, body, method);
+        reply.reason = Some(Outcome::Unsupported.reason());
+        return Ok(Some(reply));
+    }
     let session = cx.session()?;
     // What the person reads must be what runs: arguments that cannot be shown faithfully are
     // refused before anyone is asked.
@@ -1546,7 +1570,7 @@ async fn approval_step(
                 id.clone(),
             )
         })?;
-    let held = match approval::hold(cx.w, &cx.caller.identity.id, sid) {
+    let held = match approval::hold(cx.w, &cx.caller.identity.id, sid, &id) {
         Ok(h) => h,
         Err(outcome) => return Ok(Some(refuse(outcome))),
     };

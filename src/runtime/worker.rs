@@ -89,6 +89,8 @@ pub struct Shared {
     pub legacy: crate::mcp::legacy::Inboxes,
     /// Each worker's inbox for answers to the approval requests of calls it holds.
     pub approvals: crate::mcp::legacy::Inboxes<crate::mcp::approval::AnswerPost>,
+    /// Calls held for approval per session, across workers.
+    pub approval_sessions: crate::mcp::approval::SessionCounts,
     /// Open client connections across workers (for `max_connections`).
     pub connections: AtomicUsize,
     /// "io_uring" or "epoll".
