@@ -56,7 +56,9 @@ fn constraints(c: &mut Criterion) {
             let body = classifier
                 .classify_inspecting(black_box(CALL), &mut |i, tool, args| {
                     let source = Source::new(CALL, i);
-                    refused |= rules.check(tool, "default", "alice", args, source).is_some();
+                    refused |= rules
+                        .check(tool, "default", "alice", args, source)
+                        .is_some();
                 })
                 .unwrap();
             assert!(!refused);

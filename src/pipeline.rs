@@ -876,8 +876,8 @@ fn decide_body(
     shadowed: &mut Vec<usize>,
 ) -> Result<Option<Reply>, GatewayError> {
     let (w, cfg) = (cx.w, cx.cfg);
-    if let Some(refused) =
-        authorize(w, cfg, cx.policy, body, method, audit, shadowed).map_err(|e| step_up(cx, body, e))?
+    if let Some(refused) = authorize(w, cfg, cx.policy, body, method, audit, shadowed)
+        .map_err(|e| step_up(cx, body, e))?
     {
         return Ok(Some(refused));
     }
@@ -907,8 +907,12 @@ fn refund(w: &Worker, cfg: &Settings, caller: Caller<'_>, messages: &[Message]) 
         if let Some(Target::Tool(t)) = &m.target
             && let Some(tool_limit) = cfg.rate.per_tool.get(t)
         {
-            w.limiter
-                .refund(pool, bucket_key(&caller.rate_key, Some(t)), *tool_limit, now);
+            w.limiter.refund(
+                pool,
+                bucket_key(&caller.rate_key, Some(t)),
+                *tool_limit,
+                now,
+            );
         }
     }
 }

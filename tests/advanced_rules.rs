@@ -314,7 +314,10 @@ fn each_check_passes_and_refuses() {
         .expect("an argument_refused audit event");
     assert_eq!(refusal["decision"], "deny");
     assert_eq!(refusal["details"]["check"], "path_under");
-    assert_eq!(refusal["details"]["rule"], 0, "the rule index stays a number");
+    assert_eq!(
+        refusal["details"]["rule"], 0,
+        "the rule index stays a number"
+    );
     assert_eq!(refusal["tool"], "echo");
     assert!(
         !std::fs::read_to_string(&s.audit)
@@ -802,10 +805,7 @@ fn a_base64_mcp_name_is_decided_on_its_decoded_name() {
 #[test]
 fn a_call_refused_on_its_body_gets_its_head_token_back() {
     // alice: 5 tokens, 1 more a second; the session's initialize and notification spend 2.
-    let s = start(
-        "[rate_limit]\nrequests_per_second = 1\nburst_size = 5",
-        "",
-    );
+    let s = start("[rate_limit]\nrequests_per_second = 1\nburst_size = 5", "");
     let sid = init_as(s.g.addr, ALICE);
     // Eight calls rated on the head and refused by an argument rule: each gets its token
     // back, as the same call without headers never spends one. Were they kept, the fourth

@@ -889,7 +889,10 @@ fn a_cancel_from_the_calls_own_session_ends_its_wait_and_no_other_can() {
     let r = lab.post(ALICE, &cancelled(40), Some(&sid));
     assert_eq!(r.status, 202, "{}", r.text());
     let refused = held.answer(40);
-    assert_eq!(refused["error"]["data"]["reason"], "approval_cancelled", "{refused}");
+    assert_eq!(
+        refused["error"]["data"]["reason"], "approval_cancelled",
+        "{refused}"
+    );
     held.finish();
     let event = lab.approval_event("approval_cancelled");
     assert_eq!(event["identity"], "alice");
@@ -902,7 +905,10 @@ fn a_cancel_from_the_calls_own_session_ends_its_wait_and_no_other_can() {
     let mut again = Held::call(&lab, ALICE, &sid, &echo(41, "after-cancel"));
     let req = again.request();
     lab.post(ALICE, &answer_body(&req["id"], accept()), Some(&sid));
-    assert_eq!(again.answer(41)["result"]["content"][0]["text"], "after-cancel");
+    assert_eq!(
+        again.answer(41)["result"]["content"][0]["text"],
+        "after-cancel"
+    );
 }
 
 #[test]
@@ -916,10 +922,14 @@ fn answered_calls_give_their_places_back() {
         let req = h.request();
         let decline = json!({"action": "decline"});
         assert_eq!(
-            lab.post(ALICE, &answer_body(&req["id"], decline), Some(&sid)).status,
+            lab.post(ALICE, &answer_body(&req["id"], decline), Some(&sid))
+                .status,
             202
         );
-        assert_eq!(h.answer(600 + i)["error"]["data"]["reason"], "approval_declined");
+        assert_eq!(
+            h.answer(600 + i)["error"]["data"]["reason"],
+            "approval_declined"
+        );
         h.finish();
     }
 }
@@ -941,7 +951,10 @@ fn an_http_1_0_client_is_told_it_cannot_be_asked() {
     let mut got = Vec::new();
     let _ = s.read_to_end(&mut got);
     let text = String::from_utf8_lossy(&got).into_owned();
-    assert!(text.starts_with("HTTP/1.") && text[..12].ends_with("200"), "{text}");
+    assert!(
+        text.starts_with("HTTP/1.") && text[..12].ends_with("200"),
+        "{text}"
+    );
     assert!(!text.to_ascii_lowercase().contains("chunked"), "{text}");
     let body = &text[text.find("\r\n\r\n").unwrap() + 4..];
     let m: Value = serde_json::from_str(body).unwrap();

@@ -209,7 +209,10 @@ mod tests {
         let plain = |v: &str| mcp_name(v).map(|c| c.into_owned());
         assert_eq!(plain("read_file").as_deref(), Ok("read_file"));
         // "Привет" and the spec's own example, whose payload holds `/`.
-        assert_eq!(plain("=?base64?0J/RgNC40LLQtdGC?=").as_deref(), Ok("Привет"));
+        assert_eq!(
+            plain("=?base64?0J/RgNC40LLQtdGC?=").as_deref(),
+            Ok("Привет")
+        );
         assert_eq!(
             plain("=?base64?PT9iYXNlNjQ/bGl0ZXJhbD89?=").as_deref(),
             Ok("=?base64?literal?=")

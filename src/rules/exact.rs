@@ -267,10 +267,9 @@ impl<'a> Scan<'a> {
                 }
             }
             _ => {
-                while self
-                    .peek()
-                    .is_some_and(|c| !matches!(c, b',' | b'}' | b']' | b' ' | b'\t' | b'\r' | b'\n'))
-                {
+                while self.peek().is_some_and(|c| {
+                    !matches!(c, b',' | b'}' | b']' | b' ' | b'\t' | b'\r' | b'\n')
+                }) {
                     self.i += 1;
                 }
                 Some(())
@@ -331,7 +330,10 @@ mod tests {
         assert_eq!(c("-0", "0e0"), Ordering::Equal);
         assert_eq!(c("-5.5", "-5.50001"), Ordering::Greater);
         assert_eq!(c("-5.50001", "-5.5"), Ordering::Less);
-        assert_eq!(c("9007199254740993", "9.007199254740992e15"), Ordering::Greater);
+        assert_eq!(
+            c("9007199254740993", "9.007199254740992e15"),
+            Ordering::Greater
+        );
         assert_eq!(c("1e99999999999999999999", "1e308"), Ordering::Greater);
         assert_eq!(c("1e-99999999999999999999", "0e0"), Ordering::Greater);
         assert_eq!(c("00012", "1.2e1"), Ordering::Equal);
