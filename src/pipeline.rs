@@ -982,7 +982,7 @@ fn shadow_denial(audit: &mut AuditInfo, reason: &'static str) {
     audit.reason.get_or_insert(reason);
 }
 
-/// Phase 7b: argument constraints. `findings` are the classifier's outcomes (message index,
+/// Phase 7c: argument constraints. `findings` are the classifier's outcomes (message index,
 /// the failed check); an enforced one refuses the call (a batch whole, as for a denial), a
 /// shadow one (the rule's mode or the identity's) is audited as `would_deny` and forwarded.
 #[allow(clippy::too_many_arguments)]

@@ -31,8 +31,9 @@
 //! under the other binding). Ids without the prefix verify exactly as before (old ids stay
 //! valid; their clients simply cannot approve until they initialize again). A call needing
 //! approval from a session without the flag, with a `MCP-Protocol-Version` before 2025-06-18,
-//! in a batch, or over the legacy HTTP+SSE transport (2024-11-05 has no elicitation) is
-//! refused at once with reason `approval_unsupported`. Calls that need no approval never look
+//! in a batch, over the legacy HTTP+SSE transport (2024-11-05 has no elicitation), or over
+//! HTTP/1.0 (which cannot carry the held call's chunked SSE stream: it gets plain JSON saying
+//! so) is refused at once with reason `approval_unsupported`. Calls that need no approval never look
 //! at any of this: the cost on their path is one glob match against `approval.tools`.
 //!
 //! # Where the answer goes: any worker, handed to the owner
