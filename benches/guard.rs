@@ -80,7 +80,6 @@ fn event(identity: Arc<str>) -> AuditEvent {
         arguments: None,
         details: Vec::new(),
         session: None,
-        detail: None,
     }
 }
 

@@ -6,7 +6,7 @@
 use criterion::{Criterion, criterion_group, criterion_main};
 use mcp_guard::config::schema::ToolRuleSection;
 use mcp_guard::mcp::jsonrpc::Classifier;
-use mcp_guard::rules::{ToolRules, compile};
+use mcp_guard::rules::{Source, ToolRules, compile};
 use std::hint::black_box;
 use std::sync::Arc;
 
@@ -54,8 +54,11 @@ fn constraints(c: &mut Criterion) {
         b.iter(|| {
             let mut refused = false;
             let body = classifier
-                .classify_inspecting(black_box(CALL), &mut |_, tool, args| {
-                    refused |= rules.check(tool, "default", "alice", args).is_some();
+                .classify_inspecting(black_box(CALL), &mut |i, tool, args| {
+                    let source = Source::new(CALL, i);
+                    refused |= rules
+                        .check(tool, "default", "alice", args, source)
+                        .is_some();
                 })
                 .unwrap();
             assert!(!refused);
@@ -65,8 +68,9 @@ fn constraints(c: &mut Criterion) {
     c.bench_function("rules/classify_tool_without_rules", |b| {
         b.iter(|| {
             let body = classifier
-                .classify_inspecting(black_box(OTHER), &mut |_, tool, args| {
-                    black_box(rules.check(tool, "default", "alice", args));
+                .classify_inspecting(black_box(OTHER), &mut |i, tool, args| {
+                    let source = Source::new(OTHER, i);
+                    black_box(rules.check(tool, "default", "alice", args, source));
                 })
                 .unwrap();
             black_box(body)

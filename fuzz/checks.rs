@@ -779,8 +779,9 @@ pub fn tool_rules(data: &[u8]) {
         r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"t","arguments":{text}}}}}"#
     );
     let mut verdict = None;
-    let classified = Classifier::new().classify_inspecting(body.as_bytes(), &mut |_, tool, a| {
-        verdict = Some(rules.check(tool, "default", "x", a));
+    let classified = Classifier::new().classify_inspecting(body.as_bytes(), &mut |i, tool, a| {
+        let source = mcp_guard::rules::Source::new(body.as_bytes(), i);
+        verdict = Some(rules.check(tool, "default", "x", a, source));
     });
     if classified.is_err() {
         return;

@@ -94,12 +94,12 @@ pub struct AuditInfo {
     pub auth_failure: Option<&'static str>,
     /// When the request went to the upstream (with tracing on): splits a span's phases.
     pub forwarded_at: Option<Instant>,
-    /// What the advanced-policy steps noted (the audit event's `details`).
-    pub details: Vec<(&'static str, String)>,
+    /// What the advanced-policy steps noted (the audit event's `details`): an argument
+    /// check's `pointer`, `check` and `rule` when one refused or would have, then what the
+    /// response transforms noted.
+    pub details: Vec<(&'static str, serde_json::Value)>,
     /// Why, for a request that went ahead with a decision worth a reason (`would_deny`).
     pub reason: Option<&'static str>,
-    /// An argument check's pointer, check and rule (JSON), when one refused or would have.
-    pub detail: Option<String>,
 }
 
 /// Reply bodies.
@@ -710,19 +710,16 @@ fn admit_mcp<'c>(
 }
 
 /// What `Mcp-Method` and `Mcp-Name` say a POST acts on, when they name a call policy decides
-/// on: the method's metric label and the target. `None` leaves every decision to the body:
-/// no `Mcp-Method`, another method, no `Mcp-Name`, or a name in the base64 form (decoded
-/// nowhere here; the body, which must agree with it, decides).
+/// on: the method's metric label and the target. A name in the base64 form is decoded; `None`
+/// leaves every decision to the body: no `Mcp-Method`, another method, no `Mcp-Name`, or one
+/// that does not decode (the body check answers it 400).
 fn head_target(head: &RequestHead) -> Option<(&str, Target)> {
     let method = head.h.mcp_method.as_deref()?;
-    let name = head.h.mcp_name.as_deref()?;
-    if name.starts_with("=?") {
-        return None;
-    }
+    let name = transport::mcp_name(head.h.mcp_name.as_deref()?).ok()?;
     let target = match method {
-        "tools/call" => Target::Tool(name.to_string()),
-        "resources/read" => Target::Resource(name.to_string()),
-        "prompts/get" => Target::Prompt(name.to_string()),
+        "tools/call" => Target::Tool(name.into_owned()),
+        "resources/read" => Target::Resource(name.into_owned()),
+        "prompts/get" => Target::Prompt(name.into_owned()),
         _ => return None,
     };
     Some((method, target))
@@ -867,6 +864,69 @@ fn authenticate<'c>(
     Ok(caller)
 }
 
+/// Phases 7 (lists), 7b (pinning) and 7c (argument rules) on a classified body: `Ok(None)`
+/// = go on, `Ok(Some(reply))` = a batch refused, `Err` = the call refused. `shadowed` gets
+/// the index of each message a shadow decision would have refused.
+fn decide_body(
+    cx: &Ctx<'_>,
+    body: &Body,
+    findings: &[(usize, crate::rules::Violation)],
+    method: usize,
+    audit: &mut AuditInfo,
+    shadowed: &mut Vec<usize>,
+) -> Result<Option<Reply>, GatewayError> {
+    let (w, cfg) = (cx.w, cx.cfg);
+    if let Some(refused) = authorize(w, cfg, cx.policy, body, method, audit, shadowed)
+        .map_err(|e| step_up(cx, body, e))?
+    {
+        return Ok(Some(refused));
+    }
+    // A hidden tool's call, or any request to a blocked server, is refused before it is
+    // forwarded (a lookup in the pins snapshot).
+    if let Some(denial) = pinning_refusal(cx, body) {
+        audit.decision = Some("deny");
+        return Err(GatewayError::Denied(denial));
+    }
+    constrain(w, cfg, cx.policy, body, findings, method, audit, shadowed)
+}
+
+/// Refund of the tokens [`rate_on_head`] took for a request then refused on its body by
+/// policy: the same keys [`rate_limit`] takes for these messages.
+fn refund(w: &Worker, cfg: &Settings, caller: Caller<'_>, messages: &[Message]) {
+    if !cfg.rate.enabled {
+        return;
+    }
+    let now = Instant::now();
+    let pool = &*w.shared.quota;
+    let limit = identity_limit(cfg, caller);
+    for _ in 0..messages.len().max(1) {
+        w.limiter
+            .refund(pool, bucket_key(&caller.rate_key, None), limit, now);
+    }
+    for m in messages {
+        if let Some(Target::Tool(t)) = &m.target
+            && let Some(tool_limit) = cfg.rate.per_tool.get(t)
+        {
+            w.limiter.refund(
+                pool,
+                bucket_key(&caller.rate_key, Some(t)),
+                *tool_limit,
+                now,
+            );
+        }
+    }
+}
+
+fn identity_limit(cfg: &Settings, caller: Caller<'_>) -> Limit {
+    match caller.identity.policy.rate_limit {
+        Some(r) => Limit {
+            rate: f64::from(r),
+            burst: cfg.rate.burst,
+        },
+        None => cfg.rate.default,
+    }
+}
+
 /// Phase 7: authorize every message; `Ok(None)` = all allowed, `Ok(Some(reply))` = a batch refused.
 fn authorize(
     w: &Worker,
@@ -875,29 +935,27 @@ fn authorize(
     body: &Body,
     method: usize,
     audit: &mut AuditInfo,
+    shadowed: &mut Vec<usize>,
 ) -> Result<Option<Reply>, GatewayError> {
     let mut denied: Option<(usize, Denial)> = None;
     for (i, m) in body.messages().iter().enumerate() {
         let decision = policy.decide(m.target.as_ref());
+        // Shadow mode: the refusal is only reported; the request goes on, and is counted
+        // (`would_deny`) once it has passed the rate limit, like an allowed call.
+        if let Decision::Deny(d) = &decision
+            && policy.shadow
+        {
+            shadow_denial(audit, d.reason.as_str());
+            shadowed.push(i);
+            continue;
+        }
         // Denials are counted here; an allowed call is counted once it has also passed the
         // rate limit (a 429 counts as `rate_limited` only).
         if let Some(Target::Tool(t)) = &m.target
             && decision != Decision::Allow
         {
-            let slot = cfg.tool_labels.get(t).copied().unwrap_or(0);
-            let outcome = if policy.shadow {
-                metrics::OUTCOME_WOULD_DENY
-            } else {
-                1
-            };
-            w.metrics.count_decision(slot, outcome);
-        }
-        // Shadow mode: the refusal is only reported; the request goes on.
-        if let Decision::Deny(d) = &decision
-            && policy.shadow
-        {
-            shadow_denial(audit, d.reason.as_str());
-            continue;
+            w.metrics
+                .count_decision(cfg.tool_labels.get(t).copied().unwrap_or(0), 1);
         }
         if let Decision::Deny(d) = decision
             && denied.is_none()
@@ -924,16 +982,19 @@ fn shadow_denial(audit: &mut AuditInfo, reason: &'static str) {
     audit.reason.get_or_insert(reason);
 }
 
-/// Phase 7b: argument constraints. `findings` are the classifier's outcomes (message index,
+/// Phase 7c: argument constraints. `findings` are the classifier's outcomes (message index,
 /// the failed check); an enforced one refuses the call (a batch whole, as for a denial), a
 /// shadow one (the rule's mode or the identity's) is audited as `would_deny` and forwarded.
+#[allow(clippy::too_many_arguments)]
 fn constrain(
     w: &Worker,
+    cfg: &Settings,
     policy: &Policy,
     body: &Body,
     findings: &[(usize, crate::rules::Violation)],
     method: usize,
     audit: &mut AuditInfo,
+    shadowed: &mut Vec<usize>,
 ) -> Result<Option<Reply>, GatewayError> {
     let mut enforced = None;
     for (i, v) in findings {
@@ -942,7 +1003,11 @@ fn constrain(
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if shadow {
             shadow_denial(audit, "argument_refused");
-            audit.detail.get_or_insert_with(|| v.data_json());
+            shadowed.push(*i);
+            // The first finding's facts (one set per event, like its reason).
+            if !audit.details.iter().any(|(k, _)| *k == "pointer") {
+                audit.details.extend(v.audit_details());
+            }
         } else if enforced.is_none() {
             enforced = Some((*i, v));
         }
@@ -954,8 +1019,13 @@ fn constrain(
         Some(Target::Tool(t)) => t.as_str(),
         _ => "",
     };
-    // The shadow findings' detail gives way to the one that refused.
-    audit.detail = Some(v.data_json());
+    w.metrics
+        .count_decision(cfg.tool_labels.get(tool).copied().unwrap_or(0), 1);
+    // The shadow findings' facts give way to the one that refused.
+    audit
+        .details
+        .retain(|(k, _)| !crate::rules::AUDIT_KEYS.contains(k));
+    audit.details.extend(v.audit_details());
     audit.reason = None;
     let message = v.message(tool);
     let Body::Batch(messages) = body else {
@@ -1064,13 +1134,7 @@ async fn rate_limit(
         return Ok(());
     }
     let now = Instant::now();
-    let limit = match caller.identity.policy.rate_limit {
-        Some(r) => Limit {
-            rate: f64::from(r),
-            burst: cfg.rate.burst,
-        },
-        None => cfg.rate.default,
-    };
+    let limit = identity_limit(cfg, caller);
     let pool = &*w.shared.quota;
     let refuse = |l: crate::ratelimit::Limited, tool: Option<&str>| {
         w.metrics
@@ -1194,7 +1258,8 @@ async fn post(
         w.classifier
             .borrow_mut()
             .classify_inspecting(raw, &mut |i, tool, arguments| {
-                if let Some(v) = rules.check(tool, server, identity, arguments) {
+                let source = crate::rules::Source::new(raw, i);
+                if let Some(v) = rules.check(tool, server, identity, arguments, source) {
                     findings.push((i, v));
                 }
             })
@@ -1283,22 +1348,15 @@ async fn post(
     let raw = renegotiated.as_deref().unwrap_or(raw);
     #[cfg(debug_assertions)]
     test_hooks::maybe_panic(&body);
-    // 7. authorize
-    if let Some(refused) = authorize(w, cfg, cx.policy, &body, method, audit)
-        .map_err(|e| step_up(cx, &body, e))
-        .map_err(fail)?
-    {
-        audit.decision = Some("deny");
-        return Ok(refused);
+    // 7. authorize, 7b. pinning, 7c. argument constraints: each decided before any quota is
+    // spent. A call the head already rated gets its tokens back when refused here, so it
+    // costs what the same call costs without headers.
+    let mut shadowed = Vec::new();
+    let decided = decide_body(cx, &body, &findings, method, audit, &mut shadowed);
+    if cx.rated && !matches!(decided, Ok(None)) {
+        refund(w, cfg, cx.caller, body.messages());
     }
-    // 7b. pinning: a hidden tool's call, or any request to a blocked server, is refused
-    // before it is forwarded (a lookup in the pins snapshot).
-    if let Some(denial) = pinning_refusal(cx, &body) {
-        audit.decision = Some("deny");
-        return Err(fail(GatewayError::Denied(denial)));
-    }
-    // 7c. argument constraints, decided on the classifier's parse.
-    if let Some(refused) = constrain(w, cx.policy, &body, &findings, method, audit).map_err(fail)? {
+    if let Some(refused) = decided.map_err(fail)? {
         audit.decision = Some("deny");
         return Ok(refused);
     }
@@ -1308,10 +1366,17 @@ async fn post(
             .await
             .map_err(fail)?;
     }
-    for m in body.messages() {
+    // Each tool call is counted once: `would_deny` when a shadow decision would have refused
+    // it, else `allow` (refusals were counted where they were decided).
+    for (i, m) in body.messages().iter().enumerate() {
         if let Some(Target::Tool(t)) = &m.target {
+            let outcome = if shadowed.contains(&i) {
+                metrics::OUTCOME_WOULD_DENY
+            } else {
+                0
+            };
             w.metrics
-                .count_decision(cfg.tool_labels.get(t).copied().unwrap_or(0), 0);
+                .count_decision(cfg.tool_labels.get(t).copied().unwrap_or(0), outcome);
         }
     }
     // 8a. approval: answers to the gateway's own elicitation requests end here, never
@@ -1416,6 +1481,23 @@ async fn approval_step(
     let Some(settings) = cx.cfg.approval.clone() else {
         return Ok(None);
     };
+    // A client withdrawing a call it is being asked about: the held call ends as cancelled
+    // and nothing goes upstream (the upstream never saw the call). Only a session that can
+    // hold calls looks.
+    if let Body::Single(m) = body
+        && m.kind == Kind::Notification
+        && m.method_str() == "notifications/cancelled"
+        && !legacy
+        && has_session
+        && let Some(sid) = cx.head.h.session_id.as_deref()
+        && sid.starts_with(approval::ELICIT_SID_PREFIX)
+        && let Some(call) = approval::cancelled_request(raw)
+        && approval::cancel(cx.w, &cx.caller.identity.id, sid, &call).await
+    {
+        let mut reply = Reply::new(202, ReplyBody::Empty, method);
+        reply.reason = Some("approval_cancelled");
+        return Ok(Some(reply));
+    }
     let Some((m, tool)) = messages.iter().find_map(|m| match &m.target {
         Some(Target::Tool(t)) if m.kind == Kind::Request && settings.tools.matches(t) => {
             Some((m, t))
@@ -1472,6 +1554,13 @@ async fn approval_step(
         }
         _ => return Ok(Some(refuse(Outcome::Unsupported))),
     };
+    if cx.head.minor_version == 0 {
+        record(Outcome::Unsupported);
+        let body = approval::refusal_saying(&id, Outcome::Unsupported, approval::HTTP10_MESSAGE);
+        let mut reply = Reply::json(200, body, method);
+        reply.reason = Some(Outcome::Unsupported.reason());
+        return Ok(Some(reply));
+    }
     let session = cx.session()?;
     // What the person reads must be what runs: arguments that cannot be shown faithfully are
     // refused before anyone is asked.
@@ -1485,7 +1574,7 @@ async fn approval_step(
                 id.clone(),
             )
         })?;
-    let held = match approval::hold(cx.w, &cx.caller.identity.id, sid) {
+    let held = match approval::hold(cx.w, &cx.caller.identity.id, sid, &id) {
         Ok(h) => h,
         Err(outcome) => return Ok(Some(refuse(outcome))),
     };

@@ -91,9 +91,10 @@ args = ["--test-tools"]
 
 {extra}
 "#,
+        // A short body deadline: a test sending a head whose body never comes waits this long.
         stdio_config(
             "auto",
-            "",
+            "body_timeout_secs = 1",
             &["--test-tools", "--log-input", log.to_str().unwrap()]
         ),
         hash_key(ALICE),
@@ -106,6 +107,9 @@ struct Setup {
     g: Gateway,
     log: std::path::PathBuf,
     audit: std::path::PathBuf,
+    /// bob's session for barrier calls ([`never_forwarded`]).
+    barrier: std::cell::OnceCell<String>,
+    barriers: std::cell::Cell<u64>,
     _dir: tempfile::TempDir,
 }
 
@@ -122,6 +126,8 @@ fn start(extra: &str, alice_extra: &str) -> Setup {
         g,
         log,
         audit,
+        barrier: std::cell::OnceCell::new(),
+        barriers: std::cell::Cell::new(0),
         _dir: dir,
     }
 }
@@ -188,6 +194,24 @@ fn upstream_saw(s: &Setup, id: u64) -> bool {
     }
 }
 
+/// Whether the upstream never received the call tagged `id`. The stdio upstream is one child
+/// reading one pipe in order: once a call sent after the refused one has been logged, the
+/// refused one would have been too (no waiting out a deadline).
+fn never_forwarded(s: &Setup, id: u64) -> bool {
+    let sid = s.barrier.get_or_init(|| init_as(s.g.addr, BOB));
+    let n = s.barriers.get() + 1;
+    s.barriers.set(n);
+    let barrier = 1_000_000 + n;
+    let r = call_as(s, BOB, sid, barrier, "echo", r#"{"text":"barrier"}"#);
+    assert!(
+        upstream_saw(s, barrier),
+        "the barrier call was not forwarded: {}",
+        r.text()
+    );
+    let text = std::fs::read_to_string(&s.log).unwrap_or_default();
+    !text.contains(&format!("\"call-{id}\""))
+}
+
 /// Asserts the reply is the argument refusal naming `pointer` and `check`, and that the
 /// upstream never saw the call.
 fn assert_refused(s: &Setup, r: &Response, id: u64, pointer: &str, check: &str) {
@@ -203,7 +227,7 @@ fn assert_refused(s: &Setup, r: &Response, id: u64, pointer: &str, check: &str) 
         msg.contains(pointer) && msg.contains("tool_rules["),
         "{msg}"
     );
-    assert!(!upstream_saw(s, id), "the upstream saw refused call {id}");
+    assert!(never_forwarded(s, id), "the upstream saw refused call {id}");
 }
 
 fn assert_forwarded(s: &Setup, r: &Response, id: u64) {
@@ -286,10 +310,14 @@ fn each_check_passes_and_refuses() {
     let lines = audit_lines(&s, 10);
     let refusal = lines
         .iter()
-        .find(|l| l["reason"] == "argument_refused" && l["detail"]["pointer"] == "/path")
+        .find(|l| l["reason"] == "argument_refused" && l["details"]["pointer"] == "/path")
         .expect("an argument_refused audit event");
     assert_eq!(refusal["decision"], "deny");
-    assert_eq!(refusal["detail"]["check"], "path_under");
+    assert_eq!(refusal["details"]["check"], "path_under");
+    assert_eq!(
+        refusal["details"]["rule"], 0,
+        "the rule index stays a number"
+    );
     assert_eq!(refusal["tool"], "echo");
     assert!(
         !std::fs::read_to_string(&s.audit)
@@ -383,7 +411,7 @@ fn duplicates_strings_for_numbers_and_huge_values_are_refused() {
     let body = r#"{"jsonrpc":"2.0","id":320,"method":"tools/call","params":{"name":"echo","arguments":{"tag":"call-320","path":"/srv/data/x"},"arguments":{"tag":"call-320","path":"/etc/passwd"}}}"#;
     let r = request(s.g.addr, &mcp_post_raw(body, Some(&sid), &key_header(BOB)));
     assert_eq!(rpc_result(&r)["error"]["data"]["check"], "duplicate_member");
-    assert!(!upstream_saw(&s, 320));
+    assert!(never_forwarded(&s, 320));
     // A huge value is refused without being echoed.
     let huge = "x".repeat(1 << 20);
     let r = call_as(
@@ -450,7 +478,7 @@ fn a_batch_with_a_refused_argument_is_refused_whole() {
     assert_eq!(arr[0]["error"]["data"]["reason"], "batch_refused");
     assert_eq!(arr[1]["error"]["data"]["reason"], "argument_refused");
     assert_eq!(arr[1]["error"]["data"]["pointer"], "/path");
-    assert!(!upstream_saw(&s, 500) && !upstream_saw(&s, 501));
+    assert!(never_forwarded(&s, 500) && never_forwarded(&s, 501));
 }
 
 #[test]
@@ -512,7 +540,7 @@ fn shadow_rules_and_identities_audit_would_deny_and_forward() {
     assert_eq!(e["status"], 200);
     assert!(lines.iter().any(|l| l["decision"] == "would_deny"
         && l["identity"] == "bob"
-        && l["detail"]["pointer"] == "/note"));
+        && l["details"]["pointer"] == "/note"));
     let e = find("last_request_headers", "not_on_allow_list");
     assert_eq!(e["decision"], "would_deny");
     assert_eq!(e["identity"], "alice");
@@ -581,7 +609,7 @@ fn a_call_denied_on_the_head_is_answered_without_its_body() {
     .unwrap();
     let r = read_response(&mut c).unwrap();
     assert_forwarded(&s, &r, 701);
-    assert!(!upstream_saw(&s, 700));
+    assert!(never_forwarded(&s, 700));
     // An allowed call with matching headers goes through.
     let body = tcall(702, "echo", r#"{"text":"ok"}"#);
     let r = request(s.g.addr, &head_post(ALICE, &sid, "echo", body.len(), &body));
@@ -601,7 +629,7 @@ fn a_lying_head_buys_no_pass() {
         r.text()
     );
     assert!(
-        !upstream_saw(&s, 800),
+        never_forwarded(&s, 800),
         "a lying header reached the upstream"
     );
     // Mcp-Name names an allowed tool; the body calls it with a refused argument.
@@ -650,7 +678,7 @@ fn legacy_sse_messages_take_the_same_path() {
     assert_eq!(m["error"]["code"], -32003, "{m}");
     assert_eq!(m["error"]["data"]["reason"], "argument_refused");
     assert_eq!(m["error"]["data"]["check"], "path_under");
-    assert!(!upstream_saw(&s, 1000));
+    assert!(never_forwarded(&s, 1000));
     let m = l.call(&tcall(
         1001,
         "echo",
@@ -658,4 +686,163 @@ fn legacy_sse_messages_take_the_same_path() {
     ));
     assert!(m["result"].is_object(), "{m}");
     assert!(upstream_saw(&s, 1001));
+}
+
+#[test]
+fn path_under_parent_readings_of_other_consumers_are_refused() {
+    let s = start("[rate_limit]\nenabled = false", "");
+    let sid = init_as(s.g.addr, BOB);
+    // Each is under /srv/data to a POSIX reader, and a parent reference, a network path or
+    // another directory to some other reader (Windows, Tomcat, URL parsers, NFKC, IDNA).
+    let hostile = [
+        "//srv/data/x",
+        "/%2fsrv/data/x",
+        "/srv/data/..;/x",
+        "/srv/data/a/..;/../../etc",
+        "/srv/data/..?/x",
+        "/srv/data/..#/x",
+        "/srv/data/.. /x",
+        "/srv/data/..%20/x",
+        "/srv/data/.../x",
+        "/srv/data/.;/x",
+        "/srv/data/.\u{200b}./x",
+        "/srv/data/.\\u200b./x",
+        "/srv/data/.\u{ad}./x",
+        "/srv/data/..\u{200e}/x",
+        "/srv/data/.%E2%80%8B./x",
+        "/srv/data/.%C2%AD./x",
+        "/srv/data/\u{3002}\u{3002}/x",
+        "/srv/data/%EF%BC%8E%EF%BC%8E/x",
+        "/srv/data/%2e%2e%5cx",
+        "/srv/data/%252e%252e%255cx",
+    ];
+    for (i, p) in hostile.iter().enumerate() {
+        let id = 1100 + i as u64;
+        let r = call_as(&s, BOB, &sid, id, "echo", &format!(r#"{{"path":"{p}"}}"#));
+        assert_refused(&s, &r, id, "/path", "path_under");
+    }
+    for (i, p) in ["/srv/data/.hidden", "/srv/data/a..b", "/srv/data/v1.2..3"]
+        .iter()
+        .enumerate()
+    {
+        let id = 1150 + i as u64;
+        let r = call_as(&s, BOB, &sid, id, "echo", &format!(r#"{{"path":"{p}"}}"#));
+        assert_forwarded(&s, &r, id);
+    }
+}
+
+#[test]
+fn a_number_a_hair_above_max_and_an_array_on_the_pointer_are_refused() {
+    let s = start("[rate_limit]\nenabled = false", "");
+    let ci = init_as(s.g.addr, CI);
+    // `max = 10`: each of these is 10.0 as a double, and more than 10 to a decimal reader.
+    for (i, a) in ["10.000000000000000001", "1.0000000000000000001e1"]
+        .iter()
+        .enumerate()
+    {
+        let id = 1200 + i as u64;
+        let r = call_as(&s, CI, &ci, id, "add", &format!(r#"{{"a":{a},"b":1}}"#));
+        assert_refused(&s, &r, id, "/a", "max");
+    }
+    let r = call_as(&s, CI, &ci, 1210, "add", r#"{"a":10.0,"b":1}"#);
+    assert_forwarded(&s, &r, 1210);
+    // `/opts/depth` with `opts` an array: not the shape the rule was written for.
+    let sid = init_as(s.g.addr, BOB);
+    let r = call_as(&s, BOB, &sid, 1220, "echo", r#"{"opts":[{"depth":99}]}"#);
+    assert_refused(&s, &r, 1220, "/opts/depth", "shape");
+    let r = call_as(&s, BOB, &sid, 1221, "echo", r#"{"opts":"depth=99"}"#);
+    assert_refused(&s, &r, 1221, "/opts/depth", "shape");
+    let r = call_as(&s, BOB, &sid, 1222, "echo", r#"{"opts":null,"text":"x"}"#);
+    assert_forwarded(&s, &r, 1222);
+}
+
+/// A POST head naming `tool` by a raw `Mcp-Name` value.
+fn named_post(key: &str, sid: &str, name: &str, body: &str) -> String {
+    head_post(key, sid, name, body.len(), body)
+}
+
+#[test]
+fn a_base64_mcp_name_is_decided_on_its_decoded_name() {
+    let s = start("[rate_limit]\nenabled = false", "");
+    let sid = init_as(s.g.addr, ALICE);
+    // `echo` in the sentinel form: the body agrees, the call goes through.
+    let body = tcall(1300, "echo", r#"{"text":"b64"}"#);
+    let r = request(
+        s.g.addr,
+        &named_post(ALICE, &sid, "=?base64?ZWNobw==?=", &body),
+    );
+    assert_forwarded(&s, &r, 1300);
+    // `crash` (denied to alice) in the sentinel form: refused on the head, body unread.
+    let mut c = connect(s.g.addr);
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.write_all(head_post(ALICE, &sid, "=?base64?Y3Jhc2g=?=", 1_000_000, "").as_bytes())
+        .unwrap();
+    let r = read_response(&mut c).expect("an answer without the body");
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert_eq!(r.json()["error"]["data"]["decidedOn"], "headers");
+    // A lie in base64: `echo` on the head, `crash` in the body.
+    let body = tcall(1301, "crash", "{}");
+    let r = request(
+        s.g.addr,
+        &named_post(ALICE, &sid, "=?base64?ZWNobw==?=", &body),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(never_forwarded(&s, 1301));
+    // Bad base64 (no padding, URL-safe alphabet, not UTF-8): 400 saying so, nothing forwarded.
+    for (i, bad) in ["=?base64?ZWNobw?=", "=?base64?_w==?=", "=?base64?/w==?="]
+        .iter()
+        .enumerate()
+    {
+        let id = 1310 + i as u64;
+        let body = tcall(id, "echo", r#"{"text":"x"}"#);
+        let r = request(s.g.addr, &named_post(ALICE, &sid, bad, &body));
+        assert_eq!(r.status, 400, "{bad}: {}", r.text());
+        assert!(r.text().contains("base64"), "{}", r.text());
+        assert!(never_forwarded(&s, id));
+    }
+}
+
+#[test]
+fn a_call_refused_on_its_body_gets_its_head_token_back() {
+    // alice: 5 tokens, 1 more a second; the session's initialize and notification spend 2.
+    let s = start("[rate_limit]\nrequests_per_second = 1\nburst_size = 5", "");
+    let sid = init_as(s.g.addr, ALICE);
+    // Eight calls rated on the head and refused by an argument rule: each gets its token
+    // back, as the same call without headers never spends one. Were they kept, the fourth
+    // would be a 429.
+    for id in 1400..1408 {
+        let body = tcall(id, "echo", r#"{"path":"/etc/passwd"}"#);
+        let r = request(s.g.addr, &head_post(ALICE, &sid, "echo", body.len(), &body));
+        assert_eq!(r.status, 200, "call {id}: {}", r.text());
+        assert_eq!(rpc_result(&r)["error"]["data"]["check"], "path_under");
+    }
+    let body = tcall(1410, "echo", r#"{"text":"ok"}"#);
+    let r = request(s.g.addr, &head_post(ALICE, &sid, "echo", body.len(), &body));
+    assert_forwarded(&s, &r, 1410);
+    assert!(never_forwarded(&s, 1400));
+}
+
+#[test]
+fn a_shadow_denial_is_counted_once() {
+    let s = start("[rate_limit]\nenabled = false", "policy_mode = \"shadow\"");
+    let asid = init_as(s.g.addr, ALICE);
+    // Denied to alice (shadow): forwarded, counted `would_deny` and nothing else.
+    let r = call_as(&s, ALICE, &asid, 1500, "last_request_headers", "{}");
+    assert_eq!(r.status, 200);
+    // An argument refused by an enforced rule, reported only since alice is in shadow mode.
+    let r = call_as(&s, ALICE, &asid, 1501, "add", r#"{"a":1,"b":2}"#);
+    assert_eq!(r.status, 200);
+    let r = call_as(&s, ALICE, &asid, 1502, "echo", r#"{"path":"/etc/passwd"}"#);
+    assert_forwarded(&s, &r, 1502);
+    let m = |tool: &str, outcome: &str| {
+        s.g.metric(
+            "mcp_guard_decisions_total",
+            &[("tool", tool), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(m("other", "would_deny"), 1.0);
+    assert_eq!(m("other", "allow"), 0.0);
+    assert_eq!(m("echo", "would_deny"), 1.0);
+    assert_eq!(m("add", "allow"), 1.0);
+    assert_eq!(m("add", "would_deny"), 0.0);
 }

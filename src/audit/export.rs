@@ -133,7 +133,8 @@ pub fn bound_event(line: &str) -> Option<String> {
     for (key, v) in map.iter_mut() {
         match (key.as_str(), v) {
             ("arguments", _) => {}
-            // `details` is one level of name → text: each text has the same bound.
+            // `details` is one level of name → JSON value: each text has the same bound
+            // (numbers are short).
             ("details", Value::Object(d)) => d.values_mut().for_each(&mut bound),
             (_, v) => bound(v),
         }

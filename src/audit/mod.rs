@@ -53,15 +53,13 @@ pub struct AuditEvent {
     pub latency_us: u64,
     /// Tool arguments (raw JSON), only when `audit.include_arguments` is on.
     pub arguments: Option<String>,
-    /// What the advanced-policy steps noted (a rule refusing an argument, a pinned tool that
-    /// changed, the detectors a redaction fired, who approved a call): written as the JSON
-    /// object `details`, name → text, in order; never a secret or an argument's value.
-    pub details: Vec<(&'static str, String)>,
+    /// What the advanced-policy steps noted (a rule refusing an argument: its `pointer`,
+    /// `check` and `rule`; a pinned tool that changed; the detectors a redaction fired): written
+    /// as the JSON object `details`, name → JSON value (text, or a number where the fact is
+    /// one), in order; never a secret or an argument's value.
+    pub details: Vec<(&'static str, serde_json::Value)>,
     /// A digest of the client's session id (approval events: the session that answered).
     pub session: Option<String>,
-    /// What a refused (or, in shadow mode, would-be refused) argument check names, as a JSON
-    /// object: `{"reason":"argument_refused","pointer":…,"check":…,"rule":…}`. Never a value.
-    pub detail: Option<String>,
 }
 
 impl AuditEvent {
@@ -144,14 +142,12 @@ impl AuditEvent {
                 }
                 json_str(o, k);
                 o.push(':');
-                json_str(o, v);
+                match v {
+                    serde_json::Value::String(t) => json_str(o, t),
+                    other => o.push_str(&other.to_string()),
+                }
             }
             o.push('}');
-        }
-        if let Some(d) = &self.detail {
-            // Built by serde_json from names and numbers: valid JSON.
-            o.push_str(",\"detail\":");
-            o.push_str(d);
         }
         o.push('}');
     }
@@ -596,8 +592,27 @@ mod tests {
             arguments: None,
             details: Vec::new(),
             session: None,
-            detail: None,
         }
+    }
+
+    #[test]
+    fn details_is_one_object_of_json_values() {
+        let mut e = sample();
+        e.details = vec![
+            ("pointer", serde_json::Value::from("/a\"b\u{2028}")),
+            ("check", serde_json::Value::from("max")),
+            ("rule", serde_json::Value::from(3)),
+            ("redacted", serde_json::Value::from("jwt=1")),
+        ];
+        let v: serde_json::Value = serde_json::from_str(&e.to_json()).unwrap();
+        assert_eq!(v["details"]["pointer"], "/a\"b\u{2028}");
+        assert_eq!(v["details"]["rule"], 3);
+        assert_eq!(v["details"]["redacted"], "jwt=1");
+        assert!(v.get("detail").is_none());
+        assert!(!e.to_json().contains('\u{2028}'));
+        let bounded = crate::audit::export::bound_event(&e.to_json()).unwrap();
+        let b: serde_json::Value = serde_json::from_str(&bounded).unwrap();
+        assert_eq!(b["details"]["rule"], 3);
     }
 
     #[test]

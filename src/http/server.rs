@@ -979,6 +979,17 @@ fn emit_audit(
     let last = messages.len() - 1;
     let mut arguments = info.arguments;
     let mut details = info.details;
+    // An argument refusal's facts name the request's decision: every event of a batch gets
+    // them (the rest of `details` is about the answer, and goes with the last).
+    let shared: Vec<(&'static str, serde_json::Value)> = if last > 0 {
+        details
+            .iter()
+            .filter(|(k, _)| crate::rules::AUDIT_KEYS.contains(k))
+            .cloned()
+            .collect()
+    } else {
+        Vec::new()
+    };
     for (i, (m, target)) in messages.into_iter().enumerate() {
         let ev = crate::audit::AuditEvent {
             time: meta.wall,
@@ -1007,10 +1018,9 @@ fn emit_audit(
             details: if i == last {
                 std::mem::take(&mut details)
             } else {
-                Vec::new()
+                shared.clone()
             },
             session: None,
-            detail: info.detail.clone(),
         };
         if !w.audit.push(ev) {
             w.metrics

@@ -31,8 +31,9 @@
 //! under the other binding). Ids without the prefix verify exactly as before (old ids stay
 //! valid; their clients simply cannot approve until they initialize again). A call needing
 //! approval from a session without the flag, with a `MCP-Protocol-Version` before 2025-06-18,
-//! in a batch, or over the legacy HTTP+SSE transport (2024-11-05 has no elicitation) is
-//! refused at once with reason `approval_unsupported`. Calls that need no approval never look
+//! in a batch, over the legacy HTTP+SSE transport (2024-11-05 has no elicitation), or over
+//! HTTP/1.0 (which cannot carry the held call's chunked SSE stream: it gets plain JSON saying
+//! so) is refused at once with reason `approval_unsupported`. Calls that need no approval never look
 //! at any of this: the cost on their path is one glob match against `approval.tools`.
 //!
 //! # Where the answer goes: any worker, handed to the owner
@@ -51,12 +52,23 @@
 //! gateway's and is never forwarded upstream (the upstream never issued it); responses to the
 //! upstream's own server-to-client requests still go upstream as before.
 //!
+//! # Withdrawn by the client
+//!
+//! A `notifications/cancelled` naming a held call's request id, from the identity and session
+//! that made the call, ends its wait at once: it is refused as `approval_cancelled` (audited,
+//! never forwarded), and the notification itself is answered 202 and not forwarded either (the
+//! upstream never saw the call it names). The notification may land on any worker: it is
+//! handed to every worker's inbox, and the one holding a matching call takes it. A cancel from
+//! another session or identity matches nothing and goes upstream as any notification.
+//!
 //! # Bounds
 //!
-//! At most [`PER_WORKER`] calls wait on one worker, and [`PER_SESSION`] of one session on each
-//! worker (the table is the worker's own: no lock, no shared count); beyond that a call is
-//! refused (`approval_full`). Every entry leaves the table when its call ends
-//! (answered, timed out, or its stream closed).
+//! At most [`PER_WORKER`] calls wait on one worker and [`PER_IDENTITY`] of one identity on each
+//! worker (the table is the worker's own: no lock); [`PER_SESSION`] of one session across all
+//! workers (one process-wide count behind a mutex, touched only when a call is held or
+//! released: a session's calls spread over the workers cannot multiply its bound). Beyond that
+//! a call is refused (`approval_full`). Every entry leaves the table, and its places are given
+//! back, when its call ends (answered, cancelled, timed out, or its stream closed).
 //!
 //! # Audit and metrics
 //!
@@ -74,7 +86,7 @@ use crate::runtime::worker::Worker;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// `[approval]`, validated.
@@ -92,7 +104,7 @@ pub const ID_PREFIX: &str = "mcp-guard-approval.";
 pub const ELICIT_SID_PREFIX: &str = "e.";
 /// Calls waiting for approval on one worker.
 pub const PER_WORKER: usize = 1024;
-/// Calls waiting for approval in one session.
+/// Calls waiting for approval in one session, across all workers.
 pub const PER_SESSION: usize = 16;
 /// Calls one identity may hold on one worker, across all its sessions: sessions are free to
 /// open, so without it one key could fill [`PER_WORKER`] and refuse everyone else's approvals.
@@ -181,13 +193,22 @@ impl Outcome {
 
 /// The JSON-RPC error refusing call `id` for `outcome`.
 pub fn refusal(id: &RpcId, outcome: Outcome) -> Vec<u8> {
+    refusal_saying(id, outcome, outcome.message())
+}
+
+/// [`refusal`] with a message of its own.
+pub fn refusal_saying(id: &RpcId, outcome: Outcome, message: &str) -> Vec<u8> {
     jsonrpc_error(
         Some(&id.to_json()),
         code::FORBIDDEN,
-        outcome.message(),
+        message,
         Some(&format!("{{\"reason\":\"{}\"}}", outcome.reason())),
     )
 }
+
+/// Why an HTTP/1.0 client cannot be asked: the held call's answer is an open-ended SSE stream,
+/// which needs HTTP/1.1 chunked framing.
+pub const HTTP10_MESSAGE: &str = "This tool needs a person's approval, asked on a Server-Sent Events stream that needs HTTP/1.1; this request came over HTTP/1.0";
 
 /// The second MAC part of a session id whose client can elicit: no route name holds `:`, and
 /// the legacy transport's bindings start `sse:`, so it meets neither.
@@ -235,17 +256,46 @@ pub fn flag_session(
     Some(flagged)
 }
 
+/// Calls held per session id, across the workers of the process.
+#[derive(Default)]
+pub struct SessionCounts(Mutex<HashMap<Box<str>, usize>>);
+
+impl SessionCounts {
+    /// Takes one of `sid`'s [`PER_SESSION`] places; `false` when none is left.
+    fn take(&self, sid: &str) -> bool {
+        // A poisoned lock only means another thread panicked mid-update of plain counts.
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(sid.into()).or_insert(0);
+        if *n >= PER_SESSION {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    fn give_back(&self, sid: &str) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(sid) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(sid);
+            }
+        }
+    }
+}
+
 /// One worker's held calls.
 #[derive(Default)]
 pub struct Pending {
     entries: RefCell<HashMap<[u8; 16], Entry>>,
-    per_session: RefCell<HashMap<Rc<str>, usize>>,
     per_identity: RefCell<HashMap<Arc<str>, usize>>,
 }
 
 struct Entry {
     identity: Arc<str>,
     session: Rc<str>,
+    /// The held call's own JSON-RPC id, which a `notifications/cancelled` names.
+    call: RpcId,
     answer: async_channel::Sender<Outcome>,
 }
 
@@ -264,6 +314,7 @@ impl Pending {
 /// A call's place in its worker's table.
 pub struct Held {
     token: [u8; 16],
+    identity: Arc<str>,
     session: Rc<str>,
     /// The elicitation request's id.
     pub id: String,
@@ -271,19 +322,15 @@ pub struct Held {
     pub answer: async_channel::Receiver<Outcome>,
 }
 
-/// Enters a call of `identity` in session `sid` into this worker's table.
-pub fn hold(w: &Worker, identity: &Arc<str>, sid: &str) -> Result<Held, Outcome> {
+/// Enters call `call` of `identity` in session `sid` into this worker's table.
+pub fn hold(w: &Worker, identity: &Arc<str>, sid: &str, call: &RpcId) -> Result<Held, Outcome> {
     let p = &w.approvals;
     let session: Rc<str> = Rc::from(sid);
+    if p.len() >= PER_WORKER
+        || p.per_identity.borrow().get(identity).copied().unwrap_or(0) >= PER_IDENTITY
+        || !w.shared.approval_sessions.take(sid)
     {
-        let per = p.per_session.borrow();
-        let mine = p.per_identity.borrow();
-        if p.len() >= PER_WORKER
-            || per.get(&session).copied().unwrap_or(0) >= PER_SESSION
-            || mine.get(identity).copied().unwrap_or(0) >= PER_IDENTITY
-        {
-            return Err(Outcome::Full);
-        }
+        return Err(Outcome::Full);
     }
     let token = random_bytes::<16>();
     let (tx, rx) = async_channel::bounded(1);
@@ -292,13 +339,10 @@ pub fn hold(w: &Worker, identity: &Arc<str>, sid: &str) -> Result<Held, Outcome>
         Entry {
             identity: identity.clone(),
             session: session.clone(),
+            call: call.clone(),
             answer: tx,
         },
     );
-    *p.per_session
-        .borrow_mut()
-        .entry(session.clone())
-        .or_insert(0) += 1;
     *p.per_identity
         .borrow_mut()
         .entry(identity.clone())
@@ -312,32 +356,27 @@ pub fn hold(w: &Worker, identity: &Arc<str>, sid: &str) -> Result<Held, Outcome>
     }
     Ok(Held {
         token,
+        identity: identity.clone(),
         session,
         id,
         answer: rx,
     })
 }
 
-/// Takes a call out of the table once it is over (answered, timed out, its stream closed).
+/// Takes a call out of the table once it is over (answered, cancelled, timed out, its stream
+/// closed), and gives back its places. Called once per [`Held`]; the entry itself may already
+/// be gone (an answer or a cancel removes it as it wakes the call).
 pub fn release(w: &Worker, held: &Held) {
     let p = &w.approvals;
-    let Some(entry) = p.entries.borrow_mut().remove(&held.token) else {
-        return;
-    };
+    p.entries.borrow_mut().remove(&held.token);
     let mut mine = p.per_identity.borrow_mut();
-    if let Some(n) = mine.get_mut(&entry.identity) {
+    if let Some(n) = mine.get_mut(&held.identity) {
         *n -= 1;
         if *n == 0 {
-            mine.remove(&entry.identity);
+            mine.remove(&held.identity);
         }
     }
-    let mut per = p.per_session.borrow_mut();
-    if let Some(n) = per.get_mut(&held.session) {
-        *n -= 1;
-        if *n == 0 {
-            per.remove(&held.session);
-        }
-    }
+    w.shared.approval_sessions.give_back(&held.session);
 }
 
 /// Fires when the held call's stream ends (dropped with it by the connection).
@@ -507,13 +546,57 @@ pub fn read_answer(raw: &[u8]) -> Outcome {
     }
 }
 
-/// An answer on its way to the worker holding its call.
+/// An answer on its way to the worker holding its call, or a cancel to every worker.
 pub struct AnswerPost {
-    token: [u8; 16],
+    delivery: Delivery,
     identity: Arc<str>,
     session: String,
-    outcome: Outcome,
     ack: async_channel::Sender<bool>,
+}
+
+enum Delivery {
+    /// The answer to the elicitation request `token` names.
+    Answer { token: [u8; 16], outcome: Outcome },
+    /// `notifications/cancelled` naming the held call with this id.
+    Cancel(RpcId),
+}
+
+/// The request id a `notifications/cancelled` body names, if it is one the gateway could hold.
+pub fn cancelled_request(raw: &[u8]) -> Option<RpcId> {
+    let v: serde_json::Value = serde_json::from_slice(raw).ok()?;
+    match v.pointer("/params/requestId")? {
+        serde_json::Value::String(s) => Some(RpcId::Str(s.clone())),
+        serde_json::Value::Number(n) => n.as_i64().map(RpcId::Num),
+        _ => None,
+    }
+}
+
+/// Hands a client's `notifications/cancelled` for call `call` (from `identity` in session
+/// `sid`) to every worker; `true` when one held that call and refused it as cancelled.
+pub async fn cancel(w: &Worker, identity: &Arc<str>, sid: &str, call: &RpcId) -> bool {
+    let mut acks = Vec::new();
+    for worker in 0..w.shared.workers {
+        let Some(inbox) = w.shared.approvals.sender(worker) else {
+            continue;
+        };
+        let (ack, acked) = async_channel::bounded(1);
+        let post = AnswerPost {
+            delivery: Delivery::Cancel(call.clone()),
+            identity: identity.clone(),
+            session: sid.to_string(),
+            ack,
+        };
+        if inbox.try_send(post).is_ok() {
+            acks.push(acked);
+        }
+    }
+    let mut taken = false;
+    for acked in acks {
+        if let Ok(Ok(true)) = monoio::time::timeout(HAND_OVER, acked.recv()).await {
+            taken = true;
+        }
+    }
+    taken
 }
 
 /// Hands the client's answer (`raw`, a response with id `id`, from `identity` in session
@@ -536,10 +619,12 @@ pub async fn answer(
     let inbox = w.shared.approvals.sender(worker).ok_or_else(unknown)?;
     let (ack, acked) = async_channel::bounded(1);
     let post = AnswerPost {
-        token,
+        delivery: Delivery::Answer {
+            token,
+            outcome: read_answer(raw),
+        },
         identity: identity.clone(),
         session: sid.to_string(),
-        outcome: read_answer(raw),
         ack,
     };
     let taken = async {
@@ -557,17 +642,26 @@ pub async fn answer(
 /// identity and session, and is refused otherwise (the call keeps waiting).
 pub async fn run_inbox(w: Rc<Worker>, inbox: async_channel::Receiver<AnswerPost>) {
     while let Ok(post) = inbox.recv().await {
-        let taken = {
-            let mut entries = w.approvals.entries.borrow_mut();
-            let matches = entries
-                .get(&post.token)
-                .is_some_and(|e| e.identity == post.identity && *e.session == *post.session);
-            // Single use: the entry leaves with its first valid answer.
-            matches
-                && entries
-                    .remove(&post.token)
-                    .is_some_and(|e| e.answer.try_send(post.outcome).is_ok())
+        let mut entries = w.approvals.entries.borrow_mut();
+        let mine = |e: &Entry| e.identity == post.identity && *e.session == *post.session;
+        let (token, outcome) = match &post.delivery {
+            Delivery::Answer { token, outcome } => (Some(*token), *outcome),
+            Delivery::Cancel(call) => (
+                entries
+                    .iter()
+                    .find(|(_, e)| mine(e) && e.call == *call)
+                    .map(|(t, _)| *t),
+                Outcome::Cancelled,
+            ),
         };
+        // Single use: the entry leaves with its first valid answer (or cancel).
+        let taken = token.is_some_and(|t| {
+            entries.get(&t).is_some_and(mine)
+                && entries
+                    .remove(&t)
+                    .is_some_and(|e| e.answer.try_send(outcome).is_ok())
+        });
+        drop(entries);
         let _ = post.ack.try_send(taken);
     }
 }
@@ -618,7 +712,6 @@ pub fn record(w: &Worker, r: &Record<'_>, outcome: Outcome) {
         arguments: None,
         session: r.session.map(session_digest),
         details: Vec::new(),
-        detail: None,
     };
     if !w.audit.push(ev) {
         w.metrics

@@ -155,8 +155,8 @@ impl Transform {
         }
     }
 
-    /// What the steps noted since the last call, for the request's audit event.
-    pub fn take_details(&mut self) -> Vec<(&'static str, String)> {
+    /// What the steps noted since the last call, for the request's audit event (texts).
+    pub fn take_details(&mut self) -> Vec<(&'static str, serde_json::Value)> {
         let pinned = self
             .pins
             .as_ref()
@@ -180,6 +180,9 @@ impl Transform {
             self.note("redacted", fired_list);
         }
         std::mem::take(&mut self.details)
+            .into_iter()
+            .map(|(k, v)| (k, serde_json::Value::String(v)))
+            .collect()
     }
 
     /// One JSON body (a message or a batch array) through the chain; `None` when it is not

@@ -116,8 +116,36 @@ pub fn check_stream_accept(head: &RequestHead) -> Result<(), GatewayError> {
     }
 }
 
+/// The sentinel around an `Mcp-Name` value that cannot travel as plain header text (SEP-2243,
+/// "Value Encoding": non-ASCII, control characters, edge whitespace, or a plain value that
+/// looks like the sentinel itself): `=?base64?{standard Base64 of the UTF-8 bytes}?=`, the
+/// markers lowercase and case-sensitive.
+const NAME_PREFIX: &str = "=?base64?";
+const NAME_SUFFIX: &str = "?=";
+
+/// The name an `Mcp-Name` header value stands for: the value itself, or the decoded sentinel
+/// form. Decoding is strict (the standard alphabet with its padding, no whitespace, UTF-8):
+/// anything else wearing the markers is refused, never compared as it stands, since a client
+/// must encode every value that looks like the sentinel.
+pub fn mcp_name(value: &str) -> Result<std::borrow::Cow<'_, str>, String> {
+    use base64::Engine;
+    let Some(payload) = value
+        .strip_prefix(NAME_PREFIX)
+        .and_then(|v| v.strip_suffix(NAME_SUFFIX))
+    else {
+        return Ok(std::borrow::Cow::Borrowed(value));
+    };
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(payload)
+        .map_err(|_| "Mcp-Name header is not valid =?base64?…?= (standard Base64 with padding)")?;
+    String::from_utf8(bytes)
+        .map(std::borrow::Cow::Owned)
+        .map_err(|_| "Mcp-Name header's base64 value is not UTF-8".into())
+}
+
 /// `Mcp-Method` and `Mcp-Name`, where sent, must say what the body says: an intermediary that
-/// routes on headers must not be told one thing while the server is told another.
+/// routes on headers must not be told one thing while the server is told another. A name in
+/// the base64 form is compared decoded.
 pub fn check_method_headers(head: &RequestHead, m: &Message) -> Result<(), GatewayError> {
     if let Some(hm) = &head.h.mcp_method
         && Some(hm.as_str()) != m.method.as_deref()
@@ -128,13 +156,14 @@ pub fn check_method_headers(head: &RequestHead, m: &Message) -> Result<(), Gatew
         )));
     }
     if let Some(hn) = &head.h.mcp_name {
+        let name = mcp_name(hn).map_err(GatewayError::HeaderMismatch)?;
         let body_name = match &m.target {
             Some(Target::Tool(n)) | Some(Target::Prompt(n)) | Some(Target::Resource(n)) => {
                 Some(n.as_str())
             }
             None => None,
         };
-        if body_name != Some(hn.as_str()) {
+        if body_name != Some(&*name) {
             return Err(GatewayError::HeaderMismatch(format!(
                 "Mcp-Name header `{}` does not match the body",
                 truncate(hn, 64)
@@ -173,6 +202,34 @@ mod tests {
         assert!(accepts("application/*;q=0.5", "application/json"));
         assert!(!accepts("application/json;q=0", "application/json"));
         assert!(!accepts("text/html", "application/json"));
+    }
+
+    #[test]
+    fn a_base64_mcp_name_is_decoded_strictly() {
+        let plain = |v: &str| mcp_name(v).map(|c| c.into_owned());
+        assert_eq!(plain("read_file").as_deref(), Ok("read_file"));
+        // "Привет" and the spec's own example, whose payload holds `/`.
+        assert_eq!(
+            plain("=?base64?0J/RgNC40LLQtdGC?=").as_deref(),
+            Ok("Привет")
+        );
+        assert_eq!(
+            plain("=?base64?PT9iYXNlNjQ/bGl0ZXJhbD89?=").as_deref(),
+            Ok("=?base64?literal?=")
+        );
+        assert_eq!(plain("=?base64??=").as_deref(), Ok(""));
+        for bad in [
+            "=?base64?0J/RgNC40LLQtdGC=?=",
+            "=?base64?0J_RgNC40LLQtdGC?=",
+            "=?base64?0J/R gNC40LLQtdGC?=",
+            "=?base64?YQ?=",
+            "=?base64?/w==?=",
+            "=?base64?!!!!?=",
+        ] {
+            assert!(mcp_name(bad).is_err(), "{bad}");
+        }
+        // Other spellings of the markers are not the sentinel: compared as they stand.
+        assert_eq!(plain("=?BASE64?YQ==?=").as_deref(), Ok("=?BASE64?YQ==?="));
     }
 
     #[test]

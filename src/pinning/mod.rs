@@ -795,8 +795,10 @@ fn changed_event(
         latency_us: 0,
         arguments: None,
         session: None,
-        detail: None,
-        details,
+        details: details
+            .into_iter()
+            .map(|(k, v)| (k, serde_json::Value::String(v)))
+            .collect(),
     }
 }
 

@@ -80,6 +80,12 @@ pub trait QuotaPool: Send + Sync {
     fn lease_timed_out(&self, key: BucketKey, want: u32, limit: Limit, now: Instant) -> Lease {
         self.lease(key, want, limit, now)
     }
+    /// Gives back `tokens` taken from bucket `key` for a request that then turned out not to
+    /// count (decided before the body was read, refused on it by policy). A pool that cannot
+    /// (the Redis pool: its stock is shared by the fleet) keeps them spent.
+    fn refund(&self, key: BucketKey, tokens: u32, limit: Limit, now: Instant) {
+        let _ = (key, tokens, limit, now);
+    }
     /// Appends the pool's own metrics (Prometheus text).
     fn render_metrics(&self, out: &mut String) {
         let _ = out;
@@ -229,6 +235,15 @@ impl QuotaPool for MemoryPool {
                 granted: 0,
                 retry_after: Duration::from_secs_f64(secs.max(0.001)),
             }
+        }
+    }
+
+    fn refund(&self, key: BucketKey, tokens: u32, limit: Limit, now: Instant) {
+        let shard = &self.shards[(key as usize) % SHARDS];
+        let mut map = shard.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(bucket) = map.get_mut(&key) {
+            bucket.refill(now, limit);
+            bucket.tokens = (bucket.tokens + f64::from(tokens)).min(f64::from(limit.burst));
         }
     }
 
@@ -423,6 +438,19 @@ impl LocalLimiter {
         }
     }
 
+    /// Gives back one token of `key` spent by [`check`](Self::check): to the local lease while
+    /// it still holds tokens (they expire together), else to the pool.
+    pub fn refund(&self, pool: &dyn QuotaPool, key: BucketKey, limit: Limit, now: Instant) {
+        if let Some(b) = self.buckets.borrow_mut().get_mut(&key)
+            && b.tokens > 0
+            && now.saturating_duration_since(b.leased_at) < LEASE_TTL
+        {
+            b.tokens += 1;
+            return;
+        }
+        pool.refund(key, 1, limit, now);
+    }
+
     /// Drops local buckets idle for a while (called periodically by the worker).
     pub fn evict_idle(&self, now: Instant) {
         self.buckets.borrow_mut().retain(|_, b| {
@@ -469,6 +497,35 @@ mod tests {
             .filter(|_| local.check(&pool, key, LIMIT, t1).is_ok())
             .count();
         assert_eq!(admitted, 10);
+    }
+
+    #[test]
+    fn a_refunded_token_can_be_spent_again_and_never_overfills() {
+        let pool = MemoryPool::default();
+        let local = LocalLimiter::new(4);
+        let key = bucket_key(&RateKey::Identity("carol"), None);
+        let t0 = Instant::now();
+        let limit = Limit {
+            rate: 1.0,
+            burst: 3,
+        };
+        for _ in 0..10 {
+            local.check(&pool, key, limit, t0).unwrap();
+            local.refund(&pool, key, limit, t0);
+        }
+        let admitted = (0..10)
+            .filter(|_| local.check(&pool, key, limit, t0).is_ok())
+            .count();
+        assert_eq!(admitted, 3);
+        // Refunds past the burst are dropped.
+        for _ in 0..10 {
+            local.refund(&pool, key, limit, t0);
+        }
+        let t1 = t0 + Duration::from_secs(10);
+        let admitted = (0..10)
+            .filter(|_| local.check(&pool, key, limit, t1).is_ok())
+            .count();
+        assert_eq!(admitted, 3);
     }
 
     #[test]

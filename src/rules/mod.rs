@@ -14,13 +14,17 @@
 //!
 //! [`Classifier::classify_inspecting`]: crate::mcp::jsonrpc::Classifier::classify_inspecting
 
+pub mod exact;
 pub mod path;
+
+pub use exact::Source;
 
 use crate::authz::Matcher;
 use crate::config::schema::{ArgRuleSection, ArgType, PolicyMode, ToolRuleSection};
 use crate::mcp::jsonrpc::{Arguments, TapeValue};
 use simd_json::ValueType;
 use simd_json::prelude::*;
+use std::cmp::Ordering;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -64,6 +68,9 @@ struct ArgCheck {
     max_len: Option<usize>,
 }
 
+/// The members of an audit event's `details` an argument refusal writes.
+pub const AUDIT_KEYS: [&str; 3] = ["pointer", "check", "rule"];
+
 /// A failed check: which rule, which argument, which check. Never the value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Violation {
@@ -88,7 +95,16 @@ impl Violation {
         )
     }
 
-    /// The JSON-RPC error's `data`, and the audit event's `detail`.
+    /// The facts the audit event's `details` gets: [`AUDIT_KEYS`], never the value.
+    pub fn audit_details(&self) -> [(&'static str, serde_json::Value); 3] {
+        [
+            ("pointer", serde_json::Value::from(&*self.pointer)),
+            ("check", serde_json::Value::from(self.check)),
+            ("rule", serde_json::Value::from(self.rule)),
+        ]
+    }
+
+    /// The JSON-RPC error's `data`.
     pub fn data_json(&self) -> String {
         serde_json::json!({
             "reason": "argument_refused",
@@ -108,13 +124,15 @@ impl ToolRules {
 
     /// Checks one call of `tool` on `server` by `identity` against every rule that applies.
     /// The first failure of an enforced rule wins; else the first of a shadow rule; `None`
-    /// when every check passes (or no rule applies).
+    /// when every check passes (or no rule applies). `source` is the body the tape was parsed
+    /// from, read only to compare a number that lands exactly on a bound (see [`exact`]).
     pub fn check(
         &self,
         tool: &str,
         server: &str,
         identity: &str,
         arguments: Arguments<'_, '_>,
+        source: Source<'_>,
     ) -> Option<Violation> {
         let exact = self.by_name.get(tool).map(Vec::as_slice).unwrap_or(&[]);
         if exact.is_empty() && self.by_glob.is_empty() {
@@ -136,7 +154,7 @@ impl ToolRules {
             {
                 continue;
             }
-            if let Some(v) = rule.evaluate(&arguments) {
+            if let Some(v) = rule.evaluate(&arguments, source) {
                 if !v.shadow {
                     return Some(v);
                 }
@@ -148,7 +166,7 @@ impl ToolRules {
 }
 
 impl ToolRule {
-    fn evaluate(&self, arguments: &Arguments<'_, '_>) -> Option<Violation> {
+    fn evaluate(&self, arguments: &Arguments<'_, '_>, source: Source<'_>) -> Option<Violation> {
         let fail = |arg: &ArgCheck, check: &'static str, why: String| Violation {
             rule: self.index,
             pointer: arg.pointer.clone(),
@@ -163,7 +181,10 @@ impl ToolRule {
             };
             let value = match root.map(|r| resolve(r, &arg.tokens)).transpose() {
                 Ok(v) => v.flatten(),
-                Err(why) => return Some(fail(arg, "duplicate_member", why)),
+                Err(Unreadable::Duplicate(why)) => {
+                    return Some(fail(arg, "duplicate_member", why));
+                }
+                Err(Unreadable::Shape(why)) => return Some(fail(arg, "shape", why)),
             };
             let Some(value) = value else {
                 if arg.required {
@@ -171,7 +192,7 @@ impl ToolRule {
                 }
                 continue;
             };
-            if let Err((check, why)) = arg.check(value) {
+            if let Err((check, why)) = arg.check(value, source) {
                 return Some(fail(arg, check, why));
             }
         }
@@ -179,35 +200,65 @@ impl ToolRule {
     }
 }
 
-/// Follows `tokens` from `root`. `Ok(None)`: absent. A member named twice (or a member that
-/// differs from the token only in case, which a case-folding decoder would read as it) along
-/// the way is an error: two parsers could each have read a different one.
+/// Why a pointer could not be followed.
+enum Unreadable {
+    /// A member named twice (or in another case) on the way: two parsers could each have
+    /// read a different one.
+    Duplicate(String),
+    /// A value on the way is neither an object nor `null` (nor an array, for an index token):
+    /// the arguments do not have the shape the rule was written for. Counting it as absent
+    /// would let `{"items":[{"path":"/etc"}]}` pass a rule on `/items/path` that a server
+    /// iterating `items` reads through.
+    Shape(String),
+}
+
+/// Follows `tokens` from `root`. `Ok(None)`: absent (a member or index that is not there, or
+/// `null` on the way). A member named twice (or a member that differs from the token only in
+/// case, which a case-folding decoder would read as it) along the way is an error: two parsers
+/// could each have read a different one; so is a value of another shape on the way.
 fn resolve<'t, 'i>(
     root: TapeValue<'t, 'i>,
     tokens: &[(String, String)],
-) -> Result<Option<TapeValue<'t, 'i>>, String> {
+) -> Result<Option<TapeValue<'t, 'i>>, Unreadable> {
     let mut at = root;
-    for (token, lower) in tokens {
+    for (depth, (token, lower)) in tokens.iter().enumerate() {
         let next = if let Some(obj) = at.as_object() {
             let mut found = None;
             for (k, v) in obj.iter() {
                 if k == token {
                     if found.is_some() {
-                        return Err(format!("member \"{}\" appears twice", token.escape_debug()));
+                        return Err(Unreadable::Duplicate(format!(
+                            "member \"{}\" appears twice",
+                            token.escape_debug()
+                        )));
                     }
                     found = Some(v);
                 } else if crate::mcp::jsonrpc::folds_to(k, lower) {
-                    return Err(format!(
+                    return Err(Unreadable::Duplicate(format!(
                         "a member differs from \"{}\" only in case",
                         token.escape_debug()
-                    ));
+                    )));
                 }
             }
             found
         } else if let Some(arr) = at.as_array() {
-            array_index(token).and_then(|i| arr.iter().nth(i))
-        } else {
+            match array_index(token) {
+                Some(i) => arr.iter().nth(i),
+                None => {
+                    return Err(Unreadable::Shape(format!(
+                        "not the expected shape: an array where member \"{}\" was expected \
+                         (at depth {depth})",
+                        token.escape_debug()
+                    )));
+                }
+            }
+        } else if at.value_type() == ValueType::Null {
             None
+        } else {
+            return Err(Unreadable::Shape(format!(
+                "not the expected shape: a {} where an object was expected (at depth {depth})",
+                json_type(at.value_type())
+            )));
         };
         match next {
             Some(v) => at = v,
@@ -215,6 +266,17 @@ fn resolve<'t, 'i>(
         }
     }
     Ok(Some(at))
+}
+
+fn json_type(t: ValueType) -> &'static str {
+    match t {
+        ValueType::String => "string",
+        ValueType::I64 | ValueType::U64 | ValueType::F64 => "number",
+        ValueType::Bool => "boolean",
+        ValueType::Array => "array",
+        ValueType::Object => "object",
+        _ => "value",
+    }
 }
 
 /// RFC 6901: an array index is `0` or digits without a leading zero.
@@ -231,7 +293,7 @@ fn array_index(token: &str) -> Option<usize> {
 type CheckError = (&'static str, String);
 
 impl ArgCheck {
-    fn check(&self, v: TapeValue<'_, '_>) -> Result<(), CheckError> {
+    fn check(&self, v: TapeValue<'_, '_>, source: Source<'_>) -> Result<(), CheckError> {
         let vt = v.value_type();
         let is_number = matches!(vt, ValueType::I64 | ValueType::U64 | ValueType::F64);
         if let Some(kind) = self.kind {
@@ -248,23 +310,23 @@ impl ArgCheck {
         if self.min.is_some() || self.max.is_some() {
             // A number sent as a string is not a number: an upstream converting it would run
             // what `max` never saw.
-            let n = match vt {
-                ValueType::I64 => v.as_i64().map(|n| n as f64),
-                ValueType::U64 => v.as_u64().map(|n| n as f64),
-                ValueType::F64 => v.as_f64(),
-                _ => None,
-            };
             let check = if self.min.is_some() { "min" } else { "max" };
-            let Some(n) = n else {
+            if !is_number {
                 return Err((check, "must be a JSON number".into()));
-            };
+            }
             if let Some(min) = self.min
-                && n < min
+                && !matches!(
+                    exact::compare(v, min, &self.tokens, source),
+                    Some(Ordering::Greater | Ordering::Equal)
+                )
             {
                 return Err(("min", format!("must be at least {min}")));
             }
             if let Some(max) = self.max
-                && n > max
+                && !matches!(
+                    exact::compare(v, max, &self.tokens, source),
+                    Some(Ordering::Less | Ordering::Equal)
+                )
             {
                 return Err(("max", format!("must be at most {max}")));
             }
@@ -534,8 +596,8 @@ mod tests {
         );
         let mut out = None;
         Classifier::new()
-            .classify_inspecting(body.as_bytes(), &mut |_, tool, a| {
-                out = r.check(tool, server, identity, a);
+            .classify_inspecting(body.as_bytes(), &mut |i, tool, a| {
+                out = r.check(tool, server, identity, a, Source::new(body.as_bytes(), i));
             })
             .unwrap();
         out
@@ -610,8 +672,8 @@ mod tests {
         let body = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"read_file","arguments":{"path":"/srv/data/x"},"arguments":{"path":"/etc/passwd"}}}"#;
         let mut out = None;
         Classifier::new()
-            .classify_inspecting(body.as_bytes(), &mut |_, tool, a| {
-                out = r.check(tool, "default", "a", a);
+            .classify_inspecting(body.as_bytes(), &mut |i, tool, a| {
+                out = r.check(tool, "default", "a", a, Source::new(body.as_bytes(), i));
             })
             .unwrap();
         assert_eq!(out.map(|v| v.check), Some("duplicate_member"));
@@ -740,5 +802,74 @@ mod tests {
             "[[tool_rules.args]]\npointer = \"/p\"\ntype = \"integer\"\nmax_len = 3",
             "tool_rules[0].args[0].type",
         );
+    }
+
+    #[test]
+    fn a_number_just_above_the_bound_is_refused_exactly() {
+        let r = rules(
+            r#"
+            [[tool_rules]]
+            tool = "read_file"
+            [[tool_rules.args]]
+            pointer = "/n"
+            max = 100
+            [[tool_rules.args]]
+            pointer = "/f"
+            min = 0.1
+            [[tool_rules.args]]
+            pointer = "/big"
+            max = 9007199254740992
+            [[tool_rules.args]]
+            pointer = "/deep/1/n"
+            min = -5
+        "#,
+        );
+        let check = |args: &str| run(&r, "a", "default", args).map(|v| v.check);
+        // Each of these is the bound itself as a double.
+        assert_eq!(check(r#"{"n":100.0000000000000001}"#), Some("max"));
+        assert_eq!(check(r#"{"n":1.000000000000000001e2}"#), Some("max"));
+        assert_eq!(check(r#"{"f":0.09999999999999999999}"#), Some("min"));
+        assert_eq!(check(r#"{"big":9007199254740993}"#), Some("max"));
+        assert_eq!(
+            check(r#"{"deep":[0,{"n":-5.0000000000000000001}]}"#),
+            Some("min")
+        );
+        // On or inside the bound, however written.
+        for ok in [
+            r#"{"n":100}"#,
+            r#"{"n":100.0}"#,
+            r#"{"n":1e2}"#,
+            r#"{"n":99.99999999999999999}"#,
+            r#"{"f":0.1}"#,
+            r#"{"f":0.10000000000000001}"#,
+            r#"{"big":9007199254740992}"#,
+            r#"{"deep":[0,{"n":-5.0}]}"#,
+        ] {
+            assert_eq!(check(ok), None, "{ok}");
+        }
+    }
+
+    #[test]
+    fn an_array_or_scalar_in_the_middle_of_a_pointer_is_not_the_expected_shape() {
+        let r = rules(TYPICAL);
+        let check = |args: &str| run(&r, "a", "default", args).map(|v| v.check);
+        assert_eq!(
+            check(r#"{"path":"/srv/data/x","opts":[{"depth":99}]}"#),
+            Some("shape")
+        );
+        assert_eq!(
+            check(r#"{"path":"/srv/data/x","opts":"depth=99"}"#),
+            Some("shape")
+        );
+        assert_eq!(check(r#"{"path":"/srv/data/x","opts":null}"#), None);
+        assert_eq!(check(r#"{"path":"/srv/data/x","opts":{}}"#), None);
+        let v = run(
+            &r,
+            "a",
+            "default",
+            r#"{"path":"/srv/data/x","opts":[{"depth":99}]}"#,
+        )
+        .unwrap();
+        assert!(v.why.contains("not the expected shape"), "{}", v.why);
     }
 }

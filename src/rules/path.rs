@@ -9,6 +9,12 @@
 //! so no `..` ever reaches a directory outside the root even for a moment (a symlinked segment
 //! makes such round trips mean something else on disk). Symlinks themselves are not resolved:
 //! the gateway does not see the server's file system.
+//!
+//! Only a *plain* path is read at all: one no consumer could read as something else. Servers
+//! differ (Windows drops trailing dots and spaces from a segment, Tomcat cuts a segment at `;`,
+//! URL parsers at `?` and `#`, a Unicode-normalising server folds `．．` into `..`, a leading
+//! `//` names a network share to some), so a path one of them could read as a parent
+//! reference or another root is refused rather than guessed at; [`normalise`] lists the rules.
 
 /// Why a path was refused (stable words, never the path itself).
 pub type Refusal = &'static str;
@@ -16,6 +22,8 @@ pub type Refusal = &'static str;
 /// Characters that a Unicode-normalising upstream (NFKC) could turn into `.` or `/` or `\`,
 /// so a segment made of them would become `..` after the check: refused outright.
 const LOOKALIKES: &[char] = &[
+    '\u{3002}', // ideographic full stop (IDNA maps it to `.`)
+    '\u{ff61}', // halfwidth ideographic full stop (likewise)
     '\u{2024}', // one dot leader
     '\u{2025}', // two dot leader
     '\u{2026}', // horizontal ellipsis
@@ -54,10 +62,13 @@ impl Root {
         let segments: Vec<String> = root[1..].split('/').map(str::to_string).collect();
         if segments
             .iter()
-            .any(|s| s.is_empty() || s == "." || s == "..")
+            .any(|s| s.is_empty() || s == "." || s == ".." || !is_plain_segment(s))
+            || root.chars().any(crate::pinning::canon::is_invisible)
         {
             return Err(format!(
-                "`{root}` is not in normal form (no `.`, `..`, `//` or trailing slash)"
+                "`{}` is not in normal form (no `.`, `..`, `//`, trailing slash, invisible \
+                 characters or segments like `...`, `..;`, `.. `)",
+                root.escape_debug()
             ));
         }
         Ok(Root(segments))
@@ -97,6 +108,15 @@ impl Normalised {
 }
 
 /// Decodes `value` once and resolves its segments; refuses what has no safe reading.
+///
+/// A plain path, after one percent-decoding: no `%` left (`%252e`), no NUL, backslash,
+/// control or invisible character (zero-width, soft hyphen, bidi marks, BOM, variation
+/// selectors: [`is_invisible`]), no character that reads as a dot or slash ([`LOOKALIKES`]);
+/// absolute, not starting with `//`; and no segment that begins or ends with a space or tab,
+/// or that begins with `.` or `..` followed by another `.`, `;`, `?` or `#` (`...`, `..;x`,
+/// `..?`, `.;`). Segments `.` and `..` themselves are resolved; `.hidden` and `a..b` are plain.
+///
+/// [`is_invisible`]: crate::pinning::canon::is_invisible
 pub fn normalise(value: &str) -> Result<Normalised, Refusal> {
     if value.contains(['\0', '\\']) {
         return Err("contains a NUL or backslash");
@@ -111,12 +131,18 @@ pub fn normalise(value: &str) -> Result<Normalised, Refusal> {
     if decoded.contains(LOOKALIKES) {
         return Err("contains a character that reads as a dot or slash");
     }
-    if decoded.chars().any(char::is_control) {
-        return Err("contains a control character");
+    if decoded
+        .chars()
+        .any(|c| c.is_control() || crate::pinning::canon::is_invisible(c))
+    {
+        return Err("contains a control or invisible character");
     }
     let Some(rest) = decoded.strip_prefix('/') else {
         return Err("is not an absolute path");
     };
+    if rest.starts_with('/') {
+        return Err("starts with // (a network path to some readers)");
+    }
     let mut out = Normalised {
         path: Vec::new(),
         lowest_pop: None,
@@ -131,10 +157,27 @@ pub fn normalise(value: &str) -> Result<Normalised, Refusal> {
                 }
                 out.lowest_pop = Some(out.lowest_pop.map_or(depth, |d| d.min(depth)));
             }
+            s if !is_plain_segment(s) => {
+                return Err("has a segment other readers could take for . or ..");
+            }
             s => out.path.push(s.to_string()),
         }
     }
     Ok(out)
+}
+
+/// Whether a segment (not `.`, `..` or empty) reads as itself to every consumer: Windows
+/// drops trailing dots and spaces (`.. ` and `...` become `..`), Tomcat cuts at `;` (`..;x`),
+/// URL parsers at `?` and `#`.
+fn is_plain_segment(s: &str) -> bool {
+    let b = s.as_bytes();
+    let edge_blank = |c: Option<&u8>| matches!(c, Some(b' ' | b'\t'));
+    if edge_blank(b.first()) || edge_blank(b.last()) {
+        return false;
+    }
+    let dots = b.iter().take_while(|&&c| c == b'.').count();
+    let after_dots = b.get(dots.min(2));
+    !(dots >= 1 && matches!(after_dots, Some(b'.' | b';' | b'?' | b'#')))
 }
 
 #[cfg(test)]
@@ -156,6 +199,11 @@ mod tests {
             "/srv/data/a/../b",
             "/srv/data/%61",
             "/srv/data/r%C3%A9sum%C3%A9.md",
+            "/srv/data/.hidden",
+            "/srv/data/a..b",
+            "/srv/data/x..",
+            "/srv/data/..x",
+            "/srv/data/a b/c;d",
         ] {
             assert_eq!(check_under(ok, &r), Ok(()), "{ok}");
         }
@@ -197,6 +245,55 @@ mod tests {
     }
 
     #[test]
+    fn parent_readings_of_other_consumers_are_refused() {
+        let r = roots(&["/srv/data"]);
+        for bad in [
+            // A leading `//` is implementation-defined (POSIX) and a network path to some.
+            "//srv/data/x",
+            "/%2fsrv/data/x",
+            // Tomcat path parameters, URL query and fragment, Windows trailing dots/spaces.
+            "/srv/data/a/..;/../../etc",
+            "/srv/data/..;/x",
+            "/srv/data/..;jsessionid=1/x",
+            "/srv/data/..?/x",
+            "/srv/data/..#/x",
+            "/srv/data/.. /x",
+            "/srv/data/..%20/x",
+            "/srv/data/..\t/x",
+            "/srv/data/ ../x",
+            "/srv/data/.../x",
+            "/srv/data/..../x",
+            "/srv/data/.;/x",
+            "/srv/data/%2e%2e%3b/x",
+            // Invisible characters between or around the dots, raw and percent-encoded.
+            "/srv/data/.\u{200b}./x",
+            "/srv/data/..\u{200b}/x",
+            "/srv/data/.\u{ad}./x",
+            "/srv/data/.%C2%AD./x",
+            "/srv/data/.\u{200e}./x",
+            "/srv/data/..\u{202e}/x",
+            "/srv/data/.%E2%80%8B./x",
+            "/srv/data/\u{feff}../x",
+            "/srv/data/.\u{fe0f}./x",
+            // Other Unicode dots, raw and encoded.
+            "/srv/data/\u{ff0e}\u{ff0e}/x",
+            "/srv/data/%EF%BC%8E%EF%BC%8E/x",
+            "/srv/data/\u{3002}\u{3002}/x",
+            "/srv/data/\u{ff61}\u{ff61}/x",
+            "/srv/data/\u{2024}\u{2024}/x",
+            // Backslash and NUL, raw, encoded once and twice.
+            "/srv/data/..\\x",
+            "/srv/data/%2e%2e%5c..%5cetc",
+            "/srv/data/%2e%2e%5Cx",
+            "/srv/data/%252e%252e%255cx",
+            "/srv/data/a%00b",
+            "/srv/data/%2500",
+        ] {
+            assert!(check_under(bad, &r).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn a_root_matches_on_a_segment_boundary_and_slash_admits_all_absolute_paths() {
         let r = roots(&["/srv/data", "/tmp"]);
         assert!(check_under("/tmp/x", &r).is_ok());
@@ -216,6 +313,10 @@ mod tests {
             "/srv/./x",
             "/srv/../x",
             "/srv/%2e",
+            "/srv/...",
+            "/srv/..;x",
+            "/srv/data ",
+            "/srv/da\u{200b}ta",
             "/a\\b",
             "",
         ] {

@@ -273,7 +273,6 @@ fn reload_refused_event(reason: &'static str) -> crate::audit::AuditEvent {
         arguments: None,
         details: Vec::new(),
         session: None,
-        detail: None,
     }
 }
 

@@ -226,6 +226,7 @@ pub fn run(path: PathBuf) -> Result<(), String> {
         ended_sessions: Default::default(),
         legacy: crate::mcp::legacy::Inboxes::new(workers),
         approvals: crate::mcp::legacy::Inboxes::with_capacity(workers, crate::mcp::approval::INBOX),
+        approval_sessions: Default::default(),
         connections: AtomicUsize::new(0),
         io_driver: driver.name(),
         shutdown_rx,

@@ -89,6 +89,8 @@ pub struct Shared {
     pub legacy: crate::mcp::legacy::Inboxes,
     /// Each worker's inbox for answers to the approval requests of calls it holds.
     pub approvals: crate::mcp::legacy::Inboxes<crate::mcp::approval::AnswerPost>,
+    /// Calls held for approval per session, across workers.
+    pub approval_sessions: crate::mcp::approval::SessionCounts,
     /// Open client connections across workers (for `max_connections`).
     pub connections: AtomicUsize,
     /// "io_uring" or "epoll".
@@ -613,7 +615,6 @@ fn refused_certificate(w: &Worker, peer: std::net::SocketAddr, reason: &'static 
         arguments: None,
         details: Vec::new(),
         session: None,
-        detail: None,
     };
     if !w.audit.push(event) {
         w.metrics.audit_dropped.fetch_add(1, Ordering::Relaxed);

@@ -51,6 +51,13 @@ def serve(log: str) -> None:
         record(f"read_file {path} {limit}")
         return f"contents of {path}"
 
+    # A name that cannot travel as plain header text: the SDK sends it as `=?base64?…?=`.
+    @server.prompt(name="résumé")
+    def resume() -> str:
+        """A prompt with a non-ASCII name."""
+        record("prompt résumé")
+        return "résumé prompt text"
+
     @server.tool()
     def delete_file(path: str) -> str:
         """Deletes a file (pretends to)."""
@@ -175,7 +182,17 @@ async def run(url: str, log: str, audit: str) -> None:
         r = await s.call_tool("read_file", {"path": "/srv/data/report.md", "limit": 5})
         check("allowed path reaches the server", "contents of /srv/data/report.md" in text_of(r), text_of(r))
 
-        for path in ["/srv/data/../../etc/passwd", "/srv/data/%2e%2e/secret", "/srv/database/x"]:
+        for path in [
+            "/srv/data/../../etc/passwd",
+            "/srv/data/%2e%2e/secret",
+            "/srv/database/x",
+            # Parent or network readings of other consumers (not plain): a leading //, a
+            # Tomcat `;` parameter, a Windows trailing dot, a zero-width space between dots.
+            "//srv/data/unc-marker",
+            "/srv/data/..;/tomcat-marker",
+            "/srv/data/.../windows-marker",
+            "/srv/data/.\u200b./zw-marker",
+        ]:
             e = await refused(s.call_tool("read_file", {"path": path}))
             data = (e.error.data or {}) if e else {}
             check(
@@ -218,6 +235,28 @@ async def run(url: str, log: str, audit: str) -> None:
         r = await s.call_tool("read_file", {"path": "/srv/data/after.md"})
         check("session still serves after a head refusal", "after.md" in text_of(r), text_of(r))
 
+        # A non-ASCII name: the SDK's Mcp-Name is the base64 sentinel, decoded and compared
+        # with the body's name (it used to be refused as a mismatch).
+        p = await s.get_prompt("résumé")
+        shown = "".join(m.content.text for m in p.messages if isinstance(m.content, types.TextContent))
+        check("a prompt named in base64 on the head is served", "résumé prompt text" in shown, shown)
+
+        def b64(name: str) -> str:
+            return "=?base64?" + base64.b64encode(name.encode()).decode() + "?="
+
+        for name, want, label in [
+            (b64("delete_file"), 403, "denied tool named in base64 refused on the head"),
+            ("=?base64?ZGVsZXRlX2ZpbGU?=", 400, "malformed base64 Mcp-Name refused (400)"),
+        ]:
+            resp = await http.post(
+                url,
+                json=body,
+                headers={"Accept": "application/json, text/event-stream", "Mcp-Method": "tools/call",
+                         "Mcp-Name": name, "MCP-Protocol-Version": "2025-11-25"},
+            )
+            check(label, resp.status_code == want, f"{resp.status_code} {resp.text[:200]}")
+        check("base64-named denied calls never reached the server", not upstream_saw(log, "delete_file"))
+
         trial = await session(stack, url, SHADOW_KEY)
         tools = await trial.list_tools()
         names = sorted(t.name for t in tools.tools)
@@ -249,7 +288,7 @@ async def run(url: str, log: str, audit: str) -> None:
     )
     check(
         "audit records argument_refused with the pointer",
-        any(x.get("reason") == "argument_refused" and (x.get("detail") or {}).get("pointer") == "/path" for x in lines),
+        any(x.get("reason") == "argument_refused" and (x.get("details") or {}).get("pointer") == "/path" for x in lines),
     )
 
 
