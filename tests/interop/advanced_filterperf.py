@@ -138,7 +138,7 @@ async def client(url: str) -> None:
             t3 is not None and t3.description == description(3),
             repr(t3.description if t3 else None),
         )
-        schema = (t3.inputSchema if t3 else {}) or {}
+        schema = (t3.input_schema if t3 else {}) or {}
         check(
             "a nested schema property called `name` is kept inside its tool",
             "name" in (schema.get("properties") or {}),
@@ -153,7 +153,7 @@ async def client(url: str) -> None:
 
         try:
             refused = await session.call_tool("write_1", {"path": "/srv/a"})
-            check("a tool the list hides is refused when called", bool(refused.isError), str(refused))
+            check("a tool the list hides is refused when called", bool(refused.is_error), str(refused))
         except MCPError as e:
             check("a tool the list hides is refused when called", True, str(e))
 
