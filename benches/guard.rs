@@ -16,6 +16,7 @@ use mcp_guard::cli::hash_key;
 use mcp_guard::http::request::{HeadParse, parse_head};
 use mcp_guard::mcp::filter::filter_json;
 use mcp_guard::mcp::jsonrpc::{Body, Classifier, Target, is_spec_tool_name};
+use mcp_guard::mcp::transform::Transform;
 use mcp_guard::observe::metrics::Metrics;
 use mcp_guard::ratelimit::{Limit, LocalLimiter, MemoryPool, bucket_key};
 use ring::rand::SystemRandom;
@@ -164,8 +165,34 @@ fn benches(c: &mut Criterion) {
         r#"{{"jsonrpc":"2.0","id":1,"result":{{"tools":[{}]}}}}"#,
         tools.join(",")
     );
+    // "Above passthrough" is measured against relaying the same bytes (one copy) with no
+    // filter at all.
+    c.bench_function("tools_list_filter_passthrough_100_tools", |b| {
+        b.iter(|| black_box(list.as_bytes()).to_vec())
+    });
     c.bench_function("tools_list_filter_100_tools", |b| {
         b.iter(|| filter_json(black_box(list.as_bytes()), &p.tools).unwrap())
+    });
+    // The whole response-transform chain of a restricted caller, as the data plane runs it.
+    c.bench_function("tools_list_filter_chain_100_tools", |b| {
+        b.iter(|| {
+            Transform::tools_only(p.clone())
+                .json(black_box(list.as_bytes()))
+                .unwrap()
+        })
+    });
+    // Every answer to a restricted caller goes through the chain: a 4 KiB `tools/call` result
+    // (file contents with escaped newlines and quotes) that holds no tool list.
+    let call_result = call_result_4k();
+    c.bench_function("tools_list_filter_passthrough_call_result_4k", |b| {
+        b.iter(|| black_box(call_result.as_bytes()).to_vec())
+    });
+    c.bench_function("tools_list_filter_chain_call_result_4k", |b| {
+        b.iter(|| {
+            Transform::tools_only(p.clone())
+                .json(black_box(call_result.as_bytes()))
+                .unwrap()
+        })
     });
 
     let mut classifier = Classifier::new();
@@ -193,6 +220,23 @@ fn benches(c: &mut Criterion) {
         })
     });
     writer.stop();
+}
+
+/// A `tools/call` answer of about 4 KiB: a text file's contents, as servers send them.
+fn call_result_4k() -> String {
+    let mut text = String::new();
+    let mut line = 0;
+    while text.len() < 3900 {
+        text.push_str(&format!(
+            "{line:04}: let value = config.get(\\\"key_{line}\\\").unwrap_or_default();\\n"
+        ));
+        line += 1;
+    }
+    let body = format!(
+        r#"{{"jsonrpc":"2.0","id":42,"result":{{"content":[{{"type":"text","text":"{text}"}}],"isError":false}}}}"#
+    );
+    assert!(serde_json::from_str::<serde_json::Value>(&body).is_ok());
+    body
 }
 
 fn b64(bytes: &[u8]) -> String {

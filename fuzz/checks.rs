@@ -227,9 +227,161 @@ fn sse_event_data(stream: &[u8]) -> Vec<String> {
     events
 }
 
+/// An object's members as serde_json reads them, in order and with duplicates; keys as the
+/// bytes they decode to (a lone surrogate kept as WTF-8, as lenient decoders keep it).
+struct Members<'a>(Vec<(Vec<u8>, &'a serde_json::value::RawValue)>);
+
+impl<'de> serde::Deserialize<'de> for Members<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct KeyBytes;
+        impl<'de> serde::de::Visitor<'de> for KeyBytes {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_bytes<E>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+        }
+        impl<'de> serde::de::DeserializeSeed<'de> for KeyBytes {
+            type Value = Vec<u8>;
+            fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Vec<u8>, D::Error> {
+                d.deserialize_bytes(self)
+            }
+        }
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Members<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::new();
+                while let Some(k) = map.next_key_seed(KeyBytes)? {
+                    out.push((k, map.next_value()?));
+                }
+                Ok(Members(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// The member `key` of `m`: `Err` when it is given twice or beside a spelling that a
+/// case-folding decoder reads as `key` (ASCII case, `ſ` for `s`, the Kelvin sign for `k`).
+fn only_member<'a>(
+    m: &Members<'a>,
+    key: &str,
+) -> Result<Option<&'a serde_json::value::RawValue>, ()> {
+    let mut found = None;
+    for (k, v) in &m.0 {
+        if k == key.as_bytes() {
+            if found.replace(*v).is_some() {
+                return Err(());
+            }
+            continue;
+        }
+        let folded: String = String::from_utf8_lossy(k)
+            .chars()
+            .map(|c| match c {
+                '\u{17f}' => 's',
+                '\u{212a}' => 'k',
+                c => c.to_ascii_lowercase(),
+            })
+            .collect();
+        if folded == key {
+            return Err(());
+        }
+    }
+    Ok(found)
+}
+
+/// What a client reads in one message: its text, and the names of `result.tools` when it
+/// has such a list (`None` for a tool without one single string name).
+type ReadMessage = (String, Option<Vec<Option<String>>>);
+
+/// An independent reading of a JSON body with serde_json, as the filter must see it: `None`
+/// when it is not JSON, `Some(Err)` when a message's list is ambiguous (the filter refuses).
+fn read_as_client(body: &[u8]) -> Option<Result<Vec<ReadMessage>, ()>> {
+    use serde_json::value::RawValue;
+    let text = std::str::from_utf8(body).ok()?;
+    serde_json::from_str::<&RawValue>(text).ok()?;
+    let messages: Vec<&RawValue> = if text.trim_start_matches([' ', '\t', '\n', '\r']).starts_with('[') {
+        serde_json::from_str(text).ok()?
+    } else {
+        vec![serde_json::from_str(text).ok()?]
+    };
+    let read = |m: &RawValue| -> Result<Option<Vec<Option<String>>>, ()> {
+        let Ok(top) = serde_json::from_str::<Members<'_>>(m.get()) else {
+            return Ok(None);
+        };
+        let Some(result) = only_member(&top, "result")? else {
+            return Ok(None);
+        };
+        let Ok(result) = serde_json::from_str::<Members<'_>>(result.get()) else {
+            return Ok(None);
+        };
+        let Some(tools) = only_member(&result, "tools")? else {
+            return Ok(None);
+        };
+        let tools: Vec<&RawValue> = serde_json::from_str(tools.get()).map_err(|_| ())?;
+        Ok(Some(
+            tools
+                .iter()
+                .map(|t| {
+                    let tool = serde_json::from_str::<Members<'_>>(t.get()).ok()?;
+                    let name = only_member(&tool, "name").ok()??;
+                    serde_json::from_str::<String>(name.get()).ok()
+                })
+                .collect(),
+        ))
+    };
+    Some(
+        messages
+            .into_iter()
+            .map(|m| Ok((m.get().to_string(), read(m)?)))
+            .collect(),
+    )
+}
+
+/// `filter_json` against the independent reading: both refuse, or the filter keeps exactly
+/// the permitted named tools of each list, every other message unchanged, and what it sends
+/// is JSON a client reads without ambiguity.
+fn filter_matches_client_reading(data: &[u8], rule: &Rule) {
+    let expected = read_as_client(data);
+    let out = filter_json(data, rule);
+    let (out, expected) = match (out, expected) {
+        (None, None | Some(Err(()))) => return,
+        (Some(out), Some(Ok(expected))) => (out, expected),
+        (out, expected) => panic!(
+            "filter: {:?}; client reading: {expected:?}",
+            out.map(|o| String::from_utf8_lossy(&o).into_owned())
+        ),
+    };
+    let got = read_as_client(&out)
+        .expect("the filter's output is JSON")
+        .expect("the filter's output is unambiguous");
+    assert_eq!(got.len(), expected.len(), "messages");
+    for ((got_text, got), (text, expected)) in got.iter().zip(&expected) {
+        match (got, expected) {
+            (None, None) => assert_eq!(got_text, text, "a message without a list changed"),
+            (Some(got), Some(expected)) => {
+                let kept: Vec<Option<String>> = expected
+                    .iter()
+                    .filter(|n| n.as_deref().is_some_and(|n| rule.permits(n)))
+                    .cloned()
+                    .collect();
+                assert_eq!(got, &kept, "kept tools of {text}");
+            }
+            _ => panic!("the list changed shape: {text} -> {got_text}"),
+        }
+    }
+}
+
 /// `filter_json` and `SseFilter`: never panic; whatever they let through, read as JSON (and,
-/// for SSE, as a browser reads an event stream), lists only permitted tools; and the SSE
-/// output does not depend on where the stream was cut.
+/// for SSE, as a browser reads an event stream), lists only permitted tools; the JSON filter
+/// keeps exactly what an independent serde_json reading says it must; and the SSE output does
+/// not depend on where the stream was cut.
 pub fn tools_list_filter(data: &[u8]) {
     let rule = tool_rule();
     if let Some(out) = filter_json(data, &rule)
@@ -237,6 +389,7 @@ pub fn tools_list_filter(data: &[u8]) {
     {
         assert_only_permitted_tools(&v, &rule);
     }
+    filter_matches_client_reading(data, &rule);
     let policy = Arc::new(Policy {
         tools: tool_rule(),
         ..Policy::default()

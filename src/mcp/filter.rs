@@ -7,146 +7,20 @@
 
 use crate::authz::{Policy, Rule};
 use crate::http::sse::{SseSplitter, split_field, sse_lines};
-use crate::mcp::jsonrpc::folds_to;
+use crate::mcp::json_scan::{Message, ToolList};
 use crate::mcp::transform::Transform;
-use serde::Deserialize;
-use serde::de::{MapAccess, Visitor};
-use serde_json::value::RawValue;
-use std::borrow::Cow;
 use std::sync::Arc;
-
-/// Only what filtering needs of a tool; everything else in it is copied through verbatim. A
-/// tool whose `name` appears twice, or beside a member a case-folding decoder would also read
-/// as its name (`Name`, `NAME`), fails to parse and is dropped (fail closed): the tool is
-/// relayed whole, so the client must not find a second name in it.
-struct ToolName<'a> {
-    name: Option<Cow<'a, str>>,
-}
-
-/// A string borrowed from the input when it holds no escapes (the common case: no allocation).
-struct BorrowedOrOwned<'a>(Cow<'a, str>);
-
-impl<'de> Deserialize<'de> for BorrowedOrOwned<'de> {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = BorrowedOrOwned<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a string")
-            }
-            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
-                Ok(BorrowedOrOwned(Cow::Borrowed(v)))
-            }
-            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(BorrowedOrOwned(Cow::Owned(v.to_string())))
-            }
-            fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
-                Ok(BorrowedOrOwned(Cow::Owned(v)))
-            }
-        }
-        d.deserialize_str(V)
-    }
-}
-
-impl<'de> Deserialize<'de> for ToolName<'de> {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = ToolName<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a tool object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                use serde::de::Error as _;
-                let mut name: Option<Cow<'de, str>> = None;
-                while let Some(key) = map.next_key::<BorrowedOrOwned<'de>>()? {
-                    let key = key.0;
-                    if key == "name" {
-                        if name.is_some() {
-                            return Err(A::Error::custom("duplicated name"));
-                        }
-                        name = Some(map.next_value::<BorrowedOrOwned<'de>>()?.0);
-                    } else if folds_to(&key, "name") {
-                        return Err(A::Error::custom("a second spelling of name"));
-                    } else {
-                        map.next_value::<serde::de::IgnoredAny>()?;
-                    }
-                }
-                Ok(ToolName { name })
-            }
-        }
-        d.deserialize_map(V)
-    }
-}
-
-/// An object's members in their order, values kept raw; duplicates are kept so they can be
-/// seen (a map would silently keep one of them).
-struct Members<'a>(Vec<(String, &'a RawValue)>);
-
-impl<'de> Deserialize<'de> for Members<'de> {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Members<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut out = Vec::new();
-                while let Some((k, v)) = map.next_entry::<String, &'de RawValue>()? {
-                    out.push((k, v));
-                }
-                Ok(Members(out))
-            }
-        }
-        d.deserialize_map(V)
-    }
-}
-
-impl<'a> Members<'a> {
-    /// The member `key`; `Err` when it appears more than once (clients disagree on which copy
-    /// counts, so such a message cannot be checked).
-    fn get(&self, key: &str) -> Result<Option<&'a RawValue>, Unfilterable> {
-        let mut found = None;
-        for (k, v) in &self.0 {
-            if k == key {
-                if found.is_some() {
-                    return Err(Unfilterable);
-                }
-                found = Some(*v);
-            } else if folds_to(k, key) {
-                // `Tools` beside `tools`: a case-folding client would read the other copy.
-                return Err(Unfilterable);
-            }
-        }
-        Ok(found)
-    }
-
-    /// Serialises the object with `key`'s value replaced by `value`.
-    fn write_with(&self, key: &str, value: &str, out: &mut String) {
-        out.push('{');
-        for (i, (k, v)) in self.0.iter().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            // Keys came from JSON strings: re-escaping them cannot fail.
-            out.push_str(&serde_json::to_string(k).unwrap_or_default());
-            out.push(':');
-            out.push_str(if k == key { value } else { v.get() });
-        }
-        out.push('}');
-    }
-}
 
 /// Which tools of a `tools/list` answer go on to the client. The policy's allow/deny rule is
 /// one gate; the response-transform chain ([`Transform`]) combines it with the others (pins).
 pub trait ToolGate {
-    /// Whether the tool named `name`, whose whole definition is `tool`, is kept.
-    fn keep(&self, name: &str, tool: &RawValue) -> bool;
+    /// Whether the tool named `name`, whose whole definition (the JSON the upstream sent) is
+    /// `tool`, is kept.
+    fn keep(&self, name: &str, tool: &str) -> bool;
 }
 
 impl ToolGate for Rule {
-    fn keep(&self, name: &str, _tool: &RawValue) -> bool {
+    fn keep(&self, name: &str, _tool: &str) -> bool {
         self.permits(name)
     }
 }
@@ -156,187 +30,50 @@ impl ToolGate for Rule {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Unfilterable;
 
-/// Filters one JSON-RPC message: `Ok(Some(rewritten))` when it carries `result.tools`,
-/// `Ok(None)` when there is nothing to filter. Tools are kept as the raw bytes the upstream
-/// sent; only their names are parsed.
+/// Filters one scanned JSON-RPC message: `Ok(Some(rewritten))` when it carries
+/// `result.tools`, `Ok(None)` when there is nothing to filter. The scan
+/// ([`crate::mcp::json_scan`]) has already checked the message and read each tool's name:
+/// kept tools are copied as the bytes the upstream sent, and everything around the array (ids,
+/// `nextCursor`, `_meta`, whitespace) stays as it was.
 pub(crate) fn filter_message(
-    msg: &RawValue,
-    rule: &dyn ToolGate,
+    msg: &Message<'_>,
+    gate: &dyn ToolGate,
 ) -> Result<Option<String>, Unfilterable> {
+    let Some(list) = &msg.tools else {
+        return Ok(None);
+    };
     // One page scope per answer: pinning decides the whole list against one snapshot and
     // publishes its changes once (and decides again when a later copy of a name hides an
     // earlier one); an answer it cannot settle is refused.
-    crate::pinning::page::run(|| filter_once(msg, rule)).unwrap_or(Err(Unfilterable))
+    crate::pinning::page::run(|| keep_permitted(msg.text, list, gate))
+        .flatten()
+        .map(Some)
+        .ok_or(Unfilterable)
 }
 
-fn filter_once(msg: &RawValue, rule: &dyn ToolGate) -> Result<Option<String>, Unfilterable> {
-    // The usual shape (object message, object result, `tools` array, no duplicates) is
-    // rewritten in one streaming pass; anything else takes the general path below, which makes
-    // the same decisions with more passes.
-    if let Ok(out) = fast::filter(msg.get(), rule) {
-        return Ok(Some(out));
-    }
-    filter_message_general(msg, rule)
-}
-
-mod fast {
-    //! One streaming pass over a `tools/list` answer: members other than `result` (and, inside
-    //! it, `tools`) are copied raw as they are met; each tool is captured raw once and only its
-    //! name parsed. Any surprise (not an object, a duplicated or missing member) is an error,
-    //! and the caller falls back to the general path.
-
-    use super::ToolGate;
-    use super::ToolName;
-    use serde::de::{DeserializeSeed, Error as _, MapAccess, SeqAccess, Visitor};
-    use serde_json::value::RawValue;
-    use std::fmt;
-
-    /// The message with `result.tools` filtered.
-    pub(super) fn filter(text: &str, rule: &dyn ToolGate) -> Result<String, serde_json::Error> {
-        let tools = ToolsSeed { rule };
-        let result = Member {
-            key: "tools",
-            inner: tools,
-        };
-        let top = Member {
-            key: "result",
-            inner: result,
-        };
-        let mut de = serde_json::Deserializer::from_str(text);
-        let out = top.deserialize(&mut de)?;
-        de.end()?;
-        Ok(out)
-    }
-
-    /// An object copied member by member, except `key`, which exactly once goes through
-    /// `inner` (the rewritten text takes its place).
-    #[derive(Clone, Copy)]
-    struct Member<S> {
-        key: &'static str,
-        inner: S,
-    }
-
-    impl<'de, S: DeserializeSeed<'de, Value = String> + Copy> DeserializeSeed<'de> for Member<S> {
-        type Value = String;
-        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<String, D::Error> {
-            d.deserialize_map(self)
-        }
-    }
-
-    impl<'de, S: DeserializeSeed<'de, Value = String> + Copy> Visitor<'de> for Member<S> {
-        type Value = String;
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            write!(f, "an object with one `{}` member", self.key)
-        }
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<String, A::Error> {
-            let mut out = String::with_capacity(4096);
-            out.push('{');
-            let mut seen = false;
-            while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-                if out.len() > 1 {
-                    out.push(',');
-                }
-                // Keys came from JSON strings: re-escaping them cannot fail.
-                out.push_str(&serde_json::to_string(&key).unwrap_or_default());
-                out.push(':');
-                if key != self.key && crate::mcp::jsonrpc::folds_to(&key, self.key) {
-                    return Err(A::Error::custom("member differing only in case"));
-                }
-                if key == self.key {
-                    if seen {
-                        return Err(A::Error::custom("duplicated member"));
-                    }
-                    seen = true;
-                    out.push_str(&map.next_value_seed(self.inner)?);
-                } else {
-                    out.push_str(map.next_value::<&'de RawValue>()?.get());
-                }
+/// `text` with its tool list holding only the tools `gate` keeps. A tool without a name a
+/// client would agree on is never kept.
+fn keep_permitted(text: &str, list: &ToolList<'_>, gate: &dyn ToolGate) -> Option<String> {
+    let mut out = String::with_capacity(text.len());
+    out.push_str(text.get(..list.array.start)?);
+    out.push('[');
+    let mut first = true;
+    for tool in &list.tools {
+        if tool
+            .name
+            .as_deref()
+            .is_some_and(|name| gate.keep(name, tool.raw))
+        {
+            if !first {
+                out.push(',');
             }
-            if !seen {
-                return Err(A::Error::custom("member missing"));
-            }
-            out.push('}');
-            Ok(out)
+            first = false;
+            out.push_str(tool.raw);
         }
     }
-
-    /// The tools array, keeping only permitted tools, each copied raw.
-    #[derive(Clone, Copy)]
-    struct ToolsSeed<'r> {
-        rule: &'r dyn ToolGate,
-    }
-
-    impl<'de> DeserializeSeed<'de> for ToolsSeed<'_> {
-        type Value = String;
-        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<String, D::Error> {
-            d.deserialize_seq(self)
-        }
-    }
-
-    impl<'de> Visitor<'de> for ToolsSeed<'_> {
-        type Value = String;
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("a tools array")
-        }
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<String, A::Error> {
-            let mut out = String::with_capacity(4096);
-            out.push('[');
-            while let Some(tool) = seq.next_element::<&'de RawValue>()? {
-                let permitted = serde_json::from_str::<ToolName<'_>>(tool.get())
-                    .ok()
-                    .and_then(|n| n.name)
-                    .is_some_and(|n| self.rule.keep(&n, tool));
-                if permitted {
-                    if out.len() > 1 {
-                        out.push(',');
-                    }
-                    out.push_str(tool.get());
-                }
-            }
-            out.push(']');
-            Ok(out)
-        }
-    }
-}
-
-/// The general path: parses each level separately, so it copes with any shape.
-fn filter_message_general(
-    msg: &RawValue,
-    rule: &dyn ToolGate,
-) -> Result<Option<String>, Unfilterable> {
-    let Ok(top) = serde_json::from_str::<Members<'_>>(msg.get()) else {
-        return Ok(None);
-    };
-    let Some(result_raw) = top.get("result")? else {
-        return Ok(None);
-    };
-    let Ok(result) = serde_json::from_str::<Members<'_>>(result_raw.get()) else {
-        return Ok(None);
-    };
-    let Some(tools_raw) = result.get("tools")? else {
-        return Ok(None);
-    };
-    let tools: Vec<&RawValue> = serde_json::from_str(tools_raw.get()).map_err(|_| Unfilterable)?;
-    let mut kept = String::with_capacity(tools_raw.get().len());
-    kept.push('[');
-    for t in tools {
-        let permitted = serde_json::from_str::<ToolName<'_>>(t.get())
-            .ok()
-            .and_then(|n| n.name)
-            .is_some_and(|n| rule.keep(&n, t));
-        if permitted {
-            if kept.len() > 1 {
-                kept.push(',');
-            }
-            kept.push_str(t.get());
-        }
-    }
-    kept.push(']');
-    let mut new_result = String::with_capacity(result_raw.get().len());
-    result.write_with("tools", &kept, &mut new_result);
-    let mut out = String::with_capacity(msg.get().len());
-    top.write_with("result", &new_result, &mut out);
-    Ok(Some(out))
+    out.push(']');
+    out.push_str(text.get(list.array.end..)?);
+    Some(out)
 }
 
 /// Rewrites a JSON body (object or batch array) answering a request that held `tools/list`.
@@ -344,7 +81,7 @@ fn filter_message_general(
 /// would let a response with a duplicated or odd id slip through unfiltered. `None` when the
 /// body is not JSON or holds a list that cannot be checked (the caller refuses it).
 pub fn filter_json(body: &[u8], rule: &dyn ToolGate) -> Option<Vec<u8>> {
-    crate::mcp::transform::each_message(body, |m| filter_message(m, rule))
+    crate::mcp::transform::each_message(body, true, |m| filter_message(m, rule))
 }
 
 /// An incremental SSE filter: each complete event's data goes through the request's
@@ -519,10 +256,123 @@ mod tests {
         );
     }
 
+    fn kept_names(out: &[u8]) -> Vec<String> {
+        let v: Value = serde_json::from_slice(out).unwrap();
+        v["result"]["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["name"].as_str().unwrap().to_string())
+            .collect()
+    }
+
     #[test]
-    fn the_usual_shape_takes_the_one_pass_path() {
-        let out = fast::filter(LIST, &rule()).expect("fast path");
-        assert!(out.contains("read_file") && !out.contains("read_secret"));
+    fn kept_tools_are_the_upstreams_bytes_and_the_rest_is_untouched() {
+        let body = r#"{"jsonrpc":"2.0", "id":"a", "result":{ "_meta":{"k":[1, 2]}, "tools":[ {"name":"delete"} , {"name" : "read_file", "description":"R\u00e9ads.\n", "x":1.50e+3} ,{"name":"read_b"},{"name":"delete_2"}] , "nextCursor":"c2"}}"#;
+        let out = String::from_utf8(filter_json(body.as_bytes(), &rule()).unwrap()).unwrap();
+        assert_eq!(
+            out,
+            r#"{"jsonrpc":"2.0", "id":"a", "result":{ "_meta":{"k":[1, 2]}, "tools":[{"name" : "read_file", "description":"R\u00e9ads.\n", "x":1.50e+3},{"name":"read_b"}] , "nextCursor":"c2"}}"#
+        );
+        // Whichever tools are dropped (first, last, all, none), the commas stay right.
+        for (tools, kept) in [
+            (r#"{"name":"delete"},{"name":"read_a"}"#, vec!["read_a"]),
+            (r#"{"name":"read_a"},{"name":"delete"}"#, vec!["read_a"]),
+            (r#"{"name":"delete"},{"name":"read_secret"}"#, vec![]),
+            (
+                r#"{"name":"read_a"},{"name":"read_b"}"#,
+                vec!["read_a", "read_b"],
+            ),
+            ("", vec![]),
+        ] {
+            let body = format!(r#"{{"result":{{"tools":[{tools}]}}}}"#);
+            assert_eq!(
+                kept_names(&filter_json(body.as_bytes(), &rule()).unwrap()),
+                kept,
+                "{tools}"
+            );
+        }
+    }
+
+    #[test]
+    fn names_and_members_are_read_after_unescaping() {
+        let body = r#"{"result":{"tools":[{"na\u006de":"read_secr\u0065t"},{"na\u006de":"r\u0065ad_a"}]}}"#;
+        assert_eq!(
+            kept_names(&filter_json(body.as_bytes(), &rule()).unwrap()),
+            ["read_a"]
+        );
+        // An escaped `tools` or `result` is still the list.
+        let body = r#"{"res\u0075lt":{"t\u006fols":[{"name":"read_secret"},{"name":"read_a"}]}}"#;
+        let out = filter_json(body.as_bytes(), &rule()).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.contains("read_a") && !text.contains("read_secret"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_lone_surrogate_in_some_key_does_not_let_the_list_through_unfiltered() {
+        // Lenient decoders (JavaScript's JSON.parse, Python's json) read such keys; the list
+        // beside them is the list a client sees.
+        for body in [
+            r#"{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"read_secret"},{"name":"read_a"}],"x\ud800":1}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"\udfff":0,"result":{"tools":[{"name":"read_secret"},{"name":"read_a"}]}}"#,
+        ] {
+            let out = filter_json(body.as_bytes(), &rule()).expect("checked");
+            let text = String::from_utf8(out).unwrap();
+            assert!(
+                text.contains("read_a") && !text.contains("read_secret"),
+                "{text}"
+            );
+        }
+        // In a name, it leaves the tool without a name: dropped.
+        let body = r#"{"result":{"tools":[{"name":"read_\ud800"},{"name":"read_a"}]}}"#;
+        assert_eq!(
+            kept_names(&filter_json(body.as_bytes(), &rule()).unwrap()),
+            ["read_a"]
+        );
+    }
+
+    #[test]
+    fn a_tools_member_nested_inside_a_tool_is_part_of_that_tool() {
+        let body = r#"{"result":{"tools":[{"inputSchema":{"tools":[{"name":"read_a"}]},"name":"delete"},{"name":"read_b","x":{"name":"delete","tools":[{"name":"delete"}]}}]}}"#;
+        let out = filter_json(body.as_bytes(), &rule()).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            r#"{"result":{"tools":[{"name":"read_b","x":{"name":"delete","tools":[{"name":"delete"}]}}]}}"#
+        );
+        // Elements that are not objects have no name and go.
+        let body = r#"{"result":{"tools":["read_a",["read_a"],null,1,{"name":"read_a"}]}}"#;
+        assert_eq!(
+            kept_names(&filter_json(body.as_bytes(), &rule()).unwrap()),
+            ["read_a"]
+        );
+    }
+
+    #[test]
+    fn an_answer_that_is_not_json_is_refused_whole() {
+        for body in [
+            format!("{LIST}x"),
+            format!("{LIST}{LIST}"),
+            LIST.replace("]", ""),
+            LIST.replace("\"read_file\"", "\"read_\u{1}file\""),
+            LIST.replace("3", "03"),
+            format!("[{LIST},]"),
+            format!("[{LIST},{{\"id\":}}]"),
+        ] {
+            assert!(filter_json(body.as_bytes(), &rule()).is_none(), "{body}");
+        }
+        assert!(filter_json(b"\xff{}", &rule()).is_none());
+        // A batch keeps its other messages byte for byte, whitespace included.
+        let batch = format!("[ {{\"id\": 9, \"result\": {{}} }} ,{LIST} ]");
+        let out = String::from_utf8(filter_json(batch.as_bytes(), &rule()).unwrap()).unwrap();
+        assert!(
+            out.starts_with("[ {\"id\": 9, \"result\": {} } ,{"),
+            "{out}"
+        );
+        assert!(out.ends_with("\"nextCursor\":\"c2\"}} ]"), "{out}");
+        assert!(!out.contains("read_secret"));
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 pub mod approval;
 pub mod filter;
+pub mod json_scan;
 pub mod jsonrpc;
 pub mod legacy;
 pub mod redact;

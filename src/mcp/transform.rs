@@ -14,7 +14,8 @@
 //! The tool gates (the filter and pinning) look at every message of every answer, not only
 //! at answers to a `tools/list`: a client matches responses by id, so an upstream could slip a
 //! tool list into the stream answering another request, under the id of a `tools/list` still
-//! pending. A cheap scan skips messages that cannot hold a `tools` member.
+//! pending. One strict scan per body (`mcp::json_scan`) checks it is JSON and finds the lists,
+//! so an answer without one costs that scan and nothing more.
 //!
 //! A message a step cannot check is dropped (an SSE event) or refused (a JSON body): nothing
 //! unchecked reaches the client. A request to which no step applies gets no `Transform` at
@@ -23,9 +24,9 @@
 use crate::authz::Policy;
 use crate::config::Settings;
 use crate::mcp::filter::{ToolGate, Unfilterable, filter_message};
+use crate::mcp::json_scan::{self, Message};
 use crate::mcp::jsonrpc::{Body, Kind};
 use crate::mcp::redact::Redactor;
-use serde_json::value::RawValue;
 use std::sync::Arc;
 
 /// What a request's answers may carry, so that steps which cannot apply cost nothing.
@@ -188,16 +189,17 @@ impl Transform {
     /// One JSON body (a message or a batch array) through the chain; `None` when it is not
     /// JSON or holds something a step cannot check (the caller refuses or drops it).
     pub fn json(&mut self, body: &[u8]) -> Option<Vec<u8>> {
-        each_message(body, |m| self.message(m))
+        let find_tools = self.gates_tools();
+        each_message(body, find_tools, |m| self.message(m))
     }
 
     /// One message through every step: `Ok(Some(rewritten))`, `Ok(None)` when nothing changed.
-    fn message(&mut self, msg: &RawValue) -> Result<Option<String>, Unfilterable> {
-        let filtered = if self.gates_tools() && may_hold_tools(msg.get()) {
+    fn message(&mut self, msg: &Message<'_>) -> Result<Option<String>, Unfilterable> {
+        let filtered = if let Some(list) = &msg.tools {
             // Every tool gate of the chain decides in the one pass over the list.
             let out = filter_message(msg, &*self)?;
             if let (Some(p), Some(_)) = (&self.pins, &out)
-                && !has_next_cursor(msg)
+                && !list.next_cursor
             {
                 // A page without `nextCursor` ends a listing: first use is over for the server.
                 p.pins.seal(&p.server);
@@ -207,7 +209,7 @@ impl Transform {
             None
         };
         if let Some((r, fired)) = &mut self.redact {
-            let text = filtered.as_deref().unwrap_or(msg.get());
+            let text = filtered.as_deref().unwrap_or(msg.text);
             if let Some(redacted) = r.message(text, fired)? {
                 return Ok(Some(redacted));
             }
@@ -222,7 +224,7 @@ impl Transform {
 }
 
 impl ToolGate for Transform {
-    fn keep(&self, name: &str, tool: &RawValue) -> bool {
+    fn keep(&self, name: &str, tool: &str) -> bool {
         let permitted = self.tools.as_ref().is_none_or(|p| p.tools.keep(name, tool));
         // Checked even when the policy drops the tool: a change is found by the first list
         // that shows it, whoever asked.
@@ -236,60 +238,38 @@ impl ToolGate for Transform {
     }
 }
 
-/// Whether a message may hold a `tools` member anywhere: a plain `"tools"` key in any letter
-/// case, or any escape (a key spelled with escapes is only found by parsing). False proves the
-/// tool gates have nothing to look at.
-fn may_hold_tools(text: &str) -> bool {
-    let b = text.as_bytes();
-    b.contains(&b'\\')
-        || b.windows(7)
-            .any(|w| w[0] == b'"' && w[6] == b'"' && w[1..6].eq_ignore_ascii_case(b"tools"))
-}
-
-/// Whether a `tools/list` answer says more pages follow (`result.nextCursor`, not null).
-fn has_next_cursor(msg: &RawValue) -> bool {
-    #[derive(serde::Deserialize)]
-    struct Page {
-        #[serde(rename = "nextCursor")]
-        next_cursor: Option<serde::de::IgnoredAny>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Top {
-        result: Option<Page>,
-    }
-    serde_json::from_str::<Top>(msg.get())
-        .ok()
-        .and_then(|t| t.result)
-        .is_some_and(|p| p.next_cursor.is_some())
-}
-
 /// Applies `step` to each message of a JSON body (an object, or each member of a batch
-/// array), keeping the messages it leaves unchanged byte for byte. `None` when the body is not
-/// JSON or a step refuses a message.
+/// array), keeping the messages it leaves unchanged byte for byte. `find_tools`: whether the
+/// scan looks for `result.tools` lists (else messages reach `step` without one). `None` when
+/// the body is not JSON, holds a list that cannot be checked, or a step refuses a message.
 pub fn each_message(
     body: &[u8],
-    mut step: impl FnMut(&RawValue) -> Result<Option<String>, Unfilterable>,
+    find_tools: bool,
+    mut step: impl FnMut(&Message<'_>) -> Result<Option<String>, Unfilterable>,
 ) -> Option<Vec<u8>> {
     let text = std::str::from_utf8(body).ok()?;
-    if text.trim_start().starts_with('[') {
-        let items: Vec<&RawValue> = serde_json::from_str(text).ok()?;
-        let mut out = String::with_capacity(text.len());
-        out.push('[');
-        for (i, m) in items.iter().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            match step(m).ok()? {
-                Some(rewritten) => out.push_str(&rewritten),
-                None => out.push_str(m.get()),
-            }
+    let scanned = json_scan::body(text, find_tools).ok()?;
+    // Built only once a message changes: the rewritten messages, and the original bytes
+    // between them.
+    let mut out: Option<String> = None;
+    let mut copied = 0;
+    for m in &scanned.messages {
+        let Some(rewritten) = step(m).ok()? else {
+            continue;
+        };
+        if !scanned.batch {
+            return Some(rewritten.into_bytes());
         }
-        out.push(']');
-        return Some(out.into_bytes());
+        let o = out.get_or_insert_with(|| String::with_capacity(text.len()));
+        o.push_str(text.get(copied..m.span.start)?);
+        o.push_str(&rewritten);
+        copied = m.span.end;
     }
-    let msg: &RawValue = serde_json::from_str(text).ok()?;
-    match step(msg).ok()? {
-        Some(rewritten) => Some(rewritten.into_bytes()),
+    match out {
+        Some(mut o) => {
+            o.push_str(text.get(copied..)?);
+            Some(o.into_bytes())
+        }
         None => Some(body.to_vec()),
     }
 }

@@ -24,7 +24,6 @@ use crate::audit::{AuditEvent, AuditSink};
 use crate::config::ConfigError;
 use crate::config::schema::{PinningMode, PinningSection};
 use arc_swap::ArcSwap;
-use serde_json::value::RawValue;
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -251,7 +250,7 @@ impl Pins {
         settings: &PinSettings,
         server: &str,
         name: &str,
-        raw: &RawValue,
+        raw: &str,
         notes: &mut Vec<(&'static str, String)>,
     ) -> bool {
         let Some(me) = self.me.upgrade() else {
@@ -506,12 +505,7 @@ impl Pins {
 impl Staged {
     /// Whether the tool `name` (definition `raw`) goes on to the client; stages what it
     /// changes. Every copy of a name listed twice shares the fate of the worst one.
-    fn decide(
-        &mut self,
-        name: &str,
-        raw: &RawValue,
-        notes: &mut Vec<(&'static str, String)>,
-    ) -> bool {
+    fn decide(&mut self, name: &str, raw: &str, notes: &mut Vec<(&'static str, String)>) -> bool {
         let kept = self.decide_one(name, raw, notes);
         match self.seen.get(name) {
             None => {
@@ -532,10 +526,10 @@ impl Staged {
     fn decide_one(
         &mut self,
         name: &str,
-        raw: &RawValue,
+        raw: &str,
         notes: &mut Vec<(&'static str, String)>,
     ) -> bool {
-        let facts = page::facts(raw.get());
+        let facts = page::facts(raw);
         let problem = facts
             .hard
             .or((self.settings.reject_hidden_text && facts.hidden).then_some("hidden_text"));
@@ -558,7 +552,7 @@ impl Staged {
                     return p.pending.is_none() || alert;
                 }
                 None if !self.sealed && name.len() <= MAX_NAME && count < MAX_TOOLS => {
-                    let def = canon::definition(raw.get());
+                    let def = canon::definition(raw);
                     let pin = ToolPin {
                         digest: Some(facts.digest),
                         description: def.as_ref().and_then(|d| d.description()).map(bounded),
@@ -590,7 +584,7 @@ impl Staged {
         {
             return alert;
         }
-        let def = canon::definition(raw.get());
+        let def = canon::definition(raw);
         let pending = Pending {
             digest: facts.digest,
             reason: reason.to_string(),
@@ -814,11 +808,11 @@ mod tests {
         }
     }
 
-    fn raw(v: serde_json::Value) -> Box<RawValue> {
-        RawValue::from_string(v.to_string()).unwrap()
+    fn raw(v: serde_json::Value) -> String {
+        v.to_string()
     }
 
-    fn tool(desc: &str) -> Box<RawValue> {
+    fn tool(desc: &str) -> String {
         raw(
             serde_json::json!({"name": "t", "description": desc, "inputSchema": {"type": "object"}}),
         )
@@ -870,10 +864,8 @@ mod tests {
         assert_eq!(pin.pending.as_ref().unwrap().reason, "hidden_text");
         let alert = settings(PinningMode::Alert, &path);
         assert!(pins.keep(&alert, "x", "t", &tool("a\u{200B}b"), &mut notes));
-        let dup =
-            RawValue::from_string(r#"{"name":"d","description":"a","description":"b"}"#.into())
-                .unwrap();
-        assert!(!pins.keep(&hide, "x", "d", &dup, &mut notes));
+        let dup = r#"{"name":"d","description":"a","description":"b"}"#;
+        assert!(!pins.keep(&hide, "x", "d", dup, &mut notes));
     }
 
     #[test]
@@ -896,7 +888,7 @@ mod tests {
         assert!(pin.pending.is_some());
     }
 
-    fn named(name: &str, desc: &str) -> Box<RawValue> {
+    fn named(name: &str, desc: &str) -> String {
         raw(serde_json::json!({"name": name, "description": desc}))
     }
 
@@ -905,7 +897,7 @@ mod tests {
         pins: &Pins,
         s: &PinSettings,
         server: &str,
-        tools: &[(String, Box<RawValue>)],
+        tools: &[(String, String)],
     ) -> Option<Vec<bool>> {
         page::run(|| {
             tools
@@ -953,7 +945,7 @@ mod tests {
         let path = dir.path().join("pins.json");
         let pins = Pins::start(&path, &["x".into()], AuditSink::disabled()).unwrap();
         let alert = settings(PinningMode::Alert, &path);
-        let tools: Vec<(String, Box<RawValue>)> = (0..MAX_TOOLS + 100)
+        let tools: Vec<(String, String)> = (0..MAX_TOOLS + 100)
             .map(|i| (format!("t{i}"), named(&format!("t{i}"), "d")))
             .collect();
         let kept = page_of(&pins, &alert, "x", &tools).unwrap();
@@ -1008,7 +1000,7 @@ mod tests {
     struct Gate<'a>(&'a Pins, &'a PinSettings);
 
     impl crate::mcp::filter::ToolGate for Gate<'_> {
-        fn keep(&self, name: &str, tool: &RawValue) -> bool {
+        fn keep(&self, name: &str, tool: &str) -> bool {
             self.0.keep(self.1, "x", name, tool, &mut Vec::new())
         }
     }
@@ -1041,7 +1033,7 @@ mod tests {
         let pins = Pins::start(&path, &[], AuditSink::disabled()).unwrap();
         let s = settings(PinningMode::Hide, &path);
         let n = 4000;
-        let tools: Vec<(String, Box<RawValue>)> = (0..n)
+        let tools: Vec<(String, String)> = (0..n)
             .map(|i| {
                 let name = format!("tool_{i}");
                 let t = raw(

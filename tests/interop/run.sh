@@ -79,3 +79,7 @@ timeout 120 .venv/bin/python advanced_redaction.py "$bin"
 # through the gateway to an SDK MCPServer as its stdio child.
 echo "interop: argument constraints, shadow policies, decisions on the head"
 timeout 90 .venv/bin/python advanced_rules.py "$bin"
+# The tools/list filter on one strict scan (issue 12): the Python SDK lists 100 tools through the
+# gateway as a restricted caller and sees exactly the permitted ones, byte for byte.
+echo "interop: the tools/list filter (Python SDK)"
+timeout 90 .venv/bin/python advanced_filterperf.py "$bin"

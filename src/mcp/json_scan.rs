@@ -1,0 +1,720 @@
+//! One strict pass over a JSON answer body for the response-transform chain: it checks that
+//! the body is JSON (as strictly as serde_json reads it), splits a batch into its messages and
+//! finds each message's `result.tools` array, the byte range of every element and each
+//! element's `name`, so that the `tools/list` filter copies the tools it keeps as slices of the
+//! original instead of parsing the answer again.
+//!
+//! Members that decide what a client reads are compared after unescaping (`"na\u006de"` is
+//! `name`) and against their case-folded twins (`Tools`, `NAME`), which lenient decoders would
+//! read instead: where one is duplicated or twinned, the message is refused (`result`, `tools`)
+//! or the tool has no name and is dropped (`name`).
+
+use crate::mcp::jsonrpc::folds_to;
+use std::borrow::Cow;
+use std::ops::Range;
+
+/// Why a body cannot be relayed as checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Not JSON.
+    Invalid,
+    /// A message whose tool list cannot be checked: `result` or `tools` given twice (or beside
+    /// a member differing only in case), or `tools` not an array.
+    Unfilterable,
+}
+
+/// A body: one message, or the messages of a batch array, in order.
+#[derive(Debug)]
+pub struct Body<'a> {
+    /// Whether the body is a batch array.
+    pub batch: bool,
+    /// The messages, in order.
+    pub messages: Vec<Message<'a>>,
+}
+
+/// One message of a body (any JSON value: a batch may hold anything).
+#[derive(Debug)]
+pub struct Message<'a> {
+    /// Where it lies in the body.
+    pub span: Range<usize>,
+    /// Its text.
+    pub text: &'a str,
+    /// Its `result.tools`, when the scan looked for tool lists and found one.
+    pub tools: Option<ToolList<'a>>,
+}
+
+/// A message's `result.tools` array.
+#[derive(Debug)]
+pub struct ToolList<'a> {
+    /// Where the array (from `[` to `]`) lies in the message's text.
+    pub array: Range<usize>,
+    /// Its elements, in order.
+    pub tools: Vec<Tool<'a>>,
+    /// Whether `result` holds one `nextCursor` and it is not null (more pages follow).
+    pub next_cursor: bool,
+}
+
+/// One element of a tool list.
+#[derive(Debug)]
+pub struct Tool<'a> {
+    /// The element exactly as the upstream sent it.
+    pub raw: &'a str,
+    /// Its name: `None` when it is not an object or has no single name a client would agree
+    /// on (missing, not a string, given twice, beside a twin, or holding a lone surrogate). A
+    /// tool without a name is never kept.
+    pub name: Option<Cow<'a, str>>,
+}
+
+/// Scans `text` whole. `find_tools`: look for tool lists (else only check and split it).
+pub fn body(text: &str, find_tools: bool) -> Result<Body<'_>, Refused> {
+    let mut s = Scanner {
+        text,
+        bytes: text.as_bytes(),
+        pos: 0,
+        stack: Vec::new(),
+    };
+    let mut messages = Vec::new();
+    let batch = s.ws() == Some(b'[');
+    if batch {
+        s.array(|s| {
+            messages.push(s.message(find_tools)?);
+            Ok(())
+        })?;
+    } else {
+        messages.push(s.message(find_tools)?);
+    }
+    if s.ws().is_some() {
+        return Err(Refused::Invalid);
+    }
+    Ok(Body { batch, messages })
+}
+
+/// A JSON string's content (between the quotes) as the scan met it.
+struct Str {
+    range: Range<usize>,
+    escaped: bool,
+}
+
+struct Scanner<'a> {
+    text: &'a str,
+    bytes: &'a [u8],
+    pos: usize,
+    /// The closing bytes of the containers a skipped value is inside (kept on the heap: the
+    /// nesting depth is bounded only by the body's size, never by the call stack).
+    stack: Vec<u8>,
+}
+
+impl<'a> Scanner<'a> {
+    /// Skips whitespace; the byte there, not consumed (`None` at the end).
+    fn ws(&mut self) -> Option<u8> {
+        while let Some(&c) = self.bytes.get(self.pos) {
+            match c {
+                b' ' | b'\t' | b'\n' | b'\r' => self.pos += 1,
+                _ => return Some(c),
+            }
+        }
+        None
+    }
+
+    /// One message (any value) at the current position.
+    fn message(&mut self, find_tools: bool) -> Result<Message<'a>, Refused> {
+        let first = self.ws();
+        let start = self.pos;
+        let mut tools = None;
+        if find_tools && first == Some(b'{') {
+            let mut seen = false;
+            self.object(|s, key| match s.key_match(&key, "result") {
+                KeyMatch::Exact if !seen => {
+                    seen = true;
+                    if s.ws() == Some(b'{') {
+                        tools = s.result(start)?;
+                        Ok(())
+                    } else {
+                        s.skip_value()
+                    }
+                }
+                KeyMatch::Exact | KeyMatch::Twin => Err(Refused::Unfilterable),
+                KeyMatch::Other => s.skip_value(),
+            })?;
+        } else {
+            self.skip_value()?;
+        }
+        let span = start..self.pos;
+        let text = self.text.get(span.clone()).ok_or(Refused::Invalid)?;
+        Ok(Message { span, text, tools })
+    }
+
+    /// A message's `result` object; its `tools` array if it has one. `base`: where the
+    /// message starts.
+    fn result(&mut self, base: usize) -> Result<Option<ToolList<'a>>, Refused> {
+        let mut list: Option<ToolList<'a>> = None;
+        let mut cursors = 0;
+        let mut cursor_set = false;
+        self.object(|s, key| {
+            let name = s.decode_key(&key);
+            if name == "tools" {
+                if list.is_some() || s.ws() != Some(b'[') {
+                    return Err(Refused::Unfilterable);
+                }
+                list = Some(s.tools(base)?);
+                Ok(())
+            } else if folds_to(&name, "tools") {
+                Err(Refused::Unfilterable)
+            } else {
+                if name == "nextCursor" {
+                    cursors += 1;
+                    cursor_set = s.ws() != Some(b'n');
+                }
+                s.skip_value()
+            }
+        })?;
+        Ok(list.map(|mut l| {
+            l.next_cursor = cursors == 1 && cursor_set;
+            l
+        }))
+    }
+
+    /// The `tools` array at the current position.
+    fn tools(&mut self, base: usize) -> Result<ToolList<'a>, Refused> {
+        let open = self.pos;
+        let mut tools = Vec::new();
+        self.array(|s| {
+            let start = s.pos;
+            let name = if s.bytes.get(start) == Some(&b'{') {
+                s.tool_name()?
+            } else {
+                s.skip_value()?;
+                None
+            };
+            let raw = s.text.get(start..s.pos).ok_or(Refused::Invalid)?;
+            tools.push(Tool { raw, name });
+            Ok(())
+        })?;
+        Ok(ToolList {
+            array: open - base..self.pos - base,
+            tools,
+            next_cursor: false,
+        })
+    }
+
+    /// A tool object's name (see [`Tool::name`]).
+    fn tool_name(&mut self) -> Result<Option<Cow<'a, str>>, Refused> {
+        let mut name: Option<Option<Cow<'a, str>>> = None;
+        let mut agreed = true;
+        self.object(|s, key| match s.key_match(&key, "name") {
+            KeyMatch::Exact => {
+                agreed &= name.is_none();
+                if s.ws() == Some(b'"') {
+                    let value = s.string()?;
+                    name = Some(s.decode_value(&value));
+                    Ok(())
+                } else {
+                    name = Some(None);
+                    s.skip_value()
+                }
+            }
+            KeyMatch::Twin => {
+                agreed = false;
+                s.skip_value()
+            }
+            KeyMatch::Other => s.skip_value(),
+        })?;
+        Ok(name.flatten().filter(|_| agreed))
+    }
+
+    /// The object at the current position: `member` gets each key and must consume its value.
+    fn object(
+        &mut self,
+        mut member: impl FnMut(&mut Self, Str) -> Result<(), Refused>,
+    ) -> Result<(), Refused> {
+        self.pos += 1;
+        if self.ws() == Some(b'}') {
+            self.pos += 1;
+            return Ok(());
+        }
+        loop {
+            let key = self.key()?;
+            member(self, key)?;
+            match self.ws() {
+                Some(b',') => self.pos += 1,
+                Some(b'}') => {
+                    self.pos += 1;
+                    return Ok(());
+                }
+                _ => return Err(Refused::Invalid),
+            }
+        }
+    }
+
+    /// The array at the current position: `element` starts at each element (whitespace
+    /// skipped) and must consume it.
+    fn array(
+        &mut self,
+        mut element: impl FnMut(&mut Self) -> Result<(), Refused>,
+    ) -> Result<(), Refused> {
+        self.pos += 1;
+        if self.ws() == Some(b']') {
+            self.pos += 1;
+            return Ok(());
+        }
+        loop {
+            self.ws();
+            element(self)?;
+            match self.ws() {
+                Some(b',') => self.pos += 1,
+                Some(b']') => {
+                    self.pos += 1;
+                    return Ok(());
+                }
+                _ => return Err(Refused::Invalid),
+            }
+        }
+    }
+
+    /// A member's key and its colon.
+    fn key(&mut self) -> Result<Str, Refused> {
+        if self.ws() != Some(b'"') {
+            return Err(Refused::Invalid);
+        }
+        let key = self.string()?;
+        if self.ws() != Some(b':') {
+            return Err(Refused::Invalid);
+        }
+        self.pos += 1;
+        Ok(key)
+    }
+
+    /// Checks one value of any kind and moves past it, without recursion.
+    fn skip_value(&mut self) -> Result<(), Refused> {
+        let base = self.stack.len();
+        loop {
+            match self.ws() {
+                Some(b'{') => {
+                    self.pos += 1;
+                    if self.ws() == Some(b'}') {
+                        self.pos += 1;
+                    } else {
+                        self.stack.push(b'}');
+                        self.key()?;
+                        continue;
+                    }
+                }
+                Some(b'[') => {
+                    self.pos += 1;
+                    if self.ws() == Some(b']') {
+                        self.pos += 1;
+                    } else {
+                        self.stack.push(b']');
+                        continue;
+                    }
+                }
+                Some(b'"') => {
+                    self.string()?;
+                }
+                Some(b'-' | b'0'..=b'9') => self.number()?,
+                Some(b't') => self.literal(b"true")?,
+                Some(b'f') => self.literal(b"false")?,
+                Some(b'n') => self.literal(b"null")?,
+                _ => return Err(Refused::Invalid),
+            }
+            // A value ended: close the containers it ends, or go on to the next value.
+            loop {
+                if self.stack.len() == base {
+                    return Ok(());
+                }
+                let close = self.stack.last().copied();
+                match self.ws() {
+                    Some(b',') => {
+                        self.pos += 1;
+                        if close == Some(b'}') {
+                            self.key()?;
+                        }
+                        break;
+                    }
+                    c if c.is_some() && c == close => {
+                        self.pos += 1;
+                        self.stack.pop();
+                    }
+                    _ => return Err(Refused::Invalid),
+                }
+            }
+        }
+    }
+
+    /// The string at the current position (on its opening quote).
+    fn string(&mut self) -> Result<Str, Refused> {
+        let start = self.pos + 1;
+        let mut i = start;
+        let mut escaped = false;
+        loop {
+            i = plain_run_end(self.bytes, i);
+            match self.bytes.get(i) {
+                Some(b'"') => {
+                    self.pos = i + 1;
+                    return Ok(Str {
+                        range: start..i,
+                        escaped,
+                    });
+                }
+                Some(b'\\') => {
+                    escaped = true;
+                    match self.bytes.get(i + 1) {
+                        Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => i += 2,
+                        Some(b'u')
+                            if self
+                                .bytes
+                                .get(i + 2..i + 6)
+                                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) =>
+                        {
+                            i += 6
+                        }
+                        _ => return Err(Refused::Invalid),
+                    }
+                }
+                // A control character, or the end of the body.
+                _ => return Err(Refused::Invalid),
+            }
+        }
+    }
+
+    /// The number at the current position, by JSON's grammar (no leading zeros, digits after
+    /// `.` and after the exponent mark).
+    fn number(&mut self) -> Result<(), Refused> {
+        let b = self.bytes;
+        let mut i = self.pos;
+        let digits = |mut i: usize| {
+            while b.get(i).is_some_and(u8::is_ascii_digit) {
+                i += 1;
+            }
+            i
+        };
+        if b.get(i) == Some(&b'-') {
+            i += 1;
+        }
+        match b.get(i) {
+            Some(b'0') => i += 1,
+            Some(b'1'..=b'9') => i = digits(i + 1),
+            _ => return Err(Refused::Invalid),
+        }
+        if b.get(i) == Some(&b'.') {
+            if !b.get(i + 1).is_some_and(u8::is_ascii_digit) {
+                return Err(Refused::Invalid);
+            }
+            i = digits(i + 1);
+        }
+        if matches!(b.get(i), Some(b'e' | b'E')) {
+            i += 1;
+            if matches!(b.get(i), Some(b'+' | b'-')) {
+                i += 1;
+            }
+            if !b.get(i).is_some_and(u8::is_ascii_digit) {
+                return Err(Refused::Invalid);
+            }
+            i = digits(i);
+        }
+        self.pos = i;
+        Ok(())
+    }
+
+    fn literal(&mut self, word: &[u8]) -> Result<(), Refused> {
+        if self.bytes.get(self.pos..self.pos + word.len()) != Some(word) {
+            return Err(Refused::Invalid);
+        }
+        self.pos += word.len();
+        Ok(())
+    }
+
+    /// How a key compares with the member name `target` (lowercase ASCII).
+    fn key_match(&self, key: &Str, target: &str) -> KeyMatch {
+        let name = self.decode_key(key);
+        if name == target {
+            KeyMatch::Exact
+        } else if folds_to(&name, target) {
+            KeyMatch::Twin
+        } else {
+            KeyMatch::Other
+        }
+    }
+
+    /// A key as a decoder reads it. A lone surrogate (which no member name this scan looks for
+    /// holds) reads as U+FFFD: such a key is some other member, never a reason to let the
+    /// message through unchecked.
+    fn decode_key(&self, key: &Str) -> Cow<'a, str> {
+        let raw = self.text.get(key.range.clone()).unwrap_or_default();
+        if key.escaped {
+            Cow::Owned(unescape(raw, false).unwrap_or_default())
+        } else {
+            Cow::Borrowed(raw)
+        }
+    }
+
+    /// A string value as a strict decoder reads it; `None` when it holds a lone surrogate.
+    fn decode_value(&self, value: &Str) -> Option<Cow<'a, str>> {
+        let raw = self.text.get(value.range.clone())?;
+        if value.escaped {
+            unescape(raw, true).map(Cow::Owned)
+        } else {
+            Some(Cow::Borrowed(raw))
+        }
+    }
+}
+
+enum KeyMatch {
+    /// The name itself.
+    Exact,
+    /// A different spelling a case-folding decoder reads as the name.
+    Twin,
+    Other,
+}
+
+/// Where the run of plain string bytes from `i` ends: the first quote, backslash or control
+/// character at or after `i`, or the end. Eight bytes at a time: in a word, a byte equal to
+/// `c` is a zero byte of `word ^ c`, and `(x - 0x01..) & !x & 0x80..` flags zero bytes
+/// (`(x - 0x20..) & !x & 0x80..` flags bytes below 0x20); the lowest flag of each is exact, as
+/// borrows only run upward, so the lowest flag of the three together is the first stop.
+fn plain_run_end(b: &[u8], mut i: usize) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    while let Some(chunk) = b.get(i..i + 8) {
+        let Ok(word) = <[u8; 8]>::try_from(chunk) else {
+            break;
+        };
+        let v = u64::from_le_bytes(word);
+        let quote = v ^ (ONES * u64::from(b'"'));
+        let backslash = v ^ (ONES * u64::from(b'\\'));
+        let stops = (quote.wrapping_sub(ONES) & !quote)
+            | (backslash.wrapping_sub(ONES) & !backslash)
+            | (v.wrapping_sub(ONES * 0x20) & !v);
+        let stops = stops & HIGH;
+        if stops != 0 {
+            return i + (stops.trailing_zeros() / 8) as usize;
+        }
+        i += 8;
+    }
+    while let Some(&c) = b.get(i) {
+        if c == b'"' || c == b'\\' || c < 0x20 {
+            break;
+        }
+        i += 1;
+    }
+    i
+}
+
+/// A string's content with its escapes decoded. `strict`: `None` on a lone surrogate (as a
+/// strict decoder refuses it); otherwise it reads as U+FFFD. `None` too on a broken escape,
+/// which the scan has already refused.
+fn unescape(raw: &str, strict: bool) -> Option<String> {
+    let b = raw.as_bytes();
+    let mut out = String::with_capacity(raw.len());
+    let mut plain = 0;
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] != b'\\' {
+            i += 1;
+            continue;
+        }
+        out.push_str(raw.get(plain..i)?);
+        let c = match *b.get(i + 1)? {
+            b'"' => '"',
+            b'\\' => '\\',
+            b'/' => '/',
+            b'b' => '\u{8}',
+            b'f' => '\u{c}',
+            b'n' => '\n',
+            b'r' => '\r',
+            b't' => '\t',
+            b'u' => {
+                let unit = hex4(b.get(i + 2..i + 6)?)?;
+                i += 4;
+                let mut code = Some(unit);
+                if (0xD800..0xDC00).contains(&unit) {
+                    code = None;
+                    if b.get(i + 2..i + 4) == Some(b"\\u")
+                        && let Some(low) = b.get(i + 4..i + 8).and_then(hex4)
+                        && (0xDC00..0xE000).contains(&low)
+                    {
+                        code = Some(0x10000 + ((unit - 0xD800) << 10) + (low - 0xDC00));
+                        i += 6;
+                    }
+                }
+                match code.and_then(char::from_u32) {
+                    Some(c) => c,
+                    None if strict => return None,
+                    None => '\u{fffd}',
+                }
+            }
+            _ => return None,
+        };
+        out.push(c);
+        i += 2;
+        plain = i;
+    }
+    out.push_str(raw.get(plain..)?);
+    Some(out)
+}
+
+fn hex4(digits: &[u8]) -> Option<u32> {
+    if digits.len() != 4 {
+        return None;
+    }
+    digits
+        .iter()
+        .try_fold(0u32, |n, d| Some(n << 4 | char::from(*d).to_digit(16)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(body: &str) -> Vec<Option<String>> {
+        let b = super::body(body, true).unwrap();
+        let list = b.messages[0].tools.as_ref().unwrap();
+        list.tools
+            .iter()
+            .map(|t| t.name.as_deref().map(str::to_string))
+            .collect()
+    }
+
+    #[test]
+    fn finds_each_tool_with_its_byte_range_and_name() {
+        let text = r#" {"id":1,"result":{"tools":[ {"name":"a","x":{"name":"inner","tools":[]}} , {"name":"b"}],"nextCursor":"c"}} "#;
+        let b = body(text, true).unwrap();
+        assert!(!b.batch);
+        let m = &b.messages[0];
+        assert_eq!(m.text, text.trim());
+        let list = m.tools.as_ref().unwrap();
+        assert!(m.text[list.array.clone()].starts_with("[ {\"name\":\"a\""));
+        assert!(m.text[list.array.clone()].ends_with("{\"name\":\"b\"}]"));
+        assert_eq!(
+            list.tools[0].raw,
+            r#"{"name":"a","x":{"name":"inner","tools":[]}}"#
+        );
+        assert_eq!(list.tools[0].name.as_deref(), Some("a"));
+        assert_eq!(list.tools[1].raw, r#"{"name":"b"}"#);
+        assert!(list.next_cursor);
+    }
+
+    #[test]
+    fn names_are_read_as_a_decoder_reads_them() {
+        // Escapes in the key and in the value.
+        assert_eq!(
+            names(r#"{"result":{"tools":[{"na\u006de":"r\u0065ad"}]}}"#),
+            [Some("read".to_string())]
+        );
+        // A surrogate pair is one character; a lone one is no name at all.
+        assert_eq!(
+            names(
+                r#"{"result":{"tools":[{"name":"\ud83d\ude00"},{"name":"a\ud800"},{"name":"\udc00"}]}}"#
+            ),
+            [Some("\u{1f600}".to_string()), None, None]
+        );
+        // Twice, beside a twin, not a string, not an object: no name.
+        assert_eq!(
+            names(
+                r#"{"result":{"tools":[{"name":"a","name":"a"},{"name":"a","NAME":"b"},{"Name":"c"},{"name":1},"d",{"\u004eame":"e","name":"f"}]}}"#
+            ),
+            [None, None, None, None, None, None]
+        );
+    }
+
+    #[test]
+    fn members_that_decide_the_list_are_refused_when_doubled_or_twinned() {
+        for text in [
+            r#"{"result":{"tools":[]},"result":{}}"#,
+            r#"{"Result":{"tools":[]}}"#,
+            r#"{"result":{"tools":[]},"reſult":{}}"#,
+            r#"{"result":{"tools":[],"tools":[]}}"#,
+            r#"{"result":{"tools":[],"TOOLS":[]}}"#,
+            r#"{"result":{"toolſ":[]}}"#,
+            r#"{"result":{"to\u006fls":[],"tools":[]}}"#,
+            r#"{"result":{"tools":{}}}"#,
+            r#"{"result":{"tools":null}}"#,
+        ] {
+            assert_eq!(
+                body(text, true).unwrap_err(),
+                Refused::Unfilterable,
+                "{text}"
+            );
+            // Without tool gates the same bodies are just JSON.
+            assert!(body(text, false).is_ok(), "{text}");
+        }
+        // A lone surrogate in a key does not hide the list.
+        let b = body(r#"{"result":{"tools":[{"name":"a"}],"x\ud800":1}}"#, true).unwrap();
+        assert!(b.messages[0].tools.is_some());
+    }
+
+    #[test]
+    fn anything_but_json_is_refused() {
+        for text in [
+            "",
+            " ",
+            "{",
+            "}",
+            "[1,]",
+            "[,1]",
+            "{\"a\":1,}",
+            "{\"a\" 1}",
+            "{1:1}",
+            "01",
+            "-",
+            "1.",
+            "1.e5",
+            "1e",
+            "1e+",
+            "+1",
+            ".5",
+            "tru",
+            "nul",
+            "\"\\x\"",
+            "\"\\u12g4\"",
+            "\"\\u123\"",
+            "\"a\u{1}b\"",
+            "\"abc",
+            "{} {}",
+            "[] x",
+            "{\"result\":{\"tools\":[{\"name\":\"a\"}]}}x",
+            "[[[[]]]",
+            "[{]}",
+            "{\"a\":[}",
+        ] {
+            assert_eq!(body(text, true).unwrap_err(), Refused::Invalid, "{text:?}");
+        }
+        for text in [
+            "0",
+            "-0.5e-7",
+            "1E+2",
+            "\"\\u00e9\\ud800\"",
+            "[]",
+            "{}",
+            " [ 1 , {\"a\" : [ true , false , null ] } ] ",
+        ] {
+            assert!(body(text, true).is_ok(), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn deep_nesting_is_scanned_without_recursion() {
+        let deep = format!("{}{}", "[".repeat(200_000), "]".repeat(200_000));
+        assert!(body(&deep, true).is_ok());
+        let open = format!(
+            r#"{{"result":{{"tools":[{{"name":"a","x":{}}}]}}}}"#,
+            "[".repeat(100_000)
+        );
+        assert_eq!(body(&open, true).unwrap_err(), Refused::Invalid);
+    }
+
+    #[test]
+    fn the_plain_run_ends_at_the_first_stop_byte_wherever_it_falls() {
+        for len in 0..40 {
+            for stop in [b'"', b'\\', 0x1f, 0x00] {
+                let mut b = vec![b'a'; len];
+                b.push(stop);
+                b.extend_from_slice(b"\"\\\x01aaaaaaaaaaaa");
+                assert_eq!(plain_run_end(&b, 0), len, "{len} {stop}");
+            }
+            // High bytes (UTF-8) and DEL are plain.
+            let b = "é\u{7f}ü".repeat(len);
+            assert_eq!(plain_run_end(b.as_bytes(), 0), b.len());
+        }
+    }
+}
