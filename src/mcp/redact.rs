@@ -3,13 +3,15 @@
 //! sees them.
 //!
 //! Detection runs on the decoded value of every JSON string in a message (a JSON escape such
-//! as `\u0041KIA…` cannot hide a key), except the envelope's own `jsonrpc`, `id` and `method`;
-//! only the strings that change are re-encoded, everything else keeps its bytes, so the
-//! message stays valid JSON with its members in their order. Integer numbers are checked as
-//! card numbers too (a card number needs no quotes to reach the model).
+//! as `\u0041KIA…` cannot hide a key), except the envelope of the kind of message it is
+//! (see [`Envelope`]); only the strings that change are re-encoded, everything else keeps its
+//! bytes, so the message stays valid JSON with its members in their order. Numbers are checked
+//! as card numbers too, by their value (a card number needs no quotes to reach the model).
 //!
-//! All matching is done by the `regex` crate, whose engines run in time linear in the text:
-//! an upstream's text cannot make a scan slow, whatever it holds.
+//! A prefilter (literal anchors, byte scans for a card's digits and a JWT's dots) clears most
+//! messages without running a regex. All matching is done by the `regex` crate, whose engines
+//! run in time linear in the text, and retries after a failed check are bounded: an
+//! upstream's text cannot make a scan slow, whatever it holds.
 
 use crate::mcp::filter::Unfilterable;
 use base64::Engine as _;
