@@ -870,13 +870,8 @@ fn jwt_header(segment: &str) -> bool {
         return false;
     };
     let mut rest = &bytes[..];
-    loop {
-        match rest {
-            [0xEF, 0xBB, 0xBF, tail @ ..] | [b' ' | b'\t' | b'\n' | b'\r', tail @ ..] => {
-                rest = tail
-            }
-            _ => break,
-        }
+    while let [0xEF, 0xBB, 0xBF, tail @ ..] | [b' ' | b'\t' | b'\n' | b'\r', tail @ ..] = rest {
+        rest = tail;
     }
     serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(rest)
         .is_ok_and(|h| h.contains_key("alg"))
