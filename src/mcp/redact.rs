@@ -91,12 +91,13 @@ fn builtin(name: &str) -> Option<(String, Check)> {
             )
         }
         // Base64url segments: a JWS (three, the signature may be empty) or a JWE (five, the
-        // encrypted key may be empty). Which one starts with a JSON header is checked after
+        // encrypted key empty or, like any real one, of 8 characters or more: what the
+        // prefilter's look at the first dot relies on). Which one starts with a JSON header is checked after
         // the match, wherever the header starts in the first segment's last characters.
         "jwt" => {
             let b = "[A-Za-z0-9_-]";
             (
-                format!(r"{b}{{8,}}\.(?:{b}*\.{b}{{8,}}\.{b}+\.{b}{{8,}}|{b}{{8,}}\.{b}*)"),
+                format!(r"{b}{{8,}}\.(?:(?:{b}{{8,}})?\.{b}{{8,}}\.{b}+\.{b}{{8,}}|{b}{{8,}}\.{b}*)"),
                 Check::JwtHeader,
             )
         }
