@@ -88,8 +88,12 @@ fn echo(addr: SocketAddr, sid: &str, id: u64, text: &str) -> Response {
     r
 }
 
-/// The audit events written so far, waiting until one satisfies `done`.
-fn audit_events(path: &Path, done: impl Fn(&serde_json::Value) -> bool) -> Vec<serde_json::Value> {
+/// The audit events written so far, waiting until they satisfy `done` (workers write their
+/// events in their own order).
+fn audit_events(
+    path: &Path,
+    done: impl Fn(&[serde_json::Value]) -> bool,
+) -> Vec<serde_json::Value> {
     let deadline = Instant::now() + WAIT;
     loop {
         let events: Vec<serde_json::Value> = std::fs::read_to_string(path)
@@ -97,7 +101,7 @@ fn audit_events(path: &Path, done: impl Fn(&serde_json::Value) -> bool) -> Vec<s
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect();
-        if events.iter().any(&done) || Instant::now() > deadline {
+        if done(&events) || Instant::now() > deadline {
             return events;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -137,10 +141,14 @@ fn every_detector_redacts_tool_results_through_stdio_http_json_and_http_sse() {
             "{upstream}"
         );
         // The audit event of a redacted call names the detector, never the secret.
-        let events = audit_events(&lab.audit, |e| {
-            e["details"]["redacted"]
-                .as_str()
-                .is_some_and(|d| d.contains("internal_id"))
+        let events = audit_events(&lab.audit, |events| {
+            secrets().iter().all(|(detector, _)| {
+                events.iter().any(|e| {
+                    e["details"]["redacted"]
+                        .as_str()
+                        .is_some_and(|d| d.contains(&format!("{detector}=")))
+                })
+            })
         });
         let redacted: Vec<&str> = events
             .iter()
