@@ -1,6 +1,8 @@
 //! Secret redaction's cost per KiB of upstream answer: a JSON body and an SSE event, with no
 //! secret (the fast path every clean answer takes) and with one, and the slow path a configured
-//! pattern forces on text holding escapes.
+//! pattern forces on text holding escapes. `scan/…` is the redaction's own scan of the message
+//! text; `json/…` and `sse/…` add the transform chain around it (the body's JSON parse, the
+//! event's reassembly).
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use mcp_guard::mcp::filter::SseFilter;
@@ -57,6 +59,11 @@ fn benches(c: &mut Criterion) {
         ] {
             let body = result(kib, secret);
             g.throughput(Throughput::Bytes(body.len() as u64));
+            // The scan alone, without the transform chain's parse of the body.
+            let mut fired = vec![0; r.len()];
+            g.bench_function(format!("scan/{case}/{kib}KiB"), |b| {
+                b.iter(|| black_box(r.message(black_box(&body), &mut fired)))
+            });
             let mut t = Transform::redaction_only(r.clone());
             g.bench_function(format!("json/{case}/{kib}KiB"), |b| {
                 b.iter(|| black_box(t.json(black_box(body.as_bytes()))))

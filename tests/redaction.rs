@@ -88,8 +88,12 @@ fn echo(addr: SocketAddr, sid: &str, id: u64, text: &str) -> Response {
     r
 }
 
-/// The audit events written so far, waiting until one satisfies `done`.
-fn audit_events(path: &Path, done: impl Fn(&serde_json::Value) -> bool) -> Vec<serde_json::Value> {
+/// The audit events written so far, waiting until they satisfy `done` (workers write their
+/// events in their own order).
+fn audit_events(
+    path: &Path,
+    done: impl Fn(&[serde_json::Value]) -> bool,
+) -> Vec<serde_json::Value> {
     let deadline = Instant::now() + WAIT;
     loop {
         let events: Vec<serde_json::Value> = std::fs::read_to_string(path)
@@ -97,7 +101,7 @@ fn audit_events(path: &Path, done: impl Fn(&serde_json::Value) -> bool) -> Vec<s
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect();
-        if events.iter().any(&done) || Instant::now() > deadline {
+        if done(&events) || Instant::now() > deadline {
             return events;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -137,10 +141,14 @@ fn every_detector_redacts_tool_results_through_stdio_http_json_and_http_sse() {
             "{upstream}"
         );
         // The audit event of a redacted call names the detector, never the secret.
-        let events = audit_events(&lab.audit, |e| {
-            e["details"]["redacted"]
-                .as_str()
-                .is_some_and(|d| d.contains("internal_id"))
+        let events = audit_events(&lab.audit, |events| {
+            secrets().iter().all(|(detector, _)| {
+                events.iter().any(|e| {
+                    e["details"]["redacted"]
+                        .as_str()
+                        .is_some_and(|d| d.contains(&format!("{detector}=")))
+                })
+            })
         });
         let redacted: Vec<&str> = events
             .iter()
@@ -184,7 +192,7 @@ fn every_detector_redacts_tool_results_through_stdio_http_json_and_http_sse() {
 #[derive(Clone)]
 struct Canned {
     content_type: &'static str,
-    chunks: Vec<String>,
+    chunks: Vec<Vec<u8>>,
 }
 
 /// A Streamable HTTP upstream answering initialize itself and every tools/call with `canned`
@@ -233,23 +241,24 @@ fn serve(s: TcpStream, canned: &Canned) {
                 "HTTP/1.1 200 OK\r\nContent-Type: {ctype}\r\n{extra}Transfer-Encoding: chunked\r\n\r\n"
             )
         };
-        let chunk = |c: &str| format!("{:x}\r\n{c}\r\n", c.len());
+        let chunk = |c: &[u8]| {
+            let mut v = format!("{:x}\r\n", c.len()).into_bytes();
+            v.extend_from_slice(c);
+            v.extend_from_slice(b"\r\n");
+            v
+        };
         match req["method"].as_str() {
             Some("initialize") => {
                 let b = serde_json::json!({"jsonrpc":"2.0","id":req["id"],"result":{"protocolVersion":"2025-11-25","capabilities":{"tools":{}},"serverInfo":{"name":"raw","version":"1"}}}).to_string();
-                let _ = w.write_all(
-                    format!(
-                        "{}{}0\r\n\r\n",
-                        head("application/json", "Mcp-Session-Id: raw-1\r\n"),
-                        chunk(&b)
-                    )
-                    .as_bytes(),
-                );
+                let mut out = head("application/json", "Mcp-Session-Id: raw-1\r\n").into_bytes();
+                out.extend(chunk(b.as_bytes()));
+                out.extend_from_slice(b"0\r\n\r\n");
+                let _ = w.write_all(&out);
             }
             Some("tools/call") => {
                 let _ = w.write_all(head(canned.content_type, "").as_bytes());
                 for c in &canned.chunks {
-                    let _ = w.write_all(chunk(c).as_bytes());
+                    let _ = w.write_all(&chunk(c));
                     let _ = w.flush();
                     std::thread::sleep(Duration::from_millis(100));
                 }
@@ -274,9 +283,9 @@ fn json_escapes_and_nested_arrays_do_not_hide_a_key_and_the_answer_stays_json() 
     let body = r#"{"jsonrpc":"2.0","id":7,"result":{"content":[{"type":"text","text":"k=\u0041KIA\u0049OSFODNN7EXAMPLE \"quoted\"\n"}],"structuredContent":{"deep":[[["x",{"y":["AKIAIOSFODNN7EXAMPLE"]}]]],"AKIAIOSFODNN7EXAMPLE":true},"isError":false}}"#;
     for content_type in ["application/json", "text/event-stream"] {
         let chunks = if content_type == "application/json" {
-            vec![body.to_string()]
+            vec![body.into()]
         } else {
-            vec![format!("event: message\ndata: {body}\n\n")]
+            vec![format!("event: message\ndata: {body}\n\n").into()]
         };
         let lab = raw_lab(Canned {
             content_type,
@@ -319,11 +328,7 @@ fn a_secret_cut_across_two_sse_chunks_is_still_found_and_the_event_still_flows()
     let b = event.find("4eC39").unwrap();
     let lab = raw_lab(Canned {
         content_type: "text/event-stream",
-        chunks: vec![
-            event[..a].to_string(),
-            event[a..b].to_string(),
-            event[b..].to_string(),
-        ],
+        chunks: vec![event[..a].into(), event[a..b].into(), event[b..].into()],
     });
     let sid = initialize(lab.g.addr);
     let r = mcp_post(lab.g.addr, &call(8, "anything", "{}"), Some(&sid));
@@ -358,7 +363,7 @@ fn an_answer_that_cannot_be_parsed_is_refused_not_relayed() {
     for body in [cut, surrogate] {
         let json = raw_lab(Canned {
             content_type: "application/json",
-            chunks: vec![body.clone()],
+            chunks: vec![body.clone().into()],
         });
         let sid = initialize(json.g.addr);
         let r = mcp_post(json.g.addr, &call(9, "anything", "{}"), Some(&sid));
@@ -367,7 +372,7 @@ fn an_answer_that_cannot_be_parsed_is_refused_not_relayed() {
 
         let sse = raw_lab(Canned {
             content_type: "text/event-stream",
-            chunks: vec![format!("event: message\ndata: {body}\n\n")],
+            chunks: vec![format!("event: message\ndata: {body}\n\n").into()],
         });
         let sid = initialize(sse.g.addr);
         let r = mcp_post(sse.g.addr, &call(9, "anything", "{}"), Some(&sid));
@@ -419,10 +424,10 @@ fn a_tool_list_smuggled_into_another_requests_answer_is_filtered_too() {
         let chunks = if content_type == "text/event-stream" {
             [smuggled, escaped, answer]
                 .iter()
-                .map(|m| format!("event: message\ndata: {m}\n\n"))
+                .map(|m| format!("event: message\ndata: {m}\n\n").into())
                 .collect()
         } else {
-            vec![format!("[{smuggled},{answer}]")]
+            vec![format!("[{smuggled},{answer}]").into()]
         };
         let addr = raw_upstream(Canned {
             content_type,
@@ -444,4 +449,199 @@ fn a_tool_list_smuggled_into_another_requests_answer_is_filtered_too() {
         assert!(text.contains("\"echo\""), "{content_type}: {text}");
         assert!(text.contains("\"ok\""), "{content_type}: {text}");
     }
+}
+
+// --- What the red team found (each test is named after its attack) --------------------------
+
+/// The answer to a tools/call on a raw upstream answering `chunks` as `content_type`.
+fn raw_call(content_type: &'static str, chunks: Vec<Vec<u8>>) -> (Lab, Response) {
+    let lab = raw_lab(Canned {
+        content_type,
+        chunks,
+    });
+    let sid = initialize(lab.g.addr);
+    let r = mcp_post(lab.g.addr, &call(7, "anything", "{}"), Some(&sid));
+    (lab, r)
+}
+
+#[test]
+fn card_numbers_sent_as_json_numbers_in_any_spelling_are_redacted() {
+    let body = r#"{"jsonrpc":"2.0","id":7,"result":{"content":[{"type":"text","text":"ok"}],"structuredContent":{"a":-4111111111111111,"b":4111111111111111.0,"c":4.111111111111111e15,"d":41111111111111110e-1,"e":[4111111111111111E+0],"pi":5.678901234567891,"n":4111111111111112}}}"#;
+    for content_type in ["application/json", "text/event-stream"] {
+        let chunks = if content_type == "application/json" {
+            vec![body.into()]
+        } else {
+            vec![format!("event: message\ndata: {body}\n\n").into()]
+        };
+        let (_lab, r) = raw_call(content_type, chunks);
+        assert_eq!(r.status, 200, "{content_type}: {}", r.text());
+        for spelling in [
+            "4111111111111111",
+            "4.111111111111111e15",
+            "41111111111111110e-1",
+        ] {
+            assert!(!r.text().contains(spelling), "{content_type}: {}", r.text());
+        }
+        let msg = rpc_result(&r);
+        let s = &msg["result"]["structuredContent"];
+        for key in ["a", "b", "c", "d"] {
+            assert_eq!(s[key], "[REDACTED:card_number]", "{content_type}: {key}");
+        }
+        assert_eq!(s["e"][0], "[REDACTED:card_number]", "{content_type}");
+        // A float and a number failing Luhn stay numbers.
+        assert_eq!(s["pi"], 5.678901234567891, "{content_type}");
+        assert_eq!(s["n"], 4111111111111112u64, "{content_type}");
+    }
+}
+
+#[test]
+fn secrets_in_sse_comments_event_types_ids_and_retry_lines_do_not_reach_the_client() {
+    let answer = r#"{"jsonrpc":"2.0","id":7,"result":{"content":[{"type":"text","text":"ok"}]}}"#;
+    let note = r#"{"jsonrpc":"2.0","method":"notifications/message","params":{"level":"info","data":"x"}}"#;
+    let (_lab, r) = raw_call(
+        "text/event-stream",
+        vec![
+            format!(": keep-alive {AWS}\n\n").into(),
+            format!(": {AWS}\nevent: {SLACK}\nid: {AWS}\ndata: {note}\n\n").into(),
+            format!("retry: {AWS}\nid: evt-2\nevent: message\ndata: {answer}\n\n").into(),
+        ],
+    );
+    assert_eq!(r.status, 200);
+    let raw = r.text();
+    assert!(!raw.contains(AWS) && !raw.contains(SLACK), "{raw}");
+    // Each SSE line is still one field: the markers replace the values in place, a
+    // comment goes out emptied, and a retry that is not a number is dropped.
+    let lines: Vec<&str> = raw.lines().collect();
+    assert!(lines.contains(&"id: [REDACTED:aws_access_key]"), "{raw}");
+    assert!(lines.contains(&"event: [REDACTED:slack_token]"), "{raw}");
+    assert!(lines.contains(&":"), "{raw}");
+    assert!(lines.contains(&"id: evt-2"), "{raw}");
+    assert!(!raw.contains("retry"), "{raw}");
+    assert_eq!(rpc_result(&r)["result"]["content"][0]["text"], "ok");
+}
+
+#[test]
+fn invalid_utf8_is_refused_in_a_json_body_and_dropped_from_an_sse_stream() {
+    let mut bad = br#"{"jsonrpc":"2.0","method":"notifications/message","params":{"level":"info","data":"AKIA"#.to_vec();
+    bad.push(0xFF);
+    bad.extend_from_slice(br#"IOSFODNN7EXAMPLE"}}"#);
+    let answer = r#"{"jsonrpc":"2.0","id":7,"result":{"content":[{"type":"text","text":"ok"}]}}"#;
+    // A JSON body: refused whole.
+    let mut body = bad.clone();
+    body.truncate(body.len() - 2);
+    body.extend_from_slice(br#"},"id":7,"result":{}}"#);
+    let (_lab, r) = raw_call("application/json", vec![body]);
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(!r.text().contains("OSFODNN7"));
+    // An SSE stream: that event dropped (never relayed with U+FFFD in it), the next flows.
+    let mut event = b"event: message\ndata: ".to_vec();
+    event.extend_from_slice(&bad);
+    event.extend_from_slice(b"\n\n");
+    let (_lab, r) = raw_call(
+        "text/event-stream",
+        vec![event, format!("event: message\ndata: {answer}\n\n").into()],
+    );
+    assert_eq!(r.status, 200);
+    let raw = r.text();
+    assert!(
+        !raw.contains("OSFODNN7") && !raw.contains('\u{FFFD}'),
+        "{raw}"
+    );
+    assert_eq!(rpc_result(&r)["result"]["content"][0]["text"], "ok");
+}
+
+#[test]
+fn red_team_detector_gaps_pgp_pem_variants_putty_odd_jwts_jwe_aws_prefixes_card_separators() {
+    let lab = lab("http-json");
+    let addr = lab.g.addr;
+    let sid = initialize(addr);
+    let jwt_payload = "eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U";
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("private_key", "-----BEGIN PGP PRIVATE KEY BLOCK-----\n\nlQOYBGJsecretbody\n-----END PGP PRIVATE KEY BLOCK-----".into(), "lQOYBGJsecretbody"),
+        ("private_key", "----begin  rsa  private  key----\nMIIEsecretbody\n----end  rsa  private  key----".into(), "MIIEsecretbody"),
+        ("private_key", "------BEGIN EC PRIVATE KEY------\nMHcCsecretbody\n------END EC PRIVATE KEY------".into(), "MHcCsecretbody"),
+        ("private_key", "PuTTY-User-Key-File-3: ssh-ed25519\nEncryption: none\nComment: k\nPublic-Lines: 1\nAAAAC3Nz\nPrivate-Lines: 1\nAAAAsecretbody\nPrivate-MAC: 1f2e".into(), "AAAAsecretbody"),
+        ("jwt", format!("IHsiYWxnIjoiSFMyNTYiLCJ0eXAiOiJKV1QifQ.{jwt_payload}"), "IHsiYWxnIjoiSFMyNTYi"),
+        ("jwt", format!("77u_eyJhbGciOiJIUzI1NiJ9.{jwt_payload}"), "77u_eyJhbGciOiJIUzI1NiJ9"),
+        ("jwt", "eyJhbGciOiJkaXIiLCJlbmMiOiJBMTI4R0NNIn0..MTIzNDU2Nzg5MDEy.c2VjcmV0IHBheWxvYWQgaGVyZQ.MDEyMzQ1Njc4OWFiY2RlZg".into(), "c2VjcmV0IHBheWxvYWQgaGVyZQ"),
+        ("aws_access_key", "ABIAIOSFODNN7EXAMPLE".into(), "OSFODNN7"),
+        ("aws_access_key", "ACCAIOSFODNN7EXAMPLE".into(), "OSFODNN7"),
+        ("card_number", "4111\u{00A0}1111\u{00A0}1111\u{00A0}1111".into(), "1111"),
+        ("card_number", "4111\u{202F}1111\u{202F}1111\u{202F}1111".into(), "1111"),
+        ("card_number", "4111\u{2013}1111\u{2014}1111\u{2013}1111".into(), "1111"),
+        ("card_number", "4111.1111.1111.1111".into(), "1111"),
+        ("card_number", "4111/1111/1111/1111".into(), "1111"),
+        ("card_number", "4111_1111_1111_1111".into(), "1111"),
+        ("card_number", "4111 - 1111 - 1111 - 1111".into(), "1111"),
+    ];
+    for (i, (detector, secret, part)) in cases.into_iter().enumerate() {
+        let r = echo(addr, &sid, 100 + i as u64, &format!("found: {secret}\nend"));
+        assert!(!r.text().contains(part), "{detector}: {}", r.text());
+        let shown = rpc_result(&r)["result"]["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert_eq!(
+            shown,
+            format!("found: [REDACTED:{detector}]\nend"),
+            "{secret}"
+        );
+    }
+    // A JWT glued to the base64url character before it, a card number between two letters:
+    // the secret goes, the glue stays.
+    for (text, shown) in [
+        (
+            format!("xeyJhbGciOiJIUzI1NiJ9.{jwt_payload}"),
+            "x[REDACTED:jwt]",
+        ),
+        ("x4111111111111111y".to_string(), "x[REDACTED:card_number]y"),
+    ] {
+        let r = echo(addr, &sid, 199, &text);
+        assert_eq!(rpc_result(&r)["result"]["content"][0]["text"], shown);
+    }
+    // Run together with more digits, or the digits after a decimal point: not a card.
+    for text in ["id 94111111111111111", "ratio 1.4111111111111111"] {
+        let r = echo(addr, &sid, 200, text);
+        assert_eq!(rpc_result(&r)["result"]["content"][0]["text"], text);
+    }
+}
+
+#[test]
+fn a_server_request_id_and_a_response_method_are_scanned_but_a_response_id_is_left_alone() {
+    // A request from the server: its id is upstream text that reaches the client. A response
+    // carrying a `method` member: not the envelope of a response.
+    let request = format!(r#"{{"jsonrpc":"2.0","id":"{AWS}","method":"ping"}}"#);
+    let answer = format!(
+        r#"{{"jsonrpc":"2.0","id":7,"method":"{STRIPE}","result":{{"content":[{{"type":"text","text":"ok"}}]}}}}"#
+    );
+    let (_lab, r) = raw_call(
+        "text/event-stream",
+        vec![
+            format!("event: message\ndata: {request}\n\nevent: message\ndata: {answer}\n\n").into(),
+        ],
+    );
+    let raw = r.text();
+    assert!(!raw.contains(AWS) && !raw.contains(STRIPE), "{raw}");
+    let messages = r.sse_messages();
+    assert!(
+        messages
+            .iter()
+            .any(|m| m["id"] == "[REDACTED:aws_access_key]" && m["method"] == "ping"),
+        "{raw}"
+    );
+    assert!(
+        messages
+            .iter()
+            .any(|m| m["id"] == 7 && m["method"] == "[REDACTED:stripe_key]"),
+        "{raw}"
+    );
+    // A response's id is the client's own: the gateway leaves it as the client sent it.
+    let lab = lab("http-json");
+    let sid = initialize(lab.g.addr);
+    let body = format!(
+        r#"{{"jsonrpc":"2.0","id":"{AWS}","method":"tools/call","params":{{"name":"echo","arguments":{{"text":"hi"}}}}}}"#
+    );
+    let r = mcp_post(lab.g.addr, &body, Some(&sid));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(rpc_result(&r)["id"], AWS);
 }

@@ -115,16 +115,28 @@ impl SseDecoder {
     /// Feeds bytes; returns the events completed by them.
     pub fn push(&mut self, data: &[u8]) -> Result<Vec<SseEvent>, &'static str> {
         let mut events = Vec::new();
-        self.splitter.push(data, |e| events.push(decode_event(e)))?;
+        self.splitter
+            .push(data, |e| events.extend(decode_utf8_event(e)))?;
         Ok(events)
     }
 
     /// The events completed by the end of the stream.
     pub fn finish(&mut self) -> Vec<SseEvent> {
         let mut events = Vec::new();
-        self.splitter.finish(|e| events.push(decode_event(e)));
+        self.splitter
+            .finish(|e| events.extend(decode_utf8_event(e)));
         events
     }
+}
+
+/// An event that is not UTF-8 is dropped rather than decoded with replacement characters:
+/// what the gateway relays is what it checked, and a JSON body that is not UTF-8 is refused.
+fn decode_utf8_event(event: &[u8]) -> Option<SseEvent> {
+    if std::str::from_utf8(event).is_err() {
+        tracing::warn!(target: "mcp_guard::sse", "dropped an SSE event that is not UTF-8");
+        return None;
+    }
+    Some(decode_event(event))
 }
 
 /// The fields of one event's text, as the SSE specification reads them: a field name up to
@@ -302,5 +314,15 @@ mod tests {
         assert_eq!(out, b"event: message\ndata: {\"a\":\ndata: 1}\n\n");
         let back = SseDecoder::default().push(&out).unwrap();
         assert_eq!(back[0].data, "{\"a\":\n1}");
+    }
+
+    #[test]
+    fn an_event_that_is_not_utf8_is_dropped_not_decoded_lossily() {
+        let mut d = SseDecoder::default();
+        let events = d
+            .push(b"data: {\"a\":\"AKIA\xFFIOSF\"}\n\ndata: {}\n\n")
+            .unwrap();
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].data, "{}");
     }
 }

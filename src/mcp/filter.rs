@@ -135,10 +135,16 @@ impl SseFilter {
 }
 
 fn emit(transform: &mut Transform, event: &[u8], out: &mut Vec<u8>) {
-    let text = String::from_utf8_lossy(event);
+    // Bytes that are not UTF-8 are not checked as any client will read them: the event is
+    // dropped, as a JSON body that is not UTF-8 is refused.
+    let Ok(text) = std::str::from_utf8(event) else {
+        tracing::warn!(target: "mcp_guard::filter", "dropped an SSE event that is not UTF-8");
+        return;
+    };
     let mut data = String::new();
-    let mut other = Vec::new();
-    for line in sse_lines(&text) {
+    let mut other: Vec<std::borrow::Cow<'_, str>> = Vec::new();
+    let mut comment = false;
+    for line in sse_lines(text) {
         // Field names as the SSE specification parses them: up to the first colon, or the
         // whole line (a value-less field).
         let (field, value) = split_field(line);
@@ -149,9 +155,24 @@ fn emit(transform: &mut Transform, event: &[u8], out: &mut Vec<u8>) {
                 }
                 data.push_str(value);
             }
-            // Comments and the fields that carry no message are kept; anything else is
-            // dropped (clients ignore unknown fields, and only what was checked goes out).
-            "" | "event" | "id" | "retry" => other.push(line),
+            // A comment is relayed emptied (it may keep a connection alive; its text is
+            // upstream text nobody checks).
+            "" if !line.is_empty() && !comment => {
+                comment = true;
+                other.push(":".into());
+            }
+            // The event type and the id reach the client (an id becomes its Last-Event-ID):
+            // upstream text, redacted like the data. A marker holding a line break would end
+            // the line early: blanks stand in for them.
+            "event" | "id" => other.push(match transform.redact_field(value) {
+                Some(v) => format!("{field}: {}", v.replace(['\r', '\n'], " ")).into(),
+                None => line.into(),
+            }),
+            // A reconnection delay is ASCII digits; anything else clients ignore, so it goes.
+            "retry" if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) => {
+                other.push(line.into())
+            }
+            // Anything else clients ignore: only what was checked goes out.
             _ => {}
         }
     }
@@ -168,7 +189,7 @@ fn emit(transform: &mut Transform, event: &[u8], out: &mut Vec<u8>) {
     }
     // Lines are re-emitted with LF endings only, so what the client parses is exactly
     // what was checked, whatever line endings the upstream used.
-    for l in other.iter().filter(|l| !l.is_empty()) {
+    for l in &other {
         out.extend_from_slice(l.as_bytes());
         out.push(b'\n');
     }

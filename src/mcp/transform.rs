@@ -217,6 +217,14 @@ impl Transform {
         Ok(filtered)
     }
 
+    /// One SSE field value an upstream sends besides the data (`event`, `id`) through the
+    /// redaction: `Some(redacted)` when a detector fired, `None` when it did not or redaction
+    /// is off.
+    pub fn redact_field(&mut self, value: &str) -> Option<String> {
+        let (r, fired) = self.redact.as_mut()?;
+        r.redact_str(value, fired)
+    }
+
     /// Whether some step decides which tools a `tools/list` answer keeps.
     fn gates_tools(&self) -> bool {
         self.tools.is_some() || self.pins.is_some()
