@@ -953,3 +953,46 @@ pub fn tool_rules(data: &[u8]) {
         assert!(m.as_i64().is_none_or(|m| m <= 5), "serde_json reads /n/m as {m}");
     }
 }
+
+/// Redaction of one upstream message with every built-in detector: never a panic; what comes
+/// out of a JSON message is still JSON; a rewrite happens exactly when a detector fired; and
+/// the rewritten message holds nothing a detector would still fire on.
+pub fn redaction(data: &[u8]) {
+    use mcp_guard::mcp::redact::{BUILTIN, RedactionConfig, Redactor};
+    use std::collections::BTreeMap;
+    use std::sync::OnceLock;
+    static REDACTOR: OnceLock<Redactor> = OnceLock::new();
+    let r = REDACTOR.get_or_init(|| {
+        let detectors: Vec<String> = BUILTIN.iter().map(|s| s.to_string()).collect();
+        Redactor::new(&RedactionConfig {
+            detectors: &detectors,
+            patterns: &BTreeMap::new(),
+            replacement: "[REDACTED:{name}]",
+        })
+        .expect("the built-in detectors compile")
+    });
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let is_json = serde_json::from_str::<Value>(text).is_ok();
+    let mut fired = vec![0u32; r.len()];
+    let Ok(out) = r.message(text, &mut fired) else {
+        return;
+    };
+    let total: u32 = fired.iter().sum();
+    match out {
+        None => assert_eq!(total, 0, "a detector fired but nothing was rewritten"),
+        Some(out) => {
+            assert!(total > 0, "rewritten with no detector fired");
+            if is_json {
+                serde_json::from_str::<Value>(&out).expect("a redacted JSON message stays JSON");
+                let mut again = vec![0u32; r.len()];
+                if let Ok(Some(left)) = r.message(&out, &mut again) {
+                    panic!("a second pass still redacts ({again:?}): {left}");
+                }
+            }
+        }
+    }
+    let mut fired = vec![0u32; r.len()];
+    let _ = r.redact_str(text, &mut fired);
+}

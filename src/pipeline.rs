@@ -1888,7 +1888,16 @@ async fn delete(cx: &Ctx<'_>) -> Result<Reply, GatewayError> {
         .upstream()?
         .end_session(cx.w, &cx.outgoing(Some(&session)))
         .await?;
-    let reply = deliver(cx, exchange, M_DELETE, None).await?;
+    let mut reply = deliver(cx, exchange, M_DELETE, None).await?;
+    // Ending a session answers with a status; whatever body an upstream sends with it is not
+    // MCP the client needs, and no transform (redaction, the tools filter) reads it: it is not
+    // relayed.
+    if !matches!(reply.body, ReplyBody::Empty) {
+        reply.body = ReplyBody::Empty;
+        reply
+            .headers
+            .retain(|(name, _)| !name.eq_ignore_ascii_case("content-type"));
+    }
     if (200..300).contains(&reply.status)
         && let Some(sid) = &cx.head.h.session_id
     {

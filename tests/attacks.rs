@@ -793,6 +793,35 @@ fn members_differing_only_in_case_never_reach_the_child() {
 }
 
 #[test]
+fn a_control_character_in_a_member_name_never_reaches_the_child() {
+    // A decoder that keeps member names as C strings (json-c) reads `"name\u0000x"` as `name`,
+    // and a later member wins there: the gateway would check one name and the server run
+    // another. Any member name holding a control character is refused, at any depth.
+    let lab = stdio_lab();
+    let sid = init_as(lab.addr(), ALICE);
+    for body in [
+        format!(r#"{{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{{"name":"echo","name\u0000":"{DENIED}","arguments":{{"text":"nul-a"}}}}}}"#),
+        format!(r#"{{"jsonrpc":"2.0","id":4,"method":"tools/call","params":{{"name":"echo","arguments":{{"text":"nul-b"}}}},"params\u0000":{{"name":"{DENIED}"}}}}"#),
+        format!(r#"{{"jsonrpc":"2.0","id":5,"method":"ping","method\u0000":"tools/call","params":{{"name":"{DENIED}","arguments":{{"text":"nul-c"}}}}}}"#),
+        format!(r#"{{"jsonrpc":"2.0","id":6,"method":"tools/call","params":{{"name":"echo","nam\u0065\u0000zz":"{DENIED}","arguments":{{"text":"nul-d"}}}}}}"#),
+        r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"echo","arguments":{"text":"nul-e","text\u0001":"x"}}}"#.to_string(),
+        r#"{"jsonrpc":"2.0","id":8,"method":"resources/read","params":{"uri":"file:///public/nul-f","uri\u0000":"file:///etc/secret"}}"#.to_string(),
+    ] {
+        let r = post_as(lab.addr(), ALICE, &body, Some(&sid));
+        assert_eq!(r.status, 400, "{body} -> {}", r.text());
+        assert_eq!(error_code(&r.json()), Some(-32600), "{body} -> {}", r.text());
+    }
+    // A control character in a value is data, not a name: it goes through.
+    let ok = r#"{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"echo","arguments":{"text":"nul-ok\u0000"}}}"#;
+    assert_eq!(post_as(lab.addr(), ALICE, ok, Some(&sid)).status, 200);
+    lab.barrier(ALICE, &sid);
+    lab.assert_child_never_called(|n| n == DENIED);
+    for marker in ["nul-a", "nul-b", "nul-c", "nul-d", "nul-e", "nul-f"] {
+        lab.assert_child_never_saw(marker);
+    }
+}
+
+#[test]
 fn notifications_carrying_an_id_are_refused_and_never_forwarded() {
     // A "request" named notifications/cancelled would skip the per-session remapping that real
     // notifications get, and a server dispatching on the method would cancel the hub id named.

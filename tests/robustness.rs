@@ -174,6 +174,11 @@ fn tools_list_filter_never_lets_a_denied_tool_through_json_or_sse() {
 }
 
 #[test]
+fn redaction_never_panics_keeps_json_valid_and_leaves_nothing_to_redact() {
+    replay("redaction", checks::redaction);
+}
+
+#[test]
 fn config_parse_and_validate_never_panic_on_mutated_input() {
     replay("config", checks::config);
 }

@@ -281,6 +281,12 @@ impl<'a> Scanner<'a> {
             return Err(Refused::Invalid);
         }
         self.pos += 1;
+        // A control character in a member name (only an escape can put one there) is read by
+        // C decoders that stop at NUL as a shorter name: `"name\u0000"` would be a second
+        // `name` to them. No MCP member is named so; the answer is not filtered but refused.
+        if key.escaped && self.decode_key(&key).chars().any(|c| c < ' ') {
+            return Err(Refused::Unfilterable);
+        }
         Ok(key)
     }
 

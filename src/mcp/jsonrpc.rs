@@ -151,6 +151,14 @@ impl Classifier {
         let tape = simd_json::to_tape_with_buffers(&mut self.scratch, &mut self.buffers)
             .map_err(|e| ClassifyError::Parse(format!("invalid JSON: {e}")))?;
         let root = tape.as_value();
+        // Only an escape can put a control character into a member name, so a body without a
+        // backslash skips the walk.
+        if body.contains(&b'\\') && control_in_member_name(root) {
+            return Err(ClassifyError::Invalid(
+                "a member name holds a control character".into(),
+                None,
+            ));
+        }
         if let Some(arr) = root.as_array() {
             if arr.is_empty() {
                 return Err(ClassifyError::Invalid("empty batch".into(), None));
@@ -203,6 +211,22 @@ fn exceeds_depth(body: &[u8], max: usize) -> bool {
 
 /// A value on the classifier's tape.
 pub type TapeValue<'t, 'i> = simd_json::tape::Value<'t, 'i>;
+
+/// Whether any member name, at any depth, holds a control character. Decoders written in C
+/// (json-c, and others that keep names as NUL-terminated strings) read `"name\u0000x"` as
+/// `name`: beside the real `name` it would be the member they use, while this gateway checked
+/// the other. Depth is bounded by `exceeds_depth` before the parse.
+fn control_in_member_name(v: TapeValue<'_, '_>) -> bool {
+    if let Some(o) = v.as_object() {
+        return o
+            .iter()
+            .any(|(k, v)| k.chars().any(|c| c < ' ') || control_in_member_name(v));
+    }
+    if let Some(a) = v.as_array() {
+        return a.iter().any(control_in_member_name);
+    }
+    false
+}
 
 /// A `tools/call`'s `params.arguments` on the tape: absent, present, or given twice (`Err`).
 pub type Arguments<'t, 'i> = Result<Option<TapeValue<'t, 'i>>, String>;

@@ -97,13 +97,13 @@ fn builtin(name: &str) -> Option<(String, Check)> {
         "jwt" => {
             let b = "[A-Za-z0-9_-]";
             (
-                format!(r"{b}{{8,}}\.(?:(?:{b}{{8,}})?\.{b}{{8,}}\.{b}+\.{b}{{8,}}|{b}{{8,}}\.{b}*)"),
+                format!(r"{b}{{8,}}\.(?:(?:{b}{{8,}})?\.{b}{{8,}}\.{b}+\.{b}{{8,}}|{b}{{2,}}\.{b}*)"),
                 Check::JwtHeader,
             )
         }
         // Issuers' first digits are 2–6.
         "card_number" => (
-            format!(r"[2-6][0-9](?:{CARD_SEPARATOR}{{0,3}}[0-9]){{11,17}}"),
+            format!(r"[2-6](?:{CARD_SEPARATOR}{{0,3}}[0-9]){{12,18}}"),
             Check::Luhn,
         ),
         _ => return None,
@@ -227,14 +227,15 @@ fn is_base64url(c: u8) -> bool {
     c.is_ascii_alphanumeric() || c == b'-' || c == b'_'
 }
 
-/// Whether `b` holds a dot with eight base64url characters before it and, after it, eight
-/// more or a second dot (a JWE's empty key): the least a JWT or JWE holds.
+/// Whether `b` holds a dot with eight base64url characters before it and, after it, two more
+/// (the shortest payload, `{}`, is `e30`) or a second dot (a JWE's empty key): the least a JWT
+/// or JWE holds.
 fn may_hold_jwt(b: &[u8]) -> bool {
     memchr::memchr_iter(b'.', b).any(|dot| {
         dot >= 8
             && b[dot - 8..dot].iter().all(|&c| is_base64url(c))
             && (b.get(dot + 1) == Some(&b'.')
-                || b.get(dot + 1..dot + 9)
+                || b.get(dot + 1..dot + 3)
                     .is_some_and(|s| s.iter().all(|&c| is_base64url(c))))
     })
 }
@@ -1212,6 +1213,10 @@ mod tests {
             "x4111111111111111y",
             "card:4111111111111111.",
             "4111 1111 1111 1111 12/27",
+            // Single-digit groups (red team, round 2).
+            "4 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1",
+            "4 111 111 111 111 111",
+            "5 5 0 0 0 0 0 0 0 0 0 0 0 0 0 4",
             "4111111111111111.5",
         ] {
             let out = fires(&r, "card_number", text).unwrap_or_else(|| panic!("{text:?}"));
@@ -1293,6 +1298,10 @@ mod tests {
             // A JWE: five segments, the encrypted key empty or not.
             "eyJhbGciOiJkaXIiLCJlbmMiOiJBMTI4R0NNIn0..MTIzNDU2Nzg5MDEy.c2VjcmV0IHBheWxvYWQgaGVyZQ.MDEyMzQ1Njc4OWFiY2RlZg".to_string(),
             "eyJhbGciOiJSU0EtT0FFUCIsImVuYyI6IkEyNTZHQ00ifQ.a2tra2tra2tra2tra2tra2tra2tra2tra2tra2tra2s.MTIzNDU2Nzg5MDEy.c2VjcmV0IHBheWxvYWQgaGVyZQ.MDEyMzQ1Njc4OWFiY2RlZg".to_string(),
+            // Short payloads: `{}` is `e30` (red team, round 2).
+            format!("eyJhbGciOiJIUzI1NiJ9.e30.{sig}"),
+            "eyJhbGciOiJIUzI1NiJ9.e30.".to_string(),
+            format!("eyJhbGciOiJIUzI1NiJ9.eyJ9.{sig}"),
         ] {
             let out = fires(&r, "jwt", &format!("t={token};")).unwrap_or_else(|| panic!("{token}"));
             assert_eq!(out, "t=[REDACTED:jwt];", "{token}");

@@ -37,6 +37,12 @@ const LOOKALIKES: &[char] = &[
     '\u{29f5}', // reverse solidus operator
     '\u{fe68}', // small reverse solidus
     '\u{ff3c}', // fullwidth reverse solidus
+    // Windows "best fit" conversion to the Japanese and Korean ANSI code pages turns the yen and
+    // won signs into `\` (they share its byte there): `..¥..¥etc` would climb.
+    '\u{a5}',   // yen sign
+    '\u{20a9}', // won sign
+    '\u{ffe5}', // fullwidth yen sign
+    '\u{ffe6}', // fullwidth won sign
 ];
 
 /// A configured root, already checked to be in normal form, as its segments.
@@ -171,6 +177,11 @@ pub fn normalise(value: &str) -> Result<Normalised, Refusal> {
 /// URL parsers at `?` and `#`.
 fn is_plain_segment(s: &str) -> bool {
     let b = s.as_bytes();
+    // Only dots and blanks (`.. .`, `.. ..`): Windows trims trailing dots and spaces, which
+    // leaves `..` or nothing.
+    if b.iter().all(|c| matches!(c, b'.' | b' ' | b'\t')) {
+        return false;
+    }
     let edge_blank = |c: Option<&u8>| matches!(c, Some(b' ' | b'\t'));
     if edge_blank(b.first()) || edge_blank(b.last()) {
         return false;
@@ -265,6 +276,17 @@ mod tests {
             "/srv/data/..../x",
             "/srv/data/.;/x",
             "/srv/data/%2e%2e%3b/x",
+            // Segments of dots and blanks only, which Windows trims to `..` or nothing.
+            "/srv/data/.. ./secret",
+            "/srv/data/x/.. ./.. ./.. ./etc/passwd",
+            "/srv/data/x/.. ../etc",
+            "/srv/data/x/..  ./y",
+            "/srv/data/x/..%20./..%20./etc",
+            // Best-fit backslashes: yen and won signs, raw and encoded.
+            "/srv/data/x/..\u{a5}..\u{a5}..\u{a5}etc",
+            "/srv/data/x/..%C2%A5..%C2%A5etc",
+            "/srv/data/x/..\u{20a9}..\u{20a9}etc",
+            "/srv/data/x/..\u{ffe5}etc",
             // Invisible characters between or around the dots, raw and percent-encoded.
             "/srv/data/.\u{200b}./x",
             "/srv/data/..\u{200b}/x",
