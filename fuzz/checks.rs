@@ -255,7 +255,10 @@ impl<'de> serde::Deserialize<'de> for Members<'de> {
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str("an object")
             }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
                 let mut out = Vec::new();
                 while let Some(k) = map.next_key_seed(KeyBytes)? {
                     out.push((k, map.next_value()?));
@@ -274,6 +277,11 @@ fn only_member<'a>(
     key: &str,
 ) -> Result<Option<&'a serde_json::value::RawValue>, ()> {
     let mut found = None;
+    // A member name holding a control character is read by C decoders as a shorter name: the
+    // filter refuses the message (see `json_scan`).
+    if m.0.iter().any(|(k, _)| k.iter().any(|&b| b < 0x20)) {
+        return Err(());
+    }
     for (k, v) in &m.0 {
         if k == key.as_bytes() {
             if found.replace(*v).is_some() {
@@ -296,6 +304,24 @@ fn only_member<'a>(
     Ok(found)
 }
 
+/// Whether any member name in `v`, at any depth, holds a control character (serde_json's own
+/// depth limit bounds the walk).
+fn control_in_a_member_name(v: &serde_json::value::RawValue) -> bool {
+    use serde_json::value::RawValue;
+    let text = v.get().trim_start_matches([' ', '\t', '\n', '\r']);
+    if text.starts_with('{') {
+        serde_json::from_str::<Members<'_>>(v.get()).is_ok_and(|m| {
+            m.0.iter()
+                .any(|(k, val)| k.iter().any(|&b| b < 0x20) || control_in_a_member_name(val))
+        })
+    } else if text.starts_with('[') {
+        serde_json::from_str::<Vec<&RawValue>>(v.get())
+            .is_ok_and(|a| a.iter().any(|x| control_in_a_member_name(x)))
+    } else {
+        false
+    }
+}
+
 /// What a client reads in one message: its text, and the names of `result.tools` when it
 /// has such a list (`None` for a tool without one single string name).
 type ReadMessage = (String, Option<Vec<Option<String>>>);
@@ -306,12 +332,19 @@ fn read_as_client(body: &[u8]) -> Option<Result<Vec<ReadMessage>, ()>> {
     use serde_json::value::RawValue;
     let text = std::str::from_utf8(body).ok()?;
     serde_json::from_str::<&RawValue>(text).ok()?;
-    let messages: Vec<&RawValue> = if text.trim_start_matches([' ', '\t', '\n', '\r']).starts_with('[') {
+    let messages: Vec<&RawValue> = if text
+        .trim_start_matches([' ', '\t', '\n', '\r'])
+        .starts_with('[')
+    {
         serde_json::from_str(text).ok()?
     } else {
         vec![serde_json::from_str(text).ok()?]
     };
     let read = |m: &RawValue| -> Result<Option<Vec<Option<String>>>, ()> {
+        // A control character in any member name makes the message unfilterable.
+        if control_in_a_member_name(m) {
+            return Err(());
+        }
         let Ok(top) = serde_json::from_str::<Members<'_>>(m.get()) else {
             return Ok(None);
         };
@@ -890,7 +923,10 @@ pub fn tool_rules(data: &[u8]) {
             let n = normalise(candidate).unwrap();
             assert!(n.path.len() >= 2 && n.path[0] == "srv" && n.path[1] == "data");
             let again = format!("/{}", n.path.join("/"));
-            assert!(check_under(&again, &roots).is_ok(), "{candidate:?} -> {again:?}");
+            assert!(
+                check_under(&again, &roots).is_ok(),
+                "{candidate:?} -> {again:?}"
+            );
             assert!(
                 !n.path.iter().any(|s| s == ".." || s == "." || s.is_empty()),
                 "{candidate:?}"
@@ -946,11 +982,17 @@ pub fn tool_rules(data: &[u8]) {
     let args = &v["params"]["arguments"];
     if let Some(p) = args.get("path") {
         let p = p.as_str().expect("admitted /path is a string");
-        assert!(check_under(p, &roots).is_ok(), "serde_json reads /path as {p:?}");
+        assert!(
+            check_under(p, &roots).is_ok(),
+            "serde_json reads /path as {p:?}"
+        );
     }
     if let Some(m) = args.get("n").and_then(|n| n.get("m")) {
         assert!(m.is_i64() || m.is_u64(), "serde_json reads /n/m as {m}");
-        assert!(m.as_i64().is_none_or(|m| m <= 5), "serde_json reads /n/m as {m}");
+        assert!(
+            m.as_i64().is_none_or(|m| m <= 5),
+            "serde_json reads /n/m as {m}"
+        );
     }
 }
 
