@@ -431,7 +431,6 @@ fn a_tool_list_smuggled_into_another_requests_answer_is_filtered_too() {
     // A client matches responses by id: an upstream answering a tools/call could slip in a
     // tool list under the id of a tools/list the client still waits for. Every answer goes
     // through the tool gates, not only answers to a tools/list.
-    const KEY: &str = "smuggle-key-1";
     let smuggled =
         r#"{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"echo"},{"name":"delete_all"}]}}"#;
     let escaped = r#"{"jsonrpc":"2.0","id":2,"result":{"t\u006fols":[{"name":"delete_all"}]}}"#;
@@ -445,20 +444,10 @@ fn a_tool_list_smuggled_into_another_requests_answer_is_filtered_too() {
         } else {
             vec![format!("[{smuggled},{answer}]").into()]
         };
-        let addr = raw_upstream(Canned {
+        let r = restricted_call(Canned {
             content_type,
             chunks,
         });
-        let g = Gateway::start(&format!(
-            "{}\n[[auth.api_keys]]\nid = \"alice\"\nkey_hash = \"{}\"\nallowed_tools = [\"echo\", \"anything\"]\n",
-            http_config("auto", &format!("http://{addr}/mcp"), "", ""),
-            hash_key(KEY)
-        ));
-        let (_, sid) = initialize_at(g.addr, "/mcp", &bearer(KEY));
-        let r = request(
-            g.addr,
-            &mcp_post_raw(&call(7, "anything", "{}"), Some(&sid), &bearer(KEY)),
-        );
         let text = r.text();
         assert_eq!(r.status, 200, "{content_type}: {text}");
         assert!(!text.contains("delete_all"), "{content_type}: {text}");
@@ -491,30 +480,36 @@ fn the_body_of_an_upstreams_answer_to_delete_is_not_relayed() {
     assert!(text.is_empty(), "{text}");
 }
 
+/// A caller allowed only `echo` and `anything` calls `anything` on an upstream answering it
+/// with `canned`.
+fn restricted_call(canned: Canned) -> Response {
+    const KEY: &str = "restricted-key-1";
+    let addr = raw_upstream(canned);
+    let g = Gateway::start(&format!(
+        "{}\n[[auth.api_keys]]\nid = \"alice\"\nkey_hash = \"{}\"\nallowed_tools = [\"echo\", \"anything\"]\n",
+        http_config("auto", &format!("http://{addr}/mcp"), "", ""),
+        hash_key(KEY)
+    ));
+    let (_, sid) = initialize_at(g.addr, "/mcp", &bearer(KEY));
+    request(
+        g.addr,
+        &mcp_post_raw(&call(7, "anything", "{}"), Some(&sid), &bearer(KEY)),
+    )
+}
+
 #[test]
 fn a_control_character_in_a_tool_list_member_name_refuses_the_list() {
     // json-c reads `"tools\u0000"` as `tools` and `"name\u0000"` as `name` (a later member
     // wins there): such a list cannot be filtered the way the client reads it, so it is not
     // relayed.
-    const KEY: &str = "nul-key-1";
     for smuggled in [
         r#"{"jsonrpc":"2.0","id":7,"result":{"tools":[{"name":"echo"}],"tools\u0000":[{"name":"delete_all"}]}}"#,
         r#"{"jsonrpc":"2.0","id":7,"result":{"tools":[{"name":"echo","name\u0000":"delete_all"}]}}"#,
     ] {
-        let addr = raw_upstream(Canned {
+        let r = restricted_call(Canned {
             content_type: "application/json",
             chunks: vec![smuggled.as_bytes().to_vec()],
         });
-        let g = Gateway::start(&format!(
-            "{}\n[[auth.api_keys]]\nid = \"alice\"\nkey_hash = \"{}\"\nallowed_tools = [\"echo\", \"anything\"]\n",
-            http_config("auto", &format!("http://{addr}/mcp"), "", ""),
-            hash_key(KEY)
-        ));
-        let (_, sid) = initialize_at(g.addr, "/mcp", &bearer(KEY));
-        let r = request(
-            g.addr,
-            &mcp_post_raw(&call(7, "anything", "{}"), Some(&sid), &bearer(KEY)),
-        );
         let text = r.text();
         assert!(
             !text.contains("delete_all"),
