@@ -72,6 +72,7 @@ pub fn body(text: &str, find_tools: bool) -> Result<Body<'_>, Refused> {
         bytes: text.as_bytes(),
         pos: 0,
         stack: Vec::new(),
+        gated: find_tools,
     };
     let mut messages = Vec::new();
     let batch = s.ws() == Some(b'[');
@@ -102,6 +103,8 @@ struct Scanner<'a> {
     /// The closing bytes of the containers a skipped value is inside (kept on the heap: the
     /// nesting depth is bounded only by the body's size, never by the call stack).
     stack: Vec<u8>,
+    /// Tool lists are looked for (a tool gate reads this answer).
+    gated: bool,
 }
 
 impl<'a> Scanner<'a> {
@@ -283,8 +286,9 @@ impl<'a> Scanner<'a> {
         self.pos += 1;
         // A control character in a member name (only an escape can put one there) is read by
         // C decoders that stop at NUL as a shorter name: `"name\u0000"` would be a second
-        // `name` to them. No MCP member is named so; the answer is not filtered but refused.
-        if key.escaped && self.decode_key(&key).chars().any(|c| c < ' ') {
+        // `name` or `tools` to them. An answer a tool gate reads is refused, not filtered, when
+        // any member name in it holds one (the check runs wherever the scan reads a key).
+        if self.gated && key.escaped && self.decode_key(&key).chars().any(|c| c < ' ') {
             return Err(Refused::Unfilterable);
         }
         Ok(key)
@@ -647,6 +651,13 @@ mod tests {
         // A lone surrogate in a key does not hide the list.
         let b = body(r#"{"result":{"tools":[{"name":"a"}],"x\ud800":1}}"#, true).unwrap();
         assert!(b.messages[0].tools.is_some());
+    }
+
+    #[test]
+    fn a_control_character_in_a_member_name_refuses_only_a_gated_answer() {
+        let text = r#"{"jsonrpc":"2.0","id":1,"result":{"data":{"a\u0000b":1},"tools":[]}}"#;
+        assert!(matches!(body(text, true), Err(Refused::Unfilterable)));
+        assert!(body(text, false).is_ok());
     }
 
     #[test]
