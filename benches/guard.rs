@@ -181,6 +181,28 @@ fn benches(c: &mut Criterion) {
                 .unwrap()
         })
     });
+    // The perf harness's `tools_list_100`: the mock upstream's tools (a description and an
+    // input schema each, ~20 KiB in all), an allow list of two names and five `a*b` globs.
+    let harness_list = harness_tools_list();
+    let harness_policy = Arc::new(Policy {
+        tools: Rule {
+            allow: Matcher::new(&[
+                "echo", "echo_sse", "tool_0*0", "tool_0*2", "tool_0*4", "tool_0*6", "tool_0*8",
+            ]),
+            deny: Matcher::default(),
+        },
+        ..Policy::default()
+    });
+    c.bench_function("tools_list_filter_passthrough_harness_100_tools", |b| {
+        b.iter(|| black_box(harness_list.as_bytes()).to_vec())
+    });
+    c.bench_function("tools_list_filter_chain_harness_100_tools", |b| {
+        b.iter(|| {
+            Transform::tools_only(harness_policy.clone())
+                .json(black_box(harness_list.as_bytes()))
+                .unwrap()
+        })
+    });
     // Every answer to a restricted caller goes through the chain: a 4 KiB `tools/call` result
     // (file contents with escaped newlines and quotes) that holds no tool list.
     let call_result = call_result_4k();
@@ -223,6 +245,28 @@ fn benches(c: &mut Criterion) {
 }
 
 /// A `tools/call` answer of about 4 KiB: a text file's contents, as servers send them.
+/// The answer `perf upstream --tools 100` gives to tools/list, byte for byte in shape.
+fn harness_tools_list() -> String {
+    let schema = r#"{"type":"object","properties":{"text":{"type":"string"}},"required":["text"]}"#;
+    let mut tools = vec![
+        format!(
+            r#"{{"name":"echo","description":"Echoes its text argument as JSON.","inputSchema":{schema}}}"#
+        ),
+        format!(
+            r#"{{"name":"echo_sse","description":"Echoes its text argument as one SSE event.","inputSchema":{schema}}}"#
+        ),
+    ];
+    for n in 2..100 {
+        tools.push(format!(
+            r#"{{"name":"tool_{n:03}","description":"Synthetic tool number {n}, listed to give tools/list a realistic size.","inputSchema":{schema}}}"#
+        ));
+    }
+    format!(
+        r#"{{"jsonrpc":"2.0","id":2,"result":{{"tools":[{}]}}}}"#,
+        tools.join(",")
+    )
+}
+
 fn call_result_4k() -> String {
     let mut text = String::new();
     let mut line = 0;

@@ -13,7 +13,10 @@ use std::collections::HashSet;
 /// Names and globs (`*` any run, `?` one character) compiled for matching.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Matcher {
-    exact: HashSet<String>,
+    /// Sorted and deduplicated. A `tools/list` answer asks once per listed tool, so a lookup
+    /// is a few length-first comparisons (or a binary search in a long list) rather than a
+    /// SipHash of the name: hashing dominated filtering a 100-tool list.
+    exact: Vec<Box<str>>,
     globs: Vec<Glob>,
     /// A lone `*`: matches everything.
     any: bool,
@@ -33,9 +36,11 @@ impl Matcher {
             } else if p.contains(['*', '?']) {
                 m.globs.push(Glob::new(p));
             } else {
-                m.exact.insert(p.to_string());
+                m.exact.push(p.into());
             }
         }
+        m.exact.sort_unstable();
+        m.exact.dedup();
         m
     }
 
@@ -54,23 +59,85 @@ impl Matcher {
 
     /// Whether `name` matches any entry.
     pub fn matches(&self, name: &str) -> bool {
-        self.any || self.exact.contains(name) || self.globs.iter().any(|g| g.matches(name))
+        self.any || self.is_listed(name) || self.globs.iter().any(|g| g.matches(name))
+    }
+
+    /// Whether `name` is one of the exact names.
+    fn is_listed(&self, name: &str) -> bool {
+        /// Up to this many names a linear scan (most fail on the length) beats a binary search.
+        const LINEAR: usize = 8;
+        if self.exact.len() <= LINEAR {
+            self.exact.iter().any(|e| **e == *name)
+        } else {
+            self.exact.binary_search_by(|e| (**e).cmp(name)).is_ok()
+        }
     }
 
     /// The exact names listed (for metric labels).
     pub fn exact_names(&self) -> impl Iterator<Item = &str> {
-        self.exact.iter().map(String::as_str)
+        self.exact.iter().map(|e| &**e)
     }
 }
 
 /// A compiled glob: the common shapes (`prefix*`, `*suffix`, `*infix*`) are plain substring
-/// tests; anything else runs the general matcher over bytes, without allocating.
+/// tests, any other glob without `?` is literal pieces found in order, and the rest runs the
+/// general matcher over bytes; none allocates.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Glob {
     Prefix(String),
     Suffix(String),
     Contains(String),
+    Pieces(Pieces),
     General(Vec<u8>),
+}
+
+/// A glob of literals and `*` only (`tool_0*0`, `a*b*c`): the first piece anchors the start,
+/// the last the end, and the middle ones are found in order between them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Pieces {
+    first: String,
+    middle: Vec<String>,
+    last: String,
+}
+
+impl Pieces {
+    fn new(p: &str) -> Option<Self> {
+        if p.contains('?') {
+            return None;
+        }
+        let mut parts = p.split('*');
+        let first = parts.next()?.to_string();
+        let mut middle: Vec<String> = parts.map(str::to_string).collect();
+        let last = middle.pop()?;
+        middle.retain(|m| !m.is_empty());
+        Some(Pieces {
+            first,
+            middle,
+            last,
+        })
+    }
+
+    /// Leftmost-first placement of each middle piece is enough: `*` takes any run, so a piece
+    /// found earlier leaves at least as much room for the ones after it. Bytes are compared:
+    /// a UTF-8 piece found in UTF-8 text always starts and ends on character boundaries.
+    fn matches(&self, name: &str) -> bool {
+        let name = name.as_bytes();
+        let (first, last) = (self.first.as_bytes(), self.last.as_bytes());
+        if name.len() < first.len() + last.len()
+            || !name.starts_with(first)
+            || !name.ends_with(last)
+        {
+            return false;
+        }
+        let mut rest = &name[first.len()..name.len() - last.len()];
+        for piece in &self.middle {
+            match memchr::memmem::find(rest, piece.as_bytes()) {
+                Some(at) => rest = &rest[at + piece.len()..],
+                None => return false,
+            }
+        }
+        true
+    }
 }
 
 impl Glob {
@@ -91,7 +158,10 @@ impl Glob {
         {
             return Glob::Contains(mid.to_string());
         }
-        Glob::General(p.as_bytes().to_vec())
+        match Pieces::new(p) {
+            Some(pieces) => Glob::Pieces(pieces),
+            None => Glob::General(p.as_bytes().to_vec()),
+        }
     }
 
     fn matches(&self, name: &str) -> bool {
@@ -99,6 +169,7 @@ impl Glob {
             Glob::Prefix(p) => name.starts_with(p.as_str()),
             Glob::Suffix(s) => name.ends_with(s.as_str()),
             Glob::Contains(m) => name.contains(m.as_str()),
+            Glob::Pieces(p) => p.matches(name),
             Glob::General(p) => wildcard(p, name.as_bytes()),
         }
     }
@@ -342,6 +413,42 @@ mod tests {
         assert!(!g.matches("abcxx"));
         assert!(g.matches("éüx"), "? matches one whole character");
         assert!(!g.matches("éx"));
+    }
+
+    #[test]
+    fn pieces_match_exactly_as_the_general_matcher() {
+        let patterns = [
+            "a*b", "a*b*c", "*a*b", "a*b*", "**", "a**b", "ab*ba", "a*a", "*é*", "x*é*y",
+            "tool_0*0", "*", "a*", "*a", "aa*aa*aa",
+        ];
+        let names = [
+            "", "a", "b", "ab", "aab", "abb", "abc", "acb", "aXbYc", "ba", "aba", "abba", "aa",
+            "aaa", "aaaa", "aaaaa", "aaaaaa", "é", "xéy", "xy", "tool_010", "tool_011", "tool_0",
+            "tool_00", "aaXaaYaa", "aaaa aa",
+        ];
+        for p in patterns {
+            let compiled = Glob::new(p);
+            for n in names {
+                assert_eq!(
+                    compiled.matches(n),
+                    wildcard(p.as_bytes(), n.as_bytes()),
+                    "pattern {p:?} on {n:?}"
+                );
+            }
+        }
+        assert!(matches!(Glob::new("tool_0*0"), Glob::Pieces(_)));
+        assert!(matches!(Glob::new("a?*b"), Glob::General(_)));
+    }
+
+    #[test]
+    fn exact_names_are_found_in_short_and_long_lists() {
+        let short = Matcher::new(&["b", "a", "b"]);
+        assert!(short.matches("a") && short.matches("b") && !short.matches("c"));
+        assert_eq!(short.exact_names().count(), 2, "duplicates are kept once");
+        let names: Vec<String> = (0..50).map(|n| format!("tool_{n:03}")).collect();
+        let long = Matcher::new(&names);
+        assert!(names.iter().all(|n| long.matches(n)));
+        assert!(!long.matches("tool_050") && !long.matches("tool_") && !long.matches(""));
     }
 
     #[test]
