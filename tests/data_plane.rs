@@ -545,6 +545,25 @@ fn a_connection_that_never_sends_is_closed_after_the_header_timeout() {
 }
 
 #[test]
+fn a_kept_alive_connection_waits_the_idle_timeout_not_the_header_timeout() {
+    // After a request the connection is idle, not new: past the buffer hold and past the
+    // header timeout it is still open, and serves its next request.
+    let g = Gateway::start(&stdio_config(
+        "auto",
+        "header_timeout_secs = 1\nidle_timeout_secs = 60",
+        &[],
+    ));
+    let mut s = connect(g.addr);
+    s.write_all(b"GET /live HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_response(&mut s).unwrap().status, 200);
+    std::thread::sleep(Duration::from_millis(2500));
+    s.write_all(b"GET /live HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_response(&mut s).unwrap().status, 200);
+}
+
+#[test]
 fn idle_keep_alive_connection_is_closed() {
     let g = Gateway::start(&stdio_config("auto", "idle_timeout_secs = 1", &[]));
     let mut s = connect(g.addr);

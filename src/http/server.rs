@@ -28,40 +28,102 @@ const SSE_KEEPALIVE: Duration = Duration::from_secs(15);
 #[allow(clippy::large_enum_variant)] // see `HeadParse`
 enum HeadOutcome {
     Head(RequestHead),
+    /// No byte of a next request came within the hold (this long): the connection is idle.
+    Quiet(Duration),
     Closed,
     Error(GatewayError),
 }
 
 /// Serves one client connection until it closes, errs, or the worker shuts down. `client`:
 /// over TLS, the client authentication of the handshake, checked again before every request.
+///
+/// A connection alternates between two states. Idle (new, or quiet for [`IDLE_BUFFER_HOLD`]
+/// after its last request) it holds no buffer and only the small state of a readiness wait,
+/// so ten thousand idle keep-alive connections cost little memory. Once bytes arrive it is
+/// served in a boxed burst ([`serve_burst`]) that holds the request pipeline's large state
+/// machine and the connection's buffers, allocated once per burst rather than per request,
+/// until the connection goes quiet again.
 pub async fn serve<S: Connection>(
     w: Rc<Worker>,
     mut stream: S,
     addr: SocketAddr,
-    mut client: Option<crate::tls::client::ClientAuth>,
+    client: Option<Box<crate::tls::client::ClientAuth>>,
 ) {
-    // Buffers start small and an idle connection gives its read buffer back (see `idle_wait`),
-    // so ten thousand idle keep-alive connections cost little memory.
-    let mut buf: Vec<u8> = Vec::new();
-    let mut out: Vec<u8> = Vec::new();
-    let mut fresh = true;
+    let mut conn = ConnState {
+        buf: Vec::new(),
+        out: Vec::new(),
+        client,
+    };
+    // A new connection gets `header_timeout` for its first byte, not the keep-alive idle
+    // allowance: silent sockets would otherwise hold connection slots (and `max_connections`)
+    // for two minutes each.
+    let mut wait = {
+        let s = &w.settings().server;
+        s.header_timeout.min(s.idle_timeout)
+    };
     loop {
-        let head = match read_head(&w, &mut stream, &mut buf, &w.settings(), fresh).await {
+        match idle_wait(&w, &mut stream, wait).await {
+            Idle::Data(b) => conn.buf = b,
+            Idle::Closed => return,
+        }
+        match Box::pin(serve_burst(&w, &mut stream, addr, &mut conn)).await {
+            Burst::Quiet { waited } => {
+                // Nothing is kept while idle: the next burst allocates afresh.
+                conn.buf = Vec::new();
+                conn.out = Vec::new();
+                wait = w.settings().server.idle_timeout.saturating_sub(waited);
+            }
+            Burst::Closed => return,
+        }
+    }
+}
+
+/// What a connection keeps between its bursts.
+struct ConnState {
+    /// Bytes read and not yet consumed (the start of the next request).
+    buf: Vec<u8>,
+    /// The reply buffer, reused across the requests of a burst.
+    out: Vec<u8>,
+    /// Boxed: a plain connection's idle task then carries a pointer, not the whole record.
+    client: Option<Box<crate::tls::client::ClientAuth>>,
+}
+
+/// How a burst of requests ended.
+enum Burst {
+    /// No byte of a next request within `waited` of the last reply: the connection is idle.
+    Quiet {
+        waited: Duration,
+    },
+    Closed,
+}
+
+/// Serves requests while they keep coming: from a connection's first buffered bytes until it
+/// closes or stays quiet for [`IDLE_BUFFER_HOLD`].
+async fn serve_burst<S: Connection>(
+    w: &Rc<Worker>,
+    stream: &mut S,
+    addr: SocketAddr,
+    conn: &mut ConnState,
+) -> Burst {
+    loop {
+        let head = match read_head(w, stream, &mut conn.buf, &w.settings()).await {
             HeadOutcome::Head(h) => h,
-            HeadOutcome::Closed => return,
+            HeadOutcome::Quiet(waited) => return Burst::Quiet { waited },
+            HeadOutcome::Closed => return Burst::Closed,
             HeadOutcome::Error(e) => {
-                let peer = Peer::of(addr, client.as_ref());
-                return Box::pin(refuse_head(&w, &mut stream, e, peer, out)).await;
+                let peer = Peer::of(addr, conn.client.as_deref());
+                let out = std::mem::take(&mut conn.out);
+                Box::pin(refuse_head(w, stream, e, peer, out)).await;
+                return Burst::Closed;
             }
         };
-        fresh = false;
         // The snapshot is taken once the head has arrived, not before the idle wait: a reload
         // that revokes a key applies to the very next request of every open connection.
         let cfg = w.settings();
         // What the handshake decided about the client certificate holds only while the
         // certificate is valid and the CAs that verified it are still trusted.
         let mut last_request = false;
-        if let Some(c) = client.as_mut() {
+        if let Some(c) = conn.client.as_mut() {
             let verifier = cfg
                 .server
                 .tls
@@ -69,39 +131,30 @@ pub async fn serve<S: Connection>(
                 .and_then(|t| t.client_verifier.as_ref());
             match c.recheck(verifier, unix_now()) {
                 crate::tls::client::Recheck::Serve => {}
-                crate::tls::client::Recheck::Close => return,
+                crate::tls::client::Recheck::Close => return Burst::Closed,
                 // Refused through the mTLS provider (401, audited with the reason), and the
                 // connection ends with that reply. Without the provider nothing would refuse
                 // the request, so the connection ends now.
-                crate::tls::client::Recheck::Refused if cfg.auth.mtls.is_none() => return,
+                crate::tls::client::Recheck::Refused if cfg.auth.mtls.is_none() => {
+                    return Burst::Closed;
+                }
                 crate::tls::client::Recheck::Refused => last_request = true,
             }
         }
-        let peer = Peer::of(addr, client.as_ref());
-        // Everything from the body to the written reply runs in one boxed future, which owns
-        // the head: an idle connection's task then holds only the (small) head-reading state
-        // (a few hundred bytes less per idle connection than with the head kept beside it),
-        // and a request in flight pays one allocation for the pipeline's large state machine.
-        let served = Box::pin(serve_request(
-            &w,
-            &mut stream,
-            &mut buf,
-            out,
-            &cfg,
-            head,
-            peer,
-        ));
-        match served.await {
-            Some(o) if !last_request => out = o,
-            _ => return,
+        let peer = Peer::of(addr, conn.client.as_deref());
+        let out = std::mem::take(&mut conn.out);
+        let served = serve_request(w, stream, &mut conn.buf, out, &cfg, head, peer).await;
+        match served {
+            Some(o) if !last_request => conn.out = o,
+            _ => return Burst::Closed,
         }
         // A large body grew the buffers: give that memory back rather than keep it per
         // connection.
-        if out.capacity() > MAX_KEPT_BUFFER {
-            out = Vec::new();
+        if conn.out.capacity() > MAX_KEPT_BUFFER {
+            conn.out = Vec::new();
         }
-        if buf.is_empty() && buf.capacity() > MAX_KEPT_BUFFER {
-            buf = Vec::new();
+        if conn.buf.is_empty() && conn.buf.capacity() > MAX_KEPT_BUFFER {
+            conn.buf = Vec::new();
         }
     }
 }
@@ -341,65 +394,56 @@ enum Idle {
     Closed,
 }
 
-/// Waits for the next request on an idle connection. Between requests of a busy keep-alive
-/// connection the read is posted with a buffer (no extra operation on the hot path); if nothing
-/// arrives within [`IDLE_BUFFER_HOLD`] it is cancelled (without losing bytes that raced the
-/// cancel) and the wait continues buffer-less until the idle timeout. A new connection
-/// (`fresh`) waits buffer-less from the start, so connections that never send cost no buffer.
-async fn idle_wait<S: Connection>(
-    w: &Rc<Worker>,
-    stream: &mut S,
-    idle_timeout: Duration,
-    fresh: bool,
-) -> Idle {
-    let start = Instant::now();
-    let canceller = monoio::io::Canceller::new();
-    let mut buf = Vec::new();
-    let hold = IDLE_BUFFER_HOLD.min(idle_timeout);
-    if !fresh {
-        buf.reserve(HEAD_READ);
-        let read = stream.cancelable_read(SliceMut::new(buf, 0, HEAD_READ), canceller.handle());
-        let mut read = std::pin::pin!(read);
-        let early = monoio::select! {
-            r = &mut read => Some(r),
-            _ = monoio::time::sleep(hold) => None,
-            _ = w.shutdown.wait() => return Idle::Closed,
-        };
-        let (res, slice) = match early {
-            Some(r) => r,
-            None => {
-                canceller.cancel();
-                read.await
-            }
-        };
-        buf = slice.into_inner();
-        match res {
-            Ok(0) => return Idle::Closed,
-            Ok(_) => return Idle::Data(buf),
-            Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => {}
-            Err(_) if !buf.is_empty() => return Idle::Data(buf),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => return Idle::Closed,
-        }
-    }
-    drop(buf);
-    let left = idle_timeout.saturating_sub(start.elapsed());
-    if left.is_zero() {
+/// Waits, holding no buffer, up to `wait` for the first bytes of an idle connection's next
+/// request (or a new connection's first).
+async fn idle_wait<S: Connection>(w: &Rc<Worker>, stream: &mut S, wait: Duration) -> Idle {
+    if wait.is_zero() || w.shutdown.is_fired() {
         return Idle::Closed;
     }
+    // The worker's shared deadlines, not a timer of its own: see `runtime::deadlines`.
     let ready = monoio::select! {
-        r = monoio::time::timeout(left, stream.wait_readable()) => r,
+        r = stream.wait_readable() => r,
+        _ = w.deadlines.at(Instant::now() + wait) => return Idle::Closed,
         _ = w.shutdown.wait() => return Idle::Closed,
     };
-    match ready {
-        Ok(Ok(())) => {
-            let (res, buf) = read_append(stream, Vec::new(), HEAD_READ).await;
-            match res {
-                Ok(n) if n > 0 => Idle::Data(buf),
-                _ => Idle::Closed,
-            }
-        }
+    if ready.is_err() {
+        return Idle::Closed;
+    }
+    let (res, buf) = read_append(stream, Vec::new(), HEAD_READ).await;
+    match res {
+        Ok(n) if n > 0 => Idle::Data(buf),
         _ => Idle::Closed,
+    }
+}
+
+/// Waits up to `hold` for the next request of a busy keep-alive connection with a read
+/// posted (no extra operation between its requests). `None`: nothing came, and the read was
+/// cancelled without losing bytes that raced the cancel.
+async fn hold_wait<S: Connection>(w: &Rc<Worker>, stream: &mut S, hold: Duration) -> Option<Idle> {
+    let canceller = monoio::io::Canceller::new();
+    let buf = Vec::with_capacity(HEAD_READ);
+    let read = stream.cancelable_read(SliceMut::new(buf, 0, HEAD_READ), canceller.handle());
+    let mut read = std::pin::pin!(read);
+    let early = monoio::select! {
+        r = &mut read => Some(r),
+        _ = monoio::time::sleep(hold) => None,
+        _ = w.shutdown.wait() => return Some(Idle::Closed),
+    };
+    let (res, slice) = match early {
+        Some(r) => r,
+        None => {
+            canceller.cancel();
+            read.await
+        }
+    };
+    let buf = slice.into_inner();
+    match res {
+        Ok(0) => Some(Idle::Closed),
+        Ok(_) => Some(Idle::Data(buf)),
+        Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => None,
+        Err(_) if !buf.is_empty() => Some(Idle::Data(buf)),
+        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => None,
+        Err(_) => Some(Idle::Closed),
     }
 }
 
@@ -408,7 +452,6 @@ async fn read_head<S: Connection>(
     stream: &mut S,
     buf: &mut Vec<u8>,
     cfg: &crate::config::Settings,
-    fresh: bool,
 ) -> HeadOutcome {
     let s = &cfg.server;
     let mut deadline = (!buf.is_empty()).then(|| Instant::now() + s.header_timeout);
@@ -421,21 +464,16 @@ async fn read_head<S: Connection>(
             }
         }
         let Some(d) = deadline else {
-            // Idle: nothing of the next request yet.
+            // Between requests: nothing of the next one yet.
             if w.shutdown.is_fired() {
                 return HeadOutcome::Closed;
             }
-            // A new connection gets `header_timeout` for its first byte, not the keep-alive
-            // idle allowance: silent sockets would otherwise hold connection slots (and
-            // `max_connections`) for two minutes each.
-            let wait = if fresh {
-                s.header_timeout.min(s.idle_timeout)
-            } else {
-                s.idle_timeout
-            };
-            match idle_wait(w, stream, wait, fresh).await {
-                Idle::Closed => return HeadOutcome::Closed,
-                Idle::Data(b) => {
+            let hold = IDLE_BUFFER_HOLD.min(s.idle_timeout);
+            let start = Instant::now();
+            match hold_wait(w, stream, hold).await {
+                None => return HeadOutcome::Quiet(start.elapsed()),
+                Some(Idle::Closed) => return HeadOutcome::Closed,
+                Some(Idle::Data(b)) => {
                     *buf = b;
                     deadline = Some(Instant::now() + s.header_timeout);
                     continue;

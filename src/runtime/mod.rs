@@ -3,6 +3,7 @@
 //! reload, upstream health) on the main thread until shutdown.
 
 pub mod control;
+pub mod deadlines;
 pub mod shutdown;
 pub mod worker;
 

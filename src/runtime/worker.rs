@@ -210,6 +210,8 @@ pub struct Worker {
     latency_dirty: Cell<bool>,
     /// Fires when this worker starts draining.
     pub shutdown: Rc<LocalShutdown>,
+    /// The deadlines of idle connections, on one timer.
+    pub deadlines: Rc<super::deadlines::Deadlines>,
     /// Connections being served by this worker.
     pub active: Cell<usize>,
     /// Request-body bytes this worker holds in memory right now (capped in `http::server`).
@@ -251,6 +253,7 @@ impl Worker {
             latency: RefCell::new(new_histogram()),
             latency_dirty: Cell::new(false),
             shutdown: LocalShutdown::new(),
+            deadlines: super::deadlines::Deadlines::new(),
             active: Cell::new(0),
             body_bytes_in_flight: Cell::new(0),
             auth_failure_audit: RefCell::new(AuthFailureAudit::default()),
@@ -395,6 +398,7 @@ fn push_hex(out: &mut String, v: u64, digits: u32) {
 
 /// Runs the accept loop of one worker until shutdown, then drains its connections.
 pub async fn run(w: Rc<Worker>, listener: monoio::net::TcpListener) {
+    monoio::spawn(w.deadlines.clone().fire());
     let publisher = w.clone();
     monoio::spawn(async move {
         let mut ticks = 0u32;
@@ -558,7 +562,7 @@ async fn serve_tls(
             // Only a certificate rustls verified is here; its names are read once, and the
             // chain is kept to verify again should a reload change the trusted CAs.
             let client = crate::tls::client::ClientAuth::new(verifier, tls.client_chain());
-            crate::http::server::serve(w, tls, peer, Some(client)).await;
+            crate::http::server::serve(w, tls, peer, Some(Box::new(client))).await;
         }
         Ok(Err(e)) => {
             tracing::debug!(target: "mcp_guard::tls", "TLS handshake with {peer} failed: {e}");
