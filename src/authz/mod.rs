@@ -436,6 +436,31 @@ mod tests {
                 );
             }
         }
+        // Every pattern of up to five characters over `a`, `b`, `*` against every name of up to
+        // six characters over `a`, `b`: the compiled forms and the reference agree on all.
+        fn words(alphabet: &[char], max: usize) -> Vec<String> {
+            let mut all = vec![String::new()];
+            let mut last = vec![String::new()];
+            for _ in 0..max {
+                last = last
+                    .iter()
+                    .flat_map(|w| alphabet.iter().map(move |c| format!("{w}{c}")))
+                    .collect();
+                all.extend(last.iter().cloned());
+            }
+            all
+        }
+        let names = words(&['a', 'b'], 6);
+        for p in words(&['a', 'b', '*'], 5) {
+            let compiled = Glob::new(&p);
+            for n in &names {
+                assert_eq!(
+                    compiled.matches(n),
+                    wildcard(p.as_bytes(), n.as_bytes()),
+                    "pattern {p:?} on {n:?}"
+                );
+            }
+        }
         assert!(matches!(Glob::new("tool_0*0"), Glob::Pieces(_)));
         assert!(matches!(Glob::new("a?*b"), Glob::General(_)));
     }
