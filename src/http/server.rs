@@ -105,8 +105,11 @@ async fn serve_burst<S: Connection>(
     addr: SocketAddr,
     conn: &mut ConnState,
 ) -> Burst {
+    // One canceller for the burst's between-request reads: its set of operations is allocated
+    // once, not per request.
+    let mut canceller = monoio::io::Canceller::new();
     loop {
-        let head = match read_head(w, stream, &mut conn.buf, &w.settings()).await {
+        let head = match read_head(w, stream, &mut conn.buf, &w.settings(), &mut canceller).await {
             HeadOutcome::Head(h) => h,
             HeadOutcome::Quiet(waited) => return Burst::Quiet { waited },
             HeadOutcome::Closed => return Burst::Closed,
@@ -419,8 +422,12 @@ async fn idle_wait<S: Connection>(w: &Rc<Worker>, stream: &mut S, wait: Duration
 /// Waits up to `hold` for the next request of a busy keep-alive connection with a read
 /// posted (no extra operation between its requests). `None`: nothing came, and the read was
 /// cancelled without losing bytes that raced the cancel.
-async fn hold_wait<S: Connection>(w: &Rc<Worker>, stream: &mut S, hold: Duration) -> Option<Idle> {
-    let canceller = monoio::io::Canceller::new();
+async fn hold_wait<S: Connection>(
+    w: &Rc<Worker>,
+    stream: &mut S,
+    hold: Duration,
+    canceller: &mut monoio::io::Canceller,
+) -> Option<Idle> {
     let buf = Vec::with_capacity(HEAD_READ);
     let read = stream.cancelable_read(SliceMut::new(buf, 0, HEAD_READ), canceller.handle());
     let mut read = std::pin::pin!(read);
@@ -432,7 +439,9 @@ async fn hold_wait<S: Connection>(w: &Rc<Worker>, stream: &mut S, hold: Duration
     let (res, slice) = match early {
         Some(r) => r,
         None => {
-            canceller.cancel();
+            // A cancelled canceller stays cancelled; the fresh one it returns (same set) serves
+            // the connection's next reads should bytes have raced the cancel.
+            *canceller = std::mem::take(canceller).cancel();
             read.await
         }
     };
@@ -452,6 +461,7 @@ async fn read_head<S: Connection>(
     stream: &mut S,
     buf: &mut Vec<u8>,
     cfg: &crate::config::Settings,
+    canceller: &mut monoio::io::Canceller,
 ) -> HeadOutcome {
     let s = &cfg.server;
     let mut deadline = (!buf.is_empty()).then(|| Instant::now() + s.header_timeout);
@@ -470,7 +480,7 @@ async fn read_head<S: Connection>(
             }
             let hold = IDLE_BUFFER_HOLD.min(s.idle_timeout);
             let start = Instant::now();
-            match hold_wait(w, stream, hold).await {
+            match hold_wait(w, stream, hold, canceller).await {
                 None => return HeadOutcome::Quiet(start.elapsed()),
                 Some(Idle::Closed) => return HeadOutcome::Closed,
                 Some(Idle::Data(b)) => {
