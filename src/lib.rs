@@ -22,6 +22,7 @@ pub mod mcp;
 pub mod observe;
 pub mod pinning;
 pub mod pipeline;
+pub mod prehashed;
 pub mod ratelimit;
 pub mod rules;
 pub mod runtime;

@@ -5,8 +5,8 @@
 
 use super::{AuthMethod, Identity};
 use crate::authz::Policy;
+use crate::prehashed::PrehashedMap;
 use base64::Engine as _;
-use std::collections::HashMap;
 use std::sync::Arc;
 
 /// The longest key accepted (longer input is refused before hashing).
@@ -21,7 +21,8 @@ struct Entry {
 /// The compiled key table.
 #[derive(Debug, Default)]
 pub struct ApiKeys {
-    by_digest: HashMap<[u8; 32], Entry>,
+    /// Digests are SHA-256 outputs: the map uses their bits as they are.
+    by_digest: PrehashedMap<[u8; 32], Entry>,
 }
 
 /// Decodes a `key_hash` value.

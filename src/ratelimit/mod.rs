@@ -20,8 +20,8 @@ pub mod redis;
 pub mod resp;
 
 use crate::auth::RateKey;
+use crate::prehashed::PrehashedMap;
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -181,13 +181,15 @@ const MAX_PER_SHARD: usize = 16_384;
 /// The in-process pool: sharded buckets behind short critical sections. Only leases (a worker
 /// that ran dry) come here, never the common case.
 pub struct MemoryPool {
-    shards: Vec<Mutex<HashMap<BucketKey, GlobalBucket>>>,
+    shards: Vec<Mutex<PrehashedMap<BucketKey, GlobalBucket>>>,
 }
 
 impl Default for MemoryPool {
     fn default() -> Self {
         Self {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(PrehashedMap::default()))
+                .collect(),
         }
     }
 }
@@ -294,7 +296,7 @@ enum Step {
 
 /// A worker's local buckets.
 pub struct LocalLimiter {
-    buckets: RefCell<HashMap<BucketKey, LocalBucket>>,
+    buckets: RefCell<PrehashedMap<BucketKey, LocalBucket>>,
     workers: u32,
 }
 
@@ -302,7 +304,7 @@ impl LocalLimiter {
     /// A limiter for one of `workers` workers.
     pub fn new(workers: usize) -> Self {
         Self {
-            buckets: RefCell::new(HashMap::new()),
+            buckets: RefCell::new(PrehashedMap::default()),
             workers: workers.max(1) as u32,
         }
     }

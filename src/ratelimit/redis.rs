@@ -127,7 +127,7 @@ struct Inner {
     settings: RedisSettings,
     /// Whether the last exchange with Redis worked.
     healthy: AtomicBool,
-    stock: Vec<Mutex<HashMap<BucketKey, Stock>>>,
+    stock: Vec<Mutex<crate::prehashed::PrehashedMap<BucketKey, Stock>>>,
     /// The `local` rule's buckets (this node's share of each limit).
     fallback: MemoryPool,
     stats: Stats,
@@ -215,7 +215,9 @@ impl RedisPool {
     pub fn start(settings: RedisSettings) -> Result<RedisPool, String> {
         let inner = Arc::new(Inner {
             healthy: AtomicBool::new(false),
-            stock: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            stock: (0..SHARDS)
+                .map(|_| Mutex::new(crate::prehashed::PrehashedMap::default()))
+                .collect(),
             fallback: MemoryPool::default(),
             stats: Stats::default(),
             settings,
@@ -792,7 +794,9 @@ mod tests {
                     lease_timeout: Duration::from_millis(10),
                 },
                 healthy: AtomicBool::new(false),
-                stock: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+                stock: (0..SHARDS)
+                    .map(|_| Mutex::new(crate::prehashed::PrehashedMap::default()))
+                    .collect(),
                 fallback: MemoryPool::default(),
                 stats: Stats::default(),
             }),
