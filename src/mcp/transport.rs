@@ -59,26 +59,56 @@ pub fn batch_allowed(version: &str) -> bool {
     version == "2025-03-26" || version == "2024-11-05"
 }
 
-/// Whether an Accept header value allows `wanted` (type/subtype), honouring wildcards and q=0.
-fn accepts(accept: &str, wanted: &str) -> bool {
-    let (wtype, _) = wanted.split_once('/').unwrap_or((wanted, ""));
-    accept.split(',').any(|item| {
-        let mut parts = item.split(';');
-        let range = parts.next().unwrap_or("").trim();
-        let refused = parts.any(|p| {
-            let p = p.trim();
-            p.eq_ignore_ascii_case("q=0")
-                || p.eq_ignore_ascii_case("q=0.0")
-                || p.eq_ignore_ascii_case("q=0.000")
-        });
-        if refused {
-            return false;
-        }
-        range.eq_ignore_ascii_case(wanted)
-            || range == "*/*"
-            || range
+/// Whether an Accept header value allows each of `wanted` (type/subtype), in one pass. Each
+/// wanted type is decided by the most specific range that names it (exact, then `type/*`, then
+/// `*/*`), as RFC 9110 §12.5.1 orders them, so `application/json;q=0, */*` refuses JSON; among
+/// equally specific ranges one with a non-zero weight is enough.
+fn accepts_each<const N: usize>(accept: &str, wanted: [&str; N]) -> [bool; N] {
+    // Per wanted type: how specific its best range was, and whether that range allows it.
+    let mut best: [Option<(u8, bool)>; N] = [None; N];
+    for item in accept.split(',') {
+        let (range, params) = match item.split_once(';') {
+            Some((range, params)) => (range.trim(), Some(params)),
+            None => (item.trim(), None),
+        };
+        let mut allowed: Option<bool> = None;
+        for (slot, w) in best.iter_mut().zip(wanted) {
+            let wtype = w.split_once('/').map_or(w, |(t, _)| t);
+            let specificity = if range.eq_ignore_ascii_case(w) {
+                3
+            } else if range
                 .strip_suffix("/*")
-                .is_some_and(|t| t.eq_ignore_ascii_case(wtype))
+                .is_some_and(|t| t != "*" && t.eq_ignore_ascii_case(wtype))
+            {
+                2
+            } else if range == "*/*" {
+                1
+            } else {
+                continue;
+            };
+            let ok = *allowed.get_or_insert_with(|| !params.is_some_and(weight_is_zero));
+            match *slot {
+                Some((s, was_ok)) if s > specificity || (s == specificity && was_ok) => {}
+                _ => *slot = Some((specificity, ok)),
+            }
+        }
+    }
+    best.map(|b| b.is_some_and(|(_, ok)| ok))
+}
+
+/// Whether a range's parameters give it weight zero (`q=0`, `q=0.`, up to `q=0.000`).
+fn weight_is_zero(params: &str) -> bool {
+    params.split(';').any(|p| {
+        let p = p.trim();
+        let Some(value) = p.strip_prefix("q=").or_else(|| p.strip_prefix("Q=")) else {
+            return false;
+        };
+        value.strip_prefix('0').is_some_and(|rest| {
+            rest.is_empty()
+                || rest
+                    .strip_prefix('.')
+                    .is_some_and(|d| d.len() <= 3 && d.bytes().all(|b| b == b'0'))
+        })
     })
 }
 
@@ -86,7 +116,7 @@ fn accepts(accept: &str, wanted: &str) -> bool {
 pub fn check_post_headers(head: &RequestHead) -> Result<(), GatewayError> {
     check_content_type(head)?;
     let accept = head.h.accept.as_deref().unwrap_or("");
-    if !(accepts(accept, "application/json") && accepts(accept, "text/event-stream")) {
+    if accepts_each(accept, ["application/json", "text/event-stream"]) != [true, true] {
         return Err(GatewayError::NotAcceptable(
             "both application/json and text/event-stream",
         ));
@@ -109,7 +139,11 @@ pub fn check_content_type(head: &RequestHead) -> Result<(), GatewayError> {
 
 /// GET opens an SSE stream, so Accept must allow text/event-stream.
 pub fn check_stream_accept(head: &RequestHead) -> Result<(), GatewayError> {
-    if accepts(head.h.accept.as_deref().unwrap_or(""), "text/event-stream") {
+    if accepts_each(
+        head.h.accept.as_deref().unwrap_or(""),
+        ["text/event-stream"],
+    ) == [true]
+    {
         Ok(())
     } else {
         Err(GatewayError::NotAcceptable("text/event-stream"))
@@ -194,6 +228,7 @@ mod tests {
 
     #[test]
     fn accept_matching_honours_wildcards_and_q0() {
+        let accepts = |accept: &str, wanted: &str| accepts_each(accept, [wanted]) == [true];
         assert!(accepts(
             "application/json, text/event-stream",
             "text/event-stream"
@@ -202,6 +237,42 @@ mod tests {
         assert!(accepts("application/*;q=0.5", "application/json"));
         assert!(!accepts("application/json;q=0", "application/json"));
         assert!(!accepts("text/html", "application/json"));
+        for zero in ["q=0", "Q=0", "q=0.", "q=0.0", "q=0.00", "q=0.000", " q=0 "] {
+            assert!(!accepts(
+                &format!("application/json;{zero}"),
+                "application/json"
+            ));
+        }
+        assert!(accepts("application/json;q=0.001", "application/json"));
+        assert!(
+            accepts("application/json;q=0.0001", "application/json"),
+            "not a qvalue"
+        );
+        // The most specific range decides.
+        assert!(!accepts("application/json;q=0, */*", "application/json"));
+        assert!(!accepts("application/*;q=0, */*", "application/json"));
+        assert!(accepts("*/*;q=0, application/json", "application/json"));
+        assert!(accepts(
+            "application/json;q=0, application/json",
+            "application/json"
+        ));
+        assert!(!accepts("*/*;q=0", "application/json"));
+        assert!(!accepts("", "application/json"));
+        assert!(!accepts("*/json", "application/json"), "not a media range");
+        assert_eq!(
+            accepts_each(
+                "text/event-stream, application/json",
+                ["application/json", "text/event-stream"]
+            ),
+            [true, true]
+        );
+        assert_eq!(
+            accepts_each(
+                "application/json",
+                ["application/json", "text/event-stream"]
+            ),
+            [true, false]
+        );
     }
 
     #[test]

@@ -11,7 +11,6 @@
 use crate::http::client::{Progress, UpstreamError, UpstreamResponse, exchange};
 use monoio::net::TcpStream;
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -25,14 +24,19 @@ const IDLE_TTL: Duration = Duration::from_secs(50);
 /// A worker's pool of idle upstream connections.
 #[derive(Default)]
 pub struct Pool {
-    idle: RefCell<HashMap<SocketAddr, Vec<(TcpStream, Instant)>>>,
+    /// Per upstream address. The addresses are the configured upstreams' (a handful), so a
+    /// scan of this list is cheaper than hashing the address twice per request.
+    idle: RefCell<Vec<(SocketAddr, IdleList)>>,
 }
+
+/// One address's idle connections, with when each was put back.
+type IdleList = Vec<(TcpStream, Instant)>;
 
 impl Pool {
     /// An idle connection to `addr`; `always_probe` for a request that may not be resent.
     fn checkout(&self, addr: SocketAddr, always_probe: bool) -> Option<TcpStream> {
         let mut idle = self.idle.borrow_mut();
-        let list = idle.get_mut(&addr)?;
+        let (_, list) = idle.iter_mut().find(|(a, _)| *a == addr)?;
         while let Some((conn, since)) = list.pop() {
             let idle = since.elapsed();
             if idle >= IDLE_TTL {
@@ -50,7 +54,14 @@ impl Pool {
 
     fn checkin(&self, addr: SocketAddr, conn: TcpStream) {
         let mut idle = self.idle.borrow_mut();
-        let list = idle.entry(addr).or_default();
+        let at = match idle.iter().position(|(a, _)| *a == addr) {
+            Some(at) => at,
+            None => {
+                idle.push((addr, Vec::new()));
+                idle.len() - 1
+            }
+        };
+        let list = &mut idle[at].1;
         if list.len() < MAX_IDLE_PER_ADDR {
             list.push((conn, Instant::now()));
         }
@@ -65,7 +76,7 @@ impl Pool {
 
     /// Idle connections currently held (all addresses).
     pub fn idle_count(&self) -> usize {
-        self.idle.borrow().values().map(Vec::len).sum()
+        self.idle.borrow().iter().map(|(_, list)| list.len()).sum()
     }
 }
 
