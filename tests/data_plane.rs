@@ -564,6 +564,37 @@ fn a_kept_alive_connection_waits_the_idle_timeout_not_the_header_timeout() {
 }
 
 #[test]
+fn a_client_that_stops_reading_its_reply_is_cut_off_after_the_idle_timeout() {
+    // A slow reader must not hold its connection (and the reply's memory) for ever: with the
+    // client's receive buffer tiny and nothing read, the reply's write stalls and is given up.
+    let g = Gateway::start(&stdio_config(
+        "auto",
+        "idle_timeout_secs = 1",
+        &["--test-tools"],
+    ));
+    let sid = initialize(g.addr);
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&g.addr.into()).unwrap();
+    let mut s: std::net::TcpStream = socket.into();
+    let big = mcp_post_raw(&call(9, "big", r#"{"bytes":8000000}"#), Some(&sid), "");
+    s.write_all(big.as_bytes()).unwrap();
+    // Nothing is read: the gateway's write can make no progress once the buffers are full.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while g.metric("mcp_guard_active_connections", &[]) > 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "a connection whose client reads nothing is still held"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut got = Vec::new();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.read_to_end(&mut got);
+    assert!(got.len() < 8_000_000, "the reply was cut short: {} bytes", got.len());
+}
+
+#[test]
 fn idle_keep_alive_connection_is_closed() {
     let g = Gateway::start(&stdio_config("auto", "idle_timeout_secs = 1", &[]));
     let mut s = connect(g.addr);

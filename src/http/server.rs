@@ -433,7 +433,7 @@ async fn hold_wait<S: Connection>(
     let mut read = std::pin::pin!(read);
     let early = monoio::select! {
         r = &mut read => Some(r),
-        _ = monoio::time::sleep(hold) => None,
+        _ = w.deadlines.at(Instant::now() + hold) => None,
         _ = w.shutdown.wait() => return Some(Idle::Closed),
     };
     let (res, slice) = match early {
@@ -495,7 +495,11 @@ async fn read_head<S: Connection>(
             return HeadOutcome::Error(GatewayError::HeaderTimeout);
         }
         let b = std::mem::take(buf);
-        match monoio::time::timeout(left, read_append(stream, b, HEAD_READ)).await {
+        match w
+            .deadlines
+            .timeout(left, read_append(stream, b, HEAD_READ))
+            .await
+        {
             Err(_elapsed) => return HeadOutcome::Error(GatewayError::HeaderTimeout),
             Ok((Ok(0), _)) | Ok((Err(_), _)) => return HeadOutcome::Closed,
             Ok((Ok(_), b)) => {
@@ -584,13 +588,14 @@ async fn read_body<S: AsyncReadRent + AsyncWriteRent>(
         reservation.grow_to(n as usize, cap).map_err(Some)?;
     }
     if head.expect_continue && buf.is_empty() {
-        let (res, _) = write_all(stream, b"HTTP/1.1 100 Continue\r\n\r\n".to_vec()).await;
+        let (res, _) = write_bounded(w, stream, b"HTTP/1.1 100 Continue\r\n\r\n".to_vec()).await;
         res.map_err(|_| None)?;
     }
     let deadline = Instant::now() + cfg.server.body_timeout;
     let idle = cfg.server.idle_timeout;
     // One read of more body bytes, bounded by the idle timeout and the body deadline.
     async fn read_more<S: AsyncReadRent>(
+        w: &Rc<Worker>,
         stream: &mut S,
         buf: &mut Vec<u8>,
         want: usize,
@@ -602,7 +607,11 @@ async fn read_body<S: AsyncReadRent + AsyncWriteRent>(
             return Err(Some(GatewayError::BodyTimeout));
         }
         let b = std::mem::take(buf);
-        match monoio::time::timeout(idle.min(left), read_append(stream, b, want)).await {
+        match w
+            .deadlines
+            .timeout(idle.min(left), read_append(stream, b, want))
+            .await
+        {
             Ok((Ok(0), _)) | Ok((Err(_), _)) => Err(None),
             Ok((Ok(_), b)) => {
                 *buf = b;
@@ -618,7 +627,7 @@ async fn read_body<S: AsyncReadRent + AsyncWriteRent>(
             let n = n as usize;
             while buf.len() < n {
                 let want = (n - buf.len()).min(1 << 20);
-                read_more(stream, buf, want, idle, deadline).await?;
+                read_more(w, stream, buf, want, idle, deadline).await?;
             }
             let bytes = buf[..n].to_vec();
             buf.drain(..n);
@@ -645,7 +654,7 @@ async fn read_body<S: AsyncReadRent + AsyncWriteRent>(
                         _reservation: reservation,
                     });
                 }
-                read_more(stream, buf, 8192, idle, deadline).await?;
+                read_more(w, stream, buf, 8192, idle, deadline).await?;
             }
         }
     }
@@ -806,7 +815,7 @@ async fn write_reply<S: Connection>(
     let kept = match reply.body {
         ReplyBody::Empty => {
             write_head(&mut out, status, &headers, Framing::Length(0), keep_alive);
-            let (res, o) = write_all(stream, out).await;
+            let (res, o) = write_bounded(w, stream, out).await;
             out = o;
             res.is_ok() && keep_alive
         }
@@ -819,7 +828,7 @@ async fn write_reply<S: Connection>(
                 keep_alive,
             );
             out.extend_from_slice(&body);
-            let (res, o) = write_all(stream, out).await;
+            let (res, o) = write_bounded(w, stream, out).await;
             out = o;
             res.is_ok() && keep_alive
         }
@@ -853,7 +862,7 @@ async fn write_reply<S: Connection>(
             if !events.preamble.is_empty() {
                 write_chunk(&mut out, &events.preamble);
             }
-            let (res, o) = write_all(stream, out).await;
+            let (res, o) = write_bounded(w, stream, out).await;
             out = o;
             if res.is_ok() {
                 let mut transform = events.transform;
@@ -912,7 +921,7 @@ async fn pump<S: AsyncWriteRent>(
                         Ok(d) => d,
                         Err(e) => {
                             tracing::warn!(target: "mcp_guard::filter", "{e}");
-                            let (_, o) = write_all(stream, out).await;
+                            let (_, o) = write_bounded(w, stream, out).await;
                             out = o;
                             ok = false;
                             break;
@@ -935,7 +944,7 @@ async fn pump<S: AsyncWriteRent>(
                 ok = if out.is_empty() {
                     true
                 } else {
-                    let (res, o) = write_all(stream, out).await;
+                    let (res, o) = write_bounded(w, stream, out).await;
                     out = o;
                     res.is_ok()
                 };
@@ -948,7 +957,7 @@ async fn pump<S: AsyncWriteRent>(
                     .upstream_errors
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::warn!(target: "mcp_guard::upstream", "upstream body failed: {e}");
-                let (_, o) = write_all(stream, out).await;
+                let (_, o) = write_bounded(w, stream, out).await;
                 out = o;
                 ok = false;
                 break;
@@ -958,7 +967,7 @@ async fn pump<S: AsyncWriteRent>(
         if out.is_empty() {
             continue;
         }
-        let (res, o) = write_all(stream, out).await;
+        let (res, o) = write_bounded(w, stream, out).await;
         out = o;
         if res.is_err() {
             ok = false;
@@ -1084,6 +1093,24 @@ struct EventSource {
     backlog: Option<Rc<std::cell::Cell<usize>>>,
 }
 
+/// Writes all of `buf` within the idle timeout: a client that stops reading its reply is cut
+/// off as one that stops sending is (a slow reader would otherwise hold its connection, and the
+/// reply's memory, for as long as it likes). On a timeout the buffer is gone with the write.
+async fn write_bounded<S: AsyncWriteRent>(
+    w: &Rc<Worker>,
+    stream: &mut S,
+    buf: Vec<u8>,
+) -> (std::io::Result<()>, Vec<u8>) {
+    let limit = w.settings().server.idle_timeout;
+    match w.deadlines.timeout(limit, write_all(stream, buf)).await {
+        Ok(written) => written,
+        Err(_elapsed) => (
+            Err(std::io::Error::from(std::io::ErrorKind::TimedOut)),
+            Vec::new(),
+        ),
+    }
+}
+
 /// How long one write of a stream may wait for a client that does not read.
 const STREAM_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -1115,7 +1142,7 @@ async fn relay_events<S: Connection>(
         match next {
             None | Some(Ok(Err(_))) => {
                 buf.extend_from_slice(LAST_CHUNK);
-                let _ = write_all(stream, buf).await;
+                let _ = write_bounded(w, stream, buf).await;
                 return;
             }
             Some(Err(_)) => write_chunk(&mut buf, b": keepalive\n\n"),
@@ -1144,8 +1171,10 @@ async fn relay_events<S: Connection>(
         }
         // A client that stops reading holds the write at most this long; then the stream ends
         // (and what lives as long as it, a legacy session, with it).
-        let Ok((res, b)) =
-            monoio::time::timeout(STREAM_WRITE_TIMEOUT, write_all(stream, buf)).await
+        let Ok((res, b)) = w
+            .deadlines
+            .timeout(STREAM_WRITE_TIMEOUT, write_all(stream, buf))
+            .await
         else {
             return;
         };
