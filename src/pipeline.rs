@@ -1666,7 +1666,7 @@ async fn run_held(
     let started = Instant::now();
     let mut outcome = monoio::select! {
         a = held.answer.recv() => a.unwrap_or(Outcome::Cancelled),
-        _ = monoio::time::sleep(call.timeout) => Outcome::Timeout,
+        _ = crate::runtime::deadlines::at(Instant::now() + call.timeout) => Outcome::Timeout,
         _ = closed.wait() => Outcome::Disconnected,
     };
     approval::release(&w, &held);

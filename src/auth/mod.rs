@@ -148,10 +148,10 @@ impl Pending {
         let _waiting = Waiting(&cache.waiting);
         match self.awaiting {
             Awaiting::Keys(ended) => {
-                let _ = monoio::time::timeout(limit, ended.recv()).await;
+                let _ = crate::runtime::deadlines::timeout(limit, ended.recv()).await;
             }
             Awaiting::Introspection(token, answer) => {
-                let outcome = match monoio::time::timeout(limit, answer.recv()).await {
+                let outcome = match crate::runtime::deadlines::timeout(limit, answer.recv()).await {
                     Ok(Ok(outcome)) => outcome,
                     Ok(Err(_)) => Err("oauth_introspection_unavailable"),
                     Err(_) => Err("oauth_introspection_timeout"),

@@ -1227,7 +1227,7 @@ async fn callback(oauth: &Oauth, s: &AuthServer, head: &RequestHead, query: &str
             "oauth_idp_busy",
         );
     }
-    let user = match monoio::time::timeout(idp::JOB_TIMEOUT, rx.recv()).await {
+    let user = match crate::runtime::deadlines::timeout(idp::JOB_TIMEOUT, rx.recv()).await {
         Ok(Ok(Ok(user))) => user,
         Ok(Ok(Err(_))) | Ok(Err(_)) => {
             return back(

@@ -406,7 +406,7 @@ async fn idle_wait<S: Connection>(w: &Rc<Worker>, stream: &mut S, wait: Duration
     // The worker's shared deadlines, not a timer of its own: see `runtime::deadlines`.
     let ready = monoio::select! {
         r = stream.wait_readable() => r,
-        _ = w.deadlines.at(Instant::now() + wait) => return Idle::Closed,
+        _ = crate::runtime::deadlines::at(Instant::now() + wait) => return Idle::Closed,
         _ = w.shutdown.wait() => return Idle::Closed,
     };
     if ready.is_err() {
@@ -433,7 +433,7 @@ async fn hold_wait<S: Connection>(
     let mut read = std::pin::pin!(read);
     let early = monoio::select! {
         r = &mut read => Some(r),
-        _ = w.deadlines.at(Instant::now() + hold) => None,
+        _ = crate::runtime::deadlines::at(Instant::now() + hold) => None,
         _ = w.shutdown.wait() => return Some(Idle::Closed),
     };
     let (res, slice) = match early {
@@ -495,11 +495,7 @@ async fn read_head<S: Connection>(
             return HeadOutcome::Error(GatewayError::HeaderTimeout);
         }
         let b = std::mem::take(buf);
-        match w
-            .deadlines
-            .timeout(left, read_append(stream, b, HEAD_READ))
-            .await
-        {
+        match crate::runtime::deadlines::timeout(left, read_append(stream, b, HEAD_READ)).await {
             Err(_elapsed) => return HeadOutcome::Error(GatewayError::HeaderTimeout),
             Ok((Ok(0), _)) | Ok((Err(_), _)) => return HeadOutcome::Closed,
             Ok((Ok(_), b)) => {
@@ -595,7 +591,6 @@ async fn read_body<S: AsyncReadRent + AsyncWriteRent>(
     let idle = cfg.server.idle_timeout;
     // One read of more body bytes, bounded by the idle timeout and the body deadline.
     async fn read_more<S: AsyncReadRent>(
-        w: &Rc<Worker>,
         stream: &mut S,
         buf: &mut Vec<u8>,
         want: usize,
@@ -607,10 +602,7 @@ async fn read_body<S: AsyncReadRent + AsyncWriteRent>(
             return Err(Some(GatewayError::BodyTimeout));
         }
         let b = std::mem::take(buf);
-        match w
-            .deadlines
-            .timeout(idle.min(left), read_append(stream, b, want))
-            .await
+        match crate::runtime::deadlines::timeout(idle.min(left), read_append(stream, b, want)).await
         {
             Ok((Ok(0), _)) | Ok((Err(_), _)) => Err(None),
             Ok((Ok(_), b)) => {
@@ -627,7 +619,7 @@ async fn read_body<S: AsyncReadRent + AsyncWriteRent>(
             let n = n as usize;
             while buf.len() < n {
                 let want = (n - buf.len()).min(1 << 20);
-                read_more(w, stream, buf, want, idle, deadline).await?;
+                read_more(stream, buf, want, idle, deadline).await?;
             }
             let bytes = buf[..n].to_vec();
             buf.drain(..n);
@@ -654,7 +646,7 @@ async fn read_body<S: AsyncReadRent + AsyncWriteRent>(
                         _reservation: reservation,
                     });
                 }
-                read_more(w, stream, buf, 8192, idle, deadline).await?;
+                read_more(stream, buf, 8192, idle, deadline).await?;
             }
         }
     }
@@ -1102,7 +1094,7 @@ async fn write_bounded<S: AsyncWriteRent>(
     buf: Vec<u8>,
 ) -> (std::io::Result<()>, Vec<u8>) {
     let limit = w.settings().server.idle_timeout;
-    match w.deadlines.timeout(limit, write_all(stream, buf)).await {
+    match crate::runtime::deadlines::timeout(limit, write_all(stream, buf)).await {
         Ok(written) => written,
         Err(_elapsed) => (
             Err(std::io::Error::from(std::io::ErrorKind::TimedOut)),
@@ -1131,7 +1123,7 @@ async fn relay_events<S: Connection>(
         // means it has gone (EOF) or broken the protocol, and either way the stream ends now,
         // not at the next keep-alive write (a legacy session and its upstream end with it).
         let next = monoio::select! {
-            m = monoio::time::timeout(SSE_KEEPALIVE, rx.recv()) => Some(m),
+            m = crate::runtime::deadlines::timeout(SSE_KEEPALIVE, rx.recv()) => Some(m),
             _ = stream.wait_readable() => None,
             _ = w.shutdown.wait() => None,
         };
@@ -1171,10 +1163,8 @@ async fn relay_events<S: Connection>(
         }
         // A client that stops reading holds the write at most this long; then the stream ends
         // (and what lives as long as it, a legacy session, with it).
-        let Ok((res, b)) = w
-            .deadlines
-            .timeout(STREAM_WRITE_TIMEOUT, write_all(stream, buf))
-            .await
+        let Ok((res, b)) =
+            crate::runtime::deadlines::timeout(STREAM_WRITE_TIMEOUT, write_all(stream, buf)).await
         else {
             return;
         };

@@ -592,7 +592,7 @@ pub async fn cancel(w: &Worker, identity: &Arc<str>, sid: &str, call: &RpcId) ->
     }
     let mut taken = false;
     for acked in acks {
-        if let Ok(Ok(true)) = monoio::time::timeout(HAND_OVER, acked.recv()).await {
+        if let Ok(Ok(true)) = crate::runtime::deadlines::timeout(HAND_OVER, acked.recv()).await {
             taken = true;
         }
     }
@@ -631,7 +631,7 @@ pub async fn answer(
         inbox.send(post).await.ok()?;
         acked.recv().await.ok()
     };
-    match monoio::time::timeout(HAND_OVER, taken).await {
+    match crate::runtime::deadlines::timeout(HAND_OVER, taken).await {
         Ok(Some(true)) => Ok(()),
         Ok(Some(false)) => Err(unknown()),
         Ok(None) | Err(_) => Err(GatewayError::UpstreamBusy),

@@ -410,7 +410,7 @@ pub async fn hand_over(
         inbox.send(post).await.ok()?;
         acked.recv().await.ok()
     };
-    match monoio::time::timeout(HAND_OVER, taken).await {
+    match crate::runtime::deadlines::timeout(HAND_OVER, taken).await {
         Ok(Some(Ack::Accepted)) => Ok(()),
         Ok(Some(Ack::Unknown)) => Err(GatewayError::UnknownSession),
         Ok(Some(Ack::Busy)) | Ok(None) | Err(_) => Err(GatewayError::UpstreamBusy),
@@ -455,7 +455,7 @@ async fn watch(w: Rc<Worker>, session: Rc<Session>) {
     let mut out = session.outgoing(&head, &cfg, route, &request_id, Some(&upstream_session));
     out.timeout = END_UPSTREAM;
     if let Ok(Ok(exchange)) =
-        monoio::time::timeout(END_UPSTREAM, upstream.end_session(&w, &out)).await
+        crate::runtime::deadlines::timeout(END_UPSTREAM, upstream.end_session(&w, &out)).await
         && let Answer::Streamed(resp, _) = exchange.answer
     {
         let mut resp = resp;

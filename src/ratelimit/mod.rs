@@ -349,11 +349,12 @@ impl LocalLimiter {
         let lease = match pool.begin_lease(key, fleet, want, limit, now) {
             Leased::Now(l) => l,
             // No borrow of the buckets is held across this await.
-            Leased::Later(rx) => match monoio::time::timeout(pool.lease_timeout(), rx.recv()).await
-            {
-                Ok(Ok(l)) => l,
-                _ => pool.lease_timed_out(key, want, limit, Instant::now()),
-            },
+            Leased::Later(rx) => {
+                match crate::runtime::deadlines::timeout(pool.lease_timeout(), rx.recv()).await {
+                    Ok(Ok(l)) => l,
+                    _ => pool.lease_timed_out(key, want, limit, Instant::now()),
+                }
+            }
         };
         self.store(key, lease, keep, limit, now)
     }

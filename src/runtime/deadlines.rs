@@ -1,5 +1,6 @@
-//! Worker-local deadlines for the waits a connection spends most of its life in (idle between
-//! requests, or new before its first byte): one monoio timer per worker serves all of them.
+//! Thread-local deadlines for the request path's waits and timeouts (a connection idle between
+//! requests, a head or body read, an upstream exchange, a reply write): one monoio timer per
+//! worker thread serves all of them.
 //!
 //! monoio's own `Sleep` is 640 bytes and 128-byte aligned (its entry is padded against false
 //! sharing with other threads, which a thread-per-core worker never has), and it made up most
@@ -15,9 +16,59 @@ use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-/// The deadlines of one worker, and the state of the one task that fires them.
+thread_local! {
+    /// This thread's set (see [`local`]).
+    static LOCAL: RefCell<Option<Rc<Deadlines>>> = const { RefCell::new(None) };
+}
+
+/// This thread's deadlines. The first use on a monoio runtime starts their firing task on it
+/// (again after a runtime that ran it has ended), so any code on a worker can bound a wait.
+/// Must be called from within a monoio runtime.
+pub fn local() -> Rc<Deadlines> {
+    LOCAL.with(|local| {
+        let mut local = local.borrow_mut();
+        if let Some(set) = local.as_ref().filter(|s| s.firing.get()) {
+            return set.clone();
+        }
+        let set = Deadlines::new();
+        set.firing.set(true);
+        // The guard travels inside the task: however the task ends (its runtime dropped, even
+        // before it first ran), the set is marked as no longer fired.
+        let guard = Firing(set.clone());
+        let fired = set.clone();
+        monoio::spawn(async move {
+            let _guard = guard;
+            fired.fire().await;
+        });
+        *local = Some(set.clone());
+        set
+    })
+}
+
+/// A future completing at `when`, on this thread's deadlines.
+pub fn at(when: Instant) -> DeadlineWait {
+    local().at(when)
+}
+
+/// `fut`, bounded by `after` from now, on this thread's deadlines (see [`Deadlines::timeout`]).
+pub fn timeout<F: Future>(after: Duration, fut: F) -> Timeout<F> {
+    local().timeout(after, fut)
+}
+
+/// Clears [`Deadlines::firing`] when the firing task goes.
+struct Firing(Rc<Deadlines>);
+
+impl Drop for Firing {
+    fn drop(&mut self) {
+        self.0.firing.set(false);
+    }
+}
+
+/// A set of deadlines, and the state of the one task that fires them.
 #[derive(Default)]
 pub struct Deadlines {
+    /// Whether a task fires this set (see [`local`]).
+    firing: Cell<bool>,
     /// Waiting tasks by (deadline, key): the first entry is the next to fire.
     waiting: RefCell<BTreeMap<(Instant, u64), Waker>>,
     next_key: Cell<u64>,

@@ -210,8 +210,6 @@ pub struct Worker {
     latency_dirty: Cell<bool>,
     /// Fires when this worker starts draining.
     pub shutdown: Rc<LocalShutdown>,
-    /// The deadlines of idle connections, on one timer.
-    pub deadlines: Rc<super::deadlines::Deadlines>,
     /// Connections being served by this worker.
     pub active: Cell<usize>,
     /// Request-body bytes this worker holds in memory right now (capped in `http::server`).
@@ -253,7 +251,6 @@ impl Worker {
             latency: RefCell::new(new_histogram()),
             latency_dirty: Cell::new(false),
             shutdown: LocalShutdown::new(),
-            deadlines: super::deadlines::Deadlines::new(),
             active: Cell::new(0),
             body_bytes_in_flight: Cell::new(0),
             auth_failure_audit: RefCell::new(AuthFailureAudit::default()),
@@ -398,7 +395,6 @@ fn push_hex(out: &mut String, v: u64, digits: u32) {
 
 /// Runs the accept loop of one worker until shutdown, then drains its connections.
 pub async fn run(w: Rc<Worker>, listener: monoio::net::TcpListener) {
-    monoio::spawn(w.deadlines.clone().fire());
     let publisher = w.clone();
     monoio::spawn(async move {
         let mut ticks = 0u32;
@@ -554,7 +550,7 @@ async fn serve_tls(
 ) {
     let limit = w.settings().server.header_timeout;
     let handshake = monoio::select! {
-        r = monoio::time::timeout(limit, crate::tls::TlsStream::accept(stream, config)) => r,
+        r = super::deadlines::timeout(limit, crate::tls::TlsStream::accept(stream, config)) => r,
         _ = w.shutdown.wait() => return,
     };
     match handshake {

@@ -66,13 +66,11 @@ pub async fn exchange(
     };
     let request = client::build_request(method, &path, &ep.host_header, &headers, body);
     let in_flight = server.begin(target.replica);
-    match w
-        .deadlines
-        .timeout(
-            out.timeout,
-            super::connections::send_request(&w.pool, &ep.addrs, method, request),
-        )
-        .await
+    match crate::runtime::deadlines::timeout(
+        out.timeout,
+        super::connections::send_request(&w.pool, &ep.addrs, method, request),
+    )
+    .await
     {
         Ok(Ok(mut resp)) => {
             replica.state.succeeded();

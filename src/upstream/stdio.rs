@@ -411,7 +411,7 @@ impl StdioHub {
         // The response (or the error in its place) is the stream's last event; the router
         // drops its own sender once the request is answered, so the stream then ends.
         monoio::spawn(async move {
-            let last = match monoio::time::timeout(timeout, reply.recv()).await {
+            let last = match crate::runtime::deadlines::timeout(timeout, reply.recv()).await {
                 Ok(Ok(HubReply::Response(b, _))) => b,
                 Ok(Ok(HubReply::Error(e))) => e.body(id.as_ref()),
                 Err(_) => {
@@ -436,7 +436,7 @@ impl StdioHub {
     ) -> Result<(Option<Vec<u8>>, Option<SessionKey>), GatewayError> {
         if m.kind == Kind::Request {
             let (hub_id, rx) = self.call(key, out.binding, bytes, None)?;
-            match monoio::time::timeout(out.timeout, rx.recv()).await {
+            match crate::runtime::deadlines::timeout(out.timeout, rx.recv()).await {
                 Err(_) => {
                     self.cancel(hub_id);
                     Err(GatewayError::UpstreamTimeout)
