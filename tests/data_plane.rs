@@ -591,7 +591,11 @@ fn a_client_that_stops_reading_its_reply_is_cut_off_after_the_idle_timeout() {
     let mut got = Vec::new();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let _ = s.read_to_end(&mut got);
-    assert!(got.len() < 8_000_000, "the reply was cut short: {} bytes", got.len());
+    assert!(
+        got.len() < 8_000_000,
+        "the reply was cut short: {} bytes",
+        got.len()
+    );
 }
 
 #[test]
