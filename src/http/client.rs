@@ -386,7 +386,12 @@ impl UpstreamResponse {
     pub async fn read_to_end(&mut self) -> Result<Vec<u8>, UpstreamError> {
         let mut all = Vec::new();
         while let Some(d) = self.next_data().await? {
-            all.extend_from_slice(&d);
+            // The first piece is often the whole body: taken as it is, not copied.
+            if all.is_empty() {
+                all = d;
+            } else {
+                all.extend_from_slice(&d);
+            }
             if all.len() as u64 > MAX_BUFFERED_BODY {
                 self.reusable = false;
                 return Err(UpstreamError::Protocol("upstream body too large"));

@@ -275,6 +275,7 @@ impl<'a> Scanner<'a> {
     }
 
     /// A member's key and its colon.
+    #[inline(always)]
     fn key(&mut self) -> Result<Str, Refused> {
         if self.ws() != Some(b'"') {
             return Err(Refused::Invalid);
@@ -352,6 +353,7 @@ impl<'a> Scanner<'a> {
     }
 
     /// The string at the current position (on its opening quote).
+    #[inline(always)]
     fn string(&mut self) -> Result<Str, Refused> {
         let start = self.pos + 1;
         let mut i = start;
