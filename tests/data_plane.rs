@@ -599,6 +599,73 @@ fn a_client_that_stops_reading_its_reply_is_cut_off_after_the_idle_timeout() {
 }
 
 #[test]
+fn a_client_that_reads_slowly_but_steadily_gets_its_whole_reply() {
+    // The bound is on a stall, not on the whole reply: a reader that keeps taking bytes, for
+    // longer in all than the idle timeout, is never cut off. The reply is larger than the
+    // socket buffers can absorb (loopback send buffers grow to 4 MiB), so the gateway's write
+    // really waits on the reader.
+    let g = Gateway::start(&stdio_config(
+        "auto",
+        "idle_timeout_secs = 1",
+        &["--test-tools"],
+    ));
+    let sid = initialize(g.addr);
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&g.addr.into()).unwrap();
+    let mut s: std::net::TcpStream = socket.into();
+    let want = 6_000_000;
+    let big = mcp_post_raw(
+        &call(9, "big", &format!(r#"{{"bytes":{want}}}"#)),
+        Some(&sid),
+        "",
+    );
+    s.write_all(big.as_bytes()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let start = Instant::now();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    // The whole response's length, once its head is in.
+    let mut total = None;
+    while total.is_none_or(|t| got.len() < t) {
+        let n = s.read(&mut chunk).unwrap();
+        assert!(
+            n > 0,
+            "closed after {} bytes and {:?}",
+            got.len(),
+            start.elapsed()
+        );
+        got.extend_from_slice(&chunk[..n]);
+        if total.is_none()
+            && let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n")
+        {
+            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .expect("a content-length")
+                .trim()
+                .parse()
+                .unwrap();
+            total = Some(end + 4 + length);
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let r = read_response(&mut got.as_slice()).expect("the whole response");
+    assert_eq!(
+        r.json()["result"]["content"][0]["text"]
+            .as_str()
+            .map(str::len),
+        Some(want)
+    );
+    assert!(
+        start.elapsed() > Duration::from_secs(1),
+        "the read took longer than the idle timeout: {:?}",
+        start.elapsed()
+    );
+}
+
+#[test]
 fn idle_keep_alive_connection_is_closed() {
     let g = Gateway::start(&stdio_config("auto", "idle_timeout_secs = 1", &[]));
     let mut s = connect(g.addr);

@@ -6,7 +6,7 @@ use crate::config::Settings;
 use crate::error::GatewayError;
 use crate::http::chunked::{ChunkError, ChunkedDecoder};
 use crate::http::client::RespFraming;
-use crate::http::io::{read_append, write_all};
+use crate::http::io::read_append;
 use crate::http::request::{BodyFraming, HeadError, HeadParse, RequestHead, parse_head};
 use crate::http::response::{Framing, LAST_CHUNK, write_chunk, write_head};
 use crate::observe::metrics::M_NONE;
@@ -109,17 +109,18 @@ async fn serve_burst<S: Connection>(
     // once, not per request.
     let mut canceller = monoio::io::Canceller::new();
     loop {
-        let mut head = match read_head(w, stream, &mut conn.buf, &w.settings(), &mut canceller).await {
-            HeadOutcome::Head(h) => h,
-            HeadOutcome::Quiet(waited) => return Burst::Quiet { waited },
-            HeadOutcome::Closed => return Burst::Closed,
-            HeadOutcome::Error(e) => {
-                let peer = Peer::of(addr, conn.client.as_deref());
-                let out = std::mem::take(&mut conn.out);
-                Box::pin(refuse_head(w, stream, e, peer, out)).await;
-                return Burst::Closed;
-            }
-        };
+        let mut head =
+            match read_head(w, stream, &mut conn.buf, &w.settings(), &mut canceller).await {
+                HeadOutcome::Head(h) => h,
+                HeadOutcome::Quiet(waited) => return Burst::Quiet { waited },
+                HeadOutcome::Closed => return Burst::Closed,
+                HeadOutcome::Error(e) => {
+                    let peer = Peer::of(addr, conn.client.as_deref());
+                    let out = std::mem::take(&mut conn.out);
+                    Box::pin(refuse_head(w, stream, e, peer, out)).await;
+                    return Burst::Closed;
+                }
+            };
         // The snapshot is taken once the head has arrived, not before the idle wait: a reload
         // that revokes a key applies to the very next request of every open connection.
         let cfg = w.settings();
@@ -820,9 +821,21 @@ async fn write_reply<S: Connection>(
                 Framing::Length(body.len() as u64),
                 keep_alive,
             );
-            out.extend_from_slice(&body);
-            let (res, o) = write_bounded(w, stream, out).await;
-            out = o;
+            // A large body goes out from its own buffer after the head, rather than copied
+            // behind it: one copy of the reply held while a slow client reads it, not two.
+            let res = if body.len() > LARGE_BODY {
+                let (res, o) = write_bounded(w, stream, out).await;
+                out = o;
+                match res {
+                    Ok(()) => write_bounded(w, stream, body).await.0,
+                    Err(e) => Err(e),
+                }
+            } else {
+                out.extend_from_slice(&body);
+                let (res, o) = write_bounded(w, stream, out).await;
+                out = o;
+                res
+            };
             res.is_ok() && keep_alive
         }
         ReplyBody::Upstream(resp) => {
@@ -1086,23 +1099,51 @@ struct EventSource {
     backlog: Option<Rc<std::cell::Cell<usize>>>,
 }
 
-/// Writes all of `buf` within the idle timeout: a client that stops reading its reply is cut
-/// off as one that stops sending is (a slow reader would otherwise hold its connection, and the
-/// reply's memory, for as long as it likes). On a timeout the buffer is gone with the write.
+/// Writes all of `buf`, giving up when the client accepts nothing of it for the idle timeout:
+/// a client that stops reading its reply is cut off as one that stops sending is (a slow reader
+/// would otherwise hold its connection, and the reply's memory, for as long as it likes), while
+/// one that keeps reading, however slowly, gets the whole reply.
 async fn write_bounded<S: AsyncWriteRent>(
     w: &Rc<Worker>,
     stream: &mut S,
     buf: Vec<u8>,
 ) -> (std::io::Result<()>, Vec<u8>) {
-    let limit = w.settings().server.idle_timeout;
-    match crate::runtime::deadlines::timeout(limit, write_all(stream, buf)).await {
-        Ok(written) => written,
-        Err(_elapsed) => (
-            Err(std::io::Error::from(std::io::ErrorKind::TimedOut)),
-            Vec::new(),
-        ),
-    }
+    write_with_progress(stream, buf, w.settings().server.idle_timeout).await
 }
+
+/// Writes all of `buf`, each write allowed `stall` to accept at least one byte; on a stall the
+/// buffer is gone with the write.
+async fn write_with_progress<S: AsyncWriteRent>(
+    stream: &mut S,
+    mut buf: Vec<u8>,
+    stall: Duration,
+) -> (std::io::Result<()>, Vec<u8>) {
+    use monoio::buf::IoBuf as _;
+    let mut written = 0;
+    while written < buf.len() {
+        let rest = buf.slice(written..);
+        match crate::runtime::deadlines::timeout(stall, stream.write(rest)).await {
+            Ok((Ok(0), rest)) => {
+                let e = std::io::Error::from(std::io::ErrorKind::WriteZero);
+                return (Err(e), rest.into_inner());
+            }
+            Ok((Ok(n), rest)) => {
+                written += n;
+                buf = rest.into_inner();
+            }
+            Ok((Err(e), rest)) => return (Err(e), rest.into_inner()),
+            Err(_stalled) => {
+                let e = std::io::Error::from(std::io::ErrorKind::TimedOut);
+                return (Err(e), Vec::new());
+            }
+        }
+    }
+    buf.clear();
+    (Ok(()), buf)
+}
+
+/// Reply bodies larger than this are written from their own buffer (see `write_reply`).
+const LARGE_BODY: usize = 64 * 1024;
 
 /// How long one write of a stream may wait for a client that does not read.
 const STREAM_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -1164,11 +1205,7 @@ async fn relay_events<S: Connection>(
         }
         // A client that stops reading holds the write at most this long; then the stream ends
         // (and what lives as long as it, a legacy session, with it).
-        let Ok((res, b)) =
-            crate::runtime::deadlines::timeout(STREAM_WRITE_TIMEOUT, write_all(stream, buf)).await
-        else {
-            return;
-        };
+        let (res, b) = write_with_progress(stream, buf, STREAM_WRITE_TIMEOUT).await;
         *out = b;
         if res.is_err() {
             return;
