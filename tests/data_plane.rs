@@ -563,10 +563,9 @@ fn a_kept_alive_connection_waits_the_idle_timeout_not_the_header_timeout() {
     assert_eq!(read_response(&mut s).unwrap().status, 200);
 }
 
-#[test]
-fn a_client_that_stops_reading_its_reply_is_cut_off_after_the_idle_timeout() {
-    // A slow reader must not hold its connection (and the reply's memory) for ever: with the
-    // client's receive buffer tiny and nothing read, the reply's write stalls and is given up.
+/// A gateway with a one-second idle timeout, and a connection with a tiny receive buffer that
+/// has asked the demo upstream for `bytes` characters (a reply the socket buffers cannot hold).
+fn asked_for_a_large_reply(bytes: usize) -> (Gateway, std::net::TcpStream) {
     let g = Gateway::start(&stdio_config(
         "auto",
         "idle_timeout_secs = 1",
@@ -577,8 +576,17 @@ fn a_client_that_stops_reading_its_reply_is_cut_off_after_the_idle_timeout() {
     socket.set_recv_buffer_size(4096).unwrap();
     socket.connect(&g.addr.into()).unwrap();
     let mut s: std::net::TcpStream = socket.into();
-    let big = mcp_post_raw(&call(9, "big", r#"{"bytes":8000000}"#), Some(&sid), "");
+    let args = format!(r#"{{"bytes":{bytes}}}"#);
+    let big = mcp_post_raw(&call(9, "big", &args), Some(&sid), "");
     s.write_all(big.as_bytes()).unwrap();
+    (g, s)
+}
+
+#[test]
+fn a_client_that_stops_reading_its_reply_is_cut_off_after_the_idle_timeout() {
+    // A slow reader must not hold its connection (and the reply's memory) for ever: with the
+    // client's receive buffer tiny and nothing read, the reply's write stalls and is given up.
+    let (g, mut s) = asked_for_a_large_reply(8_000_000);
     // Nothing is read: the gateway's write can make no progress once the buffers are full.
     let deadline = Instant::now() + Duration::from_secs(15);
     while g.metric("mcp_guard_active_connections", &[]) > 0.0 {
@@ -604,23 +612,8 @@ fn a_client_that_reads_slowly_but_steadily_gets_its_whole_reply() {
     // longer in all than the idle timeout, is never cut off. The reply is larger than the
     // socket buffers can absorb (loopback send buffers grow to 4 MiB), so the gateway's write
     // really waits on the reader.
-    let g = Gateway::start(&stdio_config(
-        "auto",
-        "idle_timeout_secs = 1",
-        &["--test-tools"],
-    ));
-    let sid = initialize(g.addr);
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    socket.connect(&g.addr.into()).unwrap();
-    let mut s: std::net::TcpStream = socket.into();
     let want = 6_000_000;
-    let big = mcp_post_raw(
-        &call(9, "big", &format!(r#"{{"bytes":{want}}}"#)),
-        Some(&sid),
-        "",
-    );
-    s.write_all(big.as_bytes()).unwrap();
+    let (_g, mut s) = asked_for_a_large_reply(want);
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let start = Instant::now();
     let mut got = Vec::new();
