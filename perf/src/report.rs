@@ -312,6 +312,20 @@ fn markdown(r: &Report) -> String {
     if behind {
         out.push_str("\n† the target did not sustain the fixed rate (achieved < 95 %); these latencies include queueing.\n");
     }
+    for x in r
+        .measurements
+        .iter()
+        .filter(|x| x.idle_connections_dropped > 0)
+    {
+        let _ = writeln!(
+            out,
+            "\n{} / {}: the target closed {} of the {} idle connections held during the run; its figures include closing them.",
+            x.scenario,
+            target_label(x, s.rounds),
+            x.idle_connections_dropped,
+            x.idle_connections
+        );
+    }
     if !failures.is_empty() {
         let _ = writeln!(out, "\nFailed measurements:\n{}", failures.join("\n"));
     }

@@ -1405,11 +1405,16 @@ mod tests {
         assert!(find_scenario("stdio").unwrap().gateway_only());
         let plain = gateway_setup(passthrough).config;
         let text = targets::gateway_config(1, &GatewayUpstream::Http(mock), &plain, "/tmp/x");
+        let table = text.parse::<toml::Table>().unwrap();
         assert!(
-            !text.parse::<toml::Table>().unwrap()["upstream"]
+            !table["upstream"]
                 .as_table()
                 .unwrap()
                 .contains_key("servers")
         );
+        // Held idle connections outlive every run, as nginx's are configured to.
+        let server = table["server"].as_table().unwrap();
+        assert_eq!(server["header_timeout_secs"].as_integer(), Some(3600));
+        assert_eq!(server["idle_timeout_secs"].as_integer(), Some(3600));
     }
 }

@@ -236,9 +236,12 @@ pub fn gateway_config(
             String::new(),
         ),
     };
-    // Idle timeout above any run length: the idle scenarios hold connections for the whole run.
+    // Idle and header timeouts above any run length, as nginx's keepalive_timeout and
+    // client_header_timeout here: the idle scenarios hold connections that never send for the
+    // whole run, and a proxy that closed them mid-run (mcp-guard's default header timeout is
+    // 10 s) would be measured closing ten thousand sockets while the other held them.
     format!(
-        "[server]\nhost = \"127.0.0.1\"\nport = 0\nworkers = {workers}\nidle_timeout_secs = 3600\nshutdown_grace_secs = 1\n\n\
+        "[server]\nhost = \"127.0.0.1\"\nport = 0\nworkers = {workers}\nidle_timeout_secs = 3600\nheader_timeout_secs = 3600\nshutdown_grace_secs = 1\n\n\
          [admin]\nport = 0\n\n[upstream]\n{upstream_section}\n{}",
         extra
             .replace("{scratch}", scratch)
