@@ -21,15 +21,23 @@ thread_local! {
     static LOCAL: RefCell<Option<Rc<Deadlines>>> = const { RefCell::new(None) };
 }
 
-/// This thread's deadlines. The first use on a monoio runtime starts their firing task on it
-/// (again after a runtime that ran it has ended), so any code on a worker can bound a wait.
-/// Must be called from within a monoio runtime.
+/// This thread's deadlines. The first use on a monoio runtime starts their firing task on it,
+/// so any code on a worker can bound a wait. Must be called from within a monoio runtime; a
+/// thread that runs one runtime after another calls [`install`] at the start of each.
 pub fn local() -> Rc<Deadlines> {
     LOCAL.with(|local| {
-        let mut local = local.borrow_mut();
-        if let Some(set) = local.as_ref().filter(|s| s.firing.get()) {
+        if let Some(set) = local.borrow().as_ref().filter(|s| s.firing.get()) {
             return set.clone();
         }
+        install()
+    })
+}
+
+/// Gives this thread a fresh set, fired by a task on the current monoio runtime. A worker calls
+/// it when its runtime starts: a set left by an earlier runtime on the thread may still look
+/// fired (its pending task is kept alive by the waker the set holds, so it is never dropped).
+pub fn install() -> Rc<Deadlines> {
+    LOCAL.with(|local| {
         let set = Deadlines::new();
         set.firing.set(true);
         // The guard travels inside the task: however the task ends (its runtime dropped, even
@@ -40,7 +48,7 @@ pub fn local() -> Rc<Deadlines> {
             let _guard = guard;
             fired.fire().await;
         });
-        *local = Some(set.clone());
+        *local.borrow_mut() = Some(set.clone());
         set
     })
 }
@@ -309,6 +317,23 @@ mod tests {
             assert!(start.elapsed() < Duration::from_secs(2));
             assert_eq!(set.waiting(), 0);
         });
+    }
+
+    #[test]
+    fn a_second_runtime_on_the_thread_gets_a_set_of_its_own() {
+        for _ in 0..2 {
+            runtime().block_on(async {
+                install();
+                let start = Instant::now();
+                let cut = timeout(
+                    Duration::from_millis(50),
+                    monoio::time::sleep(Duration::from_secs(3600)),
+                )
+                .await;
+                assert_eq!(cut, Err(Elapsed));
+                assert!(start.elapsed() < Duration::from_secs(2));
+            });
+        }
     }
 
     #[test]

@@ -395,6 +395,7 @@ fn push_hex(out: &mut String, v: u64, digits: u32) {
 
 /// Runs the accept loop of one worker until shutdown, then drains its connections.
 pub async fn run(w: Rc<Worker>, listener: monoio::net::TcpListener) {
+    super::deadlines::install();
     let publisher = w.clone();
     monoio::spawn(async move {
         let mut ticks = 0u32;
