@@ -16,12 +16,12 @@ import base64
 import hashlib
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
+
+import guardproc
 
 if len(sys.argv) >= 3 and sys.argv[1] == "--serve":
     # The upstream: records each call it really runs, so the client side can tell what the
@@ -97,31 +97,8 @@ def start_gateway(guard: str, work: Path, log: Path) -> tuple[subprocess.Popen, 
             ]
         )
     )
-    child = subprocess.Popen(
-        [guard, "--config", str(cfg)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env={**os.environ, "RUST_LOG": "info"},
-        text=True,
-    )
-    found: list[str] = []
-    ready = threading.Event()
-
-    def read() -> None:
-        assert child.stderr is not None
-        for line in child.stderr:
-            if not found and "admin listening" not in line:
-                m = re.search(r"listening on http://(\S+)", line)
-                if m:
-                    found.append(m.group(1))
-                    ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    if not ready.wait(20):
-        child.kill()
-        raise SystemExit("approval: the gateway did not start")
-    return child, f"http://{found[0]}/mcp"
+    child, addr, _ = guardproc.launch(guard, str(cfg))
+    return child, f"http://{addr}/mcp"
 
 
 async def client(url: str, log: Path) -> None:

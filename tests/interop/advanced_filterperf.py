@@ -18,13 +18,13 @@ import base64
 import hashlib
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
-import threading
 from contextlib import AsyncExitStack
 from pathlib import Path
+
+import guardproc
 
 KEY = "interop-filterperf-key-0123456789"
 TOOLS = 100
@@ -77,32 +77,8 @@ def start_gateway(binary: str, workdir: str) -> tuple[subprocess.Popen[str], str
             f"key_hash = \"{key_hash(KEY)}\"\n"
             "allowed_tools = [\"read_*\"]\ndenied_tools = [\"read_secret*\"]\n"
         )
-    proc = subprocess.Popen(
-        [binary, "--config", config],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "RUST_LOG": "info"},
-    )
-    found: list[str] = []
-    ready = threading.Event()
-    logs: list[str] = []
-
-    def pump() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            logs.append(line)
-            m = re.search(r"(?<!admin )listening on http://(\S+)", line)
-            if m and not found:
-                found.append(m.group(1))
-                ready.set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    if not ready.wait(20):
-        proc.kill()
-        raise SystemExit("gateway did not start:\n" + "".join(logs))
-    return proc, f"http://{found[0]}/mcp"
+    proc, addr, _ = guardproc.launch(binary, config)
+    return proc, f"http://{addr}/mcp"
 
 
 failures = 0

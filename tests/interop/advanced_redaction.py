@@ -11,11 +11,11 @@ one line; exit 1 when any fails.
 
 import asyncio
 import os
-import re
 import subprocess
 import sys
 import tempfile
-import threading
+
+import guardproc
 
 # Fake credentials of the shapes the detectors know (AWS's documented example key id).
 AWS = "AKIAIOSFODNN7EXAMPLE"
@@ -68,31 +68,8 @@ def start_gateway(binary, workdir):
             "[rate_limit]\nenabled = false\n\n"
             "[redaction]\nenabled = true\n"
         )
-    proc = subprocess.Popen(
-        [binary, "--config", config],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "RUST_LOG": "info"},
-    )
-    found = threading.Event()
-    addr = []
-    logs = []
-
-    def read():
-        for line in proc.stderr:
-            logs.append(line)
-            m = re.search(r"(?<!admin )listening on http://(\S+)", line)
-            if m and not addr:
-                addr.append(m.group(1))
-                found.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    if not found.wait(20):
-        proc.kill()
-        raise SystemExit("gateway did not start:\n" + "".join(logs))
-    return proc, f"http://{addr[0]}/mcp", logs
+    proc, addr, logs = guardproc.launch(binary, config)
+    return proc, f"http://{addr}/mcp", logs
 
 
 async def client(url):
@@ -143,7 +120,7 @@ def main():
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        joined = "".join(logs)
+        joined = "\n".join(logs)
         check("the gateway's logs hold no secret", AWS not in joined and GITHUB not in joined)
     sys.exit(1 if failures else 0)
 

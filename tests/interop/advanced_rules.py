@@ -19,11 +19,12 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
+
+import guardproc
 
 import anyio
 import mcp_types as types
@@ -114,29 +115,8 @@ max = 100
 
 
 def start_gateway(binary: str, cfg_path: str) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        [binary, "--config", cfg_path],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "RUST_LOG": "info"},
-    )
-    found: dict[str, str] = {}
-    ready = threading.Event()
-
-    def pump() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            if "admin listening" not in line and "listening on http://" in line:
-                found["addr"] = line.split("listening on http://", 1)[1].split()[0]
-                ready.set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    if not ready.wait(20):
-        proc.kill()
-        raise SystemExit("gateway did not start")
-    return proc, found["addr"]
+    proc, addr, _ = guardproc.launch(binary, cfg_path)
+    return proc, addr
 
 
 results: list[tuple[str, bool, str]] = []
