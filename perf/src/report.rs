@@ -236,10 +236,10 @@ fn opt(v: Option<f64>, digits: usize) -> String {
         .unwrap_or_else(|| "n/a".into())
 }
 
-fn markdown(r: &Report) -> String {
-    let m = &r.machine;
-    let s = &r.settings;
-    let mut out = format!("# mcp-guard load test: {}\n\n", r.name);
+/// A report's title, the machine it ran on and the command that ran it (`what`: "load test",
+/// "soak").
+pub fn title(what: &str, name: &str, m: &Machine) -> String {
+    let mut out = format!("# mcp-guard {what}: {name}\n\n");
     let _ = writeln!(
         out,
         "{} · {} ({} cores) · kernel {} · commit {} · load generator on {}{}\n",
@@ -255,6 +255,12 @@ fn markdown(r: &Report) -> String {
             .unwrap_or_default()
     );
     let _ = writeln!(out, "Command: `{}`\n", m.command_line);
+    out
+}
+
+fn markdown(r: &Report) -> String {
+    let s = &r.settings;
+    let mut out = title("load test", &r.name, &r.machine);
     method(&mut out, r);
     out.push_str("\n## At a fixed rate (latency, CPU)\n\n");
     out.push_str("| scenario | target | p50 µs | p90 µs | p99 µs | p99.9 µs | CPU µs/req | user µs/req | sys µs/req | machine µs/req | idle RSS MB | peak RSS MB | errors |\n");

@@ -591,18 +591,7 @@ fn markdown(r: &SoakReport) -> String {
     let m = &r.machine;
     let s = &r.settings;
     let t = &r.totals;
-    let mut out = format!("# mcp-guard soak: {}\n\n", r.name);
-    let _ = writeln!(
-        out,
-        "{} · {} ({} cores) · kernel {} · commit {} · load generator on {}\n",
-        m.date_utc,
-        m.cpu_model,
-        m.nproc,
-        m.kernel,
-        m.git_commit.as_deref().unwrap_or("unknown"),
-        m.load_generator_driver,
-    );
-    let _ = writeln!(out, "Command: `{}`\n", m.command_line);
+    let mut out = report::title("soak", &r.name, m);
     out.push_str("## Method\n\n");
     let upstream = match s.upstream_threads {
         Some(n) => format!("the mock MCP upstream (`perf upstream`, {n} thread(s))"),
