@@ -112,8 +112,9 @@ impl Deadlines {
         }
     }
 
-    /// How many waits are registered (for tests).
-    pub fn waiting(&self) -> usize {
+    /// How many waits are registered.
+    #[cfg(test)]
+    fn waiting(&self) -> usize {
         self.waiting.borrow().len()
     }
 
