@@ -31,6 +31,8 @@ on_both_drivers!(
     smuggling_shapes_get_400_and_close,
     malformed_json_and_invalid_jsonrpc_are_refused,
     stdio_child_crash_fails_request_then_recovers,
+    stdio_lines_longer_than_the_pipe_reach_the_child_whole_and_in_order,
+    a_stdio_child_that_never_reads_blocks_no_worker,
     keep_alive_and_pipelining_serve_several_requests,
     idle_connection_serves_a_request_after_giving_its_buffer_back,
     sse_events_are_flushed_as_they_arrive,
@@ -460,6 +462,67 @@ fn stdio_child_crash_fails_request_then_recovers(io: &str) {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(g.metric("mcp_guard_upstream_restarts_total", &[]) >= 1.0);
+}
+
+fn stdio_lines_longer_than_the_pipe_reach_the_child_whole_and_in_order(io: &str) {
+    // Lines are written straight into the child's pipe while it takes them whole; one longer
+    // than the pipe's buffer (64 KiB) is finished by the writer thread, and every line decided
+    // meanwhile must queue behind it. Long and short calls from several connections at once:
+    // were two lines ever interleaved, the child would read broken JSON and an answer would be
+    // missing or wrong.
+    let g = Gateway::start(&stdio_config(io, "", &[]));
+    let sid = initialize(g.addr);
+    let senders: Vec<_> = (0..8u64)
+        .map(|t| {
+            let (addr, sid) = (g.addr, sid.clone());
+            std::thread::spawn(move || {
+                for i in 0..6u64 {
+                    let id = 100 * t + i;
+                    let text = if i % 2 == 0 {
+                        // Distinct per request, so an answer can only be its own.
+                        format!("{id}:{}", "abcdefghij".repeat(40_000 + id as usize))
+                    } else {
+                        format!("short {id}")
+                    };
+                    let args = serde_json::json!({ "text": text }).to_string();
+                    let r = mcp_post(addr, &call(id, "echo", &args), Some(&sid));
+                    assert_eq!(r.status, 200, "call {id}: {}", r.status);
+                    let answer = r.json();
+                    assert_eq!(answer["id"], id);
+                    assert_eq!(answer["result"]["content"][0]["text"], text.as_str());
+                }
+            })
+        })
+        .collect();
+    for s in senders {
+        s.join().unwrap();
+    }
+}
+
+fn a_stdio_child_that_never_reads_blocks_no_worker(io: &str) {
+    // The child never reads its stdin. A request longer than the pipe's buffer fills it: the
+    // rest waits in the writer thread, never in the one worker, which goes on serving other
+    // connections; the stuck request times out like any unanswered one.
+    let config = format!(
+        "[server]\nport = 0\nworkers = 1\nio = \"{io}\"\n\n[admin]\nport = 0\n\n[upstream]\ntransport = \"stdio\"\ncommand = \"sleep\"\nargs = [\"60\"]\ntimeout_secs = 2\n"
+    );
+    let g = Gateway::start(&config);
+    let padding = "p".repeat(300_000);
+    let long_init = INIT.replace(r#""name":"test""#, &format!(r#""name":"{padding}""#));
+    let mut stuck = connect(g.addr);
+    stuck
+        .write_all(mcp_post_raw(&long_init, None, "").as_bytes())
+        .unwrap();
+    // Whatever the order the worker takes them in, the next connection is answered while the
+    // long line still waits for the child (a blocked worker would answer nothing until the
+    // child exits, a minute later).
+    std::thread::sleep(Duration::from_millis(300));
+    let other = request(g.addr, "GET /elsewhere HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(other.status, 404, "{}", other.text());
+    let short = mcp_post(g.addr, INIT, None);
+    assert_eq!(short.status, 504, "{}", short.text());
+    let r = read_response(&mut stuck).expect("the stuck request is answered");
+    assert_eq!(r.status, 504, "{}", r.text());
 }
 
 fn keep_alive_and_pipelining_serve_several_requests(io: &str) {

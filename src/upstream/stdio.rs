@@ -5,11 +5,16 @@
 //! [`Router`] in `router.rs` (ids, progress tokens, cancellations and server-initiated requests
 //! remapped per session; every line to the child framed as one compact JSON line).
 //!
-//! Threads (none of them a worker): the *hub* thread owns all hub state (the router, the
-//! sessions' server-to-client streams, the child) and is the only one that decides; a *writer*
-//! feeds the child's stdin from a bounded queue; a *reader* turns stdout lines into hub
-//! messages; a *stderr* thread forwards the child's log. The hub never blocks on the child, so a
-//! child that stops reading cannot wedge response routing.
+//! All hub state (the router, the sessions' server-to-client streams, the child) sits in one
+//! [`Supervisor`] behind a mutex, held only for a decision and never across a wait. A request
+//! is decided on the worker that carries it, which writes its line straight into the child's
+//! stdin (non-blocking); the child's *reader* thread routes each stdout line itself and wakes
+//! the waiting worker. So a request crosses from worker to child to reader to worker, and no
+//! thread sits in between. A line the pipe cannot take at once goes to the *writer* thread's
+//! bounded queue (and every line after it, until the queue drains, to keep their order), so a
+//! child that stops reading never blocks a worker or wedges routing. The *hub* thread does what
+//! takes time or a timer: restarts with backoff, reaping an exited child, idle expiry, the
+//! legacy SSE link's messages, shutdown. A *stderr* thread forwards the child's log.
 //!
 //! Sessions are the hub's own (stdio has none): created when an initialize succeeds, capped per
 //! identity, they survive a child restart, and the hub replays its own initialize to the new
@@ -24,10 +29,11 @@ use crate::upstream::sse::SseLink;
 use crate::upstream::{Answer, Exchange, Outgoing};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::os::fd::AsRawFd;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 pub use crate::upstream::router::SessionKey;
@@ -167,6 +173,9 @@ enum Command_ {
 
 /// The worker-side handle.
 pub struct StdioHub {
+    /// Decisions taken on the caller's thread.
+    supervisor: Arc<Mutex<Supervisor>>,
+    /// Work for the hub thread (see the module doc).
     inbox: SyncSender<Command_>,
     next_id: AtomicU64,
     alive: Arc<AtomicBool>,
@@ -174,9 +183,10 @@ pub struct StdioHub {
     router: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
-/// Commands queued to the router beyond this are refused (503) rather than waited for.
+/// Commands queued to the hub thread beyond this are refused rather than waited for.
 const INBOX_CAPACITY: usize = 4096;
-/// Lines queued for the child's stdin.
+/// Lines queued for the child's stdin behind one it could not take at once; beyond it a
+/// request is refused (503).
 const STDIN_CAPACITY: usize = 1024;
 /// Messages buffered per server-to-client stream; beyond it they are dropped and counted.
 const STREAM_CAPACITY: usize = 256;
@@ -200,34 +210,43 @@ impl StdioHub {
         let (tx, rx) = std::sync::mpsc::sync_channel(INBOX_CAPACITY);
         let alive = Arc::new(AtomicBool::new(false));
         let answered = Arc::new(AtomicBool::new(false));
-        let mut router = Supervisor {
-            link,
-            inbox_tx: tx.clone(),
-            metrics,
-            alive: alive.clone(),
-            answered: answered.clone(),
-            child: None,
-            stdin: None,
-            generation: 0,
-            router: Router::new(Limits {
-                max_sessions: MAX_SESSIONS,
-                max_sessions_per_identity: MAX_SESSIONS_PER_IDENTITY,
-                max_pending: MAX_PENDING,
-                max_server_requests: MAX_SERVER_REQUESTS,
-            }),
-            streams: HashMap::new(),
-            backoff: Duration::from_millis(100),
-            restart_at: Some(Instant::now()),
-            started_at: Instant::now(),
-        };
-        if let Err(e) = router.spawn_child() {
-            return Err(format!("cannot start the {}: {e}", router.link.describe()));
+        let supervisor = Arc::new_cyclic(|me| {
+            Mutex::new(Supervisor {
+                me: me.clone(),
+                shut: false,
+                link,
+                inbox_tx: tx.clone(),
+                metrics,
+                alive: alive.clone(),
+                answered: answered.clone(),
+                child: None,
+                stdin: None,
+                generation: 0,
+                router: Router::new(Limits {
+                    max_sessions: MAX_SESSIONS,
+                    max_sessions_per_identity: MAX_SESSIONS_PER_IDENTITY,
+                    max_pending: MAX_PENDING,
+                    max_server_requests: MAX_SERVER_REQUESTS,
+                }),
+                streams: HashMap::new(),
+                backoff: Duration::from_millis(100),
+                restart_at: Some(Instant::now()),
+                started_at: Instant::now(),
+            })
+        });
+        {
+            let mut first = lock(&supervisor);
+            if let Err(e) = first.spawn_child() {
+                return Err(format!("cannot start the {}: {e}", first.link.describe()));
+            }
         }
+        let for_hub = supervisor.clone();
         let handle = std::thread::Builder::new()
             .name("stdio-hub".into())
-            .spawn(move || router.run(rx))
+            .spawn(move || run_hub(&for_hub, rx))
             .map_err(|e| format!("cannot start the stdio hub thread: {e}"))?;
         Ok(Arc::new(StdioHub {
+            supervisor,
             inbox: tx,
             next_id: AtomicU64::new(1),
             alive,
@@ -252,12 +271,9 @@ impl StdioHub {
         self.answered.load(Ordering::Relaxed)
     }
 
+    /// Decides `cmd` here, on the caller's thread; its answer goes to the reply channel in it.
     fn submit(&self, cmd: Command_) -> Result<(), GatewayError> {
-        match self.inbox.try_send(cmd) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(_)) => Err(GatewayError::UpstreamBusy),
-            Err(TrySendError::Disconnected(_)) => Err(stopped()),
-        }
+        decide(&self.supervisor, cmd)
     }
 
     /// Sends a request; returns its hub id (for [`StdioHub::cancel`]) and the reply channel.
@@ -319,7 +335,7 @@ impl StdioHub {
 
     /// Gives up on a request (its client timed out); the child is told it was cancelled.
     pub fn cancel(&self, hub_id: u64) {
-        let _ = self.inbox.try_send(Command_::Cancel { hub_id });
+        let _ = self.submit(Command_::Cancel { hub_id });
     }
 
     /// Stops the child (stdin closed, then killed after `grace`) and the router.
@@ -405,7 +421,7 @@ impl StdioHub {
     ) -> Result<Exchange, GatewayError> {
         let (events, stream) = async_channel::bounded(STREAM_CAPACITY);
         let (hub_id, reply) = self.call(key, out.binding, bytes, Some(events.clone()))?;
-        let inbox = self.inbox.clone();
+        let supervisor = self.supervisor.clone();
         let id = m.id.clone();
         let timeout = out.timeout;
         // The response (or the error in its place) is the stream's last event; the router
@@ -415,7 +431,7 @@ impl StdioHub {
                 Ok(Ok(HubReply::Response(b, _))) => b,
                 Ok(Ok(HubReply::Error(e))) => e.body(id.as_ref()),
                 Err(_) => {
-                    let _ = inbox.try_send(Command_::Cancel { hub_id });
+                    let _ = decide(&supervisor, Command_::Cancel { hub_id });
                     GatewayError::UpstreamTimeout.body(id.as_ref())
                 }
                 _ => stopped().body(id.as_ref()),
@@ -480,6 +496,64 @@ impl StdioHub {
     }
 }
 
+/// The supervisor, whoever held it last: a panic under the lock (a bug, never input) must not
+/// take every later request down with it.
+fn lock(supervisor: &Mutex<Supervisor>) -> MutexGuard<'_, Supervisor> {
+    supervisor
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Decides `cmd` on this thread; refused once the hub has shut down.
+fn decide(supervisor: &Mutex<Supervisor>, cmd: Command_) -> Result<(), GatewayError> {
+    let mut supervisor = lock(supervisor);
+    if supervisor.shut {
+        return Err(stopped());
+    }
+    supervisor.handle(cmd);
+    Ok(())
+}
+
+/// The hub thread: restarts when their time comes, and the work sent to it, until shutdown;
+/// then the child is stopped outside the lock (it may take seconds to exit).
+fn run_hub(supervisor: &Mutex<Supervisor>, rx: Receiver<Command_>) {
+    loop {
+        let restart_at = {
+            let mut s = lock(supervisor);
+            if let Some(at) = s.restart_at
+                && Instant::now() >= at
+            {
+                // A failure is logged and retried with backoff (`schedule_restart`).
+                let _ = s.spawn_child();
+            }
+            s.restart_at
+        };
+        let cmd = match restart_at {
+            Some(at) => match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
+                Ok(c) => c,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => break,
+            },
+            None => match rx.recv() {
+                Ok(c) => c,
+                Err(_) => break,
+            },
+        };
+        match cmd {
+            Command_::Shutdown => break,
+            other => lock(supervisor).handle(other),
+        }
+    }
+    let child = {
+        let mut s = lock(supervisor);
+        s.shut = true;
+        s.detach_child()
+    };
+    if let Some(running) = child {
+        running.stop();
+    }
+}
+
 /// The hub went away under a request: the gateway is shutting down, or this upstream (a
 /// replaced one, a per-session child ended idle or by DELETE) was stopped.
 fn stopped() -> GatewayError {
@@ -504,6 +578,10 @@ fn hub_key(payload: &[u8]) -> Result<SessionKey, GatewayError> {
 /// The hub thread's state: the child and its pipes, the sessions' streams, and the
 /// [`Router`] that decides where every message goes.
 struct Supervisor {
+    /// Itself, for the reader threads it starts.
+    me: Weak<Mutex<Supervisor>>,
+    /// Shut down: every request is refused.
+    shut: bool,
     link: Link,
     inbox_tx: SyncSender<Command_>,
     metrics: Arc<Metrics>,
@@ -511,7 +589,7 @@ struct Supervisor {
     /// Set once any child has written a line: it has answered at least once.
     answered: Arc<AtomicBool>,
     child: Option<Running>,
-    stdin: Option<SyncSender<Vec<u8>>>,
+    stdin: Option<ChildInput>,
     generation: u64,
     router: Router<Waiter>,
     streams: HashMap<SessionKey, Vec<async_channel::Sender<Vec<u8>>>>,
@@ -523,33 +601,6 @@ struct Supervisor {
 type Outputs = Vec<Output<Waiter>>;
 
 impl Supervisor {
-    fn run(mut self, rx: Receiver<Command_>) {
-        loop {
-            if let Some(at) = self.restart_at
-                && Instant::now() >= at
-            {
-                // A failure is logged and retried with backoff (`schedule_restart`).
-                let _ = self.spawn_child();
-            }
-            let cmd = match self.restart_at {
-                Some(at) => match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
-                    Ok(c) => c,
-                    Err(RecvTimeoutError::Timeout) => continue,
-                    Err(RecvTimeoutError::Disconnected) => break,
-                },
-                None => match rx.recv() {
-                    Ok(c) => c,
-                    Err(_) => break,
-                },
-            };
-            match cmd {
-                Command_::Shutdown => break,
-                other => self.handle(other),
-            }
-        }
-        self.stop_child();
-    }
-
     fn handle(&mut self, cmd: Command_) {
         let mut out = Outputs::new();
         match cmd {
@@ -734,10 +785,10 @@ impl Supervisor {
                     .any(|b| *b == b'\n' || *b == b'\r'),
             "a line for the stdio child is not exactly one line"
         );
-        match stdin.try_send(line) {
+        match stdin.write(line) {
             Ok(()) => Ok(()),
-            Err(TrySendError::Full(_)) => Err(GatewayError::UpstreamBusy),
-            Err(TrySendError::Disconnected(_)) => Err(GatewayError::UpstreamUnavailable(format!(
+            Err(InputError::Full) => Err(GatewayError::UpstreamBusy),
+            Err(InputError::Stopped) => Err(GatewayError::UpstreamUnavailable(format!(
                 "{} has stopped",
                 self.link.describe()
             ))),
@@ -795,26 +846,18 @@ impl Supervisor {
             }
         };
         tracing::info!(target: "mcp_guard::upstream", "stdio upstream started (pid {})", child.id());
-        let stdin = child.stdin.take();
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
-        let (line_tx, line_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(STDIN_CAPACITY);
-        if let Some(mut stdin) = stdin {
-            let _ = std::thread::Builder::new()
-                .name("stdio-writer".into())
-                .spawn(move || {
-                    for line in line_rx {
-                        if stdin.write_all(&line).and_then(|_| stdin.flush()).is_err() {
-                            break;
-                        }
-                    }
-                });
-        }
+        let input = match child.stdin.take() {
+            Some(stdin) => ChildInput::pipe(stdin),
+            // Never: stdin was asked for as a pipe.
+            None => ChildInput::queue().0,
+        };
         if let Some(stdout) = stdout {
-            let inbox = self.inbox_tx.clone();
+            let (supervisor, inbox) = (self.me.clone(), self.inbox_tx.clone());
             let _ = std::thread::Builder::new()
                 .name("stdio-reader".into())
-                .spawn(move || read_stdout(stdout, generation, inbox));
+                .spawn(move || read_stdout(stdout, generation, &supervisor, &inbox));
         }
         if let Some(stderr) = stderr {
             let _ = std::thread::Builder::new()
@@ -829,14 +872,14 @@ impl Supervisor {
                 });
         }
         self.child = Some(Running::Process(child));
-        self.started(line_tx, generation);
+        self.started(input, generation);
         Ok(())
     }
 
     /// Opens a legacy SSE connection as the child: its messages come in as lines, and its
     /// end is the child's exit.
     fn open_sse(&mut self, s: &SseSettings, generation: u64) -> Result<(), std::io::Error> {
-        let (line_tx, line_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(STDIN_CAPACITY);
+        let (input, line_rx) = ChildInput::queue();
         let (to_hub, at_end) = (self.inbox_tx.clone(), self.inbox_tx.clone());
         let url = s.endpoint.url.clone();
         let link = SseLink::open(
@@ -856,7 +899,7 @@ impl Supervisor {
             Ok(link) => {
                 tracing::info!(target: "mcp_guard::upstream", "SSE upstream {url}: connecting");
                 self.child = Some(Running::Sse(link));
-                self.started(line_tx, generation);
+                self.started(input, generation);
                 Ok(())
             }
             Err(e) => {
@@ -867,8 +910,8 @@ impl Supervisor {
     }
 
     /// A new child is running: the router replays its handshake and pings it.
-    fn started(&mut self, line_tx: SyncSender<Vec<u8>>, generation: u64) {
-        self.stdin = Some(line_tx);
+    fn started(&mut self, input: ChildInput, generation: u64) {
+        self.stdin = Some(input);
         self.started_at = Instant::now();
         self.alive.store(true, Ordering::Relaxed);
         let mut out = Outputs::new();
@@ -904,16 +947,142 @@ impl Supervisor {
         self.schedule_restart();
     }
 
-    fn stop_child(&mut self) {
+    /// Closes the child's stdin (a well-behaved server exits on EOF) and hands the child over
+    /// to be stopped.
+    fn detach_child(&mut self) -> Option<Running> {
         self.alive.store(false, Ordering::Relaxed);
-        self.stdin = None; // closes stdin: a well-behaved server exits on EOF
-        if let Some(running) = self.child.take() {
-            running.stop();
-        }
+        self.stdin = None;
+        self.child.take()
     }
 }
 
-fn read_stdout(stdout: std::process::ChildStdout, generation: u64, inbox: SyncSender<Command_>) {
+/// The way into the child: its stdin pipe, written at once while the pipe takes a line whole,
+/// and a bounded queue that a writer thread drains for what it does not (a legacy SSE link has
+/// the queue alone, drained by the link).
+struct ChildInput {
+    queue: SyncSender<Vec<u8>>,
+    /// The pipe, non-blocking; `None` for a queue-only input.
+    pipe: Option<Arc<ChildStdin>>,
+    /// Lines queued and not yet wholly written. While any is, new lines queue behind it, so
+    /// the child reads them in the order they were decided.
+    backlog: Arc<AtomicUsize>,
+}
+
+/// Why a line could not be handed to the child.
+enum InputError {
+    /// The queue is full: the child is not reading.
+    Full,
+    /// The child's stdin is closed.
+    Stopped,
+}
+
+impl ChildInput {
+    /// A queue-only input and the receiving end the link drains.
+    fn queue() -> (ChildInput, Receiver<Vec<u8>>) {
+        let (queue, lines) = std::sync::mpsc::sync_channel(STDIN_CAPACITY);
+        let input = ChildInput {
+            queue,
+            pipe: None,
+            backlog: Arc::new(AtomicUsize::new(0)),
+        };
+        (input, lines)
+    }
+
+    /// The child's stdin, made non-blocking, with its writer thread for what it cannot take.
+    fn pipe(stdin: ChildStdin) -> ChildInput {
+        let (mut input, lines) = ChildInput::queue();
+        let pipe = Arc::new(stdin);
+        // Without O_NONBLOCK a full pipe would block the deciding thread (a worker). If it
+        // cannot be set, every line goes through the writer thread instead.
+        if set_nonblocking(&pipe) {
+            input.pipe = Some(pipe.clone());
+        }
+        let backlog = input.backlog.clone();
+        let _ = std::thread::Builder::new()
+            .name("stdio-writer".into())
+            .spawn(move || {
+                for line in lines {
+                    if write_all_waiting(&pipe, &line).is_err() {
+                        // The backlog stays above zero: later lines queue, and fail once the
+                        // queue's receiver is gone.
+                        break;
+                    }
+                    backlog.fetch_sub(1, Ordering::Release);
+                }
+            });
+        input
+    }
+
+    /// Hands `line` to the child: straight into the pipe when nothing is queued and the pipe
+    /// takes it, else (what is left of it) to the queue.
+    fn write(&self, mut line: Vec<u8>) -> Result<(), InputError> {
+        if let Some(pipe) = &self.pipe
+            && self.backlog.load(Ordering::Acquire) == 0
+        {
+            match (&**pipe).write(&line) {
+                Ok(n) if n == line.len() => return Ok(()),
+                // A line longer than the pipe's buffer: the rest is queued right behind it.
+                Ok(n) => drop(line.drain(..n)),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return Err(InputError::Stopped),
+            }
+        }
+        self.backlog.fetch_add(1, Ordering::Release);
+        self.queue.try_send(line).map_err(|e| {
+            self.backlog.fetch_sub(1, Ordering::Release);
+            match e {
+                TrySendError::Full(_) => InputError::Full,
+                TrySendError::Disconnected(_) => InputError::Stopped,
+            }
+        })
+    }
+}
+
+/// Sets O_NONBLOCK on our end of the pipe (the child's end is another open file, unaffected).
+#[allow(unsafe_code)]
+fn set_nonblocking(pipe: &ChildStdin) -> bool {
+    let fd = pipe.as_raw_fd();
+    // SAFETY: fcntl on a descriptor this process owns (the pipe lives as long as `pipe`), with
+    // integer arguments only.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) == 0
+    }
+}
+
+/// Writes all of `bytes` to the non-blocking pipe, waiting for room as long as it takes (the
+/// writer thread's job: it is the one that may wait on the child).
+#[allow(unsafe_code)]
+fn write_all_waiting(pipe: &ChildStdin, mut bytes: &[u8]) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        match (&*pipe).write(bytes) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let mut ready = libc::pollfd {
+                    fd: pipe.as_raw_fd(),
+                    events: libc::POLLOUT,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd for the length given; a negative timeout waits until
+                // the pipe has room or its reader is gone (POLLERR, and the next write fails).
+                unsafe { libc::poll(&mut ready, 1, -1) };
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// The reader thread: each line the child writes is routed here, on this thread, and wakes
+/// whoever waits for it; its end is reported to the hub thread, which reaps the child.
+fn read_stdout(
+    stdout: std::process::ChildStdout,
+    generation: u64,
+    supervisor: &Weak<Mutex<Supervisor>>,
+    inbox: &SyncSender<Command_>,
+) {
     let mut reader = BufReader::with_capacity(64 * 1024, stdout);
     let mut line = Vec::with_capacity(4096);
     loop {
@@ -934,12 +1103,10 @@ fn read_stdout(stdout: std::process::ChildStdout, generation: u64, inbox: SyncSe
                 if line.is_empty() {
                     continue;
                 }
-                if inbox
-                    .send(Command_::FromChild(generation, line.clone()))
-                    .is_err()
-                {
+                let Some(supervisor) = supervisor.upgrade() else {
                     return;
-                }
+                };
+                lock(&supervisor).handle(Command_::FromChild(generation, line.clone()));
             }
         }
     }
