@@ -98,6 +98,10 @@ pub struct LoadSpec {
     /// Counters kept current while the phase runs, for a sampler on another thread (`perf
     /// soak`); `None` for phases only read at their end.
     pub live: Option<Arc<LiveCounts>>,
+    /// Open an MCP session first (initialize, then notifications/initialized). Off for the
+    /// original mcp-guard, which has no sessions and relays a notification to its stdio server
+    /// and then waits for an answer that never comes.
+    pub handshake: bool,
 }
 
 /// Requests completed and failed so far in a running phase. Updated with one relaxed atomic add
@@ -234,12 +238,14 @@ struct Client {
 }
 
 impl Client {
-    /// Connects, initializes a session at `path`, and sends notifications/initialized.
+    /// Connects, and with `handshake` initializes a session at `path` and sends
+    /// notifications/initialized.
     async fn open(
         addr: SocketAddr,
         path: &str,
         extra_headers: Rc<str>,
         tls: Option<&Arc<rustls::ClientConfig>>,
+        handshake: bool,
     ) -> Result<Client, Failure> {
         let mut stream =
             match monoio::time::timeout(REQUEST_TIMEOUT, TcpStream::connect(addr)).await {
@@ -267,6 +273,9 @@ impl Client {
             head,
             next_id: 1,
         };
+        if !handshake {
+            return Ok(client);
+        }
         let init = r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"mcp-guard-perf","version":"0.1.0"}}}"#;
         let response = client.exchange(init).await.map_err(|_| Failure::Connect)?;
         if !(200..300).contains(&response.status) || response.close {
@@ -468,8 +477,9 @@ fn load_thread(
                         let (path, headers) =
                             (endpoint_of(&endpoints, index), extra_headers.clone());
                         let tls = spec.tls.clone();
+                        let handshake = spec.handshake;
                         monoio::spawn(async move {
-                            Client::open(spec.addr, &path, headers, tls.as_ref()).await
+                            Client::open(spec.addr, &path, headers, tls.as_ref(), handshake).await
                         })
                     })
                     .collect();
@@ -497,6 +507,7 @@ fn load_thread(
         endpoints,
         tls: spec.tls.clone(),
         live: spec.live.clone(),
+        handshake: spec.handshake,
     });
     rt.block_on(async {
         let tasks: Vec<_> = indices
@@ -534,6 +545,7 @@ struct Plan {
     endpoints: Rc<[Rc<str>]>,
     tls: Option<Arc<rustls::ClientConfig>>,
     live: Option<Arc<LiveCounts>>,
+    handshake: bool,
 }
 
 impl Plan {
@@ -607,6 +619,7 @@ async fn drive(
                 &path,
                 plan.extra_headers.clone(),
                 plan.tls.as_ref(),
+                plan.handshake,
             )
             .await
             {
@@ -652,7 +665,7 @@ pub fn session_headers(
 ) -> Result<Vec<(String, String)>, String> {
     let mut rt = crate::runtime()?;
     let client = rt
-        .block_on(Client::open(addr, "/mcp", extra_headers.into(), None))
+        .block_on(Client::open(addr, "/mcp", extra_headers.into(), None, true))
         .map_err(|f| format!("cannot open an MCP session at {addr}: {f:?}"))?;
     Ok(client
         .head

@@ -85,7 +85,8 @@ struct AllArgs {
     /// Scenarios to run [default: all].
     #[arg(long, value_delimiter = ',')]
     scenarios: Vec<String>,
-    /// Targets to run: direct, nginx, mcp-guard [default: all].
+    /// Targets to run: direct, nginx, mcp-guard, original [default: all; `original` needs
+    /// --original-bin].
     #[arg(long, value_delimiter = ',')]
     targets: Vec<String>,
     /// The fleet scenario's gateway variants: memory, redis, audit-ship, trace-1.0, trace-0.01
@@ -104,6 +105,11 @@ struct AllArgs {
     /// Skip nginx instead of installing it when it is missing.
     #[arg(long)]
     no_install: bool,
+    /// The original mcp-guard's binary (botzrDev/mcp-guard's `mcp-guard`, built by you: the
+    /// harness never builds it). With it, the `stdio_guard` scenario is also measured through
+    /// the original, from the same configuration keys.
+    #[arg(long)]
+    original_bin: Option<PathBuf>,
     /// Result file name (without extension).
     #[arg(long, default_value = "latest")]
     name: String,
@@ -278,7 +284,7 @@ fn parse_targets(names: &[String]) -> Result<Vec<Target>, String> {
         .find(|n| !Target::ALL.iter().any(|t| t.name() == n.as_str()))
     {
         Some(unknown) => Err(format!(
-            "unknown target {unknown:?} (known: direct, nginx, mcp-guard)"
+            "unknown target {unknown:?} (known: direct, nginx, mcp-guard, original)"
         )),
         None => Ok(chosen),
     }
@@ -415,6 +421,16 @@ fn all(args: AllArgs) -> Result<(), String> {
     } else {
         None
     };
+    let original_bin = match args.original_bin {
+        Some(bin) if !bin.is_file() => {
+            return Err(format!("--original-bin {}: no such file", bin.display()));
+        }
+        Some(bin) => Some(std::fs::canonicalize(&bin).unwrap_or(bin)),
+        None => None,
+    };
+    if original_bin.is_none() && args.targets.iter().any(|t| t == "original") {
+        return Err("the original target needs --original-bin".into());
+    }
     let duration = Duration::from_secs_f64(args.duration);
     let allowed_cpus = pinning::allowed_cpus();
     let sweep = sweep_with_one(args.workers);
@@ -433,6 +449,7 @@ fn all(args: AllArgs) -> Result<(), String> {
         gateway_bin,
         demo_bin,
         nginx_bin,
+        original_bin,
         allowed_cpus,
         pin: !args.no_pin,
         wrk_bin: wrk_for(args.no_wrk),
@@ -529,6 +546,7 @@ fn smoke(args: CommonArgs) -> Result<(), String> {
         gateway_bin,
         demo_bin,
         nginx_bin,
+        original_bin: None,
         allowed_cpus: pinning::allowed_cpus(),
         pin: true,
         wrk_bin: wrk_for(false),

@@ -339,6 +339,7 @@ fn markdown(r: &Report) -> String {
     if !r.ratios.is_empty() {
         ratio_table(&mut out, r);
     }
+    original_table(&mut out, r);
     crate::fleet::markdown(&mut out, &r.measurements, &r.fleet);
     if !r.skipped.is_empty() {
         let _ = writeln!(out, "\nSkipped:\n");
@@ -502,6 +503,68 @@ fn spread(values: &[f64], digits: usize) -> String {
 
 /// mcp-guard ÷ the others per scenario; with several rounds, each ratio is taken within a round
 /// and shown as the median and range over the rounds.
+/// mcp-guard against the original mcp-guard, per round of each scenario both ran: the CPU per
+/// request of gateway and stdio server together (issue 12 compares that sum), each apart, and
+/// requests/s.
+fn original_table(out: &mut String, r: &Report) {
+    let find = |scenario: &str, round: usize, target: Target| {
+        r.measurements.iter().find(|m| {
+            m.scenario == scenario
+                && m.round == round
+                && m.target == target.name()
+                && m.failure.is_none()
+        })
+    };
+    let pairs: Vec<(&Measurement, &Measurement)> = r
+        .measurements
+        .iter()
+        .filter(|m| m.target == Target::Original.name() && m.failure.is_none())
+        .filter_map(|original| {
+            find(&original.scenario, original.round, Target::McpGuard).map(|ours| (ours, original))
+        })
+        .collect();
+    if pairs.is_empty() {
+        return;
+    }
+    out.push_str("\n## mcp-guard compared with the original mcp-guard (same run, same configuration keys, stdio upstream)\n\n");
+    out.push_str("| scenario | round | rps ÷ original | gateway + server µs/req at max: mcp-guard | original | ÷ original | gateway µs/req: mcp-guard | original | server µs/req: mcp-guard | original | CPU/req ÷ original at rate | peak RSS MB: mcp-guard | original |\n");
+    out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    let both = |m: &Measurement| {
+        m.at_max
+            .target_cpu
+            .map(|c| c.total_us)
+            .zip(m.at_max.upstream_cpu.map(|c| c.total_us))
+            .map(|(g, s)| g + s)
+    };
+    let at_rate = |m: &Measurement| {
+        m.cpu_us_per_request
+            .zip(m.upstream_cpu_us_per_request)
+            .map(|(g, s)| g + s)
+    };
+    let ratio = |a: f64, b: f64| (b > 0.0 && a > 0.0).then(|| a / b);
+    let quotient = |a: Option<f64>, b: Option<f64>| a.zip(b).and_then(|(a, b)| ratio(a, b));
+    for (ours, original) in pairs {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.1} |",
+            ours.scenario,
+            ours.round,
+            opt(ratio(ours.max_rps, original.max_rps), 2),
+            opt(both(ours), 1),
+            opt(both(original), 1),
+            opt(quotient(both(ours), both(original)), 2),
+            opt(ours.at_max.target_cpu.map(|c| c.total_us), 1),
+            opt(original.at_max.target_cpu.map(|c| c.total_us), 1),
+            opt(ours.at_max.upstream_cpu.map(|c| c.total_us), 1),
+            opt(original.at_max.upstream_cpu.map(|c| c.total_us), 1),
+            opt(quotient(at_rate(ours), at_rate(original)), 2),
+            ours.peak_rss_kb as f64 / 1024.0,
+            original.peak_rss_kb as f64 / 1024.0,
+        );
+    }
+    out.push_str("\nThe original is given the scenario's keys under its own `[server]` and `[upstream]` tables, runs at log level `warn` (its default, `info`, writes a line per request), and is sent no session handshake (it has no sessions, and it would wait for an answer to `notifications/initialized`). Both gateways' stdio server is this repository's `mcp-demo-server`, pinned to the load side; \"server\" is its CPU.\n");
+}
+
 fn ratio_table(out: &mut String, r: &Report) {
     let rounds = r.settings.rounds;
     let _ = writeln!(
@@ -764,6 +827,7 @@ fn color(target: &str) -> &'static str {
     match target {
         "direct" => "#4c78a8",
         "nginx" => "#54a24b",
+        "original" => "#b279a2",
         _ => "#e45756",
     }
 }

@@ -41,6 +41,10 @@ pub struct Scenario {
     pub tls: bool,
     /// mcp-guard only, once per fleet variant (`fleet::VARIANTS`) instead of once per target.
     pub fleet: bool,
+    /// Also measured through the original mcp-guard (`--original-bin`), from the same
+    /// configuration keys: a stdio scenario with the guard on, since the original's free tier
+    /// serves stdio upstreams only and always authenticates.
+    pub vs_original: bool,
 }
 
 impl Scenario {
@@ -76,6 +80,7 @@ const fn scenario(
         routes: 0,
         tls: false,
         fleet: false,
+        vs_original: false,
     }
 }
 
@@ -86,6 +91,7 @@ pub const SCENARIOS: &[Scenario] = &[
     scenario("tools_list_100", "tools/list answering 100 tools (~20 KiB); through mcp-guard an API key allowed half of them, so every answer is filtered", Call::ToolsList, 100, 0),
     scenario("sse", "tools/call echo_sse, one chunked SSE event", Call::EchoSse, 5, 0),
     Scenario { stdio: true, ..scenario("stdio", "tools/call echo to mcp-demo-server over stdio (mcp-guard only)", Call::Echo, 5, 0) },
+    Scenario { stdio: true, vs_original: true, ..scenario("stdio_guard", "the `guard` path (API key, tool policy, rate limit that never trips, audit file) over stdio to mcp-demo-server; also through the original mcp-guard when `--original-bin` names its binary (given the same keys; no session handshake, which it does not speak)", Call::Echo, 5, 0) },
     Scenario { routes: 10, ..scenario("routed", "tools/call echo through 10 routed HTTP servers (`[[upstream.servers]]` s0..s9, all on the one mock) at /mcp/s0../mcp/s9; connections spread round robin, each with its session at its own server (mcp-guard only)", Call::Echo, 5, 0) },
     Scenario { tls: true, ..scenario("tls", "passthrough over TLS 1.3 (AES-128-GCM, one ECDSA P-256 certificate for both proxies), keep-alive; handshakes happen before the measured window; direct stays plain HTTP", Call::Echo, 5, 0) },
     scenario("result_4k", "tools/call echo answering ~4 KiB of text (prose with line breaks, no secret), JSON response: the baseline of `redaction`", Call::EchoResult4k, 5, 0),
@@ -141,7 +147,7 @@ pub fn gateway_setup(scenario: &Scenario) -> GatewaySetup {
     }
     match scenario.name {
         // The fleet scenario's variants add their keys through `fleet::setup`.
-        "guard" | "fleet" => guarded(r#"["echo", "echo_sse"]"#),
+        "guard" | "fleet" | "stdio_guard" => guarded(r#"["echo", "echo_sse"]"#),
         "redaction" => GatewaySetup {
             config: format!("{}\n[redaction]\nenabled = true\n", bare_proxy()),
             client_headers: String::new(),
@@ -203,16 +209,35 @@ pub enum Target {
     Nginx,
     /// mcp-guard in front of the mock upstream (or the stdio demo server).
     McpGuard,
+    /// The original mcp-guard (botzrDev/mcp-guard) in front of the stdio demo server, in the
+    /// scenarios marked `vs_original`, when `--original-bin` names a binary the user built.
+    Original,
 }
 
 impl Target {
-    pub const ALL: [Target; 3] = [Target::Direct, Target::Nginx, Target::McpGuard];
+    pub const ALL: [Target; 4] = [
+        Target::Direct,
+        Target::Nginx,
+        Target::McpGuard,
+        Target::Original,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Target::Direct => "direct",
             Target::Nginx => "nginx",
             Target::McpGuard => "mcp-guard",
+            Target::Original => "original",
+        }
+    }
+
+    /// Whether this target takes part in `scenario` with what `settings` has.
+    fn measures(self, scenario: &Scenario, settings: &Settings) -> bool {
+        match self {
+            Target::Direct => !scenario.gateway_only(),
+            Target::Nginx => !scenario.gateway_only() && settings.nginx_bin.is_some(),
+            Target::McpGuard => true,
+            Target::Original => scenario.vs_original && settings.original_bin.is_some(),
         }
     }
 }
@@ -236,6 +261,8 @@ pub struct Settings {
     pub gateway_bin: PathBuf,
     pub demo_bin: PathBuf,
     pub nginx_bin: Option<PathBuf>,
+    /// The original mcp-guard's binary, built by the user (the harness never builds it).
+    pub original_bin: Option<PathBuf>,
     /// The CPUs the harness may use, and whether to pin onto them (see `Placement::plan`).
     pub allowed_cpus: Vec<usize>,
     pub pin: bool,
@@ -509,10 +536,7 @@ pub fn run_matrix(settings: &Settings) -> Result<Matrix, String> {
         };
         for round in 1..=settings.rounds {
             for target in round_order(&settings.targets, round) {
-                if scenario.gateway_only() && target != Target::McpGuard {
-                    continue;
-                }
-                if target == Target::Nginx && settings.nginx_bin.is_none() {
+                if !target.measures(scenario, settings) {
                     continue;
                 }
                 check_interrupted()?;
@@ -546,7 +570,9 @@ pub fn run_matrix(settings: &Settings) -> Result<Matrix, String> {
             &placement.load_cpus,
         )?;
         for &target in &settings.targets {
-            if target == Target::Nginx && settings.nginx_bin.is_none() {
+            if target == Target::Original
+                || (target == Target::Nginx && settings.nginx_bin.is_none())
+            {
                 continue;
             }
             check_interrupted()?;
@@ -803,6 +829,17 @@ pub fn start_target(
             let (addr, pids) = (running.addr, running.measured_pids.clone());
             Ok((Some(running), addr, pids, tls))
         }
+        (Target::Original, None) => {
+            let original = settings
+                .original_bin
+                .as_deref()
+                .ok_or("no --original-bin given")?;
+            let running =
+                targets::start_original(original, &settings.demo_bin, &setup.config, cpus)?;
+            let (addr, pids) = (running.addr, running.measured_pids.clone());
+            Ok((Some(running), addr, pids, None))
+        }
+        (Target::Original, Some(_)) => Err("the original is measured on stdio only".into()),
         (_, None) => Err(format!("{} needs an HTTP upstream", target.name())),
     }
 }
@@ -1010,6 +1047,7 @@ fn measure_with(
         cpus: placement.load_cpus.clone(),
         tls: tls.as_ref().map(|t| t.client.clone()),
         live: None,
+        handshake: target != Target::Original,
     };
     let idle = load::open_idle(addr, scenario.idle_connections)?;
     if !idle.is_empty() {
@@ -1216,6 +1254,7 @@ fn sweep_point(
         cpus: placement.load_cpus.clone(),
         tls: None,
         live: None,
+        handshake: true,
     };
     load::run(&spec(settings.warmup))?;
     let upstream_pids = match target {

@@ -428,6 +428,7 @@ pub fn run(o: &SoakOptions) -> Result<SoakReport, String> {
         gateway_bin: o.gateway_bin.clone(),
         demo_bin: o.demo_bin.clone(),
         nginx_bin: None,
+        original_bin: None,
         allowed_cpus: o.allowed_cpus.clone(),
         pin: o.pin,
         wrk_bin: None,
@@ -478,6 +479,7 @@ pub fn run(o: &SoakOptions) -> Result<SoakReport, String> {
         cpus: placement.load_cpus.clone(),
         tls: tls.as_ref().map(|t| t.client.clone()),
         live: Some(live.clone()),
+        handshake: true,
     };
     let probe = Probe {
         pids: pids.clone(),

@@ -360,6 +360,59 @@ http {{
     })
 }
 
+/// Starts the original mcp-guard (botzrDev/mcp-guard, built by the user) on `cpus` in front of
+/// the stdio server `demo`, with `extra` (the scenario's compat keys: API key, rate limit, audit)
+/// after its `[server]` and `[upstream]` tables. Its log level is `warn`: at its default (`info`)
+/// it writes a line per request, a cost our comparison leaves out in its favour.
+pub fn start_original(
+    binary: &Path,
+    demo: &Path,
+    extra: &str,
+    cpus: &[usize],
+) -> Result<Running, String> {
+    let scratch = ScratchDir::new("original")?;
+    let port = free_port()?;
+    let config = format!(
+        "[server]\nhost = \"127.0.0.1\"\nport = {port}\n\n[upstream]\ntransport = \"stdio\"\ncommand = {:?}\n\n{}",
+        demo.display().to_string(),
+        extra.replace("{scratch}", &scratch.0.display().to_string())
+    );
+    let config_path = scratch.0.join("original.toml");
+    std::fs::write(&config_path, config)
+        .map_err(|e| format!("cannot write {}: {e}", config_path.display()))?;
+    let log_path = scratch.0.join("original.log");
+    let log = std::fs::File::create(&log_path)
+        .map_err(|e| format!("cannot create {}: {e}", log_path.display()))?;
+    let mut command = Command::new(binary);
+    command
+        .arg("--config")
+        .arg(&config_path)
+        .args(["run", "--host", "127.0.0.1", "--port", &port.to_string()])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(|e| format!("log file: {e}"))?)
+        .stderr(log);
+    let mut managed = Managed::spawn("original mcp-guard", command, cpus)?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let started = Instant::now();
+    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        let log = || tail(&std::fs::read_to_string(&log_path).unwrap_or_default(), 20);
+        if let Err(e) = managed.check_alive() {
+            return Err(format!("{e}; log:\n{}", log()));
+        }
+        if started.elapsed() > START_TIMEOUT {
+            return Err(format!("the original did not open {addr}; log:\n{}", log()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = managed.pid();
+    Ok(Running {
+        addr,
+        measured_pids: vec![pid],
+        _guards: (managed, Some(scratch)),
+    })
+}
+
 /// nginx's path: /usr/sbin/nginx or on PATH; if absent and `install` is set, apt-get installs
 /// nginx-light (or nginx). `Ok(None)`: absent and not installed.
 pub fn find_nginx(install: bool) -> Result<Option<PathBuf>, String> {
