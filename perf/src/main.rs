@@ -110,6 +110,10 @@ struct AllArgs {
     /// the original, from the same configuration keys.
     #[arg(long)]
     original_bin: Option<PathBuf>,
+    /// The original's log level (its RUST_LOG). Its own default, `info`, writes a line per
+    /// request; `warn` spares it that cost.
+    #[arg(long, default_value = "warn")]
+    original_log: String,
     /// Result file name (without extension).
     #[arg(long, default_value = "latest")]
     name: String,
@@ -347,6 +351,7 @@ fn run_and_report(
             allowed_cpus: settings.allowed_cpus.clone(),
             placement: settings.placement(settings.workers),
             wrk: settings.wrk_bin.as_ref().map(|p| p.display().to_string()),
+            original: settings.original.clone(),
             scenarios: settings.scenarios.clone(),
         },
         measurements,
@@ -425,7 +430,10 @@ fn all(args: AllArgs) -> Result<(), String> {
         Some(bin) if !bin.is_file() => {
             return Err(format!("--original-bin {}: no such file", bin.display()));
         }
-        Some(bin) => Some(std::fs::canonicalize(&bin).unwrap_or(bin)),
+        Some(bin) => Some(scenarios::Original {
+            bin: std::fs::canonicalize(&bin).unwrap_or(bin),
+            log_level: args.original_log.clone(),
+        }),
         None => None,
     };
     if original_bin.is_none() && args.targets.iter().any(|t| t == "original") {
@@ -449,7 +457,7 @@ fn all(args: AllArgs) -> Result<(), String> {
         gateway_bin,
         demo_bin,
         nginx_bin,
-        original_bin,
+        original: original_bin,
         allowed_cpus,
         pin: !args.no_pin,
         wrk_bin: wrk_for(args.no_wrk),
@@ -546,7 +554,7 @@ fn smoke(args: CommonArgs) -> Result<(), String> {
         gateway_bin,
         demo_bin,
         nginx_bin,
-        original_bin: None,
+        original: None,
         allowed_cpus: pinning::allowed_cpus(),
         pin: true,
         wrk_bin: wrk_for(false),

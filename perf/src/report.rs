@@ -42,6 +42,8 @@ pub struct RunSettings {
     pub placement: Placement,
     /// wrk used for the passthrough cross-check, if any.
     pub wrk: Option<String>,
+    /// The original mcp-guard, when measured.
+    pub original: Option<crate::scenarios::Original>,
     pub scenarios: Vec<&'static Scenario>,
 }
 
@@ -562,7 +564,16 @@ fn original_table(out: &mut String, r: &Report) {
             original.peak_rss_kb as f64 / 1024.0,
         );
     }
-    out.push_str("\nThe original is given the scenario's keys under its own `[server]` and `[upstream]` tables, runs at log level `warn` (its default, `info`, writes a line per request), and is sent no session handshake (it has no sessions, and it would wait for an answer to `notifications/initialized`). Both gateways' stdio server is this repository's `mcp-demo-server`, pinned to the load side; \"server\" is its CPU.\n");
+    let level = r
+        .settings
+        .original
+        .as_ref()
+        .map_or("?", |o| o.log_level.as_str());
+    let _ = write!(
+        out,
+        "\nThe original is given the scenario's keys under its own `[server]` and `[upstream]` tables, runs at log level `{level}` (`--original-log`; its default, `info`, writes a line per request), and is sent"
+    );
+    out.push_str(" no session handshake (it has no sessions, and it would wait for an answer to `notifications/initialized`). Both gateways' stdio server is this repository's `mcp-demo-server`, pinned to the load side; \"server\" is its CPU.\n");
 }
 
 fn ratio_table(out: &mut String, r: &Report) {
@@ -1228,6 +1239,7 @@ mod tests {
                 allowed_cpus: vec![0, 1],
                 placement,
                 wrk: None,
+                original: None,
                 scenarios: Vec::new(),
             },
             ratios: ratios(&measurements),

@@ -237,9 +237,17 @@ impl Target {
             Target::Direct => !scenario.gateway_only(),
             Target::Nginx => !scenario.gateway_only() && settings.nginx_bin.is_some(),
             Target::McpGuard => true,
-            Target::Original => scenario.vs_original && settings.original_bin.is_some(),
+            Target::Original => scenario.vs_original && settings.original.is_some(),
         }
     }
+}
+
+/// The original mcp-guard as `--original-bin` and `--original-log` name it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Original {
+    pub bin: PathBuf,
+    /// Its RUST_LOG.
+    pub log_level: String,
 }
 
 /// Everything one `perf all` / `perf smoke` run needs.
@@ -261,8 +269,8 @@ pub struct Settings {
     pub gateway_bin: PathBuf,
     pub demo_bin: PathBuf,
     pub nginx_bin: Option<PathBuf>,
-    /// The original mcp-guard's binary, built by the user (the harness never builds it).
-    pub original_bin: Option<PathBuf>,
+    /// The original mcp-guard, built by the user (the harness never builds it).
+    pub original: Option<Original>,
     /// The CPUs the harness may use, and whether to pin onto them (see `Placement::plan`).
     pub allowed_cpus: Vec<usize>,
     pub pin: bool,
@@ -831,11 +839,16 @@ pub fn start_target(
         }
         (Target::Original, None) => {
             let original = settings
-                .original_bin
-                .as_deref()
+                .original
+                .as_ref()
                 .ok_or("no --original-bin given")?;
-            let running =
-                targets::start_original(original, &settings.demo_bin, &setup.config, cpus)?;
+            let running = targets::start_original(
+                &original.bin,
+                &original.log_level,
+                &settings.demo_bin,
+                &setup.config,
+                cpus,
+            )?;
             let (addr, pids) = (running.addr, running.measured_pids.clone());
             Ok((Some(running), addr, pids, None))
         }

@@ -428,7 +428,7 @@ pub fn run(o: &SoakOptions) -> Result<SoakReport, String> {
         gateway_bin: o.gateway_bin.clone(),
         demo_bin: o.demo_bin.clone(),
         nginx_bin: None,
-        original_bin: None,
+        original: None,
         allowed_cpus: o.allowed_cpus.clone(),
         pin: o.pin,
         wrk_bin: None,

@@ -362,10 +362,11 @@ http {{
 
 /// Starts the original mcp-guard (botzrDev/mcp-guard, built by the user) on `cpus` in front of
 /// the stdio server `demo`, with `extra` (the scenario's compat keys: API key, rate limit, audit)
-/// after its `[server]` and `[upstream]` tables. Its log level is `warn`: at its default (`info`)
-/// it writes a line per request, a cost our comparison leaves out in its favour.
+/// after its `[server]` and `[upstream]` tables, at log level `log_level` (at its default,
+/// `info`, it writes a line per request).
 pub fn start_original(
     binary: &Path,
+    log_level: &str,
     demo: &Path,
     extra: &str,
     cpus: &[usize],
@@ -388,7 +389,7 @@ pub fn start_original(
         .arg("--config")
         .arg(&config_path)
         .args(["run", "--host", "127.0.0.1", "--port", &port.to_string()])
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", log_level)
         .stdin(Stdio::null())
         .stdout(log.try_clone().map_err(|e| format!("log file: {e}"))?)
         .stderr(log);
