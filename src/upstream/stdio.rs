@@ -563,7 +563,7 @@ fn stopped() -> GatewayError {
 /// Whether a request's `params._meta` carries a `progressToken` (parsed only when the bytes
 /// mention one).
 fn asks_progress(raw: &[u8]) -> bool {
-    raw.windows(13).any(|w| w == b"progressToken")
+    memchr::memmem::find(raw, b"progressToken").is_some()
         && serde_json::from_slice::<serde_json::Value>(raw)
             .ok()
             .and_then(|v| v.pointer("/params/_meta/progressToken").cloned())
