@@ -1,15 +1,42 @@
 //! Criterion benches of the data plane's per-request work: head parse, JSON-RPC classify,
-//! chunked decode, session-id check. Each reports time per operation.
+//! chunked decode, session-id check, a stdio request's trip through the hub's router. Each
+//! reports time per operation.
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use mcp_guard::http::chunked::ChunkedDecoder;
 use mcp_guard::http::request::parse_head;
 use mcp_guard::mcp::jsonrpc::Classifier;
 use mcp_guard::mcp::session::SessionCodec;
+use mcp_guard::upstream::router::{Limits, Output, Router};
 use std::hint::black_box;
 
 const HEAD: &[u8] = b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:3000\r\nUser-Agent: bench/1.0\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\nMcp-Session-Id: c2Vzc2lvbi1pZC0xMjM0NTY3ODkw.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\r\nMCP-Protocol-Version: 2025-11-25\r\nAuthorization: Bearer mcpg_abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG\r\nContent-Length: 112\r\n\r\n";
 const CALL: &[u8] = br#"{"jsonrpc":"2.0","id":42,"method":"tools/call","params":{"name":"read_file","arguments":{"path":"/etc/hosts","limit":100}}}"#;
+
+/// A router with one session, opened the way a client opens it (initialize, answered).
+fn router_with_session() -> (Router<()>, [u8; 16]) {
+    let mut router = Router::new(Limits {
+        max_sessions: 1024,
+        max_sessions_per_identity: 1024,
+        max_pending: 1024,
+        max_server_requests: 64,
+    });
+    let mut out = Vec::new();
+    let init = br#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"bench","version":"1"}}}"#;
+    router.client_request(1, None, "bench", init, (), &mut out);
+    router.child_line(
+        br#"{"jsonrpc":"2.0","id":1,"result":{"protocolVersion":"2025-11-25","capabilities":{},"serverInfo":{"name":"demo","version":"1"}}}"#,
+        &mut out,
+    );
+    let session = out
+        .iter()
+        .find_map(|o| match o {
+            Output::Respond { new_session, .. } => *new_session,
+            _ => None,
+        })
+        .expect("initialize opens a session");
+    (router, session)
+}
 
 fn benches(c: &mut Criterion) {
     c.bench_function("http_head_parse", |b| {
@@ -20,6 +47,24 @@ fn benches(c: &mut Criterion) {
         b.iter(|| classifier.classify(black_box(CALL)).unwrap())
     });
     let chunked = b"40\r\n0123456789012345678901234567890123456789012345678901234567890123\r\n40\r\n0123456789012345678901234567890123456789012345678901234567890123\r\n0\r\n\r\n";
+    // What the hub decides per stdio request: the client's call re-framed with a hub id, then
+    // the child's answer with the client's id restored (the perf harness's echo call).
+    let (mut router, session) = router_with_session();
+    let mut hub_id = 100u64;
+    let mut out = Vec::with_capacity(4);
+    c.bench_function("stdio_router_call_and_answer", |b| {
+        b.iter(|| {
+            hub_id += 1;
+            out.clear();
+            let call = br#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"echo","arguments":{"text":"hello"}}}"#;
+            router.client_request(hub_id, Some(session), "bench", black_box(call), (), &mut out);
+            let answer = format!(
+                r#"{{"jsonrpc":"2.0","id":{hub_id},"result":{{"content":[{{"type":"text","text":"hello"}}]}}}}"#
+            );
+            router.child_line(black_box(answer.as_bytes()), &mut out);
+            assert!(matches!(out.last(), Some(Output::Respond { .. })));
+        })
+    });
     c.bench_function("chunked_decode_128b", |b| {
         let mut out = Vec::with_capacity(256);
         b.iter(|| {
