@@ -154,6 +154,8 @@ pub fn run(path: PathBuf) -> Result<(), String> {
         None => None,
     };
     let mut settings = settings;
+    // Before any child starts: their output is read on worker 0, not on a thread each.
+    crate::upstream::stdio::reserve_home();
     settings.upstreams = Some(Arc::new(UpstreamSet::start(&settings, &metrics)?));
     if let Some(auth) = Arc::get_mut(&mut settings.auth) {
         auth.start(None);

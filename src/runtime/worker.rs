@@ -414,6 +414,12 @@ pub async fn run(w: Rc<Worker>, listener: monoio::net::TcpListener) {
     if let Some(inbox) = w.shared.approvals.take(w.id) {
         monoio::spawn(crate::mcp::approval::run_inbox(w.clone(), inbox));
     }
+    // The first worker is the stdio children's home: it reads their output.
+    if w.id == 0
+        && let Some(claims) = crate::upstream::stdio::take_home()
+    {
+        monoio::spawn(crate::upstream::stdio::run_home(claims));
+    }
     let shutdown_rx = w.shared.shutdown_rx.clone();
     loop {
         let accepted = monoio::select! {
@@ -469,7 +475,16 @@ pub async fn run(w: Rc<Worker>, listener: monoio::net::TcpListener) {
     w.shutdown.fire();
     let grace = w.settings().server.shutdown_grace;
     let deadline = Instant::now() + grace;
-    while w.active.get() > 0 && Instant::now() < deadline {
+    // The first worker reads the stdio children's output for every worker's requests: it stays
+    // until every worker's connections are done (or the grace ends), not only its own.
+    let still_open = || {
+        if w.id == 0 {
+            w.shared.connections.load(Ordering::Relaxed)
+        } else {
+            w.active.get()
+        }
+    };
+    while still_open() > 0 && Instant::now() < deadline {
         monoio::time::sleep(Duration::from_millis(20)).await;
     }
     w.publish_metrics();

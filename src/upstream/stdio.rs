@@ -1,5 +1,5 @@
 //! The stdio hub: one shared child process speaking newline-delimited JSON-RPC, reached by
-//! every worker through a bounded channel.
+//! every worker.
 //!
 //! This file is process supervision; where each message goes is decided by the pure
 //! [`Router`] in `router.rs` (ids, progress tokens, cancellations and server-initiated requests
@@ -8,9 +8,11 @@
 //! All hub state (the router, the sessions' server-to-client streams, the child) sits in one
 //! [`Supervisor`] behind a mutex, held only for a decision and never across a wait. A request
 //! is decided on the worker that carries it, which writes its line straight into the child's
-//! stdin (non-blocking); the child's *reader* thread routes each stdout line itself and wakes
-//! the waiting worker. So a request crosses from worker to child to reader to worker, and no
-//! thread sits in between. A line the pipe cannot take at once goes to the *writer* thread's
+//! stdin (non-blocking). The child's stdout is one end of a socket pair, read by a task on the
+//! home worker (worker 0) like any connection, which routes each line there and wakes the
+//! waiting request ([`StdoutClaim`]; a reader thread outside the runtime). So a request on the
+//! home worker never leaves its thread, and one on another worker is woken once. A line the
+//! pipe cannot take at once goes to the *writer* thread's
 //! bounded queue (and every line after it, until the queue drains, to keep their order), so a
 //! child that stops reading never blocks a worker or wedges routing. The *hub* thread does what
 //! takes time or a timer: restarts with backoff, reaping an exited child, idle expiry, the
@@ -822,11 +824,22 @@ impl Supervisor {
                 return self.open_sse(&s, generation);
             }
         };
+        // The child's stdout is one end of a socket pair rather than a pipe: a worker's runtime
+        // reads a socket like any connection (see `StdoutClaim`). The child writes to it as
+        // to a pipe.
+        let (output, child_output) = match std::os::unix::net::UnixStream::pair() {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::error!(target: "mcp_guard::upstream", "cannot start stdio upstream `{}`: no socket pair for its output: {e}", s.command);
+                self.schedule_restart();
+                return Err(e);
+            }
+        };
         let mut cmd = Command::new(&s.command);
         cmd.args(&s.args)
             .envs(s.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
+            .stdout(Stdio::from(std::os::fd::OwnedFd::from(child_output)))
             .stderr(Stdio::piped());
         if let Some(cwd) = &s.cwd {
             cmd.current_dir(cwd);
@@ -846,19 +859,21 @@ impl Supervisor {
             }
         };
         tracing::info!(target: "mcp_guard::upstream", "stdio upstream started (pid {})", child.id());
-        let stdout = child.stdout.take();
+        // Our copy of the child's end goes now: the child's exit must end the output.
+        drop(cmd);
         let stderr = child.stderr.take();
         let input = match child.stdin.take() {
             Some(stdin) => ChildInput::pipe(stdin),
             // Never: stdin was asked for as a pipe.
             None => ChildInput::queue().0,
         };
-        if let Some(stdout) = stdout {
-            let (supervisor, inbox) = (self.me.clone(), self.inbox_tx.clone());
-            let _ = std::thread::Builder::new()
-                .name("stdio-reader".into())
-                .spawn(move || read_stdout(stdout, generation, &supervisor, &inbox));
+        StdoutClaim {
+            output,
+            generation,
+            supervisor: self.me.clone(),
+            inbox: self.inbox_tx.clone(),
         }
+        .hand_over();
         if let Some(stderr) = stderr {
             let _ = std::thread::Builder::new()
                 .name("stdio-stderr".into())
@@ -1075,42 +1090,203 @@ fn write_all_waiting(pipe: &ChildStdin, mut bytes: &[u8]) -> std::io::Result<()>
     Ok(())
 }
 
-/// The reader thread: each line the child writes is routed here, on this thread, and wakes
-/// whoever waits for it; its end is reported to the hub thread, which reaps the child.
-fn read_stdout(
-    stdout: std::process::ChildStdout,
+/// A child's output and where its lines go: read by a task on the home worker when the
+/// runtime has one (`reserve_home`), else by a thread of its own. Each line is routed where it
+/// is read and wakes whoever waits for it; the end is reported to the hub thread, which reaps
+/// the child.
+pub struct StdoutClaim {
+    output: std::os::unix::net::UnixStream,
     generation: u64,
-    supervisor: &Weak<Mutex<Supervisor>>,
-    inbox: &SyncSender<Command_>,
-) {
-    let mut reader = BufReader::with_capacity(64 * 1024, stdout);
-    let mut line = Vec::with_capacity(4096);
-    loop {
-        line.clear();
-        match (&mut reader)
-            .take(MAX_LINE as u64 + 1)
-            .read_until(b'\n', &mut line)
-        {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {
-                if line.len() > MAX_LINE {
-                    tracing::error!(target: "mcp_guard::upstream", "stdio upstream line over {MAX_LINE} bytes; stopping it");
+    supervisor: Weak<Mutex<Supervisor>>,
+    inbox: SyncSender<Command_>,
+}
+
+/// The home worker's queue of outputs to read.
+struct Home {
+    claims: async_channel::Sender<StdoutClaim>,
+    unclaimed: Mutex<Option<async_channel::Receiver<StdoutClaim>>>,
+}
+
+static HOME: std::sync::OnceLock<Home> = std::sync::OnceLock::new();
+
+/// Called by the runtime before it starts any upstream: from now on children's output is read
+/// on the home worker (worker 0), which takes the queue with [`take_home`] when it starts.
+/// On a worker the read needs no thread of its own, and a request's answer reaches a request of
+/// that worker without crossing a thread.
+pub fn reserve_home() {
+    HOME.get_or_init(|| {
+        let (claims, unclaimed) = async_channel::unbounded();
+        Home {
+            claims,
+            unclaimed: Mutex::new(Some(unclaimed)),
+        }
+    });
+}
+
+/// The home worker's end of the queue; `None` once taken (or when no home was reserved).
+pub fn take_home() -> Option<async_channel::Receiver<StdoutClaim>> {
+    HOME.get()?.unclaimed.lock().ok()?.take()
+}
+
+/// The home worker's task: reads every child output handed over, each on a task of its own,
+/// until the runtime ends.
+pub async fn run_home(claims: async_channel::Receiver<StdoutClaim>) {
+    while let Ok(claim) = claims.recv().await {
+        monoio::spawn(claim.read_on_worker());
+    }
+}
+
+impl StdoutClaim {
+    /// To the home worker if there is one still taking outputs, else to a thread.
+    fn hand_over(self) {
+        let claim = match HOME.get() {
+            Some(home) => match home.claims.try_send(self) {
+                Ok(()) => return,
+                Err(e) => e.into_inner(),
+            },
+            None => self,
+        };
+        let _ = std::thread::Builder::new()
+            .name("stdio-reader".into())
+            .spawn(move || claim.read_on_thread());
+    }
+
+    fn read_on_thread(self) {
+        read_lines(&self.output, |line| self.route(line));
+        self.ended();
+    }
+
+    async fn read_on_worker(self) {
+        use monoio::io::AsyncReadRent;
+        let stream = self
+            .output
+            .try_clone()
+            .and_then(|s| s.set_nonblocking(true).map(|()| s))
+            .and_then(monoio::net::UnixStream::from_std);
+        let Ok(mut stream) = stream else {
+            // Not on this runtime after all: a thread reads it instead, blocking.
+            let _ = self.output.set_nonblocking(false);
+            let _ = std::thread::Builder::new()
+                .name("stdio-reader".into())
+                .spawn(move || self.read_on_thread());
+            return;
+        };
+        let mut chunk = Vec::with_capacity(64 * 1024);
+        let mut lines = LineSplitter::default();
+        loop {
+            chunk.clear();
+            let (read, back) = stream.read(chunk).await;
+            chunk = back;
+            match read {
+                Ok(0) => {
+                    lines.finish(|line| self.route(line));
                     break;
                 }
-                while line.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-                    line.pop();
+                Ok(n) => {
+                    if !lines.feed(&chunk[..n], |line| self.route(line)) {
+                        break;
+                    }
                 }
-                if line.is_empty() {
-                    continue;
-                }
-                let Some(supervisor) = supervisor.upgrade() else {
-                    return;
-                };
-                lock(&supervisor).handle(Command_::FromChild(generation, line.clone()));
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        drop(stream);
+        self.ended();
+    }
+
+    /// One line of the child's, decided here.
+    fn route(&self, line: &[u8]) {
+        if let Some(supervisor) = self.supervisor.upgrade() {
+            lock(&supervisor).handle(Command_::FromChild(self.generation, line.to_vec()));
+        }
+    }
+
+    /// The output ended (or broke a rule): the hub thread reaps and restarts the child.
+    fn ended(self) {
+        if self.supervisor.strong_count() == 0 {
+            return;
+        }
+        match self.inbox.try_send(Command_::ChildExited(self.generation)) {
+            Ok(()) | Err(TrySendError::Disconnected(_)) => {}
+            // Never wait on a worker: a thread waits for room instead.
+            Err(TrySendError::Full(exited)) => {
+                let inbox = self.inbox.clone();
+                let _ = std::thread::Builder::new()
+                    .name("stdio-reader".into())
+                    .spawn(move || inbox.send(exited));
             }
         }
     }
-    let _ = inbox.send(Command_::ChildExited(generation));
+}
+
+/// Reads `output` to its end (or an error, or a line over the limit), passing each line to
+/// `line`.
+fn read_lines(mut output: impl Read, mut line: impl FnMut(&[u8])) {
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut lines = LineSplitter::default();
+    loop {
+        match output.read(&mut chunk) {
+            Ok(0) => return lines.finish(line),
+            Ok(n) => {
+                if !lines.feed(&chunk[..n], &mut line) {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// Splits a child's output into lines without their CR/LF; an empty line is skipped, a line
+/// longer than [`MAX_LINE`] ends the output (the child is stopped and restarted).
+#[derive(Default)]
+struct LineSplitter {
+    /// The start of a line whose end has not arrived yet.
+    partial: Vec<u8>,
+}
+
+impl LineSplitter {
+    /// Passes each line `chunk` completes to `line`; false once a line is over the limit.
+    fn feed(&mut self, mut chunk: &[u8], mut line: impl FnMut(&[u8])) -> bool {
+        while let Some(end) = memchr::memchr(b'\n', chunk) {
+            if self.partial.is_empty() {
+                emit_line(&chunk[..end], &mut line);
+            } else {
+                self.partial.extend_from_slice(&chunk[..end]);
+                if self.partial.len() > MAX_LINE {
+                    return too_long();
+                }
+                emit_line(&self.partial, &mut line);
+                self.partial.clear();
+            }
+            chunk = &chunk[end + 1..];
+        }
+        self.partial.extend_from_slice(chunk);
+        self.partial.len() <= MAX_LINE || too_long()
+    }
+
+    /// The output's last line, when it ended without a newline.
+    fn finish(&mut self, mut line: impl FnMut(&[u8])) {
+        emit_line(&self.partial, &mut line);
+        self.partial.clear();
+    }
+}
+
+fn emit_line(raw: &[u8], line: &mut impl FnMut(&[u8])) {
+    let mut end = raw.len();
+    while end > 0 && raw[end - 1] == b'\r' {
+        end -= 1;
+    }
+    if end > 0 {
+        line(&raw[..end]);
+    }
+}
+
+fn too_long() -> bool {
+    tracing::error!(target: "mcp_guard::upstream", "stdio upstream line over {MAX_LINE} bytes; stopping it");
+    false
 }
 
 /// In the child, before exec: ask the kernel to SIGTERM it if the gateway dies without
@@ -1155,5 +1331,73 @@ fn confine_child(cmd: &mut Command) {
             }
             Ok(())
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split(chunks: &[&[u8]]) -> (Vec<Vec<u8>>, bool) {
+        let mut lines = LineSplitter::default();
+        let mut out = Vec::new();
+        for chunk in chunks {
+            if !lines.feed(chunk, |l| out.push(l.to_vec())) {
+                return (out, false);
+            }
+        }
+        lines.finish(|l| out.push(l.to_vec()));
+        (out, true)
+    }
+
+    #[test]
+    fn lines_come_out_whole_however_the_output_is_cut() {
+        let text: &[u8] = b"{\"a\":1}\r\n\n{\"b\":2}\n\r\n{\"c\":3}";
+        let want: Vec<Vec<u8>> = vec![
+            b"{\"a\":1}".to_vec(),
+            b"{\"b\":2}".to_vec(),
+            b"{\"c\":3}".to_vec(),
+        ];
+        assert_eq!(split(&[text]), (want.clone(), true));
+        for cut in 0..=text.len() {
+            assert_eq!(
+                split(&[&text[..cut], &text[cut..]]),
+                (want.clone(), true),
+                "cut at {cut}"
+            );
+        }
+        let bytes: Vec<&[u8]> = text.chunks(1).collect();
+        assert_eq!(split(&bytes), (want, true));
+    }
+
+    #[test]
+    fn a_line_over_the_limit_ends_the_output() {
+        let long = vec![b'x'; MAX_LINE + 1];
+        let (lines, ok) = split(&[b"{}\n", &long[..MAX_LINE / 2], &long[MAX_LINE / 2..]]);
+        assert_eq!(lines, vec![b"{}".to_vec()]);
+        assert!(!ok);
+        // Exactly at the limit is still a line.
+        let (lines, ok) = split(&[&long[..MAX_LINE], b"\n"]);
+        assert!(ok);
+        assert_eq!(lines.len(), 1);
+    }
+
+    #[test]
+    fn the_reader_thread_reads_a_socket_pair_to_its_end() {
+        let (ours, mut theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let writer = std::thread::spawn(move || {
+            for i in 0..1000 {
+                theirs
+                    .write_all(format!("{{\"id\":{i}}}\n").as_bytes())
+                    .unwrap();
+            }
+            theirs.write_all(b"{\"last\":true}").unwrap();
+        });
+        let mut got = Vec::new();
+        read_lines(&ours, |l| got.push(String::from_utf8(l.to_vec()).unwrap()));
+        writer.join().unwrap();
+        assert_eq!(got.len(), 1001);
+        assert_eq!(got[999], "{\"id\":999}");
+        assert_eq!(got[1000], "{\"last\":true}");
     }
 }
