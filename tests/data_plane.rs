@@ -525,6 +525,35 @@ fn a_stdio_child_that_never_reads_blocks_no_worker(io: &str) {
     assert_eq!(r.status, 504, "{}", r.text());
 }
 
+#[test]
+fn a_child_writing_bytes_that_are_not_text_and_endless_lines_to_stderr_keeps_serving() {
+    // Its stderr is read on whatever it holds: a byte that is not UTF-8, then a line of 300 KB
+    // (more than the pipe holds) with no end yet. Were the reading to stop at the bad byte, the
+    // child would block on its full stderr and never start answering.
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("server.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nprintf '\\377\\376 not text\\n' >&2\nhead -c 300000 /dev/zero | tr '\\0' x >&2\nexec {DEMO:?}\n"
+        ),
+    )
+    .unwrap();
+    let mut perms = std::fs::metadata(&script).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+    std::fs::set_permissions(&script, perms).unwrap();
+    let config = stdio_config("auto", "", &[]).replace(
+        &format!("command = {DEMO:?}"),
+        &format!("command = {:?}", script.to_str().unwrap()),
+    );
+    let g = Gateway::start(&config);
+    let sid = initialize(g.addr);
+    let r = mcp_post(g.addr, &call(3, "echo", r#"{"text":"fine"}"#), Some(&sid));
+    assert_eq!(r.status, 200, "{}", r.text());
+    // The long line is logged cut short, with what was left out counted.
+    assert!(g.wait_log("more bytes not logged", Duration::from_secs(5)));
+}
+
 fn keep_alive_and_pipelining_serve_several_requests(io: &str) {
     let g = Gateway::start(&stdio_config(io, "", &[]));
     let sid = initialize(g.addr);

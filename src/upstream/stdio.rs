@@ -30,7 +30,7 @@ use crate::upstream::router::{Limits, Output, Router};
 use crate::upstream::sse::SseLink;
 use crate::upstream::{Answer, Exchange, Outgoing};
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -878,12 +878,13 @@ impl Supervisor {
             let _ = std::thread::Builder::new()
                 .name("stdio-stderr".into())
                 .spawn(move || {
-                    for line in BufReader::new(stderr).lines() {
-                        match line {
-                            Ok(l) => tracing::info!(target: "mcp_guard::upstream::stderr", "{l}"),
-                            Err(_) => break,
+                    stderr_lines(stderr, |line, unlogged| {
+                        if unlogged > 0 {
+                            tracing::info!(target: "mcp_guard::upstream::stderr", "{line}… ({unlogged} more bytes not logged)");
+                        } else {
+                            tracing::info!(target: "mcp_guard::upstream::stderr", "{line}");
                         }
-                    }
+                    })
                 });
         }
         self.child = Some(Running::Process(child));
@@ -1239,6 +1240,50 @@ fn read_lines(mut output: impl Read, mut line: impl FnMut(&[u8])) {
     }
 }
 
+/// Longest part of a stderr line that is logged; the rest of a longer one is counted, not kept.
+const MAX_LOG_LINE: usize = 4096;
+
+/// Reads a child's stderr to its end, passing each line (at most [`MAX_LOG_LINE`] bytes of it,
+/// invalid UTF-8 replaced) and how many bytes of it were left out. Whatever the child writes
+/// (a line with no end, bytes that are not text) is read on, so the child never blocks on a
+/// full stderr, and memory stays bounded.
+fn stderr_lines(mut stderr: impl Read, mut line: impl FnMut(&str, usize)) {
+    let mut chunk = vec![0u8; 16 * 1024];
+    let mut kept: Vec<u8> = Vec::with_capacity(256);
+    let mut unlogged = 0usize;
+    let keep = |kept: &mut Vec<u8>, bytes: &[u8], unlogged: &mut usize| {
+        let take = (MAX_LOG_LINE - kept.len()).min(bytes.len());
+        kept.extend_from_slice(&bytes[..take]);
+        *unlogged += bytes.len() - take;
+    };
+    let mut emit = |kept: &mut Vec<u8>, unlogged: &mut usize| {
+        while kept.last() == Some(&b'\r') {
+            kept.pop();
+        }
+        if !kept.is_empty() || *unlogged > 0 {
+            line(&String::from_utf8_lossy(kept), *unlogged);
+        }
+        kept.clear();
+        *unlogged = 0;
+    };
+    loop {
+        let n = match stderr.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        };
+        let mut rest = &chunk[..n];
+        while let Some(end) = memchr::memchr(b'\n', rest) {
+            keep(&mut kept, &rest[..end], &mut unlogged);
+            emit(&mut kept, &mut unlogged);
+            rest = &rest[end + 1..];
+        }
+        keep(&mut kept, rest, &mut unlogged);
+    }
+    emit(&mut kept, &mut unlogged);
+}
+
 /// Splits a child's output into lines without their CR/LF; an empty line is skipped, a line
 /// longer than [`MAX_LINE`] ends the output (the child is stopped and restarted).
 #[derive(Default)]
@@ -1380,6 +1425,24 @@ mod tests {
         let (lines, ok) = split(&[&long[..MAX_LINE], b"\n"]);
         assert!(ok);
         assert_eq!(lines.len(), 1);
+    }
+
+    #[test]
+    fn stderr_is_read_to_its_end_in_bounded_lines_whatever_it_holds() {
+        let mut input = b"plain\r\n\xff\xfe not text\n".to_vec();
+        input.extend(std::iter::repeat_n(b'x', 10 * MAX_LOG_LINE + 7));
+        input.extend_from_slice(b"\nafter\nno end");
+        let mut got = Vec::new();
+        stderr_lines(&input[..], |l, unlogged| {
+            got.push((l.to_string(), unlogged))
+        });
+        assert_eq!(got.len(), 5);
+        assert_eq!(got[0], ("plain".to_string(), 0));
+        assert_eq!(got[1], ("\u{fffd}\u{fffd} not text".to_string(), 0));
+        assert_eq!(got[2].0.len(), MAX_LOG_LINE);
+        assert_eq!(got[2].1, 9 * MAX_LOG_LINE + 7);
+        assert_eq!(got[3], ("after".to_string(), 0));
+        assert_eq!(got[4], ("no end".to_string(), 0));
     }
 
     #[test]
