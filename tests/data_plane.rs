@@ -525,6 +525,125 @@ fn a_stdio_child_that_never_reads_blocks_no_worker(io: &str) {
     assert_eq!(r.status, 504, "{}", r.text());
 }
 
+/// A stdio upstream running `script` (a shell script written to a temp dir, made executable).
+fn scripted_stdio(
+    script: &str,
+    extra_server: &str,
+    timeout_secs: u64,
+) -> (Gateway, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("server.sh");
+    std::fs::write(&path, script).unwrap();
+    let mut perms = std::fs::metadata(&path).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+    std::fs::set_permissions(&path, perms).unwrap();
+    let config = stdio_config("auto", extra_server, &[])
+        .replace(
+            &format!("command = {DEMO:?}"),
+            &format!("command = {:?}", path.to_str().unwrap()),
+        )
+        .replace(
+            "timeout_secs = 10",
+            &format!("timeout_secs = {timeout_secs}"),
+        );
+    (Gateway::start(&config), dir)
+}
+
+#[test]
+fn a_child_that_stops_reading_holds_a_bounded_queue_of_bytes() {
+    // The child never reads. Requests of 2 MB each queue behind the first until the queue
+    // holds 16 MiB; the next ones are refused at once (503), not queued without end.
+    let (g, _dir) = scripted_stdio("#!/bin/sh\nexec sleep 60\n", "", 2);
+    let padding = "p".repeat(2_000_000);
+    let long_init = INIT.replace(r#""name":"test""#, &format!(r#""name":"{padding}""#));
+    let mut sent = Vec::new();
+    for _ in 0..14 {
+        let mut s = connect(g.addr);
+        s.write_all(mcp_post_raw(&long_init, None, "").as_bytes())
+            .unwrap();
+        sent.push(s);
+    }
+    let statuses: Vec<u16> = sent
+        .iter_mut()
+        .map(|s| read_response(s).expect("an answer").status)
+        .collect();
+    assert!(
+        statuses.iter().all(|s| *s == 503 || *s == 504),
+        "{statuses:?}"
+    );
+    assert!(statuses.contains(&503), "nothing refused: {statuses:?}");
+    assert!(statuses.contains(&504), "nothing queued: {statuses:?}");
+}
+
+#[test]
+fn a_child_that_closes_its_stdin_is_stopped_and_restarted() {
+    // It stays alive with its stdout open: only the broken pipe says it is gone.
+    let (g, _dir) = scripted_stdio("#!/bin/sh\nexec <&-\nexec sleep 60\n", "", 10);
+    let r = mcp_post(g.addr, INIT, None);
+    assert_eq!(r.status, 502, "{}", r.text());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while g.metric("mcp_guard_upstream_restarts_total", &[]) < 1.0 {
+        assert!(Instant::now() < deadline, "never restarted");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_child_that_dies_while_a_process_it_started_holds_its_output_is_restarted() {
+    // A background process keeps the child's stdout open after the child exits: the exit is
+    // noticed all the same, the call in flight fails at once, and a new child serves.
+    let (g, _dir) = scripted_stdio(
+        &format!("#!/bin/sh\nsleep 20 &\nexec {DEMO:?} --test-tools\n"),
+        "",
+        10,
+    );
+    let sid = initialize(g.addr);
+    let r = mcp_post(g.addr, &call(7, "crash", "{}"), Some(&sid));
+    assert_eq!(r.status, 502, "{}", r.text());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = mcp_post(g.addr, &call(8, "echo", r#"{"text":"back"}"#), Some(&sid));
+        if r.status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "upstream never came back: {}",
+            r.text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_call_in_flight_on_a_replaced_child_fails_when_the_child_is_stopped() {
+    // A reload replaces the child; once the old one is stopped after the grace, a call still
+    // waiting on it fails then, not at its 20 s timeout.
+    let config = |name: &str| {
+        stdio_config(
+            "auto",
+            "shutdown_grace_secs = 1",
+            &["--test-tools", "--name", name],
+        )
+        .replace("timeout_secs = 10", "timeout_secs = 20")
+    };
+    let g = Gateway::start(&config("first"));
+    let sid = initialize(g.addr);
+    let addr = g.addr;
+    let in_flight = std::thread::spawn(move || {
+        let started = Instant::now();
+        let r = mcp_post(addr, &call(11, "sleep", r#"{"ms":15000}"#), Some(&sid));
+        (r.status, started.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    g.rewrite_config(&config("second"));
+    g.signal(libc::SIGHUP);
+    assert!(g.wait_log("upstream replaced", Duration::from_secs(5)));
+    let (status, took) = in_flight.join().unwrap();
+    assert_eq!(status, 502);
+    assert!(took < Duration::from_secs(12), "waited {took:?}");
+}
+
 #[test]
 fn a_child_writing_bytes_that_are_not_text_and_endless_lines_to_stderr_keeps_serving() {
     // Its stderr is read on whatever it holds: a byte that is not UTF-8, then a line of 300 KB

@@ -190,6 +190,9 @@ const INBOX_CAPACITY: usize = 4096;
 /// Lines queued for the child's stdin behind one it could not take at once; beyond it a
 /// request is refused (503).
 const STDIN_CAPACITY: usize = 1024;
+/// Bytes those lines may hold together: a child that stops reading cannot make the gateway
+/// hold more for it than this (plus one line, when that line alone is larger).
+const STDIN_QUEUE_BYTES: usize = 16 * 1024 * 1024;
 /// Messages buffered per server-to-client stream; beyond it they are dropped and counted.
 const STREAM_CAPACITY: usize = 256;
 /// Longest line accepted from the child.
@@ -530,31 +533,39 @@ fn run_hub(supervisor: &Mutex<Supervisor>, rx: Receiver<Command_>) {
             }
             s.restart_at
         };
-        let cmd = match restart_at {
-            Some(at) => match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
-                Ok(c) => c,
-                Err(RecvTimeoutError::Timeout) => continue,
-                Err(RecvTimeoutError::Disconnected) => break,
-            },
-            None => match rx.recv() {
-                Ok(c) => c,
-                Err(_) => break,
-            },
+        let wait = restart_at.map_or(CHILD_CHECK, |at| {
+            at.saturating_duration_since(Instant::now())
+                .min(CHILD_CHECK)
+        });
+        let cmd = match rx.recv_timeout(wait) {
+            Ok(c) => c,
+            Err(RecvTimeoutError::Timeout) => {
+                lock(supervisor).reap_if_exited();
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => break,
         };
         match cmd {
             Command_::Shutdown => break,
             other => lock(supervisor).handle(other),
         }
     }
-    let child = {
+    let (child, router) = {
         let mut s = lock(supervisor);
         s.shut = true;
-        s.detach_child()
+        (s.detach_child(), std::mem::take(&mut s.router))
     };
+    // Requests still waiting on this hub fail now (their reply channels close) rather than at
+    // their timeout: nothing will answer them.
+    drop(router);
     if let Some(running) = child {
         running.stop();
     }
 }
+
+/// How often the hub thread looks whether its child has exited, for a child whose output stays
+/// open after it (a process it started holds its stdout).
+const CHILD_CHECK: Duration = Duration::from_secs(1);
 
 /// The hub went away under a request: the gateway is shutting down, or this upstream (a
 /// replaced one, a per-session child ended idle or by DELETE) was stopped.
@@ -862,8 +873,13 @@ impl Supervisor {
         // Our copy of the child's end goes now: the child's exit must end the output.
         drop(cmd);
         let stderr = child.stderr.take();
+        let broken = Broken {
+            inbox: self.inbox_tx.clone(),
+            generation,
+            reported: AtomicBool::new(false),
+        };
         let input = match child.stdin.take() {
-            Some(stdin) => ChildInput::pipe(stdin),
+            Some(stdin) => ChildInput::pipe(stdin, broken),
             // Never: stdin was asked for as a pipe.
             None => ChildInput::queue().0,
         };
@@ -963,6 +979,20 @@ impl Supervisor {
         self.schedule_restart();
     }
 
+    /// A child that exited while something else holds its stdout open never ends its output:
+    /// it is noticed here, from the hub thread's periodic look, and restarted.
+    fn reap_if_exited(&mut self) {
+        let exited = match &mut self.child {
+            Some(Running::Process(child)) => matches!(child.try_wait(), Ok(Some(_))),
+            _ => false,
+        };
+        if exited {
+            let mut out = Outputs::new();
+            self.child_exited(&mut out);
+            self.apply(out);
+        }
+    }
+
     /// Closes the child's stdin (a well-behaved server exits on EOF) and hands the child over
     /// to be stopped.
     fn detach_child(&mut self) -> Option<Running> {
@@ -982,6 +1012,35 @@ struct ChildInput {
     /// Lines queued and not yet wholly written. While any is, new lines queue behind it, so
     /// the child reads them in the order they were decided.
     backlog: Arc<AtomicUsize>,
+    /// Bytes of those lines: bounded by [`STDIN_QUEUE_BYTES`], whatever their number.
+    queued_bytes: Arc<AtomicUsize>,
+    /// Who is told when the pipe breaks (the child closed its stdin, or is gone).
+    broken: Option<Arc<Broken>>,
+}
+
+/// A child whose stdin broke is as good as gone, whether or not its stdout is still open (it
+/// closed its stdin, or it died and a process it started holds its stdout): the hub thread is
+/// told once, as if it had exited, and stops and restarts it.
+struct Broken {
+    inbox: SyncSender<Command_>,
+    generation: u64,
+    reported: AtomicBool,
+}
+
+impl Broken {
+    fn report(&self) {
+        if self.reported.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let exited = Command_::ChildExited(self.generation);
+        if let Err(TrySendError::Full(exited)) = self.inbox.try_send(exited) {
+            // Never wait on a worker: a thread waits for room instead.
+            let inbox = self.inbox.clone();
+            let _ = std::thread::Builder::new()
+                .name("stdio-writer".into())
+                .spawn(move || inbox.send(exited));
+        }
+    }
 }
 
 /// Why a line could not be handed to the child.
@@ -1000,20 +1059,24 @@ impl ChildInput {
             queue,
             pipe: None,
             backlog: Arc::new(AtomicUsize::new(0)),
+            queued_bytes: Arc::new(AtomicUsize::new(0)),
+            broken: None,
         };
         (input, lines)
     }
 
     /// The child's stdin, made non-blocking, with its writer thread for what it cannot take.
-    fn pipe(stdin: ChildStdin) -> ChildInput {
+    fn pipe(stdin: ChildStdin, broken: Broken) -> ChildInput {
         let (mut input, lines) = ChildInput::queue();
+        let broken = Arc::new(broken);
+        input.broken = Some(broken.clone());
         let pipe = Arc::new(stdin);
         // Without O_NONBLOCK a full pipe would block the deciding thread (a worker). If it
         // cannot be set, every line goes through the writer thread instead.
         if set_nonblocking(&pipe) {
             input.pipe = Some(pipe.clone());
         }
-        let backlog = input.backlog.clone();
+        let (backlog, queued_bytes) = (input.backlog.clone(), input.queued_bytes.clone());
         let _ = std::thread::Builder::new()
             .name("stdio-writer".into())
             .spawn(move || {
@@ -1021,8 +1084,10 @@ impl ChildInput {
                     if write_all_waiting(&pipe, &line).is_err() {
                         // The backlog stays above zero: later lines queue, and fail once the
                         // queue's receiver is gone.
+                        broken.report();
                         break;
                     }
+                    queued_bytes.fetch_sub(line.len(), Ordering::Release);
                     backlog.fetch_sub(1, Ordering::Release);
                 }
             });
@@ -1037,20 +1102,46 @@ impl ChildInput {
         {
             match (&**pipe).write(&line) {
                 Ok(n) if n == line.len() => return Ok(()),
-                // A line longer than the pipe's buffer: the rest is queued right behind it.
-                Ok(n) => drop(line.drain(..n)),
+                // A line longer than the pipe's buffer: the rest is queued right behind it
+                // (room or not: what the child has read of it must be finished).
+                Ok(n) => {
+                    line.drain(..n);
+                    return self.enqueue(line, false);
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(_) => return Err(InputError::Stopped),
+                Err(_) => return Err(self.stopped()),
             }
+        }
+        self.enqueue(line, true)
+    }
+
+    /// Queues `line` for the writer thread; with `bounded`, refused when the queue already
+    /// holds [`STDIN_QUEUE_BYTES`] (one line alone always fits, so no message is too big to
+    /// ever pass).
+    fn enqueue(&self, line: Vec<u8>, bounded: bool) -> Result<(), InputError> {
+        let len = line.len();
+        let held = self.queued_bytes.fetch_add(len, Ordering::AcqRel);
+        if bounded && held > 0 && held + len > STDIN_QUEUE_BYTES {
+            self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+            return Err(InputError::Full);
         }
         self.backlog.fetch_add(1, Ordering::Release);
         self.queue.try_send(line).map_err(|e| {
             self.backlog.fetch_sub(1, Ordering::Release);
+            self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
             match e {
                 TrySendError::Full(_) => InputError::Full,
-                TrySendError::Disconnected(_) => InputError::Stopped,
+                TrySendError::Disconnected(_) => self.stopped(),
             }
         })
+    }
+
+    /// The pipe broke: the hub thread is told (once), and the line refused.
+    fn stopped(&self) -> InputError {
+        if let Some(broken) = &self.broken {
+            broken.report();
+        }
+        InputError::Stopped
     }
 }
 
