@@ -1038,3 +1038,49 @@ pub fn redaction(data: &[u8]) {
     let mut fired = vec![0u32; r.len()];
     let _ = r.redact_str(text, &mut fired);
 }
+
+/// The stdio child's stdout and stderr readers: however the output is cut, the same lines; no
+/// line holds a LF, ends in CR or is empty; a stderr line keeps at most `MAX_LOG_LINE` bytes and
+/// counts the rest, so what is logged plus what is counted is the whole line.
+pub fn stdio_output_lines(data: &[u8]) {
+    use mcp_guard::upstream::stdio::{LineSplitter, MAX_LOG_LINE, stderr_lines};
+    fn trim_cr(mut l: &[u8]) -> &[u8] {
+        while let [rest @ .., b'\r'] = l {
+            l = rest;
+        }
+        l
+    }
+    let want: Vec<Vec<u8>> = data
+        .split(|b| *b == b'\n')
+        .map(trim_cr)
+        .filter(|l| !l.is_empty())
+        .map(<[u8]>::to_vec)
+        .collect();
+    let cut = split_point(data);
+    for pieces in [
+        vec![data],
+        vec![&data[..cut], &data[cut..]],
+        data.chunks(7).collect::<Vec<_>>(),
+    ] {
+        let mut got = Vec::new();
+        let mut lines = LineSplitter::default();
+        for piece in pieces {
+            assert!(lines.feed(piece, |l| got.push(l.to_vec())));
+        }
+        lines.finish(|l| got.push(l.to_vec()));
+        assert_eq!(got, want);
+    }
+    let mut logged = Vec::new();
+    stderr_lines(data, |l, unlogged| logged.push((l.to_string(), unlogged)));
+    let want_logged: Vec<(String, usize)> = data
+        .split(|b| *b == b'\n')
+        .filter_map(|segment| {
+            let kept = &segment[..segment.len().min(MAX_LOG_LINE)];
+            let unlogged = segment.len() - kept.len();
+            let kept = trim_cr(kept);
+            (!kept.is_empty() || unlogged > 0)
+                .then(|| (String::from_utf8_lossy(kept).into_owned(), unlogged))
+        })
+        .collect();
+    assert_eq!(logged, want_logged);
+}

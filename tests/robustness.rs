@@ -197,3 +197,8 @@ fn session_ids_never_panic_on_decode_are_not_malleable_and_round_trip() {
 fn stdio_router_writes_one_line_per_message_and_keeps_every_id_to_its_session() {
     replay("stdio_framing", checks::stdio_framing);
 }
+
+#[test]
+fn stdio_child_output_reads_as_the_same_lines_however_it_is_cut() {
+    replay("stdio_output", checks::stdio_output_lines);
+}

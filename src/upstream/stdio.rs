@@ -1332,13 +1332,13 @@ fn read_lines(mut output: impl Read, mut line: impl FnMut(&[u8])) {
 }
 
 /// Longest part of a stderr line that is logged; the rest of a longer one is counted, not kept.
-const MAX_LOG_LINE: usize = 4096;
+pub const MAX_LOG_LINE: usize = 4096;
 
 /// Reads a child's stderr to its end, passing each line (at most [`MAX_LOG_LINE`] bytes of it,
 /// invalid UTF-8 replaced) and how many bytes of it were left out. Whatever the child writes
 /// (a line with no end, bytes that are not text) is read on, so the child never blocks on a
 /// full stderr, and memory stays bounded.
-fn stderr_lines(mut stderr: impl Read, mut line: impl FnMut(&str, usize)) {
+pub fn stderr_lines(mut stderr: impl Read, mut line: impl FnMut(&str, usize)) {
     let mut chunk = vec![0u8; 16 * 1024];
     let mut kept: Vec<u8> = Vec::with_capacity(256);
     let mut unlogged = 0usize;
@@ -1378,16 +1378,19 @@ fn stderr_lines(mut stderr: impl Read, mut line: impl FnMut(&str, usize)) {
 /// Splits a child's output into lines without their CR/LF; an empty line is skipped, a line
 /// longer than [`MAX_LINE`] ends the output (the child is stopped and restarted).
 #[derive(Default)]
-struct LineSplitter {
+pub struct LineSplitter {
     /// The start of a line whose end has not arrived yet.
     partial: Vec<u8>,
 }
 
 impl LineSplitter {
     /// Passes each line `chunk` completes to `line`; false once a line is over the limit.
-    fn feed(&mut self, mut chunk: &[u8], mut line: impl FnMut(&[u8])) -> bool {
+    pub fn feed(&mut self, mut chunk: &[u8], mut line: impl FnMut(&[u8])) -> bool {
         while let Some(end) = memchr::memchr(b'\n', chunk) {
             if self.partial.is_empty() {
+                if end > MAX_LINE {
+                    return too_long();
+                }
                 emit_line(&chunk[..end], &mut line);
             } else {
                 self.partial.extend_from_slice(&chunk[..end]);
@@ -1404,7 +1407,7 @@ impl LineSplitter {
     }
 
     /// The output's last line, when it ended without a newline.
-    fn finish(&mut self, mut line: impl FnMut(&[u8])) {
+    pub fn finish(&mut self, mut line: impl FnMut(&[u8])) {
         emit_line(&self.partial, &mut line);
         self.partial.clear();
     }
