@@ -588,16 +588,74 @@ fn a_child_that_closes_its_stdin_is_stopped_and_restarted() {
     }
 }
 
+/// Whether process `pid` has ended (gone, or a zombie nobody reaped yet).
+fn process_ended(pid: &str) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
+    }
+}
+
+/// Waits for `file` to hold a line, and returns it.
+fn wait_for_line(file: &std::path::Path) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(file)
+            && text.ends_with('\n')
+        {
+            return text.trim().to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never written",
+            file.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn stopping_a_child_at_shutdown_stops_what_it_started() {
+    let notes = tempfile::tempdir().unwrap();
+    let pid_file = notes.path().join("grandchild.pid");
+    let (mut g, _dir) = scripted_stdio(
+        &format!("#!/bin/sh\nsleep 300 &\necho $! > {pid_file:?}\nexec {DEMO:?}\n"),
+        "",
+        10,
+    );
+    initialize(g.addr);
+    let grandchild = wait_for_line(&pid_file);
+    assert!(!process_ended(&grandchild));
+    g.signal(libc::SIGTERM);
+    assert_eq!(g.wait_exit(Duration::from_secs(15)), Some(0));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !process_ended(&grandchild) {
+        assert!(
+            Instant::now() < deadline,
+            "the child's own child outlived it"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn a_child_that_dies_while_a_process_it_started_holds_its_output_is_restarted() {
     // A background process keeps the child's stdout open after the child exits: the exit is
-    // noticed all the same, the call in flight fails at once, and a new child serves.
+    // noticed all the same, the call in flight fails at once, the background process is
+    // stopped with it, and a new child serves.
+    let notes = tempfile::tempdir().unwrap();
+    let pid_file = notes.path().join("grandchild.pid");
     let (g, _dir) = scripted_stdio(
-        &format!("#!/bin/sh\nsleep 20 &\nexec {DEMO:?} --test-tools\n"),
+        &format!(
+            "#!/bin/sh\nsleep 20 &\n[ -e {pid_file:?} ] || echo $! > {pid_file:?}\nexec {DEMO:?} --test-tools\n"
+        ),
         "",
         10,
     );
     let sid = initialize(g.addr);
+    let grandchild = wait_for_line(&pid_file);
     let r = mcp_post(g.addr, &call(7, "crash", "{}"), Some(&sid));
     assert_eq!(r.status, 502, "{}", r.text());
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -613,6 +671,10 @@ fn a_child_that_dies_while_a_process_it_started_holds_its_output_is_restarted() 
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    assert!(
+        process_ended(&grandchild),
+        "the crashed child's own child lives on"
+    );
 }
 
 #[test]

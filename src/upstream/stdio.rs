@@ -75,11 +75,12 @@ enum Running {
 }
 
 impl Running {
-    /// Stops it at once; says how it ended, for the log.
+    /// Stops it at once, with whatever it started; says how it ended, for the log.
     fn kill(self) -> String {
         match self {
             Running::Process(mut c) => {
                 // The reader may have stopped on an oversized line while the child still runs.
+                signal_group(&c, libc::SIGKILL);
                 let _ = c.kill();
                 format!("{:?}", c.wait())
             }
@@ -90,27 +91,71 @@ impl Running {
         }
     }
 
-    /// Stops it gently: a process gets its stdin closed (already done by the caller) and two
-    /// seconds to exit; a connection is closed.
+    /// Stops it gently, as the MCP stdio transport asks: a process gets its stdin closed
+    /// (already done by the caller) and two seconds to exit, then SIGTERM and half a second
+    /// more, then SIGKILL; each signal goes to its whole process group, so what it started
+    /// (and left holding its output) goes with it. A connection is closed.
     fn stop(self) {
         match self {
             Running::Process(mut child) => {
-                let deadline = Instant::now() + Duration::from_secs(2);
-                loop {
-                    match child.try_wait() {
-                        Ok(Some(_)) => return,
-                        Ok(None) if Instant::now() < deadline => {
-                            std::thread::sleep(Duration::from_millis(20))
+                let exits_within = |child: &Child, within: Duration| {
+                    let deadline = Instant::now() + within;
+                    while !has_exited(child) {
+                        if Instant::now() >= deadline {
+                            return false;
                         }
-                        _ => break,
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    true
+                };
+                if exits_within(&child, Duration::from_secs(2)) {
+                    // What it left running is asked to go too.
+                    signal_group(&child, libc::SIGTERM);
+                } else {
+                    signal_group(&child, libc::SIGTERM);
+                    if !exits_within(&child, Duration::from_millis(500)) {
+                        signal_group(&child, libc::SIGKILL);
+                        let _ = child.kill();
                     }
                 }
-                let _ = child.kill();
                 let _ = child.wait();
             }
             Running::Sse(link) => link.cut(),
         }
     }
+}
+
+/// Sends `signal` to the child's process group (it leads one of its own: `confine_child`).
+/// Only before the child is reaped: until then its id cannot name another process or group.
+#[allow(unsafe_code)]
+fn signal_group(child: &Child, signal: libc::c_int) {
+    let Ok(group) = libc::pid_t::try_from(child.id()) else {
+        return;
+    };
+    // SAFETY: kill with a negated process group id and a signal number; no memory is involved.
+    unsafe {
+        libc::kill(-group, signal);
+    }
+}
+
+/// Whether the child has exited, without reaping it (so its group can still be signalled).
+#[allow(unsafe_code)]
+fn has_exited(child: &Child) -> bool {
+    // SAFETY: an all-zero siginfo_t is valid; waitid writes only into it.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: waitid on our own child's pid with a valid siginfo_t pointer; WNOWAIT leaves it
+    // unreaped, WNOHANG never blocks.
+    let r = unsafe {
+        libc::waitid(
+            libc::P_PID,
+            child.id(),
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        )
+    };
+    // An error (no such child: reaped already) counts as exited.
+    // SAFETY: si_pid is the field waitid fills for WEXITED; zero when nothing has exited.
+    r != 0 || unsafe { info.si_pid() } != 0
 }
 
 /// What the router answers a worker.
@@ -982,8 +1027,8 @@ impl Supervisor {
     /// A child that exited while something else holds its stdout open never ends its output:
     /// it is noticed here, from the hub thread's periodic look, and restarted.
     fn reap_if_exited(&mut self) {
-        let exited = match &mut self.child {
-            Some(Running::Process(child)) => matches!(child.try_wait(), Ok(Some(_))),
+        let exited = match &self.child {
+            Some(Running::Process(child)) => has_exited(child),
             _ => false,
         };
         if exited {
@@ -1428,8 +1473,9 @@ fn too_long() -> bool {
     false
 }
 
-/// In the child, before exec: ask the kernel to SIGTERM it if the gateway dies without
-/// cleaning up, and make every descriptor above stderr close on exec. The gateway's sockets
+/// In the child, before exec: make it the leader of a process group of its own (so stopping it
+/// reaches whatever it started, see [`Running::stop`]), ask the kernel to SIGTERM it if the
+/// gateway dies without cleaning up, and make every descriptor above stderr close on exec. The gateway's sockets
 /// (accepted client connections — io_uring's accept does not set close-on-exec —, listeners,
 /// upstream connections) and files must never reach an upstream program: a child holding
 /// another client's connection could read its requests, API key included, and answer them.
@@ -1440,6 +1486,7 @@ fn confine_child(cmd: &mut Command) {
     // plain integers; nothing of the parent's memory is touched.
     unsafe {
         cmd.pre_exec(|| {
+            libc::setpgid(0, 0);
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
             // Marked, not closed: std's own exec-error pipe (already close-on-exec) must stay
             // open until exec, or a failed exec would look like a success.
