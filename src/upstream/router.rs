@@ -478,6 +478,13 @@ impl<W> Router<W> {
         let Some(original_id) = original_id else {
             fail!(GatewayError::Parse("request without an id".into()));
         };
+        // `-0` is the one integer serde_json keeps as a float (-0.0), which would come back as
+        // `-0.0` and not parse as the integer id the client sent: it is the id 0 (as the
+        // classifier read it), and 0 is what comes back.
+        let original_id = match original_id {
+            Value::Number(n) if n.is_f64() && n.as_f64() == Some(0.0) => Value::from(0),
+            other => other,
+        };
         let mut progress = None;
         if let Some(Value::Object(p)) = msg.get_mut("params")
             && let Some(Value::Object(meta)) = p.get_mut("_meta")
@@ -1071,6 +1078,32 @@ mod tests {
             s,
             identity,
             r#"{"jsonrpc":"2.0","id":1,"method":"tools/call"}"#,
+        );
+    }
+
+    #[test]
+    fn a_negative_zero_id_comes_back_as_an_integer() {
+        let mut r = R::default();
+        let a = session(&mut r, 1, "alice");
+        request(
+            &mut r,
+            2,
+            a,
+            "alice",
+            r#"{"jsonrpc":"2.0","id":-0,"method":"ping"}"#,
+        );
+        let mut out = Vec::new();
+        r.child_line(br#"{"jsonrpc":"2.0","id":2,"result":{}}"#, &mut out);
+        let answer = out
+            .iter()
+            .find_map(|o| match o {
+                Output::Respond { message, .. } => Some(message.clone()),
+                _ => None,
+            })
+            .expect("an answer");
+        assert_eq!(
+            String::from_utf8(answer).unwrap(),
+            r#"{"id":0,"jsonrpc":"2.0","result":{}}"#
         );
     }
 
