@@ -249,7 +249,9 @@ fn audit_lines(s: &Setup, at_least: usize) -> Vec<serde_json::Value> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let text = std::fs::read_to_string(&s.audit).unwrap_or_default();
-        let lines: Vec<serde_json::Value> = text
+        // Complete lines only: the writer may be in the middle of the last one.
+        let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+        let lines: Vec<serde_json::Value> = complete
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();

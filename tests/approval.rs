@@ -126,9 +126,11 @@ impl Lab {
         }
     }
 
+    /// The audit trail's complete lines (the writer may be in the middle of the last one).
     fn audit_lines(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.audit)
-            .unwrap_or_default()
+        let text = std::fs::read_to_string(&self.audit).unwrap_or_default();
+        let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+        complete
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()

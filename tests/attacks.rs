@@ -198,10 +198,12 @@ impl Lab {
         }
     }
 
-    /// The audit lines written so far (each must be one JSON object).
+    /// The audit lines written so far (each must be one JSON object); a last line the writer is
+    /// still in the middle of is left for the next read.
     fn audit_lines(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.audit)
-            .unwrap_or_default()
+        let text = std::fs::read_to_string(&self.audit).unwrap_or_default();
+        let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+        complete
             .lines()
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("audit line {l:?}: {e}")))
             .collect()
