@@ -577,14 +577,22 @@ fn a_child_that_stops_reading_holds_a_bounded_queue_of_bytes() {
 
 #[test]
 fn a_child_that_closes_its_stdin_is_stopped_and_restarted() {
-    // It stays alive with its stdout open: only the broken pipe says it is gone.
-    let (g, _dir) = scripted_stdio("#!/bin/sh\nexec <&-\nexec sleep 60\n", "", 10);
-    let r = mcp_post(g.addr, INIT, None);
-    assert_eq!(r.status, 502, "{}", r.text());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while g.metric("mcp_guard_upstream_restarts_total", &[]) < 1.0 {
-        assert!(Instant::now() < deadline, "never restarted");
-        std::thread::sleep(Duration::from_millis(50));
+    // It stays alive with its stdout open: only its stdin says it is gone. It closes it either
+    // before the request is written (the write breaks) or after, with the request unread in
+    // the pipe (the hub finds the pipe without a reader); either way the request fails at once
+    // rather than at its 10 s timeout, and the child is restarted.
+    for script in [
+        "#!/bin/sh\nexec <&-\nexec sleep 60\n",
+        "#!/bin/sh\nsleep 1\nexec <&-\nexec sleep 60\n",
+    ] {
+        let (g, _dir) = scripted_stdio(script, "", 10);
+        let r = mcp_post(g.addr, INIT, None);
+        assert_eq!(r.status, 502, "{script}: {}", r.text());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while g.metric("mcp_guard_upstream_restarts_total", &[]) < 1.0 {
+            assert!(Instant::now() < deadline, "{script}: never restarted");
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 

@@ -1027,6 +1027,9 @@ impl Supervisor {
     /// A child that exited while something else holds its stdout open never ends its output:
     /// it is noticed here, from the hub thread's periodic look, and restarted.
     fn reap_if_exited(&mut self) {
+        if let Some(input) = &self.stdin {
+            input.check_broken();
+        }
         let exited = match &self.child {
             Some(Running::Process(child)) => has_exited(child),
             _ => false,
@@ -1179,6 +1182,24 @@ impl ChildInput {
                 TrySendError::Disconnected(_) => self.stopped(),
             }
         })
+    }
+
+    /// Whether the pipe has no reader left (the child closed its stdin, perhaps after taking a
+    /// line that nobody will now answer), found without writing; told to the hub thread as
+    /// [`ChildInput::stopped`] does.
+    #[allow(unsafe_code)]
+    fn check_broken(&self) {
+        let Some(pipe) = &self.pipe else { return };
+        let mut state = libc::pollfd {
+            fd: pipe.as_raw_fd(),
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the length given; a zero timeout never blocks.
+        let ready = unsafe { libc::poll(&mut state, 1, 0) };
+        if ready > 0 && state.revents & libc::POLLERR != 0 {
+            self.stopped();
+        }
     }
 
     /// The pipe broke: the hub thread is told (once), and the line refused.
