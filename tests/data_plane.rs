@@ -724,7 +724,7 @@ fn a_child_writing_bytes_that_are_not_text_and_endless_lines_to_stderr_keeps_ser
     std::fs::write(
         &script,
         format!(
-            "#!/bin/sh\nprintf '\\377\\376 not text\\n' >&2\nhead -c 300000 /dev/zero | tr '\\0' x >&2\nexec {DEMO:?}\n"
+            "#!/bin/sh\nprintf 'AAAA\\rFAKE\\n' >&2\nprintf '\\377\\376 not text\\n' >&2\nhead -c 300000 /dev/zero | tr '\\0' x >&2\nexec {DEMO:?}\n"
         ),
     )
     .unwrap();
@@ -741,6 +741,8 @@ fn a_child_writing_bytes_that_are_not_text_and_endless_lines_to_stderr_keeps_ser
     assert_eq!(r.status, 200, "{}", r.text());
     // The long line is logged cut short, with what was left out counted.
     assert!(g.wait_log("more bytes not logged", Duration::from_secs(5)));
+    // A CR from the child is logged escaped: raw, it would rewrite the log line on a terminal.
+    assert!(g.wait_log("AAAA\\rFAKE", Duration::from_secs(5)));
 }
 
 fn keep_alive_and_pipelining_serve_several_requests(io: &str) {

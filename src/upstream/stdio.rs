@@ -731,7 +731,8 @@ impl Supervisor {
                 }
             }
             Command_::ChildExited(generation) => {
-                if generation == self.generation {
+                // Once per child: a broken stdin and the end of its output both report it.
+                if generation == self.generation && self.child.is_some() {
                     self.child_exited(&mut out);
                 }
             }
@@ -940,6 +941,16 @@ impl Supervisor {
                 .name("stdio-stderr".into())
                 .spawn(move || {
                     stderr_lines(stderr, |line, unlogged| {
+                        // A CR or NUL written raw could rewrite the log line on a terminal.
+                        let line: String = line
+                            .chars()
+                            .flat_map(|c| {
+                                let escape = c.is_control() && c != '\t';
+                                let escaped = escape.then(|| c.escape_default().to_string());
+                                escaped.unwrap_or_else(|| c.to_string()).into_bytes()
+                            })
+                            .map(char::from)
+                            .collect();
                         if unlogged > 0 {
                             tracing::info!(target: "mcp_guard::upstream::stderr", "{line}… ({unlogged} more bytes not logged)");
                         } else {
@@ -1337,11 +1348,19 @@ impl StdoutClaim {
             chunk = back;
             match read {
                 Ok(0) => {
-                    lines.finish(|line| self.route(line));
+                    lines.finish(|line| {
+                        self.route(line);
+                    });
                     break;
                 }
                 Ok(n) => {
-                    if !lines.feed(&chunk[..n], |line| self.route(line)) {
+                    let mut reading = true;
+                    let fed = lines.feed(&chunk[..n], |line| {
+                        if reading {
+                            reading = self.route(line);
+                        }
+                    });
+                    if !fed || !reading {
                         break;
                     }
                 }
@@ -1354,10 +1373,18 @@ impl StdoutClaim {
     }
 
     /// One line of the child's, decided here.
-    fn route(&self, line: &[u8]) {
-        if let Some(supervisor) = self.supervisor.upgrade() {
-            lock(&supervisor).handle(Command_::FromChild(self.generation, line.to_vec()));
+    /// Whether to read on: not once the child has been replaced (what still writes to a
+    /// retired child's output, a process it started, is read no more; its socket closes).
+    fn route(&self, line: &[u8]) -> bool {
+        let Some(supervisor) = self.supervisor.upgrade() else {
+            return false;
+        };
+        let mut supervisor = lock(&supervisor);
+        if supervisor.generation != self.generation {
+            return false;
         }
+        supervisor.handle(Command_::FromChild(self.generation, line.to_vec()));
+        true
     }
 
     /// The output ended (or broke a rule): the hub thread reaps and restarts the child.
@@ -1379,15 +1406,27 @@ impl StdoutClaim {
 }
 
 /// Reads `output` to its end (or an error, or a line over the limit), passing each line to
-/// `line`.
-fn read_lines(mut output: impl Read, mut line: impl FnMut(&[u8])) {
+/// `line` until it says to stop.
+fn read_lines(mut output: impl Read, mut line: impl FnMut(&[u8]) -> bool) {
     let mut chunk = vec![0u8; 64 * 1024];
     let mut lines = LineSplitter::default();
+    let mut reading = true;
     loop {
         match output.read(&mut chunk) {
-            Ok(0) => return lines.finish(line),
+            Ok(0) => {
+                return lines.finish(|l| {
+                    if reading {
+                        reading = line(l);
+                    }
+                });
+            }
             Ok(n) => {
-                if !lines.feed(&chunk[..n], &mut line) {
+                let fed = lines.feed(&chunk[..n], |l| {
+                    if reading {
+                        reading = line(l);
+                    }
+                });
+                if !fed || !reading {
                     return;
                 }
             }
@@ -1619,7 +1658,10 @@ mod tests {
             theirs.write_all(b"{\"last\":true}").unwrap();
         });
         let mut got = Vec::new();
-        read_lines(&ours, |l| got.push(String::from_utf8(l.to_vec()).unwrap()));
+        read_lines(&ours, |l| {
+            got.push(String::from_utf8(l.to_vec()).unwrap());
+            true
+        });
         writer.join().unwrap();
         assert_eq!(got.len(), 1001);
         assert_eq!(got[999], "{\"id\":999}");
