@@ -439,20 +439,14 @@ fn malformed_json_and_invalid_jsonrpc_are_refused(io: &str) {
     assert_eq!(r.status, 406);
 }
 
-fn stdio_child_crash_fails_request_then_recovers(io: &str) {
-    let g = Gateway::start(&stdio_config(io, "", &["--test-tools"]));
-    let sid = initialize(g.addr);
-    let r = mcp_post(g.addr, &call(7, "crash", "{}"), Some(&sid));
-    assert_eq!(r.status, 502, "{}", r.text());
-    assert_eq!(r.json()["id"], 7);
-    assert_eq!(r.json()["error"]["code"], -32603);
-    // The child is restarted (with the session's initialize replayed); the same session works.
+/// Waits (at most 10 s) until an echo in session `sid` is answered again after a restart.
+fn echo_comes_back(g: &Gateway, sid: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let r = mcp_post(g.addr, &call(8, "echo", r#"{"text":"back"}"#), Some(&sid));
+        let r = mcp_post(g.addr, &call(8, "echo", r#"{"text":"back"}"#), Some(sid));
         if r.status == 200 {
             assert_eq!(r.json()["result"]["content"][0]["text"], "back");
-            break;
+            return;
         }
         assert!(
             Instant::now() < deadline,
@@ -461,6 +455,17 @@ fn stdio_child_crash_fails_request_then_recovers(io: &str) {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+fn stdio_child_crash_fails_request_then_recovers(io: &str) {
+    let g = Gateway::start(&stdio_config(io, "", &["--test-tools"]));
+    let sid = initialize(g.addr);
+    let r = mcp_post(g.addr, &call(7, "crash", "{}"), Some(&sid));
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.json()["id"], 7);
+    assert_eq!(r.json()["error"]["code"], -32603);
+    // The child is restarted (with the session's initialize replayed); the same session works.
+    echo_comes_back(&g, &sid);
     assert!(g.metric("mcp_guard_upstream_restarts_total", &[]) >= 1.0);
 }
 
@@ -666,19 +671,7 @@ fn a_child_that_dies_while_a_process_it_started_holds_its_output_is_restarted() 
     let grandchild = wait_for_line(&pid_file);
     let r = mcp_post(g.addr, &call(7, "crash", "{}"), Some(&sid));
     assert_eq!(r.status, 502, "{}", r.text());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let r = mcp_post(g.addr, &call(8, "echo", r#"{"text":"back"}"#), Some(&sid));
-        if r.status == 200 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "upstream never came back: {}",
-            r.text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    echo_comes_back(&g, &sid);
     assert!(
         process_ended(&grandchild),
         "the crashed child's own child lives on"

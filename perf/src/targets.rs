@@ -167,12 +167,7 @@ pub fn start_gateway(
 ) -> Result<Running, String> {
     let scratch = ScratchDir::new("mcp-guard")?;
     let config = gateway_config(workers, upstream, extra, &scratch.0.display().to_string());
-    let config_path = scratch.0.join("mcp-guard.toml");
-    std::fs::write(&config_path, config)
-        .map_err(|e| format!("cannot write {}: {e}", config_path.display()))?;
-    let log_path = scratch.0.join("mcp-guard.log");
-    let log = std::fs::File::create(&log_path)
-        .map_err(|e| format!("cannot create {}: {e}", log_path.display()))?;
+    let (config_path, log_path, log) = config_and_log(&scratch, "mcp-guard", &config)?;
     let mut command = Command::new(binary);
     command
         .arg("--config")
@@ -213,6 +208,22 @@ pub fn start_gateway(
         measured_pids: vec![pid],
         _guards: (managed, Some(scratch)),
     })
+}
+
+/// Writes `NAME.toml` holding `config` into the scratch directory and creates `NAME.log` there
+/// for the process's output: the config's path, the log's path and the open log.
+fn config_and_log(
+    scratch: &ScratchDir,
+    name: &str,
+    config: &str,
+) -> Result<(PathBuf, PathBuf, std::fs::File), String> {
+    let config_path = scratch.0.join(format!("{name}.toml"));
+    std::fs::write(&config_path, config)
+        .map_err(|e| format!("cannot write {}: {e}", config_path.display()))?;
+    let log_path = scratch.0.join(format!("{name}.log"));
+    let log = std::fs::File::create(&log_path)
+        .map_err(|e| format!("cannot create {}: {e}", log_path.display()))?;
+    Ok((config_path, log_path, log))
 }
 
 /// mcp-guard's config: the listener, the admin port, `[upstream]`, then `extra` with
@@ -378,12 +389,7 @@ pub fn start_original(
         demo.display().to_string(),
         extra.replace("{scratch}", &scratch.0.display().to_string())
     );
-    let config_path = scratch.0.join("original.toml");
-    std::fs::write(&config_path, config)
-        .map_err(|e| format!("cannot write {}: {e}", config_path.display()))?;
-    let log_path = scratch.0.join("original.log");
-    let log = std::fs::File::create(&log_path)
-        .map_err(|e| format!("cannot create {}: {e}", log_path.display()))?;
+    let (config_path, log_path, log) = config_and_log(&scratch, "original", &config)?;
     let mut command = Command::new(binary);
     command
         .arg("--config")
