@@ -1372,9 +1372,9 @@ impl StdoutClaim {
         self.ended();
     }
 
-    /// One line of the child's, decided here.
-    /// Whether to read on: not once the child has been replaced (what still writes to a
-    /// retired child's output, a process it started, is read no more; its socket closes).
+    /// Decides one line of the child's here; says whether to read on, which stops once the child
+    /// has been replaced (what still writes to a retired child's output, a process it started,
+    /// is read no more, and its socket closes).
     fn route(&self, line: &[u8]) -> bool {
         let Some(supervisor) = self.supervisor.upgrade() else {
             return false;
