@@ -749,6 +749,14 @@ pub fn stdio_framing(data: &[u8]) {
                         _ => {}
                     }
                 }
+                Output::Broadcast { sessions: to, message } => {
+                    let v: Value = serde_json::from_slice(message).expect("broadcast JSON");
+                    assert!(v.get("id").is_none(), "a broadcast carries an id: {v}");
+                    assert!(
+                        to.iter().all(|s| sessions.contains(s)),
+                        "a broadcast to a session that does not exist"
+                    );
+                }
                 Output::Respond {
                     waiter,
                     new_session,

@@ -32,6 +32,7 @@ use crate::auth::{AuthError, AuthMethod, Caller, IdentitySlot, Pending};
 use crate::authz::{Decision, Denial, Policy};
 use crate::config::Settings;
 use crate::error::{GatewayError, code};
+use crate::http::body::HeldBody;
 use crate::http::client::UpstreamResponse;
 use crate::http::request::{Method, RequestHead};
 use crate::http::response::jsonrpc_error;
@@ -46,8 +47,8 @@ use crate::ratelimit::{Limit, bucket_key, fleet_key};
 use crate::runtime::worker::Worker;
 use crate::tls::Peer;
 use crate::upstream::balance::InFlight;
+use crate::upstream::events::Backlog;
 use crate::upstream::{Answer, Exchange, Outgoing, UpstreamRef};
-use std::cell::Cell;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
@@ -130,7 +131,7 @@ pub struct EventStream {
     pub guard: Option<Box<dyn std::any::Any>>,
     /// Bytes its producer has queued, counted down as messages are taken (a legacy session
     /// bounds what a client that stops reading can make it hold).
-    pub backlog: Option<Rc<Cell<usize>>>,
+    pub backlog: Option<Backlog>,
 }
 
 impl Reply {
@@ -508,7 +509,7 @@ pub async fn handle(
     w: &Worker,
     cfg: &Settings,
     head: &RequestHead,
-    body: &[u8],
+    body: HeldBody,
     admitted: Admitted<'_>,
     request_id: &str,
 ) -> Reply {
@@ -1196,7 +1197,7 @@ fn label(body: &Body) -> usize {
 /// (a denied call, an invalid request: HTTP 200 with a JSON-RPC error elsewhere) included, so
 /// those go there too and the POST is answered 202; refusals at the HTTP level (401, 404, 429)
 /// stay in the POST's response, where the client's send sees them.
-async fn legacy_post(cx: &Ctx<'_>, raw: &[u8], audit: &mut AuditInfo) -> Result<Reply, Early> {
+async fn legacy_post(cx: &Ctx<'_>, raw: HeldBody, audit: &mut AuditInfo) -> Result<Reply, Early> {
     let ticket = cx.legacy_ticket().map_err(|e| early(e, M_NONE))?;
     let (answer, method, error) = match post(cx, raw, audit, Some(&ticket)).await {
         Ok(Reply {
@@ -1242,11 +1243,12 @@ async fn legacy_post(cx: &Ctx<'_>, raw: &[u8], audit: &mut AuditInfo) -> Result<
 
 async fn post(
     cx: &Ctx<'_>,
-    raw: &[u8],
+    mut held: HeldBody,
     audit: &mut AuditInfo,
     ticket: Option<&legacy::Ticket>,
 ) -> Result<Reply, Early> {
     let (w, cfg, head) = (cx.w, cx.cfg, cx.head);
+    let raw: &[u8] = &held;
     // 6. classify; argument rules run on this parse (see `rules`), their outcome kept here.
     let mut findings: Vec<(usize, crate::rules::Violation)> = Vec::new();
     let rules = &cfg.tool_rules;
@@ -1345,7 +1347,11 @@ async fn post(
     } else {
         None
     };
-    let raw = renegotiated.as_deref().unwrap_or(raw);
+    let elicits = is_initialize && cfg.approval.is_some() && approval::declares_elicitation(raw);
+    if let Some(rewritten) = renegotiated {
+        held.replace(rewritten).map_err(fail)?;
+    }
+    let raw: &[u8] = &held;
     #[cfg(debug_assertions)]
     test_hooks::maybe_panic(&body);
     // 7. authorize, 7b. pinning, 7c. argument constraints: each decided before any quota is
@@ -1396,7 +1402,9 @@ async fn post(
     // 9. forward; a legacy message goes to the worker holding its session's stream, which
     // forwards it and writes the answer there.
     if let Some(ticket) = ticket {
-        let work = legacy::Work::Forward(body, raw.to_vec());
+        // The bytes move to the worker holding the stream; their share ends with this POST.
+        let (bytes, _share) = held.into_parts();
+        let work = legacy::Work::Forward(body, bytes);
         legacy::hand_over(w, ticket, &cx.caller.identity.id, work, cx.request_id)
             .await
             .map_err(fail)?;
@@ -1408,14 +1416,14 @@ async fn post(
     let exchange = cx
         .upstream()
         .map_err(fail)?
-        .post(w, &cx.outgoing(session.as_deref()), &body, raw)
+        .post(w, &cx.outgoing(session.as_deref()), &body, held)
         .await
         .map_err(fail)?;
     // 10. relay
     let mut reply = deliver(cx, exchange, method, transform)
         .await
         .map_err(fail)?;
-    if is_initialize && cx.cfg.approval.is_some() && approval::declares_elicitation(raw) {
+    if elicits {
         flag_elicitation(cx, &mut reply);
     }
     Ok(reply)
@@ -1743,7 +1751,7 @@ async fn forward_held(w: &Rc<Worker>, call: &HeldCall, tx: &async_channel::Sende
                 w,
                 &cx.outgoing(call.session.as_deref()),
                 &call.body,
-                &call.raw,
+                HeldBody::uncounted(call.raw.clone()),
             )
             .await?;
         deliver(&cx, exchange, call.method, None).await
@@ -1872,7 +1880,7 @@ fn legacy_stream(cx: &Ctx<'_>) -> Reply {
             transform: Transform::for_request(cx.cfg, cx.route, cx.policy, Expect::ANY),
             preamble: opened.preamble,
             guard: Some(opened.guard),
-            backlog: Some(opened.backlog),
+            backlog: Some(Backlog::Local(opened.backlog)),
         }),
         M_STREAM,
     );
@@ -1955,13 +1963,13 @@ async fn deliver(
             };
             Reply::json(status, body, method)
         }
-        Answer::Events(events) => {
+        Answer::Events(events, queued) => {
             let stream = EventStream {
                 messages: events,
                 transform,
                 preamble: Vec::new(),
                 guard: None,
-                backlog: None,
+                backlog: queued.map(Backlog::Shared),
             };
             let mut r = Reply::new(200, ReplyBody::Events(stream), method);
             r.headers.push(("content-type", "text/event-stream".into()));

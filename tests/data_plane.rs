@@ -601,16 +601,6 @@ fn a_child_that_closes_its_stdin_is_stopped_and_restarted() {
     }
 }
 
-/// Whether process `pid` has ended (gone, or a zombie nobody reaped yet).
-fn process_ended(pid: &str) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
-    }
-}
-
 /// Waits for `file` to hold a line, and returns it.
 fn wait_for_line(file: &std::path::Path) -> String {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -779,7 +769,8 @@ fn open_get_stream(addr: std::net::SocketAddr, sid: &str) -> std::net::TcpStream
 fn read_until(s: &mut std::net::TcpStream, needle: &[u8]) -> String {
     let mut got = Vec::new();
     let mut buf = [0u8; 1];
-    while !got.windows(needle.len()).any(|w| w == needle) {
+    // One byte at a time, so the needle can only have just arrived at the end.
+    while !got.ends_with(needle) {
         match s.read(&mut buf) {
             Ok(1) => got.push(buf[0]),
             _ => break,
@@ -1230,4 +1221,156 @@ fn reload_replaces_a_changed_stdio_upstream_without_a_restart() {
     assert!(g.wait_log("the new upstream cannot start", Duration::from_secs(5)));
     assert_eq!(server_name(g.addr), "second");
     assert_eq!(g.admin_get("/ready").status, 200);
+}
+
+/// Sends `calls` calls of the slow `sleep` tool, each carrying about `pad` bytes, each on its
+/// own connection, and returns the connections (their answers still to come).
+fn slow_calls_with_large_bodies(
+    g: &Gateway,
+    sid: &str,
+    calls: usize,
+    pad: usize,
+) -> Vec<std::net::TcpStream> {
+    let padding = "p".repeat(pad);
+    (0..calls)
+        .map(|i| {
+            let body = call(
+                100 + i as u64,
+                "sleep",
+                &format!(r#"{{"ms":4000,"pad":"{padding}"}}"#),
+            );
+            let mut s = connect(g.addr);
+            s.write_all(mcp_post_raw(&body, Some(sid), "").as_bytes())
+                .unwrap();
+            s
+        })
+        .collect()
+}
+
+/// Calls waiting on a slow tool hold none of the worker's 64 MiB body allowance once their
+/// bodies are with the upstream: 72 MiB of them leave room for everyone else's bodies, and
+/// every one of them is answered.
+fn calls_waiting_on_a_slow_tool_leave_the_body_allowance_to_others(g: &Gateway) {
+    let sid = initialize(g.addr);
+    let mut waiting = slow_calls_with_large_bodies(g, &sid, 36, 2 << 20);
+    // Each body is counted while it is read: wait until the last one is surely with the tool.
+    std::thread::sleep(Duration::from_millis(1500));
+    let padding = "v".repeat(1 << 20);
+    let r = mcp_post(
+        g.addr,
+        &call(7, "echo", &format!(r#"{{"text":"{padding}"}}"#)),
+        Some(&sid),
+    );
+    assert_eq!(
+        r.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&r.body[..r.body.len().min(300)])
+    );
+    assert_eq!(g.metric("mcp_guard_bodies_refused_total", &[]), 0.0);
+    for s in &mut waiting {
+        let r = read_response(s).expect("an answer");
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(
+            rpc_result(&r)["result"]["content"][0]["text"],
+            "slept 4000ms"
+        );
+    }
+}
+
+#[test]
+fn stdio_calls_waiting_on_a_slow_tool_leave_the_body_allowance_to_others() {
+    let config = stdio_config("io_uring", "", &[]).replace("workers = 2", "workers = 1");
+    calls_waiting_on_a_slow_tool_leave_the_body_allowance_to_others(&Gateway::start(&config));
+}
+
+#[test]
+fn http_calls_waiting_on_a_slow_tool_leave_the_body_allowance_to_others() {
+    let demo = DemoHttp::start(&[]);
+    let config = http_config("io_uring", &demo.url(), "", "").replace("workers = 2", "workers = 1");
+    calls_waiting_on_a_slow_tool_leave_the_body_allowance_to_others(&Gateway::start(&config));
+}
+
+#[test]
+fn a_batch_the_childs_queue_cannot_take_whole_is_refused_without_any_of_it_delivered() {
+    // The child answers the hub's ping and the initialize, then reads nothing for three
+    // seconds (its stdin queue fills) and afterwards logs every line it gets (its stdout stays
+    // open: the shell keeps it).
+    let dir = tempfile::tempdir().unwrap();
+    let seen = dir.path().join("seen");
+    let script = format!(
+        "#!/bin/sh\nfor request in ping initialize; do\nread line\nid=$(printf '%s' \"$line\" | sed -n 's/.*\"id\":\\([0-9]*\\).*/\\1/p')\nprintf '{{\"jsonrpc\":\"2.0\",\"id\":%s,\"result\":{{\"protocolVersion\":\"2025-03-26\",\"capabilities\":{{}},\"serverInfo\":{{\"name\":\"slow\",\"version\":\"1\"}}}}}}\\n' \"$id\"\ndone\nread line\nsleep 3\ncat > {:?}\n",
+        seen.to_str().unwrap()
+    );
+    let (g, _script_dir) = scripted_stdio(&script, "max_body_bytes = 33554432", 10);
+    let init = INIT.replace("2025-11-25", "2025-03-26");
+    let r = mcp_post(g.addr, &init, None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let sid = r.header("mcp-session-id").unwrap().to_string();
+    let version = "MCP-Protocol-Version: 2025-03-26\r\n";
+    let post = |body: &str| request(g.addr, &mcp_post_raw(body, Some(&sid), version));
+    assert_eq!(
+        post(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#).status,
+        202
+    );
+    // 20 notifications of 1 MiB: more than the 16 MiB the queue holds for a child not reading.
+    let padding = "b".repeat(1 << 20);
+    let element = format!(
+        r#"{{"jsonrpc":"2.0","method":"notifications/batched","params":{{"pad":"{padding}"}}}}"#
+    );
+    let batch = format!("[{}]", vec![element; 20].join(","));
+    assert_eq!(post(&batch).status, 503);
+    // The queue is still empty: a single message is taken, and once the child reads again it
+    // is the only one it sees.
+    assert_eq!(
+        post(r#"{"jsonrpc":"2.0","method":"notifications/single"}"#).status,
+        202
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = std::fs::read_to_string(&seen).unwrap_or_default();
+        if log.contains("notifications/single") {
+            assert!(
+                !log.contains("notifications/batched"),
+                "part of a refused batch was delivered"
+            );
+            assert_eq!(log.lines().count(), 1, "{}", &log[..log.len().min(300)]);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the child never saw the single message"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_stream_nobody_reads_holds_a_bounded_number_of_bytes_for_it() {
+    // A child that, when a tool is called, sends 100 notifications of 256 KiB tied to no
+    // request (25 MiB, far under the 256-message bound), then answers.
+    let script = "#!/bin/sh\npad=$(head -c 262144 /dev/zero | tr '\\0' a)\nwhile read line; do\ncase \"$line\" in *tools/call*) i=0; while [ $i -lt 100 ]; do printf '{\"jsonrpc\":\"2.0\",\"method\":\"notifications/message\",\"params\":{\"level\":\"info\",\"data\":\"%s\"}}\\n' \"$pad\"; i=$((i+1)); done;; esac\nid=$(printf '%s' \"$line\" | sed -n 's/.*\"id\":\\([0-9]*\\).*/\\1/p')\n[ -n \"$id\" ] && printf '{\"jsonrpc\":\"2.0\",\"id\":%s,\"result\":{\"protocolVersion\":\"2025-11-25\",\"capabilities\":{},\"serverInfo\":{\"name\":\"loud\",\"version\":\"1\"},\"content\":[]}}\\n' \"$id\"\ndone\n";
+    let (g, _dir) = scripted_stdio(script, "", 10);
+    let sid = initialize(g.addr);
+    let mut stream = open_get_stream(g.addr, &sid);
+    let head = read_until(&mut stream, b"\r\n\r\n");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // The stream's client reads nothing while the child floods it.
+    let r = mcp_post(g.addr, &call(2, "flood", "{}"), Some(&sid));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while g.metric("mcp_guard_stream_messages_dropped_total", &[]) == 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "25 MiB queued for a client that reads nothing"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // What was kept is still delivered, whole, once the client reads.
+    let events = read_until(&mut stream, b"\"}}\n\n");
+    assert!(
+        events.contains("notifications/message"),
+        "{}",
+        &events[..events.len().min(200)]
+    );
 }

@@ -225,3 +225,59 @@ fn shared_child_sessions_idle_past_session_idle_secs_end_and_busy_ones_do_not() 
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(post(&g, KEYS[1].1, ping, Some(&busy)).status, 200);
 }
+
+#[test]
+fn a_reload_during_an_initialize_leaves_no_child_running() {
+    // A child that writes its pid, answers the hub's ping at once and initialize after two
+    // seconds, and exits when its stdin closes.
+    let dir = tempfile::tempdir().unwrap();
+    let pids = dir.path().join("pids");
+    let script = dir.path().join("slow-init.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho $$ >> {pids:?}\nwhile read line; do\ncase \"$line\" in *initialize*) sleep 2;; esac\nid=$(printf '%s' \"$line\" | sed -n 's/.*\"id\":\\([0-9]*\\).*/\\1/p')\n[ -n \"$id\" ] && printf '{{\"jsonrpc\":\"2.0\",\"id\":%s,\"result\":{{\"protocolVersion\":\"2025-11-25\",\"capabilities\":{{}},\"serverInfo\":{{\"name\":\"slow\",\"version\":\"1\"}}}}}}\\n' \"$id\"\ndone\n"
+        ),
+    )
+    .unwrap();
+    let mut perms = std::fs::metadata(&script).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+    std::fs::set_permissions(&script, perms).unwrap();
+    let first = config(4, 60).replace(
+        &format!("command = {DEMO:?}\nargs = [\"--test-tools\"]"),
+        &format!(
+            "command = {:?}\nargs = [\"first\"]",
+            script.to_str().unwrap()
+        ),
+    );
+    let g = Gateway::start(&first);
+    let addr = g.addr;
+    let initializing = std::thread::spawn(move || mcp_post_as(addr, KEYS[0].1, INIT, None));
+    // Reload (the server's arguments change, so its pool is replaced) while the child is
+    // still answering the initialize.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(&pids)
+        .unwrap_or_default()
+        .is_empty()
+    {
+        assert!(Instant::now() < deadline, "the child never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    g.reload(
+        &first.replace("args = [\"first\"]", "args = [\"second\"]"),
+        Duration::from_secs(5),
+    );
+    let r = initializing.join().unwrap();
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(r.text().contains("initialize again"), "{}", r.text());
+    let pid = std::fs::read_to_string(&pids).unwrap().trim().to_string();
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while !process_ended(&pid) {
+        assert!(
+            Instant::now() < deadline,
+            "child {pid} still runs, owned by no pool"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(processes(&g, 0.0), 0.0);
+}

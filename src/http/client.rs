@@ -3,6 +3,7 @@
 //! far a failed exchange got. Which connection a request goes out on, and whether a failed one
 //! may be sent again, is `upstream::connections`'s.
 
+use crate::http::body::BodyReservation;
 use crate::http::chunked::{ChunkError, ChunkedDecoder};
 use crate::http::io::{read_append, write_all};
 use monoio::net::TcpStream;
@@ -113,16 +114,22 @@ async fn write_request(
 }
 
 /// One request/response-head exchange; on failure returns the request bytes and how far the
-/// exchange got (which decides whether a retry is safe).
+/// exchange got (which decides whether a retry is safe). Once the request is written, `share`
+/// (the body allowance counting it) ends, and so do the bytes unless `resendable` says a retry
+/// may still need them: a call waiting on a slow tool holds neither.
 pub async fn exchange(
     mut conn: TcpStream,
     addr: SocketAddr,
     request: Vec<u8>,
+    resendable: bool,
+    share: &mut Option<BodyReservation>,
 ) -> Result<UpstreamResponse, (UpstreamError, Vec<u8>, Progress)> {
     let request = match write_request(&mut conn, request).await {
-        Ok(r) => r,
+        Ok(r) if resendable => r,
+        Ok(_) => Vec::new(),
         Err((e, request, progress)) => return Err((e.into(), request, progress)),
     };
+    *share = None;
     let mut buf = Vec::with_capacity(4096);
     // An interim (1xx) response counts as the response having started.
     let mut interim_seen = false;

@@ -4,6 +4,7 @@
 
 use crate::config::Settings;
 use crate::error::GatewayError;
+use crate::http::body::{BodyReservation, HeldBody};
 use crate::http::chunked::{ChunkError, ChunkedDecoder};
 use crate::http::client::RespFraming;
 use crate::http::io::read_append;
@@ -296,12 +297,13 @@ async fn serve_request<S: Connection>(
             return None;
         }
     };
-    let handled = async {
+    // The body moves into the pipeline, which lets it go (and its share of the worker's body
+    // allowance) once it has been handed upstream, not when the answer comes.
+    let request_id = &meta.request_id;
+    let handled = async move {
         match admitted {
-            Ok(a) => pipeline::handle(w, cfg, head, &body.bytes, a, &meta.request_id).await,
-            Err(endpoint) => {
-                crate::facade::serve(cfg, head, &body.bytes, endpoint, peer.addr).await
-            }
+            Ok(a) => pipeline::handle(w, cfg, head, body, a, request_id).await,
+            Err(endpoint) => crate::facade::serve(cfg, head, &body, endpoint, peer.addr).await,
         }
     };
     let reply = match CatchPanic(handled).await {
@@ -328,7 +330,6 @@ async fn serve_request<S: Connection>(
             r
         }
     };
-    drop(body);
     meta.mark(Phase::Handle);
     write_reply(w, stream, reply, head.keep_alive, &meta, out).await
 }
@@ -515,51 +516,6 @@ async fn read_head<S: Connection>(
     }
 }
 
-/// Request-body bytes one worker holds in memory at once, across its connections (raised to
-/// `max_body_bytes` when that is larger, so one maximal body always fits). Beyond it a request
-/// gets 503 and its connection is closed: slow or large bodies cannot pin unbounded memory.
-const MAX_BODY_BYTES_IN_FLIGHT: usize = 64 << 20;
-
-/// Body bytes counted against the worker's in-flight cap until dropped.
-struct BodyReservation {
-    w: Rc<Worker>,
-    held: usize,
-}
-
-impl BodyReservation {
-    /// Raises this body's share to `total` bytes, if the worker's cap allows it.
-    fn grow_to(&mut self, total: usize, cap: usize) -> Result<(), GatewayError> {
-        if total <= self.held {
-            return Ok(());
-        }
-        let in_flight = self.w.body_bytes_in_flight.get() + (total - self.held);
-        if in_flight > cap {
-            self.w
-                .metrics
-                .bodies_refused
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return Err(GatewayError::Overloaded);
-        }
-        self.w.body_bytes_in_flight.set(in_flight);
-        self.held = total;
-        Ok(())
-    }
-}
-
-impl Drop for BodyReservation {
-    fn drop(&mut self) {
-        let w = &self.w;
-        w.body_bytes_in_flight
-            .set(w.body_bytes_in_flight.get() - self.held);
-    }
-}
-
-/// A request body in memory, with its share of the worker's cap.
-struct HeldBody {
-    bytes: Vec<u8>,
-    _reservation: BodyReservation,
-}
-
 /// Reads the body of an admitted request: `100 Continue` first when asked for, the whole body
 /// within `body_timeout` of the head (each read also within the idle timeout), and never more
 /// than the worker's in-flight cap. `Err(None)` means the client went away (nothing to answer).
@@ -570,20 +526,13 @@ async fn read_body<S: AsyncReadRent + AsyncWriteRent>(
     head: &RequestHead,
     cfg: &crate::config::Settings,
 ) -> Result<HeldBody, Option<GatewayError>> {
-    let mut reservation = BodyReservation {
-        w: w.clone(),
-        held: 0,
-    };
+    let mut reservation = BodyReservation::new(w, cfg.server.max_body_bytes);
     if head.body == BodyFraming::None {
-        return Ok(HeldBody {
-            bytes: Vec::new(),
-            _reservation: reservation,
-        });
+        return Ok(HeldBody::new(Vec::new(), reservation));
     }
-    let cap = MAX_BODY_BYTES_IN_FLIGHT.max(cfg.server.max_body_bytes);
     if let BodyFraming::Length(n) = head.body {
         // The whole declared length is reserved before a byte of it is invited.
-        reservation.grow_to(n as usize, cap).map_err(Some)?;
+        reservation.grow_to(n as usize).map_err(Some)?;
     }
     if head.expect_continue && buf.is_empty() {
         let (res, _) = write_bounded(w, stream, b"HTTP/1.1 100 Continue\r\n\r\n".to_vec()).await;
@@ -625,10 +574,7 @@ async fn read_body<S: AsyncReadRent + AsyncWriteRent>(
             }
             let bytes = buf[..n].to_vec();
             buf.drain(..n);
-            Ok(HeldBody {
-                bytes,
-                _reservation: reservation,
-            })
+            Ok(HeldBody::new(bytes, reservation))
         }
         BodyFraming::Chunked => {
             let mut decoder = ChunkedDecoder::new(cfg.server.max_body_bytes as u64);
@@ -641,12 +587,9 @@ async fn read_body<S: AsyncReadRent + AsyncWriteRent>(
                     })
                 })?;
                 buf.drain(..used);
-                reservation.grow_to(body.len(), cap).map_err(Some)?;
+                reservation.grow_to(body.len()).map_err(Some)?;
                 if decoder.is_done() {
-                    return Ok(HeldBody {
-                        bytes: body,
-                        _reservation: reservation,
-                    });
+                    return Ok(HeldBody::new(body, reservation));
                 }
                 read_more(stream, buf, 8192, idle, deadline).await?;
             }
@@ -1096,7 +1039,7 @@ fn emit_audit(
 /// A server-to-client stream's messages, and what bounds it.
 struct EventSource {
     messages: async_channel::Receiver<Vec<u8>>,
-    backlog: Option<Rc<std::cell::Cell<usize>>>,
+    backlog: Option<crate::upstream::events::Backlog>,
 }
 
 /// Writes all of `buf`, giving up when the client accepts nothing of it for the idle timeout:
@@ -1182,7 +1125,7 @@ async fn relay_events<S: Connection>(
             Some(Err(_)) => write_chunk(&mut buf, b": keepalive\n\n"),
             Some(Ok(Ok(msg))) => {
                 if let Some(b) = &backlog {
-                    b.set(b.get().saturating_sub(msg.len()));
+                    b.taken(msg.len());
                 }
                 // A restricted caller's stream is filtered like any tools/list answer; a
                 // message that cannot be checked is dropped, not relayed.
@@ -1205,7 +1148,8 @@ async fn relay_events<S: Connection>(
         }
         // A client that stops reading holds the write at most this long; then the stream ends
         // (and what lives as long as it, a legacy session, with it).
-        let (res, b) = write_with_progress(stream, buf, STREAM_WRITE_TIMEOUT).await;
+        let stall = w.settings().server.idle_timeout.min(STREAM_WRITE_TIMEOUT);
+        let (res, b) = write_with_progress(stream, buf, stall).await;
         *out = b;
         if res.is_err() {
             return;

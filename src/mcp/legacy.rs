@@ -531,6 +531,7 @@ async fn forward_inner(w: &Rc<Worker>, session: &Rc<Session>, post: &Handover) {
         &post.request_id,
         upstream_session.as_deref(),
     );
+    let raw = crate::http::body::HeldBody::uncounted(raw.clone());
     let exchange = match upstream.post(w, &out, body, raw).await {
         Ok(x) => x,
         Err(e) => {
@@ -631,8 +632,11 @@ async fn relay(w: &Worker, session: &Session, answer: Answer, note_version: bool
                 send(body).await;
             }
         }
-        Answer::Events(events) => {
+        Answer::Events(events, queued) => {
             while let Ok(msg) = events.recv().await {
+                if let Some(q) = &queued {
+                    q.taken(msg.len());
+                }
                 if !send(msg).await {
                     break;
                 }

@@ -8,6 +8,7 @@
 //! read and acted on by the upstream even if the connection then died, so it is never resent;
 //! instead every pooled connection is probed before a POST goes out on it.
 
+use crate::http::body::BodyReservation;
 use crate::http::client::{Progress, UpstreamError, UpstreamResponse, exchange};
 use monoio::net::TcpStream;
 use std::cell::RefCell;
@@ -118,7 +119,7 @@ pub async fn send(
         .and_then(|m| std::str::from_utf8(m).ok())
         .unwrap_or("")
         .to_owned();
-    send_request(pool, addrs, &method, request).await
+    send_request(pool, addrs, &method, request, None).await
 }
 
 /// Sends `request` (head and body already serialised, for `method`) to one of `addrs`, and
@@ -130,13 +131,15 @@ pub async fn send_request(
     addrs: &[SocketAddr],
     method: &str,
     request: Vec<u8>,
+    share: Option<BodyReservation>,
 ) -> Result<UpstreamResponse, UpstreamError> {
     let resendable = idempotent(method);
     let mut request = request;
+    let mut share = share;
     // First try a pooled connection to any address, then fresh connections in order.
     for addr in addrs {
         if let Some(conn) = pool.checkout(*addr, !resendable) {
-            match exchange(conn, *addr, request).await {
+            match exchange(conn, *addr, request, resendable, &mut share).await {
                 Ok(r) => return Ok(r),
                 Err((e, req, progress)) => {
                     let retry = match progress {
@@ -158,7 +161,7 @@ pub async fn send_request(
         match TcpStream::connect_addr(*addr).await {
             Ok(conn) => {
                 let _ = conn.set_nodelay(true);
-                return match exchange(conn, *addr, request).await {
+                return match exchange(conn, *addr, request, resendable, &mut share).await {
                     Ok(r) => Ok(r),
                     Err((e, _, _)) => Err(e),
                 };
@@ -278,7 +281,7 @@ mod tests {
             &[],
             if method == "POST" { b"{}" } else { b"" },
         );
-        let mut resp = send_request(pool, &[addr], method, req).await?;
+        let mut resp = send_request(pool, &[addr], method, req, None).await?;
         let status = resp.status;
         resp.read_to_end().await?;
         pool.release(resp);

@@ -7,6 +7,7 @@
 use super::balance::HttpServer;
 use super::{Answer, Exchange, Outgoing};
 use crate::error::GatewayError;
+use crate::http::body::HeldBody;
 use crate::http::client;
 use crate::runtime::worker::Worker;
 use std::sync::atomic::Ordering;
@@ -17,7 +18,7 @@ pub async fn exchange(
     server: &HttpServer,
     out: &Outgoing<'_>,
     method: &str,
-    body: &[u8],
+    body: Option<HeldBody>,
 ) -> Result<Exchange, GatewayError> {
     let target = server.target(out.server, out.session)?;
     let replica = &server.replicas()[target.replica];
@@ -64,11 +65,23 @@ pub async fn exchange(
     } else {
         format!("{}{}", ep.path.trim_end_matches('/'), out.path_rest).into()
     };
-    let request = client::build_request(method, &path, &ep.host_header, &headers, body);
+    let request = client::build_request(
+        method,
+        &path,
+        &ep.host_header,
+        &headers,
+        body.as_deref().unwrap_or_default(),
+    );
+    // The client's body is in the request now: it goes, and its share of the worker's body
+    // allowance counts the request instead until the request is written upstream.
+    let mut share = body.and_then(|body| body.into_parts().1);
+    if let Some(share) = &mut share {
+        share.grow_to(request.len())?;
+    }
     let in_flight = server.begin(target.replica);
     match crate::runtime::deadlines::timeout(
         out.timeout,
-        super::connections::send_request(&w.pool, &ep.addrs, method, request),
+        super::connections::send_request(&w.pool, &ep.addrs, method, request, share),
     )
     .await
     {

@@ -13,6 +13,7 @@
 
 pub mod balance;
 pub mod connections;
+pub mod events;
 pub mod health;
 pub mod http;
 pub mod pool;
@@ -22,6 +23,7 @@ pub mod sse;
 pub mod stdio;
 
 use crate::error::GatewayError;
+use crate::http::body::HeldBody;
 use crate::http::client::UpstreamResponse;
 use crate::http::request::RequestHead;
 use crate::mcp::jsonrpc::Body;
@@ -75,8 +77,9 @@ pub enum Answer {
         /// The JSON (one message or a batch array).
         body: Vec<u8>,
     },
-    /// Server-to-client messages (one JSON message each), as SSE events until it closes.
-    Events(async_channel::Receiver<Vec<u8>>),
+    /// Server-to-client messages (one JSON message each), as SSE events until it closes, and
+    /// the count of queued bytes the reader keeps when it takes one.
+    Events(async_channel::Receiver<Vec<u8>>, Option<events::Queued>),
     /// Taken (a notification or a client response): 202, no body.
     Accepted,
     /// The session was ended: 204.
@@ -107,10 +110,10 @@ impl UpstreamRef<'_> {
         w: &Worker,
         out: &Outgoing<'_>,
         body: &Body,
-        raw: &[u8],
+        raw: HeldBody,
     ) -> Result<Exchange, GatewayError> {
         match self {
-            UpstreamRef::Http(up) => http::exchange(w, up, out, "POST", raw).await,
+            UpstreamRef::Http(up) => http::exchange(w, up, out, "POST", Some(raw)).await,
             UpstreamRef::Stdio(_) if !out.path_rest.is_empty() => Err(GatewayError::NotFound),
             UpstreamRef::Stdio(hub) => hub.post(out, body, raw).await,
             UpstreamRef::StdioPool(_) if !out.path_rest.is_empty() => Err(GatewayError::NotFound),
@@ -125,7 +128,7 @@ impl UpstreamRef<'_> {
         out: &Outgoing<'_>,
     ) -> Result<Exchange, GatewayError> {
         match self {
-            UpstreamRef::Http(up) => http::exchange(w, up, out, "GET", b"").await,
+            UpstreamRef::Http(up) => http::exchange(w, up, out, "GET", None).await,
             UpstreamRef::Stdio(_) if !out.path_rest.is_empty() => Err(GatewayError::NotFound),
             UpstreamRef::Stdio(hub) => hub.stream(out).await,
             UpstreamRef::StdioPool(_) if !out.path_rest.is_empty() => Err(GatewayError::NotFound),
@@ -140,7 +143,7 @@ impl UpstreamRef<'_> {
         out: &Outgoing<'_>,
     ) -> Result<Exchange, GatewayError> {
         match self {
-            UpstreamRef::Http(up) => http::exchange(w, up, out, "DELETE", b"").await,
+            UpstreamRef::Http(up) => http::exchange(w, up, out, "DELETE", None).await,
             UpstreamRef::Stdio(_) if !out.path_rest.is_empty() => Err(GatewayError::NotFound),
             UpstreamRef::Stdio(hub) => hub.end(out).await,
             UpstreamRef::StdioPool(_) if !out.path_rest.is_empty() => Err(GatewayError::NotFound),

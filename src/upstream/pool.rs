@@ -13,6 +13,7 @@
 use super::{Answer, Exchange, Outgoing};
 use crate::config::PerSession;
 use crate::error::GatewayError;
+use crate::http::body::HeldBody;
 use crate::mcp::jsonrpc::{Body, Kind};
 use crate::observe::metrics::Metrics;
 use crate::upstream::router::SessionKey;
@@ -46,6 +47,9 @@ struct Table {
     sessions: HashMap<SessionKey, Entry>,
     /// Children being started, per identity (they count against the caps already).
     starting: HashMap<Arc<str>, usize>,
+    /// The pool was drained (a reload replaced it, or the gateway is stopping): a child that
+    /// finishes starting now has no table to live in and is stopped at once.
+    drained: bool,
 }
 
 impl Table {
@@ -146,7 +150,7 @@ impl StdioPool {
         &self,
         out: &Outgoing<'_>,
         body: &Body,
-        raw: &[u8],
+        raw: HeldBody,
     ) -> Result<Exchange, GatewayError> {
         if let Some(key) = out.session {
             let (hub, _busy) = self.session_hub(key)?;
@@ -171,6 +175,15 @@ impl StdioPool {
         let mut table = self.table();
         table.release_start(&identity);
         match result {
+            // Drained while it started: nothing would ever stop this child, and the session it
+            // opened would not be found by the pool that replaced this one.
+            Ok(_) if table.drained => {
+                retire(hub);
+                Err(GatewayError::UpstreamUnavailable(
+                    "the server was reconfigured while the session started; initialize again"
+                        .into(),
+                ))
+            }
             Ok(exchange) => {
                 let key = exchange
                     .session
@@ -205,6 +218,11 @@ impl StdioPool {
     /// Holds a place under both caps for a child about to start, or says which cap is full.
     fn reserve(&self, identity: &Arc<str>) -> Result<(), GatewayError> {
         let mut table = self.table();
+        if table.drained {
+            return Err(GatewayError::UpstreamUnavailable(
+                "the server is being reconfigured; initialize again".into(),
+            ));
+        }
         let cap = if table.total() >= self.limits.max_processes {
             Some(self.limits.max_processes)
         } else if table.held_by(identity) >= self.per_identity() {
@@ -300,6 +318,7 @@ impl StdioPool {
     /// Every child, for shutdown.
     pub fn drain(&self) -> Vec<Arc<StdioHub>> {
         let mut table = self.table();
+        table.drained = true;
         let hubs: Vec<_> = table.sessions.drain().map(|(_, e)| e.hub).collect();
         self.count(-(hubs.len() as i64));
         hubs

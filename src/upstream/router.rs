@@ -156,6 +156,14 @@ pub enum Output<W> {
         /// that request's own response stream instead (see [`Router::waiter`]).
         for_request: Option<u64>,
     },
+    /// Deliver to each of `sessions` that has a stream open (one message, tied to no request:
+    /// a shared process cannot say whose it is). Copies are made only for listening sessions.
+    Broadcast {
+        /// The sessions that hear it.
+        sessions: Vec<SessionKey>,
+        /// One JSON message.
+        message: Vec<u8>,
+    },
     /// The response to a waiting worker (its original id restored).
     Respond {
         /// The worker.
@@ -857,14 +865,10 @@ impl<W> Router<W> {
                 let Ok(message) = serde_json::to_vec(&msg) else {
                     return out.push(Output::Dropped(DropReason::Malformed));
                 };
-                for session in self.sessions.keys() {
-                    out.push(Output::Deliver {
-                        session: *session,
-                        message: message.clone(),
-                        server_request: None,
-                        for_request: None,
-                    });
-                }
+                out.push(Output::Broadcast {
+                    sessions: self.sessions.keys().copied().collect(),
+                    message,
+                });
             }
         }
     }
@@ -1025,11 +1029,15 @@ mod tests {
 
     fn delivered(out: &[Output<u64>]) -> Vec<(SessionKey, Value)> {
         out.iter()
-            .filter_map(|o| match o {
+            .flat_map(|o| match o {
                 Output::Deliver {
                     session, message, ..
-                } => Some((*session, serde_json::from_slice(message).unwrap())),
-                _ => None,
+                } => vec![(*session, serde_json::from_slice(message).unwrap())],
+                Output::Broadcast { sessions, message } => sessions
+                    .iter()
+                    .map(|s| (*s, serde_json::from_slice(message).unwrap()))
+                    .collect(),
+                _ => Vec::new(),
             })
             .collect()
     }

@@ -24,8 +24,10 @@
 
 use crate::config::{PerSession, SseSettings, StdioSettings};
 use crate::error::GatewayError;
+use crate::http::body::HeldBody;
 use crate::mcp::jsonrpc::{Body, Kind, Message};
 use crate::observe::metrics::Metrics;
+use crate::upstream::events::{EventSender, Queued};
 use crate::upstream::router::{Limits, Output, Router};
 use crate::upstream::sse::SseLink;
 use crate::upstream::{Answer, Exchange, Outgoing};
@@ -166,7 +168,7 @@ pub enum HubReply {
     /// A notification or client response was handed to the child.
     Accepted,
     /// A server-to-client stream for the session.
-    Stream(async_channel::Receiver<Vec<u8>>),
+    Stream(async_channel::Receiver<Vec<u8>>, Queued),
     /// The session was ended.
     Deleted,
     /// Refused.
@@ -178,7 +180,7 @@ pub enum HubReply {
 #[derive(Debug)]
 struct Waiter {
     reply: async_channel::Sender<HubReply>,
-    related: Option<async_channel::Sender<Vec<u8>>>,
+    related: Option<EventSender>,
 }
 
 impl Waiter {
@@ -238,8 +240,6 @@ const STDIN_CAPACITY: usize = 1024;
 /// Bytes those lines may hold together: a child that stops reading cannot make the gateway
 /// hold more for it than this (plus one line, when that line alone is larger).
 const STDIN_QUEUE_BYTES: usize = 16 * 1024 * 1024;
-/// Messages buffered per server-to-client stream; beyond it they are dropped and counted.
-const STREAM_CAPACITY: usize = 256;
 /// Longest line accepted from the child.
 const MAX_LINE: usize = 64 * 1024 * 1024;
 /// Sessions kept; beyond it the least recently used session of the identity holding the most
@@ -334,7 +334,7 @@ impl StdioHub {
         session: Option<SessionKey>,
         identity: &str,
         message: Vec<u8>,
-        related: Option<async_channel::Sender<Vec<u8>>>,
+        related: Option<EventSender>,
     ) -> Result<(u64, async_channel::Receiver<HubReply>), GatewayError> {
         let hub_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (reply, rx) = async_channel::bounded(1);
@@ -406,18 +406,25 @@ impl StdioHub {
         &self,
         out: &Outgoing<'_>,
         body: &Body,
-        raw: &[u8],
+        raw: HeldBody,
     ) -> Result<Exchange, GatewayError> {
         let key = out.session.map(hub_key).transpose()?;
         match body {
-            Body::Single(m) if m.kind == Kind::Request && key.is_some() && asks_progress(raw) => {
-                self.streamed(m, raw.to_vec(), key, out)
+            Body::Single(m) if m.kind == Kind::Request && key.is_some() && asks_progress(&raw) => {
+                // The bytes move to the child (or its bounded queue): their share of the
+                // worker's body allowance ends once they are handed over, before the wait.
+                let (bytes, _share) = raw.into_parts();
+                self.streamed(m, bytes, key, out)
             }
             Body::Single(m) => {
                 if key.is_none() && !(m.kind == Kind::Request && m.method_str() == "initialize") {
                     return Err(GatewayError::MissingSession);
                 }
-                let (bytes, new_session) = self.one(m, raw.to_vec(), key, out).await?;
+                let (bytes, share) = raw.into_parts();
+                let handed = self.hand(m, bytes, key, out)?;
+                drop(share);
+                let (bytes, new_session) =
+                    self.settle(handed, Instant::now() + out.timeout).await?;
                 Ok(match bytes {
                     None => Exchange::of(Answer::Accepted),
                     Some(body) => Exchange {
@@ -426,36 +433,89 @@ impl StdioHub {
                     },
                 })
             }
-            Body::Batch(messages) => {
-                let key = key.ok_or(GatewayError::MissingSession)?;
-                // Each element is re-serialised on its own; the batch's bytes are split, not
-                // edited.
-                let parts: Vec<serde_json::Value> =
-                    serde_json::from_slice(raw).map_err(|e| GatewayError::Parse(e.to_string()))?;
-                let mut answers = Vec::new();
-                for (m, part) in messages.iter().zip(parts) {
-                    let (bytes, _) = self
-                        .one(m, part.to_string().into_bytes(), Some(key), out)
-                        .await?;
-                    answers.extend(bytes);
-                }
-                if answers.is_empty() {
-                    return Ok(Exchange::of(Answer::Accepted));
-                }
-                let mut joined = Vec::from(&b"["[..]);
-                for (i, b) in answers.iter().enumerate() {
-                    if i > 0 {
-                        joined.push(b',');
-                    }
-                    joined.extend_from_slice(b);
-                }
-                joined.push(b']');
-                Ok(Exchange::of(Answer::Complete {
-                    status: 200,
-                    body: joined,
-                }))
+            Body::Batch(messages) => self.batch(messages, raw, key, out).await,
+        }
+    }
+
+    /// A batch: every element handed to the child at once (or none, when its queue cannot take
+    /// them all: a client told 503 may send the batch again without any of it arriving twice),
+    /// then the answers gathered in the batch's order within one timeout.
+    async fn batch(
+        &self,
+        messages: &[Message],
+        raw: HeldBody,
+        key: Option<SessionKey>,
+        out: &Outgoing<'_>,
+    ) -> Result<Exchange, GatewayError> {
+        let key = key.ok_or(GatewayError::MissingSession)?;
+        // Each element is re-serialised on its own; the batch's bytes are split, not edited.
+        let parts: Vec<serde_json::Value> =
+            serde_json::from_slice(&raw).map_err(|e| GatewayError::Parse(e.to_string()))?;
+        // The elements stand in for the body now; its share counts them until they are handed.
+        let (_bytes, share) = raw.into_parts();
+        let mut commands = Vec::with_capacity(parts.len());
+        let mut waits = Vec::with_capacity(parts.len());
+        let mut bytes = 0;
+        for (m, part) in messages.iter().zip(parts) {
+            let line = part.to_string().into_bytes();
+            bytes += line.len();
+            let (reply, rx) = async_channel::bounded(1);
+            if m.kind == Kind::Request {
+                let hub_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                commands.push(Command_::Call {
+                    hub_id,
+                    session: Some(key),
+                    identity: out.binding.into(),
+                    message: line,
+                    reply: Waiter {
+                        reply,
+                        related: None,
+                    },
+                });
+                waits.push(Handed::Call(hub_id, rx));
+            } else {
+                commands.push(Command_::Send {
+                    session: key,
+                    message: line,
+                    reply,
+                });
+                waits.push(Handed::Sent(rx));
             }
         }
+        decide_all(&self.supervisor, commands, bytes)?;
+        drop(share);
+        let deadline = Instant::now() + out.timeout;
+        let mut answers = Vec::new();
+        let mut waits = waits.into_iter();
+        while let Some(handed) = waits.next() {
+            match self.settle(handed, deadline).await {
+                Ok((answer, _)) => answers.extend(answer),
+                Err(e) => {
+                    // The batch fails as a whole: nobody waits for the rest of its answers.
+                    for rest in waits {
+                        if let Handed::Call(hub_id, _) = rest {
+                            self.cancel(hub_id);
+                        }
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        if answers.is_empty() {
+            return Ok(Exchange::of(Answer::Accepted));
+        }
+        let mut joined = Vec::from(&b"["[..]);
+        for (i, b) in answers.iter().enumerate() {
+            if i > 0 {
+                joined.push(b',');
+            }
+            joined.extend_from_slice(b);
+        }
+        joined.push(b']');
+        Ok(Exchange::of(Answer::Complete {
+            status: 200,
+            body: joined,
+        }))
     }
 
     /// A request that asked for progress, answered as an SSE stream: its progress as the
@@ -469,7 +529,7 @@ impl StdioHub {
         key: Option<SessionKey>,
         out: &Outgoing<'_>,
     ) -> Result<Exchange, GatewayError> {
-        let (events, stream) = async_channel::bounded(STREAM_CAPACITY);
+        let (events, stream, queued) = super::events::channel();
         let (hub_id, reply) = self.call(key, out.binding, bytes, Some(events.clone()))?;
         let supervisor = self.supervisor.clone();
         let id = m.id.clone();
@@ -486,42 +546,57 @@ impl StdioHub {
                 }
                 _ => stopped().body(id.as_ref()),
             };
-            let _ = events.send(last).await;
+            events.send_last(last).await;
         });
-        Ok(Exchange::of(Answer::Events(stream)))
+        Ok(Exchange::of(Answer::Events(stream, Some(queued))))
     }
 
-    /// One message through the router: a request waits for its response (cancelled upstream
-    /// when the client's deadline passes), anything else is accepted.
-    async fn one(
+    /// Hands one message to the child: a request to be answered, or a notification or client
+    /// response to be taken.
+    fn hand(
         &self,
         m: &Message,
         bytes: Vec<u8>,
         key: Option<SessionKey>,
         out: &Outgoing<'_>,
-    ) -> Result<(Option<Vec<u8>>, Option<SessionKey>), GatewayError> {
+    ) -> Result<Handed, GatewayError> {
         if m.kind == Kind::Request {
             let (hub_id, rx) = self.call(key, out.binding, bytes, None)?;
-            match crate::runtime::deadlines::timeout(out.timeout, rx.recv()).await {
-                Err(_) => {
-                    self.cancel(hub_id);
-                    Err(GatewayError::UpstreamTimeout)
-                }
-                Ok(Err(_)) => Err(stopped()),
-                Ok(Ok(HubReply::Response(b, s))) => Ok((Some(b), s)),
-                Ok(Ok(HubReply::Error(e))) => Err(e),
-                Ok(Ok(_)) => Err(GatewayError::UpstreamUnavailable(
-                    "unexpected hub reply".into(),
-                )),
-            }
+            Ok(Handed::Call(hub_id, rx))
         } else {
             let key = key.ok_or(GatewayError::MissingSession)?;
-            let rx = self.send(key, bytes)?;
-            match rx.recv().await {
+            Ok(Handed::Sent(self.send(key, bytes)?))
+        }
+    }
+
+    /// What became of a handed message: a request's answer (and the session an initialize
+    /// opened) by `deadline`, or `None` once a notification was taken.
+    async fn settle(
+        &self,
+        handed: Handed,
+        deadline: Instant,
+    ) -> Result<(Option<Vec<u8>>, Option<SessionKey>), GatewayError> {
+        match handed {
+            Handed::Call(hub_id, rx) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match crate::runtime::deadlines::timeout(left, rx.recv()).await {
+                    Err(_) => {
+                        self.cancel(hub_id);
+                        Err(GatewayError::UpstreamTimeout)
+                    }
+                    Ok(Err(_)) => Err(stopped()),
+                    Ok(Ok(HubReply::Response(b, s))) => Ok((Some(b), s)),
+                    Ok(Ok(HubReply::Error(e))) => Err(e),
+                    Ok(Ok(_)) => Err(GatewayError::UpstreamUnavailable(
+                        "unexpected hub reply".into(),
+                    )),
+                }
+            }
+            Handed::Sent(rx) => match rx.recv().await {
                 Ok(HubReply::Accepted) => Ok((None, None)),
                 Ok(HubReply::Error(e)) => Err(e),
                 _ => Err(stopped()),
-            }
+            },
         }
     }
 
@@ -529,7 +604,9 @@ impl StdioHub {
     pub async fn stream(&self, out: &Outgoing<'_>) -> Result<Exchange, GatewayError> {
         let key = hub_key(out.session.ok_or(GatewayError::MissingSession)?)?;
         match self.open_stream(key)?.recv().await {
-            Ok(HubReply::Stream(events)) => Ok(Exchange::of(Answer::Events(events))),
+            Ok(HubReply::Stream(events, queued)) => {
+                Ok(Exchange::of(Answer::Events(events, Some(queued))))
+            }
             Ok(HubReply::Error(e)) => Err(e),
             _ => Err(stopped()),
         }
@@ -552,6 +629,36 @@ fn lock(supervisor: &Mutex<Supervisor>) -> MutexGuard<'_, Supervisor> {
     supervisor
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A message handed to the child, waiting for what becomes of it.
+enum Handed {
+    /// A request (its hub id, for cancelling) and where its answer will come.
+    Call(u64, async_channel::Receiver<HubReply>),
+    /// A notification or client response, and where its acceptance will come.
+    Sent(async_channel::Receiver<HubReply>),
+}
+
+/// Decides every command of a batch under one hold of the lock, or none of them (503) when the
+/// child's stdin queue could not take all of their `bytes`.
+fn decide_all(
+    supervisor: &Mutex<Supervisor>,
+    commands: Vec<Command_>,
+    bytes: usize,
+) -> Result<(), GatewayError> {
+    let mut supervisor = lock(supervisor);
+    if supervisor.shut {
+        return Err(stopped());
+    }
+    if let Some(stdin) = &supervisor.stdin
+        && !stdin.has_room(commands.len(), bytes)
+    {
+        return Err(GatewayError::UpstreamBusy);
+    }
+    for cmd in commands {
+        supervisor.handle(cmd);
+    }
+    Ok(())
 }
 
 /// Decides `cmd` on this thread; refused once the hub has shut down.
@@ -650,7 +757,7 @@ struct Supervisor {
     stdin: Option<ChildInput>,
     generation: u64,
     router: Router<Waiter>,
-    streams: HashMap<SessionKey, Vec<async_channel::Sender<Vec<u8>>>>,
+    streams: HashMap<SessionKey, Vec<EventSender>>,
     backoff: Duration,
     restart_at: Option<Instant>,
     started_at: Instant,
@@ -689,11 +796,11 @@ impl Supervisor {
             }
             Command_::OpenStream { session, reply } => {
                 let r = if self.router.touch(&session) {
-                    let (tx, rx) = async_channel::bounded(STREAM_CAPACITY);
+                    let (tx, rx, queued) = super::events::channel();
                     let streams = self.streams.entry(session).or_default();
                     streams.retain(|t| !t.is_closed());
                     streams.push(tx);
-                    HubReply::Stream(rx)
+                    HubReply::Stream(rx, queued)
                 } else {
                     HubReply::Error(GatewayError::UnknownSession)
                 };
@@ -802,6 +909,23 @@ impl Supervisor {
                             }
                         }
                     }
+                    Output::Broadcast { sessions, message } => {
+                        // Only a session whose client holds a stream open gets a copy: a
+                        // hostile child's large notification costs one per listener, not one
+                        // per session.
+                        for session in sessions {
+                            let listening = self
+                                .streams
+                                .get(&session)
+                                .is_some_and(|s| s.iter().any(|t| !t.is_closed()));
+                            if listening && !self.deliver(&session, message.clone()) {
+                                self.metrics
+                                    .global
+                                    .stream_messages_dropped
+                                    .fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
                     Output::Respond {
                         waiter,
                         message,
@@ -863,7 +987,7 @@ impl Supervisor {
         for t in streams.iter() {
             match t.try_send(bytes.take().unwrap_or_default()) {
                 Ok(()) => return true,
-                Err(e) => bytes = Some(e.into_inner()),
+                Err(back) => bytes = Some(back),
             }
         }
         false
@@ -1172,6 +1296,17 @@ impl ChildInput {
             }
         }
         self.enqueue(line, true)
+    }
+
+    /// Whether `lines` more lines of `bytes` in all would be queued without one being refused,
+    /// even if the pipe took none of them. The router re-frames each line (its id, a newline):
+    /// a little room per line is kept for that.
+    fn has_room(&self, lines: usize, bytes: usize) -> bool {
+        const REFRAMING: usize = 64;
+        let queued = self.queued_bytes.load(Ordering::Acquire);
+        let wanted = bytes + lines * REFRAMING;
+        self.backlog.load(Ordering::Acquire) + lines <= STDIN_CAPACITY
+            && (queued + wanted <= STDIN_QUEUE_BYTES || (queued == 0 && lines == 1))
     }
 
     /// Queues `line` for the writer thread; with `bounded`, refused when the queue already
