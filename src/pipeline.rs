@@ -1413,12 +1413,15 @@ async fn post(
     if cfg.tracing.enabled {
         audit.forwarded_at = Some(Instant::now());
     }
-    let exchange = cx
-        .upstream()
-        .map_err(fail)?
-        .post(w, &cx.outgoing(session.as_deref()), &body, held)
-        .await
-        .map_err(fail)?;
+    let upstream = cx.upstream().map_err(fail)?;
+    let outgoing = cx.outgoing(session.as_deref());
+    let exchange = monoio::select! {
+        exchange = upstream.post(w, &outgoing, &body, held) => {
+            exchange.map_err(fail)?
+        }
+        // Still waiting when the shutdown grace ran out: the client is told, not cut off.
+        _ = w.grace_over.wait() => return Err(fail(GatewayError::ShuttingDown)),
+    };
     // 10. relay
     let mut reply = deliver(cx, exchange, method, transform)
         .await

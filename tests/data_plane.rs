@@ -1046,6 +1046,29 @@ fn graceful_shutdown_finishes_in_flight_request() {
 }
 
 #[test]
+fn a_call_still_running_when_the_shutdown_grace_ends_is_answered_503() {
+    let mut g = Gateway::start(&stdio_config("auto", "shutdown_grace_secs = 1", &[]));
+    let sid = initialize(g.addr);
+    let addr = g.addr;
+    let in_flight = std::thread::spawn(move || {
+        mcp_post(addr, &call(12, "sleep", r#"{"ms":8000}"#), Some(&sid))
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while g.metric("mcp_guard_active_connections", &[]) < 1.0 {
+        assert!(Instant::now() < deadline, "request never arrived");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let signalled = Instant::now();
+    g.signal(libc::SIGTERM);
+    let r = in_flight.join().unwrap();
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.json()["id"], 12);
+    assert!(signalled.elapsed() < Duration::from_secs(5));
+    assert_eq!(g.wait_exit(Duration::from_secs(15)), Some(0));
+}
+
+#[test]
 fn metrics_parse_and_count_requests_and_latency() {
     let g = Gateway::start(&stdio_config("auto", "", &[]));
     let sid = initialize(g.addr);

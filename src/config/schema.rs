@@ -243,7 +243,8 @@ pub struct ServerSection {
     /// Open connections across all workers; beyond it new connections get 503.
     #[schemars(extend("x-type" = "whole number, at least 1"))]
     pub max_connections: usize,
-    /// On SIGTERM, in-flight requests get this long to finish.
+    /// On SIGTERM, in-flight requests get this long to finish; a call still waiting on its
+    /// upstream then is answered 503.
     #[schemars(extend("x-type" = "seconds (whole number)"))]
     pub shutdown_grace_secs: u64,
     /// A session without a request for this long ends (its client gets 404 and initializes

@@ -391,6 +391,9 @@ impl UpstreamResponse {
 
     /// Reads the whole body (bounded by [`MAX_BUFFERED_BODY`]).
     pub async fn read_to_end(&mut self) -> Result<Vec<u8>, UpstreamError> {
+        if matches!(self.framing, RespFraming::Length(_)) && !self.done {
+            return self.read_declared_length().await;
+        }
         let mut all = Vec::new();
         while let Some(d) = self.next_data().await? {
             // The first piece is often the whole body: taken as it is, not copied.
@@ -404,6 +407,52 @@ impl UpstreamResponse {
                 return Err(UpstreamError::Protocol("upstream body too large"));
             }
         }
+        Ok(all)
+    }
+
+    /// A body of a declared length not yet read: read straight into one buffer of that size
+    /// (what came with the head first), rather than piece by piece and copied together.
+    async fn read_declared_length(&mut self) -> Result<Vec<u8>, UpstreamError> {
+        if self.remaining > MAX_BUFFERED_BODY {
+            self.reusable = false;
+            return Err(UpstreamError::Protocol("upstream body too large"));
+        }
+        let total = self.remaining as usize;
+        let mut all = std::mem::take(&mut self.pending);
+        if all.len() < total {
+            // A little room past the end, so bytes the upstream sent beyond the declared length
+            // show up in the read and the connection is not pooled with them in it.
+            all.reserve_exact(total - all.len() + 1024);
+        }
+        while all.len() < total {
+            let Some(conn) = self.conn.as_mut() else {
+                return Err(UpstreamError::Protocol("no upstream connection"));
+            };
+            let want = total - all.len();
+            let (res, b) = read_append(conn, all, want).await;
+            all = b;
+            match res {
+                Ok(0) => {
+                    self.reusable = false;
+                    return Err(UpstreamError::Io(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "upstream closed mid-body",
+                    )));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.reusable = false;
+                    return Err(e.into());
+                }
+            }
+        }
+        if all.len() > total {
+            // Bytes beyond the declared length: don't reuse this connection.
+            self.reusable = false;
+            all.truncate(total);
+        }
+        self.remaining = 0;
+        self.done = true;
         Ok(all)
     }
 

@@ -486,30 +486,30 @@ async fn forward(w: Rc<Worker>, session: Rc<Session>, post: Handover) {
     let closed = session.closed.clone();
     monoio::select! {
         _ = closed.wait() => {}
-        _ = forward_inner(&w, &session, &post) => {}
+        _ = forward_inner(&w, &session, post) => {}
     }
     session.in_flight.set(session.in_flight.get() - 1);
 }
 
-async fn forward_inner(w: &Rc<Worker>, session: &Rc<Session>, post: &Handover) {
-    let (body, raw) = match &post.work {
+async fn forward_inner(w: &Rc<Worker>, session: &Rc<Session>, post: Handover) {
+    let (body, raw) = match post.work {
         Work::Forward(body, raw) => (body, raw),
         Work::Answer(message) => {
-            session.send(message.clone()).await;
+            session.send(message).await;
             return;
         }
     };
-    let is_initialize = matches!(body, Body::Single(m) if m.kind == Kind::Request && m.method_str() == "initialize");
+    let is_initialize = matches!(&body, Body::Single(m) if m.kind == Kind::Request && m.method_str() == "initialize");
     if is_initialize && session.initialized.get() {
         let e = GatewayError::InvalidRequest("this session is already initialized".into(), None);
-        return refuse_all(session, body, &e).await;
+        return refuse_all(session, &body, &e).await;
     }
     if !is_initialize && !session.initialized.get() {
         let e = GatewayError::InvalidRequest(
             "the session must be initialized first (send initialize)".into(),
             None,
         );
-        return refuse_all(session, body, &e).await;
+        return refuse_all(session, &body, &e).await;
     }
     let cfg = w.settings();
     let Some((route, upstream)) = current_upstream(&cfg, &session.route) else {
@@ -518,7 +518,7 @@ async fn forward_inner(w: &Rc<Worker>, session: &Rc<Session>, post: &Handover) {
             "server `{}` is no longer configured",
             session.route
         ));
-        refuse_all(session, body, &e).await;
+        refuse_all(session, &body, &e).await;
         session.end();
         return;
     };
@@ -531,11 +531,11 @@ async fn forward_inner(w: &Rc<Worker>, session: &Rc<Session>, post: &Handover) {
         &post.request_id,
         upstream_session.as_deref(),
     );
-    let raw = crate::http::body::HeldBody::uncounted(raw.clone());
-    let exchange = match upstream.post(w, &out, body, raw).await {
+    let raw = crate::http::body::HeldBody::uncounted(raw);
+    let exchange = match upstream.post(w, &out, &body, raw).await {
         Ok(x) => x,
         Err(e) => {
-            refuse_all(session, body, &e).await;
+            refuse_all(session, &body, &e).await;
             if e == GatewayError::UnknownSession {
                 // The upstream session is gone (ended idle, its server replaced): so is ours,
                 // and the client, seeing its stream close, connects and initializes again.
@@ -561,7 +561,7 @@ async fn forward_inner(w: &Rc<Worker>, session: &Rc<Session>, post: &Handover) {
             }
         }
         Relayed::Refused(e, session_gone) => {
-            refuse_all(session, body, &e).await;
+            refuse_all(session, &body, &e).await;
             if session_gone {
                 // The upstream no longer knows the session: end ours, so the client starts over.
                 session.end();

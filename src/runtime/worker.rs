@@ -210,6 +210,9 @@ pub struct Worker {
     latency_dirty: Cell<bool>,
     /// Fires when this worker starts draining.
     pub shutdown: Rc<LocalShutdown>,
+    /// Fires when the shutdown grace has run out: calls still waiting on an upstream are then
+    /// answered 503 rather than cut off without a word.
+    pub grace_over: Rc<LocalShutdown>,
     /// Connections being served by this worker.
     pub active: Cell<usize>,
     /// Request-body bytes this worker holds in memory right now (capped in `http::server`).
@@ -251,6 +254,7 @@ impl Worker {
             latency: RefCell::new(new_histogram()),
             latency_dirty: Cell::new(false),
             shutdown: LocalShutdown::new(),
+            grace_over: LocalShutdown::new(),
             active: Cell::new(0),
             body_bytes_in_flight: Cell::new(0),
             auth_failure_audit: RefCell::new(AuthFailureAudit::default()),
@@ -487,6 +491,14 @@ pub async fn run(w: Rc<Worker>, listener: monoio::net::TcpListener) {
     while still_open() > 0 && Instant::now() < deadline {
         monoio::time::sleep(Duration::from_millis(20)).await;
     }
+    if still_open() > 0 {
+        // Calls still waiting on an upstream get their 503 now; a moment to write them.
+        w.grace_over.fire();
+        let answered_by = Instant::now() + GRACE_ANSWER;
+        while w.active.get() > 0 && Instant::now() < answered_by {
+            monoio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     w.publish_metrics();
     if w.active.get() > 0 {
         tracing::warn!(
@@ -498,6 +510,9 @@ pub async fn run(w: Rc<Worker>, listener: monoio::net::TcpListener) {
         );
     }
 }
+
+/// How long, after the shutdown grace, calls cut short have to write their 503.
+const GRACE_ANSWER: Duration = Duration::from_millis(500);
 
 /// Runs one client connection's task, keeping the connection counts.
 ///

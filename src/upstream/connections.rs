@@ -368,4 +368,73 @@ mod tests {
         assert!(idempotent("GET") && idempotent("DELETE"));
         assert!(!idempotent("POST") && !idempotent("") && !idempotent("get"));
     }
+
+    /// An upstream that answers one request with `head`, then `pieces` in separate writes.
+    fn scripted_answer(head: &'static str, pieces: Vec<Vec<u8>>) -> SocketAddr {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut request = [0u8; 4096];
+            let _ = conn.read(&mut request);
+            conn.write_all(head.as_bytes()).unwrap();
+            for piece in pieces {
+                std::thread::sleep(Duration::from_millis(20));
+                if conn.write_all(&piece).is_err() {
+                    return;
+                }
+            }
+        });
+        addr
+    }
+
+    /// Sends a GET to `addr` and reads the whole body; whether the connection may be reused.
+    fn whole_body(addr: SocketAddr) -> (Result<Vec<u8>, UpstreamError>, bool) {
+        block_on(async {
+            let pool = Pool::default();
+            let req = build_request("GET", "/mcp", "up", &[], b"");
+            let mut resp = send_request(&pool, &[addr], "GET", req, None)
+                .await
+                .unwrap();
+            let body = resp.read_to_end().await;
+            (body, resp.into_idle().is_some())
+        })
+    }
+
+    #[test]
+    fn a_declared_length_body_arriving_in_pieces_is_read_whole_and_exactly() {
+        let body: Vec<u8> = (0..20_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+        let pieces = vec![
+            body[..3].to_vec(),
+            body[3..9000].to_vec(),
+            body[9000..].to_vec(),
+        ];
+        let addr = scripted_answer("HTTP/1.1 200 OK\r\nContent-Length: 20000\r\n\r\n", pieces);
+        let (got, reusable) = whole_body(addr);
+        assert_eq!(got.unwrap(), body);
+        assert!(reusable);
+        // Bytes past the declared length are not part of the body, and the connection that
+        // carried them is not used again.
+        let mut extra = body.clone();
+        extra.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+        let addr = scripted_answer(
+            "HTTP/1.1 200 OK\r\nContent-Length: 20000\r\n\r\n",
+            vec![extra],
+        );
+        let (got, reusable) = whole_body(addr);
+        assert_eq!(got.unwrap(), body);
+        assert!(!reusable);
+    }
+
+    #[test]
+    fn a_declared_length_body_cut_short_is_an_error() {
+        let addr = scripted_answer(
+            "HTTP/1.1 200 OK\r\nContent-Length: 20000\r\n\r\n",
+            vec![vec![b'x'; 12_000]],
+        );
+        let (got, reusable) = whole_body(addr);
+        assert!(got.is_err());
+        assert!(!reusable);
+    }
 }
