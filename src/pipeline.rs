@@ -1304,6 +1304,18 @@ async fn post(
             None,
         )));
     }
+    // "The initialize request MUST NOT be part of a JSON-RPC batch" (2025-03-26 lifecycle):
+    // a session cannot begin among messages that already need one.
+    if let Body::Batch(messages) = &body
+        && messages
+            .iter()
+            .any(|m| m.kind == Kind::Request && m.method_str() == "initialize")
+    {
+        return Err(fail(GatewayError::InvalidRequest(
+            "initialize must not be part of a JSON-RPC batch".into(),
+            None,
+        )));
+    }
     match &body {
         Body::Single(m) => transport::check_method_headers(head, m).map_err(fail)?,
         // The headers describe one message: on a batch nothing could check them, and an
@@ -1402,12 +1414,16 @@ async fn post(
     // 9. forward; a legacy message goes to the worker holding its session's stream, which
     // forwards it and writes the answer there.
     if let Some(ticket) = ticket {
-        // The bytes move to the worker holding the stream; their share ends with this POST.
-        let (bytes, _share) = held.into_parts();
-        let work = legacy::Work::Forward(body, bytes);
+        // The bytes move to the worker holding the stream; this worker goes on counting them
+        // until that one has handed them upstream (its end of `handed` then drops).
+        let (bytes, share) = held.into_parts();
+        let (handed, on_handed) = async_channel::bounded::<()>(1);
+        let work = legacy::Work::Forward(body, bytes, handed);
         legacy::hand_over(w, ticket, &cx.caller.identity.id, work, cx.request_id)
             .await
             .map_err(fail)?;
+        let _ = on_handed.recv().await;
+        drop(share);
         return Ok(Reply::new(202, ReplyBody::Empty, method));
     }
     if cfg.tracing.enabled {

@@ -1260,7 +1260,7 @@ fn slow_calls_with_large_bodies(
             let body = call(
                 100 + i as u64,
                 "sleep",
-                &format!(r#"{{"ms":4000,"pad":"{padding}"}}"#),
+                &format!(r#"{{"ms":6000,"pad":"{padding}"}}"#),
             );
             let mut s = connect(g.addr);
             s.write_all(mcp_post_raw(&body, Some(sid), "").as_bytes())
@@ -1296,9 +1296,72 @@ fn calls_waiting_on_a_slow_tool_leave_the_body_allowance_to_others(g: &Gateway) 
         assert_eq!(r.status, 200, "{}", r.text());
         assert_eq!(
             rpc_result(&r)["result"]["content"][0]["text"],
-            "slept 4000ms"
+            "slept 6000ms"
         );
     }
+}
+
+/// The gateway's resident memory, in MiB.
+fn rss_mib(g: &Gateway) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", g.child.id())).unwrap();
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib / 1024.0
+}
+
+#[test]
+fn calls_waiting_on_a_slow_tool_do_not_keep_their_bodies_in_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("input");
+    let input_arg = input.to_str().unwrap();
+    let config = stdio_config("io_uring", "", &["--log-input", input_arg])
+        .replace("workers = 2", "workers = 1");
+    let g = Gateway::start(&config);
+    let sid = initialize(g.addr);
+    // Until the child has read `calls` calls of `sleep`, every one of them whole.
+    let child_has_read = |calls: usize| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let log = std::fs::read_to_string(&input).unwrap_or_default();
+            if log.matches(r#""name":"sleep""#).count() >= calls {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the child never read them all");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    // One call first, so what the allocator keeps after a large body is in the baseline.
+    let mut first = slow_calls_with_large_bodies(&g, &sid, 1, 2_000_000);
+    child_has_read(1);
+    let before = rss_mib(&g);
+    let mut waiting = slow_calls_with_large_bodies(&g, &sid, 60, 2_000_000);
+    child_has_read(61);
+    let during = rss_mib(&g);
+    // 60 bodies of 2 MB kept until their answers would be about 115 MiB; what is left is what
+    // the allocator keeps of the bodies it has freed.
+    assert!(
+        during - before < 50.0,
+        "{before:.0} MiB before, {during:.0} MiB with 60 calls waiting"
+    );
+    for s in first.iter_mut().chain(&mut waiting) {
+        assert_eq!(read_response(s).expect("an answer").status, 200);
+    }
+}
+
+#[test]
+fn initialize_inside_a_batch_is_refused() {
+    let g = Gateway::start(&stdio_config("auto", "", &[]));
+    let init = INIT.replace("2025-11-25", "2025-03-26");
+    let r = mcp_post(g.addr, &init, None);
+    let sid = r.header("mcp-session-id").unwrap().to_string();
+    let batch = format!(r#"[{init},{{"jsonrpc":"2.0","id":2,"method":"ping"}}]"#);
+    let version = "MCP-Protocol-Version: 2025-03-26\r\n";
+    let r = request(g.addr, &mcp_post_raw(&batch, Some(&sid), version));
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], -32600);
 }
 
 #[test]

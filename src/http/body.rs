@@ -18,6 +18,9 @@ pub struct BodyReservation {
     w: Rc<Worker>,
     held: usize,
     cap: usize,
+    /// Dropped with the reservation: tells another worker, which counts these bytes until
+    /// they are handed on, that they have been.
+    handed: Option<async_channel::Sender<()>>,
 }
 
 impl BodyReservation {
@@ -27,12 +30,14 @@ impl BodyReservation {
             w: w.clone(),
             held: 0,
             cap: MAX_BODY_BYTES_IN_FLIGHT.max(max_body_bytes),
+            handed: None,
         }
     }
 
     /// Raises this body's share to `total` bytes, if the worker's cap allows it (503 if not).
     pub fn grow_to(&mut self, total: usize) -> Result<(), GatewayError> {
-        if total <= self.held {
+        // Bytes handed over from another worker are counted there.
+        if total <= self.held || self.handed.is_some() {
             return Ok(());
         }
         let in_flight = self.w.body_bytes_in_flight.get() + (total - self.held);
@@ -80,8 +85,19 @@ impl HeldBody {
         }
     }
 
-    /// Bytes outside the allowance: a copy a legacy stream or an approval holds for its own
-    /// bounded number of calls.
+    /// Bytes another worker counts (a legacy POST's, forwarded by the worker holding its
+    /// session's stream): `handed` is dropped once they are handed upstream, or dropped.
+    pub fn handed_over(bytes: Vec<u8>, w: &Rc<Worker>, handed: async_channel::Sender<()>) -> Self {
+        let mut reservation = BodyReservation::new(w, 0);
+        reservation.handed = Some(handed);
+        Self {
+            bytes,
+            reservation: Some(reservation),
+        }
+    }
+
+    /// Bytes outside the allowance: a copy an approval holds for its own bounded number of
+    /// calls.
     pub fn uncounted(bytes: Vec<u8>) -> Self {
         Self {
             bytes,

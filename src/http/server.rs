@@ -567,13 +567,25 @@ async fn read_body<S: AsyncReadRent + AsyncWriteRent>(
     match head.body {
         BodyFraming::None => unreachable!("handled above"),
         BodyFraming::Length(n) => {
+            // Read straight into a buffer of the declared size (what came with the head
+            // first): the connection's own buffer never grows to hold the body, so a request
+            // that waits on its upstream holds nothing but the body, and the body only until
+            // it is handed on.
             let n = n as usize;
-            while buf.len() < n {
-                let want = (n - buf.len()).min(1 << 20);
-                read_more(stream, buf, want, idle, deadline).await?;
+            let mut bytes = Vec::with_capacity(n);
+            let have = buf.len().min(n);
+            bytes.extend_from_slice(&buf[..have]);
+            buf.drain(..have);
+            while bytes.len() < n {
+                let want = n - bytes.len();
+                read_more(stream, &mut bytes, want, idle, deadline).await?;
             }
-            let bytes = buf[..n].to_vec();
-            buf.drain(..n);
+            if bytes.len() > n {
+                // The allocator gave more room than asked and a pipelined request's first
+                // bytes came with the body's last: they are the next head's.
+                buf.extend_from_slice(&bytes[n..]);
+                bytes.truncate(n);
+            }
             Ok(HeldBody::new(bytes, reservation))
         }
         BodyFraming::Chunked => {
@@ -588,6 +600,11 @@ async fn read_body<S: AsyncReadRent + AsyncWriteRent>(
                 })?;
                 buf.drain(..used);
                 reservation.grow_to(body.len()).map_err(Some)?;
+                if buf.capacity() > MAX_KEPT_BUFFER && buf.len() <= MAX_KEPT_BUFFER {
+                    // A large read of chunk data is decoded: its buffer is not kept for the
+                    // rest of the request.
+                    buf.shrink_to(MAX_KEPT_BUFFER);
+                }
                 if decoder.is_done() {
                     return Ok(HeldBody::new(body, reservation));
                 }

@@ -164,8 +164,10 @@ pub struct Handover {
 
 /// What the owner is to do with a POST.
 pub enum Work {
-    /// Forward the message (or batch) upstream and write the answer to the stream.
-    Forward(Body, Vec<u8>),
+    /// Forward the message (or batch) upstream and write the answer to the stream; the
+    /// sender is dropped once the bytes are handed upstream (the POST's worker counts them
+    /// against its body allowance until then).
+    Forward(Body, Vec<u8>, async_channel::Sender<()>),
     /// Write the gateway's own answer (a denial, an invalid request) to the stream: a legacy
     /// client reads answers there, never in a POST's response body.
     Answer(Vec<u8>),
@@ -492,8 +494,8 @@ async fn forward(w: Rc<Worker>, session: Rc<Session>, post: Handover) {
 }
 
 async fn forward_inner(w: &Rc<Worker>, session: &Rc<Session>, post: Handover) {
-    let (body, raw) = match post.work {
-        Work::Forward(body, raw) => (body, raw),
+    let (body, raw, handed) = match post.work {
+        Work::Forward(body, raw, handed) => (body, raw, handed),
         Work::Answer(message) => {
             session.send(message).await;
             return;
@@ -531,7 +533,7 @@ async fn forward_inner(w: &Rc<Worker>, session: &Rc<Session>, post: Handover) {
         &post.request_id,
         upstream_session.as_deref(),
     );
-    let raw = crate::http::body::HeldBody::uncounted(raw);
+    let raw = crate::http::body::HeldBody::handed_over(raw, w, handed);
     let exchange = match upstream.post(w, &out, &body, raw).await {
         Ok(x) => x,
         Err(e) => {

@@ -1,15 +1,19 @@
 //! The queues between a stdio (or legacy SSE) upstream's hub and the worker writing a client's
 //! server-to-client stream: bounded in messages and in bytes, so a client that stops reading
-//! its stream, or a child that floods one, holds at most [`STREAM_BYTES`] per stream (one
-//! larger message always fits an empty queue) before further messages are dropped and counted.
+//! its stream, or a child that floods one, holds at most [`STREAM_BYTES`] per stream before
+//! further messages are dropped and counted. A message larger than that is never queued: each
+//! listening stream would hold (and its writer copy) one of its own.
+//! A request's own answer ([`EventSender::send_last`]) is the exception: it is what the client
+//! asked for, bounded by the upstream's line limit.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Messages one stream queues for a client that has not taken them yet.
 pub const STREAM_CAPACITY: usize = 256;
-/// Bytes one stream queues for a client that has not taken them yet.
-pub const STREAM_BYTES: usize = 4 << 20;
+/// Bytes one stream queues for a client that has not taken them yet, and the largest message
+/// it carries (a request's answer aside).
+pub const STREAM_BYTES: usize = 8 << 20;
 
 /// The hub's end of a stream.
 #[derive(Clone, Debug)]
@@ -67,8 +71,11 @@ impl EventSender {
     /// back when refused.
     pub fn try_send(&self, message: Vec<u8>) -> Result<(), Vec<u8>> {
         let len = message.len();
+        if len > STREAM_BYTES {
+            return Err(message);
+        }
         let held = self.queued.fetch_add(len, Ordering::AcqRel);
-        if held > 0 && held + len > STREAM_BYTES {
+        if held + len > STREAM_BYTES {
             self.queued.fetch_sub(len, Ordering::AcqRel);
             return Err(message);
         }
@@ -99,9 +106,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_stream_holds_at_most_its_bytes_but_always_one_message() {
+    fn a_stream_holds_at_most_its_bytes_and_no_message_larger() {
         let (tx, rx, queued) = channel();
-        assert!(tx.try_send(vec![b'x'; STREAM_BYTES + 1]).is_ok());
+        assert!(tx.try_send(vec![b'x'; STREAM_BYTES + 1]).is_err());
+        assert!(tx.try_send(vec![b'x'; STREAM_BYTES]).is_ok());
         assert!(tx.try_send(vec![b'y'; 1]).is_err());
         let first = rx.try_recv().unwrap();
         queued.taken(first.len());
