@@ -1021,15 +1021,18 @@ fn config_reload_applies_valid_and_keeps_old_on_invalid() {
     assert_eq!(probe(), 200, "old snapshot still serving");
 }
 
-#[test]
-fn graceful_shutdown_finishes_in_flight_request() {
-    let mut g = Gateway::start(&stdio_config("auto", "shutdown_grace_secs = 10", &[]));
+/// Calls `sleep` for `ms` as request `id`, sends SIGTERM once the call is in flight (its
+/// connection accepted, the tool sleeping), and returns the call's answer.
+fn sleeping_call_cut_by_sigterm(g: &Gateway, id: u64, ms: u64) -> Response {
     let sid = initialize(g.addr);
     let addr = g.addr;
     let in_flight = std::thread::spawn(move || {
-        mcp_post(addr, &call(11, "sleep", r#"{"ms":1500}"#), Some(&sid))
+        mcp_post(
+            addr,
+            &call(id, "sleep", &format!(r#"{{"ms":{ms}}}"#)),
+            Some(&sid),
+        )
     });
-    // Signal only once the request is in flight (its connection accepted, the tool sleeping).
     let deadline = Instant::now() + Duration::from_secs(5);
     while g.metric("mcp_guard_active_connections", &[]) < 1.0 {
         assert!(Instant::now() < deadline, "request never arrived");
@@ -1037,7 +1040,14 @@ fn graceful_shutdown_finishes_in_flight_request() {
     }
     std::thread::sleep(Duration::from_millis(200));
     g.signal(libc::SIGTERM);
-    let r = in_flight.join().unwrap();
+    in_flight.join().unwrap()
+}
+
+#[test]
+fn graceful_shutdown_finishes_in_flight_request() {
+    let mut g = Gateway::start(&stdio_config("auto", "shutdown_grace_secs = 10", &[]));
+    let addr = g.addr;
+    let r = sleeping_call_cut_by_sigterm(&g, 11, 1500);
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["result"]["content"][0]["text"], "slept 1500ms");
     assert_eq!(g.wait_exit(Duration::from_secs(15)), Some(0));
@@ -1048,23 +1058,14 @@ fn graceful_shutdown_finishes_in_flight_request() {
 #[test]
 fn a_call_still_running_when_the_shutdown_grace_ends_is_answered_503() {
     let mut g = Gateway::start(&stdio_config("auto", "shutdown_grace_secs = 1", &[]));
-    let sid = initialize(g.addr);
-    let addr = g.addr;
-    let in_flight = std::thread::spawn(move || {
-        mcp_post(addr, &call(12, "sleep", r#"{"ms":8000}"#), Some(&sid))
-    });
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while g.metric("mcp_guard_active_connections", &[]) < 1.0 {
-        assert!(Instant::now() < deadline, "request never arrived");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(200));
-    let signalled = Instant::now();
-    g.signal(libc::SIGTERM);
-    let r = in_flight.join().unwrap();
+    let started = Instant::now();
+    let r = sleeping_call_cut_by_sigterm(&g, 12, 8000);
     assert_eq!(r.status, 503, "{}", r.text());
     assert_eq!(r.json()["id"], 12);
-    assert!(signalled.elapsed() < Duration::from_secs(5));
+    assert!(
+        started.elapsed() < Duration::from_secs(7),
+        "answered at the sleep's end"
+    );
     assert_eq!(g.wait_exit(Duration::from_secs(15)), Some(0));
 }
 

@@ -368,23 +368,28 @@ impl UpstreamResponse {
             let buf = std::mem::take(&mut self.pending);
             let (res, buf) = read_append(conn, buf, 16 * 1024).await;
             self.pending = buf;
-            match res {
-                Ok(0) => {
-                    self.reusable = false;
-                    if self.framing == RespFraming::Close {
-                        self.done = true;
-                        return Ok(None);
-                    }
-                    return Err(UpstreamError::Io(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "upstream closed mid-body",
-                    )));
+            if !self.more_read(res)? {
+                if self.framing == RespFraming::Close {
+                    self.done = true;
+                    return Ok(None);
                 }
-                Ok(_) => {}
-                Err(e) => {
-                    self.reusable = false;
-                    return Err(e.into());
-                }
+                return Err(closed_mid_body());
+            }
+        }
+    }
+
+    /// Whether a read of body bytes brought any (`false`: the upstream closed); a connection
+    /// whose read failed or ended is not reused.
+    fn more_read(&mut self, res: io::Result<usize>) -> Result<bool, UpstreamError> {
+        match res {
+            Ok(0) => {
+                self.reusable = false;
+                Ok(false)
+            }
+            Ok(_) => Ok(true),
+            Err(e) => {
+                self.reusable = false;
+                Err(e.into())
             }
         }
     }
@@ -431,19 +436,8 @@ impl UpstreamResponse {
             let want = total - all.len();
             let (res, b) = read_append(conn, all, want).await;
             all = b;
-            match res {
-                Ok(0) => {
-                    self.reusable = false;
-                    return Err(UpstreamError::Io(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "upstream closed mid-body",
-                    )));
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    self.reusable = false;
-                    return Err(e.into());
-                }
+            if !self.more_read(res)? {
+                return Err(closed_mid_body());
             }
         }
         if all.len() > total {
@@ -463,6 +457,14 @@ impl UpstreamResponse {
         }
         None
     }
+}
+
+/// The error for a body the upstream stopped sending before its end.
+fn closed_mid_body() -> UpstreamError {
+    UpstreamError::Io(io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "upstream closed mid-body",
+    ))
 }
 
 /// Serialises a request head (and body) for the upstream.
