@@ -1353,6 +1353,30 @@ fn calls_waiting_on_a_slow_tool_do_not_keep_their_bodies_in_memory() {
 }
 
 #[test]
+fn a_batch_element_that_times_out_is_answered_with_its_error_beside_the_others_answers() {
+    let config = stdio_config("auto", "", &[]).replace("timeout_secs = 10", "timeout_secs = 2");
+    let g = Gateway::start(&config);
+    let init = INIT.replace("2025-11-25", "2025-03-26");
+    let r = mcp_post(g.addr, &init, None);
+    let sid = r.header("mcp-session-id").unwrap().to_string();
+    let batch = format!(
+        "[{},{}]",
+        call(1, "sleep", r#"{"ms":5000}"#),
+        call(2, "echo", r#"{"text":"still here"}"#)
+    );
+    let version = "MCP-Protocol-Version: 2025-03-26\r\n";
+    let r = request(g.addr, &mcp_post_raw(&batch, Some(&sid), version));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let answers = r.json();
+    let answers = answers.as_array().expect("a batch answer is an array");
+    assert_eq!(answers.len(), 2, "{answers:?}");
+    assert_eq!(answers[0]["id"], 1);
+    assert!(answers[0]["error"]["code"].is_i64(), "{answers:?}");
+    assert_eq!(answers[1]["id"], 2);
+    assert_eq!(answers[1]["result"]["content"][0]["text"], "still here");
+}
+
+#[test]
 fn initialize_inside_a_batch_is_refused() {
     let g = Gateway::start(&stdio_config("auto", "", &[]));
     let init = INIT.replace("2025-11-25", "2025-03-26");

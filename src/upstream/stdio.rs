@@ -486,23 +486,25 @@ impl StdioHub {
         drop(share);
         let deadline = Instant::now() + out.timeout;
         let mut answers = Vec::new();
-        let mut waits = waits.into_iter();
-        while let Some(handed) = waits.next() {
+        let mut refused = None;
+        for (m, handed) in messages.iter().zip(waits) {
             match self.settle(handed, deadline).await {
                 Ok((answer, _)) => answers.extend(answer),
+                // A request that failed (timed out: the deadline is shared, so the rest are
+                // cancelled at once too; its child gone) is answered in its place with its
+                // error, as JSON-RPC answers each request of a batch: the others keep theirs.
+                Err(e) if m.kind == Kind::Request => answers.push(e.body(m.id.as_ref())),
+                // A notification or response the child did not take has no answer of its own.
                 Err(e) => {
-                    // The batch fails as a whole: nobody waits for the rest of its answers.
-                    for rest in waits {
-                        if let Handed::Call(hub_id, _) = rest {
-                            self.cancel(hub_id);
-                        }
-                    }
-                    return Err(e);
+                    refused.get_or_insert(e);
                 }
             }
         }
         if answers.is_empty() {
-            return Ok(Exchange::of(Answer::Accepted));
+            return match refused {
+                Some(e) => Err(e),
+                None => Ok(Exchange::of(Answer::Accepted)),
+            };
         }
         let mut joined = Vec::from(&b"["[..]);
         for (i, b) in answers.iter().enumerate() {
