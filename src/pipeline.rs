@@ -458,6 +458,7 @@ impl Ctx<'_> {
             server: &self.cfg.routes[self.route].name,
             session,
             timeout: self.cfg.routes[self.route].upstream.timeout,
+            grace_over: &self.w.grace_over,
             path_rest: self.rest,
         }
     }
@@ -1431,12 +1432,18 @@ async fn post(
     }
     let upstream = cx.upstream().map_err(fail)?;
     let outgoing = cx.outgoing(session.as_deref());
-    let exchange = monoio::select! {
-        exchange = upstream.post(w, &outgoing, &body, held) => {
-            exchange.map_err(fail)?
+    let forwarded = upstream.post(w, &outgoing, &body, held);
+    let exchange = if let Body::Single(_) = body {
+        monoio::select! {
+            exchange = forwarded => exchange.map_err(fail)?,
+            // Still waiting when the shutdown grace ran out: the client is told, not cut off.
+            _ = w.grace_over.wait() => return Err(fail(GatewayError::ShuttingDown)),
         }
-        // Still waiting when the shutdown grace ran out: the client is told, not cut off.
-        _ = w.grace_over.wait() => return Err(fail(GatewayError::ShuttingDown)),
+    } else {
+        // A batch cannot be answered with one error: some of its requests may be done. A
+        // stdio child's batch answers each request still waiting in its place; an HTTP
+        // upstream's answers the batch whole, or the connection closes with the grace.
+        forwarded.await.map_err(fail)?
     };
     // 10. relay
     let mut reply = deliver(cx, exchange, method, transform)

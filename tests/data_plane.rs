@@ -1070,6 +1070,33 @@ fn a_call_still_running_when_the_shutdown_grace_ends_is_answered_503() {
 }
 
 #[test]
+fn a_batch_still_waiting_when_the_shutdown_grace_ends_keeps_the_answers_it_has() {
+    let mut g = Gateway::start(&stdio_config("auto", "shutdown_grace_secs = 1", &[]));
+    let init = INIT.replace("2025-11-25", "2025-03-26");
+    let r = mcp_post(g.addr, &init, None);
+    let sid = r.header("mcp-session-id").unwrap().to_string();
+    let batch = format!(
+        "[{},{}]",
+        call(3, "echo", r#"{"text":"done"}"#),
+        call(4, "sleep", r#"{"ms":8000}"#)
+    );
+    let raw = mcp_post_raw(&batch, Some(&sid), "MCP-Protocol-Version: 2025-03-26\r\n");
+    let addr = g.addr;
+    let in_flight = std::thread::spawn(move || request(addr, &raw));
+    std::thread::sleep(Duration::from_millis(700));
+    g.signal(libc::SIGTERM);
+    let r = in_flight.join().unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let answers = r.json();
+    let answers = answers.as_array().expect("a batch answer is an array");
+    assert_eq!(answers[0]["id"], 3);
+    assert_eq!(answers[0]["result"]["content"][0]["text"], "done");
+    assert_eq!(answers[1]["id"], 4);
+    assert!(answers[1]["error"]["code"].is_i64(), "{answers:?}");
+    assert_eq!(g.wait_exit(Duration::from_secs(15)), Some(0));
+}
+
+#[test]
 fn metrics_parse_and_count_requests_and_latency() {
     let g = Gateway::start(&stdio_config("auto", "", &[]));
     let sid = initialize(g.addr);

@@ -284,6 +284,7 @@ impl Session {
     /// What an upstream call on this session's behalf carries (the route's timeout).
     fn outgoing<'a>(
         &'a self,
+        w: &'a Worker,
         head: &'a RequestHead,
         cfg: &'a crate::config::Settings,
         route: usize,
@@ -297,6 +298,7 @@ impl Session {
             server: &cfg.routes[route].name,
             session: upstream_session,
             timeout: cfg.routes[route].upstream.timeout,
+            grace_over: &w.grace_over,
             path_rest: "",
         }
     }
@@ -454,7 +456,7 @@ async fn watch(w: Rc<Worker>, session: Rc<Session>) {
     };
     let head = session.head.borrow().clone();
     let request_id = w.next_request_id();
-    let mut out = session.outgoing(&head, &cfg, route, &request_id, Some(&upstream_session));
+    let mut out = session.outgoing(&w, &head, &cfg, route, &request_id, Some(&upstream_session));
     out.timeout = END_UPSTREAM;
     if let Ok(Ok(exchange)) =
         crate::runtime::deadlines::timeout(END_UPSTREAM, upstream.end_session(&w, &out)).await
@@ -527,6 +529,7 @@ async fn forward_inner(w: &Rc<Worker>, session: &Rc<Session>, post: Handover) {
     let head = session.head.borrow().clone();
     let upstream_session = session.upstream.borrow().clone();
     let out = session.outgoing(
+        w,
         &head,
         &cfg,
         route,
@@ -734,7 +737,14 @@ async fn server_stream_inner(w: &Rc<Worker>, session: &Rc<Session>) {
         let head = session.head.borrow().clone();
         let upstream_session = session.upstream.borrow().clone();
         let request_id = w.next_request_id();
-        let out = session.outgoing(&head, &cfg, route, &request_id, upstream_session.as_deref());
+        let out = session.outgoing(
+            w,
+            &head,
+            &cfg,
+            route,
+            &request_id,
+            upstream_session.as_deref(),
+        );
         let Ok(exchange) = upstream.open_stream(w, &out).await else {
             return;
         };

@@ -58,6 +58,8 @@ pub struct Outgoing<'a> {
     pub session: Option<&'a [u8]>,
     /// How long the upstream has for its answer to start.
     pub timeout: Duration,
+    /// Fires when the shutdown grace runs out: an answer still awaited is given up then.
+    pub grace_over: &'a std::rc::Rc<crate::runtime::shutdown::LocalShutdown>,
     /// The client path's remainder below the route's endpoint (`strip_prefix` routes only):
     /// appended to an HTTP upstream's path.
     pub path_rest: &'a str,

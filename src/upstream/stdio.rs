@@ -488,7 +488,13 @@ impl StdioHub {
         let mut answers = Vec::new();
         let mut refused = None;
         for (m, handed) in messages.iter().zip(waits) {
-            match self.settle(handed, deadline).await {
+            // Once the shutdown grace has run out, every answer still awaited is given up
+            // (the call cancelled) and answered 503 in its place; those already in are kept.
+            let settled = monoio::select! {
+                settled = self.settle(handed, deadline) => settled,
+                _ = out.grace_over.wait() => Err(GatewayError::ShuttingDown),
+            };
+            match settled {
                 Ok((answer, _)) => answers.extend(answer),
                 // A request that failed (timed out: the deadline is shared, so the rest are
                 // cancelled at once too; its child gone) is answered in its place with its
