@@ -254,7 +254,9 @@ async def run(url: str, log: str, audit: str) -> None:
     lines: list[dict[str, Any]] = []
     while time.time() < deadline:
         try:
-            lines = [json.loads(x) for x in Path(audit).read_text(encoding="utf-8").splitlines()]
+            # Only lines already ended: the gateway may be writing the last one right now.
+            text = Path(audit).read_bytes().decode("utf-8", errors="replace")
+            lines = [json.loads(x) for x in text.split("\n")[:-1] if x]
         except FileNotFoundError:
             lines = []
         if any(x.get("decision") == "would_deny" for x in lines) and any(
