@@ -129,8 +129,8 @@ pub struct EventStream {
     pub preamble: Vec<u8>,
     /// Held for as long as the stream is open (a legacy session ends when it is dropped).
     pub guard: Option<Box<dyn std::any::Any>>,
-    /// Bytes its producer has queued, counted down as messages are taken (a legacy session
-    /// bounds what a client that stops reading can make it hold).
+    /// Bytes its producer has queued, counted down as messages are taken (a legacy session or
+    /// a stdio hub bounds what a client that stops reading can make it hold).
     pub backlog: Option<Backlog>,
 }
 
