@@ -5,14 +5,6 @@ mod common;
 use common::*;
 use std::process::Command;
 
-/// Writes `content` to `path`, mode 0755.
-fn write_executable(path: &std::path::Path, content: &[u8]) {
-    std::fs::write(path, content).unwrap();
-    let mut perms = std::fs::metadata(path).unwrap().permissions();
-    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
-    std::fs::set_permissions(path, perms).unwrap();
-}
-
 fn run(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(GUARD).args(args).output().unwrap();
     (

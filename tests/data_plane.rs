@@ -538,10 +538,7 @@ fn scripted_stdio(
 ) -> (Gateway, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("server.sh");
-    std::fs::write(&path, script).unwrap();
-    let mut perms = std::fs::metadata(&path).unwrap().permissions();
-    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
-    std::fs::set_permissions(&path, perms).unwrap();
+    write_executable(&path, script.as_bytes());
     let config = stdio_config("auto", extra_server, &[])
         .replace(
             &format!("command = {DEMO:?}"),
@@ -633,14 +630,11 @@ fn stopping_a_child_at_shutdown_stops_what_it_started() {
     assert!(!process_ended(&grandchild));
     g.signal(libc::SIGTERM);
     assert_eq!(g.wait_exit(Duration::from_secs(15)), Some(0));
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !process_ended(&grandchild) {
-        assert!(
-            Instant::now() < deadline,
-            "the child's own child outlived it"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until_ended(
+        &grandchild,
+        Duration::from_secs(5),
+        "the child's own child outlived it",
+    );
 }
 
 #[test]
@@ -704,16 +698,9 @@ fn a_child_writing_bytes_that_are_not_text_and_endless_lines_to_stderr_keeps_ser
     // child would block on its full stderr and never start answering.
     let dir = tempfile::tempdir().unwrap();
     let script = dir.path().join("server.sh");
-    std::fs::write(
-        &script,
-        format!(
+    write_executable(&script, format!(
             "#!/bin/sh\nprintf 'AAAA\\rFAKE\\n' >&2\nprintf '\\377\\376 not text\\n' >&2\nhead -c 300000 /dev/zero | tr '\\0' x >&2\nexec {DEMO:?}\n"
-        ),
-    )
-    .unwrap();
-    let mut perms = std::fs::metadata(&script).unwrap().permissions();
-    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
-    std::fs::set_permissions(&script, perms).unwrap();
+        ).as_bytes());
     let config = stdio_config("auto", "", &[]).replace(
         &format!("command = {DEMO:?}"),
         &format!("command = {:?}", script.to_str().unwrap()),

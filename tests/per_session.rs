@@ -143,18 +143,11 @@ fn children_inherit_no_descriptor_of_the_gateway() {
     let script = dir.path().join("server.sh");
     // Its stdout is a socket by design (one end of the pair the gateway reads its output
     // from), so the script notes which one before listing what it holds.
-    std::fs::write(
-        &script,
-        format!(
+    write_executable(&script, format!(
             "#!/bin/sh\nexec 3>&1\nreadlink /proc/$$/fd/3 > {:?}\nls -l /proc/$$/fd > {:?}\nexec 3>&-\nexec {DEMO:?}\n",
             own_stdout.to_str().unwrap(),
             listing.to_str().unwrap()
-        ),
-    )
-    .unwrap();
-    let mut perms = std::fs::metadata(&script).unwrap().permissions();
-    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
-    std::fs::set_permissions(&script, perms).unwrap();
+        ).as_bytes());
     let cfg = config(4, 600).replace(
         &format!("command = {DEMO:?}\nargs = [\"--test-tools\"]"),
         &format!("command = {:?}", script.to_str().unwrap()),
@@ -233,16 +226,9 @@ fn a_reload_during_an_initialize_leaves_no_child_running() {
     let dir = tempfile::tempdir().unwrap();
     let pids = dir.path().join("pids");
     let script = dir.path().join("slow-init.sh");
-    std::fs::write(
-        &script,
-        format!(
+    write_executable(&script, format!(
             "#!/bin/sh\necho $$ >> {pids:?}\nwhile read line; do\ncase \"$line\" in *initialize*) sleep 2;; esac\nid=$(printf '%s' \"$line\" | sed -n 's/.*\"id\":\\([0-9]*\\).*/\\1/p')\n[ -n \"$id\" ] && printf '{{\"jsonrpc\":\"2.0\",\"id\":%s,\"result\":{{\"protocolVersion\":\"2025-11-25\",\"capabilities\":{{}},\"serverInfo\":{{\"name\":\"slow\",\"version\":\"1\"}}}}}}\\n' \"$id\"\ndone\n"
-        ),
-    )
-    .unwrap();
-    let mut perms = std::fs::metadata(&script).unwrap().permissions();
-    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
-    std::fs::set_permissions(&script, perms).unwrap();
+        ).as_bytes());
     let first = config(4, 60).replace(
         &format!("command = {DEMO:?}\nargs = [\"--test-tools\"]"),
         &format!(
@@ -271,13 +257,10 @@ fn a_reload_during_an_initialize_leaves_no_child_running() {
     assert_eq!(r.status, 502, "{}", r.text());
     assert!(r.text().contains("initialize again"), "{}", r.text());
     let pid = std::fs::read_to_string(&pids).unwrap().trim().to_string();
-    let deadline = Instant::now() + Duration::from_secs(8);
-    while !process_ended(&pid) {
-        assert!(
-            Instant::now() < deadline,
-            "child {pid} still runs, owned by no pool"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until_ended(
+        &pid,
+        Duration::from_secs(8),
+        "the child still runs, owned by no pool",
+    );
     assert_eq!(processes(&g, 0.0), 0.0);
 }

@@ -500,3 +500,20 @@ pub fn process_ended(pid: &str) -> bool {
             .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
     }
 }
+
+/// Writes `content` to `path`, mode 0755.
+pub fn write_executable(path: &std::path::Path, content: &[u8]) {
+    std::fs::write(path, content).unwrap();
+    let mut perms = std::fs::metadata(path).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+    std::fs::set_permissions(path, perms).unwrap();
+}
+
+/// Waits up to `within` for process `pid` to end; fails with `why` if it does not.
+pub fn wait_until_ended(pid: &str, within: Duration, why: &str) {
+    let deadline = Instant::now() + within;
+    while !process_ended(pid) {
+        assert!(Instant::now() < deadline, "process {pid}: {why}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
