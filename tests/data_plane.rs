@@ -1471,6 +1471,29 @@ fn a_batch_the_childs_queue_cannot_take_whole_is_refused_without_any_of_it_deliv
 }
 
 #[test]
+fn a_notification_for_no_request_goes_only_to_sessions_with_a_stream_open() {
+    let g = Gateway::start(&stdio_config("auto", "", &[]));
+    let quiet: Vec<String> = (0..3).map(|_| initialize(g.addr)).collect();
+    let listening = initialize(g.addr);
+    let mut stream = open_get_stream(g.addr, &listening);
+    let head = read_until(&mut stream, b"\r\n\r\n");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // `notify` makes the child send tools/list_changed, tied to no request.
+    let r = mcp_post(g.addr, &call(2, "notify", "{}"), Some(&quiet[0]));
+    assert_eq!(r.status, 200);
+    let events = read_until(&mut stream, b"list_changed");
+    assert!(
+        events.contains("notifications/tools/list_changed"),
+        "{events}"
+    );
+    // Sessions without a stream were never offered a copy: nothing was dropped for them.
+    assert_eq!(
+        g.metric("mcp_guard_stream_messages_dropped_total", &[]),
+        0.0
+    );
+}
+
+#[test]
 fn a_stream_nobody_reads_holds_a_bounded_number_of_bytes_for_it() {
     // A child that, when a tool is called, sends 100 notifications of 256 KiB tied to no
     // request (25 MiB, far under the 256-message bound), then answers.
