@@ -89,6 +89,7 @@ pub const SCENARIOS: &[Scenario] = &[
     scenario("passthrough", "tools/call echo, JSON response", Call::Echo, 5, 0),
     scenario("guard", "passthrough through the security path: API key, tool policy, rate limit (never trips), audit file", Call::Echo, 5, 0),
     scenario("tools_list_100", "tools/list answering 100 tools (~20 KiB); through mcp-guard an API key allowed half of them, so every answer is filtered", Call::ToolsList, 100, 0),
+    scenario("tools_list_all", "tools_list_100's answer through the same full guard, by an API key allowed every tool, so mcp-guard relays it unfiltered: the baseline of `tools_list_100` (the filter's cost is the difference)", Call::ToolsList, 100, 0),
     scenario("sse", "tools/call echo_sse, one chunked SSE event", Call::EchoSse, 5, 0),
     Scenario { stdio: true, ..scenario("stdio", "tools/call echo to mcp-demo-server over stdio (mcp-guard only)", Call::Echo, 5, 0) },
     Scenario { stdio: true, vs_original: true, ..scenario("stdio_guard", "the `guard` path (API key, tool policy, rate limit that never trips, audit file) over stdio to mcp-demo-server; also through the original mcp-guard when `--original-bin` names its binary (given the same keys; no session handshake, which it does not speak)", Call::Echo, 5, 0) },
@@ -156,6 +157,8 @@ pub fn gateway_setup(scenario: &Scenario) -> GatewaySetup {
         "tools_list_100" => guarded(
             r#"["echo", "echo_sse", "tool_0*0", "tool_0*2", "tool_0*4", "tool_0*6", "tool_0*8"]"#,
         ),
+        // An empty `allowed_tools` is every tool: nothing to filter, the rest of the guard on.
+        "tools_list_all" => guarded("[]"),
         _ => GatewaySetup {
             config: bare_proxy(),
             client_headers: String::new(),
