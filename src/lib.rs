@@ -13,6 +13,7 @@ pub mod admin;
 pub mod audit;
 pub mod auth;
 pub mod authz;
+pub mod bytes;
 pub mod cli;
 pub mod config;
 pub mod error;

@@ -67,7 +67,9 @@ impl Matcher {
         /// Up to this many names a linear scan (most fail on the length) beats a binary search.
         const LINEAR: usize = 8;
         if self.exact.len() <= LINEAR {
-            self.exact.iter().any(|e| **e == *name)
+            self.exact
+                .iter()
+                .any(|e| crate::bytes::eq(e.as_bytes(), name.as_bytes()))
         } else {
             self.exact.binary_search_by(|e| (**e).cmp(name)).is_ok()
         }
@@ -124,8 +126,8 @@ impl Pieces {
         let name = name.as_bytes();
         let (first, last) = (self.first.as_bytes(), self.last.as_bytes());
         if name.len() < first.len() + last.len()
-            || !name.starts_with(first)
-            || !name.ends_with(last)
+            || !crate::bytes::starts_with(name, first)
+            || !crate::bytes::ends_with(name, last)
         {
             return false;
         }
@@ -166,8 +168,8 @@ impl Glob {
 
     fn matches(&self, name: &str) -> bool {
         match self {
-            Glob::Prefix(p) => name.starts_with(p.as_str()),
-            Glob::Suffix(s) => name.ends_with(s.as_str()),
+            Glob::Prefix(p) => crate::bytes::starts_with(name.as_bytes(), p.as_bytes()),
+            Glob::Suffix(s) => crate::bytes::ends_with(name.as_bytes(), s.as_bytes()),
             Glob::Contains(m) => name.contains(m.as_str()),
             Glob::Pieces(p) => p.matches(name),
             Glob::General(p) => wildcard(p, name.as_bytes()),

@@ -439,7 +439,7 @@ impl<'a> Scanner<'a> {
     /// How a key compares with the member name `target` (lowercase ASCII).
     fn key_match(&self, key: &Str, target: &str) -> KeyMatch {
         let name = self.decode_key(key);
-        if name == target {
+        if crate::bytes::eq(name.as_bytes(), target.as_bytes()) {
             KeyMatch::Exact
         } else if folds_to(&name, target) {
             KeyMatch::Twin
@@ -485,6 +485,11 @@ enum KeyMatch {
 /// (`(x - 0x20..) & !x & 0x80..` flags bytes below 0x20); the lowest flag of each is exact, as
 /// borrows only run upward, so the lowest flag of the three together is the first stop.
 fn plain_run_end(b: &[u8], mut i: usize) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    match sse2::plain_run_end_16(b, i) {
+        Ok(end) => return end,
+        Err(tail) => i = tail,
+    }
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGH: u64 = 0x8080_8080_8080_8080;
     while let Some(chunk) = b.get(i..i + 8) {
@@ -510,6 +515,41 @@ fn plain_run_end(b: &[u8], mut i: usize) -> usize {
         i += 1;
     }
     i
+}
+
+/// Sixteen bytes at a time with SSE2, which every x86-64 processor has.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod sse2 {
+    use std::arch::x86_64::{
+        __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_max_epu8, _mm_movemask_epi8, _mm_or_si128,
+        _mm_set1_epi8,
+    };
+
+    /// `Ok`: where the plain run from `i` ends. `Err`: where the bytes left are fewer than
+    /// sixteen, for the word-at-a-time loop to finish.
+    #[inline(always)]
+    pub(super) fn plain_run_end_16(b: &[u8], mut i: usize) -> Result<usize, usize> {
+        while let Some(chunk) = b.get(i..i + 16) {
+            // SAFETY: SSE2 is part of the x86-64 baseline, so these intrinsics exist on every
+            // processor this code can run on; `_mm_loadu_si128` reads exactly the sixteen
+            // bytes of `chunk` (an in-bounds slice of that length) and needs no alignment.
+            let stops = unsafe {
+                let v = _mm_loadu_si128(chunk.as_ptr().cast::<__m128i>());
+                let quote = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'"' as i8));
+                let backslash = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'\\' as i8));
+                // Unsigned `v <= 0x1f` as `max(v, 0x1f) == 0x1f`.
+                let control =
+                    _mm_cmpeq_epi8(_mm_max_epu8(v, _mm_set1_epi8(0x1f)), _mm_set1_epi8(0x1f));
+                _mm_movemask_epi8(_mm_or_si128(_mm_or_si128(quote, backslash), control)) as u32
+            };
+            if stops != 0 {
+                return Ok(i + stops.trailing_zeros() as usize);
+            }
+            i += 16;
+        }
+        Err(i)
+    }
 }
 
 /// A string's content with its escapes decoded. `strict`: `None` on a lone surrogate (as a
@@ -731,9 +771,15 @@ mod tests {
                 b.extend_from_slice(b"\"\\\x01aaaaaaaaaaaa");
                 assert_eq!(plain_run_end(&b, 0), len, "{len} {stop}");
             }
-            // High bytes (UTF-8) and DEL are plain.
-            let b = "é\u{7f}ü".repeat(len);
+            // High bytes (UTF-8), DEL and the space are plain.
+            let b = "é\u{7f} ü".repeat(len);
             assert_eq!(plain_run_end(b.as_bytes(), 0), b.len());
+            // From any starting offset, whichever of the wide and narrow loops finds the stop.
+            for from in 0..=len {
+                let mut b = vec![b'x'; len];
+                b.extend_from_slice(b"\"tail");
+                assert_eq!(plain_run_end(&b, from), len, "{len} from {from}");
+            }
         }
     }
 }
