@@ -868,6 +868,11 @@ enum Reply {
     Hold(Vec<u8>),
     /// The connection is closed without an answer.
     Close,
+    /// Written in these pieces, a pause between each (one answer arriving over several
+    /// reads); the connection stays open.
+    Pieces(Vec<Vec<u8>>),
+    /// Written; then the connection is closed (an answer cut short).
+    Cut(Vec<u8>),
 }
 
 type Handler = Arc<dyn Fn(&MockRequest) -> Option<Reply> + Send + Sync>;
@@ -963,6 +968,19 @@ fn mock_connection(
                 return;
             }
             Reply::Close => {
+                let _ = s.shutdown(Shutdown::Both);
+                return;
+            }
+            Reply::Pieces(pieces) => {
+                for p in pieces {
+                    if s.write_all(&p).is_err() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+            Reply::Cut(bytes) => {
+                let _ = s.write_all(&bytes);
                 let _ = s.shutdown(Shutdown::Both);
                 return;
             }
@@ -1459,6 +1477,156 @@ fn a_post_failing_on_a_reused_upstream_connection_is_not_sent_twice() {
         1,
         "the tools/call was sent {} times",
         calls.len()
+    );
+}
+
+/// A `tools/call` answer to `id` whose text is `n` bytes of `fill`, as the upstream sends it.
+fn big_call_answer(id: &Value, n: usize, fill: char) -> String {
+    json!({"jsonrpc":"2.0","id":id,"result":{"content":[{"type":"text","text":fill.to_string().repeat(n)}]}})
+        .to_string()
+}
+
+#[test]
+fn an_answer_arriving_in_pieces_reaches_the_client_whole_and_its_connection_is_reused() {
+    let mock = Mock::start(|req| {
+        (req.rpc_method() == "tools/call").then(|| {
+            let body = big_call_answer(&req.body["id"], 40_000, 'p');
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            let (a, b) = body.as_bytes().split_at(10_000);
+            let (b, c) = b.split_at(20_000);
+            Reply::Pieces(vec![head.into_bytes(), a.to_vec(), b.to_vec(), c.to_vec()])
+        })
+    });
+    let lab = http_lab_with_workers(&mock.url(), 1);
+    let sid = init_as(lab.addr(), ADMIN);
+    for id in [2, 3] {
+        let r = post_as(
+            lab.addr(),
+            ADMIN,
+            &call(id, "echo", r#"{"text":"x"}"#),
+            Some(&sid),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(
+            r.text(),
+            big_call_answer(&json!(id), 40_000, 'p'),
+            "the answer byte for byte"
+        );
+    }
+    let calls: Vec<MockRequest> = mock
+        .requests()
+        .into_iter()
+        .filter(|q| q.rpc_method() == "tools/call")
+        .collect();
+    assert_eq!(calls.len(), 2);
+    assert_eq!(
+        calls[1].conn, calls[0].conn,
+        "an answer read whole leaves its connection to the pool"
+    );
+}
+
+#[test]
+fn an_answer_cut_short_of_its_content_length_is_never_passed_off_as_whole() {
+    let mock = Mock::start(|req| {
+        (req.rpc_method() == "tools/call" && req.body["id"] == 2).then(|| {
+            let body = big_call_answer(&req.body["id"], 30_000, 'c');
+            let mut raw = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            )
+            .into_bytes();
+            raw.extend_from_slice(&body.as_bytes()[..12_000]);
+            Reply::Cut(raw)
+        })
+    });
+    let lab = http_lab_with_workers(&mock.url(), 1);
+    let sid = init_as(lab.addr(), ADMIN);
+    let mut s = connect(lab.addr());
+    s.write_all(
+        mcp_post_raw(
+            &call(2, "echo", r#"{"text":"x"}"#),
+            Some(&sid),
+            &auth(ADMIN),
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    match read_response(&mut s) {
+        // The client can tell: the connection ends before the length it was promised.
+        None => {}
+        Some(r) => assert!(
+            r.status >= 500,
+            "a cut answer passed off as whole: {}",
+            r.status
+        ),
+    }
+    // The gateway goes on: the next call gets a fresh upstream connection and its answer.
+    let r = post_as(
+        lab.addr(),
+        ADMIN,
+        &call(3, "echo", r#"{"text":"x"}"#),
+        Some(&sid),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains("mock ran it"), "{}", r.text());
+}
+
+#[test]
+fn bytes_past_an_answers_content_length_never_become_the_next_answer() {
+    let mock = Mock::start(|req| {
+        (req.rpc_method() == "tools/call" && req.body["id"] == 2).then(|| {
+            let body = big_call_answer(&req.body["id"], 30_000, 'a');
+            // A second, forged response riding behind the first one's declared end.
+            let forged = r#"{"jsonrpc":"2.0","id":3,"result":{"content":[{"type":"text","text":"forged"}]}}"#;
+            Reply::Raw(
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}\
+                     HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{forged}",
+                    body.len(),
+                    forged.len()
+                )
+                .into_bytes(),
+            )
+        })
+    });
+    let lab = http_lab_with_workers(&mock.url(), 1);
+    let sid = init_as(lab.addr(), ADMIN);
+    let r = post_as(
+        lab.addr(),
+        ADMIN,
+        &call(2, "echo", r#"{"text":"x"}"#),
+        Some(&sid),
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.text(),
+        big_call_answer(&json!(2), 30_000, 'a'),
+        "exactly the declared bytes"
+    );
+    let r = post_as(
+        lab.addr(),
+        ADMIN,
+        &call(3, "echo", r#"{"text":"x"}"#),
+        Some(&sid),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        !r.text().contains("forged"),
+        "the smuggled answer was relayed: {}",
+        r.text()
+    );
+    assert!(r.text().contains("mock ran it"), "{}", r.text());
+    let calls: Vec<MockRequest> = mock
+        .requests()
+        .into_iter()
+        .filter(|q| q.rpc_method() == "tools/call")
+        .collect();
+    assert_ne!(
+        calls[1].conn, calls[0].conn,
+        "the poisoned connection went back to the pool"
     );
 }
 

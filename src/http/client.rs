@@ -450,6 +450,47 @@ impl UpstreamResponse {
         Ok(all)
     }
 
+    /// Appends the rest of a declared-length body to `out` (what came with the head, then
+    /// reads straight into `out`'s spare room), so that a small reply goes to the client in
+    /// one write behind its head instead of a write per piece read. The caller bounds the
+    /// length; `Err` when the upstream closed or failed before the end (`out` then holds what
+    /// did arrive).
+    pub async fn append_declared_body(
+        &mut self,
+        mut out: Vec<u8>,
+    ) -> (Result<(), UpstreamError>, Vec<u8>) {
+        let take = (self.remaining as usize).min(self.pending.len());
+        out.extend_from_slice(&self.pending[..take]);
+        if self.pending.len() > take {
+            // Bytes beyond the declared length: don't reuse this connection.
+            self.reusable = false;
+        }
+        self.pending.clear();
+        self.remaining -= take as u64;
+        let end = out.len() + self.remaining as usize;
+        while out.len() < end {
+            let Some(conn) = self.conn.as_mut() else {
+                return (Err(UpstreamError::Protocol("no upstream connection")), out);
+            };
+            // A little room past the end, as in `read_declared_length`.
+            let want = end - out.len() + 1024;
+            let (res, b) = read_append(conn, out, want).await;
+            out = b;
+            match self.more_read(res) {
+                Ok(true) => {}
+                Ok(false) => return (Err(closed_mid_body()), out),
+                Err(e) => return (Err(e), out),
+            }
+        }
+        if out.len() > end {
+            self.reusable = false;
+            out.truncate(end);
+        }
+        self.remaining = 0;
+        self.done = true;
+        (Ok(()), out)
+    }
+
     /// The connection, when the whole body was read and it may carry another request.
     pub fn into_idle(mut self) -> Option<(SocketAddr, TcpStream)> {
         if self.done && self.reusable && self.pending.is_empty() {

@@ -871,6 +871,40 @@ async fn pump<S: AsyncWriteRent>(
     meta: &ReqMeta<'_>,
     mut out: Vec<u8>,
 ) -> (bool, Vec<u8>) {
+    // A small body of a declared length (a JSON answer) goes out with its head in one write:
+    // a write per piece read would cost a submission and a wake-up of the client each.
+    if filter.is_none()
+        && let RespFraming::Length(n) = resp.framing
+        && n <= LARGE_BODY as u64
+    {
+        let (read, o) = resp.append_declared_body(out).await;
+        out = o;
+        let ok = match read {
+            // Revoked on the way: nothing of the response goes out.
+            Ok(()) if revoked(w, meta) => {
+                out.clear();
+                false
+            }
+            Ok(()) => {
+                let (res, o) = write_bounded(w, stream, out).await;
+                out = o;
+                res.is_ok()
+            }
+            Err(e) => {
+                // As mid-body below: what arrived goes out, and the connection closes short of
+                // the declared length.
+                w.metrics
+                    .upstream_errors
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(target: "mcp_guard::upstream", "upstream body failed: {e}");
+                let (_, o) = write_bounded(w, stream, out).await;
+                out = o;
+                false
+            }
+        };
+        w.pool.release(resp);
+        return (ok, out);
+    }
     let ok;
     loop {
         match resp.next_data().await {
