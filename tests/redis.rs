@@ -822,6 +822,9 @@ fn a_redis_cluster_is_followed_through_its_redirections() {
         cluster.ports[0]
     );
     let g = Gateway::start(&cfg);
+    // The gateway serves before its Redis link is up (requests meanwhile follow
+    // `redis_failure`, here without touching Redis): the buckets below need the link.
+    wait_metric(&g, "mcp_guard_ratelimit_redis_fallback_active", 0.0);
     let ping = r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#;
     let mut s = connect(g.addr);
     let mut send = |sub: &str| {
