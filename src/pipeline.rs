@@ -1978,11 +1978,21 @@ async fn deliver(
             let body = match transform {
                 None => body,
                 Some(mut t) => {
-                    let body = t.json(&body).ok_or_else(|| {
-                        GatewayError::UpstreamUnavailable(
-                            "upstream answer cannot be checked (not JSON)".into(),
-                        )
-                    })?;
+                    let body = match t.rewrite(&body) {
+                        // Unchanged: relayed from the buffer it was read into.
+                        Some(None) => body,
+                        Some(Some(rewritten)) => {
+                            // The upstream's bytes are done with: their buffer (often the one
+                            // the response head was read into) serves a later exchange.
+                            w.pool.recycle(body);
+                            rewritten
+                        }
+                        None => {
+                            return Err(GatewayError::UpstreamUnavailable(
+                                "upstream answer cannot be checked (not JSON)".into(),
+                            ));
+                        }
+                    };
                     noted = t.take_details();
                     body
                 }
@@ -2060,9 +2070,18 @@ async fn relay_checked(
     if data.iter().all(u8::is_ascii_whitespace) {
         return Ok(Reply::new(status, ReplyBody::Empty, method));
     }
-    match transform.json(&data) {
-        Some(filtered) => {
-            let mut reply = Reply::json(status, filtered, method);
+    match transform.rewrite(&data) {
+        Some(changed) => {
+            let body = match changed {
+                // Unchanged: relayed from the buffer it was read into (which the reply's
+                // writer then keeps for a later exchange).
+                None => data,
+                Some(rewritten) => {
+                    w.pool.recycle(data);
+                    rewritten
+                }
+            };
+            let mut reply = Reply::json(status, body, method);
             reply.audit.details = transform.take_details();
             Ok(reply)
         }

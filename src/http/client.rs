@@ -123,6 +123,7 @@ pub async fn exchange(
     request: Vec<u8>,
     resendable: bool,
     share: &mut Option<BodyReservation>,
+    mut buf: Vec<u8>,
 ) -> Result<UpstreamResponse, (UpstreamError, Vec<u8>, Progress)> {
     let request = match write_request(&mut conn, request).await {
         Ok(r) if resendable => r,
@@ -130,7 +131,9 @@ pub async fn exchange(
         Err((e, request, progress)) => return Err((e.into(), request, progress)),
     };
     *share = None;
-    let mut buf = Vec::with_capacity(4096);
+    // `buf`: the response head's buffer (a spare one of the worker's pool, or new); it stays
+    // the response's buffer for the bytes past the head.
+    buf.clear();
     // An interim (1xx) response counts as the response having started.
     let mut interim_seen = false;
     let progress = |buf: &[u8], interim_seen: bool| {
@@ -178,7 +181,10 @@ pub async fn exchange(
                     parse_first = true;
                     continue;
                 }
-                let pending = buf.split_off(head.len);
+                // The bytes past the head move to the front of the same buffer: no second
+                // allocation, and what follows the head is usually short.
+                buf.drain(..head.len);
+                let pending = buf;
                 let (remaining, decoder) = match head.framing {
                     RespFraming::Length(n) => (n, None),
                     RespFraming::Chunked => (0, Some(ChunkedDecoder::new(u64::MAX))),
@@ -492,11 +498,21 @@ impl UpstreamResponse {
     }
 
     /// The connection, when the whole body was read and it may carry another request.
-    pub fn into_idle(mut self) -> Option<(SocketAddr, TcpStream)> {
-        if self.done && self.reusable && self.pending.is_empty() {
-            return self.conn.take().map(|c| (self.addr, c));
-        }
-        None
+    pub fn into_idle(self) -> Option<(SocketAddr, TcpStream)> {
+        self.into_idle_and_buffer().0
+    }
+
+    /// [`Self::into_idle`], and the response's read buffer, emptied, for another exchange.
+    pub fn into_idle_and_buffer(mut self) -> (Option<(SocketAddr, TcpStream)>, Vec<u8>) {
+        let idle = self.done && self.reusable && self.pending.is_empty();
+        let mut buf = std::mem::take(&mut self.pending);
+        buf.clear();
+        let conn = if idle {
+            self.conn.take().map(|c| (self.addr, c))
+        } else {
+            None
+        };
+        (conn, buf)
     }
 }
 

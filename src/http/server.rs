@@ -424,14 +424,19 @@ async fn idle_wait<S: Connection>(w: &Rc<Worker>, stream: &mut S, wait: Duration
 
 /// Waits up to `hold` for the next request of a busy keep-alive connection with a read
 /// posted (no extra operation between its requests). `None`: nothing came, and the read was
-/// cancelled without losing bytes that raced the cancel.
+/// cancelled without losing bytes that raced the cancel. `buf`: the connection's emptied
+/// read buffer, reused rather than a new one allocated per request.
 async fn hold_wait<S: Connection>(
     w: &Rc<Worker>,
     stream: &mut S,
     hold: Duration,
     canceller: &mut monoio::io::Canceller,
+    mut buf: Vec<u8>,
 ) -> Option<Idle> {
-    let buf = Vec::with_capacity(HEAD_READ);
+    buf.clear();
+    if buf.capacity() < HEAD_READ {
+        buf.reserve_exact(HEAD_READ);
+    }
     let read = stream.cancelable_read(SliceMut::new(buf, 0, HEAD_READ), canceller.handle());
     let mut read = std::pin::pin!(read);
     let early = monoio::select! {
@@ -483,7 +488,7 @@ async fn read_head<S: Connection>(
             }
             let hold = IDLE_BUFFER_HOLD.min(s.idle_timeout);
             let start = Instant::now();
-            match hold_wait(w, stream, hold, canceller).await {
+            match hold_wait(w, stream, hold, canceller, std::mem::take(buf)).await {
                 None => return HeadOutcome::Quiet(start.elapsed()),
                 Some(Idle::Closed) => return HeadOutcome::Closed,
                 Some(Idle::Data(b)) => {
@@ -792,6 +797,9 @@ async fn write_reply<S: Connection>(
                 }
             } else {
                 out.extend_from_slice(&body);
+                // Often the buffer an upstream's answer was read into: it serves the next
+                // exchange's response head instead of being freed.
+                w.pool.recycle(body);
                 let (res, o) = write_bounded(w, stream, out).await;
                 out = o;
                 res

@@ -189,8 +189,15 @@ impl Transform {
     /// One JSON body (a message or a batch array) through the chain; `None` when it is not
     /// JSON or holds something a step cannot check (the caller refuses or drops it).
     pub fn json(&mut self, body: &[u8]) -> Option<Vec<u8>> {
+        self.rewrite(body)
+            .map(|changed| changed.unwrap_or_else(|| body.to_vec()))
+    }
+
+    /// [`Self::json`] without the copy of an unchanged body: `Some(None)` when every step
+    /// left it as it was (the caller relays its own bytes).
+    pub fn rewrite(&mut self, body: &[u8]) -> Option<Option<Vec<u8>>> {
         let find_tools = self.gates_tools();
-        each_message(body, find_tools, |m| self.message(m))
+        rewrite_messages(body, find_tools, |m| self.message(m))
     }
 
     /// One message through every step: `Ok(Some(rewritten))`, `Ok(None)` when nothing changed.
@@ -253,8 +260,17 @@ impl ToolGate for Transform {
 pub fn each_message(
     body: &[u8],
     find_tools: bool,
-    mut step: impl FnMut(&Message<'_>) -> Result<Option<String>, Unfilterable>,
+    step: impl FnMut(&Message<'_>) -> Result<Option<String>, Unfilterable>,
 ) -> Option<Vec<u8>> {
+    rewrite_messages(body, find_tools, step).map(|changed| changed.unwrap_or_else(|| body.to_vec()))
+}
+
+/// [`each_message`], saying `Some(None)` rather than copying a body no step changed.
+fn rewrite_messages(
+    body: &[u8],
+    find_tools: bool,
+    mut step: impl FnMut(&Message<'_>) -> Result<Option<String>, Unfilterable>,
+) -> Option<Option<Vec<u8>>> {
     let text = std::str::from_utf8(body).ok()?;
     let scanned = json_scan::body(text, find_tools).ok()?;
     // Built only once a message changes: the rewritten messages, and the original bytes
@@ -266,7 +282,7 @@ pub fn each_message(
             continue;
         };
         if !scanned.batch {
-            return Some(rewritten.into_bytes());
+            return Some(Some(rewritten.into_bytes()));
         }
         let o = out.get_or_insert_with(|| String::with_capacity(text.len()));
         o.push_str(text.get(copied..m.span.start)?);
@@ -276,8 +292,8 @@ pub fn each_message(
     match out {
         Some(mut o) => {
             o.push_str(text.get(copied..)?);
-            Some(o.into_bytes())
+            Some(Some(o.into_bytes()))
         }
-        None => Some(body.to_vec()),
+        None => Some(None),
     }
 }

@@ -28,7 +28,17 @@ pub struct Pool {
     /// Per upstream address. The addresses are the configured upstreams' (a handful), so a
     /// scan of this list is cheaper than hashing the address twice per request.
     idle: RefCell<Vec<(SocketAddr, IdleList)>>,
+    /// Response buffers given back by finished responses, for the next exchanges' heads: a
+    /// 4 KiB allocation and free per request otherwise, each past the allocator's fast path.
+    spare: RefCell<Vec<Vec<u8>>>,
 }
+
+/// The size of a fresh response-head buffer.
+const HEAD_BUFFER: usize = 4096;
+/// Spare response buffers kept per worker, and the largest one kept (a buffer a long body
+/// grew is freed, not hoarded).
+const MAX_SPARE: usize = 64;
+const MAX_SPARE_CAPACITY: usize = 16 * 1024;
 
 /// One address's idle connections, with when each was put back.
 type IdleList = Vec<(TcpStream, Instant)>;
@@ -68,11 +78,32 @@ impl Pool {
         }
     }
 
-    /// Takes a response's connection back when it may carry another request.
+    /// Takes a response's connection back when it may carry another request, and its read
+    /// buffer for the next exchange.
     pub fn release(&self, resp: UpstreamResponse) {
-        if let Some((addr, conn)) = resp.into_idle() {
+        let (idle, buf) = resp.into_idle_and_buffer();
+        if let Some((addr, conn)) = idle {
             self.checkin(addr, conn);
         }
+        self.recycle(buf);
+    }
+
+    /// Keeps `buf` (a response's buffer, or a body read into one) for a later response head,
+    /// when its size is one worth keeping. Its bytes are cleared first.
+    pub fn recycle(&self, mut buf: Vec<u8>) {
+        let mut spare = self.spare.borrow_mut();
+        if (HEAD_BUFFER..=MAX_SPARE_CAPACITY).contains(&buf.capacity()) && spare.len() < MAX_SPARE {
+            buf.clear();
+            spare.push(buf);
+        }
+    }
+
+    /// A buffer for a response head: a spare one (empty), or a new one.
+    fn head_buffer(&self) -> Vec<u8> {
+        self.spare
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(HEAD_BUFFER))
     }
 
     /// Idle connections currently held (all addresses).
@@ -139,7 +170,16 @@ pub async fn send_request(
     // First try a pooled connection to any address, then fresh connections in order.
     for addr in addrs {
         if let Some(conn) = pool.checkout(*addr, !resendable) {
-            match exchange(conn, *addr, request, resendable, &mut share).await {
+            match exchange(
+                conn,
+                *addr,
+                request,
+                resendable,
+                &mut share,
+                pool.head_buffer(),
+            )
+            .await
+            {
                 Ok(r) => return Ok(r),
                 Err((e, req, progress)) => {
                     let retry = match progress {
@@ -161,7 +201,16 @@ pub async fn send_request(
         match TcpStream::connect_addr(*addr).await {
             Ok(conn) => {
                 let _ = conn.set_nodelay(true);
-                return match exchange(conn, *addr, request, resendable, &mut share).await {
+                return match exchange(
+                    conn,
+                    *addr,
+                    request,
+                    resendable,
+                    &mut share,
+                    pool.head_buffer(),
+                )
+                .await
+                {
                     Ok(r) => Ok(r),
                     Err((e, _, _)) => Err(e),
                 };
@@ -176,6 +225,25 @@ pub async fn send_request(
 mod tests {
     use super::*;
     use crate::http::client::build_request;
+
+    #[test]
+    fn spare_buffers_come_back_empty_bounded_in_number_and_size() {
+        let pool = Pool::default();
+        let mut used = Vec::with_capacity(HEAD_BUFFER);
+        used.extend_from_slice(b"HTTP/1.1 200 OK\r\n\r\nanother caller's answer");
+        pool.recycle(used);
+        let again = pool.head_buffer();
+        assert!(again.is_empty(), "a recycled buffer hands on no bytes");
+        assert!(again.capacity() >= HEAD_BUFFER);
+        // A buffer a long body grew is freed, and one too small to hold a head is not kept.
+        pool.recycle(Vec::with_capacity(1 << 20));
+        pool.recycle(Vec::with_capacity(64));
+        assert_eq!(pool.spare.borrow().len(), 0);
+        for _ in 0..MAX_SPARE * 2 {
+            pool.recycle(Vec::with_capacity(HEAD_BUFFER));
+        }
+        assert_eq!(pool.spare.borrow().len(), MAX_SPARE);
+    }
 
     /// What a mock upstream connection does with each request it reads, in order.
     #[derive(Clone, Copy)]
