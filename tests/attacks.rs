@@ -1480,6 +1480,21 @@ fn a_post_failing_on_a_reused_upstream_connection_is_not_sent_twice() {
     );
 }
 
+/// ADMIN's `tools/call` of `echo` with id `id` on session `sid`.
+fn admin_echo(lab: &Lab, sid: &str, id: u64) -> Response {
+    post_as(
+        lab.addr(),
+        ADMIN,
+        &call(id, "echo", r#"{"text":"x"}"#),
+        Some(sid),
+    )
+}
+
+/// The head of a JSON answer of `len` bytes, as the mock upstream writes it.
+fn json_head(len: usize) -> String {
+    format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len}\r\n\r\n")
+}
+
 /// A `tools/call` answer to `id` whose text is `n` bytes of `fill`, as the upstream sends it.
 fn big_call_answer(id: &Value, n: usize, fill: char) -> String {
     json!({"jsonrpc":"2.0","id":id,"result":{"content":[{"type":"text","text":fill.to_string().repeat(n)}]}})
@@ -1491,10 +1506,7 @@ fn an_answer_arriving_in_pieces_reaches_the_client_whole_and_its_connection_is_r
     let mock = Mock::start(|req| {
         (req.rpc_method() == "tools/call").then(|| {
             let body = big_call_answer(&req.body["id"], 40_000, 'p');
-            let head = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-                body.len()
-            );
+            let head = json_head(body.len());
             let (a, b) = body.as_bytes().split_at(10_000);
             let (b, c) = b.split_at(20_000);
             Reply::Pieces(vec![head.into_bytes(), a.to_vec(), b.to_vec(), c.to_vec()])
@@ -1503,12 +1515,7 @@ fn an_answer_arriving_in_pieces_reaches_the_client_whole_and_its_connection_is_r
     let lab = http_lab_with_workers(&mock.url(), 1);
     let sid = init_as(lab.addr(), ADMIN);
     for id in [2, 3] {
-        let r = post_as(
-            lab.addr(),
-            ADMIN,
-            &call(id, "echo", r#"{"text":"x"}"#),
-            Some(&sid),
-        );
+        let r = admin_echo(&lab, &sid, id);
         assert_eq!(r.status, 200, "{}", r.text());
         assert_eq!(
             r.text(),
@@ -1533,11 +1540,7 @@ fn an_answer_cut_short_of_its_content_length_is_never_passed_off_as_whole() {
     let mock = Mock::start(|req| {
         (req.rpc_method() == "tools/call" && req.body["id"] == 2).then(|| {
             let body = big_call_answer(&req.body["id"], 30_000, 'c');
-            let mut raw = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-                body.len()
-            )
-            .into_bytes();
+            let mut raw = json_head(body.len()).into_bytes();
             raw.extend_from_slice(&body.as_bytes()[..12_000]);
             Reply::Cut(raw)
         })
@@ -1564,12 +1567,7 @@ fn an_answer_cut_short_of_its_content_length_is_never_passed_off_as_whole() {
         ),
     }
     // The gateway goes on: the next call gets a fresh upstream connection and its answer.
-    let r = post_as(
-        lab.addr(),
-        ADMIN,
-        &call(3, "echo", r#"{"text":"x"}"#),
-        Some(&sid),
-    );
+    let r = admin_echo(&lab, &sid, 3);
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(r.text().contains("mock ran it"), "{}", r.text());
 }
@@ -1583,10 +1581,9 @@ fn bytes_past_an_answers_content_length_never_become_the_next_answer() {
             let forged = r#"{"jsonrpc":"2.0","id":3,"result":{"content":[{"type":"text","text":"forged"}]}}"#;
             Reply::Raw(
                 format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}\
-                     HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{forged}",
-                    body.len(),
-                    forged.len()
+                    "{}{body}{}{forged}",
+                    json_head(body.len()),
+                    json_head(forged.len())
                 )
                 .into_bytes(),
             )
@@ -1594,24 +1591,14 @@ fn bytes_past_an_answers_content_length_never_become_the_next_answer() {
     });
     let lab = http_lab_with_workers(&mock.url(), 1);
     let sid = init_as(lab.addr(), ADMIN);
-    let r = post_as(
-        lab.addr(),
-        ADMIN,
-        &call(2, "echo", r#"{"text":"x"}"#),
-        Some(&sid),
-    );
+    let r = admin_echo(&lab, &sid, 2);
     assert_eq!(r.status, 200);
     assert_eq!(
         r.text(),
         big_call_answer(&json!(2), 30_000, 'a'),
         "exactly the declared bytes"
     );
-    let r = post_as(
-        lab.addr(),
-        ADMIN,
-        &call(3, "echo", r#"{"text":"x"}"#),
-        Some(&sid),
-    );
+    let r = admin_echo(&lab, &sid, 3);
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(
         !r.text().contains("forged"),

@@ -899,14 +899,7 @@ async fn pump<S: AsyncWriteRent>(
                 res.is_ok()
             }
             Err(e) => {
-                // As mid-body below: what arrived goes out, and the connection closes short of
-                // the declared length.
-                w.metrics
-                    .upstream_errors
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::warn!(target: "mcp_guard::upstream", "upstream body failed: {e}");
-                let (_, o) = write_bounded(w, stream, out).await;
-                out = o;
+                out = body_failed(w, stream, out, e).await;
                 false
             }
         };
@@ -959,14 +952,7 @@ async fn pump<S: AsyncWriteRent>(
                 break;
             }
             Err(e) => {
-                // Mid-body failure: the status is already out; closing without the final
-                // chunk is how the client learns the body is incomplete.
-                w.metrics
-                    .upstream_errors
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::warn!(target: "mcp_guard::upstream", "upstream body failed: {e}");
-                let (_, o) = write_bounded(w, stream, out).await;
-                out = o;
+                out = body_failed(w, stream, out, e).await;
                 ok = false;
                 break;
             }
@@ -984,6 +970,22 @@ async fn pump<S: AsyncWriteRent>(
     }
     w.pool.release(resp);
     (ok, out)
+}
+
+/// An upstream body that failed part-way: counted and logged, and what arrived goes out. The
+/// caller then closes the connection: short of the declared length, or without the final
+/// chunk, which is how the client learns the body is incomplete.
+async fn body_failed<S: AsyncWriteRent>(
+    w: &Rc<Worker>,
+    stream: &mut S,
+    out: Vec<u8>,
+    e: crate::http::client::UpstreamError,
+) -> Vec<u8> {
+    w.metrics
+        .upstream_errors
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tracing::warn!(target: "mcp_guard::upstream", "upstream body failed: {e}");
+    write_bounded(w, stream, out).await.1
 }
 
 /// The span of a finished request: names and outcomes only.
