@@ -2062,10 +2062,12 @@ async fn relay_checked(
         return Ok(relay(resp, method, Some(SseFilter::with(transform))));
     }
     let status = resp.status;
-    let data = resp
-        .read_to_end()
-        .await
-        .map_err(|e| GatewayError::UpstreamUnavailable(e.to_string()))?;
+    let data = resp.read_to_end().await.map_err(|e| match e {
+        crate::http::client::UpstreamError::Io(io) if io.kind() == std::io::ErrorKind::TimedOut => {
+            GatewayError::UpstreamTimeout
+        }
+        e => GatewayError::UpstreamUnavailable(e.to_string()),
+    })?;
     w.pool.release(resp);
     if data.iter().all(u8::is_ascii_whitespace) {
         return Ok(Reply::new(status, ReplyBody::Empty, method));

@@ -1557,19 +1557,93 @@ fn an_answer_cut_short_of_its_content_length_is_never_passed_off_as_whole() {
         .as_bytes(),
     )
     .unwrap();
-    match read_response(&mut s) {
-        // The client can tell: the connection ends before the length it was promised.
-        None => {}
-        Some(r) => assert!(
-            r.status >= 500,
-            "a cut answer passed off as whole: {}",
-            r.status
-        ),
-    }
+    // Nothing of it has gone to the client when the cut is found: a whole 502, no part of
+    // the answer.
+    let r = read_response(&mut s).expect("a whole reply");
+    assert_eq!(
+        r.status,
+        502,
+        "a cut answer passed off as whole: {}",
+        r.text()
+    );
+    assert!(!r.text().contains("ccc"), "{}", r.text());
     // The gateway goes on: the next call gets a fresh upstream connection and its answer.
     let r = admin_echo(&lab, &sid, 3);
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(r.text().contains("mock ran it"), "{}", r.text());
+}
+
+#[test]
+fn an_answer_that_stalls_after_its_head_ends_at_the_calls_timeout_with_504() {
+    let mock = Mock::start(|req| {
+        (req.rpc_method() == "tools/call").then(|| {
+            let body = big_call_answer(&req.body["id"], 20_000, 's');
+            let mut raw = json_head(body.len()).into_bytes();
+            raw.extend_from_slice(&body.as_bytes()[..5_000]);
+            // The rest never comes; the connection stays open.
+            Reply::Hold(raw)
+        })
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = format!(
+        "{}\n{}\n[rate_limit]\nenabled = false\n[audit]\nfile = {:?}\n",
+        http_config("auto", &mock.url(), SERVER_EXTRA, "")
+            .replace("timeout_secs = 10", "timeout_secs = 1"),
+        keys(),
+        dir.path().join("audit.jsonl").to_str().unwrap()
+    );
+    let g = Gateway::start(&cfg);
+    // ADMIN's answer is relayed as it is, ALICE's is read whole for her tool filter.
+    for key in [ADMIN, ALICE] {
+        let sid = init_as(g.addr, key);
+        let started = Instant::now();
+        let r = post_as(g.addr, key, &call(2, "echo", r#"{"text":"x"}"#), Some(&sid));
+        assert_eq!(r.status, 504, "{key}: {}", r.text());
+        assert_eq!(error_code(&r.json()), Some(-32603), "{}", r.text());
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "{key}: the stalled answer held the call for {:?}",
+            started.elapsed()
+        );
+    }
+}
+
+#[test]
+fn an_answer_the_upstream_sends_twice_never_reaches_another_identity() {
+    // The upstream answers ADMIN's call twice, the copy a moment later: the copy is still in
+    // flight when the connection is next used, so no probe can see it.
+    let mock = Mock::start(|req| {
+        (req.rpc_method() == "tools/call").then(|| {
+            let text = req.body["params"]["arguments"]["text"]
+                .as_str()
+                .unwrap_or("");
+            let body = json!({"jsonrpc":"2.0","id":req.body["id"],
+                "result":{"content":[{"type":"text","text":format!("answer-for:{text}")}]}})
+            .to_string();
+            let answer = format!("{}{body}", json_head(body.len())).into_bytes();
+            if text == "admin-secret" {
+                Reply::Pieces(vec![answer.clone(), answer])
+            } else {
+                Reply::Raw(answer)
+            }
+        })
+    });
+    let lab = http_lab_with_workers(&mock.url(), 1);
+    let admin = init_as(lab.addr(), ADMIN);
+    let alice = init_as(lab.addr(), ALICE);
+    let call_as = |key: &str, sid: &str, id: u64, text: &str| {
+        let args = json!({ "text": text }).to_string();
+        post_as(lab.addr(), key, &call(id, "echo", &args), Some(sid)).text()
+    };
+    assert!(call_as(ADMIN, &admin, 2, "admin-secret").contains("answer-for:admin-secret"));
+    for (i, text) in ["alice-1", "alice-2", "alice-3"].into_iter().enumerate() {
+        let got = call_as(ALICE, &alice, 10 + i as u64, text);
+        assert!(
+            !got.contains("admin-secret"),
+            "another identity's answer reached ALICE: {got}"
+        );
+        assert!(got.contains(&format!("answer-for:{text}")), "{got}");
+    }
 }
 
 #[test]

@@ -9,6 +9,7 @@ use crate::http::io::{read_append, write_all};
 use monoio::net::TcpStream;
 use std::io;
 use std::net::SocketAddr;
+use std::time::Instant;
 
 /// Largest upstream response head accepted.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
@@ -46,6 +47,12 @@ pub struct UpstreamResponse {
     decoder: Option<ChunkedDecoder>,
     reusable: bool,
     done: bool,
+    /// When a body read whole (a JSON answer) must have arrived: the call's timeout, which
+    /// otherwise would cover only the head. `None`: no bound (streams).
+    deadline: Option<Instant>,
+    /// Whose request this answers (the pool's owner key): the connection is pooled for that
+    /// owner only.
+    owner: u64,
 }
 
 /// Why an upstream exchange failed.
@@ -202,6 +209,8 @@ pub async fn exchange(
                     decoder,
                     reusable: head.keep_alive && head.framing != RespFraming::Close,
                     done: head.framing == RespFraming::Empty,
+                    deadline: None,
+                    owner: 0,
                 });
             }
             Ok(None) if buf.len() > MAX_RESPONSE_HEAD => {
@@ -436,11 +445,8 @@ impl UpstreamResponse {
             all.reserve_exact(total - all.len() + 1024);
         }
         while all.len() < total {
-            let Some(conn) = self.conn.as_mut() else {
-                return Err(UpstreamError::Protocol("no upstream connection"));
-            };
             let want = total - all.len();
-            let (res, b) = read_append(conn, all, want).await;
+            let (res, b) = self.read_part(all, want).await?;
             all = b;
             if !self.more_read(res)? {
                 return Err(closed_mid_body());
@@ -475,12 +481,13 @@ impl UpstreamResponse {
         self.remaining -= take as u64;
         let end = out.len() + self.remaining as usize;
         while out.len() < end {
-            let Some(conn) = self.conn.as_mut() else {
-                return (Err(UpstreamError::Protocol("no upstream connection")), out);
-            };
             // A little room past the end, as in `read_declared_length`.
             let want = end - out.len() + 1024;
-            let (res, b) = read_append(conn, out, want).await;
+            let (res, b) = match self.read_part(out, want).await {
+                Ok(read) => read,
+                // The bytes read so far went with the read that did not finish.
+                Err(e) => return (Err(e), Vec::new()),
+            };
             out = b;
             match self.more_read(res) {
                 Ok(true) => {}
@@ -495,6 +502,49 @@ impl UpstreamResponse {
         self.remaining = 0;
         self.done = true;
         (Ok(()), out)
+    }
+
+    /// Marks whose request this answers (see `upstream::connections::Pool`).
+    pub fn set_owner(&mut self, owner: u64) {
+        self.owner = owner;
+    }
+
+    /// Whose request this answers.
+    pub fn owner(&self) -> u64 {
+        self.owner
+    }
+
+    /// Bounds the reading of a body read whole ([`Self::read_to_end`] of a declared length,
+    /// [`Self::append_declared_body`]) by `at`: an upstream that sends a head and then stalls
+    /// must not hold the call, its client connection and its buffers forever.
+    pub fn set_deadline(&mut self, at: Instant) {
+        self.deadline = Some(at);
+    }
+
+    /// One read of a body into `buf`'s spare room, within the deadline. `Err`: no connection,
+    /// or the deadline passed (`buf` is dropped with the read, and the connection with it).
+    async fn read_part(
+        &mut self,
+        buf: Vec<u8>,
+        want: usize,
+    ) -> Result<(io::Result<usize>, Vec<u8>), UpstreamError> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Err(UpstreamError::Protocol("no upstream connection"));
+        };
+        let Some(deadline) = self.deadline else {
+            return Ok(read_append(conn, buf, want).await);
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        match crate::runtime::deadlines::timeout(left, read_append(conn, buf, want)).await {
+            Ok(read) => Ok(read),
+            Err(_elapsed) => {
+                self.reusable = false;
+                Err(UpstreamError::Io(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "upstream answer not complete within the call's timeout",
+                )))
+            }
+        }
     }
 
     /// The connection, when the whole body was read and it may carry another request.

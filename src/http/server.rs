@@ -898,8 +898,17 @@ async fn pump<S: AsyncWriteRent>(
                 out = o;
                 res.is_ok()
             }
+            // Nothing has gone to the client yet: it gets a whole error reply (504 when the
+            // call's time ran out, else 502) rather than a cut one.
             Err(e) => {
-                out = body_failed(w, stream, out, e).await;
+                let timed_out = matches!(&e, crate::http::client::UpstreamError::Io(io)
+                    if io.kind() == std::io::ErrorKind::TimedOut);
+                let err = if timed_out {
+                    GatewayError::UpstreamTimeout
+                } else {
+                    GatewayError::UpstreamUnavailable("upstream answer cut short".into())
+                };
+                out = body_refused(w, stream, meta, e, err).await;
                 false
             }
         };
@@ -985,6 +994,36 @@ async fn body_failed<S: AsyncWriteRent>(
         .upstream_errors
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     tracing::warn!(target: "mcp_guard::upstream", "upstream body failed: {e}");
+    write_bounded(w, stream, out).await.1
+}
+
+/// An upstream answer read whole that did not arrive whole (cut short, or past the call's
+/// timeout), before any of it went to the client: counted and logged, and the client gets
+/// `err`'s reply instead (the connection then closes).
+async fn body_refused<S: AsyncWriteRent>(
+    w: &Rc<Worker>,
+    stream: &mut S,
+    meta: &ReqMeta<'_>,
+    e: crate::http::client::UpstreamError,
+    err: GatewayError,
+) -> Vec<u8> {
+    w.metrics
+        .upstream_errors
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tracing::warn!(target: "mcp_guard::upstream", "upstream body failed: {e}");
+    let body = err.body(None);
+    let mut out = Vec::with_capacity(256 + body.len());
+    write_head(
+        &mut out,
+        err.status(),
+        &[
+            ("content-type", "application/json"),
+            ("x-request-id", &meta.request_id),
+        ],
+        Framing::Length(body.len() as u64),
+        false,
+    );
+    out.extend_from_slice(&body);
     write_bounded(w, stream, out).await.1
 }
 

@@ -12,6 +12,7 @@ use crate::http::body::BodyReservation;
 use crate::http::client::{Progress, UpstreamError, UpstreamResponse, exchange};
 use monoio::net::TcpStream;
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -23,11 +24,21 @@ const RECENT: Duration = Duration::from_secs(1);
 /// Idle connections older than this are not reused.
 const IDLE_TTL: Duration = Duration::from_secs(50);
 /// A worker's pool of idle upstream connections.
+///
+/// Connections are pooled per upstream address *and per owner* (the identity a request is
+/// made for): a connection goes back only to requests of the identity that used it last. An
+/// upstream that sends an answer nobody asked for (a duplicate, written late) puts its
+/// connection one answer out of step, and no probe can see an answer still in flight (the
+/// upstream's stack may hold it until the next request's bytes arrive). Per-owner pools keep
+/// such an answer within the identity whose request caused it, never another tenant's.
 #[derive(Default)]
 pub struct Pool {
-    /// Per upstream address. The addresses are the configured upstreams' (a handful), so a
-    /// scan of this list is cheaper than hashing the address twice per request.
-    idle: RefCell<Vec<(SocketAddr, IdleList)>>,
+    idle: RefCell<HashMap<PoolKey, IdleList>>,
+    /// Idle connections held, all keys together (bounded by [`MAX_IDLE_TOTAL`]).
+    idle_total: std::cell::Cell<usize>,
+    /// Keys the owner hashes (random per worker, so nobody can choose an identity name whose
+    /// hash meets another's).
+    owners: std::collections::hash_map::RandomState,
     /// Response buffers given back by finished responses, for the next exchanges' heads: a
     /// 4 KiB allocation and free per request otherwise, each past the allocator's fast path.
     spare: RefCell<Vec<Vec<u8>>>,
@@ -40,15 +51,33 @@ const HEAD_BUFFER: usize = 4096;
 const MAX_SPARE: usize = 64;
 const MAX_SPARE_CAPACITY: usize = 16 * 1024;
 
-/// One address's idle connections, with when each was put back.
+/// One address and owner's idle connections, with when each was put back.
 type IdleList = Vec<(TcpStream, Instant)>;
 
+/// Where an idle connection may be reused: its upstream address and its owner's hash.
+type PoolKey = (SocketAddr, u64);
+
+/// Idle connections kept per worker, all addresses and owners together.
+const MAX_IDLE_TOTAL: usize = 1024;
+
+/// The owner of the gateway's own requests (health probes, its own fetches).
+pub const GATEWAY_OWNER: u64 = 0;
+
 impl Pool {
-    /// An idle connection to `addr`; `always_probe` for a request that may not be resent.
-    fn checkout(&self, addr: SocketAddr, always_probe: bool) -> Option<TcpStream> {
+    /// The pool key of the identity (session binding) `binding`.
+    pub fn owner_of(&self, binding: &str) -> u64 {
+        // Never the gateway's own key: 0 is remapped.
+        std::hash::BuildHasher::hash_one(&self.owners, binding).max(1)
+    }
+
+    /// An idle connection to `addr` last used for `owner`; `always_probe` for a request that
+    /// may not be resent.
+    fn checkout(&self, addr: SocketAddr, owner: u64, always_probe: bool) -> Option<TcpStream> {
         let mut idle = self.idle.borrow_mut();
-        let (_, list) = idle.iter_mut().find(|(a, _)| *a == addr)?;
+        let list = idle.get_mut(&(addr, owner))?;
+        let mut found = None;
         while let Some((conn, since)) = list.pop() {
+            self.idle_total.set(self.idle_total.get() - 1);
             let idle = since.elapsed();
             if idle >= IDLE_TTL {
                 continue;
@@ -57,33 +86,36 @@ impl Pool {
             // close it, an idempotent request is simply retried: skip the probe's syscall for
             // those. A POST cannot be retried once written, so it always pays for the probe.
             if (idle < RECENT && !always_probe) || still_open(&conn) {
-                return Some(conn);
+                found = Some(conn);
+                break;
             }
         }
-        None
+        if list.is_empty() {
+            // Owners come and go (every identity has its own key): no empty lists are kept.
+            idle.remove(&(addr, owner));
+        }
+        found
     }
 
-    fn checkin(&self, addr: SocketAddr, conn: TcpStream) {
+    fn checkin(&self, addr: SocketAddr, owner: u64, conn: TcpStream) {
+        if self.idle_total.get() >= MAX_IDLE_TOTAL {
+            return;
+        }
         let mut idle = self.idle.borrow_mut();
-        let at = match idle.iter().position(|(a, _)| *a == addr) {
-            Some(at) => at,
-            None => {
-                idle.push((addr, Vec::new()));
-                idle.len() - 1
-            }
-        };
-        let list = &mut idle[at].1;
+        let list = idle.entry((addr, owner)).or_default();
         if list.len() < MAX_IDLE_PER_ADDR {
             list.push((conn, Instant::now()));
+            self.idle_total.set(self.idle_total.get() + 1);
         }
     }
 
-    /// Takes a response's connection back when it may carry another request, and its read
-    /// buffer for the next exchange.
+    /// Takes a response's connection back when it may carry another request of the same
+    /// owner, and its read buffer for the next exchange.
     pub fn release(&self, resp: UpstreamResponse) {
+        let owner = resp.owner();
         let (idle, buf) = resp.into_idle_and_buffer();
         if let Some((addr, conn)) = idle {
-            self.checkin(addr, conn);
+            self.checkin(addr, owner, conn);
         }
         self.recycle(buf);
     }
@@ -108,7 +140,7 @@ impl Pool {
 
     /// Idle connections currently held (all addresses).
     pub fn idle_count(&self) -> usize {
-        self.idle.borrow().iter().map(|(_, list)| list.len()).sum()
+        self.idle_total.get()
     }
 }
 
@@ -150,7 +182,7 @@ pub async fn send(
         .and_then(|m| std::str::from_utf8(m).ok())
         .unwrap_or("")
         .to_owned();
-    send_request(pool, addrs, &method, request, None).await
+    send_request(pool, addrs, &method, request, None, GATEWAY_OWNER).await
 }
 
 /// Sends `request` (head and body already serialised, for `method`) to one of `addrs`, and
@@ -163,13 +195,14 @@ pub async fn send_request(
     method: &str,
     request: Vec<u8>,
     share: Option<BodyReservation>,
+    owner: u64,
 ) -> Result<UpstreamResponse, UpstreamError> {
     let resendable = idempotent(method);
     let mut request = request;
     let mut share = share;
     // First try a pooled connection to any address, then fresh connections in order.
     for addr in addrs {
-        if let Some(conn) = pool.checkout(*addr, !resendable) {
+        if let Some(conn) = pool.checkout(*addr, owner, !resendable) {
             match exchange(
                 conn,
                 *addr,
@@ -180,7 +213,10 @@ pub async fn send_request(
             )
             .await
             {
-                Ok(r) => return Ok(r),
+                Ok(mut r) => {
+                    r.set_owner(owner);
+                    return Ok(r);
+                }
                 Err((e, req, progress)) => {
                     let retry = match progress {
                         Progress::NothingWritten => true,
@@ -211,7 +247,10 @@ pub async fn send_request(
                 )
                 .await
                 {
-                    Ok(r) => Ok(r),
+                    Ok(mut r) => {
+                        r.set_owner(owner);
+                        Ok(r)
+                    }
                     Err((e, _, _)) => Err(e),
                 };
             }
@@ -349,7 +388,7 @@ mod tests {
             &[],
             if method == "POST" { b"{}" } else { b"" },
         );
-        let mut resp = send_request(pool, &[addr], method, req, None).await?;
+        let mut resp = send_request(pool, &[addr], method, req, None, GATEWAY_OWNER).await?;
         let status = resp.status;
         resp.read_to_end().await?;
         pool.release(resp);
@@ -462,7 +501,7 @@ mod tests {
         block_on(async {
             let pool = Pool::default();
             let req = build_request("GET", "/mcp", "up", &[], b"");
-            let mut resp = send_request(&pool, &[addr], "GET", req, None)
+            let mut resp = send_request(&pool, &[addr], "GET", req, None, GATEWAY_OWNER)
                 .await
                 .unwrap();
             let body = resp.read_to_end().await;

@@ -11,6 +11,7 @@ use crate::http::body::HeldBody;
 use crate::http::client;
 use crate::runtime::worker::Worker;
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 /// Sends one request and returns the response, its body still to be relayed.
 pub async fn exchange(
@@ -79,14 +80,24 @@ pub async fn exchange(
         share.grow_to(request.len())?;
     }
     let in_flight = server.begin(target.replica);
+    let started = Instant::now();
     match crate::runtime::deadlines::timeout(
         out.timeout,
-        super::connections::send_request(&w.pool, &ep.addrs, method, request, share),
+        super::connections::send_request(
+            &w.pool,
+            &ep.addrs,
+            method,
+            request,
+            share,
+            w.pool.owner_of(out.binding),
+        ),
     )
     .await
     {
         Ok(Ok(mut resp)) => {
             replica.state.succeeded();
+            // The call's timeout covers an answer read whole, not only its head.
+            resp.set_deadline(started + out.timeout);
             let session = resp
                 .session_id
                 .take()
