@@ -123,7 +123,8 @@ async fn write_request(
 /// One request/response-head exchange; on failure returns the request bytes and how far the
 /// exchange got (which decides whether a retry is safe). Once the request is written, `share`
 /// (the body allowance counting it) ends, and so do the bytes unless `resendable` says a retry
-/// may still need them: a call waiting on a slow tool holds neither.
+/// may still need them: a call waiting on a slow tool holds neither. `buf` reads the head (and
+/// stays the response's buffer); `owner` is whose request it is, for the pool.
 pub async fn exchange(
     mut conn: TcpStream,
     addr: SocketAddr,
@@ -131,6 +132,7 @@ pub async fn exchange(
     resendable: bool,
     share: &mut Option<BodyReservation>,
     mut buf: Vec<u8>,
+    owner: u64,
 ) -> Result<UpstreamResponse, (UpstreamError, Vec<u8>, Progress)> {
     let request = match write_request(&mut conn, request).await {
         Ok(r) if resendable => r,
@@ -210,7 +212,7 @@ pub async fn exchange(
                     reusable: head.keep_alive && head.framing != RespFraming::Close,
                     done: head.framing == RespFraming::Empty,
                     deadline: None,
-                    owner: 0,
+                    owner,
                 });
             }
             Ok(None) if buf.len() > MAX_RESPONSE_HEAD => {
@@ -502,11 +504,6 @@ impl UpstreamResponse {
         self.remaining = 0;
         self.done = true;
         (Ok(()), out)
-    }
-
-    /// Marks whose request this answers (see `upstream::connections::Pool`).
-    pub fn set_owner(&mut self, owner: u64) {
-        self.owner = owner;
     }
 
     /// Whose request this answers.

@@ -98,10 +98,15 @@ impl Pool {
     }
 
     fn checkin(&self, addr: SocketAddr, owner: u64, conn: TcpStream) {
-        if self.idle_total.get() >= MAX_IDLE_TOTAL {
-            return;
-        }
         let mut idle = self.idle.borrow_mut();
+        if self.idle_total.get() >= MAX_IDLE_TOTAL {
+            // Owners that never came back leave expired connections no checkout clears: they
+            // go first, so they cannot keep everyone else from pooling.
+            self.idle_total.set(drop_expired(&mut idle, Instant::now()));
+            if self.idle_total.get() >= MAX_IDLE_TOTAL {
+                return;
+            }
+        }
         let list = idle.entry((addr, owner)).or_default();
         if list.len() < MAX_IDLE_PER_ADDR {
             list.push((conn, Instant::now()));
@@ -142,6 +147,15 @@ impl Pool {
     pub fn idle_count(&self) -> usize {
         self.idle_total.get()
     }
+}
+
+/// Drops the idle entries past [`IDLE_TTL`] and the keys left empty; how many remain.
+fn drop_expired<C>(idle: &mut HashMap<PoolKey, Vec<(C, Instant)>>, now: Instant) -> usize {
+    idle.retain(|_, list| {
+        list.retain(|(_, since)| now.saturating_duration_since(*since) < IDLE_TTL);
+        !list.is_empty()
+    });
+    idle.values().map(Vec::len).sum()
 }
 
 /// Whether an idle connection is still usable: no EOF, no unexpected bytes waiting.
@@ -210,13 +224,11 @@ pub async fn send_request(
                 resendable,
                 &mut share,
                 pool.head_buffer(),
+                owner,
             )
             .await
             {
-                Ok(mut r) => {
-                    r.set_owner(owner);
-                    return Ok(r);
-                }
+                Ok(r) => return Ok(r),
                 Err((e, req, progress)) => {
                     let retry = match progress {
                         Progress::NothingWritten => true,
@@ -244,13 +256,11 @@ pub async fn send_request(
                     resendable,
                     &mut share,
                     pool.head_buffer(),
+                    owner,
                 )
                 .await
                 {
-                    Ok(mut r) => {
-                        r.set_owner(owner);
-                        Ok(r)
-                    }
+                    Ok(r) => Ok(r),
                     Err((e, _, _)) => Err(e),
                 };
             }
@@ -264,6 +274,22 @@ pub async fn send_request(
 mod tests {
     use super::*;
     use crate::http::client::build_request;
+
+    #[test]
+    fn expired_idle_entries_of_owners_gone_for_good_are_dropped_with_their_keys() {
+        let now = Instant::now();
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let stale = now - IDLE_TTL - Duration::from_secs(1);
+        let mut idle: HashMap<PoolKey, Vec<((), Instant)>> = HashMap::new();
+        idle.insert((addr, 1), vec![((), stale), ((), stale)]);
+        idle.insert((addr, 2), vec![((), stale), ((), now)]);
+        assert_eq!(drop_expired(&mut idle, now), 1);
+        assert!(
+            !idle.contains_key(&(addr, 1)),
+            "an emptied key stays behind"
+        );
+        assert_eq!(idle[&(addr, 2)].len(), 1);
+    }
 
     #[test]
     fn spare_buffers_come_back_empty_bounded_in_number_and_size() {
