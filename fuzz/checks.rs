@@ -40,7 +40,7 @@ pub fn http_head(data: &[u8]) {
         assert!(h.target.starts_with('/'), "target {:?}", h.target);
         assert!(h.minor_version <= 1);
         assert!(
-            h.minor_version == 0 || h.h.host.is_some(),
+            h.minor_version == 0 || h.h.host().is_some(),
             "HTTP/1.1 without Host"
         );
         match h.body {
@@ -50,21 +50,21 @@ pub fn http_head(data: &[u8]) {
         }
         let k = &h.h;
         for v in [
-            &k.host,
-            &k.content_type,
-            &k.accept,
-            &k.origin,
-            &k.authorization,
-            &k.api_key,
-            &k.session_id,
-            &k.protocol_version,
-            &k.mcp_method,
-            &k.mcp_name,
-            &k.last_event_id,
-            &k.traceparent,
-            &k.tracestate,
-            &k.request_id,
-            &k.user_agent,
+            k.host(),
+            k.content_type(),
+            k.accept(),
+            k.origin(),
+            k.authorization(),
+            k.api_key(),
+            k.session_id(),
+            k.protocol_version(),
+            k.mcp_method(),
+            k.mcp_name(),
+            k.last_event_id(),
+            k.traceparent.as_deref(),
+            k.tracestate.as_deref(),
+            k.request_id(),
+            k.user_agent(),
         ]
         .into_iter()
         .flatten()

@@ -114,7 +114,9 @@ pub enum ReplyBody {
     /// An upstream response relayed as it arrives.
     Upstream(UpstreamResponse),
     /// An upstream SSE response rewritten event by event (`tools/list` filtering).
-    FilteredEvents(UpstreamResponse, SseFilter),
+    /// Boxed: rare, and the largest variant by far, it would make every `Reply` (moved several
+    /// times per request) as large as itself.
+    FilteredEvents(Box<(UpstreamResponse, SseFilter)>),
     /// Server-to-client messages written as SSE events until the channel closes.
     Events(EventStream),
 }
@@ -171,7 +173,7 @@ impl Reply {
 pub enum Admission<'c> {
     /// Answered on the head: health probes, unknown paths, and every request refused before
     /// its body (Origin, credentials, transport headers). The body is never read for these.
-    Answered(Reply),
+    Answered(Box<Reply>),
     /// An MCP request from an authenticated caller: its body may now be read.
     Admitted(Admitted<'c>),
     /// OAuth discovery or the authorization-server facade (no authentication): its body, if
@@ -179,7 +181,7 @@ pub enum Admission<'c> {
     OAuth(crate::facade::Endpoint),
     /// Authentication waits for an identity provider (a JWKS refresh, an introspection
     /// call): [`Waiting::settle`], then admit again. Never for a cached token or an API key.
-    Pending(Waiting),
+    Pending(Box<Waiting>),
 }
 
 /// The longest a request waits for an identity provider before it is refused.
@@ -255,24 +257,24 @@ pub fn admit<'c>(
     let unrouted = |e: GatewayError| {
         let mut reply = Reply::error(&e, None, M_NONE);
         reply.audit.skip = true;
-        Admission::Answered(reply)
+        Admission::Answered(Box::new(reply))
     };
     let route = match path {
         "/health" | "/live" | "/ready" => {
             let mut reply = health(w, head, path);
             reply.audit.skip = true;
-            return Admission::Answered(reply);
+            return Admission::Answered(Box::new(reply));
         }
         _ if !crate::config::is_normal_path(path) => return unrouted(GatewayError::PathNotNormal),
         "/routes" => {
             let mut pending = None;
             let reply = with_challenge(cfg, path, routes(w, cfg, head, peer, &mut pending));
             return match pending {
-                Some(pending) => Admission::Pending(Waiting {
+                Some(pending) => Admission::Pending(Box::new(Waiting {
                     pending,
                     refusal: reply,
-                }),
-                None => Admission::Answered(reply),
+                })),
+                None => Admission::Answered(Box::new(reply)),
             };
         }
         _ => match legacy_route(cfg, head, path) {
@@ -307,10 +309,12 @@ pub fn admit<'c>(
         &mut pending,
     );
     match admitted {
-        Err((e, id, method)) if let Some(pending) = pending => Admission::Pending(Waiting {
-            pending,
-            refusal: with_challenge(cfg, path, refused(e, id, method, audit)),
-        }),
+        Err((e, id, method)) if let Some(pending) = pending => {
+            Admission::Pending(Box::new(Waiting {
+                pending,
+                refusal: with_challenge(cfg, path, refused(e, id, method, audit)),
+            }))
+        }
         Ok((caller, version)) => Admission::Admitted(Admitted {
             front,
             caller,
@@ -321,9 +325,11 @@ pub fn admit<'c>(
             audit,
             rated: false,
         }),
-        Err((e, id, method)) => {
-            Admission::Answered(with_challenge(cfg, path, refused(e, id, method, audit)))
-        }
+        Err((e, id, method)) => Admission::Answered(Box::new(with_challenge(
+            cfg,
+            path,
+            refused(e, id, method, audit),
+        ))),
     }
 }
 
@@ -483,7 +489,7 @@ impl Ctx<'_> {
     /// minted for a client that declared elicitation (`e.` prefix) verifies under its own
     /// binding (see `mcp::approval`).
     fn session(&self) -> Result<Option<Vec<u8>>, GatewayError> {
-        match &self.head.h.session_id {
+        match self.head.h.session_id() {
             Some(sid) if self.w.shared.ended_sessions.is_ended(sid) => {
                 Err(GatewayError::UnknownSession)
             }
@@ -493,7 +499,7 @@ impl Ctx<'_> {
                         rest,
                         std::borrow::Cow::Owned(approval::session_binding(self.session_route)),
                     ),
-                    None => (sid.as_str(), std::borrow::Cow::Borrowed(self.session_route)),
+                    None => (sid, std::borrow::Cow::Borrowed(self.session_route)),
                 };
                 self.w
                     .verify_session(&self.cfg.sessions, &self.caller.identity.id, &binding, sid)
@@ -676,7 +682,7 @@ fn admit_mcp<'c>(
     if front != Front::Streamable {
         // The legacy transport: one stream (GET) and its messages (POST, JSON); its clients
         // send no protocol-version header, and batches are theirs to send.
-        let version = match head.h.protocol_version {
+        let version = match head.h.protocol_version() {
             Some(_) => version,
             None => "2024-11-05",
         };
@@ -716,8 +722,8 @@ fn admit_mcp<'c>(
 /// leaves every decision to the body: no `Mcp-Method`, another method, no `Mcp-Name`, or one
 /// that does not decode (the body check answers it 400).
 fn head_target(head: &RequestHead) -> Option<(&str, Target)> {
-    let method = head.h.mcp_method.as_deref()?;
-    let name = transport::mcp_name(head.h.mcp_name.as_deref()?).ok()?;
+    let method = head.h.mcp_method()?;
+    let name = transport::mcp_name(head.h.mcp_name()?).ok()?;
     let target = match method {
         "tools/call" => Target::Tool(name.into_owned()),
         "resources/read" => Target::Resource(name.into_owned()),
@@ -775,7 +781,7 @@ pub async fn rate_on_head<'c>(
     head: &RequestHead,
     mut admitted: Admitted<'c>,
 ) -> Result<Admitted<'c>, Reply> {
-    let Some(method) = head.h.mcp_method.as_deref() else {
+    let Some(method) = head.h.mcp_method() else {
         return Ok(admitted);
     };
     let target = head_target(head).map(|(_, t)| t);
@@ -1321,7 +1327,7 @@ async fn post(
         Body::Single(m) => transport::check_method_headers(head, m).map_err(fail)?,
         // The headers describe one message: on a batch nothing could check them, and an
         // upstream routing on them would trust what no one decided.
-        Body::Batch(_) if head.h.mcp_method.is_some() || head.h.mcp_name.is_some() => {
+        Body::Batch(_) if head.h.mcp_method().is_some() || head.h.mcp_name().is_some() => {
             return Err(fail(GatewayError::InvalidRequest(
                 "Mcp-Method and Mcp-Name describe a single message; a batch must not carry them"
                     .into(),
@@ -1503,8 +1509,7 @@ async fn approval_step(
         let sid = cx
             .head
             .h
-            .session_id
-            .as_deref()
+            .session_id()
             .filter(|_| has_session)
             .ok_or(GatewayError::MissingSession)?;
         approval::answer(cx.w, id, &cx.caller.identity.id, sid, raw).await?;
@@ -1523,7 +1528,7 @@ async fn approval_step(
         && m.method_str() == "notifications/cancelled"
         && !legacy
         && has_session
-        && let Some(sid) = cx.head.h.session_id.as_deref()
+        && let Some(sid) = cx.head.h.session_id()
         && sid.starts_with(approval::ELICIT_SID_PREFIX)
         && let Some(call) = approval::cancelled_request(raw)
         && approval::cancel(cx.w, &cx.caller.identity.id, sid, &call).await
@@ -1541,7 +1546,7 @@ async fn approval_step(
         return Ok(None);
     };
     let id = m.id.clone().unwrap_or(RpcId::Num(0));
-    let sid = cx.head.h.session_id.as_deref();
+    let sid = cx.head.h.session_id();
     let record = |outcome: Outcome| {
         approval::record(
             cx.w,
@@ -1573,8 +1578,7 @@ async fn approval_step(
     let accepts_sse = cx
         .head
         .h
-        .accept
-        .as_deref()
+        .accept()
         .is_some_and(|a| a.contains("text/event-stream"));
     let sid = match sid {
         Some(s)
@@ -1933,7 +1937,7 @@ async fn delete(cx: &Ctx<'_>) -> Result<Reply, GatewayError> {
             .retain(|(name, _)| !name.eq_ignore_ascii_case("content-type"));
     }
     if (200..300).contains(&reply.status)
-        && let Some(sid) = &cx.head.h.session_id
+        && let Some(sid) = cx.head.h.session_id()
     {
         cx.w.shared.ended_sessions.end(sid);
     }
@@ -2038,7 +2042,7 @@ fn relay(resp: UpstreamResponse, method: usize, filter: Option<SseFilter>) -> Re
         }
     }
     r.body = match filter {
-        Some(f) => ReplyBody::FilteredEvents(resp, f),
+        Some(f) => ReplyBody::FilteredEvents(Box::new((resp, f))),
         None => ReplyBody::Upstream(resp),
     };
     r

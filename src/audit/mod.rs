@@ -195,8 +195,9 @@ fn push_u64(out: &mut String, mut n: u64) {
             break;
         }
     }
-    // Only ASCII digits were written.
-    out.push_str(std::str::from_utf8(&digits[at..]).unwrap_or("0"));
+    // Pushed as chars: the digits are ASCII, and a `from_utf8` per number cost more than the
+    // number itself.
+    out.extend(digits[at..].iter().map(|&d| char::from(d)));
 }
 
 /// Appends `n` as exactly `width` decimal digits (zero-padded; higher digits dropped).
@@ -206,7 +207,7 @@ fn push_padded(out: &mut String, mut n: u64, width: usize) {
         digits[at] = b'0' + (n % 10) as u8;
         n /= 10;
     }
-    out.push_str(std::str::from_utf8(&digits[..width]).unwrap_or(""));
+    out.extend(digits[..width].iter().map(|&d| char::from(d)));
 }
 
 /// Appends an address as `Display` writes it (dotted quad by hand; IPv6 through `fmt`).

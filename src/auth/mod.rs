@@ -517,14 +517,13 @@ impl Authenticator {
     ) -> Result<Caller<'a>, AuthError> {
         let bearer = head
             .h
-            .authorization
-            .as_deref()
+            .authorization()
             .and_then(|v| {
                 let (scheme, rest) = v.split_once(' ')?;
                 scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
             })
             .filter(|t| !t.is_empty());
-        let header_key = head.h.api_key.as_deref().filter(|k| !k.is_empty());
+        let header_key = head.h.api_key().filter(|k| !k.is_empty());
         if !self.requires_credentials() {
             return Ok(Caller {
                 identity: &self.anonymous,
@@ -619,7 +618,7 @@ impl Authenticator {
             }
             return self.authenticate_oauth(o, token, slot, cache);
         }
-        if head.h.authorization.is_some() || header_key.is_some() {
+        if head.h.authorization().is_some() || header_key.is_some() {
             // Credentials no configured provider understands.
             let method = if self.jwt.is_some() {
                 AuthMethod::Jwt

@@ -685,8 +685,7 @@ fn register(s: &AuthServer, head: &RequestHead, body: &[u8], peer: SocketAddr) -
     let bad = |why: &str| oauth_error(400, "invalid_client_metadata", why);
     let json_type = head
         .h
-        .content_type
-        .as_deref()
+        .content_type()
         .and_then(|c| c.split(';').next())
         .is_some_and(|c| c.trim().eq_ignore_ascii_case("application/json"));
     if !json_type {
@@ -1021,8 +1020,7 @@ fn consent(oauth: &Oauth, s: &AuthServer, head: &RequestHead, body: &[u8]) -> Re
     // An origin is serialised without a path, so never with a trailing slash.
     let same_origin = head
         .h
-        .origin
-        .as_deref()
+        .origin()
         .is_some_and(|o| o.eq_ignore_ascii_case(&oauth.public_url));
     if !same_origin {
         return error_page(
@@ -1276,8 +1274,7 @@ async fn callback(oauth: &Oauth, s: &AuthServer, head: &RequestHead, query: &str
 fn token(oauth: &Oauth, s: &AuthServer, head: &RequestHead, body: &[u8]) -> Reply {
     let form_type = head
         .h
-        .content_type
-        .as_deref()
+        .content_type()
         .and_then(|c| c.split(';').next())
         .is_some_and(|c| {
             c.trim()

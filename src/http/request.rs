@@ -62,45 +62,197 @@ impl RequestHead {
     }
 }
 
-/// The headers the gateway understands; values are trimmed and valid visible ASCII.
+/// The headers the gateway understands; values are trimmed and free of control characters.
+///
+/// The common ones ([`Kept`]) share one string: one allocation per head rather than one per
+/// header, and a head small enough to move cheaply. The trace context (rewritten in place when
+/// the gateway propagates its own span), cookies and certificate headers are held apart.
 #[derive(Debug, Clone, Default)]
 pub struct KnownHeaders {
-    /// Host
-    pub host: Option<String>,
-    /// Content-Type
-    pub content_type: Option<String>,
-    /// Accept (repeated headers joined by ", ")
-    pub accept: Option<String>,
-    /// Origin
-    pub origin: Option<String>,
-    /// Authorization
-    pub authorization: Option<String>,
-    /// X-API-Key
-    pub api_key: Option<String>,
-    /// Mcp-Session-Id
-    pub session_id: Option<String>,
-    /// MCP-Protocol-Version
-    pub protocol_version: Option<String>,
-    /// Mcp-Method
-    pub mcp_method: Option<String>,
-    /// Mcp-Name
-    pub mcp_name: Option<String>,
-    /// Last-Event-ID
-    pub last_event_id: Option<String>,
+    /// Every [`Kept`] value, one after another.
+    values: String,
+    /// Where each [`Kept`] value lies in `values` (`ABSENT` when the header was not sent).
+    spans: [Span; KEPT],
     /// traceparent
     pub traceparent: Option<String>,
-    /// tracestate
+    /// tracestate (repeated headers joined by ", ")
     pub tracestate: Option<String>,
-    /// X-Request-Id
-    pub request_id: Option<String>,
-    /// User-Agent
-    pub user_agent: Option<String>,
     /// Cookie (repeated headers joined by "; "); read only by the OAuth facade.
     pub cookie: Option<String>,
     /// `X-Client-Cert-*`, as a TLS terminator in front sets them (boxed: almost no request
     /// carries them). Read only for clients in `[auth.mtls] trusted_proxy_ips`, and never
     /// forwarded upstream.
     pub client_cert: Option<Box<ClientCertHeaders>>,
+}
+
+/// A value's place in [`KnownHeaders::values`]: `start..end`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Span {
+    start: u32,
+    end: u32,
+}
+
+/// The span of a header that was not sent.
+const ABSENT: Span = Span {
+    start: u32::MAX,
+    end: u32::MAX,
+};
+
+impl Default for Span {
+    fn default() -> Self {
+        ABSENT
+    }
+}
+
+/// The headers [`KnownHeaders`] keeps in its shared string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kept {
+    /// Host
+    Host,
+    /// Accept (repeated headers joined by ", ")
+    Accept,
+    /// Origin
+    Origin,
+    /// Content-Type
+    ContentType,
+    /// Authorization
+    Authorization,
+    /// X-API-Key
+    ApiKey,
+    /// Mcp-Session-Id
+    SessionId,
+    /// MCP-Protocol-Version
+    ProtocolVersion,
+    /// Mcp-Method
+    McpMethod,
+    /// Mcp-Name
+    McpName,
+    /// Last-Event-ID
+    LastEventId,
+    /// X-Request-Id
+    RequestId,
+    /// User-Agent
+    UserAgent,
+}
+
+/// How many [`Kept`] headers there are.
+const KEPT: usize = Kept::UserAgent as usize + 1;
+
+impl KnownHeaders {
+    /// The value of `which`, when the request sent it.
+    pub fn get(&self, which: Kept) -> Option<&str> {
+        let Span { start, end } = self.spans[which as usize];
+        if start == u32::MAX {
+            return None;
+        }
+        // Spans are only ever made from `values`' own length at a push, so they lie on char
+        // boundaries; `get` rather than indexing all the same, so no span could panic.
+        self.values.get(start as usize..end as usize)
+    }
+
+    /// Sets `which` to `value`, replacing what the request sent.
+    pub fn set(&mut self, which: Kept, value: &str) {
+        self.spans[which as usize] = self.push(value);
+    }
+
+    /// Forgets `which`, as if the request had not sent it.
+    pub fn remove(&mut self, which: Kept) {
+        self.spans[which as usize] = ABSENT;
+    }
+
+    /// Appends `value` to the shared string and says where it went. A head is at most
+    /// `max_header_bytes` (far below 4 GiB); past `u32` the value would be dropped, not
+    /// misplaced.
+    fn push(&mut self, value: &str) -> Span {
+        let start = self.values.len();
+        let Some(end) = start
+            .checked_add(value.len())
+            .filter(|&e| e < u32::MAX as usize)
+        else {
+            return ABSENT;
+        };
+        self.values.push_str(value);
+        Span {
+            start: start as u32,
+            end: end as u32,
+        }
+    }
+
+    /// Appends `value` to `which` after `separator` (a repeated header): the joined value is
+    /// written at the end of the shared string when it is not there already.
+    fn append(&mut self, which: Kept, separator: &str, value: &str) {
+        if self.get(which).is_none() {
+            self.set(which, value);
+            return;
+        }
+        if self.spans[which as usize].end as usize != self.values.len() {
+            // Not the last value written: copied to the end, where it can grow.
+            let existing = self.get(which).unwrap_or_default().to_owned();
+            self.spans[which as usize] = self.push(&existing);
+        }
+        let start = self.spans[which as usize].start;
+        self.push(separator);
+        let tail = self.push(value);
+        if start != u32::MAX && tail != ABSENT {
+            self.spans[which as usize] = Span {
+                start,
+                end: tail.end,
+            };
+        }
+    }
+
+    /// Host
+    pub fn host(&self) -> Option<&str> {
+        self.get(Kept::Host)
+    }
+    /// Accept (repeated headers joined by ", ")
+    pub fn accept(&self) -> Option<&str> {
+        self.get(Kept::Accept)
+    }
+    /// Origin
+    pub fn origin(&self) -> Option<&str> {
+        self.get(Kept::Origin)
+    }
+    /// Content-Type
+    pub fn content_type(&self) -> Option<&str> {
+        self.get(Kept::ContentType)
+    }
+    /// Authorization
+    pub fn authorization(&self) -> Option<&str> {
+        self.get(Kept::Authorization)
+    }
+    /// X-API-Key
+    pub fn api_key(&self) -> Option<&str> {
+        self.get(Kept::ApiKey)
+    }
+    /// Mcp-Session-Id
+    pub fn session_id(&self) -> Option<&str> {
+        self.get(Kept::SessionId)
+    }
+    /// MCP-Protocol-Version
+    pub fn protocol_version(&self) -> Option<&str> {
+        self.get(Kept::ProtocolVersion)
+    }
+    /// Mcp-Method
+    pub fn mcp_method(&self) -> Option<&str> {
+        self.get(Kept::McpMethod)
+    }
+    /// Mcp-Name
+    pub fn mcp_name(&self) -> Option<&str> {
+        self.get(Kept::McpName)
+    }
+    /// Last-Event-ID
+    pub fn last_event_id(&self) -> Option<&str> {
+        self.get(Kept::LastEventId)
+    }
+    /// X-Request-Id
+    pub fn request_id(&self) -> Option<&str> {
+        self.get(Kept::RequestId)
+    }
+    /// User-Agent
+    pub fn user_agent(&self) -> Option<&str> {
+        self.get(Kept::UserAgent)
+    }
 }
 
 /// The `X-Client-Cert-*` headers a TLS terminator passes on about its client's certificate.
@@ -186,6 +338,11 @@ pub fn parse_head(buf: &[u8], max_head: usize, max_body: u64) -> Result<HeadPars
     }
 
     let mut h = KnownHeaders::default();
+    // One allocation for every kept value: they are part of the head, so never longer.
+    h.values.reserve(head_len);
+    // Validated once: a head is almost always UTF-8 (ASCII) whole, and each value is then a
+    // slice of it, with no check of its own. A head that is not falls back to a check per value.
+    let whole = std::str::from_utf8(&buf[..head_len]).ok();
     let mut content_length: Option<u64> = None;
     let mut chunked = false;
     let mut saw_te = false;
@@ -199,24 +356,24 @@ pub fn parse_head(buf: &[u8], max_head: usize, max_body: u64) -> Result<HeadPars
             // Not read and never forwarded: no need to even look at its value.
             continue;
         }
+        let value = trim_blanks(header.value);
         if kind == HeaderKind::Cookie {
             // Read only by the OAuth facade's callback, never forwarded. A cookie the gateway
             // cannot read (set by something else on the host) is ignored rather than refused:
             // it must not break requests that never look at cookies.
-            if let Ok(v) = std::str::from_utf8(header.value)
-                && !v.bytes().any(|b| b < 0x20 && b != b'\t' || b == 0x7f)
+            if let Some(v) = value_str(buf, whole, value)
+                && !has_control(v.as_bytes())
             {
                 let cookies = h.cookie.get_or_insert_default();
                 if !cookies.is_empty() {
                     cookies.push_str("; ");
                 }
-                cookies.push_str(v.trim_matches([' ', '\t']));
+                cookies.push_str(v);
             }
             continue;
         }
-        let value = std::str::from_utf8(header.value)
-            .map_err(|_| HeadError::Malformed("header value is not UTF-8"))?
-            .trim_matches([' ', '\t']);
+        let value = value_str(buf, whole, value)
+            .ok_or(HeadError::Malformed("header value is not UTF-8"))?;
         match kind {
             HeaderKind::ContentLength => {
                 // RFC 9112 §6.3: differing lengths (also as a list) are unrecoverable framing
@@ -274,7 +431,7 @@ pub fn parse_head(buf: &[u8], max_head: usize, max_body: u64) -> Result<HeadPars
             "Transfer-Encoding in an HTTP/1.0 request",
         ));
     }
-    if minor_version == 1 && h.host.is_none() {
+    if minor_version == 1 && h.host().is_none() {
         return Err(HeadError::Malformed("missing Host header"));
     }
     let body = if chunked {
@@ -386,35 +543,107 @@ fn parse_length(s: &str) -> Option<u64> {
     })
 }
 
+/// `value` without the spaces and tabs around it (RFC 9110 section 5.5: not part of the value).
+fn trim_blanks(mut value: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = value {
+        value = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = value {
+        value = rest;
+    }
+    value
+}
+
+/// `value` (a slice of `buf`) as text: a slice of `whole` (`buf`'s head, when it is UTF-8)
+/// found by its offset, else checked on its own. `None` when it is not UTF-8.
+fn value_str<'b>(buf: &'b [u8], whole: Option<&'b str>, value: &'b [u8]) -> Option<&'b str> {
+    let offset = (value.as_ptr() as usize).wrapping_sub(buf.as_ptr() as usize);
+    match whole.and_then(|w| w.get(offset..offset.checked_add(value.len())?)) {
+        // `get` checked the range lies inside the head and on char boundaries; the bytes are
+        // the value's own only if the pointers agree (httparse's slices are into `buf`).
+        Some(s) if s.as_ptr() == value.as_ptr() => Some(s),
+        _ => std::str::from_utf8(value).ok(),
+    }
+}
+
+/// Whether `value` holds a control character other than HTAB. No early exit, so the compiler
+/// vectorizes it: values are short and almost never hold one, so the whole value is read anyway.
+fn has_control(value: &[u8]) -> bool {
+    value.iter().fold(false, |found, &b| {
+        found | ((b < 0x20) & (b != b'\t')) | (b == 0x7f)
+    })
+}
+
 fn store_known(h: &mut KnownHeaders, slot: Slot, value: &str) -> Result<(), HeadError> {
-    // Headers that identify the caller or the session may appear once: a duplicate is how a
-    // client would try to make two components see two different values.
-    let (field, single) = match slot {
-        Slot::Host => (&mut h.host, true),
-        Slot::Accept => (&mut h.accept, false),
-        Slot::Origin => (&mut h.origin, true),
-        Slot::ContentType => (&mut h.content_type, true),
-        Slot::Authorization => (&mut h.authorization, true),
-        Slot::ApiKey => (&mut h.api_key, true),
-        Slot::SessionId => (&mut h.session_id, true),
-        Slot::ProtocolVersion => (&mut h.protocol_version, true),
-        Slot::McpMethod => (&mut h.mcp_method, true),
-        Slot::McpName => (&mut h.mcp_name, true),
-        Slot::LastEventId => (&mut h.last_event_id, true),
-        Slot::Traceparent => (&mut h.traceparent, true),
-        Slot::Tracestate => (&mut h.tracestate, false),
-        Slot::RequestId => (&mut h.request_id, true),
-        Slot::UserAgent => (&mut h.user_agent, true),
-        // Each names one certificate field: a repeat is refused like any identity header.
-        Slot::CertVerified => (&mut h.client_cert.get_or_insert_default().verified, true),
-        Slot::CertCn => (&mut h.client_cert.get_or_insert_default().cn, true),
-        Slot::CertSanDns => (&mut h.client_cert.get_or_insert_default().san_dns, true),
-        Slot::CertSanEmail => (&mut h.client_cert.get_or_insert_default().san_email, true),
-        Slot::CertSanUri => (&mut h.client_cert.get_or_insert_default().san_uri, true),
-    };
-    if value.bytes().any(|b| b < 0x20 && b != b'\t' || b == 0x7f) {
+    if has_control(value.as_bytes()) {
         return Err(HeadError::Malformed("control character in header value"));
     }
+    // Headers that identify the caller or the session may appear once: a duplicate is how a
+    // client would try to make two components see two different values.
+    let (kept, single) = match slot {
+        Slot::Host => (Kept::Host, true),
+        Slot::Accept => (Kept::Accept, false),
+        Slot::Origin => (Kept::Origin, true),
+        Slot::ContentType => (Kept::ContentType, true),
+        Slot::Authorization => (Kept::Authorization, true),
+        Slot::ApiKey => (Kept::ApiKey, true),
+        Slot::SessionId => (Kept::SessionId, true),
+        Slot::ProtocolVersion => (Kept::ProtocolVersion, true),
+        Slot::McpMethod => (Kept::McpMethod, true),
+        Slot::McpName => (Kept::McpName, true),
+        Slot::LastEventId => (Kept::LastEventId, true),
+        Slot::RequestId => (Kept::RequestId, true),
+        Slot::UserAgent => (Kept::UserAgent, true),
+        Slot::Traceparent => return store_owned(&mut h.traceparent, true, value),
+        Slot::Tracestate => return store_owned(&mut h.tracestate, false, value),
+        // Each names one certificate field: a repeat is refused like any identity header.
+        Slot::CertVerified => {
+            return store_owned(
+                &mut h.client_cert.get_or_insert_default().verified,
+                true,
+                value,
+            );
+        }
+        Slot::CertCn => {
+            return store_owned(&mut h.client_cert.get_or_insert_default().cn, true, value);
+        }
+        Slot::CertSanDns => {
+            return store_owned(
+                &mut h.client_cert.get_or_insert_default().san_dns,
+                true,
+                value,
+            );
+        }
+        Slot::CertSanEmail => {
+            return store_owned(
+                &mut h.client_cert.get_or_insert_default().san_email,
+                true,
+                value,
+            );
+        }
+        Slot::CertSanUri => {
+            return store_owned(
+                &mut h.client_cert.get_or_insert_default().san_uri,
+                true,
+                value,
+            );
+        }
+    };
+    match h.get(kept) {
+        Some(_) if single => Err(HeadError::Malformed("duplicate header")),
+        Some(_) => {
+            h.append(kept, ", ", value);
+            Ok(())
+        }
+        None => {
+            h.set(kept, value);
+            Ok(())
+        }
+    }
+}
+
+/// [`store_known`] for a header held in its own string.
+fn store_owned(field: &mut Option<String>, single: bool, value: &str) -> Result<(), HeadError> {
     match field {
         Some(_) if single => Err(HeadError::Malformed("duplicate header")),
         Some(existing) => {
@@ -452,12 +681,62 @@ mod tests {
         assert_eq!(h.method, Method::Post);
         assert_eq!(h.path(), "/mcp");
         assert_eq!(h.body, BodyFraming::Length(12));
-        assert_eq!(
-            h.h.accept.as_deref(),
-            Some("application/json, text/event-stream")
-        );
-        assert_eq!(h.h.session_id.as_deref(), Some("abc"));
+        assert_eq!(h.h.accept(), Some("application/json, text/event-stream"));
+        assert_eq!(h.h.session_id(), Some("abc"));
         assert!(h.keep_alive);
+    }
+
+    #[test]
+    fn a_repeated_header_interleaved_with_others_joins_without_touching_them() {
+        // The second Accept arrives after other kept values: its first part moves to the end
+        // of the shared string, and no neighbour's value changes.
+        let h = complete(
+            "POST /mcp HTTP/1.1\r\nAccept: application/json\r\nHost: a\r\nX-API-Key: k1\r\nAccept: text/event-stream\r\nUser-Agent: ua\r\nAccept: */*\r\nContent-Length: 1\r\n\r\n",
+        );
+        assert_eq!(
+            h.h.accept(),
+            Some("application/json, text/event-stream, */*")
+        );
+        assert_eq!(h.h.host(), Some("a"));
+        assert_eq!(h.h.api_key(), Some("k1"));
+        assert_eq!(h.h.user_agent(), Some("ua"));
+        assert_eq!(h.h.origin(), None);
+    }
+
+    #[test]
+    fn kept_values_can_be_replaced_and_removed_without_disturbing_the_rest() {
+        let mut h = complete(
+            "POST /mcp HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer t\r\nMcp-Session-Id: s1\r\nMCP-Protocol-Version: 2025-03-26\r\nContent-Length: 1\r\n\r\n",
+        )
+        .h;
+        h.remove(Kept::Authorization);
+        h.set(Kept::ProtocolVersion, "2025-11-25");
+        assert_eq!(h.authorization(), None);
+        assert_eq!(h.protocol_version(), Some("2025-11-25"));
+        assert_eq!(h.session_id(), Some("s1"));
+        assert_eq!(h.host(), Some("a"));
+        // Joining onto nothing is setting; joining onto a value that is no longer the last
+        // one written moves it first.
+        h.append(Kept::Accept, ", ", "application/json");
+        h.set(Kept::Origin, "http://o");
+        h.append(Kept::Accept, ", ", "text/event-stream");
+        assert_eq!(h.accept(), Some("application/json, text/event-stream"));
+        assert_eq!(h.origin(), Some("http://o"));
+    }
+
+    #[test]
+    fn a_duplicate_of_a_single_header_is_refused_wherever_it_lies() {
+        for raw in [
+            "GET / HTTP/1.1\r\nHost: a\r\nMcp-Session-Id: s1\r\nAccept: x\r\nMcp-Session-Id: s2\r\n\r\n",
+            "GET / HTTP/1.1\r\nAuthorization: Bearer a\r\nHost: a\r\nauthorization: Bearer b\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nTraceparent: x\r\ntraceparent: y\r\n\r\n",
+        ] {
+            assert_eq!(
+                parse(raw).unwrap_err(),
+                HeadError::Malformed("duplicate header"),
+                "{raw:?}"
+            );
+        }
     }
 
     #[test]

@@ -230,8 +230,7 @@ async fn serve_request<S: Connection>(
     // it (when printable and short), never instead of it.
     let client_request_id = head
         .h
-        .request_id
-        .as_deref()
+        .request_id()
         .filter(|r| r.len() <= 128 && r.bytes().all(|b| b.is_ascii_graphic()))
         .map(str::to_string);
     let meta = ReqMeta {
@@ -259,7 +258,9 @@ async fn serve_request<S: Connection>(
     if let pipeline::Admission::Pending(waiting) = admission {
         waiting.settle(w).await;
         admission = match pipeline::admit(w, cfg, head, peer, &slot) {
-            pipeline::Admission::Pending(still) => pipeline::Admission::Answered(still.refuse(w)),
+            pipeline::Admission::Pending(still) => {
+                pipeline::Admission::Answered(Box::new(still.refuse(w)))
+            }
             other => other,
         };
     }
@@ -281,7 +282,7 @@ async fn serve_request<S: Connection>(
         }
         pipeline::Admission::OAuth(endpoint) => Err(endpoint),
         pipeline::Admission::Answered(reply) => {
-            return answer_unread(w, stream, buf, head, reply, &meta, out).await;
+            return answer_unread(w, stream, buf, head, *reply, &meta, out).await;
         }
     };
     let body = match read_body(w, stream, buf, head, cfg).await {
@@ -818,7 +819,8 @@ async fn write_reply<S: Connection>(
             out = o;
             ok && keep_alive
         }
-        ReplyBody::FilteredEvents(resp, filter) => {
+        ReplyBody::FilteredEvents(boxed) => {
+            let (resp, filter) = *boxed;
             // Rewritten events change length: always chunked to the client.
             streamed = true;
             write_head(&mut out, status, &headers, Framing::Chunked, keep_alive);
@@ -1047,7 +1049,7 @@ fn finish_span(
             .decision
             .unwrap_or(if status < 400 { "allow" } else { "error" }),
         upstream: info.upstream.as_deref(),
-        session: head.and_then(|h| h.h.session_id.as_deref()),
+        session: head.and_then(|h| h.h.session_id()),
         forwarded_at: info.forwarded_at,
     })
 }

@@ -276,7 +276,7 @@ impl Session {
         self.initialized.set(true);
         if let Some(v) = version {
             let mut next = (**self.head.borrow()).clone();
-            next.h.protocol_version = Some(v);
+            next.h.set(crate::http::request::Kept::ProtocolVersion, &v);
             *self.head.borrow_mut() = Rc::new(next);
         }
     }
@@ -352,15 +352,15 @@ pub fn open(w: &Worker, identity: &Arc<str>, route: &Arc<str>, head: &RequestHea
     // Only what an upstream request may carry of the client's head stays: never its
     // credentials, and nothing that described the GET itself.
     let h = &mut upstream_head.h;
-    h.authorization = None;
-    h.api_key = None;
-    h.session_id = None;
-    h.accept = None;
-    h.content_type = None;
-    h.last_event_id = None;
-    h.mcp_method = None;
-    h.mcp_name = None;
-    h.protocol_version = None;
+    h.remove(crate::http::request::Kept::Authorization);
+    h.remove(crate::http::request::Kept::ApiKey);
+    h.remove(crate::http::request::Kept::SessionId);
+    h.remove(crate::http::request::Kept::Accept);
+    h.remove(crate::http::request::Kept::ContentType);
+    h.remove(crate::http::request::Kept::LastEventId);
+    h.remove(crate::http::request::Kept::McpMethod);
+    h.remove(crate::http::request::Kept::McpName);
+    h.remove(crate::http::request::Kept::ProtocolVersion);
     let session = Rc::new(Session {
         serial,
         nonce: ticket.nonce,

@@ -14,7 +14,7 @@ pub const DEFAULT_VERSION: &str = "2025-03-26";
 
 /// A browser `Origin` must be listed; requests without one (non-browser clients) pass.
 pub fn check_origin(head: &RequestHead, allowed: &[String]) -> Result<(), GatewayError> {
-    let Some(origin) = &head.h.origin else {
+    let Some(origin) = head.h.origin() else {
         return Ok(());
     };
     let o = origin.trim_end_matches('/').to_ascii_lowercase();
@@ -27,11 +27,11 @@ pub fn check_origin(head: &RequestHead, allowed: &[String]) -> Result<(), Gatewa
 
 /// Validates `MCP-Protocol-Version`; returns the revision in effect.
 pub fn check_protocol_version(head: &RequestHead) -> Result<&'static str, GatewayError> {
-    match &head.h.protocol_version {
+    match head.h.protocol_version() {
         None => Ok(DEFAULT_VERSION),
         Some(v) => SUPPORTED_VERSIONS
             .iter()
-            .find(|s| **s == v.as_str())
+            .find(|s| **s == v)
             .copied()
             .ok_or_else(|| GatewayError::UnsupportedProtocolVersion(truncate(v, 64))),
     }
@@ -115,8 +115,11 @@ fn weight_is_zero(params: &str) -> bool {
 /// POST needs `Content-Type: application/json` and an Accept allowing JSON and SSE.
 pub fn check_post_headers(head: &RequestHead) -> Result<(), GatewayError> {
     check_content_type(head)?;
-    let accept = head.h.accept.as_deref().unwrap_or("");
-    if accepts_each(accept, ["application/json", "text/event-stream"]) != [true, true] {
+    let accept = head.h.accept().unwrap_or("");
+    // The form the official SDKs send, and the transport spells, is settled without parsing.
+    if accept != "application/json, text/event-stream"
+        && accepts_each(accept, ["application/json", "text/event-stream"]) != [true, true]
+    {
         return Err(GatewayError::NotAcceptable(
             "both application/json and text/event-stream",
         ));
@@ -126,7 +129,7 @@ pub fn check_post_headers(head: &RequestHead) -> Result<(), GatewayError> {
 
 /// A POSTed body must be declared JSON (both transports).
 pub fn check_content_type(head: &RequestHead) -> Result<(), GatewayError> {
-    let ct_ok = head.h.content_type.as_deref().is_some_and(|ct| {
+    let ct_ok = head.h.content_type().is_some_and(|ct| {
         ct.split(';')
             .next()
             .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
@@ -139,11 +142,7 @@ pub fn check_content_type(head: &RequestHead) -> Result<(), GatewayError> {
 
 /// GET opens an SSE stream, so Accept must allow text/event-stream.
 pub fn check_stream_accept(head: &RequestHead) -> Result<(), GatewayError> {
-    if accepts_each(
-        head.h.accept.as_deref().unwrap_or(""),
-        ["text/event-stream"],
-    ) == [true]
-    {
+    if accepts_each(head.h.accept().unwrap_or(""), ["text/event-stream"]) == [true] {
         Ok(())
     } else {
         Err(GatewayError::NotAcceptable("text/event-stream"))
@@ -181,15 +180,15 @@ pub fn mcp_name(value: &str) -> Result<std::borrow::Cow<'_, str>, String> {
 /// routes on headers must not be told one thing while the server is told another. A name in
 /// the base64 form is compared decoded.
 pub fn check_method_headers(head: &RequestHead, m: &Message) -> Result<(), GatewayError> {
-    if let Some(hm) = &head.h.mcp_method
-        && Some(hm.as_str()) != m.method.as_deref()
+    if let Some(hm) = head.h.mcp_method()
+        && Some(hm) != m.method.as_deref()
     {
         return Err(GatewayError::HeaderMismatch(format!(
             "Mcp-Method header `{}` does not match the body's method",
             truncate(hm, 64)
         )));
     }
-    if let Some(hn) = &head.h.mcp_name {
+    if let Some(hn) = head.h.mcp_name() {
         let name = mcp_name(hn).map_err(GatewayError::HeaderMismatch)?;
         let body_name = match &m.target {
             Some(Target::Tool(n)) | Some(Target::Prompt(n)) | Some(Target::Resource(n)) => {

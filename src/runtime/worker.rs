@@ -25,9 +25,11 @@ const VERIFIED_SESSIONS: usize = 4096;
 
 /// Session id → (identity and route it was verified for, payload).
 /// The codec generation the entries were verified under, and id → (identity, route, payload).
+/// Keyed by foldhash: an id is cached only once its MAC verified, so no client chooses the
+/// keys (a lookup's key is the client's, but lookups cannot crowd a bucket).
 type VerifiedSessions = (
     u64,
-    std::collections::HashMap<String, (Arc<str>, Arc<str>, Vec<u8>)>,
+    std::collections::HashMap<String, (Arc<str>, Arc<str>, Vec<u8>), foldhash::fast::RandomState>,
 );
 
 /// Session ids a client ended with DELETE. An id stays verifiable under its MAC after the
@@ -260,7 +262,7 @@ impl Worker {
             auth_failure_audit: RefCell::new(AuthFailureAudit::default()),
             limiter: LocalLimiter::new(shared.workers),
             audit,
-            verified_sessions: RefCell::new((0, std::collections::HashMap::new())),
+            verified_sessions: RefCell::new((0, std::collections::HashMap::default())),
             request_seq: Cell::new(0),
             request_prefix: u64::from_be_bytes(random_bytes::<8>()) & 0xffff_ffff,
             shared,

@@ -33,7 +33,7 @@ const IDLE_TTL: Duration = Duration::from_secs(50);
 /// such an answer within the identity whose request caused it, never another tenant's.
 #[derive(Default)]
 pub struct Pool {
-    idle: RefCell<HashMap<PoolKey, IdleList>>,
+    idle: RefCell<HashMap<PoolKey, IdleList, foldhash::fast::RandomState>>,
     /// Idle connections held, all keys together (bounded by [`MAX_IDLE_TOTAL`]).
     idle_total: std::cell::Cell<usize>,
     /// Keys the owner hashes (random per worker, so nobody can choose an identity name whose
@@ -150,7 +150,7 @@ impl Pool {
 }
 
 /// Drops the idle entries past [`IDLE_TTL`] and the keys left empty; how many remain.
-fn drop_expired<C>(idle: &mut HashMap<PoolKey, Vec<(C, Instant)>>, now: Instant) -> usize {
+fn drop_expired<C, S>(idle: &mut HashMap<PoolKey, Vec<(C, Instant)>, S>, now: Instant) -> usize {
     idle.retain(|_, list| {
         list.retain(|(_, since)| now.saturating_duration_since(*since) < IDLE_TTL);
         !list.is_empty()

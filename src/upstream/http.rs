@@ -42,13 +42,13 @@ pub async fn exchange(
     // there is no body to check them against, so they are not forwarded.
     let post = method == "POST";
     for (name, v) in [
-        ("mcp-protocol-version", h.protocol_version.as_ref()),
-        ("mcp-method", h.mcp_method.as_ref().filter(|_| post)),
-        ("mcp-name", h.mcp_name.as_ref().filter(|_| post)),
-        ("last-event-id", h.last_event_id.as_ref()),
-        ("traceparent", h.traceparent.as_ref()),
-        ("tracestate", h.tracestate.as_ref()),
-        ("user-agent", h.user_agent.as_ref()),
+        ("mcp-protocol-version", h.protocol_version()),
+        ("mcp-method", h.mcp_method().filter(|_| post)),
+        ("mcp-name", h.mcp_name().filter(|_| post)),
+        ("last-event-id", h.last_event_id()),
+        ("traceparent", h.traceparent.as_deref()),
+        ("tracestate", h.tracestate.as_deref()),
+        ("user-agent", h.user_agent()),
     ] {
         if let Some(v) = v {
             headers.push((name, v));
