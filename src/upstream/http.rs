@@ -81,19 +81,17 @@ pub async fn exchange(
     }
     let in_flight = server.begin(target.replica);
     let started = Instant::now();
-    match crate::runtime::deadlines::timeout(
-        out.timeout,
-        super::connections::send_request(
-            &w.pool,
-            &ep.addrs,
-            method,
-            request,
-            share,
-            w.pool.owner_of(out.binding),
-        ),
-    )
-    .await
-    {
+    // Pinned where it is made, and the timeout given a reference: a future of a kilobyte is
+    // otherwise copied into the timeout and then into this one's state.
+    let send = std::pin::pin!(super::connections::send_request(
+        &w.pool,
+        &ep.addrs,
+        method,
+        request,
+        share,
+        w.pool.owner_of(out.binding),
+    ));
+    match crate::runtime::deadlines::timeout(out.timeout, send).await {
         Ok(Ok(mut resp)) => {
             replica.state.succeeded();
             // The call's timeout covers an answer read whole, not only its head.
