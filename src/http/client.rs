@@ -257,10 +257,17 @@ fn parse_response_head(buf: &[u8]) -> Result<Option<ResponseHead>, &'static str>
     let mut chunked = false;
     let mut content_type = None;
     let mut session_id = None;
+    // The head's UTF-8 is checked once; each value is then a slice of it (see `value_str`).
+    let whole = std::str::from_utf8(&buf[..len]).ok();
     for h in resp.headers.iter() {
-        let value = std::str::from_utf8(h.value)
-            .map_err(|_| "non-UTF-8 upstream header")?
+        let value = crate::http::request::value_str(buf, whole, h.value)
+            .ok_or("non-UTF-8 upstream header")?
             .trim();
+        // Most of an answer's headers (Date, Server, ...) are none of these: the length tells
+        // them apart before any name is compared.
+        if !matches!(h.name.len(), 10 | 12 | 14 | 17) {
+            continue;
+        }
         if h.name.eq_ignore_ascii_case("content-length") {
             let n: u64 = value.parse().map_err(|_| "bad upstream Content-Length")?;
             if content_length.is_some_and(|p| p != n) {
@@ -637,5 +644,35 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn response_header_values_are_read_from_a_head_checked_once_or_one_by_one() {
+        // UTF-8 whole: values sliced from the checked head, names of other lengths skipped.
+        let h = parse_response_head(
+            b"HTTP/1.1 200 OK\r\nDate: x\r\nContent-Type:  application/json \r\nServer: y\r\nMcp-Session-Id: s-1\r\nContent-Length: 2\r\n\r\n",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(h.content_type.as_deref(), Some("application/json"));
+        assert_eq!(h.session_id.as_deref(), Some("s-1"));
+        assert_eq!(h.framing, RespFraming::Length(2));
+        // Not UTF-8 whole (obs-text in the reason phrase): each value is checked on its own.
+        let h = parse_response_head(
+            b"HTTP/1.1 200 \xffK\r\nContent-Type: text/event-stream\r\nContent-Length: 0\r\n\r\n",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(h.content_type.as_deref(), Some("text/event-stream"));
+        // A value that is not UTF-8 is refused, whichever header carries it.
+        for head in [
+            &b"HTTP/1.1 200 OK\r\nX-Other: \xc3\r\nContent-Length: 0\r\n\r\n"[..],
+            &b"HTTP/1.1 200 OK\r\nContent-Type: \xff\xfe\r\nContent-Length: 0\r\n\r\n"[..],
+        ] {
+            assert_eq!(
+                parse_response_head(head).err(),
+                Some("non-UTF-8 upstream header")
+            );
+        }
     }
 }

@@ -556,7 +556,11 @@ fn trim_blanks(mut value: &[u8]) -> &[u8] {
 
 /// `value` (a slice of `buf`) as text: a slice of `whole` (`buf`'s head, when it is UTF-8)
 /// found by its offset, else checked on its own. `None` when it is not UTF-8.
-fn value_str<'b>(buf: &'b [u8], whole: Option<&'b str>, value: &'b [u8]) -> Option<&'b str> {
+pub(crate) fn value_str<'b>(
+    buf: &'b [u8],
+    whole: Option<&'b str>,
+    value: &'b [u8],
+) -> Option<&'b str> {
     let offset = (value.as_ptr() as usize).wrapping_sub(buf.as_ptr() as usize);
     match whole.and_then(|w| w.get(offset..offset.checked_add(value.len())?)) {
         // `get` checked the range lies inside the head and on char boundaries; the bytes are
