@@ -67,7 +67,7 @@ impl RequestHead {
 /// The common ones ([`Kept`]) share one string: one allocation per head rather than one per
 /// header, and a head small enough to move cheaply. The trace context (rewritten in place when
 /// the gateway propagates its own span), cookies and certificate headers are held apart.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct KnownHeaders {
     /// Every [`Kept`] value, one after another.
     values: String,
@@ -83,6 +83,36 @@ pub struct KnownHeaders {
     /// carries them). Read only for clients in `[auth.mtls] trusted_proxy_ips`, and never
     /// forwarded upstream.
     pub client_cert: Option<Box<ClientCertHeaders>>,
+}
+
+impl std::fmt::Debug for KnownHeaders {
+    /// The values by name, as they are read (the shared string also holds bytes no span
+    /// refers to any more: a value replaced, or moved to grow).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut d = f.debug_struct("KnownHeaders");
+        for (name, which) in [
+            ("host", Kept::Host),
+            ("accept", Kept::Accept),
+            ("origin", Kept::Origin),
+            ("content_type", Kept::ContentType),
+            ("authorization", Kept::Authorization),
+            ("api_key", Kept::ApiKey),
+            ("session_id", Kept::SessionId),
+            ("protocol_version", Kept::ProtocolVersion),
+            ("mcp_method", Kept::McpMethod),
+            ("mcp_name", Kept::McpName),
+            ("last_event_id", Kept::LastEventId),
+            ("request_id", Kept::RequestId),
+            ("user_agent", Kept::UserAgent),
+        ] {
+            d.field(name, &self.get(which));
+        }
+        d.field("traceparent", &self.traceparent)
+            .field("tracestate", &self.tracestate)
+            .field("cookie", &self.cookie)
+            .field("client_cert", &self.client_cert)
+            .finish()
+    }
 }
 
 /// A value's place in [`KnownHeaders::values`]: `start..end`.
@@ -155,9 +185,17 @@ impl KnownHeaders {
         self.spans[which as usize] = self.push(value);
     }
 
-    /// Forgets `which`, as if the request had not sent it.
+    /// Forgets `which`, as if the request had not sent it. Its bytes are overwritten, not
+    /// only unreferenced: a head stripped of its credentials (the legacy transport's upstream
+    /// head) holds none of them any more.
     pub fn remove(&mut self, which: Kept) {
-        self.spans[which as usize] = ABSENT;
+        let Span { start, end } = std::mem::replace(&mut self.spans[which as usize], ABSENT);
+        if start != u32::MAX {
+            let blank = "*".repeat((end - start) as usize);
+            // Same length, ASCII over whole chars: every other span stays where it was.
+            self.values
+                .replace_range(start as usize..end as usize, &blank);
+        }
     }
 
     /// Appends `value` to the shared string and says where it went. A head is at most
@@ -716,6 +754,10 @@ mod tests {
         h.remove(Kept::Authorization);
         h.set(Kept::ProtocolVersion, "2025-11-25");
         assert_eq!(h.authorization(), None);
+        assert!(
+            !h.values.contains("Bearer t") && !format!("{h:?}").contains("Bearer t"),
+            "a removed credential leaves no bytes behind"
+        );
         assert_eq!(h.protocol_version(), Some("2025-11-25"));
         assert_eq!(h.session_id(), Some("s1"));
         assert_eq!(h.host(), Some("a"));

@@ -14,7 +14,7 @@
 
 use crate::error::GatewayError;
 use crate::http::client::UpstreamResponse;
-use crate::http::request::RequestHead;
+use crate::http::request::{Kept, RequestHead};
 use crate::http::sse::{SseDecoder, push_event};
 use crate::mcp::jsonrpc::{Body, Kind, RpcId};
 use crate::runtime::shutdown::LocalShutdown;
@@ -276,7 +276,7 @@ impl Session {
         self.initialized.set(true);
         if let Some(v) = version {
             let mut next = (**self.head.borrow()).clone();
-            next.h.set(crate::http::request::Kept::ProtocolVersion, &v);
+            next.h.set(Kept::ProtocolVersion, &v);
             *self.head.borrow_mut() = Rc::new(next);
         }
     }
@@ -352,15 +352,15 @@ pub fn open(w: &Worker, identity: &Arc<str>, route: &Arc<str>, head: &RequestHea
     // Only what an upstream request may carry of the client's head stays: never its
     // credentials, and nothing that described the GET itself.
     let h = &mut upstream_head.h;
-    h.remove(crate::http::request::Kept::Authorization);
-    h.remove(crate::http::request::Kept::ApiKey);
-    h.remove(crate::http::request::Kept::SessionId);
-    h.remove(crate::http::request::Kept::Accept);
-    h.remove(crate::http::request::Kept::ContentType);
-    h.remove(crate::http::request::Kept::LastEventId);
-    h.remove(crate::http::request::Kept::McpMethod);
-    h.remove(crate::http::request::Kept::McpName);
-    h.remove(crate::http::request::Kept::ProtocolVersion);
+    h.remove(Kept::Authorization);
+    h.remove(Kept::ApiKey);
+    h.remove(Kept::SessionId);
+    h.remove(Kept::Accept);
+    h.remove(Kept::ContentType);
+    h.remove(Kept::LastEventId);
+    h.remove(Kept::McpMethod);
+    h.remove(Kept::McpName);
+    h.remove(Kept::ProtocolVersion);
     let session = Rc::new(Session {
         serial,
         nonce: ticket.nonce,
