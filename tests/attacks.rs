@@ -2066,3 +2066,44 @@ fn newlines_in_tool_names_cannot_inject_audit_lines() {
     lab.barrier(ALICE, &sid);
     lab.assert_child_never_called(|n| n.contains('\n') || n.contains('\r') || n == DENIED);
 }
+
+/// Red team round 6: a bearer token was trimmed with `str::trim`, so a key with NBSP, U+3000
+/// or NEL after it (or before it) authenticated, where the same bytes in X-API-Key did not.
+#[test]
+fn a_bearer_token_is_trimmed_of_spaces_and_tabs_only() {
+    let lab = stdio_lab();
+    for (before, after) in [
+        ("", "\u{a0}"),
+        ("", "\u{3000}"),
+        ("", "\u{2028}"),
+        ("", "\u{85}"),
+        ("\u{2003}", ""),
+    ] {
+        for header in [
+            format!("Authorization: Bearer {before}{ALICE}{after}\r\n"),
+            format!("X-API-Key: {before}{ALICE}{after}\r\n"),
+        ] {
+            let r = request(lab.addr(), &mcp_post_raw(INIT, None, &header));
+            assert_eq!(r.status, 401, "{header:?} authenticated as alice");
+        }
+    }
+    // Spaces and tabs around the token are padding, in either header.
+    for header in [
+        format!("Authorization: Bearer  {ALICE}\t\r\n"),
+        format!("Authorization: Bearer \t{ALICE}\r\n"),
+        format!("X-API-Key: \t{ALICE} \r\n"),
+    ] {
+        let r = request(lab.addr(), &mcp_post_raw(INIT, None, &header));
+        assert_eq!(r.status, 200, "{header:?}");
+    }
+}
+
+/// Red team round 6: a lone LF ended a header line, so a proxy splitting on CRLF only would
+/// not see the key (or the Content-Length) the gateway read.
+#[test]
+fn a_key_behind_a_bare_lf_is_refused_not_read() {
+    let lab = stdio_lab();
+    let header = format!("X-Foo: a\nX-API-Key: {ALICE}\r\n");
+    let r = request(lab.addr(), &mcp_post_raw(INIT, None, &header));
+    assert_eq!(r.status, 400, "{:?}", r.body);
+}

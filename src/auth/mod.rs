@@ -520,7 +520,12 @@ impl Authenticator {
             .authorization()
             .and_then(|v| {
                 let (scheme, rest) = v.split_once(' ')?;
-                scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+                // Spaces and tabs only (RFC 9110 whitespace, as around every header value):
+                // `str::trim` would also take NBSP or U+3000 off the end, so that a key with them
+                // appended authenticated here but not in X-API-Key (red team round 6).
+                scheme
+                    .eq_ignore_ascii_case("bearer")
+                    .then(|| rest.trim_matches([' ', '\t']))
             })
             .filter(|t| !t.is_empty());
         let header_key = head.h.api_key().filter(|k| !k.is_empty());

@@ -360,6 +360,12 @@ pub fn parse_head(buf: &[u8], max_head: usize, max_body: u64) -> Result<HeadPars
     if head_len > max_head {
         return Err(HeadError::TooLarge);
     }
+    // httparse ends a line at a lone LF, as RFC 9112 section 2.2 allows; a proxy in front may
+    // not, and would then not have seen the headers read here (a Content-Length, a key):
+    // refused, as every other framing the hops could read differently.
+    if memchr::memchr_iter(b'\n', &buf[..head_len]).any(|i| i == 0 || buf[i - 1] != b'\r') {
+        return Err(HeadError::Malformed("bare LF in request head"));
+    }
     let minor_version = req.version.unwrap_or(1);
     let method = match req.method.unwrap_or("") {
         "GET" => Method::Get,
@@ -768,6 +774,28 @@ mod tests {
         h.append(Kept::Accept, ", ", "text/event-stream");
         assert_eq!(h.accept(), Some("application/json, text/event-stream"));
         assert_eq!(h.origin(), Some("http://o"));
+    }
+
+    #[test]
+    fn a_bare_lf_anywhere_in_the_head_is_refused() {
+        for raw in [
+            "POST /mcp HTTP/1.1\r\nHost: a\r\nX-Foo: a\nContent-Length: 5\r\n\r\nhello",
+            "POST /mcp HTTP/1.1\nHost: a\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nX-Foo: a\nX-API-Key: k\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\n\n",
+            "\nGET / HTTP/1.1\r\nHost: a\r\n\r\n",
+        ] {
+            assert_eq!(
+                parse(raw).unwrap_err(),
+                HeadError::Malformed("bare LF in request head"),
+                "{raw:?}"
+            );
+        }
+        // A body's own LFs are not the head's.
+        assert!(matches!(
+            parse("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\na\nb"),
+            Ok(HeadParse::Complete(_))
+        ));
     }
 
     #[test]
