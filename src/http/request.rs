@@ -518,24 +518,12 @@ enum HeaderKind {
     Other,
 }
 
-/// Where a kept header goes in [`KnownHeaders`].
+/// Where a kept header goes in [`KnownHeaders`]: the shared string, or a field of its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Slot {
-    Host,
-    Accept,
-    Origin,
-    ContentType,
-    Authorization,
-    ApiKey,
-    SessionId,
-    ProtocolVersion,
-    McpMethod,
-    McpName,
-    LastEventId,
+    Kept(Kept),
     Traceparent,
     Tracestate,
-    RequestId,
-    UserAgent,
     CertVerified,
     CertCn,
     CertSanDns,
@@ -548,26 +536,26 @@ fn header_kind(name: &str) -> HeaderKind {
     // Length first: most headers are told apart without comparing a single byte.
     let is = |s: &str| name.eq_ignore_ascii_case(s);
     match name.len() {
-        4 if is("host") => Known(Slot::Host),
-        6 if is("accept") => Known(Slot::Accept),
-        6 if is("origin") => Known(Slot::Origin),
+        4 if is("host") => Known(Slot::Kept(Kept::Host)),
+        6 if is("accept") => Known(Slot::Kept(Kept::Accept)),
+        6 if is("origin") => Known(Slot::Kept(Kept::Origin)),
         6 if is("expect") => HeaderKind::Expect,
         6 if is("cookie") => HeaderKind::Cookie,
-        8 if is("mcp-name") => Known(Slot::McpName),
-        9 if is("x-api-key") => Known(Slot::ApiKey),
+        8 if is("mcp-name") => Known(Slot::Kept(Kept::McpName)),
+        9 if is("x-api-key") => Known(Slot::Kept(Kept::ApiKey)),
         10 if is("connection") => HeaderKind::Connection,
-        10 if is("mcp-method") => Known(Slot::McpMethod),
+        10 if is("mcp-method") => Known(Slot::Kept(Kept::McpMethod)),
         10 if is("tracestate") => Known(Slot::Tracestate),
-        10 if is("user-agent") => Known(Slot::UserAgent),
+        10 if is("user-agent") => Known(Slot::Kept(Kept::UserAgent)),
         11 if is("traceparent") => Known(Slot::Traceparent),
-        12 if is("content-type") => Known(Slot::ContentType),
-        12 if is("x-request-id") => Known(Slot::RequestId),
-        13 if is("authorization") => Known(Slot::Authorization),
-        13 if is("last-event-id") => Known(Slot::LastEventId),
+        12 if is("content-type") => Known(Slot::Kept(Kept::ContentType)),
+        12 if is("x-request-id") => Known(Slot::Kept(Kept::RequestId)),
+        13 if is("authorization") => Known(Slot::Kept(Kept::Authorization)),
+        13 if is("last-event-id") => Known(Slot::Kept(Kept::LastEventId)),
         14 if is("content-length") => HeaderKind::ContentLength,
-        14 if is("mcp-session-id") => Known(Slot::SessionId),
+        14 if is("mcp-session-id") => Known(Slot::Kept(Kept::SessionId)),
         17 if is("transfer-encoding") => HeaderKind::TransferEncoding,
-        20 if is("mcp-protocol-version") => Known(Slot::ProtocolVersion),
+        20 if is("mcp-protocol-version") => Known(Slot::Kept(Kept::ProtocolVersion)),
         16 if is("x-client-cert-cn") => Known(Slot::CertCn),
         21 if is("x-client-cert-san-dns") => Known(Slot::CertSanDns),
         21 if is("x-client-cert-san-uri") => Known(Slot::CertSanUri),
@@ -642,20 +630,8 @@ fn store_known(h: &mut KnownHeaders, slot: Slot, value: &str) -> Result<(), Head
     }
     // Headers that identify the caller or the session may appear once: a duplicate is how a
     // client would try to make two components see two different values.
-    let (kept, single) = match slot {
-        Slot::Host => (Kept::Host, true),
-        Slot::Accept => (Kept::Accept, false),
-        Slot::Origin => (Kept::Origin, true),
-        Slot::ContentType => (Kept::ContentType, true),
-        Slot::Authorization => (Kept::Authorization, true),
-        Slot::ApiKey => (Kept::ApiKey, true),
-        Slot::SessionId => (Kept::SessionId, true),
-        Slot::ProtocolVersion => (Kept::ProtocolVersion, true),
-        Slot::McpMethod => (Kept::McpMethod, true),
-        Slot::McpName => (Kept::McpName, true),
-        Slot::LastEventId => (Kept::LastEventId, true),
-        Slot::RequestId => (Kept::RequestId, true),
-        Slot::UserAgent => (Kept::UserAgent, true),
+    let kept = match slot {
+        Slot::Kept(kept) => kept,
         Slot::Traceparent => return store_owned(&mut h.traceparent, true, value),
         Slot::Tracestate => return store_owned(&mut h.tracestate, false, value),
         // Each names one certificate field: a repeat is refused like any identity header.
@@ -691,6 +667,8 @@ fn store_known(h: &mut KnownHeaders, slot: Slot, value: &str) -> Result<(), Head
             );
         }
     };
+    // Only Accept is a list a client may spread over several lines.
+    let single = kept != Kept::Accept;
     match h.get(kept) {
         Some(_) if single => Err(HeadError::Malformed("duplicate header")),
         Some(_) => {
