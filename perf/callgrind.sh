@@ -4,7 +4,12 @@
 # upstream. Instruction counts do not move with the machine's load, so a change's effect on the
 # gateway's own work shows on a shared VM where timings move by ±10 %.
 #
-#   perf/callgrind.sh [guard|passthrough] [REQUESTS]     (after `cargo build --release --workspace`)
+#   perf/callgrind.sh [guard|passthrough|tools_list_100|tools_list_all] [REQUESTS]
+#                                                         (after `cargo build --release --workspace`)
+#
+# The tools_list pair is the harness's: the same full guard, a 100-tool (~20 KiB) tools/list
+# answer, filtered to half for tools_list_100 and relayed whole for tools_list_all; the
+# difference between the two is the filter's cost.
 #
 # Prints instructions per request (all threads; the audit writer apart) and the functions with
 # the most inclusive instructions; leaves the profile in $OUT (default /tmp/mcp-guard-callgrind)
@@ -31,16 +36,27 @@ wait_for_address() { # file -> host:port printed after "listening on http://"
   echo "no listening address in $1" >&2; exit 1
 }
 
-target/release/perf upstream --threads 1 >"$out/upstream.log" 2>&1 &
+case "$scenario" in
+  guard | passthrough) tools=5 call=echo ;;
+  tools_list_100 | tools_list_all) tools=100 call=tools_list ;;
+  *) echo "unknown scenario $scenario" >&2; exit 2 ;;
+esac
+
+target/release/perf upstream --threads 1 --tools "$tools" >"$out/upstream.log" 2>&1 &
 pids+=($!)
 upstream=$(wait_for_address "$out/upstream.log")
 
 {
   printf '[server]\nhost = "127.0.0.1"\nport = 0\nworkers = 1\n\n[admin]\nport = 0\n\n'
   printf '[upstream]\ntransport = "http"\nurl = "http://%s/mcp"\n\n' "$upstream"
-  if [ "$scenario" = guard ]; then
-    # The perf harness's `guard` scenario: API key, tool policy, rate limit, audit file.
-    printf '[[auth.api_keys]]\nid = "perf"\nkey_hash = "oNtTxBO8b6J3SxRCrD+weuf3watudilxAdoYlAE5lYM="\nallowed_tools = ["echo"]\n\n'
+  if [ "$scenario" != passthrough ]; then
+    # The perf harness's guarded scenarios: API key, tool policy, rate limit, audit file.
+    case "$scenario" in
+      tools_list_100) allowed='["echo", "echo_sse", "tool_0*0", "tool_0*2", "tool_0*4", "tool_0*6", "tool_0*8"]' ;;
+      tools_list_all) allowed='[]' ;;
+      *) allowed='["echo"]' ;;
+    esac
+    printf '[[auth.api_keys]]\nid = "perf"\nkey_hash = "oNtTxBO8b6J3SxRCrD+weuf3watudilxAdoYlAE5lYM="\nallowed_tools = %s\n\n' "$allowed"
     printf '[rate_limit]\nenabled = true\nrequests_per_second = 1000000000\nburst_size = 1000000000\n\n'
     printf '[audit]\nenabled = true\nfile = "%s/audit.jsonl"\n' "$out"
   else
@@ -55,9 +71,9 @@ pids+=($!)
 gateway=$(wait_for_address "$out/gateway.log")
 
 drive() { # requests on one connection, each answer read whole before the next is sent
-  python3 - "$gateway" "$1" <<'PY'
+  python3 - "$gateway" "$1" "$call" <<'PY'
 import re, socket, sys
-host, port = sys.argv[1].rsplit(":", 1); n = int(sys.argv[2])
+host, port = sys.argv[1].rsplit(":", 1); n = int(sys.argv[2]); call = sys.argv[3]
 s = socket.create_connection((host, int(port)))
 base = (f"POST /mcp HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
         "Accept: application/json, text/event-stream\r\nAuthorization: Bearer perf-load-generator-key\r\n")
@@ -79,7 +95,10 @@ h = exchange(base, '{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"pro
 sid = re.search(r"(?i)mcp-session-id: *(\S+)", h)
 head = base + "Mcp-Protocol-Version: 2025-11-25\r\n" + (f"Mcp-Session-Id: {sid.group(1)}\r\n" if sid else "")
 for i in range(1, n + 1):
-    exchange(head, '{"jsonrpc":"2.0","id":%d,"method":"tools/call","params":{"name":"echo","arguments":{"text":"hello"}}}' % i)
+    if call == "echo":
+        exchange(head, '{"jsonrpc":"2.0","id":%d,"method":"tools/call","params":{"name":"echo","arguments":{"text":"hello"}}}' % i)
+    else:
+        exchange(head, '{"jsonrpc":"2.0","id":%d,"method":"tools/list","params":{}}' % i)
 PY
 }
 

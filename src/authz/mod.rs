@@ -81,14 +81,11 @@ impl Matcher {
     }
 }
 
-/// A compiled glob: the common shapes (`prefix*`, `*suffix`, `*infix*`) are plain substring
-/// tests, any other glob without `?` is literal pieces found in order, and the rest runs the
-/// general matcher over bytes; none allocates.
+/// A compiled glob: one without `?` is literal pieces found in order (`prefix*`, `*suffix`
+/// and `*infix*` among them), and the rest runs the general matcher over bytes; neither
+/// allocates.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Glob {
-    Prefix(String),
-    Suffix(String),
-    Contains(String),
     Pieces(Pieces),
     General(Vec<u8>),
 }
@@ -131,8 +128,16 @@ impl Pieces {
         {
             return false;
         }
-        let mut rest = &name[first.len()..name.len() - last.len()];
-        for piece in &self.middle {
+        self.middle.is_empty()
+            || Self::found_in_order(&self.middle, &name[first.len()..name.len() - last.len()])
+    }
+
+    /// Whether each piece of `middle` occurs in `rest`, in order, without overlapping. Out of
+    /// line: a substring searcher needs a large stack frame, which every glob test would
+    /// otherwise set up (a filtered `tools/list` asks once per glob and listed tool).
+    #[inline(never)]
+    fn found_in_order(middle: &[String], mut rest: &[u8]) -> bool {
+        for piece in middle {
             match memchr::memmem::find(rest, piece.as_bytes()) {
                 Some(at) => rest = &rest[at + piece.len()..],
                 None => return false,
@@ -144,22 +149,6 @@ impl Pieces {
 
 impl Glob {
     fn new(p: &str) -> Self {
-        let inner_wild = |s: &str| s.contains(['*', '?']);
-        if let Some(prefix) = p.strip_suffix('*')
-            && !inner_wild(prefix)
-        {
-            return Glob::Prefix(prefix.to_string());
-        }
-        if let Some(suffix) = p.strip_prefix('*')
-            && !inner_wild(suffix)
-        {
-            return Glob::Suffix(suffix.to_string());
-        }
-        if let Some(mid) = p.strip_prefix('*').and_then(|r| r.strip_suffix('*'))
-            && !inner_wild(mid)
-        {
-            return Glob::Contains(mid.to_string());
-        }
         match Pieces::new(p) {
             Some(pieces) => Glob::Pieces(pieces),
             None => Glob::General(p.as_bytes().to_vec()),
@@ -168,9 +157,6 @@ impl Glob {
 
     fn matches(&self, name: &str) -> bool {
         match self {
-            Glob::Prefix(p) => crate::bytes::starts_with(name.as_bytes(), p.as_bytes()),
-            Glob::Suffix(s) => crate::bytes::ends_with(name.as_bytes(), s.as_bytes()),
-            Glob::Contains(m) => name.contains(m.as_str()),
             Glob::Pieces(p) => p.matches(name),
             Glob::General(p) => wildcard(p, name.as_bytes()),
         }
@@ -464,6 +450,7 @@ mod tests {
             }
         }
         assert!(matches!(Glob::new("tool_0*0"), Glob::Pieces(_)));
+        assert!(matches!(Glob::new("*mid*"), Glob::Pieces(_)));
         assert!(matches!(Glob::new("a?*b"), Glob::General(_)));
     }
 

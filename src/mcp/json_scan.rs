@@ -110,13 +110,8 @@ struct Scanner<'a> {
 impl<'a> Scanner<'a> {
     /// Skips whitespace; the byte there, not consumed (`None` at the end).
     fn ws(&mut self) -> Option<u8> {
-        while let Some(&c) = self.bytes.get(self.pos) {
-            match c {
-                b' ' | b'\t' | b'\n' | b'\r' => self.pos += 1,
-                _ => return Some(c),
-            }
-        }
-        None
+        self.pos = skip_ws(self.bytes, self.pos);
+        self.bytes.get(self.pos).copied()
     }
 
     /// One message (any value) at the current position.
@@ -277,74 +272,119 @@ impl<'a> Scanner<'a> {
     /// A member's key and its colon.
     #[inline(always)]
     fn key(&mut self) -> Result<Str, Refused> {
-        if self.ws() != Some(b'"') {
+        let b = self.bytes;
+        let open = skip_ws(b, self.pos);
+        if b.get(open) != Some(&b'"') {
             return Err(Refused::Invalid);
         }
-        let key = self.string()?;
-        if self.ws() != Some(b':') {
+        let (close, escaped) = string_end(b, open)?;
+        let colon = skip_ws(b, close + 1);
+        if b.get(colon) != Some(&b':') {
             return Err(Refused::Invalid);
         }
-        self.pos += 1;
-        // A control character in a member name (only an escape can put one there) is read by
-        // C decoders that stop at NUL as a shorter name: `"name\u0000"` would be a second
-        // `name` or `tools` to them. An answer a tool gate reads is refused, not filtered, when
-        // any member name in it holds one (the check runs wherever the scan reads a key).
-        if self.gated && key.escaped && self.decode_key(&key).chars().any(|c| c < ' ') {
-            return Err(Refused::Unfilterable);
+        if self.gated && escaped {
+            self.refuse_control_in_key(open + 1..close)?;
         }
-        Ok(key)
+        self.pos = colon + 1;
+        Ok(Str {
+            range: open + 1..close,
+            escaped,
+        })
     }
 
-    /// Checks one value of any kind and moves past it, without recursion.
+    /// [`Self::key`] where only the position after it matters: where the colon of the member
+    /// name at or after `i` ends. (Kept apart so that no key is built, in memory, to be
+    /// dropped.)
+    #[inline(always)]
+    fn skip_key(&self, i: usize) -> Result<usize, Refused> {
+        let b = self.bytes;
+        let open = skip_ws(b, i);
+        if b.get(open) != Some(&b'"') {
+            return Err(Refused::Invalid);
+        }
+        let (close, escaped) = string_end(b, open)?;
+        let colon = skip_ws(b, close + 1);
+        if b.get(colon) != Some(&b':') {
+            return Err(Refused::Invalid);
+        }
+        if self.gated && escaped {
+            self.refuse_control_in_key(open + 1..close)?;
+        }
+        Ok(colon + 1)
+    }
+
+    /// A control character in a member name (only an escape can put one there) is read by C
+    /// decoders that stop at NUL as a shorter name: `"name\u0000"` would be a second `name` or
+    /// `tools` to them. An answer a tool gate reads is refused, not filtered, when any member
+    /// name in it holds one (the check runs wherever the scan reads a key).
+    #[cold]
+    fn refuse_control_in_key(&self, range: Range<usize>) -> Result<(), Refused> {
+        let key = Str {
+            range,
+            escaped: true,
+        };
+        if self.decode_key(&key).chars().any(|c| c < ' ') {
+            return Err(Refused::Unfilterable);
+        }
+        Ok(())
+    }
+
+    /// Checks one value of any kind and moves past it, without recursion. The position and
+    /// the stack of open containers are locals while it runs: kept in the scanner, each push
+    /// would make the compiler store and reload the position around it.
     fn skip_value(&mut self) -> Result<(), Refused> {
-        let base = self.stack.len();
+        let b = self.bytes;
+        let mut i = self.pos;
+        let mut stack = std::mem::take(&mut self.stack);
+        let base = stack.len();
         loop {
-            match self.ws() {
+            i = skip_ws(b, i);
+            match b.get(i) {
                 Some(b'{') => {
-                    self.pos += 1;
-                    if self.ws() == Some(b'}') {
-                        self.pos += 1;
+                    i = skip_ws(b, i + 1);
+                    if b.get(i) == Some(&b'}') {
+                        i += 1;
                     } else {
-                        self.stack.push(b'}');
-                        self.key()?;
+                        stack.push(b'}');
+                        i = self.skip_key(i)?;
                         continue;
                     }
                 }
                 Some(b'[') => {
-                    self.pos += 1;
-                    if self.ws() == Some(b']') {
-                        self.pos += 1;
+                    i = skip_ws(b, i + 1);
+                    if b.get(i) == Some(&b']') {
+                        i += 1;
                     } else {
-                        self.stack.push(b']');
+                        stack.push(b']');
                         continue;
                     }
                 }
-                Some(b'"') => {
-                    self.string()?;
-                }
-                Some(b'-' | b'0'..=b'9') => self.number()?,
-                Some(b't') => self.literal(b"true")?,
-                Some(b'f') => self.literal(b"false")?,
-                Some(b'n') => self.literal(b"null")?,
+                Some(b'"') => i = string_end(b, i)?.0 + 1,
+                Some(b'-' | b'0'..=b'9') => i = number_end(b, i)?,
+                Some(b't') => i = literal_end(b, i, b"true")?,
+                Some(b'f') => i = literal_end(b, i, b"false")?,
+                Some(b'n') => i = literal_end(b, i, b"null")?,
                 _ => return Err(Refused::Invalid),
             }
             // A value ended: close the containers it ends, or go on to the next value.
             loop {
-                if self.stack.len() == base {
+                let Some(&close) = stack.get(base..).and_then(<[u8]>::last) else {
+                    self.pos = i;
+                    self.stack = stack;
                     return Ok(());
-                }
-                let close = self.stack.last().copied();
-                match self.ws() {
+                };
+                i = skip_ws(b, i);
+                match b.get(i) {
                     Some(b',') => {
-                        self.pos += 1;
-                        if close == Some(b'}') {
-                            self.key()?;
+                        i += 1;
+                        if close == b'}' {
+                            i = self.skip_key(i)?;
                         }
                         break;
                     }
-                    c if c.is_some() && c == close => {
-                        self.pos += 1;
-                        self.stack.pop();
+                    Some(&c) if c == close => {
+                        i += 1;
+                        stack.pop();
                     }
                     _ => return Err(Refused::Invalid),
                 }
@@ -355,89 +395,41 @@ impl<'a> Scanner<'a> {
     /// The string at the current position (on its opening quote).
     #[inline(always)]
     fn string(&mut self) -> Result<Str, Refused> {
-        let start = self.pos + 1;
-        let mut i = start;
-        let mut escaped = false;
-        loop {
-            i = plain_run_end(self.bytes, i);
-            match self.bytes.get(i) {
-                Some(b'"') => {
-                    self.pos = i + 1;
-                    return Ok(Str {
-                        range: start..i,
-                        escaped,
-                    });
-                }
-                Some(b'\\') => {
-                    escaped = true;
-                    match self.bytes.get(i + 1) {
-                        Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => i += 2,
-                        Some(b'u')
-                            if self
-                                .bytes
-                                .get(i + 2..i + 6)
-                                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) =>
-                        {
-                            i += 6
-                        }
-                        _ => return Err(Refused::Invalid),
-                    }
-                }
-                // A control character, or the end of the body.
-                _ => return Err(Refused::Invalid),
-            }
-        }
+        let (close, escaped) = string_end(self.bytes, self.pos)?;
+        let range = self.pos + 1..close;
+        self.pos = close + 1;
+        Ok(Str { range, escaped })
     }
 
-    /// The number at the current position, by JSON's grammar (no leading zeros, digits after
-    /// `.` and after the exponent mark).
-    fn number(&mut self) -> Result<(), Refused> {
-        let b = self.bytes;
-        let mut i = self.pos;
-        let digits = |mut i: usize| {
-            while b.get(i).is_some_and(u8::is_ascii_digit) {
-                i += 1;
-            }
-            i
-        };
-        if b.get(i) == Some(&b'-') {
-            i += 1;
-        }
-        match b.get(i) {
-            Some(b'0') => i += 1,
-            Some(b'1'..=b'9') => i = digits(i + 1),
-            _ => return Err(Refused::Invalid),
-        }
-        if b.get(i) == Some(&b'.') {
-            if !b.get(i + 1).is_some_and(u8::is_ascii_digit) {
-                return Err(Refused::Invalid);
-            }
-            i = digits(i + 1);
-        }
-        if matches!(b.get(i), Some(b'e' | b'E')) {
-            i += 1;
-            if matches!(b.get(i), Some(b'+' | b'-')) {
-                i += 1;
-            }
-            if !b.get(i).is_some_and(u8::is_ascii_digit) {
-                return Err(Refused::Invalid);
-            }
-            i = digits(i);
-        }
-        self.pos = i;
-        Ok(())
-    }
-
-    fn literal(&mut self, word: &[u8]) -> Result<(), Refused> {
-        if self.bytes.get(self.pos..self.pos + word.len()) != Some(word) {
-            return Err(Refused::Invalid);
-        }
-        self.pos += word.len();
-        Ok(())
-    }
-
-    /// How a key compares with the member name `target` (lowercase ASCII).
+    /// How a key compares with the member name `target` (lowercase ASCII). Inlined: called
+    /// with a key the scan has just built, which would otherwise go through memory.
+    #[inline(always)]
     fn key_match(&self, key: &Str, target: &str) -> KeyMatch {
+        if !key.escaped {
+            // The raw bytes are the name. A twin of the same length is ASCII (each character
+            // that folds to ASCII from outside it takes two or three bytes), and one of another
+            // length holds such a character, so is longer and not ASCII: most members are
+            // settled here without decoding.
+            let raw = self.bytes.get(key.range.clone()).unwrap_or_default();
+            if raw.len() == target.len() {
+                return if crate::bytes::eq(raw, target.as_bytes()) {
+                    KeyMatch::Exact
+                } else if raw.eq_ignore_ascii_case(target.as_bytes()) {
+                    KeyMatch::Twin
+                } else {
+                    KeyMatch::Other
+                };
+            }
+            if raw.len() < target.len() || raw.is_ascii() {
+                return KeyMatch::Other;
+            }
+        }
+        self.key_match_decoded(key, target)
+    }
+
+    /// [`Self::key_match`] for a key with escapes or characters outside ASCII.
+    #[inline(never)]
+    fn key_match_decoded(&self, key: &Str, target: &str) -> KeyMatch {
         let name = self.decode_key(key);
         if crate::bytes::eq(name.as_bytes(), target.as_bytes()) {
             KeyMatch::Exact
@@ -479,11 +471,94 @@ enum KeyMatch {
     Other,
 }
 
+/// Where the whitespace from `i` ends.
+#[inline(always)]
+fn skip_ws(b: &[u8], mut i: usize) -> usize {
+    while let Some(b' ' | b'\t' | b'\n' | b'\r') = b.get(i) {
+        i += 1;
+    }
+    i
+}
+
+/// The string whose opening quote is at `open`: where its closing quote lies, and whether it
+/// holds an escape.
+#[inline(always)]
+fn string_end(b: &[u8], open: usize) -> Result<(usize, bool), Refused> {
+    let mut i = open + 1;
+    let mut escaped = false;
+    loop {
+        i = plain_run_end(b, i);
+        match b.get(i) {
+            Some(b'"') => return Ok((i, escaped)),
+            Some(b'\\') => {
+                escaped = true;
+                match b.get(i + 1) {
+                    Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => i += 2,
+                    Some(b'u')
+                        if b.get(i + 2..i + 6)
+                            .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) =>
+                    {
+                        i += 6
+                    }
+                    _ => return Err(Refused::Invalid),
+                }
+            }
+            // A control character, or the end of the body.
+            _ => return Err(Refused::Invalid),
+        }
+    }
+}
+
+/// Where the number starting at `i` ends, by JSON's grammar (no leading zeros, digits after
+/// `.` and after the exponent mark).
+fn number_end(b: &[u8], mut i: usize) -> Result<usize, Refused> {
+    let digits = |mut i: usize| {
+        while b.get(i).is_some_and(u8::is_ascii_digit) {
+            i += 1;
+        }
+        i
+    };
+    if b.get(i) == Some(&b'-') {
+        i += 1;
+    }
+    match b.get(i) {
+        Some(b'0') => i += 1,
+        Some(b'1'..=b'9') => i = digits(i + 1),
+        _ => return Err(Refused::Invalid),
+    }
+    if b.get(i) == Some(&b'.') {
+        if !b.get(i + 1).is_some_and(u8::is_ascii_digit) {
+            return Err(Refused::Invalid);
+        }
+        i = digits(i + 1);
+    }
+    if matches!(b.get(i), Some(b'e' | b'E')) {
+        i += 1;
+        if matches!(b.get(i), Some(b'+' | b'-')) {
+            i += 1;
+        }
+        if !b.get(i).is_some_and(u8::is_ascii_digit) {
+            return Err(Refused::Invalid);
+        }
+        i = digits(i);
+    }
+    Ok(i)
+}
+
+/// Where the literal `word` starting at `i` ends.
+fn literal_end(b: &[u8], i: usize, word: &[u8]) -> Result<usize, Refused> {
+    if b.get(i..i + word.len()) != Some(word) {
+        return Err(Refused::Invalid);
+    }
+    Ok(i + word.len())
+}
+
 /// Where the run of plain string bytes from `i` ends: the first quote, backslash or control
 /// character at or after `i`, or the end. Eight bytes at a time: in a word, a byte equal to
 /// `c` is a zero byte of `word ^ c`, and `(x - 0x01..) & !x & 0x80..` flags zero bytes
 /// (`(x - 0x20..) & !x & 0x80..` flags bytes below 0x20); the lowest flag of each is exact, as
 /// borrows only run upward, so the lowest flag of the three together is the first stop.
+#[inline(always)]
 fn plain_run_end(b: &[u8], mut i: usize) -> usize {
     #[cfg(target_arch = "x86_64")]
     match sse2::plain_run_end_16(b, i) {
