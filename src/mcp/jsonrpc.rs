@@ -278,6 +278,42 @@ fn unique_get<'t, 'i>(
     Ok(found)
 }
 
+/// The members of a message's envelope, in the order of [`ENVELOPE`].
+const ENVELOPE: [&str; 6] = ["id", "jsonrpc", "method", "result", "error", "params"];
+
+/// [`unique_get`] of each [`ENVELOPE`] member, in one pass over the object: each member is
+/// compared only with the names of its length when it is ASCII (a twin of another length holds
+/// `ſ` or the Kelvin sign), with all of them otherwise. Each answer is the one `unique_get`
+/// gives: the first duplicate or twin met for that name, else the member or nothing.
+fn envelope_members<'t, 'i>(
+    obj: &simd_json::tape::Object<'t, 'i>,
+) -> [Result<Option<TapeValue<'t, 'i>>, String>; 6] {
+    let mut found: [Result<Option<TapeValue<'t, 'i>>, String>; 6] =
+        std::array::from_fn(|_| Ok(None));
+    for (k, v) in obj.iter() {
+        let ascii = k.is_ascii();
+        for (slot, key) in found.iter_mut().zip(ENVELOPE) {
+            if ascii && k.len() != key.len() {
+                continue;
+            }
+            let Ok(seen) = slot else {
+                continue;
+            };
+            if k == key {
+                *slot = match seen {
+                    Some(_) => Err(format!("duplicate \"{key}\" member")),
+                    None => Ok(Some(v)),
+                };
+            } else if folds_to(k, key) {
+                *slot = Err(format!(
+                    "member \"{k}\" differs from \"{key}\" only in case; refused"
+                ));
+            }
+        }
+    }
+    found
+}
+
 /// Whether `name` equals the lowercase ASCII `key` under case folding as lenient JSON decoders
 /// apply it (ASCII case, plus U+017F `ſ` → `s` and U+212A `K` → `k`).
 pub(crate) fn folds_to(name: &str, key: &str) -> bool {
@@ -334,19 +370,20 @@ fn classify_one(v: TapeValue<'_, '_>) -> Result<Message, ClassifyError> {
     let Some(obj) = v.as_object() else {
         return Err(invalid("message must be a JSON object".into(), None));
     };
+    let [id, jsonrpc, method, result, error, params] = envelope_members(&obj);
     // Read the id first so later errors can echo it.
-    let id = match unique_get(&obj, "id").map_err(|m| invalid(m, None))? {
+    let id = match id.map_err(|m| invalid(m, None))? {
         Some(idv) => Some(read_id(idv).map_err(|m| invalid(m, None))?),
         None => None,
     };
-    match unique_get(&obj, "jsonrpc").map_err(|m| invalid(m, id.clone()))? {
+    match jsonrpc.map_err(|m| invalid(m, id.clone()))? {
         Some(j) if j.as_str() == Some("2.0") => {}
         _ => return Err(invalid("\"jsonrpc\" must be \"2.0\"".into(), id)),
     }
-    let method = unique_get(&obj, "method").map_err(|m| invalid(m, id.clone()))?;
-    let result = unique_get(&obj, "result").map_err(|m| invalid(m, id.clone()))?;
-    let error = unique_get(&obj, "error").map_err(|m| invalid(m, id.clone()))?;
-    let params = unique_get(&obj, "params").map_err(|m| invalid(m, id.clone()))?;
+    let method = method.map_err(|m| invalid(m, id.clone()))?;
+    let result = result.map_err(|m| invalid(m, id.clone()))?;
+    let error = error.map_err(|m| invalid(m, id.clone()))?;
+    let params = params.map_err(|m| invalid(m, id.clone()))?;
     let Some(method) = method else {
         // A response from the client to a server-initiated request.
         let Some(id) = id else {
@@ -469,6 +506,69 @@ mod tests {
         match classify(s).unwrap() {
             Body::Single(m) => m,
             b => panic!("expected single, got {b:?}"),
+        }
+    }
+
+    #[test]
+    fn the_one_pass_envelope_lookup_answers_as_unique_get_does() {
+        // Every object of up to three members drawn from the envelope's names, their twins
+        // (case, `ſ`, the Kelvin sign, escapes) and strangers: each slot holds what
+        // `unique_get` says of that name, error text included.
+        let names = [
+            "id",
+            "ID",
+            "Id",
+            "jsonrpc",
+            "JSONRPC",
+            "method",
+            "Method",
+            "result",
+            "reſult",
+            "error",
+            "Error",
+            "params",
+            "paramſ",
+            "PARAMS",
+            "\\u0069d",
+            "idx",
+            "m",
+            "methods",
+            "\u{212a}ey",
+            "rpc",
+            "é",
+        ];
+        let mut bodies = Vec::new();
+        for a in names {
+            bodies.push(vec![a]);
+            for b in names {
+                bodies.push(vec![a, b]);
+                for c in ["id", "Params", "method", "x"] {
+                    bodies.push(vec![a, b, c]);
+                }
+            }
+        }
+        for members in bodies {
+            let text = format!(
+                "{{{}}}",
+                members
+                    .iter()
+                    .enumerate()
+                    .map(|(i, m)| format!("\"{m}\":{i}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+            let mut scratch = text.clone().into_bytes();
+            let tape = simd_json::to_tape(&mut scratch).unwrap();
+            let obj = tape.as_value().as_object().unwrap();
+            let one_pass = envelope_members(&obj);
+            for (got, key) in one_pass.iter().zip(ENVELOPE) {
+                let want = unique_get(&obj, key);
+                let as_text = |r: &Result<Option<TapeValue<'_, '_>>, String>| match r {
+                    Ok(v) => Ok(v.as_ref().and_then(|v| v.as_i64())),
+                    Err(e) => Err(e.clone()),
+                };
+                assert_eq!(as_text(got), as_text(&want), "{key} in {text}");
+            }
         }
     }
 
