@@ -237,7 +237,8 @@ pub struct ServerSection {
     #[schemars(extend("x-type" = "seconds (whole number, at least 1)"))]
     pub body_timeout_secs: u64,
     /// Tool names outside the MCP character set (`A-Z a-z 0-9 _ - .`, 1–128 characters) are
-    /// refused with -32602. `false` relaxes it, at the risk that an upstream folding case or
+    /// refused with -32602, and left out of the `tools/list` answers of a caller whose tool
+    /// rule filters them. `false` relaxes both, at the risk that an upstream folding case or
     /// Unicode (`read_ſecret`) runs a tool a deny rule was written for.
     pub strict_tool_names: bool,
     /// Open connections across all workers; beyond it new connections get 503.

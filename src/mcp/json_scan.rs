@@ -19,7 +19,7 @@ pub enum Refused {
     /// Not JSON.
     Invalid,
     /// A message whose tool list cannot be checked: `result` or `tools` given twice (or beside
-    /// a member differing only in case), or `tools` not an array.
+    /// a member differing only in case), `tools` not an array, or a batch nested in a batch.
     Unfilterable,
 }
 
@@ -73,6 +73,7 @@ pub fn body(text: &str, find_tools: bool) -> Result<Body<'_>, Refused> {
         pos: 0,
         stack: Vec::new(),
         gated: find_tools,
+        nested_batch: false,
     };
     let mut messages = Vec::new();
     let batch = s.ws() == Some(b'[');
@@ -86,6 +87,9 @@ pub fn body(text: &str, find_tools: bool) -> Result<Body<'_>, Refused> {
     }
     if s.ws().is_some() {
         return Err(Refused::Invalid);
+    }
+    if s.nested_batch {
+        return Err(Refused::Unfilterable);
     }
     Ok(Body { batch, messages })
 }
@@ -105,6 +109,8 @@ struct Scanner<'a> {
     stack: Vec<u8>,
     /// Tool lists are looked for (a tool gate reads this answer).
     gated: bool,
+    /// A batch holds an array, which a gated answer may not (see [`Scanner::message`]).
+    nested_batch: bool,
 }
 
 impl<'a> Scanner<'a> {
@@ -118,6 +124,12 @@ impl<'a> Scanner<'a> {
     fn message(&mut self, find_tools: bool) -> Result<Message<'a>, Refused> {
         let first = self.ws();
         let start = self.pos;
+        // An array inside a batch is no JSON-RPC message, but a client that flattens nested
+        // batches would read the lists inside it: a gated answer holding one is refused.
+        // (Only once the whole body is read: what is not JSON is refused as that.)
+        if find_tools && first == Some(b'[') {
+            self.nested_batch = true;
+        }
         let mut tools = None;
         if find_tools && first == Some(b'{') {
             let mut seen = false;
@@ -778,6 +790,30 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_nested_in_a_batch_is_refused_only_when_lists_are_looked_for() {
+        let list = r#"{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"rm"}]}}"#;
+        for (text, messages) in [
+            (format!("[[{list}]]"), 1),
+            (format!("[{list},[{list}]]"), 2),
+            ("[[]]".to_string(), 1),
+        ] {
+            assert_eq!(
+                body(&text, true).map(|_| ()),
+                Err(Refused::Unfilterable),
+                "{text}"
+            );
+            // An answer no gate reads is only checked to be JSON and split.
+            assert_eq!(
+                body(&text, false).unwrap().messages.len(),
+                messages,
+                "{text}"
+            );
+        }
+        // Other values inside a batch hold no list and stay relayable.
+        assert_eq!(body("[1,\"x\",null,{}]", true).unwrap().messages.len(), 4);
+    }
+
+    #[test]
     fn anything_but_json_is_refused() {
         for text in [
             "",
@@ -829,7 +865,10 @@ mod tests {
     #[test]
     fn deep_nesting_is_scanned_without_recursion() {
         let deep = format!("{}{}", "[".repeat(200_000), "]".repeat(200_000));
-        assert!(body(&deep, true).is_ok());
+        assert!(body(&deep, false).is_ok());
+        // Arrays in a batch: refused for a gate, once read to the end.
+        assert_eq!(body(&deep, true).unwrap_err(), Refused::Unfilterable);
+        assert_eq!(body(&deep[1..], true).unwrap_err(), Refused::Invalid);
         let open = format!(
             r#"{{"result":{{"tools":[{{"name":"a","x":{}}}]}}}}"#,
             "[".repeat(100_000)

@@ -25,7 +25,7 @@ use crate::authz::Policy;
 use crate::config::Settings;
 use crate::mcp::filter::{ToolGate, Unfilterable, filter_message};
 use crate::mcp::json_scan::{self, Message};
-use crate::mcp::jsonrpc::{Body, Kind};
+use crate::mcp::jsonrpc::{Body, Kind, is_spec_tool_name};
 use crate::mcp::redact::Redactor;
 use std::sync::Arc;
 
@@ -77,6 +77,10 @@ struct PinStep {
 pub struct Transform {
     /// The caller's policy, when its tool rule restricts what `tools/list` may show.
     tools: Option<Arc<Policy>>,
+    /// `server.strict_tool_names`: a tool whose name a call would be refused for is not shown
+    /// to a caller the tool rule applies to (it could only serve to spoof a name in a client's
+    /// interface or carry text into a model's prompt).
+    strict_names: bool,
     /// Tool-definition pinning, when on.
     pins: Option<PinStep>,
     /// Secret redaction, with how often each detector fired on this request's answers.
@@ -90,6 +94,7 @@ impl Transform {
     pub fn tools_only(policy: Arc<Policy>) -> Self {
         Self {
             tools: Some(policy),
+            strict_names: true,
             pins: None,
             redact: None,
             details: Vec::new(),
@@ -101,6 +106,7 @@ impl Transform {
         let fired = vec![0; redactor.len()];
         Self {
             tools: None,
+            strict_names: true,
             pins: None,
             redact: Some((redactor, fired)),
             details: Vec::new(),
@@ -140,6 +146,7 @@ impl Transform {
             .map(|r| (r.clone(), vec![0; r.len()]));
         (tools.is_some() || pins.is_some() || redact.is_some()).then_some(Self {
             tools,
+            strict_names: cfg.server.strict_tool_names,
             pins,
             redact,
             details: Vec::new(),
@@ -240,7 +247,9 @@ impl Transform {
 
 impl ToolGate for Transform {
     fn keep(&self, name: &str, tool: &str) -> bool {
-        let permitted = self.tools.as_ref().is_none_or(|p| p.tools.keep(name, tool));
+        let permitted = self.tools.as_ref().is_none_or(|p| {
+            (!self.strict_names || is_spec_tool_name(name)) && p.tools.keep(name, tool)
+        });
         // Checked even when the policy drops the tool: a change is found by the first list
         // that shows it, whoever asked.
         let pinned = self.pins.as_ref().is_none_or(|p| {
