@@ -341,8 +341,9 @@ fn read_as_client(body: &[u8]) -> Option<Result<Vec<ReadMessage>, ()>> {
         vec![serde_json::from_str(text).ok()?]
     };
     let read = |m: &RawValue| -> Result<Option<Vec<Option<String>>>, ()> {
-        // A control character in any member name makes the message unfilterable.
-        if control_in_a_member_name(m) {
+        // A control character in any member name makes the message unfilterable, and so does
+        // an array inside a batch (a client flattening batches would read lists in it).
+        if control_in_a_member_name(m) || m.get().starts_with('[') {
             return Err(());
         }
         let Ok(top) = serde_json::from_str::<Members<'_>>(m.get()) else {
