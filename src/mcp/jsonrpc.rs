@@ -462,11 +462,21 @@ fn classify_one(v: TapeValue<'_, '_>) -> Result<Message, ClassifyError> {
 /// `A-Z a-z 0-9 _ - .`. Anything else may be folded by an upstream (case, Unicode
 /// compatibility forms such as `ſ` for `s`) into a name a deny rule was written for.
 pub fn is_spec_tool_name(name: &str) -> bool {
-    (1..=128).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+    (1..=128).contains(&name.len()) && name.bytes().all(|b| TOOL_NAME_BYTE[usize::from(b)])
 }
+
+/// The bytes of [`is_spec_tool_name`], as a table: the `tools/list` filter asks once per listed
+/// tool, and a lookup is one load per byte where the range tests were several branches.
+const TOOL_NAME_BYTE: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.');
+        b += 1;
+    }
+    table
+};
 
 fn required_param(
     params: &Option<TapeValue<'_, '_>>,

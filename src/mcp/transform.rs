@@ -248,7 +248,7 @@ impl Transform {
 impl ToolGate for Transform {
     fn keep(&self, name: &str, tool: &str) -> bool {
         let permitted = self.tools.as_ref().is_none_or(|p| {
-            (!self.strict_names || is_spec_tool_name(name)) && p.tools.keep(name, tool)
+            p.tools.keep(name, tool) && (!self.strict_names || is_spec_tool_name(name))
         });
         // Checked even when the policy drops the tool: a change is found by the first list
         // that shows it, whoever asked.
