@@ -524,11 +524,31 @@ enum Slot {
     Kept(Kept),
     Traceparent,
     Tracestate,
-    CertVerified,
-    CertCn,
-    CertSanDns,
-    CertSanEmail,
-    CertSanUri,
+    /// One field of a TLS terminator's client-certificate headers.
+    Cert(CertField),
+}
+
+/// The client-certificate header a [`Slot::Cert`] names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CertField {
+    Verified,
+    Cn,
+    SanDns,
+    SanEmail,
+    SanUri,
+}
+
+impl CertField {
+    /// Where `cert` keeps this field.
+    fn of(self, cert: &mut ClientCertHeaders) -> &mut Option<String> {
+        match self {
+            CertField::Verified => &mut cert.verified,
+            CertField::Cn => &mut cert.cn,
+            CertField::SanDns => &mut cert.san_dns,
+            CertField::SanEmail => &mut cert.san_email,
+            CertField::SanUri => &mut cert.san_uri,
+        }
+    }
 }
 
 fn header_kind(name: &str) -> HeaderKind {
@@ -556,11 +576,11 @@ fn header_kind(name: &str) -> HeaderKind {
         14 if is("mcp-session-id") => Known(Slot::Kept(Kept::SessionId)),
         17 if is("transfer-encoding") => HeaderKind::TransferEncoding,
         20 if is("mcp-protocol-version") => Known(Slot::Kept(Kept::ProtocolVersion)),
-        16 if is("x-client-cert-cn") => Known(Slot::CertCn),
-        21 if is("x-client-cert-san-dns") => Known(Slot::CertSanDns),
-        21 if is("x-client-cert-san-uri") => Known(Slot::CertSanUri),
-        22 if is("x-client-cert-verified") => Known(Slot::CertVerified),
-        23 if is("x-client-cert-san-email") => Known(Slot::CertSanEmail),
+        16 if is("x-client-cert-cn") => Known(Slot::Cert(CertField::Cn)),
+        21 if is("x-client-cert-san-dns") => Known(Slot::Cert(CertField::SanDns)),
+        21 if is("x-client-cert-san-uri") => Known(Slot::Cert(CertField::SanUri)),
+        22 if is("x-client-cert-verified") => Known(Slot::Cert(CertField::Verified)),
+        23 if is("x-client-cert-san-email") => Known(Slot::Cert(CertField::SanEmail)),
         _ => HeaderKind::Other,
     }
 }
@@ -635,36 +655,9 @@ fn store_known(h: &mut KnownHeaders, slot: Slot, value: &str) -> Result<(), Head
         Slot::Traceparent => return store_owned(&mut h.traceparent, true, value),
         Slot::Tracestate => return store_owned(&mut h.tracestate, false, value),
         // Each names one certificate field: a repeat is refused like any identity header.
-        Slot::CertVerified => {
-            return store_owned(
-                &mut h.client_cert.get_or_insert_default().verified,
-                true,
-                value,
-            );
-        }
-        Slot::CertCn => {
-            return store_owned(&mut h.client_cert.get_or_insert_default().cn, true, value);
-        }
-        Slot::CertSanDns => {
-            return store_owned(
-                &mut h.client_cert.get_or_insert_default().san_dns,
-                true,
-                value,
-            );
-        }
-        Slot::CertSanEmail => {
-            return store_owned(
-                &mut h.client_cert.get_or_insert_default().san_email,
-                true,
-                value,
-            );
-        }
-        Slot::CertSanUri => {
-            return store_owned(
-                &mut h.client_cert.get_or_insert_default().san_uri,
-                true,
-                value,
-            );
+        Slot::Cert(field) => {
+            let cert = h.client_cert.get_or_insert_default();
+            return store_owned(field.of(cert), true, value);
         }
     };
     // Only Accept is a list a client may spread over several lines.
@@ -796,6 +789,8 @@ mod tests {
             "GET / HTTP/1.1\r\nHost: a\r\nMcp-Session-Id: s1\r\nAccept: x\r\nMcp-Session-Id: s2\r\n\r\n",
             "GET / HTTP/1.1\r\nAuthorization: Bearer a\r\nHost: a\r\nauthorization: Bearer b\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: a\r\nTraceparent: x\r\ntraceparent: y\r\n\r\n",
+            "GET / HTTP/1.1\r\nX-Client-Cert-CN: a\r\nHost: a\r\nx-client-cert-cn: b\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nX-Client-Cert-SAN-URI: a\r\nX-Client-Cert-SAN-URI: b\r\n\r\n",
         ] {
             assert_eq!(
                 parse(raw).unwrap_err(),
