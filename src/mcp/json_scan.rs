@@ -906,4 +906,85 @@ mod tests {
             }
         }
     }
+
+    /// Bodies built from JSON's pieces, valid and broken, at every alignment to the first
+    /// stage's 64-byte blocks: the scan accepts exactly what serde_json accepts.
+    #[test]
+    fn accepts_exactly_what_serde_json_accepts() {
+        let pieces: &[&str] = &[
+            "{",
+            "}",
+            "[",
+            "]",
+            ":",
+            ",",
+            " ",
+            "\n",
+            "\t",
+            "\r",
+            "\u{1}",
+            "\"",
+            "\"a\"",
+            "\"name\"",
+            "\"tools\"",
+            "\"result\"",
+            "1",
+            "-0.5",
+            "1e9",
+            "01",
+            "true",
+            "false",
+            "null",
+            "nul",
+            "x",
+            "\\",
+            "\"\\n\"",
+            "\"\\u00e9\"",
+            "\"\\uzz\"",
+            "\"\\\"\"",
+            "\"\\\\\"",
+            "é",
+            "\"é\"",
+            "{\"a\":1}",
+            "[1,2]",
+            "\"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"",
+        ];
+        let mut seed: u64 = 0x5eed_1234_abcd_0001;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let valid = [
+            r#"{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"a","inputSchema":{"type":"object"}}]}}"#,
+            r#"[{"a":[1,2,{"b":null}]},"x",-1.5e-3,true]"#,
+            r#"{"result":{"content":[{"type":"text","text":"line\nand \"quoted\" \\ \u00e9"}]}}"#,
+        ];
+        let mut accepted = 0;
+        for round in 0..40_000 {
+            // Leading spaces move the rest across the block boundaries.
+            let mut text = " ".repeat((next() % 70) as usize);
+            if round % 2 == 0 {
+                // A valid body, or one with a piece inserted or a byte removed.
+                let base = valid[(next() % 3) as usize];
+                let at = (next() as usize) % base.len();
+                let (head, tail) = base.split_at(at);
+                let piece = pieces[(next() as usize) % pieces.len()];
+                match next() % 3 {
+                    0 => text.push_str(&format!("{head}{piece}{tail}")),
+                    1 => text.push_str(&format!("{head}{}", &tail[1..])),
+                    _ => text.push_str(base),
+                }
+            } else {
+                for _ in 0..(next() % 40) {
+                    text.push_str(pieces[(next() as usize) % pieces.len()]);
+                }
+            }
+            let serde = serde_json::from_str::<&serde_json::value::RawValue>(&text).is_ok();
+            assert_eq!(body(&text, false).is_ok(), serde, "{text:?}");
+            accepted += usize::from(serde);
+        }
+        assert!(accepted > 5_000, "too few valid bodies: {accepted}");
+    }
 }
