@@ -305,15 +305,9 @@ impl<'a> Scanner<'a> {
     #[inline(always)]
     fn member_name(&self, i: usize) -> Result<(NameSpan, usize), Refused> {
         let b = self.bytes;
-        let open = skip_ws(b, i);
-        if b.get(open) != Some(&b'"') {
-            return Err(Refused::Invalid);
-        }
+        let open = byte_after_ws(b, i, b'"').ok_or(Refused::Invalid)?;
         let (close, escaped) = string_end(b, open)?;
-        let colon = skip_ws(b, close + 1);
-        if b.get(colon) != Some(&b':') {
-            return Err(Refused::Invalid);
-        }
+        let colon = byte_after_ws(b, close + 1, b':').ok_or(Refused::Invalid)?;
         if self.gated && escaped {
             self.refuse_control_in_key(open + 1..close)?;
         }
@@ -352,8 +346,12 @@ impl<'a> Scanner<'a> {
         let mut stack = std::mem::take(&mut self.stack);
         let base = stack.len();
         loop {
-            i = skip_ws(b, i);
             match b.get(i) {
+                // Tried after the value bytes: compact JSON has no whitespace.
+                Some(b' ' | b'\t' | b'\n' | b'\r') => {
+                    i = skip_ws(b, i + 1);
+                    continue;
+                }
                 Some(b'{') => {
                     i = skip_ws(b, i + 1);
                     if b.get(i) == Some(&b'}') {
@@ -387,8 +385,8 @@ impl<'a> Scanner<'a> {
                     self.stack = stack;
                     return Ok(());
                 };
-                i = skip_ws(b, i);
                 match b.get(i) {
+                    Some(b' ' | b'\t' | b'\n' | b'\r') => i = skip_ws(b, i + 1),
                     Some(b',') => {
                         i += 1;
                         if close == b'}' {
@@ -500,6 +498,20 @@ fn skip_ws(b: &[u8], mut i: usize) -> usize {
         i += 1;
     }
     i
+}
+
+/// Where `want` lies at `i`, or after the whitespace from `i`; `None` when some other byte
+/// (or the end) comes first. The byte is tried first: compact JSON has no whitespace.
+#[inline(always)]
+fn byte_after_ws(b: &[u8], i: usize, want: u8) -> Option<usize> {
+    match b.get(i) {
+        Some(&c) if c == want => Some(i),
+        Some(b' ' | b'\t' | b'\n' | b'\r') => {
+            let next = skip_ws(b, i + 1);
+            (b.get(next) == Some(&want)).then_some(next)
+        }
+        _ => None,
+    }
 }
 
 /// The string whose opening quote is at `open`: where its closing quote lies, and whether it
