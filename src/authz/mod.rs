@@ -455,6 +455,48 @@ mod tests {
     }
 
     #[test]
+    fn lists_of_globs_match_as_each_glob_alone() {
+        let patterns = [
+            "tool_0*0", "tool_0*2", "tool_0*", "tool_*_x", "tool_?1", "*", "*a", "a*", "a*b*c",
+            "ab*", "a?*", "é*x", "é*", "", "read_*", "read*",
+        ];
+        let names = [
+            "",
+            "a",
+            "ab",
+            "abc",
+            "aXbYc",
+            "tool_0",
+            "tool_010",
+            "tool_012",
+            "tool_011",
+            "tool_1_x",
+            "tool_01",
+            "tool_x1",
+            "éx",
+            "éax",
+            "é",
+            "read_file",
+            "reads",
+        ];
+        // Every list of up to three of the patterns.
+        for a in 0..patterns.len() {
+            for b in a..patterns.len() {
+                for c in b..patterns.len() {
+                    let list = [patterns[a], patterns[b], patterns[c]];
+                    let m = Matcher::new(&list);
+                    for n in names {
+                        let want = list
+                            .iter()
+                            .any(|p| *p == n || wildcard(p.as_bytes(), n.as_bytes()));
+                        assert_eq!(m.matches(n), want, "{list:?} on {n:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn exact_names_are_found_in_short_and_long_lists() {
         let short = Matcher::new(&["b", "a", "b"]);
         assert!(short.matches("a") && short.matches("b") && !short.matches("c"));
