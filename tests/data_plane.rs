@@ -913,6 +913,35 @@ fn a_client_that_reads_slowly_but_steadily_gets_its_whole_reply() {
 }
 
 #[test]
+fn replies_around_the_write_thresholds_arrive_whole_and_in_order_on_one_connection() {
+    // Bodies up to 64 KiB are copied behind the head, larger ones written after it from
+    // their own buffer: replies of sizes around that threshold (and around 4 KiB, where a
+    // vectored write was tried), one after another on one keep-alive connection whose client
+    // reads through a tiny receive buffer (so the writes come up short), each arrive whole.
+    let (g, mut s) = asked_for_a_large_reply(1_500_000);
+    let sid = initialize(g.addr);
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let text_of = |r: &Response| {
+        r.json()["result"]["content"][0]["text"]
+            .as_str()
+            .map(str::to_owned)
+    };
+    let first = read_response(&mut s).expect("the first reply");
+    assert_eq!(text_of(&first), Some("x".repeat(1_500_000)));
+    // The reply's total length sits near a threshold for a text of these lengths.
+    for bytes in [
+        0, 1, 3_900, 3_990, 4_000, 4_100, 20_000, 65_400, 65_536, 70_000, 300_000,
+    ] {
+        let args = format!(r#"{{"bytes":{bytes}}}"#);
+        let req = mcp_post_raw(&call(10, "big", &args), Some(&sid), "");
+        s.write_all(req.as_bytes()).unwrap();
+        let r = read_response(&mut s).expect("a reply");
+        assert_eq!(r.status, 200, "{bytes}");
+        assert_eq!(text_of(&r), Some("x".repeat(bytes)), "{bytes}");
+    }
+}
+
+#[test]
 fn idle_keep_alive_connection_is_closed() {
     let g = Gateway::start(&stdio_config("auto", "idle_timeout_secs = 1", &[]));
     let mut s = connect(g.addr);
