@@ -656,6 +656,7 @@ mod tests {
             assert!(setup.client_headers.starts_with("Authorization: Bearer "));
             let text = targets::gateway_config(
                 1,
+                "auto",
                 &targets::GatewayUpstream::Http(addr),
                 &setup.config,
                 "/tmp/x",

@@ -114,6 +114,10 @@ struct AllArgs {
     /// request; `warn` spares it that cost.
     #[arg(long, default_value = "warn")]
     original_log: String,
+    /// mcp-guard's I/O driver, its `[server] io`: `auto` (io_uring where the kernel allows
+    /// it), `io_uring` or `epoll`.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "io_uring", "epoll"])]
+    io: String,
     /// Result file name (without extension).
     #[arg(long, default_value = "latest")]
     name: String,
@@ -347,6 +351,7 @@ fn run_and_report(
             connections: settings.connections,
             load_threads: settings.load_threads,
             workers: settings.workers,
+            gateway_io: settings.gateway_io.clone(),
             upstream_threads: settings.upstream_threads(&settings.placement(settings.workers)),
             allowed_cpus: settings.allowed_cpus.clone(),
             placement: settings.placement(settings.workers),
@@ -445,6 +450,7 @@ fn all(args: AllArgs) -> Result<(), String> {
     let settings = Settings {
         duration,
         warmup: (duration / 10).clamp(Duration::from_millis(200), Duration::from_secs(2)),
+        gateway_io: args.io.clone(),
         rounds: args.rounds,
         rate: args.rate,
         connections: args.connections,
@@ -535,6 +541,7 @@ fn smoke(args: CommonArgs) -> Result<(), String> {
     let settings = Settings {
         duration: Duration::from_secs(1),
         warmup: Duration::from_millis(200),
+        gateway_io: "auto".into(),
         rounds: 1,
         rate: 200,
         // At least one per server of the routed scenario, so every route carries load.

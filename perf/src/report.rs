@@ -35,6 +35,8 @@ pub struct RunSettings {
     pub load_threads: usize,
     /// mcp-guard `workers` = nginx `worker_processes`.
     pub workers: usize,
+    /// mcp-guard's `[server] io`.
+    pub gateway_io: String,
     pub upstream_threads: usize,
     /// The CPUs the harness could use.
     pub allowed_cpus: Vec<usize>,
@@ -662,8 +664,8 @@ fn method(out: &mut String, r: &Report) {
     out.push_str("## Method\n\n");
     let _ = writeln!(
         out,
-        "- **Workers:** nginx `worker_processes {0}` and mcp-guard `workers = {0}`; both forward to the same mock upstream process ({1} thread(s)), started once per scenario; `direct` loads that mock itself.",
-        s.workers, s.upstream_threads
+        "- **Workers:** nginx `worker_processes {0}` and mcp-guard `workers = {0}`, `io = {2:?}` (`auto`: io_uring where the kernel allows it; `--io`); both forward to the same mock upstream process ({1} thread(s)), started once per scenario; `direct` loads that mock itself.",
+        s.workers, s.upstream_threads, s.gateway_io
     );
     let pinning = if p.pinned {
         format!(
@@ -1235,6 +1237,7 @@ mod tests {
                 connections: 64,
                 load_threads: 1,
                 workers: 1,
+                gateway_io: "auto".into(),
                 upstream_threads: 1,
                 allowed_cpus: vec![0, 1],
                 placement,

@@ -264,6 +264,8 @@ pub struct Settings {
     pub load_threads: usize,
     /// mcp-guard workers = nginx worker_processes.
     pub workers: usize,
+    /// mcp-guard's `[server] io`: `auto`, `io_uring` or `epoll`.
+    pub gateway_io: String,
     /// Mock upstream threads; `None`: one per load-side CPU when pinned, else one per core.
     pub upstream_threads: Option<usize>,
     pub sweep: Vec<usize>,
@@ -835,8 +837,14 @@ pub fn start_target(
                     m.key_path.display().to_string()
                 ));
             }
-            let running =
-                targets::start_gateway(&settings.gateway_bin, workers, &upstream, &config, cpus)?;
+            let running = targets::start_gateway(
+                &settings.gateway_bin,
+                workers,
+                &settings.gateway_io,
+                &upstream,
+                &config,
+                cpus,
+            )?;
             let (addr, pids) = (running.addr, running.measured_pids.clone());
             Ok((Some(running), addr, pids, tls))
         }
@@ -1433,8 +1441,13 @@ mod tests {
         let setup = gateway_setup(routed);
         assert!(setup.client_headers.is_empty());
         let mock: SocketAddr = "127.0.0.1:4000".parse().unwrap();
-        let text =
-            targets::gateway_config(1, &GatewayUpstream::Http(mock), &setup.config, "/tmp/x");
+        let text = targets::gateway_config(
+            1,
+            "auto",
+            &GatewayUpstream::Http(mock),
+            &setup.config,
+            "/tmp/x",
+        );
         let config: toml::Table = text.parse().unwrap_or_else(|e| panic!("{e}\n{text}"));
         assert_eq!(config["rate_limit"]["enabled"].as_bool(), Some(false));
         assert_eq!(config["audit"]["enabled"].as_bool(), Some(false));
@@ -1459,7 +1472,8 @@ mod tests {
         assert_eq!(passthrough.endpoints(), vec!["/mcp".to_string()]);
         assert!(find_scenario("stdio").unwrap().gateway_only());
         let plain = gateway_setup(passthrough).config;
-        let text = targets::gateway_config(1, &GatewayUpstream::Http(mock), &plain, "/tmp/x");
+        let text =
+            targets::gateway_config(1, "auto", &GatewayUpstream::Http(mock), &plain, "/tmp/x");
         let table = text.parse::<toml::Table>().unwrap();
         assert!(
             !table["upstream"]

@@ -416,6 +416,7 @@ pub fn run(o: &SoakOptions) -> Result<SoakReport, String> {
     let settings = Settings {
         duration: o.duration,
         warmup: Duration::ZERO,
+        gateway_io: "auto".into(),
         rounds: 1,
         rate: o.rate,
         connections: o.connections,

@@ -161,12 +161,19 @@ pub enum GatewayUpstream {
 pub fn start_gateway(
     binary: &Path,
     workers: usize,
+    io: &str,
     upstream: &GatewayUpstream,
     extra: &str,
     cpus: &[usize],
 ) -> Result<Running, String> {
     let scratch = ScratchDir::new("mcp-guard")?;
-    let config = gateway_config(workers, upstream, extra, &scratch.0.display().to_string());
+    let config = gateway_config(
+        workers,
+        io,
+        upstream,
+        extra,
+        &scratch.0.display().to_string(),
+    );
     let (config_path, log_path, log) = config_and_log(&scratch, "mcp-guard", &config)?;
     let mut command = Command::new(binary);
     command
@@ -230,6 +237,7 @@ fn config_and_log(
 /// `{scratch}` and `{upstream_url}` (the HTTP upstream's MCP endpoint) filled in.
 pub fn gateway_config(
     workers: usize,
+    io: &str,
     upstream: &GatewayUpstream,
     extra: &str,
     scratch: &str,
@@ -252,7 +260,7 @@ pub fn gateway_config(
     // whole run, and a proxy that closed them mid-run (mcp-guard's default header timeout is
     // 10 s) would be measured closing ten thousand sockets while the other held them.
     format!(
-        "[server]\nhost = \"127.0.0.1\"\nport = 0\nworkers = {workers}\nidle_timeout_secs = 3600\nheader_timeout_secs = 3600\nshutdown_grace_secs = 1\n\n\
+        "[server]\nhost = \"127.0.0.1\"\nport = 0\nworkers = {workers}\nidle_timeout_secs = 3600\nheader_timeout_secs = 3600\nshutdown_grace_secs = 1\nio = {io:?}\n\n\
          [admin]\nport = 0\n\n[upstream]\n{upstream_section}\n{}",
         extra
             .replace("{scratch}", scratch)
