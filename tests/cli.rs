@@ -98,6 +98,15 @@ fn run_in(dir: &std::path::Path, args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// Held by each test that validates a starter as written: `validate` checks that its fixed
+/// ports (3000, 9090) are free by binding them, so two such checks at once (tests run in
+/// parallel) would each find the other's bind and fail.
+static STARTER_PORTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn starter_ports() -> std::sync::MutexGuard<'static, ()> {
+    STARTER_PORTS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A written starter with its fixed ports (3000, 9090) turned into port 0, so tests running in
 /// parallel never collide; nothing else is changed.
 fn on_free_ports(config: &str) -> String {
@@ -112,6 +121,7 @@ fn on_free_ports(config: &str) -> String {
 
 #[test]
 fn init_writes_a_valid_starter_and_refuses_to_overwrite() {
+    let _ports = starter_ports();
     let dir = tempfile::tempdir().unwrap();
     let (code, out, err) = run_in(dir.path(), &["init"]);
     assert_eq!(code, 0, "{err}");
@@ -177,6 +187,7 @@ fn the_default_starter_runs_as_is_against_the_bundled_demo_server() {
 
 #[test]
 fn init_with_key_enables_the_key_rate_limit_and_audit_and_prints_the_key_once() {
+    let _ports = starter_ports();
     let dir = tempfile::tempdir().unwrap();
     let (code, key, err) = run_in(
         dir.path(),
@@ -433,6 +444,7 @@ fn init_never_writes_through_a_symlink_and_its_files_are_private() {
 
 #[test]
 fn ids_and_paths_holding_dollar_braces_are_written_literally_not_as_env_references() {
+    let _ports = starter_ports();
     let dir = tempfile::tempdir().unwrap();
     // The output directory's name and the identity both look like references.
     let sub = dir.path().join("${HOME}x");
