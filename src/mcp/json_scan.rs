@@ -756,6 +756,63 @@ mod tests {
         assert!(list.next_cursor);
     }
 
+    /// Whitespace around every structural byte (the scan tries the expected byte before it
+    /// skips any) reads exactly as the compact body: the same names, the same refusals of a
+    /// twinned or doubled `name`, the same tools. Runs up to 40 bytes long cross the wide
+    /// compares' boundaries.
+    #[test]
+    fn whitespace_anywhere_between_tokens_reads_as_the_compact_body() {
+        let compact = r#"{"id":1,"result":{"tools":[{"name":"a","x":{"k":[1,-2.5e3,true,null,"s"]}},{"Name":"b","name":"c"},{"name":"d","name":"e"},{"inputSchema":{},"name":"f"}],"nextCursor":"n"}}"#;
+        let want = names(compact);
+        assert_eq!(
+            want,
+            vec![Some("a".into()), None, None, Some("f".into())],
+            "the compact reading"
+        );
+        let runs = [" ", "\t", "\n", "\r\n", " \t\r\n ", &" ".repeat(40)];
+        for (k, run) in runs.iter().enumerate() {
+            // Around every structural byte outside strings, and at both ends.
+            let mut spaced = String::from(*run);
+            let mut in_string = false;
+            let mut escaped = false;
+            for c in compact.chars() {
+                let structural = !in_string && "{}[]:,".contains(c);
+                if structural {
+                    spaced.push_str(runs[(k + spaced.len()) % runs.len()]);
+                }
+                spaced.push(c);
+                if structural {
+                    spaced.push_str(run);
+                }
+                if in_string {
+                    (escaped, in_string) = (c == '\\' && !escaped, escaped || c != '"');
+                } else if c == '"' {
+                    in_string = true;
+                }
+            }
+            spaced.push_str(run);
+            assert_eq!(names(&spaced), want, "{spaced:?}");
+            let b = body(&spaced, true).unwrap();
+            let list = b.messages[0].tools.as_ref().unwrap();
+            let squeezed: Vec<String> = list
+                .tools
+                .iter()
+                .map(|t| t.raw.split_whitespace().collect())
+                .collect();
+            let compact_list = body(compact, true).unwrap();
+            let compact_raws: Vec<&str> = compact_list.messages[0]
+                .tools
+                .as_ref()
+                .unwrap()
+                .tools
+                .iter()
+                .map(|t| t.raw)
+                .collect();
+            assert_eq!(squeezed, compact_raws, "{spaced:?}");
+            assert!(list.next_cursor);
+        }
+    }
+
     #[test]
     fn names_are_read_as_a_decoder_reads_them() {
         // Escapes in the key and in the value.
