@@ -904,7 +904,7 @@ fn refund(w: &Worker, cfg: &Settings, caller: Caller<'_>, messages: &[Message]) 
     if !cfg.rate.enabled {
         return;
     }
-    let now = Instant::now();
+    let now = crate::runtime::clock::now();
     let pool = &*w.shared.quota;
     let limit = identity_limit(cfg, caller);
     for _ in 0..messages.len().max(1) {
@@ -1141,7 +1141,7 @@ async fn rate_limit(
     if !cfg.rate.enabled {
         return Ok(());
     }
-    let now = Instant::now();
+    let now = crate::runtime::clock::now();
     let limit = identity_limit(cfg, caller);
     let pool = &*w.shared.quota;
     let refuse = |l: crate::ratelimit::Limited, tool: Option<&str>| {
@@ -1434,7 +1434,7 @@ async fn post(
         return Ok(Reply::new(202, ReplyBody::Empty, method));
     }
     if cfg.tracing.enabled {
-        audit.forwarded_at = Some(Instant::now());
+        audit.forwarded_at = Some(crate::runtime::clock::now());
     }
     let upstream = cx.upstream().map_err(fail)?;
     let outgoing = cx.outgoing(session.as_deref());

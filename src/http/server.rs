@@ -213,7 +213,7 @@ async fn serve_request<S: Connection>(
     peer: Peer<'_>,
 ) -> Option<Vec<u8>> {
     let cfg: &Settings = snapshot;
-    let started = Instant::now();
+    let started = crate::runtime::clock::now();
     let wall = SystemTime::now();
     // The request's trace context; from here on the head's trace headers are the ones the
     // upstream is sent (the gateway's span as parent, or nothing that failed validation).
@@ -410,7 +410,7 @@ async fn idle_wait<S: Connection>(w: &Rc<Worker>, stream: &mut S, wait: Duration
     // The worker's shared deadlines, not a timer of its own: see `runtime::deadlines`.
     let ready = monoio::select! {
         r = stream.wait_readable() => r,
-        _ = crate::runtime::deadlines::at(Instant::now() + wait) => return Idle::Closed,
+        _ = crate::runtime::deadlines::at(crate::runtime::clock::now() + wait) => return Idle::Closed,
         _ = w.shutdown.wait() => return Idle::Closed,
     };
     if ready.is_err() {
@@ -442,7 +442,7 @@ async fn hold_wait<S: Connection>(
     let mut read = std::pin::pin!(read);
     let early = monoio::select! {
         r = &mut read => Some(r),
-        _ = crate::runtime::deadlines::at(Instant::now() + hold) => None,
+        _ = crate::runtime::deadlines::at(crate::runtime::clock::now() + hold) => None,
         _ = w.shutdown.wait() => return Some(Idle::Closed),
     };
     let (res, slice) = match early {
@@ -473,7 +473,7 @@ async fn read_head<S: Connection>(
     canceller: &mut monoio::io::Canceller,
 ) -> HeadOutcome {
     let s = &cfg.server;
-    let mut deadline = (!buf.is_empty()).then(|| Instant::now() + s.header_timeout);
+    let mut deadline = (!buf.is_empty()).then(|| crate::runtime::clock::now() + s.header_timeout);
     loop {
         if !buf.is_empty() {
             match parse_head(buf, s.max_header_bytes, s.max_body_bytes as u64) {
@@ -488,18 +488,18 @@ async fn read_head<S: Connection>(
                 return HeadOutcome::Closed;
             }
             let hold = IDLE_BUFFER_HOLD.min(s.idle_timeout);
-            let start = Instant::now();
+            let start = crate::runtime::clock::now();
             match hold_wait(w, stream, hold, canceller, std::mem::take(buf)).await {
                 None => return HeadOutcome::Quiet(start.elapsed()),
                 Some(Idle::Closed) => return HeadOutcome::Closed,
                 Some(Idle::Data(b)) => {
                     *buf = b;
-                    deadline = Some(Instant::now() + s.header_timeout);
+                    deadline = Some(crate::runtime::clock::now() + s.header_timeout);
                     continue;
                 }
             }
         };
-        let left = d.saturating_duration_since(Instant::now());
+        let left = d.saturating_duration_since(crate::runtime::clock::now());
         if left.is_zero() {
             return HeadOutcome::Error(GatewayError::HeaderTimeout);
         }
@@ -544,7 +544,7 @@ async fn read_body<S: AsyncReadRent + AsyncWriteRent>(
         let (res, _) = write_bounded(w, stream, b"HTTP/1.1 100 Continue\r\n\r\n".to_vec()).await;
         res.map_err(|_| None)?;
     }
-    let deadline = Instant::now() + cfg.server.body_timeout;
+    let deadline = crate::runtime::clock::now() + cfg.server.body_timeout;
     let idle = cfg.server.idle_timeout;
     // One read of more body bytes, bounded by the idle timeout and the body deadline.
     async fn read_more<S: AsyncReadRent>(
@@ -554,7 +554,7 @@ async fn read_body<S: AsyncReadRent + AsyncWriteRent>(
         idle: Duration,
         deadline: Instant,
     ) -> Result<(), Option<GatewayError>> {
-        let left = deadline.saturating_duration_since(Instant::now());
+        let left = deadline.saturating_duration_since(crate::runtime::clock::now());
         if left.is_zero() {
             return Err(Some(GatewayError::BodyTimeout));
         }
@@ -566,7 +566,9 @@ async fn read_body<S: AsyncReadRent + AsyncWriteRent>(
                 *buf = b;
                 Ok(())
             }
-            Err(_) if Instant::now() >= deadline => Err(Some(GatewayError::BodyTimeout)),
+            Err(_) if crate::runtime::clock::now() >= deadline => {
+                Err(Some(GatewayError::BodyTimeout))
+            }
             Err(_) => Err(None),
         }
     }

@@ -168,7 +168,9 @@ impl GlobalBucket {
     fn refill(&mut self, now: Instant, limit: Limit) {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.tokens = (self.tokens + elapsed * limit.rate).min(f64::from(limit.burst));
-        self.last = now;
+        // Workers read their clocks at different moments, so `now` may be behind `last`:
+        // moving `last` back would pay the stretch between the two out a second time.
+        self.last = self.last.max(now);
         self.limit = limit;
     }
 }
@@ -481,6 +483,23 @@ mod tests {
         rate: 10.0,
         burst: 20,
     };
+
+    #[test]
+    fn a_reading_behind_the_last_refill_pays_nothing_out_twice() {
+        // Two workers: one refills at t0 + 1 s, the other's reading (taken earlier, applied
+        // later) is t0 + 0.5 s. The stretch between them was paid by the first refill.
+        let t0 = Instant::now();
+        let mut bucket = GlobalBucket {
+            tokens: 0.0,
+            last: t0,
+            limit: LIMIT,
+        };
+        bucket.refill(t0 + Duration::from_secs(1), LIMIT);
+        assert_eq!(bucket.tokens, 10.0);
+        bucket.refill(t0 + Duration::from_millis(500), LIMIT);
+        bucket.refill(t0 + Duration::from_secs(1), LIMIT);
+        assert_eq!(bucket.tokens, 10.0, "half a second of tokens minted twice");
+    }
 
     #[test]
     fn burst_then_refill_at_rate() {

@@ -108,7 +108,7 @@ impl Deadlines {
     pub fn timeout<F: Future>(self: &Rc<Self>, after: Duration, fut: F) -> Timeout<F> {
         Timeout {
             fut,
-            deadline: self.at(Instant::now() + after),
+            deadline: self.at(super::clock::now() + after),
         }
     }
 
@@ -219,7 +219,9 @@ impl Future for DeadlineWait {
     type Output = ();
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if Instant::now() >= self.when {
+        // The poll's clock (see `clock`): the firing task woke this wait from a reading taken
+        // before the poll began, so a due wait is never seen as early.
+        if super::clock::now() >= self.when {
             if let Some(key) = self.key.take() {
                 self.set.waiting.borrow_mut().remove(&(self.when, key));
             }

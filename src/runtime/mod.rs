@@ -2,6 +2,7 @@
 //! thread), the admin thread and the stdio hub; then run the control loop (signals, config
 //! reload, upstream health) on the main thread until shutdown.
 
+pub mod clock;
 pub mod control;
 pub mod deadlines;
 pub mod shutdown;

@@ -555,7 +555,11 @@ impl<F: std::future::Future<Output = ()>> std::future::Future for ConnectionTask
         // SAFETY: see above; `this.served` is never moved while `this` is pinned.
         #[allow(unsafe_code)]
         let served = unsafe { std::pin::Pin::new_unchecked(&mut this.served) };
-        let outcome = std::task::ready!(served.poll(cx));
+        // The request path's clock reads once per poll of a connection (see `clock`).
+        let clock = super::clock::PollScope::enter();
+        let outcome = served.poll(cx);
+        drop(clock);
+        let outcome = std::task::ready!(outcome);
         // monoio re-raises a task's panic on the worker thread, which would stop every
         // connection of this worker: `CatchPanic` contains it to this connection, and the
         // counts are kept either way.

@@ -102,14 +102,15 @@ impl Pool {
         if self.idle_total.get() >= MAX_IDLE_TOTAL {
             // Owners that never came back leave expired connections no checkout clears: they
             // go first, so they cannot keep everyone else from pooling.
-            self.idle_total.set(drop_expired(&mut idle, Instant::now()));
+            self.idle_total
+                .set(drop_expired(&mut idle, crate::runtime::clock::now()));
             if self.idle_total.get() >= MAX_IDLE_TOTAL {
                 return;
             }
         }
         let list = idle.entry((addr, owner)).or_default();
         if list.len() < MAX_IDLE_PER_ADDR {
-            list.push((conn, Instant::now()));
+            list.push((conn, crate::runtime::clock::now()));
             self.idle_total.set(self.idle_total.get() + 1);
         }
     }
@@ -277,7 +278,7 @@ mod tests {
 
     #[test]
     fn expired_idle_entries_of_owners_gone_for_good_are_dropped_with_their_keys() {
-        let now = Instant::now();
+        let now = crate::runtime::clock::now();
         let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
         let stale = now - IDLE_TTL - Duration::from_secs(1);
         let mut idle: HashMap<PoolKey, Vec<((), Instant)>> = HashMap::new();

@@ -11,7 +11,6 @@ use crate::http::body::HeldBody;
 use crate::http::client;
 use crate::runtime::worker::Worker;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
 
 /// Sends one request and returns the response, its body still to be relayed.
 pub async fn exchange(
@@ -80,7 +79,7 @@ pub async fn exchange(
         share.grow_to(request.len())?;
     }
     let in_flight = server.begin(target.replica);
-    let started = Instant::now();
+    let started = crate::runtime::clock::now();
     // Pinned where it is made, and the timeout given a reference: a future of a kilobyte is
     // otherwise copied into the timeout and then into this one's state.
     let send = std::pin::pin!(super::connections::send_request(
