@@ -1,12 +1,13 @@
 //! Criterion benches of the data plane's per-request work: head parse, JSON-RPC classify,
-//! chunked decode, session-id check, a stdio request's trip through the hub's router. Each
-//! reports time per operation.
+//! chunked decode, session-id check, a stdio request's trip through the hub's router, a read
+//! of the request path's clock. Each reports time per operation.
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use mcp_guard::http::chunked::ChunkedDecoder;
 use mcp_guard::http::request::parse_head;
 use mcp_guard::mcp::jsonrpc::Classifier;
 use mcp_guard::mcp::session::SessionCodec;
+use mcp_guard::runtime::clock;
 use mcp_guard::upstream::router::{Limits, Output, Router};
 use std::hint::black_box;
 
@@ -73,6 +74,18 @@ fn benches(c: &mut Criterion) {
             d.decode(black_box(chunked), &mut out).unwrap()
         })
     });
+    // A read of the clock as the request path makes it: the monotonic clock itself, and the
+    // poll's reading reused (`runtime::clock`; a guarded request made ~10 reads fewer of the
+    // first kind with it).
+    c.bench_function("clock_monotonic_read", |b| {
+        b.iter(|| black_box(std::time::Instant::now()))
+    });
+    {
+        let _poll = clock::PollScope::enter();
+        c.bench_function("clock_read_within_a_poll", |b| {
+            b.iter(|| black_box(clock::now()))
+        });
+    }
     let codec = SessionCodec::from_key(b"bench key");
     let sid = codec.encode("identity", b"upstream-session-0123456789abcdef");
     c.bench_function("session_id_verify", |b| {
