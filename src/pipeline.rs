@@ -1434,7 +1434,9 @@ async fn post(
         return Ok(Reply::new(202, ReplyBody::Empty, method));
     }
     if cfg.tracing.enabled {
-        audit.forwarded_at = Some(crate::runtime::clock::now());
+        // A real reading, not the poll's (`runtime::clock`): the upstream span starts when the
+        // request leaves, not when its poll began.
+        audit.forwarded_at = Some(Instant::now());
     }
     let upstream = cx.upstream().map_err(fail)?;
     let outgoing = cx.outgoing(session.as_deref());
