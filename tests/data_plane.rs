@@ -841,6 +841,11 @@ fn a_client_that_stops_reading_its_reply_is_cut_off_after_the_idle_timeout() {
     // A slow reader must not hold its connection (and the reply's memory) for ever: with the
     // client's receive buffer tiny and nothing read, the reply's write stalls and is given up.
     let (g, mut s) = asked_for_a_large_reply(8_000_000);
+    // The reply has begun before the wait below starts (a peek consumes nothing): on a loaded
+    // machine the gateway may not have accepted the connection yet, and a count of 0 from
+    // before then would end the wait at once, the reply then read whole.
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.peek(&mut [0u8; 1]).expect("the reply begins");
     // Nothing is read: the gateway's write can make no progress once the buffers are full.
     let deadline = Instant::now() + Duration::from_secs(15);
     while g.metric("mcp_guard_active_connections", &[]) > 0.0 {
