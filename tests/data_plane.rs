@@ -37,6 +37,9 @@ on_both_drivers!(
     idle_connection_serves_a_request_after_giving_its_buffer_back,
     sse_events_are_flushed_as_they_arrive,
     a_panicking_request_gets_500_and_the_worker_keeps_serving,
+    header_timeout_closes_slowloris_with_408,
+    a_head_trickled_byte_by_byte_is_cut_off_at_the_header_timeout,
+    a_connection_that_never_sends_is_closed_after_the_header_timeout,
 );
 
 fn a_panicking_request_gets_500_and_the_worker_keeps_serving(io: &str) {
@@ -766,9 +769,8 @@ fn read_until(s: &mut std::net::TcpStream, needle: &[u8]) -> String {
     String::from_utf8_lossy(&got).into_owned()
 }
 
-#[test]
-fn header_timeout_closes_slowloris_with_408() {
-    let g = Gateway::start(&stdio_config("auto", "header_timeout_secs = 1", &[]));
+fn header_timeout_closes_slowloris_with_408(io: &str) {
+    let g = Gateway::start(&stdio_config(io, "header_timeout_secs = 1", &[]));
     let mut s = connect(g.addr);
     s.write_all(b"POST /mcp HTTP/1.1\r\nHost: t\r\n").unwrap();
     let start = Instant::now();
@@ -777,12 +779,42 @@ fn header_timeout_closes_slowloris_with_408() {
     assert!(start.elapsed() < Duration::from_secs(5));
 }
 
-#[test]
-fn a_connection_that_never_sends_is_closed_after_the_header_timeout() {
+fn a_head_trickled_byte_by_byte_is_cut_off_at_the_header_timeout(io: &str) {
+    // Each byte wakes the connection's task again, and each wake reads the clock afresh
+    // (`runtime::clock` keeps a reading only within one poll): a head that keeps arriving, a
+    // byte every 150 ms, is still cut off at the header timeout from its first byte.
+    let g = Gateway::start(&stdio_config(io, "header_timeout_secs = 1", &[]));
+    let mut s = connect(g.addr);
+    let head = b"POST /mcp HTTP/1.1\r\nHost: t\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    let start = Instant::now();
+    let mut refused = false;
+    for b in head.iter() {
+        if s.write_all(&[*b]).is_err() {
+            refused = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(150));
+        if start.elapsed() > Duration::from_secs(4) {
+            break;
+        }
+    }
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    if !refused {
+        let r = read_response(&mut s).expect("a 408 response");
+        assert_eq!(r.status, 408);
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "a trickled head held its connection for {:?}",
+        start.elapsed()
+    );
+}
+
+fn a_connection_that_never_sends_is_closed_after_the_header_timeout(io: &str) {
     // Not after the (much longer) keep-alive idle timeout: silent sockets must not hold
     // connection slots.
     let g = Gateway::start(&stdio_config(
-        "auto",
+        io,
         "header_timeout_secs = 1\nidle_timeout_secs = 60",
         &[],
     ));
