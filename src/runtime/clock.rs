@@ -6,12 +6,16 @@
 //! task no wait happens, so every read there would return (nearly) the same instant: the first
 //! read of a poll is kept and the rest of that poll reuses it, the way an event loop caches its
 //! time once per turn. A guarded request now reads it 15 times (8 in monoio's timer driver),
-//! ~0.3 µs of user time less. Timestamps that report when something happened (a trace span's
-//! start, the end of a request) still read the clock.
+//! ~0.3 µs of user time less. A request's start mark is its poll's reading: the poll its head
+//! arrived in, which began when the bytes came. Marks taken later in a poll that report when
+//! something happened (an upstream span's start, the request's end) still read the clock.
 //!
 //! What the reuse may cost: a deadline set in a long poll (a large answer scanned) is set from
 //! the poll's start, earlier by that poll's length, and a deadline that passes during such a
-//! poll is seen at the next one. Both are far below any configured timeout. Nothing that waits
+//! poll is seen at the next one. Both are far below any configured timeout. A client can make
+//! one poll serve many requests (pipelined, refused before any upstream wait, replies written
+//! at once on epoll); all of them then see one instant, so rate-limit buckets refill nothing
+//! during it: stricter, never looser, and a reading is never ahead of the clock. Nothing that waits
 //! for time to pass within one poll may use it: such a loop would never see the clock move.
 //! Outside a connection's poll (the deadlines' firing task, other tasks, other threads) every
 //! call reads the clock.
