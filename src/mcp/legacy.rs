@@ -761,7 +761,7 @@ async fn server_stream_inner(w: &Rc<Worker>, session: &Rc<Session>) {
         if session.events.is_closed() {
             return;
         }
-        monoio::time::sleep(REOPEN_STREAM).await;
+        crate::runtime::deadlines::sleep(REOPEN_STREAM).await;
     }
 }
 

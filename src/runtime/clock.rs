@@ -5,8 +5,8 @@
 //! marks), each a vDSO call of ~28 ns on this project's VM. Within one poll of a connection's
 //! task no wait happens, so every read there would return (nearly) the same instant: the first
 //! read of a poll is kept and the rest of that poll reuses it, the way an event loop caches its
-//! time once per turn. A guarded request now reads it 15 times (8 in monoio's timer driver),
-//! ~0.3 µs of user time less. A request's start mark is its poll's reading: the poll its head
+//! time once per turn. That left 15 reads, 8 of them in monoio's timer driver, which the
+//! workers no longer run (see `deadlines`): a guarded request now reads the clock 7 times. A request's start mark is its poll's reading: the poll its head
 //! arrived in, which began when the bytes came. Marks taken later in a poll that report when
 //! something happened (an upstream span's start, the request's end) still read the clock.
 //!

@@ -1,6 +1,13 @@
 //! Thread-local deadlines for the request path's waits and timeouts (a connection idle between
-//! requests, a head or body read, an upstream exchange, a reply write): one monoio timer per
+//! requests, a head or body read, an upstream exchange, a reply write): one kernel timer per
 //! worker thread serves all of them.
+//!
+//! The timer is a timerfd the firing task waits on through the runtime's own driver (a poll on
+//! the ring, or epoll), so worker runtimes are built without monoio's timer driver. That driver
+//! read the clock twice and turned its wheel on every park, and gave every park a timeout (a
+//! kernel hrtimer armed and cancelled each time the worker slept), whatever the deadlines were:
+//! about 900 instructions and 8 clock reads per guarded request. The timerfd is set only when
+//! the earliest deadline moves, which is rare: most waits end long before their deadline.
 //!
 //! monoio's own `Sleep` is 640 bytes and 128-byte aligned (its entry is padded against false
 //! sharing with other threads, which a thread-per-core worker never has), and it made up most
@@ -11,6 +18,8 @@
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
@@ -22,21 +31,33 @@ thread_local! {
 }
 
 /// This thread's deadlines. The first use on a monoio runtime starts their firing task on it,
-/// so any code on a worker can bound a wait. Must be called from within a monoio runtime; a
-/// thread that runs one runtime after another calls [`install`] at the start of each.
+/// so any code can bound a wait. Must be called from within a monoio runtime; a thread that
+/// runs one runtime after another calls [`install`] at the start of each. Off the workers (whose
+/// [`install`] must succeed), a thread that cannot have a timerfd falls back to the runtime's
+/// own timer, which every other runtime of the gateway enables.
 pub fn local() -> Rc<Deadlines> {
     LOCAL.with(|local| {
         if let Some(set) = local.borrow().as_ref().filter(|s| s.firing.get()) {
             return set.clone();
         }
-        install()
+        install().unwrap_or_else(|e| {
+            tracing::warn!(target: "mcp_guard::runtime", "no timerfd for this thread's deadlines ({e}); using the runtime's timer");
+            start(Clock::Runtime)
+        })
     })
 }
 
-/// Gives this thread a fresh set, fired by a task on the current monoio runtime. A worker calls
-/// it when its runtime starts: a set left by an earlier runtime on the thread may still look
-/// fired (its pending task is kept alive by the waker the set holds, so it is never dropped).
-pub fn install() -> Rc<Deadlines> {
+/// Gives this thread a fresh set, fired by a task on the current monoio runtime and woken by a
+/// timerfd (a runtime without monoio's timer driver can run it). A worker calls it when its
+/// runtime starts: a set left by an earlier runtime on the thread may still look fired (its
+/// pending task is kept alive by the waker the set holds, so it is never dropped). Fails only
+/// when the kernel gives no timerfd (out of descriptors or memory).
+pub fn install() -> io::Result<Rc<Deadlines>> {
+    Ok(start(Clock::Alarm(Alarm::new()?)))
+}
+
+/// A fresh set for this thread, fired on `clock`.
+fn start(clock: Clock) -> Rc<Deadlines> {
     LOCAL.with(|local| {
         let set = Deadlines::new();
         set.firing.set(true);
@@ -46,11 +67,17 @@ pub fn install() -> Rc<Deadlines> {
         let fired = set.clone();
         monoio::spawn(async move {
             let _guard = guard;
-            fired.fire().await;
+            fired.fire_on(clock).await;
         });
         *local.borrow_mut() = Some(set.clone());
         set
     })
+}
+
+/// Completes `after` from now, on this thread's deadlines: the workers' sleep (their runtime
+/// has no timer of its own).
+pub fn sleep(after: Duration) -> DeadlineWait {
+    at(super::clock::now() + after)
 }
 
 /// A future completing at `when`, on this thread's deadlines.
@@ -118,31 +145,56 @@ impl Deadlines {
         self.waiting.borrow().len()
     }
 
-    /// The worker's firing task: sleeps on one timer until the earliest deadline, wakes every
-    /// wait that is due, and re-arms. Runs until the worker's runtime ends.
-    pub async fn fire(self: Rc<Self>) {
+    /// The firing task on a timerfd (see [`install`]); fails only when the kernel gives none.
+    pub async fn fire(self: Rc<Self>) -> io::Result<()> {
+        self.fire_on(Clock::Alarm(Alarm::new()?)).await;
+        Ok(())
+    }
+
+    /// The firing task: sleeps on one timer until the earliest deadline, wakes every wait that
+    /// is due, and re-arms. Runs until its runtime ends.
+    async fn fire_on(self: Rc<Self>, clock: Clock) {
         loop {
             let first = self.waiting.borrow().keys().next().map(|k| k.0);
-            match first {
-                None => {
-                    self.armed.set(None);
-                    Kick { set: &self }.await;
-                }
-                Some(t) if t <= Instant::now() => self.wake_due(),
-                Some(t) => {
-                    self.armed.set(Some(t));
-                    monoio::select! {
-                        _ = monoio::time::sleep_until(t.into()) => {}
-                        _ = Kick { set: &self } => {}
-                    }
-                }
+            let Some(t) = first else {
+                self.armed.set(None);
+                Kick { set: &self }.await;
+                continue;
+            };
+            // A fresh reading: this task is outside any connection's poll, and a wait it wakes
+            // must see its deadline passed when it is polled (see `clock`).
+            let now = Instant::now();
+            if t <= now {
+                self.wake_due(now);
+                continue;
+            }
+            if let Clock::Alarm(alarm) = &clock
+                && self.armed.get() != Some(t)
+                && let Err(e) = alarm.set(t - now)
+            {
+                // timerfd_settime fails only on a bad argument, which `set` never passes; were
+                // it to, waking every millisecond keeps every deadline rather than losing them.
+                tracing::error!(target: "mcp_guard::runtime", "the deadlines' timer could not be set ({e}); polling instead");
+                let _ = alarm.set(Duration::from_millis(1));
+            }
+            self.armed.set(Some(t));
+            let rang = monoio::select! {
+                r = clock.ring(t) => r,
+                _ = Kick { set: &self } => Ok(()),
+            };
+            if let Err(e) = rang {
+                // A wait on the worker's own timerfd failed, which a kernel with memory to
+                // spare never does. The loop re-reads the deadlines either way; the pause keeps
+                // a persistent failure from spinning this thread while still keeping every
+                // deadline, at the cost of a millisecond's block.
+                tracing::error!(target: "mcp_guard::runtime", "waiting on the deadlines' timer failed: {e}");
+                std::thread::sleep(Duration::from_millis(1));
             }
         }
     }
 
-    /// Wakes (and forgets) every wait whose deadline has come.
-    fn wake_due(&self) {
-        let now = Instant::now();
+    /// Wakes (and forgets) every wait whose deadline is at or before `now`.
+    fn wake_due(&self, now: Instant) {
         let due = {
             let mut waiting = self.waiting.borrow_mut();
             let later = waiting.split_off(&(now, u64::MAX));
@@ -158,6 +210,116 @@ impl Deadlines {
         self.kicked.set(true);
         if let Some(w) = self.firer.borrow_mut().take() {
             w.wake();
+        }
+    }
+}
+
+/// What the firing task sleeps on.
+enum Clock {
+    /// A timerfd, read through the runtime's driver.
+    Alarm(Alarm),
+    /// The runtime's own timer (a runtime built with `enable_timer`; see [`local`]).
+    Runtime,
+}
+
+impl Clock {
+    /// Completes once the timer set for `t` has rung (for an alarm, as [`Alarm::set`] left it).
+    async fn ring(&self, t: Instant) -> io::Result<()> {
+        match self {
+            Clock::Alarm(alarm) => alarm.rung().await,
+            Clock::Runtime => {
+                monoio::time::sleep_until(t.into()).await;
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A one-shot CLOCK_MONOTONIC timerfd, waited on like a socket.
+///
+/// monoio has no type for a timerfd, so it is held as a `UnixStream`: the only operations used
+/// on it are a readiness wait (a poll on the ring, or epoll's readiness; neither is socket
+/// specific) and a plain `read(2)` of its 8-byte expiry count. Drop closes it.
+struct Alarm {
+    fd: monoio::net::UnixStream,
+}
+
+impl Alarm {
+    fn new() -> io::Result<Self> {
+        // Non-blocking: `rung` reads it after a readiness wait that may be spurious.
+        // SAFETY: plain system call, no pointers.
+        #[allow(unsafe_code)]
+        let fd = unsafe {
+            libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just created and nothing else owns it; the stream takes ownership
+        // and closes it once. It is never used as a socket (see the type's doc).
+        #[allow(unsafe_code)]
+        let std_fd = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) };
+        Ok(Self {
+            fd: monoio::net::UnixStream::from_std(std_fd)?,
+        })
+    }
+
+    /// Sets the timer to ring once, `after` from now (`after` > 0; a zero would disarm it).
+    /// Setting it also clears an expiry not yet read.
+    fn set(&self, after: Duration) -> io::Result<()> {
+        let after = after.max(Duration::from_nanos(1));
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: after.as_secs().min(i64::MAX as u64) as libc::time_t,
+                tv_nsec: libc::c_long::from(after.subsec_nanos() as i32),
+            },
+        };
+        // SAFETY: `spec` is a valid itimerspec on the stack; the old value is not asked for.
+        #[allow(unsafe_code)]
+        let rc =
+            unsafe { libc::timerfd_settime(self.fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Completes when the timer has rung, consuming its expiry.
+    async fn rung(&self) -> io::Result<()> {
+        loop {
+            // Not relaxed: under epoll, a relaxed wait reports the readiness the driver last
+            // saw, which only monoio's own reads clear; after a read of ours that found nothing
+            // it would report it again at once, forever. The strict wait checks with poll(2).
+            self.fd.readable(false).await?;
+            let mut expiries = [0u8; 8];
+            // SAFETY: reads at most 8 bytes into a local 8-byte buffer.
+            #[allow(unsafe_code)]
+            let n = unsafe {
+                libc::read(
+                    self.fd.as_raw_fd(),
+                    expiries.as_mut_ptr().cast(),
+                    expiries.len(),
+                )
+            };
+            if n == 8 {
+                return Ok(());
+            }
+            // EAGAIN: not rung yet (a spurious readiness, or a set that cleared the expiry).
+            let e = io::Error::last_os_error();
+            if n >= 0 || e.kind() != io::ErrorKind::WouldBlock {
+                return Err(if n >= 0 {
+                    io::ErrorKind::UnexpectedEof.into()
+                } else {
+                    e
+                });
+            }
         }
     }
 }
@@ -267,16 +429,22 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    fn runtime() -> monoio::Runtime<monoio::time::TimeDriver<monoio::LegacyDriver>> {
+    /// Runs `body` on a runtime of each driver, neither with monoio's timer (as a worker's):
+    /// every wait in it must be on the deadlines.
+    fn on_both_drivers<F: Future<Output = ()>>(body: impl Fn() -> F) {
         monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-            .enable_timer()
             .build()
             .unwrap()
+            .block_on(body());
+        // A kernel without io_uring (or a sandbox refusing it) still runs the epoll half.
+        if let Ok(mut rt) = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new().build() {
+            rt.block_on(body());
+        }
     }
 
     #[test]
     fn waits_complete_at_their_deadlines_in_order_whatever_order_they_were_added() {
-        runtime().block_on(async {
+        on_both_drivers(|| async {
             let set = Deadlines::new();
             monoio::spawn(set.clone().fire());
             let start = Instant::now();
@@ -302,7 +470,7 @@ mod tests {
 
     #[test]
     fn a_timeout_passes_a_finished_future_through_and_cuts_off_a_slow_one() {
-        runtime().block_on(async {
+        on_both_drivers(|| async {
             let set = Deadlines::new();
             monoio::spawn(set.clone().fire());
             let quick = set.timeout(Duration::from_millis(50), async { 7 }).await;
@@ -310,10 +478,7 @@ mod tests {
             assert_eq!(set.waiting(), 0, "a ready future registers no deadline");
             let start = Instant::now();
             let slow = set
-                .timeout(
-                    Duration::from_millis(100),
-                    monoio::time::sleep(Duration::from_secs(3600)),
-                )
+                .timeout(Duration::from_millis(100), std::future::pending::<()>())
                 .await;
             assert_eq!(slow, Err(Elapsed));
             assert!(start.elapsed() >= Duration::from_millis(100));
@@ -325,14 +490,10 @@ mod tests {
     #[test]
     fn a_second_runtime_on_the_thread_gets_a_set_of_its_own() {
         for _ in 0..2 {
-            runtime().block_on(async {
-                install();
+            on_both_drivers(|| async {
+                install().unwrap();
                 let start = Instant::now();
-                let cut = timeout(
-                    Duration::from_millis(50),
-                    monoio::time::sleep(Duration::from_secs(3600)),
-                )
-                .await;
+                let cut = timeout(Duration::from_millis(50), std::future::pending::<()>()).await;
                 assert_eq!(cut, Err(Elapsed));
                 assert!(start.elapsed() < Duration::from_secs(2));
             });
@@ -341,19 +502,95 @@ mod tests {
 
     #[test]
     fn a_dropped_wait_leaves_nothing_behind_and_a_past_deadline_is_ready_at_once() {
-        runtime().block_on(async {
+        on_both_drivers(|| async {
             let set = Deadlines::new();
             monoio::spawn(set.clone().fire());
             let far = set.at(Instant::now() + Duration::from_secs(3600));
+            let near = set.at(Instant::now() + Duration::from_millis(20));
             let raced = monoio::select! {
                 _ = far => false,
-                _ = monoio::time::sleep(Duration::from_millis(20)) => true,
+                _ = near => true,
             };
             assert!(raced);
             assert_eq!(set.waiting(), 0, "the dropped wait was forgotten");
             let start = Instant::now();
             set.at(Instant::now() - Duration::from_millis(1)).await;
             assert!(start.elapsed() < Duration::from_millis(50));
+        });
+    }
+
+    #[test]
+    fn an_earlier_deadline_rearms_the_timer_and_a_withdrawn_one_rings_harmlessly() {
+        on_both_drivers(|| async {
+            let set = Deadlines::new();
+            monoio::spawn(set.clone().fire());
+            let start = Instant::now();
+            // Armed for an hour; a later 30 ms wait must re-arm it, or this hangs.
+            let hour = set.at(start + Duration::from_secs(3600));
+            let withdrawn = set.at(start + Duration::from_millis(10));
+            {
+                // Registered, then dropped: the timer still rings at 10 ms for nothing.
+                let mut withdrawn = std::pin::pin!(withdrawn);
+                let polled = std::future::poll_fn(|cx| {
+                    let _ = withdrawn.as_mut().poll(cx);
+                    Poll::Ready(())
+                });
+                polled.await;
+            }
+            set.at(start + Duration::from_millis(30)).await;
+            let waited = start.elapsed();
+            assert!(waited >= Duration::from_millis(30), "{waited:?}");
+            assert!(waited < Duration::from_secs(2), "{waited:?}");
+            assert_eq!(set.waiting(), 0);
+            // After ringing with nothing due, the set still fires the next wait.
+            set.at(Instant::now() + Duration::from_millis(5)).await;
+            drop(hour);
+            assert_eq!(set.waiting(), 0);
+        });
+    }
+
+    #[test]
+    fn a_set_on_the_runtimes_own_timer_fires_as_one_on_a_timerfd() {
+        monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap()
+            .block_on(async {
+                let set = start(Clock::Runtime);
+                let begun = Instant::now();
+                let cut = set
+                    .timeout(Duration::from_millis(40), std::future::pending::<()>())
+                    .await;
+                assert_eq!(cut, Err(Elapsed));
+                assert!(begun.elapsed() >= Duration::from_millis(40));
+                assert!(begun.elapsed() < Duration::from_secs(2));
+            });
+    }
+
+    #[test]
+    fn an_alarm_rings_once_per_setting_and_a_new_setting_clears_an_unread_ring() {
+        on_both_drivers(|| async {
+            let alarm = Alarm::new().unwrap();
+            alarm.set(Duration::from_millis(5)).unwrap();
+            let start = Instant::now();
+            alarm.rung().await.unwrap();
+            assert!(start.elapsed() >= Duration::from_millis(5));
+            // Rung and not re-set: no second ring within 50 ms.
+            let set = Deadlines::new();
+            monoio::spawn(set.clone().fire());
+            let again = set.timeout(Duration::from_millis(50), alarm.rung()).await;
+            assert!(again.is_err(), "a one-shot alarm rang twice");
+            // An expiry left unread is cleared by the next setting.
+            alarm.set(Duration::from_millis(1)).unwrap();
+            std::thread::sleep(Duration::from_millis(5));
+            alarm.set(Duration::from_millis(60)).unwrap();
+            let start = Instant::now();
+            alarm.rung().await.unwrap();
+            assert!(
+                start.elapsed() >= Duration::from_millis(50),
+                "{:?}",
+                start.elapsed()
+            );
         });
     }
 }

@@ -401,12 +401,17 @@ fn push_hex(out: &mut String, v: u64, digits: u32) {
 
 /// Runs the accept loop of one worker until shutdown, then drains its connections.
 pub async fn run(w: Rc<Worker>, listener: monoio::net::TcpListener) {
-    super::deadlines::install();
+    // The worker's runtime has no timer driver: every wait on it, the sleeps below included,
+    // is on these deadlines.
+    if let Err(e) = super::deadlines::install() {
+        tracing::error!(target: "mcp_guard::runtime", "worker {}: no timer for its deadlines: {e}", w.id);
+        std::process::exit(1);
+    }
     let publisher = w.clone();
     monoio::spawn(async move {
         let mut ticks = 0u32;
         loop {
-            monoio::time::sleep(Duration::from_millis(250)).await;
+            super::deadlines::sleep(Duration::from_millis(250)).await;
             publisher.publish_metrics();
             ticks = ticks.wrapping_add(1);
             if ticks % 20 == 0 {
@@ -438,7 +443,7 @@ pub async fn run(w: Rc<Worker>, listener: monoio::net::TcpListener) {
             Err(e) => {
                 // EMFILE and friends: back off briefly instead of spinning.
                 tracing::warn!(target: "mcp_guard::runtime", "accept failed: {e}");
-                monoio::time::sleep(Duration::from_millis(20)).await;
+                super::deadlines::sleep(Duration::from_millis(20)).await;
                 continue;
             }
         };
@@ -491,14 +496,14 @@ pub async fn run(w: Rc<Worker>, listener: monoio::net::TcpListener) {
         }
     };
     while still_open() > 0 && Instant::now() < deadline {
-        monoio::time::sleep(Duration::from_millis(20)).await;
+        super::deadlines::sleep(Duration::from_millis(20)).await;
     }
     if still_open() > 0 {
         // Calls still waiting on an upstream get their 503 now; a moment to write them.
         w.grace_over.fire();
         let answered_by = Instant::now() + GRACE_ANSWER;
         while w.active.get() > 0 && Instant::now() < answered_by {
-            monoio::time::sleep(Duration::from_millis(20)).await;
+            super::deadlines::sleep(Duration::from_millis(20)).await;
         }
     }
     w.publish_metrics();
