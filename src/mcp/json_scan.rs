@@ -11,6 +11,7 @@
 
 use crate::mcp::jsonrpc::folds_to;
 use std::borrow::Cow;
+use std::cell::Cell;
 use std::ops::Range;
 
 /// Why a body cannot be relayed as checked.
@@ -65,33 +66,58 @@ pub struct Tool<'a> {
     pub name: Option<Cow<'a, str>>,
 }
 
+thread_local! {
+    /// The skip stack's buffer, kept between scans on this thread: nearly every answer opens a
+    /// container, and a fresh buffer each time was an allocation and a free per answer.
+    static SKIP_STACK: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+}
+
+/// A skip stack that grew past this (nesting thousands deep, which only an odd or hostile
+/// upstream sends) is freed rather than kept for the thread's next scan.
+const KEPT_SKIP_STACK: usize = 4096;
+
 /// Scans `text` whole. `find_tools`: look for tool lists (else only check and split it).
 pub fn body(text: &str, find_tools: bool) -> Result<Body<'_>, Refused> {
     let mut s = Scanner {
         text,
         bytes: text.as_bytes(),
         pos: 0,
-        stack: Vec::new(),
+        stack: SKIP_STACK.take(),
         gated: find_tools,
         nested_batch: false,
     };
-    let mut messages = Vec::new();
-    let batch = s.ws() == Some(b'[');
-    if batch {
-        s.array(|s| {
+    let scanned = s.body(find_tools);
+    let mut stack = std::mem::take(&mut s.stack);
+    if stack.capacity() <= KEPT_SKIP_STACK {
+        // A refused scan may leave containers on it.
+        stack.clear();
+        SKIP_STACK.set(stack);
+    }
+    scanned
+}
+
+impl<'a> Scanner<'a> {
+    /// The whole text: one message or a batch of them, and nothing after.
+    fn body(&mut self, find_tools: bool) -> Result<Body<'a>, Refused> {
+        let s = self;
+        let mut messages = Vec::new();
+        let batch = s.ws() == Some(b'[');
+        if batch {
+            s.array(|s| {
+                messages.push(s.message(find_tools)?);
+                Ok(())
+            })?;
+        } else {
             messages.push(s.message(find_tools)?);
-            Ok(())
-        })?;
-    } else {
-        messages.push(s.message(find_tools)?);
+        }
+        if s.ws().is_some() {
+            return Err(Refused::Invalid);
+        }
+        if s.nested_batch {
+            return Err(Refused::Unfilterable);
+        }
+        Ok(Body { batch, messages })
     }
-    if s.ws().is_some() {
-        return Err(Refused::Invalid);
-    }
-    if s.nested_batch {
-        return Err(Refused::Unfilterable);
-    }
-    Ok(Body { batch, messages })
 }
 
 /// A JSON string's content (between the quotes) as the scan met it.
@@ -954,6 +980,25 @@ mod tests {
             "[".repeat(100_000)
         );
         assert_eq!(body(&open, true).unwrap_err(), Refused::Invalid);
+    }
+
+    #[test]
+    fn a_scan_refused_with_containers_open_leaves_the_threads_next_scan_unaffected() {
+        // Each refusal below stops inside nested containers; the next scan on the thread reuses
+        // its skip stack and must start from an empty one.
+        let list = r#"{"result":{"tools":[{"name":"a","x":[{"y":[1]}]},{"name":"b"}]}}"#;
+        for refused in [
+            r#"{"result":{"tools":[{"name":"a","x":[[[{"y":"#,
+            r#"{"a":[[[[{"b":[1,2,}]]]]}"#,
+            "[[[[[[[[",
+            &format!("{}1", "[".repeat(10_000)),
+        ] {
+            assert!(body(refused, true).is_err(), "{refused}");
+            assert!(body(refused, false).is_err(), "{refused}");
+            assert_eq!(names(list), vec![Some("a".into()), Some("b".into())]);
+            assert!(body(r#"{"a":[{"b":[]}],"c":{}}"#, true).is_ok());
+            assert_eq!(body("]", false).unwrap_err(), Refused::Invalid);
+        }
     }
 
     #[test]
