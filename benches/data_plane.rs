@@ -1,15 +1,18 @@
 //! Criterion benches of the data plane's per-request work: head parse, JSON-RPC classify,
 //! chunked decode, session-id check, a stdio request's trip through the hub's router, a read
-//! of the request path's clock. Each reports time per operation.
+//! of the request path's clock, a worker's trip through its ring with and without monoio's
+//! timer driver. Each reports time per operation.
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use mcp_guard::http::chunked::ChunkedDecoder;
 use mcp_guard::http::request::parse_head;
 use mcp_guard::mcp::jsonrpc::Classifier;
 use mcp_guard::mcp::session::SessionCodec;
-use mcp_guard::runtime::clock;
+use mcp_guard::runtime::{clock, deadlines};
 use mcp_guard::upstream::router::{Limits, Output, Router};
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use std::hint::black_box;
+use std::time::{Duration, Instant};
 
 const HEAD: &[u8] = b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:3000\r\nUser-Agent: bench/1.0\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\nMcp-Session-Id: c2Vzc2lvbi1pZC0xMjM0NTY3ODkw.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\r\nMCP-Protocol-Version: 2025-11-25\r\nAuthorization: Bearer mcpg_abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG\r\nContent-Length: 112\r\n\r\n";
 const CALL: &[u8] = br#"{"jsonrpc":"2.0","id":42,"method":"tools/call","params":{"name":"read_file","arguments":{"path":"/etc/hosts","limit":100}}}"#;
@@ -93,5 +96,57 @@ fn benches(c: &mut Criterion) {
     });
 }
 
-criterion_group!(data_plane, benches);
+/// `iters` one-byte exchanges over a socket pair, each a write and a read through the ring and
+/// so a park of the runtime, with a deadline an hour away pending as a worker always has one.
+/// `timer_driver`: that deadline on monoio's timer driver (what the workers ran before), else on
+/// `deadlines` and its timerfd, with the driver left out (what they run now).
+fn ring_round_trips(timer_driver: bool, iters: u64) -> Duration {
+    let body = async move {
+        let far = Duration::from_secs(3600);
+        let _pending = if timer_driver {
+            monoio::spawn(monoio::time::sleep(far))
+        } else {
+            deadlines::install().expect("a timerfd");
+            monoio::spawn(deadlines::sleep(far))
+        };
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (mut a, mut b) = (
+            monoio::net::UnixStream::from_std(a).unwrap(),
+            monoio::net::UnixStream::from_std(b).unwrap(),
+        );
+        let (mut out, mut into) = (vec![7u8], Vec::with_capacity(1));
+        let start = Instant::now();
+        for _ in 0..iters {
+            let (r, o) = a.write_all(out).await;
+            r.unwrap();
+            out = o;
+            let (r, i) = b.read(into).await;
+            assert_eq!(r.unwrap(), 1);
+            into = i;
+            into.clear();
+        }
+        start.elapsed()
+    };
+    let builder = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new();
+    if timer_driver {
+        builder.enable_timer().build().unwrap().block_on(body)
+    } else {
+        builder.build().unwrap().block_on(body)
+    }
+}
+
+fn ring_benches(c: &mut Criterion) {
+    if !monoio::utils::detect_uring() {
+        eprintln!("io_uring unavailable: the ring benches are skipped");
+        return;
+    }
+    c.bench_function("ring_round_trip_timer_driver", |b| {
+        b.iter_custom(|iters| ring_round_trips(true, iters))
+    });
+    c.bench_function("ring_round_trip_timerfd_deadlines", |b| {
+        b.iter_custom(|iters| ring_round_trips(false, iters))
+    });
+}
+
+criterion_group!(data_plane, benches, ring_benches);
 criterion_main!(data_plane);
