@@ -5,6 +5,8 @@ mod common;
 
 use common::*;
 use std::io::{Read, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 macro_rules! on_both_drivers {
@@ -40,7 +42,109 @@ on_both_drivers!(
     header_timeout_closes_slowloris_with_408,
     a_head_trickled_byte_by_byte_is_cut_off_at_the_header_timeout,
     a_connection_that_never_sends_is_closed_after_the_header_timeout,
+    a_silent_sse_answer_shows_its_head_and_ends_with_its_upstream_when_the_client_leaves,
 );
+
+/// An HTTP upstream that answers `initialize` and, to anything else, the head of an SSE answer
+/// (chunked) and then nothing. Counts the answers it left silent whose connection the gateway
+/// has since closed.
+fn silent_sse_upstream() -> (String, Arc<AtomicUsize>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/mcp", listener.local_addr().unwrap());
+    let closed = Arc::new(AtomicUsize::new(0));
+    let seen = closed.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let seen = seen.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                loop {
+                    // One request per read is enough for the gateway's small POSTs.
+                    let n = conn.read(&mut buf).unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    let req = String::from_utf8_lossy(&buf[..n]).to_string();
+                    if req.contains("\"initialize\"") {
+                        let body = r#"{"jsonrpc":"2.0","id":1,"result":{"protocolVersion":"2025-11-25","capabilities":{"tools":{}},"serverInfo":{"name":"silent","version":"1"}}}"#;
+                        let _ = write!(
+                            conn,
+                            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nMcp-Session-Id: s1\r\nContent-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        continue;
+                    }
+                    if !req.contains("tools/call") {
+                        let _ =
+                            conn.write_all(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n");
+                        continue;
+                    }
+                    let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n");
+                    // Silent from here: wait for the gateway to close the connection.
+                    while conn.read(&mut buf).map(|n| n > 0).unwrap_or(false) {}
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    return;
+                }
+            });
+        }
+    });
+    (url, closed)
+}
+
+fn a_silent_sse_answer_shows_its_head_and_ends_with_its_upstream_when_the_client_leaves(io: &str) {
+    // The upstream's answer begins as SSE and then says nothing, for as long as it likes (no
+    // timeout bounds a stream once its head has arrived). The client must see the head at once,
+    // and when it leaves, the relay must end with it: held, each such call would keep its
+    // connection slot and its upstream connection for ever, and a silent upstream could fill
+    // `max_connections` with calls nobody waits for.
+    let (url, closed) = silent_sse_upstream();
+    let g = Gateway::start(&http_config(io, &url, "max_connections = 8", ""));
+    let sid = initialize(g.addr);
+    let body = call(2, "echo", r#"{"text":"anyone?"}"#);
+    for round in 0..3 {
+        let mut clients = Vec::new();
+        for _ in 0..4 {
+            let mut s = connect(g.addr);
+            s.write_all(mcp_post_raw(&body, Some(&sid), "").as_bytes())
+                .unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                match s.read(&mut byte) {
+                    Ok(1) => head.push(byte[0]),
+                    other => panic!(
+                        "round {round}: no head while the upstream is silent ({other:?}): {}",
+                        String::from_utf8_lossy(&head)
+                    ),
+                }
+            }
+            let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+            assert!(head.starts_with("http/1.1 200"), "{head}");
+            assert!(head.contains("text/event-stream"), "{head}");
+            clients.push(s);
+        }
+        // Every client leaves; their calls and upstream connections must go with them.
+        drop(clients);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while closed.load(Ordering::SeqCst) < 4 * (round + 1) {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: the gateway kept {} silent upstream answers open after their clients left",
+                4 * (round + 1) - closed.load(Ordering::SeqCst)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(
+            g.metric_settles("mcp_guard_active_connections", &[], 0.0),
+            0.0,
+            "round {round}: client connections still counted"
+        );
+    }
+    // Three rounds of four on eight slots: had any slot leaked, this would be refused.
+    assert_eq!(mcp_post(g.addr, INIT, None).status, 200);
+}
 
 fn a_panicking_request_gets_500_and_the_worker_keeps_serving(io: &str) {
     // Debug builds panic on a call of the tool named by MCP_GUARD_TEST_PANIC_TOOL: the request

@@ -245,7 +245,7 @@ pub struct ServerSection {
     #[schemars(extend("x-type" = "whole number, at least 1"))]
     pub max_connections: usize,
     /// On SIGTERM, in-flight requests get this long to finish; a call still waiting on its
-    /// upstream then is answered 503.
+    /// upstream then is answered 503 (with up to half a second more to write those answers).
     #[schemars(extend("x-type" = "seconds (whole number)"))]
     pub shutdown_grace_secs: u64,
     /// A session without a request for this long ends (its client gets 404 and initializes

@@ -322,6 +322,12 @@ fn parse_response_head(buf: &[u8]) -> Result<Option<ResponseHead>, &'static str>
 }
 
 impl UpstreamResponse {
+    /// Whether body bytes are already buffered (they came with the head), so the first
+    /// [`Self::next_data`] needs no wait on the upstream unless they end mid-chunk-line.
+    pub fn body_buffered(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
     /// The next piece of decoded body, or `None` at its end.
     pub async fn next_data(&mut self) -> Result<Option<Vec<u8>>, UpstreamError> {
         loop {

@@ -874,7 +874,7 @@ async fn write_reply<S: Connection>(
 
 /// Relays an upstream body to the client piece by piece (through `filter` when given); returns
 /// whether the whole body went out, and the buffer.
-async fn pump<S: AsyncWriteRent>(
+async fn pump<S: Connection>(
     w: &Rc<Worker>,
     stream: &mut S,
     mut resp: crate::http::client::UpstreamResponse,
@@ -919,9 +919,35 @@ async fn pump<S: AsyncWriteRent>(
         w.pool.release(resp);
         return (ok, out);
     }
+    // The head goes out before the first wait on the upstream, unless body bytes came with it:
+    // a client whose answer streams learns at once that it has begun (an SSE answer may stay
+    // silent for as long as its call runs), and one that came whole keeps its single write.
+    if !out.is_empty() && !resp.body_buffered() {
+        let (res, o) = write_bounded(w, stream, out).await;
+        out = o;
+        if res.is_err() {
+            w.pool.release(resp);
+            return (false, out);
+        }
+    }
     let ok;
     loop {
-        match resp.next_data().await {
+        // While the upstream is silent the client is watched. It sends nothing while it reads
+        // an answer, so its connection turning readable means it has gone (EOF) or broken the
+        // protocol: the relay ends then, with the upstream's connection, rather than holding
+        // both (and a connection slot) until the upstream next writes, which a silent upstream
+        // never does. Biased: a piece already buffered is taken without arming the watch.
+        let next = monoio::select! {
+            biased;
+            next = resp.next_data() => Some(next),
+            _ = stream.wait_readable() => None,
+        };
+        let Some(next) = next else {
+            tracing::debug!(target: "mcp_guard::upstream", "client left (or sent bytes) while its answer streamed; relay ended");
+            ok = false;
+            break;
+        };
+        match next {
             Ok(Some(_)) if revoked(w, meta) => {
                 // A reload revoked the credentials this response was opened with: it ends
                 // here (the connection closes, nothing more is relayed).
