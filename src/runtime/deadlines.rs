@@ -168,16 +168,22 @@ impl Deadlines {
                 self.wake_due(now);
                 continue;
             }
-            if let Clock::Alarm(alarm) = &clock
-                && self.armed.get() != Some(t)
-                && let Err(e) = alarm.set(t - now)
-            {
-                // timerfd_settime fails only on a bad argument, which `set` never passes; were
-                // it to, waking every millisecond keeps every deadline rather than losing them.
-                tracing::error!(target: "mcp_guard::runtime", "the deadlines' timer could not be set ({e}); polling instead");
-                let _ = alarm.set(Duration::from_millis(1));
-            }
-            self.armed.set(Some(t));
+            let armed = match &clock {
+                Clock::Alarm(_) if self.armed.get() == Some(t) => Some(t),
+                Clock::Alarm(alarm) => match alarm.set(t - now) {
+                    Ok(()) => Some(t),
+                    Err(e) => {
+                        // timerfd_settime fails only on a bad argument, which `set` never
+                        // passes. Were it to, the timer rings in a millisecond and, left
+                        // unarmed for `t`, is set again then: every deadline is kept.
+                        tracing::error!(target: "mcp_guard::runtime", "the deadlines' timer could not be set ({e}); retrying in 1 ms");
+                        let _ = alarm.set(Duration::from_millis(1));
+                        None
+                    }
+                },
+                Clock::Runtime => Some(t),
+            };
+            self.armed.set(armed);
             let rang = monoio::select! {
                 r = clock.ring(t) => r,
                 _ = Kick { set: &self } => Ok(()),
