@@ -1204,12 +1204,45 @@ fn sleeping_call_cut_by_sigterm(g: &Gateway, id: u64, ms: u64) -> Response {
 fn graceful_shutdown_finishes_in_flight_request() {
     let mut g = Gateway::start(&stdio_config("auto", "shutdown_grace_secs = 10", &[]));
     let addr = g.addr;
-    let r = sleeping_call_cut_by_sigterm(&g, 11, 1500);
+    let sid = initialize(addr);
+    let in_flight = std::thread::spawn(move || {
+        mcp_post(addr, &call(11, "sleep", r#"{"ms":4000}"#), Some(&sid))
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while g.metric("mcp_guard_active_connections", &[]) < 1.0 {
+        assert!(Instant::now() < deadline, "request never arrived");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    g.signal(libc::SIGTERM);
+    // New connections are refused once draining started. Checked while the call still runs,
+    // not after the exit, when the port is free for any other test's listener to take.
+    assert!(g.wait_log(
+        "shutting down: no longer accepting connections",
+        Duration::from_secs(5)
+    ));
+    let refused_by = Instant::now() + Duration::from_secs(2);
+    loop {
+        match std::net::TcpStream::connect(addr) {
+            Err(_) => break,
+            // A connect to a port nobody listens on can pick that very port as its source and
+            // connect to itself: no listener either.
+            Ok(s) if s.local_addr().ok() == s.peer_addr().ok() => break,
+            // The workers close their listeners as they take the signal; dropped at once, so
+            // the drain does not wait for it.
+            Ok(s) => drop(s),
+        }
+        assert!(
+            Instant::now() < refused_by,
+            "new connections to {addr} still accepted 2 s into the drain"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!in_flight.is_finished(), "the drain ended before the check");
+    let r = in_flight.join().unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(r.json()["result"]["content"][0]["text"], "slept 1500ms");
+    assert_eq!(r.json()["result"]["content"][0]["text"], "slept 4000ms");
     assert_eq!(g.wait_exit(Duration::from_secs(15)), Some(0));
-    // New connections are refused once draining started.
-    assert!(std::net::TcpStream::connect(addr).is_err());
 }
 
 #[test]

@@ -74,6 +74,30 @@ fn start(clock: Clock) -> Rc<Deadlines> {
     })
 }
 
+/// Ends this thread's set, from within its runtime, before that runtime ends: the firing task
+/// returns (its pending wait on the timer is cancelled while the runtime can still process the
+/// cancellation), and every wait still registered is dropped. Left alone, the firing task would
+/// outlive the runtime, kept by the wakers that point at it, holding its timerfd and its pending
+/// operation until the process exits.
+pub async fn retire() {
+    let Some(set) = LOCAL.with(|local| local.borrow_mut().take()) else {
+        return;
+    };
+    set.stop.set(true);
+    set.kick();
+    drop(std::mem::take(&mut *set.waiting.borrow_mut()));
+    // Until the firing task has returned: its guard clears `firing` and wakes this.
+    std::future::poll_fn(|cx| {
+        if set.firing.get() {
+            *set.retired.borrow_mut() = Some(cx.waker().clone());
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await;
+}
+
 /// Completes `after` from now, on this thread's deadlines: the workers' sleep (their runtime
 /// has no timer of its own).
 pub fn sleep(after: Duration) -> DeadlineWait {
@@ -96,6 +120,9 @@ struct Firing(Rc<Deadlines>);
 impl Drop for Firing {
     fn drop(&mut self) {
         self.0.firing.set(false);
+        if let Some(w) = self.0.retired.borrow_mut().take() {
+            w.wake();
+        }
     }
 }
 
@@ -112,6 +139,10 @@ pub struct Deadlines {
     /// Set when a deadline earlier than `armed` arrives: the firing task re-arms.
     kicked: Cell<bool>,
     firer: RefCell<Option<Waker>>,
+    /// Set by [`retire`]: the firing task returns at its next turn.
+    stop: Cell<bool>,
+    /// [`retire`], waiting for the firing task to have returned.
+    retired: RefCell<Option<Waker>>,
 }
 
 impl Deadlines {
@@ -155,6 +186,9 @@ impl Deadlines {
     /// is due, and re-arms. Runs until its runtime ends.
     async fn fire_on(self: Rc<Self>, clock: Clock) {
         loop {
+            if self.stop.get() {
+                return;
+            }
             let first = self.waiting.borrow().keys().next().map(|k| k.0);
             let Some(t) = first else {
                 self.armed.set(None);
@@ -552,6 +586,26 @@ mod tests {
             set.at(Instant::now() + Duration::from_millis(5)).await;
             drop(hour);
             assert_eq!(set.waiting(), 0);
+        });
+    }
+
+    #[test]
+    fn a_retired_set_ends_its_firing_task_within_the_runtime() {
+        on_both_drivers(|| async {
+            let set = install().unwrap();
+            // Armed, with a wait pending: the task is parked on the timer.
+            let pending = monoio::spawn(async { sleep(Duration::from_secs(3600)).await });
+            sleep(Duration::from_millis(5)).await;
+            assert!(set.firing.get());
+            retire().await;
+            assert!(!set.firing.get(), "the firing task outlived retire");
+            assert_eq!(set.waiting(), 0);
+            drop(pending);
+            // The thread's next use starts a fresh set.
+            let start = Instant::now();
+            sleep(Duration::from_millis(10)).await;
+            assert!(start.elapsed() >= Duration::from_millis(10));
+            retire().await;
         });
     }
 

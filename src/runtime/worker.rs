@@ -482,6 +482,15 @@ pub async fn run(w: Rc<Worker>, listener: monoio::net::TcpListener) {
             }
         }
     }
+    // Stop listening now, not when the listener's close runs: under io_uring that close is an
+    // operation queued on the ring, submitted only once the cancelled accept has completed and
+    // the worker parks again, and a worker with nothing left to drain returns first, so the
+    // port went on taking connections nobody would accept until the process exited.
+    // SAFETY: a plain system call on a descriptor the listener owns and still holds open.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(&listener), libc::SHUT_RDWR);
+    }
     drop(listener);
     w.shutdown.fire();
     let grace = w.settings().server.shutdown_grace;
@@ -516,6 +525,8 @@ pub async fn run(w: Rc<Worker>, listener: monoio::net::TcpListener) {
             grace
         );
     }
+    // Last: the deadlines' firing task ends here, within the runtime, rather than outliving it.
+    super::deadlines::retire().await;
 }
 
 /// How long, after the shutdown grace, calls cut short have to write their 503.
