@@ -1178,6 +1178,16 @@ fn config_reload_applies_valid_and_keeps_old_on_invalid() {
     assert_eq!(probe(), 200, "old snapshot still serving");
 }
 
+/// Waits until a call's connection is accepted, then long enough for the tool to be running.
+fn wait_until_the_call_runs(g: &Gateway) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while g.metric("mcp_guard_active_connections", &[]) < 1.0 {
+        assert!(Instant::now() < deadline, "request never arrived");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+}
+
 /// Calls `sleep` for `ms` as request `id`, sends SIGTERM once the call is in flight (its
 /// connection accepted, the tool sleeping), and returns the call's answer.
 fn sleeping_call_cut_by_sigterm(g: &Gateway, id: u64, ms: u64) -> Response {
@@ -1190,12 +1200,7 @@ fn sleeping_call_cut_by_sigterm(g: &Gateway, id: u64, ms: u64) -> Response {
             Some(&sid),
         )
     });
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while g.metric("mcp_guard_active_connections", &[]) < 1.0 {
-        assert!(Instant::now() < deadline, "request never arrived");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(200));
+    wait_until_the_call_runs(g);
     g.signal(libc::SIGTERM);
     in_flight.join().unwrap()
 }
@@ -1208,12 +1213,7 @@ fn graceful_shutdown_finishes_in_flight_request() {
     let in_flight = std::thread::spawn(move || {
         mcp_post(addr, &call(11, "sleep", r#"{"ms":4000}"#), Some(&sid))
     });
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while g.metric("mcp_guard_active_connections", &[]) < 1.0 {
-        assert!(Instant::now() < deadline, "request never arrived");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(200));
+    wait_until_the_call_runs(&g);
     g.signal(libc::SIGTERM);
     // New connections are refused once draining started. Checked while the call still runs,
     // not after the exit, when the port is free for any other test's listener to take.
