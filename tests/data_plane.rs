@@ -144,6 +144,33 @@ fn a_silent_sse_answer_shows_its_head_and_ends_with_its_upstream_when_the_client
     }
     // Three rounds of four on eight slots: had any slot leaked, this would be refused.
     assert_eq!(mcp_post(g.addr, INIT, None).status, 200);
+    // A client that sends anything while its answer streams (a pipelined request, a stray
+    // byte) breaks the exchange: its connection and the upstream's end too.
+    let mut s = connect(g.addr);
+    s.write_all(mcp_post_raw(&body, Some(&sid), "").as_bytes())
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = s.read(&mut buf).expect("the head");
+        assert!(n > 0, "closed before the head");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    s.write_all(b"x").unwrap();
+    match s.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("the connection stayed open after the client sent bytes: {other:?}"),
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while closed.load(Ordering::SeqCst) < 13 {
+        assert!(
+            Instant::now() < deadline,
+            "the upstream's answer was kept open"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn a_panicking_request_gets_500_and_the_worker_keeps_serving(io: &str) {
