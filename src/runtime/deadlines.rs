@@ -69,7 +69,8 @@ fn start(clock: Clock) -> Rc<Deadlines> {
             let _guard = guard;
             fired.fire_on(clock).await;
         });
-        *local.borrow_mut() = Some(set.clone());
+        let earlier = local.borrow_mut().replace(set.clone());
+        drop(earlier);
         set
     })
 }
@@ -85,7 +86,10 @@ pub async fn retire() {
     };
     set.stop.set(true);
     set.kick();
-    drop(std::mem::take(&mut *set.waiting.borrow_mut()));
+    // Taken out first, dropped after: a dropped waker can be the last reference to its task,
+    // whose wait then unregisters itself from this same map.
+    let waiting = std::mem::take(&mut *set.waiting.borrow_mut());
+    drop(waiting);
     // Until the firing task has returned: its guard clears `firing` and wakes this.
     std::future::poll_fn(|cx| {
         if set.firing.get() {
@@ -120,7 +124,8 @@ struct Firing(Rc<Deadlines>);
 impl Drop for Firing {
     fn drop(&mut self) {
         self.0.firing.set(false);
-        if let Some(w) = self.0.retired.borrow_mut().take() {
+        let retired = self.0.retired.borrow_mut().take();
+        if let Some(w) = retired {
             w.wake();
         }
     }
@@ -248,7 +253,8 @@ impl Deadlines {
     /// Tells the firing task a deadline earlier than its timer was added.
     fn kick(&self) {
         self.kicked.set(true);
-        if let Some(w) = self.firer.borrow_mut().take() {
+        let firer = self.firer.borrow_mut().take();
+        if let Some(w) = firer {
             w.wake();
         }
     }
@@ -607,6 +613,37 @@ mod tests {
             assert!(start.elapsed() >= Duration::from_millis(10));
             retire().await;
         });
+    }
+
+    #[test]
+    fn retiring_drops_the_tasks_only_its_waits_kept() {
+        on_both_drivers(|| async {
+            let set = install().unwrap();
+            // Detached tasks (their handles dropped), like a worker's metrics tick: once parked,
+            // the waker in the set is all that keeps each alive, so retiring drops them, and
+            // each one's wait unregisters itself from the set as it goes.
+            let dropped = Rc::new(Cell::new(0));
+            for _ in 0..3 {
+                let on_drop = Counted(dropped.clone());
+                drop(monoio::spawn(async move {
+                    let _on_drop = on_drop;
+                    sleep(Duration::from_secs(3600)).await;
+                }));
+            }
+            sleep(Duration::from_millis(5)).await;
+            assert_eq!(set.waiting(), 3);
+            retire().await;
+            assert_eq!(dropped.get(), 3, "a parked task outlived its set");
+            assert_eq!(set.waiting(), 0);
+            assert!(!set.firing.get());
+        });
+
+        struct Counted(Rc<Cell<u32>>);
+        impl Drop for Counted {
+            fn drop(&mut self) {
+                self.0.set(self.0.get() + 1);
+            }
+        }
     }
 
     #[test]

@@ -266,9 +266,16 @@ pub fn run(path: PathBuf) -> Result<(), String> {
     control::run(&path, loaded_stamp, signals, &shared);
     tracing::info!(target: "mcp_guard", "shutting down: no longer accepting connections");
     drop(shutdown_tx);
-    for t in threads {
-        let _ = t.join();
-    }
+    // A worker that panicked has already printed why; the shutdown still runs to its end (the
+    // other workers drained, the children stopped, the audit flushed), and the exit status then
+    // says it went wrong.
+    let panicked: Vec<String> = threads
+        .into_iter()
+        .filter_map(|t| {
+            let name = t.thread().name().unwrap_or("worker").to_string();
+            t.join().is_err().then_some(name)
+        })
+        .collect();
     let current = shared.config.load_full();
     let hubs = current
         .upstreams
@@ -288,6 +295,9 @@ pub fn run(path: PathBuf) -> Result<(), String> {
     }
     if let Some(t) = &shared.tracer {
         t.stop();
+    }
+    if !panicked.is_empty() {
+        return Err(format!("shut down, but {} panicked", panicked.join(", ")));
     }
     tracing::info!(target: "mcp_guard", "shutdown complete");
     Ok(())
