@@ -28,6 +28,8 @@ pub struct Gateway {
     pub admin: SocketAddr,
     pub logs: Arc<Mutex<Vec<String>>>,
     pub config_path: PathBuf,
+    /// Started with the debug builds' panic hook armed (`MCP_GUARD_TEST_PANIC_TOOL`).
+    panics_on_purpose: bool,
     _dir: tempfile::TempDir,
 }
 
@@ -109,6 +111,7 @@ impl Gateway {
             admin: admin.unwrap(),
             logs,
             config_path,
+            panics_on_purpose: env.iter().any(|(k, _)| *k == "MCP_GUARD_TEST_PANIC_TOOL"),
             _dir: dir,
         }
     }
@@ -225,6 +228,21 @@ impl Drop for Gateway {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Whatever the test asserted, the gateway must never have panicked: a panic on a worker
+        // thread kills only that thread, and a test talking to another worker would not see it.
+        // (The panic hook writes straight to stderr; a child's forwarded stderr is prefixed.)
+        if !std::thread::panicking() && !self.panics_on_purpose {
+            let logs = self.logs.lock().unwrap();
+            let panics: Vec<&String> = logs
+                .iter()
+                .filter(|l| l.starts_with("thread '") && l.contains("panicked at"))
+                .collect();
+            assert!(
+                panics.is_empty(),
+                "mcp-guard panicked: {panics:?}\nlogs:\n{}",
+                logs.join("\n")
+            );
+        }
     }
 }
 
