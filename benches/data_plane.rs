@@ -1,7 +1,8 @@
 //! Criterion benches of the data plane's per-request work: head parse, JSON-RPC classify,
 //! chunked decode, session-id check, a stdio request's trip through the hub's router, a read
 //! of the request path's clock, a worker's trip through its ring with and without monoio's
-//! timer driver. Each reports time per operation.
+//! timer driver, a wait registered on the worker's deadlines and withdrawn. Each reports time per
+//! operation.
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use mcp_guard::http::chunked::ChunkedDecoder;
@@ -148,5 +149,42 @@ fn ring_benches(c: &mut Criterion) {
     });
 }
 
-criterion_group!(data_plane, benches, ring_benches);
+/// `iters` waits on a worker's deadlines, each registered (its first poll, pending) and then
+/// withdrawn (dropped) long before its deadline, as nearly every request's timeouts are, with 256
+/// others pending among them (the idle deadlines of a worker's other connections).
+fn deadline_waits_withdrawn(iters: u64) -> Duration {
+    let body = async move {
+        deadlines::install().expect("a timerfd");
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let base = Duration::from_secs(600);
+        let mut pending: Vec<_> = (0..256u64)
+            .map(|i| Box::pin(deadlines::sleep(base + Duration::from_secs(i))))
+            .collect();
+        for p in &mut pending {
+            assert!(p.as_mut().poll(&mut cx).is_pending());
+        }
+        // The firing task runs once and arms its timer for the earliest of them.
+        deadlines::sleep(Duration::from_millis(1)).await;
+        let start = Instant::now();
+        for i in 0..iters {
+            // Spread among the pending ones, none earlier than the armed timer.
+            let after = base + Duration::from_millis(i.wrapping_mul(7919) % 256_000);
+            let mut wait = std::pin::pin!(deadlines::sleep(after));
+            assert!(black_box(wait.as_mut().poll(&mut cx)).is_pending());
+        }
+        start.elapsed()
+    };
+    monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+        .build()
+        .unwrap()
+        .block_on(body)
+}
+
+fn deadline_benches(c: &mut Criterion) {
+    c.bench_function("deadline_wait_registered_and_withdrawn_among_256", |b| {
+        b.iter_custom(deadline_waits_withdrawn)
+    });
+}
+
+criterion_group!(data_plane, benches, ring_benches, deadline_benches);
 criterion_main!(data_plane);

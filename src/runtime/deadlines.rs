@@ -11,12 +11,19 @@
 //!
 //! monoio's own `Sleep` is 640 bytes and 128-byte aligned (its entry is padded against false
 //! sharing with other threads, which a thread-per-core worker never has), and it made up most
-//! of what an idle connection's task cost. A wait here holds a pointer, an instant and a key;
-//! its entry in the worker's ordered map holds the instant, the key and the task's waker.
+//! of what an idle connection's task cost. A wait here holds a pointer, an instant and its
+//! slot; the slot holds the task's waker, and a min-heap orders the slots by deadline.
+//!
+//! Nearly every wait is withdrawn long before its deadline (a request's timeouts, when the
+//! request is quick), so withdrawing is what must be cheap: it empties the wait's slot and
+//! leaves its heap entry behind, to be skipped when it surfaces (the slot's generation no
+//! longer matches) or swept when the stale entries outnumber the live ones. An ordered map
+//! paid a search and a rebalance to add each wait and again to withdraw it.
 //! Owned by one worker thread, so no atomics and no locks.
 
 use std::cell::{Cell, RefCell};
-use std::collections::BTreeMap;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -88,7 +95,7 @@ pub async fn retire() {
     set.kick();
     // Taken out first, dropped after: a dropped waker can be the last reference to its task,
     // whose wait then unregisters itself from this same map.
-    let waiting = std::mem::take(&mut *set.waiting.borrow_mut());
+    let waiting = set.waiting.borrow_mut().clear();
     drop(waiting);
     // Until the firing task has returned: its guard clears `firing` and wakes this.
     std::future::poll_fn(|cx| {
@@ -136,9 +143,8 @@ impl Drop for Firing {
 pub struct Deadlines {
     /// Whether a task fires this set (see [`local`]).
     firing: Cell<bool>,
-    /// Waiting tasks by (deadline, key): the first entry is the next to fire.
-    waiting: RefCell<BTreeMap<(Instant, u64), Waker>>,
-    next_key: Cell<u64>,
+    /// The registered waits.
+    waiting: RefCell<Waits>,
     /// What the firing task's timer is set for (`None`: it waits for a first deadline).
     armed: Cell<Option<Instant>>,
     /// Set when a deadline earlier than `armed` arrives: the firing task re-arms.
@@ -161,7 +167,7 @@ impl Deadlines {
         DeadlineWait {
             set: self.clone(),
             when,
-            key: None,
+            slot: None,
         }
     }
 
@@ -178,7 +184,7 @@ impl Deadlines {
     /// How many waits are registered.
     #[cfg(test)]
     fn waiting(&self) -> usize {
-        self.waiting.borrow().len()
+        self.waiting.borrow().live
     }
 
     /// The firing task on a timerfd (see [`install`]); fails only when the kernel gives none.
@@ -194,7 +200,7 @@ impl Deadlines {
             if self.stop.get() {
                 return;
             }
-            let first = self.waiting.borrow().keys().next().map(|k| k.0);
+            let first = self.waiting.borrow_mut().earliest();
             let Some(t) = first else {
                 self.armed.set(None);
                 Kick { set: &self }.await;
@@ -238,14 +244,11 @@ impl Deadlines {
         }
     }
 
-    /// Wakes (and forgets) every wait whose deadline is at or before `now`.
+    /// Wakes (and forgets) every wait whose deadline is at or before `now`, in deadline order.
     fn wake_due(&self, now: Instant) {
-        let due = {
-            let mut waiting = self.waiting.borrow_mut();
-            let later = waiting.split_off(&(now, u64::MAX));
-            std::mem::replace(&mut *waiting, later)
-        };
-        for (_, waker) in due {
+        // Woken after the borrow ends: a wake can run code that registers or withdraws a wait.
+        let due = self.waiting.borrow_mut().take_due(now);
+        for waker in due {
             waker.wake();
         }
     }
@@ -420,43 +423,44 @@ impl<F: Future> Future for Timeout<F> {
 pub struct DeadlineWait {
     set: Rc<Deadlines>,
     when: Instant,
-    key: Option<u64>,
+    /// Its slot, once registered (see [`Waits`]).
+    slot: Option<Slot>,
 }
 
 impl Future for DeadlineWait {
     type Output = ();
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
         // The poll's clock (see `clock`): the firing task woke this wait from a reading taken
         // before the poll began, so a due wait is never seen as early.
-        if super::clock::now() >= self.when {
-            if let Some(key) = self.key.take() {
-                self.set.waiting.borrow_mut().remove(&(self.when, key));
+        if super::clock::now() >= this.when {
+            if let Some(slot) = this.slot.take() {
+                let waker = this.set.waiting.borrow_mut().withdraw(slot);
+                drop(waker);
             }
             return Poll::Ready(());
         }
-        let key = match self.key {
-            Some(key) => key,
-            None => {
-                let key = self.set.next_key.get();
-                self.set.next_key.set(key + 1);
-                self.key = Some(key);
-                key
-            }
-        };
-        let when = self.when;
-        let set = &self.set;
+        let when = this.when;
+        let set = &this.set;
         let mut waiting = set.waiting.borrow_mut();
-        match waiting.get_mut(&(when, key)) {
-            Some(w) if w.will_wake(cx.waker()) => {}
-            Some(w) => *w = cx.waker().clone(),
-            None => {
-                waiting.insert((when, key), cx.waker().clone());
+        if let Some(slot) = this.slot
+            && let Some(waker) = waiting.waker_mut(slot)
+        {
+            if !waker.will_wake(cx.waker()) {
+                let earlier = std::mem::replace(waker, cx.waker().clone());
                 drop(waiting);
-                if set.armed.get().is_none_or(|armed| when < armed) {
-                    set.kick();
-                }
+                drop(earlier);
             }
+            return Poll::Pending;
+        }
+        // Not registered yet (or already fired by a reading this poll's clock had not reached,
+        // which `clock` rules out; registering again is right either way).
+        let slot = waiting.register(when, cx.waker().clone());
+        drop(waiting);
+        this.slot = Some(slot);
+        if set.armed.get().is_none_or(|armed| when < armed) {
+            set.kick();
         }
         Poll::Pending
     }
@@ -464,9 +468,157 @@ impl Future for DeadlineWait {
 
 impl Drop for DeadlineWait {
     fn drop(&mut self) {
-        if let Some(key) = self.key {
-            self.set.waiting.borrow_mut().remove(&(self.when, key));
+        if let Some(slot) = self.slot {
+            // Dropped after the borrow ends: the waker can be the last reference to a task
+            // whose own waits withdraw themselves as it goes.
+            let waker = self.set.waiting.borrow_mut().withdraw(slot);
+            drop(waker);
         }
+    }
+}
+
+/// A registered wait's place in [`Waits`]: its slot's index and the generation it was given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Slot {
+    index: u32,
+    generation: u32,
+}
+
+/// The registered waits: wakers in slots reused through a free list, and a min-heap of
+/// (deadline, order of registration, slot) entries. A withdrawn or fired wait empties its slot
+/// and moves its generation on, which turns its heap entry stale; stale entries are dropped when
+/// they reach the top, or all at once when they outnumber the live ones by [`Waits::SWEEP`].
+#[derive(Default)]
+struct Waits {
+    heap: BinaryHeap<Reverse<(Instant, u64, Slot)>>,
+    slots: Vec<SlotState>,
+    free: Vec<u32>,
+    /// Registered and neither fired nor withdrawn.
+    live: usize,
+    /// Registration order: waits with the same deadline fire in the order they were made.
+    next_order: u64,
+}
+
+#[derive(Default)]
+struct SlotState {
+    generation: u32,
+    /// `None`: free.
+    waker: Option<Waker>,
+}
+
+impl PartialOrd for Slot {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Slot {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.index, self.generation).cmp(&(other.index, other.generation))
+    }
+}
+
+impl Waits {
+    /// Stale heap entries allowed per live wait before a sweep (and never fewer than
+    /// [`Waits::SWEEP_FLOOR`]): the sweep is linear, so it runs once per that many
+    /// withdrawals, and the heap stays within a small multiple of the live waits.
+    const SWEEP: usize = 3;
+    const SWEEP_FLOOR: usize = 256;
+
+    fn register(&mut self, when: Instant, waker: Waker) -> Slot {
+        let index = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.slots.push(SlotState::default());
+                // A worker holds far fewer than 4 billion waits: each is a live future.
+                u32::try_from(self.slots.len() - 1).expect("fewer than 2^32 waits")
+            }
+        };
+        let state = &mut self.slots[index as usize];
+        state.waker = Some(waker);
+        let slot = Slot {
+            index,
+            generation: state.generation,
+        };
+        self.heap.push(Reverse((when, self.next_order, slot)));
+        self.next_order += 1;
+        self.live += 1;
+        slot
+    }
+
+    /// The waker of a wait still registered (`None`: fired or withdrawn since).
+    fn waker_mut(&mut self, slot: Slot) -> Option<&mut Waker> {
+        let state = self.slots.get_mut(slot.index as usize)?;
+        if state.generation != slot.generation {
+            return None;
+        }
+        state.waker.as_mut()
+    }
+
+    /// Forgets a wait; returns its waker (for the caller to drop outside any borrow). A wait
+    /// that already fired is not there any more, and its slot may be another's by now: the
+    /// generation tells them apart.
+    fn withdraw(&mut self, slot: Slot) -> Option<Waker> {
+        let waker = self.free_slot(slot)?;
+        if self.heap.len() > Self::SWEEP_FLOOR.max(self.live * (Self::SWEEP + 1)) {
+            let slots = &self.slots;
+            self.heap
+                .retain(|Reverse((_, _, s))| slots[s.index as usize].generation == s.generation);
+        }
+        Some(waker)
+    }
+
+    fn free_slot(&mut self, slot: Slot) -> Option<Waker> {
+        let state = self.slots.get_mut(slot.index as usize)?;
+        if state.generation != slot.generation {
+            return None;
+        }
+        let waker = state.waker.take()?;
+        state.generation = state.generation.wrapping_add(1);
+        self.free.push(slot.index);
+        self.live -= 1;
+        Some(waker)
+    }
+
+    /// Forgets every wait; returns their wakers. Slots keep their place with a new generation,
+    /// so a wait still held somewhere can never withdraw a later one that reused its slot.
+    fn clear(&mut self) -> Vec<Waker> {
+        self.heap.clear();
+        self.free.clear();
+        self.live = 0;
+        let mut wakers = Vec::new();
+        for (index, state) in self.slots.iter_mut().enumerate() {
+            wakers.extend(state.waker.take());
+            state.generation = state.generation.wrapping_add(1);
+            self.free.push(index as u32);
+        }
+        wakers
+    }
+
+    /// The earliest live deadline, dropping the stale entries above it.
+    fn earliest(&mut self) -> Option<Instant> {
+        while let Some(Reverse((when, _, slot))) = self.heap.peek() {
+            if self.slots[slot.index as usize].generation == slot.generation {
+                return Some(*when);
+            }
+            self.heap.pop();
+        }
+        None
+    }
+
+    /// Fires every wait due at `now`: their wakers, in deadline order.
+    fn take_due(&mut self, now: Instant) -> Vec<Waker> {
+        let mut due = Vec::new();
+        while let Some(Reverse((when, _, slot))) = self.heap.peek().copied() {
+            if when > now {
+                break;
+            }
+            self.heap.pop();
+            if let Some(waker) = self.free_slot(slot) {
+                due.push(waker);
+            }
+        }
+        due
     }
 }
 
@@ -613,6 +765,90 @@ mod tests {
             assert!(start.elapsed() >= Duration::from_millis(10));
             retire().await;
         });
+    }
+
+    /// A waker that counts its wakes.
+    fn counting_waker() -> (Waker, Arc<std::sync::atomic::AtomicUsize>) {
+        struct Count(Arc<std::sync::atomic::AtomicUsize>);
+        impl std::task::Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        (Waker::from(Arc::new(Count(count.clone()))), count)
+    }
+    use std::sync::Arc;
+
+    #[test]
+    fn a_slot_withdrawn_or_fired_is_reused_and_its_old_holder_cannot_touch_the_new_wait() {
+        let mut waits = Waits::default();
+        let t0 = Instant::now();
+        let (waker, woken) = counting_waker();
+        let first = waits.register(t0 + Duration::from_secs(5), waker.clone());
+        assert!(waits.withdraw(first).is_some());
+        assert!(waits.withdraw(first).is_none(), "withdrawn twice");
+        // The same slot, a new generation: the first wait's handle no longer reaches it.
+        let second = waits.register(t0 + Duration::from_secs(9), waker.clone());
+        assert_eq!(second.index, first.index);
+        assert_ne!(second.generation, first.generation);
+        assert!(waits.waker_mut(first).is_none());
+        assert!(waits.withdraw(first).is_none());
+        assert_eq!(waits.live, 1);
+        // The first wait's stale entry (5 s) is not the earliest: the second's is.
+        assert_eq!(waits.earliest(), Some(t0 + Duration::from_secs(9)));
+        // Fired, then reused: a late withdraw by the fired wait leaves the new one alone.
+        assert_eq!(waits.take_due(t0 + Duration::from_secs(9)).len(), 1);
+        let third = waits.register(t0 + Duration::from_secs(20), waker.clone());
+        assert_eq!(third.index, second.index);
+        assert!(waits.withdraw(second).is_none());
+        assert_eq!(waits.live, 1);
+        assert_eq!(waits.earliest(), Some(t0 + Duration::from_secs(20)));
+        // Cleared: every handle goes stale, even for slots reused afterwards.
+        assert_eq!(waits.clear().len(), 1);
+        let fourth = waits.register(t0 + Duration::from_secs(30), waker);
+        assert!(waits.withdraw(third).is_none());
+        assert_eq!(waits.live, 1);
+        assert!(waits.withdraw(fourth).is_some());
+        assert_eq!(woken.load(std::sync::atomic::Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn due_waits_fire_in_deadline_then_registration_order_and_stale_entries_are_swept() {
+        struct Named(usize, Arc<std::sync::Mutex<Vec<usize>>>);
+        impl std::task::Wake for Named {
+            fn wake(self: Arc<Self>) {
+                self.1.lock().unwrap().push(self.0);
+            }
+        }
+        let mut waits = Waits::default();
+        let t0 = Instant::now();
+        let fired = Arc::new(std::sync::Mutex::new(Vec::new()));
+        for (i, s) in [3u64, 1, 2, 1, 3].iter().enumerate() {
+            let named = Waker::from(Arc::new(Named(i, fired.clone())));
+            waits.register(t0 + Duration::from_secs(*s), named);
+        }
+        waits
+            .take_due(t0 + Duration::from_secs(2))
+            .into_iter()
+            .for_each(Waker::wake);
+        assert_eq!(*fired.lock().unwrap(), vec![1, 3, 2]);
+        assert_eq!(waits.live, 2);
+        let (waker, woken) = counting_waker();
+        assert_eq!(waits.earliest(), Some(t0 + Duration::from_secs(3)));
+        // Waits withdrawn long before their deadlines, as most are: the heap keeps their
+        // entries only until a sweep, so it stays within a few times the live waits.
+        for i in 0..10_000u64 {
+            let slot = waits.register(t0 + Duration::from_secs(100 + i % 50), waker.clone());
+            assert!(waits.withdraw(slot).is_some());
+            assert!(waits.heap.len() <= Waits::SWEEP_FLOOR + 1);
+        }
+        assert_eq!(waits.live, 2);
+        assert_eq!(waits.earliest(), Some(t0 + Duration::from_secs(3)));
+        assert_eq!(waits.take_due(t0 + Duration::from_secs(1000)).len(), 2);
+        assert_eq!(waits.earliest(), None);
+        assert_eq!(waits.slots.len(), 5, "slots are reused, not added");
+        assert_eq!(woken.load(std::sync::atomic::Ordering::Relaxed), 0);
     }
 
     #[test]
