@@ -625,6 +625,7 @@ impl Waits {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
     use std::time::Duration;
 
     /// Runs `body` on a runtime of each driver, neither with monoio's timer (as a worker's):
@@ -778,7 +779,6 @@ mod tests {
         let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         (Waker::from(Arc::new(Count(count.clone()))), count)
     }
-    use std::sync::Arc;
 
     #[test]
     fn a_slot_withdrawn_or_fired_is_reused_and_its_old_holder_cannot_touch_the_new_wait() {
