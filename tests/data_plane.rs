@@ -1081,6 +1081,61 @@ fn a_client_that_reads_slowly_but_steadily_gets_its_whole_reply() {
 }
 
 #[test]
+fn a_client_reading_slower_than_the_kernel_wakes_a_full_socket_still_gets_its_whole_reply() {
+    // A full socket's writer is woken only once about a third of its send buffer has drained
+    // (over a MiB on loopback), so a reader taking less than that per idle timeout (1 s here)
+    // never lets the gateway's write complete within it; it reads all the same, and must not
+    // be taken for one that stopped. Found by the red team: such a reader was cut off after
+    // about 3.6 MB of 6.
+    let want = 6_000_000;
+    let (_g, mut s) = asked_for_a_large_reply(want);
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    let mut read_some = |s: &mut std::net::TcpStream, got: &mut Vec<u8>| {
+        let n = s.read(&mut chunk).unwrap();
+        got.extend_from_slice(&chunk[..n]);
+        n
+    };
+    // Three seconds at about 300 KiB/s: well under a MiB a second.
+    let slow_until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < slow_until {
+        assert!(
+            read_some(&mut s, &mut got) > 0,
+            "closed after {} bytes",
+            got.len()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let end = got
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("the head came first");
+    let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .expect("a content-length")
+        .trim()
+        .parse()
+        .unwrap();
+    while got.len() < end + 4 + length {
+        assert!(
+            read_some(&mut s, &mut got) > 0,
+            "closed after {} bytes",
+            got.len()
+        );
+    }
+    let r = read_response(&mut got.as_slice()).expect("the whole response");
+    assert_eq!(
+        r.json()["result"]["content"][0]["text"]
+            .as_str()
+            .map(str::len),
+        Some(want)
+    );
+}
+
+#[test]
 fn replies_around_the_write_thresholds_arrive_whole_and_in_order_on_one_connection() {
     // Bodies up to 64 KiB are copied behind the head, larger ones written after it from
     // their own buffer: replies of sizes around that threshold (and around 4 KiB, where a

@@ -380,11 +380,18 @@ pub trait Connection: AsyncReadRent + AsyncWriteRent + CancelableAsyncReadRent {
     /// Completes when data (or EOF) is ready to read. Holds no buffer, and loses nothing when
     /// dropped before it completes.
     fn wait_readable(&mut self) -> impl std::future::Future<Output = std::io::Result<()>>;
+
+    /// The TCP socket under the connection (see [`unacknowledged`]).
+    fn socket(&self) -> std::os::fd::RawFd;
 }
 
 impl Connection for monoio::net::TcpStream {
     fn wait_readable(&mut self) -> impl std::future::Future<Output = std::io::Result<()>> {
         self.readable(false)
+    }
+
+    fn socket(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(self)
     }
 }
 
@@ -392,6 +399,21 @@ impl Connection for crate::tls::TlsStream {
     fn wait_readable(&mut self) -> impl std::future::Future<Output = std::io::Result<()>> {
         crate::tls::TlsStream::wait_readable(self)
     }
+
+    fn socket(&self) -> std::os::fd::RawFd {
+        self.tcp_fd()
+    }
+}
+
+/// Bytes written to a TCP socket that its peer has not acknowledged yet (sent or still queued:
+/// `SIOCOUTQ`); `None` where the kernel does not say.
+fn unacknowledged(socket: std::os::fd::RawFd) -> Option<u32> {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one int through the pointer, which points at a local
+    // int; on a descriptor that is not a TCP socket it fails and writes nothing.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::ioctl(socket, libc::TIOCOUTQ, &mut queued) };
+    (rc == 0).then(|| u32::try_from(queued).ok()).flatten()
 }
 
 enum Idle {
@@ -525,7 +547,7 @@ async fn read_head<S: Connection>(
 /// Reads the body of an admitted request: `100 Continue` first when asked for, the whole body
 /// within `body_timeout` of the head (each read also within the idle timeout), and never more
 /// than the worker's in-flight cap. `Err(None)` means the client went away (nothing to answer).
-async fn read_body<S: AsyncReadRent + AsyncWriteRent>(
+async fn read_body<S: Connection>(
     w: &Rc<Worker>,
     stream: &mut S,
     buf: &mut Vec<u8>,
@@ -1014,7 +1036,7 @@ async fn pump<S: Connection>(
 /// An upstream body that failed part-way: counted and logged, and what arrived goes out. The
 /// caller then closes the connection: short of the declared length, or without the final
 /// chunk, which is how the client learns the body is incomplete.
-async fn body_failed<S: AsyncWriteRent>(
+async fn body_failed<S: Connection>(
     w: &Rc<Worker>,
     stream: &mut S,
     out: Vec<u8>,
@@ -1030,7 +1052,7 @@ async fn body_failed<S: AsyncWriteRent>(
 /// An upstream answer read whole that did not arrive whole (cut short, or past the call's
 /// timeout), before any of it went to the client: counted and logged, and the client gets
 /// `err`'s reply instead (the connection then closes).
-async fn body_refused<S: AsyncWriteRent>(
+async fn body_refused<S: Connection>(
     w: &Rc<Worker>,
     stream: &mut S,
     meta: &ReqMeta<'_>,
@@ -1176,7 +1198,7 @@ struct EventSource {
 /// a client that stops reading its reply is cut off as one that stops sending is (a slow reader
 /// would otherwise hold its connection, and the reply's memory, for as long as it likes), while
 /// one that keeps reading, however slowly, gets the whole reply.
-async fn write_bounded<S: AsyncWriteRent>(
+async fn write_bounded<S: Connection>(
     w: &Rc<Worker>,
     stream: &mut S,
     buf: Vec<u8>,
@@ -1184,18 +1206,43 @@ async fn write_bounded<S: AsyncWriteRent>(
     write_with_progress(stream, buf, w.settings().server.idle_timeout).await
 }
 
-/// Writes all of `buf`, each write allowed `stall` to accept at least one byte; on a stall the
-/// buffer is gone with the write.
-async fn write_with_progress<S: AsyncWriteRent>(
+/// Writes all of `buf`, giving up after `stall` without progress; on a stall the buffer is
+/// gone with the write.
+///
+/// Progress is the client taking bytes: a write accepting some, or, while a write waits, the
+/// socket's unacknowledged bytes going down. A write's completion alone is not enough: the
+/// kernel wakes a full socket's writer only once a third of its send buffer has drained (4 MiB
+/// on loopback), so a client reading steadily but below that third per `stall` looked stalled
+/// and was cut off mid-reply.
+async fn write_with_progress<S: Connection>(
     stream: &mut S,
     mut buf: Vec<u8>,
     stall: Duration,
 ) -> (std::io::Result<()>, Vec<u8>) {
     use monoio::buf::IoBuf as _;
+    let socket = stream.socket();
     let mut written = 0;
     while written < buf.len() {
         let rest = buf.slice(written..);
-        match crate::runtime::deadlines::timeout(stall, stream.write(rest)).await {
+        let mut queued = unacknowledged(socket);
+        let mut write = std::pin::pin!(stream.write(rest));
+        let done = loop {
+            match crate::runtime::deadlines::timeout(stall, write.as_mut()).await {
+                Ok(done) => break Ok(done),
+                Err(stalled) => {
+                    // Taken by the client since the last look: it is reading, wait on.
+                    let now = unacknowledged(socket);
+                    if let (Some(before), Some(after)) = (queued, now)
+                        && after < before
+                    {
+                        queued = now;
+                        continue;
+                    }
+                    break Err(stalled);
+                }
+            }
+        };
+        match done {
             Ok((Ok(0), rest)) => {
                 let e = std::io::Error::from(std::io::ErrorKind::WriteZero);
                 return (Err(e), rest.into_inner());

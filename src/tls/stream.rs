@@ -292,6 +292,11 @@ impl TlsStream {
         Ok(n)
     }
 
+    /// The TCP socket under the session (`http::server::Connection::socket`).
+    pub fn tcp_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.tcp)
+    }
+
     /// Completes when plaintext (or the end of the stream) is ready to read: what
     /// `http::server::Connection::wait_readable` means for TLS. Holds no buffer while it waits
     /// for the socket, and loses nothing when dropped.
