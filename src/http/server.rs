@@ -1224,21 +1224,25 @@ async fn write_with_progress<S: Connection>(
     let mut written = 0;
     while written < buf.len() {
         let rest = buf.slice(written..);
-        let mut queued = unacknowledged(socket);
+        // What the socket held when the write began. Looked at (a system call) only for a
+        // write large enough to fill the socket: a small one waits only behind earlier replies
+        // the client left unread, and takes its first look at its first stall instead, so a
+        // client that stopped reading is cut after two stalls rather than one.
+        let mut queued: Option<Option<u32>> =
+            (rest.bytes_init() >= LARGE_BODY).then(|| unacknowledged(socket));
         let mut write = std::pin::pin!(stream.write(rest));
         let done = loop {
             match crate::runtime::deadlines::timeout(stall, write.as_mut()).await {
                 Ok(done) => break Ok(done),
                 Err(stalled) => {
-                    // Taken by the client since the last look: it is reading, wait on.
                     let now = unacknowledged(socket);
-                    if let (Some(before), Some(after)) = (queued, now)
-                        && after < before
-                    {
-                        queued = now;
-                        continue;
+                    match queued {
+                        None => {}
+                        // Taken by the client since the last look: it is reading, wait on.
+                        Some(Some(before)) if now.is_some_and(|after| after < before) => {}
+                        Some(_) => break Err(stalled),
                     }
-                    break Err(stalled);
+                    queued = Some(now);
                 }
             }
         };
