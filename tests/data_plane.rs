@@ -980,6 +980,32 @@ fn a_kept_alive_connection_waits_the_idle_timeout_not_the_header_timeout() {
     assert_eq!(read_response(&mut s).unwrap().status, 200);
 }
 
+/// The whole length of the response whose beginning is `got`, once its head is in (it must
+/// carry a Content-Length).
+fn response_length(got: &[u8]) -> Option<usize> {
+    let end = got.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .expect("a content-length")
+        .trim()
+        .parse()
+        .unwrap();
+    Some(end + 4 + length)
+}
+
+/// `got` is a whole response whose answer's text is `want` characters long.
+fn assert_answer_text_length(got: &[u8], want: usize) {
+    let r = read_response(&mut &got[..]).expect("the whole response");
+    assert_eq!(
+        r.json()["result"]["content"][0]["text"]
+            .as_str()
+            .map(str::len),
+        Some(want)
+    );
+}
+
 /// A gateway with a one-second idle timeout, and a connection with a tiny receive buffer that
 /// has asked the demo upstream for `bytes` characters (a reply the socket buffers cannot hold).
 fn asked_for_a_large_reply(bytes: usize) -> (Gateway, std::net::TcpStream) {
@@ -1051,28 +1077,12 @@ fn a_client_that_reads_slowly_but_steadily_gets_its_whole_reply() {
             start.elapsed()
         );
         got.extend_from_slice(&chunk[..n]);
-        if total.is_none()
-            && let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n")
-        {
-            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
-            let length: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .expect("a content-length")
-                .trim()
-                .parse()
-                .unwrap();
-            total = Some(end + 4 + length);
+        if total.is_none() {
+            total = response_length(&got);
         }
         std::thread::sleep(Duration::from_millis(2));
     }
-    let r = read_response(&mut got.as_slice()).expect("the whole response");
-    assert_eq!(
-        r.json()["result"]["content"][0]["text"]
-            .as_str()
-            .map(str::len),
-        Some(want)
-    );
+    assert_answer_text_length(&got, want);
     assert!(
         start.elapsed() > Duration::from_secs(1),
         "the read took longer than the idle timeout: {:?}",
@@ -1107,32 +1117,15 @@ fn a_client_reading_slower_than_the_kernel_wakes_a_full_socket_still_gets_its_wh
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let end = got
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("the head came first");
-    let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
-    let length: usize = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length:"))
-        .expect("a content-length")
-        .trim()
-        .parse()
-        .unwrap();
-    while got.len() < end + 4 + length {
+    let total = response_length(&got).expect("the head came first");
+    while got.len() < total {
         assert!(
             read_some(&mut s, &mut got) > 0,
             "closed after {} bytes",
             got.len()
         );
     }
-    let r = read_response(&mut got.as_slice()).expect("the whole response");
-    assert_eq!(
-        r.json()["result"]["content"][0]["text"]
-            .as_str()
-            .map(str::len),
-        Some(want)
-    );
+    assert_answer_text_length(&got, want);
 }
 
 #[test]
