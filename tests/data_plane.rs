@@ -45,6 +45,24 @@ on_both_drivers!(
     a_silent_sse_answer_shows_its_head_and_ends_with_its_upstream_when_the_client_leaves,
 );
 
+/// Reads the head of an answer whose upstream sent a head and nothing since (up to 5 s), and
+/// returns it in lowercase; `what` names the case in the panic when none comes.
+fn head_of_silent_answer(s: &mut std::net::TcpStream, what: &str) -> String {
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            other => panic!(
+                "{what}: no head while the upstream is silent ({other:?}): {}",
+                String::from_utf8_lossy(&head)
+            ),
+        }
+    }
+    String::from_utf8_lossy(&head).to_ascii_lowercase()
+}
+
 /// An HTTP upstream that answers `initialize` and, to anything else, the head of an SSE answer
 /// (chunked) and then nothing. Counts the answers it left silent whose connection the gateway
 /// has since closed.
@@ -108,19 +126,7 @@ fn a_silent_sse_answer_shows_its_head_and_ends_with_its_upstream_when_the_client
             let mut s = connect(g.addr);
             s.write_all(mcp_post_raw(&body, Some(&sid), "").as_bytes())
                 .unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            let mut head = Vec::new();
-            let mut byte = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") {
-                match s.read(&mut byte) {
-                    Ok(1) => head.push(byte[0]),
-                    other => panic!(
-                        "round {round}: no head while the upstream is silent ({other:?}): {}",
-                        String::from_utf8_lossy(&head)
-                    ),
-                }
-            }
-            let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+            let head = head_of_silent_answer(&mut s, &format!("round {round}"));
             assert!(head.starts_with("http/1.1 200"), "{head}");
             assert!(head.contains("text/event-stream"), "{head}");
             clients.push(s);
@@ -149,16 +155,9 @@ fn a_silent_sse_answer_shows_its_head_and_ends_with_its_upstream_when_the_client
     let mut s = connect(g.addr);
     s.write_all(mcp_post_raw(&body, Some(&sid), "").as_bytes())
         .unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = s.read(&mut buf).expect("the head");
-        assert!(n > 0, "closed before the head");
-        seen.extend_from_slice(&buf[..n]);
-    }
+    head_of_silent_answer(&mut s, "a client that then sends a byte");
     s.write_all(b"x").unwrap();
-    match s.read(&mut buf) {
+    match s.read(&mut [0u8; 4096]) {
         Ok(0) => {}
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
         other => panic!("the connection stayed open after the client sent bytes: {other:?}"),
