@@ -229,7 +229,9 @@ pub struct ServerSection {
     #[schemars(extend("x-type" = "seconds (whole number, at least 1)"))]
     pub header_timeout_secs: u64,
     /// Keep-alive connections idle longer are closed; so is a connection whose client reads
-    /// nothing of its reply for this long (slow-reader defence).
+    /// nothing of its reply for this long (slow-reader defence; within twice this long when the
+    /// reply waits behind earlier ones the client left unread). A client still reading, however
+    /// slowly, keeps its connection.
     #[schemars(extend("x-type" = "seconds (whole number, at least 1)"))]
     pub idle_timeout_secs: u64,
     /// A whole request body must arrive within this many seconds of its head, else 408 and the
