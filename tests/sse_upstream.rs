@@ -311,11 +311,14 @@ fn padded_server(preamble: &'static str) -> SocketAddr {
                     };
                     let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
                     if head.starts_with("get ") {
+                        // Kept before the endpoint goes out: a gateway quick to POST its
+                        // initialize would otherwise find no stream to be answered on (its
+                        // answer dropped, the call a 504).
+                        *stream.lock().unwrap() = conn.try_clone().ok();
                         let _ = write!(
                             conn,
                             "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n{preamble}event: endpoint\ndata: /m\n\n"
                         );
-                        *stream.lock().unwrap() = conn.try_clone().ok();
                         std::thread::sleep(Duration::from_secs(30));
                         return;
                     }
