@@ -59,7 +59,19 @@ impl Matcher {
 
     /// Whether `name` matches any entry.
     pub fn matches(&self, name: &str) -> bool {
-        self.any || self.is_listed(name) || self.globs.iter().any(|g| g.matches(name))
+        self.any || self.is_listed(name) || self.glob_matches(name)
+    }
+
+    /// Whether `name` matches one of the globs. The name's first and last words are read once
+    /// and every glob's literal ends compared with them: a `tools/list` answer asks once per
+    /// listed tool, and reading the pieces of each glob afresh was most of the filter's cost
+    /// outside the scan.
+    fn glob_matches(&self, name: &str) -> bool {
+        if self.globs.is_empty() {
+            return false;
+        }
+        let probe = Probe::new(name.as_bytes());
+        self.globs.iter().any(|g| g.matches_probe(&probe))
     }
 
     /// Whether `name` is one of the exact names.
@@ -94,9 +106,11 @@ enum Glob {
 /// the last the end, and the middle ones are found in order between them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Pieces {
-    first: String,
+    first: Affix,
     middle: Vec<String>,
-    last: String,
+    last: Affix,
+    /// The shortest name that can match: the first and last pieces side by side.
+    min_len: usize,
 }
 
 impl Pieces {
@@ -105,31 +119,32 @@ impl Pieces {
             return None;
         }
         let mut parts = p.split('*');
-        let first = parts.next()?.to_string();
+        let first = parts.next()?;
         let mut middle: Vec<String> = parts.map(str::to_string).collect();
         let last = middle.pop()?;
         middle.retain(|m| !m.is_empty());
         Some(Pieces {
-            first,
+            first: Affix::prefix(first.as_bytes()),
             middle,
-            last,
+            last: Affix::suffix(last.as_bytes()),
+            min_len: first.len() + last.len(),
         })
     }
 
     /// Leftmost-first placement of each middle piece is enough: `*` takes any run, so a piece
     /// found earlier leaves at least as much room for the ones after it. Bytes are compared:
     /// a UTF-8 piece found in UTF-8 text always starts and ends on character boundaries.
-    fn matches(&self, name: &str) -> bool {
-        let name = name.as_bytes();
-        let (first, last) = (self.first.as_bytes(), self.last.as_bytes());
-        if name.len() < first.len() + last.len()
-            || !crate::bytes::starts_with(name, first)
-            || !crate::bytes::ends_with(name, last)
-        {
+    #[inline(always)]
+    fn matches(&self, probe: &Probe<'_>) -> bool {
+        let name = probe.name;
+        if name.len() < self.min_len || !self.first.starts(probe) || !self.last.ends(probe) {
             return false;
         }
         self.middle.is_empty()
-            || Self::found_in_order(&self.middle, &name[first.len()..name.len() - last.len()])
+            || Self::found_in_order(
+                &self.middle,
+                &name[self.first.bytes.len()..name.len() - self.last.bytes.len()],
+            )
     }
 
     /// Whether each piece of `middle` occurs in `rest`, in order, without overlapping. Out of
@@ -147,6 +162,114 @@ impl Pieces {
     }
 }
 
+/// A glob's literal first or last piece, with its (up to) eight bytes nearest the name's end
+/// as a word: most pieces are that short, and are then one masked compare with the
+/// [`Probe`]'s word; a longer one compares its whole bytes after its word agrees.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Affix {
+    /// The piece's bytes where the probe's word holds them (see [`Probe`]).
+    word: u64,
+    /// Which bytes of the probe's word the piece covers.
+    mask: u64,
+    bytes: Box<[u8]>,
+}
+
+impl Affix {
+    /// A first piece: its first eight bytes, in the word's low bytes.
+    fn prefix(piece: &[u8]) -> Self {
+        let n = piece.len().min(8);
+        Affix {
+            word: head_word(&piece[..n]),
+            mask: low_bytes(n),
+            bytes: piece.into(),
+        }
+    }
+
+    /// A last piece: its last eight bytes, in the word's high bytes.
+    fn suffix(piece: &[u8]) -> Self {
+        let n = piece.len().min(8);
+        Affix {
+            word: tail_word(&piece[piece.len() - n..]),
+            mask: !low_bytes(8 - n),
+            bytes: piece.into(),
+        }
+    }
+
+    /// Whether the probed name starts with this piece (the name is at least as long).
+    #[inline(always)]
+    fn starts(&self, probe: &Probe<'_>) -> bool {
+        probe.head & self.mask == self.word
+            && (self.bytes.len() <= 8 || crate::bytes::starts_with(probe.name, &self.bytes))
+    }
+
+    /// Whether the probed name ends with this piece (the name is at least as long).
+    #[inline(always)]
+    fn ends(&self, probe: &Probe<'_>) -> bool {
+        probe.tail & self.mask == self.word
+            && (self.bytes.len() <= 8 || crate::bytes::ends_with(probe.name, &self.bytes))
+    }
+}
+
+/// A name as the globs read it: its first (up to) eight bytes in a word's low bytes, in order,
+/// and its last (up to) eight in a word's high bytes, its final byte highest. A piece of `n`
+/// bytes then lies at the same place in its word whatever the name's length, as long as the
+/// name has at least `n` bytes.
+struct Probe<'a> {
+    name: &'a [u8],
+    head: u64,
+    tail: u64,
+}
+
+impl<'a> Probe<'a> {
+    #[inline(always)]
+    fn new(name: &'a [u8]) -> Self {
+        let n = name.len();
+        let (head, tail) = if n >= 8 {
+            (head_word(&name[..8]), tail_word(&name[n - 8..]))
+        } else {
+            let head = head_word(name);
+            (head, tail_word(name))
+        };
+        Probe { name, head, tail }
+    }
+}
+
+/// Up to eight bytes as a little-endian word, in its low bytes (the rest zero).
+#[inline(always)]
+fn head_word(b: &[u8]) -> u64 {
+    let n = b.len();
+    debug_assert!(n <= 8);
+    if n == 8 {
+        u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
+    } else if n >= 4 {
+        // Two overlapping four-byte reads: the bytes they share are the same bytes.
+        let lo = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        let hi = u32::from_le_bytes([b[n - 4], b[n - 3], b[n - 2], b[n - 1]]);
+        u64::from(lo) | u64::from(hi) << ((n - 4) * 8)
+    } else {
+        b.iter()
+            .enumerate()
+            .fold(0, |w, (i, &c)| w | u64::from(c) << (i * 8))
+    }
+}
+
+/// Up to eight bytes as a little-endian word, in its high bytes (the last byte highest).
+#[inline(always)]
+fn tail_word(b: &[u8]) -> u64 {
+    match b.len() {
+        0 => 0,
+        n => head_word(b) << ((8 - n) * 8),
+    }
+}
+
+/// A mask of a word's `n` low bytes (`n` ≤ 8).
+fn low_bytes(n: usize) -> u64 {
+    match n {
+        8 => u64::MAX,
+        n => (1u64 << (n * 8)) - 1,
+    }
+}
+
 impl Glob {
     fn new(p: &str) -> Self {
         match Pieces::new(p) {
@@ -155,10 +278,16 @@ impl Glob {
         }
     }
 
+    #[cfg(test)]
     fn matches(&self, name: &str) -> bool {
+        self.matches_probe(&Probe::new(name.as_bytes()))
+    }
+
+    #[inline(always)]
+    fn matches_probe(&self, probe: &Probe<'_>) -> bool {
         match self {
-            Glob::Pieces(p) => p.matches(name),
-            Glob::General(p) => wildcard(p, name.as_bytes()),
+            Glob::Pieces(p) => p.matches(probe),
+            Glob::General(p) => wildcard(p, probe.name),
         }
     }
 }
@@ -452,6 +581,42 @@ mod tests {
         assert!(matches!(Glob::new("tool_0*0"), Glob::Pieces(_)));
         assert!(matches!(Glob::new("*mid*"), Glob::Pieces(_)));
         assert!(matches!(Glob::new("a?*b"), Glob::General(_)));
+    }
+
+    #[test]
+    fn long_names_and_pieces_match_exactly_as_the_general_matcher() {
+        // Pieces and names on both sides of the eight-byte word, with one byte changed at
+        // every position (the word compares and the whole-piece compares each see it).
+        let base = "abcdefghijklmnopqrst";
+        let mut names: Vec<String> = (0..=base.len()).map(|n| base[..n].to_string()).collect();
+        names.extend((0..=base.len()).map(|n| base[base.len() - n..].to_string()));
+        for name in names.clone() {
+            for at in 0..name.len() {
+                let mut changed = name.clone().into_bytes();
+                changed[at] = b'Z';
+                names.push(String::from_utf8(changed).unwrap());
+            }
+        }
+        names.push("ab\u{e9}cdefghij\u{e9}klmnopq".into());
+        let mut patterns = Vec::new();
+        for first in 0..=12 {
+            for last in 0..=12 {
+                let (head, tail) = (&base[..first], &base[base.len() - last..]);
+                patterns.push(format!("{head}*{tail}"));
+                patterns.push(format!("{head}*j*{tail}"));
+            }
+        }
+        patterns.push("ab\u{e9}*\u{e9}klmnopq".into());
+        for p in &patterns {
+            let compiled = Glob::new(p);
+            for n in &names {
+                assert_eq!(
+                    compiled.matches(n),
+                    wildcard(p.as_bytes(), n.as_bytes()),
+                    "pattern {p:?} on {n:?}"
+                );
+            }
+        }
     }
 
     #[test]
