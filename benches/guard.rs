@@ -6,7 +6,7 @@
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use mcp_guard::audit::{AuditEvent, AuditOutput, AuditWriter};
 use mcp_guard::auth::api_key::{ApiKeys, decode_hash};
 use mcp_guard::auth::jwt::{self, Algorithm, KeySet, Rules};
@@ -196,13 +196,42 @@ fn benches(c: &mut Criterion) {
     c.bench_function("tools_list_filter_passthrough_harness_100_tools", |b| {
         b.iter(|| black_box(harness_list.as_bytes()).to_vec())
     });
+    // The same list each time, under a new JSON-RPC id, as an upstream answers every caller:
+    // the scan recognizes the list and reads it once.
+    let mut id = 0u64;
     c.bench_function("tools_list_filter_chain_harness_100_tools", |b| {
-        b.iter(|| {
-            Transform::tools_only(harness_policy.clone())
-                .json(black_box(harness_list.as_bytes()))
-                .unwrap()
-        })
+        b.iter_batched(
+            || {
+                id += 1;
+                harness_list.replacen(r#""id":2"#, &format!(r#""id":{id}"#), 1)
+            },
+            |answer| {
+                Transform::tools_only(harness_policy.clone())
+                    .json(black_box(answer.as_bytes()))
+                    .unwrap()
+            },
+            BatchSize::SmallInput,
+        )
     });
+    // Lists this thread has not scanned lately: twelve variants in turn, more than the scan
+    // keeps, so each is scanned whole. Each differs from the others in one character of one
+    // tool's description halfway through (the same length, the same first and last bytes):
+    // the worst case for recognizing a list, compared with each kept list up to there.
+    let variants: Vec<String> = (0..12)
+        .map(|v| harness_list.replacen("number 50,", &format!("number 50 ({v:02}),"), 1))
+        .collect();
+    let mut turn = 0;
+    c.bench_function(
+        "tools_list_filter_chain_harness_100_tools_never_seen",
+        |b| {
+            b.iter(|| {
+                turn = (turn + 1) % variants.len();
+                Transform::tools_only(harness_policy.clone())
+                    .json(black_box(variants[turn].as_bytes()))
+                    .unwrap()
+            })
+        },
+    );
     // Every answer to a restricted caller goes through the chain: a 4 KiB `tools/call` result
     // (file contents with escaped newlines and quotes) that holds no tool list.
     let call_result = call_result_4k();

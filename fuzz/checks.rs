@@ -418,11 +418,25 @@ fn filter_matches_client_reading(data: &[u8], rule: &Rule) {
 /// not depend on where the stream was cut.
 pub fn tools_list_filter(data: &[u8]) {
     let rule = tool_rule();
-    if let Some(out) = filter_json(data, &rule)
-        && let Ok(v) = serde_json::from_slice::<Value>(&out)
+    let filtered = filter_json(data, &rule);
+    if let Some(out) = &filtered
+        && let Ok(v) = serde_json::from_slice::<Value>(out)
     {
         assert_only_permitted_tools(&v, &rule);
     }
+    // The first scan may have recalled a list kept from an earlier input, the next one
+    // recalls the list the first kept: both read as a scan that knows no list.
+    assert_eq!(
+        filter_json(data, &rule),
+        filtered,
+        "a recalled tool list reads differently"
+    );
+    mcp_guard::mcp::json_scan::forget_tool_lists();
+    assert_eq!(
+        filter_json(data, &rule),
+        filtered,
+        "a recalled tool list reads differently from a fresh scan"
+    );
     filter_matches_client_reading(data, &rule);
     let policy = Arc::new(Policy {
         tools: tool_rule(),

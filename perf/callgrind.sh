@@ -4,7 +4,7 @@
 # upstream. Instruction counts do not move with the machine's load, so a change's effect on the
 # gateway's own work shows on a shared VM where timings move by ±10 %.
 #
-#   perf/callgrind.sh [guard|passthrough|tools_list_100|tools_list_all] [REQUESTS]
+#   perf/callgrind.sh [guard|passthrough|tools_list_100|tools_list_100_fresh|tools_list_all] [REQUESTS]
 #                                                         (after `cargo build --release --workspace`)
 #
 # The tools_list pair is the harness's: the same full guard, a 100-tool (~20 KiB) tools/list
@@ -39,10 +39,11 @@ wait_for_address() { # file -> host:port printed after "listening on http://"
 case "$scenario" in
   guard | passthrough) tools=5 call=echo ;;
   tools_list_100 | tools_list_all) tools=100 call=tools_list ;;
+  tools_list_100_fresh) tools=100 call=tools_list fresh=--fresh-lists ;;
   *) echo "unknown scenario $scenario" >&2; exit 2 ;;
 esac
 
-target/release/perf upstream --threads 1 --tools "$tools" >"$out/upstream.log" 2>&1 &
+target/release/perf upstream --threads 1 --tools "$tools" ${fresh:-} >"$out/upstream.log" 2>&1 &
 pids+=($!)
 upstream=$(wait_for_address "$out/upstream.log")
 
@@ -52,7 +53,7 @@ upstream=$(wait_for_address "$out/upstream.log")
   if [ "$scenario" != passthrough ]; then
     # The perf harness's guarded scenarios: API key, tool policy, rate limit, audit file.
     case "$scenario" in
-      tools_list_100) allowed='["echo", "echo_sse", "tool_0*0", "tool_0*2", "tool_0*4", "tool_0*6", "tool_0*8"]' ;;
+      tools_list_100 | tools_list_100_fresh) allowed='["echo", "echo_sse", "tool_0*0", "tool_0*2", "tool_0*4", "tool_0*6", "tool_0*8"]' ;;
       tools_list_all) allowed='[]' ;;
       *) allowed='["echo"]' ;;
     esac

@@ -179,6 +179,10 @@ struct UpstreamArgs {
     /// Runtime threads [default: cores].
     #[arg(long)]
     threads: Option<usize>,
+    /// Make each tools/list answer's list differ from every other (a number in the middle
+    /// tool's description).
+    #[arg(long)]
+    fresh_lists: bool,
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -615,6 +619,7 @@ fn main() {
             listen: args.listen,
             tools: args.tools,
             threads: args.threads.unwrap_or_else(cores),
+            fresh_lists: args.fresh_lists,
         }),
     };
     if let Err(e) = result {

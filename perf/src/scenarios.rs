@@ -45,6 +45,8 @@ pub struct Scenario {
     /// configuration keys: a stdio scenario with the guard on, since the original's free tier
     /// serves stdio upstreams only and always authenticates.
     pub vs_original: bool,
+    /// The mock's tools/list answers each hold a list no answer held before (`--fresh-lists`).
+    pub fresh_lists: bool,
 }
 
 impl Scenario {
@@ -81,6 +83,7 @@ const fn scenario(
         tls: false,
         fleet: false,
         vs_original: false,
+        fresh_lists: false,
     }
 }
 
@@ -89,6 +92,7 @@ pub const SCENARIOS: &[Scenario] = &[
     scenario("passthrough", "tools/call echo, JSON response", Call::Echo, 5, 0),
     scenario("guard", "passthrough through the security path: API key, tool policy, rate limit (never trips), audit file", Call::Echo, 5, 0),
     scenario("tools_list_100", "tools/list answering 100 tools (~20 KiB); through mcp-guard an API key allowed half of them, so every answer is filtered", Call::ToolsList, 100, 0),
+    Scenario { fresh_lists: true, ..scenario("tools_list_100_fresh", "tools_list_100, but each answer's list differs from every other (a number in the middle tool's description), so the gateway cannot recognize a list it scanned before and scans every answer whole: the filter's cost without its memory of recent lists (baseline: `tools_list_all`)", Call::ToolsList, 100, 0) },
     scenario("tools_list_all", "tools_list_100's answer through the same full guard, by an API key allowed every tool, so mcp-guard relays it unfiltered: the baseline of `tools_list_100` (the filter's cost is the difference)", Call::ToolsList, 100, 0),
     scenario("sse", "tools/call echo_sse, one chunked SSE event", Call::EchoSse, 5, 0),
     Scenario { stdio: true, ..scenario("stdio", "tools/call echo to mcp-demo-server over stdio (mcp-guard only)", Call::Echo, 5, 0) },
@@ -154,7 +158,7 @@ pub fn gateway_setup(scenario: &Scenario) -> GatewaySetup {
             client_headers: String::new(),
         },
         // The identity may call half of the listed tools, so every answer is really filtered.
-        "tools_list_100" => guarded(
+        "tools_list_100" | "tools_list_100_fresh" => guarded(
             r#"["echo", "echo_sse", "tool_0*0", "tool_0*2", "tool_0*4", "tool_0*6", "tool_0*8"]"#,
         ),
         // An empty `allowed_tools` is every tool: nothing to filter, the rest of the guard on.
@@ -543,6 +547,7 @@ pub fn run_matrix(settings: &Settings) -> Result<Matrix, String> {
         } else {
             Some(targets::start_mock(
                 scenario.upstream_tools,
+                scenario.fresh_lists,
                 settings.upstream_threads(&placement),
                 &placement.load_cpus,
             ))
@@ -579,6 +584,7 @@ pub fn run_matrix(settings: &Settings) -> Result<Matrix, String> {
         let placement = settings.placement(workers);
         let mock = targets::start_mock(
             5,
+            false,
             settings.upstream_threads(&placement),
             &placement.load_cpus,
         )?;
@@ -652,6 +658,7 @@ fn run_fleet(
     }
     let mock = targets::start_mock(
         scenario.upstream_tools,
+        scenario.fresh_lists,
         settings.upstream_threads(placement),
         &placement.load_cpus,
     );

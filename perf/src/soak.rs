@@ -441,6 +441,7 @@ pub fn run(o: &SoakOptions) -> Result<SoakReport, String> {
     let mock = match upstream_threads {
         Some(threads) => Some(targets::start_mock(
             o.scenario.upstream_tools,
+            o.scenario.fresh_lists,
             threads,
             &placement.load_cpus,
         )?),

@@ -102,21 +102,27 @@ pub struct Running {
 
 /// Starts `perf upstream` (this same binary) on `cpus` and reads its address from its one stdout
 /// line.
-pub fn start_mock(tools: usize, threads: usize, cpus: &[usize]) -> Result<Running, String> {
+pub fn start_mock(
+    tools: usize,
+    fresh_lists: bool,
+    threads: usize,
+    cpus: &[usize],
+) -> Result<Running, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find the perf binary: {e}"))?;
     let mut command = Command::new(exe);
-    command
-        .args([
-            "upstream",
-            "--listen",
-            "127.0.0.1:0",
-            "--tools",
-            &tools.to_string(),
-            "--threads",
-            &threads.to_string(),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped());
+    command.args([
+        "upstream",
+        "--listen",
+        "127.0.0.1:0",
+        "--tools",
+        &tools.to_string(),
+        "--threads",
+        &threads.to_string(),
+    ]);
+    if fresh_lists {
+        command.arg("--fresh-lists");
+    }
+    command.stdin(Stdio::null()).stdout(Stdio::piped());
     let mut managed = Managed::spawn("mock upstream", command, cpus)?;
     let addr = reported_address(&mut managed)?;
     let pid = managed.pid();

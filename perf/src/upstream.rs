@@ -18,6 +18,8 @@ pub struct MockOptions {
     pub tools: usize,
     /// Runtime threads accepting on the one listener.
     pub threads: usize,
+    /// Each tools/list answer's list differs from every other (see [`Mock::fresh_at`]).
+    pub fresh_lists: bool,
 }
 
 /// Per-thread state: the pre-rendered tools/list result and a session counter.
@@ -25,8 +27,33 @@ struct Mock {
     /// The serialized `result` of tools/list, rendered once: re-serializing ~20 KiB per request
     /// would make the mock the bottleneck of the big-list scenario.
     tools_result: String,
+    /// Where in `tools_result` each answer writes its own number, when lists are fresh: in
+    /// the middle tool's description, so that no list is one a gateway scanned before and
+    /// each shares its first half and its end with the others (the hardest to tell apart).
+    fresh_at: Option<usize>,
+    /// tools/list answers given (the number a fresh list carries).
+    lists: Cell<u64>,
     thread: usize,
     sessions: Cell<u64>,
+}
+
+impl Mock {
+    fn new(tools: usize, fresh_lists: bool, thread: usize) -> Mock {
+        let tools_result = tools_list_result(tools).to_string();
+        let fresh_at = fresh_lists.then(|| {
+            let marker = format!("Synthetic tool number {}", tools / 2);
+            tools_result
+                .find(&marker)
+                .map_or(tools_result.len() / 2, |at| at + marker.len())
+        });
+        Mock {
+            tools_result,
+            fresh_at,
+            lists: Cell::new(0),
+            thread,
+            sessions: Cell::new(0),
+        }
+    }
 }
 
 /// Binds, prints `listening on http://ADDR` (the only stdout line), and serves until killed.
@@ -45,21 +72,16 @@ pub fn serve(opts: &MockOptions) -> Result<(), String> {
     listener
         .set_nonblocking(true)
         .map_err(|e| format!("cannot make listener non-blocking: {e}"))?;
-    let tools_result = tools_list_result(opts.tools).to_string();
     let mut threads = Vec::new();
     for thread in 0..opts.threads.max(1) {
         let listener = listener
             .try_clone()
             .map_err(|e| format!("cannot share listener: {e}"))?;
-        let tools_result = tools_result.clone();
+        let (tools, fresh_lists) = (opts.tools, opts.fresh_lists);
         let handle = std::thread::Builder::new()
             .name(format!("mock-{thread}"))
             .spawn(move || {
-                let mock = Rc::new(Mock {
-                    tools_result,
-                    thread,
-                    sessions: Cell::new(0),
-                });
+                let mock = Rc::new(Mock::new(tools, fresh_lists, thread));
                 let mut runtime = crate::runtime()?;
                 runtime.block_on(accept_loop(listener, mock))
             })
@@ -182,10 +204,21 @@ impl Mock {
         match method {
             "ping" => json_response(&[], &rpc_result(&value_id(), json!({}))),
             "tools/list" => {
-                let body = format!(
-                    r#"{{"jsonrpc":"2.0","id":{id},"result":{}}}"#,
-                    self.tools_result
-                );
+                let body = match self.fresh_at {
+                    None => format!(
+                        r#"{{"jsonrpc":"2.0","id":{id},"result":{}}}"#,
+                        self.tools_result
+                    ),
+                    Some(at) => {
+                        let n = self.lists.get() + 1;
+                        self.lists.set(n);
+                        let (before, after) = self.tools_result.split_at(at);
+                        format!(
+                            r#"{{"jsonrpc":"2.0","id":{id},"result":{before} (mock {} list {n}){after}}}"#,
+                            self.thread
+                        )
+                    }
+                };
                 response(200, "application/json", &[], body.as_bytes(), false)
             }
             "tools/call" => {
@@ -323,11 +356,7 @@ mod tests {
     use super::*;
 
     fn mock() -> Mock {
-        Mock {
-            tools_result: tools_list_result(100).to_string(),
-            thread: 0,
-            sessions: Cell::new(0),
-        }
+        Mock::new(100, false, 0)
     }
 
     fn post(body: &str, session: bool) -> Request {

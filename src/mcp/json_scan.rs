@@ -11,7 +11,7 @@
 
 use crate::mcp::jsonrpc::folds_to;
 use std::borrow::Cow;
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::ops::Range;
 
 /// Why a body cannot be relayed as checked.
@@ -70,6 +70,82 @@ thread_local! {
     /// The skip stack's buffer, kept between scans on this thread: nearly every answer opens a
     /// container, and a fresh buffer each time was an allocation and a free per answer.
     static SKIP_STACK: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+}
+
+thread_local! {
+    /// The tool lists this thread scanned last, most recent first (see [`KnownList`]).
+    static KNOWN_LISTS: RefCell<Vec<KnownList>> = const { RefCell::new(Vec::new()) };
+    /// Lists this thread scanned since it last recalled one.
+    static UNRECALLED: Cell<usize> = const { Cell::new(0) };
+}
+
+/// How many tool lists a thread keeps: the lists of a few routed upstreams, or a few pages of
+/// one.
+const KNOWN_LISTS_KEPT: usize = 8;
+
+/// How many kept lists whose ends agree with an answer's list are compared with it whole, at
+/// most: lists that differ only inside (a counter in a description) would otherwise cost a
+/// compare of each kept list, on every answer, without ever being recalled.
+const FULL_COMPARES: usize = 2;
+
+/// After this many lists in a row that were not recalled, only one list in
+/// [`KEEP_ONE_IN`] is kept: an upstream whose every list is new (a counter in it) would
+/// otherwise cost a copy of each, never used.
+const UNRECALLED_BEFORE_SPARING: usize = 2 * KNOWN_LISTS_KEPT;
+
+/// See [`UNRECALLED_BEFORE_SPARING`]: a list that starts repeating is still kept within this
+/// many answers.
+const KEEP_ONE_IN: usize = 16;
+
+/// The longest tool list kept (longer ones are scanned every time): with
+/// [`KNOWN_LISTS_KEPT`], at most 2 MiB per thread.
+const KNOWN_LIST_MAX_BYTES: usize = 256 * 1024;
+
+/// A `tools` array this thread has scanned and accepted, kept with what the scan found in it.
+/// An upstream sends the same list to every caller (only the JSON-RPC `id` around it
+/// changes), so a list whose bytes are the same bytes again is not scanned again: the scan
+/// reads nothing but those bytes, so it would find the same ranges and names. The caller's
+/// policy is still asked about every tool; only the parse is remembered, never a decision.
+struct KnownList {
+    /// The array, from `[` to `]`.
+    bytes: Vec<u8>,
+    tools: Vec<KnownTool>,
+}
+
+/// Forgets the tool lists this thread kept: its next scans read every list afresh (the fuzz
+/// checks compare a recalled list with a fresh scan of it).
+pub fn forget_tool_lists() {
+    KNOWN_LISTS.with_borrow_mut(Vec::clear);
+    UNRECALLED.set(0);
+}
+
+impl KnownList {
+    fn empty() -> Self {
+        KnownList {
+            bytes: Vec::new(),
+            tools: Vec::new(),
+        }
+    }
+}
+
+/// One element of a [`KnownList`], its ranges relative to the array's `[`.
+struct KnownTool {
+    raw: Range<usize>,
+    name: KnownName,
+}
+
+enum KnownName {
+    None,
+    /// The name as it lies in the array (it has no escape).
+    Raw(Range<usize>),
+    /// The name decoded from its escapes.
+    Decoded(Box<str>),
+}
+
+#[cfg(test)]
+thread_local! {
+    /// How many lists this thread's scans recalled (tests tell a recalled list from a scanned one).
+    static RECALLED: Cell<usize> = const { Cell::new(0) };
 }
 
 /// A skip stack that grew past this (nesting thousands deep, which only an odd or hostile
@@ -210,9 +286,115 @@ impl<'a> Scanner<'a> {
         }))
     }
 
-    /// The `tools` array at the current position.
+    /// The `tools` array at the current position: recalled when this thread scanned the same
+    /// bytes lately (see [`KnownList`]), else scanned and remembered.
     fn tools(&mut self, base: usize) -> Result<ToolList<'a>, Refused> {
         let open = self.pos;
+        let tools = match self.recall_tools(open) {
+            Some(tools) => tools,
+            None => {
+                let tools = self.scan_tools()?;
+                self.remember_tools(open, &tools);
+                tools
+            }
+        };
+        Ok(ToolList {
+            array: open - base..self.pos - base,
+            tools,
+            next_cursor: false,
+        })
+    }
+
+    /// The tools of a known list whose bytes lie at `open`, as slices of this body; the
+    /// position is then past the array. The whole kept array is compared, byte for byte: an
+    /// array ends at its own closing bracket, so equal bytes are the same array here.
+    fn recall_tools(&mut self, open: usize) -> Option<Vec<Tool<'a>>> {
+        let here = self.bytes.get(open..)?;
+        let text = self.text;
+        KNOWN_LISTS.with_borrow_mut(|known| {
+            let mut full_compares = 0;
+            let at = known
+                .iter()
+                .position(|k| match ends_agree(here, &k.bytes) {
+                    Some(here) if full_compares < FULL_COMPARES => {
+                        full_compares += 1;
+                        here == &k.bytes[..]
+                    }
+                    _ => false,
+                })?;
+            let list = &known[at];
+            let slice = |r: &Range<usize>| text.get(open + r.start..open + r.end);
+            let mut tools = Vec::with_capacity(list.tools.len());
+            for t in list.tools.iter() {
+                let name = match &t.name {
+                    KnownName::None => None,
+                    KnownName::Raw(r) => Some(Cow::Borrowed(slice(r)?)),
+                    KnownName::Decoded(n) => Some(Cow::Owned(n.to_string())),
+                };
+                tools.push(Tool {
+                    raw: slice(&t.raw)?,
+                    name,
+                });
+            }
+            self.pos = open + list.bytes.len();
+            UNRECALLED.set(0);
+            #[cfg(test)]
+            RECALLED.set(RECALLED.get() + 1);
+            // The most recent first: a list sent again soon is found first.
+            known[..=at].rotate_right(1);
+            Some(tools)
+        })
+    }
+
+    /// Keeps the list just scanned at `open` (up to the position) for [`Self::recall_tools`].
+    fn remember_tools(&self, open: usize, tools: &[Tool<'a>]) {
+        let Some(bytes) = self.bytes.get(open..self.pos) else {
+            return;
+        };
+        if bytes.len() > KNOWN_LIST_MAX_BYTES {
+            return;
+        }
+        let unrecalled = UNRECALLED.get() + 1;
+        UNRECALLED.set(unrecalled);
+        if unrecalled > UNRECALLED_BEFORE_SPARING && unrecalled % KEEP_ONE_IN != 0 {
+            return;
+        }
+        // Where a slice of the array lies in it (every slice the scan made is one).
+        let start = bytes.as_ptr() as usize;
+        let range = |s: &str| {
+            let from = (s.as_ptr() as usize).checked_sub(start)?;
+            (from + s.len() <= bytes.len()).then_some(from..from + s.len())
+        };
+        KNOWN_LISTS.with_borrow_mut(|known| {
+            // The oldest list's buffers take the new one: no allocation once they are grown.
+            let mut list = if known.len() >= KNOWN_LISTS_KEPT {
+                known.pop().unwrap_or_else(KnownList::empty)
+            } else {
+                KnownList::empty()
+            };
+            list.bytes.clear();
+            list.bytes.extend_from_slice(bytes);
+            list.tools.clear();
+            for t in tools {
+                let name = match &t.name {
+                    None => KnownName::None,
+                    Some(Cow::Borrowed(n)) => match range(n) {
+                        Some(r) => KnownName::Raw(r),
+                        None => return,
+                    },
+                    Some(Cow::Owned(n)) => KnownName::Decoded(n.as_str().into()),
+                };
+                let Some(raw) = range(t.raw) else {
+                    return;
+                };
+                list.tools.push(KnownTool { raw, name });
+            }
+            known.insert(0, list);
+        });
+    }
+
+    /// The elements of the `tools` array at the current position, scanned.
+    fn scan_tools(&mut self) -> Result<Vec<Tool<'a>>, Refused> {
         let mut tools = Vec::new();
         self.array(|s| {
             let start = s.pos;
@@ -226,11 +408,7 @@ impl<'a> Scanner<'a> {
             tools.push(Tool { raw, name });
             Ok(())
         })?;
-        Ok(ToolList {
-            array: open - base..self.pos - base,
-            tools,
-            next_cursor: false,
-        })
+        Ok(tools)
     }
 
     /// A tool object's name (see [`Tool::name`]).
@@ -502,6 +680,17 @@ impl<'a> Scanner<'a> {
     }
 }
 
+/// The bytes of `here` as long as `known`, when their first and last bytes are `known`'s: the
+/// lists of other upstreams, and a list that changed length, seldom share both ends, so most
+/// kept lists are passed over without reading the rest.
+fn ends_agree<'h>(here: &'h [u8], known: &[u8]) -> Option<&'h [u8]> {
+    const ENDS: usize = 32;
+    let here = here.get(..known.len())?;
+    let tail = known.len().saturating_sub(ENDS);
+    let head = known.len().min(ENDS);
+    (here[tail..] == known[tail..] && here[..head] == known[..head]).then_some(here)
+}
+
 /// Where a member name lies, between its quotes, and whether it holds an escape.
 #[derive(Clone, Copy)]
 struct NameSpan {
@@ -761,6 +950,154 @@ mod tests {
             .iter()
             .map(|t| t.name.as_deref().map(str::to_string))
             .collect()
+    }
+
+    /// What a scan found, as owned text: per message, its text, and its list's array text,
+    /// `nextCursor`, and each tool's raw text and name.
+    type Found = Vec<(
+        String,
+        Option<(String, bool, Vec<(String, Option<String>)>)>,
+    )>;
+
+    fn found(text: &str) -> Result<Found, Refused> {
+        Ok(body(text, true)?
+            .messages
+            .iter()
+            .map(|m| {
+                let list = m.tools.as_ref().map(|l| {
+                    let tools = l
+                        .tools
+                        .iter()
+                        .map(|t| (t.raw.to_string(), t.name.as_deref().map(str::to_string)))
+                        .collect();
+                    (m.text[l.array.clone()].to_string(), l.next_cursor, tools)
+                });
+                (m.text.to_string(), list)
+            })
+            .collect())
+    }
+
+    /// [`found`] by a thread that knows no list, and how many lists it recalled.
+    fn found_afresh(text: &str) -> Result<Found, Refused> {
+        forget_tool_lists();
+        found(text)
+    }
+
+    fn recalled() -> usize {
+        RECALLED.get()
+    }
+
+    /// Tools of every kind the scan tells apart: plain and escaped names, a name given twice
+    /// or beside a twin, a name that is no string, an element that is no object, whitespace.
+    const VARIED_TOOLS: &str = r#"[ {"name":"plain","d":"x"}, {"na\u006de":"esc\u0061ped"}, {"name":"a","name":"b"}, {"name":"c","NAME":"d"}, {"name":7}, "str", {"name":"l\ud800"} , {"name":"last"}]"#;
+
+    #[test]
+    fn a_list_sent_again_is_recalled_and_found_as_a_fresh_scan_finds_it() {
+        let first = format!(r#"{{"jsonrpc":"2.0","id":1,"result":{{"tools":{VARIED_TOOLS}}}}}"#);
+        let fresh = found_afresh(&first).unwrap();
+        let before = recalled();
+        // The same list under another id, and then in another place: in a batch, after
+        // whitespace, beside `nextCursor`.
+        let again =
+            format!(r#"{{"jsonrpc":"2.0","id":"two","result":{{"tools":{VARIED_TOOLS}}}}}"#);
+        let batch = format!(
+            r#"[ {{"id":3,"result":{{"nextCursor":"n", "tools":  {VARIED_TOOLS}}}}}, {{"id":4,"result":{{"tools":{VARIED_TOOLS}}}}} ]"#
+        );
+        for text in [&first, &again, &batch] {
+            let recalled_before = recalled();
+            let via_memory = found(text).unwrap();
+            assert!(recalled() > recalled_before, "not recalled in {text}");
+            assert_eq!(via_memory, found_afresh(text).unwrap(), "{text}");
+        }
+        assert_eq!(found(&first).unwrap(), fresh);
+        assert!(recalled() >= before + 5);
+    }
+
+    #[test]
+    fn a_list_differing_in_any_byte_is_scanned_afresh() {
+        let list = r#"[{"name":"alpha"},{"name":"beta","x":[1,{"y":null}]},{"name":"gamma"}]"#;
+        let wrap = |l: &str| format!(r#"{{"id":1,"result":{{"tools":{l}}}}}"#);
+        // Every byte of the list changed in turn to every byte that matters to the scan: each
+        // body is read exactly as a thread that knows no list reads it, refusals included.
+        for at in 0..list.len() {
+            for replacement in [b'N', b'"', b'\\', b'}', b']', b',', b' ', 0x01] {
+                let mut changed = list.as_bytes().to_vec();
+                changed[at] = replacement;
+                let Ok(changed) = String::from_utf8(changed) else {
+                    continue;
+                };
+                found_afresh(&wrap(list)).unwrap();
+                let via_memory = found(&wrap(&changed));
+                assert_eq!(via_memory, found_afresh(&wrap(&changed)), "{changed}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_refused_list_is_never_kept() {
+        let list = r#"[{"name":"a","nam\u0065\u0000":"b"}]"#;
+        let text = format!(r#"{{"id":1,"result":{{"tools":{list}}}}}"#);
+        let before = recalled();
+        assert_eq!(found_afresh(&text), Err(Refused::Unfilterable));
+        assert_eq!(found(&text), Err(Refused::Unfilterable));
+        // The same bytes as the list of a message a decoder reads differently are no memory.
+        assert_eq!(recalled(), before);
+    }
+
+    #[test]
+    fn the_lists_kept_are_bounded_in_number_and_size() {
+        let wrap = |l: &str| format!(r#"{{"id":1,"result":{{"tools":{l}}}}}"#);
+        let list = |n: usize| format!(r#"[{{"name":"tool_{n}"}}]"#);
+        found_afresh(&wrap(&list(0))).unwrap();
+        for n in 1..=KNOWN_LISTS_KEPT {
+            found(&wrap(&list(n))).unwrap();
+        }
+        // The first list was pushed out by the later ones; the latest are recalled.
+        let before = recalled();
+        found(&wrap(&list(0))).unwrap();
+        assert_eq!(recalled(), before);
+        found(&wrap(&list(KNOWN_LISTS_KEPT))).unwrap();
+        assert_eq!(recalled(), before + 1);
+        // A list longer than the most kept is scanned every time.
+        let long = format!(
+            r#"[{{"name":"big","description":"{}"}}]"#,
+            "x".repeat(KNOWN_LIST_MAX_BYTES)
+        );
+        found(&wrap(&long)).unwrap();
+        found(&wrap(&long)).unwrap();
+        assert_eq!(recalled(), before + 1);
+        KNOWN_LISTS.with_borrow(|known| {
+            assert!(known.len() <= KNOWN_LISTS_KEPT);
+            assert!(known.iter().all(|k| k.bytes.len() <= KNOWN_LIST_MAX_BYTES));
+        });
+    }
+
+    #[test]
+    fn lists_never_sent_twice_are_kept_sparingly_and_a_repeated_one_again_soon() {
+        let wrap = |l: &str| format!(r#"{{"id":1,"result":{{"tools":{l}}}}}"#);
+        let fresh = |n: usize| wrap(&format!(r#"[{{"name":"a","description":"list {n}"}}]"#));
+        forget_tool_lists();
+        let mut copies = 0;
+        let mut last_kept = None;
+        for n in 0..200 {
+            found(&fresh(n)).unwrap();
+            let newest = KNOWN_LISTS.with_borrow(|k| k.first().map(|l| l.bytes.clone()));
+            if newest != last_kept {
+                copies += 1;
+                last_kept = newest;
+            }
+        }
+        // The first lists are all kept, then one in KEEP_ONE_IN.
+        let expected = UNRECALLED_BEFORE_SPARING + (200 - UNRECALLED_BEFORE_SPARING) / KEEP_ONE_IN;
+        assert!(copies <= expected + 1, "{copies} lists kept");
+        // A list that starts repeating is kept within KEEP_ONE_IN answers, then recalled.
+        let repeated = wrap(r#"[{"name":"steady"}]"#);
+        let before = recalled();
+        for _ in 0..=KEEP_ONE_IN {
+            found(&repeated).unwrap();
+        }
+        assert!(recalled() > before, "a repeated list was never recalled");
+        assert_eq!(UNRECALLED.get(), 0);
     }
 
     #[test]
