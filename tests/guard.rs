@@ -246,6 +246,51 @@ fn tools_list_is_filtered_in_json_across_pages() {
     assert!(tool_names(&r.json()).contains(&"sleep".to_string()));
 }
 
+/// A worker recognizes a tool list it scanned lately instead of scanning it again: callers
+/// with different policies, in turn, each still get exactly their own tools from it.
+#[test]
+fn a_list_the_gateway_recalls_is_still_filtered_for_each_caller() {
+    const CAROL: &str = "carol-key-3e4f5a";
+    let carol = format!(
+        "[[auth.api_keys]]\nid = \"carol\"\nkey_hash = \"{}\"\nallowed_tools = [\"sleep\", \"tool_001*\"]\n",
+        hash_key(CAROL)
+    );
+    let g = Gateway::start(&guarded_stdio(&["--tools", "20"], &carol));
+    let (alice_sid, carol_sid, bob_sid) = (
+        init_as(g.addr, ALICE),
+        init_as(g.addr, CAROL),
+        init_as(g.addr, BOB),
+    );
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    let mut alice_sees: Vec<String> = (0..20).map(|i| format!("tool_{i:04}")).collect();
+    alice_sees.extend(["add".to_string(), "echo".to_string()]);
+    let mut carol_sees: Vec<String> = (10..20).map(|i| format!("tool_{i:04}")).collect();
+    carol_sees.push("sleep".to_string());
+    let list = |id: u32| format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/list"}}"#);
+    for round in 0..3 {
+        let r = post_as(g.addr, ALICE, &list(10 + round), Some(&alice_sid));
+        assert_eq!(
+            sorted(tool_names(&r.json())),
+            sorted(alice_sees.clone()),
+            "round {round}"
+        );
+        let r = post_as(g.addr, CAROL, &list(20 + round), Some(&carol_sid));
+        assert_eq!(
+            sorted(tool_names(&r.json())),
+            sorted(carol_sees.clone()),
+            "round {round}"
+        );
+        assert_eq!(r.json()["id"], 20 + round, "the answer's own id");
+        // Bob is unrestricted: his answer is the whole list, relayed unscanned.
+        let r = post_as(g.addr, BOB, &list(30 + round), Some(&bob_sid));
+        let all = tool_names(&r.json());
+        assert!(all.contains(&"notify".to_string()) && all.len() > alice_sees.len());
+    }
+}
+
 #[test]
 fn tools_list_is_filtered_inside_sse_responses() {
     let up = DemoHttp::start(&["--sse-responses", "--test-tools"]);
