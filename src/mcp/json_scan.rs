@@ -977,7 +977,7 @@ mod tests {
             .collect())
     }
 
-    /// [`found`] by a thread that knows no list, and how many lists it recalled.
+    /// [`found`] by a thread that knows no list.
     fn found_afresh(text: &str) -> Result<Found, Refused> {
         forget_tool_lists();
         found(text)
