@@ -510,7 +510,11 @@ impl<'a> Scanner<'a> {
     fn member_name(&self, i: usize) -> Result<(NameSpan, usize), Refused> {
         let b = self.bytes;
         let open = byte_after_ws(b, i, b'"').ok_or(Refused::Invalid)?;
-        let (close, escaped) = string_end(b, open)?;
+        let (close, escaped) = if self.gated {
+            string_end::<true>(b, open)?
+        } else {
+            string_end::<false>(b, open)?
+        };
         let colon = byte_after_ws(b, close + 1, b':').ok_or(Refused::Invalid)?;
         if self.gated && escaped {
             self.refuse_control_in_key(open + 1..close)?;
@@ -525,17 +529,19 @@ impl<'a> Scanner<'a> {
         ))
     }
 
-    /// A control character in a member name (only an escape can put one there) is read by C
-    /// decoders that stop at NUL as a shorter name: `"name\u0000"` would be a second `name` or
-    /// `tools` to them. An answer a tool gate reads is refused, not filtered, when any member
-    /// name in it holds one (the check runs wherever the scan reads a key).
+    /// A control character in a member name is read by C decoders that stop at NUL as a
+    /// shorter name, and by clients that strip control characters as the name without it:
+    /// `"name\u0000"` or `"name\u007f"` would be a second `name` or `tools` to them. An answer
+    /// a tool gate reads is refused, not filtered, when any member name in it holds one (the
+    /// check runs wherever the scan reads a key, on every key with an escape or a byte from
+    /// 0x7f up: DEL and the C1 controls are valid JSON as they are).
     #[cold]
     fn refuse_control_in_key(&self, range: Range<usize>) -> Result<(), Refused> {
         let key = Str {
             range,
             escaped: true,
         };
-        if self.decode_key(&key).chars().any(|c| c < ' ') {
+        if self.decode_key(&key).chars().any(char::is_control) {
             return Err(Refused::Unfilterable);
         }
         Ok(())
@@ -576,7 +582,7 @@ impl<'a> Scanner<'a> {
                         continue;
                     }
                 }
-                Some(b'"') => i = string_end(b, i)?.0 + 1,
+                Some(b'"') => i = string_end::<false>(b, i)?.0 + 1,
                 Some(b'-' | b'0'..=b'9') => i = number_end(b, i)?,
                 Some(b't') => i = literal_end(b, i, b"true")?,
                 Some(b'f') => i = literal_end(b, i, b"false")?,
@@ -612,7 +618,7 @@ impl<'a> Scanner<'a> {
     /// The string at the current position (on its opening quote).
     #[inline(always)]
     fn string(&mut self) -> Result<Str, Refused> {
-        let (close, escaped) = string_end(self.bytes, self.pos)?;
+        let (close, escaped) = string_end::<false>(self.bytes, self.pos)?;
         let range = self.pos + 1..close;
         self.pos = close + 1;
         Ok(Str { range, escaped })
@@ -731,15 +737,20 @@ fn byte_after_ws(b: &[u8], i: usize, want: u8) -> Option<usize> {
 }
 
 /// The string whose opening quote is at `open`: where its closing quote lies, and whether it
-/// holds an escape.
+/// holds an escape. `NAME`: a member name in an answer a tool gate reads, where a byte from
+/// 0x7f up counts as an escape too (it is read decoded, and checked for control characters).
 #[inline(always)]
-fn string_end(b: &[u8], open: usize) -> Result<(usize, bool), Refused> {
+fn string_end<const NAME: bool>(b: &[u8], open: usize) -> Result<(usize, bool), Refused> {
     let mut i = open + 1;
     let mut escaped = false;
     loop {
-        i = plain_run_end(b, i);
+        i = plain_run_end::<NAME>(b, i);
         match b.get(i) {
             Some(b'"') => return Ok((i, escaped)),
+            Some(&c) if NAME && c >= 0x7f => {
+                escaped = true;
+                i += 1;
+            }
             Some(b'\\') => {
                 escaped = true;
                 match b.get(i + 1) {
@@ -808,10 +819,12 @@ fn literal_end(b: &[u8], i: usize, word: &[u8]) -> Result<usize, Refused> {
 /// `c` is a zero byte of `word ^ c`, and `(x - 0x01..) & !x & 0x80..` flags zero bytes
 /// (`(x - 0x20..) & !x & 0x80..` flags bytes below 0x20); the lowest flag of each is exact, as
 /// borrows only run upward, so the lowest flag of the three together is the first stop.
+/// `NAME`: bytes from 0x7f up stop the run too (`x | (x + 0x01..)` flags them: a carry out of
+/// a 0xff byte reaches only bytes above one already flagged).
 #[inline(always)]
-fn plain_run_end(b: &[u8], mut i: usize) -> usize {
+fn plain_run_end<const NAME: bool>(b: &[u8], mut i: usize) -> usize {
     #[cfg(target_arch = "x86_64")]
-    match sse2::plain_run_end_16(b, i) {
+    match sse2::plain_run_end_16::<NAME>(b, i) {
         Ok(end) => return end,
         Err(tail) => i = tail,
     }
@@ -824,9 +837,12 @@ fn plain_run_end(b: &[u8], mut i: usize) -> usize {
         let v = u64::from_le_bytes(word);
         let quote = v ^ (ONES * u64::from(b'"'));
         let backslash = v ^ (ONES * u64::from(b'\\'));
-        let stops = (quote.wrapping_sub(ONES) & !quote)
+        let mut stops = (quote.wrapping_sub(ONES) & !quote)
             | (backslash.wrapping_sub(ONES) & !backslash)
             | (v.wrapping_sub(ONES * 0x20) & !v);
+        if NAME {
+            stops |= v | v.wrapping_add(ONES);
+        }
         let stops = stops & HIGH;
         if stops != 0 {
             return i + (stops.trailing_zeros() / 8) as usize;
@@ -834,7 +850,7 @@ fn plain_run_end(b: &[u8], mut i: usize) -> usize {
         i += 8;
     }
     while let Some(&c) = b.get(i) {
-        if c == b'"' || c == b'\\' || c < 0x20 {
+        if c == b'"' || c == b'\\' || c < 0x20 || (NAME && c >= 0x7f) {
             break;
         }
         i += 1;
@@ -852,9 +868,12 @@ mod sse2 {
     };
 
     /// `Ok`: where the plain run from `i` ends. `Err`: where the bytes left are fewer than
-    /// sixteen, for the word-at-a-time loop to finish.
+    /// sixteen, for the word-at-a-time loop to finish. `NAME`: see `plain_run_end`.
     #[inline(always)]
-    pub(super) fn plain_run_end_16(b: &[u8], mut i: usize) -> Result<usize, usize> {
+    pub(super) fn plain_run_end_16<const NAME: bool>(
+        b: &[u8],
+        mut i: usize,
+    ) -> Result<usize, usize> {
         while let Some(chunk) = b.get(i..i + 16) {
             // SAFETY: SSE2 is part of the x86-64 baseline, so these intrinsics exist on every
             // processor this code can run on; `_mm_loadu_si128` reads exactly the sixteen
@@ -866,7 +885,13 @@ mod sse2 {
                 // Unsigned `v <= 0x1f` as `max(v, 0x1f) == 0x1f`.
                 let control =
                     _mm_cmpeq_epi8(_mm_max_epu8(v, _mm_set1_epi8(0x1f)), _mm_set1_epi8(0x1f));
-                _mm_movemask_epi8(_mm_or_si128(_mm_or_si128(quote, backslash), control)) as u32
+                let mut stops = _mm_or_si128(_mm_or_si128(quote, backslash), control);
+                if NAME {
+                    // The mask reads each byte's top bit: `v` itself flags 0x80 and up.
+                    let del = _mm_cmpeq_epi8(v, _mm_set1_epi8(0x7f));
+                    stops = _mm_or_si128(stops, _mm_or_si128(v, del));
+                }
+                _mm_movemask_epi8(stops) as u32
             };
             if stops != 0 {
                 return Ok(i + stops.trailing_zeros() as usize);
@@ -1230,6 +1255,39 @@ mod tests {
         let text = r#"{"jsonrpc":"2.0","id":1,"result":{"data":{"a\u0000b":1},"tools":[]}}"#;
         assert!(matches!(body(text, true), Err(Refused::Unfilterable)));
         assert!(body(text, false).is_ok());
+        // DEL and the C1 controls, escaped or as they are (valid JSON either way), in a tool,
+        // beside its name, deep in its schema, and in a key long enough for the wide compares.
+        for control in [
+            "\\u007f", "\u{7f}", "\\u0080", "\u{85}", "\\u009F", "\u{9f}", "\\u001f",
+        ] {
+            for key in [
+                format!("name{control}"),
+                format!("{control}name"),
+                format!("a_rather_long_member_name_{control}_past_sixteen_bytes"),
+            ] {
+                for text in [
+                    format!(r#"{{"id":1,"result":{{"tools":[{{"name":"read","{key}":"rm"}}]}}}}"#),
+                    format!(
+                        r#"{{"id":1,"result":{{"tools":[{{"name":"read","s":{{"{key}":1}}}}]}}}}"#
+                    ),
+                    format!(r#"{{"id":1,"result":{{"{key}":[],"tools":[]}}}}"#),
+                ] {
+                    assert_eq!(
+                        body(&text, true).unwrap_err(),
+                        Refused::Unfilterable,
+                        "{text}"
+                    );
+                    assert!(body(&text, false).is_ok(), "{text}");
+                }
+            }
+        }
+        // Other characters from 0x7f up are no controls: such keys are read as they are.
+        let text =
+            r#"{"id":1,"result":{"tools":[{"nämé":"x","名前":"y","name":"ok","ß":{"é":1}}]}}"#;
+        assert_eq!(names(text), vec![Some("ok".into())]);
+        let text =
+            r#"{"id":1,"result":{"tools":[{"NAMÉ":"x","name":"ok"},{"ＮＡＭＥ":"y","name":"b"}]}}"#;
+        assert_eq!(names(text), vec![Some("ok".into()), Some("b".into())]);
     }
 
     #[test]
@@ -1345,16 +1403,29 @@ mod tests {
                 let mut b = vec![b'a'; len];
                 b.push(stop);
                 b.extend_from_slice(b"\"\\\x01aaaaaaaaaaaa");
-                assert_eq!(plain_run_end(&b, 0), len, "{len} {stop}");
+                assert_eq!(plain_run_end::<false>(&b, 0), len, "{len} {stop}");
             }
-            // High bytes (UTF-8), DEL and the space are plain.
+            // High bytes (UTF-8), DEL and the space are plain, but stop a gated member name.
             let b = "é\u{7f} ü".repeat(len);
-            assert_eq!(plain_run_end(b.as_bytes(), 0), b.len());
+            assert_eq!(plain_run_end::<false>(b.as_bytes(), 0), b.len());
+            for stop in [0x7f, 0x80, 0xc2, 0xff] {
+                let mut b = vec![b'a'; len];
+                b.push(stop);
+                b.extend_from_slice(&[0xff; 20]);
+                assert_eq!(plain_run_end::<true>(&b, 0), len, "{len} {stop:#x}");
+                for from in 0..=len {
+                    assert_eq!(
+                        plain_run_end::<true>(&b, from),
+                        len,
+                        "{len} {stop:#x} {from}"
+                    );
+                }
+            }
             // From any starting offset, whichever of the wide and narrow loops finds the stop.
             for from in 0..=len {
                 let mut b = vec![b'x'; len];
                 b.extend_from_slice(b"\"tail");
-                assert_eq!(plain_run_end(&b, from), len, "{len} from {from}");
+                assert_eq!(plain_run_end::<false>(&b, from), len, "{len} from {from}");
             }
         }
     }
