@@ -2507,20 +2507,20 @@ mod authorization {
     fn must_not_pass_the_clients_token_through_to_the_upstream() {
         let gh = o::FakeGithub::start();
         let up = DemoHttp::start(&["--test-tools"]);
-        let port = o::free_port();
-        let config = format!(
-            "[server]\nport = {port}\nworkers = 1\npublic_url = \"http://127.0.0.1:{port}\"\n\
+        let g = o::start_on_a_free_port(|port| {
+            format!(
+                "[server]\nport = {port}\nworkers = 1\npublic_url = \"http://127.0.0.1:{port}\"\n\
              [upstream]\ntransport = \"http\"\nurl = \"{}\"\n\
              [auth.oauth]\nprovider = \"github\"\nclient_id = \"{}\"\nclient_secret = \"{}\"\n\
              authorization_url = \"{}\"\ntoken_url = \"{}\"\nuserinfo_url = \"{}\"\n",
-            up.url(),
-            o::GH_CLIENT,
-            o::GH_SECRET,
-            gh.url("/login/oauth/authorize"),
-            gh.url("/login/oauth/access_token"),
-            gh.url("/user"),
-        );
-        let g = Gateway::start(&config);
+                up.url(),
+                o::GH_CLIENT,
+                o::GH_SECRET,
+                gh.url("/login/oauth/authorize"),
+                gh.url("/login/oauth/access_token"),
+                gh.url("/user"),
+            )
+        });
         let (_, tok) = o::tokens_for(&g, &o::base(&g), None);
         let access = tok["access_token"].as_str().unwrap();
         let r = o::initialize_with(&g, "/mcp", access);

@@ -619,17 +619,17 @@ fn token_requests_that_are_not_well_formed_forms_are_refused() {
 fn an_idp_that_refuses_the_code_sends_an_error_back_to_the_client() {
     let gh = FakeGithub::start();
     // The gateway's secret is wrong at the fake GitHub: its token endpoint refuses the code.
-    let port = free_port();
-    let config = format!(
-        "[server]\nport = {port}\nworkers = 1\npublic_url = \"http://127.0.0.1:{port}\"\n\
+    let g = start_on_a_free_port(|port| {
+        format!(
+            "[server]\nport = {port}\nworkers = 1\npublic_url = \"http://127.0.0.1:{port}\"\n\
          [upstream]\ntransport = \"stdio\"\ncommand = {DEMO:?}\n\
          [auth.oauth]\nprovider = \"github\"\nclient_id = \"{GH_CLIENT}\"\nclient_secret = \"wrong\"\n\
          authorization_url = \"{}\"\ntoken_url = \"{}\"\nuserinfo_url = \"{}\"\n",
-        gh.url("/login/oauth/authorize"),
-        gh.url("/login/oauth/access_token"),
-        gh.url("/user"),
-    );
-    let g = Gateway::start(&config);
+            gh.url("/login/oauth/authorize"),
+            gh.url("/login/oauth/access_token"),
+            gh.url("/user"),
+        )
+    });
     let client = register(&g, &[CLIENT_REDIRECT]);
     let (_, challenge) = pkce();
     let r = approve(&authorize_url(
@@ -724,15 +724,15 @@ fn consent_is_asked_for_each_authorization_and_only_the_gateway_page_can_give_it
 
 #[test]
 fn without_the_facade_metadata_advertises_the_external_authorization_servers() {
-    let port = free_port();
-    let config = format!(
-        "[server]\nport = {port}\nworkers = 1\npublic_url = \"http://127.0.0.1:{port}\"\n\
+    let g = start_on_a_free_port(|port| {
+        format!(
+            "[server]\nport = {port}\nworkers = 1\npublic_url = \"http://127.0.0.1:{port}\"\n\
          [upstream]\ntransport = \"stdio\"\ncommand = {DEMO:?}\n\
          [auth.oauth]\nprovider = \"okta\"\nclient_id = \"mcp-guard\"\n\
          authorization_servers = [\"https://example.okta.com/oauth2/default\"]\n\
          scopes = [\"mcp:tools\"]\n"
-    );
-    let g = Gateway::start(&config);
+        )
+    });
     let base = base(&g);
     let prm = get_url(&format!("{base}/.well-known/oauth-protected-resource/mcp")).json();
     assert_eq!(prm["resource"], format!("{base}/mcp"));

@@ -51,6 +51,20 @@ impl Gateway {
     }
 
     fn start_full(config: &str, stall_stdout: bool, env: &[(&str, &str)]) -> Gateway {
+        Self::try_start_full(config, stall_stdout, env)
+            .unwrap_or_else(|logs| panic!("mcp-guard did not start; logs:\n{logs}"))
+    }
+
+    /// As [`Gateway::start`], but a gateway that did not start gives its logs back.
+    pub fn try_start(config: &str) -> Result<Gateway, String> {
+        Self::try_start_full(config, false, &[])
+    }
+
+    fn try_start_full(
+        config: &str,
+        stall_stdout: bool,
+        env: &[(&str, &str)],
+    ) -> Result<Gateway, String> {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("guard.toml");
         std::fs::write(&config_path, config).unwrap();
@@ -98,14 +112,12 @@ impl Gateway {
                 Ok((_, a)) => admin = Some(a.parse().unwrap()),
                 Err(_) => {
                     let _ = child.kill();
-                    panic!(
-                        "mcp-guard did not start; logs:\n{}",
-                        logs.lock().unwrap().join("\n")
-                    );
+                    let _ = child.wait();
+                    return Err(logs.lock().unwrap().join("\n"));
                 }
             }
         }
-        Gateway {
+        Ok(Gateway {
             child,
             addr: main.unwrap(),
             admin: admin.unwrap(),
@@ -113,7 +125,7 @@ impl Gateway {
             config_path,
             panics_on_purpose: env.iter().any(|(k, _)| *k == "MCP_GUARD_TEST_PANIC_TOOL"),
             _dir: dir,
-        }
+        })
     }
 
     /// Sends a signal (e.g. `libc::SIGHUP`) to the gateway process.

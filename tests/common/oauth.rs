@@ -236,24 +236,39 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A gateway on a port named in its own configuration (`config_for(port)`): a port free a
+/// moment ago can be taken by another test before the gateway binds it, so a start that
+/// finds it in use is tried again on another.
+pub fn start_on_a_free_port(config_for: impl Fn(u16) -> String) -> Gateway {
+    let mut last = String::new();
+    for _ in 0..8 {
+        match Gateway::try_start(&config_for(free_port())) {
+            Ok(g) => return g,
+            Err(logs) if logs.contains("already in use") => last = logs,
+            Err(logs) => panic!("mcp-guard did not start; logs:\n{logs}"),
+        }
+    }
+    panic!("mcp-guard found every port it was given in use; last logs:\n{last}")
+}
+
 /// A gateway with mcp-guard as the authorization server in front of `gh`: the demo server
 /// over stdio at `/mcp` and again as the routed server `files`; scope `mcp:echo` grants
 /// `echo`, `mcp:all` everything. `extra` is appended to the file.
 pub fn facade_gateway(gh: &FakeGithub, extra: &str) -> Gateway {
-    let port = free_port();
-    let config = format!(
-        "[server]\nport = {port}\nworkers = 2\npublic_url = \"http://127.0.0.1:{port}\"\n\
+    start_on_a_free_port(|port| {
+        format!(
+            "[server]\nport = {port}\nworkers = 2\npublic_url = \"http://127.0.0.1:{port}\"\n\
          [admin]\nport = 0\n\
          [upstream]\ntransport = \"stdio\"\ncommand = {DEMO:?}\ntimeout_secs = 10\n\
          [[upstream.servers]]\nname = \"files\"\ntransport = \"stdio\"\ncommand = {DEMO:?}\n\
          [auth.oauth]\nprovider = \"github\"\nclient_id = \"{GH_CLIENT}\"\nclient_secret = \"{GH_SECRET}\"\n\
          authorization_url = \"{}\"\ntoken_url = \"{}\"\nuserinfo_url = \"{}\"\n\
          [auth.oauth.scope_tool_mapping]\n\"mcp:echo\" = [\"echo\"]\n\"mcp:all\" = [\"*\"]\n{extra}",
-        gh.url("/login/oauth/authorize"),
-        gh.url("/login/oauth/access_token"),
-        gh.url("/user"),
-    );
-    Gateway::start(&config)
+            gh.url("/login/oauth/authorize"),
+            gh.url("/login/oauth/access_token"),
+            gh.url("/user"),
+        )
+    })
 }
 
 /// The gateway's public base URL.
