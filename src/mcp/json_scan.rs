@@ -97,8 +97,9 @@ const UNRECALLED_BEFORE_SPARING: usize = 2 * KNOWN_LISTS_KEPT;
 /// many answers.
 const KEEP_ONE_IN: usize = 16;
 
-/// The longest tool list kept (longer ones are scanned every time): with
-/// [`KNOWN_LISTS_KEPT`], at most 2 MiB per thread.
+/// The most a kept list may take, its bytes and what the scan found in them together (larger
+/// ones are scanned every time): with [`KNOWN_LISTS_KEPT`], at most 2 MiB per thread. The
+/// findings count: 256 KiB of `{},{},…` is 87,000 elements, several megabytes of ranges.
 const KNOWN_LIST_MAX_BYTES: usize = 256 * 1024;
 
 /// A `tools` array this thread has scanned and accepted, kept with what the scan found in it.
@@ -351,7 +352,8 @@ impl<'a> Scanner<'a> {
         let Some(bytes) = self.bytes.get(open..self.pos) else {
             return;
         };
-        if bytes.len() > KNOWN_LIST_MAX_BYTES {
+        let findings = tools.len() * std::mem::size_of::<KnownTool>();
+        if bytes.len() + findings > KNOWN_LIST_MAX_BYTES {
             return;
         }
         let unrecalled = UNRECALLED.get() + 1;
@@ -1091,9 +1093,18 @@ mod tests {
         found(&wrap(&long)).unwrap();
         found(&wrap(&long)).unwrap();
         assert_eq!(recalled(), before + 1);
+        // So is one whose bytes fit but whose findings would not: many tiny elements.
+        let tiny = format!("[{}{{}}]", "{},".repeat(KNOWN_LIST_MAX_BYTES / 3 - 10));
+        assert!(tiny.len() < KNOWN_LIST_MAX_BYTES);
+        found(&wrap(&tiny)).unwrap();
+        found(&wrap(&tiny)).unwrap();
+        assert_eq!(recalled(), before + 1);
         KNOWN_LISTS.with_borrow(|known| {
             assert!(known.len() <= KNOWN_LISTS_KEPT);
-            assert!(known.iter().all(|k| k.bytes.len() <= KNOWN_LIST_MAX_BYTES));
+            assert!(known.iter().all(|k| {
+                k.bytes.len() + k.tools.len() * std::mem::size_of::<KnownTool>()
+                    <= KNOWN_LIST_MAX_BYTES
+            }));
         });
     }
 
