@@ -1812,7 +1812,7 @@ async fn relay_held(w: &Worker, reply: Reply, id: &RpcId, tx: &async_channel::Se
             let is_sse = resp
                 .content_type
                 .as_deref()
-                .is_some_and(|c| c.starts_with("text/event-stream"));
+                .is_some_and(crate::http::is_event_stream);
             if is_sse && (200..300).contains(&status) {
                 legacy::relay_sse(resp, &mut send).await;
             } else {
@@ -2039,7 +2039,7 @@ fn relay(resp: UpstreamResponse, method: usize, filter: Option<SseFilter>) -> Re
     let mut r = Reply::new(resp.status, ReplyBody::Empty, method);
     if let Some(ct) = &resp.content_type {
         r.headers.push(("content-type", ct.clone()));
-        if ct.starts_with("text/event-stream") {
+        if crate::http::is_event_stream(ct) {
             r.headers.push(("cache-control", "no-cache".into()));
         }
     }
@@ -2063,7 +2063,7 @@ async fn relay_checked(
     let is_sse = resp
         .content_type
         .as_deref()
-        .is_some_and(|c| c.starts_with("text/event-stream"));
+        .is_some_and(crate::http::is_event_stream);
     if is_sse {
         return Ok(relay(resp, method, Some(SseFilter::with(transform))));
     }

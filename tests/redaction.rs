@@ -368,6 +368,35 @@ fn a_secret_cut_across_two_sse_chunks_is_still_found_and_the_event_still_flows()
 }
 
 #[test]
+fn an_event_stream_labelled_in_capitals_is_read_as_one_and_still_redacted() {
+    // Media types are case-insensitive: an upstream writing `Text/Event-Stream` sends a valid
+    // answer, which must be neither lost (read as JSON and refused) nor relayed unchecked.
+    let event = format!(
+        "event: message\ndata: {}\n\n",
+        serde_json::json!({"jsonrpc":"2.0","id":8,"result":{"content":[{"type":"text","text":format!("key {AWS}")}]}})
+    );
+    for content_type in ["Text/Event-Stream", "TEXT/EVENT-STREAM; charset=UTF-8"] {
+        let lab = raw_lab(Canned {
+            content_type,
+            chunks: vec![event.clone().into()],
+        });
+        let sid = initialize(lab.g.addr);
+        let r = mcp_post(lab.g.addr, &call(8, "anything", "{}"), Some(&sid));
+        assert_eq!(r.status, 200, "{content_type}: {}", r.text());
+        assert!(
+            r.header("cache-control").is_some_and(|c| c == "no-cache"),
+            "{content_type}: relayed as a stream"
+        );
+        assert!(!r.text().contains(AWS), "{content_type}: {}", r.text());
+        assert_eq!(
+            rpc_result(&r)["result"]["content"][0]["text"],
+            "key [REDACTED:aws_access_key]",
+            "{content_type}"
+        );
+    }
+}
+
+#[test]
 fn an_answer_that_cannot_be_parsed_is_refused_not_relayed() {
     // Cut short: a client's lenient parser might still show the text.
     let cut =

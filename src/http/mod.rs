@@ -10,6 +10,16 @@ pub mod response;
 pub mod server;
 pub mod sse;
 
+/// Whether a `Content-Type` value names an SSE stream. Media types are case-insensitive
+/// (RFC 9110 §8.3.1), so `Text/Event-Stream; charset=utf-8` is one too; a type that merely
+/// starts with the name (`text/event-streams`) is not.
+pub fn is_event_stream(content_type: &str) -> bool {
+    content_type
+        .split(';')
+        .next()
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("text/event-stream"))
+}
+
 /// `%XX` escapes decoded (`None` when one is malformed — two hex digits, no sign — or the
 /// result is not UTF-8). `+` stays `+`: this is for URL parts, not form bodies.
 pub fn percent_decoded(s: &str) -> Option<String> {
@@ -34,6 +44,27 @@ pub fn percent_decoded(s: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_event_stream_is_recognized_in_any_case_and_with_parameters() {
+        for yes in [
+            "text/event-stream",
+            "Text/Event-Stream",
+            "TEXT/EVENT-STREAM; charset=utf-8",
+            " text/event-stream ;x=1",
+        ] {
+            assert!(super::is_event_stream(yes), "{yes}");
+        }
+        for no in [
+            "text/event-streams",
+            "application/json",
+            "text/event",
+            "",
+            "text/plain; x=text/event-stream",
+        ] {
+            assert!(!super::is_event_stream(no), "{no}");
+        }
+    }
+
     #[test]
     fn percent_escapes_need_two_hex_digits() {
         assert_eq!(super::percent_decoded("a%2Fb%20").as_deref(), Some("a/b "));

@@ -608,7 +608,7 @@ async fn relay(w: &Worker, session: &Session, answer: Answer, note_version: bool
             let is_sse = resp
                 .content_type
                 .as_deref()
-                .is_some_and(|c| c.starts_with("text/event-stream"));
+                .is_some_and(crate::http::is_event_stream);
             if is_sse && (200..300).contains(&status) {
                 relay_sse(resp, &mut send).await;
             } else {

@@ -231,7 +231,7 @@ fn parse_answer(raw: &[u8], eof: bool) -> Option<Result<Answer, String>> {
     // Only an id that can travel back in a header unchanged is ended again.
     let session = header("mcp-session-id")
         .filter(|s| !s.is_empty() && s.bytes().all(|b| (0x21..=0x7e).contains(&b)));
-    let is_sse = header("content-type").is_some_and(|c| c.starts_with("text/event-stream"));
+    let is_sse = header("content-type").is_some_and(|c| crate::http::is_event_stream(&c));
     let chunked = header("transfer-encoding").is_some_and(|t| t.eq_ignore_ascii_case("chunked"));
     let mut body = raw[head_len..].to_vec();
     if chunked {

@@ -230,7 +230,7 @@ fn read_stream(
     if !head
         .content_type
         .as_deref()
-        .is_some_and(|c| c.starts_with("text/event-stream"))
+        .is_some_and(crate::http::is_event_stream)
     {
         return format!(
             "SSE upstream {} did not answer with an event stream",

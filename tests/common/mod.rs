@@ -503,7 +503,7 @@ pub fn initialize(addr: SocketAddr) -> String {
 /// The JSON-RPC message of a POST response, whether JSON or SSE.
 pub fn rpc_result(r: &Response) -> serde_json::Value {
     if r.header("content-type")
-        .is_some_and(|c| c.starts_with("text/event-stream"))
+        .is_some_and(|c| c.to_ascii_lowercase().starts_with("text/event-stream"))
     {
         r.sse_messages()
             .into_iter()
