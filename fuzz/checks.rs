@@ -304,15 +304,18 @@ fn only_member<'a>(
     Ok(found)
 }
 
-/// Whether any member name in `v`, at any depth, holds a control character (serde_json's own
-/// depth limit bounds the walk).
+/// Whether any member name in `v`, at any depth, holds a control character: C0, DEL or C1
+/// (Unicode's Cc; serde_json's own depth limit bounds the walk).
 fn control_in_a_member_name(v: &serde_json::value::RawValue) -> bool {
     use serde_json::value::RawValue;
     let text = v.get().trim_start_matches([' ', '\t', '\n', '\r']);
     if text.starts_with('{') {
         serde_json::from_str::<Members<'_>>(v.get()).is_ok_and(|m| {
             m.0.iter()
-                .any(|(k, val)| k.iter().any(|&b| b < 0x20) || control_in_a_member_name(val))
+                .any(|(k, val)| {
+                    String::from_utf8_lossy(k).chars().any(char::is_control)
+                        || control_in_a_member_name(val)
+                })
         })
     } else if text.starts_with('[') {
         serde_json::from_str::<Vec<&RawValue>>(v.get())
