@@ -280,7 +280,7 @@ fn rewrite_messages(
     find_tools: bool,
     mut step: impl FnMut(&Message<'_>) -> Result<Option<String>, Unfilterable>,
 ) -> Option<Option<Vec<u8>>> {
-    let text = std::str::from_utf8(body).ok()?;
+    let text = simdutf8::basic::from_utf8(body).ok()?;
     let scanned = json_scan::body(text, find_tools).ok()?;
     // Built only once a message changes: the rewritten messages, and the original bytes
     // between them.
