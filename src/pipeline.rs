@@ -104,21 +104,20 @@ pub struct AuditInfo {
 }
 
 /// Reply bodies.
-// An upstream response is moved once per request; boxing it would cost an allocation each time.
-#[allow(clippy::large_enum_variant)]
 pub enum ReplyBody {
     /// No body.
     Empty,
     /// A complete body.
     Full(Vec<u8>),
-    /// An upstream response relayed as it arrives.
-    Upstream(UpstreamResponse),
+    /// An upstream response relayed as it arrives (boxed: see [`Answer::Streamed`]).
+    Upstream(Box<UpstreamResponse>),
     /// An upstream SSE response rewritten event by event (`tools/list` filtering).
     /// Boxed: rare, and the largest variant by far, it would make every `Reply` (moved several
     /// times per request) as large as itself.
     FilteredEvents(Box<(UpstreamResponse, SseFilter)>),
-    /// Server-to-client messages written as SSE events until the channel closes.
-    Events(EventStream),
+    /// Server-to-client messages written as SSE events until the channel closes (boxed, as
+    /// the largest variant: every `Reply` would otherwise be as large).
+    Events(Box<EventStream>),
 }
 
 /// Messages (JSON each) to write as SSE `message` events until their channel closes.
@@ -1641,7 +1640,7 @@ async fn approval_step(
     monoio::spawn(run_held(cx.w.rc(), call, held, tx, closed.clone()));
     let mut reply = Reply::new(
         200,
-        ReplyBody::Events(EventStream {
+        ReplyBody::Events(Box::new(EventStream {
             messages: rx,
             // The upstream's answer reaches the client through this stream: the chain
             // (redaction of the call's result) applies here.
@@ -1649,7 +1648,7 @@ async fn approval_step(
             preamble: Vec::new(),
             guard: Some(Box::new(approval::StreamGuard(closed))),
             backlog: None,
-        }),
+        })),
         method,
     );
     reply
@@ -1814,11 +1813,11 @@ async fn relay_held(w: &Worker, reply: Reply, id: &RpcId, tx: &async_channel::Se
                 .as_deref()
                 .is_some_and(crate::http::is_event_stream);
             if is_sse && (200..300).contains(&status) {
-                legacy::relay_sse(resp, &mut send).await;
+                legacy::relay_sse(*resp, &mut send).await;
             } else {
                 match resp.read_to_end().await {
                     Ok(data) => {
-                        w.pool.release(resp);
+                        w.pool.release(*resp);
                         if legacy::is_jsonrpc(&data) {
                             send(data).await;
                         } else {
@@ -1907,13 +1906,13 @@ fn legacy_stream(cx: &Ctx<'_>) -> Reply {
     let opened = legacy::open(cx.w, &cx.caller.identity.id, route, cx.head);
     let mut r = Reply::new(
         200,
-        ReplyBody::Events(EventStream {
+        ReplyBody::Events(Box::new(EventStream {
             messages: opened.messages,
             transform: Transform::for_request(cx.cfg, cx.route, cx.policy, Expect::ANY),
             preamble: opened.preamble,
             guard: Some(opened.guard),
             backlog: Some(Backlog::Local(opened.backlog)),
-        }),
+        })),
         M_STREAM,
     );
     r.headers.push(("content-type", "text/event-stream".into()));
@@ -2013,7 +2012,7 @@ async fn deliver(
                 guard: None,
                 backlog: queued.map(Backlog::Shared),
             };
-            let mut r = Reply::new(200, ReplyBody::Events(stream), method);
+            let mut r = Reply::new(200, ReplyBody::Events(Box::new(stream)), method);
             r.headers.push(("content-type", "text/event-stream".into()));
             r.headers.push(("cache-control", "no-cache".into()));
             r
@@ -2035,7 +2034,7 @@ async fn deliver(
 
 /// Phase 10, relay: status and content type go back; the body streams, through the
 /// `tools/list` filter when one applies.
-fn relay(resp: UpstreamResponse, method: usize, filter: Option<SseFilter>) -> Reply {
+fn relay(resp: Box<UpstreamResponse>, method: usize, filter: Option<SseFilter>) -> Reply {
     let mut r = Reply::new(resp.status, ReplyBody::Empty, method);
     if let Some(ct) = &resp.content_type {
         r.headers.push(("content-type", ct.clone()));
@@ -2044,7 +2043,7 @@ fn relay(resp: UpstreamResponse, method: usize, filter: Option<SseFilter>) -> Re
         }
     }
     r.body = match filter {
-        Some(f) => ReplyBody::FilteredEvents(Box::new((resp, f))),
+        Some(f) => ReplyBody::FilteredEvents(Box::new((*resp, f))),
         None => ReplyBody::Upstream(resp),
     };
     r
@@ -2056,7 +2055,7 @@ fn relay(resp: UpstreamResponse, method: usize, filter: Option<SseFilter>) -> Re
 /// is refused (502); an error status keeps its status but loses a body nobody could check.
 async fn relay_checked(
     w: &Worker,
-    mut resp: UpstreamResponse,
+    mut resp: Box<UpstreamResponse>,
     mut transform: Transform,
     method: usize,
 ) -> Result<Reply, GatewayError> {
@@ -2074,7 +2073,7 @@ async fn relay_checked(
         }
         e => GatewayError::UpstreamUnavailable(e.to_string()),
     })?;
-    w.pool.release(resp);
+    w.pool.release(*resp);
     if data.iter().all(u8::is_ascii_whitespace) {
         return Ok(Reply::new(status, ReplyBody::Empty, method));
     }

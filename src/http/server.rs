@@ -839,7 +839,7 @@ async fn write_reply<S: Connection>(
             };
             streamed = framing == Framing::Chunked;
             write_head(&mut out, status, &headers, framing, keep_alive);
-            let (ok, o) = pump(w, stream, resp, &mut None, framing, meta, out).await;
+            let (ok, o) = pump(w, stream, *resp, &mut None, framing, meta, out).await;
             out = o;
             ok && keep_alive
         }

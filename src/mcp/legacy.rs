@@ -464,7 +464,7 @@ async fn watch(w: Rc<Worker>, session: Rc<Session>) {
     {
         let mut resp = resp;
         if resp.read_to_end().await.is_ok() {
-            w.pool.release(resp);
+            w.pool.release(*resp);
         }
     }
 }
@@ -610,7 +610,7 @@ async fn relay(w: &Worker, session: &Session, answer: Answer, note_version: bool
                 .as_deref()
                 .is_some_and(crate::http::is_event_stream);
             if is_sse && (200..300).contains(&status) {
-                relay_sse(resp, &mut send).await;
+                relay_sse(*resp, &mut send).await;
             } else {
                 let mut resp = resp;
                 let Ok(data) = resp.read_to_end().await else {
@@ -619,7 +619,7 @@ async fn relay(w: &Worker, session: &Session, answer: Answer, note_version: bool
                         false,
                     );
                 };
-                w.pool.release(resp);
+                w.pool.release(*resp);
                 if is_jsonrpc(&data) {
                     send(data).await;
                 } else if !(200..300).contains(&status) {

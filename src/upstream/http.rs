@@ -100,7 +100,7 @@ pub async fn exchange(
                 .take()
                 .map(|sid| server.pin(&target, sid.as_bytes()));
             Ok(Exchange {
-                answer: Answer::Streamed(resp, in_flight),
+                answer: Answer::Streamed(Box::new(resp), in_flight),
                 session,
             })
         }
