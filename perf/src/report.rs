@@ -343,6 +343,7 @@ fn markdown(r: &Report) -> String {
     if !r.ratios.is_empty() {
         ratio_table(&mut out, r);
     }
+    filter_table(&mut out, r);
     original_table(&mut out, r);
     crate::fleet::markdown(&mut out, &r.measurements, &r.fleet);
     if !r.skipped.is_empty() {
@@ -502,6 +503,71 @@ fn spread(values: &[f64], digits: usize) -> String {
                 v[n - 1]
             )
         }
+    }
+}
+
+/// The scenario whose answers are relayed whole: the baseline of the filter's cost.
+const UNFILTERED_LIST: &str = "tools_list_all";
+
+/// Issue 12's bound on the filter: CPU µs per answer above relaying the same list whole.
+pub const FILTER_TARGET_US: f64 = 15.0;
+
+/// The `tools/list` filter's own cost: per filtered scenario, mcp-guard's CPU per request at
+/// maximum throughput minus its CPU per request in `tools_list_all` (the same 100-tool answer
+/// relayed whole) of the same round, total, user and system apart.
+fn filter_table(out: &mut String, r: &Report) {
+    let guard_at_max = |scenario: &str, round: usize| {
+        r.measurements
+            .iter()
+            .find(|x| {
+                x.failure.is_none()
+                    && x.target == "mcp-guard"
+                    && x.scenario == scenario
+                    && x.round == round
+            })
+            .and_then(|x| x.at_max.target_cpu)
+    };
+    let mut filtered: Vec<&str> = Vec::new();
+    for x in &r.measurements {
+        if x.target == "mcp-guard"
+            && x.scenario.starts_with("tools_list_")
+            && x.scenario != UNFILTERED_LIST
+            && !filtered.contains(&x.scenario.as_str())
+        {
+            filtered.push(&x.scenario);
+        }
+    }
+    let mut rows = Vec::new();
+    for scenario in filtered {
+        let (mut total, mut user, mut system) = (Vec::new(), Vec::new(), Vec::new());
+        for round in 1..=r.settings.rounds {
+            if let (Some(f), Some(base)) = (
+                guard_at_max(scenario, round),
+                guard_at_max(UNFILTERED_LIST, round),
+            ) {
+                total.push(f.total_us - base.total_us);
+                user.push(f.user_us - base.user_us);
+                system.push(f.system_us - base.system_us);
+            }
+        }
+        if !total.is_empty() {
+            rows.push(format!(
+                "| {scenario} | {} | {} | {} |",
+                spread(&total, 1),
+                spread(&user, 1),
+                spread(&system, 1)
+            ));
+        }
+    }
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\n## The tools/list filter's cost\n\nmcp-guard's CPU µs per request at maximum throughput, minus its CPU µs per request in `{UNFILTERED_LIST}` of the same round (the same 100-tool answer, relayed whole); median (min–max) over the rounds. Issue 12's bound: {FILTER_TARGET_US:.0} µs.\n\n| scenario | CPU µs above `{UNFILTERED_LIST}` | user µs | sys µs |\n|---|---:|---:|---:|"
+    );
+    for row in rows {
+        let _ = writeln!(out, "{row}");
     }
 }
 
@@ -1213,6 +1279,46 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("\"÷ passthrough\" = mcp-guard's CPU per request"));
+    }
+
+    #[test]
+    fn the_filters_cost_is_taken_above_the_whole_list_of_the_same_round() {
+        // CPU at max = user + 10 µs of system (see `row`).
+        let at = |scenario: &str, round, user: f64| {
+            let mut m = row(Target::McpGuard, round, 30_000.0, user, Bound::Target);
+            m.scenario = scenario.into();
+            m
+        };
+        let mut nginx = row(Target::Nginx, 1, 16_000.0, 8.0, Bound::Target);
+        nginx.scenario = "tools_list_100".into();
+        let rows = vec![
+            at("tools_list_all", 1, 9.0),
+            at("tools_list_all", 2, 10.0),
+            at("tools_list_all", 3, 8.0),
+            at("tools_list_100", 1, 14.0),
+            at("tools_list_100", 2, 14.5),
+            at("tools_list_100", 3, 14.0),
+            // Round 3 of the fresh lists failed: the medians come from the rounds that have both.
+            at("tools_list_100_fresh", 1, 25.0),
+            at("tools_list_100_fresh", 2, 26.5),
+            nginx,
+        ];
+        let md = markdown(&report(Placement::plan(&[0, 1], 1, true), rows));
+        assert!(md.contains("## The tools/list filter's cost"), "{md}");
+        assert!(
+            md.contains("| tools_list_100 | 5.0 (4.5–6.0) | 5.0 (4.5–6.0) | 0.0 (0.0–0.0) |"),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "| tools_list_100_fresh | 16.2 (16.0–16.5) | 16.2 (16.0–16.5) | 0.0 (0.0–0.0) |"
+            ),
+            "{md}"
+        );
+        // Without the baseline there is nothing to subtract, and no table.
+        let alone = vec![at("tools_list_100", 1, 14.0)];
+        let md = markdown(&report(Placement::plan(&[0, 1], 1, true), alone));
+        assert!(!md.contains("filter's cost"), "{md}");
     }
 
     fn report(placement: Placement, measurements: Vec<Measurement>) -> Report {
