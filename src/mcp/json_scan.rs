@@ -599,7 +599,6 @@ impl<'a> Scanner<'a> {
                             continue;
                         }
                     }
-                    Some(b'"') => i = string_end::<false>(b, i)?.0 + 1,
                     Some(b'-' | b'0'..=b'9') => i = number_end(b, i)?,
                     Some(b't') => i = literal_end(b, i, b"true")?,
                     Some(b'f') => i = literal_end(b, i, b"false")?,
@@ -1154,22 +1153,26 @@ mod tests {
 
     #[test]
     fn a_scan_starts_as_large_as_the_last_list_but_never_past_what_its_bytes_hold() {
-        let long: Vec<String> = (0..2000).map(|n| format!(r#"{{"name":"t{n}"}}"#)).collect();
-        let long = format!(r#"{{"result":{{"tools":[{}]}}}}"#, long.join(","));
         let capacity = |text: &str| {
             forget_tool_lists();
             let scanned = body(text, true).unwrap();
             let list = scanned.messages[0].tools.as_ref().unwrap();
             (list.tools.len(), list.tools.capacity())
         };
+        let list_of = |count: usize| {
+            let tools: Vec<String> = (0..count)
+                .map(|n| format!(r#"{{"name":"t{n}"}}"#))
+                .collect();
+            format!(r#"{{"result":{{"tools":[{}]}}}}"#, tools.join(","))
+        };
         // The hint is capped: a hostile long list does not make every later scan start huge.
-        assert_eq!(capacity(&long).0, 2000);
+        assert_eq!(capacity(&list_of(2000)).0, 2000);
+        assert_eq!(capacity(&list_of(500)), (500, TOOL_COUNT_HINT_MAX));
         let (count, room) = capacity(r#"{"result":{"tools":[{"name":"a"},{"name":"b"}]}}"#);
         assert_eq!(count, 2);
         assert!(room <= 16, "a 2-tool list started with room for {room}");
         // A list as long as the last one is scanned without growing its vector.
-        let hundred: Vec<String> = (0..100).map(|n| format!(r#"{{"name":"t{n}"}}"#)).collect();
-        let hundred = format!(r#"{{"result":{{"tools":[{}]}}}}"#, hundred.join(","));
+        let hundred = list_of(100);
         capacity(&hundred);
         assert_eq!(capacity(&hundred), (100, 100));
     }
