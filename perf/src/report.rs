@@ -762,7 +762,7 @@ fn method(out: &mut String, r: &Report) {
         "- **Interleaving:** each scenario runs its targets one after another, each started fresh, {}; ratios compare targets of the same scenario and round, measured minutes apart at most.",
         if s.rounds > 1 {
             format!(
-                "in {} rounds whose order alternates (direct, nginx, mcp-guard, then the reverse), so a drift of the machine favours no target; rows are labelled target #round",
+                "in {} rounds whose order alternates (direct, nginx, mcp-guard, then the reverse), so a drift of the machine favours no target; rows are labelled target #round. Rounds are the outer loop: each round measures every scenario once, so two scenarios compared with each other (a filtered list and `tools_list_all`, `routed` and `passthrough`) are measured within the same round, seconds apart",
                 s.rounds
             )
         } else {

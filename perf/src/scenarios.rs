@@ -523,36 +523,37 @@ pub struct Matrix {
 }
 
 /// Runs every scenario against every target, then the worker sweep.
+///
+/// Rounds are the outer loop: each round measures every scenario once, so the scenarios one
+/// report compares with each other (the filtered lists with `tools_list_all`, `routed` with
+/// `passthrough`) are measured seconds apart within a round, not minutes, and drift on a shared
+/// machine cancels in their difference. The report lists measurements by scenario as before.
 pub fn run_matrix(settings: &Settings) -> Result<Matrix, String> {
     let placement = settings.placement(settings.workers);
     let mut measurements = Vec::new();
     let mut skipped = Vec::new();
-    for scenario in &settings.scenarios {
-        if scenario.fleet {
-            if settings.targets.contains(&Target::McpGuard) {
-                run_fleet(
-                    settings,
-                    &placement,
-                    scenario,
-                    &mut measurements,
-                    &mut skipped,
-                )?;
+    // One mock per scenario, shared by every target and round of it: nginx and mcp-guard
+    // forward to the very same upstream process. Started up front (each is idle while the
+    // others' scenarios run).
+    let mocks: Vec<_> = settings
+        .scenarios
+        .iter()
+        .map(|scenario| {
+            (!scenario.stdio && !scenario.fleet).then(|| {
+                targets::start_mock(
+                    scenario.upstream_tools,
+                    scenario.fresh_lists,
+                    settings.upstream_threads(&placement),
+                    &placement.load_cpus,
+                )
+            })
+        })
+        .collect();
+    for round in 1..=settings.rounds {
+        for (scenario, mock) in settings.scenarios.iter().zip(&mocks) {
+            if scenario.fleet {
+                continue;
             }
-            continue;
-        }
-        // One mock per scenario, shared by every target of it: nginx and mcp-guard forward to the
-        // very same upstream process.
-        let mock = if scenario.stdio {
-            None
-        } else {
-            Some(targets::start_mock(
-                scenario.upstream_tools,
-                scenario.fresh_lists,
-                settings.upstream_threads(&placement),
-                &placement.load_cpus,
-            ))
-        };
-        for round in 1..=settings.rounds {
             for target in round_order(&settings.targets, round) {
                 if !target.measures(scenario, settings) {
                     continue;
@@ -577,6 +578,20 @@ pub fn run_matrix(settings: &Settings) -> Result<Matrix, String> {
             }
         }
     }
+    drop(mocks);
+    for scenario in settings.scenarios.iter().filter(|s| s.fleet) {
+        if settings.targets.contains(&Target::McpGuard) {
+            run_fleet(
+                settings,
+                &placement,
+                scenario,
+                &mut measurements,
+                &mut skipped,
+            )?;
+        }
+    }
+    // By scenario, in the order asked for; within one, by round as measured (a stable sort).
+    measurements.sort_by_key(|m| settings.scenarios.iter().position(|s| s.name == m.scenario));
     let mut sweep = Vec::new();
     for &workers in &settings.sweep {
         // Each worker count has its own placement (two workers on two cores cannot be pinned
