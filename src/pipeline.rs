@@ -72,6 +72,10 @@ pub struct Reply {
     /// The upstream's hold on the request (its replica's count of requests in flight), let go
     /// once the reply is written.
     pub hold: Option<InFlight>,
+    /// For a single call answered as an SSE stream: the call's timeout error, with its id, sent
+    /// as the stream's last event when the answer is not complete within the call's timeout
+    /// (the head has gone out by then, so a status cannot say it).
+    pub expired: Option<Box<[u8]>>,
 }
 
 /// The audit-relevant facts gathered along the path.
@@ -146,7 +150,19 @@ impl Reply {
             reason: None,
             audit: AuditInfo::default(),
             hold: None,
+            expired: None,
         }
+    }
+
+    /// Whether the body is an upstream's SSE stream, relayed as it arrives.
+    fn streams_events(&self) -> bool {
+        matches!(
+            self.body,
+            ReplyBody::Upstream(_) | ReplyBody::FilteredEvents(_)
+        ) && self
+            .headers
+            .iter()
+            .any(|(name, value)| *name == "content-type" && crate::http::is_event_stream(value))
     }
 
     /// A complete JSON response.
@@ -1456,6 +1472,16 @@ async fn post(
     let mut reply = deliver(cx, exchange, method, transform)
         .await
         .map_err(fail)?;
+    if let Body::Single(m) = &body
+        && let Some(id) = &m.id
+        && reply.streams_events()
+    {
+        reply.expired = Some(
+            GatewayError::UpstreamTimeout
+                .body(Some(id))
+                .into_boxed_slice(),
+        );
+    }
     if elicits {
         flag_elicitation(cx, &mut reply);
     }

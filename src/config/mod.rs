@@ -193,7 +193,7 @@ impl Settings {
 pub struct UpstreamSettings {
     /// How to reach it.
     pub transport: Transport,
-    /// Wait for a response to start.
+    /// How long a request's answer may take, whole.
     pub timeout: Duration,
 }
 

@@ -413,8 +413,10 @@ pub struct UpstreamSection {
     #[serde(default)]
     #[schemars(extend("x-type" = "table of header name = value"))]
     pub headers: BTreeMap<String, String>,
-    /// Seconds to wait for the upstream's response to start, per request; beyond it the client
-    /// gets 504.
+    /// Seconds the upstream has to answer a request, per request: the JSON-RPC response must
+    /// have arrived by then, as a JSON body or as the last event of an SSE stream (progress
+    /// does not extend it). Beyond it the client gets 504, or, on an SSE answer already
+    /// begun, the same error as the stream's last event. A GET stream is not bounded by it.
     #[serde(default = "default_upstream_timeout")]
     #[schemars(extend("x-type" = "seconds (whole number, at least 1)"))]
     pub timeout_secs: u64,
@@ -506,7 +508,8 @@ pub struct ServerRoute {
     #[serde(default)]
     #[schemars(extend("x-type" = "table of header name = value"))]
     pub headers: BTreeMap<String, String>,
-    /// Seconds to wait for a response to start; default `upstream.timeout_secs`.
+    /// Seconds the server has to answer a request (see `upstream.timeout_secs`); default
+    /// `upstream.timeout_secs`.
     #[schemars(extend("x-type" = "seconds (whole number, at least 1)"))]
     pub timeout_secs: Option<u64>,
 }

@@ -47,8 +47,9 @@ pub struct UpstreamResponse {
     decoder: Option<ChunkedDecoder>,
     reusable: bool,
     done: bool,
-    /// When a body read whole (a JSON answer) must have arrived: the call's timeout, which
-    /// otherwise would cover only the head. `None`: no bound (streams).
+    /// When the whole body must have arrived: the call's timeout, which otherwise would cover
+    /// only the head, bounds every read of an answer to a call, whether read whole or relayed
+    /// as it streams. `None`: no bound (a GET stream, which lasts as long as its client stays).
     deadline: Option<Instant>,
     /// Whose request this answers (the pool's owner key): the connection is pooled for that
     /// owner only.
@@ -392,11 +393,11 @@ impl UpstreamResponse {
                     }
                 }
             }
-            let Some(conn) = self.conn.as_mut() else {
+            if self.conn.is_none() {
                 return Ok(None);
-            };
+            }
             let buf = std::mem::take(&mut self.pending);
-            let (res, buf) = read_append(conn, buf, 16 * 1024).await;
+            let (res, buf) = self.read_part(buf, 16 * 1024).await?;
             self.pending = buf;
             if !self.more_read(res)? {
                 if self.framing == RespFraming::Close {
@@ -524,8 +525,8 @@ impl UpstreamResponse {
         self.owner
     }
 
-    /// Bounds the reading of a body read whole ([`Self::read_to_end`] of a declared length,
-    /// [`Self::append_declared_body`]) by `at`: an upstream that sends a head and then stalls
+    /// Bounds every read of the body by `at`, whether it is read whole or relayed piece by
+    /// piece: an upstream that sends a head and then stalls, or streams progress without end,
     /// must not hold the call, its client connection and its buffers forever.
     pub fn set_deadline(&mut self, at: Instant) {
         self.deadline = Some(at);

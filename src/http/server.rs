@@ -839,7 +839,11 @@ async fn write_reply<S: Connection>(
             };
             streamed = framing == Framing::Chunked;
             write_head(&mut out, status, &headers, framing, keep_alive);
-            let (ok, o) = pump(w, stream, *resp, &mut None, framing, meta, out).await;
+            let end = StreamEnd {
+                expired: reply.expired.take(),
+                reason: &mut reply.reason,
+            };
+            let (ok, o) = pump(w, stream, *resp, &mut None, framing, meta, out, end).await;
             out = o;
             ok && keep_alive
         }
@@ -849,7 +853,21 @@ async fn write_reply<S: Connection>(
             streamed = true;
             write_head(&mut out, status, &headers, Framing::Chunked, keep_alive);
             let mut filter = Some(filter);
-            let (ok, o) = pump(w, stream, resp, &mut filter, Framing::Chunked, meta, out).await;
+            let end = StreamEnd {
+                expired: reply.expired.take(),
+                reason: &mut reply.reason,
+            };
+            let (ok, o) = pump(
+                w,
+                stream,
+                resp,
+                &mut filter,
+                Framing::Chunked,
+                meta,
+                out,
+                end,
+            )
+            .await;
             out = o;
             if let Some(f) = filter.as_mut() {
                 reply.audit.details.extend(f.transform_mut().take_details());
@@ -894,8 +912,18 @@ async fn write_reply<S: Connection>(
     kept.then_some(out)
 }
 
+/// How a relayed stream ends when its call's time runs out.
+struct StreamEnd<'r> {
+    /// The call's timeout error, sent as the stream's last event (see `Reply::expired`).
+    expired: Option<Box<[u8]>>,
+    /// The reply's audit reason, set when the time ran out.
+    reason: &'r mut Option<&'static str>,
+}
+
 /// Relays an upstream body to the client piece by piece (through `filter` when given); returns
-/// whether the whole body went out, and the buffer.
+/// whether the whole body went out (or, for a call's SSE stream whose time ran out, was ended
+/// with the call's timeout error), and the buffer.
+#[allow(clippy::too_many_arguments)]
 async fn pump<S: Connection>(
     w: &Rc<Worker>,
     stream: &mut S,
@@ -904,6 +932,7 @@ async fn pump<S: Connection>(
     framing: Framing,
     meta: &ReqMeta<'_>,
     mut out: Vec<u8>,
+    end: StreamEnd<'_>,
 ) -> (bool, Vec<u8>) {
     // A small body of a declared length (a JSON answer) goes out with its head in one write:
     // a write per piece read would cost a submission and a wake-up of the client each.
@@ -953,6 +982,8 @@ async fn pump<S: Connection>(
         }
     }
     let ok;
+    // Where the relayed events stand, kept only when a timeout error may end the stream.
+    let mut tail = end.expired.is_some().then(EventTail::default);
     loop {
         // While the upstream is silent the client is watched. It sends nothing while it reads
         // an answer, so its connection turning readable means it has gone (EOF) or broken the
@@ -990,6 +1021,9 @@ async fn pump<S: Connection>(
                         }
                     },
                 };
+                if let Some(t) = tail.as_mut() {
+                    t.push(&data);
+                }
                 if framing == Framing::Chunked {
                     write_chunk(&mut out, &data);
                 } else {
@@ -1013,6 +1047,36 @@ async fn pump<S: Connection>(
                 break;
             }
             Err(e) => {
+                let timed_out = matches!(&e, crate::http::client::UpstreamError::Io(io)
+                    if io.kind() == std::io::ErrorKind::TimedOut);
+                if timed_out {
+                    *end.reason = Some(GatewayError::UpstreamTimeout.reason());
+                }
+                // A call's SSE stream whose time ran out between events ends with the call's
+                // error, as its last event, and a proper end: the client learns why at once
+                // rather than waiting for an answer that will not come. Mid-event, an event of
+                // ours would be read as the rest of the upstream's, so the stream is cut.
+                if let (true, Framing::Chunked, Some(expired), Some(true)) = (
+                    timed_out,
+                    framing,
+                    end.expired.as_deref(),
+                    tail.as_ref().map(EventTail::at_boundary),
+                ) {
+                    w.metrics
+                        .upstream_errors
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::warn!(target: "mcp_guard::upstream", "upstream answer not complete within the call's timeout: its SSE stream ended with the timeout error");
+                    let mut event = Vec::with_capacity(expired.len() + 24);
+                    event.extend_from_slice(b"event: message\ndata: ");
+                    event.extend_from_slice(expired);
+                    event.extend_from_slice(b"\n\n");
+                    write_chunk(&mut out, &event);
+                    out.extend_from_slice(LAST_CHUNK);
+                    let (res, o) = write_bounded(w, stream, out).await;
+                    out = o;
+                    ok = res.is_ok();
+                    break;
+                }
                 out = body_failed(w, stream, out, e).await;
                 ok = false;
                 break;
@@ -1031,6 +1095,42 @@ async fn pump<S: Connection>(
     }
     w.pool.release(resp);
     (ok, out)
+}
+
+/// The last bytes of a relayed SSE stream, enough to tell whether it stands between events
+/// (after an empty line, or before anything), where an event of the gateway's can be added.
+#[derive(Default)]
+struct EventTail {
+    last: [u8; 4],
+    seen: usize,
+}
+
+impl EventTail {
+    fn push(&mut self, data: &[u8]) {
+        for &b in data.iter().rev().take(4).rev() {
+            self.last.rotate_left(1);
+            self.last[3] = b;
+        }
+        self.seen = self.seen.saturating_add(data.len());
+    }
+
+    /// Whether the stream's bytes end with an empty line (or there are none): a line ending
+    /// (CRLF, LF or CR) right after another.
+    fn at_boundary(&self) -> bool {
+        let tail = &self.last[4 - self.seen.min(4)..];
+        if self.seen <= 4 && tail.iter().all(|b| matches!(b, b'\r' | b'\n')) {
+            // Nothing yet but line endings: still before the first event.
+            return true;
+        }
+        let before = if tail.ends_with(b"\r\n") {
+            &tail[..tail.len() - 2]
+        } else if tail.ends_with(b"\n") || tail.ends_with(b"\r") {
+            &tail[..tail.len() - 1]
+        } else {
+            return false;
+        };
+        before.ends_with(b"\n") || before.ends_with(b"\r")
+    }
 }
 
 /// An upstream body that failed part-way: counted and logged, and what arrived goes out. The
@@ -1335,5 +1435,65 @@ async fn relay_events<S: Connection>(
         if res.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::EventTail;
+
+    /// Whether the stream made of `pieces` stands between events.
+    fn between_events(pieces: &[&[u8]]) -> bool {
+        let mut tail = EventTail::default();
+        for p in pieces {
+            tail.push(p);
+        }
+        tail.at_boundary()
+    }
+
+    #[test]
+    fn a_stream_stands_between_events_only_after_an_empty_line() {
+        for ending in [
+            &b"\n\n"[..],
+            b"\r\r",
+            b"\r\n\r\n",
+            b"\n\r\n",
+            b"\r\n\n",
+            b"\n\r",
+        ] {
+            let mut event = b"data: {}".to_vec();
+            event.extend_from_slice(ending);
+            assert!(
+                between_events(&[&event]),
+                "{:?}",
+                String::from_utf8_lossy(&event)
+            );
+            // However the pieces fell.
+            for cut in 1..event.len() {
+                assert!(
+                    between_events(&[&event[..cut], &event[cut..]]),
+                    "cut at {cut}"
+                );
+            }
+        }
+        assert!(between_events(&[]), "nothing relayed yet");
+        assert!(between_events(&[b"\n"]), "only a line ending yet");
+        for mid in [
+            &b"data: {"[..],
+            b"data: {}\n",
+            b"data: {}\r\n",
+            b"data: {}\r",
+            b": c\n",
+        ] {
+            assert!(
+                !between_events(&[mid]),
+                "{:?}",
+                String::from_utf8_lossy(mid)
+            );
+        }
+        assert!(
+            !between_events(&[b"data: 1\n\n", b"data: 2\n"]),
+            "a second event begun"
+        );
     }
 }

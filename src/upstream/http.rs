@@ -1,6 +1,6 @@
 //! A Streamable HTTP upstream: which headers go upstream (only what the transport needs, the
 //! upstream's own credentials from config, never the client's), the deadline for the answer
-//! to start, and error accounting (a replica's failures count towards its ejection). Which
+//! (the whole of it, not only its start), and error accounting (a replica's failures count towards its ejection). Which
 //! replica is `balance.rs`'s; the bytes on the wire and the per-worker keep-alive pool are
 //! `http::client`'s.
 
@@ -93,8 +93,12 @@ pub async fn exchange(
     match crate::runtime::deadlines::timeout(out.timeout, send).await {
         Ok(Ok(mut resp)) => {
             replica.state.succeeded();
-            // The call's timeout covers an answer read whole, not only its head.
-            resp.set_deadline(started + out.timeout);
+            // The call's timeout covers its whole answer, not only the head: read whole, or
+            // relayed as it streams, progress or not (the MCP lifecycle's maximum timeout). A
+            // GET stream is not a call: it lasts while its client stays.
+            if method != "GET" {
+                resp.set_deadline(started + out.timeout);
+            }
             let session = resp
                 .session_id
                 .take()

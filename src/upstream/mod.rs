@@ -56,7 +56,7 @@ pub struct Outgoing<'a> {
     /// The verified session payload the client presented: the upstream's own session id
     /// (HTTP) or the hub's session key (stdio). `None` for an initialize.
     pub session: Option<&'a [u8]>,
-    /// How long the upstream has for its answer to start.
+    /// How long the upstream has for its whole answer (not a GET stream's).
     pub timeout: Duration,
     /// Fires when the shutdown grace runs out: an answer still awaited is given up then.
     pub grace_over: &'a std::rc::Rc<crate::runtime::shutdown::LocalShutdown>,

@@ -1,0 +1,277 @@
+//! A call's `timeout_secs` bounds its whole answer from an HTTP upstream, not only the answer's
+//! start: an SSE answer that keeps streaming progress, one that falls silent, a chunked JSON
+//! answer that stalls (read whole for a transform, or relayed), each ends at the call's
+//! deadline and lets its upstream connection go; a GET stream, which is no call, does not.
+
+mod common;
+
+use common::*;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+const INITIALIZED: &str = r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
+
+/// A JSON-RPC error saying the upstream did not answer in time.
+fn assert_timeout_error(message: &serde_json::Value) {
+    assert!(message["error"]["code"].is_i64(), "{message}");
+    assert!(
+        message["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("in time")),
+        "{message}"
+    );
+}
+
+/// What the scripted upstream writes for a request other than `initialize`: `None` for 202.
+type Script = fn(&str) -> Option<Vec<u8>>;
+
+/// An HTTP upstream answering `initialize` itself and every other request with `script`'s
+/// bytes, then saying nothing more on that connection. Counts the connections the gateway has
+/// since closed.
+fn scripted_upstream(script: Script) -> (String, Arc<AtomicUsize>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/mcp", listener.local_addr().unwrap());
+    let closed = Arc::new(AtomicUsize::new(0));
+    let seen = closed.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let seen = seen.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                loop {
+                    // One request per read is enough for the gateway's small requests.
+                    let n = conn.read(&mut buf).unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    let req = String::from_utf8_lossy(&buf[..n]).to_string();
+                    if req.contains("\"initialize\"") {
+                        let body = r#"{"jsonrpc":"2.0","id":1,"result":{"protocolVersion":"2025-11-25","capabilities":{"tools":{}},"serverInfo":{"name":"scripted","version":"1"}}}"#;
+                        let _ = write!(
+                            conn,
+                            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nMcp-Session-Id: s1\r\nContent-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        continue;
+                    }
+                    let Some(answer) = script(&req) else {
+                        let _ =
+                            conn.write_all(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n");
+                        continue;
+                    };
+                    let _ = conn.write_all(&answer);
+                    // Silent from here: wait for the gateway to close the connection.
+                    while conn.read(&mut buf).map(|n| n > 0).unwrap_or(false) {}
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    return;
+                }
+            });
+        }
+    });
+    (url, closed)
+}
+
+/// A chunked response head of `content_type`, and `parts` as chunks.
+fn chunked(content_type: &str, parts: &[&str]) -> Vec<u8> {
+    let mut out = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    .into_bytes();
+    for p in parts {
+        out.extend_from_slice(format!("{:x}\r\n{p}\r\n", p.len()).as_bytes());
+    }
+    out
+}
+
+/// A gateway in front of `url` whose calls time out after a second.
+fn gateway(url: &str, extra: &str) -> Gateway {
+    Gateway::start(&format!(
+        "{}{extra}",
+        http_config("auto", url, "", "").replace("timeout_secs = 10", "timeout_secs = 1")
+    ))
+}
+
+/// Everything the gateway sends on `s` until it closes the connection, or until `within`.
+/// `Ok`: closed by the gateway; `Err`: still open at the end.
+fn read_all(s: &mut TcpStream, within: Duration) -> Result<Vec<u8>, Vec<u8>> {
+    let until = Instant::now() + within;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(got);
+        }
+        s.set_read_timeout(Some(left)).unwrap();
+        match s.read(&mut buf) {
+            Ok(0) => return Ok(got),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(got),
+            Err(_) => return Err(got),
+        }
+    }
+}
+
+/// Waits (up to 5 s) until the upstream has seen `n` of its connections closed.
+fn wait_closed(closed: &AtomicUsize, n: usize, what: &str) {
+    let until = Instant::now() + Duration::from_secs(5);
+    while closed.load(Ordering::SeqCst) < n {
+        assert!(
+            Instant::now() < until,
+            "{what}: the upstream's connection was kept open"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn progress_then_silence(req: &str) -> Option<Vec<u8>> {
+    req.contains("tools/call").then(|| {
+        chunked(
+            "text/event-stream",
+            &["event: message\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{\"progressToken\":\"p\",\"progress\":1}}\n\n"],
+        )
+    })
+}
+
+#[test]
+fn an_sse_answer_silent_past_the_calls_timeout_ends_with_the_calls_error_and_its_upstream_goes() {
+    let (url, closed) = scripted_upstream(progress_then_silence);
+    let g = gateway(&url, "");
+    let sid = initialize(g.addr);
+    let mut s = connect(g.addr);
+    s.write_all(mcp_post_raw(&call(7, "slow", "{}"), Some(&sid), "").as_bytes())
+        .unwrap();
+    let started = Instant::now();
+    let r = read_response(&mut s).expect("an answer");
+    let waited = started.elapsed();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let messages = r.sse_messages();
+    assert_eq!(messages.len(), 2, "{messages:?}");
+    assert_eq!(messages[0]["method"], "notifications/progress");
+    // The call's own error, with its id, as the stream's last event.
+    assert_eq!(messages[1]["id"], 7, "{messages:?}");
+    assert_timeout_error(&messages[1]);
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+        "ended after {waited:?}, the call's timeout being 1 s"
+    );
+    wait_closed(&closed, 1, "a timed-out SSE answer");
+    // The stream ended properly (its last chunk sent): the connection serves the next request.
+    s.write_all(mcp_post_raw(INITIALIZED, Some(&sid), "").as_bytes())
+        .unwrap();
+    let next = read_response(&mut s).expect("the next answer on the same connection");
+    assert_eq!(next.status, 202, "{}", next.text());
+}
+
+#[test]
+fn a_restricted_callers_sse_answer_ends_with_the_calls_error_too() {
+    // The answer goes through the response checks (redaction here), which emit whole events:
+    // the timeout error follows them the same way.
+    let (url, closed) = scripted_upstream(progress_then_silence);
+    let g = gateway(&url, "\n[redaction]\nenabled = true\n");
+    let sid = initialize(g.addr);
+    let r = mcp_post(g.addr, &call(8, "slow", "{}"), Some(&sid));
+    let messages = r.sse_messages();
+    assert_eq!(messages.len(), 2, "{messages:?}");
+    assert_eq!(messages[1]["id"], 8, "{messages:?}");
+    assert_timeout_error(&messages[1]);
+    wait_closed(&closed, 1, "a timed-out checked SSE answer");
+}
+
+#[test]
+fn an_sse_answer_that_stalls_mid_event_is_cut_not_finished_with_an_event_of_ours() {
+    // Written after half an event, an event of the gateway's would be read as the rest of the
+    // upstream's: its `data:` line would join the upstream's, one message made of two.
+    fn half_an_event(req: &str) -> Option<Vec<u8>> {
+        req.contains("tools/call").then(|| {
+            chunked(
+                "text/event-stream",
+                &["event: message\ndata: {\"jsonrpc\":\"2.0\",\"id\":9,"],
+            )
+        })
+    }
+    let (url, closed) = scripted_upstream(half_an_event);
+    let g = gateway(&url, "");
+    let sid = initialize(g.addr);
+    let mut s = connect(g.addr);
+    s.write_all(mcp_post_raw(&call(9, "slow", "{}"), Some(&sid), "").as_bytes())
+        .unwrap();
+    let got = read_all(&mut s, Duration::from_secs(6))
+        .unwrap_or_else(|open| panic!("still open: {}", String::from_utf8_lossy(&open)));
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        !text.contains("in time"),
+        "an event was added mid-event: {text}"
+    );
+    assert!(
+        !text.ends_with("0\r\n\r\n"),
+        "a cut stream must not end as a whole one: {text}"
+    );
+    wait_closed(&closed, 1, "an SSE answer stalled mid-event");
+}
+
+fn chunked_json_then_silence(req: &str) -> Option<Vec<u8>> {
+    req.contains("tools/call")
+        .then(|| chunked("application/json", &["{\"jsonrpc\":\"2.0\",\"id\":3,"]))
+}
+
+#[test]
+fn a_chunked_json_answer_read_whole_that_stalls_gets_504_at_the_calls_timeout() {
+    // Read whole so that redaction can check it: before, a chunked body that stalled held the
+    // call, its connection slot and the upstream's connection for ever.
+    let (url, closed) = scripted_upstream(chunked_json_then_silence);
+    let g = gateway(&url, "\n[redaction]\nenabled = true\n");
+    let sid = initialize(g.addr);
+    let started = Instant::now();
+    let r = mcp_post(g.addr, &call(3, "slow", "{}"), Some(&sid));
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert_eq!(r.json()["id"], 3);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    wait_closed(&closed, 1, "a stalled chunked JSON answer read whole");
+}
+
+#[test]
+fn a_relayed_chunked_json_answer_that_stalls_is_cut_at_the_calls_timeout() {
+    let (url, closed) = scripted_upstream(chunked_json_then_silence);
+    let g = gateway(&url, "");
+    let sid = initialize(g.addr);
+    let mut s = connect(g.addr);
+    s.write_all(mcp_post_raw(&call(3, "slow", "{}"), Some(&sid), "").as_bytes())
+        .unwrap();
+    let got = read_all(&mut s, Duration::from_secs(6))
+        .unwrap_or_else(|open| panic!("still open: {}", String::from_utf8_lossy(&open)));
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(!text.ends_with("0\r\n\r\n"), "cut, not ended: {text}");
+    wait_closed(&closed, 1, "a stalled relayed chunked answer");
+}
+
+#[test]
+fn a_get_stream_is_not_a_call_and_outlives_the_calls_timeout() {
+    fn get_stream(req: &str) -> Option<Vec<u8>> {
+        // The client's stream, not the gateway's health probe (which carries no session).
+        (req.starts_with("GET ") && req.to_ascii_lowercase().contains("mcp-session-id: s1"))
+            .then(|| chunked("text/event-stream", &[": open\n\n"]))
+    }
+    let (url, closed) = scripted_upstream(get_stream);
+    let g = gateway(&url, "");
+    let sid = initialize(g.addr);
+    let mut s = connect(g.addr);
+    write!(
+        s,
+        "GET /mcp HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\nMcp-Session-Id: {sid}\r\nMcp-Protocol-Version: 2025-11-25\r\n\r\n"
+    )
+    .unwrap();
+    let open = read_all(&mut s, Duration::from_secs(3))
+        .expect_err("the GET stream ended within the calls' 1 s timeout");
+    let text = String::from_utf8_lossy(&open);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert_eq!(closed.load(Ordering::SeqCst), 0);
+    drop(s);
+    wait_closed(&closed, 1, "a GET stream whose client left");
+}
