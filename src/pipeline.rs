@@ -72,10 +72,18 @@ pub struct Reply {
     /// The upstream's hold on the request (its replica's count of requests in flight), let go
     /// once the reply is written.
     pub hold: Option<InFlight>,
-    /// For a single call answered as an SSE stream: the call's timeout error, with its id, sent
-    /// as the stream's last event when the answer is not complete within the call's timeout
-    /// (the head has gone out by then, so a status cannot say it).
-    pub expired: Option<Box<[u8]>>,
+    /// For a single call answered as an SSE stream: what is done when the answer is not
+    /// complete within the call's timeout.
+    pub expired: Option<Box<Expiry>>,
+}
+
+/// How a single call's SSE answer ends when its time runs out.
+pub struct Expiry {
+    /// The call's timeout error, with its id, sent as the stream's last event (the head has
+    /// gone out by then, so a status cannot say it).
+    pub event: Vec<u8>,
+    /// The call's cancellation, for an HTTP upstream.
+    pub cancel: Option<crate::upstream::http::Cancel>,
 }
 
 /// The audit-relevant facts gathered along the path.
@@ -1456,9 +1464,18 @@ async fn post(
     let upstream = cx.upstream().map_err(fail)?;
     let outgoing = cx.outgoing(session.as_deref());
     let forwarded = upstream.post(w, &outgoing, &body, held);
+    // A request to an HTTP upstream given up on at its timeout is cancelled there (a stdio
+    // child's hub cancels its own).
+    let cancel_on_timeout = |e: &GatewayError| {
+        if *e == GatewayError::UpstreamTimeout
+            && let UpstreamRef::Http(server) = upstream
+        {
+            crate::upstream::http::cancel_all(w, server, &outgoing, &body);
+        }
+    };
     let exchange = if let Body::Single(_) = body {
         monoio::select! {
-            exchange = forwarded => exchange.map_err(fail)?,
+            exchange = forwarded => exchange.inspect_err(cancel_on_timeout).map_err(fail)?,
             // Still waiting when the shutdown grace ran out: the client is told, not cut off.
             _ = w.grace_over.wait() => return Err(fail(GatewayError::ShuttingDown)),
         }
@@ -1466,21 +1483,30 @@ async fn post(
         // A batch cannot be answered with one error: some of its requests may be done. A
         // stdio child's batch answers each request still waiting in its place; an HTTP
         // upstream's answers the batch whole, or the connection closes with the grace.
-        forwarded.await.map_err(fail)?
+        forwarded
+            .await
+            .inspect_err(cancel_on_timeout)
+            .map_err(fail)?
     };
     // 10. relay
     let mut reply = deliver(cx, exchange, method, transform)
         .await
+        .inspect_err(cancel_on_timeout)
         .map_err(fail)?;
     if let Body::Single(m) = &body
         && let Some(id) = &m.id
         && reply.streams_events()
     {
-        reply.expired = Some(
-            GatewayError::UpstreamTimeout
-                .body(Some(id))
-                .into_boxed_slice(),
-        );
+        let cancel = match upstream {
+            UpstreamRef::Http(server) => {
+                crate::upstream::http::Cancel::of(w, server, &outgoing, id, m.method_str())
+            }
+            _ => None,
+        };
+        reply.expired = Some(Box::new(Expiry {
+            event: GatewayError::UpstreamTimeout.body(Some(id)),
+            cancel,
+        }));
     }
     if elicits {
         flag_elicitation(cx, &mut reply);

@@ -8,8 +8,8 @@ mod common;
 use common::*;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const INITIALIZED: &str = r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
@@ -28,18 +28,22 @@ fn assert_timeout_error(message: &serde_json::Value) {
 /// What the scripted upstream writes for a request other than `initialize`: `None` for 202.
 type Script = fn(&str) -> Option<Vec<u8>>;
 
+/// Every request the scripted upstream has read, head and body.
+type Seen = Arc<Mutex<Vec<String>>>;
+
 /// An HTTP upstream answering `initialize` itself and every other request with `script`'s
 /// bytes, then saying nothing more on that connection. Counts the connections the gateway has
-/// since closed.
-fn scripted_upstream(script: Script) -> (String, Arc<AtomicUsize>) {
+/// since closed, and keeps every request.
+fn scripted_upstream(script: Script) -> (String, Arc<AtomicUsize>, Seen) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/mcp", listener.local_addr().unwrap());
     let closed = Arc::new(AtomicUsize::new(0));
-    let seen = closed.clone();
+    let requests: Seen = Arc::default();
+    let (seen, kept) = (closed.clone(), requests.clone());
     std::thread::spawn(move || {
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { return };
-            let seen = seen.clone();
+            let (seen, kept) = (seen.clone(), kept.clone());
             std::thread::spawn(move || {
                 let mut buf = vec![0u8; 65536];
                 loop {
@@ -49,6 +53,7 @@ fn scripted_upstream(script: Script) -> (String, Arc<AtomicUsize>) {
                         return;
                     }
                     let req = String::from_utf8_lossy(&buf[..n]).to_string();
+                    kept.lock().unwrap().push(req.clone());
                     if req.contains("\"initialize\"") {
                         let body = r#"{"jsonrpc":"2.0","id":1,"result":{"protocolVersion":"2025-11-25","capabilities":{"tools":{}},"serverInfo":{"name":"scripted","version":"1"}}}"#;
                         let _ = write!(
@@ -72,7 +77,30 @@ fn scripted_upstream(script: Script) -> (String, Arc<AtomicUsize>) {
             });
         }
     });
-    (url, closed)
+    (url, closed, requests)
+}
+
+/// Waits (up to 5 s) for the `notifications/cancelled` of request `id` to reach the upstream,
+/// and returns that request, head and body.
+fn cancellation_of(seen: &Seen, id: impl Into<serde_json::Value>) -> String {
+    let id = id.into();
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        let found = seen.lock().unwrap().iter().find_map(|req| {
+            let body = req.split_once("\r\n\r\n")?.1;
+            let json: serde_json::Value = serde_json::from_str(body).ok()?;
+            (json["method"] == "notifications/cancelled" && json["params"]["requestId"] == id)
+                .then(|| req.clone())
+        });
+        if let Some(req) = found {
+            return req;
+        }
+        assert!(
+            Instant::now() < until,
+            "request {id} was not cancelled upstream"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// A chunked response head of `content_type`, and `parts` as chunks.
@@ -139,7 +167,7 @@ fn progress_then_silence(req: &str) -> Option<Vec<u8>> {
 
 #[test]
 fn an_sse_answer_silent_past_the_calls_timeout_ends_with_the_calls_error_and_its_upstream_goes() {
-    let (url, closed) = scripted_upstream(progress_then_silence);
+    let (url, closed, seen) = scripted_upstream(progress_then_silence);
     let g = gateway(&url, "");
     let sid = initialize(g.addr);
     let mut s = connect(g.addr);
@@ -160,6 +188,11 @@ fn an_sse_answer_silent_past_the_calls_timeout_ends_with_the_calls_error_and_its
         "ended after {waited:?}, the call's timeout being 1 s"
     );
     wait_closed(&closed, 1, "a timed-out SSE answer");
+    // The call is cancelled upstream, in the session it ran in, with the gateway's own
+    // headers: no client credential rides along.
+    let cancel = cancellation_of(&seen, 7).to_ascii_lowercase();
+    assert!(cancel.contains("mcp-session-id: s1\r\n"), "{cancel}");
+    assert!(!cancel.contains("authorization"), "{cancel}");
     // The stream ended properly (its last chunk sent): the connection serves the next request.
     s.write_all(mcp_post_raw(INITIALIZED, Some(&sid), "").as_bytes())
         .unwrap();
@@ -171,7 +204,7 @@ fn an_sse_answer_silent_past_the_calls_timeout_ends_with_the_calls_error_and_its
 fn a_restricted_callers_sse_answer_ends_with_the_calls_error_too() {
     // The answer goes through the response checks (redaction here), which emit whole events:
     // the timeout error follows them the same way.
-    let (url, closed) = scripted_upstream(progress_then_silence);
+    let (url, closed, seen) = scripted_upstream(progress_then_silence);
     let g = gateway(&url, "\n[redaction]\nenabled = true\n");
     let sid = initialize(g.addr);
     let r = mcp_post(g.addr, &call(8, "slow", "{}"), Some(&sid));
@@ -180,6 +213,7 @@ fn a_restricted_callers_sse_answer_ends_with_the_calls_error_too() {
     assert_eq!(messages[1]["id"], 8, "{messages:?}");
     assert_timeout_error(&messages[1]);
     wait_closed(&closed, 1, "a timed-out checked SSE answer");
+    cancellation_of(&seen, 8);
 }
 
 #[test]
@@ -194,7 +228,7 @@ fn an_sse_answer_that_stalls_mid_event_is_cut_not_finished_with_an_event_of_ours
             )
         })
     }
-    let (url, closed) = scripted_upstream(half_an_event);
+    let (url, closed, seen) = scripted_upstream(half_an_event);
     let g = gateway(&url, "");
     let sid = initialize(g.addr);
     let mut s = connect(g.addr);
@@ -213,6 +247,7 @@ fn an_sse_answer_that_stalls_mid_event_is_cut_not_finished_with_an_event_of_ours
         "a cut stream must not end as a whole one: {text}"
     );
     wait_closed(&closed, 1, "an SSE answer stalled mid-event");
+    cancellation_of(&seen, 9);
 }
 
 fn chunked_json_then_silence(req: &str) -> Option<Vec<u8>> {
@@ -224,7 +259,7 @@ fn chunked_json_then_silence(req: &str) -> Option<Vec<u8>> {
 fn a_chunked_json_answer_read_whole_that_stalls_gets_504_at_the_calls_timeout() {
     // Read whole so that redaction can check it: before, a chunked body that stalled held the
     // call, its connection slot and the upstream's connection for ever.
-    let (url, closed) = scripted_upstream(chunked_json_then_silence);
+    let (url, closed, seen) = scripted_upstream(chunked_json_then_silence);
     let g = gateway(&url, "\n[redaction]\nenabled = true\n");
     let sid = initialize(g.addr);
     let started = Instant::now();
@@ -233,11 +268,12 @@ fn a_chunked_json_answer_read_whole_that_stalls_gets_504_at_the_calls_timeout() 
     assert_eq!(r.json()["id"], 3);
     assert!(started.elapsed() < Duration::from_secs(5));
     wait_closed(&closed, 1, "a stalled chunked JSON answer read whole");
+    cancellation_of(&seen, 3);
 }
 
 #[test]
 fn a_relayed_chunked_json_answer_that_stalls_is_cut_at_the_calls_timeout() {
-    let (url, closed) = scripted_upstream(chunked_json_then_silence);
+    let (url, closed, _) = scripted_upstream(chunked_json_then_silence);
     let g = gateway(&url, "");
     let sid = initialize(g.addr);
     let mut s = connect(g.addr);
@@ -258,7 +294,7 @@ fn a_get_stream_is_not_a_call_and_outlives_the_calls_timeout() {
         (req.starts_with("GET ") && req.to_ascii_lowercase().contains("mcp-session-id: s1"))
             .then(|| chunked("text/event-stream", &[": open\n\n"]))
     }
-    let (url, closed) = scripted_upstream(get_stream);
+    let (url, closed, seen) = scripted_upstream(get_stream);
     let g = gateway(&url, "");
     let sid = initialize(g.addr);
     let mut s = connect(g.addr);
@@ -274,4 +310,70 @@ fn a_get_stream_is_not_a_call_and_outlives_the_calls_timeout() {
     assert_eq!(closed.load(Ordering::SeqCst), 0);
     drop(s);
     wait_closed(&closed, 1, "a GET stream whose client left");
+    assert!(
+        !seen
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|r| r.contains("notifications/cancelled")),
+        "a GET stream is no request to cancel"
+    );
+}
+
+#[test]
+fn an_initialize_that_times_out_is_never_cancelled() {
+    // "The initialize request MUST NOT be cancelled by clients."
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/mcp", listener.local_addr().unwrap());
+    let kept: Seen = Arc::default();
+    let seen = kept.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let kept = kept.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                while let Ok(n @ 1..) = conn.read(&mut buf) {
+                    let req = String::from_utf8_lossy(&buf[..n]).to_string();
+                    kept.lock().unwrap().push(req.clone());
+                    // Accepts notifications; leaves every request unanswered.
+                    if !req.contains("\"id\"") {
+                        let _ =
+                            conn.write_all(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n");
+                    }
+                }
+            });
+        }
+    });
+    let g = gateway(&url, "");
+    let r = mcp_post(g.addr, INIT, None);
+    assert_eq!(r.status, 504, "{}", r.text());
+    // A call of the same kind would have been cancelled by now.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !seen
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|r| r.contains("notifications/cancelled")),
+        "initialize was cancelled"
+    );
+}
+
+#[test]
+fn a_cancellation_names_a_string_id_exactly_whatever_it_holds() {
+    // The id is the client's: written back as JSON, never pasted, so quotes and line breaks in
+    // it can neither break the notification nor add members to it.
+    let (url, _, seen) = scripted_upstream(chunked_json_then_silence);
+    let g = gateway(&url, "\n[redaction]\nenabled = true\n");
+    let sid = initialize(g.addr);
+    let id = "x\",\"method\":\"tools/call\"\n\u{2028}";
+    let body = serde_json::json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":{"name":"slow","arguments":{}}}).to_string();
+    let r = mcp_post(g.addr, &body, Some(&sid));
+    assert_eq!(r.status, 504, "{}", r.text());
+    let cancel = cancellation_of(&seen, id);
+    let json: serde_json::Value =
+        serde_json::from_str(cancel.split_once("\r\n\r\n").unwrap().1).unwrap();
+    assert_eq!(json["method"], "notifications/cancelled");
+    assert_eq!(json.as_object().unwrap().len(), 3, "{json}");
 }

@@ -914,8 +914,9 @@ async fn write_reply<S: Connection>(
 
 /// How a relayed stream ends when its call's time runs out.
 struct StreamEnd<'r> {
-    /// The call's timeout error, sent as the stream's last event (see `Reply::expired`).
-    expired: Option<Box<[u8]>>,
+    /// The call's timeout error, sent as the stream's last event, and its cancellation (see
+    /// `Reply::expired`).
+    expired: Option<Box<crate::pipeline::Expiry>>,
     /// The reply's audit reason, set when the time ran out.
     reason: &'r mut Option<&'static str>,
 }
@@ -932,7 +933,7 @@ async fn pump<S: Connection>(
     framing: Framing,
     meta: &ReqMeta<'_>,
     mut out: Vec<u8>,
-    end: StreamEnd<'_>,
+    mut end: StreamEnd<'_>,
 ) -> (bool, Vec<u8>) {
     // A small body of a declared length (a JSON answer) goes out with its head in one write:
     // a write per piece read would cost a submission and a wake-up of the client each.
@@ -1051,6 +1052,9 @@ async fn pump<S: Connection>(
                     if io.kind() == std::io::ErrorKind::TimedOut);
                 if timed_out {
                     *end.reason = Some(GatewayError::UpstreamTimeout.reason());
+                    if let Some(cancel) = end.expired.as_mut().and_then(|x| x.cancel.take()) {
+                        cancel.send();
+                    }
                 }
                 // A call's SSE stream whose time ran out between events ends with the call's
                 // error, as its last event, and a proper end: the client learns why at once
@@ -1059,7 +1063,7 @@ async fn pump<S: Connection>(
                 if let (true, Framing::Chunked, Some(expired), Some(true)) = (
                     timed_out,
                     framing,
-                    end.expired.as_deref(),
+                    end.expired.as_ref().map(|x| &x.event),
                     tail.as_ref().map(EventTail::at_boundary),
                 ) {
                     w.metrics

@@ -1,25 +1,121 @@
 //! A Streamable HTTP upstream: which headers go upstream (only what the transport needs, the
 //! upstream's own credentials from config, never the client's), the deadline for the answer
-//! (the whole of it, not only its start), and error accounting (a replica's failures count towards its ejection). Which
-//! replica is `balance.rs`'s; the bytes on the wire and the per-worker keep-alive pool are
+//! (the whole of it, not only its start), the cancellation of a request given up on, and error
+//! accounting (a replica's failures count towards its ejection). Which replica is
+//! `balance.rs`'s; the bytes on the wire and the per-worker keep-alive pool are
 //! `http::client`'s.
 
-use super::balance::HttpServer;
+use super::balance::{HttpServer, Target};
 use super::{Answer, Exchange, Outgoing};
 use crate::error::GatewayError;
 use crate::http::body::HeldBody;
 use crate::http::client;
+use crate::mcp::jsonrpc::{Body, Kind};
 use crate::runtime::worker::Worker;
 use std::sync::atomic::Ordering;
 
-/// Sends one request and returns the response, its body still to be relayed.
-pub async fn exchange(
-    w: &Worker,
+/// How long a cancellation has to be taken: it is sent after the request's own time ran out,
+/// and nobody waits for it.
+const CANCEL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A `notifications/cancelled` for a request the gateway gave up on, ready to go to the
+/// replica that has the request. The MCP lifecycle: a sender whose request timed out SHOULD
+/// cancel it, so the server stops work nobody will read (`initialize` excepted, which MUST
+/// NOT be cancelled).
+pub struct Cancel {
+    worker: std::rc::Rc<Worker>,
+    addrs: Vec<std::net::SocketAddr>,
+    request: Vec<u8>,
+    owner: u64,
+}
+
+impl Cancel {
+    /// The cancellation of `id`, a request `out` sent to `server`; `None` for `initialize`.
+    pub fn of(
+        w: &Worker,
+        server: &HttpServer,
+        out: &Outgoing<'_>,
+        id: &crate::mcp::jsonrpc::RpcId,
+        method: &str,
+    ) -> Option<Cancel> {
+        if method == "initialize" {
+            return None;
+        }
+        let body = format!(
+            r#"{{"jsonrpc":"2.0","method":"notifications/cancelled","params":{{"requestId":{},"reason":"the gateway's timeout for this request ran out"}}}}"#,
+            id.to_json()
+        );
+        let (request, target) =
+            prepare(server, out, "POST", body.as_bytes(), Some(CANCELLED)).ok()?;
+        Some(Cancel {
+            worker: w.rc(),
+            addrs: server.replicas()[target.replica].endpoint.addrs.clone(),
+            request,
+            owner: w.pool.owner_of(out.binding),
+        })
+    }
+
+    /// Sends it on the worker's runtime, without waiting: its answer (202, or an error) says
+    /// nothing the client could use, and a server that has stopped listening loses nothing.
+    pub fn send(self) {
+        monoio::spawn(async move {
+            let Cancel {
+                worker,
+                addrs,
+                request,
+                owner,
+            } = self;
+            let send = super::connections::send_request(
+                &worker.pool,
+                &addrs,
+                "POST",
+                request,
+                None,
+                owner,
+            );
+            match crate::runtime::deadlines::timeout(CANCEL_WAIT, send).await {
+                Ok(Ok(mut resp)) => {
+                    resp.set_deadline(std::time::Instant::now() + CANCEL_WAIT);
+                    if resp.read_to_end().await.is_ok() {
+                        worker.pool.release(resp);
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(target: "mcp_guard::upstream", "a cancellation was not taken: {e}");
+                }
+                Err(_) => {
+                    tracing::debug!(target: "mcp_guard::upstream", "a cancellation was not answered in time");
+                }
+            }
+        });
+    }
+}
+
+/// Each request of `body` (sent to `server` and timed out), cancelled there.
+pub fn cancel_all(w: &Worker, server: &HttpServer, out: &Outgoing<'_>, body: &Body) {
+    for m in body.messages() {
+        if m.kind == Kind::Request
+            && let Some(id) = &m.id
+            && let Some(cancel) = Cancel::of(w, server, out, id, m.method_str())
+        {
+            cancel.send();
+        }
+    }
+}
+
+/// The notification's method, as its `Mcp-Method` header names it.
+const CANCELLED: &str = "notifications/cancelled";
+
+/// The request for `method` with `body`, to the replica the client's session is pinned to.
+/// `mcp_method`: the `Mcp-Method` header in place of the client's (a request of the gateway's
+/// own); the client's is forwarded otherwise, on a POST, as it was checked against the body.
+fn prepare<'o>(
     server: &HttpServer,
-    out: &Outgoing<'_>,
+    out: &Outgoing<'o>,
     method: &str,
-    body: Option<HeldBody>,
-) -> Result<Exchange, GatewayError> {
+    body: &[u8],
+    mcp_method: Option<&str>,
+) -> Result<(Vec<u8>, Target<'o>), GatewayError> {
     let target = server.target(out.server, out.session)?;
     let replica = &server.replicas()[target.replica];
     let (up, ep) = (&server.settings, &replica.endpoint);
@@ -38,12 +134,18 @@ pub async fn exchange(
         headers.push(("mcp-session-id", s));
     }
     // Mcp-Method and Mcp-Name were checked against the body of a POST; on GET and DELETE
-    // there is no body to check them against, so they are not forwarded.
-    let post = method == "POST";
+    // there is no body to check them against, so they are not forwarded. A request of the
+    // gateway's own names its method where the client's named one (the header is part of the
+    // protocol version the session speaks) and no tool.
+    let client_post = method == "POST" && mcp_method.is_none();
+    let own_method = mcp_method.filter(|_| h.mcp_method().is_some());
     for (name, v) in [
         ("mcp-protocol-version", h.protocol_version()),
-        ("mcp-method", h.mcp_method().filter(|_| post)),
-        ("mcp-name", h.mcp_name().filter(|_| post)),
+        (
+            "mcp-method",
+            own_method.or(h.mcp_method().filter(|_| client_post)),
+        ),
+        ("mcp-name", h.mcp_name().filter(|_| client_post)),
         ("last-event-id", h.last_event_id()),
         ("traceparent", h.traceparent.as_deref()),
         ("tracestate", h.tracestate.as_deref()),
@@ -65,13 +167,27 @@ pub async fn exchange(
     } else {
         format!("{}{}", ep.path.trim_end_matches('/'), out.path_rest).into()
     };
-    let request = client::build_request(
+    let request = client::build_request(method, &path, &ep.host_header, &headers, body);
+    Ok((request, target))
+}
+
+/// Sends one request and returns the response, its body still to be relayed.
+pub async fn exchange(
+    w: &Worker,
+    server: &HttpServer,
+    out: &Outgoing<'_>,
+    method: &str,
+    body: Option<HeldBody>,
+) -> Result<Exchange, GatewayError> {
+    let (request, target) = prepare(
+        server,
+        out,
         method,
-        &path,
-        &ep.host_header,
-        &headers,
         body.as_deref().unwrap_or_default(),
-    );
+        None,
+    )?;
+    let replica = &server.replicas()[target.replica];
+    let ep = &replica.endpoint;
     // The client's body is in the request now: it goes, and its share of the worker's body
     // allowance counts the request instead until the request is written upstream.
     let mut share = body.and_then(|body| body.into_parts().1);
