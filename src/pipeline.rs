@@ -72,16 +72,16 @@ pub struct Reply {
     /// The upstream's hold on the request (its replica's count of requests in flight), let go
     /// once the reply is written.
     pub hold: Option<InFlight>,
-    /// For a single call answered as an SSE stream: what is done when the answer is not
-    /// complete within the call's timeout.
-    pub expired: Option<Box<Expiry>>,
+    /// For a single call answered as an SSE stream: how to end it when the gateway gives up
+    /// on the answer part-way (its time ran out, an event could not be checked).
+    pub call: Option<Box<StreamedCall>>,
 }
 
-/// How a single call's SSE answer ends when its time runs out.
-pub struct Expiry {
-    /// The call's timeout error, with its id, sent as the stream's last event (the head has
-    /// gone out by then, so a status cannot say it).
-    pub event: Vec<u8>,
+/// A single call whose answer streams as SSE, for ending it early: the head has gone out by
+/// then, so a status cannot say why; an error event with the call's id can.
+pub struct StreamedCall {
+    /// The call's id.
+    pub id: RpcId,
     /// The call's cancellation, for an HTTP upstream.
     pub cancel: Option<crate::upstream::http::Cancel>,
 }
@@ -158,7 +158,7 @@ impl Reply {
             reason: None,
             audit: AuditInfo::default(),
             hold: None,
-            expired: None,
+            call: None,
         }
     }
 
@@ -1503,8 +1503,8 @@ async fn post(
             }
             _ => None,
         };
-        reply.expired = Some(Box::new(Expiry {
-            event: GatewayError::UpstreamTimeout.body(Some(id)),
+        reply.call = Some(Box::new(StreamedCall {
+            id: id.clone(),
             cancel,
         }));
     }

@@ -742,3 +742,30 @@ fn a_server_request_id_and_a_response_method_are_scanned_but_a_response_id_is_le
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(rpc_result(&r)["id"], AWS);
 }
+
+#[test]
+fn an_sse_event_too_large_to_check_ends_the_call_with_its_error_not_a_cut_stream() {
+    // The head (200, an event stream) has gone out when the event proves too large to check:
+    // the client is told why, with its call's id, rather than left with a stream cut short.
+    let progress = format!(
+        "event: message\ndata: {}\n\n",
+        serde_json::json!({"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":"p","progress":1}})
+    );
+    let huge = format!("event: message\ndata: {}", "x".repeat(17 << 20));
+    let lab = raw_lab(Canned {
+        content_type: "text/event-stream",
+        chunks: vec![progress.into(), huge.into()],
+    });
+    let sid = initialize(lab.g.addr);
+    let r = mcp_post(lab.g.addr, &call(11, "anything", "{}"), Some(&sid));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let messages = r.sse_messages();
+    assert_eq!(messages.len(), 2, "{messages:?}");
+    assert_eq!(messages[0]["method"], "notifications/progress");
+    assert_eq!(messages[1]["id"], 11, "{messages:?}");
+    assert!(messages[1]["error"]["code"].is_i64(), "{messages:?}");
+    assert!(
+        !r.text().contains("xxxx"),
+        "none of the unchecked event reached the client"
+    );
+}

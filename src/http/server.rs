@@ -840,7 +840,7 @@ async fn write_reply<S: Connection>(
             streamed = framing == Framing::Chunked;
             write_head(&mut out, status, &headers, framing, keep_alive);
             let end = StreamEnd {
-                expired: reply.expired.take(),
+                call: reply.call.take(),
                 reason: &mut reply.reason,
             };
             let (ok, o) = pump(w, stream, *resp, &mut None, framing, meta, out, end).await;
@@ -854,7 +854,7 @@ async fn write_reply<S: Connection>(
             write_head(&mut out, status, &headers, Framing::Chunked, keep_alive);
             let mut filter = Some(filter);
             let end = StreamEnd {
-                expired: reply.expired.take(),
+                call: reply.call.take(),
                 reason: &mut reply.reason,
             };
             let (ok, o) = pump(
@@ -912,13 +912,45 @@ async fn write_reply<S: Connection>(
     kept.then_some(out)
 }
 
-/// How a relayed stream ends when its call's time runs out.
+/// How a relayed stream ends when the gateway gives up on it.
 struct StreamEnd<'r> {
-    /// The call's timeout error, sent as the stream's last event, and its cancellation (see
-    /// `Reply::expired`).
-    expired: Option<Box<crate::pipeline::Expiry>>,
-    /// The reply's audit reason, set when the time ran out.
+    /// The single call it answers, if it does (see `Reply::call`).
+    call: Option<Box<crate::pipeline::StreamedCall>>,
+    /// The reply's audit reason, set when the gateway gives up.
     reason: &'r mut Option<&'static str>,
+}
+
+impl StreamEnd<'_> {
+    /// The answer given up on, for `err`: the audit notes why, the call is cancelled
+    /// upstream, and when the stream stands between events (and is chunked), it gets the
+    /// call's error as its last event and a proper end, returned to be written: the client
+    /// learns why at once, rather than waiting for an answer that will not come. `None`: the
+    /// stream is to be cut (mid-event, an event of ours would be read as the rest of the
+    /// upstream's).
+    fn give_up(
+        &mut self,
+        err: &GatewayError,
+        framing: Framing,
+        tail: Option<&EventTail>,
+    ) -> Option<Vec<u8>> {
+        *self.reason = Some(err.reason());
+        let call = self.call.as_mut()?;
+        if let Some(cancel) = call.cancel.take() {
+            cancel.send();
+        }
+        if framing != Framing::Chunked || !tail.is_some_and(EventTail::at_boundary) {
+            return None;
+        }
+        let body = err.body(Some(&call.id));
+        let mut event = Vec::with_capacity(body.len() + 24);
+        event.extend_from_slice(b"event: message\ndata: ");
+        event.extend_from_slice(&body);
+        event.extend_from_slice(b"\n\n");
+        let mut end = Vec::with_capacity(event.len() + 16);
+        write_chunk(&mut end, &event);
+        end.extend_from_slice(LAST_CHUNK);
+        Some(end)
+    }
 }
 
 /// Relays an upstream body to the client piece by piece (through `filter` when given); returns
@@ -984,7 +1016,7 @@ async fn pump<S: Connection>(
     }
     let ok;
     // Where the relayed events stand, kept only when a timeout error may end the stream.
-    let mut tail = end.expired.is_some().then(EventTail::default);
+    let mut tail = end.call.is_some().then(EventTail::default);
     loop {
         // While the upstream is silent the client is watched. It sends nothing while it reads
         // an answer, so its connection turning readable means it has gone (EOF) or broken the
@@ -1015,9 +1047,15 @@ async fn pump<S: Connection>(
                         Ok(d) => d,
                         Err(e) => {
                             tracing::warn!(target: "mcp_guard::filter", "{e}");
-                            let (_, o) = write_bounded(w, stream, out).await;
+                            let refused = GatewayError::UpstreamUnavailable(format!(
+                                "upstream answer cannot be checked: {e}"
+                            ));
+                            let last = end.give_up(&refused, framing, tail.as_ref());
+                            let ended = last.is_some();
+                            out.extend_from_slice(&last.unwrap_or_default());
+                            let (res, o) = write_bounded(w, stream, out).await;
                             out = o;
-                            ok = false;
+                            ok = ended && res.is_ok();
                             break;
                         }
                     },
@@ -1050,32 +1088,18 @@ async fn pump<S: Connection>(
             Err(e) => {
                 let timed_out = matches!(&e, crate::http::client::UpstreamError::Io(io)
                     if io.kind() == std::io::ErrorKind::TimedOut);
-                if timed_out {
-                    *end.reason = Some(GatewayError::UpstreamTimeout.reason());
-                    if let Some(cancel) = end.expired.as_mut().and_then(|x| x.cancel.take()) {
-                        cancel.send();
-                    }
-                }
-                // A call's SSE stream whose time ran out between events ends with the call's
-                // error, as its last event, and a proper end: the client learns why at once
-                // rather than waiting for an answer that will not come. Mid-event, an event of
-                // ours would be read as the rest of the upstream's, so the stream is cut.
-                if let (true, Framing::Chunked, Some(expired), Some(true)) = (
-                    timed_out,
-                    framing,
-                    end.expired.as_ref().map(|x| &x.event),
-                    tail.as_ref().map(EventTail::at_boundary),
-                ) {
+                // A stream the upstream broke (closed early, bad framing) is cut, never ended
+                // for it: a client may resume it from its last event id. One whose time ran
+                // out is the gateway's to end.
+                if timed_out
+                    && let Some(last) =
+                        end.give_up(&GatewayError::UpstreamTimeout, framing, tail.as_ref())
+                {
                     w.metrics
                         .upstream_errors
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::warn!(target: "mcp_guard::upstream", "upstream answer not complete within the call's timeout: its SSE stream ended with the timeout error");
-                    let mut event = Vec::with_capacity(expired.len() + 24);
-                    event.extend_from_slice(b"event: message\ndata: ");
-                    event.extend_from_slice(expired);
-                    event.extend_from_slice(b"\n\n");
-                    write_chunk(&mut out, &event);
-                    out.extend_from_slice(LAST_CHUNK);
+                    out.extend_from_slice(&last);
                     let (res, o) = write_bounded(w, stream, out).await;
                     out = o;
                     ok = res.is_ok();
