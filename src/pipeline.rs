@@ -162,11 +162,12 @@ impl Reply {
         }
     }
 
-    /// Whether the body is an upstream's SSE stream, relayed as it arrives.
+    /// Whether the body is an SSE stream: an upstream's, relayed as it arrives, or the
+    /// gateway's own (a stdio child's progress and answer).
     fn streams_events(&self) -> bool {
         matches!(
             self.body,
-            ReplyBody::Upstream(_) | ReplyBody::FilteredEvents(_)
+            ReplyBody::Upstream(_) | ReplyBody::FilteredEvents(_) | ReplyBody::Events(_)
         ) && self
             .headers
             .iter()

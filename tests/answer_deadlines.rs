@@ -377,3 +377,36 @@ fn a_cancellation_names_a_string_id_exactly_whatever_it_holds() {
     assert_eq!(json["method"], "notifications/cancelled");
     assert_eq!(json.as_object().unwrap().len(), 3, "{json}");
 }
+
+#[test]
+fn a_streaming_call_still_open_when_the_shutdown_grace_ends_gets_its_error_as_the_last_event() {
+    let (url, _, _) = scripted_upstream(progress_then_silence);
+    let mut g = Gateway::start(&http_config("auto", &url, "shutdown_grace_secs = 1", ""));
+    let sid = initialize(g.addr);
+    let mut s = connect(g.addr);
+    s.write_all(mcp_post_raw(&call(12, "slow", "{}"), Some(&sid), "").as_bytes())
+        .unwrap();
+    // The progress event is through: the call is streaming.
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("notifications/progress") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    g.signal(libc::SIGTERM);
+    let rest = read_all(&mut s, Duration::from_secs(8))
+        .unwrap_or_else(|open| panic!("still open: {}", String::from_utf8_lossy(&open)));
+    seen.extend_from_slice(&rest);
+    let text = String::from_utf8_lossy(&seen);
+    assert!(text.ends_with("0\r\n\r\n"), "ended, not cut: {text}");
+    let last = text
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str::<serde_json::Value>(d).unwrap())
+        .expect("events");
+    assert_eq!(last["id"], 12, "{text}");
+    assert!(last["error"]["code"].is_i64(), "{text}");
+    assert!(g.wait_exit(Duration::from_secs(10)).is_some());
+}

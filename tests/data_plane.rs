@@ -1333,6 +1333,108 @@ fn a_call_still_running_when_the_shutdown_grace_ends_is_answered_503() {
     assert_eq!(g.wait_exit(Duration::from_secs(15)), Some(0));
 }
 
+/// Calls `slow_progress` for `steps` of `ms` as request `id`, asking for progress, sends
+/// SIGTERM once the first progress event is through, and returns the stream's messages.
+fn progress_call_cut_by_sigterm(
+    g: &Gateway,
+    id: u64,
+    steps: u32,
+    ms: u32,
+) -> Vec<serde_json::Value> {
+    let sid = initialize(g.addr);
+    let body = format!(
+        r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/call","params":{{"name":"slow_progress","arguments":{{"steps":{steps},"ms":{ms},"label":"busy"}},"_meta":{{"progressToken":"p"}}}}}}"#
+    );
+    let mut s = connect(g.addr);
+    s.write_all(mcp_post_raw(&body, Some(&sid), "").as_bytes())
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("notifications/progress") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    g.signal(libc::SIGTERM);
+    s.read_to_end(&mut seen).unwrap();
+    let text = String::from_utf8_lossy(&seen).to_string();
+    assert!(text.ends_with("0\r\n\r\n"), "ended, not cut: {text}");
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect()
+}
+
+#[test]
+fn a_stdio_call_streaming_progress_at_shutdown_brings_its_answer_within_the_grace() {
+    // Before, a call's progress stream ended as soon as shutdown began, its answer lost
+    // though the grace had 10 s left.
+    let mut g = Gateway::start(&stdio_config(
+        "auto",
+        "shutdown_grace_secs = 10",
+        &["--test-tools"],
+    ));
+    let messages = progress_call_cut_by_sigterm(&g, 21, 5, 200);
+    let last = messages.last().expect("events");
+    assert_eq!(last["id"], 21, "{messages:?}");
+    assert!(last.get("result").is_some(), "{messages:?}");
+    assert_eq!(g.wait_exit(Duration::from_secs(15)), Some(0));
+}
+
+#[test]
+fn a_stdio_call_streaming_past_the_shutdown_grace_ends_with_its_error_as_the_last_event() {
+    let mut g = Gateway::start(&stdio_config(
+        "auto",
+        "shutdown_grace_secs = 1",
+        &["--test-tools"],
+    ));
+    let started = Instant::now();
+    let messages = progress_call_cut_by_sigterm(&g, 22, 20, 500);
+    let last = messages.last().expect("events");
+    assert_eq!(last["id"], 22, "{messages:?}");
+    assert!(last["error"]["code"].is_i64(), "{messages:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "ran to the tool's end"
+    );
+    assert_eq!(g.wait_exit(Duration::from_secs(15)), Some(0));
+}
+
+#[test]
+fn a_stdio_call_whose_client_left_mid_stream_does_not_keep_the_gateway_from_exiting() {
+    // The call's task still waits for the child's answer when the drain finds no connection
+    // open. Left waiting as the worker ended, it was later dropped by the stdio hub's thread
+    // inside the channel's lock, which the drop took again: the gateway never exited.
+    let mut g = Gateway::start(&stdio_config(
+        "auto",
+        "shutdown_grace_secs = 10",
+        &["--test-tools"],
+    ));
+    let sid = initialize(g.addr);
+    let body = r#"{"jsonrpc":"2.0","id":23,"method":"tools/call","params":{"name":"slow_progress","arguments":{"steps":20,"ms":500,"label":"busy"},"_meta":{"progressToken":"p"}}}"#;
+    let mut s = connect(g.addr);
+    s.write_all(mcp_post_raw(body, Some(&sid), "").as_bytes())
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("notifications/progress") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    drop(s);
+    assert_eq!(
+        g.metric_settles("mcp_guard_active_connections", &[], 0.0),
+        0.0
+    );
+    g.signal(libc::SIGTERM);
+    assert_eq!(
+        g.wait_exit(Duration::from_secs(15)),
+        Some(0),
+        "the gateway did not exit"
+    );
+}
+
 #[test]
 fn a_batch_still_waiting_when_the_shutdown_grace_ends_keeps_the_answers_it_has() {
     let mut g = Gateway::start(&stdio_config("auto", "shutdown_grace_secs = 1", &[]));

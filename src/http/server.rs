@@ -887,6 +887,7 @@ async fn write_reply<S: Connection>(
                 let source = EventSource {
                     messages: events.messages,
                     backlog: events.backlog,
+                    call: reply.call.take().map(|c| c.id),
                 };
                 relay_events(w, stream, source, &mut transform, meta, &mut out).await;
                 if let Some(t) = transform.as_mut() {
@@ -941,11 +942,7 @@ impl StreamEnd<'_> {
         if framing != Framing::Chunked || !tail.is_some_and(EventTail::at_boundary) {
             return None;
         }
-        let body = err.body(Some(&call.id));
-        let mut event = Vec::with_capacity(body.len() + 24);
-        event.extend_from_slice(b"event: message\ndata: ");
-        event.extend_from_slice(&body);
-        event.extend_from_slice(b"\n\n");
+        let event = message_event(&err.body(Some(&call.id)));
         let mut end = Vec::with_capacity(event.len() + 16);
         write_chunk(&mut end, &event);
         end.extend_from_slice(LAST_CHUNK);
@@ -1023,15 +1020,28 @@ async fn pump<S: Connection>(
         // protocol: the relay ends then, with the upstream's connection, rather than holding
         // both (and a connection slot) until the upstream next writes, which a silent upstream
         // never does. Biased: a piece already buffered is taken without arming the watch.
+        // The shutdown grace running out ends it too, as it ends a call still waiting (503):
+        // a single call's stream with that error as its last event.
         let next = monoio::select! {
             biased;
-            next = resp.next_data() => Some(next),
-            _ = stream.wait_readable() => None,
+            next = resp.next_data() => Ok(next),
+            _ = stream.wait_readable() => Err(false),
+            _ = w.grace_over.wait() => Err(true),
         };
-        let Some(next) = next else {
-            tracing::debug!(target: "mcp_guard::upstream", "client left (or sent bytes) while its answer streamed; relay ended");
-            ok = false;
-            break;
+        let next = match next {
+            Ok(next) => next,
+            Err(grace_over) => {
+                ok = false;
+                if !grace_over {
+                    tracing::debug!(target: "mcp_guard::upstream", "client left (or sent bytes) while its answer streamed; relay ended");
+                } else if let Some(last) =
+                    end.give_up(&GatewayError::ShuttingDown, framing, tail.as_ref())
+                {
+                    out.extend_from_slice(&last);
+                    out = write_bounded(w, stream, out).await.1;
+                }
+                break;
+            }
         };
         match next {
             Ok(Some(_)) if revoked(w, meta) => {
@@ -1123,6 +1133,15 @@ async fn pump<S: Connection>(
     }
     w.pool.release(resp);
     (ok, out)
+}
+
+/// One JSON-RPC message (single-line JSON) as an SSE `message` event.
+fn message_event(msg: &[u8]) -> Vec<u8> {
+    let mut event = Vec::with_capacity(msg.len() + 24);
+    event.extend_from_slice(b"event: message\ndata: ");
+    event.extend_from_slice(msg);
+    event.extend_from_slice(b"\n\n");
+    event
 }
 
 /// The last bytes of a relayed SSE stream, enough to tell whether it stands between events
@@ -1320,6 +1339,8 @@ fn emit_audit(
 struct EventSource {
     messages: async_channel::Receiver<Vec<u8>>,
     backlog: Option<crate::upstream::events::Backlog>,
+    /// The single call whose answer ends the stream, if it is one (not a GET stream).
+    call: Option<crate::mcp::jsonrpc::RpcId>,
 }
 
 /// Writes all of `buf`, giving up when the client accepts nothing of it for the idle timeout:
@@ -1411,17 +1432,36 @@ async fn relay_events<S: Connection>(
     let EventSource {
         messages: rx,
         backlog,
+        call,
     } = source;
+    // A GET stream ends as soon as shutdown begins: nothing on it is awaited. A call's stream
+    // has the grace to bring its answer, as a call waiting on a JSON answer has; then it ends
+    // with the call's 503 error as its last event.
+    let ends = if call.is_some() {
+        &w.grace_over
+    } else {
+        &w.shutdown
+    };
     loop {
         // The client sends nothing while it reads a stream: the connection turning readable
         // means it has gone (EOF) or broken the protocol, and either way the stream ends now,
         // not at the next keep-alive write (a legacy session and its upstream end with it).
+        let mut ended_by_shutdown = false;
         let next = monoio::select! {
             m = crate::runtime::deadlines::timeout(SSE_KEEPALIVE, rx.recv()) => Some(m),
             _ = stream.wait_readable() => None,
-            _ = w.shutdown.wait() => None,
+            _ = ends.wait() => {
+                ended_by_shutdown = true;
+                None
+            }
         };
         let mut buf = std::mem::take(out);
+        if ended_by_shutdown && let Some(id) = &call {
+            write_chunk(
+                &mut buf,
+                &message_event(&GatewayError::ShuttingDown.body(Some(id))),
+            );
+        }
         // Checked at every message and keep-alive: a stream whose credentials a reload
         // revoked ends within `SSE_KEEPALIVE`.
         let next = if revoked(w, meta) { None } else { next };
@@ -1448,11 +1488,7 @@ async fn relay_events<S: Connection>(
                         }
                     },
                 };
-                let mut event = Vec::with_capacity(msg.len() + 24);
-                event.extend_from_slice(b"event: message\ndata: ");
-                event.extend_from_slice(&msg);
-                event.extend_from_slice(b"\n\n");
-                write_chunk(&mut buf, &event);
+                write_chunk(&mut buf, &message_event(&msg));
             }
         }
         // A client that stops reading holds the write at most this long; then the stream ends

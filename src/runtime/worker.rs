@@ -515,6 +515,13 @@ pub async fn run(w: Rc<Worker>, listener: monoio::net::TcpListener) {
             super::deadlines::sleep(Duration::from_millis(20)).await;
         }
     }
+    // Fired even when nothing was left open: a task still waiting for another thread's answer
+    // (a stdio call's stream task whose client has gone) ends now, on this thread, rather than
+    // outliving the runtime (see `StdioHub::streamed`). The sleep gives it its turn.
+    if !w.grace_over.is_fired() {
+        w.grace_over.fire();
+        super::deadlines::sleep(Duration::from_millis(20)).await;
+    }
     w.publish_metrics();
     if w.active.get() > 0 {
         tracing::warn!(

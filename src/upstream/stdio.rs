@@ -542,15 +542,29 @@ impl StdioHub {
         let supervisor = self.supervisor.clone();
         let id = m.id.clone();
         let timeout = out.timeout;
+        let grace_over = out.grace_over.clone();
         // The response (or the error in its place) is the stream's last event; the router
         // drops its own sender once the request is answered, so the stream then ends.
         monoio::spawn(async move {
-            let last = match crate::runtime::deadlines::timeout(timeout, reply.recv()).await {
-                Ok(Ok(HubReply::Response(b, _))) => b,
-                Ok(Ok(HubReply::Error(e))) => e.body(id.as_ref()),
-                Err(_) => {
+            // The shutdown grace running out ends the wait too, as it ends a call waiting for
+            // a JSON answer. It must: a task left waiting on the hub's channel when its
+            // worker's runtime ends is dropped by the hub's thread when that next wakes it,
+            // inside the channel's own lock, which the drop then takes again (the gateway
+            // never exited).
+            let answer = monoio::select! {
+                answer = crate::runtime::deadlines::timeout(timeout, reply.recv()) => Some(answer),
+                _ = grace_over.wait() => None,
+            };
+            let last = match answer {
+                Some(Ok(Ok(HubReply::Response(b, _)))) => b,
+                Some(Ok(Ok(HubReply::Error(e)))) => e.body(id.as_ref()),
+                Some(Err(_)) => {
                     let _ = decide(&supervisor, Command_::Cancel { hub_id });
                     GatewayError::UpstreamTimeout.body(id.as_ref())
+                }
+                None => {
+                    let _ = decide(&supervisor, Command_::Cancel { hub_id });
+                    GatewayError::ShuttingDown.body(id.as_ref())
                 }
                 _ => stopped().body(id.as_ref()),
             };
