@@ -419,17 +419,22 @@ pub async fn run(w: Rc<Worker>, listener: monoio::net::TcpListener) {
             }
         }
     });
-    if let Some(inbox) = w.shared.legacy.take(w.id) {
-        monoio::spawn(crate::mcp::legacy::run_inbox(w.clone(), inbox));
+    // What other threads send this worker, each read by a task of its own; closed at the end
+    // of the drain (see there).
+    let legacy_inbox = w.shared.legacy.take(w.id);
+    if let Some(inbox) = &legacy_inbox {
+        monoio::spawn(crate::mcp::legacy::run_inbox(w.clone(), inbox.clone()));
     }
-    if let Some(inbox) = w.shared.approvals.take(w.id) {
-        monoio::spawn(crate::mcp::approval::run_inbox(w.clone(), inbox));
+    let approvals_inbox = w.shared.approvals.take(w.id);
+    if let Some(inbox) = &approvals_inbox {
+        monoio::spawn(crate::mcp::approval::run_inbox(w.clone(), inbox.clone()));
     }
     // The first worker is the stdio children's home: it reads their output.
-    if w.id == 0
-        && let Some(claims) = crate::upstream::stdio::take_home()
-    {
-        monoio::spawn(crate::upstream::stdio::run_home(claims));
+    let claims = (w.id == 0)
+        .then(crate::upstream::stdio::take_home)
+        .flatten();
+    if let Some(claims) = &claims {
+        monoio::spawn(crate::upstream::stdio::run_home(claims.clone()));
     }
     let shutdown_rx = w.shared.shutdown_rx.clone();
     loop {
@@ -515,13 +520,24 @@ pub async fn run(w: Rc<Worker>, listener: monoio::net::TcpListener) {
             super::deadlines::sleep(Duration::from_millis(20)).await;
         }
     }
-    // Fired even when nothing was left open: a task still waiting for another thread's answer
-    // (a stdio call's stream task whose client has gone) ends now, on this thread, rather than
-    // outliving the runtime (see `StdioHub::streamed`). The sleep gives it its turn.
-    if !w.grace_over.is_fired() {
-        w.grace_over.fire();
-        super::deadlines::sleep(Duration::from_millis(20)).await;
+    // No task may outlive the runtime waiting on a channel another thread sends on: that
+    // thread's next send would wake it, find the runtime gone and drop the task there, inside
+    // the channel's lock, which the task's drop takes again (a deadlock; the gateway never
+    // exited). So a task still waiting for another thread's answer (a stdio call's stream
+    // task whose client has gone, see `StdioHub::streamed`) is told to end, even when nothing
+    // was left open, and the inboxes are closed (a later send fails instead of waking); the
+    // sleep gives their tasks the turn to end, on this thread.
+    w.grace_over.fire();
+    if let Some(inbox) = &legacy_inbox {
+        inbox.close();
     }
+    if let Some(inbox) = &approvals_inbox {
+        inbox.close();
+    }
+    if let Some(claims) = &claims {
+        claims.close();
+    }
+    super::deadlines::sleep(Duration::from_millis(20)).await;
     w.publish_metrics();
     if w.active.get() > 0 {
         tracing::warn!(
