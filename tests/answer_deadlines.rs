@@ -410,3 +410,64 @@ fn a_streaming_call_still_open_when_the_shutdown_grace_ends_gets_its_error_as_th
     assert!(last["error"]["code"].is_i64(), "{text}");
     assert!(g.wait_exit(Duration::from_secs(10)).is_some());
 }
+
+fn eight_megabytes_at_once(req: &str) -> Option<Vec<u8>> {
+    req.contains("tools/call").then(|| {
+        let text = "A".repeat(8 << 20);
+        let body = serde_json::json!({"jsonrpc":"2.0","id":13,"result":{"content":[{"type":"text","text":text}]}}).to_string();
+        let mut out = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        out.extend_from_slice(body.as_bytes());
+        out
+    })
+}
+
+#[test]
+fn a_client_reading_slowly_gets_a_whole_answer_the_upstream_sent_in_time() {
+    // The upstream sends all of it at once; the client takes about two seconds to read it.
+    // The time spent waiting for the client is not the upstream's: the answer must not be cut
+    // at the call's one-second deadline (nor the call cancelled upstream).
+    let (url, _, seen) = scripted_upstream(eight_megabytes_at_once);
+    let g = gateway(&url, "");
+    let sid = initialize(g.addr);
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&g.addr.into()).unwrap();
+    let mut s: TcpStream = socket.into();
+    s.write_all(mcp_post_raw(&call(13, "big", "{}"), Some(&sid), "").as_bytes())
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
+    let mut paced = 0;
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+        if got.len() > 8 << 20 && got.ends_with(b"}}") {
+            break;
+        }
+        // About 4 MB/s.
+        if got.len() >= paced + (64 << 10) {
+            paced = got.len();
+            std::thread::sleep(Duration::from_millis(16));
+        }
+    }
+    let text = String::from_utf8_lossy(&got);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
+    let json: serde_json::Value = serde_json::from_str(body)
+        .unwrap_or_else(|_| panic!("cut after {} bytes", got.len()));
+    assert_eq!(json["id"], 13);
+    assert!(
+        !seen
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|r| r.contains("notifications/cancelled")),
+        "an answered call was cancelled"
+    );
+}

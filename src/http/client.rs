@@ -532,6 +532,15 @@ impl UpstreamResponse {
         self.deadline = Some(at);
     }
 
+    /// Moves the deadline `by` later: the time the gateway spent writing to a client that
+    /// reads slowly is not the upstream's to answer for (that client is bounded by the write
+    /// stall timeout instead), and a slow reader must still get an answer sent in time.
+    pub fn postpone_deadline(&mut self, by: std::time::Duration) {
+        if let Some(at) = self.deadline.as_mut() {
+            *at += by;
+        }
+    }
+
     /// One read of a body into `buf`'s spare room, within the deadline. `Err`: no connection,
     /// or the deadline passed (`buf` is dropped with the read, and the connection with it).
     async fn read_part(

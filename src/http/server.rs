@@ -1004,7 +1004,9 @@ async fn pump<S: Connection>(
     // a client whose answer streams learns at once that it has begun (an SSE answer may stay
     // silent for as long as its call runs), and one that came whole keeps its single write.
     if !out.is_empty() && !resp.body_buffered() {
+        let writing = Instant::now();
         let (res, o) = write_bounded(w, stream, out).await;
+        resp.postpone_deadline(writing.elapsed());
         out = o;
         if res.is_err() {
             w.pool.release(resp);
@@ -1124,7 +1126,9 @@ async fn pump<S: Connection>(
         if out.is_empty() {
             continue;
         }
+        let writing = Instant::now();
         let (res, o) = write_bounded(w, stream, out).await;
+        resp.postpone_deadline(writing.elapsed());
         out = o;
         if res.is_err() {
             ok = false;
