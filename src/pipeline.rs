@@ -1322,7 +1322,13 @@ async fn post(
     {
         audit.arguments = tool_arguments(raw);
     }
-    let first_id = body.messages().iter().find_map(|m| m.id.clone());
+    // A request's id: an error about a POSTed response (or notification) carries none, as the
+    // client would read one as the answer to its own request of that id.
+    let first_id = body
+        .messages()
+        .iter()
+        .find(|m| m.kind == Kind::Request)
+        .and_then(|m| m.id.clone());
     let fail = |e: GatewayError| (e, first_id.clone(), method);
     if let Body::Batch(_) = body
         && !transport::batch_allowed(cx.version)
@@ -1471,7 +1477,9 @@ async fn post(
         if *e == GatewayError::UpstreamTimeout
             && let UpstreamRef::Http(server) = upstream
         {
-            crate::upstream::http::cancel_all(w, server, &outgoing, &body);
+            if let Some(cancel) = crate::upstream::http::Cancel::of(w, server, &outgoing, &body) {
+                cancel.send();
+            }
         }
     };
     let exchange = if let Body::Single(_) = body {
@@ -1500,7 +1508,7 @@ async fn post(
     {
         let cancel = match upstream {
             UpstreamRef::Http(server) => {
-                crate::upstream::http::Cancel::of(w, server, &outgoing, id, m.method_str())
+                crate::upstream::http::Cancel::of(w, server, &outgoing, &body)
             }
             _ => None,
         };

@@ -35,6 +35,11 @@ type Seen = Arc<Mutex<Vec<String>>>;
 /// bytes, then saying nothing more on that connection. Counts the connections the gateway has
 /// since closed, and keeps every request.
 fn scripted_upstream(script: Script) -> (String, Arc<AtomicUsize>, Seen) {
+    scripted_upstream_with(script, true)
+}
+
+/// [`scripted_upstream`]; `sessions`: whether its `initialize` answer opens a session.
+fn scripted_upstream_with(script: Script, sessions: bool) -> (String, Arc<AtomicUsize>, Seen) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/mcp", listener.local_addr().unwrap());
     let closed = Arc::new(AtomicUsize::new(0));
@@ -56,9 +61,14 @@ fn scripted_upstream(script: Script) -> (String, Arc<AtomicUsize>, Seen) {
                     kept.lock().unwrap().push(req.clone());
                     if req.contains("\"initialize\"") {
                         let body = r#"{"jsonrpc":"2.0","id":1,"result":{"protocolVersion":"2025-11-25","capabilities":{"tools":{}},"serverInfo":{"name":"scripted","version":"1"}}}"#;
+                        let session = if sessions {
+                            "Mcp-Session-Id: s1\r\n"
+                        } else {
+                            ""
+                        };
                         let _ = write!(
                             conn,
-                            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nMcp-Session-Id: s1\r\nContent-Length: {}\r\n\r\n{body}",
+                            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n{session}Content-Length: {}\r\n\r\n{body}",
                             body.len()
                         );
                         continue;
@@ -458,9 +468,12 @@ fn a_client_reading_slowly_gets_a_whole_answer_the_upstream_sent_in_time() {
         }
     }
     let text = String::from_utf8_lossy(&got);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
-    let json: serde_json::Value = serde_json::from_str(body)
-        .unwrap_or_else(|_| panic!("cut after {} bytes", got.len()));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    let json: serde_json::Value =
+        serde_json::from_str(body).unwrap_or_else(|_| panic!("cut after {} bytes", got.len()));
     assert_eq!(json["id"], 13);
     assert!(
         !seen
@@ -470,4 +483,90 @@ fn a_client_reading_slowly_gets_a_whole_answer_the_upstream_sent_in_time() {
             .any(|r| r.contains("notifications/cancelled")),
         "an answered call was cancelled"
     );
+}
+
+/// No answer at all to a call (nor to a batch holding one): the head never comes.
+fn nothing_to_calls(req: &str) -> Option<Vec<u8>> {
+    req.contains("tools/call").then(Vec::new)
+}
+
+/// The `notifications/cancelled` requests the upstream has seen, as JSON bodies.
+fn cancellations(seen: &Seen) -> Vec<serde_json::Value> {
+    seen.lock()
+        .unwrap()
+        .iter()
+        .filter(|r| r.contains("notifications/cancelled"))
+        .filter_map(|r| serde_json::from_str(r.split_once("\r\n\r\n")?.1).ok())
+        .collect()
+}
+
+#[test]
+fn a_timed_out_batch_is_cancelled_in_one_request_each_id_once() {
+    // One notification POSTed per request would let a batch of many requests open as many
+    // upstream connections at once.
+    let (url, _, seen) = scripted_upstream(nothing_to_calls);
+    let g = gateway(&url, "");
+    let r = mcp_post(g.addr, &INIT.replace("2025-11-25", "2025-03-26"), None);
+    let sid = r.header("mcp-session-id").unwrap().to_string();
+    let calls: Vec<String> = [31, 32, 31, 33]
+        .iter()
+        .map(|id| call(*id, "slow", "{}"))
+        .chain([INITIALIZED.to_string()])
+        .collect();
+    let batch = format!("[{}]", calls.join(","));
+    let raw = mcp_post_raw(&batch, Some(&sid), "MCP-Protocol-Version: 2025-03-26\r\n");
+    let r = request(g.addr, &raw);
+    assert_eq!(r.status, 504, "{}", r.text());
+    let until = Instant::now() + Duration::from_secs(5);
+    while cancellations(&seen).is_empty() {
+        assert!(Instant::now() < until, "the batch was not cancelled");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let sent = cancellations(&seen);
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    let ids: Vec<&serde_json::Value> = sent[0]
+        .as_array()
+        .expect("a batch of notifications")
+        .iter()
+        .map(|n| &n["params"]["requestId"])
+        .collect();
+    assert_eq!(ids, [31, 32, 33]);
+}
+
+#[test]
+fn without_an_upstream_session_a_timed_out_call_is_not_cancelled() {
+    // Without a session, `requestId: 7` names no request of this client's in particular: at a
+    // stateless upstream another tenant's call may carry the same id.
+    let (url, _, seen) = scripted_upstream_with(nothing_to_calls, false);
+    let g = gateway(&url, "");
+    assert_eq!(mcp_post(g.addr, INIT, None).status, 200);
+    let r = mcp_post(g.addr, &call(7, "slow", "{}"), None);
+    assert_eq!(r.status, 504, "{}", r.text());
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        cancellations(&seen).is_empty(),
+        "{:?}",
+        cancellations(&seen)
+    );
+}
+
+#[test]
+fn an_error_about_a_posted_response_carries_no_id() {
+    // A client POSTs its answer to a server request; the upstream never takes it. The 504 must
+    // not carry that answer's id: the client would read it as the answer to its own request
+    // of the same id.
+    fn nothing_to_anything(req: &str) -> Option<Vec<u8>> {
+        req.contains("\"result\"").then(Vec::new)
+    }
+    let (url, _, _) = scripted_upstream(nothing_to_anything);
+    let g = gateway(&url, "");
+    let sid = initialize(g.addr);
+    let r = mcp_post(
+        g.addr,
+        r#"{"jsonrpc":"2.0","id":9001,"result":{}}"#,
+        Some(&sid),
+    );
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert!(r.json().get("id").is_none(), "{}", r.text());
 }

@@ -30,23 +30,41 @@ pub struct Cancel {
 }
 
 impl Cancel {
-    /// The cancellation of `id`, a request `out` sent to `server`; `None` for `initialize`.
-    pub fn of(
-        w: &Worker,
-        server: &HttpServer,
-        out: &Outgoing<'_>,
-        id: &crate::mcp::jsonrpc::RpcId,
-        method: &str,
-    ) -> Option<Cancel> {
-        if method == "initialize" {
-            return None;
+    /// The cancellation of the requests `body` sent to `server` (`initialize` never is): one
+    /// notification for a single request, one batch of them, each id once, for a batch (the
+    /// session speaks a version with batches, or the client's batch was refused), so a batch
+    /// of many requests costs the upstream one request more, not one each. `None` when there
+    /// is nothing to cancel, or no upstream session to cancel it in: without one, an id names
+    /// no request of this client's in particular (another tenant's calls may use it too).
+    pub fn of(w: &Worker, server: &HttpServer, out: &Outgoing<'_>, body: &Body) -> Option<Cancel> {
+        let mut ids: Vec<String> = Vec::new();
+        for m in body.messages() {
+            if m.kind == Kind::Request
+                && m.method_str() != "initialize"
+                && let Some(id) = &m.id
+            {
+                let id = id.to_json();
+                if !ids.contains(&id) {
+                    ids.push(id);
+                }
+            }
         }
-        let body = format!(
-            r#"{{"jsonrpc":"2.0","method":"notifications/cancelled","params":{{"requestId":{},"reason":"the gateway's timeout for this request ran out"}}}}"#,
-            id.to_json()
-        );
+        let notes: Vec<String> = ids
+            .iter()
+            .map(|id| {
+                format!(
+                    r#"{{"jsonrpc":"2.0","method":"notifications/cancelled","params":{{"requestId":{id},"reason":"the gateway's timeout for this request ran out"}}}}"#
+                )
+            })
+            .collect();
+        let body = match (body, notes.as_slice()) {
+            (_, []) => return None,
+            (Body::Single(_), [one]) => one.clone(),
+            _ => format!("[{}]", notes.join(",")),
+        };
         let (request, target) =
             prepare(server, out, "POST", body.as_bytes(), Some(CANCELLED)).ok()?;
+        target.session?;
         Some(Cancel {
             worker: w.rc(),
             addrs: server.replicas()[target.replica].endpoint.addrs.clone(),
@@ -88,18 +106,6 @@ impl Cancel {
                 }
             }
         });
-    }
-}
-
-/// Each request of `body` (sent to `server` and timed out), cancelled there.
-pub fn cancel_all(w: &Worker, server: &HttpServer, out: &Outgoing<'_>, body: &Body) {
-    for m in body.messages() {
-        if m.kind == Kind::Request
-            && let Some(id) = &m.id
-            && let Some(cancel) = Cancel::of(w, server, out, id, m.method_str())
-        {
-            cancel.send();
-        }
     }
 }
 
