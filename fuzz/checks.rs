@@ -848,6 +848,9 @@ pub fn sse_events(data: &[u8]) {
     let whole = decode(&[stream]);
     let split = decode(&[&stream[..at], &stream[at..]]);
     assert_eq!(whole, split, "split at {at}");
+    // A byte per read: every CR is the last byte of some read.
+    let bytes: Vec<&[u8]> = stream.chunks(1).collect();
+    assert_eq!(whole, decode(&bytes), "a byte at a time");
 }
 
 /// What peers of the gateway send it outside HTTP heads and JSON-RPC: Redis replies (RESP),

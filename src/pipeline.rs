@@ -72,17 +72,21 @@ pub struct Reply {
     /// The upstream's hold on the request (its replica's count of requests in flight), let go
     /// once the reply is written.
     pub hold: Option<InFlight>,
-    /// For a single call answered as an SSE stream: how to end it when the gateway gives up
-    /// on the answer part-way (its time ran out, an event could not be checked).
+    /// For a single call whose answer is relayed as it arrives: how to end it when the
+    /// gateway gives up on the answer part-way (its time ran out, an event could not be
+    /// checked).
     pub call: Option<Box<StreamedCall>>,
 }
 
-/// A single call whose answer streams as SSE, for ending it early: the head has gone out by
-/// then, so a status cannot say why; an error event with the call's id can.
+/// A single call whose answer is relayed as it arrives, for ending it early: an SSE stream's
+/// head has gone out by then, so a status cannot say why; an error event with the call's id
+/// can (and a JSON answer's error carries the id too).
 pub struct StreamedCall {
     /// The call's id.
     pub id: RpcId,
-    /// The call's cancellation, for an HTTP upstream.
+    /// Whether the answer is an SSE stream, which can end with an event of the gateway's.
+    pub events: bool,
+    /// The call's cancellation, for an HTTP upstream's SSE answer.
     pub cancel: Option<crate::upstream::http::Cancel>,
 }
 
@@ -162,16 +166,23 @@ impl Reply {
         }
     }
 
-    /// Whether the body is an SSE stream: an upstream's, relayed as it arrives, or the
-    /// gateway's own (a stdio child's progress and answer).
-    fn streams_events(&self) -> bool {
+    /// Whether the body is read from the upstream as it is relayed (after the reply's head
+    /// has been decided), or is a stream.
+    fn is_relayed(&self) -> bool {
         matches!(
             self.body,
             ReplyBody::Upstream(_) | ReplyBody::FilteredEvents(_) | ReplyBody::Events(_)
-        ) && self
-            .headers
-            .iter()
-            .any(|(name, value)| *name == "content-type" && crate::http::is_event_stream(value))
+        )
+    }
+
+    /// Whether the body is an SSE stream: an upstream's, relayed as it arrives, or the
+    /// gateway's own (a stdio child's progress and answer).
+    fn streams_events(&self) -> bool {
+        self.is_relayed()
+            && self
+                .headers
+                .iter()
+                .any(|(name, value)| *name == "content-type" && crate::http::is_event_stream(value))
     }
 
     /// A complete JSON response.
@@ -1503,17 +1514,23 @@ async fn post(
         .inspect_err(cancel_on_timeout)
         .map_err(fail)?;
     if let Body::Single(m) = &body
+        && m.kind == Kind::Request
         && let Some(id) = &m.id
-        && reply.streams_events()
+        && reply.is_relayed()
     {
+        // Built ahead only for an SSE answer, whose time may well run out (it may stream for
+        // as long as its call runs); a JSON answer whose body stalls gets its error with the
+        // call's id, but no cancellation.
+        let events = reply.streams_events();
         let cancel = match upstream {
-            UpstreamRef::Http(server) => {
+            UpstreamRef::Http(server) if events => {
                 crate::upstream::http::Cancel::of(w, server, &outgoing, &body)
             }
             _ => None,
         };
         reply.call = Some(Box::new(StreamedCall {
             id: id.clone(),
+            events,
             cancel,
         }));
     }

@@ -294,6 +294,7 @@ fn a_relayed_chunked_json_answer_that_stalls_is_cut_at_the_calls_timeout() {
     let text = String::from_utf8_lossy(&got);
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(!text.ends_with("0\r\n\r\n"), "cut, not ended: {text}");
+    assert!(!text.contains("in time"), "an event of ours in a JSON body: {text}");
     wait_closed(&closed, 1, "a stalled relayed chunked answer");
 }
 
@@ -569,4 +570,41 @@ fn an_error_about_a_posted_response_carries_no_id() {
     );
     assert_eq!(r.status, 504, "{}", r.text());
     assert!(r.json().get("id").is_none(), "{}", r.text());
+}
+
+#[test]
+fn an_answer_ended_by_cr_cr_reaches_a_checked_stream_before_the_deadline() {
+    // CR CR ends an SSE event. Checked (redaction), the event was held until the upstream's
+    // next byte; an upstream that then waited lost the call its answer at the deadline.
+    fn answer_then_silence(req: &str) -> Option<Vec<u8>> {
+        req.contains("tools/call").then(|| {
+            chunked(
+                "text/event-stream",
+                &["event: message\rdata: {\"jsonrpc\":\"2.0\",\"id\":14,\"result\":{\"content\":[]}}\r\r"],
+            )
+        })
+    }
+    let (url, _, _) = scripted_upstream(answer_then_silence);
+    let g = gateway(&url, "\n[redaction]\nenabled = true\n");
+    let sid = initialize(g.addr);
+    let r = mcp_post(g.addr, &call(14, "quick", "{}"), Some(&sid));
+    let messages = r.sse_messages();
+    assert_eq!(messages[0]["id"], 14, "{messages:?}");
+    assert!(messages[0].get("result").is_some(), "{messages:?}");
+}
+
+#[test]
+fn a_json_answer_whose_body_stalls_gets_504_with_the_calls_id() {
+    fn head_and_a_little(req: &str) -> Option<Vec<u8>> {
+        req.contains("tools/call").then(|| {
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"jsonrpc\":".to_vec()
+        })
+    }
+    let (url, closed, _) = scripted_upstream(head_and_a_little);
+    let g = gateway(&url, "");
+    let sid = initialize(g.addr);
+    let r = mcp_post(g.addr, &call(15, "slow", "{}"), Some(&sid));
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert_eq!(r.json()["id"], 15, "{}", r.text());
+    wait_closed(&closed, 1, "a stalled JSON body");
 }

@@ -887,7 +887,7 @@ async fn write_reply<S: Connection>(
                 let source = EventSource {
                     messages: events.messages,
                     backlog: events.backlog,
-                    call: reply.call.take().map(|c| c.id),
+                    call: reply.call.take().filter(|c| c.events).map(|c| c.id),
                 };
                 relay_events(w, stream, source, &mut transform, meta, &mut out).await;
                 if let Some(t) = transform.as_mut() {
@@ -939,7 +939,8 @@ impl StreamEnd<'_> {
         if let Some(cancel) = call.cancel.take() {
             cancel.send();
         }
-        if framing != Framing::Chunked || !tail.is_some_and(EventTail::at_boundary) {
+        if !call.events || framing != Framing::Chunked || !tail.is_some_and(EventTail::at_boundary)
+        {
             return None;
         }
         let event = message_event(&err.body(Some(&call.id)));
@@ -993,7 +994,9 @@ async fn pump<S: Connection>(
                 } else {
                     GatewayError::UpstreamUnavailable("upstream answer cut short".into())
                 };
-                out = body_refused(w, stream, meta, e, err).await;
+                *end.reason = Some(err.reason());
+                let id = end.call.as_ref().map(|c| &c.id);
+                out = body_refused(w, stream, meta, e, err, id).await;
                 false
             }
         };
@@ -1015,7 +1018,11 @@ async fn pump<S: Connection>(
     }
     let ok;
     // Where the relayed events stand, kept only when a timeout error may end the stream.
-    let mut tail = end.call.is_some().then(EventTail::default);
+    let mut tail = end
+        .call
+        .as_ref()
+        .is_some_and(|c| c.events)
+        .then(EventTail::default);
     loop {
         // While the upstream is silent the client is watched. It sends nothing while it reads
         // an answer, so its connection turning readable means it has gone (EOF) or broken the
@@ -1209,12 +1216,13 @@ async fn body_refused<S: Connection>(
     meta: &ReqMeta<'_>,
     e: crate::http::client::UpstreamError,
     err: GatewayError,
+    id: Option<&crate::mcp::jsonrpc::RpcId>,
 ) -> Vec<u8> {
     w.metrics
         .upstream_errors
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     tracing::warn!(target: "mcp_guard::upstream", "upstream body failed: {e}");
-    let body = err.body(None);
+    let body = err.body(id);
     let mut out = Vec::with_capacity(256 + body.len());
     write_head(
         &mut out,

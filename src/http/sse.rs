@@ -38,6 +38,9 @@ pub struct SseSplitter {
     /// at a time are scanned once, not once per read (a 16 MiB event read 16 KiB at a time
     /// would otherwise cost a thousand rescans of its beginning).
     scan: Scan,
+    /// The last event ended with a CR that was the last byte read: an LF arriving next belongs
+    /// to that CR (one CRLF), not a line of its own.
+    skip_lf: bool,
 }
 
 /// Where a search for an event's end stopped: the next byte to look at, and whether it starts
@@ -88,17 +91,29 @@ impl SseSplitter {
         self.drain_events(&mut each);
         self.pending.clear();
         self.scan = Scan::default();
+        self.skip_lf = false;
     }
 
     /// Hands every complete event in `pending` to `each` and drops it, remembering how far the
     /// search for the next one got.
     fn drain_events(&mut self, each: &mut impl FnMut(&[u8])) {
         let mut start = 0;
+        if self.skip_lf && !self.pending.is_empty() {
+            self.skip_lf = false;
+            if self.pending[0] == b'\n' {
+                start = 1;
+            }
+        }
         let mut scan = self.scan;
         while let Some((len, consumed)) = find_event_end_from(&self.pending[start..], &mut scan) {
             each(&self.pending[start..start + len]);
             start += consumed;
             scan = Scan::default();
+            // Ended by a lone CR, the last byte so far: dispatched now (the event is whole
+            // whatever follows), and an LF that comes next is that CR's.
+            if start == self.pending.len() && self.pending[start - 1] == b'\r' {
+                self.skip_lf = true;
+            }
         }
         self.pending.drain(..start);
         self.scan = scan;
@@ -230,6 +245,9 @@ fn find_event_end_from(b: &[u8], scan: &mut Scan) -> Option<(usize, usize)> {
     } = *scan;
     while i < b.len() {
         let term = match b[i] {
+            // A CR ending an empty line ends the event, whether an LF follows or not.
+            b'\r' if i + 1 == b.len() && at_line_start => return Some((i, i + 1)),
+            // One ending a line of text waits: an LF may follow, as part of the same ending.
             b'\r' if i + 1 == b.len() => break,
             b'\r' if b[i + 1] == b'\n' => 2,
             b'\r' | b'\n' => 1,
@@ -255,6 +273,30 @@ fn find_event_end_from(b: &[u8], scan: &mut Scan) -> Option<(usize, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_event_ended_by_cr_at_the_end_of_a_read_is_out_at_once_and_an_lf_after_it_is_its_own() {
+        // Valid SSE: an upstream that ends an event with CR CR and then waits must not have
+        // the event held until its next byte (it may be the call's answer, and the next byte
+        // may never come).
+        for ending in ["\r\r", "\n\r", "\r\n\r"] {
+            let mut d = SseDecoder::default();
+            let first = d.push(format!("data: 1{ending}").as_bytes()).unwrap();
+            assert_eq!(first.len(), 1, "{ending:?}: {first:?}");
+            assert_eq!(first[0].data, "1");
+            // The LF completing the CR: no empty event, and the next event reads whole.
+            let next = d.push(b"\ndata: 2\n\n").unwrap();
+            let data: Vec<&str> = next.iter().map(|e| e.data.as_str()).collect();
+            assert_eq!(data, ["2"], "{ending:?}: {next:?}");
+            assert!(d.finish().is_empty());
+        }
+        // A CR ending a line of text still waits for what follows it.
+        let mut d = SseDecoder::default();
+        assert!(d.push(b"data: 3\r").unwrap().is_empty());
+        let got = d.push(b"\n\n").unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].data, "3");
+    }
 
     #[test]
     fn events_split_across_reads_and_line_endings_decode_alike() {
