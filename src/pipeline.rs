@@ -1503,16 +1503,22 @@ async fn post(
         // A batch cannot be answered with one error: some of its requests may be done. A
         // stdio child's batch answers each request still waiting in its place; an HTTP
         // upstream's answers the batch whole, or the connection closes with the grace.
-        forwarded
-            .await
-            .inspect_err(cancel_on_timeout)
-            .map_err(fail)?
+        match forwarded.await {
+            Ok(exchange) => exchange,
+            Err(e) => {
+                cancel_on_timeout(&e);
+                return errors_in_place(&body, e, method).map_err(fail);
+            }
+        }
     };
     // 10. relay
-    let mut reply = deliver(cx, exchange, method, transform)
-        .await
-        .inspect_err(cancel_on_timeout)
-        .map_err(fail)?;
+    let mut reply = match deliver(cx, exchange, method, transform).await {
+        Ok(reply) => reply,
+        Err(e) => {
+            cancel_on_timeout(&e);
+            return errors_in_place(&body, e, method).map_err(fail);
+        }
+    };
     if let Body::Single(m) = &body
         && m.kind == Kind::Request
         && let Some(id) = &m.id
@@ -1537,6 +1543,31 @@ async fn post(
     if elicits {
         flag_elicitation(cx, &mut reply);
     }
+    Ok(reply)
+}
+
+/// A failure of the upstream side as the answer to a batch: the error in place of each of its
+/// requests, in an array, as a batch is answered (a single error would answer one request of
+/// it, the first, and leave the others unanswered). `Err`: not a batch with requests; the
+/// error answers the POST.
+fn errors_in_place(body: &Body, e: GatewayError, method: usize) -> Result<Reply, GatewayError> {
+    let Body::Batch(messages) = body else {
+        return Err(e);
+    };
+    let answers: Vec<Vec<u8>> = messages
+        .iter()
+        .filter(|m| m.kind == Kind::Request)
+        .filter_map(|m| m.id.as_ref())
+        .map(|id| e.body(Some(id)))
+        .collect();
+    if answers.is_empty() {
+        return Err(e);
+    }
+    let mut array = b"[".to_vec();
+    array.extend_from_slice(&answers.join(&b","[..]));
+    array.push(b']');
+    let mut reply = Reply::json(200, array, method);
+    reply.reason = Some(e.reason());
     Ok(reply)
 }
 
