@@ -468,3 +468,37 @@ fn a_reload_pointing_a_server_elsewhere_ends_its_sessions() {
     assert_eq!(post_at(&g, "/mcp/web", ALICE, ping, Some(&sid)).status, 404);
     assert_eq!(init_at(&g, "/mcp/web", ALICE).0, "second");
 }
+
+#[test]
+fn a_stripped_prefix_remainder_goes_before_the_upstream_urls_query() {
+    // `url = ".../mcp?tenant=a"`: `/web/extra` is `/mcp/extra?tenant=a` upstream, not
+    // `/mcp?tenant=a/extra` (a query the upstream would read as `a/extra`).
+    use std::io::{BufRead, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { return };
+            let mut line = String::new();
+            let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
+            if reader.read_line(&mut line).is_ok() {
+                let _ = tx.send(line.trim_end().to_string());
+            }
+            let _ = (&conn).write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n");
+        }
+    });
+    let servers = format!(
+        "[[upstream.servers]]\nname = \"web\"\ntransport = \"http\"\nurl = \"http://{addr}/mcp?tenant=a\"\npath_prefix = \"/web\"\nstrip_prefix = true\n{}",
+        stdio_server("local", "")
+    );
+    let g = Gateway::start(&config(&servers));
+    let r = post_at(&g, "/web/extra", ALICE, INIT, None);
+    assert_eq!(r.status, 404, "{}", r.text());
+    let seen: Vec<String> = rx.try_iter().collect();
+    assert!(
+        seen.iter()
+            .any(|l| l == "POST /mcp/extra?tenant=a HTTP/1.1"),
+        "{seen:?}"
+    );
+}

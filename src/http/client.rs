@@ -270,7 +270,9 @@ fn parse_response_head(buf: &[u8]) -> Result<Option<ResponseHead>, &'static str>
             continue;
         }
         if h.name.eq_ignore_ascii_case("content-length") {
-            let n: u64 = value.parse().map_err(|_| "bad upstream Content-Length")?;
+            // Digits only, as a client's is read: `+5` is not a length either way.
+            let n =
+                crate::http::request::parse_length(value).ok_or("bad upstream Content-Length")?;
             if content_length.is_some_and(|p| p != n) {
                 return Err("conflicting upstream Content-Length");
             }
@@ -660,6 +662,15 @@ mod tests {
             )
             .is_err()
         );
+        // A length is digits only, as a client's is read.
+        for length in ["+2", "-0", "2 2", "0x2", "2.0", "", "99999999999999999999"] {
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {length}\r\n\r\n");
+            assert_eq!(
+                parse_response_head(head.as_bytes()).err(),
+                Some("bad upstream Content-Length"),
+                "{length:?}"
+            );
+        }
     }
 
     #[test]

@@ -586,7 +586,7 @@ fn header_kind(name: &str) -> HeaderKind {
 }
 
 /// A Content-Length value: 1 to 19 ASCII digits, nothing else (no sign, no spaces inside).
-fn parse_length(s: &str) -> Option<u64> {
+pub(crate) fn parse_length(s: &str) -> Option<u64> {
     if s.is_empty() || s.len() > 19 {
         return None;
     }

@@ -167,11 +167,13 @@ fn prepare<'o>(
     }
     // The client's query string is not forwarded: it is ours to read (and may carry a
     // credential, `?api_key=`), and the upstream's endpoint is the configured URL.
-    // A `strip_prefix` route forwards the remainder below its endpoint under the upstream's path.
+    // A `strip_prefix` route forwards the remainder below its endpoint under the upstream's
+    // path, and before the configured URL's own query, if it has one.
     let path: std::borrow::Cow<'_, str> = if out.path_rest.is_empty() {
         ep.path.as_str().into()
     } else {
-        format!("{}{}", ep.path.trim_end_matches('/'), out.path_rest).into()
+        let (base, query) = ep.path.split_at(ep.path.find('?').unwrap_or(ep.path.len()));
+        format!("{}{}{query}", base.trim_end_matches('/'), out.path_rest).into()
     };
     let request = client::build_request(method, &path, &ep.host_header, &headers, body);
     Ok((request, target))
