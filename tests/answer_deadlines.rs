@@ -425,9 +425,9 @@ fn a_streaming_call_still_open_when_the_shutdown_grace_ends_gets_its_error_as_th
     assert!(g.wait_exit(Duration::from_secs(10)).is_some());
 }
 
-fn eight_megabytes_at_once(req: &str) -> Option<Vec<u8>> {
+fn six_megabytes_at_once(req: &str) -> Option<Vec<u8>> {
     req.contains("tools/call").then(|| {
-        let text = "A".repeat(8 << 20);
+        let text = "A".repeat(6 << 20);
         let body = serde_json::json!({"jsonrpc":"2.0","id":13,"result":{"content":[{"type":"text","text":text}]}}).to_string();
         let mut out = format!(
             "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
@@ -441,10 +441,11 @@ fn eight_megabytes_at_once(req: &str) -> Option<Vec<u8>> {
 
 #[test]
 fn a_client_reading_slowly_gets_a_whole_answer_the_upstream_sent_in_time() {
-    // The upstream sends all of it at once; the client takes about two seconds to read it.
-    // The time spent waiting for the client is not the upstream's: the answer must not be cut
-    // at the call's one-second deadline (nor the call cancelled upstream).
-    let (url, _, seen) = scripted_upstream(eight_megabytes_at_once);
+    // The upstream sends all of it at once; the client takes about a second and a half to
+    // read it. The time spent waiting for the client is not the upstream's (up to the timeout
+    // once more): the answer must not be cut at the call's one-second deadline (nor the call
+    // cancelled upstream).
+    let (url, _, seen) = scripted_upstream(six_megabytes_at_once);
     let g = gateway(&url, "");
     let sid = initialize(g.addr);
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
@@ -462,7 +463,7 @@ fn a_client_reading_slowly_gets_a_whole_answer_the_upstream_sent_in_time() {
             Ok(0) | Err(_) => break,
             Ok(n) => got.extend_from_slice(&buf[..n]),
         }
-        if got.len() > 8 << 20 && got.ends_with(b"}}") {
+        if got.len() > 6 << 20 && got.ends_with(b"}}") {
             break;
         }
         // About 4 MB/s.
@@ -622,4 +623,76 @@ fn a_json_answer_whose_body_stalls_gets_504_with_the_calls_id() {
     assert_eq!(r.status, 504, "{}", r.text());
     assert_eq!(r.json()["id"], 15, "{}", r.text());
     wait_closed(&closed, 1, "a stalled JSON body");
+}
+
+#[test]
+fn a_slow_reader_and_an_endless_upstream_together_cannot_stretch_a_call_past_twice_its_timeout() {
+    // An upstream that keeps writing large events, a client that keeps reading slowly: time
+    // spent on the client is forgiven only up to the timeout once more.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/mcp", listener.local_addr().unwrap());
+    let closed = Arc::new(AtomicUsize::new(0));
+    let seen = closed.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let seen = seen.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                let n = conn.read(&mut buf).unwrap_or(0);
+                let req = String::from_utf8_lossy(&buf[..n]).to_string();
+                if req.contains("\"initialize\"") {
+                    let body = r#"{"jsonrpc":"2.0","id":1,"result":{"protocolVersion":"2025-11-25","capabilities":{},"serverInfo":{"name":"endless","version":"1"}}}"#;
+                    let _ = write!(
+                        conn,
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nMcp-Session-Id: s1\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    return;
+                }
+                if !req.contains("tools/call") {
+                    let _ = conn.write_all(
+                        b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    );
+                    return;
+                }
+                let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n");
+                let event = format!(
+                    "event: message\ndata: {{\"jsonrpc\":\"2.0\",\"method\":\"notifications/message\",\"params\":{{\"data\":\"{}\"}}}}\n\n",
+                    "x".repeat(256 << 10)
+                );
+                let chunk = format!("{:x}\r\n{event}\r\n", event.len());
+                while conn.write_all(chunk.as_bytes()).is_ok() {}
+                seen.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    let g = gateway(&url, "");
+    let sid = initialize(g.addr);
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&g.addr.into()).unwrap();
+    let mut s: TcpStream = socket.into();
+    s.write_all(mcp_post_raw(&call(16, "endless", "{}"), Some(&sid), "").as_bytes())
+        .unwrap();
+    let started = Instant::now();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut buf = vec![0u8; 64 << 10];
+    let (mut paced, mut got) = (0, 0);
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+        // About 2 MB/s, far below what the upstream writes.
+        if got >= paced + (32 << 10) {
+            paced = got;
+            std::thread::sleep(Duration::from_millis(16));
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "still streaming after 8 s, the call's timeout being 1 s"
+        );
+    }
+    wait_closed(&closed, 1, "an endless answer to a slow reader");
 }

@@ -415,8 +415,9 @@ pub struct UpstreamSection {
     pub headers: BTreeMap<String, String>,
     /// Seconds the upstream has to answer a request, per request: the JSON-RPC response must
     /// have arrived by then, as a JSON body or as the last event of an SSE stream (progress
-    /// does not extend it). Beyond it the client gets 504, or, on an SSE answer already
-    /// begun, the same error as the stream's last event. A GET stream is not bounded by it.
+    /// does not extend it; time spent on a client reading slowly is not counted, up to this
+    /// long again). Beyond it the client gets 504, or, on an SSE answer already begun, the
+    /// same error as the stream's last event. A GET stream is not bounded by it.
     #[serde(default = "default_upstream_timeout")]
     #[schemars(extend("x-type" = "seconds (whole number, at least 1)"))]
     pub timeout_secs: u64,

@@ -51,6 +51,8 @@ pub struct UpstreamResponse {
     /// only the head, bounds every read of an answer to a call, whether read whole or relayed
     /// as it streams. `None`: no bound (a GET stream, which lasts as long as its client stays).
     deadline: Option<Instant>,
+    /// How much later the deadline may still be moved for time spent on a slow client.
+    slack: std::time::Duration,
     /// Whose request this answers (the pool's owner key): the connection is pooled for that
     /// owner only.
     owner: u64,
@@ -213,6 +215,7 @@ pub async fn exchange(
                     reusable: head.keep_alive && head.framing != RespFraming::Close,
                     done: head.framing == RespFraming::Empty,
                     deadline: None,
+                    slack: std::time::Duration::ZERO,
                     owner,
                 });
             }
@@ -534,10 +537,18 @@ impl UpstreamResponse {
         self.deadline = Some(at);
     }
 
-    /// Moves the deadline `by` later: the time the gateway spent writing to a client that
-    /// reads slowly is not the upstream's to answer for (that client is bounded by the write
-    /// stall timeout instead), and a slow reader must still get an answer sent in time.
+    /// Lets [`Self::postpone_deadline`] move the deadline by up to `slack` in all.
+    pub fn allow_postponement(&mut self, slack: std::time::Duration) {
+        self.slack = slack;
+    }
+
+    /// Moves the deadline `by` later, within the slack left: the time the gateway spent
+    /// writing to a client that reads slowly is not the upstream's to answer for, and a slow
+    /// reader should still get an answer sent in time. Bounded, so that a slow reader and an
+    /// upstream that keeps producing cannot stretch a call past its maximum together.
     pub fn postpone_deadline(&mut self, by: std::time::Duration) {
+        let by = by.min(self.slack);
+        self.slack -= by;
         if let Some(at) = self.deadline.as_mut() {
             *at += by;
         }

@@ -222,6 +222,9 @@ pub async fn exchange(
             // GET stream is not a call: it lasts while its client stays.
             if method != "GET" {
                 resp.set_deadline(started + out.timeout);
+                // Time spent on a slow client is not counted, up to the timeout once more:
+                // an answer lasts at most twice its timeout, whoever is slow.
+                resp.allow_postponement(out.timeout);
             }
             let session = resp
                 .session_id
