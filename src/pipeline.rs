@@ -82,8 +82,11 @@ pub struct Reply {
 /// head has gone out by then, so a status cannot say why; an error event with the call's id
 /// can (and a JSON answer's error carries the id too).
 pub struct StreamedCall {
-    /// The call's id.
+    /// The call's id (a batch's first request's).
     pub id: RpcId,
+    /// For a batch, the ids of its other requests: an error answers each in its place, and
+    /// no event of the gateway's ends its stream (some of its requests may be answered).
+    pub batch: Option<Vec<RpcId>>,
     /// Whether the answer is an SSE stream, which can end with an event of the gateway's.
     pub events: bool,
     /// The call's cancellation, for an HTTP upstream's SSE answer.
@@ -1519,9 +1522,20 @@ async fn post(
             return errors_in_place(&body, e, method).map_err(fail);
         }
     };
-    if let Body::Single(m) = &body
-        && m.kind == Kind::Request
-        && let Some(id) = &m.id
+    // The requests a relayed answer answers, for an error in their place should the gateway
+    // give up on it part-way.
+    let ids: Option<(RpcId, Vec<RpcId>)> = match &body {
+        Body::Single(m) if m.kind == Kind::Request => m.id.clone().map(|id| (id, Vec::new())),
+        Body::Single(_) => None,
+        Body::Batch(messages) => {
+            let mut ids = messages
+                .iter()
+                .filter(|m| m.kind == Kind::Request)
+                .filter_map(|m| m.id.clone());
+            ids.next().map(|first| (first, ids.collect()))
+        }
+    };
+    if let Some((id, more)) = ids
         && reply.is_relayed()
     {
         // Built ahead only for an SSE answer, whose time may well run out (it may stream for
@@ -1535,7 +1549,8 @@ async fn post(
             _ => None,
         };
         reply.call = Some(Box::new(StreamedCall {
-            id: id.clone(),
+            id,
+            batch: matches!(body, Body::Batch(_)).then_some(more),
             events,
             cancel,
         }));

@@ -696,3 +696,36 @@ fn a_slow_reader_and_an_endless_upstream_together_cannot_stretch_a_call_past_twi
     }
     wait_closed(&closed, 1, "an endless answer to a slow reader");
 }
+
+#[test]
+fn a_batch_whose_json_body_stalls_is_answered_in_place() {
+    fn head_and_a_little(req: &str) -> Option<Vec<u8>> {
+        req.contains("tools/call").then(|| {
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n[{\"jsonrpc\":".to_vec()
+        })
+    }
+    let (url, _, _) = scripted_upstream(head_and_a_little);
+    let g = gateway(&url, "");
+    let r = mcp_post(g.addr, &INIT.replace("2025-11-25", "2025-03-26"), None);
+    let sid = r.header("mcp-session-id").unwrap().to_string();
+    let batch = format!(
+        "[{},{},{}]",
+        call(41, "slow", "{}"),
+        INITIALIZED,
+        call(42, "slow", "{}")
+    );
+    let raw = mcp_post_raw(&batch, Some(&sid), "MCP-Protocol-Version: 2025-03-26\r\n");
+    let r = request(g.addr, &raw);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let answers = r.json();
+    let ids: Vec<&serde_json::Value> = answers
+        .as_array()
+        .expect("an array")
+        .iter()
+        .map(|a| &a["id"])
+        .collect();
+    assert_eq!(ids, [41, 42], "{answers}");
+    for a in answers.as_array().unwrap() {
+        assert_timeout_error(a);
+    }
+}

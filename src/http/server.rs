@@ -887,7 +887,11 @@ async fn write_reply<S: Connection>(
                 let source = EventSource {
                     messages: events.messages,
                     backlog: events.backlog,
-                    call: reply.call.take().filter(|c| c.events).map(|c| c.id),
+                    call: reply
+                        .call
+                        .take()
+                        .filter(|c| c.events && c.batch.is_none())
+                        .map(|c| c.id),
                 };
                 relay_events(w, stream, source, &mut transform, meta, &mut out).await;
                 if let Some(t) = transform.as_mut() {
@@ -939,7 +943,10 @@ impl StreamEnd<'_> {
         if let Some(cancel) = call.cancel.take() {
             cancel.send();
         }
-        if !call.events || framing != Framing::Chunked || !tail.is_some_and(EventTail::at_boundary)
+        if !call.events
+            || call.batch.is_some()
+            || framing != Framing::Chunked
+            || !tail.is_some_and(EventTail::at_boundary)
         {
             return None;
         }
@@ -995,8 +1002,7 @@ async fn pump<S: Connection>(
                     GatewayError::UpstreamUnavailable("upstream answer cut short".into())
                 };
                 *end.reason = Some(err.reason());
-                let id = end.call.as_ref().map(|c| &c.id);
-                out = body_refused(w, stream, meta, e, err, id).await;
+                out = body_refused(w, stream, meta, e, err, end.call.as_deref()).await;
                 false
             }
         };
@@ -1216,17 +1222,30 @@ async fn body_refused<S: Connection>(
     meta: &ReqMeta<'_>,
     e: crate::http::client::UpstreamError,
     err: GatewayError,
-    id: Option<&crate::mcp::jsonrpc::RpcId>,
+    call: Option<&crate::pipeline::StreamedCall>,
 ) -> Vec<u8> {
     w.metrics
         .upstream_errors
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     tracing::warn!(target: "mcp_guard::upstream", "upstream body failed: {e}");
-    let body = err.body(id);
+    // A batch is answered as a batch: the error in place of each of its requests.
+    let (status, body) = match call {
+        Some(c) if let Some(more) = &c.batch => {
+            let answers: Vec<Vec<u8>> = std::iter::once(&c.id)
+                .chain(more)
+                .map(|id| err.body(Some(id)))
+                .collect();
+            let mut array = b"[".to_vec();
+            array.extend_from_slice(&answers.join(&b","[..]));
+            array.push(b']');
+            (200, array)
+        }
+        _ => (err.status(), err.body(call.map(|c| &c.id))),
+    };
     let mut out = Vec::with_capacity(256 + body.len());
     write_head(
         &mut out,
-        err.status(),
+        status,
         &[
             ("content-type", "application/json"),
             ("x-request-id", &meta.request_id),
