@@ -401,13 +401,7 @@ fn a_streaming_call_still_open_when_the_shutdown_grace_ends_gets_its_error_as_th
     s.write_all(mcp_post_raw(&call(12, "slow", "{}"), Some(&sid), "").as_bytes())
         .unwrap();
     // The progress event is through: the call is streaming.
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !String::from_utf8_lossy(&seen).contains("notifications/progress") {
-        let n = s.read(&mut buf).unwrap();
-        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&seen));
-        seen.extend_from_slice(&buf[..n]);
-    }
+    let mut seen = read_until_seen(&mut s, "notifications/progress");
     g.signal(libc::SIGTERM);
     let rest = read_all(&mut s, Duration::from_secs(8))
         .unwrap_or_else(|open| panic!("still open: {}", String::from_utf8_lossy(&open)));

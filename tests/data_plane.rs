@@ -1348,13 +1348,7 @@ fn progress_call_cut_by_sigterm(
     let mut s = connect(g.addr);
     s.write_all(mcp_post_raw(&body, Some(&sid), "").as_bytes())
         .unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !String::from_utf8_lossy(&seen).contains("notifications/progress") {
-        let n = s.read(&mut buf).unwrap();
-        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&seen));
-        seen.extend_from_slice(&buf[..n]);
-    }
+    let mut seen = read_until_seen(&mut s, "notifications/progress");
     g.signal(libc::SIGTERM);
     s.read_to_end(&mut seen).unwrap();
     let text = String::from_utf8_lossy(&seen).to_string();
@@ -1415,13 +1409,7 @@ fn a_stdio_call_whose_client_left_mid_stream_does_not_keep_the_gateway_from_exit
     let mut s = connect(g.addr);
     s.write_all(mcp_post_raw(body, Some(&sid), "").as_bytes())
         .unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !String::from_utf8_lossy(&seen).contains("notifications/progress") {
-        let n = s.read(&mut buf).unwrap();
-        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&seen));
-        seen.extend_from_slice(&buf[..n]);
-    }
+    read_until_seen(&mut s, "notifications/progress");
     drop(s);
     assert_eq!(
         g.metric_settles("mcp_guard_active_connections", &[], 0.0),

@@ -358,6 +358,19 @@ pub fn connect(addr: SocketAddr) -> TcpStream {
     s
 }
 
+/// Reads from `s` until what was read holds `needle`; returns all of it. Panics if the
+/// connection closes first.
+pub fn read_until_seen<S: Read>(s: &mut S, needle: &str) -> Vec<u8> {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains(needle) {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    seen
+}
+
 /// Sends raw bytes on a fresh connection and reads one response.
 pub fn request(addr: SocketAddr, raw: &str) -> Response {
     let mut s = connect(addr);
