@@ -72,15 +72,15 @@ pub struct Reply {
     /// The upstream's hold on the request (its replica's count of requests in flight), let go
     /// once the reply is written.
     pub hold: Option<InFlight>,
-    /// For a single call whose answer is relayed as it arrives: how to end it when the
-    /// gateway gives up on the answer part-way (its time ran out, an event could not be
-    /// checked).
+    /// For the requests whose answer is relayed as it arrives (a single call, or a batch's):
+    /// how to end it when the gateway gives up on the answer part-way (its time ran out, an
+    /// event could not be checked, the body stalled).
     pub call: Option<Box<StreamedCall>>,
 }
 
-/// A single call whose answer is relayed as it arrives, for ending it early: an SSE stream's
+/// The requests an answer relayed as it arrives answers, for ending it early: an SSE stream's
 /// head has gone out by then, so a status cannot say why; an error event with the call's id
-/// can (and a JSON answer's error carries the id too).
+/// can (and a JSON answer's error carries the id, or a batch's an error per request).
 pub struct StreamedCall {
     /// The call's id (a batch's first request's).
     pub id: RpcId,
