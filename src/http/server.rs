@@ -919,7 +919,7 @@ async fn write_reply<S: Connection>(
 
 /// How a relayed stream ends when the gateway gives up on it.
 struct StreamEnd<'r> {
-    /// The single call it answers, if it does (see `Reply::call`).
+    /// The requests it answers, if known (see `Reply::call`).
     call: Option<Box<crate::pipeline::StreamedCall>>,
     /// The reply's audit reason, set when the gateway gives up.
     reason: &'r mut Option<&'static str>,
@@ -931,7 +931,7 @@ impl StreamEnd<'_> {
     /// call's error as its last event and a proper end, returned to be written: the client
     /// learns why at once, rather than waiting for an answer that will not come. `None`: the
     /// stream is to be cut (mid-event, an event of ours would be read as the rest of the
-    /// upstream's).
+    /// upstream's; a batch's stream is always cut, as some of its requests may be answered).
     fn give_up(
         &mut self,
         err: &GatewayError,
