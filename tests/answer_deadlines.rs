@@ -336,7 +336,9 @@ fn a_get_stream_is_not_a_call_and_outlives_the_calls_timeout() {
 
 #[test]
 fn an_initialize_that_times_out_is_never_cancelled() {
-    // "The initialize request MUST NOT be cancelled by clients."
+    // "The initialize request MUST NOT be cancelled by clients." An initialize has no
+    // upstream session yet either, which alone keeps it from being cancelled: this checks the
+    // outcome, whichever rule holds it.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/mcp", listener.local_addr().unwrap());
     let kept: Seen = Arc::default();
@@ -722,4 +724,47 @@ fn a_batch_whose_json_body_stalls_is_answered_in_place() {
     for a in answers.as_array().unwrap() {
         assert_timeout_error(a);
     }
+}
+
+#[test]
+fn a_batch_answered_as_sse_that_times_out_is_cut_and_cancelled_without_events_of_ours() {
+    // Some of a batch's requests may have been answered on the stream: no error event could
+    // say which are not, so none is written; the batch is cancelled upstream, in one request.
+    fn sse_head_then_silence(req: &str) -> Option<Vec<u8>> {
+        req.contains("tools/call")
+            .then(|| chunked("text/event-stream", &[": working\n\n"]))
+    }
+    let (url, closed, seen) = scripted_upstream(sse_head_then_silence);
+    let g = gateway(&url, "");
+    let r = mcp_post(g.addr, &INIT.replace("2025-11-25", "2025-03-26"), None);
+    let sid = r.header("mcp-session-id").unwrap().to_string();
+    let batch = format!("[{},{}]", call(51, "slow", "{}"), call(52, "slow", "{}"));
+    let mut s = connect(g.addr);
+    s.write_all(
+        mcp_post_raw(&batch, Some(&sid), "MCP-Protocol-Version: 2025-03-26\r\n").as_bytes(),
+    )
+    .unwrap();
+    let got = read_all(&mut s, Duration::from_secs(6))
+        .unwrap_or_else(|open| panic!("still open: {}", String::from_utf8_lossy(&open)));
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        !text.contains("in time"),
+        "an error event in a batch's stream: {text}"
+    );
+    wait_closed(&closed, 1, "a timed-out SSE batch");
+    let until = Instant::now() + Duration::from_secs(5);
+    while cancellations(&seen).is_empty() {
+        assert!(Instant::now() < until, "the batch was not cancelled");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let sent = cancellations(&seen);
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    let ids: Vec<&serde_json::Value> = sent[0]
+        .as_array()
+        .expect("a batch of notifications")
+        .iter()
+        .map(|n| &n["params"]["requestId"])
+        .collect();
+    assert_eq!(ids, [51, 52]);
 }
