@@ -4,7 +4,7 @@
 # upstream. Instruction counts do not move with the machine's load, so a change's effect on the
 # gateway's own work shows on a shared VM where timings move by ±10 %.
 #
-#   perf/callgrind.sh [guard|passthrough|tools_list_100|tools_list_100_fresh|tools_list_all] [REQUESTS]
+#   perf/callgrind.sh [guard|passthrough|sse|tools_list_100|tools_list_100_fresh|tools_list_all] [REQUESTS]
 #                                                         (after `cargo build --release --workspace`)
 #
 # The tools_list pair is the harness's: the same full guard, a 100-tool (~20 KiB) tools/list
@@ -38,6 +38,7 @@ wait_for_address() { # file -> host:port printed after "listening on http://"
 
 case "$scenario" in
   guard | passthrough) tools=5 call=echo ;;
+  sse) tools=5 call=echo_sse ;; # the harness's `sse` scenario: no guard, one chunked SSE event
   tools_list_100 | tools_list_all) tools=100 call=tools_list ;;
   tools_list_100_fresh) tools=100 call=tools_list fresh=--fresh-lists ;;
   *) echo "unknown scenario $scenario" >&2; exit 2 ;;
@@ -50,7 +51,7 @@ upstream=$(wait_for_address "$out/upstream.log")
 {
   printf '[server]\nhost = "127.0.0.1"\nport = 0\nworkers = 1\n\n[admin]\nport = 0\n\n'
   printf '[upstream]\ntransport = "http"\nurl = "http://%s/mcp"\n\n' "$upstream"
-  if [ "$scenario" != passthrough ]; then
+  if [ "$scenario" != passthrough ] && [ "$scenario" != sse ]; then
     # The perf harness's guarded scenarios: API key, tool policy, rate limit, audit file.
     case "$scenario" in
       tools_list_100 | tools_list_100_fresh) allowed='["echo", "echo_sse", "tool_0*0", "tool_0*2", "tool_0*4", "tool_0*6", "tool_0*8"]' ;;
@@ -87,17 +88,26 @@ def exchange(head, body):
         if not chunk: sys.exit("connection closed")
         buf += chunk
     h, rest = buf.split(b"\r\n\r\n", 1)
-    length = int(re.search(rb"(?i)content-length: *(\d+)", h).group(1))
-    while len(rest) < length: rest += s.recv(65536)
-    buf = rest[length:]
+    if re.search(rb"(?i)transfer-encoding: *chunked", h):
+        # An SSE answer: read up to the last chunk (the harness's events hold no "0\r\n\r\n").
+        while b"\r\n0\r\n\r\n" not in b"\r\n" + rest:
+            chunk = s.recv(65536)
+            if not chunk: sys.exit("connection closed mid-stream")
+            rest += chunk
+        end = (b"\r\n" + rest).index(b"\r\n0\r\n\r\n") + 5
+        buf = rest[end:]
+    else:
+        length = int(re.search(rb"(?i)content-length: *(\d+)", h).group(1))
+        while len(rest) < length: rest += s.recv(65536)
+        buf = rest[length:]
     if not h.startswith(b"HTTP/1.1 200"): sys.exit(f"unexpected answer: {h[:80]!r}")
     return h.decode()
 h = exchange(base, '{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"callgrind","version":"1"}}}')
 sid = re.search(r"(?i)mcp-session-id: *(\S+)", h)
 head = base + "Mcp-Protocol-Version: 2025-11-25\r\n" + (f"Mcp-Session-Id: {sid.group(1)}\r\n" if sid else "")
 for i in range(1, n + 1):
-    if call == "echo":
-        exchange(head, '{"jsonrpc":"2.0","id":%d,"method":"tools/call","params":{"name":"echo","arguments":{"text":"hello"}}}' % i)
+    if call in ("echo", "echo_sse"):
+        exchange(head, '{"jsonrpc":"2.0","id":%d,"method":"tools/call","params":{"name":"%s","arguments":{"text":"hello"}}}' % (i, call))
     else:
         exchange(head, '{"jsonrpc":"2.0","id":%d,"method":"tools/list","params":{}}' % i)
 PY

@@ -768,3 +768,215 @@ fn a_batch_answered_as_sse_that_times_out_is_cut_and_cancelled_without_events_of
         .collect();
     assert_eq!(ids, [51, 52]);
 }
+
+/// A call's answer as an SSE stream of `events` (each a JSON-RPC message), with no end: the
+/// stream stays open after them.
+fn sse_events_then_silence(events: &[&str]) -> Vec<u8> {
+    let parts: Vec<String> = events
+        .iter()
+        .map(|e| format!("event: message\ndata: {e}\n\n"))
+        .collect();
+    let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
+    chunked("text/event-stream", &parts)
+}
+
+const PROGRESS: &str = r#"{"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":"p","progress":1}}"#;
+
+fn answer_then_silence(req: &str) -> Option<Vec<u8>> {
+    req.contains("tools/call").then(|| {
+        sse_events_then_silence(&[
+            PROGRESS,
+            r#"{"jsonrpc":"2.0","id":21,"result":{"content":[]}}"#,
+        ])
+    })
+}
+
+#[test]
+fn a_stream_its_upstream_keeps_open_after_the_answer_ends_with_the_answer() {
+    // MCP: the server SHOULD close the stream once the response is sent. The gateway is the
+    // server its client sees: it ends the stream at the response, not at the call's deadline
+    // (where it used to add a timeout error after the answer and cancel an answered request).
+    let (url, closed, seen) = scripted_upstream(answer_then_silence);
+    let g = gateway(&url, "");
+    let sid = initialize(g.addr);
+    let mut s = connect(g.addr);
+    s.write_all(mcp_post_raw(&call(21, "quick", "{}"), Some(&sid), "").as_bytes())
+        .unwrap();
+    let started = Instant::now();
+    let r = read_response(&mut s).expect("an answer");
+    let waited = started.elapsed();
+    let messages = r.sse_messages();
+    assert_eq!(messages.len(), 2, "{messages:?}");
+    assert_eq!(messages[1]["id"], 21, "{messages:?}");
+    assert!(messages[1].get("result").is_some(), "{messages:?}");
+    assert!(
+        waited < Duration::from_millis(800),
+        "the stream ended after {waited:?}, with the call's deadline (1 s) rather than its answer"
+    );
+    // The upstream's still-open stream is let go, and the answered request is not cancelled.
+    wait_closed(&closed, 1, "a stream kept open after its answer");
+    // The client's connection serves its next request.
+    s.write_all(mcp_post_raw(INITIALIZED, Some(&sid), "").as_bytes())
+        .unwrap();
+    let next = read_response(&mut s).expect("the next answer on the same connection");
+    assert_eq!(next.status, 202, "{}", next.text());
+    // Past the call's deadline: still no cancellation of the answered request.
+    std::thread::sleep(Duration::from_millis(1200));
+    assert!(
+        cancellations(&seen).is_empty(),
+        "{:?}",
+        cancellations(&seen)
+    );
+}
+
+#[test]
+fn a_checked_stream_kept_open_after_the_answer_ends_with_the_answer_too() {
+    // Through the response steps (redaction), the response is recognised in what the client
+    // reads, after the steps.
+    let (url, closed, seen) = scripted_upstream(answer_then_silence);
+    let g = gateway(&url, "\n[redaction]\nenabled = true\n");
+    let sid = initialize(g.addr);
+    let started = Instant::now();
+    let r = mcp_post(g.addr, &call(21, "quick", "{}"), Some(&sid));
+    assert!(started.elapsed() < Duration::from_millis(800));
+    let messages = r.sse_messages();
+    assert_eq!(messages.len(), 2, "{messages:?}");
+    assert_eq!(messages[1]["id"], 21, "{messages:?}");
+    wait_closed(&closed, 1, "a checked stream kept open after its answer");
+    std::thread::sleep(Duration::from_millis(1200));
+    assert!(
+        cancellations(&seen).is_empty(),
+        "{:?}",
+        cancellations(&seen)
+    );
+}
+
+#[test]
+fn nothing_an_upstream_sends_after_the_answer_reaches_the_client() {
+    // A second answer to the same id, a request of the server's, in the same read as the
+    // response, then the stream's end: the client's stream ends with the response.
+    fn answer_and_more(req: &str) -> Option<Vec<u8>> {
+        req.contains("tools/call").then(|| {
+            let mut out = chunked(
+                "text/event-stream",
+                &[concat!(
+                    "event: message\ndata: {\"jsonrpc\":\"2.0\",\"id\":22,\"result\":{\"content\":[]}}\n\n",
+                    "event: message\ndata: {\"jsonrpc\":\"2.0\",\"id\":22,\"result\":{\"content\":[{\"type\":\"text\",\"text\":\"second\"}]}}\n\n",
+                    "event: message\ndata: {\"jsonrpc\":\"2.0\",\"id\":99,\"method\":\"roots/list\"}\n\n",
+                )],
+            );
+            out.extend_from_slice(b"0\r\n\r\n");
+            out
+        })
+    }
+    let (url, _, _) = scripted_upstream(answer_and_more);
+    let g = gateway(&url, "");
+    let sid = initialize(g.addr);
+    let r = mcp_post(g.addr, &call(22, "quick", "{}"), Some(&sid));
+    let text = r.text();
+    let messages = r.sse_messages();
+    assert_eq!(messages.len(), 1, "{text}");
+    assert_eq!(messages[0]["id"], 22, "{text}");
+    assert!(
+        !text.contains("second") && !text.contains("roots/list"),
+        "{text}"
+    );
+}
+
+#[test]
+fn only_the_calls_own_response_ends_its_stream() {
+    // A request of the server's carrying the call's id, an answer to another id, a response
+    // with the call's id as a string, an event of another type: none ends the stream.
+    fn lookalikes_then_answer(req: &str) -> Option<Vec<u8>> {
+        req.contains("tools/call").then(|| {
+            let mut out = chunked(
+                "text/event-stream",
+                &[
+                    "event: message\ndata: {\"jsonrpc\":\"2.0\",\"id\":23,\"method\":\"sampling/createMessage\",\"params\":{}}\n\n",
+                    "event: message\ndata: {\"jsonrpc\":\"2.0\",\"id\":24,\"result\":{}}\n\n",
+                    "event: message\ndata: {\"jsonrpc\":\"2.0\",\"id\":\"23\",\"result\":{}}\n\n",
+                    "event: other\ndata: {\"jsonrpc\":\"2.0\",\"id\":23,\"result\":{}}\n\n",
+                    "event: message\ndata: {\"jsonrpc\":\"2.0\",\n",
+                    "data: \"id\":23,\"result\":{\"content\":[]}}\n\n",
+                ],
+            );
+            out.extend_from_slice(b"0\r\n\r\n");
+            out
+        })
+    }
+    let (url, _, _) = scripted_upstream(lookalikes_then_answer);
+    let g = gateway(&url, "");
+    let sid = initialize(g.addr);
+    let r = mcp_post(g.addr, &call(23, "quick", "{}"), Some(&sid));
+    let text = r.text();
+    // Every event, its data lines joined: all five came through, the answer last.
+    let events: Vec<serde_json::Value> = text
+        .split("\n\n")
+        .filter(|e| !e.trim().is_empty())
+        .map(|e| {
+            let data: Vec<&str> = e.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+            serde_json::from_str(&data.join("\n")).unwrap()
+        })
+        .collect();
+    assert_eq!(events.len(), 5, "{text}");
+    assert!(text.contains("event: other"), "{text}");
+    assert_eq!(events[4]["id"], 23, "{text}");
+    assert!(events[4].get("result").is_some(), "{text}");
+}
+
+#[test]
+fn an_upstream_that_ends_its_stream_just_after_the_answer_keeps_its_connection() {
+    // The answer and the stream's last chunk in two writes, a moment apart: the connection
+    // goes back to the pool and carries the next call.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/mcp", listener.local_addr().unwrap());
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counted = accepted.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            counted.fetch_add(1, Ordering::SeqCst);
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                loop {
+                    let n = conn.read(&mut buf).unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    let req = String::from_utf8_lossy(&buf[..n]).to_string();
+                    if req.contains("\"initialize\"") {
+                        let body = r#"{"jsonrpc":"2.0","id":1,"result":{"protocolVersion":"2025-11-25","capabilities":{"tools":{}},"serverInfo":{"name":"two-writes","version":"1"}}}"#;
+                        let _ = write!(
+                            conn,
+                            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nMcp-Session-Id: s1\r\nContent-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                    } else if req.contains("tools/call") {
+                        let id = if req.contains("\"id\":31") { 31 } else { 32 };
+                        let event = format!(
+                            "event: message\ndata: {{\"jsonrpc\":\"2.0\",\"id\":{id},\"result\":{{\"content\":[]}}}}\n\n"
+                        );
+                        let _ = conn.write_all(&chunked("text/event-stream", &[&event]));
+                        std::thread::sleep(Duration::from_millis(20));
+                        let _ = conn.write_all(b"0\r\n\r\n");
+                    } else {
+                        let _ =
+                            conn.write_all(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n");
+                    }
+                }
+            });
+        }
+    });
+    let g = gateway(&url, "");
+    let sid = initialize(g.addr);
+    let first = mcp_post(g.addr, &call(31, "quick", "{}"), Some(&sid));
+    assert_eq!(first.sse_messages()[0]["id"], 31, "{}", first.text());
+    let before = accepted.load(Ordering::SeqCst);
+    let second = mcp_post(g.addr, &call(32, "quick", "{}"), Some(&sid));
+    assert_eq!(second.sse_messages()[0]["id"], 32, "{}", second.text());
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        before,
+        "the second call needed a new upstream connection"
+    );
+}

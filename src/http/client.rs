@@ -537,6 +537,18 @@ impl UpstreamResponse {
         self.deadline = Some(at);
     }
 
+    /// Whether the whole body has been read.
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    /// Brings the deadline forward to `at` (never later than it was), and ends any
+    /// postponement: what is left of the body is no longer anyone's answer.
+    pub fn shorten_deadline(&mut self, at: Instant) {
+        self.deadline = Some(self.deadline.map_or(at, |d| d.min(at)));
+        self.slack = std::time::Duration::ZERO;
+    }
+
     /// Lets [`Self::postpone_deadline`] move the deadline by up to `slack` in all.
     pub fn allow_postponement(&mut self, slack: std::time::Duration) {
         self.slack = slack;

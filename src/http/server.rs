@@ -1029,6 +1029,12 @@ async fn pump<S: Connection>(
         .as_ref()
         .is_some_and(|c| c.events)
         .then(EventTail::default);
+    // A single call's SSE stream ends with its response, whatever the upstream does after it.
+    let mut watch = end
+        .call
+        .as_ref()
+        .filter(|c| c.events && c.batch.is_none() && framing == Framing::Chunked)
+        .map(|c| AnswerWatch::new(c.id.clone()));
     loop {
         // While the upstream is silent the client is watched. It sends nothing while it reads
         // an answer, so its connection turning readable means it has gone (EOF) or broken the
@@ -1066,7 +1072,7 @@ async fn pump<S: Connection>(
                 break;
             }
             Ok(Some(data)) => {
-                let data = match filter.as_mut() {
+                let mut data = match filter.as_mut() {
                     None => data,
                     Some(f) => match f.push(&data) {
                         Ok(d) => d,
@@ -1085,6 +1091,18 @@ async fn pump<S: Connection>(
                         }
                     },
                 };
+                let answered = match watch.as_mut().map(|wt| wt.push(&data)) {
+                    Some(Watched::Answered { after }) => {
+                        // Nothing the upstream sent after the response reaches the client.
+                        data.truncate(data.len() - after);
+                        true
+                    }
+                    Some(Watched::TooLarge) => {
+                        watch = None;
+                        false
+                    }
+                    Some(Watched::Waiting) | None => false,
+                };
                 if let Some(t) = tail.as_mut() {
                     t.push(&data);
                 }
@@ -1092,6 +1110,20 @@ async fn pump<S: Connection>(
                     write_chunk(&mut out, &data);
                 } else {
                     out.extend_from_slice(&data);
+                }
+                if answered {
+                    // The response goes out at once; the stream's end waits for the upstream's
+                    // for a moment, so that a stream about to end leaves its connection in the
+                    // pool before the client, seeing the end, sends its next call.
+                    let (mut res, o) = write_bounded(w, stream, out).await;
+                    out = o;
+                    if res.is_ok() {
+                        drain_after_answer(&mut resp).await;
+                        out.extend_from_slice(LAST_CHUNK);
+                        (res, out) = write_bounded(w, stream, out).await;
+                    }
+                    ok = res.is_ok();
+                    break;
                 }
             }
             Ok(None) => {
@@ -1150,6 +1182,86 @@ async fn pump<S: Connection>(
     }
     w.pool.release(resp);
     (ok, out)
+}
+
+/// How long an upstream's SSE stream may still run after the call's response before its
+/// connection is let go rather than kept for the next call. The upstream normally ends it with
+/// the response (the same write, or the next): this only saves the connection of one that ends
+/// it a moment later.
+const ANSWER_LINGER: Duration = Duration::from_millis(100);
+
+/// What an upstream may still send after the call's response, read and dropped, before its
+/// connection is let go.
+const ANSWER_LINGER_BYTES: usize = 64 * 1024;
+
+/// The largest event [`AnswerWatch`] holds to read. A response larger than this is relayed
+/// unrecognised, and its stream ends when its upstream ends it (at the latest, at the call's
+/// deadline), as a stream did before the watch.
+const WATCHED_EVENT: usize = 1024 * 1024;
+
+/// Reads a single call's relayed SSE stream, event by event, for the call's response: MCP says
+/// the server SHOULD close the stream once the response is sent, and the gateway is the
+/// server its client sees. An upstream that keeps its stream open after answering would
+/// otherwise hold the client (and the connection slot) until the call's deadline, which then
+/// added a timeout error after the answer and cancelled a request already answered.
+struct AnswerWatch {
+    id: crate::mcp::jsonrpc::RpcId,
+    splitter: crate::http::sse::SseSplitter,
+}
+
+/// What [`AnswerWatch::push`] found.
+enum Watched {
+    /// The response ended `after` bytes before the end of the data pushed; the watch is over.
+    Answered { after: usize },
+    /// Not yet.
+    Waiting,
+    /// An event too large to hold, or one past the splitter's bounds: the watch is given up.
+    TooLarge,
+}
+
+impl AnswerWatch {
+    fn new(id: crate::mcp::jsonrpc::RpcId) -> Self {
+        Self {
+            id,
+            splitter: Default::default(),
+        }
+    }
+
+    /// Feeds the bytes relayed to the client (after any response step, so what is recognised
+    /// is what the client reads).
+    fn push(&mut self, data: &[u8]) -> Watched {
+        let id = &self.id;
+        let found = self.splitter.push_until(data, |event| {
+            crate::http::sse::message_data(event)
+                .is_some_and(|data| crate::mcp::jsonrpc::is_response_to(&data, id))
+        });
+        match found {
+            Ok(Some(after)) => Watched::Answered { after },
+            Ok(None) if self.splitter.held() <= WATCHED_EVENT => Watched::Waiting,
+            _ => Watched::TooLarge,
+        }
+    }
+}
+
+/// After a call's response has gone out: what the upstream still sends is read and dropped,
+/// for a moment, so that a stream about to end leaves its connection to the pool. One still
+/// running then is let go with its connection.
+async fn drain_after_answer(resp: &mut crate::http::client::UpstreamResponse) {
+    if resp.framing == RespFraming::Close {
+        // Ended only by closing: never reused.
+        return;
+    }
+    resp.shorten_deadline(Instant::now() + ANSWER_LINGER);
+    let mut dropped = 0usize;
+    while let Ok(Some(data)) = resp.next_data().await {
+        dropped += data.len();
+        if dropped > ANSWER_LINGER_BYTES {
+            break;
+        }
+    }
+    if !resp.is_done() {
+        tracing::debug!(target: "mcp_guard::upstream", "upstream kept the call's SSE stream open after its response; the stream was ended for the client and the upstream connection let go");
+    }
 }
 
 /// One JSON-RPC message (single-line JSON) as an SSE `message` event.

@@ -64,22 +64,44 @@ impl SseSplitter {
     /// Feeds bytes; calls `each` with the text of every complete event (without its blank
     /// line). Err when an unfinished event exceeds [`MAX_EVENT`].
     pub fn push(&mut self, data: &[u8], mut each: impl FnMut(&[u8])) -> Result<(), &'static str> {
+        self.push_until(data, |event| {
+            each(event);
+            false
+        })
+        .map(|_| ())
+    }
+
+    /// [`Self::push`], stopping at the first event for which `each` returns true: `Ok(Some(n))`
+    /// then says that the last `n` bytes of `data` come after that event (its blank line
+    /// included), and the splitter is not to be fed again.
+    pub fn push_until(
+        &mut self,
+        data: &[u8],
+        mut each: impl FnMut(&[u8]) -> bool,
+    ) -> Result<Option<usize>, &'static str> {
         self.pending.extend_from_slice(data);
         if !self.started {
             // A byte-order mark may arrive split across reads: wait until it is whole.
             if self.pending.len() < BOM.len() && BOM.starts_with(&self.pending) {
-                return Ok(());
+                return Ok(None);
             }
             if self.pending.starts_with(BOM) {
                 self.pending.drain(..BOM.len());
             }
             self.started = true;
         }
-        self.drain_events(&mut each);
+        if let Some(after) = self.drain_events(&mut each) {
+            return Ok(Some(after));
+        }
         if self.pending.len() > MAX_EVENT {
             return Err("SSE event too large");
         }
-        Ok(())
+        Ok(None)
+    }
+
+    /// The bytes of an event not yet complete, held until its end arrives.
+    pub fn held(&self) -> usize {
+        self.pending.len()
     }
 
     /// What is complete at the end of the stream: a final lone CR ends its line (no LF can
@@ -88,15 +110,19 @@ impl SseSplitter {
         if self.pending.last() == Some(&b'\r') {
             self.pending.push(b'\n');
         }
-        self.drain_events(&mut each);
+        self.drain_events(&mut |event| {
+            each(event);
+            false
+        });
         self.pending.clear();
         self.scan = Scan::default();
         self.skip_lf = false;
     }
 
     /// Hands every complete event in `pending` to `each` and drops it, remembering how far the
-    /// search for the next one got.
-    fn drain_events(&mut self, each: &mut impl FnMut(&[u8])) {
+    /// search for the next one got. Stops at an event for which `each` returns true, and
+    /// returns how many bytes of `pending` follow it.
+    fn drain_events(&mut self, each: &mut impl FnMut(&[u8]) -> bool) -> Option<usize> {
         let mut start = 0;
         if self.skip_lf && !self.pending.is_empty() {
             self.skip_lf = false;
@@ -106,7 +132,9 @@ impl SseSplitter {
         }
         let mut scan = self.scan;
         while let Some((len, consumed)) = find_event_end_from(&self.pending[start..], &mut scan) {
-            each(&self.pending[start..start + len]);
+            if each(&self.pending[start..start + len]) {
+                return Some(self.pending.len() - (start + consumed));
+            }
             start += consumed;
             scan = Scan::default();
             // Ended by a lone CR, the last byte so far: dispatched now (the event is whole
@@ -117,6 +145,7 @@ impl SseSplitter {
         }
         self.pending.drain(..start);
         self.scan = scan;
+        None
     }
 }
 
@@ -178,6 +207,46 @@ pub fn decode_event(event: &[u8]) -> SseEvent {
         }
     }
     out
+}
+
+/// The data of a `message` event (named so, or unnamed) as its bytes, without decoding them:
+/// `None` for an event of another type or one without data. Borrowed when the event has a
+/// single `data` line, as an answer usually does.
+pub fn message_data(event: &[u8]) -> Option<std::borrow::Cow<'_, [u8]>> {
+    let mut data: Option<std::borrow::Cow<'_, [u8]>> = None;
+    let mut message = true;
+    let mut rest = event;
+    while !rest.is_empty() {
+        let (line, next) = match memchr::memchr2(b'\r', b'\n', rest) {
+            None => (rest, &rest[rest.len()..]),
+            Some(i) => {
+                let skip = if rest[i..].starts_with(b"\r\n") { 2 } else { 1 };
+                (&rest[..i], &rest[i + skip..])
+            }
+        };
+        rest = next;
+        let (field, value) = match memchr::memchr(b':', line) {
+            Some(0) => continue,
+            Some(i) => {
+                let value = &line[i + 1..];
+                (&line[..i], value.strip_prefix(b" ").unwrap_or(value))
+            }
+            None => (line, &line[line.len()..]),
+        };
+        match field {
+            b"data" => match data.as_mut() {
+                None => data = Some(std::borrow::Cow::Borrowed(value)),
+                Some(joined) => {
+                    let joined = joined.to_mut();
+                    joined.push(b'\n');
+                    joined.extend_from_slice(value);
+                }
+            },
+            b"event" => message = value == b"message",
+            _ => {}
+        }
+    }
+    data.filter(|_| message)
 }
 
 /// A line's field name and value.
@@ -252,8 +321,9 @@ fn find_event_end_from(b: &[u8], scan: &mut Scan) -> Option<(usize, usize)> {
             b'\r' if b[i + 1] == b'\n' => 2,
             b'\r' | b'\n' => 1,
             _ => {
+                // The rest of the line, to its ending, in one search.
                 at_line_start = false;
-                i += 1;
+                i = memchr::memchr2(b'\r', b'\n', &b[i..]).map_or(b.len(), |k| i + k);
                 continue;
             }
         };
@@ -333,6 +403,76 @@ mod tests {
         bytewise.extend(d.finish());
         assert_eq!(whole, bytewise);
         assert_eq!(whole.iter().filter(|e| !e.data.is_empty()).count(), 4);
+    }
+
+    #[test]
+    fn push_until_says_where_in_the_last_read_the_chosen_event_ended() {
+        // Whatever the reads and line endings, the bytes before the reported end are the stream
+        // up to the chosen event's blank line.
+        let streams: [&[u8]; 4] = [
+            b"data: a\n\ndata: stop\n\ndata: after\n\n",
+            b"\xEF\xBB\xBFdata: a\r\n\r\ndata: stop\r\n\r\nrest",
+            b"data: a\r\rdata: stop\r\rrest",
+            b"data: stop\n\n",
+        ];
+        for stream in streams {
+            let end = stream.windows(4).position(|w| w == b"stop").unwrap() + 4;
+            let end = end
+                + if stream[end..].starts_with(b"\r\n\r\n") {
+                    4
+                } else {
+                    2
+                };
+            for read in [1, 2, 3, 5, stream.len()] {
+                let mut splitter = SseSplitter::default();
+                let mut fed = 0;
+                let mut found = None;
+                for piece in stream.chunks(read) {
+                    let after = splitter
+                        .push_until(piece, |e| e.windows(4).any(|w| w == b"stop"))
+                        .unwrap();
+                    fed += piece.len();
+                    if let Some(after) = after {
+                        found = Some(fed - after);
+                        break;
+                    }
+                }
+                // A CR ending the event as the last byte read dispatches it at once (the LF
+                // that may follow is that CR's): the end is then before that LF.
+                let cut_before_lf = stream[..end].ends_with(b"\r\n") && found == Some(end - 1);
+                assert!(
+                    found == Some(end) || cut_before_lf,
+                    "{:?} read {read} at a time: {found:?}",
+                    stream
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn message_data_reads_an_event_as_decode_event_does() {
+        let events: [&[u8]; 9] = [
+            b"data: {}",
+            b"event: message\ndata: {\"a\":1}",
+            b"event: other\ndata: {}",
+            b"event: other\r\nevent: message\r\ndata:x",
+            b": comment\rdata: a\rdata:  b\rdata\rid: 1",
+            b"id: 2",
+            b"event:message\ndata:",
+            b"data: a\r\n\xff\r\ndata: b",
+            b"event\ndata: x",
+        ];
+        for event in events {
+            let decoded = decode_event(event);
+            let expected = (decoded.is_message() && event.windows(4).any(|w| w == b"data"))
+                .then(|| decoded.data.clone().into_bytes());
+            assert_eq!(
+                message_data(event).map(|d| d.into_owned()),
+                expected,
+                "{:?}",
+                String::from_utf8_lossy(event)
+            );
+        }
     }
 
     #[test]

@@ -458,6 +458,42 @@ fn classify_one(v: TapeValue<'_, '_>) -> Result<Message, ClassifyError> {
     })
 }
 
+/// Whether `text` is a JSON-RPC response (a `result` or an `error`, no `method`) to request
+/// `id`: what ends a call's SSE stream. Anything unclear (not JSON, a member given twice, a
+/// number id that is not an integer) is not, and the stream goes on as the upstream sends it.
+pub fn is_response_to(text: &[u8], id: &RpcId) -> bool {
+    /// A member's presence, whatever its value (`null` included).
+    #[derive(Default)]
+    struct Present(bool);
+    impl<'de> serde::Deserialize<'de> for Present {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            serde::de::IgnoredAny::deserialize(d).map(|_| Present(true))
+        }
+    }
+    #[derive(serde::Deserialize)]
+    struct Envelope {
+        #[serde(default)]
+        id: Option<serde_json::Value>,
+        #[serde(default)]
+        method: Present,
+        #[serde(default)]
+        result: Present,
+        #[serde(default)]
+        error: Present,
+    }
+    let Ok(message) = serde_json::from_slice::<Envelope>(text) else {
+        return false;
+    };
+    if message.method.0 || message.result.0 == message.error.0 {
+        return false;
+    }
+    match (message.id, id) {
+        (Some(serde_json::Value::Number(n)), RpcId::Num(want)) => n.as_i64() == Some(*want),
+        (Some(serde_json::Value::String(s)), RpcId::Str(want)) => s == *want,
+        _ => false,
+    }
+}
+
 /// Whether `name` is a tool name as MCP 2025-11-25 defines them: 1 to 128 characters of
 /// `A-Z a-z 0-9 _ - .`. Anything else may be folded by an upstream (case, Unicode
 /// compatibility forms such as `ſ` for `s`) into a name a deny rule was written for.
@@ -507,6 +543,70 @@ fn required_param(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_response_is_told_by_its_id_and_a_result_or_an_error() {
+        let num = RpcId::Num(7);
+        let text = RpcId::Str("7".into());
+        assert!(is_response_to(
+            br#"{"jsonrpc":"2.0","id":7,"result":{}}"#,
+            &num
+        ));
+        assert!(is_response_to(
+            br#"{"result":null,"jsonrpc":"2.0","id":7}"#,
+            &num
+        ));
+        assert!(is_response_to(
+            br#"{"jsonrpc":"2.0","id":7,"error":{"code":1,"message":""}}"#,
+            &num
+        ));
+        assert!(is_response_to(
+            br#"{"jsonrpc":"2.0","id":"7","result":{}}"#,
+            &text
+        ));
+        // Another request's answer, the other kind of id, a request of the server's with the
+        // same id, a notification, both result and error, neither.
+        assert!(!is_response_to(
+            br#"{"jsonrpc":"2.0","id":8,"result":{}}"#,
+            &num
+        ));
+        assert!(!is_response_to(
+            br#"{"jsonrpc":"2.0","id":"7","result":{}}"#,
+            &num
+        ));
+        assert!(!is_response_to(
+            br#"{"jsonrpc":"2.0","id":7,"result":{}}"#,
+            &text
+        ));
+        assert!(!is_response_to(
+            br#"{"jsonrpc":"2.0","id":7,"method":"ping"}"#,
+            &num
+        ));
+        assert!(!is_response_to(
+            br#"{"jsonrpc":"2.0","id":7,"method":"x","result":{}}"#,
+            &num
+        ));
+        assert!(!is_response_to(
+            br#"{"jsonrpc":"2.0","method":"notifications/progress"}"#,
+            &num
+        ));
+        assert!(!is_response_to(
+            br#"{"jsonrpc":"2.0","id":7,"result":{},"error":{}}"#,
+            &num
+        ));
+        assert!(!is_response_to(br#"{"jsonrpc":"2.0","id":7}"#, &num));
+        // Unclear: a float id, an id given twice, not JSON, a batch.
+        assert!(!is_response_to(
+            br#"{"jsonrpc":"2.0","id":7.0,"result":{}}"#,
+            &num
+        ));
+        assert!(!is_response_to(br#"{"id":7,"id":8,"result":{}}"#, &num));
+        assert!(!is_response_to(br#"{"id":7,"result":{}"#, &num));
+        assert!(!is_response_to(
+            br#"[{"jsonrpc":"2.0","id":7,"result":{}}]"#,
+            &num
+        ));
+    }
 
     fn classify(s: &str) -> Result<Body, ClassifyError> {
         Classifier::new().classify(s.as_bytes())
