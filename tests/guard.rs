@@ -686,3 +686,56 @@ fn audit_file_is_reopened_on_sighup_for_rotation() {
         "rotated file keeps the earlier events"
     );
 }
+
+#[test]
+fn refusals_at_the_rate_limit_get_an_allowance_of_audit_lines_per_caller() {
+    // Red team (fleet, F2): every 429 was audited, so one caller held at its limit (or any
+    // stranger, without keys) wrote ~30k lines a second. Like failed authentications, each
+    // caller now gets 10 lines a minute per worker for them; the rest are counted.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let cfg = format!(
+        "{}\n{}\n[rate_limit]\nrequests_per_second = 1\nburst_size = 1\n[audit]\nfile = {:?}\n",
+        stdio_config("auto", "", &["--test-tools"]),
+        keys(""),
+        path.to_str().unwrap()
+    );
+    let g = Gateway::start(&cfg);
+    let mut refused = 0;
+    for _ in 0..60 {
+        if post_as(g.addr, ALICE, INIT, None).status == 429 {
+            refused += 1;
+        }
+    }
+    assert!(refused >= 55, "only {refused} refused");
+    assert_eq!(post_as(g.addr, BOB, INIT, None).status, 200);
+    assert_eq!(post_as(g.addr, BOB, INIT, None).status, 429);
+    // Every refusal is either a line or counted as suppressed.
+    let suppressed = g.metric_settles(
+        "mcp_guard_audit_events_suppressed_total",
+        &[],
+        f64::from(refused - 20).max(0.0),
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let limited: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|e| e["decision"] == "rate_limited")
+            .collect();
+        let of = |who: &str| limited.iter().filter(|e| e["identity"] == who).count();
+        if of("bob") == 1 && of("alice") as f64 + suppressed == f64::from(refused) {
+            // Two workers, ten lines a minute each.
+            assert!(of("alice") <= 20, "{} lines for alice", of("alice"));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "alice {} + {suppressed} suppressed of {refused}, bob {}",
+            of("alice"),
+            of("bob")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

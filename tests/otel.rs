@@ -690,3 +690,60 @@ fn metric_reaches(g: &Gateway, name: &str, want: f64) -> f64 {
 }
 
 const PING_BODY: &str = r#"{"jsonrpc":"2.0","id":9,"method":"ping"}"#;
+
+#[test]
+fn a_caller_that_cannot_authenticate_does_not_choose_to_be_traced_nor_what_a_span_holds() {
+    // Red team (fleet, F3): a wrong key, a "sampled" traceparent and a 16 KB Mcp-Session-Id got
+    // every refusal exported with the whole header as an attribute: 0.5 GB to the collector in
+    // 4 s, and the export queue's memory grew with the header.
+    let up = DemoHttp::start(&["--test-tools"]);
+    let rx = Receiver::start();
+    let g = Gateway::start(&config(&up, &rx, "sample_rate = 0.0", ""));
+    let huge = "S".repeat(16_000);
+    let refused_trace = "00-cccccccccccccccc0000000000000001-1111111111111111-01";
+    for key in ["Authorization: Bearer mcpg_wrong\r\n", ""] {
+        let r = request(
+            g.addr,
+            &mcp_post_raw(
+                PING_BODY,
+                Some(&huge),
+                &format!("{key}traceparent: {refused_trace}\r\n"),
+            ),
+        );
+        assert_eq!(r.status, 401, "{}", r.text());
+    }
+    // The same flag from the known caller is honoured (W3C's parent-based default), and what
+    // its span holds of the client's text is bounded.
+    let sid = init(&g);
+    let known_trace = "00-dddddddddddddddd0000000000000001-1111111111111111-01";
+    let r = request(
+        g.addr,
+        &mcp_post_raw(
+            PING_BODY,
+            Some(&format!("{sid}{huge}")),
+            &format!("{}traceparent: {known_trace}\r\n", bearer(KEY)),
+        ),
+    );
+    assert_eq!(r.status, 404, "{}", r.text());
+    let spans = rx.wait_for("for the known caller", |s| {
+        s.trace_id == "dddddddddddddddd0000000000000001"
+    });
+    assert!(
+        !spans
+            .iter()
+            .any(|s| s.trace_id == "cccccccccccccccc0000000000000001"),
+        "a refusal before authentication was exported on the client's say-so: {spans:#?}"
+    );
+    let known = spans
+        .iter()
+        .find(|s| s.trace_id == "dddddddddddddddd0000000000000001")
+        .unwrap();
+    for (name, value) in &known.attributes {
+        if let Some(text) = value.as_str() {
+            assert!(text.len() <= 256, "{name} holds {} bytes", text.len());
+        }
+    }
+    for raw in rx.raw() {
+        assert!(raw.len() < 8_000, "an export of {} bytes", raw.len());
+    }
+}

@@ -374,13 +374,17 @@ pub enum DropReason {
     SpoolUnwritable,
     /// A spooled record was cut short or damaged (a crash mid-write).
     Corrupt,
+    /// The shipper's queue was full (it was busy with a SIEM that answers slowly, or not at
+    /// all, while events kept coming): the event went to the audit file only.
+    QueueFull,
 }
 
 impl DropReason {
-    const ALL: [DropReason; 3] = [
+    const ALL: [DropReason; 4] = [
         DropReason::SpoolFull,
         DropReason::SpoolUnwritable,
         DropReason::Corrupt,
+        DropReason::QueueFull,
     ];
 
     fn label(self) -> &'static str {
@@ -388,6 +392,7 @@ impl DropReason {
             DropReason::SpoolFull => "spool_full",
             DropReason::SpoolUnwritable => "spool_unwritable",
             DropReason::Corrupt => "corrupt",
+            DropReason::QueueFull => "queue_full",
         }
     }
 }
@@ -402,7 +407,7 @@ pub struct ExportMetrics {
     /// Events written to the spool.
     pub spooled: AtomicU64,
     /// Events dropped, by [`DropReason`].
-    dropped: [AtomicU64; 3],
+    dropped: [AtomicU64; 4],
     /// Bytes in the spool now.
     pub spool_bytes: AtomicU64,
     /// SIEM answers by latency bucket (the last is +Inf).
@@ -411,6 +416,14 @@ pub struct ExportMetrics {
 }
 
 impl ExportMetrics {
+    /// Events dropped for `reason` so far.
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        DropReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .map_or(0, |i| self.dropped[i].load(Relaxed))
+    }
+
     /// Counts `n` events dropped for `reason`.
     pub fn count_dropped(&self, reason: DropReason, n: u64) {
         let i = DropReason::ALL

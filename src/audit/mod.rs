@@ -430,6 +430,8 @@ fn write_loop(
     let run = run_id();
     let mut sequence = vec![0u64; rxs.len()];
     let mut idle_sleep = MIN_IDLE_SLEEP;
+    // Whether the last hand-off to the shipper found its queue full (logged once per episode).
+    let mut ship_full = false;
     loop {
         let stopping = stop.load(Ordering::Relaxed);
         if reopen.swap(false, Ordering::Relaxed)
@@ -470,12 +472,27 @@ fn write_loop(
                 if output.stdout {
                     let _ = stdout.lock().write_all(line.as_bytes());
                 }
-                // Waits when the shipper is behind (never a worker: their queues absorb it).
-                if let Some(tx) = &ship
-                    && tx.send(line[..line.len() - 1].to_string()).is_err()
-                {
-                    tracing::error!(target: "mcp_guard::audit", "the SIEM shipper stopped; events are no longer shipped");
-                    ship = None;
+                // Never waits for the shipper: one stuck on a SIEM that does not answer would
+                // stop the file too, and the workers' queues would then drop events that are
+                // in neither. A full hand-off drops the event for the SIEM only.
+                if let Some(tx) = &ship {
+                    match tx.try_send(line[..line.len() - 1].to_string()) {
+                        Ok(()) => ship_full = false,
+                        Err(TrySendError::Full(_)) => {
+                            metrics
+                                .global
+                                .audit_export
+                                .count_dropped(export::DropReason::QueueFull, 1);
+                            if !ship_full {
+                                tracing::warn!(target: "mcp_guard::audit", "the SIEM shipper is behind (its queue of {} events is full): events are dropped for the SIEM, not for the audit file", ship::CHANNEL_CAPACITY);
+                                ship_full = true;
+                            }
+                        }
+                        Err(TrySendError::Disconnected(_)) => {
+                            tracing::error!(target: "mcp_guard::audit", "the SIEM shipper stopped; events are no longer shipped");
+                            ship = None;
+                        }
+                    }
                 }
                 wrote += 1;
             }
@@ -595,6 +612,66 @@ mod tests {
             details: Vec::new(),
             session: None,
         }
+    }
+
+    #[test]
+    fn a_siem_that_never_answers_costs_the_siem_events_never_the_files() {
+        // Red team (fleet, F1): the writer waited for a shipper stuck 10 s on a POST that
+        // never got its answer; the file stopped, the workers' queues filled, and events were
+        // then in neither. The listener below takes connections (the kernel's backlog) and
+        // never answers.
+        let dir = tempfile::tempdir().unwrap();
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/ingest", silent.local_addr().unwrap());
+        let settings = export::ExportSettings {
+            url: crate::auth::fetch::IdpUrl::parse(&url).unwrap(),
+            format: export::ExportFormat::Json,
+            batch_size: 100,
+            interval: Duration::from_millis(10),
+            headers: Vec::new(),
+            spool_dir: dir.path().join("spool"),
+            spool_max_bytes: 1 << 30,
+            shutdown_grace: Duration::from_secs(1),
+        };
+        let path = dir.path().join("audit.jsonl");
+        let metrics = Metrics::new(1);
+        let events = ship::CHANNEL_CAPACITY + 20_000;
+        let (_writer, sinks) = AuditWriter::start(
+            AuditOutput {
+                file: Some(path.clone()),
+                stdout: false,
+                export: Some(settings),
+            },
+            &[events],
+            metrics.clone(),
+        )
+        .unwrap();
+        for _ in 0..events {
+            assert!(sinks[0].push(sample()));
+        }
+        // Well within the 10 s a POST may take: the file must not wait for it.
+        let until = std::time::Instant::now() + Duration::from_secs(8);
+        loop {
+            let lines = std::fs::read_to_string(&path)
+                .unwrap_or_default()
+                .lines()
+                .count();
+            if lines == events {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < until,
+                "the file holds {lines} of {events} events"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let export = &metrics.global.audit_export;
+        assert!(
+            export.dropped(export::DropReason::QueueFull) >= 20_000 - 1_000,
+            "{} dropped for the SIEM",
+            export.dropped(export::DropReason::QueueFull)
+        );
+        // The writer is left running: stopping it would wait for the stuck POST.
     }
 
     #[test]

@@ -15,8 +15,9 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
 use std::time::{Duration, Instant};
 
-/// Events the writer may hand over before it waits for the shipper (it waits, not drops: the
-/// workers' own queues absorb the pause, and count what they cannot hold).
+/// Events the writer may hand over while the shipper is busy (a POST takes up to 10 s); past
+/// that, events are dropped for the SIEM and counted (`queue_full`): the writer never waits,
+/// so the audit file keeps every event whatever the SIEM does.
 pub const CHANNEL_CAPACITY: usize = 65_536;
 /// The longest one POST may take.
 const POST_TIMEOUT: Duration = Duration::from_secs(10);

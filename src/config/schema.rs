@@ -1004,8 +1004,9 @@ pub struct TracingSection {
     /// dropped). With tracing on, the upstream's `traceparent` names the gateway's span.
     pub propagate_context: bool,
     /// An incoming `traceparent`'s sampled flag decides whether the request is traced
-    /// (parent-based sampling). `false`: `sample_rate` decides for every trace, so clients
-    /// cannot force tracing on (or off); set it where callers are not trusted.
+    /// (parent-based sampling; a request refused before authentication only where
+    /// `sample_rate` would trace it anyway). `false`: `sample_rate` decides for every trace,
+    /// so clients cannot force tracing on (or off); set it where callers are not trusted.
     pub honour_parent_sampling: bool,
 }
 

@@ -907,6 +907,9 @@ async fn write_reply<S: Connection>(
     w.record(method, status, if streamed { None } else { Some(latency) });
     if let (Some(t), Some(tracer)) = (meta.trace.as_ref(), w.shared.tracer.as_ref())
         && t.sampled
+        // A caller's own "sampled" flag counts once the caller is known: a client that cannot
+        // authenticate does not choose which of its refusals are exported.
+        && (t.sampled_by_rate || reply.audit.identity.is_some())
         && !reply.audit.skip
     {
         tracer.push(finish_span(t, &reply.audit, status, method, meta));
@@ -1389,7 +1392,11 @@ fn finish_span(
             .decision
             .unwrap_or(if status < 400 { "allow" } else { "error" }),
         upstream: info.upstream.as_deref(),
-        session: head.and_then(|h| h.h.session_id()),
+        // The session id only of a caller that authenticated: before, it is anyone's text.
+        session: info
+            .identity
+            .as_ref()
+            .and(head.and_then(|h| h.h.session_id())),
         forwarded_at: info.forwarded_at,
     })
 }
@@ -1406,12 +1413,26 @@ fn emit_audit(
     latency: Duration,
 ) {
     use crate::mcp::jsonrpc::Target;
-    if matches!(reason, Some("missing_credentials" | "invalid_credentials"))
-        && !w
-            .auth_failure_audit
+    use crate::runtime::worker::LimitedCaller;
+    // Refusals a client can repeat as fast as it sends get an allowance of audit lines each.
+    let allowed = if matches!(reason, Some("missing_credentials" | "invalid_credentials")) {
+        w.auth_failure_audit
             .borrow_mut()
             .allow(meta.peer.ip(), meta.started)
-    {
+    } else if info.decision == Some("rate_limited") {
+        let caller = match &info.identity {
+            Some(id) if info.auth_method != Some("anonymous") => {
+                LimitedCaller::Identity(id.clone())
+            }
+            _ => LimitedCaller::Address(meta.peer.ip()),
+        };
+        w.rate_limited_audit
+            .borrow_mut()
+            .allow(caller, meta.started)
+    } else {
+        true
+    };
+    if !allowed {
         w.metrics
             .audit_suppressed
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

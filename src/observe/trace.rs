@@ -192,6 +192,21 @@ fn coin(trace_id: &[u8; 16], threshold: u64) -> bool {
         || u64::from_be_bytes(trace_id[8..].try_into().unwrap_or_default()) < threshold
 }
 
+/// The longest string attribute a span records, in bytes; a longer value is cut at a character
+/// boundary.
+pub const MAX_ATTRIBUTE: usize = 256;
+
+fn bounded_attribute(v: &str) -> &str {
+    if v.len() <= MAX_ATTRIBUTE {
+        return v;
+    }
+    let mut end = MAX_ATTRIBUTE;
+    while !v.is_char_boundary(end) {
+        end -= 1;
+    }
+    &v[..end]
+}
+
 /// The trace context of one request while it is served.
 #[derive(Debug)]
 pub struct RequestTrace {
@@ -203,6 +218,9 @@ pub struct RequestTrace {
     pub parent: Option<[u8; 8]>,
     /// Whether this request's span is recorded and exported.
     pub sampled: bool,
+    /// Whether `sample_rate` alone would have sampled it (rather than only the caller's
+    /// flag): a request refused before its caller was known is exported only then.
+    pub sampled_by_rate: bool,
     /// The caller's `tracestate`, when valid (forwarded and recorded as is).
     pub tracestate: Option<String>,
     /// When the request began, for the span's start.
@@ -275,17 +293,14 @@ pub fn begin(
     if !cfg.enabled {
         return None;
     }
-    let (trace_id, parent_span, sampled) = match parent {
-        Some(p) if cfg.honour_parent => (p.trace_id, Some(p.span_id), p.sampled),
-        Some(p) => (
-            p.trace_id,
-            Some(p.span_id),
-            coin(&p.trace_id, cfg.threshold),
-        ),
-        None => {
-            let id = new_trace_id();
-            (id, None, coin(&id, cfg.threshold))
-        }
+    let (trace_id, parent_span) = match parent {
+        Some(p) => (p.trace_id, Some(p.span_id)),
+        None => (new_trace_id(), None),
+    };
+    let sampled_by_rate = coin(&trace_id, cfg.threshold);
+    let sampled = match parent {
+        Some(p) if cfg.honour_parent => p.sampled,
+        _ => sampled_by_rate,
     };
     let span_id = new_span_id();
     if cfg.propagate {
@@ -303,6 +318,7 @@ pub fn begin(
         span_id,
         parent: parent_span,
         sampled,
+        sampled_by_rate,
         tracestate: if sampled { tracestate.clone() } else { None },
         wall,
         started,
@@ -377,7 +393,12 @@ impl RequestTrace {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
         let mut attributes: Vec<(&'static str, Value)> = Vec::with_capacity(16);
-        let mut s = |k: &'static str, v: &str| attributes.push((k, Value::Str(v.to_string())));
+        // Most values come from the client (path, names, URIs, the session id it sent): each
+        // is cut to a bound, so that what a span (and the export queue) holds does not grow
+        // with what a client sends.
+        let mut s = |k: &'static str, v: &str| {
+            attributes.push((k, Value::Str(bounded_attribute(v).to_string())))
+        };
         use crate::http::request::Method;
         let http_method = match f.http_method {
             Method::Get => "GET",

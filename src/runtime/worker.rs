@@ -221,6 +221,8 @@ pub struct Worker {
     pub body_bytes_in_flight: Cell<usize>,
     /// Failed-authentication audit allowance per client address.
     pub auth_failure_audit: RefCell<AuthFailureAudit>,
+    /// The audit allowance for requests refused at the rate limit.
+    pub rate_limited_audit: RefCell<AuditAllowance<LimitedCaller>>,
     /// This worker's rate-limit buckets.
     pub limiter: LocalLimiter,
     /// This worker's audit queue.
@@ -260,6 +262,7 @@ impl Worker {
             active: Cell::new(0),
             body_bytes_in_flight: Cell::new(0),
             auth_failure_audit: RefCell::new(AuthFailureAudit::default()),
+            rate_limited_audit: RefCell::new(AuditAllowance::default()),
             limiter: LocalLimiter::new(shared.workers),
             audit,
             verified_sessions: RefCell::new((0, std::collections::HashMap::default())),
@@ -354,35 +357,56 @@ impl Worker {
     }
 }
 
-/// Failed authentications are audited, but a flood of them must not fill the disk: each client
-/// address gets [`AuthFailureAudit::PER_WINDOW`] audit lines per [`AuthFailureAudit::WINDOW`];
-/// the rest are counted as suppressed. Bounded: at most [`AuthFailureAudit::ADDRESSES`]
-/// addresses are tracked; when the table is full and none of its windows has ended, new
-/// addresses are suppressed too (an attacker with many addresses gets no more lines than the
-/// table holds per window).
-#[derive(Default)]
-pub struct AuthFailureAudit {
-    seen: std::collections::HashMap<std::net::IpAddr, (Instant, u32)>,
+/// Refusals a client can repeat as fast as it can send are audited, but a flood of them must
+/// not fill the disk: each key (a client address for failed authentications; the identity, or
+/// an anonymous caller's address, for requests refused at the rate limit) gets
+/// [`AuditAllowance::PER_WINDOW`] audit lines per [`AuditAllowance::WINDOW`]; the rest are
+/// counted as suppressed. Bounded: at most [`AuditAllowance::KEYS`] keys are tracked; when the
+/// table is full and none of its windows has ended, new keys are suppressed too (an attacker
+/// with many addresses gets no more lines than the table holds per window).
+pub struct AuditAllowance<K> {
+    seen: std::collections::HashMap<K, (Instant, u32)>,
 }
 
-impl AuthFailureAudit {
-    /// Audit lines per address per window.
+/// The allowance for failed authentications, per client address.
+pub type AuthFailureAudit = AuditAllowance<std::net::IpAddr>;
+
+/// Whose requests refused at the rate limit share an allowance: as the limit itself is
+/// counted, per identity, or per address for an anonymous caller.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub enum LimitedCaller {
+    /// An authenticated identity's id.
+    Identity(std::sync::Arc<str>),
+    /// An anonymous caller's address.
+    Address(std::net::IpAddr),
+}
+
+impl<K> Default for AuditAllowance<K> {
+    fn default() -> Self {
+        Self {
+            seen: std::collections::HashMap::new(),
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq> AuditAllowance<K> {
+    /// Audit lines per key per window.
     pub const PER_WINDOW: u32 = 10;
     /// The window.
     pub const WINDOW: Duration = Duration::from_secs(60);
-    /// Addresses tracked per worker.
-    pub const ADDRESSES: usize = 4096;
+    /// Keys tracked per worker.
+    pub const KEYS: usize = 4096;
 
-    /// Whether a failed authentication from `addr` may be written to the audit trail now.
-    pub fn allow(&mut self, addr: std::net::IpAddr, now: Instant) -> bool {
-        if self.seen.len() >= Self::ADDRESSES && !self.seen.contains_key(&addr) {
+    /// Whether another refusal of `key` may be written to the audit trail now.
+    pub fn allow(&mut self, key: K, now: Instant) -> bool {
+        if self.seen.len() >= Self::KEYS && !self.seen.contains_key(&key) {
             self.seen
                 .retain(|_, (start, _)| now.duration_since(*start) < Self::WINDOW);
-            if self.seen.len() >= Self::ADDRESSES {
+            if self.seen.len() >= Self::KEYS {
                 return false;
             }
         }
-        let entry = self.seen.entry(addr).or_insert((now, 0));
+        let entry = self.seen.entry(key).or_insert((now, 0));
         if now.duration_since(entry.0) >= Self::WINDOW {
             *entry = (now, 0);
         }
