@@ -586,7 +586,9 @@ fn hostile_identities_neither_inject_nor_outlive_their_keys() {
         let r = read_response(&mut s).unwrap();
         assert!(matches!(r.status, 200 | 400), "{sub:?}: {}", r.status);
     }
-    let keys = redis.keys();
+    let mut keys = redis.keys();
+    // The gateway's own probe of the lease script at connection (a key of a second's life).
+    keys.retain(|k| k != "mcpg:probe");
     // One bucket per identity, none shared, none named by its input.
     assert_eq!(keys.len(), subs.len(), "{keys:?}");
     for k in &keys {
@@ -854,4 +856,42 @@ fn a_redis_cluster_is_followed_through_its_redirections() {
         g.metric("mcp_guard_ratelimit_redis_fallback_active", &[]),
         0.0
     );
+}
+
+#[test]
+fn a_redis_that_takes_connections_but_refuses_every_lease_stays_down() {
+    // Red team (fleet, F5): at maxmemory, Redis takes connections and refuses every lease
+    // (OOM). Each 500 ms probe's connection declared it back ("answers again") until the next
+    // lease failed, so the log flapped and the fallback gauge read 0 much of the time, which a
+    // "fallback active for a minute" alert never sees.
+    let Some(bin) = redis_binary() else { return };
+    let redis = Redis::start(&bin);
+    let mut c = redis.conn().unwrap();
+    assert!(matches!(
+        c.command(&[b"CONFIG", b"SET", b"maxmemory", b"1"]).unwrap(),
+        Reply::Simple(_)
+    ));
+    let cfg = format!(
+        "{}\n[rate_limit]\nrequests_per_second = 5\nburst_size = 5\nbackend = \"redis\"\nredis_url = \"{}\"\nredis_failure = \"closed\"\n",
+        stdio_config("auto", "", &[]),
+        redis.url()
+    );
+    let g = Gateway::start(&cfg);
+    for _ in 0..20 {
+        let r = mcp_post(g.addr, INIT, None);
+        assert_eq!(r.status, 429, "{}", r.text());
+        assert_eq!(
+            g.metric("mcp_guard_ratelimit_redis_fallback_active", &[]),
+            1.0
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        !g.wait_log("answers again", Duration::from_millis(10)),
+        "Redis was declared back though no lease went through"
+    );
+    // Once leases go through again, shared limits resume.
+    c.command(&[b"CONFIG", b"SET", b"maxmemory", b"0"]).unwrap();
+    assert!(g.wait_log("answers again", Duration::from_secs(5)));
+    assert_eq!(mcp_post(g.addr, INIT, None).status, 200);
 }

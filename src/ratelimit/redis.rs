@@ -175,14 +175,7 @@ impl Inner {
     /// The `redis_failure` rule's answer.
     fn failure_rule(&self, key: BucketKey, want: u32, limit: Limit, now: Instant) -> Lease {
         match self.settings.failure {
-            RedisFailure::Local => {
-                let n = self.settings.replicas.max(1);
-                let share = Limit {
-                    rate: limit.rate / f64::from(n),
-                    burst: limit.burst.div_ceil(n).max(1),
-                };
-                self.fallback.lease(key, want, share, now)
-            }
+            RedisFailure::Local => self.local_share(key, want, limit, now),
             RedisFailure::Open => Lease {
                 granted: want,
                 retry_after: Duration::ZERO,
@@ -193,6 +186,28 @@ impl Inner {
                 granted: 0,
                 retry_after: PROBE_EVERY,
             },
+        }
+    }
+
+    /// This node's share of `limit`, counted here alone (`redis_failure = "local"`).
+    fn local_share(&self, key: BucketKey, want: u32, limit: Limit, now: Instant) -> Lease {
+        let n = self.settings.replicas.max(1);
+        let share = Limit {
+            rate: limit.rate / f64::from(n),
+            burst: limit.burst.div_ceil(n).max(1),
+        };
+        self.fallback.lease(key, want, share, now)
+    }
+
+    /// The answer to a lease Redis did not give in time though it is reachable (slow, or this
+    /// node's queue of leases full). `open` admits without limit only while Redis is
+    /// unreachable: here it takes the node's local share instead. Admitting every late lease
+    /// let any caller past its limit under load alone, and the load it let through made more
+    /// leases late (red team, fleet F4). `local` and `closed` answer as they do for an outage.
+    fn late_rule(&self, key: BucketKey, want: u32, limit: Limit, now: Instant) -> Lease {
+        match self.settings.failure {
+            RedisFailure::Open => self.local_share(key, want, limit, now),
+            _ => self.failure_rule(key, want, limit, now),
         }
     }
 
@@ -291,7 +306,11 @@ impl QuotaPool for RedisPool {
         };
         match self.jobs.try_send(job) {
             Ok(()) => Leased::Later(rx),
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+            Err(TrySendError::Full(_)) => {
+                self.inner.stats.failures.fetch_add(1, Relaxed);
+                Leased::Now(self.inner.late_rule(key, want, limit, now))
+            }
+            Err(TrySendError::Disconnected(_)) => {
                 self.inner.stats.failures.fetch_add(1, Relaxed);
                 Leased::Now(self.inner.failure_rule(key, want, limit, now))
             }
@@ -304,7 +323,7 @@ impl QuotaPool for RedisPool {
 
     fn lease_timed_out(&self, key: BucketKey, want: u32, limit: Limit, now: Instant) -> Lease {
         self.inner.stats.timeouts.fetch_add(1, Relaxed);
-        self.inner.failure_rule(key, want, limit, now)
+        self.inner.late_rule(key, want, limit, now)
     }
 
     fn sweep(&self, now: Instant) {
@@ -356,7 +375,7 @@ impl QuotaPool for RedisPool {
         metric(
             "mcp_guard_ratelimit_redis_lease_timeouts_total",
             "counter",
-            "Requests that waited the whole lease timeout; the redis_failure rule answered them.",
+            "Requests that waited the whole lease timeout; answered by the node's share (redis_failure open or local) or refused (closed).",
             s.timeouts.load(Relaxed),
         );
         metric(
@@ -448,8 +467,26 @@ impl Link {
         }
         self.conn = Some(conn);
         self.nodes.clear();
+        // Healthy only once a lease goes through: a Redis that takes connections and refuses
+        // every lease (out of memory, scripts refused) would otherwise be declared back at
+        // every probe, and the fallback gauge and the log would flap with it.
+        if let Err(e) = self.probe_lease() {
+            self.conn = None;
+            self.nodes.clear();
+            return Err(e);
+        }
         self.inner.healthy.store(true, Relaxed);
         Ok(())
+    }
+
+    /// The lease script on a key of its own, asking for nothing (it writes, as a lease does).
+    fn probe_lease(&mut self) -> Result<(), String> {
+        self.eval_routed(
+            PROBE_KEY,
+            &[b"1", PROBE_KEY.as_bytes(), b"1", b"1", b"0", b"1000"],
+        )
+        .and_then(parse_grant)
+        .map(|_| ())
     }
 
     fn run(mut self, jobs: Receiver<Job>) {
@@ -565,6 +602,8 @@ impl Link {
         let now = Instant::now();
         match answer.and_then(parse_grant) {
             Ok((granted, wait_us)) => {
+                // Never more than was asked: a server answering more would lift the limit.
+                let granted = granted.min(batch);
                 inner.stats.observe(now.saturating_duration_since(started));
                 inner.stats.leases.fetch_add(1, Relaxed);
                 inner.stats.tokens.fetch_add(u64::from(granted), Relaxed);
@@ -593,6 +632,9 @@ impl Link {
         }
     }
 }
+
+/// The key [`Link::probe_lease`] leases nothing from.
+const PROBE_KEY: &str = "mcpg:probe";
 
 /// Cluster nodes the thread keeps connections to (beyond the configured one).
 const MAX_NODES: usize = 64;
@@ -677,7 +719,7 @@ fn parse_grant(reply: Reply) -> Result<(u32, u64), String> {
             )),
             _ => Err("the lease script answered an unexpected shape".into()),
         },
-        Reply::Error(e) => Err(format!("Redis error: {e}")),
+        Reply::Error(e) => Err(format!("Redis error: {}", super::resp::shown(&e))),
         _ => Err("the lease script answered an unexpected shape".into()),
     }
 }
@@ -809,5 +851,14 @@ mod tests {
         assert!((0..100).all(|_| open.lease(1, 1, limit, now).granted == 1));
         let closed = pool(RedisFailure::Closed, 2);
         assert_eq!(closed.lease(1, 1, limit, now).granted, 0);
+        // A lease Redis did not answer in time, though reachable: `open` takes the node's
+        // share rather than admitting every late lease (red team, fleet F4).
+        let open = pool(RedisFailure::Open, 2);
+        let late: u32 = (0..20)
+            .map(|_| open.lease_timed_out(1, 1, limit, now).granted)
+            .sum();
+        assert_eq!(late, 5, "half the burst on each of two replicas");
+        let closed = pool(RedisFailure::Closed, 2);
+        assert_eq!(closed.lease_timed_out(1, 1, limit, now).granted, 0);
     }
 }

@@ -117,7 +117,7 @@ impl RedisUrl {
     pub fn at_node(&self, addr: &str) -> Result<RedisUrl, String> {
         let (host, port) = crate::config::split_host_port(addr, 6379)
             .filter(|(h, p)| !h.is_empty() && *p != 0)
-            .ok_or_else(|| format!("a redirection names a bad address `{addr}`"))?;
+            .ok_or_else(|| format!("a redirection names a bad address `{}`", shown(addr)))?;
         Ok(RedisUrl {
             host: host
                 .trim_start_matches('[')
@@ -422,12 +422,12 @@ impl Conn {
             };
             if let Reply::Error(e) = reply {
                 // The server's words (e.g. WRONGPASS), never the password.
-                return Err(format!("AUTH refused: {e}"));
+                return Err(format!("AUTH refused: {}", shown(&e)));
             }
         }
         if url.db != 0 {
             if let Reply::Error(e) = conn.command(&[b"SELECT", url.db.to_string().as_bytes()])? {
-                return Err(format!("SELECT {} refused: {e}", url.db));
+                return Err(format!("SELECT {} refused: {}", url.db, shown(&e)));
             }
         }
         Ok(conn)
@@ -471,9 +471,43 @@ impl Conn {
     }
 }
 
+/// Text a Redis server sent (an error reply, an address), as logs may show it: control
+/// characters escaped (a bare LF in an error reply would forge a log line) and cut at 200
+/// characters (a server may send errors of any length, again at every retry).
+pub fn shown(text: &str) -> String {
+    let mut out = String::with_capacity(text.len().min(220));
+    for (i, c) in text.chars().enumerate() {
+        if i == 200 {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_servers_text_is_shown_on_one_line_and_bounded() {
+        // Red team (fleet, F6): an error reply with a bare LF forged a second log line, and
+        // 100 KB errors made 100 KB log lines at every retry.
+        let forged = "ERR boom\n2026-11-30T00:00:00Z  INFO Redis answers again";
+        let one_line = shown(forged);
+        assert!(
+            !one_line.contains('\n') && one_line.contains("\\n"),
+            "{one_line}"
+        );
+        let long = shown(&"x".repeat(100_000));
+        assert!(long.chars().count() <= 201, "{}", long.len());
+        assert_eq!(shown("WRONGPASS invalid"), "WRONGPASS invalid");
+    }
 
     #[test]
     fn urls_parse_and_never_print_their_password() {
