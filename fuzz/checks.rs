@@ -822,10 +822,14 @@ pub fn sse_events(data: &[u8]) {
             .or_else(|| lower.strip_prefix("//"))
         {
             let authority = rest.split(['/', '?']).next().unwrap_or_default();
-            assert!(
-                authority == "127.0.0.1:8080",
-                "another origin accepted: {first:?}"
-            );
+            // The same origin, however its port is written (`08080` is port 8080, as URL
+            // parsers read it); only digits.
+            let same = authority.split_once(':').is_some_and(|(host, port)| {
+                host == "127.0.0.1"
+                    && port.bytes().all(|b| b.is_ascii_digit())
+                    && port.parse::<u32>() == Ok(8080)
+            });
+            assert!(same, "another origin accepted: {first:?}");
         }
         // Any other scheme (`x:` before the first `/`) is another origin.
         if !lower.starts_with("http://") && !lower.starts_with('/') {
@@ -851,6 +855,62 @@ pub fn sse_events(data: &[u8]) {
     // A byte per read: every CR is the last byte of some read.
     let bytes: Vec<&[u8]> = stream.chunks(1).collect();
     assert_eq!(whole, decode(&bytes), "a byte at a time");
+    sse_raw_events(stream);
+}
+
+/// The raw events of an SSE stream: `message_data` reads each as `decode_event` does, and
+/// `push_until`, stopping at one of them a byte per read, reports an end after which nothing of
+/// that event is left and before which the stream holds exactly the events up to it.
+fn sse_raw_events(stream: &[u8]) {
+    use mcp_guard::http::sse::{SseSplitter, decode_event, message_data, split_field, sse_lines};
+    let raw = |input: &[u8]| -> Option<Vec<Vec<u8>>> {
+        let mut events = Vec::new();
+        let mut splitter = SseSplitter::default();
+        splitter.push(input, |e| events.push(e.to_vec())).ok()?;
+        splitter.finish(|e| events.push(e.to_vec()));
+        Some(events)
+    };
+    let Some(events) = raw(stream) else { return };
+    for event in &events {
+        let Ok(text) = std::str::from_utf8(event) else {
+            continue;
+        };
+        let decoded = decode_event(event);
+        let has_data = sse_lines(text).any(|l| split_field(l).0 == "data");
+        let want = (decoded.is_message() && has_data).then(|| decoded.data.clone().into_bytes());
+        assert_eq!(
+            message_data(event).map(|d| d.into_owned()),
+            want,
+            "{text:?}"
+        );
+    }
+    if events.is_empty() {
+        return;
+    }
+    let stop_at = stream.len() % events.len();
+    let mut splitter = SseSplitter::default();
+    let mut seen = 0;
+    let mut fed = 0;
+    for byte in stream.chunks(1) {
+        fed += 1;
+        let found = splitter
+            .push_until(byte, |_| {
+                seen += 1;
+                seen == stop_at + 1
+            })
+            .expect("within the cap");
+        if let Some(after) = found {
+            let prefix = &stream[..fed - after];
+            assert_eq!(
+                raw(prefix).as_deref(),
+                Some(&events[..=stop_at]),
+                "stopped at event {stop_at}"
+            );
+            return;
+        }
+    }
+    // Only an event that `finish` completes (a final lone CR) is never found while pushing.
+    assert_eq!(stop_at + 1, events.len(), "event {stop_at} never found");
 }
 
 /// What peers of the gateway send it outside HTTP heads and JSON-RPC: Redis replies (RESP),
