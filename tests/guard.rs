@@ -739,3 +739,93 @@ fn refusals_at_the_rate_limit_get_an_allowance_of_audit_lines_per_caller() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn every_kind_of_refusal_a_client_can_repeat_gets_the_audit_allowance_batches_line_by_line() {
+    // Red team (fleet, N1, N2): a bad Origin (no credentials needed), a denied tool (decided
+    // before the rate limit, so free), a malformed request each wrote a line per request without
+    // limit, and a batch of 40 denied calls 40 lines per request.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let cfg = format!(
+        "{}\n{}\n[rate_limit]\nenabled = false\n[audit]\nfile = {:?}\n",
+        stdio_config(
+            "auto",
+            "workers = 1\nallowed_origins = [\"https://ok.example\"]",
+            &["--test-tools"]
+        )
+        .replace("workers = 2\n", ""),
+        keys(""),
+        path.to_str().unwrap()
+    );
+    let g = Gateway::start(&cfg);
+    let sid = init_as(g.addr, ALICE);
+    let denied_batch = format!(
+        "[{}]",
+        (0..40)
+            .map(|i| call(100 + i, "crash", "{}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    for _ in 0..30 {
+        let origin = request(
+            g.addr,
+            &mcp_post_raw(INIT, None, "Origin: https://evil.example\r\n"),
+        );
+        assert_eq!(origin.status, 403);
+        let denied = post_as(g.addr, ALICE, &call(2, "crash", "{}"), Some(&sid));
+        assert_eq!(denied.json()["error"]["code"], -32003, "{}", denied.text());
+        assert_eq!(post_as(g.addr, ALICE, "{not json", Some(&sid)).status, 400);
+        post_as(g.addr, ALICE, &denied_batch, Some(&sid));
+    }
+    // What was allowed is written whole whatever came before.
+    assert_eq!(
+        post_as(
+            g.addr,
+            ALICE,
+            &call(3, "echo", r#"{"text":"hi"}"#),
+            Some(&sid)
+        )
+        .status,
+        200
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let events: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let allowed_echo = events
+            .iter()
+            .any(|e| e["decision"] == "allow" && e["tool"] == "echo");
+        if allowed_echo {
+            let refused_anonymously = events
+                .iter()
+                .filter(|e| e["status"] == 403 && e["identity"].is_null())
+                .count();
+            let refused_alice = events
+                .iter()
+                .filter(|e| e["identity"] == "alice" && e["decision"] != "allow")
+                .count();
+            // One worker: 10 lines a minute for the stranger's address, 10 for alice, where
+            // 30 Origin refusals and 30 x (1 + 1 + 40) of alice's were sent.
+            assert!(
+                refused_anonymously <= 10,
+                "{refused_anonymously} Origin lines"
+            );
+            assert!(
+                refused_alice <= 10,
+                "{refused_alice} lines for alice's refusals"
+            );
+            let suppressed = g.metric("mcp_guard_audit_events_suppressed_total", &[]);
+            assert!(
+                suppressed >= f64::from(30 + 30 * 42 - 20),
+                "{suppressed} suppressed"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "no allowed echo in {text}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -890,8 +890,62 @@ fn a_redis_that_takes_connections_but_refuses_every_lease_stays_down() {
         !g.wait_log("answers again", Duration::from_millis(10)),
         "Redis was declared back though no lease went through"
     );
-    // Once leases go through again, shared limits resume.
+    // Once a lease goes through again, shared limits resume, and only then is that said.
     c.command(&[b"CONFIG", b"SET", b"maxmemory", b"0"]).unwrap();
+    let until = Instant::now() + Duration::from_secs(5);
+    while mcp_post(g.addr, INIT, None).status != 200 {
+        assert!(Instant::now() < until, "still refused with Redis back");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert!(g.wait_log("answers again", Duration::from_secs(5)));
-    assert_eq!(mcp_post(g.addr, INIT, None).status, 200);
+    assert_eq!(
+        g.metric("mcp_guard_ratelimit_redis_fallback_active", &[]),
+        0.0
+    );
+}
+
+#[test]
+fn a_redis_that_answers_the_probe_but_refuses_real_leases_is_logged_down_once_and_stays_down() {
+    // Red team (fleet, N6): a Redis whose access rules let the probe's key through and refuse
+    // every bucket's (the same as a cluster whose bucket slots sit on a node out of memory)
+    // was declared back at each reconnection: the log and the gauge flapped again.
+    let Some(bin) = redis_binary() else { return };
+    let redis = Redis::start(&bin);
+    let mut c = redis.conn().unwrap();
+    let acl = format!(">{PASSWORD}");
+    assert!(matches!(
+        c.command(&[
+            b"ACL",
+            b"SETUSER",
+            b"default",
+            b"on",
+            b"resetkeys",
+            b"~mcpg:probe",
+            acl.as_bytes(),
+            b"+@all",
+        ])
+        .unwrap(),
+        Reply::Simple(_)
+    ));
+    let cfg = format!(
+        "{}\n[rate_limit]\nrequests_per_second = 5\nburst_size = 5\nbackend = \"redis\"\nredis_url = \"{}\"\nredis_failure = \"closed\"\n",
+        stdio_config("auto", "", &[]),
+        redis.url()
+    );
+    let g = Gateway::start(&cfg);
+    for _ in 0..30 {
+        mcp_post(g.addr, INIT, None);
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(
+            g.metric("mcp_guard_ratelimit_redis_fallback_active", &[]),
+            1.0
+        );
+    }
+    let logs = g.logs.lock().unwrap().clone();
+    let failed = logs.iter().filter(|l| l.contains("failed (")).count();
+    assert_eq!(failed, 1, "{logs:#?}");
+    assert!(
+        !logs.iter().any(|l| l.contains("answers again")),
+        "{logs:#?}"
+    );
 }

@@ -419,7 +419,7 @@ fn write_loop(
     rxs: Vec<Receiver<AuditEvent>>,
     output: AuditOutput,
     mut file: Option<std::io::BufWriter<std::fs::File>>,
-    mut ship: Option<SyncSender<String>>,
+    mut ship: Option<ship::ShipQueue>,
     reopen: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
@@ -475,20 +475,20 @@ fn write_loop(
                 // Never waits for the shipper: one stuck on a SIEM that does not answer would
                 // stop the file too, and the workers' queues would then drop events that are
                 // in neither. A full hand-off drops the event for the SIEM only.
-                if let Some(tx) = &ship {
-                    match tx.try_send(line[..line.len() - 1].to_string()) {
+                if let Some(queue) = &ship {
+                    match queue.offer(line[..line.len() - 1].to_string()) {
                         Ok(()) => ship_full = false,
-                        Err(TrySendError::Full(_)) => {
+                        Err(ship::NotTaken::Full) => {
                             metrics
                                 .global
                                 .audit_export
                                 .count_dropped(export::DropReason::QueueFull, 1);
                             if !ship_full {
-                                tracing::warn!(target: "mcp_guard::audit", "the SIEM shipper is behind (its queue of {} events is full): events are dropped for the SIEM, not for the audit file", ship::CHANNEL_CAPACITY);
+                                tracing::warn!(target: "mcp_guard::audit", "the SIEM shipper is behind (its queue of {} events or {} MiB is full): events are dropped for the SIEM, not for the audit file", ship::CHANNEL_CAPACITY, ship::QUEUED_BYTES >> 20);
                                 ship_full = true;
                             }
                         }
-                        Err(TrySendError::Disconnected(_)) => {
+                        Err(ship::NotTaken::Gone) => {
                             tracing::error!(target: "mcp_guard::audit", "the SIEM shipper stopped; events are no longer shipped");
                             ship = None;
                         }

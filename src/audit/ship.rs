@@ -11,14 +11,51 @@
 use super::export::{self, DropReason, ExportMetrics, ExportSettings};
 use super::spool::Spool;
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
 use std::time::{Duration, Instant};
 
 /// Events the writer may hand over while the shipper is busy (a POST takes up to 10 s); past
 /// that, events are dropped for the SIEM and counted (`queue_full`): the writer never waits,
 /// so the audit file keeps every event whatever the SIEM does.
 pub const CHANNEL_CAPACITY: usize = 65_536;
+/// The bytes those events may hold together (events are handed over whole and cut to the
+/// SIEM's bounds by the shipper: a few caller-chosen megabyte URIs would otherwise make a
+/// stuck shipper hold gigabytes).
+pub const QUEUED_BYTES: usize = 64 * 1024 * 1024;
+
+/// The writer's end of the shipper's queue, bounded in events and in bytes.
+pub struct ShipQueue {
+    tx: SyncSender<String>,
+    queued: Arc<AtomicUsize>,
+}
+
+/// Why [`ShipQueue::offer`] did not take an event.
+pub enum NotTaken {
+    /// The queue is full (events or bytes).
+    Full,
+    /// The shipper has stopped.
+    Gone,
+}
+
+impl ShipQueue {
+    /// Hands `line` to the shipper without waiting.
+    pub fn offer(&self, line: String) -> Result<(), NotTaken> {
+        let len = line.len();
+        if self.queued.load(Relaxed) + len > QUEUED_BYTES {
+            return Err(NotTaken::Full);
+        }
+        self.queued.fetch_add(len, Relaxed);
+        self.tx.try_send(line).map_err(|e| {
+            self.queued.fetch_sub(len, Relaxed);
+            match e {
+                TrySendError::Full(_) => NotTaken::Full,
+                TrySendError::Disconnected(_) => NotTaken::Gone,
+            }
+        })
+    }
+}
 /// The longest one POST may take.
 const POST_TIMEOUT: Duration = Duration::from_secs(10);
 /// The first retry's delay; each failure doubles it up to the cap.
@@ -29,7 +66,7 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 pub fn start(
     settings: ExportSettings,
     metrics: Arc<ExportMetrics>,
-) -> std::io::Result<(SyncSender<String>, std::thread::JoinHandle<()>)> {
+) -> std::io::Result<(ShipQueue, std::thread::JoinHandle<()>)> {
     let spool = Spool::open(&settings.spool_dir, settings.spool_max_bytes).map_err(|e| {
         std::io::Error::new(
             e.kind(),
@@ -48,10 +85,12 @@ pub fn start(
         );
     }
     let (tx, rx) = sync_channel(CHANNEL_CAPACITY);
+    let queued = Arc::new(AtomicUsize::new(0));
+    let taken = queued.clone();
     let handle = std::thread::Builder::new()
         .name("audit-ship".into())
-        .spawn(move || Shipper::new(settings, metrics, spool).run(rx))?;
-    Ok((tx, handle))
+        .spawn(move || Shipper::new(settings, metrics, spool, taken).run(rx))?;
+    Ok((ShipQueue { tx, queued }, handle))
 }
 
 /// The URL as logs may show it: no query (a token may hide there) and nothing else secret.
@@ -80,10 +119,20 @@ struct Shipper {
     /// Why the SIEM is down, when it is (logged when it changes, not at every retry).
     down: Option<String>,
     backoff_cap: Duration,
+    /// The bytes of events handed over and not yet taken ([`ShipQueue`]'s count).
+    queued: Arc<AtomicUsize>,
+    /// Whether the spool's dropping of its oldest events has been logged (until an append
+    /// drops nothing).
+    spool_full_logged: bool,
 }
 
 impl Shipper {
-    fn new(settings: ExportSettings, metrics: Arc<ExportMetrics>, spool: Spool) -> Shipper {
+    fn new(
+        settings: ExportSettings,
+        metrics: Arc<ExportMetrics>,
+        spool: Spool,
+        queued: Arc<AtomicUsize>,
+    ) -> Shipper {
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0x9E37_79B9, |d| d.as_nanos() as u64)
@@ -100,6 +149,8 @@ impl Shipper {
             rng: seed | 1,
             down: None,
             backoff_cap,
+            queued,
+            spool_full_logged: false,
         }
     }
 
@@ -157,6 +208,7 @@ impl Shipper {
 
     /// Adds one event of the writer's to `batch`, bounded for the SIEM.
     fn take(&mut self, batch: &mut Vec<String>, line: String) {
+        self.queued.fetch_sub(line.len(), Relaxed);
         if let Some(event) = export::bound_event(&line) {
             batch.push(event);
         }
@@ -178,11 +230,17 @@ impl Shipper {
                 self.metrics.spooled.fetch_add(a.spooled, Relaxed);
                 if a.dropped > 0 {
                     self.metrics.count_dropped(DropReason::SpoolFull, a.dropped);
-                    tracing::warn!(
-                        target: "mcp_guard::audit",
-                        "the audit spool is at audit.spool_max_bytes; {} of its oldest events were dropped",
-                        a.dropped
-                    );
+                    // Once while the spool stays full, not per segment (hundreds a minute in a
+                    // long outage); the counter has the number.
+                    if !self.spool_full_logged {
+                        self.spool_full_logged = true;
+                        tracing::warn!(
+                            target: "mcp_guard::audit",
+                            "the audit spool is at audit.spool_max_bytes: its oldest events are dropped (counted in mcp_guard_audit_export_events_dropped_total{{reason=\"spool_full\"}}) until the SIEM takes events again"
+                        );
+                    }
+                } else {
+                    self.spool_full_logged = false;
                 }
             }
             Err(e) => {
@@ -333,6 +391,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_hand_off_is_bounded_in_bytes_as_well_as_in_events() {
+        // Red team (fleet, N4): 65,536 events of a caller's megabyte resource URIs, held while
+        // the SIEM hangs, grew memory by a megabyte a request.
+        let (tx, rx) = sync_channel(CHANNEL_CAPACITY);
+        let queue = ShipQueue {
+            tx,
+            queued: Arc::default(),
+        };
+        let big = "x".repeat(1 << 20);
+        let mut handed = 0;
+        while queue.offer(big.clone()).is_ok() {
+            handed += 1;
+        }
+        assert_eq!(handed, QUEUED_BYTES >> 20);
+        // Full in bytes, with room for events: even a small one waits for the shipper.
+        assert!(matches!(queue.offer("small".into()), Err(NotTaken::Full)));
+        drop(rx);
+        assert!(matches!(queue.offer(String::new()), Err(NotTaken::Gone)));
+    }
+
+    #[test]
     fn backoff_grows_with_jitter_and_stays_under_its_cap() {
         let dir = tempfile::tempdir().unwrap();
         let settings = ExportSettings {
@@ -347,7 +426,7 @@ mod tests {
         };
         assert_eq!(shown_url(&settings), "http://127.0.0.1:9/x");
         let spool = Spool::open(dir.path(), 1 << 20).unwrap();
-        let mut s = Shipper::new(settings, Arc::default(), spool);
+        let mut s = Shipper::new(settings, Arc::default(), spool, Arc::default());
         let mut last = Duration::ZERO;
         for i in 1..=20 {
             let before = Instant::now();

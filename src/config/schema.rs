@@ -837,7 +837,8 @@ pub struct RateLimitSection {
     #[schemars(extend("x-type" = "path to a PEM file", "x-reload" = "restart"))]
     pub redis_ca_file: Option<String>,
     /// What the `redis` backend does while Redis is unreachable: `local` applies each limit
-    /// divided by `redis_replicas` on this node, `open` lets requests through unlimited,
+    /// divided by `redis_replicas` on this node, `open` lets requests through unlimited
+    /// (a lease that is only late, Redis reachable, takes the node's share as under `local`),
     /// `closed` refuses them with 429.
     #[schemars(extend("x-reload" = "restart"))]
     pub redis_failure: RedisFailure,

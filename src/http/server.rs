@@ -1413,37 +1413,45 @@ fn emit_audit(
     latency: Duration,
 ) {
     use crate::mcp::jsonrpc::Target;
-    use crate::runtime::worker::LimitedCaller;
-    // Refusals a client can repeat as fast as it sends get an allowance of audit lines each.
-    let allowed = if matches!(reason, Some("missing_credentials" | "invalid_credentials")) {
-        w.auth_failure_audit
-            .borrow_mut()
-            .allow(meta.peer.ip(), meta.started)
-    } else if info.decision == Some("rate_limited") {
-        let caller = match &info.identity {
-            Some(id) if info.auth_method != Some("anonymous") => {
-                LimitedCaller::Identity(id.clone())
-            }
-            _ => LimitedCaller::Address(meta.peer.ip()),
-        };
-        w.rate_limited_audit
-            .borrow_mut()
-            .allow(caller, meta.started)
-    } else {
-        true
-    };
-    if !allowed {
-        w.metrics
-            .audit_suppressed
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        return;
-    }
+    use crate::runtime::worker::RefusedCaller;
     let decision = info
         .decision
         .unwrap_or(if status < 400 { "allow" } else { "error" });
     let mut messages = info.messages;
     if messages.is_empty() {
         messages.push((crate::observe::metrics::METHODS[method].to_string(), None));
+    }
+    // Refusals a client can repeat as fast as it sends (no credentials, a bad Origin, a denied
+    // tool, a malformed request, its rate limit) get an allowance of audit lines, every line
+    // of a batch counted; what the upstream answered, and everything allowed, is written whole.
+    let lines = u32::try_from(messages.len()).unwrap_or(u32::MAX);
+    let refused = (400..500).contains(&status) || matches!(decision, "deny" | "rate_limited");
+    let granted = if matches!(reason, Some("missing_credentials" | "invalid_credentials")) {
+        w.auth_failure_audit
+            .borrow_mut()
+            .take(meta.peer.ip(), lines, meta.started)
+    } else if refused {
+        let caller = match &info.identity {
+            Some(id) if info.auth_method.is_some_and(|m| m != "anonymous") => {
+                RefusedCaller::Identity(id.clone())
+            }
+            _ => RefusedCaller::Address(meta.peer.ip()),
+        };
+        w.refusal_audit
+            .borrow_mut()
+            .take(caller, lines, meta.started)
+    } else {
+        lines
+    };
+    if granted < lines {
+        w.metrics.audit_suppressed.fetch_add(
+            u64::from(lines - granted),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        if granted == 0 {
+            return;
+        }
+        messages.truncate(granted as usize);
     }
     let last = messages.len() - 1;
     let mut arguments = info.arguments;

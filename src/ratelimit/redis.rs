@@ -125,8 +125,14 @@ impl Stats {
 
 struct Inner {
     settings: RedisSettings,
-    /// Whether the last exchange with Redis worked.
+    /// Whether the last exchange with Redis worked (leases are asked of it).
     healthy: AtomicBool,
+    /// Whether limits are shared: a lease went through since the last failure (or Redis took
+    /// the first connection). What the fallback gauge and the log tell: a Redis that takes
+    /// connections but refuses leases must not be shown back at every reconnection.
+    shared: AtomicBool,
+    /// Whether a failure was logged and its end not yet.
+    down_logged: AtomicBool,
     stock: Vec<Mutex<crate::prehashed::PrehashedMap<BucketKey, Stock>>>,
     /// The `local` rule's buckets (this node's share of each limit).
     fallback: MemoryPool,
@@ -230,6 +236,8 @@ impl RedisPool {
     pub fn start(settings: RedisSettings) -> Result<RedisPool, String> {
         let inner = Arc::new(Inner {
             healthy: AtomicBool::new(false),
+            shared: AtomicBool::new(false),
+            down_logged: AtomicBool::new(false),
             stock: (0..SHARDS)
                 .map(|_| Mutex::new(crate::prehashed::PrehashedMap::default()))
                 .collect(),
@@ -244,12 +252,15 @@ impl RedisPool {
                 "rate limits shared through Redis at {}",
                 inner.settings.url
             ),
-            Err(e) => tracing::warn!(
-                target: "mcp_guard::ratelimit",
-                "Redis at {} is unreachable ({e}); {} until it answers",
-                inner.settings.url,
-                rule_phrase(inner.settings.failure)
-            ),
+            Err(e) => {
+                inner.down_logged.store(true, Relaxed);
+                tracing::warn!(
+                    target: "mcp_guard::ratelimit",
+                    "Redis at {} is unreachable ({e}); {} until it answers",
+                    inner.settings.url,
+                    rule_phrase(inner.settings.failure)
+                )
+            }
         }
         let (tx, rx) = std::sync::mpsc::sync_channel(JOB_QUEUE);
         std::thread::Builder::new()
@@ -381,8 +392,8 @@ impl QuotaPool for RedisPool {
         metric(
             "mcp_guard_ratelimit_redis_fallback_active",
             "gauge",
-            "1 while Redis is unreachable and the redis_failure rule applies.",
-            u64::from(!self.inner.healthy.load(Relaxed)),
+            "1 from a failed lease (or connection) until a lease goes through again: the redis_failure rule applies.",
+            u64::from(!self.inner.shared.load(Relaxed)),
         );
         let name = "mcp_guard_ratelimit_redis_latency_seconds";
         let _ = writeln!(
@@ -476,6 +487,11 @@ impl Link {
             return Err(e);
         }
         self.inner.healthy.store(true, Relaxed);
+        // The first connection shares limits at once; after a failure, only a lease that goes
+        // through says so (below).
+        if !self.inner.down_logged.load(Relaxed) {
+            self.inner.shared.store(true, Relaxed);
+        }
         Ok(())
     }
 
@@ -499,13 +515,8 @@ impl Link {
             let now = Instant::now();
             if self.conn.is_none() && now >= self.next_probe {
                 self.next_probe = now + PROBE_EVERY;
-                if self.connect().is_ok() {
-                    tracing::info!(
-                        target: "mcp_guard::ratelimit",
-                        "Redis at {} answers again: limits are shared across the fleet again",
-                        self.inner.settings.url
-                    );
-                }
+                // Back for leases; "answers again" waits for one that goes through.
+                let _ = self.connect();
             }
             let Some(job) = job else { continue };
             // The worker stopped waiting (and applied the failure rule): nothing to answer.
@@ -608,6 +619,14 @@ impl Link {
                 inner.stats.leases.fetch_add(1, Relaxed);
                 inner.stats.tokens.fetch_add(u64::from(granted), Relaxed);
                 let mine = granted.min(job.want);
+                inner.shared.store(true, Relaxed);
+                if inner.down_logged.swap(false, Relaxed) {
+                    tracing::info!(
+                        target: "mcp_guard::ratelimit",
+                        "Redis at {} answers again: limits are shared across the fleet again",
+                        inner.settings.url
+                    );
+                }
                 inner.put_stock(job.key, granted - mine, now);
                 Lease {
                     granted: mine,
@@ -619,7 +638,10 @@ impl Link {
                 self.conn = None;
                 self.nodes.clear();
                 self.next_probe = now + PROBE_EVERY;
-                if inner.healthy.swap(false, Relaxed) {
+                inner.healthy.store(false, Relaxed);
+                inner.shared.store(false, Relaxed);
+                // Logged once per outage, however often a reconnection is taken back.
+                if !inner.down_logged.swap(true, Relaxed) {
                     tracing::warn!(
                         target: "mcp_guard::ratelimit",
                         "Redis at {} failed ({e}); {} until it answers",
@@ -836,6 +858,8 @@ mod tests {
                     lease_timeout: Duration::from_millis(10),
                 },
                 healthy: AtomicBool::new(false),
+                shared: AtomicBool::new(false),
+                down_logged: AtomicBool::new(false),
                 stock: (0..SHARDS)
                     .map(|_| Mutex::new(crate::prehashed::PrehashedMap::default()))
                     .collect(),

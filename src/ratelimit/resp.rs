@@ -459,10 +459,11 @@ impl Conn {
             }
             tcp_timeout(&self.stream);
             let mut chunk = [0u8; 4096];
-            let n = self
-                .stream
-                .read(&mut chunk)
-                .map_err(|e| format!("read: {e}"))?;
+            let n = match self.stream.read(&mut chunk) {
+                // A signal to the process (SIGHUP, say) is not Redis's doing: read on.
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                other => other.map_err(|e| format!("read: {e}"))?,
+            };
             if n == 0 {
                 return Err("connection closed".into());
             }

@@ -221,8 +221,8 @@ pub struct Worker {
     pub body_bytes_in_flight: Cell<usize>,
     /// Failed-authentication audit allowance per client address.
     pub auth_failure_audit: RefCell<AuthFailureAudit>,
-    /// The audit allowance for requests refused at the rate limit.
-    pub rate_limited_audit: RefCell<AuditAllowance<LimitedCaller>>,
+    /// The audit allowance for every other refusal.
+    pub refusal_audit: RefCell<AuditAllowance<RefusedCaller>>,
     /// This worker's rate-limit buckets.
     pub limiter: LocalLimiter,
     /// This worker's audit queue.
@@ -262,7 +262,7 @@ impl Worker {
             active: Cell::new(0),
             body_bytes_in_flight: Cell::new(0),
             auth_failure_audit: RefCell::new(AuthFailureAudit::default()),
-            rate_limited_audit: RefCell::new(AuditAllowance::default()),
+            refusal_audit: RefCell::new(AuditAllowance::default()),
             limiter: LocalLimiter::new(shared.workers),
             audit,
             verified_sessions: RefCell::new((0, std::collections::HashMap::default())),
@@ -358,26 +358,29 @@ impl Worker {
 }
 
 /// Refusals a client can repeat as fast as it can send are audited, but a flood of them must
-/// not fill the disk: each key (a client address for failed authentications; the identity, or
-/// an anonymous caller's address, for requests refused at the rate limit) gets
-/// [`AuditAllowance::PER_WINDOW`] audit lines per [`AuditAllowance::WINDOW`]; the rest are
-/// counted as suppressed. Bounded: at most [`AuditAllowance::KEYS`] keys are tracked; when the
-/// table is full and none of its windows has ended, new keys are suppressed too (an attacker
-/// with many addresses gets no more lines than the table holds per window).
+/// not fill the disk: each key (a client address for failed authentications; for the other
+/// refusals the identity, or an unauthenticated or anonymous caller's address) gets
+/// [`AuditAllowance::PER_WINDOW`] audit lines per [`AuditAllowance::WINDOW`] (a batch's lines
+/// each count); the rest are counted as suppressed. Bounded: at most [`AuditAllowance::KEYS`]
+/// keys are tracked; while the table is full and none of its windows has ended, keys not in it
+/// share one allowance of [`AuditAllowance::OVERFLOW_PER_WINDOW`] lines, so that filling the
+/// table (many addresses are cheap) makes newcomers share lines rather than lose them all.
 pub struct AuditAllowance<K> {
     seen: std::collections::HashMap<K, (Instant, u32)>,
+    /// The allowance of keys the full table could not take.
+    overflow: (Instant, u32),
 }
 
 /// The allowance for failed authentications, per client address.
 pub type AuthFailureAudit = AuditAllowance<std::net::IpAddr>;
 
-/// Whose requests refused at the rate limit share an allowance: as the limit itself is
-/// counted, per identity, or per address for an anonymous caller.
+/// Whose refusals share an allowance: an identity (as rate limits count it), or the address
+/// of a caller that did not authenticate or is anonymous.
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub enum LimitedCaller {
+pub enum RefusedCaller {
     /// An authenticated identity's id.
     Identity(std::sync::Arc<str>),
-    /// An anonymous caller's address.
+    /// A client address.
     Address(std::net::IpAddr),
 }
 
@@ -385,6 +388,7 @@ impl<K> Default for AuditAllowance<K> {
     fn default() -> Self {
         Self {
             seen: std::collections::HashMap::new(),
+            overflow: (Instant::now(), 0),
         }
     }
 }
@@ -392,6 +396,8 @@ impl<K> Default for AuditAllowance<K> {
 impl<K: std::hash::Hash + Eq> AuditAllowance<K> {
     /// Audit lines per key per window.
     pub const PER_WINDOW: u32 = 10;
+    /// Audit lines per window shared by the keys a full table cannot track.
+    pub const OVERFLOW_PER_WINDOW: u32 = 100;
     /// The window.
     pub const WINDOW: Duration = Duration::from_secs(60);
     /// Keys tracked per worker.
@@ -399,19 +405,30 @@ impl<K: std::hash::Hash + Eq> AuditAllowance<K> {
 
     /// Whether another refusal of `key` may be written to the audit trail now.
     pub fn allow(&mut self, key: K, now: Instant) -> bool {
+        self.take(key, 1, now) == 1
+    }
+
+    /// How many of `lines` more lines for `key` may be written now (the rest are suppressed).
+    pub fn take(&mut self, key: K, lines: u32, now: Instant) -> u32 {
         if self.seen.len() >= Self::KEYS && !self.seen.contains_key(&key) {
             self.seen
                 .retain(|_, (start, _)| now.duration_since(*start) < Self::WINDOW);
             if self.seen.len() >= Self::KEYS {
-                return false;
+                return Self::spend(&mut self.overflow, Self::OVERFLOW_PER_WINDOW, lines, now);
             }
         }
         let entry = self.seen.entry(key).or_insert((now, 0));
-        if now.duration_since(entry.0) >= Self::WINDOW {
-            *entry = (now, 0);
+        Self::spend(entry, Self::PER_WINDOW, lines, now)
+    }
+
+    fn spend(window: &mut (Instant, u32), per_window: u32, lines: u32, now: Instant) -> u32 {
+        if now.duration_since(window.0) >= Self::WINDOW {
+            *window = (now, 0);
         }
-        entry.1 += 1;
-        entry.1 <= Self::PER_WINDOW
+        let granted = lines.min(per_window.saturating_sub(window.1));
+        // Counted whole, so that a caller past its allowance stays past it.
+        window.1 = window.1.saturating_add(lines);
+        granted
     }
 }
 
@@ -725,4 +742,42 @@ async fn refuse(mut stream: monoio::net::TcpStream) {
     let body =
         b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
     let _ = crate::http::io::write_all(&mut stream, body.to_vec()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Allowance = AuditAllowance<u32>;
+
+    #[test]
+    fn an_allowance_counts_lines_and_renews_each_window() {
+        let mut a = Allowance::default();
+        let t0 = Instant::now();
+        // A batch's lines each count: 40 lines at once get the window's 10.
+        assert_eq!(a.take(1, 40, t0), Allowance::PER_WINDOW);
+        assert_eq!(a.take(1, 1, t0), 0);
+        // Another key has its own.
+        assert_eq!(a.take(2, 3, t0), 3);
+        // The next window.
+        assert_eq!(a.take(1, 1, t0 + Allowance::WINDOW), 1);
+    }
+
+    #[test]
+    fn a_full_table_makes_newcomers_share_an_allowance_not_lose_every_line() {
+        // Red team (fleet, N3): with the table full of one attacker's addresses, every other
+        // address's refusals were written nowhere.
+        let mut a = Allowance::default();
+        let t0 = Instant::now();
+        for key in 0..Allowance::KEYS as u32 {
+            a.take(key, 1, t0);
+        }
+        let newcomer = Allowance::KEYS as u32 + 1;
+        assert_eq!(a.take(newcomer, 1, t0), 1);
+        let shared: u32 = (0..1000).map(|k| a.take(newcomer + 1 + k, 1, t0)).sum();
+        assert_eq!(shared + 1, Allowance::OVERFLOW_PER_WINDOW);
+        // Once the table's windows end, keys are tracked again, each with its own.
+        let later = t0 + Allowance::WINDOW;
+        assert_eq!(a.take(newcomer, 5, later), 5);
+    }
 }
