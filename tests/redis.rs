@@ -858,6 +858,28 @@ fn a_redis_cluster_is_followed_through_its_redirections() {
     );
 }
 
+/// A gateway sharing a 5/s limit through `redis`, refusing while Redis is down.
+fn closed_gateway(redis: &Redis) -> Gateway {
+    Gateway::start(&format!(
+        "{}\n[rate_limit]\nrequests_per_second = 5\nburst_size = 5\nbackend = \"redis\"\nredis_url = \"{}\"\nredis_failure = \"closed\"\n",
+        stdio_config("auto", "", &[]),
+        redis.url()
+    ))
+}
+
+/// Asserts, for `rounds` requests 100 ms apart, that the fallback stays active.
+fn assert_fallback_stays_active(g: &Gateway, rounds: usize) {
+    for _ in 0..rounds {
+        let r = mcp_post(g.addr, INIT, None);
+        assert_eq!(r.status, 429, "{}", r.text());
+        assert_eq!(
+            g.metric("mcp_guard_ratelimit_redis_fallback_active", &[]),
+            1.0
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn a_redis_that_takes_connections_but_refuses_every_lease_stays_down() {
     // Red team (fleet, F5): at maxmemory, Redis takes connections and refuses every lease
@@ -871,21 +893,8 @@ fn a_redis_that_takes_connections_but_refuses_every_lease_stays_down() {
         c.command(&[b"CONFIG", b"SET", b"maxmemory", b"1"]).unwrap(),
         Reply::Simple(_)
     ));
-    let cfg = format!(
-        "{}\n[rate_limit]\nrequests_per_second = 5\nburst_size = 5\nbackend = \"redis\"\nredis_url = \"{}\"\nredis_failure = \"closed\"\n",
-        stdio_config("auto", "", &[]),
-        redis.url()
-    );
-    let g = Gateway::start(&cfg);
-    for _ in 0..20 {
-        let r = mcp_post(g.addr, INIT, None);
-        assert_eq!(r.status, 429, "{}", r.text());
-        assert_eq!(
-            g.metric("mcp_guard_ratelimit_redis_fallback_active", &[]),
-            1.0
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let g = closed_gateway(&redis);
+    assert_fallback_stays_active(&g, 20);
     assert!(
         !g.wait_log("answers again", Duration::from_millis(10)),
         "Redis was declared back though no lease went through"
@@ -927,20 +936,10 @@ fn a_redis_that_answers_the_probe_but_refuses_real_leases_is_logged_down_once_an
         .unwrap(),
         Reply::Simple(_)
     ));
-    let cfg = format!(
-        "{}\n[rate_limit]\nrequests_per_second = 5\nburst_size = 5\nbackend = \"redis\"\nredis_url = \"{}\"\nredis_failure = \"closed\"\n",
-        stdio_config("auto", "", &[]),
-        redis.url()
-    );
-    let g = Gateway::start(&cfg);
-    for _ in 0..30 {
-        mcp_post(g.addr, INIT, None);
-        std::thread::sleep(Duration::from_millis(100));
-        assert_eq!(
-            g.metric("mcp_guard_ratelimit_redis_fallback_active", &[]),
-            1.0
-        );
-    }
+    let g = closed_gateway(&redis);
+    // The first lease is refused; from then on, the fallback.
+    mcp_post(g.addr, INIT, None);
+    assert_fallback_stays_active(&g, 30);
     let logs = g.logs.lock().unwrap().clone();
     let failed = logs.iter().filter(|l| l.contains("failed (")).count();
     assert_eq!(failed, 1, "{logs:#?}");
