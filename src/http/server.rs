@@ -1413,7 +1413,6 @@ fn emit_audit(
     latency: Duration,
 ) {
     use crate::mcp::jsonrpc::Target;
-    use crate::runtime::worker::RefusedCaller;
     let decision = info
         .decision
         .unwrap_or(if status < 400 { "allow" } else { "error" });
@@ -1431,15 +1430,16 @@ fn emit_audit(
             .borrow_mut()
             .take(meta.peer.ip(), lines, meta.started)
     } else if refused {
-        let caller = match &info.identity {
-            Some(id) if info.auth_method.is_some_and(|m| m != "anonymous") => {
-                RefusedCaller::Identity(id.clone())
-            }
-            _ => RefusedCaller::Address(meta.peer.ip()),
-        };
-        w.refusal_audit
-            .borrow_mut()
-            .take(caller, lines, meta.started)
+        match &info.identity {
+            Some(id) if info.auth_method.is_some_and(|m| m != "anonymous") => w
+                .refusal_audit
+                .borrow_mut()
+                .take(id.clone(), lines, meta.started),
+            _ => w
+                .stranger_refusal_audit
+                .borrow_mut()
+                .take(meta.peer.ip(), lines, meta.started),
+        }
     } else {
         lines
     };

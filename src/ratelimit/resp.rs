@@ -462,6 +462,15 @@ impl Conn {
             let n = match self.stream.read(&mut chunk) {
                 // A signal to the process (SIGHUP, say) is not Redis's doing: read on.
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                // The socket's read timeout (the command's deadline) ran out.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err("timed out".into());
+                }
                 other => other.map_err(|e| format!("read: {e}"))?,
             };
             if n == 0 {

@@ -221,8 +221,12 @@ pub struct Worker {
     pub body_bytes_in_flight: Cell<usize>,
     /// Failed-authentication audit allowance per client address.
     pub auth_failure_audit: RefCell<AuthFailureAudit>,
-    /// The audit allowance for every other refusal.
-    pub refusal_audit: RefCell<AuditAllowance<RefusedCaller>>,
+    /// The audit allowance for every other refusal of an authenticated identity: a table of
+    /// its own, so that strangers filling theirs with addresses cannot silence identities'.
+    pub refusal_audit: RefCell<AuditAllowance<std::sync::Arc<str>>>,
+    /// The audit allowance for every other refusal of a caller known by its address (it did
+    /// not authenticate, or is anonymous).
+    pub stranger_refusal_audit: RefCell<AuditAllowance<std::net::IpAddr>>,
     /// This worker's rate-limit buckets.
     pub limiter: LocalLimiter,
     /// This worker's audit queue.
@@ -263,6 +267,7 @@ impl Worker {
             body_bytes_in_flight: Cell::new(0),
             auth_failure_audit: RefCell::new(AuthFailureAudit::default()),
             refusal_audit: RefCell::new(AuditAllowance::default()),
+            stranger_refusal_audit: RefCell::new(AuditAllowance::default()),
             limiter: LocalLimiter::new(shared.workers),
             audit,
             verified_sessions: RefCell::new((0, std::collections::HashMap::default())),
@@ -359,7 +364,8 @@ impl Worker {
 
 /// Refusals a client can repeat as fast as it can send are audited, but a flood of them must
 /// not fill the disk: each key (a client address for failed authentications; for the other
-/// refusals the identity, or an unauthenticated or anonymous caller's address) gets
+/// refusals the identity, or an unauthenticated or anonymous caller's address, in tables of
+/// their own) gets
 /// [`AuditAllowance::PER_WINDOW`] audit lines per [`AuditAllowance::WINDOW`] (a batch's lines
 /// each count); the rest are counted as suppressed. Bounded: at most [`AuditAllowance::KEYS`]
 /// keys are tracked; while the table is full and none of its windows has ended, keys not in it
@@ -373,16 +379,6 @@ pub struct AuditAllowance<K> {
 
 /// The allowance for failed authentications, per client address.
 pub type AuthFailureAudit = AuditAllowance<std::net::IpAddr>;
-
-/// Whose refusals share an allowance: an identity (as rate limits count it), or the address
-/// of a caller that did not authenticate or is anonymous.
-#[derive(Clone, PartialEq, Eq, Hash)]
-pub enum RefusedCaller {
-    /// An authenticated identity's id.
-    Identity(std::sync::Arc<str>),
-    /// A client address.
-    Address(std::net::IpAddr),
-}
 
 impl<K> Default for AuditAllowance<K> {
     fn default() -> Self {
