@@ -957,7 +957,8 @@ fn an_upstream_that_ends_its_stream_just_after_the_answer_keeps_its_connection()
                             "event: message\ndata: {{\"jsonrpc\":\"2.0\",\"id\":{id},\"result\":{{\"content\":[]}}}}\n\n"
                         );
                         let _ = conn.write_all(&chunked("text/event-stream", &[&event]));
-                        std::thread::sleep(Duration::from_millis(20));
+                        // A second write, a moment later (well within the gateway's 100 ms).
+                        std::thread::sleep(Duration::from_millis(5));
                         let _ = conn.write_all(b"0\r\n\r\n");
                     } else {
                         let _ =
@@ -969,10 +970,16 @@ fn an_upstream_that_ends_its_stream_just_after_the_answer_keeps_its_connection()
     });
     let g = gateway(&url, "");
     let sid = initialize(g.addr);
-    let first = mcp_post(g.addr, &call(31, "quick", "{}"), Some(&sid));
+    // One client connection, so both calls are served by one worker (pools are per worker).
+    let mut s = connect(g.addr);
+    s.write_all(mcp_post_raw(&call(31, "quick", "{}"), Some(&sid), "").as_bytes())
+        .unwrap();
+    let first = read_response(&mut s).expect("the first answer");
     assert_eq!(first.sse_messages()[0]["id"], 31, "{}", first.text());
     let before = accepted.load(Ordering::SeqCst);
-    let second = mcp_post(g.addr, &call(32, "quick", "{}"), Some(&sid));
+    s.write_all(mcp_post_raw(&call(32, "quick", "{}"), Some(&sid), "").as_bytes())
+        .unwrap();
+    let second = read_response(&mut s).expect("the second answer");
     assert_eq!(second.sse_messages()[0]["id"], 32, "{}", second.text());
     assert_eq!(
         accepted.load(Ordering::SeqCst),

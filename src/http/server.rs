@@ -1416,14 +1416,11 @@ fn emit_audit(
     let decision = info
         .decision
         .unwrap_or(if status < 400 { "allow" } else { "error" });
-    let mut messages = info.messages;
-    if messages.is_empty() {
-        messages.push((crate::observe::metrics::METHODS[method].to_string(), None));
-    }
     // Refusals a client can repeat as fast as it sends (no credentials, a bad Origin, a denied
     // tool, a malformed request, its rate limit) get an allowance of audit lines, every line
     // of a batch counted; what the upstream answered, and everything allowed, is written whole.
-    let lines = u32::try_from(messages.len()).unwrap_or(u32::MAX);
+    // A request no message was read from still gets its line.
+    let lines = u32::try_from(info.messages.len().max(1)).unwrap_or(u32::MAX);
     let refused = (400..500).contains(&status) || matches!(decision, "deny" | "rate_limited");
     let granted = if matches!(reason, Some("missing_credentials" | "invalid_credentials")) {
         w.auth_failure_audit
@@ -1451,8 +1448,12 @@ fn emit_audit(
         if granted == 0 {
             return;
         }
-        messages.truncate(granted as usize);
     }
+    let mut messages = info.messages;
+    if messages.is_empty() {
+        messages.push((crate::observe::metrics::METHODS[method].to_string(), None));
+    }
+    messages.truncate(granted as usize);
     let last = messages.len() - 1;
     let mut arguments = info.arguments;
     let mut details = info.details;

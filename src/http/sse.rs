@@ -215,24 +215,8 @@ pub fn decode_event(event: &[u8]) -> SseEvent {
 pub fn message_data(event: &[u8]) -> Option<std::borrow::Cow<'_, [u8]>> {
     let mut data: Option<std::borrow::Cow<'_, [u8]>> = None;
     let mut message = true;
-    let mut rest = event;
-    while !rest.is_empty() {
-        let (line, next) = match memchr::memchr2(b'\r', b'\n', rest) {
-            None => (rest, &rest[rest.len()..]),
-            Some(i) => {
-                let skip = if rest[i..].starts_with(b"\r\n") { 2 } else { 1 };
-                (&rest[..i], &rest[i + skip..])
-            }
-        };
-        rest = next;
-        let (field, value) = match memchr::memchr(b':', line) {
-            Some(0) => continue,
-            Some(i) => {
-                let value = &line[i + 1..];
-                (&line[..i], value.strip_prefix(b" ").unwrap_or(value))
-            }
-            None => (line, &line[line.len()..]),
-        };
+    // A comment (`:` first) is a field without a name: neither of these.
+    for (field, value) in sse_byte_lines(event).map(split_field_bytes) {
         match field {
             b"data" => match data.as_mut() {
                 None => data = Some(std::borrow::Cow::Borrowed(value)),
@@ -251,9 +235,20 @@ pub fn message_data(event: &[u8]) -> Option<std::borrow::Cow<'_, [u8]>> {
 
 /// A line's field name and value.
 pub fn split_field(line: &str) -> (&str, &str) {
-    match line.split_once(':') {
-        Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
-        None => (line, ""),
+    // Split at ASCII bytes, so both halves are whole characters.
+    let (field, value) = split_field_bytes(line.as_bytes());
+    (&line[..field.len()], &line[line.len() - value.len()..])
+}
+
+/// [`split_field`] on bytes: the name up to the first colon, the value after it without one
+/// leading space; a line without a colon is a name with an empty value.
+fn split_field_bytes(line: &[u8]) -> (&[u8], &[u8]) {
+    match memchr::memchr(b':', line) {
+        Some(i) => {
+            let value = &line[i + 1..];
+            (&line[..i], value.strip_prefix(b" ").unwrap_or(value))
+        }
+        None => (line, &line[line.len()..]),
     }
 }
 
@@ -277,24 +272,27 @@ pub fn push_event(out: &mut Vec<u8>, event: Option<&str>, data: &[u8]) {
 /// Splits SSE text into lines the way the SSE specification does: CRLF, lone CR and lone LF
 /// all end a line.
 pub fn sse_lines(text: &str) -> impl Iterator<Item = &str> {
-    let mut rest = text;
+    // Lines end at ASCII bytes: each byte line is whole characters of `text`, found by offset.
+    sse_byte_lines(text.as_bytes()).map(move |line| {
+        let start = line.as_ptr() as usize - text.as_ptr() as usize;
+        &text[start..start + line.len()]
+    })
+}
+
+/// [`sse_lines`] on bytes.
+fn sse_byte_lines(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = bytes;
     std::iter::from_fn(move || {
         if rest.is_empty() {
             return None;
         }
-        match rest.find(['\r', '\n']) {
-            None => {
-                let line = rest;
-                rest = "";
-                Some(line)
-            }
-            Some(i) => {
-                let line = &rest[..i];
-                let skip = if rest[i..].starts_with("\r\n") { 2 } else { 1 };
-                rest = &rest[i + skip..];
-                Some(line)
-            }
-        }
+        let (len, ending) = match memchr::memchr2(b'\r', b'\n', rest) {
+            None => (rest.len(), 0),
+            Some(i) => (i, if rest[i..].starts_with(b"\r\n") { 2 } else { 1 }),
+        };
+        let line = &rest[..len];
+        rest = &rest[len + ending..];
+        Some(line)
     })
 }
 
