@@ -292,9 +292,12 @@ pub fn admit<'c>(
     // 4. route: probes first (no authentication), then paths in normal form only, so that no
     // spelling of a path (`//`, `..`, `%2f`) can select a route its plain form would not.
     let path = head.path();
+    // A path that leads nowhere is not audited (scanners try thousands); a path spelled to
+    // slip past routing, or a messages URL with a missing or forged session, is aimed at a
+    // route and audited, under the refusals' allowance like any other 4xx.
     let unrouted = |e: GatewayError| {
         let mut reply = Reply::error(&e, None, M_NONE);
-        reply.audit.skip = true;
+        reply.audit.skip = matches!(e, GatewayError::NotFound);
         Admission::Answered(Box::new(reply))
     };
     let route = match path {

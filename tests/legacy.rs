@@ -439,3 +439,77 @@ fn an_invalid_message_with_an_id_is_answered_on_the_stream_and_a_forbidden_serve
     // And she cannot open a stream there.
     assert_eq!(Legacy::try_open(g.addr, "/sse/alpha", carol).0, 403);
 }
+
+#[test]
+fn refused_session_parameters_and_unnormal_paths_are_audited_under_the_allowance() {
+    // Red team (fleet, R2): a messages POST with a missing, doubled or forged session
+    // parameter was refused before authentication and never audited, so someone guessing
+    // session URLs left no trace. A path that routes nowhere stays unaudited.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let cfg = format!(
+        "{}{}[audit]\nfile = {:?}\n",
+        stdio_config("auto", "", &[]).replace("workers = 2\n", "workers = 1\n"),
+        keys(),
+        path.to_str().unwrap()
+    );
+    let g = Gateway::start(&cfg);
+    let ping = r#"{"jsonrpc":"2.0","id":9,"method":"ping"}"#;
+    assert_eq!(post_to(g.addr, "/messages", "", ping).status, 400);
+    assert_eq!(
+        post_to(g.addr, "/messages?sessionId=a&sessionId=b", "", ping).status,
+        400
+    );
+    assert_eq!(post_to(g.addr, "/x/../mcp", ALICE, ping).status, 400);
+    assert_eq!(post_to(g.addr, "/nowhere", ALICE, ping).status, 404);
+    // A session parameter that names no server is refused before authentication, so its
+    // refusals share the address's allowance with the ones above.
+    for i in 0..12 {
+        let garbage = format!("/messages?sessionId=not-base64!.{i}");
+        assert_eq!(post_to(g.addr, &garbage, ALICE, ping).status, 404);
+    }
+    // A forged one for a real server is refused once its caller is known: alice's lines.
+    for i in 0..3 {
+        let forged = format!("/messages?sessionId=AQABAAAAAAAAAAHPOfqP1SiW_WRlZmF1bHQ.{i}");
+        assert_eq!(post_to(g.addr, &forged, ALICE, ping).status, 404);
+    }
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let suppressed = g.metric("mcp_guard_audit_events_suppressed_total", &[]);
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let events: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        // 15 refusals of one address: 10 lines, 5 counted; and alice's 3.
+        if events.len() >= 13 && suppressed >= 5.0 {
+            let reasons: Vec<&str> = events
+                .iter()
+                .map(|e| e["reason"].as_str().unwrap_or("?"))
+                .collect();
+            assert_eq!(events.len(), 13, "{reasons:?}");
+            assert_eq!(suppressed, 5.0);
+            assert_eq!(
+                &reasons[..4],
+                [
+                    "missing_session",
+                    "missing_session",
+                    "path_not_normal",
+                    "unknown_session"
+                ],
+                "{text}"
+            );
+            assert!(!reasons.contains(&"not_found"), "{text}");
+            let (strangers, alices): (Vec<&Value>, Vec<&Value>) =
+                events.iter().partition(|e| e["identity"].is_null());
+            assert_eq!((strangers.len(), alices.len()), (10, 3), "{text}");
+            for e in &events {
+                assert!(matches!(e["status"].as_u64(), Some(400 | 404)), "{e}");
+                assert_eq!(e["client_addr"], "127.0.0.1", "{e}");
+            }
+            break;
+        }
+        assert!(Instant::now() < deadline, "{suppressed} suppressed: {text}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
