@@ -1495,7 +1495,7 @@ async fn post(
             && let UpstreamRef::Http(server) = upstream
         {
             if let Some(cancel) = crate::upstream::http::Cancel::of(w, server, &outgoing, &body) {
-                cancel.send();
+                cancel.send(|_| true);
             }
         }
     };

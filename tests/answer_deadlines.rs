@@ -727,31 +727,49 @@ fn a_batch_whose_json_body_stalls_is_answered_in_place() {
 }
 
 #[test]
-fn a_batch_answered_as_sse_that_times_out_is_cut_and_cancelled_without_events_of_ours() {
-    // Some of a batch's requests may have been answered on the stream: no error event could
-    // say which are not, so none is written; the batch is cancelled upstream, in one request.
-    fn sse_head_then_silence(req: &str) -> Option<Vec<u8>> {
-        req.contains("tools/call")
-            .then(|| chunked("text/event-stream", &[": working\n\n"]))
+fn a_batch_answered_as_sse_that_times_out_gets_errors_for_what_is_unanswered_and_cancels_only_that()
+{
+    // The stream's events say which of the batch's requests were answered: those that were
+    // not get the timeout error in their place as the last events, and only they are
+    // cancelled upstream, in one request. (Before: no error event at all, as which were
+    // answered was not read, and every request was cancelled.)
+    fn one_answered_then_silence(req: &str) -> Option<Vec<u8>> {
+        req.contains("tools/call").then(|| {
+            sse_events_then_silence(&[
+                PROGRESS,
+                r#"{"jsonrpc":"2.0","id":"b","result":{"content":[]}}"#,
+            ])
+        })
     }
-    let (url, closed, seen) = scripted_upstream(sse_head_then_silence);
+    let (url, closed, seen) = scripted_upstream(one_answered_then_silence);
     let g = gateway(&url, "");
     let r = mcp_post(g.addr, &INIT.replace("2025-11-25", "2025-03-26"), None);
     let sid = r.header("mcp-session-id").unwrap().to_string();
-    let batch = format!("[{},{}]", call(51, "slow", "{}"), call(52, "slow", "{}"));
+    let batch = format!(
+        "[{},{},{},{}]",
+        call(51, "slow", "{}"),
+        r#"{"jsonrpc":"2.0","id":"b","method":"tools/call","params":{"name":"slow","arguments":{}}}"#,
+        r#"{"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":"t","progress":1}}"#,
+        call(53, "slow", "{}")
+    );
     let mut s = connect(g.addr);
     s.write_all(
         mcp_post_raw(&batch, Some(&sid), "MCP-Protocol-Version: 2025-03-26\r\n").as_bytes(),
     )
     .unwrap();
-    let got = read_all(&mut s, Duration::from_secs(6))
-        .unwrap_or_else(|open| panic!("still open: {}", String::from_utf8_lossy(&open)));
-    let text = String::from_utf8_lossy(&got);
-    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-    assert!(
-        !text.contains("in time"),
-        "an error event in a batch's stream: {text}"
-    );
+    let started = Instant::now();
+    let r = read_response(&mut s).expect("an answer");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let messages = r.sse_messages();
+    assert_eq!(messages.len(), 4, "{messages:?}");
+    assert_eq!(messages[0]["method"], "notifications/progress");
+    assert_eq!(messages[1]["id"], "b");
+    assert!(messages[1].get("result").is_some(), "{messages:?}");
+    assert_eq!(messages[2]["id"], 51, "{messages:?}");
+    assert_eq!(messages[3]["id"], 53, "{messages:?}");
+    assert_timeout_error(&messages[2]);
+    assert_timeout_error(&messages[3]);
     wait_closed(&closed, 1, "a timed-out SSE batch");
     let until = Instant::now() + Duration::from_secs(5);
     while cancellations(&seen).is_empty() {
@@ -766,7 +784,74 @@ fn a_batch_answered_as_sse_that_times_out_is_cut_and_cancelled_without_events_of
         .iter()
         .map(|n| &n["params"]["requestId"])
         .collect();
-    assert_eq!(ids, [51, 52]);
+    assert_eq!(ids, [51, 53]);
+    // The stream ended properly: the connection serves the next request.
+    s.write_all(
+        mcp_post_raw(
+            INITIALIZED,
+            Some(&sid),
+            "MCP-Protocol-Version: 2025-03-26\r\n",
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let next = read_response(&mut s).expect("the next answer on the same connection");
+    assert_eq!(next.status, 202, "{}", next.text());
+}
+
+#[test]
+fn a_batch_answered_as_sse_ends_with_its_last_response_and_a_reused_id_counts_twice() {
+    // A batch's stream ends once each of its requests has its response, in one event each or
+    // as an array, whatever the upstream keeps open; an id the batch uses twice needs two.
+    fn answers_then_silence(req: &str) -> Option<Vec<u8>> {
+        req.contains("tools/call").then(|| {
+            sse_events_then_silence(&[
+                r#"{"jsonrpc":"2.0","id":61,"result":{"content":[]}}"#,
+                r#"{"jsonrpc":"2.0","id":61,"result":{"content":[]}}"#,
+                r#"[{"jsonrpc":"2.0","id":62,"error":{"code":1,"message":"no"}},{"jsonrpc":"2.0","id":99,"method":"ping"}]"#,
+                r#"{"jsonrpc":"2.0","id":63,"result":{"content":[]}}"#,
+                r#"{"jsonrpc":"2.0","method":"notifications/message","params":{"level":"info","data":"after"}}"#,
+            ])
+        })
+    }
+    let (url, closed, seen) = scripted_upstream(answers_then_silence);
+    let g = gateway(&url, "");
+    let r = mcp_post(g.addr, &INIT.replace("2025-11-25", "2025-03-26"), None);
+    let sid = r.header("mcp-session-id").unwrap().to_string();
+    let batch = format!(
+        "[{},{},{},{}]",
+        call(61, "quick", "{}"),
+        call(62, "quick", "{}"),
+        call(61, "quick", "{}"),
+        call(63, "quick", "{}")
+    );
+    let started = Instant::now();
+    let r = request(
+        g.addr,
+        &mcp_post_raw(&batch, Some(&sid), "MCP-Protocol-Version: 2025-03-26\r\n"),
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(800),
+        "the stream ended after {:?}, at the call's deadline (1 s) rather than its last answer",
+        started.elapsed()
+    );
+    let text = r.text();
+    assert!(
+        !text.contains("after") && !text.contains("in time"),
+        "{text}"
+    );
+    assert!(
+        text.trim_end()
+            .ends_with(r#""id":63,"result":{"content":[]}}"#),
+        "{text}"
+    );
+    wait_closed(&closed, 1, "a batch's stream kept open after its answers");
+    std::thread::sleep(Duration::from_millis(1200));
+    assert!(
+        cancellations(&seen).is_empty(),
+        "{:?}",
+        cancellations(&seen)
+    );
 }
 
 /// A call's answer as an SSE stream of `events` (each a JSON-RPC message), with no end: the

@@ -650,6 +650,26 @@ pub fn build_request(
     out
 }
 
+/// What [`build_request`] wrote for a POST with an empty body, without its length: the head
+/// to finish with [`finish_request`] once the body is known. `None`: not such a request.
+pub fn request_head(mut request: Vec<u8>) -> Option<Vec<u8>> {
+    const EMPTY: &[u8] = b"content-length: 0\r\n\r\n";
+    request.ends_with(EMPTY).then(|| {
+        request.truncate(request.len() - EMPTY.len());
+        request
+    })
+}
+
+/// A head from [`request_head`] with its body.
+pub fn finish_request(mut head: Vec<u8>, body: &[u8]) -> Vec<u8> {
+    head.reserve(32 + body.len());
+    head.extend_from_slice(b"content-length: ");
+    crate::http::response::push_decimal(&mut head, body.len() as u64);
+    head.extend_from_slice(b"\r\n\r\n");
+    head.extend_from_slice(body);
+    head
+}
+
 /// Writes `data` to `stream` (used by relays that own a client stream).
 pub async fn write_bytes<S: monoio::io::AsyncWriteRent>(
     stream: &mut S,
@@ -662,6 +682,19 @@ pub async fn write_bytes<S: monoio::io::AsyncWriteRent>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_request_finished_later_is_the_request_built_whole() {
+        let headers = [("content-type", "application/json"), ("x-a", "b")];
+        let body = br#"{"jsonrpc":"2.0","method":"x"}"#;
+        let head = request_head(build_request("POST", "/mcp", "h:1", &headers, b"")).unwrap();
+        assert_eq!(
+            finish_request(head, body),
+            build_request("POST", "/mcp", "h:1", &headers, body)
+        );
+        // A GET has no length to leave out.
+        assert!(request_head(build_request("GET", "/mcp", "h:1", &headers, b"")).is_none());
+    }
 
     #[test]
     fn response_heads_are_framed_correctly() {

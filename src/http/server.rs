@@ -929,33 +929,47 @@ struct StreamEnd<'r> {
 }
 
 impl StreamEnd<'_> {
-    /// The answer given up on, for `err`: the audit notes why, the call is cancelled
-    /// upstream, and when the stream stands between events (and is chunked), it gets the
-    /// call's error as its last event and a proper end, returned to be written: the client
-    /// learns why at once, rather than waiting for an answer that will not come. `None`: the
-    /// stream is to be cut (mid-event, an event of ours would be read as the rest of the
-    /// upstream's; a batch's stream is always cut, as some of its requests may be answered).
+    /// The answer given up on, for `err`: the audit notes why, the requests still unanswered
+    /// are cancelled upstream, and when the stream stands between events (and is chunked),
+    /// it gets the error in place of each of them as its last events and a proper end,
+    /// returned to be written: the client learns why at once, rather than waiting for answers
+    /// that will not come. `owed`: what the relayed events left unanswered, where they were
+    /// read. `None`: the stream is to be cut (mid-event, an event of ours would be read as
+    /// the rest of the upstream's; a batch's stream whose events were not all read, as which
+    /// of its requests were answered is not known).
     fn give_up(
         &mut self,
         err: &GatewayError,
         framing: Framing,
         tail: Option<&EventTail>,
+        owed: Option<&Owed>,
     ) -> Option<Vec<u8>> {
         *self.reason = Some(err.reason());
         let call = self.call.as_mut()?;
+        let unanswered: Vec<RpcId> = match owed {
+            Some(owed) => owed.unanswered(),
+            None if call.batch.is_some() => {
+                if let Some(cancel) = call.cancel.take() {
+                    cancel.send(|_| true);
+                }
+                return None;
+            }
+            None => vec![call.id.clone()],
+        };
         if let Some(cancel) = call.cancel.take() {
-            cancel.send();
+            cancel.send(|id| unanswered.contains(id));
         }
         if !call.events
-            || call.batch.is_some()
+            || unanswered.is_empty()
             || framing != Framing::Chunked
             || !tail.is_some_and(EventTail::at_boundary)
         {
             return None;
         }
-        let event = message_event(&err.body(Some(&call.id)));
-        let mut end = Vec::with_capacity(event.len() + 16);
-        write_chunk(&mut end, &event);
+        let mut end = Vec::with_capacity(160 * unanswered.len() + 16);
+        for id in &unanswered {
+            write_chunk(&mut end, &message_event(&err.body(Some(id))));
+        }
         end.extend_from_slice(LAST_CHUNK);
         Some(end)
     }
@@ -1032,12 +1046,13 @@ async fn pump<S: Connection>(
         .as_ref()
         .is_some_and(|c| c.events)
         .then(EventTail::default);
-    // A single call's SSE stream ends with its response, whatever the upstream does after it.
+    // A call's SSE stream ends with its response (a batch's, with its last), whatever the
+    // upstream does after it.
     let mut watch = end
         .call
         .as_ref()
-        .filter(|c| c.events && c.batch.is_none() && framing == Framing::Chunked)
-        .map(|c| AnswerWatch::new(c.id.clone()));
+        .filter(|c| c.events && framing == Framing::Chunked)
+        .map(|c| AnswerWatch::new(Owed::of(c)));
     loop {
         // While the upstream is silent the client is watched. It sends nothing while it reads
         // an answer, so its connection turning readable means it has gone (EOF) or broken the
@@ -1058,9 +1073,12 @@ async fn pump<S: Connection>(
                 ok = false;
                 if !grace_over {
                     tracing::debug!(target: "mcp_guard::upstream", "client left (or sent bytes) while its answer streamed; relay ended");
-                } else if let Some(last) =
-                    end.give_up(&GatewayError::ShuttingDown, framing, tail.as_ref())
-                {
+                } else if let Some(last) = end.give_up(
+                    &GatewayError::ShuttingDown,
+                    framing,
+                    tail.as_ref(),
+                    watch.as_ref().map(|wt| &wt.owed),
+                ) {
                     out.extend_from_slice(&last);
                     out = write_bounded(w, stream, out).await.1;
                 }
@@ -1084,7 +1102,12 @@ async fn pump<S: Connection>(
                             let refused = GatewayError::UpstreamUnavailable(format!(
                                 "upstream answer cannot be checked: {e}"
                             ));
-                            let last = end.give_up(&refused, framing, tail.as_ref());
+                            let last = end.give_up(
+                                &refused,
+                                framing,
+                                tail.as_ref(),
+                                watch.as_ref().map(|wt| &wt.owed),
+                            );
                             let ended = last.is_some();
                             out.extend_from_slice(&last.unwrap_or_default());
                             let (res, o) = write_bounded(w, stream, out).await;
@@ -1152,8 +1175,12 @@ async fn pump<S: Connection>(
                 // for it: a client may resume it from its last event id. One whose time ran
                 // out is the gateway's to end.
                 if timed_out
-                    && let Some(last) =
-                        end.give_up(&GatewayError::UpstreamTimeout, framing, tail.as_ref())
+                    && let Some(last) = end.give_up(
+                        &GatewayError::UpstreamTimeout,
+                        framing,
+                        tail.as_ref(),
+                        watch.as_ref().map(|wt| &wt.owed),
+                    )
                 {
                     w.metrics
                         .upstream_errors
@@ -1202,19 +1229,22 @@ const ANSWER_LINGER_BYTES: usize = 64 * 1024;
 /// deadline), as a stream did before the watch.
 const WATCHED_EVENT: usize = 1024 * 1024;
 
-/// Reads a single call's relayed SSE stream, event by event, for the call's response: MCP says
-/// the server SHOULD close the stream once the response is sent, and the gateway is the
-/// server its client sees. An upstream that keeps its stream open after answering would
-/// otherwise hold the client (and the connection slot) until the call's deadline, which then
-/// added a timeout error after the answer and cancelled a request already answered.
+/// Reads a call's relayed SSE stream, event by event, for the call's response (a batch's, for
+/// each of its requests'): MCP says the server SHOULD close the stream once the response is
+/// sent (all of them, for a batch), and the gateway is the server its client sees. An upstream
+/// that keeps its stream open after answering would otherwise hold the client (and the
+/// connection slot) until the call's deadline, which then added a timeout error after the
+/// answer and cancelled a request already answered. Where the time runs out first, what it
+/// read says which requests get an error in their place and a cancellation.
 struct AnswerWatch {
-    id: crate::mcp::jsonrpc::RpcId,
+    owed: Owed,
     splitter: crate::http::sse::SseSplitter,
 }
 
 /// What [`AnswerWatch::push`] found.
 enum Watched {
-    /// The response ended `after` bytes before the end of the data pushed; the watch is over.
+    /// The last response ended `after` bytes before the end of the data pushed; the watch is
+    /// over.
     Answered { after: usize },
     /// Not yet.
     Waiting,
@@ -1223,9 +1253,9 @@ enum Watched {
 }
 
 impl AnswerWatch {
-    fn new(id: crate::mcp::jsonrpc::RpcId) -> Self {
+    fn new(owed: Owed) -> Self {
         Self {
-            id,
+            owed,
             splitter: Default::default(),
         }
     }
@@ -1233,15 +1263,101 @@ impl AnswerWatch {
     /// Feeds the bytes relayed to the client (after any response step, so what is recognised
     /// is what the client reads).
     fn push(&mut self, data: &[u8]) -> Watched {
-        let id = &self.id;
+        let owed = &mut self.owed;
         let found = self.splitter.push_until(data, |event| {
-            crate::http::sse::message_data(event)
-                .is_some_and(|data| crate::mcp::jsonrpc::is_response_to(&data, id))
+            if let Some(data) = crate::http::sse::message_data(event) {
+                crate::mcp::jsonrpc::response_ids(&data, owed.is_batch(), |id| owed.answer(id));
+            }
+            owed.settled()
         });
         match found {
             Ok(Some(after)) => Watched::Answered { after },
             Ok(None) if self.splitter.held() <= WATCHED_EVENT => Watched::Waiting,
             _ => Watched::TooLarge,
+        }
+    }
+}
+
+use crate::mcp::jsonrpc::RpcId;
+
+/// The requests a relayed SSE answer still owes a response to.
+enum Owed {
+    /// A single call's (`None` once answered).
+    One(Option<RpcId>),
+    /// A batch's, in its order, and how many times each id is still owed (a batch may use an
+    /// id twice; a map, since a body's worth of requests would make a list's search quadratic).
+    Batch {
+        order: Vec<RpcId>,
+        left: std::collections::HashMap<RpcId, u32, foldhash::fast::RandomState>,
+        count: usize,
+    },
+}
+
+impl Owed {
+    fn of(call: &crate::pipeline::StreamedCall) -> Self {
+        let Some(more) = &call.batch else {
+            return Owed::One(Some(call.id.clone()));
+        };
+        let order: Vec<RpcId> = std::iter::once(&call.id).chain(more).cloned().collect();
+        let mut left = std::collections::HashMap::with_hasher(Default::default());
+        for id in &order {
+            *left.entry(id.clone()).or_insert(0u32) += 1;
+        }
+        Owed::Batch {
+            count: order.len(),
+            order,
+            left,
+        }
+    }
+
+    fn is_batch(&self) -> bool {
+        matches!(self, Owed::Batch { .. })
+    }
+
+    /// A response with `id` went by: one request with that id, if any is owed, is answered.
+    fn answer(&mut self, id: RpcId) {
+        match self {
+            Owed::One(owed) => {
+                if owed.as_ref() == Some(&id) {
+                    *owed = None;
+                }
+            }
+            Owed::Batch { left, count, .. } => {
+                if let Some(n) = left.get_mut(&id)
+                    && *n > 0
+                {
+                    *n -= 1;
+                    *count -= 1;
+                }
+            }
+        }
+    }
+
+    fn settled(&self) -> bool {
+        match self {
+            Owed::One(owed) => owed.is_none(),
+            Owed::Batch { count, .. } => *count == 0,
+        }
+    }
+
+    /// The ids still owed, in the batch's order.
+    fn unanswered(&self) -> Vec<RpcId> {
+        match self {
+            Owed::One(owed) => owed.iter().cloned().collect(),
+            Owed::Batch { order, left, .. } => {
+                let mut left = left.clone();
+                order
+                    .iter()
+                    .filter(|id| {
+                        left.get_mut(*id).is_some_and(|n| {
+                            let owed = *n > 0;
+                            *n = n.saturating_sub(1);
+                            owed
+                        })
+                    })
+                    .cloned()
+                    .collect()
+            }
         }
     }
 }
@@ -1677,7 +1793,42 @@ async fn relay_events<S: Connection>(
 
 #[cfg(test)]
 mod tests {
-    use super::EventTail;
+    use super::{EventTail, Owed};
+    use crate::mcp::jsonrpc::RpcId;
+
+    #[test]
+    fn a_batch_owes_each_request_its_response_in_order_a_reused_id_twice() {
+        let call = crate::pipeline::StreamedCall {
+            id: RpcId::Num(1),
+            batch: Some(vec![RpcId::Str("a".into()), RpcId::Num(1), RpcId::Num(3)]),
+            events: true,
+            cancel: None,
+        };
+        let mut owed = Owed::of(&call);
+        owed.answer(RpcId::Num(1));
+        owed.answer(RpcId::Num(9));
+        owed.answer(RpcId::Str("3".into()));
+        assert!(!owed.settled());
+        // Which of two requests with one id was answered cannot be told: one of them is owed.
+        assert_eq!(
+            owed.unanswered(),
+            [RpcId::Num(1), RpcId::Str("a".into()), RpcId::Num(3)]
+        );
+        // A response given twice answers one request each time; a third, nothing.
+        for id in [RpcId::Num(1), RpcId::Num(1), RpcId::Str("a".into())] {
+            owed.answer(id);
+        }
+        assert_eq!(owed.unanswered(), [RpcId::Num(3)]);
+        owed.answer(RpcId::Num(3));
+        assert!(owed.settled() && owed.unanswered().is_empty());
+        let mut one = Owed::of(&crate::pipeline::StreamedCall {
+            batch: None,
+            ..call
+        });
+        assert_eq!(one.unanswered(), [RpcId::Num(1)]);
+        one.answer(RpcId::Num(1));
+        assert!(one.settled() && one.unanswered().is_empty());
+    }
 
     /// Whether the stream made of `pieces` stands between events.
     fn between_events(pieces: &[&[u8]]) -> bool {

@@ -458,10 +458,12 @@ fn classify_one(v: TapeValue<'_, '_>) -> Result<Message, ClassifyError> {
     })
 }
 
-/// Whether `text` is a JSON-RPC response (a `result` or an `error`, no `method`) to request
-/// `id`: what ends a call's SSE stream. Anything unclear (not JSON, a member given twice, a
-/// number id that is not an integer) is not, and the stream goes on as the upstream sends it.
-pub fn is_response_to(text: &[u8], id: &RpcId) -> bool {
+/// The ids of the JSON-RPC responses `text` holds (each with a `result` or an `error`, no
+/// `method`), each given to `each`: what ends a call's SSE stream. `batch`: an array of
+/// responses is read too (the answer to a batch may come as one); a single call's answer is one
+/// object. Anything unclear (not JSON, a member given twice, a number id that is not an
+/// integer) holds none, and the stream goes on as the upstream sends it.
+pub fn response_ids(text: &[u8], batch: bool, mut each: impl FnMut(RpcId)) {
     /// A member's presence, whatever its value (`null` included).
     #[derive(Default)]
     struct Present(bool);
@@ -481,17 +483,42 @@ pub fn is_response_to(text: &[u8], id: &RpcId) -> bool {
         #[serde(default)]
         error: Present,
     }
-    let Ok(message) = serde_json::from_slice::<Envelope>(text) else {
-        return false;
-    };
-    if message.method.0 || message.result.0 == message.error.0 {
-        return false;
+    impl Envelope {
+        fn response_id(self) -> Option<RpcId> {
+            if self.method.0 || self.result.0 == self.error.0 {
+                return None;
+            }
+            match self.id? {
+                serde_json::Value::Number(n) => n.as_i64().map(RpcId::Num),
+                serde_json::Value::String(s) => Some(RpcId::Str(s)),
+                _ => None,
+            }
+        }
     }
-    match (message.id, id) {
-        (Some(serde_json::Value::Number(n)), RpcId::Num(want)) => n.as_i64() == Some(*want),
-        (Some(serde_json::Value::String(s)), RpcId::Str(want)) => s == *want,
-        _ => false,
+    let array = text
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|&b| b == b'[');
+    if !array {
+        if let Some(id) = serde_json::from_slice::<Envelope>(text)
+            .ok()
+            .and_then(Envelope::response_id)
+        {
+            each(id);
+        }
+    } else if batch && let Ok(all) = serde_json::from_slice::<Vec<Envelope>>(text) {
+        all.into_iter()
+            .filter_map(Envelope::response_id)
+            .for_each(each);
     }
+}
+
+/// Whether `text` is a JSON-RPC response to request `id` (see [`response_ids`]).
+#[cfg(test)]
+pub fn is_response_to(text: &[u8], id: &RpcId) -> bool {
+    let mut found = false;
+    response_ids(text, false, |got| found |= got == *id);
+    found
 }
 
 /// Whether `name` is a tool name as MCP 2025-11-25 defines them: 1 to 128 characters of
@@ -606,6 +633,22 @@ mod tests {
             br#"[{"jsonrpc":"2.0","id":7,"result":{}}]"#,
             &num
         ));
+    }
+
+    #[test]
+    fn a_batch_answer_gives_each_response_id_and_nothing_unclear() {
+        let ids = |text: &str, batch: bool| {
+            let mut ids = Vec::new();
+            response_ids(text.as_bytes(), batch, |id| ids.push(id));
+            ids
+        };
+        let batch = r#" [{"jsonrpc":"2.0","id":1,"result":{}},{"jsonrpc":"2.0","id":"b","error":{}},{"jsonrpc":"2.0","method":"x","id":3},{"jsonrpc":"2.0","id":4.5,"result":1}]"#;
+        assert_eq!(ids(batch, true), [RpcId::Num(1), RpcId::Str("b".into())]);
+        // Read only for a batch; and one element that is not an object spoils the array.
+        assert_eq!(ids(batch, false), []);
+        assert_eq!(ids(r#"[{"id":1,"result":{}},7]"#, true), []);
+        assert_eq!(ids(r#"[{"id":1,"id":1,"result":{}}]"#, true), []);
+        assert_eq!(ids(r#"{"id":2,"result":{}}"#, true), [RpcId::Num(2)]);
     }
 
     fn classify(s: &str) -> Result<Body, ClassifyError> {

@@ -10,7 +10,7 @@ use super::{Answer, Exchange, Outgoing};
 use crate::error::GatewayError;
 use crate::http::body::HeldBody;
 use crate::http::client;
-use crate::mcp::jsonrpc::{Body, Kind};
+use crate::mcp::jsonrpc::{Body, Kind, RpcId};
 use crate::runtime::worker::Worker;
 use std::sync::atomic::Ordering;
 
@@ -25,7 +25,12 @@ const CANCEL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 pub struct Cancel {
     worker: std::rc::Rc<Worker>,
     addrs: Vec<std::net::SocketAddr>,
-    request: Vec<u8>,
+    /// The request's head, all but its length, which the notifications sent decide.
+    head: Vec<u8>,
+    /// Each request's id, once, with its notification.
+    notes: Vec<(RpcId, String)>,
+    /// One notification alone for a single request; an array for a batch.
+    batch: bool,
     owner: u64,
 }
 
@@ -37,52 +42,61 @@ impl Cancel {
     /// is nothing to cancel, or no upstream session to cancel it in: without one, an id names
     /// no request of this client's in particular (another tenant's calls may use it too).
     pub fn of(w: &Worker, server: &HttpServer, out: &Outgoing<'_>, body: &Body) -> Option<Cancel> {
-        let mut ids: Vec<String> = Vec::new();
+        let mut ids: std::collections::HashSet<&RpcId, foldhash::fast::RandomState> =
+            Default::default();
+        let mut notes: Vec<(RpcId, String)> = Vec::new();
         for m in body.messages() {
             if m.kind == Kind::Request
                 && m.method_str() != "initialize"
                 && let Some(id) = &m.id
+                && ids.insert(id)
             {
-                let id = id.to_json();
-                if !ids.contains(&id) {
-                    ids.push(id);
-                }
+                let note = format!(
+                    r#"{{"jsonrpc":"2.0","method":"notifications/cancelled","params":{{"requestId":{},"reason":"the gateway's timeout for this request ran out"}}}}"#,
+                    id.to_json()
+                );
+                notes.push((id.clone(), note));
             }
         }
-        let notes: Vec<String> = ids
-            .iter()
-            .map(|id| {
-                format!(
-                    r#"{{"jsonrpc":"2.0","method":"notifications/cancelled","params":{{"requestId":{id},"reason":"the gateway's timeout for this request ran out"}}}}"#
-                )
-            })
-            .collect();
-        let body = match (body, notes.as_slice()) {
-            (_, []) => return None,
-            (Body::Single(_), [one]) => one.clone(),
-            _ => format!("[{}]", notes.join(",")),
-        };
-        let (request, target) =
-            prepare(server, out, "POST", body.as_bytes(), Some(CANCELLED)).ok()?;
+        if notes.is_empty() {
+            return None;
+        }
+        let (request, target) = prepare(server, out, "POST", b"", Some(CANCELLED)).ok()?;
         target.session?;
         Some(Cancel {
             worker: w.rc(),
             addrs: server.replicas()[target.replica].endpoint.addrs.clone(),
-            request,
+            head: client::request_head(request)?,
+            notes,
+            batch: matches!(body, Body::Batch(_)),
             owner: w.pool.owner_of(out.binding),
         })
     }
 
-    /// Sends it on the worker's runtime, without waiting: its answer (202, or an error) says
-    /// nothing the client could use, and a server that has stopped listening loses nothing.
-    pub fn send(self) {
+    /// Sends the cancellation of the requests `still_owed` keeps, if any, on the worker's
+    /// runtime, without waiting: its answer (202, or an error) says nothing the client could
+    /// use, and a server that has stopped listening loses nothing.
+    pub fn send(self, still_owed: impl Fn(&RpcId) -> bool) {
+        let notes: Vec<&str> = self
+            .notes
+            .iter()
+            .filter(|(id, _)| still_owed(id))
+            .map(|(_, note)| note.as_str())
+            .collect();
+        let body = match notes.as_slice() {
+            [] => return,
+            [one] if !self.batch => one.to_string(),
+            _ => format!("[{}]", notes.join(",")),
+        };
+        let Cancel {
+            worker,
+            addrs,
+            head,
+            owner,
+            ..
+        } = self;
+        let request = client::finish_request(head, body.as_bytes());
         monoio::spawn(async move {
-            let Cancel {
-                worker,
-                addrs,
-                request,
-                owner,
-            } = self;
             let send = super::connections::send_request(
                 &worker.pool,
                 &addrs,
