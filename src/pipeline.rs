@@ -1541,12 +1541,16 @@ async fn post(
     if let Some((id, more)) = ids
         && reply.is_relayed()
     {
-        // Built ahead only for an SSE answer, whose time may well run out (it may stream for
-        // as long as its call runs); a JSON answer whose body stalls gets its error with the
-        // call's id, but no cancellation.
+        // Built ahead for an answer whose time may still run out: an SSE answer (it may
+        // stream for as long as its call runs), or a JSON one whose body has not all come
+        // with its head. The usual small JSON answer is here whole and needs none.
         let events = reply.streams_events();
+        let whole = match &reply.body {
+            ReplyBody::Upstream(resp) => resp.body_complete(),
+            _ => false,
+        };
         let cancel = match upstream {
-            UpstreamRef::Http(server) if events => {
+            UpstreamRef::Http(server) if events || !whole => {
                 crate::upstream::http::Cancel::of(w, server, &outgoing, &body)
             }
             _ => None,

@@ -612,13 +612,15 @@ fn a_json_answer_whose_body_stalls_gets_504_with_the_calls_id() {
             b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"jsonrpc\":".to_vec()
         })
     }
-    let (url, closed, _) = scripted_upstream(head_and_a_little);
+    let (url, closed, seen) = scripted_upstream(head_and_a_little);
     let g = gateway(&url, "");
     let sid = initialize(g.addr);
     let r = mcp_post(g.addr, &call(15, "slow", "{}"), Some(&sid));
     assert_eq!(r.status, 504, "{}", r.text());
     assert_eq!(r.json()["id"], 15, "{}", r.text());
     wait_closed(&closed, 1, "a stalled JSON body");
+    // Given up on, it is cancelled upstream like a call whose head never came.
+    cancellation_of(&seen, 15);
 }
 
 #[test]
@@ -700,7 +702,7 @@ fn a_batch_whose_json_body_stalls_is_answered_in_place() {
             b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n[{\"jsonrpc\":".to_vec()
         })
     }
-    let (url, _, _) = scripted_upstream(head_and_a_little);
+    let (url, _, seen) = scripted_upstream(head_and_a_little);
     let g = gateway(&url, "");
     let r = mcp_post(g.addr, &INIT.replace("2025-11-25", "2025-03-26"), None);
     let sid = r.header("mcp-session-id").unwrap().to_string();
@@ -724,6 +726,19 @@ fn a_batch_whose_json_body_stalls_is_answered_in_place() {
     for a in answers.as_array().unwrap() {
         assert_timeout_error(a);
     }
+    let until = Instant::now() + Duration::from_secs(5);
+    while cancellations(&seen).is_empty() {
+        assert!(Instant::now() < until, "the batch was not cancelled");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let sent = cancellations(&seen);
+    let ids: Vec<&serde_json::Value> = sent[0]
+        .as_array()
+        .expect("a batch of notifications")
+        .iter()
+        .map(|n| &n["params"]["requestId"])
+        .collect();
+    assert_eq!(ids, [41, 42]);
 }
 
 #[test]

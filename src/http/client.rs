@@ -334,6 +334,15 @@ impl UpstreamResponse {
         !self.pending.is_empty()
     }
 
+    /// Whether the whole body is already here: nothing is left to wait for, so it cannot
+    /// stall (a body of a declared length that came with its head, or none).
+    pub fn body_complete(&self) -> bool {
+        self.done
+            || self.framing == RespFraming::Empty
+            || (matches!(self.framing, RespFraming::Length(_))
+                && self.pending.len() as u64 >= self.remaining)
+    }
+
     /// The next piece of decoded body, or `None` at its end.
     pub async fn next_data(&mut self) -> Result<Option<Vec<u8>>, UpstreamError> {
         loop {

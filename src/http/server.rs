@@ -1019,7 +1019,7 @@ async fn pump<S: Connection>(
                     GatewayError::UpstreamUnavailable("upstream answer cut short".into())
                 };
                 *end.reason = Some(err.reason());
-                out = body_refused(w, stream, meta, e, err, end.call.as_deref()).await;
+                out = body_refused(w, stream, meta, e, err, end.call.as_deref_mut()).await;
                 false
             }
         };
@@ -1453,12 +1453,22 @@ async fn body_refused<S: Connection>(
     meta: &ReqMeta<'_>,
     e: crate::http::client::UpstreamError,
     err: GatewayError,
-    call: Option<&crate::pipeline::StreamedCall>,
+    call: Option<&mut crate::pipeline::StreamedCall>,
 ) -> Vec<u8> {
     w.metrics
         .upstream_errors
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     tracing::warn!(target: "mcp_guard::upstream", "upstream body failed: {e}");
+    // Nothing of the answer reached the client: a timed-out one's requests are cancelled
+    // (one the upstream cut short is not: it has stopped answering, if not working).
+    let call = call.map(|c| {
+        if err == GatewayError::UpstreamTimeout
+            && let Some(cancel) = c.cancel.take()
+        {
+            cancel.send(|_| true);
+        }
+        &*c
+    });
     // A batch is answered as a batch: the error in place of each of its requests.
     let (status, body) = match call {
         Some(c) if let Some(more) = &c.batch => {
