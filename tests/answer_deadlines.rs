@@ -421,6 +421,42 @@ fn a_streaming_call_still_open_when_the_shutdown_grace_ends_gets_its_error_as_th
     assert!(g.wait_exit(Duration::from_secs(10)).is_some());
 }
 
+#[test]
+fn a_streaming_batch_still_open_when_the_shutdown_grace_ends_gets_errors_for_what_is_unanswered() {
+    fn second_answered_then_silence(req: &str) -> Option<Vec<u8>> {
+        req.contains("tools/call").then(|| {
+            sse_events_then_silence(&[r#"{"jsonrpc":"2.0","id":72,"result":{"content":[]}}"#])
+        })
+    }
+    let (url, _, _) = scripted_upstream(second_answered_then_silence);
+    let mut g = Gateway::start(&http_config("auto", &url, "shutdown_grace_secs = 1", ""));
+    let r = mcp_post(g.addr, &INIT.replace("2025-11-25", "2025-03-26"), None);
+    let sid = r.header("mcp-session-id").unwrap().to_string();
+    let batch = format!("[{},{}]", call(71, "slow", "{}"), call(72, "slow", "{}"));
+    let mut s = connect(g.addr);
+    s.write_all(
+        mcp_post_raw(&batch, Some(&sid), "MCP-Protocol-Version: 2025-03-26\r\n").as_bytes(),
+    )
+    .unwrap();
+    let mut seen = read_until_seen(&mut s, "\"id\":72");
+    g.signal(libc::SIGTERM);
+    let rest = read_all(&mut s, Duration::from_secs(8))
+        .unwrap_or_else(|open| panic!("still open: {}", String::from_utf8_lossy(&open)));
+    seen.extend_from_slice(&rest);
+    let text = String::from_utf8_lossy(&seen);
+    assert!(text.ends_with("0\r\n\r\n"), "ended, not cut: {text}");
+    let events: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert_eq!(events.len(), 2, "{text}");
+    assert_eq!(events[0]["id"], 72, "{text}");
+    assert_eq!(events[1]["id"], 71, "{text}");
+    assert!(events[1]["error"]["code"].is_i64(), "{text}");
+    assert!(g.wait_exit(Duration::from_secs(10)).is_some());
+}
+
 fn six_megabytes_at_once(req: &str) -> Option<Vec<u8>> {
     req.contains("tools/call").then(|| {
         let text = "A".repeat(6 << 20);
