@@ -884,6 +884,11 @@ fn sse_raw_events(stream: &[u8]) {
             "{text:?}"
         );
     }
+    for event in &events {
+        if let Some(data) = mcp_guard::http::sse::message_data(event) {
+            response_ids_hold(&data);
+        }
+    }
     if events.is_empty() {
         return;
     }
@@ -911,6 +916,44 @@ fn sse_raw_events(stream: &[u8]) {
     }
     // Only an event that `finish` completes (a final lone CR) is never found while pushing.
     assert_eq!(stop_at + 1, events.len(), "event {stop_at} never found");
+}
+
+/// `response_ids` reports only responses that are there: each id it gives belongs to a message
+/// (the object, or an element of the array, read for batches only) with that id, a `result` or
+/// an `error` but not both, and no `method`; a single call's answer gives at most one, and
+/// the same one a batch would.
+fn response_ids_hold(data: &[u8]) {
+    use mcp_guard::mcp::jsonrpc::{RpcId, response_ids};
+    let ids = |batch: bool| {
+        let mut ids = Vec::new();
+        response_ids(data, batch, |id| ids.push(id));
+        ids
+    };
+    let (single, batch) = (ids(false), ids(true));
+    assert!(single.len() <= 1, "{single:?}");
+    if !single.is_empty() {
+        assert_eq!(single, batch);
+    }
+    if batch.is_empty() {
+        return;
+    }
+    let value: serde_json::Value = serde_json::from_slice(data).expect("ids from what is not JSON");
+    let messages = match &value {
+        serde_json::Value::Array(all) => all.iter().collect::<Vec<_>>(),
+        one => vec![one],
+    };
+    let mut responses = messages.into_iter().filter_map(|m| {
+        let m = m.as_object()?;
+        let response = !m.contains_key("method") && (m.contains_key("result") != m.contains_key("error"));
+        match m.get("id")? {
+            serde_json::Value::Number(n) if response => n.as_i64().map(RpcId::Num),
+            serde_json::Value::String(s) if response => Some(RpcId::Str(s.clone())),
+            _ => None,
+        }
+    });
+    for id in &batch {
+        assert!(responses.any(|r| r == *id), "{id:?} in {value}");
+    }
 }
 
 /// What peers of the gateway send it outside HTTP heads and JSON-RPC: Redis replies (RESP),

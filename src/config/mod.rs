@@ -2259,18 +2259,27 @@ const GATEWAY_HEADERS: &[&str] = &[
 ];
 
 /// Splits `host[:port]` (with `[v6]` brackets) into host and port.
+/// A port as a URL writes it: decimal digits only (`u16::from_str` also takes a leading `+`,
+/// which no URL parser reads as a port).
+pub(crate) fn parse_port(p: &str) -> Option<u16> {
+    if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    p.parse().ok()
+}
+
 pub(crate) fn split_host_port(authority: &str, default_port: u16) -> Option<(String, u16)> {
     if let Some(rest) = authority.strip_prefix('[') {
         let (host, after) = rest.split_once(']')?;
         let port = match after.strip_prefix(':') {
-            Some(p) => p.parse().ok()?,
+            Some(p) => parse_port(p)?,
             None if after.is_empty() => default_port,
             None => return None,
         };
         return Some((host.to_string(), port));
     }
     match authority.rsplit_once(':') {
-        Some((h, p)) => Some((h.to_string(), p.parse().ok()?)),
+        Some((h, p)) => Some((h.to_string(), parse_port(p)?)),
         None => Some((authority.to_string(), default_port)),
     }
 }
@@ -2287,6 +2296,18 @@ fn resolve_one(host: &str, port: u16) -> Result<SocketAddr, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_port_is_digits_only() {
+        assert_eq!(split_host_port("h:8080", 80), Some(("h".into(), 8080)));
+        assert_eq!(split_host_port("h:08080", 80), Some(("h".into(), 8080)));
+        assert_eq!(split_host_port("[::1]:9", 80), Some(("::1".into(), 9)));
+        assert_eq!(split_host_port("h", 80), Some(("h".into(), 80)));
+        // Fuzzing (sse_events): `+8080` parsed as 8080 where a URL parser refuses it.
+        for bad in ["h:+8080", "[::1]:+9", "h:", "h: 80", "h:65536", "h:-1"] {
+            assert_eq!(split_host_port(bad, 80), None, "{bad}");
+        }
+    }
 
     fn settings(text: &str) -> Result<Settings, ConfigError> {
         validate(&parse_str(text, &|_| None)?)

@@ -462,7 +462,8 @@ fn classify_one(v: TapeValue<'_, '_>) -> Result<Message, ClassifyError> {
 /// `method`), each given to `each`: what ends a call's SSE stream. `batch`: an array of
 /// responses is read too (the answer to a batch may come as one); a single call's answer is one
 /// object. Anything unclear (not JSON, a member given twice, a number id that is not an
-/// integer) holds none, and the stream goes on as the upstream sends it.
+/// integer, a byte that is not UTF-8 anywhere, even in a member no one reads) holds none, and
+/// the stream goes on as the upstream sends it.
 pub fn response_ids(text: &[u8], batch: bool, mut each: impl FnMut(RpcId)) {
     /// A member's presence, whatever its value (`null` included).
     #[derive(Default)]
@@ -495,18 +496,23 @@ pub fn response_ids(text: &[u8], batch: bool, mut each: impl FnMut(RpcId)) {
             }
         }
     }
+    // serde_json skips the strings of members it ignores without checking their UTF-8: a
+    // client would refuse (or repair) what it would have recognised.
+    let Ok(text) = simdutf8::basic::from_utf8(text) else {
+        return;
+    };
     let array = text
-        .iter()
+        .bytes()
         .find(|b| !b.is_ascii_whitespace())
-        .is_some_and(|&b| b == b'[');
+        .is_some_and(|b| b == b'[');
     if !array {
-        if let Some(id) = serde_json::from_slice::<Envelope>(text)
+        if let Some(id) = serde_json::from_str::<Envelope>(text)
             .ok()
             .and_then(Envelope::response_id)
         {
             each(id);
         }
-    } else if batch && let Ok(all) = serde_json::from_slice::<Vec<Envelope>>(text) {
+    } else if batch && let Ok(all) = serde_json::from_str::<Vec<Envelope>>(text) {
         all.into_iter()
             .filter_map(Envelope::response_id)
             .for_each(each);
@@ -649,6 +655,13 @@ mod tests {
         assert_eq!(ids(r#"[{"id":1,"result":{}},7]"#, true), []);
         assert_eq!(ids(r#"[{"id":1,"id":1,"result":{}}]"#, true), []);
         assert_eq!(ids(r#"{"id":2,"result":{}}"#, true), [RpcId::Num(2)]);
+        // Fuzzing (sse_events): a byte that is not UTF-8 in a member no one reads.
+        let mut bad = br#"{"jsonrpc":"2.x","id":1,"result":{}}"#.to_vec();
+        bad[14] = 0xE8;
+        assert!(serde_json::from_slice::<serde::de::IgnoredAny>(&bad).is_ok());
+        let mut got = Vec::new();
+        response_ids(&bad, true, |id| got.push(id));
+        assert_eq!(got, []);
     }
 
     fn classify(s: &str) -> Result<Body, ClassifyError> {
