@@ -460,6 +460,24 @@ impl UpstreamResponse {
         Ok(all)
     }
 
+    /// Reads the body and drops it, for an answer no one reads (to a notification of the
+    /// gateway's own): `Ok` once it has ended within `limit` bytes, and the connection may go
+    /// back to the pool; past `limit` it is not kept (red team: a cancellation's answer, read
+    /// whole, let a hostile upstream make the gateway hold 64 MiB per timed-out call).
+    pub async fn discard_body(&mut self, limit: usize) -> Result<(), UpstreamError> {
+        let mut seen = 0usize;
+        while let Some(d) = self.next_data().await? {
+            seen = seen.saturating_add(d.len());
+            if seen > limit {
+                self.reusable = false;
+                return Err(UpstreamError::Protocol(
+                    "upstream answer to a notification too large",
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// A body of a declared length not yet read: read straight into one buffer of that size
     /// (what came with the head first), rather than piece by piece and copied together.
     async fn read_declared_length(&mut self) -> Result<Vec<u8>, UpstreamError> {

@@ -957,7 +957,11 @@ impl StreamEnd<'_> {
             None => vec![call.id.clone()],
         };
         if let Some(cancel) = call.cancel.take() {
-            cancel.send(|id| unanswered.contains(id));
+            // A set: a batch may hold a body's worth of requests (red team: a list here made
+            // a 40,000-request batch's timeout cost the worker a second).
+            let owed: std::collections::HashSet<&RpcId, foldhash::fast::RandomState> =
+                unanswered.iter().collect();
+            cancel.send(|id| owed.contains(id));
         }
         if !call.events
             || unanswered.is_empty()

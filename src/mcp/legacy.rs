@@ -463,7 +463,11 @@ async fn watch(w: Rc<Worker>, session: Rc<Session>) {
         && let Answer::Streamed(resp, _) = exchange.answer
     {
         let mut resp = resp;
-        if resp.read_to_end().await.is_ok() {
+        if resp
+            .discard_body(crate::upstream::http::NOTIFICATION_ANSWER)
+            .await
+            .is_ok()
+        {
             w.pool.release(*resp);
         }
     }

@@ -561,6 +561,36 @@ mod tests {
         assert!(!reusable);
     }
 
+    /// Sends a POST to `addr` and drops its answer within `limit` bytes; whether that
+    /// worked, and whether the connection may be reused.
+    fn discarded(addr: SocketAddr, limit: usize) -> (bool, bool) {
+        block_on(async {
+            let pool = Pool::default();
+            let req = build_request("POST", "/mcp", "up", &[], b"{}");
+            let mut resp = send_request(&pool, &[addr], "POST", req, None, GATEWAY_OWNER)
+                .await
+                .unwrap();
+            let ok = resp.discard_body(limit).await.is_ok();
+            (ok, resp.into_idle().is_some())
+        })
+    }
+
+    #[test]
+    fn an_answer_no_one_reads_is_dropped_within_its_limit_and_never_held() {
+        // Red team: the answer to a cancellation was read whole (up to 64 MiB) into memory.
+        let small = scripted_answer(
+            "HTTP/1.1 202 Accepted\r\nContent-Length: 5\r\n\r\n",
+            vec![b"hello".to_vec()],
+        );
+        assert_eq!(discarded(small, 64), (true, true));
+        let chunk = format!("{:x}\r\n{}\r\n", 40_000, "e".repeat(40_000));
+        let large = scripted_answer(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n",
+            vec![chunk.clone().into_bytes(), chunk.into_bytes()],
+        );
+        assert_eq!(discarded(large, 64 * 1024), (false, false));
+    }
+
     #[test]
     fn a_declared_length_body_cut_short_is_an_error() {
         let addr = scripted_answer(
