@@ -1020,6 +1020,44 @@ fn nothing_an_upstream_sends_after_the_answer_reaches_the_client() {
 }
 
 #[test]
+fn an_sse_answer_of_a_declared_length_ends_with_the_answer_too() {
+    // Red team: an SSE answer framed by Content-Length was relayed as it came, its length
+    // passed on, so neither the end at the response nor an error event of the gateway's
+    // could apply. It is chunked to the client like any other stream.
+    fn declared_length_stream(req: &str) -> Option<Vec<u8>> {
+        req.contains("tools/call").then(|| {
+            let events = concat!(
+                "event: message\ndata: {\"jsonrpc\":\"2.0\",\"id\":26,\"result\":{\"content\":[]}}\n\n",
+                "event: message\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/message\",\"params\":{\"level\":\"info\",\"data\":\"after\"}}\n\n",
+            );
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: 100000\r\n\r\n{events}"
+            )
+            .into_bytes()
+        })
+    }
+    let (url, closed, seen) = scripted_upstream(declared_length_stream);
+    let g = gateway(&url, "");
+    let sid = initialize(g.addr);
+    let started = Instant::now();
+    let r = mcp_post(g.addr, &call(26, "quick", "{}"), Some(&sid));
+    assert!(started.elapsed() < Duration::from_millis(800));
+    assert_eq!(r.header("content-length"), None, "{:?}", r.headers);
+    let text = r.text();
+    let messages = r.sse_messages();
+    assert_eq!(messages.len(), 1, "{text}");
+    assert_eq!(messages[0]["id"], 26, "{text}");
+    assert!(!text.contains("after"), "{text}");
+    wait_closed(&closed, 1, "a declared-length stream kept open after its answer");
+    std::thread::sleep(Duration::from_millis(1200));
+    assert!(
+        cancellations(&seen).is_empty(),
+        "{:?}",
+        cancellations(&seen)
+    );
+}
+
+#[test]
 fn only_the_calls_own_response_ends_its_stream() {
     // A request of the server's carrying the call's id, an answer to another id, a response
     // with the call's id as a string, an event of another type: none ends the stream.

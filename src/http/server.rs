@@ -832,10 +832,16 @@ async fn write_reply<S: Connection>(
             res.is_ok() && keep_alive
         }
         ReplyBody::Upstream(resp) => {
+            // A call's SSE answer is chunked to the client whatever its upstream framing, so
+            // that the gateway can end it at the response, or with an error event of its own
+            // (red team: one of a declared length was relayed as it came, past its response).
+            let events = reply.call.as_ref().is_some_and(|c| c.events);
             let framing = match resp.framing {
                 RespFraming::Empty => Framing::Length(0),
-                RespFraming::Length(n) => Framing::Length(n),
-                RespFraming::Chunked | RespFraming::Close => Framing::Chunked,
+                RespFraming::Length(n) if !events => Framing::Length(n),
+                RespFraming::Length(_) | RespFraming::Chunked | RespFraming::Close => {
+                    Framing::Chunked
+                }
             };
             streamed = framing == Framing::Chunked;
             write_head(&mut out, status, &headers, framing, keep_alive);
@@ -997,6 +1003,7 @@ async fn pump<S: Connection>(
     // a write per piece read would cost a submission and a wake-up of the client each.
     if filter.is_none()
         && let RespFraming::Length(n) = resp.framing
+        && framing == Framing::Length(n)
         && n <= LARGE_BODY as u64
     {
         let (read, o) = resp.append_declared_body(out).await;
