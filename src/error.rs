@@ -233,6 +233,23 @@ impl GatewayError {
         }
     }
 
+    /// Whether a [`Self::reason`] names a failure on the upstream side (or the gateway's
+    /// shutdown): a request it ends is an error whatever status carried it (a batch's errors in
+    /// place go out as 200; an answer given up on after its head as the head's status).
+    pub fn is_failure_reason(reason: &str) -> bool {
+        matches!(
+            reason,
+            "upstream_unavailable"
+                | "upstream_timeout"
+                | "upstream_busy"
+                | "process_cap"
+                | "server_down"
+                | "replica_down"
+                | "shutting_down"
+                | "upstream_unauthorized"
+        )
+    }
+
     /// Human-readable message for the client.
     pub fn message(&self) -> String {
         use GatewayError::*;
@@ -400,6 +417,33 @@ const RETRY_DOWN_SECS: u64 = 2;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn upstream_failures_are_told_by_their_reason_and_refusals_are_not() {
+        for e in [
+            GatewayError::UpstreamUnavailable("x".into()),
+            GatewayError::UpstreamTimeout,
+            GatewayError::UpstreamBusy,
+            GatewayError::ProcessCap(1),
+            GatewayError::ServerDown("x".into()),
+            GatewayError::ReplicaDown("x".into()),
+            GatewayError::ShuttingDown,
+            GatewayError::UpstreamUnauthorized("x".into()),
+        ] {
+            assert!(GatewayError::is_failure_reason(e.reason()), "{e:?}");
+        }
+        for e in [
+            GatewayError::RateLimited {
+                retry_after_secs: 1,
+                limit: 1,
+            },
+            GatewayError::UnknownSession,
+            GatewayError::BadBody,
+            GatewayError::Unauthorized { invalid: true },
+        ] {
+            assert!(!GatewayError::is_failure_reason(e.reason()), "{e:?}");
+        }
+    }
 
     #[test]
     fn parse_errors_are_400_with_32700() {

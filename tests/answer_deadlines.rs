@@ -649,7 +649,12 @@ fn a_json_answer_whose_body_stalls_gets_504_with_the_calls_id() {
         })
     }
     let (url, closed, seen) = scripted_upstream(head_and_a_little);
-    let g = gateway(&url, "");
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let g = gateway(
+        &url,
+        &format!("\n[audit]\nfile = {:?}\n", audit.to_str().unwrap()),
+    );
     let sid = initialize(g.addr);
     let r = mcp_post(g.addr, &call(15, "slow", "{}"), Some(&sid));
     assert_eq!(r.status, 504, "{}", r.text());
@@ -657,6 +662,25 @@ fn a_json_answer_whose_body_stalls_gets_504_with_the_calls_id() {
     wait_closed(&closed, 1, "a stalled JSON body");
     // Given up on, it is cancelled upstream like a call whose head never came.
     cancellation_of(&seen, 15);
+    // Audited as the client was answered (red team: `allow` and the upstream's 200).
+    let until = Instant::now() + Duration::from_secs(5);
+    let line = loop {
+        let text = std::fs::read_to_string(&audit).unwrap_or_default();
+        if let Some(line) = text.lines().find(|l| l.contains("tools/call")) {
+            break serde_json::from_str::<serde_json::Value>(line).unwrap();
+        }
+        assert!(Instant::now() < until, "no audit line for the call: {text}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(
+        (&line["decision"], &line["status"], &line["reason"]),
+        (
+            &serde_json::json!("error"),
+            &serde_json::json!(504),
+            &serde_json::json!("upstream_timeout")
+        ),
+        "{line}"
+    );
 }
 
 #[test]
@@ -1048,7 +1072,11 @@ fn an_sse_answer_of_a_declared_length_ends_with_the_answer_too() {
     assert_eq!(messages.len(), 1, "{text}");
     assert_eq!(messages[0]["id"], 26, "{text}");
     assert!(!text.contains("after"), "{text}");
-    wait_closed(&closed, 1, "a declared-length stream kept open after its answer");
+    wait_closed(
+        &closed,
+        1,
+        "a declared-length stream kept open after its answer",
+    );
     std::thread::sleep(Duration::from_millis(1200));
     assert!(
         cancellations(&seen).is_empty(),

@@ -785,7 +785,9 @@ async fn write_reply<S: Connection>(
     meta: &ReqMeta<'_>,
     mut out: Vec<u8>,
 ) -> Option<Vec<u8>> {
-    let status = reply.status;
+    // What the client was answered: an upstream answer given up on before any of it went out
+    // is answered with the error's status instead (see `body_refused`).
+    let mut status = reply.status;
     let method = reply.method;
     let keep_alive = client_keep_alive && !reply.close && !w.shutdown.is_fired();
     let mut headers: Vec<(&str, &str)> = reply
@@ -848,6 +850,7 @@ async fn write_reply<S: Connection>(
             let end = StreamEnd {
                 call: reply.call.take(),
                 reason: &mut reply.reason,
+                status: &mut status,
             };
             let (ok, o) = pump(w, stream, *resp, &mut None, framing, meta, out, end).await;
             out = o;
@@ -862,6 +865,7 @@ async fn write_reply<S: Connection>(
             let end = StreamEnd {
                 call: reply.call.take(),
                 reason: &mut reply.reason,
+                status: &mut status,
             };
             let (ok, o) = pump(
                 w,
@@ -932,6 +936,8 @@ struct StreamEnd<'r> {
     call: Option<Box<crate::pipeline::StreamedCall>>,
     /// The reply's audit reason, set when the gateway gives up.
     reason: &'r mut Option<&'static str>,
+    /// The reply's status, as metrics and the audit record it.
+    status: &'r mut u16,
 }
 
 impl StreamEnd<'_> {
@@ -1030,7 +1036,8 @@ async fn pump<S: Connection>(
                     GatewayError::UpstreamUnavailable("upstream answer cut short".into())
                 };
                 *end.reason = Some(err.reason());
-                out = body_refused(w, stream, meta, e, err, end.call.as_deref_mut()).await;
+                let refused = body_refused(w, stream, meta, e, err, end.call.as_deref_mut()).await;
+                (*end.status, out) = refused;
                 false
             }
         };
@@ -1465,7 +1472,7 @@ async fn body_refused<S: Connection>(
     e: crate::http::client::UpstreamError,
     err: GatewayError,
     call: Option<&mut crate::pipeline::StreamedCall>,
-) -> Vec<u8> {
+) -> (u16, Vec<u8>) {
     w.metrics
         .upstream_errors
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -1506,7 +1513,7 @@ async fn body_refused<S: Connection>(
         false,
     );
     out.extend_from_slice(&body);
-    write_bounded(w, stream, out).await.1
+    (status, write_bounded(w, stream, out).await.1)
 }
 
 /// The span of a finished request: names and outcomes only.
@@ -1550,9 +1557,12 @@ fn emit_audit(
     latency: Duration,
 ) {
     use crate::mcp::jsonrpc::Target;
-    let decision = info
-        .decision
-        .unwrap_or(if status < 400 { "allow" } else { "error" });
+    let failed = reason.is_some_and(GatewayError::is_failure_reason);
+    let decision = info.decision.unwrap_or(if status < 400 && !failed {
+        "allow"
+    } else {
+        "error"
+    });
     // Refusals a client can repeat as fast as it sends (no credentials, a bad Origin, a denied
     // tool, a malformed request, its rate limit) get an allowance of audit lines, every line
     // of a batch counted; what the upstream answered, and everything allowed, is written whole.
