@@ -1086,6 +1086,28 @@ fn an_sse_answer_of_a_declared_length_ends_with_the_answer_too() {
 }
 
 #[test]
+fn a_response_followed_in_the_same_read_by_broken_framing_still_reaches_the_client() {
+    // Red team: the chunk decoder's error took the response decoded before it down with it.
+    fn answer_then_garbage(req: &str) -> Option<Vec<u8>> {
+        req.contains("tools/call").then(|| {
+            let mut out =
+                sse_events_then_silence(&[r#"{"jsonrpc":"2.0","id":27,"result":{"content":[]}}"#]);
+            out.extend_from_slice(b"zz\r\n");
+            out
+        })
+    }
+    let (url, _, seen) = scripted_upstream(answer_then_garbage);
+    let g = gateway(&url, "");
+    let sid = initialize(g.addr);
+    let r = mcp_post(g.addr, &call(27, "quick", "{}"), Some(&sid));
+    let messages = r.sse_messages();
+    assert_eq!(messages.len(), 1, "{}", r.text());
+    assert_eq!(messages[0]["id"], 27, "{}", r.text());
+    std::thread::sleep(Duration::from_millis(1200));
+    assert!(cancellations(&seen).is_empty());
+}
+
+#[test]
 fn only_the_calls_own_response_ends_its_stream() {
     // A request of the server's carrying the call's id, an answer to another id, a response
     // with the call's id as a string, an event of another type: none ends the stream.

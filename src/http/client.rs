@@ -47,6 +47,10 @@ pub struct UpstreamResponse {
     decoder: Option<ChunkedDecoder>,
     reusable: bool,
     done: bool,
+    /// Framing that broke after body bytes decoded in the same read: those went out first, and
+    /// this is the next read's error (red team: a response followed in one read by a bad chunk
+    /// was lost with it).
+    broken: Option<&'static str>,
     /// When the whole body must have arrived: the call's timeout, which otherwise would cover
     /// only the head, bounds every read of an answer to a call, whether read whole or relayed
     /// as it streams. `None`: no bound (a GET stream, which lasts as long as its client stays).
@@ -214,6 +218,7 @@ pub async fn exchange(
                     decoder,
                     reusable: head.keep_alive && head.framing != RespFraming::Close,
                     done: head.framing == RespFraming::Empty,
+                    broken: None,
                     deadline: None,
                     slack: std::time::Duration::ZERO,
                     owner,
@@ -346,6 +351,9 @@ impl UpstreamResponse {
     /// The next piece of decoded body, or `None` at its end.
     pub async fn next_data(&mut self) -> Result<Option<Vec<u8>>, UpstreamError> {
         loop {
+            if let Some(why) = self.broken {
+                return Err(UpstreamError::Protocol(why));
+            }
             if self.done {
                 return Ok(None);
             }
@@ -372,17 +380,22 @@ impl UpstreamResponse {
                             .decoder
                             .as_mut()
                             .ok_or(UpstreamError::Protocol("no decoder"))?;
-                        let used =
-                            decoder
-                                .decode(&self.pending, &mut out)
-                                .map_err(|e| match e {
-                                    ChunkError::Invalid => {
-                                        UpstreamError::Protocol("malformed upstream chunked body")
-                                    }
-                                    ChunkError::TooLarge => {
-                                        UpstreamError::Protocol("upstream body too large")
-                                    }
-                                })?;
+                        let used = match decoder.decode(&self.pending, &mut out) {
+                            Ok(used) => used,
+                            Err(e) => {
+                                let why = match e {
+                                    ChunkError::Invalid => "malformed upstream chunked body",
+                                    ChunkError::TooLarge => "upstream body too large",
+                                };
+                                self.reusable = false;
+                                if out.is_empty() {
+                                    return Err(UpstreamError::Protocol(why));
+                                }
+                                self.pending.clear();
+                                self.broken = Some(why);
+                                return Ok(Some(out));
+                            }
+                        };
                         self.pending.drain(..used);
                         if decoder.is_done() {
                             self.done = true;

@@ -24,7 +24,10 @@ pub struct SseEvent {
 impl SseEvent {
     /// Whether this is a `message` event (named so, or unnamed).
     pub fn is_message(&self) -> bool {
-        self.event.as_deref().is_none_or(|e| e == "message")
+        // An empty `event:` leaves the type "message", as the SSE specification dispatches it.
+        self.event
+            .as_deref()
+            .is_none_or(|e| e.is_empty() || e == "message")
     }
 }
 
@@ -226,7 +229,7 @@ pub fn message_data(event: &[u8]) -> Option<std::borrow::Cow<'_, [u8]>> {
                     joined.extend_from_slice(value);
                 }
             },
-            b"event" => message = value == b"message",
+            b"event" => message = value.is_empty() || value == b"message",
             _ => {}
         }
     }
@@ -449,7 +452,7 @@ mod tests {
 
     #[test]
     fn message_data_reads_an_event_as_decode_event_does() {
-        let events: [&[u8]; 9] = [
+        let events: [&[u8]; 10] = [
             b"data: {}",
             b"event: message\ndata: {\"a\":1}",
             b"event: other\ndata: {}",
@@ -459,6 +462,7 @@ mod tests {
             b"event:message\ndata:",
             b"data: a\r\n\xff\r\ndata: b",
             b"event\ndata: x",
+            b"event:\ndata: {}",
         ];
         for event in events {
             let decoded = decode_event(event);

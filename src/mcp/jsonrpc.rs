@@ -461,36 +461,68 @@ fn classify_one(v: TapeValue<'_, '_>) -> Result<Message, ClassifyError> {
 /// The ids of the JSON-RPC responses `text` holds (each with a `result` or an `error`, no
 /// `method`), each given to `each`: what ends a call's SSE stream. `batch`: an array of
 /// responses is read too (the answer to a batch may come as one); a single call's answer is one
-/// object. Anything unclear (not JSON, a member given twice, a number id that is not an
-/// integer, a byte that is not UTF-8 anywhere, even in a member no one reads) holds none, and
-/// the stream goes on as the upstream sends it.
+/// object. Ids are read as clients read them (red team: they take `1.0` for 1, and the last
+/// `id` of a message that gives two), so that the gateway never ends a stream at a response
+/// its client does not see, nor misses one its client does. Anything unclear (not JSON, a
+/// number id that is not an integer, a byte that is not UTF-8 anywhere, even in a member no
+/// one reads) holds none, and the stream goes on as the upstream sends it.
 pub fn response_ids(text: &[u8], batch: bool, mut each: impl FnMut(RpcId)) {
-    /// A member's presence, whatever its value (`null` included).
+    /// What a response is told by: its `id` (the last given, as clients read a member given
+    /// twice), and whether `method`, `result` and `error` are present, whatever their values.
     #[derive(Default)]
-    struct Present(bool);
-    impl<'de> serde::Deserialize<'de> for Present {
-        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            serde::de::IgnoredAny::deserialize(d).map(|_| Present(true))
-        }
-    }
-    #[derive(serde::Deserialize)]
     struct Envelope {
-        #[serde(default)]
         id: Option<serde_json::Value>,
-        #[serde(default)]
-        method: Present,
-        #[serde(default)]
-        result: Present,
-        #[serde(default)]
-        error: Present,
+        method: bool,
+        result: bool,
+        error: bool,
+    }
+    impl<'de> serde::Deserialize<'de> for Envelope {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct Members;
+            impl<'de> serde::de::Visitor<'de> for Members {
+                type Value = Envelope;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a JSON-RPC message")
+                }
+                fn visit_map<A: serde::de::MapAccess<'de>>(
+                    self,
+                    mut map: A,
+                ) -> Result<Envelope, A::Error> {
+                    let mut env = Envelope::default();
+                    while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                        let present = match &*key {
+                            "id" => {
+                                env.id = Some(map.next_value()?);
+                                continue;
+                            }
+                            "method" => &mut env.method,
+                            "result" => &mut env.result,
+                            "error" => &mut env.error,
+                            _ => {
+                                map.next_value::<serde::de::IgnoredAny>()?;
+                                continue;
+                            }
+                        };
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                        *present = true;
+                    }
+                    Ok(env)
+                }
+            }
+            d.deserialize_map(Members)
+        }
     }
     impl Envelope {
         fn response_id(self) -> Option<RpcId> {
-            if self.method.0 || self.result.0 == self.error.0 {
+            if self.method || self.result == self.error {
                 return None;
             }
             match self.id? {
-                serde_json::Value::Number(n) => n.as_i64().map(RpcId::Num),
+                // A number as clients read it: `1.0`, `1e0` and `-0` are integers to them.
+                serde_json::Value::Number(n) => n.as_i64().map(RpcId::Num).or_else(|| {
+                    let f = n.as_f64()?;
+                    (f.fract() == 0.0 && f.abs() < 9.0e15).then(|| RpcId::Num(f as i64))
+                }),
                 serde_json::Value::String(s) => Some(RpcId::Str(s)),
                 _ => None,
             }
@@ -628,12 +660,21 @@ mod tests {
             &num
         ));
         assert!(!is_response_to(br#"{"jsonrpc":"2.0","id":7}"#, &num));
-        // Unclear: a float id, an id given twice, not JSON, a batch.
-        assert!(!is_response_to(
-            br#"{"jsonrpc":"2.0","id":7.0,"result":{}}"#,
-            &num
-        ));
+        // As clients read them (red team): an integral number in another spelling is the
+        // integer, and of two ids the last counts.
+        for integral in ["7.0", "7e0", "0.7e1", "7.000"] {
+            let text = format!(r#"{{"jsonrpc":"2.0","id":{integral},"result":{{}}}}"#);
+            assert!(is_response_to(text.as_bytes(), &num), "{integral}");
+        }
+        assert!(is_response_to(br#"{"id":-0,"error":{}}"#, &RpcId::Num(0)));
+        assert!(is_response_to(br#"{"id":8,"id":7,"result":{}}"#, &num));
         assert!(!is_response_to(br#"{"id":7,"id":8,"result":{}}"#, &num));
+        // Unclear: a fraction, an integer past what a double holds exactly, not JSON, a batch.
+        assert!(!is_response_to(br#"{"id":7.5,"result":{}}"#, &num));
+        assert!(!is_response_to(
+            br#"{"id":9007199254740993.0,"result":{}}"#,
+            &RpcId::Num(9007199254740993)
+        ));
         assert!(!is_response_to(br#"{"id":7,"result":{}"#, &num));
         assert!(!is_response_to(
             br#"[{"jsonrpc":"2.0","id":7,"result":{}}]"#,
@@ -653,7 +694,10 @@ mod tests {
         // Read only for a batch; and one element that is not an object spoils the array.
         assert_eq!(ids(batch, false), []);
         assert_eq!(ids(r#"[{"id":1,"result":{}},7]"#, true), []);
-        assert_eq!(ids(r#"[{"id":1,"id":1,"result":{}}]"#, true), []);
+        assert_eq!(
+            ids(r#"[{"id":2,"id":1,"result":{}}]"#, true),
+            [RpcId::Num(1)]
+        );
         assert_eq!(ids(r#"{"id":2,"result":{}}"#, true), [RpcId::Num(2)]);
         // Fuzzing (sse_events): a byte that is not UTF-8 in a member no one reads.
         let mut bad = br#"{"jsonrpc":"2.x","id":1,"result":{}}"#.to_vec();
