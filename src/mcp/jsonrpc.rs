@@ -521,7 +521,7 @@ pub fn response_ids(text: &[u8], batch: bool, mut each: impl FnMut(RpcId)) {
                 // A number as clients read it: `1.0`, `1e0` and `-0` are integers to them.
                 serde_json::Value::Number(n) => n.as_i64().map(RpcId::Num).or_else(|| {
                     let f = n.as_f64()?;
-                    (f.fract() == 0.0 && f.abs() < 9.0e15).then(|| RpcId::Num(f as i64))
+                    (f.fract() == 0.0 && f.abs() < 9.0e15).then_some(RpcId::Num(f as i64))
                 }),
                 serde_json::Value::String(s) => Some(RpcId::Str(s)),
                 _ => None,
