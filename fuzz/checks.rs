@@ -948,7 +948,7 @@ fn response_ids_hold(data: &[u8]) {
         match m.get("id")? {
             serde_json::Value::Number(n) if response => n.as_i64().map(RpcId::Num).or_else(|| {
                 let f = n.as_f64()?;
-                (f.fract() == 0.0 && f.abs() < 9.0e15).then(|| RpcId::Num(f as i64))
+                (f.fract() == 0.0 && f.abs() < 9.0e15).then_some(RpcId::Num(f as i64))
             }),
             serde_json::Value::String(s) if response => Some(RpcId::Str(s.clone())),
             _ => None,
