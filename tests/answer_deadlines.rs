@@ -537,6 +537,32 @@ fn cancellations(seen: &Seen) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Waits (up to 5 s) for a batch's cancellation, one request of notifications, and returns the
+/// ids it cancels, in order.
+fn batch_cancellation(seen: &Seen) -> Vec<serde_json::Value> {
+    let until = Instant::now() + Duration::from_secs(5);
+    while cancellations(seen).is_empty() {
+        assert!(Instant::now() < until, "the batch was not cancelled");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A second one would come at once: give it a moment to show.
+    std::thread::sleep(Duration::from_millis(200));
+    let sent = cancellations(seen);
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    sent[0]
+        .as_array()
+        .expect("a batch of notifications")
+        .iter()
+        .map(|n| n["params"]["requestId"].clone())
+        .collect()
+}
+
+/// Past the call's deadline (1 s), still no cancellation: nothing answered is cancelled.
+fn never_cancelled(seen: &Seen) {
+    std::thread::sleep(Duration::from_millis(1200));
+    assert!(cancellations(seen).is_empty(), "{:?}", cancellations(seen));
+}
+
 #[test]
 fn a_timed_out_batch_is_answered_in_place_and_cancelled_in_one_request_each_id_once() {
     // One notification POSTed per request would let a batch of many requests open as many
@@ -566,21 +592,7 @@ fn a_timed_out_batch_is_answered_in_place_and_cancelled_in_one_request_each_id_o
     for a in answers.as_array().unwrap() {
         assert_timeout_error(a);
     }
-    let until = Instant::now() + Duration::from_secs(5);
-    while cancellations(&seen).is_empty() {
-        assert!(Instant::now() < until, "the batch was not cancelled");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(200));
-    let sent = cancellations(&seen);
-    assert_eq!(sent.len(), 1, "{sent:?}");
-    let ids: Vec<&serde_json::Value> = sent[0]
-        .as_array()
-        .expect("a batch of notifications")
-        .iter()
-        .map(|n| &n["params"]["requestId"])
-        .collect();
-    assert_eq!(ids, [31, 32, 33]);
+    assert_eq!(batch_cancellation(&seen), [31, 32, 33]);
 }
 
 #[test]
@@ -786,19 +798,7 @@ fn a_batch_whose_json_body_stalls_is_answered_in_place() {
     for a in answers.as_array().unwrap() {
         assert_timeout_error(a);
     }
-    let until = Instant::now() + Duration::from_secs(5);
-    while cancellations(&seen).is_empty() {
-        assert!(Instant::now() < until, "the batch was not cancelled");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let sent = cancellations(&seen);
-    let ids: Vec<&serde_json::Value> = sent[0]
-        .as_array()
-        .expect("a batch of notifications")
-        .iter()
-        .map(|n| &n["params"]["requestId"])
-        .collect();
-    assert_eq!(ids, [41, 42]);
+    assert_eq!(batch_cancellation(&seen), [41, 42]);
 }
 
 #[test]
@@ -846,20 +846,7 @@ fn a_batch_answered_as_sse_that_times_out_gets_errors_for_what_is_unanswered_and
     assert_timeout_error(&messages[2]);
     assert_timeout_error(&messages[3]);
     wait_closed(&closed, 1, "a timed-out SSE batch");
-    let until = Instant::now() + Duration::from_secs(5);
-    while cancellations(&seen).is_empty() {
-        assert!(Instant::now() < until, "the batch was not cancelled");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let sent = cancellations(&seen);
-    assert_eq!(sent.len(), 1, "{sent:?}");
-    let ids: Vec<&serde_json::Value> = sent[0]
-        .as_array()
-        .expect("a batch of notifications")
-        .iter()
-        .map(|n| &n["params"]["requestId"])
-        .collect();
-    assert_eq!(ids, [51, 53]);
+    assert_eq!(batch_cancellation(&seen), [51, 53]);
     // The stream ended properly: the connection serves the next request.
     s.write_all(
         mcp_post_raw(
@@ -921,12 +908,7 @@ fn a_batch_answered_as_sse_ends_with_its_last_response_and_a_reused_id_counts_tw
         "{text}"
     );
     wait_closed(&closed, 1, "a batch's stream kept open after its answers");
-    std::thread::sleep(Duration::from_millis(1200));
-    assert!(
-        cancellations(&seen).is_empty(),
-        "{:?}",
-        cancellations(&seen)
-    );
+    never_cancelled(&seen);
 }
 
 /// A call's answer as an SSE stream of `events` (each a JSON-RPC message), with no end: the
@@ -981,12 +963,7 @@ fn a_stream_its_upstream_keeps_open_after_the_answer_ends_with_the_answer() {
     let next = read_response(&mut s).expect("the next answer on the same connection");
     assert_eq!(next.status, 202, "{}", next.text());
     // Past the call's deadline: still no cancellation of the answered request.
-    std::thread::sleep(Duration::from_millis(1200));
-    assert!(
-        cancellations(&seen).is_empty(),
-        "{:?}",
-        cancellations(&seen)
-    );
+    never_cancelled(&seen);
 }
 
 #[test]
@@ -1003,12 +980,7 @@ fn a_checked_stream_kept_open_after_the_answer_ends_with_the_answer_too() {
     assert_eq!(messages.len(), 2, "{messages:?}");
     assert_eq!(messages[1]["id"], 21, "{messages:?}");
     wait_closed(&closed, 1, "a checked stream kept open after its answer");
-    std::thread::sleep(Duration::from_millis(1200));
-    assert!(
-        cancellations(&seen).is_empty(),
-        "{:?}",
-        cancellations(&seen)
-    );
+    never_cancelled(&seen);
 }
 
 #[test]
@@ -1077,12 +1049,7 @@ fn an_sse_answer_of_a_declared_length_ends_with_the_answer_too() {
         1,
         "a declared-length stream kept open after its answer",
     );
-    std::thread::sleep(Duration::from_millis(1200));
-    assert!(
-        cancellations(&seen).is_empty(),
-        "{:?}",
-        cancellations(&seen)
-    );
+    never_cancelled(&seen);
 }
 
 #[test]
@@ -1103,8 +1070,7 @@ fn a_response_followed_in_the_same_read_by_broken_framing_still_reaches_the_clie
     let messages = r.sse_messages();
     assert_eq!(messages.len(), 1, "{}", r.text());
     assert_eq!(messages[0]["id"], 27, "{}", r.text());
-    std::thread::sleep(Duration::from_millis(1200));
-    assert!(cancellations(&seen).is_empty());
+    never_cancelled(&seen);
 }
 
 #[test]
