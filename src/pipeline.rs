@@ -2104,8 +2104,13 @@ async fn deliver(
     let mut reply = match exchange.answer {
         Answer::Streamed(resp, hold) => {
             let mut r = match transform {
-                None => relay(resp, method, None),
-                Some(t) => relay_checked(w, resp, t, method).await?,
+                // No body (204, 304, a length of 0) has nothing to check, and none may be
+                // written: a checked answer's chunked end would be read as the start of the
+                // client's next response (red team).
+                Some(t) if resp.framing != crate::http::client::RespFraming::Empty => {
+                    relay_checked(w, resp, t, method).await?
+                }
+                _ => relay(resp, method, None),
             };
             r.hold = hold;
             r

@@ -1074,6 +1074,39 @@ fn a_response_followed_in_the_same_read_by_broken_framing_still_reaches_the_clie
 }
 
 #[test]
+fn an_answer_without_a_body_gets_none_whatever_its_type_says() {
+    // Red team: a 204 labelled text/event-stream, through a response step (redaction here),
+    // was answered with `transfer-encoding: chunked` and a last chunk, which a client reads as
+    // the start of its next response.
+    fn no_content(req: &str) -> Option<Vec<u8>> {
+        req.contains("tools/call").then(|| {
+            b"HTTP/1.1 204 No Content\r\nContent-Type: text/event-stream\r\n\r\n".to_vec()
+        })
+    }
+    let (url, _, _) = scripted_upstream(no_content);
+    let g = gateway(&url, "\n[redaction]\nenabled = true\n");
+    let sid = initialize(g.addr);
+    let mut s = connect(g.addr);
+    s.write_all(mcp_post_raw(&call(28, "quick", "{}"), Some(&sid), "").as_bytes())
+        .unwrap();
+    s.write_all(mcp_post_raw(INITIALIZED, Some(&sid), "").as_bytes())
+        .unwrap();
+    // Both answers, read straight from the socket: nothing between them. (The second waits
+    // out its timeout: this upstream says nothing more on the connection it answered 204 on,
+    // which the gateway rightly pooled.)
+    let got = read_all(&mut s, Duration::from_secs(2)).unwrap_or_else(|open| open);
+    let text = String::from_utf8_lossy(&got);
+    let (first, rest) = text.split_once("\r\n\r\n").expect("a head");
+    assert!(first.starts_with("HTTP/1.1 204"), "{text}");
+    assert!(
+        !first.to_ascii_lowercase().contains("transfer-encoding")
+            && !first.to_ascii_lowercase().contains("content-length"),
+        "{text}"
+    );
+    assert!(rest.starts_with("HTTP/1.1 "), "{text}");
+}
+
+#[test]
 fn only_the_calls_own_response_ends_its_stream() {
     // A request of the server's carrying the call's id, an answer to another id, a response
     // with the call's id as a string, an event of another type: none ends the stream.

@@ -63,6 +63,9 @@ pub fn write_head(
         out.extend_from_slice(b"\r\n");
     }
     match framing {
+        // 1xx, 204 and 304 carry no body and no framing of one (RFC 9110, 8.6 and 15.3.5):
+        // a client reads none, whatever a header says.
+        _ if status < 200 || status == 204 || status == 304 => {}
         Framing::Length(n) => {
             out.extend_from_slice(b"content-length: ");
             push_decimal(out, n);
