@@ -557,6 +557,19 @@ fn batch_cancellation(seen: &Seen) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Waits (up to 5 s) for the audit line of the `tools/call` in `audit`, and returns it.
+fn call_audit_line(audit: &std::path::Path) -> serde_json::Value {
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = std::fs::read_to_string(audit).unwrap_or_default();
+        if let Some(line) = text.lines().find(|l| l.contains("tools/call")) {
+            return serde_json::from_str(line).unwrap();
+        }
+        assert!(Instant::now() < until, "no audit line for the call: {text}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Past the call's deadline (1 s), still no cancellation: nothing answered is cancelled.
 fn never_cancelled(seen: &Seen) {
     std::thread::sleep(Duration::from_millis(1200));
@@ -675,15 +688,7 @@ fn a_json_answer_whose_body_stalls_gets_504_with_the_calls_id() {
     // Given up on, it is cancelled upstream like a call whose head never came.
     cancellation_of(&seen, 15);
     // Audited as the client was answered (red team: `allow` and the upstream's 200).
-    let until = Instant::now() + Duration::from_secs(5);
-    let line = loop {
-        let text = std::fs::read_to_string(&audit).unwrap_or_default();
-        if let Some(line) = text.lines().find(|l| l.contains("tools/call")) {
-            break serde_json::from_str::<serde_json::Value>(line).unwrap();
-        }
-        assert!(Instant::now() < until, "no audit line for the call: {text}");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let line = call_audit_line(&audit);
     assert_eq!(
         (&line["decision"], &line["status"], &line["reason"]),
         (
@@ -1079,9 +1084,8 @@ fn an_answer_without_a_body_gets_none_whatever_its_type_says() {
     // was answered with `transfer-encoding: chunked` and a last chunk, which a client reads as
     // the start of its next response.
     fn no_content(req: &str) -> Option<Vec<u8>> {
-        req.contains("tools/call").then(|| {
-            b"HTTP/1.1 204 No Content\r\nContent-Type: text/event-stream\r\n\r\n".to_vec()
-        })
+        req.contains("tools/call")
+            .then(|| b"HTTP/1.1 204 No Content\r\nContent-Type: text/event-stream\r\n\r\n".to_vec())
     }
     let (url, _, _) = scripted_upstream(no_content);
     let g = gateway(&url, "\n[redaction]\nenabled = true\n");
@@ -1104,6 +1108,35 @@ fn an_answer_without_a_body_gets_none_whatever_its_type_says() {
         "{text}"
     );
     assert!(rest.starts_with("HTTP/1.1 "), "{text}");
+}
+
+#[test]
+fn an_sse_answer_cut_by_its_upstream_is_audited_as_an_upstream_failure() {
+    // Red team: a stream cut by broken framing (or an early close) was audited `allow`, no
+    // reason.
+    fn progress_then_garbage(req: &str) -> Option<Vec<u8>> {
+        req.contains("tools/call").then(|| {
+            let mut out = sse_events_then_silence(&[PROGRESS]);
+            out.extend_from_slice(b"zz\r\n");
+            out
+        })
+    }
+    let (url, _, _) = scripted_upstream(progress_then_garbage);
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let g = gateway(
+        &url,
+        &format!("\n[audit]\nfile = {:?}\n", audit.to_str().unwrap()),
+    );
+    let sid = initialize(g.addr);
+    let mut s = connect(g.addr);
+    s.write_all(mcp_post_raw(&call(29, "quick", "{}"), Some(&sid), "").as_bytes())
+        .unwrap();
+    let got = read_all(&mut s, Duration::from_secs(5)).expect("the cut stream closes");
+    assert!(String::from_utf8_lossy(&got).contains("notifications/progress"));
+    let line = call_audit_line(&audit);
+    assert_eq!(line["decision"], "error", "{line}");
+    assert_eq!(line["reason"], "upstream_unavailable", "{line}");
 }
 
 #[test]

@@ -1210,6 +1210,12 @@ async fn pump<S: Connection>(
                     ok = res.is_ok();
                     break;
                 }
+                // The audit records the cut (red team: it read `allow` with no reason).
+                *end.reason = Some(if timed_out {
+                    GatewayError::UpstreamTimeout.reason()
+                } else {
+                    "upstream_unavailable"
+                });
                 out = body_failed(w, stream, out, e).await;
                 ok = false;
                 break;
