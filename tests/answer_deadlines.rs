@@ -214,16 +214,18 @@ fn an_sse_answer_silent_past_the_calls_timeout_ends_with_the_calls_error_and_its
 fn a_restricted_callers_sse_answer_ends_with_the_calls_error_too() {
     // The answer goes through the response checks (redaction here), which emit whole events:
     // the timeout error follows them the same way.
-    let (url, closed, seen) = scripted_upstream(progress_then_silence);
-    let g = gateway(&url, "\n[redaction]\nenabled = true\n");
-    let sid = initialize(g.addr);
-    let r = mcp_post(g.addr, &call(8, "slow", "{}"), Some(&sid));
-    let messages = r.sse_messages();
+    let c = one_call(
+        progress_then_silence,
+        "\n[redaction]\nenabled = true\n",
+        8,
+        "slow",
+    );
+    let messages = c.r.sse_messages();
     assert_eq!(messages.len(), 2, "{messages:?}");
     assert_eq!(messages[1]["id"], 8, "{messages:?}");
     assert_timeout_error(&messages[1]);
-    wait_closed(&closed, 1, "a timed-out checked SSE answer");
-    cancellation_of(&seen, 8);
+    wait_closed(&c.closed, 1, "a timed-out checked SSE answer");
+    cancellation_of(&c.seen, 8);
 }
 
 #[test]
@@ -269,16 +271,17 @@ fn chunked_json_then_silence(req: &str) -> Option<Vec<u8>> {
 fn a_chunked_json_answer_read_whole_that_stalls_gets_504_at_the_calls_timeout() {
     // Read whole so that redaction can check it: before, a chunked body that stalled held the
     // call, its connection slot and the upstream's connection for ever.
-    let (url, closed, seen) = scripted_upstream(chunked_json_then_silence);
-    let g = gateway(&url, "\n[redaction]\nenabled = true\n");
-    let sid = initialize(g.addr);
-    let started = Instant::now();
-    let r = mcp_post(g.addr, &call(3, "slow", "{}"), Some(&sid));
-    assert_eq!(r.status, 504, "{}", r.text());
-    assert_eq!(r.json()["id"], 3);
-    assert!(started.elapsed() < Duration::from_secs(5));
-    wait_closed(&closed, 1, "a stalled chunked JSON answer read whole");
-    cancellation_of(&seen, 3);
+    let c = one_call(
+        chunked_json_then_silence,
+        "\n[redaction]\nenabled = true\n",
+        3,
+        "slow",
+    );
+    assert_eq!(c.r.status, 504, "{}", c.r.text());
+    assert_eq!(c.r.json()["id"], 3);
+    assert!(c.took < Duration::from_secs(5));
+    wait_closed(&c.closed, 1, "a stalled chunked JSON answer read whole");
+    cancellation_of(&c.seen, 3);
 }
 
 #[test]
@@ -557,6 +560,32 @@ fn batch_cancellation(seen: &Seen) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// A gateway in front of a scripted upstream (see [`gateway`]), and one `tools/call` through
+/// it, with the time it took.
+struct OneCall {
+    /// Kept running for the test's later checks.
+    _gateway: Gateway,
+    r: Response,
+    closed: Arc<AtomicUsize>,
+    seen: Seen,
+    took: Duration,
+}
+
+fn one_call(script: Script, extra: &str, id: u64, tool: &str) -> OneCall {
+    let (url, closed, seen) = scripted_upstream(script);
+    let g = gateway(&url, extra);
+    let sid = initialize(g.addr);
+    let started = Instant::now();
+    let r = mcp_post(g.addr, &call(id, tool, "{}"), Some(&sid));
+    OneCall {
+        took: started.elapsed(),
+        _gateway: g,
+        r,
+        closed,
+        seen,
+    }
+}
+
 /// Waits (up to 5 s) for the audit line of the `tools/call` in `audit`, and returns it.
 fn call_audit_line(audit: &std::path::Path) -> serde_json::Value {
     let until = Instant::now() + Duration::from_secs(5);
@@ -657,11 +686,13 @@ fn an_answer_ended_by_cr_cr_reaches_a_checked_stream_before_the_deadline() {
             )
         })
     }
-    let (url, _, _) = scripted_upstream(answer_then_silence);
-    let g = gateway(&url, "\n[redaction]\nenabled = true\n");
-    let sid = initialize(g.addr);
-    let r = mcp_post(g.addr, &call(14, "quick", "{}"), Some(&sid));
-    let messages = r.sse_messages();
+    let c = one_call(
+        answer_then_silence,
+        "\n[redaction]\nenabled = true\n",
+        14,
+        "quick",
+    );
+    let messages = c.r.sse_messages();
     assert_eq!(messages[0]["id"], 14, "{messages:?}");
     assert!(messages[0].get("result").is_some(), "{messages:?}");
 }
@@ -975,17 +1006,18 @@ fn a_stream_its_upstream_keeps_open_after_the_answer_ends_with_the_answer() {
 fn a_checked_stream_kept_open_after_the_answer_ends_with_the_answer_too() {
     // Through the response steps (redaction), the response is recognised in what the client
     // reads, after the steps.
-    let (url, closed, seen) = scripted_upstream(answer_then_silence);
-    let g = gateway(&url, "\n[redaction]\nenabled = true\n");
-    let sid = initialize(g.addr);
-    let started = Instant::now();
-    let r = mcp_post(g.addr, &call(21, "quick", "{}"), Some(&sid));
-    assert!(started.elapsed() < Duration::from_millis(800));
-    let messages = r.sse_messages();
+    let c = one_call(
+        answer_then_silence,
+        "\n[redaction]\nenabled = true\n",
+        21,
+        "quick",
+    );
+    assert!(c.took < Duration::from_millis(800));
+    let messages = c.r.sse_messages();
     assert_eq!(messages.len(), 2, "{messages:?}");
     assert_eq!(messages[1]["id"], 21, "{messages:?}");
-    wait_closed(&closed, 1, "a checked stream kept open after its answer");
-    never_cancelled(&seen);
+    wait_closed(&c.closed, 1, "a checked stream kept open after its answer");
+    never_cancelled(&c.seen);
 }
 
 #[test]
@@ -1006,12 +1038,9 @@ fn nothing_an_upstream_sends_after_the_answer_reaches_the_client() {
             out
         })
     }
-    let (url, _, _) = scripted_upstream(answer_and_more);
-    let g = gateway(&url, "");
-    let sid = initialize(g.addr);
-    let r = mcp_post(g.addr, &call(22, "quick", "{}"), Some(&sid));
-    let text = r.text();
-    let messages = r.sse_messages();
+    let c = one_call(answer_and_more, "", 22, "quick");
+    let text = c.r.text();
+    let messages = c.r.sse_messages();
     assert_eq!(messages.len(), 1, "{text}");
     assert_eq!(messages[0]["id"], 22, "{text}");
     assert!(
@@ -1037,24 +1066,20 @@ fn an_sse_answer_of_a_declared_length_ends_with_the_answer_too() {
             .into_bytes()
         })
     }
-    let (url, closed, seen) = scripted_upstream(declared_length_stream);
-    let g = gateway(&url, "");
-    let sid = initialize(g.addr);
-    let started = Instant::now();
-    let r = mcp_post(g.addr, &call(26, "quick", "{}"), Some(&sid));
-    assert!(started.elapsed() < Duration::from_millis(800));
-    assert_eq!(r.header("content-length"), None, "{:?}", r.headers);
-    let text = r.text();
-    let messages = r.sse_messages();
+    let c = one_call(declared_length_stream, "", 26, "quick");
+    assert!(c.took < Duration::from_millis(800));
+    assert_eq!(c.r.header("content-length"), None, "{:?}", c.r.headers);
+    let text = c.r.text();
+    let messages = c.r.sse_messages();
     assert_eq!(messages.len(), 1, "{text}");
     assert_eq!(messages[0]["id"], 26, "{text}");
     assert!(!text.contains("after"), "{text}");
     wait_closed(
-        &closed,
+        &c.closed,
         1,
         "a declared-length stream kept open after its answer",
     );
-    never_cancelled(&seen);
+    never_cancelled(&c.seen);
 }
 
 #[test]
@@ -1068,14 +1093,11 @@ fn a_response_followed_in_the_same_read_by_broken_framing_still_reaches_the_clie
             out
         })
     }
-    let (url, _, seen) = scripted_upstream(answer_then_garbage);
-    let g = gateway(&url, "");
-    let sid = initialize(g.addr);
-    let r = mcp_post(g.addr, &call(27, "quick", "{}"), Some(&sid));
-    let messages = r.sse_messages();
-    assert_eq!(messages.len(), 1, "{}", r.text());
-    assert_eq!(messages[0]["id"], 27, "{}", r.text());
-    never_cancelled(&seen);
+    let c = one_call(answer_then_garbage, "", 27, "quick");
+    let messages = c.r.sse_messages();
+    assert_eq!(messages.len(), 1, "{}", c.r.text());
+    assert_eq!(messages[0]["id"], 27, "{}", c.r.text());
+    never_cancelled(&c.seen);
 }
 
 #[test]
@@ -1160,11 +1182,8 @@ fn only_the_calls_own_response_ends_its_stream() {
             out
         })
     }
-    let (url, _, _) = scripted_upstream(lookalikes_then_answer);
-    let g = gateway(&url, "");
-    let sid = initialize(g.addr);
-    let r = mcp_post(g.addr, &call(23, "quick", "{}"), Some(&sid));
-    let text = r.text();
+    let c = one_call(lookalikes_then_answer, "", 23, "quick");
+    let text = c.r.text();
     // Every event, its data lines joined: all five came through, the answer last.
     let events: Vec<serde_json::Value> = text
         .split("\n\n")
