@@ -1906,22 +1906,39 @@ async fn forward_held(w: &Rc<Worker>, call: &HeldCall, tx: &async_channel::Sende
         // Rate-limited when it was held.
         rated: true,
     };
+    let upstream = match cx.upstream() {
+        Ok(upstream) => upstream,
+        Err(e) => {
+            let _ = tx.send(e.body(Some(&call.id))).await;
+            return;
+        }
+    };
+    let outgoing = cx.outgoing(call.session.as_deref());
+    // A call given up on at its timeout is cancelled at an HTTP upstream, as any call is.
+    let cancel = || match upstream {
+        UpstreamRef::Http(server) => {
+            crate::upstream::http::Cancel::of(w, server, &outgoing, &call.body)
+        }
+        _ => None,
+    };
     let answered = async {
-        let exchange = cx
-            .upstream()?
-            .post(
-                w,
-                &cx.outgoing(call.session.as_deref()),
-                &call.body,
-                HeldBody::uncounted(call.raw.clone()),
-            )
-            .await?;
-        deliver(&cx, exchange, call.method, None).await
+        let raw = HeldBody::uncounted(call.raw.clone());
+        let exchange = upstream.post(w, &outgoing, &call.body, raw).await?;
+        let cancel = match &exchange.answer {
+            Answer::Streamed(resp, _) if !resp.body_complete() => cancel(),
+            _ => None,
+        };
+        Ok::<_, GatewayError>((deliver(&cx, exchange, call.method, None).await?, cancel))
     }
     .await;
     match answered {
-        Ok(reply) => relay_held(w, reply, &call.id, tx).await,
+        Ok((reply, cancel)) => relay_held(w, reply, &call.id, tx, cancel).await,
         Err(e) => {
+            if e == GatewayError::UpstreamTimeout
+                && let Some(cancel) = cancel()
+            {
+                cancel.send(|_| true);
+            }
             let _ = tx.send(e.body(Some(&call.id))).await;
         }
     }
@@ -1929,8 +1946,20 @@ async fn forward_held(w: &Rc<Worker>, call: &HeldCall, tx: &async_channel::Sende
 
 /// Writes a delivered answer's messages to a held call's stream: a JSON body as one event, an
 /// SSE body event by event.
-async fn relay_held(w: &Worker, reply: Reply, id: &RpcId, tx: &async_channel::Sender<Vec<u8>>) {
+/// `cancel`: the call's cancellation, sent when its answer stops short.
+async fn relay_held(
+    w: &Worker,
+    reply: Reply,
+    id: &RpcId,
+    tx: &async_channel::Sender<Vec<u8>>,
+    cancel: Option<crate::upstream::http::Cancel>,
+) {
     let _hold = reply.hold;
+    let cancel = move || {
+        if let Some(cancel) = cancel {
+            cancel.send(|_| true);
+        }
+    };
     let status = reply.status;
     let failed = |why: String| GatewayError::UpstreamUnavailable(why).body(Some(id));
     let mut send = async |msg: Vec<u8>| tx.send(one_line(msg)).await.is_ok();
@@ -1944,7 +1973,21 @@ async fn relay_held(w: &Worker, reply: Reply, id: &RpcId, tx: &async_channel::Se
                 .as_deref()
                 .is_some_and(crate::http::is_event_stream);
             if is_sse && (200..300).contains(&status) {
-                legacy::relay_sse(*resp, &mut send).await;
+                // The stream ends with the call's response; one that stops short, or ends
+                // without it, leaves the call its error in its place, not a silence.
+                let mut owed = crate::mcp::owed::Owed::One(Some(id.clone()));
+                let end = legacy::relay_sse(w, *resp, &mut send, Some(&mut owed)).await;
+                if !owed.settled() {
+                    let e = match end {
+                        legacy::SseEnd::ClientGone => return,
+                        legacy::SseEnd::Failed(e) => e,
+                        legacy::SseEnd::Ended => GatewayError::UpstreamUnavailable(
+                            "the upstream's answer ended without a response to this request".into(),
+                        ),
+                    };
+                    cancel();
+                    send(e.body(Some(id))).await;
+                }
             } else {
                 match resp.read_to_end().await {
                     Ok(data) => {
@@ -1955,8 +1998,9 @@ async fn relay_held(w: &Worker, reply: Reply, id: &RpcId, tx: &async_channel::Se
                             send(failed(format!("upstream answered HTTP {status}"))).await;
                         }
                     }
-                    Err(_) => {
-                        send(failed("upstream answer cut short".into())).await;
+                    Err(e) => {
+                        cancel();
+                        send(legacy::SseEnd::failure(&e).body(Some(id))).await;
                     }
                 }
             }
@@ -2203,11 +2247,12 @@ async fn relay_checked(
         return Ok(relay(resp, method, Some(SseFilter::with(transform))));
     }
     let status = resp.status;
-    let data = resp.read_to_end().await.map_err(|e| match e {
-        crate::http::client::UpstreamError::Io(io) if io.kind() == std::io::ErrorKind::TimedOut => {
+    let data = resp.read_to_end().await.map_err(|e| {
+        if e.is_timeout() {
             GatewayError::UpstreamTimeout
+        } else {
+            GatewayError::UpstreamUnavailable(e.to_string())
         }
-        e => GatewayError::UpstreamUnavailable(e.to_string()),
     })?;
     w.pool.release(*resp);
     if data.iter().all(u8::is_ascii_whitespace) {

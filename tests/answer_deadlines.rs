@@ -5,6 +5,7 @@
 
 mod common;
 
+use common::legacy::Legacy;
 use common::*;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -1261,4 +1262,140 @@ fn an_upstream_that_ends_its_stream_just_after_the_answer_keeps_its_connection()
         before,
         "the second call needed a new upstream connection"
     );
+}
+
+// A legacy (HTTP+SSE, 2024-11-05) client reads every answer on its one stream, where nothing
+// says an answer has ended: the same deadlines hold for it, with the gateway's errors as
+// messages on that stream. (Before: a call whose answer stalled left it waiting for ever,
+// nothing was cancelled, and an upstream's stream kept open after the answer was relayed
+// until the call's deadline.)
+
+/// A legacy client's initialized session through a gateway (see [`gateway`]) in front of a
+/// scripted upstream.
+fn legacy_session(script: Script) -> (Gateway, Legacy, Arc<AtomicUsize>, Seen) {
+    let (url, closed, seen) = scripted_upstream(script);
+    let g = gateway(&url, "");
+    let mut l = Legacy::open(g.addr, "/sse", "");
+    l.initialize();
+    (g, l, closed, seen)
+}
+
+#[test]
+fn a_legacy_clients_call_whose_sse_answer_stalls_gets_the_timeout_error_and_is_cancelled() {
+    let (_g, mut l, closed, seen) = legacy_session(progress_then_silence);
+    let started = Instant::now();
+    let answer = l.call(&call(7, "slow", "{}"));
+    let waited = started.elapsed();
+    assert_eq!(answer["id"], 7, "{answer}");
+    assert_timeout_error(&answer);
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+        "answered after {waited:?}, the call's timeout being 1 s"
+    );
+    assert_eq!(l.others.len(), 1, "{:?}", l.others);
+    assert_eq!(l.others[0]["method"], "notifications/progress");
+    wait_closed(&closed, 1, "a legacy call's timed-out SSE answer");
+    let cancel = cancellation_of(&seen, 7).to_ascii_lowercase();
+    assert!(cancel.contains("mcp-session-id: s1\r\n"), "{cancel}");
+}
+
+#[test]
+fn a_legacy_clients_call_whose_answer_never_starts_or_stalls_mid_json_is_cancelled_too() {
+    for script in [nothing_to_calls as Script, chunked_json_then_silence] {
+        let (_g, mut l, _, seen) = legacy_session(script);
+        let answer = l.call(&call(3, "slow", "{}"));
+        assert_timeout_error(&answer);
+        cancellation_of(&seen, 3);
+    }
+}
+
+#[test]
+fn a_legacy_clients_answer_ends_with_its_response_and_nothing_sent_after_it_is_relayed() {
+    fn answer_then_more(req: &str) -> Option<Vec<u8>> {
+        req.contains("tools/call").then(|| {
+            sse_events_then_silence(&[
+                r#"{"jsonrpc":"2.0","id":21,"result":{"content":[]}}"#,
+                r#"{"jsonrpc":"2.0","method":"notifications/message","params":{"level":"info","data":"after"}}"#,
+            ])
+        })
+    }
+    let (_g, mut l, closed, seen) = legacy_session(answer_then_more);
+    let started = Instant::now();
+    let answer = l.call(&call(21, "quick", "{}"));
+    assert!(answer.get("result").is_some(), "{answer}");
+    assert!(started.elapsed() < Duration::from_millis(800));
+    // The upstream's still-open stream is let go, and the answered call is not cancelled.
+    wait_closed(
+        &closed,
+        1,
+        "a legacy call's stream kept open after its answer",
+    );
+    never_cancelled(&seen);
+    // Past the call's deadline, the next message on the stream is the next call's: neither
+    // what the upstream sent after the answer nor a timeout error for the answered call.
+    let next = l.call(r#"{"jsonrpc":"2.0","id":22,"method":"ping"}"#);
+    assert_eq!(next["id"], 22, "{next}");
+    assert!(l.others.is_empty(), "{:?}", l.others);
+}
+
+#[test]
+fn a_legacy_clients_batch_that_times_out_gets_errors_for_what_is_unanswered_and_cancels_only_that()
+{
+    fn one_answered_then_silence(req: &str) -> Option<Vec<u8>> {
+        req.contains("tools/call").then(|| {
+            sse_events_then_silence(&[r#"{"jsonrpc":"2.0","id":"b","result":{"content":[]}}"#])
+        })
+    }
+    let (_g, mut l, _, seen) = legacy_session(one_answered_then_silence);
+    let batch = format!(
+        "[{},{},{},{}]",
+        call(51, "slow", "{}"),
+        r#"{"jsonrpc":"2.0","id":"b","method":"tools/call","params":{"name":"slow","arguments":{}}}"#,
+        r#"{"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":"t","progress":1}}"#,
+        call(53, "slow", "{}")
+    );
+    assert_eq!(l.post(&batch).status, 202);
+    let messages: Vec<serde_json::Value> = (0..3)
+        .map(|_| l.next_message().expect("a message on the stream"))
+        .collect();
+    assert_eq!(messages[0]["id"], "b", "{messages:?}");
+    assert!(messages[0].get("result").is_some(), "{messages:?}");
+    assert_eq!(messages[1]["id"], 51, "{messages:?}");
+    assert_eq!(messages[2]["id"], 53, "{messages:?}");
+    assert_timeout_error(&messages[1]);
+    assert_timeout_error(&messages[2]);
+    assert_eq!(batch_cancellation(&seen), [51, 53]);
+}
+
+#[test]
+fn a_legacy_clients_call_the_upstream_answers_without_a_response_gets_an_error_not_a_silence() {
+    // An SSE answer ended before its response (the client cannot resume it through the
+    // gateway), and a request answered 202 as if it were a notification.
+    fn ended_or_accepted(req: &str) -> Option<Vec<u8>> {
+        (req.contains("tools/call") && req.contains("\"ends\"")).then(|| {
+            let event = format!("event: message\ndata: {PROGRESS}\n\n");
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{event}\r\n0\r\n\r\n",
+                event.len()
+            )
+            .into_bytes()
+        })
+    }
+    let (_g, mut l, _, seen) = legacy_session(ended_or_accepted);
+    let started = Instant::now();
+    for (id, tool) in [(41, "ends"), (42, "accepted")] {
+        let answer = l.call(&call(id, tool, "{}"));
+        let message = answer["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("without a response"), "{answer}");
+    }
+    assert!(started.elapsed() < Duration::from_millis(800));
+    // The stream that ended short is cancelled (its request may still run); the 202 was the
+    // upstream's whole answer.
+    cancellation_of(&seen, 41);
+    std::thread::sleep(Duration::from_millis(200));
+    let cancelled: Vec<_> = cancellations(&seen)
+        .iter()
+        .map(|c| c["params"]["requestId"].clone())
+        .collect();
+    assert_eq!(cancelled, [41]);
 }

@@ -701,6 +701,41 @@ fn over_an_http_upstream_json_and_sse_answers_arrive_on_the_held_stream() {
 }
 
 #[test]
+fn an_approved_calls_sse_answer_that_stalls_past_its_timeout_ends_with_the_timeout_error() {
+    // The held stream is the client's only way to its answer: an SSE answer that stops short
+    // (here, the upstream's time for the call, 1 s, runs out between progress steps) leaves
+    // the call its error in its place, not a stream that ends with no answer.
+    let demo = DemoHttp::start(&["--sse-responses", "--test-tools"]);
+    let cfg = format!(
+        "{}\n[[auth.api_keys]]\nid = \"alice\"\nkey_hash = \"{}\"\n[rate_limit]\nenabled = false\n\
+         [approval]\ntools = [\"slow_progress\"]\ntimeout_secs = 30\n",
+        http_config("auto", &demo.url(), "", "").replace("timeout_secs = 10", "timeout_secs = 1"),
+        hash_key(ALICE)
+    );
+    let lab = Lab {
+        g: Gateway::start(&cfg),
+        input_log: PathBuf::new(),
+        audit: PathBuf::new(),
+        _dir: tempfile::tempdir().unwrap(),
+    };
+    let sid = lab.eliciting(ALICE);
+    let call = r#"{"jsonrpc":"2.0","id":14,"method":"tools/call","params":{"name":"slow_progress","arguments":{"steps":3,"ms":600},"_meta":{"progressToken":"p"}}}"#;
+    let mut held = Held::call(&lab, ALICE, &sid, call);
+    let req = held.request();
+    let r = lab.post(ALICE, &answer_body(&req["id"], accept()), Some(&sid));
+    assert_eq!(r.status, 202, "{}", r.text());
+    let answer = held.answer(14);
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("in time")),
+        "{answer}"
+    );
+    held.finish();
+    assert!(held.text().ends_with("0\r\n\r\n"), "the stream did not end");
+}
+
+#[test]
 fn a_legacy_sse_client_cannot_approve_and_is_told_so_on_its_stream() {
     let lab = lab(30);
     let mut s = common::legacy::Legacy::open(lab.addr(), "/sse", ALICE);

@@ -71,6 +71,14 @@ pub enum UpstreamError {
     Protocol(&'static str),
 }
 
+impl UpstreamError {
+    /// Whether the answer's deadline (the call's timeout) ran out, rather than the upstream
+    /// failing.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, UpstreamError::Io(e) if e.kind() == io::ErrorKind::TimedOut)
+    }
+}
+
 impl std::fmt::Display for UpstreamError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

@@ -1028,8 +1028,7 @@ async fn pump<S: Connection>(
             // Nothing has gone to the client yet: it gets a whole error reply (504 when the
             // call's time ran out, else 502) rather than a cut one.
             Err(e) => {
-                let timed_out = matches!(&e, crate::http::client::UpstreamError::Io(io)
-                    if io.kind() == std::io::ErrorKind::TimedOut);
+                let timed_out = e.is_timeout();
                 let err = if timed_out {
                     GatewayError::UpstreamTimeout
                 } else {
@@ -1070,7 +1069,7 @@ async fn pump<S: Connection>(
         .call
         .as_ref()
         .filter(|c| c.events && framing == Framing::Chunked)
-        .map(|c| AnswerWatch::new(Owed::of(c)));
+        .map(|c| AnswerWatch::new(owed_by(c)));
     loop {
         // While the upstream is silent the client is watched. It sends nothing while it reads
         // an answer, so its connection turning readable means it has gone (EOF) or broken the
@@ -1187,8 +1186,7 @@ async fn pump<S: Connection>(
                 break;
             }
             Err(e) => {
-                let timed_out = matches!(&e, crate::http::client::UpstreamError::Io(io)
-                    if io.kind() == std::io::ErrorKind::TimedOut);
+                let timed_out = e.is_timeout();
                 // A stream the upstream broke (closed early, bad framing) is cut, never ended
                 // for it: a client may resume it from its last event id. One whose time ran
                 // out is the gateway's to end.
@@ -1290,7 +1288,7 @@ impl AnswerWatch {
         let owed = &mut self.owed;
         let found = self.splitter.push_until(data, |event| {
             if let Some(data) = crate::http::sse::message_data(event) {
-                crate::mcp::jsonrpc::response_ids(&data, owed.is_batch(), |id| owed.answer(id));
+                owed.read(&data);
             }
             owed.settled()
         });
@@ -1303,93 +1301,20 @@ impl AnswerWatch {
 }
 
 use crate::mcp::jsonrpc::RpcId;
+use crate::mcp::owed::Owed;
 
-/// The requests a relayed SSE answer still owes a response to.
-enum Owed {
-    /// A single call's (`None` once answered).
-    One(Option<RpcId>),
-    /// A batch's, in its order, and how many times each id is still owed (a batch may use an
-    /// id twice; a map, since a body's worth of requests would make a list's search quadratic).
-    Batch {
-        order: Vec<RpcId>,
-        left: std::collections::HashMap<RpcId, u32, foldhash::fast::RandomState>,
-        count: usize,
-    },
-}
-
-impl Owed {
-    fn of(call: &crate::pipeline::StreamedCall) -> Self {
-        let Some(more) = &call.batch else {
-            return Owed::One(Some(call.id.clone()));
-        };
-        let order: Vec<RpcId> = std::iter::once(&call.id).chain(more).cloned().collect();
-        let mut left = std::collections::HashMap::with_hasher(Default::default());
-        for id in &order {
-            *left.entry(id.clone()).or_insert(0u32) += 1;
-        }
-        Owed::Batch {
-            count: order.len(),
-            order,
-            left,
-        }
-    }
-
-    fn is_batch(&self) -> bool {
-        matches!(self, Owed::Batch { .. })
-    }
-
-    /// A response with `id` went by: one request with that id, if any is owed, is answered.
-    fn answer(&mut self, id: RpcId) {
-        match self {
-            Owed::One(owed) => {
-                if owed.as_ref() == Some(&id) {
-                    *owed = None;
-                }
-            }
-            Owed::Batch { left, count, .. } => {
-                if let Some(n) = left.get_mut(&id)
-                    && *n > 0
-                {
-                    *n -= 1;
-                    *count -= 1;
-                }
-            }
-        }
-    }
-
-    fn settled(&self) -> bool {
-        match self {
-            Owed::One(owed) => owed.is_none(),
-            Owed::Batch { count, .. } => *count == 0,
-        }
-    }
-
-    /// The ids still owed, in the batch's order.
-    fn unanswered(&self) -> Vec<RpcId> {
-        match self {
-            Owed::One(owed) => owed.iter().cloned().collect(),
-            Owed::Batch { order, left, .. } => {
-                let mut left = left.clone();
-                order
-                    .iter()
-                    .filter(|id| {
-                        left.get_mut(*id).is_some_and(|n| {
-                            let owed = *n > 0;
-                            *n = n.saturating_sub(1);
-                            owed
-                        })
-                    })
-                    .cloned()
-                    .collect()
-            }
-        }
+/// What a call's relayed answer owes: its one request's response, or each of a batch's.
+fn owed_by(call: &crate::pipeline::StreamedCall) -> Owed {
+    match &call.batch {
+        None => Owed::One(Some(call.id.clone())),
+        Some(more) => Owed::batch(std::iter::once(&call.id).chain(more).cloned()),
     }
 }
 
 /// After a call's response has gone out: what the upstream still sends is read and dropped,
 /// for a moment, so that a stream about to end leaves its connection to the pool. One still
 /// running then is let go with its connection.
-async fn drain_after_answer(resp: &mut crate::http::client::UpstreamResponse) {
+pub(crate) async fn drain_after_answer(resp: &mut crate::http::client::UpstreamResponse) {
     if resp.framing == RespFraming::Close {
         // Ended only by closing: never reused.
         return;
@@ -1830,42 +1755,7 @@ async fn relay_events<S: Connection>(
 
 #[cfg(test)]
 mod tests {
-    use super::{EventTail, Owed};
-    use crate::mcp::jsonrpc::RpcId;
-
-    #[test]
-    fn a_batch_owes_each_request_its_response_in_order_a_reused_id_twice() {
-        let call = crate::pipeline::StreamedCall {
-            id: RpcId::Num(1),
-            batch: Some(vec![RpcId::Str("a".into()), RpcId::Num(1), RpcId::Num(3)]),
-            events: true,
-            cancel: None,
-        };
-        let mut owed = Owed::of(&call);
-        owed.answer(RpcId::Num(1));
-        owed.answer(RpcId::Num(9));
-        owed.answer(RpcId::Str("3".into()));
-        assert!(!owed.settled());
-        // Which of two requests with one id was answered cannot be told: one of them is owed.
-        assert_eq!(
-            owed.unanswered(),
-            [RpcId::Num(1), RpcId::Str("a".into()), RpcId::Num(3)]
-        );
-        // A response given twice answers one request each time; a third, nothing.
-        for id in [RpcId::Num(1), RpcId::Num(1), RpcId::Str("a".into())] {
-            owed.answer(id);
-        }
-        assert_eq!(owed.unanswered(), [RpcId::Num(3)]);
-        owed.answer(RpcId::Num(3));
-        assert!(owed.settled() && owed.unanswered().is_empty());
-        let mut one = Owed::of(&crate::pipeline::StreamedCall {
-            batch: None,
-            ..call
-        });
-        assert_eq!(one.unanswered(), [RpcId::Num(1)]);
-        one.answer(RpcId::Num(1));
-        assert!(one.settled() && one.unanswered().is_empty());
-    }
+    use super::EventTail;
 
     /// Whether the stream made of `pieces` stands between events.
     fn between_events(pieces: &[&[u8]]) -> bool {

@@ -17,8 +17,10 @@ use crate::http::client::UpstreamResponse;
 use crate::http::request::{Kept, RequestHead};
 use crate::http::sse::{SseDecoder, push_event};
 use crate::mcp::jsonrpc::{Body, Kind, RpcId};
+use crate::mcp::owed::Owed;
 use crate::runtime::shutdown::LocalShutdown;
 use crate::runtime::worker::Worker;
+use crate::upstream::http::Cancel;
 use crate::upstream::{Answer, Outgoing, UpstreamRef};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
@@ -541,9 +543,19 @@ async fn forward_inner(w: &Rc<Worker>, session: &Rc<Session>, post: Handover) {
         upstream_session.as_deref(),
     );
     let raw = crate::http::body::HeldBody::handed_over(raw, w, handed);
+    let cancel = || match upstream {
+        UpstreamRef::Http(server) => Cancel::of(w, server, &out, &body),
+        // A stdio child's hub cancels what it gives up on itself.
+        _ => None,
+    };
     let exchange = match upstream.post(w, &out, &body, raw).await {
         Ok(x) => x,
         Err(e) => {
+            if e == GatewayError::UpstreamTimeout
+                && let Some(cancel) = cancel()
+            {
+                cancel.send(|_| true);
+            }
             refuse_all(session, &body, &e).await;
             if e == GatewayError::UnknownSession {
                 // The upstream session is gone (ended idle, its server replaced): so is ours,
@@ -558,15 +570,44 @@ async fn forward_inner(w: &Rc<Worker>, session: &Rc<Session>, post: Handover) {
             *session.upstream.borrow_mut() = Some(s);
         }
     }
+    // An answer that did not come whole with its head may be given up on part-way: its
+    // cancellation is made now, while what it needs is at hand.
+    let cancel = match &exchange.answer {
+        Answer::Streamed(resp, _) if !resp.body_complete() => cancel(),
+        _ => None,
+    };
+    let mut owed = Owed::of_body(&body);
     let was_initialized = session.initialized.get();
-    let outcome = relay(w, session, exchange.answer, is_initialize).await;
+    let outcome = relay(w, session, exchange.answer, is_initialize, owed.as_mut()).await;
     match outcome {
-        Relayed::Messages { version } => {
+        Relayed::Messages { version, cut } => {
             if is_initialize && !was_initialized {
                 if !session.initialized.get() {
                     session.note_initialized(version);
                 }
                 monoio::spawn(server_stream(w.clone(), session.clone()));
+            }
+            if let Some(owed) = owed.filter(|o| !o.settled()) {
+                // The client reads its answers on its stream, where nothing says an answer
+                // has ended: each request the answer left unanswered gets the gateway's error
+                // in its place (a client would otherwise wait for it forever), and is
+                // cancelled upstream, as nobody will read what it still makes.
+                let e = cut.unwrap_or_else(|| {
+                    GatewayError::UpstreamUnavailable(
+                        "the upstream's answer ended without a response to this request".into(),
+                    )
+                });
+                let unanswered = owed.unanswered();
+                if let Some(cancel) = cancel {
+                    let owed: std::collections::HashSet<&RpcId, foldhash::fast::RandomState> =
+                        unanswered.iter().collect();
+                    cancel.send(|id| owed.contains(id));
+                }
+                for id in &unanswered {
+                    if !session.send(e.body(Some(id))).await {
+                        return;
+                    }
+                }
             }
         }
         Relayed::Refused(e, session_gone) => {
@@ -582,16 +623,28 @@ async fn forward_inner(w: &Rc<Worker>, session: &Rc<Session>, post: Handover) {
 /// How an answer went.
 enum Relayed {
     /// Its messages were written to the stream (an initialize result's protocol version
-    /// noted).
-    Messages { version: Option<String> },
+    /// noted); `cut`: why it stopped before its end, if it did (its time ran out, the
+    /// upstream broke it).
+    Messages {
+        version: Option<String>,
+        cut: Option<GatewayError>,
+    },
     /// No JSON-RPC answer came back: each request gets this error; `true` when the upstream
     /// said the session is unknown.
     Refused(GatewayError, bool),
 }
 
-/// Writes an upstream answer's messages to the session's stream.
-async fn relay(w: &Worker, session: &Session, answer: Answer, note_version: bool) -> Relayed {
+/// Writes an upstream answer's messages to the session's stream. `owed`: the requests a
+/// POST's answer answers, marked off as their responses go by; its stream ends with the last.
+async fn relay(
+    w: &Worker,
+    session: &Session,
+    answer: Answer,
+    note_version: bool,
+    mut owed: Option<&mut Owed>,
+) -> Relayed {
     let mut version = None;
+    let mut cut = None;
     let mut send = async |msg: Vec<u8>| {
         if note_version && version.is_none() {
             version = negotiated_version(&msg);
@@ -614,17 +667,23 @@ async fn relay(w: &Worker, session: &Session, answer: Answer, note_version: bool
                 .as_deref()
                 .is_some_and(crate::http::is_event_stream);
             if is_sse && (200..300).contains(&status) {
-                relay_sse(*resp, &mut send).await;
+                if let SseEnd::Failed(e) = relay_sse(w, *resp, &mut send, owed).await {
+                    cut = Some(e);
+                }
             } else {
                 let mut resp = resp;
-                let Ok(data) = resp.read_to_end().await else {
-                    return Relayed::Refused(
-                        GatewayError::UpstreamUnavailable("upstream answer cut short".into()),
-                        false,
-                    );
+                let data = match resp.read_to_end().await {
+                    Ok(data) => data,
+                    Err(e) => {
+                        let cut = Some(SseEnd::failure(&e));
+                        return Relayed::Messages { version, cut };
+                    }
                 };
                 w.pool.release(*resp);
                 if is_jsonrpc(&data) {
+                    if let Some(owed) = owed {
+                        owed.read(&data);
+                    }
                     send(data).await;
                 } else if !(200..300).contains(&status) {
                     return Relayed::Refused(
@@ -638,6 +697,9 @@ async fn relay(w: &Worker, session: &Session, answer: Answer, note_version: bool
         }
         Answer::Complete { body, .. } => {
             if is_jsonrpc(&body) {
+                if let Some(owed) = owed {
+                    owed.read(&body);
+                }
                 send(body).await;
             }
         }
@@ -646,6 +708,9 @@ async fn relay(w: &Worker, session: &Session, answer: Answer, note_version: bool
                 if let Some(q) = &queued {
                     q.taken(msg.len());
                 }
+                if let Some(owed) = owed.as_deref_mut() {
+                    owed.read(&msg);
+                }
                 if !send(msg).await {
                     break;
                 }
@@ -653,31 +718,74 @@ async fn relay(w: &Worker, session: &Session, answer: Answer, note_version: bool
         }
         Answer::Accepted | Answer::Ended => {}
     }
-    Relayed::Messages { version }
+    Relayed::Messages { version, cut }
 }
 
-/// Relays each `message` event of an upstream SSE body.
+/// How relaying an upstream's SSE body ended.
+pub(crate) enum SseEnd {
+    /// The upstream ended it, or it carried the last response owed (what the upstream sends
+    /// after that is not relayed: MCP has the server end a POST's stream with its response).
+    Ended,
+    /// The client's side is gone.
+    ClientGone,
+    /// It stopped short: the call's time ran out, or the upstream broke it.
+    Failed(GatewayError),
+}
+
+impl SseEnd {
+    /// The error a request left unanswered by an answer that failed with `e` gets.
+    pub(crate) fn failure(e: &crate::http::client::UpstreamError) -> GatewayError {
+        if e.is_timeout() {
+            GatewayError::UpstreamTimeout
+        } else {
+            GatewayError::UpstreamUnavailable("upstream answer cut short".into())
+        }
+    }
+}
+
+/// Relays each `message` event of an upstream SSE body. `owed`: the requests it answers; it
+/// ends with the last of their responses.
 pub(crate) async fn relay_sse(
+    w: &Worker,
     mut resp: UpstreamResponse,
     send: &mut impl AsyncFnMut(Vec<u8>) -> bool,
-) {
+    mut owed: Option<&mut Owed>,
+) -> SseEnd {
     let mut decoder = SseDecoder::default();
     loop {
         let (events, done) = match resp.next_data().await {
             Ok(Some(data)) => match decoder.push(&data) {
                 Ok(events) => (events, false),
-                Err(_) => return,
+                Err(why) => {
+                    return SseEnd::Failed(GatewayError::UpstreamUnavailable(format!(
+                        "upstream answer unreadable: {why}"
+                    )));
+                }
             },
             Ok(None) => (decoder.finish(), true),
-            Err(_) => return,
+            Err(e) => return SseEnd::Failed(SseEnd::failure(&e)),
         };
         for e in events {
-            if e.is_message() && !e.data.is_empty() && !send(e.data.into_bytes()).await {
-                return;
+            if !e.is_message() || e.data.is_empty() {
+                continue;
+            }
+            let data = e.data.into_bytes();
+            if let Some(owed) = owed.as_deref_mut() {
+                owed.read(&data);
+            }
+            if !send(data).await {
+                return SseEnd::ClientGone;
+            }
+            if owed.as_deref().is_some_and(Owed::settled) {
+                // The connection is kept if the upstream ends the stream a moment later.
+                crate::http::server::drain_after_answer(&mut resp).await;
+                w.pool.release(resp);
+                return SseEnd::Ended;
             }
         }
         if done {
-            return;
+            w.pool.release(resp);
+            return SseEnd::Ended;
         }
     }
 }
@@ -759,7 +867,7 @@ async fn server_stream_inner(w: &Rc<Worker>, session: &Rc<Session>) {
             return;
         }
         drop(cfg);
-        if let Relayed::Refused(..) = relay(w, session, exchange.answer, false).await {
+        if let Relayed::Refused(..) = relay(w, session, exchange.answer, false, None).await {
             return;
         }
         if session.events.is_closed() {

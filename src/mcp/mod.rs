@@ -5,6 +5,7 @@ pub mod filter;
 pub mod json_scan;
 pub mod jsonrpc;
 pub mod legacy;
+pub mod owed;
 pub mod redact;
 pub mod session;
 pub mod transform;
