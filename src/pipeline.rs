@@ -152,6 +152,9 @@ pub struct EventStream {
     /// Bytes its producer has queued, counted down as messages are taken (a legacy session or
     /// a stdio hub bounds what a client that stops reading can make it hold).
     pub backlog: Option<Backlog>,
+    /// Messages being forwarded whose answers are still to come on this stream (a legacy
+    /// session's): at shutdown the stream stays open for them, up to the grace.
+    pub in_flight: Option<std::rc::Rc<std::cell::Cell<usize>>>,
 }
 
 impl Reply {
@@ -1779,6 +1782,7 @@ async fn approval_step(
             preamble: Vec::new(),
             guard: Some(Box::new(approval::StreamGuard(closed))),
             backlog: None,
+            in_flight: None,
         })),
         method,
     );
@@ -2087,6 +2091,7 @@ fn legacy_stream(cx: &Ctx<'_>) -> Reply {
             preamble: opened.preamble,
             guard: Some(opened.guard),
             backlog: Some(Backlog::Local(opened.backlog)),
+            in_flight: Some(opened.in_flight),
         })),
         M_STREAM,
     );
@@ -2191,6 +2196,7 @@ async fn deliver(
                 preamble: Vec::new(),
                 guard: None,
                 backlog: queued.map(Backlog::Shared),
+                in_flight: None,
             };
             let mut r = Reply::new(200, ReplyBody::Events(Box::new(stream)), method);
             r.headers.push(("content-type", "text/event-stream".into()));

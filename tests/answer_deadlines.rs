@@ -1399,3 +1399,36 @@ fn a_legacy_clients_call_the_upstream_answers_without_a_response_gets_an_error_n
         .collect();
     assert_eq!(cancelled, [41]);
 }
+
+#[test]
+fn a_legacy_call_still_unanswered_when_the_shutdown_grace_ends_gets_the_error_and_is_cancelled() {
+    // The legacy stream is where the call's answer would come: it stays open through the
+    // grace for it, and then carries the 503 error in its place before it ends.
+    let (url, _, seen) = scripted_upstream(progress_then_silence);
+    let mut g = Gateway::start(&http_config("auto", &url, "shutdown_grace_secs = 1", ""));
+    let mut l = Legacy::open(g.addr, "/sse", "");
+    l.initialize();
+    assert_eq!(l.post(&call(12, "slow", "{}")).status, 202);
+    let progress = l.next_message().expect("the call's progress");
+    assert_eq!(progress["method"], "notifications/progress");
+    let signalled = Instant::now();
+    g.signal(libc::SIGTERM);
+    let answer = l.next_message().expect("the call's error on the stream");
+    assert_eq!(answer["id"], 12, "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("shutting down")),
+        "{answer}"
+    );
+    assert!(
+        signalled.elapsed() >= Duration::from_millis(900),
+        "the error came before the grace ran out"
+    );
+    assert!(
+        l.next_event().is_none(),
+        "the stream goes on after the error"
+    );
+    cancellation_of(&seen, 12);
+    assert!(g.wait_exit(Duration::from_secs(10)).is_some());
+}

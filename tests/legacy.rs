@@ -513,3 +513,41 @@ fn refused_session_parameters_and_unnormal_paths_are_audited_under_the_allowance
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn at_shutdown_a_legacy_stream_stays_for_the_answers_in_flight_and_an_idle_one_ends_at_once() {
+    let demo = DemoHttp::start(&[]);
+    let mut g = Gateway::start(&format!(
+        "{}{}",
+        http_config("auto", &demo.url(), "shutdown_grace_secs = 20", ""),
+        keys()
+    ));
+    let mut busy = Legacy::open(g.addr, "/sse", BOB);
+    busy.initialize();
+    let mut idle = Legacy::open(g.addr, "/sse", BOB);
+    idle.initialize();
+    let sleep = r#"{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"sleep","arguments":{"ms":800}}}"#;
+    assert_eq!(busy.post(sleep).status, 202);
+    // The call is on its way upstream.
+    std::thread::sleep(Duration::from_millis(200));
+    let signalled = Instant::now();
+    g.signal(libc::SIGTERM);
+    // The idle session's stream ends at once: it holds no answer, and must not hold the drain.
+    // (What the upstream's own stream sent before, "stream opened", may still be read.)
+    while let Some((_, data)) = idle.next_event() {
+        assert!(data.contains("stream opened"), "{data}");
+    }
+    assert!(signalled.elapsed() < Duration::from_millis(500));
+    // The busy one gets its answer, then ends, long before the grace (20 s) is out.
+    let answer = busy.answer_to(&serde_json::json!(5));
+    assert_eq!(answer["id"], 5, "{answer}");
+    assert!(answer.get("result").is_some(), "{answer}");
+    while let Some((_, data)) = busy.next_event() {
+        assert!(
+            data.contains("stream opened"),
+            "after its last answer: {data}"
+        );
+    }
+    assert!(g.wait_exit(Duration::from_secs(10)).is_some());
+    assert!(signalled.elapsed() < Duration::from_secs(5));
+}

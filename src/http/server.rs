@@ -897,6 +897,7 @@ async fn write_reply<S: Connection>(
                 let source = EventSource {
                     messages: events.messages,
                     backlog: events.backlog,
+                    in_flight: events.in_flight,
                     call: reply
                         .call
                         .take()
@@ -1592,6 +1593,8 @@ struct EventSource {
     backlog: Option<crate::upstream::events::Backlog>,
     /// The single call whose answer ends the stream, if it is one (not a GET stream).
     call: Option<crate::mcp::jsonrpc::RpcId>,
+    /// See [`crate::pipeline::EventStream::in_flight`].
+    in_flight: Option<Rc<std::cell::Cell<usize>>>,
 }
 
 /// Writes all of `buf`, giving up when the client accepts nothing of it for the idle timeout:
@@ -1672,6 +1675,25 @@ const LARGE_BODY: usize = 64 * 1024;
 /// How long one write of a stream may wait for a client that does not read.
 const STREAM_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Where a legacy session's stream stands at shutdown (see [`relay_events`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Drain {
+    /// Not shutting down.
+    Open,
+    /// Shutting down: open while answers are awaited, until the grace runs out.
+    Answers,
+    /// The grace ran out: open, until this instant at the latest, for the errors written in
+    /// place of the requests still unanswered.
+    Errors(Instant),
+}
+
+/// How often a draining stream looks whether anything is still awaited.
+const DRAIN_TICK: Duration = Duration::from_millis(50);
+
+/// How long a draining stream waits, after the grace, for the errors of its unanswered
+/// requests (written at once; within the half second the drain allows to write answers).
+const DRAIN_ERRORS: Duration = Duration::from_millis(250);
+
 async fn relay_events<S: Connection>(
     w: &Rc<Worker>,
     stream: &mut S,
@@ -1684,28 +1706,68 @@ async fn relay_events<S: Connection>(
         messages: rx,
         backlog,
         call,
+        in_flight,
     } = source;
     // A GET stream ends as soon as shutdown begins: nothing on it is awaited. A call's stream
     // has the grace to bring its answer, as a call waiting on a JSON answer has; then it ends
-    // with the call's 503 error as its last event.
+    // with the call's 503 error as its last event. A legacy session's stream is where the
+    // answers to its POSTs arrive: it stays open while any is still being forwarded (up to
+    // the grace, when each request still unanswered gets the 503 error on it), and ends as
+    // soon as none is, so an idle legacy client does not hold the drain.
     let ends = if call.is_some() {
         &w.grace_over
     } else {
         &w.shutdown
     };
+    let awaited = || in_flight.as_ref().is_some_and(|n| n.get() > 0) || !rx.is_empty();
+    let mut drain = Drain::Open;
     loop {
+        let drained = match drain {
+            Drain::Open => false,
+            Drain::Answers => !awaited(),
+            Drain::Errors(until) => !awaited() || Instant::now() >= until,
+        };
+        if drained {
+            let mut buf = std::mem::take(out);
+            buf.extend_from_slice(LAST_CHUNK);
+            let _ = write_bounded(w, stream, buf).await;
+            return;
+        }
+        let (tick, ends) = match drain {
+            Drain::Open => (SSE_KEEPALIVE, Some(ends)),
+            Drain::Answers => (DRAIN_TICK, Some(&w.grace_over)),
+            Drain::Errors(_) => (DRAIN_TICK, None),
+        };
         // The client sends nothing while it reads a stream: the connection turning readable
         // means it has gone (EOF) or broken the protocol, and either way the stream ends now,
         // not at the next keep-alive write (a legacy session and its upstream end with it).
         let mut ended_by_shutdown = false;
         let next = monoio::select! {
-            m = crate::runtime::deadlines::timeout(SSE_KEEPALIVE, rx.recv()) => Some(m),
+            m = crate::runtime::deadlines::timeout(tick, rx.recv()) => Some(m),
             _ = stream.wait_readable() => None,
-            _ = ends.wait() => {
+            _ = async {
+                match ends {
+                    Some(ends) => ends.wait().await,
+                    None => std::future::pending().await,
+                }
+            } => {
                 ended_by_shutdown = true;
                 None
             }
         };
+        if ended_by_shutdown && in_flight.is_some() {
+            // The next step of a legacy session's drain: at shutdown, its answers; at the
+            // grace's end, the errors its forwards write in place of what is unanswered.
+            drain = match drain {
+                Drain::Open => Drain::Answers,
+                _ => Drain::Errors(Instant::now() + DRAIN_ERRORS),
+            };
+            continue;
+        }
+        if drain != Drain::Open && matches!(next, Some(Err(_))) {
+            // A drain's tick, not a keep-alive's.
+            continue;
+        }
         let mut buf = std::mem::take(out);
         if ended_by_shutdown && let Some(id) = &call {
             write_chunk(

@@ -152,6 +152,8 @@ enum Ack {
     Unknown,
     /// Too much of this session is in flight: 503.
     Busy,
+    /// The gateway is shutting down: 503.
+    ShuttingDown,
 }
 
 /// A checked POST on its way to the worker owning its session.
@@ -247,7 +249,8 @@ struct Session {
     /// The upstream's session (HTTP session id, stdio hub key), once initialized.
     upstream: RefCell<Option<Vec<u8>>>,
     initialized: Cell<bool>,
-    in_flight: Cell<usize>,
+    /// Messages being forwarded (their answers still to come on the stream).
+    in_flight: Rc<Cell<usize>>,
     /// Fired when the client's stream ends.
     closed: Rc<LocalShutdown>,
     /// Bytes queued for the stream and not yet taken by its writer.
@@ -332,6 +335,8 @@ pub struct Opened {
     pub guard: Box<dyn std::any::Any>,
     /// Bytes queued for the stream, for its writer to count down.
     pub backlog: Rc<Cell<usize>>,
+    /// Messages being forwarded, whose answers the stream waits for at shutdown.
+    pub in_flight: Rc<Cell<usize>>,
 }
 
 /// Opens a legacy session on this worker for `identity` at `route`.
@@ -372,7 +377,7 @@ pub fn open(w: &Worker, identity: &Arc<str>, route: &Arc<str>, head: &RequestHea
         head: RefCell::new(Rc::new(upstream_head)),
         upstream: RefCell::new(None),
         initialized: Cell::new(false),
-        in_flight: Cell::new(0),
+        in_flight: Rc::default(),
         closed: LocalShutdown::new(),
         backlog: Rc::default(),
     });
@@ -386,6 +391,7 @@ pub fn open(w: &Worker, identity: &Arc<str>, route: &Arc<str>, head: &RequestHea
         messages: rx,
         preamble,
         backlog: session.backlog.clone(),
+        in_flight: session.in_flight.clone(),
         guard: Box::new(StreamGuard(session)),
     }
 }
@@ -419,6 +425,7 @@ pub async fn hand_over(
     match crate::runtime::deadlines::timeout(HAND_OVER, taken).await {
         Ok(Some(Ack::Accepted)) => Ok(()),
         Ok(Some(Ack::Unknown)) => Err(GatewayError::UnknownSession),
+        Ok(Some(Ack::ShuttingDown)) => Err(GatewayError::ShuttingDown),
         Ok(Some(Ack::Busy)) | Ok(None) | Err(_) => Err(GatewayError::UpstreamBusy),
     }
 }
@@ -431,6 +438,8 @@ pub async fn run_inbox(w: Rc<Worker>, inbox: async_channel::Receiver<Handover>) 
         let ack = match &session {
             Some(s) if s.nonce != post.nonce || s.identity != post.identity => Ack::Unknown,
             Some(s) if s.closed.is_fired() => Ack::Unknown,
+            // Shutting down: what is in flight may finish, nothing new starts.
+            Some(_) if w.shutdown.is_fired() => Ack::ShuttingDown,
             Some(s) if s.in_flight.get() >= IN_FLIGHT => Ack::Busy,
             Some(_) => Ack::Accepted,
             None => Ack::Unknown,
@@ -491,17 +500,60 @@ fn current_upstream<'c>(
     Some((route, upstream))
 }
 
-/// Forwards one POSTed body upstream and writes the answer to the session's stream.
+/// Forwards one POSTed body upstream and writes the answer to the session's stream. Still
+/// waiting when the shutdown grace runs out, it writes the 503 error in place of each request
+/// left unanswered (and cancels those upstream).
 async fn forward(w: Rc<Worker>, session: Rc<Session>, post: Handover) {
     let closed = session.closed.clone();
-    monoio::select! {
-        _ = closed.wait() => {}
-        _ = forward_inner(&w, &session, post) => {}
+    let mut pending = Pending::default();
+    let grace_over = monoio::select! {
+        _ = closed.wait() => false,
+        _ = forward_inner(&w, &session, post, &mut pending) => false,
+        _ = w.grace_over.wait() => true,
+    };
+    if grace_over {
+        pending.give_up(&session, &GatewayError::ShuttingDown).await;
     }
     session.in_flight.set(session.in_flight.get() - 1);
 }
 
-async fn forward_inner(w: &Rc<Worker>, session: &Rc<Session>, post: Handover) {
+/// What a forwarded message's answer still owes, and how to cancel it upstream.
+#[derive(Default)]
+struct Pending {
+    /// The requests still unanswered (`None`: none were sent).
+    owed: Option<Owed>,
+    /// Their cancellation, once the upstream has the request (an HTTP upstream's).
+    cancel: Option<Cancel>,
+}
+
+impl Pending {
+    /// Each request still unanswered gets `e` on the stream in its place (the client, reading
+    /// its answers there, would otherwise wait for it for ever), and is cancelled upstream,
+    /// as nobody will read what it still makes.
+    async fn give_up(&mut self, session: &Session, e: &GatewayError) {
+        let Some(owed) = self.owed.take().filter(|o| !o.settled()) else {
+            return;
+        };
+        let unanswered = owed.unanswered();
+        if let Some(cancel) = self.cancel.take() {
+            let owed: std::collections::HashSet<&RpcId, foldhash::fast::RandomState> =
+                unanswered.iter().collect();
+            cancel.send(|id| owed.contains(id));
+        }
+        for id in &unanswered {
+            if !session.send(e.body(Some(id))).await {
+                return;
+            }
+        }
+    }
+}
+
+async fn forward_inner(
+    w: &Rc<Worker>,
+    session: &Rc<Session>,
+    post: Handover,
+    pending: &mut Pending,
+) {
     let (body, raw, handed) = match post.work {
         Work::Forward(body, raw, handed) => (body, raw, handed),
         Work::Answer(message) => {
@@ -548,11 +600,15 @@ async fn forward_inner(w: &Rc<Worker>, session: &Rc<Session>, post: Handover) {
         // A stdio child's hub cancels what it gives up on itself.
         _ => None,
     };
+    pending.owed = Owed::of_body(&body);
+    // Until the upstream's answer begins, the whole request is cancelled if given up on.
+    pending.cancel = cancel();
     let exchange = match upstream.post(w, &out, &body, raw).await {
         Ok(x) => x,
         Err(e) => {
+            pending.owed = None;
             if e == GatewayError::UpstreamTimeout
-                && let Some(cancel) = cancel()
+                && let Some(cancel) = pending.cancel.take()
             {
                 cancel.send(|_| true);
             }
@@ -570,15 +626,19 @@ async fn forward_inner(w: &Rc<Worker>, session: &Rc<Session>, post: Handover) {
             *session.upstream.borrow_mut() = Some(s);
         }
     }
-    // An answer that did not come whole with its head may be given up on part-way: its
-    // cancellation is made now, while what it needs is at hand.
-    let cancel = match &exchange.answer {
-        Answer::Streamed(resp, _) if !resp.body_complete() => cancel(),
-        _ => None,
-    };
-    let mut owed = Owed::of_body(&body);
+    // Only an answer that did not come whole with its head can be given up on part-way.
+    if !matches!(&exchange.answer, Answer::Streamed(resp, _) if !resp.body_complete()) {
+        pending.cancel = None;
+    }
     let was_initialized = session.initialized.get();
-    let outcome = relay(w, session, exchange.answer, is_initialize, owed.as_mut()).await;
+    let outcome = relay(
+        w,
+        session,
+        exchange.answer,
+        is_initialize,
+        pending.owed.as_mut(),
+    )
+    .await;
     match outcome {
         Relayed::Messages { version, cut } => {
             if is_initialize && !was_initialized {
@@ -587,28 +647,14 @@ async fn forward_inner(w: &Rc<Worker>, session: &Rc<Session>, post: Handover) {
                 }
                 monoio::spawn(server_stream(w.clone(), session.clone()));
             }
-            if let Some(owed) = owed.filter(|o| !o.settled()) {
-                // The client reads its answers on its stream, where nothing says an answer
-                // has ended: each request the answer left unanswered gets the gateway's error
-                // in its place (a client would otherwise wait for it forever), and is
-                // cancelled upstream, as nobody will read what it still makes.
-                let e = cut.unwrap_or_else(|| {
-                    GatewayError::UpstreamUnavailable(
-                        "the upstream's answer ended without a response to this request".into(),
-                    )
-                });
-                let unanswered = owed.unanswered();
-                if let Some(cancel) = cancel {
-                    let owed: std::collections::HashSet<&RpcId, foldhash::fast::RandomState> =
-                        unanswered.iter().collect();
-                    cancel.send(|id| owed.contains(id));
-                }
-                for id in &unanswered {
-                    if !session.send(e.body(Some(id))).await {
-                        return;
-                    }
-                }
-            }
+            // Nothing on the client's stream says an answer has ended: what this one left
+            // unanswered is answered with the gateway's error.
+            let e = cut.unwrap_or_else(|| {
+                GatewayError::UpstreamUnavailable(
+                    "the upstream's answer ended without a response to this request".into(),
+                )
+            });
+            pending.give_up(session, &e).await;
         }
         Relayed::Refused(e, session_gone) => {
             refuse_all(session, &body, &e).await;

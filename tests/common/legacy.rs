@@ -170,9 +170,15 @@ impl Legacy {
         let id = serde_json::from_str::<Value>(body).unwrap()["id"].clone();
         let r = self.post(body);
         assert_eq!(r.status, 202, "{}", r.text());
+        self.answer_to(&id)
+    }
+
+    /// The answer to request `id` from the stream (anything read before it is kept in
+    /// `others`).
+    pub fn answer_to(&mut self, id: &Value) -> Value {
         loop {
             let m = self.next_message().expect("an answer on the stream");
-            if m.get("id") == Some(&id) && m.get("method").is_none() {
+            if m.get("id") == Some(id) && m.get("method").is_none() {
                 return m;
             }
             self.others.push(m);
