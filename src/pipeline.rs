@@ -120,6 +120,11 @@ pub struct AuditInfo {
     pub details: Vec<(&'static str, serde_json::Value)>,
     /// Why, for a request that went ahead with a decision worth a reason (`would_deny`).
     pub reason: Option<&'static str>,
+    /// A batch's: which of its messages are requests (set where it was classified).
+    pub requests: Option<Box<[bool]>>,
+    /// A batch's, given up on part-way: whether each of its requests, in order, had its
+    /// response relayed; only those without carry the reason the stream was given up for.
+    pub answered: Option<Vec<bool>>,
 }
 
 /// Reply bodies.
@@ -1336,6 +1341,14 @@ async fn post(
             (name, m.target.clone())
         })
         .collect();
+    if let Body::Batch(messages) = &body {
+        audit.requests = Some(
+            messages
+                .iter()
+                .map(|m| m.kind == Kind::Request && m.id.is_some())
+                .collect(),
+        );
+    }
     if cfg.audit.include_arguments
         && let Body::Single(m) = &body
         && matches!(m.target, Some(Target::Tool(_)))

@@ -854,7 +854,12 @@ fn a_batch_answered_as_sse_that_times_out_gets_errors_for_what_is_unanswered_and
         })
     }
     let (url, closed, seen) = scripted_upstream(one_answered_then_silence);
-    let g = gateway(&url, "");
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let g = gateway(
+        &url,
+        &format!("\n[audit]\nfile = {:?}\n", audit.to_str().unwrap()),
+    );
     let r = mcp_post(g.addr, &INIT.replace("2025-11-25", "2025-03-26"), None);
     let sid = r.header("mcp-session-id").unwrap().to_string();
     let batch = format!(
@@ -884,6 +889,39 @@ fn a_batch_answered_as_sse_that_times_out_gets_errors_for_what_is_unanswered_and
     assert_timeout_error(&messages[3]);
     wait_closed(&closed, 1, "a timed-out SSE batch");
     assert_eq!(batch_cancellation(&seen), [51, 53]);
+    // The audit says the same: only the unanswered requests carry the timeout; the answered
+    // one and the notification went through.
+    let until = Instant::now() + Duration::from_secs(5);
+    let lines = loop {
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(&audit)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .filter(|l: &serde_json::Value| {
+                l["method"] == "tools/call" || l["method"] == "notifications/progress"
+            })
+            .collect();
+        if lines.len() >= 4 || Instant::now() > until {
+            break lines;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let seen: Vec<(&str, &serde_json::Value)> = lines
+        .iter()
+        .map(|l| (l["decision"].as_str().unwrap(), &l["reason"]))
+        .collect();
+    let timeout = serde_json::json!("upstream_timeout");
+    let none = serde_json::Value::Null;
+    assert_eq!(
+        seen,
+        [
+            ("error", &timeout),
+            ("allow", &none),
+            ("allow", &none),
+            ("error", &timeout)
+        ],
+        "{lines:?}"
+    );
     // The stream ended properly: the connection serves the next request.
     s.write_all(
         mcp_post_raw(

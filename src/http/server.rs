@@ -851,6 +851,7 @@ async fn write_reply<S: Connection>(
                 call: reply.call.take(),
                 reason: &mut reply.reason,
                 status: &mut status,
+                answered: &mut reply.audit.answered,
             };
             let (ok, o) = pump(w, stream, *resp, &mut None, framing, meta, out, end).await;
             out = o;
@@ -866,6 +867,7 @@ async fn write_reply<S: Connection>(
                 call: reply.call.take(),
                 reason: &mut reply.reason,
                 status: &mut status,
+                answered: &mut reply.audit.answered,
             };
             let (ok, o) = pump(
                 w,
@@ -939,6 +941,8 @@ struct StreamEnd<'r> {
     reason: &'r mut Option<&'static str>,
     /// The reply's status, as metrics and the audit record it.
     status: &'r mut u16,
+    /// See [`crate::pipeline::AuditInfo::answered`].
+    answered: &'r mut Option<Vec<bool>>,
 }
 
 impl StreamEnd<'_> {
@@ -960,7 +964,12 @@ impl StreamEnd<'_> {
         *self.reason = Some(err.reason());
         let call = self.call.as_mut()?;
         let unanswered: Vec<RpcId> = match owed {
-            Some(owed) => owed.unanswered(),
+            Some(owed) => {
+                if owed.is_batch() {
+                    *self.answered = Some(owed.still_owed().into_iter().map(|o| !o).collect());
+                }
+                owed.unanswered()
+            }
             None if call.batch.is_some() => {
                 if let Some(cancel) = call.cancel.take() {
                     cancel.send(|_| true);
@@ -1547,7 +1556,28 @@ fn emit_audit(
     } else {
         Vec::new()
     };
+    // Where a batch was given up on part-way, the requests answered before (and what is no
+    // request) are audited as they went, not with the reason the rest was given up for.
+    let mut requests_seen = 0;
+    let mut went_through = |i: usize| {
+        let (Some(requests), Some(answered)) = (&info.requests, &info.answered) else {
+            return false;
+        };
+        if !requests.get(i).copied().unwrap_or(false) {
+            return true;
+        }
+        requests_seen += 1;
+        answered.get(requests_seen - 1).copied().unwrap_or(false)
+    };
+    let as_went = info
+        .decision
+        .unwrap_or(if status < 400 { "allow" } else { "error" });
     for (i, (m, target)) in messages.into_iter().enumerate() {
+        let (decision, reason) = if went_through(i) {
+            (as_went, None)
+        } else {
+            (decision, reason)
+        };
         let ev = crate::audit::AuditEvent {
             time: meta.wall,
             request_id: meta.request_id.clone(),

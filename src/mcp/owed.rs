@@ -96,18 +96,32 @@ impl Owed {
     pub fn unanswered(&self) -> Vec<RpcId> {
         match self {
             Owed::One(owed) => owed.iter().cloned().collect(),
+            Owed::Batch { order, .. } => order
+                .iter()
+                .zip(self.still_owed())
+                .filter(|(_, owed)| *owed)
+                .map(|(id, _)| id.clone())
+                .collect(),
+        }
+    }
+
+    /// Whether each request is still owed, in the batch's order (a single call: one). Of two
+    /// requests with one id, one of them answered, the first is taken as the one still owed
+    /// (which it was cannot be told).
+    pub fn still_owed(&self) -> Vec<bool> {
+        match self {
+            Owed::One(owed) => vec![owed.is_some()],
             Owed::Batch { order, left, .. } => {
                 let mut left = left.clone();
                 order
                     .iter()
-                    .filter(|id| {
-                        left.get_mut(*id).is_some_and(|n| {
+                    .map(|id| {
+                        left.get_mut(id).is_some_and(|n| {
                             let owed = *n > 0;
                             *n = n.saturating_sub(1);
                             owed
                         })
                     })
-                    .cloned()
                     .collect()
             }
         }
@@ -140,6 +154,7 @@ mod tests {
             owed.answer(id);
         }
         assert_eq!(owed.unanswered(), [RpcId::Num(3)]);
+        assert_eq!(owed.still_owed(), [false, false, false, true]);
         owed.answer(RpcId::Num(3));
         assert!(owed.settled() && owed.unanswered().is_empty());
         let mut one = Owed::One(Some(RpcId::Num(1)));
