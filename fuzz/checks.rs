@@ -856,6 +856,30 @@ pub fn sse_events(data: &[u8]) {
     let bytes: Vec<&[u8]> = stream.chunks(1).collect();
     assert_eq!(whole, decode(&bytes), "a byte at a time");
     sse_raw_events(stream);
+    pushed_event_round_trips(stream);
+}
+
+/// Whatever data an event of the gateway's carries (relayed from an upstream, say), it is read
+/// back as that one event, its data the same but for line endings (every CRLF and lone CR an
+/// LF, as SSE reads them) and a final one (never part of the data): no line of it becomes a
+/// field, or an event, of its own.
+fn pushed_event_round_trips(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let mut out = Vec::new();
+    mcp_guard::http::sse::push_event(&mut out, Some("message"), data);
+    let back = SseDecoder::default().push(&out).expect("an event of the gateway's decodes");
+    let want = text.replace("\r\n", "\n").replace('\r', "\n");
+    let want = want.strip_suffix('\n').unwrap_or(&want);
+    if want.is_empty() {
+        // Empty data: nothing a client dispatches.
+        assert!(back.iter().all(|e| e.data.is_empty()), "{text:?}");
+        return;
+    }
+    assert_eq!(back.len(), 1, "{text:?} -> {:?}", String::from_utf8_lossy(&out));
+    assert!(back[0].is_message(), "{text:?}");
+    assert_eq!(back[0].data, want, "{text:?}");
 }
 
 /// The raw events of an SSE stream: `message_data` reads each as `decode_event` does, and

@@ -1289,9 +1289,16 @@ async fn legacy_post(cx: &Ctx<'_>, raw: HeldBody, audit: &mut AuditInfo) -> Resu
         Err(refused) => return Err(refused),
     };
     let work = legacy::Work::Answer(answer);
-    legacy::hand_over(cx.w, &ticket, &cx.caller.identity.id, work, cx.request_id)
-        .await
-        .map_err(|e| early(e, method))?;
+    legacy::hand_over(
+        cx.w,
+        &ticket,
+        cx.caller.identity,
+        cx.client,
+        work,
+        cx.request_id,
+    )
+    .await
+    .map_err(|e| early(e, method))?;
     let mut reply = Reply::new(202, ReplyBody::Empty, method);
     reply.reason = error;
     Ok(reply)
@@ -1489,9 +1496,16 @@ async fn post(
         let (bytes, share) = held.into_parts();
         let (handed, on_handed) = async_channel::bounded::<()>(1);
         let work = legacy::Work::Forward(body, bytes, handed);
-        legacy::hand_over(w, ticket, &cx.caller.identity.id, work, cx.request_id)
-            .await
-            .map_err(fail)?;
+        legacy::hand_over(
+            w,
+            ticket,
+            cx.caller.identity,
+            cx.client,
+            work,
+            cx.request_id,
+        )
+        .await
+        .map_err(fail)?;
         let _ = on_handed.recv().await;
         drop(share);
         return Ok(Reply::new(202, ReplyBody::Empty, method));
@@ -1511,7 +1525,7 @@ async fn post(
             && let UpstreamRef::Http(server) = upstream
         {
             if let Some(cancel) = crate::upstream::http::Cancel::of(w, server, &outgoing, &body) {
-                cancel.send(|_| true);
+                cancel.send(|_| true, e);
             }
         }
     };
@@ -1890,6 +1904,7 @@ async fn run_held(
 
 /// Phases 9 and 10 for an approved call, on the current snapshot; its answer goes to `tx`.
 async fn forward_held(w: &Rc<Worker>, call: &HeldCall, tx: &async_channel::Sender<Vec<u8>>) {
+    let started = Instant::now();
     let cfg = w.settings();
     let Some(route) = cfg.routes.iter().position(|r| r.name == call.route_name) else {
         let e = GatewayError::UpstreamUnavailable(format!(
@@ -1948,40 +1963,59 @@ async fn forward_held(w: &Rc<Worker>, call: &HeldCall, tx: &async_channel::Sende
         Ok::<_, GatewayError>((deliver(&cx, exchange, call.method, None).await?, cancel))
     }
     .await;
-    match answered {
+    let failed = match answered {
         Ok((reply, cancel)) => relay_held(w, reply, &call.id, tx, cancel).await,
         Err(e) => {
             if e == GatewayError::UpstreamTimeout
                 && let Some(cancel) = cancel()
             {
-                cancel.send(|_| true);
+                cancel.send(|_| true, &e);
             }
             let _ = tx.send(e.body(Some(&call.id))).await;
+            Some(e)
         }
+    };
+    // The call's own line was written when it was approved: a failure upstream after that is
+    // audited as any call's is.
+    if let Some(e) = failed
+        && w.audit.enabled()
+    {
+        let failure = crate::audit::LateFailure {
+            request_id: &call.request_id,
+            identity: &call.identity.id,
+            auth_method: call.identity.method.as_str(),
+            client: call.client,
+            upstream: &call.route_name,
+            taken: started,
+        };
+        let tool = Target::Tool(call.tool.clone());
+        w.push_audit(failure.event("tools/call", Some(&tool), &e));
     }
 }
 
 /// Writes a delivered answer's messages to a held call's stream: a JSON body as one event, an
-/// SSE body event by event.
-/// `cancel`: the call's cancellation, sent when its answer stops short.
+/// SSE body event by event, up to the call's response. An answer without it (one that stops
+/// short, or ends, or comes whole, without it) leaves the call the gateway's error in its
+/// place, not a stream that ends unanswered; one that stopped short is cancelled (`cancel`).
+/// Returns the error given in its place, if any.
 async fn relay_held(
     w: &Worker,
     reply: Reply,
     id: &RpcId,
     tx: &async_channel::Sender<Vec<u8>>,
     cancel: Option<crate::upstream::http::Cancel>,
-) {
+) -> Option<GatewayError> {
     let _hold = reply.hold;
-    let cancel = move || {
-        if let Some(cancel) = cancel {
-            cancel.send(|_| true);
-        }
-    };
     let status = reply.status;
-    let failed = |why: String| GatewayError::UpstreamUnavailable(why).body(Some(id));
-    let mut send = async |msg: Vec<u8>| tx.send(one_line(msg)).await.is_ok();
+    let mut owed = crate::mcp::owed::Owed::One(Some(id.clone()));
+    let mut send = async |msg: Vec<u8>| tx.send(msg).await.is_ok();
+    // Why the answer stopped short, if it did, and whether it was a stream (which may end
+    // before its response, where a JSON body that came whole without it was the whole answer).
+    let mut cut = None;
+    let mut streamed = false;
     match reply.body {
         ReplyBody::Full(body) if legacy::is_jsonrpc(&body) => {
+            owed.read(&body);
             send(body).await;
         }
         ReplyBody::Upstream(mut resp) => {
@@ -1990,64 +2024,53 @@ async fn relay_held(
                 .as_deref()
                 .is_some_and(crate::http::is_event_stream);
             if is_sse && (200..300).contains(&status) {
-                // The stream ends with the call's response; one that stops short, or ends
-                // without it, leaves the call its error in its place, not a silence.
-                let mut owed = crate::mcp::owed::Owed::One(Some(id.clone()));
-                let end = legacy::relay_sse(w, *resp, &mut send, Some(&mut owed)).await;
-                if !owed.settled() {
-                    let e = match end {
-                        legacy::SseEnd::ClientGone => return,
-                        legacy::SseEnd::Failed(e) => e,
-                        legacy::SseEnd::Ended => GatewayError::UpstreamUnavailable(
-                            "the upstream's answer ended without a response to this request".into(),
-                        ),
-                    };
-                    cancel();
-                    send(e.body(Some(id))).await;
+                streamed = true;
+                match legacy::relay_sse(w, *resp, &mut send, Some(&mut owed)).await {
+                    legacy::SseEnd::ClientGone => return None,
+                    legacy::SseEnd::Failed(e) => cut = Some(e),
+                    legacy::SseEnd::Ended => {}
                 }
             } else {
                 match resp.read_to_end().await {
                     Ok(data) => {
                         w.pool.release(*resp);
                         if legacy::is_jsonrpc(&data) {
+                            owed.read(&data);
                             send(data).await;
-                        } else {
-                            send(failed(format!("upstream answered HTTP {status}"))).await;
                         }
                     }
-                    Err(e) => {
-                        cancel();
-                        send(legacy::SseEnd::failure(&e).body(Some(id))).await;
-                    }
+                    Err(e) => cut = Some(legacy::SseEnd::failure(&e)),
                 }
             }
         }
         ReplyBody::Events(events) => {
             while let Ok(msg) = events.messages.recv().await {
+                owed.read(&msg);
                 if !send(msg).await {
-                    break;
+                    return None;
                 }
             }
         }
-        // A tools/call answer is never filtered; an empty or unreadable answer is no answer.
-        _ => {
-            send(failed(format!(
-                "upstream answered HTTP {status} without a JSON-RPC answer"
-            )))
-            .await;
-        }
+        _ => {}
     }
-}
-
-/// A JSON message on one line (an SSE `data:` line cannot hold a line break).
-fn one_line(msg: Vec<u8>) -> Vec<u8> {
-    if !msg.iter().any(|b| matches!(b, b'\n' | b'\r')) {
-        return msg;
+    if owed.settled() {
+        return None;
     }
-    serde_json::from_slice::<serde_json::Value>(&msg)
-        .ok()
-        .and_then(|v| serde_json::to_vec(&v).ok())
-        .unwrap_or(msg)
+    let stopped_short = cut.is_some() || streamed;
+    let e = match cut {
+        Some(e) => e,
+        None if (200..300).contains(&status) => GatewayError::UpstreamUnavailable(
+            "the upstream's answer ended without a response to this request".into(),
+        ),
+        None => GatewayError::UpstreamUnavailable(format!(
+            "upstream answered HTTP {status} without a JSON-RPC answer"
+        )),
+    };
+    if stopped_short && let Some(cancel) = cancel {
+        cancel.send(|_| true, &e);
+    }
+    send(e.body(Some(id))).await;
+    Some(e)
 }
 
 /// Phase 7b: what pinning refuses. `block`: every request to a server with a change awaiting

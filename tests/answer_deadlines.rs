@@ -1311,8 +1311,13 @@ fn an_upstream_that_ends_its_stream_just_after_the_answer_keeps_its_connection()
 /// A legacy client's initialized session through a gateway (see [`gateway`]) in front of a
 /// scripted upstream.
 fn legacy_session(script: Script) -> (Gateway, Legacy, Arc<AtomicUsize>, Seen) {
+    legacy_session_with(script, "")
+}
+
+/// [`legacy_session`], with `extra` configuration.
+fn legacy_session_with(script: Script, extra: &str) -> (Gateway, Legacy, Arc<AtomicUsize>, Seen) {
     let (url, closed, seen) = scripted_upstream(script);
-    let g = gateway(&url, "");
+    let g = gateway(&url, extra);
     let mut l = Legacy::open(g.addr, "/sse", "");
     l.initialize();
     (g, l, closed, seen)
@@ -1320,7 +1325,12 @@ fn legacy_session(script: Script) -> (Gateway, Legacy, Arc<AtomicUsize>, Seen) {
 
 #[test]
 fn a_legacy_clients_call_whose_sse_answer_stalls_gets_the_timeout_error_and_is_cancelled() {
-    let (_g, mut l, closed, seen) = legacy_session(progress_then_silence);
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let (_g, mut l, closed, seen) = legacy_session_with(
+        progress_then_silence,
+        &format!("\n[audit]\nfile = {:?}\n", audit.to_str().unwrap()),
+    );
     let started = Instant::now();
     let answer = l.call(&call(7, "slow", "{}"));
     let waited = started.elapsed();
@@ -1335,6 +1345,24 @@ fn a_legacy_clients_call_whose_sse_answer_stalls_gets_the_timeout_error_and_is_c
     wait_closed(&closed, 1, "a legacy call's timed-out SSE answer");
     let cancel = cancellation_of(&seen, 7).to_ascii_lowercase();
     assert!(cancel.contains("mcp-session-id: s1\r\n"), "{cancel}");
+    // The POST was audited when it was taken (`allow`, 202); the failure upstream after that
+    // is audited too, as a call's is (red team: it left no line).
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = std::fs::read_to_string(&audit).unwrap_or_default();
+        let failed = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|l| l["method"] == "tools/call" && l["decision"] == "error");
+        if let Some(line) = failed {
+            assert_eq!(line["reason"], "upstream_timeout", "{line}");
+            assert_eq!(line["tool"], "slow", "{line}");
+            assert_eq!(line["identity"], "anonymous", "{line}");
+            break;
+        }
+        assert!(Instant::now() < until, "no line for the failure: {text}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]
@@ -1427,9 +1455,10 @@ fn a_legacy_clients_call_the_upstream_answers_without_a_response_gets_an_error_n
         assert!(message.contains("without a response"), "{answer}");
     }
     assert!(started.elapsed() < Duration::from_millis(800));
-    // The stream that ended short is cancelled (its request may still run); the 202 was the
-    // upstream's whole answer.
-    cancellation_of(&seen, 41);
+    // The stream that ended short is cancelled (its request may still run), saying why; the
+    // 202 was the upstream's whole answer.
+    let cancel = cancellation_of(&seen, 41);
+    assert!(cancel.contains("broke off"), "{cancel}");
     std::thread::sleep(Duration::from_millis(200));
     let cancelled: Vec<_> = cancellations(&seen)
         .iter()
@@ -1469,4 +1498,67 @@ fn a_legacy_call_still_unanswered_when_the_shutdown_grace_ends_gets_the_error_an
     );
     cancellation_of(&seen, 12);
     assert!(g.wait_exit(Duration::from_secs(10)).is_some());
+}
+
+#[test]
+fn a_legacy_stream_carries_multi_line_data_as_one_message_and_no_field_an_upstream_hides_in_it() {
+    // Red team: data spread over several `data:` lines (legal SSE) was written to the legacy
+    // stream with its line breaks raw: a pretty-printed answer reached the client cut to its
+    // first line (and then got the gateway's error too), and data that was no JSON let the
+    // upstream write whole events of its own, a forged `endpoint` among them.
+    fn multi_line(req: &str) -> Option<Vec<u8>> {
+        req.contains("tools/call").then(|| {
+            chunked(
+                "text/event-stream",
+                &[
+                    "event: message\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/message\",\"params\":{}}\ndata: \ndata: event: endpoint\ndata: data: http://127.0.0.1:1/evil?sessionId=x\n\n",
+                    "event: message\ndata: {\"jsonrpc\":\"2.0\",\ndata: \"id\":201,\ndata: \"result\":{\"content\":[]}}\n\n",
+                ],
+            )
+        })
+    }
+    let (_g, mut l, _, seen) = legacy_session(multi_line);
+    // `next_message` fails on any event other than a message.
+    let answer = l.call(&call(201, "quick", "{}"));
+    assert!(answer.get("result").is_some(), "{answer}");
+    assert!(l.others.is_empty(), "{:?}", l.others);
+    never_cancelled(&seen);
+}
+
+#[test]
+fn a_legacy_clients_call_answered_in_an_array_is_answered_once_and_a_whole_answer_is_not_cancelled()
+{
+    // A legacy client reads an array of responses (batches are its protocol's): the array
+    // answers its request, which then gets no error of the gateway's besides (red team: a
+    // double answer and a cancellation of an answered request). A JSON answer that came whole
+    // without the response gets the error, but no cancellation: it was the upstream's whole
+    // answer.
+    fn array_or_another_id(req: &str) -> Option<Vec<u8>> {
+        if !req.contains("tools/call") {
+            return None;
+        }
+        let body = if req.contains("\"array\"") {
+            r#"[{"jsonrpc":"2.0","id":43,"result":{"content":[]}}]"#
+        } else {
+            r#"{"jsonrpc":"2.0","id":999,"result":{"content":[]}}"#
+        };
+        Some(
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .into_bytes(),
+        )
+    }
+    let (_g, mut l, _, seen) = legacy_session(array_or_another_id);
+    assert_eq!(l.post(&call(43, "array", "{}")).status, 202);
+    let array = l.next_message().expect("the array");
+    assert_eq!(array[0]["id"], 43, "{array}");
+    let answer = l.call(&call(44, "other", "{}"));
+    let message = answer["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("without a response"), "{answer}");
+    // Between them, only the other id's response: no error for 43.
+    assert_eq!(l.others.len(), 1, "{:?}", l.others);
+    assert_eq!(l.others[0]["id"], 999, "{:?}", l.others);
+    never_cancelled(&seen);
 }

@@ -706,17 +706,20 @@ fn an_approved_calls_sse_answer_that_stalls_past_its_timeout_ends_with_the_timeo
     // (here, the upstream's time for the call, 1 s, runs out between progress steps) leaves
     // the call its error in its place, not a stream that ends with no answer.
     let demo = DemoHttp::start(&["--sse-responses", "--test-tools"]);
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
     let cfg = format!(
         "{}\n[[auth.api_keys]]\nid = \"alice\"\nkey_hash = \"{}\"\n[rate_limit]\nenabled = false\n\
-         [approval]\ntools = [\"slow_progress\"]\ntimeout_secs = 30\n",
+         [approval]\ntools = [\"slow_progress\"]\ntimeout_secs = 30\n[audit]\nfile = {:?}\n",
         http_config("auto", &demo.url(), "", "").replace("timeout_secs = 10", "timeout_secs = 1"),
-        hash_key(ALICE)
+        hash_key(ALICE),
+        audit
     );
     let lab = Lab {
         g: Gateway::start(&cfg),
         input_log: PathBuf::new(),
-        audit: PathBuf::new(),
-        _dir: tempfile::tempdir().unwrap(),
+        audit,
+        _dir: dir,
     };
     let sid = lab.eliciting(ALICE);
     let call = r#"{"jsonrpc":"2.0","id":14,"method":"tools/call","params":{"name":"slow_progress","arguments":{"steps":3,"ms":600},"_meta":{"progressToken":"p"}}}"#;
@@ -729,6 +732,89 @@ fn an_approved_calls_sse_answer_that_stalls_past_its_timeout_ends_with_the_timeo
         answer["error"]["message"]
             .as_str()
             .is_some_and(|m| m.contains("in time")),
+        "{answer}"
+    );
+    held.finish();
+    assert!(held.text().ends_with("0\r\n\r\n"), "the stream did not end");
+    // Audited when approved, and again, as a call that failed upstream, when it timed out.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let failed = lab
+            .audit_lines()
+            .into_iter()
+            .find(|l| l["method"] == "tools/call" && l["decision"] == "error");
+        if let Some(line) = failed {
+            assert_eq!(line["reason"], "upstream_timeout", "{line}");
+            assert_eq!(line["tool"], "slow_progress", "{line}");
+            assert_eq!(line["identity"], "alice", "{line}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no line for the failure");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// An HTTP upstream answering `initialize` (with a session) and every other POST with the JSON
+/// `answer`, a connection each.
+fn upstream_answering(answer: &'static str) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/mcp", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut buf = vec![0u8; 65536];
+            let n = conn.read(&mut buf).unwrap_or(0);
+            let req = String::from_utf8_lossy(&buf[..n]);
+            let (body, session) = if req.contains("\"initialize\"") {
+                (
+                    r#"{"jsonrpc":"2.0","id":1,"result":{"protocolVersion":"2025-11-25","capabilities":{"tools":{}},"serverInfo":{"name":"scripted","version":"1"}}}"#,
+                    "Mcp-Session-Id: s1\r\n",
+                )
+            } else if req.starts_with("POST") && req.contains("\"id\"") {
+                (answer, "")
+            } else {
+                let _ = conn.write_all(
+                    b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
+                continue;
+            };
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n{session}Connection: close\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    url
+}
+
+#[test]
+fn an_approved_calls_json_answer_without_its_response_leaves_it_the_gateways_error() {
+    // Red team: a JSON answer holding another id's response (or only a notification) was
+    // relayed and the held stream ended with the call unanswered.
+    let url = upstream_answering(r#"{"jsonrpc":"2.0","id":999,"result":{"content":[]}}"#);
+    let cfg = format!(
+        "{}\n[[auth.api_keys]]\nid = \"alice\"\nkey_hash = \"{}\"\n[rate_limit]\nenabled = false\n\
+         [approval]\ntools = [\"echo\"]\ntimeout_secs = 30\n",
+        http_config("auto", &url, "", ""),
+        hash_key(ALICE)
+    );
+    let lab = Lab {
+        g: Gateway::start(&cfg),
+        input_log: PathBuf::new(),
+        audit: PathBuf::new(),
+        _dir: tempfile::tempdir().unwrap(),
+    };
+    let sid = lab.eliciting(ALICE);
+    let mut held = Held::call(&lab, ALICE, &sid, &echo(16, "unanswered"));
+    let req = held.request();
+    let r = lab.post(ALICE, &answer_body(&req["id"], accept()), Some(&sid));
+    assert_eq!(r.status, 202, "{}", r.text());
+    let answer = held.answer(16);
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("without a response")),
         "{answer}"
     );
     held.finish();

@@ -62,6 +62,59 @@ pub struct AuditEvent {
     pub session: Option<String>,
 }
 
+/// Who sent a message whose upstream failed after the gateway had answered its request (a
+/// legacy POST's `202`, an approved call's held stream): the client then gets the gateway's
+/// error on its stream, and the trail records the failure as it records any call's.
+pub struct LateFailure<'a> {
+    /// The POST's (or the held call's) request id.
+    pub request_id: &'a str,
+    /// Who sent it.
+    pub identity: &'a Arc<str>,
+    /// How they authenticated.
+    pub auth_method: &'static str,
+    /// From where.
+    pub client: IpAddr,
+    /// The route it went to.
+    pub upstream: &'a Arc<str>,
+    /// When the message was taken (the line's latency runs from it).
+    pub taken: std::time::Instant,
+}
+
+impl LateFailure<'_> {
+    /// The line for one request (`method`, `target`) that got `e` in place of its answer.
+    pub fn event(
+        &self,
+        method: &str,
+        target: Option<&crate::mcp::jsonrpc::Target>,
+        e: &crate::error::GatewayError,
+    ) -> AuditEvent {
+        use crate::mcp::jsonrpc::Target;
+        AuditEvent {
+            time: SystemTime::now(),
+            request_id: self.request_id.to_string(),
+            client_request_id: None,
+            trace_id: None,
+            identity: Some(self.identity.clone()),
+            auth_method: self.auth_method,
+            client: self.client,
+            method: method.to_string(),
+            target: target.map(|t| match t {
+                Target::Tool(n) => ("tool", n.clone()),
+                Target::Resource(n) => ("resource", n.clone()),
+                Target::Prompt(n) => ("prompt", n.clone()),
+            }),
+            decision: "error",
+            reason: Some(e.reason()),
+            status: e.status(),
+            upstream: self.upstream.clone(),
+            latency_us: self.taken.elapsed().as_micros() as u64,
+            arguments: None,
+            details: Vec::new(),
+            session: None,
+        }
+    }
+}
+
 impl AuditEvent {
     /// The JSON line (without the newline), without an event id.
     pub fn to_json(&self) -> String {

@@ -972,7 +972,7 @@ impl StreamEnd<'_> {
             }
             None if call.batch.is_some() => {
                 if let Some(cancel) = call.cancel.take() {
-                    cancel.send(|_| true);
+                    cancel.send(|_| true, err);
                 }
                 return None;
             }
@@ -983,7 +983,7 @@ impl StreamEnd<'_> {
             // a 40,000-request batch's timeout cost the worker a second).
             let owed: std::collections::HashSet<&RpcId, foldhash::fast::RandomState> =
                 unanswered.iter().collect();
-            cancel.send(|id| owed.contains(id));
+            cancel.send(|id| owed.contains(id), err);
         }
         if !call.events
             || unanswered.is_empty()
@@ -1342,12 +1342,10 @@ pub(crate) async fn drain_after_answer(resp: &mut crate::http::client::UpstreamR
     }
 }
 
-/// One JSON-RPC message (single-line JSON) as an SSE `message` event.
+/// One JSON-RPC message as an SSE `message` event (each of its lines a `data:` line).
 fn message_event(msg: &[u8]) -> Vec<u8> {
-    let mut event = Vec::with_capacity(msg.len() + 24);
-    event.extend_from_slice(b"event: message\ndata: ");
-    event.extend_from_slice(msg);
-    event.extend_from_slice(b"\n\n");
+    let mut event = Vec::new();
+    crate::http::sse::push_event(&mut event, Some("message"), msg);
     event
 }
 
@@ -1424,7 +1422,7 @@ async fn body_refused<S: Connection>(
         if err == GatewayError::UpstreamTimeout
             && let Some(cancel) = c.cancel.take()
         {
-            cancel.send(|_| true);
+            cancel.send(|_| true, &err);
         }
         &*c
     });

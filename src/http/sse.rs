@@ -255,16 +255,19 @@ fn split_field_bytes(line: &[u8]) -> (&[u8], &[u8]) {
     }
 }
 
-/// Appends one event carrying `data` (each of its lines its own `data:` field) under the
-/// event type `event` (`None`: the default, `message`).
+/// Appends one event carrying `data` (each of its lines its own `data:` field, a line ending
+/// wherever SSE ends one: CRLF, LF or a lone CR) under the event type `event` (`None`: the
+/// default, `message`). Whatever `data` holds, it stays one event's data: a line break in it
+/// can never start a field of its own (red team: a lone LF, or CR, in relayed data let an
+/// upstream write whole events, a forged `endpoint` among them, onto a legacy stream).
 pub fn push_event(out: &mut Vec<u8>, event: Option<&str>, data: &[u8]) {
+    out.reserve(data.len() + 24);
     if let Some(e) = event {
         out.extend_from_slice(b"event: ");
         out.extend_from_slice(e.as_bytes());
         out.push(b'\n');
     }
-    for line in data.split(|&b| b == b'\n') {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
+    for line in sse_byte_lines(data) {
         out.extend_from_slice(b"data: ");
         out.extend_from_slice(line);
         out.push(b'\n');
@@ -498,6 +501,17 @@ mod tests {
         assert_eq!(out, b"event: message\ndata: {\"a\":\ndata: 1}\n\n");
         let back = SseDecoder::default().push(&out).unwrap();
         assert_eq!(back[0].data, "{\"a\":\n1}");
+        // A lone CR ends a line too, and a line break never lets a field of its own through.
+        let mut out = Vec::new();
+        let hostile = b"{\"id\":1}\r\revent: endpoint\rdata: http://evil/\n\nid: 9\r\nretry: 1";
+        push_event(&mut out, Some("message"), hostile);
+        let back = SseDecoder::default().push(&out).unwrap();
+        assert_eq!(back.len(), 1, "{:?}", String::from_utf8_lossy(&out));
+        assert!(back[0].is_message());
+        assert_eq!(
+            back[0].data,
+            "{\"id\":1}\n\nevent: endpoint\ndata: http://evil/\n\nid: 9\nretry: 1"
+        );
     }
 
     #[test]

@@ -163,6 +163,9 @@ pub struct Handover {
     identity: Arc<str>,
     work: Work,
     request_id: String,
+    /// How the POST's caller authenticated, and from where (for the audit of a failure).
+    auth_method: &'static str,
+    client: std::net::IpAddr,
     ack: async_channel::Sender<Ack>,
 }
 
@@ -400,7 +403,8 @@ pub fn open(w: &Worker, identity: &Arc<str>, route: &Arc<str>, head: &RequestHea
 pub async fn hand_over(
     w: &Worker,
     ticket: &Ticket,
-    identity: &Arc<str>,
+    identity: &crate::auth::Identity,
+    client: std::net::IpAddr,
     work: Work,
     request_id: &str,
 ) -> Result<(), GatewayError> {
@@ -413,9 +417,11 @@ pub async fn hand_over(
     let post = Handover {
         serial: ticket.serial,
         nonce: ticket.nonce,
-        identity: identity.clone(),
+        identity: identity.id.clone(),
         work,
         request_id: request_id.to_string(),
+        auth_method: identity.method.as_str(),
+        client,
         ack,
     };
     let taken = async {
@@ -505,40 +511,72 @@ fn current_upstream<'c>(
 /// left unanswered (and cancels those upstream).
 async fn forward(w: Rc<Worker>, session: Rc<Session>, post: Handover) {
     let closed = session.closed.clone();
-    let mut pending = Pending::default();
+    let mut pending = Pending {
+        owed: None,
+        cancel: None,
+        requests: Vec::new(),
+        request_id: post.request_id.clone(),
+        auth_method: post.auth_method,
+        client: post.client,
+        taken: std::time::Instant::now(),
+    };
     let grace_over = monoio::select! {
         _ = closed.wait() => false,
         _ = forward_inner(&w, &session, post, &mut pending) => false,
         _ = w.grace_over.wait() => true,
     };
     if grace_over {
-        pending.give_up(&session, &GatewayError::ShuttingDown).await;
+        pending
+            .give_up(&w, &session, &GatewayError::ShuttingDown)
+            .await;
     }
     session.in_flight.set(session.in_flight.get() - 1);
 }
 
-/// What a forwarded message's answer still owes, and how to cancel it upstream.
-#[derive(Default)]
+/// What a forwarded message's answer still owes, how to cancel it upstream, and what the audit
+/// trail says of it if the upstream fails it.
 struct Pending {
     /// The requests still unanswered (`None`: none were sent).
     owed: Option<Owed>,
     /// Their cancellation, once the upstream has the request (an HTTP upstream's).
     cancel: Option<Cancel>,
+    /// Each request's method and target, in order (while auditing).
+    requests: Vec<(String, Option<crate::mcp::jsonrpc::Target>)>,
+    request_id: String,
+    auth_method: &'static str,
+    client: std::net::IpAddr,
+    taken: std::time::Instant,
 }
 
 impl Pending {
     /// Each request still unanswered gets `e` on the stream in its place (the client, reading
-    /// its answers there, would otherwise wait for it for ever), and is cancelled upstream,
-    /// as nobody will read what it still makes.
-    async fn give_up(&mut self, session: &Session, e: &GatewayError) {
+    /// its answers there, would otherwise wait for it for ever), is cancelled upstream, as
+    /// nobody will read what it still makes, and is audited as a call that failed upstream
+    /// (the POST's own line, written when it was taken, says only that it was).
+    async fn give_up(&mut self, w: &Worker, session: &Session, e: &GatewayError) {
         let Some(owed) = self.owed.take().filter(|o| !o.settled()) else {
             return;
         };
+        let still_owed = owed.still_owed();
         let unanswered = owed.unanswered();
         if let Some(cancel) = self.cancel.take() {
             let owed: std::collections::HashSet<&RpcId, foldhash::fast::RandomState> =
                 unanswered.iter().collect();
-            cancel.send(|id| owed.contains(id));
+            cancel.send(|id| owed.contains(id), e);
+        }
+        if w.audit.enabled() {
+            let failure = crate::audit::LateFailure {
+                request_id: &self.request_id,
+                identity: &session.identity,
+                auth_method: self.auth_method,
+                client: self.client,
+                upstream: &session.route,
+                taken: self.taken,
+            };
+            for ((method, target), _) in self.requests.iter().zip(&still_owed).filter(|(_, o)| **o)
+            {
+                w.push_audit(failure.event(method, target.as_ref(), e));
+            }
         }
         for id in &unanswered {
             if !session.send(e.body(Some(id))).await {
@@ -601,18 +639,25 @@ async fn forward_inner(
         _ => None,
     };
     pending.owed = Owed::of_body(&body);
+    if w.audit.enabled() {
+        pending.requests = body
+            .messages()
+            .iter()
+            .filter(|m| m.kind == Kind::Request && m.id.is_some())
+            .map(|m| (m.method_str().to_string(), m.target.clone()))
+            .collect();
+    }
     // Until the upstream's answer begins, the whole request is cancelled if given up on.
     pending.cancel = cancel();
     let exchange = match upstream.post(w, &out, &body, raw).await {
         Ok(x) => x,
         Err(e) => {
-            pending.owed = None;
-            if e == GatewayError::UpstreamTimeout
-                && let Some(cancel) = pending.cancel.take()
-            {
-                cancel.send(|_| true);
+            // Only a request whose time ran out is cancelled: one whose connection failed
+            // never reached the upstream, or found it gone.
+            if e != GatewayError::UpstreamTimeout {
+                pending.cancel = None;
             }
-            refuse_all(session, &body, &e).await;
+            pending.give_up(w, session, &e).await;
             if e == GatewayError::UnknownSession {
                 // The upstream session is gone (ended idle, its server replaced): so is ours,
                 // and the client, seeing its stream close, connects and initializes again.
@@ -626,9 +671,19 @@ async fn forward_inner(
             *session.upstream.borrow_mut() = Some(s);
         }
     }
-    // Only an answer that did not come whole with its head can be given up on part-way.
-    if !matches!(&exchange.answer, Answer::Streamed(resp, _) if !resp.body_complete()) {
-        pending.cancel = None;
+    // Only an answer that did not come whole with its head can stop short; of those, an SSE
+    // stream may also end before its response. A JSON body that came whole was the upstream's
+    // whole answer, with the response or without: nothing is left to cancel.
+    let mut streams = false;
+    match &exchange.answer {
+        Answer::Streamed(resp, _) if !resp.body_complete() => {
+            streams = (200..300).contains(&resp.status)
+                && resp
+                    .content_type
+                    .as_deref()
+                    .is_some_and(crate::http::is_event_stream);
+        }
+        _ => pending.cancel = None,
     }
     let was_initialized = session.initialized.get();
     let outcome = relay(
@@ -649,15 +704,20 @@ async fn forward_inner(
             }
             // Nothing on the client's stream says an answer has ended: what this one left
             // unanswered is answered with the gateway's error.
+            if cut.is_none() && !streams {
+                pending.cancel = None;
+            }
             let e = cut.unwrap_or_else(|| {
                 GatewayError::UpstreamUnavailable(
                     "the upstream's answer ended without a response to this request".into(),
                 )
             });
-            pending.give_up(session, &e).await;
+            pending.give_up(w, session, &e).await;
         }
         Relayed::Refused(e, session_gone) => {
-            refuse_all(session, &body, &e).await;
+            // The upstream answered with an error of HTTP's: nothing is left to cancel.
+            pending.cancel = None;
+            pending.give_up(w, session, &e).await;
             if session_gone {
                 // The upstream no longer knows the session: end ours, so the client starts over.
                 session.end();
@@ -789,8 +849,8 @@ impl SseEnd {
     }
 }
 
-/// Relays each `message` event of an upstream SSE body. `owed`: the requests it answers; it
-/// ends with the last of their responses.
+/// Relays each `message` event of an upstream SSE body that holds JSON. `owed`: the requests
+/// it answers; it ends with the last of their responses.
 pub(crate) async fn relay_sse(
     w: &Worker,
     mut resp: UpstreamResponse,
@@ -812,7 +872,9 @@ pub(crate) async fn relay_sse(
             Err(e) => return SseEnd::Failed(SseEnd::failure(&e)),
         };
         for e in events {
-            if !e.is_message() || e.data.is_empty() {
+            // Only JSON-RPC reaches a stream of messages (a legacy client's, a held call's):
+            // anything else is nothing its client could read.
+            if !e.is_message() || !is_jsonrpc(e.data.as_bytes()) {
                 continue;
             }
             let data = e.data.into_bytes();

@@ -35,22 +35,18 @@ impl Owed {
         }
     }
 
-    /// What the answer to `body` owes: a response to each of its requests. `None` when it
-    /// holds none (notifications and responses are answered by nothing).
+    /// What the answer to `body` owes a client that reads an array of responses as answers
+    /// (a legacy, 2024-11-05, client: batches are its protocol's), so that an array answers a
+    /// single request too: a response to each of its requests. `None` when it holds none
+    /// (notifications and responses are answered by nothing).
     pub fn of_body(body: &Body) -> Option<Self> {
-        let requests = || {
+        let owed = Owed::batch(
             body.messages()
                 .iter()
                 .filter(|m| m.kind == Kind::Request)
-                .filter_map(|m| m.id.clone())
-        };
-        match body {
-            Body::Single(_) => requests().next().map(|id| Owed::One(Some(id))),
-            Body::Batch(_) => {
-                let owed = Owed::batch(requests());
-                (!owed.settled()).then_some(owed)
-            }
-        }
+                .filter_map(|m| m.id.clone()),
+        );
+        (!owed.settled()).then_some(owed)
     }
 
     /// Whether a batch is owed (its answer may come as one array of responses).
@@ -179,10 +175,14 @@ mod tests {
         assert!(owed.settled());
         let single = parse(r#"{"jsonrpc":"2.0","id":7,"method":"ping"}"#);
         let mut one = Owed::of_body(&single).expect("a request");
-        // A single call's answer is one object: an array does not answer it.
+        // Its client reads an array of responses, so an array answers it too.
         one.read(br#"[{"jsonrpc":"2.0","id":7,"result":{}}]"#);
-        assert!(!one.settled());
-        one.read(br#"{"jsonrpc":"2.0","id":7,"result":{}}"#);
         assert!(one.settled());
+        // A client that reads no arrays (a single call's, since 2025-06-18): only an object.
+        let mut strict = Owed::One(Some(RpcId::Num(7)));
+        strict.read(br#"[{"jsonrpc":"2.0","id":7,"result":{}}]"#);
+        assert!(!strict.settled());
+        strict.read(br#"{"jsonrpc":"2.0","id":7,"result":{}}"#);
+        assert!(strict.settled());
     }
 }

@@ -283,6 +283,13 @@ impl Worker {
         self.me.upgrade().expect("a worker outlives its requests")
     }
 
+    /// Queues an audit event, counting it as dropped when the queue is full.
+    pub fn push_audit(&self, ev: crate::audit::AuditEvent) {
+        if !self.audit.push(ev) {
+            self.metrics.audit_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     #[allow(clippy::redundant_allocation)] // see `ConfigView`
     /// The current configuration. A reload is noticed through the `arc_swap::Cache` (no shared
     /// refcount traffic when nothing changed) and handed out as a worker-local `Rc`.

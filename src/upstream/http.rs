@@ -27,7 +27,7 @@ pub struct Cancel {
     addrs: Vec<std::net::SocketAddr>,
     /// The request's head, all but its length, which the notifications sent decide.
     head: Vec<u8>,
-    /// Each request's id, once, with its notification.
+    /// Each request's id, once, with its JSON text.
     notes: Vec<(RpcId, String)>,
     /// One notification alone for a single request; an array for a batch.
     batch: bool,
@@ -51,11 +51,7 @@ impl Cancel {
                 && let Some(id) = &m.id
                 && ids.insert(id)
             {
-                let note = format!(
-                    r#"{{"jsonrpc":"2.0","method":"notifications/cancelled","params":{{"requestId":{},"reason":"the gateway's timeout for this request ran out"}}}}"#,
-                    id.to_json()
-                );
-                notes.push((id.clone(), note));
+                notes.push((id.clone(), id.to_json()));
             }
         }
         if notes.is_empty() {
@@ -73,19 +69,28 @@ impl Cancel {
         })
     }
 
-    /// Sends the cancellation of the requests `still_owed` keeps, if any, on the worker's
-    /// runtime, without waiting: its answer (202, or an error) says nothing the client could
-    /// use, and a server that has stopped listening loses nothing.
-    pub fn send(self, still_owed: impl Fn(&RpcId) -> bool) {
-        let notes: Vec<&str> = self
+    /// Sends the cancellation of the requests `still_owed` keeps, if any, given up on for
+    /// `why`, on the worker's runtime, without waiting: its answer (202, or an error) says
+    /// nothing the client could use, and a server that has stopped listening loses nothing.
+    pub fn send(self, still_owed: impl Fn(&RpcId) -> bool, why: &GatewayError) {
+        let reason = match why {
+            GatewayError::UpstreamTimeout => "the gateway's timeout for this request ran out",
+            GatewayError::ShuttingDown => "the gateway is shutting down",
+            _ => "the gateway gave up on this request: its answer broke off",
+        };
+        let notes: Vec<String> = self
             .notes
             .iter()
             .filter(|(id, _)| still_owed(id))
-            .map(|(_, note)| note.as_str())
+            .map(|(_, id)| {
+                format!(
+                    r#"{{"jsonrpc":"2.0","method":"notifications/cancelled","params":{{"requestId":{id},"reason":"{reason}"}}}}"#
+                )
+            })
             .collect();
         let body = match notes.as_slice() {
             [] => return,
-            [one] if !self.batch => one.to_string(),
+            [one] if !self.batch => one.clone(),
             _ => format!("[{}]", notes.join(",")),
         };
         let Cancel {
