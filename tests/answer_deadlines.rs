@@ -1562,3 +1562,42 @@ fn a_legacy_clients_call_answered_in_an_array_is_answered_once_and_a_whole_answe
     assert_eq!(l.others[0]["id"], 999, "{:?}", l.others);
     never_cancelled(&seen);
 }
+
+#[test]
+fn a_response_one_legacy_answer_carries_for_another_request_answers_that_request() {
+    // Red team: the answer to B carried A's response too (the client read A answered); at A's
+    // deadline the gateway still wrote its timeout error for A and cancelled it upstream.
+    fn stall_or_carry(req: &str) -> Option<Vec<u8>> {
+        if req.contains("\"stall\"") {
+            Some(chunked("text/event-stream", &[": waiting\n\n"]))
+        } else if req.contains("\"carry\"") {
+            Some(sse_events_then_silence(&[
+                r#"{"jsonrpc":"2.0","id":501,"result":{"content":[]}}"#,
+                r#"{"jsonrpc":"2.0","id":502,"result":{"content":[]}}"#,
+            ]))
+        } else {
+            None
+        }
+    }
+    let (_g, mut l, _, seen) = legacy_session(stall_or_carry);
+    assert_eq!(l.post(&call(501, "stall", "{}")).status, 202);
+    // A is on its way upstream before B is.
+    std::thread::sleep(Duration::from_millis(100));
+    let b = l.call(&call(502, "carry", "{}"));
+    assert!(b.get("result").is_some(), "{b}");
+    assert_eq!(l.others.len(), 1, "{:?}", l.others);
+    assert_eq!(l.others[0]["id"], 501, "{:?}", l.others);
+    // Past A's deadline (1 s): the next message is the next request's, not an error for A.
+    std::thread::sleep(Duration::from_millis(1200));
+    l.others.clear();
+    let next = l.call(r#"{"jsonrpc":"2.0","id":503,"method":"ping"}"#);
+    assert_eq!(next["id"], 503, "{next}");
+    assert!(l.others.is_empty(), "{:?}", l.others);
+    assert!(
+        !cancellations(&seen)
+            .iter()
+            .any(|c| c["params"]["requestId"] == 501),
+        "{:?}",
+        cancellations(&seen)
+    );
+}

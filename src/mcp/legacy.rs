@@ -258,7 +258,16 @@ struct Session {
     closed: Rc<LocalShutdown>,
     /// Bytes queued for the stream and not yet taken by its writer.
     backlog: Rc<Cell<usize>>,
+    /// Each request id the messages in flight owe a response to, and how many times.
+    owed: RefCell<IdCounts>,
+    /// How many responses with each of those ids the stream has carried, whichever message's
+    /// answer carried them: a response one answer brings for another message's request
+    /// answers that request (the client reads it on the same stream).
+    answered: RefCell<IdCounts>,
 }
+
+/// Request ids, each with a count.
+type IdCounts = HashMap<RpcId, u32, foldhash::fast::RandomState>;
 
 impl Session {
     /// Queues a message for the client's stream; false once the session is over (its stream
@@ -275,7 +284,53 @@ impl Session {
             return false;
         }
         self.backlog.set(queued + message.len());
+        {
+            let owed = self.owed.borrow();
+            if !owed.is_empty() {
+                let mut answered = self.answered.borrow_mut();
+                crate::mcp::jsonrpc::response_ids(&message, true, |id| {
+                    if owed.contains_key(&id) {
+                        *answered.entry(id).or_default() += 1;
+                    }
+                });
+            }
+        }
         self.events.send(message).await.is_ok()
+    }
+
+    /// Notes that a message in flight owes responses to `ids`.
+    fn owe(&self, ids: &[RpcId]) {
+        let mut owed = self.owed.borrow_mut();
+        for id in ids {
+            *owed.entry(id.clone()).or_default() += 1;
+        }
+    }
+
+    /// A message in flight that owed responses to `ids` is done: what the session keeps of
+    /// an id no message owes any more goes.
+    fn settle(&self, ids: &[RpcId]) {
+        let mut owed = self.owed.borrow_mut();
+        for id in ids {
+            if let Some(n) = owed.get_mut(id) {
+                *n -= 1;
+                if *n == 0 {
+                    owed.remove(id);
+                    self.answered.borrow_mut().remove(id);
+                }
+            }
+        }
+    }
+
+    /// Whether a response to `id` went by on the stream beyond the `own` this message's
+    /// answer carried itself; such a one, if any, is taken as this request's.
+    fn answered_elsewhere(&self, id: &RpcId, own: u32) -> bool {
+        match self.answered.borrow_mut().get_mut(id) {
+            Some(n) if *n > own => {
+                *n -= 1;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Marks the session initialized, with the protocol version its initialize negotiated
@@ -383,6 +438,8 @@ pub fn open(w: &Worker, identity: &Arc<str>, route: &Arc<str>, head: &RequestHea
         in_flight: Rc::default(),
         closed: LocalShutdown::new(),
         backlog: Rc::default(),
+        owed: RefCell::default(),
+        answered: RefCell::default(),
     });
     w.legacy.open.borrow_mut().insert(serial, session.clone());
     publish_count(w);
@@ -514,6 +571,7 @@ async fn forward(w: Rc<Worker>, session: Rc<Session>, post: Handover) {
     let mut pending = Pending {
         owed: None,
         cancel: None,
+        ids: Vec::new(),
         requests: Vec::new(),
         request_id: post.request_id.clone(),
         auth_method: post.auth_method,
@@ -530,6 +588,7 @@ async fn forward(w: Rc<Worker>, session: Rc<Session>, post: Handover) {
             .give_up(&w, &session, &GatewayError::ShuttingDown)
             .await;
     }
+    session.settle(&pending.ids);
     session.in_flight.set(session.in_flight.get() - 1);
 }
 
@@ -540,6 +599,8 @@ struct Pending {
     owed: Option<Owed>,
     /// Their cancellation, once the upstream has the request (an HTTP upstream's).
     cancel: Option<Cancel>,
+    /// Each request's id, in order (what the session was told this message owes).
+    ids: Vec<RpcId>,
     /// Each request's method and target, in order (while auditing).
     requests: Vec<(String, Option<crate::mcp::jsonrpc::Target>)>,
     request_id: String,
@@ -557,8 +618,24 @@ impl Pending {
         let Some(owed) = self.owed.take().filter(|o| !o.settled()) else {
             return;
         };
-        let still_owed = owed.still_owed();
-        let unanswered = owed.unanswered();
+        // A request whose response another message's answer carried is answered: the client
+        // read it on its stream (red team: it got that, then the gateway's error, and the
+        // request was cancelled).
+        let still_owed: Vec<bool> = owed
+            .still_owed()
+            .into_iter()
+            .zip(&self.ids)
+            .map(|(owed_here, id)| {
+                owed_here && !session.answered_elsewhere(id, owed.answered_count(id))
+            })
+            .collect();
+        let unanswered: Vec<RpcId> = self
+            .ids
+            .iter()
+            .zip(&still_owed)
+            .filter(|(_, owed)| **owed)
+            .map(|(id, _)| id.clone())
+            .collect();
         if let Some(cancel) = self.cancel.take() {
             let owed: std::collections::HashSet<&RpcId, foldhash::fast::RandomState> =
                 unanswered.iter().collect();
@@ -639,6 +716,13 @@ async fn forward_inner(
         _ => None,
     };
     pending.owed = Owed::of_body(&body);
+    pending.ids = body
+        .messages()
+        .iter()
+        .filter(|m| m.kind == Kind::Request)
+        .filter_map(|m| m.id.clone())
+        .collect();
+    session.owe(&pending.ids);
     if w.audit.enabled() {
         pending.requests = body
             .messages()

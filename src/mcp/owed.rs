@@ -101,6 +101,20 @@ impl Owed {
         }
     }
 
+    /// How many responses with `id` this answer has carried for its own requests.
+    pub fn answered_count(&self, id: &RpcId) -> u32 {
+        match self {
+            // Asked of what is still owed: a single call's answer carried none.
+            Owed::One(_) => 0,
+            Owed::Batch { order, left, .. } => {
+                let asked = order.iter().filter(|o| *o == id).count();
+                u32::try_from(asked)
+                    .unwrap_or(u32::MAX)
+                    .saturating_sub(left.get(id).copied().unwrap_or(0))
+            }
+        }
+    }
+
     /// Whether each request is still owed, in the batch's order (a single call: one). Of two
     /// requests with one id, one of them answered, the first is taken as the one still owed
     /// (which it was cannot be told).
