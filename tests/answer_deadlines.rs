@@ -1601,3 +1601,35 @@ fn a_response_one_legacy_answer_carries_for_another_request_answers_that_request
         cancellations(&seen)
     );
 }
+
+#[test]
+fn a_response_a_restricted_callers_stream_cannot_check_is_answered_with_the_error_not_dropped_silently()
+ {
+    // Red team: the answer to a restricted caller's call held a list the tool gate cannot
+    // check (`Tools` beside where `tools` would be); it was dropped, rightly, but the legacy
+    // client then got nothing at all for its request.
+    fn unfilterable(req: &str) -> Option<Vec<u8>> {
+        req.contains("tools/call").then(|| {
+            sse_events_then_silence(&[
+                r#"{"jsonrpc":"2.0","id":601,"result":{"Tools":[{"name":"secret"}]}}"#,
+            ])
+        })
+    }
+    const CAROL: &str = "carol-key-0123456789";
+    let keys = format!(
+        "\n[[auth.api_keys]]\nid = \"carol\"\nkey_hash = \"{}\"\nallowed_tools = [\"quick\"]\n",
+        mcp_guard::cli::hash_key(CAROL)
+    );
+    let (url, _, _) = scripted_upstream(unfilterable);
+    let g = gateway(&url, &keys);
+    let mut l = Legacy::open(g.addr, "/sse", CAROL);
+    l.initialize();
+    let answer = l.call(&call(601, "quick", "{}"));
+    let message = answer["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("cannot be checked"), "{answer}");
+    assert!(
+        !format!("{:?}", l.others).contains("secret"),
+        "{:?}",
+        l.others
+    );
+}

@@ -1818,18 +1818,35 @@ async fn relay_events<S: Connection>(
                     b.taken(msg.len());
                 }
                 // A restricted caller's stream is filtered like any tools/list answer; a
-                // message that cannot be checked is dropped, not relayed.
+                // message that cannot be checked is dropped, not relayed. A response in it gets
+                // the error a call answered that way gets on its own (502's): its client is
+                // waiting for it, on this stream (red team: a legacy client, and an approved
+                // call, got nothing at all).
                 let msg = match transform.as_mut() {
                     None => msg,
                     Some(t) => match t.json(&msg) {
                         Some(m) => m,
                         None => {
-                            *out = buf;
-                            continue;
+                            let refused = GatewayError::UpstreamUnavailable(
+                                "upstream answer cannot be checked".into(),
+                            );
+                            let mut refusals = 0;
+                            crate::mcp::jsonrpc::response_ids(&msg, true, |id| {
+                                refusals += 1;
+                                write_chunk(&mut buf, &message_event(&refused.body(Some(&id))));
+                            });
+                            if refusals == 0 {
+                                *out = buf;
+                                continue;
+                            }
+                            tracing::warn!(target: "mcp_guard::filter", "an answer on a stream could not be checked: {refusals} response(s) answered with an error instead");
+                            Vec::new()
                         }
                     },
                 };
-                write_chunk(&mut buf, &message_event(&msg));
+                if !msg.is_empty() {
+                    write_chunk(&mut buf, &message_event(&msg));
+                }
             }
         }
         // A client that stops reading holds the write at most this long; then the stream ends
