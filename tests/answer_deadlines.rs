@@ -126,6 +126,13 @@ fn chunked(content_type: &str, parts: &[&str]) -> Vec<u8> {
     out
 }
 
+/// A call's answer: an SSE stream of `parts` (raw SSE text, a chunk each) that stays open
+/// after them; anything but a call is taken (202).
+fn call_answered_with(req: &str, parts: &[&str]) -> Option<Vec<u8>> {
+    req.contains("tools/call")
+        .then(|| chunked("text/event-stream", parts))
+}
+
 /// A gateway in front of `url` whose calls time out after a second.
 fn gateway(url: &str, extra: &str) -> Gateway {
     Gateway::start(&format!(
@@ -168,12 +175,12 @@ fn wait_closed(closed: &AtomicUsize, n: usize, what: &str) {
 }
 
 fn progress_then_silence(req: &str) -> Option<Vec<u8>> {
-    req.contains("tools/call").then(|| {
-        chunked(
-            "text/event-stream",
-            &["event: message\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{\"progressToken\":\"p\",\"progress\":1}}\n\n"],
-        )
-    })
+    call_answered_with(
+        req,
+        &[
+            "event: message\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{\"progressToken\":\"p\",\"progress\":1}}\n\n",
+        ],
+    )
 }
 
 #[test]
@@ -234,12 +241,10 @@ fn an_sse_answer_that_stalls_mid_event_is_cut_not_finished_with_an_event_of_ours
     // Written after half an event, an event of the gateway's would be read as the rest of the
     // upstream's: its `data:` line would join the upstream's, one message made of two.
     fn half_an_event(req: &str) -> Option<Vec<u8>> {
-        req.contains("tools/call").then(|| {
-            chunked(
-                "text/event-stream",
-                &["event: message\ndata: {\"jsonrpc\":\"2.0\",\"id\":9,"],
-            )
-        })
+        call_answered_with(
+            req,
+            &["event: message\ndata: {\"jsonrpc\":\"2.0\",\"id\":9,"],
+        )
     }
     let (url, closed, seen) = scripted_upstream(half_an_event);
     let g = gateway(&url, "");
@@ -680,12 +685,12 @@ fn an_answer_ended_by_cr_cr_reaches_a_checked_stream_before_the_deadline() {
     // CR CR ends an SSE event. Checked (redaction), the event was held until the upstream's
     // next byte; an upstream that then waited lost the call its answer at the deadline.
     fn answer_then_silence(req: &str) -> Option<Vec<u8>> {
-        req.contains("tools/call").then(|| {
-            chunked(
-                "text/event-stream",
-                &["event: message\rdata: {\"jsonrpc\":\"2.0\",\"id\":14,\"result\":{\"content\":[]}}\r\r"],
-            )
-        })
+        call_answered_with(
+            req,
+            &[
+                "event: message\rdata: {\"jsonrpc\":\"2.0\",\"id\":14,\"result\":{\"content\":[]}}\r\r",
+            ],
+        )
     }
     let c = one_call(
         answer_then_silence,
@@ -1507,15 +1512,13 @@ fn a_legacy_stream_carries_multi_line_data_as_one_message_and_no_field_an_upstre
     // first line (and then got the gateway's error too), and data that was no JSON let the
     // upstream write whole events of its own, a forged `endpoint` among them.
     fn multi_line(req: &str) -> Option<Vec<u8>> {
-        req.contains("tools/call").then(|| {
-            chunked(
-                "text/event-stream",
-                &[
-                    "event: message\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/message\",\"params\":{}}\ndata: \ndata: event: endpoint\ndata: data: http://127.0.0.1:1/evil?sessionId=x\n\n",
-                    "event: message\ndata: {\"jsonrpc\":\"2.0\",\ndata: \"id\":201,\ndata: \"result\":{\"content\":[]}}\n\n",
-                ],
-            )
-        })
+        call_answered_with(
+            req,
+            &[
+                "event: message\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/message\",\"params\":{}}\ndata: \ndata: event: endpoint\ndata: data: http://127.0.0.1:1/evil?sessionId=x\n\n",
+                "event: message\ndata: {\"jsonrpc\":\"2.0\",\ndata: \"id\":201,\ndata: \"result\":{\"content\":[]}}\n\n",
+            ],
+        )
     }
     let (_g, mut l, _, seen) = legacy_session(multi_line);
     // `next_message` fails on any event other than a message.

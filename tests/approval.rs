@@ -57,6 +57,30 @@ fn lab(timeout_secs: u64) -> Lab {
     }
 }
 
+/// A gateway in front of the HTTP upstream at `url`, whose calls time out after
+/// `upstream_timeout` seconds, where alice's calls of `tool` wait for approval; the audit trail
+/// goes to the lab's file.
+fn http_lab(url: &str, tool: &str, upstream_timeout: u64) -> Lab {
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let cfg = format!(
+        "{}\n[[auth.api_keys]]\nid = \"alice\"\nkey_hash = \"{}\"\n[rate_limit]\nenabled = false\n\
+         [approval]\ntools = [\"{tool}\"]\ntimeout_secs = 30\n[audit]\nfile = {:?}\n",
+        http_config("auto", url, "", "").replace(
+            "timeout_secs = 10",
+            &format!("timeout_secs = {upstream_timeout}")
+        ),
+        hash_key(ALICE),
+        audit
+    );
+    Lab {
+        g: Gateway::start(&cfg),
+        input_log: PathBuf::new(),
+        audit,
+        _dir: dir,
+    }
+}
+
 impl Lab {
     fn addr(&self) -> SocketAddr {
         self.g.addr
@@ -658,18 +682,7 @@ fn approval_settings_are_validated() {
 fn over_an_http_upstream_json_and_sse_answers_arrive_on_the_held_stream() {
     for extra in [&[][..], &["--sse-responses"][..]] {
         let demo = DemoHttp::start(extra);
-        let cfg = format!(
-            "{}\n[[auth.api_keys]]\nid = \"alice\"\nkey_hash = \"{}\"\n[rate_limit]\nenabled = false\n\
-             [approval]\ntools = [\"echo\"]\ntimeout_secs = 30\n",
-            http_config("auto", &demo.url(), "", ""),
-            hash_key(ALICE)
-        );
-        let lab = Lab {
-            g: Gateway::start(&cfg),
-            input_log: PathBuf::new(),
-            audit: PathBuf::new(),
-            _dir: tempfile::tempdir().unwrap(),
-        };
+        let lab = http_lab(&demo.url(), "echo", 10);
         let sid = lab.eliciting(ALICE);
         let mut held = Held::call(&lab, ALICE, &sid, &echo(12, "http-marker"));
         let req = held.request();
@@ -706,27 +719,9 @@ fn an_approved_calls_sse_answer_that_stalls_past_its_timeout_ends_with_the_timeo
     // (here, the upstream's time for the call, 1 s, runs out between progress steps) leaves
     // the call its error in its place, not a stream that ends with no answer.
     let demo = DemoHttp::start(&["--sse-responses", "--test-tools"]);
-    let dir = tempfile::tempdir().unwrap();
-    let audit = dir.path().join("audit.jsonl");
-    let cfg = format!(
-        "{}\n[[auth.api_keys]]\nid = \"alice\"\nkey_hash = \"{}\"\n[rate_limit]\nenabled = false\n\
-         [approval]\ntools = [\"slow_progress\"]\ntimeout_secs = 30\n[audit]\nfile = {:?}\n",
-        http_config("auto", &demo.url(), "", "").replace("timeout_secs = 10", "timeout_secs = 1"),
-        hash_key(ALICE),
-        audit
-    );
-    let lab = Lab {
-        g: Gateway::start(&cfg),
-        input_log: PathBuf::new(),
-        audit,
-        _dir: dir,
-    };
-    let sid = lab.eliciting(ALICE);
+    let lab = http_lab(&demo.url(), "slow_progress", 1);
     let call = r#"{"jsonrpc":"2.0","id":14,"method":"tools/call","params":{"name":"slow_progress","arguments":{"steps":3,"ms":600},"_meta":{"progressToken":"p"}}}"#;
-    let mut held = Held::call(&lab, ALICE, &sid, call);
-    let req = held.request();
-    let r = lab.post(ALICE, &answer_body(&req["id"], accept()), Some(&sid));
-    assert_eq!(r.status, 202, "{}", r.text());
+    let mut held = approved(&lab, call);
     let answer = held.answer(14);
     assert!(
         answer["error"]["message"]
@@ -752,6 +747,16 @@ fn an_approved_calls_sse_answer_that_stalls_past_its_timeout_ends_with_the_timeo
         assert!(Instant::now() < deadline, "no line for the failure");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// `call`, sent in an eliciting session of alice's, held, and accepted.
+fn approved(lab: &Lab, call: &str) -> Held {
+    let sid = lab.eliciting(ALICE);
+    let held = Held::call(lab, ALICE, &sid, call);
+    let req = held.request();
+    let r = lab.post(ALICE, &answer_body(&req["id"], accept()), Some(&sid));
+    assert_eq!(r.status, 202, "{}", r.text());
+    held
 }
 
 /// An HTTP upstream answering `initialize` (with a session) and every other POST with the JSON
@@ -793,23 +798,8 @@ fn an_approved_calls_json_answer_without_its_response_leaves_it_the_gateways_err
     // Red team: a JSON answer holding another id's response (or only a notification) was
     // relayed and the held stream ended with the call unanswered.
     let url = upstream_answering(r#"{"jsonrpc":"2.0","id":999,"result":{"content":[]}}"#);
-    let cfg = format!(
-        "{}\n[[auth.api_keys]]\nid = \"alice\"\nkey_hash = \"{}\"\n[rate_limit]\nenabled = false\n\
-         [approval]\ntools = [\"echo\"]\ntimeout_secs = 30\n",
-        http_config("auto", &url, "", ""),
-        hash_key(ALICE)
-    );
-    let lab = Lab {
-        g: Gateway::start(&cfg),
-        input_log: PathBuf::new(),
-        audit: PathBuf::new(),
-        _dir: tempfile::tempdir().unwrap(),
-    };
-    let sid = lab.eliciting(ALICE);
-    let mut held = Held::call(&lab, ALICE, &sid, &echo(16, "unanswered"));
-    let req = held.request();
-    let r = lab.post(ALICE, &answer_body(&req["id"], accept()), Some(&sid));
-    assert_eq!(r.status, 202, "{}", r.text());
+    let lab = http_lab(&url, "echo", 10);
+    let mut held = approved(&lab, &echo(16, "unanswered"));
     let answer = held.answer(16);
     assert!(
         answer["error"]["message"]
