@@ -532,6 +532,10 @@ async fn watch(w: Rc<Worker>, session: Rc<Session>) {
     let request_id = w.next_request_id();
     let mut out = session.outgoing(&w, &head, &cfg, route, &request_id, Some(&upstream_session));
     out.timeout = END_UPSTREAM;
+    let _on_its_way = crate::upstream::http::NoticeOnItsWay::new(&w);
+    let Ok(_turn) = crate::runtime::deadlines::timeout(END_UPSTREAM, w.notice_turn()).await else {
+        return;
+    };
     if let Ok(Ok(exchange)) =
         crate::runtime::deadlines::timeout(END_UPSTREAM, upstream.end_session(&w, &out)).await
         && let Answer::Streamed(resp, _) = exchange.answer

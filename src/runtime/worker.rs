@@ -217,6 +217,13 @@ pub struct Worker {
     pub grace_over: Rc<LocalShutdown>,
     /// Connections being served by this worker.
     pub active: Cell<usize>,
+    /// Notices of the gateway's own on their way upstream (cancellations, legacy sessions'
+    /// ends): shutdown gives them a moment, as most are sent as the grace runs out.
+    pub upstream_notices: Cell<usize>,
+    /// Tokens for sending those notices, [`NOTICES_AT_ONCE`] of them: a notice waits for one,
+    /// so that hundreds given up on at once (at the grace's end) go over a few pooled
+    /// connections rather than hundreds of new ones the upstream cannot all accept in time.
+    notice_tokens: (async_channel::Sender<()>, async_channel::Receiver<()>),
     /// Request-body bytes this worker holds in memory right now (capped in `http::server`).
     pub body_bytes_in_flight: Cell<usize>,
     /// Failed-authentication audit allowance per client address.
@@ -263,6 +270,14 @@ impl Worker {
             latency_dirty: Cell::new(false),
             shutdown: LocalShutdown::new(),
             grace_over: LocalShutdown::new(),
+            upstream_notices: Cell::new(0),
+            notice_tokens: {
+                let (tx, rx) = async_channel::bounded(NOTICES_AT_ONCE);
+                for _ in 0..NOTICES_AT_ONCE {
+                    let _ = tx.try_send(());
+                }
+                (tx, rx)
+            },
             active: Cell::new(0),
             body_bytes_in_flight: Cell::new(0),
             auth_failure_audit: RefCell::new(AuthFailureAudit::default()),
@@ -281,6 +296,12 @@ impl Worker {
     pub fn rc(&self) -> Rc<Worker> {
         // A `Worker` only exists inside the `Rc` built by `new`, which outlives its tasks.
         self.me.upgrade().expect("a worker outlives its requests")
+    }
+
+    /// A turn to send a notice upstream (see `notice_tokens`), given back when dropped.
+    pub async fn notice_turn(&self) -> NoticeTurn {
+        let _ = self.notice_tokens.1.recv().await;
+        NoticeTurn(self.notice_tokens.0.clone())
     }
 
     /// Queues an audit event, counting it as dropped when the queue is full.
@@ -556,11 +577,13 @@ pub async fn run(w: Rc<Worker>, listener: monoio::net::TcpListener) {
     while still_open() > 0 && Instant::now() < deadline {
         super::deadlines::sleep(Duration::from_millis(20)).await;
     }
+    let mut answered_by = None;
     if still_open() > 0 {
         // Calls still waiting on an upstream get their 503 now; a moment to write them.
         w.grace_over.fire();
-        let answered_by = Instant::now() + GRACE_ANSWER;
-        while w.active.get() > 0 && Instant::now() < answered_by {
+        let by = Instant::now() + GRACE_ANSWER;
+        answered_by = Some(by);
+        while w.active.get() > 0 && Instant::now() < by {
             super::deadlines::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -582,6 +605,13 @@ pub async fn run(w: Rc<Worker>, listener: monoio::net::TcpListener) {
         claims.close();
     }
     super::deadlines::sleep(Duration::from_millis(20)).await;
+    // The calls given up on at the grace's end are cancelled upstream, and the legacy sessions
+    // that ended with it are ended there: the same moment to send those (red team: with
+    // hundreds given up on at once, the worker ended before a sixth of them had gone).
+    let sent_by = answered_by.unwrap_or_else(|| Instant::now() + GRACE_ANSWER);
+    while w.upstream_notices.get() > 0 && Instant::now() < sent_by {
+        super::deadlines::sleep(Duration::from_millis(20)).await;
+    }
     w.publish_metrics();
     if w.active.get() > 0 {
         tracing::warn!(
@@ -594,6 +624,18 @@ pub async fn run(w: Rc<Worker>, listener: monoio::net::TcpListener) {
     }
     // Last: the deadlines' firing task ends here, within the runtime, rather than outliving it.
     super::deadlines::retire().await;
+}
+
+/// How many notices of the gateway's own a worker sends upstream at once.
+pub const NOTICES_AT_ONCE: usize = 16;
+
+/// A turn to send a notice upstream ([`Worker::notice_turn`]).
+pub struct NoticeTurn(async_channel::Sender<()>);
+
+impl Drop for NoticeTurn {
+    fn drop(&mut self) {
+        let _ = self.0.try_send(());
+    }
 }
 
 /// How long, after the shutdown grace, calls cut short have to write their 503.

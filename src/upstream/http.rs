@@ -101,7 +101,15 @@ impl Cancel {
             ..
         } = self;
         let request = client::finish_request(head, body.as_bytes());
+        let on_its_way = NoticeOnItsWay::new(&worker);
         monoio::spawn(async move {
+            let _on_its_way = on_its_way;
+            let Ok(_turn) =
+                crate::runtime::deadlines::timeout(CANCEL_WAIT, worker.notice_turn()).await
+            else {
+                tracing::debug!(target: "mcp_guard::upstream", "a cancellation found no turn to be sent in time");
+                return;
+            };
             let send = super::connections::send_request(
                 &worker.pool,
                 &addrs,
@@ -125,6 +133,25 @@ impl Cancel {
                 }
             }
         });
+    }
+}
+
+/// Counts a notice of the gateway's own on its way upstream, for as long as it lives (see
+/// [`Worker::upstream_notices`]).
+pub struct NoticeOnItsWay(std::rc::Rc<Worker>);
+
+impl NoticeOnItsWay {
+    /// Counted from now.
+    pub fn new(w: &std::rc::Rc<Worker>) -> Self {
+        w.upstream_notices.set(w.upstream_notices.get() + 1);
+        Self(w.clone())
+    }
+}
+
+impl Drop for NoticeOnItsWay {
+    fn drop(&mut self) {
+        let n = &self.0.upstream_notices;
+        n.set(n.get() - 1);
     }
 }
 
