@@ -1697,3 +1697,62 @@ fn every_cancellation_at_the_end_of_the_shutdown_grace_is_sent_before_the_gatewa
         missing.len()
     );
 }
+
+#[test]
+fn a_server_that_never_answers_its_cancellations_holds_up_no_other_servers() {
+    // The gateway sends a few notices to a server at once; a server that takes cancellations
+    // and never answers them holds those turns for their whole wait. Another server's
+    // cancellation does not wait behind them.
+    fn silent_but_initialized(req: &str) -> Option<Vec<u8>> {
+        // Calls and cancellations alike get nothing at all.
+        (!req.contains("notifications/initialized")).then(Vec::new)
+    }
+    let (silent, _, silent_seen) = scripted_upstream(silent_but_initialized);
+    let (other, _, other_seen) = scripted_upstream(nothing_to_calls);
+    let g = Gateway::start(&format!(
+        "[server]\nport = 0\nworkers = 1\n[admin]\nport = 0\n[rate_limit]\nenabled = false\n\
+         [[upstream.servers]]\nname = \"silent\"\ntransport = \"http\"\nurl = \"{silent}\"\ntimeout_secs = 1\n\
+         [[upstream.servers]]\nname = \"other\"\ntransport = \"http\"\nurl = \"{other}\"\ntimeout_secs = 1\n"
+    ));
+    let (_, silent_sid) = initialize_at(g.addr, "/mcp/silent", "");
+    let calls: Vec<_> = (0..24)
+        .map(|i| {
+            let (addr, sid) = (g.addr, silent_sid.clone());
+            std::thread::spawn(move || {
+                request(
+                    addr,
+                    &mcp_post_raw_at("/mcp/silent", &call(100 + i, "slow", "{}"), Some(&sid), ""),
+                )
+            })
+        })
+        .collect();
+    for c in calls {
+        assert_eq!(c.join().unwrap().status, 504);
+    }
+    // The silent server has the cancellations it can take at once, and answers none.
+    let until = Instant::now() + Duration::from_secs(5);
+    while cancellations(&silent_seen).len() < 16 {
+        assert!(
+            Instant::now() < until,
+            "the silent server got no cancellations"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (_, other_sid) = initialize_at(g.addr, "/mcp/other", "");
+    let r = request(
+        g.addr,
+        &mcp_post_raw_at("/mcp/other", &call(7, "slow", "{}"), Some(&other_sid), ""),
+    );
+    assert_eq!(r.status, 504, "{}", r.text());
+    let timed_out = Instant::now();
+    while !cancellations(&other_seen)
+        .iter()
+        .any(|c| c["params"]["requestId"] == 7)
+    {
+        assert!(
+            timed_out.elapsed() < Duration::from_millis(2500),
+            "the other server's cancellation waited behind the silent one's"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

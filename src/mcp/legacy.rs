@@ -533,7 +533,9 @@ async fn watch(w: Rc<Worker>, session: Rc<Session>) {
     let mut out = session.outgoing(&w, &head, &cfg, route, &request_id, Some(&upstream_session));
     out.timeout = END_UPSTREAM;
     let _on_its_way = crate::upstream::http::NoticeOnItsWay::new(&w);
-    let Ok(_turn) = crate::runtime::deadlines::timeout(END_UPSTREAM, w.notice_turn()).await else {
+    let Ok(_turn) =
+        crate::runtime::deadlines::timeout(END_UPSTREAM, w.notice_turn(&session.route)).await
+    else {
         return;
     };
     if let Ok(Ok(exchange)) =

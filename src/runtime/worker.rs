@@ -15,6 +15,7 @@ use crate::upstream::stdio::StdioHub;
 use arc_swap::{ArcSwap, Cache};
 use hdrhistogram::Histogram;
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -220,10 +221,11 @@ pub struct Worker {
     /// Notices of the gateway's own on their way upstream (cancellations, legacy sessions'
     /// ends): shutdown gives them a moment, as most are sent as the grace runs out.
     pub upstream_notices: Cell<usize>,
-    /// Tokens for sending those notices, [`NOTICES_AT_ONCE`] of them: a notice waits for one,
-    /// so that hundreds given up on at once (at the grace's end) go over a few pooled
-    /// connections rather than hundreds of new ones the upstream cannot all accept in time.
-    notice_tokens: (async_channel::Sender<()>, async_channel::Receiver<()>),
+    /// Tokens for sending those notices, [`NOTICES_AT_ONCE`] per server (route): a notice
+    /// waits for one, so that hundreds given up on at once (at the grace's end) go over a few
+    /// pooled connections rather than hundreds of new ones the upstream cannot all accept in
+    /// time. Per server, so that one that does not answer holds up only its own.
+    notice_tokens: RefCell<HashMap<Arc<str>, NoticeTokens>>,
     /// Request-body bytes this worker holds in memory right now (capped in `http::server`).
     pub body_bytes_in_flight: Cell<usize>,
     /// Failed-authentication audit allowance per client address.
@@ -271,13 +273,7 @@ impl Worker {
             shutdown: LocalShutdown::new(),
             grace_over: LocalShutdown::new(),
             upstream_notices: Cell::new(0),
-            notice_tokens: {
-                let (tx, rx) = async_channel::bounded(NOTICES_AT_ONCE);
-                for _ in 0..NOTICES_AT_ONCE {
-                    let _ = tx.try_send(());
-                }
-                (tx, rx)
-            },
+            notice_tokens: RefCell::default(),
             active: Cell::new(0),
             body_bytes_in_flight: Cell::new(0),
             auth_failure_audit: RefCell::new(AuthFailureAudit::default()),
@@ -298,10 +294,23 @@ impl Worker {
         self.me.upgrade().expect("a worker outlives its requests")
     }
 
-    /// A turn to send a notice upstream (see `notice_tokens`), given back when dropped.
-    pub async fn notice_turn(&self) -> NoticeTurn {
-        let _ = self.notice_tokens.1.recv().await;
-        NoticeTurn(self.notice_tokens.0.clone())
+    /// A turn to send a notice to the server `route` (see `notice_tokens`), given back when
+    /// dropped.
+    pub async fn notice_turn(&self, route: &Arc<str>) -> NoticeTurn {
+        let (tx, rx) = self
+            .notice_tokens
+            .borrow_mut()
+            .entry(route.clone())
+            .or_insert_with(|| {
+                let (tx, rx) = async_channel::bounded(NOTICES_AT_ONCE);
+                for _ in 0..NOTICES_AT_ONCE {
+                    let _ = tx.try_send(());
+                }
+                (tx, rx)
+            })
+            .clone();
+        let _ = rx.recv().await;
+        NoticeTurn(tx)
     }
 
     /// Queues an audit event, counting it as dropped when the queue is full.
@@ -626,8 +635,11 @@ pub async fn run(w: Rc<Worker>, listener: monoio::net::TcpListener) {
     super::deadlines::retire().await;
 }
 
-/// How many notices of the gateway's own a worker sends upstream at once.
+/// How many notices of the gateway's own a worker sends to one server at once.
 pub const NOTICES_AT_ONCE: usize = 16;
+
+/// The tokens of one server's notices.
+type NoticeTokens = (async_channel::Sender<()>, async_channel::Receiver<()>);
 
 /// A turn to send a notice upstream ([`Worker::notice_turn`]).
 pub struct NoticeTurn(async_channel::Sender<()>);

@@ -32,6 +32,8 @@ pub struct Cancel {
     /// One notification alone for a single request; an array for a batch.
     batch: bool,
     owner: u64,
+    /// The server (route) it goes to.
+    server: std::sync::Arc<str>,
 }
 
 impl Cancel {
@@ -66,6 +68,7 @@ impl Cancel {
             notes,
             batch: matches!(body, Body::Batch(_)),
             owner: w.pool.owner_of(out.binding),
+            server: out.server.clone(),
         })
     }
 
@@ -98,6 +101,7 @@ impl Cancel {
             addrs,
             head,
             owner,
+            server,
             ..
         } = self;
         let request = client::finish_request(head, body.as_bytes());
@@ -105,7 +109,7 @@ impl Cancel {
         monoio::spawn(async move {
             let _on_its_way = on_its_way;
             let Ok(_turn) =
-                crate::runtime::deadlines::timeout(CANCEL_WAIT, worker.notice_turn()).await
+                crate::runtime::deadlines::timeout(CANCEL_WAIT, worker.notice_turn(&server)).await
             else {
                 tracing::debug!(target: "mcp_guard::upstream", "a cancellation found no turn to be sent in time");
                 return;
