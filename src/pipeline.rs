@@ -160,7 +160,14 @@ pub struct EventStream {
     /// Messages being forwarded whose answers are still to come on this stream (a legacy
     /// session's): at shutdown the stream stays open for them, up to the grace.
     pub in_flight: Option<std::rc::Rc<std::cell::Cell<usize>>>,
+    /// Which responses its client asked for (a legacy session's requests, a held call's): a
+    /// message holding one that the stream cannot check gets the error in its place. `None`:
+    /// a single call's own, where the stream answers one (`Reply::call`), else none.
+    pub asked: Option<Asked>,
 }
+
+/// Whether a response id is one a stream's client asked for (see [`EventStream::asked`]).
+pub type Asked = std::rc::Rc<dyn Fn(&RpcId) -> bool>;
 
 impl Reply {
     fn new(status: u16, body: ReplyBody, method: usize) -> Self {
@@ -1798,6 +1805,10 @@ async fn approval_step(
         method,
         timeout: settings.timeout,
     };
+    let asked: Asked = {
+        let id = call.id.clone();
+        std::rc::Rc::new(move |answered: &RpcId| *answered == id)
+    };
     monoio::spawn(run_held(cx.w.rc(), call, held, tx, closed.clone()));
     let mut reply = Reply::new(
         200,
@@ -1810,6 +1821,7 @@ async fn approval_step(
             guard: Some(Box::new(approval::StreamGuard(closed))),
             backlog: None,
             in_flight: None,
+            asked: Some(asked),
         })),
         method,
     );
@@ -2128,6 +2140,7 @@ fn legacy_stream(cx: &Ctx<'_>) -> Reply {
             guard: Some(opened.guard),
             backlog: Some(Backlog::Local(opened.backlog)),
             in_flight: Some(opened.in_flight),
+            asked: Some(opened.asked),
         })),
         M_STREAM,
     );
@@ -2233,6 +2246,7 @@ async fn deliver(
                 guard: None,
                 backlog: queued.map(Backlog::Shared),
                 in_flight: None,
+                asked: None,
             };
             let mut r = Reply::new(200, ReplyBody::Events(Box::new(stream)), method);
             r.headers.push(("content-type", "text/event-stream".into()));

@@ -1611,10 +1611,12 @@ fn a_response_a_restricted_callers_stream_cannot_check_is_answered_with_the_erro
     // Red team: the answer to a restricted caller's call held a list the tool gate cannot
     // check (`Tools` beside where `tools` would be); it was dropped, rightly, but the legacy
     // client then got nothing at all for its request.
+    // The error goes only to what the client asked, once (red team: one event of a hostile
+    // upstream's became 400,000 errors, for ids nobody asked).
     fn unfilterable(req: &str) -> Option<Vec<u8>> {
         req.contains("tools/call").then(|| {
             sse_events_then_silence(&[
-                r#"{"jsonrpc":"2.0","id":601,"result":{"Tools":[{"name":"secret"}]}}"#,
+                r#"[{"jsonrpc":"2.0","id":601,"result":{"Tools":[{"name":"secret"}]}},{"jsonrpc":"2.0","id":999,"result":{}},{"jsonrpc":"2.0","id":601.0,"result":{}}]"#,
             ])
         })
     }
@@ -1630,11 +1632,12 @@ fn a_response_a_restricted_callers_stream_cannot_check_is_answered_with_the_erro
     let answer = l.call(&call(601, "quick", "{}"));
     let message = answer["error"]["message"].as_str().unwrap_or_default();
     assert!(message.contains("cannot be checked"), "{answer}");
-    assert!(
-        !format!("{:?}", l.others).contains("secret"),
-        "{:?}",
-        l.others
-    );
+    assert!(l.others.is_empty(), "{:?}", l.others);
+    // The next message on the stream is the next request's: no second error for 601, none
+    // for 999.
+    let next = l.call(r#"{"jsonrpc":"2.0","id":602,"method":"ping"}"#);
+    assert_eq!(next["id"], 602, "{next}");
+    assert!(l.others.is_empty(), "{:?}", l.others);
 }
 
 #[test]

@@ -900,6 +900,7 @@ async fn write_reply<S: Connection>(
                     messages: events.messages,
                     backlog: events.backlog,
                     in_flight: events.in_flight,
+                    asked: events.asked,
                     call: reply
                         .call
                         .take()
@@ -1623,6 +1624,8 @@ struct EventSource {
     call: Option<crate::mcp::jsonrpc::RpcId>,
     /// See [`crate::pipeline::EventStream::in_flight`].
     in_flight: Option<Rc<std::cell::Cell<usize>>>,
+    /// See [`crate::pipeline::EventStream::asked`].
+    asked: Option<crate::pipeline::Asked>,
 }
 
 /// Writes all of `buf`, giving up when the client accepts nothing of it for the idle timeout:
@@ -1735,6 +1738,7 @@ async fn relay_events<S: Connection>(
         backlog,
         call,
         in_flight,
+        asked,
     } = source;
     // A GET stream ends as soon as shutdown begins: nothing on it is awaited. A call's stream
     // has the grace to bring its answer, as a call waiting on a JSON answer has; then it ends
@@ -1830,11 +1834,23 @@ async fn relay_events<S: Connection>(
                             let refused = GatewayError::UpstreamUnavailable(
                                 "upstream answer cannot be checked".into(),
                             );
-                            let mut refusals = 0;
+                            // Only for what the client asked, and once each (red team: a
+                            // hostile upstream's one event became 400,000 errors, some for
+                            // ids of requests long answered).
+                            let mut errored: std::collections::HashSet<
+                                RpcId,
+                                foldhash::fast::RandomState,
+                            > = Default::default();
                             crate::mcp::jsonrpc::response_ids(&msg, true, |id| {
-                                refusals += 1;
-                                write_chunk(&mut buf, &message_event(&refused.body(Some(&id))));
+                                let was_asked = match &asked {
+                                    Some(asked) => asked(&id),
+                                    None => call.as_ref() == Some(&id),
+                                };
+                                if was_asked && errored.insert(id.clone()) {
+                                    write_chunk(&mut buf, &message_event(&refused.body(Some(&id))));
+                                }
                             });
+                            let refusals = errored.len();
                             if refusals == 0 {
                                 *out = buf;
                                 continue;

@@ -264,7 +264,14 @@ struct Session {
     /// answer carried them: a response one answer brings for another message's request
     /// answers that request (the client reads it on the same stream).
     answered: RefCell<IdCounts>,
+    /// The ids of the session's latest requests (at most [`ASKED`]): a response among them
+    /// that the stream cannot check gets the gateway's error in its place; one with any other
+    /// id is only dropped.
+    asked: RefCell<(std::collections::VecDeque<RpcId>, IdCounts)>,
 }
+
+/// How many of a session's latest request ids it remembers (see `Session::asked`).
+const ASKED: usize = 1024;
 
 /// Request ids, each with a count.
 type IdCounts = HashMap<RpcId, u32, foldhash::fast::RandomState>;
@@ -301,9 +308,26 @@ impl Session {
     /// Notes that a message in flight owes responses to `ids`.
     fn owe(&self, ids: &[RpcId]) {
         let mut owed = self.owed.borrow_mut();
+        let (order, asked) = &mut *self.asked.borrow_mut();
         for id in ids {
             *owed.entry(id.clone()).or_default() += 1;
+            order.push_back(id.clone());
+            *asked.entry(id.clone()).or_default() += 1;
+            if order.len() > ASKED
+                && let Some(oldest) = order.pop_front()
+                && let Some(n) = asked.get_mut(&oldest)
+            {
+                *n -= 1;
+                if *n == 0 {
+                    asked.remove(&oldest);
+                }
+            }
         }
+    }
+
+    /// Whether `id` is one of the session's latest requests'.
+    fn asked(&self, id: &RpcId) -> bool {
+        self.asked.borrow().1.contains_key(id)
     }
 
     /// A message in flight that owed responses to `ids` is done: what the session keeps of
@@ -395,6 +419,8 @@ pub struct Opened {
     pub backlog: Rc<Cell<usize>>,
     /// Messages being forwarded, whose answers the stream waits for at shutdown.
     pub in_flight: Rc<Cell<usize>>,
+    /// Whether a response id is one of the session's requests' (see `Session::asked`).
+    pub asked: crate::pipeline::Asked,
 }
 
 /// Opens a legacy session on this worker for `identity` at `route`.
@@ -440,6 +466,7 @@ pub fn open(w: &Worker, identity: &Arc<str>, route: &Arc<str>, head: &RequestHea
         backlog: Rc::default(),
         owed: RefCell::default(),
         answered: RefCell::default(),
+        asked: RefCell::default(),
     });
     w.legacy.open.borrow_mut().insert(serial, session.clone());
     publish_count(w);
@@ -452,6 +479,10 @@ pub fn open(w: &Worker, identity: &Arc<str>, route: &Arc<str>, head: &RequestHea
         preamble,
         backlog: session.backlog.clone(),
         in_flight: session.in_flight.clone(),
+        asked: {
+            let session = Rc::downgrade(&session);
+            Rc::new(move |id: &RpcId| session.upgrade().is_some_and(|s| s.asked(id)))
+        },
         guard: Box::new(StreamGuard(session)),
     }
 }
