@@ -594,15 +594,36 @@ fn one_call(script: Script, extra: &str, id: u64, tool: &str) -> OneCall {
 
 /// Waits (up to 5 s) for the audit line of the `tools/call` in `audit`, and returns it.
 fn call_audit_line(audit: &std::path::Path) -> serde_json::Value {
+    audit_line_where(audit, |l| l["method"] == "tools/call")
+}
+
+/// Waits (up to 5 s) for the first complete audit line in `audit` that `wanted` picks.
+fn audit_line_where(
+    audit: &std::path::Path,
+    wanted: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
     let until = Instant::now() + Duration::from_secs(5);
     loop {
         let text = std::fs::read_to_string(audit).unwrap_or_default();
-        if let Some(line) = text.lines().find(|l| l.contains("tools/call")) {
-            return serde_json::from_str(line).unwrap();
+        let found = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|l| wanted(l));
+        if let Some(line) = found {
+            return line;
         }
-        assert!(Instant::now() < until, "no audit line for the call: {text}");
+        assert!(Instant::now() < until, "no such audit line: {text}");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// The configuration that sends the audit trail to a file in a new directory (kept by the
+/// caller for as long as the gateway runs), and that file.
+fn audit_to_file() -> (String, tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let extra = format!("\n[audit]\nfile = {:?}\n", audit.to_str().unwrap());
+    (extra, dir, audit)
 }
 
 /// Past the call's deadline (1 s), still no cancellation: nothing answered is cancelled.
@@ -711,12 +732,8 @@ fn a_json_answer_whose_body_stalls_gets_504_with_the_calls_id() {
         })
     }
     let (url, closed, seen) = scripted_upstream(head_and_a_little);
-    let dir = tempfile::tempdir().unwrap();
-    let audit = dir.path().join("audit.jsonl");
-    let g = gateway(
-        &url,
-        &format!("\n[audit]\nfile = {:?}\n", audit.to_str().unwrap()),
-    );
+    let (extra, _dir, audit) = audit_to_file();
+    let g = gateway(&url, &extra);
     let sid = initialize(g.addr);
     let r = mcp_post(g.addr, &call(15, "slow", "{}"), Some(&sid));
     assert_eq!(r.status, 504, "{}", r.text());
@@ -859,12 +876,8 @@ fn a_batch_answered_as_sse_that_times_out_gets_errors_for_what_is_unanswered_and
         })
     }
     let (url, closed, seen) = scripted_upstream(one_answered_then_silence);
-    let dir = tempfile::tempdir().unwrap();
-    let audit = dir.path().join("audit.jsonl");
-    let g = gateway(
-        &url,
-        &format!("\n[audit]\nfile = {:?}\n", audit.to_str().unwrap()),
-    );
+    let (extra, _dir, audit) = audit_to_file();
+    let g = gateway(&url, &extra);
     let r = mcp_post(g.addr, &INIT.replace("2025-11-25", "2025-03-26"), None);
     let sid = r.header("mcp-session-id").unwrap().to_string();
     let batch = format!(
@@ -1188,12 +1201,8 @@ fn an_sse_answer_cut_by_its_upstream_is_audited_as_an_upstream_failure() {
         })
     }
     let (url, _, _) = scripted_upstream(progress_then_garbage);
-    let dir = tempfile::tempdir().unwrap();
-    let audit = dir.path().join("audit.jsonl");
-    let g = gateway(
-        &url,
-        &format!("\n[audit]\nfile = {:?}\n", audit.to_str().unwrap()),
-    );
+    let (extra, _dir, audit) = audit_to_file();
+    let g = gateway(&url, &extra);
     let sid = initialize(g.addr);
     let mut s = connect(g.addr);
     s.write_all(mcp_post_raw(&call(29, "quick", "{}"), Some(&sid), "").as_bytes())
@@ -1330,12 +1339,8 @@ fn legacy_session_with(script: Script, extra: &str) -> (Gateway, Legacy, Arc<Ato
 
 #[test]
 fn a_legacy_clients_call_whose_sse_answer_stalls_gets_the_timeout_error_and_is_cancelled() {
-    let dir = tempfile::tempdir().unwrap();
-    let audit = dir.path().join("audit.jsonl");
-    let (_g, mut l, closed, seen) = legacy_session_with(
-        progress_then_silence,
-        &format!("\n[audit]\nfile = {:?}\n", audit.to_str().unwrap()),
-    );
+    let (extra, _dir, audit) = audit_to_file();
+    let (_g, mut l, closed, seen) = legacy_session_with(progress_then_silence, &extra);
     let started = Instant::now();
     let answer = l.call(&call(7, "slow", "{}"));
     let waited = started.elapsed();
@@ -1352,22 +1357,12 @@ fn a_legacy_clients_call_whose_sse_answer_stalls_gets_the_timeout_error_and_is_c
     assert!(cancel.contains("mcp-session-id: s1\r\n"), "{cancel}");
     // The POST was audited when it was taken (`allow`, 202); the failure upstream after that
     // is audited too, as a call's is (red team: it left no line).
-    let until = Instant::now() + Duration::from_secs(5);
-    loop {
-        let text = std::fs::read_to_string(&audit).unwrap_or_default();
-        let failed = text
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .find(|l| l["method"] == "tools/call" && l["decision"] == "error");
-        if let Some(line) = failed {
-            assert_eq!(line["reason"], "upstream_timeout", "{line}");
-            assert_eq!(line["tool"], "slow", "{line}");
-            assert_eq!(line["identity"], "anonymous", "{line}");
-            break;
-        }
-        assert!(Instant::now() < until, "no line for the failure: {text}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let line = audit_line_where(&audit, |l| {
+        l["method"] == "tools/call" && l["decision"] == "error"
+    });
+    assert_eq!(line["reason"], "upstream_timeout", "{line}");
+    assert_eq!(line["tool"], "slow", "{line}");
+    assert_eq!(line["identity"], "anonymous", "{line}");
 }
 
 #[test]

@@ -162,18 +162,21 @@ impl Lab {
 
     /// Waits for the approval audit event with `reason`.
     fn approval_event(&self, reason: &str) -> Value {
+        self.audit_line_where(&format!("approval event {reason}"), |e| {
+            e["method"] == "approval" && e["reason"] == reason
+        })
+    }
+
+    /// Waits for the first audit line `wanted` picks (`what` names it in the failure).
+    fn audit_line_where(&self, what: &str, wanted: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + WAIT;
         loop {
-            if let Some(e) = self
-                .audit_lines()
-                .into_iter()
-                .find(|e| e["method"] == "approval" && e["reason"] == reason)
-            {
+            if let Some(e) = self.audit_lines().into_iter().find(|e| wanted(e)) {
                 return e;
             }
             assert!(
                 Instant::now() < deadline,
-                "no approval event {reason}: {:?}",
+                "no {what}: {:?}",
                 self.audit_lines()
             );
             std::thread::sleep(Duration::from_millis(20));
@@ -732,21 +735,12 @@ fn an_approved_calls_sse_answer_that_stalls_past_its_timeout_ends_with_the_timeo
     held.finish();
     assert!(held.text().ends_with("0\r\n\r\n"), "the stream did not end");
     // Audited when approved, and again, as a call that failed upstream, when it timed out.
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let failed = lab
-            .audit_lines()
-            .into_iter()
-            .find(|l| l["method"] == "tools/call" && l["decision"] == "error");
-        if let Some(line) = failed {
-            assert_eq!(line["reason"], "upstream_timeout", "{line}");
-            assert_eq!(line["tool"], "slow_progress", "{line}");
-            assert_eq!(line["identity"], "alice", "{line}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "no line for the failure");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let line = lab.audit_line_where("line for the failure", |l| {
+        l["method"] == "tools/call" && l["decision"] == "error"
+    });
+    assert_eq!(line["reason"], "upstream_timeout", "{line}");
+    assert_eq!(line["tool"], "slow_progress", "{line}");
+    assert_eq!(line["identity"], "alice", "{line}");
 }
 
 /// `call`, sent in an eliciting session of alice's, held, and accepted.
